@@ -1,0 +1,1 @@
+//! Kiln's image builder: recipe -> root tree -> ext4 -> chunked zstd image -> store.

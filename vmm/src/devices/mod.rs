@@ -1,0 +1,3 @@
+//! Emulated devices. A device never sees a KVM file descriptor: it is handed
+//! guest memory and an interrupt `EventFd`, and is reached through a [`bus::Bus`].
+pub mod bus;

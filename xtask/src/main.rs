@@ -1,0 +1,2 @@
+//! `cargo xtask …`: Kiln's developer tasks (being written; see issue 2).
+fn main() {}
