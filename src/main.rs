@@ -7,11 +7,7 @@ use clap::{Parser, Subcommand};
 mod cmd;
 
 #[derive(Parser)]
-#[command(
-    name = "kiln",
-    version,
-    about = "Build microVM images from recipes and boot them on KVM"
-)]
+#[command(name = "kiln", version, about = "Build microVM images from recipes and boot them on KVM")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -21,12 +17,27 @@ struct Cli {
 enum Command {
     /// Tell what virtualization this host has and whether Kiln can boot VMs here.
     Doctor(cmd::doctor::Args),
+    /// Boot a kernel and root disk in a new microVM.
+    Run(cmd::run::Args),
+    /// Build an image from a recipe into the local store.
+    Build(cmd::build::Args),
+    /// List the images in the local store.
+    Images(cmd::images::Args),
+    /// Show an image's manifest, or the files inside it.
+    Inspect(cmd::inspect::Args),
+    /// Remove an image from the local store.
+    Rm(cmd::rm::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Doctor(args) => cmd::doctor::run(args),
+        Command::Run(args) => cmd::run::run(args),
+        Command::Build(args) => cmd::build::run(args),
+        Command::Images(args) => cmd::images::run(args),
+        Command::Inspect(args) => cmd::inspect::run(args),
+        Command::Rm(args) => cmd::rm::run(args),
     };
     match result {
         Ok(code) => code,

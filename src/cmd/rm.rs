@@ -1,0 +1,9 @@
+//! `kiln rm` (being written).
+use std::process::ExitCode;
+
+#[derive(clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("kiln rm is not written yet")
+}
