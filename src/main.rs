@@ -4,10 +4,15 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod assets;
 mod cmd;
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "Build microVM images from recipes and boot them on KVM")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Build microVM images from recipes and boot them on KVM"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -1,9 +1,48 @@
-//! `kiln doctor` (being written; see issue 2).
+//! `kiln doctor`: can Kiln boot VMs on this host, and what is missing?
+use std::fs;
+use std::path::Path;
 use std::process::ExitCode;
+
+use kiln_vmm::host;
+
+use crate::assets::Asset;
 
 #[derive(clap::Args)]
 pub struct Args {}
 
 pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("kiln doctor is not written yet")
+    let virt = host::detect();
+    println!("virtualization: {virt}");
+    let mut ready = virt.can_boot_linux();
+    for (label, asset) in [
+        ("guest kernel", Asset::Kernel),
+        ("guest-init", Asset::GuestInit),
+    ] {
+        let path = asset.path();
+        match describe_file(&path) {
+            Some(size) => println!("{label}: {} ({size})", path.display()),
+            None => {
+                ready = false;
+                println!(
+                    "{label}: missing at {} (build it with `{}`, or set {})",
+                    path.display(),
+                    asset.xtask(),
+                    asset.env_var()
+                );
+            }
+        }
+    }
+    if ready {
+        println!("ready: Kiln can boot VMs on this host");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("not ready: see above");
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// The file's size in human units, or `None` if it is not a regular file.
+fn describe_file(path: &Path) -> Option<String> {
+    let meta = fs::metadata(path).ok().filter(|m| m.is_file())?;
+    Some(format!("{:.1} MiB", meta.len() as f64 / (1024.0 * 1024.0)))
 }

@@ -3,3 +3,4 @@
 //! Modules are named after what they model; `builder` is the one place that
 //! wires a VM together from a [`builder::VmConfig`].
 pub mod devices;
+pub mod host;
