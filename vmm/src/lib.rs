@@ -4,3 +4,4 @@
 //! wires a VM together from a [`builder::VmConfig`].
 pub mod devices;
 pub mod host;
+pub mod seccomp;

@@ -54,10 +54,10 @@ impl Bus {
             .filter(|_| len > 0)
             .ok_or(BusError::InvalidRange { base, len })?;
         let below = self.ranges.range(..end).next_back();
-        if let Some((&other, range)) = below {
-            if other + range.len > base {
-                return Err(BusError::Overlap { base, len, other });
-            }
+        if let Some((&other, range)) = below
+            && other + range.len > base
+        {
+            return Err(BusError::Overlap { base, len, other });
         }
         self.ranges.insert(base, Range { len, device });
         Ok(())

@@ -1,0 +1,279 @@
+//! The seccomp filters are enforced: a thread under its filter survives the
+//! calls its steady state makes and kills the process with SIGSYS on any
+//! other. Each test runs itself again as a child process (selected by an
+//! environment variable), where a thread installs the real filter.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileExt;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, Output};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, SubscriberOps};
+use kiln_vmm::devices::serial::{Serial, SerialInput};
+use kiln_vmm::seccomp::{self, ThreadKind};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+
+/// Set in the child to the name of the test it runs.
+const CHILD_ENV: &str = "KILN_SECCOMP_CHILD";
+/// Printed by a child whose filtered thread got through its work.
+const SURVIVED: &str = "filtered thread survived";
+
+/// In the parent: runs `test` again in a child and returns its outcome.
+/// In the child (`None`): the caller does the filtered work instead.
+fn in_child_or_run(test: &str) -> Option<Output> {
+    if std::env::var(CHILD_ENV).is_ok_and(|name| name == test) {
+        return None;
+    }
+    let output = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, test)
+        .output()
+        .unwrap();
+    Some(output)
+}
+
+/// Runs `work` on a new thread under the `kind` filter and waits for it.
+fn on_filtered_thread(kind: ThreadKind, work: impl FnOnce() + Send + 'static) {
+    spawn_filtered(kind, work).join().unwrap();
+}
+
+/// Starts `work` on a new thread under the `kind` filter.
+fn spawn_filtered(kind: ThreadKind, work: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
+    // No core dumps from the children that are meant to die.
+    let no_core = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit only reads the struct passed by reference.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) }, 0);
+    std::thread::spawn(move || {
+        seccomp::install(kind).unwrap();
+        work();
+    })
+}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN, with a handler that
+/// only interrupts the call in progress.
+fn kick_signal() -> libc::c_int {
+    extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    register_signal_handler(SIGRTMIN(), on_kick).unwrap();
+    SIGRTMIN()
+}
+
+/// A thread that holds `lock` for a while, so that whoever else takes it
+/// waits on a futex.
+fn hold_lock(lock: &Arc<Mutex<u64>>) -> JoinHandle<()> {
+    let lock = lock.clone();
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || {
+        let _held = lock.lock().unwrap();
+        locked_tx.send(()).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    });
+    locked_rx.recv().unwrap();
+    holder
+}
+
+fn assert_killed_by_sigsys(output: &Output) {
+    assert_eq!(
+        output.status.signal(),
+        Some(libc::SIGSYS),
+        "child ended with {:?}; stdout: {}; stderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&output.stdout).contains(SURVIVED));
+}
+
+fn assert_survived(output: &Output) {
+    assert!(
+        output.status.success() && String::from_utf8_lossy(&output.stdout).contains(SURVIVED),
+        "child ended with {:?}; stdout: {}; stderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn say_survived() {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{SURVIVED}").unwrap();
+    stdout.flush().unwrap();
+}
+
+/// A call no VMM thread makes.
+fn open_socket() {
+    // SAFETY: socket(2) has no memory-safety preconditions.
+    unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+}
+
+#[test]
+fn vcpu_thread_survives_its_steady_state_kicks_and_teardown() {
+    let Some(output) = in_child_or_run("vcpu_thread_survives_its_steady_state_kicks_and_teardown")
+    else {
+        let kick = kick_signal();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let device = Arc::new(Mutex::new(0u64));
+        let holder = hold_lock(&device);
+        let vcpu = spawn_filtered(ThreadKind::Vcpu, {
+            let device = device.clone();
+            move || {
+                // Waits on the futex, where the kick interrupts it.
+                *device.lock().unwrap() += 1;
+                irq.write(1).unwrap();
+                // A large allocation is mmap'ed and munmap'ed by malloc.
+                let buffer = vec![1u8; 4 << 20];
+                assert_eq!(buffer.iter().map(|&b| u64::from(b)).sum::<u64>(), 4 << 20);
+                let _ = Instant::now();
+                say_survived();
+            }
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        vcpu.kill(kick).unwrap();
+        holder.join().unwrap();
+        vcpu.join().unwrap();
+        return;
+    };
+    assert_survived(&output);
+}
+
+#[test]
+fn vcpu_thread_dies_on_a_forbidden_syscall() {
+    let Some(output) = in_child_or_run("vcpu_thread_dies_on_a_forbidden_syscall") else {
+        on_filtered_thread(ThreadKind::Vcpu, || {
+            open_socket();
+            say_survived();
+        });
+        return;
+    };
+    assert_killed_by_sigsys(&output);
+}
+
+#[test]
+fn vcpu_thread_dies_on_an_ioctl_other_than_kvm_run() {
+    let Some(output) = in_child_or_run("vcpu_thread_dies_on_an_ioctl_other_than_kvm_run") else {
+        on_filtered_thread(ThreadKind::Vcpu, || {
+            let mut termios = std::mem::MaybeUninit::<libc::termios>::uninit();
+            // SAFETY: TCGETS writes at most one termios into the buffer.
+            unsafe { libc::ioctl(0, libc::TCGETS, termios.as_mut_ptr()) };
+            say_survived();
+        });
+        return;
+    };
+    assert_killed_by_sigsys(&output);
+}
+
+#[test]
+fn vcpu_thread_dies_on_executable_memory() {
+    let Some(output) = in_child_or_run("vcpu_thread_dies_on_executable_memory") else {
+        on_filtered_thread(ThreadKind::Vcpu, || {
+            // SAFETY: an anonymous private mapping at an address the kernel
+            // picks aliases nothing.
+            unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_EXEC,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            say_survived();
+        });
+        return;
+    };
+    assert_killed_by_sigsys(&output);
+}
+
+#[test]
+fn vmm_thread_survives_its_event_loop_and_block_io_then_exits() {
+    let Some(output) =
+        in_child_or_run("vmm_thread_survives_its_event_loop_and_block_io_then_exits")
+    else {
+        // The console's input at end of file: the event loop reads it and
+        // unregisters it.
+        let serial = Serial::new(
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            Box::new(std::io::sink()),
+        );
+        let (input, _) = std::io::pipe().unwrap();
+        let input = SerialInput::new(
+            Arc::new(Mutex::new(serial)),
+            File::from(OwnedFd::from(input)),
+        );
+        let mut event_loop = EventManager::<SerialInput>::new().unwrap();
+        event_loop.add_subscriber(input.unwrap());
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let image: File = tempfile::tempfile().unwrap();
+        let kick = kick_signal();
+        let vcpu = std::thread::spawn(|| std::thread::sleep(Duration::from_millis(100)));
+        let (_controller, terminal) = open_pty();
+        let mut termios = std::mem::MaybeUninit::<libc::termios>::uninit();
+        // SAFETY: `terminal` is open and tcgetattr fills the whole struct.
+        let ret = unsafe { libc::tcgetattr(terminal, termios.as_mut_ptr()) };
+        assert_eq!(ret, 0);
+        // SAFETY: tcgetattr succeeded.
+        let termios = unsafe { termios.assume_init() };
+        on_filtered_thread(ThreadKind::Vmm, move || {
+            // Restoring the host terminal's mode at the end of the VM.
+            // SAFETY: `terminal` is open; tcsetattr only reads `termios`.
+            let ret = unsafe { libc::tcsetattr(terminal, libc::TCSANOW, &termios) };
+            assert_eq!(ret, 0);
+            // Kicking a vCPU out of KVM_RUN.
+            vcpu.kill(kick).unwrap();
+            evt.write(1).unwrap();
+            assert_eq!(evt.read().unwrap(), 1);
+            assert_eq!(event_loop.run_with_timeout(0).unwrap(), 1);
+            image.write_all_at(&[7; 512], 512).unwrap();
+            let mut sector = [0; 512];
+            image.read_exact_at(&mut sector, 512).unwrap();
+            assert_eq!(sector, [7; 512]);
+            image.sync_data().unwrap();
+            drop(image);
+            say_survived();
+            // The VMM ends the process with the guest's status.
+            std::process::exit(0);
+        });
+        return;
+    };
+    assert_survived(&output);
+}
+
+#[test]
+fn vmm_thread_dies_on_a_forbidden_syscall() {
+    let Some(output) = in_child_or_run("vmm_thread_dies_on_a_forbidden_syscall") else {
+        on_filtered_thread(ThreadKind::Vmm, || {
+            open_socket();
+            say_survived();
+        });
+        return;
+    };
+    assert_killed_by_sigsys(&output);
+}
+
+/// A pseudo-terminal pair: (controller, terminal). Both stay open for the
+/// life of the child process.
+fn open_pty() -> (libc::c_int, libc::c_int) {
+    let (mut controller, mut terminal) = (-1, -1);
+    // SAFETY: openpty writes two descriptors into the given integers; the
+    // name, termios and window size pointers may be null.
+    let ret = unsafe {
+        libc::openpty(
+            &mut controller,
+            &mut terminal,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(ret, 0, "openpty: {}", std::io::Error::last_os_error());
+    (controller, terminal)
+}
