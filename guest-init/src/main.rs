@@ -1,2 +1,112 @@
-//! guest-init: PID 1 of every Kiln image (being written; see issue 2).
-fn main() {}
+//! guest-init: PID 1 of every Kiln image.
+//!
+//! Boot sequence, as PID 1 of a VM:
+//! 1. block SIGCHLD/SIGTERM/SIGINT (the supervisor takes them synchronously);
+//! 2. mount /dev (devtmpfs), /proc, /sys, /tmp, /run;
+//! 3. if the kernel command line has `kiln.vmm=1`, gain the guest-init port
+//!    and report `InitStarted` (the VMM's boot timer stops here);
+//! 4. set the hostname, bring up `lo`;
+//! 5. read /etc/kiln/init.json with the command line's `kiln.*` overrides
+//!    (see `guest_init::config`); an unusable configuration is reported on
+//!    the console and ends the VM with status 127;
+//! 6. run the entrypoint, reaping orphans and forwarding SIGTERM/SIGINT;
+//! 7. report `EntrypointExit(status)`, sync, and reboot: Kiln's VMM treats
+//!    the guest's reset as the end of the VM and exits with the status.
+//!
+//! Not PID 1 (run by hand), it only runs the entrypoint from the file and
+//! exits with its status: no mounts, no port, no reboot.
+use std::process::ExitCode;
+
+use guest_init::config::{CONFIG_PATH, RunConfig};
+use guest_init::protocol::InitEvent;
+
+mod mounts;
+mod network;
+mod port;
+mod supervisor;
+
+fn main() -> ExitCode {
+    let signals = match supervisor::Signals::block() {
+        Ok(signals) => signals,
+        Err(err) => return fail(format!("cannot block signals: {err}")),
+    };
+    if std::process::id() != 1 {
+        return match load_config("") {
+            Ok(config) => ExitCode::from(supervisor::run(&config, &signals)),
+            Err(message) => fail(message),
+        };
+    }
+    let port = boot();
+    let status = match load_config(&read_cmdline()) {
+        Ok(config) => {
+            configure_host(&config);
+            supervisor::run(&config, &signals)
+        }
+        Err(message) => {
+            eprintln!("guest-init: {message}");
+            supervisor::STATUS_NOT_FOUND
+        }
+    };
+    eprintln!("guest-init: entrypoint exited with status {status}");
+    if let Some(port) = &port {
+        port.report(InitEvent::EntrypointExit(status));
+    }
+    power_off();
+    ExitCode::from(status)
+}
+
+/// Mounts the basic filesystems and reports that init started.
+fn boot() -> Option<port::InitPort> {
+    if let Err(err) = mounts::mount_all() {
+        eprintln!("guest-init: {err}");
+    }
+    let port = port::InitPort::open(&read_cmdline());
+    if let Some(port) = &port {
+        port.report(InitEvent::InitStarted);
+    }
+    port
+}
+
+fn configure_host(config: &RunConfig) {
+    if let Err(err) = network::set_hostname(&config.hostname) {
+        eprintln!(
+            "guest-init: cannot set the hostname to {:?}: {err}",
+            config.hostname
+        );
+    }
+    if let Err(err) = network::loopback_up() {
+        eprintln!("guest-init: cannot bring up lo: {err}");
+    }
+}
+
+fn read_cmdline() -> String {
+    std::fs::read_to_string("/proc/cmdline").unwrap_or_default()
+}
+
+fn load_config(cmdline: &str) -> Result<RunConfig, String> {
+    let file = match std::fs::read(CONFIG_PATH) {
+        Ok(bytes) => Some(bytes),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
+        Err(err) => return Err(format!("cannot read {CONFIG_PATH}: {err}")),
+    };
+    RunConfig::resolve(file.as_deref(), cmdline).map_err(|err| format!("{CONFIG_PATH}: {err}"))
+}
+
+/// Syncs and resets the machine. Returns only if the kernel refuses.
+fn power_off() {
+    // SAFETY: sync takes no arguments.
+    unsafe { libc::sync() };
+    // SAFETY: reboot takes no pointers; RB_AUTOBOOT restarts the machine
+    // (in a PID namespace it ends the namespace's init instead).
+    if unsafe { libc::reboot(libc::RB_AUTOBOOT) } != 0 {
+        eprintln!(
+            "guest-init: reboot failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+fn fail(message: String) -> ExitCode {
+    eprintln!("guest-init: {message}");
+    ExitCode::from(supervisor::STATUS_NOT_FOUND)
+}

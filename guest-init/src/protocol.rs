@@ -15,8 +15,15 @@
 //! and exits with `status`.
 //!
 //! Port 0x440 lies in a range the PC/AT I/O map leaves unassigned (nothing in
-//! a microVM, QEMU's microvm machine included, decodes it), so a guest
-//! started by another VMM loses nothing but the report.
+//! a microVM, QEMU's microvm machine included, decodes it). guest-init
+//! writes it only when the kernel command line carries
+//! [`VMM_CMDLINE_FLAG`], so a guest started any other way never touches it.
+
+/// The kernel command-line parameter Kiln's VMM always passes. guest-init
+/// writes [`INIT_PORT`] only when it sees it: under another VMM, or as the
+/// PID 1 of a namespace on a host (as its tests run it), it never touches
+/// I/O ports.
+pub const VMM_CMDLINE_FLAG: &str = "kiln.vmm=1";
 
 /// The I/O port guest-init writes its events to.
 pub const INIT_PORT: u16 = 0x440;

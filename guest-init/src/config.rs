@@ -1,0 +1,328 @@
+//! The run configuration: what guest-init starts, and how.
+//!
+//! The image builder writes it as JSON at [`CONFIG_PATH`]:
+//!
+//! ```json
+//! {
+//!   "entrypoint": ["/bin/sh", "-c", "echo hello; exit 3"],
+//!   "env": {"PATH": "/usr/local/bin:/usr/bin:/bin"},
+//!   "workdir": "/",
+//!   "uid": 0,
+//!   "gid": 0,
+//!   "hostname": "kiln"
+//! }
+//! ```
+//!
+//! Only `entrypoint` (argv; `argv[0]` absolute or found in `PATH`) is
+//! required; the other fields default to the values shown.
+//!
+//! ## Overrides from the kernel command line
+//! guest-init reads `/proc/cmdline` itself: the kernel drops dotted
+//! parameters it does not know instead of passing them to init.
+//! - `kiln.entrypoint=PROG` or `kiln.entrypoint="PROG ARG…"` (split on spaces)
+//! - `kiln.workdir=/DIR`, `kiln.hostname=NAME`
+//! - `kiln.env=KEY=VALUE` (repeatable; adds or replaces one variable)
+//!
+//! With an entrypoint on the command line, the file may be absent.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Where the image builder puts the run configuration.
+pub const CONFIG_PATH: &str = "/etc/kiln/init.json";
+
+const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// Why a run configuration was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// The JSON does not parse or has unknown fields.
+    #[error("invalid JSON: {0}")]
+    Json(String),
+    /// A field parsed but its value is not acceptable.
+    #[error("field `{field}`: {problem}")]
+    Field {
+        field: &'static str,
+        problem: String,
+    },
+    /// A `kiln.*` kernel parameter is malformed.
+    #[error("kernel parameter `{param}`: {problem}")]
+    Cmdline {
+        param: String,
+        problem: &'static str,
+    },
+}
+
+/// How guest-init starts the entrypoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// The program and its arguments.
+    pub entrypoint: Vec<String>,
+    /// The entrypoint's whole environment.
+    #[serde(default = "default_env")]
+    pub env: BTreeMap<String, String>,
+    /// Its working directory (absolute).
+    #[serde(default = "default_workdir")]
+    pub workdir: String,
+    /// The user it runs as.
+    #[serde(default)]
+    pub uid: u32,
+    /// The group it runs as.
+    #[serde(default)]
+    pub gid: u32,
+    /// The guest's hostname.
+    #[serde(default = "default_hostname")]
+    pub hostname: String,
+}
+
+fn default_env() -> BTreeMap<String, String> {
+    BTreeMap::from([("PATH".to_string(), DEFAULT_PATH.to_string())])
+}
+
+fn default_workdir() -> String {
+    "/".to_string()
+}
+
+fn default_hostname() -> String {
+    "kiln".to_string()
+}
+
+impl RunConfig {
+    /// A configuration that runs `entrypoint` with every default.
+    pub fn new(entrypoint: Vec<String>) -> Self {
+        RunConfig {
+            entrypoint,
+            env: default_env(),
+            workdir: default_workdir(),
+            uid: 0,
+            gid: 0,
+            hostname: default_hostname(),
+        }
+    }
+
+    /// Parses and validates the JSON file's contents.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, ConfigError> {
+        let config: RunConfig =
+            serde_json::from_slice(bytes).map_err(|err| ConfigError::Json(err.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The JSON the image builder writes (validated first).
+    pub fn to_json_pretty(&self) -> Result<String, ConfigError> {
+        self.validate()?;
+        serde_json::to_string_pretty(self).map_err(|err| ConfigError::Json(err.to_string()))
+    }
+
+    /// The configuration guest-init runs: the file's (if any) with the
+    /// command line's `kiln.*` overrides applied, validated.
+    pub fn resolve(file: Option<&[u8]>, cmdline: &str) -> Result<Self, ConfigError> {
+        let params = kiln_params(cmdline)?;
+        let has_entrypoint = params.iter().any(|(key, _)| *key == "entrypoint");
+        let mut config = match file {
+            Some(bytes) => Self::from_json(bytes)?,
+            None if has_entrypoint => Self::new(Vec::new()),
+            None => {
+                return Err(ConfigError::Field {
+                    field: "entrypoint",
+                    problem: "the file is missing and no kiln.entrypoint= was given".to_string(),
+                });
+            }
+        };
+        for (key, value) in params {
+            config.apply(key, value)?;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply(&mut self, key: &str, value: String) -> Result<(), ConfigError> {
+        match key {
+            "entrypoint" => {
+                self.entrypoint = value
+                    .split(' ')
+                    .filter(|a| !a.is_empty())
+                    .map(String::from)
+                    .collect()
+            }
+            "workdir" => self.workdir = value,
+            "hostname" => self.hostname = value,
+            "env" => {
+                let (name, val) = value.split_once('=').ok_or_else(|| ConfigError::Cmdline {
+                    param: format!("kiln.env={value}"),
+                    problem: "expected kiln.env=KEY=VALUE",
+                })?;
+                self.env.insert(name.to_string(), val.to_string());
+            }
+            // Other kiln.* parameters belong to the VMM (e.g. kiln.vmm).
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let field = |field, problem: &str| ConfigError::Field {
+            field,
+            problem: problem.to_string(),
+        };
+        if self.entrypoint.first().is_none_or(|prog| prog.is_empty()) {
+            return Err(field(
+                "entrypoint",
+                "must name a program (a non-empty argv)",
+            ));
+        }
+        if let Some(key) = self
+            .env
+            .keys()
+            .find(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
+        {
+            return Err(field("env", &format!("invalid variable name {key:?}")));
+        }
+        if !self.workdir.starts_with('/') {
+            return Err(field(
+                "workdir",
+                &format!("must be an absolute path, got {:?}", self.workdir),
+            ));
+        }
+        if self.hostname.is_empty() || self.hostname.len() > 64 {
+            return Err(field("hostname", "must be 1 to 64 bytes long"));
+        }
+        Ok(())
+    }
+}
+
+/// The `kiln.KEY=VALUE` parameters of a kernel command line, in order,
+/// with one level of double quotes removed from values.
+fn kiln_params(cmdline: &str) -> Result<Vec<(&str, String)>, ConfigError> {
+    let mut params = Vec::new();
+    for word in split_cmdline(cmdline) {
+        let Some(rest) = word.strip_prefix("kiln.") else {
+            continue;
+        };
+        let (key, value) = rest.split_once('=').unwrap_or((rest, ""));
+        params.push((key, value.replace('"', "")));
+    }
+    // A quote left open swallows the rest of the line: say so.
+    if cmdline.matches('"').count() % 2 == 1 {
+        return Err(ConfigError::Cmdline {
+            param: cmdline.trim().to_string(),
+            problem: "unbalanced double quote",
+        });
+    }
+    Ok(params)
+}
+
+/// Splits like the kernel's `next_arg`: on spaces outside double quotes.
+fn split_cmdline(cmdline: &str) -> Vec<&str> {
+    let mut words = Vec::new();
+    let mut start = None;
+    let mut quoted = false;
+    for (i, c) in cmdline.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            c if c.is_whitespace() && !quoted => {
+                if let Some(s) = start.take() {
+                    words.push(&cmdline[s..i]);
+                }
+                continue;
+            }
+            _ => {}
+        }
+        start.get_or_insert(i);
+    }
+    if let Some(s) = start {
+        words.push(&cmdline[s..]);
+    }
+    words
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_file_gets_the_documented_defaults() {
+        let config = RunConfig::from_json(br#"{"entrypoint": ["/bin/hello"]}"#).unwrap();
+        assert_eq!(config, RunConfig::new(vec!["/bin/hello".into()]));
+        assert_eq!(config.env["PATH"], DEFAULT_PATH);
+        assert_eq!(
+            (config.workdir.as_str(), config.uid, config.gid),
+            ("/", 0, 0)
+        );
+        assert_eq!(config.hostname, "kiln");
+    }
+
+    #[test]
+    fn full_file_round_trips_through_json() {
+        let mut config = RunConfig::new(vec!["/bin/sh".into(), "-c".into(), "exit 3".into()]);
+        config.env.insert("GREETING".into(), "hi there".into());
+        config.workdir = "/srv".into();
+        (config.uid, config.gid) = (1000, 100);
+        let json = config.to_json_pretty().unwrap();
+        assert_eq!(RunConfig::from_json(json.as_bytes()).unwrap(), config);
+    }
+
+    #[test]
+    fn bad_files_name_the_field() {
+        let cases: [(&[u8], &str); 6] = [
+            (br#"{"entrypoint": []}"#, "entrypoint"),
+            (br#"{"entrypoint": [""]}"#, "entrypoint"),
+            (br#"{"entrypoint": ["/x"], "workdir": "srv"}"#, "workdir"),
+            (br#"{"entrypoint": ["/x"], "env": {"A=B": "c"}}"#, "env"),
+            (br#"{"entrypoint": ["/x"], "hostname": ""}"#, "hostname"),
+            (br#"{"entrypoint": ["/x"], "colour": "red"}"#, "colour"),
+        ];
+        for (json, field) in cases {
+            let err = RunConfig::from_json(json).unwrap_err().to_string();
+            assert!(err.contains(field), "{err} should name {field}");
+        }
+        assert!(matches!(
+            RunConfig::from_json(b"{"),
+            Err(ConfigError::Json(_))
+        ));
+    }
+
+    #[test]
+    fn cmdline_overrides_apply_in_order() {
+        let file = br#"{"entrypoint": ["/bin/app"], "env": {"A": "1"}}"#;
+        let cmdline = "console=ttyS0 kiln.vmm=1 kiln.entrypoint=/tests/exit7.sh kiln.env=A=2 \
+                       kiln.env=B=x=y kiln.workdir=/tmp kiln.hostname=box quiet\n";
+        let config = RunConfig::resolve(Some(file), cmdline).unwrap();
+        assert_eq!(config.entrypoint, ["/tests/exit7.sh"]);
+        assert_eq!(config.env["A"], "2");
+        assert_eq!(config.env["B"], "x=y");
+        assert_eq!(
+            (config.workdir.as_str(), config.hostname.as_str()),
+            ("/tmp", "box")
+        );
+    }
+
+    #[test]
+    fn quoted_entrypoint_splits_on_spaces() {
+        let config =
+            RunConfig::resolve(None, r#"ro kiln.entrypoint="/bin/sh /tests/x.sh  arg" rw"#)
+                .unwrap();
+        assert_eq!(config.entrypoint, ["/bin/sh", "/tests/x.sh", "arg"]);
+        assert_eq!(config.env, default_env());
+    }
+
+    #[test]
+    fn missing_file_without_override_and_bad_params_are_errors() {
+        let err = RunConfig::resolve(None, "console=ttyS0")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("file is missing"), "{err}");
+        let err = RunConfig::resolve(None, "kiln.entrypoint=/x kiln.env=NOEQUALS").unwrap_err();
+        assert!(err.to_string().contains("kiln.env=NOEQUALS"), "{err}");
+        let err = RunConfig::resolve(None, r#"kiln.entrypoint="/x"#).unwrap_err();
+        assert!(err.to_string().contains("unbalanced"), "{err}");
+    }
+
+    #[test]
+    fn split_follows_quotes() {
+        assert_eq!(split_cmdline(r#"a b="c d" e"#), ["a", r#"b="c d""#, "e"]);
+        assert_eq!(split_cmdline("  "), Vec::<&str>::new());
+    }
+}
