@@ -1,0 +1,25 @@
+# Checks for vm-test scenarios. Each prints exactly one result line:
+#   KILN-TEST <scenario>/<check> ok
+#   KILN-TEST <scenario>/<check> FAIL <reason>
+# The runner sets SCENARIO and WORK (a fresh scratch directory).
+
+pass() { echo "KILN-TEST $SCENARIO/$1 ok"; }
+fail() { echo "KILN-TEST $SCENARIO/$1 FAIL $2"; }
+
+# check NAME CMD...: CMD succeeds.
+check() {
+    name=$1; shift
+    if "$@" > "$WORK/check.out" 2>&1; then pass "$name"
+    else fail "$name" "command failed: $* ($(tail -c 200 "$WORK/check.out" | tr '\n' '|'))"; fi
+}
+
+# expect_eq NAME EXPECTED ACTUAL
+expect_eq() {
+    if [ "$2" = "$3" ]; then pass "$1"; else fail "$1" "expected '$2', got '$3'"; fi
+}
+
+# expect_contains NAME FILE PATTERN: FILE has a line matching PATTERN (grep).
+expect_contains() {
+    if grep -q -- "$3" "$2" 2>/dev/null; then pass "$1"
+    else fail "$1" "'$3' not in $2 (ends: $(tail -c 300 "$2" 2>/dev/null | tr '\n' '|'))"; fi
+}

@@ -1,0 +1,93 @@
+//! The root filesystem images the scenarios boot, made on the host.
+//!
+//! Every image lives in one list, [`IMAGES`]; a scenario finds them in
+//! `$KILN_ASSETS/<name>.ext4`.
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result};
+
+use crate::sh;
+
+const BUSYBOX: &str = "/bin/busybox";
+
+/// One image: a name and the entrypoint its /etc/kiln/init.json names.
+struct ImageSpec {
+    name: &'static str,
+    entrypoint: &'static [&'static str],
+}
+
+/// `hello`: guest-init, busybox with every applet, and the guest-side test
+/// helpers of `tests/vm/guest/` under /tests.
+const IMAGES: &[ImageSpec] = &[ImageSpec {
+    name: "hello",
+    entrypoint: &["/bin/sh", "-c", "echo hello from kiln guest-init; exit 3"],
+}];
+
+/// Image size: busybox (~2 MiB) and guest-init leave room for the tests'
+/// scratch files.
+const IMAGE_SIZE: &str = "32M";
+
+/// Builds every image into `dir`; returns `dir`.
+pub fn build(dir: &Path, guest_init: &Path) -> Result<PathBuf> {
+    fs::create_dir_all(dir)?;
+    for spec in IMAGES {
+        let tree = dir.join(format!("{}.root", spec.name));
+        let _ = fs::remove_dir_all(&tree);
+        populate(&tree, spec, guest_init)
+            .with_context(|| format!("assembling {}", tree.display()))?;
+        make_ext4(&tree, &dir.join(format!("{}.ext4", spec.name)))?;
+        fs::remove_dir_all(&tree)?;
+    }
+    Ok(dir.to_path_buf())
+}
+
+fn populate(tree: &Path, spec: &ImageSpec, guest_init: &Path) -> Result<()> {
+    for dir in [
+        "sbin", "bin", "etc/kiln", "tests", "dev", "proc", "sys", "tmp", "run",
+    ] {
+        fs::create_dir_all(tree.join(dir))?;
+    }
+    fs::copy(guest_init, tree.join("sbin/init"))?;
+    fs::copy(BUSYBOX, tree.join("bin/busybox"))?;
+    let applets = sh::output(Command::new(BUSYBOX).arg("--list"))?;
+    for applet in applets.lines().filter(|a| *a != "busybox") {
+        symlink("busybox", tree.join("bin").join(applet))?;
+    }
+    let guest_helpers = sh::workspace_root().join("tests/vm/guest");
+    if guest_helpers.is_dir() {
+        for entry in fs::read_dir(&guest_helpers)? {
+            let path = entry?.path();
+            fs::copy(
+                &path,
+                tree.join("tests").join(path.file_name().expect("a file")),
+            )?;
+        }
+    }
+    let config = serde_json::json!({ "entrypoint": spec.entrypoint });
+    fs::write(
+        tree.join("etc/kiln/init.json"),
+        serde_json::to_string_pretty(&config)?,
+    )?;
+    Ok(())
+}
+
+/// `mkfs.ext4 -d`, with a fixed UUID, hash seed and time so the image does
+/// not change between runs for the same inputs.
+fn make_ext4(tree: &Path, image: &Path) -> Result<()> {
+    const FIXED_UUID: &str = "6b696c6e-0000-4000-8000-000000000001";
+    let _ = fs::remove_file(image);
+    sh::run(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "rootfs", "-U", FIXED_UUID])
+            .arg("-E")
+            .arg(format!("hash_seed={FIXED_UUID},root_owner=0:0"))
+            .arg("-d")
+            .arg(tree)
+            .arg(image)
+            .arg(IMAGE_SIZE)
+            .env("E2FSPROGS_FAKE_TIME", "1"),
+    )
+}

@@ -1,0 +1,143 @@
+//! The L1 guest's initramfs: busybox, the KVM modules, the programs under
+//! test with their shared libraries, QEMU as the peer, the guest kernel,
+//! the images and the scenarios.
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+use crate::sh;
+
+/// What goes into the L1 guest.
+pub struct Payload<'a> {
+    pub kiln: &'a Path,
+    pub kernel: &'a Path,
+    pub guest_init: &'a Path,
+    pub assets: &'a Path,
+    pub scenarios: &'a [String],
+    /// The L1 kernel's version: the KVM modules must match it.
+    pub l1_version: &'a str,
+}
+
+const QEMU: &str = "/usr/bin/qemu-system-x86_64";
+/// The firmware QEMU 7.2's microvm machine loads by default (qboot).
+const QEMU_FIRMWARE: &str = "/usr/share/qemu/qboot.rom";
+/// insmod order: kvm needs irqbypass, kvm-amd needs kvm.
+const KVM_MODULES: [&str; 3] = [
+    "virt/lib/irqbypass.ko",
+    "arch/x86/kvm/kvm.ko",
+    "arch/x86/kvm/kvm-amd.ko",
+];
+const L1_INIT: &str = include_str!("l1-init.sh");
+
+/// Lays out the initramfs in `tree` and packs it as a newc cpio archive.
+pub fn pack(tree: &Path, archive: &Path, payload: &Payload) -> Result<()> {
+    let _ = fs::remove_dir_all(tree);
+    for dir in [
+        "bin",
+        "sbin",
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "lib/modules",
+        "kiln/bin",
+        "kiln/tests",
+    ] {
+        fs::create_dir_all(tree.join(dir))?;
+    }
+    copy(Path::new("/bin/busybox"), &tree.join("bin/busybox"))?;
+    write_executable(&tree.join("init"), L1_INIT)?;
+    let modules = Path::new("/lib/modules")
+        .join(payload.l1_version)
+        .join("kernel");
+    for module in KVM_MODULES {
+        let name = Path::new(module)
+            .file_name()
+            .expect("module paths name a file");
+        copy(&modules.join(module), &tree.join("lib/modules").join(name))?;
+    }
+    copy_with_libraries(payload.kiln, &tree.join("kiln/bin/kiln"), tree)?;
+    copy_with_libraries(Path::new(QEMU), &tree.join(&QEMU[1..]), tree)?;
+    copy(Path::new(QEMU_FIRMWARE), &tree.join(&QEMU_FIRMWARE[1..]))?;
+    copy(payload.kernel, &tree.join("kiln/vmlinux"))?;
+    copy(payload.guest_init, &tree.join("kiln/guest-init"))?;
+    copy_dir(payload.assets, &tree.join("kiln/assets"), "ext4")?;
+    copy_scenarios(&tree.join("kiln/tests"))?;
+    fs::write(tree.join("kiln/scenarios"), payload.scenarios.join(" "))?;
+    let cpio = format!(
+        "cd '{}' && find . | cpio -o -H newc --quiet > '{}'",
+        tree.display(),
+        archive.display()
+    );
+    sh::run(Command::new("sh").arg("-c").arg(cpio))
+}
+
+fn copy(from: &Path, to: &Path) -> Result<()> {
+    fs::create_dir_all(to.parent().expect("targets are inside the tree"))?;
+    fs::copy(from, to)
+        .with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
+    Ok(())
+}
+
+fn write_executable(path: &Path, text: &str) -> Result<()> {
+    fs::write(path, text)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755))?;
+    Ok(())
+}
+
+/// Copies a dynamically linked program and every library `ldd` lists, at
+/// their own paths, so it runs in the initramfs as on the host.
+fn copy_with_libraries(program: &Path, to: &Path, tree: &Path) -> Result<()> {
+    copy(program, to)?;
+    for library in shared_libraries(program)? {
+        copy(
+            &library,
+            &tree.join(
+                library
+                    .strip_prefix("/")
+                    .expect("ldd prints absolute paths"),
+            ),
+        )?;
+    }
+    Ok(())
+}
+
+fn shared_libraries(program: &Path) -> Result<Vec<PathBuf>> {
+    let listing = sh::output(Command::new("ldd").arg(program))?;
+    let libraries: Vec<PathBuf> = listing
+        .split_whitespace()
+        .filter(|word| word.starts_with('/'))
+        .map(PathBuf::from)
+        .collect();
+    if libraries.is_empty() {
+        bail!(
+            "ldd found no libraries for {}; is it a dynamic executable?",
+            program.display()
+        );
+    }
+    Ok(libraries)
+}
+
+fn copy_dir(from: &Path, to: &Path, extension: &str) -> Result<()> {
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(from)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == extension) {
+            copy(&path, &to.join(path.file_name().expect("a file")))?;
+        }
+    }
+    Ok(())
+}
+
+/// tests/vm/*.sh (scenarios, runner, library) and tests/vm/guest/.
+fn copy_scenarios(to: &Path) -> Result<()> {
+    let source = sh::workspace_root().join("tests/vm");
+    copy_dir(&source, to, "sh")?;
+    if source.join("guest").is_dir() {
+        copy_dir(&source.join("guest"), &to.join("guest"), "sh")?;
+    }
+    Ok(())
+}

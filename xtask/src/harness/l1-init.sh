@@ -1,0 +1,22 @@
+#!/bin/busybox sh
+# /init of the L1 guest: a Linux with nested SVM under QEMU TCG, whose
+# /dev/kvm is real hardware-style KVM. Runs the scenarios, then powers off.
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /tmp
+for module in irqbypass kvm kvm-amd; do
+    insmod "/lib/modules/$module.ko" || echo "KILN-TEST harness/insmod-$module FAIL insmod failed"
+done
+if [ -c /dev/kvm ]; then
+    echo "KILN-HARNESS /dev/kvm ready"
+else
+    echo "KILN-TEST harness/dev-kvm FAIL no /dev/kvm after loading kvm-amd"
+fi
+export PATH=/kiln/bin:/usr/bin:/bin:/sbin
+export KILN=/kiln/bin/kiln KILN_KERNEL=/kiln/vmlinux KILN_INIT=/kiln/guest-init
+export KILN_ASSETS=/kiln/assets QEMU=/usr/bin/qemu-system-x86_64 WORK_ROOT=/tmp/work
+sh /kiln/tests/run.sh $(cat /kiln/scenarios)
+sync
+poweroff -f

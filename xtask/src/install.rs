@@ -1,0 +1,42 @@
+//! Installing what xtask builds where the `kiln` CLI looks for it:
+//! `$KILN_HOME` (default `~/.local/share/kiln`), the rule of the CLI's
+//! `src/assets.rs`.
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+/// `$KILN_HOME`, or `~/.local/share/kiln`.
+pub fn kiln_home() -> PathBuf {
+    match (std::env::var_os("KILN_HOME"), std::env::var_os("HOME")) {
+        (Some(dir), _) if !dir.is_empty() => PathBuf::from(dir),
+        (_, Some(home)) => Path::new(&home).join(".local/share/kiln"),
+        _ => PathBuf::from("/var/lib/kiln"),
+    }
+}
+
+/// Copies `from` to `to` through a temporary file, fsync and rename, so a
+/// reader never sees a half-written file.
+pub fn publish(from: &Path, to: &Path) -> Result<()> {
+    let dir = to.parent().context("install target has no parent")?;
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let temp = dir.join(format!(".{}.tmp-{}", file_name(to), std::process::id()));
+    fs::copy(from, &temp)
+        .with_context(|| format!("cannot copy {} to {}", from.display(), temp.display()))?;
+    File::open(&temp)?.sync_all()?;
+    fs::rename(&temp, to).with_context(|| format!("cannot install {}", to.display()))?;
+    sync_dir(dir)
+}
+
+/// fsyncs a directory so a rename inside it is durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)?
+        .sync_all()
+        .with_context(|| format!("cannot sync {}", dir.display()))
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
