@@ -10,8 +10,10 @@
 //!    (see `guest_init::config`); an unusable configuration is reported on
 //!    the console and ends the VM with status 127;
 //! 6. run the entrypoint, reaping orphans and forwarding SIGTERM/SIGINT;
-//! 7. report `EntrypointExit(status)`, sync, and reboot: Kiln's VMM treats
-//!    the guest's reset as the end of the VM and exits with the status.
+//! 7. report `EntrypointExit(status)`, kill what is left, sync, remount /
+//!    read-only (so ext4's journal is clean for the next boot) and reboot:
+//!    Kiln's VMM treats the guest's reset as the end of the VM and exits
+//!    with the status.
 //!
 //! Not PID 1 (run by hand), it only runs the entrypoint from the file and
 //! exits with its status: no mounts, no port, no reboot.
@@ -92,10 +94,21 @@ fn load_config(cmdline: &str) -> Result<RunConfig, String> {
     RunConfig::resolve(file.as_deref(), cmdline).map_err(|err| format!("{CONFIG_PATH}: {err}"))
 }
 
-/// Syncs and resets the machine. Returns only if the kernel refuses.
+/// Ends every remaining process, leaves the root filesystem clean
+/// (read-only, journal flushed), and resets the machine. Returns only if
+/// the kernel refuses the reboot.
 fn power_off() {
+    // SAFETY: kill(-1) signals every process except PID 1 (of this PID
+    // namespace); it takes no pointers.
+    unsafe { libc::kill(-1, libc::SIGKILL) };
+    // SAFETY: a null status pointer is allowed; each call reaps one child
+    // and fails with ECHILD once none is left.
+    while unsafe { libc::waitpid(-1, std::ptr::null_mut(), 0) } > 0 {}
     // SAFETY: sync takes no arguments.
     unsafe { libc::sync() };
+    if let Err(err) = mounts::remount_root_read_only() {
+        eprintln!("guest-init: cannot remount / read-only: {err}");
+    }
     // SAFETY: reboot takes no pointers; RB_AUTOBOOT restarts the machine
     // (in a PID namespace it ends the namespace's init instead).
     if unsafe { libc::reboot(libc::RB_AUTOBOOT) } != 0 {

@@ -64,3 +64,26 @@ fn mount(fstype: &str, target: &str, flags: libc::c_ulong) -> io::Result<()> {
         Err(io::Error::last_os_error())
     }
 }
+
+/// Remounts the root filesystem read-only: its superblock goes read-only,
+/// so ext4 flushes and closes its journal and the next mount needs no
+/// recovery (a read-only next boot could not replay it).
+pub fn remount_root_read_only() -> io::Result<()> {
+    let root = CString::new("/")?;
+    // SAFETY: `root` is a valid NUL-terminated path; a remount takes no
+    // source, type or data.
+    let rc = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REMOUNT | libc::MS_RDONLY,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

@@ -60,11 +60,29 @@ fn scratch_root(config: Option<&str>) -> tempfile::TempDir {
     root
 }
 
+/// Boots guest-init as PID 1. Its root is a tmpfs inside the new mount
+/// namespace, filled from `root`: guest-init remounts / read-only before
+/// it "reboots", and on the host's own filesystem that would reach the
+/// host's superblock.
 fn boot(root: &Path) -> (Output, String) {
+    let mountpoint = tempfile::tempdir().unwrap();
+    let script = r#"mount -t tmpfs -o mode=0755 kiln-test "$2" && cp -a "$1/." "$2/" && exec chroot "$2" /sbin/init"#;
     let output = Command::new("unshare")
-        .args(["--fork", "--pid", "--mount", "--uts", "--net", "chroot"])
+        .args([
+            "--fork",
+            "--pid",
+            "--mount",
+            "--uts",
+            "--net",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+        ])
         .arg(root)
-        .arg("/sbin/init")
+        .arg(mountpoint.path())
         .output()
         .expect("unshare (util-linux) runs");
     let text = format!(
@@ -100,6 +118,10 @@ fn runs_the_entrypoint_as_pid_1_reaps_orphans_and_reports_its_status() {
     assert!(
         !text.contains("entry-pid=1\n"),
         "the entrypoint must not be PID 1:\n{text}"
+    );
+    assert!(
+        !text.contains("cannot remount"),
+        "the root must be left read-only and clean:\n{text}"
     );
 }
 

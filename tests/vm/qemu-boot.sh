@@ -3,12 +3,15 @@
 # reboots and QEMU (-no-reboot) exits by itself.
 . "$(dirname "$0")/lib.sh"
 
+# The guest mounts its root read-write: boot a copy.
+root=$WORK/hello.ext4
+cp "$KILN_ASSETS/hello.ext4" "$root"
 console=$WORK/console.txt
 timeout 120 "$QEMU" -M microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=on,acpi=off \
     -enable-kvm -cpu host -m 256 -smp 1 -nodefaults -no-user-config -nographic -no-reboot \
     -serial stdio -kernel "$KILN_KERNEL" \
     -append "console=ttyS0 reboot=t panic=-1 root=/dev/vda rw" \
-    -drive id=root,file="$KILN_ASSETS/hello.ext4",format=raw,if=none \
+    -drive id=root,file="$root",format=raw,if=none \
     -device virtio-blk-device,drive=root > "$console" 2>&1
 status=$?
 
