@@ -2,6 +2,11 @@
 //!
 //! Modules are named after what they model; `builder` is the one place that
 //! wires a VM together from a [`builder::VmConfig`].
+pub mod arch;
+pub mod builder;
 pub mod devices;
+pub mod event_loop;
 pub mod host;
+pub mod loader;
 pub mod seccomp;
+pub mod vstate;

@@ -144,6 +144,8 @@ fn vmm_rules() -> Result<Rules, BackendError> {
         // getpid() and the vCPU's tid.
         allow(libc::SYS_tgkill),
         allow(libc::SYS_getpid),
+        // ... and waiting a millisecond between kicks (std's sleep).
+        allow(libc::SYS_clock_nanosleep),
         // RawTerminal's Drop restores the host terminal's mode: glibc's
         // tcsetattr(TCSANOW) reads the current mode (TCGETS), then sets it
         // (TCSETS). No other ioctl.

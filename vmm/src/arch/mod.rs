@@ -1,0 +1,2 @@
+//! Architecture-specific setup. Kiln targets x86_64 only.
+pub mod x86_64;

@@ -1,0 +1,140 @@
+//! The VMM thread's event loop (event-manager), and how a VM ends.
+//!
+//! A VM ends when a vCPU sees the guest reset or shut down, when a vCPU
+//! fails, or when the guest resets through the i8042 controller. All of
+//! them write one EventFd; the loop runs until it fires.
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::devices::lock;
+
+/// Why a VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmEnd {
+    /// The guest reset the machine (reboot, triple fault, i8042 reset).
+    Reset,
+    /// The guest asked KVM for a shutdown.
+    Shutdown,
+    /// A vCPU could not go on; the text says why.
+    Error(String),
+}
+
+/// The "VM has ended" signal shared by vCPUs, devices and the loop.
+pub struct VmEndSignal {
+    evt: EventFd,
+    reason: Mutex<Option<VmEnd>>,
+}
+
+impl VmEndSignal {
+    pub fn new() -> std::io::Result<Arc<Self>> {
+        Ok(Arc::new(VmEndSignal {
+            evt: EventFd::new(EFD_NONBLOCK)?,
+            reason: Mutex::new(None),
+        }))
+    }
+
+    /// Records `end` (the first reason wins) and wakes the loop.
+    pub fn signal(&self, end: VmEnd) {
+        lock(&self.reason).get_or_insert(end);
+        // A full counter (2^64 - 1 writes) is the only failure: already signalled.
+        let _ = self.evt.write(1);
+    }
+
+    /// An EventFd that ends the VM when written, for devices that only
+    /// know EventFds (the i8042 reset line). It means [`VmEnd::Reset`].
+    pub fn trigger(&self) -> std::io::Result<EventFd> {
+        self.evt.try_clone()
+    }
+
+    /// Why the VM ended; a bare trigger means a reset.
+    pub fn reason(&self) -> VmEnd {
+        lock(&self.reason).clone().unwrap_or(VmEnd::Reset)
+    }
+}
+
+/// Watches the end signal from inside the event loop.
+struct EndWatcher {
+    end: Arc<VmEndSignal>,
+    ended: bool,
+}
+
+impl MutEventSubscriber for EndWatcher {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.end.evt.read();
+        self.ended = true;
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        // Registration happens before seccomp and cannot fail for a fresh
+        // eventfd; if it did, the VM could never end, so say so.
+        ops.add(Events::new(&self.end.evt, EventSet::IN))
+            .expect("cannot watch the VM end eventfd");
+    }
+}
+
+/// Subscribers are device backends shared with vCPU threads.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// The event loop of one VM.
+pub struct EventLoop {
+    manager: EventManager<Subscriber>,
+    watcher: Arc<Mutex<EndWatcher>>,
+}
+
+/// Errors from the event loop.
+#[derive(Debug, thiserror::Error)]
+pub enum EventLoopError {
+    #[error("cannot create the event loop: {0}")]
+    Create(event_manager::Error),
+    #[error("the event loop failed: {0}")]
+    Run(event_manager::Error),
+}
+
+impl EventLoop {
+    pub fn new(end: Arc<VmEndSignal>) -> Result<Self, EventLoopError> {
+        let mut manager: EventManager<Subscriber> =
+            EventManager::new().map_err(EventLoopError::Create)?;
+        let watcher = Arc::new(Mutex::new(EndWatcher { end, ended: false }));
+        manager.add_subscriber(watcher.clone());
+        Ok(EventLoop { manager, watcher })
+    }
+
+    /// Adds a device backend; its `init` registers its fds.
+    pub fn add(&mut self, subscriber: Subscriber) {
+        self.manager.add_subscriber(subscriber);
+    }
+
+    /// Dispatches events until the VM ends.
+    pub fn run_until_end(&mut self) -> Result<(), EventLoopError> {
+        while !lock(&self.watcher).ended {
+            self.manager.run().map_err(EventLoopError::Run)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_reason_wins_and_a_bare_trigger_means_reset() {
+        let end = VmEndSignal::new().unwrap();
+        assert_eq!(end.reason(), VmEnd::Reset);
+        end.signal(VmEnd::Shutdown);
+        end.signal(VmEnd::Error("late".into()));
+        assert_eq!(end.reason(), VmEnd::Shutdown);
+    }
+
+    #[test]
+    fn the_loop_returns_once_the_trigger_fires() {
+        let end = VmEndSignal::new().unwrap();
+        let mut event_loop = EventLoop::new(end.clone()).unwrap();
+        end.trigger().unwrap().write(1).unwrap();
+        event_loop.run_until_end().unwrap();
+        assert_eq!(end.reason(), VmEnd::Reset);
+    }
+}

@@ -1,0 +1,116 @@
+//! The KVM VM: capabilities, in-kernel interrupt controllers and PIT,
+//! guest memory slots, irqfds and ioeventfds.
+use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::layout::KVM_TSS_ADDRESS;
+use crate::devices::virtio::GuestMemoryMmap;
+
+/// The KVM API version every kernel since 2.6.22 reports.
+const KVM_API_VERSION: i32 = 12;
+
+/// What Kiln needs from KVM, named for the error message.
+const REQUIRED_CAPS: [(Cap, &str); 7] = [
+    (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+    (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+    (Cap::Irqfd, "KVM_CAP_IRQFD"),
+    (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+    (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+    (Cap::Pit2, "KVM_CAP_PIT2"),
+    (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+];
+
+/// Errors from setting up the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("KVM API version {0}, expected {KVM_API_VERSION}")]
+    ApiVersion(i32),
+    #[error("KVM lacks {0}, which Kiln needs")]
+    MissingCap(&'static str),
+    #[error("{what} failed: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// A VM with its interrupt controllers, PIT and memory.
+pub struct Vm {
+    fd: VmFd,
+}
+
+impl Vm {
+    /// Checks KVM, then creates a VM with `mem` as its RAM.
+    pub fn new(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<Self, VmError> {
+        let version = kvm.get_api_version();
+        if version != KVM_API_VERSION {
+            return Err(VmError::ApiVersion(version));
+        }
+        if let Some((_, name)) = REQUIRED_CAPS
+            .iter()
+            .find(|(cap, _)| !kvm.check_extension(*cap))
+        {
+            return Err(VmError::MissingCap(name));
+        }
+        let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        for (slot, region) in mem.iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: the region describes a live mapping owned by `mem`,
+            // which outlives the VM (the builder drops the VM first).
+            unsafe { fd.set_user_memory_region(region) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        // The TSS pages must be set before the first vCPU runs (Intel VMX
+        // needs them for real-mode emulation).
+        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        // PIC, IOAPIC and per-vCPU LAPICs in the kernel: interrupts never
+        // need a VMM round trip.
+        fd.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        // The PIT calibrates the guest's TSC at boot; its speaker port is a no-op.
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        Ok(Vm { fd })
+    }
+
+    /// The VM's file descriptor, for creating vCPUs.
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// Writing `evt` raises interrupt line `gsi` in the kernel's IOAPIC.
+    pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
+        self.fd
+            .register_irqfd(evt, gsi)
+            .map_err(kvm_err("KVM_IRQFD"))
+    }
+
+    /// A 4-byte guest write of `datamatch` at MMIO `addr` signals `evt`
+    /// in the kernel, without an exit to the VMM.
+    pub fn register_ioevent(
+        &self,
+        evt: &EventFd,
+        addr: u64,
+        datamatch: u32,
+    ) -> Result<(), VmError> {
+        self.fd
+            .register_ioevent(evt, &IoEventAddress::Mmio(addr), datamatch)
+            .map_err(kvm_err("KVM_IOEVENTFD"))
+    }
+}
