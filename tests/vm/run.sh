@@ -1,6 +1,6 @@
 #!/bin/sh
 # Runs the named scenarios (tests/vm/<name>.sh), one after the other, each
-# under a time limit, then prints KILN-DONE. The same runner serves the
+# under a time limit. The same runner serves the
 # nested harness (inside L1) and a hardware-KVM host (directly).
 # Expects KILN, KILN_KERNEL, KILN_INIT, KILN_ASSETS, QEMU and WORK_ROOT.
 here=$(dirname "$0")
@@ -13,4 +13,3 @@ for scenario in "$@"; do
     status=$?
     [ "$status" -eq 0 ] || echo "KILN-TEST $scenario/script FAIL exited with status $status (124/143: over ${limit}s)"
 done
-echo KILN-DONE

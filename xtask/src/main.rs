@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod apt;
+mod bench;
 mod demo;
 mod harness;
 mod init;
@@ -17,6 +18,16 @@ mod test;
 struct Cli {
     #[command(subcommand)]
     task: Task,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Boot latency and VMM memory of `kiln run` against QEMU microvm.
+    Boot {
+        /// Timed boots per VMM (after one warm-up each).
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -34,15 +45,30 @@ enum Task {
     Test,
     /// Set up a fresh machine and boot a guest: the README's first command.
     Demo,
+    /// Benchmarks, measured against a peer in the same run.
+    Bench {
+        #[command(subcommand)]
+        bench: Bench,
+    },
+    /// The benchmark runner itself, where KVM is (used by `bench`).
+    #[command(hide = true)]
+    BenchGuest {
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+    },
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().task {
         Task::Kernel => kernel::build().map(|path| println!("{}", path.display())),
         Task::Init => init::build().map(|path| println!("{}", path.display())),
-        Task::VmTest { scenarios } => harness::run(&scenarios).map(drop),
+        Task::VmTest { scenarios } => harness::vm_test(&scenarios).map(drop),
         Task::Test => test::run(),
         Task::Demo => demo::run(),
+        Task::Bench {
+            bench: Bench::Boot { runs },
+        } => bench::boot(runs),
+        Task::BenchGuest { runs } => bench::guest(runs),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

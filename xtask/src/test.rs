@@ -28,5 +28,5 @@ pub fn run() -> Result<()> {
     ])?;
     cargo(&["test", "--workspace"])?;
     eprintln!("xtask: == vm-test (all scenarios)");
-    harness::run(&[]).map(drop)
+    harness::vm_test(&[]).map(drop)
 }

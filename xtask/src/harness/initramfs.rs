@@ -13,10 +13,13 @@ use crate::sh;
 /// What goes into the L1 guest.
 pub struct Payload<'a> {
     pub kiln: &'a Path,
+    /// xtask itself: the benchmark runner.
+    pub xtask: &'a Path,
     pub kernel: &'a Path,
     pub guest_init: &'a Path,
     pub assets: &'a Path,
-    pub scenarios: &'a [String],
+    /// The command line /init runs.
+    pub job: &'a str,
     /// The L1 kernel's version: the KVM modules must match it.
     pub l1_version: &'a str,
 }
@@ -31,6 +34,10 @@ const KVM_MODULES: [&str; 3] = [
     "arch/x86/kvm/kvm-amd.ko",
 ];
 const L1_INIT: &str = include_str!("l1-init.sh");
+/// Where the scenarios are inside L1.
+pub const TESTS_DIR: &str = "/kiln/tests";
+/// Where the xtask binary is inside L1.
+pub const XTASK_PATH: &str = "/kiln/bin/xtask";
 
 /// Lays out the initramfs in `tree` and packs it as a newc cpio archive.
 pub fn pack(tree: &Path, archive: &Path, payload: &Payload) -> Result<()> {
@@ -60,13 +67,14 @@ pub fn pack(tree: &Path, archive: &Path, payload: &Payload) -> Result<()> {
         copy(&modules.join(module), &tree.join("lib/modules").join(name))?;
     }
     copy_with_libraries(payload.kiln, &tree.join("kiln/bin/kiln"), tree)?;
+    copy_with_libraries(payload.xtask, &tree.join(&XTASK_PATH[1..]), tree)?;
     copy_with_libraries(Path::new(QEMU), &tree.join(&QEMU[1..]), tree)?;
     copy(Path::new(QEMU_FIRMWARE), &tree.join(&QEMU_FIRMWARE[1..]))?;
     copy(payload.kernel, &tree.join("kiln/vmlinux"))?;
     copy(payload.guest_init, &tree.join("kiln/guest-init"))?;
     copy_dir(payload.assets, &tree.join("kiln/assets"), "ext4")?;
     copy_scenarios(&tree.join("kiln/tests"))?;
-    fs::write(tree.join("kiln/scenarios"), payload.scenarios.join(" "))?;
+    fs::write(tree.join("kiln/job"), payload.job)?;
     let cpio = format!(
         "cd '{}' && find . | cpio -o -H newc --quiet > '{}'",
         tree.display(),

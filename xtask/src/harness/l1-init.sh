@@ -17,6 +17,8 @@ fi
 export PATH=/kiln/bin:/usr/bin:/bin:/sbin
 export KILN=/kiln/bin/kiln KILN_KERNEL=/kiln/vmlinux KILN_INIT=/kiln/guest-init
 export KILN_ASSETS=/kiln/assets QEMU=/usr/bin/qemu-system-x86_64 WORK_ROOT=/tmp/work
-sh /kiln/tests/run.sh $(cat /kiln/scenarios)
+export XTASK=/kiln/bin/xtask
+sh -c "$(cat /kiln/job)"
+echo KILN-DONE
 sync
 poweroff -f

@@ -36,48 +36,78 @@ const L1_BOOT_ALLOWANCE: Duration = Duration::from_secs(180);
 /// Per scenario; TCG runs nested guests far slower than hardware.
 const SCENARIO_ALLOWANCE: Duration = Duration::from_secs(300);
 
-/// Runs the named scenarios (all when none are named) and returns what they
-/// reported; fails unless every check passed and the run finished.
-pub fn run(selected: &[String]) -> Result<Summary> {
+/// What the test machine runs: a shell command line, with the binaries
+/// and images of [`Prepared`] in the environment (KILN, KILN_KERNEL,
+/// KILN_INIT, KILN_ASSETS, QEMU, WORK_ROOT, and XTASK for the benchmark
+/// runner). The harness prints `KILN-DONE` after it.
+pub struct Job {
+    /// Words of the command; `{tests}` and `{xtask}` stand for where the
+    /// scenarios and the xtask binary are on the test machine.
+    pub command: Vec<String>,
+    /// How long the job may take, on top of booting L1.
+    pub allowance: Duration,
+}
+
+/// What every job needs, built on the host.
+pub struct Prepared {
+    kernel: PathBuf,
+    guest_init: PathBuf,
+    assets: PathBuf,
+    kiln: PathBuf,
+    out: PathBuf,
+}
+
+/// Installs packages and builds the kernel, guest-init, images and `kiln`.
+pub fn prepare() -> Result<Prepared> {
     apt::ensure(PACKAGES)?;
-    let scenarios = select(selected)?;
     let kernel = kernel::build()?;
     let guest_init = init::build()?;
     let out = sh::workspace_root().join("target/vm-test");
     let assets = assets::build(&out.join("assets"), &guest_init)?;
     let kiln = build_kiln()?;
+    Ok(Prepared {
+        kernel,
+        guest_init,
+        assets,
+        kiln,
+        out,
+    })
+}
+
+/// Runs `job` on hardware KVM directly, or inside L1 elsewhere, streaming
+/// its console; returns the console's lines and the parsed result lines.
+pub fn run_job(prepared: &Prepared, job: &Job) -> Result<(Vec<String>, Summary)> {
     let host = kiln_vmm::host::detect();
-    let log = out.join("console.log");
-    let deadline = L1_BOOT_ALLOWANCE + SCENARIO_ALLOWANCE * scenarios.len() as u32;
+    let log = prepared.out.join("console.log");
     let mut command = if host.can_boot_linux() {
-        eprintln!(
-            "xtask: hardware KVM: running {} scenario(s) directly",
-            scenarios.len()
-        );
-        direct(&kiln, &kernel, &guest_init, &assets, &scenarios, &out)
+        eprintln!("xtask: hardware KVM: running directly");
+        direct(prepared, job)?
     } else {
-        eprintln!(
-            "xtask: {host}\nxtask: running {} scenario(s) in nested KVM under QEMU TCG",
-            scenarios.len()
-        );
-        let payload = initramfs::Payload {
-            kiln: &kiln,
-            kernel: &kernel,
-            guest_init: &guest_init,
-            assets: &assets,
-            scenarios: &scenarios,
-            l1_version: &l1_kernel()?.1,
-        };
-        nested(&payload, &out)?
+        eprintln!("xtask: {host}\nxtask: running in nested KVM under QEMU TCG");
+        nested(prepared, job)?
     };
-    let summary = stream(&mut command, &log, deadline)?;
+    stream(&mut command, &log, L1_BOOT_ALLOWANCE + job.allowance)
+}
+
+/// `cargo xtask vm-test`: runs the named scenarios (all when none are
+/// named); fails unless every check passed and the run finished.
+pub fn vm_test(selected: &[String]) -> Result<Summary> {
+    let scenarios = select(selected)?;
+    let prepared = prepare()?;
+    let mut command = vec!["sh".to_string(), "{tests}/run.sh".to_string()];
+    command.extend(scenarios.iter().cloned());
+    let job = Job {
+        command,
+        allowance: SCENARIO_ALLOWANCE * scenarios.len() as u32,
+    };
+    let (_, summary) = run_job(&prepared, &job)?;
     for (name, reason) in &summary.failed {
         eprintln!("xtask: FAILED {name}: {reason}");
     }
     if !summary.done {
         eprintln!(
             "xtask: the run did not finish (no KILN-DONE); console log: {}",
-            log.display()
+            prepared.out.join("console.log").display()
         );
     }
     println!("{}", summary.closing_line());
@@ -123,34 +153,52 @@ fn build_kiln() -> Result<PathBuf> {
     Ok(root.join("target/release/kiln"))
 }
 
-/// The scenarios on this host's own KVM.
-fn direct(
-    kiln: &Path,
-    kernel: &Path,
-    init: &Path,
-    assets: &Path,
-    scenarios: &[String],
-    out: &Path,
-) -> Command {
+/// The job on this host's own KVM.
+fn direct(prepared: &Prepared, job: &Job) -> Result<Command> {
+    let tests = sh::workspace_root().join("tests/vm");
+    let xtask = std::env::current_exe().context("cannot find the xtask binary")?;
+    let words = expand(
+        &job.command,
+        &tests.display().to_string(),
+        &xtask.display().to_string(),
+    );
     let mut command = Command::new("sh");
     command
-        .arg(sh::workspace_root().join("tests/vm/run.sh"))
-        .args(scenarios)
-        .env("KILN", kiln)
-        .env("KILN_KERNEL", kernel)
-        .env("KILN_INIT", init)
-        .env("KILN_ASSETS", assets)
+        .arg("-c")
+        .arg(format!("{}; echo KILN-DONE", words.join(" ")))
+        .env("KILN", &prepared.kiln)
+        .env("KILN_KERNEL", &prepared.kernel)
+        .env("KILN_INIT", &prepared.guest_init)
+        .env("KILN_ASSETS", &prepared.assets)
         .env("QEMU", "qemu-system-x86_64")
-        .env("WORK_ROOT", out.join("work"));
-    command
+        .env("WORK_ROOT", prepared.out.join("work"));
+    Ok(command)
 }
 
-/// The scenarios inside L1: QEMU TCG with nested SVM, booting the packed
-/// initramfs, whose /init runs them.
-fn nested(payload: &initramfs::Payload, out: &Path) -> Result<Command> {
-    let archive = out.join("l1.cpio");
+/// Replaces the `{tests}` and `{xtask}` placeholders of a job's words.
+fn expand(words: &[String], tests: &str, xtask: &str) -> Vec<String> {
+    words
+        .iter()
+        .map(|w| w.replace("{tests}", tests).replace("{xtask}", xtask))
+        .collect()
+}
+
+/// The job inside L1: QEMU TCG with nested SVM, booting the packed
+/// initramfs, whose /init runs it.
+fn nested(prepared: &Prepared, job: &Job) -> Result<Command> {
+    let archive = prepared.out.join("l1.cpio");
     let started = Instant::now();
-    initramfs::pack(&out.join("l1-root"), &archive, payload)?;
+    let xtask = std::env::current_exe().context("cannot find the xtask binary")?;
+    let payload = initramfs::Payload {
+        kiln: &prepared.kiln,
+        xtask: &xtask,
+        kernel: &prepared.kernel,
+        guest_init: &prepared.guest_init,
+        assets: &prepared.assets,
+        job: &expand(&job.command, initramfs::TESTS_DIR, initramfs::XTASK_PATH).join(" "),
+        l1_version: &l1_kernel()?.1,
+    };
+    initramfs::pack(&prepared.out.join("l1-root"), &archive, &payload)?;
     let size = fs::metadata(&archive)?.len();
     eprintln!(
         "xtask: L1 initramfs {} MiB, packed in {:.1?}",
@@ -201,7 +249,7 @@ fn l1_kernel() -> Result<(PathBuf, String)> {
 
 /// Runs `command`, echoing its output to stderr and `log` and parsing the
 /// result lines; kills it at `deadline`.
-fn stream(command: &mut Command, log: &Path, deadline: Duration) -> Result<Summary> {
+fn stream(command: &mut Command, log: &Path, deadline: Duration) -> Result<(Vec<String>, Summary)> {
     let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -220,15 +268,17 @@ fn stream(command: &mut Command, log: &Path, deadline: Duration) -> Result<Summa
     });
     let mut log = File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
     let mut summary = Summary::default();
+    let mut lines = Vec::new();
     let stdout = child.stdout.take().expect("stdout is piped");
     for line in BufReader::new(stdout).split(b'\n') {
         let line = String::from_utf8_lossy(&line?).into_owned();
         eprintln!("{line}");
         writeln!(log, "{line}")?;
         summary.take_line(&line);
+        lines.push(line);
     }
     let _ = finished.send(());
     watchdog.join().expect("the watchdog does not panic");
     child.wait()?;
-    Ok(summary)
+    Ok((lines, summary))
 }
