@@ -26,6 +26,8 @@ pub fn run() -> Result<()> {
     if !lines.iter().any(|line| line.contains(GREETING)) {
         bail!("the guest never printed {GREETING:?}: see target/vm-test/console.log");
     }
-    eprintln!("xtask: demo done: `kiln run` booted the hello image and guest-init ran its entrypoint");
+    eprintln!(
+        "xtask: demo done: `kiln run` booted the hello image and guest-init ran its entrypoint"
+    );
     Ok(())
 }
