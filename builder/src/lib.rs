@@ -1,1 +1,2 @@
 //! Kiln's image builder: recipe -> root tree -> ext4 -> chunked zstd image -> store.
+pub mod image;

@@ -1,0 +1,475 @@
+//! Kiln's compressed image format: a raw filesystem cut into fixed-size
+//! chunks, each compressed with zstd on its own, so a reader can serve any
+//! byte range by decompressing only the chunks it touches.
+//!
+//! ```text
+//! offset 0     header (64 bytes, little endian)
+//!                0  magic        b"KILNIMG\0"
+//!                8  version      u32 = 1
+//!               12  chunk_size   u32, bytes of raw data per chunk (the last may be shorter)
+//!               16  raw_size     u64, bytes of the raw filesystem
+//!               24  chunk_count  u32
+//!               28  reserved     u32 = 0
+//!               32  index_offset u64, where the index starts
+//!               40  index_sha256 first 24 bytes of the SHA-256 of the index
+//! offset 64    the chunks' zstd frames, back to back
+//! index_offset the index: per chunk, 48 bytes:
+//!                0  offset       u64, of its zstd frame in the file
+//!                8  length       u32, of its zstd frame
+//!               12  reserved     u32 = 0
+//!               16  sha256       32 bytes, of the chunk's raw data
+//! ```
+//!
+//! The header's index checksum catches a damaged index; each chunk's
+//! checksum catches a damaged chunk when it is read, so a reader returns an
+//! error, never wrong data. The image's identity (its digest) is the SHA-256
+//! of the whole file.
+use std::fs::File;
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+/// The first bytes of every image file.
+pub const MAGIC: [u8; 8] = *b"KILNIMG\0";
+/// The format version this code reads and writes.
+pub const VERSION: u32 = 1;
+/// Raw bytes per chunk: large enough to compress well, small enough that a
+/// 4 KiB random read decompresses little (measured in `cargo xtask bench`).
+pub const DEFAULT_CHUNK_SIZE: u32 = 128 * 1024;
+/// zstd level: images are written once and read many times.
+const ZSTD_LEVEL: i32 = 19;
+const HEADER_SIZE: u64 = 64;
+const INDEX_ENTRY_SIZE: usize = 48;
+const INDEX_CHECKSUM_LEN: usize = 24;
+/// Chunk sizes a reader accepts (a corrupt header must not make it
+/// allocate gigabytes).
+const CHUNK_SIZE_RANGE: std::ops::RangeInclusive<u32> = 4096..=(16 << 20);
+
+/// What can go wrong with an image file. Each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path} is not a Kiln image (bad magic)")]
+    BadMagic { path: PathBuf },
+    #[error("{path}: image format version {found}, this Kiln reads version {VERSION}")]
+    Version { path: PathBuf, found: u32 },
+    #[error("{path}: corrupt header: {what}")]
+    Header { path: PathBuf, what: String },
+    #[error("{path}: the index does not match its checksum (the file is damaged)")]
+    IndexChecksum { path: PathBuf },
+    #[error("{path}: chunk {chunk} is damaged ({what})")]
+    Chunk {
+        path: PathBuf,
+        chunk: u32,
+        what: String,
+    },
+    #[error("{path}: read of {len} bytes at {offset} is past the end ({size} bytes)")]
+    OutOfRange {
+        path: PathBuf,
+        offset: u64,
+        len: usize,
+        size: u64,
+    },
+}
+
+/// One chunk's place in the file and its raw data's checksum.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct IndexEntry {
+    offset: u64,
+    length: u32,
+    sha256: [u8; 32],
+}
+
+/// The sizes of a written image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub raw_size: u64,
+    pub file_size: u64,
+    pub chunk_size: u32,
+    pub chunk_count: u32,
+    /// SHA-256 of the whole image file, hex.
+    pub digest: String,
+}
+
+/// Compresses the raw filesystem `raw` into the image file `out`.
+/// `out` is written in place: callers write to a temporary path and rename.
+pub fn write(raw: &Path, out: &Path, chunk_size: u32) -> Result<ImageInfo, ImageError> {
+    let mut input = File::open(raw).map_err(io_err(raw))?;
+    let raw_size = input.metadata().map_err(io_err(raw))?.len();
+    let file = File::create(out).map_err(io_err(out))?;
+    let mut writer = BufWriter::new(&file);
+    writer
+        .write_all(&[0; HEADER_SIZE as usize])
+        .map_err(io_err(out))?;
+    let mut offset = HEADER_SIZE;
+    let mut index = Vec::new();
+    let mut chunk = vec![0u8; chunk_size as usize];
+    loop {
+        let filled = read_full(&mut input, &mut chunk).map_err(io_err(raw))?;
+        if filled == 0 {
+            break;
+        }
+        let data = &chunk[..filled];
+        let frame = zstd::bulk::compress(data, ZSTD_LEVEL).map_err(io_err(out))?;
+        writer.write_all(&frame).map_err(io_err(out))?;
+        index.push(IndexEntry {
+            offset,
+            length: frame.len() as u32,
+            sha256: Sha256::digest(data).into(),
+        });
+        offset += frame.len() as u64;
+    }
+    let index_bytes = encode_index(&index);
+    writer.write_all(&index_bytes).map_err(io_err(out))?;
+    let header = encode_header(
+        chunk_size,
+        raw_size,
+        index.len() as u32,
+        offset,
+        &index_bytes,
+    );
+    writer.seek(SeekFrom::Start(0)).map_err(io_err(out))?;
+    writer.write_all(&header).map_err(io_err(out))?;
+    writer.flush().map_err(io_err(out))?;
+    drop(writer);
+    file.sync_all().map_err(io_err(out))?;
+    Ok(ImageInfo {
+        raw_size,
+        file_size: offset + index_bytes.len() as u64,
+        chunk_size,
+        chunk_count: index.len() as u32,
+        digest: file_digest(out)?,
+    })
+}
+
+/// Wraps an I/O error with the file it concerns.
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ImageError + '_ {
+    move |source| ImageError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// SHA-256 of a whole file, hex.
+pub fn file_digest(path: &Path) -> Result<String, ImageError> {
+    let mut file = File::open(path).map_err(io_err(path))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match file.read(&mut buf).map_err(io_err(path))? {
+            0 => return Ok(hex(&hasher.finalize())),
+            n => hasher.update(&buf[..n]),
+        }
+    }
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn read_full(input: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match input.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
+fn encode_index(index: &[IndexEntry]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(index.len() * INDEX_ENTRY_SIZE);
+    for entry in index {
+        bytes.extend(entry.offset.to_le_bytes());
+        bytes.extend(entry.length.to_le_bytes());
+        bytes.extend(0u32.to_le_bytes());
+        bytes.extend(entry.sha256);
+    }
+    bytes
+}
+
+fn encode_header(
+    chunk_size: u32,
+    raw_size: u64,
+    chunk_count: u32,
+    index_offset: u64,
+    index: &[u8],
+) -> Vec<u8> {
+    let mut header = Vec::with_capacity(HEADER_SIZE as usize);
+    header.extend(MAGIC);
+    header.extend(VERSION.to_le_bytes());
+    header.extend(chunk_size.to_le_bytes());
+    header.extend(raw_size.to_le_bytes());
+    header.extend(chunk_count.to_le_bytes());
+    header.extend(0u32.to_le_bytes());
+    header.extend(index_offset.to_le_bytes());
+    header.extend(&Sha256::digest(index)[..INDEX_CHECKSUM_LEN]);
+    header
+}
+
+/// Random access to an image's raw bytes.
+#[derive(Debug)]
+pub struct Reader {
+    path: PathBuf,
+    file: File,
+    chunk_size: u32,
+    raw_size: u64,
+    index: Vec<IndexEntry>,
+}
+
+impl Reader {
+    /// Opens and checks the header and index of `path`.
+    pub fn open(path: &Path) -> Result<Self, ImageError> {
+        let io_err = |source| ImageError::Io {
+            path: path.into(),
+            source,
+        };
+        let file = File::open(path).map_err(io_err)?;
+        let file_size = file.metadata().map_err(io_err)?.len();
+        let mut header = [0u8; HEADER_SIZE as usize];
+        file.read_exact_at(&mut header, 0)
+            .map_err(|err| match err.kind() {
+                io::ErrorKind::UnexpectedEof => ImageError::BadMagic { path: path.into() },
+                _ => io_err(err),
+            })?;
+        if header[..8] != MAGIC {
+            return Err(ImageError::BadMagic { path: path.into() });
+        }
+        let u32_at =
+            |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4 bytes"));
+        let u64_at =
+            |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8 bytes"));
+        let version = u32_at(8);
+        if version != VERSION {
+            return Err(ImageError::Version {
+                path: path.into(),
+                found: version,
+            });
+        }
+        let (chunk_size, raw_size, chunk_count, index_offset) =
+            (u32_at(12), u64_at(16), u32_at(24), u64_at(32));
+        let bad = |what: String| ImageError::Header {
+            path: path.into(),
+            what,
+        };
+        if !CHUNK_SIZE_RANGE.contains(&chunk_size) {
+            return Err(bad(format!("chunk size {chunk_size}")));
+        }
+        if raw_size.div_ceil(u64::from(chunk_size)) != u64::from(chunk_count) {
+            return Err(bad(format!(
+                "{chunk_count} chunks cannot hold {raw_size} bytes"
+            )));
+        }
+        let index_len = chunk_count as usize * INDEX_ENTRY_SIZE;
+        if index_offset.checked_add(index_len as u64) != Some(file_size) {
+            return Err(bad(format!(
+                "the index ({index_len} bytes at {index_offset}) does not end the file ({file_size} bytes): truncated?"
+            )));
+        }
+        let mut index_bytes = vec![0u8; index_len];
+        file.read_exact_at(&mut index_bytes, index_offset)
+            .map_err(io_err)?;
+        if Sha256::digest(&index_bytes)[..INDEX_CHECKSUM_LEN] != header[40..40 + INDEX_CHECKSUM_LEN]
+        {
+            return Err(ImageError::IndexChecksum { path: path.into() });
+        }
+        let index = index_bytes
+            .chunks_exact(INDEX_ENTRY_SIZE)
+            .map(|e| IndexEntry {
+                offset: u64::from_le_bytes(e[..8].try_into().expect("8 bytes")),
+                length: u32::from_le_bytes(e[8..12].try_into().expect("4 bytes")),
+                sha256: e[16..48].try_into().expect("32 bytes"),
+            })
+            .collect();
+        Ok(Reader {
+            path: path.into(),
+            file,
+            chunk_size,
+            raw_size,
+            index,
+        })
+    }
+
+    /// Size of the raw filesystem.
+    pub fn raw_size(&self) -> u64 {
+        self.raw_size
+    }
+
+    /// Number of chunks.
+    pub fn chunk_count(&self) -> u32 {
+        self.index.len() as u32
+    }
+
+    /// The raw data of chunk `n`, decompressed and verified.
+    pub fn chunk(&self, n: u32) -> Result<Vec<u8>, ImageError> {
+        let damaged = |what: String| ImageError::Chunk {
+            path: self.path.clone(),
+            chunk: n,
+            what,
+        };
+        let entry = self
+            .index
+            .get(n as usize)
+            .ok_or_else(|| damaged("no such chunk".into()))?;
+        let expected_len = (self.raw_size - u64::from(n) * u64::from(self.chunk_size))
+            .min(u64::from(self.chunk_size));
+        let mut frame = vec![0u8; entry.length as usize];
+        self.file
+            .read_exact_at(&mut frame, entry.offset)
+            .map_err(|source| ImageError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        let data = zstd::bulk::decompress(&frame, expected_len as usize)
+            .map_err(|err| damaged(err.to_string()))?;
+        if data.len() as u64 != expected_len || Sha256::digest(&data)[..] != entry.sha256 {
+            return Err(damaged("checksum mismatch".into()));
+        }
+        Ok(data)
+    }
+
+    /// Fills `buf` with the raw bytes at `offset`.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|end| *end <= self.raw_size);
+        if end.is_none() {
+            return Err(ImageError::OutOfRange {
+                path: self.path.clone(),
+                offset,
+                len: buf.len(),
+                size: self.raw_size,
+            });
+        }
+        let chunk_size = u64::from(self.chunk_size);
+        let mut done = 0;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let data = self.chunk((at / chunk_size) as u32)?;
+            let within = (at % chunk_size) as usize;
+            let n = (data.len() - within).min(buf.len() - done);
+            buf[done..done + n].copy_from_slice(&data[within..within + n]);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes the whole raw filesystem to `out` (every chunk verified).
+    pub fn flatten_to(&self, out: &mut impl Write) -> Result<(), ImageError> {
+        for n in 0..self.chunk_count() {
+            out.write_all(&self.chunk(n)?)
+                .map_err(|source| ImageError::Io {
+                    path: self.path.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A raw "filesystem" of `len` bytes: compressible runs and noise.
+    fn raw_file(dir: &Path, len: usize) -> (PathBuf, Vec<u8>) {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let data: Vec<u8> = (0..len)
+            .map(|i| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                if (i / 5000) % 2 == 0 { 0 } else { seed as u8 }
+            })
+            .collect();
+        let path = dir.join("raw.ext4");
+        std::fs::write(&path, &data).unwrap();
+        (path, data)
+    }
+
+    #[test]
+    fn round_trip_and_random_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let (raw, data) = raw_file(dir.path(), 300_000);
+        let out = dir.path().join("image.kiln");
+        let info = write(&raw, &out, 4096 * 16).unwrap();
+        assert_eq!((info.raw_size, info.chunk_count), (300_000, 5));
+        assert_eq!(info.digest, file_digest(&out).unwrap());
+        let reader = Reader::open(&out).unwrap();
+        for (offset, len) in [(0, 10), (65_530, 20), (131_000, 140_000), (299_990, 10)] {
+            let mut buf = vec![0; len];
+            reader.read_at(offset, &mut buf).unwrap();
+            assert_eq!(buf, &data[offset as usize..offset as usize + len]);
+        }
+        let mut flat = Vec::new();
+        reader.flatten_to(&mut flat).unwrap();
+        assert_eq!(flat, data);
+        let mut buf = [0; 11];
+        assert!(matches!(
+            reader.read_at(299_990, &mut buf),
+            Err(ImageError::OutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn same_input_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (raw, _) = raw_file(dir.path(), 100_000);
+        let a = write(&raw, &dir.path().join("a"), DEFAULT_CHUNK_SIZE).unwrap();
+        let b = write(&raw, &dir.path().join("b"), DEFAULT_CHUNK_SIZE).unwrap();
+        assert_eq!(a.digest, b.digest);
+    }
+
+    #[test]
+    fn damage_is_detected_never_returned() {
+        let dir = tempfile::tempdir().unwrap();
+        let (raw, _) = raw_file(dir.path(), 200_000);
+        let out = dir.path().join("image.kiln");
+        write(&raw, &out, 65_536).unwrap();
+        let pristine = std::fs::read(&out).unwrap();
+        let with = |mutate: &dyn Fn(&mut Vec<u8>)| {
+            let mut bytes = pristine.clone();
+            mutate(&mut bytes);
+            let path = dir.path().join("damaged.kiln");
+            std::fs::write(&path, bytes).unwrap();
+            path
+        };
+        // A flipped byte inside the second chunk's frame.
+        let damaged = with(&|b| b[HEADER_SIZE as usize + 2000] ^= 0x40);
+        let reader = Reader::open(&damaged).unwrap();
+        let errors = (0..reader.chunk_count())
+            .filter(|n| reader.chunk(*n).is_err())
+            .count();
+        assert_eq!(errors, 1, "exactly the damaged chunk fails");
+        assert!(matches!(
+            Reader::open(&with(&|b| b[0] = b'X')),
+            Err(ImageError::BadMagic { .. })
+        ));
+        assert!(matches!(
+            Reader::open(&with(&|b| b[8] = 9)),
+            Err(ImageError::Version { found: 9, .. })
+        ));
+        assert!(matches!(
+            Reader::open(&with(&|b| b.truncate(b.len() - 1))),
+            Err(ImageError::Header { .. })
+        ));
+        let index_byte = pristine.len() - 3;
+        assert!(matches!(
+            Reader::open(&with(&|b| b[index_byte] ^= 1)),
+            Err(ImageError::IndexChecksum { .. })
+        ));
+        assert!(matches!(
+            Reader::open(&with(&|b| b.truncate(10))),
+            Err(ImageError::BadMagic { .. })
+        ));
+        let err = Reader::open(&with(&|b| b[0] = b'X'))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("damaged.kiln"), "{err}");
+    }
+}
