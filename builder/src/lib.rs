@@ -1,2 +1,4 @@
 //! Kiln's image builder: recipe -> root tree -> ext4 -> chunked zstd image -> store.
+pub mod elf;
 pub mod image;
+pub mod recipe;

@@ -1,0 +1,621 @@
+//! Recipes: what an image is made of, in TOML.
+//!
+//! ```toml
+//! base = "scratch"                # or "NAME:VERSION" of a stored image
+//! binaries = ["/usr/bin/python3"] # host programs, with their shared libraries
+//! free = "8M"                     # free space on top of the content (or `size = "64M"`)
+//!
+//! [image]
+//! name = "hello"
+//! version = "1.0.0"               # semver
+//! description = "prints a greeting"
+//!
+//! [[build]]                       # host commands, run in the recipe's directory,
+//! run = "cc -static -Os -s -o \"$DESTDIR/bin/hello\" hello.c"   # installing into $DESTDIR
+//!
+//! [[files]]
+//! src = "motd"                    # relative to the recipe's directory
+//! dst = "/etc/motd"
+//! mode = "0644"                   # optional; default: the source's mode
+//! owner = "0:0"                   # optional; default 0:0
+//!
+//! [run]                           # guest-init's /etc/kiln/init.json
+//! entrypoint = ["/bin/hello"]
+//! args = []
+//! env = { GREETING = "hi" }
+//! workdir = "/"
+//! user = "0:0"
+//!
+//! [[test]]                        # checks run in the booted image
+//! run = "/bin/hello"
+//! expect_exit = 0
+//! ```
+//!
+//! Top-level keys come before the first table, as TOML requires. Unknown
+//! keys are errors; every error names the file, the line and the field.
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+/// Free space added to the content when the recipe names neither `size`
+/// nor `free`: room for logs and a package or two.
+pub const DEFAULT_FREE: u64 = 8 << 20;
+
+/// Why a recipe was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RecipeError {
+    #[error("cannot read the recipe {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}:{line}: `{field}`: {problem}")]
+    Field {
+        path: PathBuf,
+        line: usize,
+        field: &'static str,
+        problem: String,
+    },
+}
+
+/// Where the image starts from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Base {
+    /// An empty root.
+    Scratch,
+    /// A stored Kiln image: its files are the starting point.
+    Image { name: String, version: String },
+}
+
+/// A `[[files]]` entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileEntry {
+    /// Absolute on the host (resolved against the recipe's directory).
+    pub src: PathBuf,
+    /// Absolute in the image.
+    pub dst: PathBuf,
+    pub mode: Option<u32>,
+    pub owner: (u32, u32),
+}
+
+/// The `[run]` table: how guest-init starts the workload.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Run {
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub workdir: Option<String>,
+    pub user: (u32, u32),
+}
+
+/// A `[[test]]`: a command that must succeed in the booted image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestCommand {
+    pub run: String,
+    pub expect_exit: u8,
+}
+
+/// A parsed, validated recipe.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recipe {
+    /// The recipe file.
+    pub path: PathBuf,
+    /// Its directory: relative paths and build commands start here.
+    pub dir: PathBuf,
+    pub name: String,
+    pub version: String,
+    pub description: String,
+    pub base: Base,
+    pub binaries: Vec<PathBuf>,
+    pub builds: Vec<String>,
+    pub files: Vec<FileEntry>,
+    pub run: Run,
+    pub tests: Vec<TestCommand>,
+    /// The filesystem's size: fixed, or content plus free space.
+    pub size: Size,
+}
+
+/// How big the filesystem is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Size {
+    Fixed(u64),
+    Free(u64),
+}
+
+// The TOML shape, before validation.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRecipe {
+    base: Option<Spanned<String>>,
+    #[serde(default)]
+    binaries: Vec<String>,
+    size: Option<Spanned<String>>,
+    free: Option<Spanned<String>>,
+    image: RawImage,
+    #[serde(default)]
+    build: Vec<RawBuild>,
+    #[serde(default)]
+    files: Vec<RawFile>,
+    run: Option<RawRun>,
+    #[serde(default)]
+    test: Vec<RawTest>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawImage {
+    name: Spanned<String>,
+    version: Spanned<String>,
+    #[serde(default)]
+    description: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBuild {
+    run: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    src: String,
+    dst: Spanned<String>,
+    mode: Option<Spanned<String>>,
+    owner: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRun {
+    entrypoint: Spanned<Vec<String>>,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    workdir: Option<Spanned<String>>,
+    user: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTest {
+    run: String,
+    #[serde(default)]
+    expect_exit: u8,
+}
+
+/// Reads and validates the recipe at `path` (a file, or a directory
+/// holding `recipe.toml`).
+pub fn load(path: &Path) -> Result<Recipe, RecipeError> {
+    let path = if path.is_dir() {
+        path.join("recipe.toml")
+    } else {
+        path.to_path_buf()
+    };
+    let text = std::fs::read_to_string(&path).map_err(|source| RecipeError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    parse(&text, &path)
+}
+
+/// Parses recipe `text`; `path` names it in errors and anchors relative paths.
+pub fn parse(text: &str, path: &Path) -> Result<Recipe, RecipeError> {
+    let raw: RawRecipe = toml::from_str(text).map_err(|err| RecipeError::Parse {
+        path: path.into(),
+        message: err.to_string().trim().to_string(),
+    })?;
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let dir = if dir.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        dir
+    };
+    let check = Checker { text, path };
+    let name = check.name(&raw.image.name)?;
+    let version = check.version(&raw.image.version)?;
+    let base = match &raw.base {
+        None => Base::Scratch,
+        Some(base) => check.base(base)?,
+    };
+    let size = match (&raw.size, &raw.free) {
+        (Some(_), Some(free)) => {
+            return Err(check.field(
+                free.span(),
+                "free",
+                "give either `size` or `free`, not both".into(),
+            ));
+        }
+        (Some(size), None) => Size::Fixed(check.bytes(size, "size")?),
+        (None, Some(free)) => Size::Free(check.bytes(free, "free")?),
+        (None, None) => Size::Free(DEFAULT_FREE),
+    };
+    let files = raw
+        .files
+        .iter()
+        .map(|file| check.file(file, &dir))
+        .collect::<Result<_, _>>()?;
+    let run = match &raw.run {
+        Some(run) => check.run(run)?,
+        None => Run::default(),
+    };
+    Ok(Recipe {
+        path: path.into(),
+        name,
+        version,
+        description: raw.image.description,
+        base,
+        binaries: raw.binaries.iter().map(|b| dir.join(b)).collect(),
+        builds: raw.build.into_iter().map(|b| b.run).collect(),
+        files,
+        run,
+        tests: raw
+            .test
+            .into_iter()
+            .map(|t| TestCommand {
+                run: t.run,
+                expect_exit: t.expect_exit,
+            })
+            .collect(),
+        size,
+        dir,
+    })
+}
+
+/// Validation with errors that point at the recipe's lines.
+struct Checker<'a> {
+    text: &'a str,
+    path: &'a Path,
+}
+
+impl Checker<'_> {
+    fn field(&self, span: Range<usize>, field: &'static str, problem: String) -> RecipeError {
+        let line = self.text[..span.start.min(self.text.len())]
+            .matches('\n')
+            .count()
+            + 1;
+        RecipeError::Field {
+            path: self.path.into(),
+            line,
+            field,
+            problem,
+        }
+    }
+
+    fn name(&self, name: &Spanned<String>) -> Result<String, RecipeError> {
+        let valid = !name.get_ref().is_empty()
+            && name.get_ref().len() <= 64
+            && name
+                .get_ref()
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+            && name.get_ref().as_bytes()[0].is_ascii_alphanumeric();
+        if !valid {
+            let problem = format!(
+                "{:?}: expected 1-64 of a-z 0-9 - _ . starting with a letter or digit",
+                name.get_ref()
+            );
+            return Err(self.field(name.span(), "image.name", problem));
+        }
+        Ok(name.get_ref().clone())
+    }
+
+    fn version(&self, version: &Spanned<String>) -> Result<String, RecipeError> {
+        semver::Version::parse(version.get_ref())
+            .map(|v| v.to_string())
+            .map_err(|err| {
+                self.field(
+                    version.span(),
+                    "image.version",
+                    format!(
+                        "{:?}: expected semver such as 1.0.0 ({err})",
+                        version.get_ref()
+                    ),
+                )
+            })
+    }
+
+    fn base(&self, base: &Spanned<String>) -> Result<Base, RecipeError> {
+        if base.get_ref() == "scratch" {
+            return Ok(Base::Scratch);
+        }
+        let problem = || {
+            format!(
+                "{:?}: expected \"scratch\" or NAME:VERSION of a stored image",
+                base.get_ref()
+            )
+        };
+        let (name, version) = base
+            .get_ref()
+            .split_once(':')
+            .ok_or_else(|| self.field(base.span(), "base", problem()))?;
+        let name = self
+            .name(&Spanned::new(base.span(), name.to_string()))
+            .map_err(|_| self.field(base.span(), "base", problem()))?;
+        let version = self
+            .version(&Spanned::new(base.span(), version.to_string()))
+            .map_err(|_| self.field(base.span(), "base", problem()))?;
+        Ok(Base::Image { name, version })
+    }
+
+    fn bytes(&self, value: &Spanned<String>, field: &'static str) -> Result<u64, RecipeError> {
+        parse_bytes(value.get_ref()).ok_or_else(|| {
+            self.field(
+                value.span(),
+                field,
+                format!(
+                    "{:?}: expected a size such as 64M, 512K or 1G",
+                    value.get_ref()
+                ),
+            )
+        })
+    }
+
+    fn file(&self, file: &RawFile, dir: &Path) -> Result<FileEntry, RecipeError> {
+        if !file.dst.get_ref().starts_with('/') {
+            return Err(self.field(
+                file.dst.span(),
+                "files.dst",
+                format!(
+                    "{:?}: expected an absolute path in the image",
+                    file.dst.get_ref()
+                ),
+            ));
+        }
+        let mode = match &file.mode {
+            None => None,
+            Some(mode) => Some(
+                u32::from_str_radix(mode.get_ref(), 8)
+                    .ok()
+                    .filter(|m| *m <= 0o7777)
+                    .ok_or_else(|| {
+                        self.field(
+                            mode.span(),
+                            "files.mode",
+                            format!("{:?}: expected octal such as \"0644\"", mode.get_ref()),
+                        )
+                    })?,
+            ),
+        };
+        let owner = match &file.owner {
+            None => (0, 0),
+            Some(owner) => self.user(owner, "files.owner")?,
+        };
+        Ok(FileEntry {
+            src: dir.join(&file.src),
+            dst: PathBuf::from(file.dst.get_ref()),
+            mode,
+            owner,
+        })
+    }
+
+    fn user(
+        &self,
+        value: &Spanned<String>,
+        field: &'static str,
+    ) -> Result<(u32, u32), RecipeError> {
+        let parsed = value
+            .get_ref()
+            .split_once(':')
+            .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)));
+        parsed.ok_or_else(|| {
+            self.field(
+                value.span(),
+                field,
+                format!(
+                    "{:?}: expected UID:GID such as \"1000:1000\"",
+                    value.get_ref()
+                ),
+            )
+        })
+    }
+
+    fn run(&self, run: &RawRun) -> Result<Run, RecipeError> {
+        if run
+            .entrypoint
+            .get_ref()
+            .first()
+            .is_none_or(|prog| prog.is_empty())
+        {
+            return Err(self.field(
+                run.entrypoint.span(),
+                "run.entrypoint",
+                "expected a program and its arguments, e.g. [\"/bin/hello\"]".into(),
+            ));
+        }
+        let workdir = match &run.workdir {
+            Some(dir) if !dir.get_ref().starts_with('/') => {
+                return Err(self.field(
+                    dir.span(),
+                    "run.workdir",
+                    format!("{:?}: expected an absolute path", dir.get_ref()),
+                ));
+            }
+            other => other.as_ref().map(|d| d.get_ref().clone()),
+        };
+        let user = match &run.user {
+            None => (0, 0),
+            Some(user) => self.user(user, "run.user")?,
+        };
+        let mut argv = run.entrypoint.get_ref().clone();
+        argv.extend(run.args.iter().cloned());
+        Ok(Run {
+            argv,
+            env: run.env.clone(),
+            workdir,
+            user,
+        })
+    }
+}
+
+/// `64M`, `512K`, `1G` or plain bytes.
+pub fn parse_bytes(text: &str) -> Option<u64> {
+    let (digits, shift) = match text.trim().strip_suffix(['K', 'M', 'G']) {
+        Some(digits) => (
+            digits,
+            match text.trim().chars().last()? {
+                'K' => 10,
+                'M' => 20,
+                _ => 30,
+            },
+        ),
+        None => (text.trim(), 0),
+    };
+    digits.parse::<u64>().ok()?.checked_mul(1 << shift)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"base = "hello:1.0.0"
+binaries = ["/usr/bin/env"]
+size = "64M"
+
+[image]
+name = "web"
+version = "2.1.0-rc.1"
+description = "a web server"
+
+[[build]]
+run = "make install"
+
+[[files]]
+src = "site/index.html"
+dst = "/srv/index.html"
+mode = "0644"
+owner = "1000:1000"
+
+[run]
+entrypoint = ["/bin/httpd", "-f"]
+args = ["-p", "80"]
+env = { A = "1" }
+workdir = "/srv"
+user = "1000:1000"
+
+[[test]]
+run = "test -f /srv/index.html"
+"#;
+
+    fn parsed(text: &str) -> Result<Recipe, RecipeError> {
+        parse(text, Path::new("recipes/web/recipe.toml"))
+    }
+
+    #[test]
+    fn a_full_recipe_parses() {
+        let r = parsed(FULL).unwrap();
+        assert_eq!((r.name.as_str(), r.version.as_str()), ("web", "2.1.0-rc.1"));
+        assert_eq!(
+            r.base,
+            Base::Image {
+                name: "hello".into(),
+                version: "1.0.0".into()
+            }
+        );
+        assert_eq!(r.size, Size::Fixed(64 << 20));
+        assert_eq!(r.files[0].src, Path::new("recipes/web/site/index.html"));
+        assert_eq!(
+            (r.files[0].mode, r.files[0].owner),
+            (Some(0o644), (1000, 1000))
+        );
+        assert_eq!(r.run.argv, ["/bin/httpd", "-f", "-p", "80"]);
+        assert_eq!(
+            (r.run.workdir.as_deref(), r.run.user),
+            (Some("/srv"), (1000, 1000))
+        );
+        assert_eq!(r.builds, ["make install"]);
+        assert_eq!(
+            r.tests[0],
+            TestCommand {
+                run: "test -f /srv/index.html".into(),
+                expect_exit: 0
+            }
+        );
+    }
+
+    #[test]
+    fn a_minimal_recipe_gets_defaults() {
+        let r = parsed("[image]\nname = \"tiny\"\nversion = \"0.1.0\"\n").unwrap();
+        assert_eq!((r.base, r.size), (Base::Scratch, Size::Free(DEFAULT_FREE)));
+        assert!(r.run.argv.is_empty() && r.files.is_empty());
+    }
+
+    /// Each bad recipe's error names the file, the line and the field.
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let cases = [
+            (
+                FULL.replace("name = \"web\"", "name = \"Web Server\""),
+                "recipe.toml:6: `image.name`",
+            ),
+            (
+                FULL.replace("2.1.0-rc.1", "two"),
+                "recipe.toml:7: `image.version`",
+            ),
+            (
+                FULL.replace("hello:1.0.0", "hello"),
+                "recipe.toml:1: `base`",
+            ),
+            (FULL.replace("\"64M\"", "\"lots\""), "recipe.toml:3: `size`"),
+            (
+                FULL.replace("\"0644\"", "\"rw-r--r--\""),
+                "recipe.toml:16: `files.mode`",
+            ),
+            (
+                FULL.replace("/srv/index.html\"\nmode", "srv/index.html\"\nmode"),
+                "recipe.toml:15: `files.dst`",
+            ),
+            (
+                FULL.replace("owner = \"1000:1000\"", "owner = \"www\""),
+                "recipe.toml:17: `files.owner`",
+            ),
+            (
+                FULL.replace("[\"/bin/httpd\", \"-f\"]", "[]"),
+                "recipe.toml:20: `run.entrypoint`",
+            ),
+            (
+                FULL.replace("workdir = \"/srv\"", "workdir = \"srv\""),
+                "recipe.toml:23: `run.workdir`",
+            ),
+            (
+                FULL.replace("size = \"64M\"", "size = \"64M\"\nfree = \"1M\""),
+                "recipe.toml:4: `free`",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = parsed(&text).unwrap_err().to_string();
+            assert!(
+                err.contains(expected),
+                "{err:?} should contain {expected:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_fields_and_syntax_errors_name_the_line() {
+        let err = parsed(&FULL.replace("description =", "colour = \"red\"\ndescription ="))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("recipe.toml") && err.contains("line 8") && err.contains("colour"),
+            "{err}"
+        );
+        let err = parsed("[image\nname = 1").unwrap_err().to_string();
+        assert!(err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("64M"), Some(64 << 20));
+        assert_eq!(parse_bytes("512K"), Some(512 << 10));
+        assert_eq!(parse_bytes("1G"), Some(1 << 30));
+        assert_eq!(parse_bytes("4096"), Some(4096));
+        assert_eq!(parse_bytes("M"), None);
+        assert_eq!(parse_bytes("-1M"), None);
+    }
+}
