@@ -1,4 +1,5 @@
 //! Kiln's image builder: recipe -> root tree -> ext4 -> chunked zstd image -> store.
 pub mod elf;
+pub mod ext4;
 pub mod image;
 pub mod recipe;

@@ -1,0 +1,362 @@
+//! ext4 filesystems: made with `mkfs.ext4 -d` (e2fsprogs) from a staging
+//! tree, deterministically, and read back with the `ext4` crate.
+//!
+//! Determinism: the UUID and the directory hash seed derive from the
+//! content, every timestamp is [`FIXED_TIME`] (staged files are touched to
+//! it, and e2fsprogs takes it from E2FSPROGS_FAKE_TIME), so the same tree
+//! gives the same bytes.
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ext4::{Enhanced, SuperBlock};
+use positioned_io::ReadAt;
+
+/// 2026-01-01T00:00:00Z: every timestamp in a Kiln image.
+pub const FIXED_TIME: i64 = 1_767_225_600;
+const BLOCK: u64 = 4096;
+/// The journal and metadata of a small ext4 (mkfs's defaults for a few
+/// tens of MiB), with room to spare.
+const FIXED_OVERHEAD: u64 = 6 << 20;
+
+/// Errors from making or reading a filesystem.
+#[derive(Debug, thiserror::Error)]
+pub enum Ext4Error {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("mkfs.ext4 failed for {image}: {message}")]
+    Mkfs { image: PathBuf, message: String },
+    /// The `ext4` crate's error chain, as text (it reports with anyhow).
+    #[error("cannot read the filesystem: {0}")]
+    Read(String),
+    #[error("no {0} in the image")]
+    NotFound(String),
+}
+
+fn read_err(err: impl std::fmt::Display) -> Ext4Error {
+    Ext4Error::Read(format!("{err:#}"))
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Ext4Error + '_ {
+    move |source| Ext4Error::Io {
+        path: path.into(),
+        source,
+    }
+}
+
+/// Bytes the tree occupies as ext4 blocks, plus an inode's share per entry.
+pub fn content_size(tree: &Path) -> Result<u64, Ext4Error> {
+    let mut total = 0;
+    for entry in walk(tree)? {
+        let meta = fs::symlink_metadata(&entry).map_err(io_err(&entry))?;
+        total += meta.len().div_ceil(BLOCK) * BLOCK + 256;
+    }
+    Ok(total)
+}
+
+/// The filesystem size for `content` bytes and `free` bytes to spare:
+/// a quarter more than the content for metadata, plus the journal, in
+/// whole MiB.
+pub fn size_for(content: u64, free: u64) -> u64 {
+    (content + content / 4 + FIXED_OVERHEAD + free).div_ceil(1 << 20) << 20
+}
+
+/// Every path below `root` (not `root` itself), sorted.
+fn walk(root: &Path) -> Result<Vec<PathBuf>, Ext4Error> {
+    let mut found = Vec::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let path = entry.map_err(io_err(&dir))?.path();
+            if fs::symlink_metadata(&path).map_err(io_err(&path))?.is_dir() {
+                pending.push(path.clone());
+            }
+            found.push(path);
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Makes `image` (`size` bytes, a multiple of 4 KiB) holding `tree`.
+pub fn make(tree: &Path, image: &Path, size: u64, uuid: &str) -> Result<(), Ext4Error> {
+    for path in walk(tree)?.iter().chain([&tree.to_path_buf()]) {
+        set_fixed_time(path)?;
+    }
+    let output = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "rootfs", "-U", uuid, "-E"])
+        .arg(format!("hash_seed={uuid},root_owner=0:0"))
+        .arg("-d")
+        .arg(tree)
+        .arg(image)
+        .arg(format!("{}k", size / 1024))
+        .env("E2FSPROGS_FAKE_TIME", FIXED_TIME.to_string())
+        .output()
+        .map_err(|err| Ext4Error::Mkfs {
+            image: image.into(),
+            message: format!("cannot run mkfs.ext4 (apt-get install e2fsprogs): {err}"),
+        })?;
+    if !output.status.success() {
+        let message = String::from_utf8_lossy(&output.stderr).trim().to_string();
+        return Err(Ext4Error::Mkfs {
+            image: image.into(),
+            message,
+        });
+    }
+    Ok(())
+}
+
+fn set_fixed_time(path: &Path) -> Result<(), Ext4Error> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io_err(path)(e.into()))?;
+    let time = libc::timespec {
+        tv_sec: FIXED_TIME,
+        tv_nsec: 0,
+    };
+    let times = [time, time];
+    // SAFETY: `c_path` is NUL-terminated and `times` holds two timespecs,
+    // both alive across the call; the kernel only reads them.
+    let rc = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c_path.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io_err(path)(io::Error::last_os_error()))
+    }
+}
+
+/// One entry of a filesystem listing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// Absolute path inside the image.
+    pub path: String,
+    /// `d`, `-`, `l`, `c`, `b`, `p` or `s`, as `ls -l` shows it.
+    pub kind: char,
+    /// Permission bits (with setuid/setgid/sticky).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    /// A symbolic link's target.
+    pub target: Option<String>,
+}
+
+/// Lists everything at and below `under` ("/" for all), sorted by path.
+pub fn list<R: ReadAt>(fs: R, under: &str) -> Result<Vec<Entry>, Ext4Error> {
+    let sb = SuperBlock::new(fs).map_err(read_err)?;
+    let under = format!("/{}", under.trim_matches('/'));
+    let start = if under == "/" {
+        sb.root().map_err(read_err)?
+    } else {
+        let entry = sb
+            .resolve_path(&under)
+            .map_err(|_| Ext4Error::NotFound(under.clone()))?;
+        sb.load_inode(entry.inode).map_err(read_err)?
+    };
+    let mut entries = Vec::new();
+    let base = if under == "/" {
+        String::new()
+    } else {
+        under.clone()
+    };
+    sb.walk(&start, &base, &mut |_, path, inode, enhanced| {
+        let (kind, target) = match enhanced {
+            Enhanced::Directory(_) => ('d', None),
+            Enhanced::RegularFile => ('-', None),
+            Enhanced::SymbolicLink(target) => ('l', Some(target.clone())),
+            Enhanced::CharacterDevice(..) => ('c', None),
+            Enhanced::BlockDevice(..) => ('b', None),
+            Enhanced::Fifo => ('p', None),
+            Enhanced::Socket => ('s', None),
+        };
+        let path = if path.is_empty() {
+            "/".to_string()
+        } else {
+            path.to_string()
+        };
+        let stat = &inode.stat;
+        entries.push(Entry {
+            path,
+            kind,
+            mode: u32::from(stat.file_mode) & 0o7777,
+            uid: stat.uid,
+            gid: stat.gid,
+            size: stat.size,
+            target,
+        });
+        Ok(true)
+    })
+    .map_err(read_err)?;
+    entries.retain(|e| e.path != "/lost+found" && !e.path.starts_with("/lost+found/"));
+    entries.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(entries)
+}
+
+/// Copies every directory, file and symbolic link of the filesystem into
+/// `dest` with their modes and owners (the starting point of a child image).
+pub fn extract<R: ReadAt>(fs: R, dest: &Path) -> Result<(), Ext4Error> {
+    let sb = SuperBlock::new(fs).map_err(read_err)?;
+    let root = sb.root().map_err(read_err)?;
+    let mut failure = None;
+    sb.walk(&root, "", &mut |sb, path, inode, enhanced| {
+        if path.starts_with("/lost+found") {
+            return Ok(true);
+        }
+        let target = dest.join(path.trim_start_matches('/'));
+        let result = match enhanced {
+            Enhanced::Directory(_) => fs::create_dir_all(&target),
+            Enhanced::RegularFile => {
+                let mut reader = sb.open(inode)?;
+                fs::File::create(&target)
+                    .and_then(|mut file| io::copy(&mut reader, &mut file).map(drop))
+            }
+            Enhanced::SymbolicLink(link) => std::os::unix::fs::symlink(link, &target),
+            // Device nodes, fifos and sockets come from devtmpfs at run time.
+            _ => return Ok(true),
+        };
+        let result = result.and_then(|()| {
+            apply_metadata(
+                &target,
+                inode.stat.file_mode,
+                inode.stat.uid,
+                inode.stat.gid,
+                enhanced,
+            )
+        });
+        match result {
+            Ok(()) => Ok(true),
+            Err(err) => {
+                failure = Some(io_err(&target)(err));
+                Ok(false)
+            }
+        }
+    })
+    .map_err(read_err)?;
+    failure.map_or(Ok(()), Err)
+}
+
+fn apply_metadata(
+    path: &Path,
+    mode: u16,
+    uid: u32,
+    gid: u32,
+    enhanced: &Enhanced,
+) -> io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
+    if !matches!(enhanced, Enhanced::SymbolicLink(_)) {
+        fs::set_permissions(path, fs::Permissions::from_mode(u32::from(mode) & 0o7777))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    const UUID: &str = "6b696c6e-0000-4000-8000-000000000002";
+
+    fn staged_mode(path: &Path) -> io::Result<(u32, u32, u32)> {
+        let meta = fs::symlink_metadata(path)?;
+        Ok((meta.uid(), meta.gid(), meta.mode() & 0o7777))
+    }
+
+    fn tree(dir: &Path) -> PathBuf {
+        let tree = dir.join("tree");
+        fs::create_dir_all(tree.join("bin")).unwrap();
+        fs::create_dir_all(tree.join("etc/kiln")).unwrap();
+        fs::write(tree.join("etc/motd"), "hello\n").unwrap();
+        fs::write(tree.join("bin/tool"), vec![7u8; 10_000]).unwrap();
+        fs::set_permissions(tree.join("bin/tool"), fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink("tool", tree.join("bin/alias")).unwrap();
+        std::os::unix::fs::lchown(tree.join("etc/motd"), Some(1000), Some(100)).unwrap();
+        tree
+    }
+
+    #[test]
+    fn the_same_tree_gives_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = tree(dir.path());
+        let size = size_for(content_size(&tree).unwrap(), 1 << 20);
+        make(&tree, &dir.path().join("a.ext4"), size, UUID).unwrap();
+        fs::write(tree.join("etc/motd"), "hello\n").unwrap(); // new mtime on the host
+        make(&tree, &dir.path().join("b.ext4"), size, UUID).unwrap();
+        assert_eq!(
+            fs::read(dir.path().join("a.ext4")).unwrap(),
+            fs::read(dir.path().join("b.ext4")).unwrap()
+        );
+    }
+
+    #[test]
+    fn listing_shows_modes_owners_and_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = tree(dir.path());
+        let image = dir.path().join("fs.ext4");
+        make(&tree, &image, 8 << 20, UUID).unwrap();
+        let entries = list(fs::File::open(&image).unwrap(), "/").unwrap();
+        let find = |p: &str| {
+            entries
+                .iter()
+                .find(|e| e.path == p)
+                .unwrap_or_else(|| panic!("{p} not in {entries:?}"))
+        };
+        assert_eq!(
+            (
+                find("/bin/tool").kind,
+                find("/bin/tool").mode,
+                find("/bin/tool").size
+            ),
+            ('-', 0o755, 10_000)
+        );
+        assert_eq!((find("/etc/motd").uid, find("/etc/motd").gid), (1000, 100));
+        assert_eq!(find("/bin/alias").target.as_deref(), Some("tool"));
+        assert!(entries.iter().all(|e| !e.path.starts_with("/lost+found")));
+        let etc = list(fs::File::open(&image).unwrap(), "/etc").unwrap();
+        assert_eq!(
+            etc.iter().map(|e| e.path.as_str()).collect::<Vec<_>>(),
+            ["/etc", "/etc/kiln", "/etc/motd"]
+        );
+        assert!(matches!(
+            list(fs::File::open(&image).unwrap(), "/nope"),
+            Err(Ext4Error::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn extraction_restores_the_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = tree(dir.path());
+        let image = dir.path().join("fs.ext4");
+        make(&tree, &image, 8 << 20, UUID).unwrap();
+        let out = dir.path().join("out");
+        extract(fs::File::open(&image).unwrap(), &out).unwrap();
+        assert_eq!(fs::read(out.join("bin/tool")).unwrap(), vec![7u8; 10_000]);
+        assert_eq!(
+            staged_mode(&out.join("etc/motd")).unwrap(),
+            (1000, 100, 0o644)
+        );
+        assert_eq!(
+            fs::read_link(out.join("bin/alias")).unwrap(),
+            Path::new("tool")
+        );
+    }
+
+    #[test]
+    fn mkfs_failures_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = tree(dir.path());
+        // 64 KiB cannot hold an ext4 with a journal.
+        let err = make(&tree, &dir.path().join("tiny.ext4"), 64 << 10, UUID)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("mkfs.ext4 failed for"), "{err}");
+    }
+}
