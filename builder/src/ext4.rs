@@ -11,7 +11,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ext4::{Enhanced, SuperBlock};
+use ext4::{Checksums, Enhanced, Options, SuperBlock};
 use positioned_io::ReadAt;
 
 /// 2026-01-01T00:00:00Z: every timestamp in a Kiln image.
@@ -86,7 +86,12 @@ pub fn make(tree: &Path, image: &Path, size: u64, uuid: &str) -> Result<(), Ext4
         set_fixed_time(path)?;
     }
     let output = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", "rootfs", "-U", uuid, "-E"])
+        .args(["-q", "-F", "-L", "rootfs", "-U", uuid])
+        // Without metadata_csum: the ext4 crate (0.9) stops reading a
+        // directory at the checksum tail that ends its first block, and so
+        // loses the entries of every later block. The image format's
+        // per-chunk SHA-256 already guards the bytes.
+        .args(["-O", "^metadata_csum", "-E"])
         .arg(format!("hash_seed={uuid},root_owner=0:0"))
         .arg("-d")
         .arg(tree)
@@ -100,6 +105,45 @@ pub fn make(tree: &Path, image: &Path, size: u64, uuid: &str) -> Result<(), Ext4
         })?;
     if !output.status.success() {
         let message = String::from_utf8_lossy(&output.stderr).trim().to_string();
+        return Err(Ext4Error::Mkfs {
+            image: image.into(),
+            message,
+        });
+    }
+    pin_change_times(tree, image)
+}
+
+/// `mkfs.ext4 -d` copies each file's ctime from the host, and a ctime
+/// cannot be set from user space (E2FSPROGS_FAKE_TIME does not cover it):
+/// rewrite every inode's ctime to [`FIXED_TIME`] in one debugfs session.
+fn pin_change_times(tree: &Path, image: &Path) -> Result<(), Ext4Error> {
+    let mut commands = format!("sif / ctime @{FIXED_TIME}\n");
+    for path in walk(tree)? {
+        let inside = path.strip_prefix(tree).expect("walk stays below the tree");
+        commands.push_str(&format!(
+            "sif \"/{}\" ctime @{FIXED_TIME}\n",
+            inside.display()
+        ));
+    }
+    let script = image.with_extension("debugfs");
+    fs::write(&script, commands).map_err(io_err(&script))?;
+    let output = Command::new("debugfs")
+        .arg("-w")
+        .arg("-f")
+        .arg(&script)
+        .arg(image)
+        .env("E2FSPROGS_FAKE_TIME", FIXED_TIME.to_string())
+        .output()
+        .map_err(io_err(image))?;
+    let _ = fs::remove_file(&script);
+    // debugfs reports a failed command on stderr but still exits 0.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let failed = stderr.lines().find(|line| !line.starts_with("debugfs "));
+    if !output.status.success() || failed.is_some() {
+        let message = format!(
+            "debugfs could not fix the change times: {}",
+            failed.unwrap_or(stderr.trim())
+        );
         return Err(Ext4Error::Mkfs {
             image: image.into(),
             message,
@@ -133,6 +177,18 @@ fn set_fixed_time(path: &Path) -> Result<(), Ext4Error> {
     }
 }
 
+/// Opens a filesystem for reading, verifying checksums where the
+/// filesystem has them (Kiln's images have none: see [`make`]).
+fn open_fs<R: ReadAt>(fs: R) -> Result<SuperBlock<R>, Ext4Error> {
+    SuperBlock::new_with_options(
+        fs,
+        &Options {
+            checksums: Checksums::Enabled,
+        },
+    )
+    .map_err(read_err)
+}
+
 /// One entry of a filesystem listing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
@@ -151,7 +207,7 @@ pub struct Entry {
 
 /// Lists everything at and below `under` ("/" for all), sorted by path.
 pub fn list<R: ReadAt>(fs: R, under: &str) -> Result<Vec<Entry>, Ext4Error> {
-    let sb = SuperBlock::new(fs).map_err(read_err)?;
+    let sb = open_fs(fs)?;
     let under = format!("/{}", under.trim_matches('/'));
     let start = if under == "/" {
         sb.root().map_err(read_err)?
@@ -203,7 +259,7 @@ pub fn list<R: ReadAt>(fs: R, under: &str) -> Result<Vec<Entry>, Ext4Error> {
 /// Copies every directory, file and symbolic link of the filesystem into
 /// `dest` with their modes and owners (the starting point of a child image).
 pub fn extract<R: ReadAt>(fs: R, dest: &Path) -> Result<(), Ext4Error> {
-    let sb = SuperBlock::new(fs).map_err(read_err)?;
+    let sb = open_fs(fs)?;
     let root = sb.root().map_err(read_err)?;
     let mut failure = None;
     sb.walk(&root, "", &mut |sb, path, inode, enhanced| {
@@ -347,6 +403,25 @@ mod tests {
             fs::read_link(out.join("bin/alias")).unwrap(),
             Path::new("tool")
         );
+    }
+
+    #[test]
+    fn large_directories_are_listed_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("tree");
+        fs::create_dir_all(tree.join("many")).unwrap();
+        for n in 0..300 {
+            fs::write(
+                tree.join("many")
+                    .join(format!("file-with-a-long-name-{n:04}")),
+                "",
+            )
+            .unwrap();
+        }
+        let image = dir.path().join("fs.ext4");
+        make(&tree, &image, 8 << 20, UUID).unwrap();
+        let entries = list(fs::File::open(&image).unwrap(), "/many").unwrap();
+        assert_eq!(entries.len(), 301, "the directory and its 300 files");
     }
 
     #[test]

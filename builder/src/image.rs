@@ -29,6 +29,8 @@ use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use std::sync::{Arc, Mutex};
+
 use sha2::{Digest, Sha256};
 
 /// The first bytes of every image file.
@@ -369,6 +371,61 @@ impl Reader {
                 })?;
         }
         Ok(())
+    }
+}
+
+/// Positioned reads over an image's raw bytes, keeping the last chunk it
+/// decompressed: the ext4 reader makes many small reads close together.
+#[derive(Debug)]
+pub struct CachedReader {
+    reader: Reader,
+    last: Mutex<Option<(u32, Arc<Vec<u8>>)>>,
+}
+
+impl CachedReader {
+    pub fn new(reader: Reader) -> Self {
+        CachedReader {
+            reader,
+            last: Mutex::new(None),
+        }
+    }
+
+    fn chunk(&self, n: u32) -> Result<Arc<Vec<u8>>, ImageError> {
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((cached, data)) = last.as_ref()
+            && *cached == n
+        {
+            return Ok(data.clone());
+        }
+        let data = Arc::new(self.reader.chunk(n)?);
+        *last = Some((n, data.clone()));
+        Ok(data)
+    }
+}
+
+impl positioned_io::ReadAt for CachedReader {
+    /// Fills as much of `buf` as the image holds, across chunk boundaries
+    /// (a short read only at the end of the raw bytes).
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let chunk_size = u64::from(self.reader.chunk_size);
+        let mut done = 0;
+        while done < buf.len() {
+            let at = pos + done as u64;
+            if at >= self.reader.raw_size {
+                break;
+            }
+            let data = self
+                .chunk((at / chunk_size) as u32)
+                .map_err(io::Error::other)?;
+            let within = (at % chunk_size) as usize;
+            let n = (data.len() - within).min(buf.len() - done);
+            buf[done..done + n].copy_from_slice(&data[within..within + n]);
+            done += n;
+        }
+        Ok(done)
     }
 }
 

@@ -1,0 +1,300 @@
+//! The local image store: `<root>/images/<name>/<version>/` holds
+//! `manifest.json` and `image.kiln`. An image appears there whole or not
+//! at all: it is written into `<root>/tmp/`, fsynced, and renamed into place.
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::recipe::TestCommand;
+
+/// The image file's name in its directory.
+pub const IMAGE_FILE: &str = "image.kiln";
+const MANIFEST_FILE: &str = "manifest.json";
+
+/// What the store knows about an image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub name: String,
+    pub version: String,
+    pub description: String,
+    /// `sha256:` + the SHA-256 of the image file.
+    pub digest: String,
+    /// `name:version` of the image this one starts from.
+    pub parent: Option<String>,
+    /// SHA-256 of the recipe file.
+    pub recipe_digest: String,
+    /// SHA-256 of everything the build read: the cache key.
+    pub build_key: String,
+    pub raw_size: u64,
+    pub file_size: u64,
+    pub entrypoint: Vec<String>,
+    pub tests: Vec<TestCommand>,
+    /// RFC 3339, UTC.
+    pub created: String,
+}
+
+impl Manifest {
+    /// `name:version`.
+    pub fn reference(&self) -> String {
+        format!("{}:{}", self.name, self.version)
+    }
+}
+
+/// Errors from the store. Each names the image or the path.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: unreadable manifest: {reason}")]
+    Manifest { path: PathBuf, reason: String },
+    #[error("no image {0} in the store (see `kiln images`)")]
+    NotFound(String),
+    #[error("{0}: expected NAME:VERSION")]
+    BadReference(String),
+    #[error("{image} is the parent of {children}: remove those first")]
+    HasChildren { image: String, children: String },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.into(),
+        source,
+    }
+}
+
+/// Splits `name:version`.
+pub fn parse_reference(reference: &str) -> Result<(&str, &str), StoreError> {
+    reference
+        .split_once(':')
+        .filter(|(n, v)| !n.is_empty() && !v.is_empty() && !n.contains('/') && !v.contains('/'))
+        .ok_or_else(|| StoreError::BadReference(reference.into()))
+}
+
+/// An image in the store.
+#[derive(Clone, Debug)]
+pub struct StoredImage {
+    pub manifest: Manifest,
+    pub image_path: PathBuf,
+}
+
+/// The store under a Kiln home directory.
+#[derive(Clone, Debug)]
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    /// The store in `home` (`$KILN_HOME`); created on first write.
+    pub fn new(home: &Path) -> Self {
+        Store {
+            root: home.to_path_buf(),
+        }
+    }
+
+    fn dir(&self, name: &str, version: &str) -> PathBuf {
+        self.root.join("images").join(name).join(version)
+    }
+
+    /// A fresh directory on the store's filesystem for building into.
+    pub fn scratch_dir(&self) -> Result<tempfile::TempDir, StoreError> {
+        let tmp = self.root.join("tmp");
+        fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+        tempfile::Builder::new()
+            .prefix("build-")
+            .tempdir_in(&tmp)
+            .map_err(io_err(&tmp))
+    }
+
+    /// The image `name:version`, if stored.
+    pub fn get(&self, name: &str, version: &str) -> Result<Option<StoredImage>, StoreError> {
+        let dir = self.dir(name, version);
+        let manifest_path = dir.join(MANIFEST_FILE);
+        let bytes = match fs::read(&manifest_path) {
+            Ok(bytes) => bytes,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(err) => return Err(io_err(&manifest_path)(err)),
+        };
+        let manifest = serde_json::from_slice(&bytes).map_err(|err| StoreError::Manifest {
+            path: manifest_path.clone(),
+            reason: err.to_string(),
+        })?;
+        Ok(Some(StoredImage {
+            manifest,
+            image_path: dir.join(IMAGE_FILE),
+        }))
+    }
+
+    /// The image named by `name:version`, or an error saying it is missing.
+    pub fn find(&self, reference: &str) -> Result<StoredImage, StoreError> {
+        let (name, version) = parse_reference(reference)?;
+        self.get(name, version)?
+            .ok_or_else(|| StoreError::NotFound(reference.into()))
+    }
+
+    /// Every stored image, sorted by name and version.
+    pub fn list(&self) -> Result<Vec<Manifest>, StoreError> {
+        let images = self.root.join("images");
+        let mut manifests = Vec::new();
+        for name in read_dir_names(&images)? {
+            for version in read_dir_names(&images.join(&name))? {
+                if let Some(image) = self.get(&name, &version)? {
+                    manifests.push(image.manifest);
+                }
+            }
+        }
+        manifests.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
+        Ok(manifests)
+    }
+
+    /// Moves a finished build (`staged` holds the image file, already
+    /// synced) into the store with its manifest, replacing an older build
+    /// of the same name:version.
+    pub fn publish(&self, staged: &Path, manifest: &Manifest) -> Result<PathBuf, StoreError> {
+        let manifest_path = staged.join(MANIFEST_FILE);
+        let json = serde_json::to_vec_pretty(manifest).expect("a manifest serializes");
+        fs::write(&manifest_path, json).map_err(io_err(&manifest_path))?;
+        sync(&manifest_path)?;
+        sync(staged)?;
+        let dir = self.dir(&manifest.name, &manifest.version);
+        let parent = dir.parent().expect("image dirs have a parent");
+        fs::create_dir_all(parent).map_err(io_err(parent))?;
+        // A rename cannot replace a non-empty directory: move the old
+        // build aside first, then drop it once the new one is in place.
+        let old = self.scratch_dir()?;
+        let had_old = match fs::rename(&dir, old.path().join("old")) {
+            Ok(()) => true,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => false,
+            Err(err) => return Err(io_err(&dir)(err)),
+        };
+        fs::rename(staged, &dir).map_err(io_err(&dir))?;
+        sync(parent)?;
+        if had_old {
+            drop(old);
+        }
+        Ok(dir.join(IMAGE_FILE))
+    }
+
+    /// Removes `name:version`, unless another image starts from it.
+    pub fn remove(&self, reference: &str) -> Result<Manifest, StoreError> {
+        let image = self.find(reference)?;
+        let children: Vec<String> = self
+            .list()?
+            .into_iter()
+            .filter(|m| m.parent.as_deref() == Some(reference))
+            .map(|m| m.reference())
+            .collect();
+        if !children.is_empty() {
+            return Err(StoreError::HasChildren {
+                image: reference.into(),
+                children: children.join(", "),
+            });
+        }
+        let dir = self.dir(&image.manifest.name, &image.manifest.version);
+        // Rename away first so a crash never leaves half an image listed.
+        let trash = self.scratch_dir()?;
+        fs::rename(&dir, trash.path().join("removed")).map_err(io_err(&dir))?;
+        let name_dir = dir.parent().expect("image dirs have a parent");
+        if read_dir_names(name_dir)?.is_empty() {
+            let _ = fs::remove_dir(name_dir);
+        }
+        Ok(image.manifest)
+    }
+}
+
+fn read_dir_names(dir: &Path) -> Result<Vec<String>, StoreError> {
+    match fs::read_dir(dir) {
+        Ok(entries) => Ok(entries
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect()),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(err) => Err(io_err(dir)(err)),
+    }
+}
+
+/// fsyncs a file or directory.
+pub fn sync(path: &Path) -> Result<(), StoreError> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(name: &str, version: &str, parent: Option<&str>) -> Manifest {
+        Manifest {
+            name: name.into(),
+            version: version.into(),
+            description: String::new(),
+            digest: "sha256:00".into(),
+            parent: parent.map(String::from),
+            recipe_digest: "r".into(),
+            build_key: "k".into(),
+            raw_size: 1,
+            file_size: 1,
+            entrypoint: vec!["/bin/x".into()],
+            tests: Vec::new(),
+            created: "2026-11-24T00:00:00Z".into(),
+        }
+    }
+
+    fn publish(store: &Store, m: &Manifest) {
+        let staged = store.scratch_dir().unwrap().keep();
+        fs::write(staged.join(IMAGE_FILE), b"image").unwrap();
+        store.publish(&staged, m).unwrap();
+    }
+
+    #[test]
+    fn publish_list_find_and_replace() {
+        let home = tempfile::tempdir().unwrap();
+        let store = Store::new(home.path());
+        publish(&store, &manifest("hello", "1.0.0", None));
+        publish(&store, &manifest("busybox", "1.36.0", None));
+        let mut newer = manifest("hello", "1.0.0", None);
+        newer.build_key = "k2".into();
+        publish(&store, &newer);
+        let refs: Vec<String> = store
+            .list()
+            .unwrap()
+            .iter()
+            .map(Manifest::reference)
+            .collect();
+        assert_eq!(refs, ["busybox:1.36.0", "hello:1.0.0"]);
+        assert_eq!(store.find("hello:1.0.0").unwrap().manifest.build_key, "k2");
+        assert!(matches!(
+            store.find("hello:2.0.0"),
+            Err(StoreError::NotFound(_))
+        ));
+        assert!(matches!(
+            store.find("hello"),
+            Err(StoreError::BadReference(_))
+        ));
+        assert!(
+            fs::read_dir(home.path().join("tmp"))
+                .unwrap()
+                .next()
+                .is_none(),
+            "no scratch left behind"
+        );
+    }
+
+    #[test]
+    fn a_parent_cannot_be_removed_before_its_children() {
+        let home = tempfile::tempdir().unwrap();
+        let store = Store::new(home.path());
+        publish(&store, &manifest("hello", "1.0.0", None));
+        publish(
+            &store,
+            &manifest("hello-plus", "1.0.0", Some("hello:1.0.0")),
+        );
+        let err = store.remove("hello:1.0.0").unwrap_err().to_string();
+        assert!(err.contains("parent of hello-plus:1.0.0"), "{err}");
+        store.remove("hello-plus:1.0.0").unwrap();
+        store.remove("hello:1.0.0").unwrap();
+        assert!(store.list().unwrap().is_empty());
+    }
+}

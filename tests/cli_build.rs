@@ -1,0 +1,139 @@
+//! `kiln build`, `images`, `inspect` and `rm` end to end on the example
+//! recipes, each test with a Kiln home of its own. busybox-static stands in
+//! for guest-init: any static binary will do for building.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const INIT_STAND_IN: &str = "/bin/busybox";
+
+fn recipe(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("recipes")
+        .join(name)
+}
+
+fn kiln(home: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("KILN_HOME", home)
+        .env("KILN_GUEST_INIT", INIT_STAND_IN)
+        .output()
+        .unwrap()
+}
+
+fn ok(home: &Path, args: &[&str]) -> String {
+    let out = kiln(home, args);
+    assert!(
+        out.status.success(),
+        "kiln {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn build(home: &Path, name: &str) -> String {
+    ok(home, &["build", recipe(name).to_str().unwrap()])
+}
+
+#[test]
+fn building_twice_reuses_the_stored_image() {
+    let home = tempfile::tempdir().unwrap();
+    assert!(build(home.path(), "hello").starts_with("built hello:1.0.0 "));
+    assert!(build(home.path(), "hello").starts_with("hello:1.0.0 is up to date (cached"));
+}
+
+#[test]
+fn two_clean_builds_are_byte_identical() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    build(a.path(), "hello");
+    build(b.path(), "hello");
+    let image = |home: &Path| std::fs::read(home.join("images/hello/1.0.0/image.kiln")).unwrap();
+    assert!(image(a.path()) == image(b.path()), "the two builds differ");
+}
+
+#[test]
+fn inspect_lists_files_from_inside_the_image() {
+    let home = tempfile::tempdir().unwrap();
+    build(home.path(), "busybox");
+    let files = ok(home.path(), &["inspect", "busybox:1.35.0", "--files"]);
+    for expected in [
+        "/sbin/init",
+        "/etc/kiln/init.json",
+        "/bin/busybox",
+        "/bin/sh -> busybox",
+        "d1777     0:0",
+    ] {
+        assert!(files.contains(expected), "{expected:?} not in:\n{files}");
+    }
+    let etc = ok(
+        home.path(),
+        &["inspect", "busybox:1.35.0", "--files", "/etc"],
+    );
+    assert!(!etc.contains("/bin/"), "{etc}");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&ok(home.path(), &["inspect", "busybox:1.35.0"])).unwrap();
+    assert_eq!(manifest["entrypoint"], serde_json::json!(["/bin/sh"]));
+    assert!(manifest["digest"].as_str().unwrap().starts_with("sha256:"));
+}
+
+#[test]
+fn a_child_image_inherits_its_parent_which_cannot_be_removed_first() {
+    let home = tempfile::tempdir().unwrap();
+    let out = kiln(
+        home.path(),
+        &["build", recipe("hello-plus").to_str().unwrap()],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("base image hello:1.0.0 is not in the store")
+    );
+    build(home.path(), "hello");
+    build(home.path(), "hello-plus");
+    let files = ok(home.path(), &["inspect", "hello-plus:1.0.0", "--files"]);
+    assert!(
+        files.contains("/bin/hello") && files.contains("/etc/motd"),
+        "{files}"
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_str(&ok(home.path(), &["inspect", "hello-plus:1.0.0"])).unwrap();
+    assert_eq!(
+        (manifest["parent"].as_str(), &manifest["entrypoint"]),
+        (Some("hello:1.0.0"), &serde_json::json!(["/bin/hello"]))
+    );
+    let images = ok(home.path(), &["images"]);
+    assert!(
+        images
+            .lines()
+            .any(|l| l.starts_with("hello-plus") && l.contains("hello:1.0.0")),
+        "{images}"
+    );
+
+    let refused = kiln(home.path(), &["rm", "hello:1.0.0"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("parent of hello-plus:1.0.0"));
+    ok(home.path(), &["rm", "hello-plus:1.0.0"]);
+    ok(home.path(), &["rm", "hello:1.0.0"]);
+    assert_eq!(
+        ok(home.path(), &["images"]).lines().count(),
+        1,
+        "only the header is left"
+    );
+}
+
+#[test]
+fn a_bad_recipe_is_named_and_nothing_is_stored() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("recipe.toml"),
+        "[image]\nname = \"x\"\nversion = \"one\"\n",
+    )
+    .unwrap();
+    let out = kiln(home.path(), &["build", dir.path().to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("recipe.toml:3: `image.version`"),
+        "{stderr}"
+    );
+    assert!(!home.path().join("images").exists());
+}
