@@ -1,21 +1,21 @@
 //! `cargo xtask demo`: the README's first command. Installs what is needed,
-//! builds the guest kernel and guest-init, makes the hello image, and boots
-//! it with `kiln run` (directly on hardware KVM, in the nested harness
-//! elsewhere), showing the guest's console.
+//! builds the guest kernel and guest-init, builds recipes/hello with
+//! `kiln build`, and boots it with `kiln run` (directly on hardware KVM, in
+//! the nested harness elsewhere), showing the guest's console.
 use std::time::Duration;
 
 use anyhow::{Result, bail};
 
 use crate::harness::{self, Job};
 
-/// The hello image's entrypoint prints this.
-const GREETING: &str = "hello from kiln guest-init";
+/// recipes/hello's program prints this.
+const GREETING: &str = "Hello from a Kiln microVM!";
 
 pub fn run() -> Result<()> {
     let prepared = harness::prepare()?;
     let job = Job {
         command: [
-            "$KILN run --kernel $KILN_KERNEL --disk $KILN_ASSETS/hello.ext4 --read-only --timing </dev/null;",
+            "$KILN run --kernel $KILN_KERNEL --disk $KILN_ASSETS/recipe-hello.ext4 --read-only --timing </dev/null;",
             "echo \"kiln run exited with status $?\"",
         ]
         .map(String::from)
@@ -26,8 +26,6 @@ pub fn run() -> Result<()> {
     if !lines.iter().any(|line| line.contains(GREETING)) {
         bail!("the guest never printed {GREETING:?}: see target/vm-test/console.log");
     }
-    eprintln!(
-        "xtask: demo done: `kiln run` booted the hello image and guest-init ran its entrypoint"
-    );
+    eprintln!("xtask: demo done: `kiln build` made recipes/hello, `kiln run` booted it");
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! The root filesystem images the scenarios boot, made on the host.
 //!
-//! Every image lives in one list, [`IMAGES`]; a scenario finds them in
-//! `$KILN_ASSETS/<name>.ext4`.
+//! Two kinds, each listed in one place: hand-made images ([`IMAGES`]) for
+//! testing the VMM on its own, and the example recipes ([`RECIPES`]) built
+//! by `kiln build` and flattened to raw ext4 for `kiln run`. A scenario
+//! finds them as `$KILN_ASSETS/<name>.ext4` and `$KILN_ASSETS/recipe-<name>.ext4`.
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
@@ -71,6 +73,46 @@ fn populate(tree: &Path, spec: &ImageSpec, guest_init: &Path) -> Result<()> {
         tree.join("etc/kiln/init.json"),
         serde_json::to_string_pretty(&config)?,
     )?;
+    Ok(())
+}
+
+/// The recipes in recipes/ that scenarios boot, in build order (a base
+/// before the images that start from it).
+const RECIPES: &[&str] = &["hello", "hello-plus", "busybox"];
+
+/// Builds the example recipes with `kiln build` into `kiln_home`, and
+/// flattens each to `assets/recipe-<name>.ext4`.
+pub fn build_recipes(
+    kiln: &Path,
+    guest_init: &Path,
+    kiln_home: &Path,
+    assets: &Path,
+) -> Result<()> {
+    let store = kiln_builder::store::Store::new(kiln_home);
+    for recipe in RECIPES {
+        let dir = sh::workspace_root().join("recipes").join(recipe);
+        let printed = sh::output(
+            Command::new(kiln)
+                .arg("build")
+                .arg(&dir)
+                .arg("--init")
+                .arg(guest_init)
+                .env("KILN_HOME", kiln_home),
+        )?;
+        eprint!("xtask: {printed}");
+        let manifest = store
+            .list()?
+            .into_iter()
+            .find(|m| m.name == *recipe)
+            .with_context(|| format!("kiln build stored no {recipe}"))?;
+        let image = store.find(&manifest.reference())?;
+        let reader = kiln_builder::image::Reader::open(&image.image_path)?;
+        let raw = assets.join(format!("recipe-{recipe}.ext4"));
+        let mut file = std::io::BufWriter::new(
+            fs::File::create(&raw).with_context(|| format!("cannot create {}", raw.display()))?,
+        );
+        reader.flatten_to(&mut file)?;
+    }
     Ok(())
 }
 

@@ -63,8 +63,9 @@ pub fn prepare() -> Result<Prepared> {
     let kernel = kernel::build()?;
     let guest_init = init::build()?;
     let out = sh::workspace_root().join("target/vm-test");
-    let assets = assets::build(&out.join("assets"), &guest_init)?;
     let kiln = build_kiln()?;
+    let assets = assets::build(&out.join("assets"), &guest_init)?;
+    assets::build_recipes(&kiln, &guest_init, &out.join("kiln-home"), &assets)?;
     Ok(Prepared {
         kernel,
         guest_init,

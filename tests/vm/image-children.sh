@@ -1,0 +1,19 @@
+# Images built from recipes boot as built: hello-plus inherits hello's
+# entrypoint and adds /etc/motd; busybox's hostname is its image name.
+. "$(dirname "$0")/lib.sh"
+
+out=$WORK/plus.txt
+"$KILN" run --kernel "$KILN_KERNEL" --disk "$KILN_ASSETS/recipe-hello-plus.ext4" --read-only < /dev/null > "$out" 2>&1
+expect_eq hello-plus-exit-status 0 "$?"
+expect_contains hello-plus-inherits-the-entrypoint "$out" "Hello from a Kiln microVM!"
+
+out=$WORK/motd.txt
+"$KILN" run --kernel "$KILN_KERNEL" --disk "$KILN_ASSETS/hello.ext4" --read-only \
+    --disk "$KILN_ASSETS/recipe-hello-plus.ext4,ro" --cmdline kiln.entrypoint=/tests/show-motd.sh < /dev/null > "$out" 2>&1
+expect_contains motd-in-hello-plus "$out" "Built on hello:1.0.0 by Kiln."
+
+out=$WORK/busybox.txt
+"$KILN" run --kernel "$KILN_KERNEL" --disk "$KILN_ASSETS/recipe-busybox.ext4" --read-only \
+    --cmdline kiln.entrypoint=/bin/hostname < /dev/null > "$out" 2>&1
+expect_eq busybox-exit-status 0 "$?"
+expect_contains hostname-is-the-image-name "$out" "^busybox"
