@@ -22,6 +22,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Bench {
+    /// `kiln build` of recipes/hello, cold and cached, and its size against ext4 + zstd -19.
+    Build {
+        /// Cached rebuilds to time.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+    },
     /// Boot latency and VMM memory of `kiln run` against QEMU microvm.
     Boot {
         /// Timed boots per VMM (after one warm-up each).
@@ -65,6 +71,9 @@ fn main() -> ExitCode {
         Task::VmTest { scenarios } => harness::vm_test(&scenarios).map(drop),
         Task::Test => test::run(),
         Task::Demo => demo::run(),
+        Task::Bench {
+            bench: Bench::Build { runs },
+        } => bench::build(runs),
         Task::Bench {
             bench: Bench::Boot { runs },
         } => bench::boot(runs),

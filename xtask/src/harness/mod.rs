@@ -142,7 +142,8 @@ fn select(selected: &[String]) -> Result<Vec<String>> {
     Ok(selected.to_vec())
 }
 
-fn build_kiln() -> Result<PathBuf> {
+/// `cargo build --release -p kiln`; returns the binary.
+pub fn build_kiln() -> Result<PathBuf> {
     let root = sh::workspace_root();
     sh::run(Command::new(env!("CARGO")).current_dir(root).args([
         "build",
