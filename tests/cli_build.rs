@@ -137,3 +137,78 @@ fn a_bad_recipe_is_named_and_nothing_is_stored() {
     );
     assert!(!home.path().join("images").exists());
 }
+
+/// A tar of (path, bytes) files with complete headers.
+fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (path, bytes) in files {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o755);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(0);
+        builder.append_data(&mut header, path, *bytes).unwrap();
+    }
+    builder.into_inner().unwrap()
+}
+
+/// An OCI image layout tar: index.json → manifest → two layers, the
+/// second deleting a file of the first.
+fn oci_image_layout() -> Vec<u8> {
+    use sha2::Digest;
+    let hex = |bytes: &[u8]| {
+        sha2::Sha256::digest(bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let lower = tar_of(&[
+        ("app/run", b"#!/bin/sh\necho from oci\n"),
+        ("app/old.conf", b"old"),
+    ]);
+    let upper = tar_of(&[("app/.wh.old.conf", b""), ("app/new.conf", b"new")]);
+    let layer = |bytes: &[u8]| serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": format!("sha256:{}", hex(bytes)), "size": bytes.len()});
+    let manifest = serde_json::to_vec(
+        &serde_json::json!({"schemaVersion": 2, "layers": [layer(&lower), layer(&upper)]}),
+    )
+    .unwrap();
+    let index = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": [{"digest": format!("sha256:{}", hex(&manifest))}]})).unwrap();
+    let blob = |bytes: &[u8]| format!("blobs/sha256/{}", hex(bytes));
+    let (lower_path, upper_path, manifest_path) = (blob(&lower), blob(&upper), blob(&manifest));
+    tar_of(&[
+        ("oci-layout", br#"{"imageLayoutVersion": "1.0.0"}"#),
+        ("index.json", &index),
+        (&manifest_path, &manifest),
+        (&lower_path, &lower),
+        (&upper_path, &upper),
+    ])
+}
+
+#[test]
+fn an_image_from_an_oci_archive_has_its_layers_applied() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        recipe("oci-demo").join("recipe.toml"),
+        dir.path().join("recipe.toml"),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("image.tar"), oci_image_layout()).unwrap();
+    assert!(
+        ok(home.path(), &["build", dir.path().to_str().unwrap()])
+            .starts_with("built oci-demo:1.0.0 ")
+    );
+    let files = ok(
+        home.path(),
+        &["inspect", "oci-demo:1.0.0", "--files", "/app"],
+    );
+    assert!(
+        files.contains("/app/run") && files.contains("/app/new.conf"),
+        "{files}"
+    );
+    assert!(
+        !files.contains("old.conf"),
+        "the upper layer's whiteout deletes old.conf:\n{files}"
+    );
+}

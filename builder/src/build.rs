@@ -3,7 +3,7 @@
 //! The cache key hashes everything the build reads: the recipe's
 //! directory (its recipe, sources and build inputs), the `[[files]]`
 //! sources, the binaries and their libraries, guest-init, the parent
-//! image's digest and the image format. Same key, same image: the stored
+//! image's digest or the imported archive, and the image format. Same key, same image: the stored
 //! one is reused.
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -15,6 +15,7 @@ use crate::assemble::{self, AssembleError};
 use crate::elf::{self, ElfError};
 use crate::ext4::{self, Ext4Error};
 use crate::image::{self, DEFAULT_CHUNK_SIZE, ImageError};
+use crate::oci::{self, OciError};
 use crate::recipe::{self, Base, Recipe, RecipeError, Size};
 use crate::store::{self, IMAGE_FILE, Manifest, Store, StoreError};
 
@@ -33,6 +34,8 @@ pub enum BuildError {
     Image(#[from] ImageError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Oci(#[from] OciError),
     #[error("{recipe}: base image {base} is not in the store; build it first")]
     MissingBase { recipe: PathBuf, base: String },
     #[error("{recipe}: base {base} leads back to {image} itself (a cycle: {chain})")]
@@ -80,10 +83,21 @@ pub fn build(
 
     let scratch = store.scratch_dir()?;
     let stage = scratch.path().join("root");
-    if let Some(parent) = &parent {
-        progress(&format!("unpacking {}", parent.manifest.reference()));
-        let reader = image::Reader::open(&parent.image_path)?;
-        ext4::extract(image::CachedReader::new(reader), &stage)?;
+    match (&recipe.base, &parent) {
+        (_, Some(parent)) => {
+            progress(&format!("unpacking {}", parent.manifest.reference()));
+            let reader = image::Reader::open(&parent.image_path)?;
+            ext4::extract(image::CachedReader::new(reader), &stage)?;
+        }
+        (Base::Oci(archive), None) => {
+            progress(&format!("importing {}", archive.display()));
+            oci::import_image(archive, &stage, scratch.path())?;
+        }
+        (Base::Tarball(tarball), None) => {
+            progress(&format!("importing {}", tarball.display()));
+            oci::import_tarball(tarball, &stage)?;
+        }
+        (Base::Scratch | Base::Image { .. }, None) => {}
     }
     progress("assembling the root tree");
     let entrypoint = assemble::assemble(&recipe, &stage, guest_init)?;
@@ -168,6 +182,9 @@ fn build_key(
     hasher.update(format!("kiln-image-format-{}\0", image::VERSION));
     hasher.update(parent.map_or("scratch", |p| p.digest.as_str()));
     let mut inputs = vec![recipe.dir.clone(), guest_init.to_path_buf()];
+    if let Base::Oci(archive) | Base::Tarball(archive) = &recipe.base {
+        inputs.push(archive.clone());
+    }
     inputs.extend(recipe.files.iter().map(|f| f.src.clone()));
     inputs.extend(elf::closure(&recipe.binaries)?);
     for input in inputs {

@@ -4,5 +4,6 @@ pub mod build;
 pub mod elf;
 pub mod ext4;
 pub mod image;
+pub mod oci;
 pub mod recipe;
 pub mod store;

@@ -1,7 +1,8 @@
 //! Recipes: what an image is made of, in TOML.
 //!
 //! ```toml
-//! base = "scratch"                # or "NAME:VERSION" of a stored image
+//! base = "scratch"                # or "NAME:VERSION" of a stored image,
+//!                                 # "oci:FILE" (OCI layout tar / docker save), "tar:FILE" (rootfs)
 //! binaries = ["/usr/bin/python3"] # host programs, with their shared libraries
 //! free = "8M"                     # free space on top of the content (or `size = "64M"`)
 //!
@@ -70,6 +71,10 @@ pub enum Base {
     Scratch,
     /// A stored Kiln image: its files are the starting point.
     Image { name: String, version: String },
+    /// An OCI image layout tar or `docker save` archive (`oci:FILE`).
+    Oci(PathBuf),
+    /// A root filesystem tarball (`tar:FILE`).
+    Tarball(PathBuf),
 }
 
 /// A `[[files]]` entry.
@@ -221,7 +226,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Recipe, RecipeError> {
     let version = check.version(&raw.image.version)?;
     let base = match &raw.base {
         None => Base::Scratch,
-        Some(base) => check.base(base)?,
+        Some(base) => check.base(base, &dir)?,
     };
     let size = match (&raw.size, &raw.free) {
         (Some(_), Some(free)) => {
@@ -320,13 +325,16 @@ impl Checker<'_> {
             })
     }
 
-    fn base(&self, base: &Spanned<String>) -> Result<Base, RecipeError> {
-        if base.get_ref() == "scratch" {
-            return Ok(Base::Scratch);
+    fn base(&self, base: &Spanned<String>, dir: &Path) -> Result<Base, RecipeError> {
+        match base.get_ref().split_once(':') {
+            _ if base.get_ref() == "scratch" => return Ok(Base::Scratch),
+            Some(("oci", file)) if !file.is_empty() => return Ok(Base::Oci(dir.join(file))),
+            Some(("tar", file)) if !file.is_empty() => return Ok(Base::Tarball(dir.join(file))),
+            _ => {}
         }
         let problem = || {
             format!(
-                "{:?}: expected \"scratch\" or NAME:VERSION of a stored image",
+                "{:?}: expected \"scratch\", NAME:VERSION of a stored image, oci:FILE or tar:FILE",
                 base.get_ref()
             )
         };
@@ -536,6 +544,14 @@ run = "test -f /srv/index.html"
                 expect_exit: 0
             }
         );
+    }
+
+    #[test]
+    fn archive_bases_are_relative_to_the_recipe() {
+        let r = parsed(&FULL.replace("hello:1.0.0", "oci:image.tar")).unwrap();
+        assert_eq!(r.base, Base::Oci(PathBuf::from("recipes/web/image.tar")));
+        let r = parsed(&FULL.replace("hello:1.0.0", "tar:/srv/rootfs.tar.gz")).unwrap();
+        assert_eq!(r.base, Base::Tarball(PathBuf::from("/srv/rootfs.tar.gz")));
     }
 
     #[test]
