@@ -66,11 +66,11 @@ pub fn assemble(
     }
     for file in &recipe.files {
         let target = inside(stage, &file.dst);
-        copy_tree(&file.src, &target, file.mode)?;
+        copy_tree(&file.src, &target, file.mode, &file.exclude)?;
         chown_tree(&target, file.owner)?;
     }
     for path in elf::closure(&recipe.binaries)? {
-        copy_tree(&path, &inside(stage, &path), None)?;
+        copy_tree(&path, &inside(stage, &path), None, &[])?;
     }
     let init = stage.join("sbin/init");
     fs::copy(guest_init, &init).map_err(io_err(guest_init))?;
@@ -101,8 +101,14 @@ fn run_build(command: &str, dir: &Path, stage: &Path) -> Result<(), AssembleErro
 }
 
 /// Copies a file (dereferenced), or a directory recursively (keeping its
-/// symbolic links as links), setting `mode` on everything when given.
-fn copy_tree(src: &Path, dst: &Path, mode: Option<u32>) -> Result<(), AssembleError> {
+/// symbolic links as links, skipping entries named in `exclude`), setting
+/// `mode` on everything when given.
+fn copy_tree(
+    src: &Path,
+    dst: &Path,
+    mode: Option<u32>,
+    exclude: &[String],
+) -> Result<(), AssembleError> {
     if let Some(parent) = dst.parent() {
         fs::create_dir_all(parent).map_err(io_err(parent))?;
     }
@@ -111,13 +117,19 @@ fn copy_tree(src: &Path, dst: &Path, mode: Option<u32>) -> Result<(), AssembleEr
         fs::create_dir_all(dst).map_err(io_err(dst))?;
         for entry in fs::read_dir(src).map_err(io_err(src))? {
             let entry = entry.map_err(io_err(src))?;
+            if exclude
+                .iter()
+                .any(|name| entry.file_name() == name.as_str())
+            {
+                continue;
+            }
             let (from, to) = (entry.path(), dst.join(entry.file_name()));
             if entry.file_type().map_err(io_err(&from))?.is_symlink() {
                 let target = fs::read_link(&from).map_err(io_err(&from))?;
                 let _ = fs::remove_file(&to);
                 std::os::unix::fs::symlink(target, &to).map_err(io_err(&to))?;
             } else {
-                copy_tree(&from, &to, mode)?;
+                copy_tree(&from, &to, mode, exclude)?;
             }
         }
     } else {
@@ -186,6 +198,8 @@ mod tests {
         fs::create_dir_all(dir.path().join("site/css")).unwrap();
         fs::write(dir.path().join("site/index.html"), "<h1>hi</h1>").unwrap();
         fs::write(dir.path().join("site/css/a.css"), "h1{}").unwrap();
+        fs::create_dir_all(dir.path().join("site/drafts")).unwrap();
+        fs::write(dir.path().join("site/drafts/wip.html"), "wip").unwrap();
         let r = recipe_in(
             dir.path(),
             r#"binaries = ["/bin/ls"]
@@ -198,6 +212,7 @@ run = "mkdir -p $DESTDIR/opt && echo built > $DESTDIR/opt/marker"
 src = "site"
 dst = "/srv/www"
 owner = "33:33"
+exclude = ["drafts"]
 [run]
 entrypoint = ["/bin/ls", "/srv/www"]
 env = { LANG = "C" }
@@ -214,6 +229,7 @@ env = { LANG = "C" }
             fs::read_to_string(stage.join("srv/www/css/a.css")).unwrap(),
             "h1{}"
         );
+        assert!(!stage.join("srv/www/drafts").exists(), "excluded");
         let meta = fs::metadata(stage.join("srv/www/index.html")).unwrap();
         assert_eq!(
             (

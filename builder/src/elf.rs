@@ -40,12 +40,17 @@ pub enum ElfError {
 }
 
 /// Every file that `programs` need to run: themselves, their interpreter
-/// and their shared libraries, transitively. Paths are as the loader would
-/// open them (symbolic links not resolved).
+/// and their shared libraries, transitively. A directory stands for every
+/// file in it (e.g. Python's lib-dynload, whose extension modules bring
+/// their own libraries). Paths are as the loader would open them (symbolic
+/// links not resolved).
 pub fn closure(programs: &[PathBuf]) -> Result<BTreeSet<PathBuf>, ElfError> {
     let system_dirs = system_dirs();
     let mut found = BTreeSet::new();
-    let mut queue: VecDeque<PathBuf> = programs.iter().cloned().collect();
+    let mut queue = VecDeque::new();
+    for program in programs {
+        queue.extend(expand(program)?);
+    }
     while let Some(path) = queue.pop_front() {
         if !found.insert(path.clone()) {
             continue;
@@ -80,6 +85,26 @@ pub fn closure(programs: &[PathBuf]) -> Result<BTreeSet<PathBuf>, ElfError> {
         }
     }
     Ok(found)
+}
+
+/// A file, or the files of a directory, sorted.
+fn expand(path: &Path) -> Result<Vec<PathBuf>, ElfError> {
+    let read_err = |source| ElfError::Read {
+        path: path.into(),
+        source,
+    };
+    if !fs::metadata(path).map_err(read_err)?.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files = Vec::new();
+    for entry in fs::read_dir(path).map_err(read_err)? {
+        let entry = entry.map_err(read_err)?.path();
+        if entry.is_file() {
+            files.push(entry);
+        }
+    }
+    files.sort();
+    Ok(files)
 }
 
 /// The object's own search path (RUNPATH, or RPATH without RUNPATH, with
@@ -183,6 +208,21 @@ mod tests {
         let names = names(&set);
         assert!(names.iter().any(|n| n.starts_with("libexpat")), "{names:?}");
         assert!(names.iter().any(|n| n == "libm.so.6"), "{names:?}");
+    }
+
+    #[test]
+    fn a_directory_brings_every_module_and_its_libraries() {
+        let set = closure(&[PathBuf::from("/usr/lib/python3.11/lib-dynload")]).unwrap();
+        let names = names(&set);
+        assert!(names.iter().any(|n| n.starts_with("_ssl.")), "{names:?}");
+        assert!(
+            names.iter().any(|n| n.starts_with("libcrypto.so")),
+            "_hashlib and _ssl need libcrypto: {names:?}"
+        );
+        assert!(
+            names.iter().any(|n| n.starts_with("libffi.so")),
+            "_ctypes needs libffi: {names:?}"
+        );
     }
 
     #[test]

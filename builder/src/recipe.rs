@@ -19,6 +19,7 @@
 //! dst = "/etc/motd"
 //! mode = "0644"                   # optional; default: the source's mode
 //! owner = "0:0"                   # optional; default 0:0
+//! exclude = ["__pycache__"]       # optional; names skipped anywhere below src
 //!
 //! [run]                           # guest-init's /etc/kiln/init.json
 //! entrypoint = ["/bin/hello"]
@@ -86,6 +87,8 @@ pub struct FileEntry {
     pub dst: PathBuf,
     pub mode: Option<u32>,
     pub owner: (u32, u32),
+    /// Names skipped wherever they appear below `src` (e.g. "__pycache__").
+    pub exclude: Vec<String>,
 }
 
 /// The `[run]` table: how guest-init starts the workload.
@@ -170,6 +173,8 @@ struct RawBuild {
 struct RawFile {
     src: String,
     dst: Spanned<String>,
+    #[serde(default)]
+    exclude: Vec<String>,
     mode: Option<Spanned<String>>,
     owner: Option<Spanned<String>>,
 }
@@ -399,6 +404,7 @@ impl Checker<'_> {
             dst: PathBuf::from(file.dst.get_ref()),
             mode,
             owner,
+            exclude: file.exclude.clone(),
         })
     }
 

@@ -78,7 +78,7 @@ fn populate(tree: &Path, spec: &ImageSpec, guest_init: &Path) -> Result<()> {
 
 /// The recipes in recipes/ that scenarios boot, in build order (a base
 /// before the images that start from it).
-const RECIPES: &[&str] = &["hello", "hello-plus", "busybox"];
+const RECIPES: &[&str] = &["hello", "hello-plus", "busybox", "python"];
 
 /// Builds the example recipes with `kiln build` into `kiln_home`, and
 /// flattens each to `assets/recipe-<name>.ext4`.
