@@ -674,8 +674,13 @@ mod tests {
         assert_eq!(read(&mut transport, VIRTIO_MMIO_QUEUE_READY), 1);
     }
 
-    #[test]
-    fn a_notified_request_is_served_and_interrupts() {
+    /// A transport whose driver negotiated features, with the block device
+    /// in an event loop: ready for a queue and DRIVER_OK.
+    fn driver_ok_fixture() -> (
+        MmioTransport,
+        GuestMemoryMmap,
+        EventManager<Arc<Mutex<Block>>>,
+    ) {
         let Fixture {
             mut transport,
             mem,
@@ -684,9 +689,14 @@ mod tests {
         } = fixture();
         let mut event_loop = EventManager::<Arc<Mutex<Block>>>::new().unwrap();
         event_loop.add_subscriber(block);
-
-        let queue = MockSplitQueue::new(&mem, MOCK_QUEUE_SIZE);
         negotiate(&mut transport);
+        (transport, mem, event_loop)
+    }
+
+    #[test]
+    fn a_notified_request_is_served_and_interrupts() {
+        let (mut transport, mem, mut event_loop) = driver_ok_fixture();
+        let queue = MockSplitQueue::new(&mem, MOCK_QUEUE_SIZE);
         set_up_queue(&mut transport, &queue);
         write(
             &mut transport,
@@ -729,16 +739,8 @@ mod tests {
 
     #[test]
     fn reset_returns_to_power_on_state() {
-        let Fixture {
-            mut transport,
-            mem,
-            block,
-            ..
-        } = fixture();
-        let mut event_loop = EventManager::<Arc<Mutex<Block>>>::new().unwrap();
-        event_loop.add_subscriber(block);
+        let (mut transport, mem, mut event_loop) = driver_ok_fixture();
         let queue = MockSplitQueue::new(&mem, MOCK_QUEUE_SIZE);
-        negotiate(&mut transport);
         set_up_queue(&mut transport, &queue);
         write(
             &mut transport,
