@@ -212,3 +212,26 @@ fn an_image_from_an_oci_archive_has_its_layers_applied() {
         "the upper layer's whiteout deletes old.conf:\n{files}"
     );
 }
+
+#[test]
+fn a_base_chain_that_leads_back_to_the_image_is_refused() {
+    let home = tempfile::tempdir().unwrap();
+    build(home.path(), "hello");
+    build(home.path(), "hello-plus");
+    // hello:1.0.0 rebuilt on top of hello-plus, which starts from hello:1.0.0.
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(recipe("hello").join("recipe.toml")).unwrap();
+    std::fs::write(
+        dir.path().join("recipe.toml"),
+        format!("base = \"hello-plus:1.0.0\"\n{text}"),
+    )
+    .unwrap();
+    std::fs::copy(recipe("hello").join("hello.c"), dir.path().join("hello.c")).unwrap();
+    let out = kiln(home.path(), &["build", dir.path().to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("a cycle: hello:1.0.0 -> hello-plus:1.0.0 -> hello:1.0.0"),
+        "{stderr}"
+    );
+}
