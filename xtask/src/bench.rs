@@ -146,6 +146,7 @@ pub struct BuildReport {
 
 /// Host side: builds recipes/hello into a fresh Kiln home, cold then cached.
 pub fn build(cached_runs: usize) -> Result<()> {
+    crate::apt::ensure(&["zstd", "e2fsprogs"])?;
     let guest_init = crate::init::build()?;
     let kiln = harness::build_kiln()?;
     let home = sh::workspace_root().join("target/bench/kiln-home");

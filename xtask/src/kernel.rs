@@ -12,7 +12,8 @@ use crate::{apt, install, sh};
 
 const SOURCE_PACKAGE: &str = "linux-source-6.1";
 const SOURCE_TARBALL: &str = "/usr/src/linux-source-6.1.tar.xz";
-const BUILD_PACKAGES: &[&str] = &[
+/// What building the kernel needs.
+pub const BUILD_PACKAGES: &[&str] = &[
     SOURCE_PACKAGE,
     "build-essential",
     "flex",

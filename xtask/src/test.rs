@@ -5,9 +5,17 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 
-use crate::{harness, sh};
+use crate::{apt, harness, kernel, sh};
+
+/// The unit and integration tests read real host programs: busybox-static
+/// (a static stand-in for guest-init), Debian's python3 and its
+/// extension modules (ELF closure), zstd (the size baseline).
+const TEST_PACKAGES: &[&str] = &["busybox-static", "python3", "zstd", "e2fsprogs"];
 
 pub fn run() -> Result<()> {
+    // Everything up front: on a fresh machine the unit tests already need
+    // what vm-test would otherwise install later.
+    apt::ensure(&[TEST_PACKAGES, harness::PACKAGES, kernel::BUILD_PACKAGES].concat())?;
     let cargo = |args: &[&str]| -> Result<()> {
         eprintln!("xtask: == cargo {}", args.join(" "));
         sh::run(

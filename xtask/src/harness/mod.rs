@@ -22,7 +22,8 @@ mod results;
 
 pub use results::Summary;
 
-const PACKAGES: &[&str] = &[
+/// What the harness needs on the host.
+pub const PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "linux-image-cloud-amd64",
     "busybox-static",
