@@ -16,7 +16,9 @@ fn installed(package: &str) -> bool {
 
 /// Installs whichever of `packages` are missing, with one `apt-get update`.
 pub fn ensure(packages: &[&str]) -> Result<()> {
-    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
+    let mut missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
+    missing.sort_unstable();
+    missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }
