@@ -20,8 +20,8 @@ pub const STATUS_NOT_EXECUTABLE: u8 = 126;
 pub struct Signals(libc::sigset_t);
 
 impl Signals {
-    /// Blocks SIGCHLD, SIGTERM and SIGINT for this process. Children
-    /// start with an empty mask again (std's `Command` resets it).
+    /// Blocks SIGCHLD, SIGTERM and SIGINT for this process. A blocked mask
+    /// survives fork and exec, so [`run`] empties it again in the child.
     pub fn block() -> io::Result<Signals> {
         // SAFETY: sigset_t is plain data; sigemptyset below initializes it.
         let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -63,14 +63,19 @@ pub fn run(config: &RunConfig, signals: &Signals) -> u8 {
         .entrypoint
         .split_first()
         .expect("validated: entrypoint is non-empty");
-    let spawned = Command::new(program)
+    let mut command = Command::new(program);
+    command
         .args(args)
         .env_clear()
         .envs(&config.env)
         .current_dir(&config.workdir)
         .uid(config.uid)
-        .gid(config.gid)
-        .spawn();
+        .gid(config.gid);
+    // SAFETY: the hook runs in the child between fork and exec, where only
+    // async-signal-safe calls are allowed; it makes only sigemptyset and
+    // sigprocmask calls on its own stack.
+    unsafe { command.pre_exec(unblock_all_signals) };
+    let spawned = command.spawn();
     let child = match spawned {
         Ok(child) => child.id() as libc::pid_t,
         Err(err) => {
@@ -99,6 +104,20 @@ pub fn run(config: &RunConfig, signals: &Signals) -> u8 {
             }
         }
     }
+}
+
+/// Empties the calling process's blocked-signal mask (PID 1 blocks the
+/// signals it waits for, and a child would inherit that).
+fn unblock_all_signals() -> io::Result<()> {
+    // SAFETY: sigset_t is plain data; sigemptyset below initializes it.
+    let mut empty: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `empty` is a valid, writable sigset_t.
+    unsafe { libc::sigemptyset(&mut empty) };
+    // SAFETY: `empty` is initialized; the old mask is not asked for.
+    if unsafe { libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Reaps every exited child; returns the entrypoint's status if it was one.

@@ -12,7 +12,9 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 const BUSYBOX: &str = "/bin/busybox";
-const APPLETS: &[&str] = &["sh", "cat", "tr", "sleep", "grep", "hostname", "echo"];
+const APPLETS: &[&str] = &[
+    "sh", "cat", "tr", "sleep", "grep", "hostname", "echo", "kill",
+];
 
 fn require_root() {
     // SAFETY: geteuid has no preconditions.
@@ -145,4 +147,18 @@ fn run_by_hand_it_exits_with_the_status_instead_of_rebooting() {
         .unwrap();
     // No /etc/kiln/init.json on a build host: "not found".
     assert_eq!(status.code(), Some(127));
+}
+
+#[test]
+fn sigterm_to_pid_1_is_forwarded_to_the_entrypoint() {
+    require_root();
+    // The entrypoint traps TERM, then signals PID 1: only forwarding brings
+    // the signal back to it (nothing else sends one), and its trap's status
+    // becomes the reported one.
+    let script = "trap 'echo forwarded-term; exit 5' TERM; kill -TERM 1; sleep 5 & wait";
+    let json = serde_json::json!({ "entrypoint": ["/bin/sh", "-c", script] });
+    let root = scratch_root(Some(&json.to_string()));
+    let (_, text) = boot(root.path());
+    assert!(text.contains("forwarded-term"), "{text}");
+    assert!(text.contains("entrypoint exited with status 5"), "{text}");
 }
