@@ -6,7 +6,7 @@
 //! `cargo xtask kernel` and `cargo xtask init` install what they build.
 
 use std::env;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// A file Kiln needs from outside the image store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,40 +51,14 @@ impl Asset {
     }
 }
 
-/// `$KILN_HOME`, or `~/.local/share/kiln`.
+/// `$KILN_HOME` (see [`kiln_builder::store::default_home`]).
 pub fn kiln_home() -> PathBuf {
-    home_from(env::var_os("KILN_HOME"), env::var_os("HOME"))
-}
-
-fn home_from(kiln_home: Option<std::ffi::OsString>, home: Option<std::ffi::OsString>) -> PathBuf {
-    match (kiln_home, home) {
-        (Some(dir), _) if !dir.is_empty() => PathBuf::from(dir),
-        (_, Some(home)) if !home.is_empty() => Path::new(&home).join(".local/share/kiln"),
-        // No HOME at all (a bare init system): fall back to the FHS place.
-        _ => PathBuf::from("/var/lib/kiln"),
-    }
+    kiln_builder::store::default_home()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn kiln_home_prefers_the_variable_then_home() {
-        assert_eq!(
-            home_from(Some("/srv/kiln".into()), Some("/root".into())),
-            PathBuf::from("/srv/kiln")
-        );
-        assert_eq!(
-            home_from(None, Some("/root".into())),
-            PathBuf::from("/root/.local/share/kiln")
-        );
-        assert_eq!(
-            home_from(Some("".into()), Some("/root".into())),
-            PathBuf::from("/root/.local/share/kiln")
-        );
-        assert_eq!(home_from(None, None), PathBuf::from("/var/lib/kiln"));
-    }
 
     #[test]
     fn assets_have_distinct_homes_and_variables() {

@@ -65,6 +65,21 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     }
 }
 
+/// The Kiln home: `$KILN_HOME`, or `~/.local/share/kiln`, or (with no HOME
+/// at all, as under a bare init system) `/var/lib/kiln`. The store, the
+/// installed kernel and guest-init live there.
+pub fn default_home() -> PathBuf {
+    home_from(std::env::var_os("KILN_HOME"), std::env::var_os("HOME"))
+}
+
+fn home_from(kiln_home: Option<std::ffi::OsString>, home: Option<std::ffi::OsString>) -> PathBuf {
+    match (kiln_home, home) {
+        (Some(dir), _) if !dir.is_empty() => PathBuf::from(dir),
+        (_, Some(home)) if !home.is_empty() => Path::new(&home).join(".local/share/kiln"),
+        _ => PathBuf::from("/var/lib/kiln"),
+    }
+}
+
 /// Splits `name:version`.
 pub fn parse_reference(reference: &str) -> Result<(&str, &str), StoreError> {
     reference
@@ -246,6 +261,23 @@ mod tests {
         let staged = store.scratch_dir().unwrap().keep();
         fs::write(staged.join(IMAGE_FILE), b"image").unwrap();
         store.publish(&staged, m).unwrap();
+    }
+
+    #[test]
+    fn the_home_is_the_variable_then_under_home() {
+        assert_eq!(
+            home_from(Some("/srv/kiln".into()), Some("/root".into())),
+            PathBuf::from("/srv/kiln")
+        );
+        assert_eq!(
+            home_from(None, Some("/root".into())),
+            PathBuf::from("/root/.local/share/kiln")
+        );
+        assert_eq!(
+            home_from(Some("".into()), Some("/root".into())),
+            PathBuf::from("/root/.local/share/kiln")
+        );
+        assert_eq!(home_from(None, None), PathBuf::from("/var/lib/kiln"));
     }
 
     #[test]

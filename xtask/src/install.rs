@@ -1,18 +1,13 @@
 //! Installing what xtask builds where the `kiln` CLI looks for it:
-//! `$KILN_HOME` (default `~/.local/share/kiln`), the rule of the CLI's
-//! `src/assets.rs`.
+//! `$KILN_HOME` (default `~/.local/share/kiln`).
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-/// `$KILN_HOME`, or `~/.local/share/kiln`.
+/// `$KILN_HOME`: the same rule as the `kiln` CLI's.
 pub fn kiln_home() -> PathBuf {
-    match (std::env::var_os("KILN_HOME"), std::env::var_os("HOME")) {
-        (Some(dir), _) if !dir.is_empty() => PathBuf::from(dir),
-        (_, Some(home)) => Path::new(&home).join(".local/share/kiln"),
-        _ => PathBuf::from("/var/lib/kiln"),
-    }
+    kiln_builder::store::default_home()
 }
 
 /// Copies `from` to `to` through a temporary file, fsync and rename, so a
