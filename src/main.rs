@@ -22,7 +22,7 @@ struct Cli {
 enum Command {
     /// Tell what virtualization this host has and whether Kiln can boot VMs here.
     Doctor(cmd::doctor::Args),
-    /// Boot a kernel and root disk in a new microVM.
+    /// Boot an image (or raw disks) in a new microVM.
     Run(cmd::run::Args),
     /// Build an image from a recipe into the local store.
     Build(cmd::build::Args),
@@ -32,6 +32,9 @@ enum Command {
     Inspect(cmd::inspect::Args),
     /// Remove an image from the local store.
     Rm(cmd::rm::Args),
+    /// Work with images and instances' root volumes.
+    #[command(subcommand)]
+    Image(cmd::image::Command),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
         Command::Images(args) => cmd::images::run(args),
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Rm(args) => cmd::rm::run(args),
+        Command::Image(command) => cmd::image::run(command),
     };
     match result {
         Ok(code) => code,

@@ -235,3 +235,77 @@ fn a_base_chain_that_leads_back_to_the_image_is_refused() {
         "{stderr}"
     );
 }
+
+/// Runs `kiln`, expecting it to fail; returns its stderr.
+fn fails(home: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let out = kiln(home, args);
+    assert!(!out.status.success(), "kiln {args:?} succeeded");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn flatten_writes_a_clean_filesystem_of_the_images_size() {
+    let home = tempfile::tempdir().unwrap();
+    build(home.path(), "hello");
+    let out = home.path().join("hello.ext4");
+    let out_arg = out.to_str().unwrap();
+    ok(home.path(), &["image", "flatten", "hello:1.0.0", out_arg]);
+    let manifest: serde_json::Value =
+        serde_json::from_str(&ok(home.path(), &["inspect", "hello:1.0.0"])).unwrap();
+    let raw_size = std::fs::metadata(&out).unwrap().len();
+    assert_eq!(Some(raw_size), manifest["raw_size"].as_u64(), "{manifest}");
+    let fsck = Command::new("e2fsck")
+        .args(["-fn", out_arg])
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    let (_, err) = fails(home.path(), &["image", "flatten", "nobody", out_arg]);
+    assert!(err.contains("\"nobody\" is neither"), "{err}");
+}
+
+#[test]
+fn an_instance_keeps_its_image_and_its_image_cannot_be_removed() {
+    let home = tempfile::tempdir().unwrap();
+    build(home.path(), "hello");
+    // Any file passes for a kernel: these runs end before a guest boots
+    // (here for want of hardware KVM, elsewhere at the kernel's ELF check),
+    // after the instance and its root volume exist.
+    let kernel = home.path().join("not-a-kernel");
+    std::fs::write(&kernel, "x").unwrap();
+    let kernel = kernel.to_str().unwrap();
+    let run = |args: &[&str]| fails(home.path(), &[&["run", "--kernel", kernel], args].concat());
+    assert_eq!(run(&["hello:1.0.0", "--name", "web"]).0, Some(125));
+    assert!(home.path().join("instances/web/root.overlay").is_file());
+    let (status, err) = run(&["busybox:1.35.0", "--name", "web"]);
+    assert_eq!(status, Some(125));
+    assert!(
+        err.contains("runs hello:1.0.0, not busybox:1.35.0"),
+        "{err}"
+    );
+    let (_, err) = run(&["--name", "db"]);
+    assert!(err.contains("no instance named \"db\""), "{err}");
+    let (_, err) = run(&["hello:1.0.0", "--name", "../etc"]);
+    assert!(err.contains("instance name \"../etc\""), "{err}");
+    let (_, err) = run(&["nothing:1.0"]);
+    assert!(err.contains("nothing:1.0"), "{err}");
+    let (_, err) = fails(home.path(), &["rm", "hello:1.0.0"]);
+    assert!(err.contains("instance(s) web"), "{err}");
+
+    // The untouched root volume flattens to the image's own filesystem.
+    let [from_image, from_instance] = ["hello:1.0.0", "web"].map(|source| {
+        let out = home.path().join(format!("{source}.ext4"));
+        ok(
+            home.path(),
+            &["image", "flatten", source, out.to_str().unwrap()],
+        );
+        std::fs::read(out).unwrap()
+    });
+    assert!(from_image == from_instance, "the volumes differ");
+}

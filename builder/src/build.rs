@@ -87,7 +87,10 @@ pub fn build(
         (_, Some(parent)) => {
             progress(&format!("unpacking {}", parent.manifest.reference()));
             let reader = image::Reader::open(&parent.image_path)?;
-            ext4::extract(image::CachedReader::new(reader), &stage)?;
+            ext4::extract(
+                image::CachedReader::new(reader, image::DEFAULT_CACHE_BYTES),
+                &stage,
+            )?;
         }
         (Base::Oci(archive), None) => {
             progress(&format!("importing {}", archive.display()));

@@ -29,7 +29,10 @@ use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
+
+use lru::LruCache;
 
 use sha2::{Digest, Sha256};
 
@@ -40,6 +43,9 @@ pub const VERSION: u32 = 1;
 /// Raw bytes per chunk: large enough to compress well, small enough that a
 /// 4 KiB random read decompresses little (measured in `cargo xtask bench`).
 pub const DEFAULT_CHUNK_SIZE: u32 = 128 * 1024;
+/// Decompressed chunks a [`CachedReader`] keeps unless told otherwise:
+/// 256 default-sized chunks, enough for a small image's whole working set.
+pub const DEFAULT_CACHE_BYTES: u64 = 32 << 20;
 /// zstd level: images are written once and read many times.
 const ZSTD_LEVEL: i32 = 19;
 const HEADER_SIZE: u64 = 64;
@@ -222,6 +228,7 @@ pub struct Reader {
     chunk_size: u32,
     raw_size: u64,
     index: Vec<IndexEntry>,
+    index_digest: [u8; 32],
 }
 
 impl Reader {
@@ -276,8 +283,8 @@ impl Reader {
         let mut index_bytes = vec![0u8; index_len];
         file.read_exact_at(&mut index_bytes, index_offset)
             .map_err(io_err)?;
-        if Sha256::digest(&index_bytes)[..INDEX_CHECKSUM_LEN] != header[40..40 + INDEX_CHECKSUM_LEN]
-        {
+        let index_digest: [u8; 32] = Sha256::digest(&index_bytes).into();
+        if index_digest[..INDEX_CHECKSUM_LEN] != header[40..40 + INDEX_CHECKSUM_LEN] {
             return Err(ImageError::IndexChecksum { path: path.into() });
         }
         let index = index_bytes
@@ -294,7 +301,20 @@ impl Reader {
             chunk_size,
             raw_size,
             index,
+            index_digest,
         })
+    }
+
+    /// The image's content identity, cheap to get: the SHA-256 of its
+    /// index, which holds every chunk's checksum and the layout. Two images
+    /// share it only if they hold the same raw bytes in the same chunking.
+    pub fn content_id(&self) -> [u8; 32] {
+        self.index_digest
+    }
+
+    /// The file this reader reads.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Size of the raw filesystem.
@@ -335,32 +355,6 @@ impl Reader {
         Ok(data)
     }
 
-    /// Fills `buf` with the raw bytes at `offset`.
-    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
-        let end = offset
-            .checked_add(buf.len() as u64)
-            .filter(|end| *end <= self.raw_size);
-        if end.is_none() {
-            return Err(ImageError::OutOfRange {
-                path: self.path.clone(),
-                offset,
-                len: buf.len(),
-                size: self.raw_size,
-            });
-        }
-        let chunk_size = u64::from(self.chunk_size);
-        let mut done = 0;
-        while done < buf.len() {
-            let at = offset + done as u64;
-            let data = self.chunk((at / chunk_size) as u32)?;
-            let within = (at % chunk_size) as usize;
-            let n = (data.len() - within).min(buf.len() - done);
-            buf[done..done + n].copy_from_slice(&data[within..within + n]);
-            done += n;
-        }
-        Ok(())
-    }
-
     /// Writes the whole raw filesystem to `out` (every chunk verified).
     pub fn flatten_to(&self, out: &mut impl Write) -> Result<(), ImageError> {
         for n in 0..self.chunk_count() {
@@ -374,35 +368,79 @@ impl Reader {
     }
 }
 
-/// Positioned reads over an image's raw bytes, keeping the last chunk it
-/// decompressed: the ext4 reader makes many small reads close together.
+/// Random access to an image's raw bytes through a bounded cache of
+/// decompressed chunks, least recently used evicted first: a block device or
+/// an ext4 reader makes many small reads close together, and each chunk
+/// decompresses (and is verified) once while it stays in the cache.
 #[derive(Debug)]
 pub struct CachedReader {
     reader: Reader,
-    last: Mutex<Option<(u32, Arc<Vec<u8>>)>>,
+    cache: Mutex<LruCache<u32, Arc<Vec<u8>>>>,
 }
 
 impl CachedReader {
-    pub fn new(reader: Reader) -> Self {
+    /// A cache of up to `cache_bytes` of decompressed chunks (at least one).
+    pub fn new(reader: Reader, cache_bytes: u64) -> Self {
+        let chunks = (cache_bytes / u64::from(reader.chunk_size)).max(1);
+        let chunks = NonZeroUsize::new(usize::try_from(chunks).unwrap_or(usize::MAX))
+            .unwrap_or(NonZeroUsize::MIN);
         CachedReader {
             reader,
-            last: Mutex::new(None),
+            cache: Mutex::new(LruCache::new(chunks)),
         }
     }
 
-    fn chunk(&self, n: u32) -> Result<Arc<Vec<u8>>, ImageError> {
-        let mut last = self
-            .last
+    /// The image underneath.
+    pub fn reader(&self) -> &Reader {
+        &self.reader
+    }
+
+    /// Chunk `n`, from the cache or decompressed and verified.
+    pub fn chunk(&self, n: u32) -> Result<Arc<Vec<u8>>, ImageError> {
+        let mut cache = self
+            .cache
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some((cached, data)) = last.as_ref()
-            && *cached == n
-        {
+        if let Some(data) = cache.get(&n) {
             return Ok(data.clone());
         }
         let data = Arc::new(self.reader.chunk(n)?);
-        *last = Some((n, data.clone()));
+        cache.put(n, data.clone());
         Ok(data)
+    }
+
+    /// Fills `buf` with the raw bytes at `offset`, which must lie inside
+    /// the image.
+    pub fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+        let end = offset.checked_add(buf.len() as u64);
+        if end.is_none_or(|end| end > self.reader.raw_size) {
+            return Err(ImageError::OutOfRange {
+                path: self.reader.path.clone(),
+                offset,
+                len: buf.len(),
+                size: self.reader.raw_size,
+            });
+        }
+        self.copy_out(offset, buf).map(|_| ())
+    }
+
+    /// Copies from `offset` until `buf` is full or the image ends; returns
+    /// the bytes copied.
+    fn copy_out(&self, offset: u64, buf: &mut [u8]) -> Result<usize, ImageError> {
+        let chunk_size = u64::from(self.reader.chunk_size);
+        let mut done = 0;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            if at >= self.reader.raw_size {
+                break;
+            }
+            let data = self.chunk((at / chunk_size) as u32)?;
+            let within = (at % chunk_size) as usize;
+            let n = (data.len() - within).min(buf.len() - done);
+            buf[done..done + n].copy_from_slice(&data[within..within + n]);
+            done += n;
+        }
+        Ok(done)
     }
 }
 
@@ -410,22 +448,7 @@ impl positioned_io::ReadAt for CachedReader {
     /// Fills as much of `buf` as the image holds, across chunk boundaries
     /// (a short read only at the end of the raw bytes).
     fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
-        let chunk_size = u64::from(self.reader.chunk_size);
-        let mut done = 0;
-        while done < buf.len() {
-            let at = pos + done as u64;
-            if at >= self.reader.raw_size {
-                break;
-            }
-            let data = self
-                .chunk((at / chunk_size) as u32)
-                .map_err(io::Error::other)?;
-            let within = (at % chunk_size) as usize;
-            let n = (data.len() - within).min(buf.len() - done);
-            buf[done..done + n].copy_from_slice(&data[within..within + n]);
-            done += n;
-        }
-        Ok(done)
+        self.copy_out(pos, buf).map_err(io::Error::other)
     }
 }
 
@@ -457,18 +480,18 @@ mod tests {
         let info = write(&raw, &out, 4096 * 16).unwrap();
         assert_eq!((info.raw_size, info.chunk_count), (300_000, 5));
         assert_eq!(info.digest, file_digest(&out).unwrap());
-        let reader = Reader::open(&out).unwrap();
+        let reader = CachedReader::new(Reader::open(&out).unwrap(), 2 * 65_536);
         for (offset, len) in [(0, 10), (65_530, 20), (131_000, 140_000), (299_990, 10)] {
             let mut buf = vec![0; len];
-            reader.read_at(offset, &mut buf).unwrap();
+            reader.read_exact_at(offset, &mut buf).unwrap();
             assert_eq!(buf, &data[offset as usize..offset as usize + len]);
         }
         let mut flat = Vec::new();
-        reader.flatten_to(&mut flat).unwrap();
+        reader.reader().flatten_to(&mut flat).unwrap();
         assert_eq!(flat, data);
         let mut buf = [0; 11];
         assert!(matches!(
-            reader.read_at(299_990, &mut buf),
+            reader.read_exact_at(299_990, &mut buf),
             Err(ImageError::OutOfRange { .. })
         ));
     }

@@ -118,7 +118,7 @@ impl Store {
         let tmp = self.root.join("tmp");
         fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
         tempfile::Builder::new()
-            .prefix("build-")
+            .prefix("scratch-")
             .tempdir_in(&tmp)
             .map_err(io_err(&tmp))
     }

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use kiln_builder::ext4;
-use kiln_builder::image::{CachedReader, Reader};
+use kiln_builder::image::{CachedReader, DEFAULT_CACHE_BYTES, Reader};
 use kiln_builder::store::Store;
 
 use crate::assets::kiln_home;
@@ -23,7 +23,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&image.manifest)?);
         return Ok(ExitCode::SUCCESS);
     };
-    let reader = CachedReader::new(Reader::open(&image.image_path)?);
+    let reader = CachedReader::new(Reader::open(&image.image_path)?, DEFAULT_CACHE_BYTES);
     for e in ext4::list(reader, &under)? {
         let link = e.target.map(|t| format!(" -> {t}")).unwrap_or_default();
         println!(

@@ -2,6 +2,7 @@
 //! of `kiln_builder` or `kiln_vmm`, and prints the result.
 pub mod build;
 pub mod doctor;
+pub mod image;
 pub mod images;
 pub mod inspect;
 pub mod rm;

@@ -24,6 +24,7 @@ use crate::devices::serial::{
     COM1_IRQ, COM1_PORT, RawTerminal, SERIAL_PORT_LEN, Serial, SerialError, SerialInput,
 };
 use crate::devices::virtio::GuestMemoryMmap;
+pub use crate::devices::virtio::block::DiskSource;
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::{MMIO_REGION_SIZE, MmioError, MmioTransport};
 use crate::event_loop::{EventLoop, EventLoopError, VmEnd, VmEndSignal};
@@ -56,8 +57,23 @@ const BASE_CMDLINE: &[&str] = &[
 /// A disk the guest sees as a virtio block device (/dev/vda, vdb, …).
 #[derive(Clone, Debug)]
 pub struct DiskConfig {
-    pub path: PathBuf,
+    pub source: DiskSource,
     pub read_only: bool,
+}
+
+impl DiskConfig {
+    /// Whether the guest should discard freed blocks: a writable volume
+    /// gives them back to the host.
+    fn discards(&self) -> bool {
+        !self.read_only
+            && matches!(
+                self.source,
+                DiskSource::Volume {
+                    overlay: Some(_),
+                    ..
+                }
+            )
+    }
 }
 
 /// Everything needed to boot one VM.
@@ -255,8 +271,8 @@ fn virtio_disks(
         .zip((0..).map(|i| VIRTIO_MMIO_START + i * MMIO_REGION_SIZE))
         .zip(IRQ_VIRTIO_FIRST..)
     {
-        let block = Block::new(&disk.path, disk.read_only).map_err(|source| VmmError::Disk {
-            path: disk.path.clone(),
+        let block = Block::new(&disk.source, disk.read_only).map_err(|source| VmmError::Disk {
+            path: disk.source.path().to_path_buf(),
             source,
         })?;
         let block = Arc::new(Mutex::new(block));
@@ -273,13 +289,18 @@ fn virtio_disks(
 }
 
 fn kernel_cmdline(config: &VmConfig, disk_params: &[String]) -> Result<String, VmmError> {
-    let root = if config.disks[0].read_only {
+    let root = &config.disks[0];
+    let mut words: Vec<&str> = BASE_CMDLINE.to_vec();
+    words.push(if root.read_only {
         "root=/dev/vda ro"
     } else {
         "root=/dev/vda rw"
-    };
-    let mut words: Vec<&str> = BASE_CMDLINE.to_vec();
-    words.push(root);
+    });
+    if root.discards() {
+        // ext4 trims blocks as files are deleted, so a volume's overlay
+        // shrinks back instead of only growing.
+        words.push("rootflags=discard");
+    }
     words.extend(disk_params.iter().map(String::as_str));
     words.push(config.extra_cmdline.trim());
     let cmdline = words.join(" ").trim_end().to_string();
@@ -324,7 +345,7 @@ mod tests {
             disks: disks
                 .iter()
                 .map(|(p, ro)| DiskConfig {
-                    path: p.into(),
+                    source: DiskSource::Raw(p.into()),
                     read_only: *ro,
                 })
                 .collect(),
@@ -353,6 +374,20 @@ mod tests {
         );
         let rw = kernel_cmdline(&config(&[("root.ext4", false)], ""), &[]).unwrap();
         assert!(rw.ends_with("root=/dev/vda rw"), "{rw}");
+        let mut volume = config(&[("root.ext4", false)], "");
+        volume.disks[0].source = DiskSource::Volume {
+            image: "image.kiln".into(),
+            overlay: Some("root.overlay".into()),
+            cache_bytes: 1 << 20,
+        };
+        let trims = kernel_cmdline(&volume, &[]).unwrap();
+        assert!(
+            trims.ends_with("root=/dev/vda rw rootflags=discard"),
+            "{trims}"
+        );
+        volume.disks[0].read_only = true;
+        let line = kernel_cmdline(&volume, &[]).unwrap();
+        assert!(line.ends_with("root=/dev/vda ro"), "{line}");
     }
 
     #[test]

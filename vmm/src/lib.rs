@@ -5,8 +5,11 @@
 pub mod arch;
 pub mod builder;
 pub mod devices;
+pub mod durable;
 pub mod event_loop;
 pub mod host;
+pub mod instance;
 pub mod loader;
 pub mod seccomp;
+pub mod volume;
 pub mod vstate;

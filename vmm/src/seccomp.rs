@@ -140,6 +140,8 @@ fn vmm_rules() -> Result<Rules, BackendError> {
         allow(libc::SYS_pread64),
         allow(libc::SYS_pwrite64),
         allow(libc::SYS_fdatasync),
+        // ... and DISCARD on a volume: punching holes in its overlay.
+        allow(libc::SYS_fallocate),
         // Kicking a vCPU out of KVM_RUN: pthread_kill is tgkill on
         // getpid() and the vCPU's tid.
         allow(libc::SYS_tgkill),

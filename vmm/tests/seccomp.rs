@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use event_manager::{EventManager, SubscriberOps};
 use kiln_vmm::devices::serial::{Serial, SerialInput};
 use kiln_vmm::seccomp::{self, ThreadKind};
+use kiln_vmm::volume::Volume;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
@@ -213,6 +214,15 @@ fn vmm_thread_survives_its_event_loop_and_block_io_then_exits() {
         event_loop.add_subscriber(input.unwrap());
         let evt = EventFd::new(EFD_NONBLOCK).unwrap();
         let image: File = tempfile::tempfile().unwrap();
+        // A volume: a compressed image with an overlay, opened before the
+        // filter is installed, as the VMM opens its disks.
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("raw");
+        std::fs::write(&raw, vec![3u8; 256 * 1024]).unwrap();
+        let kiln_image = dir.path().join("image.kiln");
+        kiln_builder::image::write(&raw, &kiln_image, 64 * 1024).unwrap();
+        let mut volume =
+            Volume::create(&kiln_image, &dir.path().join("root.overlay"), 1 << 20).unwrap();
         let kick = kick_signal();
         let vcpu = std::thread::spawn(|| std::thread::sleep(Duration::from_millis(100)));
         let (_controller, terminal) = open_pty();
@@ -238,6 +248,14 @@ fn vmm_thread_survives_its_event_loop_and_block_io_then_exits() {
             assert_eq!(sector, [7; 512]);
             image.sync_data().unwrap();
             drop(image);
+            // Volume I/O: decompressing chunks, copy-up, discard, flush.
+            let mut block = [0u8; 4096];
+            volume.read(0, &mut block).unwrap();
+            volume.write(512, &[9; 512]).unwrap();
+            volume.write(64 * 1024, &[9; 8192]).unwrap();
+            volume.discard(64 * 1024, 8192).unwrap();
+            volume.flush().unwrap();
+            drop(volume);
             say_survived();
             // The VMM ends the process with the guest's status.
             std::process::exit(0);

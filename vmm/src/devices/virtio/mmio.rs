@@ -444,7 +444,7 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
-    use crate::devices::virtio::block::{Block, QUEUE_SIZE};
+    use crate::devices::virtio::block::{Block, DiskSource, QUEUE_SIZE};
 
     const ACK: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
     const DRIVER: u32 = VIRTIO_CONFIG_S_DRIVER;
@@ -465,7 +465,9 @@ mod tests {
     fn fixture() -> Fixture {
         let mut image = tempfile::NamedTempFile::new().unwrap();
         image.write_all(&[0; DISK_SECTORS as usize * 512]).unwrap();
-        let block = Arc::new(Mutex::new(Block::new(image.path(), false).unwrap()));
+        let block = Arc::new(Mutex::new(
+            Block::new(&DiskSource::Raw(image.path().into()), false).unwrap(),
+        ));
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let transport = MmioTransport::new(mem.clone(), block.clone()).unwrap();
         Fixture {

@@ -1,32 +1,38 @@
-//! virtio-blk (virtio 1.2 §5.2) backed by a raw disk image.
+//! virtio-blk (virtio 1.2 §5.2) backed by a raw disk image or a volume
+//! (a compressed Kiln image with a copy-on-write overlay).
 //!
 //! One request queue. Each request is a descriptor chain: a device-readable
 //! header (type, sector), data buffers, and a device-writable status byte
-//! (§5.2.6). Reads and writes go to the image with pread/pwrite straight
-//! into and out of guest memory; FLUSH is an fdatasync that completes before
-//! the request is reported used.
+//! (§5.2.6). A raw image is read and written with pread/pwrite straight
+//! into and out of guest memory; a volume decompresses the chunks a read
+//! touches. FLUSH completes only once the data is durable, and DISCARD
+//! (offered by writable volumes) frees overlay blocks. A failed transfer,
+//! such as a read of a damaged image chunk, is logged and answered with an
+//! I/O error, never with wrong data.
+mod backend;
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
+use std::io;
+use std::mem::offset_of;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
-    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
-    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT, virtio_blk_config,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::bitmap::BitmapSlice;
-use vm_memory::{Bytes, ReadVolatile, VolatileMemoryError, VolatileSlice, WriteVolatile};
+use vm_memory::Bytes;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::{ActivateError, GuestMemoryMmap, Interrupt, VirtioDevice};
+use crate::volume::{self, Volume, VolumeError};
+use backend::{Backend, TransferError};
 
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -44,11 +50,20 @@ const HEADER_SIZE: u32 = 16;
 const HEADER_TYPE_OFFSET: usize = 0;
 const HEADER_SECTOR_OFFSET: usize = 8;
 
-/// `struct virtio_blk_config` up to `seg_max` (§5.2.4): le64 capacity,
-/// le32 size_max (feature not offered: zero), le32 seg_max.
-const CONFIG_SIZE: usize = 16;
-const CONFIG_CAPACITY_OFFSET: usize = 0;
-const CONFIG_SEG_MAX_OFFSET: usize = 12;
+/// `struct virtio_blk_config` (§5.2.4) up to `discard_sector_alignment`,
+/// the last field of a feature this device offers; fields of features it
+/// does not offer read as zero.
+const CONFIG_SIZE: usize = offset_of!(virtio_blk_config, max_write_zeroes_sectors);
+
+/// `struct virtio_blk_discard_write_zeroes` (§5.2.6): le64 sector, le32
+/// num_sectors, le32 flags.
+const DISCARD_SEGMENT_SIZE: u32 = 16;
+/// Ranges per DISCARD request: Linux merges adjacent ranges itself.
+const MAX_DISCARD_SEG: u32 = 1;
+/// Sectors per discarded range: 2 GiB, far more than one request needs.
+const MAX_DISCARD_SECTORS: u32 = 1 << 22;
+/// Discards free whole overlay blocks; the guest aligns ranges to this.
+const DISCARD_SECTOR_ALIGNMENT: u32 = (volume::BLOCK_SIZE / SECTOR_SIZE) as u32;
 
 /// Errors from opening a disk image.
 #[derive(Debug, thiserror::Error)]
@@ -60,13 +75,9 @@ pub enum BlockError {
         #[source]
         source: io::Error,
     },
-    /// The image's size could not be determined.
-    #[error("cannot determine the size of disk image {path}")]
-    Size {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    /// The image and overlay of a volume could not be opened.
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
     /// virtio-blk counts in 512-byte sectors; a partial sector is unreachable.
     #[error("disk image {path} is {size} bytes, not a multiple of {SECTOR_SIZE}-byte sectors")]
     PartialSector { path: PathBuf, size: u64 },
@@ -151,62 +162,113 @@ impl Request {
     }
 }
 
-/// The disk image.
+/// The disk: its storage and what the driver may do with it.
 struct Disk {
-    file: File,
-    read_only: bool,
+    backend: Backend,
     /// Size in sectors.
     capacity: u64,
+    /// GET_ID's answer, at most 20 bytes.
+    id: Vec<u8>,
 }
 
 impl Disk {
-    fn execute(&self, mem: &GuestMemoryMmap, request: &Request, id: &[u8]) -> Completion {
+    fn execute(&mut self, mem: &GuestMemoryMmap, request: &Request) -> Completion {
         match request.kind {
             VIRTIO_BLK_T_IN => self.transfer(mem, request, true),
-            VIRTIO_BLK_T_OUT if self.read_only => Completion::status(VIRTIO_BLK_S_IOERR),
+            VIRTIO_BLK_T_OUT if self.backend.read_only() => Completion::status(VIRTIO_BLK_S_IOERR),
             VIRTIO_BLK_T_OUT => self.transfer(mem, request, false),
-            VIRTIO_BLK_T_FLUSH => match self.file.sync_data() {
-                Ok(()) => Completion::status(VIRTIO_BLK_S_OK),
-                Err(_) => Completion::status(VIRTIO_BLK_S_IOERR),
-            },
-            VIRTIO_BLK_T_GET_ID => write_id(mem, request, id),
+            VIRTIO_BLK_T_FLUSH => {
+                let flushed = self.backend.flush().map(|()| 0);
+                self.report(flushed, "flush")
+            }
+            VIRTIO_BLK_T_GET_ID => write_id(mem, request, &self.id),
+            VIRTIO_BLK_T_DISCARD if self.backend.discards() => self.discard(mem, request),
             _ => Completion::status(VIRTIO_BLK_S_UNSUPP),
         }
     }
 
+    /// Whether `len` bytes from `sector` are whole sectors inside the disk.
+    fn in_range(&self, sector: u64, len: u64) -> bool {
+        len.is_multiple_of(SECTOR_SIZE)
+            && sector
+                .checked_add(len / SECTOR_SIZE)
+                .is_some_and(|end| end <= self.capacity)
+    }
+
     /// IN (`to_guest`) or OUT: whole sectors within the disk.
-    fn transfer(&self, mem: &GuestMemoryMmap, request: &Request, to_guest: bool) -> Completion {
-        let in_range = request.data_len(to_guest).filter(|&len| {
-            len % SECTOR_SIZE == 0
-                && request
-                    .sector
-                    .checked_add(len / SECTOR_SIZE)
-                    .is_some_and(|end| end <= self.capacity)
-        });
-        let Some(len) = in_range else {
+    fn transfer(&mut self, mem: &GuestMemoryMmap, request: &Request, to_guest: bool) -> Completion {
+        let Some(len) = request
+            .data_len(to_guest)
+            .filter(|&len| self.in_range(request.sector, len))
+        else {
             return Completion::status(VIRTIO_BLK_S_IOERR);
         };
-        let mut file = FileAt {
-            file: &self.file,
-            offset: request.sector * SECTOR_SIZE,
-        };
+        let mut offset = request.sector * SECTOR_SIZE;
         let moved = request.data.iter().try_for_each(|d| {
             let count = d.len() as usize;
-            if to_guest {
-                mem.read_exact_volatile_from(d.addr(), &mut file, count)
+            let result = if to_guest {
+                self.backend.read_to_guest(mem, d.addr(), offset, count)
             } else {
-                mem.write_all_volatile_to(d.addr(), &mut file, count)
-            }
+                self.backend.write_from_guest(mem, d.addr(), offset, count)
+            };
+            offset += u64::from(d.len());
+            result
         });
-        match moved {
-            // `len` fits: virtio-queue ends a chain before it exceeds
-            // u32::MAX bytes (§2.7.5.2 forbids longer ones).
-            Ok(()) if to_guest => Completion {
+        // `len` fits: virtio-queue ends a chain before it exceeds u32::MAX
+        // bytes (§2.7.5.2 forbids longer ones).
+        let written = if to_guest {
+            u32::try_from(len).unwrap_or(u32::MAX)
+        } else {
+            0
+        };
+        let what = if to_guest { "read" } else { "write" };
+        self.report(moved.map(|()| written), what)
+    }
+
+    /// DISCARD (§5.2.6): each data segment is one range to give back; flags
+    /// other than zero (UNMAP belongs to WRITE_ZEROES) are unsupported.
+    fn discard(&mut self, mem: &GuestMemoryMmap, request: &Request) -> Completion {
+        let mut ranges = Vec::new();
+        for d in &request.data {
+            if d.is_write_only() || d.len() % DISCARD_SEGMENT_SIZE != 0 {
+                return Completion::status(VIRTIO_BLK_S_IOERR);
+            }
+            let mut raw = vec![0u8; d.len() as usize];
+            if mem.read_slice(&mut raw, d.addr()).is_err() {
+                return Completion::status(VIRTIO_BLK_S_IOERR);
+            }
+            for segment in raw.chunks_exact(DISCARD_SEGMENT_SIZE as usize) {
+                let sector = le_u64(segment, 0);
+                let sectors = u64::from(le_u32(segment, 8));
+                if le_u32(segment, 12) != 0 {
+                    return Completion::status(VIRTIO_BLK_S_UNSUPP);
+                }
+                if !self.in_range(sector, sectors * SECTOR_SIZE) {
+                    return Completion::status(VIRTIO_BLK_S_IOERR);
+                }
+                ranges.push((sector * SECTOR_SIZE, sectors * SECTOR_SIZE));
+            }
+        }
+        let done = ranges
+            .into_iter()
+            .try_for_each(|(offset, len)| self.backend.discard(offset, len));
+        self.report(done.map(|()| 0), "discard")
+    }
+
+    /// The completion of a request that moved `Ok(bytes written to the
+    /// guest)`, or failed: then the guest gets an I/O error and the log
+    /// says why (a damaged image chunk, a host I/O error), never wrong data.
+    fn report(&self, result: Result<u32, TransferError>, what: &str) -> Completion {
+        match result {
+            Ok(written) => Completion {
                 status: VIRTIO_BLK_S_OK,
-                written: u32::try_from(len).unwrap_or(u32::MAX),
+                written,
             },
-            Ok(()) => Completion::status(VIRTIO_BLK_S_OK),
-            Err(_) => Completion::status(VIRTIO_BLK_S_IOERR),
+            Err(err) => {
+                let id = String::from_utf8_lossy(&self.id);
+                eprintln!("kiln: virtio-blk {id}: {what} failed: {err}");
+                Completion::status(VIRTIO_BLK_S_IOERR)
+            }
         }
     }
 }
@@ -235,74 +297,6 @@ fn write_id(mem: &GuestMemoryMmap, request: &Request, id: &[u8]) -> Completion {
     }
 }
 
-/// The file at a moving position, read and written with pread/pwrite so
-/// that requests never depend on (or disturb) a shared file offset.
-struct FileAt<'a> {
-    file: &'a File,
-    offset: u64,
-}
-
-impl FileAt<'_> {
-    fn advance(&mut self, result: isize) -> Result<usize, VolatileMemoryError> {
-        let done = usize::try_from(result)
-            .map_err(|_| VolatileMemoryError::IOError(io::Error::last_os_error()))?;
-        self.offset += done as u64;
-        Ok(done)
-    }
-
-    fn file_offset(&self) -> Result<libc::off_t, VolatileMemoryError> {
-        libc::off_t::try_from(self.offset).map_err(|_| {
-            VolatileMemoryError::IOError(io::Error::from_raw_os_error(libc::EOVERFLOW))
-        })
-    }
-}
-
-impl ReadVolatile for FileAt<'_> {
-    fn read_volatile<B: BitmapSlice>(
-        &mut self,
-        buf: &mut VolatileSlice<B>,
-    ) -> Result<usize, VolatileMemoryError> {
-        let offset = self.file_offset()?;
-        let guard = buf.ptr_guard_mut();
-        // SAFETY: the file descriptor is open for the lifetime of `self.file`
-        // and `guard` points to `buf.len()` bytes of writable guest memory,
-        // which the VolatileSlice guarantees stays mapped while it lives.
-        let read = unsafe {
-            libc::pread(
-                self.file.as_raw_fd(),
-                guard.as_ptr().cast(),
-                buf.len(),
-                offset,
-            )
-        };
-        let read = self.advance(read)?;
-        buf.bitmap().mark_dirty(0, read);
-        Ok(read)
-    }
-}
-
-impl WriteVolatile for FileAt<'_> {
-    fn write_volatile<B: BitmapSlice>(
-        &mut self,
-        buf: &VolatileSlice<B>,
-    ) -> Result<usize, VolatileMemoryError> {
-        let offset = self.file_offset()?;
-        let guard = buf.ptr_guard();
-        // SAFETY: the file descriptor is open for the lifetime of `self.file`
-        // and `guard` points to `buf.len()` readable bytes of guest memory,
-        // which the VolatileSlice guarantees stays mapped while it lives.
-        let written = unsafe {
-            libc::pwrite(
-                self.file.as_raw_fd(),
-                guard.as_ptr().cast(),
-                buf.len(),
-                offset,
-            )
-        };
-        self.advance(written)
-    }
-}
-
 /// What the device holds between activation and reset.
 struct Active {
     mem: GuestMemoryMmap,
@@ -310,11 +304,34 @@ struct Active {
     interrupt: Arc<Interrupt>,
 }
 
+/// Where a disk's sectors come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskSource {
+    /// A raw disk image file.
+    Raw(PathBuf),
+    /// A Kiln image and the overlay that takes its writes; without an
+    /// overlay, or attached read-only, the disk is read-only.
+    Volume {
+        image: PathBuf,
+        overlay: Option<PathBuf>,
+        /// Bound on the decompressed chunks kept in memory.
+        cache_bytes: u64,
+    },
+}
+
+impl DiskSource {
+    /// The file named in messages about this disk.
+    pub fn path(&self) -> &Path {
+        match self {
+            DiskSource::Raw(path) => path,
+            DiskSource::Volume { image, .. } => image,
+        }
+    }
+}
+
 /// A virtio block device.
 pub struct Block {
     disk: Disk,
-    /// GET_ID's answer: the image's file name, at most 20 bytes.
-    id: Vec<u8>,
     features: u64,
     config: [u8; CONFIG_SIZE],
     queue_evts: [EventFd; 1],
@@ -322,24 +339,28 @@ pub struct Block {
 }
 
 impl Block {
-    /// A block device for the image at `path`, which the guest may not
-    /// write when `read_only`.
-    pub fn new(path: &Path, read_only: bool) -> Result<Self, BlockError> {
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|source| BlockError::Open {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        // Seeking to the end also sizes block devices, whose metadata says 0.
-        let size = file
-            .seek(SeekFrom::End(0))
-            .map_err(|source| BlockError::Size {
-                path: path.to_path_buf(),
-                source,
-            })?;
+    /// A block device for `source`, which the guest may not write when
+    /// `read_only`.
+    pub fn new(source: &DiskSource, read_only: bool) -> Result<Self, BlockError> {
+        let path = source.path();
+        let (backend, size) = match source {
+            DiskSource::Raw(path) => {
+                Backend::raw(path, read_only).map_err(|source| BlockError::Open {
+                    path: path.clone(),
+                    source,
+                })?
+            }
+            DiskSource::Volume {
+                image,
+                overlay,
+                cache_bytes,
+            } => {
+                let overlay = overlay.as_deref().filter(|_| !read_only);
+                let volume = Volume::open(image, overlay, *cache_bytes)?;
+                let size = volume.capacity();
+                (Backend::Volume(Box::new(volume)), size)
+            }
+        };
         if size % SECTOR_SIZE != 0 {
             return Err(BlockError::PartialSector {
                 path: path.to_path_buf(),
@@ -351,18 +372,23 @@ impl Block {
             source,
         })?;
         let capacity = size / SECTOR_SIZE;
+        let discards = backend.discards();
         Ok(Self {
+            features: offered_features(backend.read_only(), discards),
+            config: config_space(capacity, discards),
             disk: Disk {
-                file,
-                read_only,
+                backend,
                 capacity,
+                id: serial_id(path),
             },
-            id: serial_id(path),
-            features: offered_features(read_only),
-            config: config_space(capacity),
             queue_evts: [queue_evt],
             active: None,
         })
+    }
+
+    /// Whether the guest may discard (trim) blocks of this disk.
+    pub fn discards(&self) -> bool {
+        self.disk.backend.discards()
     }
 
     /// Serves every request the driver has made available, then interrupts
@@ -376,7 +402,7 @@ impl Block {
         while let Some(chain) = active.queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let written = match Request::parse(mem, chain) {
-                Ok(request) => complete(mem, &self.disk, &self.id, &request),
+                Ok(request) => complete(mem, &mut self.disk, &request),
                 Err(err) => {
                     eprintln!("kiln: virtio-blk: dropping request {head}: {err}");
                     0
@@ -396,8 +422,8 @@ impl Block {
 
 /// Executes `request` and writes its status byte; returns the used length
 /// (every byte the device wrote into the chain, status included).
-fn complete(mem: &GuestMemoryMmap, disk: &Disk, id: &[u8], request: &Request) -> u32 {
-    let completion = disk.execute(mem, request, id);
+fn complete(mem: &GuestMemoryMmap, disk: &mut Disk, request: &Request) -> u32 {
+    let completion = disk.execute(mem, request);
     // The status values are all below 256 (§5.2.6).
     let status = completion.status as u8;
     match mem.write_obj(status, request.status.addr()) {
@@ -408,15 +434,46 @@ fn complete(mem: &GuestMemoryMmap, disk: &Disk, id: &[u8], request: &Request) ->
     }
 }
 
-fn offered_features(read_only: bool) -> u64 {
+fn offered_features(read_only: bool, discards: bool) -> u64 {
     let ro = if read_only { 1 << VIRTIO_BLK_F_RO } else { 0 };
-    (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_BLK_F_SEG_MAX) | ro
+    let discard = if discards {
+        1 << VIRTIO_BLK_F_DISCARD
+    } else {
+        0
+    };
+    (1 << VIRTIO_F_VERSION_1)
+        | (1 << VIRTIO_BLK_F_FLUSH)
+        | (1 << VIRTIO_BLK_F_SEG_MAX)
+        | ro
+        | discard
 }
 
-fn config_space(capacity: u64) -> [u8; CONFIG_SIZE] {
+fn config_space(capacity: u64, discards: bool) -> [u8; CONFIG_SIZE] {
     let mut config = [0u8; CONFIG_SIZE];
-    config[CONFIG_CAPACITY_OFFSET..][..8].copy_from_slice(&capacity.to_le_bytes());
-    config[CONFIG_SEG_MAX_OFFSET..][..4].copy_from_slice(&SEG_MAX.to_le_bytes());
+    let mut put =
+        |offset: usize, bytes: &[u8]| config[offset..][..bytes.len()].copy_from_slice(bytes);
+    put(
+        offset_of!(virtio_blk_config, capacity),
+        &capacity.to_le_bytes(),
+    );
+    put(
+        offset_of!(virtio_blk_config, seg_max),
+        &SEG_MAX.to_le_bytes(),
+    );
+    if discards {
+        put(
+            offset_of!(virtio_blk_config, max_discard_sectors),
+            &MAX_DISCARD_SECTORS.to_le_bytes(),
+        );
+        put(
+            offset_of!(virtio_blk_config, max_discard_seg),
+            &MAX_DISCARD_SEG.to_le_bytes(),
+        );
+        put(
+            offset_of!(virtio_blk_config, discard_sector_alignment),
+            &DISCARD_SECTOR_ALIGNMENT.to_le_bytes(),
+        );
+    }
     config
 }
 
@@ -567,7 +624,7 @@ mod tests {
     fn disk(read_only: bool) -> (NamedTempFile, Block) {
         let mut file = NamedTempFile::new().unwrap();
         file.write_all(&disk_pattern()).unwrap();
-        let block = Block::new(file.path(), read_only).unwrap();
+        let block = Block::new(&DiskSource::Raw(file.path().into()), read_only).unwrap();
         (file, block)
     }
 
@@ -772,7 +829,7 @@ mod tests {
             (&long, &b"a-very-long-image-na"[..]),
         ] {
             std::fs::write(path, [0u8; 512]).unwrap();
-            let mut block = Block::new(path, true).unwrap();
+            let mut block = Block::new(&DiskSource::Raw(path.clone()), true).unwrap();
             mem.write_slice(&[0xaa; 32], GuestAddress(DATA)).unwrap();
             write_header(&mem, VIRTIO_BLK_T_GET_ID, 0);
             let bufs = [HEADER_BUF, Buf(DATA, 20, true), STATUS_BUF];
@@ -823,7 +880,9 @@ mod tests {
     fn images_of_partial_sectors_are_rejected_by_name() {
         let mut file = NamedTempFile::new().unwrap();
         file.write_all(&[0; 1000]).unwrap();
-        let err = Block::new(file.path(), false).err().unwrap();
+        let err = Block::new(&DiskSource::Raw(file.path().into()), false)
+            .err()
+            .unwrap();
         let message = err.to_string();
         assert!(matches!(err, BlockError::PartialSector { size: 1000, .. }));
         assert!(
@@ -835,10 +894,144 @@ mod tests {
     #[test]
     fn a_missing_image_is_an_open_error() {
         let dir = tempfile::tempdir().unwrap();
-        let err = Block::new(&dir.path().join("missing.img"), true)
+        let err = Block::new(&DiskSource::Raw(dir.path().join("missing.img")), true)
             .err()
             .unwrap();
         assert!(matches!(err, BlockError::Open { .. }), "{err}");
+    }
+
+    /// A volume over an image of `disk_pattern()` (chunks of 4 sectors'
+    /// worth of overlay blocks), with an overlay unless `read_only`.
+    fn volume(dir: &Path, read_only: bool) -> Block {
+        let raw = dir.join("raw");
+        std::fs::write(&raw, disk_pattern()).unwrap();
+        let image = dir.join("image.kiln");
+        kiln_builder::image::write(&raw, &image, 4096).unwrap();
+        let overlay = dir.join("root.overlay");
+        if !read_only {
+            drop(Volume::create(&image, &overlay, 1 << 20).unwrap());
+        }
+        let source = DiskSource::Volume {
+            image,
+            overlay: Some(overlay),
+            cache_bytes: 1 << 20,
+        };
+        Block::new(&source, read_only).unwrap()
+    }
+
+    fn write_discard_segment(mem: &GuestMemoryMmap, sector: u64, sectors: u32, flags: u32) {
+        let mut raw = [0u8; DISCARD_SEGMENT_SIZE as usize];
+        raw[..8].copy_from_slice(&sector.to_le_bytes());
+        raw[8..12].copy_from_slice(&sectors.to_le_bytes());
+        raw[12..].copy_from_slice(&flags.to_le_bytes());
+        mem.write_slice(&raw, GuestAddress(DATA)).unwrap();
+    }
+
+    #[test]
+    fn a_volume_serves_reads_writes_and_discards() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut block = volume(dir.path(), false);
+        assert!(block.discards());
+        assert_ne!(block.features() & (1 << VIRTIO_BLK_F_DISCARD), 0);
+        let mut alignment = [0u8; 4];
+        block.read_config(
+            offset_of!(virtio_blk_config, discard_sector_alignment) as u64,
+            &mut alignment,
+        );
+        assert_eq!(u32::from_le_bytes(alignment), 8);
+        let mem = memory();
+        mem.write_slice(&[0x77; 4096], GuestAddress(DATA)).unwrap();
+        write_header(&mem, VIRTIO_BLK_T_OUT, 8);
+        let out = [HEADER_BUF, Buf(DATA, 4096, false), STATUS_BUF];
+        assert_eq!(submit(&mut block, &mem, &out).0, status(VIRTIO_BLK_S_OK));
+        write_header(&mem, VIRTIO_BLK_T_IN, 7);
+        let read = [HEADER_BUF, Buf(0x5_0000, 1024, true), STATUS_BUF];
+        assert_eq!(submit(&mut block, &mem, &read).0, status(VIRTIO_BLK_S_OK));
+        let mut expected = disk_pattern()[7 * 512..8 * 512].to_vec();
+        expected.extend([0x77; 512]);
+        assert_eq!(read_guest(&mem, 0x5_0000, 1024), expected);
+
+        // Discarding the written block: it reads as the image again.
+        write_discard_segment(&mem, 8, 8, 0);
+        write_header(&mem, VIRTIO_BLK_T_DISCARD, 0);
+        let discard = [
+            HEADER_BUF,
+            Buf(DATA, DISCARD_SEGMENT_SIZE, false),
+            STATUS_BUF,
+        ];
+        assert_eq!(
+            submit(&mut block, &mem, &discard).0,
+            status(VIRTIO_BLK_S_OK)
+        );
+        write_header(&mem, VIRTIO_BLK_T_IN, 8);
+        let read = [HEADER_BUF, Buf(0x5_0000, 512, true), STATUS_BUF];
+        assert_eq!(submit(&mut block, &mem, &read).0, status(VIRTIO_BLK_S_OK));
+        assert_eq!(
+            read_guest(&mem, 0x5_0000, 512),
+            disk_pattern()[8 * 512..9 * 512]
+        );
+
+        // Flags are for WRITE_ZEROES; ranges must lie inside the disk.
+        write_discard_segment(&mem, 0, 8, 1);
+        write_header(&mem, VIRTIO_BLK_T_DISCARD, 0);
+        assert_eq!(
+            submit(&mut block, &mem, &discard).0,
+            status(VIRTIO_BLK_S_UNSUPP)
+        );
+        write_discard_segment(&mem, DISK_SECTORS - 4, 8, 0);
+        assert_eq!(
+            submit(&mut block, &mem, &discard).0,
+            status(VIRTIO_BLK_S_IOERR)
+        );
+    }
+
+    #[test]
+    fn a_read_only_volume_offers_no_discard_and_refuses_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut block = volume(dir.path(), true);
+        assert_eq!(block.features() & (1 << VIRTIO_BLK_F_DISCARD), 0);
+        assert_ne!(block.features() & (1 << VIRTIO_BLK_F_RO), 0);
+        let mem = memory();
+        write_header(&mem, VIRTIO_BLK_T_DISCARD, 0);
+        let bufs = [
+            HEADER_BUF,
+            Buf(DATA, DISCARD_SEGMENT_SIZE, false),
+            STATUS_BUF,
+        ];
+        assert_eq!(
+            submit(&mut block, &mem, &bufs).0,
+            status(VIRTIO_BLK_S_UNSUPP)
+        );
+        write_header(&mem, VIRTIO_BLK_T_OUT, 0);
+        let bufs = [HEADER_BUF, Buf(DATA, 512, false), STATUS_BUF];
+        assert_eq!(
+            submit(&mut block, &mem, &bufs).0,
+            status(VIRTIO_BLK_S_IOERR)
+        );
+    }
+
+    #[test]
+    fn a_damaged_chunk_is_an_io_error_not_wrong_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut block = volume(dir.path(), true);
+        let image = dir.path().join("image.kiln");
+        let mut bytes = std::fs::read(&image).unwrap();
+        // The first chunk's frame follows the 64-byte header.
+        bytes[70] ^= 0x10;
+        std::fs::write(&image, bytes).unwrap();
+        let mem = memory();
+        mem.write_slice(&[0xcc; 512], GuestAddress(DATA)).unwrap();
+        write_header(&mem, VIRTIO_BLK_T_IN, 0);
+        let bufs = [HEADER_BUF, Buf(DATA, 512, true), STATUS_BUF];
+        assert_eq!(
+            submit(&mut block, &mem, &bufs),
+            (status(VIRTIO_BLK_S_IOERR), 1)
+        );
+        assert_eq!(read_guest(&mem, DATA, 512), [0xcc; 512]);
+        // The next chunk is intact.
+        write_header(&mem, VIRTIO_BLK_T_IN, 8);
+        assert_eq!(submit(&mut block, &mem, &bufs).0, status(VIRTIO_BLK_S_OK));
+        assert_eq!(read_guest(&mem, DATA, 512), disk_pattern()[4096..4608]);
     }
 
     #[test]

@@ -1,0 +1,62 @@
+//! `kiln image flatten IMAGE|INSTANCE OUT.ext4`: the raw filesystem of an
+//! image, or of an instance's root volume with its writes, for fsck,
+//! mounting or export.
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use kiln_builder::image::DEFAULT_CACHE_BYTES;
+use kiln_builder::store::Store;
+use kiln_vmm::durable;
+use kiln_vmm::instance::Instance;
+use kiln_vmm::volume::Volume;
+
+use crate::assets::kiln_home;
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Write the raw filesystem of an image (NAME:VERSION) or of an
+    /// instance's root volume (its name) to a file.
+    Flatten {
+        /// NAME:VERSION of a stored image, or the name of an instance.
+        source: String,
+        /// The raw ext4 file to write (replaced whole, never half-written).
+        out: PathBuf,
+    },
+}
+
+pub fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Flatten { source, out } => flatten(&source, &out),
+    }
+}
+
+fn flatten(source: &str, out: &Path) -> anyhow::Result<ExitCode> {
+    let home = kiln_home();
+    let store = Store::new(&home);
+    let volume = if source.contains(':') {
+        Volume::open(&store.find(source)?.image_path, None, DEFAULT_CACHE_BYTES)?
+    } else {
+        let instance = Instance::find(&home, source)?.with_context(|| {
+            format!("{source:?} is neither NAME:VERSION of an image nor an instance's name")
+        })?;
+        let image = store.find(&instance.record.image)?.image_path;
+        let overlay = instance.root_overlay();
+        let overlay = overlay.exists().then_some(overlay.as_path());
+        Volume::open(&image, overlay, DEFAULT_CACHE_BYTES)?
+    };
+    let written = |err| anyhow::Error::new(err).context(format!("cannot write {}", out.display()));
+    let staged = durable::stage(out).map_err(written)?;
+    let mut writer = BufWriter::new(staged.as_file());
+    volume.flatten_to(&mut writer)?;
+    writer.flush().map_err(written)?;
+    drop(writer);
+    durable::persist(staged, out).map_err(written)?;
+    eprintln!(
+        "kiln: wrote {} ({} bytes)",
+        out.display(),
+        volume.capacity()
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,237 @@
+//! Volumes: a compressed Kiln image served as a disk, with an optional
+//! copy-on-write [`Overlay`] that takes the writes.
+//!
+//! Reads prefer the overlay and fall back to the image, whose chunks are
+//! decompressed on demand, verified against the image's index and kept in a
+//! bounded LRU cache. The image file is never written: any number of
+//! volumes share one image.
+mod overlay;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use kiln_builder::image::{CachedReader, ImageError, Reader};
+
+pub use overlay::{BLOCK_SIZE, Overlay, OverlayError};
+
+/// Bytes a volume moves per step when it copies itself out.
+const FLATTEN_STEP: usize = 1 << 20;
+
+/// What can go wrong with a volume.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Overlay(#[from] OverlayError),
+    #[error(
+        "{overlay}: the overlay is for a {found}-byte volume, the image holds {expected} bytes"
+    )]
+    Capacity {
+        overlay: PathBuf,
+        expected: u64,
+        found: u64,
+    },
+    #[error("the volume has no overlay: it is read-only")]
+    ReadOnly,
+    #[error("{len} bytes at {offset} are outside the {capacity}-byte volume")]
+    OutOfRange {
+        offset: u64,
+        len: u64,
+        capacity: u64,
+    },
+    #[error("cannot write the flattened volume: {0}")]
+    Output(std::io::Error),
+}
+
+/// A disk made of an image and, when writable, an overlay.
+#[derive(Debug)]
+pub struct Volume {
+    base: CachedReader,
+    overlay: Option<Overlay>,
+}
+
+impl Volume {
+    /// The image at `image`, with the existing overlay at `overlay` (or
+    /// read-only without one); `cache_bytes` bounds the decompressed
+    /// chunks kept in memory.
+    pub fn open(
+        image: &Path,
+        overlay: Option<&Path>,
+        cache_bytes: u64,
+    ) -> Result<Self, VolumeError> {
+        let reader = Reader::open(image)?;
+        let overlay = overlay
+            .map(|path| Overlay::open(path, reader.content_id()))
+            .transpose()?;
+        Self::assemble(reader, overlay, cache_bytes)
+    }
+
+    /// The image at `image` with a new, empty overlay at `overlay`.
+    pub fn create(image: &Path, overlay: &Path, cache_bytes: u64) -> Result<Self, VolumeError> {
+        let reader = Reader::open(image)?;
+        let overlay = Overlay::create(overlay, reader.raw_size(), reader.content_id())?;
+        Self::assemble(reader, Some(overlay), cache_bytes)
+    }
+
+    fn assemble(
+        reader: Reader,
+        overlay: Option<Overlay>,
+        cache_bytes: u64,
+    ) -> Result<Self, VolumeError> {
+        if let Some(overlay) = &overlay
+            && overlay.capacity() != reader.raw_size()
+        {
+            return Err(VolumeError::Capacity {
+                overlay: overlay.path().to_path_buf(),
+                expected: reader.raw_size(),
+                found: overlay.capacity(),
+            });
+        }
+        Ok(Volume {
+            base: CachedReader::new(reader, cache_bytes),
+            overlay,
+        })
+    }
+
+    /// Size in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.base.reader().raw_size()
+    }
+
+    /// Whether the volume takes writes (it has an overlay).
+    pub fn writable(&self) -> bool {
+        self.overlay.is_some()
+    }
+
+    /// The image file underneath.
+    pub fn image_path(&self) -> &Path {
+        self.base.reader().path()
+    }
+
+    fn held(&self, block: u64) -> bool {
+        self.overlay.as_ref().is_some_and(|o| o.holds(block))
+    }
+
+    fn check_range(&self, offset: u64, len: usize) -> Result<(), VolumeError> {
+        let end = offset.checked_add(len as u64);
+        if end.is_none_or(|end| end > self.capacity()) {
+            return Err(VolumeError::OutOfRange {
+                offset,
+                len: len as u64,
+                capacity: self.capacity(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Fills `buf` from `offset`: each run of blocks from wherever it
+    /// lives now, the overlay or the image.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
+        self.check_range(offset, buf.len())?;
+        let end = offset + buf.len() as u64;
+        let mut at = offset;
+        while at < end {
+            let block = at / BLOCK_SIZE;
+            let held = self.held(block);
+            let mut next = block + 1;
+            while next * BLOCK_SIZE < end && self.held(next) == held {
+                next += 1;
+            }
+            let run_end = (next * BLOCK_SIZE).min(end);
+            let piece = &mut buf[(at - offset) as usize..(run_end - offset) as usize];
+            match &self.overlay {
+                Some(overlay) if held => overlay.read(at, piece)?,
+                _ => self.base.read_exact_at(at, piece)?,
+            }
+            at = run_end;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` into the overlay. Whole blocks go
+    /// straight in; a partial block the overlay does not hold yet is first
+    /// copied up from the image.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), VolumeError> {
+        self.check_range(offset, data.len())?;
+        if self.overlay.is_none() {
+            return Err(VolumeError::ReadOnly);
+        }
+        let end = offset + data.len() as u64;
+        let mut at = offset;
+        while at < end {
+            let block = at / BLOCK_SIZE;
+            let block_start = block * BLOCK_SIZE;
+            let rest = &data[(at - offset) as usize..];
+            if at == block_start && end - at >= BLOCK_SIZE {
+                let whole = ((end - at) / BLOCK_SIZE * BLOCK_SIZE) as usize;
+                self.overlay_mut()?.write_blocks(block, &rest[..whole])?;
+                at += whole as u64;
+                continue;
+            }
+            let piece_end = end.min(block_start + BLOCK_SIZE);
+            let piece = &rest[..(piece_end - at) as usize];
+            if self.held(block) {
+                self.overlay_mut()?.write_in_held(at, piece)?;
+            } else {
+                let mut whole = self.copy_up(block)?;
+                let within = (at - block_start) as usize;
+                whole[within..within + piece.len()].copy_from_slice(piece);
+                self.overlay_mut()?.write_blocks(block, &whole)?;
+            }
+            at = piece_end;
+        }
+        Ok(())
+    }
+
+    /// Block `block` as the image holds it, zero-padded to a whole block
+    /// (the volume's last block may be short).
+    fn copy_up(&self, block: u64) -> Result<Vec<u8>, VolumeError> {
+        let start = block * BLOCK_SIZE;
+        let mut whole = vec![0u8; BLOCK_SIZE as usize];
+        let len = (self.capacity() - start).min(BLOCK_SIZE) as usize;
+        self.base.read_exact_at(start, &mut whole[..len])?;
+        Ok(whole)
+    }
+
+    fn overlay_mut(&mut self) -> Result<&mut Overlay, VolumeError> {
+        self.overlay.as_mut().ok_or(VolumeError::ReadOnly)
+    }
+
+    /// Makes every completed write durable.
+    pub fn flush(&mut self) -> Result<(), VolumeError> {
+        match &mut self.overlay {
+            Some(overlay) => Ok(overlay.flush()?),
+            None => Ok(()),
+        }
+    }
+
+    /// Frees the overlay's copy of every whole block inside the range;
+    /// those blocks read as the image holds them again (after a discard a
+    /// block's content is unspecified, virtio 1.2 §5.2.6.2).
+    pub fn discard(&mut self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        self.check_range(offset, usize::try_from(len).unwrap_or(usize::MAX))?;
+        let first = offset.div_ceil(BLOCK_SIZE);
+        let end = (offset + len) / BLOCK_SIZE;
+        if end > first {
+            self.overlay_mut()?.release(first, end - first)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the whole volume, as the guest sees it, to `out`.
+    pub fn flatten_to(&self, out: &mut impl Write) -> Result<(), VolumeError> {
+        let mut buf = vec![0u8; FLATTEN_STEP];
+        let mut at = 0;
+        while at < self.capacity() {
+            let len = (self.capacity() - at).min(FLATTEN_STEP as u64) as usize;
+            self.read(at, &mut buf[..len])?;
+            out.write_all(&buf[..len]).map_err(VolumeError::Output)?;
+            at += len as u64;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
