@@ -3,17 +3,19 @@
 . "$(dirname "$0")/lib.sh"
 
 out=$WORK/plus.txt
-"$KILN" run --kernel "$KILN_KERNEL" --disk "$KILN_ASSETS/recipe-hello-plus.ext4" --read-only < /dev/null > "$out" 2>&1
+"$KILN" run hello-plus:1.0.0 --read-only < /dev/null > "$out" 2>&1
 expect_eq hello-plus-exit-status 0 "$?"
 expect_contains hello-plus-inherits-the-entrypoint "$out" "Hello from a Kiln microVM!"
 
+# hello-plus's filesystem, flattened, as a second (raw) disk of hello.ext4.
+"$KILN" image flatten hello-plus:1.0.0 "$WORK/plus.ext4" > /dev/null 2>&1
+expect_eq flatten-exit-status 0 "$?"
 out=$WORK/motd.txt
-"$KILN" run --kernel "$KILN_KERNEL" --disk "$KILN_ASSETS/hello.ext4" --read-only \
-    --disk "$KILN_ASSETS/recipe-hello-plus.ext4,ro" --cmdline kiln.entrypoint=/tests/show-motd.sh < /dev/null > "$out" 2>&1
+"$KILN" run --disk "$KILN_ASSETS/hello.ext4" --read-only \
+    --disk "$WORK/plus.ext4,ro" --cmdline kiln.entrypoint=/tests/show-motd.sh < /dev/null > "$out" 2>&1
 expect_contains motd-in-hello-plus "$out" "Built on hello:1.0.0 by Kiln."
 
 out=$WORK/busybox.txt
-"$KILN" run --kernel "$KILN_KERNEL" --disk "$KILN_ASSETS/recipe-busybox.ext4" --read-only \
-    --cmdline kiln.entrypoint=/bin/hostname < /dev/null > "$out" 2>&1
+"$KILN" run busybox:1.35.0 --cmdline kiln.entrypoint=/bin/hostname < /dev/null > "$out" 2>&1
 expect_eq busybox-exit-status 0 "$?"
 expect_contains hostname-is-the-image-name "$out" "^busybox"

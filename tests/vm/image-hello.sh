@@ -1,8 +1,9 @@
 # The README's main job: recipes/hello built by `kiln build` and booted by
-# `kiln run`: the static program greets and the VM exits 0.
+# `kiln run` from the compressed image in the store: the static program
+# greets and the VM exits 0.
 . "$(dirname "$0")/lib.sh"
 
 out=$WORK/out.txt
-"$KILN" run --kernel "$KILN_KERNEL" --disk "$KILN_ASSETS/recipe-hello.ext4" --read-only < /dev/null > "$out" 2>&1
+"$KILN" run hello:1.0.0 < /dev/null > "$out" 2>&1
 expect_eq exit-status 0 "$?"
 expect_contains greeting "$out" "Hello from a Kiln microVM!"

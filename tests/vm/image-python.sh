@@ -3,7 +3,7 @@
 . "$(dirname "$0")/lib.sh"
 
 out=$WORK/out.txt
-"$KILN" run --kernel "$KILN_KERNEL" --disk "$KILN_ASSETS/recipe-python.ext4" --read-only --memory 256 < /dev/null > "$out" 2>&1
+"$KILN" run python:3.11.2 --memory 256 < /dev/null > "$out" 2>&1
 expect_eq exit-status 0 "$?"
 expect_contains script-ran "$out" '"greeting": "Hello from Python in a Kiln microVM!"'
 expect_contains hostname-is-the-image-name "$out" '"hostname": "python"'

@@ -1,7 +1,8 @@
 //! `cargo xtask demo`: the README's first command. Installs what is needed,
 //! builds the guest kernel and guest-init, builds recipes/hello with
-//! `kiln build`, and boots it with `kiln run` (directly on hardware KVM, in
-//! the nested harness elsewhere), showing the guest's console.
+//! `kiln build`, and boots it from the store with `kiln run hello:1.0.0`
+//! (directly on hardware KVM, in the nested harness elsewhere), showing the
+//! guest's console.
 use std::time::Duration;
 
 use anyhow::{Result, bail};
@@ -15,7 +16,8 @@ pub fn run() -> Result<()> {
     let prepared = harness::prepare()?;
     let job = Job {
         command: [
-            "$KILN run --kernel $KILN_KERNEL --disk $KILN_ASSETS/recipe-hello.ext4 --read-only --timing </dev/null;",
+            "export KILN_HOME=$WORK_ROOT/demo; mkdir -p $KILN_HOME; ln -sfn $KILN_IMAGES $KILN_HOME/images;",
+            "$KILN run hello:1.0.0 --timing </dev/null;",
             "echo \"kiln run exited with status $?\"",
         ]
         .map(String::from)

@@ -34,6 +34,19 @@ enum Bench {
         #[arg(long, default_value_t = 10)]
         runs: usize,
     },
+    /// Guest read throughput from the compressed image against a raw file.
+    Disk {
+        /// Timed runs per backend and access pattern (after one warm-up each).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+}
+
+/// What `bench-guest` measures.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum GuestBench {
+    Boot,
+    Disk,
 }
 
 #[derive(Subcommand)]
@@ -59,6 +72,7 @@ enum Task {
     /// The benchmark runner itself, where KVM is (used by `bench`).
     #[command(hide = true)]
     BenchGuest {
+        kind: GuestBench,
         #[arg(long, default_value_t = 10)]
         runs: usize,
     },
@@ -77,7 +91,17 @@ fn main() -> ExitCode {
         Task::Bench {
             bench: Bench::Boot { runs },
         } => bench::boot(runs),
-        Task::BenchGuest { runs } => bench::guest(runs),
+        Task::Bench {
+            bench: Bench::Disk { runs },
+        } => bench::disk(runs),
+        Task::BenchGuest {
+            kind: GuestBench::Boot,
+            runs,
+        } => bench::boot_guest(runs),
+        Task::BenchGuest {
+            kind: GuestBench::Disk,
+            runs,
+        } => bench::disk_guest(runs),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

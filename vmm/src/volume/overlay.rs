@@ -52,6 +52,8 @@ pub enum OverlayError {
     Version { path: PathBuf, found: u32 },
     #[error("{path}: corrupt overlay header: {what}")]
     Header { path: PathBuf, what: String },
+    #[error("{path} is in use by another Kiln process (is the instance running?)")]
+    InUse { path: PathBuf },
     #[error(
         "{path} was made on top of another image (base {found}), not this one ({expected}): refusing to mix them"
     )]
@@ -74,6 +76,8 @@ pub struct Overlay {
     bitmap: Vec<u8>,
     /// Bitmap pages changed since the last flush.
     dirty_pages: BTreeSet<usize>,
+    /// Cleared only by tests that play a crash.
+    flush_on_drop: bool,
 }
 
 /// The fixed fields of the header.
@@ -139,7 +143,8 @@ impl Overlay {
     }
 
     /// Opens the overlay at `path`, which must have been made on the base
-    /// image `base_id`.
+    /// image `base_id`, and holds it: one process at a time uses an overlay
+    /// (the lock goes with the file descriptor).
     pub fn open(path: &Path, base_id: [u8; 32]) -> Result<Self, OverlayError> {
         let io_err = |source| OverlayError::Io {
             path: path.to_path_buf(),
@@ -150,6 +155,7 @@ impl Overlay {
             .write(true)
             .open(path)
             .map_err(io_err)?;
+        lock(&file, path)?;
         let header = read_header(&file, path)?;
         if header.base_id != base_id {
             return Err(OverlayError::WrongBase {
@@ -169,6 +175,7 @@ impl Overlay {
             bitmap_offset: BLOCK_SIZE,
             bitmap,
             dirty_pages: BTreeSet::new(),
+            flush_on_drop: true,
         })
     }
 
@@ -263,6 +270,12 @@ impl Overlay {
         self.file.sync_data().map_err(|source| self.io_err(source))
     }
 
+    /// Closes the overlay as a killed process would: without a flush.
+    #[cfg(test)]
+    pub fn crash(mut self) {
+        self.flush_on_drop = false;
+    }
+
     fn io_err(&self, source: io::Error) -> OverlayError {
         OverlayError::Io {
             path: self.path.clone(),
@@ -274,10 +287,32 @@ impl Overlay {
 impl Drop for Overlay {
     /// A VMM that ends cleanly keeps every write it completed.
     fn drop(&mut self) {
+        if !self.flush_on_drop {
+            return;
+        }
         if let Err(err) = self.flush() {
             eprintln!("kiln: {err}");
         }
     }
+}
+
+/// Takes the overlay's exclusive lock, or says who holds it.
+fn lock(file: &File, path: &Path) -> Result<(), OverlayError> {
+    // SAFETY: flock only reads its integer arguments; the descriptor is
+    // open for the lifetime of `file`.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(());
+    }
+    let source = io::Error::last_os_error();
+    Err(match source.raw_os_error() {
+        Some(libc::EWOULDBLOCK) => OverlayError::InUse {
+            path: path.to_path_buf(),
+        },
+        _ => OverlayError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+    })
 }
 
 fn read_header(file: &File, path: &Path) -> Result<Header, OverlayError> {

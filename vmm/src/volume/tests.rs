@@ -116,7 +116,7 @@ fn behaves_like_a_plain_disk_under_random_operations() {
                 _ => {
                     // A crash: the process ends without a flush (the file's
                     // page cache survives, as it does a kill -9).
-                    std::mem::forget(volume);
+                    volume.crash();
                     volume = Volume::open(&image_path, Some(&overlay_path), CACHE).unwrap();
                     let now = read_all(&volume);
                     for (block, discarded) in discarded_since_flush.iter().enumerate() {
@@ -213,6 +213,22 @@ fn an_overlay_of_another_image_is_refused() {
         "{err}"
     );
     assert!(err.to_string().contains("root.overlay"), "{err}");
+}
+
+#[test]
+fn one_process_at_a_time_holds_an_overlay() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image_path, _) = make_image(dir.path(), "base", 1);
+    let overlay = dir.path().join("root.overlay");
+    let first = Volume::create(&image_path, &overlay, CACHE).unwrap();
+    let err = Volume::open(&image_path, Some(&overlay), CACHE).unwrap_err();
+    assert!(
+        matches!(err, VolumeError::Overlay(OverlayError::InUse { .. })),
+        "{err}"
+    );
+    assert!(err.to_string().contains("root.overlay"), "{err}");
+    drop(first);
+    Volume::open(&image_path, Some(&overlay), CACHE).unwrap();
 }
 
 #[test]

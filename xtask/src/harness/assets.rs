@@ -1,9 +1,10 @@
 //! The root filesystem images the scenarios boot, made on the host.
 //!
-//! Two kinds, each listed in one place: hand-made images ([`IMAGES`]) for
-//! testing the VMM on its own, and the example recipes ([`RECIPES`]) built
-//! by `kiln build` and flattened to raw ext4 for `kiln run`. A scenario
-//! finds them as `$KILN_ASSETS/<name>.ext4` and `$KILN_ASSETS/recipe-<name>.ext4`.
+//! Two kinds, each listed in one place: hand-made raw ext4 images
+//! ([`IMAGES`]) for testing the VMM on its own, found by scenarios as
+//! `$KILN_ASSETS/<name>.ext4`; and recipes ([`RECIPES`]) built by
+//! `kiln build` into an image store, `$KILN_IMAGES`, which each scenario's
+//! `$KILN_HOME` uses (`kiln run NAME:VERSION`, `kiln image flatten`).
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
@@ -76,42 +77,31 @@ fn populate(tree: &Path, spec: &ImageSpec, guest_init: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The recipes in recipes/ that scenarios boot, in build order (a base
-/// before the images that start from it).
-const RECIPES: &[&str] = &["hello", "hello-plus", "busybox", "python"];
+/// The recipes scenarios boot, by name and directory (relative to the
+/// workspace), in build order: a base before the images that start from it.
+const RECIPES: &[(&str, &str)] = &[
+    ("hello", "recipes/hello"),
+    ("hello-plus", "recipes/hello-plus"),
+    ("busybox", "recipes/busybox"),
+    ("python", "recipes/python"),
+    ("vm-test", "tests/vm/image"),
+    ("disk-bench", "tests/vm/bench-disk"),
+];
 
-/// Builds the example recipes with `kiln build` into `kiln_home`, and
-/// flattens each to `assets/recipe-<name>.ext4`.
-pub fn build_recipes(
-    kiln: &Path,
-    guest_init: &Path,
-    kiln_home: &Path,
-    assets: &Path,
-) -> Result<()> {
-    let store = kiln_builder::store::Store::new(kiln_home);
-    for recipe in RECIPES {
-        let dir = sh::workspace_root().join("recipes").join(recipe);
+/// Builds the recipes with `kiln build` into the store of `kiln_home`
+/// (a no-op for each whose inputs have not changed).
+pub fn build_recipes(kiln: &Path, guest_init: &Path, kiln_home: &Path) -> Result<()> {
+    for (recipe, dir) in RECIPES {
         let printed = sh::output(
             Command::new(kiln)
                 .arg("build")
-                .arg(&dir)
+                .arg(sh::workspace_root().join(dir))
                 .arg("--init")
                 .arg(guest_init)
                 .env("KILN_HOME", kiln_home),
-        )?;
+        )
+        .with_context(|| format!("building the {recipe} recipe"))?;
         eprint!("xtask: {printed}");
-        let manifest = store
-            .list()?
-            .into_iter()
-            .find(|m| m.name == *recipe)
-            .with_context(|| format!("kiln build stored no {recipe}"))?;
-        let image = store.find(&manifest.reference())?;
-        let reader = kiln_builder::image::Reader::open(&image.image_path)?;
-        let raw = assets.join(format!("recipe-{recipe}.ext4"));
-        let mut file = std::io::BufWriter::new(
-            fs::File::create(&raw).with_context(|| format!("cannot create {}", raw.display()))?,
-        );
-        reader.flatten_to(&mut file)?;
     }
     Ok(())
 }

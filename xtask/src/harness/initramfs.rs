@@ -1,6 +1,6 @@
 //! The L1 guest's initramfs: busybox, the KVM modules, the programs under
-//! test with their shared libraries, QEMU as the peer, the guest kernel,
-//! the images and the scenarios.
+//! test with their shared libraries, QEMU as the peer, e2fsck, the guest
+//! kernel, the images (raw and the store) and the scenarios.
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -18,6 +18,8 @@ pub struct Payload<'a> {
     pub kernel: &'a Path,
     pub guest_init: &'a Path,
     pub assets: &'a Path,
+    /// The image store the recipes were built into.
+    pub images: &'a Path,
     /// The command line /init runs.
     pub job: &'a str,
     /// The L1 kernel's version: the KVM modules must match it.
@@ -25,6 +27,8 @@ pub struct Payload<'a> {
 }
 
 const QEMU: &str = "/usr/bin/qemu-system-x86_64";
+/// Checks the volumes scenarios flatten.
+const E2FSCK: &str = "/usr/sbin/e2fsck";
 /// The firmware QEMU 7.2's microvm machine loads by default (qboot).
 const QEMU_FIRMWARE: &str = "/usr/share/qemu/qboot.rom";
 /// insmod order: kvm needs irqbypass, kvm-amd needs kvm.
@@ -70,9 +74,11 @@ pub fn pack(tree: &Path, archive: &Path, payload: &Payload) -> Result<()> {
     copy_with_libraries(payload.xtask, &tree.join(&XTASK_PATH[1..]), tree)?;
     copy_with_libraries(Path::new(QEMU), &tree.join(&QEMU[1..]), tree)?;
     copy(Path::new(QEMU_FIRMWARE), &tree.join(&QEMU_FIRMWARE[1..]))?;
+    copy_with_libraries(Path::new(E2FSCK), &tree.join(&E2FSCK[1..]), tree)?;
     copy(payload.kernel, &tree.join("kiln/vmlinux"))?;
     copy(payload.guest_init, &tree.join("kiln/guest-init"))?;
     copy_dir(payload.assets, &tree.join("kiln/assets"), "ext4")?;
+    copy_tree(payload.images, &tree.join("kiln/images"))?;
     copy_scenarios(&tree.join("kiln/tests"))?;
     fs::write(tree.join("kiln/job"), payload.job)?;
     let cpio = format!(
@@ -135,6 +141,21 @@ fn copy_dir(from: &Path, to: &Path, extension: &str) -> Result<()> {
         let path = entry?.path();
         if path.extension().is_some_and(|e| e == extension) {
             copy(&path, &to.join(path.file_name().expect("a file")))?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies the directory `from` and everything below it.
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(from).with_context(|| format!("cannot list {}", from.display()))? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            copy(&entry.path(), &target)?;
         }
     }
     Ok(())

@@ -14,9 +14,9 @@ if [ -c /dev/kvm ]; then
 else
     echo "KILN-TEST harness/dev-kvm FAIL no /dev/kvm after loading kvm-amd"
 fi
-export PATH=/kiln/bin:/usr/bin:/bin:/sbin
+export PATH=/kiln/bin:/usr/bin:/bin:/usr/sbin:/sbin
 export KILN=/kiln/bin/kiln KILN_KERNEL=/kiln/vmlinux KILN_INIT=/kiln/guest-init
-export KILN_ASSETS=/kiln/assets QEMU=/usr/bin/qemu-system-x86_64 WORK_ROOT=/tmp/work
+export KILN_ASSETS=/kiln/assets KILN_IMAGES=/kiln/images QEMU=/usr/bin/qemu-system-x86_64 WORK_ROOT=/tmp/work
 export XTASK=/kiln/bin/xtask
 sh -c "$(cat /kiln/job)"
 echo KILN-DONE

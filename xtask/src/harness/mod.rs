@@ -39,8 +39,8 @@ const SCENARIO_ALLOWANCE: Duration = Duration::from_secs(300);
 
 /// What the test machine runs: a shell command line, with the binaries
 /// and images of [`Prepared`] in the environment (KILN, KILN_KERNEL,
-/// KILN_INIT, KILN_ASSETS, QEMU, WORK_ROOT, and XTASK for the benchmark
-/// runner). The harness prints `KILN-DONE` after it.
+/// KILN_INIT, KILN_ASSETS, KILN_IMAGES, QEMU, WORK_ROOT, and XTASK for the
+/// benchmark runner). The harness prints `KILN-DONE` after it.
 pub struct Job {
     /// Words of the command; `{tests}` and `{xtask}` stand for where the
     /// scenarios and the xtask binary are on the test machine.
@@ -54,6 +54,8 @@ pub struct Prepared {
     kernel: PathBuf,
     guest_init: PathBuf,
     assets: PathBuf,
+    /// The image store (`$KILN_HOME/images`) the recipes were built into.
+    images: PathBuf,
     kiln: PathBuf,
     out: PathBuf,
 }
@@ -66,11 +68,13 @@ pub fn prepare() -> Result<Prepared> {
     let out = sh::workspace_root().join("target/vm-test");
     let kiln = build_kiln()?;
     let assets = assets::build(&out.join("assets"), &guest_init)?;
-    assets::build_recipes(&kiln, &guest_init, &out.join("kiln-home"), &assets)?;
+    let kiln_home = out.join("kiln-home");
+    assets::build_recipes(&kiln, &guest_init, &kiln_home)?;
     Ok(Prepared {
         kernel,
         guest_init,
         assets,
+        images: kiln_home.join("images"),
         kiln,
         out,
     })
@@ -173,6 +177,7 @@ fn direct(prepared: &Prepared, job: &Job) -> Result<Command> {
         .env("KILN_KERNEL", &prepared.kernel)
         .env("KILN_INIT", &prepared.guest_init)
         .env("KILN_ASSETS", &prepared.assets)
+        .env("KILN_IMAGES", &prepared.images)
         .env("QEMU", "qemu-system-x86_64")
         .env("WORK_ROOT", prepared.out.join("work"));
     Ok(command)
@@ -198,6 +203,7 @@ fn nested(prepared: &Prepared, job: &Job) -> Result<Command> {
         kernel: &prepared.kernel,
         guest_init: &prepared.guest_init,
         assets: &prepared.assets,
+        images: &prepared.images,
         job: &expand(&job.command, initramfs::TESTS_DIR, initramfs::XTASK_PATH).join(" "),
         l1_version: &l1_kernel()?.1,
     };

@@ -1,9 +1,3 @@
-//! Benchmarks, each measured against a peer in the same run.
-//!
-//! `cargo xtask bench build`: `kiln build` of recipes/hello, cold and
-//! cached, and the image's size against the same raw ext4 compressed
-//! whole with `zstd -19` (what a plain "mkfs.ext4 + zstd" pipeline ships).
-//!
 //! `cargo xtask bench boot`: boot latency of `kiln run` against QEMU's
 //! microvm machine, same kernel, same image, same test machine, same run.
 //!
@@ -12,52 +6,25 @@
 //! ("init"), and to the process's exit ("total"). Kiln's own boot timer
 //! (`--timing`: process start to guest-init's port write) is recorded too.
 //! Memory: the VMM's resident set while the guest runs, without the guest
-//! RAM mapping. On a host without hardware KVM this runs inside the nested
-//! harness, where only the ratio means anything.
+//! RAM mapping.
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use crate::{harness, sh};
+use super::{Boot, Stats, environment, millis, print_report, run_guest, save, time_boot};
 
 /// The hello image's entrypoint prints this, then exits 3.
 const MARKER: &str = "hello from kiln guest-init";
 /// The memory-sample entrypoint prints this, then sleeps.
 const READY: &str = "kiln-bench-ready";
 const MEMORY_MIB: u64 = 128;
-const JSON_PREFIX: &str = "KILN-BENCH-JSON ";
 /// Per boot under nested TCG, generously.
 const PER_BOOT: Duration = Duration::from_secs(20);
-
-/// min / median / p90 / max of a series, in milliseconds.
-#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
-pub struct Stats {
-    pub min: f64,
-    pub median: f64,
-    pub p90: f64,
-    pub max: f64,
-}
-
-impl Stats {
-    /// Nearest-rank percentiles of `samples` (not empty).
-    pub fn of(samples: &[f64]) -> Stats {
-        let mut sorted = samples.to_vec();
-        sorted.sort_by(f64::total_cmp);
-        let rank =
-            |p: f64| sorted[((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1];
-        Stats {
-            min: sorted[0],
-            median: rank(0.5),
-            p90: rank(0.9),
-            max: sorted[sorted.len() - 1],
-        }
-    }
-}
 
 /// What `target/bench/boot.json` holds.
 #[derive(Debug, Serialize, serde::Deserialize)]
@@ -82,27 +49,9 @@ pub fn boot(runs: usize) -> Result<()> {
     if runs < 2 {
         bail!("--runs {runs}: at least 2");
     }
-    let prepared = harness::prepare()?;
-    let job = harness::Job {
-        command: ["{xtask}", "bench-guest", "--runs", &runs.to_string()]
-            .map(String::from)
-            .to_vec(),
-        allowance: PER_BOOT * (2 * runs as u32 + 4),
-    };
-    let (lines, _) = harness::run_job(&prepared, &job)?;
-    let json = lines
-        .iter()
-        .find_map(|line| line.split_once(JSON_PREFIX).map(|(_, json)| json))
-        .context("the benchmark printed no result (see target/vm-test/console.log)")?;
-    let mut report: BootReport =
-        serde_json::from_str(json.trim()).context("unreadable benchmark result")?;
-    if !kiln_vmm::host::detect().can_boot_linux() {
-        report.environment =
-            "nested KVM under QEMU TCG (PVM host): only ratios mean anything".into();
-    }
-    let out = sh::workspace_root().join("target/bench/boot.json");
-    fs::create_dir_all(out.parent().expect("has a parent"))?;
-    fs::write(&out, serde_json::to_string_pretty(&report)?)?;
+    let mut report: BootReport = run_guest("boot", runs, PER_BOOT * (2 * runs as u32 + 4))?;
+    report.environment = environment();
+    let out = save("boot", &report)?;
     print_table(&report);
     println!("{}", out.display());
     Ok(())
@@ -126,93 +75,6 @@ fn print_table(r: &BootReport) {
         "VMM RSS without guest RAM: kiln {} KiB, QEMU {} KiB",
         r.vmm_rss_kib, r.qemu_rss_kib
     );
-}
-
-/// What `target/bench/build.json` holds.
-#[derive(Debug, Serialize)]
-pub struct BuildReport {
-    pub recipe: String,
-    pub cold_ms: f64,
-    /// Median of the cached rebuilds.
-    pub cached_ms: f64,
-    pub cached_runs: usize,
-    pub raw_bytes: u64,
-    pub image_bytes: u64,
-    /// The same raw ext4 compressed whole with `zstd -19`.
-    pub baseline_zstd19_bytes: u64,
-    /// image / baseline: at most 1 means no bigger than the baseline.
-    pub size_ratio: f64,
-}
-
-/// Host side: builds recipes/hello into a fresh Kiln home, cold then cached.
-pub fn build(cached_runs: usize) -> Result<()> {
-    crate::apt::ensure(&["zstd", "e2fsprogs"])?;
-    let guest_init = crate::init::build()?;
-    let kiln = harness::build_kiln()?;
-    let home = sh::workspace_root().join("target/bench/kiln-home");
-    let _ = fs::remove_dir_all(&home);
-    let recipe = sh::workspace_root().join("recipes/hello");
-    let timed = || -> Result<f64> {
-        let started = Instant::now();
-        sh::output(
-            Command::new(&kiln)
-                .arg("build")
-                .arg(&recipe)
-                .arg("--init")
-                .arg(&guest_init)
-                .env("KILN_HOME", &home),
-        )?;
-        Ok(millis(started.elapsed()))
-    };
-    let cold_ms = timed()?;
-    let cached: Vec<f64> = (0..cached_runs).map(|_| timed()).collect::<Result<_>>()?;
-    let store = kiln_builder::store::Store::new(&home);
-    let image = store.find("hello:1.0.0")?;
-    let raw = home.join("raw.ext4");
-    kiln_builder::image::Reader::open(&image.image_path)?
-        .flatten_to(&mut std::io::BufWriter::new(fs::File::create(&raw)?))?;
-    let zstd = sh::output(
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!("zstd -19 -q -c '{}' | wc -c", raw.display())),
-    )?;
-    let baseline: u64 = zstd.trim().parse().context("unreadable zstd size")?;
-    let report = BuildReport {
-        recipe: "recipes/hello".into(),
-        cold_ms,
-        cached_ms: Stats::of(&cached).median,
-        cached_runs,
-        raw_bytes: image.manifest.raw_size,
-        image_bytes: image.manifest.file_size,
-        baseline_zstd19_bytes: baseline,
-        size_ratio: image.manifest.file_size as f64 / baseline as f64,
-    };
-    let out = sh::workspace_root().join("target/bench/build.json");
-    fs::write(&out, serde_json::to_string_pretty(&report)?)?;
-    println!(
-        "| recipe | cold build | cached build (median of {}) | raw ext4 | Kiln image | ext4 + zstd -19 | ratio |",
-        report.cached_runs
-    );
-    println!("|---|---|---|---|---|---|---|");
-    println!(
-        "| {} | {:.0} ms | {:.1} ms | {} KiB | {} KiB | {} KiB | {:.3} |",
-        report.recipe,
-        report.cold_ms,
-        report.cached_ms,
-        report.raw_bytes >> 10,
-        report.image_bytes >> 10,
-        report.baseline_zstd19_bytes >> 10,
-        report.size_ratio
-    );
-    println!("{}", out.display());
-    Ok(())
-}
-
-/// One timed boot.
-struct Boot {
-    init: Duration,
-    total: Duration,
-    output: Vec<String>,
 }
 
 /// Guest side (where KVM is): boots both VMMs `runs` times, interleaved,
@@ -253,7 +115,7 @@ pub fn guest(runs: usize) -> Result<()> {
     }
     let rss_entry = "kiln.entrypoint=/tests/bench-rss.sh";
     let report = BootReport {
-        environment: "hardware KVM".into(),
+        environment: environment(),
         runs,
         kiln_init_ms_median: median_ms(&kiln_boots, |b| b.init),
         qemu_init_ms_median: median_ms(&qemu_boots, |b| b.init),
@@ -271,8 +133,7 @@ pub fn guest(runs: usize) -> Result<()> {
                 .collect::<Result<Vec<_>>>()?,
         ),
     };
-    println!("{JSON_PREFIX}{}", serde_json::to_string(&report)?);
-    Ok(())
+    print_report(&report)
 }
 
 /// QEMU's microvm machine with the settings of the qemu-boot scenario.
@@ -310,47 +171,6 @@ fn qemu_command(qemu: &str, kernel: &str, image: &Path, extra: &str) -> Command 
     ))
     .args(["-device", "virtio-blk-device,drive=root"]);
     cmd
-}
-
-fn time_boot(mut cmd: Command, marker: &str) -> Result<Boot> {
-    let started = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot start {}", sh::describe(&cmd)))?;
-    let stderr = child.stderr.take().expect("piped");
-    let errors = std::thread::spawn(move || {
-        BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<_>>()
-    });
-    let mut init = None;
-    let mut output = Vec::new();
-    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
-        let line = line?;
-        if init.is_none() && line.contains(marker) {
-            init = Some(started.elapsed());
-        }
-        output.push(line);
-    }
-    child.wait()?;
-    let total = started.elapsed();
-    output.extend(errors.join().expect("the stderr reader does not panic"));
-    let init = init.with_context(|| {
-        format!(
-            "{} never printed {marker:?}: {}",
-            sh::describe(&cmd),
-            output.join(" | ")
-        )
-    })?;
-    Ok(Boot {
-        init,
-        total,
-        output,
-    })
 }
 
 /// The VMM's resident memory outside the guest RAM mapping, sampled while
@@ -410,10 +230,6 @@ fn self_timed_ms(boot: &Boot) -> Result<f64> {
     Ok(micros / 1000.0)
 }
 
-fn millis(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
 fn stats(boots: &[Boot], pick: fn(&Boot) -> Duration) -> Stats {
     Stats::of(&boots.iter().map(|b| millis(pick(b))).collect::<Vec<_>>())
 }
@@ -425,21 +241,6 @@ fn median_ms(boots: &[Boot], pick: fn(&Boot) -> Duration) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn nearest_rank_percentiles() {
-        let s = Stats::of(&[5.0, 1.0, 4.0, 2.0, 3.0, 10.0, 6.0, 7.0, 8.0, 9.0]);
-        assert_eq!(
-            s,
-            Stats {
-                min: 1.0,
-                median: 5.0,
-                p90: 9.0,
-                max: 10.0
-            }
-        );
-        assert_eq!(Stats::of(&[2.0, 1.0]).median, 1.0);
-    }
 
     #[test]
     fn guest_ram_is_left_out_of_the_resident_set() {

@@ -1,0 +1,214 @@
+//! `cargo xtask bench disk`: how fast a guest reads its root disk when
+//! Kiln serves the compressed image itself, against the same filesystem as
+//! a raw file, in the same VMM and the same run.
+//!
+//! The image is `disk-bench` (tests/vm/bench-disk: recipes/python's files
+//! and a static reader). Its entrypoint reads /dev/vda with O_DIRECT, so
+//! every read reaches the virtio disk, and times itself: sequentially in
+//! 1 MiB requests, and 4 KiB requests at random offsets (the same sequence
+//! every run). The raw file is the same image flattened by
+//! `kiln image flatten`. Both are attached read-only; runs alternate
+//! between the two after one warm-up each, so both find their files in
+//! the host's page cache. The volume's chunk cache has its default size.
+//! The report also holds the on-disk size of the hello image against its
+//! raw filesystem.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use kiln_builder::store::Store;
+use serde::{Deserialize, Serialize};
+
+use super::{Stats, environment, print_report, run_guest, save, time_boot};
+use crate::sh;
+
+const IMAGE: &str = "disk-bench:1.0.0";
+/// The size goal's image.
+const HELLO: &str = "hello:1.0.0";
+/// Random 4 KiB reads per run.
+const RANDOM_READS: u32 = 2000;
+/// The reader prints its result after this.
+const RESULT: &str = "KILN-DISK ";
+/// Per guest run under nested TCG, generously.
+const PER_RUN: Duration = Duration::from_secs(60);
+
+/// What `target/bench/disk.json` holds.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DiskReport {
+    pub environment: String,
+    pub image: String,
+    pub runs: usize,
+    pub raw_bytes: u64,
+    pub image_bytes: u64,
+    pub random_reads_per_run: u32,
+    pub chunk_cache_mib: u64,
+    pub seq_raw_mib_s: Stats,
+    pub seq_volume_mib_s: Stats,
+    pub rand_raw_iops: Stats,
+    pub rand_volume_iops: Stats,
+    /// Volume / raw, medians: at least 0.8 is the goal.
+    pub seq_ratio: f64,
+    pub rand_ratio: f64,
+    pub hello_raw_bytes: u64,
+    pub hello_image_bytes: u64,
+    /// Image / raw ext4: at most 0.35 is the goal.
+    pub hello_size_ratio: f64,
+}
+
+/// Host side: runs the guest side where KVM is, writes the JSON, prints a table.
+pub fn disk(runs: usize) -> Result<()> {
+    if runs < 2 {
+        bail!("--runs {runs}: at least 2");
+    }
+    let allowance = PER_RUN * (4 * runs as u32 + 6);
+    let mut report: DiskReport = run_guest("disk", runs, allowance)?;
+    report.environment = environment();
+    let out = save("disk", &report)?;
+    print_table(&report);
+    println!("{}", out.display());
+    Ok(())
+}
+
+fn print_table(r: &DiskReport) {
+    println!(
+        "disk benchmark: {} ({} KiB raw ext4, {} KiB image), {} runs each ({})",
+        r.image,
+        r.raw_bytes >> 10,
+        r.image_bytes >> 10,
+        r.runs,
+        r.environment
+    );
+    println!("| guest reads | raw file (median) | compressed volume (median) | volume / raw |");
+    println!("|---|---|---|---|");
+    println!(
+        "| sequential, 1 MiB O_DIRECT | {:.1} MiB/s | {:.1} MiB/s | {:.2} |",
+        r.seq_raw_mib_s.median, r.seq_volume_mib_s.median, r.seq_ratio
+    );
+    println!(
+        "| random 4 KiB O_DIRECT | {:.0} IOPS | {:.0} IOPS | {:.2} |",
+        r.rand_raw_iops.median, r.rand_volume_iops.median, r.rand_ratio
+    );
+    println!(
+        "hello image on disk: {} KiB of {} KiB raw ext4 ({:.3})",
+        r.hello_image_bytes >> 10,
+        r.hello_raw_bytes >> 10,
+        r.hello_size_ratio
+    );
+}
+
+/// Where the guest side boots from.
+#[derive(Clone, Copy)]
+enum Backend {
+    Raw,
+    Volume,
+}
+
+/// Guest side (where KVM is): times both backends and prints the report.
+pub fn guest(runs: usize) -> Result<()> {
+    let env = |name: &str| std::env::var(name).with_context(|| format!("{name} is not set"));
+    let (kiln, images, work) = (
+        env("KILN")?,
+        PathBuf::from(env("KILN_IMAGES")?),
+        PathBuf::from(env("WORK_ROOT")?).join("bench-disk"),
+    );
+    let home = kiln_home(&images, &work)?;
+    let raw = work.join("disk-bench.ext4");
+    sh::run(
+        Command::new(&kiln)
+            .args(["image", "flatten", IMAGE])
+            .arg(&raw)
+            .env("KILN_HOME", &home),
+    )?;
+    let run = |backend, mode: &str| -> Result<f64> {
+        let mut cmd = Command::new(&kiln);
+        cmd.env("KILN_HOME", &home).arg("run");
+        match backend {
+            Backend::Raw => cmd.arg("--disk").arg(&raw),
+            Backend::Volume => cmd.arg(IMAGE),
+        };
+        let entrypoint =
+            format!("kiln.entrypoint=\"/bench/diskread /dev/vda {mode} {RANDOM_READS}\"");
+        cmd.args(["--read-only", "--cmdline", &entrypoint]);
+        let boot = time_boot(cmd, RESULT)?;
+        rate(&boot.output, mode)
+    };
+    let mut samples = [[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
+    for (m, mode) in ["seq", "rand"].into_iter().enumerate() {
+        run(Backend::Raw, mode)?;
+        run(Backend::Volume, mode)?;
+        for _ in 0..runs {
+            samples[m][0].push(run(Backend::Raw, mode)?);
+            samples[m][1].push(run(Backend::Volume, mode)?);
+        }
+    }
+    let [[seq_raw, seq_volume], [rand_raw, rand_volume]] =
+        samples.map(|m| m.map(|s| Stats::of(&s)));
+    let store = Store::new(&home);
+    let (image, hello) = (store.find(IMAGE)?.manifest, store.find(HELLO)?.manifest);
+    print_report(&DiskReport {
+        environment: environment(),
+        image: IMAGE.into(),
+        runs,
+        raw_bytes: image.raw_size,
+        image_bytes: image.file_size,
+        random_reads_per_run: RANDOM_READS,
+        chunk_cache_mib: kiln_builder::image::DEFAULT_CACHE_BYTES >> 20,
+        seq_ratio: seq_volume.median / seq_raw.median,
+        rand_ratio: rand_volume.median / rand_raw.median,
+        seq_raw_mib_s: seq_raw,
+        seq_volume_mib_s: seq_volume,
+        rand_raw_iops: rand_raw,
+        rand_volume_iops: rand_volume,
+        hello_raw_bytes: hello.raw_size,
+        hello_image_bytes: hello.file_size,
+        hello_size_ratio: hello.file_size as f64 / hello.raw_size as f64,
+    })
+}
+
+/// A Kiln home in `work` whose store is `images`.
+fn kiln_home(images: &Path, work: &Path) -> Result<PathBuf> {
+    let home = work.join("home");
+    let _ = std::fs::remove_dir_all(work);
+    std::fs::create_dir_all(&home)?;
+    std::os::unix::fs::symlink(images, home.join("images"))?;
+    Ok(home)
+}
+
+/// The reader's result: MiB/s for `seq`, reads per second for `rand`.
+fn rate(output: &[String], mode: &str) -> Result<f64> {
+    let line = output
+        .iter()
+        .find_map(|l| l.split_once(RESULT).map(|(_, rest)| rest))
+        .context("the reader printed no result")?;
+    let field = |name: &str| -> Result<f64> {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no {name}= in {line:?}"))
+    };
+    if !line.starts_with(mode) {
+        bail!("expected a {mode} result, got {line:?}");
+    }
+    let seconds = field("ns")? / 1e9;
+    Ok(match mode {
+        "seq" => field("bytes")? / f64::from(1 << 20) / seconds,
+        _ => field("bytes")? / 4096.0 / seconds,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reader_results_become_rates() {
+        let out = |line: &str| vec!["boot noise".to_string(), line.to_string()];
+        let seq = rate(&out("KILN-DISK seq bytes=104857600 ns=2000000000"), "seq").unwrap();
+        assert_eq!(seq, 50.0);
+        let rand = rate(&out("KILN-DISK rand bytes=8192000 ns=500000000"), "rand").unwrap();
+        assert_eq!(rand, 4000.0);
+        assert!(rate(&out("KILN-DISK rand bytes=1 ns=1"), "seq").is_err());
+        assert!(rate(&out("nothing"), "seq").is_err());
+    }
+}

@@ -1,0 +1,174 @@
+//! Benchmarks, each measured against a peer in the same run.
+//!
+//! - `cargo xtask bench build` ([`build`]): `kiln build` of recipes/hello,
+//!   cold and cached, and the image's size against the same raw ext4
+//!   compressed whole with `zstd -19`.
+//! - `cargo xtask bench boot` ([`boot`]): boot latency and VMM memory of
+//!   `kiln run` against QEMU's microvm machine, same kernel and image.
+//! - `cargo xtask bench disk` ([`disk`]): guest read throughput from a
+//!   root volume on the compressed image against the same filesystem as a
+//!   raw file, same VMM, same run.
+//!
+//! The VM benchmarks run their guest side (`bench-guest`) where KVM is: on
+//! a host without hardware KVM, inside the nested harness, where only
+//! ratios mean anything; the reports say which.
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::{harness, sh};
+
+mod boot;
+mod build;
+mod disk;
+
+pub use boot::{boot, guest as boot_guest};
+pub use build::build;
+pub use disk::{disk, guest as disk_guest};
+
+/// The guest side prints its report as one line after this.
+const JSON_PREFIX: &str = "KILN-BENCH-JSON ";
+
+/// min / median / p90 / max of a series, in milliseconds.
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct Stats {
+    pub min: f64,
+    pub median: f64,
+    pub p90: f64,
+    pub max: f64,
+}
+
+impl Stats {
+    /// Nearest-rank percentiles of `samples` (not empty).
+    pub fn of(samples: &[f64]) -> Stats {
+        let mut sorted = samples.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let rank =
+            |p: f64| sorted[((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1];
+        Stats {
+            min: sorted[0],
+            median: rank(0.5),
+            p90: rank(0.9),
+            max: sorted[sorted.len() - 1],
+        }
+    }
+}
+
+/// Where the benchmark ran, for the reports.
+fn environment() -> String {
+    if kiln_vmm::host::detect().can_boot_linux() {
+        "hardware KVM".into()
+    } else {
+        "nested KVM under QEMU TCG (PVM host): only ratios mean anything".into()
+    }
+}
+
+/// Runs `xtask bench-guest KIND --runs RUNS` where KVM is and returns the
+/// report it printed.
+fn run_guest<R: DeserializeOwned>(kind: &str, runs: usize, allowance: Duration) -> Result<R> {
+    let prepared = harness::prepare()?;
+    let job = harness::Job {
+        command: ["{xtask}", "bench-guest", kind, "--runs", &runs.to_string()]
+            .map(String::from)
+            .to_vec(),
+        allowance,
+    };
+    let (lines, _) = harness::run_job(&prepared, &job)?;
+    let json = lines
+        .iter()
+        .find_map(|line| line.split_once(JSON_PREFIX).map(|(_, json)| json))
+        .context("the benchmark printed no result (see target/vm-test/console.log)")?;
+    serde_json::from_str(json.trim()).context("unreadable benchmark result")
+}
+
+/// Prints the guest side's report for [`run_guest`].
+fn print_report(report: &impl Serialize) -> Result<()> {
+    println!("{JSON_PREFIX}{}", serde_json::to_string(report)?);
+    Ok(())
+}
+
+/// Writes `target/bench/NAME.json`; returns its path.
+fn save(name: &str, report: &impl Serialize) -> Result<PathBuf> {
+    let out = sh::workspace_root().join(format!("target/bench/{name}.json"));
+    fs::create_dir_all(out.parent().expect("has a parent"))?;
+    fs::write(&out, serde_json::to_string_pretty(report)?)?;
+    Ok(out)
+}
+
+/// One timed boot.
+struct Boot {
+    init: Duration,
+    total: Duration,
+    output: Vec<String>,
+}
+
+fn time_boot(mut cmd: Command, marker: &str) -> Result<Boot> {
+    let started = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {}", sh::describe(&cmd)))?;
+    let stderr = child.stderr.take().expect("piped");
+    let errors = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    let mut init = None;
+    let mut output = Vec::new();
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        if init.is_none() && line.contains(marker) {
+            init = Some(started.elapsed());
+        }
+        output.push(line);
+    }
+    child.wait()?;
+    let total = started.elapsed();
+    output.extend(errors.join().expect("the stderr reader does not panic"));
+    let init = init.with_context(|| {
+        format!(
+            "{} never printed {marker:?}: {}",
+            sh::describe(&cmd),
+            output.join(" | ")
+        )
+    })?;
+    Ok(Boot {
+        init,
+        total,
+        output,
+    })
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let s = Stats::of(&[5.0, 1.0, 4.0, 2.0, 3.0, 10.0, 6.0, 7.0, 8.0, 9.0]);
+        assert_eq!(
+            s,
+            Stats {
+                min: 1.0,
+                median: 5.0,
+                p90: 9.0,
+                max: 10.0
+            }
+        );
+        assert_eq!(Stats::of(&[2.0, 1.0]).median, 1.0);
+    }
+}
