@@ -67,43 +67,35 @@ impl Backend {
         matches!(self, Backend::Volume(volume) if volume.writable())
     }
 
-    /// Reads `len` bytes at `offset` into guest memory at `addr`.
-    pub fn read_to_guest(
+    /// Moves `len` bytes between the disk at `offset` and guest memory at
+    /// `addr`: into the guest (a read) when `to_guest`, else out of it.
+    pub fn transfer(
         &mut self,
         mem: &GuestMemoryMmap,
         addr: GuestAddress,
         offset: u64,
         len: usize,
+        to_guest: bool,
     ) -> Result<(), TransferError> {
+        let guest_memory = |_| TransferError::GuestMemory(addr.0);
         match self {
-            Backend::Raw { path, file, .. } => mem
-                .read_exact_volatile_from(addr, &mut FileAt { file, offset }, len)
-                .map_err(|err| file_error(path, err)),
-            Backend::Volume(volume) => {
+            Backend::Raw { path, file, .. } => {
+                let mut disk = FileAt { file, offset };
+                let moved = if to_guest {
+                    mem.read_exact_volatile_from(addr, &mut disk, len)
+                } else {
+                    mem.write_all_volatile_to(addr, &mut disk, len)
+                };
+                moved.map_err(|err| file_error(path, err))
+            }
+            Backend::Volume(volume) if to_guest => {
                 let mut data = vec![0u8; len];
                 volume.read(offset, &mut data)?;
-                mem.write_slice(&data, addr)
-                    .map_err(|_| TransferError::GuestMemory(addr.0))
+                mem.write_slice(&data, addr).map_err(guest_memory)
             }
-        }
-    }
-
-    /// Writes `len` bytes from guest memory at `addr` to `offset`.
-    pub fn write_from_guest(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        addr: GuestAddress,
-        offset: u64,
-        len: usize,
-    ) -> Result<(), TransferError> {
-        match self {
-            Backend::Raw { path, file, .. } => mem
-                .write_all_volatile_to(addr, &mut FileAt { file, offset }, len)
-                .map_err(|err| file_error(path, err)),
             Backend::Volume(volume) => {
                 let mut data = vec![0u8; len];
-                mem.read_slice(&mut data, addr)
-                    .map_err(|_| TransferError::GuestMemory(addr.0))?;
+                mem.read_slice(&mut data, addr).map_err(guest_memory)?;
                 Ok(volume.write(offset, &data)?)
             }
         }

@@ -206,11 +206,9 @@ impl Disk {
         let mut offset = request.sector * SECTOR_SIZE;
         let moved = request.data.iter().try_for_each(|d| {
             let count = d.len() as usize;
-            let result = if to_guest {
-                self.backend.read_to_guest(mem, d.addr(), offset, count)
-            } else {
-                self.backend.write_from_guest(mem, d.addr(), offset, count)
-            };
+            let result = self
+                .backend
+                .transfer(mem, d.addr(), offset, count, to_guest);
             offset += u64::from(d.len());
             result
         });
