@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use cmd::lifecycle::Verb;
 
 mod assets;
 mod cmd;
@@ -35,6 +36,26 @@ enum Command {
     /// Work with images and instances' root volumes.
     #[command(subcommand)]
     Image(cmd::image::Command),
+    /// List instances.
+    Ps(cmd::ps::Args),
+    /// List the instance types.
+    Types(cmd::types::Args),
+    /// Stop an instance: its VM ends, its root volume stays.
+    Stop(cmd::lifecycle::Args),
+    /// Start a stopped instance in a new VMM process.
+    Start(cmd::lifecycle::Args),
+    /// Reboot an instance: a new VM in the same VMM, same root volume.
+    Reboot(cmd::lifecycle::Args),
+    /// Pause an instance's vCPUs.
+    Pause(cmd::lifecycle::Args),
+    /// Resume a paused instance.
+    Resume(cmd::lifecycle::Args),
+    /// Terminate an instance: stop it and delete its volumes.
+    Terminate(cmd::lifecycle::Args),
+    /// Print a detached instance's console.
+    Logs(cmd::logs::Args),
+    #[command(name = "__vmm", hide = true)]
+    Vmm(cmd::vmm::Args),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +68,16 @@ fn main() -> ExitCode {
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Rm(args) => cmd::rm::run(args),
         Command::Image(command) => cmd::image::run(command),
+        Command::Ps(args) => cmd::ps::run(args),
+        Command::Types(args) => cmd::types::run(args),
+        Command::Stop(args) => cmd::lifecycle::run(Verb::Stop, args),
+        Command::Start(args) => cmd::lifecycle::run(Verb::Start, args),
+        Command::Reboot(args) => cmd::lifecycle::run(Verb::Reboot, args),
+        Command::Pause(args) => cmd::lifecycle::run(Verb::Pause, args),
+        Command::Resume(args) => cmd::lifecycle::run(Verb::Resume, args),
+        Command::Terminate(args) => cmd::lifecycle::run(Verb::Terminate, args),
+        Command::Logs(args) => cmd::logs::run(args),
+        Command::Vmm(args) => cmd::vmm::run(args),
     };
     match result {
         Ok(code) => code,

@@ -282,7 +282,21 @@ fn an_instance_keeps_its_image_and_its_image_cannot_be_removed() {
     let kernel = kernel.to_str().unwrap();
     let run = |args: &[&str]| fails(home.path(), &[&["run", "--kernel", kernel], args].concat());
     assert_eq!(run(&["hello:1.0.0", "--name", "web"]).0, Some(125));
-    assert!(home.path().join("instances/web/root.overlay").is_file());
+    let ps = ok(home.path(), &["ps", "-a"]);
+    let id = ps
+        .lines()
+        .find(|l| l.contains(" web "))
+        .expect("web is listed");
+    let id = id.split_whitespace().next().unwrap();
+    assert!(
+        home.path()
+            .join("instances")
+            .join(id)
+            .join("root.overlay")
+            .is_file(),
+        "{ps}"
+    );
+    assert!(ps.contains("stopped"), "{ps}");
     let (status, err) = run(&["busybox:1.35.0", "--name", "web"]);
     assert_eq!(status, Some(125));
     assert!(
@@ -293,6 +307,15 @@ fn an_instance_keeps_its_image_and_its_image_cannot_be_removed() {
     assert!(err.contains("no instance named \"db\""), "{err}");
     let (_, err) = run(&["hello:1.0.0", "--name", "../etc"]);
     assert!(err.contains("instance name \"../etc\""), "{err}");
+    let (_, err) = run(&["hello:1.0.0", "--type", "t2.micro"]);
+    assert!(err.contains("unknown instance type \"t2.micro\""), "{err}");
+    let (_, err) = fails(home.path(), &["start", "nobody"]);
+    assert!(err.contains("no instance \"nobody\""), "{err}");
+    let (_, err) = fails(home.path(), &["stop", "web"]);
+    assert!(
+        err.contains("cannot stop an instance that is stopped"),
+        "{err}"
+    );
     let (_, err) = run(&["nothing:1.0"]);
     assert!(err.contains("nothing:1.0"), "{err}");
     let (_, err) = fails(home.path(), &["rm", "hello:1.0.0"]);

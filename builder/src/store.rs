@@ -123,6 +123,18 @@ impl Store {
             .map_err(io_err(&tmp))
     }
 
+    /// A new, empty, uniquely named file on the store's filesystem, which
+    /// the caller owns (and removes).
+    pub fn scratch_file(&self, prefix: &str) -> Result<PathBuf, StoreError> {
+        let tmp = self.root.join("tmp");
+        fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+        tempfile::Builder::new()
+            .prefix(prefix)
+            .tempfile_in(&tmp)
+            .and_then(|file| file.into_temp_path().keep().map_err(|err| err.error))
+            .map_err(io_err(&tmp))
+    }
+
     /// The image `name:version`, if stored.
     pub fn get(&self, name: &str, version: &str) -> Result<Option<StoredImage>, StoreError> {
         let dir = self.dir(name, version);

@@ -195,7 +195,7 @@ impl RunConfig {
 
 /// The `kiln.KEY=VALUE` parameters of a kernel command line, in order,
 /// with one level of double quotes removed from values.
-fn kiln_params(cmdline: &str) -> Result<Vec<(&str, String)>, ConfigError> {
+pub fn kiln_params(cmdline: &str) -> Result<Vec<(&str, String)>, ConfigError> {
     let mut params = Vec::new();
     for word in split_cmdline(cmdline) {
         let Some(rest) = word.strip_prefix("kiln.") else {

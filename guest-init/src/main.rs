@@ -5,7 +5,8 @@
 //! 2. mount /dev (devtmpfs), /proc, /sys, /tmp, /run;
 //! 3. if the kernel command line has `kiln.vmm=1`, gain the guest-init port
 //!    and report `InitStarted` (the VMM's boot timer stops here);
-//! 4. set the hostname, bring up `lo`;
+//! 4. publish the instance metadata under /run/kiln (`metadata`); set the
+//!    hostname, bring up `lo`; run executable user-data at first boot;
 //! 5. read /etc/kiln/init.json with the command line's `kiln.*` overrides
 //!    (see `guest_init::config`); an unusable configuration is reported on
 //!    the console and ends the VM with status 127;
@@ -22,6 +23,7 @@ use std::process::ExitCode;
 use guest_init::config::{CONFIG_PATH, RunConfig};
 use guest_init::protocol::InitEvent;
 
+mod metadata;
 mod mounts;
 mod network;
 mod port;
@@ -39,9 +41,17 @@ fn main() -> ExitCode {
         };
     }
     let port = boot();
-    let status = match load_config(&read_cmdline()) {
+    let cmdline = read_cmdline();
+    let user_data = metadata::publish(&cmdline).unwrap_or_else(|message| {
+        eprintln!("guest-init: instance metadata: {message}");
+        None
+    });
+    let status = match load_config(&cmdline) {
         Ok(config) => {
             configure_host(&config);
+            if let Some(path) = &user_data {
+                metadata::run_user_data_once(path, &config, &signals);
+            }
             supervisor::run(&config, &signals)
         }
         Err(message) => {

@@ -71,6 +71,31 @@ impl InitEvent {
     }
 }
 
+/// The first bytes of the user-data disk: a read-only virtio disk that
+/// carries an instance's user-data, named to guest-init by
+/// `kiln.user-data=/dev/vdX`. The disk holds a 16-byte header (this magic
+/// and the data's length, le64), the data, and zeros to a whole sector.
+pub const USER_DATA_MAGIC: [u8; 8] = *b"KILNUD\0\x01";
+/// Bytes of the user-data disk's header.
+pub const USER_DATA_HEADER_LEN: usize = 16;
+
+/// The user-data disk's header for `len` bytes of data.
+pub fn user_data_header(len: u64) -> [u8; USER_DATA_HEADER_LEN] {
+    let mut header = [0u8; USER_DATA_HEADER_LEN];
+    header[..8].copy_from_slice(&USER_DATA_MAGIC);
+    header[8..].copy_from_slice(&len.to_le_bytes());
+    header
+}
+
+/// The data length a user-data disk header announces, if it is one.
+pub fn parse_user_data_header(header: &[u8; USER_DATA_HEADER_LEN]) -> Option<u64> {
+    (header[..8] == USER_DATA_MAGIC).then(|| {
+        let mut len = [0u8; 8];
+        len.copy_from_slice(&header[8..]);
+        u64::from_le_bytes(len)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,5 +122,14 @@ mod tests {
         assert_eq!(InitEvent::decode(0x0100_0001), None);
         assert_eq!(InitEvent::decode(0x0200_0100), None);
         assert_eq!(InitEvent::decode(0xff00_0000), None);
+    }
+
+    #[test]
+    fn user_data_headers_round_trip_and_reject_other_disks() {
+        let header = user_data_header(1234);
+        assert_eq!(parse_user_data_header(&header), Some(1234));
+        let mut other = header;
+        other[0] = b'X';
+        assert_eq!(parse_user_data_header(&other), None);
     }
 }

@@ -9,7 +9,7 @@ use anyhow::Context;
 use kiln_builder::image::DEFAULT_CACHE_BYTES;
 use kiln_builder::store::Store;
 use kiln_vmm::durable;
-use kiln_vmm::instance::Instance;
+use kiln_vmm::instance::Registry;
 use kiln_vmm::volume::Volume;
 
 use crate::assets::kiln_home;
@@ -19,7 +19,7 @@ pub enum Command {
     /// Write the raw filesystem of an image (NAME:VERSION) or of an
     /// instance's root volume (its name) to a file.
     Flatten {
-        /// NAME:VERSION of a stored image, or the name of an instance.
+        /// NAME:VERSION of a stored image, or an instance's id or name.
         source: String,
         /// The raw ext4 file to write (replaced whole, never half-written).
         out: PathBuf,
@@ -38,8 +38,8 @@ fn flatten(source: &str, out: &Path) -> anyhow::Result<ExitCode> {
     let volume = if source.contains(':') {
         Volume::open(&store.find(source)?.image_path, None, DEFAULT_CACHE_BYTES)?
     } else {
-        let instance = Instance::find(&home, source)?.with_context(|| {
-            format!("{source:?} is neither NAME:VERSION of an image nor an instance's name")
+        let instance = Registry::new(&home).find(source).with_context(|| {
+            format!("{source:?} is neither NAME:VERSION of an image nor an instance")
         })?;
         let image = store.find(&instance.record.image)?.image_path;
         let overlay = instance.root_overlay();

@@ -1,9 +1,15 @@
-//! One module per subcommand: each parses its arguments, calls one function
-//! of `kiln_builder` or `kiln_vmm`, and prints the result.
+//! One module per subcommand (or family of them, like the lifecycle verbs):
+//! each parses its arguments, calls into `kiln_builder` or `kiln_vmm`, and
+//! prints the result.
 pub mod build;
 pub mod doctor;
 pub mod image;
 pub mod images;
 pub mod inspect;
+pub mod lifecycle;
+pub mod logs;
+pub mod ps;
 pub mod rm;
 pub mod run;
+pub mod types;
+pub mod vmm;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::bail;
 use kiln_builder::store::Store;
-use kiln_vmm::instance::Instance;
+use kiln_vmm::instance::{Registry, State};
 
 use crate::assets::kiln_home;
 
@@ -16,10 +16,11 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let home = kiln_home();
-    let users: Vec<String> = Instance::list(&home)?
+    let users: Vec<String> = Registry::new(&home)
+        .list()?
         .into_iter()
-        .filter(|i| i.record.image == args.image)
-        .map(|i| i.record.name)
+        .filter(|i| i.record.image == args.image && i.record.state != State::Terminated)
+        .map(|i| i.label().to_string())
         .collect();
     if !users.is_empty() {
         bail!(

@@ -1,24 +1,28 @@
-//! `kiln run`: boot an image (or raw disks) in a new microVM, in this process.
+//! `kiln run`: boot an image (or raw disks) in a new microVM: in this
+//! process, or detached in a VMM process of its own (`--detach`).
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use kiln_builder::store::Store;
-use kiln_vmm::builder::{self, DiskConfig, DiskSource, VmConfig};
-use kiln_vmm::instance::Instance;
+use kiln_vmm::builder::{self, DiskConfig, DiskSource, VMM_ERROR_STATUS, VmConfig};
+use kiln_vmm::instance::supervisor::{self, guest_exit_reason};
+use kiln_vmm::instance::types::{self, InstanceType};
+use kiln_vmm::instance::{
+    FileLock, Instance, InstanceError, Launch, Registry, State, Verb, lifecycle, state,
+};
 use kiln_vmm::volume::Volume;
-use tempfile::TempDir;
 
 use crate::assets::{Asset, kiln_home};
 
-/// `kiln run`'s exit status for a VMM error, as `docker run` uses 125:
-/// distinct from any status the guest's entrypoint reports.
-const VMM_ERROR_STATUS: u8 = 125;
-/// The instance-store disk's file in its temporary directory.
-const SCRATCH_FILE: &str = "scratch.img";
-/// The overlay of a root volume that lives only as long as its VM.
-const EPHEMERAL_OVERLAY: &str = "root.overlay";
+/// How long `kiln run --detach` waits for the instance to run.
+const LAUNCH_TIMEOUT: Duration = Duration::from_secs(60);
+/// Name prefixes of the temporary disk files in `$KILN_HOME/tmp`: the
+/// instance-store disk, an unnamed run's overlay, the user-data disk.
+const SCRATCH_FILE: &str = "scratch-";
+const EPHEMERAL_OVERLAY: &str = "overlay-";
+const USER_DATA_DISK: &str = "user-data-";
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -26,10 +30,24 @@ pub struct Args {
     /// is the compressed image itself, with a copy-on-write overlay for the
     /// guest's writes: kept with --name, dropped at exit without.
     image: Option<String>,
-    /// Keep the root volume as instance NAME ($KILN_HOME/instances/NAME):
-    /// the next `kiln run --name NAME` boots it again with its writes.
+    /// Keep the root volume as instance NAME: the next `kiln run --name
+    /// NAME` (or `kiln start NAME`) boots it again with its writes.
     #[arg(long)]
     name: Option<String>,
+    /// Run in a VMM process of its own and return its instance id; manage
+    /// it with `kiln ps`, `stop`, `start`, `reboot`, `terminate`, `logs`.
+    #[arg(long, short = 'd')]
+    detach: bool,
+    /// The instance type (`kiln types`); default k1.nano.
+    #[arg(long = "type", value_name = "TYPE", conflicts_with_all = ["vcpus", "memory"])]
+    instance_type: Option<String>,
+    /// A file the guest finds at /run/kiln/user-data; run once at first
+    /// boot when it starts with `#!`.
+    #[arg(long, value_name = "FILE")]
+    user_data: Option<PathBuf>,
+    /// Boot the VM of a registered instance (what an instance's VMM runs).
+    #[arg(long, hide = true, conflicts_with_all = ["image", "name", "detach", "disks", "scratch"])]
+    instance: Option<String>,
     /// Attach an empty instance-store disk of this many MiB (the last
     /// /dev/vd*), erased when the VM ends.
     #[arg(long, value_name = "MIB")]
@@ -47,12 +65,12 @@ pub struct Args {
     /// Attach the root disk read-only.
     #[arg(long)]
     read_only: bool,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    vcpus: u8,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 128)]
-    memory: u32,
+    /// Number of vCPUs (instead of a --type).
+    #[arg(long)]
+    vcpus: Option<u8>,
+    /// Guest memory in MiB (instead of a --type).
+    #[arg(long)]
+    memory: Option<u32>,
     /// Words appended to the kernel command line (e.g. kiln.entrypoint=/bin/sh).
     #[arg(long, default_value = "", allow_hyphen_values = true)]
     cmdline: String,
@@ -64,18 +82,23 @@ pub struct Args {
     no_seccomp: bool,
 }
 
-/// A VM ready to boot, and the temporary files it uses, removed when this
-/// is dropped after the VM has ended.
-struct Launch {
+/// A VM ready to boot, and the named instance it is the VM of, when this
+/// process is that instance's VMM. Temporary disks (an unnamed run's
+/// overlay, scratch and user-data disks) are `ephemeral`: the VMM deletes
+/// their files once open, so nothing is left to clean up afterwards.
+struct Prepared {
     config: VmConfig,
-    _temporary: Vec<TempDir>,
+    instance: Option<(Instance, FileLock)>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // The boot timer's zero: as close to process start as `run` gets.
     let started = Instant::now();
-    let launch = match launch(&args) {
-        Ok(launch) => launch,
+    if args.detach {
+        return detach(&args);
+    }
+    let prepared = match prepare(&args) {
+        Ok(prepared) => prepared,
         Err(err) => {
             eprintln!("kiln: {err:#}");
             return Ok(ExitCode::from(VMM_ERROR_STATUS));
@@ -86,7 +109,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             "kiln: WARNING: --no-seccomp: the VMM runs WITHOUT its seccomp filters (debugging only)"
         );
     }
-    match builder::run(&launch.config, started) {
+    let Prepared {
+        config,
+        mut instance,
+    } = prepared;
+    if let Some((instance, _)) = &mut instance {
+        instance.mark_running()?;
+    }
+    let outcome = builder::run(&config, started);
+    let (status, reason) = match &outcome {
         Ok(outcome) => {
             if args.timing {
                 match outcome.boot_to_init {
@@ -94,16 +125,80 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                     None => eprintln!("boot-to-init: guest-init never reported"),
                 }
             }
-            Ok(ExitCode::from(outcome.exit_status))
+            let status = outcome.exit_status;
+            (status, guest_exit_reason(status.into()))
         }
         Err(err) => {
             eprintln!("kiln: {err}");
-            Ok(ExitCode::from(VMM_ERROR_STATUS))
+            (VMM_ERROR_STATUS, format!("the VMM failed: {err}"))
         }
+    };
+    if let Some((instance, _)) = &mut instance {
+        instance.mark_stopped(reason)?;
     }
+    Ok(ExitCode::from(status))
 }
 
-fn launch(args: &Args) -> anyhow::Result<Launch> {
+/// `--detach`: a new instance in a VMM process of its own.
+fn detach(args: &Args) -> anyhow::Result<ExitCode> {
+    let Some(image) = &args.image else {
+        bail!(
+            "--detach launches a new instance from an IMAGE (restart a stopped one with `kiln start`)"
+        );
+    };
+    if !args.disks.is_empty() || args.scratch.is_some() || args.read_only {
+        bail!(
+            "--detach takes an IMAGE only: --disk, --scratch and --read-only are for foreground runs"
+        );
+    }
+    let store = Store::new(&kiln_home());
+    store.find(image)?;
+    let (instance_type, vcpus, memory_mib) = size(args)?;
+    let user_data = read_user_data(args)?;
+    let launch = Launch {
+        name: args.name.clone(),
+        image: image.clone(),
+        instance_type,
+        vcpus,
+        memory_mib,
+        cmdline: args.cmdline.clone(),
+        user_data,
+    };
+    let kiln = std::env::current_exe().context("cannot find the kiln binary")?;
+    let instance = lifecycle::launch(&Registry::new(&kiln_home()), launch, &kiln, LAUNCH_TIMEOUT)?;
+    println!("{}", instance.record.id);
+    if instance.record.state != State::Running {
+        bail!(
+            "instance {} is {}: {}",
+            instance.record.id,
+            instance.record.state,
+            instance
+                .record
+                .reason
+                .as_deref()
+                .unwrap_or("no reason given")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The instance type's name, vCPUs and memory: a catalog type, or
+/// explicit sizes ("custom") over the default type's.
+fn size(args: &Args) -> anyhow::Result<(String, u8, u32)> {
+    if args.vcpus.is_none() && args.memory.is_none() {
+        let name = args.instance_type.as_deref().unwrap_or(types::DEFAULT);
+        let t = InstanceType::find(name)?;
+        return Ok((t.name.to_string(), t.vcpus, t.memory_mib));
+    }
+    let default = InstanceType::find(types::DEFAULT)?;
+    Ok((
+        "custom".into(),
+        args.vcpus.unwrap_or(default.vcpus),
+        args.memory.unwrap_or(default.memory_mib),
+    ))
+}
+
+fn prepare(args: &Args) -> anyhow::Result<Prepared> {
     let kernel = args.kernel.clone().unwrap_or_else(|| Asset::Kernel.path());
     if !kernel.is_file() {
         bail!(
@@ -113,11 +208,31 @@ fn launch(args: &Args) -> anyhow::Result<Launch> {
             Asset::Kernel.xtask()
         );
     }
-    let mut temporary = Vec::new();
-    let store = Store::new(&kiln_home());
+    let home = kiln_home();
+    let store = Store::new(&home);
+    let registry = Registry::new(&home);
+    let (_, mut vcpus, mut memory_mib) = size(args)?;
+    let mut cmdline = args.cmdline.clone();
     let mut disks = Vec::new();
-    if let Some(root) = root_volume(args, &store, &mut temporary)? {
-        disks.push(root);
+    let mut instance = None;
+    if let Some(id) = &args.instance {
+        // The VM of an instance whose VMM process is our parent.
+        let found = registry.find(id)?;
+        let vmm = found
+            .record
+            .vmm_pid
+            .context("the instance has no VMM process")?;
+        supervisor::end_with_vmm(vmm).context("the VM process of an instance")?;
+        (vcpus, memory_mib) = (found.record.vcpus, found.record.memory_mib);
+        cmdline = found.record.cmdline.clone();
+        instance_disks(&store, &found, args, &mut cmdline, &mut disks)?;
+    } else if let Some(name) = &args.name {
+        let (found, vmm) = named_instance(&registry, &store, name, args)?;
+        (vcpus, memory_mib) = (found.record.vcpus, found.record.memory_mib);
+        instance_disks(&store, &found, args, &mut cmdline, &mut disks)?;
+        instance = Some((found, vmm));
+    } else if let Some(image) = &args.image {
+        disks.push(ephemeral_root(&store, image, args)?);
     }
     for spec in &args.disks {
         disks.push(parse_disk(spec)?);
@@ -127,77 +242,171 @@ fn launch(args: &Args) -> anyhow::Result<Launch> {
     };
     root.read_only |= args.read_only;
     if let Some(mib) = args.scratch {
-        disks.push(scratch_disk(&store, mib, &mut temporary)?);
+        disks.push(scratch_disk(&store, mib)?);
     }
-    Ok(Launch {
+    Ok(Prepared {
         config: VmConfig {
             kernel,
             disks,
-            vcpus: args.vcpus,
-            memory_mib: args.memory,
-            extra_cmdline: args.cmdline.clone(),
+            vcpus,
+            memory_mib,
+            extra_cmdline: cmdline,
             seccomp: !args.no_seccomp,
         },
-        _temporary: temporary,
+        instance,
     })
 }
 
-/// The root volume of an IMAGE or a named instance: the stored image with
-/// the instance's overlay, a temporary one, or none when read-only.
-fn root_volume(
-    args: &Args,
+/// An instance's disks and what its guest learns about itself: its root
+/// volume (the image and the instance's overlay, made on first boot), its
+/// user-data disk, and the metadata guest-init publishes under /run/kiln.
+fn instance_disks(
     store: &Store,
-    temporary: &mut Vec<TempDir>,
-) -> anyhow::Result<Option<DiskConfig>> {
+    instance: &Instance,
+    args: &Args,
+    cmdline: &mut String,
+    disks: &mut Vec<DiskConfig>,
+) -> anyhow::Result<()> {
+    let record = &instance.record;
+    let image = store.find(&record.image)?.image_path;
+    let overlay = instance.root_overlay();
     let cache_bytes = args.cache << 20;
-    let (reference, overlay) = match (&args.name, &args.image) {
-        (None, None) => return Ok(None),
-        (Some(name), image) => {
-            let instance = Instance::find_or_create(&kiln_home(), name, image.as_deref())?;
-            (instance.record.image.clone(), Some(instance.root_overlay()))
-        }
-        (None, Some(image)) if args.read_only => (image.clone(), None),
-        (None, Some(image)) => {
-            let dir = store.scratch_dir()?;
-            let overlay = dir.path().join(EPHEMERAL_OVERLAY);
-            temporary.push(dir);
-            (image.clone(), Some(overlay))
-        }
-    };
-    let image = store.find(&reference)?.image_path;
-    if let Some(overlay) = &overlay
-        && !overlay.exists()
-    {
-        Volume::create(&image, overlay, cache_bytes)?;
+    if !overlay.exists() {
+        Volume::create(&image, &overlay, cache_bytes)?;
     }
-    Ok(Some(DiskConfig {
+    disks.push(DiskConfig {
+        source: DiskSource::Volume {
+            image,
+            overlay: Some(overlay),
+            cache_bytes,
+        },
+        read_only: false,
+        ephemeral: false,
+    });
+    let mut words = vec![
+        format!("kiln.hostname={}", instance.label()),
+        format!("kiln.meta.instance-id={}", record.id),
+        format!("kiln.meta.instance-type={}", record.instance_type),
+        format!("kiln.meta.image={}", record.image),
+    ];
+    words.extend(
+        record
+            .name
+            .iter()
+            .map(|name| format!("kiln.meta.name={name}")),
+    );
+    if let Some(data) = instance.user_data() {
+        disks.push(user_data_disk(store, &data)?);
+        // The second disk: /dev/vdb.
+        words.push("kiln.user-data=/dev/vdb".to_string());
+    }
+    *cmdline = format!("{} {cmdline}", words.join(" "));
+    Ok(())
+}
+
+/// The instance `name` for a foreground run, with its VMM lock: an
+/// existing stopped one, or a new one from the IMAGE.
+fn named_instance(
+    registry: &Registry,
+    store: &Store,
+    name: &str,
+    args: &Args,
+) -> anyhow::Result<(Instance, FileLock)> {
+    let mut instance = match registry.find(name) {
+        Ok(instance) => instance,
+        Err(InstanceError::NotFound(_)) => {
+            let Some(image) = &args.image else {
+                bail!("no instance named {name:?}: give an IMAGE to launch it");
+            };
+            store.find(image)?;
+            let (instance_type, vcpus, memory_mib) = size(args)?;
+            return Ok(registry.create(Launch {
+                name: Some(name.to_string()),
+                image: image.clone(),
+                instance_type,
+                vcpus,
+                memory_mib,
+                cmdline: String::new(),
+                user_data: read_user_data(args)?,
+            })?);
+        }
+        Err(err) => return Err(err.into()),
+    };
+    if let Some(image) = &args.image
+        && *image != instance.record.image
+    {
+        bail!(
+            "instance {name:?} runs {}, not {image}: its root volume belongs to that image",
+            instance.record.image
+        );
+    }
+    let vmm = instance
+        .claim_vmm()?
+        .with_context(|| format!("instance {name:?} is running in another VMM process"))?;
+    instance.update(|r| {
+        r.state = state::transition(r.state, Verb::Start)?;
+        Ok(())
+    })?;
+    Ok((instance, vmm))
+}
+
+fn read_user_data(args: &Args) -> anyhow::Result<Option<Vec<u8>>> {
+    args.user_data
+        .as_ref()
+        .map(|path| std::fs::read(path).with_context(|| format!("--user-data {}", path.display())))
+        .transpose()
+}
+
+/// A root volume that lives as long as this VM: the image with a
+/// temporary overlay, or the bare image when read-only.
+fn ephemeral_root(store: &Store, image: &str, args: &Args) -> anyhow::Result<DiskConfig> {
+    let image = store.find(image)?.image_path;
+    let cache_bytes = args.cache << 20;
+    let overlay = if args.read_only {
+        None
+    } else {
+        let overlay = store.scratch_file(EPHEMERAL_OVERLAY)?;
+        Volume::create(&image, &overlay, cache_bytes)?;
+        Some(overlay)
+    };
+    Ok(DiskConfig {
         source: DiskSource::Volume {
             image,
             overlay,
             cache_bytes,
         },
         read_only: args.read_only,
-    }))
+        ephemeral: true,
+    })
 }
 
-/// An empty, sparse raw disk of `mib` MiB in a temporary directory.
-fn scratch_disk(
-    store: &Store,
-    mib: u64,
-    temporary: &mut Vec<TempDir>,
-) -> anyhow::Result<DiskConfig> {
+/// The user-data disk: the file in guest-init's user-data format
+/// ([`kiln_vmm::instance::user_data_disk`]), read-only.
+fn user_data_disk(store: &Store, data: &Path) -> anyhow::Result<DiskConfig> {
+    let bytes = std::fs::read(data).with_context(|| format!("cannot read {}", data.display()))?;
+    let path = store.scratch_file(USER_DATA_DISK)?;
+    std::fs::write(&path, kiln_vmm::instance::user_data_disk(&bytes))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(DiskConfig {
+        source: DiskSource::Raw(path),
+        read_only: true,
+        ephemeral: true,
+    })
+}
+
+/// An empty, sparse raw disk of `mib` MiB.
+fn scratch_disk(store: &Store, mib: u64) -> anyhow::Result<DiskConfig> {
     if mib == 0 {
         bail!("--scratch 0: expected a size in MiB of at least 1");
     }
-    let dir = store.scratch_dir()?;
-    let path = dir.path().join(SCRATCH_FILE);
+    let path = store.scratch_file(SCRATCH_FILE)?;
     std::fs::File::create(&path)
         .and_then(|file| file.set_len(mib << 20))
         .with_context(|| format!("cannot create the scratch disk {}", path.display()))?;
-    temporary.push(dir);
     Ok(DiskConfig {
         source: DiskSource::Raw(path),
         read_only: false,
+        ephemeral: true,
     })
 }
 
@@ -214,6 +423,7 @@ fn parse_disk(spec: &str) -> anyhow::Result<DiskConfig> {
     Ok(DiskConfig {
         source: DiskSource::Raw(path.to_path_buf()),
         read_only,
+        ephemeral: false,
     })
 }
 

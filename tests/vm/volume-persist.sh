@@ -16,7 +16,7 @@ step read --name vol
 expect_eq read-exit-status 0 "$?"
 expect_contains written-file-is-there-next-boot "$WORK/read.txt" "^kiln-persisted"
 
-overlay=$KILN_HOME/instances/vol/root.overlay
+overlay=$(ls "$KILN_HOME"/instances/i-*/root.overlay)
 before=$(du -k "$overlay" | cut -f1)
 step fill --name vol
 expect_contains guest-filled "$WORK/fill.txt" "filled"

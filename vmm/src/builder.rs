@@ -27,7 +27,7 @@ use crate::devices::virtio::GuestMemoryMmap;
 pub use crate::devices::virtio::block::DiskSource;
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::{MMIO_REGION_SIZE, MmioError, MmioTransport};
-use crate::event_loop::{EventLoop, EventLoopError, VmEnd, VmEndSignal};
+use crate::event_loop::{EventLoop, EventLoopError, StopSignals, VmEnd, VmEndSignal};
 use crate::host::{self, HostVirt};
 use crate::loader::{self, LoaderError};
 use crate::seccomp::{self, SeccompError, ThreadKind};
@@ -54,11 +54,23 @@ const BASE_CMDLINE: &[&str] = &[
     guest_init::protocol::VMM_CMDLINE_FLAG,
 ];
 
+/// `kiln run`'s exit status for a VMM error, as `docker run` uses 125:
+/// distinct from any status a guest's entrypoint reports.
+pub const VMM_ERROR_STATUS: u8 = 125;
+
+/// The exit status of a VM stopped from the host before the guest
+/// reported one: 128 + SIGTERM, as a shell reports a terminated process.
+pub const STOPPED_STATUS: u8 = 128 + 15;
+
 /// A disk the guest sees as a virtio block device (/dev/vda, vdb, …).
 #[derive(Clone, Debug)]
 pub struct DiskConfig {
     pub source: DiskSource,
     pub read_only: bool,
+    /// The VMM deletes the disk's file (a raw image, or a volume's
+    /// overlay) as soon as it has opened it: the data lives exactly as
+    /// long as the VM, and goes even when the VMM is killed.
+    pub ephemeral: bool,
 }
 
 impl DiskConfig {
@@ -122,10 +134,17 @@ pub enum VmmError {
     Cmdline { len: usize, max: usize },
     #[error("disk {path}: {source}")]
     Disk { path: PathBuf, source: BlockError },
+    #[error("cannot remove the ephemeral disk file {path}: {source}")]
+    Ephemeral {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot write the boot structures: {0}")]
     BootMemory(vm_memory::GuestMemoryError),
     #[error("cannot create an eventfd: {0}")]
     EventFd(std::io::Error),
+    #[error("cannot take SIGTERM and SIGINT: {0}")]
+    Signals(std::io::Error),
     #[error("the guest failed: {0}")]
     Guest(String),
     #[error(transparent)]
@@ -178,6 +197,8 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmOutcome, VmmError> {
     let end = VmEndSignal::new().map_err(VmmError::EventFd)?;
     let report = InitReport::new();
     let mut event_loop = EventLoop::new(end.clone())?;
+    let stop_signals = StopSignals::new(end.clone()).map_err(VmmError::Signals)?;
+    event_loop.add(Arc::new(Mutex::new(stop_signals)));
     let pio = legacy_devices(&vm, &mut event_loop, &end, &report)?;
     let (mmio, disk_params) = virtio_disks(&vm, &mem, &mut event_loop, &config.disks)?;
     let cmdline = kernel_cmdline(config, &disk_params)?;
@@ -211,6 +232,10 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmOutcome, VmmError> {
     match end.reason() {
         VmEnd::Reset | VmEnd::Shutdown => Ok(VmOutcome {
             exit_status: report.exit_status().unwrap_or(0),
+            boot_to_init: report.init_started().map(|at| at.duration_since(started)),
+        }),
+        VmEnd::Stop => Ok(VmOutcome {
+            exit_status: report.exit_status().unwrap_or(STOPPED_STATUS),
             boot_to_init: report.init_started().map(|at| at.duration_since(started)),
         }),
         VmEnd::Error(reason) => Err(VmmError::Guest(reason)),
@@ -275,6 +300,18 @@ fn virtio_disks(
             path: disk.source.path().to_path_buf(),
             source,
         })?;
+        if disk.ephemeral {
+            let path = match &disk.source {
+                DiskSource::Raw(path) => Some(path),
+                DiskSource::Volume { overlay, .. } => overlay.as_ref(),
+            };
+            if let Some(path) = path {
+                std::fs::remove_file(path).map_err(|source| VmmError::Ephemeral {
+                    path: path.clone(),
+                    source,
+                })?;
+            }
+        }
         let block = Arc::new(Mutex::new(block));
         let transport = MmioTransport::new(mem.clone(), block.clone())?;
         for (queue, evt) in transport.queue_events().iter().enumerate() {
@@ -347,6 +384,7 @@ mod tests {
                 .map(|(p, ro)| DiskConfig {
                     source: DiskSource::Raw(p.into()),
                     read_only: *ro,
+                    ephemeral: false,
                 })
                 .collect(),
             vcpus: 1,

@@ -3,11 +3,15 @@
 //! A VM ends when a vCPU sees the guest reset or shut down, when a vCPU
 //! fails, or when the guest resets through the i8042 controller. All of
 //! them write one EventFd; the loop runs until it fires.
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::FromRawFd;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::signal::{block_signal, create_sigset};
 
 use crate::devices::lock;
 
@@ -20,6 +24,8 @@ pub enum VmEnd {
     Shutdown,
     /// A vCPU could not go on; the text says why.
     Error(String),
+    /// The VMM's owner asked it to stop (SIGTERM or SIGINT).
+    Stop,
 }
 
 /// The "VM has ended" signal shared by vCPUs, devices and the loop.
@@ -72,6 +78,51 @@ impl MutEventSubscriber for EndWatcher {
         // eventfd; if it did, the VM could never end, so say so.
         ops.add(Events::new(&self.end.evt, EventSet::IN))
             .expect("cannot watch the VM end eventfd");
+    }
+}
+
+/// SIGTERM and SIGINT, read from a signalfd: how `kiln stop` (or any
+/// owner) asks a VMM to stop. Blocked in every thread, so none dies of
+/// them; the VM then ends like any other, and its disks flush as they
+/// close, which a default-action death would skip.
+pub struct StopSignals {
+    fd: File,
+    end: Arc<VmEndSignal>,
+}
+
+impl StopSignals {
+    /// Blocks the signals in the calling thread, and so in the threads it
+    /// spawns afterwards: create this before the vCPU threads.
+    pub fn new(end: Arc<VmEndSignal>) -> io::Result<Self> {
+        let signals = [libc::SIGTERM, libc::SIGINT];
+        for signal in signals {
+            block_signal(signal).map_err(|err| io::Error::other(err.to_string()))?;
+        }
+        let mask =
+            create_sigset(&signals).map_err(|err| io::Error::from_raw_os_error(err.errno()))?;
+        // SAFETY: -1 asks for a new descriptor; `mask` is initialized.
+        let fd = unsafe { libc::signalfd(-1, &mask, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: signalfd returned a new descriptor that nothing else owns.
+        let fd = unsafe { File::from_raw_fd(fd) };
+        Ok(StopSignals { fd, end })
+    }
+}
+
+impl MutEventSubscriber for StopSignals {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
+        if (&self.fd).read(&mut info).is_ok() {
+            self.end.signal(VmEnd::Stop);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(err) = ops.add(Events::new(&self.fd, EventSet::IN)) {
+            eprintln!("kiln: cannot watch for stop signals: {err}");
+        }
     }
 }
 

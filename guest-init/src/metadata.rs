@@ -1,0 +1,88 @@
+//! Instance metadata, as files: what EC2's metadata service answers, Kiln's
+//! VMM passes on the kernel command line (`kiln.meta.KEY=VALUE`) and on a
+//! user-data disk (`kiln.user-data=/dev/vdX`), and guest-init publishes
+//! under /run/kiln/ (instance-id, instance-type, image, name, user-data).
+//! User-data that starts with `#!` runs once, at the instance's first boot,
+//! before the entrypoint; a mark on the root filesystem remembers it ran.
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use guest_init::config::{RunConfig, kiln_params};
+use guest_init::protocol::{USER_DATA_HEADER_LEN, parse_user_data_header};
+
+use crate::supervisor::{self, Signals};
+
+/// Where the metadata appears in the guest.
+const METADATA_DIR: &str = "/run/kiln";
+/// On the root volume, so it survives reboots and stop/start.
+const USER_DATA_DONE: &str = "/var/lib/kiln/user-data.done";
+/// User-data larger than this is refused (EC2's limit is 16 KiB).
+const USER_DATA_MAX: u64 = 1 << 20;
+
+/// Writes /run/kiln/* from the command line; returns the user-data file.
+pub fn publish(cmdline: &str) -> Result<Option<PathBuf>, String> {
+    let params = kiln_params(cmdline).map_err(|err| err.to_string())?;
+    let dir = Path::new(METADATA_DIR);
+    let mut user_data = None;
+    for (key, value) in params {
+        if let Some(name) = key.strip_prefix("meta.") {
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+                return Err(format!("kiln.{key}: not a metadata name"));
+            }
+            write(&dir.join(name), value.as_bytes(), 0o644)?;
+        } else if key == "user-data" {
+            let data = read_user_data(Path::new(&value))?;
+            let path = dir.join("user-data");
+            write(&path, &data, 0o700)?;
+            user_data = Some(path);
+        }
+    }
+    Ok(user_data)
+}
+
+fn write(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
+    let fail = |err: io::Error| format!("cannot write {}: {err}", path.display());
+    fs::create_dir_all(METADATA_DIR).map_err(fail)?;
+    fs::write(path, data).map_err(fail)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(fail)
+}
+
+/// The data on a user-data disk, checked against its header.
+fn read_user_data(device: &Path) -> Result<Vec<u8>, String> {
+    let fail = |err: io::Error| format!("cannot read user-data from {}: {err}", device.display());
+    let mut disk = File::open(device).map_err(fail)?;
+    let mut header = [0u8; USER_DATA_HEADER_LEN];
+    disk.read_exact(&mut header).map_err(fail)?;
+    let len = parse_user_data_header(&header)
+        .ok_or_else(|| format!("{} is not a user-data disk", device.display()))?;
+    if len > USER_DATA_MAX {
+        return Err(format!(
+            "user-data of {len} bytes: the limit is {USER_DATA_MAX}"
+        ));
+    }
+    let mut data = vec![0u8; len as usize];
+    disk.read_exact(&mut data).map_err(fail)?;
+    Ok(data)
+}
+
+/// Runs executable user-data (`#!`) unless it ran at an earlier boot.
+pub fn run_user_data_once(path: &Path, config: &RunConfig, signals: &Signals) {
+    let script = fs::read(path).unwrap_or_default();
+    if !script.starts_with(b"#!") || Path::new(USER_DATA_DONE).exists() {
+        return;
+    }
+    let mut run = RunConfig::new(vec![path.display().to_string()]);
+    run.env.clone_from(&config.env);
+    let status = supervisor::run(&run, signals);
+    eprintln!("guest-init: user-data exited with status {status}");
+    let mark = Path::new(USER_DATA_DONE);
+    let marked = mark
+        .parent()
+        .map_or(Ok(()), fs::create_dir_all)
+        .and_then(|()| fs::write(mark, format!("{status}\n")));
+    if let Err(err) = marked {
+        eprintln!("guest-init: cannot mark user-data as run: {err}");
+    }
+}

@@ -1,0 +1,55 @@
+//! The lifecycle verbs on one instance (by id or name): `kiln stop`,
+//! `start`, `reboot`, `pause`, `resume`, `terminate`. The state table in
+//! `kiln_vmm::instance::state` says which verb fits which state.
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use kiln_vmm::instance::{Registry, lifecycle};
+
+use crate::assets::kiln_home;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The instance's id or name.
+    instance: String,
+    /// Seconds to wait for the instance to get there.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+}
+
+/// Which verb.
+#[derive(Clone, Copy)]
+pub enum Verb {
+    Stop,
+    Start,
+    Reboot,
+    Pause,
+    Resume,
+    Terminate,
+}
+
+pub fn run(verb: Verb, args: Args) -> anyhow::Result<ExitCode> {
+    let instance = Registry::new(&kiln_home()).find(&args.instance)?;
+    let timeout = Duration::from_secs(args.timeout);
+    let after = match verb {
+        Verb::Stop => lifecycle::stop(&instance, timeout)?,
+        Verb::Start => {
+            let kiln = std::env::current_exe().context("cannot find the kiln binary")?;
+            lifecycle::start(instance, &kiln, timeout)?
+        }
+        Verb::Reboot => lifecycle::reboot(&instance, timeout)?,
+        Verb::Pause | Verb::Resume => {
+            lifecycle::pause(&instance, matches!(verb, Verb::Pause))?;
+            Registry::reread(&instance)?
+        }
+        Verb::Terminate => lifecycle::terminate(instance, timeout)?,
+    };
+    let r = &after.record;
+    let paused = if r.paused { " (paused)" } else { "" };
+    match &r.reason {
+        Some(reason) => println!("{} {}{paused}: {reason}", r.id, r.state),
+        None => println!("{} {}{paused}", r.id, r.state),
+    }
+    Ok(ExitCode::SUCCESS)
+}

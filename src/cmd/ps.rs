@@ -1,0 +1,47 @@
+//! `kiln ps [-a]`: the instances, with their state and uptime.
+use std::process::ExitCode;
+use std::time::Duration;
+
+use kiln_vmm::instance::{Registry, State, now_ms};
+
+use crate::assets::kiln_home;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Also list stopped and terminated instances.
+    #[arg(long, short = 'a')]
+    all: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    println!(
+        "{:<18}  {:<16}  {:<20}  {:<10}  {:<10}  {:>8}  REASON",
+        "ID", "NAME", "IMAGE", "TYPE", "STATE", "UPTIME"
+    );
+    for instance in Registry::new(&kiln_home()).list()? {
+        let r = &instance.record;
+        if !args.all && !r.state.has_vmm() {
+            continue;
+        }
+        let state = match (r.state, r.paused) {
+            (State::Running, true) => "paused".to_string(),
+            (state, _) => state.to_string(),
+        };
+        let uptime = r
+            .booted_at_ms
+            .map(|at| Duration::from_secs(now_ms().saturating_sub(at) / 1000))
+            .map(|d| humantime::format_duration(d).to_string())
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<18}  {:<16}  {:<20}  {:<10}  {:<10}  {:>8}  {}",
+            r.id,
+            r.name.as_deref().unwrap_or("-"),
+            r.image,
+            r.instance_type,
+            state,
+            uptime,
+            r.reason.as_deref().unwrap_or("")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,34 @@
+//! `kiln __vmm ID --lock-fd N` (hidden): the VMM process of a detached
+//! instance, started by `kiln run --detach` and `kiln start`, which hand it
+//! the instance's VMM lock as descriptor N. Its VMs run as
+//! `kiln run --instance ID` children.
+use std::process::{Command, ExitCode};
+
+use anyhow::Context;
+use kiln_vmm::instance::{FileLock, Registry, supervisor};
+
+use crate::assets::kiln_home;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The instance's id.
+    instance: String,
+    /// The inherited descriptor that holds the instance's VMM lock.
+    #[arg(long)]
+    lock_fd: i32,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    // SAFETY: the parent passed this descriptor for this purpose, and
+    // nothing else in this process uses it.
+    let lock = unsafe { FileLock::adopt(args.lock_fd) }.context("the inherited VMM lock")?;
+    let instance = Registry::new(&kiln_home()).find(&args.instance)?;
+    let kiln = std::env::current_exe().context("cannot find the kiln binary")?;
+    let id = instance.record.id.clone();
+    supervisor::run(instance, lock, || {
+        let mut vm = Command::new(&kiln);
+        vm.args(["run", "--instance", &id]);
+        vm
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,309 @@
+//! The control API of an instance's VMM: HTTP/1.1 with JSON bodies on a
+//! unix socket, one request per connection (like Firecracker's API, whose
+//! clients are `curl --unix-socket` and the `kiln` CLI). `docs/api.md`
+//! documents the routes.
+//!
+//! Requests are parsed with `httparse`; a request that is malformed, too
+//! large, or asks for something the instance's state does not allow gets a
+//! 4xx answer with a JSON error, never a crash.
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Headers plus body a request may have: the API's bodies are tiny.
+const MAX_REQUEST: usize = 16 * 1024;
+const MAX_HEADERS: usize = 32;
+/// How long either side waits for the other before giving up.
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A parsed request.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    pub body: Vec<u8>,
+}
+
+/// A response: a status and a JSON body (or none).
+#[derive(Debug, PartialEq)]
+pub struct Response {
+    pub status: u16,
+    pub body: Option<serde_json::Value>,
+}
+
+/// The body of `PUT /actions`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionBody {
+    pub action: String,
+}
+
+impl Response {
+    pub fn json(status: u16, body: impl Serialize) -> Self {
+        Response {
+            status,
+            body: Some(serde_json::to_value(body).unwrap_or(serde_json::Value::Null)),
+        }
+    }
+
+    pub fn no_content() -> Self {
+        Response {
+            status: 204,
+            body: None,
+        }
+    }
+
+    /// A 4xx/5xx answer: `{"error": message}`.
+    pub fn error(status: u16, message: impl Into<String>) -> Self {
+        Response::json(status, serde_json::json!({ "error": message.into() }))
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        204 => "No Content",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        413 => "Content Too Large",
+        _ => "Internal Server Error",
+    }
+}
+
+/// Why a request could not even be parsed: answered with this status.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Malformed {
+    pub status: u16,
+    pub message: String,
+}
+
+fn malformed(status: u16, message: impl Into<String>) -> Malformed {
+    Malformed {
+        status,
+        message: message.into(),
+    }
+}
+
+/// Parses one complete request from `bytes`; `Ok(None)` asks for more.
+pub fn parse_request(bytes: &[u8]) -> Result<Option<Request>, Malformed> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    let head_len = match parsed.parse(bytes) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(err) => return Err(malformed(400, format!("malformed request: {err}"))),
+    };
+    let content_length = match parsed
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+    {
+        None => 0,
+        Some(h) => std::str::from_utf8(h.value)
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .ok_or_else(|| malformed(400, "Content-Length is not a number"))?,
+    };
+    if head_len + content_length > MAX_REQUEST {
+        return Err(malformed(
+            413,
+            format!("requests are limited to {MAX_REQUEST} bytes"),
+        ));
+    }
+    if bytes.len() < head_len + content_length {
+        return Ok(None);
+    }
+    Ok(Some(Request {
+        method: parsed.method.unwrap_or_default().to_string(),
+        path: parsed.path.unwrap_or_default().to_string(),
+        body: bytes[head_len..head_len + content_length].to_vec(),
+    }))
+}
+
+/// Reads one request from `stream`, has `handle` answer it and writes the
+/// answer back.
+pub fn serve_one(
+    mut stream: UnixStream,
+    handle: impl FnOnce(Request) -> Response,
+) -> io::Result<()> {
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let response = loop {
+        match parse_request(&bytes) {
+            Ok(Some(request)) => break handle(request),
+            Err(Malformed { status, message }) => break Response::error(status, message),
+            Ok(None) if bytes.len() > MAX_REQUEST => {
+                break Response::error(413, format!("requests are limited to {MAX_REQUEST} bytes"));
+            }
+            Ok(None) => {}
+        }
+        match stream.read(&mut chunk)? {
+            0 => return Ok(()),
+            n => bytes.extend_from_slice(&chunk[..n]),
+        }
+    };
+    stream.write_all(&encode_response(&response))
+}
+
+fn encode_response(response: &Response) -> Vec<u8> {
+    let body = response
+        .body
+        .as_ref()
+        .map(|b| serde_json::to_vec(b).unwrap_or_default())
+        .unwrap_or_default();
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        response.status,
+        reason(response.status),
+        body.len()
+    );
+    if response.body.is_some() {
+        out.push_str("Content-Type: application/json\r\n");
+    }
+    out.push_str("\r\n");
+    let mut bytes = out.into_bytes();
+    bytes.extend(body);
+    bytes
+}
+
+/// Errors of the client side.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the instance's VMM at {path}: {source}")]
+    Connect { path: String, source: io::Error },
+    #[error("the VMM's answer is unreadable: {0}")]
+    Answer(String),
+}
+
+/// Sends one request to the API at `socket`; returns the status and body.
+pub fn call(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> Result<Response, ClientError> {
+    let connect_err = |source| ClientError::Connect {
+        path: socket.display().to_string(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(connect_err)?;
+    stream
+        .set_read_timeout(Some(IO_TIMEOUT))
+        .map_err(connect_err)?;
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).map_err(connect_err)?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).map_err(connect_err)?;
+    parse_response(&answer)
+}
+
+fn parse_response(bytes: &[u8]) -> Result<Response, ClientError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut headers);
+    let head_len = match parsed.parse(bytes) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Err(ClientError::Answer("cut short".into())),
+        Err(err) => return Err(ClientError::Answer(err.to_string())),
+    };
+    let status = parsed.code.unwrap_or(0);
+    let body = &bytes[head_len..];
+    let body = if body.is_empty() {
+        None
+    } else {
+        Some(serde_json::from_slice(body).map_err(|err| ClientError::Answer(err.to_string()))?)
+    };
+    Ok(Response { status, body })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixListener;
+
+    use super::*;
+
+    #[test]
+    fn requests_parse_whole_or_ask_for_more() {
+        let full = b"PUT /actions HTTP/1.1\r\nContent-Length: 19\r\n\r\n{\"action\":\"pause\"}x";
+        let request = parse_request(&full[..]).unwrap().unwrap();
+        assert_eq!(request.method, "PUT");
+        assert_eq!(request.path, "/actions");
+        assert_eq!(request.body, b"{\"action\":\"pause\"}x");
+        assert_eq!(parse_request(&full[..30]), Ok(None));
+        assert_eq!(parse_request(&full[..full.len() - 1]), Ok(None));
+        assert_eq!(
+            parse_request(b"\x00\x01 nonsense\r\n\r\n")
+                .unwrap_err()
+                .status,
+            400
+        );
+        let huge = format!("PUT / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", MAX_REQUEST);
+        assert_eq!(parse_request(huge.as_bytes()).unwrap_err().status, 413);
+        let bad = b"GET / HTTP/1.1\r\nContent-Length: lots\r\n\r\n";
+        assert_eq!(parse_request(bad).unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn a_call_round_trips_over_a_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            serve_one(stream, |request| {
+                Response::json(
+                    200,
+                    serde_json::json!({ "path": request.path, "len": request.body.len() }),
+                )
+            })
+            .unwrap();
+            let (stream, _) = listener.accept().unwrap();
+            serve_one(stream, |_| Response::no_content()).unwrap();
+        });
+        let body = serde_json::json!({ "action": "pause" });
+        let answer = call(&path, "PUT", "/actions", Some(&body)).unwrap();
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.body.unwrap()["path"], "/actions");
+        assert_eq!(
+            call(&path, "GET", "/", None).unwrap(),
+            Response::no_content()
+        );
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn garbage_on_the_socket_gets_a_json_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            serve_one(stream, |_| {
+                unreachable!("a malformed request is not handled")
+            })
+            .unwrap();
+        });
+        let mut client = UnixStream::connect(&path).unwrap();
+        client.write_all(b"\x16\x03\x01 not http\r\n\r\n").unwrap();
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).unwrap();
+        let response = parse_response(&answer).unwrap();
+        assert_eq!(response.status, 400);
+        assert!(
+            response.body.unwrap()["error"]
+                .as_str()
+                .unwrap()
+                .contains("malformed")
+        );
+        server.join().unwrap();
+    }
+}

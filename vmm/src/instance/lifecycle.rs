@@ -1,0 +1,212 @@
+//! The verbs of the instance lifecycle, as the CLI runs them: each checks
+//! the state table first, holds the instance's verb lock while it works,
+//! and waits until the instance has reached the state it asked for.
+use std::fs::OpenOptions;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::state::transition;
+use super::{FileLock, Instance, InstanceError, Launch, Registry, State, Verb};
+use crate::api;
+
+/// How often a waiting verb looks at the record again.
+const POLL: Duration = Duration::from_millis(50);
+/// The hidden `kiln` subcommand that runs an instance's VMM.
+pub const VMM_SUBCOMMAND: &str = "__vmm";
+
+/// What can go wrong with a verb.
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    #[error(transparent)]
+    Instance(#[from] InstanceError),
+    #[error(transparent)]
+    Api(#[from] api::ClientError),
+    #[error("instance {id}: the VMM refused: {message}")]
+    Refused { id: String, message: String },
+    #[error("instance {id}: cannot start its VMM: {source}")]
+    Spawn { id: String, source: std::io::Error },
+    #[error("instance {id}: still {state} after {waited:?}: {expected}")]
+    Timeout {
+        id: String,
+        state: State,
+        waited: Duration,
+        expected: &'static str,
+    },
+}
+
+/// Launches a new instance in its own VMM process; returns once it runs
+/// (or has already stopped, which its record then explains).
+pub fn launch(
+    registry: &Registry,
+    launch: Launch,
+    kiln: &Path,
+    timeout: Duration,
+) -> Result<Instance, LifecycleError> {
+    let (instance, vmm) = registry.create(launch)?;
+    spawn_vmm(&instance, &vmm, kiln)?;
+    drop(vmm);
+    wait(&instance, timeout, "running", |r| r.state != State::Pending)
+}
+
+/// `kiln start`: a stopped instance gets a new VMM process.
+pub fn start(
+    mut instance: Instance,
+    kiln: &Path,
+    timeout: Duration,
+) -> Result<Instance, LifecycleError> {
+    let _verb = instance.lock_for_verb()?;
+    transition(instance.record.state, Verb::Start).map_err(InstanceError::from)?;
+    let vmm = instance
+        .claim_vmm()?
+        .ok_or_else(|| LifecycleError::Refused {
+            id: instance.record.id.clone(),
+            message: "its VMM process is still alive".into(),
+        })?;
+    instance.update(|r| {
+        transition(r.state, Verb::Start)?;
+        r.state = State::Pending;
+        r.reason = None;
+        Ok(())
+    })?;
+    spawn_vmm(&instance, &vmm, kiln)?;
+    drop(vmm);
+    wait(&instance, timeout, "running", |r| r.state != State::Pending)
+}
+
+/// Starts `kiln __vmm ID`, handing it the VMM lock, in a process group
+/// of its own so that the terminal's signals do not reach it.
+fn spawn_vmm(instance: &Instance, vmm: &FileLock, kiln: &Path) -> Result<(), LifecycleError> {
+    let spawn_err = |source| LifecycleError::Spawn {
+        id: instance.record.id.clone(),
+        source,
+    };
+    let fd = vmm.inheritable_fd().map_err(spawn_err)?;
+    // The VMM's own complaints go to the console log, where `kiln logs`
+    // shows them next to the guest's.
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(instance.console_log())
+        .map_err(spawn_err)?;
+    Command::new(kiln)
+        .args([
+            VMM_SUBCOMMAND,
+            &instance.record.id,
+            "--lock-fd",
+            &fd.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .map_err(spawn_err)?;
+    Ok(())
+}
+
+/// `kiln stop`: the VM ends (its disks flushed) and the VMM exits.
+pub fn stop(instance: &Instance, timeout: Duration) -> Result<Instance, LifecycleError> {
+    let _verb = instance.lock_for_verb()?;
+    transition(instance.record.state, Verb::Stop).map_err(InstanceError::from)?;
+    action(instance, "stop")?;
+    wait_for_vmm_exit(instance, timeout)
+}
+
+/// `kiln reboot`: a new VM in the same VMM, with the same root volume.
+pub fn reboot(instance: &Instance, timeout: Duration) -> Result<Instance, LifecycleError> {
+    let _verb = instance.lock_for_verb()?;
+    transition(instance.record.state, Verb::Reboot).map_err(InstanceError::from)?;
+    let boots = instance.record.boots;
+    action(instance, "reboot")?;
+    wait(instance, timeout, "rebooted", |r| {
+        r.boots > boots || r.state != State::Running
+    })
+}
+
+/// `kiln pause` / `kiln resume`.
+pub fn pause(instance: &Instance, paused: bool) -> Result<(), LifecycleError> {
+    let _verb = instance.lock_for_verb()?;
+    let verb = if paused { Verb::Pause } else { Verb::Resume };
+    transition(instance.record.state, verb).map_err(InstanceError::from)?;
+    action(instance, if paused { "pause" } else { "resume" })
+}
+
+/// `kiln terminate`: stops the instance if it runs, then deletes its
+/// volumes; the record stays, `terminated`.
+pub fn terminate(mut instance: Instance, timeout: Duration) -> Result<Instance, LifecycleError> {
+    let _verb = instance.lock_for_verb()?;
+    transition(instance.record.state, Verb::Terminate).map_err(InstanceError::from)?;
+    if instance.record.state.has_vmm() {
+        action(&instance, "stop")?;
+        instance = wait_for_vmm_exit(&instance, timeout)?;
+    }
+    instance.update(|r| {
+        transition(r.state, Verb::Terminate)?;
+        r.state = State::Terminated;
+        r.reason = Some("terminated on request".into());
+        Ok(())
+    })?;
+    instance.delete_volumes()?;
+    Ok(instance)
+}
+
+/// `PUT /actions` on the instance's VMM.
+fn action(instance: &Instance, name: &str) -> Result<(), LifecycleError> {
+    let body = serde_json::json!({ "action": name });
+    let answer = api::call(&instance.api_socket(), "PUT", "/actions", Some(&body))?;
+    if answer.status / 100 == 2 {
+        return Ok(());
+    }
+    let message = answer
+        .body
+        .and_then(|b| b["error"].as_str().map(String::from))
+        .unwrap_or_else(|| format!("HTTP status {}", answer.status));
+    Err(LifecycleError::Refused {
+        id: instance.record.id.clone(),
+        message,
+    })
+}
+
+/// Waits until the instance's VMM process has exited.
+fn wait_for_vmm_exit(instance: &Instance, timeout: Duration) -> Result<Instance, LifecycleError> {
+    let started = Instant::now();
+    while instance.vmm_alive()? {
+        if started.elapsed() > timeout {
+            return Err(LifecycleError::Timeout {
+                id: instance.record.id.clone(),
+                state: State::Stopping,
+                waited: timeout,
+                expected: "its VMM has not exited",
+            });
+        }
+        std::thread::sleep(POLL);
+    }
+    Ok(Registry::reread(instance)?)
+}
+
+/// Reads the record until `done` holds, for at most `timeout`.
+fn wait(
+    instance: &Instance,
+    timeout: Duration,
+    expected: &'static str,
+    done: impl Fn(&super::Record) -> bool,
+) -> Result<Instance, LifecycleError> {
+    let started = Instant::now();
+    loop {
+        let now = Registry::reread(instance)?;
+        if done(&now.record) {
+            return Ok(now);
+        }
+        if started.elapsed() > timeout {
+            return Err(LifecycleError::Timeout {
+                id: now.record.id.clone(),
+                state: now.record.state,
+                waited: timeout,
+                expected,
+            });
+        }
+        std::thread::sleep(POLL);
+    }
+}

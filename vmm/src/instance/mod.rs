@@ -1,0 +1,499 @@
+//! Instances: live instantiations of images, each with an id, an optional
+//! name, a type, a state and a root volume that outlives its VMs.
+//!
+//! The registry is plain files, one directory per instance under
+//! `$KILN_HOME/instances/<id>/`:
+//!
+//! | file           | what                                                        |
+//! |----------------|-------------------------------------------------------------|
+//! | `instance.json`| the [`Record`], always replaced whole (temp, fsync, rename) |
+//! | `record.lock`  | flock'd around every read-modify-write of the record        |
+//! | `ops.lock`     | flock'd by a CLI verb for its whole run: verbs serialize    |
+//! | `vmm.lock`     | held by the instance's VMM process for its whole life       |
+//! | `root.overlay` | the root volume's copy-on-write layer                       |
+//! | `user-data`    | as given at launch                                          |
+//! | `console.log`  | the serial console of a detached instance                   |
+//! | `api.sock`     | the VMM's control API (HTTP/1.1 + JSON, `docs/api.md`)      |
+//!
+//! A VMM that dies without saying so is found by its free `vmm.lock`: the
+//! record then shows `stopped` with the reason.
+pub mod lifecycle;
+pub mod state;
+pub mod supervisor;
+pub mod types;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::durable;
+pub use state::{Refused, State, Verb};
+
+const RECORD_FILE: &str = "instance.json";
+const RECORD_LOCK: &str = "record.lock";
+const OPS_LOCK: &str = "ops.lock";
+const VMM_LOCK: &str = "vmm.lock";
+const ROOT_OVERLAY_FILE: &str = "root.overlay";
+const USER_DATA_FILE: &str = "user-data";
+const CONSOLE_FILE: &str = "console.log";
+const API_SOCKET: &str = "api.sock";
+/// Longest instance name: it shows in listings.
+const NAME_MAX: usize = 64;
+/// Random bytes in an id (`i-` and twice as many hex digits).
+const ID_BYTES: usize = 8;
+
+/// What can go wrong with the registry.
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: not an instance record: {reason}")]
+    Record { path: PathBuf, reason: String },
+    #[error(
+        "instance name {0:?}: expected 1 to {NAME_MAX} letters, digits, '-', '_' or '.', not starting with 'i-' or '.'"
+    )]
+    BadName(String),
+    #[error("no instance {0:?} (`kiln ps -a` lists them)")]
+    NotFound(String),
+    #[error("the name {name:?} is taken by instance {id}")]
+    NameTaken { name: String, id: String },
+    #[error("instance {id}: another kiln command is working on it; try again when it is done")]
+    Busy { id: String },
+    #[error(transparent)]
+    Refused(#[from] Refused),
+}
+
+/// What an instance is: how it was launched and where it is now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub id: String,
+    pub name: Option<String>,
+    /// The image, as NAME:VERSION.
+    pub image: String,
+    /// A catalog type's name, or "custom" for explicit sizes.
+    pub instance_type: String,
+    pub vcpus: u8,
+    pub memory_mib: u32,
+    /// Words appended to the kernel command line.
+    pub cmdline: String,
+    pub state: State,
+    /// Why it reached its state, when that is news (an exit status, a crash).
+    pub reason: Option<String>,
+    /// Seconds since the epoch.
+    pub launched_at: u64,
+    /// When the current VM booted (milliseconds since the epoch).
+    pub booted_at_ms: Option<u64>,
+    /// VMs booted so far (reboots and starts count).
+    pub boots: u32,
+    /// The VMM process, while one lives.
+    pub vmm_pid: Option<u32>,
+    pub paused: bool,
+}
+
+/// What a new instance is made from.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    pub name: Option<String>,
+    pub image: String,
+    pub instance_type: String,
+    pub vcpus: u8,
+    pub memory_mib: u32,
+    pub cmdline: String,
+    pub user_data: Option<Vec<u8>>,
+}
+
+/// An instance's directory and its record as last read.
+#[derive(Clone, Debug)]
+pub struct Instance {
+    dir: PathBuf,
+    pub record: Record,
+}
+
+/// The instances of one `$KILN_HOME`.
+#[derive(Clone, Debug)]
+pub struct Registry {
+    root: PathBuf,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> InstanceError + '_ {
+    move |source| InstanceError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn check_name(name: &str) -> Result<(), InstanceError> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    let valid = !name.is_empty()
+        && name.len() <= NAME_MAX
+        && !name.starts_with('.')
+        && !name.starts_with("i-")
+        && name.chars().all(allowed);
+    if !valid {
+        return Err(InstanceError::BadName(name.to_string()));
+    }
+    Ok(())
+}
+
+/// A fresh id: `i-` and 16 hex digits from the kernel's random source.
+fn new_id() -> Result<String, InstanceError> {
+    let path = Path::new("/dev/urandom");
+    let mut bytes = [0u8; ID_BYTES];
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(io_err(path))?;
+    Ok(format!(
+        "i-{}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ))
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// An flock held until dropped.
+#[derive(Debug)]
+pub struct FileLock {
+    file: File,
+}
+
+impl FileLock {
+    /// Takes the exclusive lock on `path` (creating the file); `None` when
+    /// another process holds it.
+    fn try_take(path: &Path) -> Result<Option<FileLock>, InstanceError> {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(io_err(path))?;
+        // SAFETY: flock only reads its integer arguments; the descriptor is
+        // open for the lifetime of `file`.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(Some(FileLock { file }));
+        }
+        match io::Error::last_os_error() {
+            err if err.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(None),
+            err => Err(io_err(path)(err)),
+        }
+    }
+
+    /// Takes the exclusive lock on `path`, waiting for its holder.
+    fn take(path: &Path) -> Result<FileLock, InstanceError> {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(io_err(path))?;
+        // SAFETY: as in `try_take`.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(io_err(path)(io::Error::last_os_error()));
+        }
+        Ok(FileLock { file })
+    }
+}
+
+impl FileLock {
+    /// Lets a child process inherit this lock: the descriptor stays open
+    /// across exec (the lock belongs to the open file, which both then
+    /// share). Returns the descriptor's number for the child to adopt.
+    pub fn inheritable_fd(&self) -> io::Result<i32> {
+        let fd = self.file.as_raw_fd();
+        // SAFETY: F_SETFD only changes the descriptor's flags; the
+        // descriptor is open for the lifetime of `self`.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(fd)
+    }
+
+    /// Adopts the lock a parent passed down as descriptor `fd`, and closes
+    /// it on exec again, so this process's own children do not hold it.
+    ///
+    /// # Safety
+    /// `fd` must be an open descriptor that nothing else in this process
+    /// owns: the lock closes it when dropped.
+    pub unsafe fn adopt(fd: i32) -> io::Result<FileLock> {
+        // SAFETY: the caller guarantees `fd` is open and unowned.
+        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // SAFETY: F_SETFD only changes the flags of `fd`, which `file` owns.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(FileLock { file })
+    }
+}
+
+impl Registry {
+    /// The registry of `home` (`$KILN_HOME`).
+    pub fn new(home: &Path) -> Self {
+        Registry {
+            root: home.join("instances"),
+        }
+    }
+
+    /// Records a new instance, `pending`, and returns it with its VMM lock:
+    /// the caller is its VMM, or hands the lock to the process that will be
+    /// ([`FileLock::inheritable_fd`]), so no moment exists in which a
+    /// pending instance has no VMM.
+    pub fn create(&self, launch: Launch) -> Result<(Instance, FileLock), InstanceError> {
+        if let Some(name) = &launch.name {
+            check_name(name)?;
+            if let Some(other) = self.by_name(name)? {
+                return Err(InstanceError::NameTaken {
+                    name: name.clone(),
+                    id: other.record.id,
+                });
+            }
+        }
+        let id = new_id()?;
+        let dir = self.root.join(&id);
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let vmm = FileLock::take(&dir.join(VMM_LOCK))?;
+        if let Some(data) = &launch.user_data {
+            let path = dir.join(USER_DATA_FILE);
+            let mut staged = durable::stage(&path).map_err(io_err(&path))?;
+            staged.write_all(data).map_err(io_err(&path))?;
+            durable::persist(staged, &path).map_err(io_err(&path))?;
+        }
+        let record = Record {
+            id,
+            name: launch.name,
+            image: launch.image,
+            instance_type: launch.instance_type,
+            vcpus: launch.vcpus,
+            memory_mib: launch.memory_mib,
+            cmdline: launch.cmdline,
+            state: State::Pending,
+            reason: None,
+            launched_at: now_ms() / 1000,
+            booted_at_ms: None,
+            boots: 0,
+            vmm_pid: None,
+            paused: false,
+        };
+        let instance = Instance { dir, record };
+        instance.write()?;
+        Ok((instance, vmm))
+    }
+
+    /// The instance with id `key`, or the live one named `key`.
+    pub fn find(&self, key: &str) -> Result<Instance, InstanceError> {
+        let found = if key.starts_with("i-") {
+            Self::read(&self.root.join(key))?
+        } else {
+            self.by_name(key)?
+        };
+        found.ok_or_else(|| InstanceError::NotFound(key.to_string()))
+    }
+
+    /// The instance named `name` that is not terminated.
+    fn by_name(&self, name: &str) -> Result<Option<Instance>, InstanceError> {
+        Ok(self.list()?.into_iter().find(|i| {
+            i.record.name.as_deref() == Some(name) && i.record.state != State::Terminated
+        }))
+    }
+
+    /// Every instance, oldest first, with VMMs that died shown stopped.
+    pub fn list(&self) -> Result<Vec<Instance>, InstanceError> {
+        let entries = match fs::read_dir(&self.root) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(err) => return Err(io_err(&self.root)(err)),
+        };
+        let mut instances = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(io_err(&self.root))?;
+            if entry.file_name().to_string_lossy().starts_with("i-")
+                && let Some(instance) = Self::read(&entry.path())?
+            {
+                instances.push(instance);
+            }
+        }
+        instances.sort_by(|a, b| {
+            (a.record.launched_at, &a.record.id).cmp(&(b.record.launched_at, &b.record.id))
+        });
+        Ok(instances)
+    }
+
+    /// `instance`'s record as it is now.
+    pub fn reread(instance: &Instance) -> Result<Instance, InstanceError> {
+        Self::read(instance.dir())?
+            .ok_or_else(|| InstanceError::NotFound(instance.record.id.clone()))
+    }
+
+    /// The record in `dir`, if there is one, reconciled with its VMM.
+    fn read(dir: &Path) -> Result<Option<Instance>, InstanceError> {
+        let path = dir.join(RECORD_FILE);
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(err) => return Err(io_err(&path)(err)),
+        };
+        let record = serde_json::from_slice(&bytes).map_err(|err| InstanceError::Record {
+            path: path.clone(),
+            reason: err.to_string(),
+        })?;
+        let mut instance = Instance {
+            dir: dir.to_path_buf(),
+            record,
+        };
+        instance.reconcile()?;
+        Ok(Some(instance))
+    }
+}
+
+impl Instance {
+    fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn root_overlay(&self) -> PathBuf {
+        self.path(ROOT_OVERLAY_FILE)
+    }
+
+    pub fn user_data(&self) -> Option<PathBuf> {
+        Some(self.path(USER_DATA_FILE)).filter(|p| p.exists())
+    }
+
+    pub fn console_log(&self) -> PathBuf {
+        self.path(CONSOLE_FILE)
+    }
+
+    pub fn api_socket(&self) -> PathBuf {
+        self.path(API_SOCKET)
+    }
+
+    /// The name if it has one, else the id: how messages call it.
+    pub fn label(&self) -> &str {
+        self.record.name.as_deref().unwrap_or(&self.record.id)
+    }
+
+    fn write(&self) -> Result<(), InstanceError> {
+        let path = self.path(RECORD_FILE);
+        let mut staged = durable::stage(&path).map_err(io_err(&path))?;
+        let json = serde_json::to_vec_pretty(&self.record).expect("a record serializes");
+        staged.write_all(&json).map_err(io_err(&path))?;
+        durable::persist(staged, &path).map_err(io_err(&path))
+    }
+
+    /// Reads the record again, changes it with `change` and writes it, all
+    /// under the record lock, so concurrent writers never lose an update.
+    pub fn update<T>(
+        &mut self,
+        change: impl FnOnce(&mut Record) -> Result<T, InstanceError>,
+    ) -> Result<T, InstanceError> {
+        let _lock = FileLock::take(&self.path(RECORD_LOCK))?;
+        let path = self.path(RECORD_FILE);
+        let bytes = fs::read(&path).map_err(io_err(&path))?;
+        self.record = serde_json::from_slice(&bytes).map_err(|err| InstanceError::Record {
+            path: path.clone(),
+            reason: err.to_string(),
+        })?;
+        let result = change(&mut self.record)?;
+        self.write()?;
+        Ok(result)
+    }
+
+    /// Takes the instance for one CLI verb; a second verb on the same
+    /// instance meanwhile is refused as busy rather than interleaved.
+    pub fn lock_for_verb(&self) -> Result<FileLock, InstanceError> {
+        FileLock::try_take(&self.path(OPS_LOCK))?.ok_or_else(|| InstanceError::Busy {
+            id: self.record.id.clone(),
+        })
+    }
+
+    /// Claims the VMM role for this process; `None` when a VMM lives.
+    pub fn claim_vmm(&self) -> Result<Option<FileLock>, InstanceError> {
+        FileLock::try_take(&self.path(VMM_LOCK))
+    }
+
+    /// Whether a VMM process holds this instance.
+    pub fn vmm_alive(&self) -> Result<bool, InstanceError> {
+        Ok(self.claim_vmm()?.is_none())
+    }
+
+    /// A record that says a VMM runs when none does is corrected: the
+    /// VMM died without saying so.
+    fn reconcile(&mut self) -> Result<(), InstanceError> {
+        if !self.record.state.has_vmm() || self.vmm_alive()? {
+            return Ok(());
+        }
+        // Re-checked under the record lock: the VMM may have just ended
+        // and written its own reason.
+        self.update(|r| {
+            if r.state.has_vmm() {
+                r.state = State::Stopped;
+                r.reason = Some("the VMM process ended without stopping the instance".into());
+                r.vmm_pid = None;
+                r.booted_at_ms = None;
+                r.paused = false;
+            }
+            Ok(())
+        })
+    }
+
+    /// Records that this process's VM for the instance is booting now.
+    pub fn mark_running(&mut self) -> Result<(), InstanceError> {
+        self.update(|r| {
+            r.state = State::Running;
+            r.vmm_pid = Some(std::process::id());
+            r.booted_at_ms = Some(now_ms());
+            r.boots += 1;
+            r.paused = false;
+            r.reason = None;
+            Ok(())
+        })
+    }
+
+    /// Records that the instance's VMM has ended its VMs, and why.
+    pub fn mark_stopped(&mut self, reason: String) -> Result<(), InstanceError> {
+        self.update(|r| {
+            r.state = State::Stopped;
+            r.reason = Some(reason);
+            r.vmm_pid = None;
+            r.booted_at_ms = None;
+            r.paused = false;
+            Ok(())
+        })
+    }
+
+    /// Deletes what a terminated instance no longer has: its volumes,
+    /// user-data, console log and socket. The record stays.
+    pub fn delete_volumes(&self) -> Result<(), InstanceError> {
+        for file in [ROOT_OVERLAY_FILE, USER_DATA_FILE, CONSOLE_FILE, API_SOCKET] {
+            let path = self.path(file);
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => return Err(io_err(&path)(err)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The contents of a user-data disk for `data` (the header guest-init
+/// checks, the data, zeros to a whole sector).
+pub fn user_data_disk(data: &[u8]) -> Vec<u8> {
+    use guest_init::protocol::user_data_header;
+    let mut disk = user_data_header(data.len() as u64).to_vec();
+    disk.extend_from_slice(data);
+    disk.resize(disk.len().next_multiple_of(512), 0);
+    disk
+}
+
+#[cfg(test)]
+mod tests;

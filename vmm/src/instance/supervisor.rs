@@ -1,0 +1,266 @@
+//! The VMM process of a detached instance. It lives as long as the
+//! instance runs: it owns the instance's VMM lock and its API socket, runs
+//! the VM itself as a child process (`kiln run --instance ID`, which has
+//! KVM and the seccomp filters), appends the child's console to
+//! `console.log`, and keeps the record's state true.
+//!
+//! Running the VM in a child is what makes reboot possible: a VM process
+//! cannot build a fresh VM once its seccomp filter is in place, so a reboot
+//! ends the child (its disks flush as it stops) and starts another, in the
+//! same VMM process, with the same ids and the same root volume.
+use std::fs::{self, OpenOptions};
+use std::os::unix::net::UnixListener;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::{io, thread};
+
+use super::{FileLock, Instance, InstanceError, State, Verb, state::transition};
+use crate::api::{self, ActionBody, Request, Response};
+use crate::devices::lock;
+
+/// What the supervisor should do when the VM process ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wanted {
+    /// Nothing was asked: the guest ended by itself, so the instance stops.
+    Nothing,
+    Stop,
+    Reboot,
+}
+
+/// The VM process and what is wanted of it, under one lock so a request
+/// never misses a process that is just starting.
+struct Control {
+    child: Option<u32>,
+    wanted: Wanted,
+}
+
+struct Shared {
+    instance: Mutex<Instance>,
+    control: Mutex<Control>,
+}
+
+/// What can go wrong running an instance.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error(transparent)]
+    Instance(#[from] InstanceError),
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> SupervisorError {
+    let what = what.into();
+    move |source| SupervisorError::Io { what, source }
+}
+
+/// Runs `instance` until it stops, holding its VMM lock `_vmm`;
+/// `vm_command` makes the command of one VM process.
+pub fn run(
+    instance: Instance,
+    _vmm: FileLock,
+    vm_command: impl Fn() -> Command,
+) -> Result<(), SupervisorError> {
+    let socket = instance.api_socket();
+    let console_path = instance.console_log();
+    let _ = fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket)
+        .map_err(io_err(format!("cannot listen on {}", socket.display())))?;
+    let shared = Arc::new(Shared {
+        instance: Mutex::new(instance),
+        control: Mutex::new(Control {
+            child: None,
+            wanted: Wanted::Nothing,
+        }),
+    });
+    let api_shared = shared.clone();
+    thread::spawn(move || serve(&listener, &api_shared));
+    let console = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&console_path)
+        .map_err(io_err(format!("cannot open {}", console_path.display())))?;
+    let reason = loop {
+        lock(&shared.instance).mark_running()?;
+        let output = |what| console.try_clone().map_err(io_err(what));
+        let mut child = vm_command()
+            .stdin(Stdio::null())
+            .stdout(output("console log")?)
+            .stderr(output("console log")?)
+            .spawn()
+            .map_err(io_err("cannot start the VM process"))?;
+        {
+            let mut control = lock(&shared.control);
+            control.child = Some(child.id());
+            if control.wanted != Wanted::Nothing {
+                end_vm(child.id());
+            }
+        }
+        let status = child
+            .wait()
+            .map_err(io_err("cannot wait for the VM process"))?;
+        let wanted = {
+            let mut control = lock(&shared.control);
+            control.child = None;
+            std::mem::replace(&mut control.wanted, Wanted::Nothing)
+        };
+        match wanted {
+            Wanted::Reboot => continue,
+            Wanted::Stop => break "stopped on request".to_string(),
+            Wanted::Nothing => break describe(status),
+        }
+    };
+    lock(&shared.instance).mark_stopped(reason)?;
+    let _ = fs::remove_file(&socket);
+    Ok(())
+}
+
+/// Why the VM process ended, for the record.
+pub fn describe(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    let vmm_error = i32::from(crate::builder::VMM_ERROR_STATUS);
+    match (status.code(), status.signal()) {
+        (Some(code), _) if code == vmm_error => {
+            "the VMM failed (exit status 125; see the console log)".into()
+        }
+        (Some(code), _) => guest_exit_reason(code),
+        (None, Some(signal)) => format!("the VM process was killed by signal {signal}"),
+        (None, None) => format!("the VM process ended ({status})"),
+    }
+}
+
+/// For the VM process: dies (SIGTERM, so its disks flush) when the VMM
+/// process that started it does, instead of running on unsupervised.
+/// Fails when that VMM, `vmm_pid`, is already gone.
+pub fn end_with_vmm(vmm_pid: u32) -> io::Result<()> {
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number and no pointers.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // Checked after the prctl: a parent that died before it would not
+    // have sent the signal.
+    // SAFETY: getppid has no arguments and cannot fail.
+    if unsafe { libc::getppid() } as u32 != vmm_pid {
+        return Err(io::Error::other("the instance's VMM process is gone"));
+    }
+    Ok(())
+}
+
+/// The record's reason for a VM whose guest ended with `status`.
+pub fn guest_exit_reason(status: i32) -> String {
+    format!("the guest shut down (entrypoint exit status {status})")
+}
+
+/// Asks the VM process to end: SIGTERM (it stops the VM and flushes its
+/// disks), then SIGCONT in case it was paused, so it can act on it.
+fn end_vm(pid: u32) {
+    signal(pid, libc::SIGTERM);
+    signal(pid, libc::SIGCONT);
+}
+
+fn signal(pid: u32, signal: libc::c_int) {
+    // SAFETY: kill only reads its integer arguments. The pid is our own
+    // child's and is not reaped while the control lock names it.
+    unsafe { libc::kill(pid as libc::pid_t, signal) };
+}
+
+/// Answers API requests, one connection at a time, until the process ends.
+fn serve(listener: &UnixListener, shared: &Shared) {
+    for stream in listener.incoming().flatten() {
+        if let Err(err) = api::serve_one(stream, |request| route(shared, request)) {
+            eprintln!("kiln: api: {err}");
+        }
+    }
+}
+
+fn route(shared: &Shared, request: Request) -> Response {
+    match (request.method.as_str(), request.path.as_str()) {
+        ("GET", "/instance") => Response::json(200, &lock(&shared.instance).record),
+        ("PUT", "/actions") => match serde_json::from_slice::<ActionBody>(&request.body) {
+            Ok(body) => act(shared, &body.action),
+            Err(err) => Response::error(400, format!("expected {{\"action\": NAME}}: {err}")),
+        },
+        (_, "/instance" | "/actions") => Response::error(405, "method not allowed here"),
+        (_, path) => Response::error(404, format!("no route {path}")),
+    }
+}
+
+/// What the API can ask of a running instance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Action {
+    Stop,
+    Reboot,
+    Pause,
+    Resume,
+}
+
+impl Action {
+    fn parse(name: &str) -> Option<Action> {
+        Some(match name {
+            "stop" => Action::Stop,
+            "reboot" => Action::Reboot,
+            "pause" => Action::Pause,
+            "resume" => Action::Resume,
+            _ => return None,
+        })
+    }
+
+    fn verb(self) -> Verb {
+        match self {
+            Action::Stop => Verb::Stop,
+            Action::Reboot => Verb::Reboot,
+            Action::Pause => Verb::Pause,
+            Action::Resume => Verb::Resume,
+        }
+    }
+}
+
+/// Carries out one action, if the instance's state allows it.
+fn act(shared: &Shared, name: &str) -> Response {
+    let Some(action) = Action::parse(name) else {
+        return Response::error(
+            400,
+            format!("unknown action {name:?}: expected stop, reboot, pause or resume"),
+        );
+    };
+    let mut instance = lock(&shared.instance);
+    let record = &instance.record;
+    if let Err(refused) = transition(record.state, action.verb()) {
+        return Response::error(409, refused.to_string());
+    }
+    match (action, record.paused) {
+        (Action::Pause, true) => return Response::error(409, "the instance is already paused"),
+        (Action::Resume, false) => return Response::error(409, "the instance is not paused"),
+        _ => {}
+    }
+    let mut control = lock(&shared.control);
+    let child = control.child;
+    let changed = match action {
+        Action::Stop | Action::Reboot => {
+            let stop = action == Action::Stop;
+            control.wanted = if stop { Wanted::Stop } else { Wanted::Reboot };
+            if let Some(pid) = child {
+                end_vm(pid);
+            }
+            instance.update(|r| {
+                if stop {
+                    r.state = State::Stopping;
+                }
+                Ok(())
+            })
+        }
+        Action::Pause | Action::Resume => {
+            let paused = action == Action::Pause;
+            if let Some(pid) = child {
+                signal(pid, if paused { libc::SIGSTOP } else { libc::SIGCONT });
+            }
+            instance.update(|r| {
+                r.paused = paused;
+                Ok(())
+            })
+        }
+    };
+    match changed {
+        Ok(()) => Response::no_content(),
+        Err(err) => Response::error(500, err.to_string()),
+    }
+}

@@ -1,0 +1,115 @@
+use super::*;
+
+fn launch(name: Option<&str>) -> Launch {
+    Launch {
+        name: name.map(String::from),
+        image: "hello:1.0.0".into(),
+        instance_type: "k1.nano".into(),
+        vcpus: 1,
+        memory_mib: 128,
+        cmdline: String::new(),
+        user_data: Some(b"#!/bin/sh\necho hi\n".to_vec()),
+    }
+}
+
+#[test]
+fn instances_are_found_by_id_and_by_live_name() {
+    let home = tempfile::tempdir().unwrap();
+    let registry = Registry::new(home.path());
+    let (web, _web_vmm) = registry.create(launch(Some("web"))).unwrap();
+    let id = web.record.id.clone();
+    assert!(id.starts_with("i-") && id.len() == 2 + 2 * ID_BYTES, "{id}");
+    assert_eq!(registry.find(&id).unwrap().record, web.record);
+    assert_eq!(registry.find("web").unwrap().record.id, id);
+    assert_eq!(web.record.state, State::Pending);
+    assert!(web.user_data().is_some());
+    let err = registry.create(launch(Some("web"))).unwrap_err();
+    assert!(matches!(err, InstanceError::NameTaken { .. }), "{err}");
+    let (anonymous, _anonymous_vmm) = registry.create(launch(None)).unwrap();
+    assert_eq!(anonymous.label(), anonymous.record.id);
+    let ids: Vec<_> = registry
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|i| i.record.id)
+        .collect();
+    assert_eq!(ids.len(), 2);
+    assert!(matches!(
+        registry.find("db"),
+        Err(InstanceError::NotFound(_))
+    ));
+
+    // A terminated instance frees its name.
+    let mut web = registry.find("web").unwrap();
+    web.update(|r| {
+        r.state = State::Terminated;
+        Ok(())
+    })
+    .unwrap();
+    registry.create(launch(Some("web"))).unwrap();
+}
+
+#[test]
+fn names_that_could_be_ids_or_paths_are_refused() {
+    let home = tempfile::tempdir().unwrap();
+    let registry = Registry::new(home.path());
+    for bad in ["", "..", ".hidden", "a/b", "a b", "i-123", &"x".repeat(65)] {
+        let err = registry.create(launch(Some(bad))).unwrap_err();
+        assert!(matches!(err, InstanceError::BadName(_)), "{bad:?}: {err}");
+    }
+}
+
+#[test]
+fn a_record_whose_vmm_died_reads_as_stopped_with_the_reason() {
+    let home = tempfile::tempdir().unwrap();
+    let registry = Registry::new(home.path());
+    let (mut instance, vmm) = registry.create(launch(Some("web"))).unwrap();
+    instance
+        .update(|r| {
+            r.state = State::Running;
+            r.vmm_pid = Some(1);
+            Ok(())
+        })
+        .unwrap();
+    assert!(instance.vmm_alive().unwrap());
+    assert_eq!(registry.find("web").unwrap().record.state, State::Running);
+    drop(vmm);
+    let found = registry.find("web").unwrap();
+    assert_eq!(found.record.state, State::Stopped);
+    assert_eq!(found.record.vmm_pid, None);
+    assert!(found.record.reason.unwrap().contains("VMM process ended"));
+}
+
+#[test]
+fn verbs_on_one_instance_are_serialized() {
+    let home = tempfile::tempdir().unwrap();
+    let (instance, _vmm) = Registry::new(home.path()).create(launch(None)).unwrap();
+    let first = instance.lock_for_verb().unwrap();
+    let err = instance.lock_for_verb().unwrap_err();
+    assert!(matches!(err, InstanceError::Busy { .. }), "{err}");
+    drop(first);
+    instance.lock_for_verb().unwrap();
+}
+
+#[test]
+fn terminating_deletes_volumes_and_keeps_the_record() {
+    let home = tempfile::tempdir().unwrap();
+    let registry = Registry::new(home.path());
+    let (instance, _vmm) = registry.create(launch(Some("web"))).unwrap();
+    fs::write(instance.root_overlay(), b"overlay").unwrap();
+    fs::write(instance.console_log(), b"log").unwrap();
+    instance.delete_volumes().unwrap();
+    assert!(!instance.root_overlay().exists() && instance.user_data().is_none());
+    assert!(!instance.console_log().exists());
+    assert!(registry.find(&instance.record.id).is_ok());
+}
+
+#[test]
+fn a_damaged_record_is_named() {
+    let home = tempfile::tempdir().unwrap();
+    let registry = Registry::new(home.path());
+    let (instance, _vmm) = registry.create(launch(None)).unwrap();
+    fs::write(instance.dir().join(RECORD_FILE), "{not json").unwrap();
+    let err = registry.find(&instance.record.id).unwrap_err().to_string();
+    assert!(err.contains("instance.json"), "{err}");
+}
