@@ -1,13 +1,14 @@
 //! `kiln run`: boot an image (or raw disks) in a new microVM: in this
 //! process, or detached in a VMM process of its own (`--detach`).
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use kiln_builder::store::Store;
 use kiln_vmm::builder::{self, DiskConfig, DiskSource, VMM_ERROR_STATUS, VmConfig};
-use kiln_vmm::instance::supervisor::{self, guest_exit_reason};
+use kiln_vmm::instance::supervisor;
 use kiln_vmm::instance::types::{self, InstanceType};
 use kiln_vmm::instance::{
     FileLock, Instance, InstanceError, Launch, Registry, State, Verb, lifecycle, state,
@@ -46,7 +47,7 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     user_data: Option<PathBuf>,
     /// Boot the VM of a registered instance (what an instance's VMM runs).
-    #[arg(long, hide = true, conflicts_with_all = ["image", "name", "detach", "disks", "scratch"])]
+    #[arg(long, hide = true, conflicts_with_all = ["image", "name", "detach"])]
     instance: Option<String>,
     /// Attach an empty instance-store disk of this many MiB (the last
     /// /dev/vd*), erased when the VM ends.
@@ -82,23 +83,20 @@ pub struct Args {
     no_seccomp: bool,
 }
 
-/// A VM ready to boot, and the named instance it is the VM of, when this
-/// process is that instance's VMM. Temporary disks (an unnamed run's
-/// overlay, scratch and user-data disks) are `ephemeral`: the VMM deletes
-/// their files once open, so nothing is left to clean up afterwards.
-struct Prepared {
-    config: VmConfig,
-    instance: Option<(Instance, FileLock)>,
-}
-
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // The boot timer's zero: as close to process start as `run` gets.
     let started = Instant::now();
     if args.detach {
         return detach(&args);
     }
-    let prepared = match prepare(&args) {
-        Ok(prepared) => prepared,
+    if let (Some(name), None) = (&args.name, &args.instance) {
+        return foreground_instance(name, &args);
+    }
+    // Temporary disks (an unnamed run's overlay, scratch and user-data
+    // disks) are `ephemeral`: the VMM deletes their files once open, so
+    // nothing is left to clean up afterwards (under seccomp, it could not).
+    let config = match vm_config(&args) {
+        Ok(config) => config,
         Err(err) => {
             eprintln!("kiln: {err:#}");
             return Ok(ExitCode::from(VMM_ERROR_STATUS));
@@ -109,15 +107,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             "kiln: WARNING: --no-seccomp: the VMM runs WITHOUT its seccomp filters (debugging only)"
         );
     }
-    let Prepared {
-        config,
-        mut instance,
-    } = prepared;
-    if let Some((instance, _)) = &mut instance {
-        instance.mark_running()?;
-    }
-    let outcome = builder::run(&config, started);
-    let (status, reason) = match &outcome {
+    match builder::run(&config, started) {
         Ok(outcome) => {
             if args.timing {
                 match outcome.boot_to_init {
@@ -125,18 +115,68 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                     None => eprintln!("boot-to-init: guest-init never reported"),
                 }
             }
-            let status = outcome.exit_status;
-            (status, guest_exit_reason(status.into()))
+            Ok(ExitCode::from(outcome.exit_status))
         }
         Err(err) => {
             eprintln!("kiln: {err}");
-            (VMM_ERROR_STATUS, format!("the VMM failed: {err}"))
+            Ok(ExitCode::from(VMM_ERROR_STATUS))
+        }
+    }
+}
+
+/// `--name NAME` without `--detach`: this process is the instance's VMM,
+/// in the foreground, and its VM a child (`kiln run --instance ID`, on this
+/// terminal), as a detached VMM's would be: the record is kept true from
+/// here, outside the VM process's seccomp filters.
+fn foreground_instance(name: &str, args: &Args) -> anyhow::Result<ExitCode> {
+    let home = kiln_home();
+    let prepared = named_instance(&Registry::new(&home), &Store::new(&home), name, args);
+    let (mut instance, _vmm) = match prepared {
+        Ok(prepared) => prepared,
+        Err(err) => {
+            eprintln!("kiln: {err:#}");
+            return Ok(ExitCode::from(VMM_ERROR_STATUS));
         }
     };
-    if let Some((instance, _)) = &mut instance {
-        instance.mark_stopped(reason)?;
+    instance.mark_running()?;
+    let kiln = std::env::current_exe().context("cannot find the kiln binary")?;
+    let mut vm = Command::new(kiln);
+    vm.args(["run", "--instance", &instance.record.id, "--cache"])
+        .arg(args.cache.to_string())
+        .args(["--cmdline", &args.cmdline]);
+    vm.args(
+        args.kernel
+            .iter()
+            .flat_map(|k| [OsStr::new("--kernel"), k.as_os_str()]),
+    );
+    vm.args(args.disks.iter().flat_map(|d| ["--disk", d.as_str()]));
+    if let Some(mib) = args.scratch {
+        vm.args(["--scratch", &mib.to_string()]);
     }
-    Ok(ExitCode::from(status))
+    vm.args(args.timing.then_some("--timing"));
+    vm.args(args.no_seccomp.then_some("--no-seccomp"));
+    let status = vm.status();
+    let (reason, code) = match &status {
+        Ok(status) => (supervisor::describe(*status), shell_status(*status)),
+        Err(err) => (
+            format!("cannot start the VM process: {err}"),
+            VMM_ERROR_STATUS,
+        ),
+    };
+    instance.mark_stopped(reason)?;
+    status.context("cannot start the VM process")?;
+    Ok(ExitCode::from(code))
+}
+
+/// A child's exit status as a shell reports it: its code, or 128 + the
+/// signal that killed it.
+fn shell_status(status: std::process::ExitStatus) -> u8 {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => code as u8,
+        (None, Some(signal)) => 128 + signal as u8,
+        (None, None) => VMM_ERROR_STATUS,
+    }
 }
 
 /// `--detach`: a new instance in a VMM process of its own.
@@ -198,7 +238,7 @@ fn size(args: &Args) -> anyhow::Result<(String, u8, u32)> {
     ))
 }
 
-fn prepare(args: &Args) -> anyhow::Result<Prepared> {
+fn vm_config(args: &Args) -> anyhow::Result<VmConfig> {
     let kernel = args.kernel.clone().unwrap_or_else(|| Asset::Kernel.path());
     if !kernel.is_file() {
         bail!(
@@ -214,7 +254,6 @@ fn prepare(args: &Args) -> anyhow::Result<Prepared> {
     let (_, mut vcpus, mut memory_mib) = size(args)?;
     let mut cmdline = args.cmdline.clone();
     let mut disks = Vec::new();
-    let mut instance = None;
     if let Some(id) = &args.instance {
         // The VM of an instance whose VMM process is our parent.
         let found = registry.find(id)?;
@@ -224,13 +263,8 @@ fn prepare(args: &Args) -> anyhow::Result<Prepared> {
             .context("the instance has no VMM process")?;
         supervisor::end_with_vmm(vmm).context("the VM process of an instance")?;
         (vcpus, memory_mib) = (found.record.vcpus, found.record.memory_mib);
-        cmdline = found.record.cmdline.clone();
+        cmdline = format!("{} {}", found.record.cmdline, args.cmdline);
         instance_disks(&store, &found, args, &mut cmdline, &mut disks)?;
-    } else if let Some(name) = &args.name {
-        let (found, vmm) = named_instance(&registry, &store, name, args)?;
-        (vcpus, memory_mib) = (found.record.vcpus, found.record.memory_mib);
-        instance_disks(&store, &found, args, &mut cmdline, &mut disks)?;
-        instance = Some((found, vmm));
     } else if let Some(image) = &args.image {
         disks.push(ephemeral_root(&store, image, args)?);
     }
@@ -244,16 +278,13 @@ fn prepare(args: &Args) -> anyhow::Result<Prepared> {
     if let Some(mib) = args.scratch {
         disks.push(scratch_disk(&store, mib)?);
     }
-    Ok(Prepared {
-        config: VmConfig {
-            kernel,
-            disks,
-            vcpus,
-            memory_mib,
-            extra_cmdline: cmdline,
-            seccomp: !args.no_seccomp,
-        },
-        instance,
+    Ok(VmConfig {
+        kernel,
+        disks,
+        vcpus,
+        memory_mib,
+        extra_cmdline: cmdline,
+        seccomp: !args.no_seccomp,
     })
 }
 

@@ -23,6 +23,10 @@ pub enum ThreadKind {
     /// A vCPU's run loop, including the PIO/MMIO device emulation it
     /// performs on exits.
     Vcpu,
+    /// The control API of a detached instance's VMM process: it parses
+    /// requests from the socket, updates the instance record and signals
+    /// the VM process.
+    Api,
 }
 
 impl fmt::Display for ThreadKind {
@@ -30,6 +34,7 @@ impl fmt::Display for ThreadKind {
         f.write_str(match self {
             ThreadKind::Vmm => "VMM",
             ThreadKind::Vcpu => "vCPU",
+            ThreadKind::Api => "API",
         })
     }
 }
@@ -68,6 +73,7 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
         match kind {
             ThreadKind::Vmm => vmm_rules(),
             ThreadKind::Vcpu => vcpu_rules(),
+            ThreadKind::Api => api_rules(),
         }
         .map_err(build)?,
     );
@@ -175,6 +181,35 @@ fn vcpu_rules() -> Result<Rules, BackendError> {
     ])
 }
 
+/// The API thread of an instance's VMM process.
+fn api_rules() -> Result<Rules, BackendError> {
+    Ok(vec![
+        // A connection per request, its read timeout ...
+        allow(libc::SYS_accept4),
+        allow(libc::SYS_setsockopt),
+        // ... the request and the answer (std's socket reads and writes
+        // are recv and send).
+        allow(libc::SYS_recvfrom),
+        allow(libc::SYS_sendto),
+        // Instance::update: the record lock (created if missing), the
+        // record read whole (sized with statx first), the new record
+        // staged under a random name, synced, renamed over the old one,
+        // and its directory synced; a stage that fails is unlinked.
+        allow(libc::SYS_openat),
+        allow(libc::SYS_flock),
+        allow(libc::SYS_statx),
+        allow(libc::SYS_read),
+        allow(libc::SYS_fsync),
+        allow(libc::SYS_renameat),
+        allow(libc::SYS_unlinkat),
+        // stop, reboot, pause and resume signal the VM process.
+        allow(libc::SYS_kill),
+        // Thread teardown (glibc madvises the stack away, see the common
+        // rules), should the thread ever end.
+        allow(libc::SYS_exit),
+    ])
+}
+
 fn allow(syscall: i64) -> (i64, Vec<SeccompRule>) {
     (syscall, Vec::new())
 }
@@ -204,7 +239,7 @@ mod tests {
 
     #[test]
     fn both_filters_compile() {
-        for kind in [ThreadKind::Vmm, ThreadKind::Vcpu] {
+        for kind in [ThreadKind::Vmm, ThreadKind::Vcpu, ThreadKind::Api] {
             let program = filter(kind).unwrap();
             assert!(!program.is_empty(), "{kind} filter is empty");
         }
@@ -220,6 +255,7 @@ mod tests {
         for (kind, rules) in [
             (ThreadKind::Vmm, vmm_rules()),
             (ThreadKind::Vcpu, vcpu_rules()),
+            (ThreadKind::Api, api_rules()),
         ] {
             let mut all: Vec<i64> = common_rules()
                 .unwrap()

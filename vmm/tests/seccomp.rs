@@ -7,6 +7,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixListener;
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
@@ -14,7 +15,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, SubscriberOps};
+use kiln_vmm::api::{self, Response};
 use kiln_vmm::devices::serial::{Serial, SerialInput};
+use kiln_vmm::instance::{Launch, Registry};
 use kiln_vmm::seccomp::{self, ThreadKind};
 use kiln_vmm::volume::Volume;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -294,4 +297,59 @@ fn open_pty() -> (libc::c_int, libc::c_int) {
     };
     assert_eq!(ret, 0, "openpty: {}", std::io::Error::last_os_error());
     (controller, terminal)
+}
+
+#[test]
+fn api_thread_survives_serving_requests_that_update_the_record() {
+    let Some(output) =
+        in_child_or_run("api_thread_survives_serving_requests_that_update_the_record")
+    else {
+        let home = tempfile::tempdir().unwrap();
+        let (mut instance, _vmm) = Registry::new(home.path())
+            .create(Launch {
+                name: Some("web".into()),
+                image: "hello:1.0.0".into(),
+                instance_type: "k1.nano".into(),
+                vcpus: 1,
+                memory_mib: 128,
+                cmdline: String::new(),
+                user_data: None,
+            })
+            .unwrap();
+        let socket = home.path().join("api.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let mut vm = Command::new("sleep").arg("10").spawn().unwrap();
+        let vm_pid = vm.id() as libc::pid_t;
+        let server = spawn_filtered(ThreadKind::Api, move || {
+            for stream in listener.incoming().take(2) {
+                api::serve_one(stream.unwrap(), |request| {
+                    instance
+                        .update(|r| {
+                            r.paused = request.method == "PUT";
+                            Ok(())
+                        })
+                        .unwrap();
+                    // SAFETY: kill only reads its integer arguments.
+                    unsafe { libc::kill(vm_pid, libc::SIGCONT) };
+                    Response::json(200, &instance.record)
+                })
+                .unwrap();
+            }
+        });
+        let action = serde_json::json!({ "action": "pause" });
+        let paused = api::call(&socket, "PUT", "/actions", Some(&action)).unwrap();
+        assert_eq!(paused.body.unwrap()["paused"], true);
+        // A garbage request gets its JSON error from the filtered thread too.
+        let mut raw = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        raw.write_all(b"\x00 not http\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        std::io::Read::read_to_string(&mut raw, &mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        server.join().unwrap();
+        vm.kill().unwrap();
+        vm.wait().unwrap();
+        say_survived();
+        return;
+    };
+    assert_survived(&output);
 }

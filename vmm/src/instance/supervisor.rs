@@ -17,6 +17,7 @@ use std::{io, thread};
 use super::{FileLock, Instance, InstanceError, State, Verb, state::transition};
 use crate::api::{self, ActionBody, Request, Response};
 use crate::devices::lock;
+use crate::seccomp::{self, ThreadKind};
 
 /// What the supervisor should do when the VM process ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,7 +147,7 @@ pub fn end_with_vmm(vmm_pid: u32) -> io::Result<()> {
 }
 
 /// The record's reason for a VM whose guest ended with `status`.
-pub fn guest_exit_reason(status: i32) -> String {
+fn guest_exit_reason(status: i32) -> String {
     format!("the guest shut down (entrypoint exit status {status})")
 }
 
@@ -163,8 +164,15 @@ fn signal(pid: u32, signal: libc::c_int) {
     unsafe { libc::kill(pid as libc::pid_t, signal) };
 }
 
-/// Answers API requests, one connection at a time, until the process ends.
+/// Answers API requests, one connection at a time, until the process
+/// ends; under the API thread's seccomp filter, since requests come from
+/// outside. (The supervisor's main thread stays unfiltered: it starts VM
+/// processes, which must not inherit a filter.)
 fn serve(listener: &UnixListener, shared: &Shared) {
+    if let Err(err) = seccomp::install(ThreadKind::Api) {
+        eprintln!("kiln: api: not serving: {err}");
+        return;
+    }
     for stream in listener.incoming().flatten() {
         if let Err(err) = api::serve_one(stream, |request| route(shared, request)) {
             eprintln!("kiln: api: {err}");
