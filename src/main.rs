@@ -54,6 +54,8 @@ enum Command {
     Terminate(cmd::lifecycle::Args),
     /// Print a detached instance's console.
     Logs(cmd::logs::Args),
+    /// Attach to a detached instance's serial console (Ctrl-] detaches).
+    Attach(cmd::attach::Args),
     #[command(name = "__vmm", hide = true)]
     Vmm(cmd::vmm::Args),
 }
@@ -77,6 +79,7 @@ fn main() -> ExitCode {
         Command::Resume(args) => cmd::lifecycle::run(Verb::Resume, args),
         Command::Terminate(args) => cmd::lifecycle::run(Verb::Terminate, args),
         Command::Logs(args) => cmd::logs::run(args),
+        Command::Attach(args) => cmd::attach::run(args),
         Command::Vmm(args) => cmd::vmm::run(args),
     };
     match result {

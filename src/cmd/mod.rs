@@ -1,6 +1,7 @@
 //! One module per subcommand (or family of them, like the lifecycle verbs):
 //! each parses its arguments, calls into `kiln_builder` or `kiln_vmm`, and
 //! prints the result.
+pub mod attach;
 pub mod build;
 pub mod doctor;
 pub mod image;

@@ -13,6 +13,7 @@
 //! | `root.overlay` | the root volume's copy-on-write layer                       |
 //! | `user-data`    | as given at launch                                          |
 //! | `console.log`  | the serial console of a detached instance                   |
+//! | `console.in`   | a FIFO: its serial input, which `kiln attach` writes        |
 //! | `api.sock`     | the VMM's control API (HTTP/1.1 + JSON, `docs/api.md`)      |
 //!
 //! A VMM that dies without saying so is found by its free `vmm.lock`: the
@@ -40,6 +41,7 @@ const VMM_LOCK: &str = "vmm.lock";
 const ROOT_OVERLAY_FILE: &str = "root.overlay";
 const USER_DATA_FILE: &str = "user-data";
 const CONSOLE_FILE: &str = "console.log";
+const CONSOLE_INPUT: &str = "console.in";
 const API_SOCKET: &str = "api.sock";
 /// Longest instance name: it shows in listings.
 const NAME_MAX: usize = 64;
@@ -376,6 +378,39 @@ impl Instance {
         self.path(API_SOCKET)
     }
 
+    /// The read end of the console input FIFO, for a VM process's stdin
+    /// (made on first use). Opened for writing too, so the VM never reads
+    /// end-of-file when an attached client leaves.
+    pub fn console_input_reader(&self) -> io::Result<File> {
+        let path = self.path(CONSOLE_INPUT);
+        if !path.exists() {
+            let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+                .map_err(io::Error::other)?;
+            // SAFETY: `c_path` is a NUL-terminated path that outlives the call.
+            if unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        OpenOptions::new().read(true).write(true).open(path)
+    }
+
+    /// The write end of the console input FIFO; fails (ENXIO) when no VMM
+    /// has the read end open.
+    pub fn console_input_writer(&self) -> io::Result<File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(self.path(CONSOLE_INPUT))?;
+        // Opened without blocking (a FIFO without a reader would block);
+        // written with blocking, so a full pipe waits instead of failing.
+        // SAFETY: F_SETFL only changes the status flags of `file`'s descriptor.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, 0) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(file)
+    }
+
     /// The name if it has one, else the id: how messages call it.
     pub fn label(&self) -> &str {
         self.record.name.as_deref().unwrap_or(&self.record.id)
@@ -471,9 +506,15 @@ impl Instance {
     }
 
     /// Deletes what a terminated instance no longer has: its volumes,
-    /// user-data, console log and socket. The record stays.
+    /// user-data, console and socket. The record stays.
     pub fn delete_volumes(&self) -> Result<(), InstanceError> {
-        for file in [ROOT_OVERLAY_FILE, USER_DATA_FILE, CONSOLE_FILE, API_SOCKET] {
+        for file in [
+            ROOT_OVERLAY_FILE,
+            USER_DATA_FILE,
+            CONSOLE_FILE,
+            CONSOLE_INPUT,
+            API_SOCKET,
+        ] {
             let path = self.path(file);
             match fs::remove_file(&path) {
                 Ok(()) => {}

@@ -2,7 +2,8 @@
 //! instance runs: it owns the instance's VMM lock and its API socket, runs
 //! the VM itself as a child process (`kiln run --instance ID`, which has
 //! KVM and the seccomp filters), appends the child's console to
-//! `console.log`, and keeps the record's state true.
+//! `console.log` and feeds it `console.in`, and keeps the record's state
+//! true.
 //!
 //! Running the VM in a child is what makes reboot possible: a VM process
 //! cannot build a fresh VM once its seccomp filter is in place, so a reboot
@@ -10,7 +11,7 @@
 //! same VMM process, with the same ids and the same root volume.
 use std::fs::{self, OpenOptions};
 use std::os::unix::net::UnixListener;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::sync::{Arc, Mutex};
 use std::{io, thread};
 
@@ -83,8 +84,11 @@ pub fn run(
     let reason = loop {
         lock(&shared.instance).mark_running()?;
         let output = |what| console.try_clone().map_err(io_err(what));
+        let input = lock(&shared.instance)
+            .console_input_reader()
+            .map_err(io_err("cannot open the console input"))?;
         let mut child = vm_command()
-            .stdin(Stdio::null())
+            .stdin(input)
             .stdout(output("console log")?)
             .stderr(output("console log")?)
             .spawn()
