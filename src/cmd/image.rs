@@ -41,7 +41,7 @@ fn flatten(source: &str, out: &Path) -> anyhow::Result<ExitCode> {
         let instance = Registry::new(&home).find(source).with_context(|| {
             format!("{source:?} is neither NAME:VERSION of an image nor an instance")
         })?;
-        let image = store.find(&instance.record.image)?.image_path;
+        let image = store.find(&instance.record.spec.image)?.image_path;
         let overlay = instance.root_overlay();
         let overlay = overlay.exists().then_some(overlay.as_path());
         Volume::open(&image, overlay, DEFAULT_CACHE_BYTES)?

@@ -35,9 +35,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         println!(
             "{:<18}  {:<16}  {:<20}  {:<10}  {:<10}  {:>8}  {}",
             r.id,
-            r.name.as_deref().unwrap_or("-"),
-            r.image,
-            r.instance_type,
+            r.spec.name.as_deref().unwrap_or("-"),
+            r.spec.image,
+            r.spec.instance_type,
             state,
             uptime,
             r.reason.as_deref().unwrap_or("")

@@ -19,7 +19,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let users: Vec<String> = Registry::new(&home)
         .list()?
         .into_iter()
-        .filter(|i| i.record.image == args.image && i.record.state != State::Terminated)
+        .filter(|i| i.record.spec.image == args.image && i.record.state != State::Terminated)
         .map(|i| i.label().to_string())
         .collect();
     if !users.is_empty() {

@@ -11,7 +11,7 @@ use kiln_vmm::builder::{self, DiskConfig, DiskSource, VMM_ERROR_STATUS, VmConfig
 use kiln_vmm::instance::supervisor;
 use kiln_vmm::instance::types::{self, InstanceType};
 use kiln_vmm::instance::{
-    FileLock, Instance, InstanceError, Launch, Registry, State, Verb, lifecycle, state,
+    FileLock, Instance, InstanceError, Registry, Spec, State, Verb, lifecycle, state,
 };
 use kiln_vmm::volume::Volume;
 
@@ -193,19 +193,12 @@ fn detach(args: &Args) -> anyhow::Result<ExitCode> {
     }
     let store = Store::new(&kiln_home());
     store.find(image)?;
-    let (instance_type, vcpus, memory_mib) = size(args)?;
+    // A detached instance boots with these words every time.
+    let spec = new_spec(args, image, args.cmdline.clone())?;
     let user_data = read_user_data(args)?;
-    let launch = Launch {
-        name: args.name.clone(),
-        image: image.clone(),
-        instance_type,
-        vcpus,
-        memory_mib,
-        cmdline: args.cmdline.clone(),
-        user_data,
-    };
     let kiln = std::env::current_exe().context("cannot find the kiln binary")?;
-    let instance = lifecycle::launch(&Registry::new(&kiln_home()), launch, &kiln, LAUNCH_TIMEOUT)?;
+    let registry = Registry::new(&kiln_home());
+    let instance = lifecycle::launch(&registry, spec, user_data.as_deref(), &kiln, LAUNCH_TIMEOUT)?;
     println!("{}", instance.record.id);
     if instance.record.state != State::Running {
         bail!(
@@ -220,6 +213,19 @@ fn detach(args: &Args) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A new instance of `image`, named and sized by the command line.
+fn new_spec(args: &Args, image: &str, cmdline: String) -> anyhow::Result<Spec> {
+    let (instance_type, vcpus, memory_mib) = size(args)?;
+    Ok(Spec {
+        name: args.name.clone(),
+        image: image.to_string(),
+        instance_type,
+        vcpus,
+        memory_mib,
+        cmdline,
+    })
 }
 
 /// The instance type's name, vCPUs and memory: a catalog type, or
@@ -262,8 +268,8 @@ fn vm_config(args: &Args) -> anyhow::Result<VmConfig> {
             .vmm_pid
             .context("the instance has no VMM process")?;
         supervisor::end_with_vmm(vmm).context("the VM process of an instance")?;
-        (vcpus, memory_mib) = (found.record.vcpus, found.record.memory_mib);
-        cmdline = format!("{} {}", found.record.cmdline, args.cmdline);
+        (vcpus, memory_mib) = (found.record.spec.vcpus, found.record.spec.memory_mib);
+        cmdline = format!("{} {}", found.record.spec.cmdline, args.cmdline);
         instance_disks(&store, &found, args, &mut cmdline, &mut disks)?;
     } else if let Some(image) = &args.image {
         disks.push(ephemeral_root(&store, image, args)?);
@@ -299,7 +305,7 @@ fn instance_disks(
     disks: &mut Vec<DiskConfig>,
 ) -> anyhow::Result<()> {
     let record = &instance.record;
-    let image = store.find(&record.image)?.image_path;
+    let image = store.find(&record.spec.image)?.image_path;
     let overlay = instance.root_overlay();
     let cache_bytes = args.cache << 20;
     if !overlay.exists() {
@@ -317,11 +323,12 @@ fn instance_disks(
     let mut words = vec![
         format!("kiln.hostname={}", instance.label()),
         format!("kiln.meta.instance-id={}", record.id),
-        format!("kiln.meta.instance-type={}", record.instance_type),
-        format!("kiln.meta.image={}", record.image),
+        format!("kiln.meta.instance-type={}", record.spec.instance_type),
+        format!("kiln.meta.image={}", record.spec.image),
     ];
     words.extend(
         record
+            .spec
             .name
             .iter()
             .map(|name| format!("kiln.meta.name={name}")),
@@ -350,25 +357,18 @@ fn named_instance(
                 bail!("no instance named {name:?}: give an IMAGE to launch it");
             };
             store.find(image)?;
-            let (instance_type, vcpus, memory_mib) = size(args)?;
-            return Ok(registry.create(Launch {
-                name: Some(name.to_string()),
-                image: image.clone(),
-                instance_type,
-                vcpus,
-                memory_mib,
-                cmdline: String::new(),
-                user_data: read_user_data(args)?,
-            })?);
+            // A foreground run's --cmdline is for that run only.
+            let spec = new_spec(args, image, String::new())?;
+            return Ok(registry.create(spec, read_user_data(args)?.as_deref())?);
         }
         Err(err) => return Err(err.into()),
     };
     if let Some(image) = &args.image
-        && *image != instance.record.image
+        && *image != instance.record.spec.image
     {
         bail!(
             "instance {name:?} runs {}, not {image}: its root volume belongs to that image",
-            instance.record.image
+            instance.record.spec.image
         );
     }
     let vmm = instance

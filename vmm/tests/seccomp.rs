@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use event_manager::{EventManager, SubscriberOps};
 use kiln_vmm::api::{self, Response};
 use kiln_vmm::devices::serial::{Serial, SerialInput};
-use kiln_vmm::instance::{Launch, Registry};
+use kiln_vmm::instance::{Registry, Spec};
 use kiln_vmm::seccomp::{self, ThreadKind};
 use kiln_vmm::volume::Volume;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -306,15 +306,17 @@ fn api_thread_survives_serving_requests_that_update_the_record() {
     else {
         let home = tempfile::tempdir().unwrap();
         let (mut instance, _vmm) = Registry::new(home.path())
-            .create(Launch {
-                name: Some("web".into()),
-                image: "hello:1.0.0".into(),
-                instance_type: "k1.nano".into(),
-                vcpus: 1,
-                memory_mib: 128,
-                cmdline: String::new(),
-                user_data: None,
-            })
+            .create(
+                Spec {
+                    name: Some("web".into()),
+                    image: "hello:1.0.0".into(),
+                    instance_type: "k1.nano".into(),
+                    vcpus: 1,
+                    memory_mib: 128,
+                    cmdline: String::new(),
+                },
+                None,
+            )
             .unwrap();
         let socket = home.path().join("api.sock");
         let listener = UnixListener::bind(&socket).unwrap();

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::state::transition;
-use super::{FileLock, Instance, InstanceError, Launch, Registry, State, Verb};
+use super::{FileLock, Instance, InstanceError, Registry, Spec, State, Verb};
 use crate::api;
 
 /// How often a waiting verb looks at the record again.
@@ -40,11 +40,12 @@ pub enum LifecycleError {
 /// (or has already stopped, which its record then explains).
 pub fn launch(
     registry: &Registry,
-    launch: Launch,
+    spec: Spec,
+    user_data: Option<&[u8]>,
     kiln: &Path,
     timeout: Duration,
 ) -> Result<Instance, LifecycleError> {
-    let (instance, vmm) = registry.create(launch)?;
+    let (instance, vmm) = registry.create(spec, user_data)?;
     spawn_vmm(&instance, &vmm, kiln)?;
     drop(vmm);
     wait(&instance, timeout, "running", |r| r.state != State::Pending)

@@ -69,10 +69,9 @@ pub enum InstanceError {
     Refused(#[from] Refused),
 }
 
-/// What an instance is: how it was launched and where it is now.
+/// What an instance is made of, as it was launched.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Record {
-    pub id: String,
+pub struct Spec {
     pub name: Option<String>,
     /// The image, as NAME:VERSION.
     pub image: String,
@@ -82,6 +81,14 @@ pub struct Record {
     pub memory_mib: u32,
     /// Words appended to the kernel command line.
     pub cmdline: String,
+}
+
+/// An instance: what it is and where it is in its life.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub id: String,
+    #[serde(flatten)]
+    pub spec: Spec,
     pub state: State,
     /// Why it reached its state, when that is news (an exit status, a crash).
     pub reason: Option<String>,
@@ -94,18 +101,6 @@ pub struct Record {
     /// The VMM process, while one lives.
     pub vmm_pid: Option<u32>,
     pub paused: bool,
-}
-
-/// What a new instance is made from.
-#[derive(Clone, Debug)]
-pub struct Launch {
-    pub name: Option<String>,
-    pub image: String,
-    pub instance_type: String,
-    pub vcpus: u8,
-    pub memory_mib: u32,
-    pub cmdline: String,
-    pub user_data: Option<Vec<u8>>,
 }
 
 /// An instance's directory and its record as last read.
@@ -242,12 +237,17 @@ impl Registry {
         }
     }
 
-    /// Records a new instance, `pending`, and returns it with its VMM lock:
+    /// Records a new instance of `spec` (with its user-data), `pending`, and
+    /// returns it with its VMM lock:
     /// the caller is its VMM, or hands the lock to the process that will be
     /// ([`FileLock::inheritable_fd`]), so no moment exists in which a
     /// pending instance has no VMM.
-    pub fn create(&self, launch: Launch) -> Result<(Instance, FileLock), InstanceError> {
-        if let Some(name) = &launch.name {
+    pub fn create(
+        &self,
+        spec: Spec,
+        user_data: Option<&[u8]>,
+    ) -> Result<(Instance, FileLock), InstanceError> {
+        if let Some(name) = &spec.name {
             check_name(name)?;
             if let Some(other) = self.by_name(name)? {
                 return Err(InstanceError::NameTaken {
@@ -260,7 +260,7 @@ impl Registry {
         let dir = self.root.join(&id);
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let vmm = FileLock::take(&dir.join(VMM_LOCK))?;
-        if let Some(data) = &launch.user_data {
+        if let Some(data) = user_data {
             let path = dir.join(USER_DATA_FILE);
             let mut staged = durable::stage(&path).map_err(io_err(&path))?;
             staged.write_all(data).map_err(io_err(&path))?;
@@ -268,12 +268,7 @@ impl Registry {
         }
         let record = Record {
             id,
-            name: launch.name,
-            image: launch.image,
-            instance_type: launch.instance_type,
-            vcpus: launch.vcpus,
-            memory_mib: launch.memory_mib,
-            cmdline: launch.cmdline,
+            spec,
             state: State::Pending,
             reason: None,
             launched_at: now_ms() / 1000,
@@ -300,7 +295,7 @@ impl Registry {
     /// The instance named `name` that is not terminated.
     fn by_name(&self, name: &str) -> Result<Option<Instance>, InstanceError> {
         Ok(self.list()?.into_iter().find(|i| {
-            i.record.name.as_deref() == Some(name) && i.record.state != State::Terminated
+            i.record.spec.name.as_deref() == Some(name) && i.record.state != State::Terminated
         }))
     }
 
@@ -413,7 +408,7 @@ impl Instance {
 
     /// The name if it has one, else the id: how messages call it.
     pub fn label(&self) -> &str {
-        self.record.name.as_deref().unwrap_or(&self.record.id)
+        self.record.spec.name.as_deref().unwrap_or(&self.record.id)
     }
 
     fn write(&self) -> Result<(), InstanceError> {

@@ -1,31 +1,34 @@
 use super::*;
 
-fn launch(name: Option<&str>) -> Launch {
-    Launch {
+fn spec(name: Option<&str>) -> Spec {
+    Spec {
         name: name.map(String::from),
         image: "hello:1.0.0".into(),
         instance_type: "k1.nano".into(),
         vcpus: 1,
         memory_mib: 128,
         cmdline: String::new(),
-        user_data: Some(b"#!/bin/sh\necho hi\n".to_vec()),
     }
 }
+
+const USER_DATA: &[u8] = b"#!/bin/sh\necho hi\n";
 
 #[test]
 fn instances_are_found_by_id_and_by_live_name() {
     let home = tempfile::tempdir().unwrap();
     let registry = Registry::new(home.path());
-    let (web, _web_vmm) = registry.create(launch(Some("web"))).unwrap();
+    let (web, _web_vmm) = registry.create(spec(Some("web")), Some(USER_DATA)).unwrap();
     let id = web.record.id.clone();
     assert!(id.starts_with("i-") && id.len() == 2 + 2 * ID_BYTES, "{id}");
     assert_eq!(registry.find(&id).unwrap().record, web.record);
     assert_eq!(registry.find("web").unwrap().record.id, id);
     assert_eq!(web.record.state, State::Pending);
     assert!(web.user_data().is_some());
-    let err = registry.create(launch(Some("web"))).unwrap_err();
+    let err = registry
+        .create(spec(Some("web")), Some(USER_DATA))
+        .unwrap_err();
     assert!(matches!(err, InstanceError::NameTaken { .. }), "{err}");
-    let (anonymous, _anonymous_vmm) = registry.create(launch(None)).unwrap();
+    let (anonymous, _anonymous_vmm) = registry.create(spec(None), Some(USER_DATA)).unwrap();
     assert_eq!(anonymous.label(), anonymous.record.id);
     let ids: Vec<_> = registry
         .list()
@@ -46,7 +49,7 @@ fn instances_are_found_by_id_and_by_live_name() {
         Ok(())
     })
     .unwrap();
-    registry.create(launch(Some("web"))).unwrap();
+    registry.create(spec(Some("web")), Some(USER_DATA)).unwrap();
 }
 
 #[test]
@@ -54,7 +57,9 @@ fn names_that_could_be_ids_or_paths_are_refused() {
     let home = tempfile::tempdir().unwrap();
     let registry = Registry::new(home.path());
     for bad in ["", "..", ".hidden", "a/b", "a b", "i-123", &"x".repeat(65)] {
-        let err = registry.create(launch(Some(bad))).unwrap_err();
+        let err = registry
+            .create(spec(Some(bad)), Some(USER_DATA))
+            .unwrap_err();
         assert!(matches!(err, InstanceError::BadName(_)), "{bad:?}: {err}");
     }
 }
@@ -63,7 +68,7 @@ fn names_that_could_be_ids_or_paths_are_refused() {
 fn a_record_whose_vmm_died_reads_as_stopped_with_the_reason() {
     let home = tempfile::tempdir().unwrap();
     let registry = Registry::new(home.path());
-    let (mut instance, vmm) = registry.create(launch(Some("web"))).unwrap();
+    let (mut instance, vmm) = registry.create(spec(Some("web")), Some(USER_DATA)).unwrap();
     instance
         .update(|r| {
             r.state = State::Running;
@@ -83,7 +88,9 @@ fn a_record_whose_vmm_died_reads_as_stopped_with_the_reason() {
 #[test]
 fn verbs_on_one_instance_are_serialized() {
     let home = tempfile::tempdir().unwrap();
-    let (instance, _vmm) = Registry::new(home.path()).create(launch(None)).unwrap();
+    let (instance, _vmm) = Registry::new(home.path())
+        .create(spec(None), Some(USER_DATA))
+        .unwrap();
     let first = instance.lock_for_verb().unwrap();
     let err = instance.lock_for_verb().unwrap_err();
     assert!(matches!(err, InstanceError::Busy { .. }), "{err}");
@@ -95,7 +102,7 @@ fn verbs_on_one_instance_are_serialized() {
 fn terminating_deletes_volumes_and_keeps_the_record() {
     let home = tempfile::tempdir().unwrap();
     let registry = Registry::new(home.path());
-    let (instance, _vmm) = registry.create(launch(Some("web"))).unwrap();
+    let (instance, _vmm) = registry.create(spec(Some("web")), Some(USER_DATA)).unwrap();
     fs::write(instance.root_overlay(), b"overlay").unwrap();
     fs::write(instance.console_log(), b"log").unwrap();
     instance.delete_volumes().unwrap();
@@ -108,7 +115,7 @@ fn terminating_deletes_volumes_and_keeps_the_record() {
 fn a_damaged_record_is_named() {
     let home = tempfile::tempdir().unwrap();
     let registry = Registry::new(home.path());
-    let (instance, _vmm) = registry.create(launch(None)).unwrap();
+    let (instance, _vmm) = registry.create(spec(None), Some(USER_DATA)).unwrap();
     fs::write(instance.dir().join(RECORD_FILE), "{not json").unwrap();
     let err = registry.find(&instance.record.id).unwrap_err().to_string();
     assert!(err.contains("instance.json"), "{err}");
