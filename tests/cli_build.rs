@@ -332,3 +332,41 @@ fn an_instance_keeps_its_image_and_its_image_cannot_be_removed() {
     });
     assert!(from_image == from_instance, "the volumes differ");
 }
+
+#[test]
+fn killing_the_cli_mid_operation_never_leaves_a_half_written_record() {
+    let home = tempfile::tempdir().unwrap();
+    build(home.path(), "hello");
+    let kernel = home.path().join("not-a-kernel");
+    std::fs::write(&kernel, "x").unwrap();
+    for delay_ms in (0..40).step_by(2) {
+        let mut cli = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["run", "hello:1.0.0", "--detach", "--kernel"])
+            .arg(&kernel)
+            .env("KILN_HOME", home.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        cli.kill().unwrap();
+        cli.wait().unwrap();
+    }
+    // Whatever moment each CLI died at, every record reads whole, and none
+    // claims a VMM that is not there.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let ps = ok(home.path(), &["ps", "-a"]);
+    for line in ps.lines().skip(1) {
+        assert!(!line.contains("running") && !line.contains("pending"), "{ps}");
+    }
+    let instances = std::fs::read_dir(home.path().join("instances")).unwrap();
+    for entry in instances {
+        let dir = entry.unwrap().path();
+        if !dir.file_name().unwrap().to_string_lossy().starts_with("i-") {
+            continue; // a directory still being made when its CLI died
+        }
+        let record = std::fs::read(dir.join("instance.json")).unwrap();
+        serde_json::from_slice::<serde_json::Value>(&record)
+            .unwrap_or_else(|err| panic!("{}: {err}", dir.display()));
+    }
+}

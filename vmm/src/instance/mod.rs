@@ -45,6 +45,8 @@ const CONSOLE_INPUT: &str = "console.in";
 const API_SOCKET: &str = "api.sock";
 /// Longest instance name: it shows in listings.
 const NAME_MAX: usize = 64;
+/// Where a new instance's directory is made before it is renamed into place.
+const STAGING_PREFIX: &str = ".new-";
 /// Random bytes in an id (`i-` and twice as many hex digits).
 const ID_BYTES: usize = 8;
 
@@ -256,29 +258,41 @@ impl Registry {
                 });
             }
         }
-        let id = new_id()?;
-        let dir = self.root.join(&id);
-        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        let vmm = FileLock::take(&dir.join(VMM_LOCK))?;
+        // The directory is made under a temporary name and renamed into
+        // place whole: a process killed half-way leaves no instance behind.
+        fs::create_dir_all(&self.root).map_err(io_err(&self.root))?;
+        let staging = tempfile::Builder::new()
+            .prefix(STAGING_PREFIX)
+            .tempdir_in(&self.root)
+            .map_err(io_err(&self.root))?;
+        let vmm = FileLock::take(&staging.path().join(VMM_LOCK))?;
         if let Some(data) = user_data {
-            let path = dir.join(USER_DATA_FILE);
+            let path = staging.path().join(USER_DATA_FILE);
             let mut staged = durable::stage(&path).map_err(io_err(&path))?;
             staged.write_all(data).map_err(io_err(&path))?;
             durable::persist(staged, &path).map_err(io_err(&path))?;
         }
-        let record = Record {
-            id,
-            spec,
-            state: State::Pending,
-            reason: None,
-            launched_at: now_ms() / 1000,
-            booted_at_ms: None,
-            boots: 0,
-            vmm_pid: None,
-            paused: false,
+        let mut instance = Instance {
+            dir: staging.path().to_path_buf(),
+            record: Record {
+                id: new_id()?,
+                spec,
+                state: State::Pending,
+                reason: None,
+                launched_at: now_ms() / 1000,
+                booted_at_ms: None,
+                boots: 0,
+                vmm_pid: None,
+                paused: false,
+            },
         };
-        let instance = Instance { dir, record };
         instance.write()?;
+        let dir = self.root.join(&instance.record.id);
+        fs::rename(staging.keep(), &dir).map_err(io_err(&dir))?;
+        File::open(&self.root)
+            .and_then(|root| root.sync_all())
+            .map_err(io_err(&self.root))?;
+        instance.dir = dir;
         Ok((instance, vmm))
     }
 
