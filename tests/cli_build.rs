@@ -357,7 +357,10 @@ fn killing_the_cli_mid_operation_never_leaves_a_half_written_record() {
     std::thread::sleep(std::time::Duration::from_secs(2));
     let ps = ok(home.path(), &["ps", "-a"]);
     for line in ps.lines().skip(1) {
-        assert!(!line.contains("running") && !line.contains("pending"), "{ps}");
+        assert!(
+            !line.contains("running") && !line.contains("pending"),
+            "{ps}"
+        );
     }
     let instances = std::fs::read_dir(home.path().join("instances")).unwrap();
     for entry in instances {

