@@ -106,12 +106,12 @@ pub fn guest(runs: usize) -> Result<()> {
     };
     let qemu_cmd = |extra: &str| qemu_command(&qemu, &kernel, &image, extra);
 
-    time_boot(kiln_cmd(""), MARKER)?;
-    time_boot(qemu_cmd(""), MARKER)?;
+    time_boot(kiln_cmd(""), MARKER, PER_BOOT)?;
+    time_boot(qemu_cmd(""), MARKER, PER_BOOT)?;
     let (mut kiln_boots, mut qemu_boots) = (Vec::new(), Vec::new());
     for _ in 0..runs {
-        kiln_boots.push(time_boot(kiln_cmd(""), MARKER)?);
-        qemu_boots.push(time_boot(qemu_cmd(""), MARKER)?);
+        kiln_boots.push(time_boot(kiln_cmd(""), MARKER, PER_BOOT)?);
+        qemu_boots.push(time_boot(qemu_cmd(""), MARKER, PER_BOOT)?);
     }
     let rss_entry = "kiln.entrypoint=/tests/bench-rss.sh";
     let report = BootReport {

@@ -163,7 +163,7 @@ pub fn guest(runs: usize) -> Result<()> {
         let entrypoint =
             format!("kiln.entrypoint=\"/bench/diskread /dev/vda {mode} {RANDOM_READS}\"");
         cmd.args(["--read-only", "--cmdline", &entrypoint]);
-        let boot = time_boot(cmd, RESULT)?;
+        let boot = time_boot(cmd, RESULT, PER_RUN)?;
         rate(&boot.output, mode)
     };
     let mut samples = [[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];

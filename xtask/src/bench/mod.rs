@@ -16,9 +16,10 @@ use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -108,7 +109,10 @@ struct Boot {
     output: Vec<String>,
 }
 
-fn time_boot(mut cmd: Command, marker: &str) -> Result<Boot> {
+/// Runs `cmd` (a VM) to its end, timing its first output line holding
+/// `marker`; a VM still running after `limit` is killed and the run fails
+/// with what it printed, rather than hanging the benchmark.
+fn time_boot(mut cmd: Command, marker: &str, limit: Duration) -> Result<Boot> {
     let started = Instant::now();
     let mut child = cmd
         .stdin(Stdio::null())
@@ -116,6 +120,17 @@ fn time_boot(mut cmd: Command, marker: &str) -> Result<Boot> {
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot start {}", sh::describe(&cmd)))?;
+    let pid = child.id();
+    let (finished, watch) = mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        let expired = watch.recv_timeout(limit) == Err(mpsc::RecvTimeoutError::Timeout);
+        if expired {
+            // The child is not reaped before `finished` is sent, so the
+            // pid is still its own.
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+        expired
+    });
     let stderr = child.stderr.take().expect("piped");
     let errors = std::thread::spawn(move || {
         BufReader::new(stderr)
@@ -132,9 +147,18 @@ fn time_boot(mut cmd: Command, marker: &str) -> Result<Boot> {
         }
         output.push(line);
     }
+    let _ = finished.send(());
+    let killed = watchdog.join().expect("the watchdog does not panic");
     child.wait()?;
     let total = started.elapsed();
     output.extend(errors.join().expect("the stderr reader does not panic"));
+    if killed {
+        bail!(
+            "{} was still running after {limit:?} and was killed; it printed: {}",
+            sh::describe(&cmd),
+            output.join(" | ")
+        );
+    }
     let init = init.with_context(|| {
         format!(
             "{} never printed {marker:?}: {}",
