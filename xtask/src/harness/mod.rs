@@ -238,7 +238,14 @@ fn nested(prepared: &Prepared, job: &Job) -> Result<Command> {
         .arg(vmlinuz)
         .arg("-initrd")
         .arg(archive)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"]);
+        // lapic=notscdeadline: L1 arms its timer through the APIC's
+        // one-shot mode, not the TSC-deadline MSR. With the latter, long
+        // benchmark runs here stalled for good with L1 idle (QEMU asleep,
+        // L1's own watchdogs never firing): a lost TCG timer wakeup.
+        .args([
+            "-append",
+            "console=ttyS0 panic=-1 quiet lapic=notscdeadline",
+        ]);
     Ok(command)
 }
 
