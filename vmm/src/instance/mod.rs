@@ -167,6 +167,19 @@ impl FileLock {
     /// Takes the exclusive lock on `path` (creating the file); `None` when
     /// another process holds it.
     fn try_take(path: &Path) -> Result<Option<FileLock>, InstanceError> {
+        Self::lock(path, libc::LOCK_EX | libc::LOCK_NB)
+    }
+
+    /// Takes the exclusive lock on `path`, waiting for its holder.
+    fn take(path: &Path) -> Result<FileLock, InstanceError> {
+        Self::lock(path, libc::LOCK_EX)?.ok_or_else(|| {
+            io_err(path)(io::Error::other(
+                "a blocking flock returned without the lock",
+            ))
+        })
+    }
+
+    fn lock(path: &Path, operation: libc::c_int) -> Result<Option<FileLock>, InstanceError> {
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -175,28 +188,13 @@ impl FileLock {
             .map_err(io_err(path))?;
         // SAFETY: flock only reads its integer arguments; the descriptor is
         // open for the lifetime of `file`.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
             return Ok(Some(FileLock { file }));
         }
         match io::Error::last_os_error() {
             err if err.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(None),
             err => Err(io_err(path)(err)),
         }
-    }
-
-    /// Takes the exclusive lock on `path`, waiting for its holder.
-    fn take(path: &Path) -> Result<FileLock, InstanceError> {
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .map_err(io_err(path))?;
-        // SAFETY: as in `try_take`.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(io_err(path)(io::Error::last_os_error()));
-        }
-        Ok(FileLock { file })
     }
 }
 

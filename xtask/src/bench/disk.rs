@@ -50,31 +50,43 @@ pub struct DiskReport {
     pub image_bytes: u64,
     pub random_reads_per_run: u32,
     pub chunk_cache_mib: u64,
-    pub seq_raw_mib_s: Stats,
-    pub seq_volume_mib_s: Stats,
-    pub rand_raw_iops: Stats,
-    pub rand_volume_iops: Stats,
-    /// Volume / raw, medians: at least 0.8 is the goal.
-    pub seq_ratio: f64,
-    pub rand_ratio: f64,
+    /// Read by the guest: at least 0.8 is the goal for both ratios.
+    pub guest: Backends,
     /// The backends alone on the host CPU (filled in by the host side).
     #[serde(default)]
-    pub host: Option<HostBackends>,
+    pub host: Option<Backends>,
     pub hello_raw_bytes: u64,
     pub hello_image_bytes: u64,
     /// Image / raw ext4: at most 0.35 is the goal.
     pub hello_size_ratio: f64,
 }
 
-/// The block backends without a VM: MiB/s and reads per second.
+/// Both backends, both patterns: MiB/s and reads per second.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct HostBackends {
+pub struct Backends {
     pub seq_raw_mib_s: Stats,
     pub seq_volume_mib_s: Stats,
     pub rand_raw_iops: Stats,
     pub rand_volume_iops: Stats,
+    /// Volume / raw, medians.
     pub seq_ratio: f64,
     pub rand_ratio: f64,
+}
+
+impl Backends {
+    /// From samples of sequential raw, sequential volume, random raw and
+    /// random volume reads, in that order.
+    fn of(samples: [Vec<f64>; 4]) -> Backends {
+        let [seq_raw, seq_volume, rand_raw, rand_volume] = samples.map(|s| Stats::of(&s));
+        Backends {
+            seq_ratio: seq_volume.median / seq_raw.median,
+            rand_ratio: rand_volume.median / rand_raw.median,
+            seq_raw_mib_s: seq_raw,
+            seq_volume_mib_s: seq_volume,
+            rand_raw_iops: rand_raw,
+            rand_volume_iops: rand_volume,
+        }
+    }
 }
 
 /// Host side: runs the guest side where KVM is, measures the backends on
@@ -104,22 +116,16 @@ fn print_table(r: &DiskReport) {
     );
     println!("| guest reads | raw file (median) | compressed volume (median) | volume / raw |");
     println!("|---|---|---|---|");
-    println!(
-        "| sequential, 1 MiB O_DIRECT | {:.1} MiB/s | {:.1} MiB/s | {:.2} |",
-        r.seq_raw_mib_s.median, r.seq_volume_mib_s.median, r.seq_ratio
-    );
-    println!(
-        "| random 4 KiB O_DIRECT | {:.0} IOPS | {:.0} IOPS | {:.2} |",
-        r.rand_raw_iops.median, r.rand_volume_iops.median, r.rand_ratio
-    );
-    if let Some(h) = &r.host {
+    for (label, b) in
+        std::iter::once(("guest", &r.guest)).chain(r.host.iter().map(|h| ("host CPU, no VM", h)))
+    {
         println!(
-            "| host CPU, no VM: sequential 1 MiB | {:.0} MiB/s | {:.0} MiB/s | {:.2} |",
-            h.seq_raw_mib_s.median, h.seq_volume_mib_s.median, h.seq_ratio
+            "| {label}: sequential 1 MiB | {:.1} MiB/s | {:.1} MiB/s | {:.2} |",
+            b.seq_raw_mib_s.median, b.seq_volume_mib_s.median, b.seq_ratio
         );
         println!(
-            "| host CPU, no VM: random 4 KiB | {:.0} IOPS | {:.0} IOPS | {:.2} |",
-            h.rand_raw_iops.median, h.rand_volume_iops.median, h.rand_ratio
+            "| {label}: random 4 KiB | {:.0} IOPS | {:.0} IOPS | {:.2} |",
+            b.rand_raw_iops.median, b.rand_volume_iops.median, b.rand_ratio
         );
     }
     println!(
@@ -166,17 +172,16 @@ pub fn guest(runs: usize) -> Result<()> {
         let boot = time_boot(cmd, RESULT, PER_RUN)?;
         rate(&boot.output, mode)
     };
-    let mut samples = [[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
+    // Sequential raw, sequential volume, random raw, random volume.
+    let mut samples: [Vec<f64>; 4] = Default::default();
     for (m, mode) in ["seq", "rand"].into_iter().enumerate() {
         run(Backend::Raw, mode)?;
         run(Backend::Volume, mode)?;
         for _ in 0..runs {
-            samples[m][0].push(run(Backend::Raw, mode)?);
-            samples[m][1].push(run(Backend::Volume, mode)?);
+            samples[2 * m].push(run(Backend::Raw, mode)?);
+            samples[2 * m + 1].push(run(Backend::Volume, mode)?);
         }
     }
-    let [[seq_raw, seq_volume], [rand_raw, rand_volume]] =
-        samples.map(|m| m.map(|s| Stats::of(&s)));
     let store = Store::new(&home);
     let (image, hello) = (store.find(IMAGE)?.manifest, store.find(HELLO)?.manifest);
     print_report(&DiskReport {
@@ -187,13 +192,8 @@ pub fn guest(runs: usize) -> Result<()> {
         image_bytes: image.file_size,
         random_reads_per_run: RANDOM_READS,
         chunk_cache_mib: DEFAULT_CACHE_BYTES >> 20,
+        guest: Backends::of(samples),
         host: None,
-        seq_ratio: seq_volume.median / seq_raw.median,
-        rand_ratio: rand_volume.median / rand_raw.median,
-        seq_raw_mib_s: seq_raw,
-        seq_volume_mib_s: seq_volume,
-        rand_raw_iops: rand_raw,
-        rand_volume_iops: rand_volume,
         hello_raw_bytes: hello.raw_size,
         hello_image_bytes: hello.file_size,
         hello_size_ratio: hello.file_size as f64 / hello.raw_size as f64,
@@ -201,7 +201,7 @@ pub fn guest(runs: usize) -> Result<()> {
 }
 
 /// The backends alone, `runs` passes each, on this host's CPU.
-fn host_backends(runs: usize) -> Result<HostBackends> {
+fn host_backends(runs: usize) -> Result<Backends> {
     let home = sh::workspace_root().join("target/vm-test/kiln-home");
     let image = Store::new(&home).find(IMAGE)?.image_path;
     let raw = sh::workspace_root().join("target/bench/disk-bench.ext4");
@@ -228,15 +228,7 @@ fn host_backends(runs: usize) -> Result<HostBackends> {
             volume.read(at, &mut buf[..4096]).map_err(Into::into)
         })?);
     }
-    let [seq_raw, seq_volume, rand_raw, rand_volume] = samples.map(|s| Stats::of(&s));
-    Ok(HostBackends {
-        seq_ratio: seq_volume.median / seq_raw.median,
-        rand_ratio: rand_volume.median / rand_raw.median,
-        seq_raw_mib_s: seq_raw,
-        seq_volume_mib_s: seq_volume,
-        rand_raw_iops: rand_raw,
-        rand_volume_iops: rand_volume,
-    })
+    Ok(Backends::of(samples))
 }
 
 /// The reader's random offsets (diskread.c): 4 KiB blocks chosen by the
