@@ -238,14 +238,11 @@ fn nested(prepared: &Prepared, job: &Job) -> Result<Command> {
         .arg(vmlinuz)
         .arg("-initrd")
         .arg(archive)
-        // lapic=notscdeadline: L1 arms its timer through the APIC's
-        // one-shot mode, not the TSC-deadline MSR. With the latter, long
-        // benchmark runs here stalled for good with L1 idle (QEMU asleep,
-        // L1's own watchdogs never firing): a lost TCG timer wakeup.
-        .args([
-            "-append",
-            "console=ttyS0 panic=-1 quiet lapic=notscdeadline",
-        ]);
+        // idle=poll: L1 never halts. Under TCG with nested SVM, L1 sometimes
+        // stayed halted for good (QEMU asleep, L1's own timers never
+        // waking it: a lost wakeup), in long disk benchmarks and once in
+        // volume-crash; an L1 that polls cannot sleep through its timer.
+        .args(["-append", "console=ttyS0 panic=-1 quiet idle=poll"]);
     Ok(command)
 }
 
