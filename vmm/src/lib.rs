@@ -8,6 +8,7 @@ pub mod builder;
 pub mod devices;
 pub mod durable;
 pub mod event_loop;
+mod flock;
 pub mod host;
 pub mod instance;
 pub mod loader;

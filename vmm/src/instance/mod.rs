@@ -31,7 +31,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::durable;
+use crate::{durable, flock};
 pub use state::{Refused, State, Verb};
 
 const RECORD_FILE: &str = "instance.json";
@@ -105,6 +105,17 @@ pub struct Record {
     pub paused: bool,
 }
 
+impl Record {
+    /// No VM runs any more, for `reason`; the VMM's traces go with it.
+    fn stop(&mut self, reason: String) {
+        self.state = State::Stopped;
+        self.reason = Some(reason);
+        self.vmm_pid = None;
+        self.booted_at_ms = None;
+        self.paused = false;
+    }
+}
+
 /// An instance's directory and its record as last read.
 #[derive(Clone, Debug)]
 pub struct Instance {
@@ -167,34 +178,27 @@ impl FileLock {
     /// Takes the exclusive lock on `path` (creating the file); `None` when
     /// another process holds it.
     fn try_take(path: &Path) -> Result<Option<FileLock>, InstanceError> {
-        Self::lock(path, libc::LOCK_EX | libc::LOCK_NB)
+        Self::lock(path, false)
     }
 
     /// Takes the exclusive lock on `path`, waiting for its holder.
     fn take(path: &Path) -> Result<FileLock, InstanceError> {
-        Self::lock(path, libc::LOCK_EX)?.ok_or_else(|| {
+        Self::lock(path, true)?.ok_or_else(|| {
             io_err(path)(io::Error::other(
                 "a blocking flock returned without the lock",
             ))
         })
     }
 
-    fn lock(path: &Path, operation: libc::c_int) -> Result<Option<FileLock>, InstanceError> {
+    fn lock(path: &Path, wait: bool) -> Result<Option<FileLock>, InstanceError> {
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(path)
             .map_err(io_err(path))?;
-        // SAFETY: flock only reads its integer arguments; the descriptor is
-        // open for the lifetime of `file`.
-        if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
-            return Ok(Some(FileLock { file }));
-        }
-        match io::Error::last_os_error() {
-            err if err.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(None),
-            err => Err(io_err(path)(err)),
-        }
+        let locked = flock::lock_exclusive(&file, wait).map_err(io_err(path))?;
+        Ok(locked.then_some(FileLock { file }))
     }
 }
 
@@ -477,11 +481,7 @@ impl Instance {
         // and written its own reason.
         self.update(|r| {
             if r.state.has_vmm() {
-                r.state = State::Stopped;
-                r.reason = Some("the VMM process ended without stopping the instance".into());
-                r.vmm_pid = None;
-                r.booted_at_ms = None;
-                r.paused = false;
+                r.stop("the VMM process ended without stopping the instance".into());
             }
             Ok(())
         })
@@ -503,11 +503,7 @@ impl Instance {
     /// Records that the instance's VMM has ended its VMs, and why.
     pub fn mark_stopped(&mut self, reason: String) -> Result<(), InstanceError> {
         self.update(|r| {
-            r.state = State::Stopped;
-            r.reason = Some(reason);
-            r.vmm_pid = None;
-            r.booted_at_ms = None;
-            r.paused = false;
+            r.stop(reason);
             Ok(())
         })
     }

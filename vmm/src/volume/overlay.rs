@@ -29,7 +29,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::durable;
+use crate::{durable, flock};
 
 /// The first bytes of every overlay file.
 const MAGIC: [u8; 8] = *b"KILNOVL\0";
@@ -155,7 +155,11 @@ impl Overlay {
             .write(true)
             .open(path)
             .map_err(io_err)?;
-        lock(&file, path)?;
+        if !flock::lock_exclusive(&file, false).map_err(io_err)? {
+            return Err(OverlayError::InUse {
+                path: path.to_path_buf(),
+            });
+        }
         let header = read_header(&file, path)?;
         if header.base_id != base_id {
             return Err(OverlayError::WrongBase {
@@ -294,25 +298,6 @@ impl Drop for Overlay {
             eprintln!("kiln: {err}");
         }
     }
-}
-
-/// Takes the overlay's exclusive lock, or says who holds it.
-fn lock(file: &File, path: &Path) -> Result<(), OverlayError> {
-    // SAFETY: flock only reads its integer arguments; the descriptor is
-    // open for the lifetime of `file`.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        return Ok(());
-    }
-    let source = io::Error::last_os_error();
-    Err(match source.raw_os_error() {
-        Some(libc::EWOULDBLOCK) => OverlayError::InUse {
-            path: path.to_path_buf(),
-        },
-        _ => OverlayError::Io {
-            path: path.to_path_buf(),
-            source,
-        },
-    })
 }
 
 fn read_header(file: &File, path: &Path) -> Result<Header, OverlayError> {
