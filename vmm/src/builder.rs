@@ -73,21 +73,6 @@ pub struct DiskConfig {
     pub ephemeral: bool,
 }
 
-impl DiskConfig {
-    /// Whether the guest should discard freed blocks: a writable volume
-    /// gives them back to the host.
-    fn discards(&self) -> bool {
-        !self.read_only
-            && matches!(
-                self.source,
-                DiskSource::Volume {
-                    overlay: Some(_),
-                    ..
-                }
-            )
-    }
-}
-
 /// Everything needed to boot one VM.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -200,8 +185,8 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmOutcome, VmmError> {
     let stop_signals = StopSignals::new(end.clone()).map_err(VmmError::Signals)?;
     event_loop.add(Arc::new(Mutex::new(stop_signals)));
     let pio = legacy_devices(&vm, &mut event_loop, &end, &report)?;
-    let (mmio, disk_params) = virtio_disks(&vm, &mem, &mut event_loop, &config.disks)?;
-    let cmdline = kernel_cmdline(config, &disk_params)?;
+    let disks = virtio_disks(&vm, &mem, &mut event_loop, &config.disks)?;
+    let cmdline = kernel_cmdline(config, &disks)?;
     let cr3 = write_boot_structures(&mem, &cmdline, config)?;
 
     // Raw mode before the guest prints; restored when this returns.
@@ -209,7 +194,7 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmOutcome, VmmError> {
     let stop = Arc::new(AtomicBool::new(false));
     let context = VcpuContext {
         pio: Arc::new(pio),
-        mmio: Arc::new(mmio),
+        mmio: Arc::new(disks.mmio),
         end: end.clone(),
         stop: stop.clone(),
         seccomp: config.seccomp,
@@ -273,15 +258,23 @@ fn legacy_devices(
     Ok(pio)
 }
 
+/// The virtio disks as the kernel command line needs them.
+struct VirtioDisks {
+    mmio: Bus,
+    /// The `virtio_mmio.device=` parameters through which the guest finds them.
+    params: Vec<String>,
+    /// Whether the root disk's device offers DISCARD.
+    root_discards: bool,
+}
+
 /// One virtio-mmio block device per disk, each with its own 4 KiB region
-/// and interrupt line; returns the MMIO bus and the `virtio_mmio.device=`
-/// parameters through which the guest finds them.
+/// and interrupt line.
 fn virtio_disks(
     vm: &Vm,
     mem: &GuestMemoryMmap,
     event_loop: &mut EventLoop,
     disks: &[DiskConfig],
-) -> Result<(Bus, Vec<String>), VmmError> {
+) -> Result<VirtioDisks, VmmError> {
     let max = IRQ_MAX - IRQ_VIRTIO_FIRST + 1;
     if disks.len() > max as usize {
         return Err(VmmError::TooManyDisks {
@@ -291,6 +284,7 @@ fn virtio_disks(
     }
     let mut mmio = Bus::new();
     let mut params = Vec::new();
+    let mut root_discards = false;
     for ((disk, base), irq) in disks
         .iter()
         .zip((0..).map(|i| VIRTIO_MMIO_START + i * MMIO_REGION_SIZE))
@@ -312,6 +306,9 @@ fn virtio_disks(
                 })?;
             }
         }
+        if params.is_empty() {
+            root_discards = block.discards();
+        }
         let block = Arc::new(Mutex::new(block));
         let transport = MmioTransport::new(mem.clone(), block.clone())?;
         for (queue, evt) in transport.queue_events().iter().enumerate() {
@@ -322,10 +319,14 @@ fn virtio_disks(
         mmio.insert(Arc::new(Mutex::new(transport)), base, MMIO_REGION_SIZE)?;
         params.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
     }
-    Ok((mmio, params))
+    Ok(VirtioDisks {
+        mmio,
+        params,
+        root_discards,
+    })
 }
 
-fn kernel_cmdline(config: &VmConfig, disk_params: &[String]) -> Result<String, VmmError> {
+fn kernel_cmdline(config: &VmConfig, disks: &VirtioDisks) -> Result<String, VmmError> {
     let root = &config.disks[0];
     let mut words: Vec<&str> = BASE_CMDLINE.to_vec();
     words.push(if root.read_only {
@@ -333,12 +334,12 @@ fn kernel_cmdline(config: &VmConfig, disk_params: &[String]) -> Result<String, V
     } else {
         "root=/dev/vda rw"
     });
-    if root.discards() {
+    if disks.root_discards {
         // ext4 trims blocks as files are deleted, so a volume's overlay
         // shrinks back instead of only growing.
         words.push("rootflags=discard");
     }
-    words.extend(disk_params.iter().map(String::as_str));
+    words.extend(disks.params.iter().map(String::as_str));
     words.push(config.extra_cmdline.trim());
     let cmdline = words.join(" ").trim_end().to_string();
     // The kernel's buffer holds the terminating NUL too.
@@ -394,12 +395,21 @@ mod tests {
         }
     }
 
+    /// What `virtio_disks` reports, without a VM.
+    fn disks(params: &[&str], root_discards: bool) -> VirtioDisks {
+        VirtioDisks {
+            mmio: Bus::new(),
+            params: params.iter().map(|p| p.to_string()).collect(),
+            root_discards,
+        }
+    }
+
     #[test]
     fn command_line_has_the_root_the_devices_and_the_users_words_last() {
-        let params = vec!["virtio_mmio.device=4K@0xd0000000:5".to_string()];
+        let params = ["virtio_mmio.device=4K@0xd0000000:5"];
         let line = kernel_cmdline(
             &config(&[("root.ext4", true)], " kiln.entrypoint=/x "),
-            &params,
+            &disks(&params, false),
         )
         .unwrap();
         assert!(
@@ -410,29 +420,22 @@ mod tests {
             line.ends_with("virtio_mmio.device=4K@0xd0000000:5 kiln.entrypoint=/x"),
             "{line}"
         );
-        let rw = kernel_cmdline(&config(&[("root.ext4", false)], ""), &[]).unwrap();
+        let writable = config(&[("root.ext4", false)], "");
+        let rw = kernel_cmdline(&writable, &disks(&[], false)).unwrap();
         assert!(rw.ends_with("root=/dev/vda rw"), "{rw}");
-        let mut volume = config(&[("root.ext4", false)], "");
-        volume.disks[0].source = DiskSource::Volume {
-            image: "image.kiln".into(),
-            overlay: Some("root.overlay".into()),
-            cache_bytes: 1 << 20,
-        };
-        let trims = kernel_cmdline(&volume, &[]).unwrap();
+        // A root device that offers DISCARD (a writable volume) is trimmed.
+        let trims = kernel_cmdline(&writable, &disks(&[], true)).unwrap();
         assert!(
             trims.ends_with("root=/dev/vda rw rootflags=discard"),
             "{trims}"
         );
-        volume.disks[0].read_only = true;
-        let line = kernel_cmdline(&volume, &[]).unwrap();
-        assert!(line.ends_with("root=/dev/vda ro"), "{line}");
     }
 
     #[test]
     fn an_overlong_command_line_is_refused() {
         let long = "x".repeat(CMDLINE_MAX_SIZE);
         assert!(matches!(
-            kernel_cmdline(&config(&[("r", false)], &long), &[]),
+            kernel_cmdline(&config(&[("r", false)], &long), &disks(&[], false)),
             Err(VmmError::Cmdline { .. })
         ));
     }
