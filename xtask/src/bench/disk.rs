@@ -33,6 +33,9 @@ use crate::sh;
 const IMAGE: &str = "disk-bench:1.0.0";
 /// The size goal's image.
 const HELLO: &str = "hello:1.0.0";
+/// Bytes per read: diskread.c's sequential and random request sizes.
+const SEQ_READ: u64 = 1 << 20;
+const RAND_READ: u64 = 4096;
 /// Random 4 KiB reads per run.
 const RANDOM_READS: u32 = 2000;
 /// The reader prints its result after this.
@@ -209,24 +212,24 @@ fn host_backends(runs: usize) -> Result<Backends> {
         .flatten_to(&mut std::io::BufWriter::new(std::fs::File::create(&raw)?))?;
     let file = std::fs::File::open(&raw)?;
     let size = file.metadata()?.len();
-    let offsets = random_offsets(size);
-    let mut buf = vec![0u8; 1 << 20];
+    // Sequential 1 MiB reads in MiB/s, then random 4 KiB reads per second.
+    let sequential: Vec<u64> = (0..size / SEQ_READ).map(|i| i * SEQ_READ).collect();
+    let patterns = [
+        (sequential, SEQ_READ, SEQ_READ as f64 / f64::from(1 << 20)),
+        (random_offsets(size), RAND_READ, 1.0),
+    ];
+    let mut buf = vec![0u8; SEQ_READ as usize];
     let mut samples: [Vec<f64>; 4] = Default::default();
     for _ in 0..runs {
-        let volume = Volume::open(&image, None, DEFAULT_CACHE_BYTES)?;
-        samples[0].push(timed_rate(size, 1 << 20, |at| {
-            file.read_exact_at(&mut buf[..], at).map_err(Into::into)
-        })?);
-        samples[1].push(timed_rate(size, 1 << 20, |at| {
-            volume.read(at, &mut buf[..]).map_err(Into::into)
-        })?);
-        let volume = Volume::open(&image, None, DEFAULT_CACHE_BYTES)?;
-        samples[2].push(timed_reads(&offsets, |at| {
-            file.read_exact_at(&mut buf[..4096], at).map_err(Into::into)
-        })?);
-        samples[3].push(timed_reads(&offsets, |at| {
-            volume.read(at, &mut buf[..4096]).map_err(Into::into)
-        })?);
+        for (i, (offsets, len, unit)) in patterns.iter().enumerate() {
+            let buf = &mut buf[..*len as usize];
+            // A fresh volume: its chunk cache starts cold, as a VM's does.
+            let volume = Volume::open(&image, None, DEFAULT_CACHE_BYTES)?;
+            let raw = reads_per_second(offsets, |at| Ok(file.read_exact_at(buf, at)?))?;
+            let compressed = reads_per_second(offsets, |at| Ok(volume.read(at, buf)?))?;
+            samples[2 * i].push(raw * unit);
+            samples[2 * i + 1].push(compressed * unit);
+        }
     }
     Ok(Backends::of(samples))
 }
@@ -234,29 +237,20 @@ fn host_backends(runs: usize) -> Result<Backends> {
 /// The reader's random offsets (diskread.c): 4 KiB blocks chosen by the
 /// same xorshift from the same seed.
 fn random_offsets(size: u64) -> Vec<u64> {
-    let blocks = size / 4096;
+    let blocks = size / RAND_READ;
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     (0..RANDOM_READS)
         .map(|_| {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            (x % blocks) * 4096
+            (x % blocks) * RAND_READ
         })
         .collect()
 }
 
-/// MiB/s of reading `size` bytes in `step`-byte reads with `read(offset)`.
-fn timed_rate(size: u64, step: u64, mut read: impl FnMut(u64) -> Result<()>) -> Result<f64> {
-    let started = std::time::Instant::now();
-    for at in (0..size / step).map(|i| i * step) {
-        read(at)?;
-    }
-    Ok((size / step * step) as f64 / f64::from(1 << 20) / started.elapsed().as_secs_f64())
-}
-
 /// Reads per second of `read` at each of `offsets`.
-fn timed_reads(offsets: &[u64], mut read: impl FnMut(u64) -> Result<()>) -> Result<f64> {
+fn reads_per_second(offsets: &[u64], mut read: impl FnMut(u64) -> Result<()>) -> Result<f64> {
     let started = std::time::Instant::now();
     for &at in offsets {
         read(at)?;
@@ -291,7 +285,7 @@ fn rate(output: &[String], mode: &str) -> Result<f64> {
     let seconds = field("ns")? / 1e9;
     Ok(match mode {
         "seq" => field("bytes")? / f64::from(1 << 20) / seconds,
-        _ => field("bytes")? / 4096.0 / seconds,
+        _ => field("bytes")? / RAND_READ as f64 / seconds,
     })
 }
 
