@@ -208,8 +208,11 @@ fn host_backends(runs: usize) -> Result<Backends> {
     let home = sh::workspace_root().join("target/vm-test/kiln-home");
     let image = Store::new(&home).find(IMAGE)?.image_path;
     let raw = sh::workspace_root().join("target/bench/disk-bench.ext4");
+    std::fs::create_dir_all(raw.parent().expect("has a parent"))?;
+    let out =
+        std::fs::File::create(&raw).with_context(|| format!("cannot create {}", raw.display()))?;
     Volume::open(&image, None, DEFAULT_CACHE_BYTES)?
-        .flatten_to(&mut std::io::BufWriter::new(std::fs::File::create(&raw)?))?;
+        .flatten_to(&mut std::io::BufWriter::new(out))?;
     let file = std::fs::File::open(&raw)?;
     let size = file.metadata()?.len();
     // Sequential 1 MiB reads in MiB/s, then random 4 KiB reads per second.
