@@ -334,6 +334,86 @@ fn an_instance_keeps_its_image_and_its_image_cannot_be_removed() {
 }
 
 #[test]
+fn a_stopped_instance_commits_to_a_child_of_its_image() {
+    let home = tempfile::tempdir().unwrap();
+    build(home.path(), "hello");
+    // As above: the run fails before a guest boots, after the instance
+    // and its root volume exist; the instance is then stopped.
+    let kernel = home.path().join("not-a-kernel");
+    std::fs::write(&kernel, "x").unwrap();
+    let kernel = kernel.to_str().unwrap();
+    let run = ["run", "--kernel", kernel, "hello:1.0.0", "--name", "web"];
+    assert_eq!(fails(home.path(), &run).0, Some(125));
+
+    let out = ok(home.path(), &["commit", "web", "web-image:1.0.0"]);
+    assert!(out.starts_with("committed web-image:1.0.0 "), "{out}");
+    assert!(
+        out.trim_end().ends_with("MiB raw), parent hello:1.0.0"),
+        "{out}"
+    );
+    let images = ok(home.path(), &["images"]);
+    let line = images
+        .lines()
+        .find(|l| l.starts_with("web-image "))
+        .unwrap_or_else(|| panic!("web-image not listed:\n{images}"));
+    assert!(line.contains(" hello:1.0.0 "), "{line}");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&ok(home.path(), &["inspect", "web-image:1.0.0"])).unwrap();
+    assert_eq!(manifest["parent"], "hello:1.0.0");
+    let description = manifest["description"].as_str().unwrap();
+    assert!(
+        description.starts_with("committed from instance web (i-"),
+        "{description}"
+    );
+    assert_eq!(manifest["entrypoint"], serde_json::json!(["/bin/hello"]));
+
+    // The untouched volume, its image and the commit hold one filesystem.
+    let [volume, parent, commit] = ["web", "hello:1.0.0", "web-image:1.0.0"].map(|source| {
+        let out = home.path().join("flat.ext4");
+        ok(
+            home.path(),
+            &["image", "flatten", source, out.to_str().unwrap()],
+        );
+        std::fs::read(out).unwrap()
+    });
+    assert!(
+        volume == commit && parent == commit,
+        "the filesystems differ"
+    );
+
+    let (_, err) = fails(home.path(), &["commit", "web", "web-image:1.0.0"]);
+    assert!(
+        err.contains("web-image:1.0.0 is already in the store"),
+        "{err}"
+    );
+    let (_, err) = fails(home.path(), &["commit", "web", "web-image"]);
+    assert!(err.contains("expected NAME:VERSION"), "{err}");
+    let (_, err) = fails(home.path(), &["commit", "nobody", "x:1.0.0"]);
+    assert!(err.contains("no instance \"nobody\""), "{err}");
+    let ps = ok(home.path(), &["ps", "-a"]);
+    let id = ps.lines().find(|l| l.contains(" web ")).unwrap();
+    let id = id.split_whitespace().next().unwrap();
+    ok(home.path(), &["terminate", "web"]);
+    let (_, err) = fails(home.path(), &["commit", id, "x:1.0.0"]);
+    assert!(
+        err.contains(&format!(
+            "cannot commit instance web ({id}): it is terminated"
+        )),
+        "{err}"
+    );
+    assert!(
+        std::fs::read_dir(home.path().join("tmp"))
+            .unwrap()
+            .all(|e| !e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("scratch-")),
+        "scratch left behind"
+    );
+}
+
+#[test]
 fn killing_the_cli_mid_operation_never_leaves_a_half_written_record() {
     let home = tempfile::tempdir().unwrap();
     build(home.path(), "hello");

@@ -5,7 +5,12 @@
 //! sources, the binaries and their libraries, guest-init, the parent
 //! image's digest or the imported archive, and the image format. Same key, same image: the stored
 //! one is reused.
-use std::fs;
+//!
+//! [`publish_child`] publishes a raw filesystem made elsewhere (an
+//! instance's root volume, by `kiln commit`) as a child image, through the
+//! same compression and publication.
+use std::fs::{self, File};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -50,6 +55,12 @@ pub enum BuildError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "{0:?}: expected NAME:VERSION, NAME 1-64 of a-z 0-9 - _ . starting with a letter or digit, VERSION semver such as 1.0.0"
+    )]
+    BadReference(String),
+    #[error("{0} is already in the store: choose another NAME:VERSION, or `kiln rm {0}` first")]
+    Exists(String),
 }
 
 /// What a build produced.
@@ -112,12 +123,7 @@ pub fn build(
     let raw = scratch.path().join("root.ext4");
     ext4::make(&stage, &raw, size, &uuid_from(&build_key))?;
     progress("compressing");
-    let publish = scratch.path().join("publish");
-    fs::create_dir(&publish).map_err(|source| BuildError::Input {
-        path: publish.clone(),
-        source,
-    })?;
-    let info = image::write(&raw, &publish.join(IMAGE_FILE), DEFAULT_CHUNK_SIZE)?;
+    let (publish, info) = compress(&raw, scratch.path())?;
     let manifest = Manifest {
         name: recipe.name.clone(),
         version: recipe.version.clone(),
@@ -137,6 +143,98 @@ pub fn build(
         manifest,
         cached: false,
     })
+}
+
+/// Compresses the raw filesystem `raw` into `scratch/publish/`, the
+/// directory [`Store::publish`] takes.
+fn compress(raw: &Path, scratch: &Path) -> Result<(PathBuf, image::ImageInfo), BuildError> {
+    let publish = scratch.join("publish");
+    fs::create_dir(&publish).map_err(|source| BuildError::Input {
+        path: publish.clone(),
+        source,
+    })?;
+    let info = image::write(raw, &publish.join(IMAGE_FILE), DEFAULT_CHUNK_SIZE)?;
+    Ok((publish, info))
+}
+
+/// Checks that `reference` can name a new image: NAME:VERSION with the
+/// names and versions recipes allow, and not in the store yet. Returns
+/// the name and the version.
+pub fn check_new(store: &Store, reference: &str) -> Result<(String, String), BuildError> {
+    let bad = || BuildError::BadReference(reference.into());
+    let (name, version) = store::parse_reference(reference).map_err(|_| bad())?;
+    let version = semver::Version::parse(version).map_err(|_| bad())?;
+    if !recipe::is_image_name(name) {
+        return Err(bad());
+    }
+    let version = version.to_string();
+    if store.get(name, &version)?.is_some() {
+        return Err(BuildError::Exists(format!("{name}:{version}")));
+    }
+    Ok((name.to_string(), version))
+}
+
+/// Publishes the raw filesystem `raw` (an instance's root volume, say) as
+/// the new image `reference`, a child of `parent`, compressed and
+/// published as a build is. An ext4 journal left to replay (the guest did
+/// not unmount it) is replayed first, in `raw` itself, as the next mount
+/// would: the image then boots read-only and reads whole through the
+/// `ext4` crate, as a child build's base or for `kiln inspect`.
+/// Its manifest is the one a recipe with `base = parent` and nothing else
+/// would get: the parent's entrypoint, no tests. With no recipe, the
+/// recipe digest is empty and the build key is the SHA-256 of the image
+/// format and the raw bytes: the same filesystem, the same key. Refuses a
+/// reference the store already has; on failure nothing is left in the
+/// store.
+pub fn publish_child(
+    store: &Store,
+    raw: &Path,
+    reference: &str,
+    parent: &Manifest,
+    description: String,
+) -> Result<Manifest, BuildError> {
+    let (name, version) = check_new(store, reference)?;
+    ext4::replay_journal(raw)?;
+    let build_key = content_key(raw)?;
+    let scratch = store.scratch_dir()?;
+    let (publish, info) = compress(raw, scratch.path())?;
+    let manifest = Manifest {
+        name,
+        version,
+        description,
+        digest: format!("sha256:{}", info.digest),
+        parent: Some(parent.reference()),
+        recipe_digest: String::new(),
+        build_key,
+        raw_size: info.raw_size,
+        file_size: info.file_size,
+        entrypoint: parent.entrypoint.clone(),
+        tests: Vec::new(),
+        created: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+    };
+    // Compressing takes a while: another build or commit may have taken
+    // the reference meanwhile, and a publish would replace its image.
+    check_new(store, reference)?;
+    store.publish(&publish, &manifest)?;
+    Ok(manifest)
+}
+
+/// SHA-256 of the image format and the raw filesystem `raw`, hex.
+fn content_key(raw: &Path) -> Result<String, BuildError> {
+    let err = |source| BuildError::Input {
+        path: raw.into(),
+        source,
+    };
+    let mut file = File::open(raw).map_err(err)?;
+    let mut hasher = Sha256::new();
+    hasher.update(format!("kiln-image-format-{}\0raw\0", image::VERSION));
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match file.read(&mut buf).map_err(err)? {
+            0 => return Ok(image::hex(&hasher.finalize())),
+            n => hasher.update(&buf[..n]),
+        }
+    }
 }
 
 /// The parent image, after checking the chain of bases for a cycle.
@@ -259,6 +357,116 @@ fn uuid_from(key: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::recipe::TestCommand;
+
+    /// A raw "filesystem" of 300 KiB (three chunks), its bytes from `seed`.
+    fn raw_file(dir: &Path, name: &str, seed: u8) -> PathBuf {
+        let data: Vec<u8> = (0..300 * 1024u32)
+            .map(|i| if i % 7000 < 3000 { 0 } else { (i as u8) ^ seed })
+            .collect();
+        let path = dir.join(name);
+        fs::write(&path, data).unwrap();
+        path
+    }
+
+    /// Publishes `raw` as `hello:1.0.0`, as a build would.
+    fn parent(store: &Store, raw: &Path) -> Manifest {
+        let scratch = store.scratch_dir().unwrap();
+        let (publish, info) = compress(raw, scratch.path()).unwrap();
+        let manifest = Manifest {
+            name: "hello".into(),
+            version: "1.0.0".into(),
+            description: "says hello".into(),
+            digest: format!("sha256:{}", info.digest),
+            parent: None,
+            recipe_digest: "sha256:00".into(),
+            build_key: "k".into(),
+            raw_size: info.raw_size,
+            file_size: info.file_size,
+            entrypoint: vec!["/bin/hello".into()],
+            tests: vec![TestCommand {
+                run: "/bin/hello".into(),
+                expect_exit: 0,
+            }],
+            created: "2026-11-24T00:00:00Z".into(),
+        };
+        store.publish(&publish, &manifest).unwrap();
+        manifest
+    }
+
+    fn scratch_is_empty(home: &Path) -> bool {
+        fs::read_dir(home.join("tmp")).unwrap().next().is_none()
+    }
+
+    #[test]
+    fn a_raw_filesystem_becomes_a_child_image_keyed_by_its_content() {
+        let home = tempfile::tempdir().unwrap();
+        let store = Store::new(home.path());
+        let base = parent(&store, &raw_file(home.path(), "base.raw", 0));
+        let raw = raw_file(home.path(), "changed.raw", 0x5a);
+        let child = publish_child(&store, &raw, "web:1.0.0", &base, "from web".into()).unwrap();
+        assert_eq!(child.reference(), "web:1.0.0");
+        assert_eq!(child.parent.as_deref(), Some("hello:1.0.0"));
+        assert_eq!(child.description, "from web");
+        assert_eq!(child.entrypoint, base.entrypoint);
+        assert!(child.tests.is_empty() && child.recipe_digest.is_empty());
+        assert_eq!(child.raw_size, 300 * 1024);
+        let stored = store.find("web:1.0.0").unwrap();
+        assert_eq!(stored.manifest, child);
+        assert_eq!(
+            format!("sha256:{}", image::file_digest(&stored.image_path).unwrap()),
+            child.digest
+        );
+        let mut flat = Vec::new();
+        image::Reader::open(&stored.image_path)
+            .unwrap()
+            .flatten_to(&mut flat)
+            .unwrap();
+        assert!(
+            flat == fs::read(&raw).unwrap(),
+            "the image holds other bytes"
+        );
+
+        // The same bytes make the same key and the same image; others not.
+        let again = publish_child(&store, &raw, "web:1.0.1", &base, "again".into()).unwrap();
+        assert_eq!(
+            (&again.build_key, &again.digest),
+            (&child.build_key, &child.digest)
+        );
+        let other = raw_file(home.path(), "other.raw", 0x33);
+        let other = publish_child(&store, &other, "web:2.0.0", &base, "other".into()).unwrap();
+        assert_ne!(other.build_key, child.build_key);
+        assert!(scratch_is_empty(home.path()), "no scratch left behind");
+    }
+
+    #[test]
+    fn a_child_needs_a_new_and_valid_reference() {
+        let home = tempfile::tempdir().unwrap();
+        let store = Store::new(home.path());
+        let raw = raw_file(home.path(), "base.raw", 0);
+        let base = parent(&store, &raw);
+        let err = publish_child(&store, &raw, "hello:1.0.0", &base, String::new()).unwrap_err();
+        assert!(matches!(err, BuildError::Exists(_)), "{err}");
+        assert!(err.to_string().contains("hello:1.0.0 is already"), "{err}");
+        for bad in [
+            "web",
+            "web:",
+            ":1.0.0",
+            "Web:1.0.0",
+            "web:1.0",
+            "a/b:1.0.0",
+            "web:1.0.0/x",
+        ] {
+            let err = publish_child(&store, &raw, bad, &base, String::new()).unwrap_err();
+            assert!(matches!(err, BuildError::BadReference(_)), "{bad}: {err}");
+        }
+        assert_eq!(
+            check_new(&store, "web:1.0.0").unwrap(),
+            ("web".into(), "1.0.0".into())
+        );
+        assert_eq!(store.list().unwrap(), [base]);
+        assert!(scratch_is_empty(home.path()), "no scratch left behind");
+    }
 
     #[test]
     fn uuids_from_keys_are_well_formed_and_stable() {

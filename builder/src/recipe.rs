@@ -298,14 +298,7 @@ impl Checker<'_> {
     }
 
     fn name(&self, name: &Spanned<String>) -> Result<String, RecipeError> {
-        let valid = !name.get_ref().is_empty()
-            && name.get_ref().len() <= 64
-            && name
-                .get_ref()
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
-            && name.get_ref().as_bytes()[0].is_ascii_alphanumeric();
-        if !valid {
+        if !is_image_name(name.get_ref()) {
             let problem = format!(
                 "{:?}: expected 1-64 of a-z 0-9 - _ . starting with a letter or digit",
                 name.get_ref()
@@ -465,6 +458,17 @@ impl Checker<'_> {
             user,
         })
     }
+}
+
+/// Whether `name` may name an image: 1-64 of a-z 0-9 - _ . starting with a
+/// letter or digit.
+pub fn is_image_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+        && name.as_bytes()[0].is_ascii_alphanumeric()
 }
 
 /// `64M`, `512K`, `1G` or plain bytes.

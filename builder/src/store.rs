@@ -24,9 +24,11 @@ pub struct Manifest {
     pub digest: String,
     /// `name:version` of the image this one starts from.
     pub parent: Option<String>,
-    /// SHA-256 of the recipe file.
+    /// SHA-256 of the recipe file; empty for an image committed from an
+    /// instance, which has none.
     pub recipe_digest: String,
-    /// SHA-256 of everything the build read: the cache key.
+    /// SHA-256 of everything the build read: the cache key. For an image
+    /// committed from an instance, of its raw filesystem.
     pub build_key: String,
     pub raw_size: u64,
     pub file_size: u64,

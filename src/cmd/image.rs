@@ -1,14 +1,13 @@
 //! `kiln image flatten IMAGE|INSTANCE OUT.ext4`: the raw filesystem of an
 //! image, or of an instance's root volume with its writes, for fsck,
 //! mounting or export.
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use kiln_builder::image::DEFAULT_CACHE_BYTES;
 use kiln_builder::store::Store;
-use kiln_vmm::durable;
+use kiln_vmm::commit;
 use kiln_vmm::instance::Registry;
 use kiln_vmm::volume::Volume;
 
@@ -41,18 +40,9 @@ fn flatten(source: &str, out: &Path) -> anyhow::Result<ExitCode> {
         let instance = Registry::new(&home).find(source).with_context(|| {
             format!("{source:?} is neither NAME:VERSION of an image nor an instance")
         })?;
-        let image = store.find(&instance.record.spec.image)?.image_path;
-        let overlay = instance.root_overlay();
-        let overlay = overlay.exists().then_some(overlay.as_path());
-        Volume::open(&image, overlay, DEFAULT_CACHE_BYTES)?
+        commit::root_volume(&store, &instance)?
     };
-    let written = |err| anyhow::Error::new(err).context(format!("cannot write {}", out.display()));
-    let staged = durable::stage(out).map_err(written)?;
-    let mut writer = BufWriter::new(staged.as_file());
-    volume.flatten_to(&mut writer)?;
-    writer.flush().map_err(written)?;
-    drop(writer);
-    durable::persist(staged, out).map_err(written)?;
+    commit::flatten_to_file(&volume, out)?;
     eprintln!(
         "kiln: wrote {} ({} bytes)",
         out.display(),
