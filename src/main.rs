@@ -24,7 +24,7 @@ enum Command {
     /// Tell what virtualization this host has and whether Kiln can boot VMs here.
     Doctor(cmd::doctor::Args),
     /// Boot an image (or raw disks) in a new microVM.
-    Run(cmd::run::Args),
+    Run(Box<cmd::run::Args>),
     /// Build an image from a recipe into the local store.
     Build(cmd::build::Args),
     /// List the images in the local store.
@@ -33,6 +33,8 @@ enum Command {
     Inspect(cmd::inspect::Args),
     /// Remove an image from the local store.
     Rm(cmd::rm::Args),
+    /// Make a new image from a stopped instance's root volume.
+    Commit(cmd::commit::Args),
     /// Work with images and instances' root volumes.
     #[command(subcommand)]
     Image(cmd::image::Command),
@@ -40,7 +42,10 @@ enum Command {
     Ps(cmd::ps::Args),
     /// List the instance types.
     Types(cmd::types::Args),
-    /// Stop an instance: its VM ends, its root volume stays.
+    /// Save running instances whole, and start new ones from the saves.
+    #[command(subcommand)]
+    Snapshot(cmd::snapshot::Command),
+    /// Stop an instance: its VM ends, its root volume stays (--hibernate: its RAM too).
     Stop(cmd::lifecycle::Args),
     /// Start a stopped instance in a new VMM process.
     Start(cmd::lifecycle::Args),
@@ -64,14 +69,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Doctor(args) => cmd::doctor::run(args),
-        Command::Run(args) => cmd::run::run(args),
+        Command::Run(args) => cmd::run::run(*args),
         Command::Build(args) => cmd::build::run(args),
         Command::Images(args) => cmd::images::run(args),
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Rm(args) => cmd::rm::run(args),
+        Command::Commit(args) => cmd::commit::run(args),
         Command::Image(command) => cmd::image::run(command),
         Command::Ps(args) => cmd::ps::run(args),
         Command::Types(args) => cmd::types::run(args),
+        Command::Snapshot(command) => cmd::snapshot::run(command),
         Command::Stop(args) => cmd::lifecycle::run(Verb::Stop, args),
         Command::Start(args) => cmd::lifecycle::run(Verb::Start, args),
         Command::Reboot(args) => cmd::lifecycle::run(Verb::Reboot, args),

@@ -16,6 +16,10 @@ pub struct Args {
     /// Seconds to wait for the instance to get there.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
+    /// (stop) Save the VM's RAM and state first, as EC2's stop-hibernate
+    /// does: `kiln start` then resumes it with its processes intact.
+    #[arg(long)]
+    hibernate: bool,
 }
 
 /// Which verb.
@@ -30,10 +34,13 @@ pub enum Verb {
 }
 
 pub fn run(verb: Verb, args: Args) -> anyhow::Result<ExitCode> {
+    if args.hibernate && !matches!(verb, Verb::Stop) {
+        anyhow::bail!("--hibernate is for `kiln stop`");
+    }
     let instance = Registry::new(&kiln_home()).find(&args.instance)?;
     let timeout = Duration::from_secs(args.timeout);
     let after = match verb {
-        Verb::Stop => lifecycle::stop(&instance, timeout)?,
+        Verb::Stop => lifecycle::stop(&instance, args.hibernate, timeout)?,
         Verb::Start => {
             let kiln = std::env::current_exe().context("cannot find the kiln binary")?;
             lifecycle::start(instance, &kiln, timeout)?
@@ -46,7 +53,11 @@ pub fn run(verb: Verb, args: Args) -> anyhow::Result<ExitCode> {
         Verb::Terminate => lifecycle::terminate(instance, timeout)?,
     };
     let r = &after.record;
-    let paused = if r.paused { " (paused)" } else { "" };
+    let paused = match (r.paused, after.hibernation().is_some()) {
+        (true, _) => " (paused)",
+        (_, true) => " (hibernated)",
+        _ => "",
+    };
     match &r.reason {
         Some(reason) => println!("{} {}{paused}: {reason}", r.id, r.state),
         None => println!("{} {}{paused}", r.id, r.state),

@@ -3,6 +3,7 @@
 //! prints the result.
 pub mod attach;
 pub mod build;
+pub mod commit;
 pub mod doctor;
 pub mod image;
 pub mod images;
@@ -12,5 +13,6 @@ pub mod logs;
 pub mod ps;
 pub mod rm;
 pub mod run;
+pub mod snapshot;
 pub mod types;
 pub mod vmm;

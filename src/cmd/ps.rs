@@ -25,6 +25,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         let state = match (r.state, r.paused) {
             (State::Running, true) => "paused".to_string(),
+            (State::Stopped, _) if instance.hibernation().is_some() => "hibernated".to_string(),
             (state, _) => state.to_string(),
         };
         let uptime = r

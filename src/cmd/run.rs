@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use kiln_builder::store::Store;
-use kiln_vmm::builder::{self, DiskConfig, DiskSource, VMM_ERROR_STATUS, VmConfig};
+use kiln_vmm::builder::{self, Boot, DiskConfig, DiskSource, VMM_ERROR_STATUS, VmConfig};
+use kiln_vmm::control::ControlListener;
 use kiln_vmm::instance::supervisor;
 use kiln_vmm::instance::types::{self, InstanceType};
 use kiln_vmm::instance::{
@@ -81,6 +82,17 @@ pub struct Args {
     /// Run without seccomp filters (debugging only).
     #[arg(long)]
     no_seccomp: bool,
+    /// Go on from the snapshot in DIR instead of booting (what an
+    /// instance's VMM runs for `kiln start` after a hibernation, and for
+    /// `kiln snapshot restore`).
+    #[arg(long, hide = true, value_name = "DIR", requires = "instance")]
+    restore: Option<PathBuf>,
+    /// Delete the --restore snapshot once restored (a hibernation).
+    #[arg(long, hide = true, requires = "restore")]
+    consume: bool,
+    /// The inherited control channel from the instance's VMM.
+    #[arg(long, hide = true, requires = "instance")]
+    control_fd: Option<i32>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -107,7 +119,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             "kiln: WARNING: --no-seccomp: the VMM runs WITHOUT its seccomp filters (debugging only)"
         );
     }
-    match builder::run(&config, started) {
+    // SAFETY: the instance's VMM passed this descriptor, its end of the
+    // control channel, for this purpose; nothing else here uses it.
+    let control = args
+        .control_fd
+        .map(|fd| unsafe { ControlListener::adopt(fd) });
+    match builder::run(&config, started, control) {
         Ok(outcome) => {
             if args.timing {
                 match outcome.boot_to_init {
@@ -138,7 +155,7 @@ fn foreground_instance(name: &str, args: &Args) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(VMM_ERROR_STATUS));
         }
     };
-    instance.mark_running()?;
+    instance.mark_running(false)?;
     let kiln = std::env::current_exe().context("cannot find the kiln binary")?;
     let mut vm = Command::new(kiln);
     vm.args(["run", "--instance", &instance.record.id, "--cache"])
@@ -245,15 +262,13 @@ fn size(args: &Args) -> anyhow::Result<(String, u8, u32)> {
 }
 
 fn vm_config(args: &Args) -> anyhow::Result<VmConfig> {
-    let kernel = args.kernel.clone().unwrap_or_else(|| Asset::Kernel.path());
-    if !kernel.is_file() {
-        bail!(
-            "no guest kernel at {} (pass --kernel, set {}, or run `{}`)",
-            kernel.display(),
-            Asset::Kernel.env_var(),
-            Asset::Kernel.xtask()
-        );
-    }
+    let boot = match &args.restore {
+        Some(dir) => Boot::Snapshot {
+            dir: dir.clone(),
+            consume: args.consume,
+        },
+        None => Boot::Kernel(kernel(args)?),
+    };
     let home = kiln_home();
     let store = Store::new(&home);
     let registry = Registry::new(&home);
@@ -285,13 +300,27 @@ fn vm_config(args: &Args) -> anyhow::Result<VmConfig> {
         disks.push(scratch_disk(&store, mib)?);
     }
     Ok(VmConfig {
-        kernel,
+        boot,
         disks,
         vcpus,
         memory_mib,
         extra_cmdline: cmdline,
         seccomp: !args.no_seccomp,
     })
+}
+
+/// The guest kernel to boot: --kernel, or the installed one.
+fn kernel(args: &Args) -> anyhow::Result<PathBuf> {
+    let kernel = args.kernel.clone().unwrap_or_else(|| Asset::Kernel.path());
+    if !kernel.is_file() {
+        bail!(
+            "no guest kernel at {} (pass --kernel, set {}, or run `{}`)",
+            kernel.display(),
+            Asset::Kernel.env_var(),
+            Asset::Kernel.xtask()
+        );
+    }
+    Ok(kernel)
 }
 
 /// An instance's disks and what its guest learns about itself: its root

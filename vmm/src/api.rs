@@ -188,13 +188,24 @@ pub fn call(
     path: &str,
     body: Option<&serde_json::Value>,
 ) -> Result<Response, ClientError> {
+    call_waiting(socket, method, path, body, IO_TIMEOUT)
+}
+
+/// [`call`], waiting up to `timeout` for the answer (a snapshot takes a while).
+pub fn call_waiting(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+    timeout: Duration,
+) -> Result<Response, ClientError> {
     let connect_err = |source| ClientError::Connect {
         path: socket.display().to_string(),
         source,
     };
     let mut stream = UnixStream::connect(socket).map_err(connect_err)?;
     stream
-        .set_read_timeout(Some(IO_TIMEOUT))
+        .set_read_timeout(Some(timeout))
         .map_err(connect_err)?;
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let request = format!(

@@ -1,11 +1,13 @@
 //! The one place that wires a VM together: memory, kernel, boot
 //! structures, devices on their buses, vCPU threads, seccomp, and the event
 //! loop that runs until the VM ends.
-use std::path::PathBuf;
+use std::fs::File;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::Kvm;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -17,22 +19,30 @@ use crate::arch::x86_64::layout::{
     VIRTIO_MMIO_START,
 };
 use crate::arch::x86_64::{mptable, paging};
+use crate::control::{
+    AfterSnapshot, ControlListener, ControlReplier, ControlReply, ControlRequest, SnapshotStats,
+};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
 use crate::devices::init_port::{INIT_PORT_LEN, InitPort, InitReport};
+use crate::devices::lock;
 use crate::devices::serial::{
     COM1_IRQ, COM1_PORT, RawTerminal, SERIAL_PORT_LEN, Serial, SerialError, SerialInput,
+    SerialSnapshot,
 };
 use crate::devices::virtio::GuestMemoryMmap;
 pub use crate::devices::virtio::block::DiskSource;
 use crate::devices::virtio::block::{Block, BlockError};
-use crate::devices::virtio::mmio::{MMIO_REGION_SIZE, MmioError, MmioTransport};
-use crate::event_loop::{EventLoop, EventLoopError, StopSignals, VmEnd, VmEndSignal};
+use crate::devices::virtio::mmio::{MMIO_REGION_SIZE, MmioError, MmioTransport, TransportState};
+use crate::event_loop::{EventLoop, EventLoopError, LoopEvent, StopSignals, VmEnd, VmEndSignal};
 use crate::host::{self, HostVirt};
 use crate::loader::{self, LoaderError};
 use crate::seccomp::{self, SeccompError, ThreadKind};
+use crate::snapshot::{
+    self, LoadedSnapshot, MEMORY_FILE, MachineState, ROOT_OVERLAY_FILE, STATE_FILE, SnapshotError,
+};
 use crate::vstate::memory::{self, MemoryError};
-use crate::vstate::vcpu::{self, Vcpu, VcpuContext, VcpuError};
+use crate::vstate::vcpu::{Vcpu, VcpuContext, VcpuError, Vcpus};
 use crate::vstate::vm::{Vm, VmError};
 
 /// virtio-mmio's queue notification register (virtio 1.2 §4.2.2).
@@ -73,16 +83,26 @@ pub struct DiskConfig {
     pub ephemeral: bool,
 }
 
+/// Where a VM starts from.
+#[derive(Clone, Debug)]
+pub enum Boot {
+    /// A fresh boot of an uncompressed vmlinux ELF.
+    Kernel(PathBuf),
+    /// The moment a snapshot was taken (its directory); `consume` deletes
+    /// the snapshot once restored (a hibernation is resumed once).
+    Snapshot { dir: PathBuf, consume: bool },
+}
+
 /// Everything needed to boot one VM.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
-    /// An uncompressed vmlinux ELF.
-    pub kernel: PathBuf,
-    /// The first is the root filesystem.
+    pub boot: Boot,
+    /// The first is the root filesystem. A restored VM needs the disks it
+    /// had, in the same order.
     pub disks: Vec<DiskConfig>,
     pub vcpus: u8,
     pub memory_mib: u32,
-    /// Appended to Kiln's kernel command line.
+    /// Appended to Kiln's kernel command line (a fresh boot only).
     pub extra_cmdline: String,
     /// Off only for debugging (`kiln run --no-seccomp`).
     pub seccomp: bool,
@@ -119,6 +139,8 @@ pub enum VmmError {
     Cmdline { len: usize, max: usize },
     #[error("disk {path}: {source}")]
     Disk { path: PathBuf, source: BlockError },
+    #[error("disk {path}: {source}")]
+    DiskDevice { path: PathBuf, source: MmioError },
     #[error("cannot remove the ephemeral disk file {path}: {source}")]
     Ephemeral {
         path: PathBuf,
@@ -130,8 +152,22 @@ pub enum VmmError {
     EventFd(std::io::Error),
     #[error("cannot take SIGTERM and SIGINT: {0}")]
     Signals(std::io::Error),
+    #[error("snapshot {dir}: it has {saved} {what}, this VM {given}")]
+    SnapshotShape {
+        dir: PathBuf,
+        what: &'static str,
+        saved: usize,
+        given: usize,
+    },
+    #[error("cannot delete the resumed snapshot {path}: {source}")]
+    Consume {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the guest failed: {0}")]
     Guest(String),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     #[error(transparent)]
     Memory(#[from] MemoryError),
     #[error(transparent)]
@@ -156,9 +192,114 @@ pub enum VmmError {
     Seccomp(#[from] SeccompError),
 }
 
-/// Boots the VM described by `config` and runs it to its end. `started`
-/// is when the caller began (the boot timer's zero).
-pub fn run(config: &VmConfig, started: Instant) -> Result<VmOutcome, VmmError> {
+/// Boots (or restores) the VM described by `config` and runs it to its
+/// end, carrying out the requests that arrive on `control`. `started` is
+/// when the caller began (the boot timer's zero).
+pub fn run(
+    config: &VmConfig,
+    started: Instant,
+    control: Option<ControlListener>,
+) -> Result<VmOutcome, VmmError> {
+    let kvm = open_kvm(config)?;
+    let start = match &config.boot {
+        Boot::Kernel(kernel) => Start::Kernel(kernel),
+        Boot::Snapshot { dir, consume } => Start::Snapshot {
+            snapshot: Box::new(load_snapshot(&kvm, dir, config)?),
+            consume: *consume,
+        },
+    };
+    let machine = match &start {
+        Start::Snapshot { snapshot, .. } => Some(&snapshot.machine),
+        Start::Kernel(_) => None,
+    };
+    let mem = match &start {
+        Start::Snapshot { snapshot, .. } => {
+            memory::map_private(&snapshot.memory_file(), snapshot.machine.memory_mib)?
+        }
+        Start::Kernel(_) => memory::create(config.memory_mib)?,
+    };
+    let vm = Vm::new(&kvm, &mem)?;
+    if let Some(machine) = machine {
+        vm.restore_state(&machine.vm)?;
+    }
+
+    let end = VmEndSignal::new().map_err(VmmError::EventFd)?;
+    let report = InitReport::new();
+    let mut event_loop = EventLoop::new(end.clone())?;
+    let stop_signals = StopSignals::new(end.clone()).map_err(VmmError::Signals)?;
+    event_loop.add(Arc::new(Mutex::new(stop_signals)));
+    let replier = match control {
+        Some(listener) => {
+            let replier = listener.replier().map_err(VmmError::EventFd)?;
+            event_loop.add_control(listener);
+            Some(replier)
+        }
+        None => None,
+    };
+    let legacy = legacy_devices(
+        &vm,
+        &mut event_loop,
+        &end,
+        &report,
+        machine.map(|m| &m.serial),
+    )?;
+    let saved_disks = machine.map(|m| m.disks.as_slice());
+    let disks = virtio_disks(&vm, &mem, &mut event_loop, &config.disks, saved_disks)?;
+    let (cmdline, vcpus) = match &start {
+        Start::Kernel(kernel) => boot_vcpus(&kvm, &vm, &mem, kernel, config, &disks)?,
+        Start::Snapshot { snapshot, consume } => restore_vcpus(&kvm, &vm, snapshot, *consume)?,
+    };
+    let memory_mib = machine.map_or(config.memory_mib, |m| m.memory_mib);
+
+    // Raw mode before the guest prints; restored when this returns.
+    let _terminal = RawTerminal::enable_if_tty()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let context = VcpuContext {
+        pio: Arc::new(legacy.pio),
+        mmio: Arc::new(disks.mmio),
+        end: end.clone(),
+        stop: stop.clone(),
+        seccomp: config.seccomp,
+    };
+    let handles = vcpus
+        .into_iter()
+        .map(|vcpu| vcpu.spawn(context.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut machine = Machine {
+        mem,
+        vm,
+        vcpus: Vcpus::new(handles, stop),
+        serial: legacy.serial,
+        transports: disks.transports,
+        blocks: disks.blocks,
+        end: end.clone(),
+        cmdline,
+        memory_mib,
+        paused: false,
+    };
+    // Every thread exists and every file is open: from here on, only the
+    // event loop's system calls.
+    let ran = if config.seccomp {
+        seccomp::install(ThreadKind::Vmm).map_err(VmmError::from)
+    } else {
+        Ok(())
+    }
+    .and_then(|()| serve(&mut event_loop, &mut machine, replier.as_ref()));
+    machine.vcpus.stop();
+    ran?;
+    let exit_status = match end.reason() {
+        VmEnd::Reset | VmEnd::Shutdown => report.exit_status().unwrap_or(0),
+        VmEnd::Stop => report.exit_status().unwrap_or(STOPPED_STATUS),
+        VmEnd::Error(reason) => return Err(VmmError::Guest(reason)),
+    };
+    Ok(VmOutcome {
+        exit_status,
+        boot_to_init: report.init_started().map(|at| at.duration_since(started)),
+    })
+}
+
+/// KVM, checked to be hardware KVM that can run `config`'s vCPUs and disks.
+fn open_kvm(config: &VmConfig) -> Result<Kvm, VmmError> {
     match host::detect() {
         HostVirt::HardwareKvm(_) => {}
         HostVirt::Pvm => return Err(VmmError::Pvm),
@@ -175,74 +316,268 @@ pub fn run(config: &VmConfig, started: Instant) -> Result<VmOutcome, VmmError> {
     if config.disks.is_empty() {
         return Err(VmmError::NoDisk);
     }
-    let mem = memory::create(config.memory_mib)?;
-    let vm = Vm::new(&kvm, &mem)?;
-    let entry = loader::load_kernel(&mem, &config.kernel)?;
+    Ok(kvm)
+}
 
-    let end = VmEndSignal::new().map_err(VmmError::EventFd)?;
-    let report = InitReport::new();
-    let mut event_loop = EventLoop::new(end.clone())?;
-    let stop_signals = StopSignals::new(end.clone()).map_err(VmmError::Signals)?;
-    event_loop.add(Arc::new(Mutex::new(stop_signals)));
-    let pio = legacy_devices(&vm, &mut event_loop, &end, &report)?;
-    let disks = virtio_disks(&vm, &mem, &mut event_loop, &config.disks)?;
-    let cmdline = kernel_cmdline(config, &disks)?;
-    let cr3 = write_boot_structures(&mem, &cmdline, config)?;
-
-    // Raw mode before the guest prints; restored when this returns.
-    let _terminal = RawTerminal::enable_if_tty()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let context = VcpuContext {
-        pio: Arc::new(pio),
-        mmio: Arc::new(disks.mmio),
-        end: end.clone(),
-        stop: stop.clone(),
-        seccomp: config.seccomp,
+/// The snapshot in `dir`, checked whole, of the shape `config` describes,
+/// and taken on a CPU like this host's.
+fn load_snapshot(kvm: &Kvm, dir: &Path, config: &VmConfig) -> Result<LoadedSnapshot, VmmError> {
+    let snapshot = snapshot::load(dir)?;
+    let machine = &snapshot.machine;
+    let shape = |what, saved: usize, given: usize| {
+        (saved != given).then(|| VmmError::SnapshotShape {
+            dir: dir.to_path_buf(),
+            what,
+            saved,
+            given,
+        })
     };
-    let mut threads = Vec::new();
-    for index in 0..config.vcpus {
-        let vcpu = Vcpu::new(&kvm, &vm, index, config.vcpus, entry, cr3)?;
-        threads.push(vcpu.spawn(context.clone())?);
+    let mismatch = shape("vCPUs", machine.vcpus.len(), config.vcpus.into())
+        .or_else(|| {
+            shape(
+                "MiB of memory",
+                machine.memory_mib as usize,
+                config.memory_mib as usize,
+            )
+        })
+        .or_else(|| shape("disks", machine.disks.len(), config.disks.len()));
+    if let Some(err) = mismatch {
+        return Err(err);
     }
-    // Every thread exists and every file is open: from here on, only the
-    // event loop's system calls.
-    let ran = if config.seccomp {
-        seccomp::install(ThreadKind::Vmm).map_err(VmmError::from)
-    } else {
-        Ok(())
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|source| VmError::Kvm {
+            what: "KVM_GET_SUPPORTED_CPUID",
+            source,
+        })?;
+    snapshot::check_cpu(&dir.join(STATE_FILE), &machine.vcpus[0].cpuid, &supported)?;
+    Ok(snapshot)
+}
+
+/// Where a VM starts: [`Boot`], with the snapshot read and checked.
+enum Start<'a> {
+    Kernel(&'a Path),
+    Snapshot {
+        snapshot: Box<LoadedSnapshot>,
+        consume: bool,
+    },
+}
+
+/// A fresh boot: the kernel, the command line and boot structures in
+/// memory, and vCPUs at the kernel's entry. Returns the command line.
+fn boot_vcpus(
+    kvm: &Kvm,
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    kernel: &Path,
+    config: &VmConfig,
+    disks: &VirtioDisks,
+) -> Result<(String, Vec<Vcpu>), VmmError> {
+    let entry = loader::load_kernel(mem, kernel)?;
+    let cmdline = kernel_cmdline(config, disks)?;
+    let cr3 = write_boot_structures(mem, &cmdline, config)?;
+    let vcpus = (0..config.vcpus)
+        .map(|index| Vcpu::boot(kvm, vm, index, config.vcpus, entry, cr3))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((cmdline, vcpus))
+}
+
+/// vCPUs that go on from `snapshot`, which is deleted if `consume`d.
+/// Returns the command line the snapshot's guest booted with.
+fn restore_vcpus(
+    kvm: &Kvm,
+    vm: &Vm,
+    snapshot: &LoadedSnapshot,
+    consume: bool,
+) -> Result<(String, Vec<Vcpu>), VmmError> {
+    let vcpus = snapshot
+        .machine
+        .vcpus
+        .iter()
+        .map(|state| Vcpu::restore(kvm, vm, state))
+        .collect::<Result<Vec<_>, _>>()?;
+    if consume {
+        std::fs::remove_dir_all(&snapshot.dir).map_err(|source| VmmError::Consume {
+            path: snapshot.dir.clone(),
+            source,
+        })?;
     }
-    .and_then(|()| event_loop.run_until_end().map_err(VmmError::from));
-    vcpu::stop_all(&stop, threads);
-    ran?;
-    match end.reason() {
-        VmEnd::Reset | VmEnd::Shutdown => Ok(VmOutcome {
-            exit_status: report.exit_status().unwrap_or(0),
-            boot_to_init: report.init_started().map(|at| at.duration_since(started)),
-        }),
-        VmEnd::Stop => Ok(VmOutcome {
-            exit_status: report.exit_status().unwrap_or(STOPPED_STATUS),
-            boot_to_init: report.init_started().map(|at| at.duration_since(started)),
-        }),
-        VmEnd::Error(reason) => Err(VmmError::Guest(reason)),
+    Ok((snapshot.machine.cmdline.clone(), vcpus))
+}
+
+/// Runs the event loop until the VM ends, carrying out control requests
+/// as they come.
+fn serve(
+    event_loop: &mut EventLoop,
+    machine: &mut Machine,
+    replier: Option<&ControlReplier>,
+) -> Result<(), VmmError> {
+    loop {
+        let request = match event_loop.run()? {
+            LoopEvent::End => return Ok(()),
+            LoopEvent::Control(request) => request,
+        };
+        let reply = machine.carry_out(request);
+        if let Some(replier) = replier
+            && let Err(err) = replier.send(&reply)
+        {
+            eprintln!("kiln: control: cannot answer: {err}");
+        }
     }
 }
 
-/// COM1, the i8042 (its reset line ends the VM) and the guest-init port.
+/// A running VM's parts, as control requests need them.
+struct Machine {
+    mem: GuestMemoryMmap,
+    vm: Vm,
+    vcpus: Vcpus,
+    serial: Arc<Mutex<Serial>>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    blocks: Vec<Arc<Mutex<Block>>>,
+    end: Arc<VmEndSignal>,
+    cmdline: String,
+    memory_mib: u32,
+    /// Whether the VMM process has paused the vCPUs.
+    paused: bool,
+}
+
+impl Machine {
+    fn carry_out(&mut self, request: ControlRequest) -> ControlReply {
+        let done = match request {
+            ControlRequest::Pause => self.set_paused(true).map(|()| None),
+            ControlRequest::Resume if !self.paused => Err("the VM is not paused".to_string()),
+            ControlRequest::Resume => self.set_paused(false).map(|()| None),
+            ControlRequest::Snapshot {
+                dir,
+                copy_root,
+                then,
+            } => self.snapshot(&dir, copy_root, then).map(Some),
+        };
+        match done {
+            Ok(snapshot) => ControlReply {
+                error: None,
+                snapshot,
+            },
+            Err(error) => ControlReply {
+                error: Some(error),
+                snapshot: None,
+            },
+        }
+    }
+
+    fn set_paused(&mut self, paused: bool) -> Result<(), String> {
+        let changed = if paused {
+            self.vcpus.pause()
+        } else {
+            self.vcpus.resume()
+        };
+        changed.map_err(|err| err.to_string())?;
+        self.paused = paused;
+        Ok(())
+    }
+
+    /// Pauses the VM (unless it is paused), writes a snapshot into `dir`,
+    /// and goes on or ends as `then` says.
+    fn snapshot(
+        &mut self,
+        dir: &Path,
+        copy_root: bool,
+        then: AfterSnapshot,
+    ) -> Result<SnapshotStats, String> {
+        let begun = Instant::now();
+        let was_paused = self.paused;
+        self.set_paused(true)?;
+        let paused_at = Instant::now();
+        let written = self.write_snapshot(dir, copy_root);
+        match then {
+            AfterSnapshot::Continue if !was_paused => self.set_paused(false)?,
+            AfterSnapshot::Continue => {}
+            // The VM stays paused and ends: the snapshot is where it goes on.
+            AfterSnapshot::Stop if written.is_ok() => self.end.signal(VmEnd::Stop),
+            AfterSnapshot::Stop => self.set_paused(was_paused)?,
+        }
+        let mut stats = written.map_err(|err| err.to_string())?;
+        stats.paused_us = paused_at.elapsed().as_micros() as u64;
+        stats.total_us = begun.elapsed().as_micros() as u64;
+        Ok(stats)
+    }
+
+    /// The snapshot's files, with the vCPUs parked: memory, the root
+    /// disk's writes if asked, then the state file, whose presence says
+    /// the rest is whole.
+    fn write_snapshot(&self, dir: &Path, copy_root: bool) -> Result<SnapshotStats, SnapshotError> {
+        let io_err = |path: PathBuf| move |source| SnapshotError::Io { path, source };
+        let vcpus = self.vcpus.save()?;
+        let vm = self.vm.save_state()?;
+        let serial = lock(&self.serial).save();
+        let disks = self.transports.iter().map(|t| lock(t).save()).collect();
+        for block in &self.blocks {
+            lock(block).flush()?;
+        }
+        let memory_path = dir.join(MEMORY_FILE);
+        let memory_file = File::create(&memory_path).map_err(io_err(memory_path.clone()))?;
+        let memory = memory::save_sparse(&self.mem, &memory_file)?;
+        let root_bytes = match (copy_root, self.blocks.first()) {
+            (true, Some(root)) => {
+                let path = dir.join(ROOT_OVERLAY_FILE);
+                lock(root)
+                    .copy_writes_to(&path)
+                    .map_err(io_err(path.clone()))?
+            }
+            _ => 0,
+        };
+        let state = MachineState {
+            memory_mib: self.memory_mib,
+            cmdline: self.cmdline.clone(),
+            vm,
+            vcpus,
+            serial,
+            disks,
+        };
+        let state_path = dir.join(STATE_FILE);
+        snapshot::write_state(&state_path, &state)?;
+        let state_bytes = std::fs::metadata(&state_path)
+            .map_err(io_err(state_path.clone()))?
+            .len();
+        Ok(SnapshotStats {
+            memory_bytes: memory.total_bytes,
+            memory_written: memory.written_bytes,
+            state_bytes,
+            root_bytes,
+            ..SnapshotStats::default()
+        })
+    }
+}
+
+/// The legacy devices on the port I/O bus, and the console among them.
+struct LegacyDevices {
+    pio: Bus,
+    serial: Arc<Mutex<Serial>>,
+}
+
+/// COM1 (from `saved` when restoring), the i8042 (its reset line ends the
+/// VM) and the guest-init port. The i8042 and the guest-init port keep no
+/// state a snapshot needs: the guest has no i8042 driver (Kiln's kernel
+/// only pulses its reset line), and guest-init's reports are events, not
+/// state.
 fn legacy_devices(
     vm: &Vm,
     event_loop: &mut EventLoop,
     end: &VmEndSignal,
     report: &Arc<InitReport>,
-) -> Result<Bus, VmmError> {
+    saved: Option<&SerialSnapshot>,
+) -> Result<LegacyDevices, VmmError> {
     let mut pio = Bus::new();
     let serial_irq = EventFd::new(0).map_err(VmmError::EventFd)?;
     vm.register_irqfd(&serial_irq, COM1_IRQ)?;
-    let serial = Arc::new(Mutex::new(Serial::new(
-        serial_irq,
-        Box::new(std::io::stdout()),
-    )));
+    let out = Box::new(std::io::stdout());
+    let serial = match saved {
+        Some(saved) => Serial::restore(serial_irq, out, saved)?,
+        None => Serial::new(serial_irq, out),
+    };
+    let serial = Arc::new(Mutex::new(serial));
     event_loop.add(Arc::new(Mutex::new(SerialInput::stdin(serial.clone())?)));
-    pio.insert(serial, COM1_PORT.into(), SERIAL_PORT_LEN)?;
+    pio.insert(serial.clone(), COM1_PORT.into(), SERIAL_PORT_LEN)?;
     let reset = end.trigger().map_err(VmmError::EventFd)?;
     pio.insert(
         Arc::new(Mutex::new(I8042::new(reset))),
@@ -255,12 +590,14 @@ fn legacy_devices(
         guest_init::protocol::INIT_PORT.into(),
         INIT_PORT_LEN,
     )?;
-    Ok(pio)
+    Ok(LegacyDevices { pio, serial })
 }
 
-/// The virtio disks as the kernel command line needs them.
+/// The virtio disks, and what the kernel command line needs of them.
 struct VirtioDisks {
     mmio: Bus,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    blocks: Vec<Arc<Mutex<Block>>>,
     /// The `virtio_mmio.device=` parameters through which the guest finds them.
     params: Vec<String>,
     /// Whether the root disk's device offers DISCARD.
@@ -268,12 +605,14 @@ struct VirtioDisks {
 }
 
 /// One virtio-mmio block device per disk, each with its own 4 KiB region
-/// and interrupt line.
+/// and interrupt line; restored from `saved` (in the same order) when
+/// the VM goes on from a snapshot.
 fn virtio_disks(
     vm: &Vm,
     mem: &GuestMemoryMmap,
     event_loop: &mut EventLoop,
     disks: &[DiskConfig],
+    saved: Option<&[TransportState]>,
 ) -> Result<VirtioDisks, VmmError> {
     let max = IRQ_MAX - IRQ_VIRTIO_FIRST + 1;
     if disks.len() > max as usize {
@@ -282,48 +621,64 @@ fn virtio_disks(
             max,
         });
     }
-    let mut mmio = Bus::new();
-    let mut params = Vec::new();
-    let mut root_discards = false;
-    for ((disk, base), irq) in disks
-        .iter()
-        .zip((0..).map(|i| VIRTIO_MMIO_START + i * MMIO_REGION_SIZE))
-        .zip(IRQ_VIRTIO_FIRST..)
-    {
-        let block = Block::new(&disk.source, disk.read_only).map_err(|source| VmmError::Disk {
+    let mut devices = VirtioDisks {
+        mmio: Bus::new(),
+        transports: Vec::new(),
+        blocks: Vec::new(),
+        params: Vec::new(),
+        root_discards: false,
+    };
+    for (index, disk) in disks.iter().enumerate() {
+        let base = VIRTIO_MMIO_START + index as u64 * MMIO_REGION_SIZE;
+        let irq = IRQ_VIRTIO_FIRST + index as u32;
+        let block = open_disk(disk)?;
+        if index == 0 {
+            devices.root_discards = block.discards();
+        }
+        let block = Arc::new(Mutex::new(block));
+        let transport = match saved.and_then(|saved| saved.get(index)) {
+            Some(state) => MmioTransport::restore(mem.clone(), block.clone(), state),
+            None => MmioTransport::new(mem.clone(), block.clone()),
+        }
+        .map_err(|source| VmmError::DiskDevice {
             path: disk.source.path().to_path_buf(),
             source,
         })?;
-        if disk.ephemeral {
-            let path = match &disk.source {
-                DiskSource::Raw(path) => Some(path),
-                DiskSource::Volume { overlay, .. } => overlay.as_ref(),
-            };
-            if let Some(path) = path {
-                std::fs::remove_file(path).map_err(|source| VmmError::Ephemeral {
-                    path: path.clone(),
-                    source,
-                })?;
-            }
-        }
-        if params.is_empty() {
-            root_discards = block.discards();
-        }
-        let block = Arc::new(Mutex::new(block));
-        let transport = MmioTransport::new(mem.clone(), block.clone())?;
         for (queue, evt) in transport.queue_events().iter().enumerate() {
             vm.register_ioevent(evt, base + VIRTIO_MMIO_QUEUE_NOTIFY, queue as u32)?;
         }
         vm.register_irqfd(transport.interrupt_event(), irq)?;
-        event_loop.add(block);
-        mmio.insert(Arc::new(Mutex::new(transport)), base, MMIO_REGION_SIZE)?;
-        params.push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+        event_loop.add(block.clone());
+        let transport = Arc::new(Mutex::new(transport));
+        devices
+            .mmio
+            .insert(transport.clone(), base, MMIO_REGION_SIZE)?;
+        devices.transports.push(transport);
+        devices.blocks.push(block);
+        devices
+            .params
+            .push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
     }
-    Ok(VirtioDisks {
-        mmio,
-        params,
-        root_discards,
-    })
+    Ok(devices)
+}
+
+/// Opens a disk's block device; an ephemeral disk's file goes at once.
+fn open_disk(disk: &DiskConfig) -> Result<Block, VmmError> {
+    let block = Block::new(&disk.source, disk.read_only).map_err(|source| VmmError::Disk {
+        path: disk.source.path().to_path_buf(),
+        source,
+    })?;
+    let file = match &disk.source {
+        DiskSource::Raw(path) => Some(path),
+        DiskSource::Volume { overlay, .. } => overlay.as_ref(),
+    };
+    if let Some(path) = file.filter(|_| disk.ephemeral) {
+        std::fs::remove_file(path).map_err(|source| VmmError::Ephemeral {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    Ok(block)
 }
 
 fn kernel_cmdline(config: &VmConfig, disks: &VirtioDisks) -> Result<String, VmmError> {
@@ -379,7 +734,7 @@ mod tests {
 
     fn config(disks: &[(&str, bool)], extra: &str) -> VmConfig {
         VmConfig {
-            kernel: "vmlinux".into(),
+            boot: Boot::Kernel("vmlinux".into()),
             disks: disks
                 .iter()
                 .map(|(p, ro)| DiskConfig {
@@ -399,6 +754,8 @@ mod tests {
     fn disks(params: &[&str], root_discards: bool) -> VirtioDisks {
         VirtioDisks {
             mmio: Bus::new(),
+            transports: Vec::new(),
+            blocks: Vec::new(),
             params: params.iter().map(|p| p.to_string()).collect(),
             root_discards,
         }

@@ -13,6 +13,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::signal::{block_signal, create_sigset};
 
+use crate::control::{ControlListener, ControlRequest};
 use crate::devices::lock;
 
 /// Why a VM ended.
@@ -133,6 +134,18 @@ pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 pub struct EventLoop {
     manager: EventManager<Subscriber>,
     watcher: Arc<Mutex<EndWatcher>>,
+    /// Where the control channel's listener leaves a request, if the VM
+    /// has a control channel.
+    control: Option<Arc<Mutex<Option<ControlRequest>>>>,
+}
+
+/// Why [`EventLoop::run`] returned.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LoopEvent {
+    /// The VM has ended.
+    End,
+    /// The VMM process asks for something; the loop goes on afterwards.
+    Control(ControlRequest),
 }
 
 /// Errors from the event loop.
@@ -150,7 +163,17 @@ impl EventLoop {
             EventManager::new().map_err(EventLoopError::Create)?;
         let watcher = Arc::new(Mutex::new(EndWatcher { end, ended: false }));
         manager.add_subscriber(watcher.clone());
-        Ok(EventLoop { manager, watcher })
+        Ok(EventLoop {
+            manager,
+            watcher,
+            control: None,
+        })
+    }
+
+    /// Serves the control channel: its requests make [`run`](Self::run) return.
+    pub fn add_control(&mut self, listener: ControlListener) {
+        self.control = Some(listener.pending());
+        self.manager.add_subscriber(Arc::new(Mutex::new(listener)));
     }
 
     /// Adds a device backend; its `init` registers its fds.
@@ -158,12 +181,17 @@ impl EventLoop {
         self.manager.add_subscriber(subscriber);
     }
 
-    /// Dispatches events until the VM ends.
-    pub fn run_until_end(&mut self) -> Result<(), EventLoopError> {
-        while !lock(&self.watcher).ended {
+    /// Dispatches events until the VM ends or a control request arrives.
+    pub fn run(&mut self) -> Result<LoopEvent, EventLoopError> {
+        loop {
+            if lock(&self.watcher).ended {
+                return Ok(LoopEvent::End);
+            }
+            if let Some(request) = self.control.as_ref().and_then(|c| lock(c).take()) {
+                return Ok(LoopEvent::Control(request));
+            }
             self.manager.run().map_err(EventLoopError::Run)?;
         }
-        Ok(())
     }
 }
 
@@ -185,7 +213,7 @@ mod tests {
         let end = VmEndSignal::new().unwrap();
         let mut event_loop = EventLoop::new(end.clone()).unwrap();
         end.trigger().unwrap().write(1).unwrap();
-        event_loop.run_until_end().unwrap();
+        assert_eq!(event_loop.run().unwrap(), LoopEvent::End);
         assert_eq!(end.reason(), VmEnd::Reset);
     }
 }

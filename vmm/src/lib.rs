@@ -5,6 +5,8 @@
 pub mod api;
 pub mod arch;
 pub mod builder;
+pub mod commit;
+pub mod control;
 pub mod devices;
 pub mod durable;
 pub mod event_loop;
@@ -13,5 +15,6 @@ pub mod host;
 pub mod instance;
 pub mod loader;
 pub mod seccomp;
+pub mod snapshot;
 pub mod volume;
 pub mod vstate;

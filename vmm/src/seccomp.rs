@@ -9,6 +9,12 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use vmm_sys_util::ioctl::{_IOC_NONE, _IOC_READ, _IOC_WRITE, ioctl_expr};
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msrs,
+    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+};
 use seccompiler::{
     BackendError, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
     SeccompFilter, SeccompRule, TargetArch,
@@ -58,10 +64,41 @@ pub enum SeccompError {
     },
 }
 
+/// A KVM ioctl's request number (linux/kvm.h's `_IO`, `_IOR`, `_IOWR`):
+/// direction, KVMIO, `nr` and the size of the argument `T`.
+const fn kvm_ioctl<T>(direction: u32, nr: u32) -> u64 {
+    let size = if direction == _IOC_NONE {
+        0
+    } else {
+        std::mem::size_of::<T>() as u32
+    };
+    ioctl_expr(direction, kvm_bindings::KVMIO, nr, size) as u64
+}
+
 /// `KVM_RUN`: `_IO(KVMIO, 0x80)` (linux/kvm.h).
-const KVM_RUN: u64 =
-    vmm_sys_util::ioctl::ioctl_expr(vmm_sys_util::ioctl::_IOC_NONE, kvm_bindings::KVMIO, 0x80, 0)
-        as u64;
+const KVM_RUN: u64 = kvm_ioctl::<()>(_IOC_NONE, 0x80);
+
+/// The vCPU ioctls a snapshot reads a parked vCPU's state with
+/// (`vstate::vcpu_state`), each from linux/kvm.h.
+const KVM_VCPU_SAVE_IOCTLS: [u64; 10] = [
+    kvm_ioctl::<kvm_regs>(_IOC_READ, 0x81),  // KVM_GET_REGS
+    kvm_ioctl::<kvm_sregs>(_IOC_READ, 0x83), // KVM_GET_SREGS
+    kvm_ioctl::<kvm_msrs>(_IOC_READ | _IOC_WRITE, 0x88), // KVM_GET_MSRS
+    kvm_ioctl::<kvm_lapic_state>(_IOC_READ, 0x8e), // KVM_GET_LAPIC
+    kvm_ioctl::<kvm_mp_state>(_IOC_READ, 0x98), // KVM_GET_MP_STATE
+    kvm_ioctl::<kvm_vcpu_events>(_IOC_READ, 0x9f), // KVM_GET_VCPU_EVENTS
+    kvm_ioctl::<kvm_debugregs>(_IOC_READ, 0xa1), // KVM_GET_DEBUGREGS
+    kvm_ioctl::<()>(_IOC_NONE, 0xa3),        // KVM_GET_TSC_KHZ
+    kvm_ioctl::<kvm_xsave>(_IOC_READ, 0xa4), // KVM_GET_XSAVE
+    kvm_ioctl::<kvm_xcrs>(_IOC_READ, 0xa6),  // KVM_GET_XCRS
+];
+
+/// The VM ioctls a snapshot reads the VM's state with (`vstate::vm`).
+const KVM_VM_SAVE_IOCTLS: [u64; 3] = [
+    kvm_ioctl::<kvm_irqchip>(_IOC_READ | _IOC_WRITE, 0x62), // KVM_GET_IRQCHIP
+    kvm_ioctl::<kvm_clock_data>(_IOC_READ, 0x7c),           // KVM_GET_CLOCK
+    kvm_ioctl::<kvm_pit_state2>(_IOC_READ, 0x9f),           // KVM_GET_PIT2
+];
 
 type Rules = Vec<(i64, Vec<SeccompRule>)>;
 
@@ -101,6 +138,10 @@ fn common_rules() -> Result<Rules, BackendError> {
         // Device mutexes shared between vCPU threads and the event loop,
         // std's thread parking and join.
         allow(libc::SYS_futex),
+        // The channels between the event loop and the vCPU threads (pause,
+        // snapshot, resume): std's mpsc backs off with sched_yield before
+        // it parks.
+        allow(libc::SYS_sched_yield),
         // stderr warnings; on the vCPU thread also serial output to stdout
         // and eventfd signals (serial and virtio interrupts, i8042 reset,
         // virtio-mmio notifications that bypassed the ioeventfd).
@@ -156,22 +197,52 @@ fn vmm_rules() -> Result<Rules, BackendError> {
         allow(libc::SYS_clock_nanosleep),
         // RawTerminal's Drop restores the host terminal's mode: glibc's
         // tcsetattr(TCSANOW) reads the current mode (TCGETS), then sets it
-        // (TCSETS). No other ioctl.
+        // (TCSETS). A snapshot reads the VM's interrupt controllers, PIT
+        // and clock. No other ioctl.
         (
             libc::SYS_ioctl,
-            vec![arg_equals(1, libc::TCGETS)?, arg_equals(1, libc::TCSETS)?],
+            [libc::TCGETS, libc::TCSETS]
+                .into_iter()
+                .chain(KVM_VM_SAVE_IOCTLS)
+                .map(|request| arg_equals(1, request))
+                .collect::<Result<_, _>>()?,
         ),
+        // The control channel from the instance's VMM: a request read and
+        // its answer written (std's socket reads and writes are recv and
+        // send).
+        allow(libc::SYS_recvfrom),
+        allow(libc::SYS_sendto),
+        // A snapshot's files (the control channel's requests): the memory
+        // file and the root volume's copy are created, sized, written with
+        // pwrite64 (above), synced; the copy finds the overlay's data with
+        // lseek(SEEK_DATA/SEEK_HOLE); the state file is staged under a
+        // random name, synced, renamed into place (renameat), and its
+        // directory synced; a stage that fails is unlinked; sizes are read
+        // with statx.
+        allow(libc::SYS_openat),
+        allow(libc::SYS_ftruncate),
+        allow(libc::SYS_fsync),
+        allow(libc::SYS_lseek),
+        allow(libc::SYS_renameat),
+        allow(libc::SYS_unlinkat),
+        allow(libc::SYS_statx),
         // The VMM exits with the guest's status.
         allow(libc::SYS_exit_group),
     ])
 }
 
 /// A vCPU thread. Its registers are set before the filter is installed,
-/// so KVM_RUN is its only ioctl.
+/// so it only enters the guest and, parked for a snapshot, reads its state.
 fn vcpu_rules() -> Result<Rules, BackendError> {
     Ok(vec![
-        // The run loop entering the guest.
-        (libc::SYS_ioctl, vec![arg_equals(1, KVM_RUN)?]),
+        // The run loop entering the guest; a snapshot's KVM_GET_* calls.
+        (
+            libc::SYS_ioctl,
+            std::iter::once(KVM_RUN)
+                .chain(KVM_VCPU_SAVE_IOCTLS)
+                .map(|request| arg_equals(1, request))
+                .collect::<Result<_, _>>()?,
+        ),
         // Returning from the handler of the signal that kicks the vCPU out
         // of KVM_RUN.
         allow(libc::SYS_rt_sigreturn),
@@ -202,6 +273,12 @@ fn api_rules() -> Result<Rules, BackendError> {
         allow(libc::SYS_fsync),
         allow(libc::SYS_renameat),
         allow(libc::SYS_unlinkat),
+        // A hibernation: its staging directory is cleared (read and
+        // unlinked entry by entry), made, and renamed into place whole.
+        allow(libc::SYS_mkdir),
+        allow(libc::SYS_getdents64),
+        allow(libc::SYS_newfstatat),
+        allow(libc::SYS_rename),
         // stop, reboot, pause and resume signal the VM process.
         allow(libc::SYS_kill),
         // Thread teardown (glibc madvises the stack away, see the common
@@ -246,8 +323,16 @@ mod tests {
     }
 
     #[test]
-    fn kvm_run_is_the_documented_number() {
+    fn kvm_ioctls_are_the_documented_numbers() {
         assert_eq!(KVM_RUN, 0xae80);
+        // From linux/kvm.h as compiled: KVM_GET_REGS, KVM_GET_MSRS,
+        // KVM_GET_XSAVE, KVM_GET_TSC_KHZ, KVM_GET_IRQCHIP, KVM_GET_CLOCK.
+        assert_eq!(KVM_VCPU_SAVE_IOCTLS[0], 0x8090_ae81);
+        assert_eq!(KVM_VCPU_SAVE_IOCTLS[2], 0xc008_ae88);
+        assert_eq!(KVM_VCPU_SAVE_IOCTLS[8], 0x9000_aea4);
+        assert_eq!(KVM_VCPU_SAVE_IOCTLS[7], 0xaea3);
+        assert_eq!(KVM_VM_SAVE_IOCTLS[0], 0xc208_ae62);
+        assert_eq!(KVM_VM_SAVE_IOCTLS[1], 0x8030_ae7c);
     }
 
     #[test]

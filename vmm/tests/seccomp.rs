@@ -17,9 +17,12 @@ use std::time::{Duration, Instant};
 use event_manager::{EventManager, SubscriberOps};
 use kiln_vmm::api::{self, Response};
 use kiln_vmm::devices::serial::{Serial, SerialInput};
+use kiln_vmm::devices::virtio::block::{Block, DiskSource};
 use kiln_vmm::instance::{Registry, Spec};
 use kiln_vmm::seccomp::{self, ThreadKind};
 use kiln_vmm::volume::Volume;
+use kiln_vmm::vstate::memory;
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
@@ -261,6 +264,104 @@ fn vmm_thread_survives_its_event_loop_and_block_io_then_exits() {
             drop(volume);
             say_survived();
             // The VMM ends the process with the guest's status.
+            std::process::exit(0);
+        });
+        return;
+    };
+    assert_survived(&output);
+}
+
+#[test]
+fn vmm_thread_survives_writing_a_snapshot() {
+    let Some(output) = in_child_or_run("vmm_thread_survives_writing_a_snapshot") else {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("raw");
+        std::fs::write(&raw, vec![3u8; 256 * 1024]).unwrap();
+        let kiln_image = dir.path().join("image.kiln");
+        kiln_builder::image::write(&raw, &kiln_image, 64 * 1024).unwrap();
+        let overlay = dir.path().join("root.overlay");
+        Volume::create(&kiln_image, &overlay, 1 << 20).unwrap();
+        let source = DiskSource::Volume {
+            image: kiln_image,
+            overlay: Some(overlay),
+            cache_bytes: 1 << 20,
+        };
+        let mut block = Block::new(&source, false).unwrap();
+        let mem = memory::create(16).unwrap();
+        mem.write_slice(b"guest data", GuestAddress(0x10_0000))
+            .unwrap();
+        let snapshot = dir.path().join("snapshot");
+        std::fs::create_dir(&snapshot).unwrap();
+        on_filtered_thread(ThreadKind::Vmm, move || {
+            // What `Machine::write_snapshot` does once the vCPUs are parked.
+            block.flush().unwrap();
+            let memory_file = File::create(snapshot.join("memory")).unwrap();
+            memory::save_sparse(&mem, &memory_file).unwrap();
+            block
+                .copy_writes_to(&snapshot.join("root.overlay"))
+                .unwrap();
+            kiln_vmm::snapshot::write_state(&snapshot.join("state"), &"state").unwrap();
+            std::fs::metadata(snapshot.join("state")).unwrap();
+            say_survived();
+            std::process::exit(0);
+        });
+        return;
+    };
+    assert_survived(&output);
+}
+
+#[test]
+fn vmm_and_vcpu_threads_survive_their_request_channels() {
+    let Some(output) = in_child_or_run("vmm_and_vcpu_threads_survive_their_request_channels")
+    else {
+        // The pause/save/resume requests and replies between the event
+        // loop and a vCPU thread, busy enough that std's channels back off.
+        let (requests, inbox) = std::sync::mpsc::channel::<u32>();
+        let (outbox, replies) = std::sync::mpsc::channel::<u32>();
+        let vcpu = spawn_filtered(ThreadKind::Vcpu, move || {
+            while let Ok(n) = inbox.recv() {
+                outbox.send(n).unwrap();
+            }
+            // The vCPU thread's end, as when the VM stops.
+        });
+        // The control channel: a request from the instance's VMM, answered.
+        let (mut client, theirs) = kiln_vmm::control::channel().unwrap();
+        // SAFETY: `theirs` is an open socket handed over whole.
+        let listener = unsafe {
+            kiln_vmm::control::ControlListener::adopt(std::os::fd::IntoRawFd::into_raw_fd(theirs))
+        };
+        let pending = listener.pending();
+        let replier = listener.replier().unwrap();
+        let asker = std::thread::spawn(move || {
+            client
+                .call(
+                    &kiln_vmm::control::ControlRequest::Pause,
+                    Duration::from_secs(5),
+                )
+                .unwrap()
+        });
+        let mut event_loop = EventManager::<kiln_vmm::control::ControlListener>::new().unwrap();
+        event_loop.add_subscriber(listener);
+        on_filtered_thread(ThreadKind::Vmm, move || {
+            event_loop.run_with_timeout(5000).unwrap();
+            assert!(pending.lock().unwrap().take().is_some());
+            replier
+                .send(&kiln_vmm::control::ControlReply::default())
+                .unwrap();
+            assert_eq!(
+                asker.join().unwrap(),
+                kiln_vmm::control::ControlReply::default()
+            );
+            for n in 0..20_000 {
+                requests.send(n).unwrap();
+                let reply = replies.recv_timeout(Duration::from_secs(5)).unwrap();
+                assert_eq!(reply, n);
+            }
+            drop(requests);
+            while !vcpu.is_finished() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            say_survived();
             std::process::exit(0);
         });
         return;

@@ -40,6 +40,12 @@ enum Bench {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// Restore latency of `kiln snapshot restore` against a cold boot, and snapshot size.
+    Snapshot {
+        /// Timed cold boots and restores per guest size.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
 }
 
 /// What `bench-guest` measures.
@@ -47,6 +53,7 @@ enum Bench {
 enum GuestBench {
     Boot,
     Disk,
+    Snapshot,
 }
 
 #[derive(Subcommand)]
@@ -94,6 +101,9 @@ fn main() -> ExitCode {
         Task::Bench {
             bench: Bench::Disk { runs },
         } => bench::disk(runs),
+        Task::Bench {
+            bench: Bench::Snapshot { runs },
+        } => bench::snapshot(runs),
         Task::BenchGuest {
             kind: GuestBench::Boot,
             runs,
@@ -102,6 +112,10 @@ fn main() -> ExitCode {
             kind: GuestBench::Disk,
             runs,
         } => bench::disk_guest(runs),
+        Task::BenchGuest {
+            kind: GuestBench::Snapshot,
+            runs,
+        } => bench::snapshot_guest(runs),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use vm_superio::serial::{Error as UartError, SerialEvents};
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{Error as UartError, SerialEvents, SerialState};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::bus::BusDevice;
@@ -47,7 +48,32 @@ pub enum SerialError {
     /// The terminal's mode could not be read or changed.
     #[error("cannot switch the terminal on stdin to raw mode")]
     Termios(#[source] io::Error),
+    /// A saved UART state that the 16550A cannot hold (an overfull FIFO)
+    /// or whose pending interrupt cannot be raised.
+    #[error("cannot restore the serial console's state: {0}")]
+    Restore(String),
 }
+
+/// The UART's registers and receive FIFO as a snapshot stores them
+/// (vm-superio's own state, given serde's shape here).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(remote = "SerialState")]
+struct SavedUart {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
+}
+
+/// The serial console's part of a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot(#[serde(with = "SavedUart")] SerialState);
 
 /// Tells [`SerialInput`] that the guest has emptied the receive FIFO, but
 /// only when it is waiting for that (the guest drains the FIFO after every
@@ -94,6 +120,27 @@ impl Serial {
             uart,
             warned: false,
         }
+    }
+
+    /// A UART that goes on from `saved`; an interrupt that was pending then
+    /// is raised again.
+    pub fn restore(
+        interrupt: EventFd,
+        out: Box<dyn Write + Send>,
+        saved: &SerialSnapshot,
+    ) -> Result<Self, SerialError> {
+        let trigger = EventFdTrigger::new(interrupt);
+        let uart = Uart::from_state(&saved.0, trigger, DrainNotifier::default(), out)
+            .map_err(|err| SerialError::Restore(err.to_string()))?;
+        Ok(Self {
+            uart,
+            warned: false,
+        })
+    }
+
+    /// The UART's registers and FIFO, for a snapshot.
+    pub fn save(&self) -> SerialSnapshot {
+        SerialSnapshot(self.uart.state())
     }
 
     fn warn_once(&mut self, err: UartError<io::Error>) {
@@ -395,6 +442,31 @@ mod tests {
             serial.lock().unwrap().write(DATA, &[*byte]);
         }
         assert_eq!(out.0.lock().unwrap().as_slice(), b"ok\n");
+    }
+
+    #[test]
+    fn a_restored_uart_has_its_registers_fifo_and_pending_interrupt() {
+        let (serial, _irq, _out) = serial();
+        serial.lock().unwrap().write(IER, &[IER_RX_DATA]);
+        serial
+            .lock()
+            .unwrap()
+            .uart
+            .enqueue_raw_bytes(b"ab")
+            .unwrap();
+        let saved = serial.lock().unwrap().save();
+        let json = serde_json::to_string(&saved).unwrap();
+        let saved: SerialSnapshot = serde_json::from_str(&json).unwrap();
+
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let restored = Serial::restore(irq.try_clone().unwrap(), Box::new(io::sink()), &saved);
+        let restored = Arc::new(Mutex::new(restored.unwrap()));
+        // The received data was waiting with its interrupt enabled: raised again.
+        assert_eq!(irq.read().unwrap(), 1);
+        let mut ier = [0];
+        restored.lock().unwrap().read(IER, &mut ier);
+        assert_eq!(ier, [IER_RX_DATA]);
+        assert_eq!(drain_fifo(&restored), b"ab");
     }
 
     #[test]

@@ -8,8 +8,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::state::transition;
-use super::{FileLock, Instance, InstanceError, Registry, Spec, State, Verb};
+use super::{
+    FileLock, Instance, InstanceError, Registry, Spec, State, Verb, snapshots, supervisor,
+};
 use crate::api;
+use crate::control::SnapshotStats;
 
 /// How often a waiting verb looks at the record again.
 const POLL: Duration = Duration::from_millis(50);
@@ -27,6 +30,8 @@ pub enum LifecycleError {
     Refused { id: String, message: String },
     #[error("instance {id}: cannot start its VMM: {source}")]
     Spawn { id: String, source: std::io::Error },
+    #[error(transparent)]
+    Snapshot(#[from] snapshots::SnapshotsError),
     #[error("instance {id}: still {state} after {waited:?}: {expected}")]
     Timeout {
         id: String,
@@ -46,7 +51,46 @@ pub fn launch(
     timeout: Duration,
 ) -> Result<Instance, LifecycleError> {
     let (instance, vmm) = registry.create(spec, user_data)?;
-    spawn_vmm(&instance, &vmm, kiln)?;
+    spawn_vmm(&instance, &vmm, kiln, None)?;
+    drop(vmm);
+    wait(&instance, timeout, "running", |r| r.state != State::Pending)
+}
+
+/// `kiln snapshot create`: the running instance writes a snapshot of
+/// itself, with its root volume's writes, its launch spec and user-data,
+/// into the new directory `dir` (staged beside it and renamed whole), and
+/// goes on running.
+pub fn snapshot(instance: &Instance, dir: &Path) -> Result<SnapshotStats, LifecycleError> {
+    let _verb = instance.lock_for_verb()?;
+    transition(instance.record.state, Verb::Snapshot).map_err(InstanceError::from)?;
+    let staging = snapshots::stage(dir)?;
+    let body = serde_json::json!({ "dir": staging.path() });
+    let answer = api::call_waiting(
+        &instance.api_socket(),
+        "PUT",
+        "/snapshot",
+        Some(&body),
+        supervisor::SNAPSHOT_TIMEOUT,
+    )?;
+    let stats = refused_unless_ok(instance, &answer)?;
+    snapshots::finish(instance, staging, dir)?;
+    Ok(serde_json::from_value(stats.unwrap_or_default()).unwrap_or_default())
+}
+
+/// `kiln snapshot restore`: a new instance that goes on from the snapshot
+/// in `dir`, with a copy of its root volume, in its own VMM process.
+/// The snapshot is checked whole first: a damaged one starts nothing.
+pub fn restore(
+    registry: &Registry,
+    dir: &Path,
+    name: Option<String>,
+    kiln: &Path,
+    timeout: Duration,
+) -> Result<Instance, LifecycleError> {
+    let (spec, user_data) = snapshots::read(dir, name)?;
+    let (instance, vmm) = registry.create(spec, user_data.as_deref())?;
+    snapshots::copy_root(dir, &instance)?;
+    spawn_vmm(&instance, &vmm, kiln, Some(dir))?;
     drop(vmm);
     wait(&instance, timeout, "running", |r| r.state != State::Pending)
 }
@@ -71,14 +115,20 @@ pub fn start(
         r.reason = None;
         Ok(())
     })?;
-    spawn_vmm(&instance, &vmm, kiln)?;
+    spawn_vmm(&instance, &vmm, kiln, None)?;
     drop(vmm);
     wait(&instance, timeout, "running", |r| r.state != State::Pending)
 }
 
 /// Starts `kiln __vmm ID`, handing it the VMM lock, in a process group
 /// of its own so that the terminal's signals do not reach it.
-fn spawn_vmm(instance: &Instance, vmm: &FileLock, kiln: &Path) -> Result<(), LifecycleError> {
+/// With `restore`, its first VM goes on from that snapshot.
+fn spawn_vmm(
+    instance: &Instance,
+    vmm: &FileLock,
+    kiln: &Path,
+    restore: Option<&Path>,
+) -> Result<(), LifecycleError> {
     let spawn_err = |source| LifecycleError::Spawn {
         id: instance.record.id.clone(),
         source,
@@ -91,13 +141,17 @@ fn spawn_vmm(instance: &Instance, vmm: &FileLock, kiln: &Path) -> Result<(), Lif
         .append(true)
         .open(instance.console_log())
         .map_err(spawn_err)?;
-    Command::new(kiln)
-        .args([
-            VMM_SUBCOMMAND,
-            &instance.record.id,
-            "--lock-fd",
-            &fd.to_string(),
-        ])
+    let mut command = Command::new(kiln);
+    command.args([
+        VMM_SUBCOMMAND,
+        &instance.record.id,
+        "--lock-fd",
+        &fd.to_string(),
+    ]);
+    if let Some(dir) = restore {
+        command.arg("--restore").arg(dir);
+    }
+    command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
@@ -107,11 +161,21 @@ fn spawn_vmm(instance: &Instance, vmm: &FileLock, kiln: &Path) -> Result<(), Lif
     Ok(())
 }
 
-/// `kiln stop`: the VM ends (its disks flushed) and the VMM exits.
-pub fn stop(instance: &Instance, timeout: Duration) -> Result<Instance, LifecycleError> {
+/// `kiln stop [--hibernate]`: the VM ends (its disks flushed; with
+/// `hibernate` its RAM and state saved first) and the VMM exits.
+pub fn stop(
+    instance: &Instance,
+    hibernate: bool,
+    timeout: Duration,
+) -> Result<Instance, LifecycleError> {
     let _verb = instance.lock_for_verb()?;
-    transition(instance.record.state, Verb::Stop).map_err(InstanceError::from)?;
-    action(instance, "stop")?;
+    let (verb, name) = if hibernate {
+        (Verb::Hibernate, "hibernate")
+    } else {
+        (Verb::Stop, "stop")
+    };
+    transition(instance.record.state, verb).map_err(InstanceError::from)?;
+    action(instance, name)?;
     wait_for_vmm_exit(instance, timeout)
 }
 
@@ -153,15 +217,31 @@ pub fn terminate(mut instance: Instance, timeout: Duration) -> Result<Instance, 
     Ok(instance)
 }
 
-/// `PUT /actions` on the instance's VMM.
+/// `PUT /actions` on the instance's VMM. A hibernation's answer waits
+/// for the VM's RAM to be written.
 fn action(instance: &Instance, name: &str) -> Result<(), LifecycleError> {
     let body = serde_json::json!({ "action": name });
-    let answer = api::call(&instance.api_socket(), "PUT", "/actions", Some(&body))?;
+    let answer = api::call_waiting(
+        &instance.api_socket(),
+        "PUT",
+        "/actions",
+        Some(&body),
+        supervisor::SNAPSHOT_TIMEOUT,
+    )?;
+    refused_unless_ok(instance, &answer).map(|_| ())
+}
+
+/// The body of a 2xx answer; any other is the VMM's refusal.
+fn refused_unless_ok(
+    instance: &Instance,
+    answer: &api::Response,
+) -> Result<Option<serde_json::Value>, LifecycleError> {
     if answer.status / 100 == 2 {
-        return Ok(());
+        return Ok(answer.body.clone());
     }
     let message = answer
         .body
+        .as_ref()
         .and_then(|b| b["error"].as_str().map(String::from))
         .unwrap_or_else(|| format!("HTTP status {}", answer.status));
     Err(LifecycleError::Refused {

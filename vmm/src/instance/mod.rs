@@ -15,10 +15,12 @@
 //! | `console.log`  | the serial console of a detached instance                   |
 //! | `console.in`   | a FIFO: its serial input, which `kiln attach` writes        |
 //! | `api.sock`     | the VMM's control API (HTTP/1.1 + JSON, `docs/api.md`)      |
+//! | `hibernate/`   | a hibernated instance's snapshot (RAM and state)            |
 //!
 //! A VMM that dies without saying so is found by its free `vmm.lock`: the
 //! record then shows `stopped` with the reason.
 pub mod lifecycle;
+pub mod snapshots;
 pub mod state;
 pub mod supervisor;
 pub mod types;
@@ -43,6 +45,9 @@ const USER_DATA_FILE: &str = "user-data";
 const CONSOLE_FILE: &str = "console.log";
 const CONSOLE_INPUT: &str = "console.in";
 const API_SOCKET: &str = "api.sock";
+/// The snapshot of a hibernated instance, and where it is staged.
+const HIBERNATION_DIR: &str = "hibernate";
+const HIBERNATION_STAGING: &str = ".hibernate-new";
 /// Longest instance name: it shows in listings.
 const NAME_MAX: usize = 64;
 /// Where a new instance's directory is made before it is renamed into place.
@@ -377,6 +382,21 @@ impl Instance {
         self.path(ROOT_OVERLAY_FILE)
     }
 
+    /// Where a hibernation's snapshot is kept.
+    pub fn hibernation_path(&self) -> PathBuf {
+        self.path(HIBERNATION_DIR)
+    }
+
+    /// Where a hibernation's snapshot is written before it is renamed whole.
+    pub fn hibernation_staging(&self) -> PathBuf {
+        self.path(HIBERNATION_STAGING)
+    }
+
+    /// The hibernation the instance resumes from at its next start, if any.
+    pub fn hibernation(&self) -> Option<PathBuf> {
+        Some(self.hibernation_path()).filter(|dir| dir.join(crate::snapshot::STATE_FILE).exists())
+    }
+
     pub fn user_data(&self) -> Option<PathBuf> {
         Some(self.path(USER_DATA_FILE)).filter(|p| p.exists())
     }
@@ -487,13 +507,14 @@ impl Instance {
         })
     }
 
-    /// Records that this process's VM for the instance is booting now.
-    pub fn mark_running(&mut self) -> Result<(), InstanceError> {
+    /// Records that this process's VM for the instance is booting now,
+    /// or, when `resumed`, going on from its hibernation (not a boot).
+    pub fn mark_running(&mut self, resumed: bool) -> Result<(), InstanceError> {
         self.update(|r| {
             r.state = State::Running;
             r.vmm_pid = Some(std::process::id());
             r.booted_at_ms = Some(now_ms());
-            r.boots += 1;
+            r.boots += u32::from(!resumed);
             r.paused = false;
             r.reason = None;
             Ok(())
@@ -518,14 +539,22 @@ impl Instance {
             CONSOLE_INPUT,
             API_SOCKET,
         ] {
-            let path = self.path(file);
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                Err(err) => return Err(io_err(&path)(err)),
-            }
+            remove_if_present(&self.path(file), |p| fs::remove_file(p))?;
+        }
+        for dir in [HIBERNATION_DIR, HIBERNATION_STAGING] {
+            remove_if_present(&self.path(dir), |p| fs::remove_dir_all(p))?;
         }
         Ok(())
+    }
+}
+
+fn remove_if_present(
+    path: &Path,
+    remove: impl FnOnce(&Path) -> io::Result<()>,
+) -> Result<(), InstanceError> {
+    match remove(path) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => Err(io_err(path)(err)),
+        _ => Ok(()),
     }
 }
 

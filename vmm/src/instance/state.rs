@@ -31,6 +31,10 @@ pub enum Verb {
     Pause,
     Resume,
     Terminate,
+    /// Stop, saving RAM first (`kiln stop --hibernate`).
+    Hibernate,
+    /// Save the running VM (`kiln snapshot create`).
+    Snapshot,
 }
 
 impl State {
@@ -49,13 +53,15 @@ impl State {
 }
 
 impl Verb {
-    pub const ALL: [Verb; 6] = [
+    pub const ALL: [Verb; 8] = [
         Verb::Start,
         Verb::Stop,
         Verb::Reboot,
         Verb::Pause,
         Verb::Resume,
         Verb::Terminate,
+        Verb::Hibernate,
+        Verb::Snapshot,
     ];
 }
 
@@ -81,6 +87,8 @@ impl fmt::Display for Verb {
             Verb::Pause => "pause",
             Verb::Resume => "resume",
             Verb::Terminate => "terminate",
+            Verb::Hibernate => "hibernate",
+            Verb::Snapshot => "snapshot",
         };
         f.write_str(name)
     }
@@ -108,11 +116,15 @@ pub fn transition(state: State, verb: Verb) -> Result<State, Refused> {
         (Pending | Running, Stop) => Ok(Stopping),
         (Stopping, Stop) => refuse("it is already stopping"),
         (Stopped, Stop) => refuse("it is already stopped"),
-        (Running, Reboot | Pause | Resume) => Ok(Running),
-        (Pending | Stopping, Reboot | Pause | Resume) => {
+        (Running, Reboot | Pause | Resume | Snapshot) => Ok(Running),
+        // Its RAM is only worth saving once the guest has booted.
+        (Running, Hibernate) => Ok(Stopping),
+        (Pending | Stopping, Reboot | Pause | Resume | Snapshot | Hibernate) => {
             refuse("it is not running yet or any more")
         }
-        (Stopped, Reboot | Pause | Resume) => refuse("it is stopped; start it first"),
+        (Stopped, Reboot | Pause | Resume | Snapshot | Hibernate) => {
+            refuse("it is stopped; start it first")
+        }
         (_, Terminate) => Ok(Terminated),
     }
 }
@@ -130,7 +142,8 @@ mod tests {
             match (state, verb) {
                 (Stopped, Start) => Some(Pending),
                 (Pending | Running, Stop) => Some(Stopping),
-                (Running, Reboot | Pause | Resume) => Some(Running),
+                (Running, Reboot | Pause | Resume | Snapshot) => Some(Running),
+                (Running, Hibernate) => Some(Stopping),
                 (Pending | Running | Stopping | Stopped, Terminate) => Some(Terminated),
                 _ => None,
             }
@@ -157,7 +170,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(allowed, 10);
+        assert_eq!(allowed, 12);
     }
 
     #[test]

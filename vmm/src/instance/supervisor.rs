@@ -10,15 +10,27 @@
 //! ends the child (its disks flush as it stops) and starts another, in the
 //! same VMM process, with the same ids and the same root volume.
 use std::fs::{self, OpenOptions};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use std::{io, thread};
+
+use serde::Deserialize;
 
 use super::{FileLock, Instance, InstanceError, State, Verb, state::transition};
 use crate::api::{self, ActionBody, Request, Response};
+use crate::control::{self, AfterSnapshot, ControlClient, ControlReply, ControlRequest};
 use crate::devices::lock;
 use crate::seccomp::{self, ThreadKind};
+
+/// How long the API waits for the VM process to pause or resume.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long it waits for a snapshot: RAM is written whole (less its zero
+/// pages), which takes a while for a large guest on a slow disk.
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// What the supervisor should do when the VM process ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,13 +39,26 @@ enum Wanted {
     Nothing,
     Stop,
     Reboot,
+    /// The VM has written its hibernation snapshot and is ending.
+    Hibernate,
 }
 
 /// The VM process and what is wanted of it, under one lock so a request
 /// never misses a process that is just starting.
 struct Control {
     child: Option<u32>,
+    /// The VM process's control channel.
+    channel: Option<ControlClient>,
     wanted: Wanted,
+}
+
+/// How the VMM starts one VM process.
+pub struct VmStart<'a> {
+    /// The VM process's end of the control channel (to be inherited).
+    pub control_fd: i32,
+    /// A snapshot to restore instead of booting, and whether the restore
+    /// consumes it (a hibernation).
+    pub restore: Option<(&'a Path, bool)>,
 }
 
 struct Shared {
@@ -56,11 +81,14 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> SupervisorError 
 }
 
 /// Runs `instance` until it stops, holding its VMM lock `_vmm`;
-/// `vm_command` makes the command of one VM process.
+/// `vm_command` makes the command of one VM process. The first VM goes on
+/// from the instance's hibernation if it has one, else from `restore` (a
+/// snapshot it was launched from) if given, else it boots.
 pub fn run(
     instance: Instance,
     _vmm: FileLock,
-    vm_command: impl Fn() -> Command,
+    restore: Option<PathBuf>,
+    vm_command: impl Fn(VmStart<'_>) -> Command,
 ) -> Result<(), SupervisorError> {
     let socket = instance.api_socket();
     let console_path = instance.console_log();
@@ -71,9 +99,14 @@ pub fn run(
         instance: Mutex::new(instance),
         control: Mutex::new(Control {
             child: None,
+            channel: None,
             wanted: Wanted::Nothing,
         }),
     });
+    let hibernation = shared_instance_hibernation(&shared);
+    let mut first = hibernation
+        .map(|dir| (dir, true))
+        .or(restore.map(|dir| (dir, false)));
     let api_shared = shared.clone();
     thread::spawn(move || serve(&listener, &api_shared));
     let console = OpenOptions::new()
@@ -82,20 +115,33 @@ pub fn run(
         .open(&console_path)
         .map_err(io_err(format!("cannot open {}", console_path.display())))?;
     let reason = loop {
-        lock(&shared.instance).mark_running()?;
+        let restore = first.take();
+        lock(&shared.instance).mark_running(restore.is_some())?;
         let output = |what| console.try_clone().map_err(io_err(what));
         let input = lock(&shared.instance)
             .console_input_reader()
             .map_err(io_err("cannot open the console input"))?;
-        let mut child = vm_command()
+        let (client, vm_end) =
+            control::channel().map_err(|err| io_err("control channel")(io::Error::other(err)))?;
+        let control_fd = inheritable(&vm_end).map_err(io_err("control channel"))?;
+        let start = VmStart {
+            control_fd,
+            restore: restore
+                .as_ref()
+                .map(|(dir, consume)| (dir.as_path(), *consume)),
+        };
+        let mut child = vm_command(start)
             .stdin(input)
             .stdout(output("console log")?)
             .stderr(output("console log")?)
             .spawn()
             .map_err(io_err("cannot start the VM process"))?;
+        // Only the VM process keeps its end open.
+        drop(vm_end);
         {
             let mut control = lock(&shared.control);
             control.child = Some(child.id());
+            control.channel = Some(client);
             if control.wanted != Wanted::Nothing {
                 end_vm(child.id());
             }
@@ -106,17 +152,35 @@ pub fn run(
         let wanted = {
             let mut control = lock(&shared.control);
             control.child = None;
+            control.channel = None;
             std::mem::replace(&mut control.wanted, Wanted::Nothing)
         };
         match wanted {
             Wanted::Reboot => continue,
             Wanted::Stop => break "stopped on request".to_string(),
+            Wanted::Hibernate => {
+                break "hibernated on request: RAM saved, `kiln start` resumes it".to_string();
+            }
             Wanted::Nothing => break describe(status),
         }
     };
     lock(&shared.instance).mark_stopped(reason)?;
     let _ = fs::remove_file(&socket);
     Ok(())
+}
+
+fn shared_instance_hibernation(shared: &Shared) -> Option<PathBuf> {
+    lock(&shared.instance).hibernation()
+}
+
+/// Lets a child inherit `fd` (clears close-on-exec); returns its number.
+fn inheritable(fd: &OwnedFd) -> io::Result<i32> {
+    let raw = fd.as_raw_fd();
+    // SAFETY: F_SETFD only changes the descriptor's flags; `fd` is open.
+    if unsafe { libc::fcntl(raw, libc::F_SETFD, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(raw)
 }
 
 /// Why the VM process ended, for the record.
@@ -191,9 +255,23 @@ fn route(shared: &Shared, request: Request) -> Response {
             Ok(body) => act(shared, &body.action),
             Err(err) => Response::error(400, format!("expected {{\"action\": NAME}}: {err}")),
         },
-        (_, "/instance" | "/actions") => Response::error(405, "method not allowed here"),
+        ("PUT", "/snapshot") => match serde_json::from_slice::<SnapshotBody>(&request.body) {
+            Ok(body) => snapshot(shared, &body.dir),
+            Err(err) => Response::error(400, format!("expected {{\"dir\": PATH}}: {err}")),
+        },
+        (_, "/instance" | "/actions" | "/snapshot") => {
+            Response::error(405, "method not allowed here")
+        }
         (_, path) => Response::error(404, format!("no route {path}")),
     }
+}
+
+/// The body of `PUT /snapshot`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotBody {
+    /// An existing, empty directory, as an absolute path.
+    dir: PathBuf,
 }
 
 /// What the API can ask of a running instance.
@@ -203,6 +281,7 @@ enum Action {
     Reboot,
     Pause,
     Resume,
+    Hibernate,
 }
 
 impl Action {
@@ -212,6 +291,7 @@ impl Action {
             "reboot" => Action::Reboot,
             "pause" => Action::Pause,
             "resume" => Action::Resume,
+            "hibernate" => Action::Hibernate,
             _ => return None,
         })
     }
@@ -222,6 +302,7 @@ impl Action {
             Action::Reboot => Verb::Reboot,
             Action::Pause => Verb::Pause,
             Action::Resume => Verb::Resume,
+            Action::Hibernate => Verb::Hibernate,
         }
     }
 }
@@ -231,7 +312,7 @@ fn act(shared: &Shared, name: &str) -> Response {
     let Some(action) = Action::parse(name) else {
         return Response::error(
             400,
-            format!("unknown action {name:?}: expected stop, reboot, pause or resume"),
+            format!("unknown action {name:?}: expected stop, reboot, pause, resume or hibernate"),
         );
     };
     let mut instance = lock(&shared.instance);
@@ -245,34 +326,117 @@ fn act(shared: &Shared, name: &str) -> Response {
         _ => {}
     }
     let mut control = lock(&shared.control);
-    let child = control.child;
     let changed = match action {
         Action::Stop | Action::Reboot => {
             let stop = action == Action::Stop;
             control.wanted = if stop { Wanted::Stop } else { Wanted::Reboot };
-            if let Some(pid) = child {
+            if let Some(pid) = control.child {
                 end_vm(pid);
             }
-            instance.update(|r| {
-                if stop {
-                    r.state = State::Stopping;
-                }
-                Ok(())
-            })
+            instance
+                .update(|r| {
+                    if stop {
+                        r.state = State::Stopping;
+                    }
+                    Ok(())
+                })
+                .map_err(|err| err.to_string())
         }
         Action::Pause | Action::Resume => {
             let paused = action == Action::Pause;
-            if let Some(pid) = child {
-                signal(pid, if paused { libc::SIGSTOP } else { libc::SIGCONT });
-            }
-            instance.update(|r| {
-                r.paused = paused;
-                Ok(())
+            let request = if paused {
+                ControlRequest::Pause
+            } else {
+                ControlRequest::Resume
+            };
+            ask(&mut control, &request, CONTROL_TIMEOUT).and_then(|_| {
+                instance
+                    .update(|r| {
+                        r.paused = paused;
+                        Ok(())
+                    })
+                    .map_err(|err| err.to_string())
             })
         }
+        Action::Hibernate => hibernate(&mut instance, &mut control),
     };
     match changed {
         Ok(()) => Response::no_content(),
-        Err(err) => Response::error(500, err.to_string()),
+        Err(err) => Response::error(500, err),
+    }
+}
+
+/// Sends `request` to the VM process; its refusal or silence is the error.
+fn ask(
+    control: &mut Control,
+    request: &ControlRequest,
+    timeout: Duration,
+) -> Result<ControlReply, String> {
+    let channel = control
+        .channel
+        .as_mut()
+        .ok_or("the instance has no VM process at the moment")?;
+    let reply = channel
+        .call(request, timeout)
+        .map_err(|err| err.to_string())?;
+    match &reply.error {
+        Some(error) => Err(format!("the VM process refused: {error}")),
+        None => Ok(reply),
+    }
+}
+
+/// Stop-hibernate: the VM writes its RAM and state into the instance's
+/// hibernation directory (staged, then renamed whole) and ends; the next
+/// `kiln start` resumes it. Its root volume is the instance's own, flushed.
+fn hibernate(instance: &mut Instance, control: &mut Control) -> Result<(), String> {
+    let staging = instance.hibernation_staging();
+    let failed = |what: &str, err: io::Error| format!("{what} {}: {err}", staging.display());
+    match fs::remove_dir_all(&staging) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => {
+            return Err(failed("cannot clear", err));
+        }
+        _ => {}
+    }
+    fs::create_dir(&staging).map_err(|err| failed("cannot create", err))?;
+    let request = ControlRequest::Snapshot {
+        dir: staging.clone(),
+        copy_root: false,
+        then: AfterSnapshot::Stop,
+    };
+    if let Err(err) = ask(control, &request, SNAPSHOT_TIMEOUT) {
+        let _ = fs::remove_dir_all(&staging);
+        return Err(err);
+    }
+    // The VM is ending now, whatever follows: say why, once it has.
+    control.wanted = Wanted::Stop;
+    crate::durable::rename_dir(&staging, &instance.hibernation_path())
+        .map_err(|err| failed("cannot keep the hibernation in", err))?;
+    control.wanted = Wanted::Hibernate;
+    instance
+        .update(|r| {
+            r.state = State::Stopping;
+            Ok(())
+        })
+        .map_err(|err| err.to_string())
+}
+
+/// `PUT /snapshot`: the running VM writes a snapshot of itself, with a copy
+/// of its root volume's writes, into `dir`, and goes on.
+fn snapshot(shared: &Shared, dir: &Path) -> Response {
+    if !dir.is_absolute() {
+        return Response::error(400, format!("{}: expected an absolute path", dir.display()));
+    }
+    let instance = lock(&shared.instance);
+    if let Err(refused) = transition(instance.record.state, Verb::Snapshot) {
+        return Response::error(409, refused.to_string());
+    }
+    let request = ControlRequest::Snapshot {
+        dir: dir.to_path_buf(),
+        copy_root: true,
+        then: AfterSnapshot::Continue,
+    };
+    match ask(&mut lock(&shared.control), &request, SNAPSHOT_TIMEOUT) {
+        Ok(reply) => Response::json(200, reply.snapshot.unwrap_or_default()),
+        Err(err) => Response::error(500, err),
     }
 }

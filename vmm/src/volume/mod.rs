@@ -199,6 +199,11 @@ impl Volume {
     }
 
     /// Makes every completed write durable.
+    /// The overlay's file, which holds every write (none when read-only).
+    pub fn overlay_file(&self) -> Option<&std::fs::File> {
+        self.overlay.as_ref().map(Overlay::file)
+    }
+
     pub fn flush(&mut self) -> Result<(), VolumeError> {
         match &mut self.overlay {
             Some(overlay) => Ok(overlay.flush()?),

@@ -188,6 +188,11 @@ impl Overlay {
         self.capacity
     }
 
+    /// The open overlay file (header, bitmap and blocks).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -2,16 +2,19 @@
 //! and forwarding port I/O and MMIO exits to the buses.
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kvm_bindings::{
-    KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, kvm_lapic_state,
+    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_lapic_state,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
+use super::vcpu_state::{self, VcpuState, VcpuStateError};
 use super::vm::Vm;
 use crate::arch::x86_64::{cpuid, msr, regs};
 use crate::devices::bus::Bus;
@@ -25,6 +28,9 @@ const APIC_LVT_LINT1: usize = 0x360;
 /// as on a PC) and NMI (LINT1).
 const APIC_MODE_EXTINT: u32 = 0x7;
 const APIC_MODE_NMI: u32 = 0x4;
+
+/// How long to wait for a vCPU thread before kicking it again.
+const KICK_INTERVAL: Duration = Duration::from_millis(1);
 
 /// The signal that kicks a vCPU thread out of KVM_RUN.
 fn kick_signal() -> i32 {
@@ -44,12 +50,22 @@ pub enum VcpuError {
     Spawn { index: u8, source: std::io::Error },
     #[error("cannot install the vCPU kick signal handler: {0}")]
     KickHandler(vmm_sys_util::errno::Error),
+    #[error("vCPU {index} has ended")]
+    Gone { index: u8 },
+    #[error("vCPU {index} was asked for its state while running")]
+    NotParked { index: u8 },
+    #[error(transparent)]
+    State(#[from] VcpuStateError),
 }
 
 /// One vCPU, configured and ready to run.
 pub struct Vcpu {
     index: u8,
     fd: VcpuFd,
+    /// What KVM_SET_CPUID2 was given, for snapshots.
+    cpuid: CpuId,
+    /// The MSRs a snapshot saves ([`vcpu_state::savable_msrs`]).
+    msrs: Vec<u32>,
 }
 
 /// What a vCPU thread shares with the rest of the VMM.
@@ -62,12 +78,30 @@ pub struct VcpuContext {
     pub seccomp: bool,
 }
 
+/// What the VMM asks of a running vCPU thread.
+enum Request {
+    /// Leave KVM_RUN, with every exit completed, and wait.
+    Pause,
+    /// (Paused) read the vCPU's state.
+    Save,
+    /// (Paused) run the guest again.
+    Resume,
+}
+
+/// A vCPU thread's answer to a [`Request`].
+enum Reply {
+    Paused,
+    Saved(Box<Result<VcpuState, VcpuStateError>>),
+    Resumed,
+}
+
 impl Vcpu {
-    /// Creates vCPU `index` of `count` and sets its CPUID, MSRs, FPU and
-    /// LAPIC; vCPU 0 (the bootstrap processor) also gets the registers for
-    /// the kernel's entry. The others wait for the guest's INIT/SIPI, which
-    /// the in-kernel LAPIC handles and which resets their registers anyway.
-    pub fn new(
+    /// Creates vCPU `index` of `count` for a fresh boot and sets its CPUID,
+    /// MSRs, FPU and LAPIC; vCPU 0 (the bootstrap processor) also gets the
+    /// registers for the kernel's entry. The others wait for the guest's
+    /// INIT/SIPI, which the in-kernel LAPIC handles and which resets their
+    /// registers anyway.
+    pub fn boot(
         kvm: &Kvm,
         vm: &Vm,
         index: u8,
@@ -75,60 +109,93 @@ impl Vcpu {
         entry: u64,
         cr3: u64,
     ) -> Result<Self, VcpuError> {
-        let err = |what| {
-            move |source| VcpuError::Kvm {
-                index,
-                what,
-                source,
-            }
-        };
+        let mut cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err(index, "KVM_GET_SUPPORTED_CPUID"))?;
+        cpuid::normalize(&mut cpuid, index, count);
+        let vcpu = Self::create(kvm, vm, index, cpuid)?;
+        let fd = &vcpu.fd;
+        fd.set_msrs(&msr::boot_msrs())
+            .map_err(kvm_err(index, "KVM_SET_MSRS"))?;
+        fd.set_fpu(&regs::boot_fpu())
+            .map_err(kvm_err(index, "KVM_SET_FPU"))?;
+        let mut lapic = fd.get_lapic().map_err(kvm_err(index, "KVM_GET_LAPIC"))?;
+        set_lvt_mode(&mut lapic, APIC_LVT_LINT0, APIC_MODE_EXTINT);
+        set_lvt_mode(&mut lapic, APIC_LVT_LINT1, APIC_MODE_NMI);
+        fd.set_lapic(&lapic)
+            .map_err(kvm_err(index, "KVM_SET_LAPIC"))?;
+        if index == 0 {
+            let sregs = fd.get_sregs().map_err(kvm_err(index, "KVM_GET_SREGS"))?;
+            fd.set_sregs(&regs::boot_sregs(sregs, cr3))
+                .map_err(kvm_err(index, "KVM_SET_SREGS"))?;
+            fd.set_regs(&regs::boot_regs(entry))
+                .map_err(kvm_err(index, "KVM_SET_REGS"))?;
+        }
+        Ok(vcpu)
+    }
+
+    /// Creates a vCPU that goes on from `state`, as saved by a snapshot.
+    pub fn restore(kvm: &Kvm, vm: &Vm, state: &VcpuState) -> Result<Self, VcpuError> {
+        let vcpu = Self::create(kvm, vm, state.index, state.cpuid()?)?;
+        state.restore(&vcpu.fd)?;
+        Ok(vcpu)
+    }
+
+    fn create(kvm: &Kvm, vm: &Vm, index: u8, cpuid: CpuId) -> Result<Self, VcpuError> {
         let fd = vm
             .fd()
             .create_vcpu(u64::from(index))
-            .map_err(err("KVM_CREATE_VCPU"))?;
-        let mut cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(err("KVM_GET_SUPPORTED_CPUID"))?;
-        cpuid::normalize(&mut cpuid, index, count);
-        fd.set_cpuid2(&cpuid).map_err(err("KVM_SET_CPUID2"))?;
-        fd.set_msrs(&msr::boot_msrs())
-            .map_err(err("KVM_SET_MSRS"))?;
-        fd.set_fpu(&regs::boot_fpu()).map_err(err("KVM_SET_FPU"))?;
-        let mut lapic = fd.get_lapic().map_err(err("KVM_GET_LAPIC"))?;
-        set_lvt_mode(&mut lapic, APIC_LVT_LINT0, APIC_MODE_EXTINT);
-        set_lvt_mode(&mut lapic, APIC_LVT_LINT1, APIC_MODE_NMI);
-        fd.set_lapic(&lapic).map_err(err("KVM_SET_LAPIC"))?;
-        if index == 0 {
-            let sregs = fd.get_sregs().map_err(err("KVM_GET_SREGS"))?;
-            fd.set_sregs(&regs::boot_sregs(sregs, cr3))
-                .map_err(err("KVM_SET_SREGS"))?;
-            fd.set_regs(&regs::boot_regs(entry))
-                .map_err(err("KVM_SET_REGS"))?;
-        }
-        Ok(Vcpu { index, fd })
+            .map_err(kvm_err(index, "KVM_CREATE_VCPU"))?;
+        fd.set_cpuid2(&cpuid)
+            .map_err(kvm_err(index, "KVM_SET_CPUID2"))?;
+        let msrs = vcpu_state::savable_msrs(kvm, &fd, index)?;
+        Ok(Vcpu {
+            index,
+            fd,
+            cpuid,
+            msrs,
+        })
     }
 
     /// Starts the vCPU's thread `kiln-vcpu<N>`.
-    pub fn spawn(self, context: VcpuContext) -> Result<JoinHandle<()>, VcpuError> {
+    pub fn spawn(self, context: VcpuContext) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler()?;
         let index = self.index;
-        std::thread::Builder::new()
+        let (requests, inbox) = mpsc::channel();
+        let (outbox, replies) = mpsc::channel();
+        let thread = std::thread::Builder::new()
             .name(format!("kiln-vcpu{index}"))
-            .spawn(move || self.run(context))
-            .map_err(|source| VcpuError::Spawn { index, source })
+            .spawn(move || self.run(&context, &inbox, &outbox))
+            .map_err(|source| VcpuError::Spawn { index, source })?;
+        Ok(VcpuHandle {
+            index,
+            thread,
+            requests,
+            replies,
+        })
     }
 
-    fn run(self, context: VcpuContext) {
+    fn run(mut self, context: &VcpuContext, inbox: &Receiver<Request>, outbox: &Sender<Reply>) {
         if context.seccomp
             && let Err(err) = seccomp::install(ThreadKind::Vcpu)
         {
             context.end.signal(VmEnd::Error(err.to_string()));
             return;
         }
-        let mut fd = self.fd;
         while !context.stop.load(Ordering::Acquire) {
-            let end = match fd.run() {
-                Ok(exit) => handle_exit(exit, &context),
+            match inbox.try_recv() {
+                Ok(Request::Pause) => {
+                    if !self.park(inbox, outbox) {
+                        return;
+                    }
+                    continue;
+                }
+                // Save and Resume only mean something while parked.
+                Ok(Request::Save | Request::Resume) | Err(TryRecvError::Empty) => {}
+                Err(TryRecvError::Disconnected) => return,
+            }
+            let end = match self.fd.run() {
+                Ok(exit) => handle_exit(exit, context),
                 // A kick (EINTR) or a transient condition: look at `stop` again.
                 Err(err) if matches!(err.errno(), libc::EINTR | libc::EAGAIN) => None,
                 Err(err) => Some(VmEnd::Error(format!(
@@ -140,6 +207,146 @@ impl Vcpu {
                 context.end.signal(end);
                 return;
             }
+        }
+    }
+
+    /// Parks the vCPU outside the guest until resumed; false when the VMM
+    /// has gone (the VM is ending).
+    fn park(&mut self, inbox: &Receiver<Request>, outbox: &Sender<Reply>) -> bool {
+        // KVM completes a port I/O or MMIO read only when KVM_RUN is next
+        // entered (api.rst, "KVM_RUN"); with immediate_exit set it does so
+        // and returns EINTR without running the guest, so the state saved
+        // next is consistent.
+        self.fd.set_kvm_immediate_exit(1);
+        if let Err(err) = self.fd.run()
+            && err.errno() != libc::EINTR
+        {
+            eprintln!(
+                "kiln: vCPU {}: completing the last exit failed: {err}",
+                self.index
+            );
+        }
+        self.fd.set_kvm_immediate_exit(0);
+        let mut reply = Reply::Paused;
+        loop {
+            if outbox.send(reply).is_err() {
+                return false;
+            }
+            reply = match inbox.recv() {
+                Ok(Request::Pause) => Reply::Paused,
+                Ok(Request::Save) => Reply::Saved(Box::new(VcpuState::save(
+                    &self.fd,
+                    self.index,
+                    &self.cpuid,
+                    &self.msrs,
+                ))),
+                Ok(Request::Resume) => return outbox.send(Reply::Resumed).is_ok(),
+                Err(_) => return false,
+            };
+        }
+    }
+}
+
+fn kvm_err(index: u8, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+    move |source| VcpuError::Kvm {
+        index,
+        what,
+        source,
+    }
+}
+
+/// A running vCPU thread and the way to talk to it.
+pub struct VcpuHandle {
+    index: u8,
+    thread: JoinHandle<()>,
+    requests: Sender<Request>,
+    replies: Receiver<Reply>,
+}
+
+impl VcpuHandle {
+    fn kick(&self) {
+        // SAFETY: the thread has not been joined, so its pthread_t is
+        // valid; the kick signal has a handler that does nothing.
+        unsafe { libc::pthread_kill(self.thread.as_pthread_t(), kick_signal()) };
+    }
+
+    /// Sends `request` and waits for the answer, kicking the thread out of
+    /// KVM_RUN until it answers (a kick can land just before the thread
+    /// enters KVM_RUN, and is then lost).
+    fn ask(&self, request: Request) -> Result<Reply, VcpuError> {
+        let gone = VcpuError::Gone { index: self.index };
+        if self.requests.send(request).is_err() {
+            return Err(gone);
+        }
+        loop {
+            self.kick();
+            match self.replies.recv_timeout(KICK_INTERVAL) {
+                Ok(reply) => return Ok(reply),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Err(gone),
+            }
+        }
+    }
+}
+
+/// The vCPU threads of one VM.
+pub struct Vcpus {
+    handles: Vec<VcpuHandle>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Vcpus {
+    pub fn new(handles: Vec<VcpuHandle>, stop: Arc<AtomicBool>) -> Self {
+        Vcpus { handles, stop }
+    }
+
+    /// Parks every vCPU outside the guest.
+    pub fn pause(&self) -> Result<(), VcpuError> {
+        for handle in &self.handles {
+            handle.ask(Request::Pause)?;
+        }
+        Ok(())
+    }
+
+    /// Lets every parked vCPU run the guest again.
+    pub fn resume(&self) -> Result<(), VcpuError> {
+        for handle in &self.handles {
+            handle.ask(Request::Resume)?;
+        }
+        Ok(())
+    }
+
+    /// The state of every (parked) vCPU, in index order.
+    pub fn save(&self) -> Result<Vec<VcpuState>, VcpuError> {
+        self.handles
+            .iter()
+            .map(|handle| match handle.ask(Request::Save)? {
+                Reply::Saved(state) => Ok((*state)?),
+                Reply::Paused | Reply::Resumed => Err(VcpuError::NotParked {
+                    index: handle.index,
+                }),
+            })
+            .collect()
+    }
+
+    /// Stops the threads: sets `stop`, closes their request channels (a
+    /// parked thread then ends), and kicks each thread until it has left
+    /// KVM_RUN and ended. Kicking again covers the window in which a thread
+    /// had checked `stop` but not yet entered KVM_RUN.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Release);
+        for VcpuHandle {
+            thread, requests, ..
+        } in self.handles
+        {
+            drop(requests);
+            while !thread.is_finished() {
+                // SAFETY: as in `VcpuHandle::kick`: not yet joined.
+                unsafe { libc::pthread_kill(thread.as_pthread_t(), kick_signal()) };
+                std::thread::sleep(KICK_INTERVAL);
+            }
+            // A vCPU thread does not panic; if one did, its message is printed.
+            let _ = thread.join();
         }
     }
 }
@@ -210,24 +417,6 @@ fn install_kick_handler() -> Result<(), VcpuError> {
         result = register_signal_handler(kick_signal(), on_kick).map_err(VcpuError::KickHandler)
     });
     result
-}
-
-/// Stops vCPU threads: sets `stop`, then kicks each thread until it has
-/// left KVM_RUN and ended. Kicking again covers the window in which a
-/// thread had checked `stop` but not yet entered KVM_RUN.
-pub fn stop_all(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
-    const KICK_INTERVAL: Duration = Duration::from_millis(1);
-    stop.store(true, Ordering::Release);
-    for thread in threads {
-        while !thread.is_finished() {
-            // SAFETY: the thread has not been joined, so its pthread_t is
-            // valid; the kick signal has a handler that does nothing.
-            unsafe { libc::pthread_kill(thread.as_pthread_t(), kick_signal()) };
-            std::thread::sleep(KICK_INTERVAL);
-        }
-        // A vCPU thread does not panic; if one did, its message is printed.
-        let _ = thread.join();
-    }
 }
 
 #[cfg(test)]

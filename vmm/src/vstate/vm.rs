@@ -1,7 +1,11 @@
 //! The KVM VM: capabilities, in-kernel interrupt controllers and PIT,
 //! guest memory slots, irqfds and ioeventfds.
-use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
+use kvm_bindings::{
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+};
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -39,6 +43,24 @@ pub enum VmError {
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
+
+/// The VM-wide state a snapshot carries: the in-kernel interrupt
+/// controllers, the PIT and kvmclock (the vCPUs' state is separate).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
+}
+
+/// The chips KVM_GET_IRQCHIP reads one at a time.
+const IRQCHIPS: [u32; 3] = [
+    KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
+    KVM_IRQCHIP_IOAPIC,
+];
 
 /// A VM with its interrupt controllers, PIT and memory.
 pub struct Vm {
@@ -92,6 +114,47 @@ impl Vm {
     /// The VM's file descriptor, for creating vCPUs.
     pub fn fd(&self) -> &VmFd {
         &self.fd
+    }
+
+    /// Reads the interrupt controllers, PIT and clock (vCPUs paused).
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        let [pic_master, pic_slave, ioapic] = IRQCHIPS.map(|chip_id| {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.fd.get_irqchip(&mut chip).map(|()| chip)
+        });
+        let mut clock = self.fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?;
+        // KVM_GET_CLOCK reports whether the clock is stable and with which
+        // host time it was read; KVM_SET_CLOCK takes none of that back but
+        // KVM_CLOCK_REALTIME, which would advance the guest's clock by the
+        // time the snapshot lay on disk. The guest goes on from the instant
+        // it was saved instead, as a suspended machine does.
+        clock.flags = 0;
+        Ok(VmState {
+            pic_master: pic_master.map_err(kvm_err("KVM_GET_IRQCHIP"))?,
+            pic_slave: pic_slave.map_err(kvm_err("KVM_GET_IRQCHIP"))?,
+            ioapic: ioapic.map_err(kvm_err("KVM_GET_IRQCHIP"))?,
+            pit: self.fd.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?,
+            clock,
+        })
+    }
+
+    /// Writes a saved state into this fresh VM, before its vCPUs exist.
+    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+        self.fd
+            .set_pit2(&state.pit)
+            .map_err(kvm_err("KVM_SET_PIT2"))?;
+        self.fd
+            .set_clock(&state.clock)
+            .map_err(kvm_err("KVM_SET_CLOCK"))?;
+        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
+            self.fd
+                .set_irqchip(chip)
+                .map_err(kvm_err("KVM_SET_IRQCHIP"))?;
+        }
+        Ok(())
     }
 
     /// Writing `evt` raises interrupt line `gsi` in the kernel's IOAPIC.

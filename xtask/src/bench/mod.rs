@@ -8,6 +8,9 @@
 //! - `cargo xtask bench disk` ([`disk`]): guest read throughput from a
 //!   root volume on the compressed image against the same filesystem as a
 //!   raw file, same VMM, same run.
+//! - `cargo xtask bench snapshot` ([`snapshot`]): latency of `kiln snapshot
+//!   restore` against a cold `kiln run`, same image and guest size, and
+//!   the cost and size of `kiln snapshot create`.
 //!
 //! The VM benchmarks run their guest side (`bench-guest`) where KVM is: on
 //! a host without hardware KVM, inside the nested harness, where only
@@ -28,10 +31,12 @@ use crate::{harness, sh};
 mod boot;
 mod build;
 mod disk;
+mod snapshot;
 
 pub use boot::{boot, guest as boot_guest};
 pub use build::build;
 pub use disk::{disk, guest as disk_guest};
+pub use snapshot::{guest as snapshot_guest, snapshot};
 
 /// The guest side prints its report as one line after this.
 const JSON_PREFIX: &str = "KILN-BENCH-JSON ";

@@ -13,7 +13,7 @@ use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Guest memory as devices see it.
@@ -52,6 +52,9 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// Stops the device and forgets the queues and memory it was activated with.
     fn reset(&mut self);
+    /// Where the running device stands in each of its queues, for a
+    /// snapshot; empty when it has not been activated.
+    fn queue_states(&self) -> Vec<QueueState>;
 }
 
 /// The interrupt of one virtio device: the InterruptStatus bits of its
@@ -95,6 +98,11 @@ impl Interrupt {
     /// Clears the causes the driver has handled (InterruptACK).
     pub fn acknowledge(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::AcqRel);
+    }
+
+    /// Sets the pending causes a snapshot saved.
+    fn restore(&self, bits: u32) {
+        self.status.store(bits, Ordering::Release);
     }
 
     /// Clears every cause, as a device reset does.

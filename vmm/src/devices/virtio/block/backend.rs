@@ -62,6 +62,20 @@ impl Backend {
         }
     }
 
+    /// The file that holds the guest's writes: a writable raw image, or a
+    /// volume's overlay.
+    pub fn writes_file(&self) -> Option<&File> {
+        match self {
+            Backend::Raw {
+                file,
+                read_only: false,
+                ..
+            } => Some(file),
+            Backend::Raw { .. } => None,
+            Backend::Volume(volume) => volume.overlay_file(),
+        }
+    }
+
     /// Whether DISCARD frees anything: only an overlay gives space back.
     pub fn discards(&self) -> bool {
         matches!(self, Backend::Volume(volume) if volume.writable())

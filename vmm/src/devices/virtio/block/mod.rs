@@ -11,6 +11,7 @@
 //! I/O error, never with wrong data.
 mod backend;
 
+use std::fs::File;
 use std::io;
 use std::mem::offset_of;
 use std::path::{Path, PathBuf};
@@ -26,11 +27,12 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueState, QueueT};
 use vm_memory::Bytes;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::{ActivateError, GuestMemoryMmap, Interrupt, VirtioDevice};
+use crate::durable;
 use crate::volume::{self, Volume, VolumeError};
 use backend::{Backend, TransferError};
 
@@ -88,6 +90,9 @@ pub enum BlockError {
         #[source]
         source: io::Error,
     },
+    /// The disk's completed writes could not be made durable.
+    #[error("cannot flush disk {path}: {reason}")]
+    Flush { path: PathBuf, reason: String },
 }
 
 /// Why a request chain cannot even be answered with a status (§5.2.6:
@@ -169,6 +174,8 @@ struct Disk {
     capacity: u64,
     /// GET_ID's answer, at most 20 bytes.
     id: Vec<u8>,
+    /// The file named in messages about this disk.
+    path: PathBuf,
 }
 
 impl Disk {
@@ -378,10 +385,35 @@ impl Block {
                 backend,
                 capacity,
                 id: serial_id(path),
+                path: path.to_path_buf(),
             },
             queue_evts: [queue_evt],
             active: None,
         })
+    }
+
+    /// Makes every write the guest has completed durable (before a
+    /// snapshot, whose memory assumes them on disk).
+    pub fn flush(&mut self) -> Result<(), BlockError> {
+        self.disk.backend.flush().map_err(|err| BlockError::Flush {
+            path: self.disk.path.clone(),
+            reason: err.to_string(),
+        })
+    }
+
+    /// Copies what the guest wrote to this disk (a volume's overlay, or a
+    /// writable raw image) to a new file at `path`, holes kept; returns the
+    /// bytes of data copied. Flush first.
+    pub fn copy_writes_to(&self, path: &Path) -> io::Result<u64> {
+        let Some(source) = self.disk.backend.writes_file() else {
+            return Err(io::Error::other(
+                "the disk is read-only: it holds no writes",
+            ));
+        };
+        let copy = File::create(path)?;
+        let copied = durable::copy_sparse(source, &copy)?;
+        copy.sync_all()?;
+        Ok(copied)
     }
 
     /// Whether the guest may discard (trim) blocks of this disk.
@@ -563,6 +595,13 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.active = None;
+    }
+
+    fn queue_states(&self) -> Vec<QueueState> {
+        self.active
+            .iter()
+            .map(|active| active.queue.state())
+            .collect()
     }
 }
 

@@ -1,0 +1,79 @@
+# Snapshots: snapshot create of a running instance (it keeps running) →
+# stop-hibernate (RAM saved; ps shows it hibernated) → start resumes it:
+# the guest's counter and uptime go on → two instances restored from the
+# one snapshot both run, counting on from it, with the file written before
+# it → a damaged snapshot is refused and starts nothing.
+. "$(dirname "$0")/lib.sh"
+
+# wait_log NAME PATTERN CHECK: instance NAME's console shows PATTERN within 300 s.
+wait_log() {
+    waited=0
+    while ! "$KILN" logs "$1" 2>/dev/null | grep -q -- "$2" && [ "$waited" -lt 300 ]; do
+        sleep 1; waited=$((waited + 1))
+    done
+    "$KILN" logs "$1" > "$WORK/$1.txt" 2>&1
+    expect_contains "$3" "$WORK/$1.txt" "$2"
+}
+
+# last_count NAME: the highest count instance NAME's console shows.
+last_count() {
+    "$KILN" logs "$1" 2>/dev/null | sed -n 's/^count \([0-9]*\) .*/\1/p' | tail -n 1
+}
+
+# last_uptime NAME: the guest uptime (whole seconds) of its last count line.
+last_uptime() {
+    "$KILN" logs "$1" 2>/dev/null | sed -n 's/^count [0-9]* uptime \([0-9]*\).*/\1/p' | tail -n 1
+}
+
+"$KILN" run vm-test:1.0.0 --detach --name snap --cmdline 'kiln.entrypoint=/tests/counter.sh' \
+    > "$WORK/launch.txt" 2> "$WORK/launch.err"
+expect_eq launch-exit-status 0 "$?"
+wait_log snap "^count 3 " counts-before-the-snapshot
+
+"$KILN" snapshot create snap "$WORK/snap1" > "$WORK/create.txt" 2>&1
+expect_eq snapshot-create-exit-status 0 "$?"
+check snapshot-has-state-memory-and-root sh -c "cd '$WORK/snap1' && [ -s state ] && [ -f memory ] && [ -f root.overlay ] && [ -f instance.json ]"
+# The memory file is sparse: far less on disk than the guest's 128 MiB.
+used_kib=$(du -k "$WORK/snap1/memory" | cut -f1)
+check memory-file-is-sparse [ "$used_kib" -lt 100000 ]
+echo "KILN-INFO snapshot memory file: $used_kib KiB on disk; $(cat "$WORK/create.txt")"
+before=$(last_count snap)
+wait_log snap "^count $((before + 2)) " keeps-running-after-the-snapshot
+
+"$KILN" stop --hibernate snap > "$WORK/hibernate.txt" 2>&1
+expect_eq hibernate-exit-status 0 "$?"
+expect_contains hibernate-says-hibernated "$WORK/hibernate.txt" "stopped (hibernated)"
+"$KILN" ps -a > "$WORK/ps.txt" 2>&1
+expect_contains ps-shows-hibernated "$WORK/ps.txt" "snap .*hibernated"
+count=$(last_count snap)
+uptime=$(last_uptime snap)
+check start-resumes "$KILN" start snap
+wait_log snap "^count $((count + 1)) " counter-goes-on-after-resume
+expect_eq counter-not-restarted 1 "$(grep -c '^count 1 ' "$WORK/snap.txt")"
+check uptime-goes-on [ "$(last_uptime snap)" -ge "$uptime" ]
+check hibernation-consumed [ ! -d "$KILN_HOME/instances/$(head -n 1 "$WORK/launch.txt")/hibernate" ]
+
+# Two instances from one snapshot: each counts on from where it was taken.
+check restore-first "$KILN" snapshot restore "$WORK/snap1" --name r1
+check restore-second "$KILN" snapshot restore "$WORK/snap1" --name r2
+wait_log r1 "^count $((before + 1)) .*marker written before the snapshot" first-restore-runs-with-the-file
+wait_log r2 "^count $((before + 1)) .*marker written before the snapshot" second-restore-runs-with-the-file
+expect_eq first-restore-did-not-boot 0 "$(grep -c '^count 1 ' "$WORK/r1.txt")"
+"$KILN" ps > "$WORK/ps.txt" 2>&1
+expect_contains both-restores-running "$WORK/ps.txt" "r2 .*running"
+
+# A damaged state file: refused by name, and no instance appears.
+cp -r "$WORK/snap1" "$WORK/bad"
+printf 'X' | dd of="$WORK/bad/state" bs=1 seek=200 conv=notrunc 2>/dev/null
+"$KILN" snapshot restore "$WORK/bad" --name r3 > "$WORK/bad.txt" 2>&1
+expect_eq damaged-snapshot-refused 1 "$?"
+expect_contains damaged-snapshot-says-why "$WORK/bad.txt" "checksum"
+"$KILN" ps -a > "$WORK/ps.txt" 2>&1
+check damaged-snapshot-starts-nothing sh -c "! grep -q ' r3 ' '$WORK/ps.txt'"
+# A cut memory file too.
+cp -r "$WORK/snap1" "$WORK/cut"
+truncate -s 1M "$WORK/cut/memory"
+"$KILN" snapshot restore "$WORK/cut" > "$WORK/cut.txt" 2>&1
+expect_contains truncated-memory-refused "$WORK/cut.txt" "memory file holds"
+
+for name in snap r1 r2; do "$KILN" terminate "$name" > /dev/null 2>&1; done

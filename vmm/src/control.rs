@@ -1,0 +1,216 @@
+//! The control channel from an instance's VMM process to its VM process:
+//! one request at a time, as a JSON line on a socketpair whose VM end the
+//! VM process inherits (`kiln run --instance ID --control-fd N`), answered
+//! by one JSON line.
+//!
+//! Signals served a VM process well for "stop", but pausing the vCPUs
+//! inside the VMM and taking a snapshot need an answer (done, or why not)
+//! and arguments (where to write the snapshot), so they travel here. The VM
+//! process reads requests in its event loop and carries them out between
+//! events, with the whole machine at hand ([`crate::builder`]).
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use serde::{Deserialize, Serialize};
+
+use crate::devices::lock;
+
+/// The longest request line the VM process accepts.
+const MAX_LINE: usize = 64 * 1024;
+
+/// What an instance's VMM asks of its VM process.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+pub enum ControlRequest {
+    /// Park the vCPUs outside the guest.
+    Pause,
+    /// Let parked vCPUs run again.
+    Resume,
+    /// Write a snapshot into the existing, empty directory `dir`.
+    Snapshot {
+        dir: PathBuf,
+        /// Copy the root disk's writes (its overlay) into the snapshot, so
+        /// it can be restored anywhere; a hibernation keeps the instance's
+        /// own root volume instead.
+        copy_root: bool,
+        then: AfterSnapshot,
+    },
+}
+
+/// What the VM does once its snapshot is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AfterSnapshot {
+    /// Go on as before (a paused VM stays paused).
+    Continue,
+    /// End: the snapshot holds the VM now (stop-hibernate).
+    Stop,
+}
+
+/// The VM process's answer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlReply {
+    /// Why the request failed; `None` when it was carried out.
+    pub error: Option<String>,
+    /// What a snapshot request wrote.
+    pub snapshot: Option<SnapshotStats>,
+}
+
+/// What taking a snapshot cost.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotStats {
+    /// From the request to the vCPUs running again (or the VM ending).
+    pub total_us: u64,
+    /// How long the guest was paused for it.
+    pub paused_us: u64,
+    /// Guest memory, and the part of it that was not zero (written).
+    pub memory_bytes: u64,
+    pub memory_written: u64,
+    pub state_bytes: u64,
+    /// The root overlay's bytes copied, when asked for.
+    pub root_bytes: u64,
+}
+
+/// Errors on the channel.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot create the control channel: {0}")]
+    Create(io::Error),
+    #[error("the VM process did not answer: {0}")]
+    Io(#[from] io::Error),
+    #[error("the VM process gave no answer (it has ended)")]
+    Closed,
+    #[error("the VM process answered nonsense: {0}")]
+    Garbled(serde_json::Error),
+}
+
+/// The VMM process's end: sends requests and waits for answers.
+pub struct ControlClient {
+    stream: BufReader<UnixStream>,
+}
+
+/// A new channel: the client end, and the end for the VM process to
+/// inherit (its descriptor number goes on the VM process's command line).
+pub fn channel() -> Result<(ControlClient, OwnedFd), ControlError> {
+    let (ours, theirs) = UnixStream::pair().map_err(ControlError::Create)?;
+    Ok((
+        ControlClient {
+            stream: BufReader::new(ours),
+        },
+        OwnedFd::from(theirs),
+    ))
+}
+
+impl ControlClient {
+    /// Sends `request` and waits up to `timeout` for its answer.
+    pub fn call(
+        &mut self,
+        request: &ControlRequest,
+        timeout: Duration,
+    ) -> Result<ControlReply, ControlError> {
+        let mut line = serde_json::to_vec(request).expect("a request serializes");
+        line.push(b'\n');
+        self.stream.get_mut().write_all(&line)?;
+        self.stream.get_ref().set_read_timeout(Some(timeout))?;
+        let mut answer = String::new();
+        if self.stream.read_line(&mut answer)? == 0 {
+            return Err(ControlError::Closed);
+        }
+        serde_json::from_str(&answer).map_err(ControlError::Garbled)
+    }
+}
+
+/// The VM process's end, in its event loop: parses each request line and
+/// leaves it for the loop's owner to carry out ([`crate::event_loop`]).
+/// The VMM process sends a request only once the last one is answered,
+/// so a read never holds a second request back in the buffer.
+pub struct ControlListener {
+    stream: BufReader<UnixStream>,
+    pending: Arc<Mutex<Option<ControlRequest>>>,
+}
+
+impl ControlListener {
+    /// Adopts the inherited descriptor `fd`.
+    ///
+    /// # Safety
+    /// `fd` must be an open socket descriptor that nothing else in this
+    /// process owns.
+    pub unsafe fn adopt(fd: i32) -> Self {
+        // SAFETY: the caller guarantees `fd` is an open, unowned socket.
+        let stream = unsafe { UnixStream::from_raw_fd(fd) };
+        ControlListener {
+            stream: BufReader::new(stream),
+            pending: Arc::default(),
+        }
+    }
+
+    /// Where the listener leaves a request it has read.
+    pub fn pending(&self) -> Arc<Mutex<Option<ControlRequest>>> {
+        self.pending.clone()
+    }
+
+    /// A handle to answer requests on.
+    pub fn replier(&self) -> io::Result<ControlReplier> {
+        Ok(ControlReplier(self.stream.get_ref().try_clone()?))
+    }
+
+    fn read_request(&mut self) -> io::Result<Option<ControlRequest>> {
+        let mut line = Vec::new();
+        let read = (&mut self.stream)
+            .take(MAX_LINE as u64)
+            .read_until(b'\n', &mut line)?;
+        if read == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        match serde_json::from_slice(&line) {
+            Ok(request) => Ok(Some(request)),
+            Err(err) => {
+                let reply = ControlReply {
+                    error: Some(format!("not a control request: {err}")),
+                    snapshot: None,
+                };
+                ControlReplier(self.stream.get_ref().try_clone()?).send(&reply)?;
+                Ok(None)
+            }
+        }
+    }
+}
+
+impl MutEventSubscriber for ControlListener {
+    fn process(&mut self, _events: Events, ops: &mut EventOps) {
+        match self.read_request() {
+            Ok(Some(request)) => *lock(&self.pending) = Some(request),
+            Ok(None) => {}
+            // The VMM process is gone or broke the channel: no more requests
+            // (the VM itself ends with its VMM, see `supervisor::end_with_vmm`).
+            Err(err) => {
+                if err.kind() != io::ErrorKind::UnexpectedEof {
+                    eprintln!("kiln: control: stopped reading requests: {err}");
+                }
+                let _ = ops.remove(Events::empty(self.stream.get_ref()));
+            }
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(err) = ops.add(Events::new(self.stream.get_ref(), EventSet::IN)) {
+            eprintln!("kiln: control: cannot watch the control channel: {err}");
+        }
+    }
+}
+
+/// Sends answers back to the VMM process.
+pub struct ControlReplier(UnixStream);
+
+impl ControlReplier {
+    pub fn send(&self, reply: &ControlReply) -> io::Result<()> {
+        let mut line = serde_json::to_vec(reply).expect("a reply serializes");
+        line.push(b'\n');
+        (&self.0).write_all(&line)
+    }
+}

@@ -1,0 +1,115 @@
+//! An instance's part of a snapshot directory: beside the VM's own files
+//! (`state`, `memory`, `root.overlay`, written by the VM process, see
+//! [`crate::snapshot`]) it holds what a new instance restored from it needs:
+//! the launch spec (`instance.json`) and the user-data.
+//!
+//! A snapshot is written into a staging directory beside its final place
+//! and renamed whole once complete, so a directory at the final path is
+//! always a whole snapshot.
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use tempfile::TempDir;
+
+use super::{Instance, InstanceError, Spec};
+use crate::durable;
+use crate::snapshot::{self, ROOT_OVERLAY_FILE, SnapshotError};
+
+/// The instance's launch spec inside a snapshot.
+pub const SPEC_FILE: &str = "instance.json";
+/// The instance's user-data inside a snapshot.
+pub const USER_DATA_FILE: &str = "user-data";
+
+/// What can go wrong with an instance's snapshot files.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotsError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{0}: already exists; a snapshot goes into a new directory")]
+    Exists(PathBuf),
+    #[error("{path}: not an instance snapshot: {reason}")]
+    Spec { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    Instance(#[from] InstanceError),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SnapshotsError + '_ {
+    move |source| SnapshotsError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// An empty staging directory beside `dir`, which must not exist yet.
+pub fn stage(dir: &Path) -> Result<TempDir, SnapshotsError> {
+    if dir.exists() {
+        return Err(SnapshotsError::Exists(dir.to_path_buf()));
+    }
+    let absolute = std::path::absolute(dir).map_err(io_err(dir))?;
+    let parent = absolute.parent().unwrap_or(Path::new("/"));
+    let name = absolute
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    tempfile::Builder::new()
+        .prefix(&format!(".{name}.partial-"))
+        .tempdir_in(parent)
+        .map_err(io_err(parent))
+}
+
+/// Adds the instance's files to the VM's snapshot in `staging` and moves
+/// it, whole, to `dir`.
+pub fn finish(instance: &Instance, staging: TempDir, dir: &Path) -> Result<(), SnapshotsError> {
+    let spec_path = staging.path().join(SPEC_FILE);
+    let json = serde_json::to_vec_pretty(&instance.record.spec).expect("a spec serializes");
+    write_synced(&spec_path, &json)?;
+    if let Some(data) = instance.user_data() {
+        let bytes = fs::read(&data).map_err(io_err(&data))?;
+        write_synced(&staging.path().join(USER_DATA_FILE), &bytes)?;
+    }
+    let staged = staging.keep();
+    File::open(&staged)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(&staged))?;
+    durable::rename_dir(&staged, dir).map_err(io_err(dir))
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), SnapshotsError> {
+    fs::write(path, bytes)
+        .and_then(|()| File::open(path)?.sync_all())
+        .map_err(io_err(path))
+}
+
+/// The spec (named `name` if given) and user-data of the snapshot in
+/// `dir`, once its state and memory files have been checked whole.
+pub fn read(dir: &Path, name: Option<String>) -> Result<(Spec, Option<Vec<u8>>), SnapshotsError> {
+    snapshot::load(dir)?;
+    let spec_path = dir.join(SPEC_FILE);
+    let bytes = fs::read(&spec_path).map_err(io_err(&spec_path))?;
+    let mut spec: Spec = serde_json::from_slice(&bytes).map_err(|err| SnapshotsError::Spec {
+        path: spec_path.clone(),
+        reason: err.to_string(),
+    })?;
+    spec.name = name;
+    let data_path = dir.join(USER_DATA_FILE);
+    let user_data = match fs::read(&data_path) {
+        Ok(data) => Some(data),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => None,
+        Err(err) => return Err(io_err(&data_path)(err)),
+    };
+    Ok((spec, user_data))
+}
+
+/// Gives `instance` its own copy of the snapshot's root volume writes.
+pub fn copy_root(dir: &Path, instance: &Instance) -> Result<(), SnapshotsError> {
+    let source = dir.join(ROOT_OVERLAY_FILE);
+    let from = File::open(&source).map_err(io_err(&source))?;
+    let target = instance.root_overlay();
+    let to = File::create(&target).map_err(io_err(&target))?;
+    durable::copy_sparse(&from, &to)
+        .and_then(|_| to.sync_all())
+        .map_err(io_err(&target))
+}

@@ -1,0 +1,216 @@
+//! A vCPU's architectural state, as a snapshot carries it: everything KVM
+//! keeps for the vCPU that the guest could notice losing.
+//!
+//! Saving happens on the vCPU's own thread while it is parked outside
+//! KVM_RUN (after an immediate-exit KVM_RUN has completed any pending port
+//! I/O or MMIO, see [`super::vcpu`]). Restoring happens on a fresh vCPU
+//! before its thread starts, in the order KVM's dependencies need (the
+//! order Firecracker and Cloud Hypervisor use too):
+//! CPUID first (it decides which MSRs and XSAVE features exist), then MP
+//! state, registers, XSAVE/XCRs, debug registers, the LAPIC (before the
+//! MSRs: IA32_TSC_DEADLINE only sticks once the LAPIC timer is in
+//! TSC-deadline mode), the MSRs (IA32_TSC before IA32_TSC_DEADLINE, as KVM's
+//! own index list orders them), and the pending events last.
+use kvm_bindings::{
+    CpuId, Msrs, kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+};
+use kvm_ioctls::{Kvm, VcpuFd};
+use serde::{Deserialize, Serialize};
+
+/// KVM_GET_MSRS / KVM_SET_MSRS take at most this many entries at once
+/// (`KVM_MAX_MSR_ENTRIES` in kvm-bindings).
+const MSR_BATCH: usize = kvm_bindings::KVM_MAX_MSR_ENTRIES;
+
+/// Errors from reading or writing a vCPU's state.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuStateError {
+    #[error("vCPU {index}: {what} failed: {source}")]
+    Kvm {
+        index: u8,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {index}: KVM took {set} of {count} MSRs; it refused MSR {msr:#x}")]
+    MsrRefused {
+        index: u8,
+        count: usize,
+        set: usize,
+        msr: u32,
+    },
+    #[error(
+        "vCPU {index}: the snapshot's TSC runs at {saved} kHz, this host's at {host} kHz, and KVM cannot scale it"
+    )]
+    TscFrequency { index: u8, saved: u32, host: u32 },
+    #[error("vCPU {index}: cannot build an MSR or CPUID list: {source:?}")]
+    Fam {
+        index: u8,
+        #[source]
+        source: vmm_sys_util::fam::Error,
+    },
+}
+
+/// One model-specific register.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsrValue {
+    pub index: u32,
+    pub data: u64,
+}
+
+/// Everything a vCPU needs to go on where it stopped.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VcpuState {
+    pub index: u8,
+    /// The CPUID the guest saw (and checked its features against).
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    /// The guest TSC's frequency, in kHz.
+    pub tsc_khz: u32,
+    pub msrs: Vec<MsrValue>,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    pub debug_regs: kvm_debugregs,
+    pub lapic: kvm_lapic_state,
+    pub mp_state: kvm_mp_state,
+    pub events: kvm_vcpu_events,
+}
+
+fn kvm_err(index: u8, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuStateError {
+    move |source| VcpuStateError::Kvm {
+        index,
+        what,
+        source,
+    }
+}
+
+/// The MSRs of vCPU `fd` worth saving: KVM's list of the MSRs it saves and
+/// restores itself (KVM_GET_MSR_INDEX_LIST), less those this vCPU cannot
+/// read (the list covers every CPU model KVM knows; the CPUID set here
+/// decides which exist). Probed once, before the seccomp filter, so a
+/// snapshot reads them all in one ioctl per batch.
+pub fn savable_msrs(kvm: &Kvm, fd: &VcpuFd, index: u8) -> Result<Vec<u32>, VcpuStateError> {
+    let listed = kvm
+        .get_msr_index_list()
+        .map_err(kvm_err(index, "KVM_GET_MSR_INDEX_LIST"))?;
+    let mut readable = Vec::new();
+    let mut pending: &[u32] = listed.as_slice();
+    while !pending.is_empty() {
+        let batch = &pending[..pending.len().min(MSR_BATCH)];
+        let mut msrs = msr_list(index, batch.iter().map(|&msr| (msr, 0)))?;
+        // KVM stops at the first MSR it cannot read and says how many it read.
+        let read = fd
+            .get_msrs(&mut msrs)
+            .map_err(kvm_err(index, "KVM_GET_MSRS"))?;
+        readable.extend_from_slice(&batch[..read]);
+        // Skip the one that failed, if any, and go on after it.
+        let consumed = if read < batch.len() { read + 1 } else { read };
+        pending = &pending[consumed..];
+    }
+    Ok(readable)
+}
+
+fn msr_list(index: u8, entries: impl Iterator<Item = (u32, u64)>) -> Result<Msrs, VcpuStateError> {
+    let entries: Vec<kvm_msr_entry> = entries
+        .map(|(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
+        .collect();
+    Msrs::from_entries(&entries).map_err(|source| VcpuStateError::Fam { index, source })
+}
+
+impl VcpuState {
+    /// Reads the state of the parked vCPU `fd`.
+    pub fn save(
+        fd: &VcpuFd,
+        index: u8,
+        cpuid: &CpuId,
+        msr_indices: &[u32],
+    ) -> Result<Self, VcpuStateError> {
+        let err = |what| kvm_err(index, what);
+        let mut msrs = Vec::with_capacity(msr_indices.len());
+        for batch in msr_indices.chunks(MSR_BATCH) {
+            let mut list = msr_list(index, batch.iter().map(|&msr| (msr, 0)))?;
+            let read = fd.get_msrs(&mut list).map_err(err("KVM_GET_MSRS"))?;
+            if read != batch.len() {
+                return Err(VcpuStateError::MsrRefused {
+                    index,
+                    count: batch.len(),
+                    set: read,
+                    msr: batch[read],
+                });
+            }
+            msrs.extend(list.as_slice().iter().map(|e| MsrValue {
+                index: e.index,
+                data: e.data,
+            }));
+        }
+        Ok(VcpuState {
+            index,
+            cpuid: cpuid.as_slice().to_vec(),
+            tsc_khz: fd.get_tsc_khz().map_err(err("KVM_GET_TSC_KHZ"))?,
+            msrs,
+            regs: fd.get_regs().map_err(err("KVM_GET_REGS"))?,
+            sregs: fd.get_sregs().map_err(err("KVM_GET_SREGS"))?,
+            xsave: fd.get_xsave().map_err(err("KVM_GET_XSAVE"))?,
+            xcrs: fd.get_xcrs().map_err(err("KVM_GET_XCRS"))?,
+            debug_regs: fd.get_debug_regs().map_err(err("KVM_GET_DEBUGREGS"))?,
+            lapic: fd.get_lapic().map_err(err("KVM_GET_LAPIC"))?,
+            mp_state: fd.get_mp_state().map_err(err("KVM_GET_MP_STATE"))?,
+            events: fd.get_vcpu_events().map_err(err("KVM_GET_VCPU_EVENTS"))?,
+        })
+    }
+
+    /// The saved CPUID, as KVM takes it.
+    pub fn cpuid(&self) -> Result<CpuId, VcpuStateError> {
+        CpuId::from_entries(&self.cpuid).map_err(|source| VcpuStateError::Fam {
+            index: self.index,
+            source,
+        })
+    }
+
+    /// Writes the state into the fresh, not yet run vCPU `fd` (whose
+    /// CPUID is already [`cpuid`](Self::cpuid)).
+    pub fn restore(&self, fd: &VcpuFd) -> Result<(), VcpuStateError> {
+        let index = self.index;
+        let err = |what| kvm_err(index, what);
+        // The guest calibrated its clocks against this frequency: keep it
+        // (KVM accepts a rate within 250 ppm of the host's unscaled).
+        let host = fd.get_tsc_khz().map_err(err("KVM_GET_TSC_KHZ"))?;
+        if host != self.tsc_khz && fd.set_tsc_khz(self.tsc_khz).is_err() {
+            return Err(VcpuStateError::TscFrequency {
+                index,
+                saved: self.tsc_khz,
+                host,
+            });
+        }
+        fd.set_mp_state(self.mp_state)
+            .map_err(err("KVM_SET_MP_STATE"))?;
+        fd.set_regs(&self.regs).map_err(err("KVM_SET_REGS"))?;
+        fd.set_sregs(&self.sregs).map_err(err("KVM_SET_SREGS"))?;
+        // SAFETY: `self.xsave` is a whole `kvm_xsave` (4 KiB), the size
+        // KVM_SET_XSAVE reads; it was filled by KVM_GET_XSAVE, which never
+        // writes more, so no larger (KVM_CAP_XSAVE2) layout is involved.
+        unsafe { fd.set_xsave(&self.xsave) }.map_err(err("KVM_SET_XSAVE"))?;
+        fd.set_xcrs(&self.xcrs).map_err(err("KVM_SET_XCRS"))?;
+        fd.set_debug_regs(&self.debug_regs)
+            .map_err(err("KVM_SET_DEBUGREGS"))?;
+        fd.set_lapic(&self.lapic).map_err(err("KVM_SET_LAPIC"))?;
+        for batch in self.msrs.chunks(MSR_BATCH) {
+            let list = msr_list(index, batch.iter().map(|m| (m.index, m.data)))?;
+            let set = fd.set_msrs(&list).map_err(err("KVM_SET_MSRS"))?;
+            if set != batch.len() {
+                return Err(VcpuStateError::MsrRefused {
+                    index,
+                    count: batch.len(),
+                    set,
+                    msr: batch[set].index,
+                });
+            }
+        }
+        fd.set_vcpu_events(&self.events)
+            .map_err(err("KVM_SET_VCPU_EVENTS"))
+    }
+}
