@@ -1,5 +1,5 @@
 # Snapshots: snapshot create of a running instance (it keeps running) →
-# stop-hibernate (RAM saved; ps shows it hibernated) → start resumes it:
+# pause/resume in the VMM (the guest stands still) → stop-hibernate (RAM saved; ps shows it hibernated) → start resumes it:
 # the guest's counter and uptime go on → two instances restored from the
 # one snapshot both run, counting on from it, with the file written before
 # it → a damaged snapshot is refused and starts nothing.
@@ -40,6 +40,14 @@ echo "KILN-INFO snapshot memory file: $used_kib KiB on disk; $(cat "$WORK/create
 before=$(last_count snap)
 wait_log snap "^count $((before + 2)) " keeps-running-after-the-snapshot
 
+# Paused inside the VMM, the guest does not run: its counter stands still.
+check pause "$KILN" pause snap
+paused_at=$(last_count snap)
+sleep 3
+expect_eq paused-guest-stands-still "$paused_at" "$(last_count snap)"
+check resume "$KILN" resume snap
+wait_log snap "^count $((paused_at + 2)) " resumed-guest-counts-on
+
 "$KILN" stop --hibernate snap > "$WORK/hibernate.txt" 2>&1
 expect_eq hibernate-exit-status 0 "$?"
 expect_contains hibernate-says-hibernated "$WORK/hibernate.txt" "stopped (hibernated)"
@@ -67,7 +75,7 @@ cp -r "$WORK/snap1" "$WORK/bad"
 printf 'X' | dd of="$WORK/bad/state" bs=1 seek=200 conv=notrunc 2>/dev/null
 "$KILN" snapshot restore "$WORK/bad" --name r3 > "$WORK/bad.txt" 2>&1
 expect_eq damaged-snapshot-refused 1 "$?"
-expect_contains damaged-snapshot-says-why "$WORK/bad.txt" "checksum"
+expect_contains damaged-snapshot-says-why "$WORK/bad.txt" "bad/state is corrupt"
 "$KILN" ps -a > "$WORK/ps.txt" 2>&1
 check damaged-snapshot-starts-nothing sh -c "! grep -q ' r3 ' '$WORK/ps.txt'"
 # A cut memory file too.
