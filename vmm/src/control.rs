@@ -107,6 +107,12 @@ pub fn channel() -> Result<(ControlClient, OwnedFd), ControlError> {
 }
 
 impl ControlClient {
+    /// The raw socket (tests write to it directly).
+    #[cfg(test)]
+    pub(crate) fn into_stream(self) -> UnixStream {
+        self.stream.into_inner()
+    }
+
     /// Sends `request` and waits up to `timeout` for its answer.
     pub fn call(
         &mut self,
@@ -212,5 +218,82 @@ impl ControlReplier {
         let mut line = serde_json::to_vec(reply).expect("a reply serializes");
         line.push(b'\n');
         (&self.0).write_all(&line)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::IntoRawFd;
+
+    use event_manager::{EventManager, SubscriberOps};
+
+    use super::*;
+
+    fn listener_and_client() -> (
+        EventManager<ControlListener>,
+        Arc<Mutex<Option<ControlRequest>>>,
+        ControlReplier,
+        ControlClient,
+    ) {
+        let (client, theirs) = channel().unwrap();
+        // SAFETY: `theirs` is an open socket, handed over whole.
+        let listener = unsafe { ControlListener::adopt(theirs.into_raw_fd()) };
+        let pending = listener.pending();
+        let replier = listener.replier().unwrap();
+        let mut manager = EventManager::new().unwrap();
+        manager.add_subscriber(listener);
+        (manager, pending, replier, client)
+    }
+
+    #[test]
+    fn a_request_reaches_the_loop_and_its_answer_the_client() {
+        let (mut manager, pending, replier, mut client) = listener_and_client();
+        let request = ControlRequest::Snapshot {
+            dir: "/snap".into(),
+            copy_root: true,
+            then: AfterSnapshot::Continue,
+        };
+        let asked = request.clone();
+        let asker = std::thread::spawn(move || client.call(&asked, Duration::from_secs(5)));
+        assert_eq!(manager.run_with_timeout(5000).unwrap(), 1);
+        assert_eq!(pending.lock().unwrap().take(), Some(request));
+        let reply = ControlReply {
+            error: None,
+            snapshot: Some(SnapshotStats {
+                memory_bytes: 1 << 27,
+                ..SnapshotStats::default()
+            }),
+        };
+        replier.send(&reply).unwrap();
+        assert_eq!(asker.join().unwrap().unwrap(), reply);
+    }
+
+    #[test]
+    fn garbage_is_answered_with_an_error_and_nothing_is_carried_out() {
+        let (mut manager, pending, _replier, client) = listener_and_client();
+        let mut stream = client.stream;
+        stream
+            .get_mut()
+            .write_all(b"{\"op\":\"explode\"}\n")
+            .unwrap();
+        manager.run_with_timeout(5000).unwrap();
+        assert_eq!(*pending.lock().unwrap(), None);
+        let mut answer = String::new();
+        stream.read_line(&mut answer).unwrap();
+        let reply: ControlReply = serde_json::from_str(&answer).unwrap();
+        assert!(reply.error.unwrap().contains("not a control request"));
+    }
+
+    #[test]
+    fn a_vm_process_that_has_gone_is_an_error_not_a_hang() {
+        let (manager, _pending, replier, mut client) = listener_and_client();
+        drop((manager, replier));
+        let err = client
+            .call(&ControlRequest::Pause, Duration::from_secs(5))
+            .unwrap_err();
+        assert!(
+            matches!(err, ControlError::Closed | ControlError::Io(_)),
+            "{err}"
+        );
     }
 }

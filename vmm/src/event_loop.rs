@@ -209,6 +209,27 @@ mod tests {
     }
 
     #[test]
+    fn a_control_request_makes_the_loop_return_it() {
+        use crate::control::{self, ControlListener};
+        use std::io::Write;
+        use std::os::fd::IntoRawFd;
+        let end = VmEndSignal::new().unwrap();
+        let mut event_loop = EventLoop::new(end.clone()).unwrap();
+        let (client, theirs) = control::channel().unwrap();
+        // SAFETY: `theirs` is an open socket, handed over whole.
+        event_loop.add_control(unsafe { ControlListener::adopt(theirs.into_raw_fd()) });
+        // The client's end, written raw: what ControlClient::call sends.
+        let mut stream = client.into_stream();
+        stream.write_all(b"{\"op\":\"pause\"}\n").unwrap();
+        assert_eq!(
+            event_loop.run().unwrap(),
+            LoopEvent::Control(ControlRequest::Pause)
+        );
+        end.signal(VmEnd::Stop);
+        assert_eq!(event_loop.run().unwrap(), LoopEvent::End);
+    }
+
+    #[test]
     fn the_loop_returns_once_the_trigger_fires() {
         let end = VmEndSignal::new().unwrap();
         let mut event_loop = EventLoop::new(end.clone()).unwrap();

@@ -73,6 +73,8 @@ pub enum SupervisorError {
     Instance(#[from] InstanceError),
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> SupervisorError {
@@ -103,7 +105,7 @@ pub fn run(
             wanted: Wanted::Nothing,
         }),
     });
-    let hibernation = shared_instance_hibernation(&shared);
+    let hibernation = lock(&shared.instance).hibernation();
     let mut first = hibernation
         .map(|dir| (dir, true))
         .or(restore.map(|dir| (dir, false)));
@@ -121,8 +123,7 @@ pub fn run(
         let input = lock(&shared.instance)
             .console_input_reader()
             .map_err(io_err("cannot open the console input"))?;
-        let (client, vm_end) =
-            control::channel().map_err(|err| io_err("control channel")(io::Error::other(err)))?;
+        let (client, vm_end) = control::channel()?;
         let control_fd = inheritable(&vm_end).map_err(io_err("control channel"))?;
         let start = VmStart {
             control_fd,
@@ -167,10 +168,6 @@ pub fn run(
     lock(&shared.instance).mark_stopped(reason)?;
     let _ = fs::remove_file(&socket);
     Ok(())
-}
-
-fn shared_instance_hibernation(shared: &Shared) -> Option<PathBuf> {
-    lock(&shared.instance).hibernation()
 }
 
 /// Lets a child inherit `fd` (clears close-on-exec); returns its number.

@@ -157,6 +157,12 @@ impl Vcpu {
         })
     }
 
+    /// The vCPU's state, read before its thread starts (what a parked
+    /// vCPU thread reads for a snapshot).
+    pub fn save(&self) -> Result<VcpuState, VcpuStateError> {
+        VcpuState::save(&self.fd, self.index, &self.cpuid, &self.msrs)
+    }
+
     /// Starts the vCPU's thread `kiln-vcpu<N>`.
     pub fn spawn(self, context: VcpuContext) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler()?;
@@ -234,12 +240,7 @@ impl Vcpu {
             }
             reply = match inbox.recv() {
                 Ok(Request::Pause) => Reply::Paused,
-                Ok(Request::Save) => Reply::Saved(Box::new(VcpuState::save(
-                    &self.fd,
-                    self.index,
-                    &self.cpuid,
-                    &self.msrs,
-                ))),
+                Ok(Request::Save) => Reply::Saved(Box::new(self.save())),
                 Ok(Request::Resume) => return outbox.send(Reply::Resumed).is_ok(),
                 Err(_) => return false,
             };
