@@ -26,12 +26,12 @@ fn vm_state_survives_a_round_trip() {
     fresh.restore_state(&restored).unwrap();
     let again = fresh.save_state().unwrap();
     assert_eq!(
-        serde_json::to_value(&again.ioapic).unwrap(),
-        serde_json::to_value(&saved.ioapic).unwrap()
+        serde_json::to_value(again.ioapic).unwrap(),
+        serde_json::to_value(saved.ioapic).unwrap()
     );
     assert_eq!(
-        serde_json::to_value(&again.pic_master).unwrap(),
-        serde_json::to_value(&saved.pic_master).unwrap()
+        serde_json::to_value(again.pic_master).unwrap(),
+        serde_json::to_value(saved.pic_master).unwrap()
     );
 }
 
@@ -65,7 +65,7 @@ fn vcpu_state_survives_a_round_trip() {
     }
     assert_eq!(again.msrs.len(), saved.msrs.len());
     assert_eq!(
-        serde_json::to_value(&again.lapic).unwrap(),
-        serde_json::to_value(&saved.lapic).unwrap()
+        serde_json::to_value(again.lapic).unwrap(),
+        serde_json::to_value(saved.lapic).unwrap()
     );
 }
