@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use kiln_vmm::instance::{Registry, lifecycle};
+use kiln_vmm::instance::{Instance, Registry, State, lifecycle};
 
 use crate::assets::kiln_home;
 
@@ -20,6 +20,21 @@ pub struct Args {
     /// does: `kiln start` then resumes it with its processes intact.
     #[arg(long)]
     hibernate: bool,
+}
+
+/// An error saying why a just-started instance is not running (its
+/// record's reason), unless it runs.
+pub fn running_or_why(instance: &Instance) -> anyhow::Result<()> {
+    let r = &instance.record;
+    if r.state != State::Running {
+        anyhow::bail!(
+            "instance {} is {}: {}",
+            r.id,
+            r.state,
+            r.reason.as_deref().unwrap_or("no reason given")
+        );
+    }
+    Ok(())
 }
 
 /// Which verb.

@@ -12,7 +12,7 @@ use kiln_vmm::control::ControlListener;
 use kiln_vmm::instance::supervisor;
 use kiln_vmm::instance::types::{self, InstanceType};
 use kiln_vmm::instance::{
-    FileLock, Instance, InstanceError, Registry, Spec, State, Verb, lifecycle, state,
+    FileLock, Instance, InstanceError, Registry, Spec, Verb, lifecycle, state,
 };
 use kiln_vmm::volume::Volume;
 
@@ -217,18 +217,7 @@ fn detach(args: &Args) -> anyhow::Result<ExitCode> {
     let registry = Registry::new(&kiln_home());
     let instance = lifecycle::launch(&registry, spec, user_data.as_deref(), &kiln, LAUNCH_TIMEOUT)?;
     println!("{}", instance.record.id);
-    if instance.record.state != State::Running {
-        bail!(
-            "instance {} is {}: {}",
-            instance.record.id,
-            instance.record.state,
-            instance
-                .record
-                .reason
-                .as_deref()
-                .unwrap_or("no reason given")
-        );
-    }
+    crate::cmd::lifecycle::running_or_why(&instance)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use kiln_vmm::instance::{Registry, State, lifecycle};
+use kiln_vmm::instance::{Registry, lifecycle};
 
 use crate::assets::kiln_home;
 
@@ -52,18 +52,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
             let timeout = Duration::from_secs(timeout);
             let instance = lifecycle::restore(&registry, &dir, name, &kiln, timeout)?;
             println!("{}", instance.record.id);
-            if instance.record.state != State::Running {
-                anyhow::bail!(
-                    "instance {} is {}: {}",
-                    instance.record.id,
-                    instance.record.state,
-                    instance
-                        .record
-                        .reason
-                        .as_deref()
-                        .unwrap_or("no reason given")
-                );
-            }
+            crate::cmd::lifecycle::running_or_why(&instance)?;
         }
     }
     Ok(ExitCode::SUCCESS)

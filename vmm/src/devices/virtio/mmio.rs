@@ -677,6 +677,16 @@ mod tests {
         assert_eq!(read(transport, VIRTIO_MMIO_QUEUE_READY), 1);
     }
 
+    /// Queue 0 on `queue`'s rings, then DRIVER_OK: the device runs.
+    fn start_device(transport: &mut MmioTransport, queue: &MockSplitQueue<'_, GuestMemoryMmap>) {
+        set_up_queue(transport, queue);
+        write(
+            transport,
+            VIRTIO_MMIO_STATUS,
+            ACK | DRIVER | FEATURES_OK | DRIVER_OK,
+        );
+    }
+
     /// Makes a FLUSH request available on `queue`.
     fn add_flush_request(mem: &GuestMemoryMmap, queue: &MockSplitQueue<'_, GuestMemoryMmap>) {
         let mut header = [0u8; 16];
@@ -841,12 +851,7 @@ mod tests {
     fn a_notified_request_is_served_and_interrupts() {
         let (mut transport, mem, mut event_loop) = driver_ok_fixture();
         let queue = MockSplitQueue::new(&mem, MOCK_QUEUE_SIZE);
-        set_up_queue(&mut transport, &queue);
-        write(
-            &mut transport,
-            VIRTIO_MMIO_STATUS,
-            ACK | DRIVER | FEATURES_OK | DRIVER_OK,
-        );
+        start_device(&mut transport, &queue);
         assert_eq!(
             read(&mut transport, VIRTIO_MMIO_STATUS) & DRIVER_OK,
             DRIVER_OK
@@ -885,12 +890,7 @@ mod tests {
     fn a_restored_transport_goes_on_where_the_saved_one_stood() {
         let (mut transport, mem, mut event_loop) = driver_ok_fixture();
         let queue = MockSplitQueue::new(&mem, MOCK_QUEUE_SIZE);
-        set_up_queue(&mut transport, &queue);
-        write(
-            &mut transport,
-            VIRTIO_MMIO_STATUS,
-            ACK | DRIVER | FEATURES_OK | DRIVER_OK,
-        );
+        start_device(&mut transport, &queue);
         add_flush_request(&mem, &queue);
         transport.queue_events()[0].write(1).unwrap();
         event_loop.run_with_timeout(1000).unwrap();
@@ -932,12 +932,7 @@ mod tests {
     fn reset_returns_to_power_on_state() {
         let (mut transport, mem, mut event_loop) = driver_ok_fixture();
         let queue = MockSplitQueue::new(&mem, MOCK_QUEUE_SIZE);
-        set_up_queue(&mut transport, &queue);
-        write(
-            &mut transport,
-            VIRTIO_MMIO_STATUS,
-            ACK | DRIVER | FEATURES_OK | DRIVER_OK,
-        );
+        start_device(&mut transport, &queue);
         transport.interrupt.signal_config_change().unwrap();
 
         write(&mut transport, VIRTIO_MMIO_STATUS, 0);
