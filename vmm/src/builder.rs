@@ -212,30 +212,20 @@ pub fn run(
         Start::Snapshot { snapshot, .. } => Some(&snapshot.machine),
         Start::Kernel(_) => None,
     };
-    let mem = match &start {
-        Start::Snapshot { snapshot, .. } => {
-            memory::map_private(&snapshot.memory_file(), snapshot.machine.memory_mib)?
-        }
-        Start::Kernel(_) => memory::create(config.memory_mib)?,
-    };
-    let vm = Vm::new(&kvm, &mem)?;
-    if let Some(machine) = machine {
-        vm.restore_state(&machine.vm)?;
-    }
+    let (mem, vm) = memory_and_vm(&kvm, &start, config)?;
 
     let end = VmEndSignal::new().map_err(VmmError::EventFd)?;
     let report = InitReport::new();
     let mut event_loop = EventLoop::new(end.clone())?;
     let stop_signals = StopSignals::new(end.clone()).map_err(VmmError::Signals)?;
     event_loop.add(Arc::new(Mutex::new(stop_signals)));
-    let replier = match control {
-        Some(listener) => {
+    let replier = control
+        .map(|listener| {
             let replier = listener.replier().map_err(VmmError::EventFd)?;
             event_loop.add_control(listener);
-            Some(replier)
-        }
-        None => None,
-    };
+            Ok::<_, VmmError>(replier)
+        })
+        .transpose()?;
     let legacy = legacy_devices(
         &vm,
         &mut event_loop,
@@ -361,6 +351,29 @@ enum Start<'a> {
         snapshot: Box<LoadedSnapshot>,
         consume: bool,
     },
+}
+
+/// Guest memory and the VM on it: fresh, or the snapshot's memory mapped
+/// copy-on-write with its interrupt controllers, PIT and clock.
+fn memory_and_vm(
+    kvm: &Kvm,
+    start: &Start<'_>,
+    config: &VmConfig,
+) -> Result<(GuestMemoryMmap, Vm), VmmError> {
+    match start {
+        Start::Kernel(_) => {
+            let mem = memory::create(config.memory_mib)?;
+            let vm = Vm::new(kvm, &mem)?;
+            Ok((mem, vm))
+        }
+        Start::Snapshot { snapshot, .. } => {
+            let machine = &snapshot.machine;
+            let mem = memory::map_private(&snapshot.memory_file(), machine.memory_mib)?;
+            let vm = Vm::new(kvm, &mem)?;
+            vm.restore_state(&machine.vm)?;
+            Ok((mem, vm))
+        }
+    }
 }
 
 /// A fresh boot: the kernel, the command line and boot structures in
