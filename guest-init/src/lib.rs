@@ -3,9 +3,12 @@
 //!
 //! The `protocol` module has no dependencies, so the VMM can use it without
 //! pulling in anything the guest binary needs (build without the default
-//! `init` feature).
-#![cfg_attr(not(feature = "init"), no_std)]
+//! `init` feature); `function` (feature `wire`) adds the function
+//! invocation protocol's serde types.
+#![cfg_attr(not(any(feature = "init", feature = "wire")), no_std)]
 
 #[cfg(feature = "init")]
 pub mod config;
+#[cfg(feature = "wire")]
+pub mod function;
 pub mod protocol;
