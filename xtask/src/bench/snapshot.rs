@@ -1,52 +1,63 @@
 //! `cargo xtask bench snapshot`: how fast an instance restored from a
-//! snapshot runs against the same instance booted cold, same image, same
-//! guest size, same test machine, same run.
+//! snapshot answers against the same instance booted cold, same image,
+//! same guest size, same test machine, same run.
 //!
 //! For each guest size ([`SIZES`]) the guest side boots `vm-test:1.0.0`
-//! detached with the counter entrypoint (tests/vm/guest/counter.sh, which
-//! prints `count N uptime U marker …` once a second), waits for `count 2`,
-//! and times `kiln snapshot create` (wall time, and the pause it reports),
-//! recording the sizes of the snapshot's files; the source instance is
-//! then terminated (a snapshot is self-contained). After one untimed
-//! restore (the source's boot was the cold side's warm-up), `runs` times,
-//! interleaved, it times:
+//! detached with the echo entrypoint (tests/vm/guest/echo.sh, which prints
+//! `echo-ready`, then answers every console line `L` with `got L`), waits
+//! for `echo-ready`, and times `kiln snapshot create` (wall time, and the
+//! pause it reports), recording the sizes of the snapshot's files; the
+//! source instance is then terminated (a snapshot is self-contained), and
+//! its guest is caught waiting in `read`. After one untimed restore (the
+//! source's boot was the cold side's warm-up), `runs` times, interleaved,
+//! it times:
 //!
-//! - cold: spawning `kiln run … --detach` to the first `count 1` line in
-//!   `kiln logs` of the new instance;
-//! - restore: spawning `kiln snapshot restore DIR --name …` to the first
-//!   `count` line in `kiln logs` of the new instance (its console starts
-//!   empty, so any `count` line is the restored guest running on);
+//! - cold, "booted to answering": spawning `kiln run … --detach` to
+//!   `echo-ready` in the new instance's console log (the entrypoint prints
+//!   it first thing, right after guest-init starts it);
+//! - restore, "restored to answering": spawning `kiln snapshot restore DIR
+//!   --name …` to `got ping` in the new instance's console log, `ping`
+//!   being written to its console input (`console.in`, as `kiln attach`
+//!   does) as soon as that accepts a writer, which it does once the VMM
+//!   has opened it for the VM process it is about to start: the line
+//!   waits in the pipe until the restored guest reads it, and the answer
+//!   shows that guest running on, its console input and output working.
 //!
-//! both polled every [`POLL`], each instance terminated afterwards. Both
-//! sides include the detached-instance machinery equally: the `kiln`
-//! process, registering the instance, spawning its VMM process, its API.
-//!
-//! The counter's one-second period does not quantize the cold side: its
-//! `count 1` is printed as soon as the entrypoint starts. It does bound
-//! the restore side: the snapshot catches the guest somewhere in its
-//! `sleep 1`, and the restored guest prints its next line only when that
-//! sleep ends, up to 1 s after it runs again. So the restore latency (and
-//! the ratio, restore / cold, whose goal is at most 0.05) is an upper
-//! bound, by up to 1 s. (A sharper signal would need the guest to answer
-//! input, and `kiln attach` is not scriptable.)
+//! The files of the instance (under `$KILN_HOME/instances/`) are read
+//! directly, every [`POLL`], without waiting for the `kiln` command
+//! (which returns once the instance is running, the guest still on its
+//! way); each instance is terminated afterwards. Both sides include the
+//! detached-instance machinery equally: the `kiln` process, registering
+//! the instance, spawning its VMM process and its VM process, the console
+//! going through the VMM to the log file.
 use std::cell::RefCell;
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use kiln_vmm::instance::{Instance, Registry};
 use serde::{Deserialize, Serialize};
 
 use super::{Stats, environment, millis, print_report, run_guest, save};
 use crate::sh;
 
 const IMAGE: &str = "vm-test:1.0.0";
-const ENTRYPOINT: &str = "kiln.entrypoint=/tests/counter.sh";
+const ENTRYPOINT: &str = "kiln.entrypoint=/tests/echo.sh";
+/// What the echo entrypoint prints first.
+const READY: &str = "echo-ready";
+/// What a restored instance is sent, and its answer.
+const PING: &str = "ping";
+const ANSWER: &str = "got ping";
 /// Guest memory sizes, MiB.
 const SIZES: [u64; 2] = [128, 256];
-/// How often the console is read.
-const POLL: Duration = Duration::from_millis(10);
+/// How often the console log is read and the console input tried.
+const POLL: Duration = Duration::from_millis(1);
 /// Per boot, restore or snapshot under nested TCG, generously.
 const PER_STEP: Duration = Duration::from_secs(60);
 /// Restore / cold, medians: the goal is at most this.
@@ -64,10 +75,9 @@ pub struct SnapshotReport {
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 pub struct SizeReport {
     pub memory_mib: u64,
-    /// Spawning `kiln run --detach` to the first `count 1` line.
+    /// Spawning `kiln run --detach` to `echo-ready` on the console.
     pub cold_ms: Stats,
-    /// Spawning `kiln snapshot restore` to the first `count` line (an
-    /// upper bound: see the module doc).
+    /// Spawning `kiln snapshot restore` to `got ping` on the console.
     pub restore_ms: Stats,
     /// Median restore / median cold: at most 0.05 is the goal.
     pub ratio: f64,
@@ -143,8 +153,8 @@ fn print_table(r: &SnapshotReport) {
         );
     }
     println!(
-        "latencies in ms to the first counter line; goal restore / cold <= {RATIO_GOAL} \
-         (restore is an upper bound by up to 1 s: the counter's period)"
+        "ms from spawning the kiln command: cold to {READY:?}, restore to {ANSWER:?} \
+         (sent {PING:?}); goal restore / cold <= {RATIO_GOAL}"
     );
     println!(
         "| guest | create (ms) | paused (ms) | memory file (MiB) | on disk (MiB) | state (KiB) | root.overlay (KiB) |"
@@ -194,46 +204,35 @@ pub fn guest(runs: usize) -> Result<()> {
 fn measure(kiln: &Kiln, work: &Path, memory_mib: u64, runs: usize) -> Result<SizeReport> {
     let dir = work.join(format!("snapshot-{memory_mib}"));
     let created = create(kiln, &dir, memory_mib)?;
-    let restore_cmd = |name: &str| {
+    let restore = |name: &str| {
         let mut cmd = kiln.command();
         cmd.args(["snapshot", "restore"])
             .arg(&dir)
             .args(["--name", name]);
-        cmd
+        kiln.time_to_answer(cmd, name, Some(PING), ANSWER)
     };
-    let restored = |line: &str| line.starts_with("count ");
     let warm_up = format!("warm-up-{memory_mib}");
-    kiln.time_to_line(restore_cmd(&warm_up), &warm_up, restored)?;
+    restore(&warm_up)?;
     kiln.terminate(&warm_up)?;
-    let (mut cold, mut restore) = (Vec::new(), Vec::new());
+    let (mut cold_ms, mut restore_ms) = (Vec::new(), Vec::new());
     for i in 0..runs {
         let name = format!("cold-{memory_mib}-{i}");
-        cold.push(millis(kiln.time_to_line(
-            kiln.run(&name, memory_mib),
-            &name,
-            |line| line.starts_with("count 1 "),
-        )?));
+        cold_ms.push(millis(kiln.boot(&name, memory_mib)?));
         kiln.terminate(&name)?;
         let name = format!("restored-{memory_mib}-{i}");
-        restore.push(millis(kiln.time_to_line(
-            restore_cmd(&name),
-            &name,
-            restored,
-        )?));
+        restore_ms.push(millis(restore(&name)?));
         kiln.terminate(&name)?;
     }
     // The memory file is as large as the guest: not kept in L1's tmpfs.
     std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
-    Ok(SizeReport::of(memory_mib, &cold, &restore, created))
+    Ok(SizeReport::of(memory_mib, &cold_ms, &restore_ms, created))
 }
 
-/// Boots a source instance, snapshots it into `dir` once it counts, and
-/// terminates it.
+/// Boots a source instance, snapshots it into `dir` once it waits for
+/// input, and terminates it.
 fn create(kiln: &Kiln, dir: &Path, memory_mib: u64) -> Result<Created> {
     let source = format!("source-{memory_mib}");
-    kiln.time_to_line(kiln.run(&source, memory_mib), &source, |line| {
-        line.starts_with("count 2 ")
-    })?;
+    kiln.boot(&source, memory_mib)?;
     let started = Instant::now();
     let printed = sh::output(
         kiln.command()
@@ -281,36 +280,59 @@ impl Kiln {
         cmd
     }
 
-    /// `kiln run` of the counter, detached, as instance `name`.
-    fn run(&self, name: &str, memory_mib: u64) -> Command {
+    /// Boots instance `name` detached with the echo entrypoint and times
+    /// it to [`READY`].
+    fn boot(&self, name: &str, memory_mib: u64) -> Result<Duration> {
         let mut cmd = self.command();
         cmd.args(["run", IMAGE, "--detach", "--name", name])
             .args(["--memory", &memory_mib.to_string(), "--vcpus", "1"])
             .args(["--cmdline", ENTRYPOINT]);
-        cmd
+        self.time_to_answer(cmd, name, None, READY)
     }
 
-    /// Instance `name`'s console so far; nothing while it does not exist.
-    fn logs(&self, name: &str) -> Vec<String> {
-        match self.command().args(["logs", name]).output() {
-            Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .map(|line| line.trim().to_string())
-                .collect(),
-            _ => Vec::new(),
+    /// The instance directories there are now (ids).
+    fn instance_ids(&self) -> Result<HashSet<OsString>> {
+        let root = self.home.join("instances");
+        match std::fs::read_dir(&root) {
+            Ok(entries) => entries
+                .map(|entry| Ok(entry?.file_name()))
+                .collect::<std::io::Result<_>>()
+                .with_context(|| format!("cannot list {}", root.display())),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(HashSet::new()),
+            Err(err) => Err(err).with_context(|| format!("cannot list {}", root.display())),
         }
     }
 
-    /// Spawns `cmd`, which starts instance `name`, and times its first
-    /// console line for which `found` holds, reading the console every
-    /// [`POLL`]. Fails if `cmd` fails or no such line shows within
-    /// [`PER_STEP`].
-    fn time_to_line(
+    /// The instance that is not one of `known`, once its directory is
+    /// there (it appears whole, its record in it); it must be `name`.
+    fn new_instance(&self, known: &HashSet<OsString>, name: &str) -> Result<Option<Instance>> {
+        let Some(id) = self
+            .instance_ids()?
+            .into_iter()
+            .find(|id| !known.contains(id) && id.to_string_lossy().starts_with("i-"))
+        else {
+            return Ok(None);
+        };
+        let instance = Registry::new(&self.home).find(&id.to_string_lossy())?;
+        if instance.record.spec.name.as_deref() != Some(name) {
+            bail!("instance {} appeared, not {name}", instance.label());
+        }
+        Ok(Some(instance))
+    }
+
+    /// Spawns `cmd`, which starts instance `name`, and times it to
+    /// `answer` on the instance's console, reading the instance's console
+    /// log every [`POLL`]; with `ask`, that line is first written to its
+    /// console input as soon as that has a reader. Fails if `cmd` fails or
+    /// no such line shows within [`PER_STEP`].
+    fn time_to_answer(
         &self,
         mut cmd: Command,
         name: &str,
-        found: fn(&str) -> bool,
+        ask: Option<&str>,
+        answer: &str,
     ) -> Result<Duration> {
+        let known = self.instance_ids()?;
         let started = Instant::now();
         let mut child = cmd
             .stdin(Stdio::null())
@@ -319,42 +341,68 @@ impl Kiln {
             .spawn()
             .with_context(|| format!("cannot start {}", sh::describe(&cmd)))?;
         self.live.borrow_mut().push(name.to_string());
-        let failed = |child: std::process::Child, why: &str| -> anyhow::Error {
-            let out = child.wait_with_output();
-            let printed = out
+        let mut ask = ask.map(|line| format!("{line}\n"));
+        let (mut instance, mut log, mut console) = (None, None, Vec::new());
+        let failed = |child: Child, console: &[u8], why: &str| -> anyhow::Error {
+            let printed = child
+                .wait_with_output()
                 .map(|o| {
                     String::from_utf8_lossy(&o.stdout).into_owned()
                         + &String::from_utf8_lossy(&o.stderr)
                 })
                 .unwrap_or_default();
+            let console = String::from_utf8_lossy(console);
+            let console = console.lines().map(str::trim).collect::<Vec<_>>();
             anyhow::anyhow!(
                 "{} {why}; it printed: {}; the console: {}",
                 sh::describe(&cmd),
                 printed.trim(),
-                self.logs(name).join(" | ")
+                console.join(" | ")
             )
         };
         let elapsed = loop {
-            if self.logs(name).iter().any(|line| found(line)) {
+            if instance.is_none() {
+                instance = self.new_instance(&known, name)?;
+            }
+            if let Some(instance) = &instance {
+                if let Some(line) = &ask
+                    && let Ok(mut input) = instance.console_input_writer()
+                {
+                    input
+                        .write_all(line.as_bytes())
+                        .with_context(|| format!("cannot write to {name}'s console"))?;
+                    ask = None;
+                }
+                if log.is_none() {
+                    log = File::open(instance.console_log()).ok();
+                }
+                if let Some(log) = &mut log {
+                    let path = instance.console_log();
+                    log.read_to_end(&mut console)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
+                }
+            }
+            if shows(&console, answer) {
                 break started.elapsed();
             }
             if let Some(status) = child.try_wait()?
                 && !status.success()
             {
-                return Err(failed(child, &format!("failed: {status}")));
+                return Err(failed(child, &console, &format!("failed: {status}")));
             }
             if started.elapsed() > PER_STEP {
                 let _ = child.kill();
                 return Err(failed(
                     child,
-                    &format!("showed no awaited line within {PER_STEP:?}"),
+                    &console,
+                    &format!("showed no {answer:?} within {PER_STEP:?}"),
                 ));
             }
             std::thread::sleep(POLL);
         };
         let status = child.wait()?;
         if !status.success() {
-            return Err(failed(child, &format!("failed: {status}")));
+            return Err(failed(child, &console, &format!("failed: {status}")));
         }
         Ok(elapsed)
     }
@@ -378,6 +426,13 @@ impl Drop for Kiln {
     }
 }
 
+/// Whether `text` is in `console`.
+fn shows(console: &[u8], text: &str) -> bool {
+    console
+        .windows(text.len())
+        .any(|window| window == text.as_bytes())
+}
+
 /// A Kiln home in `work` whose store is `images`.
 fn kiln_home(images: &Path, work: &Path) -> Result<PathBuf> {
     let home = work.join("home");
@@ -397,6 +452,36 @@ mod tests {
                        memory 20 of 128 MiB written, root volume 0.1 MiB\n";
         assert_eq!(paused_ms(printed).unwrap(), 12.3);
         assert!(paused_ms("i-0 snapshot in /x: memory 20 of 128 MiB written").is_err());
+    }
+
+    #[test]
+    fn the_echo_entrypoint_says_ready_and_answers_the_ping() {
+        let script = sh::workspace_root().join("tests/vm/guest/echo.sh");
+        let mut child = Command::new("sh")
+            .arg(&script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        writeln!(input, "{PING}").unwrap();
+        drop(input);
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        assert_eq!(
+            String::from_utf8(out.stdout).unwrap(),
+            format!("{READY}\n{ANSWER}\n")
+        );
+        assert!(std::fs::metadata(&script).unwrap().mode() & 0o111 != 0);
+    }
+
+    #[test]
+    fn the_answer_is_looked_for_anywhere_on_the_console() {
+        let console = b"[    0.1] ttyS0 at I/O 0x3f8\r\necho-ready\r\nping\r\ngot pi";
+        assert!(shows(console, READY));
+        assert!(!shows(console, ANSWER));
+        assert!(shows(b"ping\r\ngot ping\r\n", ANSWER));
+        assert!(!shows(b"", READY));
     }
 
     #[test]
