@@ -11,6 +11,13 @@
 //!    (see `guest_init::config`); an unusable configuration is reported on
 //!    the console and ends the VM with status 127;
 //! 6. run the entrypoint, reaping orphans and forwarding SIGTERM/SIGINT;
+//!    or, in function mode (`kiln.function=1` on the command line), serve
+//!    invocations instead (`guest_init::function_mode`): listen on vsock
+//!    port 5000, say `guest-init: function ready on vsock port 5000`, and
+//!    for each request run the entrypoint afresh as the handler (payload
+//!    on stdin, output captured, killed at its timeout) after reseeding
+//!    the kernel's random pool with the request's seed; only SIGTERM or
+//!    SIGINT ends it (status 128 + the signal), never a bad request;
 //! 7. report `EntrypointExit(status)`, kill what is left, sync, remount /
 //!    read-only (so ext4's journal is clean for the next boot) and reboot:
 //!    Kiln's VMM treats the guest's reset as the end of the VM and exits
@@ -22,12 +29,12 @@ use std::process::ExitCode;
 
 use guest_init::config::{CONFIG_PATH, RunConfig};
 use guest_init::protocol::InitEvent;
+use guest_init::{function_mode, supervisor};
 
 mod metadata;
 mod mounts;
 mod network;
 mod port;
-mod supervisor;
 
 fn main() -> ExitCode {
     let signals = match supervisor::Signals::block() {
@@ -46,20 +53,33 @@ fn main() -> ExitCode {
         eprintln!("guest-init: instance metadata: {message}");
         None
     });
+    let functions = function_mode::enabled(&cmdline);
     let status = match load_config(&cmdline) {
         Ok(config) => {
             configure_host(&config);
             if let Some(path) = &user_data {
                 metadata::run_user_data_once(path, &config, &signals);
             }
-            supervisor::run(&config, &signals)
+            if functions {
+                function_mode::serve(&config, &signals).unwrap_or_else(|message| {
+                    eprintln!("guest-init: function mode: {message}");
+                    supervisor::STATUS_NOT_EXECUTABLE
+                })
+            } else {
+                supervisor::run(&config, &signals)
+            }
         }
         Err(message) => {
             eprintln!("guest-init: {message}");
             supervisor::STATUS_NOT_FOUND
         }
     };
-    eprintln!("guest-init: entrypoint exited with status {status}");
+    let what = if functions {
+        "function mode ended"
+    } else {
+        "entrypoint exited"
+    };
+    eprintln!("guest-init: {what} with status {status}");
     if let Some(port) = &port {
         port.report(InitEvent::EntrypointExit(status));
     }

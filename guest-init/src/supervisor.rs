@@ -5,11 +5,17 @@
 //! synchronous wait is simpler than handlers or a signalfd, and no signal
 //! can slip in between a check and a wait. (The kernel drops signals with a
 //! default action that are sent to PID 1, but never blocked ones.)
+//!
+//! Function mode (`function_mode`) has a socket to wait for as well, so it
+//! takes the same signals from a [`SignalFd`] in its `poll`, and starts its
+//! handlers with [`command`] and collects them with [`reap_all`] like
+//! [`run`] does: one reaper, which knows the child it waits for.
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
-use guest_init::config::RunConfig;
+use crate::config::RunConfig;
 
 /// Status for an entrypoint that could not be found (the shell's 127).
 pub const STATUS_NOT_FOUND: u8 = 127;
@@ -40,6 +46,18 @@ impl Signals {
         }
     }
 
+    /// A descriptor that becomes readable when one of the blocked signals
+    /// is pending (non-blocking; see [`SignalFd::take`]).
+    pub fn fd(&self) -> io::Result<SignalFd> {
+        // SAFETY: the set is initialized; -1 asks for a new descriptor.
+        let fd = unsafe { libc::signalfd(-1, &self.0, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        Ok(SignalFd(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
     /// Waits for the next of the blocked signals.
     fn wait(&self) -> io::Result<libc::c_int> {
         loop {
@@ -56,9 +74,31 @@ impl Signals {
     }
 }
 
-/// Runs the entrypoint to its end and returns its status (the exit code, or
-/// 128 + the signal that killed it), reaping every other child on the way.
-pub fn run(config: &RunConfig, signals: &Signals) -> u8 {
+/// The blocked signals as a descriptor, from [`Signals::fd`].
+pub struct SignalFd(OwnedFd);
+
+impl SignalFd {
+    /// The next pending signal, if any (never blocks).
+    pub fn take(&self) -> Option<libc::c_int> {
+        // SAFETY: signalfd_siginfo is plain data; all zeroes is valid.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let len = std::mem::size_of_val(&info);
+        // SAFETY: `info` is a writable buffer of `len` bytes that lives
+        // across the call.
+        let n = unsafe { libc::read(self.0.as_raw_fd(), (&raw mut info).cast(), len) };
+        (n == len as isize).then_some(info.ssi_signo as libc::c_int)
+    }
+}
+
+impl AsRawFd for SignalFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// The command that starts `config`'s entrypoint: its argv, environment,
+/// working directory and user, with an empty signal mask in the child.
+pub fn command(config: &RunConfig) -> Command {
     let (program, args) = config
         .entrypoint
         .split_first()
@@ -75,15 +115,25 @@ pub fn run(config: &RunConfig, signals: &Signals) -> u8 {
     // async-signal-safe calls are allowed; it makes only sigemptyset and
     // sigprocmask calls on its own stack.
     unsafe { command.pre_exec(unblock_all_signals) };
-    let spawned = command.spawn();
-    let child = match spawned {
+    command
+}
+
+/// The status of an entrypoint that could not be started (the shell's).
+pub fn spawn_failure_status(err: &io::Error) -> u8 {
+    match err.kind() {
+        io::ErrorKind::NotFound => STATUS_NOT_FOUND,
+        _ => STATUS_NOT_EXECUTABLE,
+    }
+}
+
+/// Runs the entrypoint to its end and returns its status (the exit code, or
+/// 128 + the signal that killed it), reaping every other child on the way.
+pub fn run(config: &RunConfig, signals: &Signals) -> u8 {
+    let child = match command(config).spawn() {
         Ok(child) => child.id() as libc::pid_t,
         Err(err) => {
-            eprintln!("guest-init: cannot start {program}: {err}");
-            return match err.kind() {
-                io::ErrorKind::NotFound => STATUS_NOT_FOUND,
-                _ => STATUS_NOT_EXECUTABLE,
-            };
+            eprintln!("guest-init: cannot start {}: {err}", config.entrypoint[0]);
+            return spawn_failure_status(&err);
         }
     };
     loop {
@@ -120,8 +170,9 @@ fn unblock_all_signals() -> io::Result<()> {
     Ok(())
 }
 
-/// Reaps every exited child; returns the entrypoint's status if it was one.
-fn reap_all(entrypoint: libc::pid_t) -> Option<u8> {
+/// Reaps every exited child; returns the entrypoint's status if it was one
+/// (pass 0 to only reap orphans).
+pub fn reap_all(entrypoint: libc::pid_t) -> Option<u8> {
     let mut result = None;
     loop {
         let mut raw = 0;

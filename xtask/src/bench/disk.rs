@@ -17,7 +17,7 @@
 //! the page cache. The report also holds the on-disk size of the hello
 //! image against its raw filesystem.
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -27,7 +27,7 @@ use kiln_builder::store::Store;
 use kiln_vmm::volume::Volume;
 use serde::{Deserialize, Serialize};
 
-use super::{Stats, environment, print_report, run_guest, save, time_boot};
+use super::{Stats, environment, kiln_home, print_report, run_guest, save, time_boot};
 use crate::sh;
 
 const IMAGE: &str = "disk-bench:1.0.0";
@@ -259,15 +259,6 @@ fn reads_per_second(offsets: &[u64], mut read: impl FnMut(u64) -> Result<()>) ->
         read(at)?;
     }
     Ok(offsets.len() as f64 / started.elapsed().as_secs_f64())
-}
-
-/// A Kiln home in `work` whose store is `images`.
-fn kiln_home(images: &Path, work: &Path) -> Result<PathBuf> {
-    let home = work.join("home");
-    let _ = std::fs::remove_dir_all(work);
-    std::fs::create_dir_all(&home)?;
-    std::os::unix::fs::symlink(images, home.join("images"))?;
-    Ok(home)
 }
 
 /// The reader's result: MiB/s for `seq`, reads per second for `rand`.

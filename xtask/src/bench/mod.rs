@@ -66,6 +66,16 @@ impl Stats {
     }
 }
 
+/// A fresh `$KILN_HOME` under `work` for a guest-side benchmark, whose
+/// image store is the harness's (`images`).
+fn kiln_home(images: &std::path::Path, work: &std::path::Path) -> Result<PathBuf> {
+    let home = work.join("home");
+    let _ = fs::remove_dir_all(work);
+    fs::create_dir_all(&home)?;
+    std::os::unix::fs::symlink(images, home.join("images"))?;
+    Ok(home)
+}
+
 /// Where the benchmark ran, for the reports.
 fn environment() -> String {
     if kiln_vmm::host::detect().can_boot_linux() {

@@ -44,7 +44,7 @@ use anyhow::{Context, Result, bail};
 use kiln_vmm::instance::{Instance, Registry};
 use serde::{Deserialize, Serialize};
 
-use super::{Stats, environment, millis, print_report, run_guest, save};
+use super::{Stats, environment, kiln_home, millis, print_report, run_guest, save};
 use crate::sh;
 
 const IMAGE: &str = "vm-test:1.0.0";
@@ -431,15 +431,6 @@ fn shows(console: &[u8], text: &str) -> bool {
     console
         .windows(text.len())
         .any(|window| window == text.as_bytes())
-}
-
-/// A Kiln home in `work` whose store is `images`.
-fn kiln_home(images: &Path, work: &Path) -> Result<PathBuf> {
-    let home = work.join("home");
-    let _ = std::fs::remove_dir_all(work);
-    std::fs::create_dir_all(&home)?;
-    std::os::unix::fs::symlink(images, home.join("images"))?;
-    Ok(home)
 }
 
 #[cfg(test)]
