@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use kiln_builder::store::Store;
-use kiln_vmm::builder::{self, Boot, DiskConfig, DiskSource, VMM_ERROR_STATUS, VmConfig};
+use kiln_vmm::builder::{
+    self, Boot, DiskConfig, DiskSource, VMM_ERROR_STATUS, VmConfig, VsockConfig,
+};
 use kiln_vmm::control::ControlListener;
 use kiln_vmm::instance::supervisor;
 use kiln_vmm::instance::types::{self, InstanceType};
@@ -67,6 +69,13 @@ pub struct Args {
     /// Attach the root disk read-only.
     #[arg(long)]
     read_only: bool,
+    /// Give the guest a virtio-vsock device whose host side is the unix
+    /// socket PATH (connect, write `CONNECT <port>\n`, read `OK <host
+    /// port>\n`, then the stream is the guest port's); its CID is 3
+    /// unless `,cid=N`. Instances always have one, at
+    /// instances/<id>/vsock.sock.
+    #[arg(long, value_name = "PATH[,cid=N]", conflicts_with_all = ["instance", "name", "detach"])]
+    vsock: Option<String>,
     /// Number of vCPUs (instead of a --type).
     #[arg(long)]
     vcpus: Option<u8>,
@@ -264,6 +273,7 @@ fn vm_config(args: &Args) -> anyhow::Result<VmConfig> {
     let (_, mut vcpus, mut memory_mib) = size(args)?;
     let mut cmdline = args.cmdline.clone();
     let mut disks = Vec::new();
+    let mut vsock = args.vsock.as_deref().map(parse_vsock).transpose()?;
     if let Some(id) = &args.instance {
         // The VM of an instance whose VMM process is our parent.
         let found = registry.find(id)?;
@@ -275,6 +285,10 @@ fn vm_config(args: &Args) -> anyhow::Result<VmConfig> {
         (vcpus, memory_mib) = (found.record.spec.vcpus, found.record.spec.memory_mib);
         cmdline = format!("{} {}", found.record.spec.cmdline, args.cmdline);
         instance_disks(&store, &found, args, &mut cmdline, &mut disks)?;
+        vsock = Some(VsockConfig {
+            cid: instance_cid(&found.record.id),
+            socket: found.vsock_socket(),
+        });
     } else if let Some(image) = &args.image {
         disks.push(ephemeral_root(&store, image, args)?);
     }
@@ -295,6 +309,56 @@ fn vm_config(args: &Args) -> anyhow::Result<VmConfig> {
         memory_mib,
         extra_cmdline: cmdline,
         seccomp: !args.no_seccomp,
+        vsock,
+    })
+}
+
+/// The CID of a plain run's guest without `,cid=N`: the lowest a guest
+/// may have (virtio 1.2 §5.10.4).
+const DEFAULT_CID: u64 = 3;
+/// Guest CIDs run from 3 to 2^32 - 2: 2^32 - 4 of them.
+const GUEST_CIDS: u64 = (1 << 32) - 4;
+
+/// An instance's vsock CID, the same at every boot: 3 + the id's 64-bit
+/// value (`i-` and 16 hex digits) mod 2^32 - 4, so any CID a guest may
+/// have (3 to 2^32 - 2, virtio 1.2 §5.10.4), and distinct instances
+/// (clones of one snapshot too) almost surely differ. An id of another
+/// shape is hashed (FNV-1a) instead.
+fn instance_cid(id: &str) -> u64 {
+    let value = id
+        .strip_prefix("i-")
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        .unwrap_or_else(|| {
+            id.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+                (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+            })
+        });
+    DEFAULT_CID + value % GUEST_CIDS
+}
+
+/// `PATH` or `PATH,cid=N`.
+fn parse_vsock(spec: &str) -> anyhow::Result<VsockConfig> {
+    let (path, cid) = match spec.rsplit_once(",cid=") {
+        Some((path, cid)) => {
+            let cid = cid
+                .parse()
+                .with_context(|| format!("--vsock {spec}: cid {cid:?} is not a number"))?;
+            (path, cid)
+        }
+        None => (spec, DEFAULT_CID),
+    };
+    if !(DEFAULT_CID..DEFAULT_CID + GUEST_CIDS).contains(&cid) {
+        bail!(
+            "--vsock {spec}: cid {cid}: expected {DEFAULT_CID} to {}",
+            DEFAULT_CID + GUEST_CIDS - 1
+        );
+    }
+    if path.is_empty() {
+        bail!("--vsock {spec}: expected a socket path");
+    }
+    Ok(VsockConfig {
+        cid,
+        socket: PathBuf::from(path),
     })
 }
 
@@ -492,5 +556,35 @@ mod tests {
         assert!(err.contains("\"fast\""), "{err}");
         let err = format!("{:#}", parse_disk("/no/such/disk.img").unwrap_err());
         assert!(err.contains("/no/such/disk.img"), "{err}");
+    }
+
+    #[test]
+    fn vsock_specs_parse_with_a_default_cid() {
+        let plain = parse_vsock("/tmp/v.sock").unwrap();
+        assert_eq!((plain.cid, plain.socket), (3, PathBuf::from("/tmp/v.sock")));
+        assert_eq!(parse_vsock("/tmp/v.sock,cid=42").unwrap().cid, 42);
+        for bad in ["/tmp/v.sock,cid=2", "/tmp/v.sock,cid=x", ",cid=5"] {
+            assert!(parse_vsock(bad).is_err(), "{bad}");
+        }
+        assert!(parse_vsock(&format!("/v,cid={}", (1u64 << 32) - 1)).is_err());
+        assert!(parse_vsock(&format!("/v,cid={}", (1u64 << 32) - 2)).is_ok());
+    }
+
+    #[test]
+    fn instance_cids_are_guest_cids_derived_from_the_id() {
+        assert_eq!(instance_cid("i-0000000000000000"), 3);
+        assert_eq!(instance_cid("i-0000000000000007"), 10);
+        assert_eq!(
+            instance_cid("i-ffffffffffffffff"),
+            3 + u64::MAX % GUEST_CIDS
+        );
+        assert_ne!(
+            instance_cid("i-0123456789abcdef"),
+            instance_cid("i-0123456789abcdee")
+        );
+        for id in ["i-ffffffffffffffff", "web", "i-not-hex"] {
+            let cid = instance_cid(id);
+            assert!((3..=(1 << 32) - 2).contains(&cid), "{id}: {cid}");
+        }
     }
 }

@@ -34,6 +34,8 @@ use crate::devices::virtio::GuestMemoryMmap;
 pub use crate::devices::virtio::block::DiskSource;
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::{MMIO_REGION_SIZE, MmioError, MmioTransport, TransportState};
+pub use crate::devices::virtio::vsock::VsockConfig;
+use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::event_loop::{EventLoop, EventLoopError, LoopEvent, StopSignals, VmEnd, VmEndSignal};
 use crate::host::{self, HostVirt};
 use crate::loader::{self, LoaderError};
@@ -106,6 +108,10 @@ pub struct VmConfig {
     pub extra_cmdline: String,
     /// Off only for debugging (`kiln run --no-seccomp`).
     pub seccomp: bool,
+    /// A virtio-vsock device, through whose unix socket host processes
+    /// reach guest ports. A restored VM may be given another CID than
+    /// the one it was snapshotted with; the guest re-reads it.
+    pub vsock: Option<VsockConfig>,
 }
 
 /// How a VM ended.
@@ -134,7 +140,7 @@ pub enum VmmError {
     #[error("no root disk: give at least one --disk")]
     NoDisk,
     #[error("{count} disks: at most {max} fit on the interrupt lines")]
-    TooManyDisks { count: usize, max: u32 },
+    TooManyDisks { count: usize, max: usize },
     #[error("the kernel command line is {len} bytes; the limit is {max}")]
     Cmdline { len: usize, max: usize },
     #[error("disk {path}: {source}")]
@@ -146,6 +152,10 @@ pub enum VmmError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
+    #[error("vsock device: {0}")]
+    VsockDevice(MmioError),
     #[error("cannot write the boot structures: {0}")]
     BootMemory(vm_memory::GuestMemoryError),
     #[error("cannot create an eventfd: {0}")]
@@ -234,9 +244,25 @@ pub fn run(
         machine.map(|m| &m.serial),
     )?;
     let saved_disks = machine.map(|m| m.disks.as_slice());
-    let disks = virtio_disks(&vm, &mem, &mut event_loop, &config.disks, saved_disks)?;
+    let mut slots = VirtioSlots::new(config)?;
+    let disks = virtio_disks(
+        &vm,
+        &mem,
+        &mut event_loop,
+        &mut slots,
+        &config.disks,
+        saved_disks,
+    )?;
+    let vsock = virtio_vsock(
+        &vm,
+        &mem,
+        &mut event_loop,
+        &mut slots,
+        config.vsock.as_ref(),
+        machine.map(|m| m.vsock.as_ref()),
+    )?;
     let (cmdline, vcpus) = match &start {
-        Start::Kernel(kernel) => boot_vcpus(&kvm, &vm, &mem, kernel, config, &disks)?,
+        Start::Kernel(kernel) => boot_vcpus(&kvm, &vm, &mem, kernel, config, &disks, &slots)?,
         Start::Snapshot { snapshot, consume } => restore_vcpus(&kvm, &vm, snapshot, *consume)?,
     };
     let memory_mib = machine.map_or(config.memory_mib, |m| m.memory_mib);
@@ -246,7 +272,7 @@ pub fn run(
     let stop = Arc::new(AtomicBool::new(false));
     let context = VcpuContext {
         pio: Arc::new(legacy.pio),
-        mmio: Arc::new(disks.mmio),
+        mmio: Arc::new(slots.mmio),
         end: end.clone(),
         stop: stop.clone(),
         seccomp: config.seccomp,
@@ -262,6 +288,7 @@ pub fn run(
         serial: legacy.serial,
         transports: disks.transports,
         blocks: disks.blocks,
+        vsock,
         end: end.clone(),
         cmdline,
         memory_mib,
@@ -330,7 +357,14 @@ fn load_snapshot(kvm: &Kvm, dir: &Path, config: &VmConfig) -> Result<LoadedSnaps
                 config.memory_mib as usize,
             )
         })
-        .or_else(|| shape("disks", machine.disks.len(), config.disks.len()));
+        .or_else(|| shape("disks", machine.disks.len(), config.disks.len()))
+        .or_else(|| {
+            // A guest that had a vsock device needs one (on any CID: it
+            // re-reads it); one that had none gets none (see virtio_vsock).
+            let given = usize::from(config.vsock.is_some());
+            shape("vsock devices", usize::from(machine.vsock.is_some()), given)
+                .filter(|_| machine.vsock.is_some())
+        });
     if let Some(err) = mismatch {
         return Err(err);
     }
@@ -385,9 +419,10 @@ fn boot_vcpus(
     kernel: &Path,
     config: &VmConfig,
     disks: &VirtioDisks,
+    slots: &VirtioSlots,
 ) -> Result<(String, Vec<Vcpu>), VmmError> {
     let entry = loader::load_kernel(mem, kernel)?;
-    let cmdline = kernel_cmdline(config, disks)?;
+    let cmdline = kernel_cmdline(config, disks.root_discards, &slots.params)?;
     let cr3 = write_boot_structures(mem, &cmdline, config)?;
     let vcpus = (0..config.vcpus)
         .map(|index| Vcpu::boot(kvm, vm, index, config.vcpus, entry, cr3))
@@ -447,6 +482,8 @@ struct Machine {
     serial: Arc<Mutex<Serial>>,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     blocks: Vec<Arc<Mutex<Block>>>,
+    /// The vsock device's transport, after the disks'.
+    vsock: Option<Arc<Mutex<MmioTransport>>>,
     end: Arc<VmEndSignal>,
     cmdline: String,
     memory_mib: u32,
@@ -524,6 +561,7 @@ impl Machine {
         let vm = self.vm.save_state()?;
         let serial = lock(&self.serial).save();
         let disks = self.transports.iter().map(|t| lock(t).save()).collect();
+        let vsock = self.vsock.as_ref().map(|t| lock(t).save());
         for block in &self.blocks {
             lock(block).flush()?;
         }
@@ -546,6 +584,7 @@ impl Machine {
             vcpus,
             serial,
             disks,
+            vsock,
         };
         let state_path = dir.join(STATE_FILE);
         snapshot::write_state(&state_path, &state)?;
@@ -606,44 +645,87 @@ fn legacy_devices(
     Ok(LegacyDevices { pio, serial })
 }
 
-/// The virtio disks, and what the kernel command line needs of them.
-struct VirtioDisks {
+/// The virtio-mmio slots: one 4 KiB region and one interrupt line per
+/// device, handed out in order (the disks, then the vsock device), so a
+/// device's slot is the same at every boot and restore of the VM.
+struct VirtioSlots {
     mmio: Bus,
-    transports: Vec<Arc<Mutex<MmioTransport>>>,
-    blocks: Vec<Arc<Mutex<Block>>>,
     /// The `virtio_mmio.device=` parameters through which the guest finds them.
     params: Vec<String>,
+}
+
+impl VirtioSlots {
+    /// Slots for `config`'s devices, which must fit the interrupt lines.
+    fn new(config: &VmConfig) -> Result<Self, VmmError> {
+        let max = (IRQ_MAX - IRQ_VIRTIO_FIRST + 1) as usize;
+        let others = usize::from(config.vsock.is_some());
+        if config.disks.len() + others > max {
+            return Err(VmmError::TooManyDisks {
+                count: config.disks.len(),
+                max: max - others,
+            });
+        }
+        Ok(Self {
+            mmio: Bus::new(),
+            params: Vec::new(),
+        })
+    }
+
+    /// Slot `index`'s MMIO region base and interrupt line.
+    fn slot(index: usize) -> (u64, u32) {
+        (
+            VIRTIO_MMIO_START + index as u64 * MMIO_REGION_SIZE,
+            IRQ_VIRTIO_FIRST + index as u32,
+        )
+    }
+
+    /// Puts `transport` in the next slot: its queue notifications become
+    /// ioeventfds, its interrupt an irqfd, and the guest learns of it from
+    /// the command line.
+    fn attach(
+        &mut self,
+        vm: &Vm,
+        transport: MmioTransport,
+    ) -> Result<Arc<Mutex<MmioTransport>>, VmmError> {
+        let (base, irq) = Self::slot(self.params.len());
+        for (queue, evt) in transport.queue_events().iter().enumerate() {
+            vm.register_ioevent(evt, base + VIRTIO_MMIO_QUEUE_NOTIFY, queue as u32)?;
+        }
+        vm.register_irqfd(transport.interrupt_event(), irq)?;
+        let transport = Arc::new(Mutex::new(transport));
+        self.mmio
+            .insert(transport.clone(), base, MMIO_REGION_SIZE)?;
+        self.params
+            .push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+        Ok(transport)
+    }
+}
+
+/// The virtio disks, and what the kernel command line needs of them.
+struct VirtioDisks {
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    blocks: Vec<Arc<Mutex<Block>>>,
     /// Whether the root disk's device offers DISCARD.
     root_discards: bool,
 }
 
-/// One virtio-mmio block device per disk, each with its own 4 KiB region
-/// and interrupt line; restored from `saved` (in the same order) when
-/// the VM goes on from a snapshot.
+/// One virtio-mmio block device per disk, each in a slot of its own;
+/// restored from `saved` (in the same order) when the VM goes on from a
+/// snapshot.
 fn virtio_disks(
     vm: &Vm,
     mem: &GuestMemoryMmap,
     event_loop: &mut EventLoop,
+    slots: &mut VirtioSlots,
     disks: &[DiskConfig],
     saved: Option<&[TransportState]>,
 ) -> Result<VirtioDisks, VmmError> {
-    let max = IRQ_MAX - IRQ_VIRTIO_FIRST + 1;
-    if disks.len() > max as usize {
-        return Err(VmmError::TooManyDisks {
-            count: disks.len(),
-            max,
-        });
-    }
     let mut devices = VirtioDisks {
-        mmio: Bus::new(),
         transports: Vec::new(),
         blocks: Vec::new(),
-        params: Vec::new(),
         root_discards: false,
     };
     for (index, disk) in disks.iter().enumerate() {
-        let base = VIRTIO_MMIO_START + index as u64 * MMIO_REGION_SIZE;
-        let irq = IRQ_VIRTIO_FIRST + index as u32;
         let block = open_disk(disk)?;
         if index == 0 {
             devices.root_discards = block.discards();
@@ -657,22 +739,50 @@ fn virtio_disks(
             path: disk.source.path().to_path_buf(),
             source,
         })?;
-        for (queue, evt) in transport.queue_events().iter().enumerate() {
-            vm.register_ioevent(evt, base + VIRTIO_MMIO_QUEUE_NOTIFY, queue as u32)?;
-        }
-        vm.register_irqfd(transport.interrupt_event(), irq)?;
+        let transport = slots.attach(vm, transport)?;
         event_loop.add(block.clone());
-        let transport = Arc::new(Mutex::new(transport));
-        devices
-            .mmio
-            .insert(transport.clone(), base, MMIO_REGION_SIZE)?;
         devices.transports.push(transport);
         devices.blocks.push(block);
-        devices
-            .params
-            .push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
     }
     Ok(devices)
+}
+
+/// The vsock device, in the slot after the disks, listening on its
+/// socket from here on (before seccomp). `saved` is `None` on a fresh
+/// boot and the snapshot's transport otherwise: a restored device has no
+/// connections, and tells the guest with a transport reset event. A
+/// snapshot of a guest that had no vsock device gets none.
+fn virtio_vsock(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    event_loop: &mut EventLoop,
+    slots: &mut VirtioSlots,
+    config: Option<&VsockConfig>,
+    saved: Option<Option<&TransportState>>,
+) -> Result<Option<Arc<Mutex<MmioTransport>>>, VmmError> {
+    let Some(config) = config else {
+        return Ok(None);
+    };
+    if saved == Some(None) {
+        eprintln!(
+            "kiln: the snapshot's guest has no vsock device: {} is not served",
+            config.socket.display()
+        );
+        return Ok(None);
+    }
+    let mut vsock = Vsock::new(config)?;
+    if saved.is_some() {
+        vsock.schedule_transport_reset();
+    }
+    let vsock = Arc::new(Mutex::new(vsock));
+    let transport = match saved.flatten() {
+        Some(state) => MmioTransport::restore(mem.clone(), vsock.clone(), state),
+        None => MmioTransport::new(mem.clone(), vsock.clone()),
+    }
+    .map_err(VmmError::VsockDevice)?;
+    let transport = slots.attach(vm, transport)?;
+    event_loop.add(vsock);
+    Ok(Some(transport))
 }
 
 /// Opens a disk's block device; an ephemeral disk's file goes at once.
@@ -694,7 +804,11 @@ fn open_disk(disk: &DiskConfig) -> Result<Block, VmmError> {
     Ok(block)
 }
 
-fn kernel_cmdline(config: &VmConfig, disks: &VirtioDisks) -> Result<String, VmmError> {
+fn kernel_cmdline(
+    config: &VmConfig,
+    root_discards: bool,
+    devices: &[String],
+) -> Result<String, VmmError> {
     let root = &config.disks[0];
     let mut words: Vec<&str> = BASE_CMDLINE.to_vec();
     words.push(if root.read_only {
@@ -702,12 +816,12 @@ fn kernel_cmdline(config: &VmConfig, disks: &VirtioDisks) -> Result<String, VmmE
     } else {
         "root=/dev/vda rw"
     });
-    if disks.root_discards {
+    if root_discards {
         // ext4 trims blocks as files are deleted, so a volume's overlay
         // shrinks back instead of only growing.
         words.push("rootflags=discard");
     }
-    words.extend(disks.params.iter().map(String::as_str));
+    words.extend(devices.iter().map(String::as_str));
     words.push(config.extra_cmdline.trim());
     let cmdline = words.join(" ").trim_end().to_string();
     // The kernel's buffer holds the terminating NUL too.
@@ -760,18 +874,13 @@ mod tests {
             memory_mib: 128,
             extra_cmdline: extra.into(),
             seccomp: true,
+            vsock: None,
         }
     }
 
-    /// What `virtio_disks` reports, without a VM.
-    fn disks(params: &[&str], root_discards: bool) -> VirtioDisks {
-        VirtioDisks {
-            mmio: Bus::new(),
-            transports: Vec::new(),
-            blocks: Vec::new(),
-            params: params.iter().map(|p| p.to_string()).collect(),
-            root_discards,
-        }
+    /// The slots' parameters, as `VirtioSlots` reports them.
+    fn params(params: &[&str]) -> Vec<String> {
+        params.iter().map(|p| p.to_string()).collect()
     }
 
     #[test]
@@ -779,7 +888,8 @@ mod tests {
         let params = ["virtio_mmio.device=4K@0xd0000000:5"];
         let line = kernel_cmdline(
             &config(&[("root.ext4", true)], " kiln.entrypoint=/x "),
-            &disks(&params, false),
+            false,
+            &self::params(&params),
         )
         .unwrap();
         assert!(
@@ -791,10 +901,10 @@ mod tests {
             "{line}"
         );
         let writable = config(&[("root.ext4", false)], "");
-        let rw = kernel_cmdline(&writable, &disks(&[], false)).unwrap();
+        let rw = kernel_cmdline(&writable, false, &[]).unwrap();
         assert!(rw.ends_with("root=/dev/vda rw"), "{rw}");
         // A root device that offers DISCARD (a writable volume) is trimmed.
-        let trims = kernel_cmdline(&writable, &disks(&[], true)).unwrap();
+        let trims = kernel_cmdline(&writable, true, &[]).unwrap();
         assert!(
             trims.ends_with("root=/dev/vda rw rootflags=discard"),
             "{trims}"
@@ -802,10 +912,27 @@ mod tests {
     }
 
     #[test]
+    fn devices_take_consecutive_slots_and_the_vsock_one_counts() {
+        assert_eq!(VirtioSlots::slot(0), (0xd000_0000, 5));
+        // Two disks, then the vsock device.
+        assert_eq!(VirtioSlots::slot(2), (0xd000_2000, 7));
+        let mut full = config(&[("r", false); 19], "");
+        assert!(VirtioSlots::new(&full).is_ok());
+        full.vsock = Some(VsockConfig {
+            cid: 3,
+            socket: "v.sock".into(),
+        });
+        assert!(matches!(
+            VirtioSlots::new(&full),
+            Err(VmmError::TooManyDisks { count: 19, max: 18 })
+        ));
+    }
+
+    #[test]
     fn an_overlong_command_line_is_refused() {
         let long = "x".repeat(CMDLINE_MAX_SIZE);
         assert!(matches!(
-            kernel_cmdline(&config(&[("r", false)], &long), &disks(&[], false)),
+            kernel_cmdline(&config(&[("r", false)], &long), false, &[]),
             Err(VmmError::Cmdline { .. })
         ));
     }

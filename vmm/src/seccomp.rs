@@ -23,8 +23,8 @@ use seccompiler::{
 /// The kinds of threads a VMM process runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ThreadKind {
-    /// The event loop: device backends (block I/O, console input), vCPU
-    /// kicks and the VM's end.
+    /// The event loop: device backends (block I/O, console input, vsock
+    /// host connections), vCPU kicks and the VM's end.
     Vmm,
     /// A vCPU's run loop, including the PIO/MMIO device emulation it
     /// performs on exits.
@@ -179,7 +179,8 @@ fn vmm_rules() -> Result<Rules, BackendError> {
         // The event loop (event-manager) waits for its fds ...
         allow(libc::SYS_epoll_wait),
         // ... and SerialInput (un)registers stdin on end of input and when
-        // the UART's receive FIFO is full.
+        // the UART's receive FIFO is full; virtio-vsock (un)registers its
+        // host connections and changes what it waits for on each.
         allow(libc::SYS_epoll_ctl),
         // Eventfds (queue notifications, reset, FIFO drained) and stdin.
         allow(libc::SYS_read),
@@ -209,9 +210,16 @@ fn vmm_rules() -> Result<Rules, BackendError> {
         ),
         // The control channel from the instance's VMM: a request read and
         // its answer written (std's socket reads and writes are recv and
-        // send).
+        // send); virtio-vsock's host connections, read with recv and
+        // written with send (MSG_DONTWAIT, MSG_NOSIGNAL).
         allow(libc::SYS_recvfrom),
         allow(libc::SYS_sendto),
+        // virtio-vsock: host connections accepted on its listening
+        // socket (bound before the filter), non-blocking ...
+        allow(libc::SYS_accept4),
+        // ... and a host connection's write side shut when the guest
+        // shuts its sending side (the host reads end-of-file).
+        allow(libc::SYS_shutdown),
         // A snapshot's files (the control channel's requests): the memory
         // file and the root volume's copy are created, sized, written with
         // pwrite64 (above), synced; the copy finds the overlay's data with

@@ -369,6 +369,215 @@ fn vmm_and_vcpu_threads_survive_their_request_channels() {
     assert_survived(&output);
 }
 
+/// The guest's side of a vsock device in the tests: its three rings in
+/// guest memory, as virtio-queue's mocks lay them out.
+mod vsock_guest {
+    use kiln_vmm::devices::virtio::GuestMemoryMmap;
+    use kiln_vmm::devices::virtio::vsock::packet::{HEADER_SIZE, Header};
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::desc::split::Descriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    pub const RX: usize = 0;
+    pub const TX: usize = 1;
+    /// virtio-queue's mock lays the used ring out over the avail ring's
+    /// second half: only the first half of a ring is usable.
+    const SIZE: u16 = 64;
+    const RX_POSTED: u16 = 8;
+    const RX_BUFFERS: u64 = 0x1_0000;
+    const RX_BUFFER: u32 = 0x1000;
+    const TX_BUFFERS: u64 = 0x4_0000;
+
+    pub struct Rings<'a> {
+        pub mem: &'a GuestMemoryMmap,
+        pub queues: Vec<MockSplitQueue<'a, GuestMemoryMmap>>,
+        next_tx: u16,
+        seen_rx: u16,
+    }
+
+    impl<'a> Rings<'a> {
+        /// Three rings, with `RX_POSTED` receive buffers posted.
+        pub fn new(mem: &'a GuestMemoryMmap) -> Self {
+            let queues: Vec<_> = [0x0, 0x1000, 0x2000]
+                .into_iter()
+                .map(|addr| MockSplitQueue::create(mem, GuestAddress(addr), SIZE))
+                .collect();
+            for index in 0..RX_POSTED {
+                let addr = RX_BUFFERS + u64::from(index) * u64::from(RX_BUFFER);
+                let desc = Descriptor::new(addr, RX_BUFFER, VRING_DESC_F_WRITE as u16, 0);
+                queues[RX]
+                    .add_desc_chains(&[RawDescriptor::from(desc)], index)
+                    .unwrap();
+            }
+            Rings {
+                mem,
+                queues,
+                next_tx: 0,
+                seen_rx: 0,
+            }
+        }
+
+        /// Makes a packet available on the tx ring.
+        pub fn send(&mut self, header: Header, payload: &[u8]) {
+            let index = self.next_tx;
+            let addr = TX_BUFFERS + u64::from(index) * 0x1000;
+            self.mem
+                .write_slice(&header.to_bytes(), GuestAddress(addr))
+                .unwrap();
+            self.mem
+                .write_slice(payload, GuestAddress(addr + HEADER_SIZE as u64))
+                .unwrap();
+            let mut descs = vec![RawDescriptor::from(Descriptor::new(
+                addr,
+                HEADER_SIZE as u32,
+                if payload.is_empty() {
+                    0
+                } else {
+                    VRING_DESC_F_NEXT as u16
+                },
+                index + 1,
+            ))];
+            if !payload.is_empty() {
+                descs.push(RawDescriptor::from(Descriptor::new(
+                    addr + HEADER_SIZE as u64,
+                    payload.len() as u32,
+                    0,
+                    0,
+                )));
+            }
+            self.next_tx += descs.len() as u16;
+            self.queues[TX].add_desc_chains(&descs, index).unwrap();
+        }
+
+        /// The next packet the device puts on the rx ring, running the
+        /// event loop until it does.
+        pub fn next<S: event_manager::MutEventSubscriber>(
+            &mut self,
+            event_loop: &mut event_manager::EventManager<S>,
+        ) -> (Header, Vec<u8>) {
+            loop {
+                if let Some(packet) = self.receive() {
+                    return packet;
+                }
+                event_loop.run_with_timeout(5000).unwrap();
+            }
+        }
+
+        /// The next packet the device put on the rx ring, if any.
+        pub fn receive(&mut self) -> Option<(Header, Vec<u8>)> {
+            let used = self.queues[RX].used();
+            if used.idx().load() == self.seen_rx {
+                return None;
+            }
+            let entry = used
+                .ring()
+                .ref_at(usize::from(self.seen_rx % SIZE))
+                .unwrap()
+                .load();
+            self.seen_rx += 1;
+            let addr = RX_BUFFERS + u64::from(entry.id()) * u64::from(RX_BUFFER);
+            let mut raw = vec![0u8; entry.len() as usize];
+            self.mem.read_slice(&mut raw, GuestAddress(addr)).unwrap();
+            let header = Header::parse(raw[..HEADER_SIZE].try_into().unwrap());
+            Some((header, raw[HEADER_SIZE..].to_vec()))
+        }
+    }
+}
+
+#[test]
+fn vmm_thread_survives_serving_a_vsock_host_connection() {
+    use kiln_vmm::devices::virtio::vsock::packet::*;
+    use kiln_vmm::devices::virtio::vsock::{Vsock, VsockConfig};
+    use kiln_vmm::devices::virtio::{GuestMemoryMmap, Interrupt, VirtioDevice};
+    use std::io::{BufRead, BufReader, Read};
+    use std::os::unix::net::UnixStream;
+
+    let Some(output) = in_child_or_run("vmm_thread_survives_serving_a_vsock_host_connection")
+    else {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("vsock.sock");
+        // Bound (and listening) before the filter, as the builder does.
+        let vsock = Vsock::new(&VsockConfig {
+            cid: 3,
+            socket: socket.clone(),
+        })
+        .unwrap();
+        let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap(),
+        ));
+        let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        let tx_evt = vsock.queue_events()[vsock_guest::TX].try_clone().unwrap();
+        let device = Arc::new(Mutex::new(vsock));
+        let mut event_loop = EventManager::<Arc<Mutex<Vsock>>>::new().unwrap();
+        event_loop.add_subscriber(device.clone());
+        // The host process: unfiltered, on a thread started before the filter.
+        let host = std::thread::spawn(move || {
+            let mut stream = UnixStream::connect(&socket).unwrap();
+            stream.write_all(b"CONNECT 5000\n").unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut ok = String::new();
+            reader.read_line(&mut ok).unwrap();
+            assert!(ok.starts_with("OK "), "{ok:?}");
+            stream.write_all(b"ping").unwrap();
+            let mut rest = Vec::new();
+            reader.read_to_end(&mut rest).unwrap();
+            assert_eq!(rest, b"pong");
+            // Dropping the stream closes it: the guest hears SHUTDOWN.
+        });
+        on_filtered_thread(ThreadKind::Vmm, move || {
+            // The driver sets up its rings and the device starts (on a
+            // vCPU thread in a VM; activation only stores and signals).
+            let mut rings = vsock_guest::Rings::new(mem);
+            let queues = rings.queues.iter().map(|q| q.create_queue().unwrap());
+            device
+                .lock()
+                .unwrap()
+                .activate(0, mem.clone(), queues.collect(), interrupt)
+                .unwrap();
+            let (request, _) = rings.next(&mut event_loop);
+            assert_eq!(request.op, VIRTIO_VSOCK_OP_REQUEST);
+            let reply = |op, len| Header {
+                src_cid: 3,
+                dst_cid: VSOCK_HOST_CID,
+                src_port: request.dst_port,
+                dst_port: request.src_port,
+                len,
+                kind: VIRTIO_VSOCK_TYPE_STREAM,
+                op,
+                flags: 0,
+                buf_alloc: 1 << 16,
+                fwd_cnt: 0,
+            };
+            rings.send(reply(VIRTIO_VSOCK_OP_RESPONSE, 0), &[]);
+            tx_evt.write(1).unwrap();
+            let mut ping = Vec::new();
+            while ping.len() < 4 {
+                event_loop.run_with_timeout(5000).unwrap();
+                while let Some((header, payload)) = rings.receive() {
+                    assert_eq!(header.op, VIRTIO_VSOCK_OP_RW);
+                    ping.extend(payload);
+                }
+            }
+            assert_eq!(ping, b"ping");
+            rings.send(reply(VIRTIO_VSOCK_OP_RW, 4), b"pong");
+            // The guest sends no more: the host's socket is shut for writing.
+            let mut shutdown = reply(VIRTIO_VSOCK_OP_SHUTDOWN, 0);
+            shutdown.flags = VIRTIO_VSOCK_SHUTDOWN_F_SEND;
+            rings.send(shutdown, &[]);
+            tx_evt.write(1).unwrap();
+            let (shutdown, _) = rings.next(&mut event_loop);
+            assert_eq!(shutdown.op, VIRTIO_VSOCK_OP_SHUTDOWN);
+            host.join().unwrap();
+            say_survived();
+            std::process::exit(0);
+        });
+        return;
+    };
+    assert_survived(&output);
+}
+
 #[test]
 fn vmm_thread_dies_on_a_forbidden_syscall() {
     let Some(output) = in_child_or_run("vmm_thread_dies_on_a_forbidden_syscall") else {

@@ -33,6 +33,10 @@ pub struct MachineState {
     pub serial: SerialSnapshot,
     /// The virtio-mmio block devices, in slot order (/dev/vda first).
     pub disks: Vec<TransportState>,
+    /// The vsock device, in the slot after the disks (snapshots from
+    /// before vsock have none). Its connections are not saved.
+    #[serde(default)]
+    pub vsock: Option<TransportState>,
 }
 
 /// Why a snapshot cannot be restored here.

@@ -1,0 +1,172 @@
+//! The packets of virtio-vsock (virtio 1.2 §5.10.6): a fixed
+//! little-endian header, `struct virtio_vsock_hdr`, then `len` bytes of
+//! payload (RW packets only).
+//!
+//! virtio-bindings has no vsock definitions but the device ID
+//! (`virtio_ids::VIRTIO_ID_VSOCK`, 19, §5.10.1), so the constants are
+//! here, each named as in the spec (and in Linux's
+//! `uapi/linux/virtio_vsock.h`).
+
+/// The host's CID: the address of the VMM's side of every connection
+/// (§5.10.4: CIDs 0, 1 and 2 are reserved; 2 is the host, as
+/// `VMADDR_CID_HOST` in Linux's `uapi/linux/vm_sockets.h`).
+pub const VSOCK_HOST_CID: u64 = 2;
+/// The lowest CID a guest may have (§5.10.4).
+pub const VSOCK_MIN_GUEST_CID: u64 = 3;
+/// The highest: `guest_cid` is 64 bits on the wire but "only the lower 32
+/// bits are used" (§5.10.4), and 0xffffffff is `VMADDR_CID_ANY`.
+pub const VSOCK_MAX_GUEST_CID: u64 = u32::MAX as u64 - 1;
+
+/// `type` of a stream socket (§5.10.6.5: "VIRTIO_VSOCK_TYPE_STREAM 1").
+pub const VIRTIO_VSOCK_TYPE_STREAM: u16 = 1;
+
+/// `op` values (§5.10.6: "enum { VIRTIO_VSOCK_OP_INVALID = 0, ... }").
+pub const VIRTIO_VSOCK_OP_INVALID: u16 = 0;
+/// Connect.
+pub const VIRTIO_VSOCK_OP_REQUEST: u16 = 1;
+pub const VIRTIO_VSOCK_OP_RESPONSE: u16 = 2;
+pub const VIRTIO_VSOCK_OP_RST: u16 = 3;
+pub const VIRTIO_VSOCK_OP_SHUTDOWN: u16 = 4;
+/// Send payload.
+pub const VIRTIO_VSOCK_OP_RW: u16 = 5;
+/// Tell the peer our credit info.
+pub const VIRTIO_VSOCK_OP_CREDIT_UPDATE: u16 = 6;
+/// Request the peer to send the credit info to us.
+pub const VIRTIO_VSOCK_OP_CREDIT_REQUEST: u16 = 7;
+
+/// SHUTDOWN `flags` (§5.10.6.5.2): the sender will receive no more data ...
+pub const VIRTIO_VSOCK_SHUTDOWN_F_RECEIVE: u32 = 1;
+/// ... and will send no more data.
+pub const VIRTIO_VSOCK_SHUTDOWN_F_SEND: u32 = 2;
+/// Both: the sender closes the connection.
+pub const VIRTIO_VSOCK_SHUTDOWN_F_BOTH: u32 =
+    VIRTIO_VSOCK_SHUTDOWN_F_RECEIVE | VIRTIO_VSOCK_SHUTDOWN_F_SEND;
+
+/// The event queue's one event (§5.10.6.7: "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET 0"):
+/// the driver drops every connection and re-reads `guest_cid`.
+pub const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
+/// `struct virtio_vsock_event { le32 id; }` (§5.10.6.7).
+pub const VIRTIO_VSOCK_EVENT_SIZE: usize = 4;
+
+/// `struct virtio_vsock_hdr` (§5.10.6), packed:
+/// le64 src_cid, le64 dst_cid, le32 src_port, le32 dst_port, le32 len,
+/// le16 type, le16 op, le32 flags, le32 buf_alloc, le32 fwd_cnt.
+pub const HEADER_SIZE: usize = 44;
+const SRC_CID: usize = 0;
+const DST_CID: usize = 8;
+const SRC_PORT: usize = 16;
+const DST_PORT: usize = 20;
+const LEN: usize = 24;
+const TYPE: usize = 28;
+const OP: usize = 30;
+const FLAGS: usize = 32;
+const BUF_ALLOC: usize = 36;
+const FWD_CNT: usize = 40;
+
+/// The largest payload the device accepts in one packet: Linux's driver
+/// never sends more (`VIRTIO_VSOCK_MAX_PKT_BUF_SIZE`, 64 KiB).
+pub const MAX_PAYLOAD: u32 = 64 * 1024;
+
+/// A packet header, decoded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Header {
+    pub src_cid: u64,
+    pub dst_cid: u64,
+    pub src_port: u32,
+    pub dst_port: u32,
+    /// Payload bytes following the header.
+    pub len: u32,
+    pub kind: u16,
+    pub op: u16,
+    pub flags: u32,
+    /// The sender's receive buffer for this connection, in bytes
+    /// (§5.10.6.3 "Buffer Space Management") ...
+    pub buf_alloc: u32,
+    /// ... and the bytes it has consumed from it so far (wrapping).
+    pub fwd_cnt: u32,
+}
+
+impl Header {
+    /// Decodes the 44 header bytes.
+    pub fn parse(raw: &[u8; HEADER_SIZE]) -> Self {
+        let u16_at = |at: usize| u16::from_le_bytes([raw[at], raw[at + 1]]);
+        let u32_at = |at: usize| {
+            u32::from_le_bytes(raw[at..at + 4].try_into().expect("4 bytes in the header"))
+        };
+        let u64_at = |at: usize| {
+            u64::from_le_bytes(raw[at..at + 8].try_into().expect("8 bytes in the header"))
+        };
+        Self {
+            src_cid: u64_at(SRC_CID),
+            dst_cid: u64_at(DST_CID),
+            src_port: u32_at(SRC_PORT),
+            dst_port: u32_at(DST_PORT),
+            len: u32_at(LEN),
+            kind: u16_at(TYPE),
+            op: u16_at(OP),
+            flags: u32_at(FLAGS),
+            buf_alloc: u32_at(BUF_ALLOC),
+            fwd_cnt: u32_at(FWD_CNT),
+        }
+    }
+
+    /// Encodes the header as it goes on the wire.
+    pub fn to_bytes(&self) -> [u8; HEADER_SIZE] {
+        let mut raw = [0u8; HEADER_SIZE];
+        let mut put = |at: usize, bytes: &[u8]| raw[at..at + bytes.len()].copy_from_slice(bytes);
+        put(SRC_CID, &self.src_cid.to_le_bytes());
+        put(DST_CID, &self.dst_cid.to_le_bytes());
+        put(SRC_PORT, &self.src_port.to_le_bytes());
+        put(DST_PORT, &self.dst_port.to_le_bytes());
+        put(LEN, &self.len.to_le_bytes());
+        put(TYPE, &self.kind.to_le_bytes());
+        put(OP, &self.op.to_le_bytes());
+        put(FLAGS, &self.flags.to_le_bytes());
+        put(BUF_ALLOC, &self.buf_alloc.to_le_bytes());
+        put(FWD_CNT, &self.fwd_cnt.to_le_bytes());
+        raw
+    }
+}
+
+/// The name of an `op`, for log lines.
+pub fn op_name(op: u16) -> &'static str {
+    match op {
+        VIRTIO_VSOCK_OP_INVALID => "INVALID",
+        VIRTIO_VSOCK_OP_REQUEST => "REQUEST",
+        VIRTIO_VSOCK_OP_RESPONSE => "RESPONSE",
+        VIRTIO_VSOCK_OP_RST => "RST",
+        VIRTIO_VSOCK_OP_SHUTDOWN => "SHUTDOWN",
+        VIRTIO_VSOCK_OP_RW => "RW",
+        VIRTIO_VSOCK_OP_CREDIT_UPDATE => "CREDIT_UPDATE",
+        VIRTIO_VSOCK_OP_CREDIT_REQUEST => "CREDIT_REQUEST",
+        _ => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_header_round_trips_at_the_spec_offsets() {
+        let header = Header {
+            src_cid: 0x0102_0304_0506_0708,
+            dst_cid: VSOCK_HOST_CID,
+            src_port: 5000,
+            dst_port: 1 << 30,
+            len: 17,
+            kind: VIRTIO_VSOCK_TYPE_STREAM,
+            op: VIRTIO_VSOCK_OP_RW,
+            flags: VIRTIO_VSOCK_SHUTDOWN_F_SEND,
+            buf_alloc: 262_144,
+            fwd_cnt: 0xdead_beef,
+        };
+        let raw = header.to_bytes();
+        assert_eq!(raw[..8], 0x0102_0304_0506_0708u64.to_le_bytes());
+        assert_eq!(raw[16..20], 5000u32.to_le_bytes());
+        assert_eq!(raw[28..30], [1, 0]);
+        assert_eq!(raw[30..32], [5, 0]);
+        assert_eq!(raw[40..44], 0xdead_beefu32.to_le_bytes());
+        assert_eq!(Header::parse(&raw), header);
+    }
+}
