@@ -42,6 +42,9 @@ enum Command {
     Ps(cmd::ps::Args),
     /// List the instance types.
     Types(cmd::types::Args),
+    /// Lambda-style functions: each invocation a clone of a booted VM's snapshot.
+    #[command(subcommand, name = "fn")]
+    Fn(cmd::function::Command),
     /// Save running instances whole, and start new ones from the saves.
     #[command(subcommand)]
     Snapshot(cmd::snapshot::Command),
@@ -79,6 +82,7 @@ fn main() -> ExitCode {
         Command::Ps(args) => cmd::ps::run(args),
         Command::Types(args) => cmd::types::run(args),
         Command::Snapshot(command) => cmd::snapshot::run(command),
+        Command::Fn(command) => cmd::function::run(command),
         Command::Stop(args) => cmd::lifecycle::run(Verb::Stop, args),
         Command::Start(args) => cmd::lifecycle::run(Verb::Start, args),
         Command::Reboot(args) => cmd::lifecycle::run(Verb::Reboot, args),

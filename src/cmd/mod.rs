@@ -5,6 +5,7 @@ pub mod attach;
 pub mod build;
 pub mod commit;
 pub mod doctor;
+pub mod function;
 pub mod image;
 pub mod images;
 pub mod inspect;

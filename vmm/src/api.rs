@@ -71,6 +71,7 @@ fn reason(status: u16) -> &'static str {
         405 => "Method Not Allowed",
         409 => "Conflict",
         413 => "Content Too Large",
+        502 => "Bad Gateway",
         _ => "Internal Server Error",
     }
 }
@@ -125,10 +126,28 @@ pub fn parse_request(bytes: &[u8]) -> Result<Option<Request>, Malformed> {
     }))
 }
 
+/// A connection a request arrives on: the instance API's unix socket, or
+/// a function URL's TCP socket.
+pub trait Connection: Read + Write {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+}
+
+impl Connection for UnixStream {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_read_timeout(self, timeout)
+    }
+}
+
+impl Connection for std::net::TcpStream {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        std::net::TcpStream::set_read_timeout(self, timeout)
+    }
+}
+
 /// Reads one request from `stream`, has `handle` answer it and writes the
 /// answer back.
 pub fn serve_one(
-    mut stream: UnixStream,
+    mut stream: impl Connection,
     handle: impl FnOnce(Request) -> Response,
 ) -> io::Result<()> {
     stream.set_read_timeout(Some(IO_TIMEOUT))?;

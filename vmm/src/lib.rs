@@ -11,6 +11,7 @@ pub mod devices;
 pub mod durable;
 pub mod event_loop;
 mod flock;
+pub mod functions;
 pub mod host;
 pub mod instance;
 pub mod loader;

@@ -15,6 +15,7 @@
 //! | `console.log`  | the serial console of a detached instance                   |
 //! | `console.in`   | a FIFO: its serial input, which `kiln attach` writes        |
 //! | `api.sock`     | the VMM's control API (HTTP/1.1 + JSON, `docs/api.md`)      |
+//! | `vsock.sock`   | the guest's vsock ports, reached with `CONNECT <port>\n`     |
 //! | `hibernate/`   | a hibernated instance's snapshot (RAM and state)            |
 //!
 //! A VMM that dies without saying so is found by its free `vmm.lock`: the
@@ -45,6 +46,7 @@ const USER_DATA_FILE: &str = "user-data";
 const CONSOLE_FILE: &str = "console.log";
 const CONSOLE_INPUT: &str = "console.in";
 const API_SOCKET: &str = "api.sock";
+const VSOCK_SOCKET: &str = "vsock.sock";
 /// The snapshot of a hibernated instance, and where it is staged.
 const HIBERNATION_DIR: &str = "hibernate";
 const HIBERNATION_STAGING: &str = ".hibernate-new";
@@ -409,6 +411,11 @@ impl Instance {
         self.path(API_SOCKET)
     }
 
+    /// The VM's vsock device's host side (Firecracker's convention).
+    pub fn vsock_socket(&self) -> PathBuf {
+        self.path(VSOCK_SOCKET)
+    }
+
     /// The read end of the console input FIFO, for a VM process's stdin
     /// (made on first use). Opened for writing too, so the VM never reads
     /// end-of-file when an attached client leaves.
@@ -529,6 +536,19 @@ impl Instance {
         })
     }
 
+    /// Deletes a terminated instance's directory, its record included:
+    /// for instances nobody will look back at (function clones).
+    pub fn forget(self) -> Result<(), InstanceError> {
+        if self.record.state != State::Terminated {
+            return Err(InstanceError::Refused(Refused {
+                verb: Verb::Terminate,
+                state: self.record.state,
+                why: "only a terminated instance is forgotten",
+            }));
+        }
+        fs::remove_dir_all(&self.dir).map_err(io_err(&self.dir))
+    }
+
     /// Deletes what a terminated instance no longer has: its volumes,
     /// user-data, console and socket. The record stays.
     pub fn delete_volumes(&self) -> Result<(), InstanceError> {
@@ -538,6 +558,7 @@ impl Instance {
             CONSOLE_FILE,
             CONSOLE_INPUT,
             API_SOCKET,
+            VSOCK_SOCKET,
         ] {
             remove_if_present(&self.path(file), |p| fs::remove_file(p))?;
         }

@@ -120,3 +120,26 @@ fn a_damaged_record_is_named() {
     let err = registry.find(&instance.record.id).unwrap_err().to_string();
     assert!(err.contains("instance.json"), "{err}");
 }
+
+#[test]
+fn only_a_terminated_instance_is_forgotten_and_then_nothing_is_left() {
+    let home = tempfile::tempdir().unwrap();
+    let registry = Registry::new(home.path());
+    let (mut clone, vmm) = registry.create(spec(None), None).unwrap();
+    drop(vmm);
+    let id = clone.record.id.clone();
+    let err = clone.clone().forget().unwrap_err();
+    assert!(err.to_string().contains("pending"), "{err}");
+    clone
+        .update(|r| {
+            r.state = State::Terminated;
+            Ok(())
+        })
+        .unwrap();
+    clone.forget().unwrap();
+    assert!(matches!(
+        registry.find(&id),
+        Err(InstanceError::NotFound(_))
+    ));
+    assert!(registry.list().unwrap().is_empty());
+}

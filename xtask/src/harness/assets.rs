@@ -84,6 +84,7 @@ const RECIPES: &[(&str, &str)] = &[
     ("hello-plus", "recipes/hello-plus"),
     ("busybox", "recipes/busybox"),
     ("python", "recipes/python"),
+    ("python-echo", "recipes/python-echo"),
     ("vm-test", "tests/vm/image"),
     ("disk-bench", "tests/vm/bench-disk"),
 ];

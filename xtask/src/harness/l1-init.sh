@@ -6,6 +6,8 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
+# Loopback, for scenarios that serve on 127.0.0.1 (kiln fn serve).
+ip link set lo up
 for module in irqbypass kvm kvm-amd; do
     insmod "/lib/modules/$module.ko" || echo "KILN-TEST harness/insmod-$module FAIL insmod failed"
 done

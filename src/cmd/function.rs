@@ -1,0 +1,246 @@
+//! `kiln fn create|ls|rm|invoke|serve`: Lambda-style functions, each
+//! invocation a fresh clone of a snapshot of the booted function VM.
+use std::net::TcpListener;
+use std::process::ExitCode;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use kiln_vmm::functions::{FunctionConfig, Functions, Invoked};
+
+use crate::assets::kiln_home;
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Create a function: boot IMAGE once with guest-init waiting for
+    /// invocations, and keep a snapshot of it as the function's template.
+    Create {
+        name: String,
+        /// NAME:VERSION from the local store.
+        #[arg(long)]
+        image: String,
+        /// The program (and arguments) each invocation runs, the payload on its stdin.
+        #[arg(long)]
+        handler: String,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 128)]
+        memory: u32,
+        /// Seconds an invocation may run before it is killed.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+        /// KEY=VALUE for the handler's environment (repeatable).
+        #[arg(long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+    },
+    /// List the functions.
+    Ls,
+    /// Remove a function and its template.
+    Rm { name: String },
+    /// Invoke a function: its stdout is printed, and kiln exits with its status.
+    Invoke {
+        name: String,
+        /// The payload: text (usually JSON), or @FILE.
+        #[arg(long, default_value = "")]
+        payload: String,
+        /// Invocations to run (then latency percentiles are printed instead).
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// Invocations in flight at once.
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+    },
+    /// Serve a function URL: each HTTP request body is a payload, the
+    /// response the handler's stdout.
+    Serve {
+        name: String,
+        /// Where to listen, e.g. 127.0.0.1:8080.
+        #[arg(long)]
+        listen: String,
+        /// Stop after this many requests (default: serve forever).
+        #[arg(long)]
+        max_requests: Option<usize>,
+    },
+}
+
+pub fn run(command: Command) -> anyhow::Result<ExitCode> {
+    let kiln = std::env::current_exe().context("cannot find the kiln binary")?;
+    let functions = Functions::new(&kiln_home(), &kiln);
+    match command {
+        Command::Create {
+            name,
+            image,
+            handler,
+            memory,
+            timeout,
+            env,
+        } => {
+            let config = FunctionConfig {
+                name,
+                image,
+                handler,
+                memory_mib: memory,
+                timeout_s: timeout,
+                env,
+                created_at: SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            };
+            functions.create(&config)?;
+            println!("function {} ready", config.name);
+        }
+        Command::Ls => {
+            println!(
+                "{:<20}  {:<20}  {:>7}  {:>7}  HANDLER",
+                "NAME", "IMAGE", "MEMORY", "TIMEOUT"
+            );
+            for f in functions.list()? {
+                println!(
+                    "{:<20}  {:<20}  {:>7}  {:>6}s  {}",
+                    f.name,
+                    f.image,
+                    format!("{}M", f.memory_mib),
+                    f.timeout_s,
+                    f.handler
+                );
+            }
+        }
+        Command::Rm { name } => functions.remove(&name)?,
+        Command::Invoke {
+            name,
+            payload,
+            count,
+            concurrency,
+        } => {
+            let payload = match payload.strip_prefix('@') {
+                Some(path) => {
+                    std::fs::read_to_string(path).with_context(|| format!("--payload @{path}"))?
+                }
+                None => payload,
+            };
+            if count == 1 {
+                return invoke_once(&functions, &name, &payload);
+            }
+            invoke_many(&functions, &name, &payload, count, concurrency)?;
+        }
+        Command::Serve {
+            name,
+            listen,
+            max_requests,
+        } => {
+            let listener =
+                TcpListener::bind(&listen).with_context(|| format!("--listen {listen}"))?;
+            eprintln!("kiln: serving function {name} on http://{listen}/");
+            functions.serve(&name, &listener, max_requests)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn invoke_once(functions: &Functions, name: &str, payload: &str) -> anyhow::Result<ExitCode> {
+    let Invoked { outcome, .. } = functions.invoke(name, payload)?;
+    print!("{}", outcome.stdout);
+    eprint!("{}", outcome.stderr);
+    if let Some(error) = &outcome.error {
+        anyhow::bail!("function {name}: {error}");
+    }
+    if outcome.timed_out {
+        eprintln!("kiln: function {name}: timed out");
+    }
+    Ok(ExitCode::from(u8::try_from(outcome.status).unwrap_or(1)))
+}
+
+/// `count` invocations, `concurrency` at a time; prints latency percentiles.
+fn invoke_many(
+    functions: &Functions,
+    name: &str,
+    payload: &str,
+    count: usize,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    if count == 0 || concurrency == 0 {
+        anyhow::bail!("--count and --concurrency: expected at least 1");
+    }
+    let next = Mutex::new(0usize);
+    let results = Mutex::new(Vec::new());
+    let started = std::time::Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..concurrency.min(count) {
+            scope.spawn(|| {
+                loop {
+                    {
+                        let mut taken = next.lock().unwrap_or_else(|p| p.into_inner());
+                        if *taken == count {
+                            return;
+                        }
+                        *taken += 1;
+                    }
+                    let result = functions.invoke(name, payload);
+                    results
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(result);
+                }
+            });
+        }
+    });
+    let elapsed = started.elapsed();
+    let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut latencies = Vec::new();
+    let mut failed = 0;
+    for result in &results {
+        match result {
+            Ok(invoked) if invoked.outcome.status == 0 && invoked.outcome.error.is_none() => {
+                latencies.push(invoked.latency);
+            }
+            Ok(invoked) => {
+                failed += 1;
+                eprintln!(
+                    "kiln: {}: status {} {}",
+                    invoked.instance_id,
+                    invoked.outcome.status,
+                    invoked.outcome.error.as_deref().unwrap_or("")
+                );
+            }
+            Err(err) => {
+                failed += 1;
+                eprintln!("kiln: {err}");
+            }
+        }
+    }
+    print_latencies(&mut latencies, count, failed, concurrency, elapsed);
+    if failed > 0 {
+        anyhow::bail!("{failed} of {count} invocations failed");
+    }
+    Ok(())
+}
+
+fn print_latencies(
+    latencies: &mut [Duration],
+    count: usize,
+    failed: usize,
+    concurrency: usize,
+    elapsed: Duration,
+) {
+    latencies.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let rank = |p: f64| {
+        let index = ((p * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len()) - 1;
+        ms(latencies[index])
+    };
+    println!(
+        "{} ok, {failed} failed, {count} invocations at concurrency {concurrency} in {:.1} s ({:.2}/s)",
+        latencies.len(),
+        elapsed.as_secs_f64(),
+        count as f64 / elapsed.as_secs_f64()
+    );
+    if !latencies.is_empty() {
+        println!(
+            "latency ms: min {:.1}  p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1}",
+            ms(latencies[0]),
+            rank(0.5),
+            rank(0.9),
+            rank(0.99),
+            ms(latencies[latencies.len() - 1])
+        );
+    }
+}

@@ -1,0 +1,67 @@
+# Functions: kiln fn create boots recipes/python-echo in function mode and
+# keeps a template snapshot → an invocation (a clone of it) echoes its
+# JSON payload → two clones of one template differ in kernel UUID and
+# random bytes (reseeded from the host) → 20 invocations at concurrency 4
+# all succeed → a handler over its timeout is killed, and only that clone:
+# the next invocation works → a function URL answers an HTTP POST →
+# kiln fn rm removes it.
+. "$(dirname "$0")/lib.sh"
+
+# field FILE NAME: the string value of JSON field NAME on FILE's first line.
+field() {
+    sed -n "s/.*\"$2\": \"\([^\"]*\)\".*/\1/p" "$1" | head -n 1
+}
+
+"$KILN" fn create echo --image python-echo:1.0.0 --handler "/usr/bin/python3 /app/echo.py" \
+    --memory 256 --timeout 30 --env GREETING=hi > "$WORK/create.txt" 2>&1
+created=$?
+expect_eq create-exit-status 0 "$created"
+if [ "$created" -ne 0 ]; then
+    # What the template VM said, for the log.
+    "$KILN" ps -a
+    for log in "$KILN_HOME"/instances/i-*/console.log; do tail -n 30 "$log"; done
+fi
+expect_contains create-says-ready "$WORK/create.txt" "function echo ready"
+"$KILN" fn ls > "$WORK/ls.txt" 2>&1
+expect_contains ls-lists-it "$WORK/ls.txt" "^echo .*python-echo:1.0.0 .*256M .*30s .*/app/echo.py"
+
+"$KILN" fn invoke echo --payload '{"n": 1}' > "$WORK/one.txt" 2> "$WORK/one.err"
+expect_eq invoke-exit-status 0 "$?"
+expect_contains invoke-echoes-the-payload "$WORK/one.txt" '"echo": {"n": 1}'
+
+"$KILN" fn invoke echo --payload '{"n": 2}' > "$WORK/two.txt" 2> "$WORK/two.err"
+check clones-have-a-uuid [ -n "$(field "$WORK/one.txt" uuid)" ]
+check clones-differ-in-kernel-uuid [ "$(field "$WORK/one.txt" uuid)" != "$(field "$WORK/two.txt" uuid)" ]
+check clones-differ-in-random-bytes [ "$(field "$WORK/one.txt" random)" != "$(field "$WORK/two.txt" random)" ]
+
+"$KILN" fn invoke echo --payload '{}' --count 20 --concurrency 4 > "$WORK/many.txt" 2>&1
+expect_eq twenty-invocations-exit-status 0 "$?"
+expect_contains twenty-at-concurrency-4-succeed "$WORK/many.txt" "^20 ok, 0 failed"
+echo "KILN-INFO $(tr '\n' ' ' < "$WORK/many.txt")"
+
+"$KILN" fn invoke echo --payload '{"sleep": 300}' > "$WORK/slow.txt" 2> "$WORK/slow.err"
+expect_eq timed-out-handler-is-killed 137 "$?"
+expect_contains timeout-is-said "$WORK/slow.err" "timed out"
+"$KILN" fn invoke echo --payload '{"after": "timeout"}' > "$WORK/after.txt" 2>&1
+expect_contains next-invocation-works "$WORK/after.txt" '"after": "timeout"'
+
+"$KILN" fn serve echo --listen 127.0.0.1:18080 --max-requests 1 2> "$WORK/serve.err" &
+serve=$!
+answered=""
+for _ in $(seq 1 100); do
+    if answered=$(wget -q -O - --post-data '{"url": true}' http://127.0.0.1:18080/ 2>/dev/null); then
+        break
+    fi
+    sleep 0.2
+done
+echo "$answered" > "$WORK/url.txt"
+expect_contains function-url-answers "$WORK/url.txt" '"echo":{"url":true}'
+wait "$serve"
+expect_eq serve-ends-after-max-requests 0 "$?"
+
+check rm "$KILN" fn rm echo
+"$KILN" fn ls > "$WORK/ls.txt" 2>&1
+check rm-removes-it sh -c "! grep -q '^echo ' '$WORK/ls.txt'"
+# Template VM and clones leave no instance behind, not even a record.
+"$KILN" ps -a > "$WORK/ps.txt" 2>&1
+expect_eq no-instance-left 1 "$(wc -l < "$WORK/ps.txt")"

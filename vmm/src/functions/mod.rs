@@ -1,0 +1,483 @@
+//! Functions, Lambda-style: an image, a handler and a configuration,
+//! started for each invocation from a snapshot of a VM that has already
+//! booted and is waiting for work, instead of booting.
+//!
+//! `$KILN_HOME/functions/<name>/` holds `function.json` (the
+//! [`FunctionConfig`]) and `template/`, a snapshot ([`crate::snapshot`])
+//! of an instance of the image whose guest-init runs in function mode
+//! (`guest_init::function`), taken once that guest answered a ping. An
+//! invocation restores the template into a new instance (its memory
+//! mapped copy-on-write from the template, its own copy of the root
+//! volume, its own vsock CID), connects to guest-init's function port
+//! through the instance's vsock socket, sends the payload with fresh host
+//! randomness (the clone reseeds its kernel's random pool with it), reads
+//! the outcome and terminates the clone.
+pub mod vsock;
+
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use guest_init::function::{
+    FUNCTION_CMDLINE_FLAG, FUNCTION_PORT, Invocation, Outcome, Ping, Pong, SEED_BYTES,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::api::{self, Request, Response};
+use crate::durable;
+use crate::instance::lifecycle::{self, LifecycleError};
+use crate::instance::{Instance, InstanceError, Registry, Spec};
+
+const CONFIG_FILE: &str = "function.json";
+const TEMPLATE_DIR: &str = "template";
+/// How long a new function's template VM may take to answer its first ping.
+const READY_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long an instance may take to start or stop.
+const INSTANCE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a clone's guest may take to accept the connection after its
+/// VMM is up (the vsock socket appears as the VM process starts).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Slack over the handler's timeout for the answer to come back.
+const ANSWER_SLACK: Duration = Duration::from_secs(30);
+
+/// A function, as `kiln fn create` made it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionConfig {
+    pub name: String,
+    /// NAME:VERSION of the image.
+    pub image: String,
+    /// The handler's command line (program and arguments, split on spaces).
+    pub handler: String,
+    pub memory_mib: u32,
+    /// Each invocation's limit.
+    pub timeout_s: u64,
+    /// KEY=VALUE pairs for the handler's environment.
+    pub env: Vec<String>,
+    /// Seconds since the epoch.
+    pub created_at: u64,
+}
+
+/// What can go wrong with functions.
+#[derive(Debug, thiserror::Error)]
+pub enum FunctionError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("function name {0:?}: expected 1 to 64 letters, digits, '-' or '_'")]
+    BadName(String),
+    #[error("--env {0:?}: expected KEY=VALUE with no spaces")]
+    BadEnv(String),
+    #[error("--handler {0:?}: expected a program (and arguments) without quotes")]
+    BadHandler(String),
+    #[error("a function named {0:?} exists already (`kiln fn rm` it first)")]
+    Exists(String),
+    #[error("no function named {0:?} (`kiln fn ls` lists them)")]
+    NotFound(String),
+    #[error("{path}: not a function configuration: {reason}")]
+    Config { path: PathBuf, reason: String },
+    #[error(
+        "function {name}: its VM did not answer on vsock port {FUNCTION_PORT} within {waited:?}: {last}"
+    )]
+    NotReady {
+        name: String,
+        waited: Duration,
+        last: String,
+    },
+    #[error("instance {id}: talking to its function: {source}")]
+    Invoke { id: String, source: io::Error },
+    #[error("instance {id}: guest-init answered nonsense: {reason}")]
+    Answer { id: String, reason: String },
+    #[error(transparent)]
+    Lifecycle(#[from] LifecycleError),
+    #[error(transparent)]
+    Instance(#[from] InstanceError),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> FunctionError + '_ {
+    move |source| FunctionError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The functions of one `$KILN_HOME`.
+pub struct Functions {
+    root: PathBuf,
+    registry: Registry,
+    /// The `kiln` binary, which instances' VMM processes run.
+    kiln: PathBuf,
+}
+
+/// One invocation's result and what it cost.
+#[derive(Clone, Debug)]
+pub struct Invoked {
+    pub outcome: Outcome,
+    /// From asking for the clone to the outcome's arrival.
+    pub latency: Duration,
+    /// The clone that ran it (terminated by now).
+    pub instance_id: String,
+}
+
+fn check_name(name: &str) -> Result<(), FunctionError> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_');
+    if name.is_empty() || name.len() > 64 || !name.chars().all(allowed) {
+        return Err(FunctionError::BadName(name.to_string()));
+    }
+    Ok(())
+}
+
+impl FunctionConfig {
+    /// The template VM's kernel command line: function mode, the handler
+    /// as the entrypoint, and its environment.
+    fn cmdline(&self) -> Result<String, FunctionError> {
+        if self.handler.trim().is_empty() || self.handler.contains('"') {
+            return Err(FunctionError::BadHandler(self.handler.clone()));
+        }
+        let mut words = vec![
+            FUNCTION_CMDLINE_FLAG.to_string(),
+            format!("kiln.entrypoint=\"{}\"", self.handler.trim()),
+        ];
+        for pair in &self.env {
+            if !pair.contains('=') || pair.contains(char::is_whitespace) || pair.contains('"') {
+                return Err(FunctionError::BadEnv(pair.clone()));
+            }
+            words.push(format!("kiln.env={pair}"));
+        }
+        Ok(words.join(" "))
+    }
+}
+
+impl Functions {
+    pub fn new(home: &Path, kiln: &Path) -> Self {
+        Functions {
+            root: home.join("functions"),
+            registry: Registry::new(home),
+            kiln: kiln.to_path_buf(),
+        }
+    }
+
+    fn dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// `kiln fn create`: boots the image once in function mode, waits until
+    /// guest-init answers a ping, takes the template snapshot and ends the
+    /// VM. The function appears whole (staged, then renamed) or not at all.
+    pub fn create(&self, config: &FunctionConfig) -> Result<(), FunctionError> {
+        check_name(&config.name)?;
+        let dir = self.dir(&config.name);
+        if dir.exists() {
+            return Err(FunctionError::Exists(config.name.clone()));
+        }
+        let spec = Spec {
+            name: None,
+            image: config.image.clone(),
+            instance_type: "custom".into(),
+            vcpus: 1,
+            memory_mib: config.memory_mib,
+            cmdline: config.cmdline()?,
+        };
+        fs::create_dir_all(&self.root).map_err(io_err(&self.root))?;
+        let staging = tempfile::Builder::new()
+            .prefix(&format!(".{}.new-", config.name))
+            .tempdir_in(&self.root)
+            .map_err(io_err(&self.root))?;
+        let instance = lifecycle::launch(&self.registry, spec, None, &self.kiln, INSTANCE_TIMEOUT)?;
+        let made = self.make_template(&instance, config, staging.path());
+        // The template VM's work is done either way.
+        lifecycle::terminate(instance, INSTANCE_TIMEOUT)?.forget()?;
+        made?;
+        durable::rename_dir(&staging.keep(), &dir).map_err(io_err(&dir))
+    }
+
+    fn make_template(
+        &self,
+        instance: &Instance,
+        config: &FunctionConfig,
+        staging: &Path,
+    ) -> Result<(), FunctionError> {
+        wait_ready(instance, &config.name)?;
+        lifecycle::snapshot(instance, &staging.join(TEMPLATE_DIR))?;
+        let path = staging.join(CONFIG_FILE);
+        let json = serde_json::to_vec_pretty(config).expect("a config serializes");
+        fs::write(&path, json)
+            .and_then(|()| fs::File::open(&path)?.sync_all())
+            .map_err(io_err(&path))
+    }
+
+    /// The function `name`.
+    pub fn get(&self, name: &str) -> Result<FunctionConfig, FunctionError> {
+        check_name(name)?;
+        let path = self.dir(name).join(CONFIG_FILE);
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                return Err(FunctionError::NotFound(name.to_string()));
+            }
+            Err(err) => return Err(io_err(&path)(err)),
+        };
+        serde_json::from_slice(&bytes).map_err(|err| FunctionError::Config {
+            path,
+            reason: err.to_string(),
+        })
+    }
+
+    /// Every function, by name.
+    pub fn list(&self) -> Result<Vec<FunctionConfig>, FunctionError> {
+        let entries = match fs::read_dir(&self.root) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(err) => return Err(io_err(&self.root)(err)),
+        };
+        let mut functions = Vec::new();
+        for entry in entries {
+            let name = entry.map_err(io_err(&self.root))?.file_name();
+            let name = name.to_string_lossy();
+            if !name.starts_with('.') {
+                functions.push(self.get(&name)?);
+            }
+        }
+        functions.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(functions)
+    }
+
+    /// `kiln fn rm`: the function and its template.
+    pub fn remove(&self, name: &str) -> Result<(), FunctionError> {
+        self.get(name)?;
+        let dir = self.dir(name);
+        fs::remove_dir_all(&dir).map_err(io_err(&dir))
+    }
+
+    /// One invocation in a fresh clone of the template, torn down after.
+    pub fn invoke(&self, name: &str, payload: &str) -> Result<Invoked, FunctionError> {
+        let config = self.get(name)?;
+        let started = Instant::now();
+        let template = self.dir(name).join(TEMPLATE_DIR);
+        let clone = lifecycle::restore(
+            &self.registry,
+            &template,
+            None,
+            &self.kiln,
+            INSTANCE_TIMEOUT,
+        )?;
+        let outcome = call(&clone, &config, payload);
+        let latency = started.elapsed();
+        let instance_id = clone.record.id.clone();
+        // A clone leaves nothing behind, not even its record.
+        lifecycle::terminate(clone, INSTANCE_TIMEOUT)?.forget()?;
+        Ok(Invoked {
+            outcome: outcome?,
+            latency,
+            instance_id,
+        })
+    }
+}
+
+impl Functions {
+    /// `kiln fn serve`: a function URL. Each HTTP request's body is one
+    /// invocation's payload; the answer is the handler's stdout (as JSON
+    /// when it is JSON, else a JSON string) with 200, or 502 with the
+    /// handler's status and stderr when it failed. Requests are served one
+    /// at a time; `max_requests` ends the server after that many.
+    pub fn serve(
+        &self,
+        name: &str,
+        listener: &TcpListener,
+        max_requests: Option<usize>,
+    ) -> Result<(), FunctionError> {
+        self.get(name)?;
+        let mut served = 0;
+        while max_requests.is_none_or(|max| served < max) {
+            let (stream, _) = match listener.accept() {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    eprintln!("kiln: fn serve: {err}");
+                    continue;
+                }
+            };
+            served += 1;
+            let answered = api::serve_one(stream, |request| self.answer(name, request));
+            if let Err(err) = answered {
+                eprintln!("kiln: fn serve: {err}");
+            }
+        }
+        Ok(())
+    }
+
+    fn answer(&self, name: &str, request: Request) -> Response {
+        if request.method != "POST" && request.method != "PUT" {
+            return Response::error(405, "send the payload with POST");
+        }
+        let payload = String::from_utf8_lossy(&request.body);
+        match self.invoke(name, &payload) {
+            Ok(Invoked { outcome, .. }) if outcome.error.is_none() && outcome.status == 0 => {
+                let body = serde_json::from_str(&outcome.stdout)
+                    .unwrap_or(serde_json::Value::String(outcome.stdout));
+                Response::json(200, body)
+            }
+            Ok(Invoked { outcome, .. }) => Response::json(
+                502,
+                serde_json::json!({
+                    "error": outcome.error.unwrap_or_else(|| "the handler failed".into()),
+                    "status": outcome.status,
+                    "timed_out": outcome.timed_out,
+                    "stderr": outcome.stderr,
+                }),
+            ),
+            Err(err) => Response::error(500, err.to_string()),
+        }
+    }
+}
+
+/// Pings guest-init in `instance` until it answers.
+fn wait_ready(instance: &Instance, name: &str) -> Result<(), FunctionError> {
+    let started = Instant::now();
+    loop {
+        let answered =
+            vsock::connect(&instance.vsock_socket(), FUNCTION_PORT, CONNECT_TIMEOUT).and_then(ping);
+        match answered {
+            Ok(()) => return Ok(()),
+            Err(err) if started.elapsed() > READY_TIMEOUT => {
+                return Err(FunctionError::NotReady {
+                    name: name.to_string(),
+                    waited: READY_TIMEOUT,
+                    last: err.to_string(),
+                });
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+fn ping(mut stream: std::os::unix::net::UnixStream) -> io::Result<()> {
+    write_line(&mut stream, &Ping { ping: true })?;
+    let answer = read_line(&mut stream)?;
+    match serde_json::from_str::<Pong>(&answer) {
+        Ok(Pong { pong: true }) => Ok(()),
+        _ => Err(io::Error::other(format!("not a pong: {answer:?}"))),
+    }
+}
+
+/// Sends one invocation to the function in `instance` and reads its outcome.
+fn call(
+    instance: &Instance,
+    config: &FunctionConfig,
+    payload: &str,
+) -> Result<Outcome, FunctionError> {
+    let id = &instance.record.id;
+    let invoke_err = |source| FunctionError::Invoke {
+        id: id.clone(),
+        source,
+    };
+    let invocation = Invocation {
+        payload: payload.to_string(),
+        timeout_ms: config.timeout_s * 1000,
+        seed: random_seed().map_err(invoke_err)?,
+    };
+    let mut stream = vsock::connect(&instance.vsock_socket(), FUNCTION_PORT, CONNECT_TIMEOUT)
+        .map_err(invoke_err)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(config.timeout_s) + ANSWER_SLACK))
+        .map_err(invoke_err)?;
+    write_line(&mut stream, &invocation).map_err(invoke_err)?;
+    let answer = read_line(&mut stream).map_err(invoke_err)?;
+    serde_json::from_str(&answer).map_err(|err| FunctionError::Answer {
+        id: id.clone(),
+        reason: err.to_string(),
+    })
+}
+
+fn write_line(stream: &mut impl Write, value: &impl Serialize) -> io::Result<()> {
+    let mut line = serde_json::to_vec(value).map_err(io::Error::other)?;
+    line.push(b'\n');
+    stream.write_all(&line)
+}
+
+/// One line, without its newline; the stream's end before one is an error.
+fn read_line(stream: &mut impl Read) -> io::Result<String> {
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    if !line.ends_with('\n') {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the function closed the stream without an answer",
+        ));
+    }
+    line.pop();
+    Ok(line)
+}
+
+/// [`SEED_BYTES`] from the host's random source, as hex.
+fn random_seed() -> io::Result<String> {
+    let mut bytes = [0u8; SEED_BYTES];
+    fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(handler: &str, env: &[&str]) -> FunctionConfig {
+        FunctionConfig {
+            name: "echo".into(),
+            image: "python:3.11".into(),
+            handler: handler.into(),
+            memory_mib: 256,
+            timeout_s: 5,
+            env: env.iter().map(|e| e.to_string()).collect(),
+            created_at: 0,
+        }
+    }
+
+    #[test]
+    fn the_template_runs_guest_init_in_function_mode_with_the_handler() {
+        let line = config("python3 /app/echo.py", &["A=1", "B=x=y"])
+            .cmdline()
+            .unwrap();
+        assert_eq!(
+            line,
+            "kiln.function=1 kiln.entrypoint=\"python3 /app/echo.py\" kiln.env=A=1 kiln.env=B=x=y"
+        );
+    }
+
+    #[test]
+    fn bad_names_handlers_and_env_are_refused_by_value() {
+        assert!(matches!(check_name("a/b"), Err(FunctionError::BadName(_))));
+        assert!(check_name("echo-2_x").is_ok());
+        let err = config("say \"hi\"", &[]).cmdline().unwrap_err();
+        assert!(err.to_string().contains("say"), "{err}");
+        let err = config("cat", &["NOEQUALS"]).cmdline().unwrap_err();
+        assert!(err.to_string().contains("NOEQUALS"), "{err}");
+        assert!(config("cat", &["A=has space"]).cmdline().is_err());
+    }
+
+    #[test]
+    fn seeds_are_fresh_hex_of_the_agreed_length() {
+        let (a, b) = (random_seed().unwrap(), random_seed().unwrap());
+        assert_eq!(a.len(), SEED_BYTES * 2);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn a_line_is_read_whole_or_the_stream_ended_early() {
+        assert_eq!(
+            read_line(&mut &b"{\"pong\":true}\nrest"[..]).unwrap(),
+            "{\"pong\":true}"
+        );
+        let err = read_line(&mut &b"{\"pong\""[..]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn an_unknown_function_is_named() {
+        let home = tempfile::tempdir().unwrap();
+        let functions = Functions::new(home.path(), Path::new("kiln"));
+        assert!(functions.list().unwrap().is_empty());
+        let err = functions.get("nope").unwrap_err();
+        assert!(err.to_string().contains("\"nope\""), "{err}");
+    }
+}

@@ -1,0 +1,112 @@
+//! The host's end of a vsock stream to a guest port, through the VMM's
+//! unix socket (the Firecracker convention the vsock device serves):
+//! connect, write `CONNECT <port>\n`, read `OK <host port>\n`; the bytes
+//! that follow are the guest's.
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// How often a refused or not-yet-there connection is tried again.
+const RETRY: Duration = Duration::from_millis(5);
+/// How long one attempt waits for the VMM's answer to CONNECT: the guest
+/// answers a connection request at once when something listens.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A stream to guest `port` through the VMM socket at `socket`, retried
+/// until `timeout`: the socket appears as the VM starts, and the guest's
+/// listener a little later.
+pub fn connect(socket: &Path, port: u32, timeout: Duration) -> io::Result<UnixStream> {
+    let started = Instant::now();
+    loop {
+        match connect_once(socket, port) {
+            Ok(stream) => return Ok(stream),
+            Err(err) if started.elapsed() >= timeout => {
+                return Err(io::Error::new(
+                    err.kind(),
+                    format!("vsock port {port} through {}: {err}", socket.display()),
+                ));
+            }
+            Err(_) => std::thread::sleep(RETRY),
+        }
+    }
+}
+
+fn connect_once(socket: &Path, port: u32) -> io::Result<UnixStream> {
+    let mut stream = UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+    stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    // Byte by byte: what follows the answer's newline is the guest's.
+    let mut answer = Vec::new();
+    let mut byte = [0u8];
+    while answer.last() != Some(&b'\n') {
+        if stream.read(&mut byte)? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                "the VMM closed the connection: nothing listens on that guest port yet",
+            ));
+        }
+        answer.push(byte[0]);
+        if answer.len() > 64 {
+            return Err(io::Error::other("the VMM's answer to CONNECT is too long"));
+        }
+    }
+    match std::str::from_utf8(&answer) {
+        Ok(line) if line.starts_with("OK ") => {
+            stream.set_read_timeout(None)?;
+            Ok(stream)
+        }
+        _ => Err(io::Error::other(format!(
+            "the VMM answered CONNECT with {:?}",
+            String::from_utf8_lossy(&answer)
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::BufRead;
+    use std::os::unix::net::UnixListener;
+
+    use super::*;
+
+    /// A fake VMM socket that refuses the first connection, then accepts.
+    fn fake_vmm(path: &Path) -> std::thread::JoinHandle<String> {
+        let listener = UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            drop(listener.accept().unwrap());
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = io::BufReader::new(stream);
+            let mut request = String::new();
+            reader.read_line(&mut request).unwrap();
+            reader
+                .get_mut()
+                .write_all(b"OK 1073741824\nguest bytes")
+                .unwrap();
+            request
+        })
+    }
+
+    #[test]
+    fn connect_says_which_port_and_hands_over_the_guests_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vsock.sock");
+        let vmm = fake_vmm(&path);
+        let mut stream = connect(&path, 5000, Duration::from_secs(5)).unwrap();
+        let mut rest = String::new();
+        stream.read_to_string(&mut rest).unwrap();
+        assert_eq!(rest, "guest bytes");
+        assert_eq!(vmm.join().unwrap(), "CONNECT 5000\n");
+    }
+
+    #[test]
+    fn no_vmm_socket_is_an_error_naming_it_after_the_timeout() {
+        let err = connect(
+            Path::new("/nonexistent/vsock.sock"),
+            52,
+            Duration::from_millis(20),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/vsock.sock"), "{err}");
+    }
+}
