@@ -36,6 +36,10 @@ pub struct Invocation {
     /// the kernel's random pool and forces a reseed before the handler
     /// runs, so VMs cloned from one snapshot never share random state.
     pub seed: String,
+    /// The hostname the guest takes before the handler runs (a clone's
+    /// own, not its template's); none keeps the current one.
+    #[serde(default)]
+    pub hostname: Option<String>,
 }
 
 /// What one call of the handler did.
@@ -78,6 +82,7 @@ mod tests {
             payload: "{\"a\":1}".into(),
             timeout_ms: 3000,
             seed: "00".repeat(SEED_BYTES),
+            hostname: Some("i-0123456789abcdef".into()),
         };
         let line = serde_json::to_string(&invocation).unwrap();
         assert!(!line.contains('\n'));

@@ -256,7 +256,12 @@ fn invoke(
     let reseeded = decode_seed(&invocation.seed).and_then(|seed| {
         reseed(&seed).map_err(|err| format!("cannot reseed the kernel's random pool: {err}"))
     });
-    if let Err(error) = reseeded {
+    let renamed = reseeded.and_then(|()| match &invocation.hostname {
+        Some(name) => crate::network::set_hostname(name)
+            .map_err(|err| format!("cannot set the hostname {name:?}: {err}")),
+        None => Ok(()),
+    });
+    if let Err(error) = renamed {
         return (refused(error, STATUS_NOT_EXECUTABLE, start), None);
     }
     let mut command = supervisor::command(config);

@@ -16,6 +16,8 @@ pub mod config;
 pub mod function;
 #[cfg(feature = "init")]
 pub mod function_mode;
+#[cfg(feature = "init")]
+pub mod network;
 pub mod protocol;
 #[cfg(feature = "init")]
 pub mod supervisor;

@@ -29,11 +29,10 @@ use std::process::ExitCode;
 
 use guest_init::config::{CONFIG_PATH, RunConfig};
 use guest_init::protocol::InitEvent;
-use guest_init::{function_mode, supervisor};
+use guest_init::{function_mode, network, supervisor};
 
 mod metadata;
 mod mounts;
-mod network;
 mod port;
 
 fn main() -> ExitCode {

@@ -71,6 +71,8 @@ fn invoke_with(config: &RunConfig, payload: &str, timeout_ms: u64, seed: &str) -
         payload: payload.into(),
         timeout_ms,
         seed: seed.into(),
+        // The tests run on the host: its hostname stays.
+        hostname: None,
     };
     let answer = exchange(config, &serde_json::to_string(&invocation).unwrap());
     serde_json::from_str(&answer).unwrap()

@@ -1,7 +1,7 @@
 # Functions: kiln fn create boots recipes/python-echo in function mode and
 # keeps a template snapshot → an invocation (a clone of it) echoes its
 # JSON payload → two clones of one template differ in kernel UUID and
-# random bytes (reseeded from the host) → 20 invocations at concurrency 4
+# random bytes (reseeded from the host) and hostname → 20 invocations at concurrency 4
 # all succeed → a handler over its timeout is killed, and only that clone:
 # the next invocation works → a function URL answers an HTTP POST →
 # kiln fn rm removes it.
@@ -33,6 +33,9 @@ expect_contains invoke-echoes-the-payload "$WORK/one.txt" '"echo": {"n": 1}'
 check clones-have-a-uuid [ -n "$(field "$WORK/one.txt" uuid)" ]
 check clones-differ-in-kernel-uuid [ "$(field "$WORK/one.txt" uuid)" != "$(field "$WORK/two.txt" uuid)" ]
 check clones-differ-in-random-bytes [ "$(field "$WORK/one.txt" random)" != "$(field "$WORK/two.txt" random)" ]
+h1=$(field "$WORK/one.txt" hostname)
+h2=$(field "$WORK/two.txt" hostname)
+check clones-are-hosts-of-their-own sh -c "case '$h1' in i-*) [ '$h1' != '$h2' ];; *) false;; esac"
 
 "$KILN" fn invoke echo --payload '{}' --count 20 --concurrency 4 > "$WORK/many.txt" 2>&1
 expect_eq twenty-invocations-exit-status 0 "$?"

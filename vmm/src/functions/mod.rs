@@ -375,6 +375,8 @@ fn call(
         payload: payload.to_string(),
         timeout_ms: config.timeout_s * 1000,
         seed: random_seed().map_err(invoke_err)?,
+        // Each clone is a host of its own, as it is an instance of its own.
+        hostname: Some(id.clone()),
     };
     let mut stream = vsock::connect(&instance.vsock_socket(), FUNCTION_PORT, CONNECT_TIMEOUT)
         .map_err(invoke_err)?;
