@@ -46,6 +46,12 @@ enum Bench {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// Invoke latency of a function clone against a cold boot, clones per second, idle clone memory.
+    Fn {
+        /// Timed cold-boot and clone invocations.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
 }
 
 /// What `bench-guest` measures.
@@ -54,6 +60,7 @@ enum GuestBench {
     Boot,
     Disk,
     Snapshot,
+    Fn,
 }
 
 #[derive(Subcommand)]
@@ -104,6 +111,9 @@ fn main() -> ExitCode {
         Task::Bench {
             bench: Bench::Snapshot { runs },
         } => bench::snapshot(runs),
+        Task::Bench {
+            bench: Bench::Fn { runs },
+        } => bench::function(runs),
         Task::BenchGuest {
             kind: GuestBench::Boot,
             runs,
@@ -116,6 +126,10 @@ fn main() -> ExitCode {
             kind: GuestBench::Snapshot,
             runs,
         } => bench::snapshot_guest(runs),
+        Task::BenchGuest {
+            kind: GuestBench::Fn,
+            runs,
+        } => bench::function_guest(runs),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

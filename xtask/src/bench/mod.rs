@@ -11,6 +11,9 @@
 //! - `cargo xtask bench snapshot` ([`snapshot`]): latency of `kiln snapshot
 //!   restore` against a cold `kiln run`, same image and guest size, and
 //!   the cost and size of `kiln snapshot create`.
+//! - `cargo xtask bench fn` ([`function`]): latency of `kiln fn invoke` (a
+//!   clone of the function's template) against the same handler run by a
+//!   cold `kiln run`, clones per second, and the memory of an idle clone.
 //!
 //! The VM benchmarks run their guest side (`bench-guest`) where KVM is: on
 //! a host without hardware KVM, inside the nested harness, where only
@@ -31,11 +34,13 @@ use crate::{harness, sh};
 mod boot;
 mod build;
 mod disk;
+mod function;
 mod snapshot;
 
 pub use boot::{boot, guest as boot_guest};
 pub use build::build;
 pub use disk::{disk, guest as disk_guest};
+pub use function::{function, guest as function_guest};
 pub use snapshot::{guest as snapshot_guest, snapshot};
 
 /// The guest side prints its report as one line after this.

@@ -1,0 +1,590 @@
+//! `cargo xtask bench fn`: what a function invocation costs as a clone of
+//! the function's template snapshot, against the same work booted cold,
+//! same image, same guest size, same test machine, same run.
+//!
+//! The guest side creates the function `echo` (`kiln fn create echo
+//! --image python-echo:1.0.0 --handler "/usr/bin/python3 /app/echo.py"
+//! --memory 256 --timeout 60`, timed), runs one untimed warm-up of each
+//! side, then `runs` times, interleaved, times from spawning the `kiln`
+//! command to its exit:
+//!
+//! - clone: `kiln fn invoke echo --payload '{"n": 1}'`, a clone restored
+//!   from the template, the handler run once in it, the clone torn down;
+//! - cold: a foreground `kiln run python-echo:1.0.0 --memory 256` (1 vCPU
+//!   like the function's VMs), whose entrypoint is the same handler
+//!   reading the console: the payload is written to its stdin, then `^D`
+//!   so that the guest's console (canonical mode) reads the end of input,
+//!   the handler answers and exits, and so does the VM: what invoking costs
+//!   without snapshots. The host's end of stdin does not reach the guest,
+//!   hence `^D`; the payload is preceded by blank lines, which JSON
+//!   ignores, because the guest's UART driver discards a byte or two
+//!   waiting in its receive FIFO when the console is opened.
+//!
+//! Both must print `"echo": {"n": 1}`, or the benchmark fails. Then:
+//! clones per second, `kiln fn invoke echo --count N --concurrency 2`
+//! (N = max(runs, 4)), read from the summary it prints; and the memory of
+//! idle clones: the template restored twice with `kiln snapshot restore`,
+//! left 3 s, then the proportional set size (`Pss:` of
+//! /proc/PID/smaps_rollup) of each one's VM process (the child of its
+//! VMM, the record's `vmm_pid`), which holds the guest's RAM.
+use std::cell::RefCell;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use kiln_vmm::instance::Registry;
+use serde::{Deserialize, Serialize};
+
+use super::{environment, kiln_home, millis, print_report, run_guest, save};
+use crate::sh;
+
+const IMAGE: &str = "python-echo:1.0.0";
+const FUNCTION: &str = "echo";
+const HANDLER: &str = "/usr/bin/python3 /app/echo.py";
+const MEMORY_MIB: u64 = 256;
+const PAYLOAD: &str = r#"{"n": 1}"#;
+/// What both sides must print.
+const ANSWER: &str = r#""echo": {"n": 1}"#;
+/// Invocations in flight for the throughput run.
+const CONCURRENCY: usize = 2;
+/// Idle clones whose memory is measured.
+const IDLE_CLONES: usize = 2;
+/// How long the idle clones are left before they are measured.
+const IDLE_WAIT: Duration = Duration::from_secs(3);
+/// Per boot, invocation or creation under nested TCG, generously.
+const PER_STEP: Duration = Duration::from_secs(120);
+/// Clone / cold, p50: the goal is at most this.
+const RATIO_GOAL: f64 = 0.05;
+/// Clones per second: the goal is at least this (on 2 cores).
+const RATE_GOAL: f64 = 100.0;
+/// PSS of an idle clone / its guest memory: the goal is at most this.
+const PSS_GOAL: f64 = 0.10;
+
+/// What `target/bench/fn.json` holds.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FnReport {
+    pub environment: String,
+    pub runs: usize,
+    /// CPUs where the guest side ran (L1's, under nesting).
+    pub cpus: usize,
+    pub image: String,
+    pub handler: String,
+    pub memory_mib: u64,
+    /// `kiln fn create`, wall time.
+    pub create_ms: f64,
+    /// Foreground `kiln run`, payload on the console, spawn to exit.
+    pub cold_invoke_ms: Latency,
+    /// `kiln fn invoke`, spawn to exit.
+    pub clone_invoke_ms: Latency,
+    /// p50 clone / p50 cold.
+    pub ratio: f64,
+    pub throughput: Throughput,
+    pub idle_clones: Vec<IdleClone>,
+    /// Mean PSS of an idle clone's VM process.
+    pub pss_kib_per_clone: f64,
+    /// That, over the clone's guest memory.
+    pub pss_fraction: f64,
+    pub goals: Vec<Goal>,
+}
+
+/// Nearest-rank percentiles of a series, in milliseconds.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct Latency {
+    pub min: f64,
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Latency {
+    fn of(samples: &[f64]) -> Latency {
+        let mut sorted = samples.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let rank =
+            |p: f64| sorted[((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1];
+        Latency {
+            min: sorted[0],
+            p50: rank(0.5),
+            p99: rank(0.99),
+            max: sorted[sorted.len() - 1],
+        }
+    }
+}
+
+/// `kiln fn invoke --count N --concurrency C`.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct Throughput {
+    pub invocations: usize,
+    pub concurrency: usize,
+    /// The spawn-to-exit wall time of the command.
+    pub wall_s: f64,
+    /// What it printed: the time of its invocations, and invocations / s.
+    pub reported_s: f64,
+    pub per_s: f64,
+}
+
+/// One idle clone's VM process.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct IdleClone {
+    pub name: String,
+    pub vm_pid: u32,
+    pub pss_kib: u64,
+}
+
+/// A goal, and whether this run met it.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct Goal {
+    pub what: String,
+    pub goal: f64,
+    pub measured: f64,
+    pub met: bool,
+}
+
+fn goals(ratio: f64, per_s: f64, pss_fraction: f64) -> Vec<Goal> {
+    vec![
+        Goal {
+            what: "clone invoke p50 / cold-boot invoke p50, at most".into(),
+            goal: RATIO_GOAL,
+            measured: ratio,
+            met: ratio <= RATIO_GOAL,
+        },
+        Goal {
+            what: "clones per second (on 2 cores), at least".into(),
+            goal: RATE_GOAL,
+            measured: per_s,
+            met: per_s >= RATE_GOAL,
+        },
+        Goal {
+            what: "PSS per idle clone / its guest memory, at most".into(),
+            goal: PSS_GOAL,
+            measured: pss_fraction,
+            met: pss_fraction <= PSS_GOAL,
+        },
+    ]
+}
+
+/// Host side: runs the guest side where KVM is, writes the JSON, prints a table.
+pub fn function(runs: usize) -> Result<()> {
+    if runs < 2 {
+        bail!("--runs {runs}: at least 2");
+    }
+    let steps = 2 * runs as u32 + runs.max(4) as u32 + 8;
+    let mut report: FnReport = run_guest("fn", runs, PER_STEP * steps)?;
+    report.environment = environment();
+    let out = save("fn", &report)?;
+    print_table(&report);
+    println!("{}", out.display());
+    Ok(())
+}
+
+fn print_table(r: &FnReport) {
+    println!(
+        "function benchmark, {} runs each, {} MiB guests, {} CPU(s) ({})",
+        r.runs, r.memory_mib, r.cpus, r.environment
+    );
+    println!("| ms | min | p50 | p99 | max |");
+    println!("|---|---|---|---|---|");
+    for (what, l) in [
+        ("cold-boot invoke", &r.cold_invoke_ms),
+        ("clone invoke", &r.clone_invoke_ms),
+    ] {
+        println!(
+            "| {what} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            l.min, l.p50, l.p99, l.max
+        );
+    }
+    let t = &r.throughput;
+    println!(
+        "clone / cold (p50): {:.3}; kiln fn create: {:.1} ms",
+        r.ratio, r.create_ms
+    );
+    println!(
+        "{} invocations at concurrency {}: {:.2} s ({:.2} s wall), {:.2}/s",
+        t.invocations, t.concurrency, t.reported_s, t.wall_s, t.per_s
+    );
+    for c in &r.idle_clones {
+        println!(
+            "idle clone {}: VM process {} PSS {} KiB",
+            c.name, c.vm_pid, c.pss_kib
+        );
+    }
+    println!(
+        "PSS per idle clone: {:.0} KiB, {:.3} of {} MiB",
+        r.pss_kib_per_clone, r.pss_fraction, r.memory_mib
+    );
+    for g in &r.goals {
+        let met = if g.met { "met" } else { "NOT met" };
+        println!("goal: {} {}: {:.3}, {met}", g.what, g.goal, g.measured);
+    }
+}
+
+/// Guest side (where KVM is): measures and prints the report as one JSON line.
+pub fn guest(runs: usize) -> Result<()> {
+    let env = |name: &str| std::env::var(name).with_context(|| format!("{name} is not set"));
+    let (bin, images, work) = (
+        env("KILN")?,
+        PathBuf::from(env("KILN_IMAGES")?),
+        PathBuf::from(env("WORK_ROOT")?).join("bench-fn"),
+    );
+    let kiln = Kiln {
+        bin,
+        home: kiln_home(&images, &work)?,
+        live: RefCell::default(),
+    };
+    let mut created = kiln.command();
+    created
+        .args([
+            "fn",
+            "create",
+            FUNCTION,
+            "--image",
+            IMAGE,
+            "--handler",
+            HANDLER,
+        ])
+        .args(["--memory", &MEMORY_MIB.to_string(), "--timeout", "60"]);
+    let create_ms = millis(timed(created, None, |_| true)?);
+
+    // Warm-ups: the page cache, the image's chunks, python's files.
+    kiln.cold()?;
+    kiln.invoke()?;
+    let (mut cold, mut clone) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        cold.push(millis(kiln.cold()?));
+        clone.push(millis(kiln.invoke()?));
+    }
+    let (cold_invoke_ms, clone_invoke_ms) = (Latency::of(&cold), Latency::of(&clone));
+    let ratio = clone_invoke_ms.p50 / cold_invoke_ms.p50;
+
+    let throughput = kiln.throughput(runs.max(4))?;
+    let idle_clones = kiln.idle_clones()?;
+    let pss_kib_per_clone =
+        idle_clones.iter().map(|c| c.pss_kib as f64).sum::<f64>() / idle_clones.len() as f64;
+    let pss_fraction = pss_kib_per_clone / (MEMORY_MIB * 1024) as f64;
+    sh::output(kiln.command().args(["fn", "rm", FUNCTION]))?;
+    print_report(&FnReport {
+        environment: environment(),
+        runs,
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        image: IMAGE.into(),
+        handler: HANDLER.into(),
+        memory_mib: MEMORY_MIB,
+        create_ms,
+        goals: goals(ratio, throughput.per_s, pss_fraction),
+        cold_invoke_ms,
+        clone_invoke_ms,
+        ratio,
+        throughput,
+        idle_clones,
+        pss_kib_per_clone,
+        pss_fraction,
+    })
+}
+
+/// Spawns `cmd`, writes `stdin` to it (else none), and times it to its
+/// exit, which must be a success with output that `ok` accepts; a command
+/// still running after [`PER_STEP`] is killed and the step fails.
+fn timed(mut cmd: Command, stdin: Option<&[u8]>, ok: impl Fn(&str) -> bool) -> Result<Duration> {
+    timed_output(&mut cmd, stdin, ok).map(|(elapsed, _)| elapsed)
+}
+
+/// [`timed`], also returning what the command printed on stdout.
+fn timed_output(
+    cmd: &mut Command,
+    stdin: Option<&[u8]>,
+    ok: impl Fn(&str) -> bool,
+) -> Result<(Duration, String)> {
+    let started = Instant::now();
+    let mut child = cmd
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {}", sh::describe(cmd)))?;
+    let pid = child.id();
+    let (finished, watch) = mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        let expired = watch.recv_timeout(PER_STEP) == Err(mpsc::RecvTimeoutError::Timeout);
+        if expired {
+            // Not reaped before `finished` is sent: the pid is still its own.
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+        expired
+    });
+    if let (Some(bytes), Some(mut input)) = (stdin, child.stdin.take()) {
+        // A VM that ends early closes its end: that shows in its output.
+        let _ = input.write_all(bytes);
+    }
+    let stderr = child.stderr.take().expect("piped");
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = BufReader::new(stderr).read_to_string(&mut text);
+        text
+    });
+    let mut stdout = String::new();
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        stdout.push_str(&line?);
+        stdout.push('\n');
+    }
+    let status = child.wait()?;
+    let elapsed = started.elapsed();
+    let _ = finished.send(());
+    let killed = watchdog.join().expect("the watchdog does not panic");
+    let errors = errors.join().expect("the stderr reader does not panic");
+    let printed = || format!("{} | {}", stdout.trim(), errors.trim());
+    if killed {
+        bail!(
+            "{} was still running after {PER_STEP:?} and was killed; it printed: {}",
+            sh::describe(cmd),
+            printed()
+        );
+    }
+    if !status.success() || !ok(&stdout) {
+        bail!(
+            "{} failed ({status}) or printed no {ANSWER:?}: {}",
+            sh::describe(cmd),
+            printed()
+        );
+    }
+    Ok((elapsed, stdout))
+}
+
+/// What the cold side writes to the console: blank lines (see the module
+/// docs), the payload, and `^D` at the start of a line, end of input.
+fn cold_input() -> Vec<u8> {
+    format!("\n\n\n\n\n\n\n\n{PAYLOAD}\n\x04").into_bytes()
+}
+
+/// From `… in 12.3 s (4.56/s)`: seconds and invocations / s.
+fn summary(printed: &str) -> Option<(f64, f64)> {
+    let line = printed.lines().find(|l| l.contains(" invocations at "))?;
+    let (_, rest) = line.rsplit_once(" in ")?;
+    let (seconds, rest) = rest.split_once(" s (")?;
+    let rate = rest.strip_suffix("/s)")?;
+    Some((seconds.parse().ok()?, rate.parse().ok()?))
+}
+
+/// The VM process of the VMM `parent`: the pid whose `/proc/PID/stat`
+/// says its parent is `parent` and whose command line is `kiln run
+/// --instance …`, if any.
+fn vm_process_of(parent: u32) -> Result<Option<u32>> {
+    for entry in std::fs::read_dir("/proc").context("cannot list /proc")? {
+        let entry = entry?;
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let vm = || {
+            std::fs::read(entry.path().join("cmdline"))
+                .is_ok_and(|line| line.split(|&b| b == 0).any(|arg| arg == b"--instance"))
+        };
+        if ppid(&stat) == Some(parent) && vm() {
+            return Ok(Some(pid));
+        }
+    }
+    Ok(None)
+}
+
+/// The parent pid in a `/proc/PID/stat` line (its 4th field, after the
+/// command name in parentheses, which may hold spaces).
+fn ppid(stat: &str) -> Option<u32> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// `Pss:` in `/proc/PID/smaps_rollup`, KiB.
+fn pss_kib(rollup: &str) -> Option<u64> {
+    rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|rest| rest.trim().strip_suffix("kB"))
+        .and_then(|kib| kib.trim().parse().ok())
+}
+
+/// `kiln` with its own home; idle clones it restored and did not
+/// terminate are terminated when it is dropped.
+struct Kiln {
+    bin: String,
+    home: PathBuf,
+    live: RefCell<Vec<String>>,
+}
+
+impl Kiln {
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cmd.env("KILN_HOME", &self.home);
+        cmd
+    }
+
+    /// The payload through a cold boot of the image, foreground.
+    fn cold(&self) -> Result<Duration> {
+        let mut cmd = self.command();
+        cmd.args(["run", IMAGE, "--memory", &MEMORY_MIB.to_string()])
+            .args(["--vcpus", "1"]);
+        timed(cmd, Some(&cold_input()), |out| out.contains(ANSWER))
+    }
+
+    /// The payload through one clone of the template.
+    fn invoke(&self) -> Result<Duration> {
+        let mut cmd = self.command();
+        cmd.args(["fn", "invoke", FUNCTION, "--payload", PAYLOAD]);
+        timed(cmd, None, |out| out.contains(ANSWER))
+    }
+
+    fn throughput(&self, count: usize) -> Result<Throughput> {
+        let mut cmd = self.command();
+        cmd.args(["fn", "invoke", FUNCTION, "--payload", PAYLOAD])
+            .args(["--count", &count.to_string()])
+            .args(["--concurrency", &CONCURRENCY.to_string()]);
+        let ok = format!("{count} ok, 0 failed");
+        let (wall, printed) = timed_output(&mut cmd, None, |out| out.contains(&ok))?;
+        let (reported_s, per_s) =
+            summary(&printed).with_context(|| format!("no summary line in {printed:?}"))?;
+        Ok(Throughput {
+            invocations: count,
+            concurrency: CONCURRENCY,
+            wall_s: wall.as_secs_f64(),
+            reported_s,
+            per_s,
+        })
+    }
+
+    /// Restores the template [`IDLE_CLONES`] times, waits, measures each
+    /// clone's VM process, and terminates them.
+    fn idle_clones(&self) -> Result<Vec<IdleClone>> {
+        let template = self.home.join("functions").join(FUNCTION).join("template");
+        let names: Vec<String> = (0..IDLE_CLONES).map(|i| format!("idle{i}")).collect();
+        for name in &names {
+            self.live.borrow_mut().push(name.clone());
+            sh::output(
+                self.command()
+                    .args(["snapshot", "restore"])
+                    .arg(&template)
+                    .args(["--name", name]),
+            )?;
+        }
+        std::thread::sleep(IDLE_WAIT);
+        let registry = Registry::new(&self.home);
+        let clones = names
+            .iter()
+            .map(|name| {
+                let instance = registry.find(name)?;
+                let vmm = instance
+                    .record
+                    .vmm_pid
+                    .with_context(|| format!("{name} has no VMM process"))?;
+                let vm_pid = vm_process_of(vmm)?
+                    .with_context(|| format!("{name}'s VMM {vmm} has no VM process"))?;
+                let path = Path::new("/proc")
+                    .join(vm_pid.to_string())
+                    .join("smaps_rollup");
+                let rollup = std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                let pss_kib =
+                    pss_kib(&rollup).with_context(|| format!("no Pss: in {}", path.display()))?;
+                Ok(IdleClone {
+                    name: name.clone(),
+                    vm_pid,
+                    pss_kib,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for name in &names {
+            self.terminate(name)?;
+        }
+        Ok(clones)
+    }
+
+    fn terminate(&self, name: &str) -> Result<()> {
+        self.live.borrow_mut().retain(|n| n != name);
+        sh::output(self.command().args(["terminate", name])).map(drop)
+    }
+}
+
+impl Drop for Kiln {
+    fn drop(&mut self) {
+        for name in self.live.take() {
+            let _ = self
+                .command()
+                .args(["terminate", &name])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let l = Latency::of(&[5.0, 1.0, 4.0, 2.0, 3.0]);
+        assert_eq!(
+            l,
+            Latency {
+                min: 1.0,
+                p50: 3.0,
+                p99: 5.0,
+                max: 5.0
+            }
+        );
+        let many: Vec<f64> = (1..=200).map(f64::from).collect();
+        assert_eq!(Latency::of(&many).p99, 198.0);
+    }
+
+    #[test]
+    fn the_summary_line_of_fn_invoke_is_read() {
+        let printed = "5 ok, 0 failed, 5 invocations at concurrency 2 in 7.3 s (0.68/s)\n\
+                       latency ms: min 1.0  p50 2.0  p90 3.0  p99 3.0  max 3.0\n";
+        assert_eq!(summary(printed), Some((7.3, 0.68)));
+        assert_eq!(summary("latency ms: min 1.0"), None);
+    }
+
+    #[test]
+    fn the_parent_is_read_after_the_command_name() {
+        let stat = "4242 (kiln run (x) y) S 4200 4242 4242 0 -1 4194560 0";
+        assert_eq!(ppid(stat), Some(4200));
+        assert_eq!(ppid("garbage"), None);
+    }
+
+    #[test]
+    fn pss_is_read_from_smaps_rollup() {
+        let rollup = "55d0-7ffd ---p 00000000 00:00 0 [rollup]\nRss:  40960 kB\n\
+                      Pss:               30123 kB\nPss_Anon:  1000 kB\n";
+        assert_eq!(pss_kib(rollup), Some(30123));
+        assert_eq!(pss_kib("Rss: 1 kB\n"), None);
+    }
+
+    #[test]
+    fn the_cold_input_is_the_payload_then_end_of_input() {
+        let input = String::from_utf8(cold_input()).unwrap();
+        let (padding, rest) = input.split_once('{').unwrap();
+        assert!(padding.chars().all(|c| c == '\n'));
+        assert_eq!(format!("{{{rest}"), format!("{PAYLOAD}\n\x04"));
+        let echoed: serde_json::Value = serde_json::from_str(input.trim_end_matches('\x04'))
+            .expect("blank lines before the payload are still JSON");
+        assert_eq!(echoed["n"], 1);
+    }
+
+    #[test]
+    fn goals_say_whether_they_were_met() {
+        let g = goals(0.2, 150.0, 0.05);
+        assert_eq!(
+            g.iter().map(|g| g.met).collect::<Vec<_>>(),
+            [false, true, true]
+        );
+        assert!(goals(0.04, 10.0, 0.5)[0].met);
+        assert!(!goals(0.04, 10.0, 0.5)[2].met);
+    }
+}
