@@ -27,7 +27,6 @@
 //! left 3 s, then the proportional set size (`Pss:` of
 //! /proc/PID/smaps_rollup) of each one's VM process (the child of its
 //! VMM, the record's `vmm_pid`), which holds the guest's RAM.
-use std::cell::RefCell;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -38,7 +37,7 @@ use anyhow::{Context, Result, bail};
 use kiln_vmm::instance::Registry;
 use serde::{Deserialize, Serialize};
 
-use super::{environment, kiln_home, millis, print_report, run_guest, save};
+use super::{Kiln, environment, kiln_home, millis, print_report, run_guest, save};
 use crate::sh;
 
 const IMAGE: &str = "python-echo:1.0.0";
@@ -229,11 +228,7 @@ pub fn guest(runs: usize) -> Result<()> {
         PathBuf::from(env("KILN_IMAGES")?),
         PathBuf::from(env("WORK_ROOT")?).join("bench-fn"),
     );
-    let kiln = Kiln {
-        bin,
-        home: kiln_home(&images, &work)?,
-        live: RefCell::default(),
-    };
+    let kiln = Kiln::new(bin, kiln_home(&images, &work)?);
     let mut created = kiln.command();
     created
         .args([
@@ -410,21 +405,7 @@ fn pss_kib(rollup: &str) -> Option<u64> {
         .and_then(|kib| kib.trim().parse().ok())
 }
 
-/// `kiln` with its own home; idle clones it restored and did not
-/// terminate are terminated when it is dropped.
-struct Kiln {
-    bin: String,
-    home: PathBuf,
-    live: RefCell<Vec<String>>,
-}
-
 impl Kiln {
-    fn command(&self) -> Command {
-        let mut cmd = Command::new(&self.bin);
-        cmd.env("KILN_HOME", &self.home);
-        cmd
-    }
-
     /// The payload through a cold boot of the image, foreground.
     fn cold(&self) -> Result<Duration> {
         let mut cmd = self.command();
@@ -464,7 +445,7 @@ impl Kiln {
         let template = self.home.join("functions").join(FUNCTION).join("template");
         let names: Vec<String> = (0..IDLE_CLONES).map(|i| format!("idle{i}")).collect();
         for name in &names {
-            self.live.borrow_mut().push(name.clone());
+            self.track(name.clone());
             sh::output(
                 self.command()
                     .args(["snapshot", "restore"])
@@ -502,24 +483,6 @@ impl Kiln {
             self.terminate(name)?;
         }
         Ok(clones)
-    }
-
-    fn terminate(&self, name: &str) -> Result<()> {
-        self.live.borrow_mut().retain(|n| n != name);
-        sh::output(self.command().args(["terminate", name])).map(drop)
-    }
-}
-
-impl Drop for Kiln {
-    fn drop(&mut self) {
-        for name in self.live.take() {
-            let _ = self
-                .command()
-                .args(["terminate", &name])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
     }
 }
 

@@ -81,6 +81,55 @@ fn kiln_home(images: &std::path::Path, work: &std::path::Path) -> Result<PathBuf
     Ok(home)
 }
 
+/// `kiln` with a home of its own, for the guest side of a benchmark; the
+/// instances it started and did not terminate are terminated when it is
+/// dropped, so a failed run leaves none behind. Each benchmark adds the
+/// runs it times in an `impl Kiln` of its own.
+struct Kiln {
+    bin: String,
+    home: PathBuf,
+    live: std::cell::RefCell<Vec<String>>,
+}
+
+impl Kiln {
+    fn new(bin: String, home: PathBuf) -> Self {
+        Kiln {
+            bin,
+            home,
+            live: std::cell::RefCell::default(),
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cmd.env("KILN_HOME", &self.home);
+        cmd
+    }
+
+    /// Terminates instance `name` when this is dropped, unless done before.
+    fn track(&self, name: String) {
+        self.live.borrow_mut().push(name);
+    }
+
+    fn terminate(&self, name: &str) -> Result<()> {
+        self.live.borrow_mut().retain(|n| n != name);
+        sh::output(self.command().args(["terminate", name])).map(drop)
+    }
+}
+
+impl Drop for Kiln {
+    fn drop(&mut self) {
+        for name in self.live.take() {
+            let _ = self
+                .command()
+                .args(["terminate", &name])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
 /// Where the benchmark ran, for the reports.
 fn environment() -> String {
     if kiln_vmm::host::detect().can_boot_linux() {

@@ -30,7 +30,6 @@
 //! detached-instance machinery equally: the `kiln` process, registering
 //! the instance, spawning its VMM process and its VM process, the console
 //! going through the VMM to the log file.
-use std::cell::RefCell;
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs::File;
@@ -44,7 +43,7 @@ use anyhow::{Context, Result, bail};
 use kiln_vmm::instance::{Instance, Registry};
 use serde::{Deserialize, Serialize};
 
-use super::{Stats, environment, kiln_home, millis, print_report, run_guest, save};
+use super::{Kiln, Stats, environment, kiln_home, millis, print_report, run_guest, save};
 use crate::sh;
 
 const IMAGE: &str = "vm-test:1.0.0";
@@ -184,11 +183,7 @@ pub fn guest(runs: usize) -> Result<()> {
         PathBuf::from(env("KILN_IMAGES")?),
         PathBuf::from(env("WORK_ROOT")?).join("bench-snapshot"),
     );
-    let kiln = Kiln {
-        bin,
-        home: kiln_home(&images, &work)?,
-        live: RefCell::default(),
-    };
+    let kiln = Kiln::new(bin, kiln_home(&images, &work)?);
     let sizes = SIZES
         .into_iter()
         .map(|memory_mib| measure(&kiln, &work, memory_mib, runs))
@@ -265,21 +260,7 @@ fn paused_ms(printed: &str) -> Result<f64> {
         .with_context(|| format!("no pause in {printed:?}"))
 }
 
-/// `kiln` with its own home; instances it started and did not terminate
-/// are terminated when it is dropped (a failed run leaves none behind).
-struct Kiln {
-    bin: String,
-    home: PathBuf,
-    live: RefCell<Vec<String>>,
-}
-
 impl Kiln {
-    fn command(&self) -> Command {
-        let mut cmd = Command::new(&self.bin);
-        cmd.env("KILN_HOME", &self.home);
-        cmd
-    }
-
     /// Boots instance `name` detached with the echo entrypoint and times
     /// it to [`READY`].
     fn boot(&self, name: &str, memory_mib: u64) -> Result<Duration> {
@@ -340,7 +321,7 @@ impl Kiln {
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("cannot start {}", sh::describe(&cmd)))?;
-        self.live.borrow_mut().push(name.to_string());
+        self.track(name.to_string());
         let mut ask = ask.map(|line| format!("{line}\n"));
         let (mut instance, mut log, mut console) = (None, None, Vec::new());
         let failed = |child: Child, console: &[u8], why: &str| -> anyhow::Error {
@@ -405,24 +386,6 @@ impl Kiln {
             return Err(failed(child, &console, &format!("failed: {status}")));
         }
         Ok(elapsed)
-    }
-
-    fn terminate(&self, name: &str) -> Result<()> {
-        self.live.borrow_mut().retain(|n| n != name);
-        sh::output(self.command().args(["terminate", name])).map(drop)
-    }
-}
-
-impl Drop for Kiln {
-    fn drop(&mut self) {
-        for name in self.live.take() {
-            let _ = self
-                .command()
-                .args(["terminate", &name])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
     }
 }
 
