@@ -37,7 +37,9 @@ use anyhow::{Context, Result, bail};
 use kiln_vmm::instance::Registry;
 use serde::{Deserialize, Serialize};
 
-use super::{Kiln, environment, kiln_home, millis, print_report, run_guest, save};
+use super::{
+    Kiln, environment, kiln_home, millis, nearest_rank, print_report, run_guest, save, sorted,
+};
 use crate::sh;
 
 const IMAGE: &str = "python-echo:1.0.0";
@@ -100,10 +102,8 @@ pub struct Latency {
 
 impl Latency {
     fn of(samples: &[f64]) -> Latency {
-        let mut sorted = samples.to_vec();
-        sorted.sort_by(f64::total_cmp);
-        let rank =
-            |p: f64| sorted[((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1];
+        let sorted = sorted(samples);
+        let rank = |p| nearest_rank(&sorted, p);
         Latency {
             min: sorted[0],
             p50: rank(0.5),

@@ -55,13 +55,23 @@ pub struct Stats {
     pub max: f64,
 }
 
+/// `samples`, sorted.
+fn sorted(samples: &[f64]) -> Vec<f64> {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted
+}
+
+/// The nearest-rank percentile `p` (0 to 1) of `sorted` (not empty).
+fn nearest_rank(sorted: &[f64], p: f64) -> f64 {
+    sorted[((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
 impl Stats {
     /// Nearest-rank percentiles of `samples` (not empty).
     pub fn of(samples: &[f64]) -> Stats {
-        let mut sorted = samples.to_vec();
-        sorted.sort_by(f64::total_cmp);
-        let rank =
-            |p: f64| sorted[((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1];
+        let sorted = sorted(samples);
+        let rank = |p| nearest_rank(&sorted, p);
         Stats {
             min: sorted[0],
             median: rank(0.5),
