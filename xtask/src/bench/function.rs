@@ -30,7 +30,6 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -38,7 +37,8 @@ use kiln_vmm::instance::Registry;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Kiln, environment, kiln_home, millis, nearest_rank, print_report, run_guest, save, sorted,
+    Kiln, Watchdog, environment, kiln_home, millis, nearest_rank, print_report, run_guest, save,
+    sorted,
 };
 use crate::sh;
 
@@ -304,15 +304,7 @@ fn timed_output(
         .spawn()
         .with_context(|| format!("cannot start {}", sh::describe(cmd)))?;
     let pid = child.id();
-    let (finished, watch) = mpsc::channel::<()>();
-    let watchdog = std::thread::spawn(move || {
-        let expired = watch.recv_timeout(PER_STEP) == Err(mpsc::RecvTimeoutError::Timeout);
-        if expired {
-            // Not reaped before `finished` is sent: the pid is still its own.
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-        }
-        expired
-    });
+    let watchdog = Watchdog::start(pid, PER_STEP);
     if let (Some(bytes), Some(mut input)) = (stdin, child.stdin.take()) {
         // A VM that ends early closes its end: that shows in its output.
         let _ = input.write_all(bytes);
@@ -330,8 +322,7 @@ fn timed_output(
     }
     let status = child.wait()?;
     let elapsed = started.elapsed();
-    let _ = finished.send(());
-    let killed = watchdog.join().expect("the watchdog does not panic");
+    let killed = watchdog.finish();
     let errors = errors.join().expect("the stderr reader does not panic");
     let printed = || format!("{} | {}", stdout.trim(), errors.trim());
     if killed {

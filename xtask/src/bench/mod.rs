@@ -140,6 +140,36 @@ impl Drop for Kiln {
     }
 }
 
+/// Kills process `pid` with SIGKILL unless [`finish`](Self::finish) comes
+/// within `limit`: a VM run that outlives its limit fails the benchmark
+/// instead of hanging it.
+struct Watchdog {
+    finished: mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<bool>,
+}
+
+impl Watchdog {
+    fn start(pid: u32, limit: Duration) -> Watchdog {
+        let (finished, watch) = mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let expired = watch.recv_timeout(limit) == Err(mpsc::RecvTimeoutError::Timeout);
+            if expired {
+                // The child is not reaped before `finished` is sent, so the
+                // pid is still its own.
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+            expired
+        });
+        Watchdog { finished, thread }
+    }
+
+    /// Call before reaping the child; true when it was killed.
+    fn finish(self) -> bool {
+        let _ = self.finished.send(());
+        self.thread.join().expect("the watchdog does not panic")
+    }
+}
+
 /// Where the benchmark ran, for the reports.
 fn environment() -> String {
     if kiln_vmm::host::detect().can_boot_linux() {
@@ -200,16 +230,7 @@ fn time_boot(mut cmd: Command, marker: &str, limit: Duration) -> Result<Boot> {
         .spawn()
         .with_context(|| format!("cannot start {}", sh::describe(&cmd)))?;
     let pid = child.id();
-    let (finished, watch) = mpsc::channel::<()>();
-    let watchdog = std::thread::spawn(move || {
-        let expired = watch.recv_timeout(limit) == Err(mpsc::RecvTimeoutError::Timeout);
-        if expired {
-            // The child is not reaped before `finished` is sent, so the
-            // pid is still its own.
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-        }
-        expired
-    });
+    let watchdog = Watchdog::start(pid, limit);
     let stderr = child.stderr.take().expect("piped");
     let errors = std::thread::spawn(move || {
         BufReader::new(stderr)
@@ -226,8 +247,7 @@ fn time_boot(mut cmd: Command, marker: &str, limit: Duration) -> Result<Boot> {
         }
         output.push(line);
     }
-    let _ = finished.send(());
-    let killed = watchdog.join().expect("the watchdog does not panic");
+    let killed = watchdog.finish();
     child.wait()?;
     let total = started.elapsed();
     output.extend(errors.join().expect("the stderr reader does not panic"));
