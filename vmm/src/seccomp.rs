@@ -182,7 +182,8 @@ fn vmm_rules() -> Result<Rules, BackendError> {
         // the UART's receive FIFO is full; virtio-vsock (un)registers its
         // host connections and changes what it waits for on each.
         allow(libc::SYS_epoll_ctl),
-        // Eventfds (queue notifications, reset, FIFO drained) and stdin.
+        // Eventfds (queue notifications, reset, FIFO drained), stdin, and
+        // frames from virtio-net's tap (frames to it are writes).
         allow(libc::SYS_read),
         // virtio-blk: reads and writes at the request's sector, FLUSH.
         allow(libc::SYS_pread64),
@@ -199,10 +200,11 @@ fn vmm_rules() -> Result<Rules, BackendError> {
         // RawTerminal's Drop restores the host terminal's mode: glibc's
         // tcsetattr(TCSANOW) reads the current mode (TCGETS), then sets it
         // (TCSETS). A snapshot reads the VM's interrupt controllers, PIT
-        // and clock. No other ioctl.
+        // and clock. virtio-net sets its tap's offloads (TUNSETOFFLOAD)
+        // to what the driver acked, once it activates. No other ioctl.
         (
             libc::SYS_ioctl,
-            [libc::TCGETS, libc::TCSETS]
+            [libc::TCGETS, libc::TCSETS, libc::TUNSETOFFLOAD]
                 .into_iter()
                 .chain(KVM_VM_SAVE_IOCTLS)
                 .map(|request| arg_equals(1, request))

@@ -18,7 +18,7 @@ use event_manager::{EventManager, SubscriberOps};
 use kiln_vmm::api::{self, Response};
 use kiln_vmm::devices::serial::{Serial, SerialInput};
 use kiln_vmm::devices::virtio::block::{Block, DiskSource};
-use kiln_vmm::instance::{Registry, Spec};
+use kiln_vmm::instance::{Network, Registry, Spec};
 use kiln_vmm::seccomp::{self, ThreadKind};
 use kiln_vmm::volume::Volume;
 use kiln_vmm::vstate::memory;
@@ -578,6 +578,169 @@ fn vmm_thread_survives_serving_a_vsock_host_connection() {
     assert_survived(&output);
 }
 
+/// A packet socket on the interface `name`, as a host-side peer that
+/// sends frames to the tap's guest and sees the frames it sends.
+fn packet_socket(name: &str) -> OwnedFd {
+    use std::os::fd::FromRawFd;
+    let all = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: socket(2) has no memory-safety preconditions.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(all)) };
+    assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let ifname = std::ffi::CString::new(name).unwrap();
+    // SAFETY: `ifname` is a NUL-terminated string that outlives the call.
+    let index = unsafe { libc::if_nametoindex(ifname.as_ptr()) };
+    assert_ne!(index, 0, "no interface {name}");
+    // SAFETY: sockaddr_ll is plain old data; all zeroes is valid.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = all;
+    addr.sll_ifindex = index as i32;
+    // SAFETY: `addr` is a sockaddr_ll of the length given.
+    let rc = unsafe {
+        libc::bind(
+            fd,
+            (&addr as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    socket
+}
+
+/// Whether `frame` arrives on the packet socket within 5 s (among the
+/// IPv6 chatter of an interface coming up).
+fn host_sees(socket: &OwnedFd, frame: &[u8]) -> bool {
+    use std::os::fd::AsRawFd;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = [0u8; 2048];
+    while Instant::now() < deadline {
+        // SAFETY: the buffer is valid for its length.
+        let len = unsafe {
+            libc::recv(
+                socket.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if len < 0 {
+            std::thread::sleep(Duration::from_millis(10));
+        } else if buf[..len as usize] == *frame {
+            return true;
+        }
+    }
+    false
+}
+
+/// An Ethernet frame of Kiln's test ethertype (IEEE 802 local
+/// experimental) from `src`, with `body`.
+fn test_frame(src: u8, body: &[u8]) -> Vec<u8> {
+    let mut frame = vec![
+        0x02, 0x6b, 0, 0, 0, 0x02, 0x02, 0x6b, 0, 0, 0, src, 0x88, 0xb5,
+    ];
+    frame.extend_from_slice(body);
+    frame
+}
+
+/// virtio-net on the VMM thread: a frame from the guest reaches the host
+/// through the tap, one from the host reaches the guest's receive ring,
+/// and the offloads are set, all under the filter. Needs root (a tap and
+/// a packet socket); CI runs as root.
+#[test]
+fn vmm_thread_survives_moving_frames_through_a_tap() {
+    use kiln_vmm::devices::virtio::net::{NET_HDR_LEN, Net, NetConfig};
+    use kiln_vmm::devices::virtio::{GuestMemoryMmap, Interrupt, VirtioDevice};
+    use std::os::fd::AsRawFd;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::desc::split::Descriptor;
+    use virtio_queue::mock::MockSplitQueue;
+
+    let Some(output) = in_child_or_run("vmm_thread_survives_moving_frames_through_a_tap") else {
+        let tap = format!("kt-seccomp{}", std::process::id() % 10000);
+        let net = Net::new(&NetConfig {
+            tap: tap.clone(),
+            mac: [0x02, 0x6b, 0, 0, 0, 2],
+            bridge: None,
+        })
+        .expect("a tap (run as root)");
+        kiln_vmm::network::bridge::link_up(&tap).unwrap();
+        let host = packet_socket(&tap);
+        let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap(),
+        ));
+        let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        let device = Arc::new(Mutex::new(net));
+        let mut event_loop = EventManager::<Arc<Mutex<Net>>>::new().unwrap();
+        event_loop.add_subscriber(device.clone());
+        on_filtered_thread(ThreadKind::Vmm, move || {
+            // The driver's rings: receive buffers posted, one frame queued.
+            let rx = MockSplitQueue::create(mem, GuestAddress(0), 16);
+            let tx = MockSplitQueue::create(mem, GuestAddress(0x1000), 16);
+            for index in 0..8u16 {
+                let addr = 0x1_0000 + u64::from(index) * 0x1000;
+                let desc = Descriptor::new(addr, 0x1000, VRING_DESC_F_WRITE as u16, 0);
+                rx.add_desc_chains(&[RawDescriptor::from(desc)], index)
+                    .unwrap();
+            }
+            let outgoing = test_frame(2, b"from the guest");
+            let mut chain = vec![0u8; NET_HDR_LEN];
+            chain.extend_from_slice(&outgoing);
+            mem.write_slice(&chain, GuestAddress(0x8_0000)).unwrap();
+            let desc = Descriptor::new(0x8_0000, chain.len() as u32, 0, 0);
+            tx.add_desc_chains(&[RawDescriptor::from(desc)], 0).unwrap();
+            let queues = vec![rx.create_queue().unwrap(), tx.create_queue().unwrap()];
+            // With GUEST_CSUM and TSO4 acked: the offloads get set.
+            let acked = 1 << 32 | 1 << 15 | 1 << 1 | 1 << 7;
+            device
+                .lock()
+                .unwrap()
+                .activate(acked, mem.clone(), queues, interrupt)
+                .unwrap();
+            // Activation wakes the transmit queue: the frame goes out.
+            event_loop.run_with_timeout(5000).unwrap();
+            assert_eq!(tx.used().idx().load(), 1, "the frame was not sent");
+            assert!(
+                host_sees(&host, &outgoing),
+                "the guest's frame never reached the host"
+            );
+            let incoming = test_frame(9, b"from the host");
+            // SAFETY: the buffer is valid for its length.
+            let sent = unsafe {
+                libc::send(
+                    host.as_raw_fd(),
+                    incoming.as_ptr().cast(),
+                    incoming.len(),
+                    0,
+                )
+            };
+            assert_eq!(sent, incoming.len() as isize);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let found = loop {
+                event_loop.run_with_timeout(100).unwrap();
+                let used = rx.used().idx().load();
+                let hit = (0..used).find(|&i| {
+                    let entry = rx.used().ring().ref_at(i.into()).unwrap().load();
+                    let mut got = vec![0u8; entry.len() as usize];
+                    let addr = 0x1_0000 + u64::from(entry.id()) * 0x1000;
+                    mem.read_slice(&mut got, GuestAddress(addr)).unwrap();
+                    got[NET_HDR_LEN..] == incoming[..]
+                });
+                if hit.is_some() || Instant::now() > deadline {
+                    break hit;
+                }
+            };
+            assert!(found.is_some(), "the host's frame never reached the guest");
+            say_survived();
+            std::process::exit(0);
+        });
+        return;
+    };
+    assert_survived(&output);
+}
+
 #[test]
 fn vmm_thread_dies_on_a_forbidden_syscall() {
     let Some(output) = in_child_or_run("vmm_thread_dies_on_a_forbidden_syscall") else {
@@ -624,6 +787,8 @@ fn api_thread_survives_serving_requests_that_update_the_record() {
                     vcpus: 1,
                     memory_mib: 128,
                     cmdline: String::new(),
+                    network: Network::Bridge,
+                    private_ip: None,
                 },
                 None,
             )
