@@ -1,0 +1,104 @@
+//! Host-side networking: the Kiln bridge and its addresses, and what an
+//! instance's VM needs to join it.
+//!
+//! An instance on the bridge has a tap (`kt-…`, made by its VM process
+//! and gone with it) on `kiln0`, whose address is the subnet's first and
+//! every guest's gateway; guest-init configures eth0 from the kernel
+//! command line (`kiln.net.*`), so the guest needs no DHCP client. The
+//! host reaches guests directly on the subnet; nothing is routed or
+//! translated beyond it (no firewall rules are touched), so a guest
+//! reaches the host and other instances, and the world only if the host
+//! is set up to forward for the subnet.
+pub mod address;
+pub mod bridge;
+
+use std::net::Ipv4Addr;
+
+use address::{AddressError, BRIDGE, Subnet};
+use bridge::BridgeError;
+
+use crate::devices::virtio::net::NetConfig;
+
+/// Where the host's resolvers are listed.
+const RESOLV_CONF: &str = "/etc/resolv.conf";
+
+/// Why an instance's NIC cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error(transparent)]
+    Address(#[from] AddressError),
+    #[error(transparent)]
+    Bridge(#[from] BridgeError),
+}
+
+/// The NIC of the instance `id` at `address`, and the kernel command-line
+/// words from which guest-init configures it; the bridge is made ready.
+pub fn guest_nic(id: &str, address: Ipv4Addr) -> Result<(NetConfig, Vec<String>), NetworkError> {
+    let subnet = Subnet::from_env()?;
+    if !subnet.contains(address) {
+        return Err(AddressError::Outside { address, subnet }.into());
+    }
+    bridge::ensure(BRIDGE, subnet.gateway(), subnet.prefix())?;
+    let mac = address::mac(address);
+    let resolvers = std::fs::read_to_string(RESOLV_CONF).unwrap_or_default();
+    let config = NetConfig {
+        tap: address::tap_name(id),
+        mac,
+        bridge: Some(BRIDGE.to_string()),
+    };
+    Ok((config, guest_words(subnet, address, mac, &resolvers)))
+}
+
+/// The NIC of the instance `id` when isolated: a tap on no bridge. Only
+/// restored guests have one, and they keep the MAC they had.
+pub fn isolated_nic(id: &str) -> NetConfig {
+    NetConfig {
+        tap: address::tap_name(id),
+        mac: address::mac(Ipv4Addr::UNSPECIFIED),
+        bridge: None,
+    }
+}
+
+/// `kiln.net.*` for guest-init, and the address and MAC as metadata.
+fn guest_words(subnet: Subnet, address: Ipv4Addr, mac: [u8; 6], resolv_conf: &str) -> Vec<String> {
+    let mut words = vec![
+        format!("kiln.net.ip={address}/{}", subnet.prefix()),
+        format!("kiln.net.gateway={}", subnet.gateway()),
+        format!("kiln.meta.local-ipv4={address}"),
+        format!("kiln.meta.mac={}", address::format_mac(mac)),
+    ];
+    let dns = address::nameservers(resolv_conf);
+    if !dns.is_empty() {
+        let list: Vec<String> = dns.iter().map(Ipv4Addr::to_string).collect();
+        words.push(format!("kiln.net.dns={}", list.join(",")));
+    }
+    words
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_guest_learns_its_address_gateway_and_resolvers() {
+        let address = Ipv4Addr::new(10, 89, 0, 7);
+        let words = guest_words(
+            address::DEFAULT_SUBNET,
+            address,
+            address::mac(address),
+            "nameserver 127.0.0.53\nnameserver 10.0.0.2\n",
+        );
+        assert_eq!(
+            words,
+            [
+                "kiln.net.ip=10.89.0.7/24",
+                "kiln.net.gateway=10.89.0.1",
+                "kiln.meta.local-ipv4=10.89.0.7",
+                "kiln.meta.mac=02:6b:0a:59:00:07",
+                "kiln.net.dns=10.0.0.2",
+            ]
+        );
+        let without = guest_words(address::DEFAULT_SUBNET, address, [0; 6], "");
+        assert!(!without.iter().any(|w| w.starts_with("kiln.net.dns")));
+    }
+}
