@@ -8,14 +8,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use kiln_builder::store::Store;
 use kiln_vmm::builder::{
-    self, Boot, DiskConfig, DiskSource, VMM_ERROR_STATUS, VmConfig, VsockConfig,
+    self, Boot, DiskConfig, DiskSource, NetConfig, VMM_ERROR_STATUS, VmConfig, VsockConfig,
 };
 use kiln_vmm::control::ControlListener;
 use kiln_vmm::instance::supervisor;
 use kiln_vmm::instance::types::{self, InstanceType};
 use kiln_vmm::instance::{
-    FileLock, Instance, InstanceError, Registry, Spec, Verb, lifecycle, state,
+    FileLock, Instance, InstanceError, Network, Registry, Spec, Verb, lifecycle, state,
 };
+use kiln_vmm::network;
 use kiln_vmm::volume::Volume;
 
 use crate::assets::{Asset, kiln_home};
@@ -76,6 +77,11 @@ pub struct Args {
     /// instances/<id>/vsock.sock.
     #[arg(long, value_name = "PATH[,cid=N]", conflicts_with_all = ["instance", "name", "detach"])]
     vsock: Option<String>,
+    /// The instance's network: `bridge`, a NIC on the kiln0 bridge with an
+    /// address of its own (the default for instances: --detach, --name),
+    /// or `none`. A plain run has no NIC.
+    #[arg(long, value_enum, value_name = "MODE")]
+    network: Option<NetworkMode>,
     /// Number of vCPUs (instead of a --type).
     #[arg(long)]
     vcpus: Option<u8>,
@@ -102,6 +108,13 @@ pub struct Args {
     /// The inherited control channel from the instance's VMM.
     #[arg(long, hide = true, requires = "instance")]
     control_fd: Option<i32>,
+}
+
+/// `--network`'s values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum NetworkMode {
+    Bridge,
+    None,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -233,6 +246,10 @@ fn detach(args: &Args) -> anyhow::Result<ExitCode> {
 /// A new instance of `image`, named and sized by the command line.
 fn new_spec(args: &Args, image: &str, cmdline: String) -> anyhow::Result<Spec> {
     let (instance_type, vcpus, memory_mib) = size(args)?;
+    let network = match args.network {
+        Some(NetworkMode::None) => Network::None,
+        Some(NetworkMode::Bridge) | None => Network::Bridge,
+    };
     Ok(Spec {
         name: args.name.clone(),
         image: image.to_string(),
@@ -240,6 +257,8 @@ fn new_spec(args: &Args, image: &str, cmdline: String) -> anyhow::Result<Spec> {
         vcpus,
         memory_mib,
         cmdline,
+        network,
+        private_ip: None,
     })
 }
 
@@ -274,6 +293,7 @@ fn vm_config(args: &Args) -> anyhow::Result<VmConfig> {
     let mut cmdline = args.cmdline.clone();
     let mut disks = Vec::new();
     let mut vsock = args.vsock.as_deref().map(parse_vsock).transpose()?;
+    let mut net = None;
     if let Some(id) = &args.instance {
         // The VM of an instance whose VMM process is our parent.
         let found = registry.find(id)?;
@@ -285,12 +305,18 @@ fn vm_config(args: &Args) -> anyhow::Result<VmConfig> {
         (vcpus, memory_mib) = (found.record.spec.vcpus, found.record.spec.memory_mib);
         cmdline = format!("{} {}", found.record.spec.cmdline, args.cmdline);
         instance_disks(&store, &found, args, &mut cmdline, &mut disks)?;
+        net = instance_nic(&found, &mut cmdline)?;
         vsock = Some(VsockConfig {
             cid: instance_cid(&found.record.id),
             socket: found.vsock_socket(),
         });
     } else if let Some(image) = &args.image {
         disks.push(ephemeral_root(&store, image, args)?);
+    }
+    if args.network == Some(NetworkMode::Bridge) && args.instance.is_none() {
+        bail!(
+            "--network bridge is for instances (--detach or --name): an address belongs to an instance in the registry"
+        );
     }
     for spec in &args.disks {
         disks.push(parse_disk(spec)?);
@@ -310,7 +336,23 @@ fn vm_config(args: &Args) -> anyhow::Result<VmConfig> {
         extra_cmdline: cmdline,
         seccomp: !args.no_seccomp,
         vsock,
+        net,
     })
+}
+
+/// The NIC of an instance with an address (its words added to `cmdline`
+/// for guest-init), on the bridge, which is made ready.
+fn instance_nic(instance: &Instance, cmdline: &mut String) -> anyhow::Result<Option<NetConfig>> {
+    let record = &instance.record;
+    match (record.spec.network, record.address) {
+        (Network::Bridge, Some(address)) => {
+            let (config, words) = network::guest_nic(&record.id, address)?;
+            *cmdline = format!("{} {cmdline}", words.join(" "));
+            Ok(Some(config))
+        }
+        (Network::Isolated, _) => Ok(Some(network::isolated_nic(&record.id))),
+        _ => Ok(None),
+    }
 }
 
 /// The CID of a plain run's guest without `,cid=N`: the lowest a guest

@@ -6,9 +6,17 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use kiln_vmm::instance::{Registry, lifecycle};
+use kiln_vmm::instance::lifecycle::LifecycleError;
+use kiln_vmm::instance::{InstanceError, Registry, lifecycle};
+use kiln_vmm::network::address::AddressError;
 
 use crate::assets::kiln_home;
+
+/// `--network none`, the only value: a restored guest's address is its own.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Isolate {
+    None,
+}
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -25,6 +33,11 @@ pub enum Command {
         /// The new instance's name.
         #[arg(long)]
         name: Option<String>,
+        /// The guest keeps the address it had, which must be free; with
+        /// `none` its NIC is on no bridge (for a second instance from one
+        /// snapshot, or while the original lives).
+        #[arg(long, value_name = "none")]
+        network: Option<Isolate>,
         /// Seconds to wait for it to run.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
@@ -47,10 +60,25 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
                 stats.root_bytes as f64 / f64::from(1 << 20),
             );
         }
-        Command::Restore { dir, name, timeout } => {
+        Command::Restore {
+            dir,
+            name,
+            network,
+            timeout,
+        } => {
             let kiln = std::env::current_exe().context("cannot find the kiln binary")?;
             let timeout = Duration::from_secs(timeout);
-            let instance = lifecycle::restore(&registry, &dir, name, &kiln, timeout)?;
+            let isolate = network.is_some();
+            let instance = lifecycle::restore(&registry, &dir, name, isolate, &kiln, timeout)
+                .map_err(|err| match err {
+                    LifecycleError::Instance(InstanceError::Address(AddressError::Taken {
+                        ..
+                    })) => anyhow::Error::new(err).context(format!(
+                        "cannot restore {}: its guest keeps its address (restore with --network none to leave it unreachable)",
+                        dir.display()
+                    )),
+                    err => err.into(),
+                })?;
             println!("{}", instance.record.id);
             crate::cmd::lifecycle::running_or_why(&instance)?;
         }

@@ -61,9 +61,17 @@ expect_eq counter-not-restarted 1 "$(grep -c '^count 1 ' "$WORK/snap.txt")"
 check uptime-goes-on [ "$(last_uptime snap)" -ge "$uptime" ]
 check hibernation-consumed [ ! -d "$KILN_HOME/instances/$(head -n 1 "$WORK/launch.txt")/hibernate" ]
 
-# Two instances from one snapshot: each counts on from where it was taken.
-check restore-first "$KILN" snapshot restore "$WORK/snap1" --name r1
-check restore-second "$KILN" snapshot restore "$WORK/snap1" --name r2
+# The guest keeps its address, which the original still holds: refused,
+# naming the holder, and nothing appears.
+"$KILN" snapshot restore "$WORK/snap1" --name r0 > "$WORK/held.txt" 2>&1
+expect_eq held-address-refused 1 "$?"
+expect_contains held-address-names-the-holder "$WORK/held.txt" "is held by instance $(head -n 1 "$WORK/launch.txt")"
+"$KILN" ps -a > "$WORK/ps.txt" 2>&1
+check held-address-starts-nothing sh -c "! grep -q ' r0 ' '$WORK/ps.txt'"
+# Two instances from one snapshot, their NICs isolated: each counts on
+# from where it was taken.
+check restore-first "$KILN" snapshot restore "$WORK/snap1" --name r1 --network none
+check restore-second "$KILN" snapshot restore "$WORK/snap1" --name r2 --network none
 wait_log r1 "^count $((before + 1)) .*marker written before the snapshot" first-restore-runs-with-the-file
 wait_log r2 "^count $((before + 1)) .*marker written before the snapshot" second-restore-runs-with-the-file
 expect_eq first-restore-did-not-boot 0 "$(grep -c '^count 1 ' "$WORK/r1.txt")"

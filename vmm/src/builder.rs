@@ -34,14 +34,19 @@ use crate::devices::virtio::GuestMemoryMmap;
 pub use crate::devices::virtio::block::DiskSource;
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::{MMIO_REGION_SIZE, MmioError, MmioTransport, TransportState};
+use crate::devices::virtio::net::Net;
+pub use crate::devices::virtio::net::NetConfig;
+use crate::devices::virtio::net::tap::TapError;
 pub use crate::devices::virtio::vsock::VsockConfig;
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::event_loop::{EventLoop, EventLoopError, LoopEvent, StopSignals, VmEnd, VmEndSignal};
 use crate::host::{self, HostVirt};
 use crate::loader::{self, LoaderError};
+use crate::network::bridge::{self, BridgeError};
 use crate::seccomp::{self, SeccompError, ThreadKind};
 use crate::snapshot::{
-    self, LoadedSnapshot, MEMORY_FILE, MachineState, ROOT_OVERLAY_FILE, STATE_FILE, SnapshotError,
+    self, LoadedSnapshot, MEMORY_FILE, MachineState, NetState, ROOT_OVERLAY_FILE, STATE_FILE,
+    SnapshotError,
 };
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuContext, VcpuError, Vcpus};
@@ -112,6 +117,9 @@ pub struct VmConfig {
     /// reach guest ports. A restored VM may be given another CID than
     /// the one it was snapshotted with; the guest re-reads it.
     pub vsock: Option<VsockConfig>,
+    /// A virtio-net NIC over a tap. A restored VM needs one if its
+    /// snapshot had one, and keeps the snapshot's MAC.
+    pub net: Option<NetConfig>,
 }
 
 /// How a VM ended.
@@ -156,6 +164,12 @@ pub enum VmmError {
     Vsock(#[from] VsockError),
     #[error("vsock device: {0}")]
     VsockDevice(MmioError),
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    #[error(transparent)]
+    Bridge(#[from] BridgeError),
+    #[error("network device: {0}")]
+    NetDevice(MmioError),
     #[error("cannot write the boot structures: {0}")]
     BootMemory(vm_memory::GuestMemoryError),
     #[error("cannot create an eventfd: {0}")]
@@ -261,6 +275,14 @@ pub fn run(
         config.vsock.as_ref(),
         machine.map(|m| m.vsock.as_ref()),
     )?;
+    let net = virtio_net(
+        &vm,
+        &mem,
+        &mut event_loop,
+        &mut slots,
+        config.net.as_ref(),
+        machine.and_then(|m| m.net.as_ref()),
+    )?;
     let (cmdline, vcpus) = match &start {
         Start::Kernel(kernel) => boot_vcpus(&kvm, &vm, &mem, kernel, config, &disks, &slots)?,
         Start::Snapshot { snapshot, consume } => restore_vcpus(&kvm, &vm, snapshot, *consume)?,
@@ -289,6 +311,7 @@ pub fn run(
         transports: disks.transports,
         blocks: disks.blocks,
         vsock,
+        net,
         end: end.clone(),
         cmdline,
         memory_mib,
@@ -364,6 +387,14 @@ fn load_snapshot(kvm: &Kvm, dir: &Path, config: &VmConfig) -> Result<LoadedSnaps
             let given = usize::from(config.vsock.is_some());
             shape("vsock devices", usize::from(machine.vsock.is_some()), given)
                 .filter(|_| machine.vsock.is_some())
+        })
+        .or_else(|| {
+            // The guest's driver holds the NIC it had: it needs one again.
+            shape(
+                "network devices",
+                usize::from(machine.net.is_some()),
+                usize::from(config.net.is_some()),
+            )
         });
     if let Some(err) = mismatch {
         return Err(err);
@@ -484,6 +515,8 @@ struct Machine {
     blocks: Vec<Arc<Mutex<Block>>>,
     /// The vsock device's transport, after the disks'.
     vsock: Option<Arc<Mutex<MmioTransport>>>,
+    /// The NIC, last.
+    net: Option<NetDevice>,
     end: Arc<VmEndSignal>,
     cmdline: String,
     memory_mib: u32,
@@ -562,6 +595,10 @@ impl Machine {
         let serial = lock(&self.serial).save();
         let disks = self.transports.iter().map(|t| lock(t).save()).collect();
         let vsock = self.vsock.as_ref().map(|t| lock(t).save());
+        let net = self.net.as_ref().map(|nic| NetState {
+            mac: nic.mac,
+            transport: lock(&nic.transport).save(),
+        });
         for block in &self.blocks {
             lock(block).flush()?;
         }
@@ -585,6 +622,7 @@ impl Machine {
             serial,
             disks,
             vsock,
+            net,
         };
         let state_path = dir.join(STATE_FILE);
         snapshot::write_state(&state_path, &state)?;
@@ -646,7 +684,7 @@ fn legacy_devices(
 }
 
 /// The virtio-mmio slots: one 4 KiB region and one interrupt line per
-/// device, handed out in order (the disks, then the vsock device), so a
+/// device, handed out in order (the disks, the vsock device, the NIC), so a
 /// device's slot is the same at every boot and restore of the VM.
 struct VirtioSlots {
     mmio: Bus,
@@ -658,7 +696,7 @@ impl VirtioSlots {
     /// Slots for `config`'s devices, which must fit the interrupt lines.
     fn new(config: &VmConfig) -> Result<Self, VmmError> {
         let max = (IRQ_MAX - IRQ_VIRTIO_FIRST + 1) as usize;
-        let others = usize::from(config.vsock.is_some());
+        let others = usize::from(config.vsock.is_some()) + usize::from(config.net.is_some());
         if config.disks.len() + others > max {
             return Err(VmmError::TooManyDisks {
                 count: config.disks.len(),
@@ -785,6 +823,48 @@ fn virtio_vsock(
     Ok(Some(transport))
 }
 
+/// A VM's NIC: its transport, and the MAC its guest knows.
+struct NetDevice {
+    transport: Arc<Mutex<MmioTransport>>,
+    mac: [u8; 6],
+}
+
+/// The NIC, in the slot after the others: its tap created (and joined to
+/// its bridge) here, before seccomp. Restored from `saved`, it keeps the
+/// MAC the guest knows.
+fn virtio_net(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    event_loop: &mut EventLoop,
+    slots: &mut VirtioSlots,
+    config: Option<&NetConfig>,
+    saved: Option<&NetState>,
+) -> Result<Option<NetDevice>, VmmError> {
+    let Some(config) = config else {
+        return Ok(None);
+    };
+    let mut config = config.clone();
+    if let Some(saved) = saved {
+        config.mac = saved.mac;
+    }
+    let net = Net::new(&config)?;
+    if let Some(bridge) = &config.bridge {
+        bridge::attach(bridge, net.tap().name())?;
+    }
+    let net = Arc::new(Mutex::new(net));
+    let transport = match saved {
+        Some(saved) => MmioTransport::restore(mem.clone(), net.clone(), &saved.transport),
+        None => MmioTransport::new(mem.clone(), net.clone()),
+    }
+    .map_err(VmmError::NetDevice)?;
+    let transport = slots.attach(vm, transport)?;
+    event_loop.add(net);
+    Ok(Some(NetDevice {
+        transport,
+        mac: config.mac,
+    }))
+}
+
 /// Opens a disk's block device; an ephemeral disk's file goes at once.
 fn open_disk(disk: &DiskConfig) -> Result<Block, VmmError> {
     let block = Block::new(&disk.source, disk.read_only).map_err(|source| VmmError::Disk {
@@ -875,6 +955,7 @@ mod tests {
             extra_cmdline: extra.into(),
             seccomp: true,
             vsock: None,
+            net: None,
         }
     }
 

@@ -133,7 +133,7 @@ mod tests {
     use kiln_builder::store::IMAGE_FILE;
 
     use super::*;
-    use crate::instance::{FileLock, Spec};
+    use crate::instance::{FileLock, Network, Spec};
 
     /// Four chunks of the default size.
     const RAW_SIZE: usize = 4 * DEFAULT_CHUNK_SIZE as usize;
@@ -188,6 +188,8 @@ mod tests {
             vcpus: 1,
             memory_mib: 128,
             cmdline: String::new(),
+            network: Network::None,
+            private_ip: None,
         };
         let (mut instance, vmm) = Registry::new(home).create(spec, None).unwrap();
         let image = store.find(BASE).unwrap().image_path;

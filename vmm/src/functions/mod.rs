@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::api::{self, Request, Response};
 use crate::durable;
 use crate::instance::lifecycle::{self, LifecycleError};
-use crate::instance::{Instance, InstanceError, Registry, Spec};
+use crate::instance::{Instance, InstanceError, Network, Registry, Spec};
 
 const CONFIG_FILE: &str = "function.json";
 const TEMPLATE_DIR: &str = "template";
@@ -178,6 +178,10 @@ impl Functions {
             vcpus: 1,
             memory_mib: config.memory_mib,
             cmdline: config.cmdline()?,
+            // A function is reached through vsock; its clones share the
+            // template's guest, which could hold only one address.
+            network: Network::None,
+            private_ip: None,
         };
         fs::create_dir_all(&self.root).map_err(io_err(&self.root))?;
         let staging = tempfile::Builder::new()
@@ -255,10 +259,12 @@ impl Functions {
         let config = self.get(name)?;
         let started = Instant::now();
         let template = self.dir(name).join(TEMPLATE_DIR);
+        // Templates have no NIC (see `create`): nothing to isolate.
         let clone = lifecycle::restore(
             &self.registry,
             &template,
             None,
+            false,
             &self.kiln,
             INSTANCE_TIMEOUT,
         )?;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::state::transition;
 use super::{
-    FileLock, Instance, InstanceError, Registry, Spec, State, Verb, snapshots, supervisor,
+    FileLock, Instance, InstanceError, Network, Registry, Spec, State, Verb, snapshots, supervisor,
 };
 use crate::api;
 use crate::control::SnapshotStats;
@@ -80,14 +80,21 @@ pub fn snapshot(instance: &Instance, dir: &Path) -> Result<SnapshotStats, Lifecy
 /// `kiln snapshot restore`: a new instance that goes on from the snapshot
 /// in `dir`, with a copy of its root volume, in its own VMM process.
 /// The snapshot is checked whole first: a damaged one starts nothing.
+/// A guest on the bridge keeps its address, which must be free, unless
+/// `isolate`d: then its NIC is on no bridge and it has no address.
 pub fn restore(
     registry: &Registry,
     dir: &Path,
     name: Option<String>,
+    isolate: bool,
     kiln: &Path,
     timeout: Duration,
 ) -> Result<Instance, LifecycleError> {
-    let (spec, user_data) = snapshots::read(dir, name)?;
+    let (mut spec, user_data) = snapshots::read(dir, name)?;
+    if isolate && spec.network != Network::None {
+        spec.network = Network::Isolated;
+        spec.private_ip = None;
+    }
     let (instance, vmm) = registry.create(spec, user_data.as_deref())?;
     snapshots::copy_root(dir, &instance)?;
     spawn_vmm(&instance, &vmm, kiln, Some(dir))?;
@@ -211,6 +218,8 @@ pub fn terminate(mut instance: Instance, timeout: Duration) -> Result<Instance, 
         transition(r.state, Verb::Terminate)?;
         r.state = State::Terminated;
         r.reason = Some("terminated on request".into());
+        // Its address is free for the next launch.
+        r.address = None;
         Ok(())
     })?;
     instance.delete_volumes()?;

@@ -18,6 +18,11 @@
 //! | `vsock.sock`   | the guest's vsock ports, reached with `CONNECT <port>\n`     |
 //! | `hibernate/`   | a hibernated instance's snapshot (RAM and state)            |
 //!
+//! `instances/.addresses.lock` serializes address allocation: a new
+//! instance on the bridge takes the lowest address no other instance that
+//! is not terminated holds, and its record is in place before the lock
+//! goes, so concurrent launches never share one.
+//!
 //! A VMM that dies without saying so is found by its free `vmm.lock`: the
 //! record then shows `stopped` with the reason.
 pub mod lifecycle;
@@ -26,14 +31,17 @@ pub mod state;
 pub mod supervisor;
 pub mod types;
 
+use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::network::address::{AddressError, Subnet};
 use crate::{durable, flock};
 pub use state::{Refused, State, Verb};
 
@@ -47,6 +55,8 @@ const CONSOLE_FILE: &str = "console.log";
 const CONSOLE_INPUT: &str = "console.in";
 const API_SOCKET: &str = "api.sock";
 const VSOCK_SOCKET: &str = "vsock.sock";
+/// In the registry's root: held while an address is chosen and recorded.
+const ADDRESS_LOCK: &str = ".addresses.lock";
 /// The snapshot of a hibernated instance, and where it is staged.
 const HIBERNATION_DIR: &str = "hibernate";
 const HIBERNATION_STAGING: &str = ".hibernate-new";
@@ -76,6 +86,8 @@ pub enum InstanceError {
     Busy { id: String },
     #[error(transparent)]
     Refused(#[from] Refused),
+    #[error(transparent)]
+    Address(#[from] AddressError),
 }
 
 /// What an instance is made of, as it was launched.
@@ -90,6 +102,28 @@ pub struct Spec {
     pub memory_mib: u32,
     /// Words appended to the kernel command line.
     pub cmdline: String,
+    /// Records from before networking had none.
+    #[serde(default)]
+    pub network: Network,
+    /// The address the instance must have (a restored snapshot's guest
+    /// knows its own); any free one when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_ip: Option<Ipv4Addr>,
+}
+
+/// An instance's network.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    /// No NIC.
+    #[default]
+    None,
+    /// A NIC on the Kiln bridge with an address of its subnet.
+    Bridge,
+    /// A NIC on a tap of its own, on no bridge, without an address: for
+    /// an instance restored from a snapshot whose guest's address another
+    /// instance holds (the guest keeps its NIC; nothing reaches it).
+    Isolated,
 }
 
 /// An instance: what it is and where it is in its life.
@@ -110,6 +144,9 @@ pub struct Record {
     /// The VMM process, while one lives.
     pub vmm_pid: Option<u32>,
     pub paused: bool,
+    /// Its address on the bridge, from launch until terminated.
+    #[serde(default)]
+    pub address: Option<Ipv4Addr>,
 }
 
 impl Record {
@@ -270,6 +307,14 @@ impl Registry {
         // The directory is made under a temporary name and renamed into
         // place whole: a process killed half-way leaves no instance behind.
         fs::create_dir_all(&self.root).map_err(io_err(&self.root))?;
+        // Held until the record is in place: the next allocation sees it.
+        let (_addresses, address) = match spec.network {
+            Network::Bridge => {
+                let lock = FileLock::take(&self.root.join(ADDRESS_LOCK))?;
+                (Some(lock), Some(self.allocate_address(spec.private_ip)?))
+            }
+            Network::None | Network::Isolated => (None, None),
+        };
         let staging = tempfile::Builder::new()
             .prefix(STAGING_PREFIX)
             .tempdir_in(&self.root)
@@ -293,6 +338,7 @@ impl Registry {
                 boots: 0,
                 vmm_pid: None,
                 paused: false,
+                address,
             },
         };
         instance.write()?;
@@ -303,6 +349,29 @@ impl Registry {
             .map_err(io_err(&self.root))?;
         instance.dir = dir;
         Ok((instance, vmm))
+    }
+
+    /// An address for a new instance: `wanted` if it is free, else the
+    /// lowest free one. Addresses of terminated instances are free.
+    fn allocate_address(&self, wanted: Option<Ipv4Addr>) -> Result<Ipv4Addr, InstanceError> {
+        let subnet = Subnet::from_env()?;
+        let holders: Vec<(Ipv4Addr, String)> = self
+            .list()?
+            .into_iter()
+            .filter(|i| i.record.state != State::Terminated)
+            .filter_map(|i| Some((i.record.address?, i.record.id)))
+            .collect();
+        let Some(address) = wanted else {
+            let taken: BTreeSet<Ipv4Addr> = holders.into_iter().map(|(a, _)| a).collect();
+            return Ok(subnet.allocate(&taken)?);
+        };
+        if !subnet.contains(address) {
+            return Err(AddressError::Outside { address, subnet }.into());
+        }
+        match holders.into_iter().find(|(held, _)| *held == address) {
+            Some((_, holder)) => Err(AddressError::Taken { address, holder }.into()),
+            None => Ok(address),
+        }
     }
 
     /// The instance with id `key`, or the live one named `key`.

@@ -64,7 +64,13 @@ pub fn stage(dir: &Path) -> Result<TempDir, SnapshotsError> {
 /// it, whole, to `dir`.
 pub fn finish(instance: &Instance, staging: TempDir, dir: &Path) -> Result<(), SnapshotsError> {
     let spec_path = staging.path().join(SPEC_FILE);
-    let json = serde_json::to_vec_pretty(&instance.record.spec).expect("a spec serializes");
+    // The guest knows its address: an instance restored from the snapshot
+    // must have the same one.
+    let spec = Spec {
+        private_ip: instance.record.address,
+        ..instance.record.spec.clone()
+    };
+    let json = serde_json::to_vec_pretty(&spec).expect("a spec serializes");
     write_synced(&spec_path, &json)?;
     if let Some(data) = instance.user_data() {
         let bytes = fs::read(&data).map_err(io_err(&data))?;

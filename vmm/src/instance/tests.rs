@@ -8,6 +8,8 @@ fn spec(name: Option<&str>) -> Spec {
         vcpus: 1,
         memory_mib: 128,
         cmdline: String::new(),
+        network: Network::None,
+        private_ip: None,
     }
 }
 
@@ -142,4 +144,79 @@ fn only_a_terminated_instance_is_forgotten_and_then_nothing_is_left() {
         Err(InstanceError::NotFound(_))
     ));
     assert!(registry.list().unwrap().is_empty());
+}
+
+fn bridged(private_ip: Option<Ipv4Addr>) -> Spec {
+    Spec {
+        network: Network::Bridge,
+        private_ip,
+        ..spec(None)
+    }
+}
+
+#[test]
+fn bridged_instances_get_distinct_addresses_until_terminated() {
+    let home = tempfile::tempdir().unwrap();
+    let registry = Registry::new(home.path());
+    let (unbridged, _a) = registry.create(spec(None), None).unwrap();
+    assert_eq!(unbridged.record.address, None);
+    let (mut first, _b) = registry.create(bridged(None), None).unwrap();
+    let (second, _c) = registry.create(bridged(None), None).unwrap();
+    assert_eq!(first.record.address, Some(Ipv4Addr::new(10, 89, 0, 2)));
+    assert_eq!(second.record.address, Some(Ipv4Addr::new(10, 89, 0, 3)));
+    first
+        .update(|r| {
+            r.state = State::Terminated;
+            Ok(())
+        })
+        .unwrap();
+    let (third, _d) = registry.create(bridged(None), None).unwrap();
+    assert_eq!(
+        third.record.address,
+        Some(Ipv4Addr::new(10, 89, 0, 2)),
+        "a terminated instance's address is free again"
+    );
+}
+
+#[test]
+fn a_wanted_address_must_be_free_and_in_the_subnet() {
+    let home = tempfile::tempdir().unwrap();
+    let registry = Registry::new(home.path());
+    let wanted = Ipv4Addr::new(10, 89, 0, 77);
+    let (holder, _a) = registry.create(bridged(Some(wanted)), None).unwrap();
+    assert_eq!(holder.record.address, Some(wanted));
+    let err = registry.create(bridged(Some(wanted)), None).unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("10.89.0.77 is held by instance") && message.contains(&holder.record.id),
+        "{message}"
+    );
+    let outside = registry
+        .create(bridged(Some(Ipv4Addr::new(192, 168, 1, 2))), None)
+        .unwrap_err();
+    assert!(
+        outside.to_string().contains("outside the subnet"),
+        "{outside}"
+    );
+    // A failed launch leaves nothing behind.
+    assert_eq!(registry.list().unwrap().len(), 1);
+}
+
+#[test]
+fn concurrent_launches_never_share_an_address() {
+    let home = tempfile::tempdir().unwrap();
+    let registry = Registry::new(home.path());
+    let addresses: Vec<Ipv4Addr> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..8)
+            .map(|_| {
+                scope.spawn(|| {
+                    let (instance, _vmm) = registry.create(bridged(None), None).unwrap();
+                    instance.record.address.unwrap()
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    let distinct: BTreeSet<_> = addresses.iter().collect();
+    assert_eq!(distinct.len(), addresses.len(), "{addresses:?}");
 }

@@ -37,6 +37,18 @@ pub struct MachineState {
     /// before vsock have none). Its connections are not saved.
     #[serde(default)]
     pub vsock: Option<TransportState>,
+    /// The NIC, in the slot after the vsock device (or the disks), with
+    /// the MAC its guest knows.
+    #[serde(default)]
+    pub net: Option<NetState>,
+}
+
+/// A NIC at a snapshot: its transport and the MAC the guest's driver read
+/// at probe time (and keeps using: it never re-reads it).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NetState {
+    pub mac: [u8; 6],
+    pub transport: TransportState,
 }
 
 /// Why a snapshot cannot be restored here.

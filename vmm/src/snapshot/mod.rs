@@ -18,6 +18,6 @@ pub mod machine;
 
 pub use file::{SavedState, SnapshotFileError, read_state, write_state};
 pub use machine::{
-    LoadedSnapshot, MEMORY_FILE, MachineState, ROOT_OVERLAY_FILE, STATE_FILE, SnapshotError,
-    check_cpu, load,
+    LoadedSnapshot, MEMORY_FILE, MachineState, NetState, ROOT_OVERLAY_FILE, STATE_FILE,
+    SnapshotError, check_cpu, load,
 };

@@ -31,11 +31,18 @@ const QEMU: &str = "/usr/bin/qemu-system-x86_64";
 const E2FSCK: &str = "/usr/sbin/e2fsck";
 /// The firmware QEMU 7.2's microvm machine loads by default (qboot).
 const QEMU_FIRMWARE: &str = "/usr/share/qemu/qboot.rom";
-/// insmod order: kvm needs irqbypass, kvm-amd needs kvm.
-const KVM_MODULES: [&str; 3] = [
+/// The L1 kernel's modules the scenarios need, in insmod order (l1-init.sh
+/// loads them so): kvm needs irqbypass, kvm-amd needs kvm; instances'
+/// taps need tun, and the kiln0 bridge needs bridge, which needs stp and
+/// llc.
+const MODULES: [&str; 7] = [
     "virt/lib/irqbypass.ko",
     "arch/x86/kvm/kvm.ko",
     "arch/x86/kvm/kvm-amd.ko",
+    "drivers/net/tun.ko",
+    "net/llc/llc.ko",
+    "net/802/stp.ko",
+    "net/bridge/bridge.ko",
 ];
 const L1_INIT: &str = include_str!("l1-init.sh");
 /// Where the scenarios are inside L1.
@@ -64,7 +71,7 @@ pub fn pack(tree: &Path, archive: &Path, payload: &Payload) -> Result<()> {
     let modules = Path::new("/lib/modules")
         .join(payload.l1_version)
         .join("kernel");
-    for module in KVM_MODULES {
+    for module in MODULES {
         let name = Path::new(module)
             .file_name()
             .expect("module paths name a file");

@@ -8,7 +8,9 @@ mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
 # Loopback, for scenarios that serve on 127.0.0.1 (kiln fn serve).
 ip link set lo up
-for module in irqbypass kvm kvm-amd; do
+# KVM, then tun and the bridge for instances' NICs (the order of MODULES
+# in initramfs.rs).
+for module in irqbypass kvm kvm-amd tun llc stp bridge; do
     insmod "/lib/modules/$module.ko" || echo "KILN-TEST harness/insmod-$module FAIL insmod failed"
 done
 if [ -c /dev/kvm ]; then
