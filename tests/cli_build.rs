@@ -119,6 +119,29 @@ fn a_child_image_inherits_its_parent_which_cannot_be_removed_first() {
     );
 }
 
+/// recipes/web: the page on top of the busybox image, whose httpd serves it.
+#[test]
+fn the_web_image_adds_its_page_to_busybox_and_runs_httpd() {
+    let home = tempfile::tempdir().unwrap();
+    build(home.path(), "busybox");
+    assert!(build(home.path(), "web").starts_with("built web:1.0.0 "));
+    let files = ok(home.path(), &["inspect", "web:1.0.0", "--files"]);
+    for expected in [
+        "/srv/www/index.html",
+        "/bin/httpd -> busybox",
+        "/bin/wget -> busybox",
+    ] {
+        assert!(
+            files.lines().any(|l| l.ends_with(expected)),
+            "{expected} in {files}"
+        );
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_str(&ok(home.path(), &["inspect", "web:1.0.0"])).unwrap();
+    assert_eq!(manifest["parent"], "busybox:1.35.0");
+    assert_eq!(manifest["entrypoint"][0], "/bin/httpd");
+}
+
 #[test]
 fn a_bad_recipe_is_named_and_nothing_is_stored() {
     let home = tempfile::tempdir().unwrap();

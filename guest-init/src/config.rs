@@ -23,7 +23,9 @@
 //! - `kiln.workdir=/DIR`, `kiln.hostname=NAME`
 //! - `kiln.env=KEY=VALUE` (repeatable; adds or replaces one variable)
 //!
-//! With an entrypoint on the command line, the file may be absent.
+//! With an entrypoint on the command line, the file may be absent. The
+//! network's words (`kiln.net.*`) are not part of the run configuration:
+//! `guest_init::network` reads them.
 
 use std::collections::BTreeMap;
 
@@ -156,7 +158,9 @@ impl RunConfig {
                 })?;
                 self.env.insert(name.to_string(), val.to_string());
             }
-            // Other kiln.* parameters belong to the VMM (e.g. kiln.vmm).
+            // Other kiln.* parameters are read elsewhere: by the VMM
+            // (kiln.vmm), `metadata` (kiln.meta.*, kiln.user-data) and
+            // `network` (kiln.net.*).
             _ => {}
         }
         Ok(())

@@ -6,7 +6,14 @@
 //! 3. if the kernel command line has `kiln.vmm=1`, gain the guest-init port
 //!    and report `InitStarted` (the VMM's boot timer stops here);
 //! 4. publish the instance metadata under /run/kiln (`metadata`); set the
-//!    hostname, bring up `lo`; run executable user-data at first boot;
+//!    hostname, bring up `lo`; configure eth0 from the command line's
+//!    `kiln.net.ip=IPV4/PREFIX` (address and netmask, then up),
+//!    `kiln.net.gateway=IPV4` (the default route) and
+//!    `kiln.net.dns=IPV4[,IPV4…]` (/etc/resolv.conf, replaced atomically;
+//!    left alone on a read-only root), see `guest_init::network`; without
+//!    `kiln.net.ip` eth0 stays down, and a malformed word or a missing eth0
+//!    is said on the console and the boot goes on without the network;
+//!    run executable user-data at first boot;
 //! 5. read /etc/kiln/init.json with the command line's `kiln.*` overrides
 //!    (see `guest_init::config`); an unusable configuration is reported on
 //!    the console and ends the VM with status 127;
@@ -25,9 +32,12 @@
 //!
 //! Not PID 1 (run by hand), it only runs the entrypoint from the file and
 //! exits with its status: no mounts, no port, no reboot.
+use std::io::ErrorKind;
+use std::path::Path;
 use std::process::ExitCode;
 
 use guest_init::config::{CONFIG_PATH, RunConfig};
+use guest_init::network::{NetConfig, RESOLV_CONF};
 use guest_init::protocol::InitEvent;
 use guest_init::{function_mode, network, supervisor};
 
@@ -55,7 +65,7 @@ fn main() -> ExitCode {
     let functions = function_mode::enabled(&cmdline);
     let status = match load_config(&cmdline) {
         Ok(config) => {
-            configure_host(&config);
+            configure_host(&config, &cmdline);
             if let Some(path) = &user_data {
                 metadata::run_user_data_once(path, &config, &signals);
             }
@@ -98,7 +108,7 @@ fn boot() -> Option<port::InitPort> {
     port
 }
 
-fn configure_host(config: &RunConfig) {
+fn configure_host(config: &RunConfig, cmdline: &str) {
     if let Err(err) = network::set_hostname(&config.hostname) {
         eprintln!(
             "guest-init: cannot set the hostname to {:?}: {err}",
@@ -107,6 +117,42 @@ fn configure_host(config: &RunConfig) {
     }
     if let Err(err) = network::loopback_up() {
         eprintln!("guest-init: cannot bring up lo: {err}");
+    }
+    configure_network(cmdline);
+}
+
+/// eth0 and /etc/resolv.conf from `kiln.net.*`; any failure is said and
+/// leaves the guest without the network, never without its entrypoint.
+fn configure_network(cmdline: &str) {
+    let net = match NetConfig::from_cmdline(cmdline) {
+        Ok(Some(net)) => net,
+        Ok(None) => return,
+        Err(err) => return eprintln!("guest-init: {err}; booting without the network"),
+    };
+    if let Err(err) = network::configure_interface(&net) {
+        return eprintln!("guest-init: {err}; booting without the network");
+    }
+    let route = net.gateway.map(|gw| format!(", default route via {gw}"));
+    eprintln!(
+        "guest-init: {} is {}/{}{}",
+        network::INTERFACE,
+        net.address,
+        net.prefix_len,
+        route.unwrap_or_default()
+    );
+    if !net.nameservers.is_empty() {
+        write_resolv_conf(&net);
+    }
+}
+
+/// A read-only root (`kiln run --read-only`) keeps the image's file.
+fn write_resolv_conf(net: &NetConfig) {
+    match network::replace_file(Path::new(RESOLV_CONF), &net.resolv_conf()) {
+        Ok(()) => {}
+        Err(err) if err.kind() == ErrorKind::ReadOnlyFilesystem => eprintln!(
+            "guest-init: the root filesystem is read-only: {RESOLV_CONF} keeps the image's nameservers"
+        ),
+        Err(err) => eprintln!("guest-init: cannot write {RESOLV_CONF}: {err}"),
     }
 }
 
