@@ -1,8 +1,9 @@
-//! `kiln ps [-a]`: the instances, with their state and uptime.
+//! `kiln ps [-a]`: the instances, with their state, uptime, address and
+//! published ports.
 use std::process::ExitCode;
 use std::time::Duration;
 
-use kiln_vmm::instance::{Registry, State, now_ms};
+use kiln_vmm::instance::{Network, Registry, State, now_ms};
 
 use crate::assets::kiln_home;
 
@@ -15,8 +16,8 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     println!(
-        "{:<18}  {:<16}  {:<20}  {:<10}  {:<10}  {:>8}  REASON",
-        "ID", "NAME", "IMAGE", "TYPE", "STATE", "UPTIME"
+        "{:<18}  {:<16}  {:<20}  {:<10}  {:<10}  {:>8}  {:<15}  REASON",
+        "ID", "NAME", "IMAGE", "TYPE", "STATE", "UPTIME", "ADDRESS"
     );
     for instance in Registry::new(&kiln_home()).list()? {
         let r = &instance.record;
@@ -33,14 +34,20 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             .map(|at| Duration::from_secs(now_ms().saturating_sub(at) / 1000))
             .map(|d| humantime::format_duration(d).to_string())
             .unwrap_or_else(|| "-".into());
+        let address = match (r.address, r.spec.network) {
+            (Some(address), _) => address.to_string(),
+            (None, Network::Isolated) => "isolated".to_string(),
+            (None, _) => "-".to_string(),
+        };
         println!(
-            "{:<18}  {:<16}  {:<20}  {:<10}  {:<10}  {:>8}  {}",
+            "{:<18}  {:<16}  {:<20}  {:<10}  {:<10}  {:>8}  {:<15}  {}",
             r.id,
             r.spec.name.as_deref().unwrap_or("-"),
             r.spec.image,
             r.spec.instance_type,
             state,
             uptime,
+            address,
             r.reason.as_deref().unwrap_or("")
         );
     }

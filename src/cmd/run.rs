@@ -234,6 +234,7 @@ fn detach(args: &Args) -> anyhow::Result<ExitCode> {
     store.find(image)?;
     // A detached instance boots with these words every time.
     let spec = new_spec(args, image, args.cmdline.clone())?;
+    preflight(&spec)?;
     let user_data = read_user_data(args)?;
     let kiln = std::env::current_exe().context("cannot find the kiln binary")?;
     let registry = Registry::new(&kiln_home());
@@ -260,6 +261,15 @@ fn new_spec(args: &Args, image: &str, cmdline: String) -> anyhow::Result<Spec> {
         network,
         private_ip: None,
     })
+}
+
+/// What a new instance's VMM would fail on, checked before the instance
+/// exists: the bridge can be set up (permission, the bridge module).
+fn preflight(spec: &Spec) -> anyhow::Result<()> {
+    if spec.network == Network::Bridge {
+        network::prepare_bridge()?;
+    }
+    Ok(())
 }
 
 /// The instance type's name, vCPUs and memory: a catalog type, or
@@ -483,6 +493,7 @@ fn named_instance(
             store.find(image)?;
             // A foreground run's --cmdline is for that run only.
             let spec = new_spec(args, image, String::new())?;
+            preflight(&spec)?;
             return Ok(registry.create(spec, read_user_data(args)?.as_deref())?);
         }
         Err(err) => return Err(err.into()),

@@ -34,11 +34,10 @@ pub enum NetworkError {
 /// The NIC of the instance `id` at `address`, and the kernel command-line
 /// words from which guest-init configures it; the bridge is made ready.
 pub fn guest_nic(id: &str, address: Ipv4Addr) -> Result<(NetConfig, Vec<String>), NetworkError> {
-    let subnet = Subnet::from_env()?;
+    let subnet = prepare_bridge()?;
     if !subnet.contains(address) {
         return Err(AddressError::Outside { address, subnet }.into());
     }
-    bridge::ensure(BRIDGE, subnet.gateway(), subnet.prefix())?;
     let mac = address::mac(address);
     let resolvers = std::fs::read_to_string(RESOLV_CONF).unwrap_or_default();
     let config = NetConfig {
@@ -47,6 +46,16 @@ pub fn guest_nic(id: &str, address: Ipv4Addr) -> Result<(NetConfig, Vec<String>)
         bridge: Some(BRIDGE.to_string()),
     };
     Ok((config, guest_words(subnet, address, mac, &resolvers)))
+}
+
+/// Makes the bridge ready with the subnet's gateway address, and returns
+/// the subnet: what launching an instance on the bridge checks first, so
+/// that a host where this process may not set up networking is told so
+/// before any instance exists.
+pub fn prepare_bridge() -> Result<Subnet, NetworkError> {
+    let subnet = Subnet::from_env()?;
+    bridge::ensure(BRIDGE, subnet.gateway(), subnet.prefix())?;
+    Ok(subnet)
 }
 
 /// The NIC of the instance `id` when isolated: a tap on no bridge. Only

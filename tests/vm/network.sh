@@ -1,0 +1,92 @@
+# Networking: instances on the kiln0 bridge get their own addresses; the
+# host reaches the web image's page by address and through a published
+# port (-p); two instances reach each other; ps shows addresses and ports;
+# a port in use is refused with nothing left behind; --network none has no
+# NIC; a killed VMM leaves no tap; terminate frees the address.
+. "$(dirname "$0")/lib.sh"
+
+# wait_log NAME PATTERN CHECK: NAME's console shows PATTERN within 300 s.
+wait_log() {
+    waited=0
+    while ! "$KILN" logs "$1" 2>/dev/null | grep -q -- "$2" && [ "$waited" -lt 300 ]; do
+        sleep 1; waited=$((waited + 1))
+    done
+    "$KILN" logs "$1" > "$WORK/$1.txt" 2>&1
+    expect_contains "$3" "$WORK/$1.txt" "$2"
+}
+
+# fetch URL FILE: GETs URL into FILE, retrying while the guest boots (300 s).
+# URLs name their port: busybox's static wget looks a missing one up in
+# the services database through NSS, which it cannot load, and crashes.
+fetch() {
+    waited=0
+    while ! wget -q -T 10 -O "$2" "$1" 2>/dev/null && [ "$waited" -lt 300 ]; do
+        sleep 2; waited=$((waited + 2))
+    done
+}
+
+# field ID NAME: a string field of an instance's record ("null" when unset).
+field() {
+    sed -n "s/^ *\"$2\": \"*\([^\",]*\)\"*,*$/\1/p" "$KILN_HOME/instances/$1/instance.json"
+}
+
+web=$("$KILN" run web:1.0.0 --detach --name web1 -p 8080:80 2> "$WORK/launch.err")
+expect_eq launch-exit-status 0 "$?"
+address=$(field "$web" address)
+expect_eq first-address-of-the-subnet 10.89.0.2 "$address"
+"$KILN" ps > "$WORK/ps.txt" 2>&1
+expect_contains ps-shows-address-and-port "$WORK/ps.txt" "web1 .*running .*10.89.0.2 .*127.0.0.1:8080->80"
+check bridge-has-the-gateway sh -c "ip -4 addr show kiln0 | grep -q 'inet 10.89.0.1/24'"
+tap="kt-$(echo "$web" | cut -c3-14)"
+check tap-is-on-the-bridge [ -e "/sys/class/net/kiln0/brif/$tap" ]
+
+fetch "http://$address:80/" "$WORK/by-address.html"
+expect_contains page-by-address "$WORK/by-address.html" "Hello from a Kiln microVM"
+wait_log web1 "eth0 is 10.89.0.2/24, default route via 10.89.0.1" guest-configured-eth0
+fetch "http://127.0.0.1:8080/" "$WORK/published.html"
+expect_contains page-through-the-published-port "$WORK/published.html" "Hello from a Kiln microVM"
+wget -T 5 -O /dev/null http://10.89.0.1:8080/ > "$WORK/not-published.txt" 2>&1
+expect_contains published-on-loopback-only "$WORK/not-published.txt" "refused"
+
+# A second instance fetches the page from the first, by its address.
+peer=$("$KILN" run vm-test:1.0.0 --detach --name peer \
+    --cmdline "kiln.entrypoint=/tests/fetch.sh kiln.env=PEER=$address" 2> "$WORK/peer.err")
+expect_eq peer-launched 0 "$?"
+expect_eq second-address 10.89.0.3 "$(field "$peer" address)"
+wait_log peer "fetched from $address .*Hello from a Kiln microVM" instances-reach-each-other
+
+# The published port is taken: refused by name, and no instance appears.
+"$KILN" run web:1.0.0 --detach --name web2 -p 8080:80 > "$WORK/taken.txt" 2>&1
+expect_eq port-in-use-refused 1 "$?"
+expect_contains port-in-use-says-which "$WORK/taken.txt" "port 8080 on 127.0.0.1 is already in use"
+"$KILN" ps -a > "$WORK/ps.txt" 2>&1
+check port-in-use-leaves-no-instance sh -c "! grep -q ' web2 ' '$WORK/ps.txt'"
+
+# No NIC at all.
+"$KILN" run vm-test:1.0.0 --detach --name nonet --network none \
+    --cmdline 'kiln.entrypoint=/tests/interfaces.sh' > "$WORK/nonet.id" 2>&1
+wait_log nonet "^interfaces: lo " network-none-lists-lo
+check network-none-has-no-eth0 sh -c "! grep '^interfaces:' '$WORK/nonet.txt' | grep -q eth0"
+expect_contains network-none-has-no-address "$WORK/nonet.txt" "local-ipv4: none"
+
+# A VMM killed with -9: its VM process goes, and its tap with it.
+kill -9 "$(field "$web" vmm_pid)"
+waited=0
+while [ -e "/sys/class/net/$tap" ] && [ "$waited" -lt 30 ]; do sleep 1; waited=$((waited + 1)); done
+check killed-vmm-leaves-no-tap [ ! -e "/sys/class/net/$tap" ]
+wget -T 5 -O /dev/null http://127.0.0.1:8080/ > "$WORK/closed.txt" 2>&1
+expect_contains published-port-closed-with-the-vmm "$WORK/closed.txt" "refused"
+check restart-after-crash "$KILN" start web1
+expect_eq address-kept-across-stop-start "$address" "$(field "$web" address)"
+fetch "http://127.0.0.1:8080/" "$WORK/restarted.html"
+expect_contains page-after-restart "$WORK/restarted.html" "Hello from a Kiln microVM"
+
+# Terminated, the address is free again.
+check terminate "$KILN" terminate web1
+expect_eq terminate-clears-the-address null "$(field "$web" address)"
+again=$("$KILN" run vm-test:1.0.0 --detach --name again \
+    --cmdline 'kiln.entrypoint=/tests/interfaces.sh' 2> "$WORK/again.err")
+expect_eq terminated-address-reused "$address" "$(field "$again" address)"
+wait_log again "local-ipv4: $address" guest-knows-its-address
+
+for name in peer nonet again; do "$KILN" terminate "$name" > /dev/null 2>&1; done
