@@ -15,6 +15,7 @@ pub mod functions;
 pub mod host;
 pub mod instance;
 pub mod loader;
+pub mod network;
 pub mod seccomp;
 pub mod snapshot;
 pub mod volume;

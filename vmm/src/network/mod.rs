@@ -1,0 +1,2 @@
+//! Host-side networking.
+pub mod proxy;
