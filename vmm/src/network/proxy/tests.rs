@@ -27,13 +27,18 @@ fn guest_ip() -> Ipv4Addr {
 fn guest_service(serve: fn(TcpStream)) -> u16 {
     let listener = TcpListener::bind((guest_ip(), 0)).unwrap();
     let port = listener.local_addr().unwrap().port();
+    serve_on(listener, serve);
+    port
+}
+
+/// Runs `serve` on each connection to `listener`, on a thread of its own.
+fn serve_on(listener: TcpListener, serve: fn(TcpStream)) {
     thread::spawn(move || {
         for stream in listener.incoming() {
             let stream = stream.unwrap();
             thread::spawn(move || serve(stream));
         }
     });
-    port
 }
 
 /// Sends back what it reads, then shuts its side at the end of file.
@@ -421,11 +426,16 @@ fn process_cpu_time() -> Duration {
     time(usage.ru_utime) + time(usage.ru_stime)
 }
 
-/// CPU time the process uses over `period` in which this thread sleeps.
-fn cpu_time_while_idle(period: Duration) -> Duration {
+/// Checks that the process uses next to no CPU over half a second in
+/// which this thread sleeps: nothing spins.
+fn assert_the_process_idles() {
     let before = process_cpu_time();
-    thread::sleep(period);
-    process_cpu_time() - before
+    thread::sleep(Duration::from_millis(500));
+    let used = process_cpu_time() - before;
+    assert!(
+        used < Duration::from_millis(100),
+        "{used:?} of CPU in 500 ms"
+    );
 }
 
 /// A guest that never reads nor writes.
@@ -448,19 +458,6 @@ fn set_buffer_size(stream: &TcpStream, option: libc::c_int, bytes: libc::c_int) 
     };
     assert_eq!(ret, 0, "setsockopt: {}", io::Error::last_os_error());
 }
-
-/// A guest that sends `HELD_BACK_BYTES`, shuts writing, then holds on.
-fn send_then_hold(mut stream: TcpStream) {
-    set_buffer_size(&stream, libc::SO_SNDBUF, 1 << 20);
-    stream.write_all(&pattern(HELD_BACK_BYTES, 5)).unwrap();
-    stream.shutdown(Shutdown::Write).unwrap();
-    hold(stream);
-}
-/// More than the client's side holds (the proxy's buffer, its socket to
-/// the client, the client's small receive buffer), less than the guest's
-/// side adds to that: its write completes, its end of file arrives, and
-/// bytes still wait on the proxy's socket to it.
-const HELD_BACK_BYTES: usize = 128 * 1024;
 
 /// Reads to the end of file, then holds on without answering.
 fn drain_then_hold(mut stream: TcpStream) {
@@ -488,24 +485,24 @@ fn the_loop_sleeps_while_no_byte_can_move() {
     let (_quiet, host) = publish(guest_service(drain_then_hold));
     let half_closed = client(host);
     half_closed.shutdown(Shutdown::Write).unwrap();
-    // Both have shut writing while the guest's bytes wait for the client
-    // (its receive buffer made small, the guest's send buffer large): the
-    // guest's socket hangs up with bytes still unread.
-    let (_held, host) = publish(guest_service(send_then_hold));
-    let hung_up = client(host);
-    set_buffer_size(&hung_up, libc::SO_RCVBUF, 4096);
-    hung_up.shutdown(Shutdown::Write).unwrap();
+    // Both have shut writing, then the guest answers: its socket hangs up
+    // with bytes unread, and, out of epoll from then on, is read while
+    // its bytes move on to the client.
+    let (_answered, host) = publish(guest_service(answer_after_the_end_then_hold));
+    let answered = client(host);
+    set_buffer_size(&answered, libc::SO_RCVBUF, 4096);
+    answered.shutdown(Shutdown::Write).unwrap();
     thread::sleep(Duration::from_millis(300));
+    assert_the_process_idles();
+    assert_gets_the_held_bytes(&answered);
+}
 
-    let used = cpu_time_while_idle(Duration::from_millis(500));
-    assert!(
-        used < Duration::from_millis(100),
-        "{used:?} of CPU in 500 ms"
-    );
-    // The bytes held back arrive whole once the client reads.
-    set_buffer_size(&hung_up, libc::SO_RCVBUF, 1 << 20);
+/// Reads `stream` to its end (its receive buffer made large again): the
+/// bytes [`answer_after_the_end_then_hold`] sent, whole.
+fn assert_gets_the_held_bytes(mut stream: &TcpStream) {
+    set_buffer_size(stream, libc::SO_RCVBUF, 1 << 20);
     let mut received = Vec::new();
-    (&hung_up).read_to_end(&mut received).unwrap();
+    stream.read_to_end(&mut received).unwrap();
     assert!(
         received == pattern(HELD_BACK_BYTES, 5),
         "the held bytes changed"
@@ -532,21 +529,93 @@ fn accepting_pauses_while_descriptors_run_out_then_resumes() {
     if !in_own_process("accepting_pauses_while_descriptors_run_out_then_resumes") {
         return;
     }
-    let (_proxy, host) = publish(guest_service(echo));
-    let limit = libc::rlimit {
-        rlim_cur: 256,
-        rlim_max: 256,
+    // The guest's service starts once descriptors are back: a thread
+    // waiting in accept would fail at once when they run out.
+    let guest = TcpListener::bind((guest_ip(), 0)).unwrap();
+    let (_proxy, host) = publish(guest.local_addr().unwrap().port());
+    let mut limit = std::mem::MaybeUninit::<libc::rlimit>::uninit();
+    // SAFETY: getrlimit fills the struct it is given.
+    let ret = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, limit.as_mut_ptr()) };
+    assert_eq!(ret, 0);
+    // SAFETY: getrlimit succeeded, so the struct is filled.
+    let limit = unsafe { limit.assume_init() };
+    let set_limit = |rlim_cur| {
+        let new = libc::rlimit { rlim_cur, ..limit };
+        // SAFETY: setrlimit only reads the struct passed by reference.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) }, 0);
     };
-    // SAFETY: setrlimit only reads the struct passed by reference.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+    set_limit(256);
     // One descriptor left, for the client: the proxy's accept fails.
     let taken = exhaust_descriptors(1);
     let waiting = client(host);
-    let used = cpu_time_while_idle(Duration::from_millis(500));
-    assert!(
-        used < Duration::from_millis(100),
-        "{used:?} of CPU in 500 ms"
-    );
-    drop(taken);
+    assert_the_process_idles();
+    // Descriptors back all at once (closing `taken` one by one would let
+    // the proxy accept, then fail its connect to the guest).
+    set_limit(limit.rlim_cur);
+    serve_on(guest, echo);
     assert_eq!(round_trip(waiting, b"accepted".to_vec()), b"accepted");
+    drop(taken);
+}
+
+/// More than the client's side holds (the proxy's buffer, its small
+/// send buffer to the client, the client's small receive buffer), less
+/// than the guest's side adds to that: the guest's write completes, its
+/// end of file arrives, and bytes still wait on the proxy's socket to it.
+const HELD_BACK_BYTES: usize = 128 * 1024;
+
+/// Reads to the end of file, then sends `HELD_BACK_BYTES` (all into its
+/// large send buffer), shuts writing and holds on.
+fn answer_after_the_end_then_hold(mut stream: TcpStream) {
+    std::io::copy(&mut stream, &mut std::io::sink()).unwrap();
+    set_buffer_size(&stream, libc::SO_SNDBUF, 1 << 20);
+    stream.write_all(&pattern(HELD_BACK_BYTES, 5)).unwrap();
+    stream.shutdown(Shutdown::Write).unwrap();
+    hold(stream);
+}
+
+/// The proxy's own socket connected to `peer`, found among this
+/// process's descriptors once it is there. Not to be dropped: the proxy
+/// owns it.
+fn proxy_socket_to(peer: std::net::SocketAddr) -> std::mem::ManuallyDrop<TcpStream> {
+    let deadline = Instant::now() + TIMEOUT;
+    while Instant::now() < deadline {
+        for entry in std::fs::read_dir("/proc/self/fd").unwrap() {
+            let Ok(fd) = entry.unwrap().file_name().to_string_lossy().parse() else {
+                continue;
+            };
+            // SAFETY: a descriptor listed as open in this process, whose
+            // sockets stay open while the test runs; ManuallyDrop never
+            // closes it.
+            let socket = std::mem::ManuallyDrop::new(unsafe { TcpStream::from_raw_fd(fd) });
+            if socket.peer_addr().is_ok_and(|addr| addr == peer) {
+                return socket;
+            }
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    panic!("no socket of the proxy is connected to {peer}");
+}
+
+#[test]
+fn a_socket_that_hangs_up_with_bytes_unread_is_not_spun_on() {
+    if !in_own_process("a_socket_that_hangs_up_with_bytes_unread_is_not_spun_on") {
+        return;
+    }
+    let guest_port = guest_service(answer_after_the_end_then_hold);
+    let (_proxy, host) = publish(guest_port);
+    let hung_up = client(host);
+    // Little room toward the client: its receive buffer and the proxy's
+    // send buffer to it made small (the kernel would grow them). Much
+    // room from the guest: the proxy's receive buffer from it made large,
+    // so that the guest's end of file arrives behind bytes unread.
+    set_buffer_size(&hung_up, libc::SO_RCVBUF, 4096);
+    let to_client = proxy_socket_to(hung_up.local_addr().unwrap());
+    set_buffer_size(&to_client, libc::SO_SNDBUF, 4096);
+    let to_guest = proxy_socket_to((guest_ip(), guest_port).into());
+    set_buffer_size(&to_guest, libc::SO_RCVBUF, 1 << 20);
+    // The guest answers once the client's end of file reaches it.
+    hung_up.shutdown(Shutdown::Write).unwrap();
+    thread::sleep(Duration::from_millis(300));
+    assert_the_process_idles();
+    assert_gets_the_held_bytes(&hung_up);
 }
