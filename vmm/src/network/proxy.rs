@@ -436,6 +436,8 @@ impl MutEventSubscriber for ProxyLoop {
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
+            // Both fds are readable here, so their reads do not block, and
+            // what they read (counts) does not matter.
             STOP_TOKEN => {
                 let _ = self.stop.read();
                 self.stopped = true;
