@@ -33,6 +33,10 @@ pub enum ThreadKind {
     /// requests from the socket, updates the instance record and signals
     /// the VM process.
     Api,
+    /// The proxy of an instance's published ports (`network::proxy`):
+    /// its event loop over the listeners on 127.0.0.1 and, per client, a
+    /// connection to the guest.
+    Proxy,
 }
 
 impl fmt::Display for ThreadKind {
@@ -41,6 +45,7 @@ impl fmt::Display for ThreadKind {
             ThreadKind::Vmm => "VMM",
             ThreadKind::Vcpu => "vCPU",
             ThreadKind::Api => "API",
+            ThreadKind::Proxy => "proxy",
         })
     }
 }
@@ -111,6 +116,7 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
             ThreadKind::Vmm => vmm_rules(),
             ThreadKind::Vcpu => vcpu_rules(),
             ThreadKind::Api => api_rules(),
+            ThreadKind::Proxy => proxy_rules(),
         }
         .map_err(build)?,
     );
@@ -128,8 +134,35 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
 /// Installs the filter for `kind` on the calling thread (only: other
 /// threads install their own). Irreversible.
 pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
-    let program = filter(kind)?;
-    seccompiler::apply_filter(&program).map_err(|source| SeccompError::Install { kind, source })
+    let apply = |program: &BpfProgram| {
+        seccompiler::apply_filter(program).map_err(|source| SeccompError::Install { kind, source })
+    };
+    if kind == ThreadKind::Proxy {
+        apply(&opens_refused(kind)?)?;
+    }
+    apply(&filter(kind)?)
+}
+
+/// A filter stacked on the proxy thread's allow-list: `openat` fails with
+/// EACCES. The kernel runs every filter and takes the strictest answer,
+/// so `openat`, allowed by the list, is refused here, and anything else
+/// is the list's to decide.
+///
+/// glibc's free() opens /proc/sys/vm/overcommit_memory once per process
+/// (`check_may_shrink_heap`), from whichever thread first shrinks a
+/// malloc arena; the proxy frees connection buffers all the time. Failing
+/// the open makes glibc assume no strict overcommit and release pages
+/// with madvise as usual, where a kill would end the VMM process.
+fn opens_refused(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
+    let build = |source| SeccompError::Build { kind, source };
+    let filter = SeccompFilter::new(
+        BTreeMap::from([(libc::SYS_openat, Vec::new())]),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        TargetArch::x86_64,
+    )
+    .map_err(build)?;
+    BpfProgram::try_from(filter).map_err(build)
 }
 
 /// Calls every thread makes.
@@ -297,6 +330,60 @@ fn api_rules() -> Result<Rules, BackendError> {
     ])
 }
 
+/// The proxy thread of an instance's VMM process. Its listeners are bound
+/// and registered before the filter; what it makes afterwards is sockets.
+fn proxy_rules() -> Result<Rules, BackendError> {
+    Ok(vec![
+        // The event loop (event-manager) waits for the listeners, the
+        // connections' sockets, its stop eventfd and accept timer ...
+        allow(libc::SYS_epoll_wait),
+        // ... and follows what each socket waits for: registered when
+        // accepted or connected, modified as buffers fill and drain,
+        // removed before it closes.
+        allow(libc::SYS_epoll_ctl),
+        // The stop eventfd and the accept timer, once they fire.
+        allow(libc::SYS_read),
+        // Clients, accepted non-blocking and close-on-exec ...
+        allow(libc::SYS_accept4),
+        // ... each with a socket of its own to the guest: IPv4 TCP only ...
+        (libc::SYS_socket, vec![arg_equals(0, libc::AF_INET as u64)?]),
+        // ... connected non-blocking ...
+        allow(libc::SYS_connect),
+        // ... whose outcome is SO_ERROR, once the socket turns writable.
+        (
+            libc::SYS_getsockopt,
+            vec![args_equal(&[
+                (1, libc::SOL_SOCKET as u64),
+                (2, libc::SO_ERROR as u64),
+            ])?],
+        ),
+        // TCP_NODELAY on both sockets of a connection, and no other option.
+        (
+            libc::SYS_setsockopt,
+            vec![args_equal(&[
+                (1, libc::IPPROTO_TCP as u64),
+                (2, libc::TCP_NODELAY as u64),
+            ])?],
+        ),
+        // The bytes both ways (std's socket reads and writes are recv and
+        // send) ...
+        allow(libc::SYS_recvfrom),
+        allow(libc::SYS_sendto),
+        // ... and an end of file one way passed on as SHUT_WR the other.
+        allow(libc::SYS_shutdown),
+        // Accepting pauses a moment when an accept fails for want of
+        // descriptors or memory: the accept timer is armed.
+        allow(libc::SYS_timerfd_settime),
+        // glibc's free() opening /proc/sys/vm/overcommit_memory: allowed
+        // here only to be refused with EACCES by the filter stacked on
+        // this one (`opens_refused`), so no file can be opened.
+        allow(libc::SYS_openat),
+        // The thread ends when its handle is dropped (glibc madvises the
+        // stack away, see the common rules).
+        allow(libc::SYS_exit),
+    ])
+}
+
 fn allow(syscall: i64) -> (i64, Vec<SeccompRule>) {
     (syscall, Vec::new())
 }
@@ -304,8 +391,18 @@ fn allow(syscall: i64) -> (i64, Vec<SeccompRule>) {
 /// Matches when argument `index` equals `value` (compared as 32 bits: the
 /// ioctl request numbers and the values used here all fit).
 fn arg_equals(index: u8, value: u64) -> Result<SeccompRule, BackendError> {
-    let condition = SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)?;
-    SeccompRule::new(vec![condition])
+    args_equal(&[(index, value)])
+}
+
+/// Matches when each argument `index` equals its `value` (as 32 bits).
+fn args_equal(args: &[(u8, u64)]) -> Result<SeccompRule, BackendError> {
+    let conditions = args
+        .iter()
+        .map(|&(index, value)| {
+            SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
+        })
+        .collect::<Result<_, _>>()?;
+    SeccompRule::new(conditions)
 }
 
 /// Matches when the `prot` argument at `index` does not ask for PROT_EXEC.
@@ -326,7 +423,12 @@ mod tests {
 
     #[test]
     fn both_filters_compile() {
-        for kind in [ThreadKind::Vmm, ThreadKind::Vcpu, ThreadKind::Api] {
+        for kind in [
+            ThreadKind::Vmm,
+            ThreadKind::Vcpu,
+            ThreadKind::Api,
+            ThreadKind::Proxy,
+        ] {
             let program = filter(kind).unwrap();
             assert!(!program.is_empty(), "{kind} filter is empty");
         }
@@ -351,6 +453,7 @@ mod tests {
             (ThreadKind::Vmm, vmm_rules()),
             (ThreadKind::Vcpu, vcpu_rules()),
             (ThreadKind::Api, api_rules()),
+            (ThreadKind::Proxy, proxy_rules()),
         ] {
             let mut all: Vec<i64> = common_rules()
                 .unwrap()

@@ -1,5 +1,5 @@
-//! Host-side networking: the Kiln bridge and its addresses, and what an
-//! instance's VM needs to join it.
+//! Host-side networking: the Kiln bridge and its addresses, what an
+//! instance's VM needs to join it, and the proxy of published ports.
 //!
 //! An instance on the bridge has a tap (`kt-…`, made by its VM process
 //! and gone with it) on `kiln0`, whose address is the subnet's first and
@@ -11,6 +11,7 @@
 //! is set up to forward for the subnet.
 pub mod address;
 pub mod bridge;
+pub mod proxy;
 
 use std::net::Ipv4Addr;
 
