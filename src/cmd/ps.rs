@@ -16,8 +16,8 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     println!(
-        "{:<18}  {:<16}  {:<20}  {:<10}  {:<10}  {:>8}  {:<15}  REASON",
-        "ID", "NAME", "IMAGE", "TYPE", "STATE", "UPTIME", "ADDRESS"
+        "{:<18}  {:<16}  {:<20}  {:<10}  {:<10}  {:>8}  {:<15}  {:<20}  REASON",
+        "ID", "NAME", "IMAGE", "TYPE", "STATE", "UPTIME", "ADDRESS", "PORTS"
     );
     for instance in Registry::new(&kiln_home()).list()? {
         let r = &instance.record;
@@ -39,8 +39,19 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             (None, Network::Isolated) => "isolated".to_string(),
             (None, _) => "-".to_string(),
         };
+        let ports = if r.spec.ports.is_empty() {
+            "-".to_string()
+        } else {
+            let published: Vec<String> = r
+                .spec
+                .ports
+                .iter()
+                .map(|p| format!("127.0.0.1:{}->{}", p.host, p.guest))
+                .collect();
+            published.join(",")
+        };
         println!(
-            "{:<18}  {:<16}  {:<20}  {:<10}  {:<10}  {:>8}  {:<15}  {}",
+            "{:<18}  {:<16}  {:<20}  {:<10}  {:<10}  {:>8}  {:<15}  {:<20}  {}",
             r.id,
             r.spec.name.as_deref().unwrap_or("-"),
             r.spec.image,
@@ -48,6 +59,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             state,
             uptime,
             address,
+            ports,
             r.reason.as_deref().unwrap_or("")
         );
     }

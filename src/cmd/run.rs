@@ -17,6 +17,7 @@ use kiln_vmm::instance::{
     FileLock, Instance, InstanceError, Network, Registry, Spec, Verb, lifecycle, state,
 };
 use kiln_vmm::network;
+use kiln_vmm::network::proxy::{PortMap, Proxy};
 use kiln_vmm::volume::Volume;
 
 use crate::assets::{Asset, kiln_home};
@@ -82,6 +83,10 @@ pub struct Args {
     /// or `none`. A plain run has no NIC.
     #[arg(long, value_enum, value_name = "MODE")]
     network: Option<NetworkMode>,
+    /// Publish the guest's TCP port GUEST_PORT on the host's 127.0.0.1 as
+    /// HOST_PORT (a bare PORT is both) while the instance runs. Repeatable.
+    #[arg(long = "publish", short = 'p', value_name = "HOST_PORT:GUEST_PORT")]
+    ports: Vec<PortMap>,
     /// Number of vCPUs (instead of a --type).
     #[arg(long)]
     vcpus: Option<u8>,
@@ -177,6 +182,14 @@ fn foreground_instance(name: &str, args: &Args) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(VMM_ERROR_STATUS));
         }
     };
+    // This process is the VMM: it serves the published ports.
+    let _proxy = match supervisor::publish_ports(&instance) {
+        Ok(proxy) => proxy,
+        Err(err) => {
+            instance.mark_stopped(err.to_string())?;
+            return Err(err.into());
+        }
+    };
     instance.mark_running(false)?;
     let kiln = std::env::current_exe().context("cannot find the kiln binary")?;
     let mut vm = Command::new(kiln);
@@ -260,6 +273,7 @@ fn new_spec(args: &Args, image: &str, cmdline: String) -> anyhow::Result<Spec> {
         cmdline,
         network,
         private_ip: None,
+        ports: args.ports.clone(),
     })
 }
 
@@ -268,7 +282,11 @@ fn new_spec(args: &Args, image: &str, cmdline: String) -> anyhow::Result<Spec> {
 fn preflight(spec: &Spec) -> anyhow::Result<()> {
     if spec.network == Network::Bridge {
         network::prepare_bridge()?;
+    } else if !spec.ports.is_empty() {
+        bail!("-p publishes a port of the guest's address: it needs --network bridge");
     }
+    // Bound and let go: the instance's VMM binds them for good.
+    drop(Proxy::bind(&spec.ports)?);
     Ok(())
 }
 
@@ -323,9 +341,10 @@ fn vm_config(args: &Args) -> anyhow::Result<VmConfig> {
     } else if let Some(image) = &args.image {
         disks.push(ephemeral_root(&store, image, args)?);
     }
-    if args.network == Some(NetworkMode::Bridge) && args.instance.is_none() {
+    let networked = args.network == Some(NetworkMode::Bridge) || !args.ports.is_empty();
+    if networked && args.instance.is_none() {
         bail!(
-            "--network bridge is for instances (--detach or --name): an address belongs to an instance in the registry"
+            "--network bridge and -p are for instances (--detach or --name): an address belongs to an instance in the registry"
         );
     }
     for spec in &args.disks {

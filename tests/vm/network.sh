@@ -1,8 +1,9 @@
 # Networking: instances on the kiln0 bridge get their own addresses; the
 # host reaches the web image's page by address and through a published
 # port (-p); two instances reach each other; ps shows addresses and ports;
-# a port in use is refused with nothing left behind; --network none has no
-# NIC; a killed VMM leaves no tap; terminate frees the address.
+# a port in use or no CAP_NET_ADMIN is refused with nothing left behind;
+# --network none has no NIC; a killed VMM leaves no tap; terminate frees
+# the address.
 . "$(dirname "$0")/lib.sh"
 
 # wait_log NAME PATTERN CHECK: NAME's console shows PATTERN within 300 s.
@@ -15,14 +16,21 @@ wait_log() {
     expect_contains "$3" "$WORK/$1.txt" "$2"
 }
 
-# fetch URL FILE: GETs URL into FILE, retrying while the guest boots (300 s).
-# URLs name their port: busybox's static wget looks a missing one up in
-# the services database through NSS, which it cannot load, and crashes.
-fetch() {
+# get ADDRESS PORT FILE: an HTTP GET of / into FILE, retrying while the
+# guest boots (300 s). With busybox nc: busybox's static wget crashes in
+# the L1, which has no /etc.
+get() {
     waited=0
-    while ! wget -q -T 10 -O "$2" "$1" 2>/dev/null && [ "$waited" -lt 300 ]; do
+    while [ "$waited" -lt 300 ]; do
+        printf 'GET / HTTP/1.0\r\nHost: %s\r\n\r\n' "$1" | nc -w 10 "$1" "$2" > "$3" 2>&1
+        grep -q "200 OK" "$3" && return
         sleep 2; waited=$((waited + 2))
     done
+}
+
+# refused ADDRESS PORT FILE: connecting fails; nc's complaint into FILE.
+refused() {
+    nc -w 5 "$1" "$2" < /dev/null > "$3" 2>&1
 }
 
 # field ID NAME: a string field of an instance's record ("null" when unset).
@@ -40,12 +48,12 @@ check bridge-has-the-gateway sh -c "ip -4 addr show kiln0 | grep -q 'inet 10.89.
 tap="kt-$(echo "$web" | cut -c3-14)"
 check tap-is-on-the-bridge [ -e "/sys/class/net/kiln0/brif/$tap" ]
 
-fetch "http://$address:80/" "$WORK/by-address.html"
+get "$address" 80 "$WORK/by-address.html"
 expect_contains page-by-address "$WORK/by-address.html" "Hello from a Kiln microVM"
 wait_log web1 "eth0 is 10.89.0.2/24, default route via 10.89.0.1" guest-configured-eth0
-fetch "http://127.0.0.1:8080/" "$WORK/published.html"
+get 127.0.0.1 8080 "$WORK/published.html"
 expect_contains page-through-the-published-port "$WORK/published.html" "Hello from a Kiln microVM"
-wget -T 5 -O /dev/null http://10.89.0.1:8080/ > "$WORK/not-published.txt" 2>&1
+refused 10.89.0.1 8080 "$WORK/not-published.txt"
 expect_contains published-on-loopback-only "$WORK/not-published.txt" "refused"
 
 # A second instance fetches the page from the first, by its address.
@@ -62,6 +70,14 @@ expect_contains port-in-use-says-which "$WORK/taken.txt" "port 8080 on 127.0.0.1
 "$KILN" ps -a > "$WORK/ps.txt" 2>&1
 check port-in-use-leaves-no-instance sh -c "! grep -q ' web2 ' '$WORK/ps.txt'"
 
+# Without CAP_NET_ADMIN (in a user namespace of its own): refused, saying
+# why, before any instance exists.
+unshare -U "$KILN" run web:1.0.0 --detach --name noperm > "$WORK/noperm.txt" 2>&1
+expect_eq no-cap-net-admin-refused 1 "$?"
+expect_contains no-cap-net-admin-says-why "$WORK/noperm.txt" "needs CAP_NET_ADMIN"
+"$KILN" ps -a > "$WORK/ps.txt" 2>&1
+check no-cap-net-admin-leaves-no-instance sh -c "! grep -q ' noperm ' '$WORK/ps.txt'"
+
 # No NIC at all.
 "$KILN" run vm-test:1.0.0 --detach --name nonet --network none \
     --cmdline 'kiln.entrypoint=/tests/interfaces.sh' > "$WORK/nonet.id" 2>&1
@@ -74,11 +90,11 @@ kill -9 "$(field "$web" vmm_pid)"
 waited=0
 while [ -e "/sys/class/net/$tap" ] && [ "$waited" -lt 30 ]; do sleep 1; waited=$((waited + 1)); done
 check killed-vmm-leaves-no-tap [ ! -e "/sys/class/net/$tap" ]
-wget -T 5 -O /dev/null http://127.0.0.1:8080/ > "$WORK/closed.txt" 2>&1
+refused 127.0.0.1 8080 "$WORK/closed.txt"
 expect_contains published-port-closed-with-the-vmm "$WORK/closed.txt" "refused"
 check restart-after-crash "$KILN" start web1
 expect_eq address-kept-across-stop-start "$address" "$(field "$web" address)"
-fetch "http://127.0.0.1:8080/" "$WORK/restarted.html"
+get 127.0.0.1 8080 "$WORK/restarted.html"
 expect_contains page-after-restart "$WORK/restarted.html" "Hello from a Kiln microVM"
 
 # Terminated, the address is free again.

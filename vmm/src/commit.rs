@@ -190,6 +190,7 @@ mod tests {
             cmdline: String::new(),
             network: Network::None,
             private_ip: None,
+            ports: Vec::new(),
         };
         let (mut instance, vmm) = Registry::new(home).create(spec, None).unwrap();
         let image = store.find(BASE).unwrap().image_path;

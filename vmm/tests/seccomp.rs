@@ -793,6 +793,7 @@ fn api_thread_survives_serving_requests_that_update_the_record() {
                     cmdline: String::new(),
                     network: Network::Bridge,
                     private_ip: None,
+                    ports: Vec::new(),
                 },
                 None,
             )

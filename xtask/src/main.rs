@@ -52,6 +52,12 @@ enum Bench {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// HTTP latency and throughput of the web image on Kiln against QEMU, both over a tap.
+    Net {
+        /// Rounds of 10 short requests and one 16 MiB download per target.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
 }
 
 /// What `bench-guest` measures.
@@ -61,6 +67,7 @@ enum GuestBench {
     Disk,
     Snapshot,
     Fn,
+    Net,
 }
 
 #[derive(Subcommand)]
@@ -114,6 +121,9 @@ fn main() -> ExitCode {
         Task::Bench {
             bench: Bench::Fn { runs },
         } => bench::function(runs),
+        Task::Bench {
+            bench: Bench::Net { runs },
+        } => bench::net(runs),
         Task::BenchGuest {
             kind: GuestBench::Boot,
             runs,
@@ -130,6 +140,10 @@ fn main() -> ExitCode {
             kind: GuestBench::Fn,
             runs,
         } => bench::function_guest(runs),
+        Task::BenchGuest {
+            kind: GuestBench::Net,
+            runs,
+        } => bench::net_guest(runs),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

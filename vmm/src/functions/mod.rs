@@ -182,6 +182,7 @@ impl Functions {
             // template's guest, which could hold only one address.
             network: Network::None,
             private_ip: None,
+            ports: Vec::new(),
         };
         fs::create_dir_all(&self.root).map_err(io_err(&self.root))?;
         let staging = tempfile::Builder::new()

@@ -42,6 +42,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::network::address::{AddressError, Subnet};
+use crate::network::proxy::PortMap;
 use crate::{durable, flock};
 pub use state::{Refused, State, Verb};
 
@@ -109,6 +110,9 @@ pub struct Spec {
     /// knows its own); any free one when `None`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub private_ip: Option<Ipv4Addr>,
+    /// Guest TCP ports published on the host's 127.0.0.1 while it runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortMap>,
 }
 
 /// An instance's network.

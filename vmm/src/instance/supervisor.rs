@@ -24,6 +24,7 @@ use super::{FileLock, Instance, InstanceError, State, Verb, state::transition};
 use crate::api::{self, ActionBody, Request, Response};
 use crate::control::{self, AfterSnapshot, ControlClient, ControlReply, ControlRequest};
 use crate::devices::lock;
+use crate::network::proxy::{Proxy, ProxyError, ProxyHandle};
 use crate::seccomp::{self, ThreadKind};
 
 /// How long the API waits for the VM process to pause or resume.
@@ -75,6 +76,8 @@ pub enum SupervisorError {
     Io { what: String, source: io::Error },
     #[error(transparent)]
     Control(#[from] control::ControlError),
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> SupervisorError {
@@ -105,6 +108,15 @@ pub fn run(
             wanted: Wanted::Nothing,
         }),
     });
+    // Published ports serve for the whole life of this VMM process,
+    // across reboots; a port that cannot be bound stops the instance.
+    let _proxy = match publish_ports(&lock(&shared.instance)) {
+        Ok(proxy) => proxy,
+        Err(err) => {
+            lock(&shared.instance).mark_stopped(err.to_string())?;
+            return Err(err);
+        }
+    };
     let hibernation = lock(&shared.instance).hibernation();
     let mut first = hibernation
         .map(|dir| (dir, true))
@@ -167,6 +179,37 @@ pub fn run(
     };
     lock(&shared.instance).mark_stopped(reason)?;
     let _ = fs::remove_file(&socket);
+    Ok(())
+}
+
+/// Starts the proxy of the instance's published ports, to its address
+/// on the bridge, under the proxy thread's seccomp filter; `None` when it
+/// publishes none. The VMM process may then hold two descriptors per
+/// proxied connection: its soft descriptor limit goes up to the hard one.
+pub fn publish_ports(instance: &Instance) -> Result<Option<ProxyHandle>, SupervisorError> {
+    let record = &instance.record;
+    let (Some(address), false) = (record.address, record.spec.ports.is_empty()) else {
+        return Ok(None);
+    };
+    raise_descriptor_limit().map_err(io_err("cannot raise the descriptor limit"))?;
+    let proxy = Proxy::bind(&record.spec.ports)?;
+    Ok(Some(proxy.spawn(address, true)?))
+}
+
+fn raise_descriptor_limit() -> io::Result<()> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct passed by reference.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: setrlimit only reads the struct passed by reference.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
     Ok(())
 }
 

@@ -10,6 +10,7 @@ fn spec(name: Option<&str>) -> Spec {
         cmdline: String::new(),
         network: Network::None,
         private_ip: None,
+        ports: Vec::new(),
     }
 }
 

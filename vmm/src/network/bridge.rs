@@ -24,6 +24,14 @@ pub enum BridgeError {
         "cannot set up the bridge {bridge}: permission denied: networking needs CAP_NET_ADMIN (run as root, or use --network none)"
     )]
     Permission { bridge: String },
+    #[error(
+        "bridge {bridge} has the address {has}, not {gateway}: every kiln on a host must use one subnet (see $KILN_SUBNET)"
+    )]
+    OtherAddress {
+        bridge: String,
+        has: Ipv4Addr,
+        gateway: Ipv4Addr,
+    },
     #[error("cannot {what} {interface}: {source}")]
     Ioctl {
         what: &'static str,
@@ -153,16 +161,35 @@ pub fn ensure(name: &str, gateway: Ipv4Addr, prefix: u8) -> Result<(), BridgeErr
             });
         }
     }
-    if netdev.ipv4(name, libc::SIOCGIFADDR).ok() != Some(gateway) {
-        netdev
-            .set_ipv4(name, libc::SIOCSIFADDR, gateway)
-            .map_err(failed("set the gateway address of", name))?;
-        let mask = Ipv4Addr::from(u32::MAX << (32 - u32::from(prefix)));
-        netdev
-            .set_ipv4(name, libc::SIOCSIFNETMASK, mask)
-            .map_err(failed("set the netmask of", name))?;
+    match netdev.ipv4(name, libc::SIOCGIFADDR) {
+        Ok(has) if has == gateway => {}
+        // Readdressing it would cut off the instances on it.
+        Ok(has) => {
+            return Err(BridgeError::OtherAddress {
+                bridge: name.to_string(),
+                has,
+                gateway,
+            });
+        }
+        Err(_) => set_gateway(&netdev, name, gateway, prefix)?,
     }
     netdev.set_up(name).map_err(failed("bring up", name))
+}
+
+/// Gives the bridge `name` its address: the gateway, in a /`prefix`.
+fn set_gateway(
+    netdev: &Netdev,
+    name: &str,
+    gateway: Ipv4Addr,
+    prefix: u8,
+) -> Result<(), BridgeError> {
+    netdev
+        .set_ipv4(name, libc::SIOCSIFADDR, gateway)
+        .map_err(failed("set the gateway address of", name))?;
+    let mask = Ipv4Addr::from(u32::MAX << (32 - u32::from(prefix)));
+    netdev
+        .set_ipv4(name, libc::SIOCSIFNETMASK, mask)
+        .map_err(failed("set the netmask of", name))
 }
 
 /// Brings the interface `name` up.
@@ -210,6 +237,9 @@ mod tests {
         ensure(bridge, gateway, 24).unwrap();
         // Again: nothing changes, nothing fails.
         ensure(bridge, gateway, 24).unwrap();
+        // Another subnet's gateway would readdress it: refused.
+        let other = ensure(bridge, Ipv4Addr::new(10, 251, 0, 1), 24).unwrap_err();
+        assert!(matches!(other, BridgeError::OtherAddress { .. }), "{other}");
         let netdev = Netdev::open().unwrap();
         assert_eq!(netdev.ipv4(bridge, libc::SIOCGIFADDR).unwrap(), gateway);
         assert_eq!(

@@ -137,7 +137,7 @@ pub fn guest(runs: usize) -> Result<()> {
 }
 
 /// QEMU's microvm machine with the settings of the qemu-boot scenario.
-fn qemu_command(qemu: &str, kernel: &str, image: &Path, extra: &str) -> Command {
+pub(super) fn qemu_command(qemu: &str, kernel: &str, image: &Path, extra: &str) -> Command {
     let mut cmd = Command::new(qemu);
     cmd.args([
         "-M",

@@ -14,6 +14,9 @@
 //! - `cargo xtask bench fn` ([`function`]): latency of `kiln fn invoke` (a
 //!   clone of the function's template) against the same handler run by a
 //!   cold `kiln run`, clones per second, and the memory of an idle clone.
+//! - `cargo xtask bench net` ([`net`]): HTTP latency and download
+//!   throughput of the web image on Kiln's virtio-net against QEMU's, both
+//!   over a tap on kiln0.
 //!
 //! The VM benchmarks run their guest side (`bench-guest`) where KVM is: on
 //! a host without hardware KVM, inside the nested harness, where only
@@ -35,12 +38,14 @@ mod boot;
 mod build;
 mod disk;
 mod function;
+mod net;
 mod snapshot;
 
 pub use boot::{boot, guest as boot_guest};
 pub use build::build;
 pub use disk::{disk, guest as disk_guest};
 pub use function::{function, guest as function_guest};
+pub use net::{guest as net_guest, net};
 pub use snapshot::{guest as snapshot_guest, snapshot};
 
 /// The guest side prints its report as one line after this.

@@ -88,6 +88,7 @@ const RECIPES: &[(&str, &str)] = &[
     ("web", "recipes/web"),
     ("vm-test", "tests/vm/image"),
     ("disk-bench", "tests/vm/bench-disk"),
+    ("web-bench", "tests/vm/bench-net"),
 ];
 
 /// Builds the recipes with `kiln build` into the store of `kiln_home`
