@@ -137,20 +137,21 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
     let apply = |program: &BpfProgram| {
         seccompiler::apply_filter(program).map_err(|source| SeccompError::Install { kind, source })
     };
-    if kind == ThreadKind::Proxy {
+    if matches!(kind, ThreadKind::Proxy | ThreadKind::Vcpu) {
         apply(&opens_refused(kind)?)?;
     }
     apply(&filter(kind)?)
 }
 
-/// A filter stacked on the proxy thread's allow-list: `openat` fails with
-/// EACCES. The kernel runs every filter and takes the strictest answer,
+/// A filter stacked on the allow-list of the threads that open no files
+/// (proxy, vCPU): `openat` fails with EACCES. The kernel runs every filter and takes the strictest answer,
 /// so `openat`, allowed by the list, is refused here, and anything else
 /// is the list's to decide.
 ///
 /// glibc's free() opens /proc/sys/vm/overcommit_memory once per process
 /// (`check_may_shrink_heap`), from whichever thread first shrinks a
-/// malloc arena; the proxy frees connection buffers all the time. Failing
+/// malloc arena; the proxy frees connection buffers all the time, and a
+/// vCPU thread frees what a snapshot's state read allocated. Failing
 /// the open makes glibc assume no strict overcommit and release pages
 /// with madvise as usual, where a kill would end the VMM process.
 fn opens_refused(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
@@ -289,6 +290,10 @@ fn vcpu_rules() -> Result<Rules, BackendError> {
         // Returning from the handler of the signal that kicks the vCPU out
         // of KVM_RUN.
         allow(libc::SYS_rt_sigreturn),
+        // glibc's free() opening /proc/sys/vm/overcommit_memory: allowed
+        // here only to be refused with EACCES by the filter stacked on
+        // this one (`opens_refused`), so no file can be opened.
+        allow(libc::SYS_openat),
         // Thread teardown: glibc madvises the dead stack away (see the
         // common rules), then the thread makes its last call.
         allow(libc::SYS_exit),

@@ -946,14 +946,16 @@ fn proxy_thread_dies_on_a_socket_other_than_ipv4() {
 }
 
 #[test]
-fn proxy_thread_gets_eacces_from_any_open() {
-    let Some(output) = in_child_or_run("proxy_thread_gets_eacces_from_any_open") else {
-        on_filtered_thread(ThreadKind::Proxy, || {
-            // What glibc's free() opens when it first shrinks an arena.
-            let err = File::open("/proc/sys/vm/overcommit_memory").unwrap_err();
-            assert_eq!(err.raw_os_error(), Some(libc::EACCES));
-            say_survived();
-        });
+fn proxy_and_vcpu_threads_get_eacces_from_any_open() {
+    let Some(output) = in_child_or_run("proxy_and_vcpu_threads_get_eacces_from_any_open") else {
+        for kind in [ThreadKind::Proxy, ThreadKind::Vcpu] {
+            on_filtered_thread(kind, || {
+                // What glibc's free() opens when it first shrinks an arena.
+                let err = File::open("/proc/sys/vm/overcommit_memory").unwrap_err();
+                assert_eq!(err.raw_os_error(), Some(libc::EACCES));
+            });
+        }
+        say_survived();
         return;
     };
     assert_survived(&output);
