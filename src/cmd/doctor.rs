@@ -4,6 +4,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use kiln_vmm::host;
+use kiln_vmm::network::{self, address::BRIDGE};
 
 use crate::assets::Asset;
 
@@ -31,6 +32,11 @@ pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
                 );
             }
         }
+    }
+    // Instances can do without (`--network none`): not a readiness matter.
+    match network::unavailable() {
+        None => println!("networking: instances can have NICs on {BRIDGE}"),
+        Some(why) => println!("networking: unavailable: {why}; use --network none"),
     }
     if ready {
         println!("ready: Kiln can boot VMs on this host");

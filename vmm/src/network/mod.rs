@@ -23,6 +23,33 @@ use crate::devices::virtio::net::NetConfig;
 /// Where the host's resolvers are listed.
 const RESOLV_CONF: &str = "/etc/resolv.conf";
 
+/// The tun clone device taps are made from.
+const TUN_DEVICE: &str = "/dev/net/tun";
+/// capability(7): the bit of CAP_NET_ADMIN in the capability sets.
+const CAP_NET_ADMIN: u32 = 12;
+
+/// Why instances on the bridge cannot be had here, for `kiln doctor`
+/// (which changes nothing: the bridge is made by the first launch).
+pub fn unavailable() -> Option<String> {
+    if !std::path::Path::new(TUN_DEVICE).exists() {
+        return Some(format!("no {TUN_DEVICE} (load the tun module)"));
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    if !has_net_admin(&status) {
+        return Some("this process lacks CAP_NET_ADMIN (run as root)".into());
+    }
+    None
+}
+
+/// Whether /proc/self/status's effective set holds CAP_NET_ADMIN.
+fn has_net_admin(status: &str) -> bool {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_NET_ADMIN) != 0)
+}
+
 /// Why an instance's NIC cannot be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
@@ -88,6 +115,14 @@ fn guest_words(subnet: Subnet, address: Ipv4Addr, mac: [u8; 6], resolv_conf: &st
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cap_net_admin_is_read_from_the_effective_set() {
+        assert!(has_net_admin("Name:\tkiln\nCapEff:\t000001ffffffffff\n"));
+        assert!(has_net_admin("CapEff:\t0000000000001000\n"));
+        assert!(!has_net_admin("CapEff:\t0000000000000400\n"));
+        assert!(!has_net_admin("Name:\tkiln\n"));
+    }
 
     #[test]
     fn the_guest_learns_its_address_gateway_and_resolvers() {
