@@ -23,3 +23,14 @@ expect_contains() {
     if grep -q -- "$3" "$2" 2>/dev/null; then pass "$1"
     else fail "$1" "'$3' not in $2 (ends: $(tail -c 300 "$2" 2>/dev/null | tr '\n' '|'))"; fi
 }
+
+# wait_console NAME PATTERN CHECK: instance NAME's console shows PATTERN
+# within 300 s; the console is left in $WORK/NAME.txt.
+wait_console() {
+    waited=0
+    while ! "$KILN" logs "$1" 2>/dev/null | grep -q -- "$2" && [ "$waited" -lt 300 ]; do
+        sleep 1; waited=$((waited + 1))
+    done
+    "$KILN" logs "$1" > "$WORK/$1.txt" 2>&1
+    expect_contains "$3" "$WORK/$1.txt" "$2"
+}

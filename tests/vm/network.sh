@@ -6,16 +6,6 @@
 # the address.
 . "$(dirname "$0")/lib.sh"
 
-# wait_log NAME PATTERN CHECK: NAME's console shows PATTERN within 300 s.
-wait_log() {
-    waited=0
-    while ! "$KILN" logs "$1" 2>/dev/null | grep -q -- "$2" && [ "$waited" -lt 300 ]; do
-        sleep 1; waited=$((waited + 1))
-    done
-    "$KILN" logs "$1" > "$WORK/$1.txt" 2>&1
-    expect_contains "$3" "$WORK/$1.txt" "$2"
-}
-
 # get ADDRESS PORT FILE: an HTTP GET of / into FILE, retrying while the
 # guest boots (300 s). With busybox nc: busybox's static wget crashes in
 # the L1, which has no /etc.
@@ -50,7 +40,7 @@ check tap-is-on-the-bridge [ -e "/sys/class/net/kiln0/brif/$tap" ]
 
 get "$address" 80 "$WORK/by-address.html"
 expect_contains page-by-address "$WORK/by-address.html" "Hello from a Kiln microVM"
-wait_log web1 "eth0 is 10.89.0.2/24, default route via 10.89.0.1" guest-configured-eth0
+wait_console web1 "eth0 is 10.89.0.2/24, default route via 10.89.0.1" guest-configured-eth0
 get 127.0.0.1 8080 "$WORK/published.html"
 expect_contains page-through-the-published-port "$WORK/published.html" "Hello from a Kiln microVM"
 refused 10.89.0.1 8080 "$WORK/not-published.txt"
@@ -61,7 +51,7 @@ peer=$("$KILN" run vm-test:1.0.0 --detach --name peer \
     --cmdline "kiln.entrypoint=/tests/fetch.sh kiln.env=PEER=$address" 2> "$WORK/peer.err")
 expect_eq peer-launched 0 "$?"
 expect_eq second-address 10.89.0.3 "$(field "$peer" address)"
-wait_log peer "fetched from $address .*Hello from a Kiln microVM" instances-reach-each-other
+wait_console peer "fetched from $address .*Hello from a Kiln microVM" instances-reach-each-other
 
 # The published port is taken: refused by name, and no instance appears.
 "$KILN" run web:1.0.0 --detach --name web2 -p 8080:80 > "$WORK/taken.txt" 2>&1
@@ -81,7 +71,7 @@ check no-cap-net-admin-leaves-no-instance sh -c "! grep -q ' noperm ' '$WORK/ps.
 # No NIC at all.
 "$KILN" run vm-test:1.0.0 --detach --name nonet --network none \
     --cmdline 'kiln.entrypoint=/tests/interfaces.sh' > "$WORK/nonet.id" 2>&1
-wait_log nonet "^interfaces: lo " network-none-lists-lo
+wait_console nonet "^interfaces: lo " network-none-lists-lo
 check network-none-has-no-eth0 sh -c "! grep '^interfaces:' '$WORK/nonet.txt' | grep -q eth0"
 expect_contains network-none-has-no-address "$WORK/nonet.txt" "local-ipv4: none"
 
@@ -103,6 +93,6 @@ expect_eq terminate-clears-the-address null "$(field "$web" address)"
 again=$("$KILN" run vm-test:1.0.0 --detach --name again \
     --cmdline 'kiln.entrypoint=/tests/interfaces.sh' 2> "$WORK/again.err")
 expect_eq terminated-address-reused "$address" "$(field "$again" address)"
-wait_log again "local-ipv4: $address" guest-knows-its-address
+wait_console again "local-ipv4: $address" guest-knows-its-address
 
 for name in peer nonet again; do "$KILN" terminate "$name" > /dev/null 2>&1; done

@@ -5,16 +5,6 @@
 # it → a damaged snapshot is refused and starts nothing.
 . "$(dirname "$0")/lib.sh"
 
-# wait_log NAME PATTERN CHECK: instance NAME's console shows PATTERN within 300 s.
-wait_log() {
-    waited=0
-    while ! "$KILN" logs "$1" 2>/dev/null | grep -q -- "$2" && [ "$waited" -lt 300 ]; do
-        sleep 1; waited=$((waited + 1))
-    done
-    "$KILN" logs "$1" > "$WORK/$1.txt" 2>&1
-    expect_contains "$3" "$WORK/$1.txt" "$2"
-}
-
 # last_count NAME: the highest count instance NAME's console shows.
 last_count() {
     "$KILN" logs "$1" 2>/dev/null | sed -n 's/^count \([0-9]*\) .*/\1/p' | tail -n 1
@@ -28,7 +18,7 @@ last_uptime() {
 "$KILN" run vm-test:1.0.0 --detach --name snap --cmdline 'kiln.entrypoint=/tests/counter.sh' \
     > "$WORK/launch.txt" 2> "$WORK/launch.err"
 expect_eq launch-exit-status 0 "$?"
-wait_log snap "^count 3 " counts-before-the-snapshot
+wait_console snap "^count 3 " counts-before-the-snapshot
 
 "$KILN" snapshot create snap "$WORK/snap1" > "$WORK/create.txt" 2>&1
 expect_eq snapshot-create-exit-status 0 "$?"
@@ -38,7 +28,7 @@ used_kib=$(du -k "$WORK/snap1/memory" | cut -f1)
 check memory-file-is-sparse [ "$used_kib" -lt 100000 ]
 echo "KILN-INFO snapshot memory file: $used_kib KiB on disk; $(cat "$WORK/create.txt")"
 before=$(last_count snap)
-wait_log snap "^count $((before + 2)) " keeps-running-after-the-snapshot
+wait_console snap "^count $((before + 2)) " keeps-running-after-the-snapshot
 
 # Paused inside the VMM, the guest does not run: its counter stands still.
 check pause "$KILN" pause snap
@@ -46,7 +36,7 @@ paused_at=$(last_count snap)
 sleep 3
 expect_eq paused-guest-stands-still "$paused_at" "$(last_count snap)"
 check resume "$KILN" resume snap
-wait_log snap "^count $((paused_at + 2)) " resumed-guest-counts-on
+wait_console snap "^count $((paused_at + 2)) " resumed-guest-counts-on
 
 "$KILN" stop --hibernate snap > "$WORK/hibernate.txt" 2>&1
 expect_eq hibernate-exit-status 0 "$?"
@@ -56,7 +46,7 @@ expect_contains ps-shows-hibernated "$WORK/ps.txt" "snap .*hibernated"
 count=$(last_count snap)
 uptime=$(last_uptime snap)
 check start-resumes "$KILN" start snap
-wait_log snap "^count $((count + 1)) " counter-goes-on-after-resume
+wait_console snap "^count $((count + 1)) " counter-goes-on-after-resume
 expect_eq counter-not-restarted 1 "$(grep -c '^count 1 ' "$WORK/snap.txt")"
 check uptime-goes-on [ "$(last_uptime snap)" -ge "$uptime" ]
 check hibernation-consumed [ ! -d "$KILN_HOME/instances/$(head -n 1 "$WORK/launch.txt")/hibernate" ]
@@ -72,8 +62,8 @@ check held-address-starts-nothing sh -c "! grep -q ' r0 ' '$WORK/ps.txt'"
 # from where it was taken.
 check restore-first "$KILN" snapshot restore "$WORK/snap1" --name r1 --network none
 check restore-second "$KILN" snapshot restore "$WORK/snap1" --name r2 --network none
-wait_log r1 "^count $((before + 1)) .*marker written before the snapshot" first-restore-runs-with-the-file
-wait_log r2 "^count $((before + 1)) .*marker written before the snapshot" second-restore-runs-with-the-file
+wait_console r1 "^count $((before + 1)) .*marker written before the snapshot" first-restore-runs-with-the-file
+wait_console r2 "^count $((before + 1)) .*marker written before the snapshot" second-restore-runs-with-the-file
 expect_eq first-restore-did-not-boot 0 "$(grep -c '^count 1 ' "$WORK/r1.txt")"
 "$KILN" ps > "$WORK/ps.txt" 2>&1
 expect_contains both-restores-running "$WORK/ps.txt" "r2 .*running"

@@ -29,6 +29,35 @@ pub enum ActivateError {
     QueueCount { expected: usize, found: usize },
 }
 
+/// The queues the transport hands a device with exactly `N` of them.
+pub fn fixed_queues<const N: usize>(queues: Vec<Queue>) -> Result<[Queue; N], ActivateError> {
+    <[Queue; N]>::try_from(queues).map_err(|queues| ActivateError::QueueCount {
+        expected: N,
+        found: queues.len(),
+    })
+}
+
+/// Reads `data.len()` bytes of the configuration space `config` at
+/// `offset`; bytes past the fields the device defines read as zero.
+pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let start = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(config.len());
+    let available = &config[start..];
+    let len = available.len().min(data.len());
+    data[..len].copy_from_slice(&available[..len]);
+}
+
+/// What a device whose configuration space is read-only does with a
+/// driver's write to it: says so, and ignores it.
+pub fn ignore_config_write(device: &str, offset: u64, data: &[u8]) {
+    eprintln!(
+        "kiln: {device}: ignoring a {}-byte write to read-only config offset {offset:#x}",
+        data.len()
+    );
+}
+
 /// A virtio device, independent of the transport that exposes it.
 pub trait VirtioDevice: Send {
     /// The device ID (virtio 1.2 §5 "Device Types"), e.g. 2 for block.

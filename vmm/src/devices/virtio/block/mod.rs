@@ -31,7 +31,10 @@ use virtio_queue::{DescriptorChain, Queue, QueueState, QueueT};
 use vm_memory::Bytes;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::{ActivateError, GuestMemoryMmap, Interrupt, VirtioDevice};
+use super::{
+    ActivateError, GuestMemoryMmap, Interrupt, VirtioDevice, fixed_queues, ignore_config_write,
+    read_config_space,
+};
 use crate::durable;
 use crate::volume::{self, Volume, VolumeError};
 use backend::{Backend, TransferError};
@@ -546,23 +549,13 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // Bytes past the fields this device defines read as zero.
-        data.fill(0);
-        let start = usize::try_from(offset)
-            .unwrap_or(usize::MAX)
-            .min(CONFIG_SIZE);
-        let available = &self.config[start..];
-        let len = available.len().min(data.len());
-        data[..len].copy_from_slice(&available[..len]);
+        read_config_space(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // Only `writeback` is writable, and only with VIRTIO_BLK_F_CONFIG_WCE,
         // which this device does not offer.
-        eprintln!(
-            "kiln: virtio-blk: ignoring a {}-byte write to read-only config offset {offset:#x}",
-            data.len()
-        );
+        ignore_config_write("virtio-blk", offset, data);
     }
 
     fn activate(
@@ -574,11 +567,7 @@ impl VirtioDevice for Block {
     ) -> Result<(), ActivateError> {
         // No offered feature changes how requests are served: FLUSH and
         // SEG_MAX are honoured whether or not the driver uses them.
-        let [queue] =
-            <[Queue; 1]>::try_from(queues).map_err(|queues| ActivateError::QueueCount {
-                expected: 1,
-                found: queues.len(),
-            })?;
+        let [queue] = fixed_queues(queues)?;
         self.active = Some(Active {
             mem,
             queue,

@@ -37,7 +37,10 @@ use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
 use vm_memory::Bytes;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::{ActivateError, GuestMemoryMmap, Interrupt, VirtioDevice};
+use super::{
+    ActivateError, GuestMemoryMmap, Interrupt, VirtioDevice, fixed_queues, ignore_config_write,
+    read_config_space,
+};
 use tap::{Tap, TapError};
 
 /// Size of each queue.
@@ -385,20 +388,13 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = &self.mac[..CONFIG_LEN];
-        let start = (offset as usize).min(config.len());
-        let end = start.saturating_add(data.len()).min(config.len());
-        data.fill(0);
-        data[..end - start].copy_from_slice(&config[start..end]);
+        read_config_space(&self.mac[..CONFIG_LEN], offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // The MAC is writable only with VIRTIO_NET_F_CTRL_MAC_ADDR's
         // legacy path, which is not offered (§5.1.4.2).
-        warn(format_args!(
-            "ignoring a {}-byte write to read-only config offset {offset:#x}",
-            data.len()
-        ));
+        ignore_config_write("virtio-net", offset, data);
     }
 
     fn activate(
@@ -408,11 +404,7 @@ impl VirtioDevice for Net {
         queues: Vec<Queue>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
-        let queues =
-            <[Queue; 2]>::try_from(queues).map_err(|queues| ActivateError::QueueCount {
-                expected: 2,
-                found: queues.len(),
-            })?;
+        let queues = fixed_queues(queues)?;
         self.active = Some(Active {
             mem,
             queues,

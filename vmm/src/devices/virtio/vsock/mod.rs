@@ -56,7 +56,10 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::{ActivateError, GuestMemoryMmap, Interrupt, VirtioDevice};
+use super::{
+    ActivateError, GuestMemoryMmap, Interrupt, VirtioDevice, fixed_queues, ignore_config_write,
+    read_config_space,
+};
 use connection::{Connection, Verdict};
 use packet::{
     HEADER_SIZE, Header, MAX_PAYLOAD, VIRTIO_VSOCK_EVENT_SIZE, VIRTIO_VSOCK_EVENT_TRANSPORT_RESET,
@@ -633,21 +636,12 @@ impl VirtioDevice for Vsock {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // `struct virtio_vsock_config { le64 guest_cid; }` (§5.10.4);
         // bytes past it read as zero.
-        let config = self.cid.to_le_bytes();
-        data.fill(0);
-        let start = usize::try_from(offset)
-            .unwrap_or(usize::MAX)
-            .min(config.len());
-        let len = (config.len() - start).min(data.len());
-        data[..len].copy_from_slice(&config[start..start + len]);
+        read_config_space(&self.cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // §5.10.4: the configuration space is read-only.
-        warn(format_args!(
-            "ignoring a {}-byte write to read-only config offset {offset:#x}",
-            data.len()
-        ));
+        ignore_config_write("virtio-vsock", offset, data);
     }
 
     fn activate(
@@ -657,11 +651,7 @@ impl VirtioDevice for Vsock {
         queues: Vec<Queue>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
-        let queues =
-            <[Queue; 3]>::try_from(queues).map_err(|queues| ActivateError::QueueCount {
-                expected: 3,
-                found: queues.len(),
-            })?;
+        let queues = fixed_queues(queues)?;
         self.active = Some(Active {
             mem,
             queues,
