@@ -12,8 +12,10 @@ field() {
     sed -n "s/.*\"$2\": \"\([^\"]*\)\".*/\1/p" "$1" | head -n 1
 }
 
+# A 60 s timeout: four clones at once share the nested L1's one emulated
+# CPU, and each handler's Python start-up then takes ~30 s.
 "$KILN" fn create echo --image python-echo:1.0.0 --handler "/usr/bin/python3 /app/echo.py" \
-    --memory 256 --timeout 30 --env GREETING=hi > "$WORK/create.txt" 2>&1
+    --memory 256 --timeout 60 --env GREETING=hi > "$WORK/create.txt" 2>&1
 created=$?
 expect_eq create-exit-status 0 "$created"
 if [ "$created" -ne 0 ]; then

@@ -110,7 +110,9 @@ pub fn run(
     });
     // Published ports serve for the whole life of this VMM process,
     // across reboots; a port that cannot be bound stops the instance.
-    let _proxy = match publish_ports(&lock(&shared.instance)) {
+    // (The record's lock is let go before the match: its error arm takes it.)
+    let published = publish_ports(&lock(&shared.instance));
+    let _proxy = match published {
         Ok(proxy) => proxy,
         Err(err) => {
             lock(&shared.instance).mark_stopped(err.to_string())?;

@@ -37,7 +37,9 @@
 //! Snapshots: connections do not survive one. A restored device starts
 //! with none on a fresh listening socket and tells the driver through
 //! VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, upon which the guest drops its
-//! connections and re-reads its CID, which may be a new one.
+//! connections and re-reads its CID, which may be a new one. Host
+//! connections made meanwhile wait until the guest has handled the event
+//! (it notifies the event queue as it gives the buffer back).
 mod connection;
 pub mod packet;
 
@@ -116,6 +118,23 @@ pub enum VsockError {
     EventFd(#[source] io::Error),
 }
 
+/// A restored device's TRANSPORT_RESET (§5.10.6.7), which host
+/// connections wait for: a REQUEST the guest answered before handling the
+/// event would carry its old CID, and the event's handling would then
+/// reset the new connection with the stale ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TransportReset {
+    /// Nothing owed (a fresh device, or the guest has handled it).
+    Done,
+    /// Owed: sent as soon as the event queue has a buffer.
+    Due,
+    /// Written to an event buffer, not yet handled. The driver's next
+    /// event-queue notification says it was: Linux handles each used
+    /// event (resets its sockets, re-reads its CID) before it gives the
+    /// buffer back and notifies.
+    Delivered,
+}
+
 /// What the device holds between activation and reset.
 struct Active {
     mem: GuestMemoryMmap,
@@ -136,8 +155,8 @@ pub struct Vsock {
     next_port: u32,
     /// The local port served last, so connections take turns.
     last_served: u32,
-    /// A TRANSPORT_RESET event is owed to the driver (after a restore).
-    transport_reset_due: bool,
+    /// Where a restored device stands with its TRANSPORT_RESET.
+    transport_reset: TransportReset,
     /// The driver reset the device: every connection goes at the next event.
     teardown: bool,
 }
@@ -161,7 +180,7 @@ impl Vsock {
             resets: VecDeque::new(),
             next_port: LOCAL_PORT_FIRST,
             last_served: 0,
-            transport_reset_due: false,
+            transport_reset: TransportReset::Done,
             teardown: false,
         })
     }
@@ -175,7 +194,7 @@ impl Vsock {
     /// as the event queue has a buffer: for a device restored from a
     /// snapshot, whose connections are gone and whose CID may differ.
     pub fn schedule_transport_reset(&mut self) {
-        self.transport_reset_due = true;
+        self.transport_reset = TransportReset::Due;
     }
 
     /// Accepts every pending host connection.
@@ -336,7 +355,7 @@ impl Vsock {
             return false;
         };
         let mem = &active.mem;
-        let requests_allowed = !self.transport_reset_due;
+        let requests_allowed = self.transport_reset == TransportReset::Done;
         let mut used = false;
         loop {
             let next = self.resets.front().map(|_| None).or_else(|| {
@@ -398,7 +417,7 @@ impl Vsock {
         let Some(active) = &mut self.active else {
             return false;
         };
-        if !self.transport_reset_due {
+        if self.transport_reset != TransportReset::Due {
             return false;
         }
         let mem = &active.mem;
@@ -411,7 +430,7 @@ impl Vsock {
             Ok(mut writer) if writer.available_bytes() >= VIRTIO_VSOCK_EVENT_SIZE => {
                 match writer.write_all(&event) {
                     Ok(()) => {
-                        self.transport_reset_due = false;
+                        self.transport_reset = TransportReset::Delivered;
                         VIRTIO_VSOCK_EVENT_SIZE as u32
                     }
                     Err(err) => {
@@ -667,7 +686,7 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) {
         self.active = None;
-        self.transport_reset_due = false;
+        self.transport_reset = TransportReset::Done;
         // The connections' sockets leave the event loop on its thread.
         self.teardown = true;
         if let Err(err) = self.queue_evts[RX].write(1) {
@@ -701,6 +720,9 @@ impl MutEventSubscriber for Vsock {
             token @ 0..=2 => {
                 // The count only says "at least one notification".
                 let _ = self.queue_evts[token as usize].read();
+                if token as usize == EVENT && self.transport_reset == TransportReset::Delivered {
+                    self.transport_reset = TransportReset::Done;
+                }
             }
             LISTENER_TOKEN => self.accept(),
             port => {

@@ -476,7 +476,7 @@ fn host_connections_wait_for_the_drivers_buffers() {
 }
 
 #[test]
-fn a_restored_device_sends_a_transport_reset_before_any_request() {
+fn a_restored_device_sends_requests_once_the_transport_reset_is_handled() {
     let mem = memory();
     let mut guest = guest_with(&mem, 4, Vsock::schedule_transport_reset);
     let mut host = UnixStream::connect(&guest.socket).unwrap();
@@ -498,6 +498,19 @@ fn a_restored_device_sends_a_transport_reset_before_any_request() {
         mem.read_obj::<u32>(GuestAddress(EVENT_BUFFER)).unwrap(),
         VIRTIO_VSOCK_EVENT_TRANSPORT_RESET
     );
+    // Delivered is not handled: the guest would answer with its old CID,
+    // and its handling would reset the new connection.
+    guest.pump();
+    assert!(
+        guest.received().is_empty(),
+        "no REQUEST before it is handled"
+    );
+    // The guest handles the event, gives the buffer back and notifies.
+    guest.queues[EVENT]
+        .add_desc_chains(&[RawDescriptor::from(desc)], 1)
+        .unwrap();
+    lock(&guest.device).queue_evts[EVENT].write(1).unwrap();
+    guest.pump();
     assert_eq!(guest.received_one().0.op, VIRTIO_VSOCK_OP_REQUEST);
 }
 
