@@ -25,7 +25,7 @@ if [ "$created" -ne 0 ]; then
 fi
 expect_contains create-says-ready "$WORK/create.txt" "function echo ready"
 "$KILN" fn ls > "$WORK/ls.txt" 2>&1
-expect_contains ls-lists-it "$WORK/ls.txt" "^echo .*python-echo:1.0.0 .*256M .*30s .*/app/echo.py"
+expect_contains ls-lists-it "$WORK/ls.txt" "^echo .*python-echo:1.0.0 .*256M .*60s .*/app/echo.py"
 
 "$KILN" fn invoke echo --payload '{"n": 1}' > "$WORK/one.txt" 2> "$WORK/one.err"
 expect_eq invoke-exit-status 0 "$?"
