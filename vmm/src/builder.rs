@@ -112,6 +112,9 @@ pub struct VmConfig {
     /// reach guest ports. A restored VM may be given another CID than
     /// the one it was snapshotted with; the guest re-reads it.
     pub vsock: Option<VsockConfig>,
+    /// Print the boot timer (`boot-to-init: N us`, from `started`) on
+    /// stderr the moment guest-init reports (`kiln run --timing`).
+    pub announce_boot: bool,
 }
 
 /// How a VM ended.
@@ -225,7 +228,11 @@ pub fn run(
     let (mem, vm) = memory_and_vm(&kvm, &start, config)?;
 
     let end = VmEndSignal::new().map_err(VmmError::EventFd)?;
-    let report = InitReport::new();
+    let report = if config.announce_boot {
+        InitReport::announcing(started)
+    } else {
+        InitReport::new()
+    };
     let mut event_loop = EventLoop::new(end.clone())?;
     let stop_signals = StopSignals::new(end.clone()).map_err(VmmError::Signals)?;
     event_loop.add(Arc::new(Mutex::new(stop_signals)));
@@ -875,6 +882,7 @@ mod tests {
             extra_cmdline: extra.into(),
             seccomp: true,
             vsock: None,
+            announce_boot: false,
         }
     }
 
