@@ -1,5 +1,6 @@
 //! `kiln fn create|ls|rm|invoke|serve`: Lambda-style functions, each
 //! invocation a fresh clone of a snapshot of the booted function VM.
+use std::io::Write;
 use std::net::TcpListener;
 use std::process::ExitCode;
 use std::sync::Mutex;
@@ -137,9 +138,15 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 fn invoke_once(functions: &Functions, name: &str, payload: &str) -> anyhow::Result<ExitCode> {
-    let Invoked { outcome, .. } = functions.invoke(name, payload)?;
-    print!("{}", outcome.stdout);
-    eprint!("{}", outcome.stderr);
+    // The response is printed as it arrives, before the clone's teardown.
+    let print = |outcome: &kiln_vmm::functions::Outcome| {
+        let mut out = std::io::stdout().lock();
+        let _ = out
+            .write_all(outcome.stdout.as_bytes())
+            .and_then(|()| out.flush());
+        eprint!("{}", outcome.stderr);
+    };
+    let Invoked { outcome, .. } = functions.invoke_then(name, payload, print)?;
     if let Some(error) = &outcome.error {
         anyhow::bail!("function {name}: {error}");
     }
