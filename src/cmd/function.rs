@@ -7,6 +7,8 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use kiln_vmm::bench::stats::Stats;
+use kiln_vmm::bench::timing::millis;
 use kiln_vmm::functions::{FunctionConfig, Functions, Invoked};
 
 use crate::assets::kiln_home;
@@ -214,7 +216,7 @@ fn invoke_many(
             }
         }
     }
-    print_latencies(&mut latencies, count, failed, concurrency, elapsed);
+    print_latencies(&latencies, count, failed, concurrency, elapsed);
     if failed > 0 {
         anyhow::bail!("{failed} of {count} invocations failed");
     }
@@ -222,32 +224,23 @@ fn invoke_many(
 }
 
 fn print_latencies(
-    latencies: &mut [Duration],
+    latencies: &[Duration],
     count: usize,
     failed: usize,
     concurrency: usize,
     elapsed: Duration,
 ) {
-    latencies.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let rank = |p: f64| {
-        let index = ((p * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len()) - 1;
-        ms(latencies[index])
-    };
     println!(
         "{} ok, {failed} failed, {count} invocations at concurrency {concurrency} in {:.1} s ({:.2}/s)",
         latencies.len(),
         elapsed.as_secs_f64(),
         count as f64 / elapsed.as_secs_f64()
     );
-    if !latencies.is_empty() {
+    let ms: Vec<f64> = latencies.iter().map(|&d| millis(d)).collect();
+    if let Some(s) = Stats::of(&ms) {
         println!(
             "latency ms: min {:.1}  p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1}",
-            ms(latencies[0]),
-            rank(0.5),
-            rank(0.9),
-            rank(0.99),
-            ms(latencies[latencies.len() - 1])
+            s.min, s.p50, s.p90, s.p99, s.max
         );
     }
 }
