@@ -52,6 +52,12 @@ enum Bench {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// `kiln bench all --peer qemu` where KVM is (nested, labelled as emulation, without it).
+    Startup {
+        /// Timed runs per scenario and VMM (after one warm-up each).
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+    },
 }
 
 /// What `bench-guest` measures.
@@ -61,6 +67,7 @@ enum GuestBench {
     Disk,
     Snapshot,
     Fn,
+    Startup,
 }
 
 #[derive(Subcommand)]
@@ -82,6 +89,14 @@ enum Task {
     Bench {
         #[command(subcommand)]
         bench: Bench,
+    },
+    /// Check a `kiln bench --json` report: every scenario, sound numbers (used by vm-test bench).
+    #[command(hide = true)]
+    BenchCheck {
+        file: std::path::PathBuf,
+        /// QEMU's cold series must be there too.
+        #[arg(long)]
+        peer: bool,
     },
     /// The benchmark runner itself, where KVM is (used by `bench`).
     #[command(hide = true)]
@@ -114,6 +129,14 @@ fn main() -> ExitCode {
         Task::Bench {
             bench: Bench::Fn { runs },
         } => bench::function(runs),
+        Task::Bench {
+            bench: Bench::Startup { runs },
+        } => bench::startup(runs),
+        Task::BenchCheck { file, peer } => bench::check_report(&file, peer),
+        Task::BenchGuest {
+            kind: GuestBench::Startup,
+            runs,
+        } => bench::startup_guest(runs),
         Task::BenchGuest {
             kind: GuestBench::Boot,
             runs,

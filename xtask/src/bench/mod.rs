@@ -38,12 +38,14 @@ mod build;
 mod disk;
 mod function;
 mod snapshot;
+mod startup;
 
 pub use boot::{boot, guest as boot_guest};
 pub use build::build;
 pub use disk::{disk, guest as disk_guest};
 pub use function::{function, guest as function_guest};
 pub use snapshot::{guest as snapshot_guest, snapshot};
+pub use startup::{check as check_report, guest as startup_guest, startup};
 
 /// The guest side prints its report as one line after this.
 const JSON_PREFIX: &str = "KILN-BENCH-JSON ";
