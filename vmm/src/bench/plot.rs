@@ -117,34 +117,12 @@ fn steps(series: &Series) -> Vec<(f64, f64)> {
 #[cfg(test)]
 mod tests {
     use super::super::Scenario;
-    use super::super::report::{Environment, Vmm};
+    use super::super::report::Vmm;
+    use super::super::report::fixtures::series;
     use super::*;
 
     fn report(series: Vec<Series>) -> Report {
-        Report {
-            schema_version: 1,
-            kiln_version: "0".into(),
-            environment: Environment {
-                kvm: "hardware KVM".into(),
-                hypervisor: None,
-                emulated: false,
-                cpus: 2,
-                load_average: None,
-                label: "hardware KVM".into(),
-            },
-            image: "hello:1.0.0".into(),
-            handler: "/bin/hello".into(),
-            memory_mib: 128,
-            runs: 3,
-            concurrency: 1,
-            warmup_runs: 1,
-            series,
-            ratios: vec![],
-        }
-    }
-
-    fn series(scenario: Scenario, vmm: Vmm, samples: &[f64]) -> Series {
-        Series::new(scenario, vmm, ("a", "b"), samples.to_vec(), 1.0).unwrap()
+        super::super::report::fixtures::report(series, vec![])
     }
 
     #[test]

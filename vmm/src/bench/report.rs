@@ -290,17 +290,18 @@ impl Series {
     }
 }
 
+/// Reports for the tests of this module and of [`super::plot`].
 #[cfg(test)]
-mod tests {
+pub(crate) mod fixtures {
     use super::*;
 
-    fn series(scenario: Scenario, vmm: Vmm, samples: &[f64]) -> Series {
+    /// A series of `samples` over 2 s, timer "exec" to "report".
+    pub fn series(scenario: Scenario, vmm: Vmm, samples: &[f64]) -> Series {
         Series::new(scenario, vmm, ("exec", "report"), samples.to_vec(), 2.0).unwrap()
     }
 
-    fn report() -> Report {
-        let kiln = series(Scenario::Cold, Vmm::Kiln, &[100.0, 120.0, 110.0]);
-        let qemu = series(Scenario::Cold, Vmm::Qemu, &[200.0, 260.0, 220.0]);
+    /// A report of 3 runs holding `series` and `ratios`.
+    pub fn report(series: Vec<Series>, ratios: Vec<Ratio>) -> Report {
         Report {
             schema_version: SCHEMA_VERSION,
             kiln_version: "0.1.0".into(),
@@ -318,14 +319,30 @@ mod tests {
             runs: 3,
             concurrency: 1,
             warmup_runs: 1,
-            ratios: vec![Ratio::of(&kiln, &qemu)],
-            series: vec![
+            series,
+            ratios,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::series;
+    use super::*;
+
+    fn report() -> Report {
+        let kiln = series(Scenario::Cold, Vmm::Kiln, &[100.0, 120.0, 110.0]);
+        let qemu = series(Scenario::Cold, Vmm::Qemu, &[200.0, 260.0, 220.0]);
+        let ratios = vec![Ratio::of(&kiln, &qemu)];
+        fixtures::report(
+            vec![
                 kiln,
                 qemu,
                 series(Scenario::Restore, Vmm::Kiln, &[30.0, 20.0, 25.0]),
                 series(Scenario::Clone, Vmm::Kiln, &[50.0, 40.0, 45.0]),
             ],
-        }
+            ratios,
+        )
     }
 
     #[test]
