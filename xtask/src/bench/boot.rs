@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use super::{Boot, Stats, environment, millis, print_report, run_guest, save, time_boot};
+use super::{Boot, Stats, env, environment, millis, print_report, run_guest, save, time_boot};
 use kiln_vmm::bench::qemu::Microvm;
 
 /// The hello image's entrypoint prints this, then exits 3.
@@ -81,7 +81,6 @@ fn print_table(r: &BootReport) {
 /// Guest side (where KVM is): boots both VMMs `runs` times, interleaved,
 /// after one warm-up each, and prints the report as one JSON line.
 pub fn guest(runs: usize) -> Result<()> {
-    let env = |name: &str| std::env::var(name).with_context(|| format!("{name} is not set"));
     let (kiln, kernel, assets, qemu) = (
         env("KILN")?,
         env("KILN_KERNEL")?,

@@ -27,7 +27,7 @@ use kiln_builder::store::Store;
 use kiln_vmm::volume::Volume;
 use serde::{Deserialize, Serialize};
 
-use super::{Stats, environment, kiln_home, print_report, run_guest, save, stats, time_boot};
+use super::{Stats, env, environment, kiln_home, print_report, run_guest, save, stats, time_boot};
 use crate::sh;
 
 const IMAGE: &str = "disk-bench:1.0.0";
@@ -150,7 +150,6 @@ enum Backend {
 
 /// Guest side (where KVM is): times both backends and prints the report.
 pub fn guest(runs: usize) -> Result<()> {
-    let env = |name: &str| std::env::var(name).with_context(|| format!("{name} is not set"));
     let (kiln, images, work) = (
         env("KILN")?,
         PathBuf::from(env("KILN_IMAGES")?),

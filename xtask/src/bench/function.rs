@@ -36,7 +36,9 @@ use anyhow::{Context, Result, bail};
 use kiln_vmm::instance::Registry;
 use serde::{Deserialize, Serialize};
 
-use super::{Kiln, Stats, Watchdog, environment, kiln_home, millis, print_report, run_guest, save};
+use super::{
+    Kiln, Stats, Watchdog, env, environment, kiln_home, millis, print_report, run_guest, save,
+};
 use crate::sh;
 
 const IMAGE: &str = "python-echo:1.0.0";
@@ -197,7 +199,6 @@ fn print_table(r: &FnReport) {
 
 /// Guest side (where KVM is): measures and prints the report as one JSON line.
 pub fn guest(runs: usize) -> Result<()> {
-    let env = |name: &str| std::env::var(name).with_context(|| format!("{name} is not set"));
     let (bin, images, work) = (
         env("KILN")?,
         PathBuf::from(env("KILN_IMAGES")?),

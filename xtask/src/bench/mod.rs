@@ -50,6 +50,11 @@ pub use startup::{check as check_report, guest as startup_guest, startup};
 /// The guest side prints its report as one line after this.
 const JSON_PREFIX: &str = "KILN-BENCH-JSON ";
 
+/// The environment variable `name`, which the harness sets for the guest side.
+fn env(name: &str) -> Result<String> {
+    std::env::var(name).with_context(|| format!("{name} is not set"))
+}
+
 /// The percentiles of `samples` (at least one: every benchmark times
 /// `--runs` of at least 2).
 fn stats(samples: &[f64]) -> Result<Stats> {

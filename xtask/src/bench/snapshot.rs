@@ -43,7 +43,9 @@ use anyhow::{Context, Result, bail};
 use kiln_vmm::instance::{Instance, Registry};
 use serde::{Deserialize, Serialize};
 
-use super::{Kiln, Stats, environment, kiln_home, millis, print_report, run_guest, save, stats};
+use super::{
+    Kiln, Stats, env, environment, kiln_home, millis, print_report, run_guest, save, stats,
+};
 use crate::sh;
 
 const IMAGE: &str = "vm-test:1.0.0";
@@ -177,7 +179,6 @@ fn print_table(r: &SnapshotReport) {
 /// Guest side (where KVM is): measures every size and prints the report
 /// as one JSON line.
 pub fn guest(runs: usize) -> Result<()> {
-    let env = |name: &str| std::env::var(name).with_context(|| format!("{name} is not set"));
     let (bin, images, work) = (
         env("KILN")?,
         PathBuf::from(env("KILN_IMAGES")?),

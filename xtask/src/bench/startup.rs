@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use kiln_vmm::bench::report::{Report, Vmm};
 use kiln_vmm::bench::{Scenario, plot};
 
-use super::{kiln_home, print_report, run_guest, save};
+use super::{env, kiln_home, print_report, run_guest, save};
 use crate::sh;
 
 /// Per run (or set-up step: `kiln fn create`) under nested TCG, generously.
@@ -56,7 +56,6 @@ pub fn startup(runs: usize) -> Result<()> {
 /// Guest side (where KVM is): `kiln bench all --peer qemu` in a Kiln home
 /// whose store is the harness's; prints its report as one JSON line.
 pub fn guest(runs: usize) -> Result<()> {
-    let env = |name: &str| std::env::var(name).with_context(|| format!("{name} is not set"));
     let (kiln, kernel, images, work) = (
         env("KILN")?,
         env("KILN_KERNEL")?,
