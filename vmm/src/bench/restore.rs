@@ -1,6 +1,8 @@
 //! The restore scenario: `kiln snapshot restore` of the function's
 //! template (a snapshot of the image booted, guest-init waiting on its
 //! vsock port) into a new instance, to guest-init answering a ping there.
+use std::collections::HashSet;
+use std::ffi::OsString;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -12,7 +14,7 @@ use super::report::{Series, Vmm};
 use super::timing::{Watchdog, millis};
 use super::{BenchError, Config, Progress, Scenario, timed_series};
 use crate::functions::{ping, vsock};
-use crate::instance::Registry;
+use crate::instance::{Instance, Registry};
 
 /// The restore scenario's timer.
 pub const TIMER: (&str, &str) = (
@@ -54,6 +56,7 @@ fn restore_to_answer(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    let known = instance_dirs(kiln);
     let started = Instant::now();
     let mut child = cmd.spawn().map_err(|source| BenchError::Spawn {
         what: what.clone(),
@@ -61,7 +64,7 @@ fn restore_to_answer(
     })?;
     kiln.track(name);
     let watchdog = Watchdog::start(child.id(), config.limit);
-    let answered = wait_for_pong(kiln, name, &mut child, started, config.limit);
+    let answered = wait_for_pong(kiln, name, known, &mut child, started, config.limit);
     let output = child.wait_with_output();
     let killed = watchdog.finish();
     let output = output.map_err(|source| BenchError::Spawn {
@@ -96,10 +99,12 @@ fn restore_to_answer(
 
 /// Looks for instance `name`, then pings its guest until it answers;
 /// the time since `started` of the pong, or the last failure at `limit`
-/// or once `restoring` (the `kiln` command) has failed.
+/// or once `restoring` (the `kiln` command) has failed. `known` are the
+/// instance directories from before the restore: only new ones are read.
 fn wait_for_pong(
     kiln: &Kiln,
     name: &str,
+    mut known: HashSet<OsString>,
     restoring: &mut Child,
     started: Instant,
     limit: Duration,
@@ -109,7 +114,7 @@ fn wait_for_pong(
     let mut socket = None;
     while started.elapsed() < limit {
         if socket.is_none() {
-            socket = registry.find(name).ok().map(|i| i.vsock_socket());
+            socket = new_instance(kiln, &registry, &mut known, name).map(|i| i.vsock_socket());
         }
         if let Some(socket) = &socket {
             // One attempt each time round: the retries are this loop's.
@@ -126,4 +131,36 @@ fn wait_for_pong(
         std::thread::sleep(POLL);
     }
     Err(last)
+}
+
+/// The instance directories there are now (a directory listing: cheaper
+/// than reading every record while a guest is being restored).
+fn instance_dirs(kiln: &Kiln) -> HashSet<OsString> {
+    std::fs::read_dir(kiln.home().join("instances"))
+        .map(|entries| entries.filter_map(|e| Some(e.ok()?.file_name())).collect())
+        .unwrap_or_default()
+}
+
+/// Instance `name`, if it is among the directories not `known` (an
+/// instance's directory appears whole, its record in it); the others
+/// (concurrent runs' instances) become known.
+fn new_instance(
+    kiln: &Kiln,
+    registry: &Registry,
+    known: &mut HashSet<OsString>,
+    name: &str,
+) -> Option<Instance> {
+    for id in instance_dirs(kiln) {
+        if known.contains(&id) || !id.to_string_lossy().starts_with("i-") {
+            continue;
+        }
+        let Ok(instance) = registry.find(&id.to_string_lossy()) else {
+            continue;
+        };
+        if instance.record.spec.name.as_deref() == Some(name) {
+            return Some(instance);
+        }
+        known.insert(id);
+    }
+    None
 }
