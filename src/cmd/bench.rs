@@ -64,11 +64,25 @@ pub struct Args {
     plot: Option<PathBuf>,
 }
 
-/// indicatif's bar on stderr (hidden when stderr is not a terminal).
+/// indicatif's bar on stderr (hidden when stderr is not a terminal): a
+/// bar for a series' runs, a spinner for a set-up step.
 struct Bar(ProgressBar);
+
+impl Bar {
+    fn new() -> Bar {
+        let bar = ProgressBar::new(0);
+        bar.enable_steady_tick(Duration::from_millis(200));
+        Bar(bar)
+    }
+}
 
 impl Progress for Bar {
     fn series(&self, label: &str, runs: usize) {
+        self.0.set_style(
+            ProgressStyle::with_template("{spinner} {msg:16} [{bar:30}] {pos}/{len} {elapsed}")
+                .expect("a valid template")
+                .progress_chars("=> "),
+        );
         self.0.set_length(runs as u64);
         self.0.set_position(0);
         self.0.set_message(label.to_string());
@@ -77,7 +91,9 @@ impl Progress for Bar {
         self.0.inc(1);
     }
     fn step(&self, what: &str) {
-        self.0.set_length(0);
+        self.0.set_style(
+            ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("a valid template"),
+        );
         self.0.set_message(what.to_string());
     }
 }
@@ -103,14 +119,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         kernel: Asset::Kernel.path(),
         limit: Duration::from_secs(args.limit),
     };
-    let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template("{spinner} {msg:24} [{bar:30}] {pos}/{len} {elapsed}")
-            .expect("a valid template")
-            .progress_chars("=> "),
-    );
-    bar.enable_steady_tick(Duration::from_millis(200));
-    let report = bench::run(&config, &Bar(bar.clone()));
-    bar.finish_and_clear();
+    let bar = Bar::new();
+    let report = bench::run(&config, &bar);
+    bar.0.finish_and_clear();
     let report = report?;
     let problems = report.check(&scenarios);
     if !problems.is_empty() {
