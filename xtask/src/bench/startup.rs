@@ -33,9 +33,18 @@ pub fn startup(runs: usize) -> Result<()> {
     }
     // Per scenario and VMM: a warm-up and the runs; plus the function's creation.
     let steps = 4 * (runs as u32 + 1) + 4;
+    let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load
+        .split_whitespace()
+        .next()
+        .unwrap_or("unknown")
+        .to_string();
     let mut report: Report = run_guest("startup", runs, PER_STEP * steps)?;
     if !kiln_vmm::host::detect().can_boot_linux() {
-        report.environment.mark_emulated(NESTED);
+        // L1's load average is in the report; the host's is said here.
+        report
+            .environment
+            .mark_emulated(&format!("{NESTED}, its 1-minute load average {load}"));
     }
     let problems = problems(&report, true);
     if !problems.is_empty() {
@@ -64,21 +73,25 @@ pub fn guest(runs: usize) -> Result<()> {
     );
     let home = kiln_home(&images, &work)?;
     let json = work.join("startup.json");
-    sh::run(
+    // L1's console is a terminal: stderr (the progress bar) goes to a
+    // file, shown when the benchmark fails.
+    let errors = work.join("startup.err");
+    let stderr =
+        fs::File::create(&errors).with_context(|| format!("cannot create {}", errors.display()))?;
+    let runs = runs.to_string();
+    let ran = sh::run(
         Command::new(&kiln)
             .env("KILN_HOME", &home)
             .env("KILN_KERNEL", &kernel)
-            .args([
-                "bench",
-                "all",
-                "--peer",
-                "qemu",
-                "--runs",
-                &runs.to_string(),
-            ])
+            .args(["bench", "all", "--peer", "qemu", "--runs", &runs])
             .arg("--json")
-            .arg(&json),
-    )?;
+            .arg(&json)
+            .stderr(stderr),
+    );
+    if let Err(err) = ran {
+        let printed = fs::read_to_string(&errors).unwrap_or_default();
+        bail!("{err:#}: {}", printed.trim());
+    }
     print_report(&read(&json)?)
 }
 
