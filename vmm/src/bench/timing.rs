@@ -227,25 +227,26 @@ pub fn millis(d: Duration) -> f64 {
 mod tests {
     use super::*;
 
-    fn sh(script: &str) -> Command {
+    /// `sh -c SCRIPT`, timed to `event` on `stream`, within 20 s.
+    fn sh(script: &str, stream: Stream, event: Event<'_>, then: Then) -> Result<Timed, BenchError> {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", script]);
-        cmd
+        time_to(
+            cmd,
+            "the script",
+            stream,
+            event,
+            then,
+            Duration::from_secs(20),
+        )
     }
-
-    const LIMIT: Duration = Duration::from_secs(20);
 
     #[test]
     fn a_line_on_stderr_stops_the_timer_and_the_rest_is_kept() {
-        let timed = time_to(
-            sh("echo out; echo noise >&2; sleep 0.2; echo 'boot-to-init: 5 us' >&2; echo after >&2"),
-            "sh",
-            Stream::Stderr,
-            Event::LineStarting("boot-to-init: "),
-            Then::Succeed,
-            LIMIT,
-        )
-        .unwrap();
+        let script =
+            "echo out; echo noise >&2; sleep 0.2; echo 'boot-to-init: 5 us' >&2; echo after >&2";
+        let prefix = Event::LineStarting("boot-to-init: ");
+        let timed = sh(script, Stream::Stderr, prefix, Then::Succeed).unwrap();
         assert!(timed.elapsed >= Duration::from_millis(200), "{timed:?}");
         assert_eq!(timed.printed, "out | noise\nboot-to-init: 5 us\nafter");
     }
@@ -253,65 +254,49 @@ mod tests {
     #[test]
     fn the_first_byte_on_stdout_stops_the_timer_then_the_child_is_terminated() {
         let started = Instant::now();
-        let timed = time_to(
-            sh("sleep 0.1; printf x; exec sleep 30"),
-            "sh",
-            Stream::Stdout,
-            Event::FirstByte,
-            Then::Terminate,
-            LIMIT,
-        )
-        .unwrap();
+        let script = "sleep 0.1; printf x; exec sleep 30";
+        let timed = sh(script, Stream::Stdout, Event::FirstByte, Then::Terminate).unwrap();
         assert!(timed.elapsed >= Duration::from_millis(100));
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "not terminated"
-        );
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(10), "not terminated: {took:?}");
         assert_eq!(timed.printed, "x | ");
     }
 
     #[test]
     fn no_event_is_an_error_naming_what_was_looked_for() {
-        let err = time_to(
-            sh("echo hello; exit 3"),
-            "the thing",
-            Stream::Stdout,
-            Event::LineStarting("ready"),
-            Then::Succeed,
-            LIMIT,
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("the thing"), "{err}");
+        let ready = Event::LineStarting("ready");
+        let err = sh("echo hello; exit 3", Stream::Stdout, ready, Then::Succeed)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("the script"), "{err}");
         assert!(err.contains("\"ready\""), "{err}");
         assert!(err.contains("hello"), "{err}");
     }
 
     #[test]
     fn a_failure_after_the_event_fails_the_run() {
-        let err = time_to(
-            sh("printf x; exit 4"),
-            "sh",
+        let err = sh(
+            "printf x; exit 4",
             Stream::Stdout,
             Event::FirstByte,
             Then::Succeed,
-            LIMIT,
-        )
-        .unwrap_err();
-        assert!(matches!(err, BenchError::Failed { .. }), "{err}");
+        );
+        assert!(matches!(err, Err(BenchError::Failed { .. })), "{err:?}");
     }
 
     #[test]
     fn a_child_over_its_limit_is_killed() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "exec sleep 30"]);
+        let limit = Duration::from_millis(200);
         let err = time_to(
-            sh("exec sleep 30"),
+            cmd,
             "sleeper",
             Stream::Stdout,
             Event::FirstByte,
             Then::Succeed,
-            Duration::from_millis(200),
-        )
-        .unwrap_err();
-        assert!(matches!(err, BenchError::Timeout { .. }), "{err}");
+            limit,
+        );
+        assert!(matches!(err, Err(BenchError::Timeout { .. })), "{err:?}");
     }
 }
