@@ -2,6 +2,7 @@
 //! line per scenario and VMM, on a log time axis (restores and clones are
 //! an order of magnitude or more faster than boots). SVG only: text is
 //! left to the viewer's fonts, so nothing is rasterised and no font is read.
+use plotters::coord::combinators::BindKeyPoints;
 use plotters::prelude::*;
 
 use super::report::{Report, Series};
@@ -45,22 +46,28 @@ fn draw(
 ) -> Result<(), DrawingAreaErrorKind<<SVGBackend<'static> as DrawingBackend>::ErrorType>> {
     let root = SVGBackend::with_string(out, SIZE).into_drawing_area();
     root.fill(&WHITE)?;
-    let (head, body) = root.split_vertically(64);
+    let lines = subtitle(report);
+    let (head, body) = root.split_vertically(44 + 22 * lines.len() as u32);
     head.draw(&Text::new(
         "kiln bench: startup latency, CDF per scenario",
         (16, 10),
         ("sans-serif", 26).into_font().color(&BLACK),
     ))?;
-    head.draw(&Text::new(
-        subtitle(report),
-        (16, 40),
-        ("sans-serif", 17).into_font().color(&BLACK.mix(0.7)),
-    ))?;
+    for (i, line) in lines.iter().enumerate() {
+        head.draw(&Text::new(
+            line.as_str(),
+            (16, 44 + 22 * i as i32),
+            ("sans-serif", 17).into_font().color(&BLACK.mix(0.7)),
+        ))?;
+    }
     let mut chart = ChartBuilder::on(&body)
         .margin(16)
         .x_label_area_size(44)
         .y_label_area_size(56)
-        .build_cartesian_2d((lo..hi).log_scale(), 0f64..1.0)?;
+        .build_cartesian_2d(
+            (lo..hi).log_scale().with_key_points(ticks(lo, hi)),
+            0f64..1.0,
+        )?;
     chart
         .configure_mesh()
         .x_desc("latency (ms, log scale)")
@@ -84,21 +91,49 @@ fn draw(
     root.present()
 }
 
-fn subtitle(report: &Report) -> String {
-    let ratios: Vec<String> = report
-        .ratios
-        .iter()
-        .map(|r| format!("{} kiln/{} p50 {:.2}", r.scenario, r.peer, r.ratio))
-        .collect();
-    let mut line = format!(
-        "{}, {} runs per line, {} at a time, {} MiB; {}",
-        report.image, report.runs, report.concurrency, report.memory_mib, report.environment.label
+/// The lines under the title: what ran, the ratios, where (wrapped).
+fn subtitle(report: &Report) -> Vec<String> {
+    let mut first = format!(
+        "{}, {} runs per line, {} at a time, {} MiB guests",
+        report.image, report.runs, report.concurrency, report.memory_mib
     );
-    if !ratios.is_empty() {
-        line.push_str("; ");
-        line.push_str(&ratios.join(", "));
+    for r in &report.ratios {
+        first.push_str(&format!(
+            "; {} kiln/{} p50 = {:.2}",
+            r.scenario, r.peer, r.ratio
+        ));
     }
-    line
+    let mut lines = vec![first];
+    let mut line = String::new();
+    for word in report.environment.label.split_whitespace() {
+        if !line.is_empty() && line.len() + word.len() >= WRAP {
+            lines.push(std::mem::take(&mut line));
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    lines.push(line);
+    lines
+}
+
+/// Characters per subtitle line, about the plot's width at 17 px.
+const WRAP: usize = 115;
+
+/// Tick values between `lo` and `hi` on the log axis: 1-2-5 per decade
+/// over two decades or more, 1-1.5-2-3-5-7 over fewer.
+fn ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let steps: &[f64] = if hi / lo >= 100.0 {
+        &[1.0, 2.0, 5.0]
+    } else {
+        &[1.0, 1.5, 2.0, 3.0, 5.0, 7.0]
+    };
+    let (first, last) = (lo.log10().floor() as i32, hi.log10().ceil() as i32);
+    (first..=last)
+        .flat_map(|decade| steps.iter().map(move |m| m * 10f64.powi(decade)))
+        .filter(|t| (lo..=hi).contains(t))
+        .collect()
 }
 
 /// The empirical CDF as a staircase: at each sample the fraction of runs
@@ -163,6 +198,28 @@ mod tests {
         }
         // One polyline per series, and one per legend sample.
         assert_eq!(svg.matches(r#"stroke-width="2""#).count(), 6, "{svg}");
+    }
+
+    #[test]
+    fn ticks_fall_inside_the_range() {
+        assert_eq!(ticks(1400.0, 4500.0), [1500.0, 2000.0, 3000.0]);
+        assert_eq!(
+            ticks(8.0, 4000.0),
+            [10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0]
+        );
+    }
+
+    #[test]
+    fn the_label_is_wrapped_under_the_title() {
+        let mut r = report(vec![]);
+        r.environment.label = "word ".repeat(50);
+        let lines = subtitle(&r);
+        assert_eq!(
+            lines[0],
+            "hello:1.0.0, 3 runs per line, 1 at a time, 128 MiB guests"
+        );
+        assert!(lines.len() >= 3, "{lines:?}");
+        assert!(lines.iter().all(|l| l.len() <= WRAP), "{lines:?}");
     }
 
     #[test]
