@@ -90,13 +90,16 @@ enum Task {
         #[command(subcommand)]
         bench: Bench,
     },
-    /// Check a `kiln bench --json` report: every scenario, sound numbers (used by vm-test bench).
+    /// Check a `kiln bench --json` report: every scenario, sound numbers (used by vm-test bench); redraw its plot.
     #[command(hide = true)]
     BenchCheck {
         file: std::path::PathBuf,
         /// QEMU's cold series must be there too.
         #[arg(long)]
         peer: bool,
+        /// Also draw the report's CDF plot into this SVG file.
+        #[arg(long, value_name = "OUT.svg")]
+        plot: Option<std::path::PathBuf>,
     },
     /// The benchmark runner itself, where KVM is (used by `bench`).
     #[command(hide = true)]
@@ -132,7 +135,7 @@ fn main() -> ExitCode {
         Task::Bench {
             bench: Bench::Startup { runs },
         } => bench::startup(runs),
-        Task::BenchCheck { file, peer } => bench::check_report(&file, peer),
+        Task::BenchCheck { file, peer, plot } => bench::check_report(&file, peer, plot.as_deref()),
         Task::BenchGuest {
             kind: GuestBench::Startup,
             runs,

@@ -95,12 +95,17 @@ pub fn guest(runs: usize) -> Result<()> {
     print_report(&read(&json)?)
 }
 
-/// `cargo xtask bench-check FILE [--peer]`: fails listing what is wrong.
-pub fn check(file: &Path, peer: bool) -> Result<()> {
+/// `cargo xtask bench-check FILE [--peer] [--plot OUT.svg]`: fails
+/// listing what is wrong; draws the report's plot (again) into `plot`.
+pub fn check(file: &Path, peer: bool, plot_to: Option<&Path>) -> Result<()> {
     let report = read(file)?;
     let problems = problems(&report, peer);
     if !problems.is_empty() {
         bail!("{}: {}", file.display(), problems.join("; "));
+    }
+    if let Some(out) = plot_to {
+        fs::write(out, plot::svg(&report).map_err(anyhow::Error::msg)?)
+            .with_context(|| format!("cannot write {}", out.display()))?;
     }
     println!(
         "{}: {} series, {} runs each, sound",
