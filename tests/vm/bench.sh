@@ -38,4 +38,4 @@ done
 expect_eq no-instance-left 1 "$(wc -l < "$WORK/ps.txt")"
 "$KILN" fn ls > "$WORK/fn.txt" 2>&1
 expect_eq no-function-left 1 "$(wc -l < "$WORK/fn.txt")"
-check no-scratch-left sh -c "! ls -d '$KILN_HOME'/bench/run-* 2>/dev/null"
+check no-scratch-left sh -c "! ls -d '$KILN_HOME'/bench 2>/dev/null"

@@ -189,10 +189,6 @@ impl Progress for Quiet {
 
 /// Runs the benchmark described by `config`.
 pub fn run(config: &Config, progress: &dyn Progress) -> Result<Report, BenchError> {
-    let host = host::detect();
-    if !host.can_boot_linux() {
-        return Err(BenchError::NoHardwareKvm(host));
-    }
     if config.runs == 0 {
         return Err(BenchError::Runs(config.runs));
     }
@@ -201,6 +197,10 @@ pub fn run(config: &Config, progress: &dyn Progress) -> Result<Report, BenchErro
     }
     if config.scenarios.is_empty() {
         return Err(BenchError::NoScenario);
+    }
+    let host = host::detect();
+    if !host.can_boot_linux() {
+        return Err(BenchError::NoHardwareKvm(host));
     }
     if !config.kernel.is_file() {
         return Err(BenchError::NoKernel(config.kernel.clone()));
@@ -299,7 +299,16 @@ impl Workspace {
 
     fn remove(mut self) -> Result<(), BenchError> {
         self.removed = true;
-        std::fs::remove_dir_all(&self.dir).map_err(io_err(&self.dir))
+        std::fs::remove_dir_all(&self.dir).map_err(io_err(&self.dir))?;
+        self.remove_parent_if_empty();
+        Ok(())
+    }
+
+    /// `$KILN_HOME/bench/`, unless another run is using it.
+    fn remove_parent_if_empty(&self) {
+        if let Some(parent) = self.dir.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
     }
 }
 
@@ -307,6 +316,7 @@ impl Drop for Workspace {
     fn drop(&mut self) {
         if !self.removed {
             let _ = std::fs::remove_dir_all(&self.dir);
+            self.remove_parent_if_empty();
         }
     }
 }
