@@ -22,8 +22,10 @@ pub const TIMER: (&str, &str) = (
     "guest-init in the restored guest answering a ping on its vsock port",
 );
 
-/// How often the new instance and its guest are looked for.
+/// How often the new instance is looked for.
 const POLL: Duration = Duration::from_millis(1);
+/// How long one round of connecting to its guest may take.
+const CONNECT_ROUND: Duration = Duration::from_secs(5);
 
 pub fn kiln(
     config: &Config,
@@ -117,8 +119,11 @@ fn wait_for_pong(
             socket = new_instance(kiln, &registry, &mut known, name).map(|i| i.vsock_socket());
         }
         if let Some(socket) = &socket {
-            // One attempt each time round: the retries are this loop's.
-            match vsock::connect(socket, FUNCTION_PORT, Duration::ZERO).and_then(ping) {
+            // vsock::connect retries until the guest answers, as `kiln fn
+            // invoke` does; a ping that fails after it is tried again, and
+            // the restore's own failure is looked for every few seconds.
+            let left = limit.saturating_sub(started.elapsed()).min(CONNECT_ROUND);
+            match vsock::connect(socket, FUNCTION_PORT, left).and_then(ping) {
                 Ok(()) => return Ok(started.elapsed()),
                 Err(err) => last = err.to_string(),
             }
