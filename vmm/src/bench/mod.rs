@@ -224,17 +224,14 @@ pub fn run(config: &Config, progress: &dyn Progress) -> Result<Report, BenchErro
     let mut function = None;
     for scenario in scenarios {
         match scenario {
-            Scenario::Cold => {
-                let kiln_series = cold::kiln(config, &kiln, progress)?;
-                if config.peer == Some(Peer::Qemu) {
-                    let peer = cold::qemu(config, &image, work.path(), progress)?;
-                    ratios.push(Ratio::of(&kiln_series, &peer));
-                    series.push(kiln_series);
-                    series.push(peer);
-                } else {
-                    series.push(kiln_series);
-                }
+            Scenario::Cold if config.peer == Some(Peer::Qemu) => {
+                let [kiln_series, peer] =
+                    cold::with_qemu(config, &kiln, &image, work.path(), progress)?;
+                ratios.push(Ratio::of(&kiln_series, &peer));
+                series.push(kiln_series);
+                series.push(peer);
             }
+            Scenario::Cold => series.push(cold::kiln(config, &kiln, progress)?),
             Scenario::Restore | Scenario::Clone => {
                 if function.is_none() {
                     function = Some(clone::create(config, &kiln, &handler, progress)?);
@@ -373,6 +370,44 @@ fn series(
     }
     let samples = samples.into_inner().unwrap_or_else(|p| p.into_inner());
     Ok((samples, wall_s))
+}
+
+/// Kiln's and the peer's runs of one scenario, `runs[0]` and `runs[1]`
+/// (as in [`series`]), each series' samples and wall time. With one run at
+/// a time the two alternate (warm-ups, then kiln, peer, kiln, …) so that
+/// a change in the host's load falls on both alike, and each wall time is
+/// the sum of that series' own runs, teardown included; with more at a
+/// time, one series runs after the other.
+fn paired(
+    config: &Config,
+    labels: [&str; 2],
+    progress: &dyn Progress,
+    runs: [&(dyn Fn(usize) -> Result<f64, BenchError> + Sync); 2],
+) -> Result<[(Vec<f64>, f64); 2], BenchError> {
+    if config.concurrency > 1 {
+        let first = series(config, labels[0], progress, runs[0])?;
+        return Ok([first, series(config, labels[1], progress, runs[1])?]);
+    }
+    progress.series(
+        &format!("{} + {}", labels[0], labels[1]),
+        2 * (config.warmup + config.runs),
+    );
+    let mut out: [(Vec<f64>, f64); 2] = Default::default();
+    let order = (0..config.warmup)
+        .map(|i| (config.runs + i, false))
+        .chain((0..config.runs).map(|i| (i, true)));
+    for (i, timed) in order {
+        for (side, run) in runs.iter().enumerate() {
+            let started = Instant::now();
+            let ms = run(i)?;
+            if timed {
+                out[side].0.push(ms);
+                out[side].1 += started.elapsed().as_secs_f64();
+            }
+            progress.ran();
+        }
+    }
+    Ok(out)
 }
 
 /// [`series`], made into a [`Series`].
@@ -523,6 +558,32 @@ mod tests {
         samples.sort_by(f64::total_cmp);
         assert_eq!(samples, [1.0, 2.0, 3.0, 4.0, 5.0]);
         assert!(wall_s > 0.0);
+    }
+
+    #[test]
+    fn paired_runs_alternate_one_at_a_time() {
+        let config = Config {
+            concurrency: 1,
+            runs: 3,
+            ..config()
+        };
+        let done = Mutex::new(Vec::new());
+        let kiln = |i: usize| {
+            done.lock().unwrap().push(format!("k{i}"));
+            Ok(10.0)
+        };
+        let peer = |i: usize| {
+            done.lock().unwrap().push(format!("q{i}"));
+            Ok(20.0)
+        };
+        let [(k, k_wall), (q, q_wall)] =
+            paired(&config, ["k", "q"], &Quiet, [&kiln, &peer]).unwrap();
+        assert_eq!(
+            done.into_inner().unwrap(),
+            ["k3", "q3", "k0", "q0", "k1", "q1", "k2", "q2"]
+        );
+        assert_eq!((k, q), (vec![10.0; 3], vec![20.0; 3]));
+        assert!(k_wall > 0.0 && q_wall > 0.0);
     }
 
     #[test]

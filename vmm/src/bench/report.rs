@@ -69,7 +69,8 @@ pub struct Series {
     /// Each timed run's latency, in the order the runs finished.
     pub samples_ms: Vec<f64>,
     pub latency_ms: Stats,
-    /// From the first timed run's start to the last one's end.
+    /// From the first timed run's start to the last one's end; for two
+    /// series whose runs alternate, the sum of this one's runs' own times.
     pub wall_s: f64,
     /// Timed runs per second of `wall_s`.
     pub throughput_per_s: f64,
