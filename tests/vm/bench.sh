@@ -4,7 +4,9 @@
 # fields refused) and holds every scenario with sound numbers (xtask
 # bench-check: 3 positive samples per series, percentiles and throughput
 # computed from them, the ratio p50 over p50) → the SVG plot has a line per
-# series → nothing is left behind: no instance, no function, no scratch dir.
+# series → two restores at a time work too (the report checked by kiln
+# bench itself) → nothing is left behind: no instance, no function, no
+# scratch dir.
 . "$(dirname "$0")/lib.sh"
 
 json=$WORK/bench.json
@@ -33,6 +35,13 @@ for series in "cold (kiln)" "cold (qemu)" "restore (kiln)" "clone (kiln)"; do
     name=$(echo "$series" | tr -d '()' | tr ' ' '-')
     expect_contains "svg-has-$name" "$svg" "$series"
 done
+
+# Two at a time: each restore finds its own instance among the new ones.
+"$KILN" bench restore --runs 2 --concurrency 2 --json "$WORK/two.json" \
+    > "$WORK/two.txt" 2> "$WORK/two.err"
+expect_eq concurrent-exit-status 0 "$?"
+expect_contains concurrent-report-says-2-at-a-time "$WORK/two.json" '"concurrency": 2'
+expect_contains concurrent-restores-timed "$WORK/two.txt" "^| restore | kiln | "
 
 "$KILN" ps -a > "$WORK/ps.txt" 2>&1
 expect_eq no-instance-left 1 "$(wc -l < "$WORK/ps.txt")"
