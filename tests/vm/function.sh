@@ -13,7 +13,7 @@ field() {
 }
 
 "$KILN" fn create echo --image python-echo:1.0.0 --handler "/usr/bin/python3 /app/echo.py" \
-    --memory 256 --timeout 30 --env GREETING=hi > "$WORK/create.txt" 2>&1
+    --memory 256 --timeout 60 --env GREETING=hi > "$WORK/create.txt" 2>&1
 created=$?
 expect_eq create-exit-status 0 "$created"
 if [ "$created" -ne 0 ]; then
@@ -23,7 +23,7 @@ if [ "$created" -ne 0 ]; then
 fi
 expect_contains create-says-ready "$WORK/create.txt" "function echo ready"
 "$KILN" fn ls > "$WORK/ls.txt" 2>&1
-expect_contains ls-lists-it "$WORK/ls.txt" "^echo .*python-echo:1.0.0 .*256M .*30s .*/app/echo.py"
+expect_contains ls-lists-it "$WORK/ls.txt" "^echo .*python-echo:1.0.0 .*256M .*60s .*/app/echo.py"
 
 "$KILN" fn invoke echo --payload '{"n": 1}' > "$WORK/one.txt" 2> "$WORK/one.err"
 expect_eq invoke-exit-status 0 "$?"
