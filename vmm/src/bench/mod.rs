@@ -18,8 +18,9 @@
 //!   the response on its stdout.
 //!
 //! Every series runs [`Config::warmup`] untimed runs, then
-//! [`Config::runs`] timed ones, [`Config::concurrency`] at a time;
-//! [`report`] holds the JSON, [`stats`] the percentiles, [`plot`] the SVG.
+//! [`Config::runs`] timed ones, [`Config::concurrency`] at a time (one at
+//! a time, Kiln's and the peer's cold runs alternate); [`report`] holds
+//! the JSON, [`stats`] the percentiles, [`plot`] the SVG.
 //! Everything runs in a Kiln home of its own (the user's images linked
 //! in), removed at the end: no instance or function is left behind.
 pub mod clone;
