@@ -45,6 +45,8 @@ enum Command {
     /// Lambda-style functions: each invocation a clone of a booted VM's snapshot.
     #[command(subcommand, name = "fn")]
     Fn(cmd::function::Command),
+    /// Startup latency: cold boot, snapshot restore, function clone (and a peer VMM).
+    Bench(cmd::bench::Args),
     /// Save running instances whole, and start new ones from the saves.
     #[command(subcommand)]
     Snapshot(cmd::snapshot::Command),
@@ -82,6 +84,7 @@ fn main() -> ExitCode {
         Command::Ps(args) => cmd::ps::run(args),
         Command::Types(args) => cmd::types::run(args),
         Command::Snapshot(command) => cmd::snapshot::run(command),
+        Command::Bench(args) => cmd::bench::run(args),
         Command::Fn(command) => cmd::function::run(command),
         Command::Stop(args) => cmd::lifecycle::run(Verb::Stop, args),
         Command::Start(args) => cmd::lifecycle::run(Verb::Start, args),

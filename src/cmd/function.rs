@@ -1,11 +1,14 @@
 //! `kiln fn create|ls|rm|invoke|serve`: Lambda-style functions, each
 //! invocation a fresh clone of a snapshot of the booted function VM.
+use std::io::Write;
 use std::net::TcpListener;
 use std::process::ExitCode;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use kiln_vmm::bench::stats::Stats;
+use kiln_vmm::bench::timing::millis;
 use kiln_vmm::functions::{FunctionConfig, Functions, Invoked};
 
 use crate::assets::kiln_home;
@@ -137,9 +140,15 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 fn invoke_once(functions: &Functions, name: &str, payload: &str) -> anyhow::Result<ExitCode> {
-    let Invoked { outcome, .. } = functions.invoke(name, payload)?;
-    print!("{}", outcome.stdout);
-    eprint!("{}", outcome.stderr);
+    // The response is printed as it arrives, before the clone's teardown.
+    let print = |outcome: &kiln_vmm::functions::Outcome| {
+        let mut out = std::io::stdout().lock();
+        let _ = out
+            .write_all(outcome.stdout.as_bytes())
+            .and_then(|()| out.flush());
+        eprint!("{}", outcome.stderr);
+    };
+    let Invoked { outcome, .. } = functions.invoke_then(name, payload, print)?;
     if let Some(error) = &outcome.error {
         anyhow::bail!("function {name}: {error}");
     }
@@ -207,7 +216,7 @@ fn invoke_many(
             }
         }
     }
-    print_latencies(&mut latencies, count, failed, concurrency, elapsed);
+    print_latencies(&latencies, count, failed, concurrency, elapsed);
     if failed > 0 {
         anyhow::bail!("{failed} of {count} invocations failed");
     }
@@ -215,32 +224,23 @@ fn invoke_many(
 }
 
 fn print_latencies(
-    latencies: &mut [Duration],
+    latencies: &[Duration],
     count: usize,
     failed: usize,
     concurrency: usize,
     elapsed: Duration,
 ) {
-    latencies.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let rank = |p: f64| {
-        let index = ((p * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len()) - 1;
-        ms(latencies[index])
-    };
     println!(
         "{} ok, {failed} failed, {count} invocations at concurrency {concurrency} in {:.1} s ({:.2}/s)",
         latencies.len(),
         elapsed.as_secs_f64(),
         count as f64 / elapsed.as_secs_f64()
     );
-    if !latencies.is_empty() {
+    let ms: Vec<f64> = latencies.iter().map(|&d| millis(d)).collect();
+    if let Some(s) = Stats::of(&ms) {
         println!(
             "latency ms: min {:.1}  p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1}",
-            ms(latencies[0]),
-            rank(0.5),
-            rank(0.9),
-            rank(0.99),
-            ms(latencies[latencies.len() - 1])
+            s.min, s.p50, s.p90, s.p99, s.max
         );
     }
 }

@@ -2,6 +2,7 @@
 //! each parses its arguments, calls into `kiln_builder` or `kiln_vmm`, and
 //! prints the result.
 pub mod attach;
+pub mod bench;
 pub mod build;
 pub mod commit;
 pub mod doctor;

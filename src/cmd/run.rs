@@ -96,7 +96,8 @@ pub struct Args {
     /// Words appended to the kernel command line (e.g. kiln.entrypoint=/bin/sh).
     #[arg(long, default_value = "", allow_hyphen_values = true)]
     cmdline: String,
-    /// Print the time from `kiln run` starting to guest-init running.
+    /// Print the time from `kiln run` starting to guest-init running
+    /// (`boot-to-init: N us` on stderr, as soon as guest-init reports).
     #[arg(long)]
     timing: bool,
     /// Run without seccomp filters (debugging only).
@@ -153,11 +154,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .map(|fd| unsafe { ControlListener::adopt(fd) });
     match builder::run(&config, started, control) {
         Ok(outcome) => {
-            if args.timing {
-                match outcome.boot_to_init {
-                    Some(time) => eprintln!("boot-to-init: {} us", time.as_micros()),
-                    None => eprintln!("boot-to-init: guest-init never reported"),
-                }
+            // With --timing the VMM printed `boot-to-init: N us` the
+            // moment guest-init reported.
+            if args.timing && outcome.boot_to_init.is_none() {
+                eprintln!("boot-to-init: guest-init never reported");
             }
             Ok(ExitCode::from(outcome.exit_status))
         }
@@ -366,6 +366,7 @@ fn vm_config(args: &Args) -> anyhow::Result<VmConfig> {
         seccomp: !args.no_seccomp,
         vsock,
         net,
+        announce_boot: args.timing,
     })
 }
 

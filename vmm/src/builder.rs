@@ -120,6 +120,9 @@ pub struct VmConfig {
     /// A virtio-net NIC over a tap. A restored VM needs one if its
     /// snapshot had one, and keeps the snapshot's MAC.
     pub net: Option<NetConfig>,
+    /// Print the boot timer (`boot-to-init: N us`, from `started`) on
+    /// stderr the moment guest-init reports (`kiln run --timing`).
+    pub announce_boot: bool,
 }
 
 /// How a VM ended.
@@ -239,7 +242,11 @@ pub fn run(
     let (mem, vm) = memory_and_vm(&kvm, &start, config)?;
 
     let end = VmEndSignal::new().map_err(VmmError::EventFd)?;
-    let report = InitReport::new();
+    let report = if config.announce_boot {
+        InitReport::announcing(started)
+    } else {
+        InitReport::new()
+    };
     let mut event_loop = EventLoop::new(end.clone())?;
     let stop_signals = StopSignals::new(end.clone()).map_err(VmmError::Signals)?;
     event_loop.add(Arc::new(Mutex::new(stop_signals)));
@@ -956,6 +963,7 @@ mod tests {
             seccomp: true,
             vsock: None,
             net: None,
+            announce_boot: false,
         }
     }
 

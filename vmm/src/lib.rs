@@ -4,6 +4,7 @@
 //! wires a VM together from a [`builder::VmConfig`].
 pub mod api;
 pub mod arch;
+pub mod bench;
 pub mod builder;
 pub mod commit;
 pub mod control;

@@ -58,6 +58,12 @@ enum Bench {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// `kiln bench all --peer qemu` where KVM is (nested, labelled as emulation, without it).
+    Startup {
+        /// Timed runs per scenario and VMM (after one warm-up each).
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+    },
 }
 
 /// What `bench-guest` measures.
@@ -68,6 +74,7 @@ enum GuestBench {
     Snapshot,
     Fn,
     Net,
+    Startup,
 }
 
 #[derive(Subcommand)]
@@ -89,6 +96,17 @@ enum Task {
     Bench {
         #[command(subcommand)]
         bench: Bench,
+    },
+    /// Check a `kiln bench --json` report: every scenario, sound numbers (used by vm-test bench); redraw its plot.
+    #[command(hide = true)]
+    BenchCheck {
+        file: std::path::PathBuf,
+        /// QEMU's cold series must be there too.
+        #[arg(long)]
+        peer: bool,
+        /// Also draw the report's CDF plot into this SVG file.
+        #[arg(long, value_name = "OUT.svg")]
+        plot: Option<std::path::PathBuf>,
     },
     /// The benchmark runner itself, where KVM is (used by `bench`).
     #[command(hide = true)]
@@ -124,6 +142,14 @@ fn main() -> ExitCode {
         Task::Bench {
             bench: Bench::Net { runs },
         } => bench::net(runs),
+        Task::Bench {
+            bench: Bench::Startup { runs },
+        } => bench::startup(runs),
+        Task::BenchCheck { file, peer, plot } => bench::check_report(&file, peer, plot.as_deref()),
+        Task::BenchGuest {
+            kind: GuestBench::Startup,
+            runs,
+        } => bench::startup_guest(runs),
         Task::BenchGuest {
             kind: GuestBench::Boot,
             runs,

@@ -20,8 +20,9 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+pub use guest_init::function::Outcome;
 use guest_init::function::{
-    FUNCTION_CMDLINE_FLAG, FUNCTION_PORT, Invocation, Outcome, Ping, Pong, SEED_BYTES,
+    FUNCTION_CMDLINE_FLAG, FUNCTION_PORT, Invocation, Ping, Pong, SEED_BYTES,
 };
 use serde::{Deserialize, Serialize};
 
@@ -257,6 +258,18 @@ impl Functions {
 
     /// One invocation in a fresh clone of the template, torn down after.
     pub fn invoke(&self, name: &str, payload: &str) -> Result<Invoked, FunctionError> {
+        self.invoke_then(name, payload, |_| {})
+    }
+
+    /// [`invoke`](Self::invoke), handing the outcome to `answered` as
+    /// soon as it arrives, before the clone is torn down: `kiln fn invoke`
+    /// prints the response without waiting for the teardown.
+    pub fn invoke_then(
+        &self,
+        name: &str,
+        payload: &str,
+        answered: impl FnOnce(&Outcome),
+    ) -> Result<Invoked, FunctionError> {
         let config = self.get(name)?;
         let started = Instant::now();
         let template = self.dir(name).join(TEMPLATE_DIR);
@@ -271,6 +284,9 @@ impl Functions {
         )?;
         let outcome = call(&clone, &config, payload);
         let latency = started.elapsed();
+        if let Ok(outcome) = &outcome {
+            answered(outcome);
+        }
         let instance_id = clone.record.id.clone();
         // A clone leaves nothing behind, not even its record.
         lifecycle::terminate(clone, INSTANCE_TIMEOUT)?.forget()?;
@@ -358,7 +374,8 @@ fn wait_ready(instance: &Instance, name: &str) -> Result<(), FunctionError> {
     }
 }
 
-fn ping(mut stream: std::os::unix::net::UnixStream) -> io::Result<()> {
+/// Sends guest-init's function port a ping on `stream` and reads the pong.
+pub fn ping(mut stream: std::os::unix::net::UnixStream) -> io::Result<()> {
     write_line(&mut stream, &Ping { ping: true })?;
     let answer = read_line(&mut stream)?;
     match serde_json::from_str::<Pong>(&answer) {

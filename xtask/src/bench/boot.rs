@@ -16,7 +16,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use super::{Boot, Stats, environment, millis, print_report, run_guest, save, time_boot};
+use super::{Boot, Stats, env, environment, millis, print_report, run_guest, save, time_boot};
+use kiln_vmm::bench::qemu::Microvm;
 
 /// The hello image's entrypoint prints this, then exits 3.
 const MARKER: &str = "hello from kiln guest-init";
@@ -67,7 +68,7 @@ fn print_table(r: &BootReport) {
     ] {
         println!(
             "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
-            kiln.min, kiln.median, kiln.p90, kiln.max, qemu.min, qemu.median, qemu.p90, qemu.max
+            kiln.min, kiln.p50, kiln.p90, kiln.max, qemu.min, qemu.p50, qemu.p90, qemu.max
         );
     }
     println!("ratio (kiln/QEMU, median spawn to init): {:.2}", r.ratio);
@@ -80,7 +81,6 @@ fn print_table(r: &BootReport) {
 /// Guest side (where KVM is): boots both VMMs `runs` times, interleaved,
 /// after one warm-up each, and prints the report as one JSON line.
 pub fn guest(runs: usize) -> Result<()> {
-    let env = |name: &str| std::env::var(name).with_context(|| format!("{name} is not set"));
     let (kiln, kernel, assets, qemu) = (
         env("KILN")?,
         env("KILN_KERNEL")?,
@@ -117,60 +117,39 @@ pub fn guest(runs: usize) -> Result<()> {
     let report = BootReport {
         environment: environment(),
         runs,
-        kiln_init_ms_median: median_ms(&kiln_boots, |b| b.init),
-        qemu_init_ms_median: median_ms(&qemu_boots, |b| b.init),
-        ratio: median_ms(&kiln_boots, |b| b.init) / median_ms(&qemu_boots, |b| b.init),
+        kiln_init_ms_median: median_ms(&kiln_boots, |b| b.init)?,
+        qemu_init_ms_median: median_ms(&qemu_boots, |b| b.init)?,
+        ratio: median_ms(&kiln_boots, |b| b.init)? / median_ms(&qemu_boots, |b| b.init)?,
         vmm_rss_kib: rss_without_guest_ram(kiln_cmd(rss_entry))?,
         qemu_rss_kib: rss_without_guest_ram(qemu_cmd(rss_entry))?,
-        kiln_init_ms: stats(&kiln_boots, |b| b.init),
-        qemu_init_ms: stats(&qemu_boots, |b| b.init),
-        kiln_total_ms: stats(&kiln_boots, |b| b.total),
-        qemu_total_ms: stats(&qemu_boots, |b| b.total),
-        kiln_self_timed_init_ms: Stats::of(
+        kiln_init_ms: boot_stats(&kiln_boots, |b| b.init)?,
+        qemu_init_ms: boot_stats(&qemu_boots, |b| b.init)?,
+        kiln_total_ms: boot_stats(&kiln_boots, |b| b.total)?,
+        qemu_total_ms: boot_stats(&qemu_boots, |b| b.total)?,
+        kiln_self_timed_init_ms: super::stats(
             &kiln_boots
                 .iter()
                 .map(self_timed_ms)
                 .collect::<Result<Vec<_>>>()?,
-        ),
+        )?,
     };
     print_report(&report)
 }
 
-/// QEMU's microvm machine with the settings of the qemu-boot scenario.
+/// QEMU's microvm machine with the settings of the qemu-boot scenario,
+/// the console on stdout, the root read-only.
 pub(super) fn qemu_command(qemu: &str, kernel: &str, image: &Path, extra: &str) -> Command {
-    let mut cmd = Command::new(qemu);
-    cmd.args([
-        "-M",
-        "microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=on,acpi=off",
-    ])
-    .args([
-        "-enable-kvm",
-        "-cpu",
-        "host",
-        "-m",
-        &MEMORY_MIB.to_string(),
-        "-smp",
-        "1",
-    ])
-    .args([
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-no-reboot",
-        "-serial",
-        "stdio",
-    ])
-    .args(["-kernel", kernel, "-append"])
-    .arg(format!(
-        "console=ttyS0 reboot=t panic=-1 quiet root=/dev/vda ro {extra}"
-    ))
-    .arg("-drive")
-    .arg(format!(
-        "id=root,file={},format=raw,if=none,readonly=on",
-        image.display()
-    ))
-    .args(["-device", "virtio-blk-device,drive=root"]);
-    cmd
+    Microvm {
+        kernel: kernel.into(),
+        rootfs: image.to_path_buf(),
+        memory_mib: MEMORY_MIB as u32,
+        vcpus: 1,
+        throwaway_writes: false,
+        extra_cmdline: extra.to_string(),
+        console: None,
+        boot_timer_on_stdout: false,
+    }
+    .command(Path::new(qemu))
 }
 
 /// The VMM's resident memory outside the guest RAM mapping, sampled while
@@ -230,12 +209,12 @@ fn self_timed_ms(boot: &Boot) -> Result<f64> {
     Ok(micros / 1000.0)
 }
 
-fn stats(boots: &[Boot], pick: fn(&Boot) -> Duration) -> Stats {
-    Stats::of(&boots.iter().map(|b| millis(pick(b))).collect::<Vec<_>>())
+fn boot_stats(boots: &[Boot], pick: fn(&Boot) -> Duration) -> Result<Stats> {
+    super::stats(&boots.iter().map(|b| millis(pick(b))).collect::<Vec<_>>())
 }
 
-fn median_ms(boots: &[Boot], pick: fn(&Boot) -> Duration) -> f64 {
-    stats(boots, pick).median
+fn median_ms(boots: &[Boot], pick: fn(&Boot) -> Duration) -> Result<f64> {
+    Ok(boot_stats(boots, pick)?.p50)
 }
 
 #[cfg(test)]

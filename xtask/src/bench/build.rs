@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use super::{Stats, millis, save};
+use super::{millis, save, stats};
 use crate::{harness, sh};
 
 /// What `target/bench/build.json` holds.
@@ -63,7 +63,7 @@ pub fn build(cached_runs: usize) -> Result<()> {
     let report = BuildReport {
         recipe: "recipes/hello".into(),
         cold_ms,
-        cached_ms: Stats::of(&cached).median,
+        cached_ms: stats(&cached)?.p50,
         cached_runs,
         raw_bytes: image.manifest.raw_size,
         image_bytes: image.manifest.file_size,

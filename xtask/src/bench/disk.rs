@@ -27,7 +27,7 @@ use kiln_builder::store::Store;
 use kiln_vmm::volume::Volume;
 use serde::{Deserialize, Serialize};
 
-use super::{Stats, environment, kiln_home, print_report, run_guest, save, time_boot};
+use super::{Stats, env, environment, kiln_home, print_report, run_guest, save, stats, time_boot};
 use crate::sh;
 
 const IMAGE: &str = "disk-bench:1.0.0";
@@ -79,16 +79,18 @@ pub struct Backends {
 impl Backends {
     /// From samples of sequential raw, sequential volume, random raw and
     /// random volume reads, in that order.
-    fn of(samples: [Vec<f64>; 4]) -> Backends {
-        let [seq_raw, seq_volume, rand_raw, rand_volume] = samples.map(|s| Stats::of(&s));
-        Backends {
-            seq_ratio: seq_volume.median / seq_raw.median,
-            rand_ratio: rand_volume.median / rand_raw.median,
+    fn of(samples: [Vec<f64>; 4]) -> Result<Backends> {
+        let [seq_raw, seq_volume, rand_raw, rand_volume] = samples.map(|s| stats(&s));
+        let (seq_raw, seq_volume, rand_raw, rand_volume) =
+            (seq_raw?, seq_volume?, rand_raw?, rand_volume?);
+        Ok(Backends {
+            seq_ratio: seq_volume.p50 / seq_raw.p50,
+            rand_ratio: rand_volume.p50 / rand_raw.p50,
             seq_raw_mib_s: seq_raw,
             seq_volume_mib_s: seq_volume,
             rand_raw_iops: rand_raw,
             rand_volume_iops: rand_volume,
-        }
+        })
     }
 }
 
@@ -124,11 +126,11 @@ fn print_table(r: &DiskReport) {
     {
         println!(
             "| {label}: sequential 1 MiB | {:.1} MiB/s | {:.1} MiB/s | {:.2} |",
-            b.seq_raw_mib_s.median, b.seq_volume_mib_s.median, b.seq_ratio
+            b.seq_raw_mib_s.p50, b.seq_volume_mib_s.p50, b.seq_ratio
         );
         println!(
             "| {label}: random 4 KiB | {:.0} IOPS | {:.0} IOPS | {:.2} |",
-            b.rand_raw_iops.median, b.rand_volume_iops.median, b.rand_ratio
+            b.rand_raw_iops.p50, b.rand_volume_iops.p50, b.rand_ratio
         );
     }
     println!(
@@ -148,7 +150,6 @@ enum Backend {
 
 /// Guest side (where KVM is): times both backends and prints the report.
 pub fn guest(runs: usize) -> Result<()> {
-    let env = |name: &str| std::env::var(name).with_context(|| format!("{name} is not set"));
     let (kiln, images, work) = (
         env("KILN")?,
         PathBuf::from(env("KILN_IMAGES")?),
@@ -195,7 +196,7 @@ pub fn guest(runs: usize) -> Result<()> {
         image_bytes: image.file_size,
         random_reads_per_run: RANDOM_READS,
         chunk_cache_mib: DEFAULT_CACHE_BYTES >> 20,
-        guest: Backends::of(samples),
+        guest: Backends::of(samples)?,
         host: None,
         hello_raw_bytes: hello.raw_size,
         hello_image_bytes: hello.file_size,
@@ -234,7 +235,7 @@ fn host_backends(runs: usize) -> Result<Backends> {
             samples[2 * i + 1].push(compressed * unit);
         }
     }
-    Ok(Backends::of(samples))
+    Backends::of(samples)
 }
 
 /// The reader's random offsets (diskread.c): 4 KiB blocks chosen by the

@@ -37,8 +37,7 @@ use kiln_vmm::instance::Registry;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Kiln, Watchdog, environment, kiln_home, millis, nearest_rank, print_report, run_guest, save,
-    sorted,
+    Kiln, Stats, Watchdog, env, environment, kiln_home, millis, print_report, run_guest, save,
 };
 use crate::sh;
 
@@ -77,9 +76,9 @@ pub struct FnReport {
     /// `kiln fn create`, wall time.
     pub create_ms: f64,
     /// Foreground `kiln run`, payload on the console, spawn to exit.
-    pub cold_invoke_ms: Latency,
+    pub cold_invoke_ms: Stats,
     /// `kiln fn invoke`, spawn to exit.
-    pub clone_invoke_ms: Latency,
+    pub clone_invoke_ms: Stats,
     /// p50 clone / p50 cold.
     pub ratio: f64,
     pub throughput: Throughput,
@@ -89,28 +88,6 @@ pub struct FnReport {
     /// That, over the clone's guest memory.
     pub pss_fraction: f64,
     pub goals: Vec<Goal>,
-}
-
-/// Nearest-rank percentiles of a series, in milliseconds.
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-pub struct Latency {
-    pub min: f64,
-    pub p50: f64,
-    pub p99: f64,
-    pub max: f64,
-}
-
-impl Latency {
-    fn of(samples: &[f64]) -> Latency {
-        let sorted = sorted(samples);
-        let rank = |p| nearest_rank(&sorted, p);
-        Latency {
-            min: sorted[0],
-            p50: rank(0.5),
-            p99: rank(0.99),
-            max: sorted[sorted.len() - 1],
-        }
-    }
 }
 
 /// `kiln fn invoke --count N --concurrency C`.
@@ -222,7 +199,6 @@ fn print_table(r: &FnReport) {
 
 /// Guest side (where KVM is): measures and prints the report as one JSON line.
 pub fn guest(runs: usize) -> Result<()> {
-    let env = |name: &str| std::env::var(name).with_context(|| format!("{name} is not set"));
     let (bin, images, work) = (
         env("KILN")?,
         PathBuf::from(env("KILN_IMAGES")?),
@@ -251,7 +227,7 @@ pub fn guest(runs: usize) -> Result<()> {
         cold.push(millis(kiln.cold()?));
         clone.push(millis(kiln.invoke()?));
     }
-    let (cold_invoke_ms, clone_invoke_ms) = (Latency::of(&cold), Latency::of(&clone));
+    let (cold_invoke_ms, clone_invoke_ms) = (super::stats(&cold)?, super::stats(&clone)?);
     let ratio = clone_invoke_ms.p50 / cold_invoke_ms.p50;
 
     let throughput = kiln.throughput(runs.max(4))?;
@@ -433,10 +409,14 @@ impl Kiln {
     /// Restores the template [`IDLE_CLONES`] times, waits, measures each
     /// clone's VM process, and terminates them.
     fn idle_clones(&self) -> Result<Vec<IdleClone>> {
-        let template = self.home.join("functions").join(FUNCTION).join("template");
+        let template = self
+            .home()
+            .join("functions")
+            .join(FUNCTION)
+            .join("template");
         let names: Vec<String> = (0..IDLE_CLONES).map(|i| format!("idle{i}")).collect();
         for name in &names {
-            self.track(name.clone());
+            self.track(name);
             sh::output(
                 self.command()
                     .args(["snapshot", "restore"])
@@ -445,7 +425,7 @@ impl Kiln {
             )?;
         }
         std::thread::sleep(IDLE_WAIT);
-        let registry = Registry::new(&self.home);
+        let registry = Registry::new(self.home());
         let clones = names
             .iter()
             .map(|name| {
@@ -480,22 +460,6 @@ impl Kiln {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn percentiles_are_nearest_rank() {
-        let l = Latency::of(&[5.0, 1.0, 4.0, 2.0, 3.0]);
-        assert_eq!(
-            l,
-            Latency {
-                min: 1.0,
-                p50: 3.0,
-                p99: 5.0,
-                max: 5.0
-            }
-        );
-        let many: Vec<f64> = (1..=200).map(f64::from).collect();
-        assert_eq!(Latency::of(&many).p99, 198.0);
-    }
 
     #[test]
     fn the_summary_line_of_fn_invoke_is_read() {

@@ -25,12 +25,14 @@ use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+
+pub use kiln_vmm::bench::stats::Stats;
+use kiln_vmm::bench::timing::{Watchdog, millis};
 
 use crate::{harness, sh};
 
@@ -40,6 +42,7 @@ mod disk;
 mod function;
 mod net;
 mod snapshot;
+mod startup;
 
 pub use boot::{boot, guest as boot_guest};
 pub use build::build;
@@ -47,43 +50,20 @@ pub use disk::{disk, guest as disk_guest};
 pub use function::{function, guest as function_guest};
 pub use net::{guest as net_guest, net};
 pub use snapshot::{guest as snapshot_guest, snapshot};
+pub use startup::{check as check_report, guest as startup_guest, startup};
 
 /// The guest side prints its report as one line after this.
 const JSON_PREFIX: &str = "KILN-BENCH-JSON ";
 
-/// min / median / p90 / max of a series, in milliseconds.
-#[derive(Debug, Serialize, serde::Deserialize, PartialEq)]
-pub struct Stats {
-    pub min: f64,
-    pub median: f64,
-    pub p90: f64,
-    pub max: f64,
+/// The environment variable `name`, which the harness sets for the guest side.
+fn env(name: &str) -> Result<String> {
+    std::env::var(name).with_context(|| format!("{name} is not set"))
 }
 
-/// `samples`, sorted.
-fn sorted(samples: &[f64]) -> Vec<f64> {
-    let mut sorted = samples.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted
-}
-
-/// The nearest-rank percentile `p` (0 to 1) of `sorted` (not empty).
-fn nearest_rank(sorted: &[f64], p: f64) -> f64 {
-    sorted[((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1]
-}
-
-impl Stats {
-    /// Nearest-rank percentiles of `samples` (not empty).
-    pub fn of(samples: &[f64]) -> Stats {
-        let sorted = sorted(samples);
-        let rank = |p| nearest_rank(&sorted, p);
-        Stats {
-            min: sorted[0],
-            median: rank(0.5),
-            p90: rank(0.9),
-            max: sorted[sorted.len() - 1],
-        }
-    }
+/// The percentiles of `samples` (at least one: every benchmark times
+/// `--runs` of at least 2).
+fn stats(samples: &[f64]) -> Result<Stats> {
+    Stats::of(samples).context("no samples to take percentiles of")
 }
 
 /// A fresh `$KILN_HOME` under `work` for a guest-side benchmark, whose
@@ -96,82 +76,21 @@ fn kiln_home(images: &std::path::Path, work: &std::path::Path) -> Result<PathBuf
     Ok(home)
 }
 
-/// `kiln` with a home of its own, for the guest side of a benchmark; the
-/// instances it started and did not terminate are terminated when it is
-/// dropped, so a failed run leaves none behind. Each benchmark adds the
-/// runs it times in an `impl Kiln` of its own.
-struct Kiln {
-    bin: String,
-    home: PathBuf,
-    live: std::cell::RefCell<Vec<String>>,
-}
+/// `kiln` with a home of its own, for the guest side of a benchmark (the
+/// crate's, which terminates the instances it started when dropped). Each
+/// benchmark adds the runs it times in an `impl Kiln` of its own.
+struct Kiln(kiln_vmm::bench::kiln::Kiln);
 
 impl Kiln {
     fn new(bin: String, home: PathBuf) -> Self {
-        Kiln {
-            bin,
-            home,
-            live: std::cell::RefCell::default(),
-        }
-    }
-
-    fn command(&self) -> Command {
-        let mut cmd = Command::new(&self.bin);
-        cmd.env("KILN_HOME", &self.home);
-        cmd
-    }
-
-    /// Terminates instance `name` when this is dropped, unless done before.
-    fn track(&self, name: String) {
-        self.live.borrow_mut().push(name);
-    }
-
-    fn terminate(&self, name: &str) -> Result<()> {
-        self.live.borrow_mut().retain(|n| n != name);
-        sh::output(self.command().args(["terminate", name])).map(drop)
+        Kiln(kiln_vmm::bench::kiln::Kiln::new(bin, home))
     }
 }
 
-impl Drop for Kiln {
-    fn drop(&mut self) {
-        for name in self.live.take() {
-            let _ = self
-                .command()
-                .args(["terminate", &name])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-}
-
-/// Kills process `pid` with SIGKILL unless [`finish`](Self::finish) comes
-/// within `limit`: a VM run that outlives its limit fails the benchmark
-/// instead of hanging it.
-struct Watchdog {
-    finished: mpsc::Sender<()>,
-    thread: std::thread::JoinHandle<bool>,
-}
-
-impl Watchdog {
-    fn start(pid: u32, limit: Duration) -> Watchdog {
-        let (finished, watch) = mpsc::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let expired = watch.recv_timeout(limit) == Err(mpsc::RecvTimeoutError::Timeout);
-            if expired {
-                // The child is not reaped before `finished` is sent, so the
-                // pid is still its own.
-                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            }
-            expired
-        });
-        Watchdog { finished, thread }
-    }
-
-    /// Call before reaping the child; true when it was killed.
-    fn finish(self) -> bool {
-        let _ = self.finished.send(());
-        self.thread.join().expect("the watchdog does not panic")
+impl std::ops::Deref for Kiln {
+    type Target = kiln_vmm::bench::kiln::Kiln;
+    fn deref(&self) -> &Self::Target {
+        &self.0
     }
 }
 
@@ -275,28 +194,4 @@ fn time_boot(mut cmd: Command, marker: &str, limit: Duration) -> Result<Boot> {
         total,
         output,
     })
-}
-
-fn millis(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nearest_rank_percentiles() {
-        let s = Stats::of(&[5.0, 1.0, 4.0, 2.0, 3.0, 10.0, 6.0, 7.0, 8.0, 9.0]);
-        assert_eq!(
-            s,
-            Stats {
-                min: 1.0,
-                median: 5.0,
-                p90: 9.0,
-                max: 10.0
-            }
-        );
-        assert_eq!(Stats::of(&[2.0, 1.0]).median, 1.0);
-    }
 }

@@ -26,7 +26,9 @@ use anyhow::{Context, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
 
 use super::boot::qemu_command;
-use super::{Kiln, Stats, environment, kiln_home, millis, print_report, run_guest, save};
+use super::{
+    Kiln, Stats, env, environment, kiln_home, millis, print_report, run_guest, save, stats,
+};
 use crate::sh;
 
 const IMAGE: &str = "web-bench:1.0.0";
@@ -88,10 +90,7 @@ fn print_table(r: &NetReport) {
         ("16 MiB kiln (MiB/s)", &r.kiln_mib_s),
         ("16 MiB qemu (MiB/s)", &r.qemu_mib_s),
     ] {
-        println!(
-            "{name:<22} {:>10.2} {:>10.2} {:>10.2}",
-            s.median, s.p90, s.max
-        );
+        println!("{name:<22} {:>10.2} {:>10.2} {:>10.2}", s.p50, s.p90, s.max);
     }
     println!(
         "kiln / qemu: latency {:.3}, throughput {:.3}",
@@ -101,7 +100,6 @@ fn print_table(r: &NetReport) {
 
 /// Guest side, where KVM is.
 pub fn guest(runs: usize) -> Result<()> {
-    let env = |name: &str| std::env::var(name).with_context(|| format!("{name} is not set"));
     let work = PathBuf::from(env("WORK_ROOT")?).join("bench-net");
     let kiln = Kiln::new(
         env("KILN")?,
@@ -143,14 +141,18 @@ pub fn guest(runs: usize) -> Result<()> {
             samples.push(BLOB_BYTES as f64 / f64::from(1 << 20) / fetched.elapsed.as_secs_f64());
         }
     }
-    let [kiln_lat, proxy_lat, qemu_lat] = latency.map(|s| Stats::of(&s));
-    let [kiln_tp, qemu_tp] = throughput.map(|s| Stats::of(&s));
+    let [kiln_lat, proxy_lat, qemu_lat] = [
+        stats(&latency[0])?,
+        stats(&latency[1])?,
+        stats(&latency[2])?,
+    ];
+    let [kiln_tp, qemu_tp] = [stats(&throughput[0])?, stats(&throughput[1])?];
     let report = NetReport {
         environment: environment(),
         runs,
         requests: runs * REQUESTS_PER_RUN,
-        latency_ratio: kiln_lat.median / qemu_lat.median,
-        throughput_ratio: kiln_tp.median / qemu_tp.median,
+        latency_ratio: kiln_lat.p50 / qemu_lat.p50,
+        throughput_ratio: kiln_tp.p50 / qemu_tp.p50,
         kiln_latency_ms: kiln_lat,
         kiln_proxy_latency_ms: proxy_lat,
         qemu_latency_ms: qemu_lat,
@@ -165,13 +167,10 @@ impl Kiln {
     /// address.
     fn web(&self) -> Result<Ipv4Addr> {
         let ports = format!("{PUBLISHED}:80");
-        let id = sh::output(
-            self.command()
-                .args(["run", IMAGE, "--detach", "--name", "web", "-p", &ports]),
-        )?;
-        self.track("web".into());
+        let id = self.output(&["run", IMAGE, "--detach", "--name", "web", "-p", &ports])?;
+        self.track("web");
         let record = fs::read(
-            self.home
+            self.home()
                 .join("instances")
                 .join(id.trim())
                 .join("instance.json"),

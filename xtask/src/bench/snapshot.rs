@@ -43,7 +43,9 @@ use anyhow::{Context, Result, bail};
 use kiln_vmm::instance::{Instance, Registry};
 use serde::{Deserialize, Serialize};
 
-use super::{Kiln, Stats, environment, kiln_home, millis, print_report, run_guest, save};
+use super::{
+    Kiln, Stats, env, environment, kiln_home, millis, print_report, run_guest, save, stats,
+};
 use crate::sh;
 
 const IMAGE: &str = "vm-test:1.0.0";
@@ -104,11 +106,11 @@ struct Created {
 
 impl SizeReport {
     /// From the cold and restore samples (ms, not empty) and the snapshot.
-    fn of(memory_mib: u64, cold: &[f64], restore: &[f64], created: Created) -> SizeReport {
-        let (cold_ms, restore_ms) = (Stats::of(cold), Stats::of(restore));
-        SizeReport {
+    fn of(memory_mib: u64, cold: &[f64], restore: &[f64], created: Created) -> Result<SizeReport> {
+        let (cold_ms, restore_ms) = (stats(cold)?, stats(restore)?);
+        Ok(SizeReport {
             memory_mib,
-            ratio: restore_ms.median / cold_ms.median,
+            ratio: restore_ms.p50 / cold_ms.p50,
             cold_ms,
             restore_ms,
             create_ms: created.create_ms,
@@ -117,7 +119,7 @@ impl SizeReport {
             memory_file_on_disk_bytes: created.memory_file_on_disk_bytes,
             state_bytes: created.state_bytes,
             root_overlay_bytes: created.root_overlay_bytes,
-        }
+        })
     }
 }
 
@@ -148,7 +150,7 @@ fn print_table(r: &SnapshotReport) {
         let (c, x) = (&s.cold_ms, &s.restore_ms);
         println!(
             "| {} MiB | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.3} |",
-            s.memory_mib, c.min, c.median, c.p90, c.max, x.min, x.median, x.p90, x.max, s.ratio
+            s.memory_mib, c.min, c.p50, c.p90, c.max, x.min, x.p50, x.p90, x.max, s.ratio
         );
     }
     println!(
@@ -177,7 +179,6 @@ fn print_table(r: &SnapshotReport) {
 /// Guest side (where KVM is): measures every size and prints the report
 /// as one JSON line.
 pub fn guest(runs: usize) -> Result<()> {
-    let env = |name: &str| std::env::var(name).with_context(|| format!("{name} is not set"));
     let (bin, images, work) = (
         env("KILN")?,
         PathBuf::from(env("KILN_IMAGES")?),
@@ -220,7 +221,7 @@ fn measure(kiln: &Kiln, work: &Path, memory_mib: u64, runs: usize) -> Result<Siz
     }
     // The memory file is as large as the guest: not kept in L1's tmpfs.
     std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
-    Ok(SizeReport::of(memory_mib, &cold_ms, &restore_ms, created))
+    SizeReport::of(memory_mib, &cold_ms, &restore_ms, created)
 }
 
 /// Boots a source instance, snapshots it into `dir` once it waits for
@@ -273,7 +274,7 @@ impl Kiln {
 
     /// The instance directories there are now (ids).
     fn instance_ids(&self) -> Result<HashSet<OsString>> {
-        let root = self.home.join("instances");
+        let root = self.home().join("instances");
         match std::fs::read_dir(&root) {
             Ok(entries) => entries
                 .map(|entry| Ok(entry?.file_name()))
@@ -294,7 +295,7 @@ impl Kiln {
         else {
             return Ok(None);
         };
-        let instance = Registry::new(&self.home).find(&id.to_string_lossy())?;
+        let instance = Registry::new(self.home()).find(&id.to_string_lossy())?;
         if instance.record.spec.name.as_deref() != Some(name) {
             bail!("instance {} appeared, not {name}", instance.label());
         }
@@ -321,7 +322,7 @@ impl Kiln {
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("cannot start {}", sh::describe(&cmd)))?;
-        self.track(name.to_string());
+        self.track(name);
         let mut ask = ask.map(|line| format!("{line}\n"));
         let (mut instance, mut log, mut console) = (None, None, Vec::new());
         let failed = |child: Child, console: &[u8], why: &str| -> anyhow::Error {
@@ -453,9 +454,10 @@ mod tests {
             &[1000.0, 900.0, 1100.0, 5000.0],
             &[40.0, 60.0, 50.0, 45.0],
             created,
-        );
-        assert_eq!(report.cold_ms.median, 1000.0);
-        assert_eq!(report.restore_ms.median, 45.0);
+        )
+        .unwrap();
+        assert_eq!(report.cold_ms.p50, 1000.0);
+        assert_eq!(report.restore_ms.p50, 45.0);
         assert_eq!(report.ratio, 0.045);
         assert!(report.ratio <= RATIO_GOAL);
 

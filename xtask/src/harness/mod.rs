@@ -40,7 +40,7 @@ const SCENARIO_ALLOWANCE: Duration = Duration::from_secs(300);
 /// What the test machine runs: a shell command line, with the binaries
 /// and images of [`Prepared`] in the environment (KILN, KILN_KERNEL,
 /// KILN_INIT, KILN_ASSETS, KILN_IMAGES, QEMU, WORK_ROOT, and XTASK for the
-/// benchmark runner). The harness prints `KILN-DONE` after it.
+/// benchmark runner and report checks). The harness prints `KILN-DONE` after it.
 pub struct Job {
     /// Words of the command; `{tests}` and `{xtask}` stand for where the
     /// scenarios and the xtask binary are on the test machine.
@@ -179,6 +179,7 @@ fn direct(prepared: &Prepared, job: &Job) -> Result<Command> {
         .env("KILN_ASSETS", &prepared.assets)
         .env("KILN_IMAGES", &prepared.images)
         .env("QEMU", "qemu-system-x86_64")
+        .env("XTASK", &xtask)
         .env("WORK_ROOT", prepared.out.join("work"));
     Ok(command)
 }

@@ -1,0 +1,602 @@
+//! `kiln bench`: startup latency, the numbers users compare microVMMs by.
+//!
+//! Three scenarios, each timed from the exec of a `kiln` command (the
+//! benchmark spawns it; the process's start is the timer's zero) to an
+//! event that shows the guest running:
+//!
+//! - [`Scenario::Cold`] ([`cold`]): `kiln run IMAGE --timing` to the
+//!   `boot-to-init:` line the VMM prints the moment guest-init's
+//!   boot-timer write (the guest-init port, `InitStarted`) traps to it.
+//!   The peer, QEMU's microvm machine ([`qemu`]) with the same kernel and
+//!   root filesystem, is timed to the same write: an `isa-debugcon` on
+//!   the same port passes its first byte to QEMU's stdout.
+//! - [`Scenario::Restore`] ([`restore`]): `kiln snapshot restore` of a
+//!   snapshot of a booted guest to that guest's guest-init answering a
+//!   ping on its vsock port.
+//! - [`Scenario::Clone`] ([`clone`]): `kiln fn invoke` (a clone of the
+//!   function's template snapshot runs the handler) to the first byte of
+//!   the response on its stdout.
+//!
+//! Every series runs [`Config::warmup`] untimed runs, then
+//! [`Config::runs`] timed ones, [`Config::concurrency`] at a time (one at
+//! a time, Kiln's and the peer's cold runs alternate); [`report`] holds
+//! the JSON, [`stats`] the percentiles, [`plot`] the SVG.
+//! Everything runs in a Kiln home of its own (the user's images linked
+//! in), removed at the end: no instance or function is left behind.
+pub mod clone;
+pub mod cold;
+pub mod kiln;
+pub mod plot;
+pub mod qemu;
+pub mod report;
+pub mod restore;
+pub mod stats;
+pub mod timing;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use kiln_builder::store::{Store, StoreError};
+use serde::{Deserialize, Serialize};
+
+use crate::host::{self, HostVirt};
+use kiln::Kiln;
+use report::{Environment, Ratio, Report, Series, Vmm};
+
+/// One kind of startup the benchmark times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    Cold,
+    Restore,
+    Clone,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 3] = [Scenario::Cold, Scenario::Restore, Scenario::Clone];
+}
+
+impl fmt::Display for Scenario {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Scenario::Cold => "cold",
+            Scenario::Restore => "restore",
+            Scenario::Clone => "clone",
+        })
+    }
+}
+
+/// The VMM Kiln is compared with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    Qemu,
+}
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub scenarios: Vec<Scenario>,
+    /// NAME:VERSION from the store of `home`.
+    pub image: String,
+    /// The clone scenario's handler; default: the image's entrypoint.
+    pub handler: Option<String>,
+    pub memory_mib: u32,
+    pub runs: usize,
+    pub concurrency: usize,
+    pub warmup: usize,
+    pub peer: Option<Peer>,
+    /// The `kiln` binary the runs exec.
+    pub kiln: PathBuf,
+    /// The user's `KILN_HOME`, whose images are booted.
+    pub home: PathBuf,
+    /// The guest kernel (`kiln run`'s, and the peer's).
+    pub kernel: PathBuf,
+    /// How long one run may take before it is killed and the benchmark fails.
+    pub limit: Duration,
+}
+
+/// Why the benchmark could not run or a run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(
+        "kiln bench boots VMs and needs hardware KVM; this host has {0}. Without it, \
+         `cargo xtask bench startup` runs the benchmark inside the nested harness, where \
+         every number is measured under emulation"
+    )]
+    NoHardwareKvm(HostVirt),
+    #[error("--runs {0}: expected at least 1")]
+    Runs(usize),
+    #[error("--concurrency {0}: expected at least 1")]
+    Concurrency(usize),
+    #[error("no scenario to run")]
+    NoScenario,
+    #[error(
+        "the guest kernel {0} does not exist (`cargo xtask kernel` installs one; or set KILN_KERNEL)"
+    )]
+    NoKernel(PathBuf),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("image {0} has no entrypoint to serve as the clone scenario's handler: give --handler")]
+    NoHandler(String),
+    #[error("cannot start {what}: {source}")]
+    Spawn {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{what} was still running after {limit:?} and was killed; it printed: {printed}")]
+    Timeout {
+        what: String,
+        limit: Duration,
+        printed: String,
+    },
+    #[error("{what} ended ({status}) without {event}; it printed: {printed}")]
+    NoEvent {
+        what: String,
+        event: String,
+        status: String,
+        printed: String,
+    },
+    #[error("{what} failed ({status}); it printed: {printed}")]
+    Failed {
+        what: String,
+        status: String,
+        printed: String,
+    },
+    #[error("{what}: no answer to a ping within {limit:?}: {last}")]
+    NoAnswer {
+        what: String,
+        limit: Duration,
+        last: String,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot flatten {image} into the peer's root filesystem: {reason}")]
+    Flatten { image: String, reason: String },
+    #[error("cannot draw the plot: {0}")]
+    Plot(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BenchError + '_ {
+    move |source| BenchError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Told how far the benchmark has got (a progress bar).
+pub trait Progress: Sync {
+    /// A series starts: `runs` runs (warm-ups included) to come.
+    fn series(&self, label: &str, runs: usize);
+    /// One run of it is done.
+    fn ran(&self);
+    /// Untimed set-up work, said in a few words.
+    fn step(&self, what: &str);
+}
+
+/// A [`Progress`] that shows nothing.
+pub struct Quiet;
+
+impl Progress for Quiet {
+    fn series(&self, _: &str, _: usize) {}
+    fn ran(&self) {}
+    fn step(&self, _: &str) {}
+}
+
+/// Runs the benchmark described by `config`.
+pub fn run(config: &Config, progress: &dyn Progress) -> Result<Report, BenchError> {
+    if config.runs == 0 {
+        return Err(BenchError::Runs(config.runs));
+    }
+    if config.concurrency == 0 {
+        return Err(BenchError::Concurrency(config.concurrency));
+    }
+    if config.scenarios.is_empty() {
+        return Err(BenchError::NoScenario);
+    }
+    let host = host::detect();
+    if !host.can_boot_linux() {
+        return Err(BenchError::NoHardwareKvm(host));
+    }
+    if !config.kernel.is_file() {
+        return Err(BenchError::NoKernel(config.kernel.clone()));
+    }
+    let image = Store::new(&config.home).find(&config.image)?;
+    let handler = match &config.handler {
+        Some(handler) => handler.clone(),
+        None if image.manifest.entrypoint.is_empty() => {
+            return Err(BenchError::NoHandler(config.image.clone()));
+        }
+        None => image.manifest.entrypoint.join(" "),
+    };
+    let environment = environment(&host);
+    let work = Workspace::new(&config.home)?;
+    let kiln = Kiln::new(&config.kiln, work.home()).with_kernel(&config.kernel);
+    let mut series = Vec::new();
+    let mut ratios = Vec::new();
+    let mut scenarios = config.scenarios.clone();
+    scenarios.sort();
+    scenarios.dedup();
+    let mut function = None;
+    for scenario in scenarios {
+        match scenario {
+            Scenario::Cold if config.peer == Some(Peer::Qemu) => {
+                let [kiln_series, peer] =
+                    cold::with_qemu(config, &kiln, &image, work.path(), progress)?;
+                ratios.push(Ratio::of(&kiln_series, &peer));
+                series.push(kiln_series);
+                series.push(peer);
+            }
+            Scenario::Cold => series.push(cold::kiln(config, &kiln, progress)?),
+            Scenario::Restore | Scenario::Clone => {
+                if function.is_none() {
+                    function = Some(clone::create(config, &kiln, &handler, progress)?);
+                }
+                let function = function.as_ref().expect("created just now");
+                series.push(match scenario {
+                    Scenario::Restore => restore::kiln(config, &kiln, function, progress)?,
+                    _ => clone::kiln(config, &kiln, function, progress)?,
+                });
+            }
+        }
+    }
+    drop(kiln);
+    work.remove()?;
+    Ok(Report {
+        schema_version: report::SCHEMA_VERSION,
+        kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+        environment,
+        image: config.image.clone(),
+        handler,
+        memory_mib: config.memory_mib,
+        runs: config.runs,
+        concurrency: config.concurrency,
+        warmup_runs: config.warmup,
+        series,
+        ratios,
+    })
+}
+
+/// `$KILN_HOME/bench/run-PID/`: the benchmark's own Kiln home (`home/`,
+/// the user's images linked in) and scratch files; removed afterwards,
+/// also when a run fails.
+struct Workspace {
+    dir: PathBuf,
+    removed: bool,
+}
+
+impl Workspace {
+    fn new(user_home: &Path) -> Result<Workspace, BenchError> {
+        let dir = user_home
+            .join("bench")
+            .join(format!("run-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let home = dir.join("home");
+        std::fs::create_dir_all(&home).map_err(io_err(&home))?;
+        let images = user_home.join("images");
+        let link = home.join("images");
+        std::os::unix::fs::symlink(&images, &link).map_err(io_err(&link))?;
+        Ok(Workspace {
+            dir,
+            removed: false,
+        })
+    }
+
+    fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    fn home(&self) -> PathBuf {
+        self.dir.join("home")
+    }
+
+    fn remove(mut self) -> Result<(), BenchError> {
+        self.removed = true;
+        std::fs::remove_dir_all(&self.dir).map_err(io_err(&self.dir))?;
+        self.remove_parent_if_empty();
+        Ok(())
+    }
+
+    /// `$KILN_HOME/bench/`, unless another run is using it.
+    fn remove_parent_if_empty(&self) {
+        if let Some(parent) = self.dir.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        if !self.removed {
+            let _ = std::fs::remove_dir_all(&self.dir);
+            self.remove_parent_if_empty();
+        }
+    }
+}
+
+/// One series: `config.warmup` untimed runs, then `config.runs` timed
+/// ones, `config.concurrency` at a time. `run(i)` does run `i` (warm-ups
+/// come after the timed indices) and returns its latency in ms. The
+/// first failure stops the series.
+fn series(
+    config: &Config,
+    label: &str,
+    progress: &dyn Progress,
+    run: &(dyn Fn(usize) -> Result<f64, BenchError> + Sync),
+) -> Result<(Vec<f64>, f64), BenchError> {
+    progress.series(label, config.warmup + config.runs);
+    for i in 0..config.warmup {
+        run(config.runs + i)?;
+        progress.ran();
+    }
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let samples = Mutex::new(Vec::with_capacity(config.runs));
+    let first_error = Mutex::new(None);
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..config.concurrency.min(config.runs) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= config.runs || failed.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    match run(i) {
+                        Ok(ms) => {
+                            samples.lock().unwrap_or_else(|p| p.into_inner()).push(ms);
+                            progress.ran();
+                        }
+                        Err(err) => {
+                            failed.store(true, Ordering::SeqCst);
+                            first_error
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get_or_insert(err);
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let wall_s = started.elapsed().as_secs_f64();
+    if let Some(err) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(err);
+    }
+    let samples = samples.into_inner().unwrap_or_else(|p| p.into_inner());
+    Ok((samples, wall_s))
+}
+
+/// Kiln's and the peer's runs of one scenario, `runs[0]` and `runs[1]`
+/// (as in [`series`]), each series' samples and wall time. With one run at
+/// a time the two alternate (warm-ups, then kiln, peer, kiln, …) so that
+/// a change in the host's load falls on both alike, and each wall time is
+/// the sum of that series' own runs, teardown included; with more at a
+/// time, one series runs after the other.
+fn paired(
+    config: &Config,
+    labels: [&str; 2],
+    progress: &dyn Progress,
+    runs: [&(dyn Fn(usize) -> Result<f64, BenchError> + Sync); 2],
+) -> Result<[(Vec<f64>, f64); 2], BenchError> {
+    if config.concurrency > 1 {
+        let first = series(config, labels[0], progress, runs[0])?;
+        return Ok([first, series(config, labels[1], progress, runs[1])?]);
+    }
+    progress.series(
+        &format!("{} + {}", labels[0], labels[1]),
+        2 * (config.warmup + config.runs),
+    );
+    let mut out: [(Vec<f64>, f64); 2] = Default::default();
+    let order = (0..config.warmup)
+        .map(|i| (config.runs + i, false))
+        .chain((0..config.runs).map(|i| (i, true)));
+    for (i, timed) in order {
+        for (side, run) in runs.iter().enumerate() {
+            let started = Instant::now();
+            let ms = run(i)?;
+            if timed {
+                out[side].0.push(ms);
+                out[side].1 += started.elapsed().as_secs_f64();
+            }
+            progress.ran();
+        }
+    }
+    Ok(out)
+}
+
+/// [`series`], made into a [`Series`].
+fn timed_series(
+    config: &Config,
+    scenario: Scenario,
+    vmm: Vmm,
+    timer: (&str, &str),
+    progress: &dyn Progress,
+    run: &(dyn Fn(usize) -> Result<f64, BenchError> + Sync),
+) -> Result<Series, BenchError> {
+    let label = format!("{scenario} ({vmm})");
+    let (samples, wall_s) = series(config, &label, progress, run)?;
+    Ok(Series::new(scenario, vmm, timer, samples, wall_s).expect("runs >= 1 were checked"))
+}
+
+/// The QEMU TCG hypervisor signature: a CPU emulated instruction by
+/// instruction.
+const TCG_SIGNATURE: &str = "TCGTCGTCGTCG";
+
+/// Where the benchmark runs.
+pub fn environment(host: &HostVirt) -> Environment {
+    let hypervisor = hypervisor_signature();
+    let emulated = hypervisor.as_deref() == Some(TCG_SIGNATURE);
+    let label = if emulated {
+        emulation_label("KVM nested in a QEMU TCG guest")
+    } else {
+        match &hypervisor {
+            Some(hv) => format!("nested KVM inside a {hv} guest"),
+            None => "hardware KVM".into(),
+        }
+    };
+    let load_average = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok());
+    Environment {
+        kvm: host.to_string(),
+        hypervisor,
+        emulated,
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        load_average,
+        label,
+    }
+}
+
+/// The label of numbers measured under emulation, `how` being where.
+pub fn emulation_label(how: &str) -> String {
+    format!(
+        "MEASURED UNDER EMULATION ({how}): absolute times are far slower than on hardware; \
+         only ratios against the peer in the same run mean anything"
+    )
+}
+
+impl Environment {
+    /// Marks the numbers as measured under emulation, `how` being where
+    /// (for a harness that knows it nested the run under emulation).
+    pub fn mark_emulated(&mut self, how: &str) {
+        self.emulated = true;
+        self.label = emulation_label(how);
+    }
+}
+
+/// CPUID leaf 0x40000000's vendor signature, when the CPU says it runs
+/// under a hypervisor (CPUID.1:ECX bit 31).
+fn hypervisor_signature() -> Option<String> {
+    use std::arch::x86_64::__cpuid;
+    let features = __cpuid(1);
+    if features.ecx & (1 << 31) == 0 {
+        return None;
+    }
+    let leaf = __cpuid(0x4000_0000);
+    let bytes: Vec<u8> = [leaf.ebx, leaf.ecx, leaf.edx]
+        .iter()
+        .flat_map(|r| r.to_le_bytes())
+        .take_while(|&b| b != 0)
+        .collect();
+    let signature = String::from_utf8_lossy(&bytes).trim().to_string();
+    Some(if signature.is_empty() {
+        "unnamed hypervisor".into()
+    } else {
+        signature
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scenarios_are_named_as_on_the_command_line() {
+        let names: Vec<String> = Scenario::ALL.iter().map(ToString::to_string).collect();
+        assert_eq!(names, ["cold", "restore", "clone"]);
+        assert_eq!(
+            serde_json::to_string(&Scenario::Clone).unwrap(),
+            "\"clone\""
+        );
+    }
+
+    #[test]
+    fn the_emulation_label_says_so() {
+        let mut env = environment(&HostVirt::Pvm);
+        env.mark_emulated("nested KVM under QEMU TCG");
+        assert!(env.emulated);
+        assert!(
+            env.label
+                .starts_with("MEASURED UNDER EMULATION (nested KVM under QEMU TCG)")
+        );
+        assert!(env.kvm.contains("PVM"));
+    }
+
+    #[test]
+    fn a_host_without_hardware_kvm_is_told_so() {
+        let message = BenchError::NoHardwareKvm(HostVirt::Pvm).to_string();
+        assert!(message.contains("needs hardware KVM"), "{message}");
+        assert!(message.contains("cargo xtask bench startup"), "{message}");
+    }
+
+    fn config() -> Config {
+        Config {
+            scenarios: vec![Scenario::Cold],
+            image: "hello:1.0.0".into(),
+            handler: None,
+            memory_mib: 128,
+            runs: 5,
+            concurrency: 2,
+            warmup: 1,
+            peer: None,
+            kiln: "kiln".into(),
+            home: "/nonexistent".into(),
+            kernel: "/nonexistent".into(),
+            limit: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn a_series_runs_the_warm_ups_then_every_timed_run_once() {
+        let done = Mutex::new(Vec::new());
+        let (samples, wall_s) = series(&config(), "x", &Quiet, &|i| {
+            done.lock().unwrap().push(i);
+            Ok(i as f64 + 1.0)
+        })
+        .unwrap();
+        let mut done = done.into_inner().unwrap();
+        assert_eq!(done[0], 5, "the warm-up comes first");
+        done.sort();
+        assert_eq!(done, [0, 1, 2, 3, 4, 5]);
+        let mut samples = samples;
+        samples.sort_by(f64::total_cmp);
+        assert_eq!(samples, [1.0, 2.0, 3.0, 4.0, 5.0]);
+        assert!(wall_s > 0.0);
+    }
+
+    #[test]
+    fn paired_runs_alternate_one_at_a_time() {
+        let config = Config {
+            concurrency: 1,
+            runs: 3,
+            ..config()
+        };
+        let done = Mutex::new(Vec::new());
+        let kiln = |i: usize| {
+            done.lock().unwrap().push(format!("k{i}"));
+            Ok(10.0)
+        };
+        let peer = |i: usize| {
+            done.lock().unwrap().push(format!("q{i}"));
+            Ok(20.0)
+        };
+        let [(k, k_wall), (q, q_wall)] =
+            paired(&config, ["k", "q"], &Quiet, [&kiln, &peer]).unwrap();
+        assert_eq!(
+            done.into_inner().unwrap(),
+            ["k3", "q3", "k0", "q0", "k1", "q1", "k2", "q2"]
+        );
+        assert_eq!((k, q), (vec![10.0; 3], vec![20.0; 3]));
+        assert!(k_wall > 0.0 && q_wall > 0.0);
+    }
+
+    #[test]
+    fn a_failed_run_fails_the_series() {
+        let err = series(&config(), "x", &Quiet, &|i| {
+            if i == 2 {
+                Err(BenchError::Runs(0))
+            } else {
+                Ok(1.0)
+            }
+        })
+        .unwrap_err();
+        assert!(matches!(err, BenchError::Runs(0)));
+    }
+}

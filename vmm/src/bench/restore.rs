@@ -1,0 +1,171 @@
+//! The restore scenario: `kiln snapshot restore` of the function's
+//! template (a snapshot of the image booted, guest-init waiting on its
+//! vsock port) into a new instance, to guest-init answering a ping there.
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use guest_init::function::FUNCTION_PORT;
+
+use super::clone::Function;
+use super::kiln::Kiln;
+use super::report::{Series, Vmm};
+use super::timing::{Watchdog, millis};
+use super::{BenchError, Config, Progress, Scenario, timed_series};
+use crate::functions::{ping, vsock};
+use crate::instance::{Instance, Registry};
+
+/// The restore scenario's timer.
+pub const TIMER: (&str, &str) = (
+    "exec of `kiln snapshot restore SNAPSHOT --name NAME`",
+    "guest-init in the restored guest answering a ping on its vsock port",
+);
+
+/// How often the new instance is looked for.
+const POLL: Duration = Duration::from_millis(1);
+/// How long one round of connecting to its guest may take.
+const CONNECT_ROUND: Duration = Duration::from_secs(5);
+
+pub fn kiln(
+    config: &Config,
+    kiln: &Kiln,
+    function: &Function,
+    progress: &dyn Progress,
+) -> Result<Series, BenchError> {
+    let run = |i: usize| {
+        let name = format!("restore-{i}");
+        let elapsed = restore_to_answer(config, kiln, function, &name)?;
+        kiln.terminate(&name)?;
+        Ok(millis(elapsed))
+    };
+    timed_series(config, Scenario::Restore, Vmm::Kiln, TIMER, progress, &run)
+}
+
+/// Spawns the restore of instance `name` and times it to the pong; the
+/// command must then succeed.
+fn restore_to_answer(
+    config: &Config,
+    kiln: &Kiln,
+    function: &Function,
+    name: &str,
+) -> Result<Duration, BenchError> {
+    let what = format!("kiln snapshot restore --name {name}");
+    let mut cmd = kiln.command();
+    cmd.args(["snapshot", "restore"])
+        .arg(&function.template)
+        .args(["--name", name])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let known = instance_dirs(kiln);
+    let started = Instant::now();
+    let mut child = cmd.spawn().map_err(|source| BenchError::Spawn {
+        what: what.clone(),
+        source,
+    })?;
+    kiln.track(name);
+    let watchdog = Watchdog::start(child.id(), config.limit);
+    let answered = wait_for_pong(kiln, name, known, &mut child, started, config.limit);
+    let output = child.wait_with_output();
+    let killed = watchdog.finish();
+    let output = output.map_err(|source| BenchError::Spawn {
+        what: what.clone(),
+        source,
+    })?;
+    let printed = format!(
+        "{} | {}",
+        String::from_utf8_lossy(&output.stdout).trim(),
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    if killed {
+        return Err(BenchError::Timeout {
+            what,
+            limit: config.limit,
+            printed,
+        });
+    }
+    if !output.status.success() {
+        return Err(BenchError::Failed {
+            what,
+            status: output.status.to_string(),
+            printed,
+        });
+    }
+    answered.map_err(|last| BenchError::NoAnswer {
+        what,
+        limit: config.limit,
+        last: format!("{last}; it printed: {printed}"),
+    })
+}
+
+/// Looks for instance `name`, then pings its guest until it answers;
+/// the time since `started` of the pong, or the last failure at `limit`
+/// or once `restoring` (the `kiln` command) has failed. `known` are the
+/// instance directories from before the restore: only new ones are read.
+fn wait_for_pong(
+    kiln: &Kiln,
+    name: &str,
+    mut known: HashSet<OsString>,
+    restoring: &mut Child,
+    started: Instant,
+    limit: Duration,
+) -> Result<Duration, String> {
+    let registry = Registry::new(kiln.home());
+    let mut last = String::from("the instance never appeared");
+    let mut socket = None;
+    while started.elapsed() < limit {
+        if socket.is_none() {
+            socket = new_instance(kiln, &registry, &mut known, name).map(|i| i.vsock_socket());
+        }
+        if let Some(socket) = &socket {
+            // vsock::connect retries until the guest answers, as `kiln fn
+            // invoke` does; a ping that fails after it is tried again, and
+            // the restore's own failure is looked for every few seconds.
+            let left = limit.saturating_sub(started.elapsed()).min(CONNECT_ROUND);
+            match vsock::connect(socket, FUNCTION_PORT, left).and_then(ping) {
+                Ok(()) => return Ok(started.elapsed()),
+                Err(err) => last = err.to_string(),
+            }
+        }
+        if let Ok(Some(status)) = restoring.try_wait()
+            && !status.success()
+        {
+            return Err(format!("{last}; the restore failed: {status}"));
+        }
+        std::thread::sleep(POLL);
+    }
+    Err(last)
+}
+
+/// The instance directories there are now (a directory listing: cheaper
+/// than reading every record while a guest is being restored).
+fn instance_dirs(kiln: &Kiln) -> HashSet<OsString> {
+    std::fs::read_dir(kiln.home().join("instances"))
+        .map(|entries| entries.filter_map(|e| Some(e.ok()?.file_name())).collect())
+        .unwrap_or_default()
+}
+
+/// Instance `name`, if it is among the directories not `known` (an
+/// instance's directory appears whole, its record in it); the others
+/// (concurrent runs' instances) become known.
+fn new_instance(
+    kiln: &Kiln,
+    registry: &Registry,
+    known: &mut HashSet<OsString>,
+    name: &str,
+) -> Option<Instance> {
+    for id in instance_dirs(kiln) {
+        if known.contains(&id) || !id.to_string_lossy().starts_with("i-") {
+            continue;
+        }
+        let Ok(instance) = registry.find(&id.to_string_lossy()) else {
+            continue;
+        };
+        if instance.record.spec.name.as_deref() == Some(name) {
+            return Some(instance);
+        }
+        known.insert(id);
+    }
+    None
+}

@@ -1,0 +1,302 @@
+//! Timing a child process to an event in its output, and a watchdog so
+//! that a VM which never gets there fails the run instead of hanging it.
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::BenchError;
+
+/// Sends `SIGKILL` to process `pid` unless [`finish`](Self::finish) comes
+/// within `limit`.
+pub struct Watchdog {
+    finished: mpsc::Sender<()>,
+    thread: JoinHandle<bool>,
+}
+
+impl Watchdog {
+    /// Watches the child `pid`, which must not be reaped before
+    /// [`finish`](Self::finish): until then the pid is still its own.
+    pub fn start(pid: u32, limit: Duration) -> Watchdog {
+        let (finished, watch) = mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let expired = watch.recv_timeout(limit) == Err(mpsc::RecvTimeoutError::Timeout);
+            if expired {
+                signal(pid, libc::SIGKILL);
+            }
+            expired
+        });
+        Watchdog { finished, thread }
+    }
+
+    /// Call before reaping the child; true when it was killed.
+    pub fn finish(self) -> bool {
+        let _ = self.finished.send(());
+        self.thread.join().unwrap_or(true)
+    }
+}
+
+/// Sends `signal` to the unreaped child `pid`.
+pub fn signal(pid: u32, signal: i32) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    // SAFETY: kill(2) touches no memory of ours; the pid is an unreaped
+    // child's, so it names no other process.
+    unsafe {
+        libc::kill(pid, signal);
+    }
+}
+
+/// Which output of the child the event shows in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// What happens to the child once the event has been seen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Then {
+    /// It is stopped with `SIGTERM`: a VM that would run on.
+    Terminate,
+    /// It runs to its end, which must be a success.
+    Succeed,
+}
+
+/// The event: the first line starting with a prefix, or the first byte.
+#[derive(Clone, Copy, Debug)]
+pub enum Event<'a> {
+    LineStarting(&'a str),
+    FirstByte,
+}
+
+/// A timed run of one child.
+#[derive(Debug)]
+pub struct Timed {
+    /// From just before the spawn to the event.
+    pub elapsed: Duration,
+    /// Everything the child printed, stdout then stderr.
+    pub printed: String,
+}
+
+/// Spawns `cmd` and times it from just before the spawn (the process's
+/// exec) to `event` on `stream`; then, `then`. The run fails when the
+/// child ends without the event, fails when it should succeed, or is
+/// still running after `limit` (it is killed).
+pub fn time_to(
+    mut cmd: Command,
+    what: &str,
+    stream: Stream,
+    event: Event<'_>,
+    then: Then,
+    limit: Duration,
+) -> Result<Timed, BenchError> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let started = Instant::now();
+    let mut child = cmd.spawn().map_err(|source| BenchError::Spawn {
+        what: what.to_string(),
+        source,
+    })?;
+    let pid = child.id();
+    let watchdog = Watchdog::start(pid, limit);
+    let (watched, other) = pipes(&mut child, stream);
+    let other = std::thread::spawn(move || read_all(other));
+    let mut watched = BufReader::new(watched);
+    let mut seen = Vec::new();
+    let elapsed = wait_for(&mut watched, &mut seen, event, started);
+    if elapsed.is_some() && then == Then::Terminate {
+        signal(pid, libc::SIGTERM);
+    }
+    let _ = watched.read_to_end(&mut seen);
+    let status = child.wait();
+    let killed = watchdog.finish();
+    let other = other.join().unwrap_or_default();
+    let printed = match stream {
+        Stream::Stdout => [seen, other],
+        Stream::Stderr => [other, seen],
+    }
+    .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_string())
+    .join(" | ");
+    let status = status.map_err(|source| BenchError::Spawn {
+        what: what.to_string(),
+        source,
+    })?;
+    if killed {
+        return Err(BenchError::Timeout {
+            what: what.to_string(),
+            limit,
+            printed,
+        });
+    }
+    let Some(elapsed) = elapsed else {
+        return Err(BenchError::NoEvent {
+            what: what.to_string(),
+            event: describe(event),
+            status: status_text(status),
+            printed,
+        });
+    };
+    if then == Then::Succeed && !status.success() {
+        return Err(BenchError::Failed {
+            what: what.to_string(),
+            status: status_text(status),
+            printed,
+        });
+    }
+    Ok(Timed { elapsed, printed })
+}
+
+type Pipe = Box<dyn Read + Send>;
+
+/// The watched pipe and the other one.
+fn pipes(child: &mut Child, stream: Stream) -> (Pipe, Pipe) {
+    let stdout: Pipe = match child.stdout.take() {
+        Some(out) => Box::new(out),
+        None => Box::new(std::io::empty()),
+    };
+    let stderr: Pipe = match child.stderr.take() {
+        Some(err) => Box::new(err),
+        None => Box::new(std::io::empty()),
+    };
+    match stream {
+        Stream::Stdout => (stdout, stderr),
+        Stream::Stderr => (stderr, stdout),
+    }
+}
+
+fn read_all(mut pipe: Pipe) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    let _ = pipe.read_to_end(&mut bytes);
+    bytes
+}
+
+/// Reads until `event`, keeping what was read in `seen`; the time since
+/// `started` when it came, `None` at the end of the stream.
+fn wait_for(
+    pipe: &mut impl BufRead,
+    seen: &mut Vec<u8>,
+    event: Event<'_>,
+    started: Instant,
+) -> Option<Duration> {
+    match event {
+        Event::FirstByte => {
+            let mut byte = [0u8];
+            match pipe.read(&mut byte) {
+                Ok(1) => {
+                    let at = started.elapsed();
+                    seen.push(byte[0]);
+                    Some(at)
+                }
+                _ => None,
+            }
+        }
+        Event::LineStarting(prefix) => loop {
+            let from = seen.len();
+            match pipe.read_until(b'\n', seen) {
+                Ok(0) | Err(_) => return None,
+                Ok(_) if seen[from..].starts_with(prefix.as_bytes()) => {
+                    return Some(started.elapsed());
+                }
+                Ok(_) => {}
+            }
+        },
+    }
+}
+
+fn describe(event: Event<'_>) -> String {
+    match event {
+        Event::LineStarting(prefix) => format!("a line starting {prefix:?}"),
+        Event::FirstByte => "any output".into(),
+    }
+}
+
+fn status_text(status: ExitStatus) -> String {
+    status.to_string()
+}
+
+/// Milliseconds, as the reports count.
+pub fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `sh -c SCRIPT`, timed to `event` on `stream`, within 20 s.
+    fn sh(script: &str, stream: Stream, event: Event<'_>, then: Then) -> Result<Timed, BenchError> {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", script]);
+        time_to(
+            cmd,
+            "the script",
+            stream,
+            event,
+            then,
+            Duration::from_secs(20),
+        )
+    }
+
+    #[test]
+    fn a_line_on_stderr_stops_the_timer_and_the_rest_is_kept() {
+        let script =
+            "echo out; echo noise >&2; sleep 0.2; echo 'boot-to-init: 5 us' >&2; echo after >&2";
+        let prefix = Event::LineStarting("boot-to-init: ");
+        let timed = sh(script, Stream::Stderr, prefix, Then::Succeed).unwrap();
+        assert!(timed.elapsed >= Duration::from_millis(200), "{timed:?}");
+        assert_eq!(timed.printed, "out | noise\nboot-to-init: 5 us\nafter");
+    }
+
+    #[test]
+    fn the_first_byte_on_stdout_stops_the_timer_then_the_child_is_terminated() {
+        let started = Instant::now();
+        let script = "sleep 0.1; printf x; exec sleep 30";
+        let timed = sh(script, Stream::Stdout, Event::FirstByte, Then::Terminate).unwrap();
+        assert!(timed.elapsed >= Duration::from_millis(100));
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(10), "not terminated: {took:?}");
+        assert_eq!(timed.printed, "x | ");
+    }
+
+    #[test]
+    fn no_event_is_an_error_naming_what_was_looked_for() {
+        let ready = Event::LineStarting("ready");
+        let err = sh("echo hello; exit 3", Stream::Stdout, ready, Then::Succeed)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("the script"), "{err}");
+        assert!(err.contains("\"ready\""), "{err}");
+        assert!(err.contains("hello"), "{err}");
+    }
+
+    #[test]
+    fn a_failure_after_the_event_fails_the_run() {
+        let err = sh(
+            "printf x; exit 4",
+            Stream::Stdout,
+            Event::FirstByte,
+            Then::Succeed,
+        );
+        assert!(matches!(err, Err(BenchError::Failed { .. })), "{err:?}");
+    }
+
+    #[test]
+    fn a_child_over_its_limit_is_killed() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "exec sleep 30"]);
+        let limit = Duration::from_millis(200);
+        let err = time_to(
+            cmd,
+            "sleeper",
+            Stream::Stdout,
+            Event::FirstByte,
+            Then::Succeed,
+            limit,
+        );
+        assert!(matches!(err, Err(BenchError::Timeout { .. })), "{err:?}");
+    }
+}
