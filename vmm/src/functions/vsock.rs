@@ -12,11 +12,12 @@ const RETRY: Duration = Duration::from_millis(5);
 /// How long the first attempt waits for the VMM's answer to CONNECT: the
 /// guest answers a connection request at once when something listens.
 /// An unanswered attempt is given up and the next one waits twice as
-/// long, up to [`ANSWER_TIMEOUT`]: a guest restored from a snapshot can
-/// answer the first REQUEST with its template's CID, before it has taken
-/// in the transport reset, and the device drops that answer (see
-/// `devices::virtio::vsock`); the next attempt is answered. Waiting the
-/// whole [`ANSWER_TIMEOUT`] first cost every clone 2 s (`kiln bench`).
+/// long, up to [`ANSWER_TIMEOUT`], so a lost answer costs a retry rather
+/// than the whole timeout. (Lost answers were how restored guests once
+/// answered their first REQUEST with the template's CID, which the device
+/// dropped; the device now holds REQUESTs until the guest has handled its
+/// transport reset, see `devices::virtio::vsock`. Waiting the whole
+/// [`ANSWER_TIMEOUT`] first had cost every clone 2 s, `kiln bench`.)
 const FIRST_ANSWER_TIMEOUT: Duration = Duration::from_millis(50);
 /// The longest one attempt waits for the answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
