@@ -7,15 +7,21 @@
 . "$(dirname "$0")/lib.sh"
 
 # get ADDRESS PORT FILE: an HTTP GET of / into FILE, retrying while the
-# guest boots (300 s). With busybox nc: busybox's static wget crashes in
-# the L1, which has no /etc.
+# guest boots, for 300 s of wall time. With busybox nc: busybox's static
+# wget crashes in the L1, which has no /etc.
 get() {
-    waited=0
-    while [ "$waited" -lt 300 ]; do
+    deadline=$(( $(date +%s) + 300 ))
+    while [ "$(date +%s)" -lt "$deadline" ]; do
         printf 'GET / HTTP/1.0\r\nHost: %s\r\n\r\n' "$1" | nc -w 10 "$1" "$2" > "$3" 2>&1
         grep -q "200 OK" "$3" && return
-        sleep 2; waited=$((waited + 2))
+        sleep 2
     done
+    # What the host and the instances looked like, for the log.
+    echo "KILN-INFO no answer from $1:$2: $(tr '\n' ' ' < "$3")"
+    echo "KILN-INFO neighbours: $(ip neigh 2>&1 | tr '\n' ';') bridge ports: $(ls /sys/class/net/kiln0/brif 2>&1 | tr '\n' ' ')"
+    echo "KILN-INFO memory: $(grep -E 'MemAvailable' /proc/meminfo) taps: $(ls /sys/class/net | grep -c '^kt-')"
+    "$KILN" ps -a 2>&1 | sed 's/^/KILN-INFO ps: /'
+    "$KILN" logs web1 2>&1 | tail -n 5 | sed 's/^/KILN-INFO web1: /'
 }
 
 # refused ADDRESS PORT FILE: connecting fails; nc's complaint into FILE.

@@ -16,4 +16,8 @@ for scenario in "$@"; do
     SCENARIO=$scenario WORK=$WORK timeout "$limit" sh "$here/$scenario.sh"
     status=$?
     [ "$status" -eq 0 ] || echo "KILN-TEST $scenario/script FAIL exited with status $status (124/143: over ${limit}s)"
+    # The scratch files live in the test machine's RAM (the L1's tmpfs):
+    # the next scenario gets them back.
+    echo "KILN-INFO $scenario left $(du -sm "$WORK" | cut -f1) MiB of scratch; $(grep MemAvailable /proc/meminfo)"
+    rm -rf "$WORK"
 done
