@@ -65,6 +65,10 @@ impl Subnet {
         u32::MAX << (32 - u32::from(self.prefix))
     }
 
+    pub fn netmask(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.mask())
+    }
+
     /// The bridge's address, the guests' gateway: the first one.
     pub fn gateway(&self) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(self.network) + 1)
@@ -196,6 +200,11 @@ mod tests {
     #[test]
     fn subnets_must_be_aligned_and_sized() {
         assert_eq!(subnet("10.89.0.0/24"), DEFAULT_SUBNET);
+        assert_eq!(DEFAULT_SUBNET.netmask(), Ipv4Addr::new(255, 255, 255, 0));
+        assert_eq!(
+            subnet("10.1.2.0/29").netmask(),
+            Ipv4Addr::new(255, 255, 255, 248)
+        );
         for bad in [
             "10.89.0.0",
             "10.89.0.1/24",

@@ -140,9 +140,9 @@ fn failed<'a>(
     }
 }
 
-/// Makes sure the bridge `name` exists, holds `gateway`/`prefix` and is
+/// Makes sure the bridge `name` exists, holds `gateway` with `netmask` and is
 /// up. Concurrent callers agree: each step leaves alone what is already so.
-pub fn ensure(name: &str, gateway: Ipv4Addr, prefix: u8) -> Result<(), BridgeError> {
+pub fn ensure(name: &str, gateway: Ipv4Addr, netmask: Ipv4Addr) -> Result<(), BridgeError> {
     let netdev = Netdev::open().map_err(failed("open a socket for", name))?;
     let mut ifr = ifreq(name);
     match netdev.ioctl(SIOCBRADDBR, &mut ifr) {
@@ -171,24 +171,23 @@ pub fn ensure(name: &str, gateway: Ipv4Addr, prefix: u8) -> Result<(), BridgeErr
                 gateway,
             });
         }
-        Err(_) => set_gateway(&netdev, name, gateway, prefix)?,
+        Err(_) => set_gateway(&netdev, name, gateway, netmask)?,
     }
     netdev.set_up(name).map_err(failed("bring up", name))
 }
 
-/// Gives the bridge `name` its address: the gateway, in a /`prefix`.
+/// Gives the bridge `name` its address: the gateway, with `netmask`.
 fn set_gateway(
     netdev: &Netdev,
     name: &str,
     gateway: Ipv4Addr,
-    prefix: u8,
+    netmask: Ipv4Addr,
 ) -> Result<(), BridgeError> {
     netdev
         .set_ipv4(name, libc::SIOCSIFADDR, gateway)
         .map_err(failed("set the gateway address of", name))?;
-    let mask = Ipv4Addr::from(u32::MAX << (32 - u32::from(prefix)));
     netdev
-        .set_ipv4(name, libc::SIOCSIFNETMASK, mask)
+        .set_ipv4(name, libc::SIOCSIFNETMASK, netmask)
         .map_err(failed("set the netmask of", name))
 }
 
@@ -227,18 +226,19 @@ mod tests {
     fn a_tap_joins_a_bridge_with_the_gateway_address() {
         let bridge = "kb-unit-test";
         let gateway = Ipv4Addr::new(10, 250, 7, 1);
+        let mask = Ipv4Addr::new(255, 255, 255, 0);
         if !is_root() {
             assert!(matches!(
-                ensure(bridge, gateway, 24),
+                ensure(bridge, gateway, mask),
                 Err(BridgeError::Permission { .. })
             ));
             return;
         }
-        ensure(bridge, gateway, 24).unwrap();
+        ensure(bridge, gateway, mask).unwrap();
         // Again: nothing changes, nothing fails.
-        ensure(bridge, gateway, 24).unwrap();
+        ensure(bridge, gateway, mask).unwrap();
         // Another subnet's gateway would readdress it: refused.
-        let other = ensure(bridge, Ipv4Addr::new(10, 251, 0, 1), 24).unwrap_err();
+        let other = ensure(bridge, Ipv4Addr::new(10, 251, 0, 1), mask).unwrap_err();
         assert!(matches!(other, BridgeError::OtherAddress { .. }), "{other}");
         let netdev = Netdev::open().unwrap();
         assert_eq!(netdev.ipv4(bridge, libc::SIOCGIFADDR).unwrap(), gateway);

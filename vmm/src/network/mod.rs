@@ -19,12 +19,11 @@ use address::{AddressError, BRIDGE, Subnet};
 use bridge::BridgeError;
 
 use crate::devices::virtio::net::NetConfig;
+use crate::devices::virtio::net::tap::TUN_DEVICE;
 
 /// Where the host's resolvers are listed.
 const RESOLV_CONF: &str = "/etc/resolv.conf";
 
-/// The tun clone device taps are made from.
-const TUN_DEVICE: &str = "/dev/net/tun";
 /// capability(7): the bit of CAP_NET_ADMIN in the capability sets.
 const CAP_NET_ADMIN: u32 = 12;
 
@@ -82,7 +81,7 @@ pub fn guest_nic(id: &str, address: Ipv4Addr) -> Result<(NetConfig, Vec<String>)
 /// before any instance exists.
 pub fn prepare_bridge() -> Result<Subnet, NetworkError> {
     let subnet = Subnet::from_env()?;
-    bridge::ensure(BRIDGE, subnet.gateway(), subnet.prefix())?;
+    bridge::ensure(BRIDGE, subnet.gateway(), subnet.netmask())?;
     Ok(subnet)
 }
 

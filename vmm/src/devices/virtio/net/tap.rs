@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 /// The clone device every tap is made from.
-const TUN_DEVICE: &str = "/dev/net/tun";
+pub const TUN_DEVICE: &str = "/dev/net/tun";
 /// Interface names hold at most this many bytes, the NUL included
 /// (linux/if.h).
 pub const IFNAMSIZ: usize = libc::IFNAMSIZ;
