@@ -9,7 +9,7 @@
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +18,15 @@ const MAX_REQUEST: usize = 16 * 1024;
 const MAX_HEADERS: usize = 32;
 /// How long either side waits for the other before giving up.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client has to send its whole request, however it trickles
+/// it in. Requests are served one at a time, so a client that sends one
+/// byte now and then would otherwise hold the API (or a function URL)
+/// forever. The CLI writes its whole request (at most [`MAX_REQUEST`]
+/// bytes) in one `write_all`, which takes microseconds; 5 s leaves room
+/// for a loaded host or a slow `curl`, and is well within the 30 s
+/// ([`IO_TIMEOUT`]) the CLI's own calls wait for an answer, so a stalled
+/// client delays them without failing them.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 
 /// A parsed request.
 #[derive(Debug, PartialEq, Eq)]
@@ -69,6 +78,7 @@ fn reason(status: u16) -> &'static str {
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
         409 => "Conflict",
         413 => "Content Too Large",
         502 => "Bad Gateway",
@@ -110,19 +120,27 @@ pub fn parse_request(bytes: &[u8]) -> Result<Option<Request>, Malformed> {
             .and_then(|v| v.trim().parse::<usize>().ok())
             .ok_or_else(|| malformed(400, "Content-Length is not a number"))?,
     };
-    if head_len + content_length > MAX_REQUEST {
+    // Checked: a Content-Length near usize::MAX would wrap the sum to a
+    // small number and the slice below would panic.
+    let Some(total) = head_len
+        .checked_add(content_length)
+        .filter(|&total| total <= MAX_REQUEST)
+    else {
         return Err(malformed(
             413,
-            format!("requests are limited to {MAX_REQUEST} bytes"),
+            format!(
+                "Content-Length {content_length}: expected at most {} bytes after a {head_len}-byte head (requests are limited to {MAX_REQUEST} bytes)",
+                MAX_REQUEST.saturating_sub(head_len)
+            ),
         ));
-    }
-    if bytes.len() < head_len + content_length {
+    };
+    let Some(body) = bytes.get(head_len..total) else {
         return Ok(None);
-    }
+    };
     Ok(Some(Request {
         method: parsed.method.unwrap_or_default().to_string(),
         path: parsed.path.unwrap_or_default().to_string(),
-        body: bytes[head_len..head_len + content_length].to_vec(),
+        body: body.to_vec(),
     }))
 }
 
@@ -145,12 +163,23 @@ impl Connection for std::net::TcpStream {
 }
 
 /// Reads one request from `stream`, has `handle` answer it and writes the
-/// answer back.
+/// answer back. A request that has not arrived whole within
+/// [`REQUEST_DEADLINE`] is answered 408 and not handled.
 pub fn serve_one(
-    mut stream: impl Connection,
+    stream: impl Connection,
     handle: impl FnOnce(Request) -> Response,
 ) -> io::Result<()> {
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    serve_one_within(stream, REQUEST_DEADLINE, handle)
+}
+
+/// [`serve_one`] with the whole-request deadline as a parameter, so tests
+/// need not wait seconds.
+fn serve_one_within(
+    mut stream: impl Connection,
+    deadline: Duration,
+    handle: impl FnOnce(Request) -> Response,
+) -> io::Result<()> {
+    let started = Instant::now();
     let mut bytes = Vec::new();
     let mut chunk = [0u8; 4096];
     let response = loop {
@@ -162,9 +191,31 @@ pub fn serve_one(
             }
             Ok(None) => {}
         }
-        match stream.read(&mut chunk)? {
-            0 => return Ok(()),
-            n => bytes.extend_from_slice(&chunk[..n]),
+        // Each read waits only for what is left of the deadline, so the
+        // deadline holds however slowly the bytes come.
+        let left = deadline.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            break Response::error(
+                408,
+                format!(
+                    "the request did not arrive whole within {} ms ({} bytes came)",
+                    deadline.as_millis(),
+                    bytes.len()
+                ),
+            );
+        }
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(&mut chunk) {
+            Ok(0) => return Ok(()),
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+            // The timeout: the loop's check answers it.
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
         }
     };
     stream.write_all(&encode_response(&response))
@@ -280,6 +331,69 @@ mod tests {
         assert_eq!(parse_request(huge.as_bytes()).unwrap_err().status, 413);
         let bad = b"GET / HTTP/1.1\r\nContent-Length: lots\r\n\r\n";
         assert_eq!(parse_request(bad).unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn a_content_length_that_would_wrap_is_refused_not_a_panic() {
+        let wrapping = format!("PUT / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", usize::MAX);
+        let refused = parse_request(wrapping.as_bytes()).unwrap_err();
+        assert_eq!(refused.status, 413);
+        assert!(
+            refused.message.contains(&usize::MAX.to_string()),
+            "{}",
+            refused.message
+        );
+        // One byte over is refused too (`head` is as long as its head: the
+        // length has five digits either way).
+        let head = "PUT / HTTP/1.1\r\nContent-Length: 99999\r\n\r\n";
+        let over = format!(
+            "PUT / HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+            MAX_REQUEST - head.len() + 1
+        );
+        assert_eq!(parse_request(over.as_bytes()).unwrap_err().status, 413);
+    }
+
+    #[test]
+    fn a_trickling_client_is_answered_408_at_the_deadline() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+
+        let (server, mut client) = UnixStream::pair().unwrap();
+        let mut writer = client.try_clone().unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let trickling = done.clone();
+        // A request that would be valid, were its header ever finished:
+        // one byte every 10 ms, far slower than the deadline allows.
+        let trickle = std::thread::spawn(move || {
+            let start = b"GET /instance HTTP/1.1\r\nX-Slow: ".iter();
+            for byte in start.chain(std::iter::repeat(&b'a')) {
+                if trickling.load(Ordering::Relaxed) || writer.write_all(&[*byte]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        let deadline = Duration::from_millis(200);
+        let started = Instant::now();
+        serve_one_within(server, deadline, |_| {
+            unreachable!("an unfinished request is not handled")
+        })
+        .unwrap();
+        let took = started.elapsed();
+        done.store(true, Ordering::Relaxed);
+        assert!(took >= deadline, "answered after {took:?}");
+        assert!(took < Duration::from_secs(2), "answered after {took:?}");
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).unwrap();
+        let response = parse_response(&answer).unwrap();
+        assert_eq!(response.status, 408);
+        assert!(
+            response.body.unwrap()["error"]
+                .as_str()
+                .unwrap()
+                .contains("200 ms")
+        );
+        trickle.join().unwrap();
     }
 
     #[test]
