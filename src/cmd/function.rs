@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use kiln_vmm::bench::stats::Stats;
 use kiln_vmm::bench::timing::millis;
-use kiln_vmm::functions::{FunctionConfig, Functions, Invoked};
+use kiln_vmm::functions::{FunctionConfig, Functions, Invoked, is_loopback, listen_addresses};
 
 use crate::assets::kiln_home;
 
@@ -56,9 +56,14 @@ pub enum Command {
     /// response the handler's stdout.
     Serve {
         name: String,
-        /// Where to listen, e.g. 127.0.0.1:8080.
-        #[arg(long)]
+        /// Where to listen (HOST:PORT). The URL has no authentication, so
+        /// only loopback addresses are accepted without --allow-remote.
+        #[arg(long, default_value = "127.0.0.1:8080")]
         listen: String,
+        /// Listen on a non-loopback address too: anyone who can reach it
+        /// can invoke the function.
+        #[arg(long)]
+        allow_remote: bool,
         /// Stop after this many requests (default: serve forever).
         #[arg(long)]
         max_requests: Option<usize>,
@@ -128,11 +133,21 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Serve {
             name,
             listen,
+            allow_remote,
             max_requests,
         } => {
+            let addresses = listen_addresses(&listen, allow_remote)?;
             let listener =
-                TcpListener::bind(&listen).with_context(|| format!("--listen {listen}"))?;
-            eprintln!("kiln: serving function {name} on http://{listen}/");
+                TcpListener::bind(&addresses[..]).with_context(|| format!("--listen {listen}"))?;
+            let bound = listener
+                .local_addr()
+                .with_context(|| format!("--listen {listen}"))?;
+            if !is_loopback(&bound) {
+                eprintln!(
+                    "kiln: warning: http://{bound}/ has no authentication: anyone who can reach this host there can invoke function {name}"
+                );
+            }
+            eprintln!("kiln: serving function {name} on http://{bound}/");
             functions.serve(&name, &listener, max_requests)?;
         }
     }

@@ -16,7 +16,7 @@ pub mod vsock;
 
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -90,6 +90,12 @@ pub enum FunctionError {
     Invoke { id: String, source: io::Error },
     #[error("instance {id}: guest-init answered nonsense: {reason}")]
     Answer { id: String, reason: String },
+    #[error("--listen {listen}: expected HOST:PORT: {source}")]
+    Listen { listen: String, source: io::Error },
+    #[error(
+        "--listen {listen}: {address} is not a loopback address, and a function URL has no authentication: anyone on that network could invoke it (pass --allow-remote to serve it there anyway)"
+    )]
+    Remote { listen: String, address: SocketAddr },
     #[error(transparent)]
     Lifecycle(#[from] LifecycleError),
     #[error(transparent)]
@@ -354,6 +360,36 @@ impl Functions {
     }
 }
 
+/// Whether `address` is on this host only: 127.0.0.0/8, ::1, or ::1's
+/// IPv4-mapped form of a 127 address.
+pub fn is_loopback(address: &SocketAddr) -> bool {
+    address.ip().to_canonical().is_loopback()
+}
+
+/// The addresses `kiln fn serve --listen LISTEN` binds: those LISTEN
+/// resolves to, all of them loopback unless `allow_remote`, since a
+/// function URL answers anyone who reaches it (it has no authentication).
+/// Checked before binding, so a refused address is never listened on.
+pub fn listen_addresses(
+    listen: &str,
+    allow_remote: bool,
+) -> Result<Vec<SocketAddr>, FunctionError> {
+    let addresses: Vec<SocketAddr> = listen
+        .to_socket_addrs()
+        .map_err(|source| FunctionError::Listen {
+            listen: listen.to_string(),
+            source,
+        })?
+        .collect();
+    if !allow_remote && let Some(address) = addresses.iter().find(|a| !is_loopback(a)) {
+        return Err(FunctionError::Remote {
+            listen: listen.to_string(),
+            address: *address,
+        });
+    }
+    Ok(addresses)
+}
+
 /// Pings guest-init in `instance` until it answers.
 fn wait_ready(instance: &Instance, name: &str) -> Result<(), FunctionError> {
     let started = Instant::now();
@@ -496,6 +532,37 @@ mod tests {
         );
         let err = read_line(&mut &b"{\"pong\""[..]).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn a_function_url_listens_on_loopback_unless_remote_is_allowed() {
+        for local in [
+            "127.0.0.1:8080",
+            "127.1.2.3:80",
+            "[::1]:8080",
+            "[::ffff:127.0.0.1]:80",
+        ] {
+            let addresses = listen_addresses(local, false).unwrap();
+            assert_eq!(addresses, vec![local.parse().unwrap()], "{local}");
+        }
+        for remote in [
+            "0.0.0.0:8080",
+            "[::]:8080",
+            "10.1.2.3:80",
+            "[::ffff:10.0.0.1]:80",
+        ] {
+            let err = listen_addresses(remote, false).unwrap_err();
+            assert!(
+                matches!(err, FunctionError::Remote { .. }),
+                "{remote}: {err}"
+            );
+            assert!(err.to_string().contains(remote), "{err}");
+            assert!(err.to_string().contains("--allow-remote"), "{err}");
+            let allowed = listen_addresses(remote, true).unwrap();
+            assert!(!is_loopback(&allowed[0]), "{remote}");
+        }
+        let err = listen_addresses("8080", false).unwrap_err();
+        assert!(matches!(err, FunctionError::Listen { .. }), "{err}");
     }
 
     #[test]
