@@ -42,6 +42,14 @@ const INSTANCE_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Slack over the handler's timeout for the answer to come back.
 const ANSWER_SLACK: Duration = Duration::from_secs(30);
+/// The longest line read from a clone's guest-init (an `Outcome` or a
+/// `Pong`), without its newline. guest-init keeps at most 1 MiB of each of
+/// the handler's stdout and stderr (`OUTPUT_MAX` in its function mode), and
+/// JSON makes one byte at most 6 (a control byte becomes `\u0001`), so an
+/// honest outcome is under 12 MiB plus its small envelope (status, error,
+/// truncation notes); 16 MiB covers that. Lambda itself caps a response at
+/// 6 MB, so no real handler comes near it.
+const MAX_LINE: u64 = 16 << 20;
 
 /// A function, as `kiln fn create` made it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -457,15 +465,26 @@ fn write_line(stream: &mut impl Write, value: &impl Serialize) -> io::Result<()>
     stream.write_all(&line)
 }
 
-/// One line, without its newline; the stream's end before one is an error.
+/// One line, without its newline, of at most [`MAX_LINE`] bytes; the
+/// stream's end before a newline, or no newline within the limit, is an
+/// error.
 fn read_line(stream: &mut impl Read) -> io::Result<String> {
     let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line)?;
+    // The clone's guest is not trusted to keep its line short: reading is
+    // cut off one byte past the limit, so memory stays bounded.
+    BufReader::new(stream.take(MAX_LINE + 1)).read_line(&mut line)?;
     if !line.ends_with('\n') {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "the function closed the stream without an answer",
-        ));
+        return Err(if line.len() as u64 > MAX_LINE {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the function's answer has no newline within {MAX_LINE} bytes"),
+            )
+        } else {
+            io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the function closed the stream without an answer",
+            )
+        });
     }
     line.pop();
     Ok(line)
@@ -532,6 +551,17 @@ mod tests {
         );
         let err = read_line(&mut &b"{\"pong\""[..]).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn an_endless_line_is_cut_off_at_the_limit() {
+        let mut endless = io::repeat(b'x');
+        let err = read_line(&mut endless).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains(&MAX_LINE.to_string()), "{err}");
+        // A line of exactly the limit is still an answer.
+        let mut longest = io::repeat(b'x').take(MAX_LINE).chain(&b"\nrest"[..]);
+        assert_eq!(read_line(&mut longest).unwrap().len() as u64, MAX_LINE);
     }
 
     #[test]
