@@ -7,12 +7,22 @@ use std::path::{Path, PathBuf};
 
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{
-    Bytes, GuestAddress, GuestMemoryError, ReadVolatile, VolatileMemoryError, VolatileSlice,
-    WriteVolatile,
+    Address, Bytes, GuestAddress, GuestMemoryError, ReadVolatile, VolatileMemoryError,
+    VolatileSlice, WriteVolatile,
 };
 
 use super::super::GuestMemoryMmap;
-use crate::volume::{Volume, VolumeError};
+use crate::volume::{BLOCK_SIZE, Volume, VolumeError};
+
+/// The most a volume transfer holds in host memory at once: the guest's
+/// buffer is moved through a buffer of this size, reused, whatever length
+/// the driver's descriptor claims (up to 4 GiB). A raw image needs none:
+/// pread/pwrite go straight into and out of guest memory. It is the
+/// image format's default chunk size (`kiln_builder::image`), so a piece
+/// of a read decompresses about one chunk, and a whole number of overlay
+/// blocks, so a write's pieces split none.
+const BOUNCE_SIZE: usize = 128 * 1024;
+const _: () = assert!((BOUNCE_SIZE as u64).is_multiple_of(BLOCK_SIZE));
 
 /// Why a request's data could not be moved; the device logs it and answers
 /// the request with VIRTIO_BLK_S_IOERR.
@@ -22,8 +32,8 @@ pub enum TransferError {
     File { path: PathBuf, source: io::Error },
     #[error(transparent)]
     Volume(#[from] VolumeError),
-    #[error("the driver's buffer at {0:#x} is not in guest memory")]
-    GuestMemory(u64),
+    #[error("the driver's buffer of {len} bytes at {addr:#x}: expected it in guest memory")]
+    GuestMemory { addr: u64, len: u32 },
     #[error("the driver's buffer: {0}")]
     Guest(String),
 }
@@ -38,7 +48,11 @@ pub enum Backend {
         read_only: bool,
     },
     /// A compressed image, with an overlay when writable.
-    Volume(Box<Volume>),
+    Volume {
+        volume: Box<Volume>,
+        /// [`BOUNCE_SIZE`] bytes that guest data passes through.
+        bounce: Vec<u8>,
+    },
 }
 
 impl Backend {
@@ -55,10 +69,18 @@ impl Backend {
         Ok((backend, size))
     }
 
+    /// `volume` as a disk's storage.
+    pub fn volume(volume: Volume) -> Self {
+        Backend::Volume {
+            volume: Box::new(volume),
+            bounce: vec![0; BOUNCE_SIZE],
+        }
+    }
+
     pub fn read_only(&self) -> bool {
         match self {
             Backend::Raw { read_only, .. } => *read_only,
-            Backend::Volume(volume) => !volume.writable(),
+            Backend::Volume { volume, .. } => !volume.writable(),
         }
     }
 
@@ -72,45 +94,58 @@ impl Backend {
                 ..
             } => Some(file),
             Backend::Raw { .. } => None,
-            Backend::Volume(volume) => volume.overlay_file(),
+            Backend::Volume { volume, .. } => volume.overlay_file(),
         }
     }
 
     /// Whether DISCARD frees anything: only an overlay gives space back.
     pub fn discards(&self) -> bool {
-        matches!(self, Backend::Volume(volume) if volume.writable())
+        matches!(self, Backend::Volume { volume, .. } if volume.writable())
     }
 
     /// Moves `len` bytes between the disk at `offset` and guest memory at
     /// `addr`: into the guest (a read) when `to_guest`, else out of it.
+    /// The caller has checked that both ranges exist; host memory used is
+    /// at most [`BOUNCE_SIZE`], whatever `len`.
     pub fn transfer(
         &mut self,
         mem: &GuestMemoryMmap,
         addr: GuestAddress,
         offset: u64,
-        len: usize,
+        len: u32,
         to_guest: bool,
     ) -> Result<(), TransferError> {
-        let guest_memory = |_| TransferError::GuestMemory(addr.0);
+        let guest_memory = || TransferError::GuestMemory { addr: addr.0, len };
         match self {
             Backend::Raw { path, file, .. } => {
                 let mut disk = FileAt { file, offset };
                 let moved = if to_guest {
-                    mem.read_exact_volatile_from(addr, &mut disk, len)
+                    mem.read_exact_volatile_from(addr, &mut disk, len as usize)
                 } else {
-                    mem.write_all_volatile_to(addr, &mut disk, len)
+                    mem.write_all_volatile_to(addr, &mut disk, len as usize)
                 };
                 moved.map_err(|err| file_error(path, err))
             }
-            Backend::Volume(volume) if to_guest => {
-                let mut data = vec![0u8; len];
-                volume.read(offset, &mut data)?;
-                mem.write_slice(&data, addr).map_err(guest_memory)
-            }
-            Backend::Volume(volume) => {
-                let mut data = vec![0u8; len];
-                mem.read_slice(&mut data, addr).map_err(guest_memory)?;
-                Ok(volume.write(offset, &data)?)
+            Backend::Volume { volume, bounce } => {
+                let mut done = 0u64;
+                while done < u64::from(len) {
+                    let at = offset + done;
+                    // Pieces end on multiples of BOUNCE_SIZE on the disk, so
+                    // none splits an overlay block.
+                    let to_boundary = BOUNCE_SIZE as u64 - at % BOUNCE_SIZE as u64;
+                    let piece = to_boundary.min(u64::from(len) - done) as usize;
+                    let data = &mut bounce[..piece];
+                    let guest = addr.checked_add(done).ok_or_else(guest_memory)?;
+                    if to_guest {
+                        volume.read(at, data)?;
+                        mem.write_slice(data, guest).map_err(|_| guest_memory())?;
+                    } else {
+                        mem.read_slice(data, guest).map_err(|_| guest_memory())?;
+                        volume.write(at, data)?;
+                    }
+                    done += piece as u64;
+                }
+                Ok(())
             }
         }
     }
@@ -124,7 +159,7 @@ impl Backend {
                     source,
                 })
             }
-            Backend::Volume(volume) => Ok(volume.flush()?),
+            Backend::Volume { volume, .. } => Ok(volume.flush()?),
         }
     }
 
@@ -132,7 +167,7 @@ impl Backend {
     pub fn discard(&mut self, offset: u64, len: u64) -> Result<(), TransferError> {
         match self {
             Backend::Raw { .. } => Ok(()),
-            Backend::Volume(volume) => Ok(volume.discard(offset, len)?),
+            Backend::Volume { volume, .. } => Ok(volume.discard(offset, len)?),
         }
     }
 }
@@ -212,5 +247,67 @@ impl WriteVolatile for FileAt<'_> {
             )
         };
         self.advance(written)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 640 KiB, five pieces' worth, each byte telling its offset apart.
+    const DISK_BYTES: usize = 5 * BOUNCE_SIZE;
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i % 251) as u8 ^ (i >> 12) as u8)
+            .collect()
+    }
+
+    #[test]
+    fn a_volume_moves_long_buffers_through_a_bounded_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("raw");
+        std::fs::write(&raw, pattern(DISK_BYTES)).unwrap();
+        let image = dir.path().join("image.kiln");
+        kiln_builder::image::write(&raw, &image, 64 * 1024).unwrap();
+        let overlay = dir.path().join("root.overlay");
+        let mut backend = Backend::volume(Volume::create(&image, &overlay, 1 << 20).unwrap());
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+
+        // Neither end on a piece or block boundary, spanning three pieces.
+        let (offset, len) = (3 * 512, 2 * BOUNCE_SIZE + 5 * 512);
+        let written: Vec<u8> = (0..len).map(|i| (i * 7 % 256) as u8).collect();
+        mem.write_slice(&written, GuestAddress(0x1_0000)).unwrap();
+        backend
+            .transfer(&mem, GuestAddress(0x1_0000), offset, len as u32, false)
+            .unwrap();
+        // Read back with a sector of the image on either side.
+        let (back_offset, back_len) = (offset - 512, len + 1024);
+        backend
+            .transfer(
+                &mem,
+                GuestAddress(0x6_0000),
+                back_offset,
+                back_len as u32,
+                true,
+            )
+            .unwrap();
+        let mut read = vec![0u8; back_len];
+        mem.read_slice(&mut read, GuestAddress(0x6_0000)).unwrap();
+        let image_bytes = pattern(DISK_BYTES);
+        let mut expected = image_bytes[back_offset as usize..offset as usize].to_vec();
+        expected.extend(&written);
+        let end = offset as usize + len;
+        expected.extend(&image_bytes[end..end + 512]);
+        assert_eq!(read, expected);
+
+        let Backend::Volume { bounce, .. } = &backend else {
+            unreachable!("made as a volume")
+        };
+        assert_eq!(
+            bounce.len(),
+            BOUNCE_SIZE,
+            "the buffer grew with the request"
+        );
     }
 }

@@ -5,7 +5,10 @@
 //! header (type, sector), data buffers, and a device-writable status byte
 //! (§5.2.6). A raw image is read and written with pread/pwrite straight
 //! into and out of guest memory; a volume decompresses the chunks a read
-//! touches. FLUSH completes only once the data is durable, and DISCARD
+//! touches, moving the data through a small reused buffer, so a
+//! descriptor's claimed length (up to 4 GiB) costs the host no memory. A
+//! request's sectors and every buffer's guest range are checked before the
+//! disk is touched. FLUSH completes only once the data is durable, and DISCARD
 //! (offered by writable volumes) frees overlay blocks. A failed transfer,
 //! such as a read of a damaged image chunk, is logged and answered with an
 //! I/O error, never with wrong data.
@@ -28,7 +31,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueState, QueueT};
-use vm_memory::Bytes;
+use vm_memory::{Address, Bytes, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::{
@@ -213,15 +216,7 @@ impl Disk {
         else {
             return Completion::status(VIRTIO_BLK_S_IOERR);
         };
-        let mut offset = request.sector * SECTOR_SIZE;
-        let moved = request.data.iter().try_for_each(|d| {
-            let count = d.len() as usize;
-            let result = self
-                .backend
-                .transfer(mem, d.addr(), offset, count, to_guest);
-            offset += u64::from(d.len());
-            result
-        });
+        let moved = self.move_data(mem, request, to_guest);
         // `len` fits: virtio-queue ends a chain before it exceeds u32::MAX
         // bytes (§2.7.5.2 forbids longer ones).
         let written = if to_guest {
@@ -233,22 +228,62 @@ impl Disk {
         self.report(moved.map(|()| written), what)
     }
 
+    /// Moves a request's data, its sectors already checked to be inside
+    /// the disk. Every buffer is checked to lie in guest memory before the
+    /// disk is touched, so a bad buffer fails the request with nothing
+    /// read or written, and no host work done for it.
+    fn move_data(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        request: &Request,
+        to_guest: bool,
+    ) -> Result<(), TransferError> {
+        if let Some(d) = request
+            .data
+            .iter()
+            .find(|d| !mem.check_range(d.addr(), d.len() as usize))
+        {
+            return Err(TransferError::GuestMemory {
+                addr: d.addr().0,
+                len: d.len(),
+            });
+        }
+        let mut offset = request.sector * SECTOR_SIZE;
+        for d in &request.data {
+            self.backend
+                .transfer(mem, d.addr(), offset, d.len(), to_guest)?;
+            offset += u64::from(d.len());
+        }
+        Ok(())
+    }
+
     /// DISCARD (§5.2.6): each data segment is one range to give back; flags
     /// other than zero (UNMAP belongs to WRITE_ZEROES) are unsupported.
+    /// More segments than the `max_discard_seg` offered is an I/O error,
+    /// checked before anything is read, so the buffers' claimed length
+    /// costs the host nothing.
     fn discard(&mut self, mem: &GuestMemoryMmap, request: &Request) -> Completion {
+        let len: u64 = request.data.iter().map(|d| u64::from(d.len())).sum();
+        if len > u64::from(MAX_DISCARD_SEG * DISCARD_SEGMENT_SIZE) {
+            return Completion::status(VIRTIO_BLK_S_IOERR);
+        }
         let mut ranges = Vec::new();
         for d in &request.data {
             if d.is_write_only() || d.len() % DISCARD_SEGMENT_SIZE != 0 {
                 return Completion::status(VIRTIO_BLK_S_IOERR);
             }
-            let mut raw = vec![0u8; d.len() as usize];
-            if mem.read_slice(&mut raw, d.addr()).is_err() {
-                return Completion::status(VIRTIO_BLK_S_IOERR);
-            }
-            for segment in raw.chunks_exact(DISCARD_SEGMENT_SIZE as usize) {
-                let sector = le_u64(segment, 0);
-                let sectors = u64::from(le_u32(segment, 8));
-                if le_u32(segment, 12) != 0 {
+            for at in (0..d.len()).step_by(DISCARD_SEGMENT_SIZE as usize) {
+                let mut segment = [0u8; DISCARD_SEGMENT_SIZE as usize];
+                let read = d
+                    .addr()
+                    .checked_add(u64::from(at))
+                    .and_then(|addr| mem.read_slice(&mut segment, addr).ok());
+                if read.is_none() {
+                    return Completion::status(VIRTIO_BLK_S_IOERR);
+                }
+                let sector = le_u64(&segment, 0);
+                let sectors = u64::from(le_u32(&segment, 8));
+                if le_u32(&segment, 12) != 0 {
                     return Completion::status(VIRTIO_BLK_S_UNSUPP);
                 }
                 if !self.in_range(sector, sectors * SECTOR_SIZE) {
@@ -366,7 +401,7 @@ impl Block {
                 let overlay = overlay.as_deref().filter(|_| !read_only);
                 let volume = Volume::open(image, overlay, *cache_bytes)?;
                 let size = volume.capacity();
-                (Backend::Volume(Box::new(volume)), size)
+                (Backend::volume(volume), size)
             }
         };
         if size % SECTOR_SIZE != 0 {
@@ -1058,6 +1093,81 @@ mod tests {
         write_header(&mem, VIRTIO_BLK_T_IN, 8);
         assert_eq!(submit(&mut block, &mem, &bufs).0, status(VIRTIO_BLK_S_OK));
         assert_eq!(read_guest(&mem, DATA, 512), disk_pattern()[4096..4608]);
+    }
+
+    #[test]
+    fn a_buffer_outside_guest_memory_fails_the_request_with_nothing_written() {
+        let (file, mut block) = disk(false);
+        let mem = memory();
+        mem.write_slice(&[0x55; 512], GuestAddress(DATA)).unwrap();
+        write_header(&mem, VIRTIO_BLK_T_OUT, 0);
+        // The first buffer is fine; the second is past the end of memory.
+        let bufs = [
+            HEADER_BUF,
+            Buf(DATA, 512, false),
+            Buf(0xf_ff00, 512, false),
+            STATUS_BUF,
+        ];
+        assert_eq!(
+            submit(&mut block, &mem, &bufs),
+            (status(VIRTIO_BLK_S_IOERR), 1)
+        );
+        assert_eq!(std::fs::read(file.path()).unwrap(), disk_pattern());
+    }
+
+    #[test]
+    fn a_volume_checks_guest_memory_before_reading_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut block = volume(dir.path(), true);
+        // Every chunk of the image is damaged: reading any of them fails.
+        let image = dir.path().join("image.kiln");
+        let mut bytes = std::fs::read(&image).unwrap();
+        bytes[70] ^= 0x10;
+        std::fs::write(&image, bytes).unwrap();
+        let mem = memory();
+        let whole_disk = (DISK_SECTORS * SECTOR_SIZE) as u32;
+        let request = Request {
+            kind: VIRTIO_BLK_T_IN,
+            sector: 0,
+            // Its claimed length runs past the end of guest memory.
+            data: vec![Descriptor::new(
+                0xf_f000,
+                whole_disk,
+                VRING_DESC_F_WRITE as u16,
+                0,
+            )],
+            status: Descriptor::new(STATUS, 1, VRING_DESC_F_WRITE as u16, 0),
+        };
+        let err = block.disk.move_data(&mem, &request, true).unwrap_err();
+        assert!(
+            matches!(err, TransferError::GuestMemory { addr: 0xf_f000, len } if len == whole_disk),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn discards_beyond_the_offered_segments_are_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut block = volume(dir.path(), false);
+        let mem = memory();
+        write_header(&mem, VIRTIO_BLK_T_DISCARD, 0);
+        // Two valid segments where one is offered (max_discard_seg) ...
+        write_discard_segment(&mem, 0, 8, 0);
+        mem.write_slice(&read_guest(&mem, DATA, 16), GuestAddress(DATA + 16))
+            .unwrap();
+        let two = [
+            HEADER_BUF,
+            Buf(DATA, 2 * DISCARD_SEGMENT_SIZE, false),
+            STATUS_BUF,
+        ];
+        assert_eq!(submit(&mut block, &mem, &two).0, status(VIRTIO_BLK_S_IOERR));
+        // ... and a buffer claiming almost 4 GiB of segments (as much as
+        // a chain may hold with its header and status).
+        let huge = [HEADER_BUF, Buf(DATA, u32::MAX - 31, false), STATUS_BUF];
+        assert_eq!(
+            submit(&mut block, &mem, &huge).0,
+            status(VIRTIO_BLK_S_IOERR)
+        );
     }
 
     #[test]
