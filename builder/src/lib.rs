@@ -6,4 +6,5 @@ pub mod ext4;
 pub mod image;
 pub mod oci;
 pub mod recipe;
+pub mod stage;
 pub mod store;
