@@ -8,11 +8,16 @@
 //! Layers may be plain, gzip or zstd tars. Whiteouts (OCI image spec,
 //! "Representing Changes"): `.wh.NAME` deletes NAME from the layers below;
 //! `.wh..wh..opq` empties its directory of what the layers below put there.
-use std::fs::{self, File};
-use std::io::{self, BufReader, Read};
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{self, BufReader, Read, Seek};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::stage::{Stage, StageError};
 
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
@@ -28,11 +33,23 @@ pub enum OciError {
     NotAnImage { archive: PathBuf },
     #[error("{archive}: {what}")]
     Invalid { archive: PathBuf, what: String },
+    #[error("{archive}: {source}")]
+    Stage {
+        archive: PathBuf,
+        source: StageError,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> OciError + '_ {
     move |source| OciError::Io {
         path: path.into(),
+        source,
+    }
+}
+
+fn stage_err(archive: &Path) -> impl FnOnce(StageError) -> OciError + '_ {
+    move |source| OciError::Stage {
+        archive: archive.into(),
         source,
     }
 }
@@ -55,75 +72,169 @@ struct Descriptor {
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct DockerManifest {
+    config: String,
     layers: Vec<String>,
 }
 
-/// Applies the first image's layers of the OCI or docker archive to `stage`;
-/// `scratch` is a directory for unpacking the archive itself.
-pub fn import_image(archive: &Path, stage: &Path, scratch: &Path) -> Result<(), OciError> {
-    let unpacked = scratch.join("oci-archive");
-    fs::create_dir_all(&unpacked).map_err(io_err(&unpacked))?;
+/// The part of an image configuration that names its layers' contents
+/// (OCI image spec, "Image Configuration": `rootfs.diff_ids`).
+#[derive(Deserialize)]
+struct ImageConfig {
+    rootfs: RootFs,
+}
+
+#[derive(Deserialize)]
+struct RootFs {
+    diff_ids: Vec<String>,
+}
+
+/// A layer to apply and the SHA-256 it must have.
+struct Layer {
+    /// Inside the unpacked archive.
+    path: PathBuf,
+    digest: Expected,
+}
+
+enum Expected {
+    /// Of the blob as stored (an OCI descriptor's `digest`).
+    Blob(String),
+    /// Of the uncompressed tar (a `diff_id`, which `docker save` gives).
+    Uncompressed(String),
+}
+
+/// Applies the first image's layers of the OCI or docker archive to
+/// `stage`; `scratch` is a directory for unpacking the archive itself.
+/// Every blob is checked against the digest its manifest gives.
+pub fn import_image(archive: &Path, stage: &Stage, scratch: &Path) -> Result<(), OciError> {
+    let unpacked = Stage::create(&scratch.join("oci-archive")).map_err(stage_err(archive))?;
     let file = File::open(archive).map_err(io_err(archive))?;
-    tar::Archive::new(BufReader::new(file))
-        .unpack(&unpacked)
-        .map_err(io_err(archive))?;
-    for layer in layer_paths(archive, &unpacked)? {
-        apply_layer(&layer, stage)?;
+    // The archive's own entries are files like any other, whiteouts too.
+    Applier::new(&unpacked, archive, false).apply(BufReader::new(file))?;
+    for layer in layers(archive, &unpacked)? {
+        apply_layer_blob(archive, &unpacked, &layer, stage)?;
     }
     Ok(())
 }
 
 /// Applies a rootfs tarball to `stage`.
-pub fn import_tarball(tarball: &Path, stage: &Path) -> Result<(), OciError> {
-    apply_layer(tarball, stage)
+pub fn import_tarball(tarball: &Path, stage: &Stage) -> Result<(), OciError> {
+    let file = File::open(tarball).map_err(io_err(tarball))?;
+    Applier::new(stage, tarball, true).apply(decompressed(BufReader::new(file), tarball)?)?;
+    Ok(())
 }
 
-fn layer_paths(archive: &Path, unpacked: &Path) -> Result<Vec<PathBuf>, OciError> {
-    let invalid = |what: String| OciError::Invalid {
+fn invalid(archive: &Path, what: String) -> OciError {
+    OciError::Invalid {
         archive: archive.into(),
         what,
-    };
-    let read_json = |name: &Path| -> Result<Vec<u8>, OciError> {
-        fs::read(unpacked.join(name)).map_err(io_err(archive))
-    };
-    let blob = |digest: &str| -> Result<PathBuf, OciError> {
-        let hex = digest
-            .strip_prefix("sha256:")
-            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
-        let hex = hex.ok_or_else(|| {
-            invalid(format!(
-                "unsupported digest {digest:?}: expected sha256:<64 hex digits>"
-            ))
-        })?;
-        Ok(unpacked.join("blobs/sha256").join(hex))
-    };
-    if unpacked.join("index.json").is_file() {
-        let index: OciIndex = serde_json::from_slice(&read_json(Path::new("index.json"))?)
-            .map_err(|e| invalid(format!("index.json: {e}")))?;
+    }
+}
+
+/// Reads a file of the unpacked archive (symlinks in it resolve inside it).
+fn read_inside(archive: &Path, unpacked: &Stage, path: &Path) -> Result<Vec<u8>, OciError> {
+    let mut bytes = Vec::new();
+    unpacked
+        .open_file(path)
+        .map_err(stage_err(archive))?
+        .read_to_end(&mut bytes)
+        .map_err(io_err(archive))?;
+    Ok(bytes)
+}
+
+/// `sha256:<64 hex digits>`'s hex digits.
+fn sha256_hex<'d>(archive: &Path, digest: &'d str) -> Result<&'d str, OciError> {
+    digest
+        .strip_prefix("sha256:")
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        .ok_or_else(|| {
+            invalid(
+                archive,
+                format!("unsupported digest {digest:?}: expected sha256:<64 hex digits>"),
+            )
+        })
+}
+
+fn check_digest(archive: &Path, what: &str, want: &str, got: &[u8]) -> Result<(), OciError> {
+    let got = crate::image::hex(got);
+    if !want.eq_ignore_ascii_case(&got) {
+        return Err(invalid(
+            archive,
+            format!("{what} has sha256:{got}, but its manifest says sha256:{want}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The blob `digest` names, read whole and checked against it.
+fn verified_blob(archive: &Path, unpacked: &Stage, digest: &str) -> Result<Vec<u8>, OciError> {
+    let hex = sha256_hex(archive, digest)?;
+    let bytes = read_inside(archive, unpacked, &Path::new("blobs/sha256").join(hex))?;
+    check_digest(
+        archive,
+        &format!("blob {digest}"),
+        hex,
+        &Sha256::digest(&bytes),
+    )?;
+    Ok(bytes)
+}
+
+fn layers(archive: &Path, unpacked: &Stage) -> Result<Vec<Layer>, OciError> {
+    let exists = |name: &str| matches!(unpacked.kind(Path::new(name)), Ok(Some(_)));
+    if exists("index.json") {
+        let index: OciIndex =
+            serde_json::from_slice(&read_inside(archive, unpacked, Path::new("index.json"))?)
+                .map_err(|e| invalid(archive, format!("index.json: {e}")))?;
         let first = index
             .manifests
             .first()
-            .ok_or_else(|| invalid("index.json lists no manifests".into()))?;
+            .ok_or_else(|| invalid(archive, "index.json lists no manifests".into()))?;
         let manifest: OciManifest =
-            serde_json::from_slice(&fs::read(blob(&first.digest)?).map_err(io_err(archive))?)
-                .map_err(|e| invalid(format!("manifest {}: {e}", first.digest)))?;
+            serde_json::from_slice(&verified_blob(archive, unpacked, &first.digest)?)
+                .map_err(|e| invalid(archive, format!("manifest {}: {e}", first.digest)))?;
         return manifest
             .layers
-            .iter()
-            .map(|layer| blob(&layer.digest))
+            .into_iter()
+            .map(|layer| {
+                let hex = sha256_hex(archive, &layer.digest)?;
+                Ok(Layer {
+                    path: Path::new("blobs/sha256").join(hex),
+                    digest: Expected::Blob(hex.to_string()),
+                })
+            })
             .collect();
     }
-    if unpacked.join("manifest.json").is_file() {
+    if exists("manifest.json") {
         let manifests: Vec<DockerManifest> =
-            serde_json::from_slice(&read_json(Path::new("manifest.json"))?)
-                .map_err(|e| invalid(format!("manifest.json: {e}")))?;
+            serde_json::from_slice(&read_inside(archive, unpacked, Path::new("manifest.json"))?)
+                .map_err(|e| invalid(archive, format!("manifest.json: {e}")))?;
         let first = manifests
-            .first()
-            .ok_or_else(|| invalid("manifest.json lists no images".into()))?;
+            .into_iter()
+            .next()
+            .ok_or_else(|| invalid(archive, "manifest.json lists no images".into()))?;
+        let config = safe_relative(Path::new(&first.config), archive)?;
+        let config: ImageConfig = serde_json::from_slice(&read_inside(archive, unpacked, &config)?)
+            .map_err(|e| invalid(archive, format!("{}: {e}", first.config)))?;
+        if config.rootfs.diff_ids.len() != first.layers.len() {
+            return Err(invalid(
+                archive,
+                format!(
+                    "{} lists {} diff_ids for {} layers",
+                    first.config,
+                    config.rootfs.diff_ids.len(),
+                    first.layers.len()
+                ),
+            ));
+        }
         return first
             .layers
             .iter()
-            .map(|layer| Ok(unpacked.join(safe_relative(layer, archive)?)))
+            .zip(&config.rootfs.diff_ids)
+            .map(|(layer, diff_id)| {
+                Ok(Layer {
+                    path: safe_relative(Path::new(layer), archive)?,
+                    digest: Expected::Uncompressed(sha256_hex(archive, diff_id)?.to_string()),
+                })
+            })
             .collect();
     }
     Err(OciError::NotAnImage {
@@ -131,61 +242,219 @@ fn layer_paths(archive: &Path, unpacked: &Path) -> Result<Vec<PathBuf>, OciError
     })
 }
 
-/// Opens a layer, undoing gzip or zstd compression (told by magic bytes).
-fn open_layer(path: &Path) -> Result<Box<dyn Read>, OciError> {
-    let mut file = BufReader::new(File::open(path).map_err(io_err(path))?);
-    let mut magic = [0u8; 4];
-    let peeked = io::BufRead::fill_buf(&mut file).map_err(io_err(path))?;
-    magic[..peeked.len().min(4)].copy_from_slice(&peeked[..peeked.len().min(4)]);
-    Ok(match magic {
-        [0x1f, 0x8b, ..] => Box::new(flate2::read::GzDecoder::new(file)),
-        [0x28, 0xb5, 0x2f, 0xfd] => {
-            Box::new(zstd::Decoder::with_buffer(file).map_err(io_err(path))?)
+/// Checks a layer blob against its digest and applies it to `stage`.
+fn apply_layer_blob(
+    archive: &Path,
+    unpacked: &Stage,
+    layer: &Layer,
+    stage: &Stage,
+) -> Result<(), OciError> {
+    let mut file = unpacked
+        .open_file(&layer.path)
+        .map_err(stage_err(archive))?;
+    let what = format!("layer {}", layer.path.display());
+    match &layer.digest {
+        Expected::Blob(want) => {
+            let mut hashing = HashingReader {
+                inner: &mut file,
+                hasher: Sha256::new(),
+            };
+            io::copy(&mut hashing, &mut io::sink()).map_err(io_err(archive))?;
+            check_digest(archive, &what, want, &hashing.hasher.finalize())?;
+            file.rewind().map_err(io_err(archive))?;
+            let reader = decompressed(BufReader::new(file), archive)?;
+            Applier::new(stage, archive, true).apply(reader)?;
         }
-        _ => Box::new(file),
-    })
-}
-
-fn apply_layer(layer: &Path, stage: &Path) -> Result<(), OciError> {
-    fs::create_dir_all(stage).map_err(io_err(stage))?;
-    let mut archive = tar::Archive::new(open_layer(layer)?);
-    archive.set_preserve_permissions(true);
-    archive.set_preserve_ownerships(true);
-    archive.set_overwrite(true);
-    for entry in archive.entries().map_err(io_err(layer))? {
-        let mut entry = entry.map_err(io_err(layer))?;
-        let path = entry.path().map_err(io_err(layer))?.into_owned();
-        let relative = safe_relative(&path.to_string_lossy(), layer)?;
-        let name = relative
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let parent = stage.join(relative.parent().unwrap_or(Path::new("")));
-        if name == OPAQUE_WHITEOUT {
-            empty_dir(&parent)?;
-        } else if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
-            remove_any(&parent.join(hidden))?;
-        } else {
-            // A lower layer's file where this layer has a directory, or
-            // the other way round: the upper layer wins.
-            let target = stage.join(&relative);
-            if entry.header().entry_type().is_dir()
-                != fs::symlink_metadata(&target)
-                    .map(|m| m.is_dir())
-                    .unwrap_or(true)
-            {
-                remove_any(&target)?;
-            }
-            entry.unpack_in(stage).map_err(io_err(layer))?;
+        Expected::Uncompressed(want) => {
+            // The digest is of what the tar reader reads: hash as it goes
+            // (and what it leaves unread), then check. On a mismatch the
+            // build fails and its stage is thrown away.
+            let reader = decompressed(BufReader::new(file), archive)?;
+            let mut hashing = HashingReader {
+                inner: reader,
+                hasher: Sha256::new(),
+            };
+            Applier::new(stage, archive, true).apply(&mut hashing)?;
+            io::copy(&mut hashing, &mut io::sink()).map_err(io_err(archive))?;
+            check_digest(archive, &what, want, &hashing.hasher.finalize())?;
         }
     }
     Ok(())
 }
 
-/// A layer path as a relative path with no `..`: archives are untrusted.
-fn safe_relative(path: &str, archive: &Path) -> Result<PathBuf, OciError> {
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Undoes gzip or zstd compression (told by magic bytes), or none.
+fn decompressed<R: io::BufRead + 'static>(
+    mut reader: R,
+    archive: &Path,
+) -> Result<Box<dyn Read>, OciError> {
+    let peeked = reader.fill_buf().map_err(io_err(archive))?;
+    let mut magic = [0u8; 4];
+    magic[..peeked.len().min(4)].copy_from_slice(&peeked[..peeked.len().min(4)]);
+    Ok(match magic {
+        [0x1f, 0x8b, ..] => Box::new(flate2::read::GzDecoder::new(reader)),
+        [0x28, 0xb5, 0x2f, 0xfd] => {
+            Box::new(zstd::Decoder::with_buffer(reader).map_err(io_err(archive))?)
+        }
+        _ => Box::new(reader),
+    })
+}
+
+/// Applies one tar stream to a stage, entry by entry, through
+/// [`Stage`]: nothing it writes can leave the stage.
+struct Applier<'a> {
+    stage: &'a Stage,
+    archive: &'a Path,
+    /// Whether `.wh.` names are whiteouts (a layer) or plain files.
+    whiteouts: bool,
+    /// What this layer wrote: an opaque whiteout hides only what the
+    /// layers below put in its directory (OCI image spec, "Opaque
+    /// Whiteout"), whatever order the tar has.
+    written: HashSet<PathBuf>,
+}
+
+impl<'a> Applier<'a> {
+    fn new(stage: &'a Stage, archive: &'a Path, whiteouts: bool) -> Self {
+        Applier {
+            stage,
+            archive,
+            whiteouts,
+            written: HashSet::new(),
+        }
+    }
+
+    fn apply(mut self, reader: impl Read) -> Result<(), OciError> {
+        let mut tar = tar::Archive::new(reader);
+        for entry in tar.entries().map_err(io_err(self.archive))? {
+            let mut entry = entry.map_err(io_err(self.archive))?;
+            let path = PathBuf::from(std::ffi::OsStr::from_bytes(&entry.path_bytes()));
+            let relative = self.relative(&path)?;
+            if relative.as_os_str().is_empty() {
+                continue; // `./` itself: the stage's root stays as it is.
+            }
+            self.entry(&relative, &mut entry)?;
+        }
+        Ok(())
+    }
+
+    /// `path` relative to the stage, its components checked.
+    fn relative(&self, path: &Path) -> Result<PathBuf, OciError> {
+        let relative = safe_relative(path, self.archive)?;
+        for name in path.iter().filter(|name| *name != "/" && *name != ".") {
+            crate::stage::check_name(name.as_bytes()).map_err(|reason| {
+                stage_err(self.archive)(StageError::BadName {
+                    path: path.into(),
+                    reason,
+                })
+            })?;
+        }
+        Ok(relative)
+    }
+
+    fn entry(&mut self, path: &Path, entry: &mut tar::Entry<impl Read>) -> Result<(), OciError> {
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let parent = path.parent().unwrap_or(Path::new(""));
+        let err = stage_err(self.archive);
+        if self.whiteouts && name == OPAQUE_WHITEOUT {
+            let written = &self.written;
+            let keep = |child: &std::ffi::OsStr| written.contains(&parent.join(child));
+            return self.stage.empty_dir(parent, &keep).map_err(err);
+        }
+        if self.whiteouts
+            && let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX)
+        {
+            return self.stage.remove_all(&parent.join(hidden)).map_err(err);
+        }
+        let header = entry.header();
+        let mode = header.mode().map_err(io_err(self.archive))? & 0o7777;
+        let owner = (self.id(header.uid())?, self.id(header.gid())?);
+        let kind = header.entry_type();
+        if !parent.as_os_str().is_empty() {
+            self.stage
+                .create_dir_all(parent, 0o755)
+                .map_err(stage_err(self.archive))?;
+        }
+        let stage = self.stage;
+        let result = match kind {
+            tar::EntryType::Directory => stage.replace_with_dir(path, mode),
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                stage.write_file(path, mode, entry)
+            }
+            tar::EntryType::Symlink => match entry.link_name_bytes() {
+                Some(target) => {
+                    stage.symlink(Path::new(std::ffi::OsStr::from_bytes(&target)), path)
+                }
+                None => return Err(self.missing_link(path)),
+            },
+            tar::EntryType::Link => match entry.link_name_bytes() {
+                Some(original) => {
+                    let original =
+                        self.relative(Path::new(std::ffi::OsStr::from_bytes(&original)))?;
+                    stage.hard_link(&original, path)
+                }
+                None => return Err(self.missing_link(path)),
+            },
+            // Device nodes and fifos come from devtmpfs and the guest at
+            // run time; a pax global header carries nothing to write.
+            tar::EntryType::Char
+            | tar::EntryType::Block
+            | tar::EntryType::Fifo
+            | tar::EntryType::XGlobalHeader => return Ok(()),
+            other => {
+                return Err(invalid(
+                    self.archive,
+                    format!("{}: unsupported tar entry type {other:?}", path.display()),
+                ));
+            }
+        };
+        result.map_err(stage_err(self.archive))?;
+        self.written.insert(path.to_path_buf());
+        if kind == tar::EntryType::Link {
+            return Ok(()); // A hard link shares its original's owner and mode.
+        }
+        // The owner first: chown(2) clears setuid and setgid.
+        stage
+            .set_owner(path, owner.0, owner.1)
+            .map_err(stage_err(self.archive))?;
+        if kind != tar::EntryType::Symlink {
+            stage
+                .set_mode(path, mode)
+                .map_err(stage_err(self.archive))?;
+        }
+        Ok(())
+    }
+
+    fn id(&self, id: io::Result<u64>) -> Result<u32, OciError> {
+        let id = id.map_err(io_err(self.archive))?;
+        u32::try_from(id)
+            .map_err(|_| invalid(self.archive, format!("owner id {id} is over 2^32 - 1")))
+    }
+
+    fn missing_link(&self, path: &Path) -> OciError {
+        invalid(
+            self.archive,
+            format!("{}: a link entry without a target", path.display()),
+        )
+    }
+}
+
+/// A path named by an archive as a relative path with no `..`:
+/// archives are untrusted.
+fn safe_relative(path: &Path, archive: &Path) -> Result<PathBuf, OciError> {
     let mut relative = PathBuf::new();
-    for component in Path::new(path).components() {
+    for component in path.components() {
         match component {
             Component::Normal(part) => relative.push(part),
             Component::CurDir | Component::RootDir => {}
@@ -200,30 +469,10 @@ fn safe_relative(path: &str, archive: &Path) -> Result<PathBuf, OciError> {
     Ok(relative)
 }
 
-fn remove_any(path: &Path) -> Result<(), OciError> {
-    let result = match fs::symlink_metadata(path) {
-        Ok(meta) if meta.is_dir() => fs::remove_dir_all(path),
-        Ok(_) => fs::remove_file(path),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(err) => Err(err),
-    };
-    result.map_err(io_err(path))
-}
-
-fn empty_dir(dir: &Path) -> Result<(), OciError> {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return Ok(());
-    };
-    for entry in entries {
-        remove_any(&entry.map_err(io_err(dir))?.path())?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use sha2::{Digest, Sha256};
+    use std::fs;
 
     /// A complete header, as real archives have (owner, time, mode).
     fn header(kind: tar::EntryType, size: usize) -> tar::Header {
@@ -324,6 +573,84 @@ pub(crate) mod tests {
         tar_files(&files)
     }
 
+    /// One tar entry with exactly these name and link bytes, which the
+    /// tar crate's own builder would refuse to write (`..`, newlines).
+    pub(crate) struct Raw<'a> {
+        pub name: &'a [u8],
+        pub kind: tar::EntryType,
+        pub data: &'a [u8],
+        pub link: &'a [u8],
+    }
+
+    pub(crate) fn raw_tar(entries: &[Raw]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        for raw in entries {
+            let mut header = header(raw.kind, raw.data.len());
+            let old = header.as_old_mut();
+            old.name[..raw.name.len()].copy_from_slice(raw.name);
+            old.linkname[..raw.link.len()].copy_from_slice(raw.link);
+            header.set_cksum();
+            builder.append(&header, raw.data).unwrap();
+        }
+        builder.into_inner().unwrap()
+    }
+
+    pub(crate) fn file<'a>(name: &'a [u8], data: &'a [u8]) -> Raw<'a> {
+        Raw {
+            name,
+            kind: tar::EntryType::Regular,
+            data,
+            link: b"",
+        }
+    }
+
+    pub(crate) fn link<'a>(name: &'a [u8], target: &'a [u8]) -> Raw<'a> {
+        Raw {
+            name,
+            kind: tar::EntryType::Symlink,
+            data: b"",
+            link: target,
+        }
+    }
+
+    pub(crate) fn directory(name: &[u8]) -> Raw<'_> {
+        Raw {
+            name,
+            kind: tar::EntryType::Directory,
+            data: b"",
+            link: b"",
+        }
+    }
+
+    /// A directory `outside` next to where a test stages, holding one
+    /// file; what a hostile archive aims at.
+    pub(crate) fn victim(dir: &Path) -> PathBuf {
+        let outside = dir.join("outside");
+        fs::create_dir_all(outside.join("sub")).unwrap();
+        fs::write(outside.join("important"), "keep").unwrap();
+        outside
+    }
+
+    /// Panics if anything in `victim`'s directory changed.
+    pub(crate) fn assert_untouched(outside: &Path) {
+        let mut names: Vec<_> = fs::read_dir(outside)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["important", "sub"], "{outside:?} changed");
+        assert_eq!(fs::read_dir(outside.join("sub")).unwrap().count(), 0);
+        assert_eq!(
+            fs::read_to_string(outside.join("important")).unwrap(),
+            "keep"
+        );
+        let mode = |p: &Path| {
+            std::os::unix::fs::PermissionsExt::mode(&fs::metadata(p).unwrap().permissions())
+                & 0o7777
+        };
+        assert_eq!(mode(outside), 0o755, "{outside:?}'s mode changed");
+    }
+
     fn assert_layers_applied(stage: &Path) {
         assert!(!stage.join("etc/a").exists(), "the whiteout deletes etc/a");
         assert_eq!(fs::read_to_string(stage.join("etc/b")).unwrap(), "two");
@@ -339,35 +666,69 @@ pub(crate) mod tests {
         );
     }
 
+    fn scratch(dir: &Path, name: &str) -> PathBuf {
+        let path = dir.join(name);
+        fs::create_dir(&path).unwrap();
+        path
+    }
+
+    fn stage_in(dir: &Path) -> Stage {
+        Stage::create(&dir.join("stage")).unwrap()
+    }
+
     #[test]
     fn oci_layout_layers_apply_in_order_with_whiteouts() {
         let dir = tempfile::tempdir().unwrap();
         let (lower, upper) = layers();
         let archive = dir.path().join("image.tar");
         fs::write(&archive, oci_archive(&[lower, upper])).unwrap();
-        let stage = dir.path().join("stage");
+        let stage = stage_in(dir.path());
         import_image(&archive, &stage, dir.path()).unwrap();
-        assert_layers_applied(&stage);
+        assert_layers_applied(stage.path());
+    }
+
+    /// A `docker save` archive of `layers` (each `lN/layer.tar`), its
+    /// config's diff_ids from `diff_ids`.
+    fn docker_archive(layers: &[&[u8]], diff_ids: &[&[u8]]) -> Vec<u8> {
+        let ids: Vec<String> = diff_ids
+            .iter()
+            .map(|tar| format!("sha256:{}", crate::image::hex(&Sha256::digest(tar))))
+            .collect();
+        let config =
+            serde_json::to_vec(&serde_json::json!({"rootfs": {"type": "layers", "diff_ids": ids}}))
+                .unwrap();
+        let names: Vec<String> = (0..layers.len())
+            .map(|n| format!("l{n}/layer.tar"))
+            .collect();
+        let manifest = serde_json::to_vec(
+            &serde_json::json!([{"Config": "c.json", "RepoTags": ["x:1"], "Layers": names}]),
+        )
+        .unwrap();
+        let mut files: Vec<(&str, &[u8])> = vec![("manifest.json", &manifest), ("c.json", &config)];
+        files.extend(names.iter().map(String::as_str).zip(layers.iter().copied()));
+        tar_files(&files)
     }
 
     #[test]
     fn docker_save_archives_are_read_too() {
         let dir = tempfile::tempdir().unwrap();
         let (lower, upper) = layers();
-        let manifest = serde_json::to_vec(&serde_json::json!([{"Config": "c.json", "RepoTags": ["x:1"], "Layers": ["l1/layer.tar", "l2/layer.tar"]}])).unwrap();
+        let plain_upper = {
+            let mut out = Vec::new();
+            flate2::read::GzDecoder::new(&upper[..])
+                .read_to_end(&mut out)
+                .unwrap();
+            out
+        };
         let archive = dir.path().join("saved.tar");
         fs::write(
             &archive,
-            tar_files(&[
-                ("manifest.json", &manifest),
-                ("l1/layer.tar", &lower),
-                ("l2/layer.tar", &upper),
-            ]),
+            docker_archive(&[&lower, &upper], &[&lower, &plain_upper]),
         )
         .unwrap();
-        let stage = dir.path().join("stage");
+        let stage = stage_in(dir.path());
         import_image(&archive, &stage, dir.path()).unwrap();
-        assert_layers_applied(&stage);
+        assert_layers_applied(stage.path());
     }
 
     #[test]
@@ -375,19 +736,205 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let archive = dir.path().join("plain.tar");
         fs::write(&archive, tar_of(&[("hello", Some("hi"))])).unwrap();
-        let err = import_image(&archive, &dir.path().join("s"), dir.path())
+        let err = import_image(&archive, &stage_in(dir.path()), dir.path())
             .unwrap_err()
             .to_string();
         assert!(err.contains("plain.tar: not an OCI image layout"), "{err}");
-        let err = safe_relative("../../etc/passwd", &archive)
+        let err = safe_relative(Path::new("../../etc/passwd"), &archive)
             .unwrap_err()
             .to_string();
         assert!(err.contains("unsafe path"), "{err}");
         // A rootfs tarball is one layer.
-        import_tarball(&archive, &dir.path().join("rootfs")).unwrap();
+        let rootfs = Stage::create(&dir.path().join("rootfs")).unwrap();
+        import_tarball(&archive, &rootfs).unwrap();
         assert_eq!(
             fs::read_to_string(dir.path().join("rootfs/hello")).unwrap(),
             "hi"
+        );
+    }
+
+    /// Issue 16, case 2: `l1 -> /victim` then `l1/.wh..wh..opq` emptied a
+    /// host directory, `l2/.wh.important` deleted a host file, and a file
+    /// entry under a symlinked directory removed a host directory.
+    #[test]
+    fn whiteouts_and_replacements_never_follow_planted_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = victim(dir.path());
+        let abs = outside.as_os_str().as_bytes();
+        // From <dir>/stage, `../outside` is the victim unless resolution
+        // stays inside the stage.
+        let lower = raw_tar(&[
+            link(b"l1", abs),
+            link(b"l2", abs),
+            link(b"l3", b"../outside"),
+            link(b"l4", b"../../../../../../../../../../../.."),
+        ]);
+        let mut l4 = b"l4".to_vec();
+        l4.extend_from_slice(abs);
+        l4.extend_from_slice(b"/sub");
+        let upper = raw_tar(&[
+            file(b"l1/.wh..wh..opq", b""),
+            file(b"l2/.wh.important", b""),
+            file(b"l3/sub", b"a file where the victim has a directory"),
+            directory(b"l3/important"),
+            file(&l4, b"through a climbing link"),
+        ]);
+        let archive = dir.path().join("hostile.tar");
+        fs::write(&archive, oci_archive(&[lower, upper])).unwrap();
+        let stage = stage_in(dir.path());
+        if let Err(err) = import_image(&archive, &stage, dir.path()) {
+            // Refusing is fine (a link to a directory the stage lacks);
+            // touching the outside is not.
+            assert!(err.to_string().contains("hostile.tar"), "{err}");
+        }
+        assert_untouched(&outside);
+        // With the links' targets present inside the stage, the same
+        // layers apply, and what they do lands there.
+        let stage = Stage::create(&dir.path().join("stage2")).unwrap();
+        let inside = stage.path().join(outside.strip_prefix("/").unwrap());
+        fs::create_dir_all(inside.join("sub")).unwrap();
+        fs::write(inside.join("important"), "inside").unwrap();
+        fs::create_dir_all(stage.path().join("outside")).unwrap();
+        let scratch = dir.path().join("scratch2");
+        fs::create_dir(&scratch).unwrap();
+        import_image(&archive, &stage, &scratch).unwrap();
+        assert_untouched(&outside);
+        // Emptied by the opaque whiteout, then the climbing link's file.
+        let names: Vec<_> = fs::read_dir(&inside)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["sub"]);
+        assert_eq!(
+            fs::read_to_string(inside.join("sub")).unwrap(),
+            "through a climbing link"
+        );
+        assert!(stage.path().join("outside/important").is_dir());
+        assert!(stage.path().join("outside/sub").is_file());
+    }
+
+    /// Issue 16: a layer that was a symlink to a host tar imported that
+    /// host file, and no blob was checked against its digest.
+    #[test]
+    fn blobs_must_match_their_digests_and_cannot_be_links_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = victim(dir.path());
+        let host_tar = outside.join("sub/host.tar");
+        let secret = tar_of(&[("secret", Some("host data"))]);
+        // The victim directory gets a file for this test: compare after.
+        let good = tar_of(&[("ok", Some("fine"))]);
+        let hex = crate::image::hex(&Sha256::digest(&secret));
+        let mut archive_bytes = oci_archive(std::slice::from_ref(&good));
+        // Point the one layer's blob at the host's tar instead.
+        let manifest = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "layers": [{"digest": format!("sha256:{hex}")}]})).unwrap();
+        let manifest_hex = crate::image::hex(&Sha256::digest(&manifest));
+        let index = serde_json::to_vec(
+            &serde_json::json!({"manifests": [{"digest": format!("sha256:{manifest_hex}")}]}),
+        )
+        .unwrap();
+        let manifest_name = format!("blobs/sha256/{manifest_hex}");
+        let blob_name = format!("blobs/sha256/{hex}");
+        let host = host_tar.as_os_str().as_bytes().to_vec();
+        let linked = raw_tar(&[
+            file(b"index.json", &index),
+            file(manifest_name.as_bytes(), &manifest),
+            link(blob_name.as_bytes(), &host),
+        ]);
+        fs::write(&host_tar, &secret).unwrap();
+        let archive = dir.path().join("linked.tar");
+        fs::write(&archive, &linked).unwrap();
+        let stage = stage_in(dir.path());
+        let err = import_image(&archive, &stage, &scratch(dir.path(), "s1")).unwrap_err();
+        assert!(
+            !stage.path().join("secret").exists(),
+            "the host tar was imported"
+        );
+        assert!(err.to_string().contains(&hex), "{err}");
+        fs::remove_file(&host_tar).unwrap();
+        assert_untouched(&outside);
+
+        // A blob whose bytes are not what its digest says.
+        let tampered = {
+            let good_hex = crate::image::hex(&Sha256::digest(&good));
+            let at = archive_bytes.windows(4).position(|w| w == b"fine").unwrap();
+            archive_bytes[at..at + 4].copy_from_slice(b"evil");
+            (good_hex, archive_bytes)
+        };
+        fs::write(&archive, &tampered.1).unwrap();
+        let stage = Stage::create(&dir.path().join("stage2")).unwrap();
+        let err = import_image(&archive, &stage, &scratch(dir.path(), "s2"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("but its manifest says sha256:{}", tampered.0)),
+            "{err}"
+        );
+        // docker save: the uncompressed layer against its diff_id.
+        let archive = dir.path().join("saved.tar");
+        fs::write(&archive, docker_archive(&[&good], &[&secret])).unwrap();
+        let stage = Stage::create(&dir.path().join("stage3")).unwrap();
+        let err = import_image(&archive, &stage, &scratch(dir.path(), "s3"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("but its manifest says"), "{err}");
+    }
+
+    /// Issue 16, case 1's source: names that carry commands.
+    #[test]
+    fn names_with_control_characters_or_dots_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, expect) in [
+            (&b"a\"\nwrite /etc/passwd x\n"[..], "control character"),
+            (b"../../escape", "unsafe path"),
+            (b"ok/../../escape", "unsafe path"),
+        ] {
+            let tarball = dir.path().join("t.tar");
+            fs::write(&tarball, raw_tar(&[file(name, b"x")])).unwrap();
+            let stage = Stage::create(&dir.path().join("s")).unwrap();
+            let err = import_tarball(&tarball, &stage).unwrap_err().to_string();
+            assert!(
+                err.contains(expect) && err.contains("t.tar"),
+                "{name:?}: {err}"
+            );
+            fs::remove_dir_all(stage.path()).unwrap();
+        }
+        assert!(!dir.path().join("escape").exists());
+    }
+
+    #[test]
+    fn hard_links_devices_and_owners() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut setuid = header(tar::EntryType::Regular, 2);
+        setuid.set_mode(0o4755);
+        setuid.set_uid(1000);
+        setuid.set_gid(1000);
+        let mut builder = tar::Builder::new(Vec::new());
+        builder
+            .append_data(&mut setuid, "bin/su", &b"su"[..])
+            .unwrap();
+        builder
+            .append_link(&mut header(tar::EntryType::Link, 0), "bin/su2", "bin/su")
+            .unwrap();
+        builder
+            .append_data(
+                &mut header(tar::EntryType::Char, 0),
+                "dev/null",
+                io::empty(),
+            )
+            .unwrap();
+        let tarball = dir.path().join("t.tar");
+        fs::write(&tarball, builder.into_inner().unwrap()).unwrap();
+        let stage = stage_in(dir.path());
+        import_tarball(&tarball, &stage).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let su = fs::metadata(stage.path().join("bin/su")).unwrap();
+        assert_eq!(
+            (su.mode() & 0o7777, su.uid(), su.nlink()),
+            (0o4755, 1000, 2)
+        );
+        assert!(
+            !stage.path().join("dev/null").exists(),
+            "devices come from devtmpfs"
         );
     }
 }
