@@ -5,14 +5,17 @@
 //! content, every timestamp is [`FIXED_TIME`] (staged files are touched to
 //! it, and e2fsprogs takes it from E2FSPROGS_FAKE_TIME), so the same tree
 //! gives the same bytes.
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ext4::{Checksums, Enhanced, Options, SuperBlock};
+use ext4::{Checksums, Enhanced, Inode, Options, SuperBlock};
 use positioned_io::ReadAt;
+
+use crate::stage::{self, MAX_DEPTH, Stage, StageError};
 
 /// 2026-01-01T00:00:00Z: every timestamp in a Kiln image.
 pub const FIXED_TIME: i64 = 1_767_225_600;
@@ -44,6 +47,16 @@ pub enum Ext4Error {
     NotFound(String),
     #[error("e2fsck could not replay the journal of {image}: {message}")]
     Fsck { image: PathBuf, message: String },
+    #[error("{path:?} in the filesystem: {reason}; names from images may not have one")]
+    BadName { path: PathBuf, reason: &'static str },
+    #[error(
+        "{path} in the filesystem: directory inode {inode} is reached a second time (a directory linked into itself or twice)"
+    )]
+    Loop { path: PathBuf, inode: u32 },
+    #[error("{path} in the filesystem: deeper than {MAX_DEPTH} directories")]
+    TooDeep { path: PathBuf },
+    #[error("while extracting the filesystem: {0}")]
+    Stage(#[from] StageError),
 }
 
 fn read_err(err: impl std::fmt::Display) -> Ext4Error {
@@ -74,13 +87,22 @@ pub fn size_for(content: u64, free: u64) -> u64 {
     (content + content / 4 + FIXED_OVERHEAD + free).div_ceil(1 << 20) << 20
 }
 
-/// Every path below `root` (not `root` itself), sorted.
+/// Every path below `root` (not `root` itself), sorted. A name no image
+/// may hold (a control character: see [`stage::check_name`]) is refused,
+/// whoever put it there.
 fn walk(root: &Path) -> Result<Vec<PathBuf>, Ext4Error> {
     let mut found = Vec::new();
     let mut pending = vec![root.to_path_buf()];
     while let Some(dir) = pending.pop() {
         for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
-            let path = entry.map_err(io_err(&dir))?.path();
+            let entry = entry.map_err(io_err(&dir))?;
+            let path = entry.path();
+            stage::check_name(entry.file_name().as_bytes()).map_err(|reason| {
+                Ext4Error::BadName {
+                    path: path.strip_prefix(root).unwrap_or(&path).into(),
+                    reason,
+                }
+            })?;
             if fs::symlink_metadata(&path).map_err(io_err(&path))?.is_dir() {
                 pending.push(path.clone());
             }
@@ -174,21 +196,29 @@ pub fn make(tree: &Path, image: &Path, size: u64, uuid: &str) -> Result<(), Ext4
             message,
         });
     }
-    pin_change_times(tree, image)
+    pin_change_times(image)
 }
 
 /// `mkfs.ext4 -d` copies each file's ctime from the host, and a ctime
 /// cannot be set from user space (E2FSPROGS_FAKE_TIME does not cover it):
 /// rewrite every inode's ctime to [`FIXED_TIME`] in one debugfs session.
-fn pin_change_times(tree: &Path, image: &Path) -> Result<(), Ext4Error> {
-    let mut commands = format!("sif / ctime @{FIXED_TIME}\n");
-    for path in walk(tree)? {
-        let inside = path.strip_prefix(tree).expect("walk stays below the tree");
-        commands.push_str(&format!(
-            "sif \"/{}\" ctime @{FIXED_TIME}\n",
-            inside.display()
-        ));
-    }
+/// Inodes are named by number (`<N>`), never by path: a file name in a
+/// debugfs script is a way to inject commands into a root-run tool.
+fn pin_change_times(image: &Path) -> Result<(), Ext4Error> {
+    let mut inodes = HashSet::new();
+    visit_tree(
+        &open_fs(File::open(image).map_err(io_err(image))?)?,
+        &mut |_, inode, _| {
+            inodes.insert(inode.number);
+            Ok(())
+        },
+    )?;
+    let mut inodes: Vec<u32> = inodes.into_iter().collect();
+    inodes.sort_unstable();
+    let commands: String = inodes
+        .iter()
+        .map(|n| format!("sif <{n}> ctime @{FIXED_TIME}\n"))
+        .collect();
     let script = image.with_extension("debugfs");
     fs::write(&script, commands).map_err(io_err(&script))?;
     let output = Command::new("debugfs")
@@ -269,118 +299,135 @@ pub struct Entry {
     pub target: Option<String>,
 }
 
+/// Visits every entry of the filesystem from its root, parents before
+/// children, with its path in the image (`/` for the root), skipping
+/// `/lost+found` (mkfs makes a new one). The filesystem is untrusted (a
+/// guest wrote it): every name is checked as archive names are, a
+/// directory reached twice (linked into itself) is an error rather than
+/// an endless walk, and so is a tree deeper than [`MAX_DEPTH`]. The walk
+/// keeps its own stack, so no depth overflows the thread's.
+fn visit_tree<R: ReadAt>(
+    sb: &SuperBlock<R>,
+    visit: &mut dyn FnMut(&Path, &Inode, &Enhanced) -> Result<(), Ext4Error>,
+) -> Result<(), Ext4Error> {
+    let mut directories = HashSet::new();
+    let mut pending = vec![(PathBuf::from("/"), sb.root().map_err(read_err)?, 0)];
+    while let Some((path, inode, depth)) = pending.pop() {
+        let enhanced = sb.enhance(&inode).map_err(read_err)?;
+        let Enhanced::Directory(entries) = &enhanced else {
+            visit(&path, &inode, &enhanced)?;
+            continue;
+        };
+        if !directories.insert(inode.number) {
+            return Err(Ext4Error::Loop {
+                path,
+                inode: inode.number,
+            });
+        }
+        if depth >= MAX_DEPTH {
+            return Err(Ext4Error::TooDeep { path });
+        }
+        visit(&path, &inode, &enhanced)?;
+        for entry in entries.iter().rev() {
+            if entry.name == "." || entry.name == ".." || (depth == 0 && entry.name == "lost+found")
+            {
+                continue;
+            }
+            let child = path.join(&entry.name);
+            stage::check_name(entry.name.as_bytes()).map_err(|reason| Ext4Error::BadName {
+                path: child.clone(),
+                reason,
+            })?;
+            let inode = sb.load_inode(entry.inode).map_err(read_err)?;
+            pending.push((child, inode, depth + 1));
+        }
+    }
+    Ok(())
+}
+
 /// Lists everything at and below `under` ("/" for all), sorted by path.
 pub fn list<R: ReadAt>(fs: R, under: &str) -> Result<Vec<Entry>, Ext4Error> {
     let sb = open_fs(fs)?;
-    let under = format!("/{}", under.trim_matches('/'));
-    let start = if under == "/" {
-        sb.root().map_err(read_err)?
-    } else {
-        let entry = sb
-            .resolve_path(&under)
-            .map_err(|_| Ext4Error::NotFound(under.clone()))?;
-        sb.load_inode(entry.inode).map_err(read_err)?
-    };
+    let under = Path::new("/").join(under.trim_matches('/'));
     let mut entries = Vec::new();
-    let base = if under == "/" {
-        String::new()
-    } else {
-        under.clone()
-    };
-    sb.walk(&start, &base, &mut |_, path, inode, enhanced| {
-        let (kind, target) = match enhanced {
-            Enhanced::Directory(_) => ('d', None),
-            Enhanced::RegularFile => ('-', None),
-            Enhanced::SymbolicLink(target) => ('l', Some(target.clone())),
-            Enhanced::CharacterDevice(..) => ('c', None),
-            Enhanced::BlockDevice(..) => ('b', None),
-            Enhanced::Fifo => ('p', None),
-            Enhanced::Socket => ('s', None),
-        };
-        let path = if path.is_empty() {
-            "/".to_string()
-        } else {
-            path.to_string()
-        };
-        let stat = &inode.stat;
-        entries.push(Entry {
-            path,
-            kind,
-            mode: u32::from(stat.file_mode) & 0o7777,
-            uid: stat.uid,
-            gid: stat.gid,
-            size: stat.size,
-            target,
-        });
-        Ok(true)
-    })
-    .map_err(read_err)?;
-    entries.retain(|e| e.path != "/lost+found" && !e.path.starts_with("/lost+found/"));
+    visit_tree(&sb, &mut |path, inode, enhanced| {
+        if path.starts_with(&under) {
+            entries.push(entry(path, inode, enhanced));
+        }
+        Ok(())
+    })?;
+    if entries.is_empty() {
+        return Err(Ext4Error::NotFound(under.display().to_string()));
+    }
     entries.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(entries)
 }
 
-/// Copies every directory, file and symbolic link of the filesystem into
-/// `dest` with their modes and owners (the starting point of a child image).
-pub fn extract<R: ReadAt>(fs: R, dest: &Path) -> Result<(), Ext4Error> {
-    let sb = open_fs(fs)?;
-    let root = sb.root().map_err(read_err)?;
-    let mut failure = None;
-    sb.walk(&root, "", &mut |sb, path, inode, enhanced| {
-        if path.starts_with("/lost+found") {
-            return Ok(true);
-        }
-        let target = dest.join(path.trim_start_matches('/'));
-        let result = match enhanced {
-            Enhanced::Directory(_) => fs::create_dir_all(&target),
-            Enhanced::RegularFile => {
-                let mut reader = sb.open(inode)?;
-                fs::File::create(&target)
-                    .and_then(|mut file| io::copy(&mut reader, &mut file).map(drop))
-            }
-            Enhanced::SymbolicLink(link) => std::os::unix::fs::symlink(link, &target),
-            // Device nodes, fifos and sockets come from devtmpfs at run time.
-            _ => return Ok(true),
-        };
-        let result = result.and_then(|()| {
-            apply_metadata(
-                &target,
-                inode.stat.file_mode,
-                inode.stat.uid,
-                inode.stat.gid,
-                enhanced,
-            )
-        });
-        match result {
-            Ok(()) => Ok(true),
-            Err(err) => {
-                failure = Some(io_err(&target)(err));
-                Ok(false)
-            }
-        }
-    })
-    .map_err(read_err)?;
-    failure.map_or(Ok(()), Err)
+fn entry(path: &Path, inode: &Inode, enhanced: &Enhanced) -> Entry {
+    let (kind, target) = match enhanced {
+        Enhanced::Directory(_) => ('d', None),
+        Enhanced::RegularFile => ('-', None),
+        Enhanced::SymbolicLink(target) => ('l', Some(target.clone())),
+        Enhanced::CharacterDevice(..) => ('c', None),
+        Enhanced::BlockDevice(..) => ('b', None),
+        Enhanced::Fifo => ('p', None),
+        Enhanced::Socket => ('s', None),
+    };
+    let stat = &inode.stat;
+    Entry {
+        path: path.to_string_lossy().into_owned(),
+        kind,
+        mode: u32::from(stat.file_mode) & 0o7777,
+        uid: stat.uid,
+        gid: stat.gid,
+        size: stat.size,
+        target,
+    }
 }
 
-fn apply_metadata(
-    path: &Path,
-    mode: u16,
-    uid: u32,
-    gid: u32,
-    enhanced: &Enhanced,
-) -> io::Result<()> {
-    std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
-    if !matches!(enhanced, Enhanced::SymbolicLink(_)) {
-        fs::set_permissions(path, fs::Permissions::from_mode(u32::from(mode) & 0o7777))?;
-    }
-    Ok(())
+/// Copies every directory, file and symbolic link of the filesystem into
+/// `stage` with their modes and owners (the starting point of a child
+/// image); files linked more than once stay hard links.
+pub fn extract<R: ReadAt>(fs: R, stage: &Stage) -> Result<(), Ext4Error> {
+    let sb = open_fs(fs)?;
+    let mut linked: HashMap<u32, PathBuf> = HashMap::new();
+    visit_tree(&sb, &mut |path, inode, enhanced| {
+        let mode = u32::from(inode.stat.file_mode) & 0o7777;
+        if path == Path::new("/") {
+            return Ok(()); // The stage's root: made by Stage::create.
+        }
+        match enhanced {
+            Enhanced::Directory(_) => stage.replace_with_dir(path, mode)?,
+            Enhanced::RegularFile
+                if inode.stat.link_count > 1 && linked.contains_key(&inode.number) =>
+            {
+                // The first name has the owner and mode already.
+                return Ok(stage.hard_link(&linked[&inode.number], path)?);
+            }
+            Enhanced::RegularFile => {
+                let mut reader = sb.open(inode).map_err(read_err)?;
+                stage.write_file(path, mode, &mut reader)?;
+                if inode.stat.link_count > 1 {
+                    linked.insert(inode.number, path.into());
+                }
+            }
+            Enhanced::SymbolicLink(target) => stage.symlink(Path::new(target), path)?,
+            // Device nodes, fifos and sockets come from devtmpfs at run time.
+            _ => return Ok(()),
+        }
+        // The owner first: chown(2) clears setuid and setgid.
+        stage.set_owner(path, inode.stat.uid, inode.stat.gid)?;
+        if !matches!(enhanced, Enhanced::SymbolicLink(_)) {
+            stage.set_mode(path, mode)?;
+        }
+        Ok(())
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     const UUID: &str = "6b696c6e-0000-4000-8000-000000000002";
 
@@ -496,7 +543,11 @@ mod tests {
         let image = dir.path().join("fs.ext4");
         make(&tree, &image, 8 << 20, UUID).unwrap();
         let out = dir.path().join("out");
-        extract(fs::File::open(&image).unwrap(), &out).unwrap();
+        extract(
+            fs::File::open(&image).unwrap(),
+            &Stage::create(&out).unwrap(),
+        )
+        .unwrap();
         assert_eq!(fs::read(out.join("bin/tool")).unwrap(), vec![7u8; 10_000]);
         assert_eq!(
             staged_mode(&out.join("etc/motd")).unwrap(),
@@ -536,5 +587,118 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("mkfs.ext4 failed for"), "{err}");
+    }
+
+    /// Makes an image of `tree`, then renames its entry `from` to `to`
+    /// (the same length) in the raw bytes: names no host tool would
+    /// write, as a guest's own kernel could. Without metadata_csum (see
+    /// [`make`]) a directory block carries no checksum to fix.
+    fn image_with_renamed_entry(dir: &Path, tree: &Path, from: &[u8], to: &[u8]) -> PathBuf {
+        let image = dir.join("hostile.ext4");
+        make(tree, &image, 8 << 20, UUID).unwrap();
+        let mut bytes = fs::read(&image).unwrap();
+        let at = bytes.windows(from.len()).position(|w| w == from).unwrap();
+        bytes[at..at + to.len()].copy_from_slice(to);
+        fs::write(&image, bytes).unwrap();
+        image
+    }
+
+    /// Issue 16, case 4: an entry named `../../../../pwn2` was written
+    /// outside the stage, by a child build of a hostile image.
+    #[test]
+    fn names_that_climb_or_carry_commands_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = tree(dir.path());
+        fs::write(tree.join("etc/XXXXXXX"), "escape").unwrap();
+        for (to, reason) in [
+            (&b"../pwn2"[..], "a `/` inside"),
+            (b"a\nb\"cd", "control character"),
+        ] {
+            let image = image_with_renamed_entry(dir.path(), &tree, b"XXXXXXX", to);
+            let out = dir.path().join("out");
+            let stage = Stage::create(&out).unwrap();
+            let err = extract(fs::File::open(&image).unwrap(), &stage)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(reason), "{err}");
+            let err = list(fs::File::open(&image).unwrap(), "/").unwrap_err();
+            assert!(err.to_string().contains(reason), "{err}");
+            assert!(!dir.path().join("pwn2").exists() && !out.join("pwn2").exists());
+            fs::remove_dir_all(&out).unwrap();
+        }
+    }
+
+    /// Issue 16, case 4: a directory hard-linked into itself overflowed
+    /// the stack in `kiln inspect --files`, and a child build made
+    /// thousands of nested directories before failing.
+    #[test]
+    fn a_directory_linked_into_itself_is_an_error_not_a_loop() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("loop.ext4");
+        make(&tree(dir.path()), &image, 8 << 20, UUID).unwrap();
+        let output = Command::new("debugfs")
+            .args(["-w", "-R", "ln /etc /etc/kiln/loop"])
+            .arg(&image)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        let err = list(fs::File::open(&image).unwrap(), "/").unwrap_err();
+        assert!(matches!(err, Ext4Error::Loop { .. }), "{err}");
+        assert!(err.to_string().contains("/etc/kiln/loop"), "{err}");
+        let out = dir.path().join("out");
+        let err = extract(
+            fs::File::open(&image).unwrap(),
+            &Stage::create(&out).unwrap(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, Ext4Error::Loop { .. }), "{err}");
+        assert!(!out.join("etc/kiln/loop/kiln").exists());
+    }
+
+    /// Issue 16, case 1: file names went into a debugfs script as text.
+    /// Names with quotes and spaces now build (inodes go by number), and
+    /// a name with a control character is refused before mkfs runs.
+    #[test]
+    fn odd_names_build_and_control_characters_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = tree(dir.path());
+        fs::write(tree.join("etc/we\"ird name"), "odd").unwrap();
+        let a = dir.path().join("a.ext4");
+        make(&tree, &a, 8 << 20, UUID).unwrap();
+        let entries = list(fs::File::open(&a).unwrap(), "/etc").unwrap();
+        assert!(
+            entries.iter().any(|e| e.path == "/etc/we\"ird name"),
+            "{entries:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        fs::write(tree.join("etc/we\"ird name"), "odd").unwrap(); // a new ctime
+        let b = dir.path().join("b.ext4");
+        make(&tree, &b, 8 << 20, UUID).unwrap();
+        assert!(
+            fs::read(&a).unwrap() == fs::read(&b).unwrap(),
+            "the ctime was not pinned"
+        );
+
+        fs::write(tree.join("etc/x\"\nrm etc\n"), "").unwrap();
+        let err = make(&tree, &dir.path().join("c.ext4"), 8 << 20, UUID).unwrap_err();
+        assert!(matches!(err, Ext4Error::BadName { .. }), "{err}");
+        assert!(!dir.path().join("c.ext4").exists());
+    }
+
+    #[test]
+    fn hard_links_stay_links_when_extracted() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = tree(dir.path());
+        fs::hard_link(tree.join("bin/tool"), tree.join("bin/tool2")).unwrap();
+        let image = dir.path().join("fs.ext4");
+        make(&tree, &image, 8 << 20, UUID).unwrap();
+        let out = dir.path().join("out");
+        extract(
+            fs::File::open(&image).unwrap(),
+            &Stage::create(&out).unwrap(),
+        )
+        .unwrap();
+        let meta = fs::metadata(out.join("bin/tool2")).unwrap();
+        assert_eq!((meta.nlink(), meta.mode() & 0o7777), (2, 0o755));
     }
 }
