@@ -1,9 +1,10 @@
 //! Assembling an image's root tree in a staging directory: the parent
 //! image's files, the recipe's build commands, files and binaries (with
 //! their ELF closure), guest-init at /sbin/init and its run configuration.
-use std::fs;
-use std::io;
-use std::os::unix::fs::{PermissionsExt, lchown};
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -11,6 +12,7 @@ use guest_init::config::{CONFIG_PATH, RunConfig};
 
 use crate::elf::{self, ElfError};
 use crate::recipe::Recipe;
+use crate::stage::{Kind, Stage, StageError};
 
 /// Directories every image has: mount points guest-init uses, and /tmp.
 const SKELETON: &[(&str, u32)] = &[
@@ -28,6 +30,8 @@ const SKELETON: &[(&str, u32)] = &[
 pub enum AssembleError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    #[error("in the image being built: {0}")]
+    Stage(#[from] StageError),
     #[error("build command `{command}` (in {dir}) failed: {status}")]
     Build {
         command: String,
@@ -51,45 +55,52 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> AssembleError + '_ {
 
 /// Fills `stage` (which may already hold the parent image's files) from
 /// `recipe`, with `guest_init` as /sbin/init; returns the argv it runs.
+/// Every write goes through [`Stage`]: the stage may hold an untrusted
+/// base's symlinks, which resolve inside it.
 pub fn assemble(
     recipe: &Recipe,
-    stage: &Path,
+    stage: &Stage,
     guest_init: &Path,
 ) -> Result<Vec<String>, AssembleError> {
     for (dir, mode) in SKELETON {
-        let path = stage.join(dir);
-        fs::create_dir_all(&path).map_err(io_err(&path))?;
-        fs::set_permissions(&path, fs::Permissions::from_mode(*mode)).map_err(io_err(&path))?;
+        stage.create_dir_all(Path::new(dir), *mode)?;
+        stage.set_mode(Path::new(dir), *mode)?;
     }
     for command in &recipe.builds {
-        run_build(command, &recipe.dir, stage)?;
+        run_build(command, &recipe.dir, stage.path())?;
     }
     for file in &recipe.files {
-        let target = inside(stage, &file.dst);
-        copy_tree(&file.src, &target, file.mode, &file.exclude)?;
-        chown_tree(&target, file.owner)?;
+        copy_tree(stage, &file.src, &file.dst, file.mode, &file.exclude)?;
+        chown_tree(stage, &file.dst, file.owner, file.mode)?;
     }
     for path in elf::closure(&recipe.binaries)? {
-        copy_tree(&path, &inside(stage, &path), None, &[])?;
+        copy_tree(stage, &path, &path, None, &[])?;
     }
-    let init = stage.join("sbin/init");
-    fs::copy(guest_init, &init).map_err(io_err(guest_init))?;
-    fs::set_permissions(&init, fs::Permissions::from_mode(0o755)).map_err(io_err(&init))?;
+    copy_file(stage, guest_init, Path::new("/sbin/init"), 0o755)?;
     write_run_config(recipe, stage)
 }
 
-/// `path` (absolute in the image) under `stage`.
-fn inside(stage: &Path, path: &Path) -> PathBuf {
-    stage.join(path.strip_prefix("/").unwrap_or(path))
-}
-
-fn run_build(command: &str, dir: &Path, stage: &Path) -> Result<(), AssembleError> {
-    let status = Command::new("sh")
+/// Runs a recipe's `[[build]]` command on the host: trusted code, like
+/// the recipe itself (see docs/security.md).
+fn run_build(command: &str, dir: &Path, destdir: &Path) -> Result<(), AssembleError> {
+    let mut child = Command::new("sh");
+    child
         .args(["-ec", command])
         .current_dir(dir)
-        .env("DESTDIR", stage)
-        .status()
-        .map_err(io_err(dir))?;
+        .env("DESTDIR", destdir);
+    // Kiln itself runs with umask 077 (its own files are private), but
+    // what a step creates is part of the image, where 022 is what every
+    // tool expects.
+    // SAFETY: the closure runs in the forked child before exec and only
+    // calls umask(2), which is async-signal-safe, allocates nothing and
+    // takes no lock.
+    unsafe {
+        child.pre_exec(|| {
+            rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
+            Ok(())
+        });
+    }
+    let status = child.status().map_err(io_err(dir))?;
     if !status.success() {
         return Err(AssembleError::Build {
             command: command.into(),
@@ -100,65 +111,86 @@ fn run_build(command: &str, dir: &Path, stage: &Path) -> Result<(), AssembleErro
     Ok(())
 }
 
-/// Copies a file (dereferenced), or a directory recursively (keeping its
-/// symbolic links as links, skipping entries named in `exclude`), setting
-/// `mode` on everything when given.
+/// Copies the host file or directory `src` (trusted: the recipe's own
+/// files, or binaries it names) to `dst` in the image: a file
+/// dereferenced, a directory recursively keeping its symbolic links as
+/// links and skipping entries named in `exclude`; `mode` on everything
+/// when given, else the source's.
 fn copy_tree(
+    stage: &Stage,
     src: &Path,
     dst: &Path,
-    mode: Option<u32>,
+    given: Option<u32>,
     exclude: &[String],
 ) -> Result<(), AssembleError> {
     if let Some(parent) = dst.parent() {
-        fs::create_dir_all(parent).map_err(io_err(parent))?;
+        stage.create_dir_all(parent, 0o755)?;
     }
     let meta = fs::metadata(src).map_err(io_err(src))?;
-    if meta.is_dir() {
-        fs::create_dir_all(dst).map_err(io_err(dst))?;
-        for entry in fs::read_dir(src).map_err(io_err(src))? {
-            let entry = entry.map_err(io_err(src))?;
-            if exclude
-                .iter()
-                .any(|name| entry.file_name() == name.as_str())
-            {
-                continue;
-            }
-            let (from, to) = (entry.path(), dst.join(entry.file_name()));
-            if entry.file_type().map_err(io_err(&from))?.is_symlink() {
-                let target = fs::read_link(&from).map_err(io_err(&from))?;
-                let _ = fs::remove_file(&to);
-                std::os::unix::fs::symlink(target, &to).map_err(io_err(&to))?;
-            } else {
-                copy_tree(&from, &to, mode, exclude)?;
-            }
-        }
-    } else {
-        // Replace, never write through: the stage may hold a parent's link.
-        let _ = fs::remove_file(dst);
-        fs::copy(src, dst).map_err(io_err(src))?;
+    let mode = given.unwrap_or(meta.permissions().mode() & 0o7777);
+    if !meta.is_dir() {
+        return copy_file(stage, src, dst, mode);
     }
-    let mode = mode.unwrap_or(meta.permissions().mode() & 0o7777);
-    fs::set_permissions(dst, fs::Permissions::from_mode(mode)).map_err(io_err(dst))
+    stage.replace_with_dir(dst, mode)?;
+    for entry in fs::read_dir(src).map_err(io_err(src))? {
+        let entry = entry.map_err(io_err(src))?;
+        if exclude
+            .iter()
+            .any(|name| entry.file_name() == name.as_str())
+        {
+            continue;
+        }
+        let (from, to) = (entry.path(), dst.join(entry.file_name()));
+        if entry.file_type().map_err(io_err(&from))?.is_symlink() {
+            stage.symlink(&fs::read_link(&from).map_err(io_err(&from))?, &to)?;
+        } else {
+            copy_tree(stage, &from, &to, given, exclude)?;
+        }
+    }
+    Ok(())
 }
 
-fn chown_tree(path: &Path, (uid, gid): (u32, u32)) -> Result<(), AssembleError> {
-    lchown(path, Some(uid), Some(gid)).map_err(io_err(path))?;
-    if fs::symlink_metadata(path).map_err(io_err(path))?.is_dir() {
-        for entry in fs::read_dir(path).map_err(io_err(path))? {
-            chown_tree(&entry.map_err(io_err(path))?.path(), (uid, gid))?;
+fn copy_file(stage: &Stage, src: &Path, dst: &Path, mode: u32) -> Result<(), AssembleError> {
+    let mut file = File::open(src).map_err(io_err(src))?;
+    stage.write_file(dst, mode, &mut file)?;
+    Ok(())
+}
+
+/// Sets the owner on `path` and everything below it, without following
+/// symlinks, then the mode again where one was given (chown(2) clears
+/// setuid and setgid).
+fn chown_tree(
+    stage: &Stage,
+    path: &Path,
+    (uid, gid): (u32, u32),
+    mode: Option<u32>,
+) -> Result<(), AssembleError> {
+    stage.set_owner(path, uid, gid)?;
+    if stage.kind(path)? == Some(Kind::Dir) {
+        for name in stage.read_dir(path)? {
+            chown_tree(stage, &path.join(name), (uid, gid), mode)?;
         }
+    }
+    if let Some(mode) = mode {
+        stage.set_mode(path, mode)?;
     }
     Ok(())
 }
 
 /// The recipe's [run] as guest-init's config; without one, the parent's
 /// config (already in the stage) stays.
-fn write_run_config(recipe: &Recipe, stage: &Path) -> Result<Vec<String>, AssembleError> {
-    let path = inside(stage, Path::new(CONFIG_PATH));
+fn write_run_config(recipe: &Recipe, stage: &Stage) -> Result<Vec<String>, AssembleError> {
+    let path = Path::new(CONFIG_PATH);
     if recipe.run.argv.is_empty() {
-        let inherited = fs::read(&path).map_err(|_| AssembleError::NoEntrypoint {
+        let no_entrypoint = || AssembleError::NoEntrypoint {
             recipe: recipe.path.clone(),
-        })?;
+        };
+        let mut inherited = Vec::new();
+        stage
+            .open_file(path)
+            .map_err(|_| no_entrypoint())?
+            .read_to_end(&mut inherited)
+            .map_err(|_| no_entrypoint())?;
         let config = RunConfig::from_json(&inherited).map_err(|err| AssembleError::RunConfig {
             recipe: recipe.path.clone(),
             problem: err.to_string(),
@@ -178,7 +210,7 @@ fn write_run_config(recipe: &Recipe, stage: &Path) -> Result<Vec<String>, Assemb
             recipe: recipe.path.clone(),
             problem: err.to_string(),
         })?;
-    fs::write(&path, json).map_err(io_err(&path))?;
+    stage.write_file(path, 0o644, &mut json.as_bytes())?;
     Ok(config.entrypoint)
 }
 
@@ -218,8 +250,9 @@ entrypoint = ["/bin/ls", "/srv/www"]
 env = { LANG = "C" }
 "#,
         );
-        let stage = dir.path().join("stage");
-        let argv = assemble(&r, &stage, Path::new("/bin/busybox")).unwrap();
+        let staged = Stage::create(&dir.path().join("stage")).unwrap();
+        let argv = assemble(&r, &staged, Path::new("/bin/busybox")).unwrap();
+        let stage = staged.path();
         assert_eq!(argv, ["/bin/ls", "/srv/www"]);
         assert_eq!(
             fs::read_to_string(stage.join("opt/marker")).unwrap(),
@@ -271,17 +304,101 @@ env = { LANG = "C" }
             dir.path(),
             "[image]\nname = \"x\"\nversion = \"1.0.0\"\n[[build]]\nrun = \"exit 4\"\n",
         );
-        let err = assemble(&r, &dir.path().join("s1"), Path::new("/bin/busybox"))
-            .unwrap_err()
-            .to_string();
+        let err = assemble(
+            &r,
+            &Stage::create(&dir.path().join("s1")).unwrap(),
+            Path::new("/bin/busybox"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             err.contains("`exit 4`") && err.contains("exit status: 4"),
             "{err}"
         );
         let r = recipe_in(dir.path(), "[image]\nname = \"x\"\nversion = \"1.0.0\"\n");
-        let err = assemble(&r, &dir.path().join("s2"), Path::new("/bin/busybox"))
-            .unwrap_err()
-            .to_string();
+        let err = assemble(
+            &r,
+            &Stage::create(&dir.path().join("s2")).unwrap(),
+            Path::new("/bin/busybox"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("no [run] entrypoint"), "{err}");
+    }
+
+    /// Issue 16, case 3: a base's `tmp -> /etc` made the host's /etc 1777,
+    /// `sbin -> X` overwrote X/init (on a real host, /sbin/init), and
+    /// `srv -> X` put `[[files]]` into X. Now each lands inside the stage,
+    /// or fails with an error when the link leads nowhere there.
+    #[test]
+    fn a_base_s_symlinks_cannot_lead_assembly_out_of_the_stage() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = crate::oci::tests::victim(dir.path());
+        fs::create_dir(dir.path().join("site")).unwrap();
+        fs::write(dir.path().join("site/page"), "page").unwrap();
+        let r = recipe_in(
+            dir.path(),
+            r#"binaries = ["/bin/true"]
+[image]
+name = "x"
+version = "1.0.0"
+[[files]]
+src = "site"
+dst = "/srv/www"
+owner = "1:1"
+[run]
+entrypoint = ["/bin/true"]
+"#,
+        );
+        let plant = |stage: &Stage| {
+            for name in ["tmp", "sbin", "srv", "bin"] {
+                std::os::unix::fs::symlink(&outside, stage.path().join(name)).unwrap();
+            }
+            fs::create_dir(stage.path().join("etc")).unwrap();
+            std::os::unix::fs::symlink(&outside, stage.path().join("etc/kiln")).unwrap();
+        };
+        // The links lead nowhere inside the stage (and `tmp` into a loop,
+        // as the victim is under /tmp): refused.
+        let stage = Stage::create(&dir.path().join("stage")).unwrap();
+        plant(&stage);
+        let err = assemble(&r, &stage, Path::new("/bin/busybox")).unwrap_err();
+        assert!(
+            err.to_string().starts_with("in the image being built: "),
+            "{err}"
+        );
+        crate::oci::tests::assert_untouched(&outside);
+
+        // With their targets inside the stage, every write lands there.
+        let stage = Stage::create(&dir.path().join("stage2")).unwrap();
+        plant(&stage);
+        let inside = stage.path().join(outside.strip_prefix("/").unwrap());
+        fs::remove_file(stage.path().join("tmp")).unwrap();
+        fs::create_dir_all(&inside).unwrap();
+        assemble(&r, &stage, Path::new("/bin/busybox")).unwrap();
+        crate::oci::tests::assert_untouched(&outside);
+        for landed in ["init", "www/page", "init.json", "true"] {
+            assert!(inside.join(landed).is_file(), "{landed}");
+        }
+    }
+
+    #[test]
+    fn setuid_survives_the_owner_and_dst_dirs_get_their_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("su"), "su").unwrap();
+        let r = recipe_in(
+            dir.path(),
+            "[image]\nname = \"x\"\nversion = \"1.0.0\"\n[[files]]\nsrc = \"su\"\ndst = \"/usr/local/bin/su\"\nmode = \"4755\"\nowner = \"0:0\"\n[run]\nentrypoint = [\"/x\"]\n",
+        );
+        let stage = Stage::create(&dir.path().join("stage")).unwrap();
+        assemble(&r, &stage, Path::new("/bin/busybox")).unwrap();
+        let mode = |p: &str| {
+            fs::metadata(stage.path().join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777
+        };
+        assert_eq!(mode("usr/local/bin/su"), 0o4755);
+        assert_eq!(mode("usr/local/bin"), 0o755);
     }
 }

@@ -363,14 +363,17 @@ impl Checker<'_> {
     }
 
     fn file(&self, file: &RawFile, dir: &Path) -> Result<FileEntry, RecipeError> {
-        if !file.dst.get_ref().starts_with('/') {
+        let dst = file.dst.get_ref();
+        // No `..`: the builder would refuse it anyway, but the recipe's
+        // author hears it here, with the line.
+        let climbs = Path::new(dst)
+            .components()
+            .any(|c| c == std::path::Component::ParentDir);
+        if !dst.starts_with('/') || climbs {
             return Err(self.field(
                 file.dst.span(),
                 "files.dst",
-                format!(
-                    "{:?}: expected an absolute path in the image",
-                    file.dst.get_ref()
-                ),
+                format!("{dst:?}: expected an absolute path in the image, without `..`"),
             ));
         }
         let mode = match &file.mode {
@@ -594,6 +597,10 @@ run = "test -f /srv/index.html"
             ),
             (
                 FULL.replace("/srv/index.html\"\nmode", "srv/index.html\"\nmode"),
+                "recipe.toml:15: `files.dst`",
+            ),
+            (
+                FULL.replace("/srv/index.html\"\nmode", "/srv/../../etc/passwd\"\nmode"),
                 "recipe.toml:15: `files.dst`",
             ),
             (
