@@ -22,6 +22,7 @@ use crate::ext4::{self, Ext4Error};
 use crate::image::{self, DEFAULT_CHUNK_SIZE, ImageError};
 use crate::oci::{self, OciError};
 use crate::recipe::{self, Base, Recipe, RecipeError, Size};
+use crate::stage::{Stage, StageError};
 use crate::store::{self, IMAGE_FILE, Manifest, Store, StoreError};
 
 /// Why a build failed.
@@ -41,6 +42,8 @@ pub enum BuildError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Oci(#[from] OciError),
+    #[error("the build stage: {0}")]
+    Stage(#[from] StageError),
     #[error("{recipe}: base image {base} is not in the store; build it first")]
     MissingBase { recipe: PathBuf, base: String },
     #[error("{recipe}: base {base} leads back to {image} itself (a cycle: {chain})")]
@@ -93,7 +96,7 @@ pub fn build(
     }
 
     let scratch = store.scratch_dir()?;
-    let stage = scratch.path().join("root");
+    let stage = Stage::create(&scratch.path().join("root"))?;
     match (&recipe.base, &parent) {
         (_, Some(parent)) => {
             progress(&format!("unpacking {}", parent.manifest.reference()));
@@ -117,11 +120,11 @@ pub fn build(
     let entrypoint = assemble::assemble(&recipe, &stage, guest_init)?;
     let size = match recipe.size {
         Size::Fixed(bytes) => bytes.div_ceil(4096) * 4096,
-        Size::Free(free) => ext4::size_for(ext4::content_size(&stage)?, free),
+        Size::Free(free) => ext4::size_for(ext4::content_size(stage.path())?, free),
     };
     progress(&format!("making a {} MiB ext4", size >> 20));
     let raw = scratch.path().join("root.ext4");
-    ext4::make(&stage, &raw, size, &uuid_from(&build_key))?;
+    ext4::make(stage.path(), &raw, size, &uuid_from(&build_key))?;
     progress("compressing");
     let (publish, info) = compress(&raw, scratch.path())?;
     let manifest = Manifest {
@@ -476,5 +479,178 @@ mod tests {
         assert_eq!(uuid.len(), 36);
         assert_eq!(&uuid[14..15], "4");
         assert!("89ab".contains(&uuid[19..20]), "{uuid}");
+    }
+
+    /// A Kiln home `home` next to a victim directory `outside`, and a
+    /// recipe directory whose base is the tarball `base` and which puts a
+    /// file through the path `/l/f` (where bases plant links).
+    struct Hostile {
+        dir: tempfile::TempDir,
+        outside: PathBuf,
+    }
+
+    impl Hostile {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let outside = crate::oci::tests::victim(dir.path());
+            fs::create_dir_all(dir.path().join("recipe")).unwrap();
+            fs::write(dir.path().join("recipe/f"), "from the recipe").unwrap();
+            fs::write(
+                dir.path().join("recipe/recipe.toml"),
+                "base = \"tar:base.tar\"\nfree = \"1M\"\n[image]\nname = \"hostile\"\nversion = \"1.0.0\"\n\
+                 [[files]]\nsrc = \"f\"\ndst = \"/l/f\"\n[run]\nentrypoint = [\"/x\"]\n",
+            )
+            .unwrap();
+            Hostile { dir, outside }
+        }
+
+        fn build(&self, base: &[u8]) -> Result<Built, BuildError> {
+            let recipe = self.dir.path().join("recipe");
+            fs::write(recipe.join("base.tar"), base).unwrap();
+            let store = Store::new(&self.dir.path().join("home"));
+            let result = build(&recipe, &store, Path::new("/bin/busybox"), &mut |_| {});
+            crate::oci::tests::assert_untouched(&self.outside);
+            assert!(
+                scratch_is_empty(&self.dir.path().join("home")),
+                "scratch left"
+            );
+            if result.is_err() {
+                assert!(store.list().unwrap().is_empty(), "a failed build published");
+            }
+            result
+        }
+    }
+
+    /// Issue 16, case 1: a base's file name with a quote and newlines
+    /// became debugfs commands (`dump` copied a host file, `write` wrote
+    /// one). Such a name is refused; nothing runs it.
+    #[test]
+    fn a_file_name_cannot_inject_debugfs_commands() {
+        let hostile = Hostile::new();
+        let dumped = hostile.dir.path().join("dumped");
+        let name = format!("a\"\ndump /sbin/init {}\n#", dumped.display());
+        let base = crate::oci::tests::raw_tar(&[crate::oci::tests::file(name.as_bytes(), b"x")]);
+        let err = hostile.build(&base).unwrap_err().to_string();
+        assert!(
+            err.contains("control character") && err.contains("base.tar"),
+            "{err}"
+        );
+        assert!(!dumped.exists());
+    }
+
+    mod fuzz {
+        //! Random tar streams as a build's base: names with quotes,
+        //! newlines, `..` and absolute paths, symlink chains aimed at the
+        //! victim directory, whiteouts, hard links and device nodes. Every
+        //! build fails with an error or succeeds, and nothing outside the
+        //! stage changes. Link targets only ever aim at the victim (never
+        //! at `/`), so that a regression cannot harm the host running this.
+        use super::*;
+        use crate::oci::tests::{Raw, raw_tar};
+        use proptest::prelude::*;
+
+        /// What an entry is, with a link's target chosen from `TARGETS`.
+        #[derive(Clone, Debug)]
+        enum Kind {
+            File,
+            Dir,
+            Symlink(usize),
+            HardLink(usize),
+            Device,
+            Fifo,
+        }
+
+        const NAMES: &[&str] = &[
+            "l",
+            "a",
+            "a/l",
+            "l/f",
+            "l/.wh..wh..opq",
+            "l/.wh.important",
+            "a/l/sub",
+            ".wh.a",
+            "..",
+            "../x",
+            "/abs",
+            "./b",
+            "q\"uote",
+            "new\nline",
+            "l/important",
+            "a/l/.wh.sub",
+            "sbin",
+            "sbin/init",
+            "tmp",
+            "etc/kiln",
+        ];
+
+        /// `{outside}` is the victim's absolute path; the `..` chains
+        /// climb from `home/tmp/scratch-*/root` (and one level deeper) to it.
+        const TARGETS: &[&str] = &[
+            "{outside}",
+            "../../../../outside",
+            "../../../../../outside",
+            "{outside}/sub",
+            "a",
+            "l",
+            "l/f",
+            ".",
+        ];
+
+        fn entry() -> impl Strategy<Value = (usize, Kind)> {
+            let kind = prop_oneof![
+                Just(Kind::File),
+                Just(Kind::Dir),
+                (0..TARGETS.len()).prop_map(Kind::Symlink),
+                (0..NAMES.len()).prop_map(Kind::HardLink),
+                Just(Kind::Device),
+                Just(Kind::Fifo),
+            ];
+            (0..NAMES.len(), kind)
+        }
+
+        fn tar(entries: &[(usize, Kind)], outside: &Path) -> Vec<u8> {
+            let targets: Vec<String> = TARGETS
+                .iter()
+                .map(|t| t.replace("{outside}", &outside.display().to_string()))
+                .collect();
+            let raws: Vec<Raw> = entries
+                .iter()
+                .map(|(name, kind)| {
+                    let (kind, link) = match kind {
+                        Kind::File => (tar::EntryType::Regular, ""),
+                        Kind::Dir => (tar::EntryType::Directory, ""),
+                        Kind::Symlink(t) => (tar::EntryType::Symlink, targets[*t].as_str()),
+                        Kind::HardLink(n) => (tar::EntryType::Link, NAMES[*n]),
+                        Kind::Device => (tar::EntryType::Char, ""),
+                        Kind::Fifo => (tar::EntryType::Fifo, ""),
+                    };
+                    let data: &[u8] = if kind == tar::EntryType::Regular {
+                        b"pwned"
+                    } else {
+                        b""
+                    };
+                    Raw {
+                        name: NAMES[*name].as_bytes(),
+                        kind,
+                        data,
+                        link: link.as_bytes(),
+                    }
+                })
+                .collect();
+            raw_tar(&raws)
+        }
+
+        proptest! {
+            // Each case is a whole build (mkfs, debugfs, compression) when
+            // it gets that far: a few dozen keep this test to seconds.
+            #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+            #[test]
+            fn random_tar_bases_never_touch_anything_outside_the_stage(
+                entries in proptest::collection::vec(entry(), 1..12)
+            ) {
+                let hostile = Hostile::new();
+                let _ = hostile.build(&tar(&entries, &hostile.outside));
+            }
+        }
     }
 }
