@@ -72,6 +72,15 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Everything Kiln writes is its user's alone: images, instance
+    // records, console logs, snapshots (guest RAM, secrets included).
+    // Where a file must be shared, the code that makes it says so and
+    // sets its mode; recipe build steps get 022 back for the image's files.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    if let Err(err) = kiln_builder::store::make_private(&kiln_builder::store::default_home()) {
+        eprintln!("kiln: {err}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Doctor(args) => cmd::doctor::run(args),
         Command::Run(args) => cmd::run::run(*args),

@@ -82,6 +82,28 @@ fn home_from(kiln_home: Option<std::ffi::OsString>, home: Option<std::ffi::OsStr
     }
 }
 
+/// Creates the Kiln home if need be, and makes it private (0700) if it
+/// is not: it holds guest RAM in snapshots, console logs and images that
+/// are nobody else's to read. Everything below it is created under the
+/// CLI's umask of 077 (see `src/main.rs`), so 0700 directories and 0600
+/// files.
+pub fn make_private(home: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(home)
+        .map_err(io_err(home))?;
+    let mode = fs::metadata(home)
+        .map_err(io_err(home))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        fs::set_permissions(home, fs::Permissions::from_mode(0o700)).map_err(io_err(home))?;
+    }
+    Ok(())
+}
+
 /// Splits `name:version`.
 pub fn parse_reference(reference: &str) -> Result<(&str, &str), StoreError> {
     reference
@@ -253,6 +275,19 @@ pub fn sync(path: &Path) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_home_is_made_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("a/kiln");
+        make_private(&home).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&home), 0o700);
+        fs::set_permissions(&home, fs::Permissions::from_mode(0o755)).unwrap();
+        make_private(&home).unwrap();
+        assert_eq!(mode(&home), 0o700);
+    }
 
     fn manifest(name: &str, version: &str, parent: Option<&str>) -> Manifest {
         Manifest {
