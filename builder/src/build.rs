@@ -19,11 +19,11 @@ use sha2::{Digest, Sha256};
 use crate::assemble::{self, AssembleError};
 use crate::elf::{self, ElfError};
 use crate::ext4::{self, Ext4Error};
-use crate::image::{self, DEFAULT_CHUNK_SIZE, ImageError};
 use crate::oci::{self, OciError};
 use crate::recipe::{self, Base, Recipe, RecipeError, Size};
 use crate::stage::{Stage, StageError};
 use crate::store::{self, IMAGE_FILE, Manifest, Store, StoreError};
+use kiln_image::{self as image, DEFAULT_CHUNK_SIZE, ImageError};
 
 /// Why a build failed.
 #[derive(Debug, thiserror::Error)]

@@ -3,7 +3,6 @@ pub mod assemble;
 pub mod build;
 pub mod elf;
 pub mod ext4;
-pub mod image;
 pub mod oci;
 pub mod recipe;
 pub mod stage;

@@ -155,7 +155,7 @@ fn sha256_hex<'d>(archive: &Path, digest: &'d str) -> Result<&'d str, OciError> 
 }
 
 fn check_digest(archive: &Path, what: &str, want: &str, got: &[u8]) -> Result<(), OciError> {
-    let got = crate::image::hex(got);
+    let got = kiln_image::hex(got);
     if !want.eq_ignore_ascii_case(&got) {
         return Err(invalid(
             archive,
@@ -548,7 +548,7 @@ pub(crate) mod tests {
 
     /// An OCI image layout tar holding `layers`.
     pub(crate) fn oci_archive(layers: &[Vec<u8>]) -> Vec<u8> {
-        let digest = |bytes: &[u8]| crate::image::hex(&Sha256::digest(bytes));
+        let digest = |bytes: &[u8]| kiln_image::hex(&Sha256::digest(bytes));
         let mut files: Vec<(String, Vec<u8>)> = Vec::new();
         let mut descriptors = Vec::new();
         for layer in layers {
@@ -692,7 +692,7 @@ pub(crate) mod tests {
     fn docker_archive(layers: &[&[u8]], diff_ids: &[&[u8]]) -> Vec<u8> {
         let ids: Vec<String> = diff_ids
             .iter()
-            .map(|tar| format!("sha256:{}", crate::image::hex(&Sha256::digest(tar))))
+            .map(|tar| format!("sha256:{}", kiln_image::hex(&Sha256::digest(tar))))
             .collect();
         let config =
             serde_json::to_vec(&serde_json::json!({"rootfs": {"type": "layers", "diff_ids": ids}}))
@@ -823,11 +823,11 @@ pub(crate) mod tests {
         let secret = tar_of(&[("secret", Some("host data"))]);
         // The victim directory gets a file for this test: compare after.
         let good = tar_of(&[("ok", Some("fine"))]);
-        let hex = crate::image::hex(&Sha256::digest(&secret));
+        let hex = kiln_image::hex(&Sha256::digest(&secret));
         let mut archive_bytes = oci_archive(std::slice::from_ref(&good));
         // Point the one layer's blob at the host's tar instead.
         let manifest = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "layers": [{"digest": format!("sha256:{hex}")}]})).unwrap();
-        let manifest_hex = crate::image::hex(&Sha256::digest(&manifest));
+        let manifest_hex = kiln_image::hex(&Sha256::digest(&manifest));
         let index = serde_json::to_vec(
             &serde_json::json!({"manifests": [{"digest": format!("sha256:{manifest_hex}")}]}),
         )
@@ -855,7 +855,7 @@ pub(crate) mod tests {
 
         // A blob whose bytes are not what its digest says.
         let tampered = {
-            let good_hex = crate::image::hex(&Sha256::digest(&good));
+            let good_hex = kiln_image::hex(&Sha256::digest(&good));
             let at = archive_bytes.windows(4).position(|w| w == b"fine").unwrap();
             archive_bytes[at..at + 4].copy_from_slice(b"evil");
             (good_hex, archive_bytes)

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use kiln_builder::image::DEFAULT_CACHE_BYTES;
 use kiln_builder::store::Store;
+use kiln_image::DEFAULT_CACHE_BYTES;
 use kiln_vmm::commit;
 use kiln_vmm::instance::Registry;
 use kiln_vmm::volume::Volume;

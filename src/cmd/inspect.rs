@@ -3,8 +3,8 @@
 use std::process::ExitCode;
 
 use kiln_builder::ext4;
-use kiln_builder::image::{CachedReader, DEFAULT_CACHE_BYTES, Reader};
 use kiln_builder::store::Store;
+use kiln_image::{CachedReader, DEFAULT_CACHE_BYTES, Reader};
 
 use crate::assets::kiln_home;
 

@@ -7,8 +7,8 @@ use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use kiln_builder::build::{self, BuildError};
-use kiln_builder::image::DEFAULT_CACHE_BYTES;
 use kiln_builder::store::{Manifest, Store, StoreError};
+use kiln_image::DEFAULT_CACHE_BYTES;
 
 use crate::durable;
 use crate::instance::{Instance, InstanceError, Registry, State};
@@ -129,8 +129,8 @@ fn describe(instance: &Instance) -> String {
 mod tests {
     use std::fs;
 
-    use kiln_builder::image::{self, DEFAULT_CHUNK_SIZE};
     use kiln_builder::store::IMAGE_FILE;
+    use kiln_image::{self as image, DEFAULT_CHUNK_SIZE};
 
     use super::*;
     use crate::instance::{FileLock, Network, Spec};

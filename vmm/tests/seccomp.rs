@@ -229,10 +229,10 @@ fn vmm_thread_survives_its_event_loop_and_block_io_then_exits() {
         let dir = tempfile::tempdir().unwrap();
         let raw = dir.path().join("raw");
         std::fs::write(&raw, vec![3u8; 256 * 1024]).unwrap();
-        let kiln_image = dir.path().join("image.kiln");
-        kiln_builder::image::write(&raw, &kiln_image, 64 * 1024).unwrap();
+        let image_file = dir.path().join("image.kiln");
+        kiln_image::write(&raw, &image_file, 64 * 1024).unwrap();
         let mut volume =
-            Volume::create(&kiln_image, &dir.path().join("root.overlay"), 1 << 20).unwrap();
+            Volume::create(&image_file, &dir.path().join("root.overlay"), 1 << 20).unwrap();
         let kick = kick_signal();
         let vcpu = std::thread::spawn(|| std::thread::sleep(Duration::from_millis(100)));
         let (_controller, terminal) = open_pty();
@@ -281,12 +281,12 @@ fn vmm_thread_survives_writing_a_snapshot() {
         let dir = tempfile::tempdir().unwrap();
         let raw = dir.path().join("raw");
         std::fs::write(&raw, vec![3u8; 256 * 1024]).unwrap();
-        let kiln_image = dir.path().join("image.kiln");
-        kiln_builder::image::write(&raw, &kiln_image, 64 * 1024).unwrap();
+        let image_file = dir.path().join("image.kiln");
+        kiln_image::write(&raw, &image_file, 64 * 1024).unwrap();
         let overlay = dir.path().join("root.overlay");
-        Volume::create(&kiln_image, &overlay, 1 << 20).unwrap();
+        Volume::create(&image_file, &overlay, 1 << 20).unwrap();
         let source = DiskSource::Volume {
-            image: kiln_image,
+            image: image_file,
             overlay: Some(overlay),
             cache_bytes: 1 << 20,
         };

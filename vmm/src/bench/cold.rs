@@ -124,7 +124,7 @@ fn flatten(image: &StoredImage, name: &str, out: &Path) -> Result<(), BenchError
     let volume = crate::volume::Volume::open(
         &image.image_path,
         None,
-        kiln_builder::image::DEFAULT_CACHE_BYTES,
+        kiln_image::DEFAULT_CACHE_BYTES,
     )
     .map_err(|err| failed(err.to_string()))?;
     crate::commit::flatten_to_file(&volume, out).map_err(|err| failed(err.to_string()))

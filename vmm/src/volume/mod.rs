@@ -10,7 +10,7 @@ mod overlay;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use kiln_builder::image::{CachedReader, ImageError, Reader};
+use kiln_image::{CachedReader, ImageError, Reader};
 
 pub use overlay::{BLOCK_SIZE, Overlay, OverlayError};
 

@@ -1,6 +1,6 @@
 use std::os::unix::fs::MetadataExt;
 
-use kiln_builder::image;
+use kiln_image as image;
 
 use super::*;
 

@@ -52,7 +52,7 @@ pub fn build(cached_runs: usize) -> Result<()> {
     let store = kiln_builder::store::Store::new(&home);
     let image = store.find("hello:1.0.0")?;
     let raw = home.join("raw.ext4");
-    kiln_builder::image::Reader::open(&image.image_path)?
+    kiln_image::Reader::open(&image.image_path)?
         .flatten_to(&mut std::io::BufWriter::new(fs::File::create(&raw)?))?;
     let zstd = sh::output(
         Command::new("sh")

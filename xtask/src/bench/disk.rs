@@ -22,8 +22,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use kiln_builder::image::DEFAULT_CACHE_BYTES;
 use kiln_builder::store::Store;
+use kiln_image::DEFAULT_CACHE_BYTES;
 use kiln_vmm::volume::Volume;
 use serde::{Deserialize, Serialize};
 

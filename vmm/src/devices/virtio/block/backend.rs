@@ -18,7 +18,7 @@ use crate::volume::{BLOCK_SIZE, Volume, VolumeError};
 /// buffer is moved through a buffer of this size, reused, whatever length
 /// the driver's descriptor claims (up to 4 GiB). A raw image needs none:
 /// pread/pwrite go straight into and out of guest memory. It is the
-/// image format's default chunk size (`kiln_builder::image`), so a piece
+/// image format's default chunk size (`kiln_image`), so a piece
 /// of a read decompresses about one chunk, and a whole number of overlay
 /// blocks, so a write's pieces split none.
 const BOUNCE_SIZE: usize = 128 * 1024;
@@ -269,7 +269,7 @@ mod tests {
         let raw = dir.path().join("raw");
         std::fs::write(&raw, pattern(DISK_BYTES)).unwrap();
         let image = dir.path().join("image.kiln");
-        kiln_builder::image::write(&raw, &image, 64 * 1024).unwrap();
+        kiln_image::write(&raw, &image, 64 * 1024).unwrap();
         let overlay = dir.path().join("root.overlay");
         let mut backend = Backend::volume(Volume::create(&image, &overlay, 1 << 20).unwrap());
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();

@@ -967,7 +967,7 @@ mod tests {
         let raw = dir.join("raw");
         std::fs::write(&raw, disk_pattern()).unwrap();
         let image = dir.join("image.kiln");
-        kiln_builder::image::write(&raw, &image, 4096).unwrap();
+        kiln_image::write(&raw, &image, 4096).unwrap();
         let overlay = dir.join("root.overlay");
         if !read_only {
             drop(Volume::create(&image, &overlay, 1 << 20).unwrap());
