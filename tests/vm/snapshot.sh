@@ -27,6 +27,12 @@ check snapshot-has-state-memory-and-root sh -c "cd '$WORK/snap1' && [ -s state ]
 used_kib=$(du -k "$WORK/snap1/memory" | cut -f1)
 check memory-file-is-sparse [ "$used_kib" -lt 100000 ]
 echo "KILN-INFO snapshot memory file: $used_kib KiB on disk; $(cat "$WORK/create.txt")"
+# Guest RAM, the instance's console and its home are the user's alone.
+expect_eq snapshot-files-are-private "700 600 600" \
+    "$(stat -c %a "$WORK/snap1") $(stat -c %a "$WORK/snap1/memory") $(stat -c %a "$WORK/snap1/state")"
+snap_dir="$KILN_HOME/instances/$(head -n 1 "$WORK/launch.txt")"
+expect_eq instance-files-are-private "700 700 600" \
+    "$(stat -c %a "$KILN_HOME") $(stat -c %a "$snap_dir") $(stat -c %a "$snap_dir/console.log")"
 before=$(last_count snap)
 wait_console snap "^count $((before + 2)) " keeps-running-after-the-snapshot
 
@@ -42,6 +48,7 @@ wait_console snap "^count $((paused_at + 2)) " resumed-guest-counts-on
 expect_eq hibernate-exit-status 0 "$?"
 expect_contains hibernate-says-hibernated "$WORK/hibernate.txt" "stopped (hibernated)"
 "$KILN" ps -a > "$WORK/ps.txt" 2>&1
+expect_eq hibernation-is-private 700 "$(stat -c %a "$snap_dir/hibernate")"
 expect_contains ps-shows-hibernated "$WORK/ps.txt" "snap .*hibernated"
 count=$(last_count snap)
 uptime=$(last_uptime snap)
