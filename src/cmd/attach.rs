@@ -1,14 +1,14 @@
 //! `kiln attach INSTANCE`: the serial console of a detached instance,
 //! interactive: what the guest writes from now on is shown, what is typed
 //! goes to the guest. Ctrl-] detaches; the instance keeps running.
-use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 use kiln_vmm::devices::serial::RawTerminal;
 use kiln_vmm::instance::Registry;
+use kiln_vmm::instance::console::Follower;
 
 use crate::assets::kiln_home;
 
@@ -32,9 +32,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         )
     })?;
     let log_path = instance.console_log();
-    let mut log =
-        File::open(&log_path).with_context(|| format!("cannot read {}", log_path.display()))?;
-    log.seek(SeekFrom::End(0))?;
+    // Followed by its path, so a rotation of the log does not stop it.
+    let log = Follower::open_at_end(&log_path)
+        .with_context(|| format!("cannot read {}", log_path.display()))?;
     eprintln!("kiln: attached to {} (Ctrl-] detaches)", instance.label());
     std::thread::spawn(move || follow(log));
     let _raw = RawTerminal::enable_if_tty()?;
@@ -50,7 +50,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 /// Copies what the console log gains to stdout, for as long as we live.
-fn follow(mut log: File) {
+fn follow(mut log: Follower) {
     let mut buf = vec![0u8; 16 * 1024];
     let mut out = io::stdout();
     loop {

@@ -1,4 +1,6 @@
-//! `kiln logs [-f] INSTANCE`: the serial console of a detached instance.
+//! `kiln logs [-f] INSTANCE`: the serial console of a detached instance:
+//! `console.log.1` (the log before its last rotation) if there is one,
+//! then `console.log`, followed across rotations.
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::process::ExitCode;
@@ -6,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use kiln_vmm::instance::Registry;
+use kiln_vmm::instance::console::Follower;
 
 use crate::assets::kiln_home;
 
@@ -23,13 +26,22 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let instance = Registry::new(&kiln_home()).find(&args.instance)?;
+    let mut out = io::stdout().lock();
+    let rotated = instance.console_log_rotated();
+    match File::open(&rotated) {
+        Ok(mut file) => {
+            io::copy(&mut file, &mut out)
+                .with_context(|| format!("cannot read {}", rotated.display()))?;
+        }
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+        Err(err) => return Err(err).with_context(|| format!("cannot read {}", rotated.display())),
+    }
     let path = instance.console_log();
-    let mut log = match File::open(&path) {
-        Ok(file) => file,
+    let mut log = match Follower::open(&path) {
+        Ok(log) => log,
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(ExitCode::SUCCESS),
         Err(err) => return Err(err).with_context(|| format!("cannot read {}", path.display())),
     };
-    let mut out = io::stdout().lock();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = log

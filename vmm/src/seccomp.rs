@@ -177,7 +177,9 @@ fn common_rules() -> Result<Rules, BackendError> {
         // it parks.
         allow(libc::SYS_sched_yield),
         // stderr warnings; on the vCPU thread also serial output to stdout
-        // and eventfd signals (serial and virtio interrupts, i8042 reset,
+        // (a pipe to the VMM process, which keeps the console log, for an
+        // instance; a terminal or file for `kiln run`: the same call either
+        // way) and eventfd signals (serial and virtio interrupts, i8042 reset,
         // virtio-mmio notifications that bypassed the ioeventfd).
         allow(libc::SYS_write),
         // Instant::now (InitStarted's timestamp); normally served by the

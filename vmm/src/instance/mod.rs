@@ -12,7 +12,8 @@
 //! | `vmm.lock`     | held by the instance's VMM process for its whole life       |
 //! | `root.overlay` | the root volume's copy-on-write layer                       |
 //! | `user-data`    | as given at launch                                          |
-//! | `console.log`  | the serial console of a detached instance                   |
+//! | `console.log`  | the serial console of a detached instance (`console`)       |
+//! | `console.log.1`| its previous 8 MiB, once it has rotated                     |
 //! | `console.in`   | a FIFO: its serial input, which `kiln attach` writes        |
 //! | `api.sock`     | the VMM's control API (HTTP/1.1 + JSON, `docs/api.md`)      |
 //! | `vsock.sock`   | the guest's vsock ports, reached with `CONNECT <port>\n`     |
@@ -25,6 +26,7 @@
 //!
 //! A VMM that dies without saying so is found by its free `vmm.lock`: the
 //! record then shows `stopped` with the reason.
+pub mod console;
 pub mod lifecycle;
 pub mod snapshots;
 pub mod state;
@@ -53,6 +55,7 @@ const VMM_LOCK: &str = "vmm.lock";
 const ROOT_OVERLAY_FILE: &str = "root.overlay";
 const USER_DATA_FILE: &str = "user-data";
 const CONSOLE_FILE: &str = "console.log";
+const CONSOLE_ROTATED: &str = "console.log.1";
 const CONSOLE_INPUT: &str = "console.in";
 const API_SOCKET: &str = "api.sock";
 const VSOCK_SOCKET: &str = "vsock.sock";
@@ -480,6 +483,11 @@ impl Instance {
         self.path(CONSOLE_FILE)
     }
 
+    /// Where `console.log` goes when it rotates (see [`console`]).
+    pub fn console_log_rotated(&self) -> PathBuf {
+        self.path(CONSOLE_ROTATED)
+    }
+
     pub fn api_socket(&self) -> PathBuf {
         self.path(API_SOCKET)
     }
@@ -629,6 +637,7 @@ impl Instance {
             ROOT_OVERLAY_FILE,
             USER_DATA_FILE,
             CONSOLE_FILE,
+            CONSOLE_ROTATED,
             CONSOLE_INPUT,
             API_SOCKET,
             VSOCK_SOCKET,

@@ -1,16 +1,16 @@
 //! The VMM process of a detached instance. It lives as long as the
 //! instance runs: it owns the instance's VMM lock and its API socket, runs
 //! the VM itself as a child process (`kiln run --instance ID`, which has
-//! KVM and the seccomp filters), appends the child's console to
-//! `console.log` and feeds it `console.in`, and keeps the record's state
-//! true.
+//! KVM and the seccomp filters), copies the child's console from a pipe
+//! into `console.log` (rotated at a size, [`super::console`]) and feeds it
+//! `console.in`, and keeps the record's state true.
 //!
 //! Running the VM in a child is what makes reboot possible: a VM process
 //! cannot build a fresh VM once its seccomp filter is in place, so a reboot
 //! ends the child (its disks flush as it stops) and starts another, in the
 //! same VMM process, with the same ids and the same root volume.
-use std::fs::{self, OpenOptions};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::fs;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
@@ -20,6 +20,7 @@ use std::{io, thread};
 
 use serde::Deserialize;
 
+use super::console::{CONSOLE_LOG_LIMIT, ConsoleLogError, RotatingLog, copy_into};
 use super::{FileLock, Instance, InstanceError, State, Verb, state::transition};
 use crate::api::{self, ActionBody, Request, Response};
 use crate::control::{self, AfterSnapshot, ControlClient, ControlReply, ControlRequest};
@@ -78,6 +79,8 @@ pub enum SupervisorError {
     Control(#[from] control::ControlError),
     #[error(transparent)]
     Proxy(#[from] ProxyError),
+    #[error(transparent)]
+    Console(#[from] ConsoleLogError),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> SupervisorError {
@@ -96,7 +99,19 @@ pub fn run(
     vm_command: impl Fn(VmStart<'_>) -> Command,
 ) -> Result<(), SupervisorError> {
     let socket = instance.api_socket();
-    let console_path = instance.console_log();
+    let mut console = RotatingLog::open(
+        &instance.console_log(),
+        &instance.console_log_rotated(),
+        CONSOLE_LOG_LIMIT,
+    )?;
+    // SAFETY: descriptor 2 is open for the whole life of the process:
+    // std opens /dev/null on it at startup if it came closed, and nothing
+    // here closes it.
+    let stderr = unsafe { BorrowedFd::borrow_raw(libc::STDERR_FILENO) };
+    // This process's own messages go to the live log too, after rotations.
+    console
+        .carry(stderr)
+        .map_err(io_err("cannot check where stderr goes"))?;
     let _ = fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket)
         .map_err(io_err(format!("cannot listen on {}", socket.display())))?;
@@ -125,15 +140,13 @@ pub fn run(
         .or(restore.map(|dir| (dir, false)));
     let api_shared = shared.clone();
     thread::spawn(move || serve(&listener, &api_shared));
-    let console = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&console_path)
-        .map_err(io_err(format!("cannot open {}", console_path.display())))?;
     let reason = loop {
         let restore = first.take();
         lock(&shared.instance).mark_running(restore.is_some())?;
-        let output = |what| console.try_clone().map_err(io_err(what));
+        // The VM process writes its console (and its own messages) into a
+        // pipe, which this thread copies into the log, rotating it.
+        let (console_out, vm_console) = io::pipe().map_err(io_err("console pipe"))?;
+        let vm_messages = vm_console.try_clone().map_err(io_err("console pipe"))?;
         let input = lock(&shared.instance)
             .console_input_reader()
             .map_err(io_err("cannot open the console input"))?;
@@ -145,10 +158,13 @@ pub fn run(
                 .as_ref()
                 .map(|(dir, consume)| (dir.as_path(), *consume)),
         };
+        // The command, and with it our copies of the pipe's write end, is
+        // dropped once the child is spawned: the copy below ends when the
+        // VM process does.
         let mut child = vm_command(start)
             .stdin(input)
-            .stdout(output("console log")?)
-            .stderr(output("console log")?)
+            .stdout(vm_console)
+            .stderr(vm_messages)
             .spawn()
             .map_err(io_err("cannot start the VM process"))?;
         // Only the VM process keeps its end open.
@@ -161,6 +177,7 @@ pub fn run(
                 end_vm(child.id());
             }
         }
+        copy_into(console_out, &mut console);
         let status = child
             .wait()
             .map_err(io_err("cannot wait for the VM process"))?;
@@ -480,5 +497,53 @@ fn snapshot(shared: &Shared, dir: &Path) -> Response {
     match ask(&mut lock(&shared.control), &request, SNAPSHOT_TIMEOUT) {
         Ok(reply) => Response::json(200, reply.snapshot.unwrap_or_default()),
         Err(err) => Response::error(500, err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::instance::{Network, Registry, Spec};
+
+    #[test]
+    fn the_vm_process_console_goes_through_the_rotating_log() {
+        let home = tempfile::tempdir().unwrap();
+        let registry = Registry::new(home.path());
+        let spec = Spec {
+            name: None,
+            image: "hello:1.0.0".into(),
+            instance_type: "k1.nano".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            cmdline: String::new(),
+            network: Network::None,
+            private_ip: None,
+            ports: Vec::new(),
+        };
+        let (instance, vmm) = registry.create(spec, None).unwrap();
+        let id = instance.record.id.clone();
+        let limit = CONSOLE_LOG_LIMIT.get();
+        // A VM process whose console passes the limit, then complains on
+        // stderr and ends as a guest exiting 3 would.
+        let script = format!("head -c {} /dev/zero; echo done >&2; exit 3", limit + 10);
+        run(instance, vmm, None, |_| {
+            let mut command = Command::new("sh");
+            command.args(["-c", &script]);
+            command
+        })
+        .unwrap();
+        let instance = registry.find(&id).unwrap();
+        assert_eq!(
+            instance.record.reason.as_deref(),
+            Some("the guest shut down (entrypoint exit status 3)")
+        );
+        assert_eq!(
+            fs::metadata(instance.console_log_rotated()).unwrap().len(),
+            limit
+        );
+        assert_eq!(
+            fs::read(instance.console_log()).unwrap(),
+            b"\0\0\0\0\0\0\0\0\0\0done\n"
+        );
     }
 }

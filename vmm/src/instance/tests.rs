@@ -108,9 +108,11 @@ fn terminating_deletes_volumes_and_keeps_the_record() {
     let (instance, _vmm) = registry.create(spec(Some("web")), Some(USER_DATA)).unwrap();
     fs::write(instance.root_overlay(), b"overlay").unwrap();
     fs::write(instance.console_log(), b"log").unwrap();
+    fs::write(instance.console_log_rotated(), b"older log").unwrap();
     instance.delete_volumes().unwrap();
     assert!(!instance.root_overlay().exists() && instance.user_data().is_none());
     assert!(!instance.console_log().exists());
+    assert!(!instance.console_log_rotated().exists());
     assert!(registry.find(&instance.record.id).is_ok());
 }
 
