@@ -12,7 +12,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::num::NonZeroU64;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// The size at which `console.log` is rotated. A boot with `quiet` logs a
@@ -136,8 +136,15 @@ impl RotatingLog {
     }
 }
 
+/// `path` for appending, made private (0600) if new: the guest's console
+/// may print secrets, and a rotation must not depend on the umask to keep
+/// the fresh file as private as the first.
 fn open_append(path: &Path) -> io::Result<(File, u64)> {
-    let file = OpenOptions::new().create(true).append(true).open(path)?;
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
     let size = file.metadata()?.len();
     Ok((file, size))
 }
@@ -257,6 +264,8 @@ mod tests {
         assert_eq!(fs::read(&rotated).unwrap(), b"klmnopqrst");
         assert_eq!(fs::read(&path).unwrap(), b"uvwxyz");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2);
+        let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600, "the fresh log is private");
     }
 
     #[test]
