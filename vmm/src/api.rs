@@ -148,17 +148,24 @@ pub fn parse_request(bytes: &[u8]) -> Result<Option<Request>, Malformed> {
 /// a function URL's TCP socket.
 pub trait Connection: Read + Write {
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
 }
 
 impl Connection for UnixStream {
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         UnixStream::set_read_timeout(self, timeout)
     }
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_write_timeout(self, timeout)
+    }
 }
 
 impl Connection for std::net::TcpStream {
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         std::net::TcpStream::set_read_timeout(self, timeout)
+    }
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        std::net::TcpStream::set_write_timeout(self, timeout)
     }
 }
 
@@ -218,6 +225,9 @@ fn serve_one_within(
             Err(err) => return Err(err),
         }
     };
+    // A client that never reads must not hold the server either, once an
+    // answer outgrows the socket's buffer: the answer gets the same time.
+    stream.set_write_timeout(Some(deadline))?;
     stream.write_all(&encode_response(&response))
 }
 
