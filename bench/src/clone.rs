@@ -3,10 +3,10 @@
 //! that function, whose template snapshot the restore scenario restores.
 use std::path::PathBuf;
 
-use super::kiln::Kiln;
-use super::report::{Series, Vmm};
-use super::timing::{Event, Stream, Then, millis, time_to};
-use super::{BenchError, Config, Progress, Scenario, timed_series};
+use crate::kiln::Kiln;
+use crate::report::{Series, Vmm};
+use crate::timing::{Event, Stream, Then, millis, time_to};
+use crate::{BenchError, Config, Progress, Scenario, timed_series};
 
 /// The function's name in the benchmark's own Kiln home.
 pub const FUNCTION: &str = "bench";

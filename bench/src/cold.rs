@@ -4,13 +4,13 @@ use std::path::Path;
 use std::process::Command;
 
 use kiln_builder::store::StoredImage;
+use kiln_vmm::devices::init_port::BOOT_TO_INIT_PREFIX;
 
-use super::kiln::Kiln;
-use super::qemu::{Microvm, QEMU};
-use super::report::{Series, Vmm};
-use super::timing::{Event, Stream, Then, millis, time_to};
-use super::{BenchError, Config, Progress, Scenario, paired, timed_series};
-use crate::devices::init_port::BOOT_TO_INIT_PREFIX;
+use crate::kiln::Kiln;
+use crate::qemu::{Microvm, QEMU};
+use crate::report::{Series, Vmm};
+use crate::timing::{Event, Stream, Then, millis, time_to};
+use crate::{BenchError, Config, Progress, Scenario, paired, timed_series};
 
 /// Kiln's timer.
 pub const KILN_TIMER: (&str, &str) = (
@@ -37,7 +37,7 @@ pub fn kiln(config: &Config, kiln: &Kiln, progress: &dyn Progress) -> Result<Ser
     )
 }
 
-/// Kiln's series and QEMU microvm's, run by turns ([`super::paired`]):
+/// Kiln's series and QEMU microvm's, run by turns ([`crate::paired`]):
 /// QEMU on the image's filesystem, flattened once (untimed) into `work`,
 /// to the same boot-timer write; QEMU is then stopped (SIGTERM).
 pub fn with_qemu(
@@ -121,13 +121,10 @@ fn flatten(image: &StoredImage, name: &str, out: &Path) -> Result<(), BenchError
         image: name.to_string(),
         reason,
     };
-    let volume = crate::volume::Volume::open(
-        &image.image_path,
-        None,
-        kiln_image::DEFAULT_CACHE_BYTES,
-    )
-    .map_err(|err| failed(err.to_string()))?;
-    crate::commit::flatten_to_file(&volume, out).map_err(|err| failed(err.to_string()))
+    let volume =
+        kiln_vmm::volume::Volume::open(&image.image_path, None, kiln_image::DEFAULT_CACHE_BYTES)
+            .map_err(|err| failed(err.to_string()))?;
+    kiln_vmm::commit::flatten_to_file(&volume, out).map_err(|err| failed(err.to_string()))
 }
 
 /// A failed peer run's error, with the end of its console.

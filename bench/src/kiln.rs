@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
-use super::BenchError;
+use crate::BenchError;
 
 /// The `kiln` binary with `KILN_HOME` (and the kernel) set.
 pub struct Kiln {

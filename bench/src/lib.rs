@@ -1,4 +1,8 @@
-//! `kiln bench`: startup latency, the numbers users compare microVMMs by.
+//! `kiln bench`: startup-latency scenarios against a peer VMM, their
+//! statistics, JSON report and SVG plot: the numbers users compare
+//! microVMMs by. A crate of its own, on top of `kiln_vmm` (whose
+//! instances, vsock and volumes it reads), so that the VMM does not link
+//! the plotting.
 //!
 //! Three scenarios, each timed from the exec of a `kiln` command (the
 //! benchmark spawns it; the process's start is the timer's zero) to an
@@ -40,9 +44,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use kiln_builder::store::{Store, StoreError};
+use kiln_vmm::host::{self, HostVirt};
 use serde::{Deserialize, Serialize};
 
-use crate::host::{self, HostVirt};
 use kiln::Kiln;
 use report::{Environment, Ratio, Report, Series, Vmm};
 

@@ -5,8 +5,8 @@
 use plotters::coord::combinators::BindKeyPoints;
 use plotters::prelude::*;
 
-use super::report::{Report, Series};
-use super::stats::sorted;
+use crate::report::{Report, Series};
+use crate::stats::sorted;
 
 const SIZE: (u32, u32) = (960, 560);
 /// One per series, in order (matplotlib's first six: tell-apart colours).
@@ -151,13 +151,13 @@ fn steps(series: &Series) -> Vec<(f64, f64)> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::Scenario;
-    use super::super::report::Vmm;
-    use super::super::report::fixtures::series;
     use super::*;
+    use crate::Scenario;
+    use crate::report::Vmm;
+    use crate::report::fixtures::series;
 
     fn report(series: Vec<Series>) -> Report {
-        super::super::report::fixtures::report(series, vec![])
+        crate::report::fixtures::report(series, vec![])
     }
 
     #[test]

@@ -6,8 +6,8 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use super::Scenario;
-use super::stats::Stats;
+use crate::Scenario;
+use crate::stats::Stats;
 
 /// Bumped whenever a field changes meaning or goes away.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -308,7 +308,7 @@ impl Series {
     }
 }
 
-/// Reports for the tests of this module and of [`super::plot`].
+/// Reports for the tests of this module and of [`crate::plot`].
 #[cfg(test)]
 pub(crate) mod fixtures {
     use super::*;

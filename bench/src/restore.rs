@@ -7,14 +7,14 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use guest_init::function::FUNCTION_PORT;
+use kiln_vmm::functions::{ping, vsock};
+use kiln_vmm::instance::{Instance, Registry};
 
-use super::clone::Function;
-use super::kiln::Kiln;
-use super::report::{Series, Vmm};
-use super::timing::{Watchdog, millis};
-use super::{BenchError, Config, Progress, Scenario, timed_series};
-use crate::functions::{ping, vsock};
-use crate::instance::{Instance, Registry};
+use crate::clone::Function;
+use crate::kiln::Kiln;
+use crate::report::{Series, Vmm};
+use crate::timing::{Watchdog, millis};
+use crate::{BenchError, Config, Progress, Scenario, timed_series};
 
 /// The restore scenario's timer.
 pub const TIMER: (&str, &str) = (

@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::BenchError;
+use crate::BenchError;
 
 /// Sends `SIGKILL` to process `pid` unless [`finish`](Self::finish) comes
 /// within `limit`.

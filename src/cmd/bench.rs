@@ -1,4 +1,4 @@
-//! `kiln bench [cold|restore|clone|all]`: startup latency (`kiln_vmm::bench`),
+//! `kiln bench [cold|restore|clone|all]`: startup latency (`kiln_bench`),
 //! a table, and optionally JSON and an SVG of the CDFs.
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln_vmm::bench::{self, Config, Peer, Progress, Scenario};
+use kiln_bench::{self as bench, Config, Peer, Progress, Scenario};
 
 use crate::assets::{Asset, kiln_home};
 

@@ -7,8 +7,8 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use kiln_vmm::bench::stats::Stats;
-use kiln_vmm::bench::timing::millis;
+use kiln_bench::stats::Stats;
+use kiln_bench::timing::millis;
 use kiln_vmm::functions::{FunctionConfig, Functions, Invoked, is_loopback, listen_addresses};
 
 use crate::assets::kiln_home;

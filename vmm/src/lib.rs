@@ -4,7 +4,6 @@
 //! wires a VM together from a [`builder::VmConfig`].
 pub mod api;
 pub mod arch;
-pub mod bench;
 pub mod builder;
 pub mod commit;
 pub mod control;

@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use super::{Boot, Stats, env, environment, millis, print_report, run_guest, save, time_boot};
-use kiln_vmm::bench::qemu::Microvm;
+use kiln_bench::qemu::Microvm;
 
 /// The hello image's entrypoint prints this, then exits 3.
 const MARKER: &str = "hello from kiln guest-init";

@@ -31,8 +31,8 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub use kiln_vmm::bench::stats::Stats;
-use kiln_vmm::bench::timing::{Watchdog, millis};
+pub use kiln_bench::stats::Stats;
+use kiln_bench::timing::{Watchdog, millis};
 
 use crate::{harness, sh};
 
@@ -76,19 +76,20 @@ fn kiln_home(images: &std::path::Path, work: &std::path::Path) -> Result<PathBuf
     Ok(home)
 }
 
-/// `kiln` with a home of its own, for the guest side of a benchmark (the
-/// crate's, which terminates the instances it started when dropped). Each
-/// benchmark adds the runs it times in an `impl Kiln` of its own.
-struct Kiln(kiln_vmm::bench::kiln::Kiln);
+/// `kiln` with a home of its own, for the guest side of a benchmark
+/// (`kiln_bench`'s, which terminates the instances it started when
+/// dropped). Each benchmark adds the runs it times in an `impl Kiln` of
+/// its own.
+struct Kiln(kiln_bench::kiln::Kiln);
 
 impl Kiln {
     fn new(bin: String, home: PathBuf) -> Self {
-        Kiln(kiln_vmm::bench::kiln::Kiln::new(bin, home))
+        Kiln(kiln_bench::kiln::Kiln::new(bin, home))
     }
 }
 
 impl std::ops::Deref for Kiln {
-    type Target = kiln_vmm::bench::kiln::Kiln;
+    type Target = kiln_bench::kiln::Kiln;
     fn deref(&self) -> &Self::Target {
         &self.0
     }

@@ -14,8 +14,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use kiln_vmm::bench::report::{Report, Vmm};
-use kiln_vmm::bench::{Scenario, plot};
+use kiln_bench::report::{Report, Vmm};
+use kiln_bench::{Scenario, plot};
 
 use super::{env, kiln_home, print_report, run_guest, save};
 use crate::sh;
