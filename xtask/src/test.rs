@@ -35,6 +35,16 @@ pub fn run() -> Result<()> {
         "warnings",
     ])?;
     cargo(&["test", "--workspace"])?;
+    // The tests that need the guest kernel are ignored by a plain `cargo
+    // test`; here they run, with the kernel built (or found in its cache).
+    let kernel = kernel::build()?;
+    eprintln!("xtask: == cargo test (the ignored tests, with the guest kernel)");
+    sh::run(
+        Command::new(env!("CARGO"))
+            .current_dir(sh::workspace_root())
+            .args(["test", "--workspace", "--", "--ignored"])
+            .env("KILN_KERNEL", &kernel),
+    )?;
     eprintln!("xtask: == vm-test (all scenarios)");
     harness::vm_test(&[]).map(drop)
 }
