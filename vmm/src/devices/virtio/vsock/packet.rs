@@ -6,6 +6,12 @@
 //! (`virtio_ids::VIRTIO_ID_VSOCK`, 19, §5.10.1), so the constants are
 //! here, each named as in the spec (and in Linux's
 //! `uapi/linux/virtio_vsock.h`).
+//!
+//! `read_packet` reads one packet off a tx chain in guest memory: no I/O
+//! and no device state, what a packet does is the device's business.
+use std::io::Read;
+
+use super::super::GuestMemoryMmap;
 
 /// The host's CID: the address of the VMM's side of every connection
 /// (§5.10.4: CIDs 0, 1 and 2 are reserved; 2 is the host, as
@@ -143,9 +149,148 @@ pub fn op_name(op: u16) -> &'static str {
     }
 }
 
+/// Reads one packet off a tx chain: the header, then `len` bytes of
+/// payload for RW packets.
+pub(super) fn read_packet(
+    mem: &GuestMemoryMmap,
+    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+) -> Result<(Header, Vec<u8>), String> {
+    let mut reader = chain.reader(mem).map_err(|err| err.to_string())?;
+    let available = reader.available_bytes();
+    if available < HEADER_SIZE {
+        return Err(format!("{available} bytes, less than a header"));
+    }
+    let mut raw = [0u8; HEADER_SIZE];
+    reader.read_exact(&mut raw).map_err(|err| err.to_string())?;
+    let header = Header::parse(&raw);
+    let known = matches!(
+        header.op,
+        VIRTIO_VSOCK_OP_REQUEST
+            | VIRTIO_VSOCK_OP_RESPONSE
+            | VIRTIO_VSOCK_OP_RST
+            | VIRTIO_VSOCK_OP_SHUTDOWN
+            | VIRTIO_VSOCK_OP_RW
+            | VIRTIO_VSOCK_OP_CREDIT_UPDATE
+            | VIRTIO_VSOCK_OP_CREDIT_REQUEST
+    );
+    if !known {
+        return Err(format!("unknown op {}", header.op));
+    }
+    if header.op != VIRTIO_VSOCK_OP_RW {
+        return Ok((header, Vec::new()));
+    }
+    if header.len > MAX_PAYLOAD {
+        return Err(format!(
+            "a payload of {} bytes, more than {MAX_PAYLOAD}",
+            header.len
+        ));
+    }
+    let len = header.len as usize;
+    if reader.available_bytes() < len {
+        return Err(format!(
+            "len {len} but {} payload bytes in the buffer",
+            reader.available_bytes()
+        ));
+    }
+    let mut payload = vec![0u8; len];
+    reader
+        .read_exact(&mut payload)
+        .map_err(|err| err.to_string())?;
+    Ok((header, payload))
+}
+
 #[cfg(test)]
 mod tests {
+    use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::desc::split::Descriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::{Queue, QueueT};
+    use vm_memory::{Bytes, GuestAddress};
+
     use super::*;
+
+    const BUFFERS: u64 = 0x1_0000;
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    }
+
+    /// Writes each part in a device-readable buffer of its own, puts
+    /// them on a mock tx queue as one chain, and reads the packet off the
+    /// chain the device pops.
+    fn read(mem: &GuestMemoryMmap, parts: &[&[u8]]) -> Result<(Header, Vec<u8>), String> {
+        let last = parts.len() - 1;
+        let descriptors: Vec<RawDescriptor> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, part)| {
+                let addr = BUFFERS + i as u64 * 0x1_0000;
+                mem.write_slice(part, GuestAddress(addr)).unwrap();
+                let flags = if i < last { VRING_DESC_F_NEXT } else { 0 };
+                let desc = Descriptor::new(addr, part.len() as u32, flags as u16, i as u16 + 1);
+                RawDescriptor::from(desc)
+            })
+            .collect();
+        let queue = MockSplitQueue::new(mem, 16);
+        queue.add_desc_chains(&descriptors, 0).unwrap();
+        let mut queue: Queue = queue.create_queue().unwrap();
+        let chain = queue.pop_descriptor_chain(mem).unwrap();
+        read_packet(mem, chain)
+    }
+
+    fn header(op: u16, len: u32) -> Header {
+        Header {
+            src_cid: 3,
+            dst_cid: VSOCK_HOST_CID,
+            src_port: 5000,
+            dst_port: 1 << 30,
+            len,
+            kind: VIRTIO_VSOCK_TYPE_STREAM,
+            op,
+            ..Header::default()
+        }
+    }
+
+    #[test]
+    fn an_rw_packet_is_its_header_and_len_bytes_of_payload() {
+        let mem = memory();
+        let sent = header(VIRTIO_VSOCK_OP_RW, 5);
+        // Header and payload in buffers of their own, as Linux sends them.
+        let (got, payload) = read(&mem, &[&sent.to_bytes(), b"hello"]).unwrap();
+        assert_eq!((got, payload.as_slice()), (sent, &b"hello"[..]));
+        // Or in one buffer; bytes past `len` are not the payload.
+        let mut bytes = sent.to_bytes().to_vec();
+        bytes.extend_from_slice(b"hello, and more");
+        let (got, payload) = read(&mem, &[&bytes]).unwrap();
+        assert_eq!((got, payload.as_slice()), (sent, &b"hello"[..]));
+    }
+
+    #[test]
+    fn packets_other_than_rw_carry_no_payload() {
+        let mem = memory();
+        let sent = header(VIRTIO_VSOCK_OP_RESPONSE, 5);
+        let (got, payload) = read(&mem, &[&sent.to_bytes(), b"hello"]).unwrap();
+        assert_eq!(got, sent);
+        assert!(payload.is_empty());
+    }
+
+    #[test]
+    fn malformed_packets_are_refused() {
+        let mem = memory();
+        // Shorter than a header.
+        assert!(read(&mem, &[&[0u8; HEADER_SIZE - 1]]).is_err());
+        // An unknown op.
+        assert!(read(&mem, &[&header(VIRTIO_VSOCK_OP_INVALID, 0).to_bytes()]).is_err());
+        assert!(read(&mem, &[&header(99, 0).to_bytes()]).is_err());
+        // A payload longer than any packet may carry, even if it is there.
+        let too_long = header(VIRTIO_VSOCK_OP_RW, MAX_PAYLOAD + 1);
+        let payload = vec![0u8; MAX_PAYLOAD as usize + 1];
+        assert!(read(&mem, &[&too_long.to_bytes(), &payload]).is_err());
+        // A len beyond the buffers.
+        let short = header(VIRTIO_VSOCK_OP_RW, 100);
+        assert!(read(&mem, &[&short.to_bytes(), b"short"]).is_err());
+    }
 
     #[test]
     fn a_header_round_trips_at_the_spec_offsets() {

@@ -2,17 +2,22 @@
 //! sockets (the host), driven through an event loop as the VMM drives it.
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use event_manager::{EventManager, SubscriberOps};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use super::super::{GuestMemoryMmap, Interrupt, VirtioDevice};
 use super::connection::BUF_ALLOC;
+use super::device::{EVENT, RX, TX};
 use super::packet::*;
 use super::*;
 use crate::devices::lock;
