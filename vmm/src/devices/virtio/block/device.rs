@@ -24,6 +24,7 @@ use super::super::{
 use super::backend::{Backend, TransferError};
 use super::request::{Request, le_u32, le_u64};
 use crate::volume::{self, Volume, VolumeError};
+
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
 
@@ -89,6 +90,7 @@ impl Completion {
         Self { status, written: 0 }
     }
 }
+
 /// The disk: its storage and what the driver may do with it.
 pub(super) struct Disk {
     pub(super) backend: Backend,
@@ -444,6 +446,7 @@ fn serial_id(path: &Path) -> Vec<u8> {
         .unwrap_or_default();
     name[..name.len().min(VIRTIO_BLK_ID_BYTES as usize)].to_vec()
 }
+
 impl VirtioDevice for Block {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_BLOCK
@@ -506,6 +509,7 @@ impl VirtioDevice for Block {
             .collect()
     }
 }
+
 #[cfg(test)]
 mod tests {
     use std::io::Write;

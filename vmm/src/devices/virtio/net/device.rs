@@ -20,6 +20,7 @@ use super::super::{
 };
 use super::request::{MAX_FRAME_LEN, NET_HDR_LEN, NUM_BUFFERS_OFFSET, read_tx_frame};
 use super::tap::{Tap, TapError};
+
 /// Size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
 pub(super) const RX: usize = 0;
