@@ -133,7 +133,7 @@ mod tests {
     use kiln_image::{self as image, DEFAULT_CHUNK_SIZE};
 
     use super::*;
-    use crate::instance::{FileLock, Network, Spec};
+    use crate::instance::{FileLock, Spec};
 
     /// Four chunks of the default size.
     const RAW_SIZE: usize = 4 * DEFAULT_CHUNK_SIZE as usize;
@@ -182,15 +182,8 @@ mod tests {
         state: State,
     ) -> (Instance, FileLock) {
         let spec = Spec {
-            name: name.map(String::from),
             image: BASE.into(),
-            instance_type: "k1.nano".into(),
-            vcpus: 1,
-            memory_mib: 128,
-            cmdline: String::new(),
-            network: Network::None,
-            private_ip: None,
-            ports: Vec::new(),
+            ..crate::instance::tests::spec(name)
         };
         let (mut instance, vmm) = Registry::new(home).create(spec, None).unwrap();
         let image = store.find(BASE).unwrap().image_path;

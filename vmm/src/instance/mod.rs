@@ -672,4 +672,4 @@ pub fn user_data_disk(data: &[u8]) -> Vec<u8> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

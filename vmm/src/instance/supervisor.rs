@@ -503,24 +503,14 @@ fn snapshot(shared: &Shared, dir: &Path) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::instance::{Network, Registry, Spec};
+    use crate::instance::Registry;
+    use crate::instance::tests::spec;
 
     #[test]
     fn the_vm_process_console_goes_through_the_rotating_log() {
         let home = tempfile::tempdir().unwrap();
         let registry = Registry::new(home.path());
-        let spec = Spec {
-            name: None,
-            image: "hello:1.0.0".into(),
-            instance_type: "k1.nano".into(),
-            vcpus: 1,
-            memory_mib: 128,
-            cmdline: String::new(),
-            network: Network::None,
-            private_ip: None,
-            ports: Vec::new(),
-        };
-        let (instance, vmm) = registry.create(spec, None).unwrap();
+        let (instance, vmm) = registry.create(spec(None), None).unwrap();
         let id = instance.record.id.clone();
         let limit = CONSOLE_LOG_LIMIT.get();
         // A VM process whose console passes the limit, then complains on

@@ -1,6 +1,8 @@
 use super::*;
 
-fn spec(name: Option<&str>) -> Spec {
+/// A k1.nano spec of `hello:1.0.0` with no network, for tests here and
+/// in the modules that work on instances.
+pub(crate) fn spec(name: Option<&str>) -> Spec {
     Spec {
         name: name.map(String::from),
         image: "hello:1.0.0".into(),
