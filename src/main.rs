@@ -108,8 +108,49 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("kiln: {err:#}");
+            eprintln!("kiln: {}", once_each(&err));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The error and its causes on one line, each said once. Many of Kiln's
+/// errors already put their cause in their own message and also return it
+/// as their `source()`: a cause whose text the line holds already is left
+/// out, so `{:#}`'s doubled "a: b: b" reads "a: b".
+fn once_each(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("base.tar: {source}")]
+    struct Inline {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let inline = Inline {
+            source: std::io::Error::other("not a number"),
+        };
+        let err = anyhow::Error::new(inline).context("building x");
+        assert_eq!(once_each(&err), "building x: base.tar: not a number");
+        let plain = anyhow::anyhow!("root cause").context("outer");
+        assert_eq!(once_each(&plain), "outer: root cause");
     }
 }
