@@ -9,6 +9,8 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+#[cfg(test)]
+pub(crate) mod test_chain;
 pub mod vsock;
 
 use std::io;

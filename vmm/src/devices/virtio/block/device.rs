@@ -516,33 +516,22 @@ mod tests {
 
     use tempfile::NamedTempFile;
     use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
-    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use virtio_queue::desc::RawDescriptor;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::split::Descriptor;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::GuestAddress;
 
-    use super::super::request::{HEADER_SECTOR_OFFSET, HEADER_SIZE, HEADER_TYPE_OFFSET};
+    use super::super::request::HEADER_SIZE;
+    use super::super::request::tests::{
+        DATA, HEADER, HEADER_BUF, STATUS, STATUS_BUF, write_header,
+    };
     use super::*;
+    use crate::devices::virtio::test_chain::{Buf, descriptors, memory};
 
-    const HEADER: u64 = 0x1_0000;
-    const DATA: u64 = 0x2_0000;
-    const STATUS: u64 = 0x9_0000;
     const DISK_SECTORS: u64 = 16;
     /// What the status byte holds before the device answers.
     const UNTOUCHED: u8 = 0xee;
     const UNKNOWN_REQUEST: u32 = 99;
-
-    /// One buffer of a request chain: guest address, length, device-writable.
-    #[derive(Clone, Copy)]
-    struct Buf(u64, u32, bool);
-
-    const HEADER_BUF: Buf = Buf(HEADER, HEADER_SIZE, false);
-    const STATUS_BUF: Buf = Buf(STATUS, 1, true);
-
-    fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
-    }
 
     /// Disk byte `i` is distinct within each sector and between sectors.
     fn disk_pattern() -> Vec<u8> {
@@ -558,34 +547,12 @@ mod tests {
         (file, block)
     }
 
-    fn write_header(mem: &GuestMemoryMmap, kind: u32, sector: u64) {
-        let mut raw = [0u8; HEADER_SIZE as usize];
-        raw[HEADER_TYPE_OFFSET..][..4].copy_from_slice(&kind.to_le_bytes());
-        raw[HEADER_SECTOR_OFFSET..][..8].copy_from_slice(&sector.to_le_bytes());
-        mem.write_slice(&raw, GuestAddress(HEADER)).unwrap();
-    }
-
-    /// The chain's descriptors, linked in order.
-    fn chain(bufs: &[Buf]) -> Vec<RawDescriptor> {
-        let last = bufs.len() - 1;
-        bufs.iter()
-            .enumerate()
-            .map(|(i, &Buf(addr, len, writable))| {
-                let mut flags = if writable { VRING_DESC_F_WRITE } else { 0 };
-                if i < last {
-                    flags |= VRING_DESC_F_NEXT;
-                }
-                RawDescriptor::from(Descriptor::new(addr, len, flags as u16, i as u16 + 1))
-            })
-            .collect()
-    }
-
     /// Submits one chain, lets the device serve it, and returns the status
     /// byte and the used length.
     fn submit(block: &mut Block, mem: &GuestMemoryMmap, bufs: &[Buf]) -> (u8, u32) {
         mem.write_obj(UNTOUCHED, GuestAddress(STATUS)).unwrap();
         let queue = MockSplitQueue::new(mem, 16);
-        queue.add_desc_chains(&chain(bufs), 0).unwrap();
+        queue.add_desc_chains(&descriptors(bufs), 0).unwrap();
         let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
         let queues = vec![queue.create_queue().unwrap()];
         block

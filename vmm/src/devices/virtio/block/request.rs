@@ -85,58 +85,31 @@ pub(super) fn le_u64(bytes: &[u8], offset: usize) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
-    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use virtio_queue::desc::RawDescriptor;
-    use virtio_queue::mock::MockSplitQueue;
-    use virtio_queue::{Queue, QueueT};
     use vm_memory::GuestAddress;
 
     use super::*;
+    use crate::devices::virtio::test_chain::{Buf, memory, pop_chain};
 
-    const HEADER: u64 = 0x1_0000;
-    const DATA: u64 = 0x2_0000;
-    const STATUS: u64 = 0x9_0000;
+    pub(crate) const HEADER: u64 = 0x1_0000;
+    pub(crate) const DATA: u64 = 0x2_0000;
+    pub(crate) const STATUS: u64 = 0x9_0000;
 
-    /// One buffer of a request chain: guest address, length, device-writable.
-    #[derive(Clone, Copy)]
-    struct Buf(u64, u32, bool);
+    pub(crate) const HEADER_BUF: Buf = Buf(HEADER, HEADER_SIZE, false);
+    pub(crate) const STATUS_BUF: Buf = Buf(STATUS, 1, true);
 
-    const HEADER_BUF: Buf = Buf(HEADER, HEADER_SIZE, false);
-    const STATUS_BUF: Buf = Buf(STATUS, 1, true);
-
-    fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
-    }
-
-    fn write_header(mem: &GuestMemoryMmap, kind: u32, sector: u64) {
+    /// Writes a request header of `kind` at `sector` at [`HEADER`].
+    pub(crate) fn write_header(mem: &GuestMemoryMmap, kind: u32, sector: u64) {
         let mut raw = [0u8; HEADER_SIZE as usize];
         raw[HEADER_TYPE_OFFSET..][..4].copy_from_slice(&kind.to_le_bytes());
         raw[HEADER_SECTOR_OFFSET..][..8].copy_from_slice(&sector.to_le_bytes());
         mem.write_slice(&raw, GuestAddress(HEADER)).unwrap();
     }
 
-    /// Puts `bufs` on a mock queue as one chain, linked in order, and
-    /// parses the chain the device pops.
+    /// Parses the chain of `bufs` the device pops.
     fn parse(mem: &GuestMemoryMmap, bufs: &[Buf]) -> Result<Request, ChainError> {
-        let last = bufs.len() - 1;
-        let descriptors: Vec<RawDescriptor> = bufs
-            .iter()
-            .enumerate()
-            .map(|(i, &Buf(addr, len, writable))| {
-                let mut flags = if writable { VRING_DESC_F_WRITE } else { 0 };
-                if i < last {
-                    flags |= VRING_DESC_F_NEXT;
-                }
-                RawDescriptor::from(Descriptor::new(addr, len, flags as u16, i as u16 + 1))
-            })
-            .collect();
-        let queue = MockSplitQueue::new(mem, 16);
-        queue.add_desc_chains(&descriptors, 0).unwrap();
-        let mut queue: Queue = queue.create_queue().unwrap();
-        let chain = queue.pop_descriptor_chain(mem).unwrap();
-        Request::parse(mem, chain)
+        Request::parse(mem, pop_chain(mem, bufs))
     }
 
     #[test]

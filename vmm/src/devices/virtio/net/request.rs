@@ -43,41 +43,18 @@ pub(super) fn read_tx_frame(
 
 #[cfg(test)]
 mod tests {
-    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use virtio_queue::desc::RawDescriptor;
-    use virtio_queue::desc::split::Descriptor;
-    use virtio_queue::mock::MockSplitQueue;
-    use virtio_queue::{Queue, QueueT};
     use vm_memory::GuestAddress;
 
     use super::*;
+    use crate::devices::virtio::test_chain::{Buf, memory, pop_chain};
 
     const BUFFERS: u64 = 0x1_0000;
 
-    fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
-    }
-
-    /// Puts one chain of (address, length, device-writable) buffers on a
-    /// mock transmit queue and reads the frame of the chain the device pops.
+    /// Reads the frame of the chain of (address, length, device-writable)
+    /// buffers, as the device pops it from its transmit queue.
     fn read(mem: &GuestMemoryMmap, bufs: &[(u64, u32, bool)], frame: &mut Vec<u8>) -> bool {
-        let last = bufs.len() - 1;
-        let descriptors: Vec<RawDescriptor> = bufs
-            .iter()
-            .enumerate()
-            .map(|(i, &(addr, len, writable))| {
-                let mut flags = if writable { VRING_DESC_F_WRITE } else { 0 };
-                if i < last {
-                    flags |= VRING_DESC_F_NEXT;
-                }
-                RawDescriptor::from(Descriptor::new(addr, len, flags as u16, i as u16 + 1))
-            })
-            .collect();
-        let queue = MockSplitQueue::new(mem, 16);
-        queue.add_desc_chains(&descriptors, 0).unwrap();
-        let mut queue: Queue = queue.create_queue().unwrap();
-        let chain = queue.pop_descriptor_chain(mem).unwrap();
-        read_tx_frame(mem, chain, frame)
+        let bufs: Vec<Buf> = bufs.iter().map(|&(a, l, w)| Buf(a, l, w)).collect();
+        read_tx_frame(mem, pop_chain(mem, &bufs), frame)
     }
 
     #[test]

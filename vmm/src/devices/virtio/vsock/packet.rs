@@ -201,42 +201,27 @@ pub(super) fn read_packet(
 
 #[cfg(test)]
 mod tests {
-    use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
-    use virtio_queue::desc::RawDescriptor;
-    use virtio_queue::desc::split::Descriptor;
-    use virtio_queue::mock::MockSplitQueue;
-    use virtio_queue::{Queue, QueueT};
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
+    use crate::devices::virtio::test_chain::{Buf, memory, pop_chain};
 
     const BUFFERS: u64 = 0x1_0000;
 
-    fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
-    }
-
-    /// Writes each part in a device-readable buffer of its own, puts
-    /// them on a mock tx queue as one chain, and reads the packet off the
+    /// Writes each part in a device-readable buffer of its own, posts
+    /// them as one chain on a mock tx queue, and reads the packet off the
     /// chain the device pops.
     fn read(mem: &GuestMemoryMmap, parts: &[&[u8]]) -> Result<(Header, Vec<u8>), String> {
-        let last = parts.len() - 1;
-        let descriptors: Vec<RawDescriptor> = parts
+        let bufs: Vec<Buf> = parts
             .iter()
             .enumerate()
             .map(|(i, part)| {
                 let addr = BUFFERS + i as u64 * 0x1_0000;
                 mem.write_slice(part, GuestAddress(addr)).unwrap();
-                let flags = if i < last { VRING_DESC_F_NEXT } else { 0 };
-                let desc = Descriptor::new(addr, part.len() as u32, flags as u16, i as u16 + 1);
-                RawDescriptor::from(desc)
+                Buf(addr, part.len() as u32, false)
             })
             .collect();
-        let queue = MockSplitQueue::new(mem, 16);
-        queue.add_desc_chains(&descriptors, 0).unwrap();
-        let mut queue: Queue = queue.create_queue().unwrap();
-        let chain = queue.pop_descriptor_chain(mem).unwrap();
-        read_packet(mem, chain)
+        read_packet(mem, pop_chain(mem, &bufs))
     }
 
     fn header(op: u16, len: u32) -> Header {

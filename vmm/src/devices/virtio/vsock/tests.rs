@@ -21,6 +21,7 @@ use super::device::{EVENT, RX, TX};
 use super::packet::*;
 use super::*;
 use crate::devices::lock;
+use crate::devices::virtio::test_chain::memory;
 
 const CID: u64 = 42;
 /// virtio-queue's mock lays the used ring over the avail ring's second
@@ -38,10 +39,6 @@ const EVENT_BUFFER: u64 = 0xf_0000;
 const GUEST_PORT: u32 = 5000;
 /// What the guest's driver advertises for each connection.
 const GUEST_BUF_ALLOC: u32 = 256 * 1024;
-
-fn memory() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
-}
 
 /// The guest's side: its three rings and what it has read off them.
 struct Guest<'a> {
