@@ -120,6 +120,10 @@ impl Stage {
     /// Existing directories (or symlinks to them, inside the stage) are
     /// kept as they are.
     pub fn create_dir_all(&self, path: &Path, mode: u32) -> Result<(), StageError> {
+        // Most calls find the directory there already: one open says so.
+        if self.open_dir(path).is_ok() {
+            return Ok(());
+        }
         let mut sofar = PathBuf::new();
         for name in components(path)? {
             sofar.push(name);
@@ -154,8 +158,7 @@ impl Stage {
         mode: u32,
         contents: &mut dyn Read,
     ) -> Result<(), StageError> {
-        self.remove_all(path)?;
-        let (dir, name) = self.parent(path)?;
+        let (dir, name) = self.replace(path)?;
         let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW;
         let fd = rustix::fs::openat(&dir, name, flags | OFlags::CLOEXEC, Mode::RUSR)
             .map_err(|errno| io_err(path, errno))?;
@@ -171,8 +174,7 @@ impl Stage {
     /// Makes `path` a symbolic link to `target`, replacing whatever was
     /// there. The target is only text: it is never resolved here.
     pub fn symlink(&self, target: &Path, path: &Path) -> Result<(), StageError> {
-        self.remove_all(path)?;
-        let (dir, name) = self.parent(path)?;
+        let (dir, name) = self.replace(path)?;
         rustix::fs::symlinkat(target, &dir, name).map_err(|errno| io_err(path, errno))
     }
 
@@ -181,8 +183,7 @@ impl Stage {
     /// replacing whatever was at `path`.
     pub fn hard_link(&self, original: &Path, path: &Path) -> Result<(), StageError> {
         let (from_dir, from_name) = self.parent(original)?;
-        self.remove_all(path)?;
-        let (dir, name) = self.parent(path)?;
+        let (dir, name) = self.replace(path)?;
         rustix::fs::linkat(&from_dir, from_name, &dir, name, AtFlags::empty())
             .map_err(|errno| io_err(path, errno))
     }
@@ -191,20 +192,13 @@ impl Stage {
     /// symlink is removed itself; what it points at is left alone.
     /// Nothing there is no error.
     pub fn remove_all(&self, path: &Path) -> Result<(), StageError> {
-        let mut names = components(path)?;
-        let Some(name) = names.pop() else {
-            return Err(StageError::BadName {
-                path: path.into(),
-                reason: "no file name (the stage's root itself)",
-            });
-        };
-        let dir = match self.open_dir(&names.iter().collect::<PathBuf>()) {
-            Ok(dir) => dir,
+        let (parent, name) = split(path)?;
+        match self.open_dir(&parent) {
+            Ok(dir) => remove_entry(dir.as_fd(), name, 0).map_err(|errno| io_err(path, errno)),
             // No directory there: nothing below it to remove either.
-            Err(Errno::NOENT | Errno::NOTDIR) => return Ok(()),
-            Err(errno) => return Err(io_err(path, errno)),
-        };
-        remove_entry(dir.as_fd(), name, 0).map_err(|errno| io_err(path, errno))
+            Err(err) if err.is_missing() => Ok(()),
+            Err(err) => Err(err),
+        }
     }
 
     /// Removes everything inside the directory `path` (resolved inside
@@ -213,8 +207,8 @@ impl Stage {
     pub fn empty_dir(&self, path: &Path, keep: &dyn Fn(&OsStr) -> bool) -> Result<(), StageError> {
         let dir = match self.open_dir(path) {
             Ok(dir) => dir,
-            Err(Errno::NOENT | Errno::NOTDIR) => return Ok(()),
-            Err(errno) => return Err(io_err(path, errno)),
+            Err(err) if err.is_missing() => return Ok(()),
+            Err(err) => return Err(err),
         };
         for name in names_in(&dir).map_err(|errno| io_err(path, errno))? {
             if !keep(&name) {
@@ -267,36 +261,60 @@ impl Stage {
 
     /// The names in the directory `path`, sorted.
     pub fn read_dir(&self, path: &Path) -> Result<Vec<std::ffi::OsString>, StageError> {
-        let dir = self.open_dir(path).map_err(|errno| io_err(path, errno))?;
+        let dir = self.open_dir(path)?;
         let mut names = names_in(&dir).map_err(|errno| io_err(path, errno))?;
         names.sort();
         Ok(names)
     }
 
-    fn open_dir(&self, path: &Path) -> Result<OwnedFd, Errno> {
-        let relative = relative(path).map_err(|_| Errno::INVAL)?;
+    /// The directory `path`, opened inside the stage.
+    fn open_dir(&self, path: &Path) -> Result<OwnedFd, StageError> {
+        let relative = relative(path)?;
         let relative = if relative.as_os_str().is_empty() {
             Path::new(".")
         } else {
             &relative
         };
         rustix::fs::openat2(&self.root, relative, dir_flags(), Mode::empty(), in_root())
+            .map_err(|errno| io_err(path, errno))
     }
 
     /// The directory holding `path`'s last component, opened inside the
     /// stage, and that component.
     fn parent<'p>(&self, path: &'p Path) -> Result<(OwnedFd, &'p OsStr), StageError> {
-        let mut names = components(path)?;
-        let name = names.pop().ok_or_else(|| StageError::BadName {
-            path: path.into(),
-            reason: "no file name (the stage's root itself)",
-        })?;
-        let parent: PathBuf = names.iter().collect();
-        let dir = self
-            .open_dir(&parent)
-            .map_err(|errno| io_err(&parent, errno))?;
+        let (parent, name) = split(path)?;
+        Ok((self.open_dir(&parent)?, name))
+    }
+
+    /// [`Self::parent`], with whatever is at `path` removed: the place
+    /// for something new.
+    fn replace<'p>(&self, path: &'p Path) -> Result<(OwnedFd, &'p OsStr), StageError> {
+        let (dir, name) = self.parent(path)?;
+        remove_entry(dir.as_fd(), name, 0).map_err(|errno| io_err(path, errno))?;
         Ok((dir, name))
     }
+}
+
+impl StageError {
+    /// Whether the error says nothing is there (or a file stands where a
+    /// directory would be), which removing treats as done.
+    fn is_missing(&self) -> bool {
+        let errno = match self {
+            StageError::Io { source, .. } => source.raw_os_error(),
+            _ => None,
+        };
+        matches!(errno, Some(e) if e == Errno::NOENT.raw_os_error() || e == Errno::NOTDIR.raw_os_error())
+    }
+}
+
+/// `path`'s parent (inside the stage) and last component, checked.
+fn split(path: &Path) -> Result<(PathBuf, &OsStr), StageError> {
+    let mut names = components(path)?;
+    let name = names.pop().ok_or_else(|| StageError::BadName {
+        path: path.into(),
+        reason: "no file name (the stage's root itself)",
+    })?;
+    Ok((names.iter().collect(), name))
 }
 
 /// `path`'s components, checked; `/` and `.` are skipped.
