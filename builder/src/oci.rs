@@ -340,27 +340,14 @@ impl<'a> Applier<'a> {
         for entry in tar.entries().map_err(io_err(self.archive))? {
             let mut entry = entry.map_err(io_err(self.archive))?;
             let path = PathBuf::from(std::ffi::OsStr::from_bytes(&entry.path_bytes()));
-            let relative = self.relative(&path)?;
+            // Refused if it climbs; each name is checked by the stage as it is used.
+            let relative = safe_relative(&path, self.archive)?;
             if relative.as_os_str().is_empty() {
                 continue; // `./` itself: the stage's root stays as it is.
             }
             self.entry(&relative, &mut entry)?;
         }
         Ok(())
-    }
-
-    /// `path` relative to the stage, its components checked.
-    fn relative(&self, path: &Path) -> Result<PathBuf, OciError> {
-        let relative = safe_relative(path, self.archive)?;
-        for name in path.iter().filter(|name| *name != "/" && *name != ".") {
-            crate::stage::check_name(name.as_bytes()).map_err(|reason| {
-                stage_err(self.archive)(StageError::BadName {
-                    path: path.into(),
-                    reason,
-                })
-            })?;
-        }
-        Ok(relative)
     }
 
     fn entry(&mut self, path: &Path, entry: &mut tar::Entry<impl Read>) -> Result<(), OciError> {
@@ -400,8 +387,10 @@ impl<'a> Applier<'a> {
             },
             tar::EntryType::Link => match entry.link_name_bytes() {
                 Some(original) => {
-                    let original =
-                        self.relative(Path::new(std::ffi::OsStr::from_bytes(&original)))?;
+                    let original = safe_relative(
+                        Path::new(std::ffi::OsStr::from_bytes(&original)),
+                        self.archive,
+                    )?;
                     stage.hard_link(&original, path)
                 }
                 None => return Err(self.missing_link(path)),
