@@ -5,7 +5,7 @@
 //! content, every timestamp is [`FIXED_TIME`] (staged files are touched to
 //! it, and e2fsprogs takes it from E2FSPROGS_FAKE_TIME), so the same tree
 //! gives the same bytes.
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -205,7 +205,8 @@ pub fn make(tree: &Path, image: &Path, size: u64, uuid: &str) -> Result<(), Ext4
 /// Inodes are named by number (`<N>`), never by path: a file name in a
 /// debugfs script is a way to inject commands into a root-run tool.
 fn pin_change_times(image: &Path) -> Result<(), Ext4Error> {
-    let mut inodes = HashSet::new();
+    // Ordered and once each, though hard links reach an inode twice.
+    let mut inodes = BTreeSet::new();
     visit_tree(
         &open_fs(File::open(image).map_err(io_err(image))?)?,
         &mut |_, inode, _| {
@@ -213,8 +214,6 @@ fn pin_change_times(image: &Path) -> Result<(), Ext4Error> {
             Ok(())
         },
     )?;
-    let mut inodes: Vec<u32> = inodes.into_iter().collect();
-    inodes.sort_unstable();
     let commands: String = inodes
         .iter()
         .map(|n| format!("sif <{n}> ctime @{FIXED_TIME}\n"))
