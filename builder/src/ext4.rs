@@ -535,18 +535,23 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn extraction_restores_the_tree() {
-        let dir = tempfile::tempdir().unwrap();
-        let tree = tree(dir.path());
-        let image = dir.path().join("fs.ext4");
-        make(&tree, &image, 8 << 20, UUID).unwrap();
-        let out = dir.path().join("out");
+    /// Makes an image of `tree` in `dir` and extracts it into `dir/out`.
+    fn made_and_extracted(dir: &Path, tree: &Path) -> PathBuf {
+        let image = dir.join("fs.ext4");
+        make(tree, &image, 8 << 20, UUID).unwrap();
+        let out = dir.join("out");
         extract(
             fs::File::open(&image).unwrap(),
             &Stage::create(&out).unwrap(),
         )
         .unwrap();
+        out
+    }
+
+    #[test]
+    fn extraction_restores_the_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = made_and_extracted(dir.path(), &tree(dir.path()));
         assert_eq!(fs::read(out.join("bin/tool")).unwrap(), vec![7u8; 10_000]);
         assert_eq!(
             staged_mode(&out.join("etc/motd")).unwrap(),
@@ -689,14 +694,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tree = tree(dir.path());
         fs::hard_link(tree.join("bin/tool"), tree.join("bin/tool2")).unwrap();
-        let image = dir.path().join("fs.ext4");
-        make(&tree, &image, 8 << 20, UUID).unwrap();
-        let out = dir.path().join("out");
-        extract(
-            fs::File::open(&image).unwrap(),
-            &Stage::create(&out).unwrap(),
-        )
-        .unwrap();
+        let out = made_and_extracted(dir.path(), &tree);
         let meta = fs::metadata(out.join("bin/tool2")).unwrap();
         assert_eq!((meta.nlink(), meta.mode() & 0o7777), (2, 0o755));
     }
