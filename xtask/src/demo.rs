@@ -23,6 +23,7 @@ pub fn run() -> Result<()> {
         .map(String::from)
         .to_vec(),
         allowance: Duration::from_secs(120),
+        silence_limit: None,
     };
     let (lines, _) = harness::run_job(&prepared, &job)?;
     if !lines.iter().any(|line| line.contains(GREETING)) {

@@ -113,6 +113,7 @@ fn run_guest<R: DeserializeOwned>(kind: &str, runs: usize, allowance: Duration) 
             .map(String::from)
             .to_vec(),
         allowance,
+        silence_limit: None,
     };
     let (lines, _) = harness::run_job(&prepared, &job)?;
     let json = lines

@@ -13,6 +13,9 @@ pub struct Summary {
     pub failed: Vec<(String, String)>,
     /// Whether the runner reached its end marker.
     pub done: bool,
+    /// Whether the run was killed for printing nothing for too long: the
+    /// test machine had stopped, not a check.
+    pub stalled: bool,
 }
 
 const TEST_PREFIX: &str = "KILN-TEST ";
@@ -42,6 +45,22 @@ impl Summary {
                 .failed
                 .push((name.to_string(), format!("unreadable result line: {line}"))),
         }
+    }
+
+    /// Adds a later run's results to these; its end is the end.
+    pub fn absorb(&mut self, later: Summary) {
+        self.passed.extend(later.passed);
+        self.failed.extend(later.failed);
+        self.done = later.done;
+        self.stalled = later.stalled;
+    }
+
+    /// These results without those of `scenario`.
+    pub fn without_scenario(mut self, scenario: &str) -> Summary {
+        let prefix = format!("{scenario}/");
+        self.passed.retain(|name| !name.starts_with(&prefix));
+        self.failed.retain(|(name, _)| !name.starts_with(&prefix));
+        self
     }
 
     /// True when every check passed, at least one ran, and the runner finished.
@@ -99,5 +118,19 @@ mod tests {
     fn a_result_after_kernel_noise_on_the_same_line_still_counts() {
         let s = summary("[  1.2] random: crng init done KILN-TEST a/b ok\n");
         assert_eq!(s.passed, ["a/b"]);
+    }
+
+    #[test]
+    fn a_stopped_scenario_s_results_are_dropped_and_a_later_run_absorbed() {
+        let first = summary("KILN-TEST a/x ok\nKILN-TEST b/y ok\nKILN-TEST b/z FAIL no\n");
+        let mut total = Summary::default();
+        total.absorb(first.without_scenario("b"));
+        assert_eq!(
+            (total.passed.len(), total.failed.len(), total.done),
+            (1, 0, false)
+        );
+        total.absorb(summary("KILN-TEST b/y ok\nKILN-TEST b/z ok\nKILN-DONE\n"));
+        assert_eq!(total.passed, ["a/x", "b/y", "b/z"]);
+        assert!(total.success());
     }
 }
