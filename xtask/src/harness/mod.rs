@@ -332,10 +332,12 @@ fn stream(
     let watchdog = std::thread::spawn(move || {
         let stalled = loop {
             let left = deadline.saturating_sub(started.elapsed());
-            match watch.recv_timeout(left.min(silence_limit.unwrap_or(left))) {
+            let wait = silence_limit.map_or(left, |silence| silence.min(left));
+            match watch.recv_timeout(wait) {
                 Ok(()) => continue,
                 Err(mpsc::RecvTimeoutError::Disconnected) => return false,
-                Err(mpsc::RecvTimeoutError::Timeout) => break !left.is_zero(),
+                // Stalled when the silence ran out before the deadline.
+                Err(mpsc::RecvTimeoutError::Timeout) => break wait < left,
             }
         };
         if stalled {
@@ -364,4 +366,41 @@ fn stream(
     summary.stalled = watchdog.join().expect("the watchdog does not panic");
     child.wait()?;
     Ok((lines, summary))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quiet_after_one_line() -> Command {
+        let mut command = Command::new("sh");
+        // `exec`: the killed pid is the one holding the pipe.
+        command.args(["-c", "echo 'KILN-SCENARIO quiet'; exec sleep 30"]);
+        command
+    }
+
+    #[test]
+    fn a_silent_run_is_killed_as_stalled_in_its_scenario() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        let limit = Some(Duration::from_millis(500));
+        let (lines, summary) = stream(
+            &mut quiet_after_one_line(),
+            &log,
+            Duration::from_secs(60),
+            limit,
+        )
+        .unwrap();
+        assert!(summary.stalled && !summary.done);
+        assert_eq!(current_scenario(&lines).as_deref(), Some("quiet"));
+    }
+
+    #[test]
+    fn a_run_past_its_deadline_is_killed_but_not_stalled() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        let deadline = Duration::from_millis(500);
+        let (_, summary) = stream(&mut quiet_after_one_line(), &log, deadline, None).unwrap();
+        assert!(!summary.stalled && !summary.done);
+    }
 }
