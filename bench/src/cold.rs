@@ -124,7 +124,7 @@ fn flatten(image: &StoredImage, name: &str, out: &Path) -> Result<(), BenchError
     let volume =
         kiln_vmm::volume::Volume::open(&image.image_path, None, kiln_image::DEFAULT_CACHE_BYTES)
             .map_err(|err| failed(err.to_string()))?;
-    kiln_vmm::commit::flatten_to_file(&volume, out).map_err(|err| failed(err.to_string()))
+    kiln_control::commit::flatten_to_file(&volume, out).map_err(|err| failed(err.to_string()))
 }
 
 /// A failed peer run's error, with the end of its console.

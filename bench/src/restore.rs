@@ -7,8 +7,8 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use guest_init::function::FUNCTION_PORT;
-use kiln_vmm::functions::{ping, vsock};
-use kiln_vmm::instance::{Instance, Registry};
+use kiln_control::functions::{ping, vsock};
+use kiln_control::instance::{Instance, Registry};
 
 use crate::clone::Function;
 use crate::kiln::Kiln;

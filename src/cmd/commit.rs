@@ -4,8 +4,8 @@
 use std::process::ExitCode;
 
 use kiln_builder::store::Store;
-use kiln_vmm::commit;
-use kiln_vmm::instance::Registry;
+use kiln_control::commit;
+use kiln_control::instance::Registry;
 
 use crate::assets::kiln_home;
 

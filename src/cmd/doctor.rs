@@ -3,8 +3,8 @@ use std::fs;
 use std::path::Path;
 use std::process::ExitCode;
 
+use kiln_control::network::{self, address::BRIDGE};
 use kiln_vmm::host;
-use kiln_vmm::network::{self, address::BRIDGE};
 
 use crate::assets::Asset;
 

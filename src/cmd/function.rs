@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use kiln_bench::stats::Stats;
 use kiln_bench::timing::millis;
-use kiln_vmm::functions::{FunctionConfig, Functions, Invoked, is_loopback, listen_addresses};
+use kiln_control::functions::{FunctionConfig, Functions, Invoked, is_loopback, listen_addresses};
 
 use crate::assets::kiln_home;
 
@@ -156,7 +156,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
 
 fn invoke_once(functions: &Functions, name: &str, payload: &str) -> anyhow::Result<ExitCode> {
     // The response is printed as it arrives, before the clone's teardown.
-    let print = |outcome: &kiln_vmm::functions::Outcome| {
+    let print = |outcome: &kiln_control::functions::Outcome| {
         let mut out = std::io::stdout().lock();
         let _ = out
             .write_all(outcome.stdout.as_bytes())

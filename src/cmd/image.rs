@@ -6,9 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use kiln_builder::store::Store;
+use kiln_control::commit;
+use kiln_control::instance::Registry;
 use kiln_image::DEFAULT_CACHE_BYTES;
-use kiln_vmm::commit;
-use kiln_vmm::instance::Registry;
 use kiln_vmm::volume::Volume;
 
 use crate::assets::kiln_home;

@@ -1,11 +1,11 @@
 //! The lifecycle verbs on one instance (by id or name): `kiln stop`,
 //! `start`, `reboot`, `pause`, `resume`, `terminate`. The state table in
-//! `kiln_vmm::instance::state` says which verb fits which state.
+//! `kiln_control::instance::state` says which verb fits which state.
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use kiln_vmm::instance::{Instance, Registry, State, lifecycle};
+use kiln_control::instance::{Instance, Registry, State, lifecycle};
 
 use crate::assets::kiln_home;
 

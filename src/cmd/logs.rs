@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use kiln_vmm::instance::Registry;
-use kiln_vmm::instance::console::Follower;
+use kiln_control::instance::Registry;
+use kiln_control::instance::console::Follower;
 
 use crate::assets::kiln_home;
 

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use kiln_vmm::instance::{Network, Registry, State, now_ms};
+use kiln_control::instance::{Network, Registry, State, now_ms};
 
 use crate::assets::kiln_home;
 

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::bail;
 use kiln_builder::store::Store;
-use kiln_vmm::instance::{Registry, State};
+use kiln_control::instance::{Registry, State};
 
 use crate::assets::kiln_home;
 

@@ -7,17 +7,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use kiln_builder::store::Store;
+use kiln_control::instance::supervisor;
+use kiln_control::instance::types::{self, InstanceType};
+use kiln_control::instance::{
+    FileLock, Instance, InstanceError, Network, Registry, Spec, Verb, lifecycle, state,
+};
+use kiln_control::network;
+use kiln_control::network::proxy::{PortMap, Proxy};
 use kiln_vmm::builder::{
     self, Boot, DiskConfig, DiskSource, NetConfig, VMM_ERROR_STATUS, VmConfig, VsockConfig,
 };
-use kiln_vmm::control::ControlListener;
-use kiln_vmm::instance::supervisor;
-use kiln_vmm::instance::types::{self, InstanceType};
-use kiln_vmm::instance::{
-    FileLock, Instance, InstanceError, Network, Registry, Spec, Verb, lifecycle, state,
-};
-use kiln_vmm::network;
-use kiln_vmm::network::proxy::{PortMap, Proxy};
+use kiln_vmm::rpc::ControlListener;
 use kiln_vmm::volume::Volume;
 
 use crate::assets::{Asset, kiln_home};
@@ -567,11 +567,11 @@ fn ephemeral_root(store: &Store, image: &str, args: &Args) -> anyhow::Result<Dis
 }
 
 /// The user-data disk: the file in guest-init's user-data format
-/// ([`kiln_vmm::instance::user_data_disk`]), read-only.
+/// ([`kiln_control::instance::user_data_disk`]), read-only.
 fn user_data_disk(store: &Store, data: &Path) -> anyhow::Result<DiskConfig> {
     let bytes = std::fs::read(data).with_context(|| format!("cannot read {}", data.display()))?;
     let path = store.scratch_file(USER_DATA_DISK)?;
-    std::fs::write(&path, kiln_vmm::instance::user_data_disk(&bytes))
+    std::fs::write(&path, kiln_control::instance::user_data_disk(&bytes))
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(DiskConfig {
         source: DiskSource::Raw(path),

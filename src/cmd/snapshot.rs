@@ -6,9 +6,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use kiln_vmm::instance::lifecycle::LifecycleError;
-use kiln_vmm::instance::{InstanceError, Registry, lifecycle};
-use kiln_vmm::network::address::AddressError;
+use kiln_control::instance::lifecycle::LifecycleError;
+use kiln_control::instance::{InstanceError, Registry, lifecycle};
+use kiln_control::network::address::AddressError;
 
 use crate::assets::kiln_home;
 

@@ -1,7 +1,7 @@
 //! `kiln types`: the instance types `kiln run --type` takes.
 use std::process::ExitCode;
 
-use kiln_vmm::instance::types::{CATALOG, DEFAULT};
+use kiln_control::instance::types::{CATALOG, DEFAULT};
 
 #[derive(clap::Args)]
 pub struct Args {}

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
 use anyhow::Context;
-use kiln_vmm::instance::{FileLock, Registry, supervisor};
+use kiln_control::instance::{FileLock, Registry, supervisor};
 
 use crate::assets::kiln_home;
 

@@ -19,9 +19,6 @@ use crate::arch::x86_64::layout::{
     VIRTIO_MMIO_START,
 };
 use crate::arch::x86_64::{mptable, paging};
-use crate::control::{
-    AfterSnapshot, ControlListener, ControlReplier, ControlReply, ControlRequest, SnapshotStats,
-};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
 use crate::devices::init_port::{INIT_PORT_LEN, InitPort, InitReport};
@@ -36,13 +33,16 @@ use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::{MMIO_REGION_SIZE, MmioError, MmioTransport, TransportState};
 use crate::devices::virtio::net::Net;
 pub use crate::devices::virtio::net::NetConfig;
+use crate::devices::virtio::net::bridge::{self, BridgeError};
 use crate::devices::virtio::net::tap::TapError;
 pub use crate::devices::virtio::vsock::VsockConfig;
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::event_loop::{EventLoop, EventLoopError, LoopEvent, StopSignals, VmEnd, VmEndSignal};
 use crate::host::{self, HostVirt};
 use crate::loader::{self, LoaderError};
-use crate::network::bridge::{self, BridgeError};
+use crate::rpc::{
+    AfterSnapshot, ControlListener, ControlReplier, ControlReply, ControlRequest, SnapshotStats,
+};
 use crate::seccomp::{self, SeccompError, ThreadKind};
 use crate::snapshot::{
     self, LoadedSnapshot, MEMORY_FILE, MachineState, NetState, ROOT_OVERLAY_FILE, STATE_FILE,

@@ -13,8 +13,8 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::signal::{block_signal, create_sigset};
 
-use crate::control::{ControlListener, ControlRequest};
 use crate::devices::lock;
+use crate::rpc::{ControlListener, ControlRequest};
 
 /// Why a VM ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -210,12 +210,12 @@ mod tests {
 
     #[test]
     fn a_control_request_makes_the_loop_return_it() {
-        use crate::control::{self, ControlListener};
+        use crate::rpc::{self, ControlListener};
         use std::io::Write;
         use std::os::fd::IntoRawFd;
         let end = VmEndSignal::new().unwrap();
         let mut event_loop = EventLoop::new(end.clone()).unwrap();
-        let (client, theirs) = control::channel().unwrap();
+        let (client, theirs) = rpc::channel().unwrap();
         // SAFETY: `theirs` is an open socket, handed over whole.
         event_loop.add_control(unsafe { ControlListener::adopt(theirs.into_raw_fd()) });
         // The client's end, written raw: what ControlClient::call sends.

@@ -7,67 +7,23 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
-use std::os::unix::net::UnixListener;
-use std::os::unix::process::ExitStatusExt;
-use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, SubscriberOps};
-use kiln_vmm::api::{self, Response};
 use kiln_vmm::devices::serial::{Serial, SerialInput};
 use kiln_vmm::devices::virtio::block::{Block, DiskSource};
-use kiln_vmm::instance::{Network, Registry, Spec};
-use kiln_vmm::seccomp::{self, ThreadKind};
+use kiln_vmm::seccomp::ThreadKind;
 use kiln_vmm::volume::Volume;
 use kiln_vmm::vstate::memory;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
-/// Set in the child to the name of the test it runs.
-const CHILD_ENV: &str = "KILN_SECCOMP_CHILD";
-/// Printed by a child whose filtered thread got through its work.
-const SURVIVED: &str = "filtered thread survived";
-
-/// In the parent: runs `test` again in a child and returns its outcome.
-/// In the child (`None`): the caller does the filtered work instead.
-fn in_child_or_run(test: &str) -> Option<Output> {
-    if std::env::var(CHILD_ENV).is_ok_and(|name| name == test) {
-        return None;
-    }
-    let output = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", test, "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, test)
-        .output()
-        .unwrap();
-    Some(output)
-}
-
-/// Runs `work` on a new thread under the `kind` filter and waits for it.
-fn on_filtered_thread(kind: ThreadKind, work: impl FnOnce() + Send + 'static) {
-    spawn_filtered(kind, work).join().unwrap();
-}
-
-/// Starts `work` on a new thread under the `kind` filter.
-fn spawn_filtered(kind: ThreadKind, work: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
-    no_core_dumps();
-    std::thread::spawn(move || {
-        seccomp::install(kind).unwrap();
-        work();
-    })
-}
-
-/// No core dumps from the children that are meant to die.
-fn no_core_dumps() {
-    let no_core = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: setrlimit only reads the struct passed by reference.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) }, 0);
-}
+#[path = "support/filtered.rs"]
+mod filtered;
+use filtered::*;
 
 /// The signal that kicks a vCPU thread out of KVM_RUN, with a handler that
 /// only interrupts the call in progress.
@@ -89,34 +45,6 @@ fn hold_lock(lock: &Arc<Mutex<u64>>) -> JoinHandle<()> {
     });
     locked_rx.recv().unwrap();
     holder
-}
-
-fn assert_killed_by_sigsys(output: &Output) {
-    assert_eq!(
-        output.status.signal(),
-        Some(libc::SIGSYS),
-        "child ended with {:?}; stdout: {}; stderr: {}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(!String::from_utf8_lossy(&output.stdout).contains(SURVIVED));
-}
-
-fn assert_survived(output: &Output) {
-    assert!(
-        output.status.success() && String::from_utf8_lossy(&output.stdout).contains(SURVIVED),
-        "child ended with {:?}; stdout: {}; stderr: {}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-fn say_survived() {
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{SURVIVED}").unwrap();
-    stdout.flush().unwrap();
 }
 
 /// A call no VMM thread makes.
@@ -329,32 +257,32 @@ fn vmm_and_vcpu_threads_survive_their_request_channels() {
             // The vCPU thread's end, as when the VM stops.
         });
         // The control channel: a request from the instance's VMM, answered.
-        let (mut client, theirs) = kiln_vmm::control::channel().unwrap();
+        let (mut client, theirs) = kiln_vmm::rpc::channel().unwrap();
         // SAFETY: `theirs` is an open socket handed over whole.
         let listener = unsafe {
-            kiln_vmm::control::ControlListener::adopt(std::os::fd::IntoRawFd::into_raw_fd(theirs))
+            kiln_vmm::rpc::ControlListener::adopt(std::os::fd::IntoRawFd::into_raw_fd(theirs))
         };
         let pending = listener.pending();
         let replier = listener.replier().unwrap();
         let asker = std::thread::spawn(move || {
             client
                 .call(
-                    &kiln_vmm::control::ControlRequest::Pause,
+                    &kiln_vmm::rpc::ControlRequest::Pause,
                     Duration::from_secs(5),
                 )
                 .unwrap()
         });
-        let mut event_loop = EventManager::<kiln_vmm::control::ControlListener>::new().unwrap();
+        let mut event_loop = EventManager::<kiln_vmm::rpc::ControlListener>::new().unwrap();
         event_loop.add_subscriber(listener);
         on_filtered_thread(ThreadKind::Vmm, move || {
             event_loop.run_with_timeout(5000).unwrap();
             assert!(pending.lock().unwrap().take().is_some());
             replier
-                .send(&kiln_vmm::control::ControlReply::default())
+                .send(&kiln_vmm::rpc::ControlReply::default())
                 .unwrap();
             assert_eq!(
                 asker.join().unwrap(),
-                kiln_vmm::control::ControlReply::default()
+                kiln_vmm::rpc::ControlReply::default()
             );
             for n in 0..20_000 {
                 requests.send(n).unwrap();
@@ -670,7 +598,7 @@ fn vmm_thread_survives_moving_frames_through_a_tap() {
             bridge: None,
         })
         .expect("a tap (run as root)");
-        kiln_vmm::network::bridge::link_up(&tap).unwrap();
+        kiln_vmm::devices::virtio::net::bridge::link_up(&tap).unwrap();
         let host = packet_socket(&tap);
         let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap(),
@@ -774,175 +702,6 @@ fn open_pty() -> (libc::c_int, libc::c_int) {
     };
     assert_eq!(ret, 0, "openpty: {}", std::io::Error::last_os_error());
     (controller, terminal)
-}
-
-#[test]
-fn api_thread_survives_serving_requests_that_update_the_record() {
-    let Some(output) =
-        in_child_or_run("api_thread_survives_serving_requests_that_update_the_record")
-    else {
-        let home = tempfile::tempdir().unwrap();
-        let (mut instance, _vmm) = Registry::new(home.path())
-            .create(
-                Spec {
-                    name: Some("web".into()),
-                    image: "hello:1.0.0".into(),
-                    instance_type: "k1.nano".into(),
-                    vcpus: 1,
-                    memory_mib: 128,
-                    cmdline: String::new(),
-                    network: Network::Bridge,
-                    private_ip: None,
-                    ports: Vec::new(),
-                },
-                None,
-            )
-            .unwrap();
-        let socket = home.path().join("api.sock");
-        let listener = UnixListener::bind(&socket).unwrap();
-        let mut vm = Command::new("sleep").arg("10").spawn().unwrap();
-        let vm_pid = vm.id() as libc::pid_t;
-        let server = spawn_filtered(ThreadKind::Api, move || {
-            for stream in listener.incoming().take(2) {
-                api::serve_one(stream.unwrap(), |request| {
-                    instance
-                        .update(|r| {
-                            r.paused = request.method == "PUT";
-                            Ok(())
-                        })
-                        .unwrap();
-                    // SAFETY: kill only reads its integer arguments.
-                    unsafe { libc::kill(vm_pid, libc::SIGCONT) };
-                    Response::json(200, &instance.record)
-                })
-                .unwrap();
-            }
-        });
-        let action = serde_json::json!({ "action": "pause" });
-        let paused = api::call(&socket, "PUT", "/actions", Some(&action)).unwrap();
-        assert_eq!(paused.body.unwrap()["paused"], true);
-        // A garbage request gets its JSON error from the filtered thread too.
-        let mut raw = std::os::unix::net::UnixStream::connect(&socket).unwrap();
-        raw.write_all(b"\x00 not http\r\n\r\n").unwrap();
-        let mut answer = String::new();
-        std::io::Read::read_to_string(&mut raw, &mut answer).unwrap();
-        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
-        server.join().unwrap();
-        vm.kill().unwrap();
-        vm.wait().unwrap();
-        say_survived();
-        return;
-    };
-    assert_survived(&output);
-}
-
-/// The proxy's stand-in guest: an echo service on a second loopback
-/// address where it can be bound (all of 127/8 is the loopback device),
-/// on an unfiltered thread; its address and port.
-fn echo_guest() -> (std::net::Ipv4Addr, u16) {
-    use std::net::{Ipv4Addr, Shutdown, TcpListener};
-    let listener = TcpListener::bind((Ipv4Addr::new(127, 0, 0, 2), 0))
-        .or_else(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
-        .unwrap();
-    let std::net::SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
-        unreachable!("bound on IPv4")
-    };
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let stream = stream.unwrap();
-            std::thread::spawn(move || {
-                if std::io::copy(&mut &stream, &mut &stream).is_ok() {
-                    let _ = stream.shutdown(Shutdown::Write);
-                }
-            });
-        }
-    });
-    (*addr.ip(), addr.port())
-}
-
-#[test]
-fn proxy_thread_survives_proxying_connections_and_its_end() {
-    use kiln_vmm::network::proxy::{PortMap, Proxy};
-    use std::io::Read;
-    use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
-
-    let Some(output) = in_child_or_run("proxy_thread_survives_proxying_connections_and_its_end")
-    else {
-        // The proxy installs its filter on a thread of its own.
-        no_core_dumps();
-        let (guest, echo_port) = echo_guest();
-        let refused_port = TcpListener::bind((guest, 0))
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let proxy = Proxy::bind(&[
-            PortMap {
-                host: 0,
-                guest: echo_port,
-            },
-            PortMap {
-                host: 0,
-                guest: refused_port,
-            },
-        ])
-        .unwrap();
-        let [echo, refused] = [0, 1].map(|index| proxy.ports()[index].host);
-        let handle = proxy.spawn(guest, true).unwrap();
-        let connect = |port| {
-            let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).unwrap();
-            stream
-                .set_read_timeout(Some(Duration::from_secs(20)))
-                .unwrap();
-            stream
-        };
-        // A refused guest port: the proxy warns and closes the client.
-        let mut byte = [0u8; 1];
-        assert!(matches!(connect(refused).read(&mut byte), Ok(0) | Err(_)));
-        // Many connections at once, each echoed whole after a half-close;
-        // buffers fill and drain, sockets come and go.
-        let streams: Vec<TcpStream> = (0..64).map(|_| connect(echo)).collect();
-        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
-        let senders: Vec<_> = streams
-            .iter()
-            .map(|stream| {
-                let mut writer = stream.try_clone().unwrap();
-                let data = data.clone();
-                std::thread::spawn(move || {
-                    writer.write_all(&data).unwrap();
-                    writer.shutdown(Shutdown::Write).unwrap();
-                })
-            })
-            .collect();
-        for mut stream in &streams {
-            let mut received = Vec::new();
-            stream.read_to_end(&mut received).unwrap();
-            assert!(received == data);
-        }
-        senders.into_iter().for_each(|s| s.join().unwrap());
-        // An open connection when the proxy stops: the thread closes it,
-        // frees what it holds and ends, all under its filter.
-        let open = connect(echo);
-        drop(streams);
-        drop(handle);
-        assert!(matches!((&open).read(&mut byte), Ok(0) | Err(_)));
-        say_survived();
-        return;
-    };
-    assert_survived(&output);
-}
-
-#[test]
-fn proxy_thread_dies_on_a_socket_other_than_ipv4() {
-    let Some(output) = in_child_or_run("proxy_thread_dies_on_a_socket_other_than_ipv4") else {
-        on_filtered_thread(ThreadKind::Proxy, || {
-            // SAFETY: socket(2) has no memory-safety preconditions.
-            unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
-            say_survived();
-        });
-        return;
-    };
-    assert_killed_by_sigsys(&output);
 }
 
 #[test]

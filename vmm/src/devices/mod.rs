@@ -14,7 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 /// lock like [`bus::Bus`] does: a device's state is a set of registers that
 /// stays consistent between accesses, and the panic that poisoned it has
 /// already ended the thread that caused it.
-pub(crate) fn lock<T: ?Sized>(device: &Mutex<T>) -> MutexGuard<'_, T> {
+pub fn lock<T: ?Sized>(device: &Mutex<T>) -> MutexGuard<'_, T> {
     device
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())

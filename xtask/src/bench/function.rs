@@ -33,7 +33,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use kiln_vmm::instance::Registry;
+use kiln_control::instance::Registry;
 use serde::{Deserialize, Serialize};
 
 use super::{

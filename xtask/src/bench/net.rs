@@ -215,7 +215,10 @@ impl Qemu {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        kiln_vmm::network::bridge::attach(kiln_vmm::network::address::BRIDGE, QEMU_TAP)?;
+        kiln_vmm::devices::virtio::net::bridge::attach(
+            kiln_control::network::address::BRIDGE,
+            QEMU_TAP,
+        )?;
         Ok(qemu)
     }
 }

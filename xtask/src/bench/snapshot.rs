@@ -40,7 +40,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use kiln_vmm::instance::{Instance, Registry};
+use kiln_control::instance::{Instance, Registry};
 use serde::{Deserialize, Serialize};
 
 use super::{

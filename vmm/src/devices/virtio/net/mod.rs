@@ -29,6 +29,7 @@
 //! [`tap`]; `event_handler` wires the queues and the tap to the event
 //! loop. A snapshot keeps nothing of the device but its transport and
 //! MAC (`snapshot::machine::NetState`).
+pub mod bridge;
 mod device;
 mod event_handler;
 mod request;

@@ -10,16 +10,15 @@
 //! reaches the host and other instances, and the world only if the host
 //! is set up to forward for the subnet.
 pub mod address;
-pub mod bridge;
 pub mod proxy;
 
 use std::net::Ipv4Addr;
 
 use address::{AddressError, BRIDGE, Subnet};
-use bridge::BridgeError;
+use kiln_vmm::devices::virtio::net::bridge::{self, BridgeError};
 
-use crate::devices::virtio::net::NetConfig;
-use crate::devices::virtio::net::tap::TUN_DEVICE;
+use kiln_vmm::devices::virtio::net::NetConfig;
+use kiln_vmm::devices::virtio::net::tap::TUN_DEVICE;
 
 /// Where the host's resolvers are listed.
 const RESOLV_CONF: &str = "/etc/resolv.conf";

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::seccomp::{self, SeccompError, ThreadKind};
+use kiln_vmm::seccomp::{self, SeccompError, ThreadKind};
 
 /// Bytes a connection buffers per direction: what it has read from one
 /// side and not yet written to the other.

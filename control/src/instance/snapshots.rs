@@ -1,6 +1,6 @@
 //! An instance's part of a snapshot directory: beside the VM's own files
 //! (`state`, `memory`, `root.overlay`, written by the VM process, see
-//! [`crate::snapshot`]) it holds what a new instance restored from it needs:
+//! [`kiln_vmm::snapshot`]) it holds what a new instance restored from it needs:
 //! the launch spec (`instance.json`) and the user-data.
 //!
 //! A snapshot is written into a staging directory beside its final place
@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use tempfile::TempDir;
 
 use super::{Instance, InstanceError, Spec};
-use crate::durable;
-use crate::snapshot::{self, ROOT_OVERLAY_FILE, SnapshotError};
+use kiln_vmm::durable;
+use kiln_vmm::snapshot::{self, ROOT_OVERLAY_FILE, SnapshotError};
 
 /// The instance's launch spec inside a snapshot.
 pub const SPEC_FILE: &str = "instance.json";

@@ -10,7 +10,7 @@ use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use crate::devices::virtio::net::tap::ifreq;
+use super::tap::ifreq;
 
 /// linux/sockios.h: create a bridge (the argument is its name).
 const SIOCBRADDBR: libc::c_ulong = 0x89a0;

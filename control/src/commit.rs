@@ -10,9 +10,9 @@ use kiln_builder::build::{self, BuildError};
 use kiln_builder::store::{Manifest, Store, StoreError};
 use kiln_image::DEFAULT_CACHE_BYTES;
 
-use crate::durable;
 use crate::instance::{Instance, InstanceError, Registry, State};
-use crate::volume::{Volume, VolumeError};
+use kiln_vmm::durable;
+use kiln_vmm::volume::{Volume, VolumeError};
 
 /// Why an instance cannot be committed, or its volume flattened.
 #[derive(Debug, thiserror::Error)]

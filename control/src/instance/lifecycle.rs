@@ -12,7 +12,7 @@ use super::{
     FileLock, Instance, InstanceError, Network, Registry, Spec, State, Verb, snapshots, supervisor,
 };
 use crate::api;
-use crate::control::SnapshotStats;
+use kiln_vmm::rpc::SnapshotStats;
 
 /// How often a waiting verb looks at the record again.
 const POLL: Duration = Duration::from_millis(50);

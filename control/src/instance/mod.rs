@@ -45,7 +45,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::network::address::{AddressError, Subnet};
 use crate::network::proxy::PortMap;
-use crate::{durable, flock};
+use kiln_vmm::{durable, flock};
 pub use state::{Refused, State, Verb};
 
 const RECORD_FILE: &str = "instance.json";
@@ -472,7 +472,8 @@ impl Instance {
 
     /// The hibernation the instance resumes from at its next start, if any.
     pub fn hibernation(&self) -> Option<PathBuf> {
-        Some(self.hibernation_path()).filter(|dir| dir.join(crate::snapshot::STATE_FILE).exists())
+        Some(self.hibernation_path())
+            .filter(|dir| dir.join(kiln_vmm::snapshot::STATE_FILE).exists())
     }
 
     pub fn user_data(&self) -> Option<PathBuf> {

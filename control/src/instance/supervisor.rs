@@ -23,10 +23,10 @@ use serde::Deserialize;
 use super::console::{CONSOLE_LOG_LIMIT, ConsoleLogError, RotatingLog, copy_into};
 use super::{FileLock, Instance, InstanceError, State, Verb, state::transition};
 use crate::api::{self, ActionBody, Request, Response};
-use crate::control::{self, AfterSnapshot, ControlClient, ControlReply, ControlRequest};
-use crate::devices::lock;
 use crate::network::proxy::{Proxy, ProxyError, ProxyHandle};
-use crate::seccomp::{self, ThreadKind};
+use kiln_vmm::devices::lock;
+use kiln_vmm::rpc::{self, AfterSnapshot, ControlClient, ControlReply, ControlRequest};
+use kiln_vmm::seccomp::{self, ThreadKind};
 
 /// How long the API waits for the VM process to pause or resume.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -76,7 +76,7 @@ pub enum SupervisorError {
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
     #[error(transparent)]
-    Control(#[from] control::ControlError),
+    Control(#[from] rpc::ControlError),
     #[error(transparent)]
     Proxy(#[from] ProxyError),
     #[error(transparent)]
@@ -150,7 +150,7 @@ pub fn run(
         let input = lock(&shared.instance)
             .console_input_reader()
             .map_err(io_err("cannot open the console input"))?;
-        let (client, vm_end) = control::channel()?;
+        let (client, vm_end) = rpc::channel()?;
         let control_fd = inheritable(&vm_end).map_err(io_err("control channel"))?;
         let start = VmStart {
             control_fd,
@@ -245,7 +245,7 @@ fn inheritable(fd: &OwnedFd) -> io::Result<i32> {
 /// Why the VM process ended, for the record.
 pub fn describe(status: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
-    let vmm_error = i32::from(crate::builder::VMM_ERROR_STATUS);
+    let vmm_error = i32::from(kiln_vmm::builder::VMM_ERROR_STATUS);
     match (status.code(), status.signal()) {
         (Some(code), _) if code == vmm_error => {
             "the VMM failed (exit status 125; see the console log)".into()
@@ -468,7 +468,7 @@ fn hibernate(instance: &mut Instance, control: &mut Control) -> Result<(), Strin
     }
     // The VM is ending now, whatever follows: say why, once it has.
     control.wanted = Wanted::Stop;
-    crate::durable::rename_dir(&staging, &instance.hibernation_path())
+    kiln_vmm::durable::rename_dir(&staging, &instance.hibernation_path())
         .map_err(|err| failed("cannot keep the hibernation in", err))?;
     control.wanted = Wanted::Hibernate;
     instance

@@ -3,7 +3,7 @@
 //! booted and is waiting for work, instead of booting.
 //!
 //! `$KILN_HOME/functions/<name>/` holds `function.json` (the
-//! [`FunctionConfig`]) and `template/`, a snapshot ([`crate::snapshot`])
+//! [`FunctionConfig`]) and `template/`, a snapshot ([`kiln_vmm::snapshot`])
 //! of an instance of the image whose guest-init runs in function mode
 //! (`guest_init::function`), taken once that guest answered a ping. An
 //! invocation restores the template into a new instance (its memory
@@ -27,9 +27,9 @@ use guest_init::function::{
 use serde::{Deserialize, Serialize};
 
 use crate::api::{self, Request, Response};
-use crate::durable;
 use crate::instance::lifecycle::{self, LifecycleError};
 use crate::instance::{Instance, InstanceError, Network, Registry, Spec};
+use kiln_vmm::durable;
 
 const CONFIG_FILE: &str = "function.json";
 const TEMPLATE_DIR: &str = "template";

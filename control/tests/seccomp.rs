@@ -1,0 +1,185 @@
+//! The control plane's threads under their seccomp filters: the instance
+//! API thread and the published-port proxy survive their steady state and
+//! die on anything else. The filters themselves are in
+//! [`kiln_vmm::seccomp`], with every other thread's.
+use std::io::Write;
+use std::os::unix::net::UnixListener;
+use std::process::Command;
+use std::time::Duration;
+
+use kiln_control::api::{self, Response};
+use kiln_control::instance::{Network, Registry, Spec};
+use kiln_vmm::seccomp::ThreadKind;
+
+#[path = "../../vmm/tests/support/filtered.rs"]
+mod filtered;
+use filtered::*;
+
+#[test]
+fn api_thread_survives_serving_requests_that_update_the_record() {
+    let Some(output) =
+        in_child_or_run("api_thread_survives_serving_requests_that_update_the_record")
+    else {
+        let home = tempfile::tempdir().unwrap();
+        let (mut instance, _vmm) = Registry::new(home.path())
+            .create(
+                Spec {
+                    name: Some("web".into()),
+                    image: "hello:1.0.0".into(),
+                    instance_type: "k1.nano".into(),
+                    vcpus: 1,
+                    memory_mib: 128,
+                    cmdline: String::new(),
+                    network: Network::Bridge,
+                    private_ip: None,
+                    ports: Vec::new(),
+                },
+                None,
+            )
+            .unwrap();
+        let socket = home.path().join("api.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let mut vm = Command::new("sleep").arg("10").spawn().unwrap();
+        let vm_pid = vm.id() as libc::pid_t;
+        let server = spawn_filtered(ThreadKind::Api, move || {
+            for stream in listener.incoming().take(2) {
+                api::serve_one(stream.unwrap(), |request| {
+                    instance
+                        .update(|r| {
+                            r.paused = request.method == "PUT";
+                            Ok(())
+                        })
+                        .unwrap();
+                    // SAFETY: kill only reads its integer arguments.
+                    unsafe { libc::kill(vm_pid, libc::SIGCONT) };
+                    Response::json(200, &instance.record)
+                })
+                .unwrap();
+            }
+        });
+        let action = serde_json::json!({ "action": "pause" });
+        let paused = api::call(&socket, "PUT", "/actions", Some(&action)).unwrap();
+        assert_eq!(paused.body.unwrap()["paused"], true);
+        // A garbage request gets its JSON error from the filtered thread too.
+        let mut raw = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        raw.write_all(b"\x00 not http\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        std::io::Read::read_to_string(&mut raw, &mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        server.join().unwrap();
+        vm.kill().unwrap();
+        vm.wait().unwrap();
+        say_survived();
+        return;
+    };
+    assert_survived(&output);
+}
+
+/// The proxy's stand-in guest: an echo service on a second loopback
+/// address where it can be bound (all of 127/8 is the loopback device),
+/// on an unfiltered thread; its address and port.
+fn echo_guest() -> (std::net::Ipv4Addr, u16) {
+    use std::net::{Ipv4Addr, Shutdown, TcpListener};
+    let listener = TcpListener::bind((Ipv4Addr::new(127, 0, 0, 2), 0))
+        .or_else(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
+        .unwrap();
+    let std::net::SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
+        unreachable!("bound on IPv4")
+    };
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let stream = stream.unwrap();
+            std::thread::spawn(move || {
+                if std::io::copy(&mut &stream, &mut &stream).is_ok() {
+                    let _ = stream.shutdown(Shutdown::Write);
+                }
+            });
+        }
+    });
+    (*addr.ip(), addr.port())
+}
+
+#[test]
+fn proxy_thread_survives_proxying_connections_and_its_end() {
+    use kiln_control::network::proxy::{PortMap, Proxy};
+    use std::io::Read;
+    use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
+
+    let Some(output) = in_child_or_run("proxy_thread_survives_proxying_connections_and_its_end")
+    else {
+        // The proxy installs its filter on a thread of its own.
+        no_core_dumps();
+        let (guest, echo_port) = echo_guest();
+        let refused_port = TcpListener::bind((guest, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let proxy = Proxy::bind(&[
+            PortMap {
+                host: 0,
+                guest: echo_port,
+            },
+            PortMap {
+                host: 0,
+                guest: refused_port,
+            },
+        ])
+        .unwrap();
+        let [echo, refused] = [0, 1].map(|index| proxy.ports()[index].host);
+        let handle = proxy.spawn(guest, true).unwrap();
+        let connect = |port| {
+            let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            stream
+        };
+        // A refused guest port: the proxy warns and closes the client.
+        let mut byte = [0u8; 1];
+        assert!(matches!(connect(refused).read(&mut byte), Ok(0) | Err(_)));
+        // Many connections at once, each echoed whole after a half-close;
+        // buffers fill and drain, sockets come and go.
+        let streams: Vec<TcpStream> = (0..64).map(|_| connect(echo)).collect();
+        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        let senders: Vec<_> = streams
+            .iter()
+            .map(|stream| {
+                let mut writer = stream.try_clone().unwrap();
+                let data = data.clone();
+                std::thread::spawn(move || {
+                    writer.write_all(&data).unwrap();
+                    writer.shutdown(Shutdown::Write).unwrap();
+                })
+            })
+            .collect();
+        for mut stream in &streams {
+            let mut received = Vec::new();
+            stream.read_to_end(&mut received).unwrap();
+            assert!(received == data);
+        }
+        senders.into_iter().for_each(|s| s.join().unwrap());
+        // An open connection when the proxy stops: the thread closes it,
+        // frees what it holds and ends, all under its filter.
+        let open = connect(echo);
+        drop(streams);
+        drop(handle);
+        assert!(matches!((&open).read(&mut byte), Ok(0) | Err(_)));
+        say_survived();
+        return;
+    };
+    assert_survived(&output);
+}
+
+#[test]
+fn proxy_thread_dies_on_a_socket_other_than_ipv4() {
+    let Some(output) = in_child_or_run("proxy_thread_dies_on_a_socket_other_than_ipv4") else {
+        on_filtered_thread(ThreadKind::Proxy, || {
+            // SAFETY: socket(2) has no memory-safety preconditions.
+            unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+            say_survived();
+        });
+        return;
+    };
+    assert_killed_by_sigsys(&output);
+}
