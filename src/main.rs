@@ -68,6 +68,8 @@ enum Command {
     Attach(cmd::attach::Args),
     #[command(name = "__vmm", hide = true)]
     Vmm(cmd::vmm::Args),
+    #[command(name = "__vm", hide = true)]
+    Vm(cmd::vm::Args),
 }
 
 fn main() -> ExitCode {
@@ -104,6 +106,7 @@ fn main() -> ExitCode {
         Command::Logs(args) => cmd::logs::run(args),
         Command::Attach(args) => cmd::attach::run(args),
         Command::Vmm(args) => cmd::vmm::run(args),
+        Command::Vm(args) => cmd::vm::run(args),
     };
     match result {
         Ok(code) => code,

@@ -8,6 +8,7 @@
 //! over its control channel ([`kiln_vmm::rpc`]) and keeps the records true.
 pub mod api;
 pub mod commit;
+pub mod definition;
 pub mod functions;
 pub mod instance;
 pub mod network;

@@ -1,5 +1,5 @@
 //! One module per subcommand (or family of them, like the lifecycle verbs):
-//! each parses its arguments, calls into `kiln_builder` or `kiln_vmm`, and
+//! each parses its arguments, calls into `kiln_builder`, `kiln_control` or `kiln_vmm`, and
 //! prints the result.
 pub mod attach;
 pub mod bench;
@@ -17,4 +17,5 @@ pub mod rm;
 pub mod run;
 pub mod snapshot;
 pub mod types;
+pub mod vm;
 pub mod vmm;

@@ -1,14 +1,17 @@
 //! `kiln __vmm ID --lock-fd N` (hidden): the VMM process of a detached
 //! instance, started by `kiln run --detach` and `kiln start`, which hand it
-//! the instance's VMM lock as descriptor N. Its VMs run as
-//! `kiln run --instance ID` children.
+//! the instance's VMM lock as descriptor N: the instance's supervisor, with
+//! its console in the console log.
 use std::path::PathBuf;
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 
 use anyhow::Context;
-use kiln_control::instance::{FileLock, Registry, supervisor};
+use kiln_builder::store::Store;
+use kiln_control::definition::RunOptions;
+use kiln_control::instance::supervisor::{self, Console, VmProcess};
+use kiln_control::instance::{FileLock, Registry};
 
-use crate::assets::kiln_home;
+use crate::assets::{Asset, kiln_home};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -26,18 +29,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // SAFETY: the parent passed this descriptor for this purpose, and
     // nothing else in this process uses it.
     let lock = unsafe { FileLock::adopt(args.lock_fd) }.context("the inherited VMM lock")?;
-    let instance = Registry::new(&kiln_home()).find(&args.instance)?;
-    let kiln = std::env::current_exe().context("cannot find the kiln binary")?;
-    let id = instance.record.id.clone();
-    supervisor::run(instance, lock, args.restore, |start| {
-        let mut vm = Command::new(&kiln);
-        vm.args(["run", "--instance", &id, "--control-fd"])
-            .arg(start.control_fd.to_string());
-        if let Some((dir, consume)) = start.restore {
-            vm.arg("--restore").arg(dir);
-            vm.args(consume.then_some("--consume"));
-        }
-        vm
-    })?;
+    let home = kiln_home();
+    let instance = Registry::new(&home).find(&args.instance)?;
+    let vm = VmProcess {
+        kiln: std::env::current_exe().context("cannot find the kiln binary")?,
+        store: Store::new(&home),
+        options: RunOptions::new(Asset::Kernel.path()),
+        console: Console::Log,
+    };
+    supervisor::run(instance, lock, args.restore, &vm)?;
     Ok(ExitCode::SUCCESS)
 }

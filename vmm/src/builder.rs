@@ -19,6 +19,7 @@ use crate::arch::x86_64::layout::{
     VIRTIO_MMIO_START,
 };
 use crate::arch::x86_64::{mptable, paging};
+use crate::config::{Boot, DiskConfig, DiskSource, NetConfig, VmConfig, VsockConfig};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
 use crate::devices::init_port::{INIT_PORT_LEN, InitPort, InitReport};
@@ -28,14 +29,11 @@ use crate::devices::serial::{
     SerialSnapshot,
 };
 use crate::devices::virtio::GuestMemoryMmap;
-pub use crate::devices::virtio::block::DiskSource;
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::{MMIO_REGION_SIZE, MmioError, MmioTransport, TransportState};
 use crate::devices::virtio::net::Net;
-pub use crate::devices::virtio::net::NetConfig;
 use crate::devices::virtio::net::bridge::{self, BridgeError};
 use crate::devices::virtio::net::tap::TapError;
-pub use crate::devices::virtio::vsock::VsockConfig;
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::event_loop::{EventLoop, EventLoopError, LoopEvent, StopSignals, VmEnd, VmEndSignal};
 use crate::host::{self, HostVirt};
@@ -78,52 +76,6 @@ pub const VMM_ERROR_STATUS: u8 = 125;
 /// The exit status of a VM stopped from the host before the guest
 /// reported one: 128 + SIGTERM, as a shell reports a terminated process.
 pub const STOPPED_STATUS: u8 = 128 + 15;
-
-/// A disk the guest sees as a virtio block device (/dev/vda, vdb, …).
-#[derive(Clone, Debug)]
-pub struct DiskConfig {
-    pub source: DiskSource,
-    pub read_only: bool,
-    /// The VMM deletes the disk's file (a raw image, or a volume's
-    /// overlay) as soon as it has opened it: the data lives exactly as
-    /// long as the VM, and goes even when the VMM is killed.
-    pub ephemeral: bool,
-}
-
-/// Where a VM starts from.
-#[derive(Clone, Debug)]
-pub enum Boot {
-    /// A fresh boot of an uncompressed vmlinux ELF.
-    Kernel(PathBuf),
-    /// The moment a snapshot was taken (its directory); `consume` deletes
-    /// the snapshot once restored (a hibernation is resumed once).
-    Snapshot { dir: PathBuf, consume: bool },
-}
-
-/// Everything needed to boot one VM.
-#[derive(Clone, Debug)]
-pub struct VmConfig {
-    pub boot: Boot,
-    /// The first is the root filesystem. A restored VM needs the disks it
-    /// had, in the same order.
-    pub disks: Vec<DiskConfig>,
-    pub vcpus: u8,
-    pub memory_mib: u32,
-    /// Appended to Kiln's kernel command line (a fresh boot only).
-    pub extra_cmdline: String,
-    /// Off only for debugging (`kiln run --no-seccomp`).
-    pub seccomp: bool,
-    /// A virtio-vsock device, through whose unix socket host processes
-    /// reach guest ports. A restored VM may be given another CID than
-    /// the one it was snapshotted with; the guest re-reads it.
-    pub vsock: Option<VsockConfig>,
-    /// A virtio-net NIC over a tap. A restored VM needs one if its
-    /// snapshot had one, and keeps the snapshot's MAC.
-    pub net: Option<NetConfig>,
-    /// Print the boot timer (`boot-to-init: N us`, from `started`) on
-    /// stderr the moment guest-init reports (`kiln run --timing`).
-    pub announce_boot: bool,
-}
 
 /// How a VM ended.
 #[derive(Debug)]

@@ -1,6 +1,6 @@
 //! The control channel from an instance's VMM process to its VM process:
 //! one request at a time, as a JSON line on a socketpair whose VM end the
-//! VM process inherits (`kiln run --instance ID --control-fd N`), answered
+//! VM process inherits (`kiln __vm --control-fd N`), answered
 //! by one JSON line.
 //!
 //! Signals served a VM process well for "stop", but pausing the vCPUs
@@ -193,7 +193,7 @@ impl MutEventSubscriber for ControlListener {
             Ok(Some(request)) => *lock(&self.pending) = Some(request),
             Ok(None) => {}
             // The VMM process is gone or broke the channel: no more requests
-            // (the VM itself ends with its VMM, see `supervisor::end_with_vmm`).
+            // (the VM itself ends with its VMM, see [`crate::supervised::end_with`]).
             Err(err) => {
                 if err.kind() != io::ErrorKind::UnexpectedEof {
                     eprintln!("kiln: control: stopped reading requests: {err}");

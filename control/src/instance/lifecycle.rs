@@ -12,6 +12,9 @@ use super::{
     FileLock, Instance, InstanceError, Network, Registry, Spec, State, Verb, snapshots, supervisor,
 };
 use crate::api;
+use crate::network::proxy::{Proxy, ProxyError};
+use crate::network::{self, NetworkError};
+use kiln_builder::store::{Store, StoreError};
 use kiln_vmm::rpc::SnapshotStats;
 
 /// How often a waiting verb looks at the record again.
@@ -32,6 +35,34 @@ pub enum LifecycleError {
     Spawn { id: String, source: std::io::Error },
     #[error(transparent)]
     Snapshot(#[from] snapshots::SnapshotsError),
+    /// A new instance's image is not in the store.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A new instance's bridge cannot be set up.
+    #[error(transparent)]
+    Network(#[from] NetworkError),
+    /// A new instance's published port cannot be bound.
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+    /// Ports published by an instance with no address to publish.
+    #[error("-p publishes a port of the guest's address: it needs --network bridge")]
+    PortsNeedBridge,
+    /// A foreground run of an instance that does not exist, with no image.
+    #[error("no instance named {0:?}: give an IMAGE to launch it")]
+    NoImage(String),
+    /// A foreground run of an instance with another image than its own.
+    #[error("instance {name:?} runs {runs}, not {asked}: its root volume belongs to that image")]
+    OtherImage {
+        /// The instance.
+        name: String,
+        /// Its image.
+        runs: String,
+        /// The image the run asked for.
+        asked: String,
+    },
+    /// A foreground run of an instance another VMM process runs.
+    #[error("instance {0:?} is running in another VMM process")]
+    Busy(String),
     #[error("instance {id}: still {state} after {waited:?}: {expected}")]
     Timeout {
         id: String,
@@ -39,6 +70,65 @@ pub enum LifecycleError {
         waited: Duration,
         expected: &'static str,
     },
+}
+
+/// What a new instance's VMM would fail on, checked before the instance
+/// exists: its image is in the store, its bridge can be set up
+/// (permission, the bridge module), and its published ports can be bound.
+pub fn preflight(store: &Store, spec: &Spec) -> Result<(), LifecycleError> {
+    store.find(&spec.image)?;
+    if spec.network == Network::Bridge {
+        network::prepare_bridge()?;
+    } else if !spec.ports.is_empty() {
+        return Err(LifecycleError::PortsNeedBridge);
+    }
+    // Bound and let go: the instance's VMM binds them for good.
+    drop(Proxy::bind(&spec.ports)?);
+    Ok(())
+}
+
+/// A new instance for this process to supervise in the foreground
+/// (`kiln run --name`), checked by [`preflight`] first.
+pub fn create(
+    registry: &Registry,
+    store: &Store,
+    spec: Spec,
+    user_data: Option<&[u8]>,
+) -> Result<(Instance, FileLock), LifecycleError> {
+    preflight(store, &spec)?;
+    Ok(registry.create(spec, user_data)?)
+}
+
+/// The existing instance `name` (of `image`, when given), claimed with
+/// its VMM lock for this process to supervise in the foreground, and
+/// moved on as `kiln start` would; `None` when there is no such instance.
+pub fn claim(
+    registry: &Registry,
+    name: &str,
+    image: Option<&str>,
+) -> Result<Option<(Instance, FileLock)>, LifecycleError> {
+    let mut instance = match registry.find(name) {
+        Ok(instance) => instance,
+        Err(InstanceError::NotFound(_)) => return Ok(None),
+        Err(err) => return Err(err.into()),
+    };
+    if let Some(image) = image
+        && image != instance.record.spec.image
+    {
+        return Err(LifecycleError::OtherImage {
+            name: name.to_string(),
+            runs: instance.record.spec.image.clone(),
+            asked: image.to_string(),
+        });
+    }
+    let vmm = instance
+        .claim_vmm()?
+        .ok_or_else(|| LifecycleError::Busy(name.to_string()))?;
+    instance.update(|r| {
+        r.state = transition(r.state, Verb::Start)?;
+        Ok(())
+    })?;
+    Ok(Some((instance, vmm)))
 }
 
 /// Launches a new instance in its own VMM process; returns once it runs

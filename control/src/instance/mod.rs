@@ -16,6 +16,7 @@
 //! | `console.log.1`| its previous 8 MiB, once it has rotated                     |
 //! | `console.in`   | a FIFO: its serial input, which `kiln attach` writes        |
 //! | `api.sock`     | the VMM's control API (HTTP/1.1 + JSON, `docs/api.md`)      |
+//! | `vm.json`      | the definition of its current VM, for the VM process        |
 //! | `vsock.sock`   | the guest's vsock ports, reached with `CONNECT <port>\n`     |
 //! | `hibernate/`   | a hibernated instance's snapshot (RAM and state)            |
 //!
@@ -26,6 +27,7 @@
 //!
 //! A VMM that dies without saying so is found by its free `vmm.lock`: the
 //! record then shows `stopped` with the reason.
+mod actions;
 pub mod console;
 pub mod lifecycle;
 pub mod snapshots;

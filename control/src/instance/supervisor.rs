@@ -1,9 +1,14 @@
-//! The VMM process of a detached instance. It lives as long as the
-//! instance runs: it owns the instance's VMM lock and its API socket, runs
-//! the VM itself as a child process (`kiln run --instance ID`, which has
-//! KVM and the seccomp filters), copies the child's console from a pipe
-//! into `console.log` (rotated at a size, [`super::console`]) and feeds it
-//! `console.in`, and keeps the record's state true.
+//! An instance's VMM process: the one supervisor of its VMs, for detached
+//! instances (`kiln run --detach`, `kiln start`: `kiln __vmm ID`) and
+//! foreground ones (`kiln run --name`) alike. It lives as long as the
+//! instance runs: it owns the instance's VMM lock, its API socket
+//! ([`super::actions`]) and its published ports, defines each VM
+//! ([`crate::definition`]) and runs it as a child VM process
+//! (`kiln __vm --config FILE`, which alone has KVM and the seccomp
+//! filters), and keeps the record's state true. A detached instance's
+//! console goes through a pipe into `console.log` (rotated at a size,
+//! [`super::console`]) and comes from `console.in`; a foreground one's is
+//! the terminal.
 //!
 //! Running the VM in a child is what makes reboot possible: a VM process
 //! cannot build a fresh VM once its seccomp filter is in place, so a reboot
@@ -15,28 +20,31 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use std::{io, thread};
 
-use serde::Deserialize;
-
-use super::console::{CONSOLE_LOG_LIMIT, ConsoleLogError, RotatingLog, copy_into};
-use super::{FileLock, Instance, InstanceError, State, Verb, state::transition};
-use crate::api::{self, ActionBody, Request, Response};
-use crate::network::proxy::{Proxy, ProxyError, ProxyHandle};
+use kiln_builder::store::Store;
+use kiln_vmm::config::Boot;
+use kiln_vmm::config::ConfigError;
 use kiln_vmm::devices::lock;
-use kiln_vmm::rpc::{self, AfterSnapshot, ControlClient, ControlReply, ControlRequest};
-use kiln_vmm::seccomp::{self, ThreadKind};
+use kiln_vmm::rpc::{self, ControlClient};
 
-/// How long the API waits for the VM process to pause or resume.
-const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long it waits for a snapshot: RAM is written whole (less its zero
-/// pages), which takes a while for a large guest on a slow disk.
-pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
+use super::actions;
+use super::console::{CONSOLE_LOG_LIMIT, ConsoleLogError, RotatingLog, copy_into};
+use super::{FileLock, Instance, InstanceError};
+use crate::definition::{self, DefinitionError, RunOptions};
+use crate::network::proxy::{Proxy, ProxyError, ProxyHandle};
+
+pub use super::actions::SNAPSHOT_TIMEOUT;
+
+/// The hidden `kiln` subcommand that is one VM process.
+pub const VM_SUBCOMMAND: &str = "__vm";
+/// The VM definition the supervisor hands each VM process, in the
+/// instance's directory.
+const VM_DEFINITION_FILE: &str = "vm.json";
 
 /// What the supervisor should do when the VM process ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Wanted {
+pub(super) enum Wanted {
     /// Nothing was asked: the guest ended by itself, so the instance stops.
     Nothing,
     Stop,
@@ -47,40 +55,81 @@ enum Wanted {
 
 /// The VM process and what is wanted of it, under one lock so a request
 /// never misses a process that is just starting.
-struct Control {
-    child: Option<u32>,
+pub(super) struct Control {
+    pub(super) child: Option<u32>,
     /// The VM process's control channel.
-    channel: Option<ControlClient>,
-    wanted: Wanted,
+    pub(super) channel: Option<ControlClient>,
+    pub(super) wanted: Wanted,
 }
 
-/// How the VMM starts one VM process.
-pub struct VmStart<'a> {
+/// What the supervisor and its API thread share.
+pub(super) struct Shared {
+    pub(super) instance: Mutex<Instance>,
+    pub(super) control: Mutex<Control>,
+}
+
+/// Where an instance's serial console goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Console {
+    /// `console.log` (rotated), with input from `console.in`: a detached
+    /// instance, read with `kiln logs` and `kiln attach`.
+    Log,
+    /// The supervisor's own terminal (stdin, stdout, stderr): a
+    /// foreground instance.
+    Terminal,
+}
+
+/// How the supervisor starts each VM process of its instance.
+pub struct VmProcess {
+    /// The `kiln` binary, whose `__vm` subcommand is a VM process.
+    pub kiln: PathBuf,
+    /// The image store the instance's image is in.
+    pub store: Store,
+    /// What every VM of this supervisor adds to the instance's definition.
+    pub options: RunOptions,
+    /// Where the VMs' console goes.
+    pub console: Console,
+}
+
+/// How the supervisor starts one VM process.
+pub(super) struct VmStart<'a> {
     /// The VM process's end of the control channel (to be inherited).
-    pub control_fd: i32,
+    control_fd: i32,
     /// A snapshot to restore instead of booting, and whether the restore
     /// consumes it (a hibernation).
-    pub restore: Option<(&'a Path, bool)>,
-}
-
-struct Shared {
-    instance: Mutex<Instance>,
-    control: Mutex<Control>,
+    restore: Option<(&'a Path, bool)>,
 }
 
 /// What can go wrong running an instance.
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
+    /// The instance's record cannot be read or written.
     #[error(transparent)]
     Instance(#[from] InstanceError),
-    #[error("{what}: {source}")]
-    Io { what: String, source: io::Error },
+    /// A system call of the supervisor's own failed.
+    #[error("{what}")]
+    Io {
+        /// What the supervisor was doing.
+        what: String,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+    /// The control channel to the VM process cannot be made.
     #[error(transparent)]
     Control(#[from] rpc::ControlError),
+    /// A published port cannot be bound or proxied.
     #[error(transparent)]
     Proxy(#[from] ProxyError),
+    /// The console log cannot be opened.
     #[error(transparent)]
     Console(#[from] ConsoleLogError),
+    /// The instance's VM cannot be defined (its image, disks or NIC).
+    #[error(transparent)]
+    Definition(#[from] DefinitionError),
+    /// The VM definition cannot be handed to the VM process.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> SupervisorError {
@@ -88,30 +137,64 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> SupervisorError 
     move |source| SupervisorError::Io { what, source }
 }
 
-/// Runs `instance` until it stops, holding its VMM lock `_vmm`;
-/// `vm_command` makes the command of one VM process. The first VM goes on
-/// from the instance's hibernation if it has one, else from `restore` (a
-/// snapshot it was launched from) if given, else it boots.
+/// Runs `instance` until it stops, holding its VMM lock `vmm`, with its VM
+/// processes made as `vm` says; returns how the last one ended. The first
+/// VM goes on from the instance's hibernation if it has one, else from
+/// `restore` (a snapshot it was launched from) if given, else it boots.
 pub fn run(
+    instance: Instance,
+    vmm: FileLock,
+    restore: Option<PathBuf>,
+    vm: &VmProcess,
+) -> Result<ExitStatus, SupervisorError> {
+    supervise(instance, vmm, restore, vm.console, |instance, start| {
+        vm_command(instance, vm, start)
+    })
+}
+
+/// The command of one VM process: `kiln __vm` with the instance's VM
+/// definition in a file, the control channel inherited, and this process
+/// as the supervisor it ends with.
+fn vm_command(
+    instance: &Instance,
+    vm: &VmProcess,
+    start: VmStart<'_>,
+) -> Result<Command, SupervisorError> {
+    let boot = match start.restore {
+        Some((dir, consume)) => Boot::Snapshot {
+            dir: dir.to_path_buf(),
+            consume,
+        },
+        None => Boot::Kernel(vm.options.kernel.clone()),
+    };
+    let config = definition::for_instance(&vm.store, instance, &vm.options, boot)?;
+    let file = instance.dir().join(VM_DEFINITION_FILE);
+    config.save(&file)?;
+    let mut command = Command::new(&vm.kiln);
+    command
+        .arg(VM_SUBCOMMAND)
+        .arg("--config")
+        .arg(&file)
+        .arg("--control-fd")
+        .arg(start.control_fd.to_string())
+        .arg("--supervisor")
+        .arg(std::process::id().to_string());
+    Ok(command)
+}
+
+/// [`run`], with the VM processes' commands made by `vm_command`.
+fn supervise(
     instance: Instance,
     _vmm: FileLock,
     restore: Option<PathBuf>,
-    vm_command: impl Fn(VmStart<'_>) -> Command,
-) -> Result<(), SupervisorError> {
+    console: Console,
+    vm_command: impl Fn(&Instance, VmStart<'_>) -> Result<Command, SupervisorError>,
+) -> Result<ExitStatus, SupervisorError> {
     let socket = instance.api_socket();
-    let mut console = RotatingLog::open(
-        &instance.console_log(),
-        &instance.console_log_rotated(),
-        CONSOLE_LOG_LIMIT,
-    )?;
-    // SAFETY: descriptor 2 is open for the whole life of the process:
-    // std opens /dev/null on it at startup if it came closed, and nothing
-    // here closes it.
-    let stderr = unsafe { BorrowedFd::borrow_raw(libc::STDERR_FILENO) };
-    // This process's own messages go to the live log too, after rotations.
-    console
-        .carry(stderr)
-        .map_err(io_err("cannot check where stderr goes"))?;
+    let mut log = match console {
+        Console::Log => Some(open_console_log(&instance)?),
+        Console::Terminal => None,
+    };
     let _ = fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket)
         .map_err(io_err(format!("cannot listen on {}", socket.display())))?;
@@ -130,7 +213,7 @@ pub fn run(
     let _proxy = match published {
         Ok(proxy) => proxy,
         Err(err) => {
-            lock(&shared.instance).mark_stopped(err.to_string())?;
+            lock(&shared.instance).mark_stopped(kiln_vmm::report::one_line(&err))?;
             return Err(err);
         }
     };
@@ -139,45 +222,20 @@ pub fn run(
         .map(|dir| (dir, true))
         .or(restore.map(|dir| (dir, false)));
     let api_shared = shared.clone();
-    thread::spawn(move || serve(&listener, &api_shared));
-    let reason = loop {
+    thread::spawn(move || actions::serve(&listener, &api_shared));
+    let (status, reason) = loop {
         let restore = first.take();
-        lock(&shared.instance).mark_running(restore.is_some())?;
-        // The VM process writes its console (and its own messages) into a
-        // pipe, which this thread copies into the log, rotating it.
-        let (console_out, vm_console) = io::pipe().map_err(io_err("console pipe"))?;
-        let vm_messages = vm_console.try_clone().map_err(io_err("console pipe"))?;
-        let input = lock(&shared.instance)
-            .console_input_reader()
-            .map_err(io_err("cannot open the console input"))?;
-        let (client, vm_end) = rpc::channel()?;
-        let control_fd = inheritable(&vm_end).map_err(io_err("control channel"))?;
-        let start = VmStart {
-            control_fd,
-            restore: restore
-                .as_ref()
-                .map(|(dir, consume)| (dir.as_path(), *consume)),
-        };
-        // The command, and with it our copies of the pipe's write end, is
-        // dropped once the child is spawned: the copy below ends when the
-        // VM process does.
-        let mut child = vm_command(start)
-            .stdin(input)
-            .stdout(vm_console)
-            .stderr(vm_messages)
-            .spawn()
-            .map_err(io_err("cannot start the VM process"))?;
-        // Only the VM process keeps its end open.
-        drop(vm_end);
-        {
-            let mut control = lock(&shared.control);
-            control.child = Some(child.id());
-            control.channel = Some(client);
-            if control.wanted != Wanted::Nothing {
-                end_vm(child.id());
+        let started = start_vm(&shared, restore.as_ref(), log.is_some(), &vm_command);
+        let (mut child, console_out) = match started {
+            Ok(started) => started,
+            Err(err) => {
+                lock(&shared.instance).mark_stopped(kiln_vmm::report::one_line(&err))?;
+                return Err(err);
             }
+        };
+        if let (Some(out), Some(log)) = (console_out, log.as_mut()) {
+            copy_into(out, log);
         }
-        copy_into(console_out, &mut console);
         let status = child
             .wait()
             .map_err(io_err("cannot wait for the VM process"))?;
@@ -189,23 +247,91 @@ pub fn run(
         };
         match wanted {
             Wanted::Reboot => continue,
-            Wanted::Stop => break "stopped on request".to_string(),
+            Wanted::Stop => break (status, "stopped on request".to_string()),
             Wanted::Hibernate => {
-                break "hibernated on request: RAM saved, `kiln start` resumes it".to_string();
+                let reason = "hibernated on request: RAM saved, `kiln start` resumes it";
+                break (status, reason.to_string());
             }
-            Wanted::Nothing => break describe(status),
+            Wanted::Nothing => break (status, describe(status)),
         }
     };
     lock(&shared.instance).mark_stopped(reason)?;
     let _ = fs::remove_file(&socket);
-    Ok(())
+    Ok(status)
+}
+
+/// The rotating console log, which this process's own messages join too.
+fn open_console_log(instance: &Instance) -> Result<RotatingLog, SupervisorError> {
+    let mut log = RotatingLog::open(
+        &instance.console_log(),
+        &instance.console_log_rotated(),
+        CONSOLE_LOG_LIMIT,
+    )?;
+    // SAFETY: descriptor 2 is open for the whole life of the process:
+    // std opens /dev/null on it at startup if it came closed, and nothing
+    // here closes it.
+    let stderr = unsafe { BorrowedFd::borrow_raw(libc::STDERR_FILENO) };
+    log.carry(stderr)
+        .map_err(io_err("cannot check where stderr goes"))?;
+    Ok(log)
+}
+
+/// Starts one VM process, going on from `restore` if given, and records
+/// it as running. With `logged` console, its console (and its own
+/// messages) go into a pipe whose read end is returned; its input comes
+/// from `console.in`. Otherwise it has this process's terminal.
+fn start_vm(
+    shared: &Shared,
+    restore: Option<&(PathBuf, bool)>,
+    logged: bool,
+    vm_command: &impl Fn(&Instance, VmStart<'_>) -> Result<Command, SupervisorError>,
+) -> Result<(std::process::Child, Option<io::PipeReader>), SupervisorError> {
+    let (client, vm_end) = rpc::channel()?;
+    let control_fd = inheritable(&vm_end).map_err(io_err("control channel"))?;
+    let start = VmStart {
+        control_fd,
+        restore: restore.map(|(dir, consume)| (dir.as_path(), *consume)),
+    };
+    let mut command = {
+        let mut instance = lock(&shared.instance);
+        let command = vm_command(&instance, start)?;
+        instance.mark_running(restore.is_some())?;
+        command
+    };
+    let console_out = if logged {
+        let (out, vm_console) = io::pipe().map_err(io_err("console pipe"))?;
+        let vm_messages = vm_console.try_clone().map_err(io_err("console pipe"))?;
+        let input = lock(&shared.instance)
+            .console_input_reader()
+            .map_err(io_err("cannot open the console input"))?;
+        command.stdin(input).stdout(vm_console).stderr(vm_messages);
+        Some(out)
+    } else {
+        None
+    };
+    // The command, and with it our copies of the pipe's write end, is
+    // dropped once the child is spawned: the copy into the log ends when
+    // the VM process does.
+    let child = command
+        .spawn()
+        .map_err(io_err("cannot start the VM process"))?;
+    drop(command);
+    // Only the VM process keeps its end open.
+    drop(vm_end);
+    let mut control = lock(&shared.control);
+    control.child = Some(child.id());
+    control.channel = Some(client);
+    if control.wanted != Wanted::Nothing {
+        end_vm(child.id());
+    }
+    Ok((child, console_out))
 }
 
 /// Starts the proxy of the instance's published ports, to its address
 /// on the bridge, under the proxy thread's seccomp filter; `None` when it
 /// publishes none. The VMM process may then hold two descriptors per
 /// proxied connection: its soft descriptor limit goes up to the hard one.
-pub fn publish_ports(instance: &Instance) -> Result<Option<ProxyHandle>, SupervisorError> {
+fn publish_ports(instance: &Instance) -> Result<Option<ProxyHandle>, SupervisorError> {
     let record = &instance.record;
     let (Some(address), false) = (record.address, record.spec.ports.is_empty()) else {
         return Ok(None);
@@ -243,44 +369,22 @@ fn inheritable(fd: &OwnedFd) -> io::Result<i32> {
 }
 
 /// Why the VM process ended, for the record.
-pub fn describe(status: ExitStatus) -> String {
+fn describe(status: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     let vmm_error = i32::from(kiln_vmm::builder::VMM_ERROR_STATUS);
     match (status.code(), status.signal()) {
         (Some(code), _) if code == vmm_error => {
             "the VMM failed (exit status 125; see the console log)".into()
         }
-        (Some(code), _) => guest_exit_reason(code),
+        (Some(code), _) => format!("the guest shut down (entrypoint exit status {code})"),
         (None, Some(signal)) => format!("the VM process was killed by signal {signal}"),
         (None, None) => format!("the VM process ended ({status})"),
     }
 }
 
-/// For the VM process: dies (SIGTERM, so its disks flush) when the VMM
-/// process that started it does, instead of running on unsupervised.
-/// Fails when that VMM, `vmm_pid`, is already gone.
-pub fn end_with_vmm(vmm_pid: u32) -> io::Result<()> {
-    // SAFETY: PR_SET_PDEATHSIG takes a signal number and no pointers.
-    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // Checked after the prctl: a parent that died before it would not
-    // have sent the signal.
-    // SAFETY: getppid has no arguments and cannot fail.
-    if unsafe { libc::getppid() } as u32 != vmm_pid {
-        return Err(io::Error::other("the instance's VMM process is gone"));
-    }
-    Ok(())
-}
-
-/// The record's reason for a VM whose guest ended with `status`.
-fn guest_exit_reason(status: i32) -> String {
-    format!("the guest shut down (entrypoint exit status {status})")
-}
-
 /// Asks the VM process to end: SIGTERM (it stops the VM and flushes its
 /// disks), then SIGCONT in case it was paused, so it can act on it.
-fn end_vm(pid: u32) {
+pub(super) fn end_vm(pid: u32) {
     signal(pid, libc::SIGTERM);
     signal(pid, libc::SIGCONT);
 }
@@ -289,215 +393,6 @@ fn signal(pid: u32, signal: libc::c_int) {
     // SAFETY: kill only reads its integer arguments. The pid is our own
     // child's and is not reaped while the control lock names it.
     unsafe { libc::kill(pid as libc::pid_t, signal) };
-}
-
-/// Answers API requests, one connection at a time, until the process
-/// ends; under the API thread's seccomp filter, since requests come from
-/// outside. (The supervisor's main thread stays unfiltered: it starts VM
-/// processes, which must not inherit a filter.)
-fn serve(listener: &UnixListener, shared: &Shared) {
-    if let Err(err) = seccomp::install(ThreadKind::Api) {
-        eprintln!("kiln: api: not serving: {err}");
-        return;
-    }
-    for stream in listener.incoming().flatten() {
-        if let Err(err) = api::serve_one(stream, |request| route(shared, request)) {
-            eprintln!("kiln: api: {err}");
-        }
-    }
-}
-
-fn route(shared: &Shared, request: Request) -> Response {
-    match (request.method.as_str(), request.path.as_str()) {
-        ("GET", "/instance") => Response::json(200, &lock(&shared.instance).record),
-        ("PUT", "/actions") => match serde_json::from_slice::<ActionBody>(&request.body) {
-            Ok(body) => act(shared, &body.action),
-            Err(err) => Response::error(400, format!("expected {{\"action\": NAME}}: {err}")),
-        },
-        ("PUT", "/snapshot") => match serde_json::from_slice::<SnapshotBody>(&request.body) {
-            Ok(body) => snapshot(shared, &body.dir),
-            Err(err) => Response::error(400, format!("expected {{\"dir\": PATH}}: {err}")),
-        },
-        (_, "/instance" | "/actions" | "/snapshot") => {
-            Response::error(405, "method not allowed here")
-        }
-        (_, path) => Response::error(404, format!("no route {path}")),
-    }
-}
-
-/// The body of `PUT /snapshot`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SnapshotBody {
-    /// An existing, empty directory, as an absolute path.
-    dir: PathBuf,
-}
-
-/// What the API can ask of a running instance.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Action {
-    Stop,
-    Reboot,
-    Pause,
-    Resume,
-    Hibernate,
-}
-
-impl Action {
-    fn parse(name: &str) -> Option<Action> {
-        Some(match name {
-            "stop" => Action::Stop,
-            "reboot" => Action::Reboot,
-            "pause" => Action::Pause,
-            "resume" => Action::Resume,
-            "hibernate" => Action::Hibernate,
-            _ => return None,
-        })
-    }
-
-    fn verb(self) -> Verb {
-        match self {
-            Action::Stop => Verb::Stop,
-            Action::Reboot => Verb::Reboot,
-            Action::Pause => Verb::Pause,
-            Action::Resume => Verb::Resume,
-            Action::Hibernate => Verb::Hibernate,
-        }
-    }
-}
-
-/// Carries out one action, if the instance's state allows it.
-fn act(shared: &Shared, name: &str) -> Response {
-    let Some(action) = Action::parse(name) else {
-        return Response::error(
-            400,
-            format!("unknown action {name:?}: expected stop, reboot, pause, resume or hibernate"),
-        );
-    };
-    let mut instance = lock(&shared.instance);
-    let record = &instance.record;
-    if let Err(refused) = transition(record.state, action.verb()) {
-        return Response::error(409, refused.to_string());
-    }
-    match (action, record.paused) {
-        (Action::Pause, true) => return Response::error(409, "the instance is already paused"),
-        (Action::Resume, false) => return Response::error(409, "the instance is not paused"),
-        _ => {}
-    }
-    let mut control = lock(&shared.control);
-    let changed = match action {
-        Action::Stop | Action::Reboot => {
-            let stop = action == Action::Stop;
-            control.wanted = if stop { Wanted::Stop } else { Wanted::Reboot };
-            if let Some(pid) = control.child {
-                end_vm(pid);
-            }
-            instance
-                .update(|r| {
-                    if stop {
-                        r.state = State::Stopping;
-                    }
-                    Ok(())
-                })
-                .map_err(|err| err.to_string())
-        }
-        Action::Pause | Action::Resume => {
-            let paused = action == Action::Pause;
-            let request = if paused {
-                ControlRequest::Pause
-            } else {
-                ControlRequest::Resume
-            };
-            ask(&mut control, &request, CONTROL_TIMEOUT).and_then(|_| {
-                instance
-                    .update(|r| {
-                        r.paused = paused;
-                        Ok(())
-                    })
-                    .map_err(|err| err.to_string())
-            })
-        }
-        Action::Hibernate => hibernate(&mut instance, &mut control),
-    };
-    match changed {
-        Ok(()) => Response::no_content(),
-        Err(err) => Response::error(500, err),
-    }
-}
-
-/// Sends `request` to the VM process; its refusal or silence is the error.
-fn ask(
-    control: &mut Control,
-    request: &ControlRequest,
-    timeout: Duration,
-) -> Result<ControlReply, String> {
-    let channel = control
-        .channel
-        .as_mut()
-        .ok_or("the instance has no VM process at the moment")?;
-    let reply = channel
-        .call(request, timeout)
-        .map_err(|err| err.to_string())?;
-    match &reply.error {
-        Some(error) => Err(format!("the VM process refused: {error}")),
-        None => Ok(reply),
-    }
-}
-
-/// Stop-hibernate: the VM writes its RAM and state into the instance's
-/// hibernation directory (staged, then renamed whole) and ends; the next
-/// `kiln start` resumes it. Its root volume is the instance's own, flushed.
-fn hibernate(instance: &mut Instance, control: &mut Control) -> Result<(), String> {
-    let staging = instance.hibernation_staging();
-    let failed = |what: &str, err: io::Error| format!("{what} {}: {err}", staging.display());
-    match fs::remove_dir_all(&staging) {
-        Err(err) if err.kind() != io::ErrorKind::NotFound => {
-            return Err(failed("cannot clear", err));
-        }
-        _ => {}
-    }
-    fs::create_dir(&staging).map_err(|err| failed("cannot create", err))?;
-    let request = ControlRequest::Snapshot {
-        dir: staging.clone(),
-        copy_root: false,
-        then: AfterSnapshot::Stop,
-    };
-    if let Err(err) = ask(control, &request, SNAPSHOT_TIMEOUT) {
-        let _ = fs::remove_dir_all(&staging);
-        return Err(err);
-    }
-    // The VM is ending now, whatever follows: say why, once it has.
-    control.wanted = Wanted::Stop;
-    kiln_vmm::durable::rename_dir(&staging, &instance.hibernation_path())
-        .map_err(|err| failed("cannot keep the hibernation in", err))?;
-    control.wanted = Wanted::Hibernate;
-    instance
-        .update(|r| {
-            r.state = State::Stopping;
-            Ok(())
-        })
-        .map_err(|err| err.to_string())
-}
-
-/// `PUT /snapshot`: the running VM writes a snapshot of itself, with a copy
-/// of its root volume's writes, into `dir`, and goes on.
-fn snapshot(shared: &Shared, dir: &Path) -> Response {
-    if !dir.is_absolute() {
-        return Response::error(400, format!("{}: expected an absolute path", dir.display()));
-    }
-    let instance = lock(&shared.instance);
-    if let Err(refused) = transition(instance.record.state, Verb::Snapshot) {
-        return Response::error(409, refused.to_string());
-    }
-    let request = ControlRequest::Snapshot {
-        dir: dir.to_path_buf(),
-        copy_root: true,
-        then: AfterSnapshot::Continue,
-    };
-    match ask(&mut lock(&shared.control), &request, SNAPSHOT_TIMEOUT) {
-        Ok(reply) => Response::json(200, reply.snapshot.unwrap_or_default()),
-        Err(err) => Response::error(500, err),
-    }
 }
 
 #[cfg(test)]
@@ -516,12 +411,13 @@ mod tests {
         // A VM process whose console passes the limit, then complains on
         // stderr and ends as a guest exiting 3 would.
         let script = format!("head -c {} /dev/zero; echo done >&2; exit 3", limit + 10);
-        run(instance, vmm, None, |_| {
+        let status = supervise(instance, vmm, None, Console::Log, |_, _| {
             let mut command = Command::new("sh");
             command.args(["-c", &script]);
-            command
+            Ok(command)
         })
         .unwrap();
+        assert_eq!(status.code(), Some(3));
         let instance = registry.find(&id).unwrap();
         assert_eq!(
             instance.record.reason.as_deref(),
@@ -535,5 +431,25 @@ mod tests {
             fs::read(instance.console_log()).unwrap(),
             b"\0\0\0\0\0\0\0\0\0\0done\n"
         );
+    }
+
+    #[test]
+    fn a_vm_that_cannot_be_defined_stops_the_instance_with_the_reason() {
+        let home = tempfile::tempdir().unwrap();
+        let registry = Registry::new(home.path());
+        let (instance, vmm) = registry.create(spec(Some("web")), None).unwrap();
+        let id = instance.record.id.clone();
+        let vm = VmProcess {
+            kiln: "/bin/false".into(),
+            store: Store::new(home.path()),
+            options: RunOptions::new("vmlinux".into()),
+            console: Console::Terminal,
+        };
+        let err = run(instance, vmm, None, &vm).unwrap_err();
+        assert!(matches!(err, SupervisorError::Definition(_)), "{err}");
+        let record = registry.find(&id).unwrap().record;
+        assert_eq!(record.state, super::super::State::Stopped);
+        let reason = record.reason.unwrap();
+        assert!(reason.contains("hello:1.0.0"), "{reason}");
     }
 }

@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use kiln_control::instance::Registry;
+use kiln_control::instance::supervisor::VM_SUBCOMMAND;
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -334,8 +335,8 @@ fn summary(printed: &str) -> Option<(f64, f64)> {
 }
 
 /// The VM process of the VMM `parent`: the pid whose `/proc/PID/stat`
-/// says its parent is `parent` and whose command line is `kiln run
-/// --instance …`, if any.
+/// says its parent is `parent` and whose command line is `kiln __vm …`,
+/// if any.
 fn vm_process_of(parent: u32) -> Result<Option<u32>> {
     for entry in std::fs::read_dir("/proc").context("cannot list /proc")? {
         let entry = entry?;
@@ -346,8 +347,10 @@ fn vm_process_of(parent: u32) -> Result<Option<u32>> {
             continue;
         };
         let vm = || {
-            std::fs::read(entry.path().join("cmdline"))
-                .is_ok_and(|line| line.split(|&b| b == 0).any(|arg| arg == b"--instance"))
+            std::fs::read(entry.path().join("cmdline")).is_ok_and(|line| {
+                line.split(|&b| b == 0)
+                    .any(|arg| arg == VM_SUBCOMMAND.as_bytes())
+            })
         };
         if ppid(&stat) == Some(parent) && vm() {
             return Ok(Some(pid));

@@ -266,7 +266,7 @@ struct Active {
 }
 
 /// Where a disk's sectors come from.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DiskSource {
     /// A raw disk image file.
     Raw(PathBuf),

@@ -29,7 +29,7 @@ pub(super) const TX: usize = 1;
 const CONFIG_LEN: usize = 6;
 
 /// The guest's NIC, as `VmConfig` describes it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
     /// The tap to create (it exists while the VM does).
     pub tap: String,

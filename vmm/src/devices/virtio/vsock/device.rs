@@ -44,7 +44,7 @@ pub const MAX_CONNECTIONS: usize = 64;
 const MAX_PENDING_RESETS: usize = 256;
 
 /// A VM's vsock device, as `VmConfig` describes it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VsockConfig {
     /// The guest's CID: at least 3 (§5.10.4), at most 2^32 - 2.
     pub cid: u64,

@@ -1,0 +1,256 @@
+//! The instance API's side of the supervisor: requests from `api.sock`
+//! (`docs/api.md`) become actions on the instance's VM process (signals
+//! for stop and reboot, control requests for pause, resume and snapshots)
+//! and changes to its record, each allowed only by the state table.
+use std::fs;
+use std::io;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kiln_vmm::devices::lock;
+use kiln_vmm::report::one_line;
+use kiln_vmm::rpc::{self, AfterSnapshot, ControlReply, ControlRequest};
+use kiln_vmm::seccomp::{self, ThreadKind};
+use serde::Deserialize;
+
+use super::state::transition;
+use super::supervisor::{Control, Shared, Wanted, end_vm};
+use super::{Instance, InstanceError, State, Verb};
+use crate::api::{self, ActionBody, Request, Response};
+
+/// How long the API waits for the VM process to pause or resume.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long it waits for a snapshot: RAM is written whole (less its zero
+/// pages), which takes a while for a large guest on a slow disk.
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Why an action on the VM process failed.
+#[derive(Debug, thiserror::Error)]
+enum ActionError {
+    #[error("the instance has no VM process at the moment")]
+    NoVm,
+    #[error("the VM process did not answer")]
+    Channel(#[source] rpc::ControlError),
+    /// The VM process's own words, from its reply.
+    #[error("the VM process refused: {0}")]
+    Refused(String),
+    #[error("cannot {what} {path}")]
+    Hibernation {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Record(#[from] InstanceError),
+}
+
+/// Answers API requests, one connection at a time, until the process
+/// ends; under the API thread's seccomp filter, since requests come from
+/// outside. (The supervisor's main thread stays unfiltered: it starts VM
+/// processes, which must not inherit a filter.)
+pub(super) fn serve(listener: &UnixListener, shared: &Shared) {
+    if let Err(err) = seccomp::install(ThreadKind::Api) {
+        eprintln!("kiln: api: not serving: {}", one_line(&err));
+        return;
+    }
+    for stream in listener.incoming().flatten() {
+        if let Err(err) = api::serve_one(stream, |request| route(shared, request)) {
+            eprintln!("kiln: api: {}", one_line(&err));
+        }
+    }
+}
+
+fn route(shared: &Shared, request: Request) -> Response {
+    match (request.method.as_str(), request.path.as_str()) {
+        ("GET", "/instance") => Response::json(200, &lock(&shared.instance).record),
+        ("PUT", "/actions") => match serde_json::from_slice::<ActionBody>(&request.body) {
+            Ok(body) => act(shared, &body.action),
+            Err(err) => Response::error(400, format!("expected {{\"action\": NAME}}: {err}")),
+        },
+        ("PUT", "/snapshot") => match serde_json::from_slice::<SnapshotBody>(&request.body) {
+            Ok(body) => snapshot(shared, &body.dir),
+            Err(err) => Response::error(400, format!("expected {{\"dir\": PATH}}: {err}")),
+        },
+        (_, "/instance" | "/actions" | "/snapshot") => {
+            Response::error(405, "method not allowed here")
+        }
+        (_, path) => Response::error(404, format!("no route {path}")),
+    }
+}
+
+/// The body of `PUT /snapshot`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotBody {
+    /// An existing, empty directory, as an absolute path.
+    dir: PathBuf,
+}
+
+/// What the API can ask of a running instance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Action {
+    Stop,
+    Reboot,
+    Pause,
+    Resume,
+    Hibernate,
+}
+
+impl Action {
+    fn parse(name: &str) -> Option<Action> {
+        Some(match name {
+            "stop" => Action::Stop,
+            "reboot" => Action::Reboot,
+            "pause" => Action::Pause,
+            "resume" => Action::Resume,
+            "hibernate" => Action::Hibernate,
+            _ => return None,
+        })
+    }
+
+    fn verb(self) -> Verb {
+        match self {
+            Action::Stop => Verb::Stop,
+            Action::Reboot => Verb::Reboot,
+            Action::Pause => Verb::Pause,
+            Action::Resume => Verb::Resume,
+            Action::Hibernate => Verb::Hibernate,
+        }
+    }
+}
+
+/// Carries out one action, if the instance's state allows it.
+fn act(shared: &Shared, name: &str) -> Response {
+    let Some(action) = Action::parse(name) else {
+        return Response::error(
+            400,
+            format!("unknown action {name:?}: expected stop, reboot, pause, resume or hibernate"),
+        );
+    };
+    let mut instance = lock(&shared.instance);
+    let record = &instance.record;
+    if let Err(refused) = transition(record.state, action.verb()) {
+        return Response::error(409, refused.to_string());
+    }
+    match (action, record.paused) {
+        (Action::Pause, true) => return Response::error(409, "the instance is already paused"),
+        (Action::Resume, false) => return Response::error(409, "the instance is not paused"),
+        _ => {}
+    }
+    let mut control = lock(&shared.control);
+    let changed = match action {
+        Action::Stop | Action::Reboot => {
+            let stop = action == Action::Stop;
+            control.wanted = if stop { Wanted::Stop } else { Wanted::Reboot };
+            if let Some(pid) = control.child {
+                end_vm(pid);
+            }
+            instance
+                .update(|r| {
+                    if stop {
+                        r.state = State::Stopping;
+                    }
+                    Ok(())
+                })
+                .map_err(ActionError::from)
+        }
+        Action::Pause | Action::Resume => {
+            let paused = action == Action::Pause;
+            let request = if paused {
+                ControlRequest::Pause
+            } else {
+                ControlRequest::Resume
+            };
+            ask(&mut control, &request, CONTROL_TIMEOUT).and_then(|_| {
+                instance
+                    .update(|r| {
+                        r.paused = paused;
+                        Ok(())
+                    })
+                    .map_err(ActionError::from)
+            })
+        }
+        Action::Hibernate => hibernate(&mut instance, &mut control),
+    };
+    match changed {
+        Ok(()) => Response::no_content(),
+        Err(err) => Response::error(500, one_line(&err)),
+    }
+}
+
+/// Sends `request` to the VM process; its refusal or silence is the error.
+fn ask(
+    control: &mut Control,
+    request: &ControlRequest,
+    timeout: Duration,
+) -> Result<ControlReply, ActionError> {
+    let channel = control.channel.as_mut().ok_or(ActionError::NoVm)?;
+    let reply = channel
+        .call(request, timeout)
+        .map_err(ActionError::Channel)?;
+    match reply.error {
+        Some(error) => Err(ActionError::Refused(error)),
+        None => Ok(reply),
+    }
+}
+
+/// Stop-hibernate: the VM writes its RAM and state into the instance's
+/// hibernation directory (staged, then renamed whole) and ends; the next
+/// `kiln start` resumes it. Its root volume is the instance's own, flushed.
+fn hibernate(instance: &mut Instance, control: &mut Control) -> Result<(), ActionError> {
+    let staging = instance.hibernation_staging();
+    let failed = |what, source| ActionError::Hibernation {
+        what,
+        path: staging.clone(),
+        source,
+    };
+    match fs::remove_dir_all(&staging) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => {
+            return Err(failed("clear", err));
+        }
+        _ => {}
+    }
+    fs::create_dir(&staging).map_err(|err| failed("create", err))?;
+    let request = ControlRequest::Snapshot {
+        dir: staging.clone(),
+        copy_root: false,
+        then: AfterSnapshot::Stop,
+    };
+    if let Err(err) = ask(control, &request, SNAPSHOT_TIMEOUT) {
+        let _ = fs::remove_dir_all(&staging);
+        return Err(err);
+    }
+    // The VM is ending now, whatever follows: say why, once it has.
+    control.wanted = Wanted::Stop;
+    kiln_vmm::durable::rename_dir(&staging, &instance.hibernation_path())
+        .map_err(|err| failed("keep the hibernation in", err))?;
+    control.wanted = Wanted::Hibernate;
+    instance.update(|r| {
+        r.state = State::Stopping;
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// `PUT /snapshot`: the running VM writes a snapshot of itself, with a copy
+/// of its root volume's writes, into `dir`, and goes on.
+fn snapshot(shared: &Shared, dir: &Path) -> Response {
+    if !dir.is_absolute() {
+        return Response::error(400, format!("{}: expected an absolute path", dir.display()));
+    }
+    let instance = lock(&shared.instance);
+    if let Err(refused) = transition(instance.record.state, Verb::Snapshot) {
+        return Response::error(409, refused.to_string());
+    }
+    let request = ControlRequest::Snapshot {
+        dir: dir.to_path_buf(),
+        copy_root: true,
+        then: AfterSnapshot::Continue,
+    };
+    match ask(&mut lock(&shared.control), &request, SNAPSHOT_TIMEOUT) {
+        Ok(reply) => Response::json(200, reply.snapshot.unwrap_or_default()),
+        Err(err) => Response::error(500, one_line(&err)),
+    }
+}

@@ -1,0 +1,46 @@
+//! `kiln __vm --config FILE` (hidden): one VM process, as an instance's
+//! supervisor starts it: the VM definition it wrote, the control channel
+//! it handed down, and its pid, whose end ends this VM too. Config → VM →
+//! run, and nothing else.
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use kiln_vmm::builder::{self, VMM_ERROR_STATUS};
+use kiln_vmm::config::VmConfig;
+use kiln_vmm::rpc::ControlListener;
+use kiln_vmm::supervised;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The VM definition, as the supervisor wrote it.
+    #[arg(long)]
+    config: PathBuf,
+    /// The inherited descriptor of this VM's end of the control channel.
+    #[arg(long)]
+    control_fd: i32,
+    /// The supervisor's pid: this VM ends when it does.
+    #[arg(long)]
+    supervisor: u32,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    // The boot timer's zero.
+    let started = Instant::now();
+    // A VMM error has its own exit status, which the supervisor records.
+    Ok(run_vm(&args, started).unwrap_or_else(|err| {
+        eprintln!("kiln: {err:#}");
+        ExitCode::from(VMM_ERROR_STATUS)
+    }))
+}
+
+fn run_vm(args: &Args, started: Instant) -> anyhow::Result<ExitCode> {
+    // SAFETY: the supervisor passed this descriptor, its end of the
+    // control channel, for this purpose; nothing else here uses it.
+    let control = unsafe { ControlListener::adopt(args.control_fd) };
+    supervised::end_with(args.supervisor).context("cannot tie this VM to its supervisor")?;
+    let config = VmConfig::load(&args.config)?;
+    let outcome = builder::run(&config, started, Some(control))?;
+    Ok(ExitCode::from(outcome.exit_status))
+}
