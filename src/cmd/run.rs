@@ -13,8 +13,9 @@ use kiln_control::instance::supervisor::{self, Console, VmProcess};
 use kiln_control::instance::types::{self, InstanceType};
 use kiln_control::instance::{Network, Registry, Spec};
 use kiln_control::network::proxy::PortMap;
-use kiln_vmm::builder::{self, VMM_ERROR_STATUS};
+use kiln_vmm::builder;
 use kiln_vmm::config::{DiskConfig, DiskSource, VsockConfig};
+use kiln_vmm::machine::VMM_ERROR_STATUS;
 
 use crate::assets::{Asset, kiln_home};
 

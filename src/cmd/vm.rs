@@ -7,8 +7,9 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
-use kiln_vmm::builder::{self, VMM_ERROR_STATUS};
+use kiln_vmm::builder;
 use kiln_vmm::config::VmConfig;
+use kiln_vmm::machine::VMM_ERROR_STATUS;
 use kiln_vmm::rpc::ControlListener;
 use kiln_vmm::supervised;
 

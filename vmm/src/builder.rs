@@ -1,13 +1,12 @@
 //! The one place that wires a VM together: memory, kernel, boot
-//! structures, devices on their buses, vCPU threads, seccomp, and the event
-//! loop that runs until the VM ends.
-use std::fs::File;
+//! structures, devices on their buses and vCPU threads, fresh or from a
+//! snapshot. [`build`] returns the [`Machine`] that owns them all, which
+//! then runs ([`crate::machine`]) until the VM ends.
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::Kvm;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -23,7 +22,6 @@ use crate::config::{Boot, DiskConfig, DiskSource, NetConfig, VmConfig, VsockConf
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
 use crate::devices::init_port::{INIT_PORT_LEN, InitPort, InitReport};
-use crate::devices::lock;
 use crate::devices::serial::{
     COM1_IRQ, COM1_PORT, RawTerminal, SERIAL_PORT_LEN, Serial, SerialError, SerialInput,
     SerialSnapshot,
@@ -35,17 +33,14 @@ use crate::devices::virtio::net::Net;
 use crate::devices::virtio::net::bridge::{self, BridgeError};
 use crate::devices::virtio::net::tap::TapError;
 use crate::devices::virtio::vsock::{Vsock, VsockError};
-use crate::event_loop::{EventLoop, EventLoopError, LoopEvent, StopSignals, VmEnd, VmEndSignal};
+use crate::event_loop::{EventLoop, EventLoopError, StopSignals, VmEndSignal};
 use crate::host::{self, HostVirt};
 use crate::loader::{self, LoaderError};
-use crate::rpc::{
-    AfterSnapshot, ControlListener, ControlReplier, ControlReply, ControlRequest, SnapshotStats,
-};
-use crate::seccomp::{self, SeccompError, ThreadKind};
-use crate::snapshot::{
-    self, LoadedSnapshot, MEMORY_FILE, MachineState, NetState, ROOT_OVERLAY_FILE, STATE_FILE,
-    SnapshotError,
-};
+use crate::machine::{Devices, Machine, NetDevice, VmOutcome};
+use crate::persist;
+use crate::rpc::ControlListener;
+use crate::seccomp::SeccompError;
+use crate::snapshot::{LoadedSnapshot, NetState, SnapshotError};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuContext, VcpuError, Vcpus};
 use crate::vstate::vm::{Vm, VmError};
@@ -69,104 +64,157 @@ const BASE_CMDLINE: &[&str] = &[
     guest_init::protocol::VMM_CMDLINE_FLAG,
 ];
 
-/// `kiln run`'s exit status for a VMM error, as `docker run` uses 125:
-/// distinct from any status a guest's entrypoint reports.
-pub const VMM_ERROR_STATUS: u8 = 125;
-
-/// The exit status of a VM stopped from the host before the guest
-/// reported one: 128 + SIGTERM, as a shell reports a terminated process.
-pub const STOPPED_STATUS: u8 = 128 + 15;
-
-/// How a VM ended.
-#[derive(Debug)]
-pub struct VmOutcome {
-    /// The entrypoint's status as guest-init reported it; 0 when the guest
-    /// reset without a report.
-    pub exit_status: u8,
-    /// From `started` to guest-init's InitStarted report.
-    pub boot_to_init: Option<Duration>,
-}
-
 /// Why a VM could not be booted or run.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
+    /// `/dev/kvm` is PVM: a stock kernel's privileged instructions would
+    /// be emulated, which Kiln refuses (`kiln doctor` explains).
     #[error(
         "this host has PVM, not hardware KVM: stock Linux guests cannot boot under it (see `kiln doctor`)"
     )]
     Pvm,
+    /// No KVM at all, and why (`kiln doctor`'s words).
     #[error("no usable KVM: {0} (see `kiln doctor`)")]
     NoKvm(String),
-    #[error("cannot open /dev/kvm: {0}")]
-    OpenKvm(kvm_ioctls::Error),
+    /// `/dev/kvm` exists but cannot be opened.
+    #[error("cannot open /dev/kvm")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// More vCPUs than KVM or the MP table allow, or none.
     #[error("--vcpus {requested}: expected 1 to {max} on this host")]
-    Vcpus { requested: u8, max: usize },
+    Vcpus {
+        /// What was asked for.
+        requested: u8,
+        /// The most this host and the MP table take.
+        max: usize,
+    },
+    /// A VM with no disk has no root filesystem.
     #[error("no root disk: give at least one --disk")]
     NoDisk,
+    /// More virtio devices than interrupt lines.
     #[error("{count} disks: at most {max} fit on the interrupt lines")]
-    TooManyDisks { count: usize, max: usize },
+    TooManyDisks {
+        /// The disks asked for.
+        count: usize,
+        /// The most that fit beside the VM's other devices.
+        max: usize,
+    },
+    /// The kernel command line does not fit the kernel's buffer.
     #[error("the kernel command line is {len} bytes; the limit is {max}")]
-    Cmdline { len: usize, max: usize },
-    #[error("disk {path}: {source}")]
-    Disk { path: PathBuf, source: BlockError },
-    #[error("disk {path}: {source}")]
-    DiskDevice { path: PathBuf, source: MmioError },
-    #[error("cannot remove the ephemeral disk file {path}: {source}")]
-    Ephemeral {
+    Cmdline {
+        /// Its length.
+        len: usize,
+        /// The longest the kernel takes (less the terminating NUL).
+        max: usize,
+    },
+    /// A disk's file cannot back a block device.
+    #[error("disk {path}")]
+    Disk {
+        /// The disk's file.
         path: PathBuf,
+        /// Why.
+        #[source]
+        source: BlockError,
+    },
+    /// A disk's transport cannot be made or restored.
+    #[error("disk {path}")]
+    DiskDevice {
+        /// The disk's file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: MmioError,
+    },
+    /// An ephemeral disk's file cannot be unlinked once open.
+    #[error("cannot remove the ephemeral disk file {path}")]
+    Ephemeral {
+        /// The file.
+        path: PathBuf,
+        /// What the file system said.
+        #[source]
         source: std::io::Error,
     },
+    /// The vsock device cannot be made (its CID or its socket).
     #[error(transparent)]
     Vsock(#[from] VsockError),
-    #[error("vsock device: {0}")]
-    VsockDevice(MmioError),
+    /// The vsock device's transport cannot be made or restored.
+    #[error("vsock device")]
+    VsockDevice(#[source] MmioError),
+    /// The NIC's tap cannot be created.
     #[error(transparent)]
     Tap(#[from] TapError),
+    /// The NIC's tap cannot join its bridge.
     #[error(transparent)]
     Bridge(#[from] BridgeError),
-    #[error("network device: {0}")]
-    NetDevice(MmioError),
-    #[error("cannot write the boot structures: {0}")]
-    BootMemory(vm_memory::GuestMemoryError),
-    #[error("cannot create an eventfd: {0}")]
-    EventFd(std::io::Error),
-    #[error("cannot take SIGTERM and SIGINT: {0}")]
-    Signals(std::io::Error),
+    /// The NIC's transport cannot be made or restored.
+    #[error("network device")]
+    NetDevice(#[source] MmioError),
+    /// The command line, boot parameters or tables do not fit in memory.
+    #[error("cannot write the boot structures")]
+    BootMemory(#[source] vm_memory::GuestMemoryError),
+    /// The kernel gave no eventfd.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// The stop signals' handlers cannot be installed.
+    #[error("cannot take SIGTERM and SIGINT")]
+    Signals(#[source] std::io::Error),
+    /// A snapshot of another shape than the VM asked for.
     #[error("snapshot {dir}: it has {saved} {what}, this VM {given}")]
     SnapshotShape {
+        /// The snapshot.
         dir: PathBuf,
+        /// What differs ("vCPUs", "disks", …).
         what: &'static str,
+        /// How many the snapshot has.
         saved: usize,
+        /// How many this VM has.
         given: usize,
     },
-    #[error("cannot delete the resumed snapshot {path}: {source}")]
+    /// A hibernation, restored, cannot be deleted.
+    #[error("cannot delete the resumed snapshot {path}")]
     Consume {
+        /// The snapshot.
         path: PathBuf,
+        /// What the file system said.
+        #[source]
         source: std::io::Error,
     },
+    /// The VM ended on an error of a vCPU (a KVM exit Kiln cannot serve).
     #[error("the guest failed: {0}")]
     Guest(String),
+    /// The snapshot cannot be read or restored.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    /// Guest memory cannot be made or mapped.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// A KVM VM-level call failed.
     #[error(transparent)]
     Vm(#[from] VmError),
+    /// The kernel cannot be loaded.
     #[error(transparent)]
     Loader(#[from] LoaderError),
+    /// The zero page cannot be written.
     #[error(transparent)]
     BootParams(#[from] BootParamsError),
+    /// The MP table cannot be written.
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
+    /// Two devices claim one address range.
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// The console cannot be set up.
     #[error(transparent)]
     Serial(#[from] SerialError),
+    /// A virtio transport cannot be made.
     #[error(transparent)]
     Mmio(#[from] MmioError),
+    /// A vCPU cannot be made, restored or started.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// The event loop failed.
     #[error(transparent)]
     EventLoop(#[from] EventLoopError),
+    /// The VMM thread's seccomp filter cannot be installed.
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
 }
@@ -179,15 +227,26 @@ pub fn run(
     started: Instant,
     control: Option<ControlListener>,
 ) -> Result<VmOutcome, VmmError> {
+    build(config, started, control)?.run()
+}
+
+/// Builds the VM `config` describes, fresh or from its snapshot, with
+/// every device on its bus and every vCPU thread started (parked until
+/// [`Machine::run`]), and returns the machine that owns it all.
+pub fn build(
+    config: &VmConfig,
+    started: Instant,
+    control: Option<ControlListener>,
+) -> Result<Machine, VmmError> {
     let kvm = open_kvm(config)?;
     let start = match &config.boot {
         Boot::Kernel(kernel) => Start::Kernel(kernel),
         Boot::Snapshot { dir, consume } => Start::Snapshot {
-            snapshot: Box::new(load_snapshot(&kvm, dir, config)?),
+            snapshot: Box::new(persist::load_snapshot(&kvm, dir, config)?),
             consume: *consume,
         },
     };
-    let machine = match &start {
+    let saved = match &start {
         Start::Snapshot { snapshot, .. } => Some(&snapshot.machine),
         Start::Kernel(_) => None,
     };
@@ -214,9 +273,8 @@ pub fn run(
         &mut event_loop,
         &end,
         &report,
-        machine.map(|m| &m.serial),
+        saved.map(|m| &m.serial),
     )?;
-    let saved_disks = machine.map(|m| m.disks.as_slice());
     let mut slots = VirtioSlots::new(config)?;
     let disks = virtio_disks(
         &vm,
@@ -224,7 +282,7 @@ pub fn run(
         &mut event_loop,
         &mut slots,
         &config.disks,
-        saved_disks,
+        saved.map(|m| m.disks.as_slice()),
     )?;
     let vsock = virtio_vsock(
         &vm,
@@ -232,7 +290,7 @@ pub fn run(
         &mut event_loop,
         &mut slots,
         config.vsock.as_ref(),
-        machine.map(|m| m.vsock.as_ref()),
+        saved.map(|m| m.vsock.as_ref()),
     )?;
     let net = virtio_net(
         &vm,
@@ -240,16 +298,16 @@ pub fn run(
         &mut event_loop,
         &mut slots,
         config.net.as_ref(),
-        machine.and_then(|m| m.net.as_ref()),
+        saved.and_then(|m| m.net.as_ref()),
     )?;
     let (cmdline, vcpus) = match &start {
         Start::Kernel(kernel) => boot_vcpus(&kvm, &vm, &mem, kernel, config, &disks, &slots)?,
         Start::Snapshot { snapshot, consume } => restore_vcpus(&kvm, &vm, snapshot, *consume)?,
     };
-    let memory_mib = machine.map_or(config.memory_mib, |m| m.memory_mib);
+    let memory_mib = saved.map_or(config.memory_mib, |m| m.memory_mib);
 
-    // Raw mode before the guest prints; restored when this returns.
-    let _terminal = RawTerminal::enable_if_tty()?;
+    // Raw mode before the guest prints; restored when the machine goes.
+    let terminal = RawTerminal::enable_if_tty()?;
     let stop = Arc::new(AtomicBool::new(false));
     let context = VcpuContext {
         pio: Arc::new(legacy.pio),
@@ -262,38 +320,27 @@ pub fn run(
         .into_iter()
         .map(|vcpu| vcpu.spawn(context.clone()))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut machine = Machine {
+    Ok(Machine {
         mem,
         vm,
         vcpus: Vcpus::new(handles, stop),
-        serial: legacy.serial,
-        transports: disks.transports,
-        blocks: disks.blocks,
-        vsock,
-        net,
-        end: end.clone(),
+        devices: Devices {
+            serial: legacy.serial,
+            transports: disks.transports,
+            blocks: disks.blocks,
+            vsock,
+            net,
+        },
+        end,
         cmdline,
         memory_mib,
         paused: false,
-    };
-    // Every thread exists and every file is open: from here on, only the
-    // event loop's system calls.
-    let ran = if config.seccomp {
-        seccomp::install(ThreadKind::Vmm).map_err(VmmError::from)
-    } else {
-        Ok(())
-    }
-    .and_then(|()| serve(&mut event_loop, &mut machine, replier.as_ref()));
-    machine.vcpus.stop();
-    ran?;
-    let exit_status = match end.reason() {
-        VmEnd::Reset | VmEnd::Shutdown => report.exit_status().unwrap_or(0),
-        VmEnd::Stop => report.exit_status().unwrap_or(STOPPED_STATUS),
-        VmEnd::Error(reason) => return Err(VmmError::Guest(reason)),
-    };
-    Ok(VmOutcome {
-        exit_status,
-        boot_to_init: report.init_started().map(|at| at.duration_since(started)),
+        event_loop,
+        replier,
+        report,
+        started,
+        seccomp: config.seccomp,
+        _terminal: terminal,
     })
 }
 
@@ -316,56 +363,6 @@ fn open_kvm(config: &VmConfig) -> Result<Kvm, VmmError> {
         return Err(VmmError::NoDisk);
     }
     Ok(kvm)
-}
-
-/// The snapshot in `dir`, checked whole, of the shape `config` describes,
-/// and taken on a CPU like this host's.
-fn load_snapshot(kvm: &Kvm, dir: &Path, config: &VmConfig) -> Result<LoadedSnapshot, VmmError> {
-    let snapshot = snapshot::load(dir)?;
-    let machine = &snapshot.machine;
-    let shape = |what, saved: usize, given: usize| {
-        (saved != given).then(|| VmmError::SnapshotShape {
-            dir: dir.to_path_buf(),
-            what,
-            saved,
-            given,
-        })
-    };
-    let mismatch = shape("vCPUs", machine.vcpus.len(), config.vcpus.into())
-        .or_else(|| {
-            shape(
-                "MiB of memory",
-                machine.memory_mib as usize,
-                config.memory_mib as usize,
-            )
-        })
-        .or_else(|| shape("disks", machine.disks.len(), config.disks.len()))
-        .or_else(|| {
-            // A guest that had a vsock device needs one (on any CID: it
-            // re-reads it); one that had none gets none (see virtio_vsock).
-            let given = usize::from(config.vsock.is_some());
-            shape("vsock devices", usize::from(machine.vsock.is_some()), given)
-                .filter(|_| machine.vsock.is_some())
-        })
-        .or_else(|| {
-            // The guest's driver holds the NIC it had: it needs one again.
-            shape(
-                "network devices",
-                usize::from(machine.net.is_some()),
-                usize::from(config.net.is_some()),
-            )
-        });
-    if let Some(err) = mismatch {
-        return Err(err);
-    }
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|source| VmError::Kvm {
-            what: "KVM_GET_SUPPORTED_CPUID",
-            source,
-        })?;
-    snapshot::check_cpu(&dir.join(STATE_FILE), &machine.vcpus[0].cpuid, &supported)?;
-    Ok(snapshot)
 }
 
 /// Where a VM starts: [`Boot`], with the snapshot read and checked.
@@ -441,161 +438,6 @@ fn restore_vcpus(
         })?;
     }
     Ok((snapshot.machine.cmdline.clone(), vcpus))
-}
-
-/// Runs the event loop until the VM ends, carrying out control requests
-/// as they come.
-fn serve(
-    event_loop: &mut EventLoop,
-    machine: &mut Machine,
-    replier: Option<&ControlReplier>,
-) -> Result<(), VmmError> {
-    loop {
-        let request = match event_loop.run()? {
-            LoopEvent::End => return Ok(()),
-            LoopEvent::Control(request) => request,
-        };
-        let reply = machine.carry_out(request);
-        if let Some(replier) = replier
-            && let Err(err) = replier.send(&reply)
-        {
-            eprintln!("kiln: control: cannot answer: {err}");
-        }
-    }
-}
-
-/// A running VM's parts, as control requests need them.
-struct Machine {
-    mem: GuestMemoryMmap,
-    vm: Vm,
-    vcpus: Vcpus,
-    serial: Arc<Mutex<Serial>>,
-    transports: Vec<Arc<Mutex<MmioTransport>>>,
-    blocks: Vec<Arc<Mutex<Block>>>,
-    /// The vsock device's transport, after the disks'.
-    vsock: Option<Arc<Mutex<MmioTransport>>>,
-    /// The NIC, last.
-    net: Option<NetDevice>,
-    end: Arc<VmEndSignal>,
-    cmdline: String,
-    memory_mib: u32,
-    /// Whether the VMM process has paused the vCPUs.
-    paused: bool,
-}
-
-impl Machine {
-    fn carry_out(&mut self, request: ControlRequest) -> ControlReply {
-        let done = match request {
-            ControlRequest::Pause => self.set_paused(true).map(|()| None),
-            ControlRequest::Resume if !self.paused => Err("the VM is not paused".to_string()),
-            ControlRequest::Resume => self.set_paused(false).map(|()| None),
-            ControlRequest::Snapshot {
-                dir,
-                copy_root,
-                then,
-            } => self.snapshot(&dir, copy_root, then).map(Some),
-        };
-        match done {
-            Ok(snapshot) => ControlReply {
-                error: None,
-                snapshot,
-            },
-            Err(error) => ControlReply {
-                error: Some(error),
-                snapshot: None,
-            },
-        }
-    }
-
-    fn set_paused(&mut self, paused: bool) -> Result<(), String> {
-        let changed = if paused {
-            self.vcpus.pause()
-        } else {
-            self.vcpus.resume()
-        };
-        changed.map_err(|err| err.to_string())?;
-        self.paused = paused;
-        Ok(())
-    }
-
-    /// Pauses the VM (unless it is paused), writes a snapshot into `dir`,
-    /// and goes on or ends as `then` says.
-    fn snapshot(
-        &mut self,
-        dir: &Path,
-        copy_root: bool,
-        then: AfterSnapshot,
-    ) -> Result<SnapshotStats, String> {
-        let begun = Instant::now();
-        let was_paused = self.paused;
-        self.set_paused(true)?;
-        let paused_at = Instant::now();
-        let written = self.write_snapshot(dir, copy_root);
-        match then {
-            AfterSnapshot::Continue if !was_paused => self.set_paused(false)?,
-            AfterSnapshot::Continue => {}
-            // The VM stays paused and ends: the snapshot is where it goes on.
-            AfterSnapshot::Stop if written.is_ok() => self.end.signal(VmEnd::Stop),
-            AfterSnapshot::Stop => self.set_paused(was_paused)?,
-        }
-        let mut stats = written.map_err(|err| err.to_string())?;
-        stats.paused_us = paused_at.elapsed().as_micros() as u64;
-        stats.total_us = begun.elapsed().as_micros() as u64;
-        Ok(stats)
-    }
-
-    /// The snapshot's files, with the vCPUs parked: memory, the root
-    /// disk's writes if asked, then the state file, whose presence says
-    /// the rest is whole.
-    fn write_snapshot(&self, dir: &Path, copy_root: bool) -> Result<SnapshotStats, SnapshotError> {
-        let io_err = |path: PathBuf| move |source| SnapshotError::Io { path, source };
-        let vcpus = self.vcpus.save()?;
-        let vm = self.vm.save_state()?;
-        let serial = lock(&self.serial).save();
-        let disks = self.transports.iter().map(|t| lock(t).save()).collect();
-        let vsock = self.vsock.as_ref().map(|t| lock(t).save());
-        let net = self.net.as_ref().map(|nic| NetState {
-            mac: nic.mac,
-            transport: lock(&nic.transport).save(),
-        });
-        for block in &self.blocks {
-            lock(block).flush()?;
-        }
-        let memory_path = dir.join(MEMORY_FILE);
-        let memory_file = File::create(&memory_path).map_err(io_err(memory_path.clone()))?;
-        let memory = memory::save_sparse(&self.mem, &memory_file)?;
-        let root_bytes = match (copy_root, self.blocks.first()) {
-            (true, Some(root)) => {
-                let path = dir.join(ROOT_OVERLAY_FILE);
-                lock(root)
-                    .copy_writes_to(&path)
-                    .map_err(io_err(path.clone()))?
-            }
-            _ => 0,
-        };
-        let state = MachineState {
-            memory_mib: self.memory_mib,
-            cmdline: self.cmdline.clone(),
-            vm,
-            vcpus,
-            serial,
-            disks,
-            vsock,
-            net,
-        };
-        let state_path = dir.join(STATE_FILE);
-        snapshot::write_state(&state_path, &state)?;
-        let state_bytes = std::fs::metadata(&state_path)
-            .map_err(io_err(state_path.clone()))?
-            .len();
-        Ok(SnapshotStats {
-            memory_bytes: memory.total_bytes,
-            memory_written: memory.written_bytes,
-            state_bytes,
-            root_bytes,
-            ..SnapshotStats::default()
-        })
-    }
 }
 
 /// The legacy devices on the port I/O bus, and the console among them.
@@ -780,12 +622,6 @@ fn virtio_vsock(
     let transport = slots.attach(vm, transport)?;
     event_loop.add(vsock);
     Ok(Some(transport))
-}
-
-/// A VM's NIC: its transport, and the MAC its guest knows.
-struct NetDevice {
-    transport: Arc<Mutex<MmioTransport>>,
-    mac: [u8; 6],
 }
 
 /// The NIC, in the slot after the others: its tap created (and joined to

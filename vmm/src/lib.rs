@@ -11,6 +11,8 @@ pub mod event_loop;
 pub mod flock;
 pub mod host;
 pub mod loader;
+pub mod machine;
+pub mod persist;
 pub mod report;
 pub mod rpc;
 pub mod seccomp;

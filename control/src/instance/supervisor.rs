@@ -371,7 +371,7 @@ fn inheritable(fd: &OwnedFd) -> io::Result<i32> {
 /// Why the VM process ended, for the record.
 fn describe(status: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
-    let vmm_error = i32::from(kiln_vmm::builder::VMM_ERROR_STATUS);
+    let vmm_error = i32::from(kiln_vmm::machine::VMM_ERROR_STATUS);
     match (status.code(), status.signal()) {
         (Some(code), _) if code == vmm_error => {
             "the VMM failed (exit status 125; see the console log)".into()

@@ -1,0 +1,178 @@
+//! A built VM, running: [`Machine`] owns its memory, its KVM VM, its vCPU
+//! threads, its devices and its event loop, puts the VMM thread under its
+//! seccomp filter, and carries out the control channel's requests between
+//! events until the VM ends. [`crate::builder`] makes one; snapshots of it
+//! are [`crate::persist`]'s.
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::builder::VmmError;
+use crate::devices::init_port::InitReport;
+use crate::devices::serial::{RawTerminal, Serial};
+use crate::devices::virtio::GuestMemoryMmap;
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::event_loop::{EventLoop, LoopEvent, VmEnd, VmEndSignal};
+use crate::report::one_line;
+use crate::rpc::{ControlReplier, ControlReply, ControlRequest};
+use crate::seccomp::{self, ThreadKind};
+use crate::snapshot::SnapshotError;
+use crate::vstate::vcpu::{VcpuError, Vcpus};
+use crate::vstate::vm::Vm;
+
+/// `kiln run`'s exit status for a VMM error, as `docker run` uses 125:
+/// distinct from any status a guest's entrypoint reports.
+pub const VMM_ERROR_STATUS: u8 = 125;
+
+/// The exit status of a VM stopped from the host before the guest
+/// reported one: 128 + SIGTERM, as a shell reports a terminated process.
+pub const STOPPED_STATUS: u8 = 128 + 15;
+
+/// How a VM ended.
+#[derive(Debug)]
+pub struct VmOutcome {
+    /// The entrypoint's status as guest-init reported it; 0 when the guest
+    /// reset without a report.
+    pub exit_status: u8,
+    /// From `started` to guest-init's InitStarted report.
+    pub boot_to_init: Option<Duration>,
+}
+
+/// The devices of a machine, as a snapshot needs them: each in the
+/// order of its slot.
+pub(crate) struct Devices {
+    /// COM1, the console.
+    pub(crate) serial: Arc<Mutex<Serial>>,
+    /// The block devices' transports, /dev/vda first.
+    pub(crate) transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The block devices behind them, to flush and copy.
+    pub(crate) blocks: Vec<Arc<Mutex<Block>>>,
+    /// The vsock device's transport, after the disks'.
+    pub(crate) vsock: Option<Arc<Mutex<MmioTransport>>>,
+    /// The NIC, last.
+    pub(crate) net: Option<NetDevice>,
+}
+
+/// A VM's NIC: its transport, and the MAC its guest knows.
+pub(crate) struct NetDevice {
+    pub(crate) transport: Arc<Mutex<MmioTransport>>,
+    pub(crate) mac: [u8; 6],
+}
+
+/// A VM, built and ready to run.
+pub struct Machine {
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) vm: Vm,
+    pub(crate) vcpus: Vcpus,
+    pub(crate) devices: Devices,
+    pub(crate) end: Arc<VmEndSignal>,
+    /// The kernel command line the guest booted with.
+    pub(crate) cmdline: String,
+    pub(crate) memory_mib: u32,
+    /// Whether the control channel has paused the vCPUs.
+    pub(crate) paused: bool,
+    pub(crate) event_loop: EventLoop,
+    /// Where the control channel's answers go, if the VM has one.
+    pub(crate) replier: Option<ControlReplier>,
+    /// What guest-init has reported.
+    pub(crate) report: Arc<InitReport>,
+    /// The boot timer's zero.
+    pub(crate) started: Instant,
+    /// Whether the VMM thread goes under its seccomp filter.
+    pub(crate) seccomp: bool,
+    /// The terminal in raw mode while the VM runs, if stdin is one.
+    pub(crate) _terminal: Option<RawTerminal>,
+}
+
+/// Why a control request was not carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// `resume` of a VM that runs.
+    #[error("the VM is not paused")]
+    NotPaused,
+    /// The vCPU threads did not park or go on.
+    #[error(transparent)]
+    Vcpus(#[from] VcpuError),
+    /// The snapshot could not be written.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+}
+
+impl Machine {
+    /// Runs the VM to its end: every thread exists and every file is open,
+    /// so the VMM thread goes under its seccomp filter and from then on
+    /// makes only the event loop's system calls.
+    pub fn run(mut self) -> Result<VmOutcome, VmmError> {
+        let ran = if self.seccomp {
+            seccomp::install(ThreadKind::Vmm).map_err(VmmError::from)
+        } else {
+            Ok(())
+        }
+        .and_then(|()| self.serve());
+        self.vcpus.stop();
+        ran?;
+        let report = &self.report;
+        let exit_status = match self.end.reason() {
+            VmEnd::Reset | VmEnd::Shutdown => report.exit_status().unwrap_or(0),
+            VmEnd::Stop => report.exit_status().unwrap_or(STOPPED_STATUS),
+            VmEnd::Error(reason) => return Err(VmmError::Guest(reason)),
+        };
+        Ok(VmOutcome {
+            exit_status,
+            boot_to_init: report
+                .init_started()
+                .map(|at| at.duration_since(self.started)),
+        })
+    }
+
+    /// Runs the event loop until the VM ends, carrying out control
+    /// requests as they come.
+    fn serve(&mut self) -> Result<(), VmmError> {
+        loop {
+            let request = match self.event_loop.run()? {
+                LoopEvent::End => return Ok(()),
+                LoopEvent::Control(request) => request,
+            };
+            let reply = self.carry_out(request);
+            if let Some(replier) = &self.replier
+                && let Err(err) = replier.send(&reply)
+            {
+                eprintln!("kiln: control: cannot answer: {err}");
+            }
+        }
+    }
+
+    fn carry_out(&mut self, request: ControlRequest) -> ControlReply {
+        let done = match request {
+            ControlRequest::Pause => self.set_paused(true).map(|()| None),
+            ControlRequest::Resume if !self.paused => Err(RequestError::NotPaused),
+            ControlRequest::Resume => self.set_paused(false).map(|()| None),
+            ControlRequest::Snapshot {
+                dir,
+                copy_root,
+                then,
+            } => self.snapshot(&dir, copy_root, then).map(Some),
+        };
+        match done {
+            Ok(snapshot) => ControlReply {
+                error: None,
+                snapshot,
+            },
+            Err(err) => ControlReply {
+                error: Some(one_line(&err)),
+                snapshot: None,
+            },
+        }
+    }
+
+    /// Parks the vCPUs outside the guest, or lets them go on.
+    pub(crate) fn set_paused(&mut self, paused: bool) -> Result<(), RequestError> {
+        if paused {
+            self.vcpus.pause()?;
+        } else {
+            self.vcpus.resume()?;
+        }
+        self.paused = paused;
+        Ok(())
+    }
+}
