@@ -263,6 +263,22 @@ fn drop_net_bind_service() {
 }
 
 #[test]
+fn a_rate_limit_lets_one_line_a_second_through_and_counts_the_rest() {
+    let start = Instant::now();
+    let at = |ms| start + Duration::from_millis(ms);
+    let mut limit = RateLimit::new(Duration::from_secs(1));
+    assert_eq!(limit.admit(at(0)), Some(0));
+    assert_eq!(limit.admit(at(1)), None);
+    assert_eq!(limit.admit(at(999)), None);
+    // A second after the last line let through, with the two held back.
+    assert_eq!(limit.admit(at(1000)), Some(2));
+    assert_eq!(limit.admit(at(1999)), None);
+    // After a quiet spell, the one held back is still counted.
+    assert_eq!(limit.admit(at(60_000)), Some(1));
+    assert_eq!(limit.admit(at(60_001)), None);
+}
+
+#[test]
 fn eight_mib_go_through_both_ways_byte_for_byte() {
     let (_proxy, host) = publish(guest_service(echo));
     let sent = pattern(8 << 20, 1);
