@@ -11,10 +11,13 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use kiln_vmm::report::one_line;
 use serde::{Deserialize, Serialize};
 
 /// Headers plus body a request may have: the API's bodies are tiny.
 const MAX_REQUEST: usize = 16 * 1024;
+/// Headers a request or an answer may have: the CLI and `curl` send a
+/// handful; more is a client that is not speaking this API.
 const MAX_HEADERS: usize = 32;
 /// How long either side waits for the other before giving up.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -31,15 +34,20 @@ const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 /// A parsed request.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Request {
+    /// The HTTP method as sent (`GET`, `PUT`, ...), which routes match on.
     pub method: String,
+    /// The request target as sent, query included (`/actions`).
     pub path: String,
+    /// The body, exactly `Content-Length` bytes (empty without one).
     pub body: Vec<u8>,
 }
 
 /// A response: a status and a JSON body (or none).
 #[derive(Debug, PartialEq)]
 pub struct Response {
+    /// The HTTP status code.
     pub status: u16,
+    /// The JSON body; `None` sends no body (a 204).
     pub body: Option<serde_json::Value>,
 }
 
@@ -47,10 +55,13 @@ pub struct Response {
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ActionBody {
+    /// What to do: `stop`, `reboot`, `pause`, `resume` or `hibernate`
+    /// (`docs/api.md`).
     pub action: String,
 }
 
 impl Response {
+    /// A `status` answer with `body` serialized as its JSON body.
     pub fn json(status: u16, body: impl Serialize) -> Self {
         Response {
             status,
@@ -58,6 +69,8 @@ impl Response {
         }
     }
 
+    /// A 204 answer: the request was carried out and there is nothing
+    /// to say.
     pub fn no_content() -> Self {
         Response {
             status: 204,
@@ -86,17 +99,36 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-/// Why a request could not even be parsed: answered with this status.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Malformed {
-    pub status: u16,
-    pub message: String,
+/// Why a request could not even be parsed; it is answered with
+/// [`Malformed::status`] and the error's line.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Malformed {
+    /// The request line or a header is not HTTP/1.1.
+    #[error("malformed request")]
+    Syntax(#[source] httparse::Error),
+    /// The `Content-Length` header is not a decimal number.
+    #[error("Content-Length is not a number")]
+    ContentLength,
+    /// The body announced would take the request past [`MAX_REQUEST`].
+    #[error(
+        "Content-Length {content_length}: expected at most {} bytes after a {head_len}-byte head (requests are limited to {MAX_REQUEST} bytes)",
+        MAX_REQUEST.saturating_sub(*head_len)
+    )]
+    TooLarge {
+        /// The length the header announced.
+        content_length: usize,
+        /// The length of the request line and headers.
+        head_len: usize,
+    },
 }
 
-fn malformed(status: u16, message: impl Into<String>) -> Malformed {
-    Malformed {
-        status,
-        message: message.into(),
+impl Malformed {
+    /// The HTTP status the request is answered with.
+    pub fn status(&self) -> u16 {
+        match self {
+            Malformed::Syntax(_) | Malformed::ContentLength => 400,
+            Malformed::TooLarge { .. } => 413,
+        }
     }
 }
 
@@ -107,7 +139,7 @@ pub fn parse_request(bytes: &[u8]) -> Result<Option<Request>, Malformed> {
     let head_len = match parsed.parse(bytes) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(err) => return Err(malformed(400, format!("malformed request: {err}"))),
+        Err(err) => return Err(Malformed::Syntax(err)),
     };
     let content_length = match parsed
         .headers
@@ -118,7 +150,7 @@ pub fn parse_request(bytes: &[u8]) -> Result<Option<Request>, Malformed> {
         Some(h) => std::str::from_utf8(h.value)
             .ok()
             .and_then(|v| v.trim().parse::<usize>().ok())
-            .ok_or_else(|| malformed(400, "Content-Length is not a number"))?,
+            .ok_or(Malformed::ContentLength)?,
     };
     // Checked: a Content-Length near usize::MAX would wrap the sum to a
     // small number and the slice below would panic.
@@ -126,13 +158,10 @@ pub fn parse_request(bytes: &[u8]) -> Result<Option<Request>, Malformed> {
         .checked_add(content_length)
         .filter(|&total| total <= MAX_REQUEST)
     else {
-        return Err(malformed(
-            413,
-            format!(
-                "Content-Length {content_length}: expected at most {} bytes after a {head_len}-byte head (requests are limited to {MAX_REQUEST} bytes)",
-                MAX_REQUEST.saturating_sub(head_len)
-            ),
-        ));
+        return Err(Malformed::TooLarge {
+            content_length,
+            head_len,
+        });
     };
     let Some(body) = bytes.get(head_len..total) else {
         return Ok(None);
@@ -145,9 +174,12 @@ pub fn parse_request(bytes: &[u8]) -> Result<Option<Request>, Malformed> {
 }
 
 /// A connection a request arrives on: the instance API's unix socket, or
-/// a function URL's TCP socket.
+/// a function URL's TCP socket. Beyond reading and writing, [`serve_one`]
+/// sets its timeouts, which bound how long a client can hold the server.
 pub trait Connection: Read + Write {
+    /// How long a read may wait; `None` waits for ever.
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+    /// How long a write may wait; `None` waits for ever.
     fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
 }
 
@@ -192,7 +224,7 @@ fn serve_one_within(
     let response = loop {
         match parse_request(&bytes) {
             Ok(Some(request)) => break handle(request),
-            Err(Malformed { status, message }) => break Response::error(status, message),
+            Err(malformed) => break Response::error(malformed.status(), one_line(&malformed)),
             Ok(None) if bytes.len() > MAX_REQUEST => {
                 break Response::error(413, format!("requests are limited to {MAX_REQUEST} bytes"));
             }
@@ -255,10 +287,25 @@ fn encode_response(response: &Response) -> Vec<u8> {
 /// Errors of the client side.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach the instance's VMM at {path}: {source}")]
-    Connect { path: String, source: io::Error },
-    #[error("the VMM's answer is unreadable: {0}")]
-    Answer(String),
+    /// The socket could not be connected to, written or read: no VMM
+    /// serves it (the instance is not running), or it stopped answering.
+    #[error("cannot reach the instance's VMM at {path}")]
+    Connect {
+        /// The API socket.
+        path: String,
+        /// What the socket call said.
+        #[source]
+        source: io::Error,
+    },
+    /// The connection ended before a whole answer's head had come.
+    #[error("the VMM's answer is cut short")]
+    CutShort,
+    /// The answer is not an HTTP/1.1 response.
+    #[error("the VMM's answer is not HTTP")]
+    NotHttp(#[source] httparse::Error),
+    /// The answer's body is not JSON.
+    #[error("the VMM's answer's body is not JSON")]
+    NotJson(#[source] serde_json::Error),
 }
 
 /// Sends one request to the API at `socket`; returns the status and body.
@@ -303,15 +350,15 @@ fn parse_response(bytes: &[u8]) -> Result<Response, ClientError> {
     let mut parsed = httparse::Response::new(&mut headers);
     let head_len = match parsed.parse(bytes) {
         Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Err(ClientError::Answer("cut short".into())),
-        Err(err) => return Err(ClientError::Answer(err.to_string())),
+        Ok(httparse::Status::Partial) => return Err(ClientError::CutShort),
+        Err(err) => return Err(ClientError::NotHttp(err)),
     };
     let status = parsed.code.unwrap_or(0);
     let body = &bytes[head_len..];
     let body = if body.is_empty() {
         None
     } else {
-        Some(serde_json::from_slice(body).map_err(|err| ClientError::Answer(err.to_string()))?)
+        Some(serde_json::from_slice(body).map_err(ClientError::NotJson)?)
     };
     Ok(Response { status, body })
 }
@@ -334,25 +381,22 @@ mod tests {
         assert_eq!(
             parse_request(b"\x00\x01 nonsense\r\n\r\n")
                 .unwrap_err()
-                .status,
+                .status(),
             400
         );
         let huge = format!("PUT / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", MAX_REQUEST);
-        assert_eq!(parse_request(huge.as_bytes()).unwrap_err().status, 413);
+        assert_eq!(parse_request(huge.as_bytes()).unwrap_err().status(), 413);
         let bad = b"GET / HTTP/1.1\r\nContent-Length: lots\r\n\r\n";
-        assert_eq!(parse_request(bad).unwrap_err().status, 400);
+        assert_eq!(parse_request(bad).unwrap_err().status(), 400);
     }
 
     #[test]
     fn a_content_length_that_would_wrap_is_refused_not_a_panic() {
         let wrapping = format!("PUT / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", usize::MAX);
         let refused = parse_request(wrapping.as_bytes()).unwrap_err();
-        assert_eq!(refused.status, 413);
-        assert!(
-            refused.message.contains(&usize::MAX.to_string()),
-            "{}",
-            refused.message
-        );
+        assert_eq!(refused.status(), 413);
+        let message = one_line(&refused);
+        assert!(message.contains(&usize::MAX.to_string()), "{message}");
         // One byte over is refused too (`head` is as long as its head: the
         // length has five digits either way).
         let head = "PUT / HTTP/1.1\r\nContent-Length: 99999\r\n\r\n";
@@ -360,7 +404,7 @@ mod tests {
             "PUT / HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
             MAX_REQUEST - head.len() + 1
         );
-        assert_eq!(parse_request(over.as_bytes()).unwrap_err().status, 413);
+        assert_eq!(parse_request(over.as_bytes()).unwrap_err().status(), 413);
     }
 
     #[test]

@@ -17,30 +17,60 @@ use kiln_vmm::volume::{Volume, VolumeError};
 /// Why an instance cannot be committed, or its volume flattened.
 #[derive(Debug, thiserror::Error)]
 pub enum CommitError {
+    /// The instance's record or locks could not be had.
     #[error(transparent)]
     Instance(#[from] InstanceError),
+    /// The instance's image is not in the store, or the store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The root volume could not be opened or read whole.
     #[error(transparent)]
     Volume(#[from] VolumeError),
+    /// The new image's reference is taken or malformed, or publishing it
+    /// failed.
     #[error(transparent)]
     Build(#[from] BuildError),
+    /// A VM may still be writing the volume.
     #[error(
         "cannot commit instance {instance}: it is {state}; stop it first (its filesystem is consistent on disk only once its VM has ended)"
     )]
-    NotStopped { instance: String, state: State },
+    NotStopped {
+        /// The instance, as "name (id)" or its id.
+        instance: String,
+        /// Its state, one with a VM.
+        state: State,
+    },
+    /// The instance has no root volume any more.
     #[error("cannot commit instance {instance}: it is terminated; its root volume is deleted")]
-    Terminated { instance: String },
+    Terminated {
+        /// The instance, as "name (id)" or its id.
+        instance: String,
+    },
+    /// The record says stopped, but the VMM still holds the volume.
     #[error(
         "cannot commit instance {instance}: it is stopped, but its VMM process is still exiting; try again in a moment"
     )]
-    VmmAlive { instance: String },
+    VmmAlive {
+        /// The instance, as "name (id)" or its id.
+        instance: String,
+    },
+    /// Part of the guest's filesystem is still in its saved memory.
     #[error(
         "cannot commit instance {instance}: it is hibernated, and what its guest had not written back yet is in its saved memory, not on its disk; start it and stop it first"
     )]
-    Hibernated { instance: String },
-    #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: io::Error },
+    Hibernated {
+        /// The instance, as "name (id)" or its id.
+        instance: String,
+    },
+    /// The flattened volume could not be written.
+    #[error("cannot write {path}")]
+    Write {
+        /// The file being written.
+        path: PathBuf,
+        /// What the write, flush or rename said.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// An instance's root volume: its image with its overlay (without one, as

@@ -30,6 +30,7 @@ use crate::api::{self, Request, Response};
 use crate::instance::lifecycle::{self, LifecycleError};
 use crate::instance::{Instance, InstanceError, Network, Registry, Spec};
 use kiln_vmm::durable;
+use kiln_vmm::report::one_line;
 
 const CONFIG_FILE: &str = "function.json";
 const TEMPLATE_DIR: &str = "template";
@@ -55,13 +56,17 @@ const MAX_LINE: u64 = 16 << 20;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FunctionConfig {
+    /// What `kiln fn invoke` calls it by, and its directory's name: 1 to
+    /// 64 letters, digits, '-' or '_'.
     pub name: String,
     /// NAME:VERSION of the image.
     pub image: String,
     /// The handler's command line (program and arguments, split on spaces).
     pub handler: String,
+    /// The memory of the template VM, and so of every clone of it.
     pub memory_mib: u32,
-    /// Each invocation's limit.
+    /// Each invocation's limit, in seconds: guest-init kills a handler
+    /// that runs longer and answers that it timed out.
     pub timeout_s: u64,
     /// KEY=VALUE pairs for the handler's environment.
     pub env: Vec<String>,
@@ -72,40 +77,96 @@ pub struct FunctionConfig {
 /// What can go wrong with functions.
 #[derive(Debug, thiserror::Error)]
 pub enum FunctionError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    /// A file or directory of the functions could not be read or written.
+    #[error("{path}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What the call on it said.
+        #[source]
+        source: io::Error,
+    },
+    /// The name could not be a directory's, or is too long to list.
     #[error("function name {0:?}: expected 1 to 64 letters, digits, '-' or '_'")]
     BadName(String),
+    /// An environment pair the kernel command line cannot carry.
     #[error("--env {0:?}: expected KEY=VALUE with no spaces")]
     BadEnv(String),
+    /// A handler the kernel command line cannot carry.
     #[error("--handler {0:?}: expected a program (and arguments) without quotes")]
     BadHandler(String),
+    /// `kiln fn create` of a name that is taken.
     #[error("a function named {0:?} exists already (`kiln fn rm` it first)")]
     Exists(String),
+    /// No function has that name.
     #[error("no function named {0:?} (`kiln fn ls` lists them)")]
     NotFound(String),
-    #[error("{path}: not a function configuration: {reason}")]
-    Config { path: PathBuf, reason: String },
+    /// `function.json` is not JSON of a [`FunctionConfig`].
+    #[error("{path}: not a function configuration")]
+    Config {
+        /// The configuration file.
+        path: PathBuf,
+        /// Why it does not parse.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The template VM's guest-init never answered a ping: the image may
+    /// not have guest-init, or its guest did not boot.
     #[error(
-        "function {name}: its VM did not answer on vsock port {FUNCTION_PORT} within {waited:?}: {last}"
+        "function {name}: its VM did not answer on vsock port {FUNCTION_PORT} within {waited:?}"
     )]
     NotReady {
+        /// The function being created.
         name: String,
+        /// How long its VM was given.
         waited: Duration,
-        last: String,
+        /// Why the last ping failed.
+        #[source]
+        last: io::Error,
     },
-    #[error("instance {id}: talking to its function: {source}")]
-    Invoke { id: String, source: io::Error },
-    #[error("instance {id}: guest-init answered nonsense: {reason}")]
-    Answer { id: String, reason: String },
-    #[error("--listen {listen}: expected HOST:PORT: {source}")]
-    Listen { listen: String, source: io::Error },
+    /// The invocation could not be sent, or its outcome not read.
+    #[error("instance {id}: talking to its function")]
+    Invoke {
+        /// The clone that ran it.
+        id: String,
+        /// What the vsock stream said.
+        #[source]
+        source: io::Error,
+    },
+    /// The outcome guest-init sent is not JSON of an [`Outcome`].
+    #[error("instance {id}: guest-init answered nonsense")]
+    Answer {
+        /// The clone that ran it.
+        id: String,
+        /// Why the outcome does not parse.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// `kiln fn serve --listen` was not given an address that resolves.
+    #[error("--listen {listen}: expected HOST:PORT")]
+    Listen {
+        /// The address as given.
+        listen: String,
+        /// Why it does not resolve.
+        #[source]
+        source: io::Error,
+    },
+    /// A function URL would be served beyond this host without
+    /// `--allow-remote`.
     #[error(
         "--listen {listen}: {address} is not a loopback address, and a function URL has no authentication: anyone on that network could invoke it (pass --allow-remote to serve it there anyway)"
     )]
-    Remote { listen: String, address: SocketAddr },
+    Remote {
+        /// The address as given.
+        listen: String,
+        /// The first address it resolves to that is not loopback.
+        address: SocketAddr,
+    },
+    /// The template VM or a clone could not be launched, restored,
+    /// snapshot or terminated.
     #[error(transparent)]
     Lifecycle(#[from] LifecycleError),
+    /// A clone's record could not be had or forgotten.
     #[error(transparent)]
     Instance(#[from] InstanceError),
 }
@@ -128,6 +189,7 @@ pub struct Functions {
 /// One invocation's result and what it cost.
 #[derive(Clone, Debug)]
 pub struct Invoked {
+    /// What guest-init reported of the handler's run.
     pub outcome: Outcome,
     /// From asking for the clone to the outcome's arrival.
     pub latency: Duration,
@@ -165,6 +227,8 @@ impl FunctionConfig {
 }
 
 impl Functions {
+    /// The functions of `home` (`$KILN_HOME`), whose instances' VMM
+    /// processes run the `kiln` binary at `kiln`.
     pub fn new(home: &Path, kiln: &Path) -> Self {
         Functions {
             root: home.join("functions"),
@@ -238,10 +302,7 @@ impl Functions {
             }
             Err(err) => return Err(io_err(&path)(err)),
         };
-        serde_json::from_slice(&bytes).map_err(|err| FunctionError::Config {
-            path,
-            reason: err.to_string(),
-        })
+        serde_json::from_slice(&bytes).map_err(|source| FunctionError::Config { path, source })
     }
 
     /// Every function, by name.
@@ -330,14 +391,14 @@ impl Functions {
             let (stream, _) = match listener.accept() {
                 Ok(accepted) => accepted,
                 Err(err) => {
-                    eprintln!("kiln: fn serve: {err}");
+                    log::warn!("fn serve: cannot accept a connection: {}", one_line(&err));
                     continue;
                 }
             };
             served += 1;
             let answered = api::serve_one(stream, |request| self.answer(name, request));
             if let Err(err) = answered {
-                eprintln!("kiln: fn serve: {err}");
+                log::warn!("fn serve: cannot answer a request: {}", one_line(&err));
             }
         }
         Ok(())
@@ -363,7 +424,7 @@ impl Functions {
                     "stderr": outcome.stderr,
                 }),
             ),
-            Err(err) => Response::error(500, err.to_string()),
+            Err(err) => Response::error(500, one_line(&err)),
         }
     }
 }
@@ -410,7 +471,7 @@ fn wait_ready(instance: &Instance, name: &str) -> Result<(), FunctionError> {
                 return Err(FunctionError::NotReady {
                     name: name.to_string(),
                     waited: READY_TIMEOUT,
-                    last: err.to_string(),
+                    last: err,
                 });
             }
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
@@ -453,9 +514,9 @@ fn call(
         .map_err(invoke_err)?;
     write_line(&mut stream, &invocation).map_err(invoke_err)?;
     let answer = read_line(&mut stream).map_err(invoke_err)?;
-    serde_json::from_str(&answer).map_err(|err| FunctionError::Answer {
+    serde_json::from_str(&answer).map_err(|source| FunctionError::Answer {
         id: id.clone(),
-        reason: err.to_string(),
+        source,
     })
 }
 

@@ -4,7 +4,7 @@
 //! that follow are the guest's.
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// How often a refused or not-yet-there connection is tried again.
@@ -22,9 +22,26 @@ const FIRST_ANSWER_TIMEOUT: Duration = Duration::from_millis(50);
 /// The longest one attempt waits for the answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Why [`connect`] gave up: the last attempt's error, as the cause of one
+/// that names the port and the socket. [`connect`] returns it inside an
+/// `io::Error` of the last attempt's kind, whose `source` is that attempt's
+/// error.
+#[derive(Debug, thiserror::Error)]
+#[error("vsock port {port} through {}", socket.display())]
+pub struct ConnectError {
+    /// The guest port.
+    pub port: u32,
+    /// The VMM's vsock socket.
+    pub socket: PathBuf,
+    /// Why the last attempt failed.
+    #[source]
+    pub source: io::Error,
+}
+
 /// A stream to guest `port` through the VMM socket at `socket`, retried
 /// until `timeout`: the socket appears as the VM starts, and the guest's
-/// listener a little later.
+/// listener a little later. The error, once `timeout` has passed, is a
+/// [`ConnectError`] (print it with `kiln_vmm::report::one_line`).
 pub fn connect(socket: &Path, port: u32, timeout: Duration) -> io::Result<UnixStream> {
     let started = Instant::now();
     let mut answer_timeout = FIRST_ANSWER_TIMEOUT;
@@ -32,10 +49,13 @@ pub fn connect(socket: &Path, port: u32, timeout: Duration) -> io::Result<UnixSt
         match connect_once(socket, port, answer_timeout) {
             Ok(stream) => return Ok(stream),
             Err(err) if started.elapsed() >= timeout => {
-                return Err(io::Error::new(
-                    err.kind(),
-                    format!("vsock port {port} through {}: {err}", socket.display()),
-                ));
+                let kind = err.kind();
+                let given_up = ConnectError {
+                    port,
+                    socket: socket.to_path_buf(),
+                    source: err,
+                };
+                return Err(io::Error::new(kind, given_up));
             }
             Err(err) if unanswered(&err) => {
                 answer_timeout = (answer_timeout * 2).min(ANSWER_TIMEOUT);
@@ -172,6 +192,11 @@ mod tests {
             Duration::from_millis(20),
         )
         .unwrap_err();
-        assert!(err.to_string().contains("/nonexistent/vsock.sock"), "{err}");
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        let line = kiln_vmm::report::one_line(&err);
+        assert!(
+            line.starts_with("vsock port 52 through /nonexistent/vsock.sock: "),
+            "{line}"
+        );
     }
 }

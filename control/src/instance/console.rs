@@ -15,6 +15,8 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use kiln_vmm::report::one_line;
+
 /// The size at which `console.log` is rotated. A boot with `quiet` logs a
 /// few KiB, so this holds thousands of boots or hours of a chatty guest,
 /// `kiln logs` prints it in a moment, and the two files an instance keeps
@@ -24,22 +26,33 @@ pub const CONSOLE_LOG_LIMIT: NonZeroU64 = NonZeroU64::new(8 << 20).unwrap();
 /// Why the console log could not be kept.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsoleLogError {
+    /// The log could not be opened (or created) for appending.
     #[error("cannot open the console log {path}")]
     Open {
+        /// The log, `console.log`.
         path: PathBuf,
+        /// What the open said.
         #[source]
         source: io::Error,
     },
+    /// The full log could not be renamed, or a fresh one made in its
+    /// place, or the carried descriptor pointed at it.
     #[error("cannot rotate the console log {path} to {rotated}")]
     Rotate {
+        /// The log, `console.log`.
         path: PathBuf,
+        /// What it was being renamed to, `console.log.1`.
         rotated: PathBuf,
+        /// What the failing call said.
         #[source]
         source: io::Error,
     },
+    /// Console output could not be appended (a full disk, most likely).
     #[error("cannot write the console log {path}")]
     Write {
+        /// The log, `console.log`.
         path: PathBuf,
+        /// What the write said.
         #[source]
         source: io::Error,
     },
@@ -150,9 +163,9 @@ fn open_append(path: &Path) -> io::Result<(File, u64)> {
 }
 
 /// Copies `console` (the VM process's output, a pipe) into `log` until it
-/// ends. If the log cannot be written (a full disk), that is said once on
-/// stderr and the rest is read and dropped: the guest's console must
-/// never stall on its log.
+/// ends. If the log cannot be written (a full disk), that is logged once
+/// and the rest is read and dropped: the guest's console must never stall
+/// on its log.
 pub fn copy_into(mut console: impl Read, log: &mut RotatingLog) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut failed = false;
@@ -162,7 +175,7 @@ pub fn copy_into(mut console: impl Read, log: &mut RotatingLog) {
             Ok(n) => n,
             Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
             Err(err) => {
-                eprintln!("kiln: cannot read the VM's console: {err}");
+                log::error!("cannot read the VM's console: {}", one_line(&err));
                 return;
             }
         };
@@ -170,7 +183,7 @@ pub fn copy_into(mut console: impl Read, log: &mut RotatingLog) {
             continue;
         }
         if let Err(err) = log.write_all(&buf[..n]) {
-            eprintln!("kiln: console output is dropped from now on: {err}");
+            log::error!("console output is dropped from now on: {}", one_line(&err));
             failed = true;
         }
     }

@@ -76,22 +76,51 @@ const ID_BYTES: usize = 8;
 /// What can go wrong with the registry.
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
-    #[error("{path}: not an instance record: {reason}")]
-    Record { path: PathBuf, reason: String },
+    /// A file of the registry could not be read, written or locked.
+    #[error("{path}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What the call on it said.
+        #[source]
+        source: io::Error,
+    },
+    /// `instance.json` is not JSON of a [`Record`].
+    #[error("{path}: not an instance record")]
+    Record {
+        /// The record file.
+        path: PathBuf,
+        /// Why it does not parse.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A name that could be mistaken for an id or a path, or is too long
+    /// to list.
     #[error(
         "instance name {0:?}: expected 1 to {NAME_MAX} letters, digits, '-', '_' or '.', not starting with 'i-' or '.'"
     )]
     BadName(String),
+    /// No instance has that id, and no live one that name.
     #[error("no instance {0:?} (`kiln ps -a` lists them)")]
     NotFound(String),
+    /// A live instance has the name already.
     #[error("the name {name:?} is taken by instance {id}")]
-    NameTaken { name: String, id: String },
+    NameTaken {
+        /// The name asked for.
+        name: String,
+        /// The instance that has it.
+        id: String,
+    },
+    /// Another verb holds the instance's verb lock.
     #[error("instance {id}: another kiln command is working on it; try again when it is done")]
-    Busy { id: String },
+    Busy {
+        /// The instance.
+        id: String,
+    },
+    /// The instance's state does not allow the verb.
     #[error(transparent)]
     Refused(#[from] Refused),
+    /// No address on the bridge could be had for a new instance.
     #[error(transparent)]
     Address(#[from] AddressError),
 }
@@ -99,12 +128,16 @@ pub enum InstanceError {
 /// What an instance is made of, as it was launched.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Spec {
+    /// What commands may call it instead of its id, unique among the
+    /// instances that are not terminated.
     pub name: Option<String>,
     /// The image, as NAME:VERSION.
     pub image: String,
     /// A catalog type's name, or "custom" for explicit sizes.
     pub instance_type: String,
+    /// The VM's vCPUs, at every boot.
     pub vcpus: u8,
+    /// The VM's memory, at every boot.
     pub memory_mib: u32,
     /// Words appended to the kernel command line.
     pub cmdline: String,
@@ -138,9 +171,12 @@ pub enum Network {
 /// An instance: what it is and where it is in its life.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
+    /// `i-` and 16 hex digits: unique for ever, and the directory's name.
     pub id: String,
+    /// How it was launched.
     #[serde(flatten)]
     pub spec: Spec,
+    /// Where it is in its life.
     pub state: State,
     /// Why it reached its state, when that is news (an exit status, a crash).
     pub reason: Option<String>,
@@ -152,6 +188,7 @@ pub struct Record {
     pub boots: u32,
     /// The VMM process, while one lives.
     pub vmm_pid: Option<u32>,
+    /// Its vCPUs are paused (`kiln pause`); only while it runs.
     pub paused: bool,
     /// Its address on the bridge, from launch until terminated.
     #[serde(default)]
@@ -173,6 +210,8 @@ impl Record {
 #[derive(Clone, Debug)]
 pub struct Instance {
     dir: PathBuf,
+    /// The record as last read or written by this process: another
+    /// process may have changed it since ([`Registry::reread`]).
     pub record: Record,
 }
 
@@ -215,6 +254,8 @@ fn new_id() -> Result<String, InstanceError> {
     ))
 }
 
+/// The wall clock in milliseconds since the epoch, as records keep time
+/// (0 if the clock is before the epoch).
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -436,9 +477,9 @@ impl Registry {
             Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(err) => return Err(io_err(&path)(err)),
         };
-        let record = serde_json::from_slice(&bytes).map_err(|err| InstanceError::Record {
+        let record = serde_json::from_slice(&bytes).map_err(|source| InstanceError::Record {
             path: path.clone(),
-            reason: err.to_string(),
+            source,
         })?;
         let mut instance = Instance {
             dir: dir.to_path_buf(),
@@ -454,10 +495,13 @@ impl Instance {
         self.dir.join(file)
     }
 
+    /// The instance's directory, `$KILN_HOME/instances/<id>/`.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
+    /// The root volume's copy-on-write layer over the image; absent
+    /// before the first boot and once terminated.
     pub fn root_overlay(&self) -> PathBuf {
         self.path(ROOT_OVERLAY_FILE)
     }
@@ -478,10 +522,14 @@ impl Instance {
             .filter(|dir| dir.join(kiln_vmm::snapshot::STATE_FILE).exists())
     }
 
+    /// The user-data it was launched with, if any: guest-init reads it
+    /// from a disk of its own at every boot.
     pub fn user_data(&self) -> Option<PathBuf> {
         Some(self.path(USER_DATA_FILE)).filter(|p| p.exists())
     }
 
+    /// The serial console of a detached instance, and its VMM's own
+    /// messages (see [`console`]).
     pub fn console_log(&self) -> PathBuf {
         self.path(CONSOLE_FILE)
     }
@@ -491,6 +539,7 @@ impl Instance {
         self.path(CONSOLE_ROTATED)
     }
 
+    /// The VMM's control API socket ([`crate::api`]), while it runs.
     pub fn api_socket(&self) -> PathBuf {
         self.path(API_SOCKET)
     }
@@ -555,9 +604,9 @@ impl Instance {
         let _lock = FileLock::take(&self.path(RECORD_LOCK))?;
         let path = self.path(RECORD_FILE);
         let bytes = fs::read(&path).map_err(io_err(&path))?;
-        self.record = serde_json::from_slice(&bytes).map_err(|err| InstanceError::Record {
+        self.record = serde_json::from_slice(&bytes).map_err(|source| InstanceError::Record {
             path: path.clone(),
-            reason: err.to_string(),
+            source,
         })?;
         let result = change(&mut self.record)?;
         self.write()?;

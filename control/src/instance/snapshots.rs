@@ -24,14 +24,32 @@ pub const USER_DATA_FILE: &str = "user-data";
 /// What can go wrong with an instance's snapshot files.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotsError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    /// A file of the snapshot could not be read, written or renamed.
+    #[error("{path}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What the call on it said.
+        #[source]
+        source: io::Error,
+    },
+    /// The snapshot's directory is there already: snapshots never
+    /// overwrite one another.
     #[error("{0}: already exists; a snapshot goes into a new directory")]
     Exists(PathBuf),
-    #[error("{path}: not an instance snapshot: {reason}")]
-    Spec { path: PathBuf, reason: String },
+    /// The snapshot's `instance.json` is not JSON of a [`Spec`].
+    #[error("{path}: not an instance snapshot")]
+    Spec {
+        /// The spec file.
+        path: PathBuf,
+        /// Why it does not parse.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The VM's part of the snapshot is damaged or missing.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    /// The instance's own files could not be had.
     #[error(transparent)]
     Instance(#[from] InstanceError),
 }
@@ -95,9 +113,9 @@ pub fn read(dir: &Path, name: Option<String>) -> Result<(Spec, Option<Vec<u8>>),
     snapshot::load(dir)?;
     let spec_path = dir.join(SPEC_FILE);
     let bytes = fs::read(&spec_path).map_err(io_err(&spec_path))?;
-    let mut spec: Spec = serde_json::from_slice(&bytes).map_err(|err| SnapshotsError::Spec {
+    let mut spec: Spec = serde_json::from_slice(&bytes).map_err(|source| SnapshotsError::Spec {
         path: spec_path.clone(),
-        reason: err.to_string(),
+        source,
     })?;
     spec.name = name;
     let data_path = dir.join(USER_DATA_FILE);

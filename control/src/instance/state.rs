@@ -25,11 +25,17 @@ pub enum State {
 /// What a user asks of an instance.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verb {
+    /// Boot a stopped instance again (`kiln start`).
     Start,
+    /// End the VM, keeping the root volume (`kiln stop`).
     Stop,
+    /// A fresh VM on the same root volume (`kiln reboot`).
     Reboot,
+    /// Freeze the vCPUs (`kiln pause`).
     Pause,
+    /// Let paused vCPUs go on (`kiln resume`).
     Resume,
+    /// End the VM if any and delete the volumes (`kiln terminate`).
     Terminate,
     /// Stop, saving RAM first (`kiln stop --hibernate`).
     Hibernate,
@@ -38,6 +44,7 @@ pub enum Verb {
 }
 
 impl State {
+    /// Every state, in the order of an instance's life.
     pub const ALL: [State; 5] = [
         State::Pending,
         State::Running,
@@ -53,6 +60,7 @@ impl State {
 }
 
 impl Verb {
+    /// Every verb, for tests that go through the whole table.
     pub const ALL: [Verb; 8] = [
         Verb::Start,
         Verb::Stop,
@@ -98,8 +106,11 @@ impl fmt::Display for Verb {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("cannot {verb} an instance that is {state}: {why}")]
 pub struct Refused {
+    /// What was asked.
     pub verb: Verb,
+    /// The state that does not allow it.
     pub state: State,
+    /// Why not, and what to do instead.
     pub why: &'static str,
 }
 

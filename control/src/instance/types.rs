@@ -7,8 +7,11 @@ use std::fmt;
 /// One entry of the catalog.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct InstanceType {
+    /// FAMILY GENERATION.SIZE, as `kiln run --type` takes it.
     pub name: &'static str,
+    /// The VM's vCPUs.
     pub vcpus: u8,
+    /// The VM's memory.
     pub memory_mib: u32,
 }
 

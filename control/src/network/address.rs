@@ -29,16 +29,39 @@ const MAC_PREFIX: [u8; 2] = [0x02, 0x6b];
 /// Why no address can be had.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AddressError {
+    /// `$KILN_SUBNET` is not a subnet Kiln can use.
     #[error("{value:?}: expected an IPv4 subnet such as 10.89.0.0/24, prefix 16 to 29")]
-    Subnet { value: String },
+    Subnet {
+        /// The value as given.
+        value: String,
+    },
+    /// Every instance address is held by an instance not terminated.
     #[error(
         "subnet {subnet} is exhausted: its {count} instance addresses are taken (terminate an instance, or set {SUBNET_ENV} to a larger one)"
     )]
-    Exhausted { subnet: Subnet, count: usize },
+    Exhausted {
+        /// The subnet.
+        subnet: Subnet,
+        /// How many instance addresses it has.
+        count: usize,
+    },
+    /// An address asked for (a restored guest's) is not on the bridge's
+    /// subnet: `$KILN_SUBNET` changed since the snapshot.
     #[error("address {address} is outside the subnet {subnet}")]
-    Outside { address: Ipv4Addr, subnet: Subnet },
+    Outside {
+        /// The address asked for.
+        address: Ipv4Addr,
+        /// The subnet in use.
+        subnet: Subnet,
+    },
+    /// An address asked for (a restored guest's) is another instance's.
     #[error("address {address} is held by instance {holder}")]
-    Taken { address: Ipv4Addr, holder: String },
+    Taken {
+        /// The address asked for.
+        address: Ipv4Addr,
+        /// The id of the instance that holds it.
+        holder: String,
+    },
 }
 
 /// An IPv4 subnet.
@@ -57,6 +80,7 @@ impl Subnet {
         }
     }
 
+    /// The prefix length: how many leading bits name the network.
     pub fn prefix(&self) -> u8 {
         self.prefix
     }
@@ -65,6 +89,8 @@ impl Subnet {
         u32::MAX << (32 - u32::from(self.prefix))
     }
 
+    /// The prefix as a dotted netmask (255.255.255.0 for a /24), as the
+    /// bridge's address is set with it.
     pub fn netmask(&self) -> Ipv4Addr {
         Ipv4Addr::from(self.mask())
     }
@@ -82,6 +108,8 @@ impl Subnet {
         (first..broadcast).map(Ipv4Addr::from)
     }
 
+    /// Whether `address` is on this subnet (its network and broadcast
+    /// addresses included).
     pub fn contains(&self, address: Ipv4Addr) -> bool {
         u32::from(address) & self.mask() == u32::from(self.network)
     }
@@ -133,6 +161,9 @@ pub fn mac(address: Ipv4Addr) -> [u8; 6] {
     [MAC_PREFIX[0], MAC_PREFIX[1], a, b, c, d]
 }
 
+/// `mac` as six colon-separated pairs of lowercase hex digits
+/// (`02:6b:0a:59:00:05`), as `ip link` shows it and the guest's metadata
+/// gives it.
 pub fn format_mac(mac: [u8; 6]) -> String {
     mac.map(|byte| format!("{byte:02x}")).join(":")
 }

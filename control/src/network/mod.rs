@@ -51,8 +51,11 @@ fn has_net_admin(status: &str) -> bool {
 /// Why an instance's NIC cannot be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
+    /// The subnet is misconfigured, or the address is not on it.
     #[error(transparent)]
     Address(#[from] AddressError),
+    /// The bridge could not be made or given its address (this process
+    /// lacks CAP_NET_ADMIN, most often).
     #[error(transparent)]
     Bridge(#[from] BridgeError),
 }

@@ -15,6 +15,11 @@
 //! fails, and a guest that refuses the connect closes the client's. At most
 //! [`MAX_CONNECTIONS`] connections run at once; more are closed as they
 //! come.
+//!
+//! What goes wrong is logged, never more often than a client could make
+//! the log grow at its pace: conditions of the proxy itself once per
+//! episode, failed connects to the guest (one per refused connection)
+//! at most once a second, with a count of those held back.
 
 use std::fmt;
 use std::io::{self, ErrorKind, Read, Write};
@@ -23,7 +28,7 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::str::FromStr;
 use std::sync::{Arc, mpsc};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use event_manager::{
     EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberId, SubscriberOps,
@@ -32,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 use vmm_sys_util::timerfd::TimerFd;
 
+use kiln_vmm::report::one_line;
 use kiln_vmm::seccomp::{self, SeccompError, ThreadKind};
 
 /// Bytes a connection buffers per direction: what it has read from one
@@ -44,6 +50,9 @@ pub const MAX_CONNECTIONS: usize = 1024;
 /// (descriptors, memory): the pending connection keeps the listener
 /// readable, and a level-triggered loop would otherwise spin on it.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// The shortest time between two log lines of a kind a client can cause
+/// at will: a line a second says what happens without flooding the log.
+const WARNING_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Event-loop tokens: a connection's two sockets are `2 * slot + side`,
 /// listener `i` is `LISTENER_TOKEN + i`, and two fds of the loop's own.
@@ -60,7 +69,10 @@ const SIDES: [usize; 2] = [CLIENT, GUEST];
 /// guest's `guest`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortMap {
+    /// The port on the host's 127.0.0.1; 0 until bound lets the kernel
+    /// pick one.
     pub host: u16,
+    /// The guest's port, on its address on the bridge.
     pub guest: u16,
 }
 
@@ -96,32 +108,57 @@ impl fmt::Display for PortMap {
 /// Errors from parsing, binding and starting the proxy.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
+    /// A `-p` value that is not one or two port numbers.
     #[error("-p {0}: expected HOST_PORT:GUEST_PORT, ports 1-65535")]
     PortMap(String),
+    /// Two maps publish the same host port.
     #[error("host port {} is published twice ({first} and {second})", .first.host)]
-    Duplicate { first: PortMap, second: PortMap },
+    Duplicate {
+        /// The first map with the host port.
+        first: PortMap,
+        /// The later one.
+        second: PortMap,
+    },
+    /// Something else listens on the host port.
     #[error("port {} on 127.0.0.1 is already in use (published as {map})", .map.host)]
-    InUse { map: PortMap },
+    InUse {
+        /// The map whose host port is taken.
+        map: PortMap,
+    },
+    /// The host port is below `net.ipv4.ip_unprivileged_port_start` and
+    /// this process lacks CAP_NET_BIND_SERVICE.
     #[error(
         "port {} on 127.0.0.1 is privileged and this process may not bind it \
          (published as {map}): pick a host port from 1024 up",
         .map.host
     )]
-    Privileged { map: PortMap },
+    Privileged {
+        /// The map whose host port is privileged.
+        map: PortMap,
+    },
+    /// Binding or setting up the listener failed otherwise.
     #[error("cannot listen on port {} on 127.0.0.1 (published as {map})", .map.host)]
     Bind {
+        /// The map being bound.
         map: PortMap,
+        /// What the socket call said.
         #[source]
         source: io::Error,
     },
+    /// The descriptors the event loop is stopped and resumed with could
+    /// not be made.
     #[error("cannot create the proxy's eventfd or timerfd")]
     Fd(#[source] io::Error),
+    /// The epoll instance could not be made or a descriptor added to it.
     #[error("cannot set up the proxy's event loop")]
     EventLoop(#[source] event_manager::Error),
+    /// The thread could not be spawned.
     #[error("cannot start the proxy thread")]
     Thread(#[source] io::Error),
+    /// The thread died before saying whether its filter is in place.
     #[error("the proxy thread ended during its setup")]
     ThreadEnded,
+    /// The thread's seccomp filter could not be installed.
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
 }
@@ -250,7 +287,7 @@ fn serve(
     let _ = ready.send(Ok(()));
     loop {
         if let Err(err) = manager.run() {
-            warn(format_args!("stopping: the event loop failed: {err}"));
+            log::error!("proxy: stopping: the event loop failed: {}", one_line(&err));
             return;
         }
         if manager.subscriber_mut(id).is_ok_and(|proxy| proxy.stopped) {
@@ -276,6 +313,9 @@ struct ProxyLoop {
     /// since: one warning per episode, not one per connection or retry.
     cap_reported: bool,
     accept_failure_reported: bool,
+    /// Connects to the guest that failed: one per client connection to a
+    /// port the guest does not serve, so logged at most once a second.
+    connect_failures: RateLimit,
     /// A registration that failed in `init`, for `spawn` to return.
     setup_error: Option<event_manager::Error>,
 }
@@ -294,6 +334,7 @@ impl ProxyLoop {
             accepting: true,
             cap_reported: false,
             accept_failure_reported: false,
+            connect_failures: RateLimit::new(WARNING_INTERVAL),
             setup_error: None,
         })
     }
@@ -309,10 +350,11 @@ impl ProxyLoop {
                 Err(err) if is_retryable_accept(&err) => continue,
                 Err(err) => {
                     if !self.accept_failure_reported {
-                        warn(format_args!(
-                            "cannot accept on port {}, pausing: {err}",
-                            map.host
-                        ));
+                        log::warn!(
+                            "proxy: cannot accept on port {}, pausing: {}",
+                            map.host,
+                            one_line(&err)
+                        );
                         self.accept_failure_reported = true;
                     }
                     return self.pause_accepting(ops);
@@ -322,10 +364,10 @@ impl ProxyLoop {
             let Some(slot) = self.free_slot() else {
                 // Dropping `client` closes it.
                 if !self.cap_reported {
-                    warn(format_args!(
-                        "{} connections already: closing new ones",
+                    log::warn!(
+                        "proxy: {} connections already: closing new ones",
                         self.max_connections
-                    ));
+                    );
                     self.cap_reported = true;
                 }
                 continue;
@@ -335,9 +377,26 @@ impl ProxyLoop {
                     self.slots[slot] = Some(connection);
                     self.settle(slot, ops);
                 }
-                Err(err) => warn(format_args!("cannot connect to {guest}: {err}")),
+                Err(err) => self.report_connect_failure(guest, &err),
             }
         }
+    }
+
+    /// Logs that a connect to `guest` failed, unless one was logged less
+    /// than [`WARNING_INTERVAL`] ago; the next line logged counts those
+    /// held back.
+    fn report_connect_failure(&mut self, guest: SocketAddrV4, err: &io::Error) {
+        let Some(held_back) = self.connect_failures.admit(Instant::now()) else {
+            return;
+        };
+        let held_back = match held_back {
+            0 => String::new(),
+            count => format!(" ({count} more since the last such line)"),
+        };
+        log::warn!(
+            "proxy: cannot connect to {guest}: {}{held_back}",
+            one_line(err)
+        );
     }
 
     /// A slot for a new connection, if under the cap.
@@ -357,7 +416,7 @@ impl ProxyLoop {
         if let Err(err) = self.backoff.reset(ACCEPT_BACKOFF, None) {
             // Without the timer accepting could never resume: carry on
             // accepting, spinning until resources come back.
-            warn(format_args!("cannot arm the accept timer: {err}"));
+            log::warn!("proxy: cannot arm the accept timer: {}", one_line(&err));
             return;
         }
         self.set_accepting(false, ops);
@@ -373,7 +432,7 @@ impl ProxyLoop {
         for (index, (listener, map)) in self.listeners.iter().enumerate() {
             let token = LISTENER_TOKEN + index as u32;
             if let Err(err) = ops.modify(Events::with_data(listener, token, set)) {
-                warn(format_args!("cannot watch port {}: {err}", map.host));
+                log::warn!("proxy: cannot watch port {}: {}", map.host, one_line(&err));
             }
         }
     }
@@ -384,7 +443,11 @@ impl ProxyLoop {
         let Some(connection) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
             return;
         };
-        connection.on_ready(side, events.event_set());
+        let refused = connection.on_ready(side, events.event_set());
+        let guest = connection.guest;
+        if let Some(err) = refused {
+            self.report_connect_failure(guest, &err);
+        }
         self.settle(slot, ops);
     }
 
@@ -397,7 +460,10 @@ impl ProxyLoop {
         if !connection.finished() {
             for side in SIDES {
                 if let Err(err) = watch(ops, connection, slot, side) {
-                    warn(format_args!("cannot watch a connection's socket: {err}"));
+                    log::warn!(
+                        "proxy: cannot watch a connection's socket: {}",
+                        one_line(&err)
+                    );
                     connection.failed = true;
                 }
             }
@@ -493,7 +559,10 @@ fn unwatch(ops: &mut EventOps, connection: &mut Connection, slot: usize, side: u
     if let Some(set) = connection.registered[side].take() {
         let events = Events::with_data(&connection.sockets[side], token(slot, side), set);
         if let Err(err) = ops.remove(events) {
-            warn(format_args!("cannot unwatch a connection's socket: {err}"));
+            log::warn!(
+                "proxy: cannot unwatch a connection's socket: {}",
+                one_line(&err)
+            );
         }
     }
 }
@@ -541,9 +610,12 @@ impl Connection {
         })
     }
 
-    fn on_ready(&mut self, side: usize, events: EventSet) {
+    /// Moves what `events` on `side` let move; returns why the connect to
+    /// the guest failed, if this was its end, for the loop to report.
+    fn on_ready(&mut self, side: usize, events: EventSet) -> Option<io::Error> {
+        let mut refused = None;
         if self.connecting && side == GUEST {
-            self.finish_connect(events);
+            refused = self.finish_connect(events);
         } else if events.contains(EventSet::ERROR) {
             // A reset: nothing more can be read or written either way.
             self.failed = true;
@@ -554,23 +626,22 @@ impl Connection {
         if !self.failed && self.pump().is_err() {
             self.failed = true;
         }
+        refused
     }
 
-    /// The guest socket's first event: connected, or not.
-    fn finish_connect(&mut self, events: EventSet) {
-        match self.sockets[GUEST].take_error() {
+    /// The guest socket's first event: connected, or the connect's error
+    /// (the connection has then failed).
+    fn finish_connect(&mut self, events: EventSet) -> Option<io::Error> {
+        let err = match self.sockets[GUEST].take_error() {
             Ok(None) if !events.intersects(EventSet::ERROR | EventSet::HANG_UP) => {
                 self.connecting = false;
+                return None;
             }
-            Ok(None) => {
-                warn(format_args!("cannot connect to {}: hung up", self.guest));
-                self.failed = true;
-            }
-            Ok(Some(err)) | Err(err) => {
-                warn(format_args!("cannot connect to {}: {err}", self.guest));
-                self.failed = true;
-            }
-        }
+            Ok(None) => io::Error::new(ErrorKind::ConnectionAborted, "hung up"),
+            Ok(Some(err)) | Err(err) => err,
+        };
+        self.failed = true;
+        Some(err)
     }
 
     /// Moves what can move both ways without blocking.
@@ -797,8 +868,39 @@ fn new_socket(fd: RawFd) -> io::Result<RawFd> {
     }
 }
 
-fn warn(what: fmt::Arguments<'_>) {
-    eprintln!("kiln: proxy: {what}");
+/// At most one line per interval of one kind of log line: a kind a client
+/// can cause at will must not let it grow the log at its pace.
+struct RateLimit {
+    interval: Duration,
+    /// When the last line was let through.
+    last: Option<Instant>,
+    /// Lines held back since then.
+    held_back: u64,
+}
+
+impl RateLimit {
+    fn new(interval: Duration) -> Self {
+        RateLimit {
+            interval,
+            last: None,
+            held_back: 0,
+        }
+    }
+
+    /// Whether a line may be logged at `now`: `Some` with how many were
+    /// held back since the last one, or `None` when this one is held back
+    /// too (less than the interval has passed since the last).
+    fn admit(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|last| now.saturating_duration_since(last) < self.interval)
+        {
+            self.held_back += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.held_back))
+    }
 }
 
 #[cfg(test)]
