@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! Kiln's control plane: everything around the VM process. Instances and
 //! their EC2-style lifecycle, the supervisor that runs each instance's VM
 //! process, functions (snapshot clones), the host side of networking and

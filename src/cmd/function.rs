@@ -227,7 +227,7 @@ fn invoke_many(
             }
             Err(err) => {
                 failed += 1;
-                eprintln!("kiln: {err}");
+                eprintln!("kiln: {}", kiln_vmm::report::one_line(err));
             }
         }
     }

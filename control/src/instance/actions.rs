@@ -52,12 +52,12 @@ enum ActionError {
 /// processes, which must not inherit a filter.)
 pub(super) fn serve(listener: &UnixListener, shared: &Shared) {
     if let Err(err) = seccomp::install(ThreadKind::Api) {
-        eprintln!("kiln: api: not serving: {}", one_line(&err));
+        log::error!("api: not serving: {}", one_line(&err));
         return;
     }
     for stream in listener.incoming().flatten() {
         if let Err(err) = api::serve_one(stream, |request| route(shared, request)) {
-            eprintln!("kiln: api: {}", one_line(&err));
+            log::warn!("api: {}", one_line(&err));
         }
     }
 }

@@ -25,14 +25,30 @@ pub const VMM_SUBCOMMAND: &str = "__vmm";
 /// What can go wrong with a verb.
 #[derive(Debug, thiserror::Error)]
 pub enum LifecycleError {
+    /// The record cannot be read or written, or the state table refuses.
     #[error(transparent)]
     Instance(#[from] InstanceError),
+    /// The instance's API did not answer.
     #[error(transparent)]
     Api(#[from] api::ClientError),
+    /// The instance's VMM answered with a refusal.
     #[error("instance {id}: the VMM refused: {message}")]
-    Refused { id: String, message: String },
-    #[error("instance {id}: cannot start its VMM: {source}")]
-    Spawn { id: String, source: std::io::Error },
+    Refused {
+        /// The instance.
+        id: String,
+        /// The VMM's words.
+        message: String,
+    },
+    /// The instance's VMM process cannot be started.
+    #[error("instance {id}: cannot start its VMM")]
+    Spawn {
+        /// The instance.
+        id: String,
+        /// What the system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A snapshot cannot be staged, read or kept.
     #[error(transparent)]
     Snapshot(#[from] snapshots::SnapshotsError),
     /// A new instance's image is not in the store.
@@ -63,11 +79,16 @@ pub enum LifecycleError {
     /// A foreground run of an instance another VMM process runs.
     #[error("instance {0:?} is running in another VMM process")]
     Busy(String),
+    /// The instance did not reach the state the verb waits for.
     #[error("instance {id}: still {state} after {waited:?}: {expected}")]
     Timeout {
+        /// The instance.
         id: String,
+        /// The state it is still in.
         state: State,
+        /// How long the verb waited.
         waited: Duration,
+        /// What did not happen.
         expected: &'static str,
     },
 }
