@@ -10,6 +10,7 @@ pub mod event_loop;
 pub mod flock;
 pub mod host;
 pub mod loader;
+pub mod logger;
 pub mod report;
 pub mod rpc;
 pub mod seccomp;

@@ -21,6 +21,7 @@ use super::packet::{
     VIRTIO_VSOCK_SHUTDOWN_F_BOTH, VIRTIO_VSOCK_SHUTDOWN_F_RECEIVE, VIRTIO_VSOCK_SHUTDOWN_F_SEND,
     VIRTIO_VSOCK_TYPE_STREAM, VSOCK_HOST_CID,
 };
+use crate::logger::warn_limited;
 
 /// The receive buffer the device advertises per connection (`buf_alloc`):
 /// the most guest bytes it holds for a host that does not read.
@@ -221,10 +222,10 @@ impl Connection {
         }
         let Some(end) = line.iter().position(|&b| b == b'\n') else {
             if line.len() >= CONNECT_LINE_MAX {
-                warn(format_args!(
-                    "host connection {}: expected `CONNECT <port>\\n`",
+                warn_limited!(
+                    "virtio-vsock: host connection {}: expected `CONNECT <port>\\n`",
                     self.local_port
-                ));
+                );
                 self.host_eof = true;
             }
             return;
@@ -239,11 +240,11 @@ impl Connection {
                 self.state = State::RequestDue;
             }
             None => {
-                warn(format_args!(
-                    "host connection {}: expected `CONNECT <port>\\n`, got {:?}",
+                warn_limited!(
+                    "virtio-vsock: host connection {}: expected `CONNECT <port>\\n`, got {:?}",
                     self.local_port,
                     String::from_utf8_lossy(&line[..end])
-                ));
+                );
                 self.host_eof = true;
             }
         }
@@ -321,18 +322,18 @@ impl Connection {
             (VIRTIO_VSOCK_OP_RW, State::Established) => {
                 let held = self.to_host.len() - self.own_bytes;
                 if self.guest_shutdown & VIRTIO_VSOCK_SHUTDOWN_F_SEND != 0 {
-                    warn(format_args!(
-                        "connection {}: the guest sent data after its SEND shutdown",
+                    warn_limited!(
+                        "virtio-vsock: connection {}: the guest sent data after its SEND shutdown",
                         self.local_port
-                    ));
+                    );
                     self.reset_due = true;
                 } else if held + payload.len() > BUF_ALLOC as usize {
-                    warn(format_args!(
-                        "connection {}: the guest sent past its credit ({} bytes held, {} more)",
+                    warn_limited!(
+                        "virtio-vsock: connection {}: the guest sent past its credit ({} bytes held, {} more)",
                         self.local_port,
                         held,
                         payload.len()
-                    ));
+                    );
                     self.reset_due = true;
                 } else {
                     self.to_host.extend_from_slice(payload);
@@ -347,11 +348,11 @@ impl Connection {
             (VIRTIO_VSOCK_OP_CREDIT_UPDATE, _) => {}
             (VIRTIO_VSOCK_OP_CREDIT_REQUEST, _) => self.credit_update_due = true,
             (op, state) => {
-                warn(format_args!(
-                    "connection {}: unexpected {} from the guest in state {state:?}",
+                warn_limited!(
+                    "virtio-vsock: connection {}: unexpected {} from the guest in state {state:?}",
                     self.local_port,
                     super::packet::op_name(op)
-                ));
+                );
                 self.reset_due = true;
             }
         }
@@ -505,10 +506,6 @@ fn send(stream: &UnixStream, buf: &[u8]) -> io::Result<usize> {
         )
     };
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
-}
-
-fn warn(what: std::fmt::Arguments<'_>) {
-    eprintln!("kiln: virtio-vsock: {what}");
 }
 
 #[cfg(test)]
