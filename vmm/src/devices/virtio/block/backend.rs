@@ -28,14 +28,18 @@ const _: () = assert!((BOUNCE_SIZE as u64).is_multiple_of(BLOCK_SIZE));
 /// the request with VIRTIO_BLK_S_IOERR.
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
-    #[error("{path}: {source}")]
-    File { path: PathBuf, source: io::Error },
+    #[error("disk image {path}")]
+    File {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error(transparent)]
     Volume(#[from] VolumeError),
     #[error("the driver's buffer of {len} bytes at {addr:#x}: expected it in guest memory")]
     GuestMemory { addr: u64, len: u32 },
-    #[error("the driver's buffer: {0}")]
-    Guest(String),
+    #[error("the driver's buffer")]
+    Guest(#[source] GuestMemoryError),
 }
 
 /// A disk's storage.
@@ -179,7 +183,7 @@ fn file_error(path: &Path, err: GuestMemoryError) -> TransferError {
             path: path.to_path_buf(),
             source,
         },
-        other => TransferError::Guest(other.to_string()),
+        other => TransferError::Guest(other),
     }
 }
 /// The file at a moving position, read and written with pread/pwrite so

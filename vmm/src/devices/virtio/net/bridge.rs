@@ -20,22 +20,36 @@ const SIOCBRADDIF: libc::c_ulong = 0x89a2;
 /// Why the bridge or a tap on it cannot be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum BridgeError {
+    /// The bridge ioctls need CAP_NET_ADMIN: said plainly, with what to
+    /// do about it.
     #[error(
         "cannot set up the bridge {bridge}: permission denied: networking needs CAP_NET_ADMIN (run as root, or use --network none)"
     )]
-    Permission { bridge: String },
+    Permission {
+        /// The bridge's name.
+        bridge: String,
+    },
+    /// The bridge exists with another address: another subnet's bridge,
+    /// which Kiln does not readdress.
     #[error(
         "bridge {bridge} has the address {has}, not {gateway}: every kiln on a host must use one subnet (see $KILN_SUBNET)"
     )]
     OtherAddress {
+        /// The bridge's name.
         bridge: String,
+        /// The address it has.
         has: Ipv4Addr,
+        /// The gateway address Kiln wanted it to have.
         gateway: Ipv4Addr,
     },
-    #[error("cannot {what} {interface}: {source}")]
+    /// A netdevice or bridge ioctl failed.
+    #[error("cannot {what} {interface}")]
     Ioctl {
+        /// The step, as a verb phrase ("bring up", "find").
         what: &'static str,
+        /// The interface it was applied to.
         interface: String,
+        /// What the kernel said.
         #[source]
         source: io::Error,
     },
