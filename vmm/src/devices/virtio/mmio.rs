@@ -64,7 +64,9 @@ pub enum MmioError {
     /// An eventfd could not be created or duplicated.
     #[error("cannot create the virtio-mmio {what} eventfd")]
     EventFd {
+        /// Which eventfd: the interrupt's, or a queue's.
         what: &'static str,
+        /// What the system said.
         #[source]
         source: std::io::Error,
     },
@@ -72,15 +74,22 @@ pub enum MmioError {
     /// power of two up to 32768).
     #[error("virtio device type {device_type}: invalid maximum size {size} for queue {index}")]
     QueueSize {
+        /// The device's type (virtio 1.2 §5).
         device_type: u32,
+        /// The queue's index.
         index: usize,
+        /// The size it declared.
         size: u16,
     },
     /// A saved transport does not fit the device it is restored onto.
     #[error("the saved virtio device {what}: saved {saved:#x}, this device {found:#x}")]
     Mismatch {
+        /// What differs: the device type, its features or its number of
+        /// queues.
         what: &'static str,
+        /// The saved value.
         saved: u64,
+        /// This device's value.
         found: u64,
     },
     /// A saved queue that virtio-queue refuses (§2.7's rules).

@@ -30,7 +30,12 @@ pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 pub enum ActivateError {
     /// The transport handed over a different number of queues than the device has.
     #[error("the device has {expected} queue(s), the driver set up {found}")]
-    QueueCount { expected: usize, found: usize },
+    QueueCount {
+        /// The device's number of queues.
+        expected: usize,
+        /// The number handed over.
+        found: usize,
+    },
 }
 
 /// The queues the transport hands a device with exactly `N` of them.

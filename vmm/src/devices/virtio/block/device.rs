@@ -58,7 +58,9 @@ pub enum BlockError {
     /// The image could not be opened.
     #[error("cannot open disk image {path}")]
     Open {
+        /// The image's path.
         path: PathBuf,
+        /// What the system said.
         #[source]
         source: io::Error,
     },
@@ -67,18 +69,27 @@ pub enum BlockError {
     Volume(#[from] VolumeError),
     /// virtio-blk counts in 512-byte sectors; a partial sector is unreachable.
     #[error("disk image {path} is {size} bytes, not a multiple of {SECTOR_SIZE}-byte sectors")]
-    PartialSector { path: PathBuf, size: u64 },
+    PartialSector {
+        /// The image's path.
+        path: PathBuf,
+        /// Its size in bytes.
+        size: u64,
+    },
     /// The queue's eventfd could not be created.
     #[error("cannot create the queue eventfd of disk {path}")]
     EventFd {
+        /// The disk's image path.
         path: PathBuf,
+        /// What the system said.
         #[source]
         source: io::Error,
     },
     /// The disk's completed writes could not be made durable.
     #[error("cannot flush disk {path}")]
     Flush {
+        /// The disk's image path.
         path: PathBuf,
+        /// Why the writes could not be synced.
         #[source]
         source: TransferError,
     },
@@ -279,7 +290,9 @@ pub enum DiskSource {
     /// A Kiln image and the overlay that takes its writes; without an
     /// overlay, or attached read-only, the disk is read-only.
     Volume {
+        /// The image file, never written.
         image: PathBuf,
+        /// The overlay file that holds the guest's writes, if it may write.
         overlay: Option<PathBuf>,
         /// Bound on the decompressed chunks kept in memory.
         cache_bytes: u64,

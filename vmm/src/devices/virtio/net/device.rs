@@ -35,6 +35,8 @@ const CONFIG_LEN: usize = 6;
 pub struct NetConfig {
     /// The tap to create (it exists while the VM does).
     pub tap: String,
+    /// The NIC's MAC address, which the guest reads from the
+    /// configuration space (§5.1.4).
     pub mac: [u8; 6],
     /// A bridge to attach the tap to, which must exist.
     pub bridge: Option<String>,
@@ -71,9 +73,8 @@ impl Net {
     pub fn new(config: &NetConfig) -> Result<Self, TapError> {
         let tap = Tap::create(&config.tap, NET_HDR_LEN)?;
         let evt = || {
-            EventFd::new(EFD_NONBLOCK).map_err(|source| TapError::Ioctl {
+            EventFd::new(EFD_NONBLOCK).map_err(|source| TapError::EventFd {
                 name: config.tap.clone(),
-                what: "an eventfd for its queues",
                 source,
             })
         };
@@ -90,10 +91,12 @@ impl Net {
         })
     }
 
+    /// The tap that is the NIC's host end.
     pub fn tap(&self) -> &Tap {
         &self.tap
     }
 
+    /// The MAC address the guest sees.
     pub fn mac(&self) -> [u8; 6] {
         self.mac
     }

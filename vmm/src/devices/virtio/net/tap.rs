@@ -44,6 +44,15 @@ pub enum TapError {
         #[source]
         source: io::Error,
     },
+    /// The eventfds of the NIC's queues could not be created.
+    #[error("cannot create the queue eventfds of the NIC on tap {name}")]
+    EventFd {
+        /// The tap's name.
+        name: String,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
     /// A configuration ioctl on the made tap failed.
     #[error("tap {name}: {what} failed")]
     Ioctl {
@@ -136,6 +145,8 @@ impl Tap {
         }
     }
 
+    /// The tap's descriptor, for the event loop to watch: valid while
+    /// the tap lives.
     pub fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }

@@ -51,6 +51,7 @@ pub enum State {
 /// What to do with a connection after an event.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
+    /// It goes on.
     Keep,
     /// Forget it quietly (the guest knows nothing of it, or knows it is over).
     Drop,
@@ -60,11 +61,13 @@ pub enum Verdict {
 
 /// A host stream and its vsock connection.
 pub struct Connection {
+    /// The host process's end of the connection, non-blocking.
     pub stream: UnixStream,
     /// The host side's port: the source port of every packet to the guest.
     pub local_port: u32,
     /// The guest's port, once the host has named it.
     pub peer_port: u32,
+    /// Where the connection stands in its handshake and life.
     pub state: State,
     /// Host bytes read, waiting for the guest's receive buffers.
     staged: Vec<u8>,
@@ -110,6 +113,8 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// A connection just accepted from a host process on `local_port`,
+    /// waiting for its `CONNECT <port>` line.
     pub fn new(stream: UnixStream, local_port: u32) -> Self {
         Self {
             stream,

@@ -30,8 +30,11 @@ pub const VIRTIO_VSOCK_TYPE_STREAM: u16 = 1;
 pub const VIRTIO_VSOCK_OP_INVALID: u16 = 0;
 /// Connect.
 pub const VIRTIO_VSOCK_OP_REQUEST: u16 = 1;
+/// Accept a REQUEST: the connection is established.
 pub const VIRTIO_VSOCK_OP_RESPONSE: u16 = 2;
+/// Refuse a REQUEST, or end a connection at once.
 pub const VIRTIO_VSOCK_OP_RST: u16 = 3;
+/// Stop receiving or sending, as `flags` says (the SHUTDOWN flags below).
 pub const VIRTIO_VSOCK_OP_SHUTDOWN: u16 = 4;
 /// Send payload.
 pub const VIRTIO_VSOCK_OP_RW: u16 = 5;
@@ -76,14 +79,22 @@ pub const MAX_PAYLOAD: u32 = 64 * 1024;
 /// A packet header, decoded.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Header {
+    /// The sender's CID.
     pub src_cid: u64,
+    /// The receiver's CID.
     pub dst_cid: u64,
+    /// The sender's port.
     pub src_port: u32,
+    /// The receiver's port.
     pub dst_port: u32,
     /// Payload bytes following the header.
     pub len: u32,
+    /// The socket type (`type` in the spec, a keyword here): only
+    /// [`VIRTIO_VSOCK_TYPE_STREAM`] is served.
     pub kind: u16,
+    /// What the packet does: one of the `VIRTIO_VSOCK_OP_*` values.
     pub op: u16,
+    /// SHUTDOWN's `VIRTIO_VSOCK_SHUTDOWN_F_*` bits; zero otherwise.
     pub flags: u32,
     /// The sender's receive buffer for this connection, in bytes
     /// (§5.10.6.3 "Buffer Space Management") ...
@@ -153,16 +164,22 @@ pub fn op_name(op: u16) -> &'static str {
 /// guest driver's doing, so the device drops the chain and says why.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum PacketError {
+    /// The descriptors point outside guest memory.
     #[error("the chain's buffers are not in guest memory")]
     Chain(#[source] virtio_queue::Error),
+    /// Copying the header or payload out of the buffers failed.
     #[error("the chain cannot be read")]
     Read(#[source] std::io::Error),
+    /// The buffers hold fewer bytes than a header.
     #[error("{0} bytes, less than a header")]
     Short(usize),
+    /// `op` is none of §5.10.6's.
     #[error("unknown op {0}")]
     UnknownOp(u16),
+    /// `len` is more than any packet may carry ([`MAX_PAYLOAD`]).
     #[error("a payload of {0} bytes, more than {MAX_PAYLOAD}")]
     TooLong(u32),
+    /// `len` is more than the buffers hold after the header.
     #[error("len {len} but {available} payload bytes in the buffer")]
     Truncated { len: usize, available: usize },
 }
