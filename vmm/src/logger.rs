@@ -1,6 +1,6 @@
 //! Kiln's diagnostics: the `log` crate's levelled macros, printed by
 //! env_logger as `kiln: <level>: <message>` on stderr, and a per-call-site
-//! rate limit ([`warn_limited!`](crate::logger::warn_limited)) for the lines
+//! rate limit (`warn_limited!`, `error_limited!`) for the lines
 //! a guest can trigger at will: a malformed descriptor chain, an unknown
 //! register access, a bad packet, an I/O error it provokes request after
 //! request. Without the limit a guest could fill the host's disk with the
@@ -76,7 +76,7 @@ fn epoch() -> Instant {
 /// refuse. Firecracker rate-limits its guest-triggerable log lines the
 /// same way, in its own logger.
 #[derive(Debug)]
-pub struct RateLimiter {
+pub(crate) struct RateLimiter {
     /// When the current interval started, in milliseconds since [`epoch`].
     interval_start: AtomicU64,
     /// Lines that asked to go out in the current interval.
@@ -87,8 +87,7 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     /// A limiter whose first interval starts at the first line.
-    #[allow(clippy::new_without_default)] // used as a `static`: `const` matters
-    pub const fn new() -> Self {
+    pub(crate) const fn new() -> Self {
         Self {
             interval_start: AtomicU64::new(0),
             asked: AtomicU64::new(0),
@@ -98,7 +97,7 @@ impl RateLimiter {
 
     /// Whether a line may go out now: `Some(n)`, where `n` lines were held
     /// back since the last one that went out, or `None` to hold it back.
-    pub fn admit(&self) -> Option<u64> {
+    pub(crate) fn admit(&self) -> Option<u64> {
         let now = u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX);
         self.admit_at(now)
     }

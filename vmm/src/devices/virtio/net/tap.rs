@@ -20,7 +20,7 @@ pub const IFNAMSIZ: usize = libc::IFNAMSIZ;
 /// Why a tap cannot be made or used.
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
-    /// The name is not one Kiln makes ([`check_name`]'s rules).
+    /// The name is empty, too long for IFNAMSIZ, or not plain ASCII.
     #[error("tap name {0:?}: expected 1 to {max} ASCII letters, digits, '-' or '_'", max = IFNAMSIZ - 1)]
     Name(String),
     /// The tun clone device could not be opened.
