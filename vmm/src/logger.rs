@@ -7,10 +7,11 @@
 //! VMM's stderr, or slow its own device emulation to a crawl writing it.
 //!
 //! The VM process's threads run under seccomp filters ([`crate::seccomp`])
-//! that allow write(2) but no open, ioctl or socket calls. So the logger
-//! is installed in `main`, before any filter, and from then on only
-//! formats into a buffer and writes it to stderr: no timestamps (no
-//! timezone files to read), no colours (no terminal to query).
+//! that allow write(2) but not what a logger's setup may do (a vCPU
+//! thread may open no file, query no terminal). So the logger is
+//! installed in `main`, before any filter, and from then on only formats
+//! into a buffer and writes it to stderr: no timestamps (no timezone
+//! files to read), no colours (no terminal to query).
 use std::io::Write;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
