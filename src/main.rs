@@ -74,6 +74,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before any thread exists, so before any seccomp filter (the VM
+    // process's threads may not open or query anything the logger would).
+    kiln_vmm::logger::init();
     // Everything Kiln writes is its user's alone: images, instance
     // records, console logs, snapshots (guest RAM, secrets included).
     // Where a file must be shared, the code that makes it says so and

@@ -122,7 +122,7 @@ impl MutEventSubscriber for StopSignals {
 
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(err) = ops.add(Events::new(&self.fd, EventSet::IN)) {
-            eprintln!("kiln: cannot watch for stop signals: {err}");
+            log::error!("cannot watch for stop signals: {err}");
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod event_loop;
 pub mod flock;
 pub mod host;
 pub mod loader;
+pub mod logger;
 pub mod machine;
 pub mod persist;
 pub mod report;

@@ -196,7 +196,7 @@ impl MutEventSubscriber for ControlListener {
             // (the VM itself ends with its VMM, see [`crate::supervised::end_with`]).
             Err(err) => {
                 if err.kind() != io::ErrorKind::UnexpectedEof {
-                    eprintln!("kiln: control: stopped reading requests: {err}");
+                    log::error!("control: stopped reading requests: {err}");
                 }
                 let _ = ops.remove(Events::empty(self.stream.get_ref()));
             }
@@ -205,7 +205,7 @@ impl MutEventSubscriber for ControlListener {
 
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(err) = ops.add(Events::new(self.stream.get_ref(), EventSet::IN)) {
-            eprintln!("kiln: control: cannot watch the control channel: {err}");
+            log::error!("control: cannot watch the control channel: {err}");
         }
     }
 }

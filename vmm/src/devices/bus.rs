@@ -24,10 +24,22 @@ pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 pub enum BusError {
     /// The new range is empty or wraps past the end of the address space.
     #[error("invalid bus range {base:#x}+{len:#x}")]
-    InvalidRange { base: u64, len: u64 },
+    InvalidRange {
+        /// The range's first address.
+        base: u64,
+        /// Its length in bytes.
+        len: u64,
+    },
     /// The new range overlaps a device already on the bus.
     #[error("bus range {base:#x}+{len:#x} overlaps the device at {other:#x}")]
-    Overlap { base: u64, len: u64, other: u64 },
+    Overlap {
+        /// The new range's first address.
+        base: u64,
+        /// Its length in bytes.
+        len: u64,
+        /// The first address of the device it overlaps.
+        other: u64,
+    },
 }
 
 struct Range {

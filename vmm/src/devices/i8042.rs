@@ -10,6 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::EventFdTrigger;
 use super::bus::BusDevice;
+use crate::logger::error_limited;
 
 /// First I/O port of the controller: the data port (IBM PC/AT I/O map).
 pub const I8042_PORT: u16 = 0x60;
@@ -45,7 +46,7 @@ impl BusDevice for I8042 {
             return;
         };
         if let Err(err) = self.controller.write(offset, value) {
-            eprintln!("kiln: i8042: cannot signal the CPU reset: {err}");
+            error_limited!("i8042: cannot signal the CPU reset: {err}");
         }
     }
 }

@@ -98,7 +98,7 @@ impl InitPort {
     fn warn_once(&mut self, what: std::fmt::Arguments<'_>) {
         if !self.warned {
             self.warned = true;
-            eprintln!("kiln: init port: ignoring {what} (further ones are ignored silently)");
+            log::warn!("init port: ignoring {what} (further ones are ignored silently)");
         }
     }
 }

@@ -21,6 +21,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::bus::BusDevice;
 use super::{EventFdTrigger, lock};
+use crate::report::one_line;
 
 /// COM1's I/O base (IBM PC/AT I/O map); Linux's `console=ttyS0` finds it there.
 pub const COM1_PORT: u16 = 0x3f8;
@@ -50,8 +51,8 @@ pub enum SerialError {
     Termios(#[source] io::Error),
     /// A saved UART state that the 16550A cannot hold (an overfull FIFO)
     /// or whose pending interrupt cannot be raised.
-    #[error("cannot restore the serial console's state: {0}")]
-    Restore(String),
+    #[error("cannot restore the serial console's state")]
+    Restore(#[source] UartError<io::Error>),
 }
 
 /// The UART's registers and receive FIFO as a snapshot stores them
@@ -93,7 +94,7 @@ impl SerialEvents for DrainNotifier {
             && let Some(evt) = self.evt.get()
             && let Err(err) = evt.write(1)
         {
-            eprintln!("kiln: serial: cannot wake the input reader: {err}");
+            log::error!("serial: cannot wake the input reader: {err}");
         }
     }
 }
@@ -131,7 +132,7 @@ impl Serial {
     ) -> Result<Self, SerialError> {
         let trigger = EventFdTrigger::new(interrupt);
         let uart = Uart::from_state(&saved.0, trigger, DrainNotifier::default(), out)
-            .map_err(|err| SerialError::Restore(err.to_string()))?;
+            .map_err(SerialError::Restore)?;
         Ok(Self {
             uart,
             warned: false,
@@ -146,7 +147,10 @@ impl Serial {
     fn warn_once(&mut self, err: UartError<io::Error>) {
         if !self.warned {
             self.warned = true;
-            eprintln!("kiln: serial: {err} (further errors are not reported)");
+            log::error!(
+                "serial: {} (further errors are not reported)",
+                one_line(&err)
+            );
         }
     }
 }
@@ -248,7 +252,7 @@ impl SerialInput {
             }
             Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
             Err(err) => {
-                eprintln!("kiln: serial: stopped reading input: {err}");
+                log::error!("serial: stopped reading input: {err}");
                 self.unregister(ops, InputState::Closed);
             }
         }
@@ -256,7 +260,7 @@ impl SerialInput {
 
     fn unregister(&mut self, ops: &mut EventOps, state: InputState) {
         if let Err(err) = ops.remove(Events::empty(&self.input)) {
-            eprintln!("kiln: serial: cannot stop watching input: {err}");
+            log::error!("serial: cannot stop watching input: {err}");
         }
         self.state = state;
     }
@@ -278,7 +282,7 @@ impl SerialInput {
                 InputState::Closed
             }
             Err(err) => {
-                eprintln!("kiln: serial: cannot watch input: {err}");
+                log::error!("serial: cannot watch input: {err}");
                 InputState::Closed
             }
         };
@@ -288,7 +292,7 @@ impl SerialInput {
 impl MutEventSubscriber for SerialInput {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(err) = ops.add(Events::new(&self.drained, EventSet::IN)) {
-            eprintln!("kiln: serial: cannot watch the input FIFO: {err}");
+            log::error!("serial: cannot watch the input FIFO: {err}");
         }
         self.register_input(ops);
     }
@@ -334,7 +338,7 @@ impl RawTerminal {
 impl Drop for RawTerminal {
     fn drop(&mut self) {
         if let Err(err) = set_termios(self.tty.as_fd(), &self.saved) {
-            eprintln!("kiln: cannot restore the terminal mode: {err}");
+            log::error!("cannot restore the terminal mode: {}", one_line(&err));
         }
     }
 }

@@ -300,7 +300,7 @@ impl Drop for Overlay {
             return;
         }
         if let Err(err) = self.flush() {
-            eprintln!("kiln: {err}");
+            log::error!("{}", crate::report::one_line(&err));
         }
     }
 }

@@ -227,8 +227,8 @@ impl Vcpu {
         if let Err(err) = self.fd.run()
             && err.errno() != libc::EINTR
         {
-            eprintln!(
-                "kiln: vCPU {}: completing the last exit failed: {err}",
+            log::error!(
+                "vCPU {}: completing the last exit failed: {err}",
                 self.index
             );
         }

@@ -34,6 +34,8 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use super::{ActivateError, GuestMemoryMmap, Interrupt, VirtioDevice};
 use crate::devices::bus::BusDevice;
 use crate::devices::lock;
+use crate::logger::{error_limited, warn_limited};
+use crate::report::one_line;
 
 /// Size of one device's MMIO window: the registers up to 0x100, then the
 /// device configuration space.
@@ -62,7 +64,9 @@ pub enum MmioError {
     /// An eventfd could not be created or duplicated.
     #[error("cannot create the virtio-mmio {what} eventfd")]
     EventFd {
+        /// Which eventfd: the interrupt's, or a queue's.
         what: &'static str,
+        /// What the system said.
         #[source]
         source: std::io::Error,
     },
@@ -70,26 +74,36 @@ pub enum MmioError {
     /// power of two up to 32768).
     #[error("virtio device type {device_type}: invalid maximum size {size} for queue {index}")]
     QueueSize {
+        /// The device's type (virtio 1.2 §5).
         device_type: u32,
+        /// The queue's index.
         index: usize,
+        /// The size it declared.
         size: u16,
     },
     /// A saved transport does not fit the device it is restored onto.
     #[error("the saved virtio device {what}: saved {saved:#x}, this device {found:#x}")]
     Mismatch {
+        /// What differs: the device type, its features or its number of
+        /// queues.
         what: &'static str,
+        /// The saved value.
         saved: u64,
+        /// This device's value.
         found: u64,
     },
     /// A saved queue that virtio-queue refuses (§2.7's rules).
-    #[error("saved queue {index} is invalid: {cause:?}")]
+    #[error("saved queue {index} is invalid")]
     SavedQueue {
+        /// The queue's index.
         index: usize,
+        /// Which of virtio-queue's rules it breaks.
+        #[source]
         cause: virtio_queue::Error,
     },
     /// A saved, running device that refused its queues again.
-    #[error("the restored device refused activation: {0}")]
-    Activate(ActivateError),
+    #[error("the restored device refused activation")]
+    Activate(#[source] ActivateError),
 }
 
 /// A virtqueue's configuration and ring positions (virtio-queue's own
@@ -130,19 +144,20 @@ pub struct TransportState {
     device_queues: Vec<QueueSnapshot>,
 }
 
-/// Why DRIVER_OK did not start the device. Only ever logged, as one line,
-/// so each message carries its cause.
+/// Why DRIVER_OK did not start the device. Only ever logged, as one line
+/// ([`one_line`]).
 #[derive(Debug, thiserror::Error)]
 enum ActivationError {
     #[error("queue {index} is ready but its rings lie outside guest memory or are misaligned")]
     QueueRings { index: usize },
-    #[error("queue {index} is misconfigured: {cause:?}")]
+    #[error("queue {index} is misconfigured")]
     QueueConfig {
         index: usize,
+        #[source]
         cause: virtio_queue::Error,
     },
-    #[error("the device refused activation: {0}")]
-    Device(ActivateError),
+    #[error("the device refused activation")]
+    Device(#[source] ActivateError),
 }
 
 /// One virtio device behind the MMIO register layout.
@@ -322,7 +337,7 @@ impl MmioTransport {
             VIRTIO_MMIO_QUEUE_NUM => self.configure_queue(register, |queue| {
                 let size = u16::try_from(value).unwrap_or(0);
                 if queue.try_set_size(size).is_err() {
-                    warn(format_args!("invalid queue size {value}"));
+                    warn_limited!("virtio-mmio: invalid queue size {value}");
                 }
             }),
             VIRTIO_MMIO_QUEUE_READY => self.configure_queue(register, |q| q.set_ready(value == 1)),
@@ -347,37 +362,37 @@ impl MmioTransport {
             VIRTIO_MMIO_QUEUE_NOTIFY => self.notify(value),
             VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.acknowledge(value),
             VIRTIO_MMIO_STATUS => self.write_status(value),
-            _ => warn(format_args!(
-                "write of {value:#x} to register {register:#x} ignored"
-            )),
+            _ => {
+                warn_limited!("virtio-mmio: write of {value:#x} to register {register:#x} ignored")
+            }
         }
     }
 
     fn write_driver_features(&mut self, value: u32) {
         // §2.2.2: features are negotiated between DRIVER and FEATURES_OK.
         if self.status != VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER {
-            return warn(format_args!(
-                "driver features written in status {:#x}",
+            return warn_limited!(
+                "virtio-mmio: driver features written in status {:#x}",
                 self.status
-            ));
+            );
         }
         let shift = match self.driver_features_select {
             0 => 0,
             1 => 32,
             select => {
-                return warn(format_args!(
-                    "driver features window {select} does not exist"
-                ));
+                return warn_limited!(
+                    "virtio-mmio: driver features window {select} does not exist"
+                );
             }
         };
         let offered = lock(&self.device).features();
         let window = u64::from(u32::MAX) << shift;
         let accepted = (u64::from(value) << shift) & offered;
         if accepted != u64::from(value) << shift {
-            warn(format_args!(
-                "driver accepted features {value:#x} in window {} that were not offered",
+            warn_limited!(
+                "virtio-mmio: driver accepted features {value:#x} in window {} that were not offered",
                 self.driver_features_select
-            ));
+            );
         }
         self.driver_features = (self.driver_features & !window) | accepted;
     }
@@ -394,10 +409,10 @@ impl MmioTransport {
         let select = self.queue_select;
         match self.queues.get_mut(select as usize) {
             Some(queue) if configuring => apply(queue),
-            _ => warn(format_args!(
-                "queue {select} register {register:#x} written in status {:#x}",
+            _ => warn_limited!(
+                "virtio-mmio: queue {select} register {register:#x} written in status {:#x}",
                 self.status
-            )),
+            ),
         }
     }
 
@@ -406,12 +421,12 @@ impl MmioTransport {
         match self.queue_evts.get(queue as usize) {
             Some(evt) => {
                 if let Err(err) = evt.write(1) {
-                    warn(format_args!(
-                        "cannot forward the notification of queue {queue}: {err}"
-                    ));
+                    error_limited!(
+                        "virtio-mmio: cannot forward the notification of queue {queue}: {err}"
+                    );
                 }
             }
-            None => warn(format_args!("notification of non-existent queue {queue}")),
+            None => warn_limited!("virtio-mmio: notification of non-existent queue {queue}"),
         }
     }
 
@@ -439,10 +454,10 @@ impl MmioTransport {
             {
                 self.enter_status(step)
             }
-            _ => warn(format_args!(
-                "status change {:#x} -> {value:#x} is not a step of device initialization",
+            _ => warn_limited!(
+                "virtio-mmio: status change {:#x} -> {value:#x} is not a step of device initialization",
                 self.status
-            )),
+            ),
         }
     }
 
@@ -453,7 +468,7 @@ impl MmioTransport {
             {
                 // §3.1.1: leaving FEATURES_OK unset tells the driver the
                 // features are unacceptable; this device has no legacy interface.
-                warn(format_args!("driver did not accept VIRTIO_F_VERSION_1"));
+                warn_limited!("virtio-mmio: driver did not accept VIRTIO_F_VERSION_1");
             }
             VIRTIO_CONFIG_S_DRIVER_OK => {
                 self.status |= step;
@@ -465,11 +480,14 @@ impl MmioTransport {
 
     fn activate(&mut self) {
         if let Err(reason) = self.try_activate() {
-            warn(format_args!("cannot activate the device: {reason}"));
+            warn_limited!(
+                "virtio-mmio: cannot activate the device: {}",
+                one_line(&reason)
+            );
             // §2.1.2: tell the driver the device needs a reset.
             self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
             if let Err(err) = self.interrupt.signal_config_change() {
-                warn(format_args!("cannot signal the failure: {err}"));
+                error_limited!("virtio-mmio: cannot signal the failure: {err}");
             }
         }
     }
@@ -519,10 +537,10 @@ impl BusDevice for MmioTransport {
         ) {
             (Ok(register), Ok(bytes)) => *bytes = self.read_register(register).to_le_bytes(),
             _ => {
-                warn(format_args!(
-                    "{}-byte read of register {offset:#x}",
+                warn_limited!(
+                    "virtio-mmio: {}-byte read of register {offset:#x}",
                     data.len()
-                ));
+                );
                 data.fill(0);
             }
         }
@@ -538,10 +556,10 @@ impl BusDevice for MmioTransport {
             <[u8; REGISTER_WIDTH]>::try_from(data),
         ) {
             (Ok(register), Ok(bytes)) => self.write_register(register, u32::from_le_bytes(bytes)),
-            _ => warn(format_args!(
-                "{}-byte write to register {offset:#x}",
+            _ => warn_limited!(
+                "virtio-mmio: {}-byte write to register {offset:#x}",
                 data.len()
-            )),
+            ),
         }
     }
 }
@@ -564,12 +582,6 @@ fn feature_window(features: u64, select: u32) -> u32 {
         1 => (features >> 32) as u32,
         _ => 0,
     }
-}
-
-/// Reports a driver that does not follow the spec. A correct driver never
-/// triggers these, so they are worth a line on stderr.
-fn warn(what: std::fmt::Arguments<'_>) {
-    eprintln!("kiln: virtio-mmio: {what}");
 }
 
 #[cfg(test)]

@@ -20,6 +20,8 @@ use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING
 use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::logger::warn_limited;
+
 /// Guest memory as devices see it.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 
@@ -28,7 +30,12 @@ pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 pub enum ActivateError {
     /// The transport handed over a different number of queues than the device has.
     #[error("the device has {expected} queue(s), the driver set up {found}")]
-    QueueCount { expected: usize, found: usize },
+    QueueCount {
+        /// The device's number of queues.
+        expected: usize,
+        /// The number handed over.
+        found: usize,
+    },
 }
 
 /// The queues the transport hands a device with exactly `N` of them.
@@ -54,8 +61,8 @@ pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
 /// What a device whose configuration space is read-only does with a
 /// driver's write to it: says so, and ignores it.
 pub fn ignore_config_write(device: &str, offset: u64, data: &[u8]) {
-    eprintln!(
-        "kiln: {device}: ignoring a {}-byte write to read-only config offset {offset:#x}",
+    warn_limited!(
+        "{device}: ignoring a {}-byte write to read-only config offset {offset:#x}",
         data.len()
     );
 }

@@ -28,14 +28,30 @@ const _: () = assert!((BOUNCE_SIZE as u64).is_multiple_of(BLOCK_SIZE));
 /// the request with VIRTIO_BLK_S_IOERR.
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
-    #[error("{path}: {source}")]
-    File { path: PathBuf, source: io::Error },
+    /// Reading, writing or syncing a raw image failed on the host.
+    #[error("disk image {path}")]
+    File {
+        /// The image's path.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+    /// A volume's image or overlay failed (a damaged chunk, a host I/O
+    /// error).
     #[error(transparent)]
     Volume(#[from] VolumeError),
+    /// The driver named a buffer that is not all in guest memory.
     #[error("the driver's buffer of {len} bytes at {addr:#x}: expected it in guest memory")]
-    GuestMemory { addr: u64, len: u32 },
-    #[error("the driver's buffer: {0}")]
-    Guest(String),
+    GuestMemory {
+        /// The buffer's guest physical address.
+        addr: u64,
+        /// Its length in bytes.
+        len: u32,
+    },
+    /// Guest memory refused the access for another reason.
+    #[error("the driver's buffer")]
+    Guest(#[source] GuestMemoryError),
 }
 
 /// A disk's storage.
@@ -43,12 +59,16 @@ pub enum TransferError {
 pub enum Backend {
     /// A raw disk image, read and written in place.
     Raw {
+        /// The image's path, for messages.
         path: PathBuf,
+        /// The open image.
         file: File,
+        /// Whether the guest may only read it (opened without write access).
         read_only: bool,
     },
     /// A compressed image, with an overlay when writable.
     Volume {
+        /// The image and its overlay.
         volume: Box<Volume>,
         /// [`BOUNCE_SIZE`] bytes that guest data passes through.
         bounce: Vec<u8>,
@@ -77,6 +97,7 @@ impl Backend {
         }
     }
 
+    /// Whether the guest may only read this disk (VIRTIO_BLK_F_RO).
     pub fn read_only(&self) -> bool {
         match self {
             Backend::Raw { read_only, .. } => *read_only,
@@ -179,7 +200,7 @@ fn file_error(path: &Path, err: GuestMemoryError) -> TransferError {
             path: path.to_path_buf(),
             source,
         },
-        other => TransferError::Guest(other.to_string()),
+        other => TransferError::Guest(other),
     }
 }
 /// The file at a moving position, read and written with pread/pwrite so

@@ -23,6 +23,8 @@ use super::super::{
 };
 use super::backend::{Backend, TransferError};
 use super::request::{Request, le_u32, le_u64};
+use crate::logger::{error_limited, warn_limited};
+use crate::report::one_line;
 use crate::volume::{self, Volume, VolumeError};
 
 /// Size of the request queue.
@@ -56,7 +58,9 @@ pub enum BlockError {
     /// The image could not be opened.
     #[error("cannot open disk image {path}")]
     Open {
+        /// The image's path.
         path: PathBuf,
+        /// What the system said.
         #[source]
         source: io::Error,
     },
@@ -65,17 +69,30 @@ pub enum BlockError {
     Volume(#[from] VolumeError),
     /// virtio-blk counts in 512-byte sectors; a partial sector is unreachable.
     #[error("disk image {path} is {size} bytes, not a multiple of {SECTOR_SIZE}-byte sectors")]
-    PartialSector { path: PathBuf, size: u64 },
+    PartialSector {
+        /// The image's path.
+        path: PathBuf,
+        /// Its size in bytes.
+        size: u64,
+    },
     /// The queue's eventfd could not be created.
     #[error("cannot create the queue eventfd of disk {path}")]
     EventFd {
+        /// The disk's image path.
         path: PathBuf,
+        /// What the system said.
         #[source]
         source: io::Error,
     },
     /// The disk's completed writes could not be made durable.
-    #[error("cannot flush disk {path}: {reason}")]
-    Flush { path: PathBuf, reason: String },
+    #[error("cannot flush disk {path}")]
+    Flush {
+        /// The disk's image path.
+        path: PathBuf,
+        /// Why the writes could not be synced.
+        #[source]
+        source: TransferError,
+    },
 }
 
 /// A request's outcome: the status byte and how many data bytes the device
@@ -227,7 +244,7 @@ impl Disk {
             },
             Err(err) => {
                 let id = String::from_utf8_lossy(&self.id);
-                eprintln!("kiln: virtio-blk {id}: {what} failed: {err}");
+                error_limited!("virtio-blk {id}: {what} failed: {}", one_line(&err));
                 Completion::status(VIRTIO_BLK_S_IOERR)
             }
         }
@@ -273,7 +290,9 @@ pub enum DiskSource {
     /// A Kiln image and the overlay that takes its writes; without an
     /// overlay, or attached read-only, the disk is read-only.
     Volume {
+        /// The image file, never written.
         image: PathBuf,
+        /// The overlay file that holds the guest's writes, if it may write.
         overlay: Option<PathBuf>,
         /// Bound on the decompressed chunks kept in memory.
         cache_bytes: u64,
@@ -365,18 +384,18 @@ impl Block {
             let written = match Request::parse(mem, chain) {
                 Ok(request) => complete(mem, &mut self.disk, &request),
                 Err(err) => {
-                    eprintln!("kiln: virtio-blk: dropping request {head}: {err}");
+                    warn_limited!("virtio-blk: dropping request {head}: {}", one_line(&err));
                     0
                 }
             };
             if let Err(err) = active.queue.add_used(mem, head, written) {
-                eprintln!("kiln: virtio-blk: cannot return request {head}: {err}");
+                warn_limited!("virtio-blk: cannot return request {head}: {err}");
                 break;
             }
             completed = true;
         }
         if completed && let Err(err) = active.interrupt.signal_used_queue() {
-            eprintln!("kiln: virtio-blk: cannot interrupt the driver: {err}");
+            error_limited!("virtio-blk: cannot interrupt the driver: {err}");
         }
     }
 }
@@ -493,7 +512,7 @@ impl VirtioDevice for Block {
         // ignored. Serve them from the event loop: activation runs on a vCPU
         // thread, whose seccomp filter rightly has no file I/O.
         if let Err(err) = self.queue_evts[0].write(1) {
-            eprintln!("kiln: virtio-blk: cannot wake the request queue: {err}");
+            error_limited!("virtio-blk: cannot wake the request queue: {err}");
         }
         Ok(())
     }

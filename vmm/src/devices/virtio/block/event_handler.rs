@@ -7,7 +7,7 @@ use super::device::Block;
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(err) = ops.add(Events::new(&self.queue_evts[0], EventSet::IN)) {
-            eprintln!("kiln: virtio-blk: cannot watch the request queue: {err}");
+            log::error!("virtio-blk: cannot watch the request queue: {err}");
         }
     }
 

@@ -25,4 +25,5 @@ mod event_handler;
 mod persist;
 mod request;
 
+pub use backend::TransferError;
 pub use device::{Block, BlockError, DiskSource, QUEUE_SIZE, SECTOR_SIZE};

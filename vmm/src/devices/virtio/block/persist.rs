@@ -14,10 +14,13 @@ impl Block {
     /// Makes every write the guest has completed durable (before a
     /// snapshot, whose memory assumes them on disk).
     pub fn flush(&mut self) -> Result<(), BlockError> {
-        self.disk.backend.flush().map_err(|err| BlockError::Flush {
-            path: self.disk.path.clone(),
-            reason: err.to_string(),
-        })
+        self.disk
+            .backend
+            .flush()
+            .map_err(|source| BlockError::Flush {
+                path: self.disk.path.clone(),
+                source,
+            })
     }
 
     /// Copies what the guest wrote to this disk (a volume's overlay, or a

@@ -18,10 +18,13 @@ pub(super) const HEADER_SECTOR_OFFSET: usize = 8;
 /// answer). Such chains go back to the driver with nothing written.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum ChainError {
+    /// The chain does not start with a whole readable header.
     #[error("the chain has no device-readable header of {HEADER_SIZE} bytes")]
     Header,
+    /// The chain does not end with a writable byte for the status.
     #[error("the chain has no device-writable status byte")]
     Status,
+    /// The header's buffer is not in guest memory.
     #[error("the header cannot be read from guest memory")]
     HeaderMemory,
 }

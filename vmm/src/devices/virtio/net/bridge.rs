@@ -20,22 +20,36 @@ const SIOCBRADDIF: libc::c_ulong = 0x89a2;
 /// Why the bridge or a tap on it cannot be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum BridgeError {
+    /// The bridge ioctls need CAP_NET_ADMIN: said plainly, with what to
+    /// do about it.
     #[error(
         "cannot set up the bridge {bridge}: permission denied: networking needs CAP_NET_ADMIN (run as root, or use --network none)"
     )]
-    Permission { bridge: String },
+    Permission {
+        /// The bridge's name.
+        bridge: String,
+    },
+    /// The bridge exists with another address: another subnet's bridge,
+    /// which Kiln does not readdress.
     #[error(
         "bridge {bridge} has the address {has}, not {gateway}: every kiln on a host must use one subnet (see $KILN_SUBNET)"
     )]
     OtherAddress {
+        /// The bridge's name.
         bridge: String,
+        /// The address it has.
         has: Ipv4Addr,
+        /// The gateway address Kiln wanted it to have.
         gateway: Ipv4Addr,
     },
-    #[error("cannot {what} {interface}: {source}")]
+    /// A netdevice or bridge ioctl failed.
+    #[error("cannot {what} {interface}")]
     Ioctl {
+        /// The step, as a verb phrase ("bring up", "find").
         what: &'static str,
+        /// The interface it was applied to.
         interface: String,
+        /// What the kernel said.
         #[source]
         source: io::Error,
     },
@@ -212,43 +226,90 @@ pub fn attach(bridge: &str, port: &str) -> Result<(), BridgeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::net::tap::Tap;
+    use crate::devices::virtio::net::tap::{Tap, TapError};
 
-    fn is_root() -> bool {
-        // SAFETY: geteuid has no arguments and cannot fail.
-        unsafe { libc::geteuid() == 0 }
+    const BRIDGE: &str = "kb-unit-test";
+    const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 250, 7, 1);
+    const NETMASK: Ipv4Addr = Ipv4Addr::new(255, 255, 255, 0);
+    /// linux/capability.h.
+    const CAP_NET_ADMIN: u32 = 12;
+
+    /// Removes `capability` (below 32) from the calling thread's effective
+    /// set; the permitted set keeps it, but nothing here raises it again.
+    fn drop_effective_capability(capability: u32) {
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: libc::c_int,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy, Default)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+        let mut header = Header {
+            version: LINUX_CAPABILITY_VERSION_3,
+            pid: 0,
+        };
+        let mut data = [Data::default(); 2];
+        // SAFETY: capget fills the two data structs of a version 3 header.
+        let ret = unsafe { libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr()) };
+        assert_eq!(ret, 0, "capget: {}", io::Error::last_os_error());
+        data[0].effective &= !(1 << capability);
+        // SAFETY: capset reads the header and the two data structs.
+        let ret = unsafe { libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) };
+        assert_eq!(ret, 0, "capset: {}", io::Error::last_os_error());
+    }
+
+    /// Without CAP_NET_ADMIN, the bridge and the tap are refused with the
+    /// errors that say what to do, not a bare EPERM.
+    #[test]
+    fn without_cap_net_admin_the_bridge_and_tap_are_refused_clearly() {
+        // Capabilities are per thread: this one drops its own.
+        let (bridge, tap) = std::thread::spawn(|| {
+            drop_effective_capability(CAP_NET_ADMIN);
+            (
+                ensure(BRIDGE, GATEWAY, NETMASK),
+                Tap::create("kt-noperm-test", 12),
+            )
+        })
+        .join()
+        .unwrap();
+        assert!(
+            matches!(&bridge, Err(BridgeError::Permission { bridge }) if bridge == BRIDGE),
+            "{bridge:?}"
+        );
+        assert!(
+            matches!(&tap, Err(TapError::Permission { name }) if name == "kt-noperm-test"),
+            "{tap:?}"
+        );
     }
 
     /// A bridge with an address, a tap on it, the tap gone with its
-    /// descriptor. Needs root (CI runs as root); unprivileged, the
-    /// permission error must be the clear one.
+    /// descriptor. Needs root, as CI and the e2e suite run.
     #[test]
     fn a_tap_joins_a_bridge_with_the_gateway_address() {
-        let bridge = "kb-unit-test";
-        let gateway = Ipv4Addr::new(10, 250, 7, 1);
-        let mask = Ipv4Addr::new(255, 255, 255, 0);
-        if !is_root() {
-            assert!(matches!(
-                ensure(bridge, gateway, mask),
-                Err(BridgeError::Permission { .. })
-            ));
-            return;
-        }
-        ensure(bridge, gateway, mask).unwrap();
+        // SAFETY: geteuid has no arguments and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        assert!(
+            root,
+            "this test makes a bridge and a tap: it needs root (CAP_NET_ADMIN)"
+        );
+        ensure(BRIDGE, GATEWAY, NETMASK).unwrap();
         // Again: nothing changes, nothing fails.
-        ensure(bridge, gateway, mask).unwrap();
+        ensure(BRIDGE, GATEWAY, NETMASK).unwrap();
         // Another subnet's gateway would readdress it: refused.
-        let other = ensure(bridge, Ipv4Addr::new(10, 251, 0, 1), mask).unwrap_err();
+        let other = ensure(BRIDGE, Ipv4Addr::new(10, 251, 0, 1), NETMASK).unwrap_err();
         assert!(matches!(other, BridgeError::OtherAddress { .. }), "{other}");
         let netdev = Netdev::open().unwrap();
-        assert_eq!(netdev.ipv4(bridge, libc::SIOCGIFADDR).unwrap(), gateway);
-        assert_eq!(
-            netdev.ipv4(bridge, libc::SIOCGIFNETMASK).unwrap(),
-            Ipv4Addr::new(255, 255, 255, 0)
-        );
+        assert_eq!(netdev.ipv4(BRIDGE, libc::SIOCGIFADDR).unwrap(), GATEWAY);
+        assert_eq!(netdev.ipv4(BRIDGE, libc::SIOCGIFNETMASK).unwrap(), NETMASK);
         let tap = Tap::create("kt-bridge-test", 12).unwrap();
-        attach(bridge, tap.name()).unwrap();
-        let port = format!("/sys/class/net/{bridge}/brif/{}", tap.name());
+        attach(BRIDGE, tap.name()).unwrap();
+        let port = format!("/sys/class/net/{BRIDGE}/brif/{}", tap.name());
         assert!(std::path::Path::new(&port).exists(), "{port}");
         drop(tap);
         assert!(!std::path::Path::new(&port).exists());

@@ -20,6 +20,8 @@ use super::super::{
 };
 use super::request::{MAX_FRAME_LEN, NET_HDR_LEN, NUM_BUFFERS_OFFSET, read_tx_frame};
 use super::tap::{Tap, TapError};
+use crate::logger::{error_limited, warn_limited};
+use crate::report::one_line;
 
 /// Size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -33,6 +35,8 @@ const CONFIG_LEN: usize = 6;
 pub struct NetConfig {
     /// The tap to create (it exists while the VM does).
     pub tap: String,
+    /// The NIC's MAC address, which the guest reads from the
+    /// configuration space (§5.1.4).
     pub mac: [u8; 6],
     /// A bridge to attach the tap to, which must exist.
     pub bridge: Option<String>,
@@ -69,9 +73,8 @@ impl Net {
     pub fn new(config: &NetConfig) -> Result<Self, TapError> {
         let tap = Tap::create(&config.tap, NET_HDR_LEN)?;
         let evt = || {
-            EventFd::new(EFD_NONBLOCK).map_err(|source| TapError::Ioctl {
+            EventFd::new(EFD_NONBLOCK).map_err(|source| TapError::EventFd {
                 name: config.tap.clone(),
-                what: "an eventfd for its queues",
                 source,
             })
         };
@@ -88,10 +91,12 @@ impl Net {
         })
     }
 
+    /// The tap that is the NIC's host end.
     pub fn tap(&self) -> &Tap {
         &self.tap
     }
 
+    /// The MAC address the guest sees.
     pub fn mac(&self) -> [u8; 6] {
         self.mac
     }
@@ -112,7 +117,7 @@ impl Net {
                     Err(err) if err.kind() == ErrorKind::WouldBlock => break,
                     Err(err) if err.kind() == ErrorKind::Interrupted => continue,
                     Err(err) => {
-                        warn(format_args!("cannot read the tap: {err}"));
+                        error_limited!("virtio-net: cannot read the tap: {err}");
                         break;
                     }
                 }
@@ -141,16 +146,16 @@ impl Net {
         while let Some(chain) = active.queues[TX].pop_descriptor_chain(mem) {
             let head = chain.head_index();
             if !read_tx_frame(mem, chain, &mut self.tx_frame) {
-                warn(format_args!("dropping malformed transmit chain {head}"));
+                warn_limited!("virtio-net: dropping malformed transmit chain {head}");
             } else if let Err(err) = self.tap.write_frame(&self.tx_frame) {
                 // As a NIC would, the frame is lost and the guest's stack
                 // retransmits what matters.
                 if err.kind() != ErrorKind::WouldBlock {
-                    warn(format_args!("cannot write to the tap: {err}"));
+                    warn_limited!("virtio-net: cannot write to the tap: {err}");
                 }
             }
             if let Err(err) = active.queues[TX].add_used(mem, head, 0) {
-                warn(format_args!("cannot return transmit chain {head}: {err}"));
+                warn_limited!("virtio-net: cannot return transmit chain {head}: {err}");
                 break;
             }
             sent = true;
@@ -164,7 +169,7 @@ impl Net {
         if let Some(flags) = self.offload_due.take()
             && let Err(err) = self.tap.set_offload(flags)
         {
-            warn(format_args!("{err}"));
+            error_limited!("virtio-net: {}", one_line(&err));
         }
     }
 }
@@ -207,10 +212,10 @@ fn deliver(active: &mut Active, frame: &mut [u8]) -> Delivery {
         // mergeable buffers), which drops it.
         let hopeless = !active.mergeable || chains.len() >= usize::from(queue.size());
         if hopeless {
-            warn(format_args!(
-                "dropping a {}-byte frame: the receive buffers hold {room}",
+            warn_limited!(
+                "virtio-net: dropping a {}-byte frame: the receive buffers hold {room}",
                 frame.len()
-            ));
+            );
             return_unused(active, &chains);
             return Delivery::Dropped;
         }
@@ -228,9 +233,7 @@ fn deliver(active: &mut Active, frame: &mut [u8]) -> Delivery {
         for &(addr, len) in buffers {
             let n = len.min(rest.len());
             if mem.write_slice(&rest[..n], addr).is_err() {
-                warn(format_args!(
-                    "receive buffer {head} is outside guest memory"
-                ));
+                warn_limited!("virtio-net: receive buffer {head} is outside guest memory");
                 return_unused(active, &chains);
                 return Delivery::Dropped;
             }
@@ -243,7 +246,7 @@ fn deliver(active: &mut Active, frame: &mut [u8]) -> Delivery {
     // byte and the header's count are written.
     for (head, len) in used {
         if let Err(err) = active.queues[RX].add_used(&active.mem, head, len) {
-            warn(format_args!("cannot return receive chain {head}: {err}"));
+            warn_limited!("virtio-net: cannot return receive chain {head}: {err}");
             return Delivery::Dropped;
         }
     }
@@ -254,14 +257,14 @@ fn deliver(active: &mut Active, frame: &mut [u8]) -> Delivery {
 fn return_unused(active: &mut Active, chains: &[(u16, Vec<(vm_memory::GuestAddress, usize)>)]) {
     for (head, _) in chains {
         if let Err(err) = active.queues[RX].add_used(&active.mem, *head, 0) {
-            warn(format_args!("cannot return receive chain {head}: {err}"));
+            warn_limited!("virtio-net: cannot return receive chain {head}: {err}");
         }
     }
 }
 
 fn signal(active: &Active) {
     if let Err(err) = active.interrupt.signal_used_queue() {
-        warn(format_args!("cannot interrupt the driver: {err}"));
+        error_limited!("virtio-net: cannot interrupt the driver: {err}");
     }
 }
 
@@ -346,7 +349,7 @@ impl VirtioDevice for Net {
         // The event loop sets the offloads, starts watching the tap and
         // sends what the driver queued before activation.
         if let Err(err) = self.queue_evts[TX].write(1) {
-            warn(format_args!("cannot wake the transmit queue: {err}"));
+            error_limited!("virtio-net: cannot wake the transmit queue: {err}");
         }
         Ok(())
     }
@@ -362,10 +365,6 @@ impl VirtioDevice for Net {
             .flat_map(|active| active.queues.iter().map(Queue::state))
             .collect()
     }
-}
-
-pub(super) fn warn(what: std::fmt::Arguments<'_>) {
-    eprintln!("kiln: virtio-net: {what}");
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 //! only while a received frame can go somewhere.
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
-use super::device::{Net, TX, warn};
+use super::device::{Net, TX};
+use crate::logger::error_limited;
 
 /// Event-loop token of the tap (the queues' are their indices).
 const TAP_TOKEN: u32 = 2;
@@ -23,7 +24,7 @@ impl Net {
         };
         match changed {
             Ok(()) => self.tap_watched = wanted,
-            Err(err) => warn(format_args!("cannot change the tap's watch: {err:?}")),
+            Err(err) => error_limited!("virtio-net: cannot change the tap's watch: {err}"),
         }
     }
 }
@@ -32,7 +33,7 @@ impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
         for (token, evt) in self.queue_evts.iter().enumerate() {
             if let Err(err) = ops.add(Events::with_data(evt, token as u32, EventSet::IN)) {
-                warn(format_args!("cannot watch queue {token}: {err:?}"));
+                log::error!("virtio-net: cannot watch queue {token}: {err}");
             }
         }
     }

@@ -20,24 +20,47 @@ pub const IFNAMSIZ: usize = libc::IFNAMSIZ;
 /// Why a tap cannot be made or used.
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
+    /// The name is empty, too long for IFNAMSIZ, or not plain ASCII.
     #[error("tap name {0:?}: expected 1 to {max} ASCII letters, digits, '-' or '_'", max = IFNAMSIZ - 1)]
     Name(String),
-    #[error("cannot open {TUN_DEVICE}: {0} (is the tun module loaded?)")]
+    /// The tun clone device could not be opened.
+    #[error("cannot open {TUN_DEVICE} (is the tun module loaded?)")]
     Open(#[source] io::Error),
+    /// TUNSETIFF refused for want of CAP_NET_ADMIN: said plainly, with
+    /// what to do about it.
     #[error(
         "cannot create tap {name}: permission denied: a NIC needs CAP_NET_ADMIN (run as root, or use --network none)"
     )]
-    Permission { name: String },
-    #[error("cannot create tap {name}: {source}")]
-    Create {
+    Permission {
+        /// The tap's name.
         name: String,
+    },
+    /// TUNSETIFF failed for another reason.
+    #[error("cannot create tap {name}")]
+    Create {
+        /// The tap's name.
+        name: String,
+        /// What the kernel said.
         #[source]
         source: io::Error,
     },
-    #[error("tap {name}: {what}: {source}")]
-    Ioctl {
+    /// The eventfds of the NIC's queues could not be created.
+    #[error("cannot create the queue eventfds of the NIC on tap {name}")]
+    EventFd {
+        /// The tap's name.
         name: String,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+    /// A configuration ioctl on the made tap failed.
+    #[error("tap {name}: {what} failed")]
+    Ioctl {
+        /// The tap's name.
+        name: String,
+        /// The ioctl, by its name in linux/if_tun.h.
         what: &'static str,
+        /// What the kernel said.
         #[source]
         source: io::Error,
     },
@@ -122,6 +145,8 @@ impl Tap {
         }
     }
 
+    /// The tap's descriptor, for the event loop to watch: valid while
+    /// the tap lives.
     pub fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }

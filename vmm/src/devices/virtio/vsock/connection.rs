@@ -21,6 +21,7 @@ use super::packet::{
     VIRTIO_VSOCK_SHUTDOWN_F_BOTH, VIRTIO_VSOCK_SHUTDOWN_F_RECEIVE, VIRTIO_VSOCK_SHUTDOWN_F_SEND,
     VIRTIO_VSOCK_TYPE_STREAM, VSOCK_HOST_CID,
 };
+use crate::logger::warn_limited;
 
 /// The receive buffer the device advertises per connection (`buf_alloc`):
 /// the most guest bytes it holds for a host that does not read.
@@ -50,6 +51,7 @@ pub enum State {
 /// What to do with a connection after an event.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
+    /// It goes on.
     Keep,
     /// Forget it quietly (the guest knows nothing of it, or knows it is over).
     Drop,
@@ -59,11 +61,13 @@ pub enum Verdict {
 
 /// A host stream and its vsock connection.
 pub struct Connection {
+    /// The host process's end of the connection, non-blocking.
     pub stream: UnixStream,
     /// The host side's port: the source port of every packet to the guest.
     pub local_port: u32,
     /// The guest's port, once the host has named it.
     pub peer_port: u32,
+    /// Where the connection stands in its handshake and life.
     pub state: State,
     /// Host bytes read, waiting for the guest's receive buffers.
     staged: Vec<u8>,
@@ -109,6 +113,8 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// A connection just accepted from a host process on `local_port`,
+    /// waiting for its `CONNECT <port>` line.
     pub fn new(stream: UnixStream, local_port: u32) -> Self {
         Self {
             stream,
@@ -221,10 +227,10 @@ impl Connection {
         }
         let Some(end) = line.iter().position(|&b| b == b'\n') else {
             if line.len() >= CONNECT_LINE_MAX {
-                warn(format_args!(
-                    "host connection {}: expected `CONNECT <port>\\n`",
+                warn_limited!(
+                    "virtio-vsock: host connection {}: expected `CONNECT <port>\\n`",
                     self.local_port
-                ));
+                );
                 self.host_eof = true;
             }
             return;
@@ -239,11 +245,11 @@ impl Connection {
                 self.state = State::RequestDue;
             }
             None => {
-                warn(format_args!(
-                    "host connection {}: expected `CONNECT <port>\\n`, got {:?}",
+                warn_limited!(
+                    "virtio-vsock: host connection {}: expected `CONNECT <port>\\n`, got {:?}",
                     self.local_port,
                     String::from_utf8_lossy(&line[..end])
-                ));
+                );
                 self.host_eof = true;
             }
         }
@@ -321,18 +327,18 @@ impl Connection {
             (VIRTIO_VSOCK_OP_RW, State::Established) => {
                 let held = self.to_host.len() - self.own_bytes;
                 if self.guest_shutdown & VIRTIO_VSOCK_SHUTDOWN_F_SEND != 0 {
-                    warn(format_args!(
-                        "connection {}: the guest sent data after its SEND shutdown",
+                    warn_limited!(
+                        "virtio-vsock: connection {}: the guest sent data after its SEND shutdown",
                         self.local_port
-                    ));
+                    );
                     self.reset_due = true;
                 } else if held + payload.len() > BUF_ALLOC as usize {
-                    warn(format_args!(
-                        "connection {}: the guest sent past its credit ({} bytes held, {} more)",
+                    warn_limited!(
+                        "virtio-vsock: connection {}: the guest sent past its credit ({} bytes held, {} more)",
                         self.local_port,
                         held,
                         payload.len()
-                    ));
+                    );
                     self.reset_due = true;
                 } else {
                     self.to_host.extend_from_slice(payload);
@@ -347,11 +353,11 @@ impl Connection {
             (VIRTIO_VSOCK_OP_CREDIT_UPDATE, _) => {}
             (VIRTIO_VSOCK_OP_CREDIT_REQUEST, _) => self.credit_update_due = true,
             (op, state) => {
-                warn(format_args!(
-                    "connection {}: unexpected {} from the guest in state {state:?}",
+                warn_limited!(
+                    "virtio-vsock: connection {}: unexpected {} from the guest in state {state:?}",
                     self.local_port,
                     super::packet::op_name(op)
-                ));
+                );
                 self.reset_due = true;
             }
         }
@@ -505,10 +511,6 @@ fn send(stream: &UnixStream, buf: &[u8]) -> io::Result<usize> {
         )
     };
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
-}
-
-fn warn(what: std::fmt::Arguments<'_>) {
-    eprintln!("kiln: virtio-vsock: {what}");
 }
 
 #[cfg(test)]

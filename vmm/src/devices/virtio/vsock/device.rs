@@ -27,6 +27,8 @@ use super::packet::{
     read_packet,
 };
 use super::persist::TransportReset;
+use crate::logger::{error_limited, warn_limited};
+use crate::report::one_line;
 
 /// Size of each of the three queues.
 pub const QUEUE_SIZE: u16 = 256;
@@ -55,19 +57,26 @@ pub struct VsockConfig {
 /// Errors from creating the device.
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
+    /// The configured CID is reserved (§5.10.4) or out of range.
     #[error("vsock CID {0}: expected {VSOCK_MIN_GUEST_CID} to {VSOCK_MAX_GUEST_CID}")]
     Cid(u64),
+    /// A live listener holds the socket path: another VM, most likely.
     #[error("vsock socket {0}: something else is listening there")]
     InUse(PathBuf),
+    /// Something other than a socket is at the path; it is left alone.
     #[error("vsock socket {0}: the path exists and is not a socket")]
     NotASocket(PathBuf),
-    #[error("vsock socket {path}: {source}")]
+    /// The socket could not be inspected, removed, bound or set up.
+    #[error("cannot set up the vsock socket {path}")]
     Socket {
+        /// The socket's path.
         path: PathBuf,
+        /// What the system said.
         #[source]
         source: io::Error,
     },
-    #[error("cannot create the vsock queue eventfds: {0}")]
+    /// The queues' eventfds could not be created.
+    #[error("cannot create the vsock queue eventfds")]
     EventFd(#[source] io::Error),
 }
 
@@ -144,7 +153,7 @@ impl Vsock {
                     ErrorKind::WouldBlock => return,
                     ErrorKind::Interrupted | ErrorKind::ConnectionAborted => continue,
                     _ => {
-                        warn(format_args!("cannot accept a host connection: {err}"));
+                        error_limited!("virtio-vsock: cannot accept a host connection: {err}");
                         return;
                     }
                 }
@@ -152,9 +161,9 @@ impl Vsock {
             // SAFETY: accept4 returned a new descriptor that nothing else owns.
             let stream = unsafe { UnixStream::from_raw_fd(fd) };
             if self.connections.len() >= MAX_CONNECTIONS {
-                warn(format_args!(
-                    "{MAX_CONNECTIONS} host connections already: closing a new one"
-                ));
+                warn_limited!(
+                    "virtio-vsock: {MAX_CONNECTIONS} host connections already: closing a new one"
+                );
                 continue;
             }
             let port = self.allocate_port();
@@ -190,7 +199,7 @@ impl Vsock {
             let head = chain.head_index();
             let packet = read_packet(mem, chain);
             if let Err(err) = active.queues[TX].add_used(mem, head, 0) {
-                warn(format_args!("cannot return tx buffer {head}: {err}"));
+                warn_limited!("virtio-vsock: cannot return tx buffer {head}: {err}");
                 break;
             }
             used = true;
@@ -204,7 +213,10 @@ impl Vsock {
                         &payload,
                     );
                 }
-                Err(reason) => warn(format_args!("dropping tx packet {head}: {reason}")),
+                Err(err) => warn_limited!(
+                    "virtio-vsock: dropping tx packet {head}: {}",
+                    one_line(&err)
+                ),
             }
         }
         used
@@ -234,16 +246,16 @@ impl Vsock {
             let mut writer = match chain.writer(mem) {
                 Ok(writer) => writer,
                 Err(err) => {
-                    warn(format_args!("dropping rx buffer {head}: {err}"));
+                    warn_limited!("virtio-vsock: dropping rx buffer {head}: {err}");
                     used |= active.queues[RX].add_used(mem, head, 0).is_ok();
                     continue;
                 }
             };
             let room = writer.available_bytes();
             if room < HEADER_SIZE {
-                warn(format_args!(
-                    "dropping rx buffer {head}: {room} bytes, less than a header"
-                ));
+                warn_limited!(
+                    "virtio-vsock: dropping rx buffer {head}: {room} bytes, less than a header"
+                );
                 used |= active.queues[RX].add_used(mem, head, 0).is_ok();
                 continue;
             }
@@ -262,11 +274,11 @@ impl Vsock {
                 .write_all(&header.to_bytes())
                 .and_then(|()| writer.write_all(&payload));
             if let Err(err) = written {
-                warn(format_args!("cannot write rx buffer {head}: {err}"));
+                warn_limited!("virtio-vsock: cannot write rx buffer {head}: {err}");
             }
             let len = writer.bytes_written() as u32;
             if let Err(err) = active.queues[RX].add_used(mem, head, len) {
-                warn(format_args!("cannot return rx buffer {head}: {err}"));
+                warn_limited!("virtio-vsock: cannot return rx buffer {head}: {err}");
                 return used;
             }
             used = true;
@@ -296,22 +308,22 @@ impl Vsock {
                         VIRTIO_VSOCK_EVENT_SIZE as u32
                     }
                     Err(err) => {
-                        warn(format_args!("cannot write event buffer {head}: {err}"));
+                        warn_limited!("virtio-vsock: cannot write event buffer {head}: {err}");
                         0
                     }
                 }
             }
             Ok(_) => {
-                warn(format_args!("dropping event buffer {head}: too small"));
+                warn_limited!("virtio-vsock: dropping event buffer {head}: too small");
                 0
             }
             Err(err) => {
-                warn(format_args!("dropping event buffer {head}: {err}"));
+                warn_limited!("virtio-vsock: dropping event buffer {head}: {err}");
                 0
             }
         };
         if let Err(err) = active.queues[EVENT].add_used(mem, head, len) {
-            warn(format_args!("cannot return event buffer {head}: {err}"));
+            warn_limited!("virtio-vsock: cannot return event buffer {head}: {err}");
         }
         true
     }
@@ -343,11 +355,11 @@ fn dispatch(
 ) {
     if header.src_cid != cid {
         // A driver that has not yet re-read its CID after a restore.
-        warn(format_args!(
-            "dropping a {} packet from CID {}: the guest is CID {cid}",
+        warn_limited!(
+            "virtio-vsock: dropping a {} packet from CID {}: the guest is CID {cid}",
             packet::op_name(header.op),
             header.src_cid
-        ));
+        );
         return;
     }
     if header.op == VIRTIO_VSOCK_OP_RST {
@@ -455,7 +467,7 @@ impl VirtioDevice for Vsock {
         // Serve what waits from the event loop: activation runs on a vCPU
         // thread, whose seccomp filter has no socket calls.
         if let Err(err) = self.queue_evts[RX].write(1) {
-            warn(format_args!("cannot wake the device: {err}"));
+            error_limited!("virtio-vsock: cannot wake the device: {err}");
         }
         Ok(())
     }
@@ -466,7 +478,7 @@ impl VirtioDevice for Vsock {
         // The connections' sockets leave the event loop on its thread.
         self.teardown = true;
         if let Err(err) = self.queue_evts[RX].write(1) {
-            warn(format_args!("cannot wake the device: {err}"));
+            error_limited!("virtio-vsock: cannot wake the device: {err}");
         }
     }
 
@@ -476,8 +488,4 @@ impl VirtioDevice for Vsock {
             .flat_map(|active| active.queues.iter().map(Queue::state))
             .collect()
     }
-}
-
-pub(super) fn warn(what: std::fmt::Arguments<'_>) {
-    eprintln!("kiln: virtio-vsock: {what}");
 }

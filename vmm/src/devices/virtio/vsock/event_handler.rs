@@ -4,9 +4,10 @@
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
 use super::connection::{Connection, Verdict};
-use super::device::{EVENT, RX, TX, Vsock, warn};
+use super::device::{EVENT, RX, TX, Vsock};
 use super::packet::{Header, VIRTIO_VSOCK_OP_RST, VIRTIO_VSOCK_TYPE_STREAM, VSOCK_HOST_CID};
 use super::persist::TransportReset;
+use crate::logger::error_limited;
 
 /// Event-loop tokens: the queues' indices, the listener, and each host
 /// connection's local port (all from
@@ -46,7 +47,7 @@ impl Vsock {
             && let Some(active) = &self.active
             && let Err(err) = active.interrupt.signal_used_queue()
         {
-            warn(format_args!("cannot interrupt the driver: {err}"));
+            error_limited!("virtio-vsock: cannot interrupt the driver: {err}");
         }
     }
 
@@ -98,10 +99,10 @@ fn watch(ops: &mut EventOps, connection: &mut Connection) {
     };
     match done {
         Ok(()) => connection.registered = wanted,
-        Err(err) => warn(format_args!(
-            "cannot watch host connection {}: {err}",
+        Err(err) => error_limited!(
+            "virtio-vsock: cannot watch host connection {}: {err}",
             connection.local_port
-        )),
+        ),
     }
 }
 
@@ -110,10 +111,10 @@ fn deregister(ops: &mut EventOps, connection: &Connection) {
     if let Some(set) = connection.registered {
         let events = Events::with_data(&connection.stream, connection.local_port, set);
         if let Err(err) = ops.remove(events) {
-            warn(format_args!(
-                "cannot unwatch host connection {}: {err}",
+            error_limited!(
+                "virtio-vsock: cannot unwatch host connection {}: {err}",
                 connection.local_port
-            ));
+            );
         }
     }
 }
@@ -122,12 +123,12 @@ impl MutEventSubscriber for Vsock {
     fn init(&mut self, ops: &mut EventOps) {
         for (token, evt) in self.queue_evts.iter().enumerate() {
             if let Err(err) = ops.add(Events::with_data(evt, token as u32, EventSet::IN)) {
-                warn(format_args!("cannot watch queue {token}: {err}"));
+                log::error!("virtio-vsock: cannot watch queue {token}: {err}");
             }
         }
         let listener = Events::with_data(&self.listener, LISTENER_TOKEN, EventSet::IN);
         if let Err(err) = ops.add(listener) {
-            warn(format_args!("cannot watch {}: {err}", self.path.display()));
+            log::error!("virtio-vsock: cannot watch {}: {err}", self.path.display());
         }
     }
 

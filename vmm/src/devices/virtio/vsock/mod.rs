@@ -30,8 +30,8 @@
 //!
 //! The device is an event-loop subscriber: it watches its queues'
 //! eventfds, the listening socket and each host connection, all
-//! non-blocking; each connection buffers at most [`connection::BUF_ALLOC`]
-//! bytes for the host and [`connection::STAGE_CAPACITY`] for the guest,
+//! non-blocking; each connection buffers at most 64 KiB for the host
+//! (`BUF_ALLOC`) and 64 KiB for the guest (`STAGE_CAPACITY`),
 //! and reads its host socket only while the guest has credit.
 //!
 //! Snapshots: connections do not survive one. A restored device starts

@@ -30,8 +30,11 @@ pub const VIRTIO_VSOCK_TYPE_STREAM: u16 = 1;
 pub const VIRTIO_VSOCK_OP_INVALID: u16 = 0;
 /// Connect.
 pub const VIRTIO_VSOCK_OP_REQUEST: u16 = 1;
+/// Accept a REQUEST: the connection is established.
 pub const VIRTIO_VSOCK_OP_RESPONSE: u16 = 2;
+/// Refuse a REQUEST, or end a connection at once.
 pub const VIRTIO_VSOCK_OP_RST: u16 = 3;
+/// Stop receiving or sending, as `flags` says (the SHUTDOWN flags below).
 pub const VIRTIO_VSOCK_OP_SHUTDOWN: u16 = 4;
 /// Send payload.
 pub const VIRTIO_VSOCK_OP_RW: u16 = 5;
@@ -76,14 +79,22 @@ pub const MAX_PAYLOAD: u32 = 64 * 1024;
 /// A packet header, decoded.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Header {
+    /// The sender's CID.
     pub src_cid: u64,
+    /// The receiver's CID.
     pub dst_cid: u64,
+    /// The sender's port.
     pub src_port: u32,
+    /// The receiver's port.
     pub dst_port: u32,
     /// Payload bytes following the header.
     pub len: u32,
+    /// The socket type (`type` in the spec, a keyword here): only
+    /// [`VIRTIO_VSOCK_TYPE_STREAM`] is served.
     pub kind: u16,
+    /// What the packet does: one of the `VIRTIO_VSOCK_OP_*` values.
     pub op: u16,
+    /// SHUTDOWN's `VIRTIO_VSOCK_SHUTDOWN_F_*` bits; zero otherwise.
     pub flags: u32,
     /// The sender's receive buffer for this connection, in bytes
     /// (§5.10.6.3 "Buffer Space Management") ...
@@ -149,19 +160,43 @@ pub fn op_name(op: u16) -> &'static str {
     }
 }
 
+/// Why a tx chain holds no packet the device can act on: each is the
+/// guest driver's doing, so the device drops the chain and says why.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum PacketError {
+    /// The descriptors point outside guest memory.
+    #[error("the chain's buffers are not in guest memory")]
+    Chain(#[source] virtio_queue::Error),
+    /// Copying the header or payload out of the buffers failed.
+    #[error("the chain cannot be read")]
+    Read(#[source] std::io::Error),
+    /// The buffers hold fewer bytes than a header.
+    #[error("{0} bytes, less than a header")]
+    Short(usize),
+    /// `op` is none of §5.10.6's.
+    #[error("unknown op {0}")]
+    UnknownOp(u16),
+    /// `len` is more than any packet may carry ([`MAX_PAYLOAD`]).
+    #[error("a payload of {0} bytes, more than {MAX_PAYLOAD}")]
+    TooLong(u32),
+    /// `len` is more than the buffers hold after the header.
+    #[error("len {len} but {available} payload bytes in the buffer")]
+    Truncated { len: usize, available: usize },
+}
+
 /// Reads one packet off a tx chain: the header, then `len` bytes of
 /// payload for RW packets.
 pub(super) fn read_packet(
     mem: &GuestMemoryMmap,
     chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
-) -> Result<(Header, Vec<u8>), String> {
-    let mut reader = chain.reader(mem).map_err(|err| err.to_string())?;
+) -> Result<(Header, Vec<u8>), PacketError> {
+    let mut reader = chain.reader(mem).map_err(PacketError::Chain)?;
     let available = reader.available_bytes();
     if available < HEADER_SIZE {
-        return Err(format!("{available} bytes, less than a header"));
+        return Err(PacketError::Short(available));
     }
     let mut raw = [0u8; HEADER_SIZE];
-    reader.read_exact(&mut raw).map_err(|err| err.to_string())?;
+    reader.read_exact(&mut raw).map_err(PacketError::Read)?;
     let header = Header::parse(&raw);
     let known = matches!(
         header.op,
@@ -174,28 +209,21 @@ pub(super) fn read_packet(
             | VIRTIO_VSOCK_OP_CREDIT_REQUEST
     );
     if !known {
-        return Err(format!("unknown op {}", header.op));
+        return Err(PacketError::UnknownOp(header.op));
     }
     if header.op != VIRTIO_VSOCK_OP_RW {
         return Ok((header, Vec::new()));
     }
     if header.len > MAX_PAYLOAD {
-        return Err(format!(
-            "a payload of {} bytes, more than {MAX_PAYLOAD}",
-            header.len
-        ));
+        return Err(PacketError::TooLong(header.len));
     }
     let len = header.len as usize;
-    if reader.available_bytes() < len {
-        return Err(format!(
-            "len {len} but {} payload bytes in the buffer",
-            reader.available_bytes()
-        ));
+    let available = reader.available_bytes();
+    if available < len {
+        return Err(PacketError::Truncated { len, available });
     }
     let mut payload = vec![0u8; len];
-    reader
-        .read_exact(&mut payload)
-        .map_err(|err| err.to_string())?;
+    reader.read_exact(&mut payload).map_err(PacketError::Read)?;
     Ok((header, payload))
 }
 
@@ -211,7 +239,7 @@ mod tests {
     /// Writes each part in a device-readable buffer of its own, posts
     /// them as one chain on a mock tx queue, and reads the packet off the
     /// chain the device pops.
-    fn read(mem: &GuestMemoryMmap, parts: &[&[u8]]) -> Result<(Header, Vec<u8>), String> {
+    fn read(mem: &GuestMemoryMmap, parts: &[&[u8]]) -> Result<(Header, Vec<u8>), PacketError> {
         let bufs: Vec<Buf> = parts
             .iter()
             .enumerate()
@@ -264,17 +292,35 @@ mod tests {
     fn malformed_packets_are_refused() {
         let mem = memory();
         // Shorter than a header.
-        assert!(read(&mem, &[&[0u8; HEADER_SIZE - 1]]).is_err());
+        assert!(matches!(
+            read(&mem, &[&[0u8; HEADER_SIZE - 1]]),
+            Err(PacketError::Short(len)) if len == HEADER_SIZE - 1
+        ));
         // An unknown op.
-        assert!(read(&mem, &[&header(VIRTIO_VSOCK_OP_INVALID, 0).to_bytes()]).is_err());
-        assert!(read(&mem, &[&header(99, 0).to_bytes()]).is_err());
+        assert!(matches!(
+            read(&mem, &[&header(VIRTIO_VSOCK_OP_INVALID, 0).to_bytes()]),
+            Err(PacketError::UnknownOp(VIRTIO_VSOCK_OP_INVALID))
+        ));
+        assert!(matches!(
+            read(&mem, &[&header(99, 0).to_bytes()]),
+            Err(PacketError::UnknownOp(99))
+        ));
         // A payload longer than any packet may carry, even if it is there.
         let too_long = header(VIRTIO_VSOCK_OP_RW, MAX_PAYLOAD + 1);
         let payload = vec![0u8; MAX_PAYLOAD as usize + 1];
-        assert!(read(&mem, &[&too_long.to_bytes(), &payload]).is_err());
+        assert!(matches!(
+            read(&mem, &[&too_long.to_bytes(), &payload]),
+            Err(PacketError::TooLong(len)) if len == MAX_PAYLOAD + 1
+        ));
         // A len beyond the buffers.
         let short = header(VIRTIO_VSOCK_OP_RW, 100);
-        assert!(read(&mem, &[&short.to_bytes(), b"short"]).is_err());
+        assert!(matches!(
+            read(&mem, &[&short.to_bytes(), b"short"]),
+            Err(PacketError::Truncated {
+                len: 100,
+                available: 5
+            })
+        ));
     }
 
     #[test]
