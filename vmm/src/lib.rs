@@ -2,6 +2,7 @@
 //!
 //! Modules are named after what they model; `builder` is the one place that
 //! wires a VM together from a [`builder::VmConfig`].
+#![warn(missing_docs)]
 pub mod arch;
 pub mod builder;
 pub mod devices;
