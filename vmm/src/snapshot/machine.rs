@@ -36,7 +36,7 @@ pub struct MachineState {
     pub vm: VmState,
     /// Each vCPU's registers and KVM state, in vCPU index order.
     pub vcpus: Vec<VcpuState>,
-    /// The serial port's registers and pending input.
+    /// The serial port's registers and the bytes in its receive FIFO.
     pub serial: SerialSnapshot,
     /// The virtio-mmio block devices, in slot order (/dev/vda first).
     pub disks: Vec<TransportState>,

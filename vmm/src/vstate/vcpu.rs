@@ -105,7 +105,7 @@ pub struct VcpuContext {
     /// KVM_RUN calls.
     pub stop: Arc<AtomicBool>,
     /// Whether the thread installs its seccomp filter before it runs the
-    /// guest (off only in tests that run without one).
+    /// guest (off only for debugging: `kiln run --no-seccomp`).
     pub seccomp: bool,
 }
 
