@@ -36,8 +36,8 @@ pub struct VmEndSignal {
 }
 
 impl VmEndSignal {
-    /// A signal not yet given: [`reason`](Self::reason) is only meaningful
-    /// once the loop has seen it fire.
+    /// A signal not yet given, to be shared by the vCPU threads, the
+    /// devices and the loop (hence the `Arc`).
     pub fn new() -> std::io::Result<Arc<Self>> {
         Ok(Arc::new(VmEndSignal {
             evt: EventFd::new(EFD_NONBLOCK)?,
