@@ -36,6 +36,8 @@ pub struct VmEndSignal {
 }
 
 impl VmEndSignal {
+    /// A signal not yet given, to be shared by the vCPU threads, the
+    /// devices and the loop (hence the `Arc`).
     pub fn new() -> std::io::Result<Arc<Self>> {
         Ok(Arc::new(VmEndSignal {
             evt: EventFd::new(EFD_NONBLOCK)?,
@@ -151,13 +153,16 @@ pub enum LoopEvent {
 /// Errors from the event loop.
 #[derive(Debug, thiserror::Error)]
 pub enum EventLoopError {
-    #[error("cannot create the event loop: {0}")]
-    Create(event_manager::Error),
-    #[error("the event loop failed: {0}")]
-    Run(event_manager::Error),
+    /// The epoll instance behind the loop cannot be created.
+    #[error("cannot create the event loop")]
+    Create(#[source] event_manager::Error),
+    /// Waiting for or dispatching events failed.
+    #[error("the event loop failed")]
+    Run(#[source] event_manager::Error),
 }
 
 impl EventLoop {
+    /// A loop that returns [`LoopEvent::End`] once `end` is signalled.
     pub fn new(end: Arc<VmEndSignal>) -> Result<Self, EventLoopError> {
         let mut manager: EventManager<Subscriber> =
             EventManager::new().map_err(EventLoopError::Create)?;

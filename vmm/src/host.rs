@@ -12,6 +12,8 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use crate::report::one_line;
+
 /// The CPU extension behind hardware KVM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HardwareVirt {
@@ -28,8 +30,11 @@ pub enum HostVirt {
     HardwareKvm(HardwareVirt),
     /// PVM: /dev/kvm works, but stock Linux guests cannot boot under it.
     Pvm,
-    /// No usable KVM; `reason` says what is missing and what to do.
-    Unavailable { reason: String },
+    /// No usable KVM.
+    Unavailable {
+        /// What is missing and what to do about it, for a person.
+        reason: String,
+    },
 }
 
 impl HostVirt {
@@ -104,7 +109,8 @@ fn detect_with(paths: &HostPaths) -> HostVirt {
             ))
         }
         (Some(_), Err(err)) => unavailable(format!(
-            "cannot open {device}: {err}; run as root or add your user to the kvm group"
+            "cannot open {device}: {}; run as root or add your user to the kvm group",
+            one_line(&err)
         )),
         (None, _) => unavailable(
             "the CPU shows neither vmx nor svm in /proc/cpuinfo; enable hardware \

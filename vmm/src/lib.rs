@@ -1,7 +1,9 @@
-//! Kiln's microVMM.
+//! Kiln's microVMM: exactly one VM process, from its definition
+//! ([`config::VmConfig`]) to its end.
 //!
-//! Modules are named after what they model; `builder` is the one place that
-//! wires a VM together from a [`config::VmConfig`].
+//! Modules are named after what they model; [`builder`] is the one place
+//! that wires a VM together, [`machine`] runs it, [`persist`] snapshots it.
+#![warn(missing_docs)]
 pub mod arch;
 pub mod builder;
 pub mod config;

@@ -16,45 +16,81 @@ use crate::arch::x86_64::layout::HIMEM_START;
 /// Why a kernel could not be loaded. Each names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
-    #[error("cannot read the kernel {path}: {source}")]
+    /// The kernel file could not be read at all.
+    #[error("cannot read the kernel {path}")]
     Read {
+        /// The kernel file.
         path: PathBuf,
+        /// Why reading it failed.
+        #[source]
         source: std::io::Error,
     },
-    #[error(
-        "{path} is not an ELF file (expected an uncompressed vmlinux, not a bzImage): {reason}"
-    )]
-    NotElf { path: PathBuf, reason: String },
+    /// The file does not parse as ELF; most often it is a compressed
+    /// bzImage, which Kiln does not boot.
+    #[error("{path} is not an ELF file (expected an uncompressed vmlinux, not a bzImage)")]
+    NotElf {
+        /// The kernel file.
+        path: PathBuf,
+        /// What the ELF parser refused.
+        #[source]
+        source: goblin::error::Error,
+    },
+    /// The file is ELF, but not an x86-64 executable the 64-bit boot
+    /// protocol can enter.
     #[error(
         "{path} is not a 64-bit x86 executable (class {class}, machine {machine}, type {kind})"
     )]
     WrongKind {
+        /// The kernel file.
         path: PathBuf,
+        /// `e_ident[EI_CLASS]` (2 is ELFCLASS64).
         class: u8,
+        /// `e_machine` (62 is EM_X86_64).
         machine: u16,
+        /// `e_type` (2 is ET_EXEC).
         kind: u16,
     },
+    /// A PT_LOAD segment's file bytes run past the end of the file.
     #[error("{path} is truncated: a segment needs bytes up to offset {needed}, the file has {len}")]
     Truncated {
+        /// The kernel file.
         path: PathBuf,
+        /// The file offset the segment's data ends at.
         needed: u64,
+        /// The file's length in bytes.
         len: u64,
     },
+    /// A segment's physical range is not all guest RAM.
     #[error(
         "{path}: a segment at {start:#x}+{size:#x} does not fit in guest memory of {mem_size} MiB; give the VM more memory"
     )]
     OutsideMemory {
+        /// The kernel file.
         path: PathBuf,
+        /// The segment's guest-physical start (`p_paddr`).
         start: u64,
+        /// The segment's size in memory (`p_memsz`).
         size: u64,
+        /// The guest's memory, in MiB.
         mem_size: u64,
     },
+    /// A segment would land on the zero page, page tables or MP table the
+    /// VMM places below 1 MiB.
     #[error(
         "{path}: a segment at {start:#x} would overwrite the boot structures below {HIMEM_START:#x}"
     )]
-    LowSegment { path: PathBuf, start: u64 },
+    LowSegment {
+        /// The kernel file.
+        path: PathBuf,
+        /// The segment's guest-physical start (`p_paddr`).
+        start: u64,
+    },
+    /// The ELF has no PT_LOAD segment, so there is nothing to run.
     #[error("{path} has no loadable segments")]
-    NoSegments { path: PathBuf },
+    NoSegments {
+        /// The kernel file.
+        path: PathBuf,
+    },
 }
 
 /// Loads `path` into `mem`; returns the kernel's 64-bit entry point.
@@ -68,9 +104,9 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<u64, LoaderErro
 
 fn load_elf(mem: &GuestMemoryMmap, bytes: &[u8], path: &Path) -> Result<u64, LoaderError> {
     let path_buf = || path.to_path_buf();
-    let elf = Elf::parse(bytes).map_err(|err| LoaderError::NotElf {
+    let elf = Elf::parse(bytes).map_err(|source| LoaderError::NotElf {
         path: path_buf(),
-        reason: err.to_string(),
+        source,
     })?;
     let class = elf.header.e_ident[header::EI_CLASS];
     if class != header::ELFCLASS64

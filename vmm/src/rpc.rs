@@ -8,6 +8,7 @@
 //! and arguments (where to write the snapshot), so they travel here. The VM
 //! process reads requests in its event loop and carries them out between
 //! events, with the whole machine at hand ([`crate::builder`]).
+use std::error::Error;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -19,6 +20,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
 
 use crate::devices::lock;
+use crate::report::one_line;
 
 /// The longest request line the VM process accepts.
 const MAX_LINE: usize = 64 * 1024;
@@ -33,11 +35,13 @@ pub enum ControlRequest {
     Resume,
     /// Write a snapshot into the existing, empty directory `dir`.
     Snapshot {
+        /// The directory, which the VMM process has created empty.
         dir: PathBuf,
         /// Copy the root disk's writes (its overlay) into the snapshot, so
         /// it can be restored anywhere; a hibernation keeps the instance's
         /// own root volume instead.
         copy_root: bool,
+        /// Whether the VM goes on or ends once the snapshot is written.
         then: AfterSnapshot,
     },
 }
@@ -61,6 +65,17 @@ pub struct ControlReply {
     pub snapshot: Option<SnapshotStats>,
 }
 
+impl ControlReply {
+    /// The answer to a request that failed because of `err`, which the
+    /// VMM process shows as it is: the error and its causes on one line.
+    pub fn failed(err: &(dyn Error + 'static)) -> Self {
+        ControlReply {
+            error: Some(one_line(err)),
+            snapshot: None,
+        }
+    }
+}
+
 /// What taking a snapshot cost.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotStats {
@@ -68,9 +83,12 @@ pub struct SnapshotStats {
     pub total_us: u64,
     /// How long the guest was paused for it.
     pub paused_us: u64,
-    /// Guest memory, and the part of it that was not zero (written).
+    /// Guest memory's size, in bytes.
     pub memory_bytes: u64,
+    /// The part of guest memory that was not zero, and so was written to
+    /// the memory file (the rest is a hole).
     pub memory_written: u64,
+    /// The state file's size, in bytes.
     pub state_bytes: u64,
     /// The root overlay's bytes copied, when asked for.
     pub root_bytes: u64,
@@ -79,15 +97,24 @@ pub struct SnapshotStats {
 /// Errors on the channel.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("cannot create the control channel: {0}")]
-    Create(io::Error),
-    #[error("the VM process did not answer: {0}")]
+    /// The socketpair cannot be created.
+    #[error("cannot create the control channel")]
+    Create(#[source] io::Error),
+    /// Sending the request or reading the answer failed, or timed out.
+    #[error("the VM process did not answer")]
     Io(#[from] io::Error),
+    /// The VM process closed its end before it answered.
     #[error("the VM process gave no answer (it has ended)")]
     Closed,
-    #[error("the VM process answered nonsense: {0}")]
-    Garbled(serde_json::Error),
+    /// The answer line is not a [`ControlReply`].
+    #[error("the VM process answered nonsense")]
+    Garbled(#[source] serde_json::Error),
 }
+
+/// A request line that does not parse: the VM process says so in its reply.
+#[derive(Debug, thiserror::Error)]
+#[error("not a control request")]
+struct NotARequest(#[source] serde_json::Error);
 
 /// The VMM process's end: sends requests and waits for answers.
 pub struct ControlClient {
@@ -176,10 +203,7 @@ impl ControlListener {
         match serde_json::from_slice(&line) {
             Ok(request) => Ok(Some(request)),
             Err(err) => {
-                let reply = ControlReply {
-                    error: Some(format!("not a control request: {err}")),
-                    snapshot: None,
-                };
+                let reply = ControlReply::failed(&NotARequest(err));
                 ControlReplier(self.stream.get_ref().try_clone()?).send(&reply)?;
                 Ok(None)
             }
@@ -214,6 +238,8 @@ impl MutEventSubscriber for ControlListener {
 pub struct ControlReplier(UnixStream);
 
 impl ControlReplier {
+    /// Writes `reply` as one JSON line: the answer to the request the
+    /// loop's owner last took from [`ControlListener::pending`].
     pub fn send(&self, reply: &ControlReply) -> io::Result<()> {
         let mut line = serde_json::to_vec(reply).expect("a reply serializes");
         line.push(b'\n');

@@ -56,14 +56,18 @@ pub enum SeccompError {
     /// The allow-list does not compile (a bug in this module).
     #[error("cannot build the {kind} thread's seccomp filter")]
     Build {
+        /// The thread kind whose allow-list failed.
         kind: ThreadKind,
+        /// What seccompiler refused.
         #[source]
         source: BackendError,
     },
     /// The kernel refused the filter.
     #[error("cannot install the {kind} thread's seccomp filter")]
     Install {
+        /// The thread kind whose filter was refused.
         kind: ThreadKind,
+        /// Why the kernel refused it.
         #[source]
         source: seccompiler::Error,
     },

@@ -39,45 +39,97 @@ pub const MAX_BODY_LEN: u64 = 64 << 20;
 /// Errors from writing or reading a state file; each names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotFileError {
-    #[error("cannot write snapshot state file {}: {source}", path.display())]
-    Write { path: PathBuf, source: io::Error },
-    #[error("cannot read snapshot state file {}: {source}", path.display())]
-    Read { path: PathBuf, source: io::Error },
-    #[error("cannot serialize the snapshot state for {}: {source}", path.display())]
-    Serialize {
+    /// Staging, writing or renaming the new file failed.
+    #[error("cannot write snapshot state file {}", path.display())]
+    Write {
+        /// The state file.
         path: PathBuf,
+        /// Why the write failed.
+        #[source]
+        source: io::Error,
+    },
+    /// Opening or reading the file failed.
+    #[error("cannot read snapshot state file {}", path.display())]
+    Read {
+        /// The state file.
+        path: PathBuf,
+        /// Why the read failed.
+        #[source]
+        source: io::Error,
+    },
+    /// The state has a shape JSON cannot hold (a map with non-string keys).
+    #[error("cannot serialize the snapshot state for {}", path.display())]
+    Serialize {
+        /// The state file that was to be written.
+        path: PathBuf,
+        /// What serde_json refused.
+        #[source]
         source: serde_json::Error,
     },
+    /// The file does not start with [`MAGIC`].
     #[error("{} is not a Kiln snapshot state file: it does not start with \"KILNSNAP\"", path.display())]
-    NotASnapshot { path: PathBuf },
+    NotASnapshot {
+        /// The file read.
+        path: PathBuf,
+    },
+    /// The header's format version is not [`FORMAT_VERSION`].
     #[error(
         "{} is in snapshot format version {found}; Kiln {} reads version {expected}",
         path.display(),
         KILN_VERSION
     )]
     UnsupportedVersion {
+        /// The state file.
         path: PathBuf,
+        /// The version in the file's header.
         found: u32,
+        /// The one version this Kiln reads.
         expected: u32,
     },
+    /// The file ends before a field its header announces.
     #[error("{} is truncated: it is {found} bytes, its header calls for {expected}", path.display())]
     Truncated {
+        /// The state file.
         path: PathBuf,
+        /// The length the header's fields need, at least.
         expected: u64,
+        /// The file's actual length.
         found: u64,
     },
+    /// Bytes follow the body; the header does not describe the whole file.
     #[error("{} has {extra} bytes after the state its header describes", path.display())]
-    TrailingBytes { path: PathBuf, extra: u64 },
+    TrailingBytes {
+        /// The state file.
+        path: PathBuf,
+        /// How many bytes follow the body.
+        extra: u64,
+    },
+    /// A body longer than [`MAX_BODY_LEN`], to write or announced by a header.
     #[error(
         "{}: a state of {len} bytes is more than the {max} bytes a state file may hold",
         path.display()
     )]
-    TooLarge { path: PathBuf, len: u64, max: u64 },
-    #[error("{} is corrupt: its state does not match the SHA-256 in its header", path.display())]
-    ChecksumMismatch { path: PathBuf },
-    #[error("{}: the state does not parse: {source}", path.display())]
-    Parse {
+    TooLarge {
+        /// The state file.
         path: PathBuf,
+        /// The body's length.
+        len: u64,
+        /// [`MAX_BODY_LEN`].
+        max: u64,
+    },
+    /// The body's SHA-256 is not the one in the header.
+    #[error("{} is corrupt: its state does not match the SHA-256 in its header", path.display())]
+    ChecksumMismatch {
+        /// The state file.
+        path: PathBuf,
+    },
+    /// The body passed its checksum but is not the JSON of the expected state.
+    #[error("{}: the state does not parse", path.display())]
+    Parse {
+        /// The state file.
+        path: PathBuf,
+        /// What serde_json refused.
+        #[source]
         source: serde_json::Error,
     },
 }
@@ -85,7 +137,10 @@ pub enum SnapshotFileError {
 /// A state read back, with the version of Kiln that wrote it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SavedState<T> {
+    /// The writer's Kiln version, from the header, shown to people when it
+    /// differs from this one.
     pub kiln_version: String,
+    /// The state itself.
     pub state: T,
 }
 

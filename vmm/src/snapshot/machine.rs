@@ -16,8 +16,11 @@ use crate::vstate::vcpu::VcpuError;
 use crate::vstate::vcpu_state::VcpuState;
 use crate::vstate::vm::{VmError, VmState};
 
-/// The files of a snapshot directory.
+/// The snapshot directory's state file: everything but RAM, framed by
+/// [`super::file`]. Written last, so its presence says the rest is whole.
 pub const STATE_FILE: &str = "state";
+/// The snapshot directory's guest RAM: one flat, sparse image of the
+/// guest's memory, mapped copy-on-write at restore.
 pub const MEMORY_FILE: &str = "memory";
 /// The root disk's writes at the snapshot (snapshots that carry their disk).
 pub const ROOT_OVERLAY_FILE: &str = "root.overlay";
@@ -25,11 +28,15 @@ pub const ROOT_OVERLAY_FILE: &str = "root.overlay";
 /// Everything about a paused VM but its RAM.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct MachineState {
+    /// Guest RAM in MiB; the memory file must be exactly this size.
     pub memory_mib: u32,
     /// The kernel command line it booted with (for `kiln snapshot` to show).
     pub cmdline: String,
+    /// The VM-wide KVM state (clock, interrupt controllers, PIT).
     pub vm: VmState,
+    /// Each vCPU's registers and KVM state, in vCPU index order.
     pub vcpus: Vec<VcpuState>,
+    /// The serial port's registers and the bytes in its receive FIFO.
     pub serial: SerialSnapshot,
     /// The virtio-mmio block devices, in slot order (/dev/vda first).
     pub disks: Vec<TransportState>,
@@ -47,52 +54,85 @@ pub struct MachineState {
 /// at probe time (and keeps using: it never re-reads it).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct NetState {
+    /// The MAC address the guest's driver holds.
     pub mac: [u8; 6],
+    /// The NIC's virtio-mmio transport and queues.
     pub transport: TransportState,
 }
 
-/// Why a snapshot cannot be restored here.
+/// Why a snapshot cannot be taken or restored here.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
+    /// The state file cannot be written or read back whole.
     #[error(transparent)]
     File(#[from] SnapshotFileError),
+    /// A vCPU's state cannot be saved or restored.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// The VM-wide KVM state cannot be saved or restored.
     #[error(transparent)]
     Vm(#[from] VmError),
+    /// Guest memory cannot be written to or mapped from the memory file.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// A disk cannot be flushed before its state is saved.
     #[error(transparent)]
     Disk(#[from] BlockError),
-    #[error("{path}: {source}")]
+    /// A file of the snapshot directory cannot be created, read or sized.
+    #[error("cannot read or write the snapshot file {path}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// Why the file operation failed.
+        #[source]
         source: std::io::Error,
     },
+    /// The memory file is not the size of the guest's RAM: it was cut
+    /// short or belongs to another snapshot.
     #[error("{path}: the memory file holds {found} bytes; the snapshot's guest has {expected}")]
     MemorySize {
+        /// The memory file.
         path: PathBuf,
+        /// Its size in bytes.
         found: u64,
+        /// The guest's RAM in bytes, from the state file.
         expected: u64,
     },
+    /// The state file lists no vCPUs, so there is no CPUID to check and
+    /// nothing to resume.
     #[error("{path}: the snapshot has no vCPUs")]
-    NoVcpus { path: PathBuf },
+    NoVcpus {
+        /// The state file.
+        path: PathBuf,
+    },
+    /// The snapshot was taken on another CPU vendor, whose MSRs and CPUID
+    /// the guest cannot keep using here.
     #[error(
         "{path}: taken on a {saved} CPU; this host's is {host}: a snapshot only restores on the CPU vendor it was taken on"
     )]
     CpuVendor {
+        /// The state file.
         path: PathBuf,
+        /// The vendor string the guest was shown (CPUID leaf 0).
         saved: String,
+        /// This host's vendor string.
         host: String,
     },
+    /// The guest was shown a CPU feature this host cannot offer; it would
+    /// fault on the first instruction that uses it.
     #[error(
         "{path}: the guest was shown CPU features this host lacks (CPUID leaf {leaf:#x}.{subleaf} {register}: bits {missing:#x})"
     )]
     CpuFeatures {
+        /// The state file.
         path: PathBuf,
+        /// The CPUID leaf (EAX input).
         leaf: u32,
+        /// The CPUID subleaf (ECX input).
         subleaf: u32,
+        /// The output register holding the features: "eax" to "edx".
         register: &'static str,
+        /// The feature bits the guest saw and this host lacks.
         missing: u32,
     },
 }
@@ -100,13 +140,16 @@ pub enum SnapshotError {
 /// A snapshot read back and checked against its memory file.
 #[derive(Debug)]
 pub struct LoadedSnapshot {
+    /// The snapshot directory.
     pub dir: PathBuf,
     /// The Kiln version that wrote it.
     pub kiln_version: String,
+    /// The machine state to restore.
     pub machine: MachineState,
 }
 
 impl LoadedSnapshot {
+    /// The snapshot's memory file, which a restore maps as guest RAM.
     pub fn memory_file(&self) -> PathBuf {
         self.dir.join(MEMORY_FILE)
     }

@@ -20,28 +20,40 @@ const FLATTEN_STEP: usize = 1 << 20;
 /// What can go wrong with a volume.
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
+    /// The base image cannot be opened or a chunk of it read.
     #[error(transparent)]
     Image(#[from] ImageError),
+    /// The overlay cannot be created, opened, read or written.
     #[error(transparent)]
     Overlay(#[from] OverlayError),
+    /// The overlay was made for a volume of another size.
     #[error(
         "{overlay}: the overlay is for a {found}-byte volume, the image holds {expected} bytes"
     )]
     Capacity {
+        /// The overlay file.
         overlay: PathBuf,
+        /// The image's size in bytes.
         expected: u64,
+        /// The size the overlay's header records.
         found: u64,
     },
+    /// A write or discard reached a volume opened without an overlay.
     #[error("the volume has no overlay: it is read-only")]
     ReadOnly,
+    /// An access runs past the end of the volume.
     #[error("{len} bytes at {offset} are outside the {capacity}-byte volume")]
     OutOfRange {
+        /// The access's first byte.
         offset: u64,
+        /// Its length in bytes.
         len: u64,
+        /// The volume's size in bytes.
         capacity: u64,
     },
-    #[error("cannot write the flattened volume: {0}")]
-    Output(std::io::Error),
+    /// Writing the flattened volume to its destination failed.
+    #[error("cannot write the flattened volume")]
+    Output(#[source] std::io::Error),
 }
 
 /// A disk made of an image and, when writable, an overlay.
@@ -198,12 +210,12 @@ impl Volume {
         self.overlay.as_mut().ok_or(VolumeError::ReadOnly)
     }
 
-    /// Makes every completed write durable.
     /// The overlay's file, which holds every write (none when read-only).
     pub fn overlay_file(&self) -> Option<&std::fs::File> {
         self.overlay.as_ref().map(Overlay::file)
     }
 
+    /// Makes every completed write durable.
     pub fn flush(&mut self) -> Result<(), VolumeError> {
         match &mut self.overlay {
             Some(overlay) => Ok(overlay.flush()?),

@@ -44,22 +44,57 @@ const BITMAP_PAGE: usize = 4096;
 /// What can go wrong with an overlay file. Each names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum OverlayError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    /// Creating, locking, reading, writing or syncing the file failed.
+    #[error("cannot read or write the overlay {path}")]
+    Io {
+        /// The overlay file.
+        path: PathBuf,
+        /// Why the file operation failed.
+        #[source]
+        source: io::Error,
+    },
+    /// The file is too short for a header or does not start with the
+    /// overlay magic.
     #[error("{path} is not a Kiln overlay (bad magic)")]
-    BadMagic { path: PathBuf },
+    BadMagic {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The header's format version is not the one this code reads.
     #[error("{path}: overlay format version {found}, this Kiln reads version {VERSION}")]
-    Version { path: PathBuf, found: u32 },
+    Version {
+        /// The overlay file.
+        path: PathBuf,
+        /// The version in its header.
+        found: u32,
+    },
+    /// The header's layout fields disagree with each other or with the
+    /// file's length.
     #[error("{path}: corrupt overlay header: {what}")]
-    Header { path: PathBuf, what: String },
+    Header {
+        /// The overlay file.
+        path: PathBuf,
+        /// Which fields disagree, and their values.
+        what: String,
+    },
+    /// Another open file holds the overlay's lock: two writers would
+    /// corrupt it.
     #[error("{path} is in use by another Kiln process (is the instance running?)")]
-    InUse { path: PathBuf },
+    InUse {
+        /// The overlay file.
+        path: PathBuf,
+    },
+    /// The overlay records another base image's content id: its blocks
+    /// are differences from that image, meaningless on this one.
     #[error(
         "{path} was made on top of another image (base {found}), not this one ({expected}): refusing to mix them"
     )]
     WrongBase {
+        /// The overlay file.
         path: PathBuf,
+        /// The opened image's content id, in hex.
         expected: String,
+        /// The content id in the overlay's header, in hex.
         found: String,
     },
 }
@@ -193,6 +228,7 @@ impl Overlay {
         &self.file
     }
 
+    /// The overlay file's path, for error messages.
     pub fn path(&self) -> &Path {
         &self.path
     }

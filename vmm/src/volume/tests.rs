@@ -3,6 +3,7 @@ use std::os::unix::fs::MetadataExt;
 use kiln_image as image;
 
 use super::*;
+use crate::report::one_line;
 
 /// Small chunks so that a few KiB of I/O crosses several of them.
 const CHUNK: u32 = 16 * 1024;
@@ -176,7 +177,7 @@ fn a_damaged_chunk_fails_its_reads_and_only_those() {
         matches!(err, VolumeError::Image(ImageError::Chunk { chunk: 0, .. })),
         "{err}"
     );
-    assert!(err.to_string().contains("base.kiln"), "{err}");
+    assert!(one_line(&err).contains("base.kiln"), "{err}");
     volume.read(CHUNK as u64, &mut buf).unwrap();
     assert_eq!(buf, raw[CHUNK as usize..CHUNK as usize + 4096]);
 }
@@ -197,7 +198,7 @@ fn a_truncated_image_is_refused() {
         matches!(err, VolumeError::Image(ImageError::Header { .. })),
         "{err}"
     );
-    assert!(err.to_string().contains("truncated"), "{err}");
+    assert!(one_line(&err).contains("truncated"), "{err}");
 }
 
 #[test]
@@ -212,7 +213,7 @@ fn an_overlay_of_another_image_is_refused() {
         matches!(err, VolumeError::Overlay(OverlayError::WrongBase { .. })),
         "{err}"
     );
-    assert!(err.to_string().contains("root.overlay"), "{err}");
+    assert!(one_line(&err).contains("root.overlay"), "{err}");
 }
 
 #[test]
@@ -226,7 +227,7 @@ fn one_process_at_a_time_holds_an_overlay() {
         matches!(err, VolumeError::Overlay(OverlayError::InUse { .. })),
         "{err}"
     );
-    assert!(err.to_string().contains("root.overlay"), "{err}");
+    assert!(one_line(&err).contains("root.overlay"), "{err}");
     drop(first);
     Volume::open(&image_path, Some(&overlay), CACHE).unwrap();
 }
@@ -255,11 +256,8 @@ fn damaged_overlays_are_refused_by_name() {
         VolumeError::Overlay(OverlayError::Version { found: 2, .. })
     ));
     let truncated = damaged(&|b| b.truncate(b.len() - 4096));
-    assert!(truncated.to_string().contains("truncated"), "{truncated}");
-    assert!(
-        truncated.to_string().contains("root.overlay"),
-        "{truncated}"
-    );
+    assert!(one_line(&truncated).contains("truncated"), "{truncated}");
+    assert!(one_line(&truncated).contains("root.overlay"), "{truncated}");
     let empty = damaged(&|b| b.clear());
     assert!(matches!(
         empty,

@@ -19,6 +19,7 @@ use super::vm::Vm;
 use crate::arch::x86_64::{cpuid, msr, regs};
 use crate::devices::bus::Bus;
 use crate::event_loop::{VmEnd, VmEndSignal};
+use crate::report::one_line;
 use crate::seccomp::{self, ThreadKind};
 
 /// LAPIC register offsets (Intel SDM Vol. 3A Table 11-1): LVT LINT0/LINT1.
@@ -40,20 +41,43 @@ fn kick_signal() -> i32 {
 /// Errors from creating or configuring a vCPU.
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
-    #[error("vCPU {index}: {what} failed: {source}")]
+    /// A vCPU ioctl failed.
+    #[error("vCPU {index}: {what} failed")]
     Kvm {
+        /// The vCPU's index.
         index: u8,
+        /// The ioctl, e.g. "KVM_SET_CPUID2".
         what: &'static str,
+        /// The error KVM returned.
+        #[source]
         source: kvm_ioctls::Error,
     },
-    #[error("cannot start the vCPU {index} thread: {source}")]
-    Spawn { index: u8, source: std::io::Error },
-    #[error("cannot install the vCPU kick signal handler: {0}")]
-    KickHandler(vmm_sys_util::errno::Error),
+    /// The OS would not start the vCPU's thread.
+    #[error("cannot start the vCPU {index} thread")]
+    Spawn {
+        /// The vCPU's index.
+        index: u8,
+        /// Why the thread did not start.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The handler that lets a kick interrupt KVM_RUN cannot be installed;
+    /// without it a vCPU could never be paused or stopped.
+    #[error("cannot install the vCPU kick signal handler")]
+    KickHandler(#[source] vmm_sys_util::errno::Error),
+    /// The vCPU's thread has ended, so it cannot answer a request.
     #[error("vCPU {index} has ended")]
-    Gone { index: u8 },
+    Gone {
+        /// The vCPU's index.
+        index: u8,
+    },
+    /// A state was asked of a vCPU that was not parked first.
     #[error("vCPU {index} was asked for its state while running")]
-    NotParked { index: u8 },
+    NotParked {
+        /// The vCPU's index.
+        index: u8,
+    },
+    /// The vCPU's state cannot be read or written.
     #[error(transparent)]
     State(#[from] VcpuStateError),
 }
@@ -71,10 +95,17 @@ pub struct Vcpu {
 /// What a vCPU thread shares with the rest of the VMM.
 #[derive(Clone)]
 pub struct VcpuContext {
+    /// The port I/O bus that IN/OUT exits go to.
     pub pio: Arc<Bus>,
+    /// The MMIO bus that exits on unmapped guest-physical addresses go to.
     pub mmio: Arc<Bus>,
+    /// Where the thread says the VM has ended, and why.
     pub end: Arc<VmEndSignal>,
+    /// Set when the VMM stops the vCPUs; the thread checks it between
+    /// KVM_RUN calls.
     pub stop: Arc<AtomicBool>,
+    /// Whether the thread installs its seccomp filter before it runs the
+    /// guest (off only for debugging: `kiln run --no-seccomp`).
     pub seccomp: bool,
 }
 
@@ -185,7 +216,7 @@ impl Vcpu {
         if context.seccomp
             && let Err(err) = seccomp::install(ThreadKind::Vcpu)
         {
-            context.end.signal(VmEnd::Error(err.to_string()));
+            context.end.signal(VmEnd::Error(one_line(&err)));
             return;
         }
         while !context.stop.load(Ordering::Acquire) {
@@ -204,10 +235,11 @@ impl Vcpu {
                 Ok(exit) => handle_exit(exit, context),
                 // A kick (EINTR) or a transient condition: look at `stop` again.
                 Err(err) if matches!(err.errno(), libc::EINTR | libc::EAGAIN) => None,
-                Err(err) => Some(VmEnd::Error(format!(
-                    "vCPU {}: KVM_RUN failed: {err}",
-                    self.index
-                ))),
+                Err(source) => Some(VmEnd::Error(one_line(&VcpuError::Kvm {
+                    index: self.index,
+                    what: "KVM_RUN",
+                    source,
+                }))),
             };
             if let Some(end) = end {
                 context.end.signal(end);
@@ -297,6 +329,8 @@ pub struct Vcpus {
 }
 
 impl Vcpus {
+    /// The VM's running vCPU threads, with the flag [`stop`](Self::stop)
+    /// sets (the one in their [`VcpuContext`]).
     pub fn new(handles: Vec<VcpuHandle>, stop: Arc<AtomicBool>) -> Self {
         Vcpus { handles, stop }
     }

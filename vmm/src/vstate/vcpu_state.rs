@@ -25,26 +25,48 @@ const MSR_BATCH: usize = kvm_bindings::KVM_MAX_MSR_ENTRIES;
 /// Errors from reading or writing a vCPU's state.
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuStateError {
-    #[error("vCPU {index}: {what} failed: {source}")]
+    /// A vCPU ioctl failed.
+    #[error("vCPU {index}: {what} failed")]
     Kvm {
+        /// The vCPU's index.
         index: u8,
+        /// The ioctl, e.g. "KVM_GET_REGS".
         what: &'static str,
+        /// The error KVM returned.
+        #[source]
         source: kvm_ioctls::Error,
     },
+    /// KVM_GET_MSRS or KVM_SET_MSRS stopped short of the whole batch.
     #[error("vCPU {index}: KVM took {set} of {count} MSRs; it refused MSR {msr:#x}")]
     MsrRefused {
+        /// The vCPU's index.
         index: u8,
+        /// How many MSRs the batch held.
         count: usize,
+        /// How many KVM read or wrote before it stopped.
         set: usize,
+        /// The MSR it stopped at.
         msr: u32,
     },
+    /// The guest's TSC frequency cannot be kept on this host: its clocks
+    /// would run fast or slow.
     #[error(
         "vCPU {index}: the snapshot's TSC runs at {saved} kHz, this host's at {host} kHz, and KVM cannot scale it"
     )]
-    TscFrequency { index: u8, saved: u32, host: u32 },
-    #[error("vCPU {index}: cannot build an MSR or CPUID list: {source:?}")]
-    Fam {
+    TscFrequency {
+        /// The vCPU's index.
         index: u8,
+        /// The frequency the guest calibrated against, in kHz.
+        saved: u32,
+        /// This host's TSC frequency, in kHz.
+        host: u32,
+    },
+    /// An MSR or CPUID list has more entries than KVM's ioctls carry.
+    #[error("vCPU {index}: cannot build an MSR or CPUID list")]
+    Fam {
+        /// The vCPU's index.
+        index: u8,
+        /// Why the list could not be built.
         #[source]
         source: vmm_sys_util::fam::Error,
     },
@@ -53,26 +75,38 @@ pub enum VcpuStateError {
 /// One model-specific register.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MsrValue {
+    /// The MSR's number (ECX of RDMSR/WRMSR).
     pub index: u32,
+    /// Its 64-bit value.
     pub data: u64,
 }
 
 /// Everything a vCPU needs to go on where it stopped.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VcpuState {
+    /// The vCPU's index, which is also its APIC id.
     pub index: u8,
     /// The CPUID the guest saw (and checked its features against).
     pub cpuid: Vec<kvm_cpuid_entry2>,
     /// The guest TSC's frequency, in kHz.
     pub tsc_khz: u32,
+    /// The MSRs of [`savable_msrs`], with their values.
     pub msrs: Vec<MsrValue>,
+    /// General-purpose registers, RIP and RFLAGS.
     pub regs: kvm_regs,
+    /// Segment, control and descriptor-table registers, and EFER.
     pub sregs: kvm_sregs,
+    /// The x87, SSE and AVX state, in the XSAVE layout.
     pub xsave: kvm_xsave,
+    /// The extended control registers (XCR0: which XSAVE features are on).
     pub xcrs: kvm_xcrs,
+    /// DR0-DR3, DR6 and DR7.
     pub debug_regs: kvm_debugregs,
+    /// The local APIC's register page, including its timer.
     pub lapic: kvm_lapic_state,
+    /// Running, halted, or waiting for INIT/SIPI.
     pub mp_state: kvm_mp_state,
+    /// Pending exceptions, interrupts and NMIs, and the interrupt shadow.
     pub events: kvm_vcpu_events,
 }
 

@@ -29,13 +29,20 @@ const REQUIRED_CAPS: [(Cap, &str); 7] = [
 /// Errors from setting up the VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
+    /// /dev/kvm reports an API version other than the stable one.
     #[error("KVM API version {0}, expected {KVM_API_VERSION}")]
     ApiVersion(i32),
+    /// The host's KVM lacks a capability Kiln relies on (named as in the
+    /// KVM API documentation, e.g. "KVM_CAP_IRQFD").
     #[error("KVM lacks {0}, which Kiln needs")]
     MissingCap(&'static str),
-    #[error("{what} failed: {source}")]
+    /// A VM ioctl failed.
+    #[error("{what} failed")]
     Kvm {
+        /// The ioctl, e.g. "KVM_CREATE_VM".
         what: &'static str,
+        /// The error KVM returned.
+        #[source]
         source: kvm_ioctls::Error,
     },
 }
@@ -48,10 +55,16 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 /// controllers, the PIT and kvmclock (the vCPUs' state is separate).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VmState {
+    /// The master 8259 PIC (KVM_IRQCHIP_PIC_MASTER).
     pub pic_master: kvm_irqchip,
+    /// The slave 8259 PIC, cascaded on the master's IRQ 2.
     pub pic_slave: kvm_irqchip,
+    /// The IOAPIC: its redirection table routes every device interrupt.
     pub ioapic: kvm_irqchip,
+    /// The 8254 PIT's channels.
     pub pit: kvm_pit_state2,
+    /// kvmclock's guest time, without the host-time flags (see
+    /// [`Vm::save_state`]).
     pub clock: kvm_clock_data,
 }
 

@@ -46,7 +46,7 @@ pub enum BootParamsError {
     #[error("the e820 map needs {0} entries; the zero page holds {E820_MAX_ENTRIES}")]
     TooManyRanges(usize),
     /// The zero page does not fit in guest memory.
-    #[error("cannot write the zero page: {0}")]
+    #[error("cannot write the zero page")]
     Write(#[from] GuestMemoryError),
 }
 

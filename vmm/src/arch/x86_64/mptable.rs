@@ -50,7 +50,7 @@ pub enum MptableError {
     #[error("{0} vCPUs do not fit in the MP table (at most {max})", max = max_vcpus())]
     TooManyVcpus(u8),
     /// Guest memory does not cover the EBDA.
-    #[error("cannot write the MP table: {0}")]
+    #[error("cannot write the MP table")]
     Write(#[from] GuestMemoryError),
 }
 
