@@ -49,19 +49,50 @@ pub const DEFAULT_FREE: u64 = 8 << 20;
 /// Why a recipe was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum RecipeError {
-    #[error("cannot read the recipe {path}: {source}")]
+    /// The recipe file could not be read.
+    #[error("cannot read the recipe {path}")]
     Read {
+        /// The recipe file.
         path: PathBuf,
+        /// What the system said.
+        #[source]
         source: std::io::Error,
     },
-    #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    /// The file is not TOML, or not a recipe's shape (an unknown key, a
+    /// missing table, a value of the wrong type).
+    #[error("{path}: line {line}: {problem}")]
+    Parse {
+        /// The recipe file.
+        path: PathBuf,
+        /// Where the TOML parser stopped, from 1.
+        line: usize,
+        /// What the parser expected there, on one line.
+        problem: String,
+    },
+    /// A field parsed but its value is not acceptable.
     #[error("{path}:{line}: `{field}`: {problem}")]
     Field {
+        /// The recipe file.
         path: PathBuf,
+        /// The field's line, from 1.
         line: usize,
+        /// The field, dotted from its table (`files.dst`).
         field: &'static str,
+        /// The value, and what was expected instead.
         problem: String,
+    },
+    /// `image.version` is not a semantic version.
+    #[error("{path}:{line}: `image.version`: {value:?}: expected semver such as 1.0.0")]
+    Version {
+        /// The recipe file.
+        path: PathBuf,
+        /// The field's line, from 1.
+        line: usize,
+        /// The value found.
+        value: String,
+        /// Where the semver parser stopped.
+        #[source]
+        source: semver::Error,
     },
 }
 
@@ -199,6 +230,15 @@ struct RawTest {
     expect_exit: u8,
 }
 
+/// The line, from 1, that byte `offset` of `text` is on.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
 /// Reads and validates the recipe at `path` (a file, or a directory
 /// holding `recipe.toml`).
 pub fn load(path: &Path) -> Result<Recipe, RecipeError> {
@@ -218,7 +258,8 @@ pub fn load(path: &Path) -> Result<Recipe, RecipeError> {
 pub fn parse(text: &str, path: &Path) -> Result<Recipe, RecipeError> {
     let raw: RawRecipe = toml::from_str(text).map_err(|err| RecipeError::Parse {
         path: path.into(),
-        message: err.to_string().trim().to_string(),
+        line: line_of(text, err.span().map_or(0, |span| span.start)),
+        problem: err.message().trim().replace('\n', "; "),
     })?;
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let dir = if dir.as_os_str().is_empty() {
@@ -285,13 +326,9 @@ struct Checker<'a> {
 
 impl Checker<'_> {
     fn field(&self, span: Range<usize>, field: &'static str, problem: String) -> RecipeError {
-        let line = self.text[..span.start.min(self.text.len())]
-            .matches('\n')
-            .count()
-            + 1;
         RecipeError::Field {
             path: self.path.into(),
-            line,
+            line: line_of(self.text, span.start),
             field,
             problem,
         }
@@ -311,15 +348,11 @@ impl Checker<'_> {
     fn version(&self, version: &Spanned<String>) -> Result<String, RecipeError> {
         semver::Version::parse(version.get_ref())
             .map(|v| v.to_string())
-            .map_err(|err| {
-                self.field(
-                    version.span(),
-                    "image.version",
-                    format!(
-                        "{:?}: expected semver such as 1.0.0 ({err})",
-                        version.get_ref()
-                    ),
-                )
+            .map_err(|source| RecipeError::Version {
+                path: self.path.into(),
+                line: line_of(self.text, version.span().start),
+                value: version.get_ref().clone(),
+                source,
             })
     }
 
