@@ -96,6 +96,7 @@ pub enum BuildError {
 /// What a build produced.
 #[derive(Debug)]
 pub struct Built {
+    /// The manifest of the image in the store.
     pub manifest: Manifest,
     /// True when the stored image was reused.
     pub cached: bool,

@@ -354,8 +354,11 @@ pub struct Entry {
     pub kind: char,
     /// Permission bits (with setuid/setgid/sticky).
     pub mode: u32,
+    /// Owner's user id.
     pub uid: u32,
+    /// Owner's group id.
     pub gid: u32,
+    /// Bytes of a file's data, a link's target or a directory's blocks.
     pub size: u64,
     /// A symbolic link's target.
     pub target: Option<String>,

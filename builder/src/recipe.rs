@@ -102,7 +102,12 @@ pub enum Base {
     /// An empty root.
     Scratch,
     /// A stored Kiln image: its files are the starting point.
-    Image { name: String, version: String },
+    Image {
+        /// The stored image's name.
+        name: String,
+        /// Its version.
+        version: String,
+    },
     /// An OCI image layout tar or `docker save` archive (`oci:FILE`).
     Oci(PathBuf),
     /// A root filesystem tarball (`tar:FILE`).
@@ -116,7 +121,10 @@ pub struct FileEntry {
     pub src: PathBuf,
     /// Absolute in the image.
     pub dst: PathBuf,
+    /// Permission bits for every copied file and directory; `None` keeps
+    /// each source's own.
     pub mode: Option<u32>,
+    /// (uid, gid) of everything copied.
     pub owner: (u32, u32),
     /// Names skipped wherever they appear below `src` (e.g. "__pycache__").
     pub exclude: Vec<String>,
@@ -125,16 +133,23 @@ pub struct FileEntry {
 /// The `[run]` table: how guest-init starts the workload.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Run {
+    /// `entrypoint` followed by `args`; empty when the recipe has no
+    /// `[run]` and the base's run configuration stays.
     pub argv: Vec<String>,
+    /// Variables added to (or replacing) guest-init's default environment.
     pub env: BTreeMap<String, String>,
+    /// The entrypoint's working directory (absolute); `None`: `/`.
     pub workdir: Option<String>,
+    /// (uid, gid) the entrypoint runs as.
     pub user: (u32, u32),
 }
 
 /// A `[[test]]`: a command that must succeed in the booted image.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TestCommand {
+    /// A shell command line, run inside the booted image.
     pub run: String,
+    /// The exit status that counts as a pass.
     pub expect_exit: u8,
 }
 
@@ -145,14 +160,25 @@ pub struct Recipe {
     pub path: PathBuf,
     /// Its directory: relative paths and build commands start here.
     pub dir: PathBuf,
+    /// `image.name`: the image's name in the store.
     pub name: String,
+    /// `image.version`, normalised semver.
     pub version: String,
+    /// `image.description` (empty if absent).
     pub description: String,
+    /// What the root tree starts from.
     pub base: Base,
+    /// Host programs copied in at their own paths, with every shared
+    /// library they load.
     pub binaries: Vec<PathBuf>,
+    /// `[[build]]` command lines, run in order on the host with
+    /// `$DESTDIR` set to the root tree.
     pub builds: Vec<String>,
+    /// `[[files]]`, copied in order (a later one overwrites an earlier).
     pub files: Vec<FileEntry>,
+    /// How guest-init starts the workload.
     pub run: Run,
+    /// `[[test]]` commands, recorded in the manifest (not run yet).
     pub tests: Vec<TestCommand>,
     /// The filesystem's size: fixed, or content plus free space.
     pub size: Size,
@@ -161,7 +187,10 @@ pub struct Recipe {
 /// How big the filesystem is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Size {
+    /// `size`: exactly this many bytes (rounded up to 4 KiB).
     Fixed(u64),
+    /// `free` (or [`DEFAULT_FREE`]): this many bytes on top of what the
+    /// content needs.
     Free(u64),
 }
 

@@ -39,9 +39,11 @@ pub struct Manifest {
     /// Bytes of the compressed image file.
     pub file_size: u64,
     /// What guest-init runs (argv), as the image's run configuration
-    /// says: shown by `kiln images`, and the clone benchmark's handler.
+    /// says: a child image inherits it, and `kiln bench` takes it as the
+    /// clone scenario's handler.
     pub entrypoint: Vec<String>,
-    /// The recipe's `[[test]]` commands, for `kiln test`.
+    /// The recipe's `[[test]]` commands, recorded for running inside the
+    /// booted image.
     pub tests: Vec<TestCommand>,
     /// RFC 3339, UTC.
     pub created: String,
@@ -146,7 +148,9 @@ pub fn parse_reference(reference: &str) -> Result<(&str, &str), StoreError> {
 /// An image in the store.
 #[derive(Clone, Debug)]
 pub struct StoredImage {
+    /// What it is and where it came from.
     pub manifest: Manifest,
+    /// Its `image.kiln` file.
     pub image_path: PathBuf,
 }
 
