@@ -39,7 +39,7 @@ use std::process::ExitCode;
 use guest_init::config::{CONFIG_PATH, RunConfig};
 use guest_init::network::{NetConfig, RESOLV_CONF};
 use guest_init::protocol::InitEvent;
-use guest_init::{function_mode, network, supervisor};
+use guest_init::{function_mode, network, one_line, supervisor};
 
 mod metadata;
 mod mounts;
@@ -70,8 +70,8 @@ fn main() -> ExitCode {
                 metadata::run_user_data_once(path, &config, &signals);
             }
             if functions {
-                function_mode::serve(&config, &signals).unwrap_or_else(|message| {
-                    eprintln!("guest-init: function mode: {message}");
+                function_mode::serve(&config, &signals).unwrap_or_else(|err| {
+                    eprintln!("guest-init: function mode: {}", one_line(&err));
                     supervisor::STATUS_NOT_EXECUTABLE
                 })
             } else {
@@ -127,10 +127,18 @@ fn configure_network(cmdline: &str) {
     let net = match NetConfig::from_cmdline(cmdline) {
         Ok(Some(net)) => net,
         Ok(None) => return,
-        Err(err) => return eprintln!("guest-init: {err}; booting without the network"),
+        Err(err) => {
+            return eprintln!(
+                "guest-init: {}; booting without the network",
+                one_line(&err)
+            );
+        }
     };
     if let Err(err) = network::configure_interface(&net) {
-        return eprintln!("guest-init: {err}; booting without the network");
+        return eprintln!(
+            "guest-init: {}; booting without the network",
+            one_line(&err)
+        );
     }
     let route = net.gateway.map(|gw| format!(", default route via {gw}"));
     eprintln!(
@@ -166,7 +174,8 @@ fn load_config(cmdline: &str) -> Result<RunConfig, String> {
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
         Err(err) => return Err(format!("cannot read {CONFIG_PATH}: {err}")),
     };
-    RunConfig::resolve(file.as_deref(), cmdline).map_err(|err| format!("{CONFIG_PATH}: {err}"))
+    RunConfig::resolve(file.as_deref(), cmdline)
+        .map_err(|err| format!("{CONFIG_PATH}: {}", one_line(&err)))
 }
 
 /// Ends every remaining process, leaves the root filesystem clean
