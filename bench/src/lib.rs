@@ -27,6 +27,7 @@
 //! the JSON, [`stats`] the percentiles, [`plot`] the SVG.
 //! Everything runs in a Kiln home of its own (the user's images linked
 //! in), removed at the end: no instance or function is left behind.
+#![warn(missing_docs)]
 pub mod clone;
 pub mod cold;
 pub mod kiln;
@@ -125,45 +126,83 @@ pub enum BenchError {
     Store(#[from] StoreError),
     #[error("image {0} has no entrypoint to serve as the clone scenario's handler: give --handler")]
     NoHandler(String),
-    #[error("cannot start {what}: {source}")]
+    /// A command could not be started, or waited for.
+    #[error("cannot start {what}")]
     Spawn {
+        /// The command line, as a person would type it.
         what: String,
+        /// What the system said.
+        #[source]
         source: std::io::Error,
     },
+    /// A run took longer than [`Config::limit`].
     #[error("{what} was still running after {limit:?} and was killed; it printed: {printed}")]
     Timeout {
+        /// The command line.
         what: String,
+        /// The limit it ran past.
         limit: Duration,
+        /// The end of its output, stdout and stderr.
         printed: String,
     },
+    /// A run ended before the event that stops its timer.
     #[error("{what} ended ({status}) without {event}; it printed: {printed}")]
     NoEvent {
+        /// The command line.
         what: String,
+        /// The event it never showed.
         event: String,
+        /// How it ended.
         status: String,
+        /// The end of its output (and of the peer's console).
         printed: String,
     },
+    /// A command the benchmark needs (setup, teardown or a run) did not
+    /// succeed.
     #[error("{what} failed ({status}); it printed: {printed}")]
     Failed {
+        /// The command line.
         what: String,
+        /// How it ended.
         status: String,
+        /// Its output, stdout and stderr.
         printed: String,
     },
-    #[error("{what}: no answer to a ping within {limit:?}: {last}")]
+    /// A restored guest never answered a ping within the limit.
+    #[error("{what}: no answer to a ping within {limit:?}; it printed: {printed}")]
     NoAnswer {
+        /// The restore's command line.
         what: String,
+        /// The limit.
         limit: Duration,
-        last: String,
+        /// The restore command's output.
+        printed: String,
+        /// Why the last try failed.
+        #[source]
+        last: restore::NoPong,
     },
-    #[error("{path}: {source}")]
+    /// A file the benchmark writes or reads could not be.
+    #[error("cannot read or write {path}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// What the system said.
+        #[source]
         source: std::io::Error,
     },
-    #[error("cannot flatten {image} into the peer's root filesystem: {reason}")]
-    Flatten { image: String, reason: String },
-    #[error("cannot draw the plot: {0}")]
-    Plot(String),
+    /// The image could not be made into the raw root filesystem the peer
+    /// boots from.
+    #[error("cannot flatten {image} into the peer's root filesystem")]
+    Flatten {
+        /// NAME:VERSION of the image.
+        image: String,
+        /// Why: the image does not open, or the file cannot be written.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The SVG plot could not be drawn.
+    #[error("cannot draw the plot")]
+    Plot(#[source] plot::PlotError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BenchError + '_ {
