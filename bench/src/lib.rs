@@ -55,12 +55,18 @@ use report::{Environment, Ratio, Report, Series, Vmm};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Scenario {
+    /// A boot from the image to guest-init's first instruction ([`cold`]).
     Cold,
+    /// A snapshot restore to the guest answering a ping ([`restore`]).
     Restore,
+    /// A function invocation in a fresh clone to its first response byte
+    /// ([`clone`]).
     Clone,
 }
 
 impl Scenario {
+    /// Every scenario, in the order a benchmark runs them when none is
+    /// named.
     pub const ALL: [Scenario; 3] = [Scenario::Cold, Scenario::Restore, Scenario::Clone];
 }
 
@@ -77,21 +83,31 @@ impl fmt::Display for Scenario {
 /// The VMM Kiln is compared with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Peer {
+    /// QEMU's `microvm` machine, booting the same kernel and root
+    /// filesystem ([`qemu`]); it takes part in the cold scenario only.
     Qemu,
 }
 
 /// What to measure.
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// The scenarios to time, each a series of its own.
     pub scenarios: Vec<Scenario>,
     /// NAME:VERSION from the store of `home`.
     pub image: String,
     /// The clone scenario's handler; default: the image's entrypoint.
     pub handler: Option<String>,
+    /// Guest memory of every VM, Kiln's and the peer's, in MiB.
     pub memory_mib: u32,
+    /// Timed runs per scenario and VMM (at least 1).
     pub runs: usize,
+    /// Timed runs in flight at once (at least 1); the cold scenario
+    /// against a peer runs one at a time whatever this says.
     pub concurrency: usize,
+    /// Untimed runs before the timed ones, per scenario and VMM: they
+    /// warm the page cache and the image's chunk cache.
     pub warmup: usize,
+    /// The VMM to compare with; `None` times Kiln alone.
     pub peer: Option<Peer>,
     /// The `kiln` binary the runs exec.
     pub kiln: PathBuf,
@@ -106,24 +122,33 @@ pub struct Config {
 /// Why the benchmark could not run or a run failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
+    /// The host has no hardware KVM: numbers taken here would measure an
+    /// emulator, so the benchmark refuses to run outside the harness.
     #[error(
         "kiln bench boots VMs and needs hardware KVM; this host has {0}. Without it, \
          `cargo xtask bench startup` runs the benchmark inside the nested harness, where \
          every number is measured under emulation"
     )]
     NoHardwareKvm(HostVirt),
+    /// [`Config::runs`] is 0, or a series came back without samples.
     #[error("--runs {0}: expected at least 1")]
     Runs(usize),
+    /// [`Config::concurrency`] is 0.
     #[error("--concurrency {0}: expected at least 1")]
     Concurrency(usize),
+    /// [`Config::scenarios`] is empty.
     #[error("no scenario to run")]
     NoScenario,
+    /// [`Config::kernel`] is not a file.
     #[error(
         "the guest kernel {0} does not exist (`cargo xtask kernel` installs one; or set KILN_KERNEL)"
     )]
     NoKernel(PathBuf),
+    /// The image is not in the store, or the store cannot be read.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The clone scenario needs a handler and neither `--handler` nor the
+    /// image gives one.
     #[error("image {0} has no entrypoint to serve as the clone scenario's handler: give --handler")]
     NoHandler(String),
     /// A command could not be started, or waited for.

@@ -40,6 +40,9 @@ pub enum NoPong {
     Ping(#[source] std::io::Error),
 }
 
+/// `kiln snapshot restore` of the function's template into a new
+/// instance, to its guest answering a ping; each instance is terminated
+/// (untimed) after its run.
 pub fn kiln(
     config: &Config,
     kiln: &Kiln,
