@@ -36,7 +36,7 @@ use std::io::ErrorKind;
 use std::path::Path;
 use std::process::ExitCode;
 
-use guest_init::config::{CONFIG_PATH, RunConfig};
+use guest_init::config::{CONFIG_PATH, ConfigError, RunConfig};
 use guest_init::network::{NetConfig, RESOLV_CONF};
 use guest_init::protocol::InitEvent;
 use guest_init::{function_mode, network, one_line, supervisor};
@@ -53,13 +53,13 @@ fn main() -> ExitCode {
     if std::process::id() != 1 {
         return match load_config("") {
             Ok(config) => ExitCode::from(supervisor::run(&config, &signals)),
-            Err(message) => fail(message),
+            Err(err) => fail(one_line(&err)),
         };
     }
     let port = boot();
     let cmdline = read_cmdline();
-    let user_data = metadata::publish(&cmdline).unwrap_or_else(|message| {
-        eprintln!("guest-init: instance metadata: {message}");
+    let user_data = metadata::publish(&cmdline).unwrap_or_else(|err| {
+        eprintln!("guest-init: instance metadata: {}", one_line(&err));
         None
     });
     let functions = function_mode::enabled(&cmdline);
@@ -78,8 +78,8 @@ fn main() -> ExitCode {
                 supervisor::run(&config, &signals)
             }
         }
-        Err(message) => {
-            eprintln!("guest-init: {message}");
+        Err(err) => {
+            eprintln!("guest-init: {}", one_line(&err));
             supervisor::STATUS_NOT_FOUND
         }
     };
@@ -168,14 +168,24 @@ fn read_cmdline() -> String {
     std::fs::read_to_string("/proc/cmdline").unwrap_or_default()
 }
 
-fn load_config(cmdline: &str) -> Result<RunConfig, String> {
+/// Why there is no run configuration to start the entrypoint with.
+#[derive(Debug, thiserror::Error)]
+enum LoadError {
+    /// The file exists but could not be read.
+    #[error("cannot read {CONFIG_PATH}")]
+    Read(#[source] std::io::Error),
+    /// The file, or the command line's overrides, are not usable.
+    #[error("{CONFIG_PATH}")]
+    Invalid(#[source] ConfigError),
+}
+
+fn load_config(cmdline: &str) -> Result<RunConfig, LoadError> {
     let file = match std::fs::read(CONFIG_PATH) {
         Ok(bytes) => Some(bytes),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
-        Err(err) => return Err(format!("cannot read {CONFIG_PATH}: {err}")),
+        Err(err) => return Err(LoadError::Read(err)),
     };
-    RunConfig::resolve(file.as_deref(), cmdline)
-        .map_err(|err| format!("{CONFIG_PATH}: {}", one_line(&err)))
+    RunConfig::resolve(file.as_deref(), cmdline).map_err(LoadError::Invalid)
 }
 
 /// Ends every remaining process, leaves the root filesystem clean
