@@ -117,14 +117,14 @@ fn qemu_run(config: &Config, rootfs: &Path, work: &Path, i: usize) -> Result<f64
 
 /// The image's raw filesystem in `out`.
 fn flatten(image: &StoredImage, name: &str, out: &Path) -> Result<(), BenchError> {
-    let failed = |reason: String| BenchError::Flatten {
+    let failed = |source: Box<dyn std::error::Error + Send + Sync>| BenchError::Flatten {
         image: name.to_string(),
-        reason,
+        source,
     };
     let volume =
         kiln_vmm::volume::Volume::open(&image.image_path, None, kiln_image::DEFAULT_CACHE_BYTES)
-            .map_err(|err| failed(err.to_string()))?;
-    kiln_control::commit::flatten_to_file(&volume, out).map_err(|err| failed(err.to_string()))
+            .map_err(|err| failed(err.into()))?;
+    kiln_control::commit::flatten_to_file(&volume, out).map_err(|err| failed(err.into()))
 }
 
 /// A failed peer run's error, with the end of its console.

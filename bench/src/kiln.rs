@@ -16,6 +16,8 @@ pub struct Kiln {
 }
 
 impl Kiln {
+    /// Runs `bin` with `home` as its `KILN_HOME`; no instance is tracked
+    /// yet.
     pub fn new(bin: impl Into<PathBuf>, home: impl Into<PathBuf>) -> Self {
         Kiln {
             bin: bin.into(),

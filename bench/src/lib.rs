@@ -27,6 +27,7 @@
 //! the JSON, [`stats`] the percentiles, [`plot`] the SVG.
 //! Everything runs in a Kiln home of its own (the user's images linked
 //! in), removed at the end: no instance or function is left behind.
+#![warn(missing_docs)]
 pub mod clone;
 pub mod cold;
 pub mod kiln;
@@ -54,12 +55,18 @@ use report::{Environment, Ratio, Report, Series, Vmm};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Scenario {
+    /// A boot from the image to guest-init's first instruction ([`cold`]).
     Cold,
+    /// A snapshot restore to the guest answering a ping ([`restore`]).
     Restore,
+    /// A function invocation in a fresh clone to its first response byte
+    /// ([`clone`]).
     Clone,
 }
 
 impl Scenario {
+    /// Every scenario, in the order a benchmark runs them when none is
+    /// named.
     pub const ALL: [Scenario; 3] = [Scenario::Cold, Scenario::Restore, Scenario::Clone];
 }
 
@@ -76,21 +83,31 @@ impl fmt::Display for Scenario {
 /// The VMM Kiln is compared with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Peer {
+    /// QEMU's `microvm` machine, booting the same kernel and root
+    /// filesystem ([`qemu`]); it takes part in the cold scenario only.
     Qemu,
 }
 
 /// What to measure.
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// The scenarios to time, each a series of its own.
     pub scenarios: Vec<Scenario>,
     /// NAME:VERSION from the store of `home`.
     pub image: String,
     /// The clone scenario's handler; default: the image's entrypoint.
     pub handler: Option<String>,
+    /// Guest memory of every VM, Kiln's and the peer's, in MiB.
     pub memory_mib: u32,
+    /// Timed runs per scenario and VMM (at least 1).
     pub runs: usize,
+    /// Timed runs in flight at once (at least 1); the cold scenario
+    /// against a peer runs one at a time whatever this says.
     pub concurrency: usize,
+    /// Untimed runs before the timed ones, per scenario and VMM: they
+    /// warm the page cache and the image's chunk cache.
     pub warmup: usize,
+    /// The VMM to compare with; `None` times Kiln alone.
     pub peer: Option<Peer>,
     /// The `kiln` binary the runs exec.
     pub kiln: PathBuf,
@@ -105,65 +122,112 @@ pub struct Config {
 /// Why the benchmark could not run or a run failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
+    /// The host has no hardware KVM: numbers taken here would measure an
+    /// emulator, so the benchmark refuses to run outside the harness.
     #[error(
         "kiln bench boots VMs and needs hardware KVM; this host has {0}. Without it, \
          `cargo xtask bench startup` runs the benchmark inside the nested harness, where \
          every number is measured under emulation"
     )]
     NoHardwareKvm(HostVirt),
+    /// [`Config::runs`] is 0, or a series came back without samples.
     #[error("--runs {0}: expected at least 1")]
     Runs(usize),
+    /// [`Config::concurrency`] is 0.
     #[error("--concurrency {0}: expected at least 1")]
     Concurrency(usize),
+    /// [`Config::scenarios`] is empty.
     #[error("no scenario to run")]
     NoScenario,
+    /// [`Config::kernel`] is not a file.
     #[error(
         "the guest kernel {0} does not exist (`cargo xtask kernel` installs one; or set KILN_KERNEL)"
     )]
     NoKernel(PathBuf),
+    /// The image is not in the store, or the store cannot be read.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The clone scenario needs a handler and neither `--handler` nor the
+    /// image gives one.
     #[error("image {0} has no entrypoint to serve as the clone scenario's handler: give --handler")]
     NoHandler(String),
-    #[error("cannot start {what}: {source}")]
+    /// A command could not be started, or waited for.
+    #[error("cannot start {what}")]
     Spawn {
+        /// The command line, as a person would type it.
         what: String,
+        /// What the system said.
+        #[source]
         source: std::io::Error,
     },
+    /// A run took longer than [`Config::limit`].
     #[error("{what} was still running after {limit:?} and was killed; it printed: {printed}")]
     Timeout {
+        /// The command line.
         what: String,
+        /// The limit it ran past.
         limit: Duration,
+        /// The end of its output, stdout and stderr.
         printed: String,
     },
+    /// A run ended before the event that stops its timer.
     #[error("{what} ended ({status}) without {event}; it printed: {printed}")]
     NoEvent {
+        /// The command line.
         what: String,
+        /// The event it never showed.
         event: String,
+        /// How it ended.
         status: String,
+        /// The end of its output (and of the peer's console).
         printed: String,
     },
+    /// A command the benchmark needs (setup, teardown or a run) did not
+    /// succeed.
     #[error("{what} failed ({status}); it printed: {printed}")]
     Failed {
+        /// The command line.
         what: String,
+        /// How it ended.
         status: String,
+        /// Its output, stdout and stderr.
         printed: String,
     },
-    #[error("{what}: no answer to a ping within {limit:?}: {last}")]
+    /// A restored guest never answered a ping within the limit.
+    #[error("{what}: no answer to a ping within {limit:?}; it printed: {printed}")]
     NoAnswer {
+        /// The restore's command line.
         what: String,
+        /// The limit.
         limit: Duration,
-        last: String,
+        /// The restore command's output.
+        printed: String,
+        /// Why the last try failed.
+        #[source]
+        last: restore::NoPong,
     },
-    #[error("{path}: {source}")]
+    /// A file the benchmark writes or reads could not be.
+    #[error("cannot read or write {path}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// What the system said.
+        #[source]
         source: std::io::Error,
     },
-    #[error("cannot flatten {image} into the peer's root filesystem: {reason}")]
-    Flatten { image: String, reason: String },
-    #[error("cannot draw the plot: {0}")]
-    Plot(String),
+    /// The image could not be made into the raw root filesystem the peer
+    /// boots from.
+    #[error("cannot flatten {image} into the peer's root filesystem")]
+    Flatten {
+        /// NAME:VERSION of the image.
+        image: String,
+        /// Why: the image does not open, or the file cannot be written.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The SVG plot could not be drawn.
+    #[error("cannot draw the plot")]
+    Plot(#[source] plot::PlotError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BenchError + '_ {

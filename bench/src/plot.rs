@@ -19,8 +19,21 @@ const COLORS: [RGBColor; 6] = [
     RGBColor(140, 86, 75),
 ];
 
+/// Why the plot could not be drawn: the cause of
+/// [`BenchError::Plot`](crate::BenchError::Plot).
+#[derive(Debug, thiserror::Error)]
+pub enum PlotError {
+    /// Every series is empty (or holds no positive, finite time): a log
+    /// axis has no range to show.
+    #[error("the report has no samples to plot")]
+    NoSamples,
+    /// plotters failed to lay out or render the chart.
+    #[error("plotters could not draw the chart")]
+    Draw(#[source] DrawingAreaErrorKind<std::io::Error>),
+}
+
 /// The SVG document for `report`; an error when it has no samples.
-pub fn svg(report: &Report) -> Result<String, String> {
+pub fn svg(report: &Report) -> Result<String, PlotError> {
     let all: Vec<f64> = report
         .series
         .iter()
@@ -31,10 +44,10 @@ pub fn svg(report: &Report) -> Result<String, String> {
         all.iter().copied().reduce(f64::min),
         all.iter().copied().reduce(f64::max),
     ) else {
-        return Err("the report has no samples to plot".into());
+        return Err(PlotError::NoSamples);
     };
     let mut out = String::new();
-    draw(report, lo * 0.8, hi * 1.25, &mut out).map_err(|err| err.to_string())?;
+    draw(report, lo * 0.8, hi * 1.25, &mut out).map_err(PlotError::Draw)?;
     Ok(out)
 }
 

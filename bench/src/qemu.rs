@@ -16,7 +16,9 @@ pub struct Microvm {
     pub kernel: PathBuf,
     /// A raw ext4 root filesystem (`kiln image flatten` of the image).
     pub rootfs: PathBuf,
+    /// Guest memory in MiB, as `kiln run` gives it.
     pub memory_mib: u32,
+    /// Virtual CPUs, as `kiln run` gives them.
     pub vcpus: u8,
     /// Writes to the root filesystem are thrown away when QEMU ends
     /// (`snapshot=on`, like an unnamed `kiln run`'s overlay), else the

@@ -16,13 +16,17 @@ pub const SCHEMA_VERSION: u32 = 1;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Report {
+    /// [`SCHEMA_VERSION`] of the code that wrote it.
     pub schema_version: u32,
+    /// The version of the `kiln` that measured.
     pub kiln_version: String,
+    /// The host the numbers were measured on.
     pub environment: Environment,
     /// NAME:VERSION booted, restored and cloned.
     pub image: String,
     /// The clone scenario's handler.
     pub handler: String,
+    /// Guest memory of every VM, in MiB.
     pub memory_mib: u32,
     /// Timed runs per scenario and VMM.
     pub runs: usize,
@@ -30,6 +34,7 @@ pub struct Report {
     pub concurrency: usize,
     /// Untimed runs before the timed ones, per scenario and VMM.
     pub warmup_runs: usize,
+    /// One per scenario and VMM that ran.
     pub series: Vec<Series>,
     /// Kiln against the peer, per scenario the peer ran.
     pub ratios: Vec<Ratio>,
@@ -61,13 +66,17 @@ pub struct Environment {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Series {
+    /// What was timed.
     pub scenario: Scenario,
+    /// Which VMM ran it.
     pub vmm: Vmm,
-    /// What the timer starts on, and stops on.
+    /// What the timer starts on.
     pub timer_starts: String,
+    /// What the timer stops on.
     pub timer_stops: String,
     /// Each timed run's latency, in the order the runs finished.
     pub samples_ms: Vec<f64>,
+    /// The samples' percentiles.
     pub latency_ms: Stats,
     /// From the first timed run's start to the last one's end; for two
     /// series whose runs alternate, the sum of this one's runs' own times.
@@ -80,7 +89,9 @@ pub struct Series {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Vmm {
+    /// Kiln's own VMM.
     Kiln,
+    /// QEMU's `microvm` machine, the peer.
     Qemu,
 }
 
@@ -98,10 +109,15 @@ impl std::fmt::Display for Vmm {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Ratio {
+    /// The scenario both ran.
     pub scenario: Scenario,
+    /// The VMM Kiln is compared with.
     pub peer: Vmm,
+    /// Kiln's median latency.
     pub kiln_p50_ms: f64,
+    /// The peer's median latency.
     pub peer_p50_ms: f64,
+    /// `kiln_p50_ms / peer_p50_ms`.
     pub ratio: f64,
 }
 

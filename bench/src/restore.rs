@@ -27,6 +27,22 @@ const POLL: Duration = Duration::from_millis(1);
 /// How long one round of connecting to its guest may take.
 const CONNECT_ROUND: Duration = Duration::from_secs(5);
 
+/// Why a restored guest did not answer: the cause of
+/// [`BenchError::NoAnswer`].
+#[derive(Debug, thiserror::Error)]
+pub enum NoPong {
+    /// No new instance of the name was recorded.
+    #[error("the instance never appeared")]
+    NoInstance,
+    /// The instance exists, but connecting to its guest-init or pinging
+    /// it failed, the last time it was tried.
+    #[error("the last ping failed")]
+    Ping(#[source] std::io::Error),
+}
+
+/// `kiln snapshot restore` of the function's template into a new
+/// instance, to its guest answering a ping; each instance is terminated
+/// (untimed) after its run.
 pub fn kiln(
     config: &Config,
     kiln: &Kiln,
@@ -95,13 +111,15 @@ fn restore_to_answer(
     answered.map_err(|last| BenchError::NoAnswer {
         what,
         limit: config.limit,
-        last: format!("{last}; it printed: {printed}"),
+        printed,
+        last,
     })
 }
 
 /// Looks for instance `name`, then pings its guest until it answers;
 /// the time since `started` of the pong, or the last failure at `limit`
-/// or once `restoring` (the `kiln` command) has failed. `known` are the
+/// or once `restoring` (the `kiln` command) has failed (which the caller
+/// reports from its status). `known` are the
 /// instance directories from before the restore: only new ones are read.
 fn wait_for_pong(
     kiln: &Kiln,
@@ -110,9 +128,9 @@ fn wait_for_pong(
     restoring: &mut Child,
     started: Instant,
     limit: Duration,
-) -> Result<Duration, String> {
+) -> Result<Duration, NoPong> {
     let registry = Registry::new(kiln.home());
-    let mut last = String::from("the instance never appeared");
+    let mut last = NoPong::NoInstance;
     let mut socket = None;
     while started.elapsed() < limit {
         if socket.is_none() {
@@ -125,13 +143,13 @@ fn wait_for_pong(
             let left = limit.saturating_sub(started.elapsed()).min(CONNECT_ROUND);
             match vsock::connect(socket, FUNCTION_PORT, left).and_then(ping) {
                 Ok(()) => return Ok(started.elapsed()),
-                Err(err) => last = err.to_string(),
+                Err(err) => last = NoPong::Ping(err),
             }
         }
         if let Ok(Some(status)) = restoring.try_wait()
             && !status.success()
         {
-            return Err(format!("{last}; the restore failed: {status}"));
+            return Err(last);
         }
         std::thread::sleep(POLL);
     }

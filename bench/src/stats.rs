@@ -7,10 +7,15 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Stats {
+    /// The fastest sample.
     pub min: f64,
+    /// The median: half the samples are at or below it.
     pub p50: f64,
+    /// 90% of the samples are at or below it.
     pub p90: f64,
+    /// 99% of the samples are at or below it: the tail.
     pub p99: f64,
+    /// The slowest sample.
     pub max: f64,
 }
 

@@ -52,7 +52,9 @@ pub fn signal(pid: u32, signal: i32) {
 /// Which output of the child the event shows in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stream {
+    /// The child's standard output.
     Stdout,
+    /// The child's standard error.
     Stderr,
 }
 
@@ -68,7 +70,11 @@ pub enum Then {
 /// The event: the first line starting with a prefix, or the first byte.
 #[derive(Clone, Copy, Debug)]
 pub enum Event<'a> {
+    /// A whole line that starts with this prefix (`kiln run --timing`'s
+    /// `boot-to-init:`).
     LineStarting(&'a str),
+    /// Any byte at all (the first of a function's response, or of QEMU's
+    /// debug console).
     FirstByte,
 }
 

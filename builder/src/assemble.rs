@@ -8,7 +8,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use guest_init::config::{CONFIG_PATH, RunConfig};
+use guest_init::config::{CONFIG_PATH, ConfigError, RunConfig};
 
 use crate::elf::{self, ElfError};
 use crate::recipe::Recipe;
@@ -28,22 +28,50 @@ const SKELETON: &[(&str, u32)] = &[
 /// Why a root tree could not be assembled.
 #[derive(Debug, thiserror::Error)]
 pub enum AssembleError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
-    #[error("in the image being built: {0}")]
+    /// A host file the recipe names could not be read, or a build command
+    /// could not be started.
+    #[error("cannot read or run {path}")]
+    Io {
+        /// The host path.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+    /// Writing into the root tree failed, or the tree (an untrusted base)
+    /// holds what no image may.
+    #[error("in the image being built")]
     Stage(#[from] StageError),
+    /// A `[[build]]` command ran and did not succeed.
     #[error("build command `{command}` (in {dir}) failed: {status}")]
     Build {
+        /// The command, as the recipe gives it.
         command: String,
+        /// The directory it ran in: the recipe's.
         dir: PathBuf,
-        status: String,
+        /// How it ended.
+        status: std::process::ExitStatus,
     },
+    /// A binary the recipe names, or one of its libraries, could not be
+    /// resolved.
     #[error(transparent)]
     Elf(#[from] ElfError),
+    /// Neither the recipe nor its base says what the image runs.
     #[error("{recipe}: no [run] entrypoint, and the base image has none either")]
-    NoEntrypoint { recipe: PathBuf },
-    #[error("{recipe}: the run configuration is invalid: {problem}")]
-    RunConfig { recipe: PathBuf, problem: String },
+    NoEntrypoint {
+        /// The recipe file.
+        recipe: PathBuf,
+    },
+    /// The run configuration, the recipe's or the base's, does not
+    /// encode or decode.
+    #[error("{recipe}: the run configuration is invalid")]
+    RunConfig {
+        /// The recipe file.
+        recipe: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: ConfigError,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> AssembleError + '_ {
@@ -105,7 +133,7 @@ fn run_build(command: &str, dir: &Path, destdir: &Path) -> Result<(), AssembleEr
         return Err(AssembleError::Build {
             command: command.into(),
             dir: dir.into(),
-            status: status.to_string(),
+            status,
         });
     }
     Ok(())
@@ -191,10 +219,11 @@ fn write_run_config(recipe: &Recipe, stage: &Stage) -> Result<Vec<String>, Assem
             .map_err(|_| no_entrypoint())?
             .read_to_end(&mut inherited)
             .map_err(|_| no_entrypoint())?;
-        let config = RunConfig::from_json(&inherited).map_err(|err| AssembleError::RunConfig {
-            recipe: recipe.path.clone(),
-            problem: err.to_string(),
-        })?;
+        let config =
+            RunConfig::from_json(&inherited).map_err(|source| AssembleError::RunConfig {
+                recipe: recipe.path.clone(),
+                source,
+            })?;
         return Ok(config.entrypoint);
     }
     let mut config = RunConfig::new(recipe.run.argv.clone());
@@ -206,9 +235,9 @@ fn write_run_config(recipe: &Recipe, stage: &Stage) -> Result<Vec<String>, Assem
     config.hostname = recipe.name.clone();
     let json = config
         .to_json_pretty()
-        .map_err(|err| AssembleError::RunConfig {
+        .map_err(|source| AssembleError::RunConfig {
             recipe: recipe.path.clone(),
-            problem: err.to_string(),
+            source,
         })?;
     stage.write_file(path, 0o644, &mut json.as_bytes())?;
     Ok(config.entrypoint)
@@ -363,7 +392,7 @@ entrypoint = ["/bin/true"]
         plant(&stage);
         let err = assemble(&r, &stage, Path::new("/bin/busybox")).unwrap_err();
         assert!(
-            err.to_string().starts_with("in the image being built: "),
+            crate::chain(&err).starts_with("in the image being built: "),
             "{err}"
         );
         crate::oci::tests::assert_untouched(&outside);

@@ -28,40 +28,67 @@ use kiln_image::{self as image, DEFAULT_CHUNK_SIZE, ImageError};
 /// Why a build failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
+    /// The recipe does not load.
     #[error(transparent)]
     Recipe(#[from] RecipeError),
+    /// The root tree could not be put together.
     #[error(transparent)]
     Assemble(#[from] AssembleError),
+    /// A binary or one of its libraries could not be resolved.
     #[error(transparent)]
     Elf(#[from] ElfError),
+    /// Making the filesystem, or reading the parent's, failed.
     #[error(transparent)]
     Ext4(#[from] Ext4Error),
+    /// Compressing the filesystem, or reading the parent image, failed.
     #[error(transparent)]
     Image(#[from] ImageError),
+    /// The store could not be read or written.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The `oci:` or `tar:` base could not be imported.
     #[error(transparent)]
     Oci(#[from] OciError),
-    #[error("the build stage: {0}")]
+    /// The directory the root tree is built in could not be made.
+    #[error("cannot prepare the build stage")]
     Stage(#[from] StageError),
+    /// The recipe's `base` names an image the store does not hold.
     #[error("{recipe}: base image {base} is not in the store; build it first")]
-    MissingBase { recipe: PathBuf, base: String },
+    MissingBase {
+        /// The recipe file.
+        recipe: PathBuf,
+        /// The base's NAME:VERSION.
+        base: String,
+    },
+    /// Following `base` from image to parent comes back to the image
+    /// being built.
     #[error("{recipe}: base {base} leads back to {image} itself (a cycle: {chain})")]
     Cycle {
+        /// The recipe file.
         recipe: PathBuf,
+        /// The recipe's base.
         base: String,
+        /// The image the recipe builds.
         image: String,
+        /// The references followed, " -> " between them.
         chain: String,
     },
-    #[error("cannot read {path} for the cache key: {source}")]
+    /// A file the cache key covers could not be read.
+    #[error("cannot read {path} for the cache key")]
     Input {
+        /// The file or directory.
         path: PathBuf,
+        /// What the system said.
+        #[source]
         source: std::io::Error,
     },
+    /// A new image's reference ([`check_new`]) is malformed.
     #[error(
         "{0:?}: expected NAME:VERSION, NAME 1-64 of a-z 0-9 - _ . starting with a letter or digit, VERSION semver such as 1.0.0"
     )]
     BadReference(String),
+    /// A new image's NAME:VERSION ([`check_new`]) is in the store
+    /// already: a published image is never replaced.
     #[error("{0} is already in the store: choose another NAME:VERSION, or `kiln rm {0}` first")]
     Exists(String),
 }
@@ -69,6 +96,7 @@ pub enum BuildError {
 /// What a build produced.
 #[derive(Debug)]
 pub struct Built {
+    /// The manifest of the image in the store.
     pub manifest: Manifest,
     /// True when the stored image was reused.
     pub cached: bool,
@@ -152,7 +180,7 @@ pub fn build(
 /// directory [`Store::publish`] takes.
 fn compress(raw: &Path, scratch: &Path) -> Result<(PathBuf, image::ImageInfo), BuildError> {
     let publish = scratch.join("publish");
-    fs::create_dir(&publish).map_err(|source| BuildError::Input {
+    fs::create_dir(&publish).map_err(|source| StoreError::Io {
         path: publish.clone(),
         source,
     })?;
@@ -530,7 +558,7 @@ mod tests {
         let dumped = hostile.dir.path().join("dumped");
         let name = format!("a\"\ndump /sbin/init {}\n#", dumped.display());
         let base = crate::oci::tests::raw_tar(&[crate::oci::tests::file(name.as_bytes(), b"x")]);
-        let err = hostile.build(&base).unwrap_err().to_string();
+        let err = crate::chain(&hostile.build(&base).unwrap_err());
         assert!(
             err.contains("control character") && err.contains("base.tar"),
             "{err}"

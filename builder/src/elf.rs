@@ -24,17 +24,34 @@ const LD_SO_CONF: &str = "/etc/ld.so.conf";
 /// Why a closure could not be computed. Each names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ElfError {
-    #[error("cannot read {path}: {source}")]
+    /// A program, library or directory could not be read.
+    #[error("cannot read {path}")]
     Read {
+        /// The file or directory.
         path: PathBuf,
+        /// What the system said.
+        #[source]
         source: std::io::Error,
     },
-    #[error("{path} is not an ELF file: {reason}")]
-    NotElf { path: PathBuf, reason: String },
+    /// A file to copy with its libraries does not parse as ELF (a script,
+    /// or a damaged binary).
+    #[error("{path} is not an ELF file")]
+    NotElf {
+        /// The file.
+        path: PathBuf,
+        /// What the ELF parser found.
+        #[source]
+        source: goblin::error::Error,
+    },
+    /// A shared library a file needs is in no directory the loader would
+    /// search.
     #[error("{path} needs {library}, which is in none of: {searched}")]
     Missing {
+        /// The program or library that needs it.
         path: PathBuf,
+        /// The library's name (its `DT_NEEDED` entry).
         library: String,
+        /// The directories searched, ", " between them.
         searched: String,
     },
 }
@@ -59,9 +76,9 @@ pub fn closure(programs: &[PathBuf]) -> Result<BTreeSet<PathBuf>, ElfError> {
             path: path.clone(),
             source,
         })?;
-        let elf = Elf::parse(&bytes).map_err(|err| ElfError::NotElf {
+        let elf = Elf::parse(&bytes).map_err(|source| ElfError::NotElf {
             path: path.clone(),
-            reason: err.to_string(),
+            source,
         })?;
         if let Some(interpreter) = elf.interpreter {
             queue.push_back(PathBuf::from(interpreter));

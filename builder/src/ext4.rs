@@ -36,31 +36,88 @@ const INCOMPAT_RECOVER: u32 = 0x4;
 /// Errors from making or reading a filesystem.
 #[derive(Debug, thiserror::Error)]
 pub enum Ext4Error {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    /// A file of the tree or the filesystem image could not be read or
+    /// changed.
+    #[error("cannot read or write {path}")]
+    Io {
+        /// The host path.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+    /// An e2fsprogs tool (`mkfs.ext4`, `e2fsck`, `debugfs`) could not be
+    /// started at all.
+    #[error("cannot run {tool} on {image} (apt-get install e2fsprogs)")]
+    Tool {
+        /// The program.
+        tool: &'static str,
+        /// The filesystem image it was to work on.
+        image: PathBuf,
+        /// Why it did not start.
+        #[source]
+        source: io::Error,
+    },
+    /// `mkfs.ext4`, or the `debugfs` run that pins the change times, ran
+    /// and failed.
     #[error("mkfs.ext4 failed for {image}: {message}")]
-    Mkfs { image: PathBuf, message: String },
-    /// The `ext4` crate's error chain, as text (it reports with anyhow).
-    #[error("cannot read the filesystem: {0}")]
-    Read(String),
+    Mkfs {
+        /// The filesystem image being made.
+        image: PathBuf,
+        /// What the tool printed.
+        message: String,
+    },
+    /// The `ext4` crate could not read the filesystem: not ext4, or
+    /// damaged, or using a feature it does not know.
+    #[error("cannot read the filesystem")]
+    Read(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// [`list`] found nothing at the path it was asked for.
     #[error("no {0} in the image")]
     NotFound(String),
+    /// `e2fsck` ran but did not leave the journal replayed.
     #[error("e2fsck could not replay the journal of {image}: {message}")]
-    Fsck { image: PathBuf, message: String },
+    Fsck {
+        /// The filesystem image.
+        image: PathBuf,
+        /// What e2fsck printed, and its exit status.
+        message: String,
+    },
+    /// A name in the filesystem (or the tree to make one of) is one no
+    /// image may hold ([`stage::check_name`]).
     #[error("{path:?} in the filesystem: {reason}; names from images may not have one")]
-    BadName { path: PathBuf, reason: &'static str },
+    BadName {
+        /// The path in the image.
+        path: PathBuf,
+        /// What is wrong with the name.
+        reason: &'static str,
+    },
+    /// A directory is reached twice (it was linked into itself or into
+    /// two places): walking on would never end.
     #[error(
         "{path} in the filesystem: directory inode {inode} is reached a second time (a directory linked into itself or twice)"
     )]
-    Loop { path: PathBuf, inode: u32 },
+    Loop {
+        /// The path it was reached by the second time.
+        path: PathBuf,
+        /// Its inode number.
+        inode: u32,
+    },
+    /// A path in the filesystem is more than [`MAX_DEPTH`] directories
+    /// deep.
     #[error("{path} in the filesystem: deeper than {MAX_DEPTH} directories")]
-    TooDeep { path: PathBuf },
-    #[error("while extracting the filesystem: {0}")]
+    TooDeep {
+        /// The path in the image.
+        path: PathBuf,
+    },
+    /// Writing an extracted entry into the stage failed.
+    #[error("cannot extract the filesystem")]
     Stage(#[from] StageError),
 }
 
-fn read_err(err: impl std::fmt::Display) -> Ext4Error {
-    Ext4Error::Read(format!("{err:#}"))
+/// The `ext4` crate's error (an `anyhow::Error`, its chain kept) as the
+/// cause of [`Ext4Error::Read`].
+fn read_err(err: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Ext4Error {
+    Ext4Error::Read(err.into())
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Ext4Error + '_ {
@@ -150,9 +207,10 @@ pub fn replay_journal(image: &Path) -> Result<bool, Ext4Error> {
         // filesystem replays to the same bytes.
         .env("E2FSCK_TIME", FIXED_TIME.to_string())
         .output()
-        .map_err(|err| Ext4Error::Fsck {
+        .map_err(|source| Ext4Error::Tool {
+            tool: "e2fsck",
             image: image.into(),
-            message: format!("cannot run e2fsck (apt-get install e2fsprogs): {err}"),
+            source,
         })?;
     // 0: nothing to fix; 1: fixed (the journal replayed).
     if !matches!(output.status.code(), Some(0 | 1)) || needs_recovery(image)? {
@@ -185,9 +243,10 @@ pub fn make(tree: &Path, image: &Path, size: u64, uuid: &str) -> Result<(), Ext4
         .arg(format!("{}k", size / 1024))
         .env("E2FSPROGS_FAKE_TIME", FIXED_TIME.to_string())
         .output()
-        .map_err(|err| Ext4Error::Mkfs {
+        .map_err(|source| Ext4Error::Tool {
+            tool: "mkfs.ext4",
             image: image.into(),
-            message: format!("cannot run mkfs.ext4 (apt-get install e2fsprogs): {err}"),
+            source,
         })?;
     if !output.status.success() {
         let message = String::from_utf8_lossy(&output.stderr).trim().to_string();
@@ -227,7 +286,11 @@ fn pin_change_times(image: &Path) -> Result<(), Ext4Error> {
         .arg(image)
         .env("E2FSPROGS_FAKE_TIME", FIXED_TIME.to_string())
         .output()
-        .map_err(io_err(image))?;
+        .map_err(|source| Ext4Error::Tool {
+            tool: "debugfs",
+            image: image.into(),
+            source,
+        })?;
     let _ = fs::remove_file(&script);
     // debugfs reports a failed command on stderr but still exits 0.
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -291,8 +354,11 @@ pub struct Entry {
     pub kind: char,
     /// Permission bits (with setuid/setgid/sticky).
     pub mode: u32,
+    /// Owner's user id.
     pub uid: u32,
+    /// Owner's group id.
     pub gid: u32,
+    /// Bytes of a file's data, a link's target or a directory's blocks.
     pub size: u64,
     /// A symbolic link's target.
     pub target: Option<String>,

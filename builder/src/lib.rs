@@ -1,4 +1,5 @@
 //! Kiln's image builder: recipe -> root tree -> ext4 -> chunked zstd image -> store.
+#![warn(missing_docs)]
 pub mod assemble;
 pub mod build;
 pub mod elf;
@@ -7,3 +8,16 @@ pub mod oci;
 pub mod recipe;
 pub mod stage;
 pub mod store;
+
+/// `err` and its causes joined by ": ", as the CLI prints them: what the
+/// tests check a cause's text in, now that no message embeds its cause.
+#[cfg(test)]
+fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = err.to_string();
+    let mut cause = err.source();
+    while let Some(next) = cause {
+        line = format!("{line}: {next}");
+        cause = next.source();
+    }
+    line
+}

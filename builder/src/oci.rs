@@ -25,17 +25,56 @@ const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
 /// Why an archive could not be imported. Each names the archive.
 #[derive(Debug, thiserror::Error)]
 pub enum OciError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    /// The archive, or a layer in it, could not be read.
+    #[error("cannot read {path}")]
+    Io {
+        /// The archive or layer.
+        path: PathBuf,
+        /// What the system (or the decompressor) said.
+        #[source]
+        source: io::Error,
+    },
+    /// The archive has neither an OCI layout's `index.json` nor a
+    /// `docker save` archive's `manifest.json`.
     #[error(
         "{archive}: not an OCI image layout or docker save archive (no index.json or manifest.json)"
     )]
-    NotAnImage { archive: PathBuf },
-    #[error("{archive}: {what}")]
-    Invalid { archive: PathBuf, what: String },
-    #[error("{archive}: {source}")]
-    Stage {
+    NotAnImage {
+        /// The archive.
         archive: PathBuf,
+    },
+    /// A JSON document of the archive (index, manifest, image config) does
+    /// not parse as its kind.
+    #[error("{archive}: {document} is not a valid {kind}")]
+    Json {
+        /// The archive.
+        archive: PathBuf,
+        /// The document's path or digest in the archive.
+        document: String,
+        /// What it should be (`OCI image index`, `image config`, ...).
+        kind: &'static str,
+        /// Where and why it does not parse.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The archive breaks a rule of its format or one Kiln holds archives
+    /// to (a digest that does not match, an unsafe path, an entry type
+    /// no image holds).
+    #[error("{archive}: {what}")]
+    Invalid {
+        /// The archive.
+        archive: PathBuf,
+        /// What is wrong, naming the entry or digest.
+        what: String,
+    },
+    /// Writing an entry of the archive into the image failed, or the
+    /// entry's name or path is one no image may hold.
+    #[error("cannot unpack {archive}")]
+    Stage {
+        /// The archive.
+        archive: PathBuf,
+        /// Why the entry was refused.
+        #[source]
         source: StageError,
     },
 }
@@ -123,6 +162,21 @@ pub fn import_tarball(tarball: &Path, stage: &Stage) -> Result<(), OciError> {
     Ok(())
 }
 
+/// Parses `bytes`, the `document` of the archive, as JSON of a `kind`.
+fn parse_json<T: serde::de::DeserializeOwned>(
+    archive: &Path,
+    document: &str,
+    kind: &'static str,
+    bytes: &[u8],
+) -> Result<T, OciError> {
+    serde_json::from_slice(bytes).map_err(|source| OciError::Json {
+        archive: archive.into(),
+        document: document.into(),
+        kind,
+        source,
+    })
+}
+
 fn invalid(archive: &Path, what: String) -> OciError {
     OciError::Invalid {
         archive: archive.into(),
@@ -181,16 +235,22 @@ fn verified_blob(archive: &Path, unpacked: &Stage, digest: &str) -> Result<Vec<u
 fn layers(archive: &Path, unpacked: &Stage) -> Result<Vec<Layer>, OciError> {
     let exists = |name: &str| matches!(unpacked.kind(Path::new(name)), Ok(Some(_)));
     if exists("index.json") {
-        let index: OciIndex =
-            serde_json::from_slice(&read_inside(archive, unpacked, Path::new("index.json"))?)
-                .map_err(|e| invalid(archive, format!("index.json: {e}")))?;
+        let index: OciIndex = parse_json(
+            archive,
+            "index.json",
+            "OCI image index",
+            &read_inside(archive, unpacked, Path::new("index.json"))?,
+        )?;
         let first = index
             .manifests
             .first()
             .ok_or_else(|| invalid(archive, "index.json lists no manifests".into()))?;
-        let manifest: OciManifest =
-            serde_json::from_slice(&verified_blob(archive, unpacked, &first.digest)?)
-                .map_err(|e| invalid(archive, format!("manifest {}: {e}", first.digest)))?;
+        let manifest: OciManifest = parse_json(
+            archive,
+            &first.digest,
+            "OCI image manifest",
+            &verified_blob(archive, unpacked, &first.digest)?,
+        )?;
         return manifest
             .layers
             .into_iter()
@@ -204,16 +264,23 @@ fn layers(archive: &Path, unpacked: &Stage) -> Result<Vec<Layer>, OciError> {
             .collect();
     }
     if exists("manifest.json") {
-        let manifests: Vec<DockerManifest> =
-            serde_json::from_slice(&read_inside(archive, unpacked, Path::new("manifest.json"))?)
-                .map_err(|e| invalid(archive, format!("manifest.json: {e}")))?;
+        let manifests: Vec<DockerManifest> = parse_json(
+            archive,
+            "manifest.json",
+            "docker save manifest",
+            &read_inside(archive, unpacked, Path::new("manifest.json"))?,
+        )?;
         let first = manifests
             .into_iter()
             .next()
             .ok_or_else(|| invalid(archive, "manifest.json lists no images".into()))?;
         let config = safe_relative(Path::new(&first.config), archive)?;
-        let config: ImageConfig = serde_json::from_slice(&read_inside(archive, unpacked, &config)?)
-            .map_err(|e| invalid(archive, format!("{}: {e}", first.config)))?;
+        let config: ImageConfig = parse_json(
+            archive,
+            &first.config,
+            "image config",
+            &read_inside(archive, unpacked, &config)?,
+        )?;
         if config.rootfs.diff_ids.len() != first.layers.len() {
             return Err(invalid(
                 archive,
@@ -774,7 +841,7 @@ pub(crate) mod tests {
         if let Err(err) = import_image(&archive, &stage, dir.path()) {
             // Refusing is fine (a link to a directory the stage lacks);
             // touching the outside is not.
-            assert!(err.to_string().contains("hostile.tar"), "{err}");
+            assert!(crate::chain(&err).contains("hostile.tar"), "{err}");
         }
         assert_untouched(&outside);
         // With the links' targets present inside the stage, the same
@@ -838,7 +905,7 @@ pub(crate) mod tests {
             !stage.path().join("secret").exists(),
             "the host tar was imported"
         );
-        assert!(err.to_string().contains(&hex), "{err}");
+        assert!(crate::chain(&err).contains(&hex), "{err}");
         fs::remove_file(&host_tar).unwrap();
         assert_untouched(&outside);
 
@@ -880,7 +947,7 @@ pub(crate) mod tests {
             let tarball = dir.path().join("t.tar");
             fs::write(&tarball, raw_tar(&[file(name, b"x")])).unwrap();
             let stage = Stage::create(&dir.path().join("s")).unwrap();
-            let err = import_tarball(&tarball, &stage).unwrap_err().to_string();
+            let err = crate::chain(&import_tarball(&tarball, &stage).unwrap_err());
             assert!(
                 err.contains(expect) && err.contains("t.tar"),
                 "{name:?}: {err}"

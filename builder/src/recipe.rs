@@ -49,19 +49,50 @@ pub const DEFAULT_FREE: u64 = 8 << 20;
 /// Why a recipe was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum RecipeError {
-    #[error("cannot read the recipe {path}: {source}")]
+    /// The recipe file could not be read.
+    #[error("cannot read the recipe {path}")]
     Read {
+        /// The recipe file.
         path: PathBuf,
+        /// What the system said.
+        #[source]
         source: std::io::Error,
     },
-    #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    /// The file is not TOML, or not a recipe's shape (an unknown key, a
+    /// missing table, a value of the wrong type).
+    #[error("{path}: line {line}: {problem}")]
+    Parse {
+        /// The recipe file.
+        path: PathBuf,
+        /// Where the TOML parser stopped, from 1.
+        line: usize,
+        /// What the parser expected there, on one line.
+        problem: String,
+    },
+    /// A field parsed but its value is not acceptable.
     #[error("{path}:{line}: `{field}`: {problem}")]
     Field {
+        /// The recipe file.
         path: PathBuf,
+        /// The field's line, from 1.
         line: usize,
+        /// The field, dotted from its table (`files.dst`).
         field: &'static str,
+        /// The value, and what was expected instead.
         problem: String,
+    },
+    /// `image.version` is not a semantic version.
+    #[error("{path}:{line}: `image.version`: {value:?}: expected semver such as 1.0.0")]
+    Version {
+        /// The recipe file.
+        path: PathBuf,
+        /// The field's line, from 1.
+        line: usize,
+        /// The value found.
+        value: String,
+        /// Where the semver parser stopped.
+        #[source]
+        source: semver::Error,
     },
 }
 
@@ -71,7 +102,12 @@ pub enum Base {
     /// An empty root.
     Scratch,
     /// A stored Kiln image: its files are the starting point.
-    Image { name: String, version: String },
+    Image {
+        /// The stored image's name.
+        name: String,
+        /// Its version.
+        version: String,
+    },
     /// An OCI image layout tar or `docker save` archive (`oci:FILE`).
     Oci(PathBuf),
     /// A root filesystem tarball (`tar:FILE`).
@@ -85,7 +121,10 @@ pub struct FileEntry {
     pub src: PathBuf,
     /// Absolute in the image.
     pub dst: PathBuf,
+    /// Permission bits for every copied file and directory; `None` keeps
+    /// each source's own.
     pub mode: Option<u32>,
+    /// (uid, gid) of everything copied.
     pub owner: (u32, u32),
     /// Names skipped wherever they appear below `src` (e.g. "__pycache__").
     pub exclude: Vec<String>,
@@ -94,16 +133,23 @@ pub struct FileEntry {
 /// The `[run]` table: how guest-init starts the workload.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Run {
+    /// `entrypoint` followed by `args`; empty when the recipe has no
+    /// `[run]` and the base's run configuration stays.
     pub argv: Vec<String>,
+    /// Variables added to (or replacing) guest-init's default environment.
     pub env: BTreeMap<String, String>,
+    /// The entrypoint's working directory (absolute); `None`: `/`.
     pub workdir: Option<String>,
+    /// (uid, gid) the entrypoint runs as.
     pub user: (u32, u32),
 }
 
 /// A `[[test]]`: a command that must succeed in the booted image.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TestCommand {
+    /// A shell command line, run inside the booted image.
     pub run: String,
+    /// The exit status that counts as a pass.
     pub expect_exit: u8,
 }
 
@@ -114,14 +160,25 @@ pub struct Recipe {
     pub path: PathBuf,
     /// Its directory: relative paths and build commands start here.
     pub dir: PathBuf,
+    /// `image.name`: the image's name in the store.
     pub name: String,
+    /// `image.version`, normalised semver.
     pub version: String,
+    /// `image.description` (empty if absent).
     pub description: String,
+    /// What the root tree starts from.
     pub base: Base,
+    /// Host programs copied in at their own paths, with every shared
+    /// library they load.
     pub binaries: Vec<PathBuf>,
+    /// `[[build]]` command lines, run in order on the host with
+    /// `$DESTDIR` set to the root tree.
     pub builds: Vec<String>,
+    /// `[[files]]`, copied in order (a later one overwrites an earlier).
     pub files: Vec<FileEntry>,
+    /// How guest-init starts the workload.
     pub run: Run,
+    /// `[[test]]` commands, recorded in the manifest (not run yet).
     pub tests: Vec<TestCommand>,
     /// The filesystem's size: fixed, or content plus free space.
     pub size: Size,
@@ -130,7 +187,10 @@ pub struct Recipe {
 /// How big the filesystem is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Size {
+    /// `size`: exactly this many bytes (rounded up to 4 KiB).
     Fixed(u64),
+    /// `free` (or [`DEFAULT_FREE`]): this many bytes on top of what the
+    /// content needs.
     Free(u64),
 }
 
@@ -199,6 +259,15 @@ struct RawTest {
     expect_exit: u8,
 }
 
+/// The line, from 1, that byte `offset` of `text` is on.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
 /// Reads and validates the recipe at `path` (a file, or a directory
 /// holding `recipe.toml`).
 pub fn load(path: &Path) -> Result<Recipe, RecipeError> {
@@ -218,7 +287,8 @@ pub fn load(path: &Path) -> Result<Recipe, RecipeError> {
 pub fn parse(text: &str, path: &Path) -> Result<Recipe, RecipeError> {
     let raw: RawRecipe = toml::from_str(text).map_err(|err| RecipeError::Parse {
         path: path.into(),
-        message: err.to_string().trim().to_string(),
+        line: line_of(text, err.span().map_or(0, |span| span.start)),
+        problem: err.message().trim().replace('\n', "; "),
     })?;
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let dir = if dir.as_os_str().is_empty() {
@@ -285,13 +355,9 @@ struct Checker<'a> {
 
 impl Checker<'_> {
     fn field(&self, span: Range<usize>, field: &'static str, problem: String) -> RecipeError {
-        let line = self.text[..span.start.min(self.text.len())]
-            .matches('\n')
-            .count()
-            + 1;
         RecipeError::Field {
             path: self.path.into(),
-            line,
+            line: line_of(self.text, span.start),
             field,
             problem,
         }
@@ -311,15 +377,11 @@ impl Checker<'_> {
     fn version(&self, version: &Spanned<String>) -> Result<String, RecipeError> {
         semver::Version::parse(version.get_ref())
             .map(|v| v.to_string())
-            .map_err(|err| {
-                self.field(
-                    version.span(),
-                    "image.version",
-                    format!(
-                        "{:?}: expected semver such as 1.0.0 ({err})",
-                        version.get_ref()
-                    ),
-                )
+            .map_err(|source| RecipeError::Version {
+                path: self.path.into(),
+                line: line_of(self.text, version.span().start),
+                value: version.get_ref().clone(),
+                source,
             })
     }
 

@@ -39,12 +39,29 @@ pub const MAX_DEPTH: usize = 1024;
 /// Why a stage operation failed. `path` is the path inside the image.
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    /// The system refused an operation on `path`.
+    #[error("cannot read or write {path}")]
+    Io {
+        /// The path inside the image.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+    /// A component of `path` is a name no image may hold ([`check_name`]).
     #[error("{path:?}: {reason}; names from archives and images may not have one")]
-    BadName { path: PathBuf, reason: &'static str },
+    BadName {
+        /// The path as the archive or filesystem gave it.
+        path: PathBuf,
+        /// What is wrong with the name, from [`check_name`].
+        reason: &'static str,
+    },
+    /// `path` has more than [`MAX_DEPTH`] components.
     #[error("{path}: deeper than {MAX_DEPTH} directories")]
-    TooDeep { path: PathBuf },
+    TooDeep {
+        /// The path inside the image.
+        path: PathBuf,
+    },
 }
 
 /// Checks one file name from an archive or a filesystem: not empty, not
@@ -66,8 +83,11 @@ pub fn check_name(name: &[u8]) -> Result<(), &'static str> {
 /// What is at a path, not following a symlink there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
+    /// A directory.
     Dir,
+    /// A regular file.
     File,
+    /// A symbolic link (never followed to say what it points to).
     Symlink,
     /// A device node, fifo or socket.
     Other,

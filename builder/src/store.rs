@@ -17,8 +17,12 @@ const MANIFEST_FILE: &str = "manifest.json";
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
+    /// The image's name: 1-64 of a-z 0-9 - _ . starting with a letter or
+    /// digit.
     pub name: String,
+    /// Its semantic version; NAME:VERSION is unique in the store.
     pub version: String,
+    /// The recipe's one-line description (empty if it gave none).
     pub description: String,
     /// `sha256:` + the SHA-256 of the image file.
     pub digest: String,
@@ -30,9 +34,16 @@ pub struct Manifest {
     /// SHA-256 of everything the build read: the cache key. For an image
     /// committed from an instance, of its raw filesystem.
     pub build_key: String,
+    /// Bytes of the raw ext4 filesystem: the root volume's size.
     pub raw_size: u64,
+    /// Bytes of the compressed image file.
     pub file_size: u64,
+    /// What guest-init runs (argv), as the image's run configuration
+    /// says: a child image inherits it, and `kiln bench` takes it as the
+    /// clone scenario's handler.
     pub entrypoint: Vec<String>,
+    /// The recipe's `[[test]]` commands, recorded for running inside the
+    /// booted image.
     pub tests: Vec<TestCommand>,
     /// RFC 3339, UTC.
     pub created: String,
@@ -48,16 +59,38 @@ impl Manifest {
 /// Errors from the store. Each names the image or the path.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
-    #[error("{path}: unreadable manifest: {reason}")]
-    Manifest { path: PathBuf, reason: String },
+    /// A file or directory of the store could not be read or written.
+    #[error("cannot read or write {path}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+    /// An image's `manifest.json` is not JSON of a [`Manifest`].
+    #[error("{path}: unreadable manifest")]
+    Manifest {
+        /// The manifest file.
+        path: PathBuf,
+        /// Where and why it does not parse.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The store holds no image of that reference.
     #[error("no image {0} in the store (see `kiln images`)")]
     NotFound(String),
+    /// A reference that is not NAME:VERSION.
     #[error("{0}: expected NAME:VERSION")]
     BadReference(String),
+    /// Removing an image that other stored images start from.
     #[error("{image} is the parent of {children}: remove those first")]
-    HasChildren { image: String, children: String },
+    HasChildren {
+        /// NAME:VERSION of the image to remove.
+        image: String,
+        /// Its children's references, ", " between them.
+        children: String,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -115,7 +148,9 @@ pub fn parse_reference(reference: &str) -> Result<(&str, &str), StoreError> {
 /// An image in the store.
 #[derive(Clone, Debug)]
 pub struct StoredImage {
+    /// What it is and where it came from.
     pub manifest: Manifest,
+    /// Its `image.kiln` file.
     pub image_path: PathBuf,
 }
 
@@ -168,9 +203,9 @@ impl Store {
             Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(err) => return Err(io_err(&manifest_path)(err)),
         };
-        let manifest = serde_json::from_slice(&bytes).map_err(|err| StoreError::Manifest {
+        let manifest = serde_json::from_slice(&bytes).map_err(|source| StoreError::Manifest {
             path: manifest_path.clone(),
-            reason: err.to_string(),
+            source,
         })?;
         Ok(Some(StoredImage {
             manifest,

@@ -37,21 +37,25 @@ pub const CONFIG_PATH: &str = "/etc/kiln/init.json";
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
 /// Why a run configuration was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The JSON does not parse or has unknown fields.
-    #[error("invalid JSON: {0}")]
-    Json(String),
+    #[error("invalid JSON")]
+    Json(#[source] serde_json::Error),
     /// A field parsed but its value is not acceptable.
     #[error("field `{field}`: {problem}")]
     Field {
+        /// The field's name in the JSON.
         field: &'static str,
+        /// Its value, and what was expected instead.
         problem: String,
     },
     /// A `kiln.*` kernel parameter is malformed.
     #[error("kernel parameter `{param}`: {problem}")]
     Cmdline {
+        /// The parameter as the command line has it (`kiln.env=NOEQUALS`).
         param: String,
+        /// What is wrong with it.
         problem: &'static str,
     },
 }
@@ -106,8 +110,7 @@ impl RunConfig {
 
     /// Parses and validates the JSON file's contents.
     pub fn from_json(bytes: &[u8]) -> Result<Self, ConfigError> {
-        let config: RunConfig =
-            serde_json::from_slice(bytes).map_err(|err| ConfigError::Json(err.to_string()))?;
+        let config: RunConfig = serde_json::from_slice(bytes).map_err(ConfigError::Json)?;
         config.validate()?;
         Ok(config)
     }
@@ -115,7 +118,7 @@ impl RunConfig {
     /// The JSON the image builder writes (validated first).
     pub fn to_json_pretty(&self) -> Result<String, ConfigError> {
         self.validate()?;
-        serde_json::to_string_pretty(self).map_err(|err| ConfigError::Json(err.to_string()))
+        serde_json::to_string_pretty(self).map_err(ConfigError::Json)
     }
 
     /// The configuration guest-init runs: the file's (if any) with the
@@ -279,7 +282,7 @@ mod tests {
             (br#"{"entrypoint": ["/x"], "colour": "red"}"#, "colour"),
         ];
         for (json, field) in cases {
-            let err = RunConfig::from_json(json).unwrap_err().to_string();
+            let err = crate::one_line(&RunConfig::from_json(json).unwrap_err());
             assert!(err.contains(field), "{err} should name {field}");
         }
         assert!(matches!(

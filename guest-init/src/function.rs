@@ -47,14 +47,19 @@ pub struct Invocation {
 pub struct Outcome {
     /// Shell convention: the exit code, or 128 + the signal that killed it.
     pub status: i32,
+    /// What the handler wrote on its stdout (invalid UTF-8 replaced), at
+    /// most `function_mode::OUTPUT_MAX` bytes of it.
     pub stdout: String,
+    /// What it wrote on its stderr, likewise capped, with a line from
+    /// guest-init at the end for each stream it cut short.
     pub stderr: String,
     /// The handler ran out of time and was killed.
     pub timed_out: bool,
     /// From the invocation's arrival to the handler's end, in microseconds.
     pub duration_us: u64,
     /// Why guest-init could not run the handler at all (a bad request, a
-    /// handler that does not exist); `None` when it ran.
+    /// handler that does not exist), with its causes on one line; `None`
+    /// when it ran.
     pub error: Option<String>,
 }
 
@@ -62,6 +67,7 @@ pub struct Outcome {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Ping {
+    /// Always true: the line `{"ping":true}`.
     pub ping: bool,
 }
 
@@ -69,6 +75,7 @@ pub struct Ping {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Pong {
+    /// Always true: the line `{"pong":true}`.
     pub pong: bool,
 }
 

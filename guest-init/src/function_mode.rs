@@ -48,6 +48,65 @@ const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
 /// `_IO('R', 0x07)`: reseed the CRNG now (Linux 4.17+, CAP_SYS_ADMIN).
 const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
 
+/// Why function mode could not start serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The blocked signals could not be taken as a descriptor to poll.
+    #[error("cannot take signals")]
+    Signals(#[source] io::Error),
+    /// The vsock listener could not be set up (no vsock device, or the
+    /// port is taken).
+    #[error("cannot listen on vsock port {FUNCTION_PORT}")]
+    Listen(#[source] io::Error),
+}
+
+/// Why a connection's request was answered with an error instead of a
+/// run of the handler: the [`Outcome::error`] it gets, through
+/// [`crate::one_line`].
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// The peer closed the stream without sending a byte.
+    #[error("no request before the end of the stream")]
+    NoRequest,
+    /// The stream failed, or the peer sent too slowly.
+    #[error("cannot read the request")]
+    Read(#[source] io::Error),
+    /// The request line is longer than the limit.
+    #[error("the request is longer than {max} bytes")]
+    TooLong {
+        /// The limit, in bytes.
+        max: usize,
+    },
+    /// The line is JSON of neither a [`Ping`] nor an [`Invocation`].
+    #[error("not an invocation or a ping")]
+    NotARequest(#[source] serde_json::Error),
+    /// The invocation's seed is not [`SEED_BYTES`] of hex.
+    #[error("seed: expected {} hex digits", 2 * SEED_BYTES)]
+    Seed,
+    /// The kernel refused the seed (guest-init lacks CAP_SYS_ADMIN, or the
+    /// ioctls are missing).
+    #[error("cannot reseed the kernel's random pool")]
+    Reseed(#[source] io::Error),
+    /// The invocation's hostname could not be set.
+    #[error("cannot set the hostname {name:?}")]
+    Hostname {
+        /// The hostname asked for.
+        name: String,
+        /// What the kernel said.
+        #[source]
+        source: io::Error,
+    },
+    /// The handler could not be started.
+    #[error("cannot start {program}")]
+    Spawn {
+        /// The entrypoint's program.
+        program: String,
+        /// Why it did not start.
+        #[source]
+        source: io::Error,
+    },
+}
+
 /// Whether the kernel command line turns function mode on.
 pub fn enabled(cmdline: &str) -> bool {
     cmdline
@@ -57,12 +116,9 @@ pub fn enabled(cmdline: &str) -> bool {
 
 /// Serves invocations until SIGTERM or SIGINT arrives and returns 128 +
 /// that signal; an error only if there is nothing to serve on.
-pub fn serve(config: &RunConfig, signals: &Signals) -> Result<u8, String> {
-    let signals = signals
-        .fd()
-        .map_err(|err| format!("cannot take signals: {err}"))?;
-    let listener = listen(FUNCTION_PORT)
-        .map_err(|err| format!("cannot listen on vsock port {FUNCTION_PORT}: {err}"))?;
+pub fn serve(config: &RunConfig, signals: &Signals) -> Result<u8, ServeError> {
+    let signals = signals.fd().map_err(ServeError::Signals)?;
+    let listener = listen(FUNCTION_PORT).map_err(ServeError::Listen)?;
     eprintln!("guest-init: function ready on vsock port {FUNCTION_PORT}");
     loop {
         let mut fds = [
@@ -99,7 +155,9 @@ pub fn serve(config: &RunConfig, signals: &Signals) -> Result<u8, String> {
 /// One request, as [`parse_request`] finds it.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Request {
+    /// A [`Ping`]: is guest-init serving? Answered with a [`Pong`].
     Ping,
+    /// Run the handler once.
     Invoke(Invocation),
 }
 
@@ -119,8 +177,8 @@ pub fn handle_connection(
             let (outcome, stop) = invoke(&invocation, config, signals, start);
             (serde_json::to_vec(&outcome), stop)
         }
-        Err(error) => (
-            serde_json::to_vec(&refused(error, STATUS_NOT_EXECUTABLE, start)),
+        Err(refusal) => (
+            serde_json::to_vec(&refused(&refusal, STATUS_NOT_EXECUTABLE, start)),
             None,
         ),
     };
@@ -133,23 +191,21 @@ pub fn handle_connection(
 }
 
 /// Reads up to the first newline (or the end of the stream).
-pub fn read_request(stream: &mut impl Read, max: usize) -> Result<Vec<u8>, String> {
+pub fn read_request(stream: &mut impl Read, max: usize) -> Result<Vec<u8>, Refusal> {
     let mut line = Vec::new();
     let mut chunk = [0u8; 16 * 1024];
     loop {
         let n = match stream.read(&mut chunk) {
-            Ok(0) if line.is_empty() => {
-                return Err("no request before the end of the stream".into());
-            }
+            Ok(0) if line.is_empty() => return Err(Refusal::NoRequest),
             Ok(0) => break,
             Ok(n) => n,
             Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-            Err(err) => return Err(format!("cannot read the request: {err}")),
+            Err(err) => return Err(Refusal::Read(err)),
         };
         let end = chunk[..n].iter().position(|&b| b == b'\n');
         line.extend_from_slice(&chunk[..end.unwrap_or(n)]);
         if line.len() > max {
-            return Err(format!("the request is longer than {max} bytes"));
+            return Err(Refusal::TooLong { max });
         }
         if end.is_some() {
             break;
@@ -159,24 +215,23 @@ pub fn read_request(stream: &mut impl Read, max: usize) -> Result<Vec<u8>, Strin
 }
 
 /// A ping or an invocation, or why the line is neither.
-pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+pub fn parse_request(line: &[u8]) -> Result<Request, Refusal> {
     if serde_json::from_slice::<Ping>(line).is_ok() {
         return Ok(Request::Ping);
     }
     serde_json::from_slice(line)
         .map(Request::Invoke)
-        .map_err(|err| format!("not an invocation or a ping: {err}"))
+        .map_err(Refusal::NotARequest)
 }
 
 /// The seed's bytes: exactly [`SEED_BYTES`] of hex, either case.
-pub fn decode_seed(hex: &str) -> Result<[u8; SEED_BYTES], String> {
-    let bad = || format!("seed: expected {} hex digits", 2 * SEED_BYTES);
+pub fn decode_seed(hex: &str) -> Result<[u8; SEED_BYTES], Refusal> {
     if hex.len() != 2 * SEED_BYTES {
-        return Err(bad());
+        return Err(Refusal::Seed);
     }
     let mut seed = [0u8; SEED_BYTES];
     for (byte, pair) in seed.iter_mut().zip(hex.as_bytes().chunks(2)) {
-        let digit = |c: u8| (c as char).to_digit(16).ok_or_else(bad);
+        let digit = |c: u8| (c as char).to_digit(16).ok_or(Refusal::Seed);
         *byte = (digit(pair[0])? * 16 + digit(pair[1])?) as u8;
     }
     Ok(seed)
@@ -195,12 +250,16 @@ pub fn poll_timeout(deadline: Option<Instant>, now: Instant) -> libc::c_int {
 /// At most `max` bytes of a stream, and how many more were dropped.
 #[derive(Debug, Default)]
 pub struct Capture {
+    /// The first bytes, at most `max` of them.
     pub data: Vec<u8>,
+    /// How many bytes came after those and were not kept.
     pub dropped: u64,
+    /// The most `data` holds.
     pub max: usize,
 }
 
 impl Capture {
+    /// An empty capture that keeps at most `max` bytes.
     pub fn new(max: usize) -> Self {
         Capture {
             max,
@@ -208,6 +267,7 @@ impl Capture {
         }
     }
 
+    /// Keeps what of `bytes` fits and counts the rest as dropped.
     pub fn push(&mut self, bytes: &[u8]) {
         let keep = bytes.len().min(self.max.saturating_sub(self.data.len()));
         self.data.extend_from_slice(&bytes[..keep]);
@@ -233,10 +293,10 @@ pub fn output_text(stdout: &Capture, stderr: &Capture) -> (String, String) {
     (String::from_utf8_lossy(&stdout.data).into_owned(), err)
 }
 
-fn refused(error: String, status: u8, start: Instant) -> Outcome {
+fn refused(refusal: &Refusal, status: u8, start: Instant) -> Outcome {
     Outcome {
         status: status.into(),
-        error: Some(error),
+        error: Some(crate::one_line(refusal)),
         duration_us: micros_since(start),
         ..Outcome::default()
     }
@@ -253,16 +313,17 @@ fn invoke(
     signals: &SignalFd,
     start: Instant,
 ) -> (Outcome, Option<libc::c_int>) {
-    let reseeded = decode_seed(&invocation.seed).and_then(|seed| {
-        reseed(&seed).map_err(|err| format!("cannot reseed the kernel's random pool: {err}"))
-    });
+    let reseeded =
+        decode_seed(&invocation.seed).and_then(|seed| reseed(&seed).map_err(Refusal::Reseed));
     let renamed = reseeded.and_then(|()| match &invocation.hostname {
-        Some(name) => crate::network::set_hostname(name)
-            .map_err(|err| format!("cannot set the hostname {name:?}: {err}")),
+        Some(name) => crate::network::set_hostname(name).map_err(|source| Refusal::Hostname {
+            name: name.clone(),
+            source,
+        }),
         None => Ok(()),
     });
-    if let Err(error) = renamed {
-        return (refused(error, STATUS_NOT_EXECUTABLE, start), None);
+    if let Err(refusal) = renamed {
+        return (refused(&refusal, STATUS_NOT_EXECUTABLE, start), None);
     }
     let mut command = supervisor::command(config);
     command
@@ -272,12 +333,13 @@ fn invoke(
         .stderr(Stdio::piped());
     let mut child = match command.spawn() {
         Ok(child) => child,
-        Err(err) => {
-            let error = format!("cannot start {}: {err}", config.entrypoint[0]);
-            return (
-                refused(error, supervisor::spawn_failure_status(&err), start),
-                None,
-            );
+        Err(source) => {
+            let status = supervisor::spawn_failure_status(&source);
+            let refusal = Refusal::Spawn {
+                program: config.entrypoint[0].clone(),
+                source,
+            };
+            return (refused(&refusal, status, start), None);
         }
     };
     let pid = child.id() as libc::pid_t;
@@ -520,14 +582,17 @@ mod tests {
             format!("{}+1", "00".repeat(SEED_BYTES - 1)),
             format!("{}é", "0".repeat(2 * SEED_BYTES - 2)),
         ] {
-            let err = decode_seed(&bad).unwrap_err();
+            let err = decode_seed(&bad).unwrap_err().to_string();
             assert!(err.contains("64 hex digits"), "{bad:?}: {err}");
         }
     }
 
     #[test]
     fn requests_are_pings_or_invocations() {
-        assert_eq!(parse_request(br#"{"ping":true}"#), Ok(Request::Ping));
+        assert!(matches!(
+            parse_request(br#"{"ping":true}"#),
+            Ok(Request::Ping)
+        ));
         let line = br#"{"payload":"hi","timeout_ms":5,"seed":"ab"} "#;
         let Ok(Request::Invoke(invocation)) = parse_request(line) else {
             panic!("not an invocation");
@@ -542,7 +607,7 @@ mod tests {
             b"",
             br#"{"ping":true,"x":1}"#,
         ] {
-            let err = parse_request(bad).unwrap_err();
+            let err = parse_request(bad).unwrap_err().to_string();
             assert!(err.starts_with("not an invocation or a ping"), "{err}");
         }
     }
@@ -556,9 +621,15 @@ mod tests {
         assert!(
             read(b"0123456789A\n", 10)
                 .unwrap_err()
+                .to_string()
                 .contains("longer than 10")
         );
-        assert!(read(b"", 10).unwrap_err().contains("no request"));
+        assert!(
+            read(b"", 10)
+                .unwrap_err()
+                .to_string()
+                .contains("no request")
+        );
         // Longer than one read, with the newline in a later chunk.
         let long = [vec![b'x'; 40_000], b"\ny".to_vec()].concat();
         assert_eq!(read(&long, REQUEST_MAX).unwrap().len(), 40_000);

@@ -36,10 +36,10 @@ use std::io::ErrorKind;
 use std::path::Path;
 use std::process::ExitCode;
 
-use guest_init::config::{CONFIG_PATH, RunConfig};
+use guest_init::config::{CONFIG_PATH, ConfigError, RunConfig};
 use guest_init::network::{NetConfig, RESOLV_CONF};
 use guest_init::protocol::InitEvent;
-use guest_init::{function_mode, network, supervisor};
+use guest_init::{function_mode, network, one_line, supervisor};
 
 mod metadata;
 mod mounts;
@@ -53,13 +53,13 @@ fn main() -> ExitCode {
     if std::process::id() != 1 {
         return match load_config("") {
             Ok(config) => ExitCode::from(supervisor::run(&config, &signals)),
-            Err(message) => fail(message),
+            Err(err) => fail(one_line(&err)),
         };
     }
     let port = boot();
     let cmdline = read_cmdline();
-    let user_data = metadata::publish(&cmdline).unwrap_or_else(|message| {
-        eprintln!("guest-init: instance metadata: {message}");
+    let user_data = metadata::publish(&cmdline).unwrap_or_else(|err| {
+        eprintln!("guest-init: instance metadata: {}", one_line(&err));
         None
     });
     let functions = function_mode::enabled(&cmdline);
@@ -70,16 +70,16 @@ fn main() -> ExitCode {
                 metadata::run_user_data_once(path, &config, &signals);
             }
             if functions {
-                function_mode::serve(&config, &signals).unwrap_or_else(|message| {
-                    eprintln!("guest-init: function mode: {message}");
+                function_mode::serve(&config, &signals).unwrap_or_else(|err| {
+                    eprintln!("guest-init: function mode: {}", one_line(&err));
                     supervisor::STATUS_NOT_EXECUTABLE
                 })
             } else {
                 supervisor::run(&config, &signals)
             }
         }
-        Err(message) => {
-            eprintln!("guest-init: {message}");
+        Err(err) => {
+            eprintln!("guest-init: {}", one_line(&err));
             supervisor::STATUS_NOT_FOUND
         }
     };
@@ -127,10 +127,18 @@ fn configure_network(cmdline: &str) {
     let net = match NetConfig::from_cmdline(cmdline) {
         Ok(Some(net)) => net,
         Ok(None) => return,
-        Err(err) => return eprintln!("guest-init: {err}; booting without the network"),
+        Err(err) => {
+            return eprintln!(
+                "guest-init: {}; booting without the network",
+                one_line(&err)
+            );
+        }
     };
     if let Err(err) = network::configure_interface(&net) {
-        return eprintln!("guest-init: {err}; booting without the network");
+        return eprintln!(
+            "guest-init: {}; booting without the network",
+            one_line(&err)
+        );
     }
     let route = net.gateway.map(|gw| format!(", default route via {gw}"));
     eprintln!(
@@ -160,13 +168,24 @@ fn read_cmdline() -> String {
     std::fs::read_to_string("/proc/cmdline").unwrap_or_default()
 }
 
-fn load_config(cmdline: &str) -> Result<RunConfig, String> {
+/// Why there is no run configuration to start the entrypoint with.
+#[derive(Debug, thiserror::Error)]
+enum LoadError {
+    /// The file exists but could not be read.
+    #[error("cannot read {CONFIG_PATH}")]
+    Read(#[source] std::io::Error),
+    /// The file, or the command line's overrides, are not usable.
+    #[error("{CONFIG_PATH}")]
+    Invalid(#[source] ConfigError),
+}
+
+fn load_config(cmdline: &str) -> Result<RunConfig, LoadError> {
     let file = match std::fs::read(CONFIG_PATH) {
         Ok(bytes) => Some(bytes),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
-        Err(err) => return Err(format!("cannot read {CONFIG_PATH}: {err}")),
+        Err(err) => return Err(LoadError::Read(err)),
     };
-    RunConfig::resolve(file.as_deref(), cmdline).map_err(|err| format!("{CONFIG_PATH}: {err}"))
+    RunConfig::resolve(file.as_deref(), cmdline).map_err(LoadError::Invalid)
 }
 
 /// Ends every remaining process, leaves the root filesystem clean

@@ -9,7 +9,7 @@ use std::io::{self, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use guest_init::config::{RunConfig, kiln_params};
+use guest_init::config::{ConfigError, RunConfig, kiln_params};
 use guest_init::protocol::{USER_DATA_HEADER_LEN, parse_user_data_header};
 
 use crate::supervisor::{self, Signals};
@@ -21,15 +21,46 @@ const USER_DATA_DONE: &str = "/var/lib/kiln/user-data.done";
 /// User-data larger than this is refused (EC2's limit is 16 KiB).
 const USER_DATA_MAX: u64 = 1 << 20;
 
+/// Why the metadata was not (all) published.
+#[derive(Debug, thiserror::Error)]
+pub enum MetadataError {
+    /// The command line does not split into `kiln.*` words.
+    #[error(transparent)]
+    Cmdline(#[from] ConfigError),
+    /// A `kiln.meta.KEY` whose KEY could not be a file name here.
+    #[error("kiln.{key}: not a metadata name")]
+    BadName { key: String },
+    /// A file under /run/kiln could not be written.
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The user-data disk could not be read.
+    #[error("cannot read user-data from {device}")]
+    Read {
+        device: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The disk does not start with the user-data header.
+    #[error("{device} is not a user-data disk")]
+    NotUserData { device: PathBuf },
+    /// The header announces more user-data than guest-init takes.
+    #[error("user-data of {len} bytes: the limit is {USER_DATA_MAX}")]
+    TooLarge { len: u64 },
+}
+
 /// Writes /run/kiln/* from the command line; returns the user-data file.
-pub fn publish(cmdline: &str) -> Result<Option<PathBuf>, String> {
-    let params = kiln_params(cmdline).map_err(|err| err.to_string())?;
+pub fn publish(cmdline: &str) -> Result<Option<PathBuf>, MetadataError> {
+    let params = kiln_params(cmdline)?;
     let dir = Path::new(METADATA_DIR);
     let mut user_data = None;
     for (key, value) in params {
         if let Some(name) = key.strip_prefix("meta.") {
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-                return Err(format!("kiln.{key}: not a metadata name"));
+                return Err(MetadataError::BadName { key: key.into() });
             }
             write(&dir.join(name), value.as_bytes(), 0o644)?;
         } else if key == "user-data" {
@@ -42,25 +73,30 @@ pub fn publish(cmdline: &str) -> Result<Option<PathBuf>, String> {
     Ok(user_data)
 }
 
-fn write(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
-    let fail = |err: io::Error| format!("cannot write {}: {err}", path.display());
+fn write(path: &Path, data: &[u8], mode: u32) -> Result<(), MetadataError> {
+    let fail = |source| MetadataError::Write {
+        path: path.into(),
+        source,
+    };
     fs::create_dir_all(METADATA_DIR).map_err(fail)?;
     fs::write(path, data).map_err(fail)?;
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(fail)
 }
 
 /// The data on a user-data disk, checked against its header.
-fn read_user_data(device: &Path) -> Result<Vec<u8>, String> {
-    let fail = |err: io::Error| format!("cannot read user-data from {}: {err}", device.display());
+fn read_user_data(device: &Path) -> Result<Vec<u8>, MetadataError> {
+    let fail = |source| MetadataError::Read {
+        device: device.into(),
+        source,
+    };
     let mut disk = File::open(device).map_err(fail)?;
     let mut header = [0u8; USER_DATA_HEADER_LEN];
     disk.read_exact(&mut header).map_err(fail)?;
-    let len = parse_user_data_header(&header)
-        .ok_or_else(|| format!("{} is not a user-data disk", device.display()))?;
+    let len = parse_user_data_header(&header).ok_or_else(|| MetadataError::NotUserData {
+        device: device.into(),
+    })?;
     if len > USER_DATA_MAX {
-        return Err(format!(
-            "user-data of {len} bytes: the limit is {USER_DATA_MAX}"
-        ));
+        return Err(MetadataError::TooLarge { len });
     }
     let mut data = vec![0u8; len as usize];
     disk.read_exact(&mut data).map_err(fail)?;

@@ -36,7 +36,12 @@ const MAX_NAMESERVERS: usize = 3;
 pub enum NetError {
     /// A `kiln.net.*` word is malformed.
     #[error("{param}: expected {expected}")]
-    Param { param: String, expected: String },
+    Param {
+        /// The word as the command line has it.
+        param: String,
+        /// What its value should look like.
+        expected: String,
+    },
     /// The command line as a whole does not split into words.
     #[error(transparent)]
     Cmdline(#[from] ConfigError),
@@ -44,16 +49,27 @@ pub enum NetError {
     #[error("{INTERFACE} is missing (ENODEV): this VM has no network device")]
     NoDevice,
     /// The kernel refused a step.
-    #[error("cannot {step}: {source}")]
-    Step { step: String, source: io::Error },
+    #[error("cannot {step}")]
+    Step {
+        /// The step, as a verb phrase ("bring eth0 up").
+        step: String,
+        /// What the kernel said.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// eth0's addressing, from the kernel command line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetConfig {
+    /// eth0's address (`kiln.net.ip`, before the slash).
     pub address: Ipv4Addr,
+    /// The subnet's prefix length (after the slash): the netmask.
     pub prefix_len: u8,
+    /// The default route's next hop (`kiln.net.gateway`); without it, only
+    /// the subnet is reachable.
     pub gateway: Option<Ipv4Addr>,
+    /// `kiln.net.dns`, in order, at most the resolvers' limit of three.
     pub nameservers: Vec<Ipv4Addr>,
 }
 
@@ -364,7 +380,7 @@ mod tests {
                            kiln.net.gateway=10.89.0.1 kiln.net.dns=10.0.0.53,1.1.1.1 quiet\n";
 
     fn parse(cmdline: &str) -> Result<Option<NetConfig>, String> {
-        NetConfig::from_cmdline(cmdline).map_err(|err| err.to_string())
+        NetConfig::from_cmdline(cmdline).map_err(|err| crate::one_line(&err))
     }
 
     fn ip(text: &str) -> Ipv4Addr {
@@ -601,7 +617,7 @@ mod tests {
         let eperm = io::Error::from_raw_os_error(libc::EPERM);
         let err = step::<()>(Err(eperm), || "bring eth0 up".to_string()).unwrap_err();
         assert!(
-            err.to_string().starts_with("cannot bring eth0 up: "),
+            crate::one_line(&err).starts_with("cannot bring eth0 up: "),
             "{err}"
         );
     }

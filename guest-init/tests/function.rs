@@ -197,10 +197,9 @@ fn serve_listens_on_the_vsock_port_until_sigterm() {
     // Ok only once it listened (it said it is ready) and took the signal
     // in its loop; an early signal waits, blocked, for that loop.
     let served = server.join().unwrap();
-    assert_eq!(
-        served,
-        Ok(128 + libc::SIGTERM as u8),
-        "this test needs AF_VSOCK (the vsock module) and port {FUNCTION_PORT} free"
+    assert!(
+        matches!(served, Ok(status) if status == 128 + libc::SIGTERM as u8),
+        "{served:?}: this test needs AF_VSOCK (the vsock module) and port {FUNCTION_PORT} free"
     );
     // It closed its listener on the way out.
     listen(FUNCTION_PORT).expect("the port is free again");

@@ -24,6 +24,7 @@
 //! checksum catches a damaged chunk when it is read, so a reader returns an
 //! error, never wrong data. The image's identity (its digest) is the SHA-256
 //! of the whole file.
+#![warn(missing_docs)]
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
@@ -58,29 +59,81 @@ const CHUNK_SIZE_RANGE: std::ops::RangeInclusive<u32> = 4096..=(16 << 20);
 /// What can go wrong with an image file. Each names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
-    #[error("{path} is not a Kiln image (bad magic)")]
-    BadMagic { path: PathBuf },
-    #[error("{path}: image format version {found}, this Kiln reads version {VERSION}")]
-    Version { path: PathBuf, found: u32 },
-    #[error("{path}: corrupt header: {what}")]
-    Header { path: PathBuf, what: String },
-    #[error("{path}: the index does not match its checksum (the file is damaged)")]
-    IndexChecksum { path: PathBuf },
-    #[error("{path}: chunk {chunk} is damaged ({what})")]
-    Chunk {
+    /// Reading or writing the file failed.
+    #[error("cannot read or write {path}")]
+    Io {
+        /// The image, or the raw filesystem being compressed.
         path: PathBuf,
-        chunk: u32,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+    /// The file does not start with [`MAGIC`] (or is shorter than a
+    /// header): it is something else.
+    #[error("{path} is not a Kiln image (bad magic)")]
+    BadMagic {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file is an image of a format version this code does not read.
+    #[error("{path}: image format version {found}, this Kiln reads version {VERSION}")]
+    Version {
+        /// The image.
+        path: PathBuf,
+        /// The version its header holds.
+        found: u32,
+    },
+    /// A header field contradicts the others or the file's size.
+    #[error("{path}: corrupt header: {what}")]
+    Header {
+        /// The image.
+        path: PathBuf,
+        /// Which field, and why it cannot be right.
         what: String,
     },
+    /// The index's SHA-256 is not the one the header records.
+    #[error("{path}: the index does not match its checksum (the file is damaged)")]
+    IndexChecksum {
+        /// The image.
+        path: PathBuf,
+    },
+    /// A chunk does not decompress to the bytes its index entry promises.
+    #[error("{path}: chunk {chunk} is damaged")]
+    Chunk {
+        /// The image.
+        path: PathBuf,
+        /// The chunk's number.
+        chunk: u32,
+        /// What is wrong with it.
+        #[source]
+        source: ChunkDamage,
+    },
+    /// A read asked for bytes beyond the raw filesystem's end.
     #[error("{path}: read of {len} bytes at {offset} is past the end ({size} bytes)")]
     OutOfRange {
+        /// The image.
         path: PathBuf,
+        /// Where the read started, in the raw filesystem.
         offset: u64,
+        /// How many bytes it asked for.
         len: usize,
+        /// The raw filesystem's size.
         size: u64,
     },
+}
+
+/// Why a chunk was refused: the cause of [`ImageError::Chunk`].
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkDamage {
+    /// The index has no entry of that number.
+    #[error("no such chunk")]
+    NoSuchChunk,
+    /// zstd could not decompress the frame.
+    #[error("its zstd frame does not decompress")]
+    Frame(#[source] io::Error),
+    /// It decompressed, but to other bytes than were written.
+    #[error("checksum mismatch")]
+    Checksum,
 }
 
 /// One chunk's place in the file and its raw data's checksum.
@@ -94,9 +147,13 @@ struct IndexEntry {
 /// The sizes of a written image.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ImageInfo {
+    /// Bytes of the raw filesystem the image holds.
     pub raw_size: u64,
+    /// Bytes of the image file itself (header, frames and index).
     pub file_size: u64,
+    /// Raw bytes per chunk (the last chunk may hold fewer).
     pub chunk_size: u32,
+    /// Number of chunks, and so of index entries.
     pub chunk_count: u32,
     /// SHA-256 of the whole image file, hex.
     pub digest: String,
@@ -348,15 +405,15 @@ impl Reader {
 
     /// The raw data of chunk `n`, decompressed and verified.
     pub fn chunk(&self, n: u32) -> Result<Vec<u8>, ImageError> {
-        let damaged = |what: String| ImageError::Chunk {
+        let damaged = |source| ImageError::Chunk {
             path: self.path.clone(),
             chunk: n,
-            what,
+            source,
         };
         let entry = self
             .index
             .get(n as usize)
-            .ok_or_else(|| damaged("no such chunk".into()))?;
+            .ok_or_else(|| damaged(ChunkDamage::NoSuchChunk))?;
         let expected_len = (self.raw_size - u64::from(n) * u64::from(self.chunk_size))
             .min(u64::from(self.chunk_size));
         let mut frame = vec![0u8; entry.length as usize];
@@ -372,9 +429,9 @@ impl Reader {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .decompress_to_buffer(&frame, &mut data)
-            .map_err(|err| damaged(err.to_string()))?;
+            .map_err(|err| damaged(ChunkDamage::Frame(err)))?;
         if len as u64 != expected_len || Sha256::digest(&data)[..] != entry.sha256 {
-            return Err(damaged("checksum mismatch".into()));
+            return Err(damaged(ChunkDamage::Checksum));
         }
         Ok(data)
     }
