@@ -83,7 +83,7 @@ fn main() -> ExitCode {
     // sets its mode; recipe build steps get 022 back for the image's files.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     if let Err(err) = kiln_builder::store::make_private(&kiln_builder::store::default_home()) {
-        eprintln!("kiln: {err}");
+        eprintln!("kiln: {}", kiln_vmm::report::one_line(&err));
         return ExitCode::FAILURE;
     }
     let result = match cli.command {
@@ -120,10 +120,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// The error and its causes on one line, each said once. Many of Kiln's
-/// errors already put their cause in their own message and also return it
-/// as their `source()`: a cause whose text the line holds already is left
-/// out, so `{:#}`'s doubled "a: b: b" reads "a: b".
+/// The error and its causes on one line, each said once. Kiln's own errors
+/// keep their cause as `source()` only (see `kiln_vmm::report`), but some
+/// other crates' errors also put it in their message (event-manager's,
+/// for one): a cause whose text the line holds already is left out, so
+/// `{:#}`'s doubled "a: b: b" reads "a: b".
 fn once_each(err: &anyhow::Error) -> String {
     let mut line = String::new();
     for cause in err.chain() {

@@ -603,8 +603,8 @@ fn virtio_vsock(
         return Ok(None);
     };
     if saved == Some(None) {
-        eprintln!(
-            "kiln: the snapshot's guest has no vsock device: {} is not served",
+        log::warn!(
+            "the snapshot's guest has no vsock device: {} is not served",
             config.socket.display()
         );
         return Ok(None);

@@ -13,7 +13,6 @@ use crate::devices::virtio::GuestMemoryMmap;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::event_loop::{EventLoop, LoopEvent, VmEnd, VmEndSignal};
-use crate::report::one_line;
 use crate::rpc::{ControlReplier, ControlReply, ControlRequest};
 use crate::seccomp::{self, ThreadKind};
 use crate::snapshot::SnapshotError;
@@ -137,7 +136,7 @@ impl Machine {
             if let Some(replier) = &self.replier
                 && let Err(err) = replier.send(&reply)
             {
-                eprintln!("kiln: control: cannot answer: {err}");
+                log::error!("control: cannot answer: {err}");
             }
         }
     }
@@ -158,10 +157,7 @@ impl Machine {
                 error: None,
                 snapshot,
             },
-            Err(err) => ControlReply {
-                error: Some(one_line(&err)),
-                snapshot: None,
-            },
+            Err(err) => ControlReply::failed(&err),
         }
     }
 
