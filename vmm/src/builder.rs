@@ -22,6 +22,7 @@ use crate::config::{Boot, DiskConfig, DiskSource, NetConfig, VmConfig, VsockConf
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
 use crate::devices::init_port::{INIT_PORT_LEN, InitPort, InitReport};
+use crate::devices::persist::Persist;
 use crate::devices::serial::{
     COM1_IRQ, COM1_PORT, RawTerminal, SERIAL_PORT_LEN, Serial, SerialError, SerialInput,
     SerialSnapshot,
@@ -463,7 +464,7 @@ fn legacy_devices(
     vm.register_irqfd(&serial_irq, COM1_IRQ)?;
     let out = Box::new(std::io::stdout());
     let serial = match saved {
-        Some(saved) => Serial::restore(serial_irq, out, saved)?,
+        Some(saved) => Serial::restore((serial_irq, out), saved)?,
         None => Serial::new(serial_irq, out),
     };
     let serial = Arc::new(Mutex::new(serial));
@@ -571,7 +572,7 @@ fn virtio_disks(
         }
         let block = Arc::new(Mutex::new(block));
         let transport = match saved.and_then(|saved| saved.get(index)) {
-            Some(state) => MmioTransport::restore(mem.clone(), block.clone(), state),
+            Some(state) => MmioTransport::restore((mem.clone(), block.clone()), state),
             None => MmioTransport::new(mem.clone(), block.clone()),
         }
         .map_err(|source| VmmError::DiskDevice {
@@ -615,7 +616,7 @@ fn virtio_vsock(
     }
     let vsock = Arc::new(Mutex::new(vsock));
     let transport = match saved.flatten() {
-        Some(state) => MmioTransport::restore(mem.clone(), vsock.clone(), state),
+        Some(state) => MmioTransport::restore((mem.clone(), vsock.clone()), state),
         None => MmioTransport::new(mem.clone(), vsock.clone()),
     }
     .map_err(VmmError::VsockDevice)?;
@@ -638,26 +639,22 @@ fn virtio_net(
     let Some(config) = config else {
         return Ok(None);
     };
-    let mut config = config.clone();
-    if let Some(saved) = saved {
-        config.mac = saved.mac;
-    }
-    let net = Net::new(&config)?;
+    let net = match saved {
+        Some(saved) => Net::restore(config.clone(), &saved.device)?,
+        None => Net::new(config)?,
+    };
     if let Some(bridge) = &config.bridge {
         bridge::attach(bridge, net.tap().name())?;
     }
     let net = Arc::new(Mutex::new(net));
     let transport = match saved {
-        Some(saved) => MmioTransport::restore(mem.clone(), net.clone(), &saved.transport),
+        Some(saved) => MmioTransport::restore((mem.clone(), net.clone()), &saved.transport),
         None => MmioTransport::new(mem.clone(), net.clone()),
     }
     .map_err(VmmError::NetDevice)?;
     let transport = slots.attach(vm, transport)?;
-    event_loop.add(net);
-    Ok(Some(NetDevice {
-        transport,
-        mac: config.mac,
-    }))
+    event_loop.add(net.clone());
+    Ok(Some(NetDevice { net, transport }))
 }
 
 /// Opens a disk's block device; an ephemeral disk's file goes at once.

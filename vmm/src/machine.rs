@@ -12,6 +12,7 @@ use crate::devices::serial::{RawTerminal, Serial};
 use crate::devices::virtio::GuestMemoryMmap;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::net::Net;
 use crate::event_loop::{EventLoop, LoopEvent, VmEnd, VmEndSignal};
 use crate::rpc::{ControlReplier, ControlReply, ControlRequest};
 use crate::seccomp::{self, ThreadKind};
@@ -52,10 +53,10 @@ pub(crate) struct Devices {
     pub(crate) net: Option<NetDevice>,
 }
 
-/// A VM's NIC: its transport, and the MAC its guest knows.
+/// A VM's NIC: the device and its transport.
 pub(crate) struct NetDevice {
+    pub(crate) net: Arc<Mutex<Net>>,
     pub(crate) transport: Arc<Mutex<MmioTransport>>,
-    pub(crate) mac: [u8; 6],
 }
 
 /// A VM, built and ready to run.

@@ -13,6 +13,7 @@ use kvm_ioctls::Kvm;
 use crate::builder::VmmError;
 use crate::config::VmConfig;
 use crate::devices::lock;
+use crate::devices::persist::Persist;
 use crate::event_loop::VmEnd;
 use crate::machine::{Devices, Machine, RequestError};
 use crate::rpc::{AfterSnapshot, SnapshotStats};
@@ -47,7 +48,7 @@ impl Devices {
             disks: transports.iter().map(|t| lock(t).save()).collect(),
             vsock: vsock.as_ref().map(|t| lock(t).save()),
             net: net.as_ref().map(|nic| NetState {
-                mac: nic.mac,
+                device: lock(&nic.net).save(),
                 transport: lock(&nic.transport).save(),
             }),
         }

@@ -3,6 +3,7 @@
 pub mod bus;
 pub mod i8042;
 pub mod init_port;
+pub mod persist;
 pub mod serial;
 pub mod virtio;
 

@@ -11,6 +11,7 @@ use super::file::{self, SnapshotFileError};
 use crate::devices::serial::SerialSnapshot;
 use crate::devices::virtio::block::BlockError;
 use crate::devices::virtio::mmio::TransportState;
+use crate::devices::virtio::net::NetDeviceState;
 use crate::vstate::memory::MemoryError;
 use crate::vstate::vcpu::VcpuError;
 use crate::vstate::vcpu_state::VcpuState;
@@ -54,8 +55,10 @@ pub struct MachineState {
 /// at probe time (and keeps using: it never re-reads it).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct NetState {
-    /// The MAC address the guest's driver holds.
-    pub mac: [u8; 6],
+    /// The NIC's own state: the MAC address the guest's driver holds
+    /// (saved as `mac`, as before this was a device's state).
+    #[serde(rename = "mac")]
+    pub device: NetDeviceState,
     /// The NIC's virtio-mmio transport and queues.
     pub transport: TransportState,
 }

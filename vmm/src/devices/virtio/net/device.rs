@@ -53,7 +53,7 @@ pub(super) struct Active {
 /// A virtio network device.
 pub struct Net {
     pub(super) tap: Tap,
-    mac: [u8; 6],
+    pub(super) mac: [u8; 6],
     pub(super) queue_evts: [EventFd; 2],
     pub(super) active: Option<Active>,
     /// A frame read from the tap that did not fit the receive queue yet.

@@ -27,13 +27,15 @@
 //! device state); `device` is the device (features, configuration space,
 //! activation) and the moving of frames between the queues and the
 //! [`tap`]; `event_handler` wires the queues and the tap to the event
-//! loop. A snapshot keeps nothing of the device but its transport and
-//! MAC (`snapshot::machine::NetState`).
+//! loop; `persist` is what a snapshot keeps of it (its MAC; the rest is
+//! its transport's).
 pub mod bridge;
 mod device;
 mod event_handler;
+mod persist;
 mod request;
 pub mod tap;
 
 pub use device::{Net, NetConfig, QUEUE_SIZE};
+pub use persist::NetDeviceState;
 pub use request::NET_HDR_LEN;

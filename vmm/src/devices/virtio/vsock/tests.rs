@@ -21,6 +21,7 @@ use super::device::{EVENT, RX, TX};
 use super::packet::*;
 use super::*;
 use crate::devices::lock;
+use crate::devices::persist::Persist;
 use crate::devices::virtio::test_chain::memory;
 
 const CID: u64 = 42;
@@ -548,7 +549,7 @@ fn a_snapshotted_transport_restores_onto_a_new_cid() {
     })
     .unwrap();
     let mut transport =
-        MmioTransport::restore(mem.clone(), Arc::new(Mutex::new(restored)), &saved).unwrap();
+        MmioTransport::restore((mem.clone(), Arc::new(Mutex::new(restored))), &saved).unwrap();
     let mut cid = [0u8; 8];
     transport.read(VIRTIO_MMIO_CONFIG.into(), &mut cid);
     assert_eq!(u64::from_le_bytes(cid), 7);

@@ -11,7 +11,6 @@
 
 use std::sync::{Arc, Mutex};
 
-use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -28,8 +27,12 @@ use virtio_bindings::virtio_mmio::{
     VIRTIO_MMIO_SHM_LEN_HIGH, VIRTIO_MMIO_SHM_LEN_LOW, VIRTIO_MMIO_STATUS, VIRTIO_MMIO_VENDOR_ID,
     VIRTIO_MMIO_VERSION,
 };
-use virtio_queue::{Queue, QueueState, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+mod persist;
+
+pub use persist::TransportState;
 
 use super::{ActivateError, GuestMemoryMmap, Interrupt, VirtioDevice};
 use crate::devices::bus::BusDevice;
@@ -106,44 +109,6 @@ pub enum MmioError {
     Activate(#[source] ActivateError),
 }
 
-/// A virtqueue's configuration and ring positions (virtio-queue's own
-/// state, given serde's shape here).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(remote = "QueueState")]
-struct SavedQueue {
-    max_size: u16,
-    next_avail: u16,
-    next_used: u16,
-    event_idx_enabled: bool,
-    size: u16,
-    ready: bool,
-    desc_table: u64,
-    avail_ring: u64,
-    used_ring: u64,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct QueueSnapshot(#[serde(with = "SavedQueue")] QueueState);
-
-/// A transport and its device's queues, as a snapshot stores them.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TransportState {
-    /// What the device was, to check the restored one is the same.
-    device_type: u32,
-    device_features: u64,
-    status: u32,
-    driver_features: u64,
-    queue_select: u32,
-    device_features_select: u32,
-    driver_features_select: u32,
-    interrupt_status: u32,
-    /// The driver's configuration of each queue.
-    queues: Vec<QueueSnapshot>,
-    /// Where the running device stood in each queue; empty unless the
-    /// driver had set DRIVER_OK.
-    device_queues: Vec<QueueSnapshot>,
-}
-
 /// Why DRIVER_OK did not start the device. Only ever logged, as one line
 /// ([`one_line`]).
 #[derive(Debug, thiserror::Error)]
@@ -217,82 +182,6 @@ impl MmioTransport {
             driver_features: 0,
             status: 0,
         })
-    }
-
-    /// The transport's registers and its device's queues, for a snapshot
-    /// (with the vCPUs paused, so the driver changes nothing meanwhile).
-    pub fn save(&self) -> TransportState {
-        let device = lock(&self.device);
-        let snapshot = |queue: &Queue| QueueSnapshot(queue.state());
-        TransportState {
-            device_type: device.device_type(),
-            device_features: device.features(),
-            status: self.status,
-            driver_features: self.driver_features,
-            queue_select: self.queue_select,
-            device_features_select: self.device_features_select,
-            driver_features_select: self.driver_features_select,
-            interrupt_status: self.interrupt.status(),
-            queues: self.queues.iter().map(snapshot).collect(),
-            device_queues: device
-                .queue_states()
-                .into_iter()
-                .map(QueueSnapshot)
-                .collect(),
-        }
-    }
-
-    /// A transport for `device` that goes on from `saved`: same
-    /// registers, and a device that was running is running again, at the
-    /// ring positions it had reached.
-    pub fn restore(
-        mem: GuestMemoryMmap,
-        device: Arc<Mutex<dyn VirtioDevice>>,
-        saved: &TransportState,
-    ) -> Result<Self, MmioError> {
-        let mut transport = Self::new(mem, device)?;
-        transport.check_same_device(saved)?;
-        transport.queues = restore_queues(&saved.queues)?;
-        transport.status = saved.status;
-        transport.driver_features = saved.driver_features;
-        transport.queue_select = saved.queue_select;
-        transport.device_features_select = saved.device_features_select;
-        transport.driver_features_select = saved.driver_features_select;
-        transport.interrupt.restore(saved.interrupt_status);
-        let running = saved.status & (VIRTIO_CONFIG_S_DRIVER_OK | VIRTIO_CONFIG_S_NEEDS_RESET)
-            == VIRTIO_CONFIG_S_DRIVER_OK;
-        if running {
-            lock(&transport.device)
-                .activate(
-                    transport.driver_features,
-                    transport.mem.clone(),
-                    restore_queues(&saved.device_queues)?,
-                    transport.interrupt.clone(),
-                )
-                .map_err(MmioError::Activate)?;
-        }
-        Ok(transport)
-    }
-
-    fn check_same_device(&self, saved: &TransportState) -> Result<(), MmioError> {
-        let device = lock(&self.device);
-        let pairs = [
-            (
-                "type",
-                saved.device_type.into(),
-                device.device_type().into(),
-            ),
-            ("features", saved.device_features, device.features()),
-            (
-                "queue count",
-                saved.queues.len() as u64,
-                self.queues.len() as u64,
-            ),
-        ];
-        match pairs.into_iter().find(|(_, saved, found)| saved != found) {
-            Some((what, saved, found)) => Err(MmioError::Mismatch { what, saved, found }),
-            None => Ok(()),
-        }
     }
 
     /// Queue index → the `EventFd` to register as an ioeventfd at
@@ -564,17 +453,6 @@ impl BusDevice for MmioTransport {
     }
 }
 
-/// Saved queues made into queues again, each validated by virtio-queue.
-fn restore_queues(saved: &[QueueSnapshot]) -> Result<Vec<Queue>, MmioError> {
-    saved
-        .iter()
-        .enumerate()
-        .map(|(index, queue)| {
-            Queue::try_from(queue.0).map_err(|cause| MmioError::SavedQueue { index, cause })
-        })
-        .collect()
-}
-
 /// The 32 feature bits of `features` visible through window `select`.
 fn feature_window(features: u64, select: u32) -> u32 {
     match select {
@@ -586,6 +464,7 @@ fn feature_window(features: u64, select: u32) -> u32 {
 
 #[cfg(test)]
 mod tests {
+    use crate::devices::persist::Persist;
     use std::io::Write as _;
 
     use event_manager::{EventManager, SubscriberOps};
@@ -917,7 +796,7 @@ mod tests {
         image.as_file().set_len(DISK_SECTORS * 512).unwrap();
         let source = DiskSource::Raw(image.path().into());
         let block = Arc::new(Mutex::new(Block::new(&source, false).unwrap()));
-        let mut restored = MmioTransport::restore(mem.clone(), block.clone(), &saved).unwrap();
+        let mut restored = MmioTransport::restore((mem.clone(), block.clone()), &saved).unwrap();
         assert_eq!(restored.save(), saved);
         assert_eq!(
             read(&mut restored, VIRTIO_MMIO_INTERRUPT_STATUS),
@@ -932,7 +811,7 @@ mod tests {
         // A device with other features (read-only) is not the one saved.
         let read_only = Arc::new(Mutex::new(Block::new(&source, true).unwrap()));
         assert!(matches!(
-            MmioTransport::restore(mem, read_only, &saved),
+            MmioTransport::restore((mem, read_only), &saved),
             Err(MmioError::Mismatch {
                 what: "features",
                 ..
@@ -1017,7 +896,7 @@ mod tests {
             Ok(())
         }
         fn reset(&mut self) {}
-        fn queue_states(&self) -> Vec<QueueState> {
+        fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
             Vec::new()
         }
     }

@@ -15,9 +15,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use serde::{Deserialize, Serialize};
-use vm_superio::serial::{Error as UartError, SerialEvents, SerialState};
+use vm_superio::serial::{Error as UartError, SerialEvents};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+mod persist;
+
+pub use persist::SerialSnapshot;
 
 use super::bus::BusDevice;
 use super::{EventFdTrigger, lock};
@@ -55,32 +58,11 @@ pub enum SerialError {
     Restore(#[source] UartError<io::Error>),
 }
 
-/// The UART's registers and receive FIFO as a snapshot stores them
-/// (vm-superio's own state, given serde's shape here).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(remote = "SerialState")]
-struct SavedUart {
-    baud_divisor_low: u8,
-    baud_divisor_high: u8,
-    interrupt_enable: u8,
-    interrupt_identification: u8,
-    line_control: u8,
-    line_status: u8,
-    modem_control: u8,
-    modem_status: u8,
-    scratch: u8,
-    in_buffer: Vec<u8>,
-}
-
-/// The serial console's part of a snapshot.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SerialSnapshot(#[serde(with = "SavedUart")] SerialState);
-
 /// Tells [`SerialInput`] that the guest has emptied the receive FIFO, but
 /// only when it is waiting for that (the guest drains the FIFO after every
 /// burst of input, and an eventfd write per burst would be wasted).
 #[derive(Default)]
-struct DrainNotifier {
+pub(super) struct DrainNotifier {
     armed: AtomicBool,
     evt: OnceLock<EventFd>,
 }
@@ -99,7 +81,7 @@ impl SerialEvents for DrainNotifier {
     }
 }
 
-type Uart = vm_superio::Serial<EventFdTrigger, DrainNotifier, Box<dyn Write + Send>>;
+pub(super) type Uart = vm_superio::Serial<EventFdTrigger, DrainNotifier, Box<dyn Write + Send>>;
 
 /// The COM1 UART on the port I/O bus.
 pub struct Serial {
@@ -121,27 +103,6 @@ impl Serial {
             uart,
             warned: false,
         }
-    }
-
-    /// A UART that goes on from `saved`; an interrupt that was pending then
-    /// is raised again.
-    pub fn restore(
-        interrupt: EventFd,
-        out: Box<dyn Write + Send>,
-        saved: &SerialSnapshot,
-    ) -> Result<Self, SerialError> {
-        let trigger = EventFdTrigger::new(interrupt);
-        let uart = Uart::from_state(&saved.0, trigger, DrainNotifier::default(), out)
-            .map_err(SerialError::Restore)?;
-        Ok(Self {
-            uart,
-            warned: false,
-        })
-    }
-
-    /// The UART's registers and FIFO, for a snapshot.
-    pub fn save(&self) -> SerialSnapshot {
-        SerialSnapshot(self.uart.state())
     }
 
     fn warn_once(&mut self, err: UartError<io::Error>) {
@@ -367,6 +328,7 @@ fn set_termios(fd: BorrowedFd<'_>, termios: &libc::termios) -> Result<(), Serial
 
 #[cfg(test)]
 mod tests {
+    use crate::devices::persist::Persist;
     use std::io::Write as _;
     use std::os::fd::FromRawFd;
     use std::time::Duration;
@@ -463,7 +425,7 @@ mod tests {
         let saved: SerialSnapshot = serde_json::from_str(&json).unwrap();
 
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        let restored = Serial::restore(irq.try_clone().unwrap(), Box::new(io::sink()), &saved);
+        let restored = Serial::restore((irq.try_clone().unwrap(), Box::new(io::sink())), &saved);
         let restored = Arc::new(Mutex::new(restored.unwrap()));
         // The received data was waiting with its interrupt enabled: raised again.
         assert_eq!(irq.read().unwrap(), 1);
