@@ -23,13 +23,14 @@ pub mod protocol;
 #[cfg(feature = "init")]
 pub mod supervisor;
 
-/// `err` and each of its causes, outermost first, joined by ": ": how
-/// guest-init says an error on the console and in a refused invocation's
-/// `error`. Errors here follow Kiln's convention (a cause is the
-/// `source()`, never part of the message), so the cause is said once.
-/// The host has the same in `kiln_vmm::report::one_line`; the VMM depends
-/// on this crate, so guest-init cannot use that one.
-#[cfg(feature = "init")]
+/// `err` and each of its causes, outermost first, joined by ": ": how an
+/// error reaches a person, in the guest (the console, a refused
+/// invocation's `error`) and on the host (re-exported as
+/// `kiln_vmm::report::one_line`). Kiln's errors follow one convention (a
+/// cause is the `source()`, never part of the message), so each cause is
+/// said once. It lives here, in the crate every other Kiln crate that
+/// reports errors depends on, so that there is one.
+#[cfg(feature = "wire")]
 pub fn one_line(err: &(dyn std::error::Error + 'static)) -> String {
     let mut line = err.to_string();
     let mut cause = err.source();

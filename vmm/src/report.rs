@@ -5,19 +5,7 @@
 //! its cause is its `#[source]`, never part of its own text. So a cause is
 //! printed once, here, wherever the line goes: the terminal, an instance's
 //! record, an API answer, or the control channel's reply.
-use std::error::Error;
-
-/// `err` and its causes, outermost first, joined by ": ".
-pub fn one_line(err: &(dyn Error + 'static)) -> String {
-    let mut line = err.to_string();
-    let mut cause = err.source();
-    while let Some(next) = cause {
-        line.push_str(": ");
-        line.push_str(&next.to_string());
-        cause = next.source();
-    }
-    line
-}
+pub use guest_init::one_line;
 
 #[cfg(test)]
 mod tests {

@@ -234,32 +234,12 @@ fn bind_refuses_a_privileged_port_without_the_capability() {
 
 /// Removes CAP_NET_BIND_SERVICE from the calling thread's effective set.
 fn drop_net_bind_service() {
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: libc::c_int,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy, Default)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-    const CAP_NET_BIND_SERVICE: u32 = 10;
-    let mut header = Header {
-        version: LINUX_CAPABILITY_VERSION_3,
-        pid: 0,
-    };
-    let mut data = [Data::default(); 2];
-    // SAFETY: capget fills the two data structs of a version 3 header.
-    let ret = unsafe { libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr()) };
-    assert_eq!(ret, 0, "capget: {}", io::Error::last_os_error());
-    data[0].effective &= !(1 << CAP_NET_BIND_SERVICE);
-    // SAFETY: capset reads the header and the two data structs.
-    let ret = unsafe { libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) };
-    assert_eq!(ret, 0, "capset: {}", io::Error::last_os_error());
+    caps::drop(
+        None,
+        caps::CapSet::Effective,
+        caps::Capability::CAP_NET_BIND_SERVICE,
+    )
+    .expect("capset");
 }
 
 #[test]

@@ -231,37 +231,15 @@ mod tests {
     const BRIDGE: &str = "kb-unit-test";
     const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 250, 7, 1);
     const NETMASK: Ipv4Addr = Ipv4Addr::new(255, 255, 255, 0);
-    /// linux/capability.h.
-    const CAP_NET_ADMIN: u32 = 12;
-
-    /// Removes `capability` (below 32) from the calling thread's effective
-    /// set; the permitted set keeps it, but nothing here raises it again.
-    fn drop_effective_capability(capability: u32) {
-        #[repr(C)]
-        struct Header {
-            version: u32,
-            pid: libc::c_int,
-        }
-        #[repr(C)]
-        #[derive(Clone, Copy, Default)]
-        struct Data {
-            effective: u32,
-            permitted: u32,
-            inheritable: u32,
-        }
-        const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-        let mut header = Header {
-            version: LINUX_CAPABILITY_VERSION_3,
-            pid: 0,
-        };
-        let mut data = [Data::default(); 2];
-        // SAFETY: capget fills the two data structs of a version 3 header.
-        let ret = unsafe { libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr()) };
-        assert_eq!(ret, 0, "capget: {}", io::Error::last_os_error());
-        data[0].effective &= !(1 << capability);
-        // SAFETY: capset reads the header and the two data structs.
-        let ret = unsafe { libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) };
-        assert_eq!(ret, 0, "capset: {}", io::Error::last_os_error());
+    /// Removes CAP_NET_ADMIN from the calling thread's effective set; the
+    /// permitted set keeps it, but nothing here raises it again.
+    fn drop_net_admin() {
+        caps::drop(
+            None,
+            caps::CapSet::Effective,
+            caps::Capability::CAP_NET_ADMIN,
+        )
+        .expect("capset");
     }
 
     /// Without CAP_NET_ADMIN, the bridge and the tap are refused with the
@@ -270,7 +248,7 @@ mod tests {
     fn without_cap_net_admin_the_bridge_and_tap_are_refused_clearly() {
         // Capabilities are per thread: this one drops its own.
         let (bridge, tap) = std::thread::spawn(|| {
-            drop_effective_capability(CAP_NET_ADMIN);
+            drop_net_admin();
             (
                 ensure(BRIDGE, GATEWAY, NETMASK),
                 Tap::create("kt-noperm-test", 12),
