@@ -3,7 +3,6 @@
 use std::io::Write;
 use std::net::TcpListener;
 use std::process::ExitCode;
-use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -184,31 +183,9 @@ fn invoke_many(
     if count == 0 || concurrency == 0 {
         anyhow::bail!("--count and --concurrency: expected at least 1");
     }
-    let next = Mutex::new(0usize);
-    let results = Mutex::new(Vec::new());
     let started = std::time::Instant::now();
-    std::thread::scope(|scope| {
-        for _ in 0..concurrency.min(count) {
-            scope.spawn(|| {
-                loop {
-                    {
-                        let mut taken = next.lock().unwrap_or_else(|p| p.into_inner());
-                        if *taken == count {
-                            return;
-                        }
-                        *taken += 1;
-                    }
-                    let result = functions.invoke(name, payload);
-                    results
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(result);
-                }
-            });
-        }
-    });
+    let results = functions.invoke_many(name, payload, count, concurrency);
     let elapsed = started.elapsed();
-    let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
     let mut latencies = Vec::new();
     let mut failed = 0;
     for result in &results {

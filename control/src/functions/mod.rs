@@ -18,6 +18,7 @@ use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub use guest_init::function::Outcome;
@@ -29,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::api::{self, Request, Response};
 use crate::instance::lifecycle::{self, LifecycleError};
 use crate::instance::{Instance, InstanceError, Network, Registry, Spec};
+use kiln_vmm::devices::lock;
 use kiln_vmm::durable;
 use kiln_vmm::report::one_line;
 
@@ -336,6 +338,31 @@ impl Functions {
         self.invoke_then(name, payload, |_| {})
     }
 
+    /// `count` invocations of `name`, `concurrency` at a time (each
+    /// thread takes the next until all are taken); the results in the
+    /// order they finished. `kiln fn invoke --count` times these.
+    pub fn invoke_many(
+        &self,
+        name: &str,
+        payload: &str,
+        count: usize,
+        concurrency: usize,
+    ) -> Vec<Result<Invoked, FunctionError>> {
+        let next = Mutex::new(0usize);
+        let results = Mutex::new(Vec::with_capacity(count));
+        std::thread::scope(|scope| {
+            for _ in 0..concurrency.min(count) {
+                scope.spawn(|| {
+                    while take_one(&next, count) {
+                        let result = self.invoke(name, payload);
+                        lock(&results).push(result);
+                    }
+                });
+            }
+        });
+        results.into_inner().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// [`invoke`](Self::invoke), handing the outcome to `answered` as
     /// soon as it arrives, before the clone is torn down: `kiln fn invoke`
     /// prints the response without waiting for the teardown.
@@ -371,6 +398,14 @@ impl Functions {
             instance_id,
         })
     }
+}
+
+/// Takes one of `count` invocations if any is left.
+fn take_one(taken: &Mutex<usize>, count: usize) -> bool {
+    let mut taken = lock(taken);
+    let left = *taken < count;
+    *taken += usize::from(left);
+    left
 }
 
 impl Functions {
@@ -560,6 +595,23 @@ fn random_seed() -> io::Result<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn threads_taking_invocations_take_each_exactly_once() {
+        let taken = std::sync::Mutex::new(0);
+        let runs = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    while super::take_one(&taken, 1000) {
+                        runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        assert_eq!(runs.into_inner(), 1000);
+        assert!(!super::take_one(&taken, 1000));
+    }
+
     use super::*;
 
     fn config(handler: &str, env: &[&str]) -> FunctionConfig {
