@@ -12,6 +12,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail, ensure};
 use goblin::elf::Elf;
 use goblin::elf::program_header::{PF_X, PT_LOAD};
+use guest_init::protocol::{self, InitEvent};
 
 use crate::{apt, install, sh};
 
@@ -57,9 +58,14 @@ fn assemble(out: &Path) -> Result<PathBuf> {
     fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let object = out.join("stub.o");
     let elf = out.join("vmlinux-stub");
+    // The protocol's numbers, from the one place that defines them.
+    let defsym = |name: &str, value: u32| format!("--defsym={name}={value:#x}");
     sh::run(
         Command::new("as")
-            .args(["--64", "--fatal-warnings", "-o"])
+            .args(["--64", "--fatal-warnings"])
+            .arg(defsym("INIT_PORT", protocol::INIT_PORT.into()))
+            .arg(defsym("INIT_STARTED", InitEvent::InitStarted.encode()))
+            .arg("-o")
             .arg(&object)
             .arg(source.join("stub.s")),
     )?;

@@ -22,9 +22,9 @@
  */
 	.intel_syntax noprefix
 
-	/* guest-init/src/protocol.rs: INIT_PORT and InitEvent::InitStarted. */
-	.set INIT_PORT, 0x440
-	.set INIT_STARTED, 0x01000000
+	/* INIT_PORT and INIT_STARTED (the value of InitEvent::InitStarted)
+	 * come from guest-init/src/protocol.rs: `cargo xtask stub` passes
+	 * them to `as` with --defsym. */
 	/* The 8250 UART's transmit register at COM1 (the console). */
 	.set COM1, 0x3f8
 	/* i8042 command port and its "pulse the reset line" command. */
@@ -37,7 +37,7 @@
 	.set START_INFO_CMDLINE, 0x18
 	/* ELF note type of the PVH entry (xen/include/public/elfnote.h). */
 	.set XEN_ELFNOTE_PHYS32_ENTRY, 18
-	/* TSC ticks between heartbeats: a few milliseconds at 1-4 GHz. */
+	/* TSC ticks between heartbeats: 1 to 4 ms at 4 to 1 GHz. */
 	.set BEAT_TICKS, 1 << 22
 
 /*
