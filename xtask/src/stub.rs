@@ -146,7 +146,8 @@ fn in_loaded_code(elf: &Elf, address: u64) -> bool {
 mod tests {
     use super::*;
 
-    /// Needs binutils, which `cargo xtask test` installs.
+    /// Needs binutils (`cargo xtask test` installs build-essential, which
+    /// brings them).
     #[test]
     fn the_stub_assembles_with_both_entries_in_its_code() {
         let out = tempfile::tempdir().unwrap();
