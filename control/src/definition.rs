@@ -92,9 +92,14 @@ pub enum DefinitionError {
     /// An instance-store disk of no size.
     #[error("a scratch disk of 0 MiB: expected a size in MiB of at least 1")]
     EmptyScratch,
-    /// A plain run with neither an image nor a disk.
-    #[error("nothing to boot: give an IMAGE, --name of an instance, or --disk")]
-    NothingToBoot,
+    /// A flag about the root disk (`--read-only`, `--scratch`) in a plain
+    /// run without one: the kernel alone boots only a guest that needs no
+    /// root, such as the stub guest.
+    #[error("{flag} needs a root disk: give an IMAGE, --name of an instance, or --disk")]
+    NoRoot {
+        /// The flag that wants the root.
+        flag: &'static str,
+    },
 }
 
 /// The VM of `instance`, starting from `boot`: its root volume (the image
@@ -166,17 +171,27 @@ pub fn for_plain_run(
 }
 
 /// `options`' raw disks after the others, the root read-only if asked,
-/// and the scratch disk last.
+/// and the scratch disk last. A VM may have no disk at all (the kernel
+/// alone: the stub guest), unless a flag asks for a root.
 fn add_run_disks(
     store: &Store,
     config: &mut VmConfig,
     options: &RunOptions,
 ) -> Result<(), DefinitionError> {
     config.disks.extend(options.disks.iter().cloned());
-    let Some(root) = config.disks.first_mut() else {
-        return Err(DefinitionError::NothingToBoot);
-    };
-    root.read_only |= options.read_only;
+    match config.disks.first_mut() {
+        Some(root) => root.read_only |= options.read_only,
+        // A scratch disk alone would become /dev/vda, the root.
+        None if options.scratch_mib.is_some() => {
+            return Err(DefinitionError::NoRoot { flag: "--scratch" });
+        }
+        None if options.read_only => {
+            return Err(DefinitionError::NoRoot {
+                flag: "--read-only",
+            });
+        }
+        None => {}
+    }
     if let Some(mib) = options.scratch_mib {
         config.disks.push(scratch_disk(store, mib)?);
     }
@@ -352,14 +367,38 @@ mod tests {
     }
 
     #[test]
-    fn a_plain_run_needs_something_to_boot_and_a_sized_scratch_disk() {
+    fn a_plain_run_of_the_kernel_alone_has_no_disk_and_no_root_flags() {
+        let home = tempfile::tempdir().unwrap();
+        let store = Store::new(home.path());
+        let mut options = RunOptions::new("stub".into());
+        let config = for_plain_run(&store, None, &options, (1, 128), None).unwrap();
+        assert!(config.disks.is_empty());
+        assert_eq!(config.boot, Boot::Kernel("stub".into()));
+        options.scratch_mib = Some(2);
+        assert!(matches!(
+            for_plain_run(&store, None, &options, (1, 128), None),
+            Err(DefinitionError::NoRoot { flag: "--scratch" })
+        ));
+        options.scratch_mib = None;
+        options.read_only = true;
+        let err = for_plain_run(&store, None, &options, (1, 128), None).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DefinitionError::NoRoot {
+                    flag: "--read-only"
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().starts_with("--read-only needs a root disk"));
+    }
+
+    #[test]
+    fn a_plain_run_of_a_disk_takes_the_root_flags_and_a_sized_scratch_disk() {
         let home = tempfile::tempdir().unwrap();
         let store = Store::new(home.path());
         let mut options = RunOptions::new("vmlinux".into());
-        assert!(matches!(
-            for_plain_run(&store, None, &options, (1, 128), None),
-            Err(DefinitionError::NothingToBoot)
-        ));
         options.disks.push(DiskConfig {
             source: DiskSource::Raw("root.img".into()),
             read_only: false,

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use kiln_control::network::{self, address::BRIDGE};
-use kiln_vmm::host;
+use kiln_vmm::host::{self, HostVirt};
 
 use crate::assets::Asset;
 
@@ -14,6 +14,14 @@ pub struct Args {}
 pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
     let virt = host::detect();
     println!("virtualization: {virt}");
+    // The opt-in changes nothing for Linux guests, so not readiness either.
+    if virt == HostVirt::Pvm {
+        println!(
+            "stub guest: {}=1 lets the VMM benchmarks run their stub guest here, \
+             natively; for those only (docs/stub-guest.md)",
+            host::ALLOW_PVM_ENV
+        );
+    }
     let mut ready = virt.can_boot_linux();
     for (label, asset) in [
         ("guest kernel", Asset::Kernel),

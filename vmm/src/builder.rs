@@ -88,9 +88,6 @@ pub enum VmmError {
         /// The most this host and the MP table take.
         max: usize,
     },
-    /// A VM with no disk has no root filesystem.
-    #[error("no root disk: give at least one --disk")]
-    NoDisk,
     /// More virtio devices than interrupt lines.
     #[error("{count} disks: at most {max} fit on the interrupt lines")]
     TooManyDisks {
@@ -345,10 +342,13 @@ pub fn build(
     })
 }
 
-/// KVM, checked to be hardware KVM that can run `config`'s vCPUs and disks.
+/// KVM, checked to be hardware KVM (or PVM, opted into for the stub
+/// guest: [`host::pvm_allowed`]) that can run `config`'s vCPUs. A VM may
+/// have no disk: the kernel command line then names no root.
 fn open_kvm(config: &VmConfig) -> Result<Kvm, VmmError> {
     match host::detect() {
         HostVirt::HardwareKvm(_) => {}
+        HostVirt::Pvm if host::pvm_allowed() => {}
         HostVirt::Pvm => return Err(VmmError::Pvm),
         HostVirt::Unavailable { reason } => return Err(VmmError::NoKvm(reason)),
     }
@@ -359,9 +359,6 @@ fn open_kvm(config: &VmConfig) -> Result<Kvm, VmmError> {
             requested: config.vcpus,
             max,
         });
-    }
-    if config.disks.is_empty() {
-        return Err(VmmError::NoDisk);
     }
     Ok(kvm)
 }
@@ -676,22 +673,26 @@ fn open_disk(disk: &DiskConfig) -> Result<Block, VmmError> {
     Ok(block)
 }
 
+/// Kiln's words, the root disk's (if any), the devices', then the user's.
 fn kernel_cmdline(
     config: &VmConfig,
     root_discards: bool,
     devices: &[String],
 ) -> Result<String, VmmError> {
-    let root = &config.disks[0];
     let mut words: Vec<&str> = BASE_CMDLINE.to_vec();
-    words.push(if root.read_only {
-        "root=/dev/vda ro"
-    } else {
-        "root=/dev/vda rw"
-    });
-    if root_discards {
-        // ext4 trims blocks as files are deleted, so a volume's overlay
-        // shrinks back instead of only growing.
-        words.push("rootflags=discard");
+    // The first disk is the root filesystem; a VM without disks (the stub
+    // guest, which needs none) is told of no root.
+    if let Some(root) = config.disks.first() {
+        words.push(if root.read_only {
+            "root=/dev/vda ro"
+        } else {
+            "root=/dev/vda rw"
+        });
+        if root_discards {
+            // ext4 trims blocks as files are deleted, so a volume's overlay
+            // shrinks back instead of only growing.
+            words.push("rootflags=discard");
+        }
     }
     words.extend(devices.iter().map(String::as_str));
     words.push(config.extra_cmdline.trim());
@@ -782,6 +783,15 @@ mod tests {
         assert!(
             trims.ends_with("root=/dev/vda rw rootflags=discard"),
             "{trims}"
+        );
+    }
+
+    #[test]
+    fn a_vm_without_disks_is_told_of_no_root() {
+        let line = kernel_cmdline(&config(&[], "kiln.stub=beat"), false, &[]).unwrap();
+        assert_eq!(
+            line,
+            "console=ttyS0 reboot=k panic=-1 quiet kiln.vmm=1 kiln.stub=beat"
         );
     }
 

@@ -7,6 +7,8 @@
 //! (it would need a PVM-enabled guest kernel). Telling the two apart up front
 //! turns a mysterious hang or emulation failure into a plain sentence.
 
+use std::env;
+use std::ffi::OsStr;
 use std::fmt;
 use std::fs;
 use std::io;
@@ -62,6 +64,21 @@ impl fmt::Display for HostVirt {
             HostVirt::Unavailable { reason } => write!(f, "no usable KVM: {reason}"),
         }
     }
+}
+
+/// The opt-in that lets the VM process run on PVM anyway: set to `1` by
+/// the benchmarks that boot the stub guest (docs/stub-guest.md), whose few
+/// instructions run natively under PVM; Linux guests still cannot.
+pub const ALLOW_PVM_ENV: &str = "KILN_ALLOW_PVM";
+
+/// True when [`ALLOW_PVM_ENV`] is exactly `1`: the VM process may then
+/// run on PVM. Anything else, unset included, keeps PVM refused.
+pub fn pvm_allowed() -> bool {
+    allows_pvm(env::var_os(ALLOW_PVM_ENV).as_deref())
+}
+
+fn allows_pvm(value: Option<&OsStr>) -> bool {
+    value == Some(OsStr::new("1"))
 }
 
 /// Where detection looks: the real host, or a fake tree in tests.
@@ -193,6 +210,21 @@ mod tests {
         assert_eq!(detect_with(&paths), HostVirt::Pvm);
         assert!(!HostVirt::Pvm.can_boot_linux());
         assert!(HostVirt::Pvm.to_string().contains("cannot boot"));
+    }
+
+    #[test]
+    fn only_an_explicit_1_allows_pvm() {
+        assert!(allows_pvm(Some(OsStr::new("1"))));
+        for refused in [
+            None,
+            Some(""),
+            Some("0"),
+            Some("yes"),
+            Some("true"),
+            Some(" 1"),
+        ] {
+            assert!(!allows_pvm(refused.map(OsStr::new)), "{refused:?}");
+        }
     }
 
     #[test]

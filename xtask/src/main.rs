@@ -11,6 +11,7 @@ mod init;
 mod install;
 mod kernel;
 mod sh;
+mod stub;
 mod test;
 
 #[derive(Parser)]
@@ -83,6 +84,9 @@ enum Task {
     Kernel,
     /// Build the static guest-init and install it; prints its path last.
     Init,
+    /// Assemble the stub guest (a few instructions in place of a kernel,
+    /// for measuring the VMM itself) and install it; prints its path last.
+    Stub,
     /// Run end-to-end scenarios (tests/vm/<name>.sh) that boot real VMs.
     VmTest {
         /// Scenario names; all when none are given.
@@ -121,6 +125,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse().task {
         Task::Kernel => kernel::build().map(|path| println!("{}", path.display())),
         Task::Init => init::build().map(|path| println!("{}", path.display())),
+        Task::Stub => stub::build().map(|path| println!("{}", path.display())),
         Task::VmTest { scenarios } => harness::vm_test(&scenarios).map(drop),
         Task::Test => test::run(),
         Task::Demo => demo::run(),
