@@ -199,6 +199,11 @@ pub fn build(
     ext4::make(stage.path(), &raw, size, &uuid_from(&build_key))?;
     progress("compressing");
     let (publish, info) = compress(&raw, scratch.path())?;
+    // The tests boot the compressed image: the tree and the raw
+    // filesystem (as big as the image's disk) go now, not after them. One
+    // that cannot be removed here goes with the scratch directory.
+    let _ = fs::remove_file(&raw);
+    let _ = fs::remove_dir_all(stage.path());
     let manifest = Manifest {
         name: recipe.name.clone(),
         version: recipe.version.clone(),
