@@ -55,7 +55,7 @@ pub enum ImageTestError {
     /// The VM process could not be started, waited for or read.
     #[error("cannot {what} the VM process of test `{test}` ({kiln})")]
     Process {
-        /// What was being done ("start", "wait for", "kill").
+        /// What was being done ("start", "wait for").
         what: &'static str,
         /// The test's command.
         test: String,
@@ -164,7 +164,8 @@ impl TestRunner {
             .arg(VM_SUBCOMMAND)
             .arg("--config")
             .arg(&definition)
-            // Killed with this process: a test VM never outlives its build.
+            // Ends with this process (SIGTERM): a test VM never outlives
+            // the build or `kiln image test` that started it.
             .arg("--supervisor")
             .arg(std::process::id().to_string())
             .stdin(Stdio::null())
