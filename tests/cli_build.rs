@@ -17,6 +17,8 @@ fn kiln(home: &Path, args: &[&str]) -> Output {
         .args(args)
         .env("KILN_HOME", home)
         .env("KILN_GUEST_INIT", INIT_STAND_IN)
+        // No kernel: these tests build, and boot nothing.
+        .env("KILN_KERNEL", "/nonexistent/vmlinux")
         .output()
         .unwrap()
 }
@@ -31,8 +33,13 @@ fn ok(home: &Path, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Builds recipes/NAME, its tests skipped: running them boots VMs, which
+/// tests/vm/ does (`cargo xtask vm-test`).
 fn build(home: &Path, name: &str) -> String {
-    ok(home, &["build", recipe(name).to_str().unwrap()])
+    ok(
+        home,
+        &["build", recipe(name).to_str().unwrap(), "--skip-tests"],
+    )
 }
 
 #[test]
@@ -40,6 +47,53 @@ fn building_twice_reuses_the_stored_image() {
     let home = tempfile::tempdir().unwrap();
     assert!(build(home.path(), "hello").starts_with("built hello:1.0.0 "));
     assert!(build(home.path(), "hello").starts_with("hello:1.0.0 is up to date (cached"));
+}
+
+/// A recipe with tests is refused before anything is built where they
+/// cannot run (this host cannot boot VMs, or has no kernel), naming the
+/// override; `--skip-tests` publishes it marked untested, and a build
+/// that would run them does not take that image for a cached one.
+#[test]
+fn tests_run_or_are_skipped_out_loud() {
+    let home = tempfile::tempdir().unwrap();
+    let hello = recipe("hello");
+    let (_, err) = fails(home.path(), &["build", hello.to_str().unwrap()]);
+    if kiln_vmm::host::detect().can_boot_linux() {
+        assert!(
+            err.contains("no guest kernel at /nonexistent/vmlinux"),
+            "{err}"
+        );
+    } else {
+        assert!(
+            err.contains("this host cannot boot one") && err.contains("--skip-tests"),
+            "{err}"
+        );
+    }
+    assert!(!home.path().join("images").exists(), "nothing is published");
+    assert!(!home.path().join("tmp").exists(), "nothing is built");
+
+    assert!(build(home.path(), "hello").ends_with("; untested (--skip-tests)\n"));
+    let images = ok(home.path(), &["images"]);
+    assert!(
+        images
+            .lines()
+            .any(|l| l.starts_with("hello ") && l.contains(" untested ")),
+        "{images}"
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_str(&ok(home.path(), &["inspect", "hello:1.0.0"])).unwrap();
+    assert_eq!(manifest["test_results"], serde_json::Value::Null);
+    assert_eq!(
+        manifest["tests"][0]["expect_stdout"],
+        "Hello from a Kiln microVM!"
+    );
+    let (_, err) = fails(home.path(), &["build", hello.to_str().unwrap()]);
+    assert!(
+        err.contains("--skip-tests") || err.contains("no guest kernel"),
+        "{err}"
+    );
+    let (_, err) = fails(home.path(), &["image", "test", "hello:1.0.0"]);
+    assert!(err.contains("hello:1.0.0's tests boot the image"), "{err}");
 }
 
 #[test]
@@ -81,7 +135,11 @@ fn a_child_image_inherits_its_parent_which_cannot_be_removed_first() {
     let home = tempfile::tempdir().unwrap();
     let out = kiln(
         home.path(),
-        &["build", recipe("hello-plus").to_str().unwrap()],
+        &[
+            "build",
+            recipe("hello-plus").to_str().unwrap(),
+            "--skip-tests",
+        ],
     );
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("base image hello:1.0.0 is not in the store")
@@ -219,8 +277,11 @@ fn an_image_from_an_oci_archive_has_its_layers_applied() {
     .unwrap();
     std::fs::write(dir.path().join("image.tar"), oci_image_layout()).unwrap();
     assert!(
-        ok(home.path(), &["build", dir.path().to_str().unwrap()])
-            .starts_with("built oci-demo:1.0.0 ")
+        ok(
+            home.path(),
+            &["build", dir.path().to_str().unwrap(), "--skip-tests"]
+        )
+        .starts_with("built oci-demo:1.0.0 ")
     );
     let files = ok(
         home.path(),
@@ -250,7 +311,10 @@ fn a_base_chain_that_leads_back_to_the_image_is_refused() {
     )
     .unwrap();
     std::fs::copy(recipe("hello").join("hello.c"), dir.path().join("hello.c")).unwrap();
-    let out = kiln(home.path(), &["build", dir.path().to_str().unwrap()]);
+    let out = kiln(
+        home.path(),
+        &["build", dir.path().to_str().unwrap(), "--skip-tests"],
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(

@@ -11,7 +11,7 @@ use std::process::Command;
 use guest_init::config::{CONFIG_PATH, ConfigError, RunConfig};
 
 use crate::elf::{self, ElfError};
-use crate::recipe::Recipe;
+use crate::recipe::{BuildStep, Recipe};
 use crate::stage::{Kind, Stage, StageError};
 
 /// Directories every image has: mount points guest-init uses, and /tmp.
@@ -94,8 +94,8 @@ pub fn assemble(
         stage.create_dir_all(Path::new(dir), *mode)?;
         stage.set_mode(Path::new(dir), *mode)?;
     }
-    for command in &recipe.builds {
-        run_build(command, &recipe.dir, stage.path())?;
+    for step in &recipe.builds {
+        run_build(step, &recipe.dir, stage.path())?;
     }
     for file in &recipe.files {
         copy_tree(stage, &file.src, &file.dst, file.mode, &file.exclude)?;
@@ -108,13 +108,28 @@ pub fn assemble(
     write_run_config(recipe, stage)
 }
 
-/// Runs a recipe's `[[build]]` command on the host: trusted code, like
-/// the recipe itself (see docs/security.md).
-fn run_build(command: &str, dir: &Path, destdir: &Path) -> Result<(), AssembleError> {
+/// Where a build step looks for programs when the caller has no PATH.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Runs a recipe's `[[build]]` step on the host: trusted code, like the
+/// recipe itself (see docs/security.md), but given only what it needs.
+/// Its environment is the caller's PATH (where the host's toolchain is)
+/// and HOME (where tools keep their caches), the step's declared `env`,
+/// and DESTDIR, which no declaration overrides: none of the caller's
+/// other variables (tokens, credentials, proxies) reach it.
+fn run_build(step: &BuildStep, dir: &Path, destdir: &Path) -> Result<(), AssembleError> {
+    let command = &step.run;
     let mut child = Command::new("sh");
     child
         .args(["-ec", command])
         .current_dir(dir)
+        .env_clear()
+        .env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into()),
+        )
+        .envs(std::env::var_os("HOME").map(|home| ("HOME", home)))
+        .envs(&step.env)
         .env("DESTDIR", destdir);
     // Kiln itself runs with umask 077 (its own files are private), but
     // what a step creates is part of the image, where 022 is what every
@@ -324,6 +339,46 @@ env = { LANG = "C" }
                 & 0o7777,
             0o1777
         );
+    }
+
+    /// A build step sees PATH, HOME, DESTDIR and its declared `env`, and
+    /// none of the caller's other variables (under `cargo test`, CARGO_*
+    /// and the like: the whole environment was inherited before).
+    #[test]
+    fn a_build_step_gets_a_clean_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = recipe_in(
+            dir.path(),
+            "[image]\nname = \"x\"\nversion = \"1.0.0\"\n[[build]]\n\
+             run = \"env > \\\"$DESTDIR/env\\\"\"\nenv = { GREETING = \"hi\", DESTDIR = \"/\" }\n\
+             [run]\nentrypoint = [\"/x\"]\n",
+        );
+        let stage = Stage::create(&dir.path().join("stage")).unwrap();
+        assemble(&r, &stage, Path::new("/bin/busybox")).unwrap();
+        let env = fs::read_to_string(stage.path().join("env")).unwrap();
+        let names: Vec<&str> = env
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(n, _)| n)
+            .collect();
+        // What sh itself sets: its working directory and nesting level.
+        let from_sh = ["PWD", "OLDPWD", "SHLVL", "_"];
+        let leaked: Vec<&&str> = names
+            .iter()
+            .filter(|n| {
+                !["PATH", "HOME", "DESTDIR", "GREETING"].contains(n) && !from_sh.contains(n)
+            })
+            .collect();
+        assert!(
+            leaked.is_empty(),
+            "the caller's variables leaked: {leaked:?}"
+        );
+        assert!(env.contains("GREETING=hi\n"), "{env}");
+        assert!(
+            env.contains(&format!("DESTDIR={}\n", stage.path().display())),
+            "a declaration cannot move DESTDIR: {env}"
+        );
+        assert_eq!(std::env::var_os("PATH").is_some(), names.contains(&"PATH"));
     }
 
     #[test]

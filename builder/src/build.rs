@@ -1,5 +1,10 @@
 //! `kiln build`: recipe → root tree → ext4 → compressed image → store.
 //!
+//! A build ends staged ([`Staged`]): the compressed image sits in the
+//! store's scratch space, where the caller boots it to run the recipe's
+//! tests (`kiln_control::image_test`: this crate boots nothing), and only
+//! then publishes it, or drops it and leaves nothing behind.
+//!
 //! The cache key hashes everything the build reads: the recipe's
 //! directory (its recipe, sources and build inputs), the `[[files]]`
 //! sources, the binaries and their libraries, guest-init, the parent
@@ -22,7 +27,7 @@ use crate::ext4::{self, Ext4Error};
 use crate::oci::{self, OciError};
 use crate::recipe::{self, Base, Recipe, RecipeError, Size};
 use crate::stage::{Stage, StageError};
-use crate::store::{self, IMAGE_FILE, Manifest, Store, StoreError};
+use crate::store::{self, IMAGE_FILE, Manifest, Store, StoreError, TestResult};
 use kiln_image::{self as image, DEFAULT_CHUNK_SIZE, ImageError};
 
 /// Why a build failed.
@@ -95,19 +100,60 @@ pub enum BuildError {
 
 /// What a build produced.
 #[derive(Debug)]
-pub struct Built {
-    /// The manifest of the image in the store.
-    pub manifest: Manifest,
-    /// True when the stored image was reused.
-    pub cached: bool,
+pub enum Built {
+    /// The stored image of the same inputs, reused as it is.
+    Cached(Manifest),
+    /// A new image, not in the store yet.
+    Staged(Staged),
 }
 
-/// Builds the recipe at `recipe_path` into `store`, with `guest_init` as
-/// every image's /sbin/init. `progress` hears about each long step.
+/// A built image waiting in the store's scratch space: its tests boot
+/// [`Staged::image_path`], then [`Staged::publish`] moves it into the
+/// store. Dropped unpublished, it is deleted: a failed test leaves
+/// nothing, in the store or beside it.
+#[derive(Debug)]
+pub struct Staged {
+    store: Store,
+    /// Owns everything staged; removed on drop.
+    _scratch: tempfile::TempDir,
+    /// The directory [`Store::publish`] renames into place.
+    dir: PathBuf,
+    manifest: Manifest,
+}
+
+impl Staged {
+    /// The manifest the image will be published with (no test results).
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The compressed image file, bootable as it is.
+    pub fn image_path(&self) -> PathBuf {
+        self.dir.join(IMAGE_FILE)
+    }
+
+    /// Publishes the image with `test_results` (`None`: its tests were
+    /// skipped) in its manifest, atomically ([`Store::publish`]).
+    pub fn publish(
+        mut self,
+        test_results: Option<Vec<TestResult>>,
+    ) -> Result<Manifest, BuildError> {
+        self.manifest.test_results = test_results;
+        self.store.publish(&self.dir, &self.manifest)?;
+        Ok(self.manifest)
+    }
+}
+
+/// Builds the recipe at `recipe_path` for `store`, with `guest_init` as
+/// every image's /sbin/init, up to a [`Staged`] image. The stored image
+/// of the same inputs is reused instead, unless it was published
+/// untested and this build runs the tests (`skip_tests` false): then it
+/// is built again, to be tested. `progress` hears about each long step.
 pub fn build(
     recipe_path: &Path,
     store: &Store,
     guest_init: &Path,
+    skip_tests: bool,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Built, BuildError> {
     let recipe = recipe::load(recipe_path)?;
@@ -116,11 +162,9 @@ pub fn build(
     if let Some(stored) = store.get(&recipe.name, &recipe.version)?
         && stored.manifest.build_key == build_key
         && stored.image_path.is_file()
+        && (skip_tests || !stored.manifest.untested())
     {
-        return Ok(Built {
-            manifest: stored.manifest,
-            cached: true,
-        });
+        return Ok(Built::Cached(stored.manifest));
     }
 
     let scratch = store.scratch_dir()?;
@@ -155,6 +199,11 @@ pub fn build(
     ext4::make(stage.path(), &raw, size, &uuid_from(&build_key))?;
     progress("compressing");
     let (publish, info) = compress(&raw, scratch.path())?;
+    // The tests boot the compressed image: the tree and the raw
+    // filesystem (as big as the image's disk) go now, not after them. One
+    // that cannot be removed here goes with the scratch directory.
+    let _ = fs::remove_file(&raw);
+    let _ = fs::remove_dir_all(stage.path());
     let manifest = Manifest {
         name: recipe.name.clone(),
         version: recipe.version.clone(),
@@ -167,13 +216,15 @@ pub fn build(
         file_size: info.file_size,
         entrypoint,
         tests: recipe.tests.clone(),
+        test_results: None,
         created: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
     };
-    store.publish(&publish, &manifest)?;
-    Ok(Built {
+    Ok(Built::Staged(Staged {
+        store: store.clone(),
+        _scratch: scratch,
+        dir: publish,
         manifest,
-        cached: false,
-    })
+    }))
 }
 
 /// Compresses the raw filesystem `raw` into `scratch/publish/`, the
@@ -241,6 +292,7 @@ pub fn publish_child(
         file_size: info.file_size,
         entrypoint: parent.entrypoint.clone(),
         tests: Vec::new(),
+        test_results: None,
         created: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
     };
     // Compressing takes a while: another build or commit may have taken
@@ -418,7 +470,10 @@ mod tests {
             tests: vec![TestCommand {
                 run: "/bin/hello".into(),
                 expect_exit: 0,
+                expect_stdout: Some("Hello".into()),
+                timeout_secs: 60,
             }],
+            test_results: None,
             created: "2026-11-24T00:00:00Z".into(),
         };
         store.publish(&publish, &manifest).unwrap();
@@ -509,6 +564,68 @@ mod tests {
         assert!("89ab".contains(&uuid[19..20]), "{uuid}");
     }
 
+    /// A build stays staged until published: dropped, it leaves nothing;
+    /// published untested, it is built again by the next build that runs
+    /// the tests, and reused once tested.
+    #[test]
+    fn a_staged_image_is_published_whole_or_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let recipe = dir.path().join("recipe");
+        fs::create_dir(&recipe).unwrap();
+        fs::write(recipe.join("f"), "#!/bin/x\n").unwrap();
+        fs::write(
+            recipe.join("recipe.toml"),
+            "free = \"1M\"\n[image]\nname = \"staged\"\nversion = \"1.0.0\"\n\
+             [[files]]\nsrc = \"f\"\ndst = \"/f\"\n[run]\nentrypoint = [\"/f\"]\n\
+             [[test]]\nrun = \"/f\"\n",
+        )
+        .unwrap();
+        let home = dir.path().join("home");
+        let store = Store::new(&home);
+        let build = |skip_tests| {
+            build(
+                &recipe,
+                &store,
+                Path::new("/bin/busybox"),
+                skip_tests,
+                &mut |_| {},
+            )
+            .unwrap()
+        };
+        let Built::Staged(staged) = build(false) else {
+            panic!("nothing to reuse yet");
+        };
+        assert!(staged.image_path().is_file());
+        drop(staged);
+        assert!(store.list().unwrap().is_empty() && scratch_is_empty(&home));
+
+        let Built::Staged(staged) = build(true) else {
+            panic!("nothing to reuse yet");
+        };
+        let untested = staged.publish(None).unwrap();
+        assert!(untested.untested());
+        assert!(matches!(build(true), Built::Cached(_)));
+        let Built::Staged(staged) = build(false) else {
+            panic!("an untested image is built again when the tests run");
+        };
+        let result = TestResult {
+            run: "/f".into(),
+            passed: true,
+            exit_status: Some(0),
+            duration_ms: 5,
+        };
+        staged.publish(Some(vec![result.clone()])).unwrap();
+        let Built::Cached(tested) = build(false) else {
+            panic!("a tested image is reused");
+        };
+        assert_eq!(tested.test_results, Some(vec![result]));
+        assert_eq!(
+            tested.digest, untested.digest,
+            "the same inputs, the same image"
+        );
+        assert!(scratch_is_empty(&home));
+    }
+
     /// A Kiln home `home` next to a victim directory `outside`, and a
     /// recipe directory whose base is the tarball `base` and which puts a
     /// file through the path `/l/f` (where bases plant links).
@@ -532,11 +649,21 @@ mod tests {
             Hostile { dir, outside }
         }
 
-        fn build(&self, base: &[u8]) -> Result<Built, BuildError> {
+        fn build(&self, base: &[u8]) -> Result<Manifest, BuildError> {
             let recipe = self.dir.path().join("recipe");
             fs::write(recipe.join("base.tar"), base).unwrap();
             let store = Store::new(&self.dir.path().join("home"));
-            let result = build(&recipe, &store, Path::new("/bin/busybox"), &mut |_| {});
+            let result = build(
+                &recipe,
+                &store,
+                Path::new("/bin/busybox"),
+                true,
+                &mut |_| {},
+            )
+            .and_then(|built| match built {
+                Built::Staged(staged) => staged.publish(None),
+                Built::Cached(manifest) => Ok(manifest),
+            });
             crate::oci::tests::assert_untouched(&self.outside);
             assert!(
                 scratch_is_empty(&self.dir.path().join("home")),

@@ -13,6 +13,7 @@
 //!
 //! [[build]]                       # host commands, run in the recipe's directory,
 //! run = "cc -static -Os -s -o \"$DESTDIR/bin/hello\" hello.c"   # installing into $DESTDIR
+//! env = { CFLAGS = "-O2" }         # optional; with PATH, HOME and DESTDIR, the step's whole environment
 //!
 //! [[files]]
 //! src = "motd"                    # relative to the recipe's directory
@@ -28,9 +29,11 @@
 //! workdir = "/"
 //! user = "0:0"
 //!
-//! [[test]]                        # checks run in the booted image
-//! run = "/bin/hello"
-//! expect_exit = 0
+//! [[test]]                        # run in the built image, booted, before it is published
+//! run = "/bin/hello"              # argv words split on spaces (kiln.entrypoint=), no shell
+//! expect_exit = 0                 # optional; default 0
+//! expect_stdout = "Hello"         # optional; a substring of the console output
+//! timeout = "30s"                 # optional; default 5m
 //! ```
 //!
 //! Top-level keys come before the first table, as TOML requires. Unknown
@@ -144,13 +147,41 @@ pub struct Run {
     pub user: (u32, u32),
 }
 
+/// How long a test may run when its recipe names no `timeout`, boot
+/// included. Generous: it is there to end a hung test, not a slow one,
+/// and a nested or emulated host (the e2e harness's) boots and runs a
+/// guest many times slower than hardware.
+pub const DEFAULT_TEST_TIMEOUT_SECS: u64 = 300;
+
 /// A `[[test]]`: a command that must succeed in the booted image.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TestCommand {
-    /// A shell command line, run inside the booted image.
+    /// The command, run inside the booted image as its entrypoint: words
+    /// split on spaces, as `kiln.entrypoint=` splits them (no shell; a
+    /// test that needs one runs `/bin/sh SCRIPT`).
     pub run: String,
     /// The exit status that counts as a pass.
     pub expect_exit: u8,
+    /// Text the console output must contain (a substring) to pass.
+    #[serde(default)]
+    pub expect_stdout: Option<String>,
+    /// Seconds after which the test's VM is killed and the test fails.
+    #[serde(default = "default_test_timeout")]
+    pub timeout_secs: u64,
+}
+
+fn default_test_timeout() -> u64 {
+    DEFAULT_TEST_TIMEOUT_SECS
+}
+
+/// A `[[build]]` step: a host command that installs into `$DESTDIR`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BuildStep {
+    /// A shell command line (`sh -ec`), run in the recipe's directory.
+    pub run: String,
+    /// Variables the step declares: with PATH, HOME and DESTDIR, all of
+    /// its environment (nothing else of the caller's reaches it).
+    pub env: BTreeMap<String, String>,
 }
 
 /// A parsed, validated recipe.
@@ -171,14 +202,15 @@ pub struct Recipe {
     /// Host programs copied in at their own paths, with every shared
     /// library they load.
     pub binaries: Vec<PathBuf>,
-    /// `[[build]]` command lines, run in order on the host with
-    /// `$DESTDIR` set to the root tree.
-    pub builds: Vec<String>,
+    /// `[[build]]` steps, run in order on the host with `$DESTDIR` set
+    /// to the root tree.
+    pub builds: Vec<BuildStep>,
     /// `[[files]]`, copied in order (a later one overwrites an earlier).
     pub files: Vec<FileEntry>,
     /// How guest-init starts the workload.
     pub run: Run,
-    /// `[[test]]` commands, recorded in the manifest (not run yet).
+    /// `[[test]]` commands, run in the booted image before it is
+    /// published, and recorded in the manifest.
     pub tests: Vec<TestCommand>,
     /// The filesystem's size: fixed, or content plus free space.
     pub size: Size,
@@ -226,6 +258,8 @@ struct RawImage {
 #[serde(deny_unknown_fields)]
 struct RawBuild {
     run: String,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -254,9 +288,10 @@ struct RawRun {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTest {
-    run: String,
-    #[serde(default)]
-    expect_exit: u8,
+    run: Spanned<String>,
+    expect_exit: Option<Spanned<i64>>,
+    expect_stdout: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
 }
 
 /// The line, from 1, that byte `offset` of `text` is on.
@@ -331,17 +366,21 @@ pub fn parse(text: &str, path: &Path) -> Result<Recipe, RecipeError> {
         description: raw.image.description,
         base,
         binaries: raw.binaries.iter().map(|b| dir.join(b)).collect(),
-        builds: raw.build.into_iter().map(|b| b.run).collect(),
+        builds: raw
+            .build
+            .into_iter()
+            .map(|b| BuildStep {
+                run: b.run,
+                env: b.env,
+            })
+            .collect(),
         files,
         run,
         tests: raw
             .test
-            .into_iter()
-            .map(|t| TestCommand {
-                run: t.run,
-                expect_exit: t.expect_exit,
-            })
-            .collect(),
+            .iter()
+            .map(|test| check.test(test))
+            .collect::<Result<_, _>>()?,
         size,
         dir,
     })
@@ -487,6 +526,68 @@ impl Checker<'_> {
         })
     }
 
+    fn test(&self, test: &RawTest) -> Result<TestCommand, RecipeError> {
+        let run = test.run.get_ref();
+        // The command travels as `kiln.entrypoint="…"` on the kernel
+        // command line, which has no escape for a double quote.
+        if run.trim().is_empty() || run.chars().any(|c| c == '"' || c.is_control()) {
+            return Err(self.field(
+                test.run.span(),
+                "test.run",
+                format!(
+                    "{run:?}: expected a program and its arguments separated by spaces, \
+                     without double quotes or control characters"
+                ),
+            ));
+        }
+        let expect_exit = match &test.expect_exit {
+            None => 0,
+            Some(status) => u8::try_from(*status.get_ref()).map_err(|_| {
+                self.field(
+                    status.span(),
+                    "test.expect_exit",
+                    format!(
+                        "{}: expected an exit status from 0 to 255",
+                        status.get_ref()
+                    ),
+                )
+            })?,
+        };
+        let expect_stdout = match &test.expect_stdout {
+            Some(text) if text.get_ref().is_empty() => {
+                return Err(self.field(
+                    text.span(),
+                    "test.expect_stdout",
+                    "\"\": expected the text the output must contain".into(),
+                ));
+            }
+            other => other.as_ref().map(|text| text.get_ref().clone()),
+        };
+        let timeout_secs = match &test.timeout {
+            None => DEFAULT_TEST_TIMEOUT_SECS,
+            Some(timeout) => humantime::parse_duration(timeout.get_ref())
+                .ok()
+                .map(|duration| duration.as_secs())
+                .filter(|secs| *secs > 0)
+                .ok_or_else(|| {
+                    self.field(
+                        timeout.span(),
+                        "test.timeout",
+                        format!(
+                            "{:?}: expected a duration of at least a second, such as \"30s\" or \"2m\"",
+                            timeout.get_ref()
+                        ),
+                    )
+                })?,
+        };
+        Ok(TestCommand {
+            run: run.clone(),
+            expect_exit,
+            expect_stdout,
+            timeout_secs,
+        })
+    }
+
     fn run(&self, run: &RawRun) -> Result<Run, RecipeError> {
         if run
             .entrypoint
@@ -567,6 +668,7 @@ description = "a web server"
 
 [[build]]
 run = "make install"
+env = { PREFIX = "/usr" }
 
 [[files]]
 src = "site/index.html"
@@ -583,6 +685,12 @@ user = "1000:1000"
 
 [[test]]
 run = "test -f /srv/index.html"
+
+[[test]]
+run = "/bin/httpd -h"
+expect_exit = 1
+expect_stdout = "Usage"
+timeout = "2m"
 "#;
 
     fn parsed(text: &str) -> Result<Recipe, RecipeError> {
@@ -611,12 +719,27 @@ run = "test -f /srv/index.html"
             (r.run.workdir.as_deref(), r.run.user),
             (Some("/srv"), (1000, 1000))
         );
-        assert_eq!(r.builds, ["make install"]);
+        assert_eq!(r.builds[0].run, "make install");
+        assert_eq!(
+            r.builds[0].env,
+            BTreeMap::from([("PREFIX".into(), "/usr".into())])
+        );
         assert_eq!(
             r.tests[0],
             TestCommand {
                 run: "test -f /srv/index.html".into(),
-                expect_exit: 0
+                expect_exit: 0,
+                expect_stdout: None,
+                timeout_secs: DEFAULT_TEST_TIMEOUT_SECS,
+            }
+        );
+        assert_eq!(
+            r.tests[1],
+            TestCommand {
+                run: "/bin/httpd -h".into(),
+                expect_exit: 1,
+                expect_stdout: Some("Usage".into()),
+                timeout_secs: 120,
             }
         );
     }
@@ -655,31 +778,51 @@ run = "test -f /srv/index.html"
             (FULL.replace("\"64M\"", "\"lots\""), "recipe.toml:3: `size`"),
             (
                 FULL.replace("\"0644\"", "\"rw-r--r--\""),
-                "recipe.toml:16: `files.mode`",
+                "recipe.toml:17: `files.mode`",
             ),
             (
                 FULL.replace("/srv/index.html\"\nmode", "srv/index.html\"\nmode"),
-                "recipe.toml:15: `files.dst`",
+                "recipe.toml:16: `files.dst`",
             ),
             (
                 FULL.replace("/srv/index.html\"\nmode", "/srv/../../etc/passwd\"\nmode"),
-                "recipe.toml:15: `files.dst`",
+                "recipe.toml:16: `files.dst`",
             ),
             (
                 FULL.replace("owner = \"1000:1000\"", "owner = \"www\""),
-                "recipe.toml:17: `files.owner`",
+                "recipe.toml:18: `files.owner`",
             ),
             (
                 FULL.replace("[\"/bin/httpd\", \"-f\"]", "[]"),
-                "recipe.toml:20: `run.entrypoint`",
+                "recipe.toml:21: `run.entrypoint`",
             ),
             (
                 FULL.replace("workdir = \"/srv\"", "workdir = \"srv\""),
-                "recipe.toml:23: `run.workdir`",
+                "recipe.toml:24: `run.workdir`",
             ),
             (
                 FULL.replace("size = \"64M\"", "size = \"64M\"\nfree = \"1M\""),
                 "recipe.toml:4: `free`",
+            ),
+            (
+                FULL.replace("test -f /srv/index.html", "test -f \\\"/srv\\\""),
+                "recipe.toml:28: `test.run`",
+            ),
+            (
+                FULL.replace("expect_exit = 1", "expect_exit = 256"),
+                "recipe.toml:32: `test.expect_exit`",
+            ),
+            (
+                FULL.replace("expect_stdout = \"Usage\"", "expect_stdout = \"\""),
+                "recipe.toml:33: `test.expect_stdout`",
+            ),
+            (
+                FULL.replace("\"2m\"", "\"soon\""),
+                "recipe.toml:34: `test.timeout`",
+            ),
+            (
+                FULL.replace("\"2m\"", "\"10ms\""),
+                "recipe.toml:34: `test.timeout`",
             ),
         ];
         for (text, expected) in cases {

@@ -42,17 +42,41 @@ pub struct Manifest {
     /// says: a child image inherits it, and `kiln bench` takes it as the
     /// clone scenario's handler.
     pub entrypoint: Vec<String>,
-    /// The recipe's `[[test]]` commands, recorded for running inside the
-    /// booted image.
+    /// The recipe's `[[test]]` commands: `kiln image test` runs them again.
     pub tests: Vec<TestCommand>,
+    /// How each of `tests` went when the image was built, in order; `None`
+    /// when they were not run: built with `--skip-tests`, or by a Kiln
+    /// older than test runs (whose manifests lack the field).
+    #[serde(default)]
+    pub test_results: Option<Vec<TestResult>>,
     /// RFC 3339, UTC.
     pub created: String,
+}
+
+/// How one `[[test]]` went.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestResult {
+    /// The test's command.
+    pub run: String,
+    /// Whether it passed: the expected exit status and output, in time.
+    pub passed: bool,
+    /// The status the command exited with; `None` when it never did (the
+    /// VM was killed at the timeout, or ended without reporting one).
+    pub exit_status: Option<u8>,
+    /// From starting the test's VM to its end, in milliseconds.
+    pub duration_ms: u64,
 }
 
 impl Manifest {
     /// `name:version`.
     pub fn reference(&self) -> String {
         format!("{}:{}", self.name, self.version)
+    }
+
+    /// Whether the image has tests that were not run when it was built.
+    pub fn untested(&self) -> bool {
+        !self.tests.is_empty() && self.test_results.is_none()
     }
 }
 
@@ -337,6 +361,7 @@ mod tests {
             file_size: 1,
             entrypoint: vec!["/bin/x".into()],
             tests: Vec::new(),
+            test_results: None,
             created: "2026-11-24T00:00:00Z".into(),
         }
     }
@@ -395,6 +420,25 @@ mod tests {
                 .next()
                 .is_none(),
             "no scratch left behind"
+        );
+    }
+
+    /// A manifest written before tests ran (no `test_results`, tests
+    /// without `expect_stdout` or `timeout_secs`) still loads: untested.
+    #[test]
+    fn an_older_manifest_loads_as_untested() {
+        let old = r#"{"name": "hello", "version": "1.0.0", "description": "",
+            "digest": "sha256:00", "parent": null, "recipe_digest": "r",
+            "build_key": "k", "raw_size": 1, "file_size": 1,
+            "entrypoint": ["/bin/hello"],
+            "tests": [{"run": "/bin/hello", "expect_exit": 0}],
+            "created": "2026-11-24T00:00:00Z"}"#;
+        let manifest: Manifest = serde_json::from_str(old).unwrap();
+        assert!(manifest.untested());
+        assert_eq!(manifest.tests[0].expect_stdout, None);
+        assert_eq!(
+            manifest.tests[0].timeout_secs,
+            crate::recipe::DEFAULT_TEST_TIMEOUT_SECS
         );
     }
 

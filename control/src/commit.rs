@@ -197,6 +197,7 @@ mod tests {
             file_size: info.file_size,
             entrypoint: vec!["/bin/sh".into()],
             tests: Vec::new(),
+            test_results: None,
             created: "2026-11-24T00:00:00Z".into(),
         };
         store.publish(&publish, &manifest).unwrap();

@@ -2,8 +2,9 @@
 //! Kiln's control plane: everything around the VM process. Instances and
 //! their EC2-style lifecycle, the supervisor that runs each instance's VM
 //! process, functions (snapshot clones), the host side of networking and
-//! the published-port proxy, the per-instance HTTP API, and commit (an
-//! instance's root volume into a new image).
+//! the published-port proxy, the per-instance HTTP API, commit (an
+//! instance's root volume into a new image), and running an image's
+//! tests in VMs of their own.
 //!
 //! The VM process itself is [`kiln_vmm`]; this crate starts it, talks to it
 //! over its control channel ([`kiln_vmm::rpc`]) and keeps the records true.
@@ -11,5 +12,6 @@ pub mod api;
 pub mod commit;
 pub mod definition;
 pub mod functions;
+pub mod image_test;
 pub mod instance;
 pub mod network;

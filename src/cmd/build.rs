@@ -1,12 +1,16 @@
-//! `kiln build RECIPE`: build an image into the local store.
+//! `kiln build RECIPE`: build an image, run its tests (each in a VM
+//! booted from the built image), and publish it into the local store only
+//! if they all pass.
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::bail;
-use kiln_builder::build;
-use kiln_builder::store::Store;
+use kiln_builder::build::{self, Built, Staged};
+use kiln_builder::recipe;
+use kiln_builder::store::{Manifest, Store, TestResult};
 
+use super::image;
 use crate::assets::{Asset, kiln_home};
 
 #[derive(clap::Args)]
@@ -16,6 +20,10 @@ pub struct Args {
     /// The guest-init binary to place at /sbin/init (default: the installed one).
     #[arg(long)]
     init: Option<PathBuf>,
+    /// Publish without running the recipe's [[test]]s (the image is then
+    /// marked untested): for hosts where VMs cannot boot.
+    #[arg(long)]
+    skip_tests: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -29,6 +37,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         );
     }
     let store = Store::new(&kiln_home());
+    // Before building: a build whose tests cannot run here says so now.
+    let tests = recipe::load(&args.recipe)?.tests.len();
+    let runner = if args.skip_tests || tests == 0 {
+        None
+    } else {
+        let which = format!("the {tests} [[test]](s) of {}", args.recipe.display());
+        let advice =
+            ". Run the build where KVM works, or pass --skip-tests to publish the image untested";
+        Some(image::test_runner(store.clone(), &which, advice)?)
+    };
     // Progress on a terminal only: piped output stays the one result line.
     let tty = std::io::stderr().is_terminal();
     let mut progress = |step: &str| {
@@ -36,28 +54,61 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             eprintln!("kiln: {step}…");
         }
     };
-    let built = build::build(&args.recipe, &store, &init, &mut progress)?;
-    let m = &built.manifest;
-    let digest = m.digest.strip_prefix("sha256:").unwrap_or(&m.digest);
-    let short = &digest[..12.min(digest.len())];
-    if built.cached {
-        println!("{} is up to date (cached, {}…)", m.reference(), short);
-    } else {
-        println!(
-            "built {} {}… ({:.1} MiB, {:.1} MiB raw)",
-            m.reference(),
-            short,
-            mib(m.file_size),
-            mib(m.raw_size)
-        );
-    }
-    if !m.tests.is_empty() {
-        eprintln!(
-            "kiln: {} [[test]] command(s) recorded but not run: running tests inside the booted image comes with `kiln run IMAGE`",
-            m.tests.len()
-        );
-    }
+    let built = build::build(&args.recipe, &store, &init, args.skip_tests, &mut progress)?;
+    let staged = match built {
+        Built::Cached(m) => {
+            println!("{} is up to date (cached, {}…)", m.reference(), short(&m));
+            return Ok(ExitCode::SUCCESS);
+        }
+        Built::Staged(staged) => staged,
+    };
+    let results = match &runner {
+        Some(runner) => Some(run_tests(runner, &staged, &mut progress)?),
+        None => (tests == 0).then(Vec::new),
+    };
+    let tested = match &results {
+        Some(results) if !results.is_empty() => format!("; {} test(s) passed", results.len()),
+        Some(_) => String::new(),
+        None => "; untested (--skip-tests)".to_string(),
+    };
+    let m = staged.publish(results)?;
+    println!(
+        "built {} {}… ({:.1} MiB, {:.1} MiB raw){tested}",
+        m.reference(),
+        short(&m),
+        mib(m.file_size),
+        mib(m.raw_size)
+    );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Runs the staged image's tests; fails, and so drops the image unpublished,
+/// unless all of them pass.
+fn run_tests(
+    runner: &kiln_control::image_test::TestRunner,
+    staged: &Staged,
+    progress: &mut dyn FnMut(&str),
+) -> anyhow::Result<Vec<TestResult>> {
+    let tests = &staged.manifest().tests;
+    progress(&format!("running {} test(s), each in a VM", tests.len()));
+    let runs = runner.run_all(&staged.image_path(), tests, &mut |test, run| {
+        eprintln!("kiln: test {}", image::describe(test, run));
+    })?;
+    let failed = runs.iter().filter(|run| !run.result.passed).count();
+    if failed > 0 {
+        bail!(
+            "{}: {failed} of {} test(s) failed; nothing was published",
+            staged.manifest().reference(),
+            runs.len()
+        );
+    }
+    Ok(runs.into_iter().map(|run| run.result).collect())
+}
+
+/// The first 12 hex digits of the image's digest.
+fn short(m: &Manifest) -> &str {
+    let digest = m.digest.strip_prefix("sha256:").unwrap_or(&m.digest);
+    &digest[..12.min(digest.len())]
 }
 
 fn mib(bytes: u64) -> f64 {

@@ -1,17 +1,24 @@
 //! `kiln image flatten IMAGE|INSTANCE OUT.ext4`: the raw filesystem of an
 //! image, or of an instance's root volume with its writes, for fsck,
-//! mounting or export.
+//! mounting or export. `kiln image test IMAGE`: its recipe's tests, run
+//! again on the stored image.
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
+use kiln_builder::recipe::TestCommand;
 use kiln_builder::store::Store;
 use kiln_control::commit;
+use kiln_control::image_test::{TestRun, TestRunner};
 use kiln_control::instance::Registry;
 use kiln_image::DEFAULT_CACHE_BYTES;
+use kiln_vmm::host;
 use kiln_vmm::volume::Volume;
 
-use crate::assets::kiln_home;
+use crate::assets::{Asset, kiln_home};
+
+/// How much of a failed test's output is shown.
+const FAILED_OUTPUT_LINES: usize = 20;
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -23,12 +30,85 @@ pub enum Command {
         /// The raw ext4 file to write (replaced whole, never half-written).
         out: PathBuf,
     },
+    /// Run a stored image's tests (its recipe's [[test]]s), each in a VM of
+    /// its own; exits 0 only if all pass.
+    Test {
+        /// NAME:VERSION of a stored image.
+        image: String,
+    },
 }
 
 pub fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Flatten { source, out } => flatten(&source, &out),
+        Command::Test { image } => test(&image),
     }
+}
+
+fn test(reference: &str) -> anyhow::Result<ExitCode> {
+    let store = Store::new(&kiln_home());
+    let image = store.find(reference)?;
+    let tests = &image.manifest.tests;
+    if tests.is_empty() {
+        println!("{reference} has no tests");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let runner = test_runner(store, &format!("{reference}'s tests"), "")?;
+    let runs = runner.run_all(&image.image_path, tests, &mut |test, run| {
+        println!("{}", describe(test, run));
+    })?;
+    let failed = runs.iter().filter(|run| !run.result.passed).count();
+    println!(
+        "{reference}: {} passed, {failed} failed",
+        runs.len() - failed
+    );
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// What runs the tests' VMs, once this host is known to boot them and
+/// the kernel is there. A refusal says `tests` (which tests) boot the
+/// image, then why this host cannot, then `advice`.
+pub fn test_runner(store: Store, tests: &str, advice: &str) -> anyhow::Result<TestRunner> {
+    let virt = host::detect();
+    if !virt.can_boot_linux() {
+        bail!("{tests} boot the image in a VM, and this host cannot boot one: {virt}{advice}");
+    }
+    let kernel = Asset::Kernel.path();
+    if !kernel.is_file() {
+        bail!(
+            "{tests} boot the image, and there is no guest kernel at {} (run `{}`, or set {})",
+            kernel.display(),
+            Asset::Kernel.xtask(),
+            Asset::Kernel.env_var()
+        );
+    }
+    Ok(TestRunner {
+        kiln: std::env::current_exe().context("cannot find the kiln binary")?,
+        kernel,
+        store,
+    })
+}
+
+/// One line for a test that ran, `PASS` or `FAIL` with why; a failure
+/// then has the last lines of its output, indented.
+pub fn describe(test: &TestCommand, run: &TestRun) -> String {
+    let seconds = run.result.duration_ms as f64 / 1000.0;
+    let Some(why) = run.failure(test) else {
+        return format!("PASS {} ({seconds:.1} s)", test.run);
+    };
+    let mut text = format!(
+        "FAIL {} ({seconds:.1} s): {why}; its output ends:",
+        test.run
+    );
+    for line in run.last_lines(FAILED_OUTPUT_LINES) {
+        text.push_str("\n    ");
+        text.push_str(line);
+    }
+    text
 }
 
 fn flatten(source: &str, out: &Path) -> anyhow::Result<ExitCode> {

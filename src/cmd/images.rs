@@ -1,7 +1,7 @@
 //! `kiln images`: list the local store.
 use std::process::ExitCode;
 
-use kiln_builder::store::Store;
+use kiln_builder::store::{Manifest, Store};
 
 use crate::assets::kiln_home;
 
@@ -11,20 +11,31 @@ pub struct Args {}
 pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
     let images = Store::new(&kiln_home()).list()?;
     println!(
-        "{:<20} {:<12} {:<14} {:>10} {:<24} CREATED",
-        "NAME", "VERSION", "DIGEST", "SIZE", "PARENT"
+        "{:<20} {:<12} {:<14} {:>10} {:<24} {:<10} CREATED",
+        "NAME", "VERSION", "DIGEST", "SIZE", "PARENT", "TESTS"
     );
     for m in images {
         let digest = m.digest.strip_prefix("sha256:").unwrap_or(&m.digest);
         println!(
-            "{:<20} {:<12} {:<14} {:>10} {:<24} {}",
+            "{:<20} {:<12} {:<14} {:>10} {:<24} {:<10} {}",
             m.name,
             m.version,
             &digest[..12.min(digest.len())],
             format!("{:.1}M", m.file_size as f64 / (1024.0 * 1024.0)),
             m.parent.as_deref().unwrap_or("-"),
+            tests(&m),
             m.created
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The TESTS column: how many passed when the image was built,
+/// `untested` when they were skipped, `-` for an image with none.
+fn tests(m: &Manifest) -> String {
+    match &m.test_results {
+        _ if m.tests.is_empty() => "-".to_string(),
+        Some(results) => format!("{} passed", results.len()),
+        None => "untested".to_string(),
+    }
 }

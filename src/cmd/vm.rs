@@ -1,7 +1,8 @@
 //! `kiln __vm --config FILE` (hidden): one VM process, as an instance's
 //! supervisor starts it: the VM definition it wrote, the control channel
 //! it handed down, and its pid, whose end ends this VM too. Config → VM →
-//! run, and nothing else.
+//! run, and nothing else. An image's test VM (`kiln_control::image_test`)
+//! is one too, with no control channel: it runs to its end or is killed.
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -18,9 +19,10 @@ pub struct Args {
     /// The VM definition, as the supervisor wrote it.
     #[arg(long)]
     config: PathBuf,
-    /// The inherited descriptor of this VM's end of the control channel.
+    /// The inherited descriptor of this VM's end of the control channel
+    /// (none: nothing controls this VM while it runs).
     #[arg(long)]
-    control_fd: i32,
+    control_fd: Option<i32>,
     /// The supervisor's pid: this VM ends when it does.
     #[arg(long)]
     supervisor: u32,
@@ -37,11 +39,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 fn run_vm(args: &Args, started: Instant) -> anyhow::Result<ExitCode> {
-    // SAFETY: the supervisor passed this descriptor, its end of the
-    // control channel, for this purpose; nothing else here uses it.
-    let control = unsafe { ControlListener::adopt(args.control_fd) };
+    let control = args.control_fd.map(|fd| {
+        // SAFETY: the supervisor passed this descriptor, its end of the
+        // control channel, for this purpose; nothing else here uses it.
+        unsafe { ControlListener::adopt(fd) }
+    });
     supervised::end_with(args.supervisor).context("cannot tie this VM to its supervisor")?;
     let config = VmConfig::load(&args.config)?;
-    let outcome = builder::run(&config, started, Some(control))?;
+    let outcome = builder::run(&config, started, control)?;
     Ok(ExitCode::from(outcome.exit_status))
 }

@@ -29,6 +29,10 @@ pub struct Payload<'a> {
 const QEMU: &str = "/usr/bin/qemu-system-x86_64";
 /// Checks the volumes scenarios flatten.
 const E2FSCK: &str = "/usr/sbin/e2fsck";
+/// Make the filesystem of an image `kiln build` builds inside L1, where
+/// KVM works and the recipe's tests run (tests/vm/build-tests.sh).
+const MKFS_EXT4: &str = "/usr/sbin/mkfs.ext4";
+const DEBUGFS: &str = "/usr/sbin/debugfs";
 /// The firmware QEMU 7.2's microvm machine loads by default (qboot).
 const QEMU_FIRMWARE: &str = "/usr/share/qemu/qboot.rom";
 /// The L1 kernel's modules the scenarios need, in insmod order (l1-init.sh
@@ -81,7 +85,9 @@ pub fn pack(tree: &Path, archive: &Path, payload: &Payload) -> Result<()> {
     copy_with_libraries(payload.xtask, &tree.join(&XTASK_PATH[1..]), tree)?;
     copy_with_libraries(Path::new(QEMU), &tree.join(&QEMU[1..]), tree)?;
     copy(Path::new(QEMU_FIRMWARE), &tree.join(&QEMU_FIRMWARE[1..]))?;
-    copy_with_libraries(Path::new(E2FSCK), &tree.join(&E2FSCK[1..]), tree)?;
+    for tool in [E2FSCK, MKFS_EXT4, DEBUGFS] {
+        copy_with_libraries(Path::new(tool), &tree.join(&tool[1..]), tree)?;
+    }
     copy(payload.kernel, &tree.join("kiln/vmlinux"))?;
     copy(payload.guest_init, &tree.join("kiln/guest-init"))?;
     copy_dir(payload.assets, &tree.join("kiln/assets"), "ext4")?;

@@ -1,0 +1,401 @@
+//! Running an image's tests (its recipe's `[[test]]`s): `kiln build`
+//! runs them on the staged image before publishing it, `kiln image test`
+//! on a stored one.
+//!
+//! Each test boots the image in a VM of its own, with the test's command
+//! as the entrypoint (`kiln.entrypoint=` on the kernel command line) and a
+//! throwaway overlay, rather than all tests in one VM: a test then starts
+//! from the image exactly as published, and what one test writes, starts
+//! or breaks cannot make another pass or fail. A boot costs well under a
+//! second, small next to what a test checks.
+//!
+//! The VM is a child process, `kiln __vm` (the VM process an instance's
+//! supervisor starts too), not a VM in this process: a VM process's
+//! threads end under seccomp filters and its console is its stdout, which
+//! is captured here, and a test that hangs is ended by killing it.
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kiln_builder::recipe::TestCommand;
+use kiln_builder::store::{Store, StoreError, TestResult};
+use kiln_vmm::config::{ConfigError, DiskConfig, DiskSource};
+use kiln_vmm::volume::{Volume, VolumeError};
+
+use crate::definition::{self, DEFAULT_CACHE_MIB, DefinitionError, RunOptions};
+use crate::instance::supervisor::VM_SUBCOMMAND;
+use crate::instance::types::InstanceType;
+
+/// The size of every test's VM. The catalog's smallest (128 MiB) is too
+/// little for an interpreter such as Python (`recipes/python` runs in 256).
+const TEST_INSTANCE_TYPE: &str = "k1.micro";
+
+/// How often a running test's VM is checked for its end.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Why a test could not be run (a test that runs and fails is no error:
+/// see [`TestRun`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ImageTestError {
+    /// The scratch directory for the test's overlay and definition
+    /// cannot be made.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The image's overlay cannot be created.
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    /// The test's VM cannot be defined.
+    #[error(transparent)]
+    Definition(#[from] DefinitionError),
+    /// The test's VM definition cannot be written.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The VM process could not be started, waited for or read.
+    #[error("cannot {what} the VM process of test `{test}` ({kiln})")]
+    Process {
+        /// What was being done ("start", "wait for").
+        what: &'static str,
+        /// The test's command.
+        test: String,
+        /// The `kiln` binary run as the VM process.
+        kiln: PathBuf,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What the tests' VMs boot, and where their scratch files go.
+#[derive(Clone, Debug)]
+pub struct TestRunner {
+    /// The `kiln` binary, whose hidden `__vm` subcommand is one VM process.
+    pub kiln: PathBuf,
+    /// The guest kernel, an uncompressed vmlinux.
+    pub kernel: PathBuf,
+    /// The store, whose scratch space holds each test's overlay.
+    pub store: Store,
+}
+
+/// One test, run: its result as the manifest records it, and what its
+/// VM printed.
+#[derive(Clone, Debug)]
+pub struct TestRun {
+    /// Pass or fail, the exit status and the duration.
+    pub result: TestResult,
+    /// The console output of the VM, then the VM process's own messages
+    /// (a VMM error), as one text.
+    pub output: String,
+    /// Whether the VM was killed at the test's timeout.
+    pub timed_out: bool,
+}
+
+impl TestRun {
+    /// Why `test` failed, for a person; `None` if it passed.
+    pub fn failure(&self, test: &TestCommand) -> Option<String> {
+        if self.result.passed {
+            return None;
+        }
+        Some(match self.result.exit_status {
+            _ if self.timed_out => format!("timed out after {} s", test.timeout_secs),
+            None => "the VM ended without an exit status".to_string(),
+            Some(status) if status != test.expect_exit => {
+                format!("exit status {status}, expected {}", test.expect_exit)
+            }
+            Some(_) => format!(
+                "the output does not contain {:?}",
+                test.expect_stdout.as_deref().unwrap_or_default()
+            ),
+        })
+    }
+
+    /// The last `count` lines of the output, without the serial
+    /// console's carriage returns.
+    pub fn last_lines(&self, count: usize) -> Vec<&str> {
+        let lines: Vec<&str> = self
+            .output
+            .lines()
+            .map(|line| line.trim_end_matches('\r'))
+            .collect();
+        lines[lines.len().saturating_sub(count)..].to_vec()
+    }
+}
+
+impl TestRunner {
+    /// Runs each of `tests` on the image file `image` (stored or staged),
+    /// in order, telling `each` about every one as it ends; all of them
+    /// run, so that one report names every failure.
+    pub fn run_all(
+        &self,
+        image: &Path,
+        tests: &[TestCommand],
+        each: &mut dyn FnMut(&TestCommand, &TestRun),
+    ) -> Result<Vec<TestRun>, ImageTestError> {
+        tests
+            .iter()
+            .map(|test| {
+                let run = self.run(image, test)?;
+                each(test, &run);
+                Ok(run)
+            })
+            .collect()
+    }
+
+    /// Boots `image` with `test`'s command as its entrypoint, and checks
+    /// its exit status and output; the VM is killed at the timeout.
+    pub fn run(&self, image: &Path, test: &TestCommand) -> Result<TestRun, ImageTestError> {
+        let scratch = self.store.scratch_dir()?;
+        let definition = scratch.path().join("vm.json");
+        self.define(image, test, &scratch.path().join("overlay"))?
+            .save(&definition)?;
+        let process_err = |what| {
+            let (test, kiln) = (test.run.clone(), self.kiln.clone());
+            move |source| ImageTestError::Process {
+                what,
+                test,
+                kiln,
+                source,
+            }
+        };
+        let (reader, writer) = io::pipe().map_err(process_err("start"))?;
+        let started = Instant::now();
+        let child = Command::new(&self.kiln)
+            .arg(VM_SUBCOMMAND)
+            .arg("--config")
+            .arg(&definition)
+            // Ends with this process (SIGTERM): a test VM never outlives
+            // the build or `kiln image test` that started it.
+            .arg("--supervisor")
+            .arg(std::process::id().to_string())
+            .stdin(Stdio::null())
+            .stdout(writer.try_clone().map_err(process_err("start"))?)
+            .stderr(writer)
+            .spawn()
+            .map_err(process_err("start"))?;
+        let output = thread::spawn(move || read_all(reader));
+        let timeout = Duration::from_secs(test.timeout_secs);
+        let ended = wait_until(child, started + timeout);
+        let duration = started.elapsed();
+        let (status, timed_out) = ended.map_err(process_err("wait for"))?;
+        // The pipe's last writer is gone with the VM process: this ends.
+        let output = output.join().unwrap_or_default();
+        let exit_status = status.and_then(|s| s.code()).map(|code| code as u8);
+        let passed = !timed_out
+            && exit_status == Some(test.expect_exit)
+            && test
+                .expect_stdout
+                .as_ref()
+                .is_none_or(|text| output.contains(text.as_str()));
+        Ok(TestRun {
+            result: TestResult {
+                run: test.run.clone(),
+                passed,
+                exit_status,
+                duration_ms: duration.as_millis() as u64,
+            },
+            output,
+            timed_out,
+        })
+    }
+
+    /// The test's VM: the image with a fresh overlay at `overlay`
+    /// (deleted by the VM process once open), the default instance
+    /// [`TEST_INSTANCE_TYPE`]'s size, no NIC, and the test's command as the entrypoint.
+    fn define(
+        &self,
+        image: &Path,
+        test: &TestCommand,
+        overlay: &Path,
+    ) -> Result<kiln_vmm::config::VmConfig, ImageTestError> {
+        let cache_bytes = DEFAULT_CACHE_MIB << 20;
+        Volume::create(image, overlay, cache_bytes)?;
+        let mut options = RunOptions::new(self.kernel.clone());
+        options.disks.push(DiskConfig {
+            source: DiskSource::Volume {
+                image: image.to_path_buf(),
+                overlay: Some(overlay.to_path_buf()),
+                cache_bytes,
+            },
+            read_only: false,
+            ephemeral: true,
+        });
+        // The recipe parser refuses a double quote in a test's command:
+        // this quoting is whole.
+        options.cmdline = format!("kiln.entrypoint=\"{}\"", test.run);
+        let size = InstanceType::find(TEST_INSTANCE_TYPE).expect("the test type is in the catalog");
+        Ok(definition::for_plain_run(
+            &self.store,
+            None,
+            &options,
+            (size.vcpus, size.memory_mib),
+            None,
+        )?)
+    }
+}
+
+/// Waits for `child` until `deadline`, then kills it. Returns its status
+/// (`None` if it could not be had) and whether it was killed.
+fn wait_until(mut child: Child, deadline: Instant) -> io::Result<(Option<ExitStatus>, bool)> {
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok((Some(status), false));
+        }
+        if Instant::now() >= deadline {
+            child.kill()?;
+            return Ok((child.wait().ok(), true));
+        }
+        thread::sleep(POLL);
+    }
+}
+
+/// Everything `reader` yields until its end, as text (a broken byte
+/// sequence becomes U+FFFD).
+fn read_all(mut reader: io::PipeReader) -> String {
+    let mut bytes = Vec::new();
+    // A read error ends the capture: what came before it is kept.
+    let _ = reader.read_to_end(&mut bytes);
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn test(expect_stdout: Option<&str>) -> TestCommand {
+        TestCommand {
+            run: "/bin/hello".into(),
+            expect_exit: 0,
+            expect_stdout: expect_stdout.map(String::from),
+            timeout_secs: 5,
+        }
+    }
+
+    fn ran(exit_status: Option<u8>, passed: bool, timed_out: bool) -> TestRun {
+        TestRun {
+            result: TestResult {
+                run: "/bin/hello".into(),
+                passed,
+                exit_status,
+                duration_ms: 1,
+            },
+            output: "boot\r\none\r\ntwo\r\nthree\r\n".into(),
+            timed_out,
+        }
+    }
+
+    #[test]
+    fn a_failure_says_what_was_expected() {
+        assert_eq!(ran(Some(0), true, false).failure(&test(None)), None);
+        let failure = |run: TestRun, test| run.failure(&test).unwrap();
+        assert_eq!(
+            failure(ran(Some(3), false, false), test(None)),
+            "exit status 3, expected 0"
+        );
+        assert_eq!(
+            failure(ran(None, false, true), test(None)),
+            "timed out after 5 s"
+        );
+        assert_eq!(
+            failure(ran(Some(0), false, false), test(Some("Hello"))),
+            "the output does not contain \"Hello\""
+        );
+        assert_eq!(
+            failure(ran(None, false, false), test(None)),
+            "the VM ended without an exit status"
+        );
+    }
+
+    #[test]
+    fn the_last_lines_lose_their_carriage_returns() {
+        let run = ran(Some(0), true, false);
+        assert_eq!(run.last_lines(2), ["two", "three"]);
+        assert_eq!(run.last_lines(9).len(), 4);
+    }
+
+    /// A runner whose "kiln" is a script standing in for `kiln __vm`: it
+    /// checks that it was handed a definition whose command line carries
+    /// the test's command, then acts on the command's first word.
+    fn fake_runner(dir: &Path) -> TestRunner {
+        let kiln = dir.join("kiln");
+        std::fs::write(
+            &kiln,
+            "#!/bin/sh\n\
+             [ \"$1 $2 $4 $5\" = \"__vm --config --supervisor $PPID\" ] || exit 97\n\
+             grep -q 'kiln.entrypoint=\\\\\"/bin/' \"$3\" || exit 98\n\
+             grep -q '/bin/sleepy' \"$3\" && exec sleep 30\n\
+             printf 'booted\\r\\nHello from a fake VM\\r\\n'\n\
+             echo 'kiln: a VMM message' >&2\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&kiln, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        TestRunner {
+            kiln,
+            kernel: "vmlinux".into(),
+            store: Store::new(&dir.join("home")),
+        }
+    }
+
+    /// Each test runs in a VM process of its own, whose output is
+    /// captured and checked, and which is killed at the timeout; no
+    /// scratch file outlives the run.
+    #[test]
+    fn tests_run_in_vm_processes_that_are_checked_and_killed_in_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let runner = fake_runner(dir.path());
+        let raw = dir.path().join("raw");
+        std::fs::write(&raw, vec![7u8; 128 * 1024]).unwrap();
+        let image = dir.path().join("image.kiln");
+        kiln_image::write(&raw, &image, kiln_image::DEFAULT_CHUNK_SIZE).unwrap();
+
+        let greets = test(Some("Hello from a fake VM"));
+        let runs = runner
+            .run_all(
+                &image,
+                &[greets.clone(), test(Some("Goodbye"))],
+                &mut |_, _| {},
+            )
+            .unwrap();
+        assert!(runs[0].result.passed, "{:?}", runs[0]);
+        assert_eq!(runs[0].result.exit_status, Some(0));
+        assert_eq!(
+            runs[0].last_lines(2),
+            ["Hello from a fake VM", "kiln: a VMM message"]
+        );
+        assert_eq!(
+            runs[1].failure(&test(Some("Goodbye"))).unwrap(),
+            "the output does not contain \"Goodbye\""
+        );
+
+        let wrong_status = TestCommand {
+            expect_exit: 3,
+            ..greets
+        };
+        let run = runner.run(&image, &wrong_status).unwrap();
+        assert_eq!(
+            run.failure(&wrong_status).unwrap(),
+            "exit status 0, expected 3"
+        );
+
+        let hangs = TestCommand {
+            run: "/bin/sleepy".into(),
+            timeout_secs: 1,
+            ..test(None)
+        };
+        let started = Instant::now();
+        let run = runner.run(&image, &hangs).unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "killed in time"
+        );
+        assert!(run.timed_out && !run.result.passed && run.result.exit_status.is_none());
+        assert_eq!(run.failure(&hangs).unwrap(), "timed out after 1 s");
+
+        let tmp = dir.path().join("home/tmp");
+        assert!(
+            std::fs::read_dir(tmp).unwrap().next().is_none(),
+            "scratch left"
+        );
+    }
+}
