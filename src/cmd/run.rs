@@ -55,6 +55,7 @@ pub struct Args {
     kernel: Option<PathBuf>,
     /// A raw disk image; without an IMAGE the first is the root filesystem
     /// (/dev/vda). Append `,ro` to attach a disk read-only. Repeatable.
+    /// With neither, `--kernel` boots alone (the stub guest: docs/stub-guest.md).
     #[arg(long = "disk", value_name = "PATH[,ro]")]
     disks: Vec<String>,
     /// Attach the root disk read-only.

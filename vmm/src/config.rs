@@ -50,8 +50,8 @@ pub enum Boot {
 pub struct VmConfig {
     /// A kernel to boot or a snapshot to go on from.
     pub boot: Boot,
-    /// The first is the root filesystem. A restored VM needs the disks it
-    /// had, in the same order.
+    /// The first is the root filesystem; none boots the kernel alone (a
+    /// stub guest). A restored VM needs the disks it had, in the same order.
     pub disks: Vec<DiskConfig>,
     /// How many vCPUs the guest has (a restored VM: as many as it had).
     pub vcpus: u8,
