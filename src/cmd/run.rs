@@ -175,7 +175,7 @@ fn foreground_instance(name: &str, args: &Args) -> anyhow::Result<ExitCode> {
         options,
         console: Console::Terminal,
     };
-    let status = supervisor::run(instance, vmm, None, &vm)?;
+    let status = supervisor::run(instance, vmm, None, &vm, None)?;
     Ok(ExitCode::from(shell_status(status)))
 }
 

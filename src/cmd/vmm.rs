@@ -9,7 +9,7 @@ use anyhow::Context;
 use kiln_builder::store::Store;
 use kiln_control::definition::RunOptions;
 use kiln_control::instance::supervisor::{self, Console, VmProcess};
-use kiln_control::instance::{FileLock, Registry};
+use kiln_control::instance::{self, FileLock, Registry};
 
 use crate::assets::{Asset, kiln_home};
 
@@ -23,12 +23,22 @@ pub struct Args {
     /// The snapshot its first VM goes on from (`kiln snapshot restore`).
     #[arg(long)]
     restore: Option<PathBuf>,
+    /// The inherited write end of the launcher's pipe, closed once the
+    /// instance runs.
+    #[arg(long)]
+    started_fd: Option<i32>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // SAFETY: the parent passed this descriptor for this purpose, and
     // nothing else in this process uses it.
     let lock = unsafe { FileLock::adopt(args.lock_fd) }.context("the inherited VMM lock")?;
+    // SAFETY: as the lock's, this descriptor was passed for this purpose.
+    let started = args
+        .started_fd
+        .map(|fd| unsafe { instance::adopt(fd) })
+        .transpose()
+        .context("the inherited start pipe")?;
     let home = kiln_home();
     let instance = Registry::new(&home).find(&args.instance)?;
     let vm = VmProcess {
@@ -37,6 +47,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         options: RunOptions::new(Asset::Kernel.path()),
         console: Console::Log,
     };
-    supervisor::run(instance, lock, args.restore, &vm)?;
+    supervisor::run(instance, lock, args.restore, &vm, started)?;
     Ok(ExitCode::SUCCESS)
 }

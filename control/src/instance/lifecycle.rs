@@ -2,6 +2,7 @@
 //! the state table first, holds the instance's verb lock while it works,
 //! and waits until the instance has reached the state it asked for.
 use std::fs::OpenOptions;
+use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -162,8 +163,9 @@ pub fn launch(
     timeout: Duration,
 ) -> Result<Instance, LifecycleError> {
     let (instance, vmm) = registry.create(spec, user_data)?;
-    spawn_vmm(&instance, &vmm, kiln, None)?;
+    let started = spawn_vmm(&instance, &vmm, kiln, None)?;
     drop(vmm);
+    started.wait(timeout);
     wait(&instance, timeout, "running", |r| r.state != State::Pending)
 }
 
@@ -208,8 +210,9 @@ pub fn restore(
     }
     let (instance, vmm) = registry.create(spec, user_data.as_deref())?;
     snapshots::copy_root(dir, &instance)?;
-    spawn_vmm(&instance, &vmm, kiln, Some(dir))?;
+    let started = spawn_vmm(&instance, &vmm, kiln, Some(dir))?;
     drop(vmm);
+    started.wait(timeout);
     wait(&instance, timeout, "running", |r| r.state != State::Pending)
 }
 
@@ -233,25 +236,30 @@ pub fn start(
         r.reason = None;
         Ok(())
     })?;
-    spawn_vmm(&instance, &vmm, kiln, None)?;
+    let started = spawn_vmm(&instance, &vmm, kiln, None)?;
     drop(vmm);
+    started.wait(timeout);
     wait(&instance, timeout, "running", |r| r.state != State::Pending)
 }
 
-/// Starts `kiln __vmm ID`, handing it the VMM lock, in a process group
-/// of its own so that the terminal's signals do not reach it.
-/// With `restore`, its first VM goes on from that snapshot.
+/// Starts `kiln __vmm ID`, handing it the VMM lock and the write end of a
+/// pipe it closes once the instance has left `pending` (so the caller
+/// waits for that, not for a poll interval), in a process group of its
+/// own so that the terminal's signals do not reach it. With `restore`,
+/// its first VM goes on from that snapshot.
 fn spawn_vmm(
     instance: &Instance,
     vmm: &FileLock,
     kiln: &Path,
     restore: Option<&Path>,
-) -> Result<(), LifecycleError> {
+) -> Result<Started, LifecycleError> {
     let spawn_err = |source| LifecycleError::Spawn {
         id: instance.record.id.clone(),
         source,
     };
     let fd = vmm.inheritable_fd().map_err(spawn_err)?;
+    let (started, notice) = std::io::pipe().map_err(spawn_err)?;
+    let notice_fd = super::inheritable(notice.as_fd()).map_err(spawn_err)?;
     // The VMM's own complaints go to the console log, where `kiln logs`
     // shows them next to the guest's.
     let log = OpenOptions::new()
@@ -265,6 +273,8 @@ fn spawn_vmm(
         &instance.record.id,
         "--lock-fd",
         &fd.to_string(),
+        "--started-fd",
+        &notice_fd.to_string(),
     ]);
     if let Some(dir) = restore {
         command.arg("--restore").arg(dir);
@@ -276,7 +286,27 @@ fn spawn_vmm(
         .process_group(0)
         .spawn()
         .map_err(spawn_err)?;
-    Ok(())
+    // Only the VMM process holds the write end now: its close is the word.
+    drop(notice);
+    Ok(Started(started))
+}
+
+/// The read end of the pipe a new VMM process closes once its instance
+/// has left `pending` (or it has ended).
+struct Started(std::io::PipeReader);
+
+impl Started {
+    /// Waits for the word, at most `timeout`; the record says the rest.
+    fn wait(self, timeout: Duration) {
+        let Started(mut pipe) = self;
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // End of file (or an error) is the word: nothing is ever written.
+            let _ = std::io::Read::read(&mut pipe, &mut [0u8; 1]);
+            let _ = done_tx.send(());
+        });
+        let _ = done_rx.recv_timeout(timeout);
+    }
 }
 
 /// `kiln stop [--hibernate]`: the VM ends (its disks flushed; with

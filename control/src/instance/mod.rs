@@ -39,7 +39,7 @@ use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -301,13 +301,7 @@ impl FileLock {
     /// across exec (the lock belongs to the open file, which both then
     /// share). Returns the descriptor's number for the child to adopt.
     pub fn inheritable_fd(&self) -> io::Result<i32> {
-        let fd = self.file.as_raw_fd();
-        // SAFETY: F_SETFD only changes the descriptor's flags; the
-        // descriptor is open for the lifetime of `self`.
-        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(fd)
+        inheritable(self.file.as_fd())
     }
 
     /// Adopts the lock a parent passed down as descriptor `fd`, and closes
@@ -317,14 +311,33 @@ impl FileLock {
     /// `fd` must be an open descriptor that nothing else in this process
     /// owns: the lock closes it when dropped.
     pub unsafe fn adopt(fd: i32) -> io::Result<FileLock> {
-        // SAFETY: the caller guarantees `fd` is open and unowned.
-        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        // SAFETY: F_SETFD only changes the flags of `fd`, which `file` owns.
-        if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(FileLock { file })
+        // SAFETY: the caller's guarantee, passed on.
+        let fd = unsafe { adopt(fd) }?;
+        Ok(FileLock {
+            file: File::from(fd),
+        })
     }
+}
+
+/// Lets a child process inherit `fd`: clears close-on-exec, so it stays
+/// open across exec. Returns its number, for the child to [`adopt`].
+pub(crate) fn inheritable(fd: BorrowedFd<'_>) -> io::Result<i32> {
+    rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
+    Ok(fd.as_raw_fd())
+}
+
+/// Takes ownership of descriptor `fd`, which a parent passed down
+/// ([`inheritable`]), and closes it on exec again, so this process's own
+/// children do not inherit it.
+///
+/// # Safety
+/// `fd` must be an open descriptor that nothing else in this process owns:
+/// the result closes it when dropped.
+pub unsafe fn adopt(fd: i32) -> io::Result<OwnedFd> {
+    // SAFETY: the caller guarantees `fd` is open and unowned.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC)?;
+    Ok(fd)
 }
 
 impl Registry {

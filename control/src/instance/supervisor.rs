@@ -15,7 +15,7 @@
 //! ends the child (its disks flush as it stops) and starts another, in the
 //! same VMM process, with the same ids and the same root volume.
 use std::fs;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
@@ -141,15 +141,31 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> SupervisorError 
 /// processes made as `vm` says; returns how the last one ended. The first
 /// VM goes on from the instance's hibernation if it has one, else from
 /// `restore` (a snapshot it was launched from) if given, else it boots.
+/// `started`, the write end of the launcher's pipe, is closed once the
+/// instance runs (or the supervisor ends): the launcher's word to return.
 pub fn run(
     instance: Instance,
     vmm: FileLock,
     restore: Option<PathBuf>,
     vm: &VmProcess,
+    started: Option<OwnedFd>,
 ) -> Result<ExitStatus, SupervisorError> {
-    supervise(instance, vmm, restore, vm.console, |instance, start| {
+    let launch = Launch {
+        restore,
+        console: vm.console,
+        started,
+    };
+    supervise(instance, vmm, launch, |instance, start| {
         vm_command(instance, vm, start)
     })
+}
+
+/// How a supervisor begins: where its first VM starts from, where the
+/// console goes, and whom to tell once it runs.
+struct Launch {
+    restore: Option<PathBuf>,
+    console: Console,
+    started: Option<OwnedFd>,
 }
 
 /// The command of one VM process: `kiln __vm` with the instance's VM
@@ -186,12 +202,11 @@ fn vm_command(
 fn supervise(
     instance: Instance,
     _vmm: FileLock,
-    restore: Option<PathBuf>,
-    console: Console,
+    mut launch: Launch,
     vm_command: impl Fn(&Instance, VmStart<'_>) -> Result<Command, SupervisorError>,
 ) -> Result<ExitStatus, SupervisorError> {
     let socket = instance.api_socket();
-    let mut log = match console {
+    let mut log = match launch.console {
         Console::Log => Some(open_console_log(&instance)?),
         Console::Terminal => None,
     };
@@ -220,7 +235,7 @@ fn supervise(
     let hibernation = lock(&shared.instance).hibernation();
     let mut first = hibernation
         .map(|dir| (dir, true))
-        .or(restore.map(|dir| (dir, false)));
+        .or(launch.restore.take().map(|dir| (dir, false)));
     let api_shared = shared.clone();
     thread::spawn(move || actions::serve(&listener, &api_shared));
     let (status, reason) = loop {
@@ -233,6 +248,8 @@ fn supervise(
                 return Err(err);
             }
         };
+        // Running: the launcher may return.
+        drop(launch.started.take());
         if let (Some(out), Some(log)) = (console_out, log.as_mut()) {
             copy_into(out, log);
         }
@@ -287,7 +304,7 @@ fn start_vm(
     vm_command: &impl Fn(&Instance, VmStart<'_>) -> Result<Command, SupervisorError>,
 ) -> Result<(std::process::Child, Option<io::PipeReader>), SupervisorError> {
     let (client, vm_end) = rpc::channel()?;
-    let control_fd = inheritable(&vm_end).map_err(io_err("control channel"))?;
+    let control_fd = super::inheritable(vm_end.as_fd()).map_err(io_err("control channel"))?;
     let start = VmStart {
         control_fd,
         restore: restore.map(|(dir, consume)| (dir.as_path(), *consume)),
@@ -358,16 +375,6 @@ fn raise_descriptor_limit() -> io::Result<()> {
     Ok(())
 }
 
-/// Lets a child inherit `fd` (clears close-on-exec); returns its number.
-fn inheritable(fd: &OwnedFd) -> io::Result<i32> {
-    let raw = fd.as_raw_fd();
-    // SAFETY: F_SETFD only changes the descriptor's flags; `fd` is open.
-    if unsafe { libc::fcntl(raw, libc::F_SETFD, 0) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(raw)
-}
-
 /// Why the VM process ended, for the record.
 fn describe(status: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
@@ -411,7 +418,12 @@ mod tests {
         // A VM process whose console passes the limit, then complains on
         // stderr and ends as a guest exiting 3 would.
         let script = format!("head -c {} /dev/zero; echo done >&2; exit 3", limit + 10);
-        let status = supervise(instance, vmm, None, Console::Log, |_, _| {
+        let launch = Launch {
+            restore: None,
+            console: Console::Log,
+            started: None,
+        };
+        let status = supervise(instance, vmm, launch, |_, _| {
             let mut command = Command::new("sh");
             command.args(["-c", &script]);
             Ok(command)
@@ -445,7 +457,7 @@ mod tests {
             options: RunOptions::new("vmlinux".into()),
             console: Console::Terminal,
         };
-        let err = run(instance, vmm, None, &vm).unwrap_err();
+        let err = run(instance, vmm, None, &vm, None).unwrap_err();
         assert!(matches!(err, SupervisorError::Definition(_)), "{err}");
         let record = registry.find(&id).unwrap().record;
         assert_eq!(record.state, super::super::State::Stopped);
