@@ -402,17 +402,13 @@ fn refused_unless_ok(
 
 /// Waits until the instance's VMM process has exited.
 fn wait_for_vmm_exit(instance: &Instance, timeout: Duration) -> Result<Instance, LifecycleError> {
-    let started = Instant::now();
-    while instance.vmm_alive()? {
-        if started.elapsed() > timeout {
-            return Err(LifecycleError::Timeout {
-                id: instance.record.id.clone(),
-                state: State::Stopping,
-                waited: timeout,
-                expected: "its VMM has not exited",
-            });
-        }
-        std::thread::sleep(POLL);
+    if !instance.wait_vmm_gone(timeout) {
+        return Err(LifecycleError::Timeout {
+            id: instance.record.id.clone(),
+            state: State::Stopping,
+            waited: timeout,
+            expected: "its VMM has not exited",
+        });
     }
     Ok(Registry::reread(instance)?)
 }

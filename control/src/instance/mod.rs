@@ -41,7 +41,7 @@ use std::io::{self, Read, Write};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -642,6 +642,21 @@ impl Instance {
     /// Whether a VMM process holds this instance.
     pub fn vmm_alive(&self) -> Result<bool, InstanceError> {
         Ok(self.claim_vmm()?.is_none())
+    }
+
+    /// Waits until no VMM process holds this instance, at most `timeout`;
+    /// whether none does. The kernel wakes the wait the moment the VMM's
+    /// lock goes (a blocking flock on a thread), so there is no polling
+    /// delay. After a timeout the thread goes on waiting, and lets the
+    /// lock go the moment it gets it: nobody is there to hand it to.
+    pub fn wait_vmm_gone(&self, timeout: Duration) -> bool {
+        let path = self.path(VMM_LOCK);
+        let (gone_tx, gone_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let taken = FileLock::take(&path).is_ok();
+            let _ = gone_tx.send(taken);
+        });
+        gone_rx.recv_timeout(timeout).unwrap_or(false)
     }
 
     /// A record that says a VMM runs when none does is corrected: the

@@ -225,3 +225,20 @@ fn concurrent_launches_never_share_an_address() {
     let distinct: BTreeSet<_> = addresses.iter().collect();
     assert_eq!(distinct.len(), addresses.len(), "{addresses:?}");
 }
+
+#[test]
+fn waiting_for_the_vmm_ends_when_its_lock_goes_not_at_a_poll() {
+    let home = tempfile::tempdir().unwrap();
+    let (instance, vmm) = Registry::new(home.path()).create(spec(None), None).unwrap();
+    assert!(!instance.wait_vmm_gone(Duration::from_millis(50)));
+    let dropper = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        drop(vmm);
+    });
+    let started = std::time::Instant::now();
+    assert!(instance.wait_vmm_gone(Duration::from_secs(10)));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    dropper.join().unwrap();
+    // The wait let the lock go again: a new VMM can claim it.
+    assert!(instance.claim_vmm().unwrap().is_some());
+}
