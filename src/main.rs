@@ -77,6 +77,10 @@ fn main() -> ExitCode {
     // Before any thread exists, so before any seccomp filter (the VM
     // process's threads may not open or query anything the logger would).
     kiln_vmm::logger::init();
+    // KILN_TRACE's file, opened before any filter too; the first stage of
+    // every kiln process (`kiln bench vmm` reads them).
+    kiln_vmm::trace::init();
+    kiln_vmm::trace::mark("main");
     // Everything Kiln writes is its user's alone: images, instance
     // records, console logs, snapshots (guest RAM, secrets included).
     // Where a file must be shared, the code that makes it says so and

@@ -147,6 +147,7 @@ pub fn run(
     restore: Option<PathBuf>,
     vm: &VmProcess,
 ) -> Result<ExitStatus, SupervisorError> {
+    kiln_vmm::trace::mark("supervisor");
     supervise(instance, vmm, restore, vm.console, |instance, start| {
         vm_command(instance, vm, start)
     })
