@@ -178,6 +178,9 @@ pub struct Clones {
     pub rss_kib_p50: u64,
     /// The same without the guest memory's resident pages, p50, in KiB.
     pub vmm_rss_kib_p50: u64,
+    /// Of that, the anonymous pages, p50, in KiB: the VM process's own;
+    /// the rest are file pages shared with every `kiln` process.
+    pub vmm_anon_kib_p50: u64,
 }
 
 /// One stage of a restore: from the previous stage's timestamp to its own.
@@ -468,19 +471,20 @@ impl VmmReport {
         let _ = writeln!(out, "\nclones: {}", self.clone_path);
         let _ = writeln!(
             out,
-            "| clones at a time | clones/s | p50 ms | p99 ms | VmRSS p50 KiB | without guest RAM KiB |"
+            "| clones at a time | clones/s | p50 ms | p99 ms | VmRSS p50 KiB | without guest RAM | of which anonymous |"
         );
-        let _ = writeln!(out, "|---|---|---|---|---|---|");
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|");
         for c in &self.clones {
             let _ = writeln!(
                 out,
-                "| {} | {:.1} | {:.2} | {:.2} | {} | {} |",
+                "| {} | {:.1} | {:.2} | {:.2} | {} | {} | {} |",
                 c.concurrency,
                 c.clones_per_s,
                 c.latency.ms.p50,
                 c.latency.ms.p99,
                 c.rss_kib_p50,
-                c.vmm_rss_kib_p50
+                c.vmm_rss_kib_p50,
+                c.vmm_anon_kib_p50
             );
         }
         for (what, stages) in [
@@ -513,5 +517,170 @@ impl VmmReport {
             );
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn latency(samples: &[f64]) -> Latency {
+        Latency::new(("exec", "heartbeat"), samples.to_vec()).unwrap()
+    }
+
+    fn report() -> VmmReport {
+        let kiln = Cold::new(
+            "kiln",
+            vec![9.0, 8.0, 25.0],
+            vec![4.0, 3.9, 4.1],
+            vec![5000; 3],
+        );
+        let qemu = Cold::new(
+            "qemu",
+            vec![40.0, 39.0, 44.0],
+            vec![28.0; 3],
+            vec![34000; 3],
+        );
+        let clones = |concurrency, clones_per_s| Clones {
+            concurrency,
+            clones_per_s,
+            wall_s: 3.0 / clones_per_s,
+            latency: latency(&[3.7, 3.8, 7.3]),
+            rss_kib_p50: 4976,
+            vmm_rss_kib_p50: 4952,
+            vmm_anon_kib_p50: 544,
+        };
+        let stage = |stage: &str, ms_p50, at_ms_p50| Stage {
+            stage: stage.into(),
+            process: "VM process".into(),
+            ms_p50,
+            at_ms_p50,
+        };
+        let mut report = VmmReport {
+            schema_version: SCHEMA_VERSION,
+            kiln_version: "0.1.0".into(),
+            environment: Environment {
+                kvm: "PVM".into(),
+                hypervisor: Some("KVMKVMKVM".into()),
+                emulated: false,
+                cpus: 2,
+                load_average: Some(2.0),
+                label: "native KVM on a PVM host, stub guest".into(),
+            },
+            memory_mib: 128,
+            runs: 3,
+            warmup_runs: 1,
+            cold_wall_ratio: Some(9.0 / 40.0),
+            cold_cpu_ms_p50: 4.0,
+            restore_ms_p50: 10.4,
+            restore_ms_p99: 14.6,
+            vm_restore_ms_p50: 3.6,
+            vm_restore_ms_p99: 3.9,
+            restore: latency(&[10.4, 9.4, 14.6]),
+            vm_restore: latency(&[3.6, 3.3, 3.9]),
+            qemu_restore: PeerRestore::Measured(latency(&[41.0, 36.5, 51.2])),
+            clone_path: "vm-process".into(),
+            clones_per_s: 240.0,
+            clone_concurrency: 8,
+            clones: vec![clones(1, 50.0), clones(8, 240.0)],
+            vmm_rss_mib: 4952.0 / 1024.0,
+            breakdown: vec![stage("exec", 1.9, 1.9), stage("heartbeat", 8.5, 10.4)],
+            vm_breakdown: vec![stage("exec", 1.8, 1.8), stage("heartbeat", 1.8, 3.6)],
+            kiln,
+            qemu: Some(qemu),
+            goals: Vec::new(),
+        };
+        report.goals = report.goals();
+        report
+    }
+
+    #[test]
+    fn a_sound_report_survives_a_json_round_trip() {
+        let report = report();
+        assert!(report.check().is_empty(), "{:?}", report.check());
+        let json = serde_json::to_string_pretty(&report).unwrap();
+        let back: VmmReport = serde_json::from_str(&json).unwrap();
+        assert!(back.check().is_empty(), "{:?}", back.check());
+        let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+        for key in [
+            "cold_wall_ratio",
+            "restore_ms_p50",
+            "restore_ms_p99",
+            "clones_per_s",
+        ] {
+            assert!(value[key].as_f64().unwrap() > 0.0, "{key}");
+        }
+        assert_eq!(value["kiln"]["cold_wall_ms_p50"], 9.0);
+    }
+
+    #[test]
+    fn the_goals_say_which_are_met() {
+        let met: Vec<(String, bool)> = report().goals.into_iter().map(|g| (g.key, g.met)).collect();
+        assert_eq!(
+            met,
+            [
+                ("cold_wall_ratio".into(), true),
+                ("cold_cpu_ms_p50".into(), false),
+                ("restore_ms_p50".into(), false),
+                ("restore_ms_p99".into(), true),
+                ("clones_per_s".into(), true),
+                ("vmm_rss_mib".into(), false),
+            ]
+        );
+    }
+
+    #[test]
+    fn what_is_wrong_is_said() {
+        let mut r = report();
+        r.restore.samples_ms.pop();
+        r.restore_ms_p99 = 1.0;
+        r.clones_per_s = 50.0;
+        r.kiln.cpu_ms[0] = -1.0;
+        r.vm_breakdown.clear();
+        let problems = r.check().join("\n");
+        for expected in [
+            "restore (kiln snapshot restore): 2 samples, expected 3",
+            "restore: ms are not the samples' percentiles",
+            "restore_ms_p99 1 is not its series' (14.6)",
+            "clones_per_s is not the best concurrency's",
+            "kiln: the percentiles are not the samples'",
+            "vm_breakdown: empty",
+            "the goals are not this report's numbers",
+        ] {
+            assert!(
+                problems.contains(expected),
+                "no {expected:?} in:\n{problems}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_tables_and_the_plot_have_every_series() {
+        let r = report();
+        let table = r.table();
+        assert!(
+            table.contains("| kiln | 9.00 | 25.00 | 4.00 | 4.10 | 4.9 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| qemu -incoming | 36.50 | 41.00 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| 8 | 240.0 | 3.80 | 7.30 | 4976 | 4952 | 544 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| cold_cpu_ms_p50 | <= 3 | 4.00 | no |"),
+            "{table}"
+        );
+        let svg = r.svg().unwrap();
+        for label in [
+            "cold (qemu)",
+            "restore (kiln __vm)",
+            "clone (kiln __vm, 8 at a time)",
+        ] {
+            assert!(svg.contains(label), "no {label:?}");
+        }
     }
 }

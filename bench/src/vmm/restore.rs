@@ -376,8 +376,8 @@ fn vm_command(kiln: &Kiln, definition: &Path, vm_end: &OwnedFd, trace: Option<&P
 /// One VM-process restore, to its first heartbeat.
 struct Restored {
     ms: f64,
-    /// VmRSS at the heartbeat, and the same less the guest memory's pages.
-    rss_kib: (u64, u64),
+    /// Its memory at the heartbeat.
+    memory: Memory,
     /// Its trace, when it was traced.
     run: Option<Run>,
 }
@@ -395,7 +395,7 @@ fn restore_vm(
         source,
     })?;
     let cmd = vm_command(kiln, &vm.definition, &vm_end, trace);
-    let mut rss_kib = (0, 0);
+    let mut memory_at_beat = Memory::default();
     let mut beat_ns = 0;
     let spawned_ns = trace::monotonic_ns();
     let timed = time_to_and(
@@ -407,7 +407,7 @@ fn restore_vm(
         config.limit,
         |pid| {
             beat_ns = trace::monotonic_ns();
-            rss_kib = rss(pid, &vm.dir);
+            memory_at_beat = memory(pid, &vm.dir);
         },
     )?;
     drop(vm_end);
@@ -416,7 +416,7 @@ fn restore_vm(
         .transpose()?;
     Ok(Restored {
         ms: millis(timed.elapsed),
-        rss_kib,
+        memory: memory_at_beat,
         run,
     })
 }
@@ -452,13 +452,13 @@ pub fn clones(
     };
     let run = |_: usize| {
         let restored = restore_vm(config, kiln, vm, None)?;
-        Ok((restored.ms, restored.rss_kib))
+        Ok((restored.ms, restored.memory))
     };
     let label = format!("clones, {concurrency} at a time");
     let (runs, wall_s) = series(plan, &label, progress, &run)?;
-    let (samples, rss): (Vec<f64>, Vec<(u64, u64)>) = runs.into_iter().unzip();
-    let median = |values: Vec<u64>| {
-        let mut values = values;
+    let (samples, memory): (Vec<f64>, Vec<Memory>) = runs.into_iter().unzip();
+    let median = |of: fn(&Memory) -> u64| {
+        let mut values: Vec<u64> = memory.iter().map(of).collect();
         values.sort_unstable();
         values[(values.len() - 1) / 2]
     };
@@ -467,32 +467,50 @@ pub fn clones(
         clones_per_s: samples.len() as f64 / wall_s,
         wall_s,
         latency: Latency::new(VM_TIMER, samples).ok_or(BenchError::Runs(config.runs))?,
-        rss_kib_p50: median(rss.iter().map(|r| r.0).collect()),
-        vmm_rss_kib_p50: median(rss.iter().map(|r| r.1).collect()),
+        rss_kib_p50: median(|m| m.rss),
+        vmm_rss_kib_p50: median(|m| m.vmm_rss),
+        vmm_anon_kib_p50: median(|m| m.vmm_anon),
     })
 }
 
-/// Process `pid`'s VmRSS in KiB, and the same without the pages of its
-/// mappings of files in `snapshot` (the guest memory, mapped from the
-/// snapshot's memory file); zeros when /proc cannot be read.
-fn rss(pid: u32, snapshot: &Path) -> (u64, u64) {
+/// A VM process's memory at its first heartbeat, in KiB.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Memory {
+    /// Its resident set (VmRSS): every mapping's `Rss`.
+    pub rss: u64,
+    /// The same without the guest memory (its mappings of the snapshot's
+    /// memory file).
+    pub vmm_rss: u64,
+    /// Of that, the anonymous pages (heap, stacks, KVM's run structures):
+    /// what this VM process alone holds; the rest is file pages (the
+    /// `kiln` binary, libc) shared with every other `kiln` process.
+    pub vmm_anon: u64,
+}
+
+/// Process `pid`'s [`Memory`]; zeros when /proc cannot be read. The
+/// guest memory is any mapping of a file in `snapshot`.
+fn memory(pid: u32, snapshot: &Path) -> Memory {
     let Ok(smaps) = fs::read_to_string(format!("/proc/{pid}/smaps")) else {
-        return (0, 0);
+        return Memory::default();
     };
-    let (mut total, mut guest) = (0, 0);
+    let mut memory = Memory::default();
     let mut in_guest = false;
     for line in smaps.lines() {
         let mut words = line.split_whitespace();
-        match (words.next(), words.next()) {
-            (Some("Rss:"), Some(kib)) => {
-                let kib: u64 = kib.parse().unwrap_or(0);
-                total += kib;
-                if in_guest {
-                    guest += kib;
+        let (Some(first), Some(second)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let kib = || second.parse::<u64>().unwrap_or(0);
+        match first {
+            "Rss:" => {
+                memory.rss += kib();
+                if !in_guest {
+                    memory.vmm_rss += kib();
                 }
             }
+            "Anonymous:" if !in_guest => memory.vmm_anon += kib(),
             // A mapping's header: its address range first, its path last.
-            (Some(range), _) if range.contains('-') && !range.ends_with(':') => {
+            range if range.contains('-') && !range.ends_with(':') => {
                 in_guest = line
                     .split_whitespace()
                     .nth(5)
@@ -501,5 +519,5 @@ fn rss(pid: u32, snapshot: &Path) -> (u64, u64) {
             _ => {}
         }
     }
-    (total, total - guest)
+    memory
 }
