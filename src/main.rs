@@ -45,7 +45,7 @@ enum Command {
     /// Lambda-style functions: each invocation a clone of a booted VM's snapshot.
     #[command(subcommand, name = "fn")]
     Fn(cmd::function::Command),
-    /// Startup latency: cold boot, snapshot restore, function clone (and a peer VMM).
+    /// Startup latency: cold boot, restore, clone (and a peer VMM); `vmm`: the VMM's own cost.
     Bench(cmd::bench::Args),
     /// Save running instances whole, and start new ones from the saves.
     #[command(subcommand)]

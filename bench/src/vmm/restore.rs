@@ -3,6 +3,8 @@
 //! image the store takes, the stub as its kernel), and through a VM
 //! process alone (`kiln __vm` with a definition whose boot is a snapshot
 //! of a diskless stub VM), which the clones are too.
+use std::collections::HashSet;
+use std::ffi::OsString;
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -19,7 +21,7 @@ use kiln_vmm::trace::{self, TRACE_ENV};
 
 use crate::kiln::Kiln;
 use crate::restore::{new_instance, timed_restore};
-use crate::timing::{Event, Stream, Then, Watchdog, millis, time_to_and};
+use crate::timing::{Event, Stream, Then, Watchdog, millis, signal, time_to_and};
 use crate::{BenchError, Plan, Progress, io_err, series};
 
 use super::VmmConfig;
@@ -159,25 +161,8 @@ pub fn instance_restores(
             &what,
             &name,
             limit,
-            |mut known, restoring, started| {
-                let registry = Registry::new(kiln.home());
-                let mut console = None;
-                while started.elapsed() < limit {
-                    if console.is_none() {
-                        console = new_instance(kiln, &registry, &mut known, &name)
-                            .map(|i| i.console_log());
-                    }
-                    if console.as_deref().is_some_and(beaten) {
-                        return Ok((started.elapsed(), trace::monotonic_ns()));
-                    }
-                    if let Ok(Some(status)) = restoring.try_wait()
-                        && !status.success()
-                    {
-                        break;
-                    }
-                    std::thread::sleep(POLL);
-                }
-                Err(())
+            |known, restoring, started| {
+                heartbeat_of_new(kiln, &name, known, restoring, started, limit)
             },
             |(), printed| BenchError::NoHeartbeat {
                 what: what.clone(),
@@ -196,6 +181,37 @@ pub fn instance_restores(
         &run,
     )?;
     latency_and_breakdown(TIMER, &INSTANCE_PATH, runs)
+}
+
+/// Looks for the new instance `name` (its directory not among `known`),
+/// then reads its console log until a heartbeat: its time since
+/// `started`, and the clock's (for the trace). Fails at `limit`, or once
+/// `restoring` (the `kiln` command) has failed.
+fn heartbeat_of_new(
+    kiln: &Kiln,
+    name: &str,
+    mut known: HashSet<OsString>,
+    restoring: &mut Child,
+    started: Instant,
+    limit: Duration,
+) -> Result<(Duration, u64), ()> {
+    let registry = Registry::new(kiln.home());
+    let mut console = None;
+    while started.elapsed() < limit {
+        if console.is_none() {
+            console = new_instance(kiln, &registry, &mut known, name).map(|i| i.console_log());
+        }
+        if console.as_deref().is_some_and(beaten) {
+            return Ok((started.elapsed(), trace::monotonic_ns()));
+        }
+        if let Ok(Some(status)) = restoring.try_wait()
+            && !status.success()
+        {
+            break;
+        }
+        std::thread::sleep(POLL);
+    }
+    Err(())
 }
 
 /// The runs' latencies under `timer`, and their stages along `path`.
@@ -255,6 +271,10 @@ pub fn vm_snapshot(
         then: AfterSnapshot::Stop,
     };
     let reply = beat.then(|| control.call(&request, config.limit));
+    if !matches!(&reply, Some(Ok(r)) if r.error.is_none()) {
+        // Snapshotted, the VM ends by itself; otherwise it is ended here.
+        signal(child.id(), libc::SIGTERM);
+    }
     let status = child.wait();
     let killed = watchdog.finish();
     let _ = drain.join();
