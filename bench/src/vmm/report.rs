@@ -493,7 +493,7 @@ impl VmmReport {
         ] {
             let _ = writeln!(
                 out,
-                "\n| breakdown: {what} | process | ms p50 | at ms p50 |"
+                "\n| breakdown: {what} | ends in | ms p50 | at ms p50 |"
             );
             let _ = writeln!(out, "|---|---|---|---|");
             for s in stages {
