@@ -27,6 +27,11 @@
 //! the JSON, [`stats`] the percentiles, [`plot`] the SVG.
 //! Everything runs in a Kiln home of its own (the user's images linked
 //! in), removed at the end: no instance or function is left behind.
+//!
+//! [`vmm`] is `kiln bench vmm`: the VMM's own cost, natively, with the
+//! stub guest in place of a kernel (cold start against QEMU, restores,
+//! clones per second, and where a restore's time goes), on the same
+//! timing, statistics and plot code.
 #![warn(missing_docs)]
 pub mod clone;
 pub mod cold;

@@ -139,7 +139,8 @@ fn subtitle(report: &Report) -> Vec<String> {
     lines
 }
 
-/// `text` in lines of fewer than [`WRAP`] characters, split at spaces.
+/// `text` in lines that fit under the plot's title (fewer than 115
+/// characters), split at spaces.
 pub fn wrap(text: &str) -> Vec<String> {
     let mut lines = Vec::new();
     let mut line = String::new();
