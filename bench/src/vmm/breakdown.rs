@@ -82,7 +82,7 @@ const HEARTBEAT: Milestone = (
 );
 
 /// `kiln snapshot restore`'s stages.
-pub const INSTANCE_PATH: [Milestone; 12] = [
+pub const INSTANCE_PATH: [Milestone; 13] = [
     (
         Role::Command,
         "main",
@@ -91,7 +91,8 @@ pub const INSTANCE_PATH: [Milestone; 12] = [
     (
         Role::Vmm,
         "main",
-        "the command: the snapshot read, the instance recorded, its root volume copied, its VMM process spawned",
+        "the command: the snapshot read, the instance recorded, its root volume copied; \
+         then the VMM process's exec and loading",
     ),
     (
         Role::Vmm,
@@ -99,9 +100,14 @@ pub const INSTANCE_PATH: [Milestone; 12] = [
         "VMM process start: the instance's record and lock",
     ),
     (
+        Role::Vmm,
+        "vm-spawn",
+        "the supervisor: console log, API socket, VM definition written",
+    ),
+    (
         Role::Vm,
         "main",
-        "the supervisor: console log, API socket, VM definition written, VM process spawned",
+        "the VM process spawned: exec, loading, argument parsing",
     ),
     VM_STAGES[0],
     VM_STAGES[1],
@@ -226,6 +232,7 @@ mod tests {
     const TRACE: &str = "main 10 1001000000\n\
                          main 20 1003000000\n\
                          supervisor 20 1003500000\n\
+                         vm-spawn 20 1004000000\n\
                          main 30 1005000000\n\
                          vm 30 1005000100\n\
                          kvm-opened 30 1005500000\n\
@@ -253,7 +260,7 @@ mod tests {
             Run::parse(TRACE, 1_000_000_000, 1_009_000_000),
         ];
         let instance = stages(&INSTANCE_PATH, &runs);
-        assert_eq!(instance.len(), 12);
+        assert_eq!(instance.len(), 13);
         assert_eq!(instance[0].ms_p50, 1.0);
         assert_eq!(instance[1].process, "VMM process");
         assert_eq!(instance[1].ms_p50, 2.0);
