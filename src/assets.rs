@@ -1,4 +1,4 @@
-//! Where `kiln` finds the guest kernel and guest-init.
+//! Where `kiln` finds the guest kernel, guest-init and the stub guest.
 //!
 //! A bare server needs only the `kiln` binary, a kernel and images, so the
 //! lookup is plain files: an environment variable names the file explicitly;
@@ -15,6 +15,9 @@ pub enum Asset {
     Kernel,
     /// The static PID 1 that `kiln build` places at /sbin/init.
     GuestInit,
+    /// The stub guest (docs/stub-guest.md): a few instructions in place of
+    /// a kernel, which `kiln bench vmm` boots to measure the VMM alone.
+    Stub,
 }
 
 impl Asset {
@@ -23,6 +26,7 @@ impl Asset {
         match self {
             Asset::Kernel => "KILN_KERNEL",
             Asset::GuestInit => "KILN_GUEST_INIT",
+            Asset::Stub => "KILN_STUB",
         }
     }
 
@@ -31,6 +35,7 @@ impl Asset {
         match self {
             Asset::Kernel => "cargo xtask kernel",
             Asset::GuestInit => "cargo xtask init",
+            Asset::Stub => "cargo xtask stub",
         }
     }
 
@@ -38,6 +43,7 @@ impl Asset {
         match self {
             Asset::Kernel => "kernel/vmlinux",
             Asset::GuestInit => "guest-init",
+            Asset::Stub => "stub/vmlinux-stub",
         }
     }
 
@@ -62,10 +68,12 @@ mod tests {
 
     #[test]
     fn assets_have_distinct_homes_and_variables() {
-        assert_ne!(Asset::Kernel.env_var(), Asset::GuestInit.env_var());
-        assert_ne!(
-            Asset::Kernel.file_in_home(),
-            Asset::GuestInit.file_in_home()
-        );
+        let all = [Asset::Kernel, Asset::GuestInit, Asset::Stub];
+        for (i, a) in all.iter().enumerate() {
+            for b in &all[i + 1..] {
+                assert_ne!(a.env_var(), b.env_var());
+                assert_ne!(a.file_in_home(), b.file_in_home());
+            }
+        }
     }
 }

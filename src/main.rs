@@ -45,7 +45,7 @@ enum Command {
     /// Lambda-style functions: each invocation a clone of a booted VM's snapshot.
     #[command(subcommand, name = "fn")]
     Fn(cmd::function::Command),
-    /// Startup latency: cold boot, snapshot restore, function clone (and a peer VMM).
+    /// Startup latency: cold boot, restore, clone (and a peer VMM); `vmm`: the VMM's own cost.
     Bench(cmd::bench::Args),
     /// Save running instances whole, and start new ones from the saves.
     #[command(subcommand)]
@@ -77,6 +77,10 @@ fn main() -> ExitCode {
     // Before any thread exists, so before any seccomp filter (the VM
     // process's threads may not open or query anything the logger would).
     kiln_vmm::logger::init();
+    // KILN_TRACE's file, opened before any filter too; the first stage of
+    // every kiln process (`kiln bench vmm` reads them).
+    kiln_vmm::trace::init();
+    kiln_vmm::trace::mark("main");
     // Everything Kiln writes is its user's alone: images, instance
     // records, console logs, snapshots (guest RAM, secrets included).
     // Where a file must be shared, the code that makes it says so and

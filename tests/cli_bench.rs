@@ -1,5 +1,6 @@
 //! `kiln bench`'s refusals, which come before any VM: bad numbers, and a
-//! host without hardware KVM (our machines' PVM, or none) said as such.
+//! host without hardware KVM (our machines' PVM, or none) said as such;
+//! `kiln bench vmm`'s, which runs on PVM too but needs the stub guest.
 use std::process::Command;
 
 fn bench(args: &[&str]) -> (Option<i32>, String) {
@@ -7,6 +8,7 @@ fn bench(args: &[&str]) -> (Option<i32>, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .env("KILN_HOME", home.path())
         .env_remove("KILN_KERNEL")
+        .env_remove("KILN_STUB")
         .arg("bench")
         .args(args)
         .output()
@@ -49,5 +51,30 @@ fn without_hardware_kvm_it_says_so() {
     } else {
         assert!(err.contains("needs hardware KVM"), "{err}");
         assert!(err.contains("cargo xtask bench startup"), "{err}");
+    }
+}
+
+#[test]
+fn the_vmm_benchmark_refuses_bad_numbers_and_a_missing_stub() {
+    let (code, err) = bench(&["vmm", "--runs", "0"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("--runs 0: expected at least 1"), "{err}");
+    let (code, err) = bench(&["vmm", "--concurrency", "1,0"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("--concurrency 0: expected at least 1"),
+        "{err}"
+    );
+    let (code, err) = bench(&["vmm", "--runs", "1"]);
+    assert_eq!(code, Some(1));
+    match kiln_vmm::host::detect() {
+        // The empty home has no stub.
+        kiln_vmm::host::HostVirt::HardwareKvm(_) | kiln_vmm::host::HostVirt::Pvm => {
+            assert!(err.contains("the stub guest"), "{err}");
+            assert!(err.contains("cargo xtask stub"), "{err}");
+        }
+        kiln_vmm::host::HostVirt::Unavailable { .. } => {
+            assert!(err.contains("boots the stub guest on KVM"), "{err}");
+        }
     }
 }

@@ -7,7 +7,7 @@ use kiln_builder::store::StoredImage;
 use kiln_vmm::devices::init_port::BOOT_TO_INIT_PREFIX;
 
 use crate::kiln::Kiln;
-use crate::qemu::{Microvm, QEMU};
+use crate::qemu::{CPU_HOST, InitPort, Microvm, QEMU};
 use crate::report::{Series, Vmm};
 use crate::timing::{Event, Stream, Then, millis, time_to};
 use crate::{BenchError, Config, Progress, Scenario, paired, timed_series};
@@ -53,7 +53,7 @@ pub fn with_qemu(
     let kiln_runs = |_: usize| kiln_run(config, kiln);
     let qemu_runs = |i: usize| qemu_run(config, &rootfs, work, i);
     let [(kiln_samples, kiln_wall), (qemu_samples, qemu_wall)] = paired(
-        config,
+        config.plan(),
         ["cold (kiln)", "cold (qemu)"],
         progress,
         [&kiln_runs, &qemu_runs],
@@ -92,13 +92,14 @@ fn qemu_run(config: &Config, rootfs: &Path, work: &Path, i: usize) -> Result<f64
     let console = work.join(format!("peer-console-{i}.log"));
     let vm = Microvm {
         kernel: config.kernel.clone(),
-        rootfs: rootfs.to_path_buf(),
+        rootfs: Some(rootfs.to_path_buf()),
+        cpu: CPU_HOST,
         memory_mib: config.memory_mib,
         vcpus: 1,
         throwaway_writes: true,
         extra_cmdline: String::new(),
         console: Some(console.clone()),
-        boot_timer_on_stdout: true,
+        init_port: InitPort::BootTimerOnStdout,
     };
     let mut cmd: Command = vm.command(Path::new(QEMU));
     // snapshot=on's temporary overlay: in the workspace, not /var/tmp.

@@ -1,17 +1,20 @@
 //! `kiln` as the benchmarks run it: a home of its own, and the instances
 //! it started terminated when it is dropped, so that a failed run leaves
 //! none behind.
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
 use crate::BenchError;
 
-/// The `kiln` binary with `KILN_HOME` (and the kernel) set.
+/// The `kiln` binary with `KILN_HOME` (and the kernel, and whatever else
+/// the benchmark asks) set.
 pub struct Kiln {
     bin: PathBuf,
     home: PathBuf,
     kernel: Option<PathBuf>,
+    env: Vec<(OsString, OsString)>,
     live: Mutex<Vec<String>>,
 }
 
@@ -23,6 +26,7 @@ impl Kiln {
             bin: bin.into(),
             home: home.into(),
             kernel: None,
+            env: Vec::new(),
             live: Mutex::default(),
         }
     }
@@ -30,6 +34,13 @@ impl Kiln {
     /// Boots `kernel` (`KILN_KERNEL`) whatever the home holds.
     pub fn with_kernel(mut self, kernel: impl Into<PathBuf>) -> Self {
         self.kernel = Some(kernel.into());
+        self
+    }
+
+    /// Sets `key` to `value` in every command's environment.
+    pub fn with_env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
+        self.env
+            .push((key.as_ref().to_owned(), value.as_ref().to_owned()));
         self
     }
 
@@ -45,6 +56,7 @@ impl Kiln {
         if let Some(kernel) = &self.kernel {
             cmd.env("KILN_KERNEL", kernel);
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd
     }
 

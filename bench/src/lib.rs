@@ -27,6 +27,11 @@
 //! the JSON, [`stats`] the percentiles, [`plot`] the SVG.
 //! Everything runs in a Kiln home of its own (the user's images linked
 //! in), removed at the end: no instance or function is left behind.
+//!
+//! [`vmm`] is `kiln bench vmm`: the VMM's own cost, natively, with the
+//! stub guest in place of a kernel (cold start against QEMU, restores,
+//! clones per second, and where a restore's time goes), on the same
+//! timing, statistics and plot code.
 #![warn(missing_docs)]
 pub mod clone;
 pub mod cold;
@@ -37,6 +42,7 @@ pub mod report;
 pub mod restore;
 pub mod stats;
 pub mod timing;
+pub mod vmm;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -228,9 +234,55 @@ pub enum BenchError {
     /// The SVG plot could not be drawn.
     #[error("cannot draw the plot")]
     Plot(#[source] plot::PlotError),
+    /// `kiln bench vmm` needs `/dev/kvm` (hardware KVM or PVM).
+    #[error("kiln bench vmm boots the stub guest on KVM; this host has {0}")]
+    NoKvm(HostVirt),
+    /// The stub guest is not a file.
+    #[error("the stub guest {0} does not exist (`cargo xtask stub` installs it; or set KILN_STUB)")]
+    NoStub(PathBuf),
+    /// The stub instances' image could not be built.
+    #[error("cannot build the stub's image from {recipe}")]
+    Build {
+        /// The recipe the benchmark wrote.
+        recipe: PathBuf,
+        /// Why.
+        #[source]
+        source: Box<kiln_builder::build::BuildError>,
+    },
+    /// An instance the benchmark started cannot be found in its registry.
+    #[error("instance {name}")]
+    Instance {
+        /// Its name.
+        name: String,
+        /// Why.
+        #[source]
+        source: kiln_control::instance::InstanceError,
+    },
+    /// A stub guest never beat within the limit.
+    #[error("{what}: no heartbeat within {limit:?}; it printed: {printed}")]
+    NoHeartbeat {
+        /// The command or instance.
+        what: String,
+        /// The limit.
+        limit: Duration,
+        /// Its output, or its console.
+        printed: String,
+    },
+    /// A VM definition could not be written.
+    #[error(transparent)]
+    VmConfig(#[from] kiln_vmm::config::ConfigError),
+    /// The control channel to a VM process failed.
+    #[error("{what}")]
+    Control {
+        /// What was asked of it.
+        what: String,
+        /// Why.
+        #[source]
+        source: kiln_vmm::rpc::ControlError,
+    },
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BenchError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BenchError + '_ {
     move |source| BenchError::Io {
         path: path.to_path_buf(),
         source,
@@ -333,22 +385,29 @@ pub fn run(config: &Config, progress: &dyn Progress) -> Result<Report, BenchErro
 /// `$KILN_HOME/bench/run-PID/`: the benchmark's own Kiln home (`home/`,
 /// the user's images linked in) and scratch files; removed afterwards,
 /// also when a run fails.
-struct Workspace {
+pub(crate) struct Workspace {
     dir: PathBuf,
     removed: bool,
 }
 
 impl Workspace {
+    /// A workspace whose home boots the user's images.
     fn new(user_home: &Path) -> Result<Workspace, BenchError> {
+        let work = Workspace::isolated(user_home)?;
+        let images = user_home.join("images");
+        let link = work.home().join("images");
+        std::os::unix::fs::symlink(&images, &link).map_err(io_err(&link))?;
+        Ok(work)
+    }
+
+    /// A workspace whose home has a store of its own (empty).
+    fn isolated(user_home: &Path) -> Result<Workspace, BenchError> {
         let dir = user_home
             .join("bench")
             .join(format!("run-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let home = dir.join("home");
         std::fs::create_dir_all(&home).map_err(io_err(&home))?;
-        let images = user_home.join("images");
-        let link = home.join("images");
-        std::os::unix::fs::symlink(&images, &link).map_err(io_err(&link))?;
         Ok(Workspace {
             dir,
             removed: false,
@@ -387,16 +446,38 @@ impl Drop for Workspace {
     }
 }
 
-/// One series: `config.warmup` untimed runs, then `config.runs` timed
-/// ones, `config.concurrency` at a time. `run(i)` does run `i` (warm-ups
+/// How a series runs: `warmup` untimed runs, then `runs` timed ones,
+/// `concurrency` at a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// Timed runs (at least 1).
+    pub runs: usize,
+    /// Untimed runs first.
+    pub warmup: usize,
+    /// Timed runs in flight at once (at least 1).
+    pub concurrency: usize,
+}
+
+impl Config {
+    pub(crate) fn plan(&self) -> Plan {
+        Plan {
+            runs: self.runs,
+            warmup: self.warmup,
+            concurrency: self.concurrency,
+        }
+    }
+}
+
+/// One series, as `config` plans it. `run(i)` does run `i` (warm-ups
 /// come after the timed indices) and returns its latency in ms. The
-/// first failure stops the series.
-fn series(
-    config: &Config,
+/// first failure stops the series. Returns the samples and the timed
+/// phase's wall time in seconds.
+fn series<T: Send>(
+    config: Plan,
     label: &str,
     progress: &dyn Progress,
-    run: &(dyn Fn(usize) -> Result<f64, BenchError> + Sync),
-) -> Result<(Vec<f64>, f64), BenchError> {
+    run: &(dyn Fn(usize) -> Result<T, BenchError> + Sync),
+) -> Result<(Vec<T>, f64), BenchError> {
     progress.series(label, config.warmup + config.runs);
     for i in 0..config.warmup {
         run(config.runs + i)?;
@@ -447,12 +528,12 @@ fn series(
 /// a change in the host's load falls on both alike, and each wall time is
 /// the sum of that series' own runs, teardown included; with more at a
 /// time, one series runs after the other.
-fn paired(
-    config: &Config,
+fn paired<T: Send>(
+    config: Plan,
     labels: [&str; 2],
     progress: &dyn Progress,
-    runs: [&(dyn Fn(usize) -> Result<f64, BenchError> + Sync); 2],
-) -> Result<[(Vec<f64>, f64); 2], BenchError> {
+    runs: [&(dyn Fn(usize) -> Result<T, BenchError> + Sync); 2],
+) -> Result<[(Vec<T>, f64); 2], BenchError> {
     if config.concurrency > 1 {
         let first = series(config, labels[0], progress, runs[0])?;
         return Ok([first, series(config, labels[1], progress, runs[1])?]);
@@ -461,7 +542,7 @@ fn paired(
         &format!("{} + {}", labels[0], labels[1]),
         2 * (config.warmup + config.runs),
     );
-    let mut out: [(Vec<f64>, f64); 2] = Default::default();
+    let mut out: [(Vec<T>, f64); 2] = [(Vec::new(), 0.0), (Vec::new(), 0.0)];
     let order = (0..config.warmup)
         .map(|i| (config.runs + i, false))
         .chain((0..config.runs).map(|i| (i, true)));
@@ -489,7 +570,7 @@ fn timed_series(
     run: &(dyn Fn(usize) -> Result<f64, BenchError> + Sync),
 ) -> Result<Series, BenchError> {
     let label = format!("{scenario} ({vmm})");
-    let (samples, wall_s) = series(config, &label, progress, run)?;
+    let (samples, wall_s) = series(config.plan(), &label, progress, run)?;
     Ok(Series::new(scenario, vmm, timer, samples, wall_s).expect("runs >= 1 were checked"))
 }
 
@@ -614,7 +695,7 @@ mod tests {
     #[test]
     fn a_series_runs_the_warm_ups_then_every_timed_run_once() {
         let done = Mutex::new(Vec::new());
-        let (samples, wall_s) = series(&config(), "x", &Quiet, &|i| {
+        let (samples, wall_s) = series(config().plan(), "x", &Quiet, &|i| {
             done.lock().unwrap().push(i);
             Ok(i as f64 + 1.0)
         })
@@ -646,7 +727,7 @@ mod tests {
             Ok(20.0)
         };
         let [(k, k_wall), (q, q_wall)] =
-            paired(&config, ["k", "q"], &Quiet, [&kiln, &peer]).unwrap();
+            paired(config.plan(), ["k", "q"], &Quiet, [&kiln, &peer]).unwrap();
         assert_eq!(
             done.into_inner().unwrap(),
             ["k3", "q3", "k0", "q0", "k1", "q1", "k2", "q2"]
@@ -657,7 +738,7 @@ mod tests {
 
     #[test]
     fn a_failed_run_fails_the_series() {
-        let err = series(&config(), "x", &Quiet, &|i| {
+        let err = series(config().plan(), "x", &Quiet, &|i| {
             if i == 2 {
                 Err(BenchError::Runs(0))
             } else {

@@ -5,7 +5,7 @@
 use plotters::coord::combinators::BindKeyPoints;
 use plotters::prelude::*;
 
-use crate::report::{Report, Series};
+use crate::report::Report;
 use crate::stats::sorted;
 
 const SIZE: (u32, u32) = (960, 560);
@@ -34,10 +34,27 @@ pub enum PlotError {
 
 /// The SVG document for `report`; an error when it has no samples.
 pub fn svg(report: &Report) -> Result<String, PlotError> {
-    let all: Vec<f64> = report
+    let lines: Vec<Line<'_>> = report
         .series
         .iter()
-        .flat_map(|s| s.samples_ms.iter().copied())
+        .map(|s| (s.label(), s.samples_ms.as_slice()))
+        .collect();
+    cdf_svg(
+        "kiln bench: startup latency, CDF per scenario",
+        &subtitle(report),
+        &lines,
+    )
+}
+
+/// One CDF to draw: its legend label and its samples in ms.
+pub type Line<'a> = (String, &'a [f64]);
+
+/// An SVG of the empirical CDFs of `lines`, under `title` and the lines
+/// of `subtitle` (wrapped already); an error when no line has a sample.
+pub fn cdf_svg(title: &str, subtitle: &[String], lines: &[Line<'_>]) -> Result<String, PlotError> {
+    let all: Vec<f64> = lines
+        .iter()
+        .flat_map(|(_, samples)| samples.iter().copied())
         .filter(|ms| ms.is_finite() && *ms > 0.0)
         .collect();
     let (Some(lo), Some(hi)) = (
@@ -47,26 +64,27 @@ pub fn svg(report: &Report) -> Result<String, PlotError> {
         return Err(PlotError::NoSamples);
     };
     let mut out = String::new();
-    draw(report, lo * 0.8, hi * 1.25, &mut out).map_err(PlotError::Draw)?;
+    draw(title, subtitle, lines, lo * 0.8, hi * 1.25, &mut out).map_err(PlotError::Draw)?;
     Ok(out)
 }
 
 fn draw(
-    report: &Report,
+    title: &str,
+    subtitle: &[String],
+    lines: &[Line<'_>],
     lo: f64,
     hi: f64,
     out: &mut String,
 ) -> Result<(), DrawingAreaErrorKind<<SVGBackend<'static> as DrawingBackend>::ErrorType>> {
     let root = SVGBackend::with_string(out, SIZE).into_drawing_area();
     root.fill(&WHITE)?;
-    let lines = subtitle(report);
-    let (head, body) = root.split_vertically(44 + 22 * lines.len() as u32);
+    let (head, body) = root.split_vertically(44 + 22 * subtitle.len() as u32);
     head.draw(&Text::new(
-        "kiln bench: startup latency, CDF per scenario",
+        title,
         (16, 10),
         ("sans-serif", 26).into_font().color(&BLACK),
     ))?;
-    for (i, line) in lines.iter().enumerate() {
+    for (i, line) in subtitle.iter().enumerate() {
         head.draw(&Text::new(
             line.as_str(),
             (16, 44 + 22 * i as i32),
@@ -88,11 +106,11 @@ fn draw(
         .x_label_formatter(&|ms| format!("{ms:.0}"))
         .label_style(("sans-serif", 15))
         .draw()?;
-    for (i, series) in report.series.iter().enumerate() {
+    for (i, (label, samples)) in lines.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         chart
-            .draw_series(LineSeries::new(steps(series), color.stroke_width(2)))?
-            .label(series.label())
+            .draw_series(LineSeries::new(steps(samples), color.stroke_width(2)))?
+            .label(label.as_str())
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 24, y)], color.stroke_width(2)));
     }
     chart
@@ -117,8 +135,16 @@ fn subtitle(report: &Report) -> Vec<String> {
         ));
     }
     let mut lines = vec![first];
+    lines.extend(wrap(&report.environment.label));
+    lines
+}
+
+/// `text` in lines that fit under the plot's title (fewer than 115
+/// characters), split at spaces.
+pub fn wrap(text: &str) -> Vec<String> {
+    let mut lines = Vec::new();
     let mut line = String::new();
-    for word in report.environment.label.split_whitespace() {
+    for word in text.split_whitespace() {
         if !line.is_empty() && line.len() + word.len() >= WRAP {
             lines.push(std::mem::take(&mut line));
         }
@@ -151,8 +177,8 @@ fn ticks(lo: f64, hi: f64) -> Vec<f64> {
 
 /// The empirical CDF as a staircase: at each sample the fraction of runs
 /// at or below it steps up by 1/n.
-fn steps(series: &Series) -> Vec<(f64, f64)> {
-    let samples = sorted(&series.samples_ms);
+fn steps(samples: &[f64]) -> Vec<(f64, f64)> {
+    let samples = sorted(samples);
     let n = samples.len() as f64;
     let mut points = Vec::with_capacity(samples.len() * 2);
     for (i, &ms) in samples.iter().enumerate() {
@@ -166,8 +192,8 @@ fn steps(series: &Series) -> Vec<(f64, f64)> {
 mod tests {
     use super::*;
     use crate::Scenario;
-    use crate::report::Vmm;
     use crate::report::fixtures::series;
+    use crate::report::{Series, Vmm};
 
     fn report(series: Vec<Series>) -> Report {
         crate::report::fixtures::report(series, vec![])
@@ -177,7 +203,7 @@ mod tests {
     fn the_cdf_steps_up_by_one_over_n_at_each_sample() {
         let s = series(Scenario::Cold, Vmm::Kiln, &[30.0, 10.0, 20.0, 40.0]);
         assert_eq!(
-            steps(&s),
+            steps(&s.samples_ms),
             [
                 (10.0, 0.0),
                 (10.0, 0.25),

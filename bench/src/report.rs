@@ -167,7 +167,7 @@ impl Ratio {
 const SLACK: f64 = 1e-6;
 
 /// `a` and `b` are the same value, but for rounding.
-fn close(a: f64, b: f64) -> bool {
+pub(crate) fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= SLACK * a.abs().max(b.abs()).max(1.0)
 }
 

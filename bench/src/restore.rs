@@ -3,7 +3,7 @@
 //! vsock port) into a new instance, to guest-init answering a ping there.
 use std::collections::HashSet;
 use std::ffi::OsString;
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use guest_init::function::FUNCTION_PORT;
@@ -70,23 +70,58 @@ fn restore_to_answer(
     let mut cmd = kiln.command();
     cmd.args(["snapshot", "restore"])
         .arg(&function.template)
-        .args(["--name", name])
-        .stdin(Stdio::null())
+        .args(["--name", name]);
+    let limit = config.limit;
+    let (answered, _) = timed_restore(
+        kiln,
+        cmd,
+        &what,
+        name,
+        limit,
+        |known, restoring, started| wait_for_pong(kiln, name, known, restoring, started, limit),
+        |last, printed| BenchError::NoAnswer {
+            what: what.clone(),
+            limit,
+            printed,
+            last,
+        },
+    )?;
+    Ok(answered)
+}
+
+/// Spawns `cmd`, a `kiln` command that restores instance `name` (tracked:
+/// terminated with `kiln` unless the caller does), and times it from just
+/// before the spawn with `arrived` (given the instance directories from
+/// before, the command, and the timer's start); the command must then
+/// succeed within `limit`. A failure of `arrived` becomes an error by
+/// `failed`, given the command's output. Returns what `arrived` did and
+/// the spawn's `CLOCK_MONOTONIC` time in ns (for [`kiln_vmm::trace`]'s lines).
+pub(crate) fn timed_restore<T, E>(
+    kiln: &Kiln,
+    mut cmd: Command,
+    what: &str,
+    name: &str,
+    limit: Duration,
+    arrived: impl FnOnce(HashSet<OsString>, &mut Child, Instant) -> Result<T, E>,
+    failed: impl FnOnce(E, String) -> BenchError,
+) -> Result<(T, u64), BenchError> {
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let known = instance_dirs(kiln);
+    let spawned_ns = kiln_vmm::trace::monotonic_ns();
     let started = Instant::now();
     let mut child = cmd.spawn().map_err(|source| BenchError::Spawn {
-        what: what.clone(),
+        what: what.to_string(),
         source,
     })?;
     kiln.track(name);
-    let watchdog = Watchdog::start(child.id(), config.limit);
-    let answered = wait_for_pong(kiln, name, known, &mut child, started, config.limit);
+    let watchdog = Watchdog::start(child.id(), limit);
+    let arrived = arrived(known, &mut child, started);
     let output = child.wait_with_output();
     let killed = watchdog.finish();
     let output = output.map_err(|source| BenchError::Spawn {
-        what: what.clone(),
+        what: what.to_string(),
         source,
     })?;
     let printed = format!(
@@ -96,24 +131,22 @@ fn restore_to_answer(
     );
     if killed {
         return Err(BenchError::Timeout {
-            what,
-            limit: config.limit,
+            what: what.to_string(),
+            limit,
             printed,
         });
     }
     if !output.status.success() {
         return Err(BenchError::Failed {
-            what,
+            what: what.to_string(),
             status: output.status.to_string(),
             printed,
         });
     }
-    answered.map_err(|last| BenchError::NoAnswer {
-        what,
-        limit: config.limit,
-        printed,
-        last,
-    })
+    match arrived {
+        Ok(arrived) => Ok((arrived, spawned_ns)),
+        Err(err) => Err(failed(err, printed)),
+    }
 }
 
 /// Looks for instance `name`, then pings its guest until it answers;
@@ -158,7 +191,7 @@ fn wait_for_pong(
 
 /// The instance directories there are now (a directory listing: cheaper
 /// than reading every record while a guest is being restored).
-fn instance_dirs(kiln: &Kiln) -> HashSet<OsString> {
+pub(crate) fn instance_dirs(kiln: &Kiln) -> HashSet<OsString> {
     std::fs::read_dir(kiln.home().join("instances"))
         .map(|entries| entries.filter_map(|e| Some(e.ok()?.file_name())).collect())
         .unwrap_or_default()
@@ -167,7 +200,7 @@ fn instance_dirs(kiln: &Kiln) -> HashSet<OsString> {
 /// Instance `name`, if it is among the directories not `known` (an
 /// instance's directory appears whole, its record in it); the others
 /// (concurrent runs' instances) become known.
-fn new_instance(
+pub(crate) fn new_instance(
     kiln: &Kiln,
     registry: &Registry,
     known: &mut HashSet<OsString>,

@@ -92,12 +92,27 @@ pub struct Timed {
 /// child ends without the event, fails when it should succeed, or is
 /// still running after `limit` (it is killed).
 pub fn time_to(
+    cmd: Command,
+    what: &str,
+    stream: Stream,
+    event: Event<'_>,
+    then: Then,
+    limit: Duration,
+) -> Result<Timed, BenchError> {
+    time_to_and(cmd, what, stream, event, then, limit, |_| {})
+}
+
+/// [`time_to`], calling `at_event` with the child's pid once the event
+/// has been seen and its time taken, before `then` (to look at the
+/// running child: its memory, say).
+pub fn time_to_and(
     mut cmd: Command,
     what: &str,
     stream: Stream,
     event: Event<'_>,
     then: Then,
     limit: Duration,
+    at_event: impl FnOnce(u32),
 ) -> Result<Timed, BenchError> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -114,8 +129,11 @@ pub fn time_to(
     let mut watched = BufReader::new(watched);
     let mut seen = Vec::new();
     let elapsed = wait_for(&mut watched, &mut seen, event, started);
-    if elapsed.is_some() && then == Then::Terminate {
-        signal(pid, libc::SIGTERM);
+    if elapsed.is_some() {
+        at_event(pid);
+        if then == Then::Terminate {
+            signal(pid, libc::SIGTERM);
+        }
     }
     let _ = watched.read_to_end(&mut seen);
     let status = child.wait();
@@ -224,6 +242,97 @@ fn status_text(status: ExitStatus) -> String {
     status.to_string()
 }
 
+/// A child run to its end, with what the kernel accounted to it.
+#[derive(Clone, Copy, Debug)]
+pub struct Exited {
+    /// From just before the spawn to its exit.
+    pub wall: Duration,
+    /// User plus system CPU time (`wait4`'s rusage).
+    pub cpu: Duration,
+    /// Peak resident set size, in KiB (`ru_maxrss`).
+    pub max_rss_kib: u64,
+    /// Its exit code; `None` when a signal ended it.
+    pub code: Option<i32>,
+}
+
+/// Spawns `cmd` (stdin from /dev/null, stdout and stderr into `output`)
+/// and waits for its end with `wait4`, whose rusage `std` does not give;
+/// killed (and a [`BenchError::Timeout`]) past `limit`. Any exit status
+/// is returned: what counts as success is the caller's to say.
+pub fn run_to_exit(
+    mut cmd: Command,
+    what: &str,
+    output: &std::path::Path,
+    limit: Duration,
+) -> Result<Exited, BenchError> {
+    let io = |source| BenchError::Io {
+        path: output.to_path_buf(),
+        source,
+    };
+    let out = std::fs::File::create(output).map_err(io)?;
+    let err = out.try_clone().map_err(io)?;
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    let spawn_err = |source| BenchError::Spawn {
+        what: what.to_string(),
+        source,
+    };
+    let started = Instant::now();
+    // The Child is never waited for by std: `reap` does it.
+    let pid = cmd.spawn().map_err(spawn_err)?.id();
+    let watchdog = Watchdog::start(pid, limit);
+    let ended = wait_exited(pid);
+    let wall = started.elapsed();
+    let killed = watchdog.finish();
+    let (status, usage) = ended.and_then(|()| reap(pid)).map_err(spawn_err)?;
+    if killed {
+        let printed = std::fs::read_to_string(output).unwrap_or_default();
+        return Err(BenchError::Timeout {
+            what: what.to_string(),
+            limit,
+            printed: printed.trim().to_string(),
+        });
+    }
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    Ok(Exited {
+        wall,
+        cpu: time(usage.ru_utime) + time(usage.ru_stime),
+        max_rss_kib: usage.ru_maxrss as u64,
+        code: libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)),
+    })
+}
+
+/// Waits until child `pid` has ended, leaving it unreaped (`WNOWAIT`): its
+/// pid stays its own for the watchdog until [`reap`].
+fn wait_exited(pid: u32) -> std::io::Result<()> {
+    loop {
+        // SAFETY: an all-zero siginfo_t is a valid value of the plain C
+        // struct, which waitid only writes.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid writes only the siginfo_t passed by reference.
+        let r = unsafe { libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOWAIT) };
+        match r {
+            0 => return Ok(()),
+            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+            _ => return Err(std::io::Error::last_os_error()),
+        }
+    }
+}
+
+/// Reaps the ended child `pid`: its wait status and resource usage.
+fn reap(pid: u32) -> std::io::Result<(i32, libc::rusage)> {
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value of the plain C struct,
+    // which wait4 only writes.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: wait4 writes only the status and rusage passed by reference;
+    // `pid` is our ended, unreaped child.
+    let r = unsafe { libc::wait4(pid as libc::pid_t, &mut status, 0, &mut usage) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((status, usage))
+}
+
 /// Milliseconds, as the reports count.
 pub fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -288,6 +397,23 @@ mod tests {
             Then::Succeed,
         );
         assert!(matches!(err, Err(BenchError::Failed { .. })), "{err:?}");
+    }
+
+    #[test]
+    fn a_child_run_to_its_end_has_its_cpu_time_and_memory() {
+        let out = tempfile::NamedTempFile::new().unwrap();
+        let mut cmd = Command::new("sh");
+        // Busy for a while in the shell itself, then a status of its own.
+        cmd.args([
+            "-c",
+            "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; echo done; exit 3",
+        ]);
+        let exited = run_to_exit(cmd, "sh", out.path(), Duration::from_secs(20)).unwrap();
+        assert_eq!(exited.code, Some(3));
+        assert!(exited.cpu > Duration::ZERO, "{exited:?}");
+        assert!(exited.wall >= exited.cpu / 2, "{exited:?}");
+        assert!(exited.max_rss_kib > 0, "{exited:?}");
+        assert_eq!(std::fs::read_to_string(out.path()).unwrap(), "done\n");
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! `kiln bench [cold|restore|clone|all]`: startup latency (`kiln_bench`),
-//! a table, and optionally JSON and an SVG of the CDFs.
-use std::path::PathBuf;
+//! a table, and optionally JSON and an SVG of the CDFs; `kiln bench vmm`:
+//! the VMM's own cost with the stub guest (`kiln_bench::vmm`), the same way.
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
+use kiln_bench::vmm::VmmConfig;
 use kiln_bench::{self as bench, Config, Peer, Progress, Scenario};
 
 use crate::assets::{Asset, kiln_home};
@@ -29,7 +31,51 @@ pub enum PeerArg {
 }
 
 #[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct Args {
+    #[command(subcommand)]
+    vmm: Option<VmmCommand>,
+    #[command(flatten)]
+    startup: StartupArgs,
+}
+
+#[derive(clap::Subcommand)]
+enum VmmCommand {
+    /// The VMM's own cost, natively, with the stub guest for a kernel:
+    /// cold start, snapshot restore, clones/s and where a restore's time goes.
+    Vmm(VmmArgs),
+}
+
+#[derive(clap::Args)]
+struct VmmArgs {
+    /// Timed runs per series (cold and restore, per VMM), and clones per concurrency.
+    #[arg(long, default_value_t = 30)]
+    runs: usize,
+    /// Untimed runs before each series.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    memory: u32,
+    /// The concurrencies the clones run at.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    concurrency: Vec<usize>,
+    /// Leave QEMU out (it is timed by default: cold boots and `-incoming` restores).
+    #[arg(long)]
+    no_qemu: bool,
+    /// Seconds one run may take before it is killed and the benchmark fails.
+    #[arg(long, default_value_t = 60)]
+    limit: u64,
+    /// Write the report (every sample, percentiles, breakdowns, goals) as JSON.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Draw the latency CDFs as an SVG.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct StartupArgs {
     #[arg(value_enum, default_value = "all")]
     which: Which,
     /// NAME:VERSION from the local store, booted, restored and cloned.
@@ -99,6 +145,13 @@ impl Progress for Bar {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    match args.vmm {
+        Some(VmmCommand::Vmm(vmm)) => run_vmm(vmm),
+        None => run_startup(args.startup),
+    }
+}
+
+fn run_startup(args: StartupArgs) -> anyhow::Result<ExitCode> {
     let scenarios = match args.which {
         Which::Cold => vec![Scenario::Cold],
         Which::Restore => vec![Scenario::Restore],
@@ -128,14 +181,59 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         anyhow::bail!("the report is not sound: {}", problems.join("; "));
     }
     print!("{}", report.table());
-    if let Some(path) = &args.json {
-        let json = serde_json::to_string_pretty(&report)?;
+    write_outputs(
+        || serde_json::to_string_pretty(&report),
+        args.json.as_deref(),
+        args.plot.as_deref(),
+        || bench::plot::svg(&report),
+    )
+}
+
+fn run_vmm(args: VmmArgs) -> anyhow::Result<ExitCode> {
+    let config = VmmConfig {
+        runs: args.runs,
+        warmup: args.warmup,
+        memory_mib: args.memory,
+        concurrencies: args.concurrency,
+        qemu: !args.no_qemu,
+        kiln: std::env::current_exe().context("cannot find the kiln binary")?,
+        home: kiln_home(),
+        stub: Asset::Stub.path(),
+        limit: Duration::from_secs(args.limit),
+    };
+    let bar = Bar::new();
+    let report = bench::vmm::run(&config, &bar);
+    bar.0.finish_and_clear();
+    let report = report?;
+    let problems = report.check();
+    if !problems.is_empty() {
+        anyhow::bail!("the report is not sound: {}", problems.join("; "));
+    }
+    print!("{}", report.table());
+    write_outputs(
+        || serde_json::to_string_pretty(&report),
+        args.json.as_deref(),
+        args.plot.as_deref(),
+        || report.svg(),
+    )
+}
+
+/// The report (as `to_json` writes it) into `json`, its plot (as `svg`
+/// draws it) into `plot`.
+fn write_outputs(
+    to_json: impl FnOnce() -> serde_json::Result<String>,
+    json: Option<&Path>,
+    plot: Option<&Path>,
+    svg: impl FnOnce() -> Result<String, bench::plot::PlotError>,
+) -> anyhow::Result<ExitCode> {
+    if let Some(path) = json {
+        let json = to_json()?;
         std::fs::write(path, json + "\n")
             .with_context(|| format!("--json {}: cannot write", path.display()))?;
         eprintln!("kiln: wrote {}", path.display());
     }
-    if let Some(path) = &args.plot {
-        let svg = bench::plot::svg(&report).map_err(bench::BenchError::Plot)?;
+    if let Some(path) = plot {
+        let svg = svg().map_err(bench::BenchError::Plot)?;
         std::fs::write(path, svg)
             .with_context(|| format!("--plot {}: cannot write", path.display()))?;
         eprintln!("kiln: wrote {}", path.display());

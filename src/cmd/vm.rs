@@ -31,6 +31,7 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // The boot timer's zero.
     let started = Instant::now();
+    kiln_vmm::trace::mark("vm");
     // A VMM error has its own exit status, which the supervisor records.
     Ok(run_vm(&args, started).unwrap_or_else(|err| {
         eprintln!("kiln: {err:#}");

@@ -42,6 +42,7 @@ use crate::persist;
 use crate::rpc::ControlListener;
 use crate::seccomp::SeccompError;
 use crate::snapshot::{LoadedSnapshot, NetState, SnapshotError};
+use crate::trace;
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuContext, VcpuError, Vcpus};
 use crate::vstate::vm::{Vm, VmError};
@@ -237,6 +238,7 @@ pub fn build(
     control: Option<ControlListener>,
 ) -> Result<Machine, VmmError> {
     let kvm = open_kvm(config)?;
+    trace::mark("kvm-opened");
     let start = match &config.boot {
         Boot::Kernel(kernel) => Start::Kernel(kernel),
         Boot::Snapshot { dir, consume } => Start::Snapshot {
@@ -244,11 +246,13 @@ pub fn build(
             consume: *consume,
         },
     };
+    trace::mark("snapshot-read");
     let saved = match &start {
         Start::Snapshot { snapshot, .. } => Some(&snapshot.machine),
         Start::Kernel(_) => None,
     };
     let (mem, vm) = memory_and_vm(&kvm, &start, config)?;
+    trace::mark("memory-mapped");
 
     let end = VmEndSignal::new().map_err(VmmError::EventFd)?;
     let report = if config.announce_boot {
@@ -298,10 +302,12 @@ pub fn build(
         config.net.as_ref(),
         saved.and_then(|m| m.net.as_ref()),
     )?;
+    trace::mark("devices-made");
     let (cmdline, vcpus) = match &start {
         Start::Kernel(kernel) => boot_vcpus(&kvm, &vm, &mem, kernel, config, &disks, &slots)?,
         Start::Snapshot { snapshot, consume } => restore_vcpus(&kvm, &vm, snapshot, *consume)?,
     };
+    trace::mark("vcpus-set");
     let memory_mib = saved.map_or(config.memory_mib, |m| m.memory_mib);
 
     // Raw mode before the guest prints; restored when the machine goes.
@@ -318,6 +324,7 @@ pub fn build(
         .into_iter()
         .map(|vcpu| vcpu.spawn(context.clone()))
         .collect::<Result<Vec<_>, _>>()?;
+    trace::mark("vcpus-started");
     Ok(Machine {
         mem,
         vm,

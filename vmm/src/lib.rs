@@ -21,5 +21,6 @@ pub mod rpc;
 pub mod seccomp;
 pub mod snapshot;
 pub mod supervised;
+pub mod trace;
 pub mod volume;
 pub mod vstate;

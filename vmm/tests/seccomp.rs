@@ -15,6 +15,7 @@ use event_manager::{EventManager, SubscriberOps};
 use kiln_vmm::devices::serial::{Serial, SerialInput};
 use kiln_vmm::devices::virtio::block::{Block, DiskSource};
 use kiln_vmm::seccomp::ThreadKind;
+use kiln_vmm::trace::{self, TRACE_ENV};
 use kiln_vmm::volume::Volume;
 use kiln_vmm::vstate::memory;
 use vm_memory::{Bytes, GuestAddress};
@@ -81,6 +82,32 @@ fn vcpu_thread_survives_its_steady_state_kicks_and_teardown() {
         return;
     };
     assert_survived(&output);
+}
+
+#[test]
+fn trace_marks_pass_every_vmm_filter() {
+    let trace = |test_pid: u32| std::env::temp_dir().join(format!("kiln-trace-{test_pid}"));
+    let Some(output) = in_child_or_run("trace_marks_pass_every_vmm_filter") else {
+        // SAFETY: this child runs this one test alone (--test-threads=1),
+        // before it starts any thread that could read the environment.
+        unsafe { std::env::set_var(TRACE_ENV, trace(std::os::unix::process::parent_id())) };
+        // Opened before any filter, as `main` does.
+        trace::init();
+        on_filtered_thread(ThreadKind::Vcpu, || trace::mark("vCPU"));
+        on_filtered_thread(ThreadKind::Vmm, || {
+            trace::mark("VMM");
+            say_survived();
+            // The VMM thread ends the process; it never ends alone.
+            std::process::exit(0);
+        });
+        return;
+    };
+    let file = trace(std::process::id());
+    let lines = std::fs::read_to_string(&file).unwrap_or_default();
+    let _ = std::fs::remove_file(&file);
+    assert_survived(&output);
+    let stages: Vec<&str> = lines.lines().filter_map(|l| l.split(' ').next()).collect();
+    assert_eq!(stages, ["vCPU", "VMM"], "{lines}");
 }
 
 #[test]

@@ -59,6 +59,12 @@ enum Bench {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// `kiln bench vmm`: the VMM's own cost with the stub guest, on this host's own KVM.
+    Vmm {
+        /// Timed runs per series, and clones per concurrency.
+        #[arg(long, default_value_t = 30)]
+        runs: usize,
+    },
     /// `kiln bench all --peer qemu` where KVM is (nested, labelled as emulation, without it).
     Startup {
         /// Timed runs per scenario and VMM (after one warm-up each).
@@ -150,6 +156,9 @@ fn main() -> ExitCode {
         Task::Bench {
             bench: Bench::Startup { runs },
         } => bench::startup(runs),
+        Task::Bench {
+            bench: Bench::Vmm { runs },
+        } => bench::vmm(runs),
         Task::BenchCheck { file, peer, plot } => bench::check_report(&file, peer, plot.as_deref()),
         Task::BenchGuest {
             kind: GuestBench::Startup,

@@ -146,8 +146,7 @@ fn in_loaded_code(elf: &Elf, address: u64) -> bool {
 mod tests {
     use super::*;
 
-    /// Needs binutils (`cargo xtask test` installs build-essential, which
-    /// brings them).
+    /// Needs binutils (`cargo xtask test` installs them up front).
     #[test]
     fn the_stub_assembles_with_both_entries_in_its_code() {
         let out = tempfile::tempdir().unwrap();

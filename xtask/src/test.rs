@@ -1,11 +1,12 @@
 //! `cargo xtask test`: everything CI runs, in order, stopping at the first
 //! failure: formatting, clippy (warnings are errors), the unit and
-//! integration tests, then the end-to-end scenarios that boot real VMs.
+//! integration tests, a short `kiln bench vmm` with the stub guest, then
+//! the end-to-end scenarios that boot real VMs.
 use std::process::Command;
 
 use anyhow::{Context, Result};
 
-use crate::{apt, harness, kernel, sh};
+use crate::{apt, bench, harness, kernel, sh, stub};
 
 /// The unit and integration tests read real host programs: busybox-static
 /// (a static stand-in for guest-init), Debian's python3 and its
@@ -15,7 +16,15 @@ const TEST_PACKAGES: &[&str] = &["busybox-static", "python3", "zstd", "e2fsprogs
 pub fn run() -> Result<()> {
     // Everything up front: on a fresh machine the unit tests already need
     // what vm-test would otherwise install later.
-    apt::ensure(&[TEST_PACKAGES, harness::PACKAGES, kernel::BUILD_PACKAGES].concat())?;
+    apt::ensure(
+        &[
+            TEST_PACKAGES,
+            harness::PACKAGES,
+            kernel::BUILD_PACKAGES,
+            stub::BUILD_PACKAGES,
+        ]
+        .concat(),
+    )?;
     let cargo = |args: &[&str]| -> Result<()> {
         eprintln!("xtask: == cargo {}", args.join(" "));
         sh::run(
@@ -35,6 +44,10 @@ pub fn run() -> Result<()> {
         "warnings",
     ])?;
     cargo(&["test", "--workspace"])?;
+    // The VMM's own cost with the stub guest, natively on this host's KVM
+    // (PVM included), a few runs: the benchmark works, its report is sound.
+    eprintln!("xtask: == kiln bench vmm (short, on this host's own KVM)");
+    bench::vmm_ci(&harness::build_kiln()?, &stub::build()?)?;
     // The tests that need the guest kernel are ignored by a plain `cargo
     // test`; here they run, with the kernel built (or found in its cache).
     let kernel = kernel::build()?;

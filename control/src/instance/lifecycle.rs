@@ -267,6 +267,7 @@ fn spawn_vmm(
         .append(true)
         .open(instance.console_log())
         .map_err(spawn_err)?;
+    kiln_vmm::trace::mark("vmm-spawn");
     let mut command = Command::new(kiln);
     command.args([
         VMM_SUBCOMMAND,

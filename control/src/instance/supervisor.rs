@@ -150,6 +150,7 @@ pub fn run(
     vm: &VmProcess,
     started: Option<OwnedFd>,
 ) -> Result<ExitStatus, SupervisorError> {
+    kiln_vmm::trace::mark("supervisor");
     let launch = Launch {
         restore,
         console: vm.console,
@@ -329,6 +330,7 @@ fn start_vm(
     // The command, and with it our copies of the pipe's write end, is
     // dropped once the child is spawned: the copy into the log ends when
     // the VM process does.
+    kiln_vmm::trace::mark("vm-spawn");
     let child = command
         .spawn()
         .map_err(io_err("cannot start the VM process"))?;

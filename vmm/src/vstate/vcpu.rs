@@ -21,6 +21,7 @@ use crate::devices::bus::Bus;
 use crate::event_loop::{VmEnd, VmEndSignal};
 use crate::report::one_line;
 use crate::seccomp::{self, ThreadKind};
+use crate::trace;
 
 /// LAPIC register offsets (Intel SDM Vol. 3A Table 11-1): LVT LINT0/LINT1.
 const APIC_LVT_LINT0: usize = 0x350;
@@ -219,6 +220,8 @@ impl Vcpu {
             context.end.signal(VmEnd::Error(one_line(&err)));
             return;
         }
+        // The first KVM_RUN is where a boot or restore's VMM work ends.
+        let mut entered = false;
         while !context.stop.load(Ordering::Acquire) {
             match inbox.try_recv() {
                 Ok(Request::Pause) => {
@@ -230,6 +233,10 @@ impl Vcpu {
                 // Save and Resume only mean something while parked.
                 Ok(Request::Save | Request::Resume) | Err(TryRecvError::Empty) => {}
                 Err(TryRecvError::Disconnected) => return,
+            }
+            if !entered {
+                entered = true;
+                trace::mark("kvm-run");
             }
             let end = match self.fd.run() {
                 Ok(exit) => handle_exit(exit, context),

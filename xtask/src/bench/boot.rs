@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use super::{Boot, Stats, env, environment, millis, print_report, run_guest, save, time_boot};
-use kiln_bench::qemu::Microvm;
+use kiln_bench::qemu::{CPU_HOST, InitPort, Microvm};
 
 /// The hello image's entrypoint prints this, then exits 3.
 const MARKER: &str = "hello from kiln guest-init";
@@ -141,13 +141,14 @@ pub fn guest(runs: usize) -> Result<()> {
 pub(super) fn qemu_command(qemu: &str, kernel: &str, image: &Path, extra: &str) -> Command {
     Microvm {
         kernel: kernel.into(),
-        rootfs: image.to_path_buf(),
+        rootfs: Some(image.to_path_buf()),
+        cpu: CPU_HOST,
         memory_mib: MEMORY_MIB as u32,
         vcpus: 1,
         throwaway_writes: false,
         extra_cmdline: extra.to_string(),
         console: None,
-        boot_timer_on_stdout: false,
+        init_port: InitPort::None,
     }
     .command(Path::new(qemu))
 }

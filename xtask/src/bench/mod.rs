@@ -18,6 +18,10 @@
 //!   throughput of the web image on Kiln's virtio-net against QEMU's, both
 //!   over a tap on kiln0.
 //!
+//! - `cargo xtask bench vmm` ([`vmm`]): `kiln bench vmm`, the VMM's own
+//!   cost with the stub guest on this host's own KVM (never nested),
+//!   report checked and plot drawn; `cargo xtask test` runs a short one.
+//!
 //! The VM benchmarks run their guest side (`bench-guest`) where KVM is: on
 //! a host without hardware KVM, inside the nested harness, where only
 //! ratios mean anything; the reports say which.
@@ -43,6 +47,7 @@ mod function;
 mod net;
 mod snapshot;
 mod startup;
+mod vmm;
 
 pub use boot::{boot, guest as boot_guest};
 pub use build::build;
@@ -51,6 +56,7 @@ pub use function::{function, guest as function_guest};
 pub use net::{guest as net_guest, net};
 pub use snapshot::{guest as snapshot_guest, snapshot};
 pub use startup::{check as check_report, guest as startup_guest, startup};
+pub use vmm::{ci as vmm_ci, vmm};
 
 /// The guest side prints its report as one line after this.
 const JSON_PREFIX: &str = "KILN-BENCH-JSON ";

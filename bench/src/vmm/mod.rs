@@ -1,0 +1,165 @@
+//! `kiln bench vmm`: the VMM's own cost, measured natively with the stub
+//! guest (docs/stub-guest.md) in place of a kernel, so that no guest
+//! boot, emulated or not, is in any number. It runs wherever `/dev/kvm`
+//! opens: on hardware KVM, and on a PVM host, where the stub's few
+//! instructions run natively (the benchmark's Kiln processes get
+//! `KILN_ALLOW_PVM=1`).
+//!
+//! - [`cold`]: exec → the stub's first write → process exit, Kiln's
+//!   `kiln run --kernel STUB` and QEMU microvm's by turns, with CPU time
+//!   and peak RSS from `wait4`.
+//! - [`restore`]: a snapshot of a beating stub restored to its first
+//!   heartbeat, through `kiln snapshot restore` (a detached instance: the
+//!   `kiln` command, the registry, the instance's VMM process, its VM
+//!   process) and through a VM process alone (`kiln __vm`, the lean
+//!   path); and the clones, VM-process restores at several concurrencies.
+//! - [`peer`]: QEMU's restore of a migration stream, `-incoming`.
+//! - [`breakdown`]: where a restore's milliseconds go, from the stage
+//!   timestamps Kiln's processes append to `KILN_TRACE`.
+//!
+//! Everything runs in a Kiln home of its own with a store of its own
+//! (the stub's image is built there), removed at the end.
+pub mod breakdown;
+pub mod cold;
+pub mod peer;
+pub mod report;
+pub mod restore;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kiln_vmm::host::{self, ALLOW_PVM_ENV, HostVirt};
+
+use crate::kiln::Kiln;
+use crate::{BenchError, Plan, Progress, Workspace, environment};
+use report::{PeerRestore, VmmReport};
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct VmmConfig {
+    /// Timed runs per cold and restore series, and clones per concurrency.
+    pub runs: usize,
+    /// Untimed runs before each series.
+    pub warmup: usize,
+    /// Guest memory of every VM, in MiB.
+    pub memory_mib: u32,
+    /// The concurrencies the clones run at.
+    pub concurrencies: Vec<usize>,
+    /// Time QEMU microvm too (cold, and its `-incoming` restore).
+    pub qemu: bool,
+    /// The `kiln` binary the runs exec.
+    pub kiln: PathBuf,
+    /// The user's `KILN_HOME`, under which the benchmark's own home goes.
+    pub home: PathBuf,
+    /// The stub guest.
+    pub stub: PathBuf,
+    /// How long one run may take before it is killed and the benchmark fails.
+    pub limit: Duration,
+}
+
+impl VmmConfig {
+    /// One at a time, as the cold and restore series run.
+    fn plan(&self) -> Plan {
+        Plan {
+            runs: self.runs,
+            warmup: self.warmup,
+            concurrency: 1,
+        }
+    }
+}
+
+/// The label of this benchmark's numbers on `host`.
+fn label(host: &HostVirt) -> String {
+    let kvm = match host {
+        HostVirt::Pvm => "native KVM on a PVM host (kvm_pvm: the stub's instructions run natively)",
+        _ => "native hardware KVM",
+    };
+    format!(
+        "{kvm}, stub guest: no guest kernel, so these are the VMM's own costs (process, \
+         KVM set-up, memory, devices, snapshot restore), not a Linux guest's boot"
+    )
+}
+
+/// Runs the benchmark described by `config`.
+pub fn run(config: &VmmConfig, progress: &dyn Progress) -> Result<VmmReport, BenchError> {
+    if config.runs == 0 {
+        return Err(BenchError::Runs(config.runs));
+    }
+    if let Some(&bad) = config.concurrencies.iter().find(|&&c| c == 0) {
+        return Err(BenchError::Concurrency(bad));
+    }
+    if config.concurrencies.is_empty() {
+        return Err(BenchError::Concurrency(0));
+    }
+    let host = host::detect();
+    if let HostVirt::Unavailable { .. } = host {
+        return Err(BenchError::NoKvm(host));
+    }
+    if !config.stub.is_file() {
+        return Err(BenchError::NoStub(config.stub.clone()));
+    }
+    let mut environment = environment(&host);
+    environment.label = label(&host);
+    let work = Workspace::isolated(&config.home)?;
+    let kiln = Kiln::new(&config.kiln, work.home())
+        .with_kernel(&config.stub)
+        .with_env(ALLOW_PVM_ENV, "1");
+
+    let (kiln_cold, qemu_cold) = cold::run(config, &kiln, work.path(), progress)?;
+    let snapshot = restore::instance_snapshot(config, &kiln, work.path(), progress)?;
+    let (restores, breakdown) = restore::instance_restores(config, &kiln, &snapshot, progress)?;
+    let vm = restore::vm_snapshot(config, &kiln, work.path(), progress)?;
+    let (vm_restores, vm_breakdown) = restore::vm_restores(config, &kiln, &vm, progress)?;
+    let clones = config
+        .concurrencies
+        .iter()
+        .map(|&c| restore::clones(config, &kiln, &vm, c, progress))
+        .collect::<Result<Vec<_>, _>>()?;
+    let qemu_restore = if config.qemu {
+        peer::restores(config, work.path(), progress)
+    } else {
+        PeerRestore::Unavailable("not asked for (--no-qemu)".into())
+    };
+    drop(kiln);
+    work.remove()?;
+
+    let best = clones
+        .iter()
+        .max_by(|a, b| a.clones_per_s.total_cmp(&b.clones_per_s))
+        .expect("at least one concurrency");
+    let at_one = clones
+        .iter()
+        .min_by_key(|c| c.concurrency)
+        .expect("at least one");
+    let mut report = VmmReport {
+        schema_version: report::SCHEMA_VERSION,
+        kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+        environment,
+        memory_mib: config.memory_mib,
+        runs: config.runs,
+        warmup_runs: config.warmup,
+        cold_wall_ratio: qemu_cold
+            .as_ref()
+            .map(|q| kiln_cold.cold_wall_ms_p50 / q.cold_wall_ms_p50),
+        cold_cpu_ms_p50: kiln_cold.cold_cpu_ms_p50,
+        kiln: kiln_cold,
+        qemu: qemu_cold,
+        restore_ms_p50: restores.ms.p50,
+        restore_ms_p99: restores.ms.p99,
+        vm_restore_ms_p50: vm_restores.ms.p50,
+        vm_restore_ms_p99: vm_restores.ms.p99,
+        restore: restores,
+        vm_restore: vm_restores,
+        qemu_restore,
+        clone_path: restore::CLONE_PATH.into(),
+        clones_per_s: best.clones_per_s,
+        clone_concurrency: best.concurrency,
+        vmm_rss_mib: at_one.vmm_rss_kib_p50 as f64 / 1024.0,
+        clones,
+        breakdown,
+        vm_breakdown,
+        goals: Vec::new(),
+    };
+    report.goals = report.goals();
+    Ok(report)
+}

@@ -1,0 +1,686 @@
+//! What `kiln bench vmm --json FILE` writes: every sample, their
+//! percentiles, the goals' keys at the top level (as issue 19 names them),
+//! the breakdowns; [`VmmReport::check`] is the schema's rules beyond what
+//! serde checks, [`VmmReport::table`] what the command prints.
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::plot::{self, Line, PlotError};
+use crate::report::{Environment, close};
+use crate::stats::{Stats, nearest_rank, sorted};
+
+/// Bumped whenever a field changes meaning or goes away.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// One `kiln bench vmm` run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmmReport {
+    /// [`SCHEMA_VERSION`] of the code that wrote it.
+    pub schema_version: u32,
+    /// The version of the `kiln` that measured.
+    pub kiln_version: String,
+    /// The host; its label says native KVM and the stub guest.
+    pub environment: Environment,
+    /// Guest memory of every VM, in MiB.
+    pub memory_mib: u32,
+    /// Timed runs of each cold and restore series, and clones per
+    /// concurrency.
+    pub runs: usize,
+    /// Untimed runs before each series.
+    pub warmup_runs: usize,
+    /// Kiln's cold runs.
+    pub kiln: Cold,
+    /// QEMU microvm's cold runs, when it took part.
+    pub qemu: Option<Cold>,
+    /// Kiln's cold wall-time p50 over QEMU's (goal: at most 0.25).
+    pub cold_wall_ratio: Option<f64>,
+    /// Kiln's cold CPU time p50 (goal: at most 3 ms).
+    pub cold_cpu_ms_p50: f64,
+    /// `kiln snapshot restore` to the first heartbeat, p50 (goal: at most 5 ms).
+    pub restore_ms_p50: f64,
+    /// The same, p99 (goal: at most 15 ms).
+    pub restore_ms_p99: f64,
+    /// A `kiln __vm` restore (the VM process alone) to the first heartbeat, p50.
+    pub vm_restore_ms_p50: f64,
+    /// The same, p99.
+    pub vm_restore_ms_p99: f64,
+    /// `kiln snapshot restore`'s runs.
+    pub restore: Latency,
+    /// The VM process's restores.
+    pub vm_restore: Latency,
+    /// QEMU's `-incoming` restores, or why there are none.
+    pub qemu_restore: PeerRestore,
+    /// Which restore the clones are, and why.
+    pub clone_path: String,
+    /// Clones per second at the best concurrency (goal: at least 200).
+    pub clones_per_s: f64,
+    /// The concurrency that gave [`Self::clones_per_s`].
+    pub clone_concurrency: usize,
+    /// The clones, per concurrency.
+    pub clones: Vec<Clones>,
+    /// The VM process's resident memory without guest RAM, p50 over the
+    /// clones at concurrency 1, in MiB (goal: at most 3).
+    pub vmm_rss_mib: f64,
+    /// Where `kiln snapshot restore`'s milliseconds go (p50 per stage).
+    pub breakdown: Vec<Stage>,
+    /// Where the VM process's restore's milliseconds go.
+    pub vm_breakdown: Vec<Stage>,
+    /// Each goal of issue 19, and whether this run met it.
+    pub goals: Vec<Goal>,
+}
+
+/// One VMM's cold runs: exec to the stub's first write to the process's
+/// exit, with what `wait4` accounted.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cold {
+    /// What ran.
+    pub command: String,
+    /// Wall time p50, exec to `wait4`.
+    pub cold_wall_ms_p50: f64,
+    /// Wall time p99.
+    pub cold_wall_ms_p99: f64,
+    /// User plus system CPU time p50.
+    pub cold_cpu_ms_p50: f64,
+    /// CPU time p99.
+    pub cold_cpu_ms_p99: f64,
+    /// Peak resident set size (`ru_maxrss`) p50, in MiB.
+    pub cold_max_rss_mib_p50: f64,
+    /// Every run's wall time.
+    pub wall_ms: Vec<f64>,
+    /// Every run's CPU time.
+    pub cpu_ms: Vec<f64>,
+    /// Every run's peak RSS, in KiB.
+    pub max_rss_kib: Vec<u64>,
+}
+
+impl Cold {
+    /// From the runs' samples (not empty).
+    pub fn new(command: &str, wall_ms: Vec<f64>, cpu_ms: Vec<f64>, max_rss_kib: Vec<u64>) -> Cold {
+        let rss_mib: Vec<f64> = max_rss_kib.iter().map(|&k| k as f64 / 1024.0).collect();
+        Cold {
+            command: command.to_string(),
+            cold_wall_ms_p50: p(&wall_ms, 0.5),
+            cold_wall_ms_p99: p(&wall_ms, 0.99),
+            cold_cpu_ms_p50: p(&cpu_ms, 0.5),
+            cold_cpu_ms_p99: p(&cpu_ms, 0.99),
+            cold_max_rss_mib_p50: p(&rss_mib, 0.5),
+            wall_ms,
+            cpu_ms,
+            max_rss_kib,
+        }
+    }
+}
+
+/// The nearest-rank percentile `q` of `samples`; NaN when empty (which
+/// [`VmmReport::check`] refuses).
+fn p(samples: &[f64], q: f64) -> f64 {
+    nearest_rank(&sorted(samples), q).unwrap_or(f64::NAN)
+}
+
+/// A positive, finite number.
+fn positive(x: f64) -> bool {
+    x.is_finite() && x > 0.0
+}
+
+/// Timed runs of one kind: what the timer starts and stops on, every
+/// sample and their percentiles.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Latency {
+    /// What the timer starts on.
+    pub timer_starts: String,
+    /// What the timer stops on.
+    pub timer_stops: String,
+    /// Each run's latency, in the order the runs finished.
+    pub samples_ms: Vec<f64>,
+    /// Their percentiles.
+    pub ms: Stats,
+}
+
+impl Latency {
+    /// From `samples_ms` (not empty) and the timer's `(start, stop)`.
+    pub fn new(timer: (&str, &str), samples_ms: Vec<f64>) -> Option<Latency> {
+        Some(Latency {
+            timer_starts: timer.0.to_string(),
+            timer_stops: timer.1.to_string(),
+            ms: Stats::of(&samples_ms)?,
+            samples_ms,
+        })
+    }
+}
+
+/// QEMU's restore of a migration stream, or why it was not measured.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum PeerRestore {
+    /// Measured.
+    Measured(Latency),
+    /// Not measured, and why.
+    Unavailable(String),
+}
+
+/// The clones at one concurrency.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Clones {
+    /// Clones in flight at once.
+    pub concurrency: usize,
+    /// Clones per second of the phase's wall time.
+    pub clones_per_s: f64,
+    /// The phase's wall time: first spawn to last teardown.
+    pub wall_s: f64,
+    /// Each clone's spawn to first heartbeat.
+    pub latency: Latency,
+    /// The VM process's VmRSS at its first heartbeat, p50, in KiB.
+    pub rss_kib_p50: u64,
+    /// The same without the guest memory's resident pages, p50, in KiB.
+    pub vmm_rss_kib_p50: u64,
+    /// Of that, the anonymous pages, p50, in KiB: the VM process's own;
+    /// the rest are file pages shared with every `kiln` process.
+    pub vmm_anon_kib_p50: u64,
+}
+
+/// One stage of a restore: from the previous stage's timestamp to its own.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stage {
+    /// What happens in it.
+    pub stage: String,
+    /// The process it ends in.
+    pub process: String,
+    /// Its length, p50 over the runs, in ms.
+    pub ms_p50: f64,
+    /// Its end since the spawn, p50 over the runs, in ms.
+    pub at_ms_p50: f64,
+}
+
+/// One goal, and how this run did.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Goal {
+    /// The report's key.
+    pub key: String,
+    /// "<= 0.25", ">= 200".
+    pub goal: String,
+    /// This run's value; `None` when it could not be measured.
+    pub value: Option<f64>,
+    /// Whether the value meets the goal.
+    pub met: bool,
+}
+
+impl Goal {
+    /// `key`'s `value` against at most `limit`.
+    pub fn at_most(key: &str, limit: f64, value: Option<f64>) -> Goal {
+        Goal {
+            key: key.into(),
+            goal: format!("<= {limit}"),
+            met: value.is_some_and(|v| v <= limit),
+            value,
+        }
+    }
+
+    /// `key`'s `value` against at least `floor`.
+    pub fn at_least(key: &str, floor: f64, value: Option<f64>) -> Goal {
+        Goal {
+            key: key.into(),
+            goal: format!(">= {floor}"),
+            met: value.is_some_and(|v| v >= floor),
+            value,
+        }
+    }
+}
+
+impl VmmReport {
+    /// The goals of issue 19 against this report's numbers.
+    pub fn goals(&self) -> Vec<Goal> {
+        vec![
+            Goal::at_most("cold_wall_ratio", 0.25, self.cold_wall_ratio),
+            Goal::at_most("cold_cpu_ms_p50", 3.0, Some(self.cold_cpu_ms_p50)),
+            Goal::at_most("restore_ms_p50", 5.0, Some(self.restore_ms_p50)),
+            Goal::at_most("restore_ms_p99", 15.0, Some(self.restore_ms_p99)),
+            Goal::at_least("clones_per_s", 200.0, Some(self.clones_per_s)),
+            Goal::at_most("vmm_rss_mib", 3.0, Some(self.vmm_rss_mib)),
+        ]
+    }
+
+    /// The latency series the plot draws, labelled.
+    fn lines(&self) -> Vec<Line<'_>> {
+        let mut lines: Vec<Line<'_>> = vec![("cold (kiln)".into(), &self.kiln.wall_ms)];
+        if let Some(qemu) = &self.qemu {
+            lines.push(("cold (qemu)".into(), &qemu.wall_ms));
+        }
+        lines.push((
+            "restore (kiln snapshot restore)".into(),
+            &self.restore.samples_ms,
+        ));
+        lines.push(("restore (kiln __vm)".into(), &self.vm_restore.samples_ms));
+        if let PeerRestore::Measured(qemu) = &self.qemu_restore {
+            lines.push(("restore (qemu -incoming)".into(), &qemu.samples_ms));
+        }
+        for c in &self.clones {
+            let label = format!("clone (kiln __vm, {} at a time)", c.concurrency);
+            lines.push((label, &c.latency.samples_ms));
+        }
+        lines
+    }
+
+    /// The SVG of every latency series' CDF.
+    pub fn svg(&self) -> Result<String, PlotError> {
+        let mut subtitle = vec![format!(
+            "stub guest, {} MiB, {} runs per line; cold kiln/qemu p50 = {}; restore p50 {:.1} ms \
+             (instance), {:.1} ms (VM process); {:.0} clones/s",
+            self.memory_mib,
+            self.runs,
+            self.cold_wall_ratio
+                .map_or("-".into(), |r| format!("{r:.2}")),
+            self.restore_ms_p50,
+            self.vm_restore_ms_p50,
+            self.clones_per_s
+        )];
+        subtitle.extend(plot::wrap(&self.environment.label));
+        plot::cdf_svg(
+            "kiln bench vmm: the VMM's own cost, CDF per series",
+            &subtitle,
+            &self.lines(),
+        )
+    }
+
+    /// What is wrong with this report, none when it is sound: every
+    /// series has `runs` positive finite samples whose percentiles are the
+    /// ones recorded, the top-level keys are those series' percentiles,
+    /// and the goals are this report's.
+    pub fn check(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.schema_version != SCHEMA_VERSION {
+            problems.push(format!(
+                "schema_version {}, expected {SCHEMA_VERSION}",
+                self.schema_version
+            ));
+        }
+        for (label, samples) in self.lines() {
+            if samples.len() != self.runs {
+                problems.push(format!(
+                    "{label}: {} samples, expected {}",
+                    samples.len(),
+                    self.runs
+                ));
+            }
+            if let Some(bad) = samples.iter().find(|&&ms| !positive(ms)) {
+                problems.push(format!(
+                    "{label}: the sample {bad} ms is not a positive time"
+                ));
+            }
+        }
+        let mut latencies = vec![("restore", &self.restore), ("vm_restore", &self.vm_restore)];
+        latencies.extend(self.clones.iter().map(|c| ("clone", &c.latency)));
+        for (label, latency) in latencies {
+            if Stats::of(&latency.samples_ms).as_ref() != Some(&latency.ms) {
+                problems.push(format!("{label}: ms are not the samples' percentiles"));
+            }
+        }
+        for cold in std::iter::once(&self.kiln).chain(&self.qemu) {
+            let again = Cold::new(
+                &cold.command,
+                cold.wall_ms.clone(),
+                cold.cpu_ms.clone(),
+                cold.max_rss_kib.clone(),
+            );
+            if &again != cold {
+                problems.push(format!(
+                    "{}: the percentiles are not the samples'",
+                    cold.command
+                ));
+            }
+            if cold
+                .cpu_ms
+                .iter()
+                .chain(&cold.wall_ms)
+                .any(|&ms| !positive(ms))
+                || cold.max_rss_kib.contains(&0)
+            {
+                problems.push(format!("{}: a time or RSS is not positive", cold.command));
+            }
+        }
+        let keys = [
+            (
+                "cold_cpu_ms_p50",
+                self.cold_cpu_ms_p50,
+                self.kiln.cold_cpu_ms_p50,
+            ),
+            ("restore_ms_p50", self.restore_ms_p50, self.restore.ms.p50),
+            ("restore_ms_p99", self.restore_ms_p99, self.restore.ms.p99),
+            (
+                "vm_restore_ms_p50",
+                self.vm_restore_ms_p50,
+                self.vm_restore.ms.p50,
+            ),
+            (
+                "vm_restore_ms_p99",
+                self.vm_restore_ms_p99,
+                self.vm_restore.ms.p99,
+            ),
+        ];
+        for (key, value, expected) in keys {
+            if value != expected {
+                problems.push(format!("{key} {value} is not its series' ({expected})"));
+            }
+        }
+        let ratio = self
+            .qemu
+            .as_ref()
+            .map(|q| self.kiln.cold_wall_ms_p50 / q.cold_wall_ms_p50);
+        let same = match (self.cold_wall_ratio, ratio) {
+            (Some(a), Some(b)) => close(a, b),
+            (a, b) => a == b,
+        };
+        if !same {
+            problems.push(format!(
+                "cold_wall_ratio {:?}, expected {ratio:?}",
+                self.cold_wall_ratio
+            ));
+        }
+        let best = self
+            .clones
+            .iter()
+            .max_by(|a, b| a.clones_per_s.total_cmp(&b.clones_per_s));
+        match best {
+            Some(best)
+                if best.clones_per_s == self.clones_per_s
+                    && best.concurrency == self.clone_concurrency => {}
+            _ => problems.push("clones_per_s is not the best concurrency's".into()),
+        }
+        if self
+            .clones
+            .iter()
+            .any(|c| !positive(c.clones_per_s) || c.rss_kib_p50 == 0)
+        {
+            problems.push("a concurrency's clones/s or RSS is not positive".into());
+        }
+        if !positive(self.vmm_rss_mib) {
+            problems.push(format!("vmm_rss_mib {} is not positive", self.vmm_rss_mib));
+        }
+        for (what, stages) in [
+            ("breakdown", &self.breakdown),
+            ("vm_breakdown", &self.vm_breakdown),
+        ] {
+            if stages.is_empty()
+                || stages
+                    .iter()
+                    .any(|s| !(s.ms_p50.is_finite() && s.ms_p50 >= 0.0))
+            {
+                problems.push(format!("{what}: empty, or a stage of no positive length"));
+            }
+        }
+        if self.goals != self.goals() {
+            problems.push("the goals are not this report's numbers".into());
+        }
+        problems
+    }
+
+    /// The tables `kiln bench vmm` prints.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{} runs per series after {} warm-up; {} MiB guests; {}",
+            self.runs, self.warmup_runs, self.memory_mib, self.environment.label
+        );
+        let _ = writeln!(
+            out,
+            "\n| cold: exec to exit | wall p50 ms | wall p99 ms | CPU p50 ms | CPU p99 ms | peak RSS p50 MiB |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|");
+        for (vmm, c) in
+            std::iter::once(("kiln", &self.kiln)).chain(self.qemu.iter().map(|q| ("qemu", q)))
+        {
+            let _ = writeln!(
+                out,
+                "| {vmm} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} |",
+                c.cold_wall_ms_p50,
+                c.cold_wall_ms_p99,
+                c.cold_cpu_ms_p50,
+                c.cold_cpu_ms_p99,
+                c.cold_max_rss_mib_p50
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\n| restore to first heartbeat | min ms | p50 ms | p90 ms | p99 ms | max ms |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|");
+        let mut restores = vec![
+            ("kiln snapshot restore", &self.restore),
+            ("kiln __vm (VM process)", &self.vm_restore),
+        ];
+        if let PeerRestore::Measured(qemu) = &self.qemu_restore {
+            restores.push(("qemu -incoming", qemu));
+        }
+        for (what, l) in restores {
+            let [min, p50, p90, p99, max] = l.ms.values();
+            let _ = writeln!(
+                out,
+                "| {what} | {min:.2} | {p50:.2} | {p90:.2} | {p99:.2} | {max:.2} |"
+            );
+        }
+        if let PeerRestore::Unavailable(why) = &self.qemu_restore {
+            let _ = writeln!(out, "qemu -incoming: not measured: {why}");
+        }
+        let _ = writeln!(out, "\nclones: {}", self.clone_path);
+        let _ = writeln!(
+            out,
+            "| clones at a time | clones/s | p50 ms | p99 ms | VmRSS p50 KiB | without guest RAM | of which anonymous |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+        for c in &self.clones {
+            let _ = writeln!(
+                out,
+                "| {} | {:.1} | {:.2} | {:.2} | {} | {} | {} |",
+                c.concurrency,
+                c.clones_per_s,
+                c.latency.ms.p50,
+                c.latency.ms.p99,
+                c.rss_kib_p50,
+                c.vmm_rss_kib_p50,
+                c.vmm_anon_kib_p50
+            );
+        }
+        for (what, stages) in [
+            ("kiln snapshot restore", &self.breakdown),
+            ("kiln __vm restore", &self.vm_breakdown),
+        ] {
+            let _ = writeln!(
+                out,
+                "\n| breakdown: {what} | ends in | ms p50 | at ms p50 |"
+            );
+            let _ = writeln!(out, "|---|---|---|---|");
+            for s in stages {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {:.3} | {:.3} |",
+                    s.stage, s.process, s.ms_p50, s.at_ms_p50
+                );
+            }
+        }
+        let _ = writeln!(out, "\n| goal | target | this run | met |");
+        let _ = writeln!(out, "|---|---|---|---|");
+        for g in &self.goals {
+            let value = g.value.map_or("-".into(), |v| format!("{v:.2}"));
+            let _ = writeln!(
+                out,
+                "| {} | {} | {value} | {} |",
+                g.key,
+                g.goal,
+                if g.met { "yes" } else { "no" }
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn latency(samples: &[f64]) -> Latency {
+        Latency::new(("exec", "heartbeat"), samples.to_vec()).unwrap()
+    }
+
+    fn report() -> VmmReport {
+        let kiln = Cold::new(
+            "kiln",
+            vec![9.0, 8.0, 25.0],
+            vec![4.0, 3.9, 4.1],
+            vec![5000; 3],
+        );
+        let qemu = Cold::new(
+            "qemu",
+            vec![40.0, 39.0, 44.0],
+            vec![28.0; 3],
+            vec![34000; 3],
+        );
+        let clones = |concurrency, clones_per_s| Clones {
+            concurrency,
+            clones_per_s,
+            wall_s: 3.0 / clones_per_s,
+            latency: latency(&[3.7, 3.8, 7.3]),
+            rss_kib_p50: 4976,
+            vmm_rss_kib_p50: 4952,
+            vmm_anon_kib_p50: 544,
+        };
+        let stage = |stage: &str, ms_p50, at_ms_p50| Stage {
+            stage: stage.into(),
+            process: "VM process".into(),
+            ms_p50,
+            at_ms_p50,
+        };
+        let mut report = VmmReport {
+            schema_version: SCHEMA_VERSION,
+            kiln_version: "0.1.0".into(),
+            environment: Environment {
+                kvm: "PVM".into(),
+                hypervisor: Some("KVMKVMKVM".into()),
+                emulated: false,
+                cpus: 2,
+                load_average: Some(2.0),
+                label: "native KVM on a PVM host, stub guest".into(),
+            },
+            memory_mib: 128,
+            runs: 3,
+            warmup_runs: 1,
+            cold_wall_ratio: Some(9.0 / 40.0),
+            cold_cpu_ms_p50: 4.0,
+            restore_ms_p50: 10.4,
+            restore_ms_p99: 14.6,
+            vm_restore_ms_p50: 3.6,
+            vm_restore_ms_p99: 3.9,
+            restore: latency(&[10.4, 9.4, 14.6]),
+            vm_restore: latency(&[3.6, 3.3, 3.9]),
+            qemu_restore: PeerRestore::Measured(latency(&[41.0, 36.5, 51.2])),
+            clone_path: "vm-process".into(),
+            clones_per_s: 240.0,
+            clone_concurrency: 8,
+            clones: vec![clones(1, 50.0), clones(8, 240.0)],
+            vmm_rss_mib: 4952.0 / 1024.0,
+            breakdown: vec![stage("exec", 1.9, 1.9), stage("heartbeat", 8.5, 10.4)],
+            vm_breakdown: vec![stage("exec", 1.8, 1.8), stage("heartbeat", 1.8, 3.6)],
+            kiln,
+            qemu: Some(qemu),
+            goals: Vec::new(),
+        };
+        report.goals = report.goals();
+        report
+    }
+
+    #[test]
+    fn a_sound_report_survives_a_json_round_trip() {
+        let report = report();
+        assert!(report.check().is_empty(), "{:?}", report.check());
+        let json = serde_json::to_string_pretty(&report).unwrap();
+        let back: VmmReport = serde_json::from_str(&json).unwrap();
+        assert!(back.check().is_empty(), "{:?}", back.check());
+        let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+        for key in [
+            "cold_wall_ratio",
+            "restore_ms_p50",
+            "restore_ms_p99",
+            "clones_per_s",
+        ] {
+            assert!(value[key].as_f64().unwrap() > 0.0, "{key}");
+        }
+        assert_eq!(value["kiln"]["cold_wall_ms_p50"], 9.0);
+    }
+
+    #[test]
+    fn the_goals_say_which_are_met() {
+        let met: Vec<(String, bool)> = report().goals.into_iter().map(|g| (g.key, g.met)).collect();
+        assert_eq!(
+            met,
+            [
+                ("cold_wall_ratio".into(), true),
+                ("cold_cpu_ms_p50".into(), false),
+                ("restore_ms_p50".into(), false),
+                ("restore_ms_p99".into(), true),
+                ("clones_per_s".into(), true),
+                ("vmm_rss_mib".into(), false),
+            ]
+        );
+    }
+
+    #[test]
+    fn what_is_wrong_is_said() {
+        let mut r = report();
+        r.restore.samples_ms.pop();
+        r.restore_ms_p99 = 1.0;
+        r.clones_per_s = 50.0;
+        r.kiln.cpu_ms[0] = -1.0;
+        r.vm_breakdown.clear();
+        let problems = r.check().join("\n");
+        for expected in [
+            "restore (kiln snapshot restore): 2 samples, expected 3",
+            "restore: ms are not the samples' percentiles",
+            "restore_ms_p99 1 is not its series' (14.6)",
+            "clones_per_s is not the best concurrency's",
+            "kiln: the percentiles are not the samples'",
+            "vm_breakdown: empty",
+            "the goals are not this report's numbers",
+        ] {
+            assert!(
+                problems.contains(expected),
+                "no {expected:?} in:\n{problems}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_tables_and_the_plot_have_every_series() {
+        let r = report();
+        let table = r.table();
+        assert!(
+            table.contains("| kiln | 9.00 | 25.00 | 4.00 | 4.10 | 4.9 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| qemu -incoming | 36.50 | 41.00 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| 8 | 240.0 | 3.80 | 7.30 | 4976 | 4952 | 544 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| cold_cpu_ms_p50 | <= 3 | 4.00 | no |"),
+            "{table}"
+        );
+        let svg = r.svg().unwrap();
+        for label in [
+            "cold (qemu)",
+            "restore (kiln __vm)",
+            "clone (kiln __vm, 8 at a time)",
+        ] {
+            assert!(svg.contains(label), "no {label:?}");
+        }
+    }
+}
