@@ -54,6 +54,8 @@ count=$(last_count snap)
 uptime=$(last_uptime snap)
 check start-resumes "$KILN" start snap
 wait_console snap "^count $((count + 1)) " counter-goes-on-after-resume
+# Whether the resumed VM runs, should the counter not go on.
+"$KILN" ps -a | sed 's/^/KILN-INFO after-resume ps: /'
 expect_eq counter-not-restarted 1 "$(grep -c '^count 1 ' "$WORK/snap.txt")"
 check uptime-goes-on [ "$(last_uptime snap)" -ge "$uptime" ]
 check hibernation-consumed [ ! -d "$KILN_HOME/instances/$(head -n 1 "$WORK/launch.txt")/hibernate" ]
