@@ -10,6 +10,7 @@
 //! over its control channel ([`kiln_vmm::rpc`]) and keeps the records true.
 pub mod api;
 pub mod commit;
+mod deadline;
 pub mod definition;
 pub mod functions;
 pub mod image_test;

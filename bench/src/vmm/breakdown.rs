@@ -1,8 +1,8 @@
 //! Where a restore's milliseconds go: the stage lines Kiln's processes
 //! append to `KILN_TRACE` ([`kiln_vmm::trace`]: `STAGE PID NS`, on
 //! `CLOCK_MONOTONIC`), put on one axis with the benchmark's own spawn and
-//! heartbeat times, and cut into the stages of [`INSTANCE_PATH`] or
-//! [`VM_PATH`].
+//! heartbeat times, and cut into the stages of [`instance_path`] or
+//! [`vm_path`].
 use std::path::Path;
 
 use crate::stats::{nearest_rank, sorted};
@@ -39,8 +39,12 @@ impl Role {
 /// what happened since the stage before.
 pub type Milestone = (Role, &'static str, &'static str);
 
-/// The VM process's stages, from its start to the guest's first heartbeat.
-const VM_STAGES: [Milestone; 7] = [
+/// The benchmark's own stage name for the first heartbeat it saw.
+const HEARTBEAT_STAGE: &str = "heartbeat";
+
+/// The VM process's stages, from its start to the guest's first heartbeat:
+/// the tail both paths share.
+const VM_STAGES: [Milestone; 8] = [
     (
         Role::Vm,
         "kvm-opened",
@@ -72,17 +76,15 @@ const VM_STAGES: [Milestone; 7] = [
         "kvm-run",
         "a vCPU thread: its seccomp filter installed, to the first KVM_RUN",
     ),
+    (
+        Role::Bench,
+        HEARTBEAT_STAGE,
+        "the first heartbeat seen (the stub waits up to one 1.6 ms period for it; then its console's way out)",
+    ),
 ];
 
-/// The last stage: the heartbeat.
-const HEARTBEAT: Milestone = (
-    Role::Bench,
-    "heartbeat",
-    "the first heartbeat seen (the stub waits up to one 1.6 ms period for it; then its console's way out)",
-);
-
-/// `kiln snapshot restore`'s stages.
-pub const INSTANCE_PATH: [Milestone; 14] = [
+/// `kiln snapshot restore`'s stages up to the VM process's start.
+const INSTANCE_HEAD: [Milestone; 6] = [
     (
         Role::Command,
         "main",
@@ -113,32 +115,24 @@ pub const INSTANCE_PATH: [Milestone; 14] = [
         "main",
         "the VM process spawned: exec, loading, argument parsing",
     ),
-    VM_STAGES[0],
-    VM_STAGES[1],
-    VM_STAGES[2],
-    VM_STAGES[3],
-    VM_STAGES[4],
-    VM_STAGES[5],
-    VM_STAGES[6],
-    HEARTBEAT,
 ];
 
+/// The VM process's own restore's stage up to its start.
+const VM_HEAD: [Milestone; 1] = [(
+    Role::Vm,
+    "main",
+    "exec of `kiln __vm`, loading, argument parsing",
+)];
+
+/// `kiln snapshot restore`'s stages.
+pub fn instance_path() -> Vec<Milestone> {
+    [&INSTANCE_HEAD[..], &VM_STAGES].concat()
+}
+
 /// The VM process's own restore's stages.
-pub const VM_PATH: [Milestone; 9] = [
-    (
-        Role::Vm,
-        "main",
-        "exec of `kiln __vm`, loading, argument parsing",
-    ),
-    VM_STAGES[0],
-    VM_STAGES[1],
-    VM_STAGES[2],
-    VM_STAGES[3],
-    VM_STAGES[4],
-    VM_STAGES[5],
-    VM_STAGES[6],
-    HEARTBEAT,
-];
+pub fn vm_path() -> Vec<Milestone> {
+    [&VM_HEAD[..], &VM_STAGES].concat()
+}
 
 /// One restore's trace: each line's stage, role and time since the spawn.
 #[derive(Clone, Debug, Default)]
@@ -181,7 +175,7 @@ impl Run {
             .collect();
         events.push((
             Role::Bench,
-            HEARTBEAT.1.into(),
+            HEARTBEAT_STAGE.into(),
             beat_ns.saturating_sub(spawned_ns),
         ));
         Run { events }
@@ -263,7 +257,7 @@ mod tests {
             Run::parse(TRACE, 1_000_000_000, 1_007_000_000),
             Run::parse(TRACE, 1_000_000_000, 1_009_000_000),
         ];
-        let instance = stages(&INSTANCE_PATH, &runs);
+        let instance = stages(&instance_path(), &runs);
         assert_eq!(instance.len(), 13);
         assert_eq!(instance[0].ms_p50, 1.0);
         assert_eq!(instance[1].process, "VMM process");
@@ -273,7 +267,7 @@ mod tests {
         let total: f64 = instance.iter().map(|s| s.ms_p50).sum();
         assert!((total - 7.0).abs() < 1e-9, "{total}");
         // The VM process's path starts at its own start.
-        let vm = stages(&VM_PATH, &runs);
+        let vm = stages(&vm_path(), &runs);
         assert_eq!(vm[0].ms_p50, 5.0);
     }
 }

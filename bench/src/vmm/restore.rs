@@ -26,7 +26,7 @@ use crate::timing::{Event, Stream, Then, Watchdog, millis, signal, time_to_and};
 use crate::{BenchError, Plan, Progress, io_err, series};
 
 use super::VmmConfig;
-use super::breakdown::{self, INSTANCE_PATH, Milestone, Run, VM_PATH};
+use super::breakdown::{self, Milestone, Run};
 use super::report::{Clones, Latency, Stage};
 
 /// What the stub writes on COM1 each heartbeat.
@@ -190,7 +190,7 @@ pub fn instance_restores(
         progress,
         &run,
     )?;
-    latency_and_breakdown(TIMER, &INSTANCE_PATH, runs)
+    latency_and_breakdown(TIMER, &breakdown::instance_path(), runs)
 }
 
 /// Looks for the new instance `name` (its directory not among `known`),
@@ -464,7 +464,7 @@ pub fn vm_restores(
         Ok((restored.ms, restored.run.unwrap_or_default()))
     };
     let (runs, _) = series(config.plan(), "restore (kiln __vm)", progress, &run)?;
-    latency_and_breakdown(VM_TIMER, &VM_PATH, runs)
+    latency_and_breakdown(VM_TIMER, &breakdown::vm_path(), runs)
 }
 
 /// `config.runs` clones (VM-process restores of `vm`), `concurrency` at a

@@ -300,13 +300,10 @@ impl Started {
     /// Waits for the word, at most `timeout`; the record says the rest.
     fn wait(self, timeout: Duration) {
         let Started(mut pipe) = self;
-        let (done_tx, done_rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            // End of file (or an error) is the word: nothing is ever written.
+        // End of file (or an error) is the word: nothing is ever written.
+        crate::deadline::within(timeout, move || {
             let _ = std::io::Read::read(&mut pipe, &mut [0u8; 1]);
-            let _ = done_tx.send(());
         });
-        let _ = done_rx.recv_timeout(timeout);
     }
 }
 

@@ -651,12 +651,7 @@ impl Instance {
     /// lock go the moment it gets it: nobody is there to hand it to.
     pub fn wait_vmm_gone(&self, timeout: Duration) -> bool {
         let path = self.path(VMM_LOCK);
-        let (gone_tx, gone_rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let taken = FileLock::take(&path).is_ok();
-            let _ = gone_tx.send(taken);
-        });
-        gone_rx.recv_timeout(timeout).unwrap_or(false)
+        crate::deadline::within(timeout, move || FileLock::take(&path).is_ok()).unwrap_or(false)
     }
 
     /// A record that says a VMM runs when none does is corrected: the
