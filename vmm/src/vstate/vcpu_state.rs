@@ -18,6 +18,19 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd};
 use serde::{Deserialize, Serialize};
 
+/// IA32_TIME_STAMP_COUNTER and IA32_TSC_DEADLINE (Intel SDM Vol. 4,
+/// Table 2-2).
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+/// The LAPIC's LVT timer register (Intel SDM Vol. 3A, Table 11-1) and its
+/// fields (Figure 11-8): the mask (bit 16) and the timer mode (bits 18:17),
+/// where 0b10 is TSC-deadline mode.
+const APIC_LVTT: usize = 0x320;
+const APIC_LVT_MASKED: u32 = 1 << 16;
+const APIC_LVTT_MODE_SHIFT: u32 = 17;
+const APIC_LVTT_MODE_MASK: u32 = 0b11;
+const APIC_LVTT_TSC_DEADLINE: u32 = 0b10;
+
 /// KVM_GET_MSRS / KVM_SET_MSRS take at most this many entries at once
 /// (`KVM_MAX_MSR_ENTRIES` in kvm-bindings).
 const MSR_BATCH: usize = kvm_bindings::KVM_MAX_MSR_ENTRIES;
@@ -144,6 +157,51 @@ pub fn savable_msrs(kvm: &Kvm, fd: &VcpuFd, index: u8) -> Result<Vec<u32>, VcpuS
     Ok(readable)
 }
 
+/// Keeps a timer interrupt that the snapshot would lose.
+///
+/// When a TSC-deadline timer expires, KVM clears IA32_TSC_DEADLINE at
+/// once but moves the interrupt into the LAPIC's IRR only at the vCPU's
+/// next entry. If that happens while the vCPU is parked for the snapshot,
+/// neither KVM_GET_LAPIC nor KVM_GET_MSRS shows the interrupt: the
+/// restored guest, idle with its tick stopped, waits for a timer that
+/// will never fire. An unmasked LVT timer in TSC-deadline mode with a
+/// deadline of 0 is that case (Linux masks the LVT when it stops the
+/// timer), so the deadline becomes the saved TSC: the timer fires as soon
+/// as the restored vCPU runs. If the interrupt had already reached the
+/// IRR, the guest sees one spurious tick, which its clockevents code takes
+/// in stride. Firecracker works around the same loss the same way.
+fn rearm_lost_deadline(msrs: &mut [MsrValue], lapic: &kvm_lapic_state) {
+    let lvtt = lapic_register(lapic, APIC_LVTT);
+    let deadline_mode =
+        (lvtt >> APIC_LVTT_MODE_SHIFT) & APIC_LVTT_MODE_MASK == APIC_LVTT_TSC_DEADLINE;
+    if !deadline_mode || lvtt & APIC_LVT_MASKED != 0 {
+        return;
+    }
+    let Some(tsc) = msrs
+        .iter()
+        .find(|m| m.index == MSR_IA32_TSC)
+        .map(|m| m.data)
+    else {
+        return;
+    };
+    if let Some(deadline) = msrs
+        .iter_mut()
+        .find(|m| m.index == MSR_IA32_TSC_DEADLINE && m.data == 0)
+    {
+        deadline.data = tsc;
+    }
+}
+
+/// A 32-bit LAPIC register at `offset` of the register page.
+fn lapic_register(lapic: &kvm_lapic_state, offset: usize) -> u32 {
+    let mut bytes = [0u8; 4];
+    for (byte, &reg) in bytes.iter_mut().zip(&lapic.regs[offset..offset + 4]) {
+        // KVM declares the page as `c_char`s: the same bits as a byte.
+        *byte = reg as u8;
+    }
+    u32::from_le_bytes(bytes)
+}
+
 fn msr_list(index: u8, entries: impl Iterator<Item = (u32, u64)>) -> Result<Msrs, VcpuStateError> {
     let entries: Vec<kvm_msr_entry> = entries
         .map(|(index, data)| kvm_msr_entry {
@@ -181,6 +239,8 @@ impl VcpuState {
                 data: e.data,
             }));
         }
+        let lapic = fd.get_lapic().map_err(err("KVM_GET_LAPIC"))?;
+        rearm_lost_deadline(&mut msrs, &lapic);
         Ok(VcpuState {
             index,
             cpuid: cpuid.as_slice().to_vec(),
@@ -191,7 +251,7 @@ impl VcpuState {
             xsave: fd.get_xsave().map_err(err("KVM_GET_XSAVE"))?,
             xcrs: fd.get_xcrs().map_err(err("KVM_GET_XCRS"))?,
             debug_regs: fd.get_debug_regs().map_err(err("KVM_GET_DEBUGREGS"))?,
-            lapic: fd.get_lapic().map_err(err("KVM_GET_LAPIC"))?,
+            lapic,
             mp_state: fd.get_mp_state().map_err(err("KVM_GET_MP_STATE"))?,
             events: fd.get_vcpu_events().map_err(err("KVM_GET_VCPU_EVENTS"))?,
         })
@@ -246,5 +306,59 @@ impl VcpuState {
         }
         fd.set_vcpu_events(&self.events)
             .map_err(err("KVM_SET_VCPU_EVENTS"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lapic_with_timer(lvtt: u32) -> kvm_lapic_state {
+        let mut lapic = kvm_lapic_state::default();
+        for (reg, byte) in lapic.regs[APIC_LVTT..APIC_LVTT + 4]
+            .iter_mut()
+            .zip(lvtt.to_le_bytes())
+        {
+            *reg = byte as _;
+        }
+        lapic
+    }
+
+    fn msrs(deadline: u64) -> Vec<MsrValue> {
+        vec![
+            MsrValue {
+                index: MSR_IA32_TSC,
+                data: 1_000_000,
+            },
+            MsrValue {
+                index: MSR_IA32_TSC_DEADLINE,
+                data: deadline,
+            },
+        ]
+    }
+
+    const DEADLINE_MODE: u32 = (APIC_LVTT_TSC_DEADLINE << APIC_LVTT_MODE_SHIFT) | 0xec;
+
+    #[test]
+    fn a_deadline_lost_while_parked_fires_on_restore() {
+        let mut saved = msrs(0);
+        rearm_lost_deadline(&mut saved, &lapic_with_timer(DEADLINE_MODE));
+        assert_eq!(saved[1].data, 1_000_000);
+    }
+
+    #[test]
+    fn armed_stopped_or_other_mode_timers_are_left_alone() {
+        for (lvtt, deadline) in [
+            // Armed: the deadline is kept.
+            (DEADLINE_MODE, 2_000_000),
+            // Stopped by the guest: masked.
+            (DEADLINE_MODE | APIC_LVT_MASKED, 0),
+            // One-shot mode (0b00) counts with TMICT, not the MSR.
+            (0xec, 0),
+        ] {
+            let mut saved = msrs(deadline);
+            rearm_lost_deadline(&mut saved, &lapic_with_timer(lvtt));
+            assert_eq!(saved, msrs(deadline), "LVTT {lvtt:#x}");
+        }
     }
 }
