@@ -270,14 +270,14 @@ pub fn build(
             Ok::<_, VmmError>(replier)
         })
         .transpose()?;
+    let mut slots = VirtioSlots::new(config)?;
     let legacy = legacy_devices(
-        &vm,
+        &mut slots.irqs,
         &mut event_loop,
         &end,
         &report,
         saved.map(|m| &m.serial),
     )?;
-    let mut slots = VirtioSlots::new(config)?;
     let disks = virtio_disks(
         &vm,
         &mem,
@@ -307,6 +307,7 @@ pub fn build(
         Start::Kernel(kernel) => boot_vcpus(&kvm, &vm, &mem, kernel, config, &disks, &slots)?,
         Start::Snapshot { snapshot, consume } => restore_vcpus(&kvm, &vm, snapshot, *consume)?,
     };
+    std::mem::take(&mut slots.irqs).connect(&vm)?;
     trace::mark("vcpus-set");
     let memory_mib = saved.map_or(config.memory_mib, |m| m.memory_mib);
 
@@ -457,7 +458,7 @@ struct LegacyDevices {
 /// only pulses its reset line), and guest-init's reports are events, not
 /// state.
 fn legacy_devices(
-    vm: &Vm,
+    irqs: &mut IrqLines,
     event_loop: &mut EventLoop,
     end: &VmEndSignal,
     report: &Arc<InitReport>,
@@ -465,7 +466,7 @@ fn legacy_devices(
 ) -> Result<LegacyDevices, VmmError> {
     let mut pio = Bus::new();
     let serial_irq = EventFd::new(0).map_err(VmmError::EventFd)?;
-    vm.register_irqfd(&serial_irq, COM1_IRQ)?;
+    irqs.add(&serial_irq, COM1_IRQ)?;
     let out = Box::new(std::io::stdout());
     let serial = match saved {
         Some(saved) => Serial::restore((serial_irq, out), saved)?,
@@ -496,6 +497,42 @@ struct VirtioSlots {
     mmio: Bus,
     /// The `virtio_mmio.device=` parameters through which the guest finds them.
     params: Vec<String>,
+    /// Every device's interrupt line (the UART's too), to be connected
+    /// once the vCPUs are set.
+    irqs: IrqLines,
+}
+
+/// Device interrupt lines waiting to become KVM irqfds.
+///
+/// They are connected only once the vCPUs exist and hold their saved
+/// LAPIC state. A restored device raises again an interrupt that was
+/// pending when the snapshot was taken (the UART's, a virtio transport's
+/// InterruptStatus): one the guest may never have seen, since KVM injects
+/// an irqfd's edge from a work queue that can still be pending when the
+/// vCPUs park and the interrupt controllers are read. KVM injects a count
+/// that is already on an eventfd as the irqfd is assigned; raised into a
+/// VM without vCPUs, the IOAPIC's edge would reach no LAPIC, and
+/// KVM_SET_LAPIC would overwrite it anyway. A lost UART interrupt leaves
+/// the guest's 8250 driver waiting forever to send more: a silent guest.
+#[derive(Default)]
+struct IrqLines(Vec<(EventFd, u32)>);
+
+impl IrqLines {
+    /// Line `gsi` is to be raised by writing `evt`.
+    fn add(&mut self, evt: &EventFd, gsi: u32) -> Result<(), VmmError> {
+        let evt = evt.try_clone().map_err(VmmError::EventFd)?;
+        self.0.push((evt, gsi));
+        Ok(())
+    }
+
+    /// Registers every line with KVM (which keeps its own reference to
+    /// each eventfd).
+    fn connect(self, vm: &Vm) -> Result<(), VmmError> {
+        for (evt, gsi) in &self.0 {
+            vm.register_irqfd(evt, *gsi)?;
+        }
+        Ok(())
+    }
 }
 
 impl VirtioSlots {
@@ -512,6 +549,7 @@ impl VirtioSlots {
         Ok(Self {
             mmio: Bus::new(),
             params: Vec::new(),
+            irqs: IrqLines::default(),
         })
     }
 
@@ -535,7 +573,7 @@ impl VirtioSlots {
         for (queue, evt) in transport.queue_events().iter().enumerate() {
             vm.register_ioevent(evt, base + VIRTIO_MMIO_QUEUE_NOTIFY, queue as u32)?;
         }
-        vm.register_irqfd(transport.interrupt_event(), irq)?;
+        self.irqs.add(transport.interrupt_event(), irq)?;
         let transport = Arc::new(Mutex::new(transport));
         self.mmio
             .insert(transport.clone(), base, MMIO_REGION_SIZE)?;

@@ -140,9 +140,16 @@ impl Interrupt {
         self.status.fetch_and(!bits, Ordering::AcqRel);
     }
 
-    /// Sets the pending causes a snapshot saved.
-    fn restore(&self, bits: u32) {
+    /// Sets the pending causes a snapshot saved, and raises the line again
+    /// if there are any: the guest may not have seen it before the
+    /// snapshot (see `IrqLines` in the builder). A driver that had seen it
+    /// handles the causes again and finds no new used buffers.
+    fn restore(&self, bits: u32) -> io::Result<()> {
         self.status.store(bits, Ordering::Release);
+        if bits == 0 {
+            return Ok(());
+        }
+        self.evt.write(1)
     }
 
     /// Clears every cause, as a device reset does.
@@ -153,5 +160,21 @@ impl Interrupt {
     /// The irqfd.
     pub fn event(&self) -> &EventFd {
         &self.evt
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    #[test]
+    fn a_restored_pending_interrupt_raises_its_line_again_and_a_quiet_one_does_not() {
+        let interrupt = Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        interrupt.restore(0).unwrap();
+        assert!(interrupt.event().read().is_err(), "a quiet line stays low");
+        interrupt.restore(VIRTIO_MMIO_INT_VRING).unwrap();
+        assert_eq!(interrupt.event().read().unwrap(), 1);
+        assert_eq!(interrupt.status(), VIRTIO_MMIO_INT_VRING);
     }
 }

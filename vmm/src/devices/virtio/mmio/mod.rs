@@ -64,10 +64,10 @@ const STATUS_STEPS: [u32; 4] = [
 /// Errors from creating a transport.
 #[derive(Debug, thiserror::Error)]
 pub enum MmioError {
-    /// An eventfd could not be created or duplicated.
-    #[error("cannot create the virtio-mmio {what} eventfd")]
+    /// An eventfd could not be created, duplicated or written.
+    #[error("cannot {what} eventfd")]
     EventFd {
-        /// Which eventfd: the interrupt's, or a queue's.
+        /// What with which eventfd, e.g. "create the virtio-mmio interrupt".
         what: &'static str,
         /// What the system said.
         #[source]
@@ -147,7 +147,8 @@ impl MmioTransport {
         device: Arc<Mutex<dyn VirtioDevice>>,
     ) -> Result<Self, MmioError> {
         let eventfd_error = |what| move |source| MmioError::EventFd { what, source };
-        let irq = EventFd::new(EFD_NONBLOCK).map_err(eventfd_error("interrupt"))?;
+        let irq = EventFd::new(EFD_NONBLOCK)
+            .map_err(eventfd_error("create the virtio-mmio interrupt"))?;
         let (queue_evts, queues) = {
             let device = lock(&device);
             let queue_evts = device
@@ -155,7 +156,7 @@ impl MmioTransport {
                 .iter()
                 .map(EventFd::try_clone)
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(eventfd_error("queue"))?;
+                .map_err(eventfd_error("duplicate a virtio-mmio queue"))?;
             let queues = device
                 .queue_max_sizes()
                 .iter()

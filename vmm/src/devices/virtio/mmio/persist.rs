@@ -95,7 +95,13 @@ impl Persist for MmioTransport {
         transport.queue_select = saved.queue_select;
         transport.device_features_select = saved.device_features_select;
         transport.driver_features_select = saved.driver_features_select;
-        transport.interrupt.restore(saved.interrupt_status);
+        transport
+            .interrupt
+            .restore(saved.interrupt_status)
+            .map_err(|source| MmioError::EventFd {
+                what: "raise the restored virtio-mmio interrupt",
+                source,
+            })?;
         let running = saved.status & (VIRTIO_CONFIG_S_DRIVER_OK | VIRTIO_CONFIG_S_NEEDS_RESET)
             == VIRTIO_CONFIG_S_DRIVER_OK;
         if running {
