@@ -181,5 +181,5 @@ fn proxy_thread_dies_on_a_socket_other_than_ipv4() {
         });
         return;
     };
-    assert_killed_by_sigsys(&output);
+    assert_reported(&output, ThreadKind::Proxy, libc::SYS_socket);
 }

@@ -3,7 +3,7 @@
 //! Each thread installs its filter itself, once its setup is done (files
 //! opened, guest memory mapped, vCPU registers set): from then on it may
 //! only make the system calls its steady state needs, and any other call
-//! kills the whole VMM process. Every entry says which code path makes the
+//! traps: [`crate::sigsys`] reports it and ends the whole process. Every entry says which code path makes the
 //! call; a new call in that path needs a new entry here, with its reason.
 
 use std::collections::BTreeMap;
@@ -19,6 +19,8 @@ use seccompiler::{
     BackendError, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
     SeccompFilter, SeccompRule, TargetArch,
 };
+
+use crate::sigsys;
 
 /// The kinds of threads a VMM process runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,14 +41,21 @@ pub enum ThreadKind {
     Proxy,
 }
 
-impl fmt::Display for ThreadKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl ThreadKind {
+    /// How reports and errors name the kind: "VMM", "vCPU", "API", "proxy".
+    pub fn name(self) -> &'static str {
+        match self {
             ThreadKind::Vmm => "VMM",
             ThreadKind::Vcpu => "vCPU",
             ThreadKind::Api => "API",
             ThreadKind::Proxy => "proxy",
-        })
+        }
+    }
+}
+
+impl fmt::Display for ThreadKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -61,6 +70,15 @@ pub enum SeccompError {
         /// What seccompiler refused.
         #[source]
         source: BackendError,
+    },
+    /// The SIGSYS handler that reports a forbidden call cannot be installed.
+    #[error("cannot install the SIGSYS handler for the {kind} thread")]
+    Handler {
+        /// The thread kind about to install its filter.
+        kind: ThreadKind,
+        /// Why sigaction failed.
+        #[source]
+        source: std::io::Error,
     },
     /// The kernel refused the filter.
     #[error("cannot install the {kind} thread's seccomp filter")]
@@ -127,7 +145,7 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     let rules: BTreeMap<i64, Vec<SeccompRule>> = rules.into_iter().collect();
     let filter = SeccompFilter::new(
         rules,
-        SeccompAction::KillProcess,
+        SeccompAction::Trap,
         SeccompAction::Allow,
         TargetArch::x86_64,
     )
@@ -136,8 +154,10 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
 }
 
 /// Installs the filter for `kind` on the calling thread (only: other
-/// threads install their own). Irreversible.
+/// threads install their own). Irreversible. From then on a forbidden
+/// call is reported and ends the process ([`crate::sigsys`]).
 pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
+    sigsys::arm(kind).map_err(|source| SeccompError::Handler { kind, source })?;
     let apply = |program: &BpfProgram| {
         seccompiler::apply_filter(program).map_err(|source| SeccompError::Install { kind, source })
     };
@@ -210,6 +230,10 @@ fn common_rules() -> Result<Rules, BackendError> {
         // std checks that a descriptor is open before closing it
         // (`OwnedFd::drop` with debug assertions): fcntl(F_GETFD) only.
         (libc::SYS_fcntl, vec![arg_equals(1, libc::F_GETFD as u64)?]),
+        // The VMM exits with the guest's status; the SIGSYS handler ends
+        // the process after its report of a forbidden call, from whichever
+        // thread made it.
+        allow(libc::SYS_exit_group),
     ])
 }
 
@@ -276,8 +300,6 @@ fn vmm_rules() -> Result<Rules, BackendError> {
         allow(libc::SYS_renameat),
         allow(libc::SYS_unlinkat),
         allow(libc::SYS_statx),
-        // The VMM exits with the guest's status.
-        allow(libc::SYS_exit_group),
     ])
 }
 

@@ -119,7 +119,7 @@ fn vcpu_thread_dies_on_a_forbidden_syscall() {
         });
         return;
     };
-    assert_killed_by_sigsys(&output);
+    assert_reported(&output, ThreadKind::Vcpu, libc::SYS_socket);
 }
 
 #[test]
@@ -133,7 +133,7 @@ fn vcpu_thread_dies_on_an_ioctl_other_than_kvm_run() {
         });
         return;
     };
-    assert_killed_by_sigsys(&output);
+    assert_reported(&output, ThreadKind::Vcpu, libc::SYS_ioctl);
 }
 
 #[test]
@@ -156,7 +156,7 @@ fn vcpu_thread_dies_on_executable_memory() {
         });
         return;
     };
-    assert_killed_by_sigsys(&output);
+    assert_reported(&output, ThreadKind::Vcpu, libc::SYS_mmap);
 }
 
 #[test]
@@ -709,7 +709,7 @@ fn vmm_thread_dies_on_a_forbidden_syscall() {
         });
         return;
     };
-    assert_killed_by_sigsys(&output);
+    assert_reported(&output, ThreadKind::Vmm, libc::SYS_socket);
 }
 
 /// A pseudo-terminal pair: (controller, terminal). Both stay open for the

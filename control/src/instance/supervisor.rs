@@ -381,10 +381,15 @@ fn raise_descriptor_limit() -> io::Result<()> {
 fn describe(status: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     let vmm_error = i32::from(kiln_vmm::machine::VMM_ERROR_STATUS);
+    let violation = i32::from(kiln_vmm::sigsys::VIOLATION_STATUS);
     match (status.code(), status.signal()) {
         (Some(code), _) if code == vmm_error => {
             "the VMM failed (exit status 125; see the console log)".into()
         }
+        (Some(code), _) if code == violation => format!(
+            "the VMM made a forbidden system call (exit status {code}; \
+             the console log's \"seccomp:\" line names it)"
+        ),
         (Some(code), _) => format!("the guest shut down (entrypoint exit status {code})"),
         (None, Some(signal)) => format!("the VM process was killed by signal {signal}"),
         (None, None) => format!("the VM process ended ({status})"),
@@ -465,5 +470,16 @@ mod tests {
         assert_eq!(record.state, super::super::State::Stopped);
         let reason = record.reason.unwrap();
         assert!(reason.contains("hello:1.0.0"), "{reason}");
+    }
+
+    #[test]
+    fn a_forbidden_system_call_is_its_own_stop_reason() {
+        use std::os::unix::process::ExitStatusExt;
+        let status = ExitStatus::from_raw(i32::from(kiln_vmm::sigsys::VIOLATION_STATUS) << 8);
+        let reason = describe(status);
+        assert!(
+            reason.starts_with("the VMM made a forbidden system call (exit status 159;"),
+            "{reason}"
+        );
     }
 }
