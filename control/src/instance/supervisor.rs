@@ -27,6 +27,7 @@ use kiln_vmm::config::Boot;
 use kiln_vmm::config::ConfigError;
 use kiln_vmm::devices::lock;
 use kiln_vmm::rpc::{self, ControlClient};
+use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
 
 use super::actions;
 use super::console::{CONSOLE_LOG_LIMIT, ConsoleLogError, RotatingLog, copy_into};
@@ -56,7 +57,10 @@ pub(super) enum Wanted {
 /// The VM process and what is wanted of it, under one lock so a request
 /// never misses a process that is just starting.
 pub(super) struct Control {
-    pub(super) child: Option<u32>,
+    /// The running VM process, by a pidfd: a signal sent through it
+    /// reaches that process or none, never one that reused its pid; and
+    /// the API thread's filter allows signals through pidfds only.
+    pub(super) child: Option<OwnedFd>,
     /// The VM process's control channel.
     pub(super) channel: Option<ControlClient>,
     pub(super) wanted: Wanted,
@@ -337,12 +341,15 @@ fn start_vm(
     drop(command);
     // Only the VM process keeps its end open.
     drop(vm_end);
+    // The child is not reaped before this: its pid is still its own.
+    let pidfd = pidfd_open(Pid::from_child(&child), PidfdFlags::empty())
+        .map_err(|err| io_err("cannot open a pidfd for the VM process")(err.into()))?;
     let mut control = lock(&shared.control);
-    control.child = Some(child.id());
-    control.channel = Some(client);
     if control.wanted != Wanted::Nothing {
-        end_vm(child.id());
+        end_vm(&pidfd);
     }
+    control.child = Some(pidfd);
+    control.channel = Some(client);
     Ok((child, console_out))
 }
 
@@ -396,17 +403,13 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
-/// Asks the VM process to end: SIGTERM (it stops the VM and flushes its
-/// disks), then SIGCONT in case it was paused, so it can act on it.
-pub(super) fn end_vm(pid: u32) {
-    signal(pid, libc::SIGTERM);
-    signal(pid, libc::SIGCONT);
-}
-
-fn signal(pid: u32, signal: libc::c_int) {
-    // SAFETY: kill only reads its integer arguments. The pid is our own
-    // child's and is not reaped while the control lock names it.
-    unsafe { libc::kill(pid as libc::pid_t, signal) };
+/// Asks the VM process `pidfd` refers to to end: SIGTERM (it stops the
+/// VM and flushes its disks), then SIGCONT in case it was paused, so it
+/// can act on it. A process that has already ended is left alone.
+pub(super) fn end_vm(pidfd: &OwnedFd) {
+    for signal in [Signal::TERM, Signal::CONT] {
+        let _ = pidfd_send_signal(pidfd, signal);
+    }
 }
 
 #[cfg(test)]
