@@ -10,6 +10,7 @@ use std::time::Duration;
 use kiln_control::api::{self, Response};
 use kiln_control::instance::{Network, Registry, Spec};
 use kiln_vmm::seccomp::ThreadKind;
+use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
 
 #[path = "../../vmm/tests/support/filtered.rs"]
 mod filtered;
@@ -40,7 +41,7 @@ fn api_thread_survives_serving_requests_that_update_the_record() {
         let socket = home.path().join("api.sock");
         let listener = UnixListener::bind(&socket).unwrap();
         let mut vm = Command::new("sleep").arg("10").spawn().unwrap();
-        let vm_pid = vm.id() as libc::pid_t;
+        let pidfd = pidfd_open(Pid::from_child(&vm), PidfdFlags::empty()).unwrap();
         let server = spawn_filtered(ThreadKind::Api, move || {
             for stream in listener.incoming().take(2) {
                 api::serve_one(stream.unwrap(), |request| {
@@ -50,8 +51,7 @@ fn api_thread_survives_serving_requests_that_update_the_record() {
                             Ok(())
                         })
                         .unwrap();
-                    // SAFETY: kill only reads its integer arguments.
-                    unsafe { libc::kill(vm_pid, libc::SIGCONT) };
+                    pidfd_send_signal(&pidfd, Signal::CONT).unwrap();
                     Response::json(200, &instance.record)
                 })
                 .unwrap();
@@ -181,5 +181,20 @@ fn proxy_thread_dies_on_a_socket_other_than_ipv4() {
         });
         return;
     };
-    assert_killed_by_sigsys(&output);
+    assert_reported(&output, ThreadKind::Proxy, libc::SYS_socket);
+}
+
+#[test]
+fn api_thread_signals_only_through_a_pidfd() {
+    let Some(output) = in_child_or_run("api_thread_signals_only_through_a_pidfd") else {
+        let pid = std::process::id() as libc::pid_t;
+        on_filtered_thread(ThreadKind::Api, move || {
+            // SAFETY: kill only reads its integer arguments; had it been
+            // let through, SIGCONT to oneself changes nothing.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+            say_survived();
+        });
+        return;
+    };
+    assert_reported(&output, ThreadKind::Api, libc::SYS_kill);
 }

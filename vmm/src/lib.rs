@@ -19,6 +19,7 @@ pub mod persist;
 pub mod report;
 pub mod rpc;
 pub mod seccomp;
+pub mod sigsys;
 pub mod snapshot;
 pub mod supervised;
 pub mod trace;

@@ -3,7 +3,7 @@
 //! Each thread installs its filter itself, once its setup is done (files
 //! opened, guest memory mapped, vCPU registers set): from then on it may
 //! only make the system calls its steady state needs, and any other call
-//! kills the whole VMM process. Every entry says which code path makes the
+//! traps: [`crate::sigsys`] reports it and ends the whole process. Every entry says which code path makes the
 //! call; a new call in that path needs a new entry here, with its reason.
 
 use std::collections::BTreeMap;
@@ -19,6 +19,9 @@ use seccompiler::{
     BackendError, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
     SeccompFilter, SeccompRule, TargetArch,
 };
+
+use crate::sigsys;
+use crate::vstate::vcpu;
 
 /// The kinds of threads a VMM process runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,14 +42,21 @@ pub enum ThreadKind {
     Proxy,
 }
 
-impl fmt::Display for ThreadKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl ThreadKind {
+    /// How reports and errors name the kind: "VMM", "vCPU", "API", "proxy".
+    pub fn name(self) -> &'static str {
+        match self {
             ThreadKind::Vmm => "VMM",
             ThreadKind::Vcpu => "vCPU",
             ThreadKind::Api => "API",
             ThreadKind::Proxy => "proxy",
-        })
+        }
+    }
+}
+
+impl fmt::Display for ThreadKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -61,6 +71,15 @@ pub enum SeccompError {
         /// What seccompiler refused.
         #[source]
         source: BackendError,
+    },
+    /// The SIGSYS handler that reports a forbidden call cannot be installed.
+    #[error("cannot install the SIGSYS handler for the {kind} thread")]
+    Handler {
+        /// The thread kind about to install its filter.
+        kind: ThreadKind,
+        /// Why sigaction failed.
+        #[source]
+        source: std::io::Error,
     },
     /// The kernel refused the filter.
     #[error("cannot install the {kind} thread's seccomp filter")]
@@ -127,7 +146,7 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     let rules: BTreeMap<i64, Vec<SeccompRule>> = rules.into_iter().collect();
     let filter = SeccompFilter::new(
         rules,
-        SeccompAction::KillProcess,
+        SeccompAction::Trap,
         SeccompAction::Allow,
         TargetArch::x86_64,
     )
@@ -136,8 +155,10 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
 }
 
 /// Installs the filter for `kind` on the calling thread (only: other
-/// threads install their own). Irreversible.
+/// threads install their own). Irreversible. From then on a forbidden
+/// call is reported and ends the process ([`crate::sigsys`]).
 pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
+    sigsys::arm(kind).map_err(|source| SeccompError::Handler { kind, source })?;
     let apply = |program: &BpfProgram| {
         seccompiler::apply_filter(program).map_err(|source| SeccompError::Install { kind, source })
     };
@@ -174,8 +195,8 @@ fn opens_refused(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
 fn common_rules() -> Result<Rules, BackendError> {
     Ok(vec![
         // Device mutexes shared between vCPU threads and the event loop,
-        // std's thread parking and join.
-        allow(libc::SYS_futex),
+        // std's thread parking and join: only the operations in FUTEX_OPS.
+        (libc::SYS_futex, arg_in(1, FUTEX_OPS)?),
         // The channels between the event loop and the vCPU threads (pause,
         // snapshot, resume): std's mpsc backs off with sched_yield before
         // it parks.
@@ -197,7 +218,10 @@ fn common_rules() -> Result<Rules, BackendError> {
         (libc::SYS_mprotect, vec![not_executable(2)?]),
         allow(libc::SYS_munmap),
         allow(libc::SYS_brk),
-        allow(libc::SYS_madvise),
+        (
+            libc::SYS_madvise,
+            vec![arg_equals(2, libc::MADV_DONTNEED as u64)?],
+        ),
         // glibc's pthread_kill (the VMM kicking a vCPU) and thread exit
         // block signals around their critical sections.
         allow(libc::SYS_rt_sigprocmask),
@@ -210,6 +234,10 @@ fn common_rules() -> Result<Rules, BackendError> {
         // std checks that a descriptor is open before closing it
         // (`OwnedFd::drop` with debug assertions): fcntl(F_GETFD) only.
         (libc::SYS_fcntl, vec![arg_equals(1, libc::F_GETFD as u64)?]),
+        // The VMM exits with the guest's status; the SIGSYS handler ends
+        // the process after its report of a forbidden call, from whichever
+        // thread made it.
+        allow(libc::SYS_exit_group),
     ])
 }
 
@@ -232,8 +260,17 @@ fn vmm_rules() -> Result<Rules, BackendError> {
         // ... and DISCARD on a volume: punching holes in its overlay.
         allow(libc::SYS_fallocate),
         // Kicking a vCPU out of KVM_RUN: pthread_kill is tgkill on
-        // getpid() and the vCPU's tid.
-        allow(libc::SYS_tgkill),
+        // getpid() and the vCPU's tid, with the kick signal; and a panic
+        // that aborts raises SIGABRT at its own thread, which must end the
+        // process as SIGABRT rather than as a seccomp report. Another
+        // process's threads are never signalled.
+        (
+            libc::SYS_tgkill,
+            [vcpu::kick_signal(), libc::SIGABRT]
+                .into_iter()
+                .map(|signal| args_equal(&[(0, own_pid()), (2, signal as u64)]))
+                .collect::<Result<_, _>>()?,
+        ),
         allow(libc::SYS_getpid),
         // ... and waiting a millisecond between kicks (std's sleep).
         allow(libc::SYS_clock_nanosleep),
@@ -244,11 +281,12 @@ fn vmm_rules() -> Result<Rules, BackendError> {
         // to what the driver acked, once it activates. No other ioctl.
         (
             libc::SYS_ioctl,
-            [libc::TCGETS, libc::TCSETS, libc::TUNSETOFFLOAD]
-                .into_iter()
-                .chain(KVM_VM_SAVE_IOCTLS)
-                .map(|request| arg_equals(1, request))
-                .collect::<Result<_, _>>()?,
+            arg_in(
+                1,
+                [libc::TCGETS, libc::TCSETS, libc::TUNSETOFFLOAD]
+                    .into_iter()
+                    .chain(KVM_VM_SAVE_IOCTLS),
+            )?,
         ),
         // The control channel from the instance's VMM: a request read and
         // its answer written (std's socket reads and writes are recv and
@@ -258,7 +296,7 @@ fn vmm_rules() -> Result<Rules, BackendError> {
         allow(libc::SYS_sendto),
         // virtio-vsock: host connections accepted on its listening
         // socket (bound before the filter), non-blocking ...
-        allow(libc::SYS_accept4),
+        (libc::SYS_accept4, vec![arg_equals(3, NONBLOCKING_ACCEPT)?]),
         // ... and a host connection's write side shut when the guest
         // shuts its sending side (the host reads end-of-file).
         allow(libc::SYS_shutdown),
@@ -276,8 +314,6 @@ fn vmm_rules() -> Result<Rules, BackendError> {
         allow(libc::SYS_renameat),
         allow(libc::SYS_unlinkat),
         allow(libc::SYS_statx),
-        // The VMM exits with the guest's status.
-        allow(libc::SYS_exit_group),
     ])
 }
 
@@ -288,10 +324,7 @@ fn vcpu_rules() -> Result<Rules, BackendError> {
         // The run loop entering the guest; a snapshot's KVM_GET_* calls.
         (
             libc::SYS_ioctl,
-            std::iter::once(KVM_RUN)
-                .chain(KVM_VCPU_SAVE_IOCTLS)
-                .map(|request| arg_equals(1, request))
-                .collect::<Result<_, _>>()?,
+            arg_in(1, std::iter::once(KVM_RUN).chain(KVM_VCPU_SAVE_IOCTLS))?,
         ),
         // Returning from the handler of the signal that kicks the vCPU out
         // of KVM_RUN.
@@ -309,9 +342,19 @@ fn vcpu_rules() -> Result<Rules, BackendError> {
 /// The API thread of an instance's VMM process.
 fn api_rules() -> Result<Rules, BackendError> {
     Ok(vec![
-        // A connection per request, its read timeout ...
-        allow(libc::SYS_accept4),
-        allow(libc::SYS_setsockopt),
+        // A connection per request (std's accept: close-on-exec), its read
+        // and write timeouts ...
+        (
+            libc::SYS_accept4,
+            vec![arg_equals(3, libc::SOCK_CLOEXEC as u64)?],
+        ),
+        (
+            libc::SYS_setsockopt,
+            [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO]
+                .into_iter()
+                .map(|option| args_equal(&[(1, libc::SOL_SOCKET as u64), (2, option as u64)]))
+                .collect::<Result<_, _>>()?,
+        ),
         // ... the request and the answer (std's socket reads and writes
         // are recv and send).
         allow(libc::SYS_recvfrom),
@@ -333,8 +376,16 @@ fn api_rules() -> Result<Rules, BackendError> {
         allow(libc::SYS_getdents64),
         allow(libc::SYS_newfstatat),
         allow(libc::SYS_rename),
-        // stop, reboot, pause and resume signal the VM process.
-        allow(libc::SYS_kill),
+        // stop and reboot end the VM process: SIGTERM, then SIGCONT in case
+        // it was paused, through its pidfd (`supervisor::end_vm`), so that
+        // no other process can be signalled.
+        (
+            libc::SYS_pidfd_send_signal,
+            arg_in(
+                1,
+                [libc::SIGTERM, libc::SIGCONT].map(|signal| signal as u64),
+            )?,
+        ),
         // Thread teardown (glibc madvises the stack away, see the common
         // rules), should the thread ever end.
         allow(libc::SYS_exit),
@@ -355,9 +406,20 @@ fn proxy_rules() -> Result<Rules, BackendError> {
         // The stop eventfd and the accept timer, once they fire.
         allow(libc::SYS_read),
         // Clients, accepted non-blocking and close-on-exec ...
-        allow(libc::SYS_accept4),
-        // ... each with a socket of its own to the guest: IPv4 TCP only ...
-        (libc::SYS_socket, vec![arg_equals(0, libc::AF_INET as u64)?]),
+        (libc::SYS_accept4, vec![arg_equals(3, NONBLOCKING_ACCEPT)?]),
+        // ... each with a socket of its own to the guest: IPv4 TCP only,
+        // non-blocking and close-on-exec ...
+        (
+            libc::SYS_socket,
+            vec![args_equal(&[
+                (0, libc::AF_INET as u64),
+                (
+                    1,
+                    (libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) as u64,
+                ),
+                (2, 0),
+            ])?],
+        ),
         // ... connected non-blocking ...
         allow(libc::SYS_connect),
         // ... whose outcome is SO_ERROR, once the socket turns writable.
@@ -395,6 +457,31 @@ fn proxy_rules() -> Result<Rules, BackendError> {
     ])
 }
 
+/// The futex operations (argument 1) any thread may make; the others
+/// (requeueing, priority inheritance, `FUTEX_WAKE_OP`, ...) no code here
+/// uses.
+const FUTEX_OPS: [u64; 4] = [
+    // std's Mutex, Condvar and thread parking wait (with an absolute
+    // CLOCK_MONOTONIC deadline when there is one) ...
+    (libc::FUTEX_WAIT_BITSET | libc::FUTEX_PRIVATE_FLAG) as u64,
+    // ... and wake; glibc's internal locks (malloc arenas) wake too ...
+    (libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG) as u64,
+    // ... and wait without a bitset.
+    (libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG) as u64,
+    // pthread_join (std's JoinHandle::join) waits on the thread's tid,
+    // which the kernel clears and wakes (shared) when the thread ends.
+    (libc::FUTEX_WAIT_BITSET | libc::FUTEX_CLOCK_REALTIME) as u64,
+];
+
+/// `accept4`'s flags (argument 3) for the sockets served from an event
+/// loop: non-blocking and close-on-exec.
+const NONBLOCKING_ACCEPT: u64 = (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) as u64;
+
+/// This process's id, the thread group a tgkill may target.
+fn own_pid() -> u64 {
+    std::process::id().into()
+}
+
 fn allow(syscall: i64) -> (i64, Vec<SeccompRule>) {
     (syscall, Vec::new())
 }
@@ -403,6 +490,18 @@ fn allow(syscall: i64) -> (i64, Vec<SeccompRule>) {
 /// ioctl request numbers and the values used here all fit).
 fn arg_equals(index: u8, value: u64) -> Result<SeccompRule, BackendError> {
     args_equal(&[(index, value)])
+}
+
+/// One rule per value: matches when argument `index` equals any of
+/// `values` (as 32 bits).
+fn arg_in(
+    index: u8,
+    values: impl IntoIterator<Item = u64>,
+) -> Result<Vec<SeccompRule>, BackendError> {
+    values
+        .into_iter()
+        .map(|value| arg_equals(index, value))
+        .collect()
 }
 
 /// Matches when each argument `index` equals its `value` (as 32 bits).

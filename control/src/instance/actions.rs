@@ -144,8 +144,8 @@ fn act(shared: &Shared, name: &str) -> Response {
         Action::Stop | Action::Reboot => {
             let stop = action == Action::Stop;
             control.wanted = if stop { Wanted::Stop } else { Wanted::Reboot };
-            if let Some(pid) = control.child {
-                end_vm(pid);
+            if let Some(pidfd) = &control.child {
+                end_vm(pidfd);
             }
             instance
                 .update(|r| {

@@ -27,6 +27,7 @@ use kiln_vmm::config::Boot;
 use kiln_vmm::config::ConfigError;
 use kiln_vmm::devices::lock;
 use kiln_vmm::rpc::{self, ControlClient};
+use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
 
 use super::actions;
 use super::console::{CONSOLE_LOG_LIMIT, ConsoleLogError, RotatingLog, copy_into};
@@ -56,7 +57,10 @@ pub(super) enum Wanted {
 /// The VM process and what is wanted of it, under one lock so a request
 /// never misses a process that is just starting.
 pub(super) struct Control {
-    pub(super) child: Option<u32>,
+    /// The running VM process, by a pidfd: a signal sent through it
+    /// reaches that process or none, never one that reused its pid; and
+    /// the API thread's filter allows signals through pidfds only.
+    pub(super) child: Option<OwnedFd>,
     /// The VM process's control channel.
     pub(super) channel: Option<ControlClient>,
     pub(super) wanted: Wanted,
@@ -337,12 +341,15 @@ fn start_vm(
     drop(command);
     // Only the VM process keeps its end open.
     drop(vm_end);
+    // The child is not reaped before this: its pid is still its own.
+    let pidfd = pidfd_open(Pid::from_child(&child), PidfdFlags::empty())
+        .map_err(|err| io_err("cannot open a pidfd for the VM process")(err.into()))?;
     let mut control = lock(&shared.control);
-    control.child = Some(child.id());
-    control.channel = Some(client);
     if control.wanted != Wanted::Nothing {
-        end_vm(child.id());
+        end_vm(&pidfd);
     }
+    control.child = Some(pidfd);
+    control.channel = Some(client);
     Ok((child, console_out))
 }
 
@@ -381,27 +388,28 @@ fn raise_descriptor_limit() -> io::Result<()> {
 fn describe(status: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     let vmm_error = i32::from(kiln_vmm::machine::VMM_ERROR_STATUS);
+    let violation = i32::from(kiln_vmm::sigsys::VIOLATION_STATUS);
     match (status.code(), status.signal()) {
         (Some(code), _) if code == vmm_error => {
             "the VMM failed (exit status 125; see the console log)".into()
         }
+        (Some(code), _) if code == violation => format!(
+            "the VMM made a forbidden system call (exit status {code}; \
+             the console log's \"seccomp:\" line names it)"
+        ),
         (Some(code), _) => format!("the guest shut down (entrypoint exit status {code})"),
         (None, Some(signal)) => format!("the VM process was killed by signal {signal}"),
         (None, None) => format!("the VM process ended ({status})"),
     }
 }
 
-/// Asks the VM process to end: SIGTERM (it stops the VM and flushes its
-/// disks), then SIGCONT in case it was paused, so it can act on it.
-pub(super) fn end_vm(pid: u32) {
-    signal(pid, libc::SIGTERM);
-    signal(pid, libc::SIGCONT);
-}
-
-fn signal(pid: u32, signal: libc::c_int) {
-    // SAFETY: kill only reads its integer arguments. The pid is our own
-    // child's and is not reaped while the control lock names it.
-    unsafe { libc::kill(pid as libc::pid_t, signal) };
+/// Asks the VM process `pidfd` refers to to end: SIGTERM (it stops the
+/// VM and flushes its disks), then SIGCONT in case it was paused, so it
+/// can act on it. A process that has already ended is left alone.
+pub(super) fn end_vm(pidfd: &OwnedFd) {
+    for signal in [Signal::TERM, Signal::CONT] {
+        let _ = pidfd_send_signal(pidfd, signal);
+    }
 }
 
 #[cfg(test)]
@@ -465,5 +473,16 @@ mod tests {
         assert_eq!(record.state, super::super::State::Stopped);
         let reason = record.reason.unwrap();
         assert!(reason.contains("hello:1.0.0"), "{reason}");
+    }
+
+    #[test]
+    fn a_forbidden_system_call_is_its_own_stop_reason() {
+        use std::os::unix::process::ExitStatusExt;
+        let status = ExitStatus::from_raw(i32::from(kiln_vmm::sigsys::VIOLATION_STATUS) << 8);
+        let reason = describe(status);
+        assert!(
+            reason.starts_with("the VMM made a forbidden system call (exit status 159;"),
+            "{reason}"
+        );
     }
 }

@@ -35,7 +35,7 @@ const APIC_MODE_NMI: u32 = 0x4;
 const KICK_INTERVAL: Duration = Duration::from_millis(1);
 
 /// The signal that kicks a vCPU thread out of KVM_RUN.
-fn kick_signal() -> i32 {
+pub(crate) fn kick_signal() -> i32 {
     SIGRTMIN()
 }
 

@@ -2,11 +2,11 @@
 //! child process of the test binary (a filter that kills, kills the whole
 //! process). Shared by the VMM's and the control plane's seccomp tests.
 use std::io::Write;
-use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Output};
 use std::thread::JoinHandle;
 
 use kiln_vmm::seccomp::{self, ThreadKind};
+use kiln_vmm::sigsys;
 
 /// Set in the child to the name of the test it runs.
 const CHILD_ENV: &str = "KILN_SECCOMP_CHILD";
@@ -51,14 +51,21 @@ pub fn no_core_dumps() {
     assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) }, 0);
 }
 
-pub fn assert_killed_by_sigsys(output: &Output) {
-    assert_eq!(
-        output.status.signal(),
-        Some(libc::SIGSYS),
-        "child ended with {:?}; stdout: {}; stderr: {}",
+/// Asserts that the child's `kind` thread was stopped at `syscall`: the
+/// SIGSYS handler reported it on stderr and ended the process with its
+/// status, before the thread could go on.
+pub fn assert_reported(output: &Output, kind: ThreadKind, syscall: i64) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let report = format!(
+        "seccomp: {kind} thread made forbidden syscall {syscall} ({})\n",
+        sigsys::syscall_name(syscall)
+    );
+    assert!(
+        output.status.code() == Some(i32::from(sigsys::VIOLATION_STATUS))
+            && stderr.contains(&report),
+        "child ended with {:?}, expected {report:?}; stdout: {}; stderr: {stderr}",
         output.status,
         String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
     );
     assert!(!String::from_utf8_lossy(&output.stdout).contains(SURVIVED));
 }

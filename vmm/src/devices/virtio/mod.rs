@@ -7,6 +7,8 @@
 //! its queue `EventFd`s, which the VMM registers with KVM as ioeventfds.
 
 pub mod block;
+#[cfg(any(test, feature = "fuzzing"))]
+mod fuzzing;
 pub mod mmio;
 pub mod net;
 #[cfg(test)]

@@ -27,3 +27,15 @@ mod request;
 
 pub use backend::TransferError;
 pub use device::{Block, BlockError, DiskSource, QUEUE_SIZE, SECTOR_SIZE};
+
+/// Fuzz entry point (`fuzz/`, and the corpus replay CI runs): parses the
+/// chain `data` describes (see `devices::virtio::fuzzing`) as a request,
+/// and sizes its data both ways, as the device does on a notification.
+#[cfg(any(test, feature = "fuzzing"))]
+pub fn fuzz_request(data: &[u8]) {
+    super::fuzzing::with_chain(data, |mem, chain| {
+        if let Ok(request) = request::Request::parse(mem, chain) {
+            let _ = (request.data_len(true), request.data_len(false));
+        }
+    });
+}

@@ -39,3 +39,16 @@ pub mod tap;
 pub use device::{Net, NetConfig, QUEUE_SIZE};
 pub use persist::NetDeviceState;
 pub use request::NET_HDR_LEN;
+
+/// Fuzz entry point (`fuzz/`, and the corpus replay CI runs): reads the
+/// transmit chain `data` describes (see `devices::virtio::fuzzing`) into
+/// a frame, as the device does before it writes the frame to its tap.
+#[cfg(any(test, feature = "fuzzing"))]
+pub fn fuzz_tx_frame(data: &[u8]) {
+    super::fuzzing::with_chain(data, |mem, chain| {
+        let mut frame = Vec::new();
+        if request::read_tx_frame(mem, chain, &mut frame) {
+            assert!(frame.len() >= NET_HDR_LEN && frame.len() <= request::MAX_FRAME_LEN);
+        }
+    });
+}

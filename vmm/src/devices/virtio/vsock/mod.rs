@@ -56,5 +56,24 @@ mod persist;
 
 pub use device::{MAX_CONNECTIONS, QUEUE_SIZE, Vsock, VsockConfig, VsockError};
 
+/// Fuzz entry point (`fuzz/`, and the corpus replay CI runs): reads one
+/// packet off the transmit chain `data` describes (see
+/// `devices::virtio::fuzzing`), as the device does before it routes it.
+#[cfg(any(test, feature = "fuzzing"))]
+pub fn fuzz_tx_packet(data: &[u8]) {
+    super::fuzzing::with_chain(data, |mem, chain| {
+        if let Ok((header, payload)) = packet::read_packet(mem, chain) {
+            assert_eq!(
+                payload.len(),
+                if header.op == packet::VIRTIO_VSOCK_OP_RW {
+                    header.len as usize
+                } else {
+                    0
+                }
+            );
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests;
