@@ -144,6 +144,8 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> HydrateError + '_ {
 pub enum Piece<'a> {
     /// `len` bytes of `file` at `offset`.
     Data {
+        /// The cache's raw file's path, for messages.
+        path: &'a Path,
         /// The cache's raw file.
         file: &'a File,
         /// Where the bytes are in it.
@@ -402,22 +404,23 @@ impl Hydrated {
     }
 
     /// Serves the `len` bytes at `offset`: fills the chunks they touch that
-    /// are absent, then hands `sink` where each piece is, in order.
-    pub fn read_with(
+    /// are absent, then hands `sink` where each piece is, in order, so the
+    /// caller reads them where it wants them (guest memory) with no copy.
+    pub fn read_with<E: From<HydrateError>>(
         &self,
         offset: u64,
         len: usize,
-        mut sink: impl FnMut(Piece<'_>) -> io::Result<()>,
-    ) -> Result<(), HydrateError> {
+        mut sink: impl FnMut(Piece<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
         let size = self.reader.raw_size();
         let end = offset.checked_add(len as u64).filter(|&end| end <= size);
         let Some(end) = end else {
-            return Err(ImageError::OutOfRange {
+            return Err(HydrateError::from(ImageError::OutOfRange {
                 path: self.reader.path().to_path_buf(),
                 offset,
                 len,
                 size,
-            }
+            })
             .into());
         };
         if len == 0 {
@@ -433,7 +436,7 @@ impl Hydrated {
                 .collect()
         };
         if !missing.is_empty() {
-            self.fill(&missing, 1)?;
+            self.fill(&missing, 1).map_err(E::from)?;
         }
         let states = self.states().clone();
         let mut at = offset;
@@ -449,12 +452,13 @@ impl Hydrated {
             let piece = match state {
                 ZERO => Piece::Zero { len: piece_len },
                 _ => Piece::Data {
+                    path: &self.files.raw,
                     file: &self.raw,
                     offset: at,
                     len: piece_len,
                 },
             };
-            sink(piece).map_err(io_err(&self.files.raw))?;
+            sink(piece)?;
             at = run_end;
         }
         Ok(())
@@ -466,8 +470,11 @@ impl Hydrated {
         let mut done = 0;
         self.read_with(offset, buf.len(), |piece| {
             match piece {
-                Piece::Data { file, offset, len } => {
-                    file.read_exact_at(&mut buf[done..done + len], offset)?;
+                Piece::Data {
+                    file, offset, len, ..
+                } => {
+                    let read = file.read_exact_at(&mut buf[done..done + len], offset);
+                    read.map_err(io_err(&self.files.raw))?;
                     done += len;
                 }
                 Piece::Zero { len } => {
@@ -475,7 +482,7 @@ impl Hydrated {
                     done += len;
                 }
             }
-            Ok(())
+            Ok::<_, HydrateError>(())
         })
     }
 }
