@@ -1,10 +1,11 @@
 //! `kiln rm NAME:VERSION`: remove an image that no other image starts from
-//! and no instance's root volume is built on.
+//! and no instance's root volume is built on, with its hydration cache.
 use std::process::ExitCode;
 
 use anyhow::bail;
 use kiln_builder::store::Store;
 use kiln_control::instance::{Registry, State};
+use kiln_image::hydrate::CacheFiles;
 
 use crate::assets::kiln_home;
 
@@ -29,7 +30,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             users.join(", ")
         );
     }
-    let removed = Store::new(&home).remove(&args.image)?;
+    let store = Store::new(&home);
+    // The cache is named by the image's content id, read before the image
+    // goes.
+    let reader = kiln_image::Reader::open(&store.find(&args.image)?.image_path)?;
+    let cache = CacheFiles::new(&store.cache_dir(), &reader.content_id());
+    let removed = store.remove(&args.image)?;
+    cache.remove()?;
     println!("removed {}", removed.reference());
     Ok(ExitCode::SUCCESS)
 }
