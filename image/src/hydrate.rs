@@ -158,6 +158,8 @@ pub enum Piece<'a> {
         /// How many.
         len: usize,
     },
+    /// Bytes decompressed in memory: a chunk the cache could not take.
+    Bytes(&'a [u8]),
 }
 
 /// An image read through its host-wide hydration cache.
@@ -170,6 +172,10 @@ pub struct Hydrated {
     /// Each chunk's state as this process last saw it; a present chunk
     /// stays present, so only absent ones are looked up again.
     states: Mutex<Vec<u8>>,
+    /// `None` until a fill fails for want of the cache's files; then the
+    /// error, until [`Hydrated::take_fill_error`] takes it (later ones are
+    /// not kept: one report is enough).
+    fill_error: Mutex<Option<Option<HydrateError>>>,
 }
 
 impl Hydrated {
@@ -190,6 +196,7 @@ impl Hydrated {
         let (raw, present) = (open(&files.raw)?, open(&files.present)?);
         let cache = Hydrated {
             states: Mutex::new(Vec::new()),
+            fill_error: Mutex::new(None),
             reader,
             files,
             raw,
@@ -428,40 +435,64 @@ impl Hydrated {
         }
         let chunk_size = u64::from(self.reader.chunk_size());
         let chunks = (offset / chunk_size) as u32..=((end - 1) / chunk_size) as u32;
-        let missing: Vec<u32> = {
-            let states = self.states();
-            chunks
-                .clone()
-                .filter(|&n| states[n as usize] == ABSENT)
-                .collect()
-        };
-        if !missing.is_empty() {
-            self.fill(&missing, 1).map_err(E::from)?;
+        let state = |n: u64| self.states()[n as usize];
+        if chunks.clone().any(|n| state(n.into()) == ABSENT) {
+            let missing: Vec<u32> = chunks.filter(|&n| state(n.into()) == ABSENT).collect();
+            match self.fill(&missing, 1) {
+                // The cache speeds reads up and must not fail them: what
+                // it cannot take (its disk is full, say) is served from
+                // memory below.
+                Err(err @ HydrateError::Io { .. }) => {
+                    self.fill_error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert(Some(err));
+                }
+                filled => filled.map_err(E::from)?,
+            }
         }
-        let states = self.states().clone();
         let mut at = offset;
         while at < end {
-            let n = (at / chunk_size) as usize;
-            let state = states[n];
+            let n = at / chunk_size;
+            let kind = state(n);
+            let mut run_end = ((n + 1) * chunk_size).min(end);
+            if kind == ABSENT {
+                let data = self.reader.chunk(n as u32).map_err(HydrateError::from)?;
+                let within = (at - n * chunk_size) as usize;
+                sink(Piece::Bytes(
+                    &data[within..within + (run_end - at) as usize],
+                ))?;
+                at = run_end;
+                continue;
+            }
             // A run of chunks in the same state is one piece.
-            let mut run_end = ((n as u64 + 1) * chunk_size).min(end);
-            while run_end < end && states[(run_end / chunk_size) as usize] == state {
+            while run_end < end && state(run_end / chunk_size) == kind {
                 run_end = (run_end + chunk_size).min(end);
             }
-            let piece_len = (run_end - at) as usize;
-            let piece = match state {
-                ZERO => Piece::Zero { len: piece_len },
+            let len = (run_end - at) as usize;
+            sink(match kind {
+                ZERO => Piece::Zero { len },
                 _ => Piece::Data {
                     path: &self.files.raw,
                     file: &self.raw,
                     offset: at,
-                    len: piece_len,
+                    len,
                 },
-            };
-            sink(piece)?;
+            })?;
             at = run_end;
         }
         Ok(())
+    }
+
+    /// The first failure to fill the cache since the cache was opened,
+    /// once: reads went on from memory (see [`Hydrated::read_with`]), and
+    /// the caller says so where a person will see it.
+    pub fn take_fill_error(&self) -> Option<HydrateError> {
+        self.fill_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+            .and_then(Option::take)
     }
 
     /// Fills `buf` with the raw bytes at `offset`, which must lie inside
@@ -480,6 +511,10 @@ impl Hydrated {
                 Piece::Zero { len } => {
                     buf[done..done + len].fill(0);
                     done += len;
+                }
+                Piece::Bytes(bytes) => {
+                    buf[done..done + bytes.len()].copy_from_slice(bytes);
+                    done += bytes.len();
                 }
             }
             Ok::<_, HydrateError>(())

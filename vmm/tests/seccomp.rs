@@ -241,7 +241,8 @@ fn vmm_thread_survives_filling_a_hydration_cache() {
         kiln_image::write(&raw, &image_file, 64 * 1024).unwrap();
         // Opened (and the cache checked) before the filter, as the VMM
         // opens its disks.
-        let volume = Volume::open_hydrated(&image_file, None, &dir.path().join("cache")).unwrap();
+        let volume =
+            Volume::open_hydrated(&image_file, None, &dir.path().join("cache"), 1 << 20).unwrap();
         on_filtered_thread(ThreadKind::Vmm, move || {
             // A read that fills two chunks under the cache's lock, then one
             // served from the cache file.

@@ -191,3 +191,27 @@ fn hydrate_all_reports_progress() {
         Err(HydrateError::Image(ImageError::OutOfRange { .. }))
     ));
 }
+
+#[test]
+fn a_cache_that_cannot_take_chunks_serves_them_from_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image, data) = image(dir.path());
+    let mut cache = open(&image, dir.path());
+    // Every write of chunk data fails with ENOSPC.
+    cache.raw = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let mut buf = vec![0; 3 * CHUNK as usize];
+    cache.read_exact_at(100, &mut buf).unwrap();
+    assert_eq!(buf, data[100..100 + buf.len()]);
+    // Only chunk 3, all zeros, which needs no data.
+    assert_eq!(cache.hydrated_bytes(), u64::from(CHUNK));
+    assert!(matches!(
+        cache.take_fill_error(),
+        Some(HydrateError::Io { .. })
+    ));
+    cache.read_exact_at(100, &mut buf).unwrap();
+    assert!(cache.take_fill_error().is_none(), "reported once");
+}

@@ -144,25 +144,35 @@ impl Base {
                 }
                 Ok(())
             }
-            Base::Host(hydrated) => hydrated
-                .read_with(offset, len, |piece| {
-                    sink(match piece {
-                        hydrate::Piece::Data {
-                            path,
-                            file,
-                            offset,
-                            len,
-                        } => Piece::File {
-                            path,
-                            file,
-                            offset,
-                            len,
-                        },
-                        hydrate::Piece::Zero { len } => Piece::Zero { len },
+            Base::Host(hydrated) => {
+                let read = hydrated
+                    .read_with(offset, len, |piece| {
+                        sink(match piece {
+                            hydrate::Piece::Data {
+                                path,
+                                file,
+                                offset,
+                                len,
+                            } => Piece::File {
+                                path,
+                                file,
+                                offset,
+                                len,
+                            },
+                            hydrate::Piece::Zero { len } => Piece::Zero { len },
+                            hydrate::Piece::Bytes(bytes) => Piece::Bytes(bytes),
+                        })
+                        .map_err(Sunk)
                     })
-                    .map_err(Sunk)
-                })
-                .map_err(|Sunk(err)| err),
+                    .map_err(|Sunk(err)| err);
+                if let Some(err) = hydrated.take_fill_error() {
+                    log::warn!(
+                        "{}: reading the image's chunks from memory instead",
+                        crate::report::one_line(&err)
+                    );
+                }
+                read
+            }
         }
     }
 }
@@ -200,14 +210,29 @@ impl Volume {
 
     /// Like [`Volume::open`], with the image's chunks kept in its
     /// host-wide hydration cache in `cache_dir` (made if need be), which
-    /// every volume of the image on this host shares.
+    /// every volume of the image on this host shares. A cache that cannot
+    /// be opened (a read-only or full disk) is worked around, with a
+    /// warning: the chunks are then kept in memory, `cache_bytes` of them.
     pub fn open_hydrated(
         image: &Path,
         overlay: Option<&Path>,
         cache_dir: &Path,
+        cache_bytes: u64,
     ) -> Result<Self, VolumeError> {
         Self::open_on(image, overlay, |reader| {
-            Ok(Base::Host(Hydrated::open(reader, cache_dir)?))
+            let path = reader.path().to_path_buf();
+            match Hydrated::open(reader, cache_dir) {
+                Ok(hydrated) => Ok(Base::Host(hydrated)),
+                Err(err @ HydrateError::Io { .. }) => {
+                    log::warn!(
+                        "{}: reading the image's chunks from memory instead",
+                        crate::report::one_line(&err)
+                    );
+                    let reader = Reader::open(&path)?;
+                    Ok(Base::Memory(CachedReader::new(reader, cache_bytes)))
+                }
+                Err(err) => Err(err.into()),
+            }
         })
     }
 

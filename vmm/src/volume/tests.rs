@@ -71,7 +71,7 @@ fn behaves_like_a_plain_disk_under_random_operations() {
         let hydrated = seed % 2 == 0;
         let reopen = || {
             if hydrated {
-                Volume::open_hydrated(&image_path, Some(&overlay_path), &cache_dir).unwrap()
+                Volume::open_hydrated(&image_path, Some(&overlay_path), &cache_dir, CACHE).unwrap()
             } else {
                 Volume::open(&image_path, Some(&overlay_path), CACHE).unwrap()
             }
@@ -320,4 +320,16 @@ fn the_short_last_block_round_trips() {
     assert!(read_all(&volume) == raw);
     let err = volume.read(last, &mut [0; 1024]).unwrap_err();
     assert!(matches!(err, VolumeError::OutOfRange { .. }), "{err}");
+}
+
+#[test]
+fn a_cache_that_cannot_be_made_leaves_the_chunks_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image_path, raw) = make_image(dir.path(), "base", 5);
+    // The cache directory's place is taken by a file.
+    let not_a_dir = dir.path().join("cache");
+    std::fs::write(&not_a_dir, b"").unwrap();
+    let volume = Volume::open_hydrated(&image_path, None, &not_a_dir, CACHE).unwrap();
+    assert!(volume.hydrated().is_none());
+    assert!(read_all(&volume) == raw);
 }

@@ -317,7 +317,7 @@ fn host_backends(runs: usize) -> Result<HostSide> {
         // first boot fills it; then filled whole as `kiln image hydrate`
         // does, on every core.
         empty_cache()?;
-        let volume = Volume::open_hydrated(&image, None, &cache_dir)?;
+        let volume = Volume::open_hydrated(&image, None, &cache_dir, DEFAULT_CACHE_BYTES)?;
         let (offsets, len, unit) = &patterns[0];
         let buf = &mut buf[..*len as usize];
         cold_seq.push(reads_per_second(offsets, |at| Ok(volume.read(at, buf)?))? * unit);
@@ -331,7 +331,7 @@ fn host_backends(runs: usize) -> Result<HostSide> {
             let buf = &mut buf[..*len as usize];
             // A fresh volume: its chunk cache starts cold, as a VM's does.
             let volume = Volume::open(&image, None, DEFAULT_CACHE_BYTES)?;
-            let hydrated = Volume::open_hydrated(&image, None, &cache_dir)?;
+            let hydrated = Volume::open_hydrated(&image, None, &cache_dir, DEFAULT_CACHE_BYTES)?;
             let raw = reads_per_second(offsets, |at| Ok(file.read_exact_at(buf, at)?))?;
             let compressed = reads_per_second(offsets, |at| Ok(volume.read(at, buf)?))?;
             let cached = reads_per_second(offsets, |at| Ok(hydrated.read(at, buf)?))?;

@@ -344,7 +344,7 @@ impl Block {
             } => {
                 let overlay = overlay.as_deref().filter(|_| !read_only);
                 let volume = match hydration {
-                    Some(dir) => Volume::open_hydrated(image, overlay, dir)?,
+                    Some(dir) => Volume::open_hydrated(image, overlay, dir, *cache_bytes)?,
                     None => Volume::open(image, overlay, *cache_bytes)?,
                 };
                 let size = volume.capacity();
