@@ -32,11 +32,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let store = Store::new(&home);
     // The cache is named by the image's content id, read before the image
-    // goes.
-    let reader = kiln_image::Reader::open(&store.find(&args.image)?.image_path)?;
-    let cache = CacheFiles::new(&store.cache_dir(), &reader.content_id());
+    // goes. An image whose index is too damaged to give it is removed all
+    // the same; a cache filled before the damage then stays behind in
+    // $KILN_HOME/cache.
+    let cache = kiln_image::Reader::open(&store.find(&args.image)?.image_path)
+        .ok()
+        .map(|reader| CacheFiles::new(&store.cache_dir(), &reader.content_id()));
     let removed = store.remove(&args.image)?;
-    cache.remove()?;
+    if let Some(cache) = cache {
+        cache.remove()?;
+    }
     println!("removed {}", removed.reference());
     Ok(ExitCode::SUCCESS)
 }
