@@ -540,3 +540,37 @@ fn killing_the_cli_mid_operation_never_leaves_a_half_written_record() {
             .unwrap_or_else(|err| panic!("{}: {err}", dir.display()));
     }
 }
+
+/// `kiln image hydrate` fills the image's hydration cache, which `kiln
+/// images` reports and `kiln rm` removes with the image.
+#[test]
+fn hydrate_fills_the_cache_that_images_shows_and_rm_removes() {
+    let home = tempfile::tempdir().unwrap();
+    build(home.path(), "hello");
+    let hydrated = || {
+        let listing = ok(home.path(), &["images"]);
+        let row = listing.lines().find(|l| l.starts_with("hello ")).unwrap();
+        row.split_whitespace().nth(4).unwrap().to_string()
+    };
+    assert_eq!(hydrated(), "0%");
+    ok(home.path(), &["image", "hydrate", "hello:1.0.0"]);
+    assert_eq!(hydrated(), "100%");
+    let cache = home.path().join("cache");
+    let mut files: Vec<String> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 2, "{files:?}");
+    assert!(files[0].ends_with(".present") && files[1].ends_with(".raw"));
+    // Hydrated, the image still flattens to the same bytes.
+    let out = home.path().join("hello.ext4");
+    ok(
+        home.path(),
+        &["image", "flatten", "hello:1.0.0", out.to_str().unwrap()],
+    );
+    ok(home.path(), &["rm", "hello:1.0.0"]);
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 0);
+    let (_, err) = fails(home.path(), &["image", "hydrate", "hello:1.0.0"]);
+    assert!(err.contains("no image hello:1.0.0"), "{err}");
+}

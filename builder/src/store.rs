@@ -196,6 +196,12 @@ impl Store {
         self.root.join("images").join(name).join(version)
     }
 
+    /// The directory of the stored images' host-wide hydration caches
+    /// (`kiln_image::hydrate`), named by each image's content id.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.root.join("cache")
+    }
+
     /// A fresh directory on the store's filesystem for building into.
     pub fn scratch_dir(&self) -> Result<tempfile::TempDir, StoreError> {
         let tmp = self.root.join("tmp");

@@ -216,6 +216,9 @@ impl TestRunner {
                 image: image.to_path_buf(),
                 overlay: Some(overlay.to_path_buf()),
                 cache_bytes,
+                // The image may be a build's, not yet stored: its cache
+                // would outlive a failed build.
+                hydration: None,
             },
             read_only: false,
             ephemeral: true,

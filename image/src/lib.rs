@@ -25,6 +25,8 @@
 //! error, never wrong data. The image's identity (its digest) is the SHA-256
 //! of the whole file.
 #![warn(missing_docs)]
+pub mod hydrate;
+
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
@@ -285,9 +287,13 @@ pub struct Reader {
     raw_size: u64,
     index: Vec<IndexEntry>,
     index_digest: [u8; 32],
-    /// One zstd context for every chunk: setting one up per chunk costs a
-    /// third of the decompression time (measured on 128 KiB chunks).
-    decompressor: Mutex<zstd::bulk::Decompressor<'static>>,
+    /// SHA-256 of a chunk of zeros, full-sized and as long as the last
+    /// chunk: such chunks need no decompression to be known.
+    zero_digests: [[u8; 32]; 2],
+    /// zstd contexts, reused: setting one up per chunk costs a third of the
+    /// decompression time (measured on 128 KiB chunks). One per thread
+    /// decompressing at the same time, made when first needed.
+    decompressors: Mutex<Vec<zstd::bulk::Decompressor<'static>>>,
 }
 
 impl std::fmt::Debug for Reader {
@@ -365,6 +371,8 @@ impl Reader {
                 sha256: e[16..48].try_into().expect("32 bytes"),
             })
             .collect();
+        let last_len = raw_size - u64::from(chunk_count.saturating_sub(1)) * u64::from(chunk_size);
+        let zero_digest = |len: u64| Sha256::digest(vec![0u8; len as usize]).into();
         Ok(Reader {
             path: path.into(),
             file,
@@ -372,12 +380,8 @@ impl Reader {
             raw_size,
             index,
             index_digest,
-            decompressor: Mutex::new(zstd::bulk::Decompressor::new().map_err(|source| {
-                ImageError::Io {
-                    path: path.into(),
-                    source,
-                }
-            })?),
+            zero_digests: [zero_digest(u64::from(chunk_size)), zero_digest(last_len)],
+            decompressors: Mutex::new(Vec::new()),
         })
     }
 
@@ -403,6 +407,30 @@ impl Reader {
         self.index.len() as u32
     }
 
+    /// Raw bytes per chunk (the last may hold fewer: see [`Reader::chunk_len`]).
+    pub fn chunk_size(&self) -> u32 {
+        self.chunk_size
+    }
+
+    /// Raw bytes of chunk `n`, which must exist.
+    pub fn chunk_len(&self, n: u32) -> usize {
+        let start = u64::from(n) * u64::from(self.chunk_size);
+        (self.raw_size - start).min(u64::from(self.chunk_size)) as usize
+    }
+
+    /// Whether chunk `n` holds only zeros, by its index entry alone (no
+    /// decompression): ext4 images are mostly free space.
+    pub fn is_zero_chunk(&self, n: u32) -> bool {
+        let digest = if n + 1 == self.chunk_count() {
+            &self.zero_digests[1]
+        } else {
+            &self.zero_digests[0]
+        };
+        self.index
+            .get(n as usize)
+            .is_some_and(|e| &e.sha256 == digest)
+    }
+
     /// The raw data of chunk `n`, decompressed and verified.
     pub fn chunk(&self, n: u32) -> Result<Vec<u8>, ImageError> {
         let damaged = |source| ImageError::Chunk {
@@ -414,8 +442,7 @@ impl Reader {
             .index
             .get(n as usize)
             .ok_or_else(|| damaged(ChunkDamage::NoSuchChunk))?;
-        let expected_len = (self.raw_size - u64::from(n) * u64::from(self.chunk_size))
-            .min(u64::from(self.chunk_size));
+        let expected_len = self.chunk_len(n) as u64;
         let mut frame = vec![0u8; entry.length as usize];
         self.file
             .read_exact_at(&mut frame, entry.offset)
@@ -425,15 +452,37 @@ impl Reader {
             })?;
         let mut data = vec![0u8; expected_len as usize];
         let len = self
-            .decompressor
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .decompress_to_buffer(&frame, &mut data)
+            .with_decompressor(|d| d.decompress_to_buffer(&frame, &mut data))
+            .map_err(|source| ImageError::Io {
+                path: self.path.clone(),
+                source,
+            })?
             .map_err(|err| damaged(ChunkDamage::Frame(err)))?;
         if len as u64 != expected_len || Sha256::digest(&data)[..] != entry.sha256 {
             return Err(damaged(ChunkDamage::Checksum));
         }
         Ok(data)
+    }
+
+    /// Runs `f` with a zstd context of the pool (a new one if every one is
+    /// in use), and puts it back after.
+    fn with_decompressor<T>(
+        &self,
+        f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> T,
+    ) -> io::Result<T> {
+        let pool = || {
+            self.decompressors
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+        };
+        let pooled = pool().pop();
+        let mut decompressor = match pooled {
+            Some(decompressor) => decompressor,
+            None => zstd::bulk::Decompressor::new()?,
+        };
+        let result = f(&mut decompressor);
+        pool().push(decompressor);
+        Ok(result)
     }
 
     /// Writes the whole raw filesystem to `out` (every chunk verified).

@@ -2,6 +2,7 @@
 use std::process::ExitCode;
 
 use kiln_builder::store::{Manifest, Store};
+use kiln_image::hydrate::CacheFiles;
 
 use crate::assets::kiln_home;
 
@@ -9,19 +10,21 @@ use crate::assets::kiln_home;
 pub struct Args {}
 
 pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    let images = Store::new(&kiln_home()).list()?;
+    let store = Store::new(&kiln_home());
+    let images = store.list()?;
     println!(
-        "{:<20} {:<12} {:<14} {:>10} {:<24} {:<10} CREATED",
-        "NAME", "VERSION", "DIGEST", "SIZE", "PARENT", "TESTS"
+        "{:<20} {:<12} {:<14} {:>10} {:>9} {:<24} {:<10} CREATED",
+        "NAME", "VERSION", "DIGEST", "SIZE", "HYDRATED", "PARENT", "TESTS"
     );
     for m in images {
         let digest = m.digest.strip_prefix("sha256:").unwrap_or(&m.digest);
         println!(
-            "{:<20} {:<12} {:<14} {:>10} {:<24} {:<10} {}",
+            "{:<20} {:<12} {:<14} {:>10} {:>9} {:<24} {:<10} {}",
             m.name,
             m.version,
             &digest[..12.min(digest.len())],
             format!("{:.1}M", m.file_size as f64 / (1024.0 * 1024.0)),
+            hydrated(&store, &m),
             m.parent.as_deref().unwrap_or("-"),
             tests(&m),
             m.created
@@ -38,4 +41,17 @@ fn tests(m: &Manifest) -> String {
         Some(results) => format!("{} passed", results.len()),
         None => "untested".to_string(),
     }
+}
+
+/// The HYDRATED column: how much of the raw filesystem the image's
+/// hydration cache holds, in percent; `?` when the image cannot be read
+/// (`kiln image flatten` says why).
+fn hydrated(store: &Store, m: &Manifest) -> String {
+    let held = store.find(&m.reference()).ok().and_then(|image| {
+        let reader = kiln_image::Reader::open(&image.image_path).ok()?;
+        let cache = CacheFiles::new(&store.cache_dir(), &reader.content_id());
+        let bytes = cache.hydrated_bytes(&reader).ok()?;
+        Some(bytes * 100 / reader.raw_size().max(1))
+    });
+    held.map_or_else(|| "?".to_string(), |percent| format!("{percent}%"))
 }

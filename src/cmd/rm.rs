@@ -1,10 +1,11 @@
 //! `kiln rm NAME:VERSION`: remove an image that no other image starts from
-//! and no instance's root volume is built on.
+//! and no instance's root volume is built on, with its hydration cache.
 use std::process::ExitCode;
 
 use anyhow::bail;
 use kiln_builder::store::Store;
 use kiln_control::instance::{Registry, State};
+use kiln_image::hydrate::CacheFiles;
 
 use crate::assets::kiln_home;
 
@@ -29,7 +30,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             users.join(", ")
         );
     }
-    let removed = Store::new(&home).remove(&args.image)?;
+    let store = Store::new(&home);
+    // The cache is named by the image's content id, read before the image
+    // goes. An image whose index is too damaged to give it is removed all
+    // the same; a cache filled before the damage then stays behind in
+    // $KILN_HOME/cache.
+    let cache = kiln_image::Reader::open(&store.find(&args.image)?.image_path)
+        .ok()
+        .map(|reader| CacheFiles::new(&store.cache_dir(), &reader.content_id()));
+    let removed = store.remove(&args.image)?;
+    if let Some(cache) = cache {
+        cache.remove()?;
+    }
     println!("removed {}", removed.reference());
     Ok(ExitCode::SUCCESS)
 }

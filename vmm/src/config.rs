@@ -149,6 +149,7 @@ mod tests {
                     image: "/store/image.kiln".into(),
                     overlay: Some("/i/root.overlay".into()),
                     cache_bytes: 32 << 20,
+                    hydration: Some("/home/cache".into()),
                 },
                 read_only: false,
                 ephemeral: false,

@@ -259,6 +259,11 @@ fn vmm_rules() -> Result<Rules, BackendError> {
         allow(libc::SYS_fdatasync),
         // ... and DISCARD on a volume: punching holes in its overlay.
         allow(libc::SYS_fallocate),
+        // A volume's reads that fill the image's host-wide hydration
+        // cache take and drop its exclusive flock around each fill
+        // (`kiln_image::hydrate`), so that VMs of one image never fill a
+        // chunk twice; the fill's writes and fdatasync are above.
+        allow(libc::SYS_flock),
         // Kicking a vCPU out of KVM_RUN: pthread_kill is tgkill on
         // getpid() and the vCPU's tid, with the kick signal; and a panic
         // that aborts raises SIGABRT at its own thread, which must end the

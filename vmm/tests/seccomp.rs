@@ -231,6 +231,35 @@ fn vmm_thread_survives_its_event_loop_and_block_io_then_exits() {
 }
 
 #[test]
+fn vmm_thread_survives_filling_a_hydration_cache() {
+    let Some(output) = in_child_or_run("vmm_thread_survives_filling_a_hydration_cache") else {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("raw");
+        let data: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&raw, &data).unwrap();
+        let image_file = dir.path().join("image.kiln");
+        kiln_image::write(&raw, &image_file, 64 * 1024).unwrap();
+        // Opened (and the cache checked) before the filter, as the VMM
+        // opens its disks.
+        let volume =
+            Volume::open_hydrated(&image_file, None, &dir.path().join("cache"), 1 << 20).unwrap();
+        on_filtered_thread(ThreadKind::Vmm, move || {
+            // A read that fills two chunks under the cache's lock, then one
+            // served from the cache file.
+            let mut buf = vec![0u8; 100 * 1024];
+            volume.read(10, &mut buf).unwrap();
+            assert_eq!(buf, data[10..10 + buf.len()]);
+            volume.read(10, &mut buf).unwrap();
+            assert_eq!(buf, data[10..10 + buf.len()]);
+            say_survived();
+            std::process::exit(0);
+        });
+        return;
+    };
+    assert_survived(&output);
+}
+
+#[test]
 fn vmm_thread_survives_writing_a_snapshot() {
     let Some(output) = in_child_or_run("vmm_thread_survives_writing_a_snapshot") else {
         let dir = tempfile::tempdir().unwrap();
@@ -244,6 +273,7 @@ fn vmm_thread_survives_writing_a_snapshot() {
             image: image_file,
             overlay: Some(overlay),
             cache_bytes: 1 << 20,
+            hydration: None,
         };
         let mut block = Block::new(&source, false).unwrap();
         let mem = memory::create(16).unwrap();

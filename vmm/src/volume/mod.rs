@@ -2,14 +2,18 @@
 //! copy-on-write [`Overlay`] that takes the writes.
 //!
 //! Reads prefer the overlay and fall back to the image, whose chunks are
-//! decompressed on demand, verified against the image's index and kept in a
-//! bounded LRU cache. The image file is never written: any number of
-//! volumes share one image.
+//! decompressed on demand and verified against the image's index, then
+//! kept either in the image's host-wide hydration cache
+//! ([`kiln_image::hydrate`], shared by every VM of the image) or, without
+//! one, in a bounded LRU cache of this process. The image file is never
+//! written: any number of volumes share one image.
 mod overlay;
 
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use kiln_image::hydrate::{self, HydrateError, Hydrated};
 use kiln_image::{CachedReader, ImageError, Reader};
 
 pub use overlay::{BLOCK_SIZE, Overlay, OverlayError};
@@ -23,6 +27,9 @@ pub enum VolumeError {
     /// The base image cannot be opened or a chunk of it read.
     #[error(transparent)]
     Image(#[from] ImageError),
+    /// The image's hydration cache cannot be opened, read or filled.
+    #[error(transparent)]
+    Cache(#[from] HydrateError),
     /// The overlay cannot be created, opened, read or written.
     #[error(transparent)]
     Overlay(#[from] OverlayError),
@@ -51,15 +58,139 @@ pub enum VolumeError {
         /// The volume's size in bytes.
         capacity: u64,
     },
+    /// Reading the overlay's or the hydration cache's bytes failed.
+    #[error("cannot read {path} at offset {offset}")]
+    Read {
+        /// The overlay or the hydration cache file.
+        path: PathBuf,
+        /// Where in the file the read started.
+        offset: u64,
+        /// What the system said.
+        #[source]
+        source: std::io::Error,
+    },
     /// Writing the flattened volume to its destination failed.
     #[error("cannot write the flattened volume")]
     Output(#[source] std::io::Error),
 }
 
+/// Where a piece of a read is (see [`Volume::read_with`]).
+#[derive(Debug)]
+pub enum Piece<'a> {
+    /// `len` bytes of `file` at `offset`: the overlay, or the image's
+    /// hydration cache.
+    File {
+        /// The file's path, for messages.
+        path: &'a Path,
+        /// The file that holds them.
+        file: &'a File,
+        /// Where in it.
+        offset: u64,
+        /// How many bytes.
+        len: usize,
+    },
+    /// `len` zero bytes.
+    Zero {
+        /// How many bytes.
+        len: usize,
+    },
+    /// Bytes already in memory: a chunk decompressed by this process.
+    Bytes(&'a [u8]),
+}
+
+/// Where the image's decompressed chunks are kept.
+#[derive(Debug)]
+enum Base {
+    /// In this process's bounded LRU cache.
+    Memory(CachedReader),
+    /// In the host-wide hydration cache.
+    Host(Hydrated),
+}
+
+impl Base {
+    fn reader(&self) -> &Reader {
+        match self {
+            Base::Memory(cached) => cached.reader(),
+            Base::Host(hydrated) => hydrated.reader(),
+        }
+    }
+
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
+        match self {
+            Base::Memory(cached) => Ok(cached.read_exact_at(offset, buf)?),
+            Base::Host(hydrated) => Ok(hydrated.read_exact_at(offset, buf)?),
+        }
+    }
+
+    /// The image's `len` bytes at `offset`, piece by piece, to `sink`.
+    fn read_with<E: From<VolumeError>>(
+        &self,
+        offset: u64,
+        len: usize,
+        sink: &mut impl FnMut(Piece<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        match self {
+            Base::Memory(cached) => {
+                let chunk_size = u64::from(cached.reader().chunk_size());
+                let (mut at, end) = (offset, offset + len as u64);
+                while at < end {
+                    let chunk = cached
+                        .chunk((at / chunk_size) as u32)
+                        .map_err(VolumeError::from)?;
+                    let within = (at % chunk_size) as usize;
+                    let n = (chunk.len() - within).min((end - at) as usize);
+                    sink(Piece::Bytes(&chunk[within..within + n]))?;
+                    at += n as u64;
+                }
+                Ok(())
+            }
+            Base::Host(hydrated) => {
+                let read = hydrated
+                    .read_with(offset, len, |piece| {
+                        sink(match piece {
+                            hydrate::Piece::Data {
+                                path,
+                                file,
+                                offset,
+                                len,
+                            } => Piece::File {
+                                path,
+                                file,
+                                offset,
+                                len,
+                            },
+                            hydrate::Piece::Zero { len } => Piece::Zero { len },
+                            hydrate::Piece::Bytes(bytes) => Piece::Bytes(bytes),
+                        })
+                        .map_err(Sunk)
+                    })
+                    .map_err(|Sunk(err)| err);
+                if let Some(err) = hydrated.take_fill_error() {
+                    log::warn!(
+                        "{}: reading the image's chunks from memory instead",
+                        crate::report::one_line(&err)
+                    );
+                }
+                read
+            }
+        }
+    }
+}
+
+/// A sink's error, or a hydration cache's made into one: the error type
+/// [`Hydrated::read_with`] needs.
+struct Sunk<E>(E);
+
+impl<E: From<VolumeError>> From<HydrateError> for Sunk<E> {
+    fn from(err: HydrateError) -> Self {
+        Sunk(E::from(err.into()))
+    }
+}
+
 /// A disk made of an image and, when writable, an overlay.
 #[derive(Debug)]
 pub struct Volume {
-    base: CachedReader,
+    base: Base,
     overlay: Option<Overlay>,
 }
 
@@ -72,38 +203,73 @@ impl Volume {
         overlay: Option<&Path>,
         cache_bytes: u64,
     ) -> Result<Self, VolumeError> {
+        Self::open_on(image, overlay, |reader| {
+            Ok(Base::Memory(CachedReader::new(reader, cache_bytes)))
+        })
+    }
+
+    /// Like [`Volume::open`], with the image's chunks kept in its
+    /// host-wide hydration cache in `cache_dir` (made if need be), which
+    /// every volume of the image on this host shares. A cache that cannot
+    /// be opened (a read-only or full disk) is worked around, with a
+    /// warning: the chunks are then kept in memory, `cache_bytes` of them.
+    pub fn open_hydrated(
+        image: &Path,
+        overlay: Option<&Path>,
+        cache_dir: &Path,
+        cache_bytes: u64,
+    ) -> Result<Self, VolumeError> {
+        Self::open_on(image, overlay, |reader| {
+            let path = reader.path().to_path_buf();
+            match Hydrated::open(reader, cache_dir) {
+                Ok(hydrated) => Ok(Base::Host(hydrated)),
+                Err(err @ HydrateError::Io { .. }) => {
+                    log::warn!(
+                        "{}: reading the image's chunks from memory instead",
+                        crate::report::one_line(&err)
+                    );
+                    let reader = Reader::open(&path)?;
+                    Ok(Base::Memory(CachedReader::new(reader, cache_bytes)))
+                }
+                Err(err) => Err(err.into()),
+            }
+        })
+    }
+
+    fn open_on(
+        image: &Path,
+        overlay: Option<&Path>,
+        base: impl FnOnce(Reader) -> Result<Base, VolumeError>,
+    ) -> Result<Self, VolumeError> {
         let reader = Reader::open(image)?;
         let overlay = overlay
             .map(|path| Overlay::open(path, reader.content_id()))
             .transpose()?;
-        Self::assemble(reader, overlay, cache_bytes)
+        Self::assemble(base(reader)?, overlay)
     }
 
     /// The image at `image` with a new, empty overlay at `overlay`.
     pub fn create(image: &Path, overlay: &Path, cache_bytes: u64) -> Result<Self, VolumeError> {
         let reader = Reader::open(image)?;
         let overlay = Overlay::create(overlay, reader.raw_size(), reader.content_id())?;
-        Self::assemble(reader, Some(overlay), cache_bytes)
+        Self::assemble(
+            Base::Memory(CachedReader::new(reader, cache_bytes)),
+            Some(overlay),
+        )
     }
 
-    fn assemble(
-        reader: Reader,
-        overlay: Option<Overlay>,
-        cache_bytes: u64,
-    ) -> Result<Self, VolumeError> {
+    fn assemble(base: Base, overlay: Option<Overlay>) -> Result<Self, VolumeError> {
+        let raw_size = base.reader().raw_size();
         if let Some(overlay) = &overlay
-            && overlay.capacity() != reader.raw_size()
+            && overlay.capacity() != raw_size
         {
             return Err(VolumeError::Capacity {
                 overlay: overlay.path().to_path_buf(),
-                expected: reader.raw_size(),
+                expected: raw_size,
                 found: overlay.capacity(),
             });
         }
-        Ok(Volume {
-            base: CachedReader::new(reader, cache_bytes),
-            overlay,
-        })
+        Ok(Volume { base, overlay })
     }
 
     /// Size in bytes.
@@ -140,8 +306,44 @@ impl Volume {
     /// Fills `buf` from `offset`: each run of blocks from wherever it
     /// lives now, the overlay or the image.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
-        self.check_range(offset, buf.len())?;
-        let end = offset + buf.len() as u64;
+        let mut done = 0;
+        self.read_with(offset, buf.len(), &mut |piece| {
+            let len = match piece {
+                Piece::File {
+                    path,
+                    file,
+                    offset,
+                    len,
+                } => {
+                    read_file(path, file, offset, &mut buf[done..done + len])?;
+                    len
+                }
+                Piece::Zero { len } => {
+                    buf[done..done + len].fill(0);
+                    len
+                }
+                Piece::Bytes(bytes) => {
+                    buf[done..done + bytes.len()].copy_from_slice(bytes);
+                    bytes.len()
+                }
+            };
+            done += len;
+            Ok::<_, VolumeError>(())
+        })
+    }
+
+    /// Hands `sink` the `len` bytes at `offset`, in order, as pieces of
+    /// files, zeros or memory, so that it moves them where they go (guest
+    /// memory) itself: a read from the overlay or the hydration cache is
+    /// then one `pread` into the destination, with no copy in between.
+    pub fn read_with<E: From<VolumeError>>(
+        &self,
+        offset: u64,
+        len: usize,
+        sink: &mut impl FnMut(Piece<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        self.check_range(offset, len)?;
+        let end = offset + len as u64;
         let mut at = offset;
         while at < end {
             let block = at / BLOCK_SIZE;
@@ -151,10 +353,10 @@ impl Volume {
                 next += 1;
             }
             let run_end = (next * BLOCK_SIZE).min(end);
-            let piece = &mut buf[(at - offset) as usize..(run_end - offset) as usize];
+            let run = (run_end - at) as usize;
             match &self.overlay {
-                Some(overlay) if held => overlay.read(at, piece)?,
-                _ => self.base.read_exact_at(at, piece)?,
+                Some(overlay) if held => sink(overlay.piece(at, run))?,
+                _ => self.base.read_with(at, run, sink)?,
             }
             at = run_end;
         }
@@ -236,6 +438,14 @@ impl Volume {
         Ok(())
     }
 
+    /// The image's hydration cache, when the volume reads through one.
+    pub fn hydrated(&self) -> Option<&Hydrated> {
+        match &self.base {
+            Base::Host(hydrated) => Some(hydrated),
+            Base::Memory(_) => None,
+        }
+    }
+
     /// Ends the volume as a killed process would: without a flush.
     #[cfg(test)]
     fn crash(self) {
@@ -256,6 +466,18 @@ impl Volume {
         }
         Ok(())
     }
+}
+
+/// Fills `buf` from `file` at `offset`: an overlay's or a hydration
+/// cache's bytes, which the volume's checks say are there.
+fn read_file(path: &Path, file: &File, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
+    use std::os::unix::fs::FileExt;
+    file.read_exact_at(buf, offset)
+        .map_err(|source| VolumeError::Read {
+            path: path.to_path_buf(),
+            offset,
+            source,
+        })
 }
 
 #[cfg(test)]

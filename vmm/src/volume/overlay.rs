@@ -248,12 +248,15 @@ impl Overlay {
         }
     }
 
-    /// Reads `buf.len()` bytes at `offset` into the volume from the
-    /// overlay's data area; the caller knows the blocks are held.
-    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), OverlayError> {
-        self.file
-            .read_exact_at(buf, self.data_offset + offset)
-            .map_err(|source| self.io_err(source))
+    /// Where the `len` bytes at `offset` into the volume are in the
+    /// overlay's file; the caller knows the blocks are held.
+    pub fn piece(&self, offset: u64, len: usize) -> super::Piece<'_> {
+        super::Piece::File {
+            path: &self.path,
+            file: &self.file,
+            offset: self.data_offset + offset,
+            len,
+        }
     }
 
     /// Writes whole blocks starting at block `first` and marks them held.

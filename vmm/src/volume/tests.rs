@@ -62,10 +62,22 @@ fn behaves_like_a_plain_disk_under_random_operations() {
     let dir = tempfile::tempdir().unwrap();
     let (image_path, raw) = make_image(dir.path(), "base", 7);
     let overlay_path = dir.path().join("root.overlay");
+    let cache_dir = dir.path().join("cache");
     for seed in 1..=6u64 {
         let _ = std::fs::remove_file(&overlay_path);
         let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        let mut volume = Volume::create(&image_path, &overlay_path, CACHE).unwrap();
+        // Even seeds read the image through its hydration cache, which
+        // the seeds before filled in part.
+        let hydrated = seed % 2 == 0;
+        let reopen = || {
+            if hydrated {
+                Volume::open_hydrated(&image_path, Some(&overlay_path), &cache_dir, CACHE).unwrap()
+            } else {
+                Volume::open(&image_path, Some(&overlay_path), CACHE).unwrap()
+            }
+        };
+        drop(Volume::create(&image_path, &overlay_path, CACHE).unwrap());
+        let mut volume = reopen();
         let mut model = raw.clone();
         let mut flushed = raw.clone();
         let mut discarded_since_flush = vec![false; CAPACITY.div_ceil(BLOCK_SIZE as usize)];
@@ -106,7 +118,7 @@ fn behaves_like_a_plain_disk_under_random_operations() {
                 92..96 => {
                     // A clean stop: dropping the volume flushes it.
                     drop(volume);
-                    volume = Volume::open(&image_path, Some(&overlay_path), CACHE).unwrap();
+                    volume = reopen();
                     assert!(
                         read_all(&volume) == model,
                         "seed {seed} step {step}: reopen"
@@ -118,7 +130,7 @@ fn behaves_like_a_plain_disk_under_random_operations() {
                     // A crash: the process ends without a flush (the file's
                     // page cache survives, as it does a kill -9).
                     volume.crash();
-                    volume = Volume::open(&image_path, Some(&overlay_path), CACHE).unwrap();
+                    volume = reopen();
                     let now = read_all(&volume);
                     for (block, discarded) in discarded_since_flush.iter().enumerate() {
                         let start = block * BLOCK_SIZE as usize;
@@ -138,7 +150,7 @@ fn behaves_like_a_plain_disk_under_random_operations() {
             }
         }
         drop(volume);
-        let reopened = Volume::open(&image_path, Some(&overlay_path), CACHE).unwrap();
+        let reopened = reopen();
         assert!(read_all(&reopened) == model, "seed {seed}: final state");
     }
 }
@@ -308,4 +320,16 @@ fn the_short_last_block_round_trips() {
     assert!(read_all(&volume) == raw);
     let err = volume.read(last, &mut [0; 1024]).unwrap_err();
     assert!(matches!(err, VolumeError::OutOfRange { .. }), "{err}");
+}
+
+#[test]
+fn a_cache_that_cannot_be_made_leaves_the_chunks_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image_path, raw) = make_image(dir.path(), "base", 5);
+    // The cache directory's place is taken by a file.
+    let not_a_dir = dir.path().join("cache");
+    std::fs::write(&not_a_dir, b"").unwrap();
+    let volume = Volume::open_hydrated(&image_path, None, &not_a_dir, CACHE).unwrap();
+    assert!(volume.hydrated().is_none());
+    assert!(read_all(&volume) == raw);
 }

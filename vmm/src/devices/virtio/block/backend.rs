@@ -12,17 +12,20 @@ use vm_memory::{
 };
 
 use super::super::GuestMemoryMmap;
-use crate::volume::{BLOCK_SIZE, Volume, VolumeError};
+use crate::volume::{BLOCK_SIZE, Piece, Volume, VolumeError};
 
-/// The most a volume transfer holds in host memory at once: the guest's
+/// The most a volume write holds in host memory at once: the guest's
 /// buffer is moved through a buffer of this size, reused, whatever length
-/// the driver's descriptor claims (up to 4 GiB). A raw image needs none:
-/// pread/pwrite go straight into and out of guest memory. It is the
-/// image format's default chunk size (`kiln_image`), so a piece
-/// of a read decompresses about one chunk, and a whole number of overlay
-/// blocks, so a write's pieces split none.
+/// the driver's descriptor claims (up to 4 GiB). Reads need none: the
+/// overlay's and the hydration cache's bytes are read with pread straight
+/// into guest memory, and a chunk decompressed in memory is copied there
+/// from where it is cached; a raw image needs none either way. It is a
+/// whole number of overlay blocks, so a write's pieces split none.
 const BOUNCE_SIZE: usize = 128 * 1024;
 const _: () = assert!((BOUNCE_SIZE as u64).is_multiple_of(BLOCK_SIZE));
+
+/// Zeros that a read of an all-zero chunk copies into guest memory.
+static ZEROS: [u8; BLOCK_SIZE as usize] = [0; BLOCK_SIZE as usize];
 
 /// Why a request's data could not be moved; the device logs it and answers
 /// the request with VIRTIO_BLK_S_IOERR.
@@ -147,6 +150,17 @@ impl Backend {
                 };
                 moved.map_err(|err| file_error(path, err))
             }
+            Backend::Volume { volume, .. } if to_guest => {
+                let mut guest = addr;
+                volume.read_with(offset, len as usize, &mut |piece| {
+                    let moved = piece_to_guest(mem, guest, piece).map_err(|err| match err {
+                        PieceError::Guest => guest_memory(),
+                        PieceError::File(transfer) => transfer,
+                    })?;
+                    guest = guest.checked_add(moved as u64).ok_or_else(guest_memory)?;
+                    Ok::<_, TransferError>(())
+                })
+            }
             Backend::Volume { volume, bounce } => {
                 let mut done = 0u64;
                 while done < u64::from(len) {
@@ -157,13 +171,8 @@ impl Backend {
                     let piece = to_boundary.min(u64::from(len) - done) as usize;
                     let data = &mut bounce[..piece];
                     let guest = addr.checked_add(done).ok_or_else(guest_memory)?;
-                    if to_guest {
-                        volume.read(at, data)?;
-                        mem.write_slice(data, guest).map_err(|_| guest_memory())?;
-                    } else {
-                        mem.read_slice(data, guest).map_err(|_| guest_memory())?;
-                        volume.write(at, data)?;
-                    }
+                    mem.read_slice(data, guest).map_err(|_| guest_memory())?;
+                    volume.write(at, data)?;
                     done += piece as u64;
                 }
                 Ok(())
@@ -189,6 +198,52 @@ impl Backend {
         match self {
             Backend::Raw { .. } => Ok(()),
             Backend::Volume { volume, .. } => Ok(volume.discard(offset, len)?),
+        }
+    }
+}
+
+/// Why a piece of a volume read did not reach guest memory.
+enum PieceError {
+    /// The guest's buffer is not all in guest memory.
+    Guest,
+    /// The file holding the piece failed.
+    File(TransferError),
+}
+
+/// Moves one piece of a volume read into guest memory at `guest`, with
+/// pread straight into it for a file's bytes; returns the bytes moved.
+fn piece_to_guest(
+    mem: &GuestMemoryMmap,
+    guest: GuestAddress,
+    piece: Piece<'_>,
+) -> Result<usize, PieceError> {
+    match piece {
+        Piece::File {
+            path,
+            file,
+            offset,
+            len,
+        } => {
+            let mut disk = FileAt { file, offset };
+            mem.read_exact_volatile_from(guest, &mut disk, len)
+                .map_err(|err| PieceError::File(file_error(path, err)))?;
+            Ok(len)
+        }
+        Piece::Zero { len } => {
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(ZEROS.len());
+                let at = guest.checked_add(done as u64).ok_or(PieceError::Guest)?;
+                mem.write_slice(&ZEROS[..n], at)
+                    .map_err(|_| PieceError::Guest)?;
+                done += n;
+            }
+            Ok(len)
+        }
+        Piece::Bytes(bytes) => {
+            mem.write_slice(bytes, guest)
+                .map_err(|_| PieceError::Guest)?;
+            Ok(bytes.len())
         }
     }
 }

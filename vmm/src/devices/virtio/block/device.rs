@@ -296,6 +296,12 @@ pub enum DiskSource {
         overlay: Option<PathBuf>,
         /// Bound on the decompressed chunks kept in memory.
         cache_bytes: u64,
+        /// The directory of the host-wide hydration caches, where the
+        /// image's decompressed chunks are kept for every VM of the host
+        /// instead of in memory (`kiln_image::hydrate`); `None` for the
+        /// in-memory cache alone.
+        #[serde(default)]
+        hydration: Option<PathBuf>,
     },
 }
 
@@ -334,9 +340,13 @@ impl Block {
                 image,
                 overlay,
                 cache_bytes,
+                hydration,
             } => {
                 let overlay = overlay.as_deref().filter(|_| !read_only);
-                let volume = Volume::open(image, overlay, *cache_bytes)?;
+                let volume = match hydration {
+                    Some(dir) => Volume::open_hydrated(image, overlay, dir, *cache_bytes)?,
+                    None => Volume::open(image, overlay, *cache_bytes)?,
+                };
                 let size = volume.capacity();
                 (Backend::volume(volume), size)
             }
@@ -831,6 +841,7 @@ mod tests {
             image,
             overlay: Some(overlay),
             cache_bytes: 1 << 20,
+            hydration: None,
         };
         Block::new(&source, read_only).unwrap()
     }

@@ -1,0 +1,217 @@
+use super::*;
+use crate::write;
+
+const CHUNK: u32 = 16 * 1024;
+
+/// An image of 10 chunks: noise, with chunks 3 and 9 (the short last one)
+/// all zeros; returns its raw bytes too.
+fn image(dir: &Path) -> (PathBuf, Vec<u8>) {
+    let len = 9 * CHUNK as usize + 5000;
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut data: Vec<u8> = (0..len)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as u8
+        })
+        .collect();
+    data[3 * CHUNK as usize..4 * CHUNK as usize].fill(0);
+    data[9 * CHUNK as usize..].fill(0);
+    let raw = dir.join("raw");
+    std::fs::write(&raw, &data).unwrap();
+    let image = dir.join("image.kiln");
+    write(&raw, &image, CHUNK).unwrap();
+    (image, data)
+}
+
+fn open(image: &Path, dir: &Path) -> Hydrated {
+    Hydrated::open(Reader::open(image).unwrap(), &dir.join("cache")).unwrap()
+}
+
+fn read_all(cache: &Hydrated) -> Vec<u8> {
+    let mut buf = vec![0; cache.reader().raw_size() as usize];
+    cache.read_exact_at(0, &mut buf).unwrap();
+    buf
+}
+
+/// A frame byte of chunk `n` flipped in the image file.
+fn damage_chunk(image: &Path, n: u32) {
+    let reader = Reader::open(image).unwrap();
+    let entry = &reader.index[n as usize];
+    let mut bytes = std::fs::read(image).unwrap();
+    bytes[(entry.offset + u64::from(entry.length) / 2) as usize] ^= 0x40;
+    std::fs::write(image, bytes).unwrap();
+}
+
+#[test]
+fn reads_fill_the_cache_and_zeros_take_no_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image, data) = image(dir.path());
+    let cache = open(&image, dir.path());
+    assert_eq!(cache.hydrated_bytes(), 0);
+    let mut piece = vec![0; 40_000];
+    cache.read_exact_at(30_000, &mut piece).unwrap();
+    assert_eq!(piece, &data[30_000..70_000]);
+    assert_eq!(cache.hydrated_bytes(), 4 * u64::from(CHUNK), "chunks 1-4");
+    assert_eq!(read_all(&cache), data);
+    assert_eq!(cache.hydrated_bytes(), data.len() as u64);
+    let on_disk = cache.files().hydrated_bytes(cache.reader()).unwrap();
+    assert_eq!(on_disk, data.len() as u64);
+    // The zero chunks are holes of the raw file.
+    let chunk3 = 3 * u64::from(CHUNK);
+    assert_eq!(seek(&cache.raw, chunk3, libc::SEEK_HOLE).unwrap(), chunk3);
+    drop(cache);
+    let again = open(&image, dir.path());
+    assert_eq!(again.hydrated_bytes(), data.len() as u64);
+    assert_eq!(read_all(&again), data);
+}
+
+#[test]
+fn a_chunk_is_decompressed_once_per_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image, data) = image(dir.path());
+    let first = open(&image, dir.path());
+    let second = open(&image, dir.path());
+    let mut buf = vec![0; CHUNK as usize];
+    first.read_exact_at(0, &mut buf).unwrap();
+    // Chunk 0 can no longer be decompressed: the second cache serves it
+    // from what the first wrote, which it learns of under the lock.
+    damage_chunk(&image, 0);
+    let second_reader = Reader::open(&image).unwrap();
+    assert!(second_reader.chunk(0).is_err());
+    second.read_exact_at(0, &mut buf).unwrap();
+    assert_eq!(buf, &data[..CHUNK as usize]);
+}
+
+#[test]
+fn concurrent_fills_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image, data) = image(dir.path());
+    let caches: Vec<Hydrated> = (0..3).map(|_| open(&image, dir.path())).collect();
+    std::thread::scope(|scope| {
+        for (i, cache) in caches.iter().enumerate() {
+            let data = &data;
+            scope.spawn(move || {
+                // Each walks the image from another chunk, 4 KiB at a time.
+                let len = data.len() as u64;
+                let mut at = i as u64 * 3 * u64::from(CHUNK) % len;
+                let mut buf = [0u8; 4096];
+                for _ in 0..len.div_ceil(4096) {
+                    let n = (len - at).min(4096) as usize;
+                    cache.read_exact_at(at, &mut buf[..n]).unwrap();
+                    assert_eq!(buf[..n], data[at as usize..at as usize + n]);
+                    at = (at + n as u64) % len;
+                }
+            });
+        }
+    });
+    let whole = Hydrated::open(Reader::open(&image).unwrap(), &dir.path().join("cache")).unwrap();
+    assert_eq!(whole.hydrated_bytes(), data.len() as u64);
+}
+
+#[test]
+fn a_damaged_chunk_never_enters_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image, _) = image(dir.path());
+    damage_chunk(&image, 5);
+    let cache = open(&image, dir.path());
+    let mut buf = vec![0; 100];
+    let err = cache
+        .read_exact_at(5 * u64::from(CHUNK), &mut buf)
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        HydrateError::Image(ImageError::Chunk { chunk: 5, .. })
+    ));
+    assert_eq!(cache.hydrated_bytes(), 0);
+    // A fill of several stops at nothing but the damaged one.
+    assert!(cache.fill(&[4, 5, 6], 2).is_err());
+    assert_eq!(cache.hydrated_bytes(), 2 * u64::from(CHUNK));
+}
+
+#[test]
+fn a_damaged_cache_is_refilled_never_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image, data) = image(dir.path());
+    let cache = open(&image, dir.path());
+    read_all(&cache);
+    let files = cache.files().clone();
+    drop(cache);
+    // A hole punched where chunk 1 was.
+    let raw = OpenOptions::new().write(true).open(&files.raw).unwrap();
+    // SAFETY: fallocate only reads its integer arguments; `raw` is open.
+    let punched = unsafe {
+        libc::fallocate(
+            raw.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            i64::from(CHUNK),
+            4096,
+        )
+    };
+    assert_eq!(punched, 0);
+    let cache = open(&image, dir.path());
+    assert_eq!(cache.hydrated_bytes(), data.len() as u64 - u64::from(CHUNK));
+    assert_eq!(read_all(&cache), data);
+    drop(cache);
+    // A truncated raw file.
+    raw.set_len(2 * u64::from(CHUNK) + 10).unwrap();
+    let cache = open(&image, dir.path());
+    assert_eq!(
+        cache.hydrated_bytes(),
+        3 * u64::from(CHUNK) + 5000,
+        "chunks 0 and 1 kept, the zero chunks 3 and 9 need no data"
+    );
+    assert_eq!(read_all(&cache), data);
+    drop(cache);
+    // A garbled record starts over.
+    std::fs::write(&files.present, b"garbage").unwrap();
+    let cache = open(&image, dir.path());
+    assert_eq!(cache.hydrated_bytes(), 0);
+    assert_eq!(read_all(&cache), data);
+    cache.files().remove().unwrap();
+    assert!(!files.raw.exists() && !files.present.exists());
+}
+
+#[test]
+fn hydrate_all_reports_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image, data) = image(dir.path());
+    let cache = open(&image, dir.path());
+    let mut seen = Vec::new();
+    cache
+        .hydrate_all(4, 2, &mut |bytes| seen.push(bytes))
+        .unwrap();
+    assert_eq!(seen.len(), 3);
+    assert_eq!(seen.last(), Some(&(data.len() as u64)));
+    assert_eq!(read_all(&cache), data);
+    let err = cache.read_exact_at(data.len() as u64 - 1, &mut [0; 2]);
+    assert!(matches!(
+        err,
+        Err(HydrateError::Image(ImageError::OutOfRange { .. }))
+    ));
+}
+
+#[test]
+fn a_cache_that_cannot_take_chunks_serves_them_from_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image, data) = image(dir.path());
+    let mut cache = open(&image, dir.path());
+    // Every write of chunk data fails with ENOSPC.
+    cache.raw = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let mut buf = vec![0; 3 * CHUNK as usize];
+    cache.read_exact_at(100, &mut buf).unwrap();
+    assert_eq!(buf, data[100..100 + buf.len()]);
+    // Only chunk 3, all zeros, which needs no data.
+    assert_eq!(cache.hydrated_bytes(), u64::from(CHUNK));
+    assert!(matches!(
+        cache.take_fill_error(),
+        Some(HydrateError::Io { .. })
+    ));
+    cache.read_exact_at(100, &mut buf).unwrap();
+    assert!(cache.take_fill_error().is_none(), "reported once");
+}
