@@ -10,8 +10,9 @@ use std::process::Command;
 
 use guest_init::config::{CONFIG_PATH, ConfigError, RunConfig};
 
+use crate::build::VmStep;
 use crate::elf::{self, ElfError};
-use crate::recipe::{BuildStep, Recipe};
+use crate::recipe::{BuildStep, Recipe, StepPlace};
 use crate::stage::{Kind, Stage, StageError};
 
 /// Directories every image has: mount points guest-init uses, and /tmp.
@@ -56,6 +57,17 @@ pub enum AssembleError {
     /// resolved.
     #[error(transparent)]
     Elf(#[from] ElfError),
+    /// The recipe has `in = "vm"` steps, which the image's /bin/sh runs,
+    /// and the image has no /bin/sh.
+    #[error(
+        "{recipe}: build {step} runs in the build VM with the image's /bin/sh, and the image has none (base it on an image with a shell, such as busybox)"
+    )]
+    NoShell {
+        /// The recipe file.
+        recipe: PathBuf,
+        /// The first VM step, described.
+        step: String,
+    },
     /// Neither the recipe nor its base says what the image runs.
     #[error("{recipe}: no [run] entrypoint, and the base image has none either")]
     NoEntrypoint {
@@ -94,7 +106,7 @@ pub fn assemble(
         stage.create_dir_all(Path::new(dir), *mode)?;
         stage.set_mode(Path::new(dir), *mode)?;
     }
-    for step in &recipe.builds {
+    for step in recipe.builds.iter().filter(|s| s.place == StepPlace::Host) {
         run_build(step, &recipe.dir, stage.path())?;
     }
     for file in &recipe.files {
@@ -106,6 +118,94 @@ pub fn assemble(
     }
     copy_file(stage, guest_init, Path::new("/sbin/init"), 0o755)?;
     write_run_config(recipe, stage)
+}
+
+/// Where the build VM finds its steps' scripts, removed from the tree
+/// the image is made of ([`finish_vm_steps`]).
+const VM_SCRIPTS: &str = "/etc/kiln/build-steps";
+
+/// The assembled tree's own run configuration, set aside while the build
+/// VM boots the tree with its own ([`prepare_vm_steps`]).
+#[derive(Debug)]
+pub struct SetAside(Vec<u8>);
+
+/// Readies the assembled `stage` for the recipe's `in = "vm"` steps,
+/// and returns them, in order, with the run configuration set aside.
+/// Each step becomes a script under [`VM_SCRIPTS`]: `set -e`, its
+/// variables exported, its command line, which `/bin/sh SCRIPT` runs as
+/// `sh -ec` would. The build VM's configuration runs it as root in `/`
+/// with PATH and HOME=/root: the image's `[run]` user and environment
+/// are for its workload, not its build.
+pub fn prepare_vm_steps(
+    recipe: &Recipe,
+    stage: &Stage,
+) -> Result<(Vec<VmStep>, SetAside), AssembleError> {
+    let vm_steps: Vec<(usize, &BuildStep, u64)> = (recipe.builds.iter().enumerate())
+        .filter_map(|(index, step)| match step.place {
+            StepPlace::Vm { timeout_secs } => Some((index, step, timeout_secs)),
+            StepPlace::Host => None,
+        })
+        .collect();
+    if let Some((index, step, _)) = vm_steps.first()
+        && stage.open_file(Path::new("/bin/sh")).is_err()
+    {
+        return Err(AssembleError::NoShell {
+            recipe: recipe.path.clone(),
+            step: step.describe(*index),
+        });
+    }
+    let config = Path::new(CONFIG_PATH);
+    let mut own = Vec::new();
+    stage
+        .open_file(config)?
+        .read_to_end(&mut own)
+        .map_err(io_err(config))?;
+    let mut build_config = RunConfig::new(vec!["/bin/sh".into()]);
+    build_config.env.insert("HOME".into(), "/root".into());
+    build_config.hostname = recipe.name.clone();
+    let json = build_config
+        .to_json_pretty()
+        .map_err(|source| AssembleError::RunConfig {
+            recipe: recipe.path.clone(),
+            source,
+        })?;
+    stage.write_file(config, 0o644, &mut json.as_bytes())?;
+    stage.replace_with_dir(Path::new(VM_SCRIPTS), 0o700)?;
+    let steps = vm_steps
+        .into_iter()
+        .map(|(index, step, timeout_secs)| {
+            let script = Path::new(VM_SCRIPTS).join(format!("{}.sh", index + 1));
+            stage.write_file(&script, 0o600, &mut vm_script(step).as_bytes())?;
+            Ok(VmStep {
+                label: step.describe(index),
+                command: format!("/bin/sh {}", script.display()),
+                timeout_secs,
+            })
+        })
+        .collect::<Result<_, AssembleError>>()?;
+    Ok((steps, SetAside(own)))
+}
+
+/// Undoes [`prepare_vm_steps`] in the tree the build VM left: the
+/// scripts go, and the run configuration set aside comes back.
+pub fn finish_vm_steps(stage: &Stage, own: SetAside) -> Result<(), AssembleError> {
+    stage.remove_all(Path::new(VM_SCRIPTS))?;
+    stage.write_file(Path::new(CONFIG_PATH), 0o644, &mut own.0.as_slice())?;
+    Ok(())
+}
+
+/// A VM step as a script for `/bin/sh`.
+fn vm_script(step: &BuildStep) -> String {
+    let mut script = String::from("set -e\ncd /\n");
+    for (name, value) in &step.env {
+        script.push_str(&format!(
+            "export {name}='{}'\n",
+            value.replace('\'', "'\\''")
+        ));
+    }
+    script.push_str(&step.run);
+    script.push('\n');
+    script
 }
 
 /// Where a build step looks for programs when the caller has no PATH.

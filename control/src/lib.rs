@@ -13,6 +13,7 @@ pub mod commit;
 mod deadline;
 pub mod definition;
 pub mod functions;
+pub mod image_build;
 pub mod image_test;
 pub mod instance;
 pub mod network;
