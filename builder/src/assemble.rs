@@ -1,6 +1,9 @@
 //! Assembling an image's root tree in a staging directory: the parent
-//! image's files, the recipe's build commands, files and binaries (with
-//! their ELF closure), guest-init at /sbin/init and its run configuration.
+//! image's files, the recipe's host build commands, files and binaries
+//! (with their ELF closure), guest-init at /sbin/init and its run
+//! configuration; then readying the tree for the build VM's steps
+//! ([`prepare_vm_steps`]), and the tree they leave for the image
+//! ([`finish_vm_steps`]).
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::unix::fs::PermissionsExt;
