@@ -127,14 +127,26 @@ pub fn assemble(
 /// the image is made of ([`finish_vm_steps`]).
 const VM_SCRIPTS: &str = "/etc/kiln/build-steps";
 
-/// The assembled tree's own run configuration, set aside while the build
-/// VM boots the tree with its own ([`prepare_vm_steps`]).
+/// Where a VM step finds the recipe's directory, read-only: the build
+/// VM's second disk ([`copy_recipe_dir`]), mounted by the step's script.
+const RECIPE_MOUNT: &str = "/build";
+
+/// What [`prepare_vm_steps`] changed in the assembled tree, for
+/// [`finish_vm_steps`] to undo.
 #[derive(Debug)]
-pub struct SetAside(Vec<u8>);
+pub struct SetAside {
+    /// The tree's own run configuration, set aside while the build VM
+    /// boots the tree with its own.
+    config: Vec<u8>,
+    /// Whether [`RECIPE_MOUNT`] was made for the build VM (the base had
+    /// none), and goes again.
+    made_mount_point: bool,
+}
 
 /// Readies the assembled `stage` for the recipe's `in = "vm"` steps,
 /// and returns them, in order, with the run configuration set aside.
-/// Each step becomes a script under [`VM_SCRIPTS`]: `set -e`, its
+/// Each step becomes a script under [`VM_SCRIPTS`]: `set -e`, the
+/// recipe's directory mounted read-only at [`RECIPE_MOUNT`], its
 /// variables exported, its command line, which `/bin/sh SCRIPT` runs as
 /// `sh -ec` would. The build VM's configuration runs it as root in `/`
 /// with PATH and HOME=/root: the image's `[run]` user and environment
@@ -173,6 +185,10 @@ pub fn prepare_vm_steps(
             source,
         })?;
     stage.write_file(config, 0o644, &mut json.as_bytes())?;
+    let made_mount_point = stage.kind(Path::new(RECIPE_MOUNT))?.is_none();
+    if made_mount_point {
+        stage.create_dir_all(Path::new(RECIPE_MOUNT), 0o755)?;
+    }
     stage.replace_with_dir(Path::new(VM_SCRIPTS), 0o700)?;
     let steps = vm_steps
         .into_iter()
@@ -186,20 +202,49 @@ pub fn prepare_vm_steps(
             })
         })
         .collect::<Result<_, AssembleError>>()?;
-    Ok((steps, SetAside(own)))
+    Ok((
+        steps,
+        SetAside {
+            config: own,
+            made_mount_point,
+        },
+    ))
 }
 
 /// Undoes [`prepare_vm_steps`] in the tree the build VM left: the
-/// scripts go, and the run configuration set aside comes back.
-pub fn finish_vm_steps(stage: &Stage, own: SetAside) -> Result<(), AssembleError> {
+/// scripts and the mount point it made go, and the run configuration
+/// set aside comes back.
+pub fn finish_vm_steps(stage: &Stage, set_aside: SetAside) -> Result<(), AssembleError> {
     stage.remove_all(Path::new(VM_SCRIPTS))?;
-    stage.write_file(Path::new(CONFIG_PATH), 0o644, &mut own.0.as_slice())?;
+    if set_aside.made_mount_point {
+        stage.remove_all(Path::new(RECIPE_MOUNT))?;
+    }
+    let config = &mut set_aside.config.as_slice();
+    stage.write_file(Path::new(CONFIG_PATH), 0o644, config)?;
     Ok(())
 }
 
-/// A VM step as a script for `/bin/sh`.
+/// Copies the recipe's directory into the empty `stage`, for the build
+/// VM's second disk: the stage is made an ext4 of its own, so the
+/// recipe's files keep their times (a filesystem made from a tree gets
+/// fixed ones).
+pub fn copy_recipe_dir(recipe: &Recipe, stage: &Stage) -> Result<(), AssembleError> {
+    for entry in fs::read_dir(&recipe.dir).map_err(io_err(&recipe.dir))? {
+        let entry = entry.map_err(io_err(&recipe.dir))?;
+        let (from, to) = (entry.path(), Path::new("/").join(entry.file_name()));
+        if entry.file_type().map_err(io_err(&from))?.is_symlink() {
+            stage.symlink(&fs::read_link(&from).map_err(io_err(&from))?, &to)?;
+        } else {
+            copy_tree(stage, &from, &to, None, &[])?;
+        }
+    }
+    Ok(())
+}
+
+/// A VM step as a script for `/bin/sh`. The recipe's directory is the
+/// build VM's second disk, /dev/vdb.
 fn vm_script(step: &BuildStep) -> String {
-    let mut script = String::from("set -e\ncd /\n");
+    let mut script = format!("set -e\ncd /\nmount -t ext4 -o ro /dev/vdb {RECIPE_MOUNT}\n");
     for (name, value) in &step.env {
         script.push_str(&format!(
             "export {name}='{}'\n",

@@ -183,12 +183,17 @@ pub trait BuildVm {
     /// key covers them.
     fn inputs(&self) -> Vec<PathBuf>;
 
-    /// Boots a VM whose writable root disk is the raw ext4 `root`, runs
-    /// `step`'s command as its entrypoint with no network, shows its
-    /// console output to the user as it comes, and says how it ended.
-    /// The guest's writes stay in `root`.
-    fn run_step(&self, root: &Path, step: &VmStep)
-    -> Result<StepEnd, Box<dyn Error + Send + Sync>>;
+    /// Boots a VM whose writable root disk is the raw ext4 `root` and
+    /// whose second disk is the raw ext4 `recipe_dir` (the recipe's
+    /// directory), read-only, runs `step`'s command as its entrypoint
+    /// with no network, shows its console output to the user as it
+    /// comes, and says how it ended. The guest's writes stay in `root`.
+    fn run_step(
+        &self,
+        root: &Path,
+        recipe_dir: &Path,
+        step: &VmStep,
+    ) -> Result<StepEnd, Box<dyn Error + Send + Sync>>;
 }
 
 /// Room the build VM's disk has beyond what the image will: a step's
@@ -359,9 +364,10 @@ fn fs_size(recipe: &Recipe, stage: &Stage) -> Result<u64, BuildError> {
 }
 
 /// Runs the recipe's `in = "vm"` steps on the assembled `stage`: makes
-/// it a raw ext4 in `scratch` (with [`BUILD_VM_ROOM`] to spare), boots
-/// it once per step, in order, and reads what the steps left into a new
-/// stage, which it returns. The first step that fails ends the build.
+/// it a raw ext4 in `scratch` (with [`BUILD_VM_ROOM`] to spare), and the
+/// recipe's directory another, boots them once per step, in order, and
+/// reads what the steps left into a new stage, which it returns. The
+/// first step that fails ends the build.
 fn run_vm_steps(
     recipe: &Recipe,
     stage: Stage,
@@ -376,10 +382,11 @@ fn run_vm_steps(
     progress(&format!("making the build VM's {} MiB disk", size >> 20));
     ext4::make(stage.path(), &disk, size, uuid)?;
     let _ = fs::remove_dir_all(stage.path());
+    let recipe_disk = recipe_disk(recipe, scratch, uuid)?;
     for step in &steps {
         progress(&format!("running build {} in a VM", step.label));
         let end = vm
-            .run_step(&disk, step)
+            .run_step(&disk, &recipe_disk, step)
             .map_err(|source| BuildError::BuildVm {
                 step: step.label.clone(),
                 source,
@@ -404,6 +411,17 @@ fn run_vm_steps(
     let _ = fs::remove_file(&disk);
     assemble::finish_vm_steps(&after, own_config)?;
     Ok(after)
+}
+
+/// The recipe's directory as a raw ext4 in `scratch`, for the build VM.
+fn recipe_disk(recipe: &Recipe, scratch: &Path, uuid: &str) -> Result<PathBuf, BuildError> {
+    let tree = Stage::create(&scratch.join("recipe-dir"))?;
+    assemble::copy_recipe_dir(recipe, &tree)?;
+    let size = ext4::size_for(ext4::content_size(tree.path())?, 0);
+    let disk = scratch.join("recipe-dir.ext4");
+    ext4::make(tree.path(), &disk, size, uuid)?;
+    let _ = fs::remove_dir_all(tree.path());
+    Ok(disk)
 }
 
 /// Compresses the raw filesystem `raw` into `scratch/publish/`, the
@@ -837,8 +855,14 @@ mod tests {
         fn run_step(
             &self,
             root: &Path,
+            recipe_dir: &Path,
             step: &VmStep,
         ) -> Result<StepEnd, Box<dyn Error + Send + Sync>> {
+            assert_eq!(debugfs(recipe_dir, "cat /sh"), "#!/not/a/shell\n");
+            assert!(
+                debugfs(root, "ls -l /build").contains(" 40755 "),
+                "no /build"
+            );
             let script = debugfs(root, &format!("cat {}", &step.command["/bin/sh ".len()..]));
             let config = debugfs(root, "cat /etc/kiln/init.json");
             self.seen
@@ -924,9 +948,10 @@ mod tests {
         let root = extracted.path();
         assert_eq!(
             fs::read_to_string(root.join("etc/built-in-vm")).unwrap(),
-            "set -e\ncd /\nexport WHO='o'\\''brien'\necho it's built\n"
+            "set -e\ncd /\nmount -t ext4 -o ro /dev/vdb /build\nexport WHO='o'\\''brien'\necho it's built\n"
         );
         assert!(!root.join("etc/kiln/build-steps").exists(), "scripts kept");
+        assert!(!root.join("build").exists(), "mount point kept");
         let config =
             RunConfig::from_json(&fs::read(root.join("etc/kiln/init.json")).unwrap()).unwrap();
         assert_eq!((config.uid, config.env["MODE"].as_str()), (1000, "serve"));

@@ -204,8 +204,8 @@ pub enum StepPlace {
     /// its `env`: trusted code with the host's toolchain. The default.
     Host,
     /// As root inside a VM booted from the image being built, whose root
-    /// filesystem it changes, with PATH and HOME=/root besides its
-    /// `env`; no network.
+    /// filesystem it changes, with the recipe's directory read-only at
+    /// /build and PATH and HOME=/root besides its `env`; no network.
     Vm {
         /// Seconds after which the VM is killed and the build fails.
         timeout_secs: u64,

@@ -4,7 +4,8 @@
 //!
 //! `kiln_builder::build` makes the assembled tree a raw ext4 and hands it
 //! to [`BuildVmRunner`] once per step. The VM boots it as its writable
-//! root disk (`root=/dev/vda rw`), the step's script as the entrypoint;
+//! root disk (`root=/dev/vda rw`), with the recipe's directory as a
+//! read-only second disk (/dev/vdb), the step's script as the entrypoint;
 //! guest-init syncs and remounts the root read-only before the VM ends,
 //! so the disk is whole when the next step, or the builder, reads it.
 //! Like a test's VM ([`crate::image_test`]), it is a `kiln __vm` child
@@ -37,17 +38,20 @@ impl BuildVm for BuildVmRunner {
     fn run_step(
         &self,
         root: &Path,
+        recipe_dir: &Path,
         step: &VmStep,
     ) -> Result<StepEnd, Box<dyn Error + Send + Sync>> {
         let scratch = self.vms.store.scratch_dir()?;
         let definition = scratch.path().join("vm.json");
-        let disk = DiskConfig {
-            source: DiskSource::Raw(root.to_path_buf()),
-            read_only: false,
-            // The builder reads the disk back after the VM.
+        let raw = |path: &Path, read_only| DiskConfig {
+            source: DiskSource::Raw(path.to_path_buf()),
+            read_only,
+            // The builder reads the root back after the VM, and gives
+            // every step the recipe's disk.
             ephemeral: false,
         };
-        self.vms.define(disk, &step.command)?.save(&definition)?;
+        let disks = vec![raw(root, false), raw(recipe_dir, true)];
+        self.vms.define(disks, &step.command)?.save(&definition)?;
         let echo = self.echo;
         let timeout = Duration::from_secs(step.timeout_secs);
         let end = run_vm_process(&self.vms.kiln, &definition, timeout, &mut |line| {
@@ -83,6 +87,8 @@ mod tests {
              [ \"$1 $2 $4 $5\" = \"__vm --config --supervisor $PPID\" ] || exit 97\n\
              grep -q '\"Raw\": \"[^\"]*/root.ext4\"' \"$3\" || exit 98\n\
              grep -q '\"read_only\": false' \"$3\" || exit 98\n\
+             grep -q '\"Raw\": \"[^\"]*/recipe.ext4\"' \"$3\" || exit 98\n\
+             grep -q '\"read_only\": true' \"$3\" || exit 98\n\
              grep -q 'kiln.entrypoint=\\\\\"/bin/sh /steps/' \"$3\" || exit 98\n\
              printf 'written by the step\\n' >> \"${3%/*}/../../root.ext4\"\n\
              printf 'booted\\r\\nstep says hi\\r\\n'\n\
@@ -111,7 +117,8 @@ mod tests {
         }
     }
 
-    /// A step's VM boots the disk writable, its output is echoed with the
+    /// A step's VM boots the root disk writable and has the recipe's
+    /// read-only, its output is echoed with the
     /// step's label, its status is the step's, and one that hangs is
     /// killed at its timeout; no scratch file outlives a step.
     #[test]
@@ -123,7 +130,8 @@ mod tests {
         let root = dir.path().join("home/root.ext4");
         std::fs::write(&root, "").unwrap();
 
-        let ok = runner.run_step(&root, &step("ok", 30)).unwrap();
+        let recipe = dir.path().join("home/recipe.ext4");
+        let ok = runner.run_step(&root, &recipe, &step("ok", 30)).unwrap();
         assert_eq!(ok, StepEnd::Exited(0));
         assert_eq!(
             std::fs::read_to_string(&root).unwrap(),
@@ -135,10 +143,10 @@ mod tests {
             "{echoed:?}"
         );
 
-        let failed = runner.run_step(&root, &step("fail", 30)).unwrap();
+        let failed = runner.run_step(&root, &recipe, &step("fail", 30)).unwrap();
         assert_eq!(failed, StepEnd::Exited(3));
         let started = std::time::Instant::now();
-        let hung = runner.run_step(&root, &step("hang", 1)).unwrap();
+        let hung = runner.run_step(&root, &recipe, &step("hang", 1)).unwrap();
         assert_eq!(hung, StepEnd::TimedOut(1));
         assert!(
             started.elapsed() < Duration::from_secs(10),

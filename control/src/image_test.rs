@@ -182,7 +182,7 @@ impl TestRunner {
             // The VM process deletes the overlay once open.
             ephemeral: true,
         };
-        self.define(disk, &test.run)?.save(&definition)?;
+        self.define(vec![disk], &test.run)?.save(&definition)?;
         let mut output = Vec::new();
         let timeout = Duration::from_secs(test.timeout_secs);
         let end = run_vm_process(&self.kiln, &definition, timeout, &mut |line| {
@@ -212,16 +212,16 @@ impl TestRunner {
         })
     }
 
-    /// A VM of [`TEST_INSTANCE_TYPE`]'s size booting `root`, with no NIC
-    /// and `command` (words split on spaces) as the entrypoint: a test's
-    /// VM, or a build step's (`crate::image_build`).
+    /// A VM of [`TEST_INSTANCE_TYPE`]'s size with `disks` (the first is
+    /// the root), no NIC and `command` (words split on spaces) as the
+    /// entrypoint: a test's VM, or a build step's (`crate::image_build`).
     pub(crate) fn define(
         &self,
-        root: DiskConfig,
+        disks: Vec<DiskConfig>,
         command: &str,
     ) -> Result<kiln_vmm::config::VmConfig, DefinitionError> {
         let mut options = RunOptions::new(self.kernel.clone());
-        options.disks.push(root);
+        options.disks = disks;
         // The recipe parser refuses a double quote in a test's command,
         // and a build step's is its script's path: this quoting is whole.
         options.cmdline = format!("kiln.entrypoint=\"{command}\"");
