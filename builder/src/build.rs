@@ -376,7 +376,7 @@ fn run_vm_steps(
     uuid: &str,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Stage, BuildError> {
-    let (steps, own_config) = assemble::prepare_vm_steps(recipe, &stage)?;
+    let (steps, set_aside) = assemble::prepare_vm_steps(recipe, &stage)?;
     let size = fs_size(recipe, &stage)? + BUILD_VM_ROOM;
     let disk = scratch.join("build-vm.ext4");
     progress(&format!("making the build VM's {} MiB disk", size >> 20));
@@ -409,17 +409,20 @@ fn run_vm_steps(
     })?;
     ext4::extract(file, &after)?;
     let _ = fs::remove_file(&disk);
-    assemble::finish_vm_steps(&after, own_config)?;
+    assemble::finish_vm_steps(&after, set_aside)?;
     Ok(after)
 }
 
-/// The recipe's directory as a raw ext4 in `scratch`, for the build VM.
+/// The recipe's directory as a raw ext4 in `scratch`, for the build VM,
+/// with a UUID of its own derived from the root's `uuid` (two disks of one
+/// VM with the same UUID would confuse anything that mounts by UUID).
 fn recipe_disk(recipe: &Recipe, scratch: &Path, uuid: &str) -> Result<PathBuf, BuildError> {
     let tree = Stage::create(&scratch.join("recipe-dir"))?;
     assemble::copy_recipe_dir(recipe, &tree)?;
     let size = ext4::size_for(ext4::content_size(tree.path())?, 0);
     let disk = scratch.join("recipe-dir.ext4");
-    ext4::make(tree.path(), &disk, size, uuid)?;
+    let own_uuid = uuid_from(&image::hex(&Sha256::digest(format!("{uuid}\0recipe-dir"))));
+    ext4::make(tree.path(), &disk, size, &own_uuid)?;
     let _ = fs::remove_dir_all(tree.path());
     Ok(disk)
 }
