@@ -1,6 +1,9 @@
 //! Assembling an image's root tree in a staging directory: the parent
-//! image's files, the recipe's build commands, files and binaries (with
-//! their ELF closure), guest-init at /sbin/init and its run configuration.
+//! image's files, the recipe's host build commands, files and binaries
+//! (with their ELF closure), guest-init at /sbin/init and its run
+//! configuration; then readying the tree for the build VM's steps
+//! ([`prepare_vm_steps`]), and the tree they leave for the image
+//! ([`finish_vm_steps`]).
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::unix::fs::PermissionsExt;
@@ -10,8 +13,9 @@ use std::process::Command;
 
 use guest_init::config::{CONFIG_PATH, ConfigError, RunConfig};
 
+use crate::build::VmStep;
 use crate::elf::{self, ElfError};
-use crate::recipe::{BuildStep, Recipe};
+use crate::recipe::{BuildStep, Recipe, StepPlace};
 use crate::stage::{Kind, Stage, StageError};
 
 /// Directories every image has: mount points guest-init uses, and /tmp.
@@ -56,6 +60,17 @@ pub enum AssembleError {
     /// resolved.
     #[error(transparent)]
     Elf(#[from] ElfError),
+    /// The recipe has `in = "vm"` steps, which the image's /bin/sh runs,
+    /// and the image has no /bin/sh.
+    #[error(
+        "{recipe}: build {step} runs in the build VM with the image's /bin/sh, and the image has none (base it on an image with a shell, such as busybox)"
+    )]
+    NoShell {
+        /// The recipe file.
+        recipe: PathBuf,
+        /// The first VM step, described.
+        step: String,
+    },
     /// Neither the recipe nor its base says what the image runs.
     #[error("{recipe}: no [run] entrypoint, and the base image has none either")]
     NoEntrypoint {
@@ -94,7 +109,7 @@ pub fn assemble(
         stage.create_dir_all(Path::new(dir), *mode)?;
         stage.set_mode(Path::new(dir), *mode)?;
     }
-    for step in &recipe.builds {
+    for step in recipe.builds.iter().filter(|s| s.place == StepPlace::Host) {
         run_build(step, &recipe.dir, stage.path())?;
     }
     for file in &recipe.files {
@@ -106,6 +121,139 @@ pub fn assemble(
     }
     copy_file(stage, guest_init, Path::new("/sbin/init"), 0o755)?;
     write_run_config(recipe, stage)
+}
+
+/// Where the build VM finds its steps' scripts, removed from the tree
+/// the image is made of ([`finish_vm_steps`]).
+const VM_SCRIPTS: &str = "/etc/kiln/build-steps";
+
+/// Where a VM step finds the recipe's directory, read-only: the build
+/// VM's second disk ([`copy_recipe_dir`]), mounted by the step's script.
+const RECIPE_MOUNT: &str = "/build";
+
+/// What [`prepare_vm_steps`] changed in the assembled tree, for
+/// [`finish_vm_steps`] to undo.
+#[derive(Debug)]
+pub struct SetAside {
+    /// The tree's own run configuration, set aside while the build VM
+    /// boots the tree with its own.
+    config: Vec<u8>,
+    /// Whether [`RECIPE_MOUNT`] was made for the build VM (the base had
+    /// none), and goes again.
+    made_mount_point: bool,
+}
+
+/// Readies the assembled `stage` for the recipe's `in = "vm"` steps,
+/// and returns them, in order, with the run configuration set aside.
+/// Each step becomes a script under [`VM_SCRIPTS`]: `set -e`, the
+/// recipe's directory mounted read-only at [`RECIPE_MOUNT`], its
+/// variables exported, its command line, which `/bin/sh SCRIPT` runs as
+/// `sh -ec` would. The build VM's configuration runs it as root in `/`
+/// with PATH and HOME=/root: the image's `[run]` user and environment
+/// are for its workload, not its build.
+pub fn prepare_vm_steps(
+    recipe: &Recipe,
+    stage: &Stage,
+) -> Result<(Vec<VmStep>, SetAside), AssembleError> {
+    let vm_steps: Vec<(usize, &BuildStep, u64)> = (recipe.builds.iter().enumerate())
+        .filter_map(|(index, step)| match step.place {
+            StepPlace::Vm { timeout_secs } => Some((index, step, timeout_secs)),
+            StepPlace::Host => None,
+        })
+        .collect();
+    if let Some((index, step, _)) = vm_steps.first()
+        && stage.open_file(Path::new("/bin/sh")).is_err()
+    {
+        return Err(AssembleError::NoShell {
+            recipe: recipe.path.clone(),
+            step: step.describe(*index),
+        });
+    }
+    let config = Path::new(CONFIG_PATH);
+    let mut own = Vec::new();
+    stage
+        .open_file(config)?
+        .read_to_end(&mut own)
+        .map_err(io_err(config))?;
+    let mut build_config = RunConfig::new(vec!["/bin/sh".into()]);
+    build_config.env.insert("HOME".into(), "/root".into());
+    build_config.hostname = recipe.name.clone();
+    let json = build_config
+        .to_json_pretty()
+        .map_err(|source| AssembleError::RunConfig {
+            recipe: recipe.path.clone(),
+            source,
+        })?;
+    stage.write_file(config, 0o644, &mut json.as_bytes())?;
+    let made_mount_point = stage.kind(Path::new(RECIPE_MOUNT))?.is_none();
+    if made_mount_point {
+        stage.create_dir_all(Path::new(RECIPE_MOUNT), 0o755)?;
+    }
+    stage.replace_with_dir(Path::new(VM_SCRIPTS), 0o700)?;
+    let steps = vm_steps
+        .into_iter()
+        .map(|(index, step, timeout_secs)| {
+            let script = Path::new(VM_SCRIPTS).join(format!("{}.sh", index + 1));
+            stage.write_file(&script, 0o600, &mut vm_script(step).as_bytes())?;
+            Ok(VmStep {
+                label: step.describe(index),
+                command: format!("/bin/sh {}", script.display()),
+                timeout_secs,
+            })
+        })
+        .collect::<Result<_, AssembleError>>()?;
+    Ok((
+        steps,
+        SetAside {
+            config: own,
+            made_mount_point,
+        },
+    ))
+}
+
+/// Undoes [`prepare_vm_steps`] in the tree the build VM left: the
+/// scripts and the mount point it made go, and the run configuration
+/// set aside comes back.
+pub fn finish_vm_steps(stage: &Stage, set_aside: SetAside) -> Result<(), AssembleError> {
+    stage.remove_all(Path::new(VM_SCRIPTS))?;
+    if set_aside.made_mount_point {
+        stage.remove_all(Path::new(RECIPE_MOUNT))?;
+    }
+    let config = &mut set_aside.config.as_slice();
+    stage.write_file(Path::new(CONFIG_PATH), 0o644, config)?;
+    Ok(())
+}
+
+/// Copies the recipe's directory into the empty `stage`, for the build
+/// VM's second disk: the stage is made an ext4 of its own, so the
+/// recipe's files keep their times (a filesystem made from a tree gets
+/// fixed ones).
+pub fn copy_recipe_dir(recipe: &Recipe, stage: &Stage) -> Result<(), AssembleError> {
+    for entry in fs::read_dir(&recipe.dir).map_err(io_err(&recipe.dir))? {
+        let entry = entry.map_err(io_err(&recipe.dir))?;
+        let (from, to) = (entry.path(), Path::new("/").join(entry.file_name()));
+        if entry.file_type().map_err(io_err(&from))?.is_symlink() {
+            stage.symlink(&fs::read_link(&from).map_err(io_err(&from))?, &to)?;
+        } else {
+            copy_tree(stage, &from, &to, None, &[])?;
+        }
+    }
+    Ok(())
+}
+
+/// A VM step as a script for `/bin/sh`. The recipe's directory is the
+/// build VM's second disk, /dev/vdb.
+fn vm_script(step: &BuildStep) -> String {
+    let mut script = format!("set -e\ncd /\nmount -t ext4 -o ro /dev/vdb {RECIPE_MOUNT}\n");
+    for (name, value) in &step.env {
+        script.push_str(&format!(
+            "export {name}='{}'\n",
+            value.replace('\'', "'\\''")
+        ));
+    }
+    script.push_str(&step.run);
+    script.push('\n');
+    script
 }
 
 /// Where a build step looks for programs when the caller has no PATH.

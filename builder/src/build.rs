@@ -5,15 +5,31 @@
 //! tests (`kiln_control::image_test`: this crate boots nothing), and only
 //! then publishes it, or drops it and leaves nothing behind.
 //!
+//! The recipe's `in = "vm"` build steps run after the tree is assembled
+//! (Image Builder's build phase): the tree becomes a raw ext4, a
+//! [`BuildVm`] (the control plane's: this crate boots nothing) boots it
+//! as a writable root disk once per step, and what the steps left is
+//! read back into a tree, of which the image is made.
+//!
 //! The cache key hashes everything the build reads: the recipe's
 //! directory (its recipe, sources and build inputs), the `[[files]]`
 //! sources, the binaries and their libraries, guest-init, the parent
-//! image's digest or the imported archive, and the image format. Same key, same image: the stored
-//! one is reused.
+//! image's digest or the imported archive, the image format, and with
+//! VM steps the build VM's own inputs (its kernel). Same key, same
+//! image: the stored one is reused.
+//!
+//! Reproducible: the same inputs give the same bytes. The filesystem is
+//! always made from a tree by [`ext4::make`], which fixes every
+//! timestamp, the UUID and the directory hash seed, never kept as a
+//! guest wrote it (with its clock's times and its journal): what differs
+//! between two builds is only what a step itself writes differently
+//! (a random machine-id, a log with the date).
 //!
 //! [`publish_child`] publishes a raw filesystem made elsewhere (an
 //! instance's root volume, by `kiln commit`) as a child image, through the
 //! same compression and publication.
+use std::error::Error;
+use std::fmt;
 use std::fs::{self, File};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -25,7 +41,7 @@ use crate::assemble::{self, AssembleError};
 use crate::elf::{self, ElfError};
 use crate::ext4::{self, Ext4Error};
 use crate::oci::{self, OciError};
-use crate::recipe::{self, Base, Recipe, RecipeError, Size};
+use crate::recipe::{self, Base, Recipe, RecipeError, Size, StepPlace};
 use crate::stage::{Stage, StageError};
 use crate::store::{self, IMAGE_FILE, Manifest, Store, StoreError, TestResult};
 use kiln_image::{self as image, DEFAULT_CHUNK_SIZE, ImageError};
@@ -87,6 +103,33 @@ pub enum BuildError {
         #[source]
         source: std::io::Error,
     },
+    /// The recipe has `in = "vm"` steps and the build was given no
+    /// [`BuildVm`] to run them.
+    #[error("{recipe}: build {step} runs in a VM (`in = \"vm\"`), and this build cannot boot one")]
+    NoBuildVm {
+        /// The recipe file.
+        recipe: PathBuf,
+        /// The first VM step, described.
+        step: String,
+    },
+    /// The build VM of a step could not be run at all.
+    #[error("cannot run build {step} in the build VM")]
+    BuildVm {
+        /// The step, described.
+        step: String,
+        /// What went wrong.
+        #[source]
+        source: Box<dyn Error + Send + Sync>,
+    },
+    /// A step ran in the build VM and did not succeed: nothing is
+    /// published.
+    #[error("build {step} failed in the build VM: {end}")]
+    VmStepFailed {
+        /// The step, described.
+        step: String,
+        /// How it ended.
+        end: StepEnd,
+    },
     /// A new image's reference ([`check_new`]) is malformed.
     #[error(
         "{0:?}: expected NAME:VERSION, NAME 1-64 of a-z 0-9 - _ . starting with a letter or digit, VERSION semver such as 1.0.0"
@@ -97,6 +140,67 @@ pub enum BuildError {
     #[error("{0} is already in the store: choose another NAME:VERSION, or `kiln rm {0}` first")]
     Exists(String),
 }
+
+/// A `[[build]]` step with `in = "vm"`, ready for the build VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmStep {
+    /// The step for people: `step 2 (dpkg -i /build/hello.deb)`.
+    pub label: String,
+    /// The guest's entrypoint, words split on spaces (as
+    /// `kiln.entrypoint=` splits them): the image's /bin/sh and the
+    /// step's script in the image.
+    pub command: String,
+    /// Seconds after which the VM is killed and the step fails.
+    pub timeout_secs: u64,
+}
+
+/// How a step in the build VM ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepEnd {
+    /// Its command exited with this status (the VM process's own).
+    Exited(u8),
+    /// It was killed at its timeout, after this many seconds.
+    TimedOut(u64),
+    /// The VM process ended without an exit status (killed by a signal).
+    NoStatus,
+}
+
+impl fmt::Display for StepEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StepEnd::Exited(status) => write!(f, "exit status {status}"),
+            StepEnd::TimedOut(secs) => write!(f, "timed out after {secs} s"),
+            StepEnd::NoStatus => f.write_str("the VM ended without an exit status"),
+        }
+    }
+}
+
+/// Boots build VMs: implemented by the control plane, which owns VM
+/// processes, and handed to [`build`] (this crate boots nothing).
+pub trait BuildVm {
+    /// Host files besides the recipe's that a VM step's result depends
+    /// on (the guest kernel: `uname -r` in a step sees it): the build
+    /// key covers them.
+    fn inputs(&self) -> Vec<PathBuf>;
+
+    /// Boots a VM whose writable root disk is the raw ext4 `root` and
+    /// whose second disk is the raw ext4 `recipe_dir` (the recipe's
+    /// directory), read-only, runs `step`'s command as its entrypoint
+    /// with no network, shows its console output to the user as it
+    /// comes, and says how it ended. The guest's writes stay in `root`.
+    fn run_step(
+        &self,
+        root: &Path,
+        recipe_dir: &Path,
+        step: &VmStep,
+    ) -> Result<StepEnd, Box<dyn Error + Send + Sync>>;
+}
+
+/// Room the build VM's disk has beyond what the image will: a step's
+/// downloads and unpacking need space that the image, made again from
+/// what the steps left, does not keep. The raw file is sparse: unused
+/// room costs nothing.
+const BUILD_VM_ROOM: u64 = 1 << 30;
 
 /// What a build produced.
 #[derive(Debug)]
@@ -145,20 +249,41 @@ impl Staged {
 }
 
 /// Builds the recipe at `recipe_path` for `store`, with `guest_init` as
-/// every image's /sbin/init, up to a [`Staged`] image. The stored image
-/// of the same inputs is reused instead, unless it was published
-/// untested and this build runs the tests (`skip_tests` false): then it
-/// is built again, to be tested. `progress` hears about each long step.
+/// every image's /sbin/init, up to a [`Staged`] image; `vm` runs the
+/// recipe's `in = "vm"` steps (a recipe with some and no `vm` is
+/// refused). The stored image of the same inputs is reused instead,
+/// unless it was published untested and this build runs the tests
+/// (`skip_tests` false): then it is built again, to be tested.
+/// `progress` hears about each long step.
 pub fn build(
     recipe_path: &Path,
     store: &Store,
     guest_init: &Path,
     skip_tests: bool,
+    vm: Option<&dyn BuildVm>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Built, BuildError> {
     let recipe = recipe::load(recipe_path)?;
+    let first_vm_step = (recipe.builds.iter().enumerate())
+        .find(|(_, step)| matches!(step.place, StepPlace::Vm { .. }));
+    let vm = match (first_vm_step, vm) {
+        (Some((index, step)), None) => {
+            return Err(BuildError::NoBuildVm {
+                recipe: recipe.path.clone(),
+                step: step.describe(index),
+            });
+        }
+        (Some(_), Some(vm)) => Some(vm),
+        (None, _) => None,
+    };
     let parent = resolve_base(&recipe, store)?;
-    let build_key = build_key(&recipe, guest_init, parent.as_ref().map(|p| &p.manifest))?;
+    let vm_inputs = vm.map(BuildVm::inputs).unwrap_or_default();
+    let build_key = build_key(
+        &recipe,
+        guest_init,
+        &vm_inputs,
+        parent.as_ref().map(|p| &p.manifest),
+    )?;
     if let Some(stored) = store.get(&recipe.name, &recipe.version)?
         && stored.manifest.build_key == build_key
         && stored.image_path.is_file()
@@ -190,13 +315,15 @@ pub fn build(
     }
     progress("assembling the root tree");
     let entrypoint = assemble::assemble(&recipe, &stage, guest_init)?;
-    let size = match recipe.size {
-        Size::Fixed(bytes) => bytes.div_ceil(4096) * 4096,
-        Size::Free(free) => ext4::size_for(ext4::content_size(stage.path())?, free),
+    let uuid = uuid_from(&build_key);
+    let stage = match vm {
+        Some(vm) => run_vm_steps(&recipe, stage, vm, scratch.path(), &uuid, progress)?,
+        None => stage,
     };
+    let size = fs_size(&recipe, &stage)?;
     progress(&format!("making a {} MiB ext4", size >> 20));
     let raw = scratch.path().join("root.ext4");
-    ext4::make(stage.path(), &raw, size, &uuid_from(&build_key))?;
+    ext4::make(stage.path(), &raw, size, &uuid)?;
     progress("compressing");
     let (publish, info) = compress(&raw, scratch.path())?;
     // The tests boot the compressed image: the tree and the raw
@@ -225,6 +352,79 @@ pub fn build(
         dir: publish,
         manifest,
     }))
+}
+
+/// The size of the image's filesystem holding `stage`: the recipe's
+/// `size`, or the content and its `free` space.
+fn fs_size(recipe: &Recipe, stage: &Stage) -> Result<u64, BuildError> {
+    Ok(match recipe.size {
+        Size::Fixed(bytes) => bytes.div_ceil(4096) * 4096,
+        Size::Free(free) => ext4::size_for(ext4::content_size(stage.path())?, free),
+    })
+}
+
+/// Runs the recipe's `in = "vm"` steps on the assembled `stage`: makes
+/// it a raw ext4 in `scratch` (with [`BUILD_VM_ROOM`] to spare), and the
+/// recipe's directory another, boots them once per step, in order, and
+/// reads what the steps left into a new stage, which it returns. The
+/// first step that fails ends the build.
+fn run_vm_steps(
+    recipe: &Recipe,
+    stage: Stage,
+    vm: &dyn BuildVm,
+    scratch: &Path,
+    uuid: &str,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Stage, BuildError> {
+    let (steps, set_aside) = assemble::prepare_vm_steps(recipe, &stage)?;
+    let size = fs_size(recipe, &stage)? + BUILD_VM_ROOM;
+    let disk = scratch.join("build-vm.ext4");
+    progress(&format!("making the build VM's {} MiB disk", size >> 20));
+    ext4::make(stage.path(), &disk, size, uuid)?;
+    let _ = fs::remove_dir_all(stage.path());
+    let recipe_disk = recipe_disk(recipe, scratch, uuid)?;
+    for step in &steps {
+        progress(&format!("running build {} in a VM", step.label));
+        let end = vm
+            .run_step(&disk, &recipe_disk, step)
+            .map_err(|source| BuildError::BuildVm {
+                step: step.label.clone(),
+                source,
+            })?;
+        if end != StepEnd::Exited(0) {
+            return Err(BuildError::VmStepFailed {
+                step: step.label.clone(),
+                end,
+            });
+        }
+    }
+    // guest-init syncs and remounts / read-only before the VM ends; a
+    // journal left to replay all the same is replayed, as a mount would.
+    ext4::replay_journal(&disk)?;
+    progress("reading back what the build VM left");
+    let after = Stage::create(&scratch.join("root-built"))?;
+    let file = File::open(&disk).map_err(|source| BuildError::Input {
+        path: disk.clone(),
+        source,
+    })?;
+    ext4::extract(file, &after)?;
+    let _ = fs::remove_file(&disk);
+    assemble::finish_vm_steps(&after, set_aside)?;
+    Ok(after)
+}
+
+/// The recipe's directory as a raw ext4 in `scratch`, for the build VM,
+/// with a UUID of its own derived from the root's `uuid` (two disks of one
+/// VM with the same UUID would confuse anything that mounts by UUID).
+fn recipe_disk(recipe: &Recipe, scratch: &Path, uuid: &str) -> Result<PathBuf, BuildError> {
+    let tree = Stage::create(&scratch.join("recipe-dir"))?;
+    assemble::copy_recipe_dir(recipe, &tree)?;
+    let size = ext4::size_for(ext4::content_size(tree.path())?, 0);
+    let disk = scratch.join("recipe-dir.ext4");
+    let own_uuid = uuid_from(&image::hex(&Sha256::digest(format!("{uuid}\0recipe-dir"))));
+    ext4::make(tree.path(), &disk, size, &own_uuid)?;
+    let _ = fs::remove_dir_all(tree.path());
+    Ok(disk)
 }
 
 /// Compresses the raw filesystem `raw` into `scratch/publish/`, the
@@ -356,16 +556,19 @@ fn resolve_base(recipe: &Recipe, store: &Store) -> Result<Option<store::StoredIm
     Ok(Some(parent))
 }
 
-/// SHA-256 over every input of the build, hex.
+/// SHA-256 over every input of the build, hex: `vm_inputs` are the
+/// build VM's ([`BuildVm::inputs`]), empty without VM steps.
 fn build_key(
     recipe: &Recipe,
     guest_init: &Path,
+    vm_inputs: &[PathBuf],
     parent: Option<&Manifest>,
 ) -> Result<String, BuildError> {
     let mut hasher = Sha256::new();
     hasher.update(format!("kiln-image-format-{}\0", image::VERSION));
     hasher.update(parent.map_or("scratch", |p| p.digest.as_str()));
     let mut inputs = vec![recipe.dir.clone(), guest_init.to_path_buf()];
+    inputs.extend(vm_inputs.iter().cloned());
     if let Base::Oci(archive) | Base::Tarball(archive) = &recipe.base {
         inputs.push(archive.clone());
     }
@@ -441,6 +644,7 @@ fn uuid_from(key: &str) -> String {
 mod tests {
     use super::*;
     use crate::recipe::TestCommand;
+    use guest_init::config::RunConfig;
 
     /// A raw "filesystem" of 300 KiB (three chunks), its bytes from `seed`.
     fn raw_file(dir: &Path, name: &str, seed: u8) -> PathBuf {
@@ -588,6 +792,7 @@ mod tests {
                 &store,
                 Path::new("/bin/busybox"),
                 skip_tests,
+                None,
                 &mut |_| {},
             )
             .unwrap()
@@ -626,6 +831,182 @@ mod tests {
         assert!(scratch_is_empty(&home));
     }
 
+    /// A build VM that runs no VM: it reads the step's script and the
+    /// run configuration off the disk with debugfs, and "runs" the script
+    /// by writing it into the disk at /etc/built-in-vm, as a guest's
+    /// write would; a script with `exit 3` fails.
+    struct FakeVm {
+        kernel: PathBuf,
+        seen: std::cell::RefCell<Vec<String>>,
+    }
+
+    fn debugfs(disk: &Path, request: &str) -> String {
+        let output = std::process::Command::new("debugfs")
+            .args(["-w", "-R", request])
+            .arg(disk)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "debugfs {request}");
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    impl BuildVm for FakeVm {
+        fn inputs(&self) -> Vec<PathBuf> {
+            vec![self.kernel.clone()]
+        }
+
+        fn run_step(
+            &self,
+            root: &Path,
+            recipe_dir: &Path,
+            step: &VmStep,
+        ) -> Result<StepEnd, Box<dyn Error + Send + Sync>> {
+            assert_eq!(debugfs(recipe_dir, "cat /sh"), "#!/not/a/shell\n");
+            assert!(
+                debugfs(root, "ls -l /build").contains(" 40755 "),
+                "no /build"
+            );
+            let script = debugfs(root, &format!("cat {}", &step.command["/bin/sh ".len()..]));
+            let config = debugfs(root, "cat /etc/kiln/init.json");
+            self.seen
+                .borrow_mut()
+                .push(format!("{} {}\n{config}", step.label, step.timeout_secs));
+            let host_copy = root.with_extension("script");
+            fs::write(&host_copy, &script).unwrap();
+            debugfs(root, "rm /etc/built-in-vm");
+            debugfs(
+                root,
+                &format!("write {} /etc/built-in-vm", host_copy.display()),
+            );
+            fs::remove_file(host_copy).unwrap();
+            Ok(if script.contains("exit 3") {
+                StepEnd::Exited(3)
+            } else {
+                StepEnd::Exited(0)
+            })
+        }
+    }
+
+    /// A recipe with a VM step: its script and a root configuration reach
+    /// the build VM, what the step wrote is in the image, the scripts are
+    /// not, and the image's own configuration is back. The same recipe
+    /// builds to the same bytes; the kernel is in the build key; a failing
+    /// step fails the build by its number and status, and leaves nothing.
+    #[test]
+    fn vm_steps_change_the_image_reproducibly() {
+        let dir = tempfile::tempdir().unwrap();
+        let recipe = dir.path().join("recipe");
+        fs::create_dir(&recipe).unwrap();
+        fs::write(recipe.join("sh"), "#!/not/a/shell\n").unwrap();
+        let text = "free = \"1M\"\n[image]\nname = \"vm\"\nversion = \"1.0.0\"\n\
+             [[build]]\nin = \"vm\"\nrun = \"echo it's built\"\nenv = { WHO = \"o'brien\" }\ntimeout = \"2m\"\n\
+             [[files]]\nsrc = \"sh\"\ndst = \"/bin/sh\"\n\
+             [run]\nentrypoint = [\"/bin/sh\"]\nuser = \"1000:1000\"\nenv = { MODE = \"serve\" }\n";
+        fs::write(recipe.join("recipe.toml"), text).unwrap();
+        let vm = FakeVm {
+            kernel: recipe.join("sh"),
+            seen: Default::default(),
+        };
+        let build_in = |home: &str, vm: Option<&dyn BuildVm>| {
+            let store = Store::new(&dir.path().join(home));
+            let built = build(
+                &recipe,
+                &store,
+                Path::new("/bin/busybox"),
+                true,
+                vm,
+                &mut |_| {},
+            );
+            let manifest = match built {
+                Ok(Built::Staged(staged)) => staged.publish(None),
+                Ok(Built::Cached(_)) => panic!("a new store caches nothing"),
+                Err(err) => Err(err),
+            };
+            let home = dir.path().join(home);
+            assert!(
+                !home.join("tmp").exists() || scratch_is_empty(&home),
+                "scratch left"
+            );
+            (store, manifest)
+        };
+        let (store, first) = build_in("one", Some(&vm));
+        let first = first.unwrap();
+        let seen = vm.seen.borrow().clone();
+        assert_eq!(seen.len(), 1);
+        assert!(
+            seen[0].starts_with("step 1 (echo it's built) 120\n"),
+            "{seen:?}"
+        );
+        let build_config =
+            RunConfig::from_json(seen[0].split_once('\n').unwrap().1.as_bytes()).unwrap();
+        assert_eq!((build_config.uid, build_config.gid), (0, 0));
+        assert_eq!(build_config.env["HOME"], "/root");
+        assert!(!build_config.env.contains_key("MODE"));
+
+        let stored = store.find("vm:1.0.0").unwrap();
+        let reader = image::Reader::open(&stored.image_path).unwrap();
+        let fs_image = image::CachedReader::new(reader, image::DEFAULT_CACHE_BYTES);
+        let extracted = Stage::create(&dir.path().join("extracted")).unwrap();
+        ext4::extract(fs_image, &extracted).unwrap();
+        let root = extracted.path();
+        assert_eq!(
+            fs::read_to_string(root.join("etc/built-in-vm")).unwrap(),
+            "set -e\ncd /\nmount -t ext4 -o ro /dev/vdb /build\nexport WHO='o'\\''brien'\necho it's built\n"
+        );
+        assert!(!root.join("etc/kiln/build-steps").exists(), "scripts kept");
+        assert!(!root.join("build").exists(), "mount point kept");
+        let config =
+            RunConfig::from_json(&fs::read(root.join("etc/kiln/init.json")).unwrap()).unwrap();
+        assert_eq!((config.uid, config.env["MODE"].as_str()), (1000, "serve"));
+
+        let (_, second) = build_in("two", Some(&vm));
+        let second = second.unwrap();
+        assert_eq!(
+            (&second.digest, &second.build_key),
+            (&first.digest, &first.build_key),
+            "the same recipe, the same image"
+        );
+        let other_kernel = FakeVm {
+            kernel: recipe.join("recipe.toml"),
+            seen: Default::default(),
+        };
+        let (_, third) = build_in("three", Some(&other_kernel));
+        assert_ne!(
+            third.unwrap().build_key,
+            first.build_key,
+            "the kernel is an input"
+        );
+
+        let (_, refused) = build_in("none", None);
+        let err = refused.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("build step 1 (echo it's built) runs in a VM"),
+            "{err}"
+        );
+        fs::write(
+            recipe.join("recipe.toml"),
+            text.replace("echo it's built", "exit 3"),
+        )
+        .unwrap();
+        let (store, failed) = build_in("failed", Some(&vm));
+        let err = failed.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "build step 1 (exit 3) failed in the build VM: exit status 3"
+        );
+        assert!(store.list().unwrap().is_empty(), "a failed build published");
+
+        fs::write(
+            recipe.join("recipe.toml"),
+            text.replace("dst = \"/bin/sh\"", "dst = \"/bin/ash\""),
+        )
+        .unwrap();
+        let (_, no_shell) = build_in("no-shell", Some(&vm));
+        let err = crate::chain(&no_shell.unwrap_err());
+        assert!(err.contains("and the image has none"), "{err}");
+    }
+
     /// A Kiln home `home` next to a victim directory `outside`, and a
     /// recipe directory whose base is the tarball `base` and which puts a
     /// file through the path `/l/f` (where bases plant links).
@@ -658,6 +1039,7 @@ mod tests {
                 &store,
                 Path::new("/bin/busybox"),
                 true,
+                None,
                 &mut |_| {},
             )
             .and_then(|built| match built {

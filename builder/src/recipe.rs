@@ -15,6 +15,11 @@
 //! run = "cc -static -Os -s -o \"$DESTDIR/bin/hello\" hello.c"   # installing into $DESTDIR
 //! env = { CFLAGS = "-O2" }         # optional; with PATH, HOME and DESTDIR, the step's whole environment
 //!
+//! [[build]]                       # after the host steps: run as root in a VM booted
+//! in = "vm"                       # from the image being built ("host": the default)
+//! run = "echo built > /etc/built" # `sh -ec`, changing the image's root filesystem
+//! timeout = "10m"                 # optional (VM steps only); default 10m
+//!
 //! [[files]]
 //! src = "motd"                    # relative to the recipe's directory
 //! dst = "/etc/motd"
@@ -174,14 +179,49 @@ fn default_test_timeout() -> u64 {
     DEFAULT_TEST_TIMEOUT_SECS
 }
 
-/// A `[[build]]` step: a host command that installs into `$DESTDIR`.
+/// How long a `[[build]]` step in the build VM may run when its recipe
+/// names no `timeout`, boot included: an end to a hung step, not a
+/// limit on a slow one (a package manager's run, emulated, takes minutes).
+pub const DEFAULT_BUILD_TIMEOUT_SECS: u64 = 600;
+
+/// A `[[build]]` step: a shell command line (`sh -ec`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BuildStep {
-    /// A shell command line (`sh -ec`), run in the recipe's directory.
+    /// The command line.
     pub run: String,
-    /// Variables the step declares: with PATH, HOME and DESTDIR, all of
-    /// its environment (nothing else of the caller's reaches it).
+    /// Variables the step declares: with the few its place gives it
+    /// (see [`StepPlace`]), all of its environment.
     pub env: BTreeMap<String, String>,
+    /// Where it runs.
+    pub place: StepPlace,
+}
+
+/// Where a `[[build]]` step runs (`in = "host"` or `in = "vm"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepPlace {
+    /// On the host, in the recipe's directory, installing into
+    /// `$DESTDIR` (the root tree), with PATH, HOME and DESTDIR besides
+    /// its `env`: trusted code with the host's toolchain. The default.
+    Host,
+    /// As root inside a VM booted from the image being built, whose root
+    /// filesystem it changes, with the recipe's directory read-only at
+    /// /build and PATH and HOME=/root besides its `env`; no network.
+    Vm {
+        /// Seconds after which the VM is killed and the build fails.
+        timeout_secs: u64,
+    },
+}
+
+impl BuildStep {
+    /// The step for people: its number (from 1) and the start of its
+    /// command, `step 2 (apt-get install -y …)`.
+    pub fn describe(&self, index: usize) -> String {
+        const WORDS: usize = 4;
+        let words: Vec<&str> = self.run.split_whitespace().collect();
+        let more = if words.len() > WORDS { " …" } else { "" };
+        let shown = words[..words.len().min(WORDS)].join(" ");
+        format!("step {} ({shown}{more})", index + 1)
+    }
 }
 
 /// A parsed, validated recipe.
@@ -202,8 +242,9 @@ pub struct Recipe {
     /// Host programs copied in at their own paths, with every shared
     /// library they load.
     pub binaries: Vec<PathBuf>,
-    /// `[[build]]` steps, run in order on the host with `$DESTDIR` set
-    /// to the root tree.
+    /// `[[build]]` steps, in order: the host's while the root tree is
+    /// assembled, then the build VM's on the assembled image (the parser
+    /// refuses a host step after a VM step).
     pub builds: Vec<BuildStep>,
     /// `[[files]]`, copied in order (a later one overwrites an earlier).
     pub files: Vec<FileEntry>,
@@ -257,9 +298,11 @@ struct RawImage {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawBuild {
-    run: String,
-    #[serde(default)]
-    env: BTreeMap<String, String>,
+    run: Spanned<String>,
+    env: Option<Spanned<BTreeMap<String, String>>>,
+    #[serde(rename = "in")]
+    place: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -366,14 +409,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Recipe, RecipeError> {
         description: raw.image.description,
         base,
         binaries: raw.binaries.iter().map(|b| dir.join(b)).collect(),
-        builds: raw
-            .build
-            .into_iter()
-            .map(|b| BuildStep {
-                run: b.run,
-                env: b.env,
-            })
-            .collect(),
+        builds: check.builds(&raw.build)?,
         files,
         run,
         tests: raw
@@ -526,6 +562,109 @@ impl Checker<'_> {
         })
     }
 
+    fn builds(&self, raw: &[RawBuild]) -> Result<Vec<BuildStep>, RecipeError> {
+        let mut steps: Vec<BuildStep> = Vec::with_capacity(raw.len());
+        for build in raw {
+            let step = self.build(build)?;
+            let after_vm = steps
+                .last()
+                .is_some_and(|last| matches!(last.place, StepPlace::Vm { .. }));
+            if step.place == StepPlace::Host && after_vm {
+                return Err(self.field(
+                    build.run.span(),
+                    "build.in",
+                    "a host step after an `in = \"vm\"` step: expected the host steps first \
+                     (they run while the root tree is assembled, the VM steps on the \
+                     assembled image)"
+                        .into(),
+                ));
+            }
+            steps.push(step);
+        }
+        Ok(steps)
+    }
+
+    fn build(&self, build: &RawBuild) -> Result<BuildStep, RecipeError> {
+        if build.run.get_ref().trim().is_empty() {
+            return Err(self.field(
+                build.run.span(),
+                "build.run",
+                "\"\": expected a shell command line".into(),
+            ));
+        }
+        // The names become `export NAME=…` lines in a VM step's script,
+        // and a host step's environment, where `=` or NUL cannot go.
+        let env = build.env.as_ref();
+        let bad_env = env
+            .into_iter()
+            .flat_map(|env| env.get_ref())
+            .find(|(name, value)| {
+                let mut chars = name.chars();
+                !chars
+                    .next()
+                    .is_some_and(|c| c == '_' || c.is_ascii_alphabetic())
+                    || !chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
+                    || value.contains('\0')
+            });
+        if let Some((name, value)) = bad_env {
+            return Err(self.field(
+                env.map_or(build.run.span(), Spanned::span),
+                "build.env",
+                format!(
+                    "{name:?} = {value:?}: expected names of A-Z a-z 0-9 _ not starting \
+                     with a digit, and values without NUL"
+                ),
+            ));
+        }
+        let place = match build.place.as_ref().map(|p| (p, p.get_ref().as_str())) {
+            None => StepPlace::Host,
+            Some((_, "host")) => StepPlace::Host,
+            Some((_, "vm")) => StepPlace::Vm {
+                timeout_secs: match &build.timeout {
+                    None => DEFAULT_BUILD_TIMEOUT_SECS,
+                    Some(timeout) => self.seconds(timeout, "build.timeout")?,
+                },
+            },
+            Some((place, other)) => {
+                return Err(self.field(
+                    place.span(),
+                    "build.in",
+                    format!("{other:?}: expected \"host\" or \"vm\""),
+                ));
+            }
+        };
+        if let (StepPlace::Host, Some(timeout)) = (place, &build.timeout) {
+            return Err(self.field(
+                timeout.span(),
+                "build.timeout",
+                "a host step has no timeout: expected it on `in = \"vm\"` steps only".into(),
+            ));
+        }
+        Ok(BuildStep {
+            run: build.run.get_ref().clone(),
+            env: env.map(|env| env.get_ref().clone()).unwrap_or_default(),
+            place,
+        })
+    }
+
+    /// A duration of at least a second, in seconds.
+    fn seconds(&self, value: &Spanned<String>, field: &'static str) -> Result<u64, RecipeError> {
+        humantime::parse_duration(value.get_ref())
+            .ok()
+            .map(|duration| duration.as_secs())
+            .filter(|secs| *secs > 0)
+            .ok_or_else(|| {
+                self.field(
+                    value.span(),
+                    field,
+                    format!(
+                        "{:?}: expected a duration of at least a second, such as \"30s\" or \"2m\"",
+                        value.get_ref()
+                    ),
+                )
+            })
+    }
+
     fn test(&self, test: &RawTest) -> Result<TestCommand, RecipeError> {
         let run = test.run.get_ref();
         // The command travels as `kiln.entrypoint="…"` on the kernel
@@ -565,20 +704,7 @@ impl Checker<'_> {
         };
         let timeout_secs = match &test.timeout {
             None => DEFAULT_TEST_TIMEOUT_SECS,
-            Some(timeout) => humantime::parse_duration(timeout.get_ref())
-                .ok()
-                .map(|duration| duration.as_secs())
-                .filter(|secs| *secs > 0)
-                .ok_or_else(|| {
-                    self.field(
-                        timeout.span(),
-                        "test.timeout",
-                        format!(
-                            "{:?}: expected a duration of at least a second, such as \"30s\" or \"2m\"",
-                            timeout.get_ref()
-                        ),
-                    )
-                })?,
+            Some(timeout) => self.seconds(timeout, "test.timeout")?,
         };
         Ok(TestCommand {
             run: run.clone(),
@@ -750,6 +876,72 @@ timeout = "2m"
         assert_eq!(r.base, Base::Oci(PathBuf::from("recipes/web/image.tar")));
         let r = parsed(&FULL.replace("hello:1.0.0", "tar:/srv/rootfs.tar.gz")).unwrap();
         assert_eq!(r.base, Base::Tarball(PathBuf::from("/srv/rootfs.tar.gz")));
+    }
+
+    /// Steps run on the host unless they say `in = "vm"`; a VM step has
+    /// a timeout, a host step none, and host steps come first.
+    #[test]
+    fn build_steps_say_where_they_run() {
+        let recipe = |steps: &str| {
+            parsed(&format!(
+                "[image]\nname = \"b\"\nversion = \"1.0.0\"\n{steps}"
+            ))
+        };
+        let r = recipe(
+            "[[build]]\nrun = \"make\"\n\
+             [[build]]\nin = \"vm\"\nrun = \"apt-get install -y curl wget\"\nenv = { A_1 = \"it's\" }\n\
+             [[build]]\nin = \"vm\"\nrun = \"true\"\ntimeout = \"90s\"\n",
+        )
+        .unwrap();
+        let places: Vec<StepPlace> = r.builds.iter().map(|b| b.place).collect();
+        assert_eq!(
+            places,
+            [
+                StepPlace::Host,
+                StepPlace::Vm {
+                    timeout_secs: DEFAULT_BUILD_TIMEOUT_SECS
+                },
+                StepPlace::Vm { timeout_secs: 90 }
+            ]
+        );
+        assert_eq!(r.builds[1].env["A_1"], "it's");
+        assert_eq!(
+            r.builds[1].describe(1),
+            "step 2 (apt-get install -y curl …)"
+        );
+        assert_eq!(r.builds[2].describe(2), "step 3 (true)");
+
+        let cases = [
+            (
+                "[[build]]\nin = \"vm\"\nrun = \"a\"\n[[build]]\nrun = \"b\"\n",
+                "recipe.toml:8: `build.in`: a host step after",
+            ),
+            (
+                "[[build]]\nin = \"guest\"\nrun = \"a\"\n",
+                "recipe.toml:5: `build.in`: \"guest\": expected \"host\" or \"vm\"",
+            ),
+            (
+                "[[build]]\nrun = \"a\"\ntimeout = \"1m\"\n",
+                "recipe.toml:6: `build.timeout`: a host step has no timeout",
+            ),
+            (
+                "[[build]]\nin = \"vm\"\nrun = \"a\"\ntimeout = \"soon\"\n",
+                "recipe.toml:7: `build.timeout`: \"soon\"",
+            ),
+            ("[[build]]\nrun = \" \"\n", "recipe.toml:5: `build.run`"),
+            (
+                "[[build]]\nrun = \"a\"\nenv = { \"A=B\" = \"c\" }\n",
+                "recipe.toml:6: `build.env`: \"A=B\"",
+            ),
+            (
+                "[[build]]\nrun = \"a\"\nenv = { \"1A\" = \"c\" }\n",
+                "recipe.toml:6: `build.env`: \"1A\"",
+            ),
+        ];
+        for (steps, expected) in cases {
+            let err = recipe(steps).unwrap_err().to_string();
+            assert!(err.contains(expected), "{steps}: {err}");
+        }
     }
 
     #[test]

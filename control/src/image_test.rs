@@ -12,8 +12,9 @@
 //! The VM is a child process, `kiln __vm` (the VM process an instance's
 //! supervisor starts too), not a VM in this process: a VM process's
 //! threads end under seccomp filters and its console is its stdout, which
-//! is captured here, and a test that hangs is ended by killing it.
-use std::io::{self, Read};
+//! is captured here, and a test that hangs is ended by killing it. The
+//! build VM (`crate::image_build`) is run the same way ([`run_vm_process`]).
+use std::io::{self, BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
@@ -52,19 +53,40 @@ pub enum ImageTestError {
     /// The test's VM definition cannot be written.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// The VM process could not be started, waited for or read.
-    #[error("cannot {what} the VM process of test `{test}` ({kiln})")]
+    /// The test's VM process could not be run.
+    #[error("test `{test}`")]
     Process {
-        /// What was being done ("start", "wait for").
-        what: &'static str,
         /// The test's command.
         test: String,
-        /// The `kiln` binary run as the VM process.
-        kiln: PathBuf,
-        /// What the system said.
+        /// What failed.
         #[source]
-        source: io::Error,
+        source: VmProcessError,
     },
+}
+
+/// Why a VM process ([`run_vm_process`]) could not be run to its end.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {what} the VM process ({kiln})")]
+pub struct VmProcessError {
+    /// What was being done ("start", "wait for").
+    what: &'static str,
+    /// The `kiln` binary run as the VM process.
+    kiln: PathBuf,
+    /// What the system said.
+    #[source]
+    source: io::Error,
+}
+
+/// How a VM process ended.
+#[derive(Debug)]
+pub(crate) struct VmEnd {
+    /// Its exit status (the guest entrypoint's); `None` if it could not
+    /// be had.
+    pub status: Option<ExitStatus>,
+    /// Whether it was killed at its timeout.
+    pub timed_out: bool,
+    /// How long it ran.
+    pub duration: Duration,
 }
 
 /// What the tests' VMs boot, and where their scratch files go.
@@ -147,40 +169,34 @@ impl TestRunner {
     pub fn run(&self, image: &Path, test: &TestCommand) -> Result<TestRun, ImageTestError> {
         let scratch = self.store.scratch_dir()?;
         let definition = scratch.path().join("vm.json");
-        self.define(image, test, &scratch.path().join("overlay"))?
-            .save(&definition)?;
-        let process_err = |what| {
-            let (test, kiln) = (test.run.clone(), self.kiln.clone());
-            move |source| ImageTestError::Process {
-                what,
-                test,
-                kiln,
-                source,
-            }
+        let overlay = scratch.path().join("overlay");
+        let cache_bytes = DEFAULT_CACHE_MIB << 20;
+        Volume::create(image, &overlay, cache_bytes)?;
+        let disk = DiskConfig {
+            source: DiskSource::Volume {
+                image: image.to_path_buf(),
+                overlay: Some(overlay),
+                cache_bytes,
+                // The image may be a build's, not yet stored: its cache
+                // would outlive a failed build.
+                hydration: None,
+            },
+            read_only: false,
+            // The VM process deletes the overlay once open.
+            ephemeral: true,
         };
-        let (reader, writer) = io::pipe().map_err(process_err("start"))?;
-        let started = Instant::now();
-        let child = Command::new(&self.kiln)
-            .arg(VM_SUBCOMMAND)
-            .arg("--config")
-            .arg(&definition)
-            // Ends with this process (SIGTERM): a test VM never outlives
-            // the build or `kiln image test` that started it.
-            .arg("--supervisor")
-            .arg(std::process::id().to_string())
-            .stdin(Stdio::null())
-            .stdout(writer.try_clone().map_err(process_err("start"))?)
-            .stderr(writer)
-            .spawn()
-            .map_err(process_err("start"))?;
-        let output = thread::spawn(move || read_all(reader));
+        self.define(vec![disk], &test.run)?.save(&definition)?;
+        let mut output = Vec::new();
         let timeout = Duration::from_secs(test.timeout_secs);
-        let ended = wait_until(child, started + timeout);
-        let duration = started.elapsed();
-        let (status, timed_out) = ended.map_err(process_err("wait for"))?;
-        // The pipe's last writer is gone with the VM process: this ends.
-        let output = output.join().unwrap_or_default();
-        let exit_status = status.and_then(|s| s.code()).map(|code| code as u8);
+        let end = run_vm_process(&self.kiln, &definition, timeout, &mut |line| {
+            output.extend_from_slice(line)
+        })
+        .map_err(|source| ImageTestError::Process {
+            test: test.run.clone(),
+            source,
+        })?;
+        let (output, timed_out) = (String::from_utf8_lossy(&output).into_owned(), end.timed_out);
+        let exit_status = end.status.and_then(|s| s.code()).map(|code| code as u8);
         let passed = !timed_out
             && exit_status == Some(test.expect_exit)
             && test
@@ -192,56 +208,93 @@ impl TestRunner {
                 run: test.run.clone(),
                 passed,
                 exit_status,
-                duration_ms: duration.as_millis() as u64,
+                duration_ms: end.duration.as_millis() as u64,
             },
             output,
             timed_out,
         })
     }
 
-    /// The test's VM: the image with a fresh overlay at `overlay`
-    /// (deleted by the VM process once open), the default instance
-    /// [`TEST_INSTANCE_TYPE`]'s size, no NIC, and the test's command as the entrypoint.
-    fn define(
+    /// A VM of [`TEST_INSTANCE_TYPE`]'s size with `disks` (the first is
+    /// the root), no NIC and `command` (words split on spaces) as the
+    /// entrypoint: a test's VM, or a build step's (`crate::image_build`).
+    pub(crate) fn define(
         &self,
-        image: &Path,
-        test: &TestCommand,
-        overlay: &Path,
-    ) -> Result<kiln_vmm::config::VmConfig, ImageTestError> {
-        let cache_bytes = DEFAULT_CACHE_MIB << 20;
-        Volume::create(image, overlay, cache_bytes)?;
+        disks: Vec<DiskConfig>,
+        command: &str,
+    ) -> Result<kiln_vmm::config::VmConfig, DefinitionError> {
         let mut options = RunOptions::new(self.kernel.clone());
-        options.disks.push(DiskConfig {
-            source: DiskSource::Volume {
-                image: image.to_path_buf(),
-                overlay: Some(overlay.to_path_buf()),
-                cache_bytes,
-                // The image may be a build's, not yet stored: its cache
-                // would outlive a failed build.
-                hydration: None,
-            },
-            read_only: false,
-            ephemeral: true,
-        });
-        // The recipe parser refuses a double quote in a test's command:
-        // this quoting is whole.
-        options.cmdline = format!("kiln.entrypoint=\"{}\"", test.run);
+        options.disks = disks;
+        // The recipe parser refuses a double quote in a test's command,
+        // and a build step's is its script's path: this quoting is whole.
+        options.cmdline = format!("kiln.entrypoint=\"{command}\"");
         let size = InstanceType::find(TEST_INSTANCE_TYPE).expect("the test type is in the catalog");
-        Ok(definition::for_plain_run(
+        definition::for_plain_run(
             &self.store,
             None,
             &options,
             (size.vcpus, size.memory_mib),
             None,
-        )?)
+        )
     }
 }
 
+/// Runs `kiln __vm --config DEFINITION` (the binary `kiln`) to its end,
+/// handing each line of its output (the guest's console, then the VM
+/// process's own messages) to `on_line` as it comes; the VM process is
+/// killed at `timeout`.
+pub(crate) fn run_vm_process(
+    kiln: &Path,
+    definition: &Path,
+    timeout: Duration,
+    on_line: &mut (dyn FnMut(&[u8]) + Send),
+) -> Result<VmEnd, VmProcessError> {
+    let err = |what| {
+        move |source| VmProcessError {
+            what,
+            kiln: kiln.to_path_buf(),
+            source,
+        }
+    };
+    let (reader, writer) = io::pipe().map_err(err("start"))?;
+    let started = Instant::now();
+    let mut child = Command::new(kiln)
+        .arg(VM_SUBCOMMAND)
+        .arg("--config")
+        .arg(definition)
+        // Ends with this process (SIGTERM): a test or build VM never
+        // outlives the command that started it.
+        .arg("--supervisor")
+        .arg(std::process::id().to_string())
+        .stdin(Stdio::null())
+        .stdout(writer.try_clone().map_err(err("start"))?)
+        .stderr(writer)
+        .spawn()
+        .map_err(err("start"))?;
+    thread::scope(|scope| {
+        // The pipe's last writer goes with the VM process: this ends.
+        scope.spawn(|| read_lines(reader, on_line));
+        let ended = wait_until(&mut child, started + timeout);
+        let duration = started.elapsed();
+        let (status, timed_out) = ended.map_err(err("wait for"))?;
+        Ok(VmEnd {
+            status,
+            timed_out,
+            duration,
+        })
+    })
+}
+
 /// Waits for `child` until `deadline`, then kills it. Returns its status
-/// (`None` if it could not be had) and whether it was killed.
-fn wait_until(mut child: Child, deadline: Instant) -> io::Result<(Option<ExitStatus>, bool)> {
+/// (`None` if it could not be had) and whether it was killed. It is
+/// killed on an error too: nothing of it outlives the wait.
+fn wait_until(child: &mut Child, deadline: Instant) -> io::Result<(Option<ExitStatus>, bool)> {
     loop {
-        if let Some(status) = child.try_wait()? {
+        let status = child.try_wait().inspect_err(|_| {
+            let _ = child.kill();
+            let _ = child.wait();
+        })?;
+        if let Some(status) = status {
             return Ok((Some(status), false));
         }
         if Instant::now() >= deadline {
@@ -252,13 +305,16 @@ fn wait_until(mut child: Child, deadline: Instant) -> io::Result<(Option<ExitSta
     }
 }
 
-/// Everything `reader` yields until its end, as text (a broken byte
-/// sequence becomes U+FFFD).
-fn read_all(mut reader: io::PipeReader) -> String {
-    let mut bytes = Vec::new();
-    // A read error ends the capture: what came before it is kept.
-    let _ = reader.read_to_end(&mut bytes);
-    String::from_utf8_lossy(&bytes).into_owned()
+/// Hands each line `reader` yields (with its newline; the last one may
+/// have none) to `on_line`, until its end. A read error ends it: what
+/// came before is handed on.
+fn read_lines(reader: io::PipeReader, on_line: &mut (dyn FnMut(&[u8]) + Send)) {
+    let mut reader = BufReader::new(reader);
+    let mut line = Vec::new();
+    while matches!(reader.read_until(b'\n', &mut line), Ok(n) if n > 0) {
+        on_line(&line);
+        line.clear();
+    }
 }
 
 #[cfg(test)]

@@ -3,8 +3,8 @@
 //! their EC2-style lifecycle, the supervisor that runs each instance's VM
 //! process, functions (snapshot clones), the host side of networking and
 //! the published-port proxy, the per-instance HTTP API, commit (an
-//! instance's root volume into a new image), and running an image's
-//! tests in VMs of their own.
+//! instance's root volume into a new image), running an image's tests
+//! in VMs of their own, and its build steps in a build VM.
 //!
 //! The VM process itself is [`kiln_vmm`]; this crate starts it, talks to it
 //! over its control channel ([`kiln_vmm::rpc`]) and keeps the records true.
@@ -13,6 +13,7 @@ pub mod commit;
 mod deadline;
 pub mod definition;
 pub mod functions;
+pub mod image_build;
 pub mod image_test;
 pub mod instance;
 pub mod network;

@@ -1,14 +1,16 @@
-//! `kiln build RECIPE`: build an image, run its tests (each in a VM
-//! booted from the built image), and publish it into the local store only
-//! if they all pass.
+//! `kiln build RECIPE`: build an image (its `in = "vm"` steps in a VM
+//! booted from the image being built), run its tests (each in a VM booted
+//! from the built image), and publish it into the local store only if
+//! they all pass.
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::bail;
 use kiln_builder::build::{self, Built, Staged};
-use kiln_builder::recipe;
+use kiln_builder::recipe::{self, StepPlace};
 use kiln_builder::store::{Manifest, Store, TestResult};
+use kiln_control::image_build::BuildVmRunner;
 
 use super::image;
 use crate::assets::{Asset, kiln_home};
@@ -37,8 +39,26 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         );
     }
     let store = Store::new(&kiln_home());
-    // Before building: a build whose tests cannot run here says so now.
-    let tests = recipe::load(&args.recipe)?.tests.len();
+    // Before building: a build whose VM steps or tests cannot run here
+    // says so now.
+    let recipe = recipe::load(&args.recipe)?;
+    let vm_steps = (recipe.builds.iter())
+        .filter(|step| matches!(step.place, StepPlace::Vm { .. }))
+        .count();
+    let build_vm = if vm_steps == 0 {
+        None
+    } else {
+        let which = format!(
+            "the {vm_steps} `in = \"vm\"` build step(s) of {}",
+            args.recipe.display()
+        );
+        let advice = ". Run the build where KVM works (build steps cannot be skipped)";
+        Some(BuildVmRunner {
+            vms: image::test_runner(store.clone(), &which, advice)?,
+            echo: |label, line| eprintln!("kiln: {label} | {line}"),
+        })
+    };
+    let tests = recipe.tests.len();
     let runner = if args.skip_tests || tests == 0 {
         None
     } else {
@@ -54,7 +74,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             eprintln!("kiln: {step}…");
         }
     };
-    let built = build::build(&args.recipe, &store, &init, args.skip_tests, &mut progress)?;
+    let built = build::build(
+        &args.recipe,
+        &store,
+        &init,
+        args.skip_tests,
+        build_vm.as_ref().map(|vm| vm as &dyn build::BuildVm),
+        &mut progress,
+    )?;
     let staged = match built {
         Built::Cached(m) => {
             println!("{} is up to date (cached, {}…)", m.reference(), short(&m));

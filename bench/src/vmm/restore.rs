@@ -89,7 +89,7 @@ pub fn instance_snapshot(
     };
     // The recipe has no tests: a staged image is published as it is.
     let store = Store::new(kiln.home());
-    match kiln_builder::build::build(&recipe, &store, &config.stub, false, &mut |_| {})
+    match kiln_builder::build::build(&recipe, &store, &config.stub, false, None, &mut |_| {})
         .map_err(build_err)?
     {
         Built::Cached(_) => {}
