@@ -22,6 +22,8 @@ pub mod network;
 pub mod protocol;
 #[cfg(feature = "init")]
 pub mod supervisor;
+#[cfg(feature = "init")]
+pub mod user;
 
 /// `err` and each of its causes, outermost first, joined by ": ": how an
 /// error reaches a person, in the guest (the console, a refused

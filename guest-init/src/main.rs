@@ -39,7 +39,7 @@ use std::process::ExitCode;
 use guest_init::config::{CONFIG_PATH, ConfigError, RunConfig};
 use guest_init::network::{NetConfig, RESOLV_CONF};
 use guest_init::protocol::InitEvent;
-use guest_init::{function_mode, network, one_line, supervisor};
+use guest_init::{function_mode, network, one_line, supervisor, user};
 
 mod metadata;
 mod mounts;
@@ -177,6 +177,9 @@ enum LoadError {
     /// The file, or the command line's overrides, are not usable.
     #[error("{CONFIG_PATH}")]
     Invalid(#[source] ConfigError),
+    /// Its user or group is not in the image's /etc/passwd or /etc/group.
+    #[error("{CONFIG_PATH}: the entrypoint's user")]
+    User(#[source] user::UserError),
 }
 
 fn load_config(cmdline: &str) -> Result<RunConfig, LoadError> {
@@ -185,7 +188,10 @@ fn load_config(cmdline: &str) -> Result<RunConfig, LoadError> {
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
         Err(err) => return Err(LoadError::Read(err)),
     };
-    RunConfig::resolve(file.as_deref(), cmdline).map_err(LoadError::Invalid)
+    let mut config = RunConfig::resolve(file.as_deref(), cmdline).map_err(LoadError::Invalid)?;
+    let identity = user::resolve(&config, Path::new("/")).map_err(LoadError::User)?;
+    user::apply(&mut config, identity);
+    Ok(config)
 }
 
 /// Ends every remaining process, leaves the root filesystem clean
