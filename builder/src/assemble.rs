@@ -250,7 +250,7 @@ fn write_run_config(
     stage: &Stage,
     base_run: Option<&RunConfig>,
 ) -> Result<Vec<String>, AssembleError> {
-    if recipe.run.argv.is_empty() {
+    if recipe.run.entrypoint.is_empty() {
         if let Some(config) = base_run {
             write_config(&recipe.path, stage, config)?;
             return Ok(config.argv());
@@ -271,7 +271,8 @@ fn write_run_config(
             })?;
         return Ok(config.argv());
     }
-    let mut config = RunConfig::new(recipe.run.argv.clone());
+    let mut config = RunConfig::new(recipe.run.entrypoint.clone());
+    config.cmd = recipe.run.args.clone();
     config.env.extend(recipe.run.env.clone());
     if let Some(dir) = &recipe.run.workdir {
         config.workdir = dir.clone();
