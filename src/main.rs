@@ -2,7 +2,7 @@
 //! subcommand calls into `kiln_builder` or `kiln_vmm`.
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use cmd::lifecycle::Verb;
 
 mod assets;
@@ -70,6 +70,8 @@ enum Command {
     Vmm(cmd::vmm::Args),
     #[command(name = "__vm", hide = true)]
     Vm(cmd::vm::Args),
+    #[command(name = "__generate", hide = true)]
+    Generate(cmd::generate::Args),
 }
 
 fn main() -> ExitCode {
@@ -114,6 +116,7 @@ fn main() -> ExitCode {
         Command::Attach(args) => cmd::attach::run(args),
         Command::Vmm(args) => cmd::vmm::run(args),
         Command::Vm(args) => cmd::vm::run(args),
+        Command::Generate(args) => cmd::generate::run(args, Cli::command()),
     };
     match result {
         Ok(code) => code,

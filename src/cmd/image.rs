@@ -48,6 +48,7 @@ pub enum Command {
         /// The new image's NAME:VERSION; default: the archive's own name
         /// and tag (RepoTags, or the OCI index's annotations), when the tag
         /// is a version.
+        #[arg(value_name = "NAME:VERSION")]
         reference: Option<String>,
         /// The guest-init binary to place at /sbin/init (default: the
         /// installed one).
