@@ -212,7 +212,9 @@ impl RunConfig {
         Ok(())
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks every field's value (what [`RunConfig::from_json`] and
+    /// [`RunConfig::resolve`] check).
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let field = |field, problem: &str| ConfigError::Field {
             field,
             problem: problem.to_string(),

@@ -14,6 +14,10 @@
 #[cfg(feature = "init")]
 pub mod config;
 #[cfg(feature = "wire")]
+pub mod exec;
+#[cfg(feature = "init")]
+pub mod exec_server;
+#[cfg(feature = "wire")]
 pub mod function;
 #[cfg(feature = "init")]
 pub mod function_mode;

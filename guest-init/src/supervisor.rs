@@ -16,6 +16,7 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 
 use crate::config::RunConfig;
+use crate::exec_server;
 
 /// Status for an entrypoint that could not be found (the shell's 127).
 pub const STATUS_NOT_FOUND: u8 = 127;
@@ -201,8 +202,10 @@ fn unblock_all_signals() -> io::Result<()> {
 }
 
 /// Reaps every exited child; returns the entrypoint's status if it was one
-/// (pass 0 to only reap orphans).
+/// (pass 0 to only reap orphans). An exec'd process's status goes to its
+/// session (`exec_server`), whose table stays locked meanwhile.
 pub fn reap_all(entrypoint: libc::pid_t) -> Option<u8> {
+    let mut exec_children = exec_server::children();
     let mut result = None;
     loop {
         let mut raw = 0;
@@ -213,6 +216,8 @@ pub fn reap_all(entrypoint: libc::pid_t) -> Option<u8> {
         }
         if pid == entrypoint {
             result = Some(status_of(raw));
+        } else {
+            exec_children.reaped(pid, status_of(raw));
         }
     }
 }
