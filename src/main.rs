@@ -66,6 +66,8 @@ enum Command {
     Logs(cmd::logs::Args),
     /// Attach to a detached instance's serial console (Ctrl-] detaches).
     Attach(cmd::attach::Args),
+    /// Run another process in a running instance (as `docker exec`).
+    Exec(cmd::exec::Args),
     #[command(name = "__vmm", hide = true)]
     Vmm(cmd::vmm::Args),
     #[command(name = "__vm", hide = true)]
@@ -114,6 +116,7 @@ fn main() -> ExitCode {
         Command::Terminate(args) => cmd::lifecycle::run(Verb::Terminate, args),
         Command::Logs(args) => cmd::logs::run(args),
         Command::Attach(args) => cmd::attach::run(args),
+        Command::Exec(args) => cmd::exec::run(args),
         Command::Vmm(args) => cmd::vmm::run(args),
         Command::Vm(args) => cmd::vm::run(args),
         Command::Generate(args) => cmd::generate::run(args, Cli::command()),

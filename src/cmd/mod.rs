@@ -6,6 +6,7 @@ pub mod bench;
 pub mod build;
 pub mod commit;
 pub mod doctor;
+pub mod exec;
 pub mod format;
 pub mod function;
 pub mod generate;
