@@ -1,7 +1,7 @@
 # kiln exec: another process in a running instance, through guest-init over
 # vsock: its stdout and stderr apart, its exit status, stdin with -i, -e,
 # -w and a numeric -u; a program that is not there is refused with 127, and
-# an instance that is not running is named.
+# a stopped instance is named.
 . "$(dirname "$0")/lib.sh"
 
 "$KILN" run vm-test:1.0.0 --detach --name ex --network none \
@@ -22,7 +22,8 @@ expect_contains exec-stdin-env-workdir-user "$WORK/in.txt" '^typed hi /tmp 1000:
 expect_eq exec-missing-program-status 127 "$?"
 expect_contains exec-missing-program-named "$WORK/missing.txt" '/no/such/program'
 
-"$KILN" terminate ex > "$WORK/terminate.txt" 2>&1
+"$KILN" stop ex > "$WORK/stop.txt" 2>&1
 "$KILN" exec ex -- /bin/true > "$WORK/stopped.txt" 2>&1
 expect_eq exec-needs-a-running-vm 1 "$?"
-expect_contains exec-says-it-is-not-running "$WORK/stopped.txt" 'exec needs a running VM'
+expect_contains exec-says-it-is-not-running "$WORK/stopped.txt" 'instance ex is [a-z]*: exec needs a running VM'
+"$KILN" terminate ex > "$WORK/terminate.txt" 2>&1
