@@ -94,7 +94,7 @@ pub fn install_cli() -> Result<()> {
         )?;
     }
     eprintln!(
-        "xtask: installed {} (on PATH through rustup's ~/.cargo/bin), its completions (bash, fish; zsh: add {} to fpath) and man pages (`man kiln`)",
+        "xtask: installed {} (~/.cargo/bin is on PATH where rustup installed Rust), its completions (bash, fish; zsh: add {} to fpath) and man pages (`man kiln`)",
         kiln.display(),
         data.join("zsh/site-functions").display()
     );
