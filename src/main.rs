@@ -2,7 +2,7 @@
 //! subcommand calls into `kiln_builder` or `kiln_vmm`.
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use cmd::lifecycle::Verb;
 
 mod assets;
@@ -66,10 +66,14 @@ enum Command {
     Logs(cmd::logs::Args),
     /// Attach to a detached instance's serial console (Ctrl-] detaches).
     Attach(cmd::attach::Args),
+    /// Run another process in a running instance (as `docker exec`).
+    Exec(cmd::exec::Args),
     #[command(name = "__vmm", hide = true)]
     Vmm(cmd::vmm::Args),
     #[command(name = "__vm", hide = true)]
     Vm(cmd::vm::Args),
+    #[command(name = "__generate", hide = true)]
+    Generate(cmd::generate::Args),
 }
 
 fn main() -> ExitCode {
@@ -112,8 +116,10 @@ fn main() -> ExitCode {
         Command::Terminate(args) => cmd::lifecycle::run(Verb::Terminate, args),
         Command::Logs(args) => cmd::logs::run(args),
         Command::Attach(args) => cmd::attach::run(args),
+        Command::Exec(args) => cmd::exec::run(args),
         Command::Vmm(args) => cmd::vmm::run(args),
         Command::Vm(args) => cmd::vm::run(args),
+        Command::Generate(args) => cmd::generate::run(args, Cli::command()),
     };
     match result {
         Ok(code) => code,

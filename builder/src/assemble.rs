@@ -81,7 +81,7 @@ pub enum AssembleError {
     /// encode or decode.
     #[error("{recipe}: the run configuration is invalid")]
     RunConfig {
-        /// The recipe file.
+        /// The recipe file, or the archive `kiln image import` reads.
         recipe: PathBuf,
         /// What is wrong with it.
         #[source]
@@ -98,17 +98,17 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> AssembleError + '_ {
 
 /// Fills `stage` (which may already hold the parent image's files) from
 /// `recipe`, with `guest_init` as /sbin/init; returns the argv it runs.
-/// Every write goes through [`Stage`]: the stage may hold an untrusted
-/// base's symlinks, which resolve inside it.
+/// Without a `[run]`, the image runs `base_run` (a container image base's
+/// configuration) or, without one, the configuration the stage holds (a
+/// parent image's). Every write goes through [`Stage`]: the stage may
+/// hold an untrusted base's symlinks, which resolve inside it.
 pub fn assemble(
     recipe: &Recipe,
     stage: &Stage,
     guest_init: &Path,
+    base_run: Option<&RunConfig>,
 ) -> Result<Vec<String>, AssembleError> {
-    for (dir, mode) in SKELETON {
-        stage.create_dir_all(Path::new(dir), *mode)?;
-        stage.set_mode(Path::new(dir), *mode)?;
-    }
+    make_skeleton(stage)?;
     for step in recipe.builds.iter().filter(|s| s.place == StepPlace::Host) {
         run_build(step, &recipe.dir, stage.path())?;
     }
@@ -120,7 +120,29 @@ pub fn assemble(
         copy_tree(stage, &path, &path, None, &[])?;
     }
     copy_file(stage, guest_init, Path::new("/sbin/init"), 0o755)?;
-    write_run_config(recipe, stage)
+    write_run_config(recipe, stage, base_run)
+}
+
+/// Makes an imported container image's root tree (in `stage`) a Kiln
+/// image's: the directories guest-init needs, `guest_init` as /sbin/init,
+/// and `config` (from `archive`'s image config) as its run configuration.
+pub fn finish_import(
+    archive: &Path,
+    stage: &Stage,
+    guest_init: &Path,
+    config: &RunConfig,
+) -> Result<(), AssembleError> {
+    make_skeleton(stage)?;
+    copy_file(stage, guest_init, Path::new("/sbin/init"), 0o755)?;
+    write_config(archive, stage, config)
+}
+
+fn make_skeleton(stage: &Stage) -> Result<(), AssembleError> {
+    for (dir, mode) in SKELETON {
+        stage.create_dir_all(Path::new(dir), *mode)?;
+        stage.set_mode(Path::new(dir), *mode)?;
+    }
+    Ok(())
 }
 
 /// Where the build VM finds its steps' scripts, removed from the tree
@@ -368,17 +390,25 @@ fn chown_tree(
     Ok(())
 }
 
-/// The recipe's [run] as guest-init's config; without one, the parent's
-/// config (already in the stage) stays.
-fn write_run_config(recipe: &Recipe, stage: &Stage) -> Result<Vec<String>, AssembleError> {
-    let path = Path::new(CONFIG_PATH);
-    if recipe.run.argv.is_empty() {
+/// The recipe's [run] as guest-init's config; without one, `base_run`,
+/// or else the parent's config (already in the stage) stays. Returns the
+/// argv the image runs.
+fn write_run_config(
+    recipe: &Recipe,
+    stage: &Stage,
+    base_run: Option<&RunConfig>,
+) -> Result<Vec<String>, AssembleError> {
+    if recipe.run.entrypoint.is_empty() {
+        if let Some(config) = base_run {
+            write_config(&recipe.path, stage, config)?;
+            return Ok(config.argv());
+        }
         let no_entrypoint = || AssembleError::NoEntrypoint {
             recipe: recipe.path.clone(),
         };
         let mut inherited = Vec::new();
         stage
-            .open_file(path)
+            .open_file(Path::new(CONFIG_PATH))
             .map_err(|_| no_entrypoint())?
             .read_to_end(&mut inherited)
             .map_err(|_| no_entrypoint())?;
@@ -387,23 +417,31 @@ fn write_run_config(recipe: &Recipe, stage: &Stage) -> Result<Vec<String>, Assem
                 recipe: recipe.path.clone(),
                 source,
             })?;
-        return Ok(config.entrypoint);
+        return Ok(config.argv());
     }
-    let mut config = RunConfig::new(recipe.run.argv.clone());
+    let mut config = RunConfig::new(recipe.run.entrypoint.clone());
+    config.cmd = recipe.run.args.clone();
     config.env.extend(recipe.run.env.clone());
     if let Some(dir) = &recipe.run.workdir {
         config.workdir = dir.clone();
     }
     (config.uid, config.gid) = recipe.run.user;
     config.hostname = recipe.name.clone();
+    write_config(&recipe.path, stage, &config)?;
+    Ok(config.argv())
+}
+
+/// Writes `config` (from `origin`, a recipe or an archive) to the stage's
+/// [`CONFIG_PATH`].
+fn write_config(origin: &Path, stage: &Stage, config: &RunConfig) -> Result<(), AssembleError> {
     let json = config
         .to_json_pretty()
         .map_err(|source| AssembleError::RunConfig {
-            recipe: recipe.path.clone(),
+            recipe: origin.into(),
             source,
         })?;
-    stage.write_file(path, 0o644, &mut json.as_bytes())?;
-    Ok(config.entrypoint)
+    stage.write_file(Path::new(CONFIG_PATH), 0o644, &mut json.as_bytes())?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -443,7 +481,7 @@ env = { LANG = "C" }
 "#,
         );
         let staged = Stage::create(&dir.path().join("stage")).unwrap();
-        let argv = assemble(&r, &staged, Path::new("/bin/busybox")).unwrap();
+        let argv = assemble(&r, &staged, Path::new("/bin/busybox"), None).unwrap();
         let stage = staged.path();
         assert_eq!(argv, ["/bin/ls", "/srv/www"]);
         assert_eq!(
@@ -502,7 +540,7 @@ env = { LANG = "C" }
              [run]\nentrypoint = [\"/x\"]\n",
         );
         let stage = Stage::create(&dir.path().join("stage")).unwrap();
-        assemble(&r, &stage, Path::new("/bin/busybox")).unwrap();
+        assemble(&r, &stage, Path::new("/bin/busybox"), None).unwrap();
         let env = fs::read_to_string(stage.path().join("env")).unwrap();
         let names: Vec<&str> = env
             .lines()
@@ -540,6 +578,7 @@ env = { LANG = "C" }
             &r,
             &Stage::create(&dir.path().join("s1")).unwrap(),
             Path::new("/bin/busybox"),
+            None,
         )
         .unwrap_err()
         .to_string();
@@ -552,6 +591,7 @@ env = { LANG = "C" }
             &r,
             &Stage::create(&dir.path().join("s2")).unwrap(),
             Path::new("/bin/busybox"),
+            None,
         )
         .unwrap_err()
         .to_string();
@@ -593,7 +633,7 @@ entrypoint = ["/bin/true"]
         // as the victim is under /tmp): refused.
         let stage = Stage::create(&dir.path().join("stage")).unwrap();
         plant(&stage);
-        let err = assemble(&r, &stage, Path::new("/bin/busybox")).unwrap_err();
+        let err = assemble(&r, &stage, Path::new("/bin/busybox"), None).unwrap_err();
         assert!(
             crate::chain(&err).starts_with("in the image being built: "),
             "{err}"
@@ -606,7 +646,7 @@ entrypoint = ["/bin/true"]
         let inside = stage.path().join(outside.strip_prefix("/").unwrap());
         fs::remove_file(stage.path().join("tmp")).unwrap();
         fs::create_dir_all(&inside).unwrap();
-        assemble(&r, &stage, Path::new("/bin/busybox")).unwrap();
+        assemble(&r, &stage, Path::new("/bin/busybox"), None).unwrap();
         crate::oci::tests::assert_untouched(&outside);
         for landed in ["init", "www/page", "init.json", "true"] {
             assert!(inside.join(landed).is_file(), "{landed}");
@@ -622,7 +662,7 @@ entrypoint = ["/bin/true"]
             "[image]\nname = \"x\"\nversion = \"1.0.0\"\n[[files]]\nsrc = \"su\"\ndst = \"/usr/local/bin/su\"\nmode = \"4755\"\nowner = \"0:0\"\n[run]\nentrypoint = [\"/x\"]\n",
         );
         let stage = Stage::create(&dir.path().join("stage")).unwrap();
-        assemble(&r, &stage, Path::new("/bin/busybox")).unwrap();
+        assemble(&r, &stage, Path::new("/bin/busybox"), None).unwrap();
         let mode = |p: &str| {
             fs::metadata(stage.path().join(p))
                 .unwrap()

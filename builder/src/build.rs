@@ -139,6 +139,20 @@ pub enum BuildError {
     /// already: a published image is never replaced.
     #[error("{0} is already in the store: choose another NAME:VERSION, or `kiln rm {0}` first")]
     Exists(String),
+    /// An imported archive's image config names no command to run.
+    #[error("{0}: the image config has neither Entrypoint nor Cmd: nothing to run")]
+    NoCommand(PathBuf),
+    /// An imported archive names its image with no reference Kiln can use,
+    /// and none was given.
+    #[error(
+        "{archive}: {found}: give the image's NAME:VERSION (VERSION semver such as 1.0.0) after the archive"
+    )]
+    Unnamed {
+        /// The archive.
+        archive: PathBuf,
+        /// What the archive says, for the person to choose from.
+        found: String,
+    },
 }
 
 /// A `[[build]]` step with `in = "vm"`, ready for the build VM.
@@ -294,6 +308,7 @@ pub fn build(
 
     let scratch = store.scratch_dir()?;
     let stage = Stage::create(&scratch.path().join("root"))?;
+    let mut settings = None;
     match (&recipe.base, &parent) {
         (_, Some(parent)) => {
             progress(&format!("unpacking {}", parent.manifest.reference()));
@@ -305,7 +320,7 @@ pub fn build(
         }
         (Base::Oci(archive), None) => {
             progress(&format!("importing {}", archive.display()));
-            oci::import_image(archive, &stage, scratch.path())?;
+            settings = Some(oci::import_image(archive, &stage, scratch.path())?);
         }
         (Base::Tarball(tarball), None) => {
             progress(&format!("importing {}", tarball.display()));
@@ -314,23 +329,25 @@ pub fn build(
         (Base::Scratch | Base::Image { .. }, None) => {}
     }
     progress("assembling the root tree");
-    let entrypoint = assemble::assemble(&recipe, &stage, guest_init)?;
-    let uuid = uuid_from(&build_key);
+    let base_run = settings.as_ref().and_then(|s| s.run_config(&recipe.name));
+    let entrypoint = assemble::assemble(&recipe, &stage, guest_init, base_run.as_ref())?;
     let stage = match vm {
-        Some(vm) => run_vm_steps(&recipe, stage, vm, scratch.path(), &uuid, progress)?,
+        Some(vm) => {
+            let uuid = uuid_from(&build_key);
+            run_vm_steps(&recipe, stage, vm, scratch.path(), &uuid, progress)?
+        }
         None => stage,
     };
-    let size = fs_size(&recipe, &stage)?;
-    progress(&format!("making a {} MiB ext4", size >> 20));
-    let raw = scratch.path().join("root.ext4");
-    ext4::make(stage.path(), &raw, size, &uuid)?;
-    progress("compressing");
-    let (publish, info) = compress(&raw, scratch.path())?;
-    // The tests boot the compressed image: the tree and the raw
-    // filesystem (as big as the image's disk) go now, not after them. One
-    // that cannot be removed here goes with the scratch directory.
-    let _ = fs::remove_file(&raw);
-    let _ = fs::remove_dir_all(stage.path());
+    let (publish, info) = pack(&stage, scratch.path(), recipe.size, &build_key, progress)?;
+    // What the image says of itself: the container image's, or the parent's.
+    let (exposed_ports, labels) = match (settings, &parent) {
+        (Some(settings), _) => (settings.exposed_ports, settings.labels),
+        (None, Some(parent)) => (
+            parent.manifest.exposed_ports.clone(),
+            parent.manifest.labels.clone(),
+        ),
+        (None, None) => Default::default(),
+    };
     let manifest = Manifest {
         name: recipe.name.clone(),
         version: recipe.version.clone(),
@@ -342,6 +359,8 @@ pub fn build(
         raw_size: info.raw_size,
         file_size: info.file_size,
         entrypoint,
+        exposed_ports,
+        labels,
         tests: recipe.tests.clone(),
         test_results: None,
         created: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
@@ -354,10 +373,10 @@ pub fn build(
     }))
 }
 
-/// The size of the image's filesystem holding `stage`: the recipe's
-/// `size`, or the content and its `free` space.
-fn fs_size(recipe: &Recipe, stage: &Stage) -> Result<u64, BuildError> {
-    Ok(match recipe.size {
+/// The size of the filesystem holding `stage`: `size` if fixed, or the
+/// content and its `free` space.
+fn fs_size(size: Size, stage: &Stage) -> Result<u64, BuildError> {
+    Ok(match size {
         Size::Fixed(bytes) => bytes.div_ceil(4096) * 4096,
         Size::Free(free) => ext4::size_for(ext4::content_size(stage.path())?, free),
     })
@@ -377,7 +396,7 @@ fn run_vm_steps(
     progress: &mut dyn FnMut(&str),
 ) -> Result<Stage, BuildError> {
     let (steps, set_aside) = assemble::prepare_vm_steps(recipe, &stage)?;
-    let size = fs_size(recipe, &stage)? + BUILD_VM_ROOM;
+    let size = fs_size(recipe.size, &stage)? + BUILD_VM_ROOM;
     let disk = scratch.join("build-vm.ext4");
     progress(&format!("making the build VM's {} MiB disk", size >> 20));
     ext4::make(stage.path(), &disk, size, uuid)?;
@@ -425,6 +444,130 @@ fn recipe_disk(recipe: &Recipe, scratch: &Path, uuid: &str) -> Result<PathBuf, B
     ext4::make(tree.path(), &disk, size, &own_uuid)?;
     let _ = fs::remove_dir_all(tree.path());
     Ok(disk)
+}
+
+/// `kiln image import`: publishes the container image in `archive` (an
+/// OCI image layout tar or `docker save` output) as an image of its own,
+/// with no recipe: its layers, `guest_init` as /sbin/init, and its image
+/// config as the run configuration. It is named `reference`, or else by
+/// the archive ([`reference_from`]). Nothing is left in the store on
+/// failure.
+pub fn import(
+    store: &Store,
+    archive: &Path,
+    reference: Option<&str>,
+    guest_init: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Manifest, BuildError> {
+    if let Some(reference) = reference {
+        check_new(store, reference)?;
+    }
+    let scratch = store.scratch_dir()?;
+    let stage = Stage::create(&scratch.path().join("root"))?;
+    progress(&format!("importing {}", archive.display()));
+    let settings = oci::import_image(archive, &stage, scratch.path())?;
+    let reference = match reference {
+        Some(reference) => reference.to_string(),
+        None => reference_from(archive, &settings.names)?,
+    };
+    let (name, version) = check_new(store, &reference)?;
+    let config = settings
+        .run_config(&name)
+        .ok_or_else(|| BuildError::NoCommand(archive.into()))?;
+    assemble::finish_import(archive, &stage, guest_init, &config)?;
+    let mut hasher = Sha256::new();
+    hasher.update(format!("kiln-image-format-{}\0import\0", image::VERSION));
+    hash_tree(archive, &mut hasher)?;
+    hash_tree(guest_init, &mut hasher)?;
+    let build_key = image::hex(&hasher.finalize());
+    let size = Size::Free(recipe::DEFAULT_FREE);
+    let (publish, info) = pack(&stage, scratch.path(), size, &build_key, progress)?;
+    let description = settings
+        .labels
+        .get(DESCRIPTION_LABEL)
+        .cloned()
+        .unwrap_or_else(|| format!("imported from {}", archive.display()));
+    let manifest = Manifest {
+        name,
+        version,
+        description,
+        digest: format!("sha256:{}", info.digest),
+        parent: None,
+        recipe_digest: String::new(),
+        build_key,
+        raw_size: info.raw_size,
+        file_size: info.file_size,
+        entrypoint: config.argv(),
+        exposed_ports: settings.exposed_ports,
+        labels: settings.labels,
+        tests: Vec::new(),
+        test_results: None,
+        created: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+    };
+    // As for a commit: the reference may have been taken meanwhile.
+    check_new(store, &reference)?;
+    store.publish(&publish, &manifest)?;
+    Ok(manifest)
+}
+
+/// The label an OCI image describes itself in (OCI image spec,
+/// "Pre-Defined Annotation Keys").
+const DESCRIPTION_LABEL: &str = "org.opencontainers.image.description";
+
+/// The first of an archive's `names` that makes a Kiln NAME:VERSION: the
+/// repository's last path component as the name, the tag as the
+/// version, semver, or a release number of one or two parts padded with
+/// `.0` (`1.36` → `1.36.0`). `latest`, digests and other tags do not.
+pub fn reference_from(archive: &Path, names: &[String]) -> Result<String, BuildError> {
+    let convert = |full: &str| {
+        let last = full.rsplit('/').next()?;
+        let (name, tag) = last.split_once(':')?;
+        let padded = match tag.split('.').count() {
+            1 => format!("{tag}.0.0"),
+            2 => format!("{tag}.0"),
+            _ => tag.to_string(),
+        };
+        let version = semver::Version::parse(tag)
+            .or_else(|_| semver::Version::parse(&padded))
+            .ok()?;
+        recipe::is_image_name(name).then(|| format!("{name}:{version}"))
+    };
+    names
+        .iter()
+        .find_map(|full| convert(full))
+        .ok_or_else(|| BuildError::Unnamed {
+            archive: archive.into(),
+            found: match names {
+                [] => "the archive does not name its image".into(),
+                names => format!(
+                    "the archive names its image {}, with no semver tag",
+                    names.join(", ")
+                ),
+            },
+        })
+}
+
+/// Makes the stage's tree an ext4 of `size` and compresses it into
+/// `scratch/publish/` ([`compress`]). The tree and the raw filesystem (as
+/// big as the image's disk) go as soon as they are used: a staged image's
+/// tests boot the compressed one. One that cannot be removed here goes
+/// with the scratch directory.
+fn pack(
+    stage: &Stage,
+    scratch: &Path,
+    size: Size,
+    build_key: &str,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(PathBuf, image::ImageInfo), BuildError> {
+    let size = fs_size(size, stage)?;
+    progress(&format!("making a {} MiB ext4", size >> 20));
+    let raw = scratch.join("root.ext4");
+    ext4::make(stage.path(), &raw, size, &uuid_from(build_key))?;
+    progress("compressing");
+    let packed = compress(&raw, scratch)?;
+    let _ = fs::remove_file(&raw);
+    let _ = fs::remove_dir_all(stage.path());
+    Ok(packed)
 }
 
 /// Compresses the raw filesystem `raw` into `scratch/publish/`, the
@@ -491,6 +634,8 @@ pub fn publish_child(
         raw_size: info.raw_size,
         file_size: info.file_size,
         entrypoint: parent.entrypoint.clone(),
+        exposed_ports: parent.exposed_ports.clone(),
+        labels: parent.labels.clone(),
         tests: Vec::new(),
         test_results: None,
         created: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
@@ -671,6 +816,8 @@ mod tests {
             raw_size: info.raw_size,
             file_size: info.file_size,
             entrypoint: vec!["/bin/hello".into()],
+            exposed_ports: Vec::new(),
+            labels: Default::default(),
             tests: vec![TestCommand {
                 run: "/bin/hello".into(),
                 expect_exit: 0,
@@ -686,6 +833,32 @@ mod tests {
 
     fn scratch_is_empty(home: &Path) -> bool {
         fs::read_dir(home.join("tmp")).unwrap().next().is_none()
+    }
+
+    #[test]
+    fn archive_names_become_references_or_a_request_for_one() {
+        let archive = Path::new("a.tar");
+        let names = |list: &[&str]| list.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        for (given, want) in [
+            ("busybox:1.36", "busybox:1.36.0"),
+            ("docker.io/library/alpine:3", "alpine:3.0.0"),
+            ("web:2.1.0-rc.1", "web:2.1.0-rc.1"),
+        ] {
+            assert_eq!(reference_from(archive, &names(&[given])).unwrap(), want);
+        }
+        assert_eq!(
+            reference_from(archive, &names(&["x:latest", "x:1.2"])).unwrap(),
+            "x:1.2.0"
+        );
+        let err = reference_from(archive, &names(&["busybox:latest"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("a.tar") && err.contains("busybox:latest") && err.contains("NAME:VERSION"),
+            "{err}"
+        );
+        let err = reference_from(archive, &[]).unwrap_err().to_string();
+        assert!(err.contains("does not name its image"), "{err}");
     }
 
     #[test]

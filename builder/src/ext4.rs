@@ -346,7 +346,7 @@ fn open_fs<R: ReadAt>(fs: R) -> Result<SuperBlock<R>, Ext4Error> {
 }
 
 /// One entry of a filesystem listing.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Entry {
     /// Absolute path inside the image.
     pub path: String,

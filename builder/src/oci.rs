@@ -5,15 +5,25 @@
 //!   `Layers`): the first image's layers, in order.
 //! - A rootfs tarball: one layer.
 //!
+//! An image archive's configuration comes with its layers
+//! ([`ImageSettings`]): how to run it (Entrypoint, Cmd, Env, WorkingDir,
+//! User), what it says of itself (ExposedPorts, Labels), and the names
+//! the archive gives it (`docker save`'s RepoTags; an OCI index's
+//! `org.opencontainers.image.ref.name` and `io.containerd.image.name`
+//! annotations). The rest of the configuration (Volumes, StopSignal,
+//! Healthcheck, Shell, OnBuild) is not read: no Kiln mechanism does what
+//! it asks.
+//!
 //! Layers may be plain, gzip or zstd tars. Whiteouts (OCI image spec,
 //! "Representing Changes"): `.wh.NAME` deletes NAME from the layers below;
 //! `.wh..wh..opq` empties its directory of what the layers below put there.
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
+use guest_init::config::RunConfig;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -100,26 +110,138 @@ struct OciIndex {
 
 #[derive(Deserialize)]
 struct OciManifest {
+    /// Required by the spec; a manifest without one gives an image with
+    /// no run configuration of its own.
+    #[serde(default)]
+    config: Option<Descriptor>,
     layers: Vec<Descriptor>,
 }
 
 #[derive(Deserialize)]
 struct Descriptor {
     digest: String,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
 }
+
+/// The index annotation naming an image's tag or full reference (OCI
+/// image spec, "Pre-Defined Annotation Keys").
+const REF_NAME: &str = "org.opencontainers.image.ref.name";
+/// The annotation containerd (`ctr image export`) puts the full
+/// reference in.
+const CONTAINERD_NAME: &str = "io.containerd.image.name";
 
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct DockerManifest {
     config: String,
+    #[serde(default)]
+    repo_tags: Option<Vec<String>>,
     layers: Vec<String>,
 }
 
-/// The part of an image configuration that names its layers' contents
-/// (OCI image spec, "Image Configuration": `rootfs.diff_ids`).
+/// An image configuration (OCI image spec, "Image Configuration"): what
+/// names its layers' contents (`rootfs.diff_ids`), and how to run it.
 #[derive(Deserialize)]
 struct ImageConfig {
     rootfs: RootFs,
+    #[serde(default)]
+    config: Option<ContainerConfig>,
+}
+
+/// The image configuration's `config`: each field may be absent or null.
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "PascalCase")]
+struct ContainerConfig {
+    entrypoint: Option<Vec<String>>,
+    cmd: Option<Vec<String>>,
+    env: Option<Vec<String>>,
+    working_dir: Option<String>,
+    user: Option<String>,
+    exposed_ports: Option<BTreeMap<String, serde_json::Value>>,
+    labels: Option<BTreeMap<String, String>>,
+}
+
+/// What an image archive says besides its files: how to run the image,
+/// what it exposes, its labels and the names it carries.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImageSettings {
+    /// Entrypoint: the program and its first arguments.
+    pub entrypoint: Vec<String>,
+    /// Cmd: the arguments after them, which a run's command replaces.
+    pub cmd: Vec<String>,
+    /// Env, as KEY → VALUE (a later duplicate wins, as in Docker).
+    pub env: BTreeMap<String, String>,
+    /// WorkingDir; `None` when empty or absent.
+    pub workdir: Option<String>,
+    /// User (`USER[:GROUP]`, names or numbers); `None` when empty or
+    /// absent.
+    pub user: Option<String>,
+    /// ExposedPorts' keys (`80/tcp`), sorted: informational, as in
+    /// Docker; `kiln run -p` publishes ports.
+    pub exposed_ports: Vec<String>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// The references the archive gives the image (`busybox:1.36`,
+    /// `docker.io/library/busybox:latest`), in the archive's order.
+    pub names: Vec<String>,
+}
+
+impl ImageSettings {
+    /// Guest-init's run configuration for the image, with `hostname`;
+    /// `None` when the image names no command (neither Entrypoint nor
+    /// Cmd).
+    pub fn run_config(&self, hostname: &str) -> Option<RunConfig> {
+        if self.entrypoint.is_empty() && self.cmd.is_empty() {
+            return None;
+        }
+        let mut config = RunConfig::new(self.entrypoint.clone());
+        config.cmd = self.cmd.clone();
+        config.env.extend(self.env.clone());
+        if let Some(dir) = &self.workdir {
+            config.workdir = dir.clone();
+        }
+        config.user = self.user.clone();
+        config.hostname = hostname.to_string();
+        Some(config)
+    }
+
+    /// The configuration's part: each `Env` entry must be KEY=VALUE.
+    fn from_config(archive: &Path, config: ContainerConfig) -> Result<Self, OciError> {
+        let env = config
+            .env
+            .unwrap_or_default()
+            .into_iter()
+            .map(|entry| match entry.split_once('=') {
+                Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+                _ => Err(invalid(
+                    archive,
+                    format!("image config Env entry {entry:?}: expected KEY=VALUE"),
+                )),
+            })
+            .collect::<Result<_, _>>()?;
+        let workdir = config.working_dir.filter(|dir| !dir.is_empty());
+        if let Some(dir) = workdir.as_ref().filter(|dir| !dir.starts_with('/')) {
+            return Err(invalid(
+                archive,
+                format!("image config WorkingDir {dir:?}: expected an absolute path"),
+            ));
+        }
+        Ok(ImageSettings {
+            entrypoint: config.entrypoint.unwrap_or_default(),
+            cmd: config.cmd.unwrap_or_default(),
+            env,
+            workdir,
+            user: config.user.filter(|user| !user.is_empty()),
+            exposed_ports: config
+                .exposed_ports
+                .unwrap_or_default()
+                .into_keys()
+                .collect(),
+            labels: config.labels.unwrap_or_default(),
+            names: Vec::new(),
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -142,17 +264,23 @@ enum Expected {
 }
 
 /// Applies the first image's layers of the OCI or docker archive to
-/// `stage`; `scratch` is a directory for unpacking the archive itself.
-/// Every blob is checked against the digest its manifest gives.
-pub fn import_image(archive: &Path, stage: &Stage, scratch: &Path) -> Result<(), OciError> {
+/// `stage` and returns its settings; `scratch` is a directory for
+/// unpacking the archive itself. Every blob is checked against the
+/// digest its manifest gives.
+pub fn import_image(
+    archive: &Path,
+    stage: &Stage,
+    scratch: &Path,
+) -> Result<ImageSettings, OciError> {
     let unpacked = Stage::create(&scratch.join("oci-archive")).map_err(stage_err(archive))?;
     let file = File::open(archive).map_err(io_err(archive))?;
     // The archive's own entries are files like any other, whiteouts too.
     Applier::new(&unpacked, archive, false).apply(BufReader::new(file))?;
-    for layer in layers(archive, &unpacked)? {
+    let (layers, settings) = layers(archive, &unpacked)?;
+    for layer in layers {
         apply_layer_blob(archive, &unpacked, &layer, stage)?;
     }
-    Ok(())
+    Ok(settings)
 }
 
 /// Applies a rootfs tarball to `stage`.
@@ -232,81 +360,127 @@ fn verified_blob(archive: &Path, unpacked: &Stage, digest: &str) -> Result<Vec<u
     Ok(bytes)
 }
 
-fn layers(archive: &Path, unpacked: &Stage) -> Result<Vec<Layer>, OciError> {
+/// The settings an image configuration document holds.
+fn settings_of(archive: &Path, config: Option<ContainerConfig>) -> Result<ImageSettings, OciError> {
+    ImageSettings::from_config(archive, config.unwrap_or_default())
+}
+
+/// The first image's layers, and its settings.
+fn layers(archive: &Path, unpacked: &Stage) -> Result<(Vec<Layer>, ImageSettings), OciError> {
     let exists = |name: &str| matches!(unpacked.kind(Path::new(name)), Ok(Some(_)));
     if exists("index.json") {
-        let index: OciIndex = parse_json(
-            archive,
-            "index.json",
-            "OCI image index",
-            &read_inside(archive, unpacked, Path::new("index.json"))?,
-        )?;
-        let first = index
-            .manifests
-            .first()
-            .ok_or_else(|| invalid(archive, "index.json lists no manifests".into()))?;
-        let manifest: OciManifest = parse_json(
-            archive,
-            &first.digest,
-            "OCI image manifest",
-            &verified_blob(archive, unpacked, &first.digest)?,
-        )?;
-        return manifest
-            .layers
-            .into_iter()
-            .map(|layer| {
-                let hex = sha256_hex(archive, &layer.digest)?;
-                Ok(Layer {
-                    path: Path::new("blobs/sha256").join(hex),
-                    digest: Expected::Blob(hex.to_string()),
-                })
-            })
-            .collect();
+        return oci_layers(archive, unpacked);
     }
     if exists("manifest.json") {
-        let manifests: Vec<DockerManifest> = parse_json(
-            archive,
-            "manifest.json",
-            "docker save manifest",
-            &read_inside(archive, unpacked, Path::new("manifest.json"))?,
-        )?;
-        let first = manifests
-            .into_iter()
-            .next()
-            .ok_or_else(|| invalid(archive, "manifest.json lists no images".into()))?;
-        let config = safe_relative(Path::new(&first.config), archive)?;
-        let config: ImageConfig = parse_json(
-            archive,
-            &first.config,
-            "image config",
-            &read_inside(archive, unpacked, &config)?,
-        )?;
-        if config.rootfs.diff_ids.len() != first.layers.len() {
-            return Err(invalid(
-                archive,
-                format!(
-                    "{} lists {} diff_ids for {} layers",
-                    first.config,
-                    config.rootfs.diff_ids.len(),
-                    first.layers.len()
-                ),
-            ));
-        }
-        return first
-            .layers
-            .iter()
-            .zip(&config.rootfs.diff_ids)
-            .map(|(layer, diff_id)| {
-                Ok(Layer {
-                    path: safe_relative(Path::new(layer), archive)?,
-                    digest: Expected::Uncompressed(sha256_hex(archive, diff_id)?.to_string()),
-                })
-            })
-            .collect();
+        return docker_layers(archive, unpacked);
     }
     Err(OciError::NotAnImage {
         archive: archive.into(),
     })
+}
+
+fn oci_layers(archive: &Path, unpacked: &Stage) -> Result<(Vec<Layer>, ImageSettings), OciError> {
+    let index: OciIndex = parse_json(
+        archive,
+        "index.json",
+        "OCI image index",
+        &read_inside(archive, unpacked, Path::new("index.json"))?,
+    )?;
+    let first = index
+        .manifests
+        .first()
+        .ok_or_else(|| invalid(archive, "index.json lists no manifests".into()))?;
+    let manifest: OciManifest = parse_json(
+        archive,
+        &first.digest,
+        "OCI image manifest",
+        &verified_blob(archive, unpacked, &first.digest)?,
+    )?;
+    let mut settings = match &manifest.config {
+        Some(config) => {
+            let config: ImageConfig = parse_json(
+                archive,
+                &config.digest,
+                "image config",
+                &verified_blob(archive, unpacked, &config.digest)?,
+            )?;
+            settings_of(archive, config.config)?
+        }
+        None => ImageSettings::default(),
+    };
+    settings.names = oci_names(&first.annotations);
+    let layers = manifest
+        .layers
+        .into_iter()
+        .map(|layer| {
+            let hex = sha256_hex(archive, &layer.digest)?;
+            Ok(Layer {
+                path: Path::new("blobs/sha256").join(hex),
+                digest: Expected::Blob(hex.to_string()),
+            })
+        })
+        .collect::<Result<_, OciError>>()?;
+    Ok((layers, settings))
+}
+
+/// An OCI index entry's names: containerd's full reference, else the
+/// ref.name annotation when it is a whole reference (`NAME:TAG`), not a
+/// bare tag.
+fn oci_names(annotations: &BTreeMap<String, String>) -> Vec<String> {
+    let full = annotations.get(CONTAINERD_NAME).or_else(|| {
+        annotations
+            .get(REF_NAME)
+            .filter(|name| name.contains(':') || name.contains('/'))
+    });
+    full.cloned().into_iter().collect()
+}
+
+fn docker_layers(
+    archive: &Path,
+    unpacked: &Stage,
+) -> Result<(Vec<Layer>, ImageSettings), OciError> {
+    let manifests: Vec<DockerManifest> = parse_json(
+        archive,
+        "manifest.json",
+        "docker save manifest",
+        &read_inside(archive, unpacked, Path::new("manifest.json"))?,
+    )?;
+    let first = manifests
+        .into_iter()
+        .next()
+        .ok_or_else(|| invalid(archive, "manifest.json lists no images".into()))?;
+    let config = safe_relative(Path::new(&first.config), archive)?;
+    let config: ImageConfig = parse_json(
+        archive,
+        &first.config,
+        "image config",
+        &read_inside(archive, unpacked, &config)?,
+    )?;
+    if config.rootfs.diff_ids.len() != first.layers.len() {
+        return Err(invalid(
+            archive,
+            format!(
+                "{} lists {} diff_ids for {} layers",
+                first.config,
+                config.rootfs.diff_ids.len(),
+                first.layers.len()
+            ),
+        ));
+    }
+    let layers = first
+        .layers
+        .iter()
+        .zip(&config.rootfs.diff_ids)
+        .map(|(layer, diff_id)| {
+            Ok(Layer {
+                path: safe_relative(Path::new(layer), archive)?,
+                digest: Expected::Uncompressed(sha256_hex(archive, diff_id)?.to_string()),
+            })
+        })
+        .collect::<Result<_, OciError>>()?;
+    let mut settings = settings_of(archive, config.config)?;
+    settings.names = first.repo_tags.unwrap_or_default();
+    Ok((layers, settings))
 }
 
 /// Checks a layer blob against its digest and applies it to `stage`.
@@ -785,6 +959,96 @@ pub(crate) mod tests {
         let stage = stage_in(dir.path());
         import_image(&archive, &stage, dir.path()).unwrap();
         assert_layers_applied(stage.path());
+    }
+
+    #[test]
+    fn the_image_config_and_names_come_with_the_layers() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = tar_of(&[("hello", Some("hi"))]);
+        let config = serde_json::json!({
+            "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", kiln_image::hex(&Sha256::digest(&layer)))]},
+            "config": {
+                "Entrypoint": ["/entry.sh"], "Cmd": ["serve", "-v"],
+                "Env": ["PATH=/bin", "A=1=2", "A=3"], "WorkingDir": "/srv", "User": "app:staff",
+                "ExposedPorts": {"8080/tcp": {}, "53/udp": {}}, "Labels": {"org.example": "yes"},
+                "Volumes": null, "StopSignal": "SIGTERM"
+            }
+        });
+        let config = serde_json::to_vec(&config).unwrap();
+        let manifest = serde_json::to_vec(&serde_json::json!([{"Config": "c.json", "RepoTags": ["web:1.2"], "Layers": ["l/layer.tar"]}])).unwrap();
+        let archive = dir.path().join("saved.tar");
+        fs::write(
+            &archive,
+            tar_files(&[
+                ("manifest.json", &manifest),
+                ("c.json", &config),
+                ("l/layer.tar", &layer),
+            ]),
+        )
+        .unwrap();
+        let settings = import_image(&archive, &stage_in(dir.path()), dir.path()).unwrap();
+        assert_eq!(settings.entrypoint, ["/entry.sh"]);
+        assert_eq!(settings.cmd, ["serve", "-v"]);
+        assert_eq!(settings.env["A"], "3", "a later duplicate wins");
+        assert_eq!(settings.env["PATH"], "/bin");
+        assert_eq!(
+            (settings.workdir.as_deref(), settings.user.as_deref()),
+            (Some("/srv"), Some("app:staff"))
+        );
+        assert_eq!(settings.exposed_ports, ["53/udp", "8080/tcp"]);
+        assert_eq!(settings.labels["org.example"], "yes");
+        assert_eq!(settings.names, ["web:1.2"]);
+        let run = settings.run_config("web").unwrap();
+        assert_eq!(run.argv(), ["/entry.sh", "serve", "-v"]);
+        assert_eq!(
+            (run.hostname.as_str(), run.workdir.as_str()),
+            ("web", "/srv")
+        );
+
+        // A bad Env entry is named.
+        let bad = String::from_utf8(config)
+            .unwrap()
+            .replace("\"A=3\"", "\"NOVALUE\"");
+        let manifest = serde_json::to_vec(
+            &serde_json::json!([{"Config": "c.json", "Layers": ["l/layer.tar"]}]),
+        )
+        .unwrap();
+        fs::write(
+            &archive,
+            tar_files(&[
+                ("manifest.json", &manifest),
+                ("c.json", bad.as_bytes()),
+                ("l/layer.tar", &layer),
+            ]),
+        )
+        .unwrap();
+        let stage = Stage::create(&dir.path().join("stage2")).unwrap();
+        let err = import_image(&archive, &stage, &scratch(dir.path(), "s2")).unwrap_err();
+        assert!(
+            err.to_string().contains("\"NOVALUE\": expected KEY=VALUE"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn oci_names_are_whole_references_only() {
+        let names = |pairs: &[(&str, &str)]| {
+            oci_names(
+                &pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+        };
+        assert!(names(&[(REF_NAME, "latest")]).is_empty());
+        assert_eq!(names(&[(REF_NAME, "web:1.0")]), ["web:1.0"]);
+        assert_eq!(
+            names(&[
+                (REF_NAME, "latest"),
+                (CONTAINERD_NAME, "docker.io/library/busybox:latest")
+            ]),
+            ["docker.io/library/busybox:latest"]
+        );
     }
 
     #[test]

@@ -29,7 +29,7 @@
 //!
 //! [run]                           # guest-init's /etc/kiln/init.json
 //! entrypoint = ["/bin/hello"]
-//! args = []
+//! args = []                       # after the entrypoint; `kiln run IMAGE -- ARG…` replaces them
 //! env = { GREETING = "hi" }
 //! workdir = "/"
 //! user = "0:0"
@@ -141,9 +141,12 @@ pub struct FileEntry {
 /// The `[run]` table: how guest-init starts the workload.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Run {
-    /// `entrypoint` followed by `args`; empty when the recipe has no
-    /// `[run]` and the base's run configuration stays.
-    pub argv: Vec<String>,
+    /// `entrypoint`; empty when the recipe has no `[run]` and the base's
+    /// run configuration stays.
+    pub entrypoint: Vec<String>,
+    /// `args`: after the entrypoint, what `kiln run IMAGE -- CMD…`
+    /// replaces (Docker's Cmd).
+    pub args: Vec<String>,
     /// Variables added to (or replacing) guest-init's default environment.
     pub env: BTreeMap<String, String>,
     /// The entrypoint's working directory (absolute); `None`: `/`.
@@ -741,10 +744,9 @@ impl Checker<'_> {
             None => (0, 0),
             Some(user) => self.user(user, "run.user")?,
         };
-        let mut argv = run.entrypoint.get_ref().clone();
-        argv.extend(run.args.iter().cloned());
         Ok(Run {
-            argv,
+            entrypoint: run.entrypoint.get_ref().clone(),
+            args: run.args.clone(),
             env: run.env.clone(),
             workdir,
             user,
@@ -840,7 +842,8 @@ timeout = "2m"
             (r.files[0].mode, r.files[0].owner),
             (Some(0o644), (1000, 1000))
         );
-        assert_eq!(r.run.argv, ["/bin/httpd", "-f", "-p", "80"]);
+        assert_eq!(r.run.entrypoint, ["/bin/httpd", "-f"]);
+        assert_eq!(r.run.args, ["-p", "80"]);
         assert_eq!(
             (r.run.workdir.as_deref(), r.run.user),
             (Some("/srv"), (1000, 1000))
@@ -948,7 +951,7 @@ timeout = "2m"
     fn a_minimal_recipe_gets_defaults() {
         let r = parsed("[image]\nname = \"tiny\"\nversion = \"0.1.0\"\n").unwrap();
         assert_eq!((r.base, r.size), (Base::Scratch, Size::Free(DEFAULT_FREE)));
-        assert!(r.run.argv.is_empty() && r.files.is_empty());
+        assert!(r.run.entrypoint.is_empty() && r.files.is_empty());
     }
 
     /// Each bad recipe's error names the file, the line and the field.

@@ -1,6 +1,7 @@
 //! The local image store: `<root>/images/<name>/<version>/` holds
 //! `manifest.json` and `image.kiln`. An image appears there whole or not
 //! at all: it is written into `<root>/tmp/`, fsynced, and renamed into place.
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -42,6 +43,14 @@ pub struct Manifest {
     /// says: a child image inherits it, and `kiln bench` takes it as the
     /// clone scenario's handler.
     pub entrypoint: Vec<String>,
+    /// The ports the image says it listens on (`80/tcp`), from a
+    /// container image's ExposedPorts: informational, as in Docker; a
+    /// child image inherits them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exposed_ports: Vec<String>,
+    /// A container image's Labels; a child image inherits them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
     /// The recipe's `[[test]]` commands: `kiln image test` runs them again.
     pub tests: Vec<TestCommand>,
     /// How each of `tests` went when the image was built, in order; `None`
@@ -366,6 +375,8 @@ mod tests {
             raw_size: 1,
             file_size: 1,
             entrypoint: vec!["/bin/x".into()],
+            exposed_ports: Vec::new(),
+            labels: Default::default(),
             tests: Vec::new(),
             test_results: None,
             created: "2026-11-24T00:00:00Z".into(),

@@ -196,6 +196,8 @@ mod tests {
             raw_size: info.raw_size,
             file_size: info.file_size,
             entrypoint: vec!["/bin/sh".into()],
+            exposed_ports: Vec::new(),
+            labels: Default::default(),
             tests: Vec::new(),
             test_results: None,
             created: "2026-11-24T00:00:00Z".into(),

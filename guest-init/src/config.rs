@@ -4,23 +4,36 @@
 //!
 //! ```json
 //! {
-//!   "entrypoint": ["/bin/sh", "-c", "echo hello; exit 3"],
+//!   "entrypoint": ["/bin/sh", "-c"],
+//!   "cmd": ["echo hello; exit 3"],
 //!   "env": {"PATH": "/usr/local/bin:/usr/bin:/bin"},
 //!   "workdir": "/",
 //!   "uid": 0,
 //!   "gid": 0,
+//!   "user": "nobody:nogroup",
 //!   "hostname": "kiln"
 //! }
 //! ```
 //!
-//! Only `entrypoint` (argv; `argv[0]` absolute or found in `PATH`) is
-//! required; the other fields default to the values shown.
+//! The program run is `entrypoint` followed by `cmd` (Docker's Entrypoint
+//! and Cmd: `kiln run IMAGE -- CMD…` replaces only `cmd`); together they
+//! must name a program (`argv[0]` absolute or found in `PATH`). `user`,
+//! when present, is `USER[:GROUP]` by name or number, looked up in the
+//! image's /etc/passwd and /etc/group when the process starts
+//! (`guest_init::user`), and takes the place of `uid` and `gid`. Every
+//! field but one of `entrypoint` and `cmd` is optional, with the defaults
+//! shown (`user`: none; `cmd`: empty).
 //!
 //! ## Overrides from the kernel command line
 //! guest-init reads `/proc/cmdline` itself: the kernel drops dotted
 //! parameters it does not know instead of passing them to init.
-//! - `kiln.entrypoint=PROG` or `kiln.entrypoint="PROG ARG…"` (split on spaces)
+//! - `kiln.entrypoint=PROG` or `kiln.entrypoint="PROG ARG…"` (split on
+//!   spaces): the whole argv (`cmd` is dropped)
+//! - `kiln.cmd="ARG…"`: replaces `cmd`; words split on spaces, each then
+//!   percent-decoded (`%20` a space, `%22` a double quote, `%25` a `%`), so
+//!   that any argv survives the command line (`kiln run IMAGE -- CMD…`)
 //! - `kiln.workdir=/DIR`, `kiln.hostname=NAME`
+//! - `kiln.user=USER[:GROUP]` (percent-decoded): replaces `user`
 //! - `kiln.env=KEY=VALUE` (repeatable; adds or replaces one variable)
 //!
 //! With an entrypoint on the command line, the file may be absent. The
@@ -64,8 +77,14 @@ pub enum ConfigError {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
-    /// The program and its arguments.
+    /// The program and its first arguments. Once [`RunConfig::resolve`]d,
+    /// the whole argv: `cmd` appended, and never empty.
+    #[serde(default)]
     pub entrypoint: Vec<String>,
+    /// Arguments after `entrypoint`, the part a run's command replaces
+    /// (Docker's Cmd); empty once resolved.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cmd: Vec<String>,
     /// The entrypoint's whole environment.
     #[serde(default = "default_env")]
     pub env: BTreeMap<String, String>,
@@ -78,6 +97,14 @@ pub struct RunConfig {
     /// The group it runs as.
     #[serde(default)]
     pub gid: u32,
+    /// `USER[:GROUP]`, names or numbers, resolved in the guest's
+    /// /etc/passwd and /etc/group; set, it replaces `uid` and `gid`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Supplementary group ids, filled in when `user` is resolved
+    /// (`guest_init::user::apply`); never in the file.
+    #[serde(skip)]
+    pub groups: Vec<u32>,
     /// The guest's hostname.
     #[serde(default = "default_hostname")]
     pub hostname: String,
@@ -100,10 +127,13 @@ impl RunConfig {
     pub fn new(entrypoint: Vec<String>) -> Self {
         RunConfig {
             entrypoint,
+            cmd: Vec::new(),
             env: default_env(),
             workdir: default_workdir(),
             uid: 0,
             gid: 0,
+            user: None,
+            groups: Vec::new(),
             hostname: default_hostname(),
         }
     }
@@ -121,11 +151,19 @@ impl RunConfig {
         serde_json::to_string_pretty(self).map_err(ConfigError::Json)
     }
 
+    /// The program and its arguments: `entrypoint` then `cmd`.
+    pub fn argv(&self) -> Vec<String> {
+        self.entrypoint.iter().chain(&self.cmd).cloned().collect()
+    }
+
     /// The configuration guest-init runs: the file's (if any) with the
-    /// command line's `kiln.*` overrides applied, validated.
+    /// command line's `kiln.*` overrides applied, validated, and `cmd`
+    /// appended to `entrypoint`.
     pub fn resolve(file: Option<&[u8]>, cmdline: &str) -> Result<Self, ConfigError> {
         let params = kiln_params(cmdline)?;
-        let has_entrypoint = params.iter().any(|(key, _)| *key == "entrypoint");
+        let has_entrypoint = params
+            .iter()
+            .any(|(key, _)| matches!(*key, "entrypoint" | "cmd"));
         let mut config = match file {
             Some(bytes) => Self::from_json(bytes)?,
             None if has_entrypoint => Self::new(Vec::new()),
@@ -140,18 +178,23 @@ impl RunConfig {
             config.apply(key, value)?;
         }
         config.validate()?;
+        config.entrypoint = config.argv();
+        config.cmd.clear();
         Ok(config)
     }
 
     fn apply(&mut self, key: &str, value: String) -> Result<(), ConfigError> {
         match key {
             "entrypoint" => {
-                self.entrypoint = value
-                    .split(' ')
-                    .filter(|a| !a.is_empty())
-                    .map(String::from)
-                    .collect()
+                self.entrypoint = words(&value).map(String::from).collect();
+                self.cmd.clear();
             }
+            "cmd" => {
+                self.cmd = words(&value)
+                    .map(|word| percent_decoded(word, "cmd"))
+                    .collect::<Result<_, _>>()?
+            }
+            "user" => self.user = Some(percent_decoded(&value, "user")?),
             "workdir" => self.workdir = value,
             "hostname" => self.hostname = value,
             "env" => {
@@ -169,16 +212,27 @@ impl RunConfig {
         Ok(())
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks every field's value (what [`RunConfig::from_json`] and
+    /// [`RunConfig::resolve`] check).
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let field = |field, problem: &str| ConfigError::Field {
             field,
             problem: problem.to_string(),
         };
-        if self.entrypoint.first().is_none_or(|prog| prog.is_empty()) {
+        if self
+            .entrypoint
+            .iter()
+            .chain(&self.cmd)
+            .next()
+            .is_none_or(|prog| prog.is_empty())
+        {
             return Err(field(
                 "entrypoint",
-                "must name a program (a non-empty argv)",
+                "with cmd, must name a program (a non-empty argv)",
             ));
+        }
+        if self.user.as_deref().is_some_and(str::is_empty) {
+            return Err(field("user", "must be USER[:GROUP], got an empty string"));
         }
         if let Some(key) = self
             .env
@@ -198,6 +252,55 @@ impl RunConfig {
         }
         Ok(())
     }
+}
+
+/// A parameter's words: split on spaces, empty ones dropped.
+fn words(value: &str) -> impl Iterator<Item = &str> {
+    value.split(' ').filter(|word| !word.is_empty())
+}
+
+/// `word` with each `%XX` (two hex digits) replaced by that byte; the
+/// bytes must make UTF-8.
+fn percent_decoded(word: &str, key: &'static str) -> Result<String, ConfigError> {
+    let bad = |problem| ConfigError::Cmdline {
+        param: format!("kiln.{key}={word}"),
+        problem,
+    };
+    let mut bytes = Vec::with_capacity(word.len());
+    let mut rest = word.as_bytes();
+    while let Some((&byte, tail)) = rest.split_first() {
+        if byte != b'%' {
+            bytes.push(byte);
+            rest = tail;
+            continue;
+        }
+        let hex = tail
+            .get(..2)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+            .ok_or_else(|| bad("expected %XX with two hex digits after each %"))?;
+        bytes.push(hex);
+        rest = &tail[2..];
+    }
+    String::from_utf8(bytes).map_err(|_| bad("the decoded bytes are not UTF-8"))
+}
+
+/// `word` as [`percent_decoded`] reads it back: `%`, `"`, spaces and
+/// control characters escaped, everything else as it is. What the host
+/// writes for `kiln.cmd=` and `kiln.user=`.
+pub fn percent_encoded(word: &str) -> String {
+    let mut out = String::with_capacity(word.len());
+    for c in word.chars() {
+        if c == '%' || c == '"' || c.is_whitespace() || c.is_control() {
+            let mut buf = [0u8; 4];
+            for byte in c.encode_utf8(&mut buf).bytes() {
+                out.push_str(&format!("%{byte:02X}"));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The `kiln.KEY=VALUE` parameters of a kernel command line, in order,
@@ -325,6 +428,37 @@ mod tests {
         assert!(err.to_string().contains("kiln.env=NOEQUALS"), "{err}");
         let err = RunConfig::resolve(None, r#"kiln.entrypoint="/x"#).unwrap_err();
         assert!(err.to_string().contains("unbalanced"), "{err}");
+    }
+
+    #[test]
+    fn cmd_follows_entrypoint_and_its_override_replaces_only_cmd() {
+        let file = br#"{"entrypoint": ["/entry.sh"], "cmd": ["serve", "--port", "80"]}"#;
+        let config = RunConfig::resolve(Some(file), "").unwrap();
+        assert_eq!(config.entrypoint, ["/entry.sh", "serve", "--port", "80"]);
+        assert!(config.cmd.is_empty());
+        let args = ["sh", "-c", "echo \"100%\" done"]
+            .map(percent_encoded)
+            .join(" ");
+        let config =
+            RunConfig::resolve(Some(file), &format!("kiln.cmd=\"{args}\" kiln.user=nobody"))
+                .unwrap();
+        assert_eq!(
+            config.entrypoint,
+            ["/entry.sh", "sh", "-c", "echo \"100%\" done"]
+        );
+        assert_eq!(config.user.as_deref(), Some("nobody"));
+        // An image of Cmd only runs it; kiln.entrypoint= replaces both.
+        let cmd_only = br#"{"cmd": ["/bin/sh"]}"#;
+        assert_eq!(
+            RunConfig::resolve(Some(cmd_only), "").unwrap().entrypoint,
+            ["/bin/sh"]
+        );
+        let config = RunConfig::resolve(Some(file), "kiln.entrypoint=/bin/true").unwrap();
+        assert_eq!(config.entrypoint, ["/bin/true"]);
+        let err = RunConfig::resolve(Some(file), "kiln.cmd=%zz").unwrap_err();
+        assert!(err.to_string().contains("kiln.cmd=%zz"), "{err}");
+        let err = RunConfig::resolve(Some(br#"{"cmd": []}"#), "").unwrap_err();
+        assert!(err.to_string().contains("entrypoint"), "{err}");
     }
 
     #[test]

@@ -14,6 +14,10 @@
 #[cfg(feature = "init")]
 pub mod config;
 #[cfg(feature = "wire")]
+pub mod exec;
+#[cfg(feature = "init")]
+pub mod exec_server;
+#[cfg(feature = "wire")]
 pub mod function;
 #[cfg(feature = "init")]
 pub mod function_mode;
@@ -22,6 +26,8 @@ pub mod network;
 pub mod protocol;
 #[cfg(feature = "init")]
 pub mod supervisor;
+#[cfg(feature = "init")]
+pub mod user;
 
 /// `err` and each of its causes, outermost first, joined by ": ": how an
 /// error reaches a person, in the guest (the console, a refused

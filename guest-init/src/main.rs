@@ -17,7 +17,9 @@
 //! 5. read /etc/kiln/init.json with the command line's `kiln.*` overrides
 //!    (see `guest_init::config`); an unusable configuration is reported on
 //!    the console and ends the VM with status 127;
-//! 6. run the entrypoint, reaping orphans and forwarding SIGTERM/SIGINT;
+//! 6. run the entrypoint, reaping orphans and forwarding SIGTERM/SIGINT,
+//!    and serve `kiln exec` on vsock port 5001 meanwhile
+//!    (`guest_init::exec_server`);
 //!    or, in function mode (`kiln.function=1` on the command line), serve
 //!    invocations instead (`guest_init::function_mode`): listen on vsock
 //!    port 5000, say `guest-init: function ready on vsock port 5000`, and
@@ -37,9 +39,10 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use guest_init::config::{CONFIG_PATH, ConfigError, RunConfig};
+use guest_init::exec::EXEC_PORT;
 use guest_init::network::{NetConfig, RESOLV_CONF};
 use guest_init::protocol::InitEvent;
-use guest_init::{function_mode, network, one_line, supervisor};
+use guest_init::{exec_server, function_mode, network, one_line, supervisor, user};
 
 mod metadata;
 mod mounts;
@@ -75,6 +78,11 @@ fn main() -> ExitCode {
                     supervisor::STATUS_NOT_EXECUTABLE
                 })
             } else {
+                if let Err(err) = exec_server::start(config.clone()) {
+                    eprintln!(
+                        "guest-init: no `kiln exec` in this VM: vsock port {EXEC_PORT}: {err}"
+                    );
+                }
                 supervisor::run(&config, &signals)
             }
         }
@@ -177,6 +185,9 @@ enum LoadError {
     /// The file, or the command line's overrides, are not usable.
     #[error("{CONFIG_PATH}")]
     Invalid(#[source] ConfigError),
+    /// Its user or group is not in the image's /etc/passwd or /etc/group.
+    #[error("{CONFIG_PATH}: the entrypoint's user")]
+    User(#[source] user::UserError),
 }
 
 fn load_config(cmdline: &str) -> Result<RunConfig, LoadError> {
@@ -185,7 +196,10 @@ fn load_config(cmdline: &str) -> Result<RunConfig, LoadError> {
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
         Err(err) => return Err(LoadError::Read(err)),
     };
-    RunConfig::resolve(file.as_deref(), cmdline).map_err(LoadError::Invalid)
+    let mut config = RunConfig::resolve(file.as_deref(), cmdline).map_err(LoadError::Invalid)?;
+    let identity = user::resolve(&config, Path::new("/")).map_err(LoadError::User)?;
+    user::apply(&mut config, identity);
+    Ok(config)
 }
 
 /// Ends every remaining process, leaves the root filesystem clean

@@ -16,6 +16,7 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 
 use crate::config::RunConfig;
+use crate::exec_server;
 
 /// Status for an entrypoint that could not be found (the shell's 127).
 pub const STATUS_NOT_FOUND: u8 = 127;
@@ -97,7 +98,8 @@ impl AsRawFd for SignalFd {
 }
 
 /// The command that starts `config`'s entrypoint: its argv, environment,
-/// working directory and user, with an empty signal mask in the child.
+/// working directory and identity (`groups`, `gid`, `uid`: resolved by
+/// `guest_init::user`), with an empty signal mask in the child.
 pub fn command(config: &RunConfig) -> Command {
     let (program, args) = config
         .entrypoint
@@ -108,14 +110,43 @@ pub fn command(config: &RunConfig) -> Command {
         .args(args)
         .env_clear()
         .envs(&config.env)
-        .current_dir(&config.workdir)
-        .uid(config.uid)
-        .gid(config.gid);
+        .current_dir(&config.workdir);
+    let (uid, gid) = (config.uid, config.gid);
+    // Made before the fork: the child may not allocate.
+    let groups: Vec<libc::gid_t> = config.groups.clone();
     // SAFETY: the hook runs in the child between fork and exec, where only
-    // async-signal-safe calls are allowed; it makes only sigemptyset and
-    // sigprocmask calls on its own stack.
-    unsafe { command.pre_exec(unblock_all_signals) };
+    // async-signal-safe calls are allowed; it makes only sigprocmask,
+    // setgroups, setgid and setuid calls, on its own stack and on
+    // `groups`, which the closure owns.
+    unsafe {
+        command.pre_exec(move || {
+            unblock_all_signals()?;
+            become_user(uid, gid, &groups)
+        })
+    };
     command
+}
+
+/// Drops to `uid` with primary group `gid` and supplementary `groups`, in
+/// the only order that works: the groups while still root, the user last
+/// (after it, no other id can change). Not root (guest-init run by hand,
+/// or in tests), only root may set groups: they stay, as std leaves them.
+fn become_user(uid: u32, gid: u32, groups: &[libc::gid_t]) -> io::Result<()> {
+    // SAFETY: geteuid takes no arguments.
+    let root = unsafe { libc::geteuid() } == 0;
+    // SAFETY: `groups` is a valid slice of `groups.len()` gid_t.
+    if root && unsafe { libc::setgroups(groups.len(), groups.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: setgid takes no pointers.
+    if unsafe { libc::setgid(gid) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: setuid takes no pointers.
+    if unsafe { libc::setuid(uid) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The status of an entrypoint that could not be started (the shell's).
@@ -171,8 +202,10 @@ fn unblock_all_signals() -> io::Result<()> {
 }
 
 /// Reaps every exited child; returns the entrypoint's status if it was one
-/// (pass 0 to only reap orphans).
+/// (pass 0 to only reap orphans). An exec'd process's status goes to its
+/// session (`exec_server`), whose table stays locked meanwhile.
 pub fn reap_all(entrypoint: libc::pid_t) -> Option<u8> {
+    let mut exec_children = exec_server::children();
     let mut result = None;
     loop {
         let mut raw = 0;
@@ -183,6 +216,8 @@ pub fn reap_all(entrypoint: libc::pid_t) -> Option<u8> {
         }
         if pid == entrypoint {
             result = Some(status_of(raw));
+        } else {
+            exec_children.reaped(pid, status_of(raw));
         }
     }
 }

@@ -13,7 +13,7 @@ use kiln_builder::store::{Manifest, Store, TestResult};
 use kiln_control::image_build::BuildVmRunner;
 
 use super::image;
-use crate::assets::{Asset, kiln_home};
+use crate::assets::kiln_home;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -29,15 +29,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let init = args.init.unwrap_or_else(|| Asset::GuestInit.path());
-    if !init.is_file() {
-        bail!(
-            "no guest-init at {} (pass --init, set {}, or run `{}`)",
-            init.display(),
-            Asset::GuestInit.env_var(),
-            Asset::GuestInit.xtask()
-        );
-    }
+    let init = image::guest_init(args.init)?;
     let store = Store::new(&kiln_home());
     // Before building: a build whose VM steps or tests cannot run here
     // says so now.

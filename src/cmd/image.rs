@@ -1,11 +1,14 @@
 //! `kiln image flatten IMAGE|INSTANCE OUT.ext4`: the raw filesystem of an
 //! image, or of an instance's root volume with its writes, for fsck,
 //! mounting or export. `kiln image test IMAGE`: its recipe's tests, run
-//! again on the stored image.
+//! again on the stored image. `kiln image import FILE [NAME:VERSION]`: a
+//! container image archive into the store, as `docker load` does.
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
+use kiln_builder::build;
 use kiln_builder::recipe::TestCommand;
 use kiln_builder::store::Store;
 use kiln_control::commit;
@@ -43,6 +46,22 @@ pub enum Command {
         /// NAME:VERSION of a stored image.
         image: String,
     },
+    /// Store a container image archive (`docker save` output or an OCI
+    /// image layout tar) as an image, with no recipe: its layers, and its
+    /// Entrypoint, Cmd, Env, WorkingDir and User as the run configuration.
+    Import {
+        /// The archive.
+        file: PathBuf,
+        /// The new image's NAME:VERSION; default: the archive's own name
+        /// and tag (RepoTags, or the OCI index's annotations), when the tag
+        /// is a version.
+        #[arg(value_name = "NAME:VERSION")]
+        reference: Option<String>,
+        /// The guest-init binary to place at /sbin/init (default: the
+        /// installed one).
+        #[arg(long)]
+        init: Option<PathBuf>,
+    },
 }
 
 pub fn run(command: Command) -> anyhow::Result<ExitCode> {
@@ -50,7 +69,45 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Flatten { source, out } => flatten(&source, &out),
         Command::Test { image } => test(&image),
         Command::Hydrate { image } => hydrate(&image),
+        Command::Import {
+            file,
+            reference,
+            init,
+        } => import(&file, reference.as_deref(), init),
     }
+}
+
+/// The guest-init binary images get: `flag` (`--init`), or the installed
+/// one; it must exist.
+pub fn guest_init(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let init = flag.unwrap_or_else(|| Asset::GuestInit.path());
+    if !init.is_file() {
+        bail!(
+            "no guest-init at {} (pass --init, set {}, or run `{}`)",
+            init.display(),
+            Asset::GuestInit.env_var(),
+            Asset::GuestInit.xtask()
+        );
+    }
+    Ok(init)
+}
+
+fn import(file: &Path, reference: Option<&str>, init: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let init = guest_init(init)?;
+    let store = Store::new(&kiln_home());
+    let tty = std::io::stderr().is_terminal();
+    let mut progress = |step: &str| {
+        if tty {
+            eprintln!("kiln: {step}…");
+        }
+    };
+    let manifest = build::import(&store, file, reference, &init, &mut progress)?;
+    println!(
+        "imported {} (runs {:?})",
+        manifest.reference(),
+        manifest.entrypoint.join(" ")
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn test(reference: &str) -> anyhow::Result<ExitCode> {

@@ -1,17 +1,25 @@
-//! `kiln images`: list the local store.
+//! `kiln images [--format json]`: list the local store (as JSON, each
+//! image's whole manifest).
 use std::process::ExitCode;
 
 use kiln_builder::store::{Manifest, Store};
 use kiln_image::hydrate::CacheFiles;
 
 use crate::assets::kiln_home;
+use crate::cmd::format::Output;
 
 #[derive(clap::Args)]
-pub struct Args {}
+pub struct Args {
+    #[command(flatten)]
+    output: Output,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let store = Store::new(&kiln_home());
     let images = store.list()?;
+    if args.output.json(&images)? {
+        return Ok(ExitCode::SUCCESS);
+    }
     println!(
         "{:<20} {:<12} {:<14} {:>10} {:>9} {:<24} {:<10} CREATED",
         "NAME", "VERSION", "DIGEST", "SIZE", "HYDRATED", "PARENT", "TESTS"

@@ -1,5 +1,7 @@
-//! `kiln inspect NAME:VERSION [--files [PATH]]`: an image's manifest, or
-//! the files inside it, read from the compressed image itself.
+//! `kiln inspect NAME:VERSION [--files [PATH]] [--format json]`: an
+//! image's manifest (JSON either way: its exposed ports, labels and run
+//! command among the fields), or the files inside it, read from the
+//! compressed image itself (`ls -l`-like lines, or a JSON array).
 use std::process::ExitCode;
 
 use kiln_builder::ext4;
@@ -7,6 +9,7 @@ use kiln_builder::store::Store;
 use kiln_image::{CachedReader, DEFAULT_CACHE_BYTES, Reader};
 
 use crate::assets::kiln_home;
+use crate::cmd::format::Output;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -15,6 +18,8 @@ pub struct Args {
     /// List the files inside the image (below PATH, default /).
     #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = "/")]
     files: Option<String>,
+    #[command(flatten)]
+    output: Output,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -24,7 +29,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     };
     let reader = CachedReader::new(Reader::open(&image.image_path)?, DEFAULT_CACHE_BYTES);
-    for e in ext4::list(reader, &under)? {
+    let entries = ext4::list(reader, &under)?;
+    if args.output.json(&entries)? {
+        return Ok(ExitCode::SUCCESS);
+    }
+    for e in entries {
         let link = e.target.map(|t| format!(" -> {t}")).unwrap_or_default();
         println!(
             "{}{:04o} {:>5}:{:<5} {:>10} {}{}",

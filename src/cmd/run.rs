@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use guest_init::config::percent_encoded;
 use kiln_builder::store::Store;
 use kiln_control::definition::{self, DEFAULT_CID, GUEST_CIDS, RunOptions};
 use kiln_control::instance::lifecycle::{self, LifecycleError};
@@ -86,6 +87,21 @@ pub struct Args {
     /// Words appended to the kernel command line (e.g. kiln.entrypoint=/bin/sh).
     #[arg(long, default_value = "", allow_hyphen_values = true)]
     cmdline: String,
+    /// After `--`: the command, replacing the image's (its Cmd, or its
+    /// recipe's `args`) after its entrypoint, as `docker run IMAGE CMD…`
+    /// does. An image with no entrypoint of its own runs CMD itself.
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<String>,
+    /// Set a variable in the entrypoint's environment. Repeatable.
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// The entrypoint's working directory, absolute.
+    #[arg(long, short = 'w', value_name = "DIR")]
+    workdir: Option<String>,
+    /// Run the entrypoint as USER[:GROUP] (names from the image's
+    /// /etc/passwd and /etc/group, or numbers).
+    #[arg(long, short = 'u', value_name = "USER[:GROUP]")]
+    user: Option<String>,
     /// Print the time from `kiln run` starting to guest-init running
     /// (`boot-to-init: N us` on stderr, as soon as guest-init reports).
     #[arg(long)]
@@ -203,7 +219,7 @@ fn detach(args: &Args) -> anyhow::Result<ExitCode> {
         );
     }
     // A detached instance boots with these words every time.
-    let spec = new_spec(args, image, args.cmdline.clone())?;
+    let spec = new_spec(args, image, cmdline(args)?)?;
     let home = kiln_home();
     lifecycle::preflight(&Store::new(&home), &spec)?;
     let user_data = read_user_data(args)?;
@@ -263,10 +279,53 @@ fn run_options(args: &Args) -> anyhow::Result<RunOptions> {
         read_only: args.read_only,
         scratch_mib: args.scratch,
         cache_mib: args.cache,
-        cmdline: args.cmdline.clone(),
+        cmdline: cmdline(args)?,
         timing: args.timing,
         seccomp: !args.no_seccomp,
     })
+}
+
+/// The kernel command line's extra words: `--cmdline`, then the run
+/// configuration's overrides from CMD, -e, -w and -u, which guest-init
+/// reads (`guest_init::config`). The command and the user are
+/// percent-encoded, so any word survives; a variable or directory with a
+/// double quote or a control character cannot be passed this way and is
+/// refused.
+fn cmdline(args: &Args) -> anyhow::Result<String> {
+    let mut words = vec![args.cmdline.clone()];
+    if !args.command.is_empty() {
+        let encoded: Vec<String> = args.command.iter().map(|w| percent_encoded(w)).collect();
+        words.push(format!("kiln.cmd=\"{}\"", encoded.join(" ")));
+    }
+    for pair in &args.env {
+        match pair.split_once('=') {
+            Some((key, _)) if !key.is_empty() && !key.contains([' ', '"']) => {}
+            _ => bail!("-e {pair:?}: expected KEY=VALUE, KEY without spaces or quotes"),
+        }
+        words.push(format!("kiln.env=\"{}\"", quotable("-e", pair)?));
+    }
+    if let Some(dir) = &args.workdir {
+        if !dir.starts_with('/') {
+            bail!("-w {dir:?}: expected an absolute path");
+        }
+        words.push(format!("kiln.workdir=\"{}\"", quotable("-w", dir)?));
+    }
+    if let Some(user) = &args.user {
+        if user.is_empty() || user.split(':').count() > 2 {
+            bail!("-u {user:?}: expected USER[:GROUP]");
+        }
+        words.push(format!("kiln.user={}", percent_encoded(user)));
+    }
+    Ok(words.join(" ").trim().to_string())
+}
+
+/// `value` if it can stand between double quotes on the kernel command
+/// line (no quote, no control character).
+fn quotable<'v>(flag: &str, value: &'v str) -> anyhow::Result<&'v str> {
+    if value.contains(|c: char| c == '"' || c.is_control()) {
+        bail!("{flag} {value:?}: a double quote or control character cannot reach the guest");
+    }
+    Ok(value)
 }
 
 /// `PATH` or `PATH,cid=N`.
@@ -336,6 +395,7 @@ fn parse_disk(spec: &str) -> anyhow::Result<DiskConfig> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use guest_init::config::RunConfig;
 
     #[test]
     fn disk_specs_parse_and_name_their_problem() {
@@ -349,6 +409,52 @@ mod tests {
         assert!(err.contains("\"fast\""), "{err}");
         let err = format!("{:#}", parse_disk("/no/such/disk.img").unwrap_err());
         assert!(err.contains("/no/such/disk.img"), "{err}");
+    }
+
+    #[test]
+    fn overrides_become_words_guest_init_reads_back() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: Args,
+        }
+        let parse = |line: &[&str]| {
+            Cli::try_parse_from(["run"].iter().chain(line)).map(|cli| cmdline(&cli.run))
+        };
+        let words = parse(&[
+            "img:1.0.0",
+            "--cmdline",
+            "quiet",
+            "-e",
+            "A=b c",
+            "-w",
+            "/srv",
+            "-u",
+            "app:wheel",
+            "--",
+            "sh",
+            "-c",
+            "echo \"50%\"",
+        ])
+        .unwrap()
+        .unwrap();
+        let file = br#"{"entrypoint": ["/entry"], "cmd": ["default"]}"#;
+        let config = RunConfig::resolve(Some(file), &words).unwrap();
+        assert_eq!(config.entrypoint, ["/entry", "sh", "-c", "echo \"50%\""]);
+        assert_eq!(config.env["A"], "b c");
+        assert_eq!(config.workdir, "/srv");
+        assert_eq!(config.user.as_deref(), Some("app:wheel"));
+        assert!(words.starts_with("quiet "), "{words}");
+        for bad in [
+            &["i", "-e", "NOVALUE"][..],
+            &["i", "-e", "A=\"q\""],
+            &["i", "-w", "rel"],
+            &["i", "-u", "a:b:c"],
+        ] {
+            let err = parse(bad).unwrap().unwrap_err().to_string();
+            assert!(err.contains(&bad[2][..2]), "{bad:?}: {err}");
+        }
     }
 
     #[test]

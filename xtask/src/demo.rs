@@ -2,7 +2,9 @@
 //! builds the guest kernel and guest-init, builds recipes/hello with
 //! `kiln build`, and boots it from the store with `kiln run hello:1.0.0`
 //! (directly on hardware KVM, in the nested harness elsewhere), showing the
-//! guest's console.
+//! guest's console. Then it installs the `kiln` command on PATH, with its
+//! completions and man pages (`cargo xtask install-cli`), so that the
+//! README's next commands work as typed.
 use std::time::Duration;
 
 use anyhow::{Result, bail};
@@ -29,6 +31,9 @@ pub fn run() -> Result<()> {
     if !lines.iter().any(|line| line.contains(GREETING)) {
         bail!("the guest never printed {GREETING:?}: see target/vm-test/console.log");
     }
-    eprintln!("xtask: demo done: `kiln build` made recipes/hello, `kiln run` booted it");
+    crate::install::install_cli()?;
+    eprintln!(
+        "xtask: demo done: `kiln build` made recipes/hello, `kiln run` booted it; `kiln` is on PATH now (try `kiln images`)"
+    );
     Ok(())
 }

@@ -102,6 +102,9 @@ enum Task {
     Test,
     /// Set up a fresh machine and boot a guest: the README's first command.
     Demo,
+    /// Install `kiln` into ~/.cargo/bin (`cargo install --path .`), with
+    /// its shell completions and man pages.
+    InstallCli,
     /// Benchmarks, measured against a peer in the same run.
     Bench {
         #[command(subcommand)]
@@ -135,6 +138,7 @@ fn main() -> ExitCode {
         Task::VmTest { scenarios } => harness::vm_test(&scenarios).map(drop),
         Task::Test => test::run(),
         Task::Demo => demo::run(),
+        Task::InstallCli => install::install_cli(),
         Task::Bench {
             bench: Bench::Build { runs },
         } => bench::build(runs),

@@ -29,6 +29,7 @@
 //! record then shows `stopped` with the reason.
 mod actions;
 pub mod console;
+pub mod exec;
 pub mod lifecycle;
 pub mod snapshots;
 pub mod state;

@@ -5,7 +5,7 @@
 use std::fmt;
 
 /// One entry of the catalog.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct InstanceType {
     /// FAMILY GENERATION.SIZE, as `kiln run --type` takes it.
     pub name: &'static str,

@@ -1,0 +1,239 @@
+//! The exec protocol: another process in a running guest (`kiln exec`,
+//! and the containerd shim's Exec), as `docker exec` runs one.
+//!
+//! The host connects to guest vsock port [`EXEC_PORT`], where guest-init
+//! listens while the entrypoint runs (`guest_init::exec_server`). Both
+//! sides then write [`Frame`]s: a kind byte, a little-endian u32 length,
+//! that many bytes. The host's first frame is [`Frame::Request`]; then it
+//! sends stdin ([`Frame::Stdin`], [`Frame::StdinEnd`]) and terminal sizes
+//! ([`Frame::Resize`]). The guest sends the process's output
+//! ([`Frame::Stdout`], [`Frame::Stderr`]; a terminal's is all stdout) and
+//! ends with [`Frame::Exit`], or [`Frame::Refused`] when nothing could be
+//! started, and closes the stream.
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// The guest vsock port guest-init takes exec requests on.
+pub const EXEC_PORT: u32 = 5001;
+
+/// The largest frame either side accepts: a request is small, and output
+/// is sent in pieces well below this.
+pub const MAX_FRAME: u32 = 1 << 20;
+
+/// What to run: the argv, and what to change from the entrypoint's
+/// environment, working directory and user.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// The program (absolute, or found in PATH) and its arguments.
+    pub argv: Vec<String>,
+    /// Variables added to (or replacing) the entrypoint's environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// The working directory; default the entrypoint's.
+    #[serde(default)]
+    pub workdir: Option<String>,
+    /// `USER[:GROUP]`, resolved in the guest's /etc/passwd and /etc/group;
+    /// default the entrypoint's user.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// A pseudo-terminal of this size for the process's stdio; `None`:
+    /// pipes, stdout and stderr apart.
+    #[serde(default)]
+    pub tty: Option<WindowSize>,
+    /// Whether the host sends stdin; without it the process's stdin is
+    /// /dev/null (pipes) or a terminal nobody types into.
+    #[serde(default)]
+    pub stdin: bool,
+}
+
+/// A terminal's size, in characters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowSize {
+    /// Rows.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
+}
+
+/// One message of the exec protocol.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// Host → guest, first: what to run.
+    Request(ExecRequest),
+    /// Host → guest: bytes for the process's stdin.
+    Stdin(Vec<u8>),
+    /// Host → guest: the host's stdin ended; the process's is closed.
+    StdinEnd,
+    /// Host → guest: the terminal's new size.
+    Resize(WindowSize),
+    /// Guest → host: bytes the process wrote to stdout (or the terminal).
+    Stdout(Vec<u8>),
+    /// Guest → host: bytes the process wrote to stderr.
+    Stderr(Vec<u8>),
+    /// Guest → host, last: the process's status (its exit code, or 128 +
+    /// the signal that killed it).
+    Exit(u8),
+    /// Guest → host, last: why nothing was started (a bad request, an
+    /// unknown user, a program that is not there), with the status a shell
+    /// would give (126 or 127).
+    Refused {
+        /// The status `kiln exec` exits with.
+        status: u8,
+        /// One line for a person.
+        reason: String,
+    },
+}
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The stream failed or ended inside a frame.
+    #[error("exec stream")]
+    Io(#[from] io::Error),
+    /// The frame's kind byte is not one the protocol has.
+    #[error("exec stream: unknown frame kind {0}")]
+    Kind(u8),
+    /// The frame is longer than [`MAX_FRAME`].
+    #[error("exec stream: a frame of {0} bytes, over the limit of {MAX_FRAME}")]
+    TooLong(u32),
+    /// A frame's payload is not what its kind holds.
+    #[error("exec stream: a malformed {0} frame")]
+    Malformed(&'static str),
+}
+
+const REQUEST: u8 = 1;
+const STDIN: u8 = 2;
+const STDIN_END: u8 = 3;
+const RESIZE: u8 = 4;
+const STDOUT: u8 = 5;
+const STDERR: u8 = 6;
+const EXIT: u8 = 7;
+const REFUSED: u8 = 8;
+
+impl Frame {
+    /// Writes the frame whole, then flushes.
+    pub fn write_to(&self, out: &mut impl Write) -> io::Result<()> {
+        let (kind, payload): (u8, Vec<u8>) = match self {
+            Frame::Request(request) => (REQUEST, serde_json::to_vec(request)?),
+            Frame::Stdin(bytes) => (STDIN, bytes.clone()),
+            Frame::StdinEnd => (STDIN_END, Vec::new()),
+            Frame::Resize(size) => (
+                RESIZE,
+                [size.rows.to_le_bytes(), size.cols.to_le_bytes()].concat(),
+            ),
+            Frame::Stdout(bytes) => (STDOUT, bytes.clone()),
+            Frame::Stderr(bytes) => (STDERR, bytes.clone()),
+            Frame::Exit(status) => (EXIT, vec![*status]),
+            Frame::Refused { status, reason } => {
+                (REFUSED, [&[*status][..], reason.as_bytes()].concat())
+            }
+        };
+        let mut frame = Vec::with_capacity(5 + payload.len());
+        frame.push(kind);
+        frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        frame.extend_from_slice(&payload);
+        out.write_all(&frame)?;
+        out.flush()
+    }
+
+    /// The next frame; `None` when the stream ends between frames.
+    pub fn read_from(input: &mut impl Read) -> Result<Option<Frame>, FrameError> {
+        let mut header = [0u8; 5];
+        match input.read(&mut header[..1])? {
+            0 => return Ok(None),
+            _ => input.read_exact(&mut header[1..])?,
+        }
+        let len = u32::from_le_bytes(header[1..].try_into().expect("4 bytes"));
+        if len > MAX_FRAME {
+            return Err(FrameError::TooLong(len));
+        }
+        let mut payload = vec![0u8; len as usize];
+        input.read_exact(&mut payload)?;
+        Ok(Some(match header[0] {
+            REQUEST => Frame::Request(
+                serde_json::from_slice(&payload).map_err(|_| FrameError::Malformed("request"))?,
+            ),
+            STDIN => Frame::Stdin(payload),
+            STDIN_END => Frame::StdinEnd,
+            RESIZE => match payload[..] {
+                [r0, r1, c0, c1] => Frame::Resize(WindowSize {
+                    rows: u16::from_le_bytes([r0, r1]),
+                    cols: u16::from_le_bytes([c0, c1]),
+                }),
+                _ => return Err(FrameError::Malformed("resize")),
+            },
+            STDOUT => Frame::Stdout(payload),
+            STDERR => Frame::Stderr(payload),
+            EXIT => match payload[..] {
+                [status] => Frame::Exit(status),
+                _ => return Err(FrameError::Malformed("exit")),
+            },
+            REFUSED => match payload.split_first() {
+                Some((&status, reason)) => Frame::Refused {
+                    status,
+                    reason: String::from_utf8_lossy(reason).into_owned(),
+                },
+                None => return Err(FrameError::Malformed("refused")),
+            },
+            kind => return Err(FrameError::Kind(kind)),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_frame_round_trips() {
+        let frames = [
+            Frame::Request(ExecRequest {
+                argv: vec!["/bin/sh".into(), "-c".into(), "id".into()],
+                env: BTreeMap::from([("A".into(), "b c".into())]),
+                workdir: Some("/srv".into()),
+                user: Some("app:wheel".into()),
+                tty: Some(WindowSize { rows: 24, cols: 80 }),
+                stdin: true,
+            }),
+            Frame::Stdin(b"input".to_vec()),
+            Frame::StdinEnd,
+            Frame::Resize(WindowSize {
+                rows: 50,
+                cols: 132,
+            }),
+            Frame::Stdout(vec![0, 1, 2]),
+            Frame::Stderr(Vec::new()),
+            Frame::Exit(137),
+            Frame::Refused {
+                status: 127,
+                reason: "no such program".into(),
+            },
+        ];
+        let mut wire = Vec::new();
+        for frame in &frames {
+            frame.write_to(&mut wire).unwrap();
+        }
+        let mut input = &wire[..];
+        for frame in frames {
+            assert_eq!(Frame::read_from(&mut input).unwrap(), Some(frame));
+        }
+        assert_eq!(Frame::read_from(&mut input).unwrap(), None);
+    }
+
+    #[test]
+    fn bad_frames_are_errors() {
+        let cases: [(&[u8], &str); 4] = [
+            (&[99, 0, 0, 0, 0], "kind 99"),
+            (&[5, 0, 0, 0, 1], "over the limit"),
+            (&[4, 1, 0, 0, 0, 7], "malformed resize"),
+            (&[5, 4, 0, 0, 0, 1], "exec stream"),
+        ];
+        for (bytes, want) in cases {
+            let err = Frame::read_from(&mut &bytes[..]).unwrap_err().to_string();
+            assert!(err.contains(want), "{bytes:?}: {err}");
+        }
+    }
+}

@@ -1,0 +1,513 @@
+//! guest-init's side of the exec protocol (`guest_init::exec`): while the
+//! entrypoint runs, a thread listens on vsock port [`EXEC_PORT`] and runs
+//! each request's process in a session thread of its own: the
+//! entrypoint's configuration with the request's changes (argv, env,
+//! working directory, user: `guest_init::user`), stdio through pipes or
+//! a pseudo-terminal, the status last.
+//!
+//! PID 1's reaper (`supervisor::reap_all`) reaps every child, these too:
+//! it hands an exec'd process's status over through [`Children`], whose
+//! lock a session holds while it spawns. So the reaper never reaps a child
+//! before the table knows it, nor one whose exec failed while std's spawn
+//! still waits for it.
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, JoinHandle};
+
+use crate::config::RunConfig;
+use crate::exec::{EXEC_PORT, ExecRequest, Frame, WindowSize};
+use crate::{function_mode, supervisor, user};
+
+/// How much output one frame carries at most.
+const CHUNK: usize = 32 * 1024;
+
+/// Exec'd processes by pid, with their status once reaped.
+pub struct Children(BTreeMap<libc::pid_t, Option<u8>>);
+
+static CHILDREN: Mutex<Children> = Mutex::new(Children(BTreeMap::new()));
+static EXITED: Condvar = Condvar::new();
+
+/// The table, locked: the reaper holds it while it reaps.
+pub fn children() -> MutexGuard<'static, Children> {
+    CHILDREN.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Children {
+    /// Records a reaped child's status if it is an exec'd process; says
+    /// whether it was.
+    pub fn reaped(&mut self, pid: libc::pid_t, status: u8) -> bool {
+        match self.0.get_mut(&pid) {
+            Some(slot) => {
+                *slot = Some(status);
+                EXITED.notify_all();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Waits for exec'd process `pid` to be reaped, and forgets it.
+fn wait_for(pid: libc::pid_t) -> u8 {
+    let mut table = children();
+    loop {
+        if let Some(Some(status)) = table.0.get(&pid) {
+            let status = *status;
+            table.0.remove(&pid);
+            return status;
+        }
+        table = EXITED.wait(table).unwrap_or_else(PoisonError::into_inner);
+    }
+}
+
+/// Starts the exec listener on [`EXEC_PORT`], serving sessions in
+/// threads of their own with `config` (the entrypoint's, resolved) as
+/// every process's base. The guest may have no vsock device: then this
+/// fails, and exec is not offered.
+pub fn start(config: RunConfig) -> io::Result<()> {
+    let listener = function_mode::listen(EXEC_PORT)?;
+    thread::Builder::new().name("exec".into()).spawn(move || {
+        loop {
+            match accept(&listener) {
+                Ok(stream) => {
+                    let config = config.clone();
+                    let spawned = thread::Builder::new()
+                        .name("exec-session".into())
+                        .spawn(move || session(stream, &config, Path::new("/")));
+                    if let Err(err) = spawned {
+                        eprintln!("guest-init: exec: cannot start a session: {err}");
+                    }
+                }
+                Err(err) => {
+                    eprintln!("guest-init: exec: accept failed: {err}");
+                    thread::sleep(std::time::Duration::from_secs(1));
+                }
+            }
+        }
+    })?;
+    Ok(())
+}
+
+/// The next connection, waiting as long as it takes (the listener is
+/// non-blocking: poll first).
+fn accept(listener: &OwnedFd) -> io::Result<UnixStream> {
+    let mut fds = [libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    loop {
+        // SAFETY: `fds` is a valid array of one pollfd for the call.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 1, -1) } >= 0 {
+            break;
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+    let null = std::ptr::null_mut();
+    // SAFETY: null address pointers are allowed (the peer's address is not
+    // asked for).
+    let fd = unsafe { libc::accept4(listener.as_raw_fd(), null, null.cast(), libc::SOCK_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    Ok(UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+/// Why a request started nothing: the status and the reason the host gets.
+struct Refusal(u8, String);
+
+/// Serves one exec connection to its end: the request, the process's
+/// stdio, its status (or why it never started). Users are looked up under
+/// `root` (the guest's `/`).
+pub fn session(stream: UnixStream, base: &RunConfig, root: &Path) {
+    let writer = match stream.try_clone() {
+        Ok(writer) => Arc::new(Mutex::new(writer)),
+        Err(err) => return eprintln!("guest-init: exec: {err}"),
+    };
+    let last = match run(stream, base, root, &writer) {
+        Ok(status) => Frame::Exit(status),
+        Err(Refusal(status, reason)) => Frame::Refused { status, reason },
+    };
+    // The host may be gone already: nothing to tell then.
+    let _ = last.write_to(&mut *lock(&writer));
+}
+
+fn lock(writer: &Mutex<UnixStream>) -> MutexGuard<'_, UnixStream> {
+    writer.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn run(
+    mut stream: UnixStream,
+    base: &RunConfig,
+    root: &Path,
+    writer: &Arc<Mutex<UnixStream>>,
+) -> Result<u8, Refusal> {
+    let request = match Frame::read_from(&mut stream) {
+        Ok(Some(Frame::Request(request))) => request,
+        Ok(_) => {
+            return Err(Refusal(
+                supervisor::STATUS_NOT_EXECUTABLE,
+                "expected a request first".into(),
+            ));
+        }
+        Err(err) => {
+            return Err(Refusal(
+                supervisor::STATUS_NOT_EXECUTABLE,
+                crate::one_line(&err),
+            ));
+        }
+    };
+    let config = prepared(&request, base, root)?;
+    let terminal = request.tty.map(Terminal::open).transpose()?;
+    let (mut child, pid) = spawn(&config, &request, terminal.as_ref())?;
+    let mut outputs = Vec::new();
+    let input: Option<Box<dyn Write + Send>> = match &terminal {
+        Some(terminal) => {
+            outputs.push(pump_out(terminal.reader()?, writer.clone(), Frame::Stdout));
+            Some(Box::new(terminal.reader()?))
+        }
+        None => {
+            outputs.extend(
+                child
+                    .stdout
+                    .take()
+                    .map(|out| pump_out(out, writer.clone(), Frame::Stdout)),
+            );
+            outputs.extend(
+                child
+                    .stderr
+                    .take()
+                    .map(|err| pump_out(err, writer.clone(), Frame::Stderr)),
+            );
+            child
+                .stdin
+                .take()
+                .map(|stdin| Box::new(stdin) as Box<dyn Write + Send>)
+        }
+    };
+    let resize = terminal.as_ref().map(Terminal::reader).transpose()?;
+    // Ends with the host's stream; never joined (the host closes it after
+    // the status).
+    thread::spawn(move || pump_in(stream, input, resize));
+    let status = wait_for(pid);
+    drop(terminal);
+    for output in outputs {
+        let _ = output.join();
+    }
+    Ok(status)
+}
+
+/// The entrypoint's configuration with the request's changes, its user
+/// resolved.
+fn prepared(request: &ExecRequest, base: &RunConfig, root: &Path) -> Result<RunConfig, Refusal> {
+    let refuse = |reason: String| Refusal(supervisor::STATUS_NOT_EXECUTABLE, reason);
+    let mut config = base.clone();
+    config.entrypoint = request.argv.clone();
+    config.cmd.clear();
+    config.env.extend(request.env.clone());
+    if let Some(dir) = &request.workdir {
+        config.workdir = dir.clone();
+    }
+    config
+        .validate()
+        .map_err(|err| refuse(crate::one_line(&err)))?;
+    if let Some(spec) = &request.user {
+        config.user = Some(spec.clone());
+        // HOME is the new user's, unless the request sets it.
+        if !request.env.contains_key("HOME") {
+            config.env.remove("HOME");
+        }
+        let identity = user::resolve(&config, root).map_err(|err| refuse(crate::one_line(&err)))?;
+        user::apply(&mut config, identity);
+    }
+    Ok(config)
+}
+
+/// Starts the process, on the terminal's far end or on pipes, and enters
+/// it in the table before the reaper can see it end.
+fn spawn(
+    config: &RunConfig,
+    request: &ExecRequest,
+    terminal: Option<&Terminal>,
+) -> Result<(Child, libc::pid_t), Refusal> {
+    let mut command = supervisor::command(config);
+    let failed = |err: io::Error| {
+        Refusal(
+            supervisor::spawn_failure_status(&err),
+            format!("cannot start {}: {err}", config.entrypoint[0]),
+        )
+    };
+    match terminal {
+        Some(terminal) => {
+            command
+                .stdin(terminal.far_end().map_err(failed)?)
+                .stdout(terminal.far_end().map_err(failed)?)
+                .stderr(terminal.far_end().map_err(failed)?);
+            // SAFETY: runs in the child between fork and exec; setsid and
+            // ioctl are async-signal-safe and take no memory of ours.
+            unsafe { command.pre_exec(take_terminal) };
+        }
+        None => {
+            let stdin = if request.stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            };
+            command
+                .stdin(stdin)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+        }
+    }
+    let mut table = children();
+    let child = command.spawn().map_err(failed)?;
+    let pid = child.id() as libc::pid_t;
+    table.0.insert(pid, None);
+    Ok((child, pid))
+}
+
+/// In the child: a session of its own, with stdin (the terminal's far
+/// end) as its controlling terminal.
+fn take_terminal() -> io::Result<()> {
+    // SAFETY: setsid takes no arguments.
+    if unsafe { libc::setsid() } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: TIOCSCTTY takes an int argument (0: do not steal).
+    if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Copies `source` to the host as frames made by `frame`, until it ends
+/// (a terminal's near end reports EIO once the far end is closed).
+fn pump_out(
+    mut source: impl Read + Send + 'static,
+    writer: Arc<Mutex<UnixStream>>,
+    frame: fn(Vec<u8>) -> Frame,
+) -> JoinHandle<()> {
+    thread::spawn(move || {
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            match source.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    if frame(buf[..n].to_vec())
+                        .write_to(&mut *lock(&writer))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    })
+}
+
+/// Applies the host's frames: stdin to `input` (closed at
+/// [`Frame::StdinEnd`]), sizes to the terminal `resize`.
+fn pump_in(mut stream: UnixStream, mut input: Option<Box<dyn Write + Send>>, resize: Option<File>) {
+    while let Ok(Some(frame)) = Frame::read_from(&mut stream) {
+        match frame {
+            Frame::Stdin(bytes) => {
+                if let Some(sink) = &mut input
+                    && sink.write_all(&bytes).and_then(|()| sink.flush()).is_err()
+                {
+                    input = None;
+                }
+            }
+            Frame::StdinEnd => input = None,
+            Frame::Resize(size) => {
+                if let Some(terminal) = &resize {
+                    // A failed resize leaves the old size: nothing to stop for.
+                    let _ = set_size(terminal, size);
+                }
+            }
+            _ => return,
+        }
+    }
+}
+
+/// A pseudo-terminal: its near end (the master) stays here.
+struct Terminal {
+    near: File,
+}
+
+impl Terminal {
+    /// A new pseudo-terminal of `size`, from /dev/ptmx (no /dev/pts mount
+    /// needed: the far end is opened through TIOCGPTPEER).
+    fn open(size: WindowSize) -> Result<Terminal, Refusal> {
+        let refuse = |err: io::Error| {
+            Refusal(
+                supervisor::STATUS_NOT_EXECUTABLE,
+                format!("no pseudo-terminal for -t in the guest (/dev/ptmx): {err}"),
+            )
+        };
+        let near = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open("/dev/ptmx")
+            .map_err(refuse)?;
+        let unlock: libc::c_int = 0;
+        // SAFETY: TIOCSPTLCK reads one int, which lives across the call.
+        if unsafe { libc::ioctl(near.as_raw_fd(), libc::TIOCSPTLCK, &unlock) } < 0 {
+            return Err(refuse(io::Error::last_os_error()));
+        }
+        set_size(&near, size).map_err(refuse)?;
+        Ok(Terminal { near })
+    }
+
+    /// A new descriptor of the far end (the process's stdio).
+    fn far_end(&self) -> io::Result<OwnedFd> {
+        let flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
+        // SAFETY: TIOCGPTPEER takes the open flags as its argument.
+        let fd = unsafe { libc::ioctl(self.near.as_raw_fd(), libc::TIOCGPTPEER, flags) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// Another handle on the near end.
+    fn reader(&self) -> Result<File, Refusal> {
+        self.near.try_clone().map_err(|err| {
+            Refusal(
+                supervisor::STATUS_NOT_EXECUTABLE,
+                format!("pseudo-terminal: {err}"),
+            )
+        })
+    }
+}
+
+fn set_size(terminal: &File, size: WindowSize) -> io::Result<()> {
+    let winsize = libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize, which lives across the call.
+    if unsafe { libc::ioctl(terminal.as_raw_fd(), libc::TIOCSWINSZ, &winsize) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    /// Runs `request` through a session (over a socket pair) and returns
+    /// what the host gets back: stdout, stderr, the last frame. The test
+    /// reaps in the place of PID 1.
+    fn exec(request: ExecRequest, stdin: &[u8], root: &Path) -> (Vec<u8>, Vec<u8>, Frame) {
+        let (mut host, guest) = UnixStream::pair().unwrap();
+        let mut base = RunConfig::new(vec!["/bin/false".into()]);
+        base.env.insert("FROM_BASE".into(), "yes".into());
+        let root = root.to_path_buf();
+        let session = thread::spawn(move || session(guest, &base, &root));
+        // As PID 1's reaper does: with the table locked.
+        let reaper = thread::spawn(|| {
+            loop {
+                let mut table = children();
+                let mut raw = 0;
+                // SAFETY: `raw` is a valid out-pointer for the status.
+                let pid = unsafe { libc::waitpid(-1, &mut raw, libc::WNOHANG) };
+                if pid > 0 && table.reaped(pid, supervisor::status_of(raw)) {
+                    return;
+                }
+                drop(table);
+                thread::sleep(std::time::Duration::from_millis(5));
+            }
+        });
+        Frame::Request(request).write_to(&mut host).unwrap();
+        Frame::Stdin(stdin.to_vec()).write_to(&mut host).unwrap();
+        Frame::StdinEnd.write_to(&mut host).unwrap();
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let last = loop {
+            match Frame::read_from(&mut host).unwrap().unwrap() {
+                Frame::Stdout(bytes) => out.extend(bytes),
+                Frame::Stderr(bytes) => err.extend(bytes),
+                last => break last,
+            }
+        };
+        session.join().unwrap();
+        if matches!(last, Frame::Exit(_)) {
+            reaper.join().unwrap();
+        }
+        (out, err, last)
+    }
+
+    fn request(argv: &[&str]) -> ExecRequest {
+        ExecRequest {
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+            env: BTreeMap::from([("ADDED".into(), "1".into())]),
+            workdir: Some("/tmp".into()),
+            user: None,
+            tty: None,
+            stdin: true,
+        }
+    }
+
+    #[test]
+    fn stdio_environment_and_status_go_through_the_session() {
+        let script =
+            "read line; echo \"got $line in $(pwd) $FROM_BASE$ADDED\"; echo oops >&2; exit 5";
+        let (out, err, last) = exec(
+            request(&["/bin/sh", "-c", script]),
+            b"hello\n",
+            Path::new("/"),
+        );
+        assert_eq!(String::from_utf8(out).unwrap(), "got hello in /tmp yes1\n");
+        assert_eq!(err, b"oops\n");
+        assert_eq!(last, Frame::Exit(5));
+    }
+
+    #[test]
+    fn a_terminal_is_the_process_controlling_tty() {
+        let mut req = request(&["/bin/sh", "-c", "test -t 0 && stty size"]);
+        req.tty = Some(WindowSize {
+            rows: 33,
+            cols: 101,
+        });
+        let (out, _, last) = exec(req, b"", Path::new("/"));
+        assert_eq!(last, Frame::Exit(0), "{}", String::from_utf8_lossy(&out));
+        assert!(String::from_utf8_lossy(&out).contains("33 101"), "{out:?}");
+    }
+
+    #[test]
+    fn what_cannot_start_is_refused_with_the_shells_status() {
+        let (_, _, last) = exec(request(&["/no/such/program"]), b"", Path::new("/"));
+        assert!(
+            matches!(&last, Frame::Refused { status: 127, reason } if reason.contains("/no/such/program")),
+            "{last:?}"
+        );
+        let empty = tempfile::tempdir().unwrap();
+        let mut req = request(&["/bin/true"]);
+        req.user = Some("nobody-here".into());
+        let (_, _, last) = exec(req, b"", empty.path());
+        assert!(
+            matches!(&last, Frame::Refused { status: 126, reason } if reason.contains("nobody-here")),
+            "{last:?}"
+        );
+    }
+}
