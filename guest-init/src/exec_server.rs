@@ -425,23 +425,41 @@ mod tests {
         base.env.insert("FROM_BASE".into(), "yes".into());
         let root = root.to_path_buf();
         let session = thread::spawn(move || session(guest, &base, &root));
-        // As PID 1's reaper does: with the table locked.
-        let reaper = thread::spawn(|| {
-            loop {
-                let mut table = children();
-                let mut raw = 0;
-                // SAFETY: `raw` is a valid out-pointer for the status.
-                let pid = unsafe { libc::waitpid(-1, &mut raw, libc::WNOHANG) };
-                if pid > 0 && table.reaped(pid, supervisor::status_of(raw)) {
-                    return;
+        // As PID 1's reaper does, with the table locked, but only the
+        // table's own children: `waitpid(-1)` here would reap other tests'
+        // processes (and another test's reaper this one's).
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reaper = {
+            let done = done.clone();
+            thread::spawn(move || {
+                while !done.load(std::sync::atomic::Ordering::Acquire) {
+                    let mut table = children();
+                    let pending: Vec<_> = table
+                        .0
+                        .iter()
+                        .filter(|(_, s)| s.is_none())
+                        .map(|(&p, _)| p)
+                        .collect();
+                    for pid in pending {
+                        let mut raw = 0;
+                        // SAFETY: `raw` is a valid out-pointer for the status.
+                        if unsafe { libc::waitpid(pid, &mut raw, libc::WNOHANG) } == pid {
+                            table.reaped(pid, supervisor::status_of(raw));
+                        }
+                    }
+                    drop(table);
+                    thread::sleep(std::time::Duration::from_millis(5));
                 }
-                drop(table);
-                thread::sleep(std::time::Duration::from_millis(5));
-            }
-        });
+            })
+        };
         Frame::Request(request).write_to(&mut host).unwrap();
-        Frame::Stdin(stdin.to_vec()).write_to(&mut host).unwrap();
-        Frame::StdinEnd.write_to(&mut host).unwrap();
+        // A refused request's session may be gone before its stdin is.
+        let stdin_sent = Frame::Stdin(stdin.to_vec())
+            .write_to(&mut host)
+            .and_then(|()| Frame::StdinEnd.write_to(&mut host));
+        if let Err(err) = stdin_sent {
+            assert_eq!(err.kind(), io::ErrorKind::BrokenPipe, "{err}");
+        }
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let last = loop {
             match Frame::read_from(&mut host).unwrap().unwrap() {
@@ -451,9 +469,8 @@ mod tests {
             }
         };
         session.join().unwrap();
-        if matches!(last, Frame::Exit(_)) {
-            reaper.join().unwrap();
-        }
+        done.store(true, std::sync::atomic::Ordering::Release);
+        reaper.join().unwrap();
         (out, err, last)
     }
 
