@@ -24,8 +24,11 @@ use crate::volume::{BLOCK_SIZE, Piece, Volume, VolumeError};
 const BOUNCE_SIZE: usize = 128 * 1024;
 const _: () = assert!((BOUNCE_SIZE as u64).is_multiple_of(BLOCK_SIZE));
 
-/// Zeros that a read of an all-zero chunk copies into guest memory.
-static ZEROS: [u8; BLOCK_SIZE as usize] = [0; BLOCK_SIZE as usize];
+/// Zeros that a read of an all-zero chunk copies into guest memory: a
+/// default-sized chunk's worth, so a chunk takes one copy (it lives in
+/// .bss and costs the binary nothing).
+static ZEROS: [u8; ZEROS_LEN] = [0; ZEROS_LEN];
+const ZEROS_LEN: usize = kiln_image::DEFAULT_CHUNK_SIZE as usize;
 
 /// Why a request's data could not be moved; the device logs it and answers
 /// the request with VIRTIO_BLK_S_IOERR.
