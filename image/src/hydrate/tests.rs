@@ -215,3 +215,23 @@ fn a_cache_that_cannot_take_chunks_serves_them_from_memory() {
     cache.read_exact_at(100, &mut buf).unwrap();
     assert!(cache.take_fill_error().is_none(), "reported once");
 }
+
+#[test]
+fn a_sequential_miss_fills_ahead() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image, data) = image(dir.path());
+    let cache = open(&image, dir.path());
+    let chunk = u64::from(CHUNK);
+    let mut buf = vec![0; 4096];
+    // A first read, then one elsewhere: no readahead.
+    cache.read_exact_at(0, &mut buf).unwrap();
+    cache.read_exact_at(5 * chunk, &mut buf).unwrap();
+    assert_eq!(cache.hydrated_bytes(), 2 * chunk);
+    // Reading on from chunk 5 into chunk 6 fills chunks 6 to 9 (the
+    // image's end) with it.
+    cache.read_exact_at(5 * chunk + 4096, &mut buf).unwrap();
+    let mut buf = vec![0; chunk as usize];
+    cache.read_exact_at(5 * chunk + 8192, &mut buf).unwrap();
+    assert_eq!(buf, data[(5 * chunk + 8192) as usize..][..chunk as usize]);
+    assert_eq!(cache.hydrated_bytes(), 5 * chunk + 5000, "chunks 0, 5-9");
+}

@@ -24,8 +24,11 @@ use crate::volume::{BLOCK_SIZE, Piece, Volume, VolumeError};
 const BOUNCE_SIZE: usize = 128 * 1024;
 const _: () = assert!((BOUNCE_SIZE as u64).is_multiple_of(BLOCK_SIZE));
 
-/// Zeros that a read of an all-zero chunk copies into guest memory.
-static ZEROS: [u8; BLOCK_SIZE as usize] = [0; BLOCK_SIZE as usize];
+/// Zeros that a read of an all-zero chunk copies into guest memory: a
+/// default-sized chunk's worth, so a chunk takes one copy (it lives in
+/// .bss and costs the binary nothing).
+static ZEROS: [u8; ZEROS_LEN] = [0; ZEROS_LEN];
+const ZEROS_LEN: usize = kiln_image::DEFAULT_CHUNK_SIZE as usize;
 
 /// Why a request's data could not be moved; the device logs it and answers
 /// the request with VIRTIO_BLK_S_IOERR.
@@ -153,10 +156,7 @@ impl Backend {
             Backend::Volume { volume, .. } if to_guest => {
                 let mut guest = addr;
                 volume.read_with(offset, len as usize, &mut |piece| {
-                    let moved = piece_to_guest(mem, guest, piece).map_err(|err| match err {
-                        PieceError::Guest => guest_memory(),
-                        PieceError::File(transfer) => transfer,
-                    })?;
+                    let moved = piece_to_guest(mem, guest, piece, &guest_memory)?;
                     guest = guest.checked_add(moved as u64).ok_or_else(guest_memory)?;
                     Ok::<_, TransferError>(())
                 })
@@ -202,21 +202,15 @@ impl Backend {
     }
 }
 
-/// Why a piece of a volume read did not reach guest memory.
-enum PieceError {
-    /// The guest's buffer is not all in guest memory.
-    Guest,
-    /// The file holding the piece failed.
-    File(TransferError),
-}
-
 /// Moves one piece of a volume read into guest memory at `guest`, with
 /// pread straight into it for a file's bytes; returns the bytes moved.
+/// `guest_memory` is the error for a buffer outside guest memory.
 fn piece_to_guest(
     mem: &GuestMemoryMmap,
     guest: GuestAddress,
     piece: Piece<'_>,
-) -> Result<usize, PieceError> {
+    guest_memory: &dyn Fn() -> TransferError,
+) -> Result<usize, TransferError> {
     match piece {
         Piece::File {
             path,
@@ -226,23 +220,22 @@ fn piece_to_guest(
         } => {
             let mut disk = FileAt { file, offset };
             mem.read_exact_volatile_from(guest, &mut disk, len)
-                .map_err(|err| PieceError::File(file_error(path, err)))?;
+                .map_err(|err| file_error(path, err))?;
             Ok(len)
         }
         Piece::Zero { len } => {
             let mut done = 0;
             while done < len {
                 let n = (len - done).min(ZEROS.len());
-                let at = guest.checked_add(done as u64).ok_or(PieceError::Guest)?;
+                let at = guest.checked_add(done as u64).ok_or_else(guest_memory)?;
                 mem.write_slice(&ZEROS[..n], at)
-                    .map_err(|_| PieceError::Guest)?;
+                    .map_err(|_| guest_memory())?;
                 done += n;
             }
             Ok(len)
         }
         Piece::Bytes(bytes) => {
-            mem.write_slice(bytes, guest)
-                .map_err(|_| PieceError::Guest)?;
+            mem.write_slice(bytes, guest).map_err(|_| guest_memory())?;
             Ok(bytes.len())
         }
     }
@@ -333,21 +326,51 @@ mod tests {
     /// 640 KiB, five pieces' worth, each byte telling its offset apart.
     const DISK_BYTES: usize = 5 * BOUNCE_SIZE;
 
+    /// Where [`pattern`] holds a 64 KiB chunk of zeros.
+    const ZERO_CHUNK: usize = 4 * BOUNCE_SIZE;
+
     fn pattern(len: usize) -> Vec<u8> {
+        let zeros = ZERO_CHUNK..ZERO_CHUNK + 64 * 1024;
         (0..len)
-            .map(|i| (i % 251) as u8 ^ (i >> 12) as u8)
+            .map(|i| {
+                if zeros.contains(&i) {
+                    0
+                } else {
+                    (i % 251) as u8 ^ (i >> 12) as u8
+                }
+            })
             .collect()
     }
 
     #[test]
     fn a_volume_moves_long_buffers_through_a_bounded_buffer() {
+        moves_long_buffers(false);
+    }
+
+    #[test]
+    fn a_hydrated_volume_reads_straight_into_guest_memory() {
+        moves_long_buffers(true);
+    }
+
+    /// Writes and reads back a long buffer through a volume, whose chunks
+    /// are kept in a hydration cache when `hydrated`; then reads a run of
+    /// data, zeros, data from the image.
+    fn moves_long_buffers(hydrated: bool) {
         let dir = tempfile::tempdir().unwrap();
         let raw = dir.path().join("raw");
         std::fs::write(&raw, pattern(DISK_BYTES)).unwrap();
         let image = dir.path().join("image.kiln");
         kiln_image::write(&raw, &image, 64 * 1024).unwrap();
         let overlay = dir.path().join("root.overlay");
-        let mut backend = Backend::volume(Volume::create(&image, &overlay, 1 << 20).unwrap());
+        drop(Volume::create(&image, &overlay, 1 << 20).unwrap());
+        let volume = if hydrated {
+            let cache = dir.path().join("cache");
+            Volume::open_hydrated(&image, Some(&overlay), &cache, 1 << 20).unwrap()
+        } else {
+            Volume::open(&image, Some(&overlay), 1 << 20).unwrap()
+        };
+        assert_eq!(volume.hydrated().is_some(), hydrated);
+        let mut backend = Backend::volume(volume);
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
 
         // Neither end on a piece or block boundary, spanning three pieces.
@@ -376,6 +399,15 @@ mod tests {
         let end = offset as usize + len;
         expected.extend(&image_bytes[end..end + 512]);
         assert_eq!(read, expected);
+
+        let (around, around_len) = (ZERO_CHUNK as u64 - 4096, 64 * 1024 + 8192);
+        backend
+            .transfer(&mem, GuestAddress(0x6_0000), around, around_len, true)
+            .unwrap();
+        let mut read = vec![1u8; around_len as usize];
+        mem.read_slice(&mut read, GuestAddress(0x6_0000)).unwrap();
+        let around = around as usize;
+        assert_eq!(read, image_bytes[around..around + read.len()]);
 
         let Backend::Volume { bounce, .. } = &backend else {
             unreachable!("made as a volume")
