@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 
 use crate::config::RunConfig;
 use crate::function::{
-    Event, EventResult, EventStatus, FUNCTION_PORT, InitPhase, LOG_TAIL, Ping, Pong,
-    RUNTIME_API_ADDRESS, SessionReply, SessionRequest,
+    Event, EventResult, EventStatus, FUNCTION_PORT, InitPhase, LOG_TAIL, Ping, Pong, SessionReply,
+    SessionRequest,
 };
 use crate::function_mode::{
     REQUEST_MAX, ServeError, accept, become_clone, kill_group, listen, poll, pollfd,
@@ -120,9 +120,22 @@ struct Session {
 /// arrives; returns 128 + that signal. An error only if there is nothing
 /// to serve on.
 pub fn serve(config: &RunConfig, signals: &Signals) -> Result<u8, ServeError> {
-    let signals = signals.fd().map_err(ServeError::Signals)?;
     let listener = listen(FUNCTION_PORT).map_err(ServeError::Listen)?;
     let api = Server::bind().map_err(ServeError::RuntimeApi)?;
+    serve_on(config, signals, &listener, api)
+}
+
+/// [`serve`] with the host's sessions taken from `listener` (any
+/// non-blocking listening stream socket: tests use a unix one) and the
+/// Runtime API served by `api`.
+pub fn serve_on(
+    config: &RunConfig,
+    signals: &Signals,
+    listener: &OwnedFd,
+    api: Server,
+) -> Result<u8, ServeError> {
+    let signals = signals.fd().map_err(ServeError::Signals)?;
+    let address = api.local_addr().map_err(ServeError::RuntimeApi)?;
     let started = Instant::now();
     let mut env = Environment {
         api,
@@ -138,7 +151,7 @@ pub fn serve(config: &RunConfig, signals: &Signals) -> Result<u8, ServeError> {
         session: None,
         awaited: None,
     };
-    match start_runtime(config) {
+    match start_runtime(config, &address.to_string()) {
         Ok(runtime) => env.runtime = runtime,
         Err(err) => {
             let message = format!("cannot start {}: {err}", config.entrypoint[0]);
@@ -146,10 +159,10 @@ pub fn serve(config: &RunConfig, signals: &Signals) -> Result<u8, ServeError> {
         }
     }
     eprintln!(
-        "guest-init: function runtime served on {RUNTIME_API_ADDRESS}; ready on vsock port {FUNCTION_PORT}"
+        "guest-init: function runtime served on {address}; ready on vsock port {FUNCTION_PORT}"
     );
     loop {
-        if let Some(sig) = env.round(&signals, &listener) {
+        if let Some(sig) = env.round(&signals, listener) {
             kill_group(env.runtime.pid, sig);
             return Ok(128 + sig as u8);
         }
@@ -157,8 +170,8 @@ pub fn serve(config: &RunConfig, signals: &Signals) -> Result<u8, ServeError> {
 }
 
 /// The runtime: the entrypoint in its own process group, with
-/// `AWS_LAMBDA_RUNTIME_API`, stdout and stderr on one pipe.
-fn start_runtime(config: &RunConfig) -> io::Result<Runtime> {
+/// `AWS_LAMBDA_RUNTIME_API` set to `api`, stdout and stderr on one pipe.
+fn start_runtime(config: &RunConfig, api: &str) -> io::Result<Runtime> {
     let mut fds = [0; 2];
     // SAFETY: `fds` is a writable array of two descriptors.
     let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
@@ -173,7 +186,7 @@ fn start_runtime(config: &RunConfig) -> io::Result<Runtime> {
     unsafe { libc::fcntl(read.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
     let mut command = supervisor::command(config);
     command
-        .env("AWS_LAMBDA_RUNTIME_API", RUNTIME_API_ADDRESS)
+        .env("AWS_LAMBDA_RUNTIME_API", api)
         .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::from(write.try_clone()?))
@@ -429,7 +442,10 @@ impl Environment {
 
     /// Hands the pending event to a parked `invocation/next`.
     fn deliver(&mut self) {
-        let (Some(Parked::Next(conn)), Some(event)) = (self.parked, self.pending.take()) else {
+        let Some(Parked::Next(conn)) = self.parked else {
+            return;
+        };
+        let Some(event) = self.pending.take() else {
             return;
         };
         self.parked = None;

@@ -8,22 +8,37 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use kiln_bench::stats::Stats;
 use kiln_bench::timing::millis;
-use kiln_control::functions::{FunctionConfig, Functions, Invoked, is_loopback, listen_addresses};
+use kiln_control::functions::{
+    EventStatus, FunctionConfig, Functions, Invoked, Mode, Reply, is_loopback, listen_addresses,
+};
 
 use crate::assets::kiln_home;
 
 #[derive(clap::Subcommand)]
 pub enum Command {
-    /// Create a function: boot IMAGE once with guest-init waiting for
-    /// invocations, and keep a snapshot of it as the function's template.
+    /// Create a function: boot IMAGE once, let its Lambda runtime
+    /// initialize (or, with --mode command, guest-init wait for
+    /// invocations), and keep a snapshot of it as the function's template.
     Create {
         name: String,
         /// NAME:VERSION from the local store.
         #[arg(long)]
         image: String,
-        /// The program (and arguments) each invocation runs, the payload on its stdin.
-        #[arg(long)]
+        /// runtime-api: the image's entrypoint is a Lambda runtime, served
+        /// Lambda's Runtime API, initialized once and snapshot waiting for
+        /// its first event. command: --handler is a command run afresh for
+        /// each invocation, the payload on its stdin.
+        #[arg(long, value_enum, default_value_t = ModeArg::RuntimeApi)]
+        mode: ModeArg,
+        /// runtime-api: Lambda's handler setting (`_HANDLER`, e.g.
+        /// app.handler). command: the program (and arguments) each
+        /// invocation runs.
+        #[arg(long, default_value = "")]
         handler: String,
+        /// runtime-api: the runtime's command line instead of the image's
+        /// entrypoint.
+        #[arg(long, default_value = "")]
+        entrypoint: String,
         /// Guest memory in MiB.
         #[arg(long, default_value_t = 128)]
         memory: u32,
@@ -69,6 +84,15 @@ pub enum Command {
     },
 }
 
+/// `--mode`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum ModeArg {
+    /// A Lambda runtime, served the Runtime API, initialized once.
+    RuntimeApi,
+    /// A command per invocation.
+    Command,
+}
+
 pub fn run(command: Command) -> anyhow::Result<ExitCode> {
     let kiln = std::env::current_exe().context("cannot find the kiln binary")?;
     let functions = Functions::new(&kiln_home(), &kiln);
@@ -76,37 +100,65 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Create {
             name,
             image,
+            mode,
             handler,
+            entrypoint,
             memory,
             timeout,
             env,
         } => {
+            let mode = match mode {
+                ModeArg::RuntimeApi => Mode::RuntimeApi,
+                ModeArg::Command if handler.is_empty() => {
+                    anyhow::bail!("--mode command: expected --handler CMD, the command to run")
+                }
+                ModeArg::Command if !entrypoint.is_empty() => {
+                    anyhow::bail!("--entrypoint: only --mode runtime-api has a runtime to start")
+                }
+                ModeArg::Command => Mode::Command,
+            };
             let config = FunctionConfig {
                 name,
                 image,
+                mode,
                 handler,
+                entrypoint,
                 memory_mib: memory,
                 timeout_s: timeout,
                 env,
                 created_at: SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs()),
+                init_us: 0,
             };
-            functions.create(&config)?;
-            println!("function {} ready", config.name);
+            let made = functions.create(&config)?;
+            match made.mode {
+                Mode::RuntimeApi => println!(
+                    "function {} ready (init {:.1} ms)",
+                    made.name,
+                    made.init_us as f64 / 1000.0
+                ),
+                Mode::Command => println!("function {} ready", made.name),
+            }
         }
         Command::Ls => {
             println!(
-                "{:<20}  {:<20}  {:>7}  {:>7}  HANDLER",
-                "NAME", "IMAGE", "MEMORY", "TIMEOUT"
+                "{:<20}  {:<20}  {:<11}  {:>7}  {:>7}  {:>9}  HANDLER",
+                "NAME", "IMAGE", "MODE", "MEMORY", "TIMEOUT", "INIT"
             );
             for f in functions.list()? {
+                let (mode, init) = match f.mode {
+                    Mode::RuntimeApi => ("runtime-api", format!("{:.0}ms", f.init_us as f64 / 1e3)),
+                    Mode::Command => ("command", "-".to_string()),
+                };
                 println!(
-                    "{:<20}  {:<20}  {:>7}  {:>6}s  {}",
+                    "{:<20}  {:<20}  {:<11}  {:>7}  {:>6}s  {:>9}  {}",
                     f.name,
                     f.image,
+                    mode,
                     format!("{}M", f.memory_mib),
                     f.timeout_s,
+                    init,
                     f.handler
                 );
             }
@@ -155,21 +207,40 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
 
 fn invoke_once(functions: &Functions, name: &str, payload: &str) -> anyhow::Result<ExitCode> {
     // The response is printed as it arrives, before the clone's teardown.
-    let print = |outcome: &kiln_control::functions::Outcome| {
-        let mut out = std::io::stdout().lock();
-        let _ = out
-            .write_all(outcome.stdout.as_bytes())
-            .and_then(|()| out.flush());
-        eprint!("{}", outcome.stderr);
+    let Invoked { reply, .. } = functions.invoke_then(name, payload, print_reply)?;
+    match reply {
+        Reply::Command(outcome) => {
+            if let Some(error) = &outcome.error {
+                anyhow::bail!("function {name}: {error}");
+            }
+            if outcome.timed_out {
+                eprintln!("kiln: function {name}: timed out");
+            }
+            Ok(ExitCode::from(u8::try_from(outcome.status).unwrap_or(1)))
+        }
+        Reply::Runtime(result) if result.status == EventStatus::Response => Ok(ExitCode::SUCCESS),
+        Reply::Runtime(result) => {
+            let kind = result.error_type.as_deref().unwrap_or("Unhandled");
+            eprintln!("kiln: function {name}: {kind} ({:?})", result.status);
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// A command's stdout (its stderr on stderr); a runtime's response or
+/// error JSON (its log on stderr).
+fn print_reply(reply: &Reply) {
+    let (body, log) = match reply {
+        Reply::Command(outcome) => (&outcome.stdout, &outcome.stderr),
+        Reply::Runtime(result) => (&result.body, &result.log),
     };
-    let Invoked { outcome, .. } = functions.invoke_then(name, payload, print)?;
-    if let Some(error) = &outcome.error {
-        anyhow::bail!("function {name}: {error}");
+    eprint!("{log}");
+    let mut out = std::io::stdout().lock();
+    let mut text = body.clone();
+    if matches!(reply, Reply::Runtime(_)) && !text.ends_with('\n') {
+        text.push('\n');
     }
-    if outcome.timed_out {
-        eprintln!("kiln: function {name}: timed out");
-    }
-    Ok(ExitCode::from(u8::try_from(outcome.status).unwrap_or(1)))
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
 /// `count` invocations, `concurrency` at a time; prints latency percentiles.
@@ -190,17 +261,18 @@ fn invoke_many(
     let mut failed = 0;
     for result in &results {
         match result {
-            Ok(invoked) if invoked.outcome.status == 0 && invoked.outcome.error.is_none() => {
-                latencies.push(invoked.latency);
-            }
+            Ok(invoked) if invoked.reply.succeeded() => latencies.push(invoked.latency),
             Ok(invoked) => {
                 failed += 1;
-                eprintln!(
-                    "kiln: {}: status {} {}",
-                    invoked.instance_id,
-                    invoked.outcome.status,
-                    invoked.outcome.error.as_deref().unwrap_or("")
-                );
+                let why = match &invoked.reply {
+                    Reply::Command(outcome) => format!(
+                        "status {} {}",
+                        outcome.status,
+                        outcome.error.as_deref().unwrap_or("")
+                    ),
+                    Reply::Runtime(result) => format!("{:?} {}", result.status, result.body),
+                };
+                eprintln!("kiln: {}: {why}", invoked.instance_id);
             }
             Err(err) => {
                 failed += 1;

@@ -214,6 +214,8 @@ pub fn guest(runs: usize) -> Result<()> {
             FUNCTION,
             "--image",
             IMAGE,
+            "--mode",
+            "command",
             "--handler",
             HANDLER,
         ])
