@@ -3,11 +3,13 @@
 use std::io::Write;
 use std::net::TcpListener;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use kiln_bench::stats::Stats;
 use kiln_bench::timing::millis;
+use kiln_control::functions::serve::ServeOptions;
 use kiln_control::functions::{
     EventStatus, FunctionConfig, Functions, Invoked, Mode, Reply, is_loopback, listen_addresses,
 };
@@ -66,8 +68,11 @@ pub enum Command {
         #[arg(long, default_value_t = 1)]
         concurrency: usize,
     },
-    /// Serve a function URL: each HTTP request body is a payload, the
-    /// response the handler's stdout.
+    /// Serve a function: Lambda's Invoke API for a runtime-api function
+    /// (boto3, the AWS CLI: point their endpoint URL here), with warm
+    /// environments; a function URL for a command one (each HTTP request
+    /// body is a payload, the response the handler's stdout). Ends on
+    /// SIGINT or SIGTERM, terminating every environment.
     Serve {
         name: String,
         /// Where to listen (HOST:PORT). The URL has no authentication, so
@@ -81,6 +86,14 @@ pub enum Command {
         /// Stop after this many requests (default: serve forever).
         #[arg(long)]
         max_requests: Option<usize>,
+        /// runtime-api: the most environments (clones) at once; more
+        /// concurrent events wait for one to come free.
+        #[arg(long, default_value_t = 4)]
+        max_concurrency: usize,
+        /// runtime-api: seconds an idle environment stays warm (its
+        /// runtime waiting for the next event) before it is terminated.
+        #[arg(long, default_value_t = 300)]
+        keep_warm: u64,
     },
 }
 
@@ -143,22 +156,30 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Ls => {
             println!(
-                "{:<20}  {:<20}  {:<11}  {:>7}  {:>7}  {:>9}  HANDLER",
-                "NAME", "IMAGE", "MODE", "MEMORY", "TIMEOUT", "INIT"
+                "{:<20}  {:<20}  {:<11}  {:>7}  {:>7}  {:>9}  {:>4}  {:>4}  HANDLER",
+                "NAME", "IMAGE", "MODE", "MEMORY", "TIMEOUT", "INIT", "WARM", "BUSY"
             );
             for f in functions.list()? {
                 let (mode, init) = match f.mode {
                     Mode::RuntimeApi => ("runtime-api", format!("{:.0}ms", f.init_us as f64 / 1e3)),
                     Mode::Command => ("command", "-".to_string()),
                 };
+                // Environments exist only while a serve runs.
+                let (warm, busy) = functions
+                    .served_status(&f.name)
+                    .map_or(("-".into(), "-".into()), |s| {
+                        (s.warm.to_string(), s.busy.to_string())
+                    });
                 println!(
-                    "{:<20}  {:<20}  {:<11}  {:>7}  {:>6}s  {:>9}  {}",
+                    "{:<20}  {:<20}  {:<11}  {:>7}  {:>6}s  {:>9}  {:>4}  {:>4}  {}",
                     f.name,
                     f.image,
                     mode,
                     format!("{}M", f.memory_mib),
                     f.timeout_s,
                     init,
+                    warm,
+                    busy,
                     f.handler
                 );
             }
@@ -186,7 +207,12 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
             listen,
             allow_remote,
             max_requests,
+            max_concurrency,
+            keep_warm,
         } => {
+            if max_concurrency == 0 {
+                anyhow::bail!("--max-concurrency 0: expected at least 1");
+            }
             let addresses = listen_addresses(&listen, allow_remote)?;
             let listener =
                 TcpListener::bind(&addresses[..]).with_context(|| format!("--listen {listen}"))?;
@@ -198,31 +224,92 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
                     "kiln: warning: http://{bound}/ has no authentication: anyone who can reach this host there can invoke function {name}"
                 );
             }
-            eprintln!("kiln: serving function {name} on http://{bound}/");
-            functions.serve(&name, &listener, max_requests)?;
+            if functions.get(&name)?.mode == Mode::Command {
+                eprintln!("kiln: serving function {name} on http://{bound}/");
+                functions.serve(&name, &listener, max_requests)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let options = ServeOptions {
+                max_concurrency,
+                keep_warm: Duration::from_secs(keep_warm),
+                max_requests,
+            };
+            let stop = stop_on_signals()?;
+            eprintln!(
+                "kiln: serving function {name}: Lambda's Invoke API on http://{bound}/ \
+                 (up to {max_concurrency} environments, warm for {keep_warm} s)"
+            );
+            functions.serve_runtime(&name, &listener, options, stop)?;
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// A flag set once SIGINT, SIGTERM or SIGHUP arrives: they are blocked
+/// (in this thread and so in every thread it starts) and taken by a
+/// thread of their own, so the serve can end cleanly and terminate its
+/// environments.
+fn stop_on_signals() -> anyhow::Result<&'static AtomicBool> {
+    static STOP: AtomicBool = AtomicBool::new(false);
+    // SAFETY: sigset_t is plain data; sigemptyset below initializes it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid, writable sigset_t.
+    unsafe { libc::sigemptyset(&mut set) };
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: `set` is an initialized sigset_t; `sig` is a valid signal.
+        unsafe { libc::sigaddset(&mut set, sig) };
+    }
+    // SAFETY: `set` is initialized; the old mask is not asked for.
+    let blocked = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if blocked != 0 {
+        anyhow::bail!(
+            "cannot block SIGINT and SIGTERM: {}",
+            std::io::Error::from_raw_os_error(blocked)
+        );
+    }
+    std::thread::spawn(move || {
+        let mut sig = 0;
+        // SAFETY: `set` and `sig` are valid for the call; the signals in
+        // `set` are blocked in every thread, so sigwait takes them.
+        unsafe { libc::sigwait(&set, &mut sig) };
+        eprintln!("kiln: signal {sig}: stopping, terminating the environments");
+        STOP.store(true, Ordering::SeqCst);
+    });
+    Ok(&STOP)
+}
+
 fn invoke_once(functions: &Functions, name: &str, payload: &str) -> anyhow::Result<ExitCode> {
+    if let Some(served) = functions.invoke_served(name, payload) {
+        let result =
+            served.with_context(|| format!("function {name}: through its kiln fn serve"))?;
+        let reply = Reply::Runtime(result);
+        print_reply(&reply);
+        return Ok(exit_code(name, reply));
+    }
     // The response is printed as it arrives, before the clone's teardown.
     let Invoked { reply, .. } = functions.invoke_then(name, payload, print_reply)?;
+    Ok(exit_code(name, reply))
+}
+
+/// The status `kiln fn invoke` exits with: a command's own, or 0 for a
+/// runtime's response and 1 for its error.
+fn exit_code(name: &str, reply: Reply) -> ExitCode {
     match reply {
         Reply::Command(outcome) => {
             if let Some(error) = &outcome.error {
-                anyhow::bail!("function {name}: {error}");
+                eprintln!("kiln: function {name}: {error}");
+                return ExitCode::FAILURE;
             }
             if outcome.timed_out {
                 eprintln!("kiln: function {name}: timed out");
             }
-            Ok(ExitCode::from(u8::try_from(outcome.status).unwrap_or(1)))
+            ExitCode::from(u8::try_from(outcome.status).unwrap_or(1))
         }
-        Reply::Runtime(result) if result.status == EventStatus::Response => Ok(ExitCode::SUCCESS),
+        Reply::Runtime(result) if result.status == EventStatus::Response => ExitCode::SUCCESS,
         Reply::Runtime(result) => {
             let kind = result.error_type.as_deref().unwrap_or("Unhandled");
             eprintln!("kiln: function {name}: {kind} ({:?})", result.status);
-            Ok(ExitCode::FAILURE)
+            ExitCode::FAILURE
         }
     }
 }

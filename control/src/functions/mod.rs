@@ -21,7 +21,10 @@
 //! runtime's init is done and it waits for its first event; a clone is
 //! reseeded and released from `restore/next`, and its runtime, already
 //! initialized, takes the event ([`runtime::Environment`]).
+pub mod invoke_api;
+pub mod pool;
 pub mod runtime;
+pub mod serve;
 pub mod vsock;
 
 use std::fs;
@@ -186,6 +189,13 @@ pub enum FunctionError {
         /// The reply, as debug text.
         reply: String,
     },
+    /// `kiln fn serve` of a `command` function with pool options, or
+    /// another use of a runtime's environments on one.
+    #[error("function {0:?} runs in command mode: it has no runtime to keep warm")]
+    NotRuntimeApi(String),
+    /// A serve of the function runs already.
+    #[error("{}: a kiln fn serve of this function is running", .0.display())]
+    AlreadyServed(PathBuf),
     /// The template VM's guest-init never answered a ping: the image may
     /// not have guest-init, or its guest did not boot.
     #[error(
@@ -535,19 +545,17 @@ impl Functions {
     ) -> Result<Invoked, FunctionError> {
         let config = self.get(name)?;
         let started = Instant::now();
-        let template = self.dir(name).join(TEMPLATE_DIR);
-        // Templates have no NIC (see `create`): nothing to isolate.
-        let clone = lifecycle::restore(
-            &self.registry,
-            &template,
-            None,
-            false,
-            &self.kiln,
-            INSTANCE_TIMEOUT,
-        )?;
-        let reply = match config.mode {
-            Mode::Command => call(&clone, &config, payload).map(Reply::Command),
-            Mode::RuntimeApi => call_runtime(&clone, &config, payload).map(Reply::Runtime),
+        let (clone, reply) = match config.mode {
+            Mode::Command => {
+                let clone = self.restore_template(name)?;
+                let reply = call(&clone, &config, payload).map(Reply::Command);
+                (clone, reply)
+            }
+            Mode::RuntimeApi => {
+                let (clone, mut session) = self.restore_clone(name)?;
+                let reply = session.invoke(&config, payload).map(Reply::Runtime);
+                (clone, reply)
+            }
         };
         let latency = started.elapsed();
         if let Ok(reply) = &reply {
@@ -561,6 +569,40 @@ impl Functions {
             latency,
             instance_id,
         })
+    }
+}
+
+impl Functions {
+    /// A new clone of `name`'s template.
+    fn restore_template(&self, name: &str) -> Result<Instance, FunctionError> {
+        let template = self.dir(name).join(TEMPLATE_DIR);
+        // Templates have no NIC (see `create`): nothing to isolate.
+        Ok(lifecycle::restore(
+            &self.registry,
+            &template,
+            None,
+            false,
+            &self.kiln,
+            INSTANCE_TIMEOUT,
+        )?)
+    }
+
+    /// A new clone of `name`'s template (a `runtime-api` function), made a
+    /// machine of its own and its runtime released from `restore/next`;
+    /// terminated again if that fails.
+    pub fn restore_clone(&self, name: &str) -> Result<(Instance, runtime::Session), FunctionError> {
+        let clone = self.restore_template(name)?;
+        let session = runtime::Session::connect(&clone).and_then(|mut session| {
+            session.restore()?;
+            Ok(session)
+        });
+        match session {
+            Ok(session) => Ok((clone, session)),
+            Err(err) => {
+                lifecycle::terminate(clone, INSTANCE_TIMEOUT)?.forget()?;
+                Err(err)
+            }
+        }
     }
 }
 
@@ -718,18 +760,6 @@ pub fn ping(mut stream: std::os::unix::net::UnixStream) -> io::Result<()> {
 /// Waits until the runtime in the template VM `instance` has initialized.
 fn wait_init(instance: &Instance, name: &str) -> Result<runtime::Initialized, FunctionError> {
     runtime::Session::connect(instance)?.wait_init(name, READY_TIMEOUT)
-}
-
-/// Releases the runtime in the fresh clone `instance` from its restore
-/// and hands it one event.
-fn call_runtime(
-    instance: &Instance,
-    config: &FunctionConfig,
-    payload: &str,
-) -> Result<EventResult, FunctionError> {
-    let mut session = runtime::Session::connect(instance)?;
-    session.restore()?;
-    session.invoke(config, payload)
 }
 
 /// Sends one invocation to the function in `instance` and reads its outcome.
