@@ -43,10 +43,20 @@ pub struct PoolStatus {
 pub trait Backend: Sync {
     /// The function served.
     fn name(&self) -> &str;
-    /// Runs one event with `payload` and waits for its end.
-    fn invoke(&self, payload: &str) -> Result<EventResult, super::FunctionError>;
+    /// Runs one event and waits for its end.
+    fn invoke(&self, input: &Input) -> Result<EventResult, super::FunctionError>;
     /// The environments now.
     fn status(&self) -> PoolStatus;
+}
+
+/// What an invocation hands the runtime.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Input {
+    /// The event.
+    pub payload: String,
+    /// The client context (JSON; `X-Amz-Client-Context` decoded from
+    /// base64), passed on as `Lambda-Runtime-Client-Context`.
+    pub client_context: Option<String>,
 }
 
 /// One HTTP request.
@@ -165,17 +175,29 @@ fn error(status: u16, error_type: &str, kind: &str, message: &str) -> Vec<u8> {
 }
 
 /// The function a path names (its name, or its ARN, percent-encoded or
-/// not), and its query string.
-fn function_of(path: &str) -> Option<String> {
-    let path = path.split('?').next().unwrap_or_default();
+/// not), with the qualifier it asks for (in the ARN or `?Qualifier=`).
+fn function_of(path: &str) -> Option<(String, Option<String>)> {
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
     let name = path.strip_prefix(PATH_PREFIX)?.strip_suffix(PATH_SUFFIX)?;
     let name = percent_decode(name)?;
+    let from_query = match query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("Qualifier="))
+    {
+        Some(encoded) => Some(percent_decode(encoded)?),
+        None => None,
+    };
     // arn:aws:lambda:REGION:ACCOUNT:function:NAME[:QUALIFIER]
-    match name.split(':').collect::<Vec<_>>().as_slice() {
-        [name] => Some(name.to_string()),
-        ["arn", _, "lambda", _, _, "function", name, ..] => Some(name.to_string()),
-        _ => None,
-    }
+    let (name, qualifier) = match name.split(':').collect::<Vec<_>>().as_slice() {
+        [name] => (name.to_string(), None),
+        [name, qualifier] => (name.to_string(), Some(qualifier.to_string())),
+        ["arn", _, "lambda", _, _, "function", name] => (name.to_string(), None),
+        ["arn", _, "lambda", _, _, "function", name, qualifier] => {
+            (name.to_string(), Some(qualifier.to_string()))
+        }
+        _ => return None,
+    };
+    Some((name, qualifier.or(from_query)))
 }
 
 /// `%XX` decoded; `None` for a broken escape or bytes that are not UTF-8.
@@ -250,8 +272,8 @@ pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
 pub struct Answer {
     /// The whole HTTP response.
     pub bytes: Vec<u8>,
-    /// An asynchronous invocation's payload.
-    pub run_after: Option<String>,
+    /// An asynchronous invocation's input.
+    pub run_after: Option<Input>,
 }
 
 impl From<Vec<u8>> for Answer {
@@ -269,7 +291,7 @@ pub fn answer(backend: &dyn Backend, request: Request) -> Answer {
         let status = serde_json::to_vec(&backend.status()).expect("a status serializes");
         return response(200, &[("Content-Type", "application/json".into())], &status).into();
     }
-    let Some(name) = function_of(&request.path) else {
+    let Some((name, qualifier)) = function_of(&request.path) else {
         let message = format!("no such path: {} {}", request.method, request.path);
         return error(404, "UnknownOperationException", "User", &message).into();
     };
@@ -277,25 +299,29 @@ pub fn answer(backend: &dyn Backend, request: Request) -> Answer {
         let message = format!("{} {}: expected POST", request.method, request.path);
         return error(405, "InvalidRequestException", "User", &message).into();
     }
-    if name != backend.name() {
-        let message = format!("Function not found: {}", function_arn(&name));
+    // Kiln keeps one version of a function: $LATEST.
+    if name != backend.name() || qualifier.as_deref().is_some_and(|q| q != "$LATEST") {
+        let arn = function_arn(&name);
+        let message = match qualifier {
+            Some(qualifier) => format!("Function not found: {arn}:{qualifier}"),
+            None => format!("Function not found: {arn}"),
+        };
         return error(404, "ResourceNotFoundException", "User", &message).into();
     }
-    let payload = match String::from_utf8(request.body) {
-        Ok(payload) => payload,
-        Err(_) => {
-            let message = "Could not parse request body into json: the payload is not UTF-8";
+    let input = match input_of(&request) {
+        Ok(input) => input,
+        Err(message) => {
             return error(400, "InvalidRequestContentException", "User", message).into();
         }
     };
     let header = |name: &str| request.headers.get(name).map(String::as_str);
     match header("x-amz-invocation-type").unwrap_or("RequestResponse") {
         "RequestResponse" => {
-            invoked(backend, &payload, header("x-amz-log-type") == Some("Tail")).into()
+            invoked(backend, &input, header("x-amz-log-type") == Some("Tail")).into()
         }
         "Event" => Answer {
             bytes: response(202, &[version()], b""),
-            run_after: Some(payload),
+            run_after: Some(input),
         },
         "DryRun" => response(204, &[version()], b"").into(),
         other => {
@@ -307,13 +333,31 @@ pub fn answer(backend: &dyn Backend, request: Request) -> Answer {
     }
 }
 
+/// The payload (UTF-8) and the client context (base64 of UTF-8).
+fn input_of(request: &Request) -> Result<Input, &'static str> {
+    let payload = String::from_utf8(request.body.clone())
+        .map_err(|_| "Could not parse request body into json: the payload is not UTF-8")?;
+    let client_context = match request.headers.get("x-amz-client-context") {
+        None => None,
+        Some(encoded) => Some(
+            base64_decode(encoded)
+                .and_then(|bytes| String::from_utf8(bytes).ok())
+                .ok_or("X-Amz-Client-Context: expected the base64 of a JSON object")?,
+        ),
+    };
+    Ok(Input {
+        payload,
+        client_context,
+    })
+}
+
 fn version() -> (&'static str, String) {
     ("X-Amz-Executed-Version", "$LATEST".into())
 }
 
 /// A synchronous invocation's answer.
-fn invoked(backend: &dyn Backend, payload: &str, tail: bool) -> Vec<u8> {
-    let result = match backend.invoke(payload) {
+fn invoked(backend: &dyn Backend, input: &Input, tail: bool) -> Vec<u8> {
+    let result = match backend.invoke(input) {
         Ok(result) => result,
         Err(err) => {
             let message = one_line(&err);
@@ -337,11 +381,11 @@ fn invoked(backend: &dyn Backend, payload: &str, tail: bool) -> Vec<u8> {
 }
 
 /// Reads one request from `stream`, answers it and returns the `Event`
-/// payload to run after, if any. A request that cannot be read gets a 400.
+/// input to run after, if any. A request that cannot be read gets a 400.
 pub fn serve_connection(
     backend: &dyn Backend,
     stream: &mut (impl Read + Write),
-) -> io::Result<Option<String>> {
+) -> io::Result<Option<Input>> {
     let answer = match read_request(stream) {
         Ok(request) => answer(backend, request),
         Err(err) if err.kind() == io::ErrorKind::InvalidData => {
@@ -393,22 +437,29 @@ mod tests {
     #[test]
     fn functions_are_named_by_name_or_arn() {
         let path = |name: &str| format!("{PATH_PREFIX}{name}{PATH_SUFFIX}");
-        assert_eq!(function_of(&path("echo")).as_deref(), Some("echo"));
+        let named = |name: &str, qualifier: Option<&str>| {
+            Some((name.to_string(), qualifier.map(str::to_string)))
+        };
+        assert_eq!(function_of(&path("echo")), named("echo", None));
         let arn = "arn%3Aaws%3Alambda%3Aus-east-1%3A000000000000%3Afunction%3Aecho";
-        assert_eq!(function_of(&path(arn)).as_deref(), Some("echo"));
+        assert_eq!(function_of(&path(arn)), named("echo", None));
         let qualified = "arn:aws:lambda:us-east-1:1:function:echo:$LATEST";
-        assert_eq!(function_of(&path(qualified)).as_deref(), Some("echo"));
         assert_eq!(
-            function_of(&format!("{}?Qualifier=1", path("echo"))).as_deref(),
-            Some("echo")
+            function_of(&path(qualified)),
+            named("echo", Some("$LATEST"))
         );
+        assert_eq!(
+            function_of(&format!("{}?Qualifier=%24LATEST", path("echo"))),
+            named("echo", Some("$LATEST"))
+        );
+        assert_eq!(function_of(&path("echo:7")), named("echo", Some("7")));
         assert_eq!(function_of(&path("bad%zz")), None);
         assert_eq!(function_of("/2015-03-31/functions/echo"), None);
     }
 
     /// Answers `{"fail":…}` with an error, anything else with itself.
     struct Fake {
-        seen: Mutex<Vec<String>>,
+        seen: Mutex<Vec<Input>>,
     }
 
     impl Backend for Fake {
@@ -416,8 +467,9 @@ mod tests {
             "echo"
         }
 
-        fn invoke(&self, payload: &str) -> Result<EventResult, FunctionError> {
-            self.seen.lock().unwrap().push(payload.to_string());
+        fn invoke(&self, input: &Input) -> Result<EventResult, FunctionError> {
+            let payload = input.payload.as_str();
+            self.seen.lock().unwrap().push(input.clone());
             let failed = payload.contains("fail");
             Ok(EventResult {
                 request_id: "r-1".into(),
@@ -442,7 +494,7 @@ mod tests {
         }
     }
 
-    fn ask(fake: &Fake, request: &str) -> (String, Option<String>) {
+    fn ask(fake: &Fake, request: &str) -> (String, Option<Input>) {
         let mut stream = Duplex(io::Cursor::new(request.as_bytes().to_vec()), Vec::new());
         let after = serve_connection(fake, &mut stream).unwrap();
         (String::from_utf8(stream.1).unwrap(), after)
@@ -505,7 +557,10 @@ mod tests {
             &post("echo", "X-Amz-Invocation-Type: Event\r\n", "{\"e\":1}"),
         );
         assert!(event.starts_with("HTTP/1.1 202 Accepted\r\n"), "{event}");
-        assert_eq!(after.as_deref(), Some("{\"e\":1}"));
+        assert_eq!(
+            after.map(|input| input.payload).as_deref(),
+            Some("{\"e\":1}")
+        );
         let (dry, after) = ask(
             &fake,
             &post("echo", "X-Amz-Invocation-Type: DryRun\r\n", "{}"),
@@ -517,6 +572,24 @@ mod tests {
             &post("echo", "X-Amz-Invocation-Type: Sometimes\r\n", "{}"),
         );
         assert!(bad.contains("InvalidParameterValueException"), "{bad}");
+
+        let context = base64(br#"{"custom":{"a":1}}"#);
+        let header = format!("X-Amz-Client-Context: {context}\r\n");
+        ask(&fake, &post("echo", &header, "{}"));
+        let seen = fake.seen.lock().unwrap().pop().unwrap();
+        assert_eq!(
+            seen.client_context.as_deref(),
+            Some(r#"{"custom":{"a":1}}"#)
+        );
+        let (bad, _) = ask(&fake, &post("echo", "X-Amz-Client-Context: !!\r\n", "{}"));
+        assert!(bad.contains("InvalidRequestContentException"), "{bad}");
+        let (version, _) = ask(&fake, &post("echo:7", "", "{}"));
+        assert!(
+            version.contains(
+                "Function not found: arn:aws:lambda:us-east-1:000000000000:function:echo:7"
+            ),
+            "{version}"
+        );
 
         let (missing, _) = ask(&fake, &post("nope", "", "{}"));
         assert!(

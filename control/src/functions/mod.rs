@@ -553,7 +553,11 @@ impl Functions {
             }
             Mode::RuntimeApi => {
                 let (clone, mut session) = self.restore_clone(name)?;
-                let reply = session.invoke(&config, payload).map(Reply::Runtime);
+                let input = invoke_api::Input {
+                    payload: payload.to_string(),
+                    client_context: None,
+                };
+                let reply = session.invoke(&config, &input).map(Reply::Runtime);
                 (clone, reply)
             }
         };

@@ -13,7 +13,7 @@ use guest_init::function::{EventResult, EventStatus};
 use kiln_vmm::devices::lock;
 use kiln_vmm::report::one_line;
 
-use super::invoke_api::{Backend, PoolStatus};
+use super::invoke_api::{Backend, Input, PoolStatus};
 use super::runtime::Session;
 use super::{FunctionConfig, FunctionError, Functions, INSTANCE_TIMEOUT};
 use crate::instance::Instance;
@@ -140,9 +140,9 @@ impl Backend for Pool<'_> {
         &self.config.name
     }
 
-    fn invoke(&self, payload: &str) -> Result<EventResult, FunctionError> {
+    fn invoke(&self, input: &Input) -> Result<EventResult, FunctionError> {
         let mut warm = self.acquire()?;
-        let result = warm.session.invoke(&self.config, payload);
+        let result = warm.session.invoke(&self.config, input);
         let reusable = result
             .as_ref()
             .is_ok_and(|r| !matches!(r.status, EventStatus::Timeout | EventStatus::Exited));

@@ -11,6 +11,7 @@ use guest_init::function::{
     Event, EventResult, FUNCTION_PORT, InitPhase, SessionReply, SessionRequest,
 };
 
+use super::invoke_api::Input;
 use super::{
     ANSWER_SLACK, CONNECT_TIMEOUT, FunctionConfig, FunctionError, random_seed, read_line, vsock,
     write_line,
@@ -120,22 +121,22 @@ impl Session {
         }
     }
 
-    /// Hands the runtime one event with `payload` and waits for its end.
+    /// Hands the runtime one event and waits for its end.
     pub fn invoke(
         &mut self,
         config: &FunctionConfig,
-        payload: &str,
+        input: &Input,
     ) -> Result<EventResult, FunctionError> {
         let event = Event {
             request_id: request_id().map_err(|source| FunctionError::Invoke {
                 id: self.id().to_string(),
                 source,
             })?,
-            payload: payload.to_string(),
+            payload: input.payload.clone(),
             timeout_ms: config.timeout_s * 1000,
             function_arn: function_arn(&config.name),
             trace_id: trace_id(),
-            client_context: None,
+            client_context: input.client_context.clone(),
             cognito_identity: None,
         };
         let wait = Duration::from_secs(config.timeout_s) + ANSWER_SLACK;

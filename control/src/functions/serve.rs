@@ -142,9 +142,9 @@ fn connection<S: Read + Write + Timeouts>(pool: &Pool, mut stream: S) {
         return log::warn!("fn serve: {}", one_line(&err));
     }
     match invoke_api::serve_connection(pool, &mut stream) {
-        Ok(Some(payload)) => {
+        Ok(Some(input)) => {
             drop(stream);
-            if let Err(err) = pool.invoke(&payload) {
+            if let Err(err) = pool.invoke(&input) {
                 log::warn!("fn serve: an Event invocation: {}", one_line(&err));
             }
         }
