@@ -242,6 +242,8 @@ struct Conn {
     dropping: Option<(usize, Route)>,
     /// Close once `output` is written (the stream cannot be trusted).
     closing: bool,
+    /// The request being read was told `100 Continue` already.
+    continued: bool,
     eof: bool,
 }
 
@@ -351,6 +353,7 @@ impl Server {
                             waiting: false,
                             dropping: None,
                             closing: false,
+                            continued: false,
                             eof: false,
                         },
                     );
@@ -462,8 +465,19 @@ impl Conn {
             return self.next_call(id);
         }
         if self.input.len() < head.len + head.body_len {
+            // curl asks before sending a large body, and waits a second
+            // for the go-ahead otherwise.
+            if !self.continued
+                && head.headers.get("expect").map(String::as_str) == Some("100-continue")
+            {
+                self.continued = true;
+                self.output
+                    .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+                self.flush();
+            }
             return None;
         }
+        self.continued = false;
         let body = self.input[head.len..head.len + head.body_len].to_vec();
         self.input.drain(..head.len + head.body_len);
         match routed {
@@ -639,6 +653,17 @@ mod tests {
             writer.write_all(&vec![b'x'; big]).unwrap();
             let (status, _) = read_answer(&mut reader);
             assert!(status.starts_with("HTTP/1.1 413"), "{status}");
+            // A body announced with Expect is asked for.
+            writer
+                .write_all(b"POST /2018-06-01/runtime/invocation/r1/error HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+                .unwrap();
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            assert_eq!(line, "HTTP/1.1 100 Continue\r\n");
+            reader.read_line(&mut line).unwrap();
+            writer.write_all(b"{}").unwrap();
+            let (status, _) = read_answer(&mut reader);
+            assert!(status.starts_with("HTTP/1.1 202"), "{status}");
             // Still in step after the dropped body.
             writer
                 .write_all(
@@ -659,7 +684,7 @@ mod tests {
                 };
                 server.reply(call.conn, answer);
             }
-            seen.len() == 3
+            seen.len() == 4
         });
         client.join().unwrap();
         assert_eq!(
@@ -667,6 +692,7 @@ mod tests {
             [
                 Route::Next,
                 Route::TooLarge(Some("r1".into())),
+                Route::Error("r1".into()),
                 Route::InitError
             ]
         );
