@@ -245,37 +245,33 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A flag set once SIGINT, SIGTERM or SIGHUP arrives: they are blocked
-/// (in this thread and so in every thread it starts) and taken by a
-/// thread of their own, so the serve can end cleanly and terminate its
-/// environments.
+/// Set by [`on_stop_signal`].
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// A flag set once SIGINT, SIGTERM or SIGHUP arrives, so the serve can end
+/// cleanly and terminate its environments. A handler, not a blocked mask:
+/// the VMM processes the serve starts must not inherit blocked signals.
 fn stop_on_signals() -> anyhow::Result<&'static AtomicBool> {
-    static STOP: AtomicBool = AtomicBool::new(false);
-    // SAFETY: sigset_t is plain data; sigemptyset below initializes it.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid, writable sigset_t.
-    unsafe { libc::sigemptyset(&mut set) };
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: `set` is an initialized sigset_t; `sig` is a valid signal.
-        unsafe { libc::sigaddset(&mut set, sig) };
+        // SAFETY: sigaction is plain data; all zeroes is a valid value
+        // (empty mask, no flags), the handler is set below.
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        action.sa_sigaction = on_stop_signal as *const () as libc::sighandler_t;
+        // SAFETY: `action` is initialized and outlives the call; the old
+        // action is not asked for; the handler only stores to an atomic,
+        // which is async-signal-safe.
+        if unsafe { libc::sigaction(sig, &action, std::ptr::null_mut()) } != 0 {
+            anyhow::bail!(
+                "cannot take signal {sig}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
     }
-    // SAFETY: `set` is initialized; the old mask is not asked for.
-    let blocked = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if blocked != 0 {
-        anyhow::bail!(
-            "cannot block SIGINT and SIGTERM: {}",
-            std::io::Error::from_raw_os_error(blocked)
-        );
-    }
-    std::thread::spawn(move || {
-        let mut sig = 0;
-        // SAFETY: `set` and `sig` are valid for the call; the signals in
-        // `set` are blocked in every thread, so sigwait takes them.
-        unsafe { libc::sigwait(&set, &mut sig) };
-        eprintln!("kiln: signal {sig}: stopping, terminating the environments");
-        STOP.store(true, Ordering::SeqCst);
-    });
     Ok(&STOP)
+}
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
 }
 
 fn invoke_once(functions: &Functions, name: &str, payload: &str) -> anyhow::Result<ExitCode> {

@@ -85,6 +85,7 @@ expect_contains invoke-api-echoes "$WORK/s1" '"echo": {"n": 10}'
 expect_contains invoke-api-version "$WORK/s1.headers" 'X-Amz-Executed-Version: \$LATEST'
 expect_contains invoke-api-log-tail "$WORK/s1.headers" "X-Amz-Log-Result: "
 expect_eq a-new-environment-served-it 1 "$(field "$WORK/s1" count)"
+echo "KILN-INFO serve says: $(tail -c 800 "$WORK/serve.err" | tr '\n' '|')"
 echo '{"n": 11}' > "$WORK/s2.in"
 invoke_api echo-rt "$WORK/s2"
 expect_eq warm-reuse-counts-on 2 "$(field "$WORK/s2" count)"

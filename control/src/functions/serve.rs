@@ -86,6 +86,7 @@ impl Functions {
                 }
             }
         });
+        log::info!("fn serve {name}: stopping, terminating the environments");
         pool.shutdown();
         let _ = std::fs::remove_file(&path);
         Ok(())
