@@ -92,6 +92,7 @@ expect_eq warm-reuse-counts-on 2 "$(field "$WORK/s2" count)"
 expect_eq warm-reuse-is-the-same-environment "$(field "$WORK/s1" env)" "$(field "$WORK/s2" env)"
 "$KILN" fn invoke echo-rt --payload '{"n": 12}' > "$WORK/s3" 2> "$WORK/s3.err"
 expect_eq fn-invoke-goes-through-serve 3 "$(field "$WORK/s3" count)"
+echo "KILN-INFO fn invoke through the serve says: $(tail -c 600 "$WORK/s3.err" | tr '\n' '|')"
 expect_eq ls-shows-one-warm "1 0" "$(ls_field echo-rt 7) $(ls_field echo-rt 8)"
 
 echo '{"fail": true}' > "$WORK/f.in"
