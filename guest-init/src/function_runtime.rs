@@ -89,8 +89,20 @@ enum Awaited {
 
 /// The runtime process.
 struct Runtime {
+    /// Its pid, which is also its process group's id; 0 if it could not
+    /// be started.
     pid: libc::pid_t,
     log: Option<std::fs::File>,
+}
+
+impl Runtime {
+    /// Signals the runtime's whole process group, if it was started (a
+    /// group id of 0 would be guest-init's own group).
+    fn kill(&self, sig: libc::c_int) {
+        if self.pid > 0 {
+            kill_group(self.pid, sig);
+        }
+    }
 }
 
 /// The whole environment's state.
@@ -163,7 +175,7 @@ pub fn serve_on(
     );
     loop {
         if let Some(sig) = env.round(&signals, listener) {
-            kill_group(env.runtime.pid, sig);
+            env.runtime.kill(sig);
             return Ok(128 + sig as u8);
         }
     }
@@ -501,7 +513,7 @@ impl Environment {
         {
             let limit = current.deadline - current.delivered;
             let message = format!("Task timed out after {:.2} seconds", limit.as_secs_f64());
-            kill_group(self.runtime.pid, libc::SIGKILL);
+            self.runtime.kill(libc::SIGKILL);
             self.read_log();
             let body = runtime_api::error_body(&message, "Sandbox.Timedout");
             self.finish(EventStatus::Timeout, body, Some("Sandbox.Timedout".into()));
