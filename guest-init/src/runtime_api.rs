@@ -20,7 +20,7 @@
 //! [`Route::TooLarge`] so that the invocation becomes a function error.
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 
 use crate::function::{RESPONSE_MAX, RUNTIME_API_ADDRESS};
@@ -257,11 +257,15 @@ pub struct Server {
 impl Server {
     /// Listens on [`RUNTIME_API_ADDRESS`].
     pub fn bind() -> io::Result<Server> {
-        Server::bind_to(RUNTIME_API_ADDRESS)
+        let address = RUNTIME_API_ADDRESS
+            .parse()
+            .expect("RUNTIME_API_ADDRESS is an IP address and port");
+        Server::bind_to(address)
     }
 
-    /// Listens on `address` (tests take a free port).
-    pub fn bind_to(address: &str) -> io::Result<Server> {
+    /// Listens on `address` (tests take a free port). An address, not a
+    /// name: resolving one would link the C library's resolver into PID 1.
+    pub fn bind_to(address: SocketAddr) -> io::Result<Server> {
         let listener = TcpListener::bind(address)?;
         listener.set_nonblocking(true)?;
         Ok(Server {
@@ -624,7 +628,7 @@ mod tests {
 
     #[test]
     fn a_long_poll_is_parked_then_answered_and_bad_requests_keep_pid_1_up() {
-        let mut server = Server::bind_to("127.0.0.1:0").unwrap();
+        let mut server = Server::bind_to("127.0.0.1:0".parse().unwrap()).unwrap();
         let address = server.local_addr().unwrap();
         let client = std::thread::spawn(move || {
             let stream = TcpStream::connect(address).unwrap();

@@ -71,7 +71,7 @@ fn a_runtime_initializes_once_is_restored_and_serves_events_until_it_times_out()
     let socket = dir.path().join("session.sock");
     let listener = UnixListener::bind(&socket).unwrap();
     listener.set_nonblocking(true).unwrap();
-    let api = Server::bind_to("127.0.0.1:0").unwrap();
+    let api = Server::bind_to("127.0.0.1:0".parse().unwrap()).unwrap();
     let config = runtime_config();
     std::thread::spawn(move || {
         let signals = Signals::block().unwrap();
