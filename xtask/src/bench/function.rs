@@ -8,7 +8,9 @@
 //! "/usr/bin/python3 /app/runtime.py" --memory 256 --timeout 60`, timed;
 //! the runtime's init time is what it prints), runs one untimed warm-up of
 //! each side, then `runs` times, interleaved, times from spawning the
-//! `kiln` command to its exit:
+//! `kiln` command to the line of its output that holds the answer (the
+//! response, as a client sees it: before the cold VM's shutdown or the
+//! clone's teardown, which follow it):
 //!
 //! - clone: `kiln fn invoke echo --payload '{"n": 1}'`, a clone restored
 //!   from the template, released from `restore/next`, the event handled
@@ -96,9 +98,9 @@ pub struct FnReport {
     /// The runtime's init in the template (its start to its first wait
     /// for work), as `kiln fn create` printed it.
     pub init_ms: f64,
-    /// Foreground `kiln run`, payload on the console, spawn to exit.
+    /// Foreground `kiln run`, payload on the console, spawn to the answer.
     pub cold_invoke_ms: Stats,
-    /// `kiln fn invoke`, spawn to exit.
+    /// `kiln fn invoke`, spawn to the answer.
     pub clone_invoke_ms: Stats,
     /// An Invoke API request to `kiln fn serve`, a warm environment.
     pub warm_invoke_ms: Stats,
@@ -295,18 +297,46 @@ pub fn guest(runs: usize) -> Result<()> {
     })
 }
 
-/// Spawns `cmd`, writes `stdin` to it (else none), and times it to its
-/// exit, which must be a success with output that `ok` accepts; a command
-/// still running after [`PER_STEP`] is killed and the step fails.
-fn timed(mut cmd: Command, stdin: Option<&[u8]>, ok: impl Fn(&str) -> bool) -> Result<Duration> {
-    timed_output(&mut cmd, stdin, ok).map(|(elapsed, _)| elapsed)
+/// Spawns `cmd`, writes `stdin` to it (else none), and times it to the
+/// line of its output that holds [`ANSWER`] (the response, before the
+/// VM's shutdown or the clone's teardown); it must then exit with
+/// success. A command still running after [`PER_STEP`] is killed and the
+/// step fails.
+fn timed_answer(mut cmd: Command, stdin: Option<&[u8]>) -> Result<Duration> {
+    let answered = std::cell::Cell::new(None);
+    let started = Instant::now();
+    timed_output_seeing(
+        &mut cmd,
+        stdin,
+        |out| out.contains(ANSWER),
+        |line| {
+            if answered.get().is_none() && line.contains(ANSWER) {
+                answered.set(Some(started.elapsed()));
+            }
+        },
+    )?;
+    Ok(answered
+        .get()
+        .expect("the output was checked to hold the answer"))
 }
 
-/// [`timed`], also returning what the command printed on stdout.
+/// Spawns `cmd`, writes `stdin` to it (else none), and times it to its
+/// exit, which must be a success with output that `ok` accepts; returns
+/// that time and what it printed on stdout.
 fn timed_output(
     cmd: &mut Command,
     stdin: Option<&[u8]>,
     ok: impl Fn(&str) -> bool,
+) -> Result<(Duration, String)> {
+    timed_output_seeing(cmd, stdin, ok, |_| {})
+}
+
+/// [`timed_output`], handing each stdout line to `seen` as it arrives.
+fn timed_output_seeing(
+    cmd: &mut Command,
+    stdin: Option<&[u8]>,
+    ok: impl Fn(&str) -> bool,
+    seen: impl Fn(&str),
 ) -> Result<(Duration, String)> {
     let started = Instant::now();
     let mut child = cmd
@@ -333,7 +363,9 @@ fn timed_output(
     });
     let mut stdout = String::new();
     for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
-        stdout.push_str(&line?);
+        let line = line?;
+        seen(&line);
+        stdout.push_str(&line);
         stdout.push('\n');
     }
     let status = child.wait()?;
@@ -448,14 +480,14 @@ impl Kiln {
         let mut cmd = self.command();
         cmd.args(["run", IMAGE, "--memory", &MEMORY_MIB.to_string()])
             .args(["--vcpus", "1"]);
-        timed(cmd, Some(&cold_input()), |out| out.contains(ANSWER))
+        timed_answer(cmd, Some(&cold_input()))
     }
 
     /// The payload through one clone of the template.
     fn invoke(&self) -> Result<Duration> {
         let mut cmd = self.command();
         cmd.args(["fn", "invoke", FUNCTION, "--payload", PAYLOAD]);
-        timed(cmd, None, |out| out.contains(ANSWER))
+        timed_answer(cmd, None)
     }
 
     /// `runs` events in the warm environment of a `kiln fn serve` (one
