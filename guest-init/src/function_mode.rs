@@ -30,7 +30,8 @@ use std::time::{Duration, Instant};
 
 use crate::config::RunConfig;
 use crate::function::{
-    FUNCTION_CMDLINE_FLAG, FUNCTION_PORT, Invocation, Outcome, Ping, Pong, SEED_BYTES,
+    FUNCTION_CMDLINE_FLAG, FUNCTION_PORT, Invocation, Outcome, Ping, Pong,
+    RUNTIME_API_CMDLINE_FLAG, SEED_BYTES,
 };
 use crate::supervisor::{self, STATUS_NOT_EXECUTABLE, SignalFd, Signals};
 
@@ -58,6 +59,10 @@ pub enum ServeError {
     /// port is taken).
     #[error("cannot listen on vsock port {FUNCTION_PORT}")]
     Listen(#[source] io::Error),
+    /// The Runtime API's listener could not be set up (no loopback, or
+    /// the port is taken).
+    #[error("cannot listen on {}", crate::function::RUNTIME_API_ADDRESS)]
+    RuntimeApi(#[source] io::Error),
 }
 
 /// Why a connection's request was answered with an error instead of a
@@ -107,11 +112,25 @@ pub enum Refusal {
     },
 }
 
-/// Whether the kernel command line turns function mode on.
-pub fn enabled(cmdline: &str) -> bool {
-    cmdline
-        .split_whitespace()
-        .any(|word| word == FUNCTION_CMDLINE_FLAG)
+/// Which function mode the kernel command line turns on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// [`FUNCTION_CMDLINE_FLAG`]: the entrypoint is a handler, run afresh
+    /// for each invocation ([`serve`]).
+    Handler,
+    /// [`RUNTIME_API_CMDLINE_FLAG`]: the entrypoint is a Lambda runtime,
+    /// started once and served the Runtime API
+    /// ([`crate::function_runtime::serve`]).
+    RuntimeApi,
+}
+
+/// The function mode the kernel command line turns on, if any.
+pub fn enabled(cmdline: &str) -> Option<Mode> {
+    cmdline.split_whitespace().find_map(|word| match word {
+        FUNCTION_CMDLINE_FLAG => Some(Mode::Handler),
+        RUNTIME_API_CMDLINE_FLAG => Some(Mode::RuntimeApi),
+        _ => None,
+    })
 }
 
 /// Serves invocations until SIGTERM or SIGINT arrives and returns 128 +
@@ -306,6 +325,21 @@ fn micros_since(start: Instant) -> u64 {
     u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
+/// What makes a restored clone a machine of its own: `seed` (hex) mixed
+/// into the kernel's random pool with a forced reseed, and its own
+/// `hostname` when given.
+pub fn become_clone(seed: &str, hostname: Option<&str>) -> Result<(), Refusal> {
+    let seed = decode_seed(seed)?;
+    reseed(&seed).map_err(Refusal::Reseed)?;
+    match hostname {
+        Some(name) => crate::network::set_hostname(name).map_err(|source| Refusal::Hostname {
+            name: name.to_string(),
+            source,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Reseeds, runs the handler once and says what it did.
 fn invoke(
     invocation: &Invocation,
@@ -313,16 +347,7 @@ fn invoke(
     signals: &SignalFd,
     start: Instant,
 ) -> (Outcome, Option<libc::c_int>) {
-    let reseeded =
-        decode_seed(&invocation.seed).and_then(|seed| reseed(&seed).map_err(Refusal::Reseed));
-    let renamed = reseeded.and_then(|()| match &invocation.hostname {
-        Some(name) => crate::network::set_hostname(name).map_err(|source| Refusal::Hostname {
-            name: name.clone(),
-            source,
-        }),
-        None => Ok(()),
-    });
-    if let Err(refusal) = renamed {
+    if let Err(refusal) = become_clone(&invocation.seed, invocation.hostname.as_deref()) {
         return (refused(&refusal, STATUS_NOT_EXECUTABLE, start), None);
     }
     let mut command = supervisor::command(config);
@@ -468,13 +493,13 @@ fn raw(fd: &Option<impl AsRawFd>) -> RawFd {
     fd.as_ref().map_or(-1, AsRawFd::as_raw_fd)
 }
 
-fn kill_group(pgid: libc::pid_t, sig: libc::c_int) {
+pub(crate) fn kill_group(pgid: libc::pid_t, sig: libc::c_int) {
     // SAFETY: kill takes no pointers; a group that is gone makes it fail
     // harmlessly with ESRCH.
     unsafe { libc::kill(-pgid, sig) };
 }
 
-fn pollfd(fd: RawFd, events: libc::c_short) -> libc::pollfd {
+pub(crate) fn pollfd(fd: RawFd, events: libc::c_short) -> libc::pollfd {
     libc::pollfd {
         fd,
         events,
@@ -482,7 +507,7 @@ fn pollfd(fd: RawFd, events: libc::c_short) -> libc::pollfd {
     }
 }
 
-fn poll(fds: &mut [libc::pollfd], timeout: libc::c_int) -> io::Result<()> {
+pub(crate) fn poll(fds: &mut [libc::pollfd], timeout: libc::c_int) -> io::Result<()> {
     // SAFETY: the pointer and length describe `fds`, which lives across the
     // call; the kernel writes only their `revents`.
     check(unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) })
@@ -546,7 +571,7 @@ pub fn listen(port: u32) -> io::Result<OwnedFd> {
 /// The next connection, blocking, with [`REQUEST_TIMEOUT`] on its reads
 /// and writes. It is handed on as a `UnixStream`: its methods here (read,
 /// write, SO_RCVTIMEO/SO_SNDTIMEO) are those of any stream socket.
-fn accept(listener: &OwnedFd) -> io::Result<UnixStream> {
+pub(crate) fn accept(listener: &OwnedFd) -> io::Result<UnixStream> {
     let null = std::ptr::null_mut();
     // SAFETY: null address pointers are allowed (the peer's address is not
     // asked for).
@@ -565,9 +590,17 @@ mod tests {
 
     #[test]
     fn the_flag_is_one_word_of_the_command_line() {
-        assert!(enabled("console=ttyS0 kiln.vmm=1 kiln.function=1 quiet\n"));
-        assert!(!enabled("console=ttyS0 kiln.vmm=1"));
-        assert!(!enabled("kiln.function=10 kiln.function=0"));
+        let mode = |cmdline| enabled(cmdline);
+        assert_eq!(
+            mode("console=ttyS0 kiln.vmm=1 kiln.function=1 quiet\n"),
+            Some(Mode::Handler)
+        );
+        assert_eq!(
+            mode("kiln.vmm=1 kiln.function=runtime-api"),
+            Some(Mode::RuntimeApi)
+        );
+        assert_eq!(mode("console=ttyS0 kiln.vmm=1"), None);
+        assert_eq!(mode("kiln.function=10 kiln.function=0"), None);
     }
 
     #[test]

@@ -22,8 +22,12 @@ pub mod function;
 #[cfg(feature = "init")]
 pub mod function_mode;
 #[cfg(feature = "init")]
+pub mod function_runtime;
+#[cfg(feature = "init")]
 pub mod network;
 pub mod protocol;
+#[cfg(feature = "init")]
+pub mod runtime_api;
 #[cfg(feature = "init")]
 pub mod supervisor;
 #[cfg(feature = "init")]

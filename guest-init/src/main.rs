@@ -26,7 +26,10 @@
 //!    for each request run the entrypoint afresh as the handler (payload
 //!    on stdin, output captured, killed at its timeout) after reseeding
 //!    the kernel's random pool with the request's seed; only SIGTERM or
-//!    SIGINT ends it (status 128 + the signal), never a bad request;
+//!    SIGINT ends it (status 128 + the signal), never a bad request; with
+//!    `kiln.function=runtime-api` instead, start the entrypoint once as a
+//!    Lambda runtime and serve it the Runtime API on 127.0.0.1:9001
+//!    (`guest_init::function_runtime`);
 //! 7. report `EntrypointExit(status)`, kill what is left, sync, remount /
 //!    read-only (so ext4's journal is clean for the next boot) and reboot:
 //!    Kiln's VMM treats the guest's reset as the end of the VM and exits
@@ -40,9 +43,12 @@ use std::process::ExitCode;
 
 use guest_init::config::{CONFIG_PATH, ConfigError, RunConfig};
 use guest_init::exec::EXEC_PORT;
+use guest_init::function_mode::Mode;
 use guest_init::network::{NetConfig, RESOLV_CONF};
 use guest_init::protocol::InitEvent;
-use guest_init::{exec_server, function_mode, network, one_line, supervisor, user};
+use guest_init::{
+    exec_server, function_mode, function_runtime, network, one_line, supervisor, user,
+};
 
 mod metadata;
 mod mounts;
@@ -72,26 +78,29 @@ fn main() -> ExitCode {
             if let Some(path) = &user_data {
                 metadata::run_user_data_once(path, &config, &signals);
             }
-            if functions {
-                function_mode::serve(&config, &signals).unwrap_or_else(|err| {
-                    eprintln!("guest-init: function mode: {}", one_line(&err));
-                    supervisor::STATUS_NOT_EXECUTABLE
-                })
-            } else {
-                if let Err(err) = exec_server::start(config.clone()) {
-                    eprintln!(
-                        "guest-init: no `kiln exec` in this VM: vsock port {EXEC_PORT}: {err}"
-                    );
+            let served = match functions {
+                None => {
+                    if let Err(err) = exec_server::start(config.clone()) {
+                        eprintln!(
+                            "guest-init: no `kiln exec` in this VM: vsock port {EXEC_PORT}: {err}"
+                        );
+                    }
+                    Ok(supervisor::run(&config, &signals))
                 }
-                supervisor::run(&config, &signals)
-            }
+                Some(Mode::Handler) => function_mode::serve(&config, &signals),
+                Some(Mode::RuntimeApi) => function_runtime::serve(&config, &signals),
+            };
+            served.unwrap_or_else(|err| {
+                eprintln!("guest-init: function mode: {}", one_line(&err));
+                supervisor::STATUS_NOT_EXECUTABLE
+            })
         }
         Err(err) => {
             eprintln!("guest-init: {}", one_line(&err));
             supervisor::STATUS_NOT_FOUND
         }
     };
-    let what = if functions {
+    let what = if functions.is_some() {
         "function mode ended"
     } else {
         "entrypoint exited"

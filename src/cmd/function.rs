@@ -3,27 +3,45 @@
 use std::io::Write;
 use std::net::TcpListener;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use kiln_bench::stats::Stats;
 use kiln_bench::timing::millis;
-use kiln_control::functions::{FunctionConfig, Functions, Invoked, is_loopback, listen_addresses};
+use kiln_control::functions::invoke_api::PoolStatus;
+use kiln_control::functions::serve::ServeOptions;
+use kiln_control::functions::{
+    EventStatus, FunctionConfig, Functions, Invoked, Mode, Reply, is_loopback, listen_addresses,
+};
 
 use crate::assets::kiln_home;
 
 #[derive(clap::Subcommand)]
 pub enum Command {
-    /// Create a function: boot IMAGE once with guest-init waiting for
-    /// invocations, and keep a snapshot of it as the function's template.
+    /// Create a function: boot IMAGE once, let its Lambda runtime
+    /// initialize (or, with --mode command, guest-init wait for
+    /// invocations), and keep a snapshot of it as the function's template.
     Create {
         name: String,
         /// NAME:VERSION from the local store.
         #[arg(long)]
         image: String,
-        /// The program (and arguments) each invocation runs, the payload on its stdin.
-        #[arg(long)]
+        /// runtime-api: the image's entrypoint is a Lambda runtime, served
+        /// Lambda's Runtime API, initialized once and snapshot waiting for
+        /// its first event. command: --handler is a command run afresh for
+        /// each invocation, the payload on its stdin.
+        #[arg(long, value_enum, default_value_t = ModeArg::RuntimeApi)]
+        mode: ModeArg,
+        /// runtime-api: Lambda's handler setting (`_HANDLER`, e.g.
+        /// app.handler). command: the program (and arguments) each
+        /// invocation runs.
+        #[arg(long, default_value = "")]
         handler: String,
+        /// runtime-api: the runtime's command line instead of the image's
+        /// entrypoint.
+        #[arg(long, default_value = "")]
+        entrypoint: String,
         /// Guest memory in MiB.
         #[arg(long, default_value_t = 128)]
         memory: u32,
@@ -35,7 +53,10 @@ pub enum Command {
         env: Vec<String>,
     },
     /// List the functions.
-    Ls,
+    Ls {
+        #[command(flatten)]
+        output: crate::cmd::format::Output,
+    },
     /// Remove a function and its template.
     Rm { name: String },
     /// Invoke a function: its stdout is printed, and kiln exits with its status.
@@ -51,8 +72,11 @@ pub enum Command {
         #[arg(long, default_value_t = 1)]
         concurrency: usize,
     },
-    /// Serve a function URL: each HTTP request body is a payload, the
-    /// response the handler's stdout.
+    /// Serve a function: Lambda's Invoke API for a runtime-api function
+    /// (boto3, the AWS CLI: point their endpoint URL here), with warm
+    /// environments; a function URL for a command one (each HTTP request
+    /// body is a payload, the response the handler's stdout). Ends on
+    /// SIGINT or SIGTERM, terminating every environment.
     Serve {
         name: String,
         /// Where to listen (HOST:PORT). The URL has no authentication, so
@@ -66,7 +90,24 @@ pub enum Command {
         /// Stop after this many requests (default: serve forever).
         #[arg(long)]
         max_requests: Option<usize>,
+        /// runtime-api: the most environments (clones) at once; more
+        /// concurrent events wait for one to come free.
+        #[arg(long, default_value_t = 4)]
+        max_concurrency: usize,
+        /// runtime-api: seconds an idle environment stays warm (its
+        /// runtime waiting for the next event) before it is terminated.
+        #[arg(long, default_value_t = 300)]
+        keep_warm: u64,
     },
+}
+
+/// `--mode`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum ModeArg {
+    /// A Lambda runtime, served the Runtime API, initialized once.
+    RuntimeApi,
+    /// A command per invocation.
+    Command,
 }
 
 pub fn run(command: Command) -> anyhow::Result<ExitCode> {
@@ -76,39 +117,59 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Create {
             name,
             image,
+            mode,
             handler,
+            entrypoint,
             memory,
             timeout,
             env,
         } => {
+            let mode = match mode {
+                ModeArg::RuntimeApi => Mode::RuntimeApi,
+                ModeArg::Command if handler.is_empty() => {
+                    anyhow::bail!("--mode command: expected --handler CMD, the command to run")
+                }
+                ModeArg::Command if !entrypoint.is_empty() => {
+                    anyhow::bail!("--entrypoint: only --mode runtime-api has a runtime to start")
+                }
+                ModeArg::Command => Mode::Command,
+            };
             let config = FunctionConfig {
                 name,
                 image,
+                mode,
                 handler,
+                entrypoint,
                 memory_mib: memory,
                 timeout_s: timeout,
                 env,
                 created_at: SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs()),
+                init_us: 0,
             };
-            functions.create(&config)?;
-            println!("function {} ready", config.name);
+            let made = functions.create(&config)?;
+            match made.mode {
+                Mode::RuntimeApi => println!(
+                    "function {} ready (init {:.1} ms)",
+                    made.name,
+                    made.init_us as f64 / 1000.0
+                ),
+                Mode::Command => println!("function {} ready", made.name),
+            }
         }
-        Command::Ls => {
-            println!(
-                "{:<20}  {:<20}  {:>7}  {:>7}  HANDLER",
-                "NAME", "IMAGE", "MEMORY", "TIMEOUT"
-            );
-            for f in functions.list()? {
-                println!(
-                    "{:<20}  {:<20}  {:>7}  {:>6}s  {}",
-                    f.name,
-                    f.image,
-                    format!("{}M", f.memory_mib),
-                    f.timeout_s,
-                    f.handler
-                );
+        Command::Ls { output } => {
+            // Environments exist only while a serve runs.
+            let listed: Vec<Listed> = functions
+                .list()?
+                .into_iter()
+                .map(|config| Listed {
+                    pool: functions.served_status(&config.name),
+                    config,
+                })
+                .collect();
+            if !output.json(&listed)? {
+                print_functions(&listed);
             }
         }
         Command::Rm { name } => functions.remove(&name)?,
@@ -134,7 +195,12 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
             listen,
             allow_remote,
             max_requests,
+            max_concurrency,
+            keep_warm,
         } => {
+            if max_concurrency == 0 {
+                anyhow::bail!("--max-concurrency 0: expected at least 1");
+            }
             let addresses = listen_addresses(&listen, allow_remote)?;
             let listener =
                 TcpListener::bind(&addresses[..]).with_context(|| format!("--listen {listen}"))?;
@@ -146,30 +212,106 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
                     "kiln: warning: http://{bound}/ has no authentication: anyone who can reach this host there can invoke function {name}"
                 );
             }
-            eprintln!("kiln: serving function {name} on http://{bound}/");
-            functions.serve(&name, &listener, max_requests)?;
+            if functions.get(&name)?.mode == Mode::Command {
+                eprintln!("kiln: serving function {name} on http://{bound}/");
+                functions.serve(&name, &listener, max_requests)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let options = ServeOptions {
+                max_concurrency,
+                keep_warm: Duration::from_secs(keep_warm),
+                max_requests,
+            };
+            let stop = stop_on_signals()?;
+            eprintln!(
+                "kiln: serving function {name}: Lambda's Invoke API on http://{bound}/ \
+                 (up to {max_concurrency} environments, warm for {keep_warm} s)"
+            );
+            functions.serve_runtime(&name, &listener, options, stop)?;
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// Set by [`on_stop_signal`].
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// A flag set once SIGINT, SIGTERM or SIGHUP arrives, so the serve can end
+/// cleanly and terminate its environments. A handler, not a blocked mask:
+/// the VMM processes the serve starts must not inherit blocked signals.
+fn stop_on_signals() -> anyhow::Result<&'static AtomicBool> {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: sigaction is plain data; all zeroes is a valid value
+        // (empty mask, no flags), the handler is set below.
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        action.sa_sigaction = on_stop_signal as *const () as libc::sighandler_t;
+        // SAFETY: `action` is initialized and outlives the call; the old
+        // action is not asked for; the handler only stores to an atomic,
+        // which is async-signal-safe.
+        if unsafe { libc::sigaction(sig, &action, std::ptr::null_mut()) } != 0 {
+            anyhow::bail!(
+                "cannot take signal {sig}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(&STOP)
+}
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
 fn invoke_once(functions: &Functions, name: &str, payload: &str) -> anyhow::Result<ExitCode> {
+    if let Some(served) = functions.invoke_served(name, payload) {
+        let result =
+            served.with_context(|| format!("function {name}: through its kiln fn serve"))?;
+        let reply = Reply::Runtime(result);
+        print_reply(&reply);
+        return Ok(exit_code(name, reply));
+    }
     // The response is printed as it arrives, before the clone's teardown.
-    let print = |outcome: &kiln_control::functions::Outcome| {
-        let mut out = std::io::stdout().lock();
-        let _ = out
-            .write_all(outcome.stdout.as_bytes())
-            .and_then(|()| out.flush());
-        eprint!("{}", outcome.stderr);
+    let Invoked { reply, .. } = functions.invoke_then(name, payload, print_reply)?;
+    Ok(exit_code(name, reply))
+}
+
+/// The status `kiln fn invoke` exits with: a command's own, or 0 for a
+/// runtime's response and 1 for its error.
+fn exit_code(name: &str, reply: Reply) -> ExitCode {
+    match reply {
+        Reply::Command(outcome) => {
+            if let Some(error) = &outcome.error {
+                eprintln!("kiln: function {name}: {error}");
+                return ExitCode::FAILURE;
+            }
+            if outcome.timed_out {
+                eprintln!("kiln: function {name}: timed out");
+            }
+            ExitCode::from(u8::try_from(outcome.status).unwrap_or(1))
+        }
+        Reply::Runtime(result) if result.status == EventStatus::Response => ExitCode::SUCCESS,
+        Reply::Runtime(result) => {
+            let kind = result.error_type.as_deref().unwrap_or("Unhandled");
+            eprintln!("kiln: function {name}: {kind} ({:?})", result.status);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A command's stdout (its stderr on stderr); a runtime's response or
+/// error JSON (its log on stderr).
+fn print_reply(reply: &Reply) {
+    let (body, log) = match reply {
+        Reply::Command(outcome) => (&outcome.stdout, &outcome.stderr),
+        Reply::Runtime(result) => (&result.body, &result.log),
     };
-    let Invoked { outcome, .. } = functions.invoke_then(name, payload, print)?;
-    if let Some(error) = &outcome.error {
-        anyhow::bail!("function {name}: {error}");
+    eprint!("{log}");
+    let mut out = std::io::stdout().lock();
+    let mut text = body.clone();
+    if matches!(reply, Reply::Runtime(_)) && !text.ends_with('\n') {
+        text.push('\n');
     }
-    if outcome.timed_out {
-        eprintln!("kiln: function {name}: timed out");
-    }
-    Ok(ExitCode::from(u8::try_from(outcome.status).unwrap_or(1)))
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
 /// `count` invocations, `concurrency` at a time; prints latency percentiles.
@@ -190,17 +332,18 @@ fn invoke_many(
     let mut failed = 0;
     for result in &results {
         match result {
-            Ok(invoked) if invoked.outcome.status == 0 && invoked.outcome.error.is_none() => {
-                latencies.push(invoked.latency);
-            }
+            Ok(invoked) if invoked.reply.succeeded() => latencies.push(invoked.latency),
             Ok(invoked) => {
                 failed += 1;
-                eprintln!(
-                    "kiln: {}: status {} {}",
-                    invoked.instance_id,
-                    invoked.outcome.status,
-                    invoked.outcome.error.as_deref().unwrap_or("")
-                );
+                let why = match &invoked.reply {
+                    Reply::Command(outcome) => format!(
+                        "status {} {}",
+                        outcome.status,
+                        outcome.error.as_deref().unwrap_or("")
+                    ),
+                    Reply::Runtime(result) => format!("{:?} {}", result.status, result.body),
+                };
+                eprintln!("kiln: {}: {why}", invoked.instance_id);
             }
             Err(err) => {
                 failed += 1;
@@ -233,6 +376,44 @@ fn print_latencies(
         println!(
             "latency ms: min {:.1}  p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1}",
             s.min, s.p50, s.p90, s.p99, s.max
+        );
+    }
+}
+
+/// A function as `kiln fn ls` lists it: its configuration, and its
+/// environments when a serve runs.
+#[derive(serde::Serialize)]
+struct Listed {
+    #[serde(flatten)]
+    config: FunctionConfig,
+    /// Warm and busy environments; `null` when no serve runs.
+    pool: Option<PoolStatus>,
+}
+
+fn print_functions(listed: &[Listed]) {
+    println!(
+        "{:<20}  {:<20}  {:<11}  {:>7}  {:>7}  {:>9}  {:>4}  {:>4}  HANDLER",
+        "NAME", "IMAGE", "MODE", "MEMORY", "TIMEOUT", "INIT", "WARM", "BUSY"
+    );
+    for Listed { config: f, pool } in listed {
+        let (mode, init) = match f.mode {
+            Mode::RuntimeApi => ("runtime-api", format!("{:.0}ms", f.init_us as f64 / 1e3)),
+            Mode::Command => ("command", "-".to_string()),
+        };
+        let (warm, busy) = pool.as_ref().map_or(("-".into(), "-".into()), |s| {
+            (s.warm.to_string(), s.busy.to_string())
+        });
+        println!(
+            "{:<20}  {:<20}  {:<11}  {:>7}  {:>6}s  {:>9}  {:>4}  {:>4}  {}",
+            f.name,
+            f.image,
+            mode,
+            format!("{}M", f.memory_mib),
+            f.timeout_s,
+            init,
+            warm,
+            busy,
+            f.handler
         );
     }
 }

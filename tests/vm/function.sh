@@ -1,4 +1,4 @@
-# Functions: kiln fn create boots recipes/python-echo in function mode and
+# Functions in command mode: kiln fn create boots recipes/python-echo in function mode and
 # keeps a template snapshot → an invocation (a clone of it) echoes its
 # JSON payload → two clones of one template differ in kernel UUID and
 # random bytes (reseeded from the host) and hostname → 8 invocations at concurrency 2
@@ -14,7 +14,7 @@ field() {
 
 # A 60 s timeout: four clones at once share the nested L1's one emulated
 # CPU, and each handler's Python start-up then takes ~30 s.
-"$KILN" fn create echo --image python-echo:1.0.0 --handler "/usr/bin/python3 /app/echo.py" \
+"$KILN" fn create echo --image python-echo:1.0.0 --mode command --handler "/usr/bin/python3 /app/echo.py" \
     --memory 256 --timeout 60 --env GREETING=hi > "$WORK/create.txt" 2>&1
 created=$?
 expect_eq create-exit-status 0 "$created"

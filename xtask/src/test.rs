@@ -10,8 +10,15 @@ use crate::{apt, bench, harness, kernel, sh, stub};
 
 /// The unit and integration tests read real host programs: busybox-static
 /// (a static stand-in for guest-init), Debian's python3 and its
-/// extension modules (ELF closure), zstd (the size baseline).
-const TEST_PACKAGES: &[&str] = &["busybox-static", "python3", "zstd", "e2fsprogs"];
+/// extension modules (ELF closure), zstd (the size baseline), boto3 (a
+/// real Lambda client against `kiln fn serve`'s Invoke API).
+const TEST_PACKAGES: &[&str] = &[
+    "busybox-static",
+    "python3",
+    "python3-boto3",
+    "zstd",
+    "e2fsprogs",
+];
 
 pub fn run() -> Result<()> {
     // Everything up front: on a fresh machine the unit tests already need

@@ -12,6 +12,19 @@
 //! through the instance's vsock socket, sends the payload with fresh host
 //! randomness (the clone reseeds its kernel's random pool with it), reads
 //! the outcome and terminates the clone.
+//!
+//! That is the `command` mode, where guest-init starts the handler's
+//! process afresh for each invocation. The default, `runtime-api` mode,
+//! works as AWS Lambda SnapStart does: the template VM starts the image's
+//! entrypoint once as a Lambda runtime (served Lambda's Runtime API by
+//! guest-init, `guest_init::function_runtime`), and is snapshot when that
+//! runtime's init is done and it waits for its first event; a clone is
+//! reseeded and released from `restore/next`, and its runtime, already
+//! initialized, takes the event ([`runtime::Environment`]).
+pub mod invoke_api;
+pub mod pool;
+pub mod runtime;
+pub mod serve;
 pub mod vsock;
 
 use std::fs;
@@ -21,9 +34,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-pub use guest_init::function::Outcome;
+pub use guest_init::function::{EventResult, EventStatus, Outcome};
 use guest_init::function::{
-    FUNCTION_CMDLINE_FLAG, FUNCTION_PORT, Invocation, Ping, Pong, SEED_BYTES,
+    FUNCTION_CMDLINE_FLAG, FUNCTION_PORT, Invocation, Ping, Pong, RUNTIME_API_CMDLINE_FLAG,
+    SEED_BYTES,
 };
 use serde::{Deserialize, Serialize};
 
@@ -54,6 +68,22 @@ const ANSWER_SLACK: Duration = Duration::from_secs(30);
 /// 6 MB, so no real handler comes near it.
 const MAX_LINE: u64 = 16 << 20;
 
+/// How a function's VMs run it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// The image's entrypoint is a Lambda runtime, started and initialized
+    /// once in the template and served Lambda's Runtime API.
+    RuntimeApi,
+    /// The handler is a command, started afresh for each invocation with
+    /// the payload on its stdin (functions made before modes existed).
+    #[default]
+    Command,
+}
+
+/// `LAMBDA_TASK_ROOT`: where Lambda runtimes find the function's code.
+pub const TASK_ROOT: &str = "/var/task";
+
 /// A function, as `kiln fn create` made it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,8 +93,17 @@ pub struct FunctionConfig {
     pub name: String,
     /// NAME:VERSION of the image.
     pub image: String,
-    /// The handler's command line (program and arguments, split on spaces).
+    /// How its VMs run it.
+    #[serde(default)]
+    pub mode: Mode,
+    /// In `command` mode, the handler's command line (program and
+    /// arguments, split on spaces); in `runtime-api` mode, Lambda's
+    /// handler setting (`_HANDLER`, e.g. `app.handler`), or empty.
     pub handler: String,
+    /// In `runtime-api` mode, the runtime's command line instead of the
+    /// image's entrypoint (empty: the image's).
+    #[serde(default)]
+    pub entrypoint: String,
     /// The memory of the template VM, and so of every clone of it.
     pub memory_mib: u32,
     /// Each invocation's limit, in seconds: guest-init kills a handler
@@ -74,6 +113,10 @@ pub struct FunctionConfig {
     pub env: Vec<String>,
     /// Seconds since the epoch.
     pub created_at: u64,
+    /// In `runtime-api` mode, the runtime's init time in the template, in
+    /// microseconds (from its start to its first wait for work).
+    #[serde(default)]
+    pub init_us: u64,
 }
 
 /// What can go wrong with functions.
@@ -112,6 +155,47 @@ pub enum FunctionError {
         #[source]
         source: serde_json::Error,
     },
+    /// An `--entrypoint` the kernel command line cannot carry.
+    #[error("--entrypoint {0:?}: expected a program (and arguments) without quotes")]
+    BadEntrypoint(String),
+    /// The runtime's init failed in the template VM.
+    #[error(
+        "function {name}: the runtime's init failed: {message}{}",
+        log_end(log)
+    )]
+    InitFailed {
+        /// The function being created.
+        name: String,
+        /// What guest-init saw, with the runtime's own error when it posted one.
+        message: String,
+        /// The end of the runtime's log.
+        log: String,
+    },
+    /// guest-init refused a session request.
+    #[error("instance {id}: guest-init refused the request: {error}")]
+    Refused {
+        /// The VM.
+        id: String,
+        /// What guest-init said.
+        error: String,
+    },
+    /// guest-init answered a session request with the wrong kind of reply.
+    #[error("instance {id}: guest-init answered {request} with {reply}")]
+    Unexpected {
+        /// The VM.
+        id: String,
+        /// The request's kind.
+        request: &'static str,
+        /// The reply, as debug text.
+        reply: String,
+    },
+    /// `kiln fn serve` of a `command` function with pool options, or
+    /// another use of a runtime's environments on one.
+    #[error("function {0:?} runs in command mode: it has no runtime to keep warm")]
+    NotRuntimeApi(String),
+    /// A serve of the function runs already.
+    #[error("{}: a kiln fn serve of this function is running", .0.display())]
+    AlreadyServed(PathBuf),
     /// The template VM's guest-init never answered a ping: the image may
     /// not have guest-init, or its guest did not boot.
     #[error(
@@ -173,6 +257,17 @@ pub enum FunctionError {
     Instance(#[from] InstanceError),
 }
 
+/// The runtime's log, for an error message: said after the message, or
+/// nothing when the runtime wrote nothing.
+fn log_end(log: &str) -> String {
+    let log = log.trim_end();
+    if log.is_empty() {
+        String::new()
+    } else {
+        format!("; the runtime's log ends:\n{log}")
+    }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> FunctionError + '_ {
     move |source| FunctionError::Io {
         path: path.to_path_buf(),
@@ -188,11 +283,30 @@ pub struct Functions {
     kiln: PathBuf,
 }
 
+/// What an invocation answered, by the function's mode.
+#[derive(Clone, Debug)]
+pub enum Reply {
+    /// A `command` handler's run.
+    Command(Outcome),
+    /// A runtime's answer to the event.
+    Runtime(EventResult),
+}
+
+impl Reply {
+    /// The function answered without an error, a failure or a timeout.
+    pub fn succeeded(&self) -> bool {
+        match self {
+            Reply::Command(outcome) => outcome.error.is_none() && outcome.status == 0,
+            Reply::Runtime(result) => result.status == EventStatus::Response,
+        }
+    }
+}
+
 /// One invocation's result and what it cost.
 #[derive(Clone, Debug)]
 pub struct Invoked {
-    /// What guest-init reported of the handler's run.
-    pub outcome: Outcome,
+    /// What the function answered.
+    pub reply: Reply,
     /// From asking for the clone to the outcome's arrival.
     pub latency: Duration,
     /// The clone that ran it (terminated by now).
@@ -209,15 +323,21 @@ fn check_name(name: &str) -> Result<(), FunctionError> {
 
 impl FunctionConfig {
     /// The template VM's kernel command line: function mode, the handler
-    /// as the entrypoint, and its environment.
+    /// as the entrypoint (`command`) or the runtime's entrypoint and
+    /// Lambda's environment (`runtime-api`), and the user's environment.
     fn cmdline(&self) -> Result<String, FunctionError> {
-        if self.handler.trim().is_empty() || self.handler.contains('"') {
-            return Err(FunctionError::BadHandler(self.handler.clone()));
-        }
-        let mut words = vec![
-            FUNCTION_CMDLINE_FLAG.to_string(),
-            format!("kiln.entrypoint=\"{}\"", self.handler.trim()),
-        ];
+        let mut words = match self.mode {
+            Mode::Command => {
+                if self.handler.trim().is_empty() || self.handler.contains('"') {
+                    return Err(FunctionError::BadHandler(self.handler.clone()));
+                }
+                vec![
+                    FUNCTION_CMDLINE_FLAG.to_string(),
+                    format!("kiln.entrypoint=\"{}\"", self.handler.trim()),
+                ]
+            }
+            Mode::RuntimeApi => self.runtime_words()?,
+        };
         for pair in &self.env {
             if !pair.contains('=') || pair.contains(char::is_whitespace) || pair.contains('"') {
                 return Err(FunctionError::BadEnv(pair.clone()));
@@ -225,6 +345,40 @@ impl FunctionConfig {
             words.push(format!("kiln.env={pair}"));
         }
         Ok(words.join(" "))
+    }
+}
+
+impl FunctionConfig {
+    /// `runtime-api` mode's words: the flag, the entrypoint if given, and
+    /// the environment Lambda gives a runtime.
+    fn runtime_words(&self) -> Result<Vec<String>, FunctionError> {
+        if self.handler.contains(char::is_whitespace) || self.handler.contains('"') {
+            return Err(FunctionError::BadHandler(self.handler.clone()));
+        }
+        if self.entrypoint.contains('"') {
+            return Err(FunctionError::BadEntrypoint(self.entrypoint.clone()));
+        }
+        let mut words = vec![RUNTIME_API_CMDLINE_FLAG.to_string()];
+        if !self.entrypoint.trim().is_empty() {
+            words.push(format!("kiln.entrypoint=\"{}\"", self.entrypoint.trim()));
+        }
+        let mut env = vec![
+            ("AWS_LAMBDA_FUNCTION_NAME", self.name.clone()),
+            ("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST".into()),
+            (
+                "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+                self.memory_mib.to_string(),
+            ),
+            ("AWS_LAMBDA_INITIALIZATION_TYPE", "snap-start".into()),
+            ("LAMBDA_TASK_ROOT", TASK_ROOT.into()),
+            ("AWS_REGION", runtime::REGION.into()),
+            ("AWS_DEFAULT_REGION", runtime::REGION.into()),
+        ];
+        if !self.handler.is_empty() {
+            env.push(("_HANDLER", self.handler.clone()));
+        }
+        words.extend(env.into_iter().map(|(k, v)| format!("kiln.env={k}={v}")));
+        Ok(words)
     }
 }
 
@@ -244,9 +398,11 @@ impl Functions {
     }
 
     /// `kiln fn create`: boots the image once in function mode, waits until
-    /// guest-init answers a ping, takes the template snapshot and ends the
-    /// VM. The function appears whole (staged, then renamed) or not at all.
-    pub fn create(&self, config: &FunctionConfig) -> Result<(), FunctionError> {
+    /// guest-init answers a ping (`command`) or the runtime's init is done
+    /// (`runtime-api`), takes the template snapshot and ends the VM. The
+    /// function appears whole (staged, then renamed) or not at all; its
+    /// configuration as stored (with the init time) is returned.
+    pub fn create(&self, config: &FunctionConfig) -> Result<FunctionConfig, FunctionError> {
         check_name(&config.name)?;
         let dir = self.dir(&config.name);
         if dir.exists() {
@@ -274,8 +430,9 @@ impl Functions {
         let made = self.make_template(&instance, config, staging.path());
         // The template VM's work is done either way.
         lifecycle::terminate(instance, INSTANCE_TIMEOUT)?.forget()?;
-        made?;
-        durable::rename_dir(&staging.keep(), &dir).map_err(io_err(&dir))
+        let made = made?;
+        durable::rename_dir(&staging.keep(), &dir).map_err(io_err(&dir))?;
+        Ok(made)
     }
 
     fn make_template(
@@ -283,14 +440,28 @@ impl Functions {
         instance: &Instance,
         config: &FunctionConfig,
         staging: &Path,
-    ) -> Result<(), FunctionError> {
-        wait_ready(instance, &config.name)?;
+    ) -> Result<FunctionConfig, FunctionError> {
+        let mut config = config.clone();
+        match config.mode {
+            Mode::Command => wait_ready(instance, &config.name)?,
+            Mode::RuntimeApi => {
+                let init = wait_init(instance, &config.name)?;
+                log::info!(
+                    "function {}: init done in {} us, the runtime waits in {:?}",
+                    config.name,
+                    init.init_us,
+                    init.phase
+                );
+                config.init_us = init.init_us;
+            }
+        }
         lifecycle::snapshot(instance, &staging.join(TEMPLATE_DIR))?;
         let path = staging.join(CONFIG_FILE);
-        let json = serde_json::to_vec_pretty(config).expect("a config serializes");
+        let json = serde_json::to_vec_pretty(&config).expect("a config serializes");
         fs::write(&path, json)
             .and_then(|()| fs::File::open(&path)?.sync_all())
-            .map_err(io_err(&path))
+            .map_err(io_err(&path))?;
+        Ok(config)
     }
 
     /// The function `name`.
@@ -370,33 +541,72 @@ impl Functions {
         &self,
         name: &str,
         payload: &str,
-        answered: impl FnOnce(&Outcome),
+        answered: impl FnOnce(&Reply),
     ) -> Result<Invoked, FunctionError> {
         let config = self.get(name)?;
         let started = Instant::now();
+        let (clone, reply) = match config.mode {
+            Mode::Command => {
+                let clone = self.restore_template(name)?;
+                let reply = call(&clone, &config, payload).map(Reply::Command);
+                (clone, reply)
+            }
+            Mode::RuntimeApi => {
+                let (clone, mut session) = self.restore_clone(name)?;
+                let input = invoke_api::Input {
+                    payload: payload.to_string(),
+                    client_context: None,
+                };
+                let reply = session.invoke(&config, &input).map(Reply::Runtime);
+                (clone, reply)
+            }
+        };
+        let latency = started.elapsed();
+        if let Ok(reply) = &reply {
+            answered(reply);
+        }
+        let instance_id = clone.record.id.clone();
+        // A clone leaves nothing behind, not even its record.
+        lifecycle::terminate(clone, INSTANCE_TIMEOUT)?.forget()?;
+        Ok(Invoked {
+            reply: reply?,
+            latency,
+            instance_id,
+        })
+    }
+}
+
+impl Functions {
+    /// A new clone of `name`'s template.
+    fn restore_template(&self, name: &str) -> Result<Instance, FunctionError> {
         let template = self.dir(name).join(TEMPLATE_DIR);
         // Templates have no NIC (see `create`): nothing to isolate.
-        let clone = lifecycle::restore(
+        Ok(lifecycle::restore(
             &self.registry,
             &template,
             None,
             false,
             &self.kiln,
             INSTANCE_TIMEOUT,
-        )?;
-        let outcome = call(&clone, &config, payload);
-        let latency = started.elapsed();
-        if let Ok(outcome) = &outcome {
-            answered(outcome);
+        )?)
+    }
+
+    /// A new clone of `name`'s template (a `runtime-api` function), made a
+    /// machine of its own and its runtime released from `restore/next`;
+    /// terminated again if that fails.
+    pub fn restore_clone(&self, name: &str) -> Result<(Instance, runtime::Session), FunctionError> {
+        let clone = self.restore_template(name)?;
+        let session = runtime::Session::connect(&clone).and_then(|mut session| {
+            session.restore()?;
+            Ok(session)
+        });
+        match session {
+            Ok(session) => Ok((clone, session)),
+            Err(err) => {
+                lifecycle::terminate(clone, INSTANCE_TIMEOUT)?.forget()?;
+                Err(err)
+            }
         }
-        let instance_id = clone.record.id.clone();
-        // A clone leaves nothing behind, not even its record.
-        lifecycle::terminate(clone, INSTANCE_TIMEOUT)?.forget()?;
-        Ok(Invoked {
-            outcome: outcome?,
-            latency,
-            instance_id,
-        })
     }
 }
 
@@ -445,23 +655,50 @@ impl Functions {
         }
         let payload = String::from_utf8_lossy(&request.body);
         match self.invoke(name, &payload) {
-            Ok(Invoked { outcome, .. }) if outcome.error.is_none() && outcome.status == 0 => {
-                let body = serde_json::from_str(&outcome.stdout)
-                    .unwrap_or(serde_json::Value::String(outcome.stdout));
-                Response::json(200, body)
-            }
-            Ok(Invoked { outcome, .. }) => Response::json(
-                502,
-                serde_json::json!({
-                    "error": outcome.error.unwrap_or_else(|| "the handler failed".into()),
-                    "status": outcome.status,
-                    "timed_out": outcome.timed_out,
-                    "stderr": outcome.stderr,
-                }),
-            ),
+            Ok(Invoked {
+                reply: Reply::Command(outcome),
+                ..
+            }) => command_response(outcome),
+            Ok(Invoked {
+                reply: Reply::Runtime(result),
+                ..
+            }) => runtime_response(result),
             Err(err) => Response::error(500, one_line(&err)),
         }
     }
+}
+
+/// A function URL's answer to a `command` handler's run: its stdout (as
+/// JSON when it is JSON, else a JSON string) with 200, or 502 with its
+/// status and stderr when it failed.
+fn command_response(outcome: Outcome) -> Response {
+    if outcome.error.is_none() && outcome.status == 0 {
+        return Response::json(200, json_or_string(outcome.stdout));
+    }
+    Response::json(
+        502,
+        serde_json::json!({
+            "error": outcome.error.unwrap_or_else(|| "the handler failed".into()),
+            "status": outcome.status,
+            "timed_out": outcome.timed_out,
+            "stderr": outcome.stderr,
+        }),
+    )
+}
+
+/// A function URL's answer to a runtime's: its response with 200, or its
+/// error JSON with 502.
+fn runtime_response(result: EventResult) -> Response {
+    let status = if result.status == EventStatus::Response {
+        200
+    } else {
+        502
+    };
+    Response::json(status, json_or_string(result.body))
+}
+
+fn json_or_string(text: String) -> serde_json::Value {
+    serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
 }
 
 /// Whether `address` is on this host only: 127.0.0.0/8, ::1, or ::1's
@@ -522,6 +759,11 @@ pub fn ping(mut stream: std::os::unix::net::UnixStream) -> io::Result<()> {
         Ok(Pong { pong: true }) => Ok(()),
         _ => Err(io::Error::other(format!("not a pong: {answer:?}"))),
     }
+}
+
+/// Waits until the runtime in the template VM `instance` has initialized.
+fn wait_init(instance: &Instance, name: &str) -> Result<runtime::Initialized, FunctionError> {
+    runtime::Session::connect(instance)?.wait_init(name, READY_TIMEOUT)
 }
 
 /// Sends one invocation to the function in `instance` and reads its outcome.
@@ -618,12 +860,58 @@ mod tests {
         FunctionConfig {
             name: "echo".into(),
             image: "python:3.11".into(),
+            mode: Mode::Command,
             handler: handler.into(),
+            entrypoint: String::new(),
             memory_mib: 256,
             timeout_s: 5,
             env: env.iter().map(|e| e.to_string()).collect(),
             created_at: 0,
+            init_us: 0,
         }
+    }
+
+    #[test]
+    fn a_runtime_gets_lambdas_environment_and_its_entrypoint() {
+        let mut runtime = config("app.handler", &["A=1"]);
+        runtime.mode = Mode::RuntimeApi;
+        assert_eq!(
+            runtime.cmdline().unwrap(),
+            "kiln.function=runtime-api kiln.env=AWS_LAMBDA_FUNCTION_NAME=echo \
+             kiln.env=AWS_LAMBDA_FUNCTION_VERSION=$LATEST kiln.env=AWS_LAMBDA_FUNCTION_MEMORY_SIZE=256 \
+             kiln.env=AWS_LAMBDA_INITIALIZATION_TYPE=snap-start kiln.env=LAMBDA_TASK_ROOT=/var/task \
+             kiln.env=AWS_REGION=us-east-1 kiln.env=AWS_DEFAULT_REGION=us-east-1 \
+             kiln.env=_HANDLER=app.handler kiln.env=A=1"
+        );
+        runtime.entrypoint = "/usr/bin/python3 /app/runtime.py".into();
+        runtime.handler = String::new();
+        let line = runtime.cmdline().unwrap();
+        assert!(
+            line.starts_with(
+                "kiln.function=runtime-api kiln.entrypoint=\"/usr/bin/python3 /app/runtime.py\" "
+            ),
+            "{line}"
+        );
+        assert!(!line.contains("_HANDLER"), "{line}");
+        runtime.handler = "two words".into();
+        assert!(matches!(
+            runtime.cmdline(),
+            Err(FunctionError::BadHandler(_))
+        ));
+        runtime.handler = String::new();
+        runtime.entrypoint = "say \"hi\"".into();
+        assert!(matches!(
+            runtime.cmdline(),
+            Err(FunctionError::BadEntrypoint(_))
+        ));
+    }
+
+    #[test]
+    fn configs_from_before_modes_are_command_functions() {
+        let old = r#"{"name":"echo","image":"python-echo:1.0.0","handler":"cat",
+            "memory_mib":128,"timeout_s":30,"env":[],"created_at":1}"#;
+        let config: FunctionConfig = serde_json::from_str(old).unwrap();
+        assert_eq!((config.mode, config.init_us), (Mode::Command, 0));
     }
 
     #[test]
