@@ -363,7 +363,7 @@ impl Reader {
         if index_digest[..INDEX_CHECKSUM_LEN] != header[40..40 + INDEX_CHECKSUM_LEN] {
             return Err(ImageError::IndexChecksum { path: path.into() });
         }
-        let index = index_bytes
+        let index: Vec<IndexEntry> = index_bytes
             .chunks_exact(INDEX_ENTRY_SIZE)
             .map(|e| IndexEntry {
                 offset: u64::from_le_bytes(e[..8].try_into().expect("8 bytes")),
@@ -371,6 +371,19 @@ impl Reader {
                 sha256: e[16..48].try_into().expect("32 bytes"),
             })
             .collect();
+        // A reader allocates a chunk's frame before reading it: an entry
+        // must say a size a chunk's frame can have, within the data.
+        let frame_max = zstd::zstd_safe::compress_bound(chunk_size as usize) as u64;
+        if let Some((n, e)) = index.iter().enumerate().find(|(_, e)| {
+            u64::from(e.length) > frame_max
+                || e.offset < HEADER_SIZE
+                || e.offset.saturating_add(u64::from(e.length)) > index_offset
+        }) {
+            return Err(bad(format!(
+                "chunk {n}'s frame ({} bytes at {}) is not within the data (bytes {HEADER_SIZE} to {index_offset}, at most {frame_max} a frame)",
+                e.length, e.offset
+            )));
+        }
         let last_len = raw_size - u64::from(chunk_count.saturating_sub(1)) * u64::from(chunk_size);
         let zero_digest = |len: u64| Sha256::digest(vec![0u8; len as usize]).into();
         Ok(Reader {
@@ -600,6 +613,37 @@ mod tests {
         let path = dir.join("raw.ext4");
         std::fs::write(&path, &data).unwrap();
         (path, data)
+    }
+
+    #[test]
+    fn an_index_entry_outside_the_data_is_refused_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (raw, _) = raw_file(dir.path(), 100_000);
+        let out = dir.path().join("image.kiln");
+        let info = write(&raw, &out, 4096 * 16).unwrap();
+        let bytes = std::fs::read(&out).unwrap();
+        let index_offset = bytes.len() - info.chunk_count as usize * INDEX_ENTRY_SIZE;
+        // Chunk 1's frame length: 4 GiB would be allocated before reading.
+        for (field, value) in [(8, u32::MAX as u64), (0, 1u64 << 62)] {
+            let mut tampered = bytes.clone();
+            let entry = index_offset + INDEX_ENTRY_SIZE;
+            let width = if field == 8 { 4 } else { 8 };
+            tampered[entry + field..entry + field + width]
+                .copy_from_slice(&value.to_le_bytes()[..width]);
+            // A consistent index checksum: only the bounds check can tell.
+            let header = encode_header(
+                4096 * 16,
+                info.raw_size,
+                info.chunk_count,
+                index_offset as u64,
+                &tampered[index_offset..],
+            );
+            tampered[..header.len()].copy_from_slice(&header);
+            let path = dir.path().join("tampered.kiln");
+            std::fs::write(&path, &tampered).unwrap();
+            let err = Reader::open(&path).expect_err("refused");
+            assert!(err.to_string().contains("chunk 1's frame"), "{err}");
+        }
     }
 
     #[test]
