@@ -37,7 +37,7 @@ expect_contains violation-reported "$WORK/probe.txt" "$report"
 KILN_SECCOMP_PROBE=VMM "$KILN" run vm-test:1.0.0 --detach --name probe \
     --cmdline 'kiln.entrypoint=/tests/sleep.sh' > "$WORK/launch.txt" 2>&1
 for _ in $(seq 300); do
-    "$KILN" ps > "$WORK/ps.txt" 2>&1
+    "$KILN" ps -a > "$WORK/ps.txt" 2>&1
     grep -q "probe .*stopped" "$WORK/ps.txt" && break
     sleep 0.2
 done

@@ -3,8 +3,11 @@
 //! Each thread installs its filter itself, once its setup is done (files
 //! opened, guest memory mapped, vCPU registers set): from then on it may
 //! only make the system calls its steady state needs, and any other call
-//! traps: [`crate::sigsys`] reports it and ends the whole process. Every entry says which code path makes the
-//! call; a new call in that path needs a new entry here, with its reason.
+//! traps: [`crate::sigsys`] reports it and ends the whole process. Every
+//! entry says which code path makes the call; a new call in that path
+//! needs a new entry here, with its reason. Calls that take a selector
+//! (an ioctl request, a futex op, a signal, socket flags) are allowed for
+//! the selectors listed only.
 
 use std::collections::BTreeMap;
 use std::fmt;
