@@ -3,8 +3,11 @@
 //! Each thread installs its filter itself, once its setup is done (files
 //! opened, guest memory mapped, vCPU registers set): from then on it may
 //! only make the system calls its steady state needs, and any other call
-//! traps: [`crate::sigsys`] reports it and ends the whole process. Every entry says which code path makes the
-//! call; a new call in that path needs a new entry here, with its reason.
+//! traps: [`crate::sigsys`] reports it and ends the whole process. Every
+//! entry says which code path makes the call; a new call in that path
+//! needs a new entry here, with its reason. Calls that take a selector
+//! (an ioctl request, a futex op, a signal, socket flags) are allowed for
+//! the selectors listed only.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -154,18 +157,32 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     BpfProgram::try_from(filter).map_err(build)
 }
 
+/// A test hook for end-to-end tests (`tests/vm/run-seccomp.sh`): the
+/// first thread of the kind this variable names ("VMM", "vCPU", "API" or
+/// "proxy") to install its filter then makes one call no filter allows,
+/// `socket(AF_UNIX)`, so that the test sees the report reach the console
+/// log and the instance's stop reason, as a real violation's would.
+pub const PROBE_ENV: &str = "KILN_SECCOMP_PROBE";
+
 /// Installs the filter for `kind` on the calling thread (only: other
 /// threads install their own). Irreversible. From then on a forbidden
 /// call is reported and ends the process ([`crate::sigsys`]).
 pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
     sigsys::arm(kind).map_err(|source| SeccompError::Handler { kind, source })?;
+    // Read before the filter: the environment is read under a lock.
+    let probe = std::env::var_os(PROBE_ENV).is_some_and(|named| named == kind.name());
     let apply = |program: &BpfProgram| {
         seccompiler::apply_filter(program).map_err(|source| SeccompError::Install { kind, source })
     };
     if matches!(kind, ThreadKind::Proxy | ThreadKind::Vcpu) {
         apply(&opens_refused(kind)?)?;
     }
-    apply(&filter(kind)?)
+    apply(&filter(kind)?)?;
+    if probe {
+        // SAFETY: socket(2) takes integers only; the filter traps it.
+        unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+    }
+    Ok(())
 }
 
 /// A filter stacked on the allow-list of the threads that open no files

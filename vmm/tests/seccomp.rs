@@ -743,6 +743,21 @@ fn vmm_thread_dies_on_a_forbidden_syscall() {
 }
 
 #[test]
+fn the_probe_makes_the_named_kind_of_thread_report_a_forbidden_call() {
+    let test = "the_probe_makes_the_named_kind_of_thread_report_a_forbidden_call";
+    let Some(output) = in_child_or_run(test) else {
+        // SAFETY: this child runs this one test alone (--test-threads=1),
+        // before it starts any thread that could read the environment.
+        unsafe { std::env::set_var(kiln_vmm::seccomp::PROBE_ENV, "vCPU") };
+        // Another kind's thread goes through its filter and ends.
+        on_filtered_thread(ThreadKind::Proxy, || {});
+        on_filtered_thread(ThreadKind::Vcpu, say_survived);
+        return;
+    };
+    assert_reported(&output, ThreadKind::Vcpu, libc::SYS_socket);
+}
+
+#[test]
 fn a_futex_operation_other_than_wait_and_wake_is_reported() {
     let Some(output) = in_child_or_run("a_futex_operation_other_than_wait_and_wake_is_reported")
     else {

@@ -398,6 +398,13 @@ fn describe(status: ExitStatus) -> String {
              the console log's \"seccomp:\" line names it)"
         ),
         (Some(code), _) => format!("the guest shut down (entrypoint exit status {code})"),
+        // The kernel kills instead of trapping when SIGSYS is blocked, as
+        // it is while a thread ends.
+        (None, Some(libc::SIGSYS)) => {
+            "the VM process was killed by SIGSYS: a forbidden system call made \
+             while signals were blocked, so unreported"
+                .into()
+        }
         (None, Some(signal)) => format!("the VM process was killed by signal {signal}"),
         (None, None) => format!("the VM process ended ({status})"),
     }
