@@ -221,6 +221,7 @@ pub fn prepare_vm_steps(
                 label: step.describe(index),
                 command: format!("/bin/sh {}", script.display()),
                 timeout_secs,
+                size: recipe.build_vm,
             })
         })
         .collect::<Result<_, AssembleError>>()?;

@@ -41,7 +41,7 @@ use crate::assemble::{self, AssembleError};
 use crate::elf::{self, ElfError};
 use crate::ext4::{self, Ext4Error};
 use crate::oci::{self, OciError};
-use crate::recipe::{self, Base, Recipe, RecipeError, Size, StepPlace};
+use crate::recipe::{self, Base, BuildVmSize, Recipe, RecipeError, Size, StepPlace};
 use crate::stage::{Stage, StageError};
 use crate::store::{self, IMAGE_FILE, Manifest, Store, StoreError, TestResult};
 use kiln_image::{self as image, DEFAULT_CHUNK_SIZE, ImageError};
@@ -166,6 +166,8 @@ pub struct VmStep {
     pub command: String,
     /// Seconds after which the VM is killed and the step fails.
     pub timeout_secs: u64,
+    /// The build VM's size, from the recipe's `[build_vm]`.
+    pub size: BuildVmSize,
 }
 
 /// How a step in the build VM ended.

@@ -20,6 +20,10 @@
 //! run = "echo built > /etc/built" # `sh -ec`, changing the image's root filesystem
 //! timeout = "10m"                 # optional (VM steps only); default 10m
 //!
+//! [build_vm]                      # optional, only with VM steps: the build VM's size
+//! vcpus = 2                       # 1 to 32; default 1
+//! memory = "1G"                   # 64 MiB to 16 GiB; default 256M
+//!
 //! [[files]]
 //! src = "motd"                    # relative to the recipe's directory
 //! dst = "/etc/motd"
@@ -44,7 +48,7 @@
 //! Top-level keys come before the first table, as TOML requires. Unknown
 //! keys are errors; every error names the file, the line and the field.
 use std::collections::BTreeMap;
-use std::ops::Range;
+use std::ops::{Range, RangeInclusive};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -258,7 +262,33 @@ pub struct Recipe {
     pub tests: Vec<TestCommand>,
     /// The filesystem's size: fixed, or content plus free space.
     pub size: Size,
+    /// `[build_vm]`: the size of the VM the `in = "vm"` steps run in.
+    pub build_vm: BuildVmSize,
 }
+
+/// The build VM's size (`[build_vm]`): the tests' VM size by default, a
+/// step that compiles or unpacks much may want more.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BuildVmSize {
+    /// `vcpus`: virtual CPUs, 1 to [`BUILD_VM_MAX_VCPUS`].
+    pub vcpus: u8,
+    /// `memory` (e.g. "1G"): guest memory in MiB, [`BUILD_VM_MEMORY_MIB`].
+    pub memory_mib: u32,
+}
+
+/// The build VM's size when `[build_vm]` does not say: the `k1.micro`
+/// instance type's (as the tests' VMs), enough for a package manager.
+pub const DEFAULT_BUILD_VM: BuildVmSize = BuildVmSize {
+    vcpus: 1,
+    memory_mib: 256,
+};
+
+/// The most vCPUs a build VM may have (the VMM's MP table takes no more).
+pub const BUILD_VM_MAX_VCPUS: u8 = 32;
+
+/// The memory a build VM may have, in MiB: a kernel and a shell need 64,
+/// and more than 16 GiB is a typo on a build host.
+pub const BUILD_VM_MEMORY_MIB: RangeInclusive<u32> = 64..=16 << 10;
 
 /// How big the filesystem is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -287,6 +317,14 @@ struct RawRecipe {
     run: Option<RawRun>,
     #[serde(default)]
     test: Vec<RawTest>,
+    build_vm: Option<Spanned<RawBuildVm>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBuildVm {
+    memory: Option<Spanned<String>>,
+    vcpus: Option<Spanned<u8>>,
 }
 
 #[derive(Deserialize)]
@@ -405,6 +443,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Recipe, RecipeError> {
         Some(run) => check.run(run)?,
         None => Run::default(),
     };
+    let build_vm = check.build_vm(&raw)?;
     Ok(Recipe {
         path: path.into(),
         name,
@@ -421,6 +460,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Recipe, RecipeError> {
             .map(|test| check.test(test))
             .collect::<Result<_, _>>()?,
         size,
+        build_vm,
         dir,
     })
 }
@@ -563,6 +603,54 @@ impl Checker<'_> {
                 ),
             )
         })
+    }
+
+    /// `[build_vm]`, refused when no step would run in the VM it sizes.
+    fn build_vm(&self, raw: &RawRecipe) -> Result<BuildVmSize, RecipeError> {
+        let Some(table) = &raw.build_vm else {
+            return Ok(DEFAULT_BUILD_VM);
+        };
+        let vm_steps = raw
+            .build
+            .iter()
+            .any(|b| b.place.as_ref().is_some_and(|p| p.get_ref() == "vm"));
+        if !vm_steps {
+            return Err(self.field(
+                table.span(),
+                "build_vm",
+                "no [[build]] step has in = \"vm\": expected [build_vm] only with VM steps".into(),
+            ));
+        }
+        let mut size = DEFAULT_BUILD_VM;
+        if let Some(vcpus) = &table.get_ref().vcpus {
+            if !(1..=BUILD_VM_MAX_VCPUS).contains(vcpus.get_ref()) {
+                return Err(self.field(
+                    vcpus.span(),
+                    "build_vm.vcpus",
+                    format!("{}: expected 1 to {BUILD_VM_MAX_VCPUS}", vcpus.get_ref()),
+                ));
+            }
+            size.vcpus = *vcpus.get_ref();
+        }
+        if let Some(memory) = &table.get_ref().memory {
+            let mib = u32::try_from(self.bytes(memory, "build_vm.memory")? >> 20)
+                .ok()
+                .filter(|mib| BUILD_VM_MEMORY_MIB.contains(mib));
+            let Some(mib) = mib else {
+                return Err(self.field(
+                    memory.span(),
+                    "build_vm.memory",
+                    format!(
+                        "{:?}: expected {} MiB to {} GiB",
+                        memory.get_ref(),
+                        BUILD_VM_MEMORY_MIB.start(),
+                        BUILD_VM_MEMORY_MIB.end() >> 10
+                    ),
+                ));
+            };
+            size.memory_mib = mib;
+        }
+        Ok(size)
     }
 
     fn builds(&self, raw: &[RawBuild]) -> Result<Vec<BuildStep>, RecipeError> {
@@ -945,6 +1033,50 @@ timeout = "2m"
             let err = recipe(steps).unwrap_err().to_string();
             assert!(err.contains(expected), "{steps}: {err}");
         }
+    }
+
+    /// `[build_vm]` sizes the VM steps' VM, within bounds, and only when
+    /// there are VM steps to size it for.
+    #[test]
+    fn the_build_vm_has_the_recipes_size() {
+        let recipe = |rest: &str| {
+            parsed(&format!(
+                "[image]\nname = \"b\"\nversion = \"1.0.0\"\n[[build]]\nin = \"vm\"\nrun = \"a\"\n{rest}"
+            ))
+        };
+        assert_eq!(recipe("").unwrap().build_vm, DEFAULT_BUILD_VM);
+        let sized = recipe("[build_vm]\nvcpus = 2\nmemory = \"1G\"\n").unwrap();
+        assert_eq!(
+            sized.build_vm,
+            BuildVmSize {
+                vcpus: 2,
+                memory_mib: 1024
+            }
+        );
+        for (rest, expected) in [
+            (
+                "[build_vm]\nvcpus = 0\n",
+                "`build_vm.vcpus`: 0: expected 1 to 32",
+            ),
+            (
+                "[build_vm]\nmemory = \"1M\"\n",
+                "`build_vm.memory`: \"1M\": expected 64 MiB",
+            ),
+            ("[build_vm]\nmemory = \"1T\"\n", "`build_vm.memory`: \"1T\""),
+            ("[build_vm]\ncpus = 2\n", "cpus"),
+        ] {
+            let err = recipe(rest).unwrap_err().to_string();
+            assert!(err.contains(expected), "{rest}: {err}");
+        }
+        let no_vm_steps = parsed(
+            "[image]\nname = \"b\"\nversion = \"1.0.0\"\n[[build]]\nrun = \"a\"\n[build_vm]\nvcpus = 2\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            no_vm_steps.contains("`build_vm`: no [[build]] step has in = \"vm\""),
+            "{no_vm_steps}"
+        );
     }
 
     #[test]

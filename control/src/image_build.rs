@@ -9,7 +9,8 @@
 //! guest-init syncs and remounts the root read-only before the VM ends,
 //! so the disk is whole when the next step, or the builder, reads it.
 //! Like a test's VM ([`crate::image_test`]), it is a `kiln __vm` child
-//! process, of the same size, with no NIC: a step has no network.
+//! process with no NIC (a step has no network), of the recipe's
+//! `[build_vm]` size.
 use std::error::Error;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -51,7 +52,10 @@ impl BuildVm for BuildVmRunner {
             ephemeral: false,
         };
         let disks = vec![raw(root, false), raw(recipe_dir, true)];
-        self.vms.define(disks, &step.command)?.save(&definition)?;
+        let size = (step.size.vcpus, step.size.memory_mib);
+        self.vms
+            .define(disks, &step.command, size)?
+            .save(&definition)?;
         let echo = self.echo;
         let timeout = Duration::from_secs(step.timeout_secs);
         let end = run_vm_process(&self.vms.kiln, &definition, timeout, &mut |line| {
@@ -77,7 +81,7 @@ mod tests {
 
     /// A runner whose "kiln" is a script standing in for `kiln __vm`: it
     /// checks that the definition boots the raw disk writable with the
-    /// step's command as the entrypoint, writes into the disk as the
+    /// step's command as the entrypoint, at the step's size, writes into the disk as the
     /// guest would, then ends as the command's last word says.
     fn fake_runner(dir: &Path) -> BuildVmRunner {
         let kiln = dir.join("kiln");
@@ -90,6 +94,8 @@ mod tests {
              grep -q '\"Raw\": \"[^\"]*/recipe.ext4\"' \"$3\" || exit 98\n\
              grep -q '\"read_only\": true' \"$3\" || exit 98\n\
              grep -q 'kiln.entrypoint=\\\\\"/bin/sh /steps/' \"$3\" || exit 98\n\
+             grep -q '\"vcpus\": 2,' \"$3\" || exit 98\n\
+             grep -q '\"memory_mib\": 512,' \"$3\" || exit 98\n\
              printf 'written by the step\\n' >> \"${3%/*}/../../root.ext4\"\n\
              printf 'booted\\r\\nstep says hi\\r\\n'\n\
              grep -q '/steps/hang' \"$3\" && exec sleep 30\n\
@@ -114,6 +120,11 @@ mod tests {
             label: format!("step 1 ({script})"),
             command: format!("/bin/sh /steps/{script}"),
             timeout_secs,
+            // The recipe's [build_vm], which the fake checks it gets.
+            size: kiln_builder::recipe::BuildVmSize {
+                vcpus: 2,
+                memory_mib: 512,
+            },
         }
     }
 

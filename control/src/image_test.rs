@@ -185,7 +185,9 @@ impl TestRunner {
             // The VM process deletes the overlay once open.
             ephemeral: true,
         };
-        self.define(vec![disk], &test.run)?.save(&definition)?;
+        let size = InstanceType::find(TEST_INSTANCE_TYPE).expect("the test type is in the catalog");
+        self.define(vec![disk], &test.run, (size.vcpus, size.memory_mib))?
+            .save(&definition)?;
         let mut output = Vec::new();
         let timeout = Duration::from_secs(test.timeout_secs);
         let end = run_vm_process(&self.kiln, &definition, timeout, &mut |line| {
@@ -215,27 +217,22 @@ impl TestRunner {
         })
     }
 
-    /// A VM of [`TEST_INSTANCE_TYPE`]'s size with `disks` (the first is
-    /// the root), no NIC and `command` (words split on spaces) as the
-    /// entrypoint: a test's VM, or a build step's (`crate::image_build`).
+    /// A VM of `size` (vCPUs, MiB) with `disks` (the first is the root),
+    /// no NIC and `command` (words split on spaces) as the entrypoint: a
+    /// test's VM ([`TEST_INSTANCE_TYPE`]'s size), or a build step's
+    /// (`crate::image_build`, the recipe's `[build_vm]`).
     pub(crate) fn define(
         &self,
         disks: Vec<DiskConfig>,
         command: &str,
+        size: (u8, u32),
     ) -> Result<kiln_vmm::config::VmConfig, DefinitionError> {
         let mut options = RunOptions::new(self.kernel.clone());
         options.disks = disks;
         // The recipe parser refuses a double quote in a test's command,
         // and a build step's is its script's path: this quoting is whole.
         options.cmdline = format!("kiln.entrypoint=\"{command}\"");
-        let size = InstanceType::find(TEST_INSTANCE_TYPE).expect("the test type is in the catalog");
-        definition::for_plain_run(
-            &self.store,
-            None,
-            &options,
-            (size.vcpus, size.memory_mib),
-            None,
-        )
+        definition::for_plain_run(&self.store, None, &options, size, None)
     }
 }
 
