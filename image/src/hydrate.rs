@@ -144,14 +144,16 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> HydrateError + '_ {
     }
 }
 
-/// Where a piece of a read comes from (see [`Hydrated::read_with`]).
+/// Where a piece of a read comes from (see [`Hydrated::read_with`]; a
+/// volume's reads, `kiln_vmm::volume`, come in the same pieces).
 #[derive(Debug)]
 pub enum Piece<'a> {
-    /// `len` bytes of `file` at `offset`.
-    Data {
-        /// The cache's raw file's path, for messages.
+    /// `len` bytes of `file` at `offset`: the cache's raw file (or a
+    /// volume's overlay).
+    File {
+        /// The file's path, for messages.
         path: &'a Path,
-        /// The cache's raw file.
+        /// The file that holds them.
         file: &'a File,
         /// Where the bytes are in it.
         offset: u64,
@@ -163,7 +165,8 @@ pub enum Piece<'a> {
         /// How many.
         len: usize,
     },
-    /// Bytes decompressed in memory: a chunk the cache could not take.
+    /// Bytes decompressed in memory: a chunk the cache could not take (or
+    /// one a volume without a cache decompressed).
     Bytes(&'a [u8]),
 }
 
@@ -492,7 +495,7 @@ impl Hydrated {
             let len = (run_end - at) as usize;
             sink(match kind {
                 ZERO => Piece::Zero { len },
-                _ => Piece::Data {
+                _ => Piece::File {
                     path: &self.files.raw,
                     file: &self.raw,
                     offset: at,
@@ -521,7 +524,7 @@ impl Hydrated {
         let mut done = 0;
         self.read_with(offset, buf.len(), |piece| {
             match piece {
-                Piece::Data {
+                Piece::File {
                     file, offset, len, ..
                 } => {
                     let read = file.read_exact_at(&mut buf[done..done + len], offset);

@@ -13,7 +13,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use kiln_image::hydrate::{self, HydrateError, Hydrated};
+use kiln_image::hydrate::{HydrateError, Hydrated};
 use kiln_image::{CachedReader, ImageError, Reader};
 
 pub use overlay::{BLOCK_SIZE, Overlay, OverlayError};
@@ -74,29 +74,9 @@ pub enum VolumeError {
     Output(#[source] std::io::Error),
 }
 
-/// Where a piece of a read is (see [`Volume::read_with`]).
-#[derive(Debug)]
-pub enum Piece<'a> {
-    /// `len` bytes of `file` at `offset`: the overlay, or the image's
-    /// hydration cache.
-    File {
-        /// The file's path, for messages.
-        path: &'a Path,
-        /// The file that holds them.
-        file: &'a File,
-        /// Where in it.
-        offset: u64,
-        /// How many bytes.
-        len: usize,
-    },
-    /// `len` zero bytes.
-    Zero {
-        /// How many bytes.
-        len: usize,
-    },
-    /// Bytes already in memory: a chunk decompressed by this process.
-    Bytes(&'a [u8]),
-}
+/// Where a piece of a read is (see [`Volume::read_with`]): the overlay,
+/// the image's hydration cache, zeros, or a chunk in memory.
+pub use kiln_image::hydrate::Piece;
 
 /// Where the image's decompressed chunks are kept.
 #[derive(Debug)]
@@ -146,24 +126,7 @@ impl Base {
             }
             Base::Host(hydrated) => {
                 let read = hydrated
-                    .read_with(offset, len, |piece| {
-                        sink(match piece {
-                            hydrate::Piece::Data {
-                                path,
-                                file,
-                                offset,
-                                len,
-                            } => Piece::File {
-                                path,
-                                file,
-                                offset,
-                                len,
-                            },
-                            hydrate::Piece::Zero { len } => Piece::Zero { len },
-                            hydrate::Piece::Bytes(bytes) => Piece::Bytes(bytes),
-                        })
-                        .map_err(Sunk)
-                    })
+                    .read_with(offset, len, |piece| sink(piece).map_err(Sunk))
                     .map_err(|Sunk(err)| err);
                 if let Some(err) = hydrated.take_fill_error() {
                     log::warn!(
