@@ -4,6 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod common;
+use common::tar_of;
+
 const INIT_STAND_IN: &str = "/bin/busybox";
 
 fn recipe(name: &str) -> PathBuf {
@@ -217,21 +220,6 @@ fn a_bad_recipe_is_named_and_nothing_is_stored() {
         "{stderr}"
     );
     assert!(!home.path().join("images").exists());
-}
-
-/// A tar of (path, bytes) files with complete headers.
-fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut builder = tar::Builder::new(Vec::new());
-    for (path, bytes) in files {
-        let mut header = tar::Header::new_gnu();
-        header.set_size(bytes.len() as u64);
-        header.set_mode(0o755);
-        header.set_uid(0);
-        header.set_gid(0);
-        header.set_mtime(0);
-        builder.append_data(&mut header, path, *bytes).unwrap();
-    }
-    builder.into_inner().unwrap()
 }
 
 /// An OCI image layout tar: index.json → manifest → two layers, the

@@ -6,6 +6,9 @@ use std::process::{Command, Output};
 
 use sha2::{Digest, Sha256};
 
+mod common;
+use common::tar_of;
+
 fn kiln(home: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(args)
@@ -25,23 +28,9 @@ fn json(home: &Path, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-fn tar(files: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut builder = tar::Builder::new(Vec::new());
-    for (path, bytes) in files {
-        let mut header = tar::Header::new_gnu();
-        header.set_size(bytes.len() as u64);
-        header.set_mode(0o755);
-        header.set_uid(0);
-        header.set_gid(0);
-        header.set_mtime(0);
-        builder.append_data(&mut header, path, *bytes).unwrap();
-    }
-    builder.into_inner().unwrap()
-}
-
 /// A one-layer `docker save` archive tagged `tag`.
 fn docker_archive(tag: &str) -> Vec<u8> {
-    let layer = tar(&[("bin/app", b"#!/bin/sh\necho app\n")]);
+    let layer = tar_of(&[("bin/app", b"#!/bin/sh\necho app\n")]);
     let diff_id = format!("sha256:{}", kiln_image::hex(&Sha256::digest(&layer)));
     let config = serde_json::json!({
         "rootfs": {"type": "layers", "diff_ids": [diff_id]},
@@ -49,7 +38,7 @@ fn docker_archive(tag: &str) -> Vec<u8> {
                    "ExposedPorts": {"80/tcp": {}}, "Labels": {"team": "kiln"}}
     });
     let manifest = serde_json::json!([{"Config": "config.json", "RepoTags": [tag], "Layers": ["l/layer.tar"]}]);
-    tar(&[
+    tar_of(&[
         ("manifest.json", &serde_json::to_vec(&manifest).unwrap()),
         ("config.json", &serde_json::to_vec(&config).unwrap()),
         ("l/layer.tar", &layer),
