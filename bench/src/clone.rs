@@ -23,8 +23,9 @@ pub struct Function {
     pub template: PathBuf,
 }
 
-/// `kiln fn create` (untimed): the image booted in function mode with
-/// `handler`, snapshotted once guest-init answers.
+/// `kiln fn create --mode command` (untimed): the image booted in
+/// function mode with `handler` run afresh per invocation (any image's
+/// program, no Lambda runtime needed), snapshotted once guest-init answers.
 pub fn create(
     config: &Config,
     kiln: &Kiln,
@@ -39,6 +40,8 @@ pub fn create(
         FUNCTION,
         "--image",
         &config.image,
+        "--mode",
+        "command",
         "--handler",
         handler,
         "--memory",
