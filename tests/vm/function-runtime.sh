@@ -16,11 +16,6 @@
 # makes kiln fn create fail with the runtime's own message.
 . "$(dirname "$0")/lib.sh"
 
-# field FILE NAME: the value of JSON field NAME on FILE's first line.
-field() {
-    sed -n "s/.*\"$2\": \"\{0,1\}\([^\",}]*\)\"\{0,1\}[,}].*/\1/p" "$1" | head -n 1
-}
-
 "$KILN" fn create echo-rt --image python-echo:1.0.0 --entrypoint "/usr/bin/python3 /app/runtime.py" \
     --memory 256 --timeout 20 --env GREETING=hi > "$WORK/create.txt" 2>&1
 created=$?

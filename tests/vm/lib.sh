@@ -18,6 +18,12 @@ expect_eq() {
     if [ "$2" = "$3" ]; then pass "$1"; else fail "$1" "expected '$2', got '$3'"; fi
 }
 
+# field FILE NAME: the value of JSON field NAME (a string or a number, as
+# a function's answer has them) in FILE, its first match.
+field() {
+    sed -n "s/.*\"$2\": \"\{0,1\}\([^\",}]*\)\"\{0,1\}[,}].*/\1/p" "$1" | head -n 1
+}
+
 # expect_contains NAME FILE PATTERN: FILE has a line matching PATTERN (grep).
 expect_contains() {
     if grep -q -- "$3" "$2" 2>/dev/null; then pass "$1"

@@ -85,6 +85,7 @@ const RECIPES: &[(&str, &str)] = &[
     ("busybox", "recipes/busybox"),
     ("python", "recipes/python"),
     ("python-echo", "recipes/python-echo"),
+    ("python-lambda", "recipes/python-lambda"),
     ("web", "recipes/web"),
     ("vm-test", "tests/vm/image"),
     ("disk-bench", "tests/vm/bench-disk"),

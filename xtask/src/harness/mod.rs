@@ -22,13 +22,16 @@ mod results;
 
 pub use results::Summary;
 
-/// What the harness needs on the host.
+/// What the harness needs on the host; python3-pip is the pip with which
+/// recipes/python-lambda's `[[build]]` step installs its pinned wheels
+/// from PyPI.
 pub const PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "linux-image-cloud-amd64",
     "busybox-static",
     "e2fsprogs",
     "cpio",
+    "python3-pip",
 ];
 /// Files in tests/vm/ that are not scenarios.
 const NOT_SCENARIOS: [&str; 2] = ["run", "lib"];
