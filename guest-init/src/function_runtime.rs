@@ -305,6 +305,12 @@ impl Environment {
             let body = runtime_api::error_body(&why, "Runtime.ExitError");
             self.finish(EventStatus::Exited, body, Some("Runtime.ExitError".into()));
         }
+        // An event still waiting for the runtime's `invocation/next` will
+        // never be taken: the host hears so now, not at its timeout.
+        if self.pending.take().is_some() && matches!(self.awaited, Some(Awaited::Event)) {
+            self.awaited = None;
+            self.refuse(format!("this environment serves no more events: {why}"));
+        }
         self.gone = Some(why);
     }
 
