@@ -81,8 +81,9 @@ mod tests {
 
     /// A runner whose "kiln" is a script standing in for `kiln __vm`: it
     /// checks that the definition boots the raw disk writable with the
-    /// step's command as the entrypoint, at the step's size, writes into the disk as the
-    /// guest would, then ends as the command's last word says.
+    /// step's command as the entrypoint, at the step's size, writes into
+    /// the disk as the guest would, then ends as the command's last word
+    /// says.
     fn fake_runner(dir: &Path) -> BuildVmRunner {
         let kiln = dir.join("kiln");
         std::fs::write(
