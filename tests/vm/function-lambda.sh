@@ -5,7 +5,8 @@
 # before-snapshot hook again, answers with the handler's JSON and has an
 # environment id and random generator of its own → a handler exception
 # is an Unhandled function error → kiln fn serve's Invoke API answers an
-# event, and the exception with X-Amz-Function-Error. Python's init is
+# event, and the exception with X-Amz-Function-Error → boto3 on the build
+# host invokes it as an application would. Python's init is
 # slow under nested TCG: two clones and one serve, its second event warm.
 . "$(dirname "$0")/lib.sh"
 
@@ -64,10 +65,12 @@ expect_contains handler-exception-is-unhandled "$WORK/fail.err" "^kiln: function
 # the response's headers in OUT.headers.
 invoke_api() {
     wget -S -q -O "$1" --post-file "$1.in" \
-        "http://127.0.0.1:18082/2015-03-31/functions/lambda/invocations" 2> "$1.headers"
+        "http://$HOST_STEP_LISTEN/2015-03-31/functions/lambda/invocations" 2> "$1.headers"
 }
 
-"$KILN" fn serve lambda --listen 127.0.0.1:18082 --max-concurrency 1 2> "$WORK/serve.err" &
+# On the address the build host's boto3 reaches (host_step, below).
+"$KILN" fn serve lambda --listen "$HOST_STEP_LISTEN" --allow-remote --max-concurrency 1 \
+    2> "$WORK/serve.err" &
 serve=$!
 # Ready once kiln fn ls shows its (zero) warm environments.
 for _ in $(seq 1 100); do
@@ -84,6 +87,11 @@ echo '{"fail": true}' > "$WORK/f.in"
 invoke_api "$WORK/f"
 expect_contains invoke-api-function-error-header "$WORK/f.headers" "X-Amz-Function-Error: Unhandled"
 expect_contains invoke-api-function-error-body "$WORK/f" "asked to fail"
+
+# AWS's Python SDK as an application uses it, on the build host (the test
+# machine has no Python): RequestResponse with a log tail, a handler
+# exception, Event, DryRun and an unknown function.
+host_step boto3-invoke lambda
 
 kill -TERM "$serve"
 wait "$serve"

@@ -40,3 +40,36 @@ wait_console() {
     "$KILN" logs "$1" > "$WORK/$1.txt" 2>&1
     expect_contains "$3" "$WORK/$1.txt" "$2"
 }
+
+# Where a scenario's server listens for a host step's client: the test
+# machine's NIC when nested (the harness forwards a host port to it),
+# loopback when the scenarios run on the build host itself.
+HOST_STEP_LISTEN="${KILN_HOST_LISTEN:-127.0.0.1}:9000"
+
+# host_step SCRIPT ARG...: runs tests/vm/host/SCRIPT on the build host,
+# which has what the test machine has not (Python, boto3), against the
+# server on $HOST_STEP_LISTEN. Each line it prints, "ok CHECK" or "FAIL
+# CHECK REASON", becomes a check of this scenario. Nested, the harness
+# runs it when it sees the request line below and sends its output to the
+# port listened on here (xtask/src/harness/host_steps.rs).
+host_step() {
+    out="$WORK/host-step.out"
+    rm -f "$out"
+    if [ -n "$KILN_HOST_REPLY_PORT" ]; then
+        timeout 600 nc -l -p "$KILN_HOST_REPLY_PORT" -e sh -c "cat > '$out'; echo ok" &
+        listener=$!
+        echo "KILN-HOST-STEP $*"
+        wait "$listener"
+    else
+        script=$1; shift
+        KILN_HOST_ENDPOINT="http://$HOST_STEP_LISTEN" "$(dirname "$0")/host/$script" "$@" > "$out" ||
+            echo "FAIL host-step $script ended with status $?" >> "$out"
+    fi
+    [ -s "$out" ] || fail host-step "no output from the host step $*"
+    while read -r verdict name reason; do
+        case $verdict in
+            ok) pass "$name" ;;
+            *) fail "$name" "$reason" ;;
+        esac
+    done < "$out"
+}

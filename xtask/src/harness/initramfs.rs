@@ -38,8 +38,10 @@ const QEMU_FIRMWARE: &str = "/usr/share/qemu/qboot.rom";
 /// The L1 kernel's modules the scenarios need, in insmod order (l1-init.sh
 /// loads them so): kvm needs irqbypass, kvm-amd needs kvm; instances'
 /// taps need tun, and the kiln0 bridge needs bridge, which needs stp and
-/// llc.
-const MODULES: [&str; 7] = [
+/// llc; L1's own NIC (virtio-net-pci, for host steps: host_steps.rs)
+/// needs the virtio core and PCI transport, and virtio_net needs
+/// net_failover, which needs failover.
+const MODULES: [&str; 15] = [
     "virt/lib/irqbypass.ko",
     "arch/x86/kvm/kvm.ko",
     "arch/x86/kvm/kvm-amd.ko",
@@ -47,6 +49,14 @@ const MODULES: [&str; 7] = [
     "net/llc/llc.ko",
     "net/802/stp.ko",
     "net/bridge/bridge.ko",
+    "drivers/virtio/virtio_ring.ko",
+    "drivers/virtio/virtio.ko",
+    "drivers/virtio/virtio_pci_legacy_dev.ko",
+    "drivers/virtio/virtio_pci_modern_dev.ko",
+    "drivers/virtio/virtio_pci.ko",
+    "net/core/failover.ko",
+    "drivers/net/net_failover.ko",
+    "drivers/net/virtio_net.ko",
 ];
 const L1_INIT: &str = include_str!("l1-init.sh");
 /// Where the scenarios are inside L1.

@@ -8,9 +8,10 @@ mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
 # Loopback, for scenarios that serve on 127.0.0.1 (kiln fn serve).
 ip link set lo up
-# KVM, then tun and the bridge for instances' NICs (the order of MODULES
-# in initramfs.rs).
-for module in irqbypass kvm kvm-amd tun llc stp bridge; do
+# KVM, then tun and the bridge for instances' NICs, then L1's own NIC
+# (the order of MODULES in initramfs.rs).
+for module in irqbypass kvm kvm-amd tun llc stp bridge virtio_ring virtio \
+    virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci failover net_failover virtio_net; do
     insmod "/lib/modules/$module.ko" || echo "KILN-TEST harness/insmod-$module FAIL insmod failed"
 done
 if [ -c /dev/kvm ]; then
@@ -22,6 +23,12 @@ export PATH=/kiln/bin:/usr/bin:/bin:/usr/sbin:/sbin
 export KILN=/kiln/bin/kiln KILN_KERNEL=/kiln/vmlinux KILN_INIT=/kiln/guest-init
 export KILN_ASSETS=/kiln/assets KILN_IMAGES=/kiln/images QEMU=/usr/bin/qemu-system-x86_64 WORK_ROOT=/tmp/work
 export XTASK=/kiln/bin/xtask
+# L1's NIC on QEMU's user-mode network (its fixed guest address), through
+# which the harness reaches a scenario's server and answers its host
+# steps (tests/vm/lib.sh's host_step, xtask/src/harness/host_steps.rs).
+ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 ||
+    echo "KILN-TEST harness/l1-nic FAIL no eth0 for host steps"
+export KILN_HOST_LISTEN=10.0.2.15 KILN_HOST_REPLY_PORT=9100
 sh -c "$(cat /kiln/job)"
 echo KILN-DONE
 sync

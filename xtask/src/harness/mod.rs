@@ -17,14 +17,17 @@ use anyhow::{Context, Result, bail};
 use crate::{apt, init, kernel, sh};
 
 mod assets;
+mod host_steps;
 mod initramfs;
 mod results;
 
+use host_steps::HostLink;
 pub use results::Summary;
 
 /// What the harness needs on the host; python3-pip is the pip with which
 /// recipes/python-lambda's `[[build]]` step installs its pinned wheels
-/// from PyPI.
+/// from PyPI, and python3-boto3 the client of the host step
+/// tests/vm/host/boto3-invoke.
 pub const PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "linux-image-cloud-amd64",
@@ -32,6 +35,7 @@ pub const PACKAGES: &[&str] = &[
     "e2fsprogs",
     "cpio",
     "python3-pip",
+    "python3-boto3",
 ];
 /// Files in tests/vm/ that are not scenarios.
 const NOT_SCENARIOS: [&str; 2] = ["run", "lib"];
@@ -100,15 +104,23 @@ pub fn prepare() -> Result<Prepared> {
 pub fn run_job(prepared: &Prepared, job: &Job) -> Result<(Vec<String>, Summary)> {
     let host = kiln_vmm::host::detect();
     let log = prepared.out.join("console.log");
-    let mut command = if host.can_boot_linux() {
+    // Host steps run on this host only when the scenarios do not.
+    let (mut command, host_link) = if host.can_boot_linux() {
         eprintln!("xtask: hardware KVM: running directly");
-        direct(prepared, job)?
+        (direct(prepared, job)?, None)
     } else {
         eprintln!("xtask: {host}\nxtask: running in nested KVM under QEMU TCG");
-        nested(prepared, job)?
+        let link = HostLink::new()?;
+        (nested(prepared, job, &link)?, Some(link))
     };
     let deadline = L1_BOOT_ALLOWANCE + job.allowance;
-    stream(&mut command, &log, deadline, job.silence_limit)
+    stream(
+        &mut command,
+        &log,
+        deadline,
+        job.silence_limit,
+        host_link.as_ref(),
+    )
 }
 
 /// `cargo xtask vm-test`: runs the named scenarios (all when none are
@@ -236,8 +248,8 @@ fn expand(words: &[String], tests: &str, xtask: &str) -> Vec<String> {
 }
 
 /// The job inside L1: QEMU TCG with nested SVM, booting the packed
-/// initramfs, whose /init runs it.
-fn nested(prepared: &Prepared, job: &Job) -> Result<Command> {
+/// initramfs, whose /init runs it; `link` is its NIC's way to this host.
+fn nested(prepared: &Prepared, job: &Job, link: &HostLink) -> Result<Command> {
     let archive = prepared.out.join("l1.cpio");
     let started = Instant::now();
     let xtask = std::env::current_exe().context("cannot find the xtask binary")?;
@@ -278,6 +290,7 @@ fn nested(prepared: &Prepared, job: &Job) -> Result<Command> {
             "stdio",
             "-no-reboot",
         ])
+        .args(link.qemu_args())
         .arg("-kernel")
         .arg(vmlinuz)
         .arg("-initrd")
@@ -313,14 +326,16 @@ fn l1_kernel() -> Result<(PathBuf, String)> {
     Ok((PathBuf::from(format!("/boot/vmlinuz-{version}")), version))
 }
 
-/// Runs `command`, echoing its output to stderr and `log` and parsing the
-/// result lines; kills it at `deadline`, or after `silence_limit` with no
-/// line (then the summary says it `stalled`).
+/// Runs `command`, echoing its output to stderr and `log`, parsing the
+/// result lines and starting the host steps they ask `host_link` for;
+/// kills it at `deadline`, or after `silence_limit` with no line (then
+/// the summary says it `stalled`).
 fn stream(
     command: &mut Command,
     log: &Path,
     deadline: Duration,
     silence_limit: Option<Duration>,
+    host_link: Option<&HostLink>,
 ) -> Result<(Vec<String>, Summary)> {
     let mut child = command
         .stdin(Stdio::null())
@@ -362,6 +377,9 @@ fn stream(
         eprintln!("{line}");
         writeln!(log, "{line}")?;
         summary.take_line(&line);
+        if let Some(link) = host_link {
+            link.take_line(&line);
+        }
         lines.push(line);
         let _ = line_seen.send(());
     }
@@ -392,6 +410,7 @@ mod tests {
             &log,
             Duration::from_secs(60),
             limit,
+            None,
         )
         .unwrap();
         assert!(summary.stalled && !summary.done);
@@ -403,7 +422,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("console.log");
         let deadline = Duration::from_millis(500);
-        let (_, summary) = stream(&mut quiet_after_one_line(), &log, deadline, None).unwrap();
+        let (_, summary) = stream(&mut quiet_after_one_line(), &log, deadline, None, None).unwrap();
         assert!(!summary.stalled && !summary.done);
     }
 }
