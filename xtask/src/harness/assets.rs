@@ -86,6 +86,7 @@ const RECIPES: &[(&str, &str)] = &[
     ("python", "recipes/python"),
     ("python-echo", "recipes/python-echo"),
     ("python-lambda", "recipes/python-lambda"),
+    ("rust-lambda", "recipes/rust-lambda"),
     ("web", "recipes/web"),
     ("vm-test", "tests/vm/image"),
     ("disk-bench", "tests/vm/bench-disk"),
