@@ -30,8 +30,8 @@ use tempfile::TempDir;
 
 use super::{FunctionError, io_err, random_seed};
 use crate::definition::{DEFAULT_CACHE_MIB, instance_cid};
+use crate::image_test::vm_process;
 use crate::instance::snapshots;
-use crate::instance::supervisor::VM_SUBCOMMAND;
 
 /// Where clones' directories are made, under `$KILN_HOME`.
 const CLONES_DIR: &str = "clones";
@@ -142,16 +142,8 @@ impl Template {
     /// nowhere (a runtime's log comes back with each event), its own
     /// complaints go to this process's stderr.
     fn spawn(&self, definition: &Path) -> io::Result<Child> {
-        let mut command = Command::new(&self.kiln);
-        command
-            .arg(VM_SUBCOMMAND)
-            .arg("--config")
-            .arg(definition)
-            .arg("--supervisor")
-            .arg(std::process::id().to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+        let mut command = vm_process(&self.kiln, definition);
+        command.stdout(Stdio::null()).stderr(Stdio::inherit());
         let (reply, answer) = mpsc::channel();
         let gone = || io::Error::other("the clones' spawner thread has ended");
         self.spawner.send((command, reply)).map_err(|_| gone())?;
