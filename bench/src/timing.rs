@@ -63,6 +63,11 @@ pub enum Stream {
 pub enum Then {
     /// It is stopped with `SIGTERM`: a VM that would run on.
     Terminate,
+    /// It is killed (`SIGKILL`) and its exit is waited for by a thread of
+    /// its own, as a function's clone ends
+    /// (`kiln_control::functions::clone_vm`): the run is over at once,
+    /// without waiting for KVM to tear the VM down.
+    Kill,
     /// It runs to its end, which must be a success.
     Succeed,
 }
@@ -129,10 +134,19 @@ pub fn time_to_and(
     let mut watched = BufReader::new(watched);
     let mut seen = Vec::new();
     let elapsed = wait_for(&mut watched, &mut seen, event, started);
-    if elapsed.is_some() {
+    if let Some(elapsed) = elapsed {
         at_event(pid);
-        if then == Then::Terminate {
-            signal(pid, libc::SIGTERM);
+        match then {
+            Then::Terminate => signal(pid, libc::SIGTERM),
+            Then::Kill => {
+                signal(pid, libc::SIGKILL);
+                // Killed, it is under no limit any more.
+                watchdog.finish();
+                std::thread::spawn(move || (child.wait(), other.join()));
+                let printed = String::from_utf8_lossy(&seen).trim().to_string();
+                return Ok(Timed { elapsed, printed });
+            }
+            Then::Succeed => {}
         }
     }
     let _ = watched.read_to_end(&mut seen);
@@ -375,6 +389,16 @@ mod tests {
         let took = started.elapsed();
         assert!(took < Duration::from_secs(10), "not terminated: {took:?}");
         assert_eq!(timed.printed, "x | ");
+    }
+
+    #[test]
+    fn a_killed_child_is_done_with_at_once() {
+        let started = Instant::now();
+        let script = "printf x; exec sleep 30";
+        let timed = sh(script, Stream::Stdout, Event::FirstByte, Then::Kill).unwrap();
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(10), "not killed: {took:?}");
+        assert_eq!(timed.printed, "x");
     }
 
     #[test]

@@ -255,15 +255,9 @@ pub(crate) fn run_vm_process(
     };
     let (reader, writer) = io::pipe().map_err(err("start"))?;
     let started = Instant::now();
-    let mut child = Command::new(kiln)
-        .arg(VM_SUBCOMMAND)
-        .arg("--config")
-        .arg(definition)
-        // Ends with this process (SIGTERM): a test or build VM never
-        // outlives the command that started it.
-        .arg("--supervisor")
-        .arg(std::process::id().to_string())
-        .stdin(Stdio::null())
+    // Ends with this process: a test or build VM never outlives the
+    // command that started it.
+    let mut child = vm_process(kiln, definition)
         .stdout(writer.try_clone().map_err(err("start"))?)
         .stderr(writer)
         .spawn()
@@ -280,6 +274,21 @@ pub(crate) fn run_vm_process(
             duration,
         })
     })
+}
+
+/// `kiln __vm --config DEFINITION` (the binary `kiln`), with this
+/// process as its supervisor: it ends (SIGTERM) when the thread that
+/// spawns it does. Its stdin is /dev/null.
+pub(crate) fn vm_process(kiln: &Path, definition: &Path) -> Command {
+    let mut command = Command::new(kiln);
+    command
+        .arg(VM_SUBCOMMAND)
+        .arg("--config")
+        .arg(definition)
+        .arg("--supervisor")
+        .arg(std::process::id().to_string())
+        .stdin(Stdio::null());
+    command
 }
 
 /// Waits for `child` until `deadline`, then kills it. Returns its status

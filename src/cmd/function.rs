@@ -270,7 +270,7 @@ fn invoke_once(functions: &Functions, name: &str, payload: &str) -> anyhow::Resu
         print_reply(&reply);
         return Ok(exit_code(name, reply));
     }
-    // The response is printed as it arrives, before the clone's teardown.
+    // The response is printed as it arrives, before the clone is killed.
     let Invoked { reply, .. } = functions.invoke_then(name, payload, print_reply)?;
     Ok(exit_code(name, reply))
 }
@@ -326,7 +326,7 @@ fn invoke_many(
         anyhow::bail!("--count and --concurrency: expected at least 1");
     }
     let started = std::time::Instant::now();
-    let results = functions.invoke_many(name, payload, count, concurrency);
+    let results = functions.invoke_many(name, payload, count, concurrency)?;
     let elapsed = started.elapsed();
     let mut latencies = Vec::new();
     let mut failed = 0;

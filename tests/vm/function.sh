@@ -43,7 +43,7 @@ check clones-are-hosts-of-their-own sh -c "case '$h1' in i-*) [ '$h1' != '$h2' ]
 # (4 at a time took from 2 to over 10 minutes from run to run). A line
 # every 30 s shows how far they are.
 ( while sleep 30; do
-    echo "KILN-INFO function load: $(ls "$KILN_HOME/instances" 2>/dev/null | wc -l) clones, $(ps | grep -c '[k]iln __vm ') VM processes"
+    echo "KILN-INFO function load: $(ls "$KILN_HOME/clones" 2>/dev/null | wc -l) clones, $(ps | grep -c '[k]iln __vm ') VM processes"
   done ) &
 progress=$!
 "$KILN" fn invoke echo --payload '{}' --count 8 --concurrency 2 > "$WORK/many.txt" 2>&1

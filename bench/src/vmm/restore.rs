@@ -48,8 +48,9 @@ pub const VM_TIMER: (&str, &str) = (
 );
 /// What the clones are, for the report.
 pub const CLONE_PATH: &str = "vm-process: each clone is `kiln __vm` restoring the diskless \
-    stub's snapshot to its first heartbeat, then SIGTERM; the instance path (the restore \
-    above) runs three processes and the registry per clone";
+    stub's snapshot to its first heartbeat, then SIGKILL, its exit waited for by a thread of \
+    its own (as a function's clone ends); the instance path (the restore above) runs three \
+    processes and the registry per clone";
 
 /// The recipe of the stub's image: an instance needs an image for its root
 /// volume, which the stub never reads. Its /sbin/init is the stub's own
@@ -412,13 +413,14 @@ struct Restored {
     run: Option<Run>,
 }
 
-/// A VM process restoring `vm`, timed to its first heartbeat, then
-/// stopped (SIGTERM); traced into `trace` if given.
+/// A VM process restoring `vm`, timed to its first heartbeat, then ended
+/// as `then` says; traced into `trace` if given.
 fn restore_vm(
     config: &VmmConfig,
     kiln: &Kiln,
     vm: &VmSnapshot,
     trace: Option<&Path>,
+    then: Then,
 ) -> Result<Restored, BenchError> {
     let (_client, vm_end) = rpc::channel().map_err(|source| BenchError::Control {
         what: "kiln __vm: the control channel".into(),
@@ -433,7 +435,7 @@ fn restore_vm(
         "kiln __vm (restore)",
         Stream::Stdout,
         Event::LineStarting(HEARTBEAT),
-        Then::Terminate,
+        then,
         config.limit,
         |pid| {
             beat_ns = trace::monotonic_ns();
@@ -460,7 +462,9 @@ pub fn vm_restores(
 ) -> Result<(Latency, Vec<Stage>), BenchError> {
     let run = |i: usize| {
         let trace = vm.dir.with_file_name(format!("trace-vm-{i}"));
-        let restored = restore_vm(config, kiln, vm, Some(&trace))?;
+        // Each run ends before the next begins: the restores never
+        // overlap another's teardown.
+        let restored = restore_vm(config, kiln, vm, Some(&trace), Then::Terminate)?;
         Ok((restored.ms, restored.run.unwrap_or_default()))
     };
     let (runs, _) = series(config.plan(), "restore (kiln __vm)", progress, &run)?;
@@ -468,7 +472,9 @@ pub fn vm_restores(
 }
 
 /// `config.runs` clones (VM-process restores of `vm`), `concurrency` at a
-/// time, after `config.warmup` untimed ones.
+/// time, after `config.warmup` untimed ones; each is killed at its
+/// heartbeat and its teardown left to a thread of its own, as a
+/// function's clone is.
 pub fn clones(
     config: &VmmConfig,
     kiln: &Kiln,
@@ -481,7 +487,7 @@ pub fn clones(
         ..config.plan()
     };
     let run = |_: usize| {
-        let restored = restore_vm(config, kiln, vm, None)?;
+        let restored = restore_vm(config, kiln, vm, None, Then::Kill)?;
         Ok((restored.ms, restored.memory))
     };
     let label = format!("clones, {concurrency} at a time");

@@ -6,12 +6,13 @@
 //! [`FunctionConfig`]) and `template/`, a snapshot ([`kiln_vmm::snapshot`])
 //! of an instance of the image whose guest-init runs in function mode
 //! (`guest_init::function`), taken once that guest answered a ping. An
-//! invocation restores the template into a new instance (its memory
-//! mapped copy-on-write from the template, its own copy of the root
-//! volume, its own vsock CID), connects to guest-init's function port
-//! through the instance's vsock socket, sends the payload with fresh host
-//! randomness (the clone reseeds its kernel's random pool with it), reads
-//! the outcome and terminates the clone.
+//! invocation restores the template as a clone ([`clone_vm`]: a lone VM
+//! process of the invoking process, its memory mapped copy-on-write from
+//! the template, its own copy of the root volume's writes, its own vsock
+//! socket and CID), connects to guest-init's function port through that
+//! socket, sends the payload with fresh host randomness (the clone
+//! reseeds its kernel's random pool with it), reads the outcome and kills
+//! the clone.
 //!
 //! That is the `command` mode, where guest-init starts the handler's
 //! process afresh for each invocation. The default, `runtime-api` mode,
@@ -21,6 +22,7 @@
 //! runtime's init is done and it waits for its first event; a clone is
 //! reseeded and released from `restore/next`, and its runtime, already
 //! initialized, takes the event ([`runtime::Environment`]).
+pub mod clone_vm;
 pub mod invoke_api;
 pub mod pool;
 pub mod runtime;
@@ -43,7 +45,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::{self, Request, Response};
 use crate::instance::lifecycle::{self, LifecycleError};
+use crate::instance::snapshots::SnapshotsError;
 use crate::instance::{Instance, InstanceError, Network, Registry, Spec};
+use clone_vm::{CloneVm, Template};
+use kiln_builder::store::StoreError;
 use kiln_vmm::devices::lock;
 use kiln_vmm::durable;
 use kiln_vmm::report::one_line;
@@ -248,11 +253,25 @@ pub enum FunctionError {
         /// The first address it resolves to that is not loopback.
         address: SocketAddr,
     },
-    /// The template VM or a clone could not be launched, restored,
-    /// snapshot or terminated.
+    /// A clone's VM process could not be started.
+    #[error("clone {id}: cannot start its VM process")]
+    Spawn {
+        /// The clone.
+        id: String,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+    /// The template's image is not in the store.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The template snapshot is damaged or missing.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotsError),
+    /// The template VM could not be launched, snapshot or terminated.
     #[error(transparent)]
     Lifecycle(#[from] LifecycleError),
-    /// A clone's record could not be had or forgotten.
+    /// The template VM's record could not be had or forgotten.
     #[error(transparent)]
     Instance(#[from] InstanceError),
 }
@@ -277,6 +296,8 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> FunctionError + '_ {
 
 /// The functions of one `$KILN_HOME`.
 pub struct Functions {
+    /// `$KILN_HOME`.
+    home: PathBuf,
     root: PathBuf,
     registry: Registry,
     /// The `kiln` binary, which instances' VMM processes run.
@@ -309,7 +330,7 @@ pub struct Invoked {
     pub reply: Reply,
     /// From asking for the clone to the outcome's arrival.
     pub latency: Duration,
-    /// The clone that ran it (terminated by now).
+    /// The clone that ran it (killed by now).
     pub instance_id: String,
 }
 
@@ -387,6 +408,7 @@ impl Functions {
     /// processes run the `kiln` binary at `kiln`.
     pub fn new(home: &Path, kiln: &Path) -> Self {
         Functions {
+            home: home.to_path_buf(),
             root: home.join("functions"),
             registry: Registry::new(home),
             kiln: kiln.to_path_buf(),
@@ -504,38 +526,41 @@ impl Functions {
         fs::remove_dir_all(&dir).map_err(io_err(&dir))
     }
 
-    /// One invocation in a fresh clone of the template, torn down after.
+    /// One invocation in a fresh clone of the template, killed after.
     pub fn invoke(&self, name: &str, payload: &str) -> Result<Invoked, FunctionError> {
         self.invoke_then(name, payload, |_| {})
     }
 
     /// `count` invocations of `name`, `concurrency` at a time (each
-    /// thread takes the next until all are taken); the results in the
-    /// order they finished. `kiln fn invoke --count` times these.
+    /// thread takes the next until all are taken), each in a fresh clone;
+    /// the results in the order they finished. `kiln fn invoke --count`
+    /// times these.
     pub fn invoke_many(
         &self,
         name: &str,
         payload: &str,
         count: usize,
         concurrency: usize,
-    ) -> Vec<Result<Invoked, FunctionError>> {
+    ) -> Result<Vec<Result<Invoked, FunctionError>>, FunctionError> {
+        let config = self.get(name)?;
+        let template = self.template(name)?;
         let next = Mutex::new(0usize);
         let results = Mutex::new(Vec::with_capacity(count));
         std::thread::scope(|scope| {
             for _ in 0..concurrency.min(count) {
                 scope.spawn(|| {
                     while take_one(&next, count) {
-                        let result = self.invoke(name, payload);
+                        let result = invoke_clone(&config, &template, payload, |_| {});
                         lock(&results).push(result);
                     }
                 });
             }
         });
-        results.into_inner().unwrap_or_else(|p| p.into_inner())
+        Ok(results.into_inner().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// [`invoke`](Self::invoke), handing the outcome to `answered` as
-    /// soon as it arrives, before the clone is torn down: `kiln fn invoke`
+    /// soon as it arrives, before the clone is killed: `kiln fn invoke`
     /// prints the response without waiting for the teardown.
     pub fn invoke_then(
         &self,
@@ -544,70 +569,62 @@ impl Functions {
         answered: impl FnOnce(&Reply),
     ) -> Result<Invoked, FunctionError> {
         let config = self.get(name)?;
-        let started = Instant::now();
-        let (clone, reply) = match config.mode {
-            Mode::Command => {
-                let clone = self.restore_template(name)?;
-                let reply = call(&clone, &config, payload).map(Reply::Command);
-                (clone, reply)
-            }
-            Mode::RuntimeApi => {
-                let (clone, mut session) = self.restore_clone(name)?;
-                let input = invoke_api::Input {
-                    payload: payload.to_string(),
-                    client_context: None,
-                };
-                let reply = session.invoke(&config, &input).map(Reply::Runtime);
-                (clone, reply)
-            }
-        };
-        let latency = started.elapsed();
-        if let Ok(reply) = &reply {
-            answered(reply);
-        }
-        let instance_id = clone.record.id.clone();
-        // A clone leaves nothing behind, not even its record.
-        lifecycle::terminate(clone, INSTANCE_TIMEOUT)?.forget()?;
-        Ok(Invoked {
-            reply: reply?,
-            latency,
-            instance_id,
-        })
+        invoke_clone(&config, &self.template(name)?, payload, answered)
+    }
+
+    /// The template of function `name`, from which its clones are
+    /// restored.
+    pub fn template(&self, name: &str) -> Result<Template, FunctionError> {
+        Template::open(&self.home, &self.dir(name).join(TEMPLATE_DIR), &self.kiln)
     }
 }
 
-impl Functions {
-    /// A new clone of `name`'s template.
-    fn restore_template(&self, name: &str) -> Result<Instance, FunctionError> {
-        let template = self.dir(name).join(TEMPLATE_DIR);
-        // Templates have no NIC (see `create`): nothing to isolate.
-        Ok(lifecycle::restore(
-            &self.registry,
-            &template,
-            None,
-            false,
-            &self.kiln,
-            INSTANCE_TIMEOUT,
-        )?)
-    }
-
-    /// A new clone of `name`'s template (a `runtime-api` function), made a
-    /// machine of its own and its runtime released from `restore/next`;
-    /// terminated again if that fails.
-    pub fn restore_clone(&self, name: &str) -> Result<(Instance, runtime::Session), FunctionError> {
-        let clone = self.restore_template(name)?;
-        let session = runtime::Session::connect(&clone).and_then(|mut session| {
-            session.restore()?;
-            Ok(session)
-        });
-        match session {
-            Ok(session) => Ok((clone, session)),
-            Err(err) => {
-                lifecycle::terminate(clone, INSTANCE_TIMEOUT)?.forget()?;
-                Err(err)
-            }
+/// One invocation of the function `config` in a fresh clone of its
+/// `template`, the outcome handed to `answered` before the clone is
+/// killed.
+fn invoke_clone(
+    config: &FunctionConfig,
+    template: &Template,
+    payload: &str,
+    answered: impl FnOnce(&Reply),
+) -> Result<Invoked, FunctionError> {
+    let started = Instant::now();
+    let (clone, reply) = match config.mode {
+        Mode::Command => {
+            let clone = template.restore()?;
+            let reply = call(&clone, config, payload).map(Reply::Command);
+            (clone, reply)
         }
+        Mode::RuntimeApi => {
+            let (clone, mut session) = restore_clone(template)?;
+            let input = invoke_api::Input {
+                payload: payload.to_string(),
+                client_context: None,
+            };
+            let reply = session.invoke(config, &input).map(Reply::Runtime);
+            (clone, reply)
+        }
+    };
+    let latency = started.elapsed();
+    if let Ok(reply) = &reply {
+        answered(reply);
     }
+    Ok(Invoked {
+        reply: reply?,
+        latency,
+        // The clone is killed as it goes, after this.
+        instance_id: clone.id().to_string(),
+    })
+}
+
+/// A new clone of a `runtime-api` function's `template`, made a machine
+/// of its own and its runtime released from `restore/next`; killed again
+/// if that fails.
+pub fn restore_clone(template: &Template) -> Result<(CloneVm, runtime::Session), FunctionError> {
+    let clone = template.restore()?;
+    let mut session = runtime::Session::connect(clone.id(), &clone.vsock_socket())?;
+    session.restore()?;
+    Ok((clone, session))
 }
 
 /// Takes one of `count` invocations if any is left.
@@ -763,16 +780,13 @@ pub fn ping(mut stream: std::os::unix::net::UnixStream) -> io::Result<()> {
 
 /// Waits until the runtime in the template VM `instance` has initialized.
 fn wait_init(instance: &Instance, name: &str) -> Result<runtime::Initialized, FunctionError> {
-    runtime::Session::connect(instance)?.wait_init(name, READY_TIMEOUT)
+    runtime::Session::connect(&instance.record.id, &instance.vsock_socket())?
+        .wait_init(name, READY_TIMEOUT)
 }
 
-/// Sends one invocation to the function in `instance` and reads its outcome.
-fn call(
-    instance: &Instance,
-    config: &FunctionConfig,
-    payload: &str,
-) -> Result<Outcome, FunctionError> {
-    let id = &instance.record.id;
+/// Sends one invocation to the function in `clone` and reads its outcome.
+fn call(clone: &CloneVm, config: &FunctionConfig, payload: &str) -> Result<Outcome, FunctionError> {
+    let id = &clone.id().to_string();
     let invoke_err = |source| FunctionError::Invoke {
         id: id.clone(),
         source,
@@ -784,7 +798,7 @@ fn call(
         // Each clone is a host of its own, as it is an instance of its own.
         hostname: Some(id.clone()),
     };
-    let mut stream = vsock::connect(&instance.vsock_socket(), FUNCTION_PORT, CONNECT_TIMEOUT)
+    let mut stream = vsock::connect(&clone.vsock_socket(), FUNCTION_PORT, CONNECT_TIMEOUT)
         .map_err(invoke_err)?;
     stream
         .set_read_timeout(Some(Duration::from_secs(config.timeout_s) + ANSWER_SLACK))

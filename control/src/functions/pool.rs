@@ -3,25 +3,24 @@
 //! warm one (its runtime waiting in `invocation/next`, no restore), or
 //! restores a new clone while fewer than `max_concurrency` exist, or waits
 //! for one to come free. After its event an environment waits warm; one
-//! idle for `keep_warm` is terminated ([`Pool::expire`]), as is one whose
+//! idle for `keep_warm` is killed ([`Pool::expire`]), as is one whose
 //! runtime timed out or exited (it serves no more events), and every one
-//! at [`Pool::shutdown`].
+//! at [`Pool::shutdown`]. Each environment is a lean clone
+//! ([`super::clone_vm`]): a VM process of this serve's own.
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use guest_init::function::{EventResult, EventStatus};
 use kiln_vmm::devices::lock;
-use kiln_vmm::report::one_line;
 
+use super::clone_vm::{CloneVm, Template};
 use super::invoke_api::{Backend, Input, PoolStatus};
 use super::runtime::Session;
-use super::{FunctionConfig, FunctionError, Functions, INSTANCE_TIMEOUT};
-use crate::instance::Instance;
-use crate::instance::lifecycle;
+use super::{FunctionConfig, FunctionError, restore_clone};
 
-/// One clone and its session.
+/// One clone and its session; dropping it kills the clone.
 pub struct Warm {
-    instance: Instance,
+    _clone: CloneVm,
     session: Session,
     idle_since: Instant,
 }
@@ -35,8 +34,8 @@ struct State {
 }
 
 /// A function's environments.
-pub struct Pool<'a> {
-    functions: &'a Functions,
+pub struct Pool {
+    template: Template,
     config: FunctionConfig,
     max_concurrency: usize,
     keep_warm: Duration,
@@ -44,16 +43,17 @@ pub struct Pool<'a> {
     freed: Condvar,
 }
 
-impl<'a> Pool<'a> {
-    /// An empty pool for `config`'s function (a `runtime-api` one).
+impl Pool {
+    /// An empty pool for `config`'s function (a `runtime-api` one), whose
+    /// clones are restored from `template`.
     pub fn new(
-        functions: &'a Functions,
+        template: Template,
         config: FunctionConfig,
         max_concurrency: usize,
         keep_warm: Duration,
     ) -> Self {
         Pool {
-            functions,
+            template,
             config,
             max_concurrency: max_concurrency.max(1),
             keep_warm,
@@ -81,9 +81,9 @@ impl<'a> Pool<'a> {
     }
 
     fn restore(&self) -> Result<Warm, FunctionError> {
-        let (instance, session) = self.functions.restore_clone(&self.config.name)?;
+        let (clone, session) = restore_clone(&self.template)?;
         Ok(Warm {
-            instance,
+            _clone: clone,
             session,
             idle_since: Instant::now(),
         })
@@ -100,7 +100,7 @@ impl<'a> Pool<'a> {
         self.freed.notify_one();
     }
 
-    /// Terminates the environments idle for longer than `keep_warm`.
+    /// Kills the environments idle for longer than `keep_warm`.
     pub fn expire(&self) {
         let expired: Vec<Warm> = {
             let mut state = lock(&self.state);
@@ -111,31 +111,16 @@ impl<'a> Pool<'a> {
             state.idle = kept;
             old
         };
-        for warm in expired {
-            terminate(warm);
-        }
+        drop(expired);
     }
 
-    /// Terminates every idle environment (call once no event runs).
+    /// Kills every idle environment (call once no event runs).
     pub fn shutdown(&self) {
-        let idle = std::mem::take(&mut lock(&self.state).idle);
-        for warm in idle {
-            terminate(warm);
-        }
+        drop(std::mem::take(&mut lock(&self.state).idle));
     }
 }
 
-fn terminate(warm: Warm) {
-    let id = warm.instance.record.id.clone();
-    let ended = lifecycle::terminate(warm.instance, INSTANCE_TIMEOUT)
-        .map_err(FunctionError::from)
-        .and_then(|instance| Ok(instance.forget()?));
-    if let Err(err) = ended {
-        log::warn!("fn serve: cannot terminate {id}: {}", one_line(&err));
-    }
-}
-
-impl Backend for Pool<'_> {
+impl Backend for Pool {
     fn name(&self) -> &str {
         &self.config.name
     }
@@ -150,8 +135,8 @@ impl Backend for Pool<'_> {
             self.release(Some(warm));
         } else {
             // Its runtime is gone (or its session broke): a fresh clone
-            // takes the next event, once this one is gone.
-            terminate(warm);
+            // takes the next event, once this one is killed.
+            drop(warm);
             self.release(None);
         }
         result

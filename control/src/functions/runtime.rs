@@ -5,6 +5,7 @@
 //! [`FUNCTION_PORT`]).
 use std::io;
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use guest_init::function::{
@@ -16,7 +17,6 @@ use super::{
     ANSWER_SLACK, CONNECT_TIMEOUT, FunctionConfig, FunctionError, random_seed, read_line, vsock,
     write_line,
 };
-use crate::instance::Instance;
 
 /// The region the functions' ARNs and `AWS_REGION` name: Kiln runs them
 /// on this host, and clients must name some region.
@@ -46,10 +46,11 @@ pub struct Initialized {
 }
 
 impl Session {
-    /// Connects to `instance`'s guest-init (retried while the VM starts).
-    pub fn connect(instance: &Instance) -> Result<Self, FunctionError> {
-        let id = instance.record.id.clone();
-        match vsock::connect(&instance.vsock_socket(), FUNCTION_PORT, CONNECT_TIMEOUT) {
+    /// Connects to the guest-init of VM `id` through its vsock `socket`
+    /// (retried while the VM starts).
+    pub fn connect(id: &str, socket: &Path) -> Result<Self, FunctionError> {
+        let id = id.to_string();
+        match vsock::connect(socket, FUNCTION_PORT, CONNECT_TIMEOUT) {
             Ok(stream) => Ok(Session { id, stream }),
             Err(source) => Err(FunctionError::Invoke { id, source }),
         }

@@ -46,7 +46,7 @@ impl Functions {
 
     /// Serves `name` (a `runtime-api` function) on `listener` and its
     /// socket until `stop` is set (or `max_requests` were served), then
-    /// terminates every environment.
+    /// kills every environment.
     pub fn serve_runtime(
         &self,
         name: &str,
@@ -58,10 +58,11 @@ impl Functions {
         if config.mode != Mode::RuntimeApi {
             return Err(FunctionError::NotRuntimeApi(name.to_string()));
         }
+        let template = self.template(name)?;
         let path = self.serve_socket(name);
         let local = bind_socket(&path)?;
         listener.set_nonblocking(true).map_err(io_err(&path))?;
-        let pool = Pool::new(self, config, options.max_concurrency, options.keep_warm);
+        let pool = Pool::new(template, config, options.max_concurrency, options.keep_warm);
         let served = AtomicUsize::new(0);
         std::thread::scope(|scope| {
             let mut last_expiry = Instant::now();
@@ -86,7 +87,7 @@ impl Functions {
                 }
             }
         });
-        log::info!("fn serve {name}: stopping, terminating the environments");
+        log::info!("fn serve {name}: stopping, killing the environments");
         pool.shutdown();
         let _ = std::fs::remove_file(&path);
         Ok(())

@@ -1,0 +1,363 @@
+//! A function's clone on the lean path: one VM process (`kiln __vm`)
+//! restoring the template, started by the process that serves the
+//! function, with nothing of a detached instance's machinery, which a
+//! clone never uses: no registry record, no supervisor process, no
+//! console log, no API socket, no `kiln snapshot restore` command.
+//!
+//! What a clone still has is what the VM needs: its own copy of the
+//! template's root volume writes (a throwaway file, not synced: the clone
+//! never outlives its VM, and the VM process unlinks it once open), its
+//! own vsock socket and CID, and every seccomp filter of the VM process.
+//! Its guest is made a machine of its own (randomness, hostname) by the
+//! caller's `restore` session request before its runtime goes on.
+//!
+//! A clone's end is a SIGKILL: nothing of it is kept, so nothing needs
+//! flushing. The VM process's exit (KVM tearing the VM down, 5 to 20 ms
+//! off the CPU) is waited for by a thread of its own, off the path of the
+//! answer and of the next restore.
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+
+use kiln_builder::store::Store;
+use kiln_vmm::config::{Boot, DiskConfig, DiskSource, VmConfig, VsockConfig};
+use kiln_vmm::durable;
+use kiln_vmm::snapshot::ROOT_OVERLAY_FILE;
+use tempfile::TempDir;
+
+use super::{FunctionError, io_err, random_seed};
+use crate::definition::{DEFAULT_CACHE_MIB, instance_cid};
+use crate::image_test::vm_process;
+use crate::instance::snapshots;
+
+/// Where clones' directories are made, under `$KILN_HOME`.
+const CLONES_DIR: &str = "clones";
+/// A clone's VM definition, in its directory.
+const DEFINITION_FILE: &str = "vm.json";
+/// A clone's vsock socket, in its directory.
+const VSOCK_SOCKET: &str = "vsock.sock";
+/// Hex digits of a clone's id after `i-`, as an instance id has: the
+/// clone's hostname, which the end-to-end tests expect in that shape.
+const ID_HEX_DIGITS: usize = 16;
+
+/// One VM process to start, and where its [`Child`] (or the failure) goes.
+type SpawnRequest = (Command, mpsc::Sender<io::Result<Child>>);
+
+/// What every clone of one function's template shares, read once: the
+/// definition of its VM process and the files it starts from.
+pub struct Template {
+    /// The template snapshot's directory.
+    dir: PathBuf,
+    /// The clones' VM definition, but for each one's overlay and vsock.
+    vm: VmConfig,
+    /// `$KILN_HOME/clones`, where each clone's directory is made.
+    clones: PathBuf,
+    /// The `kiln` binary, whose `__vm` subcommand is a VM process.
+    kiln: PathBuf,
+    /// The thread that starts the clones' VM processes.
+    spawner: mpsc::Sender<SpawnRequest>,
+}
+
+/// A running clone: its VM process and its directory (its definition,
+/// vsock socket and, until the VM process has opened it, its overlay).
+/// Dropping it kills the VM process.
+pub struct CloneVm {
+    /// `i-` and hex digits: the clone's name in messages, and its hostname.
+    id: String,
+    dir: TempDir,
+    /// Taken by the drop, which hands it to its reaper.
+    child: Option<Child>,
+    /// Keeps the spawner thread, which the VM process ends with, alive.
+    _spawner: mpsc::Sender<SpawnRequest>,
+}
+
+impl Template {
+    /// The template snapshot in `dir` of a function of `home`
+    /// (`$KILN_HOME`), whose clones run the `kiln` binary at `kiln`: its
+    /// launch spec and image are looked up, and its state checked whole.
+    pub fn open(home: &Path, dir: &Path, kiln: &Path) -> Result<Self, FunctionError> {
+        let (spec, _) = snapshots::read(dir, None)?;
+        let store = Store::new(home);
+        let image = store.find(&spec.image)?.image_path;
+        let root = (image, Some(store.cache_dir()));
+        let vm = definition(dir, root, (spec.vcpus, spec.memory_mib));
+        Ok(Template {
+            dir: dir.to_path_buf(),
+            vm,
+            clones: home.join(CLONES_DIR),
+            kiln: kiln.to_path_buf(),
+            spawner: spawner(),
+        })
+    }
+
+    /// A new clone: its directory, its copy of the template's root volume
+    /// writes and its definition, then its VM process, started. The VM is
+    /// restoring when this returns; its vsock socket answers once it runs.
+    pub fn restore(&self) -> Result<CloneVm, FunctionError> {
+        kiln_vmm::trace::mark("clone");
+        let id = clone_id().map_err(io_err(Path::new("/dev/urandom")))?;
+        fs::create_dir_all(&self.clones).map_err(io_err(&self.clones))?;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{id}."))
+            .tempdir_in(&self.clones)
+            .map_err(io_err(&self.clones))?;
+        let overlay = dir.path().join(ROOT_OVERLAY_FILE);
+        copy_overlay(&self.dir.join(ROOT_OVERLAY_FILE), &overlay)?;
+        let definition = dir.path().join(DEFINITION_FILE);
+        write_definition(&self.definition_of(&id, dir.path(), overlay), &definition)?;
+        let child = self
+            .spawn(&definition)
+            .map_err(|source| FunctionError::Spawn {
+                id: id.clone(),
+                source,
+            })?;
+        Ok(CloneVm {
+            id,
+            dir,
+            child: Some(child),
+            _spawner: self.spawner.clone(),
+        })
+    }
+
+    /// The definition of clone `id`, whose files are in `dir`.
+    fn definition_of(&self, id: &str, dir: &Path, own_overlay: PathBuf) -> VmConfig {
+        let mut vm = self.vm.clone();
+        if let Some(DiskSource::Volume { overlay, .. }) =
+            vm.disks.first_mut().map(|d| &mut d.source)
+        {
+            *overlay = Some(own_overlay);
+        }
+        vm.vsock = Some(VsockConfig {
+            cid: instance_cid(id),
+            socket: dir.join(VSOCK_SOCKET),
+        });
+        vm
+    }
+
+    /// Starts `kiln __vm --config DEFINITION` from the spawner thread,
+    /// with this process as its supervisor: its guest's console goes
+    /// nowhere (a runtime's log comes back with each event), its own
+    /// complaints go to this process's stderr.
+    fn spawn(&self, definition: &Path) -> io::Result<Child> {
+        let mut command = vm_process(&self.kiln, definition);
+        command.stdout(Stdio::null()).stderr(Stdio::inherit());
+        let (reply, answer) = mpsc::channel();
+        let gone = || io::Error::other("the clones' spawner thread has ended");
+        self.spawner.send((command, reply)).map_err(|_| gone())?;
+        answer.recv().map_err(|_| gone())?
+    }
+}
+
+/// The thread that starts clones' VM processes, as long as a [`Template`]
+/// or [`CloneVm`] holds its sender. A VM process ends with the thread that
+/// started it (`PR_SET_PDEATHSIG`, `kiln_vmm::supervised`), and clones are
+/// restored from threads that end sooner than the clones (`kiln fn
+/// serve`'s connection threads), so none of those may start one.
+fn spawner() -> mpsc::Sender<SpawnRequest> {
+    let (requests, incoming) = mpsc::channel::<SpawnRequest>();
+    thread::spawn(move || {
+        for (mut command, reply) in incoming {
+            // A caller that has gone no longer wants the child: dropping
+            // it leaves the VM process to end with this thread.
+            let _ = reply.send(command.spawn());
+        }
+    });
+    requests
+}
+
+/// The clones' VM definition, but for each one's overlay and vsock:
+/// the snapshot in `dir`, restored with its root volume (the image and
+/// the hydration caches' directory of `root`), `size` (vCPUs, MiB) as
+/// the template had, no NIC (function templates have none:
+/// `Functions::create`), every seccomp filter.
+fn definition(
+    dir: &Path,
+    (image, hydration): (PathBuf, Option<PathBuf>),
+    size: (u8, u32),
+) -> VmConfig {
+    VmConfig {
+        boot: Boot::Snapshot {
+            dir: dir.to_path_buf(),
+            consume: false,
+        },
+        disks: vec![DiskConfig {
+            source: DiskSource::Volume {
+                image,
+                // Each clone's own, set by `Template::restore`.
+                overlay: None,
+                cache_bytes: DEFAULT_CACHE_MIB << 20,
+                hydration,
+            },
+            read_only: false,
+            // The VM process unlinks the overlay once open: a killed
+            // clone leaves no disk behind.
+            ephemeral: true,
+        }],
+        vcpus: size.0,
+        memory_mib: size.1,
+        // A restored guest keeps the command line it booted with.
+        extra_cmdline: String::new(),
+        seccomp: true,
+        // Each clone's own, set by `Template::restore`.
+        vsock: None,
+        net: None,
+        announce_boot: false,
+    }
+}
+
+/// A fresh clone id: `i-` and [`ID_HEX_DIGITS`] random hex digits.
+fn clone_id() -> io::Result<String> {
+    let hex = random_seed()?;
+    Ok(format!("i-{}", &hex[..ID_HEX_DIGITS]))
+}
+
+/// Copies the template's root volume writes to a clone's `overlay`,
+/// unsynced: the file lives no longer than the clone.
+fn copy_overlay(template: &Path, overlay: &Path) -> Result<(), FunctionError> {
+    let from = File::open(template).map_err(io_err(template))?;
+    let to = File::create_new(overlay).map_err(io_err(overlay))?;
+    durable::copy_sparse(&from, &to).map_err(io_err(overlay))?;
+    Ok(())
+}
+
+/// Writes a clone's VM definition, unsynced (it lives no longer than the
+/// clone, and the VM process reads it at once).
+fn write_definition(vm: &VmConfig, path: &Path) -> Result<(), FunctionError> {
+    let json = serde_json::to_vec(vm).expect("a VM definition serializes");
+    fs::write(path, json).map_err(io_err(path))
+}
+
+impl CloneVm {
+    /// The clone's id: `i-` and hex digits, its hostname too.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The unix socket through which host processes reach its guest's
+    /// vsock ports.
+    pub fn vsock_socket(&self) -> PathBuf {
+        self.dir.path().join(VSOCK_SOCKET)
+    }
+}
+
+impl Drop for CloneVm {
+    /// Kills the VM process and leaves its exit to be waited for by a
+    /// thread of its own, so that the caller does not wait for KVM to
+    /// tear the VM down.
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // Not yet waited for, the child's pid is still its own: the
+        // signal reaches it or nothing.
+        let _ = child.kill();
+        thread::spawn(move || child.wait());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clone_ids_are_random_and_shaped_like_instance_ids() {
+        let (a, b) = (clone_id().unwrap(), clone_id().unwrap());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 2 + ID_HEX_DIGITS);
+        assert!(a.starts_with("i-"), "{a}");
+        assert!(a[2..].chars().all(|c| c.is_ascii_hexdigit()), "{a}");
+    }
+
+    #[test]
+    fn an_overlay_copy_is_the_templates_bytes_and_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let template = dir.path().join("template");
+        let file = File::create(&template).unwrap();
+        file.set_len(8 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, b"written", 4 << 20).unwrap();
+        let copy = dir.path().join("copy");
+        copy_overlay(&template, &copy).unwrap();
+        assert_eq!(fs::read(&copy).unwrap(), fs::read(&template).unwrap());
+        // A second clone never shares (or overwrites) the first's file.
+        let err = copy_overlay(&template, &copy).unwrap_err();
+        assert!(matches!(err, FunctionError::Io { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_missing_template_is_named() {
+        let home = tempfile::tempdir().unwrap();
+        let missing = home.path().join("functions/echo/template");
+        let Err(err) = Template::open(home.path(), &missing, Path::new("kiln")) else {
+            panic!("a template from nothing");
+        };
+        let line = kiln_vmm::report::one_line(&err);
+        assert!(line.contains("functions/echo/template"), "{line}");
+    }
+
+    /// A clone whose "kiln" is a script standing in for `kiln __vm`: it
+    /// checks its arguments and definition, then waits to be killed.
+    #[test]
+    fn a_clone_is_a_vm_process_of_its_own_killed_when_dropped() {
+        let home = tempfile::tempdir().unwrap();
+        let script = home.path().join("kiln");
+        let marks = home.path().join("marks");
+        fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\n\
+                 [ \"$1 $2 $4 $5\" = \"__vm --config --supervisor $PPID\" ] || exit 97\n\
+                 grep -q '\"ephemeral\":true' \"$3\" || exit 98\n\
+                 echo started >> {marks}\n\
+                 exec sleep 60\n",
+                marks = marks.display()
+            ),
+        )
+        .unwrap();
+        fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let template_dir = home.path().join("template");
+        fs::create_dir(&template_dir).unwrap();
+        fs::write(template_dir.join(ROOT_OVERLAY_FILE), b"writes").unwrap();
+        let template = test_template(home.path(), &template_dir, &script);
+        let clone = template.restore().unwrap();
+        let (id, dir) = (clone.id().to_string(), clone.dir.path().to_path_buf());
+        assert!(
+            clone
+                .vsock_socket()
+                .starts_with(home.path().join(CLONES_DIR))
+        );
+        let vm: VmConfig =
+            serde_json::from_slice(&fs::read(dir.join(DEFINITION_FILE)).unwrap()).unwrap();
+        assert_eq!(vm.vsock.as_ref().unwrap().cid, instance_cid(&id));
+        assert_eq!(fs::read(dir.join(ROOT_OVERLAY_FILE)).unwrap(), b"writes");
+        let pid = clone.child.as_ref().unwrap().id();
+        let started = std::time::Instant::now();
+        while !fs::read_to_string(&marks).is_ok_and(|m| m.contains("started")) {
+            assert!(
+                started.elapsed().as_secs() < 10,
+                "the VM process never started"
+            );
+            thread::sleep(std::time::Duration::from_millis(10));
+        }
+        drop(clone);
+        assert!(!dir.exists(), "the clone's directory stays");
+        // Killed, then reaped by its reaper thread: its pid goes.
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            assert!(started.elapsed().as_secs() < 10, "the VM process lives on");
+            thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    /// A template of no store: a stand-in VM process needs none.
+    fn test_template(home: &Path, dir: &Path, kiln: &Path) -> Template {
+        Template {
+            dir: dir.to_path_buf(),
+            vm: definition(dir, (dir.join("image"), None), (1, 128)),
+            clones: home.join(CLONES_DIR),
+            kiln: kiln.to_path_buf(),
+            spawner: spawner(),
+        }
+    }
+}
