@@ -622,7 +622,8 @@ fn invoke_clone(
 /// if that fails.
 pub fn restore_clone(template: &Template) -> Result<(CloneVm, runtime::Session), FunctionError> {
     let clone = template.restore()?;
-    let mut session = runtime::Session::connect(clone.id(), &clone.vsock_socket())?;
+    let mut session =
+        runtime::Session::connect(clone.id(), &clone.vsock_socket(), CONNECT_TIMEOUT)?;
     session.restore()?;
     Ok((clone, session))
 }
@@ -780,7 +781,9 @@ pub fn ping(mut stream: std::os::unix::net::UnixStream) -> io::Result<()> {
 
 /// Waits until the runtime in the template VM `instance` has initialized.
 fn wait_init(instance: &Instance, name: &str) -> Result<runtime::Initialized, FunctionError> {
-    runtime::Session::connect(&instance.record.id, &instance.vsock_socket())?
+    // The template boots a fresh guest before guest-init listens: that
+    // is part of its init's time, and slow under nested emulation.
+    runtime::Session::connect(&instance.record.id, &instance.vsock_socket(), READY_TIMEOUT)?
         .wait_init(name, READY_TIMEOUT)
 }
 

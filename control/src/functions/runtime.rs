@@ -14,8 +14,7 @@ use guest_init::function::{
 
 use super::invoke_api::Input;
 use super::{
-    ANSWER_SLACK, CONNECT_TIMEOUT, FunctionConfig, FunctionError, random_seed, read_line, vsock,
-    write_line,
+    ANSWER_SLACK, FunctionConfig, FunctionError, random_seed, read_line, vsock, write_line,
 };
 
 /// The region the functions' ARNs and `AWS_REGION` name: Kiln runs them
@@ -46,11 +45,11 @@ pub struct Initialized {
 }
 
 impl Session {
-    /// Connects to the guest-init of VM `id` through its vsock `socket`
-    /// (retried while the VM starts).
-    pub fn connect(id: &str, socket: &Path) -> Result<Self, FunctionError> {
+    /// Connects to the guest-init of VM `id` through its vsock `socket`,
+    /// retried while the VM starts, for at most `within`.
+    pub fn connect(id: &str, socket: &Path, within: Duration) -> Result<Self, FunctionError> {
         let id = id.to_string();
-        match vsock::connect(socket, FUNCTION_PORT, CONNECT_TIMEOUT) {
+        match vsock::connect(socket, FUNCTION_PORT, within) {
             Ok(stream) => Ok(Session { id, stream }),
             Err(source) => Err(FunctionError::Invoke { id, source }),
         }
