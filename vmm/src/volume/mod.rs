@@ -7,16 +7,23 @@
 //! ([`kiln_image::hydrate`], shared by every VM of the image) or, without
 //! one, in a bounded LRU cache of this process. The image file is never
 //! written: any number of volumes share one image.
+//!
+//! A volume with a hydration cache may start prefetch workers
+//! ([`Volume::start_prefetch`]) that fill the cache in the background:
+//! the readahead of sequential reads.
 mod overlay;
+mod prefetch;
 
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use kiln_image::hydrate::{HydrateError, Hydrated};
 use kiln_image::{CachedReader, ImageError, Reader};
 
 pub use overlay::{BLOCK_SIZE, Overlay, OverlayError};
+use prefetch::Prefetchers;
 
 /// Bytes a volume moves per step when it copies itself out.
 const FLATTEN_STEP: usize = 1 << 20;
@@ -72,6 +79,15 @@ pub enum VolumeError {
     /// Writing the flattened volume to its destination failed.
     #[error("cannot write the flattened volume")]
     Output(#[source] std::io::Error),
+    /// A prefetch worker's thread could not be made.
+    #[error("cannot start the hydration cache's prefetch workers for {image}")]
+    Prefetch {
+        /// The volume's image.
+        image: PathBuf,
+        /// What the system said.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Where a piece of a read is (see [`Volume::read_with`]): the overlay,
@@ -82,9 +98,10 @@ pub use kiln_image::hydrate::Piece;
 #[derive(Debug)]
 enum Base {
     /// In this process's bounded LRU cache.
-    Memory(CachedReader),
-    /// In the host-wide hydration cache.
-    Host(Hydrated),
+    Memory(Box<CachedReader>),
+    /// In the host-wide hydration cache, shared with the volume's prefetch
+    /// workers.
+    Host(Arc<Hydrated>),
 }
 
 impl Base {
@@ -93,6 +110,10 @@ impl Base {
             Base::Memory(cached) => cached.reader(),
             Base::Host(hydrated) => hydrated.reader(),
         }
+    }
+
+    fn chunk_size(&self) -> u64 {
+        u64::from(self.reader().chunk_size())
     }
 
     fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
@@ -111,7 +132,7 @@ impl Base {
     ) -> Result<(), E> {
         match self {
             Base::Memory(cached) => {
-                let chunk_size = u64::from(cached.reader().chunk_size());
+                let chunk_size = self.chunk_size();
                 let (mut at, end) = (offset, offset + len as u64);
                 while at < end {
                     let chunk = cached
@@ -155,6 +176,8 @@ impl<E: From<VolumeError>> From<HydrateError> for Sunk<E> {
 pub struct Volume {
     base: Base,
     overlay: Option<Overlay>,
+    /// The workers filling the hydration cache, once started.
+    prefetchers: Option<Prefetchers>,
 }
 
 impl Volume {
@@ -167,7 +190,10 @@ impl Volume {
         cache_bytes: u64,
     ) -> Result<Self, VolumeError> {
         Self::open_on(image, overlay, |reader| {
-            Ok(Base::Memory(CachedReader::new(reader, cache_bytes)))
+            Ok(Base::Memory(Box::new(CachedReader::new(
+                reader,
+                cache_bytes,
+            ))))
         })
     }
 
@@ -185,14 +211,17 @@ impl Volume {
         Self::open_on(image, overlay, |reader| {
             let path = reader.path().to_path_buf();
             match Hydrated::open(reader, cache_dir) {
-                Ok(hydrated) => Ok(Base::Host(hydrated)),
+                Ok(hydrated) => Ok(Base::Host(Arc::new(hydrated))),
                 Err(err @ HydrateError::Io { .. }) => {
                     log::warn!(
                         "{}: reading the image's chunks from memory instead",
                         crate::report::one_line(&err)
                     );
                     let reader = Reader::open(&path)?;
-                    Ok(Base::Memory(CachedReader::new(reader, cache_bytes)))
+                    Ok(Base::Memory(Box::new(CachedReader::new(
+                        reader,
+                        cache_bytes,
+                    ))))
                 }
                 Err(err) => Err(err.into()),
             }
@@ -216,7 +245,7 @@ impl Volume {
         let reader = Reader::open(image)?;
         let overlay = Overlay::create(overlay, reader.raw_size(), reader.content_id())?;
         Self::assemble(
-            Base::Memory(CachedReader::new(reader, cache_bytes)),
+            Base::Memory(Box::new(CachedReader::new(reader, cache_bytes))),
             Some(overlay),
         )
     }
@@ -232,7 +261,28 @@ impl Volume {
                 found: overlay.capacity(),
             });
         }
-        Ok(Volume { base, overlay })
+        Ok(Volume {
+            base,
+            overlay,
+            prefetchers: None,
+        })
+    }
+
+    /// Starts the workers that fill the hydration cache in the background
+    /// (each under its seccomp filter first when `seccomp`), so that
+    /// sequential reads are read ahead. Nothing for a volume without a
+    /// hydration cache.
+    pub fn start_prefetch(&mut self, seccomp: bool) -> Result<(), VolumeError> {
+        let Base::Host(cache) = &self.base else {
+            return Ok(());
+        };
+        let workers =
+            Prefetchers::start(cache.clone(), seccomp).map_err(|source| VolumeError::Prefetch {
+                image: cache.reader().path().to_path_buf(),
+                source,
+            })?;
+        self.prefetchers = Some(workers);
+        Ok(())
     }
 
     /// Size in bytes.

@@ -71,7 +71,12 @@ fn behaves_like_a_plain_disk_under_random_operations() {
         let hydrated = seed % 2 == 0;
         let reopen = || {
             if hydrated {
-                Volume::open_hydrated(&image_path, Some(&overlay_path), &cache_dir, CACHE).unwrap()
+                let mut volume =
+                    Volume::open_hydrated(&image_path, Some(&overlay_path), &cache_dir, CACHE)
+                        .unwrap();
+                // Workers reading ahead while the volume reads and writes.
+                volume.start_prefetch(false).unwrap();
+                volume
             } else {
                 Volume::open(&image_path, Some(&overlay_path), CACHE).unwrap()
             }

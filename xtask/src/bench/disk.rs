@@ -335,10 +335,11 @@ fn host_backends(runs: usize) -> Result<HostSide> {
     let (mut cold_seq, mut cold_hydrate) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         // An empty hydration cache read through sequentially, as a VM's
-        // first boot fills it; then filled whole as `kiln image hydrate`
-        // does, on every core.
+        // first boot fills it (with its prefetch workers reading ahead);
+        // then filled whole as `kiln image hydrate` does, on every core.
         empty_cache()?;
-        let volume = Volume::open_hydrated(&image, None, &cache_dir, DEFAULT_CACHE_BYTES)?;
+        let mut volume = Volume::open_hydrated(&image, None, &cache_dir, DEFAULT_CACHE_BYTES)?;
+        volume.start_prefetch(false)?;
         let (offsets, len, unit) = &patterns[0];
         let buf = &mut buf[..*len as usize];
         cold_seq.push(reads_per_second(offsets, |at| Ok(volume.read(at, buf)?))? * unit);

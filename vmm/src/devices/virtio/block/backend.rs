@@ -125,6 +125,16 @@ impl Backend {
         }
     }
 
+    /// Starts the workers that fill a volume's hydration cache in the
+    /// background (its readahead). Nothing for a raw file or a volume
+    /// without a hydration cache.
+    pub fn start_prefetch(&mut self, seccomp: bool) -> Result<(), VolumeError> {
+        match self {
+            Backend::Volume { volume, .. } => volume.start_prefetch(seccomp),
+            Backend::Raw { .. } => Ok(()),
+        }
+    }
+
     /// Whether DISCARD frees anything: only an overlay gives space back.
     pub fn discards(&self) -> bool {
         matches!(self, Backend::Volume { volume, .. } if volume.writable())
