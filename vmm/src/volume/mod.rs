@@ -10,20 +10,23 @@
 //!
 //! A volume with a hydration cache may start prefetch workers
 //! ([`Volume::start_prefetch`]) that fill the cache in the background:
-//! the readahead of sequential reads.
+//! the readahead of sequential reads, and the image's boot working set
+//! ([`working_set`]), which the first such volume of an image records.
 mod overlay;
 mod prefetch;
+pub mod working_set;
 
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use kiln_image::hydrate::{HydrateError, Hydrated};
 use kiln_image::{CachedReader, ImageError, Reader};
 
 pub use overlay::{BLOCK_SIZE, Overlay, OverlayError};
 use prefetch::Prefetchers;
+use working_set::Recorder;
 
 /// Bytes a volume moves per step when it copies itself out.
 const FLATTEN_STEP: usize = 1 << 20;
@@ -178,6 +181,9 @@ pub struct Volume {
     overlay: Option<Overlay>,
     /// The workers filling the hydration cache, once started.
     prefetchers: Option<Prefetchers>,
+    /// The image's chunks this volume read, when it is the first to
+    /// record the image's boot working set.
+    recorder: Mutex<Option<Recorder>>,
 }
 
 impl Volume {
@@ -265,24 +271,57 @@ impl Volume {
             base,
             overlay,
             prefetchers: None,
+            recorder: Mutex::new(None),
         })
     }
 
     /// Starts the workers that fill the hydration cache in the background
     /// (each under its seccomp filter first when `seccomp`), so that
-    /// sequential reads are read ahead. Nothing for a volume without a
-    /// hydration cache.
-    pub fn start_prefetch(&mut self, seccomp: bool) -> Result<(), VolumeError> {
+    /// sequential reads are read ahead. With `working_set` (see
+    /// [`working_set::path`]), the record there is queued for them, or,
+    /// when there is none (or a bad one, which is logged), this volume's
+    /// reads of the image are recorded there, written when it goes.
+    /// Nothing for a volume without a hydration cache.
+    pub fn start_prefetch(
+        &mut self,
+        seccomp: bool,
+        working_set: Option<&Path>,
+    ) -> Result<(), VolumeError> {
         let Base::Host(cache) = &self.base else {
             return Ok(());
         };
+        let reader = cache.reader();
+        let (id, count) = (reader.content_id(), reader.chunk_count());
+        if let Some(path) = working_set {
+            match working_set::read(path, &id, count) {
+                Ok(Some(chunks)) => cache.prefetch(chunks),
+                found => {
+                    if let Err(err) = found {
+                        log::warn!("{}: recording it again", crate::report::one_line(&err));
+                    }
+                    let recorder = Recorder::new(path.to_path_buf(), id, count);
+                    *self.recorder.get_mut().unwrap_or_else(|p| p.into_inner()) = Some(recorder);
+                }
+            }
+        }
         let workers =
             Prefetchers::start(cache.clone(), seccomp).map_err(|source| VolumeError::Prefetch {
-                image: cache.reader().path().to_path_buf(),
+                image: reader.path().to_path_buf(),
                 source,
             })?;
         self.prefetchers = Some(workers);
         Ok(())
+    }
+
+    /// Notes in the working set being recorded, if any, that a read of
+    /// `len` bytes at `offset` reached the image.
+    fn record(&self, offset: u64, len: usize) {
+        let mut recorder = self.recorder.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(recorder) = recorder.as_mut() {
+            let chunk_size = self.base.chunk_size();
+            let last = (offset + len as u64).saturating_sub(1) / chunk_size;
+            recorder.record((offset / chunk_size) as u32..=last as u32);
+        }
     }
 
     /// Size in bytes.
@@ -369,7 +408,10 @@ impl Volume {
             let run = (run_end - at) as usize;
             match &self.overlay {
                 Some(overlay) if held => sink(overlay.piece(at, run))?,
-                _ => self.base.read_with(at, run, sink)?,
+                _ => {
+                    self.record(at, run);
+                    self.base.read_with(at, run, sink)?
+                }
             }
             at = run_end;
         }

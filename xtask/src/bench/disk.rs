@@ -339,7 +339,7 @@ fn host_backends(runs: usize) -> Result<HostSide> {
         // then filled whole as `kiln image hydrate` does, on every core.
         empty_cache()?;
         let mut volume = Volume::open_hydrated(&image, None, &cache_dir, DEFAULT_CACHE_BYTES)?;
-        volume.start_prefetch(false)?;
+        volume.start_prefetch(false, None)?;
         let (offsets, len, unit) = &patterns[0];
         let buf = &mut buf[..*len as usize];
         cold_seq.push(reads_per_second(offsets, |at| Ok(volume.read(at, buf)?))? * unit);
