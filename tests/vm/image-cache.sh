@@ -101,3 +101,4 @@ expect_eq later-boot-has-the-working-set-prefetched yes \
     "$([ "$(present $k)" -ge 1 ] 2>/dev/null && echo yes || echo "no (state '$(present $k)')")"
 kill -9 $vm
 wait $vm
+expect_eq sleeping-boot-killed 137 "$?"
