@@ -622,13 +622,17 @@ impl Hydrated {
     }
 
     /// Queues `chunks` ahead of everything queued, in their order; nothing
-    /// when no worker serves the queue.
+    /// when no worker serves the queue (nor a wakeup when there are none).
     fn queue_first(&self, chunks: impl DoubleEndedIterator<Item = u32>) {
+        let mut chunks = chunks.rev().peekable();
+        if chunks.peek().is_none() {
+            return;
+        }
         let mut queue = self.queue();
         if queue.workers == 0 {
             return;
         }
-        for n in chunks.rev() {
+        for n in chunks {
             queue.chunks.push_front(n);
         }
         // Chunks queued twice (a read's readahead, then the boot's list)
