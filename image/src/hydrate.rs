@@ -592,6 +592,10 @@ impl Hydrated {
             let states = self.states();
             needed.filter(|&n| states[n as usize] == ABSENT).collect()
         };
+        if absent.is_empty() {
+            // The warm path: nothing to claim, queue or wait for.
+            return Ok(());
+        }
         let (first, rest) = absent.split_at(absent.len().min(1));
         self.queue_first(rest.iter().copied());
         for part in [first, rest] {
