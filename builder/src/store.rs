@@ -1,6 +1,10 @@
 //! The local image store: `<root>/images/<name>/<version>/` holds
 //! `manifest.json` and `image.kiln`. An image appears there whole or not
 //! at all: it is written into `<root>/tmp/`, fsynced, and renamed into place.
+//! Once a VM has booted the image, the directory also holds `image.boot`,
+//! the chunks that boot read (`kiln_vmm::volume::working_set`, which
+//! names it after the image file), so it goes with the image: removed
+//! with it, and replaced (dropped) when the image is rebuilt.
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io;

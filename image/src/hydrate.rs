@@ -25,14 +25,24 @@
 //! byte that survives a crash never claims data that did not. A lost byte
 //! only means the chunk is filled again.
 //!
-//! Sharing: every process that fills the cache (VMs, `kiln image
-//! hydrate`) takes the exclusive `flock` of `<id>.raw` for the fill, reads
-//! the present bytes again under it and decompresses only the chunks still
-//! absent, so two processes never write the same chunk or decompress it
-//! twice. Fills of one image are serialized host-wide; each is short (the
-//! chunks one request or one batch needs) and a waiter then finds the
-//! chunks it wanted already there. Reads of present chunks take no lock:
-//! a chunk's data never changes once its byte says it is there.
+//! Sharing: a filler claims the chunks it fills, in this process (a
+//! chunk being filled is marked so, and a thread that needs it waits for
+//! it) and host-wide, with an exclusive OFD lock (`fcntl(F_OFD_SETLKW)`)
+//! on the chunks' bytes of `<id>.present`, taken in ascending order so
+//! that fillers never deadlock. Under the locks it reads those bytes
+//! again and decompresses only the chunks still absent, so two processes
+//! (VMs, `kiln image hydrate`) never write the same chunk or decompress it
+//! twice, and fills of different chunks run in parallel, in one process
+//! or many. Opening a cache locks all of `<id>.present` while it checks
+//! it. Reads of present chunks take no lock: a chunk's data never changes
+//! once its byte says it is there.
+//!
+//! Prefetch: threads that run [`Hydrated::serve_prefetch`] fill queued
+//! chunks in the background: the chunks after a sequential read (the
+//! readahead window) and any list a caller queues (a boot's working set).
+//! A read never waits for chunks beyond the ones it needs; those it needs
+//! that a worker is filling it waits for, the others it fills itself,
+//! while the workers take the rest of its chunks in parallel.
 //!
 //! Damage: a chunk is written only after its checksum matched, so a
 //! damaged image chunk never enters the cache. Opening a cache checks it
@@ -42,28 +52,37 @@
 //! the chunk is filled again, never served. Bytes changed inside the data
 //! without changing its allocation are not detected: the cache is trusted
 //! like the store that holds the image.
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::ops::{Range, RangeInclusive};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 use crate::{ImageError, Reader, hex};
 
 const MAGIC: [u8; 8] = *b"KILNHYD\0";
 const VERSION: u32 = 1;
 const HEADER_LEN: usize = 64;
-/// Chunks a sequential read that misses fills beyond the ones it needs:
-/// 1 MiB of default-sized chunks, so that a guest reading a file 128 KiB
-/// at a time pays one fill (one lock, one fdatasync) per 1 MiB, not per
-/// chunk.
-const READAHEAD_CHUNKS: u32 = 8;
+/// Chunks a sequential read queues for the prefetch workers beyond the
+/// ones it needs: 4 MiB of default-sized chunks, so that the workers
+/// decompress ahead of a guest streaming a file while it reads what they
+/// filled.
+const READAHEAD_CHUNKS: u32 = 32;
+/// Chunks a prefetch worker fills at once: one lock and one fdatasync per
+/// 512 KiB of default-sized chunks.
+const PREFETCH_BATCH: usize = 4;
 /// A chunk's state in `.present`.
 const ABSENT: u8 = 0;
 const DATA: u8 = 1;
 const ZERO: u8 = 2;
+/// A chunk's state in this process only, never on disk: a thread of this
+/// process is filling it, and others that need it wait
+/// ([`Hydrated::wait_filled`]).
+const FILLING: u8 = 3;
 
 /// What can go wrong with a hydration cache.
 #[derive(Debug, thiserror::Error)]
@@ -180,12 +199,32 @@ pub struct Hydrated {
     /// Each chunk's state as this process last saw it; a present chunk
     /// stays present, so only absent ones are looked up again.
     states: Mutex<Vec<u8>>,
+    /// Signalled when chunks stop being [`FILLING`].
+    filled: Condvar,
+    /// The chunks the prefetch workers are to fill.
+    queue: Mutex<Queue>,
+    /// Signalled when chunks are queued or the workers are told to stop.
+    queued: Condvar,
     /// `None` until a fill fails for want of the cache's files; then the
     /// error, until [`Hydrated::take_fill_error`] takes it (later ones are
     /// not kept: one report is enough).
     fill_error: Mutex<Option<Option<HydrateError>>>,
     /// Where the last read ended: a read that starts there is sequential.
     last_end: AtomicU64,
+    /// The chunk after the last one the readahead queued.
+    ahead_end: AtomicU32,
+}
+
+/// The chunks queued for the prefetch workers ([`Hydrated::serve_prefetch`]).
+#[derive(Debug, Default)]
+struct Queue {
+    /// Most urgent first: a read's own chunks, its readahead, then lists
+    /// such as a boot's working set.
+    chunks: VecDeque<u32>,
+    /// Threads serving the queue; with none, reads queue nothing.
+    workers: usize,
+    /// Set by [`Hydrated::stop_prefetch`]: the workers return.
+    stopped: bool,
 }
 
 impl Hydrated {
@@ -206,15 +245,21 @@ impl Hydrated {
         let (raw, present) = (open(&files.raw)?, open(&files.present)?);
         let cache = Hydrated {
             states: Mutex::new(Vec::new()),
+            filled: Condvar::new(),
+            queue: Mutex::new(Queue::default()),
+            queued: Condvar::new(),
             fill_error: Mutex::new(None),
             last_end: AtomicU64::new(u64::MAX),
+            ahead_end: AtomicU32::new(0),
             reader,
             files,
             raw,
             present,
         };
         let states = {
-            let _lock = cache.lock()?;
+            // All of `.present`: no fill runs while the cache is checked.
+            let _lock = RecordLocks::take(&cache.present, [(0, 0)])
+                .map_err(io_err(&cache.files.present))?;
             cache.check()?
         };
         *cache.states.lock().unwrap_or_else(|p| p.into_inner()) = states;
@@ -236,13 +281,12 @@ impl Hydrated {
         held_bytes(&self.reader, &self.states())
     }
 
-    fn states(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+    fn states(&self) -> MutexGuard<'_, Vec<u8>> {
         self.states.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes the cache's lock, held until the guard drops.
-    fn lock(&self) -> Result<FileLock<'_>, HydrateError> {
-        FileLock::exclusive(&self.raw).map_err(io_err(&self.files.raw))
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Under the lock: the present states, after starting over a cache of
@@ -304,55 +348,105 @@ impl Hydrated {
         Ok(cleared)
     }
 
-    /// Makes sure chunks `chunks` are in the cache: under the lock, those
-    /// still absent are decompressed and verified on `workers` threads,
-    /// written, made durable, then marked present.
+    /// Makes sure chunks `chunks` are in the cache: those still absent
+    /// are claimed, decompressed and verified on `workers` threads,
+    /// written, made durable, then marked present; those another thread of
+    /// this process is filling are waited for.
     pub fn fill(&self, chunks: &[u32], workers: usize) -> Result<(), HydrateError> {
-        let _lock = self.lock()?;
-        let on_disk =
-            read_states(&self.present, &self.reader).map_err(io_err(&self.files.present))?;
+        let filled = self.fill_claimed(&self.claim(chunks), workers);
+        self.wait_filled(chunks);
+        filled
+    }
+
+    /// Marks [`FILLING`] the chunks of `chunks` this process holds as
+    /// absent, and returns them, ascending: this thread fills them.
+    fn claim(&self, chunks: &[u32]) -> Vec<u32> {
         let mut states = self.states();
-        if let Some(on_disk) = on_disk {
-            // Another process may have filled some since this one looked.
-            for (mine, theirs) in states.iter_mut().zip(on_disk) {
-                if *mine == ABSENT && matches!(theirs, DATA | ZERO) {
-                    *mine = theirs;
-                }
-            }
-        }
-        let missing: Vec<u32> = chunks
+        let mut claimed: Vec<u32> = chunks
             .iter()
             .copied()
             .filter(|&n| states[n as usize] == ABSENT)
             .collect();
-        if missing.is_empty() {
+        claimed.sort_unstable();
+        claimed.dedup();
+        for &n in &claimed {
+            states[n as usize] = FILLING;
+        }
+        claimed
+    }
+
+    /// Waits until no chunk of `chunks` is being filled by another thread.
+    fn wait_filled(&self, chunks: &[u32]) {
+        let mut states = self.states();
+        while chunks.iter().any(|&n| states[n as usize] == FILLING) {
+            states = self.filled.wait(states).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Fills the chunks `claimed` (ascending, claimed by this thread) and
+    /// gives up the claim on each, whether it is in the cache then or not.
+    fn fill_claimed(&self, claimed: &[u32], workers: usize) -> Result<(), HydrateError> {
+        if claimed.is_empty() {
             return Ok(());
         }
-        let filled = self.decompress_all(&missing, workers);
+        let mut settled = vec![ABSENT; claimed.len()];
+        let filled = self.fill_locked(claimed, workers, &mut settled);
+        let mut states = self.states();
+        for (&n, &state) in claimed.iter().zip(&settled) {
+            states[n as usize] = state;
+        }
+        drop(states);
+        self.filled.notify_all();
+        filled
+    }
+
+    /// Under the host-wide locks of the chunks `claimed`: each is found
+    /// filled by another process, or decompressed, written, made durable
+    /// and only then marked present; `settled` gets their states.
+    fn fill_locked(
+        &self,
+        claimed: &[u32],
+        workers: usize,
+        settled: &mut [u8],
+    ) -> Result<(), HydrateError> {
+        let present_err = || io_err(&self.files.present);
+        let ranges = runs(claimed).map(|run| {
+            let first = HEADER_LEN as u64 + u64::from(claimed[run.start]);
+            (first, run.len() as u64)
+        });
+        let _locks = RecordLocks::take(&self.present, ranges).map_err(present_err())?;
+        let on_disk = read_states(&self.present, &self.reader).map_err(present_err())?;
+        let mut missing = Vec::new();
+        for (i, &n) in claimed.iter().enumerate() {
+            match on_disk.as_ref().map(|states| states[n as usize]) {
+                Some(state @ (DATA | ZERO)) => settled[i] = state,
+                _ => missing.push(n),
+            }
+        }
         let mut first_error = None;
-        let mut changed = Vec::new();
-        for (n, result) in missing.iter().zip(filled) {
+        let mut new = Vec::new();
+        for (&n, result) in missing.iter().zip(self.decompress_all(&missing, workers)) {
             match result {
-                Ok(state) => changed.push((*n, state)),
+                Ok(state) => new.push((n, state)),
                 Err(err) => {
                     first_error.get_or_insert(err);
                 }
             }
         }
-        if changed.iter().any(|&(_, state)| state == DATA) {
+        if new.iter().any(|&(_, state)| state == DATA) {
             self.raw.sync_data().map_err(io_err(&self.files.raw))?;
         }
-        for &(n, state) in &changed {
-            states[n as usize] = state;
-        }
-        if let (Some(lo), Some(hi)) = (
-            changed.iter().map(|c| c.0).min(),
-            changed.iter().map(|c| c.0).max(),
-        ) {
-            let (lo, hi) = (lo as usize, hi as usize);
+        let chunks: Vec<u32> = new.iter().map(|&(n, _)| n).collect();
+        for run in runs(&chunks) {
+            let bytes: Vec<u8> = new[run.clone()].iter().map(|&(_, state)| state).collect();
+            let at = HEADER_LEN as u64 + u64::from(chunks[run.start]);
             self.present
-                .write_all_at(&states[lo..=hi], (HEADER_LEN + lo) as u64)
-                .map_err(io_err(&self.files.present))?;
+                .write_all_at(&bytes, at)
+                .map_err(present_err())?;
+        }
+        for (n, state) in new {
+            let i = claimed.binary_search(&n).expect("a claimed chunk");
+            settled[i] = state;
         }
         first_error.map_or(Ok(()), Err)
     }
@@ -360,7 +454,7 @@ impl Hydrated {
     /// Decompresses and writes each chunk of `chunks` on up to `workers`
     /// threads; each chunk's new state or error, in order.
     fn decompress_all(&self, chunks: &[u32], workers: usize) -> Vec<Result<u8, HydrateError>> {
-        let workers = workers.clamp(1, chunks.len());
+        let workers = workers.clamp(1, chunks.len().max(1));
         if workers == 1 {
             return chunks.iter().map(|&n| self.write_chunk(n)).collect();
         }
@@ -423,9 +517,9 @@ impl Hydrated {
 
     /// Serves the `len` bytes at `offset`: fills the chunks they touch that
     /// are absent (and, for a read that goes on from where the last one
-    /// ended, the [`READAHEAD_CHUNKS`] after them), then hands `sink` where
-    /// each piece is, in order, so the caller reads them where it wants
-    /// them (guest memory) with no copy.
+    /// ended, queues the [`READAHEAD_CHUNKS`] after them for the prefetch
+    /// workers), then hands `sink` where each piece is, in order, so the
+    /// caller reads them where it wants them (guest memory) with no copy.
     pub fn read_with<E: From<HydrateError>>(
         &self,
         offset: u64,
@@ -447,39 +541,19 @@ impl Hydrated {
             return Ok(());
         }
         let chunk_size = u64::from(self.reader.chunk_size());
-        let chunks = (offset / chunk_size) as u32..=((end - 1) / chunk_size) as u32;
-        let state = |n: u64| self.states()[n as usize];
-        let sequential = self.last_end.swap(end, Ordering::Relaxed) == offset;
-        if chunks.clone().any(|n| state(n.into()) == ABSENT) {
-            let last = *chunks.end();
-            let ahead = if sequential {
-                last + 1..(last + 1 + READAHEAD_CHUNKS).min(self.reader.chunk_count())
-            } else {
-                0..0
-            };
-            let missing: Vec<u32> = chunks
-                .chain(ahead)
-                .filter(|&n| state(n.into()) == ABSENT)
-                .collect();
-            match self.fill(&missing, 1) {
-                // The cache speeds reads up and must not fail them: what
-                // it cannot take (its disk is full, say) is served from
-                // memory below.
-                Err(err @ HydrateError::Io { .. }) => {
-                    self.fill_error
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get_or_insert(Some(err));
-                }
-                filled => filled.map_err(E::from)?,
-            }
+        let last = ((end - 1) / chunk_size) as u32;
+        if self.last_end.swap(end, Ordering::Relaxed) == offset {
+            self.read_ahead(last);
         }
+        self.fill_needed((offset / chunk_size) as u32..=last)
+            .map_err(E::from)?;
+        let state = |n: u64| self.states()[n as usize];
         let mut at = offset;
         while at < end {
             let n = at / chunk_size;
             let kind = state(n);
             let mut run_end = ((n + 1) * chunk_size).min(end);
-            if kind == ABSENT {
+            if !matches!(kind, DATA | ZERO) {
                 let data = self.reader.chunk(n as u32).map_err(HydrateError::from)?;
                 let within = (at - n * chunk_size) as usize;
                 sink(Piece::Bytes(
@@ -505,6 +579,142 @@ impl Hydrated {
             at = run_end;
         }
         Ok(())
+    }
+
+    /// Makes sure the chunks `needed` are in the cache, or known not to
+    /// fit: this thread fills the first absent one while the others are
+    /// queued first for the prefetch workers, then, in one fill, those no
+    /// worker took meanwhile, then waits for the workers' ones. A chunk the
+    /// cache cannot take is left absent (and served from memory), the
+    /// cache's error kept for [`Hydrated::take_fill_error`].
+    fn fill_needed(&self, needed: RangeInclusive<u32>) -> Result<(), HydrateError> {
+        let absent: Vec<u32> = {
+            let states = self.states();
+            needed.filter(|&n| states[n as usize] == ABSENT).collect()
+        };
+        if absent.is_empty() {
+            // The warm path: nothing to claim, queue or wait for.
+            return Ok(());
+        }
+        let (first, rest) = absent.split_at(absent.len().min(1));
+        self.queue_first(rest.iter().copied());
+        for part in [first, rest] {
+            match self.fill_claimed(&self.claim(part), 1) {
+                Err(err @ HydrateError::Io { .. }) => self.keep_fill_error(err),
+                filled => filled?,
+            }
+        }
+        self.wait_filled(&absent);
+        Ok(())
+    }
+
+    /// Queues for the workers the [`READAHEAD_CHUNKS`] after chunk `last`
+    /// of a sequential read, but those an earlier read of the same stream
+    /// queued already.
+    fn read_ahead(&self, last: u32) {
+        let end = last
+            .saturating_add(1 + READAHEAD_CHUNKS)
+            .min(self.reader.chunk_count());
+        let window = last + 1..end;
+        let queued = self.ahead_end.swap(end, Ordering::Relaxed);
+        let from = if window.contains(&queued) {
+            queued
+        } else {
+            window.start
+        };
+        self.queue_first(from..end);
+    }
+
+    /// Queues `chunks` ahead of everything queued, in their order; nothing
+    /// when no worker serves the queue (nor a wakeup when there are none).
+    fn queue_first(&self, chunks: impl DoubleEndedIterator<Item = u32>) {
+        let mut chunks = chunks.rev().peekable();
+        if chunks.peek().is_none() {
+            return;
+        }
+        let mut queue = self.queue();
+        if queue.workers == 0 {
+            return;
+        }
+        for n in chunks {
+            queue.chunks.push_front(n);
+        }
+        // Chunks queued twice (a read's readahead, then the boot's list)
+        // are skipped when taken; the queue never needs more than one
+        // entry per chunk.
+        queue.chunks.truncate(self.reader.chunk_count() as usize);
+        drop(queue);
+        self.queued.notify_all();
+    }
+
+    /// Queues `chunks` (those that exist) for the prefetch workers, after
+    /// the chunks queued already: a list the image's readers are expected
+    /// to need, such as the chunks its first boot read.
+    pub fn prefetch(&self, chunks: impl IntoIterator<Item = u32>) {
+        let count = self.reader.chunk_count();
+        let mut queue = self.queue();
+        queue
+            .chunks
+            .extend(chunks.into_iter().filter(|&n| n < count));
+        drop(queue);
+        self.queued.notify_all();
+    }
+
+    /// Fills queued chunks on the calling thread, up to [`PREFETCH_BATCH`]
+    /// at a time, until [`Hydrated::stop_prefetch`]. A chunk the cache
+    /// cannot take is reported as a read's would be
+    /// ([`Hydrated::take_fill_error`]); a damaged one is left absent, for
+    /// the read that needs it to fail on. Its system calls are a fill's:
+    /// futex, pread64, pwrite64, fdatasync, and fcntl's OFD locks.
+    pub fn serve_prefetch(&self) {
+        self.queue().workers += 1;
+        while let Some(batch) = self.next_batch() {
+            if let Err(err @ HydrateError::Io { .. }) = self.fill_claimed(&batch, 1) {
+                self.keep_fill_error(err);
+            }
+        }
+        self.queue().workers -= 1;
+    }
+
+    /// Waits for queued chunks and claims up to [`PREFETCH_BATCH`] of
+    /// them, skipping those present or being filled; `None` once stopped.
+    fn next_batch(&self) -> Option<Vec<u32>> {
+        let mut queue = self.queue();
+        loop {
+            if queue.stopped {
+                return None;
+            }
+            let mut batch = Vec::with_capacity(PREFETCH_BATCH);
+            while batch.len() < PREFETCH_BATCH
+                && let Some(n) = queue.chunks.pop_front()
+            {
+                batch.extend(self.claim(&[n]));
+            }
+            if !batch.is_empty() {
+                batch.sort_unstable();
+                return Some(batch);
+            }
+            queue = self.queued.wait(queue).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Makes every [`Hydrated::serve_prefetch`] return once its current
+    /// batch is filled; the chunks still queued are dropped.
+    pub fn stop_prefetch(&self) {
+        let mut queue = self.queue();
+        queue.stopped = true;
+        queue.chunks.clear();
+        drop(queue);
+        self.queued.notify_all();
+    }
+
+    /// Keeps `err`, a failure to fill the cache, unless one was kept (or
+    /// taken) before.
+    fn keep_fill_error(&self, err: HydrateError) {
+        self.fill_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(Some(err));
     }
 
     /// The first failure to fill the cache since the cache was opened,
@@ -596,26 +806,87 @@ fn seek(file: &File, from: u64, whence: libc::c_int) -> io::Result<u64> {
     }
 }
 
-/// An exclusive flock(2), released when dropped (or when the process
-/// dies: the kernel drops it with the last descriptor of the open file).
-struct FileLock<'a>(&'a File);
-
-impl<'a> FileLock<'a> {
-    fn exclusive(file: &'a File) -> io::Result<Self> {
-        // SAFETY: flock only reads its integer arguments; the descriptor
-        // is open for the lifetime of `file`.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(io::Error::last_os_error());
+/// The index ranges of the runs of consecutive numbers in `sorted`.
+fn runs(sorted: &[u32]) -> impl Iterator<Item = Range<usize>> + '_ {
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        if start == sorted.len() {
+            return None;
         }
-        Ok(FileLock(file))
+        let mut end = start + 1;
+        while end < sorted.len() && sorted[end] == sorted[end - 1] + 1 {
+            end += 1;
+        }
+        let run = start..end;
+        start = end;
+        Some(run)
+    })
+}
+
+/// Exclusive OFD record locks (fcntl(2) `F_OFD_SETLKW`) on byte ranges of
+/// a file, released when dropped, or by the kernel with the last
+/// descriptor of the open file (the process dies). They belong to the
+/// open file: other open files of it, in this process or another,
+/// conflict; threads sharing this one do not (they claim chunks in memory
+/// first).
+struct RecordLocks<'a> {
+    file: &'a File,
+    /// (start, length) of each range held; a length of 0 is to the end.
+    ranges: Vec<(u64, u64)>,
+}
+
+impl<'a> RecordLocks<'a> {
+    /// Locks each range in turn, waiting for each: callers give them in
+    /// ascending order, so that no two lockers wait for each other.
+    fn take(file: &'a File, ranges: impl IntoIterator<Item = (u64, u64)>) -> io::Result<Self> {
+        let mut locks = RecordLocks {
+            file,
+            ranges: Vec::new(),
+        };
+        for (start, len) in ranges {
+            record_lock(file, libc::F_OFD_SETLKW, libc::F_WRLCK, start, len)?;
+            locks.ranges.push((start, len));
+        }
+        Ok(locks)
     }
 }
 
-impl Drop for FileLock<'_> {
+impl Drop for RecordLocks<'_> {
     fn drop(&mut self) {
-        // SAFETY: as in `exclusive`. Unlocking an flock held by this open
-        // file cannot fail but for a bad descriptor, which `File` rules out.
-        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+        for &(start, len) in &self.ranges {
+            // Unlocking a range this open file holds cannot fail but for a
+            // bad descriptor, which `File` rules out.
+            let _ = record_lock(self.file, libc::F_OFD_SETLK, libc::F_UNLCK, start, len);
+        }
+    }
+}
+
+/// One fcntl(2) OFD lock command `cmd` of type `kind` on `len` bytes of
+/// `file` at `start`, retried when a signal interrupts a wait.
+fn record_lock(
+    file: &File,
+    cmd: libc::c_int,
+    kind: libc::c_int,
+    start: u64,
+    len: u64,
+) -> io::Result<()> {
+    // SAFETY: struct flock is plain integers, for which zero is valid; an
+    // OFD lock needs l_pid 0.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = kind as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    lock.l_start = start as libc::off_t;
+    lock.l_len = len as libc::off_t;
+    loop {
+        // SAFETY: fcntl reads `lock`, a valid struct flock that outlives
+        // the call; the descriptor is open for the lifetime of `file`.
+        if unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut lock) } == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
     }
 }
 

@@ -2,11 +2,14 @@
 # booting the image at once while the cache fills, a VM killed mid-fill
 # then a clean boot, a damaged (truncated) cache file, and
 # `kiln image hydrate`. Each VM reads its whole root disk; every read must
-# match the image's raw filesystem.
+# match the image's raw filesystem. Then the boot working set: the first
+# boot's reads are recorded beside the image, and a later boot has them
+# prefetched without reading them itself.
 . "$(dirname "$0")/lib.sh"
 
 image=vm-test:1.0.0
 cache="$KILN_HOME/cache"
+record="$KILN_HOME/images/vm-test/1.0.0/image.boot"
 
 # hydrated NAME: the HYDRATED column of `kiln images` for vm-test.
 hydrated() { "$KILN" images | awk '$1 == "vm-test" && $2 == "1.0.0" { print $5 }'; }
@@ -31,6 +34,7 @@ rm -f "$WORK/flat.ext4"
 expect_eq raw-file-read 64 "${#want}"
 
 expect_eq starts-unhydrated 0% "$(hydrated)"
+expect_eq no-working-set-before-a-boot no "$([ -e "$record" ] && echo yes || echo no)"
 
 read_disk "$WORK/a.txt" & a=$!
 read_disk "$WORK/b.txt" & b=$!
@@ -40,6 +44,7 @@ expect_eq concurrent-boots-exit-0 "0 0" "$status_a $status_b"
 expect_eq first-concurrent-read-matches "$want" "$(disk_sum "$WORK/a.txt")"
 expect_eq second-concurrent-read-matches "$want" "$(disk_sum "$WORK/b.txt")"
 expect_eq whole-disk-read-hydrates-all 100% "$(hydrated)"
+check first-boot-records-its-working-set test -s "$record"
 
 raw=$(ls "$cache"/*.raw)
 size=$(stat -c %s "$raw")
@@ -67,3 +72,33 @@ check hydrate "$KILN" image hydrate $image
 expect_eq hydrate-fills-all 100% "$(hydrated)"
 read_disk "$WORK/hydrated.txt"
 expect_eq hydrated-read-matches "$want" "$(disk_sum "$WORK/hydrated.txt")"
+
+# present N: the state byte of chunk N in the image's cache (0 absent,
+# 1 data, 2 zeros; nothing before the cache exists).
+present() { od -An -tu1 -j $((64 + $1)) -N1 "$cache"/*.present 2>/dev/null | tr -d ' '; }
+
+# The working set. Chunk K, the last but one (128 KiB chunks), lies in
+# the free space at the end of the filesystem, which booting never reads:
+# the first boot reads it on purpose, the later one only sleeps.
+chunks=$(od -An -tu4 -j24 -N4 "$cache"/*.present | tr -d ' ')
+k=$((chunks - 2))
+rm -rf "$cache" "$record"
+"$KILN" run $image --read-only \
+    --cmdline "kiln.entrypoint=\"/bin/dd if=/dev/vda of=/dev/null bs=131072 skip=$k count=1\"" \
+    < /dev/null > "$WORK/ws-first.txt" 2>&1
+expect_eq working-set-boot-exits-0 0 "$?"
+listed=$(od -An -tu4 -j48 -v "$record" | tr -s ' ' '\n' | grep -cx "$k")
+expect_eq working-set-lists-the-chunk-read 1 "$listed"
+rm -rf "$cache"
+"$KILN" run $image --read-only --cmdline 'kiln.entrypoint="/bin/sleep 600"' \
+    < /dev/null > "$WORK/ws-later.txt" 2>&1 &
+vm=$!
+waited=0
+while ! [ "$(present $k)" -ge 1 ] 2>/dev/null && [ "$waited" -lt 300 ]; do
+    sleep 1; waited=$((waited + 1))
+done
+expect_eq later-boot-has-the-working-set-prefetched yes \
+    "$([ "$(present $k)" -ge 1 ] 2>/dev/null && echo yes || echo "no (state '$(present $k)')")"
+kill -9 $vm
+wait $vm
+expect_eq sleeping-boot-killed 137 "$?"

@@ -285,6 +285,7 @@ pub fn build(
         &mut slots,
         &config.disks,
         saved.map(|m| m.disks.as_slice()),
+        config.seccomp,
     )?;
     let vsock = virtio_vsock(
         &vm,
@@ -593,7 +594,7 @@ struct VirtioDisks {
 
 /// One virtio-mmio block device per disk, each in a slot of its own;
 /// restored from `saved` (in the same order) when the VM goes on from a
-/// snapshot.
+/// snapshot. Their prefetch workers go under seccomp when `seccomp`.
 fn virtio_disks(
     vm: &Vm,
     mem: &GuestMemoryMmap,
@@ -601,6 +602,7 @@ fn virtio_disks(
     slots: &mut VirtioSlots,
     disks: &[DiskConfig],
     saved: Option<&[TransportState]>,
+    seccomp: bool,
 ) -> Result<VirtioDisks, VmmError> {
     let mut devices = VirtioDisks {
         transports: Vec::new(),
@@ -608,7 +610,7 @@ fn virtio_disks(
         root_discards: false,
     };
     for (index, disk) in disks.iter().enumerate() {
-        let block = open_disk(disk)?;
+        let block = open_disk(disk, seccomp)?;
         if index == 0 {
             devices.root_discards = block.discards();
         }
@@ -699,12 +701,16 @@ fn virtio_net(
     Ok(Some(NetDevice { net, transport }))
 }
 
-/// Opens a disk's block device; an ephemeral disk's file goes at once.
-fn open_disk(disk: &DiskConfig) -> Result<Block, VmmError> {
-    let block = Block::new(&disk.source, disk.read_only).map_err(|source| VmmError::Disk {
+/// Opens a disk's block device, with its hydration cache's prefetch
+/// workers (under their seccomp filter when `seccomp`); an ephemeral
+/// disk's file goes at once.
+fn open_disk(disk: &DiskConfig, seccomp: bool) -> Result<Block, VmmError> {
+    let disk_error = |source| VmmError::Disk {
         path: disk.source.path().to_path_buf(),
         source,
-    })?;
+    };
+    let mut block = Block::new(&disk.source, disk.read_only).map_err(disk_error)?;
+    block.start_prefetch(seccomp).map_err(disk_error)?;
     let file = match &disk.source {
         DiskSource::Raw(path) => Some(path),
         DiskSource::Volume { overlay, .. } => overlay.as_ref(),

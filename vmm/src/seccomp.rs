@@ -43,16 +43,22 @@ pub enum ThreadKind {
     /// its event loop over the listeners on 127.0.0.1 and, per client, a
     /// connection to the guest.
     Proxy,
+    /// A worker that fills a volume's hydration cache in the background
+    /// (`volume::prefetch`): it decompresses and verifies queued chunks and
+    /// writes them into the host-wide cache.
+    Hydrate,
 }
 
 impl ThreadKind {
-    /// How reports and errors name the kind: "VMM", "vCPU", "API", "proxy".
+    /// How reports and errors name the kind: "VMM", "vCPU", "API", "proxy",
+    /// "hydrate".
     pub fn name(self) -> &'static str {
         match self {
             ThreadKind::Vmm => "VMM",
             ThreadKind::Vcpu => "vCPU",
             ThreadKind::Api => "API",
             ThreadKind::Proxy => "proxy",
+            ThreadKind::Hydrate => "hydrate",
         }
     }
 }
@@ -143,6 +149,7 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
             ThreadKind::Vcpu => vcpu_rules(),
             ThreadKind::Api => api_rules(),
             ThreadKind::Proxy => proxy_rules(),
+            ThreadKind::Hydrate => hydrate_rules(),
         }
         .map_err(build)?,
     );
@@ -158,8 +165,8 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
 }
 
 /// A test hook for end-to-end tests (`tests/vm/run-seccomp.sh`): the
-/// first thread of the kind this variable names ("VMM", "vCPU", "API" or
-/// "proxy") to install its filter then makes one call no filter allows,
+/// first thread of the kind this variable names ("VMM", "vCPU", "API",
+/// "proxy" or "hydrate") to install its filter then makes one call no filter allows,
 /// `socket(AF_UNIX)`, so that the test sees the report reach the console
 /// log and the instance's stop reason, as a real violation's would.
 pub const PROBE_ENV: &str = "KILN_SECCOMP_PROBE";
@@ -174,7 +181,10 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
     let apply = |program: &BpfProgram| {
         seccompiler::apply_filter(program).map_err(|source| SeccompError::Install { kind, source })
     };
-    if matches!(kind, ThreadKind::Proxy | ThreadKind::Vcpu) {
+    if matches!(
+        kind,
+        ThreadKind::Proxy | ThreadKind::Vcpu | ThreadKind::Hydrate
+    ) {
         apply(&opens_refused(kind)?)?;
     }
     apply(&filter(kind)?)?;
@@ -186,7 +196,7 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
 }
 
 /// A filter stacked on the allow-list of the threads that open no files
-/// (proxy, vCPU): `openat` fails with EACCES. The kernel runs every filter and takes the strictest answer,
+/// (proxy, vCPU, hydrate): `openat` fails with EACCES. The kernel runs every filter and takes the strictest answer,
 /// so `openat`, allowed by the list, is refused here, and anything else
 /// is the list's to decide.
 ///
@@ -249,8 +259,17 @@ fn common_rules() -> Result<Rules, BackendError> {
         // (VMM), the vCPU fd (vCPU thread).
         allow(libc::SYS_close),
         // std checks that a descriptor is open before closing it
-        // (`OwnedFd::drop` with debug assertions): fcntl(F_GETFD) only.
-        (libc::SYS_fcntl, vec![arg_equals(1, libc::F_GETFD as u64)?]),
+        // (`OwnedFd::drop` with debug assertions): fcntl(F_GETFD). And the
+        // hydration cache's per-chunk locks, taken and released by the
+        // threads that fill it (VMM, hydrate; `kiln_image::hydrate`):
+        // OFD record locks, which no other thread holds a file to take.
+        (
+            libc::SYS_fcntl,
+            arg_in(
+                1,
+                [libc::F_GETFD, libc::F_OFD_SETLKW, libc::F_OFD_SETLK].map(|cmd| cmd as u64),
+            )?,
+        ),
         // The VMM exits with the guest's status; the SIGSYS handler ends
         // the process after its report of a forbidden call, from whichever
         // thread made it.
@@ -276,11 +295,6 @@ fn vmm_rules() -> Result<Rules, BackendError> {
         allow(libc::SYS_fdatasync),
         // ... and DISCARD on a volume: punching holes in its overlay.
         allow(libc::SYS_fallocate),
-        // A volume's reads that fill the image's host-wide hydration
-        // cache take and drop its exclusive flock around each fill
-        // (`kiln_image::hydrate`), so that VMs of one image never fill a
-        // chunk twice; the fill's writes and fdatasync are above.
-        allow(libc::SYS_flock),
         // Kicking a vCPU out of KVM_RUN: pthread_kill is tgkill on
         // getpid() and the vCPU's tid, with the kick signal; and a panic
         // that aborts raises SIGABRT at its own thread, which must end the
@@ -479,6 +493,28 @@ fn proxy_rules() -> Result<Rules, BackendError> {
     ])
 }
 
+/// A hydration worker (`volume::prefetch`): a fill of the image's
+/// host-wide cache (`kiln_image::hydrate`), and nothing else. Its per-chunk
+/// locks are fcntl's (the common rules).
+fn hydrate_rules() -> Result<Rules, BackendError> {
+    Ok(vec![
+        // A chunk's frame read from the image; the cache's `.present`
+        // bytes read again under the chunks' locks.
+        allow(libc::SYS_pread64),
+        // The chunk's data into the cache's raw file; then its state byte.
+        allow(libc::SYS_pwrite64),
+        // The data made durable before its state byte says it is there.
+        allow(libc::SYS_fdatasync),
+        // glibc's free() opening /proc/sys/vm/overcommit_memory: allowed
+        // here only to be refused with EACCES by the filter stacked on
+        // this one (`opens_refused`), so no file can be opened.
+        allow(libc::SYS_openat),
+        // The thread ends when the volume goes (glibc madvises the stack
+        // away, see the common rules).
+        allow(libc::SYS_exit),
+    ])
+}
+
 /// The futex operations (argument 1) any thread may make; the others
 /// (requeueing, priority inheritance, `FUTEX_WAKE_OP`, ...) no code here
 /// uses.
@@ -560,6 +596,7 @@ mod tests {
             ThreadKind::Vcpu,
             ThreadKind::Api,
             ThreadKind::Proxy,
+            ThreadKind::Hydrate,
         ] {
             let program = filter(kind).unwrap();
             assert!(!program.is_empty(), "{kind} filter is empty");
@@ -586,6 +623,7 @@ mod tests {
             (ThreadKind::Vcpu, vcpu_rules()),
             (ThreadKind::Api, api_rules()),
             (ThreadKind::Proxy, proxy_rules()),
+            (ThreadKind::Hydrate, hydrate_rules()),
         ] {
             let mut all: Vec<i64> = common_rules()
                 .unwrap()

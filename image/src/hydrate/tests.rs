@@ -216,22 +216,103 @@ fn a_cache_that_cannot_take_chunks_serves_them_from_memory() {
     assert!(cache.take_fill_error().is_none(), "reported once");
 }
 
+/// Runs `f` with `workers` prefetch workers serving `cache`, then stops
+/// them.
+fn with_workers(cache: &Hydrated, workers: usize, f: impl FnOnce()) {
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| cache.serve_prefetch());
+        }
+        while cache.queue().workers < workers {
+            std::thread::yield_now();
+        }
+        f();
+        cache.stop_prefetch();
+    });
+}
+
+/// Waits (up to 10 s) until `cache` holds `bytes`.
+fn wait_for_bytes(cache: &Hydrated, bytes: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while cache.hydrated_bytes() != bytes && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(cache.hydrated_bytes(), bytes);
+}
+
 #[test]
-fn a_sequential_miss_fills_ahead() {
+fn a_sequential_read_queues_the_chunks_after_it() {
     let dir = tempfile::tempdir().unwrap();
     let (image, data) = image(dir.path());
     let cache = open(&image, dir.path());
     let chunk = u64::from(CHUNK);
+    with_workers(&cache, 2, || {
+        let mut buf = vec![0; 4096];
+        // A first read, then one elsewhere: no readahead.
+        cache.read_exact_at(0, &mut buf).unwrap();
+        cache.read_exact_at(5 * chunk, &mut buf).unwrap();
+        assert_eq!(cache.hydrated_bytes(), 2 * chunk);
+        // Reading on from chunk 5 queues chunks 6 to 9 (the image's end).
+        cache.read_exact_at(5 * chunk + 4096, &mut buf).unwrap();
+        wait_for_bytes(&cache, 5 * chunk + 5000);
+        let mut buf = vec![0; chunk as usize];
+        cache.read_exact_at(5 * chunk + 8192, &mut buf).unwrap();
+        assert_eq!(buf, data[(5 * chunk + 8192) as usize..][..chunk as usize]);
+    });
+}
+
+#[test]
+fn without_workers_a_read_fills_only_its_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image, _) = image(dir.path());
+    let cache = open(&image, dir.path());
+    let chunk = u64::from(CHUNK);
     let mut buf = vec![0; 4096];
-    // A first read, then one elsewhere: no readahead.
     cache.read_exact_at(0, &mut buf).unwrap();
-    cache.read_exact_at(5 * chunk, &mut buf).unwrap();
-    assert_eq!(cache.hydrated_bytes(), 2 * chunk);
-    // Reading on from chunk 5 into chunk 6 fills chunks 6 to 9 (the
-    // image's end) with it.
-    cache.read_exact_at(5 * chunk + 4096, &mut buf).unwrap();
-    let mut buf = vec![0; chunk as usize];
-    cache.read_exact_at(5 * chunk + 8192, &mut buf).unwrap();
-    assert_eq!(buf, data[(5 * chunk + 8192) as usize..][..chunk as usize]);
-    assert_eq!(cache.hydrated_bytes(), 5 * chunk + 5000, "chunks 0, 5-9");
+    cache.read_exact_at(4096, &mut buf).unwrap();
+    assert_eq!(cache.hydrated_bytes(), chunk);
+    assert!(cache.queue().chunks.is_empty(), "nothing queued");
+}
+
+#[test]
+fn workers_fill_a_long_read_and_a_prefetch_list_in_parallel() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image, data) = image(dir.path());
+    let cache = open(&image, dir.path());
+    let chunk = u64::from(CHUNK);
+    with_workers(&cache, 3, || {
+        // Chunks 0-6 at once: this thread fills some, the workers others.
+        let mut buf = vec![0; 7 * CHUNK as usize];
+        cache.read_exact_at(0, &mut buf).unwrap();
+        assert_eq!(buf, data[..buf.len()]);
+        assert_eq!(cache.hydrated_bytes(), 7 * chunk);
+        cache.prefetch([8, 7, 42]);
+        wait_for_bytes(&cache, 9 * chunk);
+    });
+    assert!(cache.queue().chunks.is_empty());
+    assert_eq!(read_all(&cache), data);
+}
+
+#[test]
+fn a_fill_waits_for_another_open_files_lock_on_its_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image, _) = image(dir.path());
+    let cache = open(&image, dir.path());
+    // Another open file of `.present` holding chunk 2's byte: a fill of
+    // chunk 2 waits for it, with chunk 1 (both locked together).
+    let other = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&cache.files().present)
+        .unwrap();
+    let held = RecordLocks::take(&other, [(HEADER_LEN as u64 + 2, 1)]).unwrap();
+    std::thread::scope(|scope| {
+        let fill = scope.spawn(|| cache.fill(&[1, 2], 1));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(!fill.is_finished(), "the fill waits for chunk 2's lock");
+        assert_eq!(cache.hydrated_bytes(), 0, "chunk 1 is locked with it");
+        drop(held);
+        fill.join().unwrap().unwrap();
+    });
+    assert_eq!(cache.hydrated_bytes(), 2 * u64::from(CHUNK));
 }

@@ -7,16 +7,26 @@
 //! ([`kiln_image::hydrate`], shared by every VM of the image) or, without
 //! one, in a bounded LRU cache of this process. The image file is never
 //! written: any number of volumes share one image.
+//!
+//! A volume with a hydration cache may start prefetch workers
+//! ([`Volume::start_prefetch`]) that fill the cache in the background:
+//! the readahead of sequential reads, and the image's boot working set
+//! ([`working_set`]), which the first such volume of an image records.
 mod overlay;
+mod prefetch;
+pub mod working_set;
 
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use kiln_image::hydrate::{HydrateError, Hydrated};
 use kiln_image::{CachedReader, ImageError, Reader};
 
 pub use overlay::{BLOCK_SIZE, Overlay, OverlayError};
+use prefetch::Prefetchers;
+use working_set::Recorder;
 
 /// Bytes a volume moves per step when it copies itself out.
 const FLATTEN_STEP: usize = 1 << 20;
@@ -72,6 +82,15 @@ pub enum VolumeError {
     /// Writing the flattened volume to its destination failed.
     #[error("cannot write the flattened volume")]
     Output(#[source] std::io::Error),
+    /// A prefetch worker's thread could not be made.
+    #[error("cannot start the hydration cache's prefetch workers for {image}")]
+    Prefetch {
+        /// The volume's image.
+        image: PathBuf,
+        /// What the system said.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Where a piece of a read is (see [`Volume::read_with`]): the overlay,
@@ -82,9 +101,10 @@ pub use kiln_image::hydrate::Piece;
 #[derive(Debug)]
 enum Base {
     /// In this process's bounded LRU cache.
-    Memory(CachedReader),
-    /// In the host-wide hydration cache.
-    Host(Hydrated),
+    Memory(Box<CachedReader>),
+    /// In the host-wide hydration cache, shared with the volume's prefetch
+    /// workers.
+    Host(Arc<Hydrated>),
 }
 
 impl Base {
@@ -93,6 +113,10 @@ impl Base {
             Base::Memory(cached) => cached.reader(),
             Base::Host(hydrated) => hydrated.reader(),
         }
+    }
+
+    fn chunk_size(&self) -> u64 {
+        u64::from(self.reader().chunk_size())
     }
 
     fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
@@ -111,7 +135,7 @@ impl Base {
     ) -> Result<(), E> {
         match self {
             Base::Memory(cached) => {
-                let chunk_size = u64::from(cached.reader().chunk_size());
+                let chunk_size = self.chunk_size();
                 let (mut at, end) = (offset, offset + len as u64);
                 while at < end {
                     let chunk = cached
@@ -155,6 +179,11 @@ impl<E: From<VolumeError>> From<HydrateError> for Sunk<E> {
 pub struct Volume {
     base: Base,
     overlay: Option<Overlay>,
+    /// The workers filling the hydration cache, once started.
+    prefetchers: Option<Prefetchers>,
+    /// The image's chunks this volume read, when it is the first to
+    /// record the image's boot working set.
+    recorder: Mutex<Option<Recorder>>,
 }
 
 impl Volume {
@@ -167,7 +196,10 @@ impl Volume {
         cache_bytes: u64,
     ) -> Result<Self, VolumeError> {
         Self::open_on(image, overlay, |reader| {
-            Ok(Base::Memory(CachedReader::new(reader, cache_bytes)))
+            Ok(Base::Memory(Box::new(CachedReader::new(
+                reader,
+                cache_bytes,
+            ))))
         })
     }
 
@@ -185,14 +217,17 @@ impl Volume {
         Self::open_on(image, overlay, |reader| {
             let path = reader.path().to_path_buf();
             match Hydrated::open(reader, cache_dir) {
-                Ok(hydrated) => Ok(Base::Host(hydrated)),
+                Ok(hydrated) => Ok(Base::Host(Arc::new(hydrated))),
                 Err(err @ HydrateError::Io { .. }) => {
                     log::warn!(
                         "{}: reading the image's chunks from memory instead",
                         crate::report::one_line(&err)
                     );
                     let reader = Reader::open(&path)?;
-                    Ok(Base::Memory(CachedReader::new(reader, cache_bytes)))
+                    Ok(Base::Memory(Box::new(CachedReader::new(
+                        reader,
+                        cache_bytes,
+                    ))))
                 }
                 Err(err) => Err(err.into()),
             }
@@ -216,7 +251,7 @@ impl Volume {
         let reader = Reader::open(image)?;
         let overlay = Overlay::create(overlay, reader.raw_size(), reader.content_id())?;
         Self::assemble(
-            Base::Memory(CachedReader::new(reader, cache_bytes)),
+            Base::Memory(Box::new(CachedReader::new(reader, cache_bytes))),
             Some(overlay),
         )
     }
@@ -232,7 +267,61 @@ impl Volume {
                 found: overlay.capacity(),
             });
         }
-        Ok(Volume { base, overlay })
+        Ok(Volume {
+            base,
+            overlay,
+            prefetchers: None,
+            recorder: Mutex::new(None),
+        })
+    }
+
+    /// Starts the workers that fill the hydration cache in the background
+    /// (each under its seccomp filter first when `seccomp`), so that
+    /// sequential reads are read ahead. With `working_set` (see
+    /// [`working_set::path`]), the record there is queued for them, or,
+    /// when there is none (or a bad one, which is logged), this volume's
+    /// reads of the image are recorded there, written when it goes.
+    /// Nothing for a volume without a hydration cache.
+    pub fn start_prefetch(
+        &mut self,
+        seccomp: bool,
+        working_set: Option<&Path>,
+    ) -> Result<(), VolumeError> {
+        let Base::Host(cache) = &self.base else {
+            return Ok(());
+        };
+        let reader = cache.reader();
+        let (id, count) = (reader.content_id(), reader.chunk_count());
+        if let Some(path) = working_set {
+            match working_set::read(path, &id, count) {
+                Ok(Some(chunks)) => cache.prefetch(chunks),
+                found => {
+                    if let Err(err) = found {
+                        log::warn!("{}: recording it again", crate::report::one_line(&err));
+                    }
+                    let recorder = Recorder::new(path.to_path_buf(), id, count);
+                    *self.recorder.get_mut().unwrap_or_else(|p| p.into_inner()) = Some(recorder);
+                }
+            }
+        }
+        let workers =
+            Prefetchers::start(cache.clone(), seccomp).map_err(|source| VolumeError::Prefetch {
+                image: reader.path().to_path_buf(),
+                source,
+            })?;
+        self.prefetchers = Some(workers);
+        Ok(())
+    }
+
+    /// Notes in the working set being recorded, if any, that a read of
+    /// `len` bytes at `offset` reached the image.
+    fn record(&self, offset: u64, len: usize) {
+        let mut recorder = self.recorder.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(recorder) = recorder.as_mut() {
+            let chunk_size = self.base.chunk_size();
+            let last = (offset + len as u64).saturating_sub(1) / chunk_size;
+            recorder.record((offset / chunk_size) as u32..=last as u32);
+        }
     }
 
     /// Size in bytes.
@@ -319,7 +408,10 @@ impl Volume {
             let run = (run_end - at) as usize;
             match &self.overlay {
                 Some(overlay) if held => sink(overlay.piece(at, run))?,
-                _ => self.base.read_with(at, run, sink)?,
+                _ => {
+                    self.record(at, run);
+                    self.base.read_with(at, run, sink)?
+                }
             }
             at = run_end;
         }

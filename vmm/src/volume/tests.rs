@@ -71,7 +71,12 @@ fn behaves_like_a_plain_disk_under_random_operations() {
         let hydrated = seed % 2 == 0;
         let reopen = || {
             if hydrated {
-                Volume::open_hydrated(&image_path, Some(&overlay_path), &cache_dir, CACHE).unwrap()
+                let mut volume =
+                    Volume::open_hydrated(&image_path, Some(&overlay_path), &cache_dir, CACHE)
+                        .unwrap();
+                // Workers reading ahead while the volume reads and writes.
+                volume.start_prefetch(false, None).unwrap();
+                volume
             } else {
                 Volume::open(&image_path, Some(&overlay_path), CACHE).unwrap()
             }
@@ -332,4 +337,49 @@ fn a_cache_that_cannot_be_made_leaves_the_chunks_in_memory() {
     let volume = Volume::open_hydrated(&image_path, None, &not_a_dir, CACHE).unwrap();
     assert!(volume.hydrated().is_none());
     assert!(read_all(&volume) == raw);
+}
+
+/// Waits (up to 20 s) until the volume's hydration cache holds `bytes`.
+fn wait_hydrated(volume: &Volume, bytes: u64) {
+    let cache = volume.hydrated().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while cache.hydrated_bytes() < bytes && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(cache.hydrated_bytes(), bytes);
+}
+
+/// The first hydrated volume of an image records the chunks it read; a
+/// later one, over an empty cache, has its workers (under their seccomp
+/// filter) fill those chunks before any read.
+#[test]
+fn a_boot_working_set_is_recorded_then_prefetched() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image_path, raw) = make_image(dir.path(), "base", 3);
+    let cache_dir = dir.path().join("cache");
+    let record = working_set::path(&image_path);
+    let open = || {
+        let mut volume = Volume::open_hydrated(&image_path, None, &cache_dir, CACHE).unwrap();
+        volume.start_prefetch(true, Some(&record)).unwrap();
+        volume
+    };
+    let first = open();
+    let chunk = u64::from(CHUNK);
+    let mut buf = vec![0u8; 100];
+    for at in [5 * chunk + 10, chunk, 5 * chunk + 20, 50] {
+        first.read(at, &mut buf).unwrap();
+        assert_eq!(buf, raw[at as usize..at as usize + 100]);
+    }
+    assert!(!record.exists(), "written when the volume goes");
+    drop(first);
+    let id = image::Reader::open(&image_path).unwrap().content_id();
+    let chunks = working_set::read(&record, &id, 19).unwrap().unwrap();
+    assert_eq!(chunks, [5, 1, 0]);
+
+    std::fs::remove_dir_all(&cache_dir).unwrap();
+    let later = open();
+    wait_hydrated(&later, 3 * chunk);
+    drop(later);
+    let again = working_set::read(&record, &id, 19).unwrap().unwrap();
+    assert_eq!(again, chunks, "a later volume records nothing");
 }

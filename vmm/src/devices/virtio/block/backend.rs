@@ -12,7 +12,7 @@ use vm_memory::{
 };
 
 use super::super::GuestMemoryMmap;
-use crate::volume::{BLOCK_SIZE, Piece, Volume, VolumeError};
+use crate::volume::{BLOCK_SIZE, Piece, Volume, VolumeError, working_set};
 
 /// The most a volume write holds in host memory at once: the guest's
 /// buffer is moved through a buffer of this size, reused, whatever length
@@ -122,6 +122,21 @@ impl Backend {
             } => Some(file),
             Backend::Raw { .. } => None,
             Backend::Volume { volume, .. } => volume.overlay_file(),
+        }
+    }
+
+    /// Starts the workers that fill a volume's hydration cache in the
+    /// background: its readahead, and the image's boot working set, kept
+    /// beside the image ([`working_set::path`]), which this volume records
+    /// if it is the first. Nothing for a raw file or a volume without a
+    /// hydration cache.
+    pub fn start_prefetch(&mut self, seccomp: bool) -> Result<(), VolumeError> {
+        match self {
+            Backend::Volume { volume, .. } => {
+                let record = working_set::path(volume.image_path());
+                volume.start_prefetch(seccomp, Some(&record))
+            }
+            Backend::Raw { .. } => Ok(()),
         }
     }
 

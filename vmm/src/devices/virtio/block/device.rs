@@ -381,6 +381,13 @@ impl Block {
         self.disk.backend.discards()
     }
 
+    /// Starts the background fill of the disk's hydration cache, if it
+    /// reads through one (see [`Backend::start_prefetch`]); its threads go
+    /// under their seccomp filter when `seccomp`.
+    pub fn start_prefetch(&mut self, seccomp: bool) -> Result<(), BlockError> {
+        Ok(self.disk.backend.start_prefetch(seccomp)?)
+    }
+
     /// Serves every request the driver has made available, then interrupts
     /// the driver once if any was completed.
     pub(super) fn process_queue(&mut self) {
