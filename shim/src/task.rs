@@ -420,14 +420,14 @@ impl Tasks {
                 pid,
             ))
         })?;
-        let label = format!("container {id}");
-        let session =
-            Session::connect(label, &vsock, &request).map_err(|source| TaskError::Exec {
+        let session = Session::connect(id.to_string(), &vsock, &request).map_err(|source| {
+            TaskError::Exec {
                 id: id.to_string(),
                 exec_id: exec_id.to_string(),
                 console,
                 source: Box::new(source),
-            })?;
+            }
+        })?;
         let input = session.input();
         self.with(id, exec_id, |c| {
             c.process(exec_id)?.input = Some(input.clone());
@@ -466,7 +466,7 @@ impl Tasks {
 
     fn kill(&self, req: &api::KillRequest) -> Result<(), TaskError> {
         let signal = req.signal as i32;
-        self.with(&req.id, &req.exec_id, |c| {
+        let never_started = self.with(&req.id, &req.exec_id, |c| {
             let ids: Vec<String> = if req.all && req.exec_id.is_empty() {
                 c.execs.keys().cloned().chain([String::new()]).collect()
             } else {
@@ -486,16 +486,19 @@ impl Tasks {
                         // end comes through the session all the same.
                         let _ = input.signal(signal);
                     }
+                    // Never started: the VM is all there is to end.
                     (None, None) if exec_id.is_empty() => {
-                        // Never started: the VM is all there is to end.
-                        c.stop_vm();
-                        c.main.exit.set(128 + req.signal);
+                        return Ok(Some((c.pid(), c.main.exit.clone())));
                     }
                     _ => {}
                 }
             }
-            Ok(())
-        })
+            Ok(None)
+        })?;
+        if let Some((pid, exit)) = never_started {
+            self.ended(&req.id, "", pid, 128 + req.signal, &exit);
+        }
+        Ok(())
     }
 
     fn delete(&self, req: &api::DeleteRequest) -> Result<api::DeleteResponse, TaskError> {
