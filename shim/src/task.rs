@@ -8,7 +8,6 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 
@@ -28,7 +27,7 @@ use kiln_vmm::report::one_line;
 
 use crate::rootfs::{self, MountSpec, Rootfs, RootfsError};
 use crate::spec::{self, SpecError};
-use crate::vm::{self, Files, VmError};
+use crate::vm::{self, Files, VmError, VmProcess};
 use crate::{Assets, container_dir};
 
 /// The status of a process that never got one: its stream broke (the VM
@@ -232,14 +231,14 @@ struct Container {
     id: String,
     bundle: String,
     files: Files,
-    vmm: Child,
+    vmm: VmProcess,
     main: Process,
     execs: std::collections::HashMap<String, Process>,
 }
 
 impl Container {
     fn pid(&self) -> u32 {
-        self.vmm.id()
+        self.vmm.pid()
     }
 
     fn process(&mut self, exec_id: &str) -> Result<&mut Process, TaskError> {
@@ -256,8 +255,7 @@ impl Container {
 
     /// Ends the VM (if it still runs) and waits for its process.
     fn stop_vm(&mut self) {
-        let _ = self.vmm.kill();
-        let _ = self.vmm.wait();
+        self.vmm.stop();
     }
 }
 
@@ -369,7 +367,7 @@ impl Tasks {
         &self,
         req: &api::CreateTaskRequest,
         files: &Files,
-    ) -> Result<(spec::Container, Child), TaskError> {
+    ) -> Result<(spec::Container, VmProcess), TaskError> {
         let id = || req.id.clone();
         let spec = spec::load(Path::new(&req.bundle), spec::this_host())
             .map_err(|source| TaskError::Spec { id: id(), source })?;
@@ -392,7 +390,7 @@ impl Tasks {
         let image = rootfs::image(&rootfs, &assets.guest_init, &assets.cache, files.dir())
             .map_err(rootfs_err)?;
         vm::define(&spec, &assets.kernel, &image, files).map_err(vm_err)?;
-        let vmm = vm::spawn(files).map_err(vm_err)?;
+        let vmm = VmProcess::spawn(files).map_err(vm_err)?;
         Ok((spec, vmm))
     }
 

@@ -5,7 +5,9 @@
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::mpsc;
+use std::thread::{self, JoinHandle};
 use std::time::Instant;
 
 use guest_init::exec::CONTAINER_CMDLINE_FLAG;
@@ -130,25 +132,74 @@ pub fn define(
     Ok(config)
 }
 
-/// Starts the VMM process of the definition in `files`, its console into
-/// the console file; it ends when this process does.
-pub fn spawn(files: &Files) -> Result<Child, VmError> {
-    let console = files.console();
-    let spawn_err = |source| VmError::Spawn {
-        console: console.clone(),
-        source,
-    };
-    let log = File::create(&console).map_err(spawn_err)?;
-    let exe = std::env::current_exe().map_err(spawn_err)?;
-    Command::new(exe)
-        .arg(VM_SUBCOMMAND)
-        .arg(files.definition())
-        .arg(std::process::id().to_string())
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(spawn_err)?)
-        .stderr(log)
-        .spawn()
-        .map_err(spawn_err)
+/// A container's VMM process, and the thread that started it and waits
+/// for it. The VMM ends with the thread that started it (the parent-death
+/// signal follows the thread, not the process), so that thread lives as
+/// long as the VMM, never a request's.
+pub struct VmProcess {
+    pid: u32,
+    waiter: Option<JoinHandle<()>>,
+}
+
+impl VmProcess {
+    /// Starts the VMM process of the definition in `files`, its console
+    /// into the console file; it ends when this process does.
+    pub fn spawn(files: &Files) -> Result<VmProcess, VmError> {
+        let console = files.console();
+        let spawn_err = |source| VmError::Spawn {
+            console: console.clone(),
+            source,
+        };
+        let log = File::create(&console).map_err(spawn_err)?;
+        let exe = std::env::current_exe().map_err(spawn_err)?;
+        let mut command = Command::new(exe);
+        command
+            .arg(VM_SUBCOMMAND)
+            .arg(files.definition())
+            .arg(std::process::id().to_string())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(spawn_err)?)
+            .stderr(log);
+        let (started, pid) = mpsc::channel();
+        let waiter = thread::Builder::new()
+            .name("vmm".into())
+            .spawn(move || match command.spawn() {
+                Ok(mut child) => {
+                    let _ = started.send(Ok(child.id()));
+                    let _ = child.wait();
+                }
+                Err(err) => {
+                    let _ = started.send(Err(err));
+                }
+            })
+            .map_err(spawn_err)?;
+        let pid = pid
+            .recv()
+            .unwrap_or_else(|_| Err(io::Error::other("the VMM's thread ended")))
+            .map_err(spawn_err)?;
+        Ok(VmProcess {
+            pid,
+            waiter: Some(waiter),
+        })
+    }
+
+    /// The VMM's pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Ends the VMM if it still runs, and waits until it has.
+    pub fn stop(&mut self) {
+        let Some(waiter) = self.waiter.take() else {
+            return;
+        };
+        // Until its waiter has reaped it, the pid is still the VMM's.
+        if !waiter.is_finished() {
+            // SAFETY: kill takes no pointers; the pid is our unreaped child.
+            unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) };
+        }
+        let _ = waiter.join();
+    }
 }
 
 /// The VMM process (`__vm DEFINITION SHIM_PID`): tied to the shim's life,
