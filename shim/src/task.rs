@@ -838,3 +838,49 @@ impl containerd_shim::Task for Tasks {
         Ok(api::Empty::default())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> ExecRequest {
+        spec::exec_request(br#"{"args": ["/bin/true"], "cwd": "/", "user": {"uid": 0, "gid": 0}}"#)
+            .unwrap()
+    }
+
+    #[test]
+    fn a_log_uri_for_stdio_is_refused_by_value() {
+        let stdio = Stdio {
+            stdout: "binary:///usr/bin/logger?a=b".into(),
+            ..Stdio::default()
+        };
+        let err = stdio.checked("web").unwrap_err();
+        assert_eq!(err.code(), Code::INVALID_ARGUMENT);
+        assert_eq!(
+            one_line(&err),
+            "container web: stdio \"binary:///usr/bin/logger?a=b\": expected a FIFO path (log URIs are not supported)"
+        );
+        let fifos = Stdio {
+            stdin: "/run/fifo/in".into(),
+            ..Stdio::default()
+        };
+        assert!(fifos.checked("web").is_ok());
+    }
+
+    #[test]
+    fn a_process_is_created_until_its_exit_and_stdin_follows_its_fifo() {
+        let with_stdin = Stdio {
+            stdin: "/run/fifo/in".into(),
+            ..Stdio::default()
+        };
+        let process = Process::new(request(), with_stdin);
+        assert!(process.request.stdin);
+        assert_eq!(process.status(), api::Status::CREATED);
+        let exit = process.exit.clone();
+        let waiter = thread::spawn(move || exit.wait().0);
+        process.exit.set(137);
+        assert_eq!(waiter.join().unwrap(), 137);
+        assert_eq!(process.status(), api::Status::STOPPED);
+        assert!(!Process::new(request(), Stdio::default()).request.stdin);
+    }
+}
