@@ -183,6 +183,18 @@ impl RunConfig {
         Ok(config)
     }
 
+    /// The base of a container VM's processes (`kiln.container=1`: the
+    /// containerd shim runs each of them through the exec port, with its
+    /// own argv): no entrypoint, the command line's `kiln.*` overrides
+    /// (the hostname above all) applied.
+    pub fn for_container(cmdline: &str) -> Result<Self, ConfigError> {
+        let mut config = Self::new(Vec::new());
+        for (key, value) in kiln_params(cmdline)? {
+            config.apply(key, value)?;
+        }
+        Ok(config)
+    }
+
     fn apply(&mut self, key: &str, value: String) -> Result<(), ConfigError> {
         match key {
             "entrypoint" => {

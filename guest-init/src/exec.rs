@@ -5,8 +5,9 @@
 //! listens while the entrypoint runs (`guest_init::exec_server`). Both
 //! sides then write [`Frame`]s: a kind byte, a little-endian u32 length,
 //! that many bytes. The host's first frame is [`Frame::Request`]; then it
-//! sends stdin ([`Frame::Stdin`], [`Frame::StdinEnd`]) and terminal sizes
-//! ([`Frame::Resize`]). The guest sends the process's output
+//! sends stdin ([`Frame::Stdin`], [`Frame::StdinEnd`]), terminal sizes
+//! ([`Frame::Resize`]) and signals for the process ([`Frame::Signal`]).
+//! The guest sends the process's output
 //! ([`Frame::Stdout`], [`Frame::Stderr`]; a terminal's is all stdout) and
 //! ends with [`Frame::Exit`], or [`Frame::Refused`] when nothing could be
 //! started, and closes the stream.
@@ -17,6 +18,12 @@ use serde::{Deserialize, Serialize};
 
 /// The guest vsock port guest-init takes exec requests on.
 pub const EXEC_PORT: u32 = 5001;
+
+/// On the kernel command line of a container's VM (the containerd
+/// shim's): guest-init starts no entrypoint and serves this port until
+/// told to stop; the shim runs each of the container's processes, the
+/// first one too, through it.
+pub const CONTAINER_CMDLINE_FLAG: &str = "kiln.container=1";
 
 /// The largest frame either side accepts: a request is small, and output
 /// is sent in pieces well below this.
@@ -39,6 +46,11 @@ pub struct ExecRequest {
     /// default the entrypoint's user.
     #[serde(default)]
     pub user: Option<String>,
+    /// The supplementary groups, in place of those the user's lookup
+    /// gives: an OCI spec's `process.user.additionalGids`, which its
+    /// maker (containerd) has resolved already.
+    #[serde(default)]
+    pub groups: Option<Vec<u32>>,
     /// A pseudo-terminal of this size for the process's stdio; `None`:
     /// pipes, stdout and stderr apart.
     #[serde(default)]
@@ -69,6 +81,9 @@ pub enum Frame {
     StdinEnd,
     /// Host → guest: the terminal's new size.
     Resize(WindowSize),
+    /// Host → guest: a signal for the process (`kill`'s number), as the
+    /// containerd shim's Kill sends one.
+    Signal(i32),
     /// Guest → host: bytes the process wrote to stdout (or the terminal).
     Stdout(Vec<u8>),
     /// Guest → host: bytes the process wrote to stderr.
@@ -112,6 +127,7 @@ const STDOUT: u8 = 5;
 const STDERR: u8 = 6;
 const EXIT: u8 = 7;
 const REFUSED: u8 = 8;
+const SIGNAL: u8 = 9;
 
 impl Frame {
     /// Writes the frame whole, then flushes.
@@ -124,6 +140,7 @@ impl Frame {
                 RESIZE,
                 [size.rows.to_le_bytes(), size.cols.to_le_bytes()].concat(),
             ),
+            Frame::Signal(signal) => (SIGNAL, signal.to_le_bytes().to_vec()),
             Frame::Stdout(bytes) => (STDOUT, bytes.clone()),
             Frame::Stderr(bytes) => (STDERR, bytes.clone()),
             Frame::Exit(status) => (EXIT, vec![*status]),
@@ -165,6 +182,11 @@ impl Frame {
                 }),
                 _ => return Err(FrameError::Malformed("resize")),
             },
+            SIGNAL => Frame::Signal(i32::from_le_bytes(
+                payload[..]
+                    .try_into()
+                    .map_err(|_| FrameError::Malformed("signal"))?,
+            )),
             STDOUT => Frame::Stdout(payload),
             STDERR => Frame::Stderr(payload),
             EXIT => match payload[..] {
@@ -195,6 +217,7 @@ mod tests {
                 env: BTreeMap::from([("A".into(), "b c".into())]),
                 workdir: Some("/srv".into()),
                 user: Some("app:wheel".into()),
+                groups: Some(vec![10, 29]),
                 tty: Some(WindowSize { rows: 24, cols: 80 }),
                 stdin: true,
             }),
@@ -204,6 +227,7 @@ mod tests {
                 rows: 50,
                 cols: 132,
             }),
+            Frame::Signal(15),
             Frame::Stdout(vec![0, 1, 2]),
             Frame::Stderr(Vec::new()),
             Frame::Exit(137),
@@ -225,8 +249,9 @@ mod tests {
 
     #[test]
     fn bad_frames_are_errors() {
-        let cases: [(&[u8], &str); 4] = [
+        let cases: [(&[u8], &str); 5] = [
             (&[99, 0, 0, 0, 0], "kind 99"),
+            (&[9, 1, 0, 0, 0, 15], "malformed signal"),
             (&[5, 0, 0, 0, 1], "over the limit"),
             (&[4, 1, 0, 0, 0, 7], "malformed resize"),
             (&[5, 4, 0, 0, 0, 1], "exec stream"),

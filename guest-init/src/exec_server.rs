@@ -55,6 +55,18 @@ impl Children {
     }
 }
 
+/// Sends `signal` to exec'd process `pid` unless it has been reaped (its
+/// pid may be another process's by then). The reaper holds the table's
+/// lock while it reaps, so the pid cannot be reaped meanwhile.
+fn send_signal(pid: libc::pid_t, signal: libc::c_int) {
+    let table = children();
+    if let Some(None) = table.0.get(&pid) {
+        // SAFETY: kill takes no pointers; a bad signal number fails with
+        // EINVAL and changes nothing.
+        unsafe { libc::kill(pid, signal) };
+    }
+}
+
 /// Waits for exec'd process `pid` to be reaped, and forgets it.
 fn wait_for(pid: libc::pid_t) -> u8 {
     let mut table = children();
@@ -200,7 +212,7 @@ fn run(
     let resize = terminal.as_ref().map(Terminal::reader).transpose()?;
     // Ends with the host's stream; never joined (the host closes it after
     // the status).
-    thread::spawn(move || pump_in(stream, input, resize));
+    thread::spawn(move || pump_in(stream, pid, input, resize));
     let status = wait_for(pid);
     drop(terminal);
     for output in outputs {
@@ -231,6 +243,9 @@ fn prepared(request: &ExecRequest, base: &RunConfig, root: &Path) -> Result<RunC
         }
         let identity = user::resolve(&config, root).map_err(|err| refuse(crate::one_line(&err)))?;
         user::apply(&mut config, identity);
+    }
+    if let Some(groups) = &request.groups {
+        config.groups = groups.clone();
     }
     Ok(config)
 }
@@ -320,8 +335,14 @@ fn pump_out(
 }
 
 /// Applies the host's frames: stdin to `input` (closed at
-/// [`Frame::StdinEnd`]), sizes to the terminal `resize`.
-fn pump_in(mut stream: UnixStream, mut input: Option<Box<dyn Write + Send>>, resize: Option<File>) {
+/// [`Frame::StdinEnd`]), sizes to the terminal `resize`, signals to the
+/// process `pid`.
+fn pump_in(
+    mut stream: UnixStream,
+    pid: libc::pid_t,
+    mut input: Option<Box<dyn Write + Send>>,
+    resize: Option<File>,
+) {
     while let Ok(Some(frame)) = Frame::read_from(&mut stream) {
         match frame {
             Frame::Stdin(bytes) => {
@@ -338,6 +359,7 @@ fn pump_in(mut stream: UnixStream, mut input: Option<Box<dyn Write + Send>>, res
                     let _ = set_size(terminal, size);
                 }
             }
+            Frame::Signal(signal) => send_signal(pid, signal),
             _ => return,
         }
     }
@@ -416,10 +438,11 @@ mod tests {
 
     use super::*;
 
-    /// Runs `request` through a session (over a socket pair) and returns
-    /// what the host gets back: stdout, stderr, the last frame. The test
-    /// reaps in the place of PID 1.
-    fn exec(request: ExecRequest, stdin: &[u8], root: &Path) -> (Vec<u8>, Vec<u8>, Frame) {
+    /// Runs `request` through a session (over a socket pair), sends it
+    /// `input` (then the end of stdin), and returns what the host gets
+    /// back: stdout, stderr, the last frame. The test reaps in the place
+    /// of PID 1.
+    fn exec(request: ExecRequest, input: &[Frame], root: &Path) -> (Vec<u8>, Vec<u8>, Frame) {
         let (mut host, guest) = UnixStream::pair().unwrap();
         let mut base = RunConfig::new(vec!["/bin/false".into()]);
         base.env.insert("FROM_BASE".into(), "yes".into());
@@ -454,9 +477,10 @@ mod tests {
         };
         Frame::Request(request).write_to(&mut host).unwrap();
         // A refused request's session may be gone before its stdin is.
-        let stdin_sent = Frame::Stdin(stdin.to_vec())
-            .write_to(&mut host)
-            .and_then(|()| Frame::StdinEnd.write_to(&mut host));
+        let stdin_sent = input
+            .iter()
+            .chain([&Frame::StdinEnd])
+            .try_for_each(|frame| frame.write_to(&mut host));
         if let Err(err) = stdin_sent {
             assert_eq!(err.kind(), io::ErrorKind::BrokenPipe, "{err}");
         }
@@ -480,6 +504,7 @@ mod tests {
             env: BTreeMap::from([("ADDED".into(), "1".into())]),
             workdir: Some("/tmp".into()),
             user: None,
+            groups: None,
             tty: None,
             stdin: true,
         }
@@ -491,7 +516,7 @@ mod tests {
             "read line; echo \"got $line in $(pwd) $FROM_BASE$ADDED\"; echo oops >&2; exit 5";
         let (out, err, last) = exec(
             request(&["/bin/sh", "-c", script]),
-            b"hello\n",
+            &[Frame::Stdin(b"hello\n".to_vec())],
             Path::new("/"),
         );
         assert_eq!(String::from_utf8(out).unwrap(), "got hello in /tmp yes1\n");
@@ -506,14 +531,33 @@ mod tests {
             rows: 33,
             cols: 101,
         });
-        let (out, _, last) = exec(req, b"", Path::new("/"));
+        let (out, _, last) = exec(req, &[], Path::new("/"));
         assert_eq!(last, Frame::Exit(0), "{}", String::from_utf8_lossy(&out));
         assert!(String::from_utf8_lossy(&out).contains("33 101"), "{out:?}");
     }
 
     #[test]
+    fn a_signal_frame_reaches_the_process() {
+        let (_, _, last) = exec(
+            request(&["/bin/sleep", "30"]),
+            &[Frame::Signal(libc::SIGTERM)],
+            Path::new("/"),
+        );
+        assert_eq!(last, Frame::Exit(128 + libc::SIGTERM as u8));
+    }
+
+    #[test]
+    fn requested_groups_replace_the_users() {
+        let mut req = request(&["/bin/sh", "-c", "id -G"]);
+        req.groups = Some(vec![0, 29]);
+        let (out, _, last) = exec(req, &[], Path::new("/"));
+        assert_eq!(last, Frame::Exit(0));
+        assert_eq!(String::from_utf8_lossy(&out), "0 29\n");
+    }
+
+    #[test]
     fn what_cannot_start_is_refused_with_the_shells_status() {
-        let (_, _, last) = exec(request(&["/no/such/program"]), b"", Path::new("/"));
+        let (_, _, last) = exec(request(&["/no/such/program"]), &[], Path::new("/"));
         assert!(
             matches!(&last, Frame::Refused { status: 127, reason } if reason.contains("/no/such/program")),
             "{last:?}"
@@ -521,7 +565,7 @@ mod tests {
         let empty = tempfile::tempdir().unwrap();
         let mut req = request(&["/bin/true"]);
         req.user = Some("nobody-here".into());
-        let (_, _, last) = exec(req, b"", empty.path());
+        let (_, _, last) = exec(req, &[], empty.path());
         assert!(
             matches!(&last, Frame::Refused { status: 126, reason } if reason.contains("nobody-here")),
             "{last:?}"

@@ -30,6 +30,9 @@
 //!    `kiln.function=runtime-api` instead, start the entrypoint once as a
 //!    Lambda runtime and serve it the Runtime API on 127.0.0.1:9001
 //!    (`guest_init::function_runtime`);
+//!    or, in a container's VM (`kiln.container=1`, the containerd shim's),
+//!    run no entrypoint: serve the exec port, through which the shim runs
+//!    the container's processes, and reap until SIGTERM or SIGINT;
 //! 7. report `EntrypointExit(status)`, kill what is left, sync, remount /
 //!    read-only (so ext4's journal is clean for the next boot) and reboot:
 //!    Kiln's VMM treats the guest's reset as the end of the VM and exits
@@ -72,7 +75,13 @@ fn main() -> ExitCode {
         None
     });
     let functions = function_mode::enabled(&cmdline);
-    let status = match load_config(&cmdline) {
+    let container = supervisor::container_mode(&cmdline);
+    let config = if container {
+        RunConfig::for_container(&cmdline).map_err(LoadError::Invalid)
+    } else {
+        load_config(&cmdline)
+    };
+    let status = match config {
         Ok(config) => {
             configure_host(&config, &cmdline);
             if let Some(path) = &user_data {
@@ -85,7 +94,11 @@ fn main() -> ExitCode {
                             "guest-init: no `kiln exec` in this VM: vsock port {EXEC_PORT}: {err}"
                         );
                     }
-                    Ok(supervisor::run(&config, &signals))
+                    Ok(if container {
+                        supervisor::reap_until_stopped(&signals)
+                    } else {
+                        supervisor::run(&config, &signals)
+                    })
                 }
                 Some(Mode::Handler) => function_mode::serve(&config, &signals),
                 Some(Mode::RuntimeApi) => function_runtime::serve(&config, &signals),
@@ -102,6 +115,8 @@ fn main() -> ExitCode {
     };
     let what = if functions.is_some() {
         "function mode ended"
+    } else if container {
+        "container VM stopped"
     } else {
         "entrypoint exited"
     };

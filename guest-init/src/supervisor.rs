@@ -157,6 +157,33 @@ pub fn spawn_failure_status(err: &io::Error) -> u8 {
     }
 }
 
+/// Whether `cmdline` is a container VM's
+/// ([`CONTAINER_CMDLINE_FLAG`](crate::exec::CONTAINER_CMDLINE_FLAG)).
+pub fn container_mode(cmdline: &str) -> bool {
+    use crate::exec::CONTAINER_CMDLINE_FLAG;
+    cmdline
+        .split_whitespace()
+        .any(|word| word == CONTAINER_CMDLINE_FLAG)
+}
+
+/// Reaps every child (an exec'd process's status goes to its session)
+/// until SIGTERM or SIGINT comes; returns 128 + that signal. A container
+/// VM's PID 1 does this in place of running an entrypoint.
+pub fn reap_until_stopped(signals: &Signals) -> u8 {
+    loop {
+        match signals.wait() {
+            Ok(libc::SIGCHLD) => {
+                reap_all(0);
+            }
+            Ok(sig) => return 128u8.saturating_add(sig as u8),
+            Err(err) => {
+                eprintln!("guest-init: waiting for signals failed: {err}");
+                return STATUS_NOT_EXECUTABLE;
+            }
+        }
+    }
+}
+
 /// Runs the entrypoint to its end and returns its status (the exit code, or
 /// 128 + the signal that killed it), reaping every other child on the way.
 pub fn run(config: &RunConfig, signals: &Signals) -> u8 {
@@ -234,6 +261,12 @@ pub fn status_of(raw: libc::c_int) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_exact_word_asks_for_container_mode() {
+        assert!(container_mode("quiet kiln.container=1 kiln.hostname=web"));
+        assert!(!container_mode("kiln.container=0 kiln.container=11"));
+    }
 
     #[test]
     fn exit_codes_and_signals_follow_the_shell_convention() {

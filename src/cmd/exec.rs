@@ -87,6 +87,7 @@ fn request(args: &Args) -> anyhow::Result<ExecRequest> {
         env,
         workdir: args.workdir.clone(),
         user: args.user.clone(),
+        groups: None,
         tty: args.tty.then(terminal_size),
         stdin: args.interactive,
     })

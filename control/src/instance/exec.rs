@@ -7,6 +7,7 @@
 //! [`Session::wait`].
 use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -97,6 +98,11 @@ impl Input {
         self.send(Frame::Resize(size))
     }
 
+    /// Sends the process a signal (`kill`'s number).
+    pub fn signal(&self, signal: i32) -> io::Result<()> {
+        self.send(Frame::Signal(signal))
+    }
+
     fn send(&self, frame: Frame) -> io::Result<()> {
         frame.write_to(&mut *self.0.lock().unwrap_or_else(PoisonError::into_inner))
     }
@@ -112,12 +118,22 @@ impl Session {
                 state: instance.record.state,
             });
         }
+        Session::connect(label, &instance.vsock_socket(), request)
+    }
+
+    /// Starts `request` in the VM whose vsock device listens on `socket`
+    /// (any Kiln VM with one, such as a container's), named `label` in
+    /// errors; waits for guest-init's exec port while the VM boots.
+    pub fn connect(
+        label: String,
+        socket: &Path,
+        request: &ExecRequest,
+    ) -> Result<Session, ExecError> {
         let connect_err = |source| ExecError::Connect {
             instance: label.clone(),
             source,
         };
-        let stream = vsock::connect(&instance.vsock_socket(), EXEC_PORT, CONNECT_TIMEOUT)
-            .map_err(connect_err)?;
+        let stream = vsock::connect(socket, EXEC_PORT, CONNECT_TIMEOUT).map_err(connect_err)?;
         Session::over(label.clone(), stream, request).map_err(connect_err)
     }
 
@@ -188,6 +204,7 @@ mod tests {
             env: Default::default(),
             workdir: None,
             user: None,
+            groups: None,
             tty: None,
             stdin: true,
         }
@@ -225,6 +242,7 @@ mod tests {
         let input = session.input();
         input.stdin(b"typed").unwrap();
         input.resize(WindowSize { rows: 1, cols: 2 }).unwrap();
+        input.signal(15).unwrap();
         input.stdin_end().unwrap();
         let (mut out, mut err) = (Vec::new(), Vec::new());
         assert_eq!(session.wait(&mut out, &mut err).unwrap(), 3);
@@ -235,6 +253,7 @@ mod tests {
                 Frame::Request(request()),
                 Frame::Stdin(b"typed".to_vec()),
                 Frame::Resize(WindowSize { rows: 1, cols: 2 }),
+                Frame::Signal(15),
                 Frame::StdinEnd
             ]
         );

@@ -1,5 +1,6 @@
 //! The L1 guest's initramfs: busybox, the KVM modules, the programs under
-//! test with their shared libraries, QEMU as the peer, e2fsck, the guest
+//! test with their shared libraries (`kiln`, containerd-shim-kiln-v2 and
+//! Debian's containerd, ctr and runc), QEMU as the peer, e2fsck, the guest
 //! kernel, the images (raw and the store) and the scenarios.
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -27,6 +28,13 @@ pub struct Payload<'a> {
 }
 
 const QEMU: &str = "/usr/bin/qemu-system-x86_64";
+/// containerd, its CLI and runc (Debian's), for tests/vm/containerd.sh.
+const CONTAINERD: [&str; 3] = ["/usr/bin/containerd", "/usr/bin/ctr", "/usr/sbin/runc"];
+/// The shim containerd runs Kiln containers with, built beside `kiln`.
+const SHIM: &str = "containerd-shim-kiln-v2";
+/// containerd's overlayfs snapshotter's module, which tests/vm/containerd.sh
+/// loads itself (the other scenarios need no overlay).
+const OVERLAY_MODULE: &str = "fs/overlayfs/overlay.ko";
 /// Checks the volumes scenarios flatten.
 const E2FSCK: &str = "/usr/sbin/e2fsck";
 /// Make the filesystem of an image `kiln build` builds inside L1, where
@@ -91,7 +99,19 @@ pub fn pack(tree: &Path, archive: &Path, payload: &Payload) -> Result<()> {
             .expect("module paths name a file");
         copy(&modules.join(module), &tree.join("lib/modules").join(name))?;
     }
+    copy(
+        &modules.join(OVERLAY_MODULE),
+        &tree.join("lib/modules/overlay.ko"),
+    )?;
     copy_with_libraries(payload.kiln, &tree.join("kiln/bin/kiln"), tree)?;
+    copy_with_libraries(
+        &payload.kiln.with_file_name(SHIM),
+        &tree.join("kiln/bin").join(SHIM),
+        tree,
+    )?;
+    for program in CONTAINERD {
+        copy_with_libraries(Path::new(program), &tree.join(&program[1..]), tree)?;
+    }
     copy_with_libraries(payload.xtask, &tree.join(&XTASK_PATH[1..]), tree)?;
     copy_with_libraries(Path::new(QEMU), &tree.join(&QEMU[1..]), tree)?;
     copy(Path::new(QEMU_FIRMWARE), &tree.join(&QEMU_FIRMWARE[1..]))?;

@@ -36,6 +36,10 @@ pub const PACKAGES: &[&str] = &[
     "cpio",
     "python3-pip",
     "python3-boto3",
+    // tests/vm/containerd.sh: containerd and ctr run containers with
+    // containerd-shim-kiln-v2 (runc is containerd's default runtime).
+    "containerd",
+    "runc",
 ];
 /// Files in tests/vm/ that are not scenarios.
 const NOT_SCENARIOS: [&str; 2] = ["run", "lib"];
@@ -211,6 +215,9 @@ pub fn build_kiln() -> Result<PathBuf> {
         "--release",
         "-p",
         "kiln",
+        // containerd-shim-kiln-v2, beside kiln (tests/vm/containerd.sh).
+        "-p",
+        "kiln-shim",
     ]))?;
     Ok(root.join("target/release/kiln"))
 }

@@ -1,0 +1,886 @@
+//! The task service containerd calls (task API v2, `shim.proto`): one
+//! container per shim, run as one VM. Create makes the root disk and boots
+//! the VM (guest-init serving its exec port, no entrypoint); Start runs the
+//! container's process through that port, as every Exec'd process is run,
+//! with containerd's stdio FIFOs bridged to the stream. The process's end
+//! ends the VM; Delete removes everything the container had.
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread;
+
+use containerd_shim::api;
+use containerd_shim::event::Event;
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
+};
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
+use containerd_shim::protos::ttrpc::{self, Code};
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{ExitSignal, TtrpcContext, TtrpcResult};
+use guest_init::exec::{ExecRequest, WindowSize};
+use kiln_control::instance::exec::{ExecError, Input, Session};
+use kiln_vmm::report::one_line;
+
+use crate::rootfs::{self, MountSpec, Rootfs, RootfsError};
+use crate::spec::{self, SpecError};
+use crate::vm::{self, Files, VmError, VmProcess};
+use crate::{Assets, container_dir};
+
+/// The status of a process that never got one: its stream broke (the VM
+/// ended under it), as a shell reports a process it lost.
+const STATUS_LOST: u32 = 255;
+
+/// Why a task request failed; each becomes a ttrpc status with
+/// [`one_line`] as its message, which `ctr` shows.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    /// The bundle's spec cannot be run.
+    #[error("container {id}")]
+    Spec {
+        /// The container.
+        id: String,
+        /// What is wrong with it.
+        #[source]
+        source: SpecError,
+    },
+    /// The root disk cannot be made.
+    #[error("container {id}")]
+    Rootfs {
+        /// The container.
+        id: String,
+        /// Why.
+        #[source]
+        source: RootfsError,
+    },
+    /// The VM cannot be defined or started.
+    #[error("container {id}")]
+    Vm {
+        /// The container.
+        id: String,
+        /// Why.
+        #[source]
+        source: VmError,
+    },
+    /// A process could not be started in the VM.
+    #[error("container {id}: process {exec_id:?} (console {console})")]
+    Exec {
+        /// The container.
+        id: String,
+        /// The process ("" for the container's own).
+        exec_id: String,
+        /// The VM's console, which says why a VM did not come up.
+        console: PathBuf,
+        /// Why (boxed: it is large, and rare).
+        #[source]
+        source: Box<ExecError>,
+    },
+    /// A stdio path that is not a FIFO path (a log URI).
+    #[error("container {id}: stdio {uri:?}: expected a FIFO path (log URIs are not supported)")]
+    StdioUri {
+        /// The container.
+        id: String,
+        /// What was given.
+        uri: String,
+    },
+    /// The container's directory cannot be made or removed.
+    #[error("container {id}: {path}")]
+    Files {
+        /// The container.
+        id: String,
+        /// The directory.
+        path: PathBuf,
+        /// What the file system said.
+        #[source]
+        source: io::Error,
+    },
+    /// A request names a container or process this shim does not have.
+    #[error("no container {id:?} process {exec_id:?} in this shim")]
+    NotFound {
+        /// The container asked for.
+        id: String,
+        /// The process asked for.
+        exec_id: String,
+    },
+    /// A request that the process's state does not allow.
+    #[error("container {id} process {exec_id:?}: {problem}")]
+    State {
+        /// The container.
+        id: String,
+        /// The process.
+        exec_id: String,
+        /// What is wrong.
+        problem: &'static str,
+    },
+}
+
+impl TaskError {
+    fn code(&self) -> Code {
+        match self {
+            TaskError::Spec { .. } | TaskError::StdioUri { .. } => Code::INVALID_ARGUMENT,
+            TaskError::Rootfs {
+                source: RootfsError::None | RootfsError::Many(_) | RootfsError::UnsupportedType(_),
+                ..
+            } => Code::INVALID_ARGUMENT,
+            TaskError::NotFound { .. } => Code::NOT_FOUND,
+            TaskError::State { .. } => Code::FAILED_PRECONDITION,
+            _ => Code::UNKNOWN,
+        }
+    }
+}
+
+impl From<TaskError> for ttrpc::Error {
+    fn from(err: TaskError) -> Self {
+        log::error!("{}", one_line(&err));
+        ttrpc::Error::RpcStatus(ttrpc::get_status(err.code(), one_line(&err)))
+    }
+}
+
+/// containerd's stdio paths for one process: FIFOs, or empty for none.
+#[derive(Clone, Debug, Default)]
+struct Stdio {
+    stdin: String,
+    stdout: String,
+    stderr: String,
+    terminal: bool,
+}
+
+impl Stdio {
+    fn checked(self, id: &str) -> Result<Stdio, TaskError> {
+        for uri in [&self.stdin, &self.stdout, &self.stderr] {
+            if uri.contains("://") {
+                return Err(TaskError::StdioUri {
+                    id: id.to_string(),
+                    uri: uri.clone(),
+                });
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// A process's end: its status and when, once it has one.
+#[derive(Default)]
+struct Exit {
+    status: Mutex<Option<(u32, Timestamp)>>,
+    ended: Condvar,
+}
+
+impl Exit {
+    fn get(&self) -> Option<(u32, Timestamp)> {
+        lock(&self.status).clone()
+    }
+
+    fn set(&self, status: u32) {
+        *lock(&self.status) = Some((status, Timestamp::now()));
+        self.ended.notify_all();
+    }
+
+    fn wait(&self) -> (u32, Timestamp) {
+        let mut status = lock(&self.status);
+        loop {
+            if let Some(exit) = status.clone() {
+                return exit;
+            }
+            status = self
+                .ended
+                .wait(status)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The container's own process or an exec'd one.
+struct Process {
+    request: ExecRequest,
+    stdio: Stdio,
+    /// Where stdin, sizes and signals go, once started.
+    input: Option<Input>,
+    exit: Arc<Exit>,
+}
+
+impl Process {
+    fn new(mut request: ExecRequest, stdio: Stdio) -> Self {
+        request.stdin = !stdio.stdin.is_empty();
+        Process {
+            request,
+            stdio,
+            input: None,
+            exit: Arc::default(),
+        }
+    }
+
+    fn status(&self) -> api::Status {
+        match (&self.input, self.exit.get()) {
+            (_, Some(_)) => api::Status::STOPPED,
+            (Some(_), None) => api::Status::RUNNING,
+            (None, None) => api::Status::CREATED,
+        }
+    }
+}
+
+/// The one container of this shim.
+struct Container {
+    id: String,
+    bundle: String,
+    files: Files,
+    vmm: VmProcess,
+    main: Process,
+    execs: std::collections::HashMap<String, Process>,
+}
+
+impl Container {
+    fn pid(&self) -> u32 {
+        self.vmm.pid()
+    }
+
+    fn process(&mut self, exec_id: &str) -> Result<&mut Process, TaskError> {
+        if exec_id.is_empty() {
+            return Ok(&mut self.main);
+        }
+        self.execs
+            .get_mut(exec_id)
+            .ok_or_else(|| TaskError::NotFound {
+                id: self.id.clone(),
+                exec_id: exec_id.to_string(),
+            })
+    }
+
+    /// Ends the VM (if it still runs) and waits for its process.
+    fn stop_vm(&mut self) {
+        self.vmm.stop();
+    }
+}
+
+/// The task service.
+#[derive(Clone)]
+pub struct Tasks {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    namespace: String,
+    assets: Assets,
+    publisher: RemotePublisher,
+    exit: Arc<ExitSignal>,
+    container: Mutex<Option<Container>>,
+}
+
+impl Tasks {
+    /// The service of a shim in `namespace`, publishing events through
+    /// `publisher`, ending the shim through `exit`.
+    pub fn new(
+        namespace: String,
+        assets: Assets,
+        publisher: RemotePublisher,
+        exit: Arc<ExitSignal>,
+    ) -> Self {
+        Tasks {
+            inner: Arc::new(Inner {
+                namespace,
+                assets,
+                publisher,
+                exit,
+                container: Mutex::new(None),
+            }),
+        }
+    }
+
+    fn publish(&self, event: impl Event + 'static) {
+        let topic = event.topic();
+        let event: Box<dyn MessageDyn> = Box::new(event);
+        if let Err(err) = self.inner.publisher.publish(
+            containerd_shim::Context::default(),
+            &topic,
+            &self.inner.namespace,
+            event,
+        ) {
+            log::error!("cannot publish {topic}: {}", one_line(&err));
+        }
+    }
+
+    /// The container `id`, locked.
+    fn with<T>(
+        &self,
+        id: &str,
+        exec_id: &str,
+        f: impl FnOnce(&mut Container) -> Result<T, TaskError>,
+    ) -> Result<T, TaskError> {
+        let mut container = lock(&self.inner.container);
+        match container.as_mut().filter(|c| c.id == id) {
+            Some(container) => f(container),
+            None => Err(TaskError::NotFound {
+                id: id.to_string(),
+                exec_id: exec_id.to_string(),
+            }),
+        }
+    }
+
+    /// Makes the root disk, defines and boots the VM; nothing is left of
+    /// it when it fails.
+    fn create(&self, req: &api::CreateTaskRequest) -> Result<u32, TaskError> {
+        let id = req.id.clone();
+        let stdio = Stdio {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        }
+        .checked(&id)?;
+        let dir = container_dir(&self.inner.namespace, &id);
+        let files = Files::new(dir.clone());
+        let files_err = |source| TaskError::Files {
+            id: id.clone(),
+            path: dir.clone(),
+            source,
+        };
+        fs::create_dir_all(&dir).map_err(files_err)?;
+        let booted = self.boot(req, &files);
+        let (spec, vmm) = match booted {
+            Ok(booted) => booted,
+            Err(err) => {
+                fs::remove_dir_all(&dir).map_err(files_err)?;
+                return Err(err);
+            }
+        };
+        let container = Container {
+            id,
+            bundle: req.bundle.clone(),
+            files,
+            vmm,
+            main: Process::new(spec.process, stdio),
+            execs: Default::default(),
+        };
+        let pid = container.pid();
+        *lock(&self.inner.container) = Some(container);
+        Ok(pid)
+    }
+
+    fn boot(
+        &self,
+        req: &api::CreateTaskRequest,
+        files: &Files,
+    ) -> Result<(spec::Container, VmProcess), TaskError> {
+        let id = || req.id.clone();
+        let spec = spec::load(Path::new(&req.bundle), spec::this_host())
+            .map_err(|source| TaskError::Spec { id: id(), source })?;
+        let vm_err = |source| TaskError::Vm { id: id(), source };
+        let assets = &self.inner.assets;
+        if !assets.kernel.is_file() {
+            return Err(vm_err(VmError::NoKernel(assets.kernel.clone())));
+        }
+        let mounts: Vec<MountSpec> = req
+            .rootfs
+            .iter()
+            .map(|m| MountSpec {
+                kind: m.type_.clone(),
+                source: m.source.clone(),
+                options: m.options.clone(),
+            })
+            .collect();
+        let rootfs_err = |source| TaskError::Rootfs { id: id(), source };
+        let rootfs = Rootfs::parse(&mounts).map_err(rootfs_err)?;
+        let image = rootfs::image(&rootfs, &assets.guest_init, &assets.cache, files.dir())
+            .map_err(rootfs_err)?;
+        vm::define(&spec, &assets.kernel, &image, files).map_err(vm_err)?;
+        let vmm = VmProcess::spawn(files).map_err(vm_err)?;
+        Ok((spec, vmm))
+    }
+
+    /// Connects the process to guest-init's exec port (waiting while the
+    /// VM boots) and bridges its stdio; a thread collects its status.
+    fn start(&self, id: &str, exec_id: &str) -> Result<u32, TaskError> {
+        let (vsock, console, request, stdio, exit, pid) = self.with(id, exec_id, |c| {
+            let pid = c.pid();
+            let (vsock, console) = (c.files.vsock(), c.files.console());
+            let process = c.process(exec_id)?;
+            if process.status() != api::Status::CREATED {
+                return Err(TaskError::State {
+                    id: id.to_string(),
+                    exec_id: exec_id.to_string(),
+                    problem: "already started",
+                });
+            }
+            let p = &*process;
+            Ok((
+                vsock,
+                console,
+                p.request.clone(),
+                p.stdio.clone(),
+                p.exit.clone(),
+                pid,
+            ))
+        })?;
+        let session = Session::connect(id.to_string(), &vsock, &request).map_err(|source| {
+            TaskError::Exec {
+                id: id.to_string(),
+                exec_id: exec_id.to_string(),
+                console,
+                source: Box::new(source),
+            }
+        })?;
+        let input = session.input();
+        self.with(id, exec_id, |c| {
+            c.process(exec_id)?.input = Some(input.clone());
+            Ok(())
+        })?;
+        feed_stdin(&stdio.stdin, input);
+        let tasks = self.clone();
+        let (id, exec_id) = (id.to_string(), exec_id.to_string());
+        thread::spawn(move || {
+            let status = run_to_end(session, &stdio);
+            tasks.ended(&id, &exec_id, pid, status, &exit);
+        });
+        Ok(pid)
+    }
+
+    /// A process's end: the container's own ends the VM; the exit is
+    /// published, then waiters are told.
+    fn ended(&self, id: &str, exec_id: &str, pid: u32, status: u32, exit: &Exit) {
+        if exec_id.is_empty() {
+            let _ = self.with(id, exec_id, |c| {
+                c.stop_vm();
+                Ok(())
+            });
+        }
+        exit.set(status);
+        let exited_at = exit.get().map(|(_, at)| at);
+        self.publish(TaskExit {
+            container_id: id.to_string(),
+            id: if exec_id.is_empty() { id } else { exec_id }.to_string(),
+            pid,
+            exit_status: status,
+            exited_at: MessageField::from_option(exited_at),
+            ..Default::default()
+        });
+    }
+
+    fn kill(&self, req: &api::KillRequest) -> Result<(), TaskError> {
+        let signal = req.signal as i32;
+        let never_started = self.with(&req.id, &req.exec_id, |c| {
+            let ids: Vec<String> = if req.all && req.exec_id.is_empty() {
+                c.execs.keys().cloned().chain([String::new()]).collect()
+            } else {
+                vec![req.exec_id.clone()]
+            };
+            for exec_id in ids {
+                let process = c.process(&exec_id)?;
+                match (&process.input, process.exit.get()) {
+                    (_, Some(_)) if !req.all => {
+                        return Err(TaskError::NotFound {
+                            id: req.id.clone(),
+                            exec_id,
+                        });
+                    }
+                    (Some(input), None) => {
+                        // The stream may be ending with the process: its
+                        // end comes through the session all the same.
+                        let _ = input.signal(signal);
+                    }
+                    // Never started: the VM is all there is to end.
+                    (None, None) if exec_id.is_empty() => {
+                        return Ok(Some((c.pid(), c.main.exit.clone())));
+                    }
+                    _ => {}
+                }
+            }
+            Ok(None)
+        })?;
+        if let Some((pid, exit)) = never_started {
+            self.ended(&req.id, "", pid, 128 + req.signal, &exit);
+        }
+        Ok(())
+    }
+
+    fn delete(&self, req: &api::DeleteRequest) -> Result<api::DeleteResponse, TaskError> {
+        let (id, exec_id) = (&req.id, &req.exec_id);
+        let mut slot = lock(&self.inner.container);
+        let container =
+            slot.as_mut()
+                .filter(|c| &c.id == id)
+                .ok_or_else(|| TaskError::NotFound {
+                    id: id.clone(),
+                    exec_id: exec_id.clone(),
+                })?;
+        let pid = container.pid();
+        if container.process(exec_id)?.status() == api::Status::RUNNING {
+            return Err(TaskError::State {
+                id: id.clone(),
+                exec_id: exec_id.clone(),
+                problem: "still running: kill it first",
+            });
+        }
+        let (exit_status, exited_at) = container.process(exec_id)?.exit.get().unzip();
+        if !exec_id.is_empty() {
+            container.execs.remove(exec_id);
+        } else {
+            container.stop_vm();
+            let dir = container.files.dir().to_path_buf();
+            fs::remove_dir_all(&dir).map_err(|source| TaskError::Files {
+                id: id.clone(),
+                path: dir,
+                source,
+            })?;
+            *slot = None;
+            drop(slot);
+            self.publish(TaskDelete {
+                container_id: id.clone(),
+                pid,
+                exit_status: exit_status.unwrap_or(0),
+                exited_at: MessageField::from_option(exited_at.clone()),
+                ..Default::default()
+            });
+        }
+        Ok(api::DeleteResponse {
+            pid,
+            exit_status: exit_status.unwrap_or(0),
+            exited_at: MessageField::from_option(exited_at),
+            ..Default::default()
+        })
+    }
+
+    fn exec(&self, req: &api::ExecProcessRequest) -> Result<(), TaskError> {
+        let stdio = Stdio {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        }
+        .checked(&req.id)?;
+        let json = req.spec.as_ref().map(|any| &any.value[..]).unwrap_or(b"");
+        let request = spec::exec_request(json).map_err(|source| TaskError::Spec {
+            id: req.id.clone(),
+            source,
+        })?;
+        self.with(&req.id, &req.exec_id, |c| {
+            if c.execs.contains_key(&req.exec_id) || req.exec_id.is_empty() {
+                return Err(TaskError::State {
+                    id: req.id.clone(),
+                    exec_id: req.exec_id.clone(),
+                    problem: "an exec id must be new and not empty",
+                });
+            }
+            c.execs
+                .insert(req.exec_id.clone(), Process::new(request, stdio));
+            Ok(())
+        })
+    }
+
+    fn state(&self, req: &api::StateRequest) -> Result<api::StateResponse, TaskError> {
+        self.with(&req.id, &req.exec_id, |c| {
+            let (pid, bundle) = (c.pid(), c.bundle.clone());
+            let process = c.process(&req.exec_id)?;
+            let (exit_status, exited_at) = process.exit.get().unzip();
+            Ok(api::StateResponse {
+                id: req.id.clone(),
+                bundle,
+                pid,
+                status: process.status().into(),
+                stdin: process.stdio.stdin.clone(),
+                stdout: process.stdio.stdout.clone(),
+                stderr: process.stdio.stderr.clone(),
+                terminal: process.stdio.terminal,
+                exit_status: exit_status.unwrap_or(0),
+                exited_at: MessageField::from_option(exited_at),
+                exec_id: req.exec_id.clone(),
+                ..Default::default()
+            })
+        })
+    }
+
+    fn input(&self, id: &str, exec_id: &str) -> Result<Input, TaskError> {
+        self.with(id, exec_id, |c| {
+            c.process(exec_id)?
+                .input
+                .clone()
+                .ok_or_else(|| TaskError::State {
+                    id: id.to_string(),
+                    exec_id: exec_id.to_string(),
+                    problem: "not started",
+                })
+        })
+    }
+}
+
+/// Copies the stdin FIFO (if any) to the process, then ends its stdin.
+fn feed_stdin(path: &str, input: Input) {
+    if path.is_empty() {
+        let _ = input.stdin_end();
+        return;
+    }
+    let path = path.to_string();
+    thread::spawn(move || {
+        // Blocks until containerd's side is open: it is, or comes.
+        if let Ok(mut fifo) = File::open(&path) {
+            let mut buf = vec![0u8; 32 * 1024];
+            while let Ok(n @ 1..) = fifo.read(&mut buf) {
+                if input.stdin(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+        let _ = input.stdin_end();
+    });
+}
+
+/// The process's output to its FIFOs until it ends; its status. A
+/// refusal (nothing started) is said on its stderr with the shell's
+/// status, as a shell says it.
+fn run_to_end(session: Session, stdio: &Stdio) -> u32 {
+    let mut stdout = open_output(&stdio.stdout);
+    let mut stderr = open_output(&stdio.stderr);
+    match session.wait(&mut stdout, &mut stderr) {
+        Ok(status) => u32::from(status),
+        Err(ExecError::Refused { status, reason, .. }) => {
+            let _ = writeln!(stderr, "containerd-shim-kiln-v2: {reason}");
+            u32::from(status)
+        }
+        Err(err) => {
+            log::error!("{}", one_line(&err));
+            STATUS_LOST
+        }
+    }
+}
+
+/// containerd's FIFO for an output, or a sink when there is none or
+/// nobody reads it (opening a FIFO without a reader would block for ever).
+fn open_output(path: &str) -> Box<dyn Write + Send> {
+    if path.is_empty() {
+        return Box::new(io::sink());
+    }
+    let opened = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .and_then(|fifo| {
+            set_blocking(&fifo)?;
+            Ok(fifo)
+        });
+    match opened {
+        Ok(fifo) => Box::new(fifo),
+        Err(err) => {
+            log::warn!("output {path}: {err}; dropped");
+            Box::new(io::sink())
+        }
+    }
+}
+
+fn set_blocking(file: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL takes no argument and reads nothing of ours.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFL takes the flags as an int argument.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl containerd_shim::Task for Tasks {
+    fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        let pid = Tasks::create(self, &req)?;
+        self.publish(TaskCreate {
+            container_id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            rootfs: req.rootfs.clone(),
+            io: MessageField::some(TaskIO {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+                ..Default::default()
+            }),
+            pid,
+            ..Default::default()
+        });
+        Ok(api::CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
+        let pid = Tasks::start(self, &req.id, &req.exec_id)?;
+        if req.exec_id.is_empty() {
+            self.publish(TaskStart {
+                container_id: req.id.clone(),
+                pid,
+                ..Default::default()
+            });
+        } else {
+            self.publish(TaskExecStarted {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                pid,
+                ..Default::default()
+            });
+        }
+        Ok(api::StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+        let exit = self.with(&req.id, &req.exec_id, |c| {
+            Ok(c.process(&req.exec_id)?.exit.clone())
+        })?;
+        let (exit_status, exited_at) = exit.wait();
+        Ok(api::WaitResponse {
+            exit_status,
+            exited_at: MessageField::some(exited_at),
+            ..Default::default()
+        })
+    }
+
+    fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        Tasks::kill(self, &req)?;
+        Ok(api::Empty::default())
+    }
+
+    fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        Ok(Tasks::delete(self, &req)?)
+    }
+
+    fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
+        Tasks::exec(self, &req)?;
+        self.publish(TaskExecAdded {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        });
+        Ok(api::Empty::default())
+    }
+
+    fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let size = WindowSize {
+            rows: u16::try_from(req.height).unwrap_or(u16::MAX),
+            cols: u16::try_from(req.width).unwrap_or(u16::MAX),
+        };
+        // A process that ended meanwhile has no terminal to size.
+        let _ = self.input(&req.id, &req.exec_id)?.resize(size);
+        Ok(api::Empty::default())
+    }
+
+    fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
+        if req.stdin {
+            let _ = self.input(&req.id, &req.exec_id)?.stdin_end();
+        }
+        Ok(api::Empty::default())
+    }
+
+    fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
+        Ok(Tasks::state(self, &req)?)
+    }
+
+    fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+        let pid = self.with(&req.id, "", |c| Ok(c.pid()))?;
+        Ok(api::PidsResponse {
+            processes: vec![containerd_shim::protos::types::task::ProcessInfo {
+                pid,
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+    }
+
+    fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        let task_pid = self.with(&req.id, "", |c| Ok(c.pid())).unwrap_or(0);
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        })
+    }
+
+    fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
+        // containerd asks after every Delete; a shim with a container
+        // still to delete stays.
+        if lock(&self.inner.container).is_none() {
+            self.inner.exit.signal();
+        }
+        Ok(api::Empty::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> ExecRequest {
+        spec::exec_request(br#"{"args": ["/bin/true"], "cwd": "/", "user": {"uid": 0, "gid": 0}}"#)
+            .unwrap()
+    }
+
+    #[test]
+    fn a_log_uri_for_stdio_is_refused_by_value() {
+        let stdio = Stdio {
+            stdout: "binary:///usr/bin/logger?a=b".into(),
+            ..Stdio::default()
+        };
+        let err = stdio.checked("web").unwrap_err();
+        assert_eq!(err.code(), Code::INVALID_ARGUMENT);
+        assert_eq!(
+            one_line(&err),
+            "container web: stdio \"binary:///usr/bin/logger?a=b\": expected a FIFO path (log URIs are not supported)"
+        );
+        let fifos = Stdio {
+            stdin: "/run/fifo/in".into(),
+            ..Stdio::default()
+        };
+        assert!(fifos.checked("web").is_ok());
+    }
+
+    #[test]
+    fn a_process_is_created_until_its_exit_and_stdin_follows_its_fifo() {
+        let with_stdin = Stdio {
+            stdin: "/run/fifo/in".into(),
+            ..Stdio::default()
+        };
+        let process = Process::new(request(), with_stdin);
+        assert!(process.request.stdin);
+        assert_eq!(process.status(), api::Status::CREATED);
+        let exit = process.exit.clone();
+        let waiter = thread::spawn(move || exit.wait().0);
+        process.exit.set(137);
+        assert_eq!(waiter.join().unwrap(), 137);
+        assert_eq!(process.status(), api::Status::STOPPED);
+        assert!(!Process::new(request(), Stdio::default()).request.stdin);
+    }
+}
