@@ -34,6 +34,7 @@ use super::console::{CONSOLE_LOG_LIMIT, ConsoleLogError, RotatingLog, copy_into}
 use super::{FileLock, Instance, InstanceError};
 use crate::definition::{self, DefinitionError, RunOptions};
 use crate::network::proxy::{Proxy, ProxyError, ProxyHandle};
+use crate::network::{self, NetworkError};
 
 pub use super::actions::SNAPSHOT_TIMEOUT;
 
@@ -134,6 +135,25 @@ pub enum SupervisorError {
     /// The VM definition cannot be handed to the VM process.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The VM's tap cannot be created or attached to the bridge.
+    #[error(transparent)]
+    Network(#[from] NetworkError),
+}
+
+/// A VM process to spawn: its command, and the descriptors it inherits
+/// (its tap), which the supervisor holds open until it is spawned.
+pub(super) struct VmSpawn {
+    command: Command,
+    inherited: Vec<OwnedFd>,
+}
+
+impl From<Command> for VmSpawn {
+    fn from(command: Command) -> Self {
+        VmSpawn {
+            command,
+            inherited: Vec::new(),
+        }
+    }
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> SupervisorError {
@@ -174,13 +194,14 @@ struct Launch {
 }
 
 /// The command of one VM process: `kiln __vm` with the instance's VM
-/// definition in a file, the control channel inherited, and this process
-/// as the supervisor it ends with.
+/// definition in a file, the control channel and the NIC's tap (made
+/// here, in the host's namespaces) inherited, and this process as the
+/// supervisor it ends with.
 fn vm_command(
     instance: &Instance,
     vm: &VmProcess,
     start: VmStart<'_>,
-) -> Result<Command, SupervisorError> {
+) -> Result<VmSpawn, SupervisorError> {
     let boot = match start.restore {
         Some((dir, consume)) => Boot::Snapshot {
             dir: dir.to_path_buf(),
@@ -200,7 +221,14 @@ fn vm_command(
         .arg(start.control_fd.to_string())
         .arg("--supervisor")
         .arg(std::process::id().to_string());
-    Ok(command)
+    let mut inherited = Vec::new();
+    if let Some(nic) = &config.net {
+        let tap = network::open_tap(nic)?;
+        let fd = super::inheritable(tap.as_fd()).map_err(io_err("the tap's descriptor"))?;
+        command.arg("--tap-fd").arg(fd.to_string());
+        inherited.push(tap.into());
+    }
+    Ok(VmSpawn { command, inherited })
 }
 
 /// [`run`], with the VM processes' commands made by `vm_command`.
@@ -208,7 +236,7 @@ fn supervise(
     instance: Instance,
     _vmm: FileLock,
     mut launch: Launch,
-    vm_command: impl Fn(&Instance, VmStart<'_>) -> Result<Command, SupervisorError>,
+    vm_command: impl Fn(&Instance, VmStart<'_>) -> Result<VmSpawn, SupervisorError>,
 ) -> Result<ExitStatus, SupervisorError> {
     let socket = instance.api_socket();
     let mut log = match launch.console {
@@ -306,7 +334,7 @@ fn start_vm(
     shared: &Shared,
     restore: Option<&(PathBuf, bool)>,
     logged: bool,
-    vm_command: &impl Fn(&Instance, VmStart<'_>) -> Result<Command, SupervisorError>,
+    vm_command: &impl Fn(&Instance, VmStart<'_>) -> Result<VmSpawn, SupervisorError>,
 ) -> Result<(std::process::Child, Option<io::PipeReader>), SupervisorError> {
     let (client, vm_end) = rpc::channel()?;
     let control_fd = super::inheritable(vm_end.as_fd()).map_err(io_err("control channel"))?;
@@ -314,11 +342,14 @@ fn start_vm(
         control_fd,
         restore: restore.map(|(dir, consume)| (dir.as_path(), *consume)),
     };
-    let mut command = {
+    let VmSpawn {
+        mut command,
+        inherited,
+    } = {
         let mut instance = lock(&shared.instance);
-        let command = vm_command(&instance, start)?;
+        let spawn = vm_command(&instance, start)?;
         instance.mark_running(restore.is_some())?;
-        command
+        spawn
     };
     let console_out = if logged {
         let (out, vm_console) = io::pipe().map_err(io_err("console pipe"))?;
@@ -339,8 +370,9 @@ fn start_vm(
         .spawn()
         .map_err(io_err("cannot start the VM process"))?;
     drop(command);
-    // Only the VM process keeps its end open.
+    // Only the VM process keeps its end of the channel open, and its tap.
     drop(vm_end);
+    drop(inherited);
     // The child is not reaped before this: its pid is still its own.
     let pidfd = pidfd_open(Pid::from_child(&child), PidfdFlags::empty())
         .map_err(|err| io_err("cannot open a pidfd for the VM process")(err.into()))?;
@@ -443,7 +475,7 @@ mod tests {
         let status = supervise(instance, vmm, launch, |_, _| {
             let mut command = Command::new("sh");
             command.args(["-c", &script]);
-            Ok(command)
+            Ok(command.into())
         })
         .unwrap();
         assert_eq!(status.code(), Some(3));
