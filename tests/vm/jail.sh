@@ -51,7 +51,8 @@ check root-has-no-tun [ ! -e "/proc/$pid/root/dev/net/tun" ]
 check root-has-no-proc [ ! -e "/proc/$pid/root/proc/self" ]
 check root-has-no-host-binaries [ ! -e "/proc/$pid/root$KILN" ]
 check root-has-the-instance-dir [ -e "/proc/$pid/root$KILN_HOME/instances/$id/vm.json" ]
-check root-has-no-other-home-dirs [ ! -e "/proc/$pid/root$KILN_HOME/images" ]
+expect_eq root-has-no-other-instance "$id" "$(ls -A "/proc/$pid/root$KILN_HOME/instances")"
+check root-has-no-hydration-cache [ ! -e "/proc/$pid/root$KILN_HOME/cache" ]
 expect_contains open-files-limit "/proc/$pid/limits" "Max open files *2048 *2048"
 group=/sys/fs/cgroup/kiln/$id
 expect_contains in-its-cgroup "/proc/$pid/cgroup" "^0::/kiln/$id$"

@@ -248,6 +248,9 @@ impl Jail {
         };
         jail.add_dir(&root, Path::new("/dev"))?;
         jail.bind(&root, instance_dir, true)?;
+        for program in program_files()? {
+            jail.bind(&root, &program, false)?;
+        }
         for (path, writable) in files {
             if !path.starts_with(instance_dir) {
                 jail.bind(&root, &path, writable)?;
@@ -474,6 +477,65 @@ fn vm_files(config: &VmConfig) -> Vec<(PathBuf, bool)> {
     files
 }
 
+/// What exec'ing `kiln __vm` inside the jail needs, read-only: the files
+/// this process (the same `kiln` binary) runs on, as /proc/self/maps
+/// lists them (the binary, its program interpreter and shared libraries,
+/// at their real paths, where the interpreter's default search finds
+/// them without /etc/ld.so.cache), and the interpreter's path as the
+/// binary names it (PT_INTERP, often a symlink such as
+/// /lib64/ld-linux-x86-64.so.2).
+fn program_files() -> Result<Vec<PathBuf>, JailError> {
+    let maps_path = Path::new("/proc/self/maps");
+    let maps = fs::read_to_string(maps_path).map_err(io_err("read", maps_path))?;
+    let mut files: Vec<PathBuf> = Vec::new();
+    for path in maps.lines().filter_map(mapped_file) {
+        if !files.iter().any(|f| f == path) {
+            files.push(path.to_path_buf());
+        }
+    }
+    let exe = Path::new("/proc/self/exe");
+    let interpreter =
+        elf_interpreter(exe).map_err(io_err("read the program interpreter of", exe))?;
+    files.extend(interpreter.filter(|i| !files.contains(i)));
+    Ok(files)
+}
+
+/// The file a /proc/self/maps line maps (its sixth field, an absolute
+/// path), unless it is gone from the file system.
+fn mapped_file(line: &str) -> Option<&Path> {
+    let path = line.split_whitespace().nth(5)?;
+    (path.starts_with('/') && !line.ends_with("(deleted)")).then(|| Path::new(path))
+}
+
+/// The ELF64 file `path`'s program interpreter (its PT_INTERP segment,
+/// System V gABI "Program Header"), if it has one.
+fn elf_interpreter(path: &Path) -> io::Result<Option<PathBuf>> {
+    use std::os::unix::fs::FileExt;
+    /// gABI: the program header's type of the interpreter's path.
+    const PT_INTERP: u32 = 3;
+    let file = fs::File::open(path)?;
+    let mut header = [0u8; 64];
+    file.read_exact_at(&mut header, 0)?;
+    let word = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().unwrap_or_default());
+    let half = |at: usize| u16::from_le_bytes([header[at], header[at + 1]]);
+    // e_phoff at 0x20, e_phentsize at 0x36, e_phnum at 0x38 (ELF64).
+    let (table, entry, count) = (word(0x20), u64::from(half(0x36)), half(0x38));
+    for index in 0..u64::from(count) {
+        let mut program = [0u8; 56];
+        file.read_exact_at(&mut program, table + index * entry)?;
+        let field =
+            |at: usize| u64::from_le_bytes(program[at..at + 8].try_into().unwrap_or_default());
+        if u32::from_le_bytes([program[0], program[1], program[2], program[3]]) == PT_INTERP {
+            // p_offset at 0x08, p_filesz at 0x20; the path ends in NUL.
+            let mut name = vec![0u8; usize::try_from(field(0x20)).unwrap_or(0)];
+            file.read_exact_at(&mut name, field(0x08))?;
+            let name = name.split(|&b| b == 0).next().unwrap_or_default();
+            return Ok(Some(PathBuf::from(std::ffi::OsStr::from_bytes(name))));
+        }
+    }
+    Ok(None)
+}
+
 /// `path` (absolute) under `root`.
 fn under(root: &Path, path: &Path) -> PathBuf {
     root.join(path.strip_prefix("/").unwrap_or(path))
@@ -580,6 +642,26 @@ mod tests {
     }
 
     #[test]
+    fn the_program_and_its_interpreter_are_found() {
+        let files = program_files().unwrap();
+        let exe = fs::read_link("/proc/self/exe").unwrap();
+        assert!(files.contains(&exe), "{files:?}");
+        let interpreter = elf_interpreter(&exe)
+            .unwrap()
+            .expect("a dynamic test binary");
+        assert!(files.contains(&interpreter), "{files:?}");
+        assert_eq!(
+            mapped_file("7f00-7f01 r-xp 00000000 08:01 12 /usr/lib/libc.so.6"),
+            Some(Path::new("/usr/lib/libc.so.6"))
+        );
+        assert_eq!(mapped_file("7f00-7f01 rw-p 00000000 00:00 0 [heap]"), None);
+        assert_eq!(
+            mapped_file("7f00-7f01 r-xp 0 08:01 12 /tmp/x (deleted)"),
+            None
+        );
+    }
+
+    #[test]
     fn an_instance_keeps_its_uid_within_the_range() {
         let range = UidRange {
             first: 5000,
@@ -629,10 +711,12 @@ mod tests {
         };
         let jail = Jail::prepare(&settings, "i-1", &instance, &config, None).unwrap();
         let root = instance.join(ROOT_DIR);
+        let programs = program_files().unwrap();
         let listed: Vec<(PathBuf, bool)> = jail
             .binds
             .iter()
             .map(|b| (PathBuf::from(b.target.to_str().unwrap()), b.writable))
+            .filter(|(target, _)| !programs.iter().any(|p| *target == under(&root, p)))
             .collect();
         assert_eq!(
             listed,
