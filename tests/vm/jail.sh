@@ -49,6 +49,7 @@ expect_contains root-has-kvm "$WORK/root.txt" "^dev$"
 check root-has-only-kvm-in-dev [ "$(ls -A "/proc/$pid/root/dev")" = kvm ]
 check root-has-no-tun [ ! -e "/proc/$pid/root/dev/net/tun" ]
 check root-has-no-proc [ ! -e "/proc/$pid/root/proc/self" ]
+expect_eq proc-has-cpuinfo-alone cpuinfo "$(ls -A "/proc/$pid/root/proc")"
 check root-has-no-host-binaries [ ! -e "/proc/$pid/root$KILN" ]
 check root-has-the-instance-dir [ -e "/proc/$pid/root$KILN_HOME/instances/$id/vm.json" ]
 expect_eq root-has-no-other-instance "$id" "$(ls -A "/proc/$pid/root$KILN_HOME/instances")"

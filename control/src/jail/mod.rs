@@ -59,6 +59,10 @@ const ROOT_DIR: &str = "jail";
 /// The directory of the instance where a jailed VM writes a snapshot, for
 /// the supervisor to move into the snapshot's directory.
 const EXCHANGE_DIR: &str = "snapshot-out";
+/// What the VM process reads to check the host's virtualization before it
+/// opens KVM (`kiln_vmm::host::detect`), read-only where the host has it:
+/// the CPU's flags, and the PVM module's directory.
+const HOST_FACTS: [&str; 2] = ["/proc/cpuinfo", "/sys/module/kvm_pvm"];
 /// /dev/kvm's node (Documentation/admin-guide/devices.txt: misc 232).
 const KVM_DEVICE: &str = "/dev/kvm";
 /// The jail root's tmpfs: it only holds directories, empty mount points
@@ -250,6 +254,9 @@ impl Jail {
         jail.bind(&root, instance_dir, true)?;
         for program in program_files()? {
             jail.bind(&root, &program, false)?;
+        }
+        for fact in HOST_FACTS.iter().map(Path::new).filter(|f| f.exists()) {
+            jail.bind(&root, fact, false)?;
         }
         for (path, writable) in files {
             if !path.starts_with(instance_dir) {
