@@ -467,11 +467,18 @@ fn drop_bounding_set() -> io::Result<()> {
 
 /// The files `config` has the VM process open, and whether it writes them.
 fn vm_files(config: &VmConfig) -> Vec<(PathBuf, bool)> {
-    let mut files = vec![match &config.boot {
-        Boot::Kernel(kernel) => (kernel.clone(), false),
-        // A consumed snapshot is deleted once restored.
-        Boot::Snapshot { dir, consume } => (dir.clone(), *consume),
-    }];
+    let mut files = match &config.boot {
+        Boot::Kernel(kernel) => vec![(kernel.clone(), false)],
+        // A consumed snapshot (a hibernation, in the instance's directory)
+        // is deleted once restored.
+        Boot::Snapshot { dir, consume: true } => vec![(dir.clone(), true)],
+        // Another's snapshot, file by file: its directory is private to
+        // the user (mode 700), its files readable (a VM process's umask).
+        Boot::Snapshot {
+            dir,
+            consume: false,
+        } => snapshot_files(dir),
+    };
     for disk in &config.disks {
         match &disk.source {
             DiskSource::Raw(path) => files.push((path.clone(), !disk.read_only)),
@@ -541,6 +548,20 @@ fn elf_interpreter(path: &Path) -> io::Result<Option<PathBuf>> {
         }
     }
     Ok(None)
+}
+
+/// The regular files of the snapshot `dir`, read-only; the directory
+/// itself when it cannot be listed (the VM process then says what is
+/// missing).
+fn snapshot_files(dir: &Path) -> Vec<(PathBuf, bool)> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return vec![(dir.to_path_buf(), false)];
+    };
+    entries
+        .flatten()
+        .filter(|entry| entry.file_type().is_ok_and(|t| t.is_file()))
+        .map(|entry| (entry.path(), false))
+        .collect()
 }
 
 /// `path` (absolute) under `root`.
