@@ -89,13 +89,8 @@ fn main() -> ExitCode {
     // records, console logs, snapshots (guest RAM, secrets included).
     // Where a file must be shared, the code that makes it says so and
     // sets its mode; recipe build steps get 022 back for the image's files.
-    // A VM process writes only into directories its supervisor made
-    // private (the instance's, a snapshot's staging): its files there are
-    // readable by others, so that a snapshot a jailed VM process wrote
-    // can be read by a later one under another uid.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let vm_process = matches!(cli.command, Command::Vm(_));
-    let umask = if vm_process { 0o022 } else { 0o077 };
-    rustix::process::umask(rustix::fs::Mode::from_raw_mode(umask));
     // A VM process keeps no home of its own: its supervisor made the
     // files it uses, and jailed it sees only those (its uid owns none of
     // the directories above them).

@@ -35,7 +35,9 @@ expect_eq launch-exit-status 0 "$?"
 pid=$(vm_pid "$id")
 check vm-process-found [ -n "$pid" ]
 uid=$(status_field "$pid" Uid)
-check runs-as-an-unprivileged-uid [ "$uid" -ge 900000 ]
+check runs-as-an-unprivileged-uid [ "$uid" -gt 900000 ]
+expect_eq gid-is-the-uid "$uid" "$(status_field "$pid" Gid)"
+expect_eq only-the-jails-group 900000 "$(sed -n 's/^Groups:[[:space:]]*//p' "/proc/$pid/status" | tr -d ' \t')"
 expect_eq no-capabilities 0000000000000000 "$(status_field "$pid" CapEff)"
 expect_eq no-bounding-capabilities 0000000000000000 "$(status_field "$pid" CapBnd)"
 expect_eq no-new-privs 1 "$(status_field "$pid" NoNewPrivs)"
@@ -79,7 +81,7 @@ expect_eq restore-exit-status 0 "$?"
 "$KILN" ps > "$WORK/ps-restored.txt" 2>&1
 expect_contains restored-runs "$WORK/ps-restored.txt" "restored .*running"
 rpid=$(vm_pid "$restored")
-check restored-is-jailed [ "$(status_field "$rpid" Uid)" -ge 900000 ]
+check restored-is-jailed [ "$(status_field "$rpid" Uid)" -gt 900000 ]
 check terminate-restored "$KILN" terminate restored
 
 # Hibernate and resume, jailed.

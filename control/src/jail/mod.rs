@@ -14,9 +14,9 @@
 //!   snapshot exchange) writable. pivot_root(2) into it and the old root
 //!   unmounted: nothing else of the host is visible.
 //! - An unprivileged uid and gid of the instance's own (`KILN_JAIL_UIDS`),
-//!   no supplementary groups, every capability dropped from the bounding
-//!   set, `no_new_privs`, and RLIMIT_NOFILE as Firecracker's jailer sets
-//!   it.
+//!   the jails' shared group as its one supplementary group, every
+//!   capability dropped from the bounding set, `no_new_privs`, and
+//!   RLIMIT_NOFILE as Firecracker's jailer sets it.
 //! - A cgroup v2 group ([`cgroup`]) where the host has one.
 //!
 //! The tap comes open from the supervisor (`--tap-fd`), so neither
@@ -79,21 +79,30 @@ pub struct UidRange {
 }
 
 impl UidRange {
-    /// The id of the instance `id`: picked by a hash of it, so it is the
-    /// same at every boot, and another instance's only by a collision the
-    /// range's size makes unlikely.
+    /// The id of the instance `id`, one of the range's after the first:
+    /// picked by a hash of it, so it is the same at every boot, and
+    /// another instance's only by a collision the range's size makes
+    /// unlikely.
     pub fn for_instance(&self, id: &str) -> u32 {
         // FNV-1a, 32 bits: stable across Rust versions, unlike std's hasher.
         let hash = id.bytes().fold(0x811c_9dc5_u32, |hash, byte| {
             (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
         });
-        self.first + hash % self.count
+        self.first + 1 + hash % (self.count - 1)
+    }
+
+    /// The group every jail has as its one supplementary group: the
+    /// range's first id. A snapshot's files are given to it (mode 640)
+    /// when a jailed VM restores from them, so that one jail's snapshot
+    /// can be restored under another jail's uid. Nothing else is.
+    pub fn shared_group(&self) -> u32 {
+        self.first
     }
 
     fn parse(text: &str) -> Option<UidRange> {
         let (first, last) = text.split_once('-')?;
         let (first, last): (u32, u32) = (first.parse().ok()?, last.parse().ok()?);
-        (first > 0 && last >= first && last < u32::MAX).then(|| UidRange {
+        (first > 0 && last > first && last < u32::MAX).then(|| UidRange {
             first,
             count: last - first + 1,
         })
@@ -141,7 +150,7 @@ pub enum JailError {
     #[error("${JAIL_ENV}={0:?}: expected 1 (jail every VM process) or 0")]
     Switch(String),
     /// `KILN_JAIL_UIDS` is not a range of unprivileged ids.
-    #[error("${UIDS_ENV}={0:?}: expected FIRST-LAST, with 0 < FIRST <= LAST")]
+    #[error("${UIDS_ENV}={0:?}: expected FIRST-LAST, with 0 < FIRST < LAST")]
     Uids(String),
     /// A file or directory of the jail could not be made or handed over.
     #[error("cannot {what} {path} for the jail")]
@@ -198,6 +207,8 @@ pub struct Jail {
     binds: Vec<Bind>,
     kvm: (CString, u64),
     uid: u32,
+    /// The jails' shared group ([`UidRange::shared_group`]).
+    group: u32,
     /// The jail's group, where the host has cgroup v2.
     cgroup: Option<Cgroup>,
 }
@@ -248,6 +259,7 @@ impl Jail {
             binds: Vec::new(),
             kvm: (c_path(&root.join("dev/kvm"))?, kvm_device()?),
             uid,
+            group: settings.uids.shared_group(),
             cgroup,
         };
         jail.add_dir(&root, Path::new("/dev"))?;
@@ -257,6 +269,11 @@ impl Jail {
         }
         for fact in HOST_FACTS.iter().map(Path::new).filter(|f| f.exists()) {
             jail.bind(&root, fact, false)?;
+        }
+        if let Boot::Snapshot { consume: false, .. } = config.boot {
+            for (file, _) in &files {
+                jail.share(file)?;
+            }
         }
         for (path, writable) in files {
             if !path.starts_with(instance_dir) {
@@ -269,6 +286,14 @@ impl Jail {
     /// The uid (and gid) the VM process runs as.
     pub fn uid(&self) -> u32 {
         self.uid
+    }
+
+    /// Lets every jail read the snapshot file `path`: its group becomes
+    /// the jails' shared group, readable (640; its owner keeps it).
+    fn share(&self, path: &Path) -> Result<(), JailError> {
+        rustix::fs::chown(path, None, Some(Gid::from_raw(self.group)))
+            .map_err(|err| io_err("share", path)(err.into()))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o640)).map_err(io_err("share", path))
     }
 
     /// Gives `path`, which the supervisor wrote for the VM process (its
@@ -414,7 +439,7 @@ impl Jail {
         rustix::process::setrlimit(rustix::process::Resource::Nofile, open_files)?;
         drop_bounding_set()?;
         let (uid, gid) = (Uid::from_raw(self.uid), Gid::from_raw(self.uid));
-        rustix::thread::set_thread_groups(&[])?;
+        rustix::thread::set_thread_groups(&[Gid::from_raw(self.group)])?;
         rustix::thread::set_thread_res_gid(gid, gid, gid)?;
         rustix::thread::set_thread_res_uid(uid, uid, uid)?;
         rustix::thread::set_no_new_privs(true)?;
@@ -473,7 +498,7 @@ fn vm_files(config: &VmConfig) -> Vec<(PathBuf, bool)> {
         // is deleted once restored.
         Boot::Snapshot { dir, consume: true } => vec![(dir.clone(), true)],
         // Another's snapshot, file by file: its directory is private to
-        // the user (mode 700), its files readable (a VM process's umask).
+        // the user (mode 700); its files are shared with the jails' group.
         Boot::Snapshot {
             dir,
             consume: false,
@@ -660,7 +685,7 @@ mod tests {
             err.to_string(),
             "$KILN_JAIL=\"yes\": expected 1 (jail every VM process) or 0"
         );
-        for bad in ["0-10", "10-5", "10", "a-b"] {
+        for bad in ["0-10", "10-5", "10-10", "10", "a-b"] {
             let err = JailSettings::from_values(Some("1"), Some(bad)).unwrap_err();
             assert!(
                 matches!(&err, JailError::Uids(text) if text == bad),
@@ -696,7 +721,8 @@ mod tests {
             count: 10,
         };
         let uid = range.for_instance("i-0123456789ab");
-        assert!((5000..5010).contains(&uid));
+        assert!((5001..5010).contains(&uid));
+        assert_eq!(range.shared_group(), 5000);
         assert_eq!(uid, range.for_instance("i-0123456789ab"));
     }
 
