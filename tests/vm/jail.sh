@@ -32,7 +32,9 @@ status_field() {
 
 id=$("$KILN" run web:1.0.0 --detach --name jailed 2> "$WORK/launch.err")
 expect_eq launch-exit-status 0 "$?"
+sed 's/^/KILN-INFO launch: /' "$WORK/launch.err"
 pid=$(vm_pid "$id")
+[ -n "$pid" ] || "$KILN" logs jailed 2>&1 | tail -n 5 | sed 's/^/KILN-INFO console: /' 
 check vm-process-found [ -n "$pid" ]
 uid=$(status_field "$pid" Uid)
 check runs-as-an-unprivileged-uid [ "$uid" -gt 900000 ]
@@ -62,8 +64,9 @@ expect_contains in-its-cgroup "/proc/$pid/cgroup" "^0::/kiln/$id$"
 expect_eq cgroup-cpu-max "100000 100000" "$(cat "$group/cpu.max")"
 expect_eq cgroup-memory-max $(( (128 + 128) * 1048576 )) "$(cat "$group/memory.max")"
 expect_eq cgroup-pids-max 17 "$(cat "$group/pids.max")"
-"$KILN" ps > "$WORK/ps.txt" 2>&1
-expect_contains ps-shows-the-jail "$WORK/ps.txt" "jailed .*running"
+"$KILN" ps --format json > "$WORK/ps.json" 2>&1
+expect_contains ps-shows-the-uid "$WORK/ps.json" "\"uid\": *$uid"
+expect_contains ps-shows-the-memory-limit "$WORK/ps.json" "\"memory_max\": *$(( (128 + 128) * 1048576 ))"
 
 # The guest's network works through the passed tap.
 address=$(sed -n 's/^ *"address": "\([^"]*\)".*/\1/p' "$KILN_HOME/instances/$id/instance.json")

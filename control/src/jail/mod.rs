@@ -325,8 +325,15 @@ impl Jail {
         let dir = fs::metadata(&absolute)
             .map_err(io_err("find", &absolute))?
             .is_dir();
-        if let Some(parent) = absolute.parent() {
-            self.add_dir(root, parent)?;
+        // A directory's mount point is made with its parents; a file's is
+        // made empty where it binds.
+        let made = if dir {
+            Some(absolute.as_path())
+        } else {
+            absolute.parent()
+        };
+        if let Some(made) = made {
+            self.add_dir(root, made)?;
         }
         self.binds.push(Bind {
             source: c_path(&absolute)?,
@@ -385,6 +392,9 @@ impl Jail {
     /// Mounts the root's tmpfs, makes its directories and /dev/kvm, and
     /// bind-mounts what the VM needs.
     fn build_root(&self) -> io::Result<()> {
+        // The supervisor's umask (077) would leave the root's directories
+        // untraversable by the jail's uid; the VM process sets its own.
+        rustix::process::umask(Mode::from_raw_mode(0o022));
         rustix::mount::mount(
             c"tmpfs",
             self.root.as_c_str(),
