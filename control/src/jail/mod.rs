@@ -377,10 +377,7 @@ impl Jail {
         )?;
         self.build_root()?;
         rustix::process::chdir(self.root.as_c_str())?;
-        // pivot_root(".", "."): the old root is stacked under the new
-        // one, and unmounted at once (pivot_root(2), NOTES).
-        rustix::process::pivot_root(c".", c".")?;
-        rustix::mount::unmount(c".", UnmountFlags::DETACH)?;
+        enter_root()?;
         rustix::process::chdir(c"/")?;
         if let Some(cgroup) = &self.cgroup {
             cgroup.join()?;
@@ -457,6 +454,23 @@ impl Jail {
         // alive here (it waits for this exec), so none is missed.
         rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))?;
         Ok(())
+    }
+}
+
+/// Makes the current directory (the jail's root, a mount) the root.
+/// pivot_root(".", "."): the old root is stacked under the new one and
+/// unmounted at once (pivot_root(2), NOTES). An initramfs root (rootfs)
+/// cannot be pivoted away from (EINVAL): there the new root is moved
+/// over "/" and chrooted into, as switch_root does; the old root stays
+/// mounted beneath, out of reach of a process that may not chroot.
+fn enter_root() -> io::Result<()> {
+    match rustix::process::pivot_root(c".", c".") {
+        Ok(()) => Ok(rustix::mount::unmount(c".", UnmountFlags::DETACH)?),
+        Err(rustix::io::Errno::INVAL) => {
+            rustix::mount::mount_move(c".", c"/")?;
+            Ok(rustix::process::chroot(c".")?)
+        }
+        Err(err) => Err(err.into()),
     }
 }
 
