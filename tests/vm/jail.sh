@@ -34,10 +34,17 @@ id=$("$KILN" run web:1.0.0 --detach --name jailed 2> "$WORK/launch.err")
 expect_eq launch-exit-status 0 "$?"
 sed 's/^/KILN-INFO launch: /' "$WORK/launch.err"
 pid=$(vm_pid "$id")
-[ -n "$pid" ] || "$KILN" logs jailed 2>&1 | tail -n 5 | sed 's/^/KILN-INFO console: /' 
+# Why the VM process ended, should it have: for the log.
+diagnose() {
+    "$KILN" ps -a 2>&1 | sed 's/^/KILN-INFO ps: /'
+    "$KILN" logs jailed 2>&1 | tail -n 8 | sed 's/^/KILN-INFO console: /'
+}
+[ -n "$pid" ] || diagnose
 check vm-process-found [ -n "$pid" ]
 uid=$(status_field "$pid" Uid)
 check runs-as-an-unprivileged-uid [ "$uid" -gt 900000 ]
+sleep 2
+[ -e "/proc/$pid" ] || diagnose
 expect_eq gid-is-the-uid "$uid" "$(status_field "$pid" Gid)"
 expect_eq only-the-jails-group 900000 "$(sed -n 's/^Groups:[[:space:]]*//p' "/proc/$pid/status" | tr -d ' \t')"
 expect_eq no-capabilities 0000000000000000 "$(status_field "$pid" CapEff)"

@@ -25,7 +25,7 @@ use std::{io, thread};
 
 use kiln_builder::store::Store;
 use kiln_vmm::config::ConfigError;
-use kiln_vmm::config::{Boot, DiskSource, VmConfig};
+use kiln_vmm::config::{Boot, VmConfig};
 use kiln_vmm::devices::lock;
 use kiln_vmm::rpc::{self, ControlClient};
 use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
@@ -265,21 +265,14 @@ fn vm_command(
     })
 }
 
-/// The jail of `instance`'s next VM process, for `config`, which loses its
-/// volumes' host-wide hydration cache: that cache is shared by every VM of
-/// an image, each jailed under another uid, so a jailed VM keeps its
-/// chunks in memory only. The group is made where cgroup v2 is here; where
-/// not, that is said once and the jail goes on without one.
+/// The jail of `instance`'s next VM process, for `config` (which it
+/// adapts: [`Jail::prepare`]). The group is made where cgroup v2 is here;
+/// where not, that is said once and the jail goes on without one.
 fn jail_for(
     settings: &JailSettings,
     instance: &Instance,
     config: &mut VmConfig,
 ) -> Result<Jail, SupervisorError> {
-    for disk in &mut config.disks {
-        if let DiskSource::Volume { hydration, .. } = &mut disk.source {
-            *hydration = None;
-        }
-    }
     let limits = Limits::for_vm(config.vcpus, config.memory_mib);
     let cgroup = Cgroup::create(&instance.record.id, &limits)
         .inspect_err(|err| {

@@ -209,6 +209,8 @@ pub struct Jail {
     uid: u32,
     /// The jails' shared group ([`UidRange::shared_group`]).
     group: u32,
+    /// Files to delete once the VM process has ended.
+    ephemeral: Vec<PathBuf>,
     /// The jail's group, where the host has cgroup v2.
     cgroup: Option<Cgroup>,
 }
@@ -222,28 +224,33 @@ pub fn exchange_dir(instance_dir: &Path) -> PathBuf {
 impl Jail {
     /// Prepares the jail of the instance `id` (directory `instance_dir`)
     /// for the VM `config` defines, with the group `cgroup` if the host
-    /// has one: hands the instance's directory and the files the VM
-    /// writes to its uid, and lists what the root holds.
+    /// has one: hands the instance's directory and the files in it the VM
+    /// opens to its uid, shares the others with the jails' group, and
+    /// lists what the root holds. `config` changes as a jail needs: its
+    /// volumes lose the host-wide hydration cache (shared by every VM of
+    /// an image, each jailed under another uid: a jailed VM keeps its
+    /// chunks in memory), and its ephemeral files are deleted by the jail
+    /// when the VM process ends (they lie outside the jail's writable
+    /// directory, so the VM process cannot delete them once opened).
     pub fn prepare(
         settings: &JailSettings,
         id: &str,
         instance_dir: &Path,
-        config: &VmConfig,
+        config: &mut VmConfig,
         cgroup: Option<Cgroup>,
     ) -> Result<Jail, JailError> {
+        let ephemeral = take_ephemeral(config);
         let uid = settings.uids.for_instance(id);
         let root = instance_dir.join(ROOT_DIR);
         make_dir(&root)?;
         let exchange = exchange_dir(instance_dir);
         make_dir(&exchange)?;
         let files = vm_files(config);
-        let written = files
+        let own = files
             .iter()
-            .filter(|(path, writable)| *writable && path.starts_with(instance_dir))
-            .map(|(path, _)| path.as_path());
-        let owned = [instance_dir, exchange.as_path()]
-            .into_iter()
-            .chain(written);
+            .map(|(path, _)| path.as_path())
+            .filter(|path| path.starts_with(instance_dir));
+        let owned = [instance_dir, exchange.as_path()].into_iter().chain(own);
         let owner = (Some(Uid::from_raw(uid)), Some(Gid::from_raw(uid)));
         for path in owned {
             hand_over(path, owner)?;
@@ -261,6 +268,7 @@ impl Jail {
             uid,
             group: settings.uids.shared_group(),
             cgroup,
+            ephemeral,
         };
         jail.add_dir(&root, Path::new("/dev"))?;
         jail.bind(&root, instance_dir, true)?;
@@ -270,13 +278,9 @@ impl Jail {
         for fact in HOST_FACTS.iter().map(Path::new).filter(|f| f.exists()) {
             jail.bind(&root, fact, false)?;
         }
-        if let Boot::Snapshot { consume: false, .. } = config.boot {
-            for (file, _) in &files {
-                jail.share(file)?;
-            }
-        }
         for (path, writable) in files {
             if !path.starts_with(instance_dir) {
+                jail.share(&path, writable)?;
                 jail.bind(&root, &path, writable)?;
             }
         }
@@ -288,12 +292,21 @@ impl Jail {
         self.uid
     }
 
-    /// Lets every jail read the snapshot file `path`: its group becomes
-    /// the jails' shared group, readable (640; its owner keeps it).
-    fn share(&self, path: &Path) -> Result<(), JailError> {
+    /// Lets every jail read (and, `writable`, write) `path`, a file of
+    /// the host that the VM opens (the kernel, an image, a snapshot's
+    /// file): its group becomes the jails' shared group, with read (and
+    /// write) for it; its owner and other bits stay. Kiln's files are
+    /// private to their user (mode 600), which no jail's uid is.
+    fn share(&self, path: &Path, writable: bool) -> Result<(), JailError> {
+        let meta = fs::metadata(path).map_err(io_err("share", path))?;
+        if meta.is_dir() {
+            return Ok(());
+        }
         rustix::fs::chown(path, None, Some(Gid::from_raw(self.group)))
             .map_err(|err| io_err("share", path)(err.into()))?;
-        fs::set_permissions(path, fs::Permissions::from_mode(0o640)).map_err(io_err("share", path))
+        let group = if writable { 0o060 } else { 0o040 };
+        let mode = meta.permissions().mode() | group;
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err("share", path))
     }
 
     /// Gives `path`, which the supervisor wrote for the VM process (its
@@ -311,10 +324,14 @@ impl Jail {
         }
     }
 
-    /// Ends the jail once its VM process has: its group goes.
+    /// Ends the jail once its VM process has: its group and its
+    /// ephemeral files go.
     pub fn remove(self) {
         if let Some(cgroup) = self.cgroup {
             cgroup.remove();
+        }
+        for file in &self.ephemeral {
+            let _ = fs::remove_file(file);
         }
     }
 
@@ -514,6 +531,27 @@ fn drop_bounding_set() -> io::Result<()> {
     Ok(())
 }
 
+/// Takes the ephemeral marks off `config`'s disks, and its volumes'
+/// hydration cache ([`Jail::prepare`]); returns the files to delete.
+fn take_ephemeral(config: &mut VmConfig) -> Vec<PathBuf> {
+    let mut ephemeral = Vec::new();
+    for disk in &mut config.disks {
+        let file = match &mut disk.source {
+            DiskSource::Raw(path) => Some(path.clone()),
+            DiskSource::Volume {
+                overlay, hydration, ..
+            } => {
+                *hydration = None;
+                overlay.clone()
+            }
+        };
+        if std::mem::take(&mut disk.ephemeral) {
+            ephemeral.extend(file);
+        }
+    }
+    ephemeral
+}
+
 /// The files `config` has the VM process open, and whether it writes them.
 fn vm_files(config: &VmConfig) -> Vec<(PathBuf, bool)> {
     let mut files = match &config.boot {
@@ -522,7 +560,7 @@ fn vm_files(config: &VmConfig) -> Vec<(PathBuf, bool)> {
         // is deleted once restored.
         Boot::Snapshot { dir, consume: true } => vec![(dir.clone(), true)],
         // Another's snapshot, file by file: its directory is private to
-        // the user (mode 700); its files are shared with the jails' group.
+        // the user (mode 700).
         Boot::Snapshot {
             dir,
             consume: false,
@@ -761,7 +799,7 @@ mod tests {
         for file in [&kernel, &image, &instance.join("root.overlay")] {
             fs::write(file, b"").unwrap();
         }
-        let config = VmConfig {
+        let mut config = VmConfig {
             boot: Boot::Kernel(kernel.clone()),
             disks: vec![kiln_vmm::config::DiskConfig {
                 source: DiskSource::Volume {
@@ -787,7 +825,7 @@ mod tests {
                 count: 10,
             },
         };
-        let jail = Jail::prepare(&settings, "i-1", &instance, &config, None).unwrap();
+        let jail = Jail::prepare(&settings, "i-1", &instance, &mut config, None).unwrap();
         let root = instance.join(ROOT_DIR);
         let programs = program_files().unwrap();
         let listed: Vec<(PathBuf, bool)> = jail
