@@ -71,7 +71,9 @@ fn report_jail() {
     match jail::unavailable() {
         Some(why) => println!("jail: unavailable: {why} ({JAIL_ENV}={})", u8::from(on)),
         None => {
-            println!("jail: VM processes can be jailed here ({switch}: {JAIL_ENV}=1 jails them)")
+            println!(
+                "jail: what it needs is here (root, /dev/kvm); {switch} ({JAIL_ENV}=1 jails VM processes)"
+            )
         }
     }
     match cgroup::unavailable() {
