@@ -90,7 +90,13 @@ fn main() -> ExitCode {
     // Where a file must be shared, the code that makes it says so and
     // sets its mode; recipe build steps get 022 back for the image's files.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
-    if let Err(err) = kiln_builder::store::make_private(&kiln_builder::store::default_home()) {
+    let vm_process = matches!(cli.command, Command::Vm(_));
+    // A VM process keeps no home of its own: its supervisor made the
+    // files it uses, and jailed it sees only those (its uid owns none of
+    // the directories above them).
+    if !vm_process
+        && let Err(err) = kiln_builder::store::make_private(&kiln_builder::store::default_home())
+    {
         eprintln!("kiln: {}", kiln_vmm::report::one_line(&err));
         return ExitCode::FAILURE;
     }

@@ -16,4 +16,5 @@ pub mod functions;
 pub mod image_build;
 pub mod image_test;
 pub mod instance;
+pub mod jail;
 pub mod network;

@@ -3,6 +3,7 @@ use std::fs;
 use std::path::Path;
 use std::process::ExitCode;
 
+use kiln_control::jail::{self, JAIL_ENV, cgroup};
 use kiln_control::network::{self, address::BRIDGE};
 use kiln_vmm::host::{self, HostVirt};
 
@@ -46,12 +47,38 @@ pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
         None => println!("networking: instances can have NICs on {BRIDGE}"),
         Some(why) => println!("networking: unavailable: {why}; use --network none"),
     }
+    report_jail();
     if ready {
         println!("ready: Kiln can boot VMs on this host");
         Ok(ExitCode::SUCCESS)
     } else {
         println!("not ready: see above");
         Ok(ExitCode::FAILURE)
+    }
+}
+
+/// Whether VM processes can be jailed here, and with a cgroup; the jail
+/// is opt-in for now, so not a readiness matter either.
+fn report_jail() {
+    let on = match jail::JailSettings::from_env() {
+        Ok(settings) => settings.is_some(),
+        Err(err) => {
+            println!("jail: {}", kiln_vmm::report::one_line(&err));
+            return;
+        }
+    };
+    let switch = if on { "on" } else { "off" };
+    match jail::unavailable() {
+        Some(why) => println!("jail: unavailable: {why} ({JAIL_ENV}={})", u8::from(on)),
+        None => {
+            println!(
+                "jail: what it needs is here (root, /dev/kvm); {switch} ({JAIL_ENV}=1 jails VM processes)"
+            )
+        }
+    }
+    match cgroup::unavailable() {
+        None => println!("jail cgroups: cgroup v2 with cpu, memory and pids"),
+        Some(why) => println!("jail cgroups: unavailable: {why}; jails go without limits"),
     }
 }
 

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use kiln_control::instance::{Instance, Network, Registry, State, now_ms};
+use kiln_control::jail::JailInfo;
 use serde::Serialize;
 
 use crate::assets::kiln_home;
@@ -36,6 +37,8 @@ struct Row {
     ports: Vec<String>,
     /// Why it stopped or failed, if it did.
     reason: Option<String>,
+    /// Its VM process's jail (uid, cgroup limits), while one runs jailed.
+    jail: Option<JailInfo>,
 }
 
 impl Row {
@@ -66,6 +69,7 @@ impl Row {
                 .map(|p| format!("127.0.0.1:{}->{}", p.host, p.guest))
                 .collect(),
             reason: r.reason.clone(),
+            jail: r.jail,
         }
     }
 }

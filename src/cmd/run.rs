@@ -157,7 +157,7 @@ fn plain_run(args: &Args, started: Instant) -> anyhow::Result<ExitCode> {
         (vcpus, memory_mib),
         vsock,
     )?;
-    let outcome = builder::run(&config, started, None)?;
+    let outcome = builder::run(&config, started, None, None)?;
     // With --timing the VMM printed `boot-to-init: N us` the moment
     // guest-init reported.
     if args.timing && outcome.boot_to_init.is_none() {

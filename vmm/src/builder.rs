@@ -31,8 +31,7 @@ use crate::devices::virtio::GuestMemoryMmap;
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::{MMIO_REGION_SIZE, MmioError, MmioTransport, TransportState};
 use crate::devices::virtio::net::Net;
-use crate::devices::virtio::net::bridge::{self, BridgeError};
-use crate::devices::virtio::net::tap::TapError;
+use crate::devices::virtio::net::tap::{Tap, TapError};
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::event_loop::{EventLoop, EventLoopError, StopSignals, VmEndSignal};
 use crate::host::{self, HostVirt};
@@ -138,12 +137,19 @@ pub enum VmmError {
     /// The vsock device's transport cannot be made or restored.
     #[error("vsock device")]
     VsockDevice(#[source] MmioError),
-    /// The NIC's tap cannot be created.
+    /// The NIC's device cannot be made around its tap.
     #[error(transparent)]
     Tap(#[from] TapError),
-    /// The NIC's tap cannot join its bridge.
-    #[error(transparent)]
-    Bridge(#[from] BridgeError),
+    /// A NIC came without its tap, or a tap without a NIC.
+    #[error(
+        "the VM definition's NIC (tap {nic:?}) and the taps passed ({passed}) do not match: expected one tap exactly when there is a NIC"
+    )]
+    TapMismatch {
+        /// The tap the definition's NIC names, if it has one.
+        nic: Option<String>,
+        /// How many taps were passed.
+        passed: usize,
+    },
     /// The NIC's transport cannot be made or restored.
     #[error("network device")]
     NetDevice(#[source] MmioError),
@@ -220,22 +226,26 @@ pub enum VmmError {
 
 /// Boots (or restores) the VM described by `config` and runs it to its
 /// end, carrying out the requests that arrive on `control`. `started` is
-/// when the caller began (the boot timer's zero).
+/// when the caller began (the boot timer's zero); `tap` is the NIC's tap,
+/// opened by the caller's supervisor, exactly when `config` has a NIC.
 pub fn run(
     config: &VmConfig,
     started: Instant,
     control: Option<ControlListener>,
+    tap: Option<Tap>,
 ) -> Result<VmOutcome, VmmError> {
-    build(config, started, control)?.run()
+    build(config, started, control, tap)?.run()
 }
 
 /// Builds the VM `config` describes, fresh or from its snapshot, with
 /// every device on its bus and every vCPU thread started (parked until
-/// [`Machine::run`]), and returns the machine that owns it all.
+/// [`Machine::run`]), and returns the machine that owns it all. `tap` is
+/// the NIC's, given exactly when `config` has a NIC.
 pub fn build(
     config: &VmConfig,
     started: Instant,
     control: Option<ControlListener>,
+    tap: Option<Tap>,
 ) -> Result<Machine, VmmError> {
     let kvm = open_kvm(config)?;
     trace::mark("kvm-opened");
@@ -300,7 +310,7 @@ pub fn build(
         &mem,
         &mut event_loop,
         &mut slots,
-        config.net.as_ref(),
+        (config.net.as_ref(), tap),
         saved.and_then(|m| m.net.as_ref()),
     )?;
     trace::mark("devices-made");
@@ -669,27 +679,31 @@ fn virtio_vsock(
     Ok(Some(transport))
 }
 
-/// The NIC, in the slot after the others: its tap created (and joined to
-/// its bridge) here, before seccomp. Restored from `saved`, it keeps the
-/// MAC the guest knows.
+/// The NIC, in the slot after the others, around its tap (created and
+/// joined to its bridge by the supervisor). Restored from `saved`, it
+/// keeps the MAC the guest knows.
 fn virtio_net(
     vm: &Vm,
     mem: &GuestMemoryMmap,
     event_loop: &mut EventLoop,
     slots: &mut VirtioSlots,
-    config: Option<&NetConfig>,
+    nic: (Option<&NetConfig>, Option<Tap>),
     saved: Option<&NetState>,
 ) -> Result<Option<NetDevice>, VmmError> {
-    let Some(config) = config else {
-        return Ok(None);
+    let (config, tap) = match nic {
+        (None, None) => return Ok(None),
+        (Some(config), Some(tap)) => (config, tap),
+        (config, tap) => {
+            return Err(VmmError::TapMismatch {
+                nic: config.map(|config| config.tap.clone()),
+                passed: usize::from(tap.is_some()),
+            });
+        }
     };
     let net = match saved {
-        Some(saved) => Net::restore(config.clone(), &saved.device)?,
-        None => Net::new(config)?,
+        Some(saved) => Net::restore(tap, &saved.device)?,
+        None => Net::new(tap, config.mac)?,
     };
-    if let Some(bridge) = &config.bridge {
-        bridge::attach(bridge, net.tap().name())?;
-    }
     let net = Arc::new(Mutex::new(net));
     let transport = match saved {
         Some(saved) => MmioTransport::restore((mem.clone(), net.clone()), &saved.transport),

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
-use vmm_sys_util::signal::{block_signal, create_sigset};
+use vmm_sys_util::signal::{self, block_signal, create_sigset};
 
 use crate::devices::lock;
 use crate::rpc::{ControlListener, ControlRequest};
@@ -99,7 +99,13 @@ impl StopSignals {
     pub fn new(end: Arc<VmEndSignal>) -> io::Result<Self> {
         let signals = [libc::SIGTERM, libc::SIGINT];
         for signal in signals {
-            block_signal(signal).map_err(|err| io::Error::other(err.to_string()))?;
+            match block_signal(signal) {
+                // A jailed VM process comes with them blocked: its jail
+                // blocks them across the exec, as its PID namespace's
+                // init would have them discarded otherwise.
+                Ok(()) | Err(signal::Error::SignalAlreadyBlocked(_)) => {}
+                Err(err) => return Err(io::Error::other(err.to_string())),
+            }
         }
         let mask =
             create_sigset(&signals).map_err(|err| io::Error::from_raw_os_error(err.errno()))?;

@@ -201,7 +201,8 @@ mod tests {
     use super::*;
     use crate::devices::serial::Serial;
     use crate::devices::virtio::mmio::MmioTransport;
-    use crate::devices::virtio::net::{Net, NetConfig};
+    use crate::devices::virtio::net::tap::Tap;
+    use crate::devices::virtio::net::{NET_HDR_LEN, Net};
 
     /// Saving a NIC takes its device's lock and its transport's, which
     /// takes the device's again: held together, they deadlocked the VMM
@@ -211,12 +212,11 @@ mod tests {
     fn a_machine_with_a_nic_saves_without_deadlock() {
         let mem = memory::create(16).unwrap();
         let net = Arc::new(Mutex::new(
-            Net::new(&NetConfig {
-                tap: "kt-persist-test".into(),
-                mac: [2, 0x6b, 10, 250, 0, 9],
-                bridge: None,
-            })
-            .expect("a tap: this test needs root"),
+            Net::new(
+                Tap::create("kt-persist-test", NET_HDR_LEN).expect("a tap: this test needs root"),
+                [2, 0x6b, 10, 250, 0, 9],
+            )
+            .unwrap(),
         ));
         let transport = Arc::new(Mutex::new(MmioTransport::new(mem, net.clone()).unwrap()));
         let devices = Devices {

@@ -11,9 +11,13 @@ pub fn end_with(supervisor_pid: u32) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     // Checked after the prctl: a parent that died before it would not
-    // have sent the signal.
+    // have sent the signal. A jailed VM process is the init of its own
+    // PID namespace, where its parent has no pid (getppid is 0): its jail
+    // set the same signal before exec, while the supervisor was waiting
+    // for that exec, so none was missed.
     // SAFETY: getppid has no arguments and cannot fail.
-    if unsafe { libc::getppid() } as u32 != supervisor_pid {
+    let parent = unsafe { libc::getppid() } as u32;
+    if parent != supervisor_pid && parent != 0 {
         return Err(io::Error::other(
             "its supervisor (the instance's VMM process) is gone",
         ));

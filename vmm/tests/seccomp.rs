@@ -639,7 +639,8 @@ fn test_frame(src: u8, body: &[u8]) -> Vec<u8> {
 /// a packet socket); CI runs as root.
 #[test]
 fn vmm_thread_survives_moving_frames_through_a_tap() {
-    use kiln_vmm::devices::virtio::net::{NET_HDR_LEN, Net, NetConfig};
+    use kiln_vmm::devices::virtio::net::tap::Tap;
+    use kiln_vmm::devices::virtio::net::{NET_HDR_LEN, Net};
     use kiln_vmm::devices::virtio::{GuestMemoryMmap, Interrupt, VirtioDevice};
     use std::os::fd::AsRawFd;
     use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
@@ -649,12 +650,11 @@ fn vmm_thread_survives_moving_frames_through_a_tap() {
 
     let Some(output) = in_child_or_run("vmm_thread_survives_moving_frames_through_a_tap") else {
         let tap = format!("kt-seccomp{}", std::process::id() % 10000);
-        let net = Net::new(&NetConfig {
-            tap: tap.clone(),
-            mac: [0x02, 0x6b, 0, 0, 0, 2],
-            bridge: None,
-        })
-        .expect("a tap (run as root)");
+        let net = Net::new(
+            Tap::create(&tap, NET_HDR_LEN).expect("a tap (run as root)"),
+            [0x02, 0x6b, 0, 0, 0, 2],
+        )
+        .unwrap();
         kiln_vmm::devices::virtio::net::bridge::link_up(&tap).unwrap();
         let host = packet_socket(&tap);
         let mem: &'static GuestMemoryMmap = Box::leak(Box::new(

@@ -36,7 +36,7 @@ enum ActionError {
     #[error("the VM process refused: {0}")]
     Refused(String),
     #[error("cannot {what} {path}")]
-    Hibernation {
+    Files {
         what: &'static str,
         path: PathBuf,
         #[source]
@@ -172,7 +172,7 @@ fn act(shared: &Shared, name: &str) -> Response {
                     .map_err(ActionError::from)
             })
         }
-        Action::Hibernate => hibernate(&mut instance, &mut control),
+        Action::Hibernate => hibernate(&mut instance, &mut control, shared.jailed),
     };
     match changed {
         Ok(()) => Response::no_content(),
@@ -199,20 +199,32 @@ fn ask(
 /// Stop-hibernate: the VM writes its RAM and state into the instance's
 /// hibernation directory (staged, then renamed whole) and ends; the next
 /// `kiln start` resumes it. Its root volume is the instance's own, flushed.
-fn hibernate(instance: &mut Instance, control: &mut Control) -> Result<(), ActionError> {
-    let staging = instance.hibernation_staging();
-    let failed = |what, source| ActionError::Hibernation {
+/// A jailed VM writes into the instance's exchange directory, which its
+/// jail made its own (and the next VM process's jail makes anew).
+fn hibernate(
+    instance: &mut Instance,
+    control: &mut Control,
+    jailed: bool,
+) -> Result<(), ActionError> {
+    let staging = if jailed {
+        crate::jail::exchange_dir(instance.dir())
+    } else {
+        instance.hibernation_staging()
+    };
+    let failed = |what, source| ActionError::Files {
         what,
         path: staging.clone(),
         source,
     };
-    match fs::remove_dir_all(&staging) {
-        Err(err) if err.kind() != io::ErrorKind::NotFound => {
-            return Err(failed("clear", err));
+    if !jailed {
+        match fs::remove_dir_all(&staging) {
+            Err(err) if err.kind() != io::ErrorKind::NotFound => {
+                return Err(failed("clear", err));
+            }
+            _ => {}
         }
-        _ => {}
+        fs::create_dir(&staging).map_err(|err| failed("create", err))?;
     }
-    fs::create_dir(&staging).map_err(|err| failed("create", err))?;
     let request = ControlRequest::Snapshot {
         dir: staging.clone(),
         copy_root: false,
@@ -235,7 +247,9 @@ fn hibernate(instance: &mut Instance, control: &mut Control) -> Result<(), Actio
 }
 
 /// `PUT /snapshot`: the running VM writes a snapshot of itself, with a copy
-/// of its root volume's writes, into `dir`, and goes on.
+/// of its root volume's writes, into `dir`, and goes on. A jailed VM sees
+/// only its instance's directory: it writes into the exchange directory
+/// there, whose files are then moved into `dir` (on the same filesystem).
 fn snapshot(shared: &Shared, dir: &Path) -> Response {
     if !dir.is_absolute() {
         return Response::error(400, format!("{}: expected an absolute path", dir.display()));
@@ -244,13 +258,37 @@ fn snapshot(shared: &Shared, dir: &Path) -> Response {
     if let Err(refused) = transition(instance.record.state, Verb::Snapshot) {
         return Response::error(409, refused.to_string());
     }
+    let exchange = shared
+        .jailed
+        .then(|| crate::jail::exchange_dir(instance.dir()));
     let request = ControlRequest::Snapshot {
-        dir: dir.to_path_buf(),
+        dir: exchange.clone().unwrap_or_else(|| dir.to_path_buf()),
         copy_root: true,
         then: AfterSnapshot::Continue,
     };
-    match ask(&mut lock(&shared.control), &request, SNAPSHOT_TIMEOUT) {
+    let written = ask(&mut lock(&shared.control), &request, SNAPSHOT_TIMEOUT);
+    let moved = match &exchange {
+        Some(exchange) => move_entries(exchange, dir),
+        None => Ok(()),
+    };
+    match written.and_then(|reply| moved.map(|()| reply)) {
         Ok(reply) => Response::json(200, reply.snapshot.unwrap_or_default()),
         Err(err) => Response::error(500, one_line(&err)),
     }
+}
+
+/// Moves every entry of `from` into `to` (renamed: same filesystem),
+/// leaving `from` empty for the next snapshot.
+fn move_entries(from: &Path, to: &Path) -> Result<(), ActionError> {
+    let failed = |what, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ActionError::Files { what, path, source }
+    };
+    for entry in fs::read_dir(from).map_err(failed("list", from))? {
+        let entry = entry.map_err(failed("list", from))?;
+        let target = to.join(entry.file_name());
+        fs::rename(entry.path(), &target)
+            .map_err(failed("move the snapshot's file to", &target))?;
+    }
+    Ok(())
 }

@@ -46,6 +46,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::jail::JailInfo;
 use crate::network::address::{AddressError, Subnet};
 use crate::network::proxy::PortMap;
 use kiln_vmm::{durable, flock};
@@ -194,6 +195,9 @@ pub struct Record {
     /// Its address on the bridge, from launch until terminated.
     #[serde(default)]
     pub address: Option<Ipv4Addr>,
+    /// How its VM process is jailed, while one runs jailed.
+    #[serde(default)]
+    pub jail: Option<JailInfo>,
 }
 
 impl Record {
@@ -204,6 +208,7 @@ impl Record {
         self.vmm_pid = None;
         self.booted_at_ms = None;
         self.paused = false;
+        self.jail = None;
     }
 }
 
@@ -403,6 +408,7 @@ impl Registry {
                 vmm_pid: None,
                 paused: false,
                 address,
+                jail: None,
             },
         };
         instance.write()?;
@@ -673,8 +679,13 @@ impl Instance {
 
     /// Records that this process's VM for the instance is booting now,
     /// or, when `resumed`, going on from its hibernation (not a boot).
-    pub fn mark_running(&mut self, resumed: bool) -> Result<(), InstanceError> {
+    pub fn mark_running(
+        &mut self,
+        resumed: bool,
+        jail: Option<JailInfo>,
+    ) -> Result<(), InstanceError> {
         self.update(|r| {
+            r.jail = jail;
             r.state = State::Running;
             r.vmm_pid = Some(std::process::id());
             r.booted_at_ms = Some(now_ms());

@@ -17,14 +17,15 @@
 use std::fs;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Once};
 use std::{io, thread};
 
 use kiln_builder::store::Store;
-use kiln_vmm::config::Boot;
 use kiln_vmm::config::ConfigError;
+use kiln_vmm::config::{Boot, VmConfig};
 use kiln_vmm::devices::lock;
 use kiln_vmm::rpc::{self, ControlClient};
 use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
@@ -33,7 +34,9 @@ use super::actions;
 use super::console::{CONSOLE_LOG_LIMIT, ConsoleLogError, RotatingLog, copy_into};
 use super::{FileLock, Instance, InstanceError};
 use crate::definition::{self, DefinitionError, RunOptions};
+use crate::jail::{Cgroup, Jail, JailError, JailSettings, Limits, PidNamespace};
 use crate::network::proxy::{Proxy, ProxyError, ProxyHandle};
+use crate::network::{self, NetworkError};
 
 pub use super::actions::SNAPSHOT_TIMEOUT;
 
@@ -70,6 +73,9 @@ pub(super) struct Control {
 pub(super) struct Shared {
     pub(super) instance: Mutex<Instance>,
     pub(super) control: Mutex<Control>,
+    /// The VM processes are jailed: they see only the instance's
+    /// directory, and write snapshots into its exchange directory.
+    pub(super) jailed: bool,
 }
 
 /// Where an instance's serial console goes.
@@ -134,6 +140,31 @@ pub enum SupervisorError {
     /// The VM definition cannot be handed to the VM process.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The VM's tap cannot be created or attached to the bridge.
+    #[error(transparent)]
+    Network(#[from] NetworkError),
+    /// The VM process's jail cannot be set up.
+    #[error(transparent)]
+    Jail(#[from] JailError),
+}
+
+/// A VM process to spawn: its command, the descriptors it inherits (its
+/// tap), which the supervisor holds open until it is spawned, and its
+/// jail, which the supervisor ends once it has.
+pub(super) struct VmSpawn {
+    command: Command,
+    inherited: Vec<OwnedFd>,
+    jail: Option<Arc<Jail>>,
+}
+
+impl From<Command> for VmSpawn {
+    fn from(command: Command) -> Self {
+        VmSpawn {
+            command,
+            inherited: Vec::new(),
+            jail: None,
+        }
+    }
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> SupervisorError {
@@ -155,13 +186,15 @@ pub fn run(
     started: Option<OwnedFd>,
 ) -> Result<ExitStatus, SupervisorError> {
     kiln_vmm::trace::mark("supervisor");
+    let jail = JailSettings::from_env()?;
     let launch = Launch {
         restore,
         console: vm.console,
         started,
+        jailed: jail.is_some(),
     };
     supervise(instance, vmm, launch, |instance, start| {
-        vm_command(instance, vm, start)
+        vm_command(instance, vm, jail.as_ref(), start)
     })
 }
 
@@ -171,16 +204,20 @@ struct Launch {
     restore: Option<PathBuf>,
     console: Console,
     started: Option<OwnedFd>,
+    /// The VM processes are jailed ([`crate::jail`]).
+    jailed: bool,
 }
 
 /// The command of one VM process: `kiln __vm` with the instance's VM
-/// definition in a file, the control channel inherited, and this process
-/// as the supervisor it ends with.
+/// definition in a file, the control channel and the NIC's tap (made
+/// here, in the host's namespaces) inherited, and this process as the
+/// supervisor it ends with; jailed when `jail` says so.
 fn vm_command(
     instance: &Instance,
     vm: &VmProcess,
+    jail: Option<&JailSettings>,
     start: VmStart<'_>,
-) -> Result<Command, SupervisorError> {
+) -> Result<VmSpawn, SupervisorError> {
     let boot = match start.restore {
         Some((dir, consume)) => Boot::Snapshot {
             dir: dir.to_path_buf(),
@@ -188,9 +225,16 @@ fn vm_command(
         },
         None => Boot::Kernel(vm.options.kernel.clone()),
     };
-    let config = definition::for_instance(&vm.store, instance, &vm.options, boot)?;
+    let mut config = definition::for_instance(&vm.store, instance, &vm.options, boot)?;
+    let jail = jail
+        .map(|settings| jail_for(settings, instance, &mut config))
+        .transpose()?
+        .map(Arc::new);
     let file = instance.dir().join(VM_DEFINITION_FILE);
     config.save(&file)?;
+    if let Some(jail) = &jail {
+        jail.hand_over(&file)?;
+    }
     let mut command = Command::new(&vm.kiln);
     command
         .arg(VM_SUBCOMMAND)
@@ -200,7 +244,54 @@ fn vm_command(
         .arg(start.control_fd.to_string())
         .arg("--supervisor")
         .arg(std::process::id().to_string());
-    Ok(command)
+    let mut inherited = Vec::new();
+    if let Some(nic) = &config.net {
+        let tap = network::open_tap(nic)?;
+        let fd = super::inheritable(tap.as_fd()).map_err(io_err("the tap's descriptor"))?;
+        command.arg("--tap-fd").arg(fd.to_string());
+        inherited.push(tap.into());
+    }
+    if let Some(jail) = &jail {
+        let jail = jail.clone();
+        // SAFETY: Jail::enter makes system calls only, on what was
+        // prepared before the fork: nothing it does allocates or takes a
+        // lock another thread of this process could hold.
+        unsafe { command.pre_exec(move || jail.enter()) };
+    }
+    Ok(VmSpawn {
+        command,
+        inherited,
+        jail,
+    })
+}
+
+/// The jail of `instance`'s next VM process, for `config` (which it
+/// adapts: [`Jail::prepare`]). The group is made where cgroup v2 is here;
+/// where not, that is said once and the jail goes on without one.
+fn jail_for(
+    settings: &JailSettings,
+    instance: &Instance,
+    config: &mut VmConfig,
+) -> Result<Jail, SupervisorError> {
+    let limits = Limits::for_vm(config.vcpus, config.memory_mib);
+    let cgroup = Cgroup::create(&instance.record.id, &limits)
+        .inspect_err(|err| {
+            static SAID: Once = Once::new();
+            SAID.call_once(|| {
+                eprintln!(
+                    "kiln: jailed without a cgroup: {}",
+                    kiln_vmm::report::one_line(err)
+                );
+            });
+        })
+        .ok();
+    Ok(Jail::prepare(
+        settings,
+        &instance.record.id,
+        instance.dir(),
+        config,
+        cgroup,
+    )?)
 }
 
 /// [`run`], with the VM processes' commands made by `vm_command`.
@@ -208,7 +299,7 @@ fn supervise(
     instance: Instance,
     _vmm: FileLock,
     mut launch: Launch,
-    vm_command: impl Fn(&Instance, VmStart<'_>) -> Result<Command, SupervisorError>,
+    vm_command: impl Fn(&Instance, VmStart<'_>) -> Result<VmSpawn, SupervisorError>,
 ) -> Result<ExitStatus, SupervisorError> {
     let socket = instance.api_socket();
     let mut log = match launch.console {
@@ -225,6 +316,7 @@ fn supervise(
             channel: None,
             wanted: Wanted::Nothing,
         }),
+        jailed: launch.jailed,
     });
     // Published ports serve for the whole life of this VMM process,
     // across reboots; a port that cannot be bound stops the instance.
@@ -246,7 +338,11 @@ fn supervise(
     let (status, reason) = loop {
         let restore = first.take();
         let started = start_vm(&shared, restore.as_ref(), log.is_some(), &vm_command);
-        let (mut child, console_out) = match started {
+        let Started {
+            mut child,
+            console_out,
+            jail,
+        } = match started {
             Ok(started) => started,
             Err(err) => {
                 lock(&shared.instance).mark_stopped(kiln_vmm::report::one_line(&err))?;
@@ -261,6 +357,9 @@ fn supervise(
         let status = child
             .wait()
             .map_err(io_err("cannot wait for the VM process"))?;
+        if let Some(jail) = jail.and_then(Arc::into_inner) {
+            jail.remove();
+        }
         let wanted = {
             let mut control = lock(&shared.control);
             control.child = None;
@@ -298,6 +397,14 @@ fn open_console_log(instance: &Instance) -> Result<RotatingLog, SupervisorError>
     Ok(log)
 }
 
+/// A VM process just started: the child, the read end of its console
+/// pipe (a logged console), and its jail.
+struct Started {
+    child: std::process::Child,
+    console_out: Option<io::PipeReader>,
+    jail: Option<Arc<Jail>>,
+}
+
 /// Starts one VM process, going on from `restore` if given, and records
 /// it as running. With `logged` console, its console (and its own
 /// messages) go into a pipe whose read end is returned; its input comes
@@ -306,19 +413,24 @@ fn start_vm(
     shared: &Shared,
     restore: Option<&(PathBuf, bool)>,
     logged: bool,
-    vm_command: &impl Fn(&Instance, VmStart<'_>) -> Result<Command, SupervisorError>,
-) -> Result<(std::process::Child, Option<io::PipeReader>), SupervisorError> {
+    vm_command: &impl Fn(&Instance, VmStart<'_>) -> Result<VmSpawn, SupervisorError>,
+) -> Result<Started, SupervisorError> {
     let (client, vm_end) = rpc::channel()?;
     let control_fd = super::inheritable(vm_end.as_fd()).map_err(io_err("control channel"))?;
     let start = VmStart {
         control_fd,
         restore: restore.map(|(dir, consume)| (dir.as_path(), *consume)),
     };
-    let mut command = {
+    let VmSpawn {
+        mut command,
+        inherited,
+        jail,
+    } = {
         let mut instance = lock(&shared.instance);
-        let command = vm_command(&instance, start)?;
-        instance.mark_running(restore.is_some())?;
-        command
+        let spawn = vm_command(&instance, start)?;
+        let jail = spawn.jail.as_deref().map(Jail::info);
+        instance.mark_running(restore.is_some(), jail)?;
+        spawn
     };
     let console_out = if logged {
         let (out, vm_console) = io::pipe().map_err(io_err("console pipe"))?;
@@ -335,12 +447,20 @@ fn start_vm(
     // dropped once the child is spawned: the copy into the log ends when
     // the VM process does.
     kiln_vmm::trace::mark("vm-spawn");
+    // A jailed VM process is the init of a PID namespace of its own.
+    let pid_namespace = jail
+        .as_ref()
+        .map(|_| PidNamespace::for_next_child())
+        .transpose()
+        .map_err(io_err("cannot make a PID namespace for the VM process"))?;
     let child = command
         .spawn()
         .map_err(io_err("cannot start the VM process"))?;
+    drop(pid_namespace);
     drop(command);
-    // Only the VM process keeps its end open.
+    // Only the VM process keeps its end of the channel open, and its tap.
     drop(vm_end);
+    drop(inherited);
     // The child is not reaped before this: its pid is still its own.
     let pidfd = pidfd_open(Pid::from_child(&child), PidfdFlags::empty())
         .map_err(|err| io_err("cannot open a pidfd for the VM process")(err.into()))?;
@@ -350,7 +470,11 @@ fn start_vm(
     }
     control.child = Some(pidfd);
     control.channel = Some(client);
-    Ok((child, console_out))
+    Ok(Started {
+        child,
+        console_out,
+        jail,
+    })
 }
 
 /// Starts the proxy of the instance's published ports, to its address
@@ -439,11 +563,12 @@ mod tests {
             restore: None,
             console: Console::Log,
             started: None,
+            jailed: false,
         };
         let status = supervise(instance, vmm, launch, |_, _| {
             let mut command = Command::new("sh");
             command.args(["-c", &script]);
-            Ok(command)
+            Ok(command.into())
         })
         .unwrap();
         assert_eq!(status.code(), Some(3));

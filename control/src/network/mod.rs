@@ -1,8 +1,9 @@
 //! Host-side networking: the Kiln bridge and its addresses, what an
 //! instance's VM needs to join it, and the proxy of published ports.
 //!
-//! An instance on the bridge has a tap (`kt-…`, made by its VM process
-//! and gone with it) on `kiln0`, whose address is the subnet's first and
+//! An instance on the bridge has a tap (`kt-…`, made by its supervisor,
+//! [`open_tap`], whose VM process holds it open and takes it along when
+//! it ends) on `kiln0`, whose address is the subnet's first and
 //! every guest's gateway; guest-init configures eth0 from the kernel
 //! command line (`kiln.net.*`), so the guest needs no DHCP client. The
 //! host reaches guests directly on the subnet; nothing is routed or
@@ -17,8 +18,8 @@ use std::net::Ipv4Addr;
 use address::{AddressError, BRIDGE, Subnet};
 use kiln_vmm::devices::virtio::net::bridge::{self, BridgeError};
 
-use kiln_vmm::devices::virtio::net::NetConfig;
-use kiln_vmm::devices::virtio::net::tap::TUN_DEVICE;
+use kiln_vmm::devices::virtio::net::tap::{TUN_DEVICE, Tap, TapError};
+use kiln_vmm::devices::virtio::net::{NET_HDR_LEN, NetConfig};
 
 /// Where the host's resolvers are listed.
 const RESOLV_CONF: &str = "/etc/resolv.conf";
@@ -58,6 +59,21 @@ pub enum NetworkError {
     /// lacks CAP_NET_ADMIN, most often).
     #[error(transparent)]
     Bridge(#[from] BridgeError),
+    /// The NIC's tap could not be created.
+    #[error(transparent)]
+    Tap(#[from] TapError),
+}
+
+/// Creates the tap of `nic` and attaches it to its bridge, if it has one,
+/// here in the host's namespaces: the VM process is handed the open tap
+/// and needs no CAP_NET_ADMIN. The tap lasts while a descriptor of it is
+/// open.
+pub fn open_tap(nic: &NetConfig) -> Result<Tap, NetworkError> {
+    let tap = Tap::create(&nic.tap, NET_HDR_LEN)?;
+    if let Some(bridge) = &nic.bridge {
+        bridge::attach(bridge, tap.name())?;
+    }
+    Ok(tap)
 }
 
 /// The NIC of the instance `id` at `address`, and the kernel command-line

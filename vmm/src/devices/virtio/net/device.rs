@@ -30,15 +30,19 @@ pub(super) const TX: usize = 1;
 /// The MAC is the whole configuration space the device offers.
 const CONFIG_LEN: usize = 6;
 
-/// The guest's NIC, as `VmConfig` describes it.
+/// The guest's NIC, as `VmConfig` describes it. The supervisor creates
+/// the tap and attaches it to the bridge, in the host's namespaces; the
+/// VM process is handed the open tap (`kiln __vm --tap-fd N`) and checks
+/// it is the one named here.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
-    /// The tap to create (it exists while the VM does).
+    /// The tap's name (it exists while the VM process holds it open).
     pub tap: String,
     /// The NIC's MAC address, which the guest reads from the
     /// configuration space (§5.1.4).
     pub mac: [u8; 6],
-    /// A bridge to attach the tap to, which must exist.
+    /// The bridge the supervisor attaches the tap to, which must exist;
+    /// none leaves the tap on no bridge.
     pub bridge: Option<String>,
 }
 
@@ -69,19 +73,19 @@ pub struct Net {
 }
 
 impl Net {
-    /// A device whose host end is the tap `config.tap`.
-    pub fn new(config: &NetConfig) -> Result<Self, TapError> {
-        let tap = Tap::create(&config.tap, NET_HDR_LEN)?;
+    /// A device whose host end is `tap` (made with a [`NET_HDR_LEN`]-byte
+    /// header), with the MAC address `mac`.
+    pub fn new(tap: Tap, mac: [u8; 6]) -> Result<Self, TapError> {
         let evt = || {
             EventFd::new(EFD_NONBLOCK).map_err(|source| TapError::EventFd {
-                name: config.tap.clone(),
+                name: tap.name().to_string(),
                 source,
             })
         };
         Ok(Self {
-            tap,
-            mac: config.mac,
             queue_evts: [evt()?, evt()?],
+            tap,
+            mac,
             active: None,
             rx_frame: vec![0; MAX_FRAME_LEN],
             rx_len: 0,

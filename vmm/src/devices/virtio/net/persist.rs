@@ -5,8 +5,8 @@
 //! network drops packets, and TCP resends them.
 use serde::{Deserialize, Serialize};
 
-use super::device::{Net, NetConfig};
-use super::tap::TapError;
+use super::device::Net;
+use super::tap::{Tap, TapError};
 use crate::devices::persist::Persist;
 
 /// What a snapshot keeps of a NIC besides its transport.
@@ -19,19 +19,16 @@ pub struct NetDeviceState {
 
 impl Persist for Net {
     type State = NetDeviceState;
-    /// The tap to create (its name and bridge); its MAC is the state's.
-    type ConstructorArgs = NetConfig;
+    /// The restoring VM's tap; the MAC is the state's.
+    type ConstructorArgs = Tap;
     type Error = TapError;
 
     fn save(&self) -> NetDeviceState {
         NetDeviceState { mac: self.mac }
     }
 
-    fn restore(config: NetConfig, state: &NetDeviceState) -> Result<Self, TapError> {
-        Net::new(&NetConfig {
-            mac: state.mac,
-            ..config
-        })
+    fn restore(tap: Tap, state: &NetDeviceState) -> Result<Self, TapError> {
+        Net::new(tap, state.mac)
     }
 }
 

@@ -3,12 +3,15 @@
 //! virtio-net header, so the guest's checksum and segmentation offloads
 //! pass through to the host's stack untouched.
 //!
-//! The tap is not persistent: it exists while its descriptor is open, so
-//! it goes with the VM process however that ends, and nothing is left
-//! behind after a crash.
+//! The tap is not persistent: it exists while a descriptor of it is open.
+//! An instance's supervisor creates it (in the host's namespaces, with
+//! CAP_NET_ADMIN), attaches it to the bridge and passes the open
+//! descriptor to its VM process ([`Tap::adopt`]), then closes its own: the
+//! tap goes with the VM process however that ends, nothing is left behind
+//! after a crash, and the VM process itself needs no CAP_NET_ADMIN.
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 /// The clone device every tap is made from.
@@ -52,6 +55,16 @@ pub enum TapError {
         /// What the system said.
         #[source]
         source: io::Error,
+    },
+    /// An inherited descriptor is not the tap the VM definition names.
+    #[error("descriptor {fd} is not the tap {expected} (TUNGETIFF says {found:?})")]
+    NotTheTap {
+        /// The inherited descriptor.
+        fd: RawFd,
+        /// The tap the VM definition names.
+        expected: String,
+        /// The interface the descriptor is attached to, if it is a tap.
+        found: Option<String>,
     },
     /// A configuration ioctl on the made tap failed.
     #[error("tap {name}: {what} failed")]
@@ -113,6 +126,43 @@ impl Tap {
         Ok(tap)
     }
 
+    /// Takes over the tap `name` that a parent created and passed down as
+    /// the descriptor `fd`, and checks with TUNGETIFF that it is that tap,
+    /// with the virtio-net header: a tap needs no CAP_NET_ADMIN to be used,
+    /// only to be made. (A VM process execs nothing, so the descriptor's
+    /// close-on-exec flag is left as it came.)
+    ///
+    /// # Safety
+    /// `fd` must be an open descriptor that nothing else in this process
+    /// owns: the tap closes it when dropped.
+    pub unsafe fn adopt(fd: RawFd, name: &str) -> Result<Tap, TapError> {
+        // SAFETY: the caller's guarantee, passed on.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        let not_the_tap = |found| TapError::NotTheTap {
+            fd,
+            expected: name.to_string(),
+            found,
+        };
+        let mut request = ifreq("");
+        // SAFETY: TUNGETIFF fills in an ifreq, which `request` is; a
+        // descriptor that is not a tun device fails it (ENOTTY, EBADFD).
+        let rc = unsafe { libc::ioctl(owned.as_raw_fd(), libc::TUNGETIFF, &mut request) };
+        if rc < 0 {
+            return Err(not_the_tap(None));
+        }
+        let found = ifreq_name(&request);
+        // SAFETY: TUNGETIFF filled in the flags member.
+        let flags = unsafe { request.ifr_ifru.ifru_flags };
+        let wanted = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+        if found != name || flags & wanted != wanted {
+            return Err(not_the_tap(Some(found)));
+        }
+        Ok(Tap {
+            file: File::from(owned),
+            name: found,
+        })
+    }
+
     /// The interface's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -163,6 +213,20 @@ impl Tap {
     }
 }
 
+impl AsFd for Tap {
+    /// The tap's descriptor, for a supervisor to pass to its VM process.
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+impl From<Tap> for OwnedFd {
+    /// The tap's descriptor, which keeps the tap while it is open.
+    fn from(tap: Tap) -> OwnedFd {
+        tap.file.into()
+    }
+}
+
 /// Kiln's tap names are plain ASCII, so no shell quoting or locale
 /// question ever arises, and fit IFNAMSIZ.
 fn check_name(name: &str) -> Result<(), TapError> {
@@ -188,8 +252,21 @@ pub fn ifreq(name: &str) -> libc::ifreq {
     request
 }
 
+/// The interface name an ifreq holds, up to its NUL.
+fn ifreq_name(request: &libc::ifreq) -> String {
+    let bytes: Vec<u8> = request
+        .ifr_name
+        .iter()
+        .map(|&c| c as u8)
+        .take_while(|&b| b != 0)
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
+    use std::os::fd::IntoRawFd;
+
     use super::*;
 
     #[test]
@@ -205,6 +282,20 @@ mod tests {
         let request = ifreq("kiln0");
         let name: Vec<u8> = request.ifr_name.iter().map(|&c| c as u8).collect();
         assert_eq!(&name[..6], b"kiln0\0");
+        assert_eq!(ifreq_name(&request), "kiln0");
+    }
+
+    /// A descriptor that is not a tun device is refused by name.
+    #[test]
+    fn a_descriptor_that_is_not_a_tap_is_refused() {
+        let file = File::open("/dev/null").unwrap();
+        let raw = OwnedFd::from(file).into_raw_fd();
+        // SAFETY: `raw` is open and, released above, owned by nothing else.
+        let err = unsafe { Tap::adopt(raw, "kt-x") }.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("descriptor {raw} is not the tap kt-x (TUNGETIFF says None)")
+        );
     }
 
     /// Needs CAP_NET_ADMIN and /dev/net/tun; the e2e suite covers it
@@ -217,6 +308,17 @@ mod tests {
                 assert_eq!(tap.name(), "kt-unit-test");
                 let sys = std::path::Path::new("/sys/class/net/kt-unit-test");
                 assert!(sys.exists());
+                // Passed on as a descriptor, it is the same tap.
+                let raw = OwnedFd::from(tap.file).into_raw_fd();
+                // SAFETY: `raw` was released from its owner just above.
+                let tap = unsafe { Tap::adopt(raw, "kt-unit-test") }.unwrap();
+                let copy = tap.as_fd().try_clone_to_owned().unwrap().into_raw_fd();
+                // SAFETY: `copy` is a fresh duplicate that nothing else owns.
+                let other = unsafe { Tap::adopt(copy, "kt-other") };
+                assert!(matches!(
+                    other,
+                    Err(TapError::NotTheTap { found: Some(found), .. }) if found == "kt-unit-test"
+                ));
                 drop(tap);
                 assert!(!sys.exists(), "a dropped tap must vanish");
             }
