@@ -213,7 +213,7 @@ pub fn run_vmm(args: &[String]) -> ExitCode {
     let ran = (|| -> Result<u8, Box<dyn std::error::Error>> {
         kiln_vmm::supervised::end_with(shim.parse()?)?;
         let config = VmConfig::load(Path::new(definition))?;
-        Ok(kiln_vmm::builder::run(&config, started, None)?.exit_status)
+        Ok(kiln_vmm::builder::run(&config, started, None, None)?.exit_status)
     })();
     ExitCode::from(ran.unwrap_or_else(|err| {
         eprintln!(
