@@ -302,7 +302,7 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 /// Runs a recipe's `[[build]]` step on the host: trusted code, like the
 /// recipe itself (see docs/security.md), but given only what it needs.
 /// Its environment is the caller's PATH (where the host's toolchain is)
-/// and HOME (where tools keep their caches, read-only), the step's
+/// and HOME (where tools keep their caches: a throwaway overlay), the step's
 /// declared `env`, and DESTDIR, which no declaration overrides: none of
 /// the caller's other variables (tokens, credentials, proxies) reach it.
 /// It runs [`Confinement`]'s way: only the recipe's directory and DESTDIR
@@ -327,7 +327,9 @@ fn run_build(step: &BuildStep, dir: &Path, stage: &Stage) -> Result<(), Assemble
 /// Runs `step` in `dir`, installing into `destdir`, confined.
 fn run_confined(step: &BuildStep, dir: &Path, destdir: &Path) -> Result<(), AssembleError> {
     let command = &step.run;
-    let confinement = Confinement::new(dir, destdir, step.user).map_err(io_err(dir))?;
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let confinement =
+        Confinement::new(dir, destdir, home.as_deref(), step.user).map_err(io_err(dir))?;
     let mut child = Command::new("sh");
     child
         .args(["-ec", command])
@@ -336,7 +338,7 @@ fn run_confined(step: &BuildStep, dir: &Path, destdir: &Path) -> Result<(), Asse
             "PATH",
             std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into()),
         )
-        .envs(std::env::var_os("HOME").map(|home| ("HOME", home)))
+        .envs(home.as_ref().map(|home| ("HOME", home)))
         .envs(&step.env)
         .env("DESTDIR", destdir);
     // Kiln itself runs with umask 077 (its own files are private), but
@@ -609,8 +611,9 @@ env = { LANG = "C" }
         assert_eq!(std::env::var_os("PATH").is_some(), names.contains(&"PATH"));
     }
 
-    /// A host step writes its recipe directory, DESTDIR and a /tmp of
-    /// its own; the host's /tmp keeps nothing of it.
+    /// A host step writes its recipe directory, DESTDIR, a /tmp of its
+    /// own and HOME's throwaway overlay; the host's /tmp and HOME keep
+    /// nothing of it.
     #[test]
     fn a_host_step_writes_its_directories_and_a_fresh_tmp() {
         let dir = tempfile::tempdir().unwrap();
@@ -620,7 +623,7 @@ env = { LANG = "C" }
             &format!(
                 "[image]\nname = \"x\"\nversion = \"1.0.0\"\n[[build]]\n\
                  run = 'echo made > \"$DESTDIR/made\" && echo o > built.o && \
-                 ls -A /tmp > \"$DESTDIR/tmp-list\" && touch /tmp/{marker}'\n\
+                 ls -A /tmp > \"$DESTDIR/tmp-list\" && touch /tmp/{marker} \"$HOME/{marker}\"'\n\
                  [run]\nentrypoint = [\"/x\"]\n"
             ),
         );
@@ -632,7 +635,8 @@ env = { LANG = "C" }
         );
         assert!(dir.path().join("built.o").is_file());
         // The fresh /tmp holds only the mount points of the two
-        // directories, which live under the host's /tmp here.
+        // directories, which live under the host's /tmp here, and HOME's
+        // layers.
         let tmp_list = fs::read_to_string(stage.path().join("tmp-list")).unwrap();
         let top = dir
             .path()
@@ -641,8 +645,10 @@ env = { LANG = "C" }
             .iter()
             .next()
             .unwrap();
-        assert_eq!(tmp_list, format!("{}\n", top.display()));
+        assert_eq!(tmp_list, format!(".kiln-home\n{}\n", top.display()));
         assert!(!Path::new("/tmp").join(&marker).exists());
+        let home = std::env::var_os("HOME").expect("tests run with a HOME");
+        assert!(!Path::new(&home).join(&marker).exists());
     }
 
     /// Outside the recipe directory, DESTDIR and /tmp, the host is

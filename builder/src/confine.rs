@@ -1,8 +1,10 @@
 //! Confining a host `[[build]]` step (docs/security.md, "Build steps"):
 //! it runs in a mount namespace of its own where every host mount is
 //! read-only but two writable directories (the recipe's and `$DESTDIR`),
-//! /tmp is a fresh tmpfs, and, when the step names a `user`, with that
-//! UID and GID instead of root's.
+//! /tmp is a fresh tmpfs, HOME a throwaway overlay (tools keep caches
+//! there, and pyenv's shims rehash after a `pip install`: their writes go
+//! with the step), and, when the step names a `user`, with that UID and
+//! GID instead of root's.
 //!
 //! The namespace is set up in the forked child before exec, where only
 //! async-signal-safe work is allowed: [`Confinement::new`] prepares every
@@ -26,21 +28,49 @@ struct Writable {
     mount_point: Vec<CString>,
 }
 
+/// An overlay that makes a directory writable for the step only: its
+/// upper layer is in the step's fresh /tmp.
+#[derive(Debug)]
+struct Throwaway {
+    /// The directory, as the lower layer and the mount point.
+    path: CString,
+    /// The overlay's mount options, naming the directory and [`LAYERS`].
+    options: CString,
+}
+
+/// Where a [`Throwaway`]'s layers go, made in this order: their parent,
+/// the upper layer and the overlay's work directory.
+const LAYERS: [&std::ffi::CStr; 3] = [
+    c"/tmp/.kiln-home",
+    c"/tmp/.kiln-home/upper",
+    c"/tmp/.kiln-home/work",
+];
+
 /// What a host step's child process does to confine itself before exec.
 #[derive(Debug)]
 pub struct Confinement {
     /// The step's working directory (the recipe's) and `$DESTDIR`.
     writable: [Writable; 2],
+    /// HOME as a throwaway overlay, unless it is `/` or a path an
+    /// overlay's options cannot name (then it stays read-only).
+    home: Option<Throwaway>,
     /// The UID and GID it runs as; `None`: root.
     user: Option<(u32, u32)>,
 }
 
 impl Confinement {
     /// The confinement of a step working in `workdir` and installing into
-    /// `destdir` (both made writable), as `user` (or root).
-    pub fn new(workdir: &Path, destdir: &Path, user: Option<(u32, u32)>) -> io::Result<Self> {
+    /// `destdir` (both made writable), with `home` as a throwaway overlay,
+    /// as `user` (or root).
+    pub fn new(
+        workdir: &Path,
+        destdir: &Path,
+        home: Option<&Path>,
+        user: Option<(u32, u32)>,
+    ) -> io::Result<Self> {
         Ok(Self {
             writable: [Writable::new(workdir)?, Writable::new(destdir)?],
+            home: home.map(Throwaway::new).transpose()?.flatten(),
             user,
         })
     }
@@ -49,7 +79,8 @@ impl Confinement {
     /// new mount namespace, private so nothing propagates back to the
     /// host; clones of the writable directories taken while they are
     /// still writable; every mount read-only (recursively, in one call);
-    /// a fresh tmpfs on /tmp; the clones mounted back at their paths;
+    /// a fresh tmpfs on /tmp; HOME's overlay; the clones mounted back at
+    /// their paths (inside HOME too, if that is where they are);
     /// the working directory entered again (the old one is the read-only
     /// mount below); then the user's IDs, last, as they drop the
     /// capabilities the mounts need.
@@ -64,6 +95,9 @@ impl Confinement {
         set_read_only(c"/")?;
         let tmpfs_flags = MountFlags::NOSUID | MountFlags::NODEV;
         rustix::mount::mount(c"tmpfs", c"/tmp", c"tmpfs", tmpfs_flags, c"mode=1777")?;
+        if let Some(home) = &self.home {
+            home.mount()?;
+        }
         for (writable, clone) in self.writable.iter().zip(clones) {
             writable.make_mount_point()?;
             let from_fd = MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH;
@@ -108,6 +142,40 @@ impl Writable {
                 Err(errno) => return Err(errno.into()),
             }
         }
+        Ok(())
+    }
+}
+
+impl Throwaway {
+    /// The overlay for `dir`, or `None` for `/` (which the step's own
+    /// mounts are below), a directory that does not exist, and a path
+    /// with a comma, colon or backslash (which overlay options would split
+    /// or unescape).
+    fn new(dir: &Path) -> io::Result<Option<Self>> {
+        let Ok(dir) = dir.canonicalize() else {
+            return Ok(None);
+        };
+        let text = dir.as_os_str().as_bytes();
+        if dir == Path::new("/") || text.iter().any(|b| b",:\\".contains(b)) {
+            return Ok(None);
+        }
+        let [_, upper, work] = LAYERS.map(|layer| layer.to_string_lossy());
+        let mut options = b"lowerdir=".to_vec();
+        options.extend_from_slice(text);
+        options.extend_from_slice(format!(",upperdir={upper},workdir={work}").as_bytes());
+        Ok(Some(Self {
+            path: CString::new(text)?,
+            options: CString::new(options)?,
+        }))
+    }
+
+    /// Makes the layers' directories and mounts the overlay.
+    fn mount(&self) -> io::Result<()> {
+        for dir in LAYERS {
+            rustix::fs::mkdir(dir, Mode::from_raw_mode(0o700))?;
+        }
+        let (path, options) = (self.path.as_c_str(), self.options.as_c_str());
+        rustix::mount::mount(c"overlay", path, c"overlay", MountFlags::empty(), options)?;
         Ok(())
     }
 }
