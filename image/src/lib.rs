@@ -28,7 +28,7 @@
 pub mod hydrate;
 mod writer;
 
-pub use writer::write;
+pub use writer::{Compression, write, write_with};
 
 use std::fs::File;
 use std::io::{self, Read, Write};

@@ -28,30 +28,57 @@ const LARGE_IMAGE: u64 = 64 << 20;
 /// the threads, few enough that a batch is a few MiB of memory.
 const CHUNKS_PER_THREAD: usize = 16;
 
+/// How an image is compressed: what [`write`] picks for the raw size and
+/// host, or what a measurement asks for ([`write_with`]). Neither changes
+/// how the file is read; the level changes its bytes, the thread count
+/// never does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Compression {
+    /// The zstd level of every chunk's frame.
+    pub level: i32,
+    /// Threads compressing a batch of chunks at once.
+    pub threads: usize,
+}
+
+impl Compression {
+    /// [`write`]'s choice for a raw filesystem of `raw_size` bytes: level
+    /// 19 up to [`LARGE_IMAGE`], 15 above, on every CPU of the host.
+    pub fn for_size(raw_size: u64) -> Self {
+        Self {
+            level: if raw_size > LARGE_IMAGE {
+                LARGE_IMAGE_LEVEL
+            } else {
+                SMALL_IMAGE_LEVEL
+            },
+            threads: std::thread::available_parallelism().map_or(1, usize::from),
+        }
+    }
+}
+
 /// A chunk's zstd frame and its raw data's SHA-256.
 struct Compressed {
     frame: Vec<u8>,
     sha256: [u8; 32],
 }
 
-/// Compresses the raw filesystem `raw` into the image file `out`, with as
-/// many threads as the host has CPUs. `out` is written in place: callers
+/// Compresses the raw filesystem `raw` into the image file `out`, as
+/// [`Compression::for_size`] says. `out` is written in place: callers
 /// write to a temporary path and rename.
 pub fn write(raw: &Path, out: &Path, chunk_size: u32) -> Result<ImageInfo, ImageError> {
-    let threads = std::thread::available_parallelism().map_or(1, usize::from);
-    write_with(raw, out, chunk_size, threads)
+    let raw_size = std::fs::metadata(raw).map_err(io_err(raw))?.len();
+    write_with(raw, out, chunk_size, Compression::for_size(raw_size))
 }
 
-/// [`write`] with `threads` compressing.
-fn write_with(
+/// [`write`] with the level and threads of `compression`.
+pub fn write_with(
     raw: &Path,
     out: &Path,
     chunk_size: u32,
-    threads: usize,
+    compression: Compression,
 ) -> Result<ImageInfo, ImageError> {
+    let Compression { level, threads } = compression;
     let mut input = File::open(raw).map_err(io_err(raw))?;
     let raw_size = input.metadata().map_err(io_err(raw))?.len();
-    let level = level_for(raw_size);
     let file = File::create(out).map_err(io_err(out))?;
     let mut writer = BufWriter::new(&file);
     writer
@@ -96,15 +123,6 @@ fn write_with(
         chunk_count: index.len() as u32,
         digest: file_digest(out)?,
     })
-}
-
-/// The zstd level for an image of `raw_size` bytes.
-fn level_for(raw_size: u64) -> i32 {
-    if raw_size > LARGE_IMAGE {
-        LARGE_IMAGE_LEVEL
-    } else {
-        SMALL_IMAGE_LEVEL
-    }
 }
 
 /// Up to `count` chunks of `input`, each `chunk_size` bytes but the last
@@ -191,7 +209,8 @@ mod tests {
         let raw = raw_file(dir.path(), 37 * 4096 + 123);
         let bytes = |threads: usize| {
             let out = dir.path().join(format!("image-{threads}"));
-            let info = write_with(&raw, &out, 4096, threads).unwrap();
+            let compression = Compression { level: 19, threads };
+            let info = write_with(&raw, &out, 4096, compression).unwrap();
             assert_eq!(info.chunk_count, 38);
             std::fs::read(&out).unwrap()
         };
@@ -207,7 +226,8 @@ mod tests {
 
     #[test]
     fn large_images_get_the_faster_level() {
-        assert_eq!(level_for(LARGE_IMAGE), SMALL_IMAGE_LEVEL);
-        assert_eq!(level_for(LARGE_IMAGE + 1), LARGE_IMAGE_LEVEL);
+        let level = |size| Compression::for_size(size).level;
+        assert_eq!(level(LARGE_IMAGE), SMALL_IMAGE_LEVEL);
+        assert_eq!(level(LARGE_IMAGE + 1), LARGE_IMAGE_LEVEL);
     }
 }

@@ -21,7 +21,7 @@ fi
 export PATH=/kiln/bin:/usr/bin:/bin:/usr/sbin:/sbin
 export KILN=/kiln/bin/kiln KILN_KERNEL=/kiln/vmlinux KILN_INIT=/kiln/guest-init
 export KILN_ASSETS=/kiln/assets KILN_IMAGES=/kiln/images QEMU=/usr/bin/qemu-system-x86_64 WORK_ROOT=/tmp/work
-export XTASK=/kiln/bin/xtask
+export XTASK=/kiln/bin/xtask KILN_WORKSPACE=/kiln/workspace
 sh -c "$(cat /kiln/job)"
 echo KILN-DONE
 sync
