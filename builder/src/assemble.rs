@@ -182,7 +182,7 @@ pub struct SetAside {
 /// recipe's directory mounted read-only at [`RECIPE_MOUNT`], its
 /// variables exported, its command line, which `/bin/sh SCRIPT` runs as
 /// `sh -ec` would. The build VM's configuration runs it as root in `/`
-/// with PATH and HOME=/root: the image's `[run]` user and environment
+/// with root's PATH and HOME=/root: the image's `[run]` user and environment
 /// are for its workload, not its build.
 pub fn prepare_vm_steps(
     recipe: &Recipe,
@@ -209,6 +209,10 @@ pub fn prepare_vm_steps(
         .read_to_end(&mut own)
         .map_err(io_err(config))?;
     let mut build_config = RunConfig::new(vec!["/bin/sh".into()]);
+    // Root's PATH, sbin directories included: dpkg refuses to run
+    // without ldconfig and start-stop-daemon in it (guest-init's default
+    // is a workload's, without them).
+    build_config.env.insert("PATH".into(), DEFAULT_PATH.into());
     build_config.env.insert("HOME".into(), "/root".into());
     build_config.hostname = recipe.name.clone();
     let json = build_config
@@ -296,7 +300,8 @@ fn vm_script(step: &BuildStep) -> String {
     script
 }
 
-/// Where a build step looks for programs when the caller has no PATH.
+/// Root's PATH: a host build step's when the caller has none, and a VM
+/// step's.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Runs a recipe's `[[build]]` step on the host: trusted code, like the
