@@ -19,8 +19,9 @@ use crate::{
 /// many times, they get zstd's best ratio, which costs little at their size.
 const SMALL_IMAGE_LEVEL: i32 = 19;
 /// zstd level above [`LARGE_IMAGE`]: level 19 compresses a Debian minbase
-/// root's 128 KiB chunks 2.7 times slower than 15, for a file 0.9 % smaller
-/// (docs/recipes.md, "Compression"; level 12 is 8 % larger).
+/// root's 128 KiB chunks 2.4 times slower than 15, for a file 1.7 % smaller
+/// (README, "Build benchmark"); level 12 is 8 % larger than 19, over the
+/// 5 % a faster level may cost.
 const LARGE_IMAGE_LEVEL: i32 = 15;
 /// Raw size from which an image is large.
 const LARGE_IMAGE: u64 = 64 << 20;
