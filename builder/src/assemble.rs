@@ -14,6 +14,7 @@ use std::process::Command;
 use guest_init::config::{CONFIG_PATH, ConfigError, RunConfig};
 
 use crate::build::VmStep;
+use crate::confine::Confinement;
 use crate::elf::{self, ElfError};
 use crate::recipe::{BuildStep, Recipe, StepPlace};
 use crate::stage::{Kind, Stage, StageError};
@@ -46,6 +47,16 @@ pub enum AssembleError {
     /// holds what no image may.
     #[error("in the image being built")]
     Stage(#[from] StageError),
+    /// A host `[[build]]` command could not be started in its
+    /// confinement (a mount namespace needs root: CAP_SYS_ADMIN).
+    #[error("cannot start build command `{command}` confined to its mount namespace")]
+    Confine {
+        /// The command, as the recipe gives it.
+        command: String,
+        /// What the system said, at the fork, the confinement or the exec.
+        #[source]
+        source: io::Error,
+    },
     /// A `[[build]]` command ran and did not succeed.
     #[error("build command `{command}` (in {dir}) failed: {status}")]
     Build {
@@ -110,7 +121,7 @@ pub fn assemble(
 ) -> Result<Vec<String>, AssembleError> {
     make_skeleton(stage)?;
     for step in recipe.builds.iter().filter(|s| s.place == StepPlace::Host) {
-        run_build(step, &recipe.dir, stage.path())?;
+        run_build(step, &recipe.dir, stage)?;
     }
     for file in &recipe.files {
         copy_tree(stage, &file.src, &file.dst, file.mode, &file.exclude)?;
@@ -171,7 +182,7 @@ pub struct SetAside {
 /// recipe's directory mounted read-only at [`RECIPE_MOUNT`], its
 /// variables exported, its command line, which `/bin/sh SCRIPT` runs as
 /// `sh -ec` would. The build VM's configuration runs it as root in `/`
-/// with PATH and HOME=/root: the image's `[run]` user and environment
+/// with root's PATH and HOME=/root: the image's `[run]` user and environment
 /// are for its workload, not its build.
 pub fn prepare_vm_steps(
     recipe: &Recipe,
@@ -198,6 +209,10 @@ pub fn prepare_vm_steps(
         .read_to_end(&mut own)
         .map_err(io_err(config))?;
     let mut build_config = RunConfig::new(vec!["/bin/sh".into()]);
+    // Root's PATH, sbin directories included: dpkg refuses to run
+    // without ldconfig and start-stop-daemon in it (guest-init's default
+    // is a workload's, without them).
+    build_config.env.insert("PATH".into(), DEFAULT_PATH.into());
     build_config.env.insert("HOME".into(), "/root".into());
     build_config.hostname = recipe.name.clone();
     let json = build_config
@@ -252,9 +267,15 @@ pub fn finish_vm_steps(stage: &Stage, set_aside: SetAside) -> Result<(), Assembl
 /// recipe's files keep their times (a filesystem made from a tree gets
 /// fixed ones).
 pub fn copy_recipe_dir(recipe: &Recipe, stage: &Stage) -> Result<(), AssembleError> {
-    for entry in fs::read_dir(&recipe.dir).map_err(io_err(&recipe.dir))? {
-        let entry = entry.map_err(io_err(&recipe.dir))?;
-        let (from, to) = (entry.path(), Path::new("/").join(entry.file_name()));
+    copy_dir_into(stage, &recipe.dir, Path::new("/"))
+}
+
+/// Copies what the host directory `src` holds into the stage's `dst`,
+/// which exists: symbolic links as links, the rest as [`copy_tree`] does.
+fn copy_dir_into(stage: &Stage, src: &Path, dst: &Path) -> Result<(), AssembleError> {
+    for entry in fs::read_dir(src).map_err(io_err(src))? {
+        let entry = entry.map_err(io_err(src))?;
+        let (from, to) = (entry.path(), dst.join(entry.file_name()));
         if entry.file_type().map_err(io_err(&from))?.is_symlink() {
             stage.symlink(&fs::read_link(&from).map_err(io_err(&from))?, &to)?;
         } else {
@@ -279,42 +300,69 @@ fn vm_script(step: &BuildStep) -> String {
     script
 }
 
-/// Where a build step looks for programs when the caller has no PATH.
+/// Root's PATH: a host build step's when the caller has none, and a VM
+/// step's.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Runs a recipe's `[[build]]` step on the host: trusted code, like the
 /// recipe itself (see docs/security.md), but given only what it needs.
 /// Its environment is the caller's PATH (where the host's toolchain is)
-/// and HOME (where tools keep their caches), the step's declared `env`,
-/// and DESTDIR, which no declaration overrides: none of the caller's
-/// other variables (tokens, credentials, proxies) reach it.
-fn run_build(step: &BuildStep, dir: &Path, destdir: &Path) -> Result<(), AssembleError> {
+/// and HOME (where tools keep their caches: a throwaway overlay), the step's
+/// declared `env`, and DESTDIR, which no declaration overrides: none of
+/// the caller's other variables (tokens, credentials, proxies) reach it.
+/// It runs [`Confinement`]'s way: only the recipe's directory and DESTDIR
+/// writable. A step with a `user` installs into an empty DESTDIR of its
+/// own, whose tree is then copied into the stage as root's: an
+/// unprivileged step could not write the base's directories, and what it
+/// made would be the user's in the image.
+fn run_build(step: &BuildStep, dir: &Path, stage: &Stage) -> Result<(), AssembleError> {
+    let Some((uid, gid)) = step.user else {
+        return run_confined(step, dir, stage.path());
+    };
+    let scratch = tempfile::Builder::new()
+        .prefix("kiln-destdir-")
+        .tempdir()
+        .map_err(io_err(&std::env::temp_dir()))?;
+    std::os::unix::fs::chown(scratch.path(), Some(uid), Some(gid))
+        .map_err(io_err(scratch.path()))?;
+    run_confined(step, dir, scratch.path())?;
+    copy_dir_into(stage, scratch.path(), Path::new("/"))
+}
+
+/// Runs `step` in `dir`, installing into `destdir`, confined.
+fn run_confined(step: &BuildStep, dir: &Path, destdir: &Path) -> Result<(), AssembleError> {
     let command = &step.run;
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let confinement =
+        Confinement::new(dir, destdir, home.as_deref(), step.user).map_err(io_err(dir))?;
     let mut child = Command::new("sh");
     child
         .args(["-ec", command])
-        .current_dir(dir)
         .env_clear()
         .env(
             "PATH",
             std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into()),
         )
-        .envs(std::env::var_os("HOME").map(|home| ("HOME", home)))
+        .envs(home.as_ref().map(|home| ("HOME", home)))
         .envs(&step.env)
         .env("DESTDIR", destdir);
     // Kiln itself runs with umask 077 (its own files are private), but
     // what a step creates is part of the image, where 022 is what every
-    // tool expects.
+    // tool expects. The confinement then enters the working directory.
     // SAFETY: the closure runs in the forked child before exec and only
-    // calls umask(2), which is async-signal-safe, allocates nothing and
-    // takes no lock.
+    // calls umask(2) and [`Confinement::enter`], which makes system calls
+    // on paths prepared before the fork: async-signal-safe, allocating
+    // nothing and taking no lock.
     unsafe {
-        child.pre_exec(|| {
+        child.pre_exec(move || {
             rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
-            Ok(())
+            confinement.enter()
         });
     }
-    let status = child.status().map_err(io_err(dir))?;
+    let status = child.status().map_err(|source| AssembleError::Confine {
+        command: command.into(),
+        source,
+    })?;
     if !status.success() {
         return Err(AssembleError::Build {
             command: command.into(),
@@ -566,6 +614,106 @@ env = { LANG = "C" }
             "a declaration cannot move DESTDIR: {env}"
         );
         assert_eq!(std::env::var_os("PATH").is_some(), names.contains(&"PATH"));
+    }
+
+    /// A host step writes its recipe directory, DESTDIR, a /tmp of its
+    /// own and HOME's throwaway overlay; the host's /tmp and HOME keep
+    /// nothing of it.
+    #[test]
+    fn a_host_step_writes_its_directories_and_a_fresh_tmp() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = format!("kiln-step-{}", dir.path().file_name().unwrap().display());
+        let r = recipe_in(
+            dir.path(),
+            &format!(
+                "[image]\nname = \"x\"\nversion = \"1.0.0\"\n[[build]]\n\
+                 run = 'echo made > \"$DESTDIR/made\" && echo o > built.o && \
+                 ls -A /tmp > \"$DESTDIR/tmp-list\" && touch /tmp/{marker} \"$HOME/{marker}\"'\n\
+                 [run]\nentrypoint = [\"/x\"]\n"
+            ),
+        );
+        let stage = Stage::create(&dir.path().join("stage")).unwrap();
+        assemble(&r, &stage, Path::new("/bin/busybox"), None).unwrap();
+        assert_eq!(
+            fs::read_to_string(stage.path().join("made")).unwrap(),
+            "made\n"
+        );
+        assert!(dir.path().join("built.o").is_file());
+        // The fresh /tmp holds only the mount points of the two
+        // directories, which live under the host's /tmp here, and HOME's
+        // layers.
+        let tmp_list = fs::read_to_string(stage.path().join("tmp-list")).unwrap();
+        let top = dir
+            .path()
+            .strip_prefix("/tmp")
+            .unwrap()
+            .iter()
+            .next()
+            .unwrap();
+        assert_eq!(tmp_list, format!(".kiln-home\n{}\n", top.display()));
+        assert!(!Path::new("/tmp").join(&marker).exists());
+        let home = std::env::var_os("HOME").expect("tests run with a HOME");
+        assert!(!Path::new(&home).join(&marker).exists());
+    }
+
+    /// Outside the recipe directory, DESTDIR and /tmp, the host is
+    /// read-only to a host step, root or not.
+    #[test]
+    fn a_host_step_cannot_write_the_rest_of_the_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir_in("/var/tmp").unwrap();
+        let target = outside.path().join("written");
+        let r = recipe_in(
+            dir.path(),
+            &format!(
+                "[image]\nname = \"x\"\nversion = \"1.0.0\"\n[[build]]\n\
+                 run = 'touch {} 2> \"$DESTDIR/why\" || {{ cat \"$DESTDIR/why\" >&2; exit 9; }}'\n\
+                 [run]\nentrypoint = [\"/x\"]\n",
+                target.display()
+            ),
+        );
+        let stage = Stage::create(&dir.path().join("stage")).unwrap();
+        let err = assemble(&r, &stage, Path::new("/bin/busybox"), None).unwrap_err();
+        let line = crate::chain(&err);
+        assert!(
+            line.contains(&target.display().to_string()) && line.contains("exit status: 9"),
+            "{line}"
+        );
+        let why = fs::read_to_string(stage.path().join("why")).unwrap();
+        assert!(why.contains("Read-only file system"), "{why}");
+        assert!(!target.exists());
+    }
+
+    /// A step with a `user` runs as it, into an empty DESTDIR whose tree
+    /// lands in the image as root's; the recipe directory is only as
+    /// writable as its permissions make it for that user.
+    #[test]
+    fn a_host_step_with_a_user_runs_unprivileged() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let r = recipe_in(
+            dir.path(),
+            "[image]\nname = \"x\"\nversion = \"1.0.0\"\n[[build]]\n\
+             run = 'id -u > \"$DESTDIR/uid\" && mkdir \"$DESTDIR/opt\" && ls -A \"$DESTDIR\" > \"$DESTDIR/opt/seen\" && \
+             ! touch denied 2> /dev/null'\nuser = \"65534:65534\"\n\
+             [run]\nentrypoint = [\"/x\"]\n",
+        );
+        let stage = Stage::create(&dir.path().join("stage")).unwrap();
+        assemble(&r, &stage, Path::new("/bin/busybox"), None).unwrap();
+        let read = |p: &str| fs::read_to_string(stage.path().join(p)).unwrap();
+        assert_eq!(read("uid"), "65534\n");
+        assert_eq!(
+            read("opt/seen"),
+            "opt\nuid\n",
+            "an empty DESTDIR of its own"
+        );
+        assert!(stage.path().join("sbin/init").is_file(), "the tree stays");
+        let owner = |p: &str| {
+            let meta = fs::symlink_metadata(stage.path().join(p)).unwrap();
+            std::os::unix::fs::MetadataExt::uid(&meta)
+        };
+        assert_eq!((owner("uid"), owner("opt/seen")), (0, 0));
+        assert!(!dir.path().join("denied").exists());
     }
 
     #[test]

@@ -1116,6 +1116,10 @@ mod tests {
             RunConfig::from_json(seen[0].split_once('\n').unwrap().1.as_bytes()).unwrap();
         assert_eq!((build_config.uid, build_config.gid), (0, 0));
         assert_eq!(build_config.env["HOME"], "/root");
+        assert_eq!(
+            build_config.env["PATH"],
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        );
         assert!(!build_config.env.contains_key("MODE"));
 
         let stored = store.find("vm:1.0.0").unwrap();

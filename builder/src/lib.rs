@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 pub mod assemble;
 pub mod build;
+pub mod confine;
 pub mod elf;
 pub mod ext4;
 pub mod oci;

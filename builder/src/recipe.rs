@@ -14,6 +14,8 @@
 //! [[build]]                       # host commands, run in the recipe's directory,
 //! run = "cc -static -Os -s -o \"$DESTDIR/bin/hello\" hello.c"   # installing into $DESTDIR
 //! env = { CFLAGS = "-O2" }         # optional; with PATH, HOME and DESTDIR, the step's whole environment
+//! user = "65534:65534"            # optional (host steps only): run unprivileged, into an empty
+//!                                 # $DESTDIR copied into the tree as root's; default: root
 //!
 //! [[build]]                       # after the host steps: run as root in a VM booted
 //! in = "vm"                       # from the image being built ("host": the default)
@@ -201,6 +203,9 @@ pub struct BuildStep {
     pub env: BTreeMap<String, String>,
     /// Where it runs.
     pub place: StepPlace,
+    /// The unprivileged UID:GID a host step runs as (`user`), or `None`
+    /// for root. A VM step always runs as root in the build VM.
+    pub user: Option<(u32, u32)>,
 }
 
 /// Where a `[[build]]` step runs (`in = "host"` or `in = "vm"`).
@@ -344,6 +349,7 @@ struct RawBuild {
     #[serde(rename = "in")]
     place: Option<Spanned<String>>,
     timeout: Option<Spanned<String>>,
+    user: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -731,10 +737,23 @@ impl Checker<'_> {
                 "a host step has no timeout: expected it on `in = \"vm\"` steps only".into(),
             ));
         }
+        let user = match (&build.user, place) {
+            (None, _) => None,
+            (Some(user), StepPlace::Host) => Some(self.user(user, "build.user")?),
+            (Some(user), StepPlace::Vm { .. }) => {
+                return Err(self.field(
+                    user.span(),
+                    "build.user",
+                    "a VM step runs as root in the build VM: expected `user` on host steps only"
+                        .into(),
+                ));
+            }
+        };
         Ok(BuildStep {
             run: build.run.get_ref().clone(),
             env: env.map(|env| env.get_ref().clone()).unwrap_or_default(),
             place,
+            user,
         })
     }
 
@@ -979,7 +998,7 @@ timeout = "2m"
             ))
         };
         let r = recipe(
-            "[[build]]\nrun = \"make\"\n\
+            "[[build]]\nrun = \"make\"\nuser = \"65534:65534\"\n\
              [[build]]\nin = \"vm\"\nrun = \"apt-get install -y curl wget\"\nenv = { A_1 = \"it's\" }\n\
              [[build]]\nin = \"vm\"\nrun = \"true\"\ntimeout = \"90s\"\n",
         )
@@ -996,6 +1015,10 @@ timeout = "2m"
             ]
         );
         assert_eq!(r.builds[1].env["A_1"], "it's");
+        assert_eq!(
+            (r.builds[0].user, r.builds[1].user),
+            (Some((65534, 65534)), None)
+        );
         assert_eq!(
             r.builds[1].describe(1),
             "step 2 (apt-get install -y curl …)"
@@ -1020,6 +1043,14 @@ timeout = "2m"
                 "recipe.toml:7: `build.timeout`: \"soon\"",
             ),
             ("[[build]]\nrun = \" \"\n", "recipe.toml:5: `build.run`"),
+            (
+                "[[build]]\nin = \"vm\"\nrun = \"a\"\nuser = \"1:1\"\n",
+                "recipe.toml:7: `build.user`: a VM step runs as root",
+            ),
+            (
+                "[[build]]\nrun = \"a\"\nuser = \"nobody\"\n",
+                "recipe.toml:6: `build.user`: \"nobody\": expected UID:GID",
+            ),
             (
                 "[[build]]\nrun = \"a\"\nenv = { \"A=B\" = \"c\" }\n",
                 "recipe.toml:6: `build.env`: \"A=B\"",

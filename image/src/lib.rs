@@ -26,9 +26,12 @@
 //! of the whole file.
 #![warn(missing_docs)]
 pub mod hydrate;
+mod writer;
+
+pub use writer::{Compression, write, write_with};
 
 use std::fs::File;
-use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -49,8 +52,6 @@ pub const DEFAULT_CHUNK_SIZE: u32 = 128 * 1024;
 /// Decompressed chunks a [`CachedReader`] keeps unless told otherwise:
 /// 256 default-sized chunks, enough for a small image's whole working set.
 pub const DEFAULT_CACHE_BYTES: u64 = 32 << 20;
-/// zstd level: images are written once and read many times.
-const ZSTD_LEVEL: i32 = 19;
 const HEADER_SIZE: u64 = 64;
 const INDEX_ENTRY_SIZE: usize = 48;
 const INDEX_CHECKSUM_LEN: usize = 24;
@@ -161,57 +162,6 @@ pub struct ImageInfo {
     pub digest: String,
 }
 
-/// Compresses the raw filesystem `raw` into the image file `out`.
-/// `out` is written in place: callers write to a temporary path and rename.
-pub fn write(raw: &Path, out: &Path, chunk_size: u32) -> Result<ImageInfo, ImageError> {
-    let mut input = File::open(raw).map_err(io_err(raw))?;
-    let raw_size = input.metadata().map_err(io_err(raw))?.len();
-    let file = File::create(out).map_err(io_err(out))?;
-    let mut writer = BufWriter::new(&file);
-    writer
-        .write_all(&[0; HEADER_SIZE as usize])
-        .map_err(io_err(out))?;
-    let mut offset = HEADER_SIZE;
-    let mut index = Vec::new();
-    let mut chunk = vec![0u8; chunk_size as usize];
-    loop {
-        let filled = read_full(&mut input, &mut chunk).map_err(io_err(raw))?;
-        if filled == 0 {
-            break;
-        }
-        let data = &chunk[..filled];
-        let frame = zstd::bulk::compress(data, ZSTD_LEVEL).map_err(io_err(out))?;
-        writer.write_all(&frame).map_err(io_err(out))?;
-        index.push(IndexEntry {
-            offset,
-            length: frame.len() as u32,
-            sha256: Sha256::digest(data).into(),
-        });
-        offset += frame.len() as u64;
-    }
-    let index_bytes = encode_index(&index);
-    writer.write_all(&index_bytes).map_err(io_err(out))?;
-    let header = encode_header(
-        chunk_size,
-        raw_size,
-        index.len() as u32,
-        offset,
-        &index_bytes,
-    );
-    writer.seek(SeekFrom::Start(0)).map_err(io_err(out))?;
-    writer.write_all(&header).map_err(io_err(out))?;
-    writer.flush().map_err(io_err(out))?;
-    drop(writer);
-    file.sync_all().map_err(io_err(out))?;
-    Ok(ImageInfo {
-        raw_size,
-        file_size: offset + index_bytes.len() as u64,
-        chunk_size,
-        chunk_count: index.len() as u32,
-        digest: file_digest(out)?,
-    })
-}
-
 /// Wraps an I/O error with the file it concerns.
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ImageError + '_ {
     move |source| ImageError::Io {
@@ -236,17 +186,6 @@ pub fn file_digest(path: &Path) -> Result<String, ImageError> {
 /// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn read_full(input: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match input.read(&mut buf[filled..])? {
-            0 => break,
-            n => filled += n,
-        }
-    }
-    Ok(filled)
 }
 
 fn encode_index(index: &[IndexEntry]) -> Vec<u8> {

@@ -5,6 +5,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Instant;
 
 use anyhow::bail;
 use kiln_builder::build::{self, Built, Staged};
@@ -26,6 +27,10 @@ pub struct Args {
     /// marked untested): for hosts where VMs cannot boot.
     #[arg(long)]
     skip_tests: bool,
+    /// Print each phase with the seconds since the build began, also when
+    /// stderr is not a terminal (for logs and `cargo xtask bench build`).
+    #[arg(long)]
+    progress: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -59,11 +64,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             ". Run the build where KVM works, or pass --skip-tests to publish the image untested";
         Some(image::test_runner(store.clone(), &which, advice)?)
     };
-    // Progress on a terminal only: piped output stays the one result line.
-    let tty = std::io::stderr().is_terminal();
+    // Progress on a terminal, or when asked: piped output stays the one
+    // result line.
+    let shown = args.progress || std::io::stderr().is_terminal();
+    let started = Instant::now();
     let mut progress = |step: &str| {
-        if tty {
-            eprintln!("kiln: {step}…");
+        if shown {
+            eprintln!("kiln: [{:.1} s] {step}…", started.elapsed().as_secs_f64());
         }
     };
     let built = build::build(

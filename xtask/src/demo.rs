@@ -15,7 +15,7 @@ use crate::harness::{self, Job};
 const GREETING: &str = "Hello from a Kiln microVM!";
 
 pub fn run() -> Result<()> {
-    let prepared = harness::prepare()?;
+    let prepared = harness::prepare(false)?;
     let job = Job {
         command: [
             "export KILN_HOME=$WORK_ROOT/demo; mkdir -p $KILN_HOME; ln -sfn $KILN_IMAGES $KILN_HOME/images;",

@@ -40,7 +40,7 @@ pub fn build() -> Result<PathBuf> {
     let options = parse_fragment(&fragment, &fragment_path)?;
     apt::ensure(BUILD_PACKAGES)?;
     let key = cache_key(&fragment, &apt::version(SOURCE_PACKAGE)?);
-    let cached = cache_dir()?.join(&key);
+    let cached = cache_dir("kernel")?.join(&key);
     let vmlinux = cached.join("vmlinux");
     if vmlinux.is_file() {
         eprintln!("xtask: kernel cache hit ({key})");
@@ -84,13 +84,14 @@ fn cache_key(fragment: &str, source_version: &str) -> String {
     digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
-/// `$XDG_CACHE_HOME/kiln/kernel`, or `~/.cache/kiln/kernel`.
-fn cache_dir() -> Result<PathBuf> {
+/// `$XDG_CACHE_HOME/kiln/<what>`, or `~/.cache/kiln/<what>`: where xtask
+/// keeps what it makes once per host (the kernel, the Debian base).
+pub fn cache_dir(what: &str) -> Result<PathBuf> {
     let base = match std::env::var_os("XDG_CACHE_HOME") {
         Some(dir) if !dir.is_empty() => PathBuf::from(dir),
         _ => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?).join(".cache"),
     };
-    Ok(base.join("kiln/kernel"))
+    Ok(base.join("kiln").join(what))
 }
 
 /// Configures and builds in a scratch tree, verifies the options, then

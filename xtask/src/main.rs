@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 mod apt;
 mod bench;
+mod debian;
 mod demo;
 mod harness;
 mod init;
@@ -23,7 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Bench {
-    /// `kiln build` of recipes/hello, cold and cached, and its size against ext4 + zstd -19.
+    /// `kiln build` of recipes/hello (cold, cached, size against ext4 + zstd -19); the Debian
+    /// root's compression by level and threads; recipes/debian's cold build, nested.
     Build {
         /// Cached rebuilds to time.
         #[arg(long, default_value_t = 10)]
@@ -76,6 +78,7 @@ enum Bench {
 /// What `bench-guest` measures.
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum GuestBench {
+    Build,
     Boot,
     Disk,
     Snapshot,
@@ -90,6 +93,9 @@ enum Task {
     Kernel,
     /// Build the static guest-init and install it; prints its path last.
     Init,
+    /// Make (or find in the cache) the Debian 12 minbase root recipes/debian
+    /// is based on, with mmdebstrap, and link it at target/debian-base.tar; prints its path last.
+    DebianBase,
     /// Assemble the stub guest (a few instructions in place of a kernel,
     /// for measuring the VMM itself) and install it; prints its path last.
     Stub,
@@ -134,6 +140,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse().task {
         Task::Kernel => kernel::build().map(|path| println!("{}", path.display())),
         Task::Init => init::build().map(|path| println!("{}", path.display())),
+        Task::DebianBase => debian::base().map(|path| println!("{}", path.display())),
         Task::Stub => stub::build().map(|path| println!("{}", path.display())),
         Task::VmTest { scenarios } => harness::vm_test(&scenarios).map(drop),
         Task::Test => test::run(),
@@ -168,6 +175,10 @@ fn main() -> ExitCode {
             kind: GuestBench::Startup,
             runs,
         } => bench::startup_guest(runs),
+        Task::BenchGuest {
+            kind: GuestBench::Build,
+            runs: _,
+        } => bench::build_guest(),
         Task::BenchGuest {
             kind: GuestBench::Boot,
             runs,

@@ -50,7 +50,7 @@ mod startup;
 mod vmm;
 
 pub use boot::{boot, guest as boot_guest};
-pub use build::build;
+pub use build::{build, guest as build_guest};
 pub use disk::{disk, guest as disk_guest};
 pub use function::{function, guest as function_guest};
 pub use net::{guest as net_guest, net};
@@ -113,7 +113,17 @@ fn environment() -> String {
 /// Runs `xtask bench-guest KIND --runs RUNS` where KVM is and returns the
 /// report it printed.
 fn run_guest<R: DeserializeOwned>(kind: &str, runs: usize, allowance: Duration) -> Result<R> {
-    let prepared = harness::prepare()?;
+    run_guest_with(kind, runs, allowance, false)
+}
+
+/// [`run_guest`], with the Debian base in L1 when `debian` is set.
+fn run_guest_with<R: DeserializeOwned>(
+    kind: &str,
+    runs: usize,
+    allowance: Duration,
+    debian: bool,
+) -> Result<R> {
+    let prepared = harness::prepare(debian)?;
     let job = harness::Job {
         command: ["{xtask}", "bench-guest", kind, "--runs", &runs.to_string()]
             .map(String::from)

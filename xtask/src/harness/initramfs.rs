@@ -21,6 +21,9 @@ pub struct Payload<'a> {
     pub assets: &'a Path,
     /// The image store the recipes were built into.
     pub images: &'a Path,
+    /// The Debian base, when a scenario builds recipes/debian: it and the
+    /// recipe go under [`WORKSPACE_DIR`] as they are in the workspace.
+    pub debian_base: Option<&'a Path>,
     /// The command line /init runs.
     pub job: &'a str,
     /// The L1 kernel's version: the KVM modules must match it.
@@ -69,6 +72,9 @@ const MODULES: [&str; 15] = [
 const L1_INIT: &str = include_str!("l1-init.sh");
 /// Where the scenarios are inside L1.
 pub const TESTS_DIR: &str = "/kiln/tests";
+/// Where the parts of the workspace a scenario builds from are inside L1,
+/// at their workspace paths (`$KILN_WORKSPACE`).
+const WORKSPACE_DIR: &str = "kiln/workspace";
 /// Where the xtask binary is inside L1.
 pub const XTASK_PATH: &str = "/kiln/bin/xtask";
 
@@ -123,6 +129,14 @@ pub fn pack(tree: &Path, archive: &Path, payload: &Payload) -> Result<()> {
     copy_dir(payload.assets, &tree.join("kiln/assets"), "ext4")?;
     copy_tree(payload.images, &tree.join("kiln/images"))?;
     copy_scenarios(&tree.join("kiln/tests"))?;
+    if let Some(base) = payload.debian_base {
+        let workspace = tree.join(WORKSPACE_DIR);
+        copy(base, &workspace.join(crate::debian::BASE_LINK))?;
+        copy_tree(
+            &sh::workspace_root().join("recipes/debian"),
+            &workspace.join("recipes/debian"),
+        )?;
+    }
     fs::write(tree.join("kiln/job"), payload.job)?;
     let cpio = format!(
         "cd '{}' && find . | cpio -o -H newc --quiet > '{}'",

@@ -22,7 +22,7 @@ fi
 export PATH=/kiln/bin:/usr/bin:/bin:/usr/sbin:/sbin
 export KILN=/kiln/bin/kiln KILN_KERNEL=/kiln/vmlinux KILN_INIT=/kiln/guest-init
 export KILN_ASSETS=/kiln/assets KILN_IMAGES=/kiln/images QEMU=/usr/bin/qemu-system-x86_64 WORK_ROOT=/tmp/work
-export XTASK=/kiln/bin/xtask
+export XTASK=/kiln/bin/xtask KILN_WORKSPACE=/kiln/workspace
 # L1's NIC on QEMU's user-mode network (its fixed guest address), through
 # which the harness reaches a scenario's server and answers its host
 # steps (tests/vm/lib.sh's host_step, xtask/src/harness/host_steps.rs).

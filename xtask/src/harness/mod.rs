@@ -58,7 +58,7 @@ const MAX_RESTARTS: u32 = 1;
 
 /// What the test machine runs: a shell command line, with the binaries
 /// and images of [`Prepared`] in the environment (KILN, KILN_KERNEL,
-/// KILN_INIT, KILN_ASSETS, KILN_IMAGES, QEMU, WORK_ROOT, and XTASK for the
+/// KILN_INIT, KILN_ASSETS, KILN_IMAGES, KILN_WORKSPACE, QEMU, WORK_ROOT, and XTASK for the
 /// benchmark runner and report checks). The harness prints `KILN-DONE` after it.
 pub struct Job {
     /// Words of the command; `{tests}` and `{xtask}` stand for where the
@@ -79,12 +79,20 @@ pub struct Prepared {
     assets: PathBuf,
     /// The image store (`$KILN_HOME/images`) the recipes were built into.
     images: PathBuf,
+    /// The Debian base recipes/debian reads, when a scenario builds it:
+    /// that recipe has VM steps, so it is built where the scenario runs.
+    debian_base: Option<PathBuf>,
     kiln: PathBuf,
     out: PathBuf,
 }
 
-/// Installs packages and builds the kernel, guest-init, images and `kiln`.
-pub fn prepare() -> Result<Prepared> {
+/// The scenario that builds recipes/debian, for which [`prepare`] makes
+/// the Debian base.
+pub const DEBIAN_SCENARIO: &str = "build-debian";
+
+/// Installs packages and builds the kernel, guest-init, images and `kiln`;
+/// with `debian`, the Debian base too.
+pub fn prepare(debian: bool) -> Result<Prepared> {
     apt::ensure(PACKAGES)?;
     let kernel = kernel::build()?;
     let guest_init = init::build()?;
@@ -93,11 +101,13 @@ pub fn prepare() -> Result<Prepared> {
     let assets = assets::build(&out.join("assets"), &guest_init)?;
     let kiln_home = out.join("kiln-home");
     assets::build_recipes(&kiln, &guest_init, &kiln_home)?;
+    let debian_base = debian.then(crate::debian::base).transpose()?;
     Ok(Prepared {
         kernel,
         guest_init,
         assets,
         images: kiln_home.join("images"),
+        debian_base,
         kiln,
         out,
     })
@@ -131,7 +141,7 @@ pub fn run_job(prepared: &Prepared, job: &Job) -> Result<(Vec<String>, Summary)>
 /// named); fails unless every check passed and the run finished.
 pub fn vm_test(selected: &[String]) -> Result<Summary> {
     let mut remaining = select(selected)?;
-    let prepared = prepare()?;
+    let prepared = prepare(remaining.iter().any(|s| s == DEBIAN_SCENARIO))?;
     let mut summary = Summary::default();
     for restart in 0..=MAX_RESTARTS {
         let mut command = vec!["sh".to_string(), "{tests}/run.sh".to_string()];
@@ -240,6 +250,7 @@ fn direct(prepared: &Prepared, job: &Job) -> Result<Command> {
         .env("KILN_INIT", &prepared.guest_init)
         .env("KILN_ASSETS", &prepared.assets)
         .env("KILN_IMAGES", &prepared.images)
+        .env("KILN_WORKSPACE", sh::workspace_root())
         .env("QEMU", "qemu-system-x86_64")
         .env("XTASK", &xtask)
         .env("WORK_ROOT", prepared.out.join("work"));
@@ -267,6 +278,7 @@ fn nested(prepared: &Prepared, job: &Job, link: &HostLink) -> Result<Command> {
         guest_init: &prepared.guest_init,
         assets: &prepared.assets,
         images: &prepared.images,
+        debian_base: prepared.debian_base.as_deref(),
         job: &expand(&job.command, initramfs::TESTS_DIR, initramfs::XTASK_PATH).join(" "),
         l1_version: &l1_kernel()?.1,
     };
