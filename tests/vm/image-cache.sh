@@ -34,7 +34,10 @@ rm -f "$WORK/flat.ext4"
 expect_eq raw-file-read 64 "${#want}"
 
 expect_eq starts-unhydrated 0% "$(hydrated)"
-expect_eq no-working-set-before-a-boot no "$([ -e "$record" ] && echo yes || echo no)"
+# The store is shared by every scenario of a run (run.sh links it into
+# each KILN_HOME), and earlier ones booted this image and recorded its
+# working set beside it: start from none, so the first boot below records.
+rm -f "$record"
 
 read_disk "$WORK/a.txt" & a=$!
 read_disk "$WORK/b.txt" & b=$!
