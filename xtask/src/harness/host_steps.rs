@@ -24,10 +24,11 @@ use crate::sh;
 
 /// The marker of a scenario's request for a host step.
 const MARKER: &str = "KILN-HOST-STEP ";
-/// Where a scenario's server listens inside L1 (tests/vm/lib.sh's
-/// `HOST_STEP_PORT`).
+/// Where a scenario's server listens inside L1: the port of
+/// tests/vm/lib.sh's `HOST_STEP_LISTEN`, which must match.
 const GUEST_SERVE_PORT: u16 = 9000;
-/// Where tests/vm/lib.sh's `host_step` waits for the step's output.
+/// Where tests/vm/lib.sh's `host_step` waits for the step's output:
+/// l1-init.sh exports it as `KILN_HOST_REPLY_PORT`, which must match.
 const GUEST_REPLY_PORT: u16 = 9100;
 /// How often, and how far apart, the reply is offered: the scenario's
 /// listener was started before its request was printed, but QEMU's
