@@ -43,8 +43,9 @@ wait_console() {
 
 # Where a scenario's server listens for a host step's client: the test
 # machine's NIC when nested (the harness forwards a host port to it),
-# loopback when the scenarios run on the build host itself.
-HOST_STEP_LISTEN="${KILN_HOST_LISTEN:-127.0.0.1}:9000"
+# loopback when the scenarios run on the build host itself. The harness
+# sets the address and port (xtask/src/harness/host_steps.rs).
+HOST_STEP_LISTEN="${KILN_HOST_ADDRESS:-127.0.0.1}:$KILN_HOST_SERVE_PORT"
 
 # host_step SCRIPT ARG...: runs tests/vm/host/SCRIPT on the build host,
 # which has what the test machine has not (Python, boto3), against the

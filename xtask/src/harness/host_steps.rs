@@ -24,12 +24,36 @@ use crate::sh;
 
 /// The marker of a scenario's request for a host step.
 const MARKER: &str = "KILN-HOST-STEP ";
-/// Where a scenario's server listens inside L1: the port of
-/// tests/vm/lib.sh's `HOST_STEP_LISTEN`, which must match.
+/// Where a scenario's server listens inside L1 (or on the build host's
+/// loopback when the scenarios run there): `KILN_HOST_SERVE_PORT`, which
+/// tests/vm/lib.sh's `HOST_STEP_LISTEN` is made of.
 const GUEST_SERVE_PORT: u16 = 9000;
 /// Where tests/vm/lib.sh's `host_step` waits for the step's output:
-/// l1-init.sh exports it as `KILN_HOST_REPLY_PORT`, which must match.
+/// `KILN_HOST_REPLY_PORT`.
 const GUEST_REPLY_PORT: u16 = 9100;
+/// L1's address on QEMU's user-mode network: the first the built-in DHCP
+/// server hands out, and the one `hostfwd` forwards to when the rule names
+/// no guest address (QEMU's "Network emulation" docs). l1-init.sh sets it
+/// on L1's NIC as `KILN_HOST_ADDRESS`.
+const GUEST_ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+
+/// The shell variables through which l1-init.sh and tests/vm/lib.sh learn
+/// the link's address and ports, stated here alone: written into L1 as
+/// `/kiln/host-link.env`, which l1-init.sh exports.
+pub fn l1_environment() -> String {
+    format!(
+        "KILN_HOST_ADDRESS={GUEST_ADDRESS}\nKILN_HOST_SERVE_PORT={GUEST_SERVE_PORT}\n\
+         KILN_HOST_REPLY_PORT={GUEST_REPLY_PORT}\n"
+    )
+}
+
+/// The environment of scenarios run on the build host itself, where a
+/// host step is a plain child of the scenario and its server listens on
+/// loopback: only the serve port (no reply port, so `host_step` runs the
+/// step itself).
+pub fn direct_environment() -> (&'static str, String) {
+    ("KILN_HOST_SERVE_PORT", GUEST_SERVE_PORT.to_string())
+}
 /// How often, and how far apart, the reply is offered: the scenario's
 /// listener was started before its request was printed, but QEMU's
 /// user-mode network drops a connection the guest does not accept yet.

@@ -26,6 +26,9 @@ pub struct Payload<'a> {
     pub debian_base: Option<&'a Path>,
     /// The command line /init runs.
     pub job: &'a str,
+    /// The host link's shell variables ([`super::host_steps::l1_environment`]),
+    /// which /init exports.
+    pub host_link_env: &'a str,
     /// The L1 kernel's version: the KVM modules must match it.
     pub l1_version: &'a str,
 }
@@ -138,6 +141,7 @@ pub fn pack(tree: &Path, archive: &Path, payload: &Payload) -> Result<()> {
         )?;
     }
     fs::write(tree.join("kiln/job"), payload.job)?;
+    fs::write(tree.join("kiln/host-link.env"), payload.host_link_env)?;
     let cpio = format!(
         "cd '{}' && find . | cpio -o -H newc --quiet > '{}'",
         tree.display(),

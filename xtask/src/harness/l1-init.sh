@@ -26,9 +26,10 @@ export XTASK=/kiln/bin/xtask KILN_WORKSPACE=/kiln/workspace
 # L1's NIC on QEMU's user-mode network (its fixed guest address), through
 # which the harness reaches a scenario's server and answers its host
 # steps (tests/vm/lib.sh's host_step, xtask/src/harness/host_steps.rs).
-ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 ||
+# Its address and the forwarded ports are the harness's (host-link.env).
+set -a; . /kiln/host-link.env; set +a
+ip link set eth0 up && ip addr add "$KILN_HOST_ADDRESS/24" dev eth0 ||
     echo "KILN-TEST harness/l1-nic FAIL no eth0 for host steps"
-export KILN_HOST_LISTEN=10.0.2.15 KILN_HOST_REPLY_PORT=9100
 sh -c "$(cat /kiln/job)"
 echo KILN-DONE
 sync

@@ -241,8 +241,10 @@ fn direct(prepared: &Prepared, job: &Job) -> Result<Command> {
         &tests.display().to_string(),
         &xtask.display().to_string(),
     );
+    let (serve_port, port) = host_steps::direct_environment();
     let mut command = Command::new("sh");
     command
+        .env(serve_port, port)
         .arg("-c")
         .arg(format!("{}; echo KILN-DONE", words.join(" ")))
         .env("KILN", &prepared.kiln)
@@ -280,6 +282,7 @@ fn nested(prepared: &Prepared, job: &Job, link: &HostLink) -> Result<Command> {
         images: &prepared.images,
         debian_base: prepared.debian_base.as_deref(),
         job: &expand(&job.command, initramfs::TESTS_DIR, initramfs::XTASK_PATH).join(" "),
+        host_link_env: &host_steps::l1_environment(),
         l1_version: &l1_kernel()?.1,
     };
     initramfs::pack(&prepared.out.join("l1-root"), &archive, &payload)?;
