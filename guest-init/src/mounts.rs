@@ -19,29 +19,47 @@ const MOUNTS: [(&str, &str, libc::c_ulong); 5] = [
     ("tmpfs", "/run", libc::MS_NOSUID | libc::MS_NODEV),
 ];
 
-/// Mounts /dev, /proc, /sys, /tmp and /run, creating the mount points.
-/// A filesystem already mounted there (the kernel's devtmpfs automount)
-/// is fine.
+/// Pseudo-terminals' filesystem. Opening /dev/ptmx needs it at /dev/pts:
+/// the kernel finds its devpts instance by looking up `pts` beside the
+/// ptmx node (fs/devpts/inode.c, devpts_ptmx_path), and fails with ENOENT
+/// without it.
+const DEVPTS: (&str, &str, libc::c_ulong) =
+    ("devpts", "/dev/pts", libc::MS_NOSUID | libc::MS_NOEXEC);
+
+/// Mounts /dev, /dev/pts, /proc, /sys, /tmp and /run, creating the mount
+/// points. A filesystem already mounted there (the kernel's devtmpfs
+/// automount) is fine, and so is a kernel without pseudo-terminals (no
+/// devpts: `kiln exec -t` is then refused with its reason).
 pub fn mount_all() -> io::Result<()> {
     for (fstype, target, flags) in MOUNTS {
-        std::fs::create_dir_all(target)
-            .map_err(|err| io::Error::new(err.kind(), format!("cannot create {target}: {err}")))?;
-        mount(fstype, target, flags)
-            .or_else(|err| {
-                if err.raw_os_error() == Some(libc::EBUSY) {
-                    Ok(())
-                } else {
-                    Err(err)
-                }
-            })
-            .map_err(|err| {
-                io::Error::new(
-                    err.kind(),
-                    format!("cannot mount {fstype} on {target}: {err}"),
-                )
-            })?;
+        mount_at(fstype, target, flags, &[])?;
+        if target == "/dev" {
+            let (fstype, target, flags) = DEVPTS;
+            mount_at(fstype, target, flags, &[libc::ENODEV])?;
+        }
     }
     Ok(())
+}
+
+/// Mounts `fstype` on `target`, creating it. One already there is fine,
+/// and so are the errors `also_fine` (ENODEV: a filesystem the kernel may
+/// lack).
+fn mount_at(fstype: &str, target: &str, flags: libc::c_ulong, also_fine: &[i32]) -> io::Result<()> {
+    std::fs::create_dir_all(target)
+        .map_err(|err| io::Error::new(err.kind(), format!("cannot create {target}: {err}")))?;
+    match mount(fstype, target, flags) {
+        Err(err)
+            if !err
+                .raw_os_error()
+                .is_some_and(|errno| errno == libc::EBUSY || also_fine.contains(&errno)) =>
+        {
+            Err(io::Error::new(
+                err.kind(),
+                format!("cannot mount {fstype} on {target}: {err}"),
+            ))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn mount(fstype: &str, target: &str, flags: libc::c_ulong) -> io::Result<()> {

@@ -1,8 +1,8 @@
 //! `kiln exec INSTANCE [-i] [-t] [-e K=V] [-u USER] [-w DIR] -- CMD…`:
 //! another process in a running instance, as `docker exec` runs one:
 //! its output here, its status kiln's, stdin forwarded with -i, a
-//! pseudo-terminal in the guest with -t (its size this terminal's at
-//! the start).
+//! pseudo-terminal in the guest with -t (its size this terminal's,
+//! followed when it changes).
 use std::io::{self, IsTerminal, Read};
 use std::os::fd::AsRawFd;
 use std::process::ExitCode;
@@ -54,6 +54,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         input.stdin_end()?;
     }
     let _raw = if args.tty {
+        follow_window_changes(session.input())?;
         RawTerminal::enable_if_tty()?
     } else {
         None
@@ -112,6 +113,23 @@ fn terminal_size() -> WindowSize {
         rows: size.ws_row,
         cols: size.ws_col,
     }
+}
+
+/// Sends this terminal's size to the guest's terminal whenever it changes
+/// (SIGWINCH), as `docker exec -t` does, so full-screen programs redraw.
+fn follow_window_changes(input: Input) -> io::Result<()> {
+    if !io::stdout().is_terminal() {
+        return Ok(());
+    }
+    let mut changes = signal_hook::iterator::Signals::new([signal_hook::consts::SIGWINCH])?;
+    std::thread::spawn(move || {
+        for _ in changes.forever() {
+            if input.resize(terminal_size()).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(())
 }
 
 /// Sends what is read from stdin, then its end.

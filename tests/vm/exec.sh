@@ -1,6 +1,6 @@
 # kiln exec: another process in a running instance, through guest-init over
 # vsock: its stdout and stderr apart, its exit status, stdin with -i, -e,
-# -w and a numeric -u; a program that is not there is refused with 127, and
+# -w and a numeric -u; a terminal with -t; a program that is not there is refused with 127, and
 # a stopped instance is named.
 . "$(dirname "$0")/lib.sh"
 
@@ -21,6 +21,17 @@ expect_contains exec-stdin-env-workdir-user "$WORK/in.txt" '^typed hi /tmp 1000:
 "$KILN" exec ex -- /no/such/program > "$WORK/missing.txt" 2>&1
 expect_eq exec-missing-program-status 127 "$?"
 expect_contains exec-missing-program-named "$WORK/missing.txt" '/no/such/program'
+
+# -t: the process gets a terminal of the caller's size, which follows the
+# caller's when it changes (xtask pty gives this test a terminal, types
+# the shell's input into it, and resizes it once the first size is out).
+printf 'tty; stty size; read x; stty size; exit 3\n' |
+    "$XTASK" pty --rows 40 --cols 100 --resize 50x120 --after '40 100' \
+    -- "$KILN" exec -i -t ex -- /bin/sh > "$WORK/tty.txt" 2>&1
+expect_eq exec-tty-status 3 "$?"
+expect_contains exec-tty-is-a-terminal "$WORK/tty.txt" '^/dev/pts/[0-9]'
+expect_contains exec-tty-has-the-callers-size "$WORK/tty.txt" '^40 100'
+expect_contains exec-tty-follows-a-resize "$WORK/tty.txt" '^50 120'
 
 "$KILN" stop ex > "$WORK/stop.txt" 2>&1
 "$KILN" exec ex -- /bin/true > "$WORK/stopped.txt" 2>&1

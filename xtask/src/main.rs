@@ -11,6 +11,7 @@ mod harness;
 mod init;
 mod install;
 mod kernel;
+mod pty;
 mod sh;
 mod stub;
 mod test;
@@ -127,6 +128,28 @@ enum Task {
         #[arg(long, value_name = "OUT.svg")]
         plot: Option<std::path::PathBuf>,
     },
+    /// Run a command on a pseudo-terminal of its own (stdin typed into it,
+    /// its output to stdout), for scenarios that test `-t` (used by vm-test).
+    #[command(hide = true)]
+    Pty {
+        /// The terminal's rows.
+        #[arg(long, default_value_t = 24)]
+        rows: u16,
+        /// The terminal's columns.
+        #[arg(long, default_value_t = 80)]
+        cols: u16,
+        /// Once the command has printed `--after`'s text, resize the
+        /// terminal to ROWSxCOLS (the command gets SIGWINCH), and type the
+        /// ^D ending input two seconds later (not at stdin's end).
+        #[arg(long, value_name = "ROWSxCOLS", value_parser = parse_size, requires = "after")]
+        resize: Option<pty::Size>,
+        /// The text `--resize` waits for.
+        #[arg(long, value_name = "TEXT", requires = "resize")]
+        after: Option<String>,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// The benchmark runner itself, where KVM is (used by `bench`).
     #[command(hide = true)]
     BenchGuest {
@@ -146,6 +169,18 @@ fn main() -> ExitCode {
         Task::Test => test::run(),
         Task::Demo => demo::run(),
         Task::InstallCli => install::install_cli(),
+        Task::Pty {
+            rows,
+            cols,
+            resize,
+            after,
+            command,
+        } => {
+            let resize = resize
+                .zip(after)
+                .map(|(size, after)| pty::Resize { size, after });
+            return finish(pty::run(pty::Size { rows, cols }, resize, &command));
+        }
         Task::Bench {
             bench: Bench::Build { runs },
         } => bench::build(runs),
@@ -200,11 +235,24 @@ fn main() -> ExitCode {
             runs,
         } => bench::net_guest(runs),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("xtask: {err:#}");
-            ExitCode::FAILURE
-        }
+    finish(result.map(|()| ExitCode::SUCCESS))
+}
+
+/// `ROWSxCOLS`, as `xtask pty --resize` takes a terminal size.
+fn parse_size(text: &str) -> Result<pty::Size, String> {
+    let parsed = text
+        .split_once('x')
+        .and_then(|(rows, cols)| Some((rows.parse().ok()?, cols.parse().ok()?)));
+    match parsed {
+        Some((rows, cols)) => Ok(pty::Size { rows, cols }),
+        None => Err(format!("{text:?}: expected ROWSxCOLS, e.g. 50x120")),
     }
+}
+
+/// The task's exit code, or its error printed and a failure.
+fn finish(result: anyhow::Result<ExitCode>) -> ExitCode {
+    result.unwrap_or_else(|err| {
+        eprintln!("xtask: {err:#}");
+        ExitCode::FAILURE
+    })
 }

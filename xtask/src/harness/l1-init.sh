@@ -6,6 +6,9 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
+# Pseudo-terminals, for scenarios that test `-t` through `xtask pty`.
+mkdir -p /dev/pts && mount -t devpts -o ptmxmode=0666 devpts /dev/pts
+[ -e /dev/ptmx ] || ln -s pts/ptmx /dev/ptmx
 # Loopback, for scenarios that serve on 127.0.0.1 (kiln fn serve).
 ip link set lo up
 # KVM, then tun and the bridge for instances' NICs, then L1's own NIC
