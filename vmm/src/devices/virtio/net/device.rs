@@ -16,12 +16,15 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::super::{
     ActivateError, GuestMemoryMmap, Interrupt, VirtioDevice, fixed_queues, ignore_config_write,
-    read_config_space,
+    next_chain, read_config_space,
 };
 use super::request::{MAX_FRAME_LEN, NET_HDR_LEN, NUM_BUFFERS_OFFSET, read_tx_frame};
 use super::tap::{Tap, TapError};
 use crate::logger::{error_limited, warn_limited};
 use crate::report::one_line;
+
+/// How the log names this device.
+const DEVICE: &str = "virtio-net";
 
 /// Size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -147,7 +150,7 @@ impl Net {
         };
         let mem = &active.mem;
         let mut sent = false;
-        while let Some(chain) = active.queues[TX].pop_descriptor_chain(mem) {
+        while let Some(chain) = next_chain(DEVICE, &mut active.queues[TX], mem, &active.interrupt) {
             let head = chain.head_index();
             if !read_tx_frame(mem, chain, &mut self.tx_frame) {
                 warn_limited!("virtio-net: dropping malformed transmit chain {head}");
@@ -196,7 +199,7 @@ fn deliver(active: &mut Active, frame: &mut [u8]) -> Delivery {
     let mut chains: Vec<(u16, Vec<(vm_memory::GuestAddress, usize)>)> = Vec::new();
     let mut room = 0;
     while room < frame.len() {
-        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+        let Some(chain) = next_chain(DEVICE, queue, mem, &active.interrupt) else {
             break;
         };
         let buffers: Vec<_> = chain
