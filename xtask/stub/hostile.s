@@ -132,8 +132,8 @@
 	.set AVAIL_AHEAD, 0x8000
 	.set OUTSIDE_ADDRESS, 0x4000000000
 	.set WRAPPING_ADDRESS, 0xffffffffffffff00
-	.set SERIAL_FLOOD_BYTES, 2 << 20
-	.set INIT_FLOOD_WRITES, 1 << 18
+	.set SERIAL_FLOOD_BYTES, 1 << 20
+	.set INIT_FLOOD_WRITES, 1 << 16
 	/* "kiln.hostile=": what precedes an attack's name in its word. */
 	.set ATTACK_PREFIX_LEN, 13
 
