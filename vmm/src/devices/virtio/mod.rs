@@ -55,8 +55,8 @@ pub fn fixed_queues<const N: usize>(queues: Vec<Queue>) -> Result<[Queue; N], Ac
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
     /// The available ring cannot be read, or its index is more than the
-    /// queue size ahead of the device's (§2.7.13.3: a driver never makes
-    /// more buffers available than the queue holds).
+    /// queue size ahead of the device's: each ring entry is one chain, so
+    /// a driver never has more available than the queue holds.
     #[error("the available ring of a queue of {size} is unusable")]
     AvailRing {
         /// The queue's size.
@@ -66,9 +66,10 @@ pub enum QueueError {
         cause: virtio_queue::Error,
     },
     /// A chain that breaks off before a descriptor without NEXT: its
-    /// `next` fields loop or name a descriptor past the table (§2.7.13.1:
-    /// a chain is never longer than the queue size), or its lengths add
-    /// up past 4 GiB (§2.7.5.2), where virtio-queue stops reading it.
+    /// `next` fields loop or name a descriptor past the table, or its
+    /// lengths add up past 4 GiB, where virtio-queue stops reading it
+    /// (§2.7.5.2: no chain holds more than 4 GiB, "this implies that
+    /// loops in the descriptor chain are forbidden").
     #[error(
         "descriptor chain {head} does not end: it loops, leaves the table of {size} descriptors or holds more than 4 GiB"
     )]
