@@ -479,8 +479,13 @@ impl VirtioDevice for Vsock {
     }
 
     fn reset(&mut self) {
-        self.active = None;
         self.transport_reset = TransportReset::Done;
+        // A driver that never started the device knows of no connection:
+        // the host's early ones wait for the driver that is about to
+        // start it (Linux resets each device before probing it).
+        if self.active.take().is_none() {
+            return;
+        }
         // The connections' sockets leave the event loop on its thread.
         self.teardown = true;
         if let Err(err) = self.queue_evts[RX].write(1) {
