@@ -10,6 +10,8 @@
 //! Ignored by a plain `cargo test`: they need the hostile stub, which
 //! `cargo xtask test` builds and names in `KILN_HOSTILE_STUB`.
 use std::fs;
+use std::io::{ErrorKind, Write};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,9 +24,10 @@ const MEMORY_MIB: &str = "64";
 const HANG: Duration = Duration::from_secs(180);
 /// The VMM's budget for a queue attack: 1000 refused or answered chains.
 const QUEUE_CPU: Duration = Duration::from_secs(3);
-/// Peak RSS for any attack: the VMM (about 13 MiB) and the few guest
-/// pages the stub touches, with room to spare; a VMM that buffered what
-/// the guest floods it with would exceed it.
+/// Peak RSS for any attack, of `kiln run` or its VM process: the VMM
+/// (about 13 MiB) and the few guest pages the stub touches, with room to
+/// spare; a VMM that buffered what the guest floods it with would exceed
+/// it.
 const MAX_RSS_KIB: i64 = 48 << 10;
 /// The serial flood: 1 MiB written a byte per VM exit. On this PVM host
 /// an exit costs about 10 us of CPU, so the budget allows 4x that (the
@@ -33,6 +36,13 @@ const SERIAL_FLOOD_BYTES: u64 = 1 << 20;
 const SERIAL_CPU: Duration = Duration::from_secs(45);
 /// The init-port flood: 2^16 rounds of 4 malformed writes.
 const INIT_CPU: Duration = Duration::from_secs(10);
+/// The most a host can write into a vsock connection whose guest never
+/// returns credit: the guest's 4 KiB, the connection's 64 KiB staging
+/// buffer (`vsock::connection::STAGE_CAPACITY`) and the unix socket's
+/// buffers (212 992 bytes by default, `net.core.wmem_default`), with
+/// room to spare, far below what it would write unchecked in the stub's
+/// seconds of waiting.
+const HOST_STREAM_BOUND: u64 = 1 << 20;
 /// DEVICE_NEEDS_RESET in the device status (VIRTIO 1.1 §2.1).
 const NEEDS_RESET: u32 = 0x40;
 
@@ -87,6 +97,15 @@ impl Run {
 /// Boots the hostile stub with `kiln.hostile=ATTACK`, a 1 MiB disk and a
 /// vsock device; waits for it with wait4 (killing it after [`HANG`]).
 fn attack(attack: &str) -> Run {
+    attack_with_host(attack, |_| ()).0
+}
+
+/// [`attack`], with `host` run on a thread of its own meanwhile, given
+/// the vsock device's socket path; returns what it returned.
+fn attack_with_host<T: Send + 'static>(
+    attack: &str,
+    host: impl FnOnce(PathBuf) -> T + Send + 'static,
+) -> (Run, T) {
     let stub = PathBuf::from(std::env::var_os("KILN_HOSTILE_STUB").expect(
         "KILN_HOSTILE_STUB names the hostile stub guest (`cargo xtask stub --hostile` prints it; `cargo xtask test` sets it)",
     ));
@@ -94,6 +113,7 @@ fn attack(attack: &str) -> Run {
     let disk = dir.path().join("disk.img");
     fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let (console, log) = (dir.path().join("console"), dir.path().join("log"));
+    let socket = dir.path().join("vsock.sock");
     let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .env("KILN_HOME", dir.path().join("home"))
         .env("KILN_ALLOW_PVM", "1")
@@ -104,7 +124,7 @@ fn attack(attack: &str) -> Run {
         .args(["--memory", MEMORY_MIB, "--disk"])
         .arg(&disk)
         .arg("--vsock")
-        .arg(dir.path().join("vsock.sock"))
+        .arg(&socket)
         .arg("--cmdline")
         .arg(format!("kiln.hostile={attack}"))
         .stdin(Stdio::null())
@@ -112,7 +132,8 @@ fn attack(attack: &str) -> Run {
         .stderr(fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let (status, usage) = wait4(child.id() as libc::pid_t).unwrap_or_else(|| {
+    let host = std::thread::spawn(move || host(socket));
+    let (status, usage, max_rss_kib) = wait4(child.id() as libc::pid_t).unwrap_or_else(|| {
         child.kill().unwrap();
         child.wait().unwrap();
         panic!("kiln.hostile={attack}: the VM still ran after {HANG:?}");
@@ -130,7 +151,7 @@ fn attack(attack: &str) -> Run {
         console_bytes,
         log,
         cpu: time(usage.ru_utime) + time(usage.ru_stime),
-        max_rss_kib: usage.ru_maxrss,
+        max_rss_kib,
     };
     // The figures docs/security.md reports (`--nocapture` shows them).
     eprintln!(
@@ -140,14 +161,50 @@ fn attack(attack: &str) -> Run {
         run.console_bytes,
         run.log.lines().count()
     );
-    run
+    (run, host.join().unwrap())
 }
 
-/// The child's wait status and resource usage, or `None` if it still
-/// runs after [`HANG`].
-fn wait4(pid: libc::pid_t) -> Option<(i32, libc::rusage)> {
+/// The host side of `vsock-credit`: connects to guest port 5000 through
+/// the device's socket as soon as it is there, then writes all the
+/// socket takes until the VMM goes; returns how much it took.
+fn flood_guest_port(socket: PathBuf) -> u64 {
     let deadline = Instant::now() + HANG;
+    let mut stream = loop {
+        match UnixStream::connect(&socket) {
+            Ok(stream) => break stream,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(err) => panic!("{}: {err}", socket.display()),
+        }
+    };
+    stream.write_all(b"CONNECT 5000\n").unwrap();
+    stream.set_nonblocking(true).unwrap();
+    let chunk = vec![b'y'; 64 << 10];
+    let mut taken = 0;
     while Instant::now() < deadline {
+        match stream.write(&chunk) {
+            Ok(n) => taken += n as u64,
+            Err(err) if err.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            // The VM ended and its VMM with it.
+            Err(_) => break,
+        }
+    }
+    taken
+}
+
+/// The child's wait status, its resource usage (its VM process's
+/// included) and the peak RSS in KiB of the child and its VM process, or
+/// `None` if it still runs after [`HANG`].
+///
+/// The peak RSS is their own high-water marks (`VmHWM`), read as they
+/// run: wait4's `ru_maxrss` would also count the pages of this test
+/// process, which a spawned child has until its exec.
+fn wait4(pid: libc::pid_t) -> Option<(i32, libc::rusage, i64)> {
+    let deadline = Instant::now() + HANG;
+    let mut peak = 0;
+    while Instant::now() < deadline {
+        peak = peak.max(peak_rss_kib(pid));
         let mut status = 0;
         // SAFETY: an all-zero rusage is a valid value of this plain C
         // struct, which wait4 overwrites.
@@ -156,11 +213,28 @@ fn wait4(pid: libc::pid_t) -> Option<(i32, libc::rusage)> {
         // pointers are to live locals of the types wait4 expects.
         match unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) } {
             0 => std::thread::sleep(Duration::from_millis(20)),
-            waited if waited == pid => return Some((status, usage)),
+            waited if waited == pid => return Some((status, usage, peak)),
             _ => panic!("wait4: {}", std::io::Error::last_os_error()),
         }
     }
     None
+}
+
+/// The larger `VmHWM` of `pid` and its children (`kiln run` and the VM
+/// process it spawns); 0 for one that has gone.
+fn peak_rss_kib(pid: libc::pid_t) -> i64 {
+    let hwm = |pid: &str| -> Option<i64> {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    let children =
+        fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    std::iter::once(pid.to_string())
+        .chain(children.split_whitespace().map(str::to_owned))
+        .filter_map(|pid| hwm(&pid))
+        .max()
+        .unwrap_or(0)
 }
 
 /// A queue attack that breaks the ring: the first chain is refused, the
@@ -260,6 +334,28 @@ fn a_vsock_chain_whose_lengths_wrap_needs_a_reset() {
 fn a_vsock_available_index_far_ahead_needs_a_reset() {
     let run = attack("vsock-avail");
     assert_needs_reset(&run, "vsock-avail", "virtio-vsock");
+}
+
+#[test]
+#[ignore = "boots the hostile stub guest: cargo xtask test runs it"]
+fn a_guest_that_never_returns_vsock_credit_stops_the_host_stream() {
+    let (run, taken) = attack_with_host("vsock-credit", flood_guest_port);
+    eprintln!("kiln.hostile=vsock-credit: the host wrote {taken} bytes before it blocked");
+    let prefix = "hostile: vsock-credit ";
+    // The guest answered the REQUEST, and got its 4 KiB of credit's
+    // worth and no more than its 8 buffers.
+    assert_eq!(run.field(prefix, "tx"), 1, "{}\n{}", run.tail(), run.log);
+    let delivered = run.field(prefix, "used");
+    assert!(
+        (2..=8).contains(&delivered),
+        "{delivered} receive buffers used"
+    );
+    assert_eq!(run.field(prefix, "status") & NEEDS_RESET, 0);
+    // What the VMM took off the host socket is bounded by the guest's
+    // credit and the connection's staging buffer; the rest waits in the
+    // socket's own buffer (a few hundred KiB), then the host blocks.
+    assert!(taken <= HOST_STREAM_BOUND, "the host wrote {taken} bytes");
+    run.assert_within(QUEUE_CPU);
 }
 
 #[test]

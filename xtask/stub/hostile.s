@@ -15,6 +15,8 @@
  *   blk-avail, vsock-avail        an available ring index 0x8000 ahead of
  *                                 a queue of 8
  *   serial-flood                  SERIAL_FLOOD_BYTES bytes to COM1's THR
+ *   vsock-credit                  accepts a host connection, then never
+ *                                 returns receive buffers or credit
  *   init-flood                    INIT_FLOOD_WRITES malformed writes to
  *                                 the guest-init port
  * A queue attack offers its chain QUEUE_ROUNDS times, each time waiting
@@ -50,6 +52,11 @@
 	.set AVAIL_RING, 0x401000
 	.set USED_RING, 0x402000
 	.set BUFFERS, 0x403000
+	/* vsock-credit's receive queue: rings, then 8 buffers of a page. */
+	.set RX_RINGS, 0x410000
+	.set RX_AVAIL, RX_RINGS + 0x1000
+	.set RX_USED, RX_RINGS + 0x2000
+	.set RX_BUFFERS, RX_RINGS + 0x3000
 	/* The attack's parameters for the chain writers: the header's
 	 * length (dword) and the data descriptor's flags (dword). */
 	.set PARAMS, 0x3ff000
@@ -122,8 +129,21 @@
 	.set VSOCK_HDR_LEN, 24
 	.set VSOCK_HDR_TYPE, 28
 	.set VSOCK_HDR_OP, 30
+	.set VSOCK_HDR_SRC_CID, 0
+	.set VSOCK_HDR_DST_CID, 8
+	.set VSOCK_HDR_SRC_PORT, 16
+	.set VSOCK_HDR_DST_PORT, 20
+	.set VSOCK_HDR_BUF_ALLOC, 36
 	.set VSOCK_TYPE_STREAM, 1
+	.set VSOCK_OP_RESPONSE, 2
 	.set VSOCK_OP_RW, 5
+	.set VSOCK_RX_QUEUE, 0
+	/* The receive buffer vsock-credit advertises, and never frees. */
+	.set GUEST_BUF_ALLOC, 4096
+	/* vsock-credit waits up to this many WAIT_TICKS for the host to
+	 * connect, then sits on its credit for VSOCK_IDLE_WAITS more. */
+	.set VSOCK_CONNECT_WAITS, 16
+	.set VSOCK_IDLE_WAITS, 2
 
 	/* How hard each attack pushes, and how long it waits for the device:
 	 * 2^31 TSC ticks, 0.5 to 2 s at 4 to 1 GHz. */
@@ -293,42 +313,65 @@ report:
  * no such device.
  */
 setup_device:
+	call find_device
+	test rbp, rbp
+	jz .Lsetup_done
+	call negotiate
+	mov edi, DESC_TABLE
+	call setup_queue
+	call driver_ok
+.Lsetup_done:
+	ret
+
+/* The base of the first virtio-mmio device of type edi in rbp, or 0. */
+find_device:
 	mov ebp, VIRTIO_MMIO_START
 	mov ecx, MMIO_SLOTS
 .Lslot:
 	cmp dword ptr [rbp + MMIO_MAGIC_VALUE], MMIO_MAGIC
 	jne .Lno_device
 	cmp dword ptr [rbp + MMIO_DEVICE_ID], edi
-	je .Lsetup
+	je .Lfound_device
 	add ebp, MMIO_SLOT_SIZE
 	loop .Lslot
 .Lno_device:
 	xor ebp, ebp
+.Lfound_device:
 	ret
-.Lsetup:
-	/* Zero the rings and buffers: one page each. */
-	push rdi
-	mov edi, DESC_TABLE
-	mov ecx, 4 * 4096 / 8
-	xor eax, eax
-	rep stosq
-	pop rdi
-	/* The initialization of VIRTIO 1.1 §3.1.1, from a reset. */
+
+/* The initialization of VIRTIO 1.1 §3.1.1 from a reset up to FEATURES_OK. */
+negotiate:
 	mov dword ptr [rbp + MMIO_STATUS], 0
 	mov dword ptr [rbp + MMIO_STATUS], STATUS_ACKNOWLEDGE
 	mov dword ptr [rbp + MMIO_STATUS], STATUS_ACKNOWLEDGE | STATUS_DRIVER
 	mov dword ptr [rbp + MMIO_DRIVER_FEATURES_SEL], FEATURE_WINDOW_HIGH
 	mov dword ptr [rbp + MMIO_DRIVER_FEATURES], VERSION_1_IN_HIGH_WINDOW
 	mov dword ptr [rbp + MMIO_STATUS], STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK
+	ret
+
+/* Queue esi of size QUEUE_SIZE on the rings at edi (descriptors, then
+ * the available and used rings and buffers a page apart, all zeroed),
+ * marked ready. */
+setup_queue:
+	push rdi
+	mov ecx, 4 * 4096 / 8
+	xor eax, eax
+	rep stosq
+	pop rdi
 	mov dword ptr [rbp + MMIO_QUEUE_SEL], esi
 	mov dword ptr [rbp + MMIO_QUEUE_NUM], QUEUE_SIZE
-	mov dword ptr [rbp + MMIO_QUEUE_DESC_LOW], DESC_TABLE
+	mov dword ptr [rbp + MMIO_QUEUE_DESC_LOW], edi
 	mov dword ptr [rbp + MMIO_QUEUE_DESC_HIGH], 0
-	mov dword ptr [rbp + MMIO_QUEUE_DRIVER_LOW], AVAIL_RING
+	add edi, 0x1000
+	mov dword ptr [rbp + MMIO_QUEUE_DRIVER_LOW], edi
 	mov dword ptr [rbp + MMIO_QUEUE_DRIVER_HIGH], 0
-	mov dword ptr [rbp + MMIO_QUEUE_DEVICE_LOW], USED_RING
+	add edi, 0x1000
+	mov dword ptr [rbp + MMIO_QUEUE_DEVICE_LOW], edi
 	mov dword ptr [rbp + MMIO_QUEUE_DEVICE_HIGH], 0
 	mov dword ptr [rbp + MMIO_QUEUE_READY], 1
+	ret
+
+driver_ok:
 	mov dword ptr [rbp + MMIO_STATUS], STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK
 	ret
 
@@ -537,6 +580,98 @@ attack_vsock_avail:
 	mov r14d, AVAIL_AHEAD
 	jmp vsock_attack
 
+/*
+ * A guest that accepts a host connection and then never returns credit:
+ * 8 receive buffers of a page, never given back, a RESPONSE advertising
+ * GUEST_BUF_ALLOC bytes of buffer, and no CREDIT_UPDATE ever, while the
+ * host (the test) writes all it can. The device must send at most that
+ * much and stop reading the host socket. Reports the device status, the
+ * receive queue's used index and the transmit queue's.
+ */
+attack_vsock_credit:
+	mov edi, VIRTIO_ID_VSOCK
+	call find_device
+	test rbp, rbp
+	jz .Lmissing_vsock
+	call negotiate
+	mov esi, VSOCK_RX_QUEUE
+	mov edi, RX_RINGS
+	call setup_queue
+	mov esi, VSOCK_TX_QUEUE
+	mov edi, DESC_TABLE
+	call setup_queue
+	/* Receive descriptor i: buffer i, a page, device-writable; all
+	 * available. */
+	xor ecx, ecx
+.Lrx_buffer:
+	mov eax, ecx
+	shl eax, 12
+	add eax, RX_BUFFERS
+	mov edx, ecx
+	shl edx, 4
+	mov qword ptr [RX_RINGS + rdx + DESC_ADDR], rax
+	mov dword ptr [RX_RINGS + rdx + DESC_LEN], 4096
+	mov word ptr [RX_RINGS + rdx + DESC_FLAGS], DESC_F_WRITE
+	mov word ptr [RX_AVAIL + RING_ENTRIES + rcx * 2], cx
+	inc ecx
+	cmp ecx, QUEUE_SIZE
+	jb .Lrx_buffer
+	mov word ptr [RX_AVAIL + RING_IDX], QUEUE_SIZE
+	call driver_ok
+	mov dword ptr [rbp + MMIO_QUEUE_NOTIFY], VSOCK_RX_QUEUE
+	/* The host's REQUEST lands in buffer 0. */
+	mov r12d, VSOCK_CONNECT_WAITS
+.Lawait_request:
+	cmp word ptr [RX_USED + RING_IDX], 0
+	jne .Lrespond
+	call wait_period
+	dec r12d
+	jnz .Lawait_request
+	jmp .Lcredit_report
+.Lrespond:
+	mov rax, qword ptr [RX_BUFFERS + VSOCK_HDR_DST_CID]
+	mov qword ptr [BUFFERS + VSOCK_HDR_SRC_CID], rax
+	mov rax, qword ptr [RX_BUFFERS + VSOCK_HDR_SRC_CID]
+	mov qword ptr [BUFFERS + VSOCK_HDR_DST_CID], rax
+	mov eax, dword ptr [RX_BUFFERS + VSOCK_HDR_DST_PORT]
+	mov dword ptr [BUFFERS + VSOCK_HDR_SRC_PORT], eax
+	mov eax, dword ptr [RX_BUFFERS + VSOCK_HDR_SRC_PORT]
+	mov dword ptr [BUFFERS + VSOCK_HDR_DST_PORT], eax
+	mov word ptr [BUFFERS + VSOCK_HDR_TYPE], VSOCK_TYPE_STREAM
+	mov word ptr [BUFFERS + VSOCK_HDR_OP], VSOCK_OP_RESPONSE
+	mov dword ptr [BUFFERS + VSOCK_HDR_BUF_ALLOC], GUEST_BUF_ALLOC
+	mov qword ptr [DESC_TABLE + DESC_ADDR], BUFFERS
+	mov dword ptr [DESC_TABLE + DESC_LEN], VSOCK_HEADER_LEN
+	mov word ptr [AVAIL_RING + RING_IDX], 1
+	mov dword ptr [rbp + MMIO_QUEUE_NOTIFY], VSOCK_TX_QUEUE
+	mov r12d, VSOCK_IDLE_WAITS
+.Lsit_on_credit:
+	call wait_period
+	dec r12d
+	jnz .Lsit_on_credit
+.Lcredit_report:
+	lea rsi, [rip + vsock_credit_name]
+	mov eax, dword ptr [rbp + MMIO_STATUS]
+	movzx r8d, word ptr [RX_USED + RING_IDX]
+	lea rdi, [rip + tx_word]
+	movzx r9d, word ptr [USED_RING + RING_IDX]
+	jmp report
+.Lmissing_vsock:
+	lea rsi, [rip + no_device]
+	jmp print
+
+/* Spins for WAIT_TICKS TSC ticks. */
+wait_period:
+	rdtsc
+	mov r11d, eax
+.Lwait_period:
+	pause
+	rdtsc
+	sub eax, r11d
+	cmp eax, WAIT_TICKS
+	jb .Lwait_period
+	ret
+
 /* Every byte an 'x', a line break every 64: a console's worst case. */
 attack_serial_flood:
 	mov dx, COM1
@@ -579,6 +714,7 @@ attacks:
 	.quad word_vsock_outside, attack_vsock_outside
 	.quad word_vsock_overflow, attack_vsock_overflow
 	.quad word_vsock_avail, attack_vsock_avail
+	.quad word_vsock_credit, attack_vsock_credit
 	.quad word_serial_flood, attack_serial_flood
 	.quad word_init_flood, attack_init_flood
 	.quad 0, 0
@@ -598,6 +734,8 @@ word_vsock_overflow:
 	.asciz "kiln.hostile=vsock-overflow"
 word_vsock_avail:
 	.asciz "kiln.hostile=vsock-avail"
+word_vsock_credit:
+	.asciz "kiln.hostile=vsock-credit"
 word_serial_flood:
 	.asciz "kiln.hostile=serial-flood"
 word_init_flood:
@@ -612,6 +750,10 @@ report_used:
 	.asciz " used="
 rounds_word:
 	.asciz "rounds"
+vsock_credit_name:
+	.asciz "vsock-credit"
+tx_word:
+	.asciz "tx"
 blk_word:
 	.asciz "blk"
 recovered:
