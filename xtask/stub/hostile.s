@@ -154,6 +154,12 @@
 	.set WRAPPING_ADDRESS, 0xffffffffffffff00
 	.set SERIAL_FLOOD_BYTES, 1 << 20
 	.set INIT_FLOOD_WRITES, 1 << 16
+	/* An entry of the attack table (.rodata): four quadwords. */
+	.set ATTACK_WORD, 0
+	.set ATTACK_RUN, 8
+	.set ATTACK_CHAIN, 16
+	.set ATTACK_STEP, 24
+	.set ATTACK_ENTRY_SIZE, 32
 	/* "kiln.hostile=": what precedes an attack's name in its word. */
 	.set ATTACK_PREFIX_LEN, 13
 
@@ -170,17 +176,20 @@ hostile_entry:
 
 	lea rbx, [rip + attacks]
 .Lnext_attack:
-	mov rdi, qword ptr [rbx]
+	mov rdi, qword ptr [rbx + ATTACK_WORD]
 	test rdi, rdi
 	jz .Lno_attack
 	call has_word
 	test eax, eax
 	jnz .Lfound
-	add rbx, 16
+	add rbx, ATTACK_ENTRY_SIZE
 	jmp .Lnext_attack
 .Lfound:
-	/* rbx stays the attack's table entry: its name is the report's. */
-	call qword ptr [rbx + 8]
+	/* rbx stays the attack's table entry: its name is the report's. A
+	 * queue attack's chain writer goes in r13, its avail step in r14. */
+	mov r13, qword ptr [rbx + ATTACK_CHAIN]
+	mov r14, qword ptr [rbx + ATTACK_STEP]
+	call qword ptr [rbx + ATTACK_RUN]
 	jmp reset
 .Lno_attack:
 	lea rsi, [rip + no_attack]
@@ -476,7 +485,7 @@ queue_attack:
 	cmp r10d, QUEUE_ROUNDS
 	jb .Lround
 .Lattack_done:
-	mov rsi, qword ptr [rbx]
+	mov rsi, qword ptr [rbx + ATTACK_WORD]
 	add rsi, ATTACK_PREFIX_LEN
 	mov eax, dword ptr [rbp + MMIO_STATUS]
 	movzx r8d, word ptr [USED_RING + RING_IDX]
@@ -546,39 +555,6 @@ vsock_chain:
 	mov word ptr [BUFFERS + VSOCK_HDR_TYPE], VSOCK_TYPE_STREAM
 	mov word ptr [BUFFERS + VSOCK_HDR_OP], VSOCK_OP_RW
 	ret
-
-attack_blk_loop:
-	lea r13, [rip + chain_loop]
-	mov r14d, 1
-	jmp blk_attack
-attack_blk_outside:
-	lea r13, [rip + chain_outside]
-	mov r14d, 1
-	jmp blk_attack
-attack_blk_overflow:
-	lea r13, [rip + chain_overflow]
-	mov r14d, 1
-	jmp blk_attack
-attack_blk_avail:
-	lea r13, [rip + chain_loop]
-	mov r14d, AVAIL_AHEAD
-	jmp blk_attack
-attack_vsock_loop:
-	lea r13, [rip + chain_loop]
-	mov r14d, 1
-	jmp vsock_attack
-attack_vsock_outside:
-	lea r13, [rip + chain_outside]
-	mov r14d, 1
-	jmp vsock_attack
-attack_vsock_overflow:
-	lea r13, [rip + chain_overflow]
-	mov r14d, 1
-	jmp vsock_attack
-attack_vsock_avail:
-	lea r13, [rip + chain_loop]
-	mov r14d, AVAIL_AHEAD
-	jmp vsock_attack
 
 /*
  * A guest that accepts a host connection and then never returns credit:
@@ -704,20 +680,23 @@ attack_init_flood:
 	jmp print
 
 	.section .rodata
+	/* The attacks: the command-line word, the routine, and for a queue
+	 * attack its chain writer and how far each round moves the
+	 * available index. */
 	.balign 8
 attacks:
-	.quad word_blk_loop, attack_blk_loop
-	.quad word_blk_outside, attack_blk_outside
-	.quad word_blk_overflow, attack_blk_overflow
-	.quad word_blk_avail, attack_blk_avail
-	.quad word_vsock_loop, attack_vsock_loop
-	.quad word_vsock_outside, attack_vsock_outside
-	.quad word_vsock_overflow, attack_vsock_overflow
-	.quad word_vsock_avail, attack_vsock_avail
-	.quad word_vsock_credit, attack_vsock_credit
-	.quad word_serial_flood, attack_serial_flood
-	.quad word_init_flood, attack_init_flood
-	.quad 0, 0
+	.quad word_blk_loop, blk_attack, chain_loop, 1
+	.quad word_blk_outside, blk_attack, chain_outside, 1
+	.quad word_blk_overflow, blk_attack, chain_overflow, 1
+	.quad word_blk_avail, blk_attack, chain_loop, AVAIL_AHEAD
+	.quad word_vsock_loop, vsock_attack, chain_loop, 1
+	.quad word_vsock_outside, vsock_attack, chain_outside, 1
+	.quad word_vsock_overflow, vsock_attack, chain_overflow, 1
+	.quad word_vsock_avail, vsock_attack, chain_loop, AVAIL_AHEAD
+	.quad word_vsock_credit, attack_vsock_credit, 0, 0
+	.quad word_serial_flood, attack_serial_flood, 0, 0
+	.quad word_init_flood, attack_init_flood, 0, 0
+	.quad 0, 0, 0, 0
 word_blk_loop:
 	.asciz "kiln.hostile=blk-loop"
 word_blk_outside:
