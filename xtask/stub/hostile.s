@@ -284,12 +284,12 @@ print_hex:
 	loop .Lhex_digit
 	ret
 
-/* Prints "hostile: <rsi> status=<eax> used=<r8d> <rdi>=<r9d>\r\n". */
+/* Prints "hostile: <rsi> status=<S> used=<r8d> <rdi>=<r9d>\r\n", S the
+ * status register of the device at rbp. */
 report:
 	push r9
 	push rdi
 	push r8
-	push rax
 	push rsi
 	lea rsi, [rip + report_prefix]
 	call print
@@ -297,7 +297,7 @@ report:
 	call print
 	lea rsi, [rip + report_status]
 	call print
-	pop rax
+	mov eax, dword ptr [rbp + MMIO_STATUS]
 	call print_hex
 	lea rsi, [rip + report_used]
 	call print
@@ -487,7 +487,6 @@ queue_attack:
 .Lattack_done:
 	mov rsi, qword ptr [rbx + ATTACK_WORD]
 	add rsi, ATTACK_PREFIX_LEN
-	mov eax, dword ptr [rbp + MMIO_STATUS]
 	movzx r8d, word ptr [USED_RING + RING_IDX]
 	lea rdi, [rip + rounds_word]
 	mov r9d, r10d
@@ -528,7 +527,6 @@ blk_attack:
 	jb .Lrecover_wait
 .Lrecovered:
 	lea rsi, [rip + recovered]
-	mov eax, dword ptr [rbp + MMIO_STATUS]
 	movzx r8d, word ptr [USED_RING + RING_IDX]
 	lea rdi, [rip + blk_word]
 	movzx r9d, byte ptr [BUFFERS + 0x200]
@@ -627,7 +625,6 @@ attack_vsock_credit:
 	jnz .Lsit_on_credit
 .Lcredit_report:
 	lea rsi, [rip + vsock_credit_name]
-	mov eax, dword ptr [rbp + MMIO_STATUS]
 	movzx r8d, word ptr [RX_USED + RING_IDX]
 	lea rdi, [rip + tx_word]
 	movzx r9d, word ptr [USED_RING + RING_IDX]
