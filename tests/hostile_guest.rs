@@ -4,8 +4,8 @@
 //! included). Each attack must end with the VM's own reset (exit status
 //! 0: the VMM kept serving to the end), the refusal logged and no more
 //! than its rate limit allows, the console holding only what the guest
-//! wrote, and the VMM's CPU time and peak RSS (from wait4) within the
-//! budgets docs/security.md states.
+//! wrote, and the VMM's CPU time (from wait4) and peak RSS (its
+//! `VmHWM`) within the budgets docs/security.md states.
 //!
 //! Ignored by a plain `cargo test`: they need the hostile stub, which
 //! `cargo xtask test` builds and names in `KILN_HOSTILE_STUB`.
