@@ -99,7 +99,12 @@ enum Task {
     DebianBase,
     /// Assemble the stub guest (a few instructions in place of a kernel,
     /// for measuring the VMM itself) and install it; prints its path last.
-    Stub,
+    Stub {
+        /// The hostile stub guest instead, which attacks the VMM's devices
+        /// (docs/security.md, "Bad guests").
+        #[arg(long)]
+        hostile: bool,
+    },
     /// Run end-to-end scenarios (tests/vm/<name>.sh) that boot real VMs.
     VmTest {
         /// Scenario names; all when none are given.
@@ -164,7 +169,12 @@ fn main() -> ExitCode {
         Task::Kernel => kernel::build().map(|path| println!("{}", path.display())),
         Task::Init => init::build().map(|path| println!("{}", path.display())),
         Task::DebianBase => debian::base().map(|path| println!("{}", path.display())),
-        Task::Stub => stub::build().map(|path| println!("{}", path.display())),
+        Task::Stub { hostile } => if hostile {
+            stub::build_hostile()
+        } else {
+            stub::build()
+        }
+        .map(|path| println!("{}", path.display())),
         Task::VmTest { scenarios } => harness::vm_test(&scenarios).map(drop),
         Task::Test => test::run(),
         Task::Demo => demo::run(),

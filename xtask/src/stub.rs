@@ -5,6 +5,10 @@
 //! metal, and one source assembles the code twice, for the 64-bit entry
 //! Kiln uses and the 32-bit PVH entry QEMU uses. The result is checked with
 //! Kiln's own loader and installed as `$KILN_HOME/stub/vmlinux-stub`.
+//!
+//! `xtask/stub/hostile.s`, the hostile stub guest (docs/security.md, "Bad
+//! guests"), is built the same way, 64-bit only (it never runs under
+//! QEMU), and installed as `$KILN_HOME/stub/vmlinux-hostile`.
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,6 +17,8 @@ use anyhow::{Context, Result, bail, ensure};
 use goblin::elf::Elf;
 use goblin::elf::program_header::{PF_X, PT_LOAD};
 use guest_init::protocol::{self, InitEvent};
+use kiln_vmm::arch::x86_64::layout;
+use kiln_vmm::devices::virtio::mmio::MMIO_REGION_SIZE;
 
 use crate::{apt, install, sh};
 
@@ -20,6 +26,8 @@ use crate::{apt, install, sh};
 pub const BUILD_PACKAGES: &[&str] = &["binutils"];
 /// Where the stub is installed, under `$KILN_HOME`.
 const INSTALLED: &str = "stub/vmlinux-stub";
+/// Where the hostile stub is installed, under `$KILN_HOME`.
+const HOSTILE_INSTALLED: &str = "stub/vmlinux-hostile";
 /// The ELF note that names the PVH entry: owner "Xen", type
 /// XEN_ELFNOTE_PHYS32_ENTRY (xen/include/public/elfnote.h).
 const PVH_NOTE_OWNER: &str = "Xen";
@@ -36,11 +44,30 @@ struct Entries {
     pvh: u64,
 }
 
+/// One of the stub guests' sources under `xtask/stub`.
+struct Source {
+    /// The file's name without `.s`; also the ELF's, `vmlinux-NAME`.
+    name: &'static str,
+    /// The symbol `ld` makes the ELF entry.
+    entry: &'static str,
+}
+
+/// The stub guest.
+const STUB: Source = Source {
+    name: "stub",
+    entry: "stub_entry64",
+};
+/// The hostile stub guest.
+const HOSTILE: Source = Source {
+    name: "hostile",
+    entry: "hostile_entry",
+};
+
 /// Assembles the stub, checks it, installs it and returns the installed path.
 pub fn build() -> Result<PathBuf> {
     apt::ensure(BUILD_PACKAGES)?;
     let out = sh::workspace_root().join("target/stub");
-    let stub = assemble(&out)?;
+    let stub = assemble(&out, &STUB)?;
     let entries = check(&stub)?;
     let size = fs::metadata(&stub)?.len();
     eprintln!(
@@ -52,27 +79,51 @@ pub fn build() -> Result<PathBuf> {
     Ok(installed)
 }
 
-/// Assembles and links `xtask/stub/stub.s` into `out`; returns the ELF.
-fn assemble(out: &Path) -> Result<PathBuf> {
-    let source = sh::workspace_root().join("xtask/stub");
+/// Assembles the hostile stub, checks that Kiln's loader takes it,
+/// installs it and returns the installed path.
+pub fn build_hostile() -> Result<PathBuf> {
+    apt::ensure(BUILD_PACKAGES)?;
+    let out = sh::workspace_root().join("target/stub");
+    let hostile = assemble(&out, &HOSTILE)?;
+    load(&hostile)?;
+    let installed = install::kiln_home().join(HOSTILE_INSTALLED);
+    install::publish(&hostile, &installed)?;
+    Ok(installed)
+}
+
+/// Assembles and links `xtask/stub/NAME.s` into `out`; returns the ELF.
+/// Both stubs share `stub.ld`'s layout: `ld -e` names each one's entry.
+fn assemble(out: &Path, source: &Source) -> Result<PathBuf> {
+    let dir = sh::workspace_root().join("xtask/stub");
     fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let object = out.join("stub.o");
-    let elf = out.join("vmlinux-stub");
-    // The protocol's numbers, from the one place that defines them.
-    let defsym = |name: &str, value: u32| format!("--defsym={name}={value:#x}");
+    let object = out.join(format!("{}.o", source.name));
+    let elf = out.join(format!("vmlinux-{}", source.name));
+    // The numbers the stubs share with the VMM, from the one place that
+    // defines each.
+    let defsyms = [
+        ("INIT_PORT", u64::from(protocol::INIT_PORT)),
+        ("INIT_STARTED", InitEvent::InitStarted.encode().into()),
+        ("VIRTIO_MMIO_START", layout::VIRTIO_MMIO_START),
+        ("MMIO_SLOT_SIZE", MMIO_REGION_SIZE),
+        ("PDPT_START", layout::PDPTE_START),
+    ];
     sh::run(
         Command::new("as")
             .args(["--64", "--fatal-warnings"])
-            .arg(defsym("INIT_PORT", protocol::INIT_PORT.into()))
-            .arg(defsym("INIT_STARTED", InitEvent::InitStarted.encode()))
+            .args(
+                defsyms
+                    .iter()
+                    .map(|(name, value)| format!("--defsym={name}={value:#x}")),
+            )
             .arg("-o")
             .arg(&object)
-            .arg(source.join("stub.s")),
+            .arg(dir.join(format!("{}.s", source.name))),
     )?;
     sh::run(
         Command::new("ld")
             .arg("-T")
-            .arg(source.join("stub.ld"))
+            .arg(dir.join("stub.ld"))
+            .args(["-e", source.entry])
             // Page-aligned segments, but no larger pages than x86's 4 KiB:
             // the file stays a few KiB.
             .args(["-z", "max-page-size=0x1000", "--build-id=none"])
@@ -87,9 +138,7 @@ fn assemble(out: &Path) -> Result<PathBuf> {
 /// finds its PVH entry; both entries must lie in its loaded code.
 fn check(stub: &Path) -> Result<Entries> {
     let shown = stub.display();
-    let memory = kiln_vmm::vstate::memory::create(CHECK_MEMORY_MIB)?;
-    let elf_entry = kiln_vmm::loader::load_kernel(&memory, stub)
-        .with_context(|| format!("Kiln's loader refuses {shown}"))?;
+    let elf_entry = load(stub)?;
     let bytes = fs::read(stub).with_context(|| format!("cannot read {shown}"))?;
     let elf = Elf::parse(&bytes).with_context(|| format!("{shown} is not an ELF file"))?;
     let pvh = pvh_entry(&elf, &bytes)
@@ -105,6 +154,14 @@ fn check(stub: &Path) -> Result<Entries> {
         elf: elf_entry,
         pvh,
     })
+}
+
+/// Loads `stub` with Kiln's loader, as `kiln run --kernel` would; returns
+/// its entry.
+fn load(stub: &Path) -> Result<u64> {
+    let memory = kiln_vmm::vstate::memory::create(CHECK_MEMORY_MIB)?;
+    kiln_vmm::loader::load_kernel(&memory, stub)
+        .with_context(|| format!("Kiln's loader refuses {}", stub.display()))
 }
 
 /// The address the XEN_ELFNOTE_PHYS32_ENTRY note gives, if there is one:
@@ -150,7 +207,7 @@ mod tests {
     #[test]
     fn the_stub_assembles_with_both_entries_in_its_code() {
         let out = tempfile::tempdir().unwrap();
-        let stub = assemble(out.path()).unwrap();
+        let stub = assemble(out.path(), &STUB).unwrap();
         let entries = check(&stub).unwrap();
         // stub.ld puts the 64-bit entry first, at 1 MiB.
         assert_eq!(entries.elf, 0x10_0000);
@@ -162,7 +219,7 @@ mod tests {
     #[test]
     fn a_stub_without_the_pvh_note_is_refused() {
         let out = tempfile::tempdir().unwrap();
-        let stub = assemble(out.path()).unwrap();
+        let stub = assemble(out.path(), &STUB).unwrap();
         let mut bytes = fs::read(&stub).unwrap();
         // The note's type comes just before its owner's name.
         let name = bytes.windows(4).position(|w| w == b"Xen\0").unwrap();
@@ -170,5 +227,12 @@ mod tests {
         fs::write(&stub, &bytes).unwrap();
         let err = format!("{:#}", check(&stub).unwrap_err());
         assert!(err.contains("has no PVH entry note"), "{err}");
+    }
+
+    #[test]
+    fn the_hostile_stub_assembles_and_loads_at_its_entry() {
+        let out = tempfile::tempdir().unwrap();
+        let hostile = assemble(out.path(), &HOSTILE).unwrap();
+        assert_eq!(load(&hostile).unwrap(), 0x10_0000);
     }
 }

@@ -55,15 +55,20 @@ pub fn run() -> Result<()> {
     // (PVM included), a few runs: the benchmark works, its report is sound.
     eprintln!("xtask: == kiln bench vmm (short, on this host's own KVM)");
     bench::vmm_ci(&harness::build_kiln()?, &stub::build()?)?;
-    // The tests that need the guest kernel are ignored by a plain `cargo
-    // test`; here they run, with the kernel built (or found in its cache).
+    // The tests that need the guest kernel or the hostile stub guest
+    // (tests/hostile_guest.rs) are ignored by a plain `cargo test`; here
+    // they run, with the kernel built (or found in its cache).
     let kernel = kernel::build()?;
-    eprintln!("xtask: == cargo test (the ignored tests, with the guest kernel)");
+    let hostile = stub::build_hostile()?;
+    eprintln!(
+        "xtask: == cargo test (the ignored tests, with the guest kernel and the hostile stub)"
+    );
     sh::run(
         Command::new(env!("CARGO"))
             .current_dir(sh::workspace_root())
             .args(["test", "--workspace", "--", "--ignored"])
-            .env("KILN_KERNEL", &kernel),
+            .env("KILN_KERNEL", &kernel)
+            .env("KILN_HOSTILE_STUB", &hostile),
     )?;
     eprintln!("xtask: == vm-test (all scenarios)");
     harness::vm_test(&[]).map(drop)

@@ -19,13 +19,16 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::super::{
     ActivateError, GuestMemoryMmap, Interrupt, VirtioDevice, fixed_queues, ignore_config_write,
-    read_config_space,
+    next_chain, read_config_space,
 };
 use super::backend::{Backend, TransferError};
 use super::request::{Request, le_u32, le_u64};
 use crate::logger::{error_limited, warn_limited};
 use crate::report::one_line;
 use crate::volume::{self, Volume, VolumeError};
+
+/// How the log names this device.
+const DEVICE: &str = "virtio-blk";
 
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -396,7 +399,7 @@ impl Block {
         };
         let mem = &active.mem;
         let mut completed = false;
-        while let Some(chain) = active.queue.pop_descriptor_chain(mem) {
+        while let Some(chain) = next_chain(DEVICE, &mut active.queue, mem, &active.interrupt) {
             let head = chain.head_index();
             let written = match Request::parse(mem, chain) {
                 Ok(request) => complete(mem, &mut self.disk, &request),

@@ -196,6 +196,16 @@ impl MmioTransport {
         self.interrupt.event()
     }
 
+    /// The device status register: the driver's steps, and
+    /// DEVICE_NEEDS_RESET if the transport or the device has set it.
+    fn status(&self) -> u32 {
+        if self.interrupt.needs_reset() {
+            self.status | VIRTIO_CONFIG_S_NEEDS_RESET
+        } else {
+            self.status
+        }
+    }
+
     fn read_register(&self, register: u32) -> u32 {
         match register {
             VIRTIO_MMIO_MAGIC_VALUE => MAGIC_VALUE,
@@ -208,7 +218,7 @@ impl MmioTransport {
             VIRTIO_MMIO_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| q.max_size().into()),
             VIRTIO_MMIO_QUEUE_READY => self.selected_queue().map_or(0, |q| q.ready().into()),
             VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
-            VIRTIO_MMIO_STATUS => self.status,
+            VIRTIO_MMIO_STATUS => self.status(),
             // The configuration space never changes under the driver.
             VIRTIO_MMIO_CONFIG_GENERATION => 0,
             // No shared memory regions: a non-existent region has length -1.
@@ -484,6 +494,7 @@ mod tests {
     const DRIVER: u32 = VIRTIO_CONFIG_S_DRIVER;
     const FEATURES_OK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
     const DRIVER_OK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
+    const NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
     const MOCK_QUEUE_SIZE: u16 = 16;
     const DISK_SECTORS: u64 = 8;
     const HEADER: u64 = 0x1_0000;
@@ -776,6 +787,35 @@ mod tests {
         write(&mut transport, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
         assert_eq!(event_loop.run_with_timeout(1000).unwrap(), 1);
         assert_eq!(queue.used().idx().load(), 2);
+    }
+
+    #[test]
+    fn a_broken_ring_shows_needs_reset_until_the_driver_resets_the_device() {
+        let (mut transport, mem, mut event_loop) = driver_ok_fixture();
+        let queue = MockSplitQueue::new(&mem, MOCK_QUEUE_SIZE);
+        start_device(&mut transport, &queue);
+        // More buffers available than the queue holds (§2.7.13.3).
+        queue.avail().idx().store(MOCK_QUEUE_SIZE + 1);
+        transport.queue_events()[0].write(1).unwrap();
+        assert_eq!(event_loop.run_with_timeout(1000).unwrap(), 1);
+        let status = read(&mut transport, VIRTIO_MMIO_STATUS);
+        assert_eq!(status, ACK | DRIVER | FEATURES_OK | DRIVER_OK | NEEDS_RESET);
+        assert_eq!(
+            read(&mut transport, VIRTIO_MMIO_INTERRUPT_STATUS),
+            VIRTIO_MMIO_INT_CONFIG
+        );
+        assert_eq!(queue.used().idx().load(), 0);
+
+        // The driver resets the device and sets it up again: it serves.
+        write(&mut transport, VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(read(&mut transport, VIRTIO_MMIO_STATUS), 0);
+        let queue = MockSplitQueue::new(&mem, MOCK_QUEUE_SIZE);
+        negotiate(&mut transport);
+        start_device(&mut transport, &queue);
+        add_flush_request(&mem, &queue);
+        transport.queue_events()[0].write(1).unwrap();
+        assert_eq!(event_loop.run_with_timeout(1000).unwrap(), 1);
+        assert_eq!(queue.used().idx().load(), 1);
     }
 
     #[test]

@@ -65,7 +65,7 @@ impl Persist for MmioTransport {
         TransportState {
             device_type: device.device_type(),
             device_features: device.features(),
-            status: self.status,
+            status: self.status(),
             driver_features: self.driver_features,
             queue_select: self.queue_select,
             device_features_select: self.device_features_select,

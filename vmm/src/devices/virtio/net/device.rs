@@ -16,12 +16,15 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::super::{
     ActivateError, GuestMemoryMmap, Interrupt, VirtioDevice, fixed_queues, ignore_config_write,
-    read_config_space,
+    next_chain, read_config_space,
 };
 use super::request::{MAX_FRAME_LEN, NET_HDR_LEN, NUM_BUFFERS_OFFSET, read_tx_frame};
 use super::tap::{Tap, TapError};
 use crate::logger::{error_limited, warn_limited};
 use crate::report::one_line;
+
+/// How the log names this device.
+const DEVICE: &str = "virtio-net";
 
 /// Size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -147,7 +150,7 @@ impl Net {
         };
         let mem = &active.mem;
         let mut sent = false;
-        while let Some(chain) = active.queues[TX].pop_descriptor_chain(mem) {
+        while let Some(chain) = next_chain(DEVICE, &mut active.queues[TX], mem, &active.interrupt) {
             let head = chain.head_index();
             if !read_tx_frame(mem, chain, &mut self.tx_frame) {
                 warn_limited!("virtio-net: dropping malformed transmit chain {head}");
@@ -196,7 +199,7 @@ fn deliver(active: &mut Active, frame: &mut [u8]) -> Delivery {
     let mut chains: Vec<(u16, Vec<(vm_memory::GuestAddress, usize)>)> = Vec::new();
     let mut room = 0;
     while room < frame.len() {
-        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+        let Some(chain) = next_chain(DEVICE, queue, mem, &active.interrupt) else {
             break;
         };
         let buffers: Vec<_> = chain
@@ -373,7 +376,7 @@ impl VirtioDevice for Net {
 
 #[cfg(test)]
 mod tests {
-    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::desc::split::Descriptor;
     use virtio_queue::mock::MockSplitQueue;
@@ -403,14 +406,19 @@ mod tests {
             })
             .collect();
         queue.build_multiple_desc_chains(&descriptors).unwrap();
+        let active = active(mem, &queue);
+        (queue, active)
+    }
+
+    /// A running device whose receive queue is `rx`.
+    fn active(mem: &GuestMemoryMmap, rx: &MockSplitQueue<'_, GuestMemoryMmap>) -> Active {
         let tx = MockSplitQueue::create(mem, GuestAddress(0x30_0000), 16);
-        let active = Active {
+        Active {
             mem: mem.clone(),
-            queues: [queue.create_queue().unwrap(), tx.create_queue().unwrap()],
+            queues: [rx.create_queue().unwrap(), tx.create_queue().unwrap()],
             interrupt: Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
             mergeable: true,
-        };
-        (queue, active)
+        }
     }
 
     /// A frame of `len` bytes (header included) with a recognisable body.
@@ -450,6 +458,25 @@ mod tests {
         let got = guest_bytes(&mem, 0, 100);
         assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
         assert_eq!(got[NET_HDR_LEN..], sent[NET_HDR_LEN..]);
+    }
+
+    #[test]
+    fn a_receive_chain_that_loops_needs_a_reset_and_takes_no_frame() {
+        let mem = memory();
+        let queue = MockSplitQueue::new(&mem, 16);
+        let flags = (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16;
+        let looping = Descriptor::new(BUFFERS, 4096, flags, 0);
+        queue
+            .add_desc_chains(&[RawDescriptor::from(looping)], 0)
+            .unwrap();
+        let mut active = active(&mem, &queue);
+        let mut sent = frame(100);
+        assert!(!matches!(
+            deliver(&mut active, &mut sent),
+            Delivery::Delivered
+        ));
+        assert!(active.interrupt.needs_reset());
+        assert!(used(&queue).is_empty());
     }
 
     #[test]

@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::super::{
     ActivateError, GuestMemoryMmap, Interrupt, VirtioDevice, fixed_queues, ignore_config_write,
-    read_config_space,
+    next_chain, read_config_space,
 };
 use super::connection::Connection;
 use super::packet::{
@@ -29,6 +29,9 @@ use super::packet::{
 use super::persist::TransportReset;
 use crate::logger::{error_limited, warn_limited};
 use crate::report::one_line;
+
+/// How the log names this device.
+const DEVICE: &str = "virtio-vsock";
 
 /// Size of each of the three queues.
 pub const QUEUE_SIZE: u16 = 256;
@@ -193,7 +196,8 @@ impl Vsock {
         let mem = &active.mem;
         let mut used = false;
         while self.resets.len() < MAX_PENDING_RESETS {
-            let Some(chain) = active.queues[TX].pop_descriptor_chain(mem) else {
+            let Some(chain) = next_chain(DEVICE, &mut active.queues[TX], mem, &active.interrupt)
+            else {
                 break;
             };
             let head = chain.head_index();
@@ -239,7 +243,8 @@ impl Vsock {
             let Some(source) = next else {
                 return used;
             };
-            let Some(chain) = active.queues[RX].pop_descriptor_chain(mem) else {
+            let Some(chain) = next_chain(DEVICE, &mut active.queues[RX], mem, &active.interrupt)
+            else {
                 return used;
             };
             let head = chain.head_index();
@@ -295,7 +300,8 @@ impl Vsock {
             return false;
         }
         let mem = &active.mem;
-        let Some(chain) = active.queues[EVENT].pop_descriptor_chain(mem) else {
+        let Some(chain) = next_chain(DEVICE, &mut active.queues[EVENT], mem, &active.interrupt)
+        else {
             return false;
         };
         let head = chain.head_index();
@@ -473,8 +479,13 @@ impl VirtioDevice for Vsock {
     }
 
     fn reset(&mut self) {
-        self.active = None;
         self.transport_reset = TransportReset::Done;
+        // A driver that never started the device knows of no connection:
+        // the host's early ones wait for the driver that is about to
+        // start it (Linux resets each device before probing it).
+        if self.active.take().is_none() {
+            return;
+        }
         // The connections' sockets leave the event loop on its thread.
         self.teardown = true;
         if let Err(err) = self.queue_evts[RX].write(1) {

@@ -589,3 +589,35 @@ fn a_driver_reset_closes_every_host_connection() {
     assert!(rest.is_empty());
     assert!(lock(&guest.device).connections.is_empty());
 }
+
+#[test]
+fn a_host_connection_made_before_the_driver_starts_survives_its_first_reset() {
+    let mem = memory();
+    let mut guest = guest(&mem, 0);
+    lock(&guest.device).reset();
+    guest.pump();
+    // The host connects, bytes right behind its line, while no driver runs.
+    let mut host = UnixStream::connect(&guest.socket).unwrap();
+    host.write_all(b"CONNECT 5000\nearly").unwrap();
+    guest.pump();
+    // The driver resets the device before it sets it up, then starts it.
+    lock(&guest.device).reset();
+    guest.pump();
+    let queues = guest
+        .queues
+        .iter()
+        .map(|q| q.create_queue().unwrap())
+        .collect();
+    lock(&guest.device)
+        .activate(
+            1 << VIRTIO_F_VERSION_1,
+            mem.clone(),
+            queues,
+            guest.interrupt.clone(),
+        )
+        .unwrap();
+    guest.give_rx(1);
+    guest.pump();
+    let (request, _) = guest.received_one();
+    assert_eq!(request.op, VIRTIO_VSOCK_OP_REQUEST);
+}
