@@ -83,9 +83,9 @@ pub fn pin(tap: &str, mac: [u8; 6], address: Ipv4Addr) -> Result<(), FilterError
     apply(tap, &pinned(tap, mac, address))
 }
 
-/// Removes the filter of `tap`, if it has one. Kernels before 6.16 drop
-/// the chain with its device but leave the table; later ones keep both
-/// (hookless): either way the table stays until removed here.
+/// Removes the filter of `tap`, if it has one. The tap's end leaves it:
+/// Linux 6.1 drops the chain with its device but keeps the table, and
+/// newer kernels (6.18) keep both, the chain hookless.
 pub fn unpin(tap: &str) -> Result<(), FilterError> {
     apply(tap, &removal(&table(tap)))
 }
