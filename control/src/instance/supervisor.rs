@@ -246,7 +246,7 @@ fn vm_command(
         .arg(std::process::id().to_string());
     let mut inherited = Vec::new();
     if let Some(nic) = &config.net {
-        let tap = network::open_tap(nic)?;
+        let tap = network::open_tap(nic, instance.record.address)?;
         let fd = super::inheritable(tap.as_fd()).map_err(io_err("the tap's descriptor"))?;
         command.arg("--tap-fd").arg(fd.to_string());
         inherited.push(tap.into());
@@ -345,6 +345,7 @@ fn supervise(
         } = match started {
             Ok(started) => started,
             Err(err) => {
+                close_tap(&shared);
                 lock(&shared.instance).mark_stopped(kiln_vmm::report::one_line(&err))?;
                 return Err(err);
             }
@@ -357,6 +358,7 @@ fn supervise(
         let status = child
             .wait()
             .map_err(io_err("cannot wait for the VM process"))?;
+        close_tap(&shared);
         if let Some(jail) = jail.and_then(Arc::into_inner) {
             jail.remove();
         }
@@ -379,6 +381,12 @@ fn supervise(
     lock(&shared.instance).mark_stopped(reason)?;
     let _ = fs::remove_file(&socket);
     Ok(status)
+}
+
+/// Removes what outlives the tap of the VM process that ended (its filter).
+fn close_tap(shared: &Shared) {
+    let instance = lock(&shared.instance);
+    network::close_tap(&instance.record.id, instance.record.address);
 }
 
 /// The rotating console log, which this process's own messages join too.

@@ -5,17 +5,21 @@
 //! [`open_tap`], whose VM process holds it open and takes it along when
 //! it ends) on `kiln0`, whose address is the subnet's first and
 //! every guest's gateway; guest-init configures eth0 from the kernel
-//! command line (`kiln.net.*`), so the guest needs no DHCP client. The
-//! host reaches guests directly on the subnet; nothing is routed or
-//! translated beyond it (no firewall rules are touched), so a guest
-//! reaches the host and other instances, and the world only if the host
-//! is set up to forward for the subnet.
+//! command line (`kiln.net.*`), so the guest needs no DHCP client. Each
+//! such tap is pinned to its guest's MAC and address ([`filter`]): a
+//! guest cannot pass for a neighbour. The host reaches guests directly
+//! on the subnet; nothing is routed or translated beyond it (no firewall
+//! rules of the host's are touched), so a guest reaches the host and
+//! other instances, and the world only if the host is set up to forward
+//! for the subnet.
 pub mod address;
+pub mod filter;
 pub mod proxy;
 
 use std::net::Ipv4Addr;
 
 use address::{AddressError, BRIDGE, Subnet};
+use filter::FilterError;
 use kiln_vmm::devices::virtio::net::bridge::{self, BridgeError};
 
 use kiln_vmm::devices::virtio::net::tap::{TUN_DEVICE, Tap, TapError};
@@ -37,7 +41,9 @@ pub fn unavailable() -> Option<String> {
     if !has_net_admin(&status) {
         return Some("this process lacks CAP_NET_ADMIN (run as root)".into());
     }
-    None
+    filter::check()
+        .err()
+        .map(|err| kiln_vmm::report::one_line(&err))
 }
 
 /// Whether /proc/self/status's effective set holds CAP_NET_ADMIN.
@@ -62,24 +68,57 @@ pub enum NetworkError {
     /// The NIC's tap could not be created.
     #[error(transparent)]
     Tap(#[from] TapError),
+    /// The tap's filter could not be installed (or checked for).
+    #[error(transparent)]
+    Filter(#[from] FilterError),
+    /// A NIC on the bridge was asked for without the guest's address, to
+    /// which its tap is pinned.
+    #[error("tap {tap} is to join bridge {bridge}, but its guest has no address to pin it to")]
+    Unaddressed {
+        /// The tap.
+        tap: String,
+        /// The bridge it was to join.
+        bridge: String,
+    },
 }
 
 /// Creates the tap of `nic` and attaches it to its bridge, if it has one,
 /// here in the host's namespaces: the VM process is handed the open tap
-/// and needs no CAP_NET_ADMIN. The tap lasts while a descriptor of it is
-/// open.
-pub fn open_tap(nic: &NetConfig) -> Result<Tap, NetworkError> {
+/// and needs no CAP_NET_ADMIN. A tap on the bridge is first pinned to
+/// the NIC's MAC and the guest's `address` ([`filter::pin`]). The tap
+/// lasts while a descriptor of it is open; its filter, until
+/// [`close_tap`].
+pub fn open_tap(nic: &NetConfig, address: Option<Ipv4Addr>) -> Result<Tap, NetworkError> {
     let tap = Tap::create(&nic.tap, NET_HDR_LEN)?;
     if let Some(bridge) = &nic.bridge {
+        let address = address.ok_or_else(|| NetworkError::Unaddressed {
+            tap: nic.tap.clone(),
+            bridge: bridge.clone(),
+        })?;
+        filter::pin(tap.name(), nic.mac, address)?;
         bridge::attach(bridge, tap.name())?;
     }
     Ok(tap)
 }
 
+/// Removes what outlives the tap of instance `id` once its VM process has
+/// ended (the tap went with it): the tap's filter, if the instance has an
+/// `address` (is on the bridge). A failure is said on stderr (the
+/// console log) and changes nothing else: the filter's device is gone,
+/// so it filters nothing, and the next [`open_tap`] replaces it.
+pub fn close_tap(id: &str, address: Option<Ipv4Addr>) {
+    if address.is_none() {
+        return;
+    }
+    if let Err(err) = filter::unpin(&address::tap_name(id)) {
+        eprintln!("kiln: {}", kiln_vmm::report::one_line(&err));
+    }
+}
+
 /// The NIC of the instance `id` at `address`, and the kernel command-line
 /// words from which guest-init configures it; the bridge is made ready.
 pub fn guest_nic(id: &str, address: Ipv4Addr) -> Result<(NetConfig, Vec<String>), NetworkError> {
-    let subnet = prepare_bridge()?;
+    let subnet = ensure_bridge()?;
     if !subnet.contains(address) {
         return Err(AddressError::Outside { address, subnet }.into());
     }
@@ -93,11 +132,20 @@ pub fn guest_nic(id: &str, address: Ipv4Addr) -> Result<(NetConfig, Vec<String>)
     Ok((config, guest_words(subnet, address, mac, &resolvers)))
 }
 
-/// Makes the bridge ready with the subnet's gateway address, and returns
-/// the subnet: what launching an instance on the bridge checks first, so
-/// that a host where this process may not set up networking is told so
-/// before any instance exists.
+/// Makes the bridge ready and checks that taps can be filtered here
+/// ([`filter::check`]), and returns the subnet: what launching an
+/// instance on the bridge checks first, so that a host where this process
+/// may not set up networking (or filter its taps) is told so before any
+/// instance exists.
 pub fn prepare_bridge() -> Result<Subnet, NetworkError> {
+    let subnet = ensure_bridge()?;
+    filter::check()?;
+    Ok(subnet)
+}
+
+/// Makes the bridge ready with the subnet's gateway address, and returns
+/// the subnet: what each VM start needs (its launch checked the rest).
+fn ensure_bridge() -> Result<Subnet, NetworkError> {
     let subnet = Subnet::from_env()?;
     bridge::ensure(BRIDGE, subnet.gateway(), subnet.netmask())?;
     Ok(subnet)

@@ -1,7 +1,7 @@
 //! The L1 guest's initramfs: busybox, the KVM modules, the programs under
 //! test with their shared libraries (`kiln`, containerd-shim-kiln-v2 and
-//! Debian's containerd, ctr and runc), QEMU as the peer, e2fsck, the guest
-//! kernel, the images (raw and the store) and the scenarios.
+//! Debian's containerd, ctr and runc), QEMU as the peer, e2fsck, nft, the
+//! guest kernel, the images (raw and the store) and the scenarios.
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -47,15 +47,20 @@ const E2FSCK: &str = "/usr/sbin/e2fsck";
 /// KVM works and the recipe's tests run (tests/vm/build-tests.sh).
 const MKFS_EXT4: &str = "/usr/sbin/mkfs.ext4";
 const DEBUGFS: &str = "/usr/sbin/debugfs";
+/// Installs the instances' tap filters (control/src/network/filter.rs);
+/// tests/vm/network-spoof.sh reads their counters with it.
+const NFT: &str = "/usr/sbin/nft";
 /// The firmware QEMU 7.2's microvm machine loads by default (qboot).
 const QEMU_FIRMWARE: &str = "/usr/share/qemu/qboot.rom";
 /// The L1 kernel's modules the scenarios need, in insmod order (l1-init.sh
 /// loads them so): kvm needs irqbypass, kvm-amd needs kvm; instances'
 /// taps need tun, and the kiln0 bridge needs bridge, which needs stp and
-/// llc; L1's own NIC (virtio-net-pci, for host steps: host_steps.rs)
-/// needs the virtio core and PCI transport, and virtio_net needs
-/// net_failover, which needs failover.
-const MODULES: [&str; 15] = [
+/// llc; the taps' filters (control/src/network/filter.rs) need
+/// nf_tables, which needs nfnetlink and libcrc32c; L1's own NIC
+/// (virtio-net-pci, for host steps: host_steps.rs) needs the virtio core
+/// and PCI transport, and virtio_net needs net_failover, which needs
+/// failover.
+const MODULES: [&str; 18] = [
     "virt/lib/irqbypass.ko",
     "arch/x86/kvm/kvm.ko",
     "arch/x86/kvm/kvm-amd.ko",
@@ -63,6 +68,9 @@ const MODULES: [&str; 15] = [
     "net/llc/llc.ko",
     "net/802/stp.ko",
     "net/bridge/bridge.ko",
+    "lib/libcrc32c.ko",
+    "net/netfilter/nfnetlink.ko",
+    "net/netfilter/nf_tables.ko",
     "drivers/virtio/virtio_ring.ko",
     "drivers/virtio/virtio.ko",
     "drivers/virtio/virtio_pci_legacy_dev.ko",
@@ -124,7 +132,7 @@ pub fn pack(tree: &Path, archive: &Path, payload: &Payload) -> Result<()> {
     copy_with_libraries(payload.xtask, &tree.join(&XTASK_PATH[1..]), tree)?;
     copy_with_libraries(Path::new(QEMU), &tree.join(&QEMU[1..]), tree)?;
     copy(Path::new(QEMU_FIRMWARE), &tree.join(&QEMU_FIRMWARE[1..]))?;
-    for tool in [E2FSCK, MKFS_EXT4, DEBUGFS] {
+    for tool in [E2FSCK, MKFS_EXT4, DEBUGFS, NFT] {
         copy_with_libraries(Path::new(tool), &tree.join(&tool[1..]), tree)?;
     }
     copy(payload.kernel, &tree.join("kiln/vmlinux"))?;

@@ -34,6 +34,8 @@ pub const PACKAGES: &[&str] = &[
     "busybox-static",
     "e2fsprogs",
     "cpio",
+    // nft: the instances' tap filters (control/src/network/filter.rs).
+    "nftables",
     "python3-pip",
     "python3-boto3",
     // tests/vm/containerd.sh: containerd and ctr run containers with
