@@ -96,6 +96,11 @@ pub fn stage(dir: &Path) -> Result<Staging, SnapshotsError> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    // Held (on the parent directory itself) until the new staging
+    // directory is locked: another snapshot beside it, removing
+    // leftovers meanwhile, would take it for one.
+    let beside = File::open(parent).map_err(io_err(parent))?;
+    flock::lock_exclusive(&beside, true).map_err(io_err(parent))?;
     remove_leftovers(parent)?;
     let dir = tempfile::Builder::new()
         .prefix(&format!(".{name}{STAGING_MARK}"))
@@ -108,9 +113,7 @@ pub fn stage(dir: &Path) -> Result<Staging, SnapshotsError> {
 }
 
 /// Removes the staging directories in `parent` that no live command
-/// holds. (One just made and not yet locked by its command would go too:
-/// that command's snapshot then fails, naming its missing directory, and
-/// nothing half-written is left.)
+/// holds.
 fn remove_leftovers(parent: &Path) -> Result<(), SnapshotsError> {
     for entry in fs::read_dir(parent).map_err(io_err(parent))? {
         let path = entry.map_err(io_err(parent))?.path();
@@ -219,5 +222,22 @@ mod tests {
         assert!(live.path().is_dir(), "a live snapshot's staging stays");
         assert!(next.path().is_dir());
         assert!(users.is_dir(), "not a staging directory's name");
+    }
+
+    /// Snapshots staged beside one another at once never take each
+    /// other's fresh staging directory for a leftover.
+    #[test]
+    fn concurrent_stagings_all_stay() {
+        let parent = tempfile::tempdir().unwrap();
+        let stagings: Vec<Staging> = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..16)
+                .map(|n| {
+                    let dir = parent.path().join(format!("s{n}"));
+                    scope.spawn(move || stage(&dir).unwrap())
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        assert!(stagings.iter().all(|s| s.path().is_dir()));
     }
 }
