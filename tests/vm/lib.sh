@@ -73,3 +73,82 @@ host_step() {
         esac
     done < "$out"
 }
+
+# Fault injection (tests/vm/fault-*.sh). fault_seed prints the seed of the
+# scenario's kill points ($KILN_FAULT_SEED to replay a failed run, else the
+# clock); fault_next MAX_MS then sets FAULT_DELAY to the next delay below
+# MAX_MS milliseconds, in seconds for sleep, from a linear congruential
+# generator (POSIX rand's constants) so that a seed replays the same points.
+fault_seed() {
+    FAULT_STATE=${KILN_FAULT_SEED:-$(date +%s)}
+    echo "KILN-INFO $SCENARIO fault seed $FAULT_STATE (KILN_FAULT_SEED=$FAULT_STATE replays it)"
+}
+fault_next() {
+    FAULT_STATE=$(((FAULT_STATE * 1103515245 + 12345) % 2147483648))
+    ms=$((FAULT_STATE / 65536 % $1))
+    FAULT_DELAY=$((ms / 1000)).$(printf %03d $((ms % 1000)))
+}
+
+# now_ms: milliseconds since boot, for measuring an operation's duration.
+now_ms() { awk '{ printf "%d\n", $1 * 1000 }' /proc/uptime; }
+
+# pid_of PATTERN: the first process whose command line (words joined by
+# spaces) matches PATTERN (grep), if any.
+pid_of() {
+    for dir in /proc/[0-9]*; do
+        if tr '\0' ' ' < "$dir/cmdline" 2>/dev/null | grep -q -- "$1"; then
+            echo "${dir#/proc/}"
+            return
+        fi
+    done
+}
+
+# one_line NAME FILE: FILE (a failed command's output) is one line at most.
+one_line() {
+    if [ "$(wc -l < "$2")" -le 1 ]; then pass "$1"
+    else fail "$1" "more than one line: $(head -c 300 "$2" | tr '\n' '|')"; fi
+}
+
+# fault_tally OP INJECTED LOST: the figures of one operation, as a
+# KILN-INFO line and a check that nothing was lost.
+fault_tally() {
+    echo "KILN-INFO $SCENARIO $1: injected $2 survived $(($2 - $3)) lost $3"
+    expect_eq "$1-lost-nothing" 0 "$3"
+}
+
+# kill_during OUT TARGET CMD...: runs CMD (output to OUT) in the
+# background and, after fault_next's delay below $FAULT_WINDOW ms, sends
+# SIGKILL to TARGET: `cli` (CMD itself) or the first process matching a
+# pid_of pattern. Sets STATUS to CMD's exit status and LANDED to 1 when
+# the kill reached its target while CMD still ran (else 0: CMD won).
+kill_during() {
+    out=$1 target=$2
+    shift 2
+    "$@" > "$out" 2>&1 &
+    cli=$!
+    fault_next "$FAULT_WINDOW"
+    sleep "$FAULT_DELAY"
+    case $target in
+        cli) pid=$cli ;;
+        *) pid=$(pid_of "$target") ;;
+    esac
+    LANDED=0
+    if [ -n "$pid" ] && [ "$(cut -d' ' -f3 "/proc/$cli/stat" 2>/dev/null)" != Z ] &&
+        kill -9 "$pid" 2>/dev/null; then
+        LANDED=1
+    fi
+    wait "$cli"
+    STATUS=$?
+    echo "KILN-INFO $SCENARIO kill $target ${FAULT_DELAY}s into: $*: landed $LANDED, status $STATUS"
+}
+
+# holds NAME CMD...: within one kill point, CMD succeeds; a failure is a
+# check failing (named NAME) and marks the point lost (POINT_LOST=1).
+holds() {
+    name=$1
+    shift
+    if ! "$@" > "$WORK/holds.out" 2>&1; then
+        POINT_LOST=1
+        fail "$name" "command failed: $* ($(tail -c 200 "$WORK/holds.out" | tr '\n' '|'))"
+    fi
+}
