@@ -103,12 +103,6 @@ pid_of() {
     done
 }
 
-# one_line NAME FILE: FILE (a failed command's output) is one line at most.
-one_line() {
-    if [ "$(wc -l < "$2")" -le 1 ]; then pass "$1"
-    else fail "$1" "more than one line: $(head -c 300 "$2" | tr '\n' '|')"; fi
-}
-
 # fault_tally OP INJECTED LOST: the figures of one operation, as a
 # KILN-INFO line and a check that nothing was lost.
 fault_tally() {
@@ -150,5 +144,56 @@ holds() {
     if ! "$@" > "$WORK/holds.out" 2>&1; then
         POINT_LOST=1
         fail "$name" "command failed: $* ($(tail -c 200 "$WORK/holds.out" | tr '\n' '|'))"
+    fi
+}
+
+# fault_victim NAME: launches instance NAME counting (guest/counter.sh)
+# and sets VM and VMM to pid_of patterns of its VM and VMM processes.
+fault_victim() {
+    id=$("$KILN" run vm-test:1.0.0 --detach --name "$1" --cmdline 'kiln.entrypoint=/tests/counter.sh' \
+        2> "$WORK/launch.err")
+    expect_eq launch-exit-status 0 "$?"
+    wait_console "$1" "^count 3 " victim-counts
+    VMM="__vmm $id "
+    VM="__vm --config .*$id"
+}
+
+# fault_target POINT: whom point POINT kills: the VM process at every
+# fifth point, the VMM process at every fifth but two, else the kiln
+# command. (Either of the first two ends the instance, whose next boot
+# costs the nested test machine a minute.)
+fault_target() {
+    case $(($1 % 5)) in 1) echo "$VM" ;; 3) echo "$VMM" ;; *) echo cli ;; esac
+}
+
+# settled TARGET: once a killed command's request, which may still be
+# under way in the VMM, has had the time the operation takes to finish.
+settled() {
+    [ "$1" != cli ] || sleep $((FAULT_WINDOW / 1000 + 2))
+}
+
+# counts_on NAME CHECK: instance NAME runs (started again if it died) and
+# its counter goes on within 120 s; else CHECK fails and the point is lost.
+counts_on() {
+    if ! "$KILN" ps -a | grep -q " $1 .*running"; then
+        holds "$2-starts-again" "$KILN" start "$1"
+    fi
+    before=$("$KILN" logs "$1" 2>/dev/null | grep -c '^count ')
+    waited=0
+    while [ "$("$KILN" logs "$1" 2>/dev/null | grep -c '^count ')" -le "$before" ] &&
+        [ "$waited" -lt 120 ]; do
+        sleep 1; waited=$((waited + 1))
+    done
+    [ "$waited" -lt 120 ] || { POINT_LOST=1; fail "$2-counts-on" "the counter of $1 stopped"; }
+}
+
+# fault_said CHECK OUT: after kill_during, a command the kill did not
+# reach succeeded, and one that failed otherwise than by the SIGKILL said
+# why in one line (its output in OUT); else the point is lost.
+fault_said() {
+    [ "$LANDED" -eq 1 ] || [ "$STATUS" -eq 0 ] ||
+        { POINT_LOST=1; fail "$1-unkilled-fails" "$(tr '\n' '|' < "$2")"; }
+    if [ "$STATUS" -ne 0 ] && [ "$STATUS" -ne 137 ] && [ "$(wc -l < "$2")" -gt 1 ]; then
+        POINT_LOST=1; fail "$1-one-line" "$(tr '\n' '|' < "$2")"
     fi
 }
