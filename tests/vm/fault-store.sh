@@ -64,7 +64,7 @@ reference() {
     esac
 }
 
-# A host-side build on busybox: 6 MiB of random bytes and the point's
+# A host-side build on busybox: 2 MiB of random bytes and the point's
 # number, so that each point builds anew and replaces the last.
 mkdir -p "$WORK/recipe"
 build() {
@@ -76,16 +76,16 @@ name = "faulty"
 version = "1.0.0"
 
 [[build]]
-run = 'dd if=/dev/urandom of="\$DESTDIR/blob" bs=1M count=6 2>/dev/null && echo $1 > "\$DESTDIR/point"'
+run = 'dd if=/dev/urandom of="\$DESTDIR/blob" bs=1M count=2 2>/dev/null && echo $1 > "\$DESTDIR/point"'
 RECIPE
     exec "$KILN" build "$WORK/recipe" --init "$KILN_INIT" --skip-tests
 }
 inject build
 
-# A docker-save archive of busybox and 6 MiB of random bytes.
+# A docker-save archive of busybox and 2 MiB of random bytes.
 mkdir -p "$WORK/root/bin" "$WORK/archive/l1"
 cp /bin/busybox "$WORK/root/bin/busybox"
-dd if=/dev/urandom of="$WORK/root/blob" bs=1M count=6 2>/dev/null
+dd if=/dev/urandom of="$WORK/root/blob" bs=1M count=2 2>/dev/null
 (cd "$WORK/root" && tar -cf "$WORK/archive/l1/layer.tar" bin blob)
 diff_id=$(sha256sum "$WORK/archive/l1/layer.tar" | cut -d' ' -f1)
 echo "{\"rootfs\": {\"type\": \"layers\", \"diff_ids\": [\"sha256:$diff_id\"]}, \"config\": {\"Cmd\": [\"/bin/busybox\", \"true\"]}}" \
