@@ -21,7 +21,7 @@ FAULT_WINDOW=$(($(now_ms) - start))
 echo "KILN-INFO $SCENARIO stop --hibernate takes ${FAULT_WINDOW} ms"
 check resumes-from-measured-hibernation "$KILN" start victim
 
-injected=0 lost=0 i=0
+injected=0 survived=0 lost=0 i=0
 while [ "$i" -lt "$POINTS" ]; do
     i=$((i + 1))
     POINT_LOST=0
@@ -33,7 +33,8 @@ while [ "$i" -lt "$POINTS" ]; do
     holds "hibernate-$i-ps" "$KILN" ps -a
     counts_on victim "hibernate-$i"
     lost=$((lost + POINT_LOST))
+    survived=$((survived + LANDED * (1 - POINT_LOST)))
 done
-fault_tally stop-hibernate "$injected" "$lost"
+fault_tally stop-hibernate "$injected" "$lost" "$survived"
 
 "$KILN" terminate victim > /dev/null 2>&1

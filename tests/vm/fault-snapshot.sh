@@ -22,7 +22,7 @@ expect_eq measured-snapshot-exit-status 0 "$?"
 FAULT_WINDOW=$(($(now_ms) - start))
 echo "KILN-INFO $SCENARIO snapshot create takes ${FAULT_WINDOW} ms: $(cat "$WORK/measured.txt")"
 
-injected=0 lost=0 i=0
+injected=0 survived=0 lost=0 i=0
 while [ "$i" -lt "$POINTS" ]; do
     i=$((i + 1))
     POINT_LOST=0
@@ -44,8 +44,9 @@ while [ "$i" -lt "$POINTS" ]; do
     holds "snapshot-$i-ps" "$KILN" ps -a
     counts_on victim "snapshot-$i"
     lost=$((lost + POINT_LOST))
+    survived=$((survived + LANDED * (1 - POINT_LOST)))
 done
-fault_tally snapshot-create "$injected" "$lost"
+fault_tally snapshot-create "$injected" "$lost" "$survived"
 
 check final-snapshot "$KILN" snapshot create victim "$snaps/final"
 check no-staging-left-at-all sh -c "! ls -A '$snaps' | grep -q partial"

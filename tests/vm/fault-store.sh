@@ -33,7 +33,7 @@ inject() {
     expect_eq "$op-measured-exit-status" 0 "$?"
     FAULT_WINDOW=$(($(now_ms) - start))
     echo "KILN-INFO $SCENARIO $op takes $FAULT_WINDOW ms: $(tail -n 1 "$WORK/$op-measured.txt")"
-    injected=0 lost=0 i=0
+    injected=0 survived=0 lost=0 i=0
     while [ "$i" -lt "$POINTS" ]; do
         i=$((i + 1))
         POINT_LOST=0
@@ -48,11 +48,12 @@ inject() {
             rm -f "$WORK/flat.ext4"
         fi
         lost=$((lost + POINT_LOST))
+        survived=$((survived + LANDED * (1 - POINT_LOST)))
     done
     echo "KILN-INFO $SCENARIO $op: after the kills $KILN_HOME/tmp holds: $(ls "$KILN_HOME/tmp" | tr '\n' ' ')"
     ("$op" 99) > "$WORK/$op-final.txt" 2>&1
     expect_eq "$op-works-after-the-kills" 0 "$?"
-    fault_tally "$op" "$injected" "$lost"
+    fault_tally "$op" "$injected" "$lost" "$survived"
 }
 
 # reference OP POINT: the image OP's point POINT publishes.

@@ -103,10 +103,12 @@ pid_of() {
     done
 }
 
-# fault_tally OP INJECTED LOST: the figures of one operation, as a
-# KILN-INFO line and a check that nothing was lost.
+# fault_tally OP INJECTED LOST [SURVIVED]: the figures of one operation,
+# as a KILN-INFO line and a check that nothing was lost. LOST counts the
+# points whose checks failed, the kill landed or not; SURVIVED (default
+# INJECTED - LOST) the landed kills whose checks all held.
 fault_tally() {
-    echo "KILN-INFO $SCENARIO $1: injected $2 survived $(($2 - $3)) lost $3"
+    echo "KILN-INFO $SCENARIO $1: injected $2 survived ${4:-$(($2 - $3))} lost $3"
     expect_eq "$1-lost-nothing" 0 "$3"
 }
 
