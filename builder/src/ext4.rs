@@ -214,14 +214,26 @@ pub fn replay_journal(image: &Path) -> Result<bool, Ext4Error> {
         })?;
     // 0: nothing to fix; 1: fixed (the journal replayed).
     if !matches!(output.status.code(), Some(0 | 1)) || needs_recovery(image)? {
-        let mut message = String::from_utf8_lossy(&output.stdout).into_owned();
-        message.push_str(&String::from_utf8_lossy(&output.stderr));
+        let mut message = output.stdout;
+        message.extend(&output.stderr);
         return Err(Ext4Error::Fsck {
             image: image.into(),
-            message: format!("{} ({})", message.trim(), output.status),
+            message: format!("{} ({})", one_line(&message), output.status),
         });
     }
     Ok(true)
+}
+
+/// A tool's output as part of a one-line error: its non-empty lines,
+/// trimmed, joined by "; ".
+fn one_line(output: &[u8]) -> String {
+    let text = String::from_utf8_lossy(output);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines.join("; ")
 }
 
 /// Makes `image` (`size` bytes, a multiple of 4 KiB) holding `tree`.
@@ -249,7 +261,7 @@ pub fn make(tree: &Path, image: &Path, size: u64, uuid: &str) -> Result<(), Ext4
             source,
         })?;
     if !output.status.success() {
-        let message = String::from_utf8_lossy(&output.stderr).trim().to_string();
+        let message = one_line(&output.stderr);
         return Err(Ext4Error::Mkfs {
             image: image.into(),
             message,
@@ -499,6 +511,23 @@ mod tests {
     fn staged_mode(path: &Path) -> io::Result<(u32, u32, u32)> {
         let meta = fs::symlink_metadata(path)?;
         Ok((meta.uid(), meta.gid(), meta.mode() & 0o7777))
+    }
+
+    /// A tree larger than its filesystem: mkfs.ext4's complaint (three
+    /// lines of it) is one line of the error, each line kept.
+    #[test]
+    fn a_full_filesystem_is_a_one_line_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("tree");
+        fs::create_dir(&tree).unwrap();
+        fs::write(tree.join("big"), vec![1u8; 4 << 20]).unwrap();
+        let image = dir.path().join("small.ext4");
+        let err = make(&tree, &image, 1 << 20, UUID).unwrap_err().to_string();
+        assert!(!err.contains('\n'), "{err:?}");
+        assert!(
+            err.contains("while writing file \"big\"; mkfs.ext4: Could not allocate block"),
+            "{err:?}"
+        );
     }
 
     fn tree(dir: &Path) -> PathBuf {

@@ -290,18 +290,26 @@ impl Store {
         let dir = self.dir(&manifest.name, &manifest.version);
         let parent = dir.parent().expect("image dirs have a parent");
         fs::create_dir_all(parent).map_err(io_err(parent))?;
-        // A rename cannot replace a non-empty directory: move the old
-        // build aside first, then drop it once the new one is in place.
-        let old = self.scratch_dir()?;
-        let had_old = match fs::rename(&dir, old.path().join("old")) {
-            Ok(()) => true,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => false,
+        // A rename cannot replace a non-empty directory: an older build is
+        // swapped with the new one in one step, so that a crash at any
+        // point leaves one of them published (moving the old aside first
+        // left neither, should the process die between the two renames).
+        match fs::rename(staged, &dir) {
+            Ok(()) => sync(parent)?,
+            Err(err) if matches!(err.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST)) => {
+                rustix::fs::renameat_with(
+                    rustix::fs::CWD,
+                    staged,
+                    rustix::fs::CWD,
+                    &dir,
+                    rustix::fs::RenameFlags::EXCHANGE,
+                )
+                .map_err(|errno| io_err(&dir)(errno.into()))?;
+                sync(parent)?;
+                // `staged` holds the old build now.
+                fs::remove_dir_all(staged).map_err(io_err(staged))?;
+            }
             Err(err) => return Err(io_err(&dir)(err)),
-        };
-        fs::rename(staged, &dir).map_err(io_err(&dir))?;
-        sync(parent)?;
-        if had_old {
-            drop(old);
         }
         Ok(dir.join(IMAGE_FILE))
     }

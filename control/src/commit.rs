@@ -91,7 +91,11 @@ pub fn flatten_to_file(volume: &Volume, out: &Path) -> Result<(), CommitError> {
     };
     let staged = durable::stage(out).map_err(written)?;
     let mut writer = BufWriter::new(staged.as_file());
-    volume.flatten_to(&mut writer)?;
+    // A failed write is this file's: named, as running out of room is.
+    volume.flatten_to(&mut writer).map_err(|err| match err {
+        VolumeError::Output(source) => written(source),
+        err => err.into(),
+    })?;
     writer.flush().map_err(written)?;
     drop(writer);
     durable::persist(staged, out).map_err(written)

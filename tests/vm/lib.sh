@@ -74,3 +74,129 @@ host_step() {
         esac
     done < "$out"
 }
+
+# Fault injection (tests/vm/fault-*.sh). fault_seed prints the seed of the
+# scenario's kill points ($KILN_FAULT_SEED to replay a failed run, else the
+# clock); fault_next MAX_MS then sets FAULT_DELAY to the next delay below
+# MAX_MS milliseconds, in seconds for sleep, from a linear congruential
+# generator (POSIX rand's constants) so that a seed replays the same points.
+fault_seed() {
+    FAULT_STATE=${KILN_FAULT_SEED:-$(date +%s)}
+    echo "KILN-INFO $SCENARIO fault seed $FAULT_STATE (KILN_FAULT_SEED=$FAULT_STATE replays it)"
+}
+fault_next() {
+    FAULT_STATE=$(((FAULT_STATE * 1103515245 + 12345) % 2147483648))
+    ms=$((FAULT_STATE / 65536 % $1))
+    FAULT_DELAY=$((ms / 1000)).$(printf %03d $((ms % 1000)))
+}
+
+# now_ms: milliseconds since boot, for measuring an operation's duration.
+now_ms() { awk '{ printf "%d\n", $1 * 1000 }' /proc/uptime; }
+
+# pid_of PATTERN: the first process whose command line (words joined by
+# spaces) matches PATTERN (grep), if any.
+pid_of() {
+    for dir in /proc/[0-9]*; do
+        if tr '\0' ' ' < "$dir/cmdline" 2>/dev/null | grep -q -- "$1"; then
+            echo "${dir#/proc/}"
+            return
+        fi
+    done
+}
+
+# fault_tally OP INJECTED LOST [SURVIVED]: the figures of one operation,
+# as a KILN-INFO line and a check that nothing was lost. LOST counts the
+# points whose checks failed, the kill landed or not; SURVIVED (default
+# INJECTED - LOST) the landed kills whose checks all held.
+fault_tally() {
+    echo "KILN-INFO $SCENARIO $1: injected $2 survived ${4:-$(($2 - $3))} lost $3"
+    expect_eq "$1-lost-nothing" 0 "$3"
+}
+
+# kill_during OUT TARGET CMD...: runs CMD (output to OUT) in the
+# background and, after fault_next's delay below $FAULT_WINDOW ms, sends
+# SIGKILL to TARGET: `cli` (CMD itself) or the first process matching a
+# pid_of pattern. Sets STATUS to CMD's exit status and LANDED to 1 when
+# the kill reached its target while CMD still ran (else 0: CMD won).
+kill_during() {
+    out=$1 target=$2
+    shift 2
+    "$@" > "$out" 2>&1 &
+    cli=$!
+    fault_next "$FAULT_WINDOW"
+    sleep "$FAULT_DELAY"
+    case $target in
+        cli) pid=$cli ;;
+        *) pid=$(pid_of "$target") ;;
+    esac
+    LANDED=0
+    if [ -n "$pid" ] && [ "$(cut -d' ' -f3 "/proc/$cli/stat" 2>/dev/null)" != Z ] &&
+        kill -9 "$pid" 2>/dev/null; then
+        LANDED=1
+    fi
+    wait "$cli"
+    STATUS=$?
+    echo "KILN-INFO $SCENARIO kill $target ${FAULT_DELAY}s into: $*: landed $LANDED, status $STATUS"
+}
+
+# holds NAME CMD...: within one kill point, CMD succeeds; a failure is a
+# check failing (named NAME) and marks the point lost (POINT_LOST=1).
+holds() {
+    name=$1
+    shift
+    if ! "$@" > "$WORK/holds.out" 2>&1; then
+        POINT_LOST=1
+        fail "$name" "command failed: $* ($(tail -c 200 "$WORK/holds.out" | tr '\n' '|'))"
+    fi
+}
+
+# fault_victim NAME: launches instance NAME counting (guest/counter.sh)
+# and sets VM and VMM to pid_of patterns of its VM and VMM processes.
+fault_victim() {
+    id=$("$KILN" run vm-test:1.0.0 --detach --name "$1" --cmdline 'kiln.entrypoint=/tests/counter.sh' \
+        2> "$WORK/launch.err")
+    expect_eq launch-exit-status 0 "$?"
+    wait_console "$1" "^count 3 " victim-counts
+    VMM="__vmm $id "
+    VM="__vm --config .*$id"
+}
+
+# fault_target POINT: whom point POINT kills: the VM process at every
+# fifth point, the VMM process at every fifth but two, else the kiln
+# command. (Either of the first two ends the instance, whose next boot
+# costs the nested test machine a minute.)
+fault_target() {
+    case $(($1 % 5)) in 1) echo "$VM" ;; 3) echo "$VMM" ;; *) echo cli ;; esac
+}
+
+# settled TARGET: once a killed command's request, which may still be
+# under way in the VMM, has had the time the operation takes to finish.
+settled() {
+    [ "$1" != cli ] || sleep $((FAULT_WINDOW / 1000 + 2))
+}
+
+# counts_on NAME CHECK: instance NAME runs (started again if it died) and
+# its counter goes on within 120 s; else CHECK fails and the point is lost.
+counts_on() {
+    if ! "$KILN" ps -a | grep -q " $1 .*running"; then
+        holds "$2-starts-again" "$KILN" start "$1"
+    fi
+    before=$("$KILN" logs "$1" 2>/dev/null | grep -c '^count ')
+    waited=0
+    while [ "$("$KILN" logs "$1" 2>/dev/null | grep -c '^count ')" -le "$before" ] &&
+        [ "$waited" -lt 120 ]; do
+        sleep 1; waited=$((waited + 1))
+    done
+    [ "$waited" -lt 120 ] || { POINT_LOST=1; fail "$2-counts-on" "the counter of $1 stopped"; }
+}
+
+# fault_said CHECK OUT: after kill_during, a command the kill did not
+# reach succeeded, and one that failed otherwise than by the SIGKILL said
+# why in one line (its output in OUT); else the point is lost.
+fault_said() {
+    [ "$LANDED" -eq 1 ] || [ "$STATUS" -eq 0 ] ||
+        { POINT_LOST=1; fail "$1-unkilled-fails" "$(tr '\n' '|' < "$2")"; }
+    if [ "$STATUS" -ne 0 ] && [ "$STATUS" -ne 137 ] && [ "$(wc -l < "$2")" -gt 1 ]; then
+        POINT_LOST=1; fail "$1-one-line" "$(tr '\n' '|' < "$2")"
+    fi
+}

@@ -146,7 +146,8 @@ pub fn vm_test(selected: &[String]) -> Result<Summary> {
     let prepared = prepare(remaining.iter().any(|s| s == DEBIAN_SCENARIO))?;
     let mut summary = Summary::default();
     for restart in 0..=MAX_RESTARTS {
-        let mut command = vec!["sh".to_string(), "{tests}/run.sh".to_string()];
+        let mut command = fault_seed()?;
+        command.extend(["sh".to_string(), "{tests}/run.sh".to_string()]);
         command.extend(remaining.iter().cloned());
         let job = Job {
             command,
@@ -183,6 +184,19 @@ pub fn vm_test(selected: &[String]) -> Result<Summary> {
         bail!("vm-test failed: {}", summary.closing_line());
     }
     Ok(summary)
+}
+
+/// `env KILN_FAULT_SEED=N`, when this host has it set, for the job's
+/// command line: the fault scenarios' kill points replayed (tests/vm/lib.sh,
+/// `fault_seed`), nested too, where L1 does not inherit this environment.
+fn fault_seed() -> Result<Vec<String>> {
+    let Ok(seed) = std::env::var("KILN_FAULT_SEED") else {
+        return Ok(Vec::new());
+    };
+    if seed.is_empty() || !seed.bytes().all(|b| b.is_ascii_digit()) {
+        bail!("KILN_FAULT_SEED={seed:?}: expected a number, a seed a fault scenario printed");
+    }
+    Ok(vec!["env".to_string(), format!("KILN_FAULT_SEED={seed}")])
 }
 
 /// The scenario a run was in when it ended: its last `KILN-SCENARIO` line.
