@@ -216,13 +216,17 @@ fn hibernate(
         path: staging.clone(),
         source,
     };
+    // A running instance has no hibernation to keep: one there is what a
+    // VM process killed while consuming it at its resume left (its state
+    // file gone first), and it would stop the rename below for good.
+    let kept = instance.hibernation_path();
+    remove_if_there(&kept).map_err(|source| ActionError::Files {
+        what: "clear the leftover hibernation",
+        path: kept,
+        source,
+    })?;
     if !jailed {
-        match fs::remove_dir_all(&staging) {
-            Err(err) if err.kind() != io::ErrorKind::NotFound => {
-                return Err(failed("clear", err));
-            }
-            _ => {}
-        }
+        remove_if_there(&staging).map_err(|err| failed("clear", err))?;
         fs::create_dir(&staging).map_err(|err| failed("create", err))?;
     }
     let request = ControlRequest::Snapshot {
@@ -244,6 +248,14 @@ fn hibernate(
         Ok(())
     })?;
     Ok(())
+}
+
+/// Removes the directory `dir` with what it holds, if it is there.
+fn remove_if_there(dir: &Path) -> io::Result<()> {
+    match fs::remove_dir_all(dir) {
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
 }
 
 /// `PUT /snapshot`: the running VM writes a snapshot of itself, with a copy
