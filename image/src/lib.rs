@@ -124,7 +124,7 @@ pub enum ImageError {
     },
     /// The file is an image of a format version this code does not read.
     #[error(
-        "{path}: image format version {found}, this Kiln reads version {VERSION}: rebuild the image (`kiln build`, or `kiln commit` again) after removing it (`kiln rm`)"
+        "{path}: image format version {found}, this Kiln reads version {VERSION}: build it again (`kiln build` replaces it; a committed image: `kiln rm` it and commit again)"
     )]
     Version {
         /// The image.
@@ -882,7 +882,7 @@ mod tests {
         ));
         let old = Reader::open(&with(&|b| b[8] = 1)).unwrap_err();
         assert!(matches!(old, ImageError::Version { found: 1, .. }));
-        assert!(old.to_string().contains("rebuild the image"), "{old}");
+        assert!(old.to_string().contains("build it again"), "{old}");
         assert!(matches!(
             Reader::open(&with(&|b| b.truncate(b.len() - 1))),
             Err(ImageError::Header { .. })
