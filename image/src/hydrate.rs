@@ -71,7 +71,8 @@ const MAGIC: [u8; 8] = *b"KILNHYD\0";
 const VERSION: u32 = 2;
 const HEADER_LEN: usize = 64;
 /// Chunks a sequential read queues for the prefetch workers beyond the
-/// ones it needs: 4 MiB of average-sized chunks ([`crate::CHUNK_SIZES`]), so that the workers
+/// ones it needs: 4 MiB of the default frame size's average chunks
+/// ([`crate::ChunkSizes::for_frame`]), so that the workers
 /// decompress ahead of a guest streaming a file while it reads what they
 /// filled.
 const READAHEAD_CHUNKS: u32 = 256;

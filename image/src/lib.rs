@@ -67,22 +67,14 @@ pub const MAGIC: [u8; 8] = *b"KILNIMG\0";
 /// by content and may be a parent's (version 1 had fixed 128 KiB chunks,
 /// each its own frame, all in the one file).
 pub const VERSION: u32 = 2;
-/// Raw bytes compressed together in one zstd frame, at least (a frame
-/// closes with the chunk that reaches it; named when each chunk was its
-/// own frame): large enough to compress as well as the 128 KiB chunks of
-/// version 1 did, small enough that a 4 KiB random read decompresses
-/// little (measured in `cargo xtask bench`).
+/// The frame size images are written with: the most raw bytes compressed
+/// together in one zstd frame (a frame closes before the chunk that would
+/// take it past this; named when each chunk was its own frame), and so
+/// the chunks' sizes ([`ChunkSizes::for_frame`]: 4, 16 and 64 KiB). Large
+/// enough to compress as well as the 128 KiB chunks of version 1 did,
+/// small enough that a 4 KiB random read decompresses little (measured in
+/// `cargo xtask bench`).
 pub const DEFAULT_CHUNK_SIZE: u32 = 128 * 1024;
-/// The content-defined chunker's smallest, average and largest chunk.
-/// Chunks this small let a one-file child of `recipes/python` share all
-/// but 6 % of its parent's stored bytes (docs/recipes.md, "Images that
-/// share their parent's chunks": 32 KiB chunks left 12.5 %, 128 KiB 31 %),
-/// and frames of several chunks keep the compression of larger units.
-pub const CHUNK_SIZES: ChunkSizes = ChunkSizes {
-    min: 4 * 1024,
-    avg: 16 * 1024,
-    max: 64 * 1024,
-};
 /// Decompressed chunks a [`CachedReader`] keeps unless told otherwise:
 /// 512 of the largest chunks, enough for a small image's whole working set.
 pub const DEFAULT_CACHE_BYTES: u64 = 32 << 20;
@@ -101,6 +93,23 @@ pub struct ChunkSizes {
     /// A cut at this many bytes at the latest (runs of zeros become
     /// chunks this long).
     pub max: u32,
+}
+
+impl ChunkSizes {
+    /// The chunks of frames of `frame_size` bytes: a 32nd, an 8th and half
+    /// of it (within what FastCDC takes). For 128 KiB frames, 4/16/64 KiB:
+    /// chunks this small let a one-file child of `recipes/python` share
+    /// all but 6 % of its parent's stored bytes (docs/recipes.md, "Images
+    /// that share their parent's chunks": 32 KiB chunks left 12.5 %,
+    /// 128 KiB 31 %), and a frame of several keeps the compression of a
+    /// larger unit.
+    pub fn for_frame(frame_size: u32) -> Self {
+        ChunkSizes {
+            min: (frame_size / 32).max(64),
+            avg: (frame_size / 8).max(256),
+            max: (frame_size / 2).max(1024),
+        }
+    }
 }
 
 /// What can go wrong with an image file. Each names the file.
@@ -584,7 +593,8 @@ pub struct CachedReader {
 impl CachedReader {
     /// A cache of up to `cache_bytes` of decompressed chunks (at least one).
     pub fn new(reader: Reader, cache_bytes: u64) -> Self {
-        let chunks = (cache_bytes / u64::from(CHUNK_SIZES.max)).max(1);
+        let largest = (0..reader.chunk_count()).map(|n| reader.chunk_len(n)).max();
+        let chunks = (cache_bytes / largest.unwrap_or(1) as u64).max(1);
         let chunks = NonZeroUsize::new(usize::try_from(chunks).unwrap_or(usize::MAX))
             .unwrap_or(NonZeroUsize::MIN);
         CachedReader {

@@ -1,6 +1,6 @@
 //! Writing an image: the raw filesystem cut into chunks by content
 //! (FastCDC), each chunk hashed, and those neither all zeros, nor already
-//! written, nor held by the parent, gathered into frames of at least the
+//! written, nor held by the parent, gathered into frames of up to the
 //! frame size. A batch of frames is compressed in parallel, each as an
 //! independent zstd frame, and the frames written in order. A frame
 //! depends only on its chunks and the level, never on the thread that made
@@ -15,7 +15,7 @@ use fastcdc::v2020::StreamCDC;
 use sha2::{Digest, Sha256};
 
 use crate::format::{HEADER_SIZE, Header, IndexEntry, ZERO_LAYER, encode_tail};
-use crate::{CHUNK_SIZES, ImageError, ImageInfo, Reader, file_digest, io_err};
+use crate::{ChunkSizes, ImageError, ImageInfo, Reader, file_digest, io_err};
 
 /// zstd level for images up to [`LARGE_IMAGE`]: written once and read
 /// many times, they get zstd's best ratio, which costs little at their size.
@@ -69,8 +69,9 @@ pub struct Parent<'a> {
     pub digest: [u8; 32],
 }
 
-/// Compresses the raw filesystem `raw` into the image file `out`, frames
-/// of at least `frame_size` raw bytes, as [`Compression::for_size`] says.
+/// Compresses the raw filesystem `raw` into the image file `out`, in
+/// frames of up to `frame_size` raw bytes (its chunks
+/// [`ChunkSizes::for_frame`]), as [`Compression::for_size`] says.
 /// `out` is written in place: callers write to a temporary path and rename.
 pub fn write(raw: &Path, out: &Path, frame_size: u32) -> Result<ImageInfo, ImageError> {
     let raw_size = std::fs::metadata(raw).map_err(io_err(raw))?.len();
@@ -104,7 +105,7 @@ pub fn write_with(
     let mut frames = Frames::new(&file, frame_size, compression);
     frames.skip_header().map_err(io_err(out))?;
     let (mut known, candidates) = parent.map(known_in).unwrap_or_default();
-    let sizes = CHUNK_SIZES;
+    let sizes = ChunkSizes::for_frame(frame_size);
     let chunker = StreamCDC::new(
         BufReader::new(input),
         sizes.min as usize,
@@ -224,16 +225,17 @@ impl<'f> Frames<'f> {
         self.writer.write_all(&[0; HEADER_SIZE as usize])
     }
 
-    /// Adds `data` to the frame being gathered; where it will be.
+    /// Adds `data` to the frame being gathered, closing it first if
+    /// `data` would take it past the frame size; where `data` will be.
     fn add(&mut self, data: &[u8]) -> io::Result<Place> {
+        if self.pending.len() + data.len() > self.frame_size {
+            self.close()?;
+        }
         let place = Place::Own {
             frame: (self.written.len() + self.batch.len()) as u32,
             within: self.pending.len() as u32,
         };
         self.pending.extend_from_slice(data);
-        if self.pending.len() >= self.frame_size {
-            self.close()?;
-        }
         Ok(place)
     }
 
