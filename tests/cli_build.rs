@@ -134,7 +134,7 @@ fn inspect_lists_files_from_inside_the_image() {
 }
 
 #[test]
-fn a_child_image_inherits_its_parent_which_cannot_be_removed_first() {
+fn a_child_image_inherits_its_parent_and_outlives_it() {
     let home = tempfile::tempdir().unwrap();
     let out = kiln(
         home.path(),
@@ -167,12 +167,25 @@ fn a_child_image_inherits_its_parent_which_cannot_be_removed_first() {
             .any(|l| l.starts_with("hello-plus") && l.contains("hello:1.0.0")),
         "{images}"
     );
+    // NAME VERSION DIGEST OWN SHARED: the child reads most of its chunks
+    // from hello's file.
+    let column = |name: &str, n: usize| -> f64 {
+        let row = images.lines().find(|l| l.starts_with(name)).unwrap();
+        let value = row.split_whitespace().nth(n).unwrap();
+        value.trim_end_matches('M').parse().unwrap()
+    };
+    assert!(
+        column("hello-plus ", 4) > column("hello-plus ", 3),
+        "{images}"
+    );
 
-    let refused = kiln(home.path(), &["rm", "hello:1.0.0"]);
-    assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("parent of hello-plus:1.0.0"));
+    // The child shares the parent's chunks: removing the parent frees
+    // nothing the child reads, and the child still reads whole.
+    let removed = ok(home.path(), &["rm", "hello:1.0.0"]);
+    assert!(removed.starts_with("removed hello:1.0.0 ("), "{removed}");
+    let files = ok(home.path(), &["inspect", "hello-plus:1.0.0", "--files"]);
+    assert!(files.contains("/bin/hello"), "{files}");
     ok(home.path(), &["rm", "hello-plus:1.0.0"]);
-    ok(home.path(), &["rm", "hello:1.0.0"]);
     assert_eq!(
         ok(home.path(), &["images"]).lines().count(),
         1,
@@ -538,7 +551,8 @@ fn hydrate_fills_the_cache_that_images_shows_and_rm_removes() {
     let hydrated = || {
         let listing = ok(home.path(), &["images"]);
         let row = listing.lines().find(|l| l.starts_with("hello ")).unwrap();
-        row.split_whitespace().nth(4).unwrap().to_string()
+        // NAME VERSION DIGEST OWN SHARED HYDRATED
+        row.split_whitespace().nth(5).unwrap().to_string()
     };
     assert_eq!(hydrated(), "0%");
     ok(home.path(), &["image", "hydrate", "hello:1.0.0"]);

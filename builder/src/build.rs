@@ -43,7 +43,7 @@ use crate::ext4::{self, Ext4Error};
 use crate::oci::{self, OciError};
 use crate::recipe::{self, Base, BuildVmSize, Recipe, RecipeError, Size, StepPlace};
 use crate::stage::{Stage, StageError};
-use crate::store::{self, IMAGE_FILE, Manifest, Store, StoreError, TestResult};
+use crate::store::{self, IMAGE_FILE, Manifest, Store, StoreError, StoredImage, TestResult};
 use kiln_image::{self as image, DEFAULT_CHUNK_SIZE, ImageError};
 
 /// Why a build failed.
@@ -340,7 +340,13 @@ pub fn build(
         }
         None => stage,
     };
-    let (publish, info) = pack(&stage, scratch.path(), recipe.size, &build_key, progress)?;
+    let (publish, info) = pack(
+        &stage,
+        scratch.path(),
+        parent.as_ref(),
+        (recipe.size, &build_key),
+        progress,
+    )?;
     // What the image says of itself: the container image's, or the parent's.
     let (exposed_ports, labels) = match (settings, &parent) {
         (Some(settings), _) => (settings.exposed_ports, settings.labels),
@@ -483,7 +489,7 @@ pub fn import(
     hash_tree(guest_init, &mut hasher)?;
     let build_key = image::hex(&hasher.finalize());
     let size = Size::Free(recipe::DEFAULT_FREE);
-    let (publish, info) = pack(&stage, scratch.path(), size, &build_key, progress)?;
+    let (publish, info) = pack(&stage, scratch.path(), None, (size, &build_key), progress)?;
     let description = settings
         .labels
         .get(DESCRIPTION_LABEL)
@@ -549,16 +555,17 @@ pub fn reference_from(archive: &Path, names: &[String]) -> Result<String, BuildE
         })
 }
 
-/// Makes the stage's tree an ext4 of `size` and compresses it into
-/// `scratch/publish/` ([`compress`]). The tree and the raw filesystem (as
-/// big as the image's disk) go as soon as they are used: a staged image's
-/// tests boot the compressed one. One that cannot be removed here goes
-/// with the scratch directory.
+/// Makes the stage's tree an ext4 of `size` (its filesystem's UUID from
+/// `build_key`) and compresses it into `scratch/publish/` ([`compress`]),
+/// sharing `parent`'s chunks. The tree and the raw filesystem (as big as
+/// the image's disk) go as soon as they are used: a staged image's tests
+/// boot the compressed one. One that cannot be removed here goes with the
+/// scratch directory.
 fn pack(
     stage: &Stage,
     scratch: &Path,
-    size: Size,
-    build_key: &str,
+    parent: Option<&StoredImage>,
+    (size, build_key): (Size, &str),
     progress: &mut dyn FnMut(&str),
 ) -> Result<(PathBuf, image::ImageInfo), BuildError> {
     let size = fs_size(size, stage)?;
@@ -566,22 +573,64 @@ fn pack(
     let raw = scratch.join("root.ext4");
     ext4::make(stage.path(), &raw, size, &uuid_from(build_key))?;
     progress("compressing");
-    let packed = compress(&raw, scratch)?;
+    let packed = compress(&raw, scratch, parent)?;
     let _ = fs::remove_file(&raw);
     let _ = fs::remove_dir_all(stage.path());
     Ok(packed)
 }
 
 /// Compresses the raw filesystem `raw` into `scratch/publish/`, the
-/// directory [`Store::publish`] takes.
-fn compress(raw: &Path, scratch: &Path) -> Result<(PathBuf, image::ImageInfo), BuildError> {
+/// directory [`Store::publish`] takes. A child stores only the chunks its
+/// `parent` lacks, and the directory gets hard links to the files of the
+/// parent's that hold the others (its layers, see `kiln_image`): the
+/// directory's rename publishes them with it, and a file's link count is
+/// how many stored images use it, so removing any image frees exactly
+/// the files no other image links.
+fn compress(
+    raw: &Path,
+    scratch: &Path,
+    parent: Option<&StoredImage>,
+) -> Result<(PathBuf, image::ImageInfo), BuildError> {
     let publish = scratch.join("publish");
     fs::create_dir(&publish).map_err(|source| StoreError::Io {
         path: publish.clone(),
         source,
     })?;
-    let info = image::write(raw, &publish.join(IMAGE_FILE), DEFAULT_CHUNK_SIZE)?;
+    let out = publish.join(IMAGE_FILE);
+    let Some(parent) = parent else {
+        return Ok((publish, image::write(raw, &out, DEFAULT_CHUNK_SIZE)?));
+    };
+    let reader = image::Reader::open(&parent.image_path)?;
+    let digest = parent.file_digest()?;
+    let of = image::Parent {
+        reader: &reader,
+        digest,
+    };
+    let info = image::write_child(raw, &out, DEFAULT_CHUNK_SIZE, of)?;
+    for layer in &info.layers {
+        let from = if *layer == digest {
+            parent.image_path.clone()
+        } else {
+            image::layer_path(&parent.image_path, layer)
+        };
+        let to = image::layer_path(&out, layer);
+        link_or_copy(&from, &to).map_err(|source| StoreError::Link { from, to, source })?;
+    }
     Ok((publish, info))
+}
+
+/// Hard-links `from` as `to`, or, where the parent is on another
+/// filesystem (a store whose image directories are symlinks elsewhere, as
+/// the e2e harness makes), copies it and makes the copy durable: the
+/// child then stores the parent's file again, but reads the same.
+fn link_or_copy(from: &Path, to: &Path) -> std::io::Result<()> {
+    match fs::hard_link(from, to) {
+        Err(err) if err.kind() == std::io::ErrorKind::CrossesDevices => {
+            fs::copy(from, to)?;
+            File::open(to)?.sync_all()
+        }
+        linked => linked,
+    }
 }
 
 /// Checks that `reference` can name a new image: NAME:VERSION with the
@@ -624,7 +673,8 @@ pub fn publish_child(
     ext4::replay_journal(raw)?;
     let build_key = content_key(raw)?;
     let scratch = store.scratch_dir()?;
-    let (publish, info) = compress(raw, scratch.path())?;
+    let stored_parent = store.find(&parent.reference())?;
+    let (publish, info) = compress(raw, scratch.path(), Some(&stored_parent))?;
     let manifest = Manifest {
         name,
         version,
@@ -806,7 +856,7 @@ mod tests {
     /// Publishes `raw` as `hello:1.0.0`, as a build would.
     fn parent(store: &Store, raw: &Path) -> Manifest {
         let scratch = store.scratch_dir().unwrap();
-        let (publish, info) = compress(raw, scratch.path()).unwrap();
+        let (publish, info) = compress(raw, scratch.path(), None).unwrap();
         let manifest = Manifest {
             name: "hello".into(),
             version: "1.0.0".into(),
@@ -901,6 +951,26 @@ mod tests {
         let other = raw_file(home.path(), "other.raw", 0x33);
         let other = publish_child(&store, &other, "web:2.0.0", &base, "other".into()).unwrap();
         assert_ne!(other.build_key, child.build_key);
+
+        // The parent's very bytes: the child stores an index, and links
+        // the parent's file for the rest.
+        let same = raw_file(home.path(), "same.raw", 0);
+        let same = publish_child(&store, &same, "web:3.0.0", &base, "same".into()).unwrap();
+        let parent_file = store.find("hello:1.0.0").unwrap().image_path;
+        let digest = store.find("hello:1.0.0").unwrap().file_digest().unwrap();
+        let stored = store.find("web:3.0.0").unwrap().image_path;
+        let chunks = u64::from(image::Reader::open(&stored).unwrap().chunk_count());
+        assert_eq!(
+            same.file_size,
+            64 + 64 * chunks + 32,
+            "header, index, one layer"
+        );
+        use std::os::unix::fs::MetadataExt;
+        let inode = |path: &Path| fs::metadata(path).unwrap().ino();
+        assert_eq!(
+            inode(&image::layer_path(&stored, &digest)),
+            inode(&parent_file)
+        );
         assert!(scratch_is_empty(home.path()), "no scratch left behind");
     }
 

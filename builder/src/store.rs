@@ -120,13 +120,24 @@ pub enum StoreError {
     /// A reference that is not NAME:VERSION.
     #[error("{0}: expected NAME:VERSION")]
     BadReference(String),
-    /// Removing an image that other stored images start from.
-    #[error("{image} is the parent of {children}: remove those first")]
-    HasChildren {
-        /// NAME:VERSION of the image to remove.
+    /// Linking a parent's image file into a child's directory failed.
+    #[error("cannot link {from} as {to}")]
+    Link {
+        /// The parent's file.
+        from: PathBuf,
+        /// The link in the child's directory.
+        to: PathBuf,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+    /// A manifest's digest is not `sha256:` and 64 hex digits.
+    #[error("{image}: manifest digest {digest:?} is not sha256: and 64 hex digits")]
+    Digest {
+        /// NAME:VERSION of the image.
         image: String,
-        /// Its children's references, ", " between them.
-        children: String,
+        /// What the manifest says.
+        digest: String,
     },
 }
 
@@ -189,6 +200,21 @@ pub struct StoredImage {
     pub manifest: Manifest,
     /// Its `image.kiln` file.
     pub image_path: PathBuf,
+}
+
+impl StoredImage {
+    /// The SHA-256 of the image file, as its manifest records it: the name
+    /// a child's layer table gives the file.
+    pub fn file_digest(&self) -> Result<[u8; 32], StoreError> {
+        let digest = &self.manifest.digest;
+        digest
+            .strip_prefix("sha256:")
+            .and_then(kiln_image::digest_from_hex)
+            .ok_or_else(|| StoreError::Digest {
+                image: self.manifest.reference(),
+                digest: digest.clone(),
+            })
+    }
 }
 
 /// The store under a Kiln home directory.
@@ -314,22 +340,14 @@ impl Store {
         Ok(dir.join(IMAGE_FILE))
     }
 
-    /// Removes `name:version`, unless another image starts from it.
-    pub fn remove(&self, reference: &str) -> Result<Manifest, StoreError> {
+    /// Removes `name:version`; returns its manifest and the bytes freed.
+    /// Its directory's files that other images link (its own image file,
+    /// when children share its chunks; its parents' files) stay, with
+    /// them, until the last image that links them goes.
+    pub fn remove(&self, reference: &str) -> Result<(Manifest, u64), StoreError> {
         let image = self.find(reference)?;
-        let children: Vec<String> = self
-            .list()?
-            .into_iter()
-            .filter(|m| m.parent.as_deref() == Some(reference))
-            .map(|m| m.reference())
-            .collect();
-        if !children.is_empty() {
-            return Err(StoreError::HasChildren {
-                image: reference.into(),
-                children: children.join(", "),
-            });
-        }
         let dir = self.dir(&image.manifest.name, &image.manifest.version);
+        let freed = unshared_bytes(&dir)?;
         // Rename away first so a crash never leaves half an image listed.
         let trash = self.scratch_dir()?;
         fs::rename(&dir, trash.path().join("removed")).map_err(io_err(&dir))?;
@@ -337,8 +355,22 @@ impl Store {
         if read_dir_names(name_dir)?.is_empty() {
             let _ = fs::remove_dir(name_dir);
         }
-        Ok(image.manifest)
+        Ok((image.manifest, freed))
     }
+}
+
+/// Bytes of the files in `dir` that no other directory links.
+fn unshared_bytes(dir: &Path) -> Result<u64, StoreError> {
+    use std::os::unix::fs::MetadataExt;
+    let mut bytes = 0;
+    for name in read_dir_names(dir)? {
+        let path = dir.join(name);
+        let meta = fs::symlink_metadata(&path).map_err(io_err(&path))?;
+        if meta.nlink() == 1 {
+            bytes += meta.len();
+        }
+    }
+    Ok(bytes)
 }
 
 fn read_dir_names(dir: &Path) -> Result<Vec<String>, StoreError> {
@@ -471,19 +503,32 @@ mod tests {
         );
     }
 
+    /// A file two images' directories link is freed with the second.
     #[test]
-    fn a_parent_cannot_be_removed_before_its_children() {
+    fn removing_frees_only_what_no_other_image_links() {
         let home = tempfile::tempdir().unwrap();
         let store = Store::new(home.path());
         publish(&store, &manifest("hello", "1.0.0", None));
-        publish(
-            &store,
-            &manifest("hello-plus", "1.0.0", Some("hello:1.0.0")),
-        );
-        let err = store.remove("hello:1.0.0").unwrap_err().to_string();
-        assert!(err.contains("parent of hello-plus:1.0.0"), "{err}");
-        store.remove("hello-plus:1.0.0").unwrap();
-        store.remove("hello:1.0.0").unwrap();
+        let parent_file = store.find("hello:1.0.0").unwrap().image_path;
+        let staged = store.scratch_dir().unwrap().keep();
+        fs::write(staged.join(IMAGE_FILE), b"child").unwrap();
+        fs::hard_link(&parent_file, staged.join("parent.kiln")).unwrap();
+        let child = manifest("hello-plus", "1.0.0", Some("hello:1.0.0"));
+        store.publish(&staged, &child).unwrap();
+        let manifest_len = fs::metadata(parent_file.with_file_name(MANIFEST_FILE))
+            .unwrap()
+            .len();
+        let (_, freed) = store.remove("hello:1.0.0").unwrap();
+        assert_eq!(freed, manifest_len, "the child links the parent's file");
+        let child_dir = store.find("hello-plus:1.0.0").unwrap().image_path;
+        let kept = child_dir.with_file_name("parent.kiln");
+        assert_eq!(fs::read(&kept).unwrap(), b"image");
+        let dir = kept.parent().unwrap();
+        let all: u64 = (fs::read_dir(dir).unwrap())
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        let (_, freed) = store.remove("hello-plus:1.0.0").unwrap();
+        assert_eq!(freed, all, "its own file, the parent's and its manifest");
         assert!(store.list().unwrap().is_empty());
     }
 }

@@ -3,15 +3,16 @@
 //! `pread`.
 //!
 //! A cache is two files in the cache directory, named by the image's
-//! content id (the SHA-256 of its index, [`Reader::content_id`]):
+//! content id (the SHA-256 of its chunks' places and checksums,
+//! [`Reader::content_id`]):
 //!
 //! ```text
 //! <id>.raw      the raw filesystem at its own offsets, sparse: a chunk is
 //!               there once hydrated, a hole before
 //! <id>.present  header (64 bytes, little endian)
 //!                 0  magic       b"KILNHYD\0"
-//!                 8  version     u32 = 1
-//!                12  chunk_size  u32
+//!                 8  version     u32 = 2
+//!                12  reserved    u32 = 0
 //!                16  raw_size    u64
 //!                24  chunk_count u32
 //!                28  reserved    u32 = 0
@@ -65,16 +66,19 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use crate::{ImageError, Reader, hex};
 
 const MAGIC: [u8; 8] = *b"KILNHYD\0";
-const VERSION: u32 = 1;
+/// 2 since images cut chunks by content (the ids of version 1's images
+/// are never seen again).
+const VERSION: u32 = 2;
 const HEADER_LEN: usize = 64;
 /// Chunks a sequential read queues for the prefetch workers beyond the
-/// ones it needs: 4 MiB of default-sized chunks, so that the workers
+/// ones it needs: 4 MiB of the default frame size's average chunks
+/// ([`crate::ChunkSizes::for_frame`]), so that the workers
 /// decompress ahead of a guest streaming a file while it reads what they
 /// filled.
-const READAHEAD_CHUNKS: u32 = 32;
+const READAHEAD_CHUNKS: u32 = 256;
 /// Chunks a prefetch worker fills at once: one lock and one fdatasync per
-/// 512 KiB of default-sized chunks.
-const PREFETCH_BATCH: usize = 4;
+/// 512 KiB of average-sized chunks.
+const PREFETCH_BATCH: usize = 32;
 /// A chunk's state in `.present`.
 const ABSENT: u8 = 0;
 const DATA: u8 = 1;
@@ -326,7 +330,6 @@ impl Hydrated {
     /// raw file; returns whether any was.
     fn clear_holes(&self, states: &mut [u8]) -> Result<bool, HydrateError> {
         let raw_size = self.reader.raw_size();
-        let chunk_size = u64::from(self.reader.chunk_size());
         let mut cleared = false;
         let mut at = 0;
         while at < raw_size {
@@ -337,7 +340,7 @@ impl Hydrated {
             let data = seek(&self.raw, hole, libc::SEEK_DATA)
                 .map_err(io_err(&self.files.raw))?
                 .min(raw_size);
-            for n in hole / chunk_size..data.div_ceil(chunk_size) {
+            for n in self.reader.chunks_of(hole, data - hole) {
                 if states[n as usize] == DATA {
                     states[n as usize] = ABSENT;
                     cleared = true;
@@ -489,7 +492,7 @@ impl Hydrated {
         if data.iter().all(|&b| b == 0) {
             return Ok(ZERO);
         }
-        let offset = u64::from(n) * u64::from(self.reader.chunk_size());
+        let offset = self.reader.chunk_offset(n);
         self.raw
             .write_all_at(&data, offset)
             .map_err(io_err(&self.files.raw))?;
@@ -540,22 +543,21 @@ impl Hydrated {
         if len == 0 {
             return Ok(());
         }
-        let chunk_size = u64::from(self.reader.chunk_size());
-        let last = ((end - 1) / chunk_size) as u32;
+        let chunks = self.reader.chunks_of(offset, len as u64);
         if self.last_end.swap(end, Ordering::Relaxed) == offset {
-            self.read_ahead(last);
+            self.read_ahead(*chunks.end());
         }
-        self.fill_needed((offset / chunk_size) as u32..=last)
-            .map_err(E::from)?;
-        let state = |n: u64| self.states()[n as usize];
+        self.fill_needed(chunks).map_err(E::from)?;
+        let state = |n: u32| self.states()[n as usize];
+        let chunk_end = |n: u32| self.reader.chunk_offset(n) + self.reader.chunk_len(n) as u64;
         let mut at = offset;
         while at < end {
-            let n = at / chunk_size;
+            let mut n = self.reader.chunk_at(at);
             let kind = state(n);
-            let mut run_end = ((n + 1) * chunk_size).min(end);
+            let mut run_end = chunk_end(n).min(end);
             if !matches!(kind, DATA | ZERO) {
-                let data = self.reader.chunk(n as u32).map_err(HydrateError::from)?;
-                let within = (at - n * chunk_size) as usize;
+                let data = self.reader.chunk(n).map_err(HydrateError::from)?;
+                let within = (at - self.reader.chunk_offset(n)) as usize;
                 sink(Piece::Bytes(
                     &data[within..within + (run_end - at) as usize],
                 ))?;
@@ -563,8 +565,9 @@ impl Hydrated {
                 continue;
             }
             // A run of chunks in the same state is one piece.
-            while run_end < end && state(run_end / chunk_size) == kind {
-                run_end = (run_end + chunk_size).min(end);
+            while run_end < end && state(n + 1) == kind {
+                n += 1;
+                run_end = chunk_end(n).min(end);
             }
             let len = (run_end - at) as usize;
             sink(match kind {
@@ -760,7 +763,7 @@ fn header(reader: &Reader) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(HEADER_LEN + reader.chunk_count() as usize);
     bytes.extend(MAGIC);
     bytes.extend(VERSION.to_le_bytes());
-    bytes.extend(reader.chunk_size().to_le_bytes());
+    bytes.extend(0u32.to_le_bytes());
     bytes.extend(reader.raw_size().to_le_bytes());
     bytes.extend(reader.chunk_count().to_le_bytes());
     bytes.extend(0u32.to_le_bytes());

@@ -1,63 +1,116 @@
-//! Kiln's compressed image format: a raw filesystem cut into fixed-size
-//! chunks, each compressed with zstd on its own, so a reader can serve any
-//! byte range by decompressing only the chunks it touches.
+//! Kiln's compressed image format: a raw filesystem cut into chunks where
+//! its content says (content-defined chunking, FastCDC), the chunks
+//! compressed with zstd a few together in independent frames, so a reader
+//! can serve any byte range by decompressing only the frames it touches.
+//! Because chunk boundaries follow the content, a child image (a parent's
+//! filesystem with a few files added) cuts most of its bytes into the
+//! parent's very chunks, and takes those from the parent's file instead of
+//! storing them again.
 //!
 //! ```text
 //! offset 0     header (64 bytes, little endian)
 //!                0  magic        b"KILNIMG\0"
-//!                8  version      u32 = 1
-//!               12  chunk_size   u32, bytes of raw data per chunk (the last may be shorter)
+//!                8  version      u32 = 2
+//!               12  frame_max    u32, the most raw bytes a frame holds
 //!               16  raw_size     u64, bytes of the raw filesystem
 //!               24  chunk_count  u32
-//!               28  reserved     u32 = 0
+//!               28  layer_count  u32
 //!               32  index_offset u64, where the index starts
-//!               40  index_sha256 first 24 bytes of the SHA-256 of the index
-//! offset 64    the chunks' zstd frames, back to back
-//! index_offset the index: per chunk, 48 bytes:
-//!                0  offset       u64, of its zstd frame in the file
-//!                8  length       u32, of its zstd frame
-//!               12  reserved     u32 = 0
-//!               16  sha256       32 bytes, of the chunk's raw data
+//!               40  index_sha256 first 24 bytes of the SHA-256 of the
+//!                                index and the layer table
+//! offset 64    zstd frames, back to back, each of one or more chunks
+//! index_offset the index: per chunk, in raw order, 64 bytes:
+//!                0  raw_offset   u64, where the chunk starts in the filesystem
+//!                8  raw_len      u32
+//!               12  layer        u32: 0 a frame of this file, k one of the
+//!                                k-th layer's, 0xffffffff all zeros (no frame)
+//!               16  frame_offset u64, of its frame in that file
+//!               24  frame_len    u32
+//!               28  within       u32, where the chunk starts in the
+//!                                frame's decompressed bytes
+//!               32  sha256       32 bytes, of the chunk's raw data
+//! then         the layer table: per layer, the SHA-256 of another image
+//!              file (a parent's) whose frames the index names; the file
+//!              is `<hex>.kiln` in this file's directory
 //! ```
 //!
-//! The header's index checksum catches a damaged index; each chunk's
-//! checksum catches a damaged chunk when it is read, so a reader returns an
-//! error, never wrong data. The image's identity (its digest) is the SHA-256
-//! of the whole file.
+//! A reader finds a chunk by offset with a binary search of the index.
+//! The header's checksum catches a damaged index or layer table; each
+//! chunk's checksum catches a damaged chunk (in this file or a layer's)
+//! when it is read, so a reader returns an error, never wrong data. The
+//! image's identity (its digest) is the SHA-256 of the whole file; its
+//! content id ([`Reader::content_id`]) is that of the chunks' places and
+//! checksums alone, the same for the same raw bytes however stored.
 #![warn(missing_docs)]
+mod format;
 pub mod hydrate;
 mod writer;
 
-pub use writer::{Compression, write, write_with};
+pub use writer::{Compression, Parent, write, write_child, write_with};
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::num::NonZeroUsize;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-
-use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 
 use lru::LruCache;
-
 use sha2::{Digest, Sha256};
+
+use format::{HEADER_SIZE, Header, IndexEntry, ZERO_LAYER};
 
 /// The first bytes of every image file.
 pub const MAGIC: [u8; 8] = *b"KILNIMG\0";
-/// The format version this code reads and writes.
-pub const VERSION: u32 = 1;
-/// Raw bytes per chunk: large enough to compress well, small enough that a
-/// 4 KiB random read decompresses little (measured in `cargo xtask bench`).
+/// The format version this code reads and writes: 2 since chunks are cut
+/// by content and may be a parent's (version 1 had fixed 128 KiB chunks,
+/// each its own frame, all in the one file).
+pub const VERSION: u32 = 2;
+/// The frame size images are written with: the most raw bytes compressed
+/// together in one zstd frame (a frame closes before the chunk that would
+/// take it past this; named when each chunk was its own frame), and so
+/// the chunks' sizes ([`ChunkSizes::for_frame`]: 4, 16 and 64 KiB). Large
+/// enough to compress as well as the 128 KiB chunks of version 1 did,
+/// small enough that a 4 KiB random read decompresses little (measured in
+/// `cargo xtask bench`).
 pub const DEFAULT_CHUNK_SIZE: u32 = 128 * 1024;
 /// Decompressed chunks a [`CachedReader`] keeps unless told otherwise:
-/// 256 default-sized chunks, enough for a small image's whole working set.
+/// 512 of the largest chunks, enough for a small image's whole working set.
 pub const DEFAULT_CACHE_BYTES: u64 = 32 << 20;
-const HEADER_SIZE: u64 = 64;
-const INDEX_ENTRY_SIZE: usize = 48;
-const INDEX_CHECKSUM_LEN: usize = 24;
-/// Chunk sizes a reader accepts (a corrupt header must not make it
-/// allocate gigabytes).
-const CHUNK_SIZE_RANGE: std::ops::RangeInclusive<u32> = 4096..=(16 << 20);
+/// Decompressed frames a [`Reader`] keeps, so that reading a frame's
+/// chunks one after the other decompresses it once: one per thread that
+/// reads an image at a time (a VM's, its prefetch workers), and more.
+const FRAME_CACHE: usize = 8;
+
+/// The bounds of the content-defined chunker (FastCDC 2020), in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkSizes {
+    /// No cut before this many bytes.
+    pub min: u32,
+    /// The size cut points aim for.
+    pub avg: u32,
+    /// A cut at this many bytes at the latest (runs of zeros become
+    /// chunks this long).
+    pub max: u32,
+}
+
+impl ChunkSizes {
+    /// The chunks of frames of `frame_size` bytes: a 32nd, an 8th and half
+    /// of it (within what FastCDC takes). For 128 KiB frames, 4/16/64 KiB:
+    /// chunks this small let a one-file child of `recipes/python` share
+    /// all but 6 % of its parent's stored bytes (docs/recipes.md, "Images
+    /// that share their parent's chunks": 32 KiB chunks left 12.5 %,
+    /// 128 KiB 31 %), and a frame of several keeps the compression of a
+    /// larger unit.
+    pub fn for_frame(frame_size: u32) -> Self {
+        ChunkSizes {
+            min: (frame_size / 32).max(64),
+            avg: (frame_size / 8).max(256),
+            max: (frame_size / 2).max(1024),
+        }
+    }
+}
 
 /// What can go wrong with an image file. Each names the file.
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +132,9 @@ pub enum ImageError {
         path: PathBuf,
     },
     /// The file is an image of a format version this code does not read.
-    #[error("{path}: image format version {found}, this Kiln reads version {VERSION}")]
+    #[error(
+        "{path}: image format version {found}, this Kiln reads version {VERSION}: build it again (`kiln build` replaces it; a committed image: `kiln rm` it and commit again)"
+    )]
     Version {
         /// The image.
         path: PathBuf,
@@ -99,6 +154,18 @@ pub enum ImageError {
     IndexChecksum {
         /// The image.
         path: PathBuf,
+    },
+    /// A frame names another image file (a parent's, whose chunks this
+    /// image shares) that is not beside it.
+    #[error("{path} takes chunks from {layer}, which is missing")]
+    MissingLayer {
+        /// The image.
+        path: PathBuf,
+        /// The file it needs, named by its SHA-256.
+        layer: PathBuf,
+        /// What the system said.
+        #[source]
+        source: io::Error,
     },
     /// A chunk does not decompress to the bytes its index entry promises.
     #[error("{path}: chunk {chunk} is damaged")]
@@ -134,17 +201,15 @@ pub enum ChunkDamage {
     /// zstd could not decompress the frame.
     #[error("its zstd frame does not decompress")]
     Frame(#[source] io::Error),
+    /// Its frame decompressed to fewer bytes than hold it.
+    #[error("its frame is {len} bytes, too short to hold it")]
+    Short {
+        /// The decompressed frame's length.
+        len: usize,
+    },
     /// It decompressed, but to other bytes than were written.
     #[error("checksum mismatch")]
     Checksum,
-}
-
-/// One chunk's place in the file and its raw data's checksum.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct IndexEntry {
-    offset: u64,
-    length: u32,
-    sha256: [u8; 32],
 }
 
 /// The sizes of a written image.
@@ -152,14 +217,25 @@ struct IndexEntry {
 pub struct ImageInfo {
     /// Bytes of the raw filesystem the image holds.
     pub raw_size: u64,
-    /// Bytes of the image file itself (header, frames and index).
+    /// Bytes of the image file itself (header, its own frames, index and
+    /// layer table): what storing it costs beside its parents.
     pub file_size: u64,
-    /// Raw bytes per chunk (the last chunk may hold fewer).
-    pub chunk_size: u32,
     /// Number of chunks, and so of index entries.
     pub chunk_count: u32,
     /// SHA-256 of the whole image file, hex.
     pub digest: String,
+    /// The other image files (SHA-256s) whose frames it takes chunks from:
+    /// they must sit beside it, as [`layer_path`] names them.
+    pub layers: Vec<[u8; 32]>,
+}
+
+/// How an image's chunks are stored, in bytes of frames.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stored {
+    /// The image file's own size.
+    pub own: u64,
+    /// Frames in other image files (its parents') that it reads.
+    pub shared: u64,
 }
 
 /// Wraps an I/O error with the file it concerns.
@@ -188,49 +264,91 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn encode_index(index: &[IndexEntry]) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(index.len() * INDEX_ENTRY_SIZE);
-    for entry in index {
-        bytes.extend(entry.offset.to_le_bytes());
-        bytes.extend(entry.length.to_le_bytes());
-        bytes.extend(0u32.to_le_bytes());
-        bytes.extend(entry.sha256);
+/// The 32 bytes a 64-digit hex SHA-256 (as [`ImageInfo::digest`] and the
+/// store's manifests hold it, without their `sha256:`) spells; `None` for
+/// anything else.
+pub fn digest_from_hex(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 || !hex.is_ascii() {
+        return None;
     }
-    bytes
+    let mut digest = [0u8; 32];
+    for (byte, pair) in digest.iter_mut().zip(hex.as_bytes().chunks(2)) {
+        *byte = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(digest)
 }
 
-fn encode_header(
-    chunk_size: u32,
-    raw_size: u64,
-    chunk_count: u32,
-    index_offset: u64,
-    index: &[u8],
-) -> Vec<u8> {
-    let mut header = Vec::with_capacity(HEADER_SIZE as usize);
-    header.extend(MAGIC);
-    header.extend(VERSION.to_le_bytes());
-    header.extend(chunk_size.to_le_bytes());
-    header.extend(raw_size.to_le_bytes());
-    header.extend(chunk_count.to_le_bytes());
-    header.extend(0u32.to_le_bytes());
-    header.extend(index_offset.to_le_bytes());
-    header.extend(&Sha256::digest(index)[..INDEX_CHECKSUM_LEN]);
-    header
+/// Where the image `image` finds the layer (other image file) whose
+/// SHA-256 is `digest`: `<hex>.kiln` beside it.
+pub fn layer_path(image: &Path, digest: &[u8; 32]) -> PathBuf {
+    image.with_file_name(format!("{}.kiln", hex(digest)))
 }
+
+/// The other image files `image` takes frames from (its layers), without
+/// opening them or reading its index: what a process that reads the image
+/// must be able to open beside it (a jailed VM's mounts, say).
+pub fn layer_files(image: &Path) -> Result<Vec<PathBuf>, ImageError> {
+    let (own, header, _) = Layer::open(image)?;
+    let table =
+        header.index_offset + u64::from(header.chunk_count) * format::INDEX_ENTRY_SIZE as u64;
+    let mut bytes = vec![0u8; header.layer_count as usize * format::LAYER_ENTRY_SIZE];
+    own.file
+        .read_exact_at(&mut bytes, table)
+        .map_err(io_err(image))?;
+    let digests = bytes.chunks_exact(format::LAYER_ENTRY_SIZE);
+    Ok(digests
+        .map(|d| layer_path(image, d.try_into().expect("32 bytes")))
+        .collect())
+}
+
+/// An image file a reader takes frames from: the image's own (layer 0)
+/// or one of its layer table's.
+#[derive(Debug)]
+struct Layer {
+    path: PathBuf,
+    file: File,
+    /// The most raw bytes one of its frames holds.
+    frame_max: u32,
+}
+
+impl Layer {
+    /// Opens `path` and checks its header; returns it with the bytes its
+    /// frames may occupy.
+    fn open(path: &Path) -> Result<(Layer, Header, [u8; 24]), ImageError> {
+        let file = File::open(path).map_err(io_err(path))?;
+        let file_size = file.metadata().map_err(io_err(path))?.len();
+        let mut header = [0u8; HEADER_SIZE as usize];
+        file.read_exact_at(&mut header, 0)
+            .map_err(|err| match err.kind() {
+                io::ErrorKind::UnexpectedEof => ImageError::BadMagic { path: path.into() },
+                _ => io_err(path)(err),
+            })?;
+        let (header, checksum) = Header::decode(path, &header, file_size)?;
+        let layer = Layer {
+            path: path.into(),
+            file,
+            frame_max: header.frame_max,
+        };
+        Ok((layer, header, checksum))
+    }
+}
+
+/// Decompressed frames by layer number and offset in that layer's file.
+type FrameCache = LruCache<(u32, u64), Arc<Vec<u8>>>;
 
 /// Random access to an image's raw bytes.
 pub struct Reader {
-    path: PathBuf,
-    file: File,
-    chunk_size: u32,
+    /// Layer 0 is the image's own file, then its layer table's in order.
+    layers: Vec<Layer>,
+    layer_digests: Vec<[u8; 32]>,
     raw_size: u64,
     index: Vec<IndexEntry>,
-    index_digest: [u8; 32],
-    /// SHA-256 of a chunk of zeros, full-sized and as long as the last
-    /// chunk: such chunks need no decompression to be known.
-    zero_digests: [[u8; 32]; 2],
-    /// zstd contexts, reused: setting one up per chunk costs a third of the
-    /// decompression time (measured on 128 KiB chunks). One per thread
+    content_id: [u8; 32],
+    /// Frames decompressed lately, by layer and offset (not yet checked:
+    /// each chunk taken from one is).
+    frames: Mutex<FrameCache>,
+    /// zstd contexts, reused: setting one up per frame costs a third of the
+    /// decompression time (measured on 128 KiB frames). One per thread
     /// decompressing at the same time, made when first needed.
     decompressors: Mutex<Vec<zstd::bulk::Decompressor<'static>>>,
 }
@@ -238,115 +356,74 @@ pub struct Reader {
 impl std::fmt::Debug for Reader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Reader")
-            .field("path", &self.path)
-            .field("chunk_size", &self.chunk_size)
+            .field("path", &self.path())
             .field("raw_size", &self.raw_size)
             .field("chunks", &self.index.len())
+            .field("layers", &self.layer_digests.len())
             .finish_non_exhaustive()
     }
 }
 
 impl Reader {
-    /// Opens and checks the header and index of `path`.
+    /// Opens `path` and the layers it names, and checks their headers and
+    /// the index.
     pub fn open(path: &Path) -> Result<Self, ImageError> {
-        let io_err = |source| ImageError::Io {
-            path: path.into(),
-            source,
-        };
-        let file = File::open(path).map_err(io_err)?;
-        let file_size = file.metadata().map_err(io_err)?.len();
-        let mut header = [0u8; HEADER_SIZE as usize];
-        file.read_exact_at(&mut header, 0)
-            .map_err(|err| match err.kind() {
-                io::ErrorKind::UnexpectedEof => ImageError::BadMagic { path: path.into() },
-                _ => io_err(err),
-            })?;
-        if header[..8] != MAGIC {
-            return Err(ImageError::BadMagic { path: path.into() });
+        let (own, header, checksum) = Layer::open(path)?;
+        let mut tail = vec![0u8; header.tail_len().expect("checked by decode") as usize];
+        own.file
+            .read_exact_at(&mut tail, header.index_offset)
+            .map_err(io_err(path))?;
+        format::check_tail(path, &tail, &checksum)?;
+        let (index, layer_digests) = format::decode_tail(&header, &tail);
+        let mut data = vec![(HEADER_SIZE..header.index_offset, header.frame_max)];
+        let mut layers = vec![own];
+        for digest in &layer_digests {
+            let layer_file = layer_path(path, digest);
+            let (layer, layer_header, _) = match Layer::open(&layer_file) {
+                Err(ImageError::Io { source, .. }) => {
+                    return Err(ImageError::MissingLayer {
+                        path: path.into(),
+                        layer: layer_file,
+                        source,
+                    });
+                }
+                opened => opened?,
+            };
+            data.push((
+                HEADER_SIZE..layer_header.index_offset,
+                layer_header.frame_max,
+            ));
+            layers.push(layer);
         }
-        let u32_at =
-            |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4 bytes"));
-        let u64_at =
-            |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8 bytes"));
-        let version = u32_at(8);
-        if version != VERSION {
-            return Err(ImageError::Version {
-                path: path.into(),
-                found: version,
-            });
-        }
-        let (chunk_size, raw_size, chunk_count, index_offset) =
-            (u32_at(12), u64_at(16), u32_at(24), u64_at(32));
-        let bad = |what: String| ImageError::Header {
-            path: path.into(),
-            what,
-        };
-        if !CHUNK_SIZE_RANGE.contains(&chunk_size) {
-            return Err(bad(format!("chunk size {chunk_size}")));
-        }
-        if raw_size.div_ceil(u64::from(chunk_size)) != u64::from(chunk_count) {
-            return Err(bad(format!(
-                "{chunk_count} chunks cannot hold {raw_size} bytes"
-            )));
-        }
-        let index_len = chunk_count as usize * INDEX_ENTRY_SIZE;
-        if index_offset.checked_add(index_len as u64) != Some(file_size) {
-            return Err(bad(format!(
-                "the index ({index_len} bytes at {index_offset}) does not end the file ({file_size} bytes): truncated?"
-            )));
-        }
-        let mut index_bytes = vec![0u8; index_len];
-        file.read_exact_at(&mut index_bytes, index_offset)
-            .map_err(io_err)?;
-        let index_digest: [u8; 32] = Sha256::digest(&index_bytes).into();
-        if index_digest[..INDEX_CHECKSUM_LEN] != header[40..40 + INDEX_CHECKSUM_LEN] {
-            return Err(ImageError::IndexChecksum { path: path.into() });
-        }
-        let index: Vec<IndexEntry> = index_bytes
-            .chunks_exact(INDEX_ENTRY_SIZE)
-            .map(|e| IndexEntry {
-                offset: u64::from_le_bytes(e[..8].try_into().expect("8 bytes")),
-                length: u32::from_le_bytes(e[8..12].try_into().expect("4 bytes")),
-                sha256: e[16..48].try_into().expect("32 bytes"),
-            })
-            .collect();
-        // A reader allocates a chunk's frame before reading it: an entry
-        // must say a size a chunk's frame can have, within the data.
-        let frame_max = zstd::zstd_safe::compress_bound(chunk_size as usize) as u64;
-        if let Some((n, e)) = index.iter().enumerate().find(|(_, e)| {
-            u64::from(e.length) > frame_max
-                || e.offset < HEADER_SIZE
-                || e.offset.saturating_add(u64::from(e.length)) > index_offset
-        }) {
-            return Err(bad(format!(
-                "chunk {n}'s frame ({} bytes at {}) is not within the data (bytes {HEADER_SIZE} to {index_offset}, at most {frame_max} a frame)",
-                e.length, e.offset
-            )));
-        }
-        let last_len = raw_size - u64::from(chunk_count.saturating_sub(1)) * u64::from(chunk_size);
-        let zero_digest = |len: u64| Sha256::digest(vec![0u8; len as usize]).into();
+        format::check_index(path, &header, &index, &data)?;
         Ok(Reader {
-            path: path.into(),
-            file,
-            chunk_size,
-            raw_size,
+            layers,
+            layer_digests,
+            raw_size: header.raw_size,
+            content_id: format::content_id(header.raw_size, &index),
             index,
-            index_digest,
-            zero_digests: [zero_digest(u64::from(chunk_size)), zero_digest(last_len)],
+            frames: Mutex::new(LruCache::new(
+                NonZeroUsize::new(FRAME_CACHE).expect("not zero"),
+            )),
             decompressors: Mutex::new(Vec::new()),
         })
     }
 
-    /// The image's content identity, cheap to get: the SHA-256 of its
-    /// index, which holds every chunk's checksum and the layout. Two images
-    /// share it only if they hold the same raw bytes in the same chunking.
+    /// The image's content id: the SHA-256 of its chunks' places and
+    /// checksums. Two images share it only if they hold the same raw bytes
+    /// cut the same way, whichever files their frames are in.
     pub fn content_id(&self) -> [u8; 32] {
-        self.index_digest
+        self.content_id
     }
 
     /// The file this reader reads.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.layers[0].path
+    }
+
+    /// The other image files it takes frames from, beside it.
+    pub fn layer_paths(&self) -> impl Iterator<Item = &Path> {
+        self.layers[1..].iter().map(|l| l.path.as_path())
     }
 
     /// Size of the raw filesystem.
@@ -359,34 +436,61 @@ impl Reader {
         self.index.len() as u32
     }
 
-    /// Raw bytes per chunk (the last may hold fewer: see [`Reader::chunk_len`]).
-    pub fn chunk_size(&self) -> u32 {
-        self.chunk_size
+    /// Where chunk `n`, which must exist, starts in the raw filesystem.
+    pub fn chunk_offset(&self, n: u32) -> u64 {
+        self.index[n as usize].raw_offset
     }
 
     /// Raw bytes of chunk `n`, which must exist.
     pub fn chunk_len(&self, n: u32) -> usize {
-        let start = u64::from(n) * u64::from(self.chunk_size);
-        (self.raw_size - start).min(u64::from(self.chunk_size)) as usize
+        self.index[n as usize].raw_len as usize
+    }
+
+    /// The chunk that holds raw byte `offset` (the last chunk's number
+    /// past the end, and 0 for an empty image).
+    pub fn chunk_at(&self, offset: u64) -> u32 {
+        let n = self.index.partition_point(|e| e.raw_range().end <= offset);
+        n.min(self.index.len().saturating_sub(1)) as u32
+    }
+
+    /// The chunks that hold raw bytes `offset..offset + len` (`len` > 0).
+    pub fn chunks_of(&self, offset: u64, len: u64) -> std::ops::RangeInclusive<u32> {
+        self.chunk_at(offset)..=self.chunk_at(offset + len.max(1) - 1)
     }
 
     /// Whether chunk `n` holds only zeros, by its index entry alone (no
     /// decompression): ext4 images are mostly free space.
     pub fn is_zero_chunk(&self, n: u32) -> bool {
-        let digest = if n + 1 == self.chunk_count() {
-            &self.zero_digests[1]
-        } else {
-            &self.zero_digests[0]
-        };
         self.index
             .get(n as usize)
-            .is_some_and(|e| &e.sha256 == digest)
+            .is_some_and(|e| e.layer == ZERO_LAYER)
+    }
+
+    /// What storing the image costs: its own file, and the frames of its
+    /// layers that it reads.
+    pub fn stored(&self) -> Result<Stored, ImageError> {
+        let own = self.layers[0]
+            .file
+            .metadata()
+            .map_err(io_err(self.path()))?;
+        let mut frames = HashSet::new();
+        let shared = self
+            .index
+            .iter()
+            .filter(|e| e.layer != 0 && e.layer != ZERO_LAYER)
+            .filter(|e| frames.insert((e.layer, e.frame_offset)))
+            .map(|e| u64::from(e.frame_len))
+            .sum();
+        Ok(Stored {
+            own: own.len(),
+            shared,
+        })
     }
 
     /// The raw data of chunk `n`, decompressed and verified.
     pub fn chunk(&self, n: u32) -> Result<Vec<u8>, ImageError> {
         let damaged = |source| ImageError::Chunk {
-            path: self.path.clone(),
+            path: self.path().into(),
             chunk: n,
             source,
         };
@@ -394,26 +498,49 @@ impl Reader {
             .index
             .get(n as usize)
             .ok_or_else(|| damaged(ChunkDamage::NoSuchChunk))?;
-        let expected_len = self.chunk_len(n) as u64;
-        let mut frame = vec![0u8; entry.length as usize];
-        self.file
-            .read_exact_at(&mut frame, entry.offset)
-            .map_err(|source| ImageError::Io {
-                path: self.path.clone(),
-                source,
-            })?;
-        let mut data = vec![0u8; expected_len as usize];
-        let len = self
-            .with_decompressor(|d| d.decompress_to_buffer(&frame, &mut data))
-            .map_err(|source| ImageError::Io {
-                path: self.path.clone(),
-                source,
-            })?
-            .map_err(|err| damaged(ChunkDamage::Frame(err)))?;
-        if len as u64 != expected_len || Sha256::digest(&data)[..] != entry.sha256 {
+        if entry.layer == ZERO_LAYER {
+            return Ok(vec![0; entry.raw_len as usize]);
+        }
+        let frame = self.frame(entry).map_err(|err| match err {
+            FrameError::Io(err) => err,
+            FrameError::Damaged(err) => damaged(ChunkDamage::Frame(err)),
+        })?;
+        let range = entry.within as usize..(entry.within + entry.raw_len) as usize;
+        let data = frame
+            .get(range)
+            .ok_or_else(|| damaged(ChunkDamage::Short { len: frame.len() }))?;
+        if Sha256::digest(data)[..] != entry.sha256 {
             return Err(damaged(ChunkDamage::Checksum));
         }
-        Ok(data)
+        Ok(data.to_vec())
+    }
+
+    /// The decompressed frame `entry` names, from the frame cache or its
+    /// file.
+    fn frame(&self, entry: &IndexEntry) -> Result<Arc<Vec<u8>>, FrameError> {
+        let key = (entry.layer, entry.frame_offset);
+        if let Some(frame) = self.frame_cache().get(&key) {
+            return Ok(frame.clone());
+        }
+        let layer = &self.layers[entry.layer as usize];
+        let mut compressed = vec![0u8; entry.frame_len as usize];
+        layer
+            .file
+            .read_exact_at(&mut compressed, entry.frame_offset)
+            .map_err(|err| FrameError::Io(io_err(&layer.path)(err)))?;
+        let mut frame = vec![0u8; layer.frame_max as usize];
+        let len = self
+            .with_decompressor(|d| d.decompress_to_buffer(&compressed, &mut frame))
+            .map_err(|err| FrameError::Io(io_err(&layer.path)(err)))?
+            .map_err(FrameError::Damaged)?;
+        frame.truncate(len);
+        let frame = Arc::new(frame);
+        self.frame_cache().put(key, frame.clone());
+        Ok(frame)
+    }
+
+    fn frame_cache(&self) -> std::sync::MutexGuard<'_, FrameCache> {
+        self.frames.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Runs `f` with a zstd context of the pool (a new one if every one is
@@ -441,13 +568,16 @@ impl Reader {
     pub fn flatten_to(&self, out: &mut impl Write) -> Result<(), ImageError> {
         for n in 0..self.chunk_count() {
             out.write_all(&self.chunk(n)?)
-                .map_err(|source| ImageError::Io {
-                    path: self.path.clone(),
-                    source,
-                })?;
+                .map_err(io_err(self.path()))?;
         }
         Ok(())
     }
+}
+
+/// Why a frame could not be had: its file failed, or zstd refused it.
+enum FrameError {
+    Io(ImageError),
+    Damaged(io::Error),
 }
 
 /// Random access to an image's raw bytes through a bounded cache of
@@ -463,7 +593,8 @@ pub struct CachedReader {
 impl CachedReader {
     /// A cache of up to `cache_bytes` of decompressed chunks (at least one).
     pub fn new(reader: Reader, cache_bytes: u64) -> Self {
-        let chunks = (cache_bytes / u64::from(reader.chunk_size)).max(1);
+        let largest = (0..reader.chunk_count()).map(|n| reader.chunk_len(n)).max();
+        let chunks = (cache_bytes / largest.unwrap_or(1) as u64).max(1);
         let chunks = NonZeroUsize::new(usize::try_from(chunks).unwrap_or(usize::MAX))
             .unwrap_or(NonZeroUsize::MIN);
         CachedReader {
@@ -497,7 +628,7 @@ impl CachedReader {
         let end = offset.checked_add(buf.len() as u64);
         if end.is_none_or(|end| end > self.reader.raw_size) {
             return Err(ImageError::OutOfRange {
-                path: self.reader.path.clone(),
+                path: self.reader.path().into(),
                 offset,
                 len: buf.len(),
                 size: self.reader.raw_size,
@@ -509,18 +640,18 @@ impl CachedReader {
     /// Copies from `offset` until `buf` is full or the image ends; returns
     /// the bytes copied.
     fn copy_out(&self, offset: u64, buf: &mut [u8]) -> Result<usize, ImageError> {
-        let chunk_size = u64::from(self.reader.chunk_size);
         let mut done = 0;
         while done < buf.len() {
             let at = offset + done as u64;
             if at >= self.reader.raw_size {
                 break;
             }
-            let data = self.chunk((at / chunk_size) as u32)?;
-            let within = (at % chunk_size) as usize;
-            let n = (data.len() - within).min(buf.len() - done);
-            buf[done..done + n].copy_from_slice(&data[within..within + n]);
-            done += n;
+            let n = self.reader.chunk_at(at);
+            let data = self.chunk(n)?;
+            let within = (at - self.reader.chunk_offset(n)) as usize;
+            let len = (data.len() - within).min(buf.len() - done);
+            buf[done..done + len].copy_from_slice(&data[within..within + len]);
+            done += len;
         }
         Ok(done)
     }
@@ -554,35 +685,55 @@ mod tests {
         (path, data)
     }
 
+    /// The image file's index entries, and where the index starts.
+    fn index_of(bytes: &[u8]) -> (Vec<IndexEntry>, usize) {
+        let header: [u8; 64] = bytes[..64].try_into().unwrap();
+        let (header, _) = Header::decode(Path::new("x"), &header, bytes.len() as u64).unwrap();
+        let at = header.index_offset as usize;
+        (format::decode_tail(&header, &bytes[at..]).0, at)
+    }
+
+    /// `bytes` with index entry `n` changed by `change`, and a header whose
+    /// checksum matches: only the reader's checks of the entry can tell.
+    fn with_entry(bytes: &[u8], n: usize, change: impl Fn(&mut IndexEntry)) -> Vec<u8> {
+        let header: [u8; 64] = bytes[..64].try_into().unwrap();
+        let (header, _) = Header::decode(Path::new("x"), &header, bytes.len() as u64).unwrap();
+        let at = header.index_offset as usize;
+        let (mut index, layers) = format::decode_tail(&header, &bytes[at..]);
+        change(&mut index[n]);
+        let tail = format::encode_tail(&index, &layers);
+        let mut changed = bytes[..at].to_vec();
+        changed[..64].copy_from_slice(&header.encode(&tail));
+        changed.extend(tail);
+        changed
+    }
+
     #[test]
     fn an_index_entry_outside_the_data_is_refused_at_open() {
         let dir = tempfile::tempdir().unwrap();
         let (raw, _) = raw_file(dir.path(), 100_000);
         let out = dir.path().join("image.kiln");
-        let info = write(&raw, &out, 4096 * 16).unwrap();
+        write(&raw, &out, 4096 * 16).unwrap();
         let bytes = std::fs::read(&out).unwrap();
-        let index_offset = bytes.len() - info.chunk_count as usize * INDEX_ENTRY_SIZE;
-        // Chunk 1's frame length: 4 GiB would be allocated before reading.
-        for (field, value) in [(8, u32::MAX as u64), (0, 1u64 << 62)] {
-            let mut tampered = bytes.clone();
-            let entry = index_offset + INDEX_ENTRY_SIZE;
-            let width = if field == 8 { 4 } else { 8 };
-            tampered[entry + field..entry + field + width]
-                .copy_from_slice(&value.to_le_bytes()[..width]);
-            // A consistent index checksum: only the bounds check can tell.
-            let header = encode_header(
-                4096 * 16,
-                info.raw_size,
-                info.chunk_count,
-                index_offset as u64,
-                &tampered[index_offset..],
-            );
-            tampered[..header.len()].copy_from_slice(&header);
+        let (index, _) = index_of(&bytes);
+        let n = index.iter().position(|e| e.layer == 0).unwrap();
+        let changes: [&dyn Fn(&mut IndexEntry); 4] = [
+            // 4 GiB would be allocated before reading.
+            &|e| e.frame_len = u32::MAX,
+            &|e| e.frame_offset = 1 << 62,
+            &|e| e.layer = 3,
+            &|e| e.within = u32::MAX - 10,
+        ];
+        for change in changes {
             let path = dir.path().join("tampered.kiln");
-            std::fs::write(&path, &tampered).unwrap();
-            let err = Reader::open(&path).expect_err("refused");
-            assert!(err.to_string().contains("chunk 1's frame"), "{err}");
+            std::fs::write(&path, with_entry(&bytes, n, change)).unwrap();
+            let err = Reader::open(&path).expect_err("refused").to_string();
+            assert!(err.contains(&format!("chunk {n}: ")), "{err}");
         }
+        let path = dir.path().join("gap.kiln");
+        std::fs::write(&path, with_entry(&bytes, 1, |e| e.raw_offset += 1)).unwrap();
+        let err = Reader::open(&path).expect_err("refused").to_string();
+        assert!(err.contains("do not follow the chunk before"), "{err}");
     }
 
     #[test]
@@ -591,9 +742,10 @@ mod tests {
         let (raw, data) = raw_file(dir.path(), 300_000);
         let out = dir.path().join("image.kiln");
         let info = write(&raw, &out, 4096 * 16).unwrap();
-        assert_eq!((info.raw_size, info.chunk_count), (300_000, 5));
+        assert_eq!(info.raw_size, 300_000);
         assert_eq!(info.digest, file_digest(&out).unwrap());
         let reader = CachedReader::new(Reader::open(&out).unwrap(), 2 * 65_536);
+        assert_eq!(reader.reader().chunk_count(), info.chunk_count);
         for (offset, len) in [(0, 10), (65_530, 20), (131_000, 140_000), (299_990, 10)] {
             let mut buf = vec![0; len];
             reader.read_exact_at(offset, &mut buf).unwrap();
@@ -607,6 +759,92 @@ mod tests {
             reader.read_exact_at(299_990, &mut buf),
             Err(ImageError::OutOfRange { .. })
         ));
+    }
+
+    /// Chunks are found by offset: every byte's chunk holds it, and the
+    /// chunks tile the filesystem in order.
+    #[test]
+    fn offsets_find_their_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (raw, _) = raw_file(dir.path(), 200_000);
+        let out = dir.path().join("image.kiln");
+        write(&raw, &out, DEFAULT_CHUNK_SIZE).unwrap();
+        let reader = Reader::open(&out).unwrap();
+        assert!(reader.chunk_count() > 1, "cut by content");
+        let mut end = 0;
+        for n in 0..reader.chunk_count() {
+            let (at, len) = (reader.chunk_offset(n), reader.chunk_len(n) as u64);
+            assert_eq!(at, end);
+            for offset in [at, at + len / 2, at + len - 1] {
+                assert_eq!(reader.chunk_at(offset), n);
+            }
+            end = at + len;
+        }
+        assert_eq!(end, 200_000);
+        assert_eq!(reader.chunks_of(0, 200_000), 0..=reader.chunk_count() - 1);
+    }
+
+    /// A child with bytes inserted near its start (as adding a file to an
+    /// ext4 built from a tree shifts what follows) stores only the chunks
+    /// around the change, takes the rest from the parent's file beside it,
+    /// and reads back whole.
+    #[test]
+    fn a_child_stores_only_what_its_parent_lacks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (raw, data) = raw_file(dir.path(), 2_000_000);
+        let parent_path = dir.path().join("parent.kiln");
+        let parent_info = write(&raw, &parent_path, DEFAULT_CHUNK_SIZE).unwrap();
+        let mut child_data = data[..300_000].to_vec();
+        child_data.extend(b"a new file's bytes, one block of them".repeat(110));
+        child_data.extend(&data[300_000..]);
+        let child_raw = dir.path().join("child.raw");
+        std::fs::write(&child_raw, &child_data).unwrap();
+        let parent = Reader::open(&parent_path).unwrap();
+        let digest = |info: &ImageInfo| digest_from_hex(&info.digest).unwrap();
+        let parent_digest = digest(&parent_info);
+        let child_path = dir.path().join("child.kiln");
+        let parent_ref = Parent {
+            reader: &parent,
+            digest: parent_digest,
+        };
+        let info = write_child(&child_raw, &child_path, DEFAULT_CHUNK_SIZE, parent_ref).unwrap();
+        assert_eq!(info.layers, [parent_digest]);
+        assert!(
+            info.file_size * 5 < parent_info.file_size,
+            "child {} bytes, parent {}",
+            info.file_size,
+            parent_info.file_size
+        );
+        // Beside it, under the name its layer table gives.
+        let missing = Reader::open(&child_path).unwrap_err();
+        assert!(
+            matches!(missing, ImageError::MissingLayer { .. }),
+            "{missing}"
+        );
+        let beside = layer_path(&child_path, &parent_digest);
+        assert_eq!(
+            layer_files(&child_path).unwrap(),
+            std::slice::from_ref(&beside)
+        );
+        std::fs::hard_link(&parent_path, beside).unwrap();
+        let child = Reader::open(&child_path).unwrap();
+        let stored = child.stored().unwrap();
+        assert_eq!(stored.own, info.file_size);
+        assert!(stored.shared > stored.own, "{stored:?}");
+        let mut flat = Vec::new();
+        child.flatten_to(&mut flat).unwrap();
+        assert!(flat == child_data, "the child reads back");
+
+        // A grandchild takes the parent's chunks from the parent's file
+        // too, not through the child.
+        let grandchild_path = dir.path().join("grandchild.kiln");
+        let child_ref = Parent {
+            reader: &child,
+            digest: digest(&info),
+        };
+        let grand =
+            write_child(&child_raw, &grandchild_path, DEFAULT_CHUNK_SIZE, child_ref).unwrap();
+        assert_eq!(grand.layers, [digest(&info), parent_digest]);
     }
 
     #[test]
@@ -632,21 +870,29 @@ mod tests {
             std::fs::write(&path, bytes).unwrap();
             path
         };
-        // A flipped byte inside the second chunk's frame.
-        let damaged = with(&|b| b[HEADER_SIZE as usize + 2000] ^= 0x40);
+        // A flipped byte of the second frame.
+        let (index, _) = index_of(&pristine);
+        let second = index.iter().find(|e| e.frame_offset > HEADER_SIZE).unwrap();
+        // Its zstd magic number: the frame does not decompress at all.
+        let at = second.frame_offset as usize;
+        let damaged = with(&|b| b[at] ^= 0x40);
         let reader = Reader::open(&damaged).unwrap();
-        let errors = (0..reader.chunk_count())
-            .filter(|n| reader.chunk(*n).is_err())
-            .count();
-        assert_eq!(errors, 1, "exactly the damaged chunk fails");
+        let failed = (0..reader.chunk_count()).filter(|n| reader.chunk(*n).is_err());
+        let in_frame = index
+            .iter()
+            .filter(|e| e.frame_offset == second.frame_offset);
+        assert_eq!(
+            failed.count(),
+            in_frame.count(),
+            "exactly the damaged frame's chunks fail"
+        );
         assert!(matches!(
             Reader::open(&with(&|b| b[0] = b'X')),
             Err(ImageError::BadMagic { .. })
         ));
-        assert!(matches!(
-            Reader::open(&with(&|b| b[8] = 9)),
-            Err(ImageError::Version { found: 9, .. })
-        ));
+        let old = Reader::open(&with(&|b| b[8] = 1)).unwrap_err();
+        assert!(matches!(old, ImageError::Version { found: 1, .. }));
+        assert!(old.to_string().contains("build it again"), "{old}");
         assert!(matches!(
             Reader::open(&with(&|b| b.truncate(b.len() - 1))),
             Err(ImageError::Header { .. })

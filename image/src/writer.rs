@@ -1,19 +1,21 @@
-//! Writing an image: the raw filesystem read a batch of chunks at a time,
-//! the batch's chunks compressed (and hashed) in parallel, each as an
-//! independent zstd frame, and the frames written in chunk order. A
-//! frame depends only on its chunk and the level, never on the thread
-//! that made it, so the file is byte-identical whatever the thread count:
-//! the same raw filesystem gives the same digest.
+//! Writing an image: the raw filesystem cut into chunks by content
+//! (FastCDC), each chunk hashed, and those neither all zeros, nor already
+//! written, nor held by the parent, gathered into frames of up to the
+//! frame size. A batch of frames is compressed in parallel, each as an
+//! independent zstd frame, and the frames written in order. A frame
+//! depends only on its chunks and the level, never on the thread that made
+//! it, so the file is byte-identical whatever the thread count: the same
+//! raw filesystem (and parent) gives the same digest.
+use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufReader, BufWriter, Seek, SeekFrom, Write};
 use std::path::Path;
 
+use fastcdc::v2020::StreamCDC;
 use sha2::{Digest, Sha256};
 
-use crate::{
-    HEADER_SIZE, ImageError, ImageInfo, IndexEntry, encode_header, encode_index, file_digest,
-    io_err,
-};
+use crate::format::{HEADER_SIZE, Header, IndexEntry, ZERO_LAYER, encode_tail};
+use crate::{ChunkSizes, ImageError, ImageInfo, Reader, file_digest, io_err};
 
 /// zstd level for images up to [`LARGE_IMAGE`]: written once and read
 /// many times, they get zstd's best ratio, which costs little at their size.
@@ -25,9 +27,9 @@ const SMALL_IMAGE_LEVEL: i32 = 19;
 const LARGE_IMAGE_LEVEL: i32 = 15;
 /// Raw size from which an image is large.
 const LARGE_IMAGE: u64 = 64 << 20;
-/// Chunks each thread compresses per batch: enough to amortize starting
+/// Frames each thread compresses per batch: enough to amortize starting
 /// the threads, few enough that a batch is a few MiB of memory.
-const CHUNKS_PER_THREAD: usize = 16;
+const FRAMES_PER_THREAD: usize = 16;
 
 /// How an image is compressed: what [`write`] picks for the raw size and
 /// host, or what a measurement asks for ([`write_with`]). Neither changes
@@ -35,9 +37,9 @@ const CHUNKS_PER_THREAD: usize = 16;
 /// never does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Compression {
-    /// The zstd level of every chunk's frame.
+    /// The zstd level of every frame.
     pub level: i32,
-    /// Threads compressing a batch of chunks at once.
+    /// Threads compressing a batch of frames at once.
     pub threads: usize,
 }
 
@@ -56,95 +58,292 @@ impl Compression {
     }
 }
 
-/// A chunk's zstd frame and its raw data's SHA-256.
-struct Compressed {
-    frame: Vec<u8>,
-    sha256: [u8; 32],
+/// The image a child is written against: each chunk of the child that the
+/// parent (or one of the parent's own layers) holds is taken from there,
+/// not stored again.
+#[derive(Clone, Copy, Debug)]
+pub struct Parent<'a> {
+    /// The parent image, open.
+    pub reader: &'a Reader,
+    /// SHA-256 of the parent's file: how the child's layer table names it.
+    pub digest: [u8; 32],
 }
 
-/// Compresses the raw filesystem `raw` into the image file `out`, as
-/// [`Compression::for_size`] says. `out` is written in place: callers
-/// write to a temporary path and rename.
-pub fn write(raw: &Path, out: &Path, chunk_size: u32) -> Result<ImageInfo, ImageError> {
+/// Compresses the raw filesystem `raw` into the image file `out`, in
+/// frames of up to `frame_size` raw bytes (its chunks
+/// [`ChunkSizes::for_frame`]), as [`Compression::for_size`] says.
+/// `out` is written in place: callers write to a temporary path and rename.
+pub fn write(raw: &Path, out: &Path, frame_size: u32) -> Result<ImageInfo, ImageError> {
     let raw_size = std::fs::metadata(raw).map_err(io_err(raw))?.len();
-    write_with(raw, out, chunk_size, Compression::for_size(raw_size))
+    write_with(raw, out, frame_size, Compression::for_size(raw_size), None)
 }
 
-/// [`write`] with the level and threads of `compression`.
+/// [`write`], storing only the chunks `parent` does not hold: the image
+/// then needs the files [`ImageInfo::layers`] names beside it.
+pub fn write_child(
+    raw: &Path,
+    out: &Path,
+    frame_size: u32,
+    parent: Parent<'_>,
+) -> Result<ImageInfo, ImageError> {
+    let raw_size = std::fs::metadata(raw).map_err(io_err(raw))?.len();
+    let compression = Compression::for_size(raw_size);
+    write_with(raw, out, frame_size, compression, Some(parent))
+}
+
+/// [`write`] or [`write_child`] with the level and threads of `compression`.
 pub fn write_with(
     raw: &Path,
     out: &Path,
-    chunk_size: u32,
+    frame_size: u32,
     compression: Compression,
+    parent: Option<Parent<'_>>,
 ) -> Result<ImageInfo, ImageError> {
-    let Compression { level, threads } = compression;
-    let mut input = File::open(raw).map_err(io_err(raw))?;
+    let input = File::open(raw).map_err(io_err(raw))?;
     let raw_size = input.metadata().map_err(io_err(raw))?.len();
     let file = File::create(out).map_err(io_err(out))?;
-    let mut writer = BufWriter::new(&file);
-    writer
-        .write_all(&[0; HEADER_SIZE as usize])
-        .map_err(io_err(out))?;
-    let mut offset = HEADER_SIZE;
-    let mut index = Vec::new();
-    loop {
-        let batch =
-            read_batch(&mut input, chunk_size, threads * CHUNKS_PER_THREAD).map_err(io_err(raw))?;
-        if batch.is_empty() {
-            break;
-        }
-        for chunk in compress_batch(&batch, level, threads).map_err(io_err(out))? {
-            writer.write_all(&chunk.frame).map_err(io_err(out))?;
-            index.push(IndexEntry {
-                offset,
-                length: chunk.frame.len() as u32,
-                sha256: chunk.sha256,
-            });
-            offset += chunk.frame.len() as u64;
-        }
-    }
-    let index_bytes = encode_index(&index);
-    writer.write_all(&index_bytes).map_err(io_err(out))?;
-    let header = encode_header(
-        chunk_size,
-        raw_size,
-        index.len() as u32,
-        offset,
-        &index_bytes,
+    let mut frames = Frames::new(&file, frame_size, compression);
+    frames.skip_header().map_err(io_err(out))?;
+    let (mut known, candidates) = parent.map(known_in).unwrap_or_default();
+    let sizes = ChunkSizes::for_frame(frame_size);
+    let chunker = StreamCDC::new(
+        BufReader::new(input),
+        sizes.min as usize,
+        sizes.avg as usize,
+        sizes.max as usize,
     );
-    writer.seek(SeekFrom::Start(0)).map_err(io_err(out))?;
-    writer.write_all(&header).map_err(io_err(out))?;
-    writer.flush().map_err(io_err(out))?;
-    drop(writer);
-    file.sync_all().map_err(io_err(out))?;
+    let mut chunks = Vec::new();
+    for chunk in chunker {
+        let chunk = chunk.map_err(|err| io_err(raw)(err.into()))?;
+        let sha256: [u8; 32] = Sha256::digest(&chunk.data).into();
+        let place = if chunk.data.iter().all(|&b| b == 0) {
+            Place::Zero
+        } else if let Some(place) = known.get(&sha256) {
+            *place
+        } else {
+            let place = frames.add(&chunk.data).map_err(io_err(out))?;
+            known.insert(sha256, place);
+            place
+        };
+        chunks.push((chunk.offset, chunk.length as u32, sha256, place));
+    }
+    frames.finish().map_err(io_err(out))?;
+    let (index, layers) = frames.index(&chunks, &candidates);
+    let tail = encode_tail(&index, &layers);
+    let header = Header {
+        frame_max: frames.frame_max,
+        raw_size,
+        chunk_count: index.len() as u32,
+        layer_count: layers.len() as u32,
+        index_offset: frames.offset,
+    };
+    let file_size = frames.offset + tail.len() as u64;
+    frames
+        .end(&header.encode(&tail), &tail)
+        .map_err(io_err(out))?;
     Ok(ImageInfo {
         raw_size,
-        file_size: offset + index_bytes.len() as u64,
-        chunk_size,
+        file_size,
         chunk_count: index.len() as u32,
         digest: file_digest(out)?,
+        layers,
     })
 }
 
-/// Up to `count` chunks of `input`, each `chunk_size` bytes but the last
-/// of the file; none at its end.
-fn read_batch(input: &mut impl Read, chunk_size: u32, count: usize) -> io::Result<Vec<Vec<u8>>> {
-    let mut batch = Vec::with_capacity(count);
-    while batch.len() < count {
-        let mut chunk = vec![0u8; chunk_size as usize];
-        let filled = read_full(input, &mut chunk)?;
-        if filled == 0 {
-            break;
-        }
-        chunk.truncate(filled);
-        batch.push(chunk);
+/// Where a chunk's bytes are stored, as the writer knows it.
+#[derive(Clone, Copy, Debug)]
+enum Place {
+    /// All zeros: no frame.
+    Zero,
+    /// In a frame of a layer: `layer` counts from 1 in the candidate
+    /// layers ([`known_in`]).
+    Layer {
+        layer: u32,
+        frame_offset: u64,
+        frame_len: u32,
+        within: u32,
+    },
+    /// In this file's frame number `frame`.
+    Own { frame: u32, within: u32 },
+}
+
+/// The chunks `parent` holds, by checksum, and the layers they are in:
+/// the parent's own file first, then its layer table's.
+fn known_in(parent: Parent<'_>) -> (HashMap<[u8; 32], Place>, Vec<[u8; 32]>) {
+    let reader = parent.reader;
+    let mut candidates = vec![parent.digest];
+    candidates.extend(&reader.layer_digests);
+    let mut known = HashMap::new();
+    for e in reader.index.iter().filter(|e| e.layer != ZERO_LAYER) {
+        known.entry(e.sha256).or_insert(Place::Layer {
+            layer: e.layer + 1,
+            frame_offset: e.frame_offset,
+            frame_len: e.frame_len,
+            within: e.within,
+        });
     }
-    Ok(batch)
+    (known, candidates)
+}
+
+/// The image's own frames as they are made: chunks gathered into a frame
+/// until it holds the frame size, frames compressed a batch at a time and
+/// written after the header.
+struct Frames<'f> {
+    writer: BufWriter<&'f File>,
+    file: &'f File,
+    frame_size: usize,
+    compression: Compression,
+    /// The frame being gathered.
+    pending: Vec<u8>,
+    /// Gathered frames waiting to be compressed.
+    batch: Vec<Vec<u8>>,
+    /// Each written frame's offset and length, in order.
+    written: Vec<(u64, u32)>,
+    /// Where the next frame goes.
+    offset: u64,
+    /// The most raw bytes a frame holds.
+    frame_max: u32,
+}
+
+impl<'f> Frames<'f> {
+    fn new(file: &'f File, frame_size: u32, compression: Compression) -> Self {
+        Frames {
+            writer: BufWriter::new(file),
+            file,
+            frame_size: frame_size as usize,
+            compression,
+            pending: Vec::new(),
+            batch: Vec::new(),
+            written: Vec::new(),
+            offset: HEADER_SIZE,
+            frame_max: 1,
+        }
+    }
+
+    /// Leaves room for the header, written last.
+    fn skip_header(&mut self) -> io::Result<()> {
+        self.writer.write_all(&[0; HEADER_SIZE as usize])
+    }
+
+    /// Adds `data` to the frame being gathered, closing it first if
+    /// `data` would take it past the frame size; where `data` will be.
+    fn add(&mut self, data: &[u8]) -> io::Result<Place> {
+        if self.pending.len() + data.len() > self.frame_size {
+            self.close()?;
+        }
+        let place = Place::Own {
+            frame: (self.written.len() + self.batch.len()) as u32,
+            within: self.pending.len() as u32,
+        };
+        self.pending.extend_from_slice(data);
+        Ok(place)
+    }
+
+    /// Closes the frame being gathered; compresses the batch once full.
+    fn close(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        self.frame_max = self.frame_max.max(self.pending.len() as u32);
+        self.batch.push(std::mem::take(&mut self.pending));
+        if self.batch.len() >= self.compression.threads * FRAMES_PER_THREAD {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Compresses and writes the batch.
+    fn flush(&mut self) -> io::Result<()> {
+        let Compression { level, threads } = self.compression;
+        for frame in compress_batch(&self.batch, level, threads)? {
+            self.writer.write_all(&frame)?;
+            self.written.push((self.offset, frame.len() as u32));
+            self.offset += frame.len() as u64;
+        }
+        self.batch.clear();
+        Ok(())
+    }
+
+    /// Writes what is left of the frames.
+    fn finish(&mut self) -> io::Result<()> {
+        self.close()?;
+        self.flush()
+    }
+
+    /// The index of `chunks`, and the layer table: the `candidates` that
+    /// some chunk is in, in their order.
+    fn index(
+        &self,
+        chunks: &[(u64, u32, [u8; 32], Place)],
+        candidates: &[[u8; 32]],
+    ) -> (Vec<IndexEntry>, Vec<[u8; 32]>) {
+        let mut used = vec![false; candidates.len() + 1];
+        for (.., place) in chunks {
+            if let Place::Layer { layer, .. } = place {
+                used[*layer as usize] = true;
+            }
+        }
+        // A used candidate's number in the table: one more than the used
+        // ones before it.
+        let numbers: Vec<u32> = used
+            .iter()
+            .scan(0, |n, &u| {
+                *n += u32::from(u);
+                Some(*n)
+            })
+            .collect();
+        let layers = (candidates.iter().enumerate())
+            .filter(|(k, _)| used[k + 1])
+            .map(|(_, digest)| *digest)
+            .collect();
+        let index = chunks
+            .iter()
+            .map(|&(raw_offset, raw_len, sha256, place)| {
+                let (layer, frame_offset, frame_len, within) = match place {
+                    Place::Zero => (ZERO_LAYER, 0, 0, 0),
+                    Place::Layer {
+                        layer,
+                        frame_offset,
+                        frame_len,
+                        within,
+                    } => (numbers[layer as usize], frame_offset, frame_len, within),
+                    Place::Own { frame, within } => {
+                        let (offset, len) = self.written[frame as usize];
+                        (0, offset, len, within)
+                    }
+                };
+                IndexEntry {
+                    raw_offset,
+                    raw_len,
+                    layer,
+                    frame_offset,
+                    frame_len,
+                    within,
+                    sha256,
+                }
+            })
+            .collect();
+        (index, layers)
+    }
+
+    /// Writes the index and layer table (`tail`), then `header` at the
+    /// start, and makes the file durable.
+    fn end(mut self, header: &[u8], tail: &[u8]) -> io::Result<()> {
+        self.writer.write_all(tail)?;
+        self.writer.seek(SeekFrom::Start(0))?;
+        self.writer.write_all(header)?;
+        self.writer.flush()?;
+        drop(self.writer);
+        self.file.sync_all()
+    }
 }
 
 /// Compresses `batch` with `threads` threads, each taking a contiguous
-/// run of its chunks; returns them in the batch's order.
-fn compress_batch(batch: &[Vec<u8>], level: i32, threads: usize) -> io::Result<Vec<Compressed>> {
+/// run of its frames; returns them in the batch's order.
+fn compress_batch(batch: &[Vec<u8>], level: i32, threads: usize) -> io::Result<Vec<Vec<u8>>> {
+    if batch.is_empty() {
+        return Ok(Vec::new());
+    }
     let per_thread = batch.len().div_ceil(threads);
     std::thread::scope(|scope| {
         let runs: Vec<_> = batch
@@ -162,29 +361,13 @@ fn compress_batch(batch: &[Vec<u8>], level: i32, threads: usize) -> io::Result<V
     })
 }
 
-/// Compresses and hashes `chunks` in order, with one zstd context.
-fn compress_run(chunks: &[Vec<u8>], level: i32) -> io::Result<Vec<Compressed>> {
+/// Compresses `frames` in order, with one zstd context.
+fn compress_run(frames: &[Vec<u8>], level: i32) -> io::Result<Vec<Vec<u8>>> {
     let mut compressor = zstd::bulk::Compressor::new(level)?;
-    chunks
+    frames
         .iter()
-        .map(|data| {
-            Ok(Compressed {
-                frame: compressor.compress(data)?,
-                sha256: Sha256::digest(data).into(),
-            })
-        })
+        .map(|data| compressor.compress(data))
         .collect()
-}
-
-fn read_full(input: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match input.read(&mut buf[filled..])? {
-            0 => break,
-            n => filled += n,
-        }
-    }
-    Ok(filled)
 }
 
 #[cfg(test)]
@@ -207,12 +390,11 @@ mod tests {
     #[test]
     fn the_file_is_the_same_whatever_the_thread_count() {
         let dir = tempfile::tempdir().unwrap();
-        let raw = raw_file(dir.path(), 37 * 4096 + 123);
+        let raw = raw_file(dir.path(), (1 << 20) + 123);
         let bytes = |threads: usize| {
             let out = dir.path().join(format!("image-{threads}"));
             let compression = Compression { level: 19, threads };
-            let info = write_with(&raw, &out, 4096, compression).unwrap();
-            assert_eq!(info.chunk_count, 38);
+            write_with(&raw, &out, 4096, compression, None).unwrap();
             std::fs::read(&out).unwrap()
         };
         let one = bytes(1);

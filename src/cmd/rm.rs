@@ -1,5 +1,7 @@
-//! `kiln rm NAME:VERSION`: remove an image that no other image starts from
-//! and no instance's root volume is built on, with its hydration cache.
+//! `kiln rm NAME:VERSION`: remove an image that no instance's root volume
+//! is built on, with its hydration cache. The files it shares with other
+//! images (a parent's chunks, or its own file that children share) stay
+//! until the last image that uses them goes; it says what was freed.
 use std::process::ExitCode;
 
 use anyhow::bail;
@@ -38,10 +40,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let cache = kiln_image::Reader::open(&store.find(&args.image)?.image_path)
         .ok()
         .map(|reader| CacheFiles::new(&store.cache_dir(), &reader.content_id()));
-    let removed = store.remove(&args.image)?;
+    let (removed, freed) = store.remove(&args.image)?;
     if let Some(cache) = cache {
         cache.remove()?;
     }
-    println!("removed {}", removed.reference());
+    println!(
+        "removed {} ({:.1} MiB of the store freed)",
+        removed.reference(),
+        freed as f64 / (1024.0 * 1024.0)
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -1,12 +1,14 @@
 use super::*;
 use crate::write;
 
+/// The frame size: frames of one or two chunks.
 const CHUNK: u32 = 16 * 1024;
 
-/// An image of 10 chunks: noise, with chunks 3 and 9 (the short last one)
-/// all zeros; returns its raw bytes too.
+/// An image of noise, but for 160 KiB of zeros from 96 KiB on (twice the
+/// largest chunk: a chunk of zeros, [`zero_chunk`]); returns its raw
+/// bytes too.
 fn image(dir: &Path) -> (PathBuf, Vec<u8>) {
-    let len = 9 * CHUNK as usize + 5000;
+    let len = 24 * CHUNK as usize + 5000;
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut data: Vec<u8> = (0..len)
         .map(|_| {
@@ -16,13 +18,32 @@ fn image(dir: &Path) -> (PathBuf, Vec<u8>) {
             seed as u8
         })
         .collect();
-    data[3 * CHUNK as usize..4 * CHUNK as usize].fill(0);
-    data[9 * CHUNK as usize..].fill(0);
+    data[6 * CHUNK as usize..16 * CHUNK as usize].fill(0);
     let raw = dir.join("raw");
     std::fs::write(&raw, &data).unwrap();
     let image = dir.join("image.kiln");
     write(&raw, &image, CHUNK).unwrap();
     (image, data)
+}
+
+/// The first chunk of zeros.
+fn zero_chunk(reader: &Reader) -> u32 {
+    (0..reader.chunk_count())
+        .find(|&n| reader.is_zero_chunk(n))
+        .expect("a chunk of zeros")
+}
+
+/// Raw bytes of `chunks`.
+fn bytes_of(reader: &Reader, chunks: impl IntoIterator<Item = u32>) -> u64 {
+    chunks.into_iter().map(|n| reader.chunk_len(n) as u64).sum()
+}
+
+/// Raw bytes of the chunks of zeros.
+fn zero_bytes(reader: &Reader) -> u64 {
+    bytes_of(
+        reader,
+        (0..reader.chunk_count()).filter(|&n| reader.is_zero_chunk(n)),
+    )
 }
 
 fn open(image: &Path, dir: &Path) -> Hydrated {
@@ -35,13 +56,18 @@ fn read_all(cache: &Hydrated) -> Vec<u8> {
     buf
 }
 
-/// A frame byte of chunk `n` flipped in the image file.
-fn damage_chunk(image: &Path, n: u32) {
+/// The first byte of chunk `n`'s frame flipped in the image file: every
+/// chunk of that frame is damaged; returns them.
+fn damage_chunk(image: &Path, n: u32) -> Vec<u32> {
     let reader = Reader::open(image).unwrap();
     let entry = &reader.index[n as usize];
     let mut bytes = std::fs::read(image).unwrap();
-    bytes[(entry.offset + u64::from(entry.length) / 2) as usize] ^= 0x40;
+    // Its zstd magic number: the frame does not decompress at all.
+    bytes[entry.frame_offset as usize] ^= 0x40;
     std::fs::write(image, bytes).unwrap();
+    (0..reader.chunk_count())
+        .filter(|&m| reader.index[m as usize].frame_offset == entry.frame_offset)
+        .collect()
 }
 
 #[test]
@@ -53,14 +79,17 @@ fn reads_fill_the_cache_and_zeros_take_no_space() {
     let mut piece = vec![0; 40_000];
     cache.read_exact_at(30_000, &mut piece).unwrap();
     assert_eq!(piece, &data[30_000..70_000]);
-    assert_eq!(cache.hydrated_bytes(), 4 * u64::from(CHUNK), "chunks 1-4");
+    let touched = bytes_of(cache.reader(), cache.reader().chunks_of(30_000, 40_000));
+    assert_eq!(cache.hydrated_bytes(), touched, "the chunks read");
     assert_eq!(read_all(&cache), data);
     assert_eq!(cache.hydrated_bytes(), data.len() as u64);
     let on_disk = cache.files().hydrated_bytes(cache.reader()).unwrap();
     assert_eq!(on_disk, data.len() as u64);
-    // The zero chunks are holes of the raw file.
-    let chunk3 = 3 * u64::from(CHUNK);
-    assert_eq!(seek(&cache.raw, chunk3, libc::SEEK_HOLE).unwrap(), chunk3);
+    // The zero chunks are holes of the raw file
+    let zeros = cache.reader().chunk_offset(zero_chunk(cache.reader()));
+    // (from the block after the one the chunk before ends in)
+    let hole = zeros.next_multiple_of(4096);
+    assert_eq!(seek(&cache.raw, zeros, libc::SEEK_HOLE).unwrap(), hole);
     drop(cache);
     let again = open(&image, dir.path());
     assert_eq!(again.hydrated_bytes(), data.len() as u64);
@@ -73,7 +102,7 @@ fn a_chunk_is_decompressed_once_per_host() {
     let (image, data) = image(dir.path());
     let first = open(&image, dir.path());
     let second = open(&image, dir.path());
-    let mut buf = vec![0; CHUNK as usize];
+    let mut buf = vec![0; first.reader().chunk_len(0)];
     first.read_exact_at(0, &mut buf).unwrap();
     // Chunk 0 can no longer be decompressed: the second cache serves it
     // from what the first wrote, which it learns of under the lock.
@@ -81,7 +110,7 @@ fn a_chunk_is_decompressed_once_per_host() {
     let second_reader = Reader::open(&image).unwrap();
     assert!(second_reader.chunk(0).is_err());
     second.read_exact_at(0, &mut buf).unwrap();
-    assert_eq!(buf, &data[..CHUNK as usize]);
+    assert_eq!(buf, &data[..buf.len()]);
 }
 
 #[test]
@@ -114,20 +143,21 @@ fn concurrent_fills_agree() {
 fn a_damaged_chunk_never_enters_the_cache() {
     let dir = tempfile::tempdir().unwrap();
     let (image, _) = image(dir.path());
-    damage_chunk(&image, 5);
+    let damaged = damage_chunk(&image, 1);
     let cache = open(&image, dir.path());
     let mut buf = vec![0; 100];
     let err = cache
-        .read_exact_at(5 * u64::from(CHUNK), &mut buf)
+        .read_exact_at(cache.reader().chunk_offset(1), &mut buf)
         .unwrap_err();
     assert!(matches!(
         err,
-        HydrateError::Image(ImageError::Chunk { chunk: 5, .. })
+        HydrateError::Image(ImageError::Chunk { chunk: 1, .. })
     ));
     assert_eq!(cache.hydrated_bytes(), 0);
-    // A fill of several stops at nothing but the damaged one.
-    assert!(cache.fill(&[4, 5, 6], 2).is_err());
-    assert_eq!(cache.hydrated_bytes(), 2 * u64::from(CHUNK));
+    // A fill of several stops at nothing but the damaged ones.
+    assert!(cache.fill(&[0, 1, 2, 3], 2).is_err());
+    let whole = (0..4).filter(|n| !damaged.contains(n));
+    assert_eq!(cache.hydrated_bytes(), bytes_of(cache.reader(), whole));
 }
 
 #[test]
@@ -151,16 +181,22 @@ fn a_damaged_cache_is_refilled_never_served() {
     };
     assert_eq!(punched, 0);
     let cache = open(&image, dir.path());
-    assert_eq!(cache.hydrated_bytes(), data.len() as u64 - u64::from(CHUNK));
+    let holed = bytes_of(
+        cache.reader(),
+        cache.reader().chunks_of(u64::from(CHUNK), 4096),
+    );
+    assert_eq!(cache.hydrated_bytes(), data.len() as u64 - holed);
     assert_eq!(read_all(&cache), data);
     drop(cache);
     // A truncated raw file.
-    raw.set_len(2 * u64::from(CHUNK) + 10).unwrap();
+    let reader = Reader::open(&image).unwrap();
+    let kept = reader.chunk_offset(2);
+    raw.set_len(kept + 10).unwrap();
     let cache = open(&image, dir.path());
     assert_eq!(
         cache.hydrated_bytes(),
-        3 * u64::from(CHUNK) + 5000,
-        "chunks 0 and 1 kept, the zero chunks 3 and 9 need no data"
+        kept + zero_bytes(&reader),
+        "chunks 0 and 1 kept, the zero chunks need no data"
     );
     assert_eq!(read_all(&cache), data);
     drop(cache);
@@ -182,7 +218,10 @@ fn hydrate_all_reports_progress() {
     cache
         .hydrate_all(4, 2, &mut |bytes| seen.push(bytes))
         .unwrap();
-    assert_eq!(seen.len(), 3);
+    assert_eq!(
+        seen.len(),
+        cache.reader().chunk_count().div_ceil(4) as usize
+    );
     assert_eq!(seen.last(), Some(&(data.len() as u64)));
     assert_eq!(read_all(&cache), data);
     let err = cache.read_exact_at(data.len() as u64 - 1, &mut [0; 2]);
@@ -203,11 +242,15 @@ fn a_cache_that_cannot_take_chunks_serves_them_from_memory() {
         .write(true)
         .open("/dev/full")
         .unwrap();
-    let mut buf = vec![0; 3 * CHUNK as usize];
+    let mut buf = vec![0; 20 * CHUNK as usize];
     cache.read_exact_at(100, &mut buf).unwrap();
     assert_eq!(buf, data[100..100 + buf.len()]);
-    // Only chunk 3, all zeros, which needs no data.
-    assert_eq!(cache.hydrated_bytes(), u64::from(CHUNK));
+    // Only chunks of zeros, which need no data.
+    let zeros = (cache.reader().chunks_of(100, buf.len() as u64))
+        .filter(|&n| cache.reader().is_zero_chunk(n));
+    let zeros = bytes_of(cache.reader(), zeros);
+    assert!(zeros > 0);
+    assert_eq!(cache.hydrated_bytes(), zeros);
     assert!(matches!(
         cache.take_fill_error(),
         Some(HydrateError::Io { .. })
@@ -245,19 +288,24 @@ fn a_sequential_read_queues_the_chunks_after_it() {
     let dir = tempfile::tempdir().unwrap();
     let (image, data) = image(dir.path());
     let cache = open(&image, dir.path());
-    let chunk = u64::from(CHUNK);
+    let reader = cache.reader();
+    let last = reader.chunk_count() - 1;
+    let (at, len) = (
+        reader.chunk_offset(last - 3),
+        reader.chunk_len(last - 3) as u64,
+    );
     with_workers(&cache, 2, || {
-        let mut buf = vec![0; 4096];
+        let mut buf = vec![0; 10];
         // A first read, then one elsewhere: no readahead.
         cache.read_exact_at(0, &mut buf).unwrap();
-        cache.read_exact_at(5 * chunk, &mut buf).unwrap();
-        assert_eq!(cache.hydrated_bytes(), 2 * chunk);
-        // Reading on from chunk 5 queues chunks 6 to 9 (the image's end).
-        cache.read_exact_at(5 * chunk + 4096, &mut buf).unwrap();
-        wait_for_bytes(&cache, 5 * chunk + 5000);
-        let mut buf = vec![0; chunk as usize];
-        cache.read_exact_at(5 * chunk + 8192, &mut buf).unwrap();
-        assert_eq!(buf, data[(5 * chunk + 8192) as usize..][..chunk as usize]);
+        cache.read_exact_at(at, &mut buf).unwrap();
+        assert_eq!(cache.hydrated_bytes(), bytes_of(reader, [0, last - 3]));
+        // Reading on queues the chunks after it, to the image's end.
+        cache.read_exact_at(at + 10, &mut buf).unwrap();
+        wait_for_bytes(&cache, bytes_of(reader, [0]) + data.len() as u64 - at);
+        let mut buf = vec![0; (data.len() as u64 - at - len) as usize];
+        cache.read_exact_at(at + len, &mut buf).unwrap();
+        assert_eq!(buf, data[(at + len) as usize..]);
     });
 }
 
@@ -266,11 +314,11 @@ fn without_workers_a_read_fills_only_its_chunks() {
     let dir = tempfile::tempdir().unwrap();
     let (image, _) = image(dir.path());
     let cache = open(&image, dir.path());
-    let chunk = u64::from(CHUNK);
-    let mut buf = vec![0; 4096];
+    // Two reads, one after the other, within chunk 0.
+    let mut buf = vec![0; cache.reader().chunk_len(0) / 2];
     cache.read_exact_at(0, &mut buf).unwrap();
-    cache.read_exact_at(4096, &mut buf).unwrap();
-    assert_eq!(cache.hydrated_bytes(), chunk);
+    cache.read_exact_at(buf.len() as u64, &mut buf).unwrap();
+    assert_eq!(cache.hydrated_bytes(), bytes_of(cache.reader(), [0]));
     assert!(cache.queue().chunks.is_empty(), "nothing queued");
 }
 
@@ -279,15 +327,15 @@ fn workers_fill_a_long_read_and_a_prefetch_list_in_parallel() {
     let dir = tempfile::tempdir().unwrap();
     let (image, data) = image(dir.path());
     let cache = open(&image, dir.path());
-    let chunk = u64::from(CHUNK);
+    let reader = cache.reader();
     with_workers(&cache, 3, || {
         // Chunks 0-6 at once: this thread fills some, the workers others.
-        let mut buf = vec![0; 7 * CHUNK as usize];
+        let mut buf = vec![0; reader.chunk_offset(7) as usize];
         cache.read_exact_at(0, &mut buf).unwrap();
         assert_eq!(buf, data[..buf.len()]);
-        assert_eq!(cache.hydrated_bytes(), 7 * chunk);
-        cache.prefetch([8, 7, 42]);
-        wait_for_bytes(&cache, 9 * chunk);
+        assert_eq!(cache.hydrated_bytes(), buf.len() as u64);
+        cache.prefetch([8, 7, 4242]);
+        wait_for_bytes(&cache, reader.chunk_offset(9));
     });
     assert!(cache.queue().chunks.is_empty());
     assert_eq!(read_all(&cache), data);
@@ -314,5 +362,5 @@ fn a_fill_waits_for_another_open_files_lock_on_its_chunks() {
         drop(held);
         fill.join().unwrap().unwrap();
     });
-    assert_eq!(cache.hydrated_bytes(), 2 * u64::from(CHUNK));
+    assert_eq!(cache.hydrated_bytes(), bytes_of(cache.reader(), [1, 2]));
 }

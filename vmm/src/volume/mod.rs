@@ -115,10 +115,6 @@ impl Base {
         }
     }
 
-    fn chunk_size(&self) -> u64 {
-        u64::from(self.reader().chunk_size())
-    }
-
     fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
         match self {
             Base::Memory(cached) => Ok(cached.read_exact_at(offset, buf)?),
@@ -135,13 +131,12 @@ impl Base {
     ) -> Result<(), E> {
         match self {
             Base::Memory(cached) => {
-                let chunk_size = self.chunk_size();
+                let reader = cached.reader();
                 let (mut at, end) = (offset, offset + len as u64);
                 while at < end {
-                    let chunk = cached
-                        .chunk((at / chunk_size) as u32)
-                        .map_err(VolumeError::from)?;
-                    let within = (at % chunk_size) as usize;
+                    let n = reader.chunk_at(at);
+                    let chunk = cached.chunk(n).map_err(VolumeError::from)?;
+                    let within = (at - reader.chunk_offset(n)) as usize;
                     let n = (chunk.len() - within).min((end - at) as usize);
                     sink(Piece::Bytes(&chunk[within..within + n]))?;
                     at += n as u64;
@@ -318,9 +313,7 @@ impl Volume {
     fn record(&self, offset: u64, len: usize) {
         let mut recorder = self.recorder.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(recorder) = recorder.as_mut() {
-            let chunk_size = self.base.chunk_size();
-            let last = (offset + len as u64).saturating_sub(1) / chunk_size;
-            recorder.record((offset / chunk_size) as u32..=last as u32);
+            recorder.record(self.base.reader().chunks_of(offset, len as u64));
         }
     }
 

@@ -184,10 +184,17 @@ fn a_damaged_chunk_fails_its_reads_and_only_those() {
     let dir = tempfile::tempdir().unwrap();
     let (image_path, raw) = make_image(dir.path(), "base", 5);
     let mut bytes = std::fs::read(&image_path).unwrap();
-    // The header is 64 bytes; the first chunk's frame follows it.
-    bytes[100] ^= 0x55;
+    // The header is 64 bytes; the first frame follows it: its zstd magic
+    // number changed, the frame does not decompress.
+    bytes[64] ^= 0x55;
     std::fs::write(&image_path, bytes).unwrap();
     let volume = Volume::open(&image_path, None, CACHE).unwrap();
+    // The first chunk after that frame's.
+    let reader = image::Reader::open(&image_path).unwrap();
+    let whole = (0..reader.chunk_count())
+        .find(|&n| !reader.is_zero_chunk(n) && reader.chunk(n).is_ok())
+        .map(|n| reader.chunk_offset(n) as usize)
+        .unwrap();
     let mut buf = vec![0u8; 4096];
     let err = volume.read(0, &mut buf).unwrap_err();
     assert!(
@@ -195,8 +202,8 @@ fn a_damaged_chunk_fails_its_reads_and_only_those() {
         "{err}"
     );
     assert!(one_line(&err).contains("base.kiln"), "{err}");
-    volume.read(CHUNK as u64, &mut buf).unwrap();
-    assert_eq!(buf, raw[CHUNK as usize..CHUNK as usize + 4096]);
+    volume.read(whole as u64, &mut buf).unwrap();
+    assert_eq!(buf, raw[whole..whole + 4096]);
 }
 
 #[test]
@@ -364,22 +371,25 @@ fn a_boot_working_set_is_recorded_then_prefetched() {
         volume
     };
     let first = open();
-    let chunk = u64::from(CHUNK);
-    let mut buf = vec![0u8; 100];
-    for at in [5 * chunk + 10, chunk, 5 * chunk + 20, 50] {
+    let reader = image::Reader::open(&image_path).unwrap();
+    let (id, count) = (reader.content_id(), reader.chunk_count());
+    // Reads in chunks 5, 1, 5 again and 0 (10 bytes in each).
+    let at = |n: u32, within: u64| reader.chunk_offset(n) + within;
+    let mut buf = vec![0u8; 10];
+    for at in [at(5, 10), at(1, 0), at(5, 20), at(0, 50)] {
         first.read(at, &mut buf).unwrap();
-        assert_eq!(buf, raw[at as usize..at as usize + 100]);
+        assert_eq!(buf, raw[at as usize..at as usize + 10]);
     }
     assert!(!record.exists(), "written when the volume goes");
     drop(first);
-    let id = image::Reader::open(&image_path).unwrap().content_id();
-    let chunks = working_set::read(&record, &id, 19).unwrap().unwrap();
+    let chunks = working_set::read(&record, &id, count).unwrap().unwrap();
     assert_eq!(chunks, [5, 1, 0]);
 
     std::fs::remove_dir_all(&cache_dir).unwrap();
     let later = open();
-    wait_hydrated(&later, 3 * chunk);
+    let bytes = |n: u32| reader.chunk_len(n) as u64;
+    wait_hydrated(&later, bytes(5) + bytes(1) + bytes(0));
     drop(later);
-    let again = working_set::read(&record, &id, 19).unwrap().unwrap();
+    let again = working_set::read(&record, &id, count).unwrap().unwrap();
     assert_eq!(again, chunks, "a later volume records nothing");
 }

@@ -188,7 +188,8 @@ fn debian(kiln: &Path, guest_init: &Path, home: &Path) -> Result<DebianReport> {
     let mut compression = Vec::new();
     for way in COMPRESSIONS {
         let started = Instant::now();
-        let info = kiln_image::write_with(&raw, &home.join("debian.img"), DEFAULT_CHUNK_SIZE, way)?;
+        let out = home.join("debian.img");
+        let info = kiln_image::write_with(&raw, &out, DEFAULT_CHUNK_SIZE, way, None)?;
         compression.push((way, millis(started.elapsed()), info.file_size));
     }
     let level_19 = compression[0].2 as f64;

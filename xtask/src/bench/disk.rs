@@ -19,7 +19,8 @@
 //! `Volume` with a cold in-memory chunk cache, through a hydrated cache
 //! (warm) and through an empty one (cold), against `pread` of the raw
 //! file in the page cache. The report also holds the on-disk size of the
-//! hello image against its raw filesystem.
+//! hello image against its raw filesystem, and what `disk-bench` (a
+//! one-file child of `python`) stores of its own against its parent.
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::process::Command;
@@ -38,6 +39,8 @@ use crate::sh;
 const IMAGE: &str = "disk-bench:1.0.0";
 /// The size goal's image.
 const HELLO: &str = "hello:1.0.0";
+/// [`IMAGE`]'s parent: the image a one-file child of shares its chunks with.
+const PARENT: &str = "python:3.11.2";
 /// Bytes per read: diskread.c's sequential and random request sizes.
 const SEQ_READ: u64 = 1 << 20;
 const RAND_READ: u64 = 4096;
@@ -106,6 +109,13 @@ pub struct DiskReport {
     pub hello_image_bytes: u64,
     /// Image / raw ext4: at most 0.35 is the goal.
     pub hello_size_ratio: f64,
+    /// Bytes of [`PARENT`]'s image file.
+    #[serde(default)]
+    pub parent_image_bytes: u64,
+    /// [`IMAGE`]'s own stored bytes (its file, without the chunks it
+    /// takes from its parent's) over [`PARENT`]'s: at most 0.10 is the goal.
+    #[serde(default)]
+    pub child_own_ratio: f64,
 }
 
 /// Both backends, both patterns: MiB/s and reads per second.
@@ -215,6 +225,14 @@ fn print_table(r: &DiskReport) {
         r.hello_raw_bytes >> 10,
         r.hello_size_ratio
     );
+    println!(
+        "{} stores {} KiB of its own beside its parent {}'s {} KiB ({:.3})",
+        r.image,
+        r.image_bytes >> 10,
+        PARENT,
+        r.parent_image_bytes >> 10,
+        r.child_own_ratio
+    );
 }
 
 /// Where the guest side boots from.
@@ -271,6 +289,7 @@ pub fn guest(runs: usize) -> Result<()> {
     let (boot_raw, boot_volume) = (stats(&boots_raw)?, stats(&boots_volume)?);
     let store = Store::new(&home);
     let (image, hello) = (store.find(IMAGE)?.manifest, store.find(HELLO)?.manifest);
+    let parent = store.find(PARENT)?.manifest;
     print_report(&DiskReport {
         environment: environment(),
         image: IMAGE.into(),
@@ -294,6 +313,8 @@ pub fn guest(runs: usize) -> Result<()> {
         hello_raw_bytes: hello.raw_size,
         hello_image_bytes: hello.file_size,
         hello_size_ratio: hello.file_size as f64 / hello.raw_size as f64,
+        parent_image_bytes: parent.file_size,
+        child_own_ratio: image.file_size as f64 / parent.file_size as f64,
     })
 }
 
