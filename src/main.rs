@@ -15,6 +15,10 @@ mod cmd;
     about = "Build microVM images from recipes and boot them on KVM"
 )]
 struct Cli {
+    /// Start VM processes without their jail: as root, in the host's
+    /// namespaces (debugging only; the same as KILN_JAIL=0).
+    #[arg(long, global = true)]
+    no_jail: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -78,6 +82,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.no_jail {
+        cmd::doctor::switch_jail_off();
+    }
     // Before any thread exists, so before any seccomp filter (the VM
     // process's threads may not open or query anything the logger would).
     kiln_vmm::logger::init();

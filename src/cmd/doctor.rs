@@ -57,8 +57,18 @@ pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Whether VM processes can be jailed here, and with a cgroup; the jail
-/// is opt-in for now, so not a readiness matter either.
+/// `--no-jail`: every VM process this process and its children (a
+/// detached instance's supervisor, `kiln fn serve`'s clones) start runs
+/// unjailed, which is said on stderr. Called first thing in `main`.
+pub fn switch_jail_off() {
+    // SAFETY: called before any thread of this process exists (clap's
+    // parsing starts none), so nothing reads the environment meanwhile.
+    unsafe { std::env::set_var(JAIL_ENV, "0") };
+    jail::warn_off();
+}
+
+/// Whether VM processes are jailed here, and with a cgroup. A host that
+/// cannot jail still boots VMs, unjailed: not a readiness matter.
 fn report_jail() {
     let on = match jail::JailSettings::from_env() {
         Ok(settings) => settings.is_some(),
@@ -67,14 +77,14 @@ fn report_jail() {
             return;
         }
     };
-    let switch = if on { "on" } else { "off" };
-    match jail::unavailable() {
-        Some(why) => println!("jail: unavailable: {why} ({JAIL_ENV}={})", u8::from(on)),
-        None => {
-            println!(
-                "jail: what it needs is here (root, /dev/kvm); {switch} ({JAIL_ENV}=1 jails VM processes)"
-            )
-        }
+    match (on, jail::unavailable()) {
+        (_, Some(why)) => println!("jail: unavailable: {why}; VM processes run unjailed"),
+        (true, None) => println!(
+            "jail: on: each VM process runs in a jail of its own (--no-jail or {JAIL_ENV}=0 turns it off, for debugging)"
+        ),
+        (false, None) => println!(
+            "jail: OFF ({JAIL_ENV}=0): VM processes run as root in the host's namespaces (debugging only)"
+        ),
     }
     match cgroup::unavailable() {
         None => println!("jail cgroups: cgroup v2 with cpu, memory and pids"),

@@ -4,7 +4,7 @@
 # random bytes (reseeded from the host) and hostname → 8 invocations at concurrency 2
 # all succeed → a handler over its timeout is killed, and only that clone:
 # the next invocation works → a function URL answers an HTTP POST →
-# kiln fn rm removes it.
+# kiln fn rm removes it. Clones run jailed.
 . "$(dirname "$0")/lib.sh"
 
 # field FILE NAME: the string value of JSON field NAME on FILE's first line.
@@ -52,7 +52,18 @@ kill "$progress"
 expect_contains eight-at-concurrency-2-succeed "$WORK/many.txt" "^8 ok, 0 failed"
 echo "KILN-INFO $(tr '\n' ' ' < "$WORK/many.txt")"
 
-"$KILN" fn invoke echo --payload '{"sleep": 300}' > "$WORK/slow.txt" 2> "$WORK/slow.err"
+"$KILN" fn invoke echo --payload '{"sleep": 300}' > "$WORK/slow.txt" 2> "$WORK/slow.err" &
+slow=$!
+# Its clone's VM process, while the handler sleeps: jailed as an
+# instance's is (the jail is on by default).
+for _ in $(seq 1 300); do
+    clone=$(vm_pid "$KILN_HOME/clones/")
+    [ -n "$clone" ] && [ "$(status_field "$clone" Uid)" != 0 ] && break
+    sleep 0.2
+done
+check clone-runs-as-an-unprivileged-uid [ "$(status_field "${clone:-0}" Uid)" -gt 900000 ]
+expect_eq clone-has-no-capabilities 0000000000000000 "$(status_field "${clone:-0}" CapEff)"
+wait "$slow"
 expect_eq timed-out-handler-is-killed 137 "$?"
 expect_contains timeout-is-said "$WORK/slow.err" "timed out"
 "$KILN" fn invoke echo --payload '{"after": "timeout"}' > "$WORK/after.txt" 2>&1

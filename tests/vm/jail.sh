@@ -1,39 +1,29 @@
-# The jail (KILN_JAIL=1): an instance's VM process runs as an unprivileged
-# uid of its own, with no capabilities and no_new_privs, in its own mount,
+# The jail, on by default: an instance's VM process runs as an unprivileged
+# uid leased for its life (a restored instance running beside it has
+# another), with no capabilities and no_new_privs, in its own mount,
 # PID, IPC and UTS namespaces, under a root that holds only /dev/kvm and
 # what its definition names, with Firecracker's open-file limit, in a
 # cgroup v2 group of its own; the guest's network (a tap the supervisor
 # made and passed) still works, a snapshot written jailed restores into
 # another jailed instance, hibernate and start resume it, and stopping
-# removes the group.
+# removes the group. `--no-jail` is said to be for debugging.
 . "$(dirname "$0")/lib.sh"
-export KILN_JAIL=1
 
 # The L1 mounts no cgroup hierarchy of its own: give it a v2 one.
 if [ ! -e /sys/fs/cgroup/cgroup.controllers ]; then
     mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup
 fi
 
-# vm_pid ID: the pid (in this namespace) of instance ID's VM process.
-vm_pid() {
-    for status in /proc/[0-9]*/status; do
-        dir=${status%/status}
-        if tr '\0' ' ' < "$dir/cmdline" 2>/dev/null | grep -q "__vm --config $KILN_HOME/instances/$1/"; then
-            echo "${dir#/proc/}"
-            return
-        fi
-    done
-}
-
-# status_field PID NAME: a field of /proc/PID/status, its first column.
-status_field() {
-    sed -n "s/^$2:[[:space:]]*\([^[:space:]]*\).*/\1/p" "/proc/$1/status"
-}
+"$KILN" doctor > "$WORK/doctor.txt" 2>&1
+expect_contains doctor-says-jail-on "$WORK/doctor.txt" "^jail: on: "
+"$KILN" --no-jail doctor > "$WORK/no-jail.txt" 2> "$WORK/no-jail.err"
+expect_contains no-jail-doctor-says-off "$WORK/no-jail.txt" "^jail: OFF (KILN_JAIL=0)"
+expect_contains no-jail-warns-on-stderr "$WORK/no-jail.err" "WARNING: the jail is off.*debugging only"
 
 id=$("$KILN" run web:1.0.0 --detach --name jailed 2> "$WORK/launch.err")
 expect_eq launch-exit-status 0 "$?"
 sed 's/^/KILN-INFO launch: /' "$WORK/launch.err"
-pid=$(vm_pid "$id")
+pid=$(vm_pid "$KILN_HOME/instances/$id/")
 # Why the VM process ended, should it have: for the log.
 diagnose() {
     "$KILN" ps -a 2>&1 | sed 's/^/KILN-INFO ps: /'
@@ -43,6 +33,7 @@ diagnose() {
 check vm-process-found [ -n "$pid" ]
 uid=$(status_field "$pid" Uid)
 check runs-as-an-unprivileged-uid [ "$uid" -gt 900000 ]
+check uid-is-leased [ -e "/run/kiln/jail-uids/$uid" ]
 sleep 2
 [ -e "/proc/$pid" ] || diagnose
 expect_eq gid-is-the-uid "$uid" "$(status_field "$pid" Gid)"
@@ -92,8 +83,10 @@ restored=$("$KILN" snapshot restore "$WORK/snap" --name restored --network none 
 expect_eq restore-exit-status 0 "$?"
 "$KILN" ps > "$WORK/ps-restored.txt" 2>&1
 expect_contains restored-runs "$WORK/ps-restored.txt" "restored .*running"
-rpid=$(vm_pid "$restored")
-check restored-is-jailed [ "$(status_field "$rpid" Uid)" -gt 900000 ]
+rpid=$(vm_pid "$KILN_HOME/instances/$restored/")
+ruid=$(status_field "$rpid" Uid)
+check restored-is-jailed [ "$ruid" -gt 900000 ]
+check restored-has-a-uid-of-its-own [ "$ruid" != "$uid" ]
 check terminate-restored "$KILN" terminate restored
 
 # Hibernate and resume, jailed.
@@ -105,6 +98,6 @@ get_again() {
     grep -q "200 OK" "$WORK/again.html"
 }
 check page-after-resume get_again
-check resumed-jailed [ "$(status_field "$(vm_pid "$id")" Uid)" = "$uid" ]
+check resumed-jailed [ "$(status_field "$(vm_pid "$KILN_HOME/instances/$id/")" Uid)" = "$uid" ]
 check terminate "$KILN" terminate jailed
 check no-group-left [ ! -d "$group" ]

@@ -41,6 +41,24 @@ wait_console() {
     expect_contains "$3" "$WORK/$1.txt" "$2"
 }
 
+# vm_pid DIR: the pid (in this namespace) of the VM process whose
+# definition is under DIR (an instance's or a clone's directory, or
+# $KILN_HOME/clones/ for any clone); nothing if none runs.
+vm_pid() {
+    for status in /proc/[0-9]*/status; do
+        dir=${status%/status}
+        if tr '\0' ' ' < "$dir/cmdline" 2>/dev/null | grep -q "__vm --config $1"; then
+            echo "${dir#/proc/}"
+            return
+        fi
+    done
+}
+
+# status_field PID NAME: a field of /proc/PID/status, its first column.
+status_field() {
+    sed -n "s/^$2:[[:space:]]*\([^[:space:]]*\).*/\1/p" "/proc/$1/status"
+}
+
 # Where a scenario's server listens for a host step's client: the test
 # machine's NIC when nested (the harness forwards a host port to it),
 # loopback when the scenarios run on the build host itself. The harness

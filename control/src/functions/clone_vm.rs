@@ -7,7 +7,10 @@
 //! What a clone still has is what the VM needs: its own copy of the
 //! template's root volume writes (a throwaway file, not synced: the clone
 //! never outlives its VM, and the VM process unlinks it once open), its
-//! own vsock socket and CID, and every seccomp filter of the VM process.
+//! own vsock socket and CID, every seccomp filter of the VM process, and
+//! its jail, as an instance's VM process has ([`crate::jail`]: a uid of
+//! its own, its own namespaces and root, a cgroup) unless the jail is
+//! switched off.
 //! Its guest is made a machine of its own (randomness, hostname) by the
 //! caller's `restore` session request before its runtime goes on.
 //!
@@ -19,7 +22,7 @@ use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::thread;
 
 use kiln_builder::store::Store;
@@ -32,6 +35,7 @@ use super::{FunctionError, io_err, random_seed};
 use crate::definition::{DEFAULT_CACHE_MIB, instance_cid};
 use crate::image_test::vm_process;
 use crate::instance::snapshots;
+use crate::jail::{self, Jail, JailSettings};
 
 /// Where clones' directories are made, under `$KILN_HOME`.
 const CLONES_DIR: &str = "clones";
@@ -43,8 +47,9 @@ const VSOCK_SOCKET: &str = "vsock.sock";
 /// clone's hostname, which the end-to-end tests expect in that shape.
 const ID_HEX_DIGITS: usize = 16;
 
-/// One VM process to start, and where its [`Child`] (or the failure) goes.
-type SpawnRequest = (Command, mpsc::Sender<io::Result<Child>>);
+/// One VM process to start, whether it is jailed, and where its [`Child`]
+/// (or the failure) goes.
+type SpawnRequest = (Command, bool, mpsc::Sender<io::Result<Child>>);
 
 /// What every clone of one function's template shares, read once: the
 /// definition of its VM process and the files it starts from.
@@ -57,6 +62,8 @@ pub struct Template {
     clones: PathBuf,
     /// The `kiln` binary, whose `__vm` subcommand is a VM process.
     kiln: PathBuf,
+    /// How each clone's VM process is jailed; none when unjailed.
+    jail: Option<JailSettings>,
     /// The thread that starts the clones' VM processes.
     spawner: mpsc::Sender<SpawnRequest>,
 }
@@ -70,6 +77,8 @@ pub struct CloneVm {
     dir: TempDir,
     /// Taken by the drop, which hands it to its reaper.
     child: Option<Child>,
+    /// Its VM process's jail, which its reaper removes.
+    jail: Option<Arc<Jail>>,
     /// Keeps the spawner thread, which the VM process ends with, alive.
     _spawner: mpsc::Sender<SpawnRequest>,
 }
@@ -89,6 +98,7 @@ impl Template {
             vm,
             clones: home.join(CLONES_DIR),
             kiln: kiln.to_path_buf(),
+            jail: JailSettings::for_vm_processes()?,
             spawner: spawner(),
         })
     }
@@ -107,19 +117,47 @@ impl Template {
         let overlay = dir.path().join(ROOT_OVERLAY_FILE);
         copy_overlay(&self.dir.join(ROOT_OVERLAY_FILE), &overlay)?;
         let definition = dir.path().join(DEFINITION_FILE);
-        write_definition(&self.definition_of(&id, dir.path(), overlay), &definition)?;
-        let child = self
-            .spawn(&definition)
-            .map_err(|source| FunctionError::Spawn {
-                id: id.clone(),
-                source,
-            })?;
+        let mut vm = self.definition_of(&id, dir.path(), overlay);
+        let jail = self.jail(&id, dir.path(), &mut vm)?;
+        write_definition(&vm, &definition)?;
+        if let Some(jail) = &jail {
+            jail.hand_over(&definition)
+                .map_err(|source| FunctionError::Jail {
+                    id: id.clone(),
+                    source,
+                })?;
+        }
+        let child =
+            self.spawn(&definition, jail.as_ref())
+                .map_err(|source| FunctionError::Spawn {
+                    id: id.clone(),
+                    source,
+                })?;
         Ok(CloneVm {
             id,
             dir,
             child: Some(child),
+            jail,
             _spawner: self.spawner.clone(),
         })
+    }
+
+    /// The jail of clone `id`, whose files are in `dir`, for `vm` (which
+    /// it adapts: [`Jail::prepare`]); none when clones are unjailed.
+    fn jail(
+        &self,
+        id: &str,
+        dir: &Path,
+        vm: &mut VmConfig,
+    ) -> Result<Option<Arc<Jail>>, FunctionError> {
+        let Some(settings) = &self.jail else {
+            return Ok(None);
+        };
+        let jail = Jail::create(settings, id, dir, vm).map_err(|source| FunctionError::Jail {
+            id: id.to_string(),
+            source,
+        })?;
+        Ok(Some(Arc::new(jail)))
     }
 
     /// The definition of clone `id`, whose files are in `dir`.
@@ -140,13 +178,17 @@ impl Template {
     /// Starts `kiln __vm --config DEFINITION` from the spawner thread,
     /// with this process as its supervisor: its guest's console goes
     /// nowhere (a runtime's log comes back with each event), its own
-    /// complaints go to this process's stderr.
-    fn spawn(&self, definition: &Path) -> io::Result<Child> {
+    /// complaints go to this process's stderr. It enters `jail` if given.
+    fn spawn(&self, definition: &Path, jail: Option<&Arc<Jail>>) -> io::Result<Child> {
         let mut command = vm_process(&self.kiln, definition);
         command.stdout(Stdio::null()).stderr(Stdio::inherit());
+        if let Some(jail) = jail {
+            jail.confine(&mut command);
+        }
         let (reply, answer) = mpsc::channel();
         let gone = || io::Error::other("the clones' spawner thread has ended");
-        self.spawner.send((command, reply)).map_err(|_| gone())?;
+        let request = (command, jail.is_some(), reply);
+        self.spawner.send(request).map_err(|_| gone())?;
         answer.recv().map_err(|_| gone())?
     }
 }
@@ -159,10 +201,14 @@ impl Template {
 fn spawner() -> mpsc::Sender<SpawnRequest> {
     let (requests, incoming) = mpsc::channel::<SpawnRequest>();
     thread::spawn(move || {
-        for (mut command, reply) in incoming {
+        for (mut command, jailed, reply) in incoming {
+            let child = jail::spawn(&mut command, jailed);
+            // The command holds the jail (its pre_exec): let it go before
+            // the clone may end, so that its reaper removes the jail.
+            drop(command);
             // A caller that has gone no longer wants the child: dropping
             // it leaves the VM process to end with this thread.
-            let _ = reply.send(command.spawn());
+            let _ = reply.send(child);
         }
     });
     requests
@@ -254,7 +300,13 @@ impl Drop for CloneVm {
         // Not yet waited for, the child's pid is still its own: the
         // signal reaches it or nothing.
         let _ = child.kill();
-        thread::spawn(move || child.wait());
+        let jail = self.jail.take();
+        thread::spawn(move || {
+            let _ = child.wait();
+            if let Some(jail) = jail.and_then(Arc::into_inner) {
+                jail.remove();
+            }
+        });
     }
 }
 
@@ -357,6 +409,7 @@ mod tests {
             vm: definition(dir, (dir.join("image"), None), (1, 128)),
             clones: home.join(CLONES_DIR),
             kiln: kiln.to_path_buf(),
+            jail: None,
             spawner: spawner(),
         }
     }

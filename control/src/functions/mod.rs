@@ -47,6 +47,7 @@ use crate::api::{self, Request, Response};
 use crate::instance::lifecycle::{self, LifecycleError};
 use crate::instance::snapshots::SnapshotsError;
 use crate::instance::{Instance, InstanceError, Network, Registry, Spec};
+use crate::jail::JailError;
 use clone_vm::{CloneVm, Template};
 use kiln_builder::store::StoreError;
 use kiln_vmm::devices::lock;
@@ -274,6 +275,18 @@ pub enum FunctionError {
     /// The template VM's record could not be had or forgotten.
     #[error(transparent)]
     Instance(#[from] InstanceError),
+    /// A clone's jail cannot be set up.
+    #[error("clone {id}: cannot jail its VM process")]
+    Jail {
+        /// The clone.
+        id: String,
+        /// Why not.
+        #[source]
+        source: JailError,
+    },
+    /// The jail's settings (`KILN_JAIL`, `KILN_JAIL_UIDS`) are not valid.
+    #[error(transparent)]
+    JailSettings(#[from] JailError),
 }
 
 /// The runtime's log, for an error message: said after the message, or

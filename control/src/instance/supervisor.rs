@@ -17,15 +17,14 @@
 use std::fs;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixListener;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex};
 use std::{io, thread};
 
 use kiln_builder::store::Store;
+use kiln_vmm::config::Boot;
 use kiln_vmm::config::ConfigError;
-use kiln_vmm::config::{Boot, VmConfig};
 use kiln_vmm::devices::lock;
 use kiln_vmm::rpc::{self, ControlClient};
 use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
@@ -34,7 +33,7 @@ use super::actions;
 use super::console::{CONSOLE_LOG_LIMIT, ConsoleLogError, RotatingLog, copy_into};
 use super::{FileLock, Instance, InstanceError};
 use crate::definition::{self, DefinitionError, RunOptions};
-use crate::jail::{Cgroup, Jail, JailError, JailSettings, Limits, PidNamespace};
+use crate::jail::{self, Jail, JailError, JailSettings};
 use crate::network::proxy::{Proxy, ProxyError, ProxyHandle};
 use crate::network::{self, NetworkError};
 
@@ -186,7 +185,7 @@ pub fn run(
     started: Option<OwnedFd>,
 ) -> Result<ExitStatus, SupervisorError> {
     kiln_vmm::trace::mark("supervisor");
-    let jail = JailSettings::from_env()?;
+    let jail = JailSettings::for_vm_processes()?;
     let launch = Launch {
         restore,
         console: vm.console,
@@ -226,8 +225,9 @@ fn vm_command(
         None => Boot::Kernel(vm.options.kernel.clone()),
     };
     let mut config = definition::for_instance(&vm.store, instance, &vm.options, boot)?;
+    let id = &instance.record.id;
     let jail = jail
-        .map(|settings| jail_for(settings, instance, &mut config))
+        .map(|settings| Jail::create(settings, id, instance.dir(), &mut config))
         .transpose()?
         .map(Arc::new);
     let file = instance.dir().join(VM_DEFINITION_FILE);
@@ -252,46 +252,13 @@ fn vm_command(
         inherited.push(tap.into());
     }
     if let Some(jail) = &jail {
-        let jail = jail.clone();
-        // SAFETY: Jail::enter makes system calls only, on what was
-        // prepared before the fork: nothing it does allocates or takes a
-        // lock another thread of this process could hold.
-        unsafe { command.pre_exec(move || jail.enter()) };
+        jail.confine(&mut command);
     }
     Ok(VmSpawn {
         command,
         inherited,
         jail,
     })
-}
-
-/// The jail of `instance`'s next VM process, for `config` (which it
-/// adapts: [`Jail::prepare`]). The group is made where cgroup v2 is here;
-/// where not, that is said once and the jail goes on without one.
-fn jail_for(
-    settings: &JailSettings,
-    instance: &Instance,
-    config: &mut VmConfig,
-) -> Result<Jail, SupervisorError> {
-    let limits = Limits::for_vm(config.vcpus, config.memory_mib);
-    let cgroup = Cgroup::create(&instance.record.id, &limits)
-        .inspect_err(|err| {
-            static SAID: Once = Once::new();
-            SAID.call_once(|| {
-                eprintln!(
-                    "kiln: jailed without a cgroup: {}",
-                    kiln_vmm::report::one_line(err)
-                );
-            });
-        })
-        .ok();
-    Ok(Jail::prepare(
-        settings,
-        &instance.record.id,
-        instance.dir(),
-        config,
-        cgroup,
-    )?)
 }
 
 /// [`run`], with the VM processes' commands made by `vm_command`.
@@ -455,16 +422,8 @@ fn start_vm(
     // dropped once the child is spawned: the copy into the log ends when
     // the VM process does.
     kiln_vmm::trace::mark("vm-spawn");
-    // A jailed VM process is the init of a PID namespace of its own.
-    let pid_namespace = jail
-        .as_ref()
-        .map(|_| PidNamespace::for_next_child())
-        .transpose()
-        .map_err(io_err("cannot make a PID namespace for the VM process"))?;
-    let child = command
-        .spawn()
-        .map_err(io_err("cannot start the VM process"))?;
-    drop(pid_namespace);
+    let child =
+        jail::spawn(&mut command, jail.is_some()).map_err(io_err("cannot start the VM process"))?;
     drop(command);
     // Only the VM process keeps its end of the channel open, and its tap.
     drop(vm_end);

@@ -13,8 +13,9 @@
 //!   the instance's directory (its overlays, vsock socket, hibernation and
 //!   snapshot exchange) writable. pivot_root(2) into it and the old root
 //!   unmounted: nothing else of the host is visible.
-//! - An unprivileged uid and gid of the instance's own (`KILN_JAIL_UIDS`),
-//!   the jails' shared group as its one supplementary group, every
+//! - An unprivileged uid and gid leased for the VM process's life from
+//!   `KILN_JAIL_UIDS` ([`uid`]: no two live jails share one), the jails'
+//!   shared group as its one supplementary group, every
 //!   capability dropped from the bounding set, `no_new_privs`, and
 //!   RLIMIT_NOFILE as Firecracker's jailer sets it.
 //! - A cgroup v2 group ([`cgroup`]) where the host has one.
@@ -22,6 +23,7 @@
 //! The tap comes open from the supervisor (`--tap-fd`), so neither
 //! `/dev/net/tun` nor CAP_NET_ADMIN is needed inside.
 pub mod cgroup;
+pub mod uid;
 
 use std::ffi::{CStr, CString};
 use std::fs;
@@ -29,7 +31,10 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::{Arc, Once};
 
 use kiln_vmm::config::{Boot, DiskSource, VmConfig};
 use rustix::fs::{FileType, Gid, Mode, Uid};
@@ -37,9 +42,11 @@ use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
 use rustix::thread::{LinkNameSpaceType, UnshareFlags};
 
 pub use cgroup::{Cgroup, CgroupError, Limits};
+pub use uid::{UidLease, UidRange};
 
-/// Turns the jail on (`1`) or off (`0`, the default while it is opt-in)
-/// for every VM process a supervisor with it in its environment starts.
+/// Turns the jail on (`1`, the default) or off (`0`, for debugging only)
+/// for every VM process a supervisor or a function's server with it in
+/// its environment starts (`kiln --no-jail` sets it to `0`).
 pub const JAIL_ENV: &str = "KILN_JAIL";
 /// The uids (and gids, the same numbers) jails take theirs from, as
 /// `FIRST-LAST`.
@@ -69,56 +76,18 @@ const KVM_DEVICE: &str = "/dev/kvm";
 /// and the /dev/kvm node.
 const ROOT_TMPFS_OPTIONS: &CStr = c"size=1m,mode=0755";
 
-/// A range of unprivileged ids.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct UidRange {
-    /// The first id.
-    pub first: u32,
-    /// How many ids follow it, itself included.
-    pub count: u32,
-}
-
-impl UidRange {
-    /// The id of the instance `id`, one of the range's after the first:
-    /// picked by a hash of it, so it is the same at every boot, and
-    /// another instance's only by a collision the range's size makes
-    /// unlikely.
-    pub fn for_instance(&self, id: &str) -> u32 {
-        // FNV-1a, 32 bits: stable across Rust versions, unlike std's hasher.
-        let hash = id.bytes().fold(0x811c_9dc5_u32, |hash, byte| {
-            (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
-        });
-        self.first + 1 + hash % (self.count - 1)
-    }
-
-    /// The group every jail has as its one supplementary group: the
-    /// range's first id. A snapshot's files are given to it (mode 640)
-    /// when a jailed VM restores from them, so that one jail's snapshot
-    /// can be restored under another jail's uid. Nothing else is.
-    pub fn shared_group(&self) -> u32 {
-        self.first
-    }
-
-    fn parse(text: &str) -> Option<UidRange> {
-        let (first, last) = text.split_once('-')?;
-        let (first, last): (u32, u32) = (first.parse().ok()?, last.parse().ok()?);
-        (first > 0 && last > first && last < u32::MAX).then(|| UidRange {
-            first,
-            count: last - first + 1,
-        })
-    }
-}
-
 /// Whether the VM processes of this supervisor are jailed, and how.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JailSettings {
-    /// Where each instance's uid comes from.
+    /// Where each VM process's uid comes from.
     pub uids: UidRange,
+    /// Where the uids' leases are taken ([`uid::LEASES_DIR`]).
+    pub leases: PathBuf,
 }
 
 impl JailSettings {
-    /// The settings `KILN_JAIL` and `KILN_JAIL_UIDS` give: none while the
-    /// jail is off.
+    /// The settings `KILN_JAIL` and `KILN_JAIL_UIDS` give: none when the
+    /// jail is switched off.
     pub fn from_env() -> Result<Option<JailSettings>, JailError> {
         Self::from_values(
             std::env::var(JAIL_ENV).ok().as_deref(),
@@ -126,21 +95,58 @@ impl JailSettings {
         )
     }
 
+    /// The settings the VM processes this process starts are jailed
+    /// with ([`JailSettings::from_env`]); none when the jail is switched
+    /// off or this host cannot jail ([`unavailable`]), which is said on
+    /// stderr, once per process.
+    pub fn for_vm_processes() -> Result<Option<JailSettings>, JailError> {
+        let Some(settings) = Self::from_env()? else {
+            warn_off();
+            return Ok(None);
+        };
+        match unavailable() {
+            None => Ok(Some(settings)),
+            Some(why) => {
+                static SAID: Once = Once::new();
+                SAID.call_once(|| {
+                    eprintln!(
+                        "kiln: WARNING: the jail is unavailable ({why}): VM processes run unjailed"
+                    );
+                });
+                Ok(None)
+            }
+        }
+    }
+
     fn from_values(
         switch: Option<&str>,
         uids: Option<&str>,
     ) -> Result<Option<JailSettings>, JailError> {
         match switch {
-            None | Some("0") => return Ok(None),
-            Some("1") => {}
+            Some("0") => return Ok(None),
+            None | Some("1") => {}
             Some(other) => return Err(JailError::Switch(other.to_string())),
         }
         let uids = match uids {
             None => DEFAULT_UIDS,
             Some(text) => UidRange::parse(text).ok_or_else(|| JailError::Uids(text.to_string()))?,
         };
-        Ok(Some(JailSettings { uids }))
+        Ok(Some(JailSettings {
+            uids,
+            leases: PathBuf::from(uid::LEASES_DIR),
+        }))
     }
+}
+
+/// Says on stderr, once per process, that VM processes run unjailed by
+/// request (`--no-jail`, `KILN_JAIL=0`): for debugging only.
+pub fn warn_off() {
+    static SAID: Once = Once::new();
+    SAID.call_once(|| {
+        eprintln!(
+            "kiln: WARNING: the jail is off ({JAIL_ENV}=0): VM processes run as root in the host's namespaces (debugging only)"
+        );
+    });
 }
 
 /// Why a jail cannot be set up.
@@ -162,6 +168,17 @@ pub enum JailError {
         /// What the system said.
         #[source]
         source: io::Error,
+    },
+    /// Every id of the range is leased to a live jail.
+    #[error(
+        "every jail uid of {range} is held by a live VM process (leases in {}); expected a wider ${UIDS_ENV}",
+        dir.display()
+    )]
+    NoFreeUid {
+        /// The range.
+        range: UidRange,
+        /// Where the leases are.
+        dir: PathBuf,
     },
     /// A path holds a NUL byte, which no system call takes.
     #[error("{0}: a path with a NUL byte cannot be mounted")]
@@ -206,7 +223,8 @@ pub struct Jail {
     dirs: Vec<CString>,
     binds: Vec<Bind>,
     kvm: (CString, u64),
-    uid: u32,
+    /// The uid (and gid) it runs as, held until the jail is removed.
+    uid: UidLease,
     /// The jails' shared group ([`UidRange::shared_group`]).
     group: u32,
     /// Files to delete once the VM process has ended.
@@ -240,7 +258,8 @@ impl Jail {
         cgroup: Option<Cgroup>,
     ) -> Result<Jail, JailError> {
         let ephemeral = take_ephemeral(config);
-        let uid = settings.uids.for_instance(id);
+        let lease = settings.uids.lease(&settings.leases, id)?;
+        let uid = lease.uid();
         let root = instance_dir.join(ROOT_DIR);
         make_dir(&root)?;
         let exchange = exchange_dir(instance_dir);
@@ -265,7 +284,7 @@ impl Jail {
             dirs: Vec::new(),
             binds: Vec::new(),
             kvm: (c_path(&root.join("dev/kvm"))?, kvm_device()?),
-            uid,
+            uid: lease,
             group: settings.uids.shared_group(),
             cgroup,
             ephemeral,
@@ -289,7 +308,7 @@ impl Jail {
 
     /// The uid (and gid) the VM process runs as.
     pub fn uid(&self) -> u32 {
-        self.uid
+        self.uid.uid()
     }
 
     /// Lets every jail read (and, `writable`, write) `path`, a file of
@@ -312,20 +331,58 @@ impl Jail {
     /// Gives `path`, which the supervisor wrote for the VM process (its
     /// definition), to the jail's uid.
     pub fn hand_over(&self, path: &Path) -> Result<(), JailError> {
-        let owner = (Some(Uid::from_raw(self.uid)), Some(Gid::from_raw(self.uid)));
+        let owner = (
+            Some(Uid::from_raw(self.uid())),
+            Some(Gid::from_raw(self.uid())),
+        );
         hand_over(path, owner)
     }
 
     /// What the instance's record shows of the jail.
     pub fn info(&self) -> JailInfo {
         JailInfo {
-            uid: self.uid,
+            uid: self.uid(),
             limits: self.cgroup.as_ref().map(Cgroup::limits),
         }
     }
 
+    /// The jail of the VM process `id` (an instance's, or a function
+    /// clone's), whose files are in `dir`, for `config`: [`Jail::prepare`]
+    /// with a cgroup where the host has cgroup v2; where not, that is
+    /// said once and the jail goes on without one.
+    pub fn create(
+        settings: &JailSettings,
+        id: &str,
+        dir: &Path,
+        config: &mut VmConfig,
+    ) -> Result<Jail, JailError> {
+        let limits = Limits::for_vm(config.vcpus, config.memory_mib);
+        let cgroup = Cgroup::create(id, &limits)
+            .inspect_err(|err| {
+                static SAID: Once = Once::new();
+                SAID.call_once(|| {
+                    eprintln!(
+                        "kiln: jailed without a cgroup: {}",
+                        kiln_vmm::report::one_line(err)
+                    );
+                });
+            })
+            .ok();
+        Jail::prepare(settings, id, dir, config, cgroup)
+    }
+
+    /// Has `command` enter the jail in its child, between fork and exec.
+    /// Spawn it with [`spawn`], which gives it its PID namespace.
+    pub fn confine(self: &Arc<Jail>, command: &mut Command) {
+        let jail = self.clone();
+        // SAFETY: Jail::enter makes system calls only, on what was
+        // prepared before the fork: nothing it does allocates or takes a
+        // lock another thread of this process could hold.
+        unsafe { command.pre_exec(move || jail.enter()) };
+    }
+
     /// Ends the jail once its VM process has: its group and its
-    /// ephemeral files go.
+    /// ephemeral files go, and its uid's lease ends.
     pub fn remove(self) {
         if let Some(cgroup) = self.cgroup {
             cgroup.remove();
@@ -377,7 +434,8 @@ impl Jail {
     /// Enters the jail: the calling process (the forked child, about to
     /// exec the VM process, inside its new PID namespace) gets its own
     /// mount, IPC and UTS namespaces and root, joins the group, and drops
-    /// to the jail's uid with no capabilities and no way to regain any.
+    /// to the jail's uid with no capabilities and no way to regain any,
+    /// holding its uid's lease across the exec.
     /// System calls only: this runs between fork and exec.
     pub fn enter(&self) -> io::Result<()> {
         // SAFETY: no CLONE_FILES among the flags: the descriptor table,
@@ -400,6 +458,7 @@ impl Jail {
             cgroup.join()?;
         }
         block_stop_signals()?;
+        self.uid.keep_across_exec()?;
         self.drop_privileges()
     }
 
@@ -430,8 +489,12 @@ impl Jail {
             Mode::from_raw_mode(0o600),
             *device,
         )?;
-        let id = Some(Uid::from_raw(self.uid));
-        rustix::fs::chown(kvm.as_c_str(), id, Some(Gid::from_raw(self.uid)))?;
+        let id = self.uid();
+        rustix::fs::chown(
+            kvm.as_c_str(),
+            Some(Uid::from_raw(id)),
+            Some(Gid::from_raw(id)),
+        )?;
         for bind in &self.binds {
             if !bind.dir {
                 rustix::fs::mknodat(
@@ -462,7 +525,7 @@ impl Jail {
         };
         rustix::process::setrlimit(rustix::process::Resource::Nofile, open_files)?;
         drop_bounding_set()?;
-        let (uid, gid) = (Uid::from_raw(self.uid), Gid::from_raw(self.uid));
+        let (uid, gid) = (Uid::from_raw(self.uid()), Gid::from_raw(self.uid()));
         rustix::thread::set_thread_groups(&[Gid::from_raw(self.group)])?;
         rustix::thread::set_thread_res_gid(gid, gid, gid)?;
         rustix::thread::set_thread_res_uid(uid, uid, uid)?;
@@ -557,8 +620,13 @@ fn vm_files(config: &VmConfig) -> Vec<(PathBuf, bool)> {
     let mut files = match &config.boot {
         Boot::Kernel(kernel) => vec![(kernel.clone(), false)],
         // A consumed snapshot (a hibernation, in the instance's directory)
-        // is deleted once restored.
-        Boot::Snapshot { dir, consume: true } => vec![(dir.clone(), true)],
+        // is deleted once restored; its files, written by an earlier VM
+        // process, are handed over too, in case its uid was another.
+        Boot::Snapshot { dir, consume: true } => {
+            let files = snapshot_files(dir).into_iter();
+            let all = std::iter::once(dir.clone()).chain(files.map(|(file, _)| file));
+            all.map(|path| (path, true)).collect()
+        }
         // Another's snapshot, file by file: its directory is private to
         // the user (mode 700).
         Boot::Snapshot {
@@ -709,6 +777,13 @@ impl Drop for PidNamespace {
     }
 }
 
+/// Spawns `command`, in a fresh PID namespace whose init it is when it
+/// is `jailed` ([`Jail::confine`]).
+pub fn spawn(command: &mut Command, jailed: bool) -> io::Result<Child> {
+    let _pid_namespace = jailed.then(PidNamespace::for_next_child).transpose()?;
+    command.spawn()
+}
+
 /// Why VM processes cannot be jailed here, for `kiln doctor`: the jail
 /// needs root (namespaces, mounts, the uid change) and /dev/kvm. A host
 /// without cgroup v2 is jailed without a group ([`cgroup::unavailable`]).
@@ -730,10 +805,16 @@ mod tests {
 
     #[test]
     fn the_switch_and_the_range_are_checked() {
-        assert_eq!(JailSettings::from_values(None, Some("junk")).unwrap(), None);
-        assert_eq!(JailSettings::from_values(Some("0"), None).unwrap(), None);
-        let on = JailSettings::from_values(Some("1"), None).unwrap().unwrap();
+        // Off ignores the range; on is the default.
+        assert_eq!(
+            JailSettings::from_values(Some("0"), Some("junk")).unwrap(),
+            None
+        );
+        let on = JailSettings::from_values(None, None).unwrap().unwrap();
         assert_eq!(on.uids, DEFAULT_UIDS);
+        assert_eq!(on.leases, Path::new(uid::LEASES_DIR));
+        let explicit = JailSettings::from_values(Some("1"), None).unwrap();
+        assert_eq!(explicit, Some(on));
         let ranged = JailSettings::from_values(Some("1"), Some("5000-5009")).unwrap();
         assert_eq!(
             ranged.unwrap().uids,
@@ -777,18 +858,6 @@ mod tests {
     }
 
     #[test]
-    fn an_instance_keeps_its_uid_within_the_range() {
-        let range = UidRange {
-            first: 5000,
-            count: 10,
-        };
-        let uid = range.for_instance("i-0123456789ab");
-        assert!((5001..5010).contains(&uid));
-        assert_eq!(range.shared_group(), 5000);
-        assert_eq!(uid, range.for_instance("i-0123456789ab"));
-    }
-
-    #[test]
     fn the_root_lists_the_vm_files_at_their_host_paths() {
         let home = tempfile::tempdir().unwrap();
         let instance = home.path().join("instances/i-1");
@@ -824,6 +893,7 @@ mod tests {
                 first: 5000,
                 count: 10,
             },
+            leases: home.path().join("leases"),
         };
         let jail = Jail::prepare(&settings, "i-1", &instance, &mut config, None).unwrap();
         let root = instance.join(ROOT_DIR);
