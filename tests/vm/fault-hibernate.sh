@@ -29,6 +29,7 @@ while [ "$i" -lt "$POINTS" ]; do
     kill_during "$WORK/hib$i.txt" "$target" "$KILN" stop --hibernate victim
     injected=$((injected + LANDED))
     fault_said "hibernate-$i" "$WORK/hib$i.txt"
+    [ "$POINT_LOST" -eq 0 ] || "$KILN" logs victim 2>&1 | grep -v '^\[' | tail -n 5 | sed 's/^/KILN-INFO console: /'
     settled "$target"
     holds "hibernate-$i-ps" "$KILN" ps -a
     counts_on victim "hibernate-$i"

@@ -259,15 +259,27 @@ fn common_rules() -> Result<Rules, BackendError> {
         // (VMM), the vCPU fd (vCPU thread).
         allow(libc::SYS_close),
         // std checks that a descriptor is open before closing it
-        // (`OwnedFd::drop` with debug assertions): fcntl(F_GETFD). And the
-        // hydration cache's per-chunk locks, taken and released by the
-        // threads that fill it (VMM, hydrate; `kiln_image::hydrate`):
-        // OFD record locks, which no other thread holds a file to take.
+        // (`OwnedFd::drop` with debug assertions): fcntl(F_GETFD). glibc's
+        // fdopendir checks a directory's access mode (F_GETFL) and marks it
+        // close-on-exec (F_SETFD) when remove_dir_all reads it: the API
+        // thread clearing a hibernation's staging or leftover (a trap there
+        // once killed every later hibernation; no filtered thread may exec,
+        // so F_SETFD opens nothing). And the hydration cache's per-chunk locks, taken
+        // and released by the threads that fill it (VMM, hydrate;
+        // `kiln_image::hydrate`): OFD record locks, which no other thread
+        // holds a file to take.
         (
             libc::SYS_fcntl,
             arg_in(
                 1,
-                [libc::F_GETFD, libc::F_OFD_SETLKW, libc::F_OFD_SETLK].map(|cmd| cmd as u64),
+                [
+                    libc::F_GETFD,
+                    libc::F_GETFL,
+                    libc::F_SETFD,
+                    libc::F_OFD_SETLKW,
+                    libc::F_OFD_SETLK,
+                ]
+                .map(|cmd| cmd as u64),
             )?,
         ),
         // The VMM exits with the guest's status; the SIGSYS handler ends

@@ -853,3 +853,22 @@ fn proxy_and_vcpu_threads_get_eacces_from_any_open() {
     };
     assert_survived(&output);
 }
+
+#[test]
+fn api_thread_survives_clearing_a_hibernation_staging_directory() {
+    let test = "api_thread_survives_clearing_a_hibernation_staging_directory";
+    let Some(output) = in_child_or_run(test) else {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = dir.path().join("hibernate.partial");
+        std::fs::create_dir(&staging).unwrap();
+        std::fs::write(staging.join("memory"), b"left by a killed VM process").unwrap();
+        on_filtered_thread(ThreadKind::Api, move || {
+            // glibc's fdopendir asks fcntl(F_GETFL) of the directory.
+            std::fs::remove_dir_all(&staging).unwrap();
+            std::fs::create_dir(&staging).unwrap();
+            say_survived();
+        });
+        return;
+    };
+    assert_survived(&output);
+}

@@ -353,6 +353,9 @@ pub fn terminate(mut instance: Instance, timeout: Duration) -> Result<Instance, 
         action(&instance, "stop")?;
         instance = wait_for_vmm_exit(&instance, timeout)?;
     }
+    // A supervisor killed with -9 left its tap's filter: removed here, as
+    // its address goes (one already gone is no error).
+    crate::network::close_tap(&instance.record.id, instance.record.address);
     instance.update(|r| {
         transition(r.state, Verb::Terminate)?;
         r.state = State::Terminated;

@@ -639,6 +639,11 @@ fn vm_files(config: &VmConfig) -> Vec<(PathBuf, bool)> {
             DiskSource::Raw(path) => files.push((path.clone(), !disk.read_only)),
             DiskSource::Volume { image, overlay, .. } => {
                 files.push((image.clone(), false));
+                // A child image reads its parents' chunks from their files
+                // beside it. One whose layer table cannot be read is left
+                // to the VM process, whose open of the image says why.
+                let layers = kiln_image::layer_files(image).unwrap_or_default();
+                files.extend(layers.into_iter().map(|layer| (layer, false)));
                 files.extend(overlay.iter().map(|o| (o.clone(), !disk.read_only)));
             }
         }
