@@ -56,6 +56,7 @@ pub(super) fn serve(listener: &UnixListener, shared: &Shared) {
         return;
     }
     for stream in listener.incoming().flatten() {
+        let _answering = lock(&shared.answering);
         if let Err(err) = api::serve_one(stream, |request| route(shared, request)) {
             log::warn!("api: {}", one_line(&err));
         }

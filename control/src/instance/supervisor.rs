@@ -75,6 +75,11 @@ pub(super) struct Shared {
     /// The VM processes are jailed: they see only the instance's
     /// directory, and write snapshots into its exchange directory.
     pub(super) jailed: bool,
+    /// Held by the API thread from a request's read to its answer's
+    /// write. The process ends only once it can take it, so that the
+    /// answer to a stop (or a hibernation), whose VM's end lets this
+    /// process end, is never cut short.
+    pub(super) answering: Mutex<()>,
 }
 
 /// Where an instance's serial console goes.
@@ -284,6 +289,7 @@ fn supervise(
             wanted: Wanted::Nothing,
         }),
         jailed: launch.jailed,
+        answering: Mutex::new(()),
     });
     // Published ports serve for the whole life of this VMM process,
     // across reboots; a port that cannot be bound stops the instance.
@@ -347,6 +353,9 @@ fn supervise(
     };
     lock(&shared.instance).mark_stopped(reason)?;
     let _ = fs::remove_file(&socket);
+    // An answer being written (say, to the stop that ended the VM)
+    // reaches its caller before the process ends.
+    drop(lock(&shared.answering));
     Ok(status)
 }
 
