@@ -217,15 +217,6 @@ fn hibernate(
         path: staging.clone(),
         source,
     };
-    // A running instance has no hibernation to keep: one there is what a
-    // VM process killed while consuming it at its resume left (its state
-    // file gone first), and it would stop the rename below for good.
-    let kept = instance.hibernation_path();
-    remove_if_there(&kept).map_err(|source| ActionError::Files {
-        what: "clear the leftover hibernation",
-        path: kept,
-        source,
-    })?;
     if !jailed {
         remove_if_there(&staging).map_err(|err| failed("clear", err))?;
         fs::create_dir(&staging).map_err(|err| failed("create", err))?;
