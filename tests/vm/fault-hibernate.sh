@@ -31,10 +31,7 @@ while [ "$i" -lt "$POINTS" ]; do
     fault_said "hibernate-$i" "$WORK/hib$i.txt"
     [ "$POINT_LOST" -eq 0 ] || "$KILN" logs victim 2>&1 | grep -v '^\[' | tail -n 5 | sed 's/^/KILN-INFO console: /'
     settled "$target"
-    holds "hibernate-$i-ps" "$KILN" ps -a
-    counts_on victim "hibernate-$i"
-    lost=$((lost + POINT_LOST))
-    survived=$((survived + LANDED * (1 - POINT_LOST)))
+    point_settled "hibernate-$i"
 done
 fault_tally stop-hibernate "$injected" "$lost" "$survived"
 

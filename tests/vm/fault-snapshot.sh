@@ -41,10 +41,7 @@ while [ "$i" -lt "$POINTS" ]; do
         holds "snapshot-$i-restores" "$KILN" snapshot restore "$snaps/s$i" --name "r$i" --network none
         "$KILN" terminate "r$i" > /dev/null 2>&1
     fi
-    holds "snapshot-$i-ps" "$KILN" ps -a
-    counts_on victim "snapshot-$i"
-    lost=$((lost + POINT_LOST))
-    survived=$((survived + LANDED * (1 - POINT_LOST)))
+    point_settled "snapshot-$i"
 done
 fault_tally snapshot-create "$injected" "$lost" "$survived"
 

@@ -218,3 +218,13 @@ fault_said() {
         POINT_LOST=1; fail "$1-one-line" "$(tr '\n' '|' < "$2")"
     fi
 }
+
+# point_settled CHECK: after a kill point on the instance `victim`, `kiln
+# ps` works and the victim counts on (started again if the kill ended
+# it); the point's outcome joins the scenario's tally (lost, survived).
+point_settled() {
+    holds "$1-ps" "$KILN" ps -a
+    counts_on victim "$1"
+    lost=$((lost + POINT_LOST))
+    survived=$((survived + LANDED * (1 - POINT_LOST)))
+}
