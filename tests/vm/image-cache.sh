@@ -11,8 +11,9 @@ image=vm-test:1.0.0
 cache="$KILN_HOME/cache"
 record="$KILN_HOME/images/vm-test/1.0.0/image.boot"
 
-# hydrated NAME: the HYDRATED column of `kiln images` for vm-test.
-hydrated() { "$KILN" images | awk '$1 == "vm-test" && $2 == "1.0.0" { print $5 }'; }
+# hydrated NAME: the HYDRATED column (the 6th, after OWN and SHARED) of
+# `kiln images` for vm-test.
+hydrated() { "$KILN" images | awk '$1 == "vm-test" && $2 == "1.0.0" { print $6 }'; }
 
 # read_disk OUT: boots the image read-only, the guest hashing its disk.
 read_disk() {

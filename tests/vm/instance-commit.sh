@@ -33,7 +33,7 @@ expect_contains commit-prints-reference-and-size "$WORK/commit.txt" \
     "^committed newimg:1.0.0 [0-9a-f]*… ([0-9.]* MiB, [0-9.]* MiB raw), parent vm-test:1.0.0$"
 "$KILN" images > "$WORK/images.txt" 2>&1
 expect_contains images-lists-it-with-its-parent "$WORK/images.txt" \
-    "^newimg  *1\.0\.0  *[0-9a-f]*  *[0-9.]*M  *[0-9?%][0-9%]*  *vm-test:1\.0\.0 "
+    "^newimg  *1\.0\.0  *[0-9a-f]*  *[0-9.]*M  *[0-9.]*M  *[0-9?%][0-9%]*  *vm-test:1\.0\.0 "
 "$KILN" inspect newimg:1.0.0 > "$WORK/inspect.txt" 2>&1
 expect_contains description-names-the-instance "$WORK/inspect.txt" \
     "\"description\": \"committed from instance src ($id)\""
