@@ -202,7 +202,8 @@ counts_on() {
     waited=0 restarted=0
     while [ "$("$KILN" logs "$1" 2>/dev/null | grep -c '^count ')" -le "$before" ] &&
         [ "$waited" -lt 120 ]; do
-        if [ "$restarted" -eq 0 ] && ! "$KILN" ps -a | grep -q " $1 .*running"; then
+        state=$("$KILN" ps -a | awk -v name="$1" '$2 == name { print $5 }')
+        if [ "$restarted" -eq 0 ] && { [ "$state" = stopped ] || [ "$state" = hibernated ]; }; then
             holds "$2-starts-again" "$KILN" start "$1"
             restarted=1
         fi
