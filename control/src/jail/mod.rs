@@ -263,7 +263,7 @@ impl Jail {
         let root = instance_dir.join(ROOT_DIR);
         make_dir(&root)?;
         let exchange = exchange_dir(instance_dir);
-        make_dir(&exchange)?;
+        fresh_dir(&exchange)?;
         let files = vm_files(config);
         let own = files
             .iter()
@@ -733,6 +733,17 @@ fn c_path(path: &Path) -> Result<CString, JailError> {
     CString::new(path.as_os_str().as_bytes()).map_err(|_| JailError::Nul(path.to_path_buf()))
 }
 
+/// Makes `dir` anew, empty. What a VM process killed half-way left in
+/// its exchange directory (a snapshot's files, owned by that process's
+/// uid) is garbage, and would stop the next VM process, under another
+/// uid, writing there.
+fn fresh_dir(dir: &Path) -> Result<(), JailError> {
+    match fs::remove_dir_all(dir) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => Err(io_err("clear", dir)(err)),
+        _ => make_dir(dir),
+    }
+}
+
 fn make_dir(dir: &Path) -> Result<(), JailError> {
     match fs::create_dir(dir) {
         Err(err) if err.kind() != io::ErrorKind::AlreadyExists => Err(io_err("create", dir)(err)),
@@ -900,6 +911,9 @@ mod tests {
             },
             leases: home.path().join("leases"),
         };
+        // What a VM process killed half-way through a snapshot left.
+        fs::create_dir_all(exchange_dir(&instance)).unwrap();
+        fs::write(exchange_dir(&instance).join("memory"), b"half").unwrap();
         let jail = Jail::prepare(&settings, "i-1", &instance, &mut config, None).unwrap();
         let root = instance.join(ROOT_DIR);
         let programs = program_files().unwrap();
@@ -929,5 +943,6 @@ mod tests {
         let owner = fs::metadata(instance.join("root.overlay")).unwrap().uid();
         assert_eq!(owner, jail.uid());
         assert!(fs::metadata(exchange_dir(&instance)).unwrap().is_dir());
+        assert!(!exchange_dir(&instance).join("memory").exists());
     }
 }
