@@ -18,3 +18,12 @@ pub mod image_test;
 pub mod instance;
 pub mod jail;
 pub mod network;
+
+/// Makes the directory `dir` anew, empty: what was there (a staging
+/// directory a killed process left, say) goes first.
+pub(crate) fn fresh_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(err),
+        _ => std::fs::create_dir(dir),
+    }
+}

@@ -218,8 +218,7 @@ fn hibernate(
         source,
     };
     if !jailed {
-        remove_if_there(&staging).map_err(|err| failed("clear", err))?;
-        fs::create_dir(&staging).map_err(|err| failed("create", err))?;
+        crate::fresh_dir(&staging).map_err(|err| failed("make anew", err))?;
     }
     let request = ControlRequest::Snapshot {
         dir: staging.clone(),
@@ -240,14 +239,6 @@ fn hibernate(
         Ok(())
     })?;
     Ok(())
-}
-
-/// Removes the directory `dir` with what it holds, if it is there.
-fn remove_if_there(dir: &Path) -> io::Result<()> {
-    match fs::remove_dir_all(dir) {
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
-        other => other,
-    }
 }
 
 /// `PUT /snapshot`: the running VM writes a snapshot of itself, with a copy

@@ -263,7 +263,10 @@ impl Jail {
         let root = instance_dir.join(ROOT_DIR);
         make_dir(&root)?;
         let exchange = exchange_dir(instance_dir);
-        fresh_dir(&exchange)?;
+        // What a VM process killed half-way left there (a snapshot's
+        // files, owned by its uid) is garbage, and would stop the next VM
+        // process, under another uid, writing there.
+        crate::fresh_dir(&exchange).map_err(io_err("make anew", &exchange))?;
         let files = vm_files(config);
         let own = files
             .iter()
@@ -731,17 +734,6 @@ fn under(root: &Path, path: &Path) -> PathBuf {
 
 fn c_path(path: &Path) -> Result<CString, JailError> {
     CString::new(path.as_os_str().as_bytes()).map_err(|_| JailError::Nul(path.to_path_buf()))
-}
-
-/// Makes `dir` anew, empty. What a VM process killed half-way left in
-/// its exchange directory (a snapshot's files, owned by that process's
-/// uid) is garbage, and would stop the next VM process, under another
-/// uid, writing there.
-fn fresh_dir(dir: &Path) -> Result<(), JailError> {
-    match fs::remove_dir_all(dir) {
-        Err(err) if err.kind() != io::ErrorKind::NotFound => Err(io_err("clear", dir)(err)),
-        _ => make_dir(dir),
-    }
 }
 
 fn make_dir(dir: &Path) -> Result<(), JailError> {
