@@ -372,7 +372,7 @@ struct Terminal {
 
 impl Terminal {
     /// A new pseudo-terminal of `size`, from /dev/ptmx (which needs devpts
-    /// at /dev/pts: see `mounts::DEVPTS`; the far end is opened through
+    /// at /dev/pts: see `mounts::MOUNTS`; the far end is opened through
     /// TIOCGPTPEER, so its /dev/pts/N name is never looked up).
     fn open(size: WindowSize) -> Result<Terminal, Refusal> {
         let refuse = |err: io::Error| {

@@ -2,48 +2,49 @@
 use std::ffi::CString;
 use std::io;
 
-/// (source/type, target, flags). devtmpfs first: the console lives there.
-const MOUNTS: [(&str, &str, libc::c_ulong); 5] = [
-    ("devtmpfs", "/dev", libc::MS_NOSUID),
+/// (source/type, target, flags, errors that are fine besides EBUSY).
+/// devtmpfs first: the console lives there. devpts next: opening
+/// /dev/ptmx needs it at /dev/pts (the kernel finds its devpts instance
+/// by looking up `pts` beside the ptmx node, fs/devpts/inode.c,
+/// devpts_ptmx_path, and fails with ENOENT without it); a kernel without
+/// pseudo-terminals has no devpts (ENODEV), and `kiln exec -t` is then
+/// refused with its reason.
+const MOUNTS: [(&str, &str, libc::c_ulong, &[i32]); 6] = [
+    ("devtmpfs", "/dev", libc::MS_NOSUID, &[]),
+    (
+        "devpts",
+        "/dev/pts",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        &[libc::ENODEV],
+    ),
     (
         "proc",
         "/proc",
         libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        &[],
     ),
     (
         "sysfs",
         "/sys",
         libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        &[],
     ),
-    ("tmpfs", "/tmp", libc::MS_NOSUID | libc::MS_NODEV),
-    ("tmpfs", "/run", libc::MS_NOSUID | libc::MS_NODEV),
+    ("tmpfs", "/tmp", libc::MS_NOSUID | libc::MS_NODEV, &[]),
+    ("tmpfs", "/run", libc::MS_NOSUID | libc::MS_NODEV, &[]),
 ];
-
-/// Pseudo-terminals' filesystem. Opening /dev/ptmx needs it at /dev/pts:
-/// the kernel finds its devpts instance by looking up `pts` beside the
-/// ptmx node (fs/devpts/inode.c, devpts_ptmx_path), and fails with ENOENT
-/// without it.
-const DEVPTS: (&str, &str, libc::c_ulong) =
-    ("devpts", "/dev/pts", libc::MS_NOSUID | libc::MS_NOEXEC);
 
 /// Mounts /dev, /dev/pts, /proc, /sys, /tmp and /run, creating the mount
 /// points. A filesystem already mounted there (the kernel's devtmpfs
-/// automount) is fine, and so is a kernel without pseudo-terminals (no
-/// devpts: `kiln exec -t` is then refused with its reason).
+/// automount) is fine.
 pub fn mount_all() -> io::Result<()> {
-    for (fstype, target, flags) in MOUNTS {
-        mount_at(fstype, target, flags, &[])?;
-        if target == "/dev" {
-            let (fstype, target, flags) = DEVPTS;
-            mount_at(fstype, target, flags, &[libc::ENODEV])?;
-        }
+    for (fstype, target, flags, also_fine) in MOUNTS {
+        mount_at(fstype, target, flags, also_fine)?;
     }
     Ok(())
 }
 
 /// Mounts `fstype` on `target`, creating it. One already there is fine,
-/// and so are the errors `also_fine` (ENODEV: a filesystem the kernel may
-/// lack).
+/// and so are the errors `also_fine`.
 fn mount_at(fstype: &str, target: &str, flags: libc::c_ulong, also_fine: &[i32]) -> io::Result<()> {
     std::fs::create_dir_all(target)
         .map_err(|err| io::Error::new(err.kind(), format!("cannot create {target}: {err}")))?;
