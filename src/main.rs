@@ -97,6 +97,9 @@ fn main() -> ExitCode {
     // Where a file must be shared, the code that makes it says so and
     // sets its mode; recipe build steps get 022 back for the image's files.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    if cli.command.prints_only() {
+        end_quietly_when_the_reader_goes();
+    }
     let vm_process = matches!(cli.command, Command::Vm(_));
     // A VM process keeps no home of its own: its supervisor made the
     // files it uses, and jailed it sees only those (its uid owns none of
@@ -141,6 +144,34 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+impl Command {
+    /// Commands whose whole work is printing what they read: the ones a
+    /// user pipes into `head` or `grep -q`. The others keep SIGPIPE
+    /// ignored, as Rust sets it: they write to sockets (the VMM's API,
+    /// exec's streams, a function's clients), where a reader gone is an
+    /// error to handle, not a reason to die.
+    fn prints_only(&self) -> bool {
+        matches!(
+            self,
+            Command::Images(_)
+                | Command::Inspect(_)
+                | Command::Ps(_)
+                | Command::Types(_)
+                | Command::Logs(_)
+                | Command::Doctor(_)
+        )
+    }
+}
+
+/// Restores SIGPIPE's default action, so that a printing command whose
+/// reader has gone (`kiln images | grep -q x`) ends at once and quietly,
+/// as `ls` does, where `println!` would panic on EPIPE.
+fn end_quietly_when_the_reader_goes() {
+    // SAFETY: called at the top of main, before any thread exists, and
+    // sets a standard signal's action to SIG_DFL: no handler runs.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
 }
 
 /// The error and its causes on one line, each said once. Kiln's own errors

@@ -22,7 +22,7 @@ expect_eq measured-snapshot-exit-status 0 "$?"
 FAULT_WINDOW=$(($(now_ms) - start))
 echo "KILN-INFO $SCENARIO snapshot create takes ${FAULT_WINDOW} ms: $(cat "$WORK/measured.txt")"
 
-injected=0 survived=0 lost=0 i=0
+injected=0 survived=0 lost=0 i=0 leftovers='^$'
 while [ "$i" -lt "$POINTS" ]; do
     i=$((i + 1))
     POINT_LOST=0
@@ -32,11 +32,13 @@ while [ "$i" -lt "$POINTS" ]; do
     settled "$target"
     fault_said "snapshot-$i" "$WORK/snap$i.txt"
     [ "$STATUS" -ne 0 ] || [ -d "$snaps/s$i" ] || { POINT_LOST=1; fail "snapshot-$i-kept" "reported but missing"; }
-    # A killed command's staging stays until the next snapshot beside it
-    # (which removed the earlier ones).
-    keep='^$'
-    [ "$target" != cli ] || keep="^\.s$i\.partial-"
-    holds "snapshot-$i-no-staging-left" sh -c "! ls -A '$snaps' | grep partial | grep -qv '$keep'"
+    # A killed command's staging stays until a later snapshot stages
+    # beside it (removing the earlier ones). A command killed before it
+    # staged, or refused because the instance had died, removes none: the
+    # killed commands' staging may stay until a snapshot succeeds.
+    [ "$target" != cli ] || [ "$STATUS" -eq 0 ] || leftovers="$leftovers|^\.s$i\.partial-"
+    [ "$STATUS" -ne 0 ] || leftovers='^$'
+    holds "snapshot-$i-no-staging-left" sh -c "! ls -A '$snaps' | grep partial | grep -Eqv '$leftovers'"
     if [ -d "$snaps/s$i" ]; then
         holds "snapshot-$i-restores" "$KILN" snapshot restore "$snaps/s$i" --name "r$i" --network none
         "$KILN" terminate "r$i" > /dev/null 2>&1
