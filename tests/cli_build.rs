@@ -507,16 +507,25 @@ fn killing_the_cli_mid_operation_never_leaves_a_half_written_record() {
     build(home.path(), "hello");
     let kernel = home.path().join("not-a-kernel");
     std::fs::write(&kernel, "x").unwrap();
-    for delay_ms in (0..40).step_by(2) {
-        let mut cli = Command::new(env!("CARGO_BIN_EXE_kiln"))
+    let launch = || {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
             .args(["run", "hello:1.0.0", "--detach", "--kernel"])
             .arg(&kernel)
             .env("KILN_HOME", home.path())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
-            .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+            .unwrap()
+    };
+    // The kill points spread over what a whole launch takes on this host
+    // now (under load, tens of milliseconds pass before the record is
+    // even made), measured by one launch left to fail on its own.
+    let started = std::time::Instant::now();
+    launch().wait().unwrap();
+    let whole = started.elapsed();
+    for point in 0..20 {
+        let mut cli = launch();
+        std::thread::sleep(whole * point / 20);
         cli.kill().unwrap();
         cli.wait().unwrap();
     }
