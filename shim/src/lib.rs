@@ -98,8 +98,9 @@ impl containerd_shim::Shim for Shim {
             && err.kind() != std::io::ErrorKind::NotFound
         {
             return Err(containerd_shim::Error::Other(format!(
-                "cannot remove {}: {err}",
-                dir.display()
+                "cannot remove {}: {}",
+                dir.display(),
+                kiln_vmm::report::one_line(&err)
             )));
         }
         Ok(DeleteResponse {
