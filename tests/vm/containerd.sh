@@ -2,12 +2,13 @@
 # containers as Kiln VMs. A docker-save archive made here (busybox, no
 # registry) is imported with `ctr image import`; `ctr run --rm` gives back
 # stdout and the exit code, also on a terminal (-t); a detached container
-# takes `ctr task exec`; two run at once; containerd restarted with a task running still has it, and
-# it can be killed and deleted; an absurd memory limit fails Create with
-# its reason and leaves nothing behind. The containers' VM processes are
-# jailed (an unprivileged uid, a mount namespace of their own, the spec's
-# memory and vCPUs as their cgroup, removed with the container), unless
-# the shim has KILN_JAIL=0, which its log says.
+# takes `ctr task exec`; two run at once; containerd restarted with a task
+# running still has it, and it can be killed and deleted; a container
+# whose shim is killed is cleaned up; an absurd memory limit fails Create
+# with its reason and leaves nothing behind. The containers' VM processes
+# are jailed (an unprivileged uid, a mount namespace of their own, the
+# spec's memory and vCPUs as their cgroup, removed with the container),
+# unless the shim has KILN_JAIL=0, which its log says.
 . "$(dirname "$0")/lib.sh"
 
 insmod /lib/modules/overlay.ko 2> /dev/null
@@ -118,8 +119,16 @@ waited=0
 while ! ctr task ls | grep -q '^one .*STOPPED' && [ "$waited" -lt 60 ]; do sleep 1; waited=$((waited + 1)); done
 ctr task delete one > "$WORK/delete.txt" 2>&1
 expect_eq delete-status 0 "$?"
-ctr task kill -s SIGKILL two > /dev/null 2>&1
-sleep 2; ctr task delete two > /dev/null 2>&1
+# A shim killed with its container running: containerd's `shim delete`
+# kills what is left of its VM with the jail's cgroup, which goes.
+two_pid=$(ctr task ls | awk '$1 == "two" { print $2 }')
+group_two=/sys/fs/cgroup$(sed -n 's/^0:://p' "/proc/${two_pid:-0}/cgroup")
+check two-in-a-group-of-its-own [ "$group_two" != "$group" -a -d "$group_two" ]
+kill -9 "$(status_field "${two_pid:-0}" PPid)"
+waited=0
+while [ -d "$group_two" ] && [ "$waited" -lt 30 ]; do sleep 1; waited=$((waited + 1)); done
+check killed-shims-group-removed [ ! -d "$group_two" ]
+ctr task delete two > /dev/null 2>&1
 ctr container rm one two > /dev/null 2>&1
 left=$(ls "$KILN_HOME/containers" | grep -v rootfs)
 expect_eq delete-leaves-nothing "" "$left"
