@@ -247,7 +247,12 @@ impl Jailed {
         let cgroup = Cgroup::create(&id, &limits)
             .inspect_err(|err| log::warn!("{id}: jailed without a cgroup: {}", one_line(err)))
             .ok();
-        let jail = Jail::prepare(&settings, &id, files.dir(), config, cgroup)?;
+        // A jail that cannot be prepared drops its group unremoved; the
+        // error said is the jail's.
+        let jail =
+            Jail::prepare(&settings, &id, files.dir(), config, cgroup).inspect_err(|_| {
+                let _ = jail::cgroup::remove_left(&id);
+            })?;
         log::info!("{id}: the VM process is jailed as uid {}", jail.uid());
         Ok(Jailed(Some(Arc::new(jail))))
     }
