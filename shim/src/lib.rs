@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Config, DeleteResponse, ExitSignal, Flags, StartOpts};
+use kiln_vmm::report::one_line;
 use sha2::{Digest, Sha256};
 
 /// The runtime name containerd knows the shim by.
@@ -91,17 +92,23 @@ impl containerd_shim::Shim for Shim {
         Ok(address)
     }
 
-    /// After a shim daemon died: its VM died with it; its files go.
+    /// After a shim daemon died: its VM dies with it (its parent-death
+    /// signal; what is left of it is killed with its jail's cgroup, which
+    /// goes); its files go. What could not be removed is the error, which
+    /// containerd logs.
     fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
         let dir = container_dir(&self.namespace, &self.id);
-        if let Err(err) = std::fs::remove_dir_all(&dir)
-            && err.kind() != std::io::ErrorKind::NotFound
-        {
-            return Err(containerd_shim::Error::Other(format!(
-                "cannot remove {}: {err}",
-                dir.display()
-            )));
-        }
+        let jail = vm::Files::new(dir.clone()).jail_id();
+        let cgroup = kiln_control::jail::cgroup::remove_left(&jail).map_err(|err| one_line(&err));
+        let files = match std::fs::remove_dir_all(&dir) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(format!(
+                "cannot remove {}: {}",
+                dir.display(),
+                one_line(&err)
+            )),
+            _ => Ok(()),
+        };
+        cgroup.and(files).map_err(containerd_shim::Error::Other)?;
         Ok(DeleteResponse {
             // As runc's shim: the task was killed with its shim.
             exit_status: 128 + libc::SIGKILL as u32,

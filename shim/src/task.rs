@@ -389,8 +389,8 @@ impl Tasks {
         let rootfs = Rootfs::parse(&mounts).map_err(rootfs_err)?;
         let image = rootfs::image(&rootfs, &assets.guest_init, &assets.cache, files.dir())
             .map_err(rootfs_err)?;
-        vm::define(&spec, &assets.kernel, &image, files).map_err(vm_err)?;
-        let vmm = VmProcess::spawn(files).map_err(vm_err)?;
+        let config = vm::define(&spec, &assets.kernel, &image, files).map_err(vm_err)?;
+        let vmm = VmProcess::spawn(files, config).map_err(vm_err)?;
         Ok((spec, vmm))
     }
 

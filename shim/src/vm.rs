@@ -1,18 +1,22 @@
 //! A container's VM: its definition (the root disk with an overlay of its
 //! own, a vsock device for guest-init's exec port, the spec's size, and
 //! the kernel command line that makes guest-init a container's PID 1) and
-//! its VMM process, this binary again as `containerd-shim-kiln-v2 __vm`.
+//! its VMM process, this binary again as `containerd-shim-kiln-v2 __vm`,
+//! jailed as Kiln's own VM processes are (`kiln_control::jail`) unless
+//! the jail is switched off (`KILN_JAIL=0` in the shim's environment).
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
-use std::sync::mpsc;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::{Arc, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::Instant;
 
 use guest_init::exec::CONTAINER_CMDLINE_FLAG;
+use kiln_control::jail::{self, Cgroup, JAIL_ENV, Jail, JailError, JailSettings, Limits};
 use kiln_vmm::config::{Boot, ConfigError, DiskConfig, DiskSource, VmConfig, VsockConfig};
 use kiln_vmm::machine::VMM_ERROR_STATUS;
+use kiln_vmm::report::one_line;
 use kiln_vmm::volume::{Volume, VolumeError};
 
 use crate::rootfs::INIT_PATH;
@@ -39,6 +43,9 @@ pub enum VmError {
     /// The definition cannot be written.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The VMM process's jail cannot be set up.
+    #[error(transparent)]
+    Jail(#[from] JailError),
     /// The VMM process cannot be started.
     #[error("cannot start the VMM process (console {console})")]
     Spawn {
@@ -83,10 +90,20 @@ impl Files {
     fn definition(&self) -> PathBuf {
         self.dir.join("vm.json")
     }
+
+    /// The name of the VM's jail: its cgroup's (`/sys/fs/cgroup/kiln/`
+    /// and this) and its uid lease's key. The directory's name, a digest
+    /// of the namespace and the container's id (unique per container,
+    /// safe as a path), after a prefix that sets it apart from Kiln's own
+    /// instances' ids.
+    pub fn jail_id(&self) -> String {
+        let name = self.dir.file_name().unwrap_or_default();
+        format!("containerd-{}", name.to_string_lossy())
+    }
 }
 
 /// The VM of `container`: `kernel` booting `image` (with an overlay made
-/// in `files`), written to its definition file.
+/// in `files`); [`VmProcess::spawn`] writes it to its definition file.
 pub fn define(
     container: &Container,
     kernel: &Path,
@@ -128,7 +145,6 @@ pub fn define(
         net: None,
         announce_boot: false,
     };
-    config.save(&files.definition())?;
     Ok(config)
 }
 
@@ -142,9 +158,14 @@ pub struct VmProcess {
 }
 
 impl VmProcess {
-    /// Starts the VMM process of the definition in `files`, its console
-    /// into the console file; it ends when this process does.
-    pub fn spawn(files: &Files) -> Result<VmProcess, VmError> {
+    /// Starts the VMM process of `config`, the VM whose files are in
+    /// `files`, jailed unless the jail is switched off, its console into
+    /// the console file; it ends when this process does.
+    pub fn spawn(files: &Files, mut config: VmConfig) -> Result<VmProcess, VmError> {
+        let jail = Jailed::create(files, &mut config)?;
+        let definition = files.definition();
+        config.save(&definition)?;
+        jail.hand_over(&definition)?;
         let console = files.console();
         let spawn_err = |source| VmError::Spawn {
             console: console.clone(),
@@ -155,7 +176,7 @@ impl VmProcess {
         let mut command = Command::new(exe);
         command
             .arg(VM_SUBCOMMAND)
-            .arg(files.definition())
+            .arg(definition)
             .arg(std::process::id().to_string())
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(spawn_err)?)
@@ -163,14 +184,18 @@ impl VmProcess {
         let (started, pid) = mpsc::channel();
         let waiter = thread::Builder::new()
             .name("vmm".into())
-            .spawn(move || match command.spawn() {
-                Ok(mut child) => {
-                    let _ = started.send(Ok(child.id()));
-                    let _ = child.wait();
+            .spawn(move || {
+                match jail.spawn(command) {
+                    Ok(mut child) => {
+                        let _ = started.send(Ok(child.id()));
+                        let _ = child.wait();
+                    }
+                    Err(err) => {
+                        let _ = started.send(Err(err));
+                    }
                 }
-                Err(err) => {
-                    let _ = started.send(Err(err));
-                }
+                // The jail ends with its VM process.
+                drop(jail);
             })
             .map_err(spawn_err)?;
         let pid = pid
@@ -202,6 +227,81 @@ impl VmProcess {
     }
 }
 
+/// A container VM's jail, if it has one: removed (its cgroup, its uid's
+/// lease) when dropped, which is once its VM process has ended or when
+/// none was started.
+struct Jailed(Option<Arc<Jail>>);
+
+impl Jailed {
+    /// The jail of the VM whose files are in `files`, named by
+    /// [`Files::jail_id`], with the group of `config`'s vCPUs and memory
+    /// where the host has cgroup v2; `config` changes as a jail needs
+    /// ([`Jail::prepare`]). None when the jail is off or this host cannot
+    /// jail ([`settings`]).
+    fn create(files: &Files, config: &mut VmConfig) -> Result<Jailed, JailError> {
+        let Some(settings) = settings()? else {
+            return Ok(Jailed(None));
+        };
+        let id = files.jail_id();
+        let limits = Limits::for_vm(config.vcpus, config.memory_mib);
+        let cgroup = Cgroup::create(&id, &limits)
+            .inspect_err(|err| log::warn!("{id}: jailed without a cgroup: {}", one_line(err)))
+            .ok();
+        // A jail that cannot be prepared drops its group unremoved; the
+        // error said is the jail's.
+        let jail =
+            Jail::prepare(&settings, &id, files.dir(), config, cgroup).inspect_err(|_| {
+                let _ = jail::cgroup::remove_left(&id);
+            })?;
+        log::info!("{id}: the VM process is jailed as uid {}", jail.uid());
+        Ok(Jailed(Some(Arc::new(jail))))
+    }
+
+    /// Gives `path`, written for the VM process, to the jail's uid.
+    fn hand_over(&self, path: &Path) -> Result<(), JailError> {
+        self.0.as_ref().map_or(Ok(()), |jail| jail.hand_over(path))
+    }
+
+    /// Spawns `command` in the jail, or as it is without one. The
+    /// command, which holds the jail too (its pre_exec), goes with the
+    /// spawn, so that dropping `self` removes the jail.
+    fn spawn(&self, mut command: Command) -> io::Result<Child> {
+        if let Some(jail) = &self.0 {
+            jail.confine(&mut command);
+        }
+        jail::spawn(&mut command, self.0.is_some())
+    }
+}
+
+impl Drop for Jailed {
+    fn drop(&mut self) {
+        if let Some(jail) = self.0.take().and_then(Arc::into_inner) {
+            jail.remove();
+        }
+    }
+}
+
+/// How this shim's VM processes are jailed (`KILN_JAIL` and
+/// `KILN_JAIL_UIDS` in its environment, which containerd's is); none when
+/// the jail is switched off or this host cannot jail, which the shim's
+/// log (containerd's) says. Not [`JailSettings::for_vm_processes`]: that
+/// says it on stderr, which containerd gives a shim daemon as /dev/null.
+fn settings() -> Result<Option<JailSettings>, JailError> {
+    let Some(settings) = JailSettings::from_env()? else {
+        log::warn!(
+            "the jail is off ({JAIL_ENV}=0): container VM processes run as root in the host's namespaces (debugging only)"
+        );
+        return Ok(None);
+    };
+    match jail::unavailable() {
+        None => Ok(Some(settings)),
+        Some(why) => {
+            log::warn!("the jail is unavailable ({why}): container VM processes run unjailed");
+            Ok(None)
+        }
+    }
+}
+
 /// The VMM process (`__vm DEFINITION SHIM_PID`): tied to the shim's life,
 /// runs the VM to its end, exits with its status.
 pub fn run_vmm(args: &[String]) -> ExitCode {
@@ -216,10 +316,25 @@ pub fn run_vmm(args: &[String]) -> ExitCode {
         Ok(kiln_vmm::builder::run(&config, started, None, None)?.exit_status)
     })();
     ExitCode::from(ran.unwrap_or_else(|err| {
-        eprintln!(
-            "containerd-shim-kiln-v2: {}",
-            kiln_vmm::report::one_line(&*err)
-        );
+        eprintln!("containerd-shim-kiln-v2: {}", one_line(&*err));
         VMM_ERROR_STATUS
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::container_dir;
+
+    #[test]
+    fn a_jail_is_named_per_container_apart_from_kilns_instances() {
+        let name = Files::new(container_dir("default", "web")).jail_id();
+        let digest = name.strip_prefix("containerd-").unwrap_or_default();
+        assert_eq!(digest.len(), 16, "{name}");
+        assert!(digest.bytes().all(|b| b.is_ascii_hexdigit()), "{name}");
+        // The same container keeps its name; the same id in another
+        // namespace is another container, with a jail of its own.
+        assert_eq!(Files::new(container_dir("default", "web")).jail_id(), name);
+        assert_ne!(Files::new(container_dir("k8s.io", "web")).jail_id(), name);
+    }
 }

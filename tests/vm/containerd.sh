@@ -2,12 +2,20 @@
 # containers as Kiln VMs. A docker-save archive made here (busybox, no
 # registry) is imported with `ctr image import`; `ctr run --rm` gives back
 # stdout and the exit code, also on a terminal (-t); a detached container
-# takes `ctr task exec`; two run at once; containerd restarted with a task running still has it, and
-# it can be killed and deleted; an absurd memory limit fails Create with
-# its reason and leaves nothing behind.
+# takes `ctr task exec`; two run at once; containerd restarted with a task
+# running still has it, and it can be killed and deleted; a container
+# whose shim is killed is cleaned up; an absurd memory limit fails Create
+# with its reason and leaves nothing behind. The containers' VM processes
+# are jailed (an unprivileged uid, a mount namespace of their own, the
+# spec's memory and vCPUs as their cgroup, removed with the container),
+# unless the shim has KILN_JAIL=0, which its log says.
 . "$(dirname "$0")/lib.sh"
 
 insmod /lib/modules/overlay.ko 2> /dev/null
+# The L1 mounts no cgroup hierarchy of its own: give it a v2 one.
+if [ ! -e /sys/fs/cgroup/cgroup.controllers ]; then
+    mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup
+fi
 root=$WORK/containerd
 mkdir -p "$root" /run/containerd
 cat > "$root/config.toml" <<EOF
@@ -67,7 +75,7 @@ expect_contains run-tty-is-a-terminal "$WORK/tty.txt" '/dev/pts/[0-9]'
 expect_contains run-tty-has-ctrs-size "$WORK/tty.txt" '^30 90'
 
 # Two at once; exec into one; the second container of the image built nothing.
-kiln_run -d "$img" one sleep 600 > "$WORK/one.txt" 2>&1
+kiln_run -d --memory-limit $((192 << 20)) "$img" one sleep 600 > "$WORK/one.txt" 2>&1
 kiln_run -d "$img" two sleep 600 > "$WORK/two.txt" 2>&1
 ctr task exec --exec-id e1 one sh -c 'echo exec in one; exit 5' < /dev/null > "$WORK/exec.txt" 2>&1
 expect_eq exec-exit-code 5 "$?"
@@ -78,8 +86,30 @@ expect_eq two-running "2" "$(grep -c RUNNING "$WORK/tasks.txt")"
 tail -n 3 "$KILN_HOME"/containers/*/console.log 2>&1 | sed 's/^/KILN-INFO console: /'
 expect_eq rootfs-cached-once "1" "$(ls "$KILN_HOME/containers/rootfs" | grep -c '\.kiln$')"
 
-# containerd restarted: the task is still there, and can be killed and deleted.
+# Their VM processes are jailed: one's (192 MiB, 1 vCPU) runs as a jail's
+# uid with no capabilities, in a mount namespace other than its shim's
+# (its parent's), in a cgroup with the spec's limits.
+pid=$(ctr task ls | awk '$1 == "one" { print $2 }')
+check vm-process-found test -e "/proc/${pid:-0}/status"
+uid=$(status_field "$pid" Uid)
+check vm-runs-as-a-jail-uid [ "${uid:-0}" -gt 900000 ]
+expect_eq vm-has-no-capabilities 0000000000000000 "$(status_field "$pid" CapEff)"
+shim=$(status_field "$pid" PPid)
+check vm-parent-is-the-shim grep -q containerd-shim-kiln-v2 "/proc/${shim:-0}/cmdline"
+check vm-has-its-own-mount-namespace \
+    [ "$(readlink "/proc/$pid/ns/mnt")" != "$(readlink "/proc/$shim/ns/mnt")" ]
+expect_contains vm-in-its-cgroup "/proc/$pid/cgroup" '^0::/kiln/containerd-[0-9a-f]*$'
+group=/sys/fs/cgroup$(sed -n 's/^0:://p' "/proc/$pid/cgroup")
+expect_eq cgroup-memory-is-the-spec-and-allowance $(( (192 + 128) << 20 )) "$(cat "$group/memory.max")"
+expect_eq cgroup-cpu-is-one-vcpu "100000 100000" "$(cat "$group/cpu.max")"
+uid_two=$(status_field "$(ctr task ls | awk '$1 == "two" { print $2 }')" Uid)
+check two-has-a-jail-uid-of-its-own [ "${uid_two:-0}" -gt 900000 -a "$uid_two" != "$uid" ]
+
+# containerd restarted: the task is still there, and can be killed and
+# deleted. The shims it starts from now on have the jail off.
 kill "$containerd_pid"; wait "$containerd_pid" 2> /dev/null
+KILN_JAIL=0
+export KILN_JAIL
 start_containerd
 ctr task ls > "$WORK/after-restart.txt" 2>&1
 expect_contains task-survives-restart "$WORK/after-restart.txt" '^one .*RUNNING'
@@ -89,11 +119,25 @@ waited=0
 while ! ctr task ls | grep -q '^one .*STOPPED' && [ "$waited" -lt 60 ]; do sleep 1; waited=$((waited + 1)); done
 ctr task delete one > "$WORK/delete.txt" 2>&1
 expect_eq delete-status 0 "$?"
-ctr task kill -s SIGKILL two > /dev/null 2>&1
-sleep 2; ctr task delete two > /dev/null 2>&1
+# A shim killed with its container running: containerd's `shim delete`
+# kills what is left of its VM with the jail's cgroup, which goes.
+two_pid=$(ctr task ls | awk '$1 == "two" { print $2 }')
+group_two=/sys/fs/cgroup$(sed -n 's/^0:://p' "/proc/${two_pid:-0}/cgroup")
+check two-in-a-group-of-its-own [ "$group_two" != "$group" -a -d "$group_two" ]
+kill -9 "$(status_field "${two_pid:-0}" PPid)"
+waited=0
+while [ -d "$group_two" ] && [ "$waited" -lt 30 ]; do sleep 1; waited=$((waited + 1)); done
+check killed-shims-group-removed [ ! -d "$group_two" ]
+ctr task delete two > /dev/null 2>&1
 ctr container rm one two > /dev/null 2>&1
 left=$(ls "$KILN_HOME/containers" | grep -v rootfs)
 expect_eq delete-leaves-nothing "" "$left"
+expect_eq delete-leaves-no-cgroup "" "$(ls /sys/fs/cgroup/kiln 2> /dev/null | grep '^containerd-')"
+
+# KILN_JAIL=0: containers still run, and the shim's log says the jail is off.
+kiln_run --rm "$img" unjailed sh -c 'exit 4' < /dev/null > "$WORK/unjailed.txt" 2>&1
+expect_eq unjailed-exit-code 4 "$?"
+expect_contains unjailed-said-in-the-shim-log "$root/containerd.log" 'the jail is off (KILN_JAIL=0)'
 
 # Bad input fails Create with its reason, and leaves nothing behind.
 kiln_run --rm --memory-limit 1125899906842624 "$img" big true < /dev/null > "$WORK/big.txt" 2>&1

@@ -9,6 +9,8 @@ use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
 
 /// Where the cgroup v2 hierarchy is mounted.
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -27,6 +29,8 @@ pub const VMM_ALLOWANCE_MIB: u64 = 128;
 /// Threads beyond one per vCPU: the VMM thread and the ones std and the
 /// devices start, with room to spare.
 const PIDS_ALLOWANCE: u64 = 16;
+/// How long [`remove_left`] waits for the kernel to empty a killed group.
+const EMPTY_WAIT: Duration = Duration::from_secs(5);
 
 /// A jailed VM process's limits, as written to its group and shown in
 /// its instance's record (`kiln ps`, `GET /`).
@@ -198,6 +202,28 @@ fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
         .map_err(io_err("write", path))
 }
 
+/// Removes the group of the VM process `id` whose starter ended before
+/// it could ([`Cgroup::remove`]), leaving it running for the moment its
+/// parent-death signal takes: whatever still runs in the group is killed
+/// (cgroup-v2.rst, "cgroup.kill"), and the group goes once the kernel has
+/// emptied it. Nothing to do when there is no such group.
+pub fn remove_left(id: &str) -> Result<(), CgroupError> {
+    let dir = Path::new(CGROUP_ROOT).join(KILN_GROUP).join(id);
+    if !dir.is_dir() {
+        return Ok(());
+    }
+    write(&dir.join("cgroup.kill"), "1")?;
+    let deadline = Instant::now() + EMPTY_WAIT;
+    loop {
+        match fs::remove_dir(&dir) {
+            Err(err) if err.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(10));
+            }
+            removed => return removed.map_err(io_err("remove", &dir)),
+        }
+    }
+}
+
 /// Why a jail's group cannot be had here, for `kiln doctor`.
 pub fn unavailable() -> Option<String> {
     check_controllers(Path::new(CGROUP_ROOT))
@@ -222,6 +248,11 @@ mod tests {
                 "pids.max=18".to_string(),
             ]
         );
+    }
+
+    #[test]
+    fn no_group_left_is_nothing_to_remove() {
+        remove_left("test-no-such-vm-process").unwrap();
     }
 
     #[test]
