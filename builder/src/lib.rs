@@ -9,6 +9,7 @@ pub mod oci;
 pub mod recipe;
 pub mod stage;
 pub mod store;
+pub mod uids;
 
 /// `err` and its causes joined by ": ", as the CLI prints them: what the
 /// tests check a cause's text in, now that no message embeds its cause.
