@@ -7,6 +7,7 @@ pub mod elf;
 pub mod ext4;
 pub mod oci;
 pub mod recipe;
+pub mod sandbox;
 pub mod stage;
 pub mod store;
 pub mod uids;
