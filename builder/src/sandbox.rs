@@ -17,7 +17,10 @@
 //! - may write no further than the file's size, use [`CPU_SECONDS`] of
 //!   CPU time and [`ADDRESS_SPACE`] bytes of memory, dump no core, open
 //!   [`OPEN_FILES`] files, and start no second process (its uid is its
-//!   own, so RLIMIT_NPROC = 1 counts it alone).
+//!   own, so RLIMIT_NPROC = 1 counts it alone);
+//! - is refused (EPERM, by a seccomp filter) the system calls of
+//!   [`REFUSED_CALLS`]: large parts of the kernel an unprivileged process
+//!   may still reach, which e2fsck never uses.
 //!
 //! The file is mounted in from a descriptor the parent opened, so no path
 //! the tool names leads elsewhere. The tool opens it by path as its
@@ -28,11 +31,12 @@
 //!
 //! Without root there is no sandbox to make (no mounts, no uid change):
 //! the tool then runs as the caller, who is no more privileged than it
-//! needs, with the same rlimits and no_new_privs, and a warning says so
-//! once per process.
+//! needs, with the same rlimits (but RLIMIT_NPROC), the filter and
+//! no_new_privs, and a warning says so once per process.
 //!
 //! As with [`crate::confine`], everything is prepared in the parent and
 //! the forked child only makes system calls ([`Confined::enter`]).
+use std::collections::BTreeMap;
 use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io;
@@ -48,6 +52,7 @@ use rustix::fs::{CWD, FileType, Gid, Mode};
 use rustix::mount::{MountFlags, MountPropagationFlags, MoveMountFlags, OpenTreeFlags};
 use rustix::process::{Resource, Rlimit, Signal};
 use rustix::thread::{CapabilitySet, CapabilitySets};
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 
 use crate::uids::{LEASES_DIR, LeaseError, UidLease, UidRange};
 
@@ -68,6 +73,39 @@ pub const CPU_SECONDS: u64 = 600;
 pub const ADDRESS_SPACE: u64 = 1 << 30;
 /// RLIMIT_NOFILE: the tool, its libraries and /dev/null.
 pub const OPEN_FILES: u64 = 64;
+/// The system calls the sandbox refuses, each with why: kernel surface an
+/// unprivileged process keeps, which e2fsck does not need. Refused with
+/// EPERM rather than a kill, so that a library trying one falls back.
+pub const REFUSED_CALLS: [i64; 14] = [
+    // Sockets: the namespaces cannot take a protocol family's code
+    // (netlink, AF_ALG's crypto) away, and the tool needs no socket, not
+    // even a local one.
+    libc::SYS_socket,
+    libc::SYS_socketpair,
+    // New namespaces: a user namespace of its own would give it every
+    // capability over new mount and network namespaces, the usual first
+    // step of a kernel exploit from an unprivileged process (a child is
+    // refused anyway: RLIMIT_NPROC).
+    libc::SYS_unshare,
+    libc::SYS_setns,
+    // BPF programs: the verifier and the JIT.
+    libc::SYS_bpf,
+    // Stalls the kernel at a page fault of the caller's choosing,
+    // mid-copy: an exploit's timing tool.
+    libc::SYS_userfaultfd,
+    // Performance counters: a large driver, and a side channel.
+    libc::SYS_perf_event_open,
+    // io_uring: a second system call interface, with a history of bugs.
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
+    // The kernel's keyrings: no key is the tool's business.
+    libc::SYS_keyctl,
+    libc::SYS_add_key,
+    libc::SYS_request_key,
+    // Tracing: it has no other process to trace.
+    libc::SYS_ptrace,
+];
 /// Where the sandbox's root is built before the tool moves into it: in
 /// the tool's own mount namespace, over the host's /tmp, which it hides.
 const ROOT: &CStr = c"/tmp";
@@ -129,6 +167,9 @@ pub enum SandboxError {
         #[source]
         source: io::Error,
     },
+    /// The seccomp filter of [`REFUSED_CALLS`] could not be compiled.
+    #[error("cannot compile the sandbox's seccomp filter")]
+    Filter(#[from] seccompiler::BackendError),
     /// A path holds a NUL byte, which no system call takes.
     #[error("{0}: a path with a NUL byte cannot be mounted")]
     Nul(PathBuf),
@@ -155,8 +196,11 @@ pub struct Sandbox {
 struct Confined {
     /// The file's size: how far the tool may write (RLIMIT_FSIZE).
     size: u64,
-    /// The sandbox, when root; `None`: only the rlimits and no_new_privs.
+    /// The sandbox, when root; `None`: only the rlimits, the filter and
+    /// no_new_privs.
     root: Option<Root>,
+    /// [`REFUSED_CALLS`], compiled.
+    filter: BpfProgram,
 }
 
 /// The sandbox's root and the uid it runs as.
@@ -200,7 +244,11 @@ impl Sandbox {
         let meta = file.metadata().map_err(open_err)?;
         let size = meta.len();
         if !rustix::process::geteuid().is_root() {
-            let confined = Arc::new(Confined { size, root: None });
+            let confined = Arc::new(Confined {
+                size,
+                root: None,
+                filter: filter()?,
+            });
             return Ok(Sandbox {
                 path: path.into(),
                 confined,
@@ -216,6 +264,7 @@ impl Sandbox {
             confined: Arc::new(Confined {
                 size,
                 root: Some(root),
+                filter: filter()?,
             }),
             lent: Some((meta.gid(), meta.mode() & 0o7777)),
             lease: Some(lease),
@@ -486,9 +535,10 @@ impl ProgramDir {
 
 impl Confined {
     /// Confines the calling process, a forked child about to exec the
-    /// tool: the sandbox when root, then the rlimits and no_new_privs,
-    /// and the parent-death signal last (a uid change clears it; the
-    /// parent is alive here, waiting for the exec).
+    /// tool: the sandbox when root, then the rlimits, no_new_privs, the
+    /// parent-death signal (a uid change clears it; the parent is alive
+    /// here, waiting for the exec), and the filter last, as it refuses
+    /// nothing the steps before make.
     fn enter(&self) -> io::Result<()> {
         if let Some(root) = &self.root {
             root.enter()?;
@@ -503,8 +553,23 @@ impl Confined {
         }
         rustix::thread::set_no_new_privs(true)?;
         rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
-        Ok(())
+        seccompiler::apply_filter(&self.filter).map_err(|err| match err {
+            seccompiler::Error::Prctl(err) | seccompiler::Error::Seccomp(err) => err,
+            _ => io::Error::from(io::ErrorKind::InvalidInput),
+        })
     }
+}
+
+/// [`REFUSED_CALLS`] as a filter that allows every other call.
+fn filter() -> Result<BpfProgram, SandboxError> {
+    let rules = REFUSED_CALLS.map(|call| (call, Vec::new()));
+    let filter = SeccompFilter::new(
+        BTreeMap::from_iter(rules),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        TargetArch::x86_64,
+    )?;
+    Ok(BpfProgram::try_from(filter)?)
 }
 
 /// `path` (relative to `/`) under [`ROOT`].
@@ -590,6 +655,7 @@ mod tests {
             ("Gid:", &ids),
             ("Groups:", ""),
             ("NoNewPrivs:", "1"),
+            ("Seccomp:", "2"),
             ("CapInh:", no_caps),
             ("CapPrm:", no_caps),
             ("CapEff:", no_caps),
@@ -651,6 +717,25 @@ mod tests {
         assert_eq!(fs::read(&path).unwrap(), b"probe56789");
         let back = fs::metadata(&path).unwrap();
         assert_eq!((back.gid(), back.mode() & 0o7777), (group, 0o644));
+    }
+
+    /// A local socket, which the uid and namespaces would allow (and
+    /// connect(2) then fail with ENOENT), is refused by the filter.
+    #[test]
+    fn the_filter_refuses_a_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("file");
+        fs::write(&path, "").unwrap();
+        let sandbox = Sandbox::new(&path).unwrap();
+        let mut logger = sandbox.command("logger").unwrap();
+        logger.args(["--socket-errors=on", "-u", "/nowhere", "probe"]);
+        let output = sandbox.output(&mut logger).unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("socket /nowhere: Operation not permitted"),
+            "{output:?}"
+        );
+        sandbox.finish().unwrap();
     }
 
     #[test]
