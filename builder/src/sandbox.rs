@@ -24,10 +24,12 @@
 //!
 //! The file is mounted in from a descriptor the parent opened, so no path
 //! the tool names leads elsewhere. The tool opens it by path as its
-//! unprivileged uid, so for the run the file's group is lent to the
-//! sandbox's gid, read-write, and others' access is withdrawn
-//! ([`Sandbox::finish`] gives both back); a group member cannot change a
-//! file's mode, owner or ACL, as its owner could.
+//! unprivileged uid, so for the run the file is root's, in the sandbox's
+//! group, read-write for the group and nothing for others
+//! ([`Sandbox::finish`] gives its owner, group and mode back): a group
+//! member cannot change a file's mode, owner or ACL, as its owner could
+//! (even one whose uid the sandbox's happens to be: a VM process's, leased
+//! again since it ended).
 //!
 //! Without root there is no sandbox to make (no mounts, no uid change):
 //! the tool then runs as the caller, who is no more privileged than it
@@ -48,7 +50,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Arc, Once};
 
-use rustix::fs::{CWD, FileType, Gid, Mode};
+use rustix::fs::{CWD, FileType, Gid, Mode, Uid};
 use rustix::mount::{MountFlags, MountPropagationFlags, MoveMountFlags, OpenTreeFlags};
 use rustix::process::{Resource, Rlimit, Signal};
 use rustix::thread::{CapabilitySet, CapabilitySets};
@@ -134,9 +136,9 @@ pub enum SandboxError {
     /// No uid could be leased for the sandbox.
     #[error("no uid for the sandbox")]
     Lease(#[from] LeaseError),
-    /// The file's group or mode could not be lent to the sandbox or given
-    /// back.
-    #[error("cannot {what} the group and mode of {path}")]
+    /// The file's owner, group or mode could not be lent to the sandbox
+    /// or given back.
+    #[error("cannot {what} the owner, group and mode of {path}")]
     Lend {
         /// `lend` or `give back`.
         what: &'static str,
@@ -182,13 +184,21 @@ pub struct Sandbox {
     path: PathBuf,
     /// What the child does before exec.
     confined: Arc<Confined>,
-    /// The file's group and mode before they were lent; `None` when not
-    /// root (nothing was lent).
-    lent: Option<(u32, u32)>,
+    /// The file's owner, group and mode before they were lent; `None`
+    /// when not root (nothing was lent).
+    lent: Option<Ownership>,
     /// The uid the tool runs as, held until the sandbox is finished.
     lease: Option<UidLease>,
     /// Open for the whole run: the sandbox mounts it from this descriptor.
     file: File,
+}
+
+/// A file's owner, group and permission bits.
+#[derive(Clone, Copy, Debug)]
+struct Ownership {
+    uid: u32,
+    gid: u32,
+    mode: u32,
 }
 
 /// What the forked child does to confine itself: system calls on values
@@ -267,12 +277,20 @@ impl Sandbox {
                 root: Some(root),
                 filter: filter()?,
             }),
-            lent: Some((meta.gid(), meta.mode() & 0o7777)),
+            lent: Some(Ownership {
+                uid: meta.uid(),
+                gid: meta.gid(),
+                mode: meta.mode() & 0o7777,
+            }),
             lease: Some(lease),
             file,
         };
-        let (owner, group) = (meta.mode() & 0o700, 0o060);
-        sandbox.set_group_and_mode("lend", sandbox.uid(), owner | group)?;
+        let lent = Ownership {
+            uid: 0,
+            gid: sandbox.uid(),
+            mode: (meta.mode() & 0o700) | 0o060,
+        };
+        sandbox.set_ownership("lend", lent)?;
         Ok(sandbox)
     }
 
@@ -328,22 +346,19 @@ impl Sandbox {
 
     fn give_back(&mut self) -> Result<(), SandboxError> {
         match self.lent.take() {
-            Some((gid, mode)) => self.set_group_and_mode("give back", gid, mode),
+            Some(ownership) => self.set_ownership("give back", ownership),
             None => Ok(()),
         }
     }
 
-    /// Sets the file's group, then its mode: chown(2) clears the setgid
-    /// bit, and the mode set after it has the bits wanted.
-    fn set_group_and_mode(
-        &self,
-        what: &'static str,
-        gid: u32,
-        mode: u32,
-    ) -> Result<(), SandboxError> {
+    /// Sets the file's owner and group, then its mode: chown(2) clears
+    /// the setuid and setgid bits, and the mode set after it has the bits
+    /// wanted.
+    fn set_ownership(&self, what: &'static str, to: Ownership) -> Result<(), SandboxError> {
         let fd = self.file.as_fd();
-        rustix::fs::fchown(fd, None, Some(Gid::from_raw(gid)))
-            .and_then(|()| rustix::fs::fchmod(fd, Mode::from_raw_mode(mode)))
+        let (uid, gid) = (Uid::from_raw(to.uid), Gid::from_raw(to.gid));
+        rustix::fs::fchown(fd, Some(uid), Some(gid))
+            .and_then(|()| rustix::fs::fchmod(fd, Mode::from_raw_mode(to.mode)))
             .map_err(|source| SandboxError::Lend {
                 what,
                 path: self.path.clone(),
@@ -630,12 +645,17 @@ mod tests {
         let path = dir.path().join("file");
         fs::write(&path, "0123456789").unwrap();
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        // Owned by another uid, as a stopped VM process's files are.
+        rustix::fs::chown(&path, Some(Uid::from_raw(4242)), None).unwrap();
         let group = fs::metadata(&path).unwrap().gid();
         let sandbox = Sandbox::new(&path).unwrap();
         let uid = sandbox.uid();
         assert_ne!(uid, 0);
         let lent = fs::metadata(&path).unwrap();
-        assert_eq!((lent.gid(), lent.mode() & 0o7777), (uid, 0o660));
+        assert_eq!(
+            (lent.uid(), lent.gid(), lent.mode() & 0o7777),
+            (0, uid, 0o660)
+        );
         let script = r#"read go; exec 3<>"$0"; printf probe >&3; /bin/true"#;
         let mut child = sandbox
             .command("sh")
@@ -717,7 +737,10 @@ mod tests {
         sandbox.finish().unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"probe56789");
         let back = fs::metadata(&path).unwrap();
-        assert_eq!((back.gid(), back.mode() & 0o7777), (group, 0o644));
+        assert_eq!(
+            (back.uid(), back.gid(), back.mode() & 0o7777),
+            (4242, group, 0o644)
+        );
     }
 
     /// A local socket, which the uid and namespaces would allow (and
