@@ -743,14 +743,21 @@ mod tests {
         );
     }
 
-    /// A local socket, which the uid and namespaces would allow (and
-    /// connect(2) then fail with ENOENT), is refused by the filter.
-    #[test]
-    fn the_filter_refuses_a_socket() {
+    /// A sandbox for an empty file in a directory of its own (removed
+    /// when the first is dropped).
+    fn sandbox_on_an_empty_file() -> (tempfile::TempDir, Sandbox) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("file");
         fs::write(&path, "").unwrap();
         let sandbox = Sandbox::new(&path).unwrap();
+        (dir, sandbox)
+    }
+
+    /// A local socket, which the uid and namespaces would allow (and
+    /// connect(2) then fail with ENOENT), is refused by the filter.
+    #[test]
+    fn the_filter_refuses_a_socket() {
+        let (_dir, sandbox) = sandbox_on_an_empty_file();
         let mut logger = sandbox.command("logger").unwrap();
         logger.args(["--socket-errors=on", "-u", "/nowhere", "probe"]);
         let output = sandbox.output(&mut logger).unwrap();
@@ -764,10 +771,7 @@ mod tests {
 
     #[test]
     fn a_program_not_on_the_path_is_named() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("file");
-        fs::write(&path, "").unwrap();
-        let sandbox = Sandbox::new(&path).unwrap();
+        let (_dir, sandbox) = sandbox_on_an_empty_file();
         let err = sandbox.command("kiln-no-such-tool").unwrap_err();
         assert_eq!(err.to_string(), format!("no kiln-no-such-tool in {PATH}"));
     }
