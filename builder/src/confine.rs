@@ -92,7 +92,7 @@ impl Confinement {
         rustix::mount::mount_change(c"/", private)?;
         let [work, dest] = &self.writable;
         let clones = [work.clone_tree()?, dest.clone_tree()?];
-        set_read_only(c"/")?;
+        set_mount_attr(c"/", libc::MOUNT_ATTR_RDONLY, true)?;
         let tmpfs_flags = MountFlags::NOSUID | MountFlags::NODEV;
         rustix::mount::mount(c"tmpfs", c"/tmp", c"tmpfs", tmpfs_flags, c"mode=1777")?;
         if let Some(home) = &self.home {
@@ -180,11 +180,16 @@ impl Throwaway {
     }
 }
 
-/// Makes every mount at and below `path` read-only: mount_setattr(2)
-/// with AT_RECURSIVE (Linux 5.12), which rustix does not wrap.
-fn set_read_only(path: &std::ffi::CStr) -> io::Result<()> {
+/// Sets the mount attributes `attr_set` (`MOUNT_ATTR_*`) on the mount at
+/// `path`, and on every mount below it when `recursive`: mount_setattr(2)
+/// (Linux 5.12), which rustix does not wrap.
+pub(crate) fn set_mount_attr(
+    path: &std::ffi::CStr,
+    attr_set: u64,
+    recursive: bool,
+) -> io::Result<()> {
     let attr = libc::mount_attr {
-        attr_set: libc::MOUNT_ATTR_RDONLY,
+        attr_set,
         attr_clr: 0,
         propagation: 0,
         userns_fd: 0,
@@ -197,7 +202,11 @@ fn set_read_only(path: &std::ffi::CStr) -> io::Result<()> {
             libc::SYS_mount_setattr,
             libc::AT_FDCWD,
             path.as_ptr(),
-            libc::AT_RECURSIVE as libc::c_uint,
+            if recursive {
+                libc::AT_RECURSIVE as libc::c_uint
+            } else {
+                0
+            },
             &attr as *const libc::mount_attr,
             size_of::<libc::mount_attr>(),
         )
@@ -208,7 +217,7 @@ fn set_read_only(path: &std::ffi::CStr) -> io::Result<()> {
 /// Gives up root for `uid` and `gid`, with no supplementary groups.
 /// The forked child is single-threaded, so each call changes its only
 /// thread's credentials.
-fn drop_to(uid: u32, gid: u32) -> io::Result<()> {
+pub(crate) fn drop_to(uid: u32, gid: u32) -> io::Result<()> {
     // SAFETY: setgroups(2) with a count of 0 reads no list.
     check(unsafe { libc::setgroups(0, std::ptr::null()) })?;
     // SAFETY: setgid(2) takes a plain integer and touches no memory.
@@ -217,7 +226,8 @@ fn drop_to(uid: u32, gid: u32) -> io::Result<()> {
     check(unsafe { libc::setuid(uid) })
 }
 
-fn check(result: libc::c_int) -> io::Result<()> {
+/// `Ok` for a libc call's success, the thread's errno for its -1.
+pub(crate) fn check(result: libc::c_int) -> io::Result<()> {
     if result == -1 {
         return Err(io::Error::last_os_error());
     }

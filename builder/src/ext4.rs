@@ -15,6 +15,7 @@ use std::process::Command;
 use ext4::{Checksums, Enhanced, Inode, Options, SuperBlock};
 use positioned_io::ReadAt;
 
+use crate::sandbox::{Sandbox, SandboxError};
 use crate::stage::{self, MAX_DEPTH, Stage, StageError};
 
 /// 2026-01-01T00:00:00Z: every timestamp in a Kiln image.
@@ -81,6 +82,15 @@ pub enum Ext4Error {
         image: PathBuf,
         /// What e2fsck printed, and its exit status.
         message: String,
+    },
+    /// `e2fsck`'s sandbox could not be made, entered or taken down.
+    #[error("cannot run e2fsck sandboxed on {image}")]
+    Sandbox {
+        /// The filesystem image.
+        image: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: SandboxError,
     },
     /// A name in the filesystem (or the tree to make one of) is one no
     /// image may hold ([`stage::check_name`]).
@@ -194,24 +204,30 @@ pub fn needs_recovery(image: &Path) -> Result<bool, Ext4Error> {
 /// Replays the journal of the ext4 filesystem in `image`, in place, when
 /// it [needs recovery](needs_recovery), as its next mount would; nothing
 /// else is checked or changed (`e2fsck -E journal_only`), and the same
-/// filesystem always replays to the same bytes. Returns whether it did. Afterwards the filesystem mounts read-only and reads whole
-/// through the `ext4` crate, which ignores journals.
+/// filesystem always replays to the same bytes. Returns whether it did.
+/// Afterwards the filesystem mounts read-only and reads whole through the
+/// `ext4` crate, which ignores journals. A guest wrote the filesystem, so
+/// e2fsck runs in a [`Sandbox`]: an unprivileged uid that reaches nothing
+/// but the image.
 pub fn replay_journal(image: &Path) -> Result<bool, Ext4Error> {
     if !needs_recovery(image)? {
         return Ok(false);
     }
-    let output = Command::new("e2fsck")
-        .args(["-p", "-E", "journal_only"])
-        .arg(image)
-        // e2fsck's clock (the superblock's write time), so that the same
-        // filesystem replays to the same bytes.
-        .env("E2FSCK_TIME", FIXED_TIME.to_string())
-        .output()
-        .map_err(|source| Ext4Error::Tool {
+    let sandbox_err = |source| match source {
+        SandboxError::NoProgram { source, .. } => Ext4Error::Tool {
             tool: "e2fsck",
             image: image.into(),
             source,
-        })?;
+        },
+        source => Ext4Error::Sandbox {
+            image: image.into(),
+            source,
+        },
+    };
+    let sandbox = Sandbox::new(image).map_err(sandbox_err)?;
+    let output = run_e2fsck(&sandbox);
+    sandbox.finish().map_err(sandbox_err)?;
+    let output = output.map_err(sandbox_err)?;
     // 0: nothing to fix; 1: fixed (the journal replayed).
     if !matches!(output.status.code(), Some(0 | 1)) || needs_recovery(image)? {
         let mut message = output.stdout;
@@ -222,6 +238,18 @@ pub fn replay_journal(image: &Path) -> Result<bool, Ext4Error> {
         });
     }
     Ok(true)
+}
+
+/// `e2fsck -p -E journal_only` on the sandbox's file.
+fn run_e2fsck(sandbox: &Sandbox) -> Result<std::process::Output, SandboxError> {
+    let mut command = sandbox.command("e2fsck")?;
+    command
+        .args(["-p", "-E", "journal_only"])
+        .arg(sandbox.path())
+        // e2fsck's clock (the superblock's write time), so that the same
+        // filesystem replays to the same bytes.
+        .env("E2FSCK_TIME", FIXED_TIME.to_string());
+    sandbox.output(&mut command)
 }
 
 /// A tool's output as part of a one-line error: its non-empty lines,
@@ -579,6 +607,37 @@ mod tests {
             assert!(!replay_journal(&path).unwrap(), "not ext4: left alone");
             assert_eq!(fs::read(&path).unwrap(), other);
         }
+    }
+
+    /// A filesystem e2fsck will not touch (an incompatible feature it does
+    /// not know, as a guest's bytes may say): the one-line error, with
+    /// e2fsck's words in it, from inside the sandbox.
+    #[test]
+    fn a_filesystem_e2fsck_refuses_is_a_one_line_error() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("fs.ext4");
+        make(&tree(dir.path()), &image, 8 << 20, UUID).unwrap();
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&image)
+            .unwrap();
+        let mut incompat = [0u8; 4];
+        let at = SUPERBLOCK + S_FEATURE_INCOMPAT as u64;
+        FileExt::read_exact_at(&file, &mut incompat, at).unwrap();
+        let unknown = 0x4000_0000; // INCOMPAT bit 30, which no ext4 defines
+        let flags = u32::from_le_bytes(incompat) | INCOMPAT_RECOVER | unknown;
+        file.write_all_at(&flags.to_le_bytes(), at).unwrap();
+        let err = replay_journal(&image).unwrap_err();
+        assert!(matches!(err, Ext4Error::Fsck { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(!text.contains('\n'), "{text:?}");
+        assert!(
+            text.contains("unsupported feature(s): FEATURE_I30"),
+            "{text}"
+        );
+        assert!(text.ends_with("(exit status: 8)"), "{text}");
     }
 
     #[test]

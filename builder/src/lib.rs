@@ -7,8 +7,10 @@ pub mod elf;
 pub mod ext4;
 pub mod oci;
 pub mod recipe;
+pub mod sandbox;
 pub mod stage;
 pub mod store;
+pub mod uids;
 
 /// `err` and its causes joined by ": ", as the CLI prints them: what the
 /// tests check a cause's text in, now that no message embeds its cause.

@@ -1,173 +1,39 @@
 //! The jails' ids: a range of unprivileged uids (and gids, the same
-//! numbers), leased one per VM process for its life, so that no two live
-//! jailed VM processes ever share one, whichever `$KILN_HOME` or process
-//! started them.
-//!
-//! A lease is an exclusive flock(2) on the id's file in a host-wide
-//! directory ([`LEASES_DIR`]): held by an open file description, so two
-//! leases in one process exclude each other as two processes' do. The
-//! jail holds it, and so does its VM process, which inherits the
-//! descriptor ([`UidLease::keep_across_exec`]): the kernel drops the lock
-//! when the last of them ends, killed or not, so a crash leaks no id, and
-//! a VM process that outlives a killed supervisor (for the moment its
-//! parent-death signal takes) keeps its id until it is gone.
-use std::fs::{self, File};
-use std::io;
-use std::os::fd::AsFd;
-use std::path::Path;
-
-use rustix::fs::{Mode, OFlags};
-use rustix::io::FdFlags;
+//! numbers), leased one per VM process for its life. The leases live in
+//! [`kiln_builder::uids`], which the builder's sandboxed e2fsck leases
+//! from too, so that a VM process and an e2fsck never share an id; what
+//! the jail uses is re-exported here.
+pub use kiln_builder::uids::{LEASES_DIR, LeaseError, UidLease, UidRange};
 
 use super::JailError;
 
-/// Where the leases' files are: host-wide, not under `$KILN_HOME`, since
-/// the uids are the host's (two homes on one host must not hand out the
-/// same one); on the tmpfs a reboot empties.
-pub const LEASES_DIR: &str = "/run/kiln/jail-uids";
-
-/// A range of unprivileged ids.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct UidRange {
-    /// The first id.
-    pub first: u32,
-    /// How many ids follow it, itself included.
-    pub count: u32,
-}
-
-/// An id of a [`UidRange`] held by one VM process's jail until dropped.
-#[derive(Debug)]
-pub struct UidLease {
-    uid: u32,
-    /// Holds the id's flock while open.
-    lock: File,
-}
-
-impl UidLease {
-    /// The leased uid (and gid).
-    pub fn uid(&self) -> u32 {
-        self.uid
-    }
-
-    /// Has the lease's descriptor survive the caller's next exec, so that
-    /// the VM process holds the lease too. Called between fork and exec:
-    /// one fcntl(2). The descriptor is read-only, of a file outside the
-    /// jail's root that holds nothing: nothing to read or write there.
-    pub(super) fn keep_across_exec(&self) -> io::Result<()> {
-        rustix::io::fcntl_setfd(self.lock.as_fd(), FdFlags::empty())?;
-        Ok(())
-    }
-}
-
-impl UidRange {
-    /// Leases a free id of the range after the first (the jails' shared
-    /// group), its lock file in `dir`. The search starts at an id picked
-    /// by a hash of `key` (the instance's id), so an instance gets the
-    /// same uid at every boot unless another live jail holds it, and goes
-    /// on id by id; a range with every id held is an error.
-    pub fn lease(&self, dir: &Path, key: &str) -> Result<UidLease, JailError> {
-        fs::create_dir_all(dir).map_err(super::io_err("create", dir))?;
-        let ids = self.count - 1;
-        let start = fnv1a(key) % ids;
-        for step in 0..ids {
-            let uid = self.first + 1 + (start + step) % ids;
-            let path = dir.join(uid.to_string());
-            if let Some(lock) = try_lock(&path).map_err(super::io_err("lock", &path))? {
-                return Ok(UidLease { uid, lock });
-            }
+impl From<LeaseError> for JailError {
+    fn from(err: LeaseError) -> Self {
+        match err {
+            LeaseError::Range(text) => JailError::Uids(text),
+            LeaseError::Io { what, path, source } => JailError::Io { what, path, source },
+            LeaseError::NoFreeUid { range, dir } => JailError::NoFreeUid { range, dir },
         }
-        Err(JailError::NoFreeUid {
-            range: *self,
-            dir: dir.to_path_buf(),
-        })
     }
-
-    /// The group every jail has as its one supplementary group: the
-    /// range's first id. A snapshot's files are given to it (mode 640)
-    /// when a jailed VM restores from them, so that one jail's snapshot
-    /// can be restored under another jail's uid. Nothing else is.
-    pub fn shared_group(&self) -> u32 {
-        self.first
-    }
-
-    /// The range `FIRST-LAST` names, if it is one of ids above root's.
-    pub(super) fn parse(text: &str) -> Option<UidRange> {
-        let (first, last) = text.split_once('-')?;
-        let (first, last): (u32, u32) = (first.parse().ok()?, last.parse().ok()?);
-        (first > 0 && last > first && last < u32::MAX).then(|| UidRange {
-            first,
-            count: last - first + 1,
-        })
-    }
-}
-
-impl std::fmt::Display for UidRange {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}-{}", self.first, self.first + (self.count - 1))
-    }
-}
-
-/// FNV-1a, 32 bits: stable across Rust versions, unlike std's hasher.
-fn fnv1a(key: &str) -> u32 {
-    key.bytes().fold(0x811c_9dc5_u32, |hash, byte| {
-        (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
-    })
-}
-
-/// The lock file `path`, made if need be and open read-only (flock
-/// needs no more), locked; `None` if another holds it.
-fn try_lock(path: &Path) -> io::Result<Option<File>> {
-    let flags = OFlags::RDONLY | OFlags::CREATE | OFlags::CLOEXEC;
-    let file = File::from(rustix::fs::open(path, flags, Mode::from_raw_mode(0o600))?);
-    Ok(kiln_vmm::flock::lock_exclusive(&file, false)?.then_some(file))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const RANGE: UidRange = UidRange {
-        first: 5000,
-        count: 4,
-    };
-
     #[test]
-    fn an_instance_keeps_its_uid_while_it_is_free() {
+    fn a_full_range_is_the_jails_error() {
         let dir = tempfile::tempdir().unwrap();
-        let first = RANGE.lease(dir.path(), "i-0123456789ab").unwrap().uid();
-        assert!((5001..5004).contains(&first), "{first}");
-        assert_eq!(RANGE.shared_group(), 5000);
-        let again = RANGE.lease(dir.path(), "i-0123456789ab").unwrap();
-        assert_eq!(again.uid(), first);
-        // The VM process inherits it.
-        let flags = || rustix::io::fcntl_getfd(again.lock.as_fd()).unwrap();
-        assert_eq!(flags(), FdFlags::CLOEXEC);
-        again.keep_across_exec().unwrap();
-        assert_eq!(flags(), FdFlags::empty());
-    }
-
-    #[test]
-    fn live_leases_never_share_a_uid_and_a_full_range_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        // One key for all: each lease's preferred id is taken by the last.
-        let mut leases: Vec<UidLease> = (0..3)
-            .map(|_| RANGE.lease(dir.path(), "i-same").unwrap())
-            .collect();
-        let mut uids: Vec<u32> = leases.iter().map(UidLease::uid).collect();
-        uids.sort_unstable();
-        assert_eq!(uids, [5001, 5002, 5003]);
-        let err = RANGE.lease(dir.path(), "i-other").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            format!(
-                "every jail uid of 5000-5003 is held by a live VM process (leases in {}); \
-                 expected a wider $KILN_JAIL_UIDS",
-                dir.path().display()
-            )
+        let range = UidRange {
+            first: 5000,
+            count: 2,
+        };
+        let _held = range.lease(dir.path(), "i-one").unwrap();
+        let err = JailError::from(range.lease(dir.path(), "i-two").unwrap_err());
+        assert!(matches!(err, JailError::NoFreeUid { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("every jail uid of 5000-5001 is held")
         );
-        let freed = leases.remove(1);
-        let uid = freed.uid();
-        drop(freed);
-        assert_eq!(RANGE.lease(dir.path(), "i-other").unwrap().uid(), uid);
     }
 }
