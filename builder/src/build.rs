@@ -1476,13 +1476,9 @@ mod tests {
                 build.join().unwrap();
             }
         });
-        let listed: Vec<String> = store
-            .list()
-            .unwrap()
-            .iter()
-            .map(Manifest::reference)
-            .collect();
-        assert_eq!(listed, ["at-once-1:1.0.0", "at-once-2:1.0.0"]);
+        for reference in ["at-once-1:1.0.0", "at-once-2:1.0.0"] {
+            store.find(reference).unwrap();
+        }
         assert!(!killed.exists(), "the killed build's scratch is removed");
         assert!(scratch_is_empty(&dir.path().join("home")), "scratch left");
     }
