@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use tempfile::{NamedTempFile, TempDir};
 
-use crate::flock;
+use crate::{flock, report};
 
 /// A temporary file next to where `path` will be.
 pub fn stage(path: &Path) -> io::Result<NamedTempFile> {
@@ -57,7 +57,8 @@ const SCRATCH_RANDOM: usize = 6;
 #[derive(Debug, thiserror::Error)]
 #[error("cannot {action} {path}")]
 pub struct ScratchError {
-    /// What was being done: "lock", "list", "remove the leftover", ...
+    /// What was being done: "open", "lock", "list", "make a scratch
+    /// directory in".
     pub action: &'static str,
     /// The directory it was done to.
     pub path: PathBuf,
@@ -125,7 +126,7 @@ fn is_scratch_name(name: &str) -> bool {
 }
 
 /// Removes the scratch directories in `parent` that no live command
-/// holds.
+/// holds; one that cannot be removed is logged and left.
 fn remove_leftovers(parent: &Path) -> Result<(), ScratchError> {
     let entries = fs::read_dir(parent).map_err(scratch_err("list", parent))?;
     for entry in entries {
@@ -142,11 +143,15 @@ fn remove_leftovers(parent: &Path) -> Result<(), ScratchError> {
             Err(err) => Err(err),
         };
         match removed {
-            // NotFound: removed meanwhile by its own command.
-            Err(err) if err.kind() != io::ErrorKind::NotFound => {
-                return Err(scratch_err("remove the leftover", &path)(err));
-            }
-            _ => {}
+            // Removed meanwhile by its own command.
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            // Housekeeping: a leftover that cannot go (another user's,
+            // say) must not stop new work; it is named instead.
+            Err(err) => log::warn!(
+                "{}",
+                report::one_line(&scratch_err("remove the leftover", &path)(err))
+            ),
+            Ok(()) => {}
         }
     }
     Ok(())
