@@ -112,8 +112,10 @@ pub fn scratch_dir(parent: &Path, name: &str) -> Result<ScratchDir, ScratchError
         .rand_bytes(SCRATCH_RANDOM)
         .tempdir_in(parent)
         .map_err(scratch_err("make a scratch directory in", parent))?;
+    // Waiting, so that the lock is surely taken when this returns; no one
+    // else can hold it: the directory is new, made under the parent's lock.
     let lock = File::open(dir.path())
-        .and_then(|file| flock::lock_exclusive(&file, false).map(|_| file))
+        .and_then(|file| flock::lock_exclusive(&file, true).map(|_| file))
         .map_err(scratch_err("lock", dir.path()))?;
     Ok(ScratchDir { dir, _lock: lock })
 }
