@@ -496,7 +496,7 @@ fn a_stopped_instance_commits_to_a_child_of_its_image() {
                 .unwrap()
                 .file_name()
                 .to_string_lossy()
-                .starts_with("scratch-")),
+                .starts_with(".scratch.partial-")),
         "scratch left behind"
     );
 }

@@ -235,7 +235,7 @@ pub enum Built {
 pub struct Staged {
     store: Store,
     /// Owns everything staged; removed on drop.
-    _scratch: tempfile::TempDir,
+    _scratch: kiln_vmm::durable::ScratchDir,
     /// The directory [`Store::publish`] renames into place.
     dir: PathBuf,
     manifest: Manifest,
@@ -1370,7 +1370,7 @@ mod tests {
         ];
 
         /// `{outside}` is the victim's absolute path; the `..` chains
-        /// climb from `home/tmp/scratch-*/root` (and one level deeper) to it.
+        /// climb from `home/tmp/.scratch.partial-*/root` (and one level deeper) to it.
         const TARGETS: &[&str] = &[
             "{outside}",
             "../../../../outside",
@@ -1438,5 +1438,48 @@ mod tests {
                 let _ = hostile.build(&tar(&entries, &hostile.outside));
             }
         }
+    }
+
+    /// Two builds at once both succeed: neither takes the other's live
+    /// scratch directory for a leftover. A killed build's scratch (its
+    /// lock gone with it) is removed, and nothing is left in the store's
+    /// tmp once they are done.
+    #[test]
+    fn builds_at_once_both_succeed_and_remove_a_killed_ones_scratch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(&dir.path().join("home"));
+        let killed = dir.path().join("home/tmp/.scratch.partial-k1lled");
+        fs::create_dir_all(killed.join("root")).unwrap();
+        let recipe = |n: usize| {
+            let recipe = dir.path().join(format!("recipe{n}"));
+            fs::create_dir(&recipe).unwrap();
+            fs::write(recipe.join("f"), format!("build {n}")).unwrap();
+            let text = format!(
+                "free = \"1M\"\n[image]\nname = \"at-once-{n}\"\nversion = \"1.0.0\"\n\
+                 [[files]]\nsrc = \"f\"\ndst = \"/f\"\n[run]\nentrypoint = [\"/f\"]\n"
+            );
+            fs::write(recipe.join("recipe.toml"), text).unwrap();
+            recipe
+        };
+        let recipes = [recipe(1), recipe(2)];
+        std::thread::scope(|scope| {
+            let builds = recipes.each_ref().map(|recipe| {
+                scope.spawn(|| {
+                    let init = Path::new("/bin/busybox");
+                    match build(recipe, &store, init, true, None, &mut |_| {}).unwrap() {
+                        Built::Staged(staged) => staged.publish(None).unwrap(),
+                        Built::Cached(_) => panic!("a new store caches nothing"),
+                    }
+                })
+            });
+            for build in builds {
+                build.join().unwrap();
+            }
+        });
+        for reference in ["at-once-1:1.0.0", "at-once-2:1.0.0"] {
+            store.find(reference).unwrap();
+        }
+        assert!(!killed.exists(), "the killed build's scratch is removed");
+        assert!(scratch_is_empty(&dir.path().join("home")), "scratch left");
     }
 }

@@ -10,6 +10,7 @@ use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 
+use kiln_vmm::durable::{self, ScratchDir, ScratchError};
 use serde::{Deserialize, Serialize};
 
 use crate::recipe::TestCommand;
@@ -17,6 +18,9 @@ use crate::recipe::TestCommand;
 /// The image file's name in its directory.
 pub const IMAGE_FILE: &str = "image.kiln";
 const MANIFEST_FILE: &str = "manifest.json";
+/// What [`Store::scratch_dir`]'s directories are named after:
+/// `.scratch.partial-XXXXXX`.
+const SCRATCH_NAME: &str = "scratch";
 
 /// What the store knows about an image.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,6 +135,10 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+    /// A scratch directory could not be made, or the leftovers of killed
+    /// commands beside it removed.
+    #[error(transparent)]
+    Scratch(#[from] ScratchError),
     /// A manifest's digest is not `sha256:` and 64 hex digits.
     #[error("{image}: manifest digest {digest:?} is not sha256: and 64 hex digits")]
     Digest {
@@ -241,14 +249,14 @@ impl Store {
         self.root.join("cache")
     }
 
-    /// A fresh directory on the store's filesystem for building into.
-    pub fn scratch_dir(&self) -> Result<tempfile::TempDir, StoreError> {
+    /// A fresh directory on the store's filesystem (in `<root>/tmp/`) for
+    /// building, committing or importing into, locked for as long as the
+    /// command lives; the scratch directories there that killed commands
+    /// left go first ([`durable::scratch_dir`]).
+    pub fn scratch_dir(&self) -> Result<ScratchDir, StoreError> {
         let tmp = self.root.join("tmp");
         fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-        tempfile::Builder::new()
-            .prefix("scratch-")
-            .tempdir_in(&tmp)
-            .map_err(io_err(&tmp))
+        Ok(durable::scratch_dir(&tmp, SCRATCH_NAME)?)
     }
 
     /// A new, empty, uniquely named file on the store's filesystem, which
@@ -427,10 +435,21 @@ mod tests {
         }
     }
 
-    fn publish(store: &Store, m: &Manifest) {
-        let staged = store.scratch_dir().unwrap().keep();
-        fs::write(staged.join(IMAGE_FILE), b"image").unwrap();
+    /// Publishes `m` from a directory in a scratch directory, as a build
+    /// does, with `image` as its image file and `parent` linked beside.
+    fn publish_with(store: &Store, m: &Manifest, image: &[u8], parent: Option<&Path>) {
+        let scratch = store.scratch_dir().unwrap();
+        let staged = scratch.path().join("publish");
+        fs::create_dir(&staged).unwrap();
+        fs::write(staged.join(IMAGE_FILE), image).unwrap();
+        if let Some(parent) = parent {
+            fs::hard_link(parent, staged.join("parent.kiln")).unwrap();
+        }
         store.publish(&staged, m).unwrap();
+    }
+
+    fn publish(store: &Store, m: &Manifest) {
+        publish_with(store, m, b"image", None);
     }
 
     #[test]
@@ -484,6 +503,23 @@ mod tests {
         );
     }
 
+    /// The next scratch directory removes what a killed command left in
+    /// the store's tmp, and nothing else there: not a live command's
+    /// scratch, nor a file made for a VM ([`Store::scratch_file`]).
+    #[test]
+    fn a_scratch_directory_removes_only_a_killed_commands() {
+        let home = tempfile::tempdir().unwrap();
+        let store = Store::new(home.path());
+        let overlay = store.scratch_file("overlay-").unwrap();
+        let live = store.scratch_dir().unwrap();
+        let killed = home.path().join("tmp/.scratch.partial-k1lled");
+        fs::create_dir_all(killed.join("publish")).unwrap();
+        let next = store.scratch_dir().unwrap();
+        assert!(!killed.exists(), "the killed command's scratch is removed");
+        assert!(live.path().is_dir() && next.path().is_dir());
+        assert!(overlay.is_file(), "not a scratch directory");
+    }
+
     /// A manifest written before tests ran (no `test_results`, tests
     /// without `expect_stdout` or `timeout_secs`) still loads: untested.
     #[test]
@@ -510,11 +546,8 @@ mod tests {
         let store = Store::new(home.path());
         publish(&store, &manifest("hello", "1.0.0", None));
         let parent_file = store.find("hello:1.0.0").unwrap().image_path;
-        let staged = store.scratch_dir().unwrap().keep();
-        fs::write(staged.join(IMAGE_FILE), b"child").unwrap();
-        fs::hard_link(&parent_file, staged.join("parent.kiln")).unwrap();
         let child = manifest("hello-plus", "1.0.0", Some("hello:1.0.0"));
-        store.publish(&staged, &child).unwrap();
+        publish_with(&store, &child, b"child", Some(&parent_file));
         let manifest_len = fs::metadata(parent_file.with_file_name(MANIFEST_FILE))
             .unwrap()
             .len();
