@@ -45,3 +45,37 @@ expect_contains ps-shows-the-violation "$WORK/ps.txt" "probe .*stopped .*forbidd
 "$KILN" logs probe > "$WORK/console.txt" 2>&1
 expect_contains console-log-names-the-call "$WORK/console.txt" "$report"
 check terminate "$KILN" terminate probe
+
+# A detached instance's VMM process (`kiln __vmm`): every thread is
+# filtered (the main thread, API, actions) but its launcher, which starts
+# the VM processes (a filter would pass on to them); a stop goes through
+# the API and actions threads and ends the main thread's wait.
+"$KILN" run vm-test:1.0.0 --detach --name sup \
+    --cmdline 'kiln.entrypoint=/tests/sleep.sh' > "$WORK/sup-launch.txt" 2>&1
+sleep 1
+"$KILN" inspect sup > "$WORK/sup.json" 2>&1
+vmm=$(field "$WORK/sup.json" vmm_pid)
+threads=0 filtered=0
+for status in /proc/"$vmm"/task/*/status; do
+    threads=$((threads + 1))
+    grep -q "^Seccomp:[[:space:]]*2" "$status" && filtered=$((filtered + 1))
+done
+expect_eq supervisor-main-thread-filtered 2 "$(status_field "$vmm" Seccomp)"
+expect_eq supervisor-only-the-launcher-unfiltered "1 of $threads" "$((threads - filtered)) of $threads"
+check supervisor-stop "$KILN" stop sup
+"$KILN" ps -a > "$WORK/sup-ps.txt" 2>&1
+expect_contains supervisor-stopped-on-request "$WORK/sup-ps.txt" "sup .*stopped .*on request"
+check supervisor-terminate "$KILN" terminate sup
+
+# The supervisor's main thread, probed: its report reaches the console log.
+report="seccomp: supervisor thread made forbidden syscall 41 (socket)"
+KILN_SECCOMP_PROBE=supervisor "$KILN" run vm-test:1.0.0 --detach --name sprobe \
+    --cmdline 'kiln.entrypoint=/tests/sleep.sh' > "$WORK/sprobe-launch.txt" 2>&1
+for _ in $(seq 300); do
+    "$KILN" ps -a > "$WORK/sprobe-ps.txt" 2>&1
+    grep -q "sprobe .*stopped" "$WORK/sprobe-ps.txt" && break
+    sleep 0.2
+done
+"$KILN" logs sprobe > "$WORK/sprobe-console.txt" 2>&1
+expect_contains supervisor-violation-reported "$WORK/sprobe-console.txt" "$report"
+check supervisor-probe-terminate "$KILN" terminate sprobe
