@@ -487,21 +487,23 @@ fn supervisor_rules() -> Result<Rules, BackendError> {
     Ok(rules)
 }
 
-/// `Instance::update`, on the supervisor's main and actions threads: the
-/// record lock (created if missing), the record read whole (sized with
-/// statx first), the new record staged under a random name, synced,
-/// renamed over the old one (renameat), and its directory synced; a stage
-/// that fails is unlinked (std's remove_file is unlink), and so is the API
-/// socket when the supervisor ends. The main thread's reads are also the
-/// VM's console, a pipe.
+/// What writing an instance's record takes (`Instance::update`), on the
+/// supervisor's main and actions threads.
 fn record_rules() -> Rules {
     vec![
+        // The record lock, created if missing, and taken ...
         allow(libc::SYS_openat),
         allow(libc::SYS_flock),
+        // ... the record read whole, sized first (on the main thread, the
+        // VM's console too, a pipe) ...
         allow(libc::SYS_statx),
         allow(libc::SYS_read),
+        // ... the new record staged under a random name, synced, renamed
+        // over the old one, and its directory synced ...
         allow(libc::SYS_fsync),
         allow(libc::SYS_renameat),
+        // ... and a stage that fails unlinked (std's remove_file is
+        // unlink), as is the API socket when the supervisor ends.
         allow(libc::SYS_unlink),
     ]
 }
@@ -680,6 +682,58 @@ mod tests {
         ] {
             let program = filter(kind).unwrap();
             assert!(!program.is_empty(), "{kind} filter is empty");
+        }
+    }
+
+    /// Every entry of every allow-list has its reason: an entry follows a
+    /// comment, or the end of an entry of the group a comment opened;
+    /// never the list's opening bracket.
+    #[test]
+    fn every_entry_has_a_reason() {
+        let source = include_str!("seccomp.rs");
+        let lists = [
+            "fn common_rules",
+            "fn vmm_rules",
+            "fn vcpu_rules",
+            "fn api_rules",
+            "fn actions_rules",
+            "fn supervisor_rules",
+            "fn record_rules",
+            "fn proxy_rules",
+            "fn hydrate_rules",
+        ];
+        for list in lists {
+            let start = source.find(list).unwrap();
+            let end = start + source[start..].find("\n}\n").unwrap();
+            let (mut depth, mut previous, mut entries) = (None::<i32>, "", 0);
+            for line in source[start..end].lines().map(str::trim) {
+                let Some(level) = depth else {
+                    if line.ends_with("vec![") || line.ends_with("extend([") {
+                        (depth, previous) = (Some(0), line);
+                    }
+                    continue;
+                };
+                if line.starts_with("//") {
+                    previous = line;
+                    continue;
+                }
+                if level == 0 && line.starts_with(']') {
+                    depth = None;
+                    continue;
+                }
+                if level == 0 {
+                    entries += 1;
+                    assert!(
+                        previous.starts_with("//") || previous.ends_with("),"),
+                        "{list}: {line} has no reason above it"
+                    );
+                }
+                let opened = line.matches(['(', '[']).count() as i32;
+                let closed = line.matches([')', ']']).count() as i32;
+                depth = Some(level + opened - closed);
+                previous = line;
+            }
+            assert!(entries > 0, "{list}: no entries found");
         }
     }
 
