@@ -153,6 +153,7 @@ fn parse(request: Request) -> Result<Command, Response> {
     }
 }
 
+/// Carries out `command` on the actions thread; its answer.
 fn execute(shared: &Shared, command: Command) -> Response {
     match command {
         Command::Describe => Response::json(200, &lock(&shared.instance).record),
