@@ -64,11 +64,10 @@ check terminate "$KILN" terminate probe
 # filtered (the main thread, API, actions) but its launcher, which starts
 # the VM processes (a filter would pass on to them); a stop goes through
 # the API and actions threads and ends the main thread's wait.
-"$KILN" run vm-test:1.0.0 --detach --name sup \
-    --cmdline 'kiln.entrypoint=/tests/sleep.sh' > "$WORK/sup-launch.txt" 2>&1
+id=$("$KILN" run vm-test:1.0.0 --detach --name sup \
+    --cmdline 'kiln.entrypoint=/tests/sleep.sh' 2> "$WORK/sup-launch.err")
 sleep 1
-"$KILN" inspect sup > "$WORK/sup.json" 2>&1
-vmm=$(field "$WORK/sup.json" vmm_pid)
+vmm=$(field "$KILN_HOME/instances/$id/instance.json" vmm_pid)
 filtered_threads "$vmm"
 expect_eq supervisor-main-thread-filtered 2 "$(status_field "$vmm" Seccomp)"
 expect_eq supervisor-only-the-launcher-unfiltered "1 of $threads" "$((threads - filtered)) of $threads"
