@@ -1,10 +1,12 @@
 //! The control plane's threads under their seccomp filters: the instance
-//! API thread and the published-port proxy survive their steady state and
-//! die on anything else. The filters themselves are in
+//! API thread, its actions thread, the supervisor's main thread and the
+//! published-port proxy survive their steady state and die on anything
+//! else. The filters themselves are in
 //! [`kiln_vmm::seccomp`], with every other thread's.
 use std::io::Write;
 use std::os::unix::net::UnixListener;
 use std::process::Command;
+use std::sync::mpsc;
 use std::time::Duration;
 
 use kiln_control::api::{self, Response};
@@ -16,43 +18,53 @@ use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
 mod filtered;
 use filtered::*;
 
+/// An instance's launch spec, for a record to update.
+fn spec() -> Spec {
+    Spec {
+        name: Some("web".into()),
+        image: "hello:1.0.0".into(),
+        instance_type: "k1.nano".into(),
+        vcpus: 1,
+        memory_mib: 128,
+        cmdline: String::new(),
+        network: Network::Bridge,
+        private_ip: None,
+        ports: Vec::new(),
+    }
+}
+
 #[test]
-fn api_thread_survives_serving_requests_that_update_the_record() {
+fn api_and_actions_threads_survive_serving_requests_that_update_the_record() {
     let Some(output) =
-        in_child_or_run("api_thread_survives_serving_requests_that_update_the_record")
+        in_child_or_run("api_and_actions_threads_survive_serving_requests_that_update_the_record")
     else {
         let home = tempfile::tempdir().unwrap();
-        let (mut instance, _vmm) = Registry::new(home.path())
-            .create(
-                Spec {
-                    name: Some("web".into()),
-                    image: "hello:1.0.0".into(),
-                    instance_type: "k1.nano".into(),
-                    vcpus: 1,
-                    memory_mib: 128,
-                    cmdline: String::new(),
-                    network: Network::Bridge,
-                    private_ip: None,
-                    ports: Vec::new(),
-                },
-                None,
-            )
-            .unwrap();
+        let (mut instance, _vmm) = Registry::new(home.path()).create(spec(), None).unwrap();
         let socket = home.path().join("api.sock");
         let listener = UnixListener::bind(&socket).unwrap();
         let mut vm = Command::new("sleep").arg("10").spawn().unwrap();
         let pidfd = pidfd_open(Pid::from_child(&vm), PidfdFlags::empty()).unwrap();
+        // The actions thread updates the record and signals the VM process
+        // for what the API thread parsed, as `instance::actions` does.
+        let (orders, inbox) = mpsc::channel::<(bool, mpsc::SyncSender<Response>)>();
+        let actions = spawn_filtered(ThreadKind::Actions, move || {
+            for (pause, answer) in inbox {
+                instance
+                    .update(|r| {
+                        r.paused = pause;
+                        Ok(())
+                    })
+                    .unwrap();
+                pidfd_send_signal(&pidfd, Signal::CONT).unwrap();
+                answer.send(Response::json(200, &instance.record)).unwrap();
+            }
+        });
         let server = spawn_filtered(ThreadKind::Api, move || {
             for stream in listener.incoming().take(2) {
                 api::serve_one(stream.unwrap(), |request| {
-                    instance
-                        .update(|r| {
-                            r.paused = request.method == "PUT";
-                            Ok(())
-                        })
-                        .unwrap();
-                    pidfd_send_signal(&pidfd, Signal::CONT).unwrap();
-                    Response::json(200, &instance.record)
+                    let (answer, answered) = mpsc::sync_channel(1);
+                    orders.send((request.method == "PUT", answer)).unwrap();
+                    answered.recv().unwrap()
                 })
                 .unwrap();
             }
@@ -67,6 +79,7 @@ fn api_thread_survives_serving_requests_that_update_the_record() {
         std::io::Read::read_to_string(&mut raw, &mut answer).unwrap();
         assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
         server.join().unwrap();
+        actions.join().unwrap();
         vm.kill().unwrap();
         vm.wait().unwrap();
         say_survived();
@@ -185,10 +198,10 @@ fn proxy_thread_dies_on_a_socket_other_than_ipv4() {
 }
 
 #[test]
-fn api_thread_signals_only_through_a_pidfd() {
-    let Some(output) = in_child_or_run("api_thread_signals_only_through_a_pidfd") else {
+fn actions_thread_signals_only_through_a_pidfd() {
+    let Some(output) = in_child_or_run("actions_thread_signals_only_through_a_pidfd") else {
         let pid = std::process::id() as libc::pid_t;
-        on_filtered_thread(ThreadKind::Api, move || {
+        on_filtered_thread(ThreadKind::Actions, move || {
             // SAFETY: kill only reads its integer arguments; had it been
             // let through, SIGCONT to oneself changes nothing.
             unsafe { libc::kill(pid, libc::SIGCONT) };
@@ -196,5 +209,104 @@ fn api_thread_signals_only_through_a_pidfd() {
         });
         return;
     };
-    assert_reported(&output, ThreadKind::Api, libc::SYS_kill);
+    assert_reported(&output, ThreadKind::Actions, libc::SYS_kill);
+}
+
+#[test]
+fn api_thread_signals_no_process() {
+    let Some(output) = in_child_or_run("api_thread_signals_no_process") else {
+        let mut vm = Command::new("sleep").arg("10").spawn().unwrap();
+        let pidfd = pidfd_open(Pid::from_child(&vm), PidfdFlags::empty()).unwrap();
+        on_filtered_thread(ThreadKind::Api, move || {
+            let _ = pidfd_send_signal(&pidfd, Signal::CONT);
+            say_survived();
+        });
+        vm.kill().unwrap();
+        vm.wait().unwrap();
+        return;
+    };
+    assert_reported(&output, ThreadKind::Api, libc::SYS_pidfd_send_signal);
+}
+
+#[test]
+fn api_thread_opens_no_file() {
+    let Some(output) = in_child_or_run("api_thread_opens_no_file") else {
+        on_filtered_thread(ThreadKind::Api, || {
+            let _ = std::fs::File::open("/");
+            say_survived();
+        });
+        return;
+    };
+    assert_reported(&output, ThreadKind::Api, libc::SYS_openat);
+}
+
+/// What the supervisor's main thread does between its VM processes, under
+/// its filter: waits for one (started before, as the launcher thread
+/// starts them), copies its console, rotates the log with stderr pointed
+/// at the fresh file, writes the record, and removes the API socket; then
+/// ends the process, as it does.
+#[test]
+fn supervisor_thread_survives_waiting_logging_and_recording() {
+    let test = "supervisor_thread_survives_waiting_logging_and_recording";
+    let Some(output) = in_child_or_run(test) else {
+        use std::os::fd::AsRawFd;
+        let home = tempfile::tempdir().unwrap();
+        let (mut instance, _vmm) = Registry::new(home.path()).create(spec(), None).unwrap();
+        let socket = home.path().join("api.sock");
+        let _listener = UnixListener::bind(&socket).unwrap();
+        let mut vm = Command::new("echo")
+            .arg("console")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut console = vm.stdout.take().unwrap();
+        let log = home.path().join("console.log");
+        let mut file = std::fs::File::create(&log).unwrap();
+        let _ = spawn_filtered(ThreadKind::Supervisor, move || {
+            // Read and written (io::copy would splice: `copy_into` does not).
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut console, &mut bytes).unwrap();
+            file.write_all(&bytes).unwrap();
+            assert!(vm.wait().unwrap().success());
+            std::fs::rename(&log, home.path().join("console.log.1")).unwrap();
+            let fresh = std::fs::File::options()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .unwrap();
+            // SAFETY: dup2 takes two descriptor numbers; both are open.
+            assert!(unsafe { libc::dup2(fresh.as_raw_fd(), libc::STDERR_FILENO) } >= 0);
+            instance
+                .update(|r| {
+                    r.paused = false;
+                    Ok(())
+                })
+                .unwrap();
+            std::fs::remove_file(&socket).unwrap();
+            say_survived();
+            std::process::exit(0);
+        })
+        .join();
+        unreachable!("the supervisor's thread ends the process");
+    };
+    assert_survived(&output);
+}
+
+#[test]
+fn supervisor_thread_starts_no_process() {
+    let Some(output) = in_child_or_run("supervisor_thread_starts_no_process") else {
+        let _ = spawn_filtered(ThreadKind::Supervisor, || {
+            let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
+            // SAFETY: execve reads a NUL-terminated path and a
+            // null-terminated argument list, both alive across the call;
+            // the environment may be null. Had it been let through, the
+            // process would become /bin/true, which says nothing.
+            unsafe { libc::execve(argv[0], argv.as_ptr(), std::ptr::null()) };
+            say_survived();
+            std::process::exit(0);
+        })
+        .join();
+        return;
+    };
+    assert_reported(&output, ThreadKind::Supervisor, libc::SYS_execve);
 }

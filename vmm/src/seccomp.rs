@@ -35,10 +35,19 @@ pub enum ThreadKind {
     /// A vCPU's run loop, including the PIO/MMIO device emulation it
     /// performs on exits.
     Vcpu,
-    /// The control API of a detached instance's VMM process: it parses
-    /// requests from the socket, updates the instance record and signals
-    /// the VM process.
+    /// The API socket of an instance's VMM process: it reads each request,
+    /// parses it, hands it to the actions thread and writes the answer back.
+    /// It touches no file and signals no process.
     Api,
+    /// The actions thread of an instance's VMM process: it carries out what
+    /// the API thread parsed (the record's updates, the VM process's
+    /// signals and control requests, a snapshot's or hibernation's files).
+    Actions,
+    /// The main thread of an instance's VMM process, once its helper
+    /// threads run: it waits for each VM process, copies its console into
+    /// the log and keeps the record's state. (Its unfiltered launcher
+    /// thread starts and tears down the VM processes.)
+    Supervisor,
     /// The proxy of an instance's published ports (`network::proxy`):
     /// its event loop over the listeners on 127.0.0.1 and, per client, a
     /// connection to the guest.
@@ -50,13 +59,15 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
-    /// How reports and errors name the kind: "VMM", "vCPU", "API", "proxy",
-    /// "hydrate".
+    /// How reports and errors name the kind: "VMM", "vCPU", "API",
+    /// "actions", "supervisor", "proxy", "hydrate".
     pub fn name(self) -> &'static str {
         match self {
             ThreadKind::Vmm => "VMM",
             ThreadKind::Vcpu => "vCPU",
             ThreadKind::Api => "API",
+            ThreadKind::Actions => "actions",
+            ThreadKind::Supervisor => "supervisor",
             ThreadKind::Proxy => "proxy",
             ThreadKind::Hydrate => "hydrate",
         }
@@ -148,6 +159,8 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
             ThreadKind::Vmm => vmm_rules(),
             ThreadKind::Vcpu => vcpu_rules(),
             ThreadKind::Api => api_rules(),
+            ThreadKind::Actions => actions_rules(),
+            ThreadKind::Supervisor => supervisor_rules(),
             ThreadKind::Proxy => proxy_rules(),
             ThreadKind::Hydrate => hydrate_rules(),
         }
@@ -165,8 +178,8 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
 }
 
 /// A test hook for end-to-end tests (`tests/vm/run-seccomp.sh`): the
-/// first thread of the kind this variable names ("VMM", "vCPU", "API",
-/// "proxy" or "hydrate") to install its filter then makes one call no filter allows,
+/// first thread of the kind this variable names ([`ThreadKind::name`]) to
+/// install its filter then makes one call no filter allows,
 /// `socket(AF_UNIX)`, so that the test sees the report reach the console
 /// log and the instance's stop reason, as a real violation's would.
 pub const PROBE_ENV: &str = "KILN_SECCOMP_PROBE";
@@ -261,7 +274,7 @@ fn common_rules() -> Result<Rules, BackendError> {
         // std checks that a descriptor is open before closing it
         // (`OwnedFd::drop` with debug assertions): fcntl(F_GETFD). glibc's
         // fdopendir checks a directory's access mode (F_GETFL) and marks it
-        // close-on-exec (F_SETFD) when remove_dir_all reads it: the API
+        // close-on-exec (F_SETFD) when remove_dir_all reads it: the actions
         // thread clearing a hibernation's staging or leftover (a trap there
         // once killed every later hibernation; no filtered thread may exec,
         // so F_SETFD opens nothing). And the hydration cache's per-chunk locks, taken
@@ -387,7 +400,8 @@ fn vcpu_rules() -> Result<Rules, BackendError> {
     ])
 }
 
-/// The API thread of an instance's VMM process.
+/// The API thread of an instance's VMM process: the socket only. What a
+/// request asks for is carried out by the actions thread.
 fn api_rules() -> Result<Rules, BackendError> {
     Ok(vec![
         // A connection per request (std's accept: close-on-exec), its read
@@ -407,19 +421,34 @@ fn api_rules() -> Result<Rules, BackendError> {
         // are recv and send).
         allow(libc::SYS_recvfrom),
         allow(libc::SYS_sendto),
-        // Instance::update: the record lock (created if missing), the
-        // record read whole (sized with statx first), the new record
-        // staged under a random name, synced, renamed over the old one,
-        // and its directory synced; a stage that fails is unlinked.
-        allow(libc::SYS_openat),
-        allow(libc::SYS_flock),
-        allow(libc::SYS_statx),
-        allow(libc::SYS_read),
-        allow(libc::SYS_fsync),
-        allow(libc::SYS_renameat),
+        // Thread teardown (glibc madvises the stack away, see the common
+        // rules), should the thread ever end.
+        allow(libc::SYS_exit),
+    ])
+}
+
+/// The actions thread of an instance's VMM process.
+fn actions_rules() -> Result<Rules, BackendError> {
+    let mut rules = record_rules();
+    rules.extend([
+        // The control channel to the VM process: the request sent, the
+        // wait for its answer bounded (SO_RCVTIMEO), the answer read (std's
+        // socket reads and writes are recv and send).
+        (
+            libc::SYS_setsockopt,
+            vec![args_equal(&[
+                (1, libc::SOL_SOCKET as u64),
+                (2, libc::SO_RCVTIMEO as u64),
+            ])?],
+        ),
+        allow(libc::SYS_recvfrom),
+        allow(libc::SYS_sendto),
+        // A hibernation: its staging directory is cleared (remove_dir_all
+        // lists it and unlinks each entry, then itself, relative to the
+        // directory's descriptor: unlinkat), made, and renamed into place
+        // whole; a jailed snapshot's files are listed in the exchange
+        // directory and renamed into the asked-for one.
         allow(libc::SYS_unlinkat),
-        // A hibernation: its staging directory is cleared (read and
-        // unlinked entry by entry), made, and renamed into place whole.
         allow(libc::SYS_mkdir),
         allow(libc::SYS_getdents64),
         allow(libc::SYS_newfstatat),
@@ -437,7 +466,46 @@ fn api_rules() -> Result<Rules, BackendError> {
         // Thread teardown (glibc madvises the stack away, see the common
         // rules), should the thread ever end.
         allow(libc::SYS_exit),
-    ])
+    ]);
+    Ok(rules)
+}
+
+/// The main thread of an instance's VMM process, from the moment its
+/// launcher, API and proxy threads run. It never ends alone: the process
+/// ends with it (exit_group, a common call).
+fn supervisor_rules() -> Result<Rules, BackendError> {
+    let mut rules = record_rules();
+    rules.extend([
+        // The VM process's end (std's Child::wait is wait4).
+        allow(libc::SYS_wait4),
+        // The console log at its size limit: renamed to console.log.1 (a
+        // fresh one is opened, above), and this process's stderr pointed
+        // at the fresh one.
+        allow(libc::SYS_rename),
+        allow(libc::SYS_dup2),
+    ]);
+    Ok(rules)
+}
+
+/// What writing an instance's record takes (`Instance::update`), on the
+/// supervisor's main and actions threads.
+fn record_rules() -> Rules {
+    vec![
+        // The record lock, created if missing, and taken ...
+        allow(libc::SYS_openat),
+        allow(libc::SYS_flock),
+        // ... the record read whole, sized first (on the main thread, the
+        // VM's console too, a pipe) ...
+        allow(libc::SYS_statx),
+        allow(libc::SYS_read),
+        // ... the new record staged under a random name, synced, renamed
+        // over the old one, and its directory synced ...
+        allow(libc::SYS_fsync),
+        allow(libc::SYS_renameat),
+        // ... and a stage that fails unlinked (std's remove_file is
+        // unlink), as is the API socket when the supervisor ends.
+        allow(libc::SYS_unlink),
+    ]
 }
 
 /// The proxy thread of an instance's VMM process. Its listeners are bound
@@ -607,11 +675,65 @@ mod tests {
             ThreadKind::Vmm,
             ThreadKind::Vcpu,
             ThreadKind::Api,
+            ThreadKind::Actions,
+            ThreadKind::Supervisor,
             ThreadKind::Proxy,
             ThreadKind::Hydrate,
         ] {
             let program = filter(kind).unwrap();
             assert!(!program.is_empty(), "{kind} filter is empty");
+        }
+    }
+
+    /// Every entry of every allow-list has its reason: an entry follows a
+    /// comment, or the end of an entry of the group a comment opened;
+    /// never the list's opening bracket.
+    #[test]
+    fn every_entry_has_a_reason() {
+        let source = include_str!("seccomp.rs");
+        let lists = [
+            "fn common_rules",
+            "fn vmm_rules",
+            "fn vcpu_rules",
+            "fn api_rules",
+            "fn actions_rules",
+            "fn supervisor_rules",
+            "fn record_rules",
+            "fn proxy_rules",
+            "fn hydrate_rules",
+        ];
+        for list in lists {
+            let start = source.find(list).unwrap();
+            let end = start + source[start..].find("\n}\n").unwrap();
+            let (mut depth, mut previous, mut entries) = (None::<i32>, "", 0);
+            for line in source[start..end].lines().map(str::trim) {
+                let Some(level) = depth else {
+                    if line.ends_with("vec![") || line.ends_with("extend([") {
+                        (depth, previous) = (Some(0), line);
+                    }
+                    continue;
+                };
+                if line.starts_with("//") {
+                    previous = line;
+                    continue;
+                }
+                if level == 0 && line.starts_with(']') {
+                    depth = None;
+                    continue;
+                }
+                if level == 0 {
+                    entries += 1;
+                    assert!(
+                        previous.starts_with("//") || previous.ends_with("),"),
+                        "{list}: {line} has no reason above it"
+                    );
+                }
+                let opened = line.matches(['(', '[']).count() as i32;
+                let closed = line.matches([')', ']']).count() as i32;
+                depth = Some(level + opened - closed);
+                previous = line;
+            }
+            assert!(entries > 0, "{list}: no entries found");
         }
     }
 
@@ -634,6 +756,8 @@ mod tests {
             (ThreadKind::Vmm, vmm_rules()),
             (ThreadKind::Vcpu, vcpu_rules()),
             (ThreadKind::Api, api_rules()),
+            (ThreadKind::Actions, actions_rules()),
+            (ThreadKind::Supervisor, supervisor_rules()),
             (ThreadKind::Proxy, proxy_rules()),
             (ThreadKind::Hydrate, hydrate_rules()),
         ] {

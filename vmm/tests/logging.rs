@@ -9,10 +9,11 @@ use kiln_vmm::seccomp::ThreadKind;
 mod filtered;
 use filtered::*;
 
-const KINDS: [ThreadKind; 4] = [
+const KINDS: [ThreadKind; 5] = [
     ThreadKind::Vmm,
     ThreadKind::Vcpu,
     ThreadKind::Api,
+    ThreadKind::Actions,
     ThreadKind::Proxy,
 ];
 
@@ -24,7 +25,12 @@ fn filtered_threads_log_and_survive() {
             log::warn!("a warning from a {kind} thread");
             log::info!("an info line from a {kind} thread");
         };
-        for kind in [ThreadKind::Vcpu, ThreadKind::Api, ThreadKind::Proxy] {
+        for kind in [
+            ThreadKind::Vcpu,
+            ThreadKind::Api,
+            ThreadKind::Actions,
+            ThreadKind::Proxy,
+        ] {
             on_filtered_thread(kind, move || log_lines(kind));
         }
         // The event loop's thread never returns: the VMM ends with it.

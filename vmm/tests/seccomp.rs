@@ -855,17 +855,27 @@ fn proxy_and_vcpu_threads_get_eacces_from_any_open() {
 }
 
 #[test]
-fn api_thread_survives_clearing_a_hibernation_staging_directory() {
-    let test = "api_thread_survives_clearing_a_hibernation_staging_directory";
+fn actions_thread_survives_a_hibernations_files() {
+    let test = "actions_thread_survives_a_hibernations_files";
     let Some(output) = in_child_or_run(test) else {
         let dir = tempfile::tempdir().unwrap();
         let staging = dir.path().join("hibernate.partial");
         std::fs::create_dir(&staging).unwrap();
         std::fs::write(staging.join("memory"), b"left by a killed VM process").unwrap();
-        on_filtered_thread(ThreadKind::Api, move || {
+        on_filtered_thread(ThreadKind::Actions, move || {
             // glibc's fdopendir asks fcntl(F_GETFL) of the directory.
             std::fs::remove_dir_all(&staging).unwrap();
             std::fs::create_dir(&staging).unwrap();
+            std::fs::write(staging.join("state"), b"written by the VM process").unwrap();
+            // A jailed snapshot's files moved out of the exchange directory,
+            // then the hibernation kept whole.
+            let taken = dir.path().join("snapshot");
+            std::fs::create_dir(&taken).unwrap();
+            for entry in std::fs::read_dir(&staging).unwrap() {
+                let entry = entry.unwrap();
+                std::fs::rename(entry.path(), taken.join(entry.file_name())).unwrap();
+            }
+            kiln_vmm::durable::rename_dir(&taken, &dir.path().join("hibernate")).unwrap();
             say_survived();
         });
         return;

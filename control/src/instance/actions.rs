@@ -1,11 +1,14 @@
 //! The instance API's side of the supervisor: requests from `api.sock`
 //! (`docs/api.md`) become actions on the instance's VM process (signals
 //! for stop and reboot, control requests for pause, resume and snapshots)
-//! and changes to its record, each allowed only by the state table.
+//! and changes to its record, each allowed only by the state table. The
+//! API thread parses each request; the actions thread carries it out.
 use std::fs;
 use std::io;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, mpsc};
+use std::thread;
 use std::time::Duration;
 
 use kiln_vmm::devices::lock;
@@ -46,38 +49,116 @@ enum ActionError {
     Record(#[from] InstanceError),
 }
 
-/// Answers API requests, one connection at a time, until the process
-/// ends; under the API thread's seccomp filter, since requests come from
-/// outside. (The supervisor's main thread stays unfiltered: it starts VM
-/// processes, which must not inherit a filter.)
-pub(super) fn serve(listener: &UnixListener, shared: &Shared) {
+/// A request the API thread has parsed, for the actions thread to carry
+/// out, with the channel its answer goes back on.
+type Order = (Command, mpsc::SyncSender<Response>);
+
+/// What a well-formed request asks for.
+#[derive(Debug)]
+enum Command {
+    /// `GET /instance`: the record.
+    Describe,
+    /// `PUT /actions`.
+    Act(Action),
+    /// `PUT /snapshot`, into this absolute directory.
+    Snapshot(PathBuf),
+}
+
+/// Serves the instance's API from `listener` until the process ends, on
+/// two threads under filters of their own, as Firecracker's API thread
+/// hands its requests to the VMM thread: the API thread reads and parses
+/// requests from outside and has no file or signal calls; the actions
+/// thread carries them out, one at a time. (Neither may start a process:
+/// the launcher thread of [`super::supervisor`] does.)
+pub(super) fn spawn(listener: UnixListener, shared: &Arc<Shared>) {
+    let (orders, inbox) = mpsc::channel::<Order>();
+    let api_shared = shared.clone();
+    thread::spawn(move || serve(&listener, &api_shared, &orders));
+    let shared = shared.clone();
+    thread::spawn(move || carry_out(&inbox, &shared));
+}
+
+/// The API thread: answers requests, one connection at a time.
+fn serve(listener: &UnixListener, shared: &Shared, orders: &mpsc::Sender<Order>) {
     if let Err(err) = seccomp::install(ThreadKind::Api) {
         log::error!("api: not serving: {}", one_line(&err));
         return;
     }
     for stream in listener.incoming().flatten() {
         let _answering = lock(&shared.answering);
-        if let Err(err) = api::serve_one(stream, |request| route(shared, request)) {
+        let answer = |request| match parse(request) {
+            Ok(command) => forward(orders, command),
+            Err(refused) => refused,
+        };
+        if let Err(err) = api::serve_one(stream, answer) {
             log::warn!("api: {}", one_line(&err));
         }
     }
 }
 
-fn route(shared: &Shared, request: Request) -> Response {
+/// Hands `command` to the actions thread and waits for its answer.
+fn forward(orders: &mpsc::Sender<Order>, command: Command) -> Response {
+    let (answer, answered) = mpsc::sync_channel(1);
+    if orders.send((command, answer)).is_err() {
+        return Response::error(
+            500,
+            "the actions thread is not running (see the console log)",
+        );
+    }
+    answered
+        .recv()
+        .unwrap_or_else(|_| Response::error(500, "the actions thread ended without an answer"))
+}
+
+/// The actions thread: carries out each command the API thread parsed.
+fn carry_out(inbox: &mpsc::Receiver<Order>, shared: &Shared) {
+    if let Err(err) = seccomp::install(ThreadKind::Actions) {
+        log::error!("api: not acting: {}", one_line(&err));
+        return;
+    }
+    for (command, answer) in inbox {
+        let _ = answer.send(execute(shared, command));
+    }
+}
+
+/// The command `request` makes, or the answer that refuses it.
+fn parse(request: Request) -> Result<Command, Response> {
+    let body = |expected: &str| {
+        let expected = expected.to_string();
+        move |err: serde_json::Error| Response::error(400, format!("expected {expected}: {err}"))
+    };
     match (request.method.as_str(), request.path.as_str()) {
-        ("GET", "/instance") => Response::json(200, &lock(&shared.instance).record),
-        ("PUT", "/actions") => match serde_json::from_slice::<ActionBody>(&request.body) {
-            Ok(body) => act(shared, &body.action),
-            Err(err) => Response::error(400, format!("expected {{\"action\": NAME}}: {err}")),
-        },
-        ("PUT", "/snapshot") => match serde_json::from_slice::<SnapshotBody>(&request.body) {
-            Ok(body) => snapshot(shared, &body.dir),
-            Err(err) => Response::error(400, format!("expected {{\"dir\": PATH}}: {err}")),
-        },
-        (_, "/instance" | "/actions" | "/snapshot") => {
-            Response::error(405, "method not allowed here")
+        ("GET", "/instance") => Ok(Command::Describe),
+        ("PUT", "/actions") => {
+            let body: ActionBody =
+                serde_json::from_slice(&request.body).map_err(body("{\"action\": NAME}"))?;
+            Action::parse(&body.action).map(Command::Act)
         }
-        (_, path) => Response::error(404, format!("no route {path}")),
+        ("PUT", "/snapshot") => {
+            let body: SnapshotBody =
+                serde_json::from_slice(&request.body).map_err(body("{\"dir\": PATH}"))?;
+            if !body.dir.is_absolute() {
+                let dir = body.dir.display();
+                return Err(Response::error(
+                    400,
+                    format!("{dir}: expected an absolute path"),
+                ));
+            }
+            Ok(Command::Snapshot(body.dir))
+        }
+        (_, "/instance" | "/actions" | "/snapshot") => {
+            Err(Response::error(405, "method not allowed here"))
+        }
+        (_, path) => Err(Response::error(404, format!("no route {path}"))),
+    }
+}
+
+/// Carries out `command` on the actions thread; its answer.
+fn execute(shared: &Shared, command: Command) -> Response {
+    match command {
+        Command::Describe => Response::json(200, &lock(&shared.instance).record),
+        Command::Act(action) => act(shared, action),
+        Command::Snapshot(dir) => snapshot(shared, &dir),
     }
 }
 
@@ -100,14 +181,22 @@ enum Action {
 }
 
 impl Action {
-    fn parse(name: &str) -> Option<Action> {
-        Some(match name {
+    /// The action `name`, or the answer that refuses it.
+    fn parse(name: &str) -> Result<Action, Response> {
+        Ok(match name {
             "stop" => Action::Stop,
             "reboot" => Action::Reboot,
             "pause" => Action::Pause,
             "resume" => Action::Resume,
             "hibernate" => Action::Hibernate,
-            _ => return None,
+            _ => {
+                return Err(Response::error(
+                    400,
+                    format!(
+                        "unknown action {name:?}: expected stop, reboot, pause, resume or hibernate"
+                    ),
+                ));
+            }
         })
     }
 
@@ -123,13 +212,7 @@ impl Action {
 }
 
 /// Carries out one action, if the instance's state allows it.
-fn act(shared: &Shared, name: &str) -> Response {
-    let Some(action) = Action::parse(name) else {
-        return Response::error(
-            400,
-            format!("unknown action {name:?}: expected stop, reboot, pause, resume or hibernate"),
-        );
-    };
+fn act(shared: &Shared, action: Action) -> Response {
     let mut instance = lock(&shared.instance);
     let record = &instance.record;
     if let Err(refused) = transition(record.state, action.verb()) {
@@ -246,9 +329,6 @@ fn hibernate(
 /// only its instance's directory: it writes into the exchange directory
 /// there, whose files are then moved into `dir` (on the same filesystem).
 fn snapshot(shared: &Shared, dir: &Path) -> Response {
-    if !dir.is_absolute() {
-        return Response::error(400, format!("{}: expected an absolute path", dir.display()));
-    }
     let instance = lock(&shared.instance);
     if let Err(refused) = transition(instance.record.state, Verb::Snapshot) {
         return Response::error(409, refused.to_string());

@@ -4,8 +4,14 @@
 //! instance runs: it owns the instance's VMM lock, its API socket
 //! ([`super::actions`]) and its published ports, defines each VM
 //! ([`crate::definition`]) and runs it as a child VM process
-//! (`kiln __vm --config FILE`, which alone has KVM and the seccomp
-//! filters), and keeps the record's state true. A detached instance's
+//! (`kiln __vm --config FILE`, which alone has KVM), and keeps the
+//! record's state true. Every thread but one runs under a seccomp filter
+//! of its own ([`kiln_vmm::seccomp`]): the API thread (the socket only),
+//! the actions thread (what a request asks), the proxy, and the main
+//! thread (waits for each VM process, copies its console, writes the
+//! record). The exception is the launcher thread ([`Launcher`]), which
+//! starts each VM process and tears its tap filter and jail down: a
+//! filter is inherited by every process forked under it. A detached instance's
 //! console goes through a pipe into `console.log` (rotated at a size,
 //! [`super::console`]) and comes from `console.in`; a foreground one's is
 //! the terminal.
@@ -19,7 +25,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 use std::{io, thread};
 
 use kiln_builder::store::Store;
@@ -27,6 +33,7 @@ use kiln_vmm::config::Boot;
 use kiln_vmm::config::ConfigError;
 use kiln_vmm::devices::lock;
 use kiln_vmm::rpc::{self, ControlClient};
+use kiln_vmm::seccomp::{self, SeccompError, ThreadKind};
 use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
 
 use super::actions;
@@ -61,14 +68,14 @@ pub(super) enum Wanted {
 pub(super) struct Control {
     /// The running VM process, by a pidfd: a signal sent through it
     /// reaches that process or none, never one that reused its pid; and
-    /// the API thread's filter allows signals through pidfds only.
+    /// the actions thread's filter allows signals through pidfds only.
     pub(super) child: Option<OwnedFd>,
     /// The VM process's control channel.
     pub(super) channel: Option<ControlClient>,
     pub(super) wanted: Wanted,
 }
 
-/// What the supervisor and its API thread share.
+/// What the supervisor's threads share.
 pub(super) struct Shared {
     pub(super) instance: Mutex<Instance>,
     pub(super) control: Mutex<Control>,
@@ -150,6 +157,9 @@ pub enum SupervisorError {
     /// The VM process's jail cannot be set up.
     #[error(transparent)]
     Jail(#[from] JailError),
+    /// The main thread's seccomp filter cannot be installed.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
 }
 
 /// A VM process to spawn: its command, the descriptors it inherits (its
@@ -270,11 +280,11 @@ fn vm_command(
 fn supervise(
     instance: Instance,
     _vmm: FileLock,
-    mut launch: Launch,
-    vm_command: impl Fn(&Instance, VmStart<'_>) -> Result<VmSpawn, SupervisorError>,
+    launch: Launch,
+    vm_command: impl Fn(&Instance, VmStart<'_>) -> Result<VmSpawn, SupervisorError> + Sync,
 ) -> Result<ExitStatus, SupervisorError> {
     let socket = instance.api_socket();
-    let mut log = match launch.console {
+    let log = match launch.console {
         Console::Log => Some(open_console_log(&instance)?),
         Console::Terminal => None,
     };
@@ -302,15 +312,47 @@ fn supervise(
             return Err(err);
         }
     };
+    actions::spawn(listener, &shared);
+    let status = thread::scope(|scope| {
+        let launcher = Launcher::spawn(scope);
+        // Every other thread runs: from here on this one waits, copies the
+        // console and writes the record, under a filter of its own.
+        seccomp::install(ThreadKind::Supervisor)?;
+        run_vms(&shared, &launcher, launch, log, &vm_command)
+    })?;
+    let _ = fs::remove_file(&socket);
+    // An answer being written (say, to the stop that ended the VM)
+    // reaches its caller before the process ends.
+    drop(lock(&shared.answering));
+    Ok(status)
+}
+
+/// Runs the instance's VM processes one after another (a reboot starts the
+/// next) until one ends for good, and records why; returns how it ended.
+fn run_vms<'scope, F>(
+    shared: &Arc<Shared>,
+    launcher: &Launcher<'scope>,
+    mut launch: Launch,
+    mut log: Option<RotatingLog>,
+    vm_command: &'scope F,
+) -> Result<ExitStatus, SupervisorError>
+where
+    F: Fn(&Instance, VmStart<'_>) -> Result<VmSpawn, SupervisorError> + Sync,
+{
     let hibernation = lock(&shared.instance).hibernation();
     let mut first = hibernation
         .map(|dir| (dir, true))
         .or(launch.restore.take().map(|dir| (dir, false)));
-    let api_shared = shared.clone();
-    thread::spawn(move || actions::serve(&listener, &api_shared));
+    let logged = log.is_some();
     let (status, reason) = loop {
-        let restore = first.take();
-        let started = start_vm(&shared, restore.as_ref(), log.is_some(), &vm_command);
+        let (restore, on_launcher) = (first.take(), shared.clone());
+        let started = launcher.run(move || {
+            let started = start_vm(&on_launcher, restore.as_ref(), logged, vm_command);
+            if started.is_err() {
+                close_tap(&on_launcher);
+            }
+            started
+        });
         let Started {
             mut child,
             console_out,
@@ -318,7 +360,6 @@ fn supervise(
         } = match started {
             Ok(started) => started,
             Err(err) => {
-                close_tap(&shared);
                 lock(&shared.instance).mark_stopped(kiln_vmm::report::one_line(&err))?;
                 return Err(err);
             }
@@ -331,10 +372,13 @@ fn supervise(
         let status = child
             .wait()
             .map_err(io_err("cannot wait for the VM process"))?;
-        close_tap(&shared);
-        if let Some(jail) = jail.and_then(Arc::into_inner) {
-            jail.remove();
-        }
+        let on_launcher = shared.clone();
+        launcher.run(move || {
+            close_tap(&on_launcher);
+            if let Some(jail) = jail.and_then(Arc::into_inner) {
+                jail.remove();
+            }
+        });
         let wanted = {
             let mut control = lock(&shared.control);
             control.child = None;
@@ -352,11 +396,45 @@ fn supervise(
         }
     };
     lock(&shared.instance).mark_stopped(reason)?;
-    let _ = fs::remove_file(&socket);
-    // An answer being written (say, to the stop that ended the VM)
-    // reaches its caller before the process ends.
-    drop(lock(&shared.answering));
     Ok(status)
+}
+
+/// A boxed job for the launcher thread.
+type Job<'scope> = Box<dyn FnOnce() + Send + 'scope>;
+
+/// The supervisor's one unfiltered thread, which does the work that needs
+/// the whole system on the main thread's behalf: starting a VM process
+/// (its definition, its tap, its jail's namespaces, mounts, cgroup and
+/// uid, the exec) and tearing its tap filter (`nft`) and jail down once it
+/// ends. A seccomp filter is inherited by every process forked under it
+/// and can never be lifted, so a filtered thread cannot start a VM
+/// process; and a filter that allowed this path would allow nearly
+/// everything. This thread takes jobs from the main thread only, never
+/// from the API or the guest, and outlives every VM process it starts
+/// (each dies with the thread that forked it: `PR_SET_PDEATHSIG`).
+struct Launcher<'scope> {
+    jobs: mpsc::Sender<Job<'scope>>,
+}
+
+impl<'scope> Launcher<'scope> {
+    /// Starts the thread, which ends once the launcher is dropped.
+    fn spawn<'env>(scope: &'scope thread::Scope<'scope, 'env>) -> Self {
+        let (jobs, queue) = mpsc::channel::<Job<'scope>>();
+        scope.spawn(move || queue.into_iter().for_each(|job| job()));
+        Launcher { jobs }
+    }
+
+    /// Runs `job` on the launcher thread and returns what it returns.
+    fn run<T: Send + 'scope>(&self, job: impl FnOnce() -> T + Send + 'scope) -> T {
+        let (answer, answered) = mpsc::sync_channel(1);
+        let job = Box::new(move || {
+            let _ = answer.send(job());
+        });
+        // The thread ends only when `jobs` is dropped, and it catches no
+        // panic: a job that panicked is this thread's panic too.
+        self.jobs.send(job).expect("the launcher thread runs");
+        answered.recv().expect("the launcher thread's job panicked")
+    }
 }
 
 /// Removes what outlives the tap of the VM process that ended (its filter).
@@ -525,6 +603,21 @@ mod tests {
     use crate::instance::Registry;
     use crate::instance::tests::spec;
 
+    /// Runs `supervise`, which filters the thread it runs on, on a thread
+    /// of its own that then parks for good: a supervisor's main thread
+    /// never ends alone (the process ends with it), so its filter has no
+    /// `exit`.
+    fn on_a_main_thread<T: Send + 'static>(supervise: impl FnOnce() -> T + Send + 'static) -> T {
+        let (result, returned) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            let _ = result.send(supervise());
+            loop {
+                thread::park();
+            }
+        });
+        returned.recv().unwrap()
+    }
+
     #[test]
     fn the_vm_process_console_goes_through_the_rotating_log() {
         let home = tempfile::tempdir().unwrap();
@@ -541,10 +634,12 @@ mod tests {
             started: None,
             jailed: false,
         };
-        let status = supervise(instance, vmm, launch, |_, _| {
-            let mut command = Command::new("sh");
-            command.args(["-c", &script]);
-            Ok(command.into())
+        let status = on_a_main_thread(move || {
+            supervise(instance, vmm, launch, |_, _| {
+                let mut command = Command::new("sh");
+                command.args(["-c", &script]);
+                Ok(command.into())
+            })
         })
         .unwrap();
         assert_eq!(status.code(), Some(3));
@@ -563,6 +658,65 @@ mod tests {
         );
     }
 
+    /// Waits (up to 10 s) for the instance `id`'s record to satisfy `done`.
+    fn until(registry: &crate::instance::Registry, id: &str, done: impl Fn(&Instance) -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !done(&registry.find(id).unwrap()) {
+            assert!(std::time::Instant::now() < deadline, "{id}: timed out");
+            thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn a_reboot_then_a_stop_through_the_api_pass_every_thread_filter() {
+        use std::os::unix::process::ExitStatusExt;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let home = tempfile::tempdir().unwrap();
+        let registry = Registry::new(home.path());
+        let (instance, vmm) = registry.create(spec(None), None).unwrap();
+        let (id, socket) = (instance.record.id.clone(), instance.api_socket());
+        let launch = Launch {
+            restore: None,
+            console: Console::Log,
+            started: None,
+            jailed: false,
+        };
+        let starts = Arc::new(AtomicUsize::new(0));
+        let counted = starts.clone();
+        // The API, actions, launcher and main threads under their filters
+        // (the launcher's unfiltered): each VM process sleeps until the
+        // actions thread signals it through its pidfd.
+        let supervisor = thread::spawn(move || {
+            on_a_main_thread(move || {
+                supervise(instance, vmm, launch, move |_, _| {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let mut command = Command::new("sleep");
+                    command.arg("60");
+                    Ok(command.into())
+                })
+            })
+        });
+        let act = |action: &str| {
+            let body = serde_json::json!({ "action": action });
+            let answer = crate::api::call(&socket, "PUT", "/actions", Some(&body)).unwrap();
+            assert_eq!(answer.status, 204, "{action}: {:?}", answer.body);
+        };
+        let running = |i: &Instance| i.record.state == super::super::State::Running;
+        until(&registry, &id, running);
+        act("reboot");
+        until(&registry, &id, |i| {
+            starts.load(Ordering::SeqCst) == 2 && running(i)
+        });
+        let answer = crate::api::call(&socket, "GET", "/instance", None).unwrap();
+        assert_eq!(answer.status, 200);
+        act("stop");
+        let status = supervisor.join().unwrap().unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGTERM));
+        let record = registry.find(&id).unwrap().record;
+        assert_eq!(record.state, super::super::State::Stopped);
+        assert_eq!(record.reason.as_deref(), Some("stopped on request"));
+    }
+
     #[test]
     fn a_vm_that_cannot_be_defined_stops_the_instance_with_the_reason() {
         let home = tempfile::tempdir().unwrap();
@@ -575,7 +729,7 @@ mod tests {
             options: RunOptions::new("vmlinux".into()),
             console: Console::Terminal,
         };
-        let err = run(instance, vmm, None, &vm, None).unwrap_err();
+        let err = on_a_main_thread(move || run(instance, vmm, None, &vm, None)).unwrap_err();
         assert!(matches!(err, SupervisorError::Definition(_)), "{err}");
         let record = registry.find(&id).unwrap().record;
         assert_eq!(record.state, super::super::State::Stopped);
