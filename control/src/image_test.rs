@@ -483,6 +483,66 @@ mod tests {
         }
     }
 
+    /// A jailed VM child runs in its jail, with its definition handed to
+    /// the jail's uid and a disk outside its directory shared with the
+    /// jails' group; dropped, it removes the jail: the disk, ephemeral,
+    /// is deleted and the uid's lease ends. Needs what a jail needs (root,
+    /// /dev/kvm); the test binary stands in for `kiln`, since a jail holds
+    /// only the program that made it.
+    #[test]
+    fn a_jailed_vm_child_is_handed_its_files_and_leaves_nothing() {
+        use std::os::unix::fs::MetadataExt;
+        if let Some(why) = jail::unavailable() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let home = tempfile::tempdir().unwrap();
+        let dir = home.path().join("scratch-jailed");
+        std::fs::create_dir(&dir).unwrap();
+        let (kernel, disk) = (home.path().join("vmlinux"), home.path().join("disk.img"));
+        for file in [&kernel, &disk] {
+            std::fs::write(file, b"").unwrap();
+        }
+        let settings = JailSettings {
+            uids: jail::UidRange {
+                first: 5000,
+                count: 10,
+            },
+            leases: home.path().join("leases"),
+        };
+        let runner = TestRunner {
+            kiln: std::env::current_exe().unwrap(),
+            kernel,
+            store: Store::new(&home.path().join("home")),
+            jail: Some(settings.clone()),
+        };
+        let disk_config = DiskConfig {
+            source: DiskSource::Raw(disk.clone()),
+            read_only: false,
+            ephemeral: true,
+        };
+        let config = runner
+            .define(vec![disk_config], "/bin/true", (1, 128))
+            .unwrap();
+        let mut vm = VmChild::start(&runner.kiln, &dir, config, Some(&settings), |command| {
+            command.stdout(Stdio::null()).stderr(Stdio::null());
+            Ok(())
+        })
+        .unwrap();
+        let uid = vm.jail_uid().unwrap();
+        let definition = std::fs::metadata(dir.join(DEFINITION_FILE)).unwrap();
+        assert_eq!((definition.uid(), definition.gid()), (uid, uid));
+        let shared = std::fs::metadata(&disk).unwrap();
+        assert_eq!((shared.gid(), shared.mode() & 0o060), (5000, 0o060));
+        // The test binary, run as `kiln __vm --config …`, refuses the
+        // unknown flag with libtest's status: it was run, in the jail.
+        assert_eq!(vm.child().wait().unwrap().code(), Some(101));
+        drop(vm);
+        assert!(!disk.exists(), "the ephemeral disk is left");
+        let again = settings.uids.lease(&settings.leases, "scratch-jailed");
+        assert_eq!(again.unwrap().uid(), uid, "the uid is still leased");
+    }
+
     /// Each test runs in a VM process of its own, whose output is
     /// captured and checked, and which is killed at the timeout; no
     /// scratch file outlives the run.
