@@ -585,6 +585,38 @@ mod tests {
         }
     }
 
+    /// A jailed run's `--vsock PATH` is a link to the socket in the
+    /// jail's directory while the run lasts: a stale socket or link at
+    /// PATH is replaced, a live one or another kind of file refused.
+    #[test]
+    fn a_jailed_runs_vsock_path_links_into_the_jail() {
+        let dir = tempfile::tempdir().unwrap();
+        let (jail, path) = (dir.path().join("jail"), dir.path().join("v.sock"));
+        std::fs::create_dir(&jail).unwrap();
+        let link = |path: &Path| {
+            let mut vsock = parse_vsock(path.to_str().unwrap()).unwrap();
+            VsockLink::new(&mut vsock, &jail).map(|link| (link, vsock.socket))
+        };
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let (stale_replaced, socket) = link(&path).unwrap();
+        assert_eq!(socket, jail.join("vsock.sock"));
+        assert_eq!(std::fs::read_link(&path).unwrap(), socket);
+        let live = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let err = link(&path).err().unwrap().to_string();
+        assert!(
+            err.ends_with("v.sock: a running VM is listening there"),
+            "{err}"
+        );
+        drop((stale_replaced, live));
+        assert!(
+            std::fs::symlink_metadata(&path).is_err(),
+            "the link is left"
+        );
+        std::fs::write(&path, b"").unwrap();
+        let err = link(&path).err().unwrap().to_string();
+        assert!(err.contains("expected a socket's path"), "{err}");
+    }
+
     #[test]
     fn vsock_specs_parse_with_a_default_cid() {
         let plain = parse_vsock("/tmp/v.sock").unwrap();
