@@ -18,7 +18,7 @@ use std::time::Duration;
 use kiln_builder::build::{BuildVm, StepEnd, VmStep};
 use kiln_vmm::config::{DiskConfig, DiskSource};
 
-use crate::image_test::{TestRunner, run_vm_process};
+use crate::image_test::TestRunner;
 
 /// Runs build steps in VMs, booted as the tests' are.
 #[derive(Clone, Debug)]
@@ -43,7 +43,6 @@ impl BuildVm for BuildVmRunner {
         step: &VmStep,
     ) -> Result<StepEnd, Box<dyn Error + Send + Sync>> {
         let scratch = self.vms.store.scratch_dir()?;
-        let definition = scratch.path().join("vm.json");
         let raw = |path: &Path, read_only| DiskConfig {
             source: DiskSource::Raw(path.to_path_buf()),
             read_only,
@@ -53,15 +52,15 @@ impl BuildVm for BuildVmRunner {
         };
         let disks = vec![raw(root, false), raw(recipe_dir, true)];
         let size = (step.size.vcpus, step.size.memory_mib);
-        self.vms
-            .define(disks, &step.command, size)?
-            .save(&definition)?;
+        let config = self.vms.define(disks, &step.command, size)?;
         let echo = self.echo;
         let timeout = Duration::from_secs(step.timeout_secs);
-        let end = run_vm_process(&self.vms.kiln, &definition, timeout, &mut |line| {
-            let line = String::from_utf8_lossy(line);
-            echo(&step.label, line.trim_end_matches(['\n', '\r']));
-        })?;
+        let end = self
+            .vms
+            .run_vm(scratch.path(), config, timeout, &mut |line| {
+                let line = String::from_utf8_lossy(line);
+                echo(&step.label, line.trim_end_matches(['\n', '\r']));
+            })?;
         Ok(match end.status.and_then(|status| status.code()) {
             _ if end.timed_out => StepEnd::TimedOut(step.timeout_secs),
             Some(code) => StepEnd::Exited(code as u8),
@@ -111,6 +110,8 @@ mod tests {
                 kiln,
                 kernel: dir.join("vmlinux"),
                 store: Store::new(&dir.join("home")),
+                // A script cannot run in a jail, which holds only `kiln`.
+                jail: None,
             },
             echo: |label, line| ECHOED.lock().unwrap().push(format!("{label}: {line}")),
         }

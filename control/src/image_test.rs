@@ -12,22 +12,26 @@
 //! The VM is a child process, `kiln __vm` (the VM process an instance's
 //! supervisor starts too), not a VM in this process: a VM process's
 //! threads end under seccomp filters and its console is its stdout, which
-//! is captured here, and a test that hangs is ended by killing it. The
-//! build VM (`crate::image_build`) is run the same way ([`run_vm_process`]).
+//! is captured here, and a test that hangs is ended by killing it. It is
+//! jailed as an instance's is ([`crate::jail`]), unless the jail is off.
+//! The build VM (`crate::image_build`) is run the same way
+//! ([`TestRunner::run_vm`]), and so is a plain `kiln run`'s ([`VmChild`]).
 use std::io::{self, BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use kiln_builder::recipe::TestCommand;
 use kiln_builder::store::{Store, StoreError, TestResult};
-use kiln_vmm::config::{ConfigError, DiskConfig, DiskSource};
+use kiln_vmm::config::{ConfigError, DiskConfig, DiskSource, VmConfig};
 use kiln_vmm::volume::{Volume, VolumeError};
 
 use crate::definition::{self, DEFAULT_CACHE_MIB, DefinitionError, RunOptions};
 use crate::instance::supervisor::VM_SUBCOMMAND;
 use crate::instance::types::InstanceType;
+use crate::jail::{self, Jail, JailError, JailSettings};
 
 /// The size of every test's VM. The catalog's smallest (128 MiB) is too
 /// little for an interpreter such as Python (`recipes/python` runs in 256).
@@ -50,9 +54,6 @@ pub enum ImageTestError {
     /// The test's VM cannot be defined.
     #[error(transparent)]
     Definition(#[from] DefinitionError),
-    /// The test's VM definition cannot be written.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
     /// The test's VM process could not be run.
     #[error("test `{test}`")]
     Process {
@@ -64,17 +65,26 @@ pub enum ImageTestError {
     },
 }
 
-/// Why a VM process ([`run_vm_process`]) could not be run to its end.
+/// Why a VM process ([`VmChild`]) could not be run to its end.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot {what} the VM process ({kiln})")]
-pub struct VmProcessError {
-    /// What was being done ("start", "wait for").
-    what: &'static str,
-    /// The `kiln` binary run as the VM process.
-    kiln: PathBuf,
-    /// What the system said.
-    #[source]
-    source: io::Error,
+pub enum VmProcessError {
+    /// The process could not be started or waited for.
+    #[error("cannot {what} the VM process ({kiln})")]
+    Process {
+        /// What was being done ("start", "wait for").
+        what: &'static str,
+        /// The `kiln` binary run as the VM process.
+        kiln: PathBuf,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+    /// Its jail could not be set up.
+    #[error("cannot jail the VM process")]
+    Jail(#[from] JailError),
+    /// Its definition could not be written.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
 
 /// How a VM process ended.
@@ -98,6 +108,9 @@ pub struct TestRunner {
     pub kernel: PathBuf,
     /// The store, whose scratch space holds each test's overlay.
     pub store: Store,
+    /// How each VM process is jailed; none when unjailed (`--no-jail`,
+    /// or a host that cannot jail: [`JailSettings::for_vm_processes`]).
+    pub jail: Option<JailSettings>,
 }
 
 /// One test, run: its result as the manifest records it, and what its
@@ -168,7 +181,6 @@ impl TestRunner {
     /// its exit status and output; the VM is killed at the timeout.
     pub fn run(&self, image: &Path, test: &TestCommand) -> Result<TestRun, ImageTestError> {
         let scratch = self.store.scratch_dir()?;
-        let definition = scratch.path().join("vm.json");
         let overlay = scratch.path().join("overlay");
         let cache_bytes = DEFAULT_CACHE_MIB << 20;
         Volume::create(image, &overlay, cache_bytes)?;
@@ -186,17 +198,17 @@ impl TestRunner {
             ephemeral: true,
         };
         let size = InstanceType::find(TEST_INSTANCE_TYPE).expect("the test type is in the catalog");
-        self.define(vec![disk], &test.run, (size.vcpus, size.memory_mib))?
-            .save(&definition)?;
+        let config = self.define(vec![disk], &test.run, (size.vcpus, size.memory_mib))?;
         let mut output = Vec::new();
         let timeout = Duration::from_secs(test.timeout_secs);
-        let end = run_vm_process(&self.kiln, &definition, timeout, &mut |line| {
-            output.extend_from_slice(line)
-        })
-        .map_err(|source| ImageTestError::Process {
-            test: test.run.clone(),
-            source,
-        })?;
+        let end = self
+            .run_vm(scratch.path(), config, timeout, &mut |line| {
+                output.extend_from_slice(line)
+            })
+            .map_err(|source| ImageTestError::Process {
+                test: test.run.clone(),
+                source,
+            })?;
         let (output, timed_out) = (String::from_utf8_lossy(&output).into_owned(), end.timed_out);
         let exit_status = end.status.and_then(|s| s.code()).map(|code| code as u8);
         let passed = !timed_out
@@ -234,46 +246,113 @@ impl TestRunner {
         options.cmdline = format!("kiln.entrypoint=\"{command}\"");
         definition::for_plain_run(&self.store, None, &options, size, None)
     }
+
+    /// Runs the VM `config` defines to its end, as a `kiln __vm` child
+    /// whose definition and jail are in the scratch directory `dir`,
+    /// handing each line of its output (the guest's console, then the VM
+    /// process's own messages) to `on_line` as it comes; the VM process
+    /// is killed at `timeout`, and its jail removed once it has ended.
+    pub(crate) fn run_vm(
+        &self,
+        dir: &Path,
+        config: VmConfig,
+        timeout: Duration,
+        on_line: &mut (dyn FnMut(&[u8]) + Send),
+    ) -> Result<VmEnd, VmProcessError> {
+        let (reader, writer) = io::pipe().map_err(process_err("start", &self.kiln))?;
+        let started = Instant::now();
+        let mut child = VmChild::start(&self.kiln, dir, config, self.jail.as_ref(), |command| {
+            command.stdout(writer.try_clone()?).stderr(writer);
+            Ok(())
+        })?;
+        thread::scope(|scope| {
+            // The pipe's last writer goes with the VM process: this ends.
+            scope.spawn(|| read_lines(reader, on_line));
+            let ended = wait_until(&mut child.child, started + timeout);
+            let duration = started.elapsed();
+            let (status, timed_out) = ended.map_err(process_err("wait for", &self.kiln))?;
+            Ok(VmEnd {
+                status,
+                timed_out,
+                duration,
+            })
+        })
+    }
 }
 
-/// Runs `kiln __vm --config DEFINITION` (the binary `kiln`) to its end,
-/// handing each line of its output (the guest's console, then the VM
-/// process's own messages) to `on_line` as it comes; the VM process is
-/// killed at `timeout`.
-pub(crate) fn run_vm_process(
-    kiln: &Path,
-    definition: &Path,
-    timeout: Duration,
-    on_line: &mut (dyn FnMut(&[u8]) + Send),
-) -> Result<VmEnd, VmProcessError> {
-    let err = |what| {
-        move |source| VmProcessError {
-            what,
-            kiln: kiln.to_path_buf(),
-            source,
+/// A running `kiln __vm` child of this process, the VM process of no
+/// instance (a test's, a build step's, a plain `kiln run`'s), in its
+/// jail unless the jail is off. Dropped, it kills the VM process if it
+/// still runs, waits for it, and removes the jail: also when what
+/// started it fails or times out.
+#[derive(Debug)]
+pub struct VmChild {
+    child: Child,
+    /// The only holder of the jail once the command that entered it
+    /// has been dropped.
+    jail: Option<Arc<Jail>>,
+}
+
+impl VmChild {
+    /// Starts the VM `config` defines: its definition is written into
+    /// the scratch directory `dir`, which becomes its jail's writable
+    /// directory when `jail` is given ([`Jail::create`], the jail's id
+    /// being the directory's name); `stdio` gives the command its
+    /// standard streams.
+    pub fn start(
+        kiln: &Path,
+        dir: &Path,
+        mut config: VmConfig,
+        jail: Option<&JailSettings>,
+        stdio: impl FnOnce(&mut Command) -> io::Result<()>,
+    ) -> Result<VmChild, VmProcessError> {
+        let id = dir.file_name().unwrap_or_default().to_string_lossy();
+        let jail = jail
+            .map(|settings| Jail::create(settings, &id, dir, &mut config))
+            .transpose()?
+            .map(Arc::new);
+        let definition = dir.join(DEFINITION_FILE);
+        config.save(&definition)?;
+        let mut command = vm_process(kiln, &definition);
+        stdio(&mut command).map_err(process_err("start", kiln))?;
+        if let Some(jail) = &jail {
+            jail.hand_over(&definition)?;
+            jail.confine(&mut command);
         }
-    };
-    let (reader, writer) = io::pipe().map_err(err("start"))?;
-    let started = Instant::now();
-    // Ends with this process: a test or build VM never outlives the
-    // command that started it.
-    let mut child = vm_process(kiln, definition)
-        .stdout(writer.try_clone().map_err(err("start"))?)
-        .stderr(writer)
-        .spawn()
-        .map_err(err("start"))?;
-    thread::scope(|scope| {
-        // The pipe's last writer goes with the VM process: this ends.
-        scope.spawn(|| read_lines(reader, on_line));
-        let ended = wait_until(&mut child, started + timeout);
-        let duration = started.elapsed();
-        let (status, timed_out) = ended.map_err(err("wait for"))?;
-        Ok(VmEnd {
-            status,
-            timed_out,
-            duration,
-        })
-    })
+        let child =
+            jail::spawn(&mut command, jail.is_some()).map_err(process_err("start", kiln))?;
+        Ok(VmChild { child, jail })
+    }
+
+    /// The VM process.
+    pub fn child(&mut self) -> &mut Child {
+        &mut self.child
+    }
+
+    /// The uid its jail runs it as; none when unjailed.
+    pub fn jail_uid(&self) -> Option<u32> {
+        self.jail.as_deref().map(Jail::uid)
+    }
+}
+
+impl Drop for VmChild {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if let Some(jail) = self.jail.take().and_then(Arc::into_inner) {
+            jail.remove();
+        }
+    }
+}
+
+/// The name of a VM child's definition in its scratch directory.
+const DEFINITION_FILE: &str = "vm.json";
+
+fn process_err(what: &'static str, kiln: &Path) -> impl FnOnce(io::Error) -> VmProcessError {
+    let kiln = kiln.to_path_buf();
+    move |source| VmProcessError::Process { what, kiln, source }
 }
 
 /// `kiln __vm --config DEFINITION` (the binary `kiln`), with this
@@ -399,7 +478,69 @@ mod tests {
             kiln,
             kernel: "vmlinux".into(),
             store: Store::new(&dir.join("home")),
+            // A script cannot run in a jail, which holds only `kiln`.
+            jail: None,
         }
+    }
+
+    /// A jailed VM child runs in its jail, with its definition handed to
+    /// the jail's uid and a disk outside its directory shared with the
+    /// jails' group; dropped, it removes the jail: the disk, ephemeral,
+    /// is deleted and the uid's lease ends. Needs what a jail needs (root,
+    /// /dev/kvm); the test binary stands in for `kiln`, since a jail holds
+    /// only the program that made it.
+    #[test]
+    fn a_jailed_vm_child_is_handed_its_files_and_leaves_nothing() {
+        use std::os::unix::fs::MetadataExt;
+        if let Some(why) = jail::unavailable() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let home = tempfile::tempdir().unwrap();
+        let dir = home.path().join("scratch-jailed");
+        std::fs::create_dir(&dir).unwrap();
+        let (kernel, disk) = (home.path().join("vmlinux"), home.path().join("disk.img"));
+        for file in [&kernel, &disk] {
+            std::fs::write(file, b"").unwrap();
+        }
+        let settings = JailSettings {
+            uids: jail::UidRange {
+                first: 5000,
+                count: 10,
+            },
+            leases: home.path().join("leases"),
+        };
+        let runner = TestRunner {
+            kiln: std::env::current_exe().unwrap(),
+            kernel,
+            store: Store::new(&home.path().join("home")),
+            jail: Some(settings.clone()),
+        };
+        let disk_config = DiskConfig {
+            source: DiskSource::Raw(disk.clone()),
+            read_only: false,
+            ephemeral: true,
+        };
+        let config = runner
+            .define(vec![disk_config], "/bin/true", (1, 128))
+            .unwrap();
+        let mut vm = VmChild::start(&runner.kiln, &dir, config, Some(&settings), |command| {
+            command.stdout(Stdio::null()).stderr(Stdio::null());
+            Ok(())
+        })
+        .unwrap();
+        let uid = vm.jail_uid().unwrap();
+        let definition = std::fs::metadata(dir.join(DEFINITION_FILE)).unwrap();
+        assert_eq!((definition.uid(), definition.gid()), (uid, uid));
+        let shared = std::fs::metadata(&disk).unwrap();
+        assert_eq!((shared.gid(), shared.mode() & 0o060), (5000, 0o060));
+        // The test binary, run as `kiln __vm --config …`, refuses the
+        // unknown flag with libtest's status: it was run, in the jail.
+        assert_eq!(vm.child().wait().unwrap().code(), Some(101));
+        drop(vm);
+        assert!(!disk.exists(), "the ephemeral disk is left");
+        let again = settings.uids.lease(&settings.leases, "scratch-jailed");
+        assert_eq!(again.unwrap().uid(), uid, "the uid is still leased");
     }
 
     /// Each test runs in a VM process of its own, whose output is

@@ -14,6 +14,7 @@ use kiln_builder::store::Store;
 use kiln_control::commit;
 use kiln_control::image_test::{TestRun, TestRunner};
 use kiln_control::instance::Registry;
+use kiln_control::jail::JailSettings;
 use kiln_image::DEFAULT_CACHE_BYTES;
 use kiln_vmm::host;
 use kiln_vmm::volume::Volume;
@@ -155,6 +156,7 @@ pub fn test_runner(store: Store, tests: &str, advice: &str) -> anyhow::Result<Te
         kiln: std::env::current_exe().context("cannot find the kiln binary")?,
         kernel,
         store,
+        jail: JailSettings::for_vm_processes()?,
     })
 }
 

@@ -1,21 +1,27 @@
-//! `kiln run`: boot an image (or raw disks) in a new microVM: in this
-//! process, as an instance supervised from this process (`--name`), or
-//! detached in a VMM process of its own (`--detach`).
+//! `kiln run`: boot an image (or raw disks) in a new microVM: in a jailed
+//! VM process whose console is this terminal (in this process with
+//! `--no-jail`), as an instance supervised from this process (`--name`),
+//! or detached in a VMM process of its own (`--detach`).
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::process::{ExitCode, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use guest_init::config::percent_encoded;
 use kiln_builder::store::Store;
 use kiln_control::definition::{self, DEFAULT_CID, GUEST_CIDS, RunOptions};
+use kiln_control::image_test::VmChild;
 use kiln_control::instance::lifecycle::{self, LifecycleError};
 use kiln_control::instance::supervisor::{self, Console, VmProcess};
 use kiln_control::instance::types::{self, InstanceType};
 use kiln_control::instance::{Network, Registry, Spec};
+use kiln_control::jail::JailSettings;
 use kiln_control::network::proxy::PortMap;
 use kiln_vmm::builder;
-use kiln_vmm::config::{DiskConfig, DiskSource, VsockConfig};
+use kiln_vmm::config::{DiskConfig, DiskSource, VmConfig, VsockConfig};
 use kiln_vmm::machine::VMM_ERROR_STATUS;
 
 use crate::assets::{Asset, kiln_home};
@@ -141,7 +147,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }))
 }
 
-/// A VM of no instance, in this process.
+/// A VM of no instance: in a jailed VM process, or in this process when
+/// the jail is off.
 fn plain_run(args: &Args, started: Instant) -> anyhow::Result<ExitCode> {
     if args.network == Some(NetworkMode::Bridge) || !args.ports.is_empty() {
         bail!(
@@ -150,20 +157,140 @@ fn plain_run(args: &Args, started: Instant) -> anyhow::Result<ExitCode> {
     }
     let vsock = args.vsock.as_deref().map(parse_vsock).transpose()?;
     let (_, vcpus, memory_mib) = size(args)?;
+    // Every path in the definition is absolute: a jailed VM process's
+    // working directory is its root's.
+    let home = std::path::absolute(kiln_home()).context("cannot find the Kiln home")?;
+    let store = Store::new(&home);
     let config = definition::for_plain_run(
-        &Store::new(&kiln_home()),
+        &store,
         args.image.as_deref(),
         &run_options(args)?,
         (vcpus, memory_mib),
         vsock,
     )?;
-    let outcome = builder::run(&config, started, None, None)?;
+    match JailSettings::for_vm_processes()? {
+        Some(jail) => jailed_run(&store, config, &jail),
+        None => in_process(args, &config, started),
+    }
+}
+
+/// The VM, in this process (`--no-jail`).
+fn in_process(args: &Args, config: &VmConfig, started: Instant) -> anyhow::Result<ExitCode> {
+    let outcome = builder::run(config, started, None, None)?;
     // With --timing the VMM printed `boot-to-init: N us` the moment
     // guest-init reported.
     if args.timing && outcome.boot_to_init.is_none() {
         eprintln!("boot-to-init: guest-init never reported");
     }
     Ok(ExitCode::from(outcome.exit_status))
+}
+
+/// The VM, in a jailed `kiln __vm` child on this terminal (its stdin,
+/// stdout and stderr this process's), whose jail and definition are in
+/// a scratch directory of `store`. Its exit status is this run's: the
+/// guest's, or [`VMM_ERROR_STATUS`] when the VM process failed (it says
+/// why itself). A stop signal sent to this process alone (SIGTERM,
+/// SIGINT, as from `timeout` or `kill`) is passed on to the VM process,
+/// which stops its guest as an unjailed run does; with `--timing`, the
+/// VM process times the boot from its own start.
+fn jailed_run(
+    store: &Store,
+    mut config: VmConfig,
+    jail: &JailSettings,
+) -> anyhow::Result<ExitCode> {
+    let scratch = store.scratch_dir()?;
+    let _link = match &mut config.vsock {
+        Some(vsock) => Some(VsockLink::new(vsock, scratch.path())?),
+        None => None,
+    };
+    let kiln = std::env::current_exe().context("cannot find the kiln binary")?;
+    // Handled from now on, before the VM process can stop, so that this
+    // process outlives it and removes its jail.
+    let stops = signal_hook::iterator::Signals::new(STOP_SIGNALS)
+        .context("cannot catch the stop signals")?;
+    let mut vm = VmChild::start(&kiln, scratch.path(), config, Some(jail), |command| {
+        command.stdin(Stdio::inherit());
+        Ok(())
+    })?;
+    let status = wait_passing_on_stops(vm.child(), stops)?;
+    Ok(ExitCode::from(shell_status(status)))
+}
+
+/// The signals that stop a plain run's VM.
+const STOP_SIGNALS: [i32; 2] = [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT];
+
+/// Waits for `child`, sending it SIGTERM for each of `stops` that
+/// arrives meanwhile (through a pidfd: never to another process that
+/// reuses its pid).
+fn wait_passing_on_stops(
+    child: &mut std::process::Child,
+    mut stops: signal_hook::iterator::Signals,
+) -> anyhow::Result<ExitStatus> {
+    use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
+    let pidfd = pidfd_open(Pid::from_child(child), PidfdFlags::empty())
+        .context("cannot open a pidfd for the VM process")?;
+    let handle = stops.handle();
+    let passer = std::thread::spawn(move || {
+        for _ in stops.forever() {
+            let _ = pidfd_send_signal(&pidfd, Signal::TERM);
+        }
+    });
+    let status = child.wait().context("cannot wait for the VM process");
+    handle.close();
+    let _ = passer.join();
+    status
+}
+
+/// The `--vsock PATH` of a jailed run: the VM process listens in its
+/// jail's writable directory (the only one it may write), and PATH is a
+/// symbolic link to that socket, which connecting follows, for the run's
+/// life.
+struct VsockLink {
+    path: PathBuf,
+}
+
+impl VsockLink {
+    /// Moves `vsock`'s socket into `dir` and links its path to it. What
+    /// is at the path already is replaced only if it is a socket or a link
+    /// that nothing answers on (a run's that ended), as an unjailed VM
+    /// does with a stale socket.
+    fn new(vsock: &mut VsockConfig, dir: &Path) -> anyhow::Result<VsockLink> {
+        let path = std::mem::replace(&mut vsock.socket, dir.join("vsock.sock"));
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.file_type().is_socket() || meta.is_symlink() => {
+                if UnixStream::connect(&path).is_ok() {
+                    bail!(
+                        "--vsock {}: a running VM is listening there",
+                        path.display()
+                    );
+                }
+                std::fs::remove_file(&path).with_context(|| {
+                    format!("--vsock {}: cannot remove the stale socket", path.display())
+                })?;
+            }
+            Ok(_) => bail!(
+                "--vsock {}: expected a socket's path, and another kind of file is there",
+                path.display()
+            ),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => {
+                return Err(err).with_context(|| format!("--vsock {}", path.display()));
+            }
+        }
+        std::os::unix::fs::symlink(&vsock.socket, &path).with_context(|| {
+            format!(
+                "--vsock {}: cannot link it to the jailed VM's socket",
+                path.display()
+            )
+        })?;
+        Ok(VsockLink { path })
+    }
+}
+
+impl Drop for VsockLink {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// `--name NAME` without `--detach`: this process is the instance's VMM,
@@ -365,7 +492,7 @@ fn kernel(args: &Args) -> anyhow::Result<PathBuf> {
             Asset::Kernel.xtask()
         );
     }
-    Ok(kernel)
+    std::path::absolute(&kernel).with_context(|| format!("--kernel {}", kernel.display()))
 }
 
 fn read_user_data(args: &Args) -> anyhow::Result<Option<Vec<u8>>> {
@@ -385,8 +512,9 @@ fn parse_disk(spec: &str) -> anyhow::Result<DiskConfig> {
     };
     let path = Path::new(path);
     std::fs::metadata(path).with_context(|| format!("--disk {}", path.display()))?;
+    let path = std::path::absolute(path).with_context(|| format!("--disk {}", path.display()))?;
     Ok(DiskConfig {
-        source: DiskSource::Raw(path.to_path_buf()),
+        source: DiskSource::Raw(path),
         read_only,
         ephemeral: false,
     })
@@ -455,6 +583,38 @@ mod tests {
             let err = parse(bad).unwrap().unwrap_err().to_string();
             assert!(err.contains(&bad[2][..2]), "{bad:?}: {err}");
         }
+    }
+
+    /// A jailed run's `--vsock PATH` is a link to the socket in the
+    /// jail's directory while the run lasts: a stale socket or link at
+    /// PATH is replaced, a live one or another kind of file refused.
+    #[test]
+    fn a_jailed_runs_vsock_path_links_into_the_jail() {
+        let dir = tempfile::tempdir().unwrap();
+        let (jail, path) = (dir.path().join("jail"), dir.path().join("v.sock"));
+        std::fs::create_dir(&jail).unwrap();
+        let link = |path: &Path| {
+            let mut vsock = parse_vsock(path.to_str().unwrap()).unwrap();
+            VsockLink::new(&mut vsock, &jail).map(|link| (link, vsock.socket))
+        };
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let (stale_replaced, socket) = link(&path).unwrap();
+        assert_eq!(socket, jail.join("vsock.sock"));
+        assert_eq!(std::fs::read_link(&path).unwrap(), socket);
+        let live = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let err = link(&path).err().unwrap().to_string();
+        assert!(
+            err.ends_with("v.sock: a running VM is listening there"),
+            "{err}"
+        );
+        drop((stale_replaced, live));
+        assert!(
+            std::fs::symlink_metadata(&path).is_err(),
+            "the link is left"
+        );
+        std::fs::write(&path, b"").unwrap();
+        let err = link(&path).err().unwrap().to_string();
+        assert!(err.contains("expected a socket's path"), "{err}");
     }
 
     #[test]

@@ -1,9 +1,11 @@
 # Build steps in a VM: a `[[build]]` step with `in = "vm"` runs as root
 # inside a VM booted from the image being built, with the recipe's
 # directory at /build, its console output streamed with the step's name,
-# and what it writes is in the published image (its test reads it). The same recipe builds to the same digest.
+# and what it writes is in the published image (its test reads it). The
+# same recipe builds to the same digest.
 # A failing step fails the build with its number and status, and
-# publishes nothing.
+# publishes nothing. The build VM is jailed as an instance's VM process
+# is, and its jail goes with it, the build failed or not.
 . "$(dirname "$0")/lib.sh"
 
 # A build publishes by renaming from $KILN_HOME/tmp into the store, so the
@@ -46,8 +48,13 @@ echo "kernel $(uname -r)" > /etc/built-in-vm
 echo "uid $(id -u): $GREETING" >> /etc/built-in-vm
 cp /build/shipped /etc/shipped'
 out=$WORK/vm.txt
-"$KILN" build "$WORK/vm" --init "$KILN_INIT" < /dev/null > "$out" 2>&1
+"$KILN" build "$WORK/vm" --init "$KILN_INIT" < /dev/null > "$out" 2>&1 &
+build=$!
+# The build VM's process, seen from the host while the step runs.
+jail=$(vm_jail "$KILN_HOME/tmp/" "$build")
+wait "$build"
 expect_eq vm-step-build-exit-status 0 "$?"
+expect_jailed build-vm-jailed "$jail"
 expect_contains vm-step-output-streamed "$out" "^kiln: step 1 (echo \"step output reaches …) | step output reaches the build"
 expect_contains vm-step-result-tested "$out" "test PASS cat /etc/built-in-vm"
 expect_contains vm-step-read-the-recipe-dir "$out" "test PASS cat /etc/shipped"
@@ -71,3 +78,4 @@ expect_contains failing-step-output-shown "$out" "| about to fail"
 expect_contains failing-step-named "$out" "build step 1 (echo \"about to fail\" …) failed in the build VM: exit status 3"
 check failing-step-nothing-published sh -c "! '$KILN' inspect vmfailed:1.0.0"
 check failing-step-no-scratch-left [ -z "$(ls "$KILN_HOME/tmp")" ]
+check no-jail-cgroup-left sh -c "! ls /sys/fs/cgroup/kiln 2>/dev/null | grep -q scratch-"

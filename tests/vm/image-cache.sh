@@ -7,6 +7,11 @@
 # prefetched without reading them itself.
 . "$(dirname "$0")/lib.sh"
 
+# Only an unjailed VM uses the host-wide cache (a jailed one keeps its
+# chunks in memory: docs/security.md, "How files cross the jail's
+# edge"), and a plain `kiln run` is jailed by default.
+export KILN_JAIL=0
+
 image=vm-test:1.0.0
 cache="$KILN_HOME/cache"
 record="$KILN_HOME/images/vm-test/1.0.0/image.boot"

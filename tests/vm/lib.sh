@@ -59,6 +59,31 @@ status_field() {
     sed -n "s/^$2:[[:space:]]*\([^[:space:]]*\).*/\1/p" "/proc/$1/status"
 }
 
+# vm_jail PREFIX PID: while process PID runs, waits for a VM process
+# whose definition is under PREFIX (a plain run's, a test's or a build
+# step's: "$KILN_HOME/tmp/") and prints, read from /proc while it runs,
+# its uid and its pids, this namespace's then its own PID namespace's
+# ("UID PID NSPID"); nothing if none ran.
+vm_jail() {
+    while kill -0 "$2" 2>/dev/null; do
+        pid=$(vm_pid "$1")
+        if [ -n "$pid" ]; then
+            echo "$(status_field "$pid" Uid) $(sed -n 's/^NSpid:[[:space:]]*//p' "/proc/$pid/status")"
+            return
+        fi
+        sleep 0.1
+    done
+}
+
+# expect_jailed NAME "UID PID NSPID" (vm_jail's line): the VM process ran
+# as a jail's uid (above the jails' group, 900000 by default), as the
+# init of a PID namespace of its own.
+expect_jailed() {
+    set -- "$1" $2
+    if [ "${2:-0}" -gt 900000 ] && [ "$#" -eq 4 ] && [ "$4" = 1 ]; then pass "$1"
+    else fail "$1" "expected a jail's uid and pid 1 in its own namespace, got '$2 $3 $4'"; fi
+}
+
 # Where a scenario's server listens for a host step's client: the test
 # machine's NIC when nested (the harness forwards a host port to it),
 # loopback when the scenarios run on the build host itself. The harness

@@ -32,18 +32,19 @@ probe_detached() {
 out=$WORK/out.txt
 "$KILN" run --kernel "$KILN_KERNEL" --disk "$KILN_ASSETS/hello.ext4" --read-only --vcpus 2 \
     --cmdline kiln.entrypoint=/tests/sleep.sh < /dev/null > "$out" 2>&1 &
-pid=$!
-# Wait until guest-init runs the entrypoint: by then every thread has
-# installed its filter.
+run=$!
+# Wait until guest-init runs the entrypoint: by then every thread of the
+# VM process (kiln run's jailed child) has installed its filter.
 for _ in $(seq 600); do
-    grep -q "kiln" /proc/$pid/task/*/comm 2>/dev/null && [ "$(ls /proc/$pid/task | wc -l)" -ge 3 ] && break
+    pid=$(vm_pid "$KILN_HOME/tmp/")
+    [ -n "$pid" ] && [ "$(ls /proc/$pid/task | wc -l)" -ge 3 ] && break
     sleep 0.1
 done
 sleep 1
 filtered_threads "$pid"
 expect_eq three-threads "3" "$threads"
 expect_eq every-thread-filtered "$threads" "$filtered"
-wait $pid
+wait $run
 expect_eq exit-status 0 "$?"
 
 # The test hook (KILN_SECCOMP_PROBE) makes the VMM thread call socket(2)
