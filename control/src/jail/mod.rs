@@ -42,21 +42,16 @@ use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
 use rustix::thread::{LinkNameSpaceType, UnshareFlags};
 
 pub use cgroup::{Cgroup, CgroupError, Limits};
+/// The uids (and gids, the same numbers) jails take theirs from, as
+/// `FIRST-LAST`.
+pub use kiln_builder::uids::UIDS_ENV;
+use kiln_builder::uids::{DEFAULT_UIDS, LeaseError};
 pub use uid::{UidLease, UidRange};
 
 /// Turns the jail on (`1`, the default) or off (`0`, for debugging only)
 /// for every VM process a supervisor or a function's server with it in
 /// its environment starts (`kiln --no-jail` sets it to `0`).
 pub const JAIL_ENV: &str = "KILN_JAIL";
-/// The uids (and gids, the same numbers) jails take theirs from, as
-/// `FIRST-LAST`.
-pub const UIDS_ENV: &str = "KILN_JAIL_UIDS";
-/// The default range: above any distribution's system and user ids, and
-/// above the subordinate ids `useradd` hands out by default (100000 on).
-const DEFAULT_UIDS: UidRange = UidRange {
-    first: 900_000,
-    count: 65_536,
-};
 /// RLIMIT_NOFILE in the jail: Firecracker's jailer default (`--resource-limit
 /// no-file`, 2048). The file size limit it leaves unset unless asked, and
 /// so does Kiln: a VM's memory file is as large as its guest's RAM.
@@ -129,7 +124,9 @@ impl JailSettings {
         }
         let uids = match uids {
             None => DEFAULT_UIDS,
-            Some(text) => UidRange::parse(text).ok_or_else(|| JailError::Uids(text.to_string()))?,
+            Some(text) => {
+                UidRange::parse(text).ok_or_else(|| LeaseError::Range(text.to_string()))?
+            }
         };
         Ok(Some(JailSettings {
             uids,
@@ -155,9 +152,10 @@ pub enum JailError {
     /// `KILN_JAIL` is neither on nor off.
     #[error("${JAIL_ENV}={0:?}: expected 1 (jail every VM process) or 0")]
     Switch(String),
-    /// `KILN_JAIL_UIDS` is not a range of unprivileged ids.
-    #[error("${UIDS_ENV}={0:?}: expected FIRST-LAST, with 0 < FIRST < LAST")]
-    Uids(String),
+    /// The jail's uid cannot be leased: a bad `KILN_JAIL_UIDS`, or every
+    /// id of the range held by a live VM process.
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
     /// A file or directory of the jail could not be made or handed over.
     #[error("cannot {what} {path} for the jail")]
     Io {
@@ -168,17 +166,6 @@ pub enum JailError {
         /// What the system said.
         #[source]
         source: io::Error,
-    },
-    /// Every id of the range is leased to a live jail.
-    #[error(
-        "every jail uid of {range} is held by a live VM process (leases in {}); expected a wider ${UIDS_ENV}",
-        dir.display()
-    )]
-    NoFreeUid {
-        /// The range.
-        range: UidRange,
-        /// Where the leases are.
-        dir: PathBuf,
     },
     /// A path holds a NUL byte, which no system call takes.
     #[error("{0}: a path with a NUL byte cannot be mounted")]
@@ -839,7 +826,7 @@ mod tests {
         for bad in ["0-10", "10-5", "10-10", "10", "a-b"] {
             let err = JailSettings::from_values(Some("1"), Some(bad)).unwrap_err();
             assert!(
-                matches!(&err, JailError::Uids(text) if text == bad),
+                matches!(&err, JailError::Lease(LeaseError::Range(text)) if text == bad),
                 "{err}"
             );
         }

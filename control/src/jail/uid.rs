@@ -5,21 +5,10 @@
 //! the jail uses is re-exported here.
 pub use kiln_builder::uids::{LEASES_DIR, LeaseError, UidLease, UidRange};
 
-use super::JailError;
-
-impl From<LeaseError> for JailError {
-    fn from(err: LeaseError) -> Self {
-        match err {
-            LeaseError::Range(text) => JailError::Uids(text),
-            LeaseError::Io { what, path, source } => JailError::Io { what, path, source },
-            LeaseError::NoFreeUid { range, dir } => JailError::NoFreeUid { range, dir },
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::jail::JailError;
 
     #[test]
     fn a_full_range_is_the_jails_error() {
@@ -30,7 +19,10 @@ mod tests {
         };
         let _held = range.lease(dir.path(), "i-one").unwrap();
         let err = JailError::from(range.lease(dir.path(), "i-two").unwrap_err());
-        assert!(matches!(err, JailError::NoFreeUid { .. }), "{err}");
+        assert!(
+            matches!(err, JailError::Lease(LeaseError::NoFreeUid { .. })),
+            "{err}"
+        );
         assert!(
             err.to_string()
                 .starts_with("every jail uid of 5000-5001 is held")
