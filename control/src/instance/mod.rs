@@ -70,14 +70,18 @@ const HIBERNATION_DIR: &str = "hibernate";
 const HIBERNATION_STAGING: &str = ".hibernate-new";
 /// Longest instance name: it shows in listings.
 const NAME_MAX: usize = 64;
-/// Where a new instance's directory is made before it is renamed into place.
-const STAGING_PREFIX: &str = ".new-";
+/// What a new instance's directory is named after while it is made, a
+/// scratch directory ([`durable::scratch_dir`]) renamed into place whole.
+const STAGING_NAME: &str = "new";
 /// Random bytes in an id (`i-` and twice as many hex digits).
 const ID_BYTES: usize = 8;
 
 /// What can go wrong with the registry.
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
+    /// A new instance's directory could not be made.
+    #[error(transparent)]
+    Scratch(#[from] durable::ScratchError),
     /// A file of the registry could not be read, written or locked.
     #[error("{path}")]
     Io {
@@ -384,10 +388,9 @@ impl Registry {
             }
             Network::None | Network::Isolated => (None, None),
         };
-        let staging = tempfile::Builder::new()
-            .prefix(STAGING_PREFIX)
-            .tempdir_in(&self.root)
-            .map_err(io_err(&self.root))?;
+        // Locked while this command lives: a command killed half-way
+        // leaves it for the next one here to remove.
+        let staging = durable::scratch_dir(&self.root, STAGING_NAME)?;
         let vmm = FileLock::take(&staging.path().join(VMM_LOCK))?;
         if let Some(data) = user_data {
             let path = staging.path().join(USER_DATA_FILE);
@@ -413,10 +416,7 @@ impl Registry {
         };
         instance.write()?;
         let dir = self.root.join(&instance.record.id);
-        fs::rename(staging.keep(), &dir).map_err(io_err(&dir))?;
-        File::open(&self.root)
-            .and_then(|root| root.sync_all())
-            .map_err(io_err(&self.root))?;
+        staging.rename_to(&dir).map_err(io_err(&dir))?;
         instance.dir = dir;
         Ok((instance, vmm))
     }

@@ -58,6 +58,30 @@ fn instances_are_found_by_id_and_by_live_name() {
 }
 
 #[test]
+fn a_killed_creations_directory_goes_with_the_next_creation() {
+    let home = tempfile::tempdir().unwrap();
+    let registry = Registry::new(home.path());
+    registry.create(spec(None), None).unwrap();
+    // What a `kiln run` killed before its rename leaves: a scratch
+    // directory no live command holds.
+    let killed = registry.root.join(".new.partial-a1B2c3");
+    fs::create_dir(&killed).unwrap();
+    fs::write(killed.join(RECORD_FILE), b"{").unwrap();
+    registry.create(spec(None), None).unwrap();
+    assert!(!killed.exists());
+    let entries: Vec<_> = fs::read_dir(&registry.root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with("i-"))
+        .collect();
+    assert!(
+        entries.iter().all(|n| !n.contains(".partial-")),
+        "{entries:?}"
+    );
+    assert_eq!(registry.list().unwrap().len(), 2);
+}
+
+#[test]
 fn names_that_could_be_ids_or_paths_are_refused() {
     let home = tempfile::tempdir().unwrap();
     let registry = Registry::new(home.path());

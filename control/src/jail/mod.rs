@@ -358,7 +358,17 @@ impl Jail {
                 });
             })
             .ok();
-        Jail::prepare(settings, id, dir, config, cgroup)
+        // The group goes with a jail that cannot be prepared: no VM
+        // process will ever end in it and take it away.
+        match Jail::prepare(settings, id, dir, config, None) {
+            Ok(jail) => Ok(Jail { cgroup, ..jail }),
+            Err(err) => {
+                if let Some(cgroup) = cgroup {
+                    cgroup.remove();
+                }
+                Err(err)
+            }
+        }
     }
 
     /// Has `command` enter the jail in its child, between fork and exec.
