@@ -509,6 +509,7 @@ mod tests {
                 count: 10,
             },
             leases: home.path().join("leases"),
+            warn: jail::warn_on_stderr,
         };
         let runner = TestRunner {
             kiln: std::env::current_exe().unwrap(),

@@ -13,7 +13,7 @@ use std::thread::{self, JoinHandle};
 use std::time::Instant;
 
 use guest_init::exec::CONTAINER_CMDLINE_FLAG;
-use kiln_control::jail::{self, Cgroup, JAIL_ENV, Jail, JailError, JailSettings, Limits};
+use kiln_control::jail::{self, Jail, JailError, JailSettings};
 use kiln_vmm::config::{Boot, ConfigError, DiskConfig, DiskSource, VmConfig, VsockConfig};
 use kiln_vmm::machine::VMM_ERROR_STATUS;
 use kiln_vmm::report::one_line;
@@ -237,22 +237,13 @@ impl Jailed {
     /// [`Files::jail_id`], with the group of `config`'s vCPUs and memory
     /// where the host has cgroup v2; `config` changes as a jail needs
     /// ([`Jail::prepare`]). None when the jail is off or this host cannot
-    /// jail ([`settings`]).
+    /// jail ([`JailSettings::warning_to`]).
     fn create(files: &Files, config: &mut VmConfig) -> Result<Jailed, JailError> {
-        let Some(settings) = settings()? else {
+        let Some(settings) = JailSettings::warning_to(warn_in_log)? else {
             return Ok(Jailed(None));
         };
         let id = files.jail_id();
-        let limits = Limits::for_vm(config.vcpus, config.memory_mib);
-        let cgroup = Cgroup::create(&id, &limits)
-            .inspect_err(|err| log::warn!("{id}: jailed without a cgroup: {}", one_line(err)))
-            .ok();
-        // A jail that cannot be prepared drops its group unremoved; the
-        // error said is the jail's.
-        let jail =
-            Jail::prepare(&settings, &id, files.dir(), config, cgroup).inspect_err(|_| {
-                let _ = jail::cgroup::remove_left(&id);
-            })?;
+        let jail = Jail::create(&settings, &id, files.dir(), config)?;
         log::info!("{id}: the VM process is jailed as uid {}", jail.uid());
         Ok(Jailed(Some(Arc::new(jail))))
     }
@@ -281,25 +272,11 @@ impl Drop for Jailed {
     }
 }
 
-/// How this shim's VM processes are jailed (`KILN_JAIL` and
-/// `KILN_JAIL_UIDS` in its environment, which containerd's is); none when
-/// the jail is switched off or this host cannot jail, which the shim's
-/// log (containerd's) says. Not [`JailSettings::for_vm_processes`]: that
-/// says it on stderr, which containerd gives a shim daemon as /dev/null.
-fn settings() -> Result<Option<JailSettings>, JailError> {
-    let Some(settings) = JailSettings::from_env()? else {
-        log::warn!(
-            "the jail is off ({JAIL_ENV}=0): container VM processes run as root in the host's namespaces (debugging only)"
-        );
-        return Ok(None);
-    };
-    match jail::unavailable() {
-        None => Ok(Some(settings)),
-        Some(why) => {
-            log::warn!("the jail is unavailable ({why}): container VM processes run unjailed");
-            Ok(None)
-        }
-    }
+/// Says the jail's warnings (off, unavailable, without a cgroup) in the
+/// shim's log, which containerd copies into its own: containerd gives a
+/// shim daemon /dev/null for stderr.
+fn warn_in_log(line: &str) {
+    log::warn!("{line}");
 }
 
 /// The VMM process (`__vm DEFINITION SHIM_PID`): tied to the shim's life,

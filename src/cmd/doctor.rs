@@ -64,7 +64,7 @@ pub fn switch_jail_off() {
     // SAFETY: called before any thread of this process exists (clap's
     // parsing starts none), so nothing reads the environment meanwhile.
     unsafe { std::env::set_var(JAIL_ENV, "0") };
-    jail::warn_off();
+    jail::warn_off(jail::warn_on_stderr);
 }
 
 /// Whether VM processes are jailed here, and with a cgroup. A host that

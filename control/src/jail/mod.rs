@@ -71,13 +71,26 @@ const KVM_DEVICE: &str = "/dev/kvm";
 /// and the /dev/kvm node.
 const ROOT_TMPFS_OPTIONS: &CStr = c"size=1m,mode=0755";
 
+/// Where the jail's warnings go (that it is off, unavailable, or without
+/// a cgroup), each said once per process: stderr for Kiln's own commands
+/// ([`warn_on_stderr`]), the log for the containerd shim, whose stderr
+/// containerd makes /dev/null.
+pub type Warn = fn(&str);
+
+/// Says a warning of the jail's on stderr, as Kiln's commands do.
+pub fn warn_on_stderr(line: &str) {
+    eprintln!("kiln: {line}");
+}
+
 /// Whether the VM processes of this supervisor are jailed, and how.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct JailSettings {
     /// Where each VM process's uid comes from.
     pub uids: UidRange,
     /// Where the uids' leases are taken ([`uid::LEASES_DIR`]).
     pub leases: PathBuf,
+    /// Where the jail's warnings go.
+    pub warn: Warn,
 }
 
 impl JailSettings {
@@ -95,18 +108,23 @@ impl JailSettings {
     /// off or this host cannot jail ([`unavailable`]), which is said on
     /// stderr, once per process.
     pub fn for_vm_processes() -> Result<Option<JailSettings>, JailError> {
+        Self::warning_to(warn_on_stderr)
+    }
+
+    /// [`JailSettings::for_vm_processes`], its warnings said through `warn`.
+    pub fn warning_to(warn: Warn) -> Result<Option<JailSettings>, JailError> {
         let Some(settings) = Self::from_env()? else {
-            warn_off();
+            warn_off(warn);
             return Ok(None);
         };
         match unavailable() {
-            None => Ok(Some(settings)),
+            None => Ok(Some(JailSettings { warn, ..settings })),
             Some(why) => {
                 static SAID: Once = Once::new();
                 SAID.call_once(|| {
-                    eprintln!(
-                        "kiln: WARNING: the jail is unavailable ({why}): VM processes run unjailed"
-                    );
+                    warn(&format!(
+                        "WARNING: the jail is unavailable ({why}): VM processes run unjailed"
+                    ));
                 });
                 Ok(None)
             }
@@ -131,18 +149,19 @@ impl JailSettings {
         Ok(Some(JailSettings {
             uids,
             leases: PathBuf::from(uid::LEASES_DIR),
+            warn: warn_on_stderr,
         }))
     }
 }
 
-/// Says on stderr, once per process, that VM processes run unjailed by
-/// request (`--no-jail`, `KILN_JAIL=0`): for debugging only.
-pub fn warn_off() {
+/// Says through `warn`, once per process, that VM processes run
+/// unjailed by request (`--no-jail`, `KILN_JAIL=0`): for debugging only.
+pub fn warn_off(warn: Warn) {
     static SAID: Once = Once::new();
     SAID.call_once(|| {
-        eprintln!(
-            "kiln: WARNING: the jail is off ({JAIL_ENV}=0): VM processes run as root in the host's namespaces (debugging only)"
-        );
+        warn(&format!(
+            "WARNING: the jail is off ({JAIL_ENV}=0): VM processes run as root in the host's namespaces (debugging only)"
+        ));
     });
 }
 
@@ -351,10 +370,10 @@ impl Jail {
             .inspect_err(|err| {
                 static SAID: Once = Once::new();
                 SAID.call_once(|| {
-                    eprintln!(
-                        "kiln: jailed without a cgroup: {}",
+                    (settings.warn)(&format!(
+                        "jailed without a cgroup: {}",
                         kiln_vmm::report::one_line(err)
-                    );
+                    ));
                 });
             })
             .ok();
@@ -811,15 +830,16 @@ mod tests {
     #[test]
     fn the_switch_and_the_range_are_checked() {
         // Off ignores the range; on is the default.
-        assert_eq!(
-            JailSettings::from_values(Some("0"), Some("junk")).unwrap(),
-            None
+        assert!(
+            JailSettings::from_values(Some("0"), Some("junk"))
+                .unwrap()
+                .is_none()
         );
         let on = JailSettings::from_values(None, None).unwrap().unwrap();
         assert_eq!(on.uids, DEFAULT_UIDS);
         assert_eq!(on.leases, Path::new(uid::LEASES_DIR));
-        let explicit = JailSettings::from_values(Some("1"), None).unwrap();
-        assert_eq!(explicit, Some(on));
+        let explicit = JailSettings::from_values(Some("1"), None).unwrap().unwrap();
+        assert_eq!((explicit.uids, explicit.leases), (on.uids, on.leases));
         let ranged = JailSettings::from_values(Some("1"), Some("5000-5009")).unwrap();
         assert_eq!(
             ranged.unwrap().uids,
@@ -899,6 +919,7 @@ mod tests {
                 count: 10,
             },
             leases: home.path().join("leases"),
+            warn: warn_on_stderr,
         };
         // What a VM process killed half-way through a snapshot left.
         fs::create_dir_all(exchange_dir(&instance)).unwrap();
