@@ -585,3 +585,24 @@ fn hydrate_fills_the_cache_that_images_shows_and_rm_removes() {
     let (_, err) = fails(home.path(), &["image", "hydrate", "hello:1.0.0"]);
     assert!(err.contains("no image hello:1.0.0"), "{err}");
 }
+
+/// A printing command whose reader has gone (`kiln types | head -c1`)
+/// ends by SIGPIPE, quietly, as `ls` does: no panic in `println!`.
+#[test]
+fn a_printing_command_ends_quietly_when_its_reader_goes() {
+    use std::os::unix::process::ExitStatusExt;
+    let home = tempfile::tempdir().unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    // The reader is closed before kiln writes: its first write fails.
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("types")
+        .env("KILN_HOME", home.path())
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+}
