@@ -458,21 +458,31 @@ impl Hydrated {
     }
 
     /// Decompresses each chunk of `chunks` on up to `workers` threads:
-    /// each chunk's data (`None`: all zeros) or error, in order.
+    /// each chunk's data (`None`: all zeros) or error, in order. A worker
+    /// takes the chunks of one frame at a time, so that no two workers
+    /// decompress the same frame (each would miss the frame cache while
+    /// the other fills it).
     fn decompress_all(&self, chunks: &[u32], workers: usize) -> Vec<Result<Chunk, HydrateError>> {
-        let workers = workers.clamp(1, chunks.len().max(1));
+        let frames = self.frame_groups(chunks);
+        let workers = workers.clamp(1, frames.len().max(1));
+        let decompress = |frame: &Range<usize>| -> Vec<_> {
+            chunks[frame.clone()]
+                .iter()
+                .map(|&n| self.chunk_data(n))
+                .collect()
+        };
         if workers == 1 {
-            return chunks.iter().map(|&n| self.chunk_data(n)).collect();
+            return frames.iter().flat_map(decompress).collect();
         }
         let next = AtomicUsize::new(0);
-        let results = Mutex::new(Vec::with_capacity(chunks.len()));
+        let results = Mutex::new(Vec::with_capacity(frames.len()));
         std::thread::scope(|scope| {
             for _ in 0..workers {
                 scope.spawn(|| {
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(&n) = chunks.get(i) else { break };
-                        let result = self.chunk_data(n);
+                        let Some(frame) = frames.get(i) else { break };
+                        let result = decompress(frame);
                         results
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
@@ -483,7 +493,19 @@ impl Hydrated {
         });
         let mut results = results.into_inner().unwrap_or_else(|p| p.into_inner());
         results.sort_unstable_by_key(|(i, _)| *i);
-        results.into_iter().map(|(_, result)| result).collect()
+        results.into_iter().flat_map(|(_, result)| result).collect()
+    }
+
+    /// `chunks` cut into runs whose chunks share a frame, as index ranges.
+    fn frame_groups(&self, chunks: &[u32]) -> Vec<Range<usize>> {
+        let mut groups: Vec<Range<usize>> = Vec::new();
+        for (i, &n) in chunks.iter().enumerate() {
+            match groups.last_mut() {
+                Some(group) if self.reader.same_frame(chunks[group.start], n) => group.end = i + 1,
+                _ => groups.push(i..i + 1),
+            }
+        }
+        groups
     }
 
     /// Chunk `n`'s data, unless it is all zeros.
