@@ -181,6 +181,12 @@ fn run(
             ));
         }
     };
+    if let Some(device) = &request.root {
+        return Err(Refusal(
+            supervisor::STATUS_NOT_EXECUTABLE,
+            format!("root {device}: this guest-init cannot run a process in another root yet"),
+        ));
+    }
     let config = prepared(&request, base, root)?;
     let terminal = request.tty.map(Terminal::open).transpose()?;
     let (mut child, pid) = spawn(&config, &request, terminal.as_ref())?;
@@ -508,6 +514,7 @@ mod tests {
             groups: None,
             tty: None,
             stdin: true,
+            root: None,
         }
     }
 

@@ -105,22 +105,29 @@ pub enum VmmError {
         max: usize,
     },
     /// A disk's file cannot back a block device.
-    #[error("disk {path}")]
+    #[error("disk {index} of the VM definition")]
     Disk {
-        /// The disk's file.
-        path: PathBuf,
+        /// Its position in [`VmConfig::disks`].
+        index: usize,
         /// Why.
         #[source]
         source: BlockError,
     },
     /// A disk's transport cannot be made or restored.
-    #[error("disk {path}")]
+    #[error("disk {index} of the VM definition")]
     DiskDevice {
-        /// The disk's file.
-        path: PathBuf,
+        /// Its position in [`VmConfig::disks`].
+        index: usize,
         /// Why.
         #[source]
         source: MmioError,
+    },
+    /// An empty drive marked ephemeral: it has no file to delete, and the
+    /// disk attached to it later is the attacher's to delete.
+    #[error("disk {index} of the VM definition is empty and ephemeral: expected ephemeral false")]
+    EphemeralEmpty {
+        /// Its position in [`VmConfig::disks`].
+        index: usize,
     },
     /// An ephemeral disk's file cannot be unlinked once open.
     #[error("cannot remove the ephemeral disk file {path}")]
@@ -620,7 +627,7 @@ fn virtio_disks(
         root_discards: false,
     };
     for (index, disk) in disks.iter().enumerate() {
-        let block = open_disk(disk, seccomp)?;
+        let block = open_disk(index, disk, seccomp)?;
         if index == 0 {
             devices.root_discards = block.discards();
         }
@@ -629,10 +636,7 @@ fn virtio_disks(
             Some(state) => MmioTransport::restore((mem.clone(), block.clone()), state),
             None => MmioTransport::new(mem.clone(), block.clone()),
         }
-        .map_err(|source| VmmError::DiskDevice {
-            path: disk.source.path().to_path_buf(),
-            source,
-        })?;
+        .map_err(|source| VmmError::DiskDevice { index, source })?;
         let transport = slots.attach(vm, transport)?;
         event_loop.add(block.clone());
         devices.transports.push(transport);
@@ -717,17 +721,16 @@ fn virtio_net(
 
 /// Opens a disk's block device, with its hydration cache's prefetch
 /// workers (under their seccomp filter when `seccomp`); an ephemeral
-/// disk's file goes at once.
-fn open_disk(disk: &DiskConfig, seccomp: bool) -> Result<Block, VmmError> {
-    let disk_error = |source| VmmError::Disk {
-        path: disk.source.path().to_path_buf(),
-        source,
-    };
+/// disk's file goes at once. `index` is its place in the definition.
+fn open_disk(index: usize, disk: &DiskConfig, seccomp: bool) -> Result<Block, VmmError> {
+    let disk_error = |source| VmmError::Disk { index, source };
     let mut block = Block::new(&disk.source, disk.read_only).map_err(disk_error)?;
     block.start_prefetch(seccomp).map_err(disk_error)?;
     let file = match &disk.source {
         DiskSource::Raw(path) => Some(path),
         DiskSource::Volume { overlay, .. } => overlay.as_ref(),
+        DiskSource::Empty if disk.ephemeral => return Err(VmmError::EphemeralEmpty { index }),
+        DiskSource::Empty => None,
     };
     if let Some(path) = file.filter(|_| disk.ephemeral) {
         std::fs::remove_file(path).map_err(|source| VmmError::Ephemeral {

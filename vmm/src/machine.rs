@@ -93,6 +93,12 @@ pub enum RequestError {
     /// The vCPU threads did not park or go on.
     #[error(transparent)]
     Vcpus(#[from] VcpuError),
+    /// `attachdisk`, which this VM process does not carry out yet.
+    #[error("attachdisk of disk {index}: this VM process cannot attach disks yet")]
+    AttachDisk {
+        /// The drive asked for.
+        index: usize,
+    },
     /// The snapshot could not be written.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
@@ -152,6 +158,7 @@ impl Machine {
                 copy_root,
                 then,
             } => self.snapshot(&dir, copy_root, then).map(Some),
+            ControlRequest::AttachDisk { index, .. } => Err(RequestError::AttachDisk { index }),
         };
         match done {
             Ok(snapshot) => ControlReply {

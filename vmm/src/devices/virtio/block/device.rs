@@ -79,14 +79,8 @@ pub enum BlockError {
         size: u64,
     },
     /// The queue's eventfd could not be created.
-    #[error("cannot create the queue eventfd of disk {path}")]
-    EventFd {
-        /// The disk's image path.
-        path: PathBuf,
-        /// What the system said.
-        #[source]
-        source: io::Error,
-    },
+    #[error("cannot create the request queue's eventfd")]
+    EventFd(#[source] io::Error),
     /// The disk's completed writes could not be made durable.
     #[error("cannot flush disk {path}")]
     Flush {
@@ -287,6 +281,7 @@ struct Active {
 
 /// Where a disk's sectors come from.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum DiskSource {
     /// A raw disk image file.
     Raw(PathBuf),
@@ -306,14 +301,21 @@ pub enum DiskSource {
         #[serde(default)]
         hydration: Option<PathBuf>,
     },
+    /// No medium: a drive of capacity 0, a pod's spare slot, until
+    /// `ControlRequest::AttachDisk` fills it with a container's root disk
+    /// (Firecracker-containerd's stub drives). Whether the guest may write
+    /// the disk it will hold is the slot's `read_only`, fixed at boot:
+    /// VIRTIO_BLK_F_RO is negotiated once, when the driver probes.
+    Empty,
 }
 
 impl DiskSource {
-    /// The file named in messages about this disk.
-    pub fn path(&self) -> &Path {
+    /// The file named in messages about this disk; none for an empty drive.
+    pub fn path(&self) -> Option<&Path> {
         match self {
-            DiskSource::Raw(path) => path,
-            DiskSource::Volume { image, .. } => image,
+            DiskSource::Raw(path) => Some(path),
+            DiskSource::Volume { image, .. } => Some(image),
+            DiskSource::Empty => None,
         }
     }
 }
@@ -331,39 +333,9 @@ impl Block {
     /// A block device for `source`, which the guest may not write when
     /// `read_only`.
     pub fn new(source: &DiskSource, read_only: bool) -> Result<Self, BlockError> {
-        let path = source.path();
-        let (backend, size) = match source {
-            DiskSource::Raw(path) => {
-                Backend::raw(path, read_only).map_err(|source| BlockError::Open {
-                    path: path.clone(),
-                    source,
-                })?
-            }
-            DiskSource::Volume {
-                image,
-                overlay,
-                cache_bytes,
-                hydration,
-            } => {
-                let overlay = overlay.as_deref().filter(|_| !read_only);
-                let volume = match hydration {
-                    Some(dir) => Volume::open_hydrated(image, overlay, dir, *cache_bytes)?,
-                    None => Volume::open(image, overlay, *cache_bytes)?,
-                };
-                let size = volume.capacity();
-                (Backend::volume(volume), size)
-            }
-        };
-        if size % SECTOR_SIZE != 0 {
-            return Err(BlockError::PartialSector {
-                path: path.to_path_buf(),
-                size,
-            });
-        }
-        let queue_evt = EventFd::new(EFD_NONBLOCK).map_err(|source| BlockError::EventFd {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let (backend, size) = open(source, read_only)?;
+        let queue_evt = EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?;
+        let path = source.path().map(Path::to_path_buf).unwrap_or_default();
         let capacity = size / SECTOR_SIZE;
         let discards = backend.discards();
         Ok(Self {
@@ -372,13 +344,14 @@ impl Block {
             disk: Disk {
                 backend,
                 capacity,
-                id: serial_id(path),
-                path: path.to_path_buf(),
+                id: serial_id(&path),
+                path,
             },
             queue_evts: [queue_evt],
             active: None,
         })
     }
+
     /// Whether the guest may discard (trim) blocks of this disk.
     pub fn discards(&self) -> bool {
         self.disk.backend.discards()
@@ -418,6 +391,41 @@ impl Block {
             error_limited!("virtio-blk: cannot interrupt the driver: {err}");
         }
     }
+}
+
+/// Opens `source` as a disk the guest may not write when `read_only`;
+/// returns its storage and its size in bytes, a whole number of sectors.
+fn open(source: &DiskSource, read_only: bool) -> Result<(Backend, u64), BlockError> {
+    let (backend, size) = match source {
+        DiskSource::Raw(path) => {
+            Backend::raw(path, read_only).map_err(|source| BlockError::Open {
+                path: path.clone(),
+                source,
+            })?
+        }
+        DiskSource::Volume {
+            image,
+            overlay,
+            cache_bytes,
+            hydration,
+        } => {
+            let overlay = overlay.as_deref().filter(|_| !read_only);
+            let volume = match hydration {
+                Some(dir) => Volume::open_hydrated(image, overlay, dir, *cache_bytes)?,
+                None => Volume::open(image, overlay, *cache_bytes)?,
+            };
+            let size = volume.capacity();
+            (Backend::volume(volume), size)
+        }
+        DiskSource::Empty => (Backend::Empty { read_only }, 0),
+    };
+    if size % SECTOR_SIZE != 0 {
+        return Err(BlockError::PartialSector {
+            path: source.path().map(Path::to_path_buf).unwrap_or_default(),
+            size,
+        });
+    }
+    Ok((backend, size))
 }
 
 /// Executes `request` and writes its status byte; returns the used length
