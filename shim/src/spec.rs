@@ -5,7 +5,8 @@
 //!
 //! Honoured: `process.args`, `env`, `cwd`, `user.uid`/`gid`/
 //! `additionalGids`, `terminal` and `consoleSize`; `hostname`;
-//! `linux.resources.memory.limit` and `cpu.quota`/`period`. The VM is the
+//! `linux.resources.memory.limit` and `cpu.quota`/`period`; the CRI pod
+//! annotations ([`crate::pod`]). The VM is the
 //! isolation boundary, so the spec's namespaces, cgroups paths, seccomp
 //! profile, capabilities and mounts (guest-init mounts /proc, /sys, /dev,
 //! /tmp and /run itself) are not read.
@@ -14,6 +15,8 @@ use std::path::{Path, PathBuf};
 
 use guest_init::exec::{ExecRequest, WindowSize};
 use oci_spec::runtime::{LinuxResources, Process, Spec};
+
+use crate::pod::{PodError, Role};
 
 /// vCPUs of a VM whose spec sets no CPU quota.
 pub const DEFAULT_VCPUS: u8 = 1;
@@ -39,6 +42,8 @@ pub struct Container {
     pub vcpus: u8,
     /// The VM's memory in MiB.
     pub memory_mib: u32,
+    /// Whether it runs alone or in a pod, and there as what.
+    pub role: Role,
 }
 
 /// The host's capacity, which a container's resources may not exceed.
@@ -62,6 +67,9 @@ pub enum SpecError {
         #[source]
         source: oci_spec::OciSpecError,
     },
+    /// The pod annotations are not CRI's.
+    #[error(transparent)]
+    Pod(#[from] PodError),
     /// An exec's process spec is not JSON of an OCI process.
     #[error("the exec's process spec is not an OCI process")]
     ExecProcess(#[source] serde_json::Error),
@@ -104,8 +112,7 @@ pub enum SpecError {
 
 /// Loads `bundle/config.json` and checks it against `host`.
 pub fn load(bundle: &Path, host: Host) -> Result<Container, SpecError> {
-    let path = bundle.join("config.json");
-    let spec = Spec::load(&path).map_err(|source| SpecError::Load { path, source })?;
+    let spec = read(bundle)?;
     let process = spec.process().as_ref().ok_or(SpecError::NoArgs)?;
     let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
     Ok(Container {
@@ -113,7 +120,20 @@ pub fn load(bundle: &Path, host: Host) -> Result<Container, SpecError> {
         hostname: hostname(spec.hostname().clone().unwrap_or_default())?,
         vcpus: vcpus(resources, host)?,
         memory_mib: memory_mib(resources, host)?,
+        role: Role::of(spec.annotations().as_ref())?,
     })
+}
+
+/// The role of the container of `bundle` (its `config.json`'s pod
+/// annotations), which is all `start` needs of it.
+pub fn role(bundle: &Path) -> Result<Role, SpecError> {
+    Ok(Role::of(read(bundle)?.annotations().as_ref())?)
+}
+
+/// `bundle/config.json`.
+fn read(bundle: &Path) -> Result<Spec, SpecError> {
+    let path = bundle.join("config.json");
+    Spec::load(&path).map_err(|source| SpecError::Load { path, source })
 }
 
 /// A hostname the guest gets on its kernel command line (RFC 1123
@@ -177,6 +197,8 @@ fn request(process: &Process) -> Result<ExecRequest, SpecError> {
         // containerd always hands a stdin path to a process that has one;
         // whether it does is the shim's to see (`Stdio::stdin`).
         stdin: false,
+        // A pod member's root disk, which only the task service knows.
+        root: None,
     })
 }
 
@@ -280,6 +302,30 @@ mod tests {
             "terminal": true,
             "consoleSize": {"height": 50, "width": 132},
         })
+    }
+
+    #[test]
+    fn the_pod_annotations_give_the_role_at_start_and_at_create() {
+        let mut config = spec(process(), serde_json::json!({}));
+        let dir = bundle(config.clone());
+        assert_eq!(role(dir.path()).unwrap(), Role::Alone);
+        assert_eq!(load(dir.path(), HOST).unwrap().role, Role::Alone);
+        config["annotations"] = serde_json::json!({
+            "io.kubernetes.cri.container-type": "container",
+            "io.kubernetes.cri.sandbox-id": "pod1",
+        });
+        let dir = bundle(config.clone());
+        let member = Role::Member {
+            sandbox: "pod1".into(),
+        };
+        assert_eq!(role(dir.path()).unwrap(), member);
+        assert_eq!(load(dir.path(), HOST).unwrap().role, member);
+        config["annotations"]["io.kubernetes.cri.container-type"] = "pod".into();
+        let err = one_line(&role(bundle(config).path()).unwrap_err());
+        assert_eq!(
+            err,
+            "annotation io.kubernetes.cri.container-type \"pod\": expected \"sandbox\" or \"container\""
+        );
     }
 
     #[test]
