@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use event_manager::{EventManager, SubscriberOps};
 use kiln_vmm::devices::serial::{Serial, SerialInput};
 use kiln_vmm::devices::virtio::block::{Block, DiskSource};
+use kiln_vmm::devices::virtio::mmio::MmioTransport;
 use kiln_vmm::seccomp::ThreadKind;
 use kiln_vmm::trace::{self, TRACE_ENV};
 use kiln_vmm::volume::Volume;
@@ -291,6 +292,50 @@ fn vmm_thread_survives_writing_a_snapshot() {
                 .unwrap();
             kiln_vmm::snapshot::write_state(&snapshot.join("state"), &"state").unwrap();
             std::fs::metadata(snapshot.join("state")).unwrap();
+            say_survived();
+            std::process::exit(0);
+        });
+        return;
+    };
+    assert_survived(&output);
+}
+
+#[test]
+fn vmm_thread_survives_attaching_disks_to_empty_drives() {
+    let Some(output) = in_child_or_run("vmm_thread_survives_attaching_disks_to_empty_drives")
+    else {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("raw");
+        std::fs::write(&raw, vec![3u8; 256 * 1024]).unwrap();
+        let image = dir.path().join("image.kiln");
+        kiln_image::write(&raw, &image, 64 * 1024).unwrap();
+        let overlay = dir.path().join("root.overlay");
+        drop(Volume::create(&image, &overlay, 1 << 20).unwrap());
+        let volume = DiskSource::Volume {
+            image,
+            overlay: Some(overlay),
+            cache_bytes: 1 << 20,
+            hydration: None,
+        };
+        let mem = memory::create(16).unwrap();
+        let drives: Vec<_> = [false, true]
+            .map(|read_only| {
+                let block = Arc::new(Mutex::new(
+                    Block::new(&DiskSource::Empty, read_only).unwrap(),
+                ));
+                let transport = MmioTransport::new(mem.clone(), block.clone()).unwrap();
+                (block, transport)
+            })
+            .into();
+        on_filtered_thread(ThreadKind::Vmm, move || {
+            // What `attachdisk` does, once the VM runs: a volume, and a
+            // raw image (read-only), each then announced to the driver.
+            for ((block, mut transport), source) in
+                drives.into_iter().zip([volume, DiskSource::Raw(raw)])
+            {
+                block.lock().unwrap().attach(&source).unwrap();
+                transport.config_changed().unwrap();
+            }
             say_survived();
             std::process::exit(0);
         });
