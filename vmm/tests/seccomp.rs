@@ -260,23 +260,28 @@ fn vmm_thread_survives_filling_a_hydration_cache() {
     assert_survived(&output);
 }
 
+/// A volume in `dir` over a 256 KiB image (its raw form kept as `raw`),
+/// with an overlay.
+fn writable_volume(dir: &std::path::Path) -> DiskSource {
+    let raw = dir.join("raw");
+    std::fs::write(&raw, vec![3u8; 256 * 1024]).unwrap();
+    let image = dir.join("image.kiln");
+    kiln_image::write(&raw, &image, 64 * 1024).unwrap();
+    let overlay = dir.join("root.overlay");
+    drop(Volume::create(&image, &overlay, 1 << 20).unwrap());
+    DiskSource::Volume {
+        image,
+        overlay: Some(overlay),
+        cache_bytes: 1 << 20,
+        hydration: None,
+    }
+}
+
 #[test]
 fn vmm_thread_survives_writing_a_snapshot() {
     let Some(output) = in_child_or_run("vmm_thread_survives_writing_a_snapshot") else {
         let dir = tempfile::tempdir().unwrap();
-        let raw = dir.path().join("raw");
-        std::fs::write(&raw, vec![3u8; 256 * 1024]).unwrap();
-        let image_file = dir.path().join("image.kiln");
-        kiln_image::write(&raw, &image_file, 64 * 1024).unwrap();
-        let overlay = dir.path().join("root.overlay");
-        Volume::create(&image_file, &overlay, 1 << 20).unwrap();
-        let source = DiskSource::Volume {
-            image: image_file,
-            overlay: Some(overlay),
-            cache_bytes: 1 << 20,
-            hydration: None,
-        };
-        let mut block = Block::new(&source, false).unwrap();
+        let mut block = Block::new(&writable_volume(dir.path()), false).unwrap();
         let mem = memory::create(16).unwrap();
         mem.write_slice(b"guest data", GuestAddress(0x10_0000))
             .unwrap();
@@ -305,18 +310,8 @@ fn vmm_thread_survives_attaching_disks_to_empty_drives() {
     let Some(output) = in_child_or_run("vmm_thread_survives_attaching_disks_to_empty_drives")
     else {
         let dir = tempfile::tempdir().unwrap();
+        let volume = writable_volume(dir.path());
         let raw = dir.path().join("raw");
-        std::fs::write(&raw, vec![3u8; 256 * 1024]).unwrap();
-        let image = dir.path().join("image.kiln");
-        kiln_image::write(&raw, &image, 64 * 1024).unwrap();
-        let overlay = dir.path().join("root.overlay");
-        drop(Volume::create(&image, &overlay, 1 << 20).unwrap());
-        let volume = DiskSource::Volume {
-            image,
-            overlay: Some(overlay),
-            cache_bytes: 1 << 20,
-            hydration: None,
-        };
         let mem = memory::create(16).unwrap();
         let drives: Vec<_> = [false, true]
             .map(|read_only| {
