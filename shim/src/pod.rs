@@ -167,25 +167,23 @@ pub fn device(index: usize) -> String {
 
 /// Checks that `member` fits the pod's VM, which was made to `sandbox`'s
 /// spec: the VM's vCPUs, memory and hostname are the whole pod's, so a
-/// member may ask for no more than they are (and is refused otherwise,
-/// rather than promised what the VM does not have).
+/// member's limits may be no more than they are (and are refused
+/// otherwise, rather than promised what the VM does not have); a member
+/// without a limit has the VM's.
 pub fn fits(member: &Container, sandbox: &Container) -> Result<(), PodError> {
-    let bigger = |what, asked: u32, has: u32| {
-        if asked > has {
-            Err(PodError::Bigger { what, asked, has })
-        } else {
-            Ok(())
-        }
+    let bigger = |what, asked: Option<u32>, has: u32| match asked {
+        Some(asked) if asked > has => Err(PodError::Bigger { what, asked, has }),
+        _ => Ok(()),
     };
     bigger(
         "vCPUs (linux.resources.cpu)",
-        member.vcpus.into(),
-        sandbox.vcpus.into(),
+        member.cpu_limit.map(u32::from),
+        sandbox.vcpus().into(),
     )?;
     bigger(
         "MiB of memory (linux.resources.memory.limit)",
-        member.memory_mib,
-        sandbox.memory_mib,
+        member.memory_limit_mib,
+        sandbox.memory_mib(),
     )?;
     if !member.hostname.is_empty() && member.hostname != sandbox.hostname {
         return Err(PodError::Hostname {
@@ -266,34 +264,36 @@ mod tests {
         assert_eq!(device(SLOTS), "/dev/vdi");
     }
 
-    fn container(vcpus: u8, memory_mib: u32, hostname: &str) -> Container {
+    fn container(vcpus: Option<u8>, memory_mib: Option<u32>, hostname: &str) -> Container {
         Container {
             process: crate::spec::exec_request(
                 br#"{"args": ["/bin/true"], "cwd": "/", "user": {"uid": 0, "gid": 0}}"#,
             )
             .unwrap(),
             hostname: hostname.into(),
-            vcpus,
-            memory_mib,
+            cpu_limit: vcpus,
+            memory_limit_mib: memory_mib,
             role: Role::Alone,
         }
     }
 
     #[test]
     fn a_member_may_ask_for_no_more_than_its_pods_vm() {
-        let vm = container(2, 256, "pod");
-        assert!(fits(&container(2, 256, "pod"), &vm).is_ok());
-        assert!(fits(&container(1, 64, ""), &vm).is_ok());
+        let vm = container(Some(2), Some(128), "pod");
+        assert!(fits(&container(Some(2), Some(128), "pod"), &vm).is_ok());
+        assert!(fits(&container(Some(1), Some(64), ""), &vm).is_ok());
+        // No limit: the VM's, whatever it is (not the 256 MiB default).
+        assert!(fits(&container(None, None, "pod"), &vm).is_ok());
         assert_eq!(
-            one_line(&fits(&container(3, 64, ""), &vm).unwrap_err()),
+            one_line(&fits(&container(Some(3), None, ""), &vm).unwrap_err()),
             "vCPUs (linux.resources.cpu) 3: expected at most the pod's VM's 2 (its sandbox's)"
         );
         assert_eq!(
-            one_line(&fits(&container(1, 512, ""), &vm).unwrap_err()),
-            "MiB of memory (linux.resources.memory.limit) 512: expected at most the pod's VM's 256 (its sandbox's)"
+            one_line(&fits(&container(None, Some(512), ""), &vm).unwrap_err()),
+            "MiB of memory (linux.resources.memory.limit) 512: expected at most the pod's VM's 128 (its sandbox's)"
         );
         assert_eq!(
-            one_line(&fits(&container(1, 64, "web"), &vm).unwrap_err()),
+            one_line(&fits(&container(None, None, "web"), &vm).unwrap_err()),
             "hostname \"web\": expected the pod's \"pod\" (its sandbox's)"
         );
     }

@@ -38,12 +38,24 @@ pub struct Container {
     pub process: ExecRequest,
     /// The guest's hostname (empty: guest-init's default).
     pub hostname: String,
-    /// The VM's vCPUs.
-    pub vcpus: u8,
-    /// The VM's memory in MiB.
-    pub memory_mib: u32,
+    /// The vCPUs its CPU quota buys; `None` without a quota.
+    pub cpu_limit: Option<u8>,
+    /// Its memory limit in MiB; `None` without one.
+    pub memory_limit_mib: Option<u32>,
     /// Whether it runs alone or in a pod, and there as what.
     pub role: Role,
+}
+
+impl Container {
+    /// Its VM's vCPUs: its CPU limit's, else [`DEFAULT_VCPUS`].
+    pub fn vcpus(&self) -> u8 {
+        self.cpu_limit.unwrap_or(DEFAULT_VCPUS)
+    }
+
+    /// Its VM's memory in MiB: its limit, else [`DEFAULT_MEMORY_MIB`].
+    pub fn memory_mib(&self) -> u32 {
+        self.memory_limit_mib.unwrap_or(DEFAULT_MEMORY_MIB)
+    }
 }
 
 /// The host's capacity, which a container's resources may not exceed.
@@ -118,8 +130,8 @@ pub fn load(bundle: &Path, host: Host) -> Result<Container, SpecError> {
     Ok(Container {
         process: request(process)?,
         hostname: hostname(spec.hostname().clone().unwrap_or_default())?,
-        vcpus: vcpus(resources, host)?,
-        memory_mib: memory_mib(resources, host)?,
+        cpu_limit: cpu_limit(resources, host)?,
+        memory_limit_mib: memory_limit_mib(resources, host)?,
         role: Role::of(spec.annotations().as_ref())?,
     })
 }
@@ -203,11 +215,11 @@ fn request(process: &Process) -> Result<ExecRequest, SpecError> {
 }
 
 /// vCPUs from the CFS quota and period: as many CPUs as the quota buys,
-/// rounded up; [`DEFAULT_VCPUS`] without a quota (absent or -1).
-fn vcpus(resources: Option<&LinuxResources>, host: Host) -> Result<u8, SpecError> {
+/// rounded up; none without a quota (absent or -1).
+fn cpu_limit(resources: Option<&LinuxResources>, host: Host) -> Result<Option<u8>, SpecError> {
     let cpu = resources.and_then(|r| r.cpu().as_ref());
     let Some(quota) = cpu.and_then(|c| c.quota()).filter(|&q| q >= 0) else {
-        return Ok(DEFAULT_VCPUS);
+        return Ok(None);
     };
     let period = cpu
         .and_then(|c| c.period())
@@ -222,22 +234,25 @@ fn vcpus(resources: Option<&LinuxResources>, host: Host) -> Result<u8, SpecError
     }
     let cpus = (quota as u64).div_ceil(period).max(1);
     match u8::try_from(cpus) {
-        Ok(cpus) if u32::from(cpus) <= host.cpus => Ok(cpus),
+        Ok(cpus) if u32::from(cpus) <= host.cpus => Ok(Some(cpus)),
         _ => Err(err),
     }
 }
 
-/// Memory from the limit in bytes, rounded up to whole MiB;
-/// [`DEFAULT_MEMORY_MIB`] without a limit (absent or -1).
-fn memory_mib(resources: Option<&LinuxResources>, host: Host) -> Result<u32, SpecError> {
+/// Memory from the limit in bytes, rounded up to whole MiB; none
+/// without a limit (absent or -1).
+fn memory_limit_mib(
+    resources: Option<&LinuxResources>,
+    host: Host,
+) -> Result<Option<u32>, SpecError> {
     let memory = resources.and_then(|r| r.memory().as_ref());
     let Some(limit) = memory.and_then(|m| m.limit()).filter(|&l| l != -1) else {
-        return Ok(DEFAULT_MEMORY_MIB);
+        return Ok(None);
     };
     let mib = u64::try_from(limit).map(|bytes| bytes.div_ceil(1 << 20));
     match mib {
         Ok(mib) if (u64::from(MIN_MEMORY_MIB)..=host.memory_mib).contains(&mib) => {
-            Ok(u32::try_from(mib).unwrap_or(u32::MAX))
+            Ok(Some(u32::try_from(mib).unwrap_or(u32::MAX)))
         }
         _ => Err(SpecError::Memory {
             limit,
@@ -336,7 +351,7 @@ mod tests {
         }});
         let dir = bundle(spec(process(), linux));
         let container = load(dir.path(), HOST).unwrap();
-        assert_eq!((container.vcpus, container.memory_mib), (2, 512));
+        assert_eq!((container.vcpus(), container.memory_mib()), (2, 512));
         assert_eq!(container.hostname, "web");
         let request = container.process;
         assert_eq!(request.argv, ["/bin/sh", "-c", "echo hi"]);
@@ -358,13 +373,13 @@ mod tests {
         let dir = bundle(spec(process(), serde_json::json!({})));
         let container = load(dir.path(), HOST).unwrap();
         assert_eq!(
-            (container.vcpus, container.memory_mib),
+            (container.vcpus(), container.memory_mib()),
             (DEFAULT_VCPUS, DEFAULT_MEMORY_MIB)
         );
         let unlimited = serde_json::json!({"resources": {
             "memory": {"limit": -1}, "cpu": {"quota": -1}}});
         let dir = bundle(spec(process(), unlimited));
-        assert_eq!(load(dir.path(), HOST).unwrap().vcpus, DEFAULT_VCPUS);
+        assert_eq!(load(dir.path(), HOST).unwrap().vcpus(), DEFAULT_VCPUS);
     }
 
     #[test]

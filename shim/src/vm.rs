@@ -176,8 +176,8 @@ pub fn define(
             read_only: false,
             ephemeral: false,
         }],
-        vcpus: container.vcpus,
-        memory_mib: container.memory_mib,
+        vcpus: container.vcpus(),
+        memory_mib: container.memory_mib(),
         extra_cmdline: words.join(" "),
         seccomp: true,
         vsock: Some(VsockConfig {
