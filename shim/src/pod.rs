@@ -258,6 +258,16 @@ mod tests {
     }
 
     #[test]
+    fn a_pods_vm_has_its_slots_as_writable_empty_drives() {
+        let drives: Vec<DiskConfig> = empty_drives().collect();
+        assert_eq!(drives.len(), SLOTS);
+        for drive in drives {
+            assert_eq!(drive.source, DiskSource::Empty);
+            assert!(!drive.read_only && !drive.ephemeral);
+        }
+    }
+
+    #[test]
     fn disks_are_named_in_definition_order() {
         assert_eq!(device(0), "/dev/vda");
         assert_eq!(device(1), "/dev/vdb");

@@ -633,7 +633,8 @@ impl Tasks {
                         // end comes through the session all the same.
                         let _ = input.signal(signal);
                     }
-                    // Never started: the VM is all there is to end.
+                    // Never started: it ends now (and with it the VM, if
+                    // the VM is its own).
                     (None, None) if exec_id.is_empty() => {
                         return Ok(Some((c.pid(), c.main.exit.clone())));
                     }
