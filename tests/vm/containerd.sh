@@ -136,6 +136,12 @@ expect_contains pod-member-root-is-the-first-spare-drive "$WORK/pod-member.txt" 
 ctr task exec --exec-id s1 pod1 cat /proc/sys/kernel/random/boot_id < /dev/null > "$WORK/pod-boot-id.txt" 2>&1
 boot_id=$(cat "$WORK/pod-boot-id.txt")
 check pod-one-kernel grep -qx "${boot_id:-no boot_id}" "$WORK/pod-member.txt"
+# The member's disk is in the sandbox's directory, given to the jailed
+# VM process's uid.
+overlay=$(ls -d "$KILN_HOME"/containers/*/members/*/root.overlay 2> /dev/null)
+check pod-member-disk-in-the-sandboxs-dir [ -n "$overlay" ]
+expect_eq pod-member-disk-given-to-the-vm-process "$(status_field "${pod_pid:-0}" Uid)" \
+    "$(ls -ln "${overlay:-/none}" | awk '{ print $3 }')"
 # The member's end leaves the sandbox running; its delete takes its files.
 ctr task kill -s SIGKILL web > /dev/null 2>&1
 waited=0
