@@ -188,7 +188,10 @@ fn run(
         .transpose()
         .map_err(|err| Refusal(supervisor::STATUS_NOT_EXECUTABLE, crate::one_line(&err)))?;
     let config = prepared(&request, base, own_root.as_deref().unwrap_or(root))?;
-    let terminal = request.tty.map(Terminal::open).transpose()?;
+    let terminal = request
+        .tty
+        .map(|size| Terminal::open(size, own_root.as_deref().unwrap_or(Path::new("/"))))
+        .transpose()?;
     let (mut child, pid) = spawn(&config, &request, terminal.as_ref(), own_root.as_deref())?;
     let mut outputs = Vec::new();
     let input: Option<Box<dyn Write + Send>> = match &terminal {
@@ -394,21 +397,27 @@ struct Terminal {
 }
 
 impl Terminal {
-    /// A new pseudo-terminal of `size`, from /dev/ptmx (which needs devpts
-    /// at /dev/pts: see `mounts::KERNEL_FILESYSTEMS`; the far end is opened through
-    /// TIOCGPTPEER, so its /dev/pts/N name is never looked up).
-    fn open(size: WindowSize) -> Result<Terminal, Refusal> {
+    /// A new pseudo-terminal of `size`, from `root`'s /dev/ptmx (which
+    /// needs devpts at /dev/pts beside it: see `mounts::KERNEL_FILESYSTEMS`;
+    /// the far end is opened through TIOCGPTPEER, so its /dev/pts/N name
+    /// is never looked up here). A process with its own root gets one of
+    /// its root's devpts, where it finds its terminal's name.
+    fn open(size: WindowSize, root: &Path) -> Result<Terminal, Refusal> {
+        let ptmx = root.join("dev/ptmx");
         let refuse = |err: io::Error| {
             Refusal(
                 supervisor::STATUS_NOT_EXECUTABLE,
-                format!("no pseudo-terminal for -t in the guest (/dev/ptmx): {err}"),
+                format!(
+                    "no pseudo-terminal for -t in the guest ({}): {err}",
+                    ptmx.display()
+                ),
             )
         };
         let near = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(libc::O_NOCTTY)
-            .open("/dev/ptmx")
+            .open(&ptmx)
             .map_err(refuse)?;
         let unlock: libc::c_int = 0;
         // SAFETY: TIOCSPTLCK reads one int, which lives across the call.

@@ -4,8 +4,9 @@
 //! by one JSON line.
 //!
 //! Signals served a VM process well for "stop", but pausing the vCPUs
-//! inside the VMM and taking a snapshot need an answer (done, or why not)
-//! and arguments (where to write the snapshot), so they travel here. The VM
+//! inside the VMM, taking a snapshot and filling a pod's empty drive need
+//! an answer (done, or why not) and arguments (where to write the
+//! snapshot, which disk goes in which drive), so they travel here. The VM
 //! process reads requests in its event loop and carries them out between
 //! events, with the whole machine at hand ([`crate::builder`]).
 use std::error::Error;
