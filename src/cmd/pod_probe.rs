@@ -52,13 +52,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .spawn()
         .context("cannot start the VM process")?;
     drop(theirs);
-    let probed = probe(&mut control, &socket, &args.attach);
+    let probed = probe(&mut control, &socket, &args.attach, &args.root);
     stop(&mut vm);
     probed?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// A container VM with its root disk and one empty drive.
+/// A container VM with its root disk and two empty drives, the second
+/// read-only.
 fn pod_vm(args: &Args, socket: &Path) -> VmConfig {
     let disk = |source, read_only| DiskConfig {
         source,
@@ -70,6 +71,7 @@ fn pod_vm(args: &Args, socket: &Path) -> VmConfig {
         disks: vec![
             disk(DiskSource::Raw(args.root.clone()), true),
             disk(DiskSource::Empty, false),
+            disk(DiskSource::Empty, true),
         ],
         vcpus: 1,
         memory_mib: 256,
@@ -85,7 +87,26 @@ fn pod_vm(args: &Args, socket: &Path) -> VmConfig {
 }
 
 /// The steps, each printed as `STEP: …` for the scenario to check.
-fn probe(control: &mut ControlClient, socket: &Path, disk: &Path) -> anyhow::Result<()> {
+fn probe(
+    control: &mut ControlClient,
+    socket: &Path,
+    disk: &Path,
+    root: &Path,
+) -> anyhow::Result<()> {
+    writable_drive(control, socket, disk)?;
+    read_only_drive(control, socket, root)?;
+    let snapshot = ControlRequest::Snapshot {
+        dir: socket.with_file_name("snapshot"),
+        copy_root: false,
+        then: AfterSnapshot::Continue,
+    };
+    println!("snapshot: {}", call(control, &snapshot)?);
+    Ok(())
+}
+
+/// Drive 1 (/dev/vdb): empty, filled with `disk`, refusals, and
+/// processes in its root and beside it.
+fn writable_drive(control: &mut ControlClient, socket: &Path, disk: &Path) -> anyhow::Result<()> {
     let vdb = Some("/dev/vdb");
     println!(
         "empty: {}",
@@ -110,12 +131,22 @@ fn probe(control: &mut ControlClient, socket: &Path, disk: &Path) -> anyhow::Res
     on_terminal.tty = Some(WindowSize { rows: 24, cols: 80 });
     println!("terminal-in-root: {}", run_request(socket, &on_terminal));
     println!("no-such-root: {}", exec(socket, "true", Some("/dev/vdq")));
-    let snapshot = ControlRequest::Snapshot {
-        dir: socket.with_file_name("snapshot"),
-        copy_root: false,
-        then: AfterSnapshot::Continue,
+    Ok(())
+}
+
+/// Drive 2 (/dev/vdc, read-only), filled with the VM's own root image,
+/// clean and never written.
+fn read_only_drive(control: &mut ControlClient, socket: &Path, root: &Path) -> anyhow::Result<()> {
+    let fill = ControlRequest::AttachDisk {
+        index: 2,
+        source: DiskSource::Raw(root.to_path_buf()),
     };
-    println!("snapshot: {}", call(control, &snapshot)?);
+    println!("attach-read-only: {}", call(control, &fill)?);
+    let script = "cat /sys/class/block/vdc/ro; touch /x 2>/dev/null || echo cannot-write";
+    println!(
+        "in-read-only-root: {}",
+        exec(socket, script, Some("/dev/vdc"))
+    );
     Ok(())
 }
 
