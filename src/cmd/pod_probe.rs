@@ -15,6 +15,10 @@ use kiln_control::instance::exec::{ExecError, Session};
 use kiln_vmm::config::{Boot, DiskConfig, DiskSource, VmConfig, VsockConfig};
 use kiln_vmm::report::one_line;
 use kiln_vmm::rpc::{self, AfterSnapshot, ControlClient, ControlRequest};
+use kiln_vmm::volume::Volume;
+
+/// The attached volume's cache of decompressed chunks.
+const CACHE_BYTES: u64 = 32 << 20;
 
 /// How long the VM process has to answer a control request.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -27,9 +31,11 @@ pub struct Args {
     /// The VM's root disk, a raw ext4 image with guest-init, read-only.
     #[arg(long)]
     root: PathBuf,
-    /// The raw ext4 image attached to the empty drive (written).
+    /// The Kiln image attached to the writable empty drive, as a volume
+    /// whose overlay is made in `dir` (as the shim attaches a container's
+    /// root).
     #[arg(long)]
-    attach: PathBuf,
+    volume: PathBuf,
     /// Where the VM definition and the vsock socket go.
     #[arg(long)]
     dir: PathBuf,
@@ -52,10 +58,23 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .spawn()
         .context("cannot start the VM process")?;
     drop(theirs);
-    let probed = probe(&mut control, &socket, &args.attach, &args.root);
+    let volume = container_volume(&args.volume, &args.dir)?;
+    let probed = probe(&mut control, &socket, &volume, &args.root);
     stop(&mut vm);
     probed?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `image` with a fresh overlay in `dir`.
+fn container_volume(image: &Path, dir: &Path) -> anyhow::Result<DiskSource> {
+    let overlay = dir.join("container.overlay");
+    Volume::create(image, &overlay, CACHE_BYTES)?;
+    Ok(DiskSource::Volume {
+        image: image.to_path_buf(),
+        overlay: Some(overlay),
+        cache_bytes: CACHE_BYTES,
+        hydration: None,
+    })
 }
 
 /// A container VM with its root disk and two empty drives, the second
@@ -90,10 +109,10 @@ fn pod_vm(args: &Args, socket: &Path) -> VmConfig {
 fn probe(
     control: &mut ControlClient,
     socket: &Path,
-    disk: &Path,
+    volume: &DiskSource,
     root: &Path,
 ) -> anyhow::Result<()> {
-    writable_drive(control, socket, disk)?;
+    writable_drive(control, socket, volume)?;
     read_only_drive(control, socket, root)?;
     let snapshot = ControlRequest::Snapshot {
         dir: socket.with_file_name("snapshot"),
@@ -104,9 +123,13 @@ fn probe(
     Ok(())
 }
 
-/// Drive 1 (/dev/vdb): empty, filled with `disk`, refusals, and
+/// Drive 1 (/dev/vdb): empty, filled with `volume`, refusals, and
 /// processes in its root and beside it.
-fn writable_drive(control: &mut ControlClient, socket: &Path, disk: &Path) -> anyhow::Result<()> {
+fn writable_drive(
+    control: &mut ControlClient,
+    socket: &Path,
+    volume: &DiskSource,
+) -> anyhow::Result<()> {
     let vdb = Some("/dev/vdb");
     println!(
         "empty: {}",
@@ -114,7 +137,7 @@ fn writable_drive(control: &mut ControlClient, socket: &Path, disk: &Path) -> an
     );
     let fill = |index| ControlRequest::AttachDisk {
         index,
-        source: DiskSource::Raw(disk.to_path_buf()),
+        source: volume.clone(),
     };
     println!("attach: {}", call(control, &fill(1))?);
     println!("attach-again: {}", call(control, &fill(1))?);
