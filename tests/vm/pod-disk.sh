@@ -5,12 +5,12 @@
 # fills it with a container's root), the guest sees /dev/vdb grow, exec
 # requests with root /dev/vdb run chrooted in it, sharing one mount; the
 # read-only drive, filled with a raw image, is /dev/vdc, mounted read-only
-# (kiln __pod-probe, test-only).
+# (xtask pod-probe).
 . "$(dirname "$0")/lib.sh"
 
 image=$KILN_IMAGES/busybox/1.35.0
 out=$WORK/probe.txt
-"$KILN" __pod-probe --kernel "$KILN_KERNEL" --root "$KILN_ASSETS/hello.ext4" \
+"$XTASK" pod-probe --kiln "$KILN" --kernel "$KILN_KERNEL" --root "$KILN_ASSETS/hello.ext4" \
     --volume "$image/image.kiln" --dir "$WORK" > "$out" 2>&1
 expect_eq probe-status 0 "$?"
 expect_contains empty-drive-has-no-sectors "$out" '^empty: status=0 out="0"'

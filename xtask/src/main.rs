@@ -11,6 +11,7 @@ mod harness;
 mod init;
 mod install;
 mod kernel;
+mod pod_probe;
 mod pty;
 mod sh;
 mod stub;
@@ -155,6 +156,10 @@ enum Task {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Boot a container VM with empty drives, fill them with `attachdisk`
+    /// and run processes in their roots (used by vm-test pod-disk).
+    #[command(hide = true)]
+    PodProbe(pod_probe::Args),
     /// The benchmark runner itself, where KVM is (used by `bench`).
     #[command(hide = true)]
     BenchGuest {
@@ -179,6 +184,7 @@ fn main() -> ExitCode {
         Task::Test => test::run(),
         Task::Demo => demo::run(),
         Task::InstallCli => install::install_cli(),
+        Task::PodProbe(args) => return finish(pod_probe::run(args)),
         Task::Pty {
             rows,
             cols,

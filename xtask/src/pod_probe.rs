@@ -1,6 +1,6 @@
-//! `kiln __pod-probe` (hidden, test-only: tests/vm/pod-disk.sh): the VMM
-//! and guest-init half of a pod, without containerd. It boots a container
-//! VM (`kiln __vm`, with a control channel, as the shim's) whose second
+//! `xtask pod-probe` (used by vm-test pod-disk): the VMM and guest-init
+//! half of a pod, without containerd. It boots a container VM (`kiln
+//! __vm`, with a control channel, as the shim's) whose second
 //! disk is an empty drive, fills the drive with `attachdisk`, and runs
 //! processes through guest-init's exec port with and without
 //! `root: /dev/vdb`, printing one line per step for the scenario to check.
@@ -25,6 +25,9 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// The `kiln` binary, whose `__vm` runs the VM.
+    #[arg(long)]
+    kiln: PathBuf,
     /// The guest kernel.
     #[arg(long)]
     kernel: PathBuf,
@@ -47,7 +50,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     pod_vm(&args, &socket).save(&definition)?;
     let (mut control, theirs) = rpc::channel()?;
     rustix::io::fcntl_setfd(theirs.as_fd(), rustix::io::FdFlags::empty())?;
-    let mut vm = Command::new(std::env::current_exe()?)
+    let mut vm = Command::new(&args.kiln)
         .arg("__vm")
         .arg("--config")
         .arg(&definition)
