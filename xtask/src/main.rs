@@ -44,6 +44,10 @@ enum Bench {
         /// Timed runs per backend and access pattern (after one warm-up each).
         #[arg(long, default_value_t = 5)]
         runs: usize,
+        /// Only the host side (the volume and the hydration cache on this
+        /// host's CPU, no VM), into target/bench/disk-host.json.
+        #[arg(long)]
+        host_only: bool,
     },
     /// Restore latency of `kiln snapshot restore` against a cold boot, and snapshot size.
     Snapshot {
@@ -204,8 +208,14 @@ fn main() -> ExitCode {
             bench: Bench::Boot { runs },
         } => bench::boot(runs),
         Task::Bench {
-            bench: Bench::Disk { runs },
-        } => bench::disk(runs),
+            bench: Bench::Disk { runs, host_only },
+        } => {
+            if host_only {
+                bench::disk_host(runs)
+            } else {
+                bench::disk(runs)
+            }
+        }
         Task::Bench {
             bench: Bench::Snapshot { runs },
         } => bench::snapshot(runs),

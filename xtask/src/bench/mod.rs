@@ -51,7 +51,7 @@ mod vmm;
 
 pub use boot::{boot, guest as boot_guest};
 pub use build::{build, guest as build_guest};
-pub use disk::{disk, guest as disk_guest};
+pub use disk::{disk, disk_host, guest as disk_guest};
 pub use function::{function, guest as function_guest};
 pub use net::{guest as net_guest, net};
 pub use snapshot::{guest as snapshot_guest, snapshot};
