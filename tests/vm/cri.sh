@@ -7,7 +7,10 @@
 # test reads their status (ContainerStatus), runs commands in them
 # (ExecSync: stdout, stderr, exit code) and has one reach the other over
 # the pod's loopback; StopPodSandbox and RemovePodSandbox then leave no
-# container, task or shim behind.
+# container, task or shim behind. The pod runs twice: on runc
+# (containerd's own runtime: the client, configuration, images and
+# network, with no VM), then on the `kiln` handler, where the whole pod
+# is one Kiln VM with a kernel of its own.
 . "$(dirname "$0")/lib.sh"
 
 insmod /lib/modules/overlay.ko 2> /dev/null
@@ -119,7 +122,7 @@ pod_run() {
 }
 
 # pod_execs HANDLER: ExecSync in the pod's containers: output, exit code,
-# and the client reaching the server on 127.0.0.1.
+# the client reaching the server on 127.0.0.1, their roots and kernel.
 pod_execs() {
     h=$1
     cri exec "$client" -- sh -c 'echo to stdout; echo to stderr >&2; exit 7' \
@@ -134,6 +137,8 @@ pod_execs() {
         sleep 1; tries=$((tries + 1))
     done
     expect_eq "$h-client-reaches-server-over-loopback" "served over loopback" "$(cat "$WORK/$h-loopback.txt")"
+    # Each in a root of its own: the server's /www is not the client's.
+    check "$h-roots-of-their-own" cri exec "$client" -- sh -c '[ ! -e /www ]'
     boot_server=$(cri exec "$server" -- cat /proc/sys/kernel/random/boot_id)
     boot_client=$(cri exec "$client" -- cat /proc/sys/kernel/random/boot_id)
     check "$h-boot-id-read" [ -n "$boot_server" ]
@@ -166,5 +171,36 @@ if pod_run runc; then
     pod_removed runc
     expect_eq runc-no-shim-left "" "$(pid_of containerd-shim-runc-v2)"
 fi
+
+# vm_processes: the pids of the Kiln shim's VM processes
+# (`containerd-shim-kiln-v2 __vm …`), one a line.
+vm_processes() {
+    for dir in /proc/[0-9]*; do
+        if tr '\0' ' ' 2> /dev/null < "$dir/cmdline" | grep -q 'containerd-shim-kiln-v2 __vm '; then
+            echo "${dir#/proc/}"
+        fi
+    done
+}
+
+# kiln: the same pod is one Kiln VM. The pod's task and both containers'
+# are its VM process (containerd's pids), the only one there is; the
+# containers share the VM's kernel, not L1's; stopped and removed, the
+# pod leaves no VM process and no shim.
+if pod_run kiln; then
+    pod_execs kiln
+    check kiln-a-kernel-of-its-own [ "$boot_client" != "$(cat /proc/sys/kernel/random/boot_id)" ]
+    cri pod-status "$pod" > "$WORK/kiln-pod.txt" 2>&1
+    vm=$(sed -n 's/^pid //p' "$WORK/kiln-pod.txt")
+    expect_eq kiln-one-vm-process "${vm:-no pid}" "$(vm_processes)"
+    for c in server client; do
+        expect_eq "kiln-$c-in-the-pods-vm" "${vm:-no pid}" "$(sed -n 's/^pid //p' "$WORK/kiln-$c-status.txt")"
+    done
+    pod_removed kiln
+    check kiln-vm-ended [ ! -e "/proc/${vm:-0}" ]
+    expect_eq kiln-no-shim-left "" "$(pid_of containerd-shim-kiln-v2)"
+    expect_eq kiln-no-container-directory-left "" "$(ls "$KILN_HOME/containers" | grep -v rootfs)"
+fi
+# The shim's log, for a failure's reader.
+grep -i 'kiln' "$root/containerd.log" | grep -i 'level=error' | tail -n 5 | sed 's/^/KILN-INFO containerd: /'
 
 kill "$containerd_pid"; wait "$containerd_pid" 2> /dev/null
