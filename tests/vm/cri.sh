@@ -93,6 +93,13 @@ printf '[{"Config": "pause.json", "RepoTags": ["%s"], "Layers": ["l1/layer.tar"]
 ctr image import "$WORK/images.tar" > "$WORK/import.txt" 2>&1
 expect_eq import-status 0 "$?"
 
+# A handler containerd has no runtime for is refused, in one line naming it.
+cri pod-run stray --handler nosuch > "$WORK/stray.txt" 2>&1
+expect_eq unknown-handler-refused 125 "$?"
+expect_contains unknown-handler-named "$WORK/stray.txt" \
+    '^kiln-cri-client: RunPodSandbox of stray: .*no runtime for "nosuch" is configured'
+expect_eq unknown-handler-one-line 1 "$(wc -l < "$WORK/stray.txt")"
+
 # pod_run HANDLER: a pod on HANDLER with a server and a client container
 # (checks named HANDLER-…); fails when there is no pod to go on with.
 pod_run() {

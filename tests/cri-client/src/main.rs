@@ -83,15 +83,15 @@ enum Step {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    let executor = match tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()
         .build()
     {
-        Ok(runtime) => runtime,
+        Ok(executor) => executor,
         Err(err) => return fail(&cri::Error::Tokio(err)),
     };
-    match runtime.block_on(run(cli)) {
+    match executor.block_on(run(cli)) {
         Ok(status) => status,
         Err(err) => fail(&err),
     }
