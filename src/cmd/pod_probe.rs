@@ -15,6 +15,10 @@ use kiln_control::instance::exec::{ExecError, Session};
 use kiln_vmm::config::{Boot, DiskConfig, DiskSource, VmConfig, VsockConfig};
 use kiln_vmm::report::one_line;
 use kiln_vmm::rpc::{self, AfterSnapshot, ControlClient, ControlRequest};
+use kiln_vmm::volume::Volume;
+
+/// The attached volume's cache of decompressed chunks.
+const CACHE_BYTES: u64 = 32 << 20;
 
 /// How long the VM process has to answer a control request.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -27,9 +31,11 @@ pub struct Args {
     /// The VM's root disk, a raw ext4 image with guest-init, read-only.
     #[arg(long)]
     root: PathBuf,
-    /// The raw ext4 image attached to the empty drive (written).
+    /// The Kiln image attached to the writable empty drive, as a volume
+    /// whose overlay is made in `dir` (as the shim attaches a container's
+    /// root).
     #[arg(long)]
-    attach: PathBuf,
+    volume: PathBuf,
     /// Where the VM definition and the vsock socket go.
     #[arg(long)]
     dir: PathBuf,
@@ -52,13 +58,27 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .spawn()
         .context("cannot start the VM process")?;
     drop(theirs);
-    let probed = probe(&mut control, &socket, &args.attach);
+    let volume = container_volume(&args.volume, &args.dir)?;
+    let probed = probe(&mut control, &socket, &volume, &args.root);
     stop(&mut vm);
     probed?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// A container VM with its root disk and one empty drive.
+/// `image` with a fresh overlay in `dir`.
+fn container_volume(image: &Path, dir: &Path) -> anyhow::Result<DiskSource> {
+    let overlay = dir.join("container.overlay");
+    Volume::create(image, &overlay, CACHE_BYTES)?;
+    Ok(DiskSource::Volume {
+        image: image.to_path_buf(),
+        overlay: Some(overlay),
+        cache_bytes: CACHE_BYTES,
+        hydration: None,
+    })
+}
+
+/// A container VM with its root disk and two empty drives, the second
+/// read-only.
 fn pod_vm(args: &Args, socket: &Path) -> VmConfig {
     let disk = |source, read_only| DiskConfig {
         source,
@@ -70,6 +90,7 @@ fn pod_vm(args: &Args, socket: &Path) -> VmConfig {
         disks: vec![
             disk(DiskSource::Raw(args.root.clone()), true),
             disk(DiskSource::Empty, false),
+            disk(DiskSource::Empty, true),
         ],
         vcpus: 1,
         memory_mib: 256,
@@ -85,7 +106,30 @@ fn pod_vm(args: &Args, socket: &Path) -> VmConfig {
 }
 
 /// The steps, each printed as `STEP: …` for the scenario to check.
-fn probe(control: &mut ControlClient, socket: &Path, disk: &Path) -> anyhow::Result<()> {
+fn probe(
+    control: &mut ControlClient,
+    socket: &Path,
+    volume: &DiskSource,
+    root: &Path,
+) -> anyhow::Result<()> {
+    writable_drive(control, socket, volume)?;
+    read_only_drive(control, socket, root)?;
+    let snapshot = ControlRequest::Snapshot {
+        dir: socket.with_file_name("snapshot"),
+        copy_root: false,
+        then: AfterSnapshot::Continue,
+    };
+    println!("snapshot: {}", call(control, &snapshot)?);
+    Ok(())
+}
+
+/// Drive 1 (/dev/vdb): empty, filled with `volume`, refusals, and
+/// processes in its root and beside it.
+fn writable_drive(
+    control: &mut ControlClient,
+    socket: &Path,
+    volume: &DiskSource,
+) -> anyhow::Result<()> {
     let vdb = Some("/dev/vdb");
     println!(
         "empty: {}",
@@ -93,7 +137,7 @@ fn probe(control: &mut ControlClient, socket: &Path, disk: &Path) -> anyhow::Res
     );
     let fill = |index| ControlRequest::AttachDisk {
         index,
-        source: DiskSource::Raw(disk.to_path_buf()),
+        source: volume.clone(),
     };
     println!("attach: {}", call(control, &fill(1))?);
     println!("attach-again: {}", call(control, &fill(1))?);
@@ -110,12 +154,22 @@ fn probe(control: &mut ControlClient, socket: &Path, disk: &Path) -> anyhow::Res
     on_terminal.tty = Some(WindowSize { rows: 24, cols: 80 });
     println!("terminal-in-root: {}", run_request(socket, &on_terminal));
     println!("no-such-root: {}", exec(socket, "true", Some("/dev/vdq")));
-    let snapshot = ControlRequest::Snapshot {
-        dir: socket.with_file_name("snapshot"),
-        copy_root: false,
-        then: AfterSnapshot::Continue,
+    Ok(())
+}
+
+/// Drive 2 (/dev/vdc, read-only), filled with the VM's own root image,
+/// clean and never written.
+fn read_only_drive(control: &mut ControlClient, socket: &Path, root: &Path) -> anyhow::Result<()> {
+    let fill = ControlRequest::AttachDisk {
+        index: 2,
+        source: DiskSource::Raw(root.to_path_buf()),
     };
-    println!("snapshot: {}", call(control, &snapshot)?);
+    println!("attach-read-only: {}", call(control, &fill)?);
+    let script = "cat /sys/class/block/vdc/ro; touch /x 2>/dev/null || echo cannot-write";
+    println!(
+        "in-read-only-root: {}",
+        exec(socket, script, Some("/dev/vdc"))
+    );
     Ok(())
 }
 

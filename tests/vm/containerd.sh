@@ -136,6 +136,11 @@ expect_contains pod-member-root-is-the-first-spare-drive "$WORK/pod-member.txt" 
 ctr task exec --exec-id s1 pod1 cat /proc/sys/kernel/random/boot_id < /dev/null > "$WORK/pod-boot-id.txt" 2>&1
 boot_id=$(cat "$WORK/pod-boot-id.txt")
 check pod-one-kernel grep -qx "${boot_id:-no boot_id}" "$WORK/pod-member.txt"
+# An exec into the member on a terminal (its root's /dev/pts) of ctr's size.
+printf '' | "$XTASK" pty --rows 20 --cols 70 -- ctr -a "$root/containerd.sock" \
+    task exec -t --exec-id m2 web sh -c 'tty; stty size' > "$WORK/pod-tty.txt" 2>&1
+expect_contains pod-member-exec-on-a-terminal "$WORK/pod-tty.txt" '/dev/pts/[0-9]'
+expect_contains pod-member-terminal-has-ctrs-size "$WORK/pod-tty.txt" '^20 70'
 # The member's disk is in the sandbox's directory, given to the jailed
 # VM process's uid.
 overlay=$(ls -d "$KILN_HOME"/containers/*/members/*/root.overlay 2> /dev/null)
