@@ -385,6 +385,28 @@ mod tests {
     }
 
     #[test]
+    fn a_missing_socket_is_named_with_why() {
+        let executor = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        let dir = std::env::temp_dir().join("kiln-cri-client-no-such-dir");
+        let Err(err) = executor.block_on(Runtime::connect(&dir.join("containerd.sock"))) else {
+            panic!("connected to a socket that does not exist");
+        };
+        let line = guest_init::one_line(&err);
+        let expected = format!(
+            "cannot connect to {}: ",
+            dir.join("containerd.sock").display()
+        );
+        assert!(line.starts_with(&expected), "{line}");
+        assert!(
+            line.ends_with("No such file or directory (os error 2)"),
+            "{line}"
+        );
+    }
+
+    #[test]
     fn a_refusal_is_its_message_and_code() {
         let answer: Result<tonic::Response<()>, _> = Err(tonic::Status::not_found(
             "an error occurred when try to find container \"c9\"",
