@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
@@ -15,6 +16,13 @@ use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::request;
+
+/// How long any call may take, an ExecSync's command included (its
+/// `--timeout` is at most [`EXEC_LIMIT`]): a socket that accepts and
+/// never answers fails the step instead of hanging it.
+const CALL_LIMIT: Duration = Duration::from_secs(EXEC_LIMIT as u64 + 60);
+/// The longest an ExecSync's command may run, in seconds.
+pub const EXEC_LIMIT: u32 = 600;
 
 /// The CRI version this client speaks: the `version` the runtime is asked
 /// for (containerd answers with the one it serves).
@@ -31,7 +39,16 @@ pub enum Error {
     Connect {
         /// The socket asked for (`--socket`).
         socket: PathBuf,
-        /// Why: no such socket, refused, or not gRPC.
+        /// Why: no such socket, or nobody listening.
+        #[source]
+        source: std::io::Error,
+    },
+    /// What answers on the socket does not speak gRPC (HTTP/2).
+    #[error("{} does not answer as a gRPC server", socket.display())]
+    Handshake {
+        /// The socket asked for (`--socket`).
+        socket: PathBuf,
+        /// Where the handshake failed.
         #[source]
         source: tonic::transport::Error,
     },
@@ -94,16 +111,28 @@ pub struct Runtime {
 impl Runtime {
     /// Connects to the gRPC server on unix socket `socket`.
     pub async fn connect(socket: &Path) -> Result<Self, Error> {
-        let path = socket.to_path_buf();
-        // The URI is tonic's placeholder: the connector ignores it and
-        // dials the socket.
-        let channel = Endpoint::from_static("http://[::]:0")
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move { UnixStream::connect(path).await.map(TokioIo::new) }
-            }))
+        // Connected here, not in tonic's connector, so that a socket that
+        // is not there fails with the OS's reason alone (tonic's transport
+        // error repeats its cause). The channel then has this one
+        // connection, which is all one step needs.
+        let stream = UnixStream::connect(socket)
             .await
             .map_err(|source| Error::Connect {
+                socket: socket.to_path_buf(),
+                source,
+            })?;
+        let mut stream = Some(TokioIo::new(stream));
+        // The URI is tonic's placeholder: the connector ignores it.
+        let channel = Endpoint::from_static("http://[::]:0")
+            .timeout(CALL_LIMIT)
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let taken = stream.take().ok_or_else(|| {
+                    std::io::Error::other("the runtime closed the step's one connection")
+                });
+                std::future::ready(taken)
+            }))
+            .await
+            .map_err(|source| Error::Handshake {
                 socket: socket.to_path_buf(),
                 source,
             })?;
@@ -399,10 +428,9 @@ mod tests {
             "cannot connect to {}: ",
             dir.join("containerd.sock").display()
         );
-        assert!(line.starts_with(&expected), "{line}");
-        assert!(
-            line.ends_with("No such file or directory (os error 2)"),
-            "{line}"
+        assert_eq!(
+            line,
+            format!("{expected}No such file or directory (os error 2)")
         );
     }
 

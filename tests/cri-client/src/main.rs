@@ -73,8 +73,9 @@ enum Step {
     /// stderr and exits with its status.
     Exec {
         container: String,
-        /// How long the command may run, in seconds (0: no limit).
-        #[arg(long, default_value_t = 60)]
+        /// How long the command may run, in seconds (1 to 600).
+        #[arg(long, default_value_t = 60,
+              value_parser = clap::value_parser!(u32).range(1..=i64::from(cri::EXEC_LIMIT)))]
         timeout: u32,
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -186,6 +187,15 @@ mod tests {
         };
         assert_eq!(timeout, 5);
         assert_eq!(command, ["cat", "-n"]);
+    }
+
+    #[test]
+    fn an_exec_limit_is_one_second_to_ten_minutes() {
+        assert!(parse(&["exec", "c1", "--timeout", "600", "--", "true"]).is_ok());
+        for limit in ["0", "601"] {
+            let err = parse(&["exec", "c1", "--timeout", limit, "--", "true"]).unwrap_err();
+            assert!(err.to_string().contains("1..=600"), "{err}");
+        }
     }
 
     #[test]

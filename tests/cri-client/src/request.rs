@@ -65,8 +65,7 @@ pub fn create(
     }
 }
 
-/// ExecSync of `command` in `container`, for at most `timeout` seconds
-/// (0: no limit).
+/// ExecSync of `command` in `container`, for at most `timeout` seconds.
 pub fn exec(container: &str, command: Vec<String>, timeout: u32) -> ExecSyncRequest {
     ExecSyncRequest {
         container_id: container.to_string(),
