@@ -74,8 +74,11 @@ enum Step {
     Exec {
         container: String,
         /// How long the command may run, in seconds (1 to 600).
-        #[arg(long, default_value_t = 60,
-              value_parser = clap::value_parser!(u32).range(1..=i64::from(cri::EXEC_LIMIT)))]
+        #[arg(
+            long,
+            default_value_t = 60,
+            value_parser = clap::value_parser!(u32).range(1..=i64::from(cri::EXEC_LIMIT)),
+        )]
         timeout: u32,
         #[arg(last = true, required = true)]
         command: Vec<String>,
