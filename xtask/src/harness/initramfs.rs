@@ -1,7 +1,8 @@
 //! The L1 guest's initramfs: busybox, the KVM modules, the programs under
-//! test with their shared libraries (`kiln`, containerd-shim-kiln-v2 and
-//! Debian's containerd, ctr and runc), QEMU as the peer, e2fsck, nft, the
-//! guest kernel, the images (raw and the store) and the scenarios.
+//! test with their shared libraries (`kiln`, containerd-shim-kiln-v2,
+//! kiln-cri-client and Debian's containerd, ctr, runc and CNI plugins),
+//! QEMU as the peer, e2fsck, nft, the guest kernel, the images (raw and
+//! the store) and the scenarios.
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -34,13 +35,31 @@ pub struct Payload<'a> {
 }
 
 const QEMU: &str = "/usr/bin/qemu-system-x86_64";
-/// containerd, its CLI and runc (Debian's), for tests/vm/containerd.sh.
-const CONTAINERD: [&str; 3] = ["/usr/bin/containerd", "/usr/bin/ctr", "/usr/sbin/runc"];
-/// The shim containerd runs Kiln containers with, built beside `kiln`.
-const SHIM: &str = "containerd-shim-kiln-v2";
-/// containerd's overlayfs snapshotter's module, which tests/vm/containerd.sh
-/// loads itself (the other scenarios need no overlay).
-const OVERLAY_MODULE: &str = "fs/overlayfs/overlay.ko";
+/// containerd, its CLI, runc and runc's shim (Debian's), for
+/// tests/vm/containerd.sh and tests/vm/cri.sh (whose baseline pod runs
+/// on containerd's own runtime).
+const CONTAINERD: [&str; 4] = [
+    "/usr/bin/containerd",
+    "/usr/bin/ctr",
+    "/usr/sbin/runc",
+    "/usr/bin/containerd-shim-runc-v2",
+];
+/// The CNI plugins (Debian's containernetworking-plugins) that give a
+/// CRI pod its network namespace in tests/vm/cri.sh: a bridge with
+/// host-local addresses, and the loopback the CRI plugin adds itself.
+const CNI_PLUGINS: [&str; 3] = [
+    "/usr/lib/cni/bridge",
+    "/usr/lib/cni/host-local",
+    "/usr/lib/cni/loopback",
+];
+/// Programs built beside `kiln`: the shim containerd runs Kiln containers
+/// with, and the CRI client of tests/vm/cri.sh.
+const BESIDE_KILN: [&str; 2] = ["containerd-shim-kiln-v2", "kiln-cri-client"];
+/// Modules only some scenarios need, which they load themselves:
+/// containerd's overlayfs snapshotter's (tests/vm/containerd.sh, cri.sh)
+/// and veth, with which the CNI bridge plugin joins a pod to its bridge
+/// (tests/vm/cri.sh).
+const SCENARIO_MODULES: [&str; 2] = ["fs/overlayfs/overlay.ko", "drivers/net/veth.ko"];
 /// Checks the volumes scenarios flatten.
 const E2FSCK: &str = "/usr/sbin/e2fsck";
 /// Make the filesystem of an image `kiln build` builds inside L1, where
@@ -110,23 +129,21 @@ pub fn pack(tree: &Path, archive: &Path, payload: &Payload) -> Result<()> {
     let modules = Path::new("/lib/modules")
         .join(payload.l1_version)
         .join("kernel");
-    for module in MODULES {
+    for module in MODULES.iter().chain(&SCENARIO_MODULES) {
         let name = Path::new(module)
             .file_name()
             .expect("module paths name a file");
         copy(&modules.join(module), &tree.join("lib/modules").join(name))?;
     }
-    copy(
-        &modules.join(OVERLAY_MODULE),
-        &tree.join("lib/modules/overlay.ko"),
-    )?;
     copy_with_libraries(payload.kiln, &tree.join("kiln/bin/kiln"), tree)?;
-    copy_with_libraries(
-        &payload.kiln.with_file_name(SHIM),
-        &tree.join("kiln/bin").join(SHIM),
-        tree,
-    )?;
-    for program in CONTAINERD {
+    for program in BESIDE_KILN {
+        copy_with_libraries(
+            &payload.kiln.with_file_name(program),
+            &tree.join("kiln/bin").join(program),
+            tree,
+        )?;
+    }
+    for program in CONTAINERD.iter().chain(&CNI_PLUGINS) {
         copy_with_libraries(Path::new(program), &tree.join(&program[1..]), tree)?;
     }
     copy_with_libraries(payload.xtask, &tree.join(&XTASK_PATH[1..]), tree)?;

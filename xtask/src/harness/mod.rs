@@ -42,6 +42,11 @@ pub const PACKAGES: &[&str] = &[
     // containerd-shim-kiln-v2 (runc is containerd's default runtime).
     "containerd",
     "runc",
+    // tests/vm/cri.sh: the CNI plugins that give a CRI pod its network
+    // namespace, and protoc, which kiln-cri-client's k8s-cri runs to
+    // generate the CRI's gRPC code.
+    "containernetworking-plugins",
+    "protobuf-compiler",
 ];
 /// Files in tests/vm/ that are not scenarios.
 const NOT_SCENARIOS: [&str; 3] = ["run", "lib", "store-faults"];
@@ -232,7 +237,8 @@ fn select(selected: &[String]) -> Result<Vec<String>> {
     Ok(selected.to_vec())
 }
 
-/// `cargo build --release -p kiln`; returns the binary.
+/// `cargo build --release` of `kiln` and the programs the scenarios run
+/// beside it; returns `kiln`.
 pub fn build_kiln() -> Result<PathBuf> {
     let root = sh::workspace_root();
     sh::run(Command::new(env!("CARGO")).current_dir(root).args([
@@ -244,6 +250,9 @@ pub fn build_kiln() -> Result<PathBuf> {
         // containerd-shim-kiln-v2, beside kiln (tests/vm/containerd.sh).
         "-p",
         "kiln-shim",
+        // The CRI client of tests/vm/cri.sh.
+        "-p",
+        "kiln-cri-client",
     ]))?;
     Ok(root.join("target/release/kiln"))
 }
