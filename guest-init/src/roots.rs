@@ -401,13 +401,20 @@ mod tests {
         }
     }
 
+    /// A tmpfs mounted on `name` in a new temporary directory, standing
+    /// in for a device's root filesystem.
+    fn tmpfs_root(name: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join(name);
+        std::fs::create_dir(&root).unwrap();
+        mounts::mount("tmpfs", &root, "tmpfs", 0).unwrap();
+        (dir, root)
+    }
+
     #[test]
     fn a_release_ends_the_processes_in_the_root_then_unmounts_it_innermost_first() {
         use std::os::unix::process::CommandExt;
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("vdb");
-        std::fs::create_dir(&root).unwrap();
-        mounts::mount("tmpfs", &root, "tmpfs", 0).unwrap();
+        let (_dir, root) = tmpfs_root("vdb");
         mounts::mount_kernel_filesystems(&root).unwrap();
         std::fs::create_dir(root.join("bin")).unwrap();
         std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
@@ -438,10 +445,7 @@ mod tests {
 
     #[test]
     fn a_busy_root_is_refused_with_its_errno_and_an_unknown_one_by_name() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("vdc");
-        std::fs::create_dir(&root).unwrap();
-        mounts::mount("tmpfs", &root, "tmpfs", 0).unwrap();
+        let (_dir, root) = tmpfs_root("vdc");
         let busy = std::fs::File::create(root.join("open")).unwrap();
         let err = unmount_all(&root, "/dev/vdc").unwrap_err();
         assert_eq!(

@@ -480,13 +480,7 @@ impl Block {
         if matches!(self.disk.backend, Backend::Empty { .. }) {
             return Err(DetachError::AlreadyEmpty);
         }
-        self.disk
-            .backend
-            .flush()
-            .map_err(|source| BlockError::Flush {
-                path: self.disk.path.clone(),
-                source,
-            })?;
+        self.flush()?;
         let read_only = self.disk.backend.read_only();
         self.disk.backend = Backend::Empty { read_only };
         self.disk.capacity = 0;
