@@ -11,6 +11,12 @@
 //! ([`Frame::Stdout`], [`Frame::Stderr`]; a terminal's is all stdout) and
 //! ends with [`Frame::Exit`], or [`Frame::Refused`] when nothing could be
 //! started, and closes the stream.
+//!
+//! A connection whose first frame is [`Frame::Release`] runs nothing: it
+//! asks guest-init to give back a process's own root (a pod's container
+//! is deleted, and its drive is to be emptied). guest-init ends every
+//! process in that root, unmounts it, and answers [`Frame::Exit`]`(0)`, or
+//! [`Frame::Refused`] with why not; then the host may detach the drive.
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 
@@ -24,6 +30,10 @@ pub const EXEC_PORT: u32 = 5001;
 /// told to stop; the shim runs each of the container's processes, the
 /// first one too, through it.
 pub const CONTAINER_CMDLINE_FLAG: &str = "kiln.container=1";
+
+/// The status of a [`Frame::Refused`] answering a [`Frame::Release`]: the
+/// root was not released.
+pub const RELEASE_REFUSED_STATUS: u8 = 1;
 
 /// The largest frame either side accepts: a request is small, and output
 /// is sent in pieces well below this.
@@ -83,6 +93,14 @@ pub struct WindowSize {
 pub enum Frame {
     /// Host → guest, first: what to run.
     Request(ExecRequest),
+    /// Host → guest, first, in the place of a request: release the root
+    /// filesystem of this block device (`/dev/vdb`), which a request's
+    /// `root` had mounted. Every process still running in it is killed
+    /// (SIGKILL) and gone before its mounts are undone, innermost first;
+    /// the answer is `Exit(0)`, or `Refused` (status
+    /// [`RELEASE_REFUSED_STATUS`]) when the device is not a mounted root
+    /// or an unmount failed.
+    Release(String),
     /// Host → guest: bytes for the process's stdin.
     Stdin(Vec<u8>),
     /// Host → guest: the host's stdin ended; the process's is closed.
@@ -136,12 +154,14 @@ const STDERR: u8 = 6;
 const EXIT: u8 = 7;
 const REFUSED: u8 = 8;
 const SIGNAL: u8 = 9;
+const RELEASE: u8 = 10;
 
 impl Frame {
     /// Writes the frame whole, then flushes.
     pub fn write_to(&self, out: &mut impl Write) -> io::Result<()> {
         let (kind, payload): (u8, Vec<u8>) = match self {
             Frame::Request(request) => (REQUEST, serde_json::to_vec(request)?),
+            Frame::Release(device) => (RELEASE, device.as_bytes().to_vec()),
             Frame::Stdin(bytes) => (STDIN, bytes.clone()),
             Frame::StdinEnd => (STDIN_END, Vec::new()),
             Frame::Resize(size) => (
@@ -180,6 +200,9 @@ impl Frame {
         Ok(Some(match header[0] {
             REQUEST => Frame::Request(
                 serde_json::from_slice(&payload).map_err(|_| FrameError::Malformed("request"))?,
+            ),
+            RELEASE => Frame::Release(
+                String::from_utf8(payload).map_err(|_| FrameError::Malformed("release"))?,
             ),
             STDIN => Frame::Stdin(payload),
             STDIN_END => Frame::StdinEnd,
@@ -230,6 +253,7 @@ mod tests {
                 stdin: true,
                 root: Some("/dev/vdb".into()),
             }),
+            Frame::Release("/dev/vdb".into()),
             Frame::Stdin(b"input".to_vec()),
             Frame::StdinEnd,
             Frame::Resize(WindowSize {
@@ -267,12 +291,13 @@ mod tests {
 
     #[test]
     fn bad_frames_are_errors() {
-        let cases: [(&[u8], &str); 5] = [
+        let cases: [(&[u8], &str); 6] = [
             (&[99, 0, 0, 0, 0], "kind 99"),
             (&[9, 1, 0, 0, 0, 15], "malformed signal"),
             (&[5, 0, 0, 0, 1], "over the limit"),
             (&[4, 1, 0, 0, 0, 7], "malformed resize"),
             (&[5, 4, 0, 0, 0, 1], "exec stream"),
+            (&[10, 1, 0, 0, 0, 0xff], "malformed release"),
         ];
         for (bytes, want) in cases {
             let err = Frame::read_from(&mut &bytes[..]).unwrap_err().to_string();

@@ -23,7 +23,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 
 use crate::config::RunConfig;
-use crate::exec::{EXEC_PORT, ExecRequest, Frame, WindowSize};
+use crate::exec::{EXEC_PORT, ExecRequest, Frame, RELEASE_REFUSED_STATUS, WindowSize};
 use crate::{function_mode, roots, supervisor, user};
 
 /// How much output one frame carries at most.
@@ -168,6 +168,7 @@ fn run(
 ) -> Result<u8, Refusal> {
     let request = match Frame::read_from(&mut stream) {
         Ok(Some(Frame::Request(request))) => request,
+        Ok(Some(Frame::Release(device))) => return release(&device),
         Ok(_) => {
             return Err(Refusal(
                 supervisor::STATUS_NOT_EXECUTABLE,
@@ -228,6 +229,14 @@ fn run(
         let _ = output.join();
     }
     Ok(status)
+}
+
+/// A release in the place of a request: `device`'s root is given back
+/// (status 0), or why not.
+fn release(device: &str) -> Result<u8, Refusal> {
+    roots::release(device)
+        .map(|()| 0)
+        .map_err(|err| Refusal(RELEASE_REFUSED_STATUS, crate::one_line(&err)))
 }
 
 /// The entrypoint's configuration with the request's changes, its user
@@ -667,6 +676,25 @@ mod tests {
                 "workdir /nowhere: expected a directory in root /dev/vdb"
             )
         );
+    }
+
+    #[test]
+    fn a_release_of_a_root_never_mounted_is_refused_by_name() {
+        let (mut host, guest) = UnixStream::pair().unwrap();
+        let base = RunConfig::new(vec!["/bin/false".into()]);
+        let session = thread::spawn(move || session(guest, &base, Path::new("/")));
+        Frame::Release("/dev/vdq".into())
+            .write_to(&mut host)
+            .unwrap();
+        assert_eq!(
+            Frame::read_from(&mut host).unwrap(),
+            Some(Frame::Refused {
+                status: RELEASE_REFUSED_STATUS,
+                reason: "root /dev/vdq: not a root filesystem guest-init has mounted".into()
+            })
+        );
+        assert_eq!(Frame::read_from(&mut host).unwrap(), None);
+        session.join().unwrap();
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! The filesystems every guest expects, mounted by PID 1; and the kernel's
 //! filesystems inside a process's own root (`guest_init::roots`).
-use std::ffi::{CStr, CString};
+use std::ffi::{CStr, CString, OsString};
 use std::io;
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 /// A filesystem PID 1 mounts: (type, where, flags, errors that are fine
@@ -135,6 +135,56 @@ pub fn mount(source: &str, target: &Path, fstype: &str, flags: libc::c_ulong) ->
     }
 }
 
+/// umount2(2) of the filesystem mounted on `target`, without flags: it
+/// fails with EBUSY while anything still uses it, rather than detaching
+/// it lazily and leaving the disk in use.
+pub fn unmount(target: &Path) -> io::Result<()> {
+    let target = CString::new(target.as_os_str().as_bytes())?;
+    // SAFETY: `target` is a valid NUL-terminated path that outlives the call.
+    if unsafe { libc::umount2(target.as_ptr(), 0) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The mount points in `mountinfo` (the text of /proc/self/mountinfo) at
+/// or under `root`, in the order they were mounted: a mount on top of
+/// another comes after it. Its fifth field is the mount point, with
+/// space, tab, newline and backslash escaped in octal (proc(5)).
+pub fn mounts_under(mountinfo: &str, root: &Path) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(unescape_octal)
+        .filter(|place| place.starts_with(root))
+        .collect()
+}
+
+/// A mountinfo field with its `\NNN` octal escapes undone.
+fn unescape_octal(field: &str) -> PathBuf {
+    let mut out = Vec::with_capacity(field.len());
+    let bytes = field.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = bytes.get(i + 1..i + 4).and_then(|digits| {
+            let digits = std::str::from_utf8(digits).ok()?;
+            u8::from_str_radix(digits, 8).ok()
+        });
+        match (bytes[i], escaped) {
+            (b'\\', Some(byte)) => {
+                out.push(byte);
+                i += 4;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(OsString::from_vec(out))
+}
+
 /// Remounts the root filesystem read-only: its superblock goes read-only,
 /// so ext4 flushes and closes its journal and the next mount needs no
 /// recovery (a read-only next boot could not replay it).
@@ -161,5 +211,32 @@ pub fn change_mount(target: &CStr, flags: libc::c_ulong) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mounts_under_a_root_are_listed_in_mount_order_unescaped() {
+        let mountinfo = "\
+22 1 254:0 / / rw,relatime - ext4 /dev/vda rw
+30 22 254:16 / /run/kiln/roots/vdb rw,relatime - ext4 /dev/vdb rw
+31 30 0:5 / /run/kiln/roots/vdb/dev rw,nosuid - devtmpfs devtmpfs rw
+32 31 0:24 / /run/kiln/roots/vdb/dev/pts rw - devpts devpts rw
+33 22 254:32 / /run/kiln/roots/vdbb rw - ext4 /dev/vdbb rw
+34 30 0:6 / /run/kiln/roots/vdb/my\\040dir rw - tmpfs tmpfs rw
+";
+        assert_eq!(
+            mounts_under(mountinfo, Path::new("/run/kiln/roots/vdb")),
+            [
+                "/run/kiln/roots/vdb",
+                "/run/kiln/roots/vdb/dev",
+                "/run/kiln/roots/vdb/dev/pts",
+                "/run/kiln/roots/vdb/my dir",
+            ]
+            .map(PathBuf::from)
+        );
     }
 }

@@ -12,9 +12,18 @@
 //! enters it in the child, before it drops to its user ([`enter`]): a
 //! mount namespace of its own, chrooted there, its working directory
 //! looked up there.
+//!
+//! [`release`] undoes it all when the host asks (a pod's container is
+//! deleted): it ends the processes in the root, syncs the filesystem and
+//! unmounts what [`mounted`] mounted, innermost first, so the host can
+//! empty the drive (the VMM's `detachdisk`) and fill it again later. That
+//! order matters: ext4 left mounted on a drive that is filled again would
+//! write the old filesystem's metadata onto the new disk.
 use std::collections::BTreeSet;
 use std::ffi::CStr;
 use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -30,7 +39,13 @@ pub const ROOTS_DIR: &str = "/run/kiln/roots";
 /// kernel's work queue stands between them.
 pub const MEDIUM_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How often the device's size is looked at meanwhile.
+/// How long a release waits for the processes it killed to be gone: a
+/// SIGKILL'ed process lets go of its root as it exits, unless it sleeps
+/// uninterruptibly in the kernel (I/O on the very disk).
+pub const END_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often the device's size (or a release's survivors) is looked at
+/// meanwhile.
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
 /// Where sysfs lists the block devices, each with its `size` (in 512-byte
@@ -98,6 +113,56 @@ pub enum RootError {
     },
 }
 
+/// Why a root was not released.
+#[derive(Debug, thiserror::Error)]
+pub enum ReleaseError {
+    /// `root` is not a device path.
+    #[error(transparent)]
+    Root(#[from] RootError),
+    /// No request has mounted this device (or it was released already).
+    #[error("root {device}: not a root filesystem guest-init has mounted")]
+    NotMounted {
+        /// The device named.
+        device: String,
+    },
+    /// The mounted root could not be looked at, or synced.
+    #[error("root {device}: {path}")]
+    Io {
+        /// The device named.
+        device: String,
+        /// The file looked at.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+    /// Processes in the root outlived their SIGKILL.
+    #[error(
+        "root {device}: processes {pids:?} still run there {} s after SIGKILL",
+        waited.as_secs()
+    )]
+    Survivors {
+        /// The device named.
+        device: String,
+        /// Their pids.
+        pids: Vec<libc::pid_t>,
+        /// How long the release waited.
+        waited: Duration,
+    },
+    /// A mount could not be undone (its errno is the cause: EBUSY while
+    /// something outside the root still uses it).
+    #[error("root {device}: cannot unmount {path}")]
+    Unmount {
+        /// The device named.
+        device: String,
+        /// The mount point.
+        path: PathBuf,
+        /// What umount2 said.
+        #[source]
+        source: io::Error,
+    },
+}
+
 /// The device's name in /dev and sysfs: `vdb` for `/dev/vdb`.
 pub fn device_name(device: &str) -> Result<&str, RootError> {
     match device.strip_prefix("/dev/") {
@@ -125,6 +190,118 @@ pub fn mounted(device: &str) -> Result<PathBuf, RootError> {
         mounted.insert(name.to_string());
     }
     Ok(target)
+}
+
+/// Gives back `device`'s root filesystem: ends every process whose root
+/// it is (SIGKILL, until none is left), syncs it and unmounts everything
+/// mounted at or under it, innermost first. Requests naming the device
+/// wait meanwhile; once released, the next one mounts the device again,
+/// whatever disk its drive then holds.
+pub fn release(device: &str) -> Result<(), ReleaseError> {
+    let name = device_name(device)?;
+    let mut mounted = MOUNTED.lock().unwrap_or_else(PoisonError::into_inner);
+    if !mounted.contains(name) {
+        return Err(ReleaseError::NotMounted {
+            device: device.to_string(),
+        });
+    }
+    let target = Path::new(ROOTS_DIR).join(name);
+    end_processes_in(&target, device, END_TIMEOUT)?;
+    unmount_all(&target, device)?;
+    mounted.remove(name);
+    Ok(())
+}
+
+/// SIGKILLs every process whose root directory is `root`, the root of a
+/// filesystem of its own, until none is left, for at most `timeout`.
+/// A killed process lets go of its root as it exits, before it is reaped
+/// (PID 1's reaper reaps it, and a session waiting for it sends its host
+/// the status).
+fn end_processes_in(root: &Path, device: &str, timeout: Duration) -> Result<(), ReleaseError> {
+    let filesystem = std::fs::metadata(root)
+        .map_err(io_error(device, root))?
+        .dev();
+    let started = Instant::now();
+    loop {
+        let inside = processes_rooted_on(filesystem).map_err(io_error(device, PROC))?;
+        if inside.is_empty() {
+            return Ok(());
+        }
+        if started.elapsed() >= timeout {
+            return Err(ReleaseError::Survivors {
+                device: device.to_string(),
+                pids: inside,
+                waited: started.elapsed(),
+            });
+        }
+        for &pid in &inside {
+            // SAFETY: kill takes no pointers. The pid was read just now,
+            // and only a process that ended and was reaped since could
+            // have handed its pid on: the kernel hands out pids in order
+            // (pid_max at least 32768), so it is not another's so soon.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// Where the kernel lists processes, each with its root directory.
+const PROC: &str = "/proc";
+
+/// The processes whose root directory lies on filesystem `dev` (a
+/// process that has just exited has none, and is not listed).
+fn processes_rooted_on(dev: u64) -> io::Result<Vec<libc::pid_t>> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir(PROC)? {
+        let entry = entry?;
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        if std::fs::metadata(entry.path().join("root")).is_ok_and(|m| m.dev() == dev) {
+            pids.push(pid);
+        }
+    }
+    Ok(pids)
+}
+
+/// Syncs the filesystem mounted on `root`, then unmounts it and every
+/// mount under it, the last mounted first.
+fn unmount_all(root: &Path, device: &str) -> Result<(), ReleaseError> {
+    let mountinfo = std::fs::read_to_string(MOUNTINFO).map_err(io_error(device, MOUNTINFO))?;
+    sync_filesystem(root).map_err(io_error(device, root))?;
+    for place in mounts::mounts_under(&mountinfo, root).iter().rev() {
+        mounts::unmount(place).map_err(|source| ReleaseError::Unmount {
+            device: device.to_string(),
+            path: place.clone(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// A release's I/O error about `path`, for `map_err`.
+fn io_error(device: &str, path: impl AsRef<Path>) -> impl FnOnce(io::Error) -> ReleaseError {
+    let (device, path) = (device.to_string(), path.as_ref().to_path_buf());
+    move |source| ReleaseError::Io {
+        device,
+        path,
+        source,
+    }
+}
+
+/// This process's mounts.
+const MOUNTINFO: &str = "/proc/self/mountinfo";
+
+/// syncfs(2) of the filesystem holding `path`: its writes reach the disk
+/// now, and an unmount that fails leaves none behind in memory.
+fn sync_filesystem(path: &Path) -> io::Result<()> {
+    let dir = std::fs::File::open(path)?;
+    // SAFETY: syncfs takes an open descriptor, which `dir` keeps open.
+    if unsafe { libc::syncfs(dir.as_raw_fd()) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Waits until the block device whose sysfs directory is `sysfs` has
@@ -222,6 +399,74 @@ mod tests {
                 format!("root {bad:?}: expected a block device path /dev/NAME")
             );
         }
+    }
+
+    /// A tmpfs mounted on `name` in a new temporary directory, standing
+    /// in for a device's root filesystem.
+    fn tmpfs_root(name: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join(name);
+        std::fs::create_dir(&root).unwrap();
+        mounts::mount("tmpfs", &root, "tmpfs", 0).unwrap();
+        (dir, root)
+    }
+
+    #[test]
+    fn a_release_ends_the_processes_in_the_root_then_unmounts_it_innermost_first() {
+        use std::os::unix::process::CommandExt;
+        let (_dir, root) = tmpfs_root("vdb");
+        mounts::mount_kernel_filesystems(&root).unwrap();
+        std::fs::create_dir(root.join("bin")).unwrap();
+        std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+        let root_c = std::ffi::CString::new(root.as_os_str().as_encoded_bytes()).unwrap();
+        let mut command = std::process::Command::new("/bin/busybox");
+        command.args(["sleep", "1000"]);
+        // SAFETY: `enter` makes only system calls (async-signal-safe).
+        unsafe { command.pre_exec(move || enter(&root_c, c"/")) };
+        let mut sleeper = command.spawn().unwrap();
+        let filesystem = std::fs::metadata(&root).unwrap().dev();
+        let started = Instant::now();
+        while processes_rooted_on(filesystem).unwrap().is_empty() {
+            assert!(started.elapsed() < Duration::from_secs(5), "never entered");
+            std::thread::sleep(POLL_INTERVAL);
+        }
+
+        end_processes_in(&root, "/dev/vdb", Duration::from_secs(5)).unwrap();
+        unmount_all(&root, "/dev/vdb").unwrap();
+        let status = sleeper.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL)
+        );
+        let mountinfo = std::fs::read_to_string(MOUNTINFO).unwrap();
+        assert_eq!(mounts::mounts_under(&mountinfo, &root), [] as [PathBuf; 0]);
+        assert!(!root.join("bin").exists(), "the tmpfs is still there");
+    }
+
+    #[test]
+    fn a_busy_root_is_refused_with_its_errno_and_an_unknown_one_by_name() {
+        let (_dir, root) = tmpfs_root("vdc");
+        let busy = std::fs::File::create(root.join("open")).unwrap();
+        let err = unmount_all(&root, "/dev/vdc").unwrap_err();
+        assert_eq!(
+            crate::one_line(&err),
+            format!(
+                "root /dev/vdc: cannot unmount {}: Device or resource busy (os error 16)",
+                root.display()
+            )
+        );
+        drop(busy);
+        unmount_all(&root, "/dev/vdc").unwrap();
+        let err = release("/dev/vdz").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "root /dev/vdz: not a root filesystem guest-init has mounted"
+        );
+        let err = release("vdz").unwrap_err();
+        assert!(
+            matches!(err, ReleaseError::Root(RootError::BadPath(_))),
+            "{err}"
+        );
     }
 
     #[test]

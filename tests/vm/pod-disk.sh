@@ -4,7 +4,11 @@
 # first with a volume (the busybox image and an overlay, as the shim
 # fills it with a container's root), the guest sees /dev/vdb grow, exec
 # requests with root /dev/vdb run chrooted in it, sharing one mount; the
-# read-only drive, filled with a raw image, is /dev/vdc, mounted read-only
+# read-only drive, filled with a raw image, is /dev/vdc, mounted read-only.
+# Then /dev/vdb is given back as a container's Delete gives it: guest-init
+# releases its root (a process still running there is killed, the mounts
+# undone), then `detachdisk` empties the drive (size 0 in the guest), and
+# the slot takes another volume, whose files the next process sees
 # (xtask pod-probe).
 . "$(dirname "$0")/lib.sh"
 
@@ -25,3 +29,14 @@ expect_contains a-missing-device-is-refused "$out" '^no-such-root: refused statu
 expect_contains a-pod-vm-is-not-snapshotted "$out" '^snapshot: error "snapshot: disk 1 is a drive slot'
 expect_contains a-read-only-drive-is-filled "$out" '^attach-read-only: ok$'
 expect_contains a-read-only-drive-is-mounted-read-only "$out" '^in-read-only-root: status=0 out="1\\ncannot-write"'
+expect_contains a-process-runs-in-the-root-to-release "$out" '^sleeper-started: status=0 out="sleeping"'
+expect_contains the-root-is-released "$out" '^release: ok$'
+expect_contains the-release-killed-its-process "$out" '^sleeper: status=137 '
+expect_contains a-released-root-is-not-released-twice "$out" '^release-again: error "instance pod: root /dev/vdb: not a root filesystem guest-init has mounted"'
+expect_contains the-release-left-no-mount "$out" '^unmounted: status=1 out="0"'
+expect_contains detach-answers-ok "$out" '^detach: ok$'
+expect_contains an-empty-drive-is-not-detached "$out" '^detach-again: error "detachdisk: disk 1: the drive is empty: expected a slot filled by attachdisk"'
+expect_contains a-boot-disk-is-not-detached "$out" '^detach-boot-disk: error "detachdisk: disk 0: the drive holds .*: expected a drive slot (built empty)"'
+expect_contains the-guest-sees-the-drive-empty "$out" '^detached: status=0 out="0"'
+expect_contains the-slot-takes-another-disk "$out" '^reattach: ok$'
+expect_contains the-new-disk-is-mounted-fresh "$out" '^refilled: status=0 out="no-marker\\nbusybox"'

@@ -12,7 +12,7 @@ use crate::devices::init_port::InitReport;
 use crate::devices::lock;
 use crate::devices::serial::{RawTerminal, Serial};
 use crate::devices::virtio::GuestMemoryMmap;
-use crate::devices::virtio::block::{AttachError, Block};
+use crate::devices::virtio::block::{AttachError, Block, DetachError};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::Net;
 use crate::event_loop::{EventLoop, LoopEvent, VmEnd, VmEndSignal};
@@ -56,24 +56,47 @@ pub(crate) struct Devices {
 }
 
 impl Devices {
-    /// Fills empty drive `index` with `source` and tells the driver. The
-    /// transport stays locked meanwhile (then the device: a vCPU's order),
-    /// so the driver sees the new capacity only with the new generation.
+    /// Fills empty drive `index` with `source` and tells the driver.
     fn attach_disk(&self, index: usize, source: &DiskSource) -> Result<(), RequestError> {
+        self.change_disk("attachdisk", index, |block| {
+            block
+                .attach(source)
+                .map_err(|source| RequestError::Attach { index, source })
+        })
+    }
+
+    /// Empties filled slot `index` and tells the driver.
+    fn detach_disk(&self, index: usize) -> Result<(), RequestError> {
+        self.change_disk("detachdisk", index, |block| {
+            block
+                .detach()
+                .map_err(|source| RequestError::Detach { index, source })
+        })
+    }
+
+    /// Changes the disk in drive `index` with `change`, then raises the
+    /// configuration change interrupt. The transport stays locked
+    /// meanwhile (then the device: a vCPU's order), so the driver sees
+    /// the new capacity only with the new generation.
+    fn change_disk(
+        &self,
+        op: &'static str,
+        index: usize,
+        change: impl FnOnce(&mut Block) -> Result<(), RequestError>,
+    ) -> Result<(), RequestError> {
         let (Some(transport), Some(block)) = (self.transports.get(index), self.blocks.get(index))
         else {
             return Err(RequestError::NoSuchDisk {
+                op,
                 index,
                 disks: self.blocks.len(),
             });
         };
         let mut transport = lock(transport);
-        lock(block)
-            .attach(source)
-            .map_err(|source| RequestError::Attach { index, source })?;
+        change(&mut lock(block))?;
         transport
             .config_changed()
-            .map_err(|source| RequestError::ConfigInterrupt { index, source })
+            .map_err(|source| RequestError::ConfigInterrupt { op, index, source })
     }
 }
 
@@ -117,9 +140,11 @@ pub enum RequestError {
     /// The vCPU threads did not park or go on.
     #[error(transparent)]
     Vcpus(#[from] VcpuError),
-    /// `attachdisk` of a drive the VM does not have.
-    #[error("attachdisk: disk {index}: the VM has {disks} disk(s), expected an index below")]
+    /// `attachdisk` or `detachdisk` of a drive the VM does not have.
+    #[error("{op}: disk {index}: the VM has {disks} disk(s), expected an index below")]
     NoSuchDisk {
+        /// The request's name.
+        op: &'static str,
         /// The drive asked for.
         index: usize,
         /// How many the VM has.
@@ -134,9 +159,20 @@ pub enum RequestError {
         #[source]
         source: AttachError,
     },
-    /// The disk is in the drive, but the driver could not be told.
-    #[error("attachdisk: disk {index}: cannot raise the configuration change interrupt")]
+    /// `detachdisk` of a drive that cannot be emptied.
+    #[error("detachdisk: disk {index}")]
+    Detach {
+        /// The drive asked for.
+        index: usize,
+        /// Why it cannot.
+        #[source]
+        source: DetachError,
+    },
+    /// The drive's disk changed, but the driver could not be told.
+    #[error("{op}: disk {index}: cannot raise the configuration change interrupt")]
     ConfigInterrupt {
+        /// The request's name.
+        op: &'static str,
         /// The drive.
         index: usize,
         /// What the eventfd said.
@@ -213,6 +249,7 @@ impl Machine {
             ControlRequest::AttachDisk { index, source } => {
                 self.devices.attach_disk(index, &source).map(|()| None)
             }
+            ControlRequest::DetachDisk { index } => self.devices.detach_disk(index).map(|()| None),
         };
         match done {
             Ok(snapshot) => ControlReply {
@@ -241,6 +278,7 @@ mod tests {
 
     use super::*;
     use crate::devices::bus::BusDevice;
+    use crate::devices::virtio::VirtioDevice;
     use crate::report::one_line;
     use crate::vstate::memory;
 
@@ -314,5 +352,54 @@ mod tests {
         );
         // The filled slot still makes the VM one a snapshot refuses.
         assert_eq!(devices.first_slot(), Some(1));
+    }
+
+    fn generation(devices: &Devices, index: usize) -> u32 {
+        let mut generation = [0u8; 4];
+        let register = u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_CONFIG_GENERATION);
+        lock(&devices.transports[index]).read(register, &mut generation);
+        u32::from_le_bytes(generation)
+    }
+
+    #[test]
+    fn detachdisk_empties_a_filled_slot_and_tells_the_driver() {
+        let dir = tempfile::tempdir().unwrap();
+        let devices = pod_devices(dir.path());
+        let err = devices.detach_disk(1).unwrap_err();
+        assert_eq!(
+            one_line(&err),
+            "detachdisk: disk 1: the drive is empty: expected a slot filled by attachdisk"
+        );
+        let err = devices.detach_disk(0).unwrap_err();
+        assert!(
+            one_line(&err).starts_with("detachdisk: disk 0: the drive holds ")
+                && one_line(&err).ends_with("expected a drive slot (built empty)"),
+            "{}",
+            one_line(&err)
+        );
+        let err = devices.detach_disk(5).unwrap_err();
+        assert_eq!(
+            one_line(&err),
+            "detachdisk: disk 5: the VM has 2 disk(s), expected an index below"
+        );
+        assert_eq!(generation(&devices, 1), 0, "a refusal changes nothing");
+
+        let container = dir.path().join("container.img");
+        std::fs::write(&container, [0u8; 4096]).unwrap();
+        devices.attach_disk(1, &DiskSource::Raw(container)).unwrap();
+        devices.detach_disk(1).unwrap();
+        assert_eq!(generation(&devices, 1), 2);
+        let transport = lock(&devices.transports[1]);
+        // Both changes were signalled; the eventfd counts them.
+        assert_eq!(transport.interrupt_event().read().unwrap(), 2);
+        drop(transport);
+        let mut capacity = [0xffu8; 8];
+        lock(&devices.blocks[1]).read_config(0, &mut capacity);
+        assert_eq!(capacity, [0; 8]);
+
+        let next = dir.path().join("next.img");
+        std::fs::write(&next, [0u8; 1024]).unwrap();
+        devices.attach_disk(1, &DiskSource::Raw(next)).unwrap();
+        assert_eq!(generation(&devices, 1), 3);
     }
 }

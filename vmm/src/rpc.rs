@@ -60,6 +60,17 @@ pub enum ControlRequest {
         /// [`DiskSource::Empty`].
         source: DiskSource,
     },
+    /// Empty a drive that `AttachDisk` filled: a pod's container has been
+    /// deleted, and its slot is to take the next one. The device makes the
+    /// disk's writes durable, closes its files and tells the driver the
+    /// capacity is 0 (a configuration change interrupt). The guest must
+    /// have unmounted the disk first (guest-init's release of the root):
+    /// a mount left on the drive would write onto the next disk.
+    DetachDisk {
+        /// The drive's position in `VmConfig::disks`; it must be a slot
+        /// (built empty) that holds a disk.
+        index: usize,
+    },
 }
 
 /// What the VM does once its snapshot is written.
@@ -332,6 +343,17 @@ mod tests {
                 index: 2,
                 source: DiskSource::Empty
             }
+        );
+    }
+
+    #[test]
+    fn a_detach_request_has_the_wire_form_of_the_pod_contract() {
+        let request = ControlRequest::DetachDisk { index: 3 };
+        let json = serde_json::to_value(&request).unwrap();
+        assert_eq!(json, serde_json::json!({"op": "detachdisk", "index": 3}));
+        assert_eq!(
+            serde_json::from_value::<ControlRequest>(json).unwrap(),
+            request
         );
     }
 

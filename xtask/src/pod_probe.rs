@@ -3,7 +3,9 @@
 //! __vm`, with a control channel, as the shim's) whose second
 //! disk is an empty drive, fills the drive with `attachdisk`, and runs
 //! processes through guest-init's exec port with and without
-//! `root: /dev/vdb`, printing one line per step for the scenario to check.
+//! `root: /dev/vdb`, then gives the drive back (guest-init's release of
+//! the root, then `detachdisk`) and fills it again with another disk,
+//! printing one line per step for the scenario to check.
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode};
@@ -11,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use guest_init::exec::{CONTAINER_CMDLINE_FLAG, ExecRequest, WindowSize};
-use kiln_control::instance::exec::{ExecError, Session};
+use kiln_control::instance::exec::{ExecError, Session, release_root};
 use kiln_vmm::config::{Boot, DiskConfig, DiskSource, VmConfig, VsockConfig};
 use kiln_vmm::report::one_line;
 use kiln_vmm::rpc::{self, AfterSnapshot, ControlClient, ControlRequest};
@@ -61,20 +63,22 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .spawn()
         .context("cannot start the VM process")?;
     drop(theirs);
-    let volume = container_volume(&args.volume, &args.dir)?;
-    let probed = probe(&mut control, &socket, &volume, &args.root);
+    let volumes = [
+        container_volume(&args.volume, &args.dir.join("first.overlay"))?,
+        container_volume(&args.volume, &args.dir.join("second.overlay"))?,
+    ];
+    let probed = probe(&mut control, &socket, &volumes, &args.root);
     stop(&mut vm);
     probed?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// `image` with a fresh overlay in `dir`.
-fn container_volume(image: &Path, dir: &Path) -> anyhow::Result<DiskSource> {
-    let overlay = dir.join("container.overlay");
-    Volume::create(image, &overlay, CACHE_BYTES)?;
+/// `image` with a fresh overlay, made at `overlay`.
+fn container_volume(image: &Path, overlay: &Path) -> anyhow::Result<DiskSource> {
+    Volume::create(image, overlay, CACHE_BYTES)?;
     Ok(DiskSource::Volume {
         image: image.to_path_buf(),
-        overlay: Some(overlay),
+        overlay: Some(overlay.to_path_buf()),
         cache_bytes: CACHE_BYTES,
         hydration: None,
     })
@@ -112,11 +116,12 @@ fn pod_vm(args: &Args, socket: &Path) -> VmConfig {
 fn probe(
     control: &mut ControlClient,
     socket: &Path,
-    volume: &DiskSource,
+    [volume, next]: &[DiskSource; 2],
     root: &Path,
 ) -> anyhow::Result<()> {
     writable_drive(control, socket, volume)?;
     read_only_drive(control, socket, root)?;
+    give_back_and_refill(control, socket, next)?;
     let snapshot = ControlRequest::Snapshot {
         dir: socket.with_file_name("snapshot"),
         copy_root: false,
@@ -174,6 +179,76 @@ fn read_only_drive(control: &mut ControlClient, socket: &Path, root: &Path) -> a
         exec(socket, script, Some("/dev/vdc"))
     );
     Ok(())
+}
+
+/// Drive 1 given back while a process still runs in its root (guest-init
+/// releases the root, then the VMM empties the drive: never the other
+/// way round), refusals, and the drive filled again with `next`.
+fn give_back_and_refill(
+    control: &mut ControlClient,
+    socket: &Path,
+    next: &DiskSource,
+) -> anyhow::Result<()> {
+    let vdb = Some("/dev/vdb");
+    let sleeper = {
+        let socket = socket.to_path_buf();
+        std::thread::spawn(move || exec(&socket, "touch /sleeping; exec sleep 1000", vdb))
+    };
+    let started = exec_until(
+        socket,
+        "test -e /sleeping && echo sleeping",
+        vdb,
+        "sleeping",
+    );
+    println!("sleeper-started: {started}");
+    println!("release: {}", release(socket, "/dev/vdb"));
+    let ended = sleeper
+        .join()
+        .map_err(|_| anyhow::anyhow!("the sleeper's thread panicked"))?;
+    println!("sleeper: {ended}");
+    println!("release-again: {}", release(socket, "/dev/vdb"));
+    println!(
+        "unmounted: {}",
+        exec(socket, "grep -c /run/kiln/roots/vdb /proc/mounts", None)
+    );
+    let detach = |index| ControlRequest::DetachDisk { index };
+    println!("detach: {}", call(control, &detach(1))?);
+    println!("detach-again: {}", call(control, &detach(1))?);
+    println!("detach-boot-disk: {}", call(control, &detach(0))?);
+    let size = "cat /sys/class/block/vdb/size";
+    println!("detached: {}", exec_until(socket, size, None, "out=\"0\""));
+    let refill = ControlRequest::AttachDisk {
+        index: 1,
+        source: next.clone(),
+    };
+    println!("reattach: {}", call(control, &refill)?);
+    let script = "test -e /pod-marker || echo no-marker; test -x /bin/busybox && echo busybox";
+    println!("refilled: {}", exec(socket, script, vdb));
+    Ok(())
+}
+
+/// Releases `device`'s root in the guest; returns `ok` or the refusal.
+fn release(socket: &Path, device: &str) -> String {
+    match release_root("pod".into(), socket, device) {
+        Ok(()) => "ok".to_string(),
+        Err(err) => format!("error {:?}", one_line(&err)),
+    }
+}
+
+/// Runs `script` (as [`exec`]) until its line contains `want`, for at
+/// most five seconds: what it waits for happens in the guest on its own
+/// time (a process starting, the kernel re-reading a capacity). Returns
+/// the last line.
+fn exec_until(socket: &Path, script: &str, root: Option<&str>, want: &str) -> String {
+    let mut line = exec(socket, script, root);
+    for _ in 0..50 {
+        if line.contains(want) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        line = exec(socket, script, root);
+    }
+    line
 }
 
 /// Sends `request`; returns `ok` or the VM process's error.

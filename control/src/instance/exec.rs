@@ -4,7 +4,8 @@
 //! side, for the CLI and for any other caller (the containerd shim's
 //! Exec): start it with a request, feed it stdin and terminal sizes
 //! through its [`Input`], and collect the output and the status with
-//! [`Session::wait`].
+//! [`Session::wait`]. [`release_root`] gives a pod container's root back
+//! (its processes ended, its mounts undone) before its drive is emptied.
 use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -129,18 +130,25 @@ impl Session {
         socket: &Path,
         request: &ExecRequest,
     ) -> Result<Session, ExecError> {
+        Session::open(label, socket, Frame::Request(request.clone()))
+    }
+
+    /// Connects to guest-init's exec port through `socket` and sends
+    /// `first`.
+    fn open(label: String, socket: &Path, first: Frame) -> Result<Session, ExecError> {
         let connect_err = |source| ExecError::Connect {
             instance: label.clone(),
             source,
         };
         let stream = vsock::connect(socket, EXEC_PORT, CONNECT_TIMEOUT).map_err(connect_err)?;
-        Session::over(label.clone(), stream, request).map_err(connect_err)
+        Session::over(label.clone(), stream, first).map_err(connect_err)
     }
 
-    /// A session on `stream`, once `request` is sent.
-    fn over(instance: String, stream: UnixStream, request: &ExecRequest) -> io::Result<Session> {
+    /// A session on `stream`, once its first frame (a request, or a
+    /// release) is sent.
+    fn over(instance: String, stream: UnixStream, first: Frame) -> io::Result<Session> {
         let input = Input(Arc::new(Mutex::new(stream.try_clone()?)));
-        input.send(Frame::Request(request.clone()))?;
+        input.send(first)?;
         Ok(Session {
             instance,
             stream,
@@ -194,6 +202,34 @@ impl Session {
     }
 }
 
+/// Gives back the root filesystem of block device `device` (`/dev/vdb`)
+/// in the VM whose vsock device listens on `socket`, named `label` in
+/// errors: guest-init kills every process still running in it and
+/// unmounts it ([`Frame::Release`]). A pod's container's Delete calls
+/// this before the VMM empties the container's drive (`detachdisk`),
+/// never after: a filesystem still mounted on a drive that is filled
+/// again would write onto the new disk. guest-init's refusal (not a root
+/// it mounted, an unmount that failed) is [`ExecError::Refused`].
+pub fn release_root(label: String, socket: &Path, device: &str) -> Result<(), ExecError> {
+    released(Session::open(
+        label,
+        socket,
+        Frame::Release(device.to_string()),
+    )?)
+}
+
+/// A release's answer on `session`: `Exit(0)` once released.
+fn released(session: Session) -> Result<(), ExecError> {
+    let instance = session.instance.clone();
+    match session.wait(&mut io::sink(), &mut io::sink())? {
+        0 => Ok(()),
+        _ => Err(ExecError::Stream {
+            instance,
+            source: FrameError::Malformed("release answer"),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,7 +251,7 @@ mod tests {
     /// answers with `answer`.
     fn session_answered_with(answer: Vec<Frame>) -> (Session, std::thread::JoinHandle<Vec<Frame>>) {
         let (host, mut guest) = UnixStream::pair().unwrap();
-        let session = Session::over("web".into(), host, &request()).unwrap();
+        let session = Session::over("web".into(), host, Frame::Request(request())).unwrap();
         let fake = std::thread::spawn(move || {
             let mut got = Vec::new();
             while let Some(frame) = Frame::read_from(&mut guest).unwrap() {
@@ -280,6 +316,42 @@ mod tests {
         assert!(
             err.to_string()
                 .contains("ended before the process's status"),
+            "{err}"
+        );
+    }
+
+    /// A fake guest-init answering a release with `answer`; returns what
+    /// the host asked, and what `released` made of the answer.
+    fn release_answered_with(answer: Frame) -> (Option<Frame>, Result<(), ExecError>) {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        let fake = std::thread::spawn(move || {
+            let asked = Frame::read_from(&mut guest).unwrap();
+            answer.write_to(&mut guest).unwrap();
+            asked
+        });
+        let session = Session::over("pod".into(), host, Frame::Release("/dev/vdb".into())).unwrap();
+        let result = released(session);
+        (fake.join().unwrap(), result)
+    }
+
+    #[test]
+    fn a_release_names_the_device_and_is_done_at_exit_zero() {
+        let (asked, result) = release_answered_with(Frame::Exit(0));
+        assert_eq!(asked, Some(Frame::Release("/dev/vdb".into())));
+        result.unwrap();
+        let (_, result) = release_answered_with(Frame::Refused {
+            status: guest_init::exec::RELEASE_REFUSED_STATUS,
+            reason: "root /dev/vdb: not a root filesystem guest-init has mounted".into(),
+        });
+        let err = result.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "instance pod: root /dev/vdb: not a root filesystem guest-init has mounted"
+        );
+        let (_, result) = release_answered_with(Frame::Exit(9));
+        let err = result.unwrap_err();
+        assert!(
+            kiln_vmm::report::one_line(&err).contains("malformed release answer"),
             "{err}"
         );
     }

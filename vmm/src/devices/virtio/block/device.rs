@@ -129,6 +129,24 @@ pub enum AttachError {
     Open(#[from] BlockError),
 }
 
+/// Why a drive cannot be emptied ([`Block::detach`]).
+#[derive(Debug, thiserror::Error)]
+pub enum DetachError {
+    /// The drive was built with its disk: it is in the VM's definition,
+    /// not a pod's slot.
+    #[error("the drive holds {path} since boot: expected a drive slot (built empty)")]
+    NotASlot {
+        /// The disk it holds.
+        path: PathBuf,
+    },
+    /// The slot holds no disk.
+    #[error("the drive is empty: expected a slot filled by attachdisk")]
+    AlreadyEmpty,
+    /// The disk's writes could not be made durable; it stays in the drive.
+    #[error(transparent)]
+    Flush(#[from] BlockError),
+}
+
 /// A request's outcome: the status byte and how many data bytes the device
 /// wrote into the chain's buffers.
 struct Completion {
@@ -442,6 +460,33 @@ impl Block {
         self.disk.backend = backend;
         self.disk.id = serial_id(&path);
         self.disk.path = path;
+        Ok(())
+    }
+
+    /// Empties this filled slot, undoing [`Block::attach`]: makes the
+    /// disk's writes durable, then closes its files (a volume's overlay,
+    /// and with it the overlay's lock) and sets the capacity to 0. From
+    /// then on every request fails with VIRTIO_BLK_S_IOERR, and the slot
+    /// takes another disk. The transport then tells the driver, as for an
+    /// attach. The guest must have let go of the disk first (unmounted
+    /// it): a filesystem still mounted on the drive would write its
+    /// metadata onto whatever disk fills the slot next.
+    pub fn detach(&mut self) -> Result<(), DetachError> {
+        if !self.slot {
+            return Err(DetachError::NotASlot {
+                path: self.disk.path.clone(),
+            });
+        }
+        if matches!(self.disk.backend, Backend::Empty { .. }) {
+            return Err(DetachError::AlreadyEmpty);
+        }
+        self.flush()?;
+        let read_only = self.disk.backend.read_only();
+        self.disk.backend = Backend::Empty { read_only };
+        self.disk.capacity = 0;
+        self.config = config_space(0, false);
+        self.disk.path = PathBuf::new();
+        self.disk.id = serial_id(&self.disk.path);
         Ok(())
     }
 
@@ -1032,9 +1077,84 @@ mod tests {
             .unwrap();
     }
 
+    #[test]
+    fn a_detached_slot_has_no_sectors_and_takes_another_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut block = Block::new(&DiskSource::Empty, false).unwrap();
+        let first = dir.path().join("first.img");
+        std::fs::write(&first, disk_pattern()).unwrap();
+        block.attach(&DiskSource::Raw(first)).unwrap();
+        block.detach().unwrap();
+        let mut capacity = [0xffu8; 8];
+        block.read_config(0, &mut capacity);
+        assert_eq!(capacity, [0; 8]);
+        let mem = memory();
+        write_header(&mem, VIRTIO_BLK_T_IN, 0);
+        let read = [HEADER_BUF, Buf(DATA, 512, true), STATUS_BUF];
+        assert_eq!(
+            submit(&mut block, &mem, &read),
+            (status(VIRTIO_BLK_S_IOERR), 1)
+        );
+        assert_eq!(block.features() & (1 << VIRTIO_BLK_F_RO), 0);
+
+        let second = dir.path().join("second.img");
+        std::fs::write(&second, [0x42u8; 1024]).unwrap();
+        block.attach(&DiskSource::Raw(second)).unwrap();
+        block.read_config(0, &mut capacity);
+        assert_eq!(u64::from_le_bytes(capacity), 2);
+        write_header(&mem, VIRTIO_BLK_T_IN, 1);
+        assert_eq!(submit(&mut block, &mem, &read).0, status(VIRTIO_BLK_S_OK));
+        assert_eq!(read_guest(&mem, DATA, 512), [0x42u8; 512]);
+        write_header(&mem, VIRTIO_BLK_T_GET_ID, 0);
+        let id = [HEADER_BUF, Buf(DATA, 20, true), STATUS_BUF];
+        submit(&mut block, &mem, &id);
+        assert_eq!(read_guest(&mem, DATA, 11), b"second.img\0");
+    }
+
+    #[test]
+    fn a_detached_volume_keeps_its_writes_and_lets_go_of_its_overlay() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = volume_source(dir.path(), false);
+        let mut block = Block::new(&DiskSource::Empty, false).unwrap();
+        block.attach(&source).unwrap();
+        let mem = memory();
+        mem.write_slice(&[0x5a; 4096], GuestAddress(DATA)).unwrap();
+        write_header(&mem, VIRTIO_BLK_T_OUT, 8);
+        let out = [HEADER_BUF, Buf(DATA, 4096, false), STATUS_BUF];
+        assert_eq!(submit(&mut block, &mem, &out).0, status(VIRTIO_BLK_S_OK));
+        block.detach().unwrap();
+        // The overlay's lock went with its file: the volume opens again
+        // (as another VM's would), with the write in it.
+        block.attach(&source).unwrap();
+        mem.write_slice(&[0; 512], GuestAddress(DATA)).unwrap();
+        write_header(&mem, VIRTIO_BLK_T_IN, 8);
+        let read = [HEADER_BUF, Buf(DATA, 512, true), STATUS_BUF];
+        assert_eq!(submit(&mut block, &mem, &read).0, status(VIRTIO_BLK_S_OK));
+        assert_eq!(read_guest(&mem, DATA, 512), [0x5a; 512]);
+    }
+
+    #[test]
+    fn only_a_filled_slot_is_detached() {
+        let (_file, mut full) = disk(false);
+        let err = full.detach().unwrap_err();
+        assert!(matches!(err, DetachError::NotASlot { .. }), "{err}");
+        assert!(err.to_string().contains("expected a drive slot"), "{err}");
+        let mut capacity = [0u8; 8];
+        full.read_config(0, &mut capacity);
+        assert_eq!(u64::from_le_bytes(capacity), DISK_SECTORS);
+        let mut empty = Block::new(&DiskSource::Empty, true).unwrap();
+        let err = empty.detach().unwrap_err();
+        assert!(matches!(err, DetachError::AlreadyEmpty), "{err}");
+    }
+
     /// A volume over an image of `disk_pattern()` (chunks of 4 sectors'
     /// worth of overlay blocks), with an overlay unless `read_only`.
     fn volume(dir: &Path, read_only: bool) -> Block {
+        Block::new(&volume_source(dir, read_only), read_only).unwrap()
+    }
+
+    /// The source of [`volume`]'s block, its files made.
+    fn volume_source(dir: &Path, read_only: bool) -> DiskSource {
         let raw = dir.join("raw");
         std::fs::write(&raw, disk_pattern()).unwrap();
         let image = dir.join("image.kiln");
@@ -1043,13 +1163,12 @@ mod tests {
         if !read_only {
             drop(Volume::create(&image, &overlay, 1 << 20).unwrap());
         }
-        let source = DiskSource::Volume {
+        DiskSource::Volume {
             image,
             overlay: Some(overlay),
             cache_bytes: 1 << 20,
             hydration: None,
-        };
-        Block::new(&source, read_only).unwrap()
+        }
     }
 
     fn write_discard_segment(mem: &GuestMemoryMmap, sector: u64, sectors: u32, flags: u32) {

@@ -817,7 +817,7 @@ mod tests {
     }
 
     #[test]
-    fn a_disk_attached_to_a_running_empty_drive_changes_its_config_and_interrupts() {
+    fn a_disk_attached_to_and_detached_from_a_running_drive_changes_its_config_and_interrupts() {
         let block = Arc::new(Mutex::new(Block::new(&DiskSource::Empty, false).unwrap()));
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let mut transport = MmioTransport::new(mem.clone(), block.clone()).unwrap();
@@ -846,6 +846,14 @@ mod tests {
             mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
             VIRTIO_BLK_S_OK as u8
         );
+
+        acknowledge_interrupt(&mut transport, VIRTIO_MMIO_INT_VRING);
+
+        // Detached, the drive is empty again, under a new generation.
+        lock(&block).detach().unwrap();
+        transport.config_changed().unwrap();
+        assert_eq!(capacity(&mut transport), (0, 2));
+        acknowledge_interrupt(&mut transport, VIRTIO_MMIO_INT_CONFIG);
     }
 
     #[test]
