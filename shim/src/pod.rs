@@ -23,10 +23,9 @@ pub const SANDBOX: &str = "sandbox";
 /// [`CONTAINER_TYPE`] of a container in a pod.
 pub const MEMBER: &str = "container";
 /// The empty drives a pod's VM is made with, after its own root disk:
-/// the containers it can take over its life. A drive once filled stays
-/// so (the VM's control channel has no detach), so a container restarted
-/// by Kubernetes takes another; eight covers a pod of a few containers
-/// and their restarts, and each empty drive costs one virtio-mmio device.
+/// the containers it can hold at once (a member's Delete gives its drive
+/// back); eight covers a pod of a few containers, and each empty drive
+/// costs one virtio-mmio device.
 pub const SLOTS: usize = 8;
 
 /// What a container is, by its bundle's annotations.
@@ -69,7 +68,7 @@ pub enum PodError {
     NotASandbox(String),
     /// Every empty drive of the pod's VM has been filled.
     #[error(
-        "pod sandbox {0:?} has taken {SLOTS} containers: a pod's VM takes at most {SLOTS} over its life"
+        "pod sandbox {0:?} holds {SLOTS} containers: a pod's VM holds at most {SLOTS} at once (delete one first)"
     )]
     Full(String),
     /// A member asks for more than the pod's VM has, which it shares.
@@ -118,29 +117,39 @@ impl Role {
     }
 }
 
-/// The empty drives of a pod's VM still to fill, by their index in the
-/// VM's definition (1 to [`SLOTS`]; the sandbox's root disk is 0).
+/// The empty drives of a pod's VM, by their index in the VM's definition
+/// (1 to [`SLOTS`]; the sandbox's root disk is 0): free, or taken by a
+/// member until its Delete gives it back.
 #[derive(Debug)]
 pub struct Slots {
-    next: usize,
+    taken: [bool; SLOTS],
 }
 
 impl Default for Slots {
     fn default() -> Self {
-        Slots { next: 1 }
+        Slots {
+            taken: [false; SLOTS],
+        }
     }
 }
 
 impl Slots {
-    /// The next empty drive for a member of `sandbox`; it is never given
-    /// again, whether it gets filled or not (a failed attach may have
-    /// left it in any state).
+    /// The lowest free drive for a member of `sandbox`. A drive whose
+    /// attach failed is never given back (the attach may have left it in
+    /// any state).
     pub fn take(&mut self, sandbox: &str) -> Result<usize, PodError> {
-        if self.next > SLOTS {
-            return Err(PodError::Full(sandbox.to_string()));
+        let free = self.taken.iter().position(|taken| !taken);
+        let free = free.ok_or_else(|| PodError::Full(sandbox.to_string()))?;
+        self.taken[free] = true;
+        Ok(free + 1)
+    }
+
+    /// Drive `index` is empty again: its member's root was released in
+    /// the guest and the drive detached.
+    pub fn give_back(&mut self, index: usize) {
+        if let Some(taken) = index.checked_sub(1).and_then(|i| self.taken.get_mut(i)) {
+            *taken = false;
         }
-        self.next += 1;
-        Ok(self.next - 1)
     }
 }
 
@@ -247,14 +256,20 @@ mod tests {
     }
 
     #[test]
-    fn a_pod_fills_its_slots_once_each_and_refuses_one_more() {
+    fn a_pod_fills_its_slots_once_each_refuses_one_more_and_reuses_one_given_back() {
         let mut slots = Slots::default();
         let taken: Vec<usize> = (0..SLOTS).map(|_| slots.take("pod1").unwrap()).collect();
         assert_eq!(taken, (1..=SLOTS).collect::<Vec<_>>());
         assert_eq!(
             one_line(&slots.take("pod1").unwrap_err()),
-            "pod sandbox \"pod1\" has taken 8 containers: a pod's VM takes at most 8 over its life"
+            "pod sandbox \"pod1\" holds 8 containers: a pod's VM holds at most 8 at once (delete one first)"
         );
+        slots.give_back(3);
+        assert_eq!(slots.take("pod1").unwrap(), 3);
+        // The root disk's index and indexes past the drives are no slot's.
+        slots.give_back(0);
+        slots.give_back(SLOTS + 1);
+        assert!(slots.take("pod1").is_err());
     }
 
     #[test]

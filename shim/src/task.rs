@@ -26,7 +26,7 @@ use containerd_shim::protos::ttrpc::{self, Code};
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{ExitSignal, TtrpcContext, TtrpcResult};
 use guest_init::exec::{ExecRequest, WindowSize};
-use kiln_control::instance::exec::{ExecError, Input, Session};
+use kiln_control::instance::exec::{ExecError, Input, Session, release_root};
 use kiln_vmm::report::one_line;
 
 use crate::pod::{self, PodError, Role, Slots};
@@ -88,6 +88,17 @@ pub enum TaskError {
         exec_id: String,
         /// The VM's console, which says why a VM did not come up.
         console: PathBuf,
+        /// Why (boxed: it is large, and rare).
+        #[source]
+        source: Box<ExecError>,
+    },
+    /// A pod member's root could not be given back in the guest.
+    #[error("container {id}: cannot release its root {device} in the pod's VM")]
+    Release {
+        /// The container.
+        id: String,
+        /// Its root's block device in the guest.
+        device: String,
         /// Why (boxed: it is large, and rare).
         #[source]
         source: Box<ExecError>,
@@ -261,6 +272,8 @@ struct Vm {
 struct Member {
     /// Its files, inside the VM's directory.
     dir: PathBuf,
+    /// The VM's drive its root disk fills.
+    index: usize,
     /// The guest's block device, which its processes have as their root.
     device: String,
 }
@@ -511,6 +524,7 @@ impl Tasks {
         }
         let member = Member {
             dir,
+            index,
             device: pod::device(index),
         };
         log::info!("{}: root disk {} in pod {sandbox}", req.id, member.device);
@@ -672,7 +686,10 @@ impl Tasks {
             container.execs.remove(exec_id);
         } else {
             let dir = match &container.member {
-                Some(member) => member.dir.clone(),
+                Some(member) => {
+                    give_back(id, &container.vm, member)?;
+                    member.dir.clone()
+                }
                 None => {
                     container.stop_vm();
                     container.vm.files.dir().to_path_buf()
@@ -769,6 +786,33 @@ impl Tasks {
                 })
         })
     }
+}
+
+/// Gives `member`'s drive back to its pod's VM, if that still runs: its
+/// root released in the guest (its processes ended, its filesystem
+/// unmounted), then the drive emptied, never the other way round (a
+/// filesystem still mounted would write onto the next member's disk).
+/// The drive is free for another member only once both are done.
+fn give_back(id: &str, vm: &Vm, member: &Member) -> Result<(), TaskError> {
+    let mut process = lock(&vm.process);
+    if process.ended() {
+        return Ok(());
+    }
+    release_root(id.to_string(), &vm.files.vsock(), &member.device).map_err(|source| {
+        TaskError::Release {
+            id: id.to_string(),
+            device: member.device.clone(),
+            source: Box::new(source),
+        }
+    })?;
+    process
+        .detach(member.index)
+        .map_err(|source| TaskError::Vm {
+            id: id.to_string(),
+            source,
+        })?;
+    lock(&vm.slots).give_back(member.index);
+    Ok(())
 }
 
 /// Copies the stdin FIFO (if any) to the process, then ends its stdin.

@@ -35,9 +35,9 @@ pub const VM_SUBCOMMAND: &str = "__vm";
 const GUEST_CID: u64 = 3;
 /// Decompressed image chunks kept in memory per VM.
 const CACHE_BYTES: u64 = 32 << 20;
-/// How long the VM process may take to attach a disk: it opens two files
-/// and answers between its events.
-const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the VM process may take to attach a disk (it opens two files)
+/// or detach one (it flushes and closes them), between its events.
+const DRIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a VM cannot be defined or started.
 #[derive(Debug, thiserror::Error)]
@@ -75,20 +75,22 @@ pub enum VmError {
         #[source]
         source: io::Error,
     },
-    /// The VM process did not attach a disk.
-    #[error("the VM process did not attach disk {index}")]
-    Attach {
+    /// The VM process did not attach or detach a disk.
+    #[error("the VM process did not {op} disk {index}")]
+    Drive {
+        /// "attach" or "detach".
+        op: &'static str,
         /// The disk's index in the VM's definition.
         index: usize,
         /// Why.
         #[source]
-        source: AttachError,
+        source: DriveError,
     },
 }
 
-/// Why the VM process did not attach a disk.
+/// Why the VM process did not attach or detach a disk.
 #[derive(Debug, thiserror::Error)]
-pub enum AttachError {
+pub enum DriveError {
     /// The request or its answer did not get through.
     #[error(transparent)]
     Channel(#[from] ControlError),
@@ -311,16 +313,41 @@ impl VmProcess {
     /// Has the VM process fill the empty drive `index` with `source`;
     /// returns once the guest has been told of its new capacity.
     pub fn attach(&mut self, index: usize, source: DiskSource) -> Result<(), VmError> {
-        let request = ControlRequest::AttachDisk { index, source };
-        let attach_err = |source| VmError::Attach { index, source };
+        self.drive(
+            "attach",
+            index,
+            ControlRequest::AttachDisk { index, source },
+        )
+    }
+
+    /// Has the VM process empty the drive `index` again (its root released
+    /// in the guest first: [`kiln_control::instance::exec::release_root`]);
+    /// returns once the guest has been told its capacity is 0.
+    pub fn detach(&mut self, index: usize) -> Result<(), VmError> {
+        self.drive("detach", index, ControlRequest::DetachDisk { index })
+    }
+
+    /// Sends `request`, which `op`s drive `index`, and takes its answer.
+    fn drive(
+        &mut self,
+        op: &'static str,
+        index: usize,
+        request: ControlRequest,
+    ) -> Result<(), VmError> {
+        let drive_err = |source| VmError::Drive { op, index, source };
         let reply = self
             .control
-            .call(&request, ATTACH_TIMEOUT)
-            .map_err(|err| attach_err(err.into()))?;
+            .call(&request, DRIVE_TIMEOUT)
+            .map_err(|err| drive_err(err.into()))?;
         match reply.error {
-            Some(reason) => Err(attach_err(AttachError::Refused(reason))),
+            Some(reason) => Err(drive_err(DriveError::Refused(reason))),
             None => Ok(()),
         }
+    }
+
+    /// Whether the VMM has ended (and been reaped).
+    pub fn ended(&self) -> bool {
+        self.waiter.as_ref().is_none_or(JoinHandle::is_finished)
     }
 
     /// Ends the VMM if it still runs, and waits until it has.
