@@ -10,6 +10,7 @@
 //! ends with it.
 #![warn(missing_docs)]
 
+pub mod network;
 pub mod rootfs;
 pub mod spec;
 pub mod task;

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use guest_init::exec::{ExecRequest, WindowSize};
-use oci_spec::runtime::{LinuxResources, Process, Spec};
+use oci_spec::runtime::{Linux, LinuxNamespaceType, LinuxResources, Process, Spec};
 
 /// vCPUs of a VM whose spec sets no CPU quota.
 pub const DEFAULT_VCPUS: u8 = 1;
@@ -39,6 +39,11 @@ pub struct Container {
     pub vcpus: u8,
     /// The VM's memory in MiB.
     pub memory_mib: u32,
+    /// The network namespace the container joins (`linux.namespaces`,
+    /// type network, with a path: the pod's, which CNI set up), whose
+    /// interface the VM's NIC takes over ([`crate::network`]); none
+    /// without one, and then the VM has no NIC.
+    pub netns: Option<PathBuf>,
 }
 
 /// The host's capacity, which a container's resources may not exceed.
@@ -74,6 +79,9 @@ pub enum SpecError {
     /// `hostname` is not one the kernel command line can carry.
     #[error("hostname {0:?}: expected up to 64 letters, digits, '-' and '.'")]
     Hostname(String),
+    /// A network namespace's path is not absolute.
+    #[error("linux.namespaces network path {0:?}: expected an absolute path")]
+    Netns(PathBuf),
     /// `process.cwd` is not absolute.
     #[error("process.cwd {0:?}: expected an absolute path")]
     Cwd(String),
@@ -113,7 +121,24 @@ pub fn load(bundle: &Path, host: Host) -> Result<Container, SpecError> {
         hostname: hostname(spec.hostname().clone().unwrap_or_default())?,
         vcpus: vcpus(resources, host)?,
         memory_mib: memory_mib(resources, host)?,
+        netns: netns(spec.linux().as_ref())?,
     })
+}
+
+/// The path of the network namespace to join, if the spec names one. A
+/// network namespace without a path (`ctr run`'s default) asks for a new,
+/// empty one: a VM is that already, with no NIC.
+fn netns(linux: Option<&Linux>) -> Result<Option<PathBuf>, SpecError> {
+    let namespaces = linux.and_then(|l| l.namespaces().as_ref());
+    let path = namespaces
+        .into_iter()
+        .flatten()
+        .filter(|ns| ns.typ() == LinuxNamespaceType::Network)
+        .find_map(|ns| ns.path().clone());
+    match path {
+        Some(path) if !path.is_absolute() => Err(SpecError::Netns(path)),
+        path => Ok(path),
+    }
 }
 
 /// A hostname the guest gets on its kernel command line (RFC 1123
@@ -380,6 +405,33 @@ mod tests {
         let err = one_line(&load(empty.path(), HOST).unwrap_err());
         assert!(err.starts_with("cannot read the runtime spec"), "{err}");
         assert!(err.contains("config.json"), "{err}");
+    }
+
+    #[test]
+    fn a_network_namespace_with_a_path_is_joined_and_one_without_is_not() {
+        let namespaces = |list: serde_json::Value| {
+            let dir = bundle(spec(process(), serde_json::json!({"namespaces": list})));
+            load(dir.path(), HOST).map(|c| c.netns)
+        };
+        let pod = serde_json::json!([
+            {"type": "pid"},
+            {"type": "network", "path": "/var/run/netns/cni-1234"},
+        ]);
+        assert_eq!(
+            namespaces(pod).unwrap(),
+            Some(PathBuf::from("/var/run/netns/cni-1234"))
+        );
+        let fresh =
+            serde_json::json!([{"type": "network"}, {"type": "ipc", "path": "/proc/1/ns/ipc"}]);
+        assert_eq!(namespaces(fresh).unwrap(), None);
+        let dir = bundle(spec(process(), serde_json::json!({})));
+        assert_eq!(load(dir.path(), HOST).unwrap().netns, None);
+        let relative = serde_json::json!([{"type": "network", "path": "netns/pod"}]);
+        let err = one_line(&namespaces(relative).unwrap_err());
+        assert_eq!(
+            err,
+            "linux.namespaces network path \"netns/pod\": expected an absolute path"
+        );
     }
 
     #[test]

@@ -25,6 +25,7 @@ use guest_init::exec::{ExecRequest, WindowSize};
 use kiln_control::instance::exec::{ExecError, Input, Session};
 use kiln_vmm::report::one_line;
 
+use crate::network::{NetError, PodNetwork};
 use crate::rootfs::{self, MountSpec, Rootfs, RootfsError};
 use crate::spec::{self, SpecError};
 use crate::vm::{self, Files, VmError, VmProcess};
@@ -64,6 +65,16 @@ pub enum TaskError {
         /// Why.
         #[source]
         source: VmError,
+    },
+    /// The VM's NIC cannot be connected to the pod's network, or what
+    /// connected it cannot be removed.
+    #[error("container {id}")]
+    Network {
+        /// The container.
+        id: String,
+        /// Why.
+        #[source]
+        source: NetError,
     },
     /// A process could not be started in the VM.
     #[error("container {id}: process {exec_id:?} (console {console})")]
@@ -123,6 +134,16 @@ impl TaskError {
             TaskError::Spec { .. } | TaskError::StdioUri { .. } => Code::INVALID_ARGUMENT,
             TaskError::Rootfs {
                 source: RootfsError::None | RootfsError::Many(_) | RootfsError::UnsupportedType(_),
+                ..
+            } => Code::INVALID_ARGUMENT,
+            TaskError::Network {
+                source:
+                    NetError::Open { .. }
+                    | NetError::Enter { .. }
+                    | NetError::NoInterface { .. }
+                    | NetError::Several { .. }
+                    | NetError::NoMac { .. }
+                    | NetError::Addresses { .. },
                 ..
             } => Code::INVALID_ARGUMENT,
             TaskError::NotFound { .. } => Code::NOT_FOUND,
@@ -232,6 +253,8 @@ struct Container {
     bundle: String,
     files: Files,
     vmm: VmProcess,
+    /// The NIC's connection to the pod's network, if the spec names one.
+    network: Option<PodNetwork>,
     main: Process,
     execs: std::collections::HashMap<String, Process>,
 }
@@ -343,7 +366,7 @@ impl Tasks {
         };
         fs::create_dir_all(&dir).map_err(files_err)?;
         let booted = self.boot(req, &files);
-        let (spec, vmm) = match booted {
+        let (spec, vmm, network) = match booted {
             Ok(booted) => booted,
             Err(err) => {
                 fs::remove_dir_all(&dir).map_err(files_err)?;
@@ -355,6 +378,7 @@ impl Tasks {
             bundle: req.bundle.clone(),
             files,
             vmm,
+            network,
             main: Process::new(spec.process, stdio),
             execs: Default::default(),
         };
@@ -367,7 +391,7 @@ impl Tasks {
         &self,
         req: &api::CreateTaskRequest,
         files: &Files,
-    ) -> Result<(spec::Container, VmProcess), TaskError> {
+    ) -> Result<(spec::Container, VmProcess, Option<PodNetwork>), TaskError> {
         let id = || req.id.clone();
         let spec = spec::load(Path::new(&req.bundle), spec::this_host())
             .map_err(|source| TaskError::Spec { id: id(), source })?;
@@ -389,9 +413,24 @@ impl Tasks {
         let rootfs = Rootfs::parse(&mounts).map_err(rootfs_err)?;
         let image = rootfs::image(&rootfs, &assets.guest_init, &assets.cache, files.dir())
             .map_err(rootfs_err)?;
-        let config = vm::define(&spec, &assets.kernel, &image, files).map_err(vm_err)?;
-        let vmm = VmProcess::spawn(files, config).map_err(vm_err)?;
-        Ok((spec, vmm))
+        let net_err = |source| TaskError::Network { id: id(), source };
+        let network = spec.netns.as_deref().map(PodNetwork::connect);
+        let (network, tap) = network.transpose().map_err(net_err)?.unzip();
+        let vmm = vm::define(&spec, &assets.kernel, &image, files).and_then(|mut config| {
+            if let Some(network) = &network {
+                network.attach(&mut config);
+            }
+            VmProcess::spawn(files, config, tap)
+        });
+        match vmm {
+            Ok(vmm) => Ok((spec, vmm, network)),
+            Err(err) => {
+                if let Some(Err(left)) = network.map(PodNetwork::disconnect) {
+                    log::error!("{}", one_line(&net_err(left)));
+                }
+                Err(vm_err(err))
+            }
+        }
     }
 
     /// Connects the process to guest-init's exec port (waiting while the
@@ -522,6 +561,12 @@ impl Tasks {
             container.execs.remove(exec_id);
         } else {
             container.stop_vm();
+            if let Some(network) = container.network.take() {
+                network.disconnect().map_err(|source| TaskError::Network {
+                    id: id.clone(),
+                    source,
+                })?;
+            }
             let dir = container.files.dir().to_path_buf();
             fs::remove_dir_all(&dir).map_err(|source| TaskError::Files {
                 id: id.clone(),

@@ -6,6 +6,8 @@
 //! the jail is switched off (`KILN_JAIL=0` in the shim's environment).
 use std::fs::File;
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::{Arc, mpsc};
@@ -15,6 +17,7 @@ use std::time::Instant;
 use guest_init::exec::CONTAINER_CMDLINE_FLAG;
 use kiln_control::jail::{self, Jail, JailError, JailSettings};
 use kiln_vmm::config::{Boot, ConfigError, DiskConfig, DiskSource, VmConfig, VsockConfig};
+use kiln_vmm::devices::virtio::net::tap::Tap;
 use kiln_vmm::machine::VMM_ERROR_STATUS;
 use kiln_vmm::report::one_line;
 use kiln_vmm::volume::{Volume, VolumeError};
@@ -160,8 +163,13 @@ pub struct VmProcess {
 impl VmProcess {
     /// Starts the VMM process of `config`, the VM whose files are in
     /// `files`, jailed unless the jail is switched off, its console into
-    /// the console file; it ends when this process does.
-    pub fn spawn(files: &Files, mut config: VmConfig) -> Result<VmProcess, VmError> {
+    /// the console file; it ends when this process does. The NIC's `tap`,
+    /// if `config` has one, is handed to it open, and goes with it.
+    pub fn spawn(
+        files: &Files,
+        mut config: VmConfig,
+        tap: Option<Tap>,
+    ) -> Result<VmProcess, VmError> {
         let jail = Jailed::create(files, &mut config)?;
         let definition = files.definition();
         config.save(&definition)?;
@@ -181,6 +189,7 @@ impl VmProcess {
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(spawn_err)?)
             .stderr(log);
+        let tap = tap.map(|tap| hand_down(&mut command, tap.into()));
         let (started, pid) = mpsc::channel();
         let waiter = thread::Builder::new()
             .name("vmm".into())
@@ -194,8 +203,9 @@ impl VmProcess {
                         let _ = started.send(Err(err));
                     }
                 }
-                // The jail ends with its VM process.
-                drop(jail);
+                // The jail ends with its VM process; the tap is the VM
+                // process's alone once it runs.
+                drop((jail, tap));
             })
             .map_err(spawn_err)?;
         let pid = pid
@@ -225,6 +235,27 @@ impl VmProcess {
         }
         let _ = waiter.join();
     }
+}
+
+/// Lets `command`'s process inherit `fd` (close-on-exec is cleared in the
+/// child only, so no other child of this multi-threaded shim gets it) and
+/// names its number as the command's last argument. The descriptor must
+/// stay open until the command is spawned.
+fn hand_down(command: &mut Command, fd: OwnedFd) -> OwnedFd {
+    let raw = fd.as_raw_fd();
+    command.arg(raw.to_string());
+    let clear_cloexec = move || {
+        // SAFETY: F_SETFD takes the descriptor flags as an int; `raw` is
+        // open in the child (the parent holds it open until the spawn).
+        if unsafe { libc::fcntl(raw, libc::F_SETFD, 0) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // SAFETY: the closure runs between fork and exec and makes one
+    // async-signal-safe call, fcntl(2), allocating nothing.
+    unsafe { command.pre_exec(clear_cloexec) };
+    fd
 }
 
 /// A container VM's jail, if it has one: removed (its cgroup, its uid's
@@ -279,18 +310,33 @@ fn warn_in_log(line: &str) {
     log::warn!("{line}");
 }
 
-/// The VMM process (`__vm DEFINITION SHIM_PID`): tied to the shim's life,
-/// runs the VM to its end, exits with its status.
+/// The VMM process (`__vm DEFINITION SHIM_PID [TAP_FD]`): tied to the
+/// shim's life, runs the VM to its end, exits with its status.
 pub fn run_vmm(args: &[String]) -> ExitCode {
     let started = Instant::now();
-    let [definition, shim] = args else {
-        eprintln!("{VM_SUBCOMMAND}: expected DEFINITION SHIM_PID, got {args:?}");
-        return ExitCode::from(VMM_ERROR_STATUS);
+    let (definition, shim, tap_fd) = match args {
+        [definition, shim] => (definition, shim, None),
+        [definition, shim, tap_fd] => (definition, shim, Some(tap_fd)),
+        _ => {
+            eprintln!("{VM_SUBCOMMAND}: expected DEFINITION SHIM_PID [TAP_FD], got {args:?}");
+            return ExitCode::from(VMM_ERROR_STATUS);
+        }
     };
     let ran = (|| -> Result<u8, Box<dyn std::error::Error>> {
         kiln_vmm::supervised::end_with(shim.parse()?)?;
         let config = VmConfig::load(Path::new(definition))?;
-        Ok(kiln_vmm::builder::run(&config, started, None, None)?.exit_status)
+        let tap =
+            match (tap_fd, &config.net) {
+                (None, None) => None,
+                // SAFETY: the shim handed this descriptor down, the NIC's tap,
+                // for this purpose; nothing else here uses it.
+                (Some(fd), Some(nic)) => Some(unsafe { Tap::adopt(fd.parse()?, &nic.tap) }?),
+                _ => return Err(format!(
+                    "{definition}: TAP_FD {tap_fd:?}: expected one exactly when the VM has a NIC"
+                )
+                .into()),
+            };
+        Ok(kiln_vmm::builder::run(&config, started, None, tap)?.exit_status)
     })();
     ExitCode::from(ran.unwrap_or_else(|err| {
         eprintln!("containerd-shim-kiln-v2: {}", one_line(&*err));
