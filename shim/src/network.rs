@@ -146,6 +146,22 @@ pub enum NetError {
         #[source]
         source: io::Error,
     },
+    /// The kernel does not know the qdisc, classifier or action (ENOENT):
+    /// its module is not loaded and could not be.
+    #[error(
+        "network namespace {netns}: cannot {step}: this kernel lacks {modules} (modprobe them)"
+    )]
+    NoModule {
+        /// The namespace.
+        netns: PathBuf,
+        /// The request, as a verb phrase.
+        step: String,
+        /// The modules that provide what it needs.
+        modules: &'static str,
+        /// What the kernel said.
+        #[source]
+        source: io::Error,
+    },
     /// The namespace's thread could not be started, or ended abruptly.
     #[error("cannot start a thread to enter {netns}")]
     Thread {
@@ -520,7 +536,7 @@ impl Rtnl {
     fn add_ingress(&mut self, index: u32, name: &str) -> Result<(), NetError> {
         let step = format!("add an ingress qdisc to {name}");
         let message = RouteNetlinkMessage::NewQueueDiscipline(ingress_qdisc(index));
-        self.change(&step, message, NLM_F_CREATE | NLM_F_EXCL)
+        self.add_tc(&step, message, "sch_ingress")
     }
 
     fn del_ingress(&mut self, index: u32, name: &str) -> Result<(), NetError> {
@@ -538,7 +554,30 @@ impl Rtnl {
     ) -> Result<(), NetError> {
         let step = format!("redirect {from_name}'s ingress to {to_name}");
         let message = RouteNetlinkMessage::NewTrafficFilter(redirect_filter(from, to));
-        self.change(&step, message, NLM_F_CREATE | NLM_F_EXCL)
+        self.add_tc(&step, message, "cls_u32 and act_mirred")
+    }
+
+    /// Adds a TC object that must not exist yet; the kernel's ENOENT for
+    /// a kind it does not know names the `modules` that provide it.
+    fn add_tc(
+        &mut self,
+        step: &str,
+        message: RouteNetlinkMessage,
+        modules: &'static str,
+    ) -> Result<(), NetError> {
+        match self.change(step, message, NLM_F_CREATE | NLM_F_EXCL) {
+            Err(NetError::Netlink {
+                netns,
+                step,
+                source,
+            }) if source.raw_os_error() == Some(libc::ENOENT) => Err(NetError::NoModule {
+                netns,
+                step,
+                modules,
+                source,
+            }),
+            done => done,
+        }
     }
 
     /// A dump request's answer.
