@@ -719,6 +719,13 @@ mod tests {
             String::from_utf8(output.stdout).unwrap()
         }
 
+        /// No tap and no qdisc of ours: the namespace as CNI made it.
+        fn assert_as_made(&self) {
+            assert!(!self.run(&["link"]).contains(TAP_NAME));
+            let qdiscs = self.tc(&["qdisc", "show", "dev", "eth0"]);
+            assert!(!qdiscs.contains("ingress"), "{qdiscs}");
+        }
+
         fn tc(&self, args: &[&str]) -> String {
             let output = Command::new("ip")
                 .args(["netns", "exec", &self.0, "tc"])
@@ -733,6 +740,12 @@ mod tests {
         fn drop(&mut self) {
             ip(&["netns", "del", &self.0]);
         }
+    }
+
+    /// Why connecting to `netns` fails, the path as NETNS.
+    fn refusal(netns: &Path) -> String {
+        let err = one_line(&PodNetwork::connect(netns).unwrap_err());
+        err.replace(&netns.display().to_string(), "NETNS")
     }
 
     fn ip(args: &[&str]) -> bool {
@@ -820,7 +833,7 @@ mod tests {
         );
         // A second container's VM in the namespace is refused: its first
         // tap is an Ethernet interface beside the pod's.
-        let err = one_line(&PodNetwork::connect(&pod.path()).unwrap_err());
+        let err = refusal(&pod.path());
         assert!(
             err.contains("Ethernet interfaces [\"eth0\", \"tap0_kiln\"]"),
             "{err}"
@@ -828,11 +841,7 @@ mod tests {
 
         drop(tap);
         network.disconnect().unwrap();
-        assert!(!pod.run(&["link"]).contains(TAP_NAME));
-        assert!(
-            !pod.tc(&["qdisc", "show", "dev", "eth0"])
-                .contains("ingress")
-        );
+        pod.assert_as_made();
         // The veth is CNI's, and stays.
         assert!(pod.run(&["addr", "show", "eth0"]).contains("10.77.0.5/24"));
     }
@@ -842,31 +851,19 @@ mod tests {
         let Some(empty) = Scratch::new("empty") else {
             return;
         };
-        let err = one_line(&PodNetwork::connect(&empty.path()).unwrap_err());
         assert_eq!(
-            err,
-            format!(
-                "network namespace {} has no Ethernet interface: expected the one CNI made",
-                empty.path().display()
-            )
+            refusal(&empty.path()),
+            "network namespace NETNS has no Ethernet interface: expected the one CNI made"
         );
         let Some((pod, _host)) = pod("noaddr") else {
             return;
         };
         pod.run(&["addr", "flush", "dev", "eth0"]);
-        let err = one_line(&PodNetwork::connect(&pod.path()).unwrap_err());
         assert_eq!(
-            err,
-            format!(
-                "interface eth0 in {} has the IPv4 addresses []: expected exactly one, which the guest takes",
-                pod.path().display()
-            )
+            refusal(&pod.path()),
+            "interface eth0 in NETNS has the IPv4 addresses []: expected exactly one, which the guest takes"
         );
-        assert!(!pod.run(&["link"]).contains(TAP_NAME));
-        assert!(
-            !pod.tc(&["qdisc", "show", "dev", "eth0"])
-                .contains("ingress")
-        );
+        pod.assert_as_made();
     }
 
     #[test]
