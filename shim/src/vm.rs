@@ -49,6 +49,17 @@ pub enum VmError {
     /// The VMM process's jail cannot be set up.
     #[error(transparent)]
     Jail(#[from] JailError),
+    /// The VMM process was handed a tap without a NIC to take it, or has
+    /// a NIC and no tap.
+    #[error(
+        "{definition}: TAP_FD {fd:?}: expected a tap's descriptor exactly when the VM has a NIC"
+    )]
+    TapFd {
+        /// The VM's definition.
+        definition: PathBuf,
+        /// The descriptor argument, if any.
+        fd: Option<String>,
+    },
     /// The VMM process cannot be started.
     #[error("cannot start the VMM process (console {console})")]
     Spawn {
@@ -194,7 +205,11 @@ impl VmProcess {
         let waiter = thread::Builder::new()
             .name("vmm".into())
             .spawn(move || {
-                match jail.spawn(command) {
+                let spawned = jail.spawn(command);
+                // The VM process has its own descriptor of the tap now: the
+                // tap goes with it.
+                drop(tap);
+                match spawned {
                     Ok(mut child) => {
                         let _ = started.send(Ok(child.id()));
                         let _ = child.wait();
@@ -203,9 +218,8 @@ impl VmProcess {
                         let _ = started.send(Err(err));
                     }
                 }
-                // The jail ends with its VM process; the tap is the VM
-                // process's alone once it runs.
-                drop((jail, tap));
+                // The jail ends with its VM process.
+                drop(jail);
             })
             .map_err(spawn_err)?;
         let pid = pid
@@ -310,6 +324,27 @@ fn warn_in_log(line: &str) {
     log::warn!("{line}");
 }
 
+/// The NIC's tap, handed down as descriptor `fd`: there must be one
+/// exactly when `config` (from `definition`) has a NIC, and it must be the
+/// tap the NIC names.
+fn inherited_tap(
+    fd: Option<&String>,
+    config: &VmConfig,
+    definition: &str,
+) -> Result<Option<Tap>, Box<dyn std::error::Error>> {
+    match (fd, &config.net) {
+        (None, None) => Ok(None),
+        // SAFETY: the shim handed this descriptor down, the NIC's tap, for
+        // this purpose; nothing else here uses it.
+        (Some(fd), Some(nic)) => Ok(Some(unsafe { Tap::adopt(fd.parse()?, &nic.tap) }?)),
+        _ => Err(VmError::TapFd {
+            definition: definition.into(),
+            fd: fd.cloned(),
+        }
+        .into()),
+    }
+}
+
 /// The VMM process (`__vm DEFINITION SHIM_PID [TAP_FD]`): tied to the
 /// shim's life, runs the VM to its end, exits with its status.
 pub fn run_vmm(args: &[String]) -> ExitCode {
@@ -325,17 +360,7 @@ pub fn run_vmm(args: &[String]) -> ExitCode {
     let ran = (|| -> Result<u8, Box<dyn std::error::Error>> {
         kiln_vmm::supervised::end_with(shim.parse()?)?;
         let config = VmConfig::load(Path::new(definition))?;
-        let tap =
-            match (tap_fd, &config.net) {
-                (None, None) => None,
-                // SAFETY: the shim handed this descriptor down, the NIC's tap,
-                // for this purpose; nothing else here uses it.
-                (Some(fd), Some(nic)) => Some(unsafe { Tap::adopt(fd.parse()?, &nic.tap) }?),
-                _ => return Err(format!(
-                    "{definition}: TAP_FD {tap_fd:?}: expected one exactly when the VM has a NIC"
-                )
-                .into()),
-            };
+        let tap = inherited_tap(tap_fd, &config, definition)?;
         Ok(kiln_vmm::builder::run(&config, started, None, tap)?.exit_status)
     })();
     ExitCode::from(ran.unwrap_or_else(|err| {
