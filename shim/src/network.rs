@@ -162,6 +162,15 @@ pub enum NetError {
         #[source]
         source: io::Error,
     },
+    /// The pod's resolv.conf, which the spec mounts, cannot be read.
+    #[error("cannot read the pod's resolv.conf {path}")]
+    ResolvConf {
+        /// The host file the spec mounts at /etc/resolv.conf.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
     /// The namespace's thread could not be started, or ended abruptly.
     #[error("cannot start a thread to enter {netns}")]
     Thread {
@@ -191,13 +200,21 @@ struct Veth {
 pub struct PodNetwork {
     netns: PathBuf,
     veth: Veth,
+    /// The pod's resolv.conf, as text (empty without one).
+    resolv_conf: String,
 }
 
 impl PodNetwork {
     /// Finds the one Ethernet interface of the network namespace at
     /// `netns`, creates the tap beside it and redirects each one's frames
-    /// to the other. Nothing is left in the namespace when it fails.
-    pub fn connect(netns: &Path) -> Result<(PodNetwork, Tap), NetError> {
+    /// to the other; reads the pod's `resolv_conf` (the spec's mount), if
+    /// any, for the guest's nameservers. Nothing is left in the namespace
+    /// when it fails.
+    pub fn connect(
+        netns: &Path,
+        resolv_conf: Option<&Path>,
+    ) -> Result<(PodNetwork, Tap), NetError> {
+        let resolv_conf = read_resolv_conf(resolv_conf)?;
         let (veth, tap) = in_namespace(netns, |rtnl| {
             let veth = find_veth(rtnl)?;
             let tap = Tap::create(TAP_NAME, NET_HDR_LEN).map_err(|source| NetError::Tap {
@@ -210,13 +227,15 @@ impl PodNetwork {
         let network = PodNetwork {
             netns: netns.to_path_buf(),
             veth,
+            resolv_conf,
         };
         Ok((network, tap))
     }
 
     /// Gives `config`'s VM the NIC on the tap, with the veth's MAC, and
     /// the kernel command-line words from which guest-init gives eth0 the
-    /// veth's address, prefix and gateway.
+    /// veth's address, prefix and gateway, and the guest the pod's
+    /// nameservers.
     pub fn attach(&self, config: &mut VmConfig) {
         let veth = &self.veth;
         config.net = Some(NetConfig {
@@ -229,7 +248,7 @@ impl PodNetwork {
             veth.prefix,
             veth.gateway,
             veth.mac,
-            "",
+            &self.resolv_conf,
         );
         for word in words {
             config.extra_cmdline.push(' ');
@@ -255,6 +274,18 @@ impl PodNetwork {
             done => done,
         }
     }
+}
+
+/// The text of the pod's resolv.conf at `path` (the spec's mount), or
+/// none without one.
+fn read_resolv_conf(path: Option<&Path>) -> Result<String, NetError> {
+    let Some(path) = path else {
+        return Ok(String::new());
+    };
+    std::fs::read_to_string(path).map_err(|source| NetError::ResolvConf {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Runs `work` with an rtnetlink socket in the network namespace at
@@ -744,7 +775,7 @@ mod tests {
 
     /// Why connecting to `netns` fails, the path as NETNS.
     fn refusal(netns: &Path) -> String {
-        let err = one_line(&PodNetwork::connect(netns).unwrap_err());
+        let err = one_line(&PodNetwork::connect(netns, None).unwrap_err());
         err.replace(&netns.display().to_string(), "NETNS")
     }
 
@@ -776,7 +807,9 @@ mod tests {
         let Some((pod, _host)) = pod("join") else {
             return;
         };
-        let (network, tap) = PodNetwork::connect(&pod.path()).unwrap();
+        let resolv_conf = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(resolv_conf.path(), "nameserver 10.96.0.10\nsearch svc\n").unwrap();
+        let (network, tap) = PodNetwork::connect(&pod.path(), Some(resolv_conf.path())).unwrap();
         let links = pod.run(&["-o", "link"]);
         let mac = links
             .lines()
@@ -825,6 +858,7 @@ mod tests {
             announce_boot: false,
         };
         network.attach(&mut config);
+        assert!(config.extra_cmdline.ends_with(" kiln.net.dns=10.96.0.10"));
         assert_eq!(config.net.as_ref().unwrap().mac, network.veth.mac);
         assert!(
             config
@@ -868,13 +902,23 @@ mod tests {
 
     #[test]
     fn a_path_that_is_no_network_namespace_is_refused_by_name() {
-        let err = one_line(&PodNetwork::connect(Path::new("/run/netns/kiln-none")).unwrap_err());
+        let err =
+            one_line(&PodNetwork::connect(Path::new("/run/netns/kiln-none"), None).unwrap_err());
         assert!(
             err.starts_with("cannot open the network namespace /run/netns/kiln-none: "),
             "{err}"
         );
+        let missing = Path::new("/run/kiln-none/resolv.conf");
+        let err = one_line(
+            &PodNetwork::connect(Path::new("/run/netns/kiln-none"), Some(missing)).unwrap_err(),
+        );
+        assert!(
+            err.starts_with("cannot read the pod's resolv.conf /run/kiln-none/resolv.conf: "),
+            "{err}"
+        );
+        assert_eq!(read_resolv_conf(None).unwrap(), "");
         let file = tempfile::NamedTempFile::new().unwrap();
-        match PodNetwork::connect(file.path()) {
+        match PodNetwork::connect(file.path(), None) {
             Err(NetError::Enter { source, .. }) => {
                 assert_eq!(source.raw_os_error(), Some(libc::EINVAL));
             }

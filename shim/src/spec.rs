@@ -25,6 +25,8 @@ pub const MIN_MEMORY_MIB: u32 = 64;
 /// The CFS period the runtime spec implies when `cpu.period` is absent
 /// (the kernel's default, 100 ms).
 const DEFAULT_CPU_PERIOD_US: u64 = 100_000;
+/// Where CRI bind-mounts the pod's resolv.conf (the cluster's DNS).
+const RESOLV_CONF: &str = "/etc/resolv.conf";
 /// A terminal's size until containerd's first ResizePty.
 const DEFAULT_TERMINAL: WindowSize = WindowSize { rows: 24, cols: 80 };
 
@@ -44,6 +46,10 @@ pub struct Container {
     /// interface the VM's NIC takes over ([`crate::network`]); none
     /// without one, and then the VM has no NIC.
     pub netns: Option<PathBuf>,
+    /// The host file the spec mounts at /etc/resolv.conf (CRI's, the
+    /// pod's DNS), whose nameservers the guest gets with its NIC; the one
+    /// mount read, since guest-init makes the guest's own mounts.
+    pub resolv_conf: Option<PathBuf>,
 }
 
 /// The host's capacity, which a container's resources may not exceed.
@@ -122,6 +128,12 @@ pub fn load(bundle: &Path, host: Host) -> Result<Container, SpecError> {
         vcpus: vcpus(resources, host)?,
         memory_mib: memory_mib(resources, host)?,
         netns: netns(spec.linux().as_ref())?,
+        resolv_conf: spec
+            .mounts()
+            .iter()
+            .flatten()
+            .find(|mount| mount.destination() == Path::new(RESOLV_CONF))
+            .and_then(|mount| mount.source().clone()),
     })
 }
 
@@ -425,12 +437,27 @@ mod tests {
             serde_json::json!([{"type": "network"}, {"type": "ipc", "path": "/proc/1/ns/ipc"}]);
         assert_eq!(namespaces(fresh).unwrap(), None);
         let dir = bundle(spec(process(), serde_json::json!({})));
-        assert_eq!(load(dir.path(), HOST).unwrap().netns, None);
+        let container = load(dir.path(), HOST).unwrap();
+        assert_eq!((container.netns, container.resolv_conf), (None, None));
         let relative = serde_json::json!([{"type": "network", "path": "netns/pod"}]);
         let err = one_line(&namespaces(relative).unwrap_err());
         assert_eq!(
             err,
             "linux.namespaces network path \"netns/pod\": expected an absolute path"
+        );
+    }
+
+    #[test]
+    fn the_pods_resolv_conf_is_the_mount_at_etc_resolv_conf() {
+        let mut config = spec(process(), serde_json::json!({}));
+        config["mounts"] = serde_json::json!([
+            {"destination": "/etc/hosts", "type": "bind", "source": "/pod/hosts"},
+            {"destination": "/etc/resolv.conf", "type": "bind", "source": "/pod/resolv.conf"},
+        ]);
+        let dir = bundle(config);
+        assert_eq!(
+            load(dir.path(), HOST).unwrap().resolv_conf,
+            Some(PathBuf::from("/pod/resolv.conf"))
         );
     }
 

@@ -143,7 +143,8 @@ impl TaskError {
                     | NetError::NoInterface { .. }
                     | NetError::Several { .. }
                     | NetError::NoMac { .. }
-                    | NetError::Addresses { .. },
+                    | NetError::Addresses { .. }
+                    | NetError::ResolvConf { .. },
                 ..
             } => Code::INVALID_ARGUMENT,
             TaskError::NotFound { .. } => Code::NOT_FOUND,
@@ -414,7 +415,11 @@ impl Tasks {
         let image = rootfs::image(&rootfs, &assets.guest_init, &assets.cache, files.dir())
             .map_err(rootfs_err)?;
         let net_err = |source| TaskError::Network { id: id(), source };
-        let network = spec.netns.as_deref().map(PodNetwork::connect);
+        let resolv_conf = spec.resolv_conf.as_deref();
+        let network = spec
+            .netns
+            .as_deref()
+            .map(|netns| PodNetwork::connect(netns, resolv_conf));
         let (network, tap) = network.transpose().map_err(net_err)?.unzip();
         let vmm = vm::define(&spec, &assets.kernel, &image, files).and_then(|mut config| {
             if let Some(network) = &network {
