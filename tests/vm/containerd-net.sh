@@ -2,7 +2,8 @@
 # make one (here by hand: `ip netns add`, a veth pair with L1's end
 # outside, addresses on both ends, a default route through L1), run with
 # `ctr run --with-ns network:PATH`: the VM's NIC has the veth's MAC and
-# address inside the guest, the container reaches L1's end of the veth
+# address inside the guest, the guest the nameserver of the resolv.conf
+# mounted as CRI mounts the pod's, the container reaches L1's end of the veth
 # and L1 reaches a listener in the container; Delete leaves the namespace
 # as it was made (no tap, no qdisc, the veth and its address). A
 # namespace path that does not exist fails Create with its reason and
@@ -43,8 +44,11 @@ ip -n "$pod" route add default via 10.88.7.1
 mac=$(ip -n "$pod" -o link show eth0 | sed -n 's/.*link\/ether \([0-9a-f:]*\).*/\1/p')
 check pod-made [ -n "$mac" ]
 
-# The container's own process serves a line on TCP port 8080.
-kiln_run -d --with-ns "network:/var/run/netns/$pod" "$img" web \
+# The container's own process serves a line on TCP port 8080; the pod's
+# resolv.conf is mounted as CRI mounts it.
+printf 'nameserver 10.88.7.53\nsearch pod.local\n' > "$WORK/resolv.conf"
+kiln_run -d --with-ns "network:/var/run/netns/$pod" \
+    --mount "type=bind,src=$WORK/resolv.conf,dst=/etc/resolv.conf,options=rbind:ro" "$img" web \
     busybox nc -ll -p 8080 -e busybox echo hello-from-the-pod > "$WORK/web.txt" 2>&1
 expect_eq pod-container-created 0 "$?"
 expect_eq tap-in-the-pod 1 "$(ip -n "$pod" -o link show | grep -c ' tap0_kiln:')"
@@ -55,6 +59,9 @@ ctr task exec --exec-id addr web busybox ip -4 addr show eth0 < /dev/null > "$WO
 expect_contains guest-nic-has-the-veths-address "$WORK/addr.txt" 'inet 10.88.7.2/24'
 ctr task exec --exec-id route web busybox ip route < /dev/null > "$WORK/route.txt" 2>&1
 expect_contains guest-routes-through-the-pods-gateway "$WORK/route.txt" '^default via 10.88.7.1 dev eth0'
+
+ctr task exec --exec-id dns web cat /etc/resolv.conf < /dev/null > "$WORK/dns.txt" 2>&1
+expect_contains guest-has-the-pods-nameserver "$WORK/dns.txt" '^nameserver 10.88.7.53$'
 
 # Both ways: the container reaches L1's end; L1 reaches its listener.
 ctr task exec --exec-id ping web busybox ping -c 1 -W 10 10.88.7.1 < /dev/null > "$WORK/ping.txt" 2>&1
