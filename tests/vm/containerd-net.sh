@@ -15,6 +15,22 @@
 for module in veth sch_ingress cls_u32 act_mirred; do
     insmod "/lib/modules/$module.ko" 2> /dev/null
 done
+containerd_setup
+start_containerd
+check containerd-serves ctr version
+busybox_image
+
+# No namespace in the spec: no NIC. A namespace that does not exist: Create
+# fails with its reason and leaves nothing.
+kiln_run --rm "$img" nonet busybox ls /sys/class/net < /dev/null > "$WORK/nonet.txt" 2>&1
+expect_eq no-namespace-no-nic "lo" "$(tr -d '\r' < "$WORK/nonet.txt")"
+kiln_run --rm --with-ns network:/var/run/netns/kiln-none "$img" nons true \
+    < /dev/null > "$WORK/nons.txt" 2>&1
+expect_eq missing-namespace-refused 1 "$?"
+expect_contains missing-namespace-reason "$WORK/nons.txt" \
+    'cannot open the network namespace /var/run/netns/kiln-none: No such file'
+expect_eq missing-namespace-leaves-nothing "" "$(ls "$KILN_HOME/containers" | grep -v rootfs)"
+
 # What this scenario needs of L1 (xtask/src/harness/initramfs.rs), said
 # once rather than as every later check's failure.
 missing=""
@@ -25,13 +41,10 @@ ip -V 2> /dev/null | grep -q iproute2 || missing="$missing iproute2's ip"
 tc -V 2> /dev/null | grep -q iproute2 || missing="$missing iproute2's tc"
 if [ -n "$missing" ]; then
     fail l1-has-what-pods-need "L1 lacks$missing"
+    kill "$containerd_pid"; wait "$containerd_pid" 2> /dev/null
     exit 0
 fi
 pass l1-has-what-pods-need
-containerd_setup
-start_containerd
-check containerd-serves ctr version
-busybox_image
 
 pod=kiln-pod
 ip netns add "$pod"
@@ -86,17 +99,6 @@ ip netns exec "$pod" tc qdisc show dev eth0 > "$WORK/qdisc.txt" 2>&1
 expect_eq delete-removes-the-qdisc 0 "$(grep -c ingress "$WORK/qdisc.txt")"
 ip -n "$pod" -4 addr show eth0 > "$WORK/after.txt" 2>&1
 expect_contains delete-leaves-the-veth "$WORK/after.txt" 'inet 10.88.7.2/24'
-
-# No namespace in the spec: no NIC. A namespace that does not exist: Create
-# fails with its reason and leaves nothing.
-kiln_run --rm "$img" nonet sh -c 'ls /sys/class/net' < /dev/null > "$WORK/nonet.txt" 2>&1
-expect_eq no-namespace-no-nic "lo" "$(tr -d '\r' < "$WORK/nonet.txt")"
-kiln_run --rm --with-ns network:/var/run/netns/kiln-none "$img" nons true \
-    < /dev/null > "$WORK/nons.txt" 2>&1
-expect_eq missing-namespace-refused 1 "$?"
-expect_contains missing-namespace-reason "$WORK/nons.txt" \
-    'cannot open the network namespace /var/run/netns/kiln-none: No such file'
-expect_eq missing-namespace-leaves-nothing "" "$(ls "$KILN_HOME/containers" | grep -v rootfs)"
 
 ip netns del "$pod"
 kill "$containerd_pid"; wait "$containerd_pid" 2> /dev/null
