@@ -5,10 +5,12 @@
 //!
 //! Honoured: `process.args`, `env`, `cwd`, `user.uid`/`gid`/
 //! `additionalGids`, `terminal` and `consoleSize`; `hostname`;
-//! `linux.resources.memory.limit` and `cpu.quota`/`period`. The VM is the
-//! isolation boundary, so the spec's namespaces, cgroups paths, seccomp
-//! profile, capabilities and mounts (guest-init mounts /proc, /sys, /dev,
-//! /tmp and /run itself) are not read.
+//! `linux.resources.memory.limit` and `cpu.quota`/`period`; the network
+//! namespace's path and the mount at /etc/resolv.conf (the pod's network
+//! and DNS, [`crate::network`]). The VM is the isolation boundary, so the
+//! spec's other namespaces, cgroups paths, seccomp profile, capabilities
+//! and other mounts (guest-init mounts /proc, /sys, /dev, /tmp and /run
+//! itself) are not read.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
