@@ -78,6 +78,10 @@ enum Command {
     Vm(cmd::vm::Args),
     #[command(name = "__generate", hide = true)]
     Generate(cmd::generate::Args),
+    /// Test-only (tests/vm/pod-disk.sh): a pod's VM, its empty drive
+    /// filled and processes run in the disk's root.
+    #[command(name = "__pod-probe", hide = true)]
+    PodProbe(cmd::pod_probe::Args),
 }
 
 fn main() -> ExitCode {
@@ -136,6 +140,7 @@ fn main() -> ExitCode {
         Command::Vmm(args) => cmd::vmm::run(args),
         Command::Vm(args) => cmd::vm::run(args),
         Command::Generate(args) => cmd::generate::run(args, Cli::command()),
+        Command::PodProbe(args) => cmd::pod_probe::run(args),
     };
     match result {
         Ok(code) => code,

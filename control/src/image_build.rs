@@ -89,9 +89,9 @@ mod tests {
             &kiln,
             "#!/bin/sh\n\
              [ \"$1 $2 $4 $5\" = \"__vm --config --supervisor $PPID\" ] || exit 97\n\
-             grep -q '\"Raw\": \"[^\"]*/root.ext4\"' \"$3\" || exit 98\n\
+             grep -q '\"raw\": \"[^\"]*/root.ext4\"' \"$3\" || exit 98\n\
              grep -q '\"read_only\": false' \"$3\" || exit 98\n\
-             grep -q '\"Raw\": \"[^\"]*/recipe.ext4\"' \"$3\" || exit 98\n\
+             grep -q '\"raw\": \"[^\"]*/recipe.ext4\"' \"$3\" || exit 98\n\
              grep -q '\"read_only\": true' \"$3\" || exit 98\n\
              grep -q 'kiln.entrypoint=\\\\\"/bin/sh /steps/' \"$3\" || exit 98\n\
              grep -q '\"vcpus\": 2,' \"$3\" || exit 98\n\

@@ -59,6 +59,14 @@ pub struct ExecRequest {
     /// /dev/null (pipes) or a terminal nobody types into.
     #[serde(default)]
     pub stdin: bool,
+    /// A block device (e.g. `/dev/vdb`, a pod's container's disk filled
+    /// after boot) whose ext4 filesystem is this process's root: it runs
+    /// chrooted there, in a mount namespace of its own, with its user,
+    /// PATH and working directory looked up in that root. The device is
+    /// mounted once, under `/run/kiln/roots/<name>`, and shared by every
+    /// request naming it. `None`: the guest's own root.
+    #[serde(default)]
+    pub root: Option<String>,
 }
 
 /// A terminal's size, in characters.
@@ -220,6 +228,7 @@ mod tests {
                 groups: Some(vec![10, 29]),
                 tty: Some(WindowSize { rows: 24, cols: 80 }),
                 stdin: true,
+                root: Some("/dev/vdb".into()),
             }),
             Frame::Stdin(b"input".to_vec()),
             Frame::StdinEnd,
@@ -245,6 +254,15 @@ mod tests {
             assert_eq!(Frame::read_from(&mut input).unwrap(), Some(frame));
         }
         assert_eq!(Frame::read_from(&mut input).unwrap(), None);
+    }
+
+    #[test]
+    fn a_request_without_a_root_runs_in_the_guests_own() {
+        let request: ExecRequest = serde_json::from_str(r#"{"argv":["/bin/true"]}"#).unwrap();
+        assert_eq!(request.root, None);
+        let request: ExecRequest =
+            serde_json::from_str(r#"{"argv":["/bin/true"],"root":"/dev/vdc"}"#).unwrap();
+        assert_eq!(request.root.as_deref(), Some("/dev/vdc"));
     }
 
     #[test]

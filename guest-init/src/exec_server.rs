@@ -24,7 +24,7 @@ use std::thread::{self, JoinHandle};
 
 use crate::config::RunConfig;
 use crate::exec::{EXEC_PORT, ExecRequest, Frame, WindowSize};
-use crate::{function_mode, supervisor, user};
+use crate::{function_mode, roots, supervisor, user};
 
 /// How much output one frame carries at most.
 const CHUNK: usize = 32 * 1024;
@@ -181,9 +181,18 @@ fn run(
             ));
         }
     };
-    let config = prepared(&request, base, root)?;
-    let terminal = request.tty.map(Terminal::open).transpose()?;
-    let (mut child, pid) = spawn(&config, &request, terminal.as_ref())?;
+    let own_root = request
+        .root
+        .as_deref()
+        .map(roots::mounted)
+        .transpose()
+        .map_err(|err| Refusal(supervisor::STATUS_NOT_EXECUTABLE, crate::one_line(&err)))?;
+    let config = prepared(&request, base, own_root.as_deref().unwrap_or(root))?;
+    let terminal = request
+        .tty
+        .map(|size| Terminal::open(size, own_root.as_deref().unwrap_or(Path::new("/"))))
+        .transpose()?;
+    let (mut child, pid) = spawn(&config, &request, terminal.as_ref(), own_root.as_deref())?;
     let mut outputs = Vec::new();
     let input: Option<Box<dyn Write + Send>> = match &terminal {
         Some(terminal) => {
@@ -222,19 +231,31 @@ fn run(
 }
 
 /// The entrypoint's configuration with the request's changes, its user
-/// resolved.
+/// resolved under `root`: the guest's `/`, or the request's own root
+/// mounted there, where the working directory is `/` unless the request
+/// names one, and must exist.
 fn prepared(request: &ExecRequest, base: &RunConfig, root: &Path) -> Result<RunConfig, Refusal> {
     let refuse = |reason: String| Refusal(supervisor::STATUS_NOT_EXECUTABLE, reason);
     let mut config = base.clone();
     config.entrypoint = request.argv.clone();
     config.cmd.clear();
     config.env.extend(request.env.clone());
-    if let Some(dir) = &request.workdir {
-        config.workdir = dir.clone();
+    match (&request.workdir, &request.root) {
+        (Some(dir), _) => config.workdir = dir.clone(),
+        (None, Some(_)) => config.workdir = "/".into(),
+        (None, None) => {}
     }
     config
         .validate()
         .map_err(|err| refuse(crate::one_line(&err)))?;
+    if let Some(device) = &request.root
+        && !root.join(config.workdir.trim_start_matches('/')).is_dir()
+    {
+        return Err(refuse(format!(
+            "workdir {}: expected a directory in root {device}",
+            config.workdir
+        )));
+    }
     if let Some(spec) = &request.user {
         config.user = Some(spec.clone());
         // HOME is the new user's, unless the request sets it.
@@ -250,19 +271,24 @@ fn prepared(request: &ExecRequest, base: &RunConfig, root: &Path) -> Result<RunC
     Ok(config)
 }
 
-/// Starts the process, on the terminal's far end or on pipes, and enters
-/// it in the table before the reaper can see it end.
+/// Starts the process, in `own_root` if the request has one, on the
+/// terminal's far end or on pipes, and enters it in the table before the
+/// reaper can see it end.
 fn spawn(
     config: &RunConfig,
     request: &ExecRequest,
     terminal: Option<&Terminal>,
+    own_root: Option<&Path>,
 ) -> Result<(Child, libc::pid_t), Refusal> {
-    let mut command = supervisor::command(config);
     let failed = |err: io::Error| {
         Refusal(
             supervisor::spawn_failure_status(&err),
             format!("cannot start {}: {err}", config.entrypoint[0]),
         )
+    };
+    let mut command = match own_root {
+        Some(root) => supervisor::command_in(config, root).map_err(failed)?,
+        None => supervisor::command(config),
     };
     match terminal {
         Some(terminal) => {
@@ -371,21 +397,27 @@ struct Terminal {
 }
 
 impl Terminal {
-    /// A new pseudo-terminal of `size`, from /dev/ptmx (which needs devpts
-    /// at /dev/pts: see `mounts::MOUNTS`; the far end is opened through
-    /// TIOCGPTPEER, so its /dev/pts/N name is never looked up).
-    fn open(size: WindowSize) -> Result<Terminal, Refusal> {
+    /// A new pseudo-terminal of `size`, from `root`'s /dev/ptmx (which
+    /// needs devpts at /dev/pts beside it: see `mounts::KERNEL_FILESYSTEMS`;
+    /// the far end is opened through TIOCGPTPEER, so its /dev/pts/N name
+    /// is never looked up here). A process with its own root gets one of
+    /// its root's devpts, where it finds its terminal's name.
+    fn open(size: WindowSize, root: &Path) -> Result<Terminal, Refusal> {
+        let ptmx = root.join("dev/ptmx");
         let refuse = |err: io::Error| {
             Refusal(
                 supervisor::STATUS_NOT_EXECUTABLE,
-                format!("no pseudo-terminal for -t in the guest (/dev/ptmx): {err}"),
+                format!(
+                    "no pseudo-terminal for -t in the guest ({}): {err}",
+                    ptmx.display()
+                ),
             )
         };
         let near = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(libc::O_NOCTTY)
-            .open("/dev/ptmx")
+            .open(&ptmx)
             .map_err(refuse)?;
         let unlock: libc::c_int = 0;
         // SAFETY: TIOCSPTLCK reads one int, which lives across the call.
@@ -508,6 +540,7 @@ mod tests {
             groups: None,
             tty: None,
             stdin: true,
+            root: None,
         }
     }
 
@@ -570,6 +603,83 @@ mod tests {
         assert!(
             matches!(&last, Frame::Refused { status: 126, reason } if reason.contains("nobody-here")),
             "{last:?}"
+        );
+    }
+
+    /// A root filesystem of busybox's shell, a program only it has, and
+    /// a user only its /etc/passwd knows; traversable by that user.
+    fn busybox_root() -> tempfile::TempDir {
+        use std::os::unix::fs::{PermissionsExt, symlink};
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path();
+        for sub in ["bin", "etc", "srv"] {
+            std::fs::create_dir(dir.join(sub)).unwrap();
+        }
+        std::fs::copy("/bin/busybox", dir.join("bin/busybox")).unwrap();
+        symlink("busybox", dir.join("bin/sh")).unwrap();
+        let program = dir.join("bin/only-in-this-root");
+        std::fs::write(&program, "#!/bin/sh\necho \"$(id -u) in $PWD\"\n").unwrap();
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(dir.join("etc/passwd"), "app:x:4321:4321::/srv:/bin/sh\n").unwrap();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        root
+    }
+
+    #[test]
+    fn a_process_with_its_own_root_runs_there_as_that_roots_user() {
+        let root = busybox_root();
+        let mut req = request(&["only-in-this-root"]);
+        req.root = Some("/dev/vdb".into());
+        req.workdir = None;
+        req.user = Some("app".into());
+        req.env.insert("PATH".into(), "/bin".into());
+        let base = RunConfig::new(vec!["/bin/false".into()]);
+        let Ok(config) = prepared(&req, &base, root.path()) else {
+            panic!("refused")
+        };
+        assert_eq!((config.uid, config.workdir.as_str()), (4321, "/"));
+        assert_eq!(config.env["HOME"], "/srv");
+        let out = supervisor::command_in(&config, root.path())
+            .unwrap()
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "4321 in /\n",
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        req.workdir = Some("/srv".into());
+        let config = prepared(&req, &base, root.path()).ok().unwrap();
+        let out = supervisor::command_in(&config, root.path())
+            .unwrap()
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "4321 in /srv\n");
+        req.workdir = Some("/nowhere".into());
+        let Err(Refusal(status, reason)) = prepared(&req, &base, root.path()) else {
+            panic!("a missing workdir was accepted")
+        };
+        assert_eq!(
+            (status, reason.as_str()),
+            (
+                126,
+                "workdir /nowhere: expected a directory in root /dev/vdb"
+            )
+        );
+    }
+
+    #[test]
+    fn a_root_that_is_not_a_device_is_refused_by_value() {
+        let mut req = request(&["/bin/true"]);
+        req.root = Some("vdb".into());
+        let (_, _, last) = exec(req, &[], Path::new("/"));
+        assert_eq!(
+            last,
+            Frame::Refused {
+                status: 126,
+                reason: "root \"vdb\": expected a block device path /dev/NAME".into()
+            }
         );
     }
 }

@@ -24,8 +24,12 @@ pub mod function_mode;
 #[cfg(feature = "init")]
 pub mod function_runtime;
 #[cfg(feature = "init")]
+pub mod mounts;
+#[cfg(feature = "init")]
 pub mod network;
 pub mod protocol;
+#[cfg(feature = "init")]
+pub mod roots;
 #[cfg(feature = "init")]
 pub mod runtime_api;
 #[cfg(feature = "init")]

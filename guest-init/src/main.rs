@@ -50,11 +50,10 @@ use guest_init::function_mode::Mode;
 use guest_init::network::{NetConfig, RESOLV_CONF};
 use guest_init::protocol::InitEvent;
 use guest_init::{
-    exec_server, function_mode, function_runtime, network, one_line, supervisor, user,
+    exec_server, function_mode, function_runtime, mounts, network, one_line, supervisor, user,
 };
 
 mod metadata;
-mod mounts;
 mod port;
 
 fn main() -> ExitCode {
@@ -131,7 +130,7 @@ fn main() -> ExitCode {
 /// Mounts the basic filesystems and reports that init started.
 fn boot() -> Option<port::InitPort> {
     if let Err(err) = mounts::mount_all() {
-        eprintln!("guest-init: {err}");
+        eprintln!("guest-init: {}", one_line(&err));
     }
     let port = port::InitPort::open(&read_cmdline());
     if let Some(port) = &port {

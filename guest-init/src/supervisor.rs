@@ -10,13 +10,16 @@
 //! takes the same signals from a [`SignalFd`] in its `poll`, and starts its
 //! handlers with [`command`] and collects them with [`reap_all`] like
 //! [`run`] does: one reaper, which knows the child it waits for.
+use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::Command;
 
 use crate::config::RunConfig;
-use crate::exec_server;
+use crate::{exec_server, roots};
 
 /// Status for an entrypoint that could not be found (the shell's 127).
 pub const STATUS_NOT_FOUND: u8 = 127;
@@ -101,30 +104,60 @@ impl AsRawFd for SignalFd {
 /// working directory and identity (`groups`, `gid`, `uid`: resolved by
 /// `guest_init::user`), with an empty signal mask in the child.
 pub fn command(config: &RunConfig) -> Command {
+    let mut command = base_command(config);
+    command.current_dir(&config.workdir);
+    let become_user = user_switch(config);
+    // SAFETY: the hook runs in the child between fork and exec, where only
+    // async-signal-safe calls are allowed; it makes only sigprocmask,
+    // setgroups, setgid and setuid calls, on its own stack and on the
+    // groups, which the closure owns.
+    unsafe {
+        command.pre_exec(move || {
+            unblock_all_signals()?;
+            become_user()
+        })
+    };
+    command
+}
+
+/// Like [`command`], in the root filesystem mounted at `root`
+/// (`guest_init::roots`): the child enters it before it drops to its
+/// user, so `workdir` and the program's PATH search are the root's.
+pub fn command_in(config: &RunConfig, root: &Path) -> io::Result<Command> {
+    let mut command = base_command(config);
+    // Made before the fork: the child may not allocate.
+    let root = CString::new(root.as_os_str().as_bytes())?;
+    let workdir = CString::new(config.workdir.as_str())?;
+    let become_user = user_switch(config);
+    // SAFETY: as in `command`, plus unshare, mount, chroot and chdir
+    // (`roots::enter`) on the two strings, which the closure owns.
+    unsafe {
+        command.pre_exec(move || {
+            unblock_all_signals()?;
+            roots::enter(&root, &workdir)?;
+            become_user()
+        })
+    };
+    Ok(command)
+}
+
+/// `config`'s argv and environment, whatever its root.
+fn base_command(config: &RunConfig) -> Command {
     let (program, args) = config
         .entrypoint
         .split_first()
         .expect("validated: entrypoint is non-empty");
     let mut command = Command::new(program);
+    command.args(args).env_clear().envs(&config.env);
     command
-        .args(args)
-        .env_clear()
-        .envs(&config.env)
-        .current_dir(&config.workdir);
+}
+
+/// What drops the child to `config`'s identity ([`become_user`]), its
+/// groups copied before the fork: the child may not allocate.
+fn user_switch(config: &RunConfig) -> impl Fn() -> io::Result<()> + Send + Sync + 'static {
     let (uid, gid) = (config.uid, config.gid);
-    // Made before the fork: the child may not allocate.
     let groups: Vec<libc::gid_t> = config.groups.clone();
-    // SAFETY: the hook runs in the child between fork and exec, where only
-    // async-signal-safe calls are allowed; it makes only sigprocmask,
-    // setgroups, setgid and setuid calls, on its own stack and on
-    // `groups`, which the closure owns.
-    unsafe {
-        command.pre_exec(move || {
-            unblock_all_signals()?;
-            become_user(uid, gid, &groups)
-        })
-    };
-    command
+    move || become_user(uid, gid, &groups)
 }
 
 /// Drops to `uid` with primary group `gid` and supplementary `groups`, in

@@ -66,6 +66,8 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use crate::{ImageError, Reader, hex};
 
 const MAGIC: [u8; 8] = *b"KILNHYD\0";
+/// A decompressed chunk's data; `None` when it is all zeros.
+type Chunk = Option<Vec<u8>>;
 /// 2 since images cut chunks by content (the ids of version 1's images
 /// are never seen again).
 const VERSION: u32 = 2;
@@ -427,15 +429,16 @@ impl Hydrated {
             }
         }
         let mut first_error = None;
-        let mut new = Vec::new();
+        let mut decompressed = Vec::new();
         for (&n, result) in missing.iter().zip(self.decompress_all(&missing, workers)) {
             match result {
-                Ok(state) => new.push((n, state)),
+                Ok(data) => decompressed.push((n, data)),
                 Err(err) => {
                     first_error.get_or_insert(err);
                 }
             }
         }
+        let new = self.write_runs(decompressed, &mut first_error);
         if new.iter().any(|&(_, state)| state == DATA) {
             self.raw.sync_data().map_err(io_err(&self.files.raw))?;
         }
@@ -454,22 +457,32 @@ impl Hydrated {
         first_error.map_or(Ok(()), Err)
     }
 
-    /// Decompresses and writes each chunk of `chunks` on up to `workers`
-    /// threads; each chunk's new state or error, in order.
-    fn decompress_all(&self, chunks: &[u32], workers: usize) -> Vec<Result<u8, HydrateError>> {
-        let workers = workers.clamp(1, chunks.len().max(1));
+    /// Decompresses each chunk of `chunks` on up to `workers` threads:
+    /// each chunk's data (`None`: all zeros) or error, in order. A worker
+    /// takes the chunks of one frame at a time, so that no two workers
+    /// decompress the same frame (each would miss the frame cache while
+    /// the other fills it).
+    fn decompress_all(&self, chunks: &[u32], workers: usize) -> Vec<Result<Chunk, HydrateError>> {
+        let frames = self.frame_groups(chunks);
+        let workers = workers.clamp(1, frames.len().max(1));
+        let decompress = |frame: &Range<usize>| -> Vec<_> {
+            chunks[frame.clone()]
+                .iter()
+                .map(|&n| self.chunk_data(n))
+                .collect()
+        };
         if workers == 1 {
-            return chunks.iter().map(|&n| self.write_chunk(n)).collect();
+            return frames.iter().flat_map(decompress).collect();
         }
         let next = AtomicUsize::new(0);
-        let results = Mutex::new(Vec::with_capacity(chunks.len()));
+        let results = Mutex::new(Vec::with_capacity(frames.len()));
         std::thread::scope(|scope| {
             for _ in 0..workers {
                 scope.spawn(|| {
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(&n) = chunks.get(i) else { break };
-                        let result = self.write_chunk(n);
+                        let Some(frame) = frames.get(i) else { break };
+                        let result = decompress(frame);
                         results
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
@@ -480,23 +493,72 @@ impl Hydrated {
         });
         let mut results = results.into_inner().unwrap_or_else(|p| p.into_inner());
         results.sort_unstable_by_key(|(i, _)| *i);
-        results.into_iter().map(|(_, result)| result).collect()
+        results.into_iter().flat_map(|(_, result)| result).collect()
     }
 
-    /// Chunk `n` into the raw file, unless it is all zeros; its new state.
-    fn write_chunk(&self, n: u32) -> Result<u8, HydrateError> {
+    /// `chunks` cut into runs whose chunks share a frame, as index ranges.
+    fn frame_groups(&self, chunks: &[u32]) -> Vec<Range<usize>> {
+        let mut groups: Vec<Range<usize>> = Vec::new();
+        for (i, &n) in chunks.iter().enumerate() {
+            match groups.last_mut() {
+                Some(group) if self.reader.same_frame(chunks[group.start], n) => group.end = i + 1,
+                _ => groups.push(i..i + 1),
+            }
+        }
+        groups
+    }
+
+    /// Chunk `n`'s data, unless it is all zeros.
+    fn chunk_data(&self, n: u32) -> Result<Chunk, HydrateError> {
         if self.reader.is_zero_chunk(n) {
-            return Ok(ZERO);
+            return Ok(None);
         }
         let data = self.reader.chunk(n)?;
-        if data.iter().all(|&b| b == 0) {
-            return Ok(ZERO);
+        Ok(data.iter().any(|&b| b != 0).then_some(data))
+    }
+
+    /// Writes the data of `decompressed` (ascending chunks) into the raw
+    /// file, each run of adjacent chunks with one `pwrite`: the page cache
+    /// then holds it in large folios, which later reads copy out about
+    /// 1.6 times faster than the small ones that one write per chunk (16
+    /// KiB on average) makes (measured on this host's ext4, kernel 6.18).
+    /// Each chunk's new state, in order, but those of a run that could not
+    /// be written, whose error goes to `first_error`.
+    fn write_runs(
+        &self,
+        decompressed: Vec<(u32, Chunk)>,
+        first_error: &mut Option<HydrateError>,
+    ) -> Vec<(u32, u8)> {
+        let mut new = Vec::with_capacity(decompressed.len());
+        let mut run: Vec<u32> = Vec::new();
+        let mut bytes = Vec::new();
+        let mut flush = |run: &mut Vec<u32>, bytes: &mut Vec<u8>, new: &mut Vec<(u32, u8)>| {
+            let Some(&first) = run.first() else { return };
+            let at = self.reader.chunk_offset(first);
+            match self.raw.write_all_at(bytes, at) {
+                Ok(()) => new.extend(run.iter().map(|&n| (n, DATA))),
+                Err(err) => {
+                    first_error.get_or_insert(io_err(&self.files.raw)(err));
+                }
+            }
+            run.clear();
+            bytes.clear();
+        };
+        for (n, data) in decompressed {
+            if run.last().is_some_and(|&last| last + 1 != n) || data.is_none() {
+                flush(&mut run, &mut bytes, &mut new);
+            }
+            match data {
+                Some(data) => {
+                    run.push(n);
+                    bytes.extend_from_slice(&data);
+                }
+                None => new.push((n, ZERO)),
+            }
         }
-        let offset = self.reader.chunk_offset(n);
-        self.raw
-            .write_all_at(&data, offset)
-            .map_err(io_err(&self.files.raw))?;
-        Ok(DATA)
+        flush(&mut run, &mut bytes, &mut new);
+        new.sort_unstable_by_key(|&(n, _)| n);
+        new
     }
 
     /// Fills the cache with every chunk, `batch` chunks per fill on

@@ -458,6 +458,13 @@ impl Reader {
         self.chunk_at(offset)..=self.chunk_at(offset + len.max(1) - 1)
     }
 
+    /// Whether chunks `a` and `b`, which must exist, are decompressed
+    /// together: they lie in the same zstd frame of the same layer.
+    pub fn same_frame(&self, a: u32, b: u32) -> bool {
+        let (a, b) = (&self.index[a as usize], &self.index[b as usize]);
+        (a.layer, a.frame_offset) == (b.layer, b.frame_offset)
+    }
+
     /// Whether chunk `n` holds only zeros, by its index entry alone (no
     /// decompression): ext4 images are mostly free space.
     pub fn is_zero_chunk(&self, n: u32) -> bool {

@@ -3,20 +3,22 @@
 //! 1.7 speak) running each container as a Kiln microVM. containerd finds
 //! it on PATH by the runtime name `io.containerd.kiln.v2`.
 //!
-//! One shim process per container, as runc's shim: `start` re-executes
-//! this binary as the shim daemon, which serves the task service
-//! ([`task`]) until containerd shuts it down. The container's VM is a
-//! child of the daemon (this binary again, as [`vm::VM_SUBCOMMAND`]), and
-//! ends with it.
+//! One shim process per container, or per pod, as runc's shim: `start`
+//! re-executes this binary as the shim daemon, which serves the task
+//! service ([`task`]) until containerd shuts it down; a pod's containers
+//! are handed to its sandbox's daemon ([`pod`]). The container's (or
+//! pod's) VM is a child of the daemon (this binary again, as
+//! [`vm::VM_SUBCOMMAND`]), and ends with it.
 #![warn(missing_docs)]
 
 pub mod network;
+pub mod pod;
 pub mod rootfs;
 pub mod spec;
 pub mod task;
 pub mod vm;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use containerd_shim::publisher::RemotePublisher;
@@ -85,9 +87,14 @@ impl containerd_shim::Shim for Shim {
         }
     }
 
-    /// One shim daemon per container: its socket is named by the id.
+    /// One shim daemon per container, or per pod: its socket is named by
+    /// the container's id, or by its pod's sandbox's, whose daemon (which
+    /// `spawn` finds serving that socket) then serves it. containerd runs
+    /// `start` in the container's bundle.
     fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
-        let grouping = opts.id.clone();
+        let role = spec::role(Path::new("."))
+            .map_err(|err| containerd_shim::Error::InvalidArgument(one_line(&err)))?;
+        let grouping = role.grouping(&opts.id).to_string();
         let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
         containerd_shim::util::write_address(&address)?;
         Ok(address)

@@ -5,17 +5,20 @@
 //!
 //! Honoured: `process.args`, `env`, `cwd`, `user.uid`/`gid`/
 //! `additionalGids`, `terminal` and `consoleSize`; `hostname`;
-//! `linux.resources.memory.limit` and `cpu.quota`/`period`; the network
-//! namespace's path and the mount at /etc/resolv.conf (the pod's network
-//! and DNS, [`crate::network`]). The VM is the isolation boundary, so the
-//! spec's other namespaces, cgroups paths, seccomp profile, capabilities
-//! and other mounts (guest-init mounts /proc, /sys, /dev, /tmp and /run
+//! `linux.resources.memory.limit` and `cpu.quota`/`period`; the CRI pod
+//! annotations ([`crate::pod`]); the network namespace's path and the
+//! mount at /etc/resolv.conf (the pod's network and DNS,
+//! [`crate::network`]). The VM is the isolation boundary, so the spec's
+//! other namespaces, cgroups paths, seccomp profile, capabilities and
+//! other mounts (guest-init mounts /proc, /sys, /dev, /tmp and /run
 //! itself) are not read.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use guest_init::exec::{ExecRequest, WindowSize};
 use oci_spec::runtime::{Linux, LinuxNamespaceType, LinuxResources, Process, Spec};
+
+use crate::pod::{PodError, Role};
 
 /// vCPUs of a VM whose spec sets no CPU quota.
 pub const DEFAULT_VCPUS: u8 = 1;
@@ -39,10 +42,12 @@ pub struct Container {
     pub process: ExecRequest,
     /// The guest's hostname (empty: guest-init's default).
     pub hostname: String,
-    /// The VM's vCPUs.
-    pub vcpus: u8,
-    /// The VM's memory in MiB.
-    pub memory_mib: u32,
+    /// The vCPUs its CPU quota buys; `None` without a quota.
+    pub cpu_limit: Option<u8>,
+    /// Its memory limit in MiB; `None` without one.
+    pub memory_limit_mib: Option<u32>,
+    /// Whether it runs alone or in a pod, and there as what.
+    pub role: Role,
     /// The network namespace the container joins (`linux.namespaces`,
     /// type network, with a path: the pod's, which CNI set up), whose
     /// interface the VM's NIC takes over ([`crate::network`]); none
@@ -52,6 +57,18 @@ pub struct Container {
     /// pod's DNS), whose nameservers the guest gets with its NIC; the one
     /// mount read, since guest-init makes the guest's own mounts.
     pub resolv_conf: Option<PathBuf>,
+}
+
+impl Container {
+    /// Its VM's vCPUs: its CPU limit's, else [`DEFAULT_VCPUS`].
+    pub fn vcpus(&self) -> u8 {
+        self.cpu_limit.unwrap_or(DEFAULT_VCPUS)
+    }
+
+    /// Its VM's memory in MiB: its limit, else [`DEFAULT_MEMORY_MIB`].
+    pub fn memory_mib(&self) -> u32 {
+        self.memory_limit_mib.unwrap_or(DEFAULT_MEMORY_MIB)
+    }
 }
 
 /// The host's capacity, which a container's resources may not exceed.
@@ -75,6 +92,9 @@ pub enum SpecError {
         #[source]
         source: oci_spec::OciSpecError,
     },
+    /// The pod annotations are not CRI's.
+    #[error(transparent)]
+    Pod(#[from] PodError),
     /// An exec's process spec is not JSON of an OCI process.
     #[error("the exec's process spec is not an OCI process")]
     ExecProcess(#[source] serde_json::Error),
@@ -120,15 +140,15 @@ pub enum SpecError {
 
 /// Loads `bundle/config.json` and checks it against `host`.
 pub fn load(bundle: &Path, host: Host) -> Result<Container, SpecError> {
-    let path = bundle.join("config.json");
-    let spec = Spec::load(&path).map_err(|source| SpecError::Load { path, source })?;
+    let spec = read(bundle)?;
     let process = spec.process().as_ref().ok_or(SpecError::NoArgs)?;
     let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
     Ok(Container {
         process: request(process)?,
         hostname: hostname(spec.hostname().clone().unwrap_or_default())?,
-        vcpus: vcpus(resources, host)?,
-        memory_mib: memory_mib(resources, host)?,
+        cpu_limit: cpu_limit(resources, host)?,
+        memory_limit_mib: memory_limit_mib(resources, host)?,
+        role: Role::of(spec.annotations().as_ref())?,
         netns: netns(spec.linux().as_ref())?,
         resolv_conf: spec
             .mounts()
@@ -137,6 +157,18 @@ pub fn load(bundle: &Path, host: Host) -> Result<Container, SpecError> {
             .find(|mount| mount.destination() == Path::new(RESOLV_CONF))
             .and_then(|mount| mount.source().clone()),
     })
+}
+
+/// The role of the container of `bundle` (its `config.json`'s pod
+/// annotations), which is all `start` needs of it.
+pub fn role(bundle: &Path) -> Result<Role, SpecError> {
+    Ok(Role::of(read(bundle)?.annotations().as_ref())?)
+}
+
+/// `bundle/config.json`.
+fn read(bundle: &Path) -> Result<Spec, SpecError> {
+    let path = bundle.join("config.json");
+    Spec::load(&path).map_err(|source| SpecError::Load { path, source })
 }
 
 /// The path of the network namespace to join, if the spec names one. A
@@ -216,15 +248,17 @@ fn request(process: &Process) -> Result<ExecRequest, SpecError> {
         // containerd always hands a stdin path to a process that has one;
         // whether it does is the shim's to see (`Stdio::stdin`).
         stdin: false,
+        // A pod member's root disk, which only the task service knows.
+        root: None,
     })
 }
 
 /// vCPUs from the CFS quota and period: as many CPUs as the quota buys,
-/// rounded up; [`DEFAULT_VCPUS`] without a quota (absent or -1).
-fn vcpus(resources: Option<&LinuxResources>, host: Host) -> Result<u8, SpecError> {
+/// rounded up; none without a quota (absent or -1).
+fn cpu_limit(resources: Option<&LinuxResources>, host: Host) -> Result<Option<u8>, SpecError> {
     let cpu = resources.and_then(|r| r.cpu().as_ref());
     let Some(quota) = cpu.and_then(|c| c.quota()).filter(|&q| q >= 0) else {
-        return Ok(DEFAULT_VCPUS);
+        return Ok(None);
     };
     let period = cpu
         .and_then(|c| c.period())
@@ -239,22 +273,25 @@ fn vcpus(resources: Option<&LinuxResources>, host: Host) -> Result<u8, SpecError
     }
     let cpus = (quota as u64).div_ceil(period).max(1);
     match u8::try_from(cpus) {
-        Ok(cpus) if u32::from(cpus) <= host.cpus => Ok(cpus),
+        Ok(cpus) if u32::from(cpus) <= host.cpus => Ok(Some(cpus)),
         _ => Err(err),
     }
 }
 
-/// Memory from the limit in bytes, rounded up to whole MiB;
-/// [`DEFAULT_MEMORY_MIB`] without a limit (absent or -1).
-fn memory_mib(resources: Option<&LinuxResources>, host: Host) -> Result<u32, SpecError> {
+/// Memory from the limit in bytes, rounded up to whole MiB; none
+/// without a limit (absent or -1).
+fn memory_limit_mib(
+    resources: Option<&LinuxResources>,
+    host: Host,
+) -> Result<Option<u32>, SpecError> {
     let memory = resources.and_then(|r| r.memory().as_ref());
     let Some(limit) = memory.and_then(|m| m.limit()).filter(|&l| l != -1) else {
-        return Ok(DEFAULT_MEMORY_MIB);
+        return Ok(None);
     };
     let mib = u64::try_from(limit).map(|bytes| bytes.div_ceil(1 << 20));
     match mib {
         Ok(mib) if (u64::from(MIN_MEMORY_MIB)..=host.memory_mib).contains(&mib) => {
-            Ok(u32::try_from(mib).unwrap_or(u32::MAX))
+            Ok(Some(u32::try_from(mib).unwrap_or(u32::MAX)))
         }
         _ => Err(SpecError::Memory {
             limit,
@@ -322,6 +359,30 @@ mod tests {
     }
 
     #[test]
+    fn the_pod_annotations_give_the_role_at_start_and_at_create() {
+        let mut config = spec(process(), serde_json::json!({}));
+        let dir = bundle(config.clone());
+        assert_eq!(role(dir.path()).unwrap(), Role::Alone);
+        assert_eq!(load(dir.path(), HOST).unwrap().role, Role::Alone);
+        config["annotations"] = serde_json::json!({
+            "io.kubernetes.cri.container-type": "container",
+            "io.kubernetes.cri.sandbox-id": "pod1",
+        });
+        let dir = bundle(config.clone());
+        let member = Role::Member {
+            sandbox: "pod1".into(),
+        };
+        assert_eq!(role(dir.path()).unwrap(), member);
+        assert_eq!(load(dir.path(), HOST).unwrap().role, member);
+        config["annotations"]["io.kubernetes.cri.container-type"] = "pod".into();
+        let err = one_line(&role(bundle(config).path()).unwrap_err());
+        assert_eq!(
+            err,
+            "annotation io.kubernetes.cri.container-type \"pod\": expected \"sandbox\" or \"container\""
+        );
+    }
+
+    #[test]
     fn the_process_hostname_and_resources_become_the_request_and_the_vm() {
         let linux = serde_json::json!({"resources": {
             "memory": {"limit": 512i64 << 20},
@@ -329,7 +390,7 @@ mod tests {
         }});
         let dir = bundle(spec(process(), linux));
         let container = load(dir.path(), HOST).unwrap();
-        assert_eq!((container.vcpus, container.memory_mib), (2, 512));
+        assert_eq!((container.vcpus(), container.memory_mib()), (2, 512));
         assert_eq!(container.hostname, "web");
         let request = container.process;
         assert_eq!(request.argv, ["/bin/sh", "-c", "echo hi"]);
@@ -351,13 +412,13 @@ mod tests {
         let dir = bundle(spec(process(), serde_json::json!({})));
         let container = load(dir.path(), HOST).unwrap();
         assert_eq!(
-            (container.vcpus, container.memory_mib),
+            (container.vcpus(), container.memory_mib()),
             (DEFAULT_VCPUS, DEFAULT_MEMORY_MIB)
         );
         let unlimited = serde_json::json!({"resources": {
             "memory": {"limit": -1}, "cpu": {"quota": -1}}});
         let dir = bundle(spec(process(), unlimited));
-        assert_eq!(load(dir.path(), HOST).unwrap().vcpus, DEFAULT_VCPUS);
+        assert_eq!(load(dir.path(), HOST).unwrap().vcpus(), DEFAULT_VCPUS);
     }
 
     #[test]

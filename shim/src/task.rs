@@ -1,9 +1,13 @@
-//! The task service containerd calls (task API v2, `shim.proto`): one
-//! container per shim, run as one VM. Create makes the root disk and boots
-//! the VM (guest-init serving its exec port, no entrypoint); Start runs the
-//! container's process through that port, as every Exec'd process is run,
-//! with containerd's stdio FIFOs bridged to the stream. The process's end
-//! ends the VM; Delete removes everything the container had.
+//! The task service containerd calls (task API v2, `shim.proto`): a
+//! container alone, or a pod's containers ([`crate::pod`]), run in one VM.
+//! Create makes the root disk and boots the VM (guest-init serving its
+//! exec port, no entrypoint); Start runs the container's process through
+//! that port, as every Exec'd process is run, with containerd's stdio
+//! FIFOs bridged to the stream. The process's end ends the VM; Delete
+//! removes everything the container had. A pod member's Create instead
+//! fills an empty drive of its sandbox's VM with its root disk, and its
+//! processes run chrooted into it; its end ends only its processes.
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -26,6 +30,7 @@ use kiln_control::instance::exec::{ExecError, Input, Session};
 use kiln_vmm::report::one_line;
 
 use crate::network::{NetError, PodNetwork};
+use crate::pod::{self, PodError, Role, Slots};
 use crate::rootfs::{self, MountSpec, Rootfs, RootfsError};
 use crate::spec::{self, SpecError};
 use crate::vm::{self, Files, VmError, VmProcess};
@@ -57,7 +62,7 @@ pub enum TaskError {
         #[source]
         source: RootfsError,
     },
-    /// The VM cannot be defined or started.
+    /// The VM cannot be defined or started, or take a member's disk.
     #[error("container {id}")]
     Vm {
         /// The container.
@@ -75,6 +80,15 @@ pub enum TaskError {
         /// Why.
         #[source]
         source: NetError,
+    },
+    /// The container cannot join its pod.
+    #[error("container {id}")]
+    Pod {
+        /// The container.
+        id: String,
+        /// Why.
+        #[source]
+        source: PodError,
     },
     /// A process could not be started in the VM.
     #[error("container {id}: process {exec_id:?} (console {console})")]
@@ -136,6 +150,10 @@ impl TaskError {
                 source: RootfsError::None | RootfsError::Many(_) | RootfsError::UnsupportedType(_),
                 ..
             } => Code::INVALID_ARGUMENT,
+            TaskError::Pod {
+                source: PodError::Bigger { .. } | PodError::Hostname { .. } | PodError::Netns { .. },
+                ..
+            } => Code::INVALID_ARGUMENT,
             TaskError::Network {
                 source:
                     NetError::Open { .. }
@@ -148,7 +166,7 @@ impl TaskError {
                 ..
             } => Code::INVALID_ARGUMENT,
             TaskError::NotFound { .. } => Code::NOT_FOUND,
-            TaskError::State { .. } => Code::FAILED_PRECONDITION,
+            TaskError::State { .. } | TaskError::Pod { .. } => Code::FAILED_PRECONDITION,
             _ => Code::UNKNOWN,
         }
     }
@@ -248,21 +266,45 @@ impl Process {
     }
 }
 
-/// The one container of this shim.
+/// A VM of this shim: a container's alone, or a pod's (its sandbox's,
+/// which its members share).
+struct Vm {
+    files: Files,
+    /// Its VMM process's pid: every container's task pid.
+    pid: u32,
+    /// The spec it was made to (a pod's is its sandbox's).
+    spec: spec::Container,
+    process: Mutex<VmProcess>,
+    /// A pod's empty drives.
+    slots: Mutex<Slots>,
+    /// Its NIC's connection to the pod's network, if the spec names one;
+    /// taken to disconnect it once the VM has stopped.
+    network: Mutex<Option<PodNetwork>>,
+}
+
+/// A pod member's root disk in its sandbox's VM.
+struct Member {
+    /// Its files, inside the VM's directory.
+    dir: PathBuf,
+    /// The guest's block device, which its processes have as their root.
+    device: String,
+}
+
+/// A container of this shim.
 struct Container {
     id: String,
     bundle: String,
-    files: Files,
-    vmm: VmProcess,
-    /// The NIC's connection to the pod's network, if the spec names one.
-    network: Option<PodNetwork>,
+    vm: Arc<Vm>,
+    /// `None` for the VM's own container (alone, or a pod's sandbox),
+    /// whose process's end ends the VM.
+    member: Option<Member>,
     main: Process,
-    execs: std::collections::HashMap<String, Process>,
+    execs: HashMap<String, Process>,
 }
 
 impl Container {
     fn pid(&self) -> u32 {
-        self.vmm.pid()
+        self.vm.pid
     }
 
     fn process(&mut self, exec_id: &str) -> Result<&mut Process, TaskError> {
@@ -279,7 +321,7 @@ impl Container {
 
     /// Ends the VM (if it still runs) and waits for its process.
     fn stop_vm(&mut self) {
-        self.vmm.stop();
+        lock(&self.vm.process).stop();
     }
 }
 
@@ -294,7 +336,7 @@ struct Inner {
     assets: Assets,
     publisher: RemotePublisher,
     exit: Arc<ExitSignal>,
-    container: Mutex<Option<Container>>,
+    containers: Mutex<HashMap<String, Container>>,
 }
 
 impl Tasks {
@@ -312,7 +354,7 @@ impl Tasks {
                 assets,
                 publisher,
                 exit,
-                container: Mutex::new(None),
+                containers: Mutex::default(),
             }),
         }
     }
@@ -337,8 +379,7 @@ impl Tasks {
         exec_id: &str,
         f: impl FnOnce(&mut Container) -> Result<T, TaskError>,
     ) -> Result<T, TaskError> {
-        let mut container = lock(&self.inner.container);
-        match container.as_mut().filter(|c| c.id == id) {
+        match lock(&self.inner.containers).get_mut(id) {
             Some(container) => f(container),
             None => Err(TaskError::NotFound {
                 id: id.to_string(),
@@ -347,8 +388,8 @@ impl Tasks {
         }
     }
 
-    /// Makes the root disk, defines and boots the VM; nothing is left of
-    /// it when it fails.
+    /// Creates the container: boots its VM, or (a pod member) fills an
+    /// empty drive of its sandbox's; nothing is left of it when it fails.
     fn create(&self, req: &api::CreateTaskRequest) -> Result<u32, TaskError> {
         let id = req.id.clone();
         let stdio = Stdio {
@@ -358,77 +399,108 @@ impl Tasks {
             terminal: req.terminal,
         }
         .checked(&id)?;
-        let dir = container_dir(&self.inner.namespace, &id);
+        if lock(&self.inner.containers).contains_key(&id) {
+            return Err(TaskError::State {
+                id,
+                exec_id: String::new(),
+                problem: "already exists in this shim",
+            });
+        }
+        let spec = spec::load(Path::new(&req.bundle), spec::this_host()).map_err(|source| {
+            TaskError::Spec {
+                id: id.clone(),
+                source,
+            }
+        })?;
+        let mut request = spec.process.clone();
+        let (vm, member) = match &spec.role {
+            Role::Member { sandbox } => {
+                let (vm, member) = self.join(req, &spec, sandbox)?;
+                (vm, Some(member))
+            }
+            Role::Alone | Role::Sandbox => (Arc::new(self.boot(req, spec)?), None),
+        };
+        request.root = member.as_ref().map(|m| m.device.clone());
+        let container = Container {
+            id: id.clone(),
+            bundle: req.bundle.clone(),
+            vm,
+            member,
+            main: Process::new(request, stdio),
+            execs: HashMap::new(),
+        };
+        let pid = container.pid();
+        lock(&self.inner.containers).insert(id, container);
+        Ok(pid)
+    }
+
+    /// Makes the root disk of the container `req` creates, defines and
+    /// boots its VM (a sandbox's with [`pod::SLOTS`] empty drives), in
+    /// the container's own directory, which goes if it fails.
+    fn boot(&self, req: &api::CreateTaskRequest, spec: spec::Container) -> Result<Vm, TaskError> {
+        let dir = container_dir(&self.inner.namespace, &req.id);
         let files = Files::new(dir.clone());
         let files_err = |source| TaskError::Files {
-            id: id.clone(),
+            id: req.id.clone(),
             path: dir.clone(),
             source,
         };
         fs::create_dir_all(&dir).map_err(files_err)?;
-        let booted = self.boot(req, &files);
-        let (spec, vmm, network) = match booted {
-            Ok(booted) => booted,
+        match self.spawn(req, &spec, &files) {
+            Ok((process, network)) => Ok(Vm {
+                files,
+                pid: process.pid(),
+                spec,
+                process: Mutex::new(process),
+                slots: Mutex::default(),
+                network: Mutex::new(network),
+            }),
             Err(err) => {
                 fs::remove_dir_all(&dir).map_err(files_err)?;
-                return Err(err);
+                Err(err)
             }
-        };
-        let container = Container {
-            id,
-            bundle: req.bundle.clone(),
-            files,
-            vmm,
-            network,
-            main: Process::new(spec.process, stdio),
-            execs: Default::default(),
-        };
-        let pid = container.pid();
-        *lock(&self.inner.container) = Some(container);
-        Ok(pid)
+        }
     }
 
-    fn boot(
+    /// Starts the VM of `spec`, with its NIC joined to the spec's network
+    /// namespace if it names one (disconnected again if the VM does not
+    /// start).
+    fn spawn(
         &self,
         req: &api::CreateTaskRequest,
+        spec: &spec::Container,
         files: &Files,
-    ) -> Result<(spec::Container, VmProcess, Option<PodNetwork>), TaskError> {
-        let id = || req.id.clone();
-        let spec = spec::load(Path::new(&req.bundle), spec::this_host())
-            .map_err(|source| TaskError::Spec { id: id(), source })?;
-        let vm_err = |source| TaskError::Vm { id: id(), source };
+    ) -> Result<(VmProcess, Option<PodNetwork>), TaskError> {
+        let vm_err = |source| TaskError::Vm {
+            id: req.id.clone(),
+            source,
+        };
         let assets = &self.inner.assets;
         if !assets.kernel.is_file() {
             return Err(vm_err(VmError::NoKernel(assets.kernel.clone())));
         }
-        let mounts: Vec<MountSpec> = req
-            .rootfs
-            .iter()
-            .map(|m| MountSpec {
-                kind: m.type_.clone(),
-                source: m.source.clone(),
-                options: m.options.clone(),
-            })
-            .collect();
-        let rootfs_err = |source| TaskError::Rootfs { id: id(), source };
-        let rootfs = Rootfs::parse(&mounts).map_err(rootfs_err)?;
-        let image = rootfs::image(&rootfs, &assets.guest_init, &assets.cache, files.dir())
-            .map_err(rootfs_err)?;
-        let net_err = |source| TaskError::Network { id: id(), source };
+        let image = self.root_image(req, files.dir())?;
+        let net_err = |source| TaskError::Network {
+            id: req.id.clone(),
+            source,
+        };
         let resolv_conf = spec.resolv_conf.as_deref();
         let network = spec
             .netns
             .as_deref()
             .map(|netns| PodNetwork::connect(netns, resolv_conf));
         let (network, tap) = network.transpose().map_err(net_err)?.unzip();
-        let vmm = vm::define(&spec, &assets.kernel, &image, files).and_then(|mut config| {
+        let vmm = vm::define(spec, &assets.kernel, &image, files).and_then(|mut config| {
+            if spec.role == Role::Sandbox {
+                config.disks.extend(pod::empty_drives());
+            }
             if let Some(network) = &network {
                 network.attach(&mut config);
             }
             VmProcess::spawn(files, config, tap)
         });
         match vmm {
-            Ok(vmm) => Ok((spec, vmm, network)),
+            Ok(vmm) => Ok((vmm, network)),
             Err(err) => {
                 if let Some(Err(left)) = network.map(PodNetwork::disconnect) {
                     log::error!("{}", one_line(&net_err(left)));
@@ -438,12 +510,95 @@ impl Tasks {
         }
     }
 
+    /// The root disk image of the container `req` creates, made (when it
+    /// is not cached) in `work`.
+    fn root_image(&self, req: &api::CreateTaskRequest, work: &Path) -> Result<PathBuf, TaskError> {
+        let mounts: Vec<MountSpec> = req
+            .rootfs
+            .iter()
+            .map(|m| MountSpec {
+                kind: m.type_.clone(),
+                source: m.source.clone(),
+                options: m.options.clone(),
+            })
+            .collect();
+        let rootfs_err = |source| TaskError::Rootfs {
+            id: req.id.clone(),
+            source,
+        };
+        let rootfs = Rootfs::parse(&mounts).map_err(rootfs_err)?;
+        let assets = &self.inner.assets;
+        rootfs::image(&rootfs, &assets.guest_init, &assets.cache, work).map_err(rootfs_err)
+    }
+
+    /// Joins the member `req` creates to the VM of its pod's `sandbox`:
+    /// its root disk fills the next empty drive. Its files, in the VM's
+    /// directory, go if it fails.
+    fn join(
+        &self,
+        req: &api::CreateTaskRequest,
+        spec: &spec::Container,
+        sandbox: &str,
+    ) -> Result<(Arc<Vm>, Member), TaskError> {
+        let pod_err = |source| TaskError::Pod {
+            id: req.id.clone(),
+            source,
+        };
+        let vm = match lock(&self.inner.containers).get(sandbox) {
+            Some(owner) if owner.member.is_none() && owner.vm.spec.role == Role::Sandbox => {
+                owner.vm.clone()
+            }
+            Some(_) => return Err(pod_err(PodError::NotASandbox(sandbox.to_string()))),
+            None => return Err(pod_err(PodError::NoSandbox(sandbox.to_string()))),
+        };
+        pod::fits(spec, &vm.spec).map_err(pod_err)?;
+        let index = lock(&vm.slots).take(sandbox).map_err(pod_err)?;
+        let name = container_dir(&self.inner.namespace, &req.id);
+        let dir = vm
+            .files
+            .member(&name.file_name().unwrap_or_default().to_string_lossy());
+        if let Err(err) = self.fill(req, &vm, &dir, index) {
+            let _ = fs::remove_dir_all(&dir);
+            return Err(err);
+        }
+        let member = Member {
+            dir,
+            device: pod::device(index),
+        };
+        log::info!("{}: root disk {} in pod {sandbox}", req.id, member.device);
+        Ok((vm, member))
+    }
+
+    /// Makes the root disk of the member `req` creates in `dir` and has
+    /// the VM attach it as its disk `index`.
+    fn fill(
+        &self,
+        req: &api::CreateTaskRequest,
+        vm: &Vm,
+        dir: &Path,
+        index: usize,
+    ) -> Result<(), TaskError> {
+        let vm_err = |source| TaskError::Vm {
+            id: req.id.clone(),
+            source,
+        };
+        fs::create_dir_all(dir).map_err(|source| TaskError::Files {
+            id: req.id.clone(),
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let image = self.root_image(req, dir)?;
+        let mut process = lock(&vm.process);
+        let disk = process.member_disk(&image, dir).map_err(vm_err)?;
+        process.attach(index, disk).map_err(vm_err)
+    }
+
     /// Connects the process to guest-init's exec port (waiting while the
     /// VM boots) and bridges its stdio; a thread collects its status.
     fn start(&self, id: &str, exec_id: &str) -> Result<u32, TaskError> {
         let (vsock, console, request, stdio, exit, pid) = self.with(id, exec_id, |c| {
             let pid = c.pid();
-            let (vsock, console) = (c.files.vsock(), c.files.console());
+            let (vsock, console) = (c.vm.files.vsock(), c.vm.files.console());
             let process = c.process(exec_id)?;
             if process.status() != api::Status::CREATED {
                 return Err(TaskError::State {
@@ -485,12 +640,14 @@ impl Tasks {
         Ok(pid)
     }
 
-    /// A process's end: the container's own ends the VM; the exit is
-    /// published, then waiters are told.
+    /// A process's end: the VM's own container's ends the VM (a pod
+    /// member's does not); the exit is published, then waiters are told.
     fn ended(&self, id: &str, exec_id: &str, pid: u32, status: u32, exit: &Exit) {
         if exec_id.is_empty() {
             let _ = self.with(id, exec_id, |c| {
-                c.stop_vm();
+                if c.member.is_none() {
+                    c.stop_vm();
+                }
                 Ok(())
             });
         }
@@ -528,7 +685,8 @@ impl Tasks {
                         // end comes through the session all the same.
                         let _ = input.signal(signal);
                     }
-                    // Never started: the VM is all there is to end.
+                    // Never started: it ends now (and with it the VM, if
+                    // the VM is its own).
                     (None, None) if exec_id.is_empty() => {
                         return Ok(Some((c.pid(), c.main.exit.clone())));
                     }
@@ -543,16 +701,16 @@ impl Tasks {
         Ok(())
     }
 
+    /// Deletes a process that is not running; the container's own takes
+    /// the container with it: a member's files, or the VM and all its
+    /// files (a pod's members' too, whose processes end with it).
     fn delete(&self, req: &api::DeleteRequest) -> Result<api::DeleteResponse, TaskError> {
         let (id, exec_id) = (&req.id, &req.exec_id);
-        let mut slot = lock(&self.inner.container);
-        let container =
-            slot.as_mut()
-                .filter(|c| &c.id == id)
-                .ok_or_else(|| TaskError::NotFound {
-                    id: id.clone(),
-                    exec_id: exec_id.clone(),
-                })?;
+        let mut containers = lock(&self.inner.containers);
+        let container = containers.get_mut(id).ok_or_else(|| TaskError::NotFound {
+            id: id.clone(),
+            exec_id: exec_id.clone(),
+        })?;
         let pid = container.pid();
         if container.process(exec_id)?.status() == api::Status::RUNNING {
             return Err(TaskError::State {
@@ -565,21 +723,33 @@ impl Tasks {
         if !exec_id.is_empty() {
             container.execs.remove(exec_id);
         } else {
-            container.stop_vm();
-            if let Some(network) = container.network.take() {
-                network.disconnect().map_err(|source| TaskError::Network {
-                    id: id.clone(),
-                    source,
-                })?;
+            let dir = match &container.member {
+                Some(member) => member.dir.clone(),
+                None => {
+                    container.stop_vm();
+                    let network = lock(&container.vm.network).take();
+                    if let Some(network) = network {
+                        network.disconnect().map_err(|source| TaskError::Network {
+                            id: id.clone(),
+                            source,
+                        })?;
+                    }
+                    container.vm.files.dir().to_path_buf()
+                }
+            };
+            match fs::remove_dir_all(&dir) {
+                // A member's goes with its pod's VM, which may have gone first.
+                Err(err) if err.kind() != io::ErrorKind::NotFound => {
+                    return Err(TaskError::Files {
+                        id: id.clone(),
+                        path: dir,
+                        source: err,
+                    });
+                }
+                _ => {}
             }
-            let dir = container.files.dir().to_path_buf();
-            fs::remove_dir_all(&dir).map_err(|source| TaskError::Files {
-                id: id.clone(),
-                path: dir,
-                source,
-            })?;
-            *slot = None;
-            drop(slot);
+            containers.remove(id);
+            drop(containers);
             self.publish(TaskDelete {
                 container_id: id.clone(),
                 pid,
@@ -605,11 +775,12 @@ impl Tasks {
         }
         .checked(&req.id)?;
         let json = req.spec.as_ref().map(|any| &any.value[..]).unwrap_or(b"");
-        let request = spec::exec_request(json).map_err(|source| TaskError::Spec {
+        let mut request = spec::exec_request(json).map_err(|source| TaskError::Spec {
             id: req.id.clone(),
             source,
         })?;
         self.with(&req.id, &req.exec_id, |c| {
+            request.root = c.member.as_ref().map(|m| m.device.clone());
             if c.execs.contains_key(&req.exec_id) || req.exec_id.is_empty() {
                 return Err(TaskError::State {
                     id: req.id.clone(),
@@ -882,7 +1053,7 @@ impl containerd_shim::Task for Tasks {
     fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
         // containerd asks after every Delete; a shim with a container
         // still to delete stays.
-        if lock(&self.inner.container).is_none() {
+        if lock(&self.inner.containers).is_empty() {
             self.inner.exit.signal();
         }
         Ok(api::Empty::default())

@@ -4,22 +4,25 @@
 //! its VMM process, this binary again as `containerd-shim-kiln-v2 __vm`,
 //! jailed as Kiln's own VM processes are (`kiln_control::jail`) unless
 //! the jail is switched off (`KILN_JAIL=0` in the shim's environment).
-use std::fs::File;
+//! The shim holds a control channel to it ([`kiln_vmm::rpc`]), on which
+//! a pod's VM takes its members' root disks ([`VmProcess::attach`]).
+use std::fs::{self, File};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::{Arc, mpsc};
 use std::thread::{self, JoinHandle};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use guest_init::exec::CONTAINER_CMDLINE_FLAG;
-use kiln_control::jail::{self, Jail, JailError, JailSettings};
+use kiln_control::jail::{self, Access, Jail, JailError, JailSettings};
 use kiln_vmm::config::{Boot, ConfigError, DiskConfig, DiskSource, VmConfig, VsockConfig};
 use kiln_vmm::devices::virtio::net::tap::Tap;
 use kiln_vmm::machine::VMM_ERROR_STATUS;
 use kiln_vmm::report::one_line;
+use kiln_vmm::rpc::{self, ControlClient, ControlError, ControlListener, ControlRequest};
 use kiln_vmm::volume::{Volume, VolumeError};
 
 use crate::rootfs::INIT_PATH;
@@ -33,6 +36,9 @@ pub const VM_SUBCOMMAND: &str = "__vm";
 const GUEST_CID: u64 = 3;
 /// Decompressed image chunks kept in memory per VM.
 const CACHE_BYTES: u64 = 32 << 20;
+/// How long the VM process may take to attach a disk: it opens two files
+/// and answers between its events.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a VM cannot be defined or started.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +75,38 @@ pub enum VmError {
         #[source]
         source: io::Error,
     },
+    /// The control channel to the VMM process cannot be made.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// A member's root disk cannot be made ready for the VM process.
+    #[error("cannot prepare {path} for the VM process")]
+    Prepare {
+        /// The file or directory.
+        path: PathBuf,
+        /// What the file system said.
+        #[source]
+        source: io::Error,
+    },
+    /// The VM process did not attach a disk.
+    #[error("the VM process did not attach disk {index}")]
+    Attach {
+        /// The disk's index in the VM's definition.
+        index: usize,
+        /// Why.
+        #[source]
+        source: AttachError,
+    },
+}
+
+/// Why the VM process did not attach a disk.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// The request or its answer did not get through.
+    #[error(transparent)]
+    Channel(#[from] ControlError),
+    /// The VM process answered with a refusal, which it words itself.
+    #[error("refused: {0}")]
+    Refused(String),
 }
 
 /// The files of one container's VM, in its own directory.
@@ -99,6 +137,13 @@ impl Files {
 
     fn overlay(&self) -> PathBuf {
         self.dir.join("root.overlay")
+    }
+
+    /// The directory of pod member `name` (its container directory's
+    /// name): inside this one, which the VM process's jail binds at the
+    /// same path, so a file made there later reaches the VM process.
+    pub fn member(&self, name: &str) -> PathBuf {
+        self.dir.join("members").join(name)
     }
 
     fn definition(&self) -> PathBuf {
@@ -139,17 +184,12 @@ pub fn define(
     let config = VmConfig {
         boot: Boot::Kernel(kernel.to_path_buf()),
         disks: vec![DiskConfig {
-            source: DiskSource::Volume {
-                image: image.to_path_buf(),
-                overlay: Some(overlay),
-                cache_bytes: CACHE_BYTES,
-                hydration: None,
-            },
+            source: root_disk(image, overlay),
             read_only: false,
             ephemeral: false,
         }],
-        vcpus: container.vcpus,
-        memory_mib: container.memory_mib,
+        vcpus: container.vcpus(),
+        memory_mib: container.memory_mib(),
         extra_cmdline: words.join(" "),
         seccomp: true,
         vsock: Some(VsockConfig {
@@ -162,13 +202,26 @@ pub fn define(
     Ok(config)
 }
 
-/// A container's VMM process, and the thread that started it and waits
-/// for it. The VMM ends with the thread that started it (the parent-death
-/// signal follows the thread, not the process), so that thread lives as
-/// long as the VMM, never a request's.
+/// A container's root disk: `image` with the copy-on-write `overlay`.
+fn root_disk(image: &Path, overlay: PathBuf) -> DiskSource {
+    DiskSource::Volume {
+        image: image.to_path_buf(),
+        overlay: Some(overlay),
+        cache_bytes: CACHE_BYTES,
+        hydration: None,
+    }
+}
+
+/// A container's VMM process, the thread that started it and waits for
+/// it, and the control channel to it. The VMM ends with the thread that
+/// started it (the parent-death signal follows the thread, not the
+/// process), so that thread lives as long as the VMM, never a request's.
 pub struct VmProcess {
     pid: u32,
     waiter: Option<JoinHandle<()>>,
+    control: ControlClient,
+    /// How files made later reach it; `None` when it is not jailed.
+    access: Option<Access>,
 }
 
 impl VmProcess {
@@ -182,9 +235,11 @@ impl VmProcess {
         tap: Option<Tap>,
     ) -> Result<VmProcess, VmError> {
         let jail = Jailed::create(files, &mut config)?;
+        let access = jail.0.as_ref().map(|jail| jail.access());
         let definition = files.definition();
         config.save(&definition)?;
         jail.hand_over(&definition)?;
+        let (control, vm_end) = rpc::channel()?;
         let console = files.console();
         let spawn_err = |source| VmError::Spawn {
             console: console.clone(),
@@ -197,17 +252,23 @@ impl VmProcess {
             .arg(VM_SUBCOMMAND)
             .arg(definition)
             .arg(std::process::id().to_string())
+            .arg(vm_end.as_raw_fd().to_string())
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(spawn_err)?)
             .stderr(log);
-        let tap = tap.map(|tap| hand_down(&mut command, tap.into()));
+        inherit(&mut command, &vm_end);
+        let tap = tap.map(OwnedFd::from);
+        if let Some(tap) = &tap {
+            command.arg(tap.as_raw_fd().to_string());
+            inherit(&mut command, tap);
+        }
         let (started, pid) = mpsc::channel();
         let waiter = thread::Builder::new()
             .name("vmm".into())
             .spawn(move || {
                 let spawned = jail.spawn(command);
-                // The VM process has its own descriptor of the tap now: the
-                // tap goes with it.
+                // The VM process has its own copies now, or never will.
+                drop(vm_end);
                 drop(tap);
                 match spawned {
                     Ok(mut child) => {
@@ -229,12 +290,60 @@ impl VmProcess {
         Ok(VmProcess {
             pid,
             waiter: Some(waiter),
+            control,
+            access,
         })
     }
 
     /// The VMM's pid.
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// Makes `image` ready for the VM process as a pod member's root
+    /// disk in `dir` (a [`Files::member`] directory): the image linked in
+    /// (or copied, across file systems) unless it is there already, an
+    /// overlay of its own beside it, all given to the VM process's jail.
+    /// Returns the disk to attach.
+    pub fn member_disk(&self, image: &Path, dir: &Path) -> Result<DiskSource, VmError> {
+        let prepare_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| VmError::Prepare { path, source }
+        };
+        fs::create_dir_all(dir).map_err(prepare_err(dir))?;
+        let linked = dir.join("rootfs.kiln");
+        if !image.starts_with(dir) {
+            fs::hard_link(image, &linked)
+                .or_else(|err| match err.raw_os_error() {
+                    Some(libc::EXDEV) => fs::copy(image, &linked).map(drop),
+                    _ => Err(err),
+                })
+                .map_err(prepare_err(&linked))?;
+        }
+        let overlay = dir.join("root.overlay");
+        Volume::create(&linked, &overlay, CACHE_BYTES)?;
+        if let Some(access) = &self.access {
+            for owned in [dir.parent().unwrap_or(dir), dir, &overlay] {
+                access.hand_over(owned)?;
+            }
+            access.share(&linked, false)?;
+        }
+        Ok(root_disk(&linked, overlay))
+    }
+
+    /// Has the VM process fill the empty drive `index` with `source`;
+    /// returns once the guest has been told of its new capacity.
+    pub fn attach(&mut self, index: usize, source: DiskSource) -> Result<(), VmError> {
+        let request = ControlRequest::AttachDisk { index, source };
+        let attach_err = |source| VmError::Attach { index, source };
+        let reply = self
+            .control
+            .call(&request, ATTACH_TIMEOUT)
+            .map_err(|err| attach_err(err.into()))?;
+        match reply.error {
+            Some(reason) => Err(attach_err(AttachError::Refused(reason))),
+            None => Ok(()),
+        }
     }
 
     /// Ends the VMM if it still runs, and waits until it has.
@@ -251,25 +360,25 @@ impl VmProcess {
     }
 }
 
-/// Lets `command`'s process inherit `fd` (close-on-exec is cleared in the
-/// child only, so no other child of this multi-threaded shim gets it) and
-/// names its number as the command's last argument. The descriptor must
-/// stay open until the command is spawned.
-fn hand_down(command: &mut Command, fd: OwnedFd) -> OwnedFd {
-    let raw = fd.as_raw_fd();
-    command.arg(raw.to_string());
-    let clear_cloexec = move || {
-        // SAFETY: F_SETFD takes the descriptor flags as an int; `raw` is
-        // open in the child (the parent holds it open until the spawn).
-        if unsafe { libc::fcntl(raw, libc::F_SETFD, 0) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    };
-    // SAFETY: the closure runs between fork and exec and makes one
-    // async-signal-safe call, fcntl(2), allocating nothing.
-    unsafe { command.pre_exec(clear_cloexec) };
-    fd
+/// Has `command`'s child inherit `fd` (which stays close-on-exec here,
+/// so no other child of this process gets it).
+fn inherit(command: &mut Command, fd: &OwnedFd) {
+    let fd: RawFd = fd.as_raw_fd();
+    // SAFETY: the closure makes one fcntl call, which is
+    // async-signal-safe, and allocates nothing, as what runs between fork
+    // and exec must not; `fd` stays open in this process until the spawn
+    // has returned (its owner is dropped after).
+    unsafe { command.pre_exec(move || keep_open_across_exec(fd)) };
+}
+
+/// Clears `fd`'s close-on-exec flag.
+fn keep_open_across_exec(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_SETFD takes an int and touches no memory of ours; a
+    // closed `fd` is an error, not undefined behaviour.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// A container VM's jail, if it has one: removed (its cgroup, its uid's
@@ -335,7 +444,7 @@ fn inherited_tap(
     match (fd, &config.net) {
         (None, None) => Ok(None),
         // SAFETY: the shim handed this descriptor down, the NIC's tap, for
-        // this purpose; nothing else here uses it.
+        // this purpose ([`inherit`]); nothing else here uses it.
         (Some(fd), Some(nic)) => Ok(Some(unsafe { Tap::adopt(fd.parse()?, &nic.tap) }?)),
         _ => Err(VmError::TapFd {
             definition: definition.into(),
@@ -345,23 +454,30 @@ fn inherited_tap(
     }
 }
 
-/// The VMM process (`__vm DEFINITION SHIM_PID [TAP_FD]`): tied to the
-/// shim's life, runs the VM to its end, exits with its status.
+/// The VMM process (`__vm DEFINITION SHIM_PID CONTROL_FD [TAP_FD]`): tied
+/// to the shim's life, runs the VM to its end, exits with its status.
 pub fn run_vmm(args: &[String]) -> ExitCode {
     let started = Instant::now();
-    let (definition, shim, tap_fd) = match args {
-        [definition, shim] => (definition, shim, None),
-        [definition, shim, tap_fd] => (definition, shim, Some(tap_fd)),
+    let (definition, shim, control, tap_fd) = match args {
+        [definition, shim, control] => (definition, shim, control, None),
+        [definition, shim, control, tap_fd] => (definition, shim, control, Some(tap_fd)),
         _ => {
-            eprintln!("{VM_SUBCOMMAND}: expected DEFINITION SHIM_PID [TAP_FD], got {args:?}");
+            eprintln!(
+                "{VM_SUBCOMMAND}: expected DEFINITION SHIM_PID CONTROL_FD [TAP_FD], got {args:?}"
+            );
             return ExitCode::from(VMM_ERROR_STATUS);
         }
     };
     let ran = (|| -> Result<u8, Box<dyn std::error::Error>> {
+        let fd: RawFd = control.parse()?;
+        // SAFETY: the shim passed this descriptor, its VM end of the
+        // control channel, for this purpose ([`inherit`]); nothing else
+        // here uses it.
+        let control = unsafe { ControlListener::adopt(fd) };
         kiln_vmm::supervised::end_with(shim.parse()?)?;
         let config = VmConfig::load(Path::new(definition))?;
         let tap = inherited_tap(tap_fd, &config, definition)?;
-        Ok(kiln_vmm::builder::run(&config, started, None, tap)?.exit_status)
+        Ok(kiln_vmm::builder::run(&config, started, Some(control), tap)?.exit_status)
     })();
     ExitCode::from(ran.unwrap_or_else(|err| {
         eprintln!("containerd-shim-kiln-v2: {}", one_line(&*err));

@@ -91,6 +91,7 @@ fn request(args: &Args) -> anyhow::Result<ExecRequest> {
         groups: None,
         tty: args.tty.then(terminal_size),
         stdin: args.interactive,
+        root: None,
     })
 }
 

@@ -15,6 +15,7 @@ pub mod images;
 pub mod inspect;
 pub mod lifecycle;
 pub mod logs;
+pub mod pod_probe;
 pub mod ps;
 pub mod rm;
 pub mod run;

@@ -5,7 +5,10 @@
 # takes `ctr task exec`; two run at once; containerd restarted with a task
 # running still has it, and it can be killed and deleted; a container
 # whose shim is killed is cleaned up; an absurd memory limit fails Create
-# with its reason and leaves nothing behind. The containers' VM processes
+# with its reason and leaves nothing behind. A pod (CRI's two annotations,
+# set through ctr) runs its containers in one VM, each on its own root
+# disk (a spare drive filled at Create), reaching each other over
+# loopback; a member goes alone, the sandbox takes the VM with it. The containers' VM processes
 # are jailed (an unprivileged uid, a mount namespace of their own, the
 # spec's memory and vCPUs as their cgroup, removed with the container),
 # unless the shim has KILN_JAIL=0, which its log says.
@@ -64,6 +67,67 @@ expect_eq cgroup-memory-is-the-spec-and-allowance $(( (192 + 128) << 20 )) "$(ca
 expect_eq cgroup-cpu-is-one-vcpu "100000 100000" "$(cat "$group/cpu.max")"
 uid_two=$(status_field "$(ctr task ls | awk '$1 == "two" { print $2 }')" Uid)
 check two-has-a-jail-uid-of-its-own [ "${uid_two:-0}" -gt 900000 -a "$uid_two" != "$uid" ]
+
+# A pod, as CRI makes one: the sandbox, then a member naming it. The
+# member's shim is the sandbox's, and its root disk fills the first spare
+# drive (the guest's vdb) of the sandbox's VM, jailed: one VM process for
+# both, one kernel (boot_id), two roots, one loopback.
+pod_run() {
+    kiln_run -d --annotation io.kubernetes.cri.container-type="$1" \
+        --annotation io.kubernetes.cri.sandbox-id="$2" "$img" "$3" sh -c "$4" \
+        < /dev/null > "$WORK/pod-$3.txt" 2>&1
+}
+task_pid() { ctr task ls | awk -v id="$1" '$1 == id { print $2 }'; }
+pod_run sandbox pod1 pod1 'mkdir -p /www && echo served by the sandbox > /www/index.html && exec httpd -f -p 8080 -h /www'
+expect_eq pod-sandbox-created 0 "$?"
+pod_run container pod1 web 'exec sleep 600'
+expect_eq pod-member-created 0 "$?"
+pod_pid=$(task_pid pod1)
+check pod-one-vm-process [ -n "$pod_pid" -a "$pod_pid" = "$(task_pid web)" ]
+ctr task exec --exec-id m1 web sh -c '
+    for try in 1 2 3 4 5 6 7 8 9 10; do wget -q -O - http://127.0.0.1:8080/ && break; sleep 1; done
+    cat /proc/sys/kernel/random/boot_id
+    test -e /www || echo own root
+    cat /proc/self/mounts' < /dev/null > "$WORK/pod-member.txt" 2>&1
+expect_eq pod-member-exec-status 0 "$?"
+expect_contains pod-member-reaches-the-sandbox-over-loopback "$WORK/pod-member.txt" '^served by the sandbox$'
+expect_contains pod-member-has-its-own-root "$WORK/pod-member.txt" '^own root$'
+expect_contains pod-member-root-is-the-first-spare-drive "$WORK/pod-member.txt" '^/dev/vdb / ext4 '
+ctr task exec --exec-id s1 pod1 cat /proc/sys/kernel/random/boot_id < /dev/null > "$WORK/pod-boot-id.txt" 2>&1
+boot_id=$(cat "$WORK/pod-boot-id.txt")
+check pod-one-kernel grep -qx "${boot_id:-no boot_id}" "$WORK/pod-member.txt"
+# An exec into the member on a terminal (its root's /dev/pts) of ctr's size.
+printf '' | "$XTASK" pty --rows 20 --cols 70 -- ctr -a "$root/containerd.sock" \
+    task exec -t --exec-id m2 web sh -c 'tty; stty size' > "$WORK/pod-tty.txt" 2>&1
+expect_contains pod-member-exec-on-a-terminal "$WORK/pod-tty.txt" '/dev/pts/[0-9]'
+expect_contains pod-member-terminal-has-ctrs-size "$WORK/pod-tty.txt" '^20 70'
+# The member's disk is in the sandbox's directory, given to the jailed
+# VM process's uid.
+overlay=$(ls -d "$KILN_HOME"/containers/*/members/*/root.overlay 2> /dev/null)
+check pod-member-disk-in-the-sandboxs-dir [ -n "$overlay" ]
+expect_eq pod-member-disk-given-to-the-vm-process "$(status_field "${pod_pid:-0}" Uid)" \
+    "$(ls -ln "${overlay:-/none}" | awk '{ print $3 }')"
+# The member's end leaves the sandbox running; its delete takes its files.
+ctr task kill -s SIGKILL web > /dev/null 2>&1
+waited=0
+while ! ctr task ls | grep -q '^web .*STOPPED' && [ "$waited" -lt 30 ]; do sleep 1; waited=$((waited + 1)); done
+ctr task delete web > "$WORK/pod-delete-web.txt" 2>&1
+expect_eq pod-member-deleted 0 "$?"
+ctr task exec --exec-id s2 pod1 wget -q -O - http://127.0.0.1:8080/ < /dev/null > "$WORK/pod-after.txt" 2>&1
+expect_contains pod-sandbox-outlives-its-member "$WORK/pod-after.txt" '^served by the sandbox$'
+expect_eq pod-member-files-removed "" "$(ls "$KILN_HOME"/containers/*/members 2> /dev/null)"
+# A member whose sandbox this shim does not have is refused at Create.
+pod_run container nopod stray 'true'
+expect_contains pod-member-without-its-sandbox-refused "$WORK/pod-stray.txt" 'pod sandbox "nopod" is not in this shim'
+# The sandbox's delete ends the VM and removes the pod's files.
+ctr task kill -s SIGKILL pod1 > /dev/null 2>&1
+waited=0
+while ! ctr task ls | grep -q '^pod1 .*STOPPED' && [ "$waited" -lt 30 ]; do sleep 1; waited=$((waited + 1)); done
+ctr task delete pod1 > "$WORK/pod-delete.txt" 2>&1
+expect_eq pod-sandbox-deleted 0 "$?"
+check pod-vm-ended [ ! -e "/proc/${pod_pid:-0}" ]
+ctr container rm pod1 web stray > /dev/null 2>&1
+expect_eq pod-leaves-only-one-and-two "2" "$(ls "$KILN_HOME/containers" | grep -vc rootfs)"
 
 # containerd restarted: the task is still there, and can be killed and
 # deleted. The shims it starts from now on have the jail off.

@@ -3,7 +3,8 @@
 # JSON payload → two clones of one template differ in kernel UUID and
 # random bytes (reseeded from the host) and hostname → 8 invocations at concurrency 2
 # all succeed → a handler over its timeout is killed, and only that clone:
-# the next invocation works → a function URL answers an HTTP POST →
+# the next invocation works, and removes the directory of a clone whose
+# invoker was killed → a function URL answers an HTTP POST →
 # kiln fn rm removes it. Clones run jailed.
 . "$(dirname "$0")/lib.sh"
 
@@ -66,8 +67,27 @@ expect_eq clone-has-no-capabilities 0000000000000000 "$(status_field "${clone:-0
 wait "$slow"
 expect_eq timed-out-handler-is-killed 137 "$?"
 expect_contains timeout-is-said "$WORK/slow.err" "timed out"
+
+# An invoker killed while its clone runs takes the clone's VM process
+# with it (it ends with its spawner thread) but cannot remove the clone's
+# directory: the next invocation does.
+"$KILN" fn invoke echo --payload '{"sleep": 300}' > /dev/null 2>&1 &
+killed=$!
+for _ in $(seq 1 300); do
+    clone=$(vm_pid "$KILN_HOME/clones/")
+    [ -n "$clone" ] && break
+    sleep 0.2
+done
+kill -9 "$killed"
+wait "$killed" 2> /dev/null
+for _ in $(seq 1 100); do
+    [ -z "$(vm_pid "$KILN_HOME/clones/")" ] && break
+    sleep 0.1
+done
+check killed-invokers-clone-dir-is-left [ -n "$(ls -A "$KILN_HOME/clones")" ]
 "$KILN" fn invoke echo --payload '{"after": "timeout"}' > "$WORK/after.txt" 2>&1
 expect_contains next-invocation-works "$WORK/after.txt" '"after": "timeout"'
+expect_eq next-invocation-removes-the-left-clone-dir "" "$(ls -A "$KILN_HOME/clones")"
 
 "$KILN" fn serve echo --listen 127.0.0.1:18080 --max-requests 1 2> "$WORK/serve.err" &
 serve=$!

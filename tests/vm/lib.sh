@@ -296,7 +296,7 @@ busybox_image() {
     image=$WORK/image
     mkdir -p "$image/root/bin" "$image/archive/l1"
     cp /bin/busybox "$image/root/bin/busybox"
-    for applet in sh echo cat sleep tty stty; do ln -s busybox "$image/root/bin/$applet"; done
+    for applet in sh echo cat sleep tty stty mkdir httpd wget test; do ln -s busybox "$image/root/bin/$applet"; done
     (cd "$image/root" && tar -cf "$image/archive/l1/layer.tar" bin)
     diff_id=$(sha256sum "$image/archive/l1/layer.tar" | cut -d' ' -f1)
     printf '{"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": ["sha256:%s"]}, "config": {"Cmd": ["/bin/sh"]}}' \

@@ -105,22 +105,35 @@ pub enum VmmError {
         max: usize,
     },
     /// A disk's file cannot back a block device.
-    #[error("disk {path}")]
+    #[error("disk {index} of the VM definition")]
     Disk {
-        /// The disk's file.
-        path: PathBuf,
+        /// Its position in [`VmConfig::disks`].
+        index: usize,
         /// Why.
         #[source]
         source: BlockError,
     },
     /// A disk's transport cannot be made or restored.
-    #[error("disk {path}")]
+    #[error("disk {index} of the VM definition")]
     DiskDevice {
-        /// The disk's file.
-        path: PathBuf,
+        /// Its position in [`VmConfig::disks`].
+        index: usize,
         /// Why.
         #[source]
         source: MmioError,
+    },
+    /// The first disk, which the kernel mounts as the root filesystem,
+    /// is an empty drive.
+    #[error(
+        "disk 0 of the VM definition is the root filesystem: expected a disk, not an empty drive"
+    )]
+    EmptyRoot,
+    /// An empty drive marked ephemeral: it has no file to delete, and the
+    /// disk attached to it later is the attacher's to delete.
+    #[error("disk {index} of the VM definition is empty and ephemeral: expected ephemeral false")]
+    EphemeralEmpty {
+        /// Its position in [`VmConfig::disks`].
+        index: usize,
     },
     /// An ephemeral disk's file cannot be unlinked once open.
     #[error("cannot remove the ephemeral disk file {path}")]
@@ -173,6 +186,18 @@ pub enum VmmError {
         saved: usize,
         /// How many this VM has.
         given: usize,
+    },
+    /// A restore onto an empty drive: a snapshot's guest had every disk
+    /// it knows filled (a pod's VM, with drive slots, is never
+    /// snapshotted), and its driver would find the disk gone.
+    #[error(
+        "snapshot {dir}: disk {index} of the VM definition is empty, expected the disk the snapshot's guest had"
+    )]
+    SnapshotOntoSlot {
+        /// The snapshot.
+        dir: PathBuf,
+        /// The empty drive's position in [`VmConfig::disks`].
+        index: usize,
     },
     /// A hibernation, restored, cannot be deleted.
     #[error("cannot delete the resumed snapshot {path}")]
@@ -620,7 +645,7 @@ fn virtio_disks(
         root_discards: false,
     };
     for (index, disk) in disks.iter().enumerate() {
-        let block = open_disk(disk, seccomp)?;
+        let block = open_disk(index, disk, seccomp)?;
         if index == 0 {
             devices.root_discards = block.discards();
         }
@@ -629,10 +654,7 @@ fn virtio_disks(
             Some(state) => MmioTransport::restore((mem.clone(), block.clone()), state),
             None => MmioTransport::new(mem.clone(), block.clone()),
         }
-        .map_err(|source| VmmError::DiskDevice {
-            path: disk.source.path().to_path_buf(),
-            source,
-        })?;
+        .map_err(|source| VmmError::DiskDevice { index, source })?;
         let transport = slots.attach(vm, transport)?;
         event_loop.add(block.clone());
         devices.transports.push(transport);
@@ -717,17 +739,19 @@ fn virtio_net(
 
 /// Opens a disk's block device, with its hydration cache's prefetch
 /// workers (under their seccomp filter when `seccomp`); an ephemeral
-/// disk's file goes at once.
-fn open_disk(disk: &DiskConfig, seccomp: bool) -> Result<Block, VmmError> {
-    let disk_error = |source| VmmError::Disk {
-        path: disk.source.path().to_path_buf(),
-        source,
-    };
+/// disk's file goes at once. `index` is its place in the definition.
+fn open_disk(index: usize, disk: &DiskConfig, seccomp: bool) -> Result<Block, VmmError> {
+    if index == 0 && disk.source == DiskSource::Empty {
+        return Err(VmmError::EmptyRoot);
+    }
+    let disk_error = |source| VmmError::Disk { index, source };
     let mut block = Block::new(&disk.source, disk.read_only).map_err(disk_error)?;
     block.start_prefetch(seccomp).map_err(disk_error)?;
     let file = match &disk.source {
         DiskSource::Raw(path) => Some(path),
         DiskSource::Volume { overlay, .. } => overlay.as_ref(),
+        DiskSource::Empty if disk.ephemeral => return Err(VmmError::EphemeralEmpty { index }),
+        DiskSource::Empty => None,
     };
     if let Some(path) = file.filter(|_| disk.ephemeral) {
         std::fs::remove_file(path).map_err(|source| VmmError::Ephemeral {
@@ -875,6 +899,25 @@ mod tests {
             VirtioSlots::new(&full),
             Err(VmmError::TooManyDisks { count: 19, max: 18 })
         ));
+    }
+
+    #[test]
+    fn an_empty_drive_is_a_slot_but_never_the_root_nor_ephemeral() {
+        let slot = |ephemeral| DiskConfig {
+            source: DiskSource::Empty,
+            read_only: false,
+            ephemeral,
+        };
+        assert!(open_disk(1, &slot(false), false).unwrap().is_slot());
+        assert!(matches!(
+            open_disk(0, &slot(false), false),
+            Err(VmmError::EmptyRoot)
+        ));
+        let err = open_disk(2, &slot(true), false).err().unwrap();
+        assert_eq!(
+            crate::report::one_line(&err),
+            "disk 2 of the VM definition is empty and ephemeral: expected ephemeral false"
+        );
     }
 
     #[test]

@@ -180,6 +180,25 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_drive_is_a_slot_in_snake_case_like_the_other_sources() {
+        let slot = DiskConfig {
+            source: DiskSource::Empty,
+            read_only: false,
+            ephemeral: false,
+        };
+        let json = serde_json::to_value(&slot).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"source": "empty", "read_only": false, "ephemeral": false})
+        );
+        assert_eq!(serde_json::from_value::<DiskConfig>(json).unwrap(), slot);
+        let raw = serde_json::to_value(DiskSource::Raw("/d.img".into())).unwrap();
+        assert_eq!(raw, serde_json::json!({"raw": "/d.img"}));
+        let volume = serde_json::to_value(&config().disks[0].source).unwrap();
+        assert_eq!(volume["volume"]["image"], "/store/image.kiln");
+    }
+
+    #[test]
     fn a_damaged_or_foreign_definition_is_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vm.json");

@@ -7,10 +7,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::builder::VmmError;
+use crate::config::DiskSource;
 use crate::devices::init_port::InitReport;
+use crate::devices::lock;
 use crate::devices::serial::{RawTerminal, Serial};
 use crate::devices::virtio::GuestMemoryMmap;
-use crate::devices::virtio::block::Block;
+use crate::devices::virtio::block::{AttachError, Block};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::Net;
 use crate::event_loop::{EventLoop, LoopEvent, VmEnd, VmEndSignal};
@@ -53,6 +55,28 @@ pub(crate) struct Devices {
     pub(crate) net: Option<NetDevice>,
 }
 
+impl Devices {
+    /// Fills empty drive `index` with `source` and tells the driver. The
+    /// transport stays locked meanwhile (then the device: a vCPU's order),
+    /// so the driver sees the new capacity only with the new generation.
+    fn attach_disk(&self, index: usize, source: &DiskSource) -> Result<(), RequestError> {
+        let (Some(transport), Some(block)) = (self.transports.get(index), self.blocks.get(index))
+        else {
+            return Err(RequestError::NoSuchDisk {
+                index,
+                disks: self.blocks.len(),
+            });
+        };
+        let mut transport = lock(transport);
+        lock(block)
+            .attach(source)
+            .map_err(|source| RequestError::Attach { index, source })?;
+        transport
+            .config_changed()
+            .map_err(|source| RequestError::ConfigInterrupt { index, source })
+    }
+}
+
 /// A VM's NIC: the device and its transport.
 pub(crate) struct NetDevice {
     pub(crate) net: Arc<Mutex<Net>>,
@@ -93,6 +117,40 @@ pub enum RequestError {
     /// The vCPU threads did not park or go on.
     #[error(transparent)]
     Vcpus(#[from] VcpuError),
+    /// `attachdisk` of a drive the VM does not have.
+    #[error("attachdisk: disk {index}: the VM has {disks} disk(s), expected an index below")]
+    NoSuchDisk {
+        /// The drive asked for.
+        index: usize,
+        /// How many the VM has.
+        disks: usize,
+    },
+    /// `attachdisk` of a drive that cannot take the disk.
+    #[error("attachdisk: disk {index}")]
+    Attach {
+        /// The drive asked for.
+        index: usize,
+        /// Why it cannot.
+        #[source]
+        source: AttachError,
+    },
+    /// The disk is in the drive, but the driver could not be told.
+    #[error("attachdisk: disk {index}: cannot raise the configuration change interrupt")]
+    ConfigInterrupt {
+        /// The drive.
+        index: usize,
+        /// What the eventfd said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A snapshot of a pod's VM: a drive slot, empty or filled since boot.
+    #[error(
+        "snapshot: disk {index} is a drive slot (a pod's, filled after boot or empty): a pod's VM is not snapshotted"
+    )]
+    SnapshotOfSlot {
+        /// The first slot's position in the VM's disks.
+        index: usize,
+    },
     /// The snapshot could not be written.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
@@ -152,6 +210,9 @@ impl Machine {
                 copy_root,
                 then,
             } => self.snapshot(&dir, copy_root, then).map(Some),
+            ControlRequest::AttachDisk { index, source } => {
+                self.devices.attach_disk(index, &source).map(|()| None)
+            }
         };
         match done {
             Ok(snapshot) => ControlReply {
@@ -171,5 +232,87 @@ impl Machine {
         }
         self.paused = paused;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vmm_sys_util::eventfd::EventFd;
+
+    use super::*;
+    use crate::devices::bus::BusDevice;
+    use crate::report::one_line;
+    use crate::vstate::memory;
+
+    /// A root disk of one sector, then an empty drive.
+    fn pod_devices(dir: &std::path::Path) -> Devices {
+        let mem = memory::create(16).unwrap();
+        let root = dir.join("root.img");
+        std::fs::write(&root, [0u8; 512]).unwrap();
+        let blocks: Vec<_> = [DiskSource::Raw(root), DiskSource::Empty]
+            .iter()
+            .map(|source| Arc::new(Mutex::new(Block::new(source, false).unwrap())))
+            .collect();
+        let transports = blocks
+            .iter()
+            .map(|b| {
+                Arc::new(Mutex::new(
+                    MmioTransport::new(mem.clone(), b.clone()).unwrap(),
+                ))
+            })
+            .collect();
+        Devices {
+            serial: Arc::new(Mutex::new(Serial::new(
+                EventFd::new(0).unwrap(),
+                Box::new(std::io::sink()),
+            ))),
+            transports,
+            blocks,
+            vsock: None,
+            net: None,
+        }
+    }
+
+    #[test]
+    fn attachdisk_fills_an_empty_drive_and_refuses_any_other_by_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let devices = pod_devices(dir.path());
+        let container = DiskSource::Raw(dir.path().join("container.img"));
+        std::fs::write(dir.path().join("container.img"), [0u8; 4096]).unwrap();
+        let err = devices.attach_disk(2, &container).unwrap_err();
+        assert_eq!(
+            one_line(&err),
+            "attachdisk: disk 2: the VM has 2 disk(s), expected an index below"
+        );
+        let err = devices.attach_disk(0, &container).unwrap_err();
+        assert!(
+            one_line(&err).starts_with("attachdisk: disk 0: the drive holds ")
+                && one_line(&err).ends_with("root.img: expected an empty drive"),
+            "{}",
+            one_line(&err)
+        );
+        let err = devices.attach_disk(1, &DiskSource::Empty).unwrap_err();
+        assert!(
+            one_line(&err).contains("disk 1: the source is empty"),
+            "{}",
+            one_line(&err)
+        );
+
+        devices.attach_disk(1, &container).unwrap();
+        let mut transport = lock(&devices.transports[1]);
+        let mut generation = [0u8; 4];
+        let register = u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_CONFIG_GENERATION);
+        transport.read(register, &mut generation);
+        assert_eq!(u32::from_le_bytes(generation), 1);
+        assert_eq!(transport.interrupt_event().read().unwrap(), 1);
+        drop(transport);
+        let err = devices.attach_disk(1, &container).unwrap_err();
+        assert!(
+            one_line(&err).contains("expected an empty drive"),
+            "{}",
+            one_line(&err)
+        );
+        // The filled slot still makes the VM one a snapshot refuses.
+        assert_eq!(devices.first_slot(), Some(1));
     }
 }

@@ -11,7 +11,7 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::Kvm;
 
 use crate::builder::VmmError;
-use crate::config::VmConfig;
+use crate::config::{DiskSource, VmConfig};
 use crate::devices::lock;
 use crate::devices::persist::Persist;
 use crate::event_loop::VmEnd;
@@ -52,6 +52,14 @@ impl Devices {
     }
 }
 
+impl Devices {
+    /// The position of the first drive built empty (a pod's slot), which
+    /// makes the machine one that is not snapshotted.
+    pub(crate) fn first_slot(&self) -> Option<usize> {
+        self.blocks.iter().position(|block| lock(block).is_slot())
+    }
+}
+
 impl NetDevice {
     /// The NIC's state and its transport's. One lock at a time: the
     /// transport's save locks the device too (it asks for its queues).
@@ -64,13 +72,18 @@ impl NetDevice {
 
 impl Machine {
     /// Pauses the VM (unless it is paused), writes a snapshot into `dir`,
-    /// and goes on or ends as `then` says.
+    /// and goes on or ends as `then` says. A VM with a drive slot (a
+    /// pod's) is refused: the disk attached to it is in no definition a
+    /// restore could be given.
     pub(crate) fn snapshot(
         &mut self,
         dir: &Path,
         copy_root: bool,
         then: AfterSnapshot,
     ) -> Result<SnapshotStats, RequestError> {
+        if let Some(index) = self.devices.first_slot() {
+            return Err(RequestError::SnapshotOfSlot { index });
+        }
         let begun = Instant::now();
         let was_paused = self.paused;
         self.set_paused(true)?;
@@ -144,6 +157,16 @@ pub(crate) fn load_snapshot(
     dir: &Path,
     config: &VmConfig,
 ) -> Result<LoadedSnapshot, VmmError> {
+    if let Some(index) = config
+        .disks
+        .iter()
+        .position(|d| d.source == DiskSource::Empty)
+    {
+        return Err(VmmError::SnapshotOntoSlot {
+            dir: dir.to_path_buf(),
+            index,
+        });
+    }
     let snapshot = snapshot::load(dir)?;
     let machine = &snapshot.machine;
     let shape = |what, saved: usize, given: usize| {
@@ -181,6 +204,7 @@ pub(crate) fn load_snapshot(
     if let Some(err) = mismatch {
         return Err(err);
     }
+
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|source| VmError::Kvm {

@@ -4,8 +4,9 @@
 //! by one JSON line.
 //!
 //! Signals served a VM process well for "stop", but pausing the vCPUs
-//! inside the VMM and taking a snapshot need an answer (done, or why not)
-//! and arguments (where to write the snapshot), so they travel here. The VM
+//! inside the VMM, taking a snapshot and filling a pod's empty drive need
+//! an answer (done, or why not) and arguments (where to write the
+//! snapshot, which disk goes in which drive), so they travel here. The VM
 //! process reads requests in its event loop and carries them out between
 //! events, with the whole machine at hand ([`crate::builder`]).
 use std::error::Error;
@@ -19,6 +20,7 @@ use std::time::Duration;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
 
+use crate::config::DiskSource;
 use crate::devices::lock;
 use crate::report::one_line;
 
@@ -43,6 +45,20 @@ pub enum ControlRequest {
         copy_root: bool,
         /// Whether the VM goes on or ends once the snapshot is written.
         then: AfterSnapshot,
+    },
+    /// Fill an empty drive ([`DiskSource::Empty`]) with a disk: a pod's
+    /// container's root, added after the VM booted. Answered once the
+    /// device holds the disk and has told the driver its new capacity
+    /// (a configuration change interrupt); the guest's kernel re-reads it
+    /// from a work queue, so the disk may look empty to the guest for a
+    /// moment longer.
+    AttachDisk {
+        /// The drive's position in `VmConfig::disks` (the guest's
+        /// `/dev/vd<a + index>`); it must be empty.
+        index: usize,
+        /// The disk, opened at this path as the host sees it; not
+        /// [`DiskSource::Empty`].
+        source: DiskSource,
     },
 }
 
@@ -292,6 +308,31 @@ mod tests {
         };
         replier.send(&reply).unwrap();
         assert_eq!(asker.join().unwrap().unwrap(), reply);
+    }
+
+    #[test]
+    fn an_attach_request_has_the_wire_form_of_the_pod_contract() {
+        let request = ControlRequest::AttachDisk {
+            index: 1,
+            source: DiskSource::Raw("/pods/a/root.img".into()),
+        };
+        let json = serde_json::to_value(&request).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"op": "attachdisk", "index": 1, "source": {"raw": "/pods/a/root.img"}})
+        );
+        assert_eq!(
+            serde_json::from_value::<ControlRequest>(json).unwrap(),
+            request
+        );
+        let empty = r#"{"op":"attachdisk","index":2,"source":"empty"}"#;
+        assert_eq!(
+            serde_json::from_str::<ControlRequest>(empty).unwrap(),
+            ControlRequest::AttachDisk {
+                index: 2,
+                source: DiskSource::Empty
+            }
+        );
     }
 
     #[test]

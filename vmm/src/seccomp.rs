@@ -375,6 +375,15 @@ fn vmm_rules() -> Result<Rules, BackendError> {
         allow(libc::SYS_renameat),
         allow(libc::SYS_unlinkat),
         allow(libc::SYS_statx),
+        // A disk attached to an empty drive (the control channel's
+        // `attachdisk`, a pod's container's root): its files are opened
+        // (openat, above) and a raw image sized with lseek (above) as at
+        // boot, and a volume's overlay is locked as at boot, exclusively
+        // and without waiting, so no two VMs ever write one overlay.
+        (
+            libc::SYS_flock,
+            vec![arg_equals(1, (libc::LOCK_EX | libc::LOCK_NB) as u64)?],
+        ),
     ])
 }
 

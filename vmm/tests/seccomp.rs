@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use event_manager::{EventManager, SubscriberOps};
 use kiln_vmm::devices::serial::{Serial, SerialInput};
 use kiln_vmm::devices::virtio::block::{Block, DiskSource};
+use kiln_vmm::devices::virtio::mmio::MmioTransport;
 use kiln_vmm::seccomp::ThreadKind;
 use kiln_vmm::trace::{self, TRACE_ENV};
 use kiln_vmm::volume::Volume;
@@ -259,23 +260,28 @@ fn vmm_thread_survives_filling_a_hydration_cache() {
     assert_survived(&output);
 }
 
+/// A volume in `dir` over a 256 KiB image (its raw form kept as `raw`),
+/// with an overlay.
+fn writable_volume(dir: &std::path::Path) -> DiskSource {
+    let raw = dir.join("raw");
+    std::fs::write(&raw, vec![3u8; 256 * 1024]).unwrap();
+    let image = dir.join("image.kiln");
+    kiln_image::write(&raw, &image, 64 * 1024).unwrap();
+    let overlay = dir.join("root.overlay");
+    drop(Volume::create(&image, &overlay, 1 << 20).unwrap());
+    DiskSource::Volume {
+        image,
+        overlay: Some(overlay),
+        cache_bytes: 1 << 20,
+        hydration: None,
+    }
+}
+
 #[test]
 fn vmm_thread_survives_writing_a_snapshot() {
     let Some(output) = in_child_or_run("vmm_thread_survives_writing_a_snapshot") else {
         let dir = tempfile::tempdir().unwrap();
-        let raw = dir.path().join("raw");
-        std::fs::write(&raw, vec![3u8; 256 * 1024]).unwrap();
-        let image_file = dir.path().join("image.kiln");
-        kiln_image::write(&raw, &image_file, 64 * 1024).unwrap();
-        let overlay = dir.path().join("root.overlay");
-        Volume::create(&image_file, &overlay, 1 << 20).unwrap();
-        let source = DiskSource::Volume {
-            image: image_file,
-            overlay: Some(overlay),
-            cache_bytes: 1 << 20,
-            hydration: None,
-        };
-        let mut block = Block::new(&source, false).unwrap();
+        let mut block = Block::new(&writable_volume(dir.path()), false).unwrap();
         let mem = memory::create(16).unwrap();
         mem.write_slice(b"guest data", GuestAddress(0x10_0000))
             .unwrap();
@@ -291,6 +297,40 @@ fn vmm_thread_survives_writing_a_snapshot() {
                 .unwrap();
             kiln_vmm::snapshot::write_state(&snapshot.join("state"), &"state").unwrap();
             std::fs::metadata(snapshot.join("state")).unwrap();
+            say_survived();
+            std::process::exit(0);
+        });
+        return;
+    };
+    assert_survived(&output);
+}
+
+#[test]
+fn vmm_thread_survives_attaching_disks_to_empty_drives() {
+    let Some(output) = in_child_or_run("vmm_thread_survives_attaching_disks_to_empty_drives")
+    else {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = writable_volume(dir.path());
+        let raw = dir.path().join("raw");
+        let mem = memory::create(16).unwrap();
+        let drives: Vec<_> = [false, true]
+            .map(|read_only| {
+                let block = Arc::new(Mutex::new(
+                    Block::new(&DiskSource::Empty, read_only).unwrap(),
+                ));
+                let transport = MmioTransport::new(mem.clone(), block.clone()).unwrap();
+                (block, transport)
+            })
+            .into();
+        on_filtered_thread(ThreadKind::Vmm, move || {
+            // What `attachdisk` does, once the VM runs: a volume, and a
+            // raw image (read-only), each then announced to the driver.
+            for ((block, mut transport), source) in
+                drives.into_iter().zip([volume, DiskSource::Raw(raw)])
+            {
+                block.lock().unwrap().attach(&source).unwrap();
+                transport.config_changed().unwrap();
+            }
             say_survived();
             std::process::exit(0);
         });

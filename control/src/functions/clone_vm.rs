@@ -27,9 +27,8 @@ use std::thread;
 
 use kiln_builder::store::Store;
 use kiln_vmm::config::{Boot, DiskConfig, DiskSource, VmConfig, VsockConfig};
-use kiln_vmm::durable;
+use kiln_vmm::durable::{self, ScratchDir};
 use kiln_vmm::snapshot::ROOT_OVERLAY_FILE;
-use tempfile::TempDir;
 
 use super::{FunctionError, io_err, random_seed};
 use crate::definition::{DEFAULT_CACHE_MIB, instance_cid};
@@ -74,7 +73,7 @@ pub struct Template {
 pub struct CloneVm {
     /// `i-` and hex digits: the clone's name in messages, and its hostname.
     id: String,
-    dir: TempDir,
+    dir: ScratchDir,
     /// Taken by the drop, which hands it to its reaper.
     child: Option<Child>,
     /// Its VM process's jail, which its reaper removes.
@@ -110,10 +109,8 @@ impl Template {
         kiln_vmm::trace::mark("clone");
         let id = clone_id().map_err(io_err(Path::new("/dev/urandom")))?;
         fs::create_dir_all(&self.clones).map_err(io_err(&self.clones))?;
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("{id}."))
-            .tempdir_in(&self.clones)
-            .map_err(io_err(&self.clones))?;
+        // What clones of a killed `kiln fn serve` left goes here.
+        let dir = durable::scratch_dir(&self.clones, &id)?;
         let overlay = dir.path().join(ROOT_OVERLAY_FILE);
         copy_overlay(&self.dir.join(ROOT_OVERLAY_FILE), &overlay)?;
         let definition = dir.path().join(DEFINITION_FILE);
@@ -352,7 +349,7 @@ mod tests {
     /// A clone whose "kiln" is a script standing in for `kiln __vm`: it
     /// checks its arguments and definition, then waits to be killed.
     #[test]
-    fn a_clone_is_a_vm_process_of_its_own_killed_when_dropped() {
+    fn a_clone_is_a_vm_process_of_its_own_killed_when_dropped_and_left_ones_go() {
         let home = tempfile::tempdir().unwrap();
         let script = home.path().join("kiln");
         let marks = home.path().join("marks");
@@ -373,7 +370,11 @@ mod tests {
         fs::create_dir(&template_dir).unwrap();
         fs::write(template_dir.join(ROOT_OVERLAY_FILE), b"writes").unwrap();
         let template = test_template(home.path(), &template_dir, &script);
+        // A clone's directory that a killed `kiln fn serve` left.
+        let left = home.path().join(CLONES_DIR).join(".i-dead.partial-abc123");
+        fs::create_dir_all(left.join("jail")).unwrap();
         let clone = template.restore().unwrap();
+        assert!(!left.exists(), "a killed serve's clone directory stays");
         let (id, dir) = (clone.id().to_string(), clone.dir.path().to_path_buf());
         assert!(
             clone

@@ -137,6 +137,9 @@ pub enum FunctionError {
         #[source]
         source: io::Error,
     },
+    /// A clone's scratch directory cannot be made.
+    #[error(transparent)]
+    Scratch(#[from] kiln_vmm::durable::ScratchError),
     /// The name could not be a directory's, or is too long to list.
     #[error("function name {0:?}: expected 1 to 64 letters, digits, '-' or '_'")]
     BadName(String),

@@ -207,6 +207,7 @@ mod tests {
             groups: None,
             tty: None,
             stdin: true,
+            root: None,
         }
     }
 

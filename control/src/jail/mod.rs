@@ -308,7 +308,7 @@ impl Jail {
         }
         for (path, writable) in files {
             if !path.starts_with(instance_dir) {
-                jail.share(&path, writable)?;
+                jail.access().share(&path, writable)?;
                 jail.bind(&root, &path, writable)?;
             }
         }
@@ -320,31 +320,21 @@ impl Jail {
         self.uid.uid()
     }
 
-    /// Lets every jail read (and, `writable`, write) `path`, a file of
-    /// the host that the VM opens (the kernel, an image, a snapshot's
-    /// file): its group becomes the jails' shared group, with read (and
-    /// write) for it; its owner and other bits stay. Kiln's files are
-    /// private to their user (mode 600), which no jail's uid is.
-    fn share(&self, path: &Path, writable: bool) -> Result<(), JailError> {
-        let meta = fs::metadata(path).map_err(io_err("share", path))?;
-        if meta.is_dir() {
-            return Ok(());
+    /// How files reach the VM process: what [`Jail::hand_over`] and
+    /// [`Access::share`] do, kept apart from the jail (which goes to the
+    /// thread that waits for its VM process), for files made once the VM
+    /// runs (a pod member's root disk, in the directory bound into it).
+    pub fn access(&self) -> Access {
+        Access {
+            uid: self.uid(),
+            group: self.group,
         }
-        rustix::fs::chown(path, None, Some(Gid::from_raw(self.group)))
-            .map_err(|err| io_err("share", path)(err.into()))?;
-        let group = if writable { 0o060 } else { 0o040 };
-        let mode = meta.permissions().mode() | group;
-        fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err("share", path))
     }
 
     /// Gives `path`, which the supervisor wrote for the VM process (its
     /// definition), to the jail's uid.
     pub fn hand_over(&self, path: &Path) -> Result<(), JailError> {
-        let owner = (
-            Some(Uid::from_raw(self.uid())),
-            Some(Gid::from_raw(self.uid())),
-        );
-        hand_over(path, owner)
+        self.access().hand_over(path)
     }
 
     /// What the instance's record shows of the jail.
@@ -626,6 +616,7 @@ fn take_ephemeral(config: &mut VmConfig) -> Vec<PathBuf> {
                 *hydration = None;
                 overlay.clone()
             }
+            DiskSource::Empty => None,
         };
         if std::mem::take(&mut disk.ephemeral) {
             ephemeral.extend(file);
@@ -665,6 +656,9 @@ fn vm_files(config: &VmConfig) -> Vec<(PathBuf, bool)> {
                 files.extend(layers.into_iter().map(|layer| (layer, false)));
                 files.extend(overlay.iter().map(|o| (o.clone(), !disk.read_only)));
             }
+            // A spare drive: what fills it later is opened through the
+            // VM's directory, which is bound into the jail.
+            DiskSource::Empty => {}
         }
     }
     files
@@ -763,6 +757,41 @@ fn make_dir(dir: &Path) -> Result<(), JailError> {
 fn kvm_device() -> Result<u64, JailError> {
     let path = Path::new(KVM_DEVICE);
     Ok(fs::metadata(path).map_err(io_err("find", path))?.rdev())
+}
+
+/// What lets a jail's VM process open a file made for it: its uid, for
+/// files it owns, and the jails' shared group, for the host's files it
+/// reads. Copied out of a [`Jail`] ([`Jail::access`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Access {
+    uid: u32,
+    group: u32,
+}
+
+impl Access {
+    /// Gives `path` (a file, or a directory alone) to the jail's uid, as
+    /// the VM process's own.
+    pub fn hand_over(&self, path: &Path) -> Result<(), JailError> {
+        let owner = (Some(Uid::from_raw(self.uid)), Some(Gid::from_raw(self.uid)));
+        hand_over(path, owner)
+    }
+
+    /// Lets every jail read (and, `writable`, write) `path`, a file of
+    /// the host that the VM opens (the kernel, an image, a snapshot's
+    /// file): its group becomes the jails' shared group, with read (and
+    /// write) for it; its owner and other bits stay. Kiln's files are
+    /// private to their user (mode 600), which no jail's uid is.
+    pub fn share(&self, path: &Path, writable: bool) -> Result<(), JailError> {
+        let meta = fs::metadata(path).map_err(io_err("share", path))?;
+        if meta.is_dir() {
+            return Ok(());
+        }
+        rustix::fs::chown(path, None, Some(Gid::from_raw(self.group)))
+            .map_err(|err| io_err("share", path)(err.into()))?;
+        let group = if writable { 0o060 } else { 0o040 };
+        let mode = meta.permissions().mode() | group;
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err("share", path))
+    }
 }
 
 /// Gives `path` to `owner` (a directory alone, not what it holds: the

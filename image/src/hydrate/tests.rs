@@ -364,3 +364,38 @@ fn a_fill_waits_for_another_open_files_lock_on_its_chunks() {
     });
     assert_eq!(cache.hydrated_bytes(), bytes_of(cache.reader(), [1, 2]));
 }
+
+#[test]
+fn a_frame_goes_whole_to_one_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image, data) = image(dir.path());
+    let cache = open(&image, dir.path());
+    let reader = cache.reader();
+    let chunks: Vec<u32> = (0..reader.chunk_count()).collect();
+    let groups = cache.frame_groups(&chunks);
+    // The groups cover every chunk in order, each group one frame, and
+    // the frames of neighbouring groups differ.
+    assert_eq!(groups.first().map(|g| g.start), Some(0));
+    assert_eq!(groups.last().map(|g| g.end), Some(chunks.len()));
+    assert!(groups.windows(2).all(|w| w[0].end == w[1].start));
+    for group in &groups {
+        let first = chunks[group.start];
+        assert!(
+            chunks[group.clone()]
+                .iter()
+                .all(|&n| reader.same_frame(first, n))
+        );
+    }
+    assert!(
+        groups
+            .windows(2)
+            .all(|w| !reader.same_frame(chunks[w[0].start], chunks[w[1].start]))
+    );
+    assert!(
+        groups.iter().any(|g| g.len() > 1),
+        "frames of one chunk only"
+    );
+    // Filled on two workers, the cache holds the image.
+    cache.hydrate_all(64, 2, &mut |_| {}).unwrap();
+    assert_eq!(read_all(&cache), data);
+}

@@ -55,6 +55,10 @@ pub enum TransferError {
         /// Its length in bytes.
         len: u32,
     },
+    /// The drive is empty: even a request of no sectors has nothing to
+    /// move to or from.
+    #[error("the drive has no medium")]
+    NoMedium,
     /// Guest memory refused the access for another reason.
     #[error("the driver's buffer")]
     Guest(#[source] GuestMemoryError),
@@ -78,6 +82,12 @@ pub enum Backend {
         volume: Box<Volume>,
         /// [`BOUNCE_SIZE`] bytes that guest data passes through.
         bounce: Vec<u8>,
+    },
+    /// No medium (a pod's spare drive): capacity 0, so no request reaches
+    /// a sector of it.
+    Empty {
+        /// Whether the guest may only read what the drive will hold.
+        read_only: bool,
     },
 }
 
@@ -106,7 +116,7 @@ impl Backend {
     /// Whether the guest may only read this disk (VIRTIO_BLK_F_RO).
     pub fn read_only(&self) -> bool {
         match self {
-            Backend::Raw { read_only, .. } => *read_only,
+            Backend::Raw { read_only, .. } | Backend::Empty { read_only } => *read_only,
             Backend::Volume { volume, .. } => !volume.writable(),
         }
     }
@@ -120,7 +130,7 @@ impl Backend {
                 read_only: false,
                 ..
             } => Some(file),
-            Backend::Raw { .. } => None,
+            Backend::Raw { .. } | Backend::Empty { .. } => None,
             Backend::Volume { volume, .. } => volume.overlay_file(),
         }
     }
@@ -136,7 +146,7 @@ impl Backend {
                 let record = working_set::path(volume.image_path());
                 volume.start_prefetch(seccomp, Some(&record))
             }
-            Backend::Raw { .. } => Ok(()),
+            Backend::Raw { .. } | Backend::Empty { .. } => Ok(()),
         }
     }
 
@@ -192,6 +202,7 @@ impl Backend {
                 }
                 Ok(())
             }
+            Backend::Empty { .. } => Err(TransferError::NoMedium),
         }
     }
 
@@ -205,13 +216,14 @@ impl Backend {
                 })
             }
             Backend::Volume { volume, .. } => Ok(volume.flush()?),
+            Backend::Empty { .. } => Ok(()),
         }
     }
 
     /// Gives the bytes in the range back (see [`Backend::discards`]).
     pub fn discard(&mut self, offset: u64, len: u64) -> Result<(), TransferError> {
         match self {
-            Backend::Raw { .. } => Ok(()),
+            Backend::Raw { .. } | Backend::Empty { .. } => Ok(()),
             Backend::Volume { volume, .. } => Ok(volume.discard(offset, len)?),
         }
     }

@@ -79,14 +79,8 @@ pub enum BlockError {
         size: u64,
     },
     /// The queue's eventfd could not be created.
-    #[error("cannot create the queue eventfd of disk {path}")]
-    EventFd {
-        /// The disk's image path.
-        path: PathBuf,
-        /// What the system said.
-        #[source]
-        source: io::Error,
-    },
+    #[error("cannot create the request queue's eventfd")]
+    EventFd(#[source] io::Error),
     /// The disk's completed writes could not be made durable.
     #[error("cannot flush disk {path}")]
     Flush {
@@ -96,6 +90,43 @@ pub enum BlockError {
         #[source]
         source: TransferError,
     },
+}
+
+/// Why a disk cannot fill a drive ([`Block::attach`]).
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// The drive was not built empty, or has been filled already.
+    #[error("the drive holds {path}: expected an empty drive")]
+    Occupied {
+        /// The disk it holds.
+        path: PathBuf,
+    },
+    /// The source to attach is itself [`DiskSource::Empty`].
+    #[error("the source is empty: expected a raw image or a volume to attach")]
+    EmptySource,
+    /// A volume without an overlay in a drive the guest may write: the
+    /// driver would see a writable disk whose every write fails.
+    #[error(
+        "volume {image} has no overlay: the drive is writable (read_only false), expected an overlay"
+    )]
+    NoOverlay {
+        /// The volume's image.
+        image: PathBuf,
+    },
+    /// A hydration cache's prefetch workers are threads, and the VMM
+    /// thread, under its seccomp filter once the VM runs, starts none.
+    #[error(
+        "volume {image}: hydration {dir}: a disk attached to a running VM reads its image through memory only, expected hydration null"
+    )]
+    Hydration {
+        /// The volume's image.
+        image: PathBuf,
+        /// The hydration cache's directory asked for.
+        dir: PathBuf,
+    },
+    /// The disk cannot be opened.
+    #[error(transparent)]
+    Open(#[from] BlockError),
 }
 
 /// A request's outcome: the status byte and how many data bytes the device
@@ -287,6 +318,7 @@ struct Active {
 
 /// Where a disk's sectors come from.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum DiskSource {
     /// A raw disk image file.
     Raw(PathBuf),
@@ -306,14 +338,21 @@ pub enum DiskSource {
         #[serde(default)]
         hydration: Option<PathBuf>,
     },
+    /// No medium: a drive of capacity 0, a pod's spare slot, until
+    /// `ControlRequest::AttachDisk` fills it with a container's root disk
+    /// (Firecracker-containerd's stub drives). Whether the guest may write
+    /// the disk it will hold is the slot's `read_only`, fixed at boot:
+    /// VIRTIO_BLK_F_RO is negotiated once, when the driver probes.
+    Empty,
 }
 
 impl DiskSource {
-    /// The file named in messages about this disk.
-    pub fn path(&self) -> &Path {
+    /// The file named in messages about this disk; none for an empty drive.
+    pub fn path(&self) -> Option<&Path> {
         match self {
-            DiskSource::Raw(path) => path,
-            DiskSource::Volume { image, .. } => image,
+            DiskSource::Raw(path) => Some(path),
+            DiskSource::Volume { image, .. } => Some(image),
+            DiskSource::Empty => None,
         }
     }
 }
@@ -321,6 +360,8 @@ impl DiskSource {
 /// A virtio block device.
 pub struct Block {
     pub(super) disk: Disk,
+    /// Built as an empty drive (a pod's slot), whether filled since or not.
+    slot: bool,
     features: u64,
     config: [u8; CONFIG_SIZE],
     pub(super) queue_evts: [EventFd; 1],
@@ -331,39 +372,9 @@ impl Block {
     /// A block device for `source`, which the guest may not write when
     /// `read_only`.
     pub fn new(source: &DiskSource, read_only: bool) -> Result<Self, BlockError> {
-        let path = source.path();
-        let (backend, size) = match source {
-            DiskSource::Raw(path) => {
-                Backend::raw(path, read_only).map_err(|source| BlockError::Open {
-                    path: path.clone(),
-                    source,
-                })?
-            }
-            DiskSource::Volume {
-                image,
-                overlay,
-                cache_bytes,
-                hydration,
-            } => {
-                let overlay = overlay.as_deref().filter(|_| !read_only);
-                let volume = match hydration {
-                    Some(dir) => Volume::open_hydrated(image, overlay, dir, *cache_bytes)?,
-                    None => Volume::open(image, overlay, *cache_bytes)?,
-                };
-                let size = volume.capacity();
-                (Backend::volume(volume), size)
-            }
-        };
-        if size % SECTOR_SIZE != 0 {
-            return Err(BlockError::PartialSector {
-                path: path.to_path_buf(),
-                size,
-            });
-        }
-        let queue_evt = EventFd::new(EFD_NONBLOCK).map_err(|source| BlockError::EventFd {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let (backend, size) = open(source, read_only)?;
+        let queue_evt = EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?;
+        let path = source.path().map(Path::to_path_buf).unwrap_or_default();
         let capacity = size / SECTOR_SIZE;
         let discards = backend.discards();
         Ok(Self {
@@ -372,13 +383,68 @@ impl Block {
             disk: Disk {
                 backend,
                 capacity,
-                id: serial_id(path),
-                path: path.to_path_buf(),
+                id: serial_id(&path),
+                path,
             },
+            slot: matches!(source, DiskSource::Empty),
             queue_evts: [queue_evt],
             active: None,
         })
     }
+
+    /// Whether this drive was built empty, to be filled while the VM runs
+    /// (a pod's slot): its disk is not in the VM's definition, so a
+    /// snapshot could not be restored with it.
+    pub fn is_slot(&self) -> bool {
+        self.slot
+    }
+
+    /// Fills this empty drive with `source`, opened as the drive's
+    /// `read_only` says, and sets its capacity in the configuration space.
+    /// The transport then tells the driver
+    /// ([`MmioTransport::config_changed`](super::super::mmio::MmioTransport::config_changed)).
+    /// The drive offered no DISCARD when the driver probed it, so the
+    /// disk it holds gets none.
+    pub fn attach(&mut self, source: &DiskSource) -> Result<(), AttachError> {
+        if !matches!(self.disk.backend, Backend::Empty { .. }) {
+            return Err(AttachError::Occupied {
+                path: self.disk.path.clone(),
+            });
+        }
+        let read_only = self.disk.backend.read_only();
+        match source {
+            DiskSource::Empty => return Err(AttachError::EmptySource),
+            DiskSource::Volume {
+                image,
+                hydration: Some(dir),
+                ..
+            } => {
+                return Err(AttachError::Hydration {
+                    image: image.clone(),
+                    dir: dir.clone(),
+                });
+            }
+            DiskSource::Volume {
+                image,
+                overlay: None,
+                ..
+            } if !read_only => {
+                return Err(AttachError::NoOverlay {
+                    image: image.clone(),
+                });
+            }
+            DiskSource::Raw(_) | DiskSource::Volume { .. } => {}
+        }
+        let (backend, size) = open(source, read_only)?;
+        let path = source.path().map(Path::to_path_buf).unwrap_or_default();
+        self.disk.capacity = size / SECTOR_SIZE;
+        self.config = config_space(self.disk.capacity, false);
+        self.disk.backend = backend;
+        self.disk.id = serial_id(&path);
+        self.disk.path = path;
+        Ok(())
+    }
+
     /// Whether the guest may discard (trim) blocks of this disk.
     pub fn discards(&self) -> bool {
         self.disk.backend.discards()
@@ -418,6 +484,41 @@ impl Block {
             error_limited!("virtio-blk: cannot interrupt the driver: {err}");
         }
     }
+}
+
+/// Opens `source` as a disk the guest may not write when `read_only`;
+/// returns its storage and its size in bytes, a whole number of sectors.
+fn open(source: &DiskSource, read_only: bool) -> Result<(Backend, u64), BlockError> {
+    let (backend, size) = match source {
+        DiskSource::Raw(path) => {
+            Backend::raw(path, read_only).map_err(|source| BlockError::Open {
+                path: path.clone(),
+                source,
+            })?
+        }
+        DiskSource::Volume {
+            image,
+            overlay,
+            cache_bytes,
+            hydration,
+        } => {
+            let overlay = overlay.as_deref().filter(|_| !read_only);
+            let volume = match hydration {
+                Some(dir) => Volume::open_hydrated(image, overlay, dir, *cache_bytes)?,
+                None => Volume::open(image, overlay, *cache_bytes)?,
+            };
+            let size = volume.capacity();
+            (Backend::volume(volume), size)
+        }
+        DiskSource::Empty => (Backend::Empty { read_only }, 0),
+    };
+    if size % SECTOR_SIZE != 0 {
+        return Err(BlockError::PartialSector {
+            path: source.path().map(Path::to_path_buf).unwrap_or_default(),
+            size,
+        });
+    }
+    Ok((backend, size))
 }
 
 /// Executes `request` and writes its status byte; returns the used length
@@ -834,6 +935,101 @@ mod tests {
             .err()
             .unwrap();
         assert!(matches!(err, BlockError::Open { .. }), "{err}");
+    }
+
+    #[test]
+    fn an_empty_drive_has_no_sectors_and_keeps_its_read_only() {
+        let mut block = Block::new(&DiskSource::Empty, false).unwrap();
+        assert!(block.is_slot());
+        let mut capacity = [0xffu8; 8];
+        block.read_config(0, &mut capacity);
+        assert_eq!(capacity, [0; 8]);
+        let mem = memory();
+        write_header(&mem, VIRTIO_BLK_T_IN, 0);
+        let bufs = [HEADER_BUF, Buf(DATA, 512, true), STATUS_BUF];
+        assert_eq!(
+            submit(&mut block, &mem, &bufs),
+            (status(VIRTIO_BLK_S_IOERR), 1)
+        );
+        write_header(&mem, VIRTIO_BLK_T_FLUSH, 0);
+        assert_eq!(
+            submit(&mut block, &mem, &[HEADER_BUF, STATUS_BUF]),
+            (status(VIRTIO_BLK_S_OK), 1)
+        );
+        assert_eq!(block.features() & (1 << VIRTIO_BLK_F_RO), 0);
+        let read_only = Block::new(&DiskSource::Empty, true).unwrap();
+        assert_ne!(read_only.features() & (1 << VIRTIO_BLK_F_RO), 0);
+        let (_file, full) = disk(false);
+        assert!(!full.is_slot());
+    }
+
+    #[test]
+    fn an_attached_raw_image_is_the_drives_disk_from_then_on() {
+        let mut block = Block::new(&DiskSource::Empty, false).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("pod-root.img");
+        std::fs::write(&image, disk_pattern()).unwrap();
+        block.attach(&DiskSource::Raw(image.clone())).unwrap();
+        let mut capacity = [0u8; 8];
+        block.read_config(0, &mut capacity);
+        assert_eq!(u64::from_le_bytes(capacity), DISK_SECTORS);
+        assert!(block.is_slot(), "a filled slot is still a slot");
+        let mem = memory();
+        write_header(&mem, VIRTIO_BLK_T_OUT, 3);
+        mem.write_slice(&[7u8; 512], GuestAddress(DATA)).unwrap();
+        let bufs = [HEADER_BUF, Buf(DATA, 512, false), STATUS_BUF];
+        assert_eq!(
+            submit(&mut block, &mem, &bufs),
+            (status(VIRTIO_BLK_S_OK), 1)
+        );
+        assert_eq!(std::fs::read(&image).unwrap()[3 * 512..4 * 512], [7u8; 512]);
+        write_header(&mem, VIRTIO_BLK_T_GET_ID, 0);
+        let bufs = [HEADER_BUF, Buf(DATA, 20, true), STATUS_BUF];
+        submit(&mut block, &mem, &bufs);
+        assert_eq!(read_guest(&mem, DATA, 12), b"pod-root.img");
+        let err = block.attach(&DiskSource::Raw(image.clone())).unwrap_err();
+        assert!(matches!(err, AttachError::Occupied { .. }), "{err}");
+        assert!(err.to_string().contains("pod-root.img"), "{err}");
+    }
+
+    #[test]
+    fn what_cannot_fill_a_drive_is_refused_by_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_file, mut full) = disk(false);
+        let err = full.attach(&DiskSource::Empty).unwrap_err();
+        assert!(matches!(err, AttachError::Occupied { .. }), "{err}");
+        let mut block = Block::new(&DiskSource::Empty, false).unwrap();
+        let err = block.attach(&DiskSource::Empty).unwrap_err();
+        assert!(matches!(err, AttachError::EmptySource), "{err}");
+        let image = dir.path().join("image.kiln");
+        let without_overlay = DiskSource::Volume {
+            image: image.clone(),
+            overlay: None,
+            cache_bytes: 1 << 20,
+            hydration: None,
+        };
+        let err = block.attach(&without_overlay).unwrap_err();
+        assert!(matches!(err, AttachError::NoOverlay { .. }), "{err}");
+        let hydrated = DiskSource::Volume {
+            image: image.clone(),
+            overlay: Some(dir.path().join("root.overlay")),
+            cache_bytes: 1 << 20,
+            hydration: Some("/var/cache/kiln".into()),
+        };
+        let err = block.attach(&hydrated).unwrap_err();
+        assert!(err.to_string().contains("/var/cache/kiln"), "{err}");
+        let err = block
+            .attach(&DiskSource::Raw(dir.path().join("missing.img")))
+            .unwrap_err();
+        assert!(
+            matches!(err, AttachError::Open(BlockError::Open { .. })),
+            "{err}"
+        );
+        // Refused, the drive is still empty and takes a disk.
+        std::fs::write(dir.path().join("d.img"), [0u8; 1024]).unwrap();
+        block
+            .attach(&DiskSource::Raw(dir.path().join("d.img")))
+            .unwrap();
     }
 
     /// A volume over an image of `disk_pattern()` (chunks of 4 sectors'

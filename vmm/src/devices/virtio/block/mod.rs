@@ -26,7 +26,7 @@ mod persist;
 mod request;
 
 pub use backend::TransferError;
-pub use device::{Block, BlockError, DiskSource, QUEUE_SIZE, SECTOR_SIZE};
+pub use device::{AttachError, Block, BlockError, DiskSource, QUEUE_SIZE, SECTOR_SIZE};
 
 /// Fuzz entry point (`fuzz/`, and the corpus replay CI runs): parses the
 /// chain `data` describes (see `devices::virtio::fuzzing`) as a request,

@@ -138,6 +138,10 @@ pub struct MmioTransport {
     driver_features_select: u32,
     driver_features: u64,
     status: u32,
+    /// ConfigGeneration (§4.2.2): changes with every change of the
+    /// device's configuration space, so that a driver reading a field of
+    /// more than 32 bits in pieces can tell it changed meanwhile (§2.5.1).
+    config_generation: u32,
 }
 
 impl MmioTransport {
@@ -182,6 +186,7 @@ impl MmioTransport {
             driver_features_select: 0,
             driver_features: 0,
             status: 0,
+            config_generation: 0,
         })
     }
 
@@ -194,6 +199,20 @@ impl MmioTransport {
     /// The `EventFd` to register as the irqfd of the device's interrupt line.
     pub fn interrupt_event(&self) -> &EventFd {
         self.interrupt.event()
+    }
+
+    /// The device's configuration space has just changed (a disk filled
+    /// an empty drive): a new ConfigGeneration, and a configuration
+    /// change interrupt (VIRTIO_MMIO_INT_CONFIG, §2.1.2 and §4.2.2) for
+    /// the driver to read it again. The caller changes the configuration
+    /// with this transport locked, as a vCPU holds it for every register
+    /// access, so the driver never reads the new configuration with the
+    /// old generation. Before DRIVER_OK the driver reads the
+    /// configuration as it probes; Linux keeps an interrupt that comes
+    /// meanwhile until the probe is done.
+    pub fn config_changed(&mut self) -> std::io::Result<()> {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.interrupt.signal_config_change()
     }
 
     /// The device status register: the driver's steps, and
@@ -219,8 +238,7 @@ impl MmioTransport {
             VIRTIO_MMIO_QUEUE_READY => self.selected_queue().map_or(0, |q| q.ready().into()),
             VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
             VIRTIO_MMIO_STATUS => self.status(),
-            // The configuration space never changes under the driver.
-            VIRTIO_MMIO_CONFIG_GENERATION => 0,
+            VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
             // No shared memory regions: a non-existent region has length -1.
             VIRTIO_MMIO_SHM_LEN_LOW | VIRTIO_MMIO_SHM_LEN_HIGH => u32::MAX,
             // Write-only and reserved registers read as zero.
@@ -770,23 +788,64 @@ mod tests {
             VIRTIO_BLK_S_OK as u8
         );
 
-        assert_eq!(transport.interrupt_event().read().unwrap(), 1);
-        assert_eq!(
-            read(&mut transport, VIRTIO_MMIO_INTERRUPT_STATUS),
-            VIRTIO_MMIO_INT_VRING
-        );
-        write(
-            &mut transport,
-            VIRTIO_MMIO_INTERRUPT_ACK,
-            VIRTIO_MMIO_INT_VRING,
-        );
-        assert_eq!(read(&mut transport, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+        acknowledge_interrupt(&mut transport, VIRTIO_MMIO_INT_VRING);
 
         // A notification that reaches the bus (no ioeventfd) works too.
         add_flush_request(&mem, &queue);
         write(&mut transport, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
         assert_eq!(event_loop.run_with_timeout(1000).unwrap(), 1);
         assert_eq!(queue.used().idx().load(), 2);
+    }
+
+    /// The line was raised for `cause` alone, which the driver then
+    /// acknowledges, as Linux's interrupt handler does.
+    fn acknowledge_interrupt(transport: &mut MmioTransport, cause: u32) {
+        assert_eq!(transport.interrupt_event().read().unwrap(), 1);
+        assert_eq!(read(transport, VIRTIO_MMIO_INTERRUPT_STATUS), cause);
+        write(transport, VIRTIO_MMIO_INTERRUPT_ACK, cause);
+        assert_eq!(read(transport, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+    }
+
+    /// The configuration space's 64-bit capacity, read as Linux reads it:
+    /// in two 32-bit halves, between two reads of ConfigGeneration.
+    fn capacity(transport: &mut MmioTransport) -> (u64, u32) {
+        let generation = read(transport, VIRTIO_MMIO_CONFIG_GENERATION);
+        let low = read(transport, VIRTIO_MMIO_CONFIG);
+        let high = read(transport, VIRTIO_MMIO_CONFIG + 4);
+        assert_eq!(read(transport, VIRTIO_MMIO_CONFIG_GENERATION), generation);
+        (u64::from(high) << 32 | u64::from(low), generation)
+    }
+
+    #[test]
+    fn a_disk_attached_to_a_running_empty_drive_changes_its_config_and_interrupts() {
+        let block = Arc::new(Mutex::new(Block::new(&DiskSource::Empty, false).unwrap()));
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mut transport = MmioTransport::new(mem.clone(), block.clone()).unwrap();
+        let mut event_loop = EventManager::<Arc<Mutex<Block>>>::new().unwrap();
+        event_loop.add_subscriber(block.clone());
+        negotiate(&mut transport);
+        let queue = MockSplitQueue::new(&mem, MOCK_QUEUE_SIZE);
+        start_device(&mut transport, &queue);
+        assert_eq!(capacity(&mut transport), (0, 0));
+        assert_eq!(read(&mut transport, VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+
+        let image = tempfile::NamedTempFile::new().unwrap();
+        image.as_file().set_len(DISK_SECTORS * 512).unwrap();
+        lock(&block)
+            .attach(&DiskSource::Raw(image.path().into()))
+            .unwrap();
+        transport.config_changed().unwrap();
+
+        assert_eq!(capacity(&mut transport), (DISK_SECTORS, 1));
+        acknowledge_interrupt(&mut transport, VIRTIO_MMIO_INT_CONFIG);
+        // The running queue now reaches the disk.
+        add_flush_request(&mem, &queue);
+        transport.queue_events()[0].write(1).unwrap();
+        assert_eq!(event_loop.run_with_timeout(1000).unwrap(), 1);
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+            VIRTIO_BLK_S_OK as u8
+        );
     }
 
     #[test]
