@@ -9,12 +9,9 @@
 # namespace path that does not exist fails Create with its reason and
 # leaves nothing; a container without one has no NIC. Needs L1 to have
 # iproute2's ip and tc and the veth, sch_ingress, cls_u32 and act_mirred
-# modules.
+# modules loaded (xtask/src/harness/initramfs.rs).
 . "$(dirname "$0")/lib.sh"
 
-for module in veth sch_ingress cls_u32 act_mirred; do
-    insmod "/lib/modules/$module.ko" 2> /dev/null
-done
 containerd_setup
 start_containerd
 check containerd-serves ctr version

@@ -42,6 +42,8 @@ pub const PACKAGES: &[&str] = &[
     // containerd-shim-kiln-v2 (runc is containerd's default runtime).
     "containerd",
     "runc",
+    // tests/vm/containerd-net.sh: ip and tc make a pod's network namespace.
+    "iproute2",
 ];
 /// Files in tests/vm/ that are not scenarios.
 const NOT_SCENARIOS: [&str; 3] = ["run", "lib", "store-faults"];
