@@ -260,19 +260,51 @@ impl PodNetwork {
     /// went with the VM process, its own qdisc with it. A namespace or
     /// veth that CNI has removed already leaves nothing to do.
     pub fn disconnect(self) -> Result<(), NetError> {
-        let gone = |err: &NetError| match err {
-            NetError::Open { source, .. } => source.kind() == io::ErrorKind::NotFound,
-            NetError::Netlink { source, .. } => matches!(
-                source.raw_os_error(),
-                Some(libc::ENODEV | libc::ENOENT | libc::EINVAL)
-            ),
-            _ => false,
-        };
         let veth = &self.veth;
-        match in_namespace(&self.netns, |rtnl| rtnl.del_ingress(veth.index, &veth.name)) {
-            Err(err) if gone(&err) => Ok(()),
-            done => done,
-        }
+        unless_gone(in_namespace(&self.netns, |rtnl| {
+            rtnl.del_ingress(veth.index, &veth.name)
+        }))
+    }
+
+    /// After a shim died with its VM (`shim delete`): removes the ingress
+    /// qdisc its [`PodNetwork::connect`] left on the veth of `netns`,
+    /// redirecting to a tap that went with the VM process. A tap still
+    /// there is a live VM's (a container whose Create was refused, or a
+    /// pod member, shares the namespace with it), whose qdisc stays.
+    pub fn clear_left(netns: &Path) -> Result<(), NetError> {
+        unless_gone(in_namespace(netns, |rtnl| {
+            match rtnl.link_index(TAP_NAME) {
+                Ok(_) => Ok(()),
+                Err(err) if gone(&err) => {
+                    let veth = find_veth(rtnl)?;
+                    rtnl.del_ingress(veth.index, &veth.name)
+                }
+                Err(err) => Err(err),
+            }
+        }))
+    }
+}
+
+/// `done`, with what failed only because the namespace, the interface or
+/// its qdisc is gone already (CNI removed it, or it was never made) as
+/// done too.
+fn unless_gone(done: Result<(), NetError>) -> Result<(), NetError> {
+    match done {
+        Err(err) if gone(&err) => Ok(()),
+        done => done,
+    }
+}
+
+/// Whether `err` says that what it was about does not exist.
+fn gone(err: &NetError) -> bool {
+    match err {
+        NetError::Open { source, .. } => source.kind() == io::ErrorKind::NotFound,
+        NetError::Netlink { source, .. } => matches!(
+            source.raw_os_error(),
+            Some(libc::ENODEV | libc::ENOENT | libc::EINVAL)
+        ),
+        NetError::NoInterface { .. } => true,
+        _ => false,
     }
 }
 
@@ -873,11 +905,34 @@ mod tests {
             "{err}"
         );
 
+        // A live VM's qdisc stays when a shim that died is cleaned up.
+        PodNetwork::clear_left(&pod.path()).unwrap();
+        assert!(
+            pod.tc(&["qdisc", "show", "dev", "eth0"])
+                .contains("ingress")
+        );
+
         drop(tap);
         network.disconnect().unwrap();
         pod.assert_as_made();
         // The veth is CNI's, and stays.
         assert!(pod.run(&["addr", "show", "eth0"]).contains("10.77.0.5/24"));
+    }
+
+    #[test]
+    fn a_dead_shims_qdisc_is_cleared_once_its_tap_has_gone() {
+        let Some((pod, _host)) = pod("left") else {
+            return;
+        };
+        let (network, tap) = PodNetwork::connect(&pod.path(), None).unwrap();
+        // The shim dies, never disconnecting: its VM process, holding the
+        // tap, with it.
+        drop((network, tap));
+        PodNetwork::clear_left(&pod.path()).unwrap();
+        pod.assert_as_made();
+        // Again, or in a namespace that is gone: nothing to do.
+        PodNetwork::clear_left(&pod.path()).unwrap();
+        PodNetwork::clear_left(Path::new("/run/netns/kiln-none")).unwrap();
     }
 
     #[test]

@@ -165,6 +165,13 @@ pub fn role(bundle: &Path) -> Result<Role, SpecError> {
     Ok(Role::of(read(bundle)?.annotations().as_ref())?)
 }
 
+/// The network namespace the container of `bundle` joins, if any: all
+/// `shim delete` needs of its spec, to clear what a shim that died left
+/// there ([`crate::network::PodNetwork::clear_left`]).
+pub fn netns_of(bundle: &Path) -> Result<Option<PathBuf>, SpecError> {
+    netns(read(bundle)?.linux().as_ref())
+}
+
 /// `bundle/config.json`.
 fn read(bundle: &Path) -> Result<Spec, SpecError> {
     let path = bundle.join("config.json");
