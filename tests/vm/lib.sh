@@ -294,10 +294,12 @@ ctr() { command ctr -a "$root/containerd.sock" "$@"; }
 kiln_run() { ctr run --runtime io.containerd.kiln.v2 "$@"; }
 busybox_image() {
     image=$WORK/image
-    mkdir -p "$image/root/bin" "$image/archive/l1"
+    # An /etc, as every real image has, where guest-init writes the pod's
+    # resolv.conf.
+    mkdir -p "$image/root/bin" "$image/root/etc" "$image/archive/l1"
     cp /bin/busybox "$image/root/bin/busybox"
     for applet in sh echo cat sleep tty stty mkdir httpd wget test; do ln -s busybox "$image/root/bin/$applet"; done
-    (cd "$image/root" && tar -cf "$image/archive/l1/layer.tar" bin)
+    (cd "$image/root" && tar -cf "$image/archive/l1/layer.tar" bin etc)
     diff_id=$(sha256sum "$image/archive/l1/layer.tar" | cut -d' ' -f1)
     printf '{"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": ["sha256:%s"]}, "config": {"Cmd": ["/bin/sh"]}}' \
         "$diff_id" > "$image/archive/config.json"
