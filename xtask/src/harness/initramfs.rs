@@ -50,11 +50,12 @@ const DEBUGFS: &str = "/usr/sbin/debugfs";
 /// Installs the instances' tap filters (control/src/network/filter.rs);
 /// tests/vm/network-spoof.sh reads their counters with it.
 const NFT: &str = "/usr/sbin/nft";
-/// iproute2's ip and tc, which tests/vm/containerd-net.sh makes a pod's
-/// namespace and veth with and reads the shim's qdiscs with (busybox's
-/// have no netns, veth or TC filters): copied into /usr/bin, ahead of
-/// busybox's applets in /bin on L1's PATH.
-const IPROUTE2: [&str; 2] = ["/usr/sbin/ip", "/usr/sbin/tc"];
+/// iproute2's, with which tests/vm/containerd-net.sh makes a pod's
+/// namespace and veth and reads the shim's qdiscs (busybox's have no
+/// netns, veth or TC filters; its sh runs its own applet for a bare `ip`,
+/// whatever PATH says, so the scenario names these by path).
+const IP: &str = "/usr/sbin/ip";
+const TC: &str = "/usr/sbin/tc";
 /// The firmware QEMU 7.2's microvm machine loads by default (qboot).
 const QEMU_FIRMWARE: &str = "/usr/share/qemu/qboot.rom";
 /// The L1 kernel's modules the scenarios need, in insmod order (l1-init.sh
@@ -143,12 +144,8 @@ pub fn pack(tree: &Path, archive: &Path, payload: &Payload) -> Result<()> {
     copy_with_libraries(payload.xtask, &tree.join(&XTASK_PATH[1..]), tree)?;
     copy_with_libraries(Path::new(QEMU), &tree.join(&QEMU[1..]), tree)?;
     copy(Path::new(QEMU_FIRMWARE), &tree.join(&QEMU_FIRMWARE[1..]))?;
-    for tool in [E2FSCK, MKFS_EXT4, DEBUGFS, NFT] {
+    for tool in [E2FSCK, MKFS_EXT4, DEBUGFS, NFT, IP, TC] {
         copy_with_libraries(Path::new(tool), &tree.join(&tool[1..]), tree)?;
-    }
-    for tool in IPROUTE2 {
-        let name = Path::new(tool).file_name().expect("tools name a file");
-        copy_with_libraries(Path::new(tool), &tree.join("usr/bin").join(name), tree)?;
     }
     copy(payload.kernel, &tree.join("kiln/vmlinux"))?;
     copy(payload.guest_init, &tree.join("kiln/guest-init"))?;
