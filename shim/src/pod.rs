@@ -93,13 +93,27 @@ pub enum PodError {
     },
     /// A member in a network namespace other than its pod's: the VM has
     /// one NIC, its sandbox's, which its members share.
-    #[error("network namespace {}: expected the pod's {} (its sandbox's)", shown(.asked), shown(.has))]
+    #[error(
+        "network namespace {}: expected the pod's {} (its sandbox's) or {}",
+        shown(.asked), shown(.has), .task.display()
+    )]
     Netns {
         /// The member's.
         asked: Option<PathBuf>,
         /// The VM's.
         has: Option<PathBuf>,
+        /// The sandbox task's, as CRI names it ([`task_netns`]).
+        task: PathBuf,
     },
+}
+
+/// The network namespace of the sandbox's task `pid`, as containerd's CRI
+/// names it in every other container of the pod (`WithPodNamespaces`:
+/// `/proc/PID/ns/net`, the sandbox's own process's namespace under runc).
+/// Here that process is the pod's VM process, which is not in the pod's
+/// namespace; the name stands for the sandbox's, whose NIC the VM has.
+fn task_netns(pid: u32) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/ns/net"))
 }
 
 /// A spec's network namespace path as an error names it.
@@ -188,9 +202,10 @@ pub fn device(index: usize) -> String {
 /// a member's limits may be no more than they are (and are refused
 /// otherwise, rather than promised what the VM does not have); a member
 /// without a limit has the VM's. CRI gives a member its sandbox's network
-/// namespace path, which the VM's NIC joined already; any other is
+/// namespace, by its path or as its task's (the VM process `pid`'s,
+/// [`task_netns`]), which the VM's NIC joined already; any other is
 /// refused, since the member would get the pod's network, not that one.
-pub fn fits(member: &Container, sandbox: &Container) -> Result<(), PodError> {
+pub fn fits(member: &Container, sandbox: &Container, pid: u32) -> Result<(), PodError> {
     let bigger = |what, asked: Option<u32>, has: u32| match asked {
         Some(asked) if asked > has => Err(PodError::Bigger { what, asked, has }),
         _ => Ok(()),
@@ -211,10 +226,12 @@ pub fn fits(member: &Container, sandbox: &Container) -> Result<(), PodError> {
             has: sandbox.hostname.clone(),
         });
     }
-    if member.netns != sandbox.netns {
+    let task = task_netns(pid);
+    if member.netns != sandbox.netns && member.netns.as_ref() != Some(&task) {
         return Err(PodError::Netns {
             asked: member.netns.clone(),
             has: sandbox.netns.clone(),
+            task,
         });
     }
     Ok(())
@@ -318,20 +335,20 @@ mod tests {
     #[test]
     fn a_member_may_ask_for_no_more_than_its_pods_vm() {
         let vm = container(Some(2), Some(128), "pod");
-        assert!(fits(&container(Some(2), Some(128), "pod"), &vm).is_ok());
-        assert!(fits(&container(Some(1), Some(64), ""), &vm).is_ok());
+        assert!(fits(&container(Some(2), Some(128), "pod"), &vm, 7).is_ok());
+        assert!(fits(&container(Some(1), Some(64), ""), &vm, 7).is_ok());
         // No limit: the VM's, whatever it is (not the 256 MiB default).
-        assert!(fits(&container(None, None, "pod"), &vm).is_ok());
+        assert!(fits(&container(None, None, "pod"), &vm, 7).is_ok());
         assert_eq!(
-            one_line(&fits(&container(Some(3), None, ""), &vm).unwrap_err()),
+            one_line(&fits(&container(Some(3), None, ""), &vm, 7).unwrap_err()),
             "vCPUs (linux.resources.cpu) 3: expected at most the pod's VM's 2 (its sandbox's)"
         );
         assert_eq!(
-            one_line(&fits(&container(None, Some(512), ""), &vm).unwrap_err()),
+            one_line(&fits(&container(None, Some(512), ""), &vm, 7).unwrap_err()),
             "MiB of memory (linux.resources.memory.limit) 512: expected at most the pod's VM's 128 (its sandbox's)"
         );
         assert_eq!(
-            one_line(&fits(&container(None, None, "web"), &vm).unwrap_err()),
+            one_line(&fits(&container(None, None, "web"), &vm, 7).unwrap_err()),
             "hostname \"web\": expected the pod's \"pod\" (its sandbox's)"
         );
     }
@@ -343,14 +360,17 @@ mod tests {
             ..container(None, None, "")
         };
         let vm = in_netns(Some("/var/run/netns/cni-1"));
-        assert!(fits(&in_netns(Some("/var/run/netns/cni-1")), &vm).is_ok());
+        assert!(fits(&in_netns(Some("/var/run/netns/cni-1")), &vm, 7).is_ok());
+        // CRI's name for it: the sandbox task's (the VM process's).
+        assert!(fits(&in_netns(Some("/proc/7/ns/net")), &vm, 7).is_ok());
+        assert!(fits(&in_netns(Some("/proc/7/ns/net")), &in_netns(None), 7).is_ok());
         assert_eq!(
-            one_line(&fits(&in_netns(Some("/var/run/netns/cni-2")), &vm).unwrap_err()),
-            "network namespace \"/var/run/netns/cni-2\": expected the pod's \"/var/run/netns/cni-1\" (its sandbox's)"
+            one_line(&fits(&in_netns(Some("/var/run/netns/cni-2")), &vm, 7).unwrap_err()),
+            "network namespace \"/var/run/netns/cni-2\": expected the pod's \"/var/run/netns/cni-1\" (its sandbox's) or /proc/7/ns/net"
         );
         assert_eq!(
-            one_line(&fits(&in_netns(None), &vm).unwrap_err()),
-            "network namespace none: expected the pod's \"/var/run/netns/cni-1\" (its sandbox's)"
+            one_line(&fits(&in_netns(None), &vm, 7).unwrap_err()),
+            "network namespace none: expected the pod's \"/var/run/netns/cni-1\" (its sandbox's) or /proc/7/ns/net"
         );
     }
 }

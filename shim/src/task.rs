@@ -551,7 +551,7 @@ impl Tasks {
             Some(_) => return Err(pod_err(PodError::NotASandbox(sandbox.to_string()))),
             None => return Err(pod_err(PodError::NoSandbox(sandbox.to_string()))),
         };
-        pod::fits(spec, &vm.spec).map_err(pod_err)?;
+        pod::fits(spec, &vm.spec, vm.pid).map_err(pod_err)?;
         let index = lock(&vm.slots).take(sandbox).map_err(pod_err)?;
         let name = container_dir(&self.inner.namespace, &req.id);
         let dir = vm
