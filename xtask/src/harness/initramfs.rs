@@ -50,12 +50,11 @@ const DEBUGFS: &str = "/usr/sbin/debugfs";
 /// Installs the instances' tap filters (control/src/network/filter.rs);
 /// tests/vm/network-spoof.sh reads their counters with it.
 const NFT: &str = "/usr/sbin/nft";
-/// iproute2's, with which tests/vm/containerd-net.sh makes a pod's
-/// namespace and veth and reads the shim's qdiscs (busybox's have no
-/// netns, veth or TC filters; its sh runs its own applet for a bare `ip`,
-/// whatever PATH says, so the scenario names these by path).
-const IP: &str = "/usr/sbin/ip";
-const TC: &str = "/usr/sbin/tc";
+/// iproute2's ip and tc, with which tests/vm/containerd-net.sh makes a
+/// pod's namespace and veth and reads the shim's qdiscs (busybox's have
+/// no netns, veth or TC filters; its sh runs its own applet for a bare
+/// `ip`, whatever PATH says, so the scenario names these by path).
+const IPROUTE2: [&str; 2] = ["/usr/sbin/ip", "/usr/sbin/tc"];
 /// The firmware QEMU 7.2's microvm machine loads by default (qboot).
 const QEMU_FIRMWARE: &str = "/usr/share/qemu/qboot.rom";
 /// The L1 kernel's modules the scenarios need, in insmod order (l1-init.sh
@@ -144,7 +143,7 @@ pub fn pack(tree: &Path, archive: &Path, payload: &Payload) -> Result<()> {
     copy_with_libraries(payload.xtask, &tree.join(&XTASK_PATH[1..]), tree)?;
     copy_with_libraries(Path::new(QEMU), &tree.join(&QEMU[1..]), tree)?;
     copy(Path::new(QEMU_FIRMWARE), &tree.join(&QEMU_FIRMWARE[1..]))?;
-    for tool in [E2FSCK, MKFS_EXT4, DEBUGFS, NFT, IP, TC] {
+    for tool in [E2FSCK, MKFS_EXT4, DEBUGFS, NFT].iter().chain(&IPROUTE2) {
         copy_with_libraries(Path::new(tool), &tree.join(&tool[1..]), tree)?;
     }
     copy(payload.kernel, &tree.join("kiln/vmlinux"))?;
