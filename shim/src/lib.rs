@@ -120,7 +120,7 @@ impl containerd_shim::Shim for Shim {
             )),
             _ => Ok(()),
         };
-        let network = spec::netns_of(Path::new("."))
+        let network = spec::joined_netns(Path::new("."))
             .map_err(|err| one_line(&err))
             .and_then(|netns| match netns {
                 Some(netns) => PodNetwork::clear_left(&netns).map_err(|err| one_line(&err)),

@@ -165,11 +165,18 @@ pub fn role(bundle: &Path) -> Result<Role, SpecError> {
     Ok(Role::of(read(bundle)?.annotations().as_ref())?)
 }
 
-/// The network namespace the container of `bundle` joins, if any: all
-/// `shim delete` needs of its spec, to clear what a shim that died left
+/// The network namespace whose interface the VM of `bundle`'s container
+/// took, if any: a lone container's or a sandbox's; a pod member's VM is
+/// its sandbox's, so it took none (CRI names a member's namespace as its
+/// sandbox task's, `/proc/PID/ns/net`, which is not the pod's here). All
+/// `shim delete` needs of the spec, to clear what a shim that died left
 /// there ([`crate::network::PodNetwork::clear_left`]).
-pub fn netns_of(bundle: &Path) -> Result<Option<PathBuf>, SpecError> {
-    netns(read(bundle)?.linux().as_ref())
+pub fn joined_netns(bundle: &Path) -> Result<Option<PathBuf>, SpecError> {
+    let spec = read(bundle)?;
+    match Role::of(spec.annotations().as_ref())? {
+        Role::Member { .. } => Ok(None),
+        Role::Alone | Role::Sandbox => netns(spec.linux().as_ref()),
+    }
 }
 
 /// `bundle/config.json`.
@@ -509,6 +516,23 @@ mod tests {
         let dir = bundle(spec(process(), serde_json::json!({})));
         let container = load(dir.path(), HOST).unwrap();
         assert_eq!((container.netns, container.resolv_conf), (None, None));
+        // What `shim delete` clears: a sandbox's namespace, not a member's.
+        let mut config = spec(
+            process(),
+            serde_json::json!({"namespaces": [
+                {"type": "network", "path": "/proc/42/ns/net"},
+            ]}),
+        );
+        config["annotations"] = serde_json::json!({
+            crate::pod::CONTAINER_TYPE: crate::pod::MEMBER,
+            crate::pod::SANDBOX_ID: "pod1",
+        });
+        assert_eq!(joined_netns(bundle(config.clone()).path()).unwrap(), None);
+        config["annotations"][crate::pod::CONTAINER_TYPE] = crate::pod::SANDBOX.into();
+        assert_eq!(
+            joined_netns(bundle(config).path()).unwrap(),
+            Some(PathBuf::from("/proc/42/ns/net"))
+        );
         let relative = serde_json::json!([{"type": "network", "path": "netns/pod"}]);
         let err = one_line(&namespaces(relative).unwrap_err());
         assert_eq!(
