@@ -11,6 +11,7 @@
 //! [`vm::VM_SUBCOMMAND`]), and ends with it.
 #![warn(missing_docs)]
 
+pub mod network;
 pub mod pod;
 pub mod rootfs;
 pub mod spec;
@@ -24,6 +25,8 @@ use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Config, DeleteResponse, ExitSignal, Flags, StartOpts};
 use kiln_vmm::report::one_line;
 use sha2::{Digest, Sha256};
+
+use crate::network::PodNetwork;
 
 /// The runtime name containerd knows the shim by.
 pub const RUNTIME_ID: &str = "io.containerd.kiln.v2";
@@ -101,8 +104,10 @@ impl containerd_shim::Shim for Shim {
 
     /// After a shim daemon died: its VM dies with it (its parent-death
     /// signal; what is left of it is killed with its jail's cgroup, which
-    /// goes); its files go. What could not be removed is the error, which
-    /// containerd logs.
+    /// goes); its files go, and so does the qdisc it left in the pod's
+    /// network namespace (containerd runs this in the bundle, whose spec
+    /// names it). What could not be removed is the error, which containerd
+    /// logs.
     fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
         let dir = container_dir(&self.namespace, &self.id);
         let jail = vm::Files::new(dir.clone()).jail_id();
@@ -115,7 +120,16 @@ impl containerd_shim::Shim for Shim {
             )),
             _ => Ok(()),
         };
-        cgroup.and(files).map_err(containerd_shim::Error::Other)?;
+        let network = spec::joined_netns(Path::new("."))
+            .map_err(|err| one_line(&err))
+            .and_then(|netns| match netns {
+                Some(netns) => PodNetwork::clear_left(&netns).map_err(|err| one_line(&err)),
+                None => Ok(()),
+            });
+        cgroup
+            .and(files)
+            .and(network)
+            .map_err(containerd_shim::Error::Other)?;
         Ok(DeleteResponse {
             // As runc's shim: the task was killed with its shim.
             exit_status: 128 + libc::SIGKILL as u32,

@@ -7,6 +7,7 @@
 //! made with [`SLOTS`] empty drives, and each later container ("member")
 //! fills one with its own root disk and runs in the VM chrooted into it.
 use std::collections::HashMap;
+use std::path::PathBuf;
 
 use kiln_vmm::config::{DiskConfig, DiskSource};
 
@@ -89,6 +90,37 @@ pub enum PodError {
         /// The VM's.
         has: String,
     },
+    /// A member in a network namespace other than its pod's: the VM has
+    /// one NIC, its sandbox's, which its members share.
+    #[error(
+        "network namespace {}: expected the pod's {} (its sandbox's) or {}",
+        shown(.asked), shown(.has), .task.display()
+    )]
+    Netns {
+        /// The member's.
+        asked: Option<PathBuf>,
+        /// The VM's.
+        has: Option<PathBuf>,
+        /// The sandbox task's, as CRI names it ([`task_netns`]).
+        task: PathBuf,
+    },
+}
+
+/// The network namespace of the sandbox's task `pid`, as containerd's CRI
+/// names it in every other container of the pod (`WithPodNamespaces`:
+/// `/proc/PID/ns/net`, the sandbox's own process's namespace under runc).
+/// Here that process is the pod's VM process, which is not in the pod's
+/// namespace; the name stands for the sandbox's, whose NIC the VM has.
+fn task_netns(pid: u32) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/ns/net"))
+}
+
+/// A spec's network namespace path as an error names it.
+fn shown(netns: &Option<PathBuf>) -> String {
+    match netns {
+        Some(path) => format!("{path:?}"),
+        None => "none".to_string(),
+    }
 }
 
 impl Role {
@@ -175,11 +207,14 @@ pub fn device(index: usize) -> String {
 }
 
 /// Checks that `member` fits the pod's VM, which was made to `sandbox`'s
-/// spec: the VM's vCPUs, memory and hostname are the whole pod's, so a
-/// member's limits may be no more than they are (and are refused
+/// spec: the VM's vCPUs, memory, hostname and NIC are the whole pod's, so
+/// a member's limits may be no more than they are (and are refused
 /// otherwise, rather than promised what the VM does not have); a member
-/// without a limit has the VM's.
-pub fn fits(member: &Container, sandbox: &Container) -> Result<(), PodError> {
+/// without a limit has the VM's. CRI gives a member its sandbox's network
+/// namespace, by its path or as its task's (the VM process `pid`'s,
+/// [`task_netns`]), which the VM's NIC joined already; any other is
+/// refused, since the member would get the pod's network, not that one.
+pub fn fits(member: &Container, sandbox: &Container, pid: u32) -> Result<(), PodError> {
     let bigger = |what, asked: Option<u32>, has: u32| match asked {
         Some(asked) if asked > has => Err(PodError::Bigger { what, asked, has }),
         _ => Ok(()),
@@ -198,6 +233,14 @@ pub fn fits(member: &Container, sandbox: &Container) -> Result<(), PodError> {
         return Err(PodError::Hostname {
             asked: member.hostname.clone(),
             has: sandbox.hostname.clone(),
+        });
+    }
+    let task = task_netns(pid);
+    if member.netns != sandbox.netns && member.netns.as_ref() != Some(&task) {
+        return Err(PodError::Netns {
+            asked: member.netns.clone(),
+            has: sandbox.netns.clone(),
+            task,
         });
     }
     Ok(())
@@ -299,27 +342,50 @@ mod tests {
             cpu_limit: vcpus,
             memory_limit_mib: memory_mib,
             role: Role::Alone,
+            netns: None,
+            resolv_conf: None,
         }
     }
 
     #[test]
     fn a_member_may_ask_for_no_more_than_its_pods_vm() {
         let vm = container(Some(2), Some(128), "pod");
-        assert!(fits(&container(Some(2), Some(128), "pod"), &vm).is_ok());
-        assert!(fits(&container(Some(1), Some(64), ""), &vm).is_ok());
+        assert!(fits(&container(Some(2), Some(128), "pod"), &vm, 7).is_ok());
+        assert!(fits(&container(Some(1), Some(64), ""), &vm, 7).is_ok());
         // No limit: the VM's, whatever it is (not the 256 MiB default).
-        assert!(fits(&container(None, None, "pod"), &vm).is_ok());
+        assert!(fits(&container(None, None, "pod"), &vm, 7).is_ok());
         assert_eq!(
-            one_line(&fits(&container(Some(3), None, ""), &vm).unwrap_err()),
+            one_line(&fits(&container(Some(3), None, ""), &vm, 7).unwrap_err()),
             "vCPUs (linux.resources.cpu) 3: expected at most the pod's VM's 2 (its sandbox's)"
         );
         assert_eq!(
-            one_line(&fits(&container(None, Some(512), ""), &vm).unwrap_err()),
+            one_line(&fits(&container(None, Some(512), ""), &vm, 7).unwrap_err()),
             "MiB of memory (linux.resources.memory.limit) 512: expected at most the pod's VM's 128 (its sandbox's)"
         );
         assert_eq!(
-            one_line(&fits(&container(None, None, "web"), &vm).unwrap_err()),
+            one_line(&fits(&container(None, None, "web"), &vm, 7).unwrap_err()),
             "hostname \"web\": expected the pod's \"pod\" (its sandbox's)"
+        );
+    }
+
+    #[test]
+    fn a_member_shares_its_pods_network_namespace_or_is_refused() {
+        let in_netns = |path: Option<&str>| Container {
+            netns: path.map(PathBuf::from),
+            ..container(None, None, "")
+        };
+        let vm = in_netns(Some("/var/run/netns/cni-1"));
+        assert!(fits(&in_netns(Some("/var/run/netns/cni-1")), &vm, 7).is_ok());
+        // CRI's name for it: the sandbox task's (the VM process's).
+        assert!(fits(&in_netns(Some("/proc/7/ns/net")), &vm, 7).is_ok());
+        assert!(fits(&in_netns(Some("/proc/7/ns/net")), &in_netns(None), 7).is_ok());
+        assert_eq!(
+            one_line(&fits(&in_netns(Some("/var/run/netns/cni-2")), &vm, 7).unwrap_err()),
+            "network namespace \"/var/run/netns/cni-2\": expected the pod's \"/var/run/netns/cni-1\" (its sandbox's) or /proc/7/ns/net"
+        );
+        assert_eq!(
+            one_line(&fits(&in_netns(None), &vm, 7).unwrap_err()),
+            "network namespace none: expected the pod's \"/var/run/netns/cni-1\" (its sandbox's) or /proc/7/ns/net"
         );
     }
 }

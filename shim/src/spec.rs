@@ -6,15 +6,17 @@
 //! Honoured: `process.args`, `env`, `cwd`, `user.uid`/`gid`/
 //! `additionalGids`, `terminal` and `consoleSize`; `hostname`;
 //! `linux.resources.memory.limit` and `cpu.quota`/`period`; the CRI pod
-//! annotations ([`crate::pod`]). The VM is the
-//! isolation boundary, so the spec's namespaces, cgroups paths, seccomp
-//! profile, capabilities and mounts (guest-init mounts /proc, /sys, /dev,
-//! /tmp and /run itself) are not read.
+//! annotations ([`crate::pod`]); the network namespace's path and the
+//! mount at /etc/resolv.conf (the pod's network and DNS,
+//! [`crate::network`]). The VM is the isolation boundary, so the spec's
+//! other namespaces, cgroups paths, seccomp profile, capabilities and
+//! other mounts (guest-init mounts /proc, /sys, /dev, /tmp and /run
+//! itself) are not read.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use guest_init::exec::{ExecRequest, WindowSize};
-use oci_spec::runtime::{LinuxResources, Process, Spec};
+use oci_spec::runtime::{Linux, LinuxNamespaceType, LinuxResources, Process, Spec};
 
 use crate::pod::{PodError, Role};
 
@@ -28,6 +30,8 @@ pub const MIN_MEMORY_MIB: u32 = 64;
 /// The CFS period the runtime spec implies when `cpu.period` is absent
 /// (the kernel's default, 100 ms).
 const DEFAULT_CPU_PERIOD_US: u64 = 100_000;
+/// Where CRI bind-mounts the pod's resolv.conf (the cluster's DNS).
+const RESOLV_CONF: &str = "/etc/resolv.conf";
 /// A terminal's size until containerd's first ResizePty.
 const DEFAULT_TERMINAL: WindowSize = WindowSize { rows: 24, cols: 80 };
 
@@ -44,6 +48,15 @@ pub struct Container {
     pub memory_limit_mib: Option<u32>,
     /// Whether it runs alone or in a pod, and there as what.
     pub role: Role,
+    /// The network namespace the container joins (`linux.namespaces`,
+    /// type network, with a path: the pod's, which CNI set up), whose
+    /// interface the VM's NIC takes over ([`crate::network`]); none
+    /// without one, and then the VM has no NIC.
+    pub netns: Option<PathBuf>,
+    /// The host file the spec mounts at /etc/resolv.conf (CRI's, the
+    /// pod's DNS), whose nameservers the guest gets with its NIC; the one
+    /// mount read, since guest-init makes the guest's own mounts.
+    pub resolv_conf: Option<PathBuf>,
 }
 
 impl Container {
@@ -94,6 +107,9 @@ pub enum SpecError {
     /// `hostname` is not one the kernel command line can carry.
     #[error("hostname {0:?}: expected up to 64 letters, digits, '-' and '.'")]
     Hostname(String),
+    /// A network namespace's path is not absolute.
+    #[error("linux.namespaces network path {0:?}: expected an absolute path")]
+    Netns(PathBuf),
     /// `process.cwd` is not absolute.
     #[error("process.cwd {0:?}: expected an absolute path")]
     Cwd(String),
@@ -133,6 +149,13 @@ pub fn load(bundle: &Path, host: Host) -> Result<Container, SpecError> {
         cpu_limit: cpu_limit(resources, host)?,
         memory_limit_mib: memory_limit_mib(resources, host)?,
         role: Role::of(spec.annotations().as_ref())?,
+        netns: netns(spec.linux().as_ref())?,
+        resolv_conf: spec
+            .mounts()
+            .iter()
+            .flatten()
+            .find(|mount| mount.destination() == Path::new(RESOLV_CONF))
+            .and_then(|mount| mount.source().clone()),
     })
 }
 
@@ -142,10 +165,40 @@ pub fn role(bundle: &Path) -> Result<Role, SpecError> {
     Ok(Role::of(read(bundle)?.annotations().as_ref())?)
 }
 
+/// The network namespace whose interface the VM of `bundle`'s container
+/// took, if any: a lone container's or a sandbox's; a pod member's VM is
+/// its sandbox's, so it took none (CRI names a member's namespace as its
+/// sandbox task's, `/proc/PID/ns/net`, which is not the pod's here). All
+/// `shim delete` needs of the spec, to clear what a shim that died left
+/// there ([`crate::network::PodNetwork::clear_left`]).
+pub fn joined_netns(bundle: &Path) -> Result<Option<PathBuf>, SpecError> {
+    let spec = read(bundle)?;
+    match Role::of(spec.annotations().as_ref())? {
+        Role::Member { .. } => Ok(None),
+        Role::Alone | Role::Sandbox => netns(spec.linux().as_ref()),
+    }
+}
+
 /// `bundle/config.json`.
 fn read(bundle: &Path) -> Result<Spec, SpecError> {
     let path = bundle.join("config.json");
     Spec::load(&path).map_err(|source| SpecError::Load { path, source })
+}
+
+/// The path of the network namespace to join, if the spec names one. A
+/// network namespace without a path (`ctr run`'s default) asks for a new,
+/// empty one: a VM is that already, with no NIC.
+fn netns(linux: Option<&Linux>) -> Result<Option<PathBuf>, SpecError> {
+    let namespaces = linux.and_then(|l| l.namespaces().as_ref());
+    let path = namespaces
+        .into_iter()
+        .flatten()
+        .filter(|ns| ns.typ() == LinuxNamespaceType::Network)
+        .find_map(|ns| ns.path().clone());
+    match path {
+        Some(path) if !path.is_absolute() => Err(SpecError::Netns(path)),
+        path => Ok(path),
+    }
 }
 
 /// A hostname the guest gets on its kernel command line (RFC 1123
@@ -441,6 +494,65 @@ mod tests {
         let err = one_line(&load(empty.path(), HOST).unwrap_err());
         assert!(err.starts_with("cannot read the runtime spec"), "{err}");
         assert!(err.contains("config.json"), "{err}");
+    }
+
+    #[test]
+    fn a_network_namespace_with_a_path_is_joined_and_one_without_is_not() {
+        let namespaces = |list: serde_json::Value| {
+            let dir = bundle(spec(process(), serde_json::json!({"namespaces": list})));
+            load(dir.path(), HOST).map(|c| c.netns)
+        };
+        let pod = serde_json::json!([
+            {"type": "pid"},
+            {"type": "network", "path": "/var/run/netns/cni-1234"},
+        ]);
+        assert_eq!(
+            namespaces(pod).unwrap(),
+            Some(PathBuf::from("/var/run/netns/cni-1234"))
+        );
+        let fresh =
+            serde_json::json!([{"type": "network"}, {"type": "ipc", "path": "/proc/1/ns/ipc"}]);
+        assert_eq!(namespaces(fresh).unwrap(), None);
+        let dir = bundle(spec(process(), serde_json::json!({})));
+        let container = load(dir.path(), HOST).unwrap();
+        assert_eq!((container.netns, container.resolv_conf), (None, None));
+        // What `shim delete` clears: a sandbox's namespace, not a member's.
+        let mut config = spec(
+            process(),
+            serde_json::json!({"namespaces": [
+                {"type": "network", "path": "/proc/42/ns/net"},
+            ]}),
+        );
+        config["annotations"] = serde_json::json!({
+            crate::pod::CONTAINER_TYPE: crate::pod::MEMBER,
+            crate::pod::SANDBOX_ID: "pod1",
+        });
+        assert_eq!(joined_netns(bundle(config.clone()).path()).unwrap(), None);
+        config["annotations"][crate::pod::CONTAINER_TYPE] = crate::pod::SANDBOX.into();
+        assert_eq!(
+            joined_netns(bundle(config).path()).unwrap(),
+            Some(PathBuf::from("/proc/42/ns/net"))
+        );
+        let relative = serde_json::json!([{"type": "network", "path": "netns/pod"}]);
+        let err = one_line(&namespaces(relative).unwrap_err());
+        assert_eq!(
+            err,
+            "linux.namespaces network path \"netns/pod\": expected an absolute path"
+        );
+    }
+
+    #[test]
+    fn the_pods_resolv_conf_is_the_mount_at_etc_resolv_conf() {
+        let mut config = spec(process(), serde_json::json!({}));
+        config["mounts"] = serde_json::json!([
+            {"destination": "/etc/hosts", "type": "bind", "source": "/pod/hosts"},
+            {"destination": "/etc/resolv.conf", "type": "bind", "source": "/pod/resolv.conf"},
+        ]);
+        let dir = bundle(config);
+        assert_eq!(
+            load(dir.path(), HOST).unwrap().resolv_conf,
+            Some(PathBuf::from("/pod/resolv.conf"))
+        );
     }
 
     #[test]

@@ -29,6 +29,7 @@ use guest_init::exec::{ExecRequest, WindowSize};
 use kiln_control::instance::exec::{ExecError, Input, Session, release_root};
 use kiln_vmm::report::one_line;
 
+use crate::network::{NetError, PodNetwork};
 use crate::pod::{self, PodError, Role, Slots};
 use crate::rootfs::{self, MountSpec, Rootfs, RootfsError};
 use crate::spec::{self, SpecError};
@@ -69,6 +70,16 @@ pub enum TaskError {
         /// Why.
         #[source]
         source: VmError,
+    },
+    /// The VM's NIC cannot be connected to the pod's network, or what
+    /// connected it cannot be removed.
+    #[error("container {id}")]
+    Network {
+        /// The container.
+        id: String,
+        /// Why.
+        #[source]
+        source: NetError,
     },
     /// The container cannot join its pod.
     #[error("container {id}")]
@@ -151,7 +162,18 @@ impl TaskError {
                 ..
             } => Code::INVALID_ARGUMENT,
             TaskError::Pod {
-                source: PodError::Bigger { .. } | PodError::Hostname { .. },
+                source: PodError::Bigger { .. } | PodError::Hostname { .. } | PodError::Netns { .. },
+                ..
+            } => Code::INVALID_ARGUMENT,
+            TaskError::Network {
+                source:
+                    NetError::Open { .. }
+                    | NetError::Enter { .. }
+                    | NetError::NoInterface { .. }
+                    | NetError::Several { .. }
+                    | NetError::NoMac { .. }
+                    | NetError::Addresses { .. }
+                    | NetError::ResolvConf { .. },
                 ..
             } => Code::INVALID_ARGUMENT,
             TaskError::NotFound { .. } => Code::NOT_FOUND,
@@ -266,6 +288,9 @@ struct Vm {
     process: Mutex<VmProcess>,
     /// A pod's empty drives.
     slots: Mutex<Slots>,
+    /// Its NIC's connection to the pod's network, if the spec names one;
+    /// taken to disconnect it once the VM has stopped.
+    network: Mutex<Option<PodNetwork>>,
 }
 
 /// A pod member's root disk in its sandbox's VM.
@@ -435,12 +460,13 @@ impl Tasks {
         };
         fs::create_dir_all(&dir).map_err(files_err)?;
         match self.spawn(req, &spec, &files) {
-            Ok(process) => Ok(Vm {
+            Ok((process, network)) => Ok(Vm {
                 files,
                 pid: process.pid(),
                 spec,
                 process: Mutex::new(process),
                 slots: Mutex::default(),
+                network: Mutex::new(network),
             }),
             Err(err) => {
                 fs::remove_dir_all(&dir).map_err(files_err)?;
@@ -449,12 +475,15 @@ impl Tasks {
         }
     }
 
+    /// Starts the VM of `spec`, with its NIC joined to the spec's network
+    /// namespace if it names one (disconnected again if the VM does not
+    /// start).
     fn spawn(
         &self,
         req: &api::CreateTaskRequest,
         spec: &spec::Container,
         files: &Files,
-    ) -> Result<VmProcess, TaskError> {
+    ) -> Result<(VmProcess, Option<PodNetwork>), TaskError> {
         let vm_err = |source| TaskError::Vm {
             id: req.id.clone(),
             source,
@@ -464,11 +493,34 @@ impl Tasks {
             return Err(vm_err(VmError::NoKernel(assets.kernel.clone())));
         }
         let image = self.root_image(req, files.dir())?;
-        let mut config = vm::define(spec, &assets.kernel, &image, files).map_err(vm_err)?;
-        if spec.role == Role::Sandbox {
-            config.disks.extend(pod::empty_drives());
+        let net_err = |source| TaskError::Network {
+            id: req.id.clone(),
+            source,
+        };
+        let resolv_conf = spec.resolv_conf.as_deref();
+        let network = spec
+            .netns
+            .as_deref()
+            .map(|netns| PodNetwork::connect(netns, resolv_conf));
+        let (network, tap) = network.transpose().map_err(net_err)?.unzip();
+        let vmm = vm::define(spec, &assets.kernel, &image, files).and_then(|mut config| {
+            if spec.role == Role::Sandbox {
+                config.disks.extend(pod::empty_drives());
+            }
+            if let Some(network) = &network {
+                network.attach(&mut config);
+            }
+            VmProcess::spawn(files, config, tap)
+        });
+        match vmm {
+            Ok(vmm) => Ok((vmm, network)),
+            Err(err) => {
+                if let Some(Err(left)) = network.map(PodNetwork::disconnect) {
+                    log::error!("{}", one_line(&net_err(left)));
+                }
+                Err(vm_err(err))
+            }
         }
-        VmProcess::spawn(files, config).map_err(vm_err)
     }
 
     /// The root disk image of the container `req` creates, made (when it
@@ -512,7 +564,7 @@ impl Tasks {
             Some(_) => return Err(pod_err(PodError::NotASandbox(sandbox.to_string()))),
             None => return Err(pod_err(PodError::NoSandbox(sandbox.to_string()))),
         };
-        pod::fits(spec, &vm.spec).map_err(pod_err)?;
+        pod::fits(spec, &vm.spec, vm.pid).map_err(pod_err)?;
         let index = lock(&vm.slots).take(sandbox).map_err(pod_err)?;
         let name = container_dir(&self.inner.namespace, &req.id);
         let dir = vm
@@ -692,6 +744,13 @@ impl Tasks {
                 }
                 None => {
                     container.stop_vm();
+                    let network = lock(&container.vm.network).take();
+                    if let Some(network) = network {
+                        network.disconnect().map_err(|source| TaskError::Network {
+                            id: id.clone(),
+                            source,
+                        })?;
+                    }
                     container.vm.files.dir().to_path_buf()
                 }
             };

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use guest_init::exec::CONTAINER_CMDLINE_FLAG;
 use kiln_control::jail::{self, Access, Jail, JailError, JailSettings};
 use kiln_vmm::config::{Boot, ConfigError, DiskConfig, DiskSource, VmConfig, VsockConfig};
+use kiln_vmm::devices::virtio::net::tap::Tap;
 use kiln_vmm::machine::VMM_ERROR_STATUS;
 use kiln_vmm::report::one_line;
 use kiln_vmm::rpc::{self, ControlClient, ControlError, ControlListener, ControlRequest};
@@ -54,6 +55,17 @@ pub enum VmError {
     /// The VMM process's jail cannot be set up.
     #[error(transparent)]
     Jail(#[from] JailError),
+    /// The VMM process was handed a tap without a NIC to take it, or has
+    /// a NIC and no tap.
+    #[error(
+        "{definition}: TAP_FD {fd:?}: expected a tap's descriptor exactly when the VM has a NIC"
+    )]
+    TapFd {
+        /// The VM's definition.
+        definition: PathBuf,
+        /// The descriptor argument, if any.
+        fd: Option<String>,
+    },
     /// The VMM process cannot be started.
     #[error("cannot start the VMM process (console {console})")]
     Spawn {
@@ -217,8 +229,13 @@ pub struct VmProcess {
 impl VmProcess {
     /// Starts the VMM process of `config`, the VM whose files are in
     /// `files`, jailed unless the jail is switched off, its console into
-    /// the console file; it ends when this process does.
-    pub fn spawn(files: &Files, mut config: VmConfig) -> Result<VmProcess, VmError> {
+    /// the console file; it ends when this process does. The NIC's `tap`,
+    /// if `config` has one, is handed to it open, and goes with it.
+    pub fn spawn(
+        files: &Files,
+        mut config: VmConfig,
+        tap: Option<Tap>,
+    ) -> Result<VmProcess, VmError> {
         let jail = Jailed::create(files, &mut config)?;
         let access = jail.0.as_ref().map(|jail| jail.access());
         let definition = files.definition();
@@ -242,13 +259,19 @@ impl VmProcess {
             .stdout(log.try_clone().map_err(spawn_err)?)
             .stderr(log);
         inherit(&mut command, &vm_end);
+        let tap = tap.map(OwnedFd::from);
+        if let Some(tap) = &tap {
+            command.arg(tap.as_raw_fd().to_string());
+            inherit(&mut command, tap);
+        }
         let (started, pid) = mpsc::channel();
         let waiter = thread::Builder::new()
             .name("vmm".into())
             .spawn(move || {
                 let spawned = jail.spawn(command);
-                // The VM process has its own copy now, or never will.
+                // The VM process has its own copies now, or never will.
                 drop(vm_end);
+                drop(tap);
                 match spawned {
                     Ok(mut child) => {
                         let _ = started.send(Ok(child.id()));
@@ -437,13 +460,40 @@ fn warn_in_log(line: &str) {
     log::warn!("{line}");
 }
 
-/// The VMM process (`__vm DEFINITION SHIM_PID CONTROL_FD`): tied to the
-/// shim's life, runs the VM to its end, exits with its status.
+/// The NIC's tap, handed down as descriptor `fd`: there must be one
+/// exactly when `config` (from `definition`) has a NIC, and it must be the
+/// tap the NIC names.
+fn inherited_tap(
+    fd: Option<&String>,
+    config: &VmConfig,
+    definition: &str,
+) -> Result<Option<Tap>, Box<dyn std::error::Error>> {
+    match (fd, &config.net) {
+        (None, None) => Ok(None),
+        // SAFETY: the shim handed this descriptor down, the NIC's tap, for
+        // this purpose ([`inherit`]); nothing else here uses it.
+        (Some(fd), Some(nic)) => Ok(Some(unsafe { Tap::adopt(fd.parse()?, &nic.tap) }?)),
+        _ => Err(VmError::TapFd {
+            definition: definition.into(),
+            fd: fd.cloned(),
+        }
+        .into()),
+    }
+}
+
+/// The VMM process (`__vm DEFINITION SHIM_PID CONTROL_FD [TAP_FD]`): tied
+/// to the shim's life, runs the VM to its end, exits with its status.
 pub fn run_vmm(args: &[String]) -> ExitCode {
     let started = Instant::now();
-    let [definition, shim, control] = args else {
-        eprintln!("{VM_SUBCOMMAND}: expected DEFINITION SHIM_PID CONTROL_FD, got {args:?}");
-        return ExitCode::from(VMM_ERROR_STATUS);
+    let (definition, shim, control, tap_fd) = match args {
+        [definition, shim, control] => (definition, shim, control, None),
+        [definition, shim, control, tap_fd] => (definition, shim, control, Some(tap_fd)),
+        _ => {
+            eprintln!(
+                "{VM_SUBCOMMAND}: expected DEFINITION SHIM_PID CONTROL_FD [TAP_FD], got {args:?}"
+            );
+            return ExitCode::from(VMM_ERROR_STATUS);
+        }
     };
     let ran = (|| -> Result<u8, Box<dyn std::error::Error>> {
         let fd: RawFd = control.parse()?;
@@ -453,7 +503,8 @@ pub fn run_vmm(args: &[String]) -> ExitCode {
         let control = unsafe { ControlListener::adopt(fd) };
         kiln_vmm::supervised::end_with(shim.parse()?)?;
         let config = VmConfig::load(Path::new(definition))?;
-        Ok(kiln_vmm::builder::run(&config, started, Some(control), None)?.exit_status)
+        let tap = inherited_tap(tap_fd, &config, definition)?;
+        Ok(kiln_vmm::builder::run(&config, started, Some(control), tap)?.exit_status)
     })();
     ExitCode::from(ran.unwrap_or_else(|err| {
         eprintln!("containerd-shim-kiln-v2: {}", one_line(&*err));

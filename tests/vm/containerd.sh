@@ -14,50 +14,10 @@
 # unless the shim has KILN_JAIL=0, which its log says.
 . "$(dirname "$0")/lib.sh"
 
-insmod /lib/modules/overlay.ko 2> /dev/null
-# The L1 mounts no cgroup hierarchy of its own: give it a v2 one.
-if [ ! -e /sys/fs/cgroup/cgroup.controllers ]; then
-    mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup
-fi
-root=$WORK/containerd
-mkdir -p "$root" /run/containerd
-cat > "$root/config.toml" <<EOF
-version = 2
-root = "$root/root"
-state = "/run/containerd"
-[grpc]
-  address = "$root/containerd.sock"
-[plugins."io.containerd.grpc.v1.cri"]
-  disable = true
-EOF
-start_containerd() {
-    KILN_GUEST_INIT=$KILN_INIT containerd --config "$root/config.toml" >> "$root/containerd.log" 2>&1 &
-    containerd_pid=$!
-    waited=0
-    while ! ctr -a "$root/containerd.sock" version > /dev/null 2>&1 && [ "$waited" -lt 60 ]; do
-        sleep 1; waited=$((waited + 1))
-    done
-}
-ctr() { command ctr -a "$root/containerd.sock" "$@"; }
+containerd_setup
 start_containerd
 check containerd-serves ctr version
-
-# A one-layer docker-save archive of busybox.
-image=$WORK/image
-mkdir -p "$image/root/bin" "$image/archive/l1"
-cp /bin/busybox "$image/root/bin/busybox"
-for applet in sh echo cat sleep tty stty mkdir httpd wget test; do ln -s busybox "$image/root/bin/$applet"; done
-(cd "$image/root" && tar -cf "$image/archive/l1/layer.tar" bin)
-diff_id=$(sha256sum "$image/archive/l1/layer.tar" | cut -d' ' -f1)
-printf '{"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": ["sha256:%s"]}, "config": {"Cmd": ["/bin/sh"]}}' \
-    "$diff_id" > "$image/archive/config.json"
-printf '[{"Config": "config.json", "RepoTags": ["docker.io/library/bb:1"], "Layers": ["l1/layer.tar"]}]' \
-    > "$image/archive/manifest.json"
-(cd "$image/archive" && tar -cf "$WORK/bb.tar" manifest.json config.json l1)
-ctr image import "$WORK/bb.tar" > "$WORK/import.txt" 2>&1
-expect_eq import-status 0 "$?"
-img=docker.io/library/bb:1
-kiln_run() { ctr run --runtime io.containerd.kiln.v2 "$@"; }
+busybox_image
 
 # The container's stdout and exit code come back.
 kiln_run --rm "$img" first sh -c 'echo "hello from a microVM"; exit 3' \

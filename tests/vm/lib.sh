@@ -257,3 +257,56 @@ point_settled() {
     lost=$((lost + POINT_LOST))
     survived=$((survived + LANDED * (1 - POINT_LOST)))
 }
+
+# containerd (tests/vm/containerd*.sh). containerd_setup: Debian's
+# containerd with its state under $WORK/containerd (CRI off), L1 given a
+# cgroup v2 hierarchy and the overlay module (the snapshotter's), started
+# with start_containerd (again after a kill: $containerd_pid); ctr talks
+# to it; busybox_image imports a one-layer docker-save archive of busybox
+# (no registry) as $img.
+containerd_setup() {
+    insmod /lib/modules/overlay.ko 2> /dev/null
+    # The L1 mounts no cgroup hierarchy of its own: give it a v2 one.
+    if [ ! -e /sys/fs/cgroup/cgroup.controllers ]; then
+        mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup
+    fi
+    root=$WORK/containerd
+    mkdir -p "$root" /run/containerd
+    cat > "$root/config.toml" <<CONFIG
+version = 2
+root = "$root/root"
+state = "/run/containerd"
+[grpc]
+  address = "$root/containerd.sock"
+[plugins."io.containerd.grpc.v1.cri"]
+  disable = true
+CONFIG
+}
+start_containerd() {
+    KILN_GUEST_INIT=$KILN_INIT containerd --config "$root/config.toml" >> "$root/containerd.log" 2>&1 &
+    containerd_pid=$!
+    waited=0
+    while ! ctr version > /dev/null 2>&1 && [ "$waited" -lt 60 ]; do
+        sleep 1; waited=$((waited + 1))
+    done
+}
+ctr() { command ctr -a "$root/containerd.sock" "$@"; }
+kiln_run() { ctr run --runtime io.containerd.kiln.v2 "$@"; }
+busybox_image() {
+    image=$WORK/image
+    # An /etc, as every real image has, where guest-init writes the pod's
+    # resolv.conf.
+    mkdir -p "$image/root/bin" "$image/root/etc" "$image/archive/l1"
+    cp /bin/busybox "$image/root/bin/busybox"
+    for applet in sh echo cat sleep tty stty mkdir httpd wget test; do ln -s busybox "$image/root/bin/$applet"; done
+    (cd "$image/root" && tar -cf "$image/archive/l1/layer.tar" bin etc)
+    diff_id=$(sha256sum "$image/archive/l1/layer.tar" | cut -d' ' -f1)
+    printf '{"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": ["sha256:%s"]}, "config": {"Cmd": ["/bin/sh"]}}' \
+        "$diff_id" > "$image/archive/config.json"
+    printf '[{"Config": "config.json", "RepoTags": ["docker.io/library/bb:1"], "Layers": ["l1/layer.tar"]}]' \
+        > "$image/archive/manifest.json"
+    (cd "$image/archive" && tar -cf "$WORK/bb.tar" manifest.json config.json l1)
+    ctr image import "$WORK/bb.tar" > "$WORK/import.txt" 2>&1
+    expect_eq import-status 0 "$?"
+    img=docker.io/library/bb:1
+}

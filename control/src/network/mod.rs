@@ -129,7 +129,14 @@ pub fn guest_nic(id: &str, address: Ipv4Addr) -> Result<(NetConfig, Vec<String>)
         mac,
         bridge: Some(BRIDGE.to_string()),
     };
-    Ok((config, guest_words(subnet, address, mac, &resolvers)))
+    let words = guest_words(
+        address,
+        subnet.prefix(),
+        Some(subnet.gateway()),
+        mac,
+        &resolvers,
+    );
+    Ok((config, words))
 }
 
 /// Makes the bridge ready and checks that taps can be filtered here
@@ -161,14 +168,24 @@ pub fn isolated_nic(id: &str) -> NetConfig {
     }
 }
 
-/// `kiln.net.*` for guest-init, and the address and MAC as metadata.
-fn guest_words(subnet: Subnet, address: Ipv4Addr, mac: [u8; 6], resolv_conf: &str) -> Vec<String> {
-    let mut words = vec![
-        format!("kiln.net.ip={address}/{}", subnet.prefix()),
-        format!("kiln.net.gateway={}", subnet.gateway()),
+/// The kernel command-line words from which guest-init configures eth0
+/// (`kiln.net.*`: `address`/`prefix`, the default route through
+/// `gateway` if any, the nameservers `resolv_conf` lists), and the
+/// address and MAC as metadata: an instance's on the bridge, or a
+/// container's in its pod's network (the containerd shim's).
+pub fn guest_words(
+    address: Ipv4Addr,
+    prefix: u8,
+    gateway: Option<Ipv4Addr>,
+    mac: [u8; 6],
+    resolv_conf: &str,
+) -> Vec<String> {
+    let mut words = vec![format!("kiln.net.ip={address}/{prefix}")];
+    words.extend(gateway.map(|gateway| format!("kiln.net.gateway={gateway}")));
+    words.extend([
         format!("kiln.meta.local-ipv4={address}"),
         format!("kiln.meta.mac={}", address::format_mac(mac)),
-    ];
+    ]);
     let dns = address::nameservers(resolv_conf);
     if !dns.is_empty() {
         let list: Vec<String> = dns.iter().map(Ipv4Addr::to_string).collect();
@@ -192,9 +209,11 @@ mod tests {
     #[test]
     fn the_guest_learns_its_address_gateway_and_resolvers() {
         let address = Ipv4Addr::new(10, 89, 0, 7);
+        let subnet = address::DEFAULT_SUBNET;
         let words = guest_words(
-            address::DEFAULT_SUBNET,
             address,
+            subnet.prefix(),
+            Some(subnet.gateway()),
             address::mac(address),
             "nameserver 127.0.0.53\nnameserver 10.0.0.2\n",
         );
@@ -208,7 +227,8 @@ mod tests {
                 "kiln.net.dns=10.0.0.2",
             ]
         );
-        let without = guest_words(address::DEFAULT_SUBNET, address, [0; 6], "");
+        let without = guest_words(address, 24, None, [0; 6], "");
         assert!(!without.iter().any(|w| w.starts_with("kiln.net.dns")));
+        assert!(!without.iter().any(|w| w.starts_with("kiln.net.gateway")));
     }
 }

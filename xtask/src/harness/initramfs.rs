@@ -69,6 +69,11 @@ const DEBUGFS: &str = "/usr/sbin/debugfs";
 /// Installs the instances' tap filters (control/src/network/filter.rs);
 /// tests/vm/network-spoof.sh reads their counters with it.
 const NFT: &str = "/usr/sbin/nft";
+/// iproute2's ip and tc, with which tests/vm/containerd-net.sh makes a
+/// pod's namespace and veth and reads the shim's qdiscs (busybox's have
+/// no netns, veth or TC filters; its sh runs its own applet for a bare
+/// `ip`, whatever PATH says, so the scenario names these by path).
+const IPROUTE2: [&str; 2] = ["/usr/sbin/ip", "/usr/sbin/tc"];
 /// The firmware QEMU 7.2's microvm machine loads by default (qboot).
 const QEMU_FIRMWARE: &str = "/usr/share/qemu/qboot.rom";
 /// The L1 kernel's modules the scenarios need, in insmod order (l1-init.sh
@@ -78,8 +83,10 @@ const QEMU_FIRMWARE: &str = "/usr/share/qemu/qboot.rom";
 /// nf_tables, which needs nfnetlink and libcrc32c; L1's own NIC
 /// (virtio-net-pci, for host steps: host_steps.rs) needs the virtio core
 /// and PCI transport, and virtio_net needs net_failover, which needs
-/// failover.
-const MODULES: [&str; 18] = [
+/// failover; a pod's network namespace (the shim's `network`) needs veth
+/// for the pod's interface and sch_ingress, cls_u32 and act_mirred for
+/// the TC redirects between it and the VM's tap.
+const MODULES: [&str; 22] = [
     "virt/lib/irqbypass.ko",
     "arch/x86/kvm/kvm.ko",
     "arch/x86/kvm/kvm-amd.ko",
@@ -98,6 +105,10 @@ const MODULES: [&str; 18] = [
     "net/core/failover.ko",
     "drivers/net/net_failover.ko",
     "drivers/net/virtio_net.ko",
+    "drivers/net/veth.ko",
+    "net/sched/sch_ingress.ko",
+    "net/sched/cls_u32.ko",
+    "net/sched/act_mirred.ko",
 ];
 const L1_INIT: &str = include_str!("l1-init.sh");
 /// Where the scenarios are inside L1.
@@ -149,7 +160,7 @@ pub fn pack(tree: &Path, archive: &Path, payload: &Payload) -> Result<()> {
     copy_with_libraries(payload.xtask, &tree.join(&XTASK_PATH[1..]), tree)?;
     copy_with_libraries(Path::new(QEMU), &tree.join(&QEMU[1..]), tree)?;
     copy(Path::new(QEMU_FIRMWARE), &tree.join(&QEMU_FIRMWARE[1..]))?;
-    for tool in [E2FSCK, MKFS_EXT4, DEBUGFS, NFT] {
+    for tool in [E2FSCK, MKFS_EXT4, DEBUGFS, NFT].iter().chain(&IPROUTE2) {
         copy_with_libraries(Path::new(tool), &tree.join(&tool[1..]), tree)?;
     }
     copy(payload.kernel, &tree.join("kiln/vmlinux"))?;

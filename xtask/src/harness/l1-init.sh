@@ -12,9 +12,11 @@ mkdir -p /dev/pts && mount -t devpts -o ptmxmode=0666 devpts /dev/pts
 # Loopback, for scenarios that serve on 127.0.0.1 (kiln fn serve).
 ip link set lo up
 # KVM, then tun, the bridge and nf_tables for instances' NICs, then L1's
-# own NIC (the order of MODULES in initramfs.rs).
+# own NIC, then veth and TC for pods' networks (the order of MODULES in
+# initramfs.rs).
 for module in irqbypass kvm kvm-amd tun llc stp bridge libcrc32c nfnetlink nf_tables virtio_ring virtio \
-    virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci failover net_failover virtio_net; do
+    virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci failover net_failover virtio_net \
+    veth sch_ingress cls_u32 act_mirred; do
     insmod "/lib/modules/$module.ko" || echo "KILN-TEST harness/insmod-$module FAIL insmod failed"
 done
 if [ -c /dev/kvm ]; then

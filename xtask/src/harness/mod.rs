@@ -47,6 +47,8 @@ pub const PACKAGES: &[&str] = &[
     // generate the CRI's gRPC code.
     "containernetworking-plugins",
     "protobuf-compiler",
+    // tests/vm/containerd-net.sh: ip and tc make a pod's network namespace.
+    "iproute2",
 ];
 /// Files in tests/vm/ that are not scenarios.
 const NOT_SCENARIOS: [&str; 3] = ["run", "lib", "store-faults"];
