@@ -108,6 +108,7 @@ check pod-member-disk-in-the-sandboxs-dir [ -n "$overlay" ]
 expect_eq pod-member-disk-given-to-the-vm-process "$(status_field "${pod_pid:-0}" Uid)" \
     "$(ls -ln "${overlay:-/none}" | awk '{ print $3 }')"
 # The member's end leaves the sandbox running; its delete takes its files.
+ctr task exec --exec-id mk web sh -c 'echo first > /first-member' < /dev/null > /dev/null 2>&1
 ctr task kill -s SIGKILL web > /dev/null 2>&1
 waited=0
 while ! ctr task ls | grep -q '^web .*STOPPED' && [ "$waited" -lt 30 ]; do sleep 1; waited=$((waited + 1)); done
@@ -116,6 +117,20 @@ expect_eq pod-member-deleted 0 "$?"
 ctr task exec --exec-id s2 pod1 wget -q -O - http://127.0.0.1:8080/ < /dev/null > "$WORK/pod-after.txt" 2>&1
 expect_contains pod-sandbox-outlives-its-member "$WORK/pod-after.txt" '^served by the sandbox$'
 expect_eq pod-member-files-removed "" "$(ls "$KILN_HOME"/containers/*/members 2> /dev/null)"
+# Its drive was given back (its root released in the guest, then the
+# drive detached): the next member fills the same drive, with a root of
+# its own, and its delete gives the drive back again.
+pod_run container pod1 web2 'exec sleep 600'
+expect_eq pod-next-member-created 0 "$?"
+ctr task exec --exec-id m3 web2 sh -c 'cat /proc/self/mounts; test -e /first-member || echo fresh-root' \
+    < /dev/null > "$WORK/pod-member2.txt" 2>&1
+expect_contains pod-next-member-reuses-the-drive "$WORK/pod-member2.txt" '^/dev/vdb / ext4 '
+expect_contains pod-next-member-has-a-fresh-root "$WORK/pod-member2.txt" '^fresh-root$'
+ctr task kill -s SIGKILL web2 > /dev/null 2>&1
+waited=0
+while ! ctr task ls | grep -q '^web2 .*STOPPED' && [ "$waited" -lt 30 ]; do sleep 1; waited=$((waited + 1)); done
+ctr task delete web2 > "$WORK/pod-delete-web2.txt" 2>&1
+expect_eq pod-next-member-deleted 0 "$?"
 # A member whose sandbox this shim does not have is refused at Create.
 pod_run container nopod stray 'true'
 expect_contains pod-member-without-its-sandbox-refused "$WORK/pod-stray.txt" 'pod sandbox "nopod" is not in this shim'
@@ -126,7 +141,7 @@ while ! ctr task ls | grep -q '^pod1 .*STOPPED' && [ "$waited" -lt 30 ]; do slee
 ctr task delete pod1 > "$WORK/pod-delete.txt" 2>&1
 expect_eq pod-sandbox-deleted 0 "$?"
 check pod-vm-ended [ ! -e "/proc/${pod_pid:-0}" ]
-ctr container rm pod1 web stray > /dev/null 2>&1
+ctr container rm pod1 web web2 stray > /dev/null 2>&1
 expect_eq pod-leaves-only-one-and-two "2" "$(ls "$KILN_HOME/containers" | grep -vc rootfs)"
 
 # containerd restarted: the task is still there, and can be killed and

@@ -13,13 +13,6 @@
 # is one Kiln VM with a kernel of its own.
 . "$(dirname "$0")/lib.sh"
 
-insmod /lib/modules/overlay.ko 2> /dev/null
-# The CNI bridge plugin gives each pod a veth pair.
-insmod /lib/modules/veth.ko 2> /dev/null
-# The L1 mounts no cgroup hierarchy of its own: give it a v2 one.
-if [ ! -e /sys/fs/cgroup/cgroup.controllers ]; then
-    mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup
-fi
 # The CRI plugin copies the node's /etc/hosts and /etc/resolv.conf into
 # every pod; the L1 has neither.
 mkdir -p /etc
@@ -42,13 +35,7 @@ cat > "$root/cni/10-kiln-cri.conflist" <<EOF
   }]
 }
 EOF
-cat > "$root/config.toml" <<EOF
-version = 2
-root = "$root/root"
-state = "/run/containerd"
-[grpc]
-  address = "$root/containerd.sock"
-[plugins."io.containerd.grpc.v1.cri"]
+containerd_setup "$(cat <<EOF
   sandbox_image = "$pause"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
@@ -62,6 +49,7 @@ state = "/run/containerd"
   [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.kiln]
     runtime_type = "io.containerd.kiln.v2"
 EOF
+)"
 cri() { kiln-cri-client --socket "$root/containerd.sock" "$@"; }
 ctr() { command ctr -a "$root/containerd.sock" -n k8s.io "$@"; }
 KILN_GUEST_INIT=$KILN_INIT containerd --config "$root/config.toml" >> "$root/containerd.log" 2>&1 &

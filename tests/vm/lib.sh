@@ -47,7 +47,7 @@ wait_console() {
 vm_pid() {
     for status in /proc/[0-9]*/status; do
         dir=${status%/status}
-        if tr '\0' ' ' < "$dir/cmdline" 2>/dev/null | grep -q "__vm --config $1"; then
+        if tr '\0' ' ' 2>/dev/null < "$dir/cmdline" | grep -q "__vm --config $1"; then
             echo "${dir#/proc/}"
             return
         fi
@@ -140,7 +140,7 @@ now_ms() { awk '{ printf "%d\n", $1 * 1000 }' /proc/uptime; }
 # spaces) matches PATTERN (grep), if any.
 pid_of() {
     for dir in /proc/[0-9]*; do
-        if tr '\0' ' ' < "$dir/cmdline" 2>/dev/null | grep -q -- "$1"; then
+        if tr '\0' ' ' 2>/dev/null < "$dir/cmdline" | grep -q -- "$1"; then
             echo "${dir#/proc/}"
             return
         fi
@@ -258,8 +258,10 @@ point_settled() {
     survived=$((survived + LANDED * (1 - POINT_LOST)))
 }
 
-# containerd (tests/vm/containerd*.sh). containerd_setup: Debian's
-# containerd with its state under $WORK/containerd (CRI off), L1 given a
+# containerd (tests/vm/containerd*.sh, cri.sh). containerd_setup
+# [CRI_SECTION]: Debian's containerd with its state under
+# $WORK/containerd, its CRI plugin configured by CRI_SECTION (off
+# without one), L1 given a
 # cgroup v2 hierarchy and the overlay module (the snapshotter's), started
 # with start_containerd (again after a kill: $containerd_pid); ctr talks
 # to it; busybox_image imports a one-layer docker-save archive of busybox
@@ -279,7 +281,7 @@ state = "/run/containerd"
 [grpc]
   address = "$root/containerd.sock"
 [plugins."io.containerd.grpc.v1.cri"]
-  disable = true
+${1:-  disable = true}
 CONFIG
 }
 start_containerd() {

@@ -56,10 +56,8 @@ const CNI_PLUGINS: [&str; 3] = [
 /// with, and the CRI client of tests/vm/cri.sh.
 const BESIDE_KILN: [&str; 2] = ["containerd-shim-kiln-v2", "kiln-cri-client"];
 /// Modules only some scenarios need, which they load themselves:
-/// containerd's overlayfs snapshotter's (tests/vm/containerd.sh, cri.sh)
-/// and veth, with which the CNI bridge plugin joins a pod to its bridge
-/// (tests/vm/cri.sh).
-const SCENARIO_MODULES: [&str; 2] = ["fs/overlayfs/overlay.ko", "drivers/net/veth.ko"];
+/// containerd's overlayfs snapshotter's (tests/vm/containerd*.sh, cri.sh).
+const SCENARIO_MODULES: [&str; 1] = ["fs/overlayfs/overlay.ko"];
 /// Checks the volumes scenarios flatten.
 const E2FSCK: &str = "/usr/sbin/e2fsck";
 /// Make the filesystem of an image `kiln build` builds inside L1, where
