@@ -530,33 +530,25 @@ impl Hydrated {
         first_error: &mut Option<HydrateError>,
     ) -> Vec<(u32, u8)> {
         let mut new = Vec::with_capacity(decompressed.len());
-        let mut run: Vec<u32> = Vec::new();
-        let mut bytes = Vec::new();
-        let mut flush = |run: &mut Vec<u32>, bytes: &mut Vec<u8>, new: &mut Vec<(u32, u8)>| {
-            let Some(&first) = run.first() else { return };
-            let at = self.reader.chunk_offset(first);
-            match self.raw.write_all_at(bytes, at) {
-                Ok(()) => new.extend(run.iter().map(|&n| (n, DATA))),
+        let mut data = Vec::new();
+        for (n, chunk) in decompressed {
+            match chunk {
+                Some(bytes) => data.push((n, bytes)),
+                None => new.push((n, ZERO)),
+            }
+        }
+        let chunks: Vec<u32> = data.iter().map(|&(n, _)| n).collect();
+        for run in runs(&chunks) {
+            let slices: Vec<&[u8]> = data[run.clone()].iter().map(|(_, b)| &b[..]).collect();
+            let bytes = slices.concat();
+            let at = self.reader.chunk_offset(chunks[run.start]);
+            match self.raw.write_all_at(&bytes, at) {
+                Ok(()) => new.extend(chunks[run].iter().map(|&n| (n, DATA))),
                 Err(err) => {
                     first_error.get_or_insert(io_err(&self.files.raw)(err));
                 }
             }
-            run.clear();
-            bytes.clear();
-        };
-        for (n, data) in decompressed {
-            if run.last().is_some_and(|&last| last + 1 != n) || data.is_none() {
-                flush(&mut run, &mut bytes, &mut new);
-            }
-            match data {
-                Some(data) => {
-                    run.push(n);
-                    bytes.extend_from_slice(&data);
-                }
-                None => new.push((n, ZERO)),
-            }
         }
-        flush(&mut run, &mut bytes, &mut new);
         new.sort_unstable_by_key(|&(n, _)| n);
         new
     }
