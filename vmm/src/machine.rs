@@ -337,13 +337,9 @@ mod tests {
         );
 
         devices.attach_disk(1, &container).unwrap();
-        let mut transport = lock(&devices.transports[1]);
-        let mut generation = [0u8; 4];
-        let register = u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_CONFIG_GENERATION);
-        transport.read(register, &mut generation);
-        assert_eq!(u32::from_le_bytes(generation), 1);
-        assert_eq!(transport.interrupt_event().read().unwrap(), 1);
-        drop(transport);
+        assert_eq!(generation(&devices, 1), 1);
+        let interrupts = lock(&devices.transports[1]).interrupt_event().read();
+        assert_eq!(interrupts.unwrap(), 1);
         let err = devices.attach_disk(1, &container).unwrap_err();
         assert!(
             one_line(&err).contains("expected an empty drive"),
