@@ -9,7 +9,6 @@
 use std::fs::{self, File};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::{Arc, mpsc};
@@ -17,6 +16,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use guest_init::exec::CONTAINER_CMDLINE_FLAG;
+use kiln_control::instance;
 use kiln_control::jail::{self, Access, Jail, JailError, JailSettings};
 use kiln_vmm::config::{Boot, ConfigError, DiskConfig, DiskSource, VmConfig, VsockConfig};
 use kiln_vmm::devices::virtio::net::tap::Tap;
@@ -258,11 +258,11 @@ impl VmProcess {
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(spawn_err)?)
             .stderr(log);
-        inherit(&mut command, &vm_end);
+        instance::inherit(&mut command, &vm_end);
         let tap = tap.map(OwnedFd::from);
         if let Some(tap) = &tap {
             command.arg(tap.as_raw_fd().to_string());
-            inherit(&mut command, tap);
+            instance::inherit(&mut command, tap);
         }
         let (started, pid) = mpsc::channel();
         let waiter = thread::Builder::new()
@@ -385,27 +385,6 @@ impl VmProcess {
         }
         let _ = waiter.join();
     }
-}
-
-/// Has `command`'s child inherit `fd` (which stays close-on-exec here,
-/// so no other child of this process gets it).
-fn inherit(command: &mut Command, fd: &OwnedFd) {
-    let fd: RawFd = fd.as_raw_fd();
-    // SAFETY: the closure makes one fcntl call, which is
-    // async-signal-safe, and allocates nothing, as what runs between fork
-    // and exec must not; `fd` stays open in this process until the spawn
-    // has returned (its owner is dropped after).
-    unsafe { command.pre_exec(move || keep_open_across_exec(fd)) };
-}
-
-/// Clears `fd`'s close-on-exec flag.
-fn keep_open_across_exec(fd: RawFd) -> io::Result<()> {
-    // SAFETY: F_SETFD takes an int and touches no memory of ours; a
-    // closed `fd` is an error, not undefined behaviour.
-    if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// A container VM's jail, if it has one: removed (its cgroup, its uid's

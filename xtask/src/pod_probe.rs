@@ -6,7 +6,7 @@
 //! `root: /dev/vdb`, then gives the drive back (guest-init's release of
 //! the root, then `detachdisk`) and fills it again with another disk,
 //! printing one line per step for the scenario to check.
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode};
 use std::time::Duration;
@@ -51,17 +51,17 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let definition = args.dir.join("vm.json");
     pod_vm(&args, &socket).save(&definition)?;
     let (mut control, theirs) = rpc::channel()?;
-    rustix::io::fcntl_setfd(theirs.as_fd(), rustix::io::FdFlags::empty())?;
-    let mut vm = Command::new(&args.kiln)
+    let mut command = Command::new(&args.kiln);
+    command
         .arg("__vm")
         .arg("--config")
         .arg(&definition)
         .arg("--control-fd")
         .arg(theirs.as_raw_fd().to_string())
         .arg("--supervisor")
-        .arg(std::process::id().to_string())
-        .spawn()
-        .context("cannot start the VM process")?;
+        .arg(std::process::id().to_string());
+    kiln_control::instance::inherit(&mut command, &theirs);
+    let mut vm = command.spawn().context("cannot start the VM process")?;
     drop(theirs);
     let volumes = [
         container_volume(&args.volume, &args.dir.join("first.overlay"))?,
