@@ -2,9 +2,10 @@
 //! failure: formatting, clippy (warnings are errors), the unit and
 //! integration tests, a short `kiln bench vmm` with the stub guest, then
 //! the end-to-end scenarios that boot real VMs.
+use std::path::Path;
 use std::process::Command;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 
 use crate::{apt, bench, harness, kernel, sh, stub};
 
@@ -20,7 +21,14 @@ const TEST_PACKAGES: &[&str] = &[
     "e2fsprogs",
 ];
 
+/// Free space a whole run needs where the workspace is: a fresh clone
+/// grew by 7.3 GiB in CI (debug and release builds, the images and the
+/// nested harness's disks under `target/`), plus a margin for the kernel
+/// and Debian caches under `~/.cache/kiln` on a first run.
+const FREE_SPACE_NEEDED: u64 = 10 << 30;
+
 pub fn run() -> Result<()> {
+    check_free_space(sh::workspace_root(), FREE_SPACE_NEEDED)?;
     // Everything up front: on a fresh machine the unit tests already need
     // what vm-test would otherwise install later.
     apt::ensure(
@@ -72,4 +80,38 @@ pub fn run() -> Result<()> {
     )?;
     eprintln!("xtask: == vm-test (all scenarios)");
     harness::vm_test(&[]).map(drop)
+}
+
+/// Refuses to start on a filesystem too full to finish: the linker, the
+/// image builder and the nested VMs would otherwise fail midway with
+/// errors that do not say why (a linker's SIGBUS on a full disk).
+fn check_free_space(root: &Path, needed: u64) -> Result<()> {
+    let stat = rustix::fs::statvfs(root)
+        .with_context(|| format!("cannot read the free space of {}", root.display()))?;
+    let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+    if free < needed {
+        bail!(
+            "only {:.1} GiB free on the filesystem of {}; a full test run needs about {} GiB: free some space (`cargo clean` drops old build output)",
+            free as f64 / f64::from(1 << 30),
+            root.display(),
+            needed >> 30
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_filesystem_without_the_space_needed_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        check_free_space(dir.path(), 0).unwrap();
+        let err = check_free_space(dir.path(), u64::MAX)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&dir.path().display().to_string()), "{err}");
+        assert!(err.contains("GiB free"), "{err}");
+    }
 }
