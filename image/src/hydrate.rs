@@ -55,7 +55,7 @@
 //! like the store that holds the image.
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, IoSlice};
 use std::ops::{Range, RangeInclusive};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -63,11 +63,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
-use crate::{ImageError, Reader, hex};
+use crate::{ImageError, Reader, SharedChunk, hex};
 
 const MAGIC: [u8; 8] = *b"KILNHYD\0";
 /// A decompressed chunk's data; `None` when it is all zeros.
-type Chunk = Option<Vec<u8>>;
+type Chunk = Option<SharedChunk>;
 /// 2 since images cut chunks by content (the ids of version 1's images
 /// are never seen again).
 const VERSION: u32 = 2;
@@ -78,9 +78,14 @@ const HEADER_LEN: usize = 64;
 /// decompress ahead of a guest streaming a file while it reads what they
 /// filled.
 const READAHEAD_CHUNKS: u32 = 256;
-/// Chunks a prefetch worker fills at once: one lock and one fdatasync per
-/// 512 KiB of average-sized chunks.
+/// Chunks a prefetch worker fills at once (continued to the end of the
+/// last one's frame): one lock and one fdatasync per 512 KiB of
+/// average-sized chunks.
 const PREFETCH_BATCH: usize = 32;
+/// Chunks per fill of [`Hydrated::hydrate_all`] (`kiln image hydrate`):
+/// each fill is one fdatasync and one update of `.present`, and VMs
+/// filling the same cache wait for at most one fill.
+pub const HYDRATE_BATCH: usize = 64;
 /// A chunk's state in `.present`.
 const ABSENT: u8 = 0;
 const DATA: u8 = 1;
@@ -160,6 +165,12 @@ fn held_bytes(reader: &Reader, states: &[u8]) -> u64 {
         .filter(|&n| matches!(states[n as usize], DATA | ZERO))
         .map(|n| reader.chunk_len(n) as u64)
         .sum()
+}
+
+/// Threads to fill a cache with on this host: two per core, because each
+/// waits for its fill's write and fdatasync while the other decompresses.
+pub fn fillers() -> usize {
+    2 * std::thread::available_parallelism().map_or(1, usize::from)
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> HydrateError + '_ {
@@ -354,11 +365,11 @@ impl Hydrated {
     }
 
     /// Makes sure chunks `chunks` are in the cache: those still absent
-    /// are claimed, decompressed and verified on `workers` threads,
-    /// written, made durable, then marked present; those another thread of
-    /// this process is filling are waited for.
-    pub fn fill(&self, chunks: &[u32], workers: usize) -> Result<(), HydrateError> {
-        let filled = self.fill_claimed(&self.claim(chunks), workers);
+    /// are claimed, decompressed and verified, written, made durable, then
+    /// marked present; those another thread of this process is filling are
+    /// waited for.
+    pub fn fill(&self, chunks: &[u32]) -> Result<(), HydrateError> {
+        let filled = self.fill_claimed(&self.claim(chunks));
         self.wait_filled(chunks);
         filled
     }
@@ -390,12 +401,12 @@ impl Hydrated {
 
     /// Fills the chunks `claimed` (ascending, claimed by this thread) and
     /// gives up the claim on each, whether it is in the cache then or not.
-    fn fill_claimed(&self, claimed: &[u32], workers: usize) -> Result<(), HydrateError> {
+    fn fill_claimed(&self, claimed: &[u32]) -> Result<(), HydrateError> {
         if claimed.is_empty() {
             return Ok(());
         }
         let mut settled = vec![ABSENT; claimed.len()];
-        let filled = self.fill_locked(claimed, workers, &mut settled);
+        let filled = self.fill_locked(claimed, &mut settled);
         let mut states = self.states();
         for (&n, &state) in claimed.iter().zip(&settled) {
             states[n as usize] = state;
@@ -408,12 +419,7 @@ impl Hydrated {
     /// Under the host-wide locks of the chunks `claimed`: each is found
     /// filled by another process, or decompressed, written, made durable
     /// and only then marked present; `settled` gets their states.
-    fn fill_locked(
-        &self,
-        claimed: &[u32],
-        workers: usize,
-        settled: &mut [u8],
-    ) -> Result<(), HydrateError> {
+    fn fill_locked(&self, claimed: &[u32], settled: &mut [u8]) -> Result<(), HydrateError> {
         let present_err = || io_err(&self.files.present);
         let ranges = runs(claimed).map(|run| {
             let first = HEADER_LEN as u64 + u64::from(claimed[run.start]);
@@ -430,8 +436,8 @@ impl Hydrated {
         }
         let mut first_error = None;
         let mut decompressed = Vec::new();
-        for (&n, result) in missing.iter().zip(self.decompress_all(&missing, workers)) {
-            match result {
+        for &n in &missing {
+            match self.chunk_data(n) {
                 Ok(data) => decompressed.push((n, data)),
                 Err(err) => {
                     first_error.get_or_insert(err);
@@ -457,71 +463,21 @@ impl Hydrated {
         first_error.map_or(Ok(()), Err)
     }
 
-    /// Decompresses each chunk of `chunks` on up to `workers` threads:
-    /// each chunk's data (`None`: all zeros) or error, in order. A worker
-    /// takes the chunks of one frame at a time, so that no two workers
-    /// decompress the same frame (each would miss the frame cache while
-    /// the other fills it).
-    fn decompress_all(&self, chunks: &[u32], workers: usize) -> Vec<Result<Chunk, HydrateError>> {
-        let frames = self.frame_groups(chunks);
-        let workers = workers.clamp(1, frames.len().max(1));
-        let decompress = |frame: &Range<usize>| -> Vec<_> {
-            chunks[frame.clone()]
-                .iter()
-                .map(|&n| self.chunk_data(n))
-                .collect()
-        };
-        if workers == 1 {
-            return frames.iter().flat_map(decompress).collect();
-        }
-        let next = AtomicUsize::new(0);
-        let results = Mutex::new(Vec::with_capacity(frames.len()));
-        std::thread::scope(|scope| {
-            for _ in 0..workers {
-                scope.spawn(|| {
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(frame) = frames.get(i) else { break };
-                        let result = decompress(frame);
-                        results
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push((i, result));
-                    }
-                });
-            }
-        });
-        let mut results = results.into_inner().unwrap_or_else(|p| p.into_inner());
-        results.sort_unstable_by_key(|(i, _)| *i);
-        results.into_iter().flat_map(|(_, result)| result).collect()
-    }
-
-    /// `chunks` cut into runs whose chunks share a frame, as index ranges.
-    fn frame_groups(&self, chunks: &[u32]) -> Vec<Range<usize>> {
-        let mut groups: Vec<Range<usize>> = Vec::new();
-        for (i, &n) in chunks.iter().enumerate() {
-            match groups.last_mut() {
-                Some(group) if self.reader.same_frame(chunks[group.start], n) => group.end = i + 1,
-                _ => groups.push(i..i + 1),
-            }
-        }
-        groups
-    }
-
     /// Chunk `n`'s data, unless it is all zeros.
     fn chunk_data(&self, n: u32) -> Result<Chunk, HydrateError> {
         if self.reader.is_zero_chunk(n) {
             return Ok(None);
         }
-        let data = self.reader.chunk(n)?;
+        let data = self.reader.shared_chunk(n)?;
         Ok(data.iter().any(|&b| b != 0).then_some(data))
     }
 
     /// Writes the data of `decompressed` (ascending chunks) into the raw
-    /// file, each run of adjacent chunks with one `pwrite`: the page cache
-    /// then holds it in large folios, which later reads copy out about
-    /// 1.6 times faster than the small ones that one write per chunk (16
-    /// KiB on average) makes (measured on this host's ext4, kernel 6.18).
+    /// file, each run of adjacent chunks with one `pwritev` straight from
+    /// the decompressed frames: the page cache then holds it in large
+    /// folios, which later reads copy out about 1.6 times faster than the
+    /// small ones that one write per chunk (16 KiB on average) makes
+    /// (measured on this host's ext4, kernel 6.18).
     /// Each chunk's new state, in order, but those of a run that could not
     /// be written, whose error goes to `first_error`.
     fn write_runs(
@@ -539,10 +495,12 @@ impl Hydrated {
         }
         let chunks: Vec<u32> = data.iter().map(|&(n, _)| n).collect();
         for run in runs(&chunks) {
-            let slices: Vec<&[u8]> = data[run.clone()].iter().map(|(_, b)| &b[..]).collect();
-            let bytes = slices.concat();
+            let mut slices: Vec<IoSlice<'_>> = data[run.clone()]
+                .iter()
+                .map(|(_, b)| IoSlice::new(b))
+                .collect();
             let at = self.reader.chunk_offset(chunks[run.start]);
-            match self.raw.write_all_at(&bytes, at) {
+            match write_all_vectored_at(&self.raw, &mut slices, at) {
                 Ok(()) => new.extend(chunks[run].iter().map(|&n| (n, DATA))),
                 Err(err) => {
                     first_error.get_or_insert(io_err(&self.files.raw)(err));
@@ -553,23 +511,66 @@ impl Hydrated {
         new
     }
 
-    /// Fills the cache with every chunk, `batch` chunks per fill on
-    /// `workers` threads, telling `progress` the raw bytes held after each.
+    /// Fills the cache with every chunk on `workers` threads, each filling
+    /// `batch` chunks at a time (rounded up to a frame's end), and tells
+    /// `progress` the raw bytes held after each fill. Whole fills run in
+    /// parallel, not the chunks of one: a filler waits for its write and
+    /// fdatasync while the others decompress.
     pub fn hydrate_all(
         &self,
-        batch: u32,
+        batch: usize,
         workers: usize,
         progress: &mut dyn FnMut(u64),
     ) -> Result<(), HydrateError> {
-        let count = self.reader.chunk_count();
-        let mut first = 0;
-        while first < count {
-            let end = first.saturating_add(batch.max(1)).min(count);
-            self.fill(&(first..end).collect::<Vec<_>>(), workers)?;
-            progress(self.hydrated_bytes());
-            first = end;
+        let batches = self.batches(0..self.reader.chunk_count(), batch);
+        let next = AtomicUsize::new(0);
+        let (done, fills) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            for _ in 0..workers.max(1) {
+                let (done, next, batches) = (done.clone(), &next, &batches);
+                scope.spawn(move || {
+                    while let Some(chunks) = batches.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        if done.send(self.fill(chunks)).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            drop(done);
+            let mut first_error = None;
+            for filled in fills {
+                match filled {
+                    Ok(()) => progress(self.hydrated_bytes()),
+                    Err(err) => {
+                        // No filler takes another batch.
+                        next.store(batches.len(), Ordering::Relaxed);
+                        first_error.get_or_insert(err);
+                    }
+                }
+            }
+            first_error.map_or(Ok(()), Err)
+        })
+    }
+
+    /// `chunks` cut into batches of `size` chunks, each one continued to
+    /// the end of its last chunk's frame, so that no two fillers
+    /// decompress the same frame.
+    fn batches(&self, chunks: Range<u32>, size: usize) -> Vec<Vec<u32>> {
+        let mut batches: Vec<Vec<u32>> = Vec::new();
+        for n in chunks {
+            match batches.last_mut() {
+                Some(batch) if batch.len() < size || self.in_last_frame(batch, n) => batch.push(n),
+                _ => batches.push(vec![n]),
+            }
         }
-        Ok(())
+        batches
+    }
+
+    /// Whether chunk `n` lies in the frame of `batch`'s last chunk.
+    fn in_last_frame(&self, batch: &[u32], n: u32) -> bool {
+        batch
+            .last()
+            .is_some_and(|&last| self.reader.same_frame(last, n))
     }
 
     /// Serves the `len` bytes at `offset`: fills the chunks they touch that
@@ -610,7 +611,7 @@ impl Hydrated {
             let kind = state(n);
             let mut run_end = chunk_end(n).min(end);
             if !matches!(kind, DATA | ZERO) {
-                let data = self.reader.chunk(n).map_err(HydrateError::from)?;
+                let data = self.reader.shared_chunk(n).map_err(HydrateError::from)?;
                 let within = (at - self.reader.chunk_offset(n)) as usize;
                 sink(Piece::Bytes(
                     &data[within..within + (run_end - at) as usize],
@@ -656,7 +657,7 @@ impl Hydrated {
         let (first, rest) = absent.split_at(absent.len().min(1));
         self.queue_first(rest.iter().copied());
         for part in [first, rest] {
-            match self.fill_claimed(&self.claim(part), 1) {
+            match self.fill_claimed(&self.claim(part)) {
                 Err(err @ HydrateError::Io { .. }) => self.keep_fill_error(err),
                 filled => filled?,
             }
@@ -717,16 +718,17 @@ impl Hydrated {
         self.queued.notify_all();
     }
 
-    /// Fills queued chunks on the calling thread, up to [`PREFETCH_BATCH`]
+    /// Fills queued chunks on the calling thread, about [`PREFETCH_BATCH`]
     /// at a time, until [`Hydrated::stop_prefetch`]. A chunk the cache
     /// cannot take is reported as a read's would be
     /// ([`Hydrated::take_fill_error`]); a damaged one is left absent, for
     /// the read that needs it to fail on. Its system calls are a fill's:
-    /// futex, pread64, pwrite64, fdatasync, and fcntl's OFD locks.
+    /// futex, pread64, pwritev, pwrite64, fdatasync, and fcntl's OFD
+    /// locks.
     pub fn serve_prefetch(&self) {
         self.queue().workers += 1;
         while let Some(batch) = self.next_batch() {
-            if let Err(err @ HydrateError::Io { .. }) = self.fill_claimed(&batch, 1) {
+            if let Err(err @ HydrateError::Io { .. }) = self.fill_claimed(&batch) {
                 self.keep_fill_error(err);
             }
         }
@@ -734,7 +736,9 @@ impl Hydrated {
     }
 
     /// Waits for queued chunks and claims up to [`PREFETCH_BATCH`] of
-    /// them, skipping those present or being filled; `None` once stopped.
+    /// them, and those after them in the last one's frame (which another
+    /// worker would decompress again), skipping those present or being
+    /// filled; `None` once stopped.
     fn next_batch(&self) -> Option<Vec<u32>> {
         let mut queue = self.queue();
         loop {
@@ -742,9 +746,10 @@ impl Hydrated {
                 return None;
             }
             let mut batch = Vec::with_capacity(PREFETCH_BATCH);
-            while batch.len() < PREFETCH_BATCH
-                && let Some(n) = queue.chunks.pop_front()
+            while let Some(&n) = queue.chunks.front()
+                && (batch.len() < PREFETCH_BATCH || self.in_last_frame(&batch, n))
             {
+                queue.chunks.pop_front();
                 batch.extend(self.claim(&[n]));
             }
             if !batch.is_empty() {
@@ -846,6 +851,33 @@ fn read_states(file: &File, reader: &Reader) -> io::Result<Option<Vec<u8>>> {
         }
     }
     Ok(Some(states))
+}
+
+/// Buffers one pwritev(2) takes at most (Linux's `UIO_MAXIOV`,
+/// include/uapi/linux/uio.h); more fail with EINVAL.
+const UIO_MAXIOV: usize = 1024;
+
+/// All of `slices` written to `file` at `offset`, with as few pwritev(2)
+/// calls as the kernel allows (std's `write_all_at` takes one buffer, and
+/// has no vectored form).
+fn write_all_vectored_at(
+    file: &File,
+    mut slices: &mut [IoSlice<'_>],
+    mut offset: u64,
+) -> io::Result<()> {
+    while !slices.is_empty() {
+        let at_most = slices.len().min(UIO_MAXIOV);
+        match rustix::io::pwritev(file, &slices[..at_most], offset) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(written) => {
+                offset += written as u64;
+                IoSlice::advance_slices(&mut slices, written);
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Ok(())
 }
 
 /// lseek(2) with SEEK_HOLE or SEEK_DATA; past the last data, SEEK_DATA's

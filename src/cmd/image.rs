@@ -16,6 +16,7 @@ use kiln_control::image_test::{TestRun, TestRunner};
 use kiln_control::instance::Registry;
 use kiln_control::jail::JailSettings;
 use kiln_image::DEFAULT_CACHE_BYTES;
+use kiln_image::hydrate::{HYDRATE_BATCH, Hydrated, fillers};
 use kiln_vmm::host;
 use kiln_vmm::volume::Volume;
 
@@ -198,16 +199,11 @@ fn flatten(source: &str, out: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Chunks per fill of `kiln image hydrate`: each fill is one fdatasync and
-/// one update of the present record, and VMs filling the same cache wait
-/// for at most one fill.
-const HYDRATE_BATCH: u32 = 64;
-
 fn hydrate(reference: &str) -> anyhow::Result<ExitCode> {
     let store = Store::new(&kiln_home());
     let image = store.find(reference)?;
     let reader = kiln_image::Reader::open(&image.image_path)?;
-    let cache = kiln_image::hydrate::Hydrated::open(reader, &store.cache_dir())?;
+    let cache = Hydrated::open(reader, &store.cache_dir())?;
     let total = cache.reader().raw_size();
     let bar = indicatif::ProgressBar::new(total).with_style(
         indicatif::ProgressStyle::with_template(
@@ -219,9 +215,8 @@ fn hydrate(reference: &str) -> anyhow::Result<ExitCode> {
     bar.set_message(reference.to_string());
     let before = cache.hydrated_bytes();
     bar.set_position(before);
-    let workers = std::thread::available_parallelism().map_or(1, usize::from);
     let started = std::time::Instant::now();
-    cache.hydrate_all(HYDRATE_BATCH, workers, &mut |held| bar.set_position(held))?;
+    cache.hydrate_all(HYDRATE_BATCH, fillers(), &mut |held| bar.set_position(held))?;
     bar.finish_and_clear();
     eprintln!(
         "kiln: {reference} hydrated: {} MiB of raw filesystem ({} MiB were already) in {:.1} s, in {}",

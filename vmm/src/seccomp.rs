@@ -318,6 +318,9 @@ fn vmm_rules() -> Result<Rules, BackendError> {
         allow(libc::SYS_pread64),
         allow(libc::SYS_pwrite64),
         allow(libc::SYS_fdatasync),
+        // A read that fills its image's hydration cache itself writes a
+        // run of chunks from their frames in one call (see hydrate_rules).
+        allow(libc::SYS_pwritev),
         // ... and DISCARD on a volume: punching holes in its overlay.
         allow(libc::SYS_fallocate),
         // Kicking a vCPU out of KVM_RUN: pthread_kill is tgkill on
@@ -590,7 +593,9 @@ fn hydrate_rules() -> Result<Rules, BackendError> {
         // A chunk's frame read from the image; the cache's `.present`
         // bytes read again under the chunks' locks.
         allow(libc::SYS_pread64),
-        // The chunk's data into the cache's raw file; then its state byte.
+        // A run of chunks' data into the cache's raw file, in one call
+        // from the frames that hold them; then their state bytes.
+        allow(libc::SYS_pwritev),
         allow(libc::SYS_pwrite64),
         // The data made durable before its state byte says it is there.
         allow(libc::SYS_fdatasync),

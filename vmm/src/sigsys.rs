@@ -198,6 +198,7 @@ const SYSCALL_NAMES: &[(i64, &str)] = syscall_names![
     SYS_prctl,
     SYS_ptrace,
     SYS_pwrite64,
+    SYS_pwritev,
     SYS_read,
     SYS_recvfrom,
     SYS_recvmsg,

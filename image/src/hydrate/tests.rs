@@ -155,9 +155,15 @@ fn a_damaged_chunk_never_enters_the_cache() {
     ));
     assert_eq!(cache.hydrated_bytes(), 0);
     // A fill of several stops at nothing but the damaged ones.
-    assert!(cache.fill(&[0, 1, 2, 3], 2).is_err());
+    assert!(cache.fill(&[0, 1, 2, 3]).is_err());
     let whole = (0..4).filter(|n| !damaged.contains(n));
     assert_eq!(cache.hydrated_bytes(), bytes_of(cache.reader(), whole));
+    // So does hydrating it all: the damage is reported, and nothing of it
+    // is held.
+    let err = cache.hydrate_all(2, 2, &mut |_| {}).unwrap_err();
+    assert!(matches!(err, HydrateError::Image(ImageError::Chunk { .. })));
+    let states = cache.states().clone();
+    assert!(damaged.iter().all(|&n| states[n as usize] == ABSENT));
 }
 
 #[test]
@@ -218,10 +224,10 @@ fn hydrate_all_reports_progress() {
     cache
         .hydrate_all(4, 2, &mut |bytes| seen.push(bytes))
         .unwrap();
-    assert_eq!(
-        seen.len(),
-        cache.reader().chunk_count().div_ceil(4) as usize
-    );
+    // Once per fill, never going back, the last one all of it.
+    let fills = cache.batches(0..cache.reader().chunk_count(), 4).len();
+    assert_eq!(seen.len(), fills);
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]));
     assert_eq!(seen.last(), Some(&(data.len() as u64)));
     assert_eq!(read_all(&cache), data);
     let err = cache.read_exact_at(data.len() as u64 - 1, &mut [0; 2]);
@@ -355,7 +361,7 @@ fn a_fill_waits_for_another_open_files_lock_on_its_chunks() {
         .unwrap();
     let held = RecordLocks::take(&other, [(HEADER_LEN as u64 + 2, 1)]).unwrap();
     std::thread::scope(|scope| {
-        let fill = scope.spawn(|| cache.fill(&[1, 2], 1));
+        let fill = scope.spawn(|| cache.fill(&[1, 2]));
         std::thread::sleep(std::time::Duration::from_millis(100));
         assert!(!fill.is_finished(), "the fill waits for chunk 2's lock");
         assert_eq!(cache.hydrated_bytes(), 0, "chunk 1 is locked with it");
@@ -366,36 +372,43 @@ fn a_fill_waits_for_another_open_files_lock_on_its_chunks() {
 }
 
 #[test]
-fn a_frame_goes_whole_to_one_worker() {
+fn a_frame_goes_whole_to_one_filler() {
     let dir = tempfile::tempdir().unwrap();
     let (image, data) = image(dir.path());
     let cache = open(&image, dir.path());
     let reader = cache.reader();
-    let chunks: Vec<u32> = (0..reader.chunk_count()).collect();
-    let groups = cache.frame_groups(&chunks);
-    // The groups cover every chunk in order, each group one frame, and
-    // the frames of neighbouring groups differ.
-    assert_eq!(groups.first().map(|g| g.start), Some(0));
-    assert_eq!(groups.last().map(|g| g.end), Some(chunks.len()));
-    assert!(groups.windows(2).all(|w| w[0].end == w[1].start));
-    for group in &groups {
-        let first = chunks[group.start];
-        assert!(
-            chunks[group.clone()]
-                .iter()
-                .all(|&n| reader.same_frame(first, n))
-        );
+    let count = reader.chunk_count();
+    let batches = cache.batches(0..count, 1);
+    // The batches cover every chunk in order, no frame is cut between two
+    // of them, and a batch goes on past its size only within a frame.
+    let flat: Vec<u32> = batches.concat();
+    assert_eq!(flat, (0..count).collect::<Vec<_>>());
+    for pair in batches.windows(2) {
+        let (last, next) = (*pair[0].last().unwrap(), pair[1][0]);
+        assert!(!reader.same_frame(last, next), "frame cut at {last}");
+    }
+    for batch in &batches {
+        assert!(batch.iter().all(|&n| reader.same_frame(batch[0], n)));
     }
     assert!(
-        groups
-            .windows(2)
-            .all(|w| !reader.same_frame(chunks[w[0].start], chunks[w[1].start]))
-    );
-    assert!(
-        groups.iter().any(|g| g.len() > 1),
+        batches.iter().any(|b| b.len() > 1),
         "frames of one chunk only"
     );
-    // Filled on two workers, the cache holds the image.
-    cache.hydrate_all(64, 2, &mut |_| {}).unwrap();
+    // Filled on two fillers, the cache holds the image.
+    cache.hydrate_all(1, 2, &mut |_| {}).unwrap();
     assert_eq!(read_all(&cache), data);
+}
+
+#[test]
+fn a_vectored_write_of_more_buffers_than_one_call_takes_writes_them_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = File::create(dir.path().join("out")).unwrap();
+    let bytes: Vec<[u8; 3]> = (0..UIO_MAXIOV as u32 + 500)
+        .map(|n| [n as u8, (n >> 8) as u8, 0xa5])
+        .collect();
+    let mut slices: Vec<IoSlice<'_>> = bytes.iter().map(|b| IoSlice::new(b)).collect();
+    write_all_vectored_at(&file, &mut slices, 7).unwrap();
+    let written = std::fs::read(dir.path().join("out")).unwrap();
+    assert_eq!(&written[..7], &[0; 7]);
+    assert_eq!(written[7..], bytes.concat());
 }

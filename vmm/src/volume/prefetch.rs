@@ -11,9 +11,10 @@ use kiln_image::hydrate::Hydrated;
 
 use crate::seccomp::{self, ThreadKind};
 
-/// Workers per volume at most: decompression and SHA-256 are CPU-bound, so
-/// more than the host's cores only adds threads.
-const MAX_WORKERS: usize = 4;
+/// Workers per volume at most: two per core keep the cores busy while
+/// each waits for its batch's fdatasync (`kiln_image::hydrate::fillers`);
+/// decompression and SHA-256 are CPU-bound, so more only adds threads.
+const MAX_WORKERS: usize = 8;
 
 /// A volume's prefetch workers, stopped and joined when dropped.
 #[derive(Debug)]
@@ -23,12 +24,10 @@ pub(super) struct Prefetchers {
 }
 
 impl Prefetchers {
-    /// One worker per host core (at most [`MAX_WORKERS`]) serving `cache`,
-    /// each under its seccomp filter first when `seccomp`.
+    /// Two workers per host core (at most [`MAX_WORKERS`]) serving
+    /// `cache`, each under its seccomp filter first when `seccomp`.
     pub(super) fn start(cache: Arc<Hydrated>, seccomp: bool) -> io::Result<Self> {
-        let count = std::thread::available_parallelism()
-            .map_or(1, usize::from)
-            .min(MAX_WORKERS);
+        let count = kiln_image::hydrate::fillers().min(MAX_WORKERS);
         let mut workers = Prefetchers {
             cache,
             threads: Vec::with_capacity(count),

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use kiln_builder::store::Store;
-use kiln_image::hydrate::Hydrated;
+use kiln_image::hydrate::{HYDRATE_BATCH, Hydrated, fillers};
 use kiln_image::{DEFAULT_CACHE_BYTES, Reader};
 use kiln_vmm::volume::Volume;
 use serde::{Deserialize, Serialize};
@@ -440,9 +440,8 @@ fn host_backends(runs: usize) -> Result<HostSide> {
         cold_seq.push(reads_per_second(offsets, |at| Ok(volume.read(at, buf)?))? * unit);
         empty_cache()?;
         let cache = Hydrated::open(Reader::open(&image)?, &cache_dir)?;
-        let workers = std::thread::available_parallelism().map_or(1, usize::from);
         let started = std::time::Instant::now();
-        cache.hydrate_all(64, workers, &mut |_| {})?;
+        cache.hydrate_all(HYDRATE_BATCH, fillers(), &mut |_| {})?;
         cold_hydrate.push(mib / started.elapsed().as_secs_f64());
         for (i, (offsets, len, unit)) in patterns.iter().enumerate() {
             let buf = &mut buf[..*len as usize];
