@@ -21,7 +21,7 @@
 //! ends the child (its disks flush as it stops) and starts another, in the
 //! same VMM process, with the same ids and the same root volume.
 use std::fs;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
@@ -261,10 +261,10 @@ fn vm_command(
         .arg(std::process::id().to_string());
     let mut inherited = Vec::new();
     if let Some(nic) = &config.net {
-        let tap = network::open_tap(nic, instance.record.address)?;
-        let fd = super::inheritable(tap.as_fd()).map_err(io_err("the tap's descriptor"))?;
-        command.arg("--tap-fd").arg(fd.to_string());
-        inherited.push(tap.into());
+        let tap: OwnedFd = network::open_tap(nic, instance.record.address)?.into();
+        super::inherit(&mut command, &tap);
+        command.arg("--tap-fd").arg(tap.as_raw_fd().to_string());
+        inherited.push(tap);
     }
     if let Some(jail) = &jail {
         jail.confine(&mut command);
@@ -478,9 +478,8 @@ fn start_vm(
     vm_command: &impl Fn(&Instance, VmStart<'_>) -> Result<VmSpawn, SupervisorError>,
 ) -> Result<Started, SupervisorError> {
     let (client, vm_end) = rpc::channel()?;
-    let control_fd = super::inheritable(vm_end.as_fd()).map_err(io_err("control channel"))?;
     let start = VmStart {
-        control_fd,
+        control_fd: vm_end.as_raw_fd(),
         restore: restore.map(|(dir, consume)| (dir.as_path(), *consume)),
     };
     let VmSpawn {
@@ -489,7 +488,8 @@ fn start_vm(
         jail,
     } = {
         let mut instance = lock(&shared.instance);
-        let spawn = vm_command(&instance, start)?;
+        let mut spawn = vm_command(&instance, start)?;
+        super::inherit(&mut spawn.command, &vm_end);
         let jail = spawn.jail.as_deref().map(Jail::info);
         instance.mark_running(restore.is_some(), jail)?;
         spawn
