@@ -116,7 +116,7 @@ impl Template {
         let definition = dir.path().join(DEFINITION_FILE);
         let mut vm = self.definition_of(&id, dir.path(), overlay);
         let jail = self.jail(&id, dir.path(), &mut vm)?;
-        write_definition(&vm, &definition)?;
+        vm.save(&definition)?;
         if let Some(jail) = &jail {
             jail.hand_over(&definition)
                 .map_err(|source| FunctionError::Jail {
@@ -266,13 +266,6 @@ fn copy_overlay(template: &Path, overlay: &Path) -> Result<(), FunctionError> {
     Ok(())
 }
 
-/// Writes a clone's VM definition, unsynced (it lives no longer than the
-/// clone, and the VM process reads it at once).
-fn write_definition(vm: &VmConfig, path: &Path) -> Result<(), FunctionError> {
-    let json = serde_json::to_vec(vm).expect("a VM definition serializes");
-    fs::write(path, json).map_err(io_err(path))
-}
-
 impl CloneVm {
     /// The clone's id: `i-` and hex digits, its hostname too.
     pub fn id(&self) -> &str {
@@ -358,7 +351,7 @@ mod tests {
             format!(
                 "#!/bin/sh\n\
                  [ \"$1 $2 $4 $5\" = \"__vm --config --supervisor $PPID\" ] || exit 97\n\
-                 grep -q '\"ephemeral\":true' \"$3\" || exit 98\n\
+                 grep -Eq '\"ephemeral\": ?true' \"$3\" || exit 98\n\
                  echo started >> {marks}\n\
                  exec sleep 60\n",
                 marks = marks.display()

@@ -140,6 +140,9 @@ pub enum FunctionError {
     /// A clone's scratch directory cannot be made.
     #[error(transparent)]
     Scratch(#[from] kiln_vmm::durable::ScratchError),
+    /// A clone's VM definition cannot be written.
+    #[error(transparent)]
+    Definition(#[from] kiln_vmm::config::ConfigError),
     /// The name could not be a directory's, or is too long to list.
     #[error("function name {0:?}: expected 1 to 64 letters, digits, '-' or '_'")]
     BadName(String),
