@@ -36,6 +36,14 @@ pub struct VmmReport {
     pub qemu: Option<Cold>,
     /// Kiln's cold wall-time p50 over QEMU's (goal: at most 0.25).
     pub cold_wall_ratio: Option<f64>,
+    /// Firecracker's cold runs, when the user named a binary
+    /// (`--peer firecracker=PATH`); absent from reports written before
+    /// Firecracker could take part.
+    #[serde(default)]
+    pub firecracker: Option<Cold>,
+    /// Kiln's cold wall-time p50 over Firecracker's, when it took part.
+    #[serde(default)]
+    pub cold_wall_ratio_firecracker: Option<f64>,
     /// Kiln's cold CPU time p50 (goal: at most 3 ms).
     pub cold_cpu_ms_p50: f64,
     /// `kiln snapshot restore` to the first heartbeat, p50 (goal: at most 5 ms).
@@ -112,6 +120,11 @@ impl Cold {
             max_rss_kib,
         }
     }
+}
+
+/// `kiln`'s cold wall-time p50 over `peer`'s, when the peer took part.
+pub fn wall_ratio(kiln: &Cold, peer: Option<&Cold>) -> Option<f64> {
+    peer.map(|peer| kiln.cold_wall_ms_p50 / peer.cold_wall_ms_p50)
 }
 
 /// The nearest-rank percentile `q` of `samples`; NaN when empty (which
@@ -246,11 +259,17 @@ impl VmmReport {
         ]
     }
 
+    /// The peers' cold series, each with its VMM's name.
+    fn peer_colds(&self) -> impl Iterator<Item = (&'static str, &Cold)> {
+        let qemu = self.qemu.iter().map(|c| ("qemu", c));
+        qemu.chain(self.firecracker.iter().map(|c| ("firecracker", c)))
+    }
+
     /// The latency series the plot draws, labelled.
     fn lines(&self) -> Vec<Line<'_>> {
         let mut lines: Vec<Line<'_>> = vec![("cold (kiln)".into(), &self.kiln.wall_ms)];
-        if let Some(qemu) = &self.qemu {
-            lines.push(("cold (qemu)".into(), &qemu.wall_ms));
+        for (vmm, cold) in self.peer_colds() {
+            lines.push((format!("cold ({vmm})"), &cold.wall_ms));
         }
         lines.push((
             "restore (kiln snapshot restore)".into(),
@@ -270,12 +289,14 @@ impl VmmReport {
     /// The SVG of every latency series' CDF.
     pub fn svg(&self) -> Result<String, PlotError> {
         let mut subtitle = vec![format!(
-            "stub guest, {} MiB, {} runs per line; cold kiln/qemu p50 = {}; restore p50 {:.1} ms \
-             (instance), {:.1} ms (VM process); {:.0} clones/s",
+            "stub guest, {} MiB, {} runs per line; cold kiln/qemu p50 = {}{}; restore p50 \
+             {:.1} ms (instance), {:.1} ms (VM process); {:.0} clones/s",
             self.memory_mib,
             self.runs,
             self.cold_wall_ratio
                 .map_or("-".into(), |r| format!("{r:.2}")),
+            self.cold_wall_ratio_firecracker
+                .map_or(String::new(), |r| format!(", kiln/firecracker {r:.2}")),
             self.restore_ms_p50,
             self.vm_restore_ms_p50,
             self.clones_per_s
@@ -321,7 +342,8 @@ impl VmmReport {
                 problems.push(format!("{label}: ms are not the samples' percentiles"));
             }
         }
-        for cold in std::iter::once(&self.kiln).chain(&self.qemu) {
+        let colds = std::iter::once(&self.kiln).chain(self.peer_colds().map(|(_, c)| c));
+        for cold in colds {
             let again = Cold::new(
                 &cold.command,
                 cold.wall_ms.clone(),
@@ -368,19 +390,22 @@ impl VmmReport {
                 problems.push(format!("{key} {value} is not its series' ({expected})"));
             }
         }
-        let ratio = self
-            .qemu
-            .as_ref()
-            .map(|q| self.kiln.cold_wall_ms_p50 / q.cold_wall_ms_p50);
-        let same = match (self.cold_wall_ratio, ratio) {
-            (Some(a), Some(b)) => close(a, b),
-            (a, b) => a == b,
-        };
-        if !same {
-            problems.push(format!(
-                "cold_wall_ratio {:?}, expected {ratio:?}",
-                self.cold_wall_ratio
-            ));
+        for (key, value, peer) in [
+            ("cold_wall_ratio", self.cold_wall_ratio, &self.qemu),
+            (
+                "cold_wall_ratio_firecracker",
+                self.cold_wall_ratio_firecracker,
+                &self.firecracker,
+            ),
+        ] {
+            let ratio = wall_ratio(&self.kiln, peer.as_ref());
+            let same = match (value, ratio) {
+                (Some(a), Some(b)) => close(a, b),
+                (a, b) => a == b,
+            };
+            if !same {
+                problems.push(format!("{key} {value:?}, expected {ratio:?}"));
+            }
         }
         let best = self
             .clones
@@ -433,9 +458,7 @@ impl VmmReport {
             "\n| cold: exec to exit | wall p50 ms | wall p99 ms | CPU p50 ms | CPU p99 ms | peak RSS p50 MiB |"
         );
         let _ = writeln!(out, "|---|---|---|---|---|---|");
-        for (vmm, c) in
-            std::iter::once(("kiln", &self.kiln)).chain(self.qemu.iter().map(|q| ("qemu", q)))
-        {
+        for (vmm, c) in std::iter::once(("kiln", &self.kiln)).chain(self.peer_colds()) {
             let _ = writeln!(
                 out,
                 "| {vmm} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} |",
@@ -444,6 +467,12 @@ impl VmmReport {
                 c.cold_cpu_ms_p50,
                 c.cold_cpu_ms_p99,
                 c.cold_max_rss_mib_p50
+            );
+        }
+        if let Some(ratio) = self.cold_wall_ratio_firecracker {
+            let _ = writeln!(
+                out,
+                "cold_wall_ratio_firecracker (kiln/firecracker wall p50): {ratio:.2}"
             );
         }
         let _ = writeln!(
@@ -588,6 +617,8 @@ mod tests {
             vm_breakdown: vec![stage("exec", 1.8, 1.8), stage("heartbeat", 1.8, 3.6)],
             kiln,
             qemu: Some(qemu),
+            firecracker: None,
+            cold_wall_ratio_firecracker: None,
             goals: Vec::new(),
         };
         report.goals = report.goals();
@@ -611,6 +642,80 @@ mod tests {
             assert!(value[key].as_f64().unwrap() > 0.0, "{key}");
         }
         assert_eq!(value["kiln"]["cold_wall_ms_p50"], 9.0);
+    }
+
+    /// [`report`] with Firecracker's cold runs.
+    fn with_firecracker() -> VmmReport {
+        let mut r = report();
+        let firecracker = Cold::new(
+            "firecracker",
+            vec![12.0, 11.0, 15.0],
+            vec![6.0; 3],
+            vec![9000; 3],
+        );
+        r.cold_wall_ratio_firecracker = wall_ratio(&r.kiln, Some(&firecracker));
+        r.firecracker = Some(firecracker);
+        r
+    }
+
+    #[test]
+    fn firecracker_is_in_the_json_the_table_and_the_plot() {
+        let r = with_firecracker();
+        assert!(r.check().is_empty(), "{:?}", r.check());
+        let json = serde_json::to_string(&r).unwrap();
+        let back: VmmReport = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(r.cold_wall_ratio_firecracker, Some(9.0 / 12.0));
+        let table = r.table();
+        assert!(
+            table.contains("| firecracker | 12.00 | 15.00 | 6.00 | 6.00 | 8.8 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("cold_wall_ratio_firecracker (kiln/firecracker wall p50): 0.75"),
+            "{table}"
+        );
+        assert!(r.svg().unwrap().contains("cold (firecracker)"));
+    }
+
+    #[test]
+    fn a_report_without_firecracker_says_nothing_of_it() {
+        let r = report();
+        assert!(!r.table().contains("firecracker"), "{}", r.table());
+        assert!(!r.svg().unwrap().contains("firecracker"));
+    }
+
+    #[test]
+    fn a_report_from_before_firecracker_still_reads() {
+        let mut value = serde_json::to_value(report()).unwrap();
+        let fields = value.as_object_mut().unwrap();
+        fields.remove("firecracker");
+        fields.remove("cold_wall_ratio_firecracker");
+        let back: VmmReport = serde_json::from_value(value).unwrap();
+        assert_eq!(back, report());
+    }
+
+    #[test]
+    fn a_wrong_firecracker_series_is_said() {
+        let mut r = with_firecracker();
+        r.cold_wall_ratio_firecracker = Some(0.1);
+        r.firecracker.as_mut().unwrap().wall_ms.pop();
+        let problems = r.check().join("\n");
+        for expected in [
+            "cold (firecracker): 2 samples, expected 3",
+            "firecracker: the percentiles are not the samples'",
+            "cold_wall_ratio_firecracker Some(0.1), expected",
+        ] {
+            assert!(
+                problems.contains(expected),
+                "no {expected:?} in:\n{problems}"
+            );
+        }
+        r.firecracker = None;
+        assert!(
+            r.check()
+                .contains(&"cold_wall_ratio_firecracker Some(0.1), expected None".into())
+        );
     }
 
     #[test]
