@@ -271,6 +271,15 @@ pub enum BenchError {
     /// A VM definition could not be written.
     #[error(transparent)]
     VmConfig(#[from] kiln_vmm::config::ConfigError),
+    /// A request to a Firecracker's API failed.
+    #[error("{what}")]
+    Firecracker {
+        /// The Firecracker run.
+        what: String,
+        /// The request, and why.
+        #[source]
+        source: vmm::firecracker::api::ApiError,
+    },
     /// The control channel to a VM process failed.
     #[error("{what}")]
     Control {

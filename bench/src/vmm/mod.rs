@@ -14,7 +14,8 @@
 //!   `kiln` command, the registry, the instance's VMM process, its VM
 //!   process) and through a VM process alone (`kiln __vm`, the lean
 //!   path); and the clones, VM-process restores at several concurrencies.
-//! - [`peer`]: QEMU's restore of a migration stream, `-incoming`.
+//! - [`peer`]: QEMU's restore of a migration stream, `-incoming`; and
+//!   Firecracker's of its snapshot, `PUT /snapshot/load`, when asked for.
 //! - [`breakdown`]: where a restore's milliseconds go, from the stage
 //!   timestamps Kiln's processes append to `KILN_TRACE`.
 //!
@@ -125,6 +126,10 @@ pub fn run(config: &VmmConfig, progress: &dyn Progress) -> Result<VmmReport, Ben
     } else {
         PeerRestore::Unavailable("not asked for (--no-qemu)".into())
     };
+    let firecracker_restore = config
+        .firecracker
+        .as_deref()
+        .map(|binary| firecracker::restores(config, binary, work.path(), progress));
     drop(kiln);
     work.remove()?;
 
@@ -156,6 +161,7 @@ pub fn run(config: &VmmConfig, progress: &dyn Progress) -> Result<VmmReport, Ben
         restore: restores,
         vm_restore: vm_restores,
         qemu_restore,
+        firecracker_restore,
         clone_path: restore::CLONE_PATH.into(),
         clones_per_s: best.clones_per_s,
         clone_concurrency: best.concurrency,

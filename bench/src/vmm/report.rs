@@ -60,6 +60,11 @@ pub struct VmmReport {
     pub vm_restore: Latency,
     /// QEMU's `-incoming` restores, or why there are none.
     pub qemu_restore: PeerRestore,
+    /// Firecracker's snapshot loads, or why there are none, when the user
+    /// named a binary; absent from reports written before Firecracker
+    /// could take part.
+    #[serde(default)]
+    pub firecracker_restore: Option<PeerRestore>,
     /// Which restore the clones are, and why.
     pub clone_path: String,
     /// Clones per second at the best concurrency (goal: at least 200).
@@ -165,7 +170,8 @@ impl Latency {
     }
 }
 
-/// QEMU's restore of a migration stream, or why it was not measured.
+/// A peer's restore (QEMU's of a migration stream, Firecracker's of its
+/// snapshot), or why it was not measured.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum PeerRestore {
@@ -265,6 +271,21 @@ impl VmmReport {
         qemu.chain(self.firecracker.iter().map(|c| ("firecracker", c)))
     }
 
+    /// The peers' restores, measured or not, each with what it was.
+    fn peer_restores(&self) -> impl Iterator<Item = (&'static str, &PeerRestore)> {
+        let firecracker = self.firecracker_restore.iter();
+        std::iter::once(("qemu -incoming", &self.qemu_restore))
+            .chain(firecracker.map(|r| ("firecracker /snapshot/load", r)))
+    }
+
+    /// The peers' measured restores.
+    fn measured_restores(&self) -> impl Iterator<Item = (&'static str, &Latency)> {
+        self.peer_restores().filter_map(|(what, r)| match r {
+            PeerRestore::Measured(latency) => Some((what, latency)),
+            PeerRestore::Unavailable(_) => None,
+        })
+    }
+
     /// The latency series the plot draws, labelled.
     fn lines(&self) -> Vec<Line<'_>> {
         let mut lines: Vec<Line<'_>> = vec![("cold (kiln)".into(), &self.kiln.wall_ms)];
@@ -276,8 +297,8 @@ impl VmmReport {
             &self.restore.samples_ms,
         ));
         lines.push(("restore (kiln __vm)".into(), &self.vm_restore.samples_ms));
-        if let PeerRestore::Measured(qemu) = &self.qemu_restore {
-            lines.push(("restore (qemu -incoming)".into(), &qemu.samples_ms));
+        for (what, peer) in self.measured_restores() {
+            lines.push((format!("restore ({what})"), &peer.samples_ms));
         }
         for c in &self.clones {
             let label = format!("clone (kiln __vm, {} at a time)", c.concurrency);
@@ -337,6 +358,7 @@ impl VmmReport {
         }
         let mut latencies = vec![("restore", &self.restore), ("vm_restore", &self.vm_restore)];
         latencies.extend(self.clones.iter().map(|c| ("clone", &c.latency)));
+        latencies.extend(self.measured_restores());
         for (label, latency) in latencies {
             if Stats::of(&latency.samples_ms).as_ref() != Some(&latency.ms) {
                 problems.push(format!("{label}: ms are not the samples' percentiles"));
@@ -484,9 +506,7 @@ impl VmmReport {
             ("kiln snapshot restore", &self.restore),
             ("kiln __vm (VM process)", &self.vm_restore),
         ];
-        if let PeerRestore::Measured(qemu) = &self.qemu_restore {
-            restores.push(("qemu -incoming", qemu));
-        }
+        restores.extend(self.measured_restores());
         for (what, l) in restores {
             let [min, p50, p90, p99, max] = l.ms.values();
             let _ = writeln!(
@@ -494,8 +514,10 @@ impl VmmReport {
                 "| {what} | {min:.2} | {p50:.2} | {p90:.2} | {p99:.2} | {max:.2} |"
             );
         }
-        if let PeerRestore::Unavailable(why) = &self.qemu_restore {
-            let _ = writeln!(out, "qemu -incoming: not measured: {why}");
+        for (what, restore) in self.peer_restores() {
+            if let PeerRestore::Unavailable(why) = restore {
+                let _ = writeln!(out, "{what}: not measured: {why}");
+            }
         }
         let _ = writeln!(out, "\nclones: {}", self.clone_path);
         let _ = writeln!(
@@ -608,6 +630,7 @@ mod tests {
             restore: latency(&[10.4, 9.4, 14.6]),
             vm_restore: latency(&[3.6, 3.3, 3.9]),
             qemu_restore: PeerRestore::Measured(latency(&[41.0, 36.5, 51.2])),
+            firecracker_restore: None,
             clone_path: "vm-process".into(),
             clones_per_s: 240.0,
             clone_concurrency: 8,
@@ -655,6 +678,7 @@ mod tests {
         );
         r.cold_wall_ratio_firecracker = wall_ratio(&r.kiln, Some(&firecracker));
         r.firecracker = Some(firecracker);
+        r.firecracker_restore = Some(PeerRestore::Measured(latency(&[6.5, 6.1, 7.2])));
         r
     }
 
@@ -675,7 +699,25 @@ mod tests {
             table.contains("cold_wall_ratio_firecracker (kiln/firecracker wall p50): 0.75"),
             "{table}"
         );
-        assert!(r.svg().unwrap().contains("cold (firecracker)"));
+        assert!(
+            table.contains("| firecracker /snapshot/load | 6.10 | 6.50 | 7.20 | 7.20 | 7.20 |"),
+            "{table}"
+        );
+        let svg = r.svg().unwrap();
+        assert!(svg.contains("cold (firecracker)"));
+        assert!(svg.contains("restore (firecracker /snapshot/load)"));
+    }
+
+    #[test]
+    fn an_unmeasured_firecracker_restore_says_why() {
+        let mut r = with_firecracker();
+        r.firecracker_restore = Some(PeerRestore::Unavailable("HTTP 400".into()));
+        assert!(r.check().is_empty(), "{:?}", r.check());
+        let table = r.table();
+        assert!(
+            table.contains("firecracker /snapshot/load: not measured: HTTP 400"),
+            "{table}"
+        );
     }
 
     #[test]
@@ -691,6 +733,7 @@ mod tests {
         let fields = value.as_object_mut().unwrap();
         fields.remove("firecracker");
         fields.remove("cold_wall_ratio_firecracker");
+        fields.remove("firecracker_restore");
         let back: VmmReport = serde_json::from_value(value).unwrap();
         assert_eq!(back, report());
     }
@@ -700,10 +743,14 @@ mod tests {
         let mut r = with_firecracker();
         r.cold_wall_ratio_firecracker = Some(0.1);
         r.firecracker.as_mut().unwrap().wall_ms.pop();
+        if let Some(PeerRestore::Measured(l)) = &mut r.firecracker_restore {
+            l.samples_ms[0] = 1.0;
+        }
         let problems = r.check().join("\n");
         for expected in [
             "cold (firecracker): 2 samples, expected 3",
             "firecracker: the percentiles are not the samples'",
+            "firecracker /snapshot/load: ms are not the samples' percentiles",
             "cold_wall_ratio_firecracker Some(0.1), expected",
         ] {
             assert!(

@@ -2,18 +2,45 @@
 //! benchmark does not build or package it. Its cold runs boot the stub
 //! from a config file (`--no-api`); the stub's `InitStarted` write to
 //! port 0x440 lands on no device of Firecracker's, and its i8042 reset
-//! then ends the process.
+//! then ends the process. Its restores load a snapshot of the beating
+//! stub through the API ([`api`]), each timed from the spawn to the first
+//! heartbeat, as Kiln's and QEMU's are.
+//!
+//! Firecracker runs with `--level Error`: its info lines would share the
+//! serial console's stdout (and could split a heartbeat line), and Kiln
+//! prints nothing on these paths either.
+pub mod api;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use std::io::BufReader;
+use std::process::{ChildStdout, Stdio};
+use std::time::Instant;
+
+use kiln_vmm::report::one_line;
 use serde_json::json;
 
-use crate::timing::{Exited, run_to_exit};
-use crate::{BenchError, io_err};
+use crate::timing::{Exited, Watchdog, millis, run_to_exit, signal};
+use crate::{BenchError, Progress, io_err, series};
 
 use super::VmmConfig;
 use super::cold::wrong_end;
+use super::report::{Latency, PeerRestore};
+use super::restore::{BEAT_CMDLINE, first_heartbeat};
+use api::{Api, ApiError};
+
+/// Firecracker's restore timer.
+pub const RESTORE_TIMER: (&str, &str) = (
+    "exec of `firecracker --api-sock SOCKET`, which is then sent PUT /snapshot/load \
+     (a file memory backend, resume_vm: true)",
+    "the first heartbeat line on its stdout (its serial console)",
+);
+
+/// Firecracker's log level in every run: errors only (see the module's
+/// documentation).
+const LOG_LEVEL: [&str; 2] = ["--level", "Error"];
 
 /// A `kiln bench vmm --peer` value that names no usable peer.
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +71,7 @@ pub fn peer_binary(value: &str) -> Result<PathBuf, PeerError> {
 }
 
 /// Firecracker's cold command, as the report names it.
-pub const COLD_COMMAND: &str = "firecracker --no-api --config-file FILE (the stub as \
+pub const COLD_COMMAND: &str = "firecracker --level Error --no-api --config-file FILE (the stub as \
                                 boot-source, no drives; its i8042 reset ends it)";
 
 /// What Firecracker logs when a vCPU's `KVM_RUN` returns
@@ -107,7 +134,8 @@ impl ColdBoot {
     pub fn run(&self, config: &VmmConfig, work: &Path, i: usize) -> Result<Exited, BenchError> {
         let what = "firecracker --no-api --config-file FILE";
         let mut cmd = Command::new(&self.binary);
-        cmd.arg("--no-api")
+        cmd.args(LOG_LEVEL)
+            .arg("--no-api")
             .arg("--config-file")
             .arg(&self.config_file);
         let out = work.join(format!("cold-firecracker-{i}.out"));
@@ -118,6 +146,136 @@ impl ColdBoot {
             return Err(wrong_end(what, &exited, &expected, &out));
         }
         Ok(exited)
+    }
+}
+
+/// Firecracker's restores of the beating stub, or why there are none.
+pub fn restores(
+    config: &VmmConfig,
+    binary: &Path,
+    work: &Path,
+    progress: &dyn Progress,
+) -> PeerRestore {
+    match measure_restores(config, binary, work, progress) {
+        Ok(latency) => PeerRestore::Measured(latency),
+        Err(err) => PeerRestore::Unavailable(one_line(&err)),
+    }
+}
+
+fn measure_restores(
+    config: &VmmConfig,
+    binary: &Path,
+    work: &Path,
+    progress: &dyn Progress,
+) -> Result<Latency, BenchError> {
+    progress.step("snapshotting a beating stub in Firecracker");
+    let snapshot = Snapshot {
+        binary,
+        state: work.join("firecracker-state"),
+        memory: work.join("firecracker-memory"),
+    };
+    snapshot.make(config, &work.join("firecracker-snapshot.sock"))?;
+    let socket = work.join("firecracker-restore.sock");
+    let run = |_: usize| snapshot.restore(config, &socket);
+    let (samples, _) = series(config.plan(), "restore (firecracker)", progress, &run)?;
+    Latency::new(RESTORE_TIMER, samples).ok_or(BenchError::Runs(config.runs))
+}
+
+/// A Firecracker snapshot: the binary that makes and loads it, its VM
+/// state file and its guest memory file.
+struct Snapshot<'a> {
+    binary: &'a Path,
+    state: PathBuf,
+    memory: PathBuf,
+}
+
+impl Snapshot<'_> {
+    /// Boots the stub beating in a Firecracker on `socket` and, at its
+    /// first heartbeat, pauses it and snapshots it (Full) into `self`'s
+    /// files.
+    fn make(&self, config: &VmmConfig, socket: &Path) -> Result<(), BenchError> {
+        let what = "firecracker --api-sock SOCKET (the stub, beating, snapshotted)";
+        let vm = vm_config(config, &format!("console=ttyS0 {BEAT_CMDLINE}"));
+        self.with_api(config, socket, what, |api, stdout| {
+            api.call("PUT", "/boot-source", &vm["boot-source"])?;
+            api.call("PUT", "/machine-config", &vm["machine-config"])?;
+            api.call("PUT", "/actions", &json!({"action_type": "InstanceStart"}))?;
+            if !first_heartbeat(stdout) {
+                return Ok(None);
+            }
+            api.call("PATCH", "/vm", &json!({"state": "Paused"}))?;
+            let body = json!({
+                "snapshot_type": "Full",
+                "snapshot_path": self.state,
+                "mem_file_path": self.memory,
+            });
+            api.call("PUT", "/snapshot/create", &body).map(Some)
+        })?;
+        Ok(())
+    }
+
+    /// One restore: a Firecracker spawned on `socket`, sent
+    /// `PUT /snapshot/load`, timed from its spawn to its first heartbeat.
+    fn restore(&self, config: &VmmConfig, socket: &Path) -> Result<f64, BenchError> {
+        let what = "firecracker --api-sock SOCKET, PUT /snapshot/load";
+        let body = json!({
+            "snapshot_path": self.state,
+            "mem_backend": {"backend_type": "File", "backend_path": self.memory},
+            "resume_vm": true,
+        });
+        let (started, beat) = self.with_api(config, socket, what, |api, stdout| {
+            api.call("PUT", "/snapshot/load", &body)?;
+            Ok(first_heartbeat(stdout).then(Instant::now))
+        })?;
+        Ok(millis(beat.duration_since(started)))
+    }
+
+    /// Spawns Firecracker on `socket` (its stdout, the serial console,
+    /// piped), connects to its API and runs `talk` with both; then kills
+    /// it, untimed. When it was spawned, and what `talk` gave; `talk`
+    /// gives `None` when the stub never beat.
+    fn with_api<T>(
+        &self,
+        config: &VmmConfig,
+        socket: &Path,
+        what: &str,
+        talk: impl FnOnce(&mut Api, &mut BufReader<ChildStdout>) -> Result<Option<T>, ApiError>,
+    ) -> Result<(Instant, T), BenchError> {
+        // Firecracker will not bind over a socket left by the last run.
+        let _ = std::fs::remove_file(socket);
+        let mut cmd = Command::new(self.binary);
+        cmd.args(LOG_LEVEL)
+            .arg("--api-sock")
+            .arg(socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let started = Instant::now();
+        let mut child = cmd.spawn().map_err(|source| BenchError::Spawn {
+            what: what.into(),
+            source,
+        })?;
+        let watchdog = Watchdog::start(child.id(), config.limit);
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
+        let talked =
+            Api::connect(socket, config.limit).and_then(|mut api| talk(&mut api, &mut stdout));
+        // The console goes on until the kill: drained meanwhile.
+        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+        signal(child.id(), libc::SIGKILL);
+        let killed = watchdog.finish();
+        let _ = child.wait();
+        let talked = talked.map_err(|source| BenchError::Firecracker {
+            what: what.into(),
+            source,
+        })?;
+        match talked {
+            Some(value) if !killed => Ok((started, value)),
+            _ => Err(BenchError::NoHeartbeat {
+                what: what.into(),
+                limit: config.limit,
+                printed: String::new(),
+            }),
+        }
     }
 }
 
