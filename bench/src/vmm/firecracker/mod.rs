@@ -22,7 +22,7 @@ use std::time::Instant;
 use kiln_vmm::report::one_line;
 use serde_json::json;
 
-use crate::timing::{Exited, Watchdog, millis, run_to_exit, signal};
+use crate::timing::{Exited, Watched, millis, run_to_exit, signal, spawn_watched};
 use crate::{BenchError, Progress, io_err, series};
 
 use super::VmmConfig;
@@ -247,16 +247,13 @@ impl Snapshot<'_> {
         cmd.args(LOG_LEVEL)
             .arg("--api-sock")
             .arg(socket)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
             .stderr(Stdio::null());
         let started = Instant::now();
-        let mut child = cmd.spawn().map_err(|source| BenchError::Spawn {
-            what: what.into(),
-            source,
-        })?;
-        let watchdog = Watchdog::start(child.id(), config.limit);
-        let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
+        let Watched {
+            mut child,
+            watchdog,
+            mut stdout,
+        } = spawn_watched(cmd, what, config.limit)?;
         let talked =
             Api::connect(socket, config.limit).and_then(|mut api| talk(&mut api, &mut stdout));
         // The console goes on until the kill: drained meanwhile.
