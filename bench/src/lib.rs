@@ -271,6 +271,15 @@ pub enum BenchError {
     /// A VM definition could not be written.
     #[error(transparent)]
     VmConfig(#[from] kiln_vmm::config::ConfigError),
+    /// A request to a Firecracker's API failed.
+    #[error("{what}")]
+    Firecracker {
+        /// The Firecracker run.
+        what: String,
+        /// The request, and why.
+        #[source]
+        source: vmm::firecracker::api::ApiError,
+    },
     /// The control channel to a VM process failed.
     #[error("{what}")]
     Control {
@@ -522,37 +531,37 @@ fn series<T: Send>(
     Ok((samples, wall_s))
 }
 
-/// Kiln's and the peer's runs of one scenario, `runs[0]` and `runs[1]`
-/// (as in [`series`]), each series' samples and wall time. With one run at
-/// a time the two alternate (warm-ups, then kiln, peer, kiln, …) so that
-/// a change in the host's load falls on both alike, and each wall time is
-/// the sum of that series' own runs, teardown included; with more at a
-/// time, one series runs after the other.
-fn paired<T: Send>(
+/// Kiln's and the peers' runs of one scenario, one series per side
+/// (`runs[0]` is Kiln's, as in [`series`]), each series' samples and wall
+/// time. With one run at a time the sides take turns (warm-ups, then
+/// kiln, peer, other peer, kiln, …) so that a change in the host's load
+/// falls on all alike, and each wall time is the sum of that series' own
+/// runs, teardown included; with more at a time, one series runs after
+/// the other.
+fn paired<T: Send, const N: usize>(
     config: Plan,
-    labels: [&str; 2],
+    labels: [&str; N],
     progress: &dyn Progress,
-    runs: [&(dyn Fn(usize) -> Result<T, BenchError> + Sync); 2],
-) -> Result<[(Vec<T>, f64); 2], BenchError> {
+    runs: [&(dyn Fn(usize) -> Result<T, BenchError> + Sync); N],
+) -> Result<[(Vec<T>, f64); N], BenchError> {
+    let mut out: [(Vec<T>, f64); N] = std::array::from_fn(|_| (Vec::new(), 0.0));
     if config.concurrency > 1 {
-        let first = series(config, labels[0], progress, runs[0])?;
-        return Ok([first, series(config, labels[1], progress, runs[1])?]);
+        for ((side, label), run) in out.iter_mut().zip(labels).zip(runs) {
+            *side = series(config, label, progress, run)?;
+        }
+        return Ok(out);
     }
-    progress.series(
-        &format!("{} + {}", labels[0], labels[1]),
-        2 * (config.warmup + config.runs),
-    );
-    let mut out: [(Vec<T>, f64); 2] = [(Vec::new(), 0.0), (Vec::new(), 0.0)];
+    progress.series(&labels.join(" + "), N * (config.warmup + config.runs));
     let order = (0..config.warmup)
         .map(|i| (config.runs + i, false))
         .chain((0..config.runs).map(|i| (i, true)));
     for (i, timed) in order {
-        for (side, run) in runs.iter().enumerate() {
+        for (side, run) in out.iter_mut().zip(runs) {
             let started = Instant::now();
             let ms = run(i)?;
             if timed {
-                out[side].0.push(ms);
-                out[side].1 += started.elapsed().as_secs_f64();
+                side.0.push(ms);
+                side.1 += started.elapsed().as_secs_f64();
             }
             progress.ran();
         }
@@ -710,30 +719,81 @@ mod tests {
         assert!(wall_s > 0.0);
     }
 
-    #[test]
-    fn paired_runs_alternate_one_at_a_time() {
-        let config = Config {
+    /// A side whose runs are logged into `done` as `{name}{i}` and give `ms`.
+    fn logged<'a>(
+        done: &'a Mutex<Vec<String>>,
+        name: &'a str,
+        ms: f64,
+    ) -> impl Fn(usize) -> Result<f64, BenchError> + Sync + 'a {
+        move |i| {
+            done.lock().unwrap().push(format!("{name}{i}"));
+            Ok(ms)
+        }
+    }
+
+    fn one_at_a_time() -> Config {
+        Config {
             concurrency: 1,
             runs: 3,
             ..config()
-        };
+        }
+    }
+
+    #[test]
+    fn paired_runs_alternate_one_at_a_time() {
         let done = Mutex::new(Vec::new());
-        let kiln = |i: usize| {
-            done.lock().unwrap().push(format!("k{i}"));
-            Ok(10.0)
-        };
-        let peer = |i: usize| {
-            done.lock().unwrap().push(format!("q{i}"));
-            Ok(20.0)
-        };
+        let (kiln, peer) = (logged(&done, "k", 10.0), logged(&done, "q", 20.0));
         let [(k, k_wall), (q, q_wall)] =
-            paired(config.plan(), ["k", "q"], &Quiet, [&kiln, &peer]).unwrap();
+            paired(one_at_a_time().plan(), ["k", "q"], &Quiet, [&kiln, &peer]).unwrap();
         assert_eq!(
-            done.into_inner().unwrap(),
+            done.lock().unwrap().clone(),
             ["k3", "q3", "k0", "q0", "k1", "q1", "k2", "q2"]
         );
         assert_eq!((k, q), (vec![10.0; 3], vec![20.0; 3]));
         assert!(k_wall > 0.0 && q_wall > 0.0);
+    }
+
+    #[test]
+    fn three_sides_take_turns_in_their_order() {
+        let done = Mutex::new(Vec::new());
+        let sides = [
+            logged(&done, "k", 10.0),
+            logged(&done, "q", 20.0),
+            logged(&done, "f", 30.0),
+        ];
+        let [k, q, f] = paired(
+            one_at_a_time().plan(),
+            ["k", "q", "f"],
+            &Quiet,
+            [&sides[0], &sides[1], &sides[2]],
+        )
+        .unwrap();
+        assert_eq!(
+            done.lock().unwrap().clone(),
+            [
+                "k3", "q3", "f3", "k0", "q0", "f0", "k1", "q1", "f1", "k2", "q2", "f2"
+            ]
+        );
+        assert_eq!(
+            [k.0, q.0, f.0],
+            [vec![10.0; 3], vec![20.0; 3], vec![30.0; 3]]
+        );
+    }
+
+    #[test]
+    fn paired_sides_run_one_after_the_other_when_concurrent() {
+        let done = Mutex::new(Vec::new());
+        let config = Config {
+            concurrency: 2,
+            runs: 2,
+            warmup: 0,
+            ..config()
+        };
+        let (kiln, peer) = (logged(&done, "k", 10.0), logged(&done, "q", 20.0));
+        paired(config.plan(), ["k", "q"], &Quiet, [&kiln, &peer]).unwrap();
+        let done = done.lock().unwrap().clone();
+        assert!(done[..2].iter().all(|r| r.starts_with('k')), "{done:?}");
+        assert!(done[2..].iter().all(|r| r.starts_with('q')), "{done:?}");
     }
 
     #[test]

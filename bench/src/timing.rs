@@ -1,7 +1,7 @@
 //! Timing a child process to an event in its output, and a watchdog so
 //! that a VM which never gets there fails the run instead of hanging it.
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -47,6 +47,34 @@ pub fn signal(pid: u32, signal: i32) {
     unsafe {
         libc::kill(pid, signal);
     }
+}
+
+/// A child whose stdout (its serial console, for a VMM) is read here,
+/// under a [`Watchdog`].
+pub struct Watched {
+    /// The child, to be reaped after [`Watchdog::finish`].
+    pub child: Child,
+    /// Kills it past the limit.
+    pub watchdog: Watchdog,
+    /// Its stdout.
+    pub stdout: BufReader<ChildStdout>,
+}
+
+/// Spawns `cmd` with stdin from /dev/null and stdout piped (stderr as
+/// `cmd` says), watched for `limit`.
+pub fn spawn_watched(mut cmd: Command, what: &str, limit: Duration) -> Result<Watched, BenchError> {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|source| BenchError::Spawn {
+        what: what.into(),
+        source,
+    })?;
+    let watchdog = Watchdog::start(child.id(), limit);
+    let stdout = BufReader::new(child.stdout.take().expect("piped"));
+    Ok(Watched {
+        child,
+        watchdog,
+        stdout,
+    })
 }
 
 /// Which output of the child the event shows in.

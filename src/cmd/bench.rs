@@ -63,6 +63,9 @@ struct VmmArgs {
     /// Leave QEMU out (it is timed by default: cold boots and `-incoming` restores).
     #[arg(long)]
     no_qemu: bool,
+    /// Also time a Firecracker binary of your own (cold boots of the stub).
+    #[arg(long, value_name = "firecracker=PATH", value_parser = bench::vmm::firecracker::peer_binary)]
+    peer: Option<PathBuf>,
     /// Seconds one run may take before it is killed and the benchmark fails.
     #[arg(long, default_value_t = 60)]
     limit: u64,
@@ -196,6 +199,7 @@ fn run_vmm(args: VmmArgs) -> anyhow::Result<ExitCode> {
         memory_mib: args.memory,
         concurrencies: args.concurrency,
         qemu: !args.no_qemu,
+        firecracker: args.peer,
         kiln: std::env::current_exe().context("cannot find the kiln binary")?,
         home: kiln_home(),
         stub: Asset::Stub.path(),

@@ -7,13 +7,15 @@
 //!
 //! - [`cold`]: exec → the stub's first write → process exit, Kiln's
 //!   `kiln run --kernel STUB` and QEMU microvm's by turns, with CPU time
-//!   and peak RSS from `wait4`.
+//!   and peak RSS from `wait4`; and Firecracker's when the user names a
+//!   binary ([`firecracker`]).
 //! - [`restore`]: a snapshot of a beating stub restored to its first
 //!   heartbeat, through `kiln snapshot restore` (a detached instance: the
 //!   `kiln` command, the registry, the instance's VMM process, its VM
 //!   process) and through a VM process alone (`kiln __vm`, the lean
 //!   path); and the clones, VM-process restores at several concurrencies.
-//! - [`peer`]: QEMU's restore of a migration stream, `-incoming`.
+//! - [`peer`]: QEMU's restore of a migration stream, `-incoming`; and
+//!   Firecracker's of its snapshot, `PUT /snapshot/load`, when asked for.
 //! - [`breakdown`]: where a restore's milliseconds go, from the stage
 //!   timestamps Kiln's processes append to `KILN_TRACE`.
 //!
@@ -21,6 +23,7 @@
 //! (the stub's image is built there), removed at the end.
 pub mod breakdown;
 pub mod cold;
+pub mod firecracker;
 pub mod peer;
 pub mod report;
 pub mod restore;
@@ -47,6 +50,9 @@ pub struct VmmConfig {
     pub concurrencies: Vec<usize>,
     /// Time QEMU microvm too (cold, and its `-incoming` restore).
     pub qemu: bool,
+    /// A Firecracker binary to time too ([`firecracker`]); the user's own,
+    /// since the benchmark neither builds nor ships one.
+    pub firecracker: Option<PathBuf>,
     /// The `kiln` binary the runs exec.
     pub kiln: PathBuf,
     /// The user's `KILN_HOME`, under which the benchmark's own home goes.
@@ -105,7 +111,7 @@ pub fn run(config: &VmmConfig, progress: &dyn Progress) -> Result<VmmReport, Ben
         .with_kernel(&config.stub)
         .with_env(ALLOW_PVM_ENV, "1");
 
-    let (kiln_cold, qemu_cold) = cold::run(config, &kiln, work.path(), progress)?;
+    let cold = cold::run(config, &kiln, work.path(), progress)?;
     let snapshot = restore::instance_snapshot(config, &kiln, work.path(), progress)?;
     let (restores, breakdown) = restore::instance_restores(config, &kiln, &snapshot, progress)?;
     let vm = restore::vm_snapshot(config, &kiln, work.path(), progress)?;
@@ -120,6 +126,10 @@ pub fn run(config: &VmmConfig, progress: &dyn Progress) -> Result<VmmReport, Ben
     } else {
         PeerRestore::Unavailable("not asked for (--no-qemu)".into())
     };
+    let firecracker_restore = config
+        .firecracker
+        .as_deref()
+        .map(|binary| firecracker::restores(config, binary, work.path(), progress));
     drop(kiln);
     work.remove()?;
 
@@ -138,12 +148,12 @@ pub fn run(config: &VmmConfig, progress: &dyn Progress) -> Result<VmmReport, Ben
         memory_mib: config.memory_mib,
         runs: config.runs,
         warmup_runs: config.warmup,
-        cold_wall_ratio: qemu_cold
-            .as_ref()
-            .map(|q| kiln_cold.cold_wall_ms_p50 / q.cold_wall_ms_p50),
-        cold_cpu_ms_p50: kiln_cold.cold_cpu_ms_p50,
-        kiln: kiln_cold,
-        qemu: qemu_cold,
+        cold_wall_ratio: report::wall_ratio(&cold.kiln, cold.qemu.as_ref()),
+        cold_wall_ratio_firecracker: report::wall_ratio(&cold.kiln, cold.firecracker.as_ref()),
+        cold_cpu_ms_p50: cold.kiln.cold_cpu_ms_p50,
+        kiln: cold.kiln,
+        qemu: cold.qemu,
+        firecracker: cold.firecracker,
         restore_ms_p50: restores.ms.p50,
         restore_ms_p99: restores.ms.p99,
         vm_restore_ms_p50: vm_restores.ms.p50,
@@ -151,6 +161,7 @@ pub fn run(config: &VmmConfig, progress: &dyn Progress) -> Result<VmmReport, Ben
         restore: restores,
         vm_restore: vm_restores,
         qemu_restore,
+        firecracker_restore,
         clone_path: restore::CLONE_PATH.into(),
         clones_per_s: best.clones_per_s,
         clone_concurrency: best.concurrency,

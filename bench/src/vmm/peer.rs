@@ -3,7 +3,7 @@
 //! and each run is a QEMU started with `-incoming "exec:cat FILE"`, timed
 //! to the first heartbeat on its serial console. Where QEMU cannot do
 //! that, the report says why instead.
-use std::io::{BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Stdio;
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use kiln_vmm::report::one_line;
 
 use crate::qemu::{InitPort, QEMU};
-use crate::timing::{Event, Stream, Then, Watchdog, millis, time_to};
+use crate::timing::{Event, Stream, Then, Watched, millis, spawn_watched, time_to};
 use crate::{BenchError, Progress, series};
 
 use super::VmmConfig;
@@ -71,15 +71,12 @@ fn save_state(config: &VmmConfig, work: &Path, state: &Path) -> Result<(), Bench
     let mut cmd = stub_microvm(config, BEAT_CMDLINE, InitPort::None).command(Path::new(QEMU));
     cmd.arg("-monitor")
         .arg(format!("unix:{},server=on,wait=off", socket.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|source| BenchError::Spawn {
-        what: what.into(),
-        source,
-    })?;
-    let watchdog = Watchdog::start(child.id(), config.limit);
-    let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
+    let Watched {
+        mut child,
+        watchdog,
+        mut stdout,
+    } = spawn_watched(cmd, what, config.limit)?;
     let beat = first_heartbeat(&mut stdout);
     // The console goes on until QEMU quits: drained meanwhile.
     let drain = std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));

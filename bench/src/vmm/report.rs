@@ -36,6 +36,14 @@ pub struct VmmReport {
     pub qemu: Option<Cold>,
     /// Kiln's cold wall-time p50 over QEMU's (goal: at most 0.25).
     pub cold_wall_ratio: Option<f64>,
+    /// Firecracker's cold runs, when the user named a binary
+    /// (`--peer firecracker=PATH`); absent from reports written before
+    /// Firecracker could take part.
+    #[serde(default)]
+    pub firecracker: Option<Cold>,
+    /// Kiln's cold wall-time p50 over Firecracker's, when it took part.
+    #[serde(default)]
+    pub cold_wall_ratio_firecracker: Option<f64>,
     /// Kiln's cold CPU time p50 (goal: at most 3 ms).
     pub cold_cpu_ms_p50: f64,
     /// `kiln snapshot restore` to the first heartbeat, p50 (goal: at most 5 ms).
@@ -52,6 +60,11 @@ pub struct VmmReport {
     pub vm_restore: Latency,
     /// QEMU's `-incoming` restores, or why there are none.
     pub qemu_restore: PeerRestore,
+    /// Firecracker's snapshot loads, or why there are none, when the user
+    /// named a binary; absent from reports written before Firecracker
+    /// could take part.
+    #[serde(default)]
+    pub firecracker_restore: Option<PeerRestore>,
     /// Which restore the clones are, and why.
     pub clone_path: String,
     /// Clones per second at the best concurrency (goal: at least 200).
@@ -114,6 +127,11 @@ impl Cold {
     }
 }
 
+/// `kiln`'s cold wall-time p50 over `peer`'s, when the peer took part.
+pub fn wall_ratio(kiln: &Cold, peer: Option<&Cold>) -> Option<f64> {
+    peer.map(|peer| kiln.cold_wall_ms_p50 / peer.cold_wall_ms_p50)
+}
+
 /// The nearest-rank percentile `q` of `samples`; NaN when empty (which
 /// [`VmmReport::check`] refuses).
 fn p(samples: &[f64], q: f64) -> f64 {
@@ -152,7 +170,8 @@ impl Latency {
     }
 }
 
-/// QEMU's restore of a migration stream, or why it was not measured.
+/// A peer's restore (QEMU's of a migration stream, Firecracker's of its
+/// snapshot), or why it was not measured.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum PeerRestore {
@@ -246,19 +265,40 @@ impl VmmReport {
         ]
     }
 
+    /// The peers' cold series, each with its VMM's name.
+    fn peer_colds(&self) -> impl Iterator<Item = (&'static str, &Cold)> {
+        let qemu = self.qemu.iter().map(|c| ("qemu", c));
+        qemu.chain(self.firecracker.iter().map(|c| ("firecracker", c)))
+    }
+
+    /// The peers' restores, measured or not, each with what it was.
+    fn peer_restores(&self) -> impl Iterator<Item = (&'static str, &PeerRestore)> {
+        let firecracker = self.firecracker_restore.iter();
+        std::iter::once(("qemu -incoming", &self.qemu_restore))
+            .chain(firecracker.map(|r| ("firecracker /snapshot/load", r)))
+    }
+
+    /// The peers' measured restores.
+    fn measured_restores(&self) -> impl Iterator<Item = (&'static str, &Latency)> {
+        self.peer_restores().filter_map(|(what, r)| match r {
+            PeerRestore::Measured(latency) => Some((what, latency)),
+            PeerRestore::Unavailable(_) => None,
+        })
+    }
+
     /// The latency series the plot draws, labelled.
     fn lines(&self) -> Vec<Line<'_>> {
         let mut lines: Vec<Line<'_>> = vec![("cold (kiln)".into(), &self.kiln.wall_ms)];
-        if let Some(qemu) = &self.qemu {
-            lines.push(("cold (qemu)".into(), &qemu.wall_ms));
+        for (vmm, cold) in self.peer_colds() {
+            lines.push((format!("cold ({vmm})"), &cold.wall_ms));
         }
         lines.push((
             "restore (kiln snapshot restore)".into(),
             &self.restore.samples_ms,
         ));
         lines.push(("restore (kiln __vm)".into(), &self.vm_restore.samples_ms));
-        if let PeerRestore::Measured(qemu) = &self.qemu_restore {
-            lines.push(("restore (qemu -incoming)".into(), &qemu.samples_ms));
+        for (what, peer) in self.measured_restores() {
+            lines.push((format!("restore ({what})"), &peer.samples_ms));
         }
         for c in &self.clones {
             let label = format!("clone (kiln __vm, {} at a time)", c.concurrency);
@@ -270,12 +310,14 @@ impl VmmReport {
     /// The SVG of every latency series' CDF.
     pub fn svg(&self) -> Result<String, PlotError> {
         let mut subtitle = vec![format!(
-            "stub guest, {} MiB, {} runs per line; cold kiln/qemu p50 = {}; restore p50 {:.1} ms \
-             (instance), {:.1} ms (VM process); {:.0} clones/s",
+            "stub guest, {} MiB, {} runs per line; cold kiln/qemu p50 = {}{}; restore p50 \
+             {:.1} ms (instance), {:.1} ms (VM process); {:.0} clones/s",
             self.memory_mib,
             self.runs,
             self.cold_wall_ratio
                 .map_or("-".into(), |r| format!("{r:.2}")),
+            self.cold_wall_ratio_firecracker
+                .map_or(String::new(), |r| format!(", kiln/firecracker {r:.2}")),
             self.restore_ms_p50,
             self.vm_restore_ms_p50,
             self.clones_per_s
@@ -316,12 +358,14 @@ impl VmmReport {
         }
         let mut latencies = vec![("restore", &self.restore), ("vm_restore", &self.vm_restore)];
         latencies.extend(self.clones.iter().map(|c| ("clone", &c.latency)));
+        latencies.extend(self.measured_restores());
         for (label, latency) in latencies {
             if Stats::of(&latency.samples_ms).as_ref() != Some(&latency.ms) {
                 problems.push(format!("{label}: ms are not the samples' percentiles"));
             }
         }
-        for cold in std::iter::once(&self.kiln).chain(&self.qemu) {
+        let colds = std::iter::once(&self.kiln).chain(self.peer_colds().map(|(_, c)| c));
+        for cold in colds {
             let again = Cold::new(
                 &cold.command,
                 cold.wall_ms.clone(),
@@ -368,19 +412,22 @@ impl VmmReport {
                 problems.push(format!("{key} {value} is not its series' ({expected})"));
             }
         }
-        let ratio = self
-            .qemu
-            .as_ref()
-            .map(|q| self.kiln.cold_wall_ms_p50 / q.cold_wall_ms_p50);
-        let same = match (self.cold_wall_ratio, ratio) {
-            (Some(a), Some(b)) => close(a, b),
-            (a, b) => a == b,
-        };
-        if !same {
-            problems.push(format!(
-                "cold_wall_ratio {:?}, expected {ratio:?}",
-                self.cold_wall_ratio
-            ));
+        for (key, value, peer) in [
+            ("cold_wall_ratio", self.cold_wall_ratio, &self.qemu),
+            (
+                "cold_wall_ratio_firecracker",
+                self.cold_wall_ratio_firecracker,
+                &self.firecracker,
+            ),
+        ] {
+            let ratio = wall_ratio(&self.kiln, peer.as_ref());
+            let same = match (value, ratio) {
+                (Some(a), Some(b)) => close(a, b),
+                (a, b) => a == b,
+            };
+            if !same {
+                problems.push(format!("{key} {value:?}, expected {ratio:?}"));
+            }
         }
         let best = self
             .clones
@@ -433,9 +480,7 @@ impl VmmReport {
             "\n| cold: exec to exit | wall p50 ms | wall p99 ms | CPU p50 ms | CPU p99 ms | peak RSS p50 MiB |"
         );
         let _ = writeln!(out, "|---|---|---|---|---|---|");
-        for (vmm, c) in
-            std::iter::once(("kiln", &self.kiln)).chain(self.qemu.iter().map(|q| ("qemu", q)))
-        {
+        for (vmm, c) in std::iter::once(("kiln", &self.kiln)).chain(self.peer_colds()) {
             let _ = writeln!(
                 out,
                 "| {vmm} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} |",
@@ -444,6 +489,12 @@ impl VmmReport {
                 c.cold_cpu_ms_p50,
                 c.cold_cpu_ms_p99,
                 c.cold_max_rss_mib_p50
+            );
+        }
+        if let Some(ratio) = self.cold_wall_ratio_firecracker {
+            let _ = writeln!(
+                out,
+                "cold_wall_ratio_firecracker (kiln/firecracker wall p50): {ratio:.2}"
             );
         }
         let _ = writeln!(
@@ -455,9 +506,7 @@ impl VmmReport {
             ("kiln snapshot restore", &self.restore),
             ("kiln __vm (VM process)", &self.vm_restore),
         ];
-        if let PeerRestore::Measured(qemu) = &self.qemu_restore {
-            restores.push(("qemu -incoming", qemu));
-        }
+        restores.extend(self.measured_restores());
         for (what, l) in restores {
             let [min, p50, p90, p99, max] = l.ms.values();
             let _ = writeln!(
@@ -465,8 +514,10 @@ impl VmmReport {
                 "| {what} | {min:.2} | {p50:.2} | {p90:.2} | {p99:.2} | {max:.2} |"
             );
         }
-        if let PeerRestore::Unavailable(why) = &self.qemu_restore {
-            let _ = writeln!(out, "qemu -incoming: not measured: {why}");
+        for (what, restore) in self.peer_restores() {
+            if let PeerRestore::Unavailable(why) = restore {
+                let _ = writeln!(out, "{what}: not measured: {why}");
+            }
         }
         let _ = writeln!(out, "\nclones: {}", self.clone_path);
         let _ = writeln!(
@@ -579,6 +630,7 @@ mod tests {
             restore: latency(&[10.4, 9.4, 14.6]),
             vm_restore: latency(&[3.6, 3.3, 3.9]),
             qemu_restore: PeerRestore::Measured(latency(&[41.0, 36.5, 51.2])),
+            firecracker_restore: None,
             clone_path: "vm-process".into(),
             clones_per_s: 240.0,
             clone_concurrency: 8,
@@ -588,6 +640,8 @@ mod tests {
             vm_breakdown: vec![stage("exec", 1.8, 1.8), stage("heartbeat", 1.8, 3.6)],
             kiln,
             qemu: Some(qemu),
+            firecracker: None,
+            cold_wall_ratio_firecracker: None,
             goals: Vec::new(),
         };
         report.goals = report.goals();
@@ -596,21 +650,112 @@ mod tests {
 
     #[test]
     fn a_sound_report_survives_a_json_round_trip() {
-        let report = report();
-        assert!(report.check().is_empty(), "{:?}", report.check());
-        let json = serde_json::to_string_pretty(&report).unwrap();
-        let back: VmmReport = serde_json::from_str(&json).unwrap();
-        assert!(back.check().is_empty(), "{:?}", back.check());
-        let value: serde_json::Value = serde_json::from_str(&json).unwrap();
-        for key in [
-            "cold_wall_ratio",
-            "restore_ms_p50",
-            "restore_ms_p99",
-            "clones_per_s",
-        ] {
-            assert!(value[key].as_f64().unwrap() > 0.0, "{key}");
+        for report in [report(), with_firecracker()] {
+            assert!(report.check().is_empty(), "{:?}", report.check());
+            let json = serde_json::to_string_pretty(&report).unwrap();
+            let back: VmmReport = serde_json::from_str(&json).unwrap();
+            assert!(back.check().is_empty(), "{:?}", back.check());
+            assert_eq!(back, report);
+            let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+            for key in [
+                "cold_wall_ratio",
+                "restore_ms_p50",
+                "restore_ms_p99",
+                "clones_per_s",
+            ] {
+                assert!(value[key].as_f64().unwrap() > 0.0, "{key}");
+            }
+            assert_eq!(value["kiln"]["cold_wall_ms_p50"], 9.0);
         }
-        assert_eq!(value["kiln"]["cold_wall_ms_p50"], 9.0);
+    }
+
+    /// [`report`] with Firecracker's cold runs.
+    fn with_firecracker() -> VmmReport {
+        let mut r = report();
+        let firecracker = Cold::new(
+            "firecracker",
+            vec![12.0, 11.0, 15.0],
+            vec![6.0; 3],
+            vec![9000; 3],
+        );
+        r.cold_wall_ratio_firecracker = wall_ratio(&r.kiln, Some(&firecracker));
+        r.firecracker = Some(firecracker);
+        r.firecracker_restore = Some(PeerRestore::Measured(latency(&[6.5, 6.1, 7.2])));
+        r
+    }
+
+    #[test]
+    fn firecracker_is_in_the_table_and_the_plot() {
+        let r = with_firecracker();
+        assert_eq!(r.cold_wall_ratio_firecracker, Some(9.0 / 12.0));
+        let table = r.table();
+        for row in [
+            "| firecracker | 12.00 | 15.00 | 6.00 | 6.00 | 8.8 |",
+            "cold_wall_ratio_firecracker (kiln/firecracker wall p50): 0.75",
+            "| firecracker /snapshot/load | 6.10 | 6.50 | 7.20 | 7.20 | 7.20 |",
+        ] {
+            assert!(table.contains(row), "no {row:?} in:\n{table}");
+        }
+        let svg = r.svg().unwrap();
+        assert!(svg.contains("cold (firecracker)"));
+        assert!(svg.contains("restore (firecracker /snapshot/load)"));
+    }
+
+    #[test]
+    fn an_unmeasured_firecracker_restore_says_why() {
+        let mut r = with_firecracker();
+        r.firecracker_restore = Some(PeerRestore::Unavailable("HTTP 400".into()));
+        assert!(r.check().is_empty(), "{:?}", r.check());
+        let table = r.table();
+        assert!(
+            table.contains("firecracker /snapshot/load: not measured: HTTP 400"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn a_report_without_firecracker_says_nothing_of_it() {
+        let r = report();
+        assert!(!r.table().contains("firecracker"), "{}", r.table());
+        assert!(!r.svg().unwrap().contains("firecracker"));
+    }
+
+    #[test]
+    fn a_report_from_before_firecracker_still_reads() {
+        let mut value = serde_json::to_value(report()).unwrap();
+        let fields = value.as_object_mut().unwrap();
+        fields.remove("firecracker");
+        fields.remove("cold_wall_ratio_firecracker");
+        fields.remove("firecracker_restore");
+        let back: VmmReport = serde_json::from_value(value).unwrap();
+        assert_eq!(back, report());
+    }
+
+    #[test]
+    fn a_wrong_firecracker_series_is_said() {
+        let mut r = with_firecracker();
+        r.cold_wall_ratio_firecracker = Some(0.1);
+        r.firecracker.as_mut().unwrap().wall_ms.pop();
+        if let Some(PeerRestore::Measured(l)) = &mut r.firecracker_restore {
+            l.samples_ms[0] = 1.0;
+        }
+        let problems = r.check().join("\n");
+        for expected in [
+            "cold (firecracker): 2 samples, expected 3",
+            "firecracker: the percentiles are not the samples'",
+            "firecracker /snapshot/load: ms are not the samples' percentiles",
+            "cold_wall_ratio_firecracker Some(0.1), expected",
+        ] {
+            assert!(
+                problems.contains(expected),
+                "no {expected:?} in:\n{problems}"
+            );
+        }
+        r.firecracker = None;
+        assert!(
+            r.check()
+                .contains(&"cold_wall_ratio_firecracker Some(0.1), expected None".into())
+        );
     }
 
     #[test]
