@@ -853,10 +853,6 @@ fn read_states(file: &File, reader: &Reader) -> io::Result<Option<Vec<u8>>> {
     Ok(Some(states))
 }
 
-/// Buffers one pwritev(2) takes at most (Linux's `UIO_MAXIOV`,
-/// include/uapi/linux/uio.h); more fail with EINVAL.
-const UIO_MAXIOV: usize = 1024;
-
 /// All of `slices` written to `file` at `offset`, with as few pwritev(2)
 /// calls as the kernel allows (std's `write_all_at` takes one buffer, and
 /// has no vectored form).
@@ -866,7 +862,8 @@ fn write_all_vectored_at(
     mut offset: u64,
 ) -> io::Result<()> {
     while !slices.is_empty() {
-        let at_most = slices.len().min(UIO_MAXIOV);
+        // More than UIO_MAXIOV buffers fail with EINVAL.
+        let at_most = slices.len().min(libc::UIO_MAXIOV as usize);
         match rustix::io::pwritev(file, &slices[..at_most], offset) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(written) => {

@@ -355,9 +355,42 @@ pub struct Reader {
     /// zstd contexts, reused: setting one up per frame costs a third of the
     /// decompression time (measured on 128 KiB frames). One per thread
     /// decompressing at the same time, made when first needed.
-    decompressors: Mutex<Vec<zstd::bulk::Decompressor<'static>>>,
+    decompressors: Pool<zstd::bulk::Decompressor<'static>>,
     /// Frame buffers to reuse, at most [`SPARE_FRAMES`].
-    spare_frames: Mutex<Vec<Vec<u8>>>,
+    spare_frames: Pool<Vec<u8>>,
+}
+
+/// Objects kept for reuse: each taken by one thread, given back after.
+struct Pool<T> {
+    kept: Mutex<Vec<T>>,
+    /// How many it keeps at most; more given back are dropped.
+    most: usize,
+}
+
+impl<T> Pool<T> {
+    fn new(most: usize) -> Self {
+        Pool {
+            kept: Mutex::new(Vec::new()),
+            most,
+        }
+    }
+
+    /// A kept object, if there is one.
+    fn take(&self) -> Option<T> {
+        self.kept().pop()
+    }
+
+    /// Keeps `item` for the next [`Pool::take`], unless the pool is full.
+    fn give_back(&self, item: T) {
+        let mut kept = self.kept();
+        if kept.len() < self.most {
+            kept.push(item);
+        }
+    }
+
+    fn kept(&self) -> std::sync::MutexGuard<'_, Vec<T>> {
+        self.kept.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl std::fmt::Debug for Reader {
@@ -412,8 +445,9 @@ impl Reader {
             frames: Mutex::new(LruCache::new(
                 NonZeroUsize::new(FRAME_CACHE).expect("not zero"),
             )),
-            decompressors: Mutex::new(Vec::new()),
-            spare_frames: Mutex::new(Vec::new()),
+            // One context per thread decompressing at once: no bound needed.
+            decompressors: Pool::new(usize::MAX),
+            spare_frames: Pool::new(SPARE_FRAMES),
         })
     }
 
@@ -504,6 +538,9 @@ impl Reader {
 
     /// The raw data of chunk `n`, decompressed and verified.
     pub fn chunk(&self, n: u32) -> Result<Vec<u8>, ImageError> {
+        if self.is_zero_chunk(n) {
+            return Ok(vec![0; self.chunk_len(n)]);
+        }
         Ok(self.shared_chunk(n)?.to_vec())
     }
 
@@ -555,39 +592,21 @@ impl Reader {
             .map_err(|err| FrameError::Io(io_err(&layer.path)(err)))?;
         // Capacity only: zstd writes the frame into it and sets its length,
         // so the buffer is never zeroed first.
-        let mut frame = self.spare_frame();
+        let mut frame = self.spare_frames.take().unwrap_or_default();
         frame.reserve(layer.frame_max as usize);
         self.with_decompressor(|d| d.decompress_to_buffer(&compressed, &mut frame))
             .map_err(|err| FrameError::Io(io_err(&layer.path)(err)))?
             .map_err(FrameError::Damaged)?;
         let frame = Arc::new(frame);
         let evicted = self.frame_cache().push(key, frame.clone());
+        // A frame no one holds any more lends its buffer to the next one.
         if let Some((_, old)) = evicted
-            && let Ok(buffer) = Arc::try_unwrap(old)
+            && let Ok(mut buffer) = Arc::try_unwrap(old)
         {
-            self.keep_spare_frame(buffer);
+            buffer.clear();
+            self.spare_frames.give_back(buffer);
         }
         Ok(frame)
-    }
-
-    /// An empty buffer for a frame: a spare one, or a new one.
-    fn spare_frame(&self) -> Vec<u8> {
-        let spare = self.spare_frames().pop();
-        spare.unwrap_or_default()
-    }
-
-    /// Keeps `buffer`, a frame no one holds any more, for the next frame,
-    /// unless [`SPARE_FRAMES`] are kept already.
-    fn keep_spare_frame(&self, mut buffer: Vec<u8>) {
-        let mut spares = self.spare_frames();
-        if spares.len() < SPARE_FRAMES {
-            buffer.clear();
-            spares.push(buffer);
-        }
-    }
-
-    fn spare_frames(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
-        self.spare_frames.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn frame_cache(&self) -> std::sync::MutexGuard<'_, FrameCache> {
@@ -600,18 +619,12 @@ impl Reader {
         &self,
         f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> T,
     ) -> io::Result<T> {
-        let pool = || {
-            self.decompressors
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-        };
-        let pooled = pool().pop();
-        let mut decompressor = match pooled {
+        let mut decompressor = match self.decompressors.take() {
             Some(decompressor) => decompressor,
             None => zstd::bulk::Decompressor::new()?,
         };
         let result = f(&mut decompressor);
-        pool().push(decompressor);
+        self.decompressors.give_back(decompressor);
         Ok(result)
     }
 
@@ -849,7 +862,7 @@ mod tests {
             let expected = &data[offset..offset + reader.chunk_len(n)];
             assert_eq!(&reader.chunk(n).unwrap()[..], expected, "chunk {n}");
         }
-        assert!(!reader.spare_frames().is_empty(), "no buffer was kept");
+        assert!(reader.spare_frames.take().is_some(), "no buffer was kept");
     }
 
     /// Chunks are found by offset: every byte's chunk holds it, and the

@@ -403,7 +403,7 @@ fn a_frame_goes_whole_to_one_filler() {
 fn a_vectored_write_of_more_buffers_than_one_call_takes_writes_them_all() {
     let dir = tempfile::tempdir().unwrap();
     let file = File::create(dir.path().join("out")).unwrap();
-    let bytes: Vec<[u8; 3]> = (0..UIO_MAXIOV as u32 + 500)
+    let bytes: Vec<[u8; 3]> = (0..libc::UIO_MAXIOV as u32 + 500)
         .map(|n| [n as u8, (n >> 8) as u8, 0xa5])
         .collect();
     let mut slices: Vec<IoSlice<'_>> = bytes.iter().map(|b| IoSlice::new(b)).collect();
