@@ -85,7 +85,7 @@ mod tests {
     /// says.
     fn fake_runner(dir: &Path) -> BuildVmRunner {
         let kiln = dir.join("kiln");
-        std::fs::write(
+        crate::test_support::write_script(
             &kiln,
             "#!/bin/sh\n\
              [ \"$1 $2 $4 $5\" = \"__vm --config --supervisor $PPID\" ] || exit 97\n\
@@ -101,10 +101,7 @@ mod tests {
              grep -q '/steps/hang' \"$3\" && exec sleep 30\n\
              grep -q '/steps/fail' \"$3\" && exit 3\n\
              exit 0\n",
-        )
-        .unwrap();
-        std::fs::set_permissions(&kiln, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        );
         BuildVmRunner {
             vms: TestRunner {
                 kiln,

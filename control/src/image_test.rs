@@ -462,7 +462,7 @@ mod tests {
     /// the test's command, then acts on the command's first word.
     fn fake_runner(dir: &Path) -> TestRunner {
         let kiln = dir.join("kiln");
-        std::fs::write(
+        crate::test_support::write_script(
             &kiln,
             "#!/bin/sh\n\
              [ \"$1 $2 $4 $5\" = \"__vm --config --supervisor $PPID\" ] || exit 97\n\
@@ -470,10 +470,7 @@ mod tests {
              grep -q '/bin/sleepy' \"$3\" && exec sleep 30\n\
              printf 'booted\\r\\nHello from a fake VM\\r\\n'\n\
              echo 'kiln: a VMM message' >&2\n",
-        )
-        .unwrap();
-        std::fs::set_permissions(&kiln, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        );
         TestRunner {
             kiln,
             kernel: "vmlinux".into(),

@@ -19,6 +19,9 @@ pub mod instance;
 pub mod jail;
 pub mod network;
 
+#[cfg(test)]
+mod test_support;
+
 /// Makes the directory `dir` anew, empty: what was there (a staging
 /// directory a killed process left, say) goes first.
 pub(crate) fn fresh_dir(dir: &std::path::Path) -> std::io::Result<()> {

@@ -617,6 +617,10 @@ mod tests {
 
     /// A root filesystem of busybox's shell, a program only it has, and
     /// a user only its /etc/passwd knows; traversable by that user.
+    ///
+    /// The two executables are written by a child process: a file this
+    /// threaded test process held open for writing could still be open in
+    /// a sibling test's forked child when we exec it (ETXTBSY).
     fn busybox_root() -> tempfile::TempDir {
         use std::os::unix::fs::{PermissionsExt, symlink};
         let root = tempfile::tempdir().unwrap();
@@ -624,11 +628,16 @@ mod tests {
         for sub in ["bin", "etc", "srv"] {
             std::fs::create_dir(dir.join(sub)).unwrap();
         }
-        std::fs::copy("/bin/busybox", dir.join("bin/busybox")).unwrap();
+        let write_executables = r#"cp /bin/busybox "$1/bin/busybox" &&
+            printf '#!/bin/sh\necho "$(id -u) in $PWD"\n' > "$1/bin/only-in-this-root" &&
+            chmod 755 "$1/bin/only-in-this-root""#;
+        let status = std::process::Command::new("/bin/sh")
+            .args(["-c", write_executables, "sh"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(status.success());
         symlink("busybox", dir.join("bin/sh")).unwrap();
-        let program = dir.join("bin/only-in-this-root");
-        std::fs::write(&program, "#!/bin/sh\necho \"$(id -u) in $PWD\"\n").unwrap();
-        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::write(dir.join("etc/passwd"), "app:x:4321:4321::/srv:/bin/sh\n").unwrap();
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         root

@@ -346,7 +346,7 @@ mod tests {
         let home = tempfile::tempdir().unwrap();
         let script = home.path().join("kiln");
         let marks = home.path().join("marks");
-        fs::write(
+        crate::test_support::write_script(
             &script,
             format!(
                 "#!/bin/sh\n\
@@ -356,9 +356,7 @@ mod tests {
                  exec sleep 60\n",
                 marks = marks.display()
             ),
-        )
-        .unwrap();
-        fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        );
         let template_dir = home.path().join("template");
         fs::create_dir(&template_dir).unwrap();
         fs::write(template_dir.join(ROOT_OVERLAY_FILE), b"writes").unwrap();
