@@ -6,7 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use kiln_builder::store::{Store, StoreError};
-use kiln_vmm::config::{Boot, DiskConfig, DiskSource, NetConfig, VmConfig, VsockConfig};
+use kiln_vmm::config::{
+    Boot, CacheAccess, DiskConfig, DiskSource, NetConfig, VmConfig, VsockConfig,
+};
 use kiln_vmm::volume::{Volume, VolumeError};
 
 use crate::instance::{Instance, Network, user_data_disk};
@@ -236,6 +238,7 @@ fn root_volume(
             overlay: Some(overlay),
             cache_bytes,
             hydration: Some(store.cache_dir()),
+            hydration_access: CacheAccess::Fill,
         },
         read_only: false,
         ephemeral: false,
@@ -300,6 +303,7 @@ fn ephemeral_root(
             overlay,
             cache_bytes,
             hydration: Some(store.cache_dir()),
+            hydration_access: CacheAccess::Fill,
         },
         read_only: options.read_only,
         ephemeral: true,

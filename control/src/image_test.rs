@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use kiln_builder::recipe::TestCommand;
 use kiln_builder::store::{Store, StoreError, TestResult};
-use kiln_vmm::config::{ConfigError, DiskConfig, DiskSource, VmConfig};
+use kiln_vmm::config::{CacheAccess, ConfigError, DiskConfig, DiskSource, VmConfig};
 use kiln_vmm::volume::{Volume, VolumeError};
 
 use crate::definition::{self, DEFAULT_CACHE_MIB, DefinitionError, RunOptions};
@@ -192,6 +192,7 @@ impl TestRunner {
                 // The image may be a build's, not yet stored: its cache
                 // would outlive a failed build.
                 hydration: None,
+                hydration_access: CacheAccess::Fill,
             },
             read_only: false,
             // The VM process deletes the overlay once open.

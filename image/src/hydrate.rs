@@ -38,6 +38,12 @@
 //! it. Reads of present chunks take no lock: a chunk's data never changes
 //! once its byte says it is there.
 //!
+//! Readers that write nothing: a process whose writes the image's other
+//! VMs must not trust (a jailed VM process, under a uid of its own) opens
+//! the cache with [`Hydrated::open_read_only`]. It reads what is there,
+//! decompresses what is not in memory, and never writes either file; a
+//! trusted process (its supervisor) fills the cache meanwhile.
+//!
 //! Prefetch: threads that run [`Hydrated::serve_prefetch`] fill queued
 //! chunks in the background: the chunks after a sequential read (the
 //! readahead window) and any list a caller queues (a boot's working set).
@@ -218,6 +224,9 @@ pub struct Hydrated {
     states: Mutex<Vec<u8>>,
     /// Signalled when chunks stop being [`FILLING`].
     filled: Condvar,
+    /// Whether this process fills the cache; if not, it only reads what
+    /// the filler wrote ([`Hydrated::open_read_only`]).
+    fills: bool,
     /// The chunks the prefetch workers are to fill.
     queue: Mutex<Queue>,
     /// Signalled when chunks are queued or the workers are told to stop.
@@ -260,9 +269,45 @@ impl Hydrated {
                 .map_err(io_err(path))
         };
         let (raw, present) = (open(&files.raw)?, open(&files.present)?);
-        let cache = Hydrated {
+        let cache = Hydrated::new(reader, files, (raw, present), true);
+        let states = {
+            // All of `.present`: no fill runs while the cache is checked.
+            let _lock = RecordLocks::take(&cache.present, [(0, 0)])
+                .map_err(io_err(&cache.files.present))?;
+            cache.check()?
+        };
+        *cache.states() = states;
+        Ok(cache)
+    }
+
+    /// The cache of `reader`'s image in `dir` for a process that only
+    /// reads it: one whose writes the image's other VMs must not trust (a
+    /// jailed VM process, whose cache another, trusted, process fills:
+    /// `kiln_vmm::volume::background`). Its files must exist, opened by
+    /// that filler first. A chunk they do not hold is decompressed in
+    /// memory, and every read that needs one looks again whether the
+    /// filler has written it since. A chunk whose byte says data over a
+    /// hole of the raw file is never served, as with [`Hydrated::open`];
+    /// but nothing is repaired.
+    pub fn open_read_only(reader: Reader, dir: &Path) -> Result<Self, HydrateError> {
+        let files = CacheFiles::new(dir, &reader.content_id());
+        let open = |path: &Path| File::open(path).map_err(io_err(path));
+        let (raw, present) = (open(&files.raw)?, open(&files.present)?);
+        let cache = Hydrated::new(reader, files, (raw, present), false);
+        let found =
+            read_states(&cache.present, &cache.reader).map_err(io_err(&cache.files.present))?;
+        let mut states = found.unwrap_or_else(|| vec![ABSENT; cache.reader.chunk_count() as usize]);
+        cache.clear_holes(&mut states)?;
+        *cache.states() = states;
+        Ok(cache)
+    }
+
+    /// A cache whose chunks are all absent until their states are read.
+    fn new(reader: Reader, files: CacheFiles, (raw, present): (File, File), fills: bool) -> Self {
+        Hydrated {
             states: Mutex::new(Vec::new()),
             filled: Condvar::new(),
+            fills,
             queue: Mutex::new(Queue::default()),
             queued: Condvar::new(),
             fill_error: Mutex::new(None),
@@ -272,15 +317,12 @@ impl Hydrated {
             files,
             raw,
             present,
-        };
-        let states = {
-            // All of `.present`: no fill runs while the cache is checked.
-            let _lock = RecordLocks::take(&cache.present, [(0, 0)])
-                .map_err(io_err(&cache.files.present))?;
-            cache.check()?
-        };
-        *cache.states.lock().unwrap_or_else(|p| p.into_inner()) = states;
-        Ok(cache)
+        }
+    }
+
+    /// Whether this process fills the cache (else it only reads it).
+    pub fn fills(&self) -> bool {
+        self.fills
     }
 
     /// The image underneath.
@@ -406,7 +448,11 @@ impl Hydrated {
             return Ok(());
         }
         let mut settled = vec![ABSENT; claimed.len()];
-        let filled = self.fill_locked(claimed, &mut settled);
+        let filled = if self.fills {
+            self.fill_locked(claimed, &mut settled)
+        } else {
+            self.look_again(claimed, &mut settled)
+        };
         let mut states = self.states();
         for (&n, &state) in claimed.iter().zip(&settled) {
             states[n as usize] = state;
@@ -461,6 +507,26 @@ impl Hydrated {
             settled[i] = state;
         }
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// For a process that only reads the cache: which chunks of `claimed`
+    /// (ascending) the filler has written since this process last looked;
+    /// `settled` gets their states. No lock is needed: a chunk's byte is
+    /// written once its data is durable, and never changes after.
+    fn look_again(&self, claimed: &[u32], settled: &mut [u8]) -> Result<(), HydrateError> {
+        for run in runs(claimed) {
+            let mut bytes = vec![ABSENT; run.len()];
+            let at = HEADER_LEN as u64 + u64::from(claimed[run.start]);
+            self.present
+                .read_exact_at(&mut bytes, at)
+                .map_err(io_err(&self.files.present))?;
+            for (state, byte) in settled[run].iter_mut().zip(bytes) {
+                if matches!(byte, DATA | ZERO) {
+                    *state = byte;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Chunk `n`'s data, unless it is all zeros.
@@ -550,6 +616,23 @@ impl Hydrated {
             }
             first_error.map_or(Ok(()), Err)
         })
+    }
+
+    /// Fills every chunk on the calling thread, [`HYDRATE_BATCH`] at a
+    /// time: those of `first` (a boot's working set, say) first, then the
+    /// rest in order; stops at the first error. For a filler that makes no
+    /// threads (one under a seccomp filter).
+    pub fn hydrate_all_here(&self, first: &[u32]) -> Result<(), HydrateError> {
+        let count = self.reader.chunk_count();
+        let first: Vec<u32> = first.iter().copied().filter(|&n| n < count).collect();
+        let rest = self.batches(0..count, HYDRATE_BATCH);
+        for batch in first
+            .chunks(HYDRATE_BATCH)
+            .chain(rest.iter().map(Vec::as_slice))
+        {
+            self.fill(batch)?;
+        }
+        Ok(())
     }
 
     /// `chunks` cut into batches of `size` chunks, each one continued to

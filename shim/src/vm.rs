@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use guest_init::exec::CONTAINER_CMDLINE_FLAG;
 use kiln_control::instance;
 use kiln_control::jail::{self, Access, Jail, JailError, JailSettings};
-use kiln_vmm::config::{Boot, ConfigError, DiskConfig, DiskSource, VmConfig, VsockConfig};
+use kiln_vmm::config::{
+    Boot, CacheAccess, ConfigError, DiskConfig, DiskSource, VmConfig, VsockConfig,
+};
 use kiln_vmm::devices::virtio::net::tap::Tap;
 use kiln_vmm::machine::VMM_ERROR_STATUS;
 use kiln_vmm::report::one_line;
@@ -211,6 +213,7 @@ fn root_disk(image: &Path, overlay: PathBuf) -> DiskSource {
         overlay: Some(overlay),
         cache_bytes: CACHE_BYTES,
         hydration: None,
+        hydration_access: CacheAccess::Fill,
     }
 }
 

@@ -4,12 +4,13 @@
 # `kiln image hydrate`. Each VM reads its whole root disk; every read must
 # match the image's raw filesystem. Then the boot working set: the first
 # boot's reads are recorded beside the image, and a later boot has them
-# prefetched without reading them itself.
+# prefetched without reading them itself. Last, jailed VMs: they read the
+# cache without writing it, and their supervisor fills it.
 . "$(dirname "$0")/lib.sh"
 
-# Only an unjailed VM uses the host-wide cache (a jailed one keeps its
-# chunks in memory: docs/security.md, "How files cross the jail's
-# edge"), and a plain `kiln run` is jailed by default.
+# Unjailed VMs fill the cache themselves and record the working set; a
+# jailed one (the default) only reads it, and its supervisor fills it:
+# the last part.
 export KILN_JAIL=0
 
 image=vm-test:1.0.0
@@ -111,3 +112,22 @@ expect_eq later-boot-has-the-working-set-prefetched yes \
 kill -9 $vm
 wait $vm
 expect_eq sleeping-boot-killed 137 "$?"
+
+# Jailed VMs: the VM process reads the cache and writes nothing, what is
+# not there yet it decompresses in memory; its supervisor fills the cache
+# in the background, at idle priority, and repairs a damaged one first.
+rm -rf "$cache"
+(unset KILN_JAIL; read_disk "$WORK/jailed-cold.txt")
+expect_eq jailed-cold-read-matches "$want" "$(disk_sum "$WORK/jailed-cold.txt")"
+env -u KILN_JAIL "$KILN" run $image --read-only --detach --name filler \
+    --cmdline 'kiln.entrypoint="/bin/sleep 600"' > /dev/null 2> "$WORK/filler.err"
+expect_eq jailed-idle-vm-started 0 "$?"
+waited=0
+while [ "$(hydrated)" != 100% ] && [ "$waited" -lt 300 ]; do
+    sleep 1; waited=$((waited + 1))
+done
+expect_eq jailed-vms-supervisor-hydrates-all 100% "$(hydrated)"
+check terminate-idle-vm env -u KILN_JAIL "$KILN" terminate filler
+truncate -s 1048576 "$(ls "$cache"/*.raw)"
+(unset KILN_JAIL; read_disk "$WORK/jailed-repaired.txt")
+expect_eq jailed-read-of-a-repaired-cache-matches "$want" "$(disk_sum "$WORK/jailed-repaired.txt")"

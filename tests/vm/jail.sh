@@ -56,7 +56,11 @@ check root-has-no-shell [ ! -e "/proc/$pid/root/bin/sh" ]
 check kiln-binary-is-read-only sh -c "! touch '/proc/$pid/root$KILN' 2> /dev/null"
 check root-has-the-instance-dir [ -e "/proc/$pid/root$KILN_HOME/instances/$id/vm.json" ]
 expect_eq root-has-no-other-instance "$id" "$(ls -A "/proc/$pid/root$KILN_HOME/instances")"
-check root-has-no-hydration-cache [ ! -e "/proc/$pid/root$KILN_HOME/cache" ]
+# Its image's hydration cache, its two files alone and read-only: the
+# supervisor fills it.
+ls -A "/proc/$pid/root$KILN_HOME/cache" > "$WORK/cache.txt" 2>&1
+expect_eq root-has-its-images-cache-files 2 "$(grep -c '[.]\(raw\|present\)$' "$WORK/cache.txt")"
+check hydration-cache-is-read-only sh -c "! touch /proc/$pid/root$KILN_HOME/cache/*.raw 2> /dev/null"
 expect_contains open-files-limit "/proc/$pid/limits" "Max open files *2048 *2048"
 group=/sys/fs/cgroup/kiln/$id
 expect_contains in-its-cgroup "/proc/$pid/cgroup" "^0::/kiln/$id$"

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::devices::virtio::block::DiskSource;
 pub use crate::devices::virtio::net::NetConfig;
 pub use crate::devices::virtio::vsock::VsockConfig;
+pub use crate::volume::CacheAccess;
 
 use crate::durable;
 
@@ -156,6 +157,7 @@ mod tests {
                     overlay: Some("/i/root.overlay".into()),
                     cache_bytes: 32 << 20,
                     hydration: Some("/home/cache".into()),
+                    hydration_access: CacheAccess::Fill,
                 },
                 read_only: false,
                 ephemeral: false,

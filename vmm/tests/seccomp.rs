@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, SubscriberOps};
+use kiln_vmm::config::CacheAccess;
 use kiln_vmm::devices::serial::{Serial, SerialInput};
 use kiln_vmm::devices::virtio::block::{Block, DiskSource};
 use kiln_vmm::devices::virtio::mmio::MmioTransport;
@@ -232,8 +233,9 @@ fn vmm_thread_survives_its_event_loop_and_block_io_then_exits() {
 }
 
 #[test]
-fn vmm_thread_survives_filling_a_hydration_cache() {
-    let Some(output) = in_child_or_run("vmm_thread_survives_filling_a_hydration_cache") else {
+fn vmm_thread_survives_filling_and_only_reading_a_hydration_cache() {
+    let name = "vmm_thread_survives_filling_and_only_reading_a_hydration_cache";
+    let Some(output) = in_child_or_run(name) else {
         let dir = tempfile::tempdir().unwrap();
         let raw = dir.path().join("raw");
         let data: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
@@ -241,17 +243,20 @@ fn vmm_thread_survives_filling_a_hydration_cache() {
         let image_file = dir.path().join("image.kiln");
         kiln_image::write(&raw, &image_file, 64 * 1024).unwrap();
         // Opened (and the cache checked) before the filter, as the VMM
-        // opens its disks.
-        let volume =
-            Volume::open_hydrated(&image_file, None, &dir.path().join("cache"), 1 << 20).unwrap();
+        // opens its disks; the filler's first, which makes the cache.
+        let cache = dir.path().join("cache");
+        let open = |access| Volume::open_hydrated(&image_file, None, (&cache, access), 1 << 20);
+        let filler = open(CacheAccess::Fill).unwrap();
+        let reader = open(CacheAccess::Read).unwrap();
         on_filtered_thread(ThreadKind::Vmm, move || {
-            // A read that fills two chunks under the cache's lock, then one
-            // served from the cache file.
+            // A jailed VM's read of chunks not there yet (from memory, the
+            // cache's bytes looked at again), a read that fills two chunks
+            // under the cache's lock, then both served from the cache file.
             let mut buf = vec![0u8; 100 * 1024];
-            volume.read(10, &mut buf).unwrap();
-            assert_eq!(buf, data[10..10 + buf.len()]);
-            volume.read(10, &mut buf).unwrap();
-            assert_eq!(buf, data[10..10 + buf.len()]);
+            for volume in [&reader, &filler, &filler, &reader] {
+                volume.read(10, &mut buf).unwrap();
+                assert_eq!(buf, data[10..10 + buf.len()]);
+            }
             say_survived();
             std::process::exit(0);
         });
@@ -274,6 +279,7 @@ fn writable_volume(dir: &std::path::Path) -> DiskSource {
         overlay: Some(overlay),
         cache_bytes: 1 << 20,
         hydration: None,
+        hydration_access: CacheAccess::Fill,
     }
 }
 

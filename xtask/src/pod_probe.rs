@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::Context;
 use guest_init::exec::{CONTAINER_CMDLINE_FLAG, ExecRequest, WindowSize};
 use kiln_control::instance::exec::{ExecError, Session, release_root};
-use kiln_vmm::config::{Boot, DiskConfig, DiskSource, VmConfig, VsockConfig};
+use kiln_vmm::config::{Boot, CacheAccess, DiskConfig, DiskSource, VmConfig, VsockConfig};
 use kiln_vmm::report::one_line;
 use kiln_vmm::rpc::{self, AfterSnapshot, ControlClient, ControlRequest};
 use kiln_vmm::volume::Volume;
@@ -81,6 +81,7 @@ fn container_volume(image: &Path, overlay: &Path) -> anyhow::Result<DiskSource> 
         overlay: Some(overlay.to_path_buf()),
         cache_bytes: CACHE_BYTES,
         hydration: None,
+        hydration_access: CacheAccess::Fill,
     })
 }
 

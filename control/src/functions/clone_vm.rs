@@ -26,7 +26,7 @@ use std::sync::{Arc, mpsc};
 use std::thread;
 
 use kiln_builder::store::Store;
-use kiln_vmm::config::{Boot, DiskConfig, DiskSource, VmConfig, VsockConfig};
+use kiln_vmm::config::{Boot, CacheAccess, DiskConfig, DiskSource, VmConfig, VsockConfig};
 use kiln_vmm::durable::{self, ScratchDir};
 use kiln_vmm::snapshot::ROOT_OVERLAY_FILE;
 
@@ -233,6 +233,8 @@ fn definition(
                 overlay: None,
                 cache_bytes: DEFAULT_CACHE_MIB << 20,
                 hydration,
+                // A jailed clone's is made `Read` by its jail.
+                hydration_access: CacheAccess::Fill,
             },
             read_only: false,
             // The VM process unlinks the overlay once open: a killed

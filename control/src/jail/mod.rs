@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::{Arc, Once};
 
-use kiln_vmm::config::{Boot, DiskSource, VmConfig};
+use kiln_vmm::config::{Boot, CacheAccess, DiskSource, VmConfig};
 use rustix::fs::{FileType, Gid, Mode, Uid};
 use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
 use rustix::thread::{LinkNameSpaceType, UnshareFlags};
@@ -251,11 +251,11 @@ impl Jail {
     /// has one: hands the instance's directory and the files in it the VM
     /// opens to its uid, shares the others with the jails' group, and
     /// lists what the root holds. `config` changes as a jail needs: its
-    /// volumes lose the host-wide hydration cache (shared by every VM of
-    /// an image, each jailed under another uid: a jailed VM keeps its
-    /// chunks in memory), and its ephemeral files are deleted by the jail
-    /// when the VM process ends (they lie outside the jail's writable
-    /// directory, so the VM process cannot delete them once opened).
+    /// volumes only read the host-wide hydration cache, which this process
+    /// fills ([`read_only_caches`]), and its ephemeral files are deleted by
+    /// the jail when the VM process ends (they lie outside the jail's
+    /// writable directory, so the VM process cannot delete them once
+    /// opened).
     pub fn prepare(
         settings: &JailSettings,
         id: &str,
@@ -264,6 +264,7 @@ impl Jail {
         cgroup: Option<Cgroup>,
     ) -> Result<Jail, JailError> {
         let ephemeral = take_ephemeral(config);
+        let caches = read_only_caches(settings, config);
         let lease = settings.uids.lease(&settings.leases, id)?;
         let uid = lease.uid();
         let root = instance_dir.join(ROOT_DIR);
@@ -273,7 +274,8 @@ impl Jail {
         // files, owned by its uid) is garbage, and would stop the next VM
         // process, under another uid, writing there.
         crate::fresh_dir(&exchange).map_err(io_err("make anew", &exchange))?;
-        let files = vm_files(config);
+        let mut files = vm_files(config);
+        files.extend(caches.into_iter().map(|cache| (cache, false)));
         let own = files
             .iter()
             .map(|(path, _)| path.as_path())
@@ -603,19 +605,14 @@ fn drop_bounding_set() -> io::Result<()> {
     Ok(())
 }
 
-/// Takes the ephemeral marks off `config`'s disks, and its volumes'
-/// hydration cache ([`Jail::prepare`]); returns the files to delete.
+/// Takes the ephemeral marks off `config`'s disks ([`Jail::prepare`]);
+/// returns the files to delete.
 fn take_ephemeral(config: &mut VmConfig) -> Vec<PathBuf> {
     let mut ephemeral = Vec::new();
     for disk in &mut config.disks {
-        let file = match &mut disk.source {
+        let file = match &disk.source {
             DiskSource::Raw(path) => Some(path.clone()),
-            DiskSource::Volume {
-                overlay, hydration, ..
-            } => {
-                *hydration = None;
-                overlay.clone()
-            }
+            DiskSource::Volume { overlay, .. } => overlay.clone(),
             DiskSource::Empty => None,
         };
         if std::mem::take(&mut disk.ephemeral) {
@@ -623,6 +620,45 @@ fn take_ephemeral(config: &mut VmConfig) -> Vec<PathBuf> {
         }
     }
     ephemeral
+}
+
+/// Has `config`'s volumes read their images' host-wide hydration caches
+/// without writing them, and starts filling each here, in the background
+/// ([`kiln_vmm::volume::background`]): a cache is shared by every VM of
+/// its image, each jailed under a uid of its own, and what one VM process
+/// wrote there the others would read as verified. Returns the caches'
+/// files, for the jail to bind read-only. A cache that cannot be opened
+/// here is said, and its volume keeps its chunks in memory.
+fn read_only_caches(settings: &JailSettings, config: &mut VmConfig) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for disk in &mut config.disks {
+        let DiskSource::Volume {
+            image,
+            hydration,
+            hydration_access,
+            ..
+        } = &mut disk.source
+        else {
+            continue;
+        };
+        let Some(dir) = hydration.clone() else {
+            continue;
+        };
+        match kiln_vmm::volume::background::start(image, &dir) {
+            Ok(cache) => {
+                *hydration_access = CacheAccess::Read;
+                files.extend([cache.raw, cache.present]);
+            }
+            Err(err) => {
+                (settings.warn)(&format!(
+                    "{}: the jailed VM keeps the image's chunks in memory",
+                    kiln_vmm::report::one_line(&err)
+                ));
+                *hydration = None;
+            }
+        }
+    }
+    files
 }
 
 /// The files `config` has the VM process open, and whether it writes them.
@@ -930,6 +966,7 @@ mod tests {
                     overlay: Some(instance.join("root.overlay")),
                     cache_bytes: 0,
                     hydration: None,
+                    hydration_access: CacheAccess::Fill,
                 },
                 read_only: false,
                 ephemeral: false,
@@ -983,5 +1020,94 @@ mod tests {
         assert_eq!(owner, jail.uid());
         assert!(fs::metadata(exchange_dir(&instance)).unwrap().is_dir());
         assert!(!exchange_dir(&instance).join("memory").exists());
+    }
+
+    /// A jailed VM reads its image's hydration cache and never writes it:
+    /// the cache's files are bound read-only, and this process fills it;
+    /// a cache that cannot be opened leaves the volume to memory, said.
+    #[test]
+    fn a_jailed_volume_reads_the_cache_this_process_fills() {
+        let home = tempfile::tempdir().unwrap();
+        let instance = home.path().join("instances/i-2");
+        fs::create_dir_all(&instance).unwrap();
+        let raw = home.path().join("raw");
+        let bytes: Vec<u8> = (0..256 * 1024u32).map(|n| (n * 7 / 3) as u8).collect();
+        fs::write(&raw, &bytes).unwrap();
+        let image = home.path().join("images/app.kiln");
+        fs::create_dir_all(image.parent().unwrap()).unwrap();
+        kiln_image::write(&raw, &image, 64 * 1024).unwrap();
+        let cache_dir = home.path().join("cache");
+        let volume = |image: &Path| kiln_vmm::config::DiskConfig {
+            source: DiskSource::Volume {
+                image: image.to_path_buf(),
+                overlay: None,
+                cache_bytes: 0,
+                hydration: Some(cache_dir.clone()),
+                hydration_access: CacheAccess::Fill,
+            },
+            read_only: true,
+            ephemeral: false,
+        };
+        let not_an_image = home.path().join("images/empty.kiln");
+        fs::write(&not_an_image, b"").unwrap();
+        let mut config = VmConfig {
+            boot: Boot::Kernel(raw.clone()),
+            disks: vec![volume(&image), volume(&not_an_image)],
+            vcpus: 1,
+            memory_mib: 128,
+            extra_cmdline: String::new(),
+            seccomp: true,
+            vsock: None,
+            net: None,
+            announce_boot: false,
+        };
+        static WARNED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+        let settings = JailSettings {
+            uids: UidRange {
+                first: 5100,
+                count: 10,
+            },
+            leases: home.path().join("leases"),
+            warn: |line| WARNED.lock().unwrap().push(line.to_string()),
+        };
+        let jail = Jail::prepare(&settings, "i-2", &instance, &mut config, None).unwrap();
+        let access = |n: usize| match &config.disks[n].source {
+            DiskSource::Volume {
+                hydration,
+                hydration_access,
+                ..
+            } => (hydration.is_some(), *hydration_access),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(access(0), (true, CacheAccess::Read));
+        assert_eq!(access(1), (false, CacheAccess::Fill));
+        let warned = WARNED.lock().unwrap().clone();
+        assert!(
+            warned.len() == 1 && warned[0].contains("empty.kiln"),
+            "{warned:?}"
+        );
+        let reader = kiln_image::Reader::open(&image).unwrap();
+        let files = kiln_image::hydrate::CacheFiles::new(&cache_dir, &reader.content_id());
+        let root = instance.join(ROOT_DIR);
+        for file in [&files.raw, &files.present] {
+            let bind = jail
+                .binds
+                .iter()
+                .find(|b| Path::new(b.target.to_str().unwrap()) == under(&root, file));
+            assert!(
+                bind.is_some_and(|b| !b.writable),
+                "{file:?} bound read-only"
+            );
+            let meta = fs::metadata(file).unwrap();
+            assert_eq!((meta.gid(), meta.mode() & 0o070), (jail.group, 0o040));
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while files.hydrated_bytes(&reader).unwrap() < bytes.len() as u64 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the cache stays unfilled"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 }

@@ -216,6 +216,51 @@ fn a_damaged_cache_is_refilled_never_served() {
 }
 
 #[test]
+fn a_read_only_process_reads_what_the_filler_wrote_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (image, data) = image(dir.path());
+    let cache_dir = dir.path().join("cache");
+    let reader_of = || Reader::open(&image).unwrap();
+    assert!(matches!(
+        Hydrated::open_read_only(reader_of(), &cache_dir),
+        Err(HydrateError::Io { .. })
+    ));
+    let filler = open(&image, dir.path());
+    let reader = Hydrated::open_read_only(reader_of(), &cache_dir).unwrap();
+    assert!(filler.fills() && !reader.fills());
+    // Nothing there yet: served from memory, and the cache stays empty.
+    let (offset, len) = (u64::from(CHUNK) / 2, 2 * CHUNK as usize);
+    let mut buf = vec![0; len];
+    reader.read_exact_at(offset, &mut buf).unwrap();
+    assert_eq!(buf, data[offset as usize..][..len]);
+    assert_eq!(filler.files().hydrated_bytes(filler.reader()).unwrap(), 0);
+    // Once the filler wrote the chunks, the reader's next read finds them.
+    filler.read_exact_at(offset, &mut buf).unwrap();
+    let chunks = reader.reader().chunks_of(offset, len as u64);
+    let mut pieces = Vec::new();
+    reader
+        .read_with(offset, len, |piece| {
+            pieces.push(matches!(piece, Piece::File { .. }));
+            Ok::<_, HydrateError>(())
+        })
+        .unwrap();
+    assert_eq!(pieces, [true], "one run of the raw file");
+    let filled = bytes_of(reader.reader(), chunks);
+    assert_eq!(reader.hydrated_bytes(), filled);
+    assert_eq!(read_all(&reader), data);
+    assert_eq!(
+        filler.files().hydrated_bytes(filler.reader()).unwrap(),
+        filled,
+        "the reader's whole read wrote nothing"
+    );
+    // A filler with no threads of its own, the listed chunks (those past
+    // the end ignored) first.
+    filler.hydrate_all_here(&[7, 3, u32::MAX]).unwrap();
+    assert_eq!(filler.hydrated_bytes(), data.len() as u64);
+    assert_eq!(read_all(&reader), data);
+}
+
+#[test]
 fn hydrate_all_reports_progress() {
     let dir = tempfile::tempdir().unwrap();
     let (image, data) = image(dir.path());

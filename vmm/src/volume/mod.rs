@@ -12,6 +12,9 @@
 //! ([`Volume::start_prefetch`]) that fill the cache in the background:
 //! the readahead of sequential reads, and the image's boot working set
 //! ([`working_set`]), which the first such volume of an image records.
+//! A jailed VM's volume only reads the cache ([`CacheAccess::Read`]): the
+//! process that started it fills it ([`background`]).
+pub mod background;
 mod overlay;
 mod prefetch;
 pub mod working_set;
@@ -91,6 +94,21 @@ pub enum VolumeError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// What a volume's process does with its image's hydration cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheAccess {
+    /// Fills it, as its reads need and in the background, and records the
+    /// image's boot working set: a process every VM of the image trusts.
+    #[default]
+    Fill,
+    /// Reads what is there and decompresses the rest in memory, writing
+    /// nothing: a jailed VM process, whose writes the image's other VMs
+    /// must not trust; the process that started it fills the cache
+    /// ([`background`]).
+    Read,
 }
 
 /// Where a piece of a read is (see [`Volume::read_with`]): the overlay,
@@ -199,19 +217,25 @@ impl Volume {
     }
 
     /// Like [`Volume::open`], with the image's chunks kept in its
-    /// host-wide hydration cache in `cache_dir` (made if need be), which
-    /// every volume of the image on this host shares. A cache that cannot
-    /// be opened (a read-only or full disk) is worked around, with a
-    /// warning: the chunks are then kept in memory, `cache_bytes` of them.
+    /// host-wide hydration cache in `cache_dir` (made if need be, when
+    /// `access` fills it), which every volume of the image on this host
+    /// shares. A cache that cannot be opened (a read-only or full disk, or
+    /// one not made yet that this volume may only read) is worked around,
+    /// with a warning: the chunks are then kept in memory, `cache_bytes`
+    /// of them.
     pub fn open_hydrated(
         image: &Path,
         overlay: Option<&Path>,
-        cache_dir: &Path,
+        (cache_dir, access): (&Path, CacheAccess),
         cache_bytes: u64,
     ) -> Result<Self, VolumeError> {
         Self::open_on(image, overlay, |reader| {
             let path = reader.path().to_path_buf();
-            match Hydrated::open(reader, cache_dir) {
+            let opened = match access {
+                CacheAccess::Fill => Hydrated::open(reader, cache_dir),
+                CacheAccess::Read => Hydrated::open_read_only(reader, cache_dir),
+            };
+            match opened {
                 Ok(hydrated) => Ok(Base::Host(Arc::new(hydrated))),
                 Err(err @ HydrateError::Io { .. }) => {
                     log::warn!(
@@ -276,7 +300,7 @@ impl Volume {
     /// [`working_set::path`]), the record there is queued for them, or,
     /// when there is none (or a bad one, which is logged), this volume's
     /// reads of the image are recorded there, written when it goes.
-    /// Nothing for a volume without a hydration cache.
+    /// Nothing for a volume without a hydration cache or one it only reads.
     pub fn start_prefetch(
         &mut self,
         seccomp: bool,
@@ -285,6 +309,10 @@ impl Volume {
         let Base::Host(cache) = &self.base else {
             return Ok(());
         };
+        if !cache.fills() {
+            // Its filler is another process's thread.
+            return Ok(());
+        }
         let reader = cache.reader();
         let (id, count) = (reader.content_id(), reader.chunk_count());
         if let Some(path) = working_set {

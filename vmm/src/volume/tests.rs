@@ -71,9 +71,13 @@ fn behaves_like_a_plain_disk_under_random_operations() {
         let hydrated = seed % 2 == 0;
         let reopen = || {
             if hydrated {
-                let mut volume =
-                    Volume::open_hydrated(&image_path, Some(&overlay_path), &cache_dir, CACHE)
-                        .unwrap();
+                let mut volume = Volume::open_hydrated(
+                    &image_path,
+                    Some(&overlay_path),
+                    (&cache_dir, CacheAccess::Fill),
+                    CACHE,
+                )
+                .unwrap();
                 // Workers reading ahead while the volume reads and writes.
                 volume.start_prefetch(false, None).unwrap();
                 volume
@@ -341,7 +345,8 @@ fn a_cache_that_cannot_be_made_leaves_the_chunks_in_memory() {
     // The cache directory's place is taken by a file.
     let not_a_dir = dir.path().join("cache");
     std::fs::write(&not_a_dir, b"").unwrap();
-    let volume = Volume::open_hydrated(&image_path, None, &not_a_dir, CACHE).unwrap();
+    let volume =
+        Volume::open_hydrated(&image_path, None, (&not_a_dir, CacheAccess::Fill), CACHE).unwrap();
     assert!(volume.hydrated().is_none());
     assert!(read_all(&volume) == raw);
 }
@@ -366,7 +371,9 @@ fn a_boot_working_set_is_recorded_then_prefetched() {
     let cache_dir = dir.path().join("cache");
     let record = working_set::path(&image_path);
     let open = || {
-        let mut volume = Volume::open_hydrated(&image_path, None, &cache_dir, CACHE).unwrap();
+        let mut volume =
+            Volume::open_hydrated(&image_path, None, (&cache_dir, CacheAccess::Fill), CACHE)
+                .unwrap();
         volume.start_prefetch(true, Some(&record)).unwrap();
         volume
     };

@@ -349,6 +349,7 @@ impl WriteVolatile for FileAt<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::volume::CacheAccess;
 
     /// 640 KiB, five pieces' worth, each byte telling its offset apart.
     const DISK_BYTES: usize = 5 * BOUNCE_SIZE;
@@ -392,7 +393,8 @@ mod tests {
         drop(Volume::create(&image, &overlay, 1 << 20).unwrap());
         let volume = if hydrated {
             let cache = dir.path().join("cache");
-            Volume::open_hydrated(&image, Some(&overlay), &cache, 1 << 20).unwrap()
+            Volume::open_hydrated(&image, Some(&overlay), (&cache, CacheAccess::Fill), 1 << 20)
+                .unwrap()
         } else {
             Volume::open(&image, Some(&overlay), 1 << 20).unwrap()
         };

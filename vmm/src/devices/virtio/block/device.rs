@@ -25,7 +25,7 @@ use super::backend::{Backend, TransferError};
 use super::request::{Request, le_u32, le_u64};
 use crate::logger::{error_limited, warn_limited};
 use crate::report::one_line;
-use crate::volume::{self, Volume, VolumeError};
+use crate::volume::{self, CacheAccess, Volume, VolumeError};
 
 /// How the log names this device.
 const DEVICE: &str = "virtio-blk";
@@ -355,6 +355,10 @@ pub enum DiskSource {
         /// in-memory cache alone.
         #[serde(default)]
         hydration: Option<PathBuf>,
+        /// Whether the VM process fills the hydration cache or only reads
+        /// it (a jailed one: `kiln_vmm::volume::background`).
+        #[serde(default)]
+        hydration_access: CacheAccess,
     },
     /// No medium: a drive of capacity 0, a pod's spare slot, until
     /// `ControlRequest::AttachDisk` fills it with a container's root disk
@@ -546,10 +550,14 @@ fn open(source: &DiskSource, read_only: bool) -> Result<(Backend, u64), BlockErr
             overlay,
             cache_bytes,
             hydration,
+            hydration_access,
         } => {
             let overlay = overlay.as_deref().filter(|_| !read_only);
             let volume = match hydration {
-                Some(dir) => Volume::open_hydrated(image, overlay, dir, *cache_bytes)?,
+                Some(dir) => {
+                    let cache = (dir.as_path(), *hydration_access);
+                    Volume::open_hydrated(image, overlay, cache, *cache_bytes)?
+                }
                 None => Volume::open(image, overlay, *cache_bytes)?,
             };
             let size = volume.capacity();
@@ -1052,6 +1060,7 @@ mod tests {
             overlay: None,
             cache_bytes: 1 << 20,
             hydration: None,
+            hydration_access: CacheAccess::Fill,
         };
         let err = block.attach(&without_overlay).unwrap_err();
         assert!(matches!(err, AttachError::NoOverlay { .. }), "{err}");
@@ -1060,6 +1069,7 @@ mod tests {
             overlay: Some(dir.path().join("root.overlay")),
             cache_bytes: 1 << 20,
             hydration: Some("/var/cache/kiln".into()),
+            hydration_access: CacheAccess::Fill,
         };
         let err = block.attach(&hydrated).unwrap_err();
         assert!(err.to_string().contains("/var/cache/kiln"), "{err}");
@@ -1168,6 +1178,7 @@ mod tests {
             overlay: Some(overlay),
             cache_bytes: 1 << 20,
             hydration: None,
+            hydration_access: CacheAccess::Fill,
         }
     }
 
