@@ -947,6 +947,30 @@ mod tests {
         );
     }
 
+    /// A 1-vCPU, 128 MiB VM booting `kernel` with `disks`.
+    fn small_vm(kernel: &Path, disks: Vec<kiln_vmm::config::DiskConfig>) -> VmConfig {
+        VmConfig {
+            boot: Boot::Kernel(kernel.to_path_buf()),
+            disks,
+            vcpus: 1,
+            memory_mib: 128,
+            extra_cmdline: String::new(),
+            seccomp: true,
+            vsock: None,
+            net: None,
+            announce_boot: false,
+        }
+    }
+
+    /// Jails with ten uids from `first`, their leases in `home`.
+    fn settings(home: &Path, first: u32, warn: Warn) -> JailSettings {
+        JailSettings {
+            uids: UidRange { first, count: 10 },
+            leases: home.join("leases"),
+            warn,
+        }
+    }
+
     #[test]
     fn the_root_lists_the_vm_files_at_their_host_paths() {
         let home = tempfile::tempdir().unwrap();
@@ -958,35 +982,19 @@ mod tests {
         for file in [&kernel, &image, &instance.join("root.overlay")] {
             fs::write(file, b"").unwrap();
         }
-        let mut config = VmConfig {
-            boot: Boot::Kernel(kernel.clone()),
-            disks: vec![kiln_vmm::config::DiskConfig {
-                source: DiskSource::Volume {
-                    image: image.clone(),
-                    overlay: Some(instance.join("root.overlay")),
-                    cache_bytes: 0,
-                    hydration: None,
-                    hydration_access: CacheAccess::Fill,
-                },
-                read_only: false,
-                ephemeral: false,
-            }],
-            vcpus: 1,
-            memory_mib: 128,
-            extra_cmdline: String::new(),
-            seccomp: true,
-            vsock: None,
-            net: None,
-            announce_boot: false,
-        };
-        let settings = JailSettings {
-            uids: UidRange {
-                first: 5000,
-                count: 10,
+        let disk = kiln_vmm::config::DiskConfig {
+            source: DiskSource::Volume {
+                image: image.clone(),
+                overlay: Some(instance.join("root.overlay")),
+                cache_bytes: 0,
+                hydration: None,
+                hydration_access: CacheAccess::Fill,
             },
-            leases: home.path().join("leases"),
-            warn: warn_on_stderr,
+            read_only: false,
+            ephemeral: false,
         };
+        let mut config = small_vm(&kernel, vec![disk]);
+        let settings = settings(home.path(), 5000, warn_on_stderr);
         // What a VM process killed half-way through a snapshot left.
         fs::create_dir_all(exchange_dir(&instance)).unwrap();
         fs::write(exchange_dir(&instance).join("memory"), b"half").unwrap();
@@ -1050,26 +1058,10 @@ mod tests {
         };
         let not_an_image = home.path().join("images/empty.kiln");
         fs::write(&not_an_image, b"").unwrap();
-        let mut config = VmConfig {
-            boot: Boot::Kernel(raw.clone()),
-            disks: vec![volume(&image), volume(&not_an_image)],
-            vcpus: 1,
-            memory_mib: 128,
-            extra_cmdline: String::new(),
-            seccomp: true,
-            vsock: None,
-            net: None,
-            announce_boot: false,
-        };
+        let mut config = small_vm(&raw, vec![volume(&image), volume(&not_an_image)]);
         static WARNED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-        let settings = JailSettings {
-            uids: UidRange {
-                first: 5100,
-                count: 10,
-            },
-            leases: home.path().join("leases"),
-            warn: |line| WARNED.lock().unwrap().push(line.to_string()),
-        };
+        let warn = |line: &str| WARNED.lock().unwrap().push(line.to_string());
+        let settings = settings(home.path(), 5100, warn);
         let jail = Jail::prepare(&settings, "i-2", &instance, &mut config, None).unwrap();
         let access = |n: usize| match &config.disks[n].source {
             DiskSource::Volume {
