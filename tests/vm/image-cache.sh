@@ -119,9 +119,11 @@ expect_eq sleeping-boot-killed 137 "$?"
 rm -rf "$cache"
 (unset KILN_JAIL; read_disk "$WORK/jailed-cold.txt")
 expect_eq jailed-cold-read-matches "$want" "$(disk_sum "$WORK/jailed-cold.txt")"
-env -u KILN_JAIL "$KILN" run $image --read-only --detach --name filler \
+env -u KILN_JAIL "$KILN" run $image --detach --name filler --network none \
     --cmdline 'kiln.entrypoint="/bin/sleep 600"' > /dev/null 2> "$WORK/filler.err"
-expect_eq jailed-idle-vm-started 0 "$?"
+started=$?
+expect_eq jailed-idle-vm-started 0 "$started"
+[ "$started" -eq 0 ] || sed 's/^/KILN-INFO filler: /' "$WORK/filler.err"
 waited=0
 while [ "$(hydrated)" != 100% ] && [ "$waited" -lt 300 ]; do
     sleep 1; waited=$((waited + 1))

@@ -621,6 +621,7 @@ fn invoke_clone(
                 client_context: None,
             };
             let reply = session.invoke(config, &input).map(Reply::Runtime);
+            kiln_vmm::trace::mark("answered");
             (clone, reply)
         }
     };
@@ -643,7 +644,9 @@ pub fn restore_clone(template: &Template) -> Result<(CloneVm, runtime::Session),
     let clone = template.restore()?;
     let mut session =
         runtime::Session::connect(clone.id(), &clone.vsock_socket(), CONNECT_TIMEOUT)?;
+    kiln_vmm::trace::mark("guest-connected");
     session.restore()?;
+    kiln_vmm::trace::mark("guest-restored");
     Ok((clone, session))
 }
 
