@@ -2,8 +2,8 @@
 //! only read it: jailed ones, each under a uid of its own, whose writes
 //! the image's other VMs must not trust ([`Hydrated::open_read_only`]).
 //! The trusted process that starts them (an instance's supervisor, a
-//! plain `kiln run`, `kiln fn` for its clones, `kiln build` for its test
-//! VMs) opens the cache, which makes and checks it,
+//! plain `kiln run`, `kiln fn` for its clones; an image's test VMs use
+//! no cache) opens the cache, which makes and checks it,
 //! and fills it on one thread: the image's boot working set first, if an
 //! earlier boot recorded one ([`super::working_set`]), then every other
 //! chunk in order. The thread runs at idle priority (`SCHED_IDLE`: a core
