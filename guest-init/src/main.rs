@@ -8,9 +8,11 @@
 //! 4. publish the instance metadata under /run/kiln (`metadata`); set the
 //!    hostname, bring up `lo`; configure eth0 from the command line's
 //!    `kiln.net.ip=IPV4/PREFIX` (address and netmask, then up),
-//!    `kiln.net.gateway=IPV4` (the default route) and
-//!    `kiln.net.dns=IPV4[,IPV4…]` (/etc/resolv.conf, replaced atomically;
-//!    left alone on a read-only root), see `guest_init::network`; without
+//!    `kiln.net.gateway=IPV4` (the default route), `kiln.net.mtu` and
+//!    `kiln.net.dns=IPV4[,IPV4…]` with `kiln.net.search` and
+//!    `kiln.net.options` (/etc/resolv.conf, replaced atomically, or on a
+//!    read-only root a copy in /run mounted over it), see
+//!    `guest_init::network`; without
 //!    `kiln.net.ip` eth0 stays down, and a malformed word or a missing eth0
 //!    is said on the console and the boot goes on without the network;
 //!    run executable user-data at first boot;
@@ -40,14 +42,15 @@
 //!
 //! Not PID 1 (run by hand), it only runs the entrypoint from the file and
 //! exits with its status: no mounts, no port, no reboot.
-use std::io::ErrorKind;
 use std::path::Path;
 use std::process::ExitCode;
 
 use guest_init::config::{CONFIG_PATH, ConfigError, RunConfig};
 use guest_init::exec::EXEC_PORT;
 use guest_init::function_mode::Mode;
-use guest_init::network::{NetConfig, RESOLV_CONF};
+use guest_init::network::{
+    GUEST_RESOLV_CONF, NetConfig, RESOLV_CONF, RESOLV_CONF_DIR, RESOLV_CONF_NAME,
+};
 use guest_init::protocol::InitEvent;
 use guest_init::{
     exec_server, function_mode, function_runtime, mounts, network, one_line, supervisor, user,
@@ -172,26 +175,46 @@ fn configure_network(cmdline: &str) {
         );
     }
     let route = net.gateway.map(|gw| format!(", default route via {gw}"));
+    let mtu = net.mtu.map(|mtu| format!(", MTU {mtu}"));
     eprintln!(
-        "guest-init: {} is {}/{}{}",
+        "guest-init: {} is {}/{}{}{}",
         network::INTERFACE,
         net.address,
         net.prefix_len,
-        route.unwrap_or_default()
+        route.unwrap_or_default(),
+        mtu.unwrap_or_default()
     );
     if !net.nameservers.is_empty() {
         write_resolv_conf(&net);
     }
 }
 
-/// A read-only root (`kiln run --read-only`) keeps the image's file.
+/// Writes the resolv.conf into memory ([`GUEST_RESOLV_CONF`], for a pod's
+/// containers too), then into the root: replaced there when it can be;
+/// otherwise (a read-only root, `kiln run --read-only`, or a root without
+/// /etc) bind-mounted over the root's file, which is made if missing.
 fn write_resolv_conf(net: &NetConfig) {
-    match network::replace_file(Path::new(RESOLV_CONF), &net.resolv_conf()) {
-        Ok(()) => {}
-        Err(err) if err.kind() == ErrorKind::ReadOnlyFilesystem => eprintln!(
-            "guest-init: the root filesystem is read-only: {RESOLV_CONF} keeps the image's nameservers"
-        ),
-        Err(err) => eprintln!("guest-init: cannot write {RESOLV_CONF}: {err}"),
+    let text = net.resolv_conf();
+    let kept = Path::new(GUEST_RESOLV_CONF);
+    let written = kept
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| network::replace_file(kept, &text));
+    if let Err(err) = written {
+        return eprintln!("guest-init: cannot write {GUEST_RESOLV_CONF}: {err}");
+    }
+    let Err(err) = network::replace_file(Path::new(RESOLV_CONF), &text) else {
+        return;
+    };
+    if let Err(bind) = mounts::bind_file_into(
+        GUEST_RESOLV_CONF,
+        Path::new("/"),
+        RESOLV_CONF_DIR,
+        RESOLV_CONF_NAME,
+    ) {
+        eprintln!(
+            "guest-init: cannot write {RESOLV_CONF} ({err}) nor mount {GUEST_RESOLV_CONF} on it ({bind}): the guest keeps the image's nameservers"
+        );
     }
 }
 

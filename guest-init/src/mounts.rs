@@ -2,6 +2,7 @@
 //! filesystems inside a process's own root (`guest_init::roots`).
 use std::ffi::{CStr, CString, OsString};
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
@@ -128,6 +129,93 @@ pub fn mount(source: &str, target: &Path, fstype: &str, flags: libc::c_ulong) ->
             std::ptr::null(),
         )
     };
+    check(rc)
+}
+
+/// Bind-mounts the file `source` over `dir/name` inside `root` (a root
+/// filesystem), found as the root's own processes would find it: a
+/// symlink on the way resolves inside `root`, never out of it (openat2's
+/// RESOLVE_IN_ROOT), and the mount is made on the file found, through its
+/// descriptor. A root without that file gets it, empty (and `dir`, one
+/// directory right under the root, if missing), as runc makes a bind
+/// mount's target; in a read-only root that fails with EROFS.
+pub fn bind_file_into(source: &str, root: &Path, dir: &str, name: &str) -> io::Result<()> {
+    let root = std::fs::File::open(root)?;
+    let path = format!("{dir}/{name}");
+    let target = match open_in_root(&root, &path, libc::O_PATH) {
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            create_in_root(&root, dir, name)?;
+            open_in_root(&root, &path, libc::O_PATH)?
+        }
+        found => found?,
+    };
+    let target = PathBuf::from(format!("/proc/self/fd/{}", target.as_raw_fd()));
+    mount(source, &target, "", libc::MS_BIND)
+}
+
+/// openat2(2) of `path` under `root` with `flags`, resolved as if `root`
+/// were `/`, no magic link (/proc/…/fd) followed.
+fn open_in_root(root: &std::fs::File, path: &str, flags: libc::c_int) -> io::Result<OwnedFd> {
+    let path = CString::new(path)?;
+    // SAFETY: open_how is plain old data, all zeroes valid (no mode).
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (flags | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: `path` is a valid NUL-terminated string and `how` a valid
+    // open_how whose size is passed; both outlive the call. `root` is an
+    // open descriptor.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            path.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: openat2 returned a new descriptor, owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Makes the empty file `name` in `dir` under `root`, and `dir` (one
+/// name, right under the root) first if missing. Neither a dangling
+/// symlink nor anything else already there is followed or replaced.
+fn create_in_root(root: &std::fs::File, dir: &str, name: &str) -> io::Result<()> {
+    let parent = match open_in_root(root, dir, libc::O_RDONLY | libc::O_DIRECTORY) {
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            let dir_name = CString::new(dir)?;
+            // SAFETY: `dir_name` is a valid NUL-terminated string of one
+            // path component, and `root` an open directory.
+            check(unsafe { libc::mkdirat(root.as_raw_fd(), dir_name.as_ptr(), 0o755) })?;
+            open_in_root(root, dir, libc::O_RDONLY | libc::O_DIRECTORY)?
+        }
+        found => found?,
+    };
+    let name = CString::new(name)?;
+    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: `name` is a valid NUL-terminated string and `parent` an open
+    // directory; the mode is an int, as openat's variadic argument takes.
+    let fd = unsafe {
+        libc::openat(
+            parent.as_raw_fd(),
+            name.as_ptr(),
+            flags,
+            0o644 as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: openat returned a new descriptor; it is closed here.
+    drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    Ok(())
+}
+
+/// A libc call's 0-or-errno result.
+fn check(rc: libc::c_int) -> io::Result<()> {
     if rc == 0 {
         Ok(())
     } else {
@@ -141,11 +229,7 @@ pub fn mount(source: &str, target: &Path, fstype: &str, flags: libc::c_ulong) ->
 pub fn unmount(target: &Path) -> io::Result<()> {
     let target = CString::new(target.as_os_str().as_bytes())?;
     // SAFETY: `target` is a valid NUL-terminated path that outlives the call.
-    if unsafe { libc::umount2(target.as_ptr(), 0) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    check(unsafe { libc::umount2(target.as_ptr(), 0) })
 }
 
 /// The mount points in `mountinfo` (the text of /proc/self/mountinfo) at
@@ -207,16 +291,58 @@ pub fn change_mount(target: &CStr, flags: libc::c_ulong) -> io::Result<()> {
             std::ptr::null(),
         )
     };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    check(rc)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs `body` on a thread of its own in a mount namespace of its own,
+    /// whose mounts reach no other thread and end with it.
+    fn in_own_mount_namespace(body: impl FnOnce() + Send + 'static) {
+        std::thread::spawn(|| {
+            // SAFETY: unshare takes flags only; it moves only this thread.
+            check(unsafe { libc::unshare(libc::CLONE_NEWNS) }).unwrap();
+            change_mount(c"/", libc::MS_REC | libc::MS_PRIVATE).unwrap();
+            body();
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn a_bound_file_is_found_inside_the_root_and_made_when_missing() {
+        let source = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(source.path(), "nameserver 10.96.0.10\n").unwrap();
+        let source = source.path().to_str().unwrap().to_string();
+        let bare = tempfile::tempdir().unwrap();
+        let with_file = tempfile::tempdir().unwrap();
+        std::fs::create_dir(with_file.path().join("etc")).unwrap();
+        std::fs::write(with_file.path().join("etc/resolv.conf"), "image's\n").unwrap();
+        // A link that, followed from the guest's root, would lead to the
+        // source itself: inside the root it leads nowhere.
+        let linked = tempfile::tempdir().unwrap();
+        std::fs::create_dir(linked.path().join("etc")).unwrap();
+        std::os::unix::fs::symlink(&source, linked.path().join("etc/resolv.conf")).unwrap();
+        let roots = [bare.path(), with_file.path(), linked.path()].map(Path::to_path_buf);
+        in_own_mount_namespace(move || {
+            for root in &roots[..2] {
+                bind_file_into(&source, root, "etc", "resolv.conf").unwrap();
+                let seen = std::fs::read_to_string(root.join("etc/resolv.conf")).unwrap();
+                assert_eq!(seen, "nameserver 10.96.0.10\n", "{root:?}");
+            }
+            let err = bind_file_into(&source, &roots[2], "etc", "resolv.conf").unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
+        });
+        // Unmounted with the namespace: what each root holds on its own.
+        assert_eq!(
+            std::fs::read(bare.path().join("etc/resolv.conf")).unwrap(),
+            b""
+        );
+        let kept = std::fs::read_to_string(with_file.path().join("etc/resolv.conf")).unwrap();
+        assert_eq!(kept, "image's\n");
+    }
 
     #[test]
     fn the_mounts_under_a_root_are_listed_in_mount_order_unescaped() {

@@ -7,12 +7,18 @@
 //!   words must be absent too.
 //! - `kiln.net.gateway=IPV4` (optional): the default route's gateway, an
 //!   address in eth0's subnet; without it only the subnet is reachable.
+//! - `kiln.net.mtu=BYTES` (optional): eth0's MTU, 68 (IPv4's least, RFC
+//!   791) to 65535; without it the driver's 1500.
 //! - `kiln.net.dns=IPV4[,IPV4…]` (optional): one to three nameservers
 //!   (the resolvers read no more), written to /etc/resolv.conf; without
 //!   it the image's own file stays.
+//! - `kiln.net.search=NAME[,NAME…]` and `kiln.net.options=OPT[,OPT…]`
+//!   (optional, with `kiln.net.dns` only): that file's `search` and
+//!   `options` lines (the host chose what a resolver reads of them:
+//!   `kiln_control::network::resolv_conf`).
 //!
 //! The interface is set up with the ioctls ifconfig and route use
-//! (SIOCSIFADDR, SIOCSIFNETMASK, SIOCSIFFLAGS, SIOCADDRT): they need no
+//! (SIOCSIFADDR, SIOCSIFNETMASK, SIOCSIFMTU, SIOCSIFFLAGS, SIOCADDRT): they need no
 //! netlink code, and the kernel's virtio-net driver, built in, has
 //! probed eth0 before init runs, so nothing waits for it.
 use std::fs::{self, OpenOptions};
@@ -26,8 +32,20 @@ use crate::config::{ConfigError, kiln_params};
 
 /// The VMM's virtio-net device, the guest's only NIC.
 pub const INTERFACE: &str = "eth0";
-/// Where the nameservers go.
+/// Where the nameservers go, in every root.
 pub const RESOLV_CONF: &str = "/etc/resolv.conf";
+/// [`RESOLV_CONF`]'s directory, right under a root.
+pub const RESOLV_CONF_DIR: &str = "etc";
+/// [`RESOLV_CONF`]'s name in it.
+pub const RESOLV_CONF_NAME: &str = "resolv.conf";
+/// The resolv.conf guest-init wrote from the command line, kept in memory
+/// (/run is a tmpfs): what a read-only root, and every root of a pod's
+/// container (`guest_init::roots`), gets bind-mounted at [`RESOLV_CONF`].
+pub const GUEST_RESOLV_CONF: &str = "/run/kiln/resolv.conf";
+/// IPv4's least MTU (RFC 791: every host takes 68-byte datagrams whole).
+const MIN_MTU: u32 = 68;
+/// The largest MTU an interface can have (ETH_MAX_MTU, a u16's range).
+const MAX_MTU: u32 = 65535;
 /// glibc's and musl's resolvers use no more nameservers than this (MAXNS).
 const MAX_NAMESERVERS: usize = 3;
 
@@ -69,26 +87,36 @@ pub struct NetConfig {
     /// The default route's next hop (`kiln.net.gateway`); without it, only
     /// the subnet is reachable.
     pub gateway: Option<Ipv4Addr>,
+    /// `kiln.net.mtu`; without it the driver's default stays.
+    pub mtu: Option<u32>,
     /// `kiln.net.dns`, in order, at most the resolvers' limit of three.
     pub nameservers: Vec<Ipv4Addr>,
+    /// `kiln.net.search`: the search domains, in order.
+    pub search: Vec<String>,
+    /// `kiln.net.options`: the resolver's options, in order.
+    pub options: Vec<String>,
 }
 
 impl NetConfig {
     /// The `kiln.net.*` words of `cmdline` (the last of each counts);
     /// `None` when it has none.
     pub fn from_cmdline(cmdline: &str) -> Result<Option<Self>, NetError> {
-        let (mut ip, mut gateway, mut dns) = (None, None, None);
+        let (mut ip, mut gateway, mut mtu, mut dns) = (None, None, None, None);
+        let (mut search, mut options) = (None, None);
         for (key, value) in kiln_params(cmdline)? {
             match key {
                 "net.ip" => ip = Some(value),
                 "net.gateway" => gateway = Some(("gateway", value)),
+                "net.mtu" => mtu = Some(("mtu", value)),
                 "net.dns" => dns = Some(("dns", value)),
+                "net.search" => search = Some(("search", value)),
+                "net.options" => options = Some(("options", value)),
                 _ => {}
             }
         }
         let Some(ip) = ip else {
-            // A gateway or nameservers alone mean the VMM lost the address.
-            return match gateway.or(dns) {
+            // A gateway or DNS alone mean the VMM lost the address.
+            return match gateway.or(mtu).or(dns).or(search).or(options) {
                 Some((key, value)) => Err(malformed(key, &value, "kiln.net.ip=IPV4/PREFIX too")),
                 None => Ok(None),
             };
@@ -98,13 +126,29 @@ impl NetConfig {
             address,
             prefix_len,
             gateway: None,
+            mtu: None,
             nameservers: Vec::new(),
+            search: Vec::new(),
+            options: Vec::new(),
         };
         if let Some((_, value)) = gateway {
             config.gateway = Some(config.parse_gateway(&value)?);
         }
+        if let Some((_, value)) = mtu {
+            config.mtu = Some(parse_mtu(&value)?);
+        }
         if let Some((_, value)) = dns {
             config.nameservers = parse_nameservers(&value)?;
+        } else if let Some((key, value)) = search.as_ref().or(options.as_ref()) {
+            // Lines of a resolv.conf that the host would write only with
+            // its nameservers.
+            return Err(malformed(key, value, "kiln.net.dns=IPV4 too"));
+        }
+        if let Some((key, value)) = search {
+            config.search = parse_list(key, &value)?;
+        }
+        if let Some((key, value)) = options {
+            config.options = parse_list(key, &value)?;
         }
         Ok(Some(config))
     }
@@ -138,11 +182,17 @@ impl NetConfig {
         Ok(gateway)
     }
 
-    /// The /etc/resolv.conf that names the nameservers.
+    /// The /etc/resolv.conf that names the nameservers, the search
+    /// domains and the options.
     pub fn resolv_conf(&self) -> String {
         let mut text = String::from("# Written by guest-init from kiln.net.dns.\n");
         for server in &self.nameservers {
             text.push_str(&format!("nameserver {server}\n"));
+        }
+        for (keyword, list) in [("search", &self.search), ("options", &self.options)] {
+            if !list.is_empty() {
+                text.push_str(&format!("{keyword} {}\n", list.join(" ")));
+            }
         }
         text
     }
@@ -183,6 +233,22 @@ fn parse_nameservers(value: &str) -> Result<Vec<Ipv4Addr>, NetError> {
     Ok(servers)
 }
 
+fn parse_mtu(value: &str) -> Result<u32, NetError> {
+    match value.parse() {
+        Ok(mtu) if (MIN_MTU..=MAX_MTU).contains(&mtu) => Ok(mtu),
+        _ => Err(malformed("mtu", value, "BYTES from 68 to 65535")),
+    }
+}
+
+/// A comma-separated list of words, none empty.
+fn parse_list(key: &str, value: &str) -> Result<Vec<String>, NetError> {
+    let list: Vec<String> = value.split(',').map(String::from).collect();
+    if list.iter().any(String::is_empty) {
+        return Err(malformed(key, value, "WORD[,WORD…]"));
+    }
+    Ok(list)
+}
+
 /// Sets the hostname (UTS namespace of this PID 1).
 pub fn set_hostname(name: &str) -> io::Result<()> {
     // SAFETY: the pointer and length describe `name`'s bytes, which the
@@ -207,6 +273,11 @@ pub fn configure_interface(net: &NetConfig) -> Result<(), NetError> {
     step(set_address(&socket, IfRequest::SetNetmask, netmask), || {
         format!("set {INTERFACE}'s netmask to {netmask}")
     })?;
+    if let Some(mtu) = net.mtu {
+        step(set_mtu(&socket, mtu), || {
+            format!("set {INTERFACE}'s MTU to {mtu}")
+        })?;
+    }
     step(interface_up(&socket, INTERFACE), || {
         format!("bring {INTERFACE} up")
     })?;
@@ -259,6 +330,7 @@ enum IfRequest {
     SetFlags,
     SetAddress,
     SetNetmask,
+    SetMtu,
 }
 
 impl IfRequest {
@@ -268,6 +340,7 @@ impl IfRequest {
             IfRequest::SetFlags => libc::SIOCSIFFLAGS,
             IfRequest::SetAddress => libc::SIOCSIFADDR,
             IfRequest::SetNetmask => libc::SIOCSIFNETMASK,
+            IfRequest::SetMtu => libc::SIOCSIFMTU,
         }
     }
 }
@@ -305,6 +378,13 @@ fn interface_up(socket: &OwnedFd, interface: &str) -> io::Result<()> {
 fn set_address(socket: &OwnedFd, request: IfRequest, address: Ipv4Addr) -> io::Result<()> {
     let mut ifreq = ifreq_with_address(INTERFACE, address)?;
     ifreq_ioctl(socket, request, &mut ifreq)
+}
+
+fn set_mtu(socket: &OwnedFd, mtu: u32) -> io::Result<()> {
+    let mut request = ifreq(INTERFACE)?;
+    // Parsing kept it within 65535, a c_int's range.
+    request.ifr_ifru.ifru_mtu = mtu as libc::c_int;
+    ifreq_ioctl(socket, IfRequest::SetMtu, &mut request)
 }
 
 /// An ifreq naming `interface`, the rest zero.
@@ -377,7 +457,10 @@ mod tests {
     use super::*;
 
     const CMDLINE: &str = "console=ttyS0 kiln.vmm=1 kiln.net.ip=10.89.0.2/24 \
-                           kiln.net.gateway=10.89.0.1 kiln.net.dns=10.0.0.53,1.1.1.1 quiet\n";
+                           kiln.net.gateway=10.89.0.1 kiln.net.mtu=1450 \
+                           kiln.net.dns=10.0.0.53,1.1.1.1 \
+                           kiln.net.search=svc.cluster.local,cluster.local \
+                           kiln.net.options=ndots:5,edns0 quiet\n";
 
     fn parse(cmdline: &str) -> Result<Option<NetConfig>, String> {
         NetConfig::from_cmdline(cmdline).map_err(|err| crate::one_line(&err))
@@ -396,7 +479,10 @@ mod tests {
                 address: ip("10.89.0.2"),
                 prefix_len: 24,
                 gateway: Some(ip("10.89.0.1")),
+                mtu: Some(1450),
                 nameservers: vec![ip("10.0.0.53"), ip("1.1.1.1")],
+                search: vec!["svc.cluster.local".into(), "cluster.local".into()],
+                options: vec!["ndots:5".into(), "edns0".into()],
             }
         );
         assert_eq!(net.netmask(), ip("255.255.255.0"));
@@ -494,6 +580,28 @@ mod tests {
                 "kiln.net.dns=1.1.1.1,1.0.0.1,8.8.8.8,9.9.9.9",
                 "expected at most 3 nameservers",
             ),
+            (
+                "kiln.net.mtu=67",
+                "kiln.net.mtu=67: expected BYTES from 68 to 65535",
+            ),
+            ("kiln.net.mtu=65536", "expected BYTES from 68 to 65535"),
+            ("kiln.net.mtu=jumbo", "expected BYTES from 68 to 65535"),
+            (
+                "kiln.net.search=lan",
+                "kiln.net.search=lan: expected kiln.net.dns=IPV4 too",
+            ),
+            (
+                "kiln.net.options=edns0",
+                "kiln.net.options=edns0: expected kiln.net.dns=IPV4 too",
+            ),
+            (
+                "kiln.net.dns=1.1.1.1 kiln.net.search=a,,b",
+                "kiln.net.search=a,,b: expected WORD[,WORD…]",
+            ),
+            (
+                "kiln.net.dns=1.1.1.1 kiln.net.options=",
+                "kiln.net.options=: expected WORD[,WORD…]",
+            ),
         ];
         for (word, message) in with_ip {
             let err = parse(&format!("{ip} {word}")).unwrap_err();
@@ -518,14 +626,19 @@ mod tests {
     }
 
     #[test]
-    fn resolv_conf_lists_the_nameservers_in_order() {
-        let net = parse(CMDLINE).unwrap().unwrap();
+    fn resolv_conf_lists_nameservers_search_domains_and_options_in_order() {
+        let mut net = parse(CMDLINE).unwrap().unwrap();
         assert_eq!(
             net.resolv_conf(),
             "# Written by guest-init from kiln.net.dns.\n\
              nameserver 10.0.0.53\n\
-             nameserver 1.1.1.1\n"
+             nameserver 1.1.1.1\n\
+             search svc.cluster.local cluster.local\n\
+             options ndots:5 edns0\n"
         );
+        (net.search, net.options) = (Vec::new(), Vec::new());
+        assert!(!net.resolv_conf().contains("search"));
+        assert!(!net.resolv_conf().contains("options"));
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! re-reads the capacity from a work queue. So the first request naming
 //! a device waits, for at most [`MEDIUM_TIMEOUT`], until sysfs gives the
 //! device sectors; then mounts its ext4 filesystem under [`ROOTS_DIR`],
-//! with /dev, /dev/pts, /proc and /sys inside, once for every request
+//! with /dev, /dev/pts, /proc and /sys inside, and the pod's resolv.conf
+//! over its own (when the pod has nameservers), once for every request
 //! naming it (the container's first process and its execs). Each process
 //! enters it in the child, before it drops to its user ([`enter`]): a
 //! mount namespace of its own, chrooted there, its working directory
@@ -29,6 +30,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::mounts::{self, MountError};
+use crate::network::{GUEST_RESOLV_CONF, RESOLV_CONF, RESOLV_CONF_DIR, RESOLV_CONF_NAME};
 
 /// Where each device's root filesystem is mounted, in a directory named
 /// after the device (`/run/kiln/roots/vdb`).
@@ -354,7 +356,27 @@ fn mount_root(device: &str, target: &Path, read_only: bool) -> Result<(), MountE
         target: target.to_path_buf(),
         source,
     })?;
-    mounts::mount_kernel_filesystems(target)
+    mounts::mount_kernel_filesystems(target)?;
+    share_pod_dns(device, target);
+    Ok(())
+}
+
+/// Gives the root at `target` the pod's resolv.conf, which guest-init
+/// wrote when the command line named nameservers: bind-mounted over the
+/// root's own, as CRI mounts the sandbox's file into each container.
+/// Without it the container keeps its image's file, which the console is
+/// told; that is no reason to refuse the container.
+fn share_pod_dns(device: &str, target: &Path) {
+    if !Path::new(GUEST_RESOLV_CONF).exists() {
+        return;
+    }
+    if let Err(err) =
+        mounts::bind_file_into(GUEST_RESOLV_CONF, target, RESOLV_CONF_DIR, RESOLV_CONF_NAME)
+    {
+        eprintln!(
+            "guest-init: root {device}: cannot mount {GUEST_RESOLV_CONF} on its {RESOLV_CONF} ({err}): it keeps its image's nameservers"
+        );
+    }
 }
 
 /// In a child between fork and exec, still root: a mount namespace of its

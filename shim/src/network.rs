@@ -50,6 +50,9 @@ use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 /// pod; a second tap in one namespace is refused before it is made (the
 /// first is an Ethernet interface beside the veth).
 pub const TAP_NAME: &str = "tap0_kiln";
+/// linux/if_ether.h: an Ethernet frame's largest payload (ETH_DATA_LEN),
+/// every interface's MTU unless set otherwise.
+const ETHERNET_MTU: u32 = 1500;
 /// linux/if_ether.h: every protocol, the `protocol all` of tc-filter(8).
 const ETH_P_ALL: u16 = 0x0003;
 /// The redirect filter's priority: the one tc-filter(8) gives the first
@@ -191,6 +194,8 @@ struct Veth {
     address: Ipv4Addr,
     prefix: u8,
     gateway: Option<Ipv4Addr>,
+    /// Its MTU (the kernel's default, 1500, if the link message had none).
+    mtu: u32,
 }
 
 /// A container's NIC connected to its pod's network: the pod's interface
@@ -248,6 +253,7 @@ impl PodNetwork {
             veth.prefix,
             veth.gateway,
             veth.mac,
+            guest_mtu(veth.mtu),
             &self.resolv_conf,
         );
         for word in words {
@@ -398,6 +404,14 @@ fn find_veth(rtnl: &mut Rtnl) -> Result<Veth, NetError> {
         interface: name.clone(),
         address: mac,
     })?;
+    let mtu = link
+        .attributes
+        .iter()
+        .find_map(|attr| match attr {
+            LinkAttribute::Mtu(mtu) => Some(*mtu),
+            _ => None,
+        })
+        .unwrap_or(ETHERNET_MTU);
     let index = link.header.index;
     let (address, prefix) = only_address(rtnl, index, &name)?;
     let gateway = default_gateway(rtnl, index)?;
@@ -408,7 +422,18 @@ fn find_veth(rtnl: &mut Rtnl) -> Result<Veth, NetError> {
         address,
         prefix,
         gateway,
+        mtu,
     })
+}
+
+/// The MTU the guest's eth0 is given for a pod interface of `mtu`: the
+/// same, so the guest's frames fit the pod's network (an overlay's, such
+/// as VXLAN's 1450) and use its jumbo frames; `None` for Ethernet's 1500,
+/// the guest's own default. Larger frames reach the guest in mergeable
+/// receive buffers (VIRTIO_NET_F_MRG_RXBUF, virtio 1.2 §5.1.6.3), which
+/// Kiln's device offers.
+fn guest_mtu(mtu: u32) -> Option<u32> {
+    (mtu != ETHERNET_MTU).then_some(mtu)
 }
 
 /// The interface's name, as its link message has it.
@@ -829,7 +854,8 @@ mod tests {
             "netns", &host.0,
         ]));
         pod.run(&["addr", "add", "10.77.0.5/24", "dev", "eth0"]);
-        pod.run(&["link", "set", "eth0", "up"]);
+        // An overlay network's MTU, as VXLAN's CNI plugins set it.
+        pod.run(&["link", "set", "eth0", "mtu", "1450", "up"]);
         pod.run(&["route", "add", "default", "via", "10.77.0.1"]);
         Some((pod, host))
     }
@@ -890,12 +916,16 @@ mod tests {
             announce_boot: false,
         };
         network.attach(&mut config);
-        assert!(config.extra_cmdline.ends_with(" kiln.net.dns=10.96.0.10"));
+        assert!(
+            config
+                .extra_cmdline
+                .ends_with(" kiln.net.dns=10.96.0.10 kiln.net.search=svc")
+        );
         assert_eq!(config.net.as_ref().unwrap().mac, network.veth.mac);
         assert!(
             config
                 .extra_cmdline
-                .contains(" kiln.net.ip=10.77.0.5/24 kiln.net.gateway=10.77.0.1")
+                .contains(" kiln.net.ip=10.77.0.5/24 kiln.net.gateway=10.77.0.1 kiln.net.mtu=1450")
         );
         // A second container's VM in the namespace is refused: its first
         // tap is an Ethernet interface beside the pod's.

@@ -3,7 +3,8 @@
 # outside, addresses on both ends, a default route through L1), run with
 # `ctr run --with-ns network:PATH`: the VM's NIC has the veth's MAC and
 # address inside the guest, the guest the nameserver of the resolv.conf
-# mounted as CRI mounts the pod's, the container reaches L1's end of the veth
+# mounted as CRI mounts the pod's (and its search domain and options),
+# eth0 the veth's MTU, the container reaches L1's end of the veth
 # and L1 reaches a listener in the container. The container is a pod's
 # sandbox: a member in its namespace shares the VM's NIC, one in another
 # namespace is refused. The sandbox's Delete leaves the namespace as it
@@ -56,9 +57,10 @@ pod=kiln-pod
 ip netns add "$pod"
 ip link add kiln-veth type veth peer name eth0 netns "$pod"
 ip addr add 10.88.7.1/24 dev kiln-veth
-ip link set kiln-veth up
+# An overlay network's MTU, below Ethernet's, as VXLAN's CNI plugins set.
+ip link set kiln-veth mtu 1400 up
 ip -n "$pod" addr add 10.88.7.2/24 dev eth0
-ip -n "$pod" link set eth0 up
+ip -n "$pod" link set eth0 mtu 1400 up
 ip -n "$pod" route add default via 10.88.7.1
 mac=$(ip -n "$pod" -o link show eth0 | sed -n 's/.*link\/ether \([0-9a-f:]*\).*/\1/p')
 check pod-made [ -n "$mac" ]
@@ -72,7 +74,7 @@ pod_run() {
     kiln_run -d --annotation io.kubernetes.cri.container-type="$kind" \
         --annotation io.kubernetes.cri.sandbox-id=web --with-ns "network:$netns" "$@"
 }
-printf 'nameserver 10.88.7.53\nsearch pod.local\n' > "$WORK/resolv.conf"
+printf 'nameserver 10.88.7.53\nsearch pod.local\noptions ndots:2\n' > "$WORK/resolv.conf"
 pod_run sandbox "/var/run/netns/$pod" \
     --mount "type=bind,src=$WORK/resolv.conf,dst=/etc/resolv.conf,options=rbind:ro" "$img" web \
     busybox nc -ll -p 8080 -e busybox echo hello-from-the-pod > "$WORK/web.txt" 2>&1
@@ -91,9 +93,13 @@ ctr task exec --exec-id addr web busybox ip -4 addr show eth0 < /dev/null > "$WO
 expect_contains guest-nic-has-the-veths-address "$WORK/addr.txt" 'inet 10.88.7.2/24'
 ctr task exec --exec-id route web busybox ip route < /dev/null > "$WORK/route.txt" 2>&1
 expect_contains guest-routes-through-the-pods-gateway "$WORK/route.txt" '^default via 10.88.7.1 dev eth0'
+ctr task exec --exec-id mtu web cat /sys/class/net/eth0/mtu < /dev/null > "$WORK/mtu.txt" 2>&1
+expect_eq guest-nic-has-the-veths-mtu 1400 "$(cat "$WORK/mtu.txt")"
 
 ctr task exec --exec-id dns web cat /etc/resolv.conf < /dev/null > "$WORK/dns.txt" 2>&1
 expect_contains guest-has-the-pods-nameserver "$WORK/dns.txt" '^nameserver 10.88.7.53$'
+expect_contains guest-has-the-pods-search-domain "$WORK/dns.txt" '^search pod.local$'
+expect_contains guest-has-the-pods-options "$WORK/dns.txt" '^options ndots:2$'
 
 # Both ways: the container reaches L1's end; L1 reaches its listener.
 ctr task exec --exec-id ping web busybox ping -c 1 -W 10 10.88.7.1 < /dev/null > "$WORK/ping.txt" 2>&1
@@ -113,6 +119,8 @@ expect_eq pod-member-created 0 "$?"
 expect_eq pod-member-adds-no-tap 1 "$(ip -n "$pod" -o link show | grep -c ' tap0_kiln:')"
 ctr task exec --exec-id ping side busybox ping -c 1 -W 10 10.88.7.1 < /dev/null > "$WORK/side-ping.txt" 2>&1
 expect_eq pod-member-reaches-l1 0 "$?"
+ctr task exec --exec-id dns side cat /etc/resolv.conf < /dev/null > "$WORK/side-dns.txt" 2>&1
+expect_contains pod-member-has-the-pods-nameserver "$WORK/side-dns.txt" '^nameserver 10.88.7.53$'
 pod_run container /var/run/netns/kiln-other "$img" stray true < /dev/null > "$WORK/stray.txt" 2>&1
 expect_contains pod-member-in-another-namespace-refused "$WORK/stray.txt" \
     'network namespace "/var/run/netns/kiln-other": expected the pod.s "/var/run/netns/kiln-pod"'

@@ -134,6 +134,16 @@ pod_execs() {
     expect_eq "$h-client-reaches-server-over-loopback" "served over loopback" "$(cat "$WORK/$h-loopback.txt")"
     # Each in a root of its own: the server's /www is not the client's.
     check "$h-roots-of-their-own" cri exec "$client" -- sh -c '[ ! -e /www ]'
+    # The pod's DNS (its dns_config: the resolv.conf CRI writes and mounts
+    # into each container) in both containers, whose image has no /etc.
+    for c in server client; do
+        eval "id=\$$c"
+        cri exec "$id" -- cat /etc/resolv.conf > "$WORK/$h-$c-resolv.txt" 2>&1
+        expect_contains "$h-$c-has-the-pods-nameserver" "$WORK/$h-$c-resolv.txt" '^nameserver 10\.96\.0\.10$'
+        expect_contains "$h-$c-has-the-pods-search-domains" "$WORK/$h-$c-resolv.txt" \
+            '^search default\.svc\.cluster\.local svc\.cluster\.local cluster\.local$'
+        expect_contains "$h-$c-has-the-pods-options" "$WORK/$h-$c-resolv.txt" '^options ndots:5$'
+    done
     boot_server=$(cri exec "$server" -- cat /proc/sys/kernel/random/boot_id)
     boot_client=$(cri exec "$client" -- cat /proc/sys/kernel/random/boot_id)
     check "$h-boot-id-read" [ -n "$boot_server" ]

@@ -175,17 +175,6 @@ pub fn tap_name(id: &str) -> String {
     format!("kt-{digits}")
 }
 
-/// The nameservers of a resolv.conf a guest can use: IPv4, and not the
-/// host's loopback (a local resolver the guest cannot reach).
-pub fn nameservers(resolv_conf: &str) -> Vec<Ipv4Addr> {
-    resolv_conf
-        .lines()
-        .filter_map(|line| line.trim().strip_prefix("nameserver"))
-        .filter_map(|rest| rest.trim().parse::<Ipv4Addr>().ok())
-        .filter(|address| !address.is_loopback())
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,15 +247,5 @@ mod tests {
         let tap = tap_name("i-0123456789abcdef");
         assert_eq!(tap, "kt-0123456789ab");
         assert!(tap.len() < libc::IFNAMSIZ);
-    }
-
-    #[test]
-    fn nameservers_leave_out_loopback_and_ipv6() {
-        let conf = "# generated\nnameserver 127.0.0.53\nnameserver 10.0.0.2\n\
-                    nameserver ::1\nsearch example.com\n nameserver 1.1.1.1 \n";
-        assert_eq!(
-            nameservers(conf),
-            [Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(1, 1, 1, 1)]
-        );
     }
 }

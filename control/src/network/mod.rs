@@ -15,12 +15,14 @@
 pub mod address;
 pub mod filter;
 pub mod proxy;
+pub mod resolv_conf;
 
 use std::net::Ipv4Addr;
 
 use address::{AddressError, BRIDGE, Subnet};
 use filter::FilterError;
 use kiln_vmm::devices::virtio::net::bridge::{self, BridgeError};
+use resolv_conf::GuestDns;
 
 use kiln_vmm::devices::virtio::net::tap::{TUN_DEVICE, Tap, TapError};
 use kiln_vmm::devices::virtio::net::{NET_HDR_LEN, NetConfig};
@@ -134,6 +136,7 @@ pub fn guest_nic(id: &str, address: Ipv4Addr) -> Result<(NetConfig, Vec<String>)
         subnet.prefix(),
         Some(subnet.gateway()),
         mac,
+        None,
         &resolvers,
     );
     Ok((config, words))
@@ -170,27 +173,26 @@ pub fn isolated_nic(id: &str) -> NetConfig {
 
 /// The kernel command-line words from which guest-init configures eth0
 /// (`kiln.net.*`: `address`/`prefix`, the default route through
-/// `gateway` if any, the nameservers `resolv_conf` lists), and the
-/// address and MAC as metadata: an instance's on the bridge, or a
-/// container's in its pod's network (the containerd shim's).
+/// `gateway` if any, eth0's `mtu` if not the default, and what of the
+/// resolv.conf text `resolvers` a guest can use, as [`resolv_conf`]
+/// says), and the address and MAC as metadata: an instance's on the
+/// bridge, or a container's in its pod's network (the containerd shim's).
 pub fn guest_words(
     address: Ipv4Addr,
     prefix: u8,
     gateway: Option<Ipv4Addr>,
     mac: [u8; 6],
-    resolv_conf: &str,
+    mtu: Option<u32>,
+    resolvers: &str,
 ) -> Vec<String> {
     let mut words = vec![format!("kiln.net.ip={address}/{prefix}")];
     words.extend(gateway.map(|gateway| format!("kiln.net.gateway={gateway}")));
+    words.extend(mtu.map(|mtu| format!("kiln.net.mtu={mtu}")));
     words.extend([
         format!("kiln.meta.local-ipv4={address}"),
         format!("kiln.meta.mac={}", address::format_mac(mac)),
     ]);
-    let dns = address::nameservers(resolv_conf);
-    if !dns.is_empty() {
-        let list: Vec<String> = dns.iter().map(Ipv4Addr::to_string).collect();
-        words.push(format!("kiln.net.dns={}", list.join(",")));
-    }
+    words.extend(GuestDns::from_resolv_conf(resolvers).words());
     words
 }
 
@@ -215,7 +217,8 @@ mod tests {
             subnet.prefix(),
             Some(subnet.gateway()),
             address::mac(address),
-            "nameserver 127.0.0.53\nnameserver 10.0.0.2\n",
+            None,
+            "nameserver 127.0.0.53\nnameserver 10.0.0.2\nsearch lan\n",
         );
         assert_eq!(
             words,
@@ -225,10 +228,14 @@ mod tests {
                 "kiln.meta.local-ipv4=10.89.0.7",
                 "kiln.meta.mac=02:6b:0a:59:00:07",
                 "kiln.net.dns=10.0.0.2",
+                "kiln.net.search=lan",
             ]
         );
-        let without = guest_words(address, 24, None, [0; 6], "");
+        let without = guest_words(address, 24, None, [0; 6], None, "");
         assert!(!without.iter().any(|w| w.starts_with("kiln.net.dns")));
         assert!(!without.iter().any(|w| w.starts_with("kiln.net.gateway")));
+        assert!(!without.iter().any(|w| w.starts_with("kiln.net.mtu")));
+        let overlay = guest_words(address, 24, None, [0; 6], Some(1450), "");
+        assert_eq!(overlay[1], "kiln.net.mtu=1450");
     }
 }

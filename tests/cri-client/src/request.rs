@@ -2,18 +2,35 @@
 //! fill them for a plain pod: what each step sets, and nothing it was not
 //! asked for.
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, CreateContainerRequest, ExecSyncRequest, ImageSpec,
-    PodSandboxConfig, PodSandboxMetadata, RunPodSandboxRequest,
+    ContainerConfig, ContainerMetadata, CreateContainerRequest, DnsConfig, ExecSyncRequest,
+    ImageSpec, PodSandboxConfig, PodSandboxMetadata, RunPodSandboxRequest,
 };
+
+/// The address a cluster's DNS service usually has (kube-dns's, the
+/// first of the default service range 10.96.0.0/12 but one).
+pub const CLUSTER_DNS: &str = "10.96.0.10";
 
 /// A pod's configuration from its identity. The kubelet sends the same
 /// one with RunPodSandbox and with each CreateContainer of the pod;
 /// `create` rebuilds it from the metadata PodSandboxStatus gives back.
 /// The pod's uid is its namespace and name (unique among the client's
-/// pods, which is all a uid must be here); its hostname is its name.
+/// pods, which is all a uid must be here); its hostname is its name; its
+/// DNS is what a kubelet gives a pod of the default policy
+/// (`ClusterFirst`): the cluster's nameserver, the namespace's search
+/// domains, `ndots:5`.
 pub fn pod_config(metadata: PodSandboxMetadata) -> PodSandboxConfig {
+    let namespace = &metadata.namespace;
     PodSandboxConfig {
         hostname: metadata.name.clone(),
+        dns_config: Some(DnsConfig {
+            servers: vec![CLUSTER_DNS.to_string()],
+            searches: vec![
+                format!("{namespace}.svc.cluster.local"),
+                "svc.cluster.local".to_string(),
+                "cluster.local".to_string(),
+            ],
+            options: vec!["ndots:5".to_string()],
+        }),
         metadata: Some(metadata),
         ..Default::default()
     }
@@ -84,6 +101,10 @@ mod tests {
         assert_eq!(request.runtime_handler, "kiln");
         let config = request.config.unwrap();
         assert_eq!(config.hostname, "web");
+        let dns = config.dns_config.unwrap();
+        assert_eq!(dns.servers, [CLUSTER_DNS]);
+        assert_eq!(dns.searches[0], "default.svc.cluster.local");
+        assert_eq!(dns.options, ["ndots:5"]);
         let metadata = config.metadata.unwrap();
         assert_eq!(
             (metadata.name.as_str(), metadata.namespace.as_str()),
