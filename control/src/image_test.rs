@@ -491,8 +491,7 @@ mod tests {
     fn a_jailed_vm_child_is_handed_its_files_and_leaves_nothing() {
         use std::os::unix::fs::MetadataExt;
         if let Some(why) = jail::unavailable() {
-            eprintln!("skipped: {why}");
-            return;
+            panic!("a jail cannot be made here: {why}");
         }
         let home = tempfile::tempdir().unwrap();
         let dir = home.path().join("scratch-jailed");

@@ -788,9 +788,15 @@ mod tests {
     struct Scratch(String);
 
     impl Scratch {
-        fn new(tag: &str) -> Option<Scratch> {
+        /// Needs root and iproute2's `ip`, as CI has them: without, the
+        /// test fails and says why rather than pass untested.
+        fn new(tag: &str) -> Scratch {
             let name = format!("kiln-unit-{tag}-{}", std::process::id());
-            ip(&["netns", "add", &name]).then_some(Scratch(name))
+            assert!(
+                ip(&["netns", "add", &name]),
+                "`ip netns add {name}` failed: these tests need root and iproute2"
+            );
+            Scratch(name)
         }
 
         fn path(&self) -> PathBuf {
@@ -846,9 +852,9 @@ mod tests {
     /// A pod's namespace as CNI leaves it: one end of a veth pair with an
     /// address and a default route, the other end in a namespace of its
     /// own (the host's side). None when not root.
-    fn pod(tag: &str) -> Option<(Scratch, Scratch)> {
-        let pod = Scratch::new(tag)?;
-        let host = Scratch::new(&format!("{tag}-host"))?;
+    fn pod(tag: &str) -> (Scratch, Scratch) {
+        let pod = Scratch::new(tag);
+        let host = Scratch::new(&format!("{tag}-host"));
         assert!(ip(&[
             "link", "add", "eth0", "netns", &pod.0, "type", "veth", "peer", "name", "veth-h",
             "netns", &host.0,
@@ -857,14 +863,12 @@ mod tests {
         // An overlay network's MTU, as VXLAN's CNI plugins set it.
         pod.run(&["link", "set", "eth0", "mtu", "1450", "up"]);
         pod.run(&["route", "add", "default", "via", "10.77.0.1"]);
-        Some((pod, host))
+        (pod, host)
     }
 
     #[test]
     fn a_pods_interface_is_joined_to_a_tap_both_ways_and_unjoined_on_disconnect() {
-        let Some((pod, _host)) = pod("join") else {
-            return;
-        };
+        let (pod, _host) = pod("join");
         let resolv_conf = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(resolv_conf.path(), "nameserver 10.96.0.10\nsearch svc\n").unwrap();
         let (network, tap) = PodNetwork::connect(&pod.path(), Some(resolv_conf.path())).unwrap();
@@ -951,9 +955,7 @@ mod tests {
 
     #[test]
     fn a_dead_shims_qdisc_is_cleared_once_its_tap_has_gone() {
-        let Some((pod, _host)) = pod("left") else {
-            return;
-        };
+        let (pod, _host) = pod("left");
         let (network, tap) = PodNetwork::connect(&pod.path(), None).unwrap();
         // The shim dies, never disconnecting: its VM process, holding the
         // tap, with it.
@@ -967,16 +969,12 @@ mod tests {
 
     #[test]
     fn a_namespace_without_one_addressed_interface_is_refused_and_left_as_it_was() {
-        let Some(empty) = Scratch::new("empty") else {
-            return;
-        };
+        let empty = Scratch::new("empty");
         assert_eq!(
             refusal(&empty.path()),
             "network namespace NETNS has no Ethernet interface: expected the one CNI made"
         );
-        let Some((pod, _host)) = pod("noaddr") else {
-            return;
-        };
+        let (pod, _host) = pod("noaddr");
         pod.run(&["addr", "flush", "dev", "eth0"]);
         assert_eq!(
             refusal(&pod.path()),
