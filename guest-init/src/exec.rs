@@ -77,6 +77,72 @@ pub struct ExecRequest {
     /// request naming it. `None`: the guest's own root.
     #[serde(default)]
     pub root: Option<String>,
+    /// Host files to mount in that root before the process starts: a
+    /// container's bind mounts, copied ([`CopiedMount`]). Only a
+    /// container's first process carries them; its later ones (execs)
+    /// find them mounted.
+    #[serde(default)]
+    pub mounts: Vec<CopiedMount>,
+}
+
+/// The most bytes of file contents a request's [`CopiedMount`]s carry in
+/// all: with the JSON that spells each byte as a number (up to four
+/// characters), the request stays within [`MAX_FRAME`].
+pub const MAX_COPIED_BYTES: u64 = 192 * 1024;
+/// The most files, directories and links a request's mounts hold in all.
+pub const MAX_COPIED_ENTRIES: usize = 1024;
+
+/// A bind mount of a container's spec, whose host file or directory the
+/// VM cannot see: its contents travel with the request, guest-init writes
+/// them into memory (under /run/kiln/mounts) and bind-mounts that over
+/// `destination` in the process's root, as Kata Containers copies a
+/// pod's files into its VM when no filesystem is shared. A copy is made
+/// once; mounts with the same `source_key` (a pod's emptyDir, bound into
+/// two of its containers) share it, so one container's writes are the
+/// other's reads. Nothing is written back to the host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CopiedMount {
+    /// Where it is mounted: an absolute path in the process's root.
+    pub destination: String,
+    /// Names the host source, the same for every mount of it (a digest
+    /// of its path: letters and digits only).
+    pub source_key: String,
+    /// Mounted read-only (`ro` among the spec's options).
+    pub read_only: bool,
+    /// The source itself first (path ""), a file or a directory; then,
+    /// for a directory, everything under it, each parent before what it
+    /// holds.
+    pub entries: Vec<CopiedEntry>,
+}
+
+/// One file, directory or symbolic link of a [`CopiedMount`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CopiedEntry {
+    /// Its path under the source: names joined by `/`, none empty, `.`
+    /// or `..`; "" for the source itself.
+    pub path: String,
+    /// What it is, with what it holds.
+    pub kind: CopiedKind,
+    /// Its permission bits (and set-id and sticky bits).
+    pub mode: u32,
+    /// Its owner.
+    pub uid: u32,
+    /// Its group.
+    pub gid: u32,
+}
+
+/// What a [`CopiedEntry`] is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CopiedKind {
+    /// A directory.
+    Dir,
+    /// A regular file and its bytes.
+    File(Vec<u8>),
+    /// A symbolic link and its target, as the host has it.
+    Symlink(String),
 }
 
 /// A terminal's size, in characters.
@@ -252,6 +318,7 @@ mod tests {
                 tty: Some(WindowSize { rows: 24, cols: 80 }),
                 stdin: true,
                 root: Some("/dev/vdb".into()),
+                mounts: Vec::new(),
             }),
             Frame::Release("/dev/vdb".into()),
             Frame::Stdin(b"input".to_vec()),

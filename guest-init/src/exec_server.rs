@@ -24,7 +24,7 @@ use std::thread::{self, JoinHandle};
 
 use crate::config::RunConfig;
 use crate::exec::{EXEC_PORT, ExecRequest, Frame, RELEASE_REFUSED_STATUS, WindowSize};
-use crate::{function_mode, roots, supervisor, user};
+use crate::{binds, function_mode, roots, supervisor, user};
 
 /// How much output one frame carries at most.
 const CHUNK: usize = 32 * 1024;
@@ -188,7 +188,10 @@ fn run(
         .map(roots::mounted)
         .transpose()
         .map_err(|err| Refusal(supervisor::STATUS_NOT_EXECUTABLE, crate::one_line(&err)))?;
-    let config = prepared(&request, base, own_root.as_deref().unwrap_or(root))?;
+    let in_root = own_root.as_deref().unwrap_or(root);
+    binds::install(&request.mounts, in_root, Path::new(binds::COPIES_DIR))
+        .map_err(|err| Refusal(supervisor::STATUS_NOT_EXECUTABLE, crate::one_line(&err)))?;
+    let config = prepared(&request, base, in_root)?;
     let terminal = request
         .tty
         .map(|size| Terminal::open(size, own_root.as_deref().unwrap_or(Path::new("/"))))
@@ -550,6 +553,7 @@ mod tests {
             tty: None,
             stdin: true,
             root: None,
+            mounts: Vec::new(),
         }
     }
 

@@ -12,6 +12,8 @@
 #![cfg_attr(not(any(feature = "init", feature = "wire")), no_std)]
 
 #[cfg(feature = "init")]
+pub mod binds;
+#[cfg(feature = "init")]
 pub mod config;
 #[cfg(feature = "wire")]
 pub mod exec;

@@ -2,7 +2,7 @@
 //!
 //! Boot sequence, as PID 1 of a VM:
 //! 1. block SIGCHLD/SIGTERM/SIGINT (the supervisor takes them synchronously);
-//! 2. mount /dev (devtmpfs), /proc, /sys, /tmp, /run;
+//! 2. mount /dev (devtmpfs), /dev/shm, /proc, /sys, /tmp, /run;
 //! 3. if the kernel command line has `kiln.vmm=1`, gain the guest-init port
 //!    and report `InitStarted` (the VMM's boot timer stops here);
 //! 4. publish the instance metadata under /run/kiln (`metadata`); set the
@@ -48,9 +48,8 @@ use std::process::ExitCode;
 use guest_init::config::{CONFIG_PATH, ConfigError, RunConfig};
 use guest_init::exec::EXEC_PORT;
 use guest_init::function_mode::Mode;
-use guest_init::network::{
-    GUEST_RESOLV_CONF, NetConfig, RESOLV_CONF, RESOLV_CONF_DIR, RESOLV_CONF_NAME,
-};
+use guest_init::mounts::MountPoint;
+use guest_init::network::{GUEST_RESOLV_CONF, NetConfig, RESOLV_CONF};
 use guest_init::protocol::InitEvent;
 use guest_init::{
     exec_server, function_mode, function_runtime, mounts, network, one_line, supervisor, user,
@@ -206,12 +205,8 @@ fn write_resolv_conf(net: &NetConfig) {
     let Err(err) = network::replace_file(Path::new(RESOLV_CONF), &text) else {
         return;
     };
-    if let Err(bind) = mounts::bind_file_into(
-        GUEST_RESOLV_CONF,
-        Path::new("/"),
-        RESOLV_CONF_DIR,
-        RESOLV_CONF_NAME,
-    ) {
+    if let Err(bind) = mounts::bind_into(kept, Path::new("/"), RESOLV_CONF, MountPoint::File, false)
+    {
         eprintln!(
             "guest-init: cannot write {RESOLV_CONF} ({err}) nor mount {GUEST_RESOLV_CONF} on it ({bind}): the guest keeps the image's nameservers"
         );

@@ -11,14 +11,16 @@ use std::path::{Path, PathBuf};
 type Mount = (&'static str, &'static str, libc::c_ulong, &'static [i32]);
 
 /// The kernel's filesystems, which a root of its own needs too.
-/// devtmpfs first: the console lives there. devpts next: opening
+/// devtmpfs first: the console lives there. /dev/shm next, POSIX shared
+/// memory's (shm_open(3)), as Docker gives every container. devpts next: opening
 /// /dev/ptmx needs it at /dev/pts (the kernel finds its devpts instance
 /// by looking up `pts` beside the ptmx node, fs/devpts/inode.c,
 /// devpts_ptmx_path, and fails with ENOENT without it); a kernel without
 /// pseudo-terminals has no devpts (ENODEV), and `kiln exec -t` is then
 /// refused with its reason.
-const KERNEL_FILESYSTEMS: [Mount; 4] = [
+const KERNEL_FILESYSTEMS: [Mount; 5] = [
     ("devtmpfs", "/dev", libc::MS_NOSUID, &[]),
+    ("tmpfs", "/dev/shm", libc::MS_NOSUID | libc::MS_NODEV, &[]),
     (
         "devpts",
         "/dev/pts",
@@ -70,7 +72,7 @@ pub enum MountError {
     },
 }
 
-/// Mounts /dev, /dev/pts, /proc, /sys, /tmp and /run, creating the mount
+/// Mounts /dev, /dev/shm, /dev/pts, /proc, /sys, /tmp and /run, creating the mount
 /// points. A filesystem already mounted there (the kernel's devtmpfs
 /// automount) is fine.
 pub fn mount_all() -> Result<(), MountError> {
@@ -80,7 +82,7 @@ pub fn mount_all() -> Result<(), MountError> {
         .try_for_each(|mount| mount_under(Path::new("/"), mount))
 }
 
-/// Mounts /dev, /dev/pts, /proc and /sys inside `root` (a process's own
+/// Mounts /dev, /dev/shm, /dev/pts, /proc and /sys inside `root` (a process's own
 /// root filesystem), creating the mount points.
 pub fn mount_kernel_filesystems(root: &Path) -> Result<(), MountError> {
     KERNEL_FILESYSTEMS
@@ -132,25 +134,56 @@ pub fn mount(source: &str, target: &Path, fstype: &str, flags: libc::c_ulong) ->
     check(rc)
 }
 
-/// Bind-mounts the file `source` over `dir/name` inside `root` (a root
-/// filesystem), found as the root's own processes would find it: a
-/// symlink on the way resolves inside `root`, never out of it (openat2's
-/// RESOLVE_IN_ROOT), and the mount is made on the file found, through its
-/// descriptor. A root without that file gets it, empty (and `dir`, one
-/// directory right under the root, if missing), as runc makes a bind
-/// mount's target; in a read-only root that fails with EROFS.
-pub fn bind_file_into(source: &str, root: &Path, dir: &str, name: &str) -> io::Result<()> {
+/// What a bind mount's target is, and is made as when missing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MountPoint {
+    /// A file (an empty one is made).
+    File,
+    /// A directory.
+    Dir,
+}
+
+/// Bind-mounts `source` (a path of the guest's) over `destination` (an
+/// absolute path) inside `root`, found as the root's own processes would
+/// find it: a symlink on the way resolves inside `root`, never out of it
+/// (openat2's RESOLVE_IN_ROOT), and the mount is made on what was found,
+/// through its descriptor. What is missing of `destination` is made, its
+/// directories and the `point` itself, as runc makes a bind mount's
+/// target (in a read-only root that fails with EROFS). `read_only`
+/// remounts the bind read-only.
+pub fn bind_into(
+    source: &Path,
+    root: &Path,
+    destination: &str,
+    point: MountPoint,
+    read_only: bool,
+) -> io::Result<()> {
     let root = std::fs::File::open(root)?;
-    let path = format!("{dir}/{name}");
-    let target = match open_in_root(&root, &path, libc::O_PATH) {
+    let relative = destination.trim_start_matches('/');
+    let target = match open_in_root(&root, relative, libc::O_PATH) {
         Err(err) if err.kind() == io::ErrorKind::NotFound => {
-            create_in_root(&root, dir, name)?;
-            open_in_root(&root, &path, libc::O_PATH)?
+            make_in_root(&root, relative, point)?;
+            open_in_root(&root, relative, libc::O_PATH)?
         }
         found => found?,
     };
-    let target = PathBuf::from(format!("/proc/self/fd/{}", target.as_raw_fd()));
-    mount(source, &target, "", libc::MS_BIND)
+    let source = source.to_str().ok_or(io::ErrorKind::InvalidInput)?;
+    mount(source, &fd_path(&target), "", libc::MS_BIND)?;
+    if read_only {
+        // The bind's own root, which now covers the descriptor's file.
+        let bound = open_in_root(&root, relative, libc::O_PATH)?;
+        let flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY;
+        change_mount(
+            &CString::new(fd_path(&bound).into_os_string().into_vec())?,
+            flags,
+        )?;
+    }
+    Ok(())
+}
+
+/// The magic link through which a descriptor's file is named.
+fn fd_path(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
 
 /// openat2(2) of `path` under `root` with `flags`, resolved as if `root`
@@ -180,21 +213,41 @@ fn open_in_root(root: &std::fs::File, path: &str, flags: libc::c_int) -> io::Res
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
-/// Makes the empty file `name` in `dir` under `root`, and `dir` (one
-/// name, right under the root) first if missing. Neither a dangling
-/// symlink nor anything else already there is followed or replaced.
-fn create_in_root(root: &std::fs::File, dir: &str, name: &str) -> io::Result<()> {
-    let parent = match open_in_root(root, dir, libc::O_RDONLY | libc::O_DIRECTORY) {
-        Err(err) if err.kind() == io::ErrorKind::NotFound => {
-            let dir_name = CString::new(dir)?;
-            // SAFETY: `dir_name` is a valid NUL-terminated string of one
-            // path component, and `root` an open directory.
-            check(unsafe { libc::mkdirat(root.as_raw_fd(), dir_name.as_ptr(), 0o755) })?;
-            open_in_root(root, dir, libc::O_RDONLY | libc::O_DIRECTORY)?
-        }
-        found => found?,
+/// Makes `path` under `root` as `point`, and the directories before it
+/// that are missing, each by its one name in its parent (found inside
+/// the root). Nothing already there is followed or replaced: a dangling
+/// symlink in the way fails with EEXIST.
+fn make_in_root(root: &std::fs::File, path: &str, point: MountPoint) -> io::Result<()> {
+    let names: Vec<&str> = path.split('/').filter(|n| !n.is_empty()).collect();
+    let Some((last, parents)) = names.split_last() else {
+        return Err(io::ErrorKind::AlreadyExists.into());
     };
+    let mut parent = root.try_clone()?;
+    let mut so_far = String::new();
+    for name in parents {
+        so_far.push_str(name);
+        let dir = match open_in_root(root, &so_far, libc::O_RDONLY | libc::O_DIRECTORY) {
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                make_at(&parent, name, MountPoint::Dir)?;
+                open_in_root(root, &so_far, libc::O_RDONLY | libc::O_DIRECTORY)?
+            }
+            found => found?,
+        };
+        parent = std::fs::File::from(dir);
+        so_far.push('/');
+    }
+    make_at(&parent, last, point)
+}
+
+/// Makes `name` in the directory `parent` as `point`: a directory, or an
+/// empty file (never through a link, never over anything).
+fn make_at(parent: &std::fs::File, name: &str, point: MountPoint) -> io::Result<()> {
     let name = CString::new(name)?;
+    if point == MountPoint::Dir {
+        // SAFETY: `name` is a valid NUL-terminated string of one path
+        // component, and `parent` an open directory.
+        return check(unsafe { libc::mkdirat(parent.as_raw_fd(), name.as_ptr(), 0o755) });
+    }
     let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
     // SAFETY: `name` is a valid NUL-terminated string and `parent` an open
     // directory; the mode is an int, as openat's variadic argument takes.
@@ -294,28 +347,29 @@ pub fn change_mount(target: &CStr, flags: libc::c_ulong) -> io::Result<()> {
     check(rc)
 }
 
+/// Runs `body` on a thread of its own in a mount namespace of its own,
+/// whose mounts reach no other thread and end with it: a test's mounts.
+#[cfg(test)]
+pub(crate) fn in_own_mount_namespace(body: impl FnOnce() + Send + 'static) {
+    std::thread::spawn(|| {
+        // SAFETY: unshare takes flags only; it moves only this thread.
+        check(unsafe { libc::unshare(libc::CLONE_NEWNS) }).unwrap();
+        change_mount(c"/", libc::MS_REC | libc::MS_PRIVATE).unwrap();
+        body();
+    })
+    .join()
+    .unwrap();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Runs `body` on a thread of its own in a mount namespace of its own,
-    /// whose mounts reach no other thread and end with it.
-    fn in_own_mount_namespace(body: impl FnOnce() + Send + 'static) {
-        std::thread::spawn(|| {
-            // SAFETY: unshare takes flags only; it moves only this thread.
-            check(unsafe { libc::unshare(libc::CLONE_NEWNS) }).unwrap();
-            change_mount(c"/", libc::MS_REC | libc::MS_PRIVATE).unwrap();
-            body();
-        })
-        .join()
-        .unwrap();
-    }
-
     #[test]
-    fn a_bound_file_is_found_inside_the_root_and_made_when_missing() {
+    fn a_bind_target_is_found_inside_the_root_and_made_when_missing() {
         let source = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(source.path(), "nameserver 10.96.0.10\n").unwrap();
-        let source = source.path().to_str().unwrap().to_string();
+        let source = source.path().to_path_buf();
         let bare = tempfile::tempdir().unwrap();
         let with_file = tempfile::tempdir().unwrap();
         std::fs::create_dir(with_file.path().join("etc")).unwrap();
@@ -325,21 +379,45 @@ mod tests {
         let linked = tempfile::tempdir().unwrap();
         std::fs::create_dir(linked.path().join("etc")).unwrap();
         std::os::unix::fs::symlink(&source, linked.path().join("etc/resolv.conf")).unwrap();
+        let dir_source = tempfile::tempdir().unwrap();
+        std::fs::write(dir_source.path().join("app.conf"), "x = 1\n").unwrap();
+        let dir_source = dir_source.keep();
         let roots = [bare.path(), with_file.path(), linked.path()].map(Path::to_path_buf);
         in_own_mount_namespace(move || {
             for root in &roots[..2] {
-                bind_file_into(&source, root, "etc", "resolv.conf").unwrap();
+                bind_into(&source, root, "/etc/resolv.conf", MountPoint::File, false).unwrap();
                 let seen = std::fs::read_to_string(root.join("etc/resolv.conf")).unwrap();
                 assert_eq!(seen, "nameserver 10.96.0.10\n", "{root:?}");
             }
-            let err = bind_file_into(&source, &roots[2], "etc", "resolv.conf").unwrap_err();
+            let err = bind_into(
+                &source,
+                &roots[2],
+                "/etc/resolv.conf",
+                MountPoint::File,
+                false,
+            )
+            .unwrap_err();
             assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{err}");
+            // A directory, deep in a root that lacks its parents, read-only.
+            bind_into(
+                &dir_source,
+                &roots[0],
+                "/srv/app/config",
+                MountPoint::Dir,
+                true,
+            )
+            .unwrap();
+            let conf = roots[0].join("srv/app/config/app.conf");
+            assert_eq!(std::fs::read_to_string(&conf).unwrap(), "x = 1\n");
+            let err = std::fs::write(&conf, "x = 2\n").unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::ReadOnlyFilesystem);
         });
         // Unmounted with the namespace: what each root holds on its own.
         assert_eq!(
             std::fs::read(bare.path().join("etc/resolv.conf")).unwrap(),
             b""
         );
+        assert!(bare.path().join("srv/app/config").is_dir());
         let kept = std::fs::read_to_string(with_file.path().join("etc/resolv.conf")).unwrap();
         assert_eq!(kept, "image's\n");
     }

@@ -34,10 +34,6 @@ use crate::config::{ConfigError, kiln_params};
 pub const INTERFACE: &str = "eth0";
 /// Where the nameservers go, in every root.
 pub const RESOLV_CONF: &str = "/etc/resolv.conf";
-/// [`RESOLV_CONF`]'s directory, right under a root.
-pub const RESOLV_CONF_DIR: &str = "etc";
-/// [`RESOLV_CONF`]'s name in it.
-pub const RESOLV_CONF_NAME: &str = "resolv.conf";
 /// The resolv.conf guest-init wrote from the command line, kept in memory
 /// (/run is a tmpfs): what a read-only root, and every root of a pod's
 /// container (`guest_init::roots`), gets bind-mounted at [`RESOLV_CONF`].

@@ -7,7 +7,7 @@
 //! re-reads the capacity from a work queue. So the first request naming
 //! a device waits, for at most [`MEDIUM_TIMEOUT`], until sysfs gives the
 //! device sectors; then mounts its ext4 filesystem under [`ROOTS_DIR`],
-//! with /dev, /dev/pts, /proc and /sys inside, and the pod's resolv.conf
+//! with /dev, /dev/shm, /dev/pts, /proc and /sys inside, and the pod's resolv.conf
 //! over its own (when the pod has nameservers), once for every request
 //! naming it (the container's first process and its execs). Each process
 //! enters it in the child, before it drops to its user ([`enter`]): a
@@ -29,8 +29,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::mounts::MountPoint;
 use crate::mounts::{self, MountError};
-use crate::network::{GUEST_RESOLV_CONF, RESOLV_CONF, RESOLV_CONF_DIR, RESOLV_CONF_NAME};
+use crate::network::{GUEST_RESOLV_CONF, RESOLV_CONF};
 
 /// Where each device's root filesystem is mounted, in a directory named
 /// after the device (`/run/kiln/roots/vdb`).
@@ -367,12 +368,11 @@ fn mount_root(device: &str, target: &Path, read_only: bool) -> Result<(), MountE
 /// Without it the container keeps its image's file, which the console is
 /// told; that is no reason to refuse the container.
 fn share_pod_dns(device: &str, target: &Path) {
-    if !Path::new(GUEST_RESOLV_CONF).exists() {
+    let kept = Path::new(GUEST_RESOLV_CONF);
+    if !kept.exists() {
         return;
     }
-    if let Err(err) =
-        mounts::bind_file_into(GUEST_RESOLV_CONF, target, RESOLV_CONF_DIR, RESOLV_CONF_NAME)
-    {
+    if let Err(err) = mounts::bind_into(kept, target, RESOLV_CONF, MountPoint::File, false) {
         eprintln!(
             "guest-init: root {device}: cannot mount {GUEST_RESOLV_CONF} on its {RESOLV_CONF} ({err}): it keeps its image's nameservers"
         );

@@ -11,6 +11,7 @@
 //! [`vm::VM_SUBCOMMAND`]), and ends with it.
 #![warn(missing_docs)]
 
+pub mod binds;
 pub mod network;
 pub mod pod;
 pub mod rootfs;

@@ -8,16 +8,17 @@
 //! `linux.resources.memory.limit` and `cpu.quota`/`period`; the CRI pod
 //! annotations ([`crate::pod`]); the network namespace's path and the
 //! mount at /etc/resolv.conf (the pod's network and DNS,
-//! [`crate::network`]). The VM is the isolation boundary, so the spec's
+//! [`crate::network`]); the other bind mounts, copied into the guest
+//! ([`crate::binds`]). The VM is the isolation boundary, so the spec's
 //! other namespaces, cgroups paths, seccomp profile, capabilities and
-//! other mounts (guest-init mounts /proc, /sys, /dev, /tmp and /run
-//! itself) are not read.
+//! rlimits are not read.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use guest_init::exec::{ExecRequest, WindowSize};
 use oci_spec::runtime::{Linux, LinuxNamespaceType, LinuxResources, Process, Spec};
 
+use crate::binds::{self, BindError};
 use crate::pod::{PodError, Role};
 
 /// vCPUs of a VM whose spec sets no CPU quota.
@@ -95,6 +96,9 @@ pub enum SpecError {
     /// The pod annotations are not CRI's.
     #[error(transparent)]
     Pod(#[from] PodError),
+    /// A mount the VM cannot have.
+    #[error(transparent)]
+    Bind(#[from] BindError),
     /// An exec's process spec is not JSON of an OCI process.
     #[error("the exec's process spec is not an OCI process")]
     ExecProcess(#[source] serde_json::Error),
@@ -143,8 +147,10 @@ pub fn load(bundle: &Path, host: Host) -> Result<Container, SpecError> {
     let spec = read(bundle)?;
     let process = spec.process().as_ref().ok_or(SpecError::NoArgs)?;
     let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
+    let mut process = request(process)?;
+    process.mounts = binds::copied(spec.mounts().as_deref().unwrap_or_default())?;
     Ok(Container {
-        process: request(process)?,
+        process,
         hostname: hostname(spec.hostname().clone().unwrap_or_default())?,
         cpu_limit: cpu_limit(resources, host)?,
         memory_limit_mib: memory_limit_mib(resources, host)?,
@@ -264,6 +270,8 @@ fn request(process: &Process) -> Result<ExecRequest, SpecError> {
         stdin: false,
         // A pod member's root disk, which only the task service knows.
         root: None,
+        // The container's, which `load` adds; an exec's finds them.
+        mounts: Vec::new(),
     })
 }
 
@@ -542,17 +550,29 @@ mod tests {
     }
 
     #[test]
-    fn the_pods_resolv_conf_is_the_mount_at_etc_resolv_conf() {
+    fn the_pods_resolv_conf_is_read_and_the_other_binds_copied() {
+        let pod = tempfile::tempdir().unwrap();
+        let hosts = pod.path().join("hosts");
+        std::fs::write(&hosts, "10.88.0.5 web\n").unwrap();
         let mut config = spec(process(), serde_json::json!({}));
         config["mounts"] = serde_json::json!([
-            {"destination": "/etc/hosts", "type": "bind", "source": "/pod/hosts"},
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/etc/hosts", "type": "bind", "source": hosts},
             {"destination": "/etc/resolv.conf", "type": "bind", "source": "/pod/resolv.conf"},
         ]);
         let dir = bundle(config);
+        let container = load(dir.path(), HOST).unwrap();
         assert_eq!(
-            load(dir.path(), HOST).unwrap().resolv_conf,
+            container.resolv_conf,
             Some(PathBuf::from("/pod/resolv.conf"))
         );
+        let copied: Vec<&str> = container
+            .process
+            .mounts
+            .iter()
+            .map(|m| m.destination.as_str())
+            .collect();
+        assert_eq!(copied, ["/etc/hosts"]);
     }
 
     #[test]

@@ -92,6 +92,7 @@ fn request(args: &Args) -> anyhow::Result<ExecRequest> {
         tty: args.tty.then(terminal_size),
         stdin: args.interactive,
         root: None,
+        mounts: Vec::new(),
     })
 }
 

@@ -7,7 +7,8 @@
 # eth0 the veth's MTU, the container reaches L1's end of the veth
 # and L1 reaches a listener in the container. The container is a pod's
 # sandbox: a member in its namespace shares the VM's NIC, one in another
-# namespace is refused. The sandbox's Delete leaves the namespace as it
+# namespace is refused; both mount one emptyDir, one directory in the
+# VM. The sandbox's Delete leaves the namespace as it
 # was made (no tap, no qdisc, the veth and its address). A
 # namespace path that does not exist fails Create with its reason and
 # leaves nothing; a container without one has no NIC. Needs L1 to have
@@ -75,8 +76,12 @@ pod_run() {
         --annotation io.kubernetes.cri.sandbox-id=web --with-ns "network:$netns" "$@"
 }
 printf 'nameserver 10.88.7.53\nsearch pod.local\noptions ndots:2\n' > "$WORK/resolv.conf"
+# An emptyDir both containers mount: one directory in the pod's VM.
+mkdir -p "$WORK/shared"
+shared="type=bind,src=$WORK/shared,dst=/shared,options=rbind:rw"
 pod_run sandbox "/var/run/netns/$pod" \
-    --mount "type=bind,src=$WORK/resolv.conf,dst=/etc/resolv.conf,options=rbind:ro" "$img" web \
+    --mount "type=bind,src=$WORK/resolv.conf,dst=/etc/resolv.conf,options=rbind:ro" \
+    --mount "$shared" "$img" web \
     busybox nc -ll -p 8080 -e busybox echo hello-from-the-pod > "$WORK/web.txt" 2>&1
 status=$?
 expect_eq pod-container-created 0 "$status"
@@ -114,13 +119,17 @@ expect_contains l1-reaches-the-container "$WORK/served.txt" '^hello-from-the-pod
 
 # A member of the pod, in its namespace as CRI puts it, shares the VM's
 # NIC (no tap of its own); one in another namespace is refused.
-pod_run container "/var/run/netns/$pod" "$img" side busybox sleep 600 < /dev/null > "$WORK/side.txt" 2>&1
+pod_run container "/var/run/netns/$pod" --mount "$shared" "$img" side busybox sleep 600 \
+    < /dev/null > "$WORK/side.txt" 2>&1
 expect_eq pod-member-created 0 "$?"
 expect_eq pod-member-adds-no-tap 1 "$(ip -n "$pod" -o link show | grep -c ' tap0_kiln:')"
 ctr task exec --exec-id ping side busybox ping -c 1 -W 10 10.88.7.1 < /dev/null > "$WORK/side-ping.txt" 2>&1
 expect_eq pod-member-reaches-l1 0 "$?"
 ctr task exec --exec-id dns side cat /etc/resolv.conf < /dev/null > "$WORK/side-dns.txt" 2>&1
 expect_contains pod-member-has-the-pods-nameserver "$WORK/side-dns.txt" '^nameserver 10.88.7.53$'
+ctr task exec --exec-id write web busybox sh -c 'echo from-the-sandbox > /shared/note' < /dev/null
+ctr task exec --exec-id read side cat /shared/note < /dev/null > "$WORK/shared.txt" 2>&1
+expect_eq pod-members-share-an-emptydir from-the-sandbox "$(cat "$WORK/shared.txt")"
 pod_run container /var/run/netns/kiln-other "$img" stray true < /dev/null > "$WORK/stray.txt" 2>&1
 expect_contains pod-member-in-another-namespace-refused "$WORK/stray.txt" \
     'network namespace "/var/run/netns/kiln-other": expected the pod.s "/var/run/netns/kiln-pod"'

@@ -5,7 +5,8 @@
 # takes `ctr task exec`; two run at once; containerd restarted with a task
 # running still has it, and it can be killed and deleted; a container
 # whose shim is killed is cleaned up; an absurd memory limit fails Create
-# with its reason and leaves nothing behind. A pod (CRI's two annotations,
+# with its reason and leaves nothing behind. Bind mounts are copied in,
+# one read-only; a tmpfs mount elsewhere is refused. A pod (CRI's two annotations,
 # set through ctr) runs its containers in one VM, each on its own root
 # disk (a spare drive filled at Create), reaching each other over
 # loopback; a member goes alone, the sandbox takes the VM with it. The containers' VM processes
@@ -25,6 +26,28 @@ kiln_run --rm "$img" first sh -c 'echo "hello from a microVM"; exit 3' \
 expect_eq run-exit-code 3 "$?"
 expect_contains run-stdout "$WORK/first.txt" '^hello from a microVM$'
 expect_eq run-rm-leaves-no-container "" "$(ctr container ls -q)"
+
+# Bind mounts are copied into the VM: a directory, read-only (laid out as
+# a ConfigMap's, a link into ..data), and a file; /dev/shm is a tmpfs.
+mkdir -p "$WORK/config/..data"
+echo 'level = debug' > "$WORK/config/..data/app.conf"
+ln -s ..data/app.conf "$WORK/config/app.conf"
+echo 'a file of its own' > "$WORK/note.txt"
+kiln_run --rm --mount "type=bind,src=$WORK/config,dst=/etc/app,options=rbind:ro" \
+    --mount "type=bind,src=$WORK/note.txt,dst=/srv/note.txt,options=rbind:rw" "$img" binds \
+    sh -c 'cat /etc/app/app.conf /srv/note.txt; echo x > /etc/app/new && echo writable
+        busybox grep -q " /dev/shm tmpfs " /proc/mounts && echo shm-is-tmpfs' \
+    < /dev/null > "$WORK/binds.txt" 2>&1
+expect_eq binds-exit-code 0 "$?"
+expect_contains bind-directory-copied "$WORK/binds.txt" '^level = debug$'
+expect_contains bind-file-copied "$WORK/binds.txt" '^a file of its own$'
+expect_eq bind-read-only 0 "$(grep -c '^writable$' "$WORK/binds.txt")"
+expect_contains dev-shm-is-tmpfs "$WORK/binds.txt" '^shm-is-tmpfs$'
+# A mount the VM cannot have is refused at Create, naming it.
+kiln_run --rm --mount "type=tmpfs,src=tmpfs,dst=/scratch" "$img" scratch true \
+    < /dev/null > "$WORK/scratch.txt" 2>&1
+expect_eq tmpfs-mount-refused 1 "$?"
+expect_contains tmpfs-mount-reason "$WORK/scratch.txt" 'mount /scratch (type tmpfs): expected a bind mount'
 
 # -t: the container's process has a terminal of ctr's size (xtask pty
 # gives ctr one), and its exit code comes back. Unanchored: the ^D that

@@ -17,6 +17,8 @@
 # every pod; the L1 has neither.
 mkdir -p /etc
 [ -e /etc/hosts ] || echo "127.0.0.1 localhost" > /etc/hosts
+# A line every pod's copy of /etc/hosts must have.
+grep -q kiln-cri-marker /etc/hosts || echo "10.88.0.250 kiln-cri-marker" >> /etc/hosts
 [ -e /etc/resolv.conf ] || : > /etc/resolv.conf
 
 root=$WORK/containerd
@@ -143,6 +145,14 @@ pod_execs() {
         expect_contains "$h-$c-has-the-pods-search-domains" "$WORK/$h-$c-resolv.txt" \
             '^search default\.svc\.cluster\.local svc\.cluster\.local cluster\.local$'
         expect_contains "$h-$c-has-the-pods-options" "$WORK/$h-$c-resolv.txt" '^options ndots:5$'
+    done
+    # CRI's other mounts, copied into the VM on kiln: the pod's
+    # /etc/hostname and /etc/hosts (a copy of L1's, with its marker).
+    for c in server client; do
+        eval "id=\$$c"
+        cri exec "$id" -- cat /etc/hostname /etc/hosts > "$WORK/$h-$c-etc.txt" 2>&1
+        expect_contains "$h-$c-has-the-pods-hostname-file" "$WORK/$h-$c-etc.txt" "^pod-$h\$"
+        expect_contains "$h-$c-has-the-pods-hosts" "$WORK/$h-$c-etc.txt" '^10.88.0.250 kiln-cri-marker$'
     done
     boot_server=$(cri exec "$server" -- cat /proc/sys/kernel/random/boot_id)
     boot_client=$(cri exec "$client" -- cat /proc/sys/kernel/random/boot_id)

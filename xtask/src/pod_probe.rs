@@ -277,6 +277,7 @@ fn request(script: &str, root: Option<&str>) -> ExecRequest {
         tty: None,
         stdin: false,
         root: root.map(String::from),
+        mounts: Vec::new(),
     }
 }
 

@@ -244,6 +244,7 @@ mod tests {
             tty: None,
             stdin: true,
             root: None,
+            mounts: Vec::new(),
         }
     }
 
