@@ -8,7 +8,12 @@ use anyhow::{Context, Result, bail};
 
 use crate::{install, sh};
 
-const TARGET: &str = "x86_64-unknown-linux-gnu";
+/// The target static programs are built for: naming it keeps
+/// [`STATIC_RUSTFLAGS`] off build scripts and proc-macros, which stay
+/// dynamic (a proc-macro cannot be built with `+crt-static`).
+pub const TARGET: &str = "x86_64-unknown-linux-gnu";
+/// What links a program statically.
+pub const STATIC_RUSTFLAGS: &str = "-C target-feature=+crt-static";
 const PROFILE: &str = "guest-init";
 /// The size the project promises for guest-init: 1.2 MiB (issue 2).
 const SIZE_GOAL: u64 = 12 * 1024 * 1024 / 10;
@@ -29,8 +34,7 @@ pub fn build() -> Result<PathBuf> {
                 "--target",
                 TARGET,
             ])
-            // Only the target artifacts get +crt-static; build scripts stay dynamic.
-            .env("RUSTFLAGS", "-C target-feature=+crt-static"),
+            .env("RUSTFLAGS", STATIC_RUSTFLAGS),
     )?;
     let binary = root
         .join("target")

@@ -39,8 +39,9 @@ fn file_name(path: &Path) -> String {
 /// `cargo xtask install-cli`: the `kiln` command on PATH, with its shell
 /// completions and man pages. `cargo install --path .` puts the binary in
 /// `$CARGO_HOME/bin` (`~/.cargo/bin`, which rustup adds to PATH), built
-/// in the workspace's target directory, so a release build already made
-/// is reused. The completions and pages come from the installed binary
+/// in the workspace's target directory, statically linked as the
+/// benchmarks' and tests' `kiln` is (`harness::build_kiln`), so a release
+/// build already made is reused. The completions and pages come from the installed binary
 /// (`kiln __generate`) and go where the tools look: bash-completion's
 /// and fish's per-user directories, a zsh `site-functions` directory to
 /// add to `fpath`, and `$CARGO_HOME/share/man`, which man-db finds next
@@ -53,8 +54,10 @@ pub fn install_cli() -> Result<()> {
         std::process::Command::new(env!("CARGO"))
             .current_dir(root)
             .args(["install", "--quiet", "--locked", "--path", "."])
+            .args(["--target", crate::init::TARGET])
             .arg("--target-dir")
-            .arg(&target),
+            .arg(&target)
+            .env("RUSTFLAGS", crate::init::STATIC_RUSTFLAGS),
     )?;
     let home = PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?);
     // Where `cargo install` puts it: the first of these that is set.

@@ -197,8 +197,9 @@ fn write_executable(path: &Path, text: &str) -> Result<()> {
     Ok(())
 }
 
-/// Copies a dynamically linked program and every library `ldd` lists, at
-/// their own paths, so it runs in the initramfs as on the host.
+/// Copies a program and, if it is dynamically linked, every library
+/// `ldd` lists, at their own paths, so it runs in the initramfs as on the
+/// host.
 fn copy_with_libraries(program: &Path, to: &Path, tree: &Path) -> Result<()> {
     copy(program, to)?;
     for library in shared_libraries(program)? {
@@ -216,6 +217,9 @@ fn copy_with_libraries(program: &Path, to: &Path, tree: &Path) -> Result<()> {
 
 fn shared_libraries(program: &Path) -> Result<Vec<PathBuf>> {
     let listing = sh::output(Command::new("ldd").arg(program))?;
+    if listing.trim() == "statically linked" {
+        return Ok(Vec::new());
+    }
     let libraries: Vec<PathBuf> = listing
         .split_whitespace()
         .filter(|word| word.starts_with('/'))

