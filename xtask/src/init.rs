@@ -18,24 +18,21 @@ const PROFILE: &str = "guest-init";
 /// The size the project promises for guest-init: 1.2 MiB (issue 2).
 const SIZE_GOAL: u64 = 12 * 1024 * 1024 / 10;
 
+/// `cargo build ARGS` for [`TARGET`], statically linked.
+pub fn build_static(args: &[&str]) -> Result<()> {
+    sh::run(
+        Command::new(env!("CARGO"))
+            .current_dir(sh::workspace_root())
+            .args(["build", "--quiet", "--target", TARGET])
+            .args(args)
+            .env("RUSTFLAGS", STATIC_RUSTFLAGS),
+    )
+}
+
 /// Builds the static guest-init, checks it, installs it and returns its path.
 pub fn build() -> Result<PathBuf> {
     let root = sh::workspace_root();
-    sh::run(
-        Command::new(env!("CARGO"))
-            .current_dir(root)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "guest-init",
-                "--profile",
-                PROFILE,
-                "--target",
-                TARGET,
-            ])
-            .env("RUSTFLAGS", STATIC_RUSTFLAGS),
-    )?;
+    build_static(&["-p", "guest-init", "--profile", PROFILE])?;
     let binary = root
         .join("target")
         .join(TARGET)
