@@ -171,30 +171,39 @@ fn entry_path(
     Ok(top.join(&entry.path))
 }
 
-/// Writes one entry at `path`, owned as on the host; a directory's mode
-/// waits for [`write_entries`].
+/// Writes one entry at `path`, owned as on the host, then a file's mode
+/// (after the owner: a change of owner clears the set-id bits); a
+/// directory's mode waits for [`write_entries`].
 fn write_entry(entry: &CopiedEntry, path: &Path) -> io::Result<()> {
-    match &entry.kind {
-        CopiedKind::Dir => std::fs::create_dir(path)?,
+    let file = match &entry.kind {
+        CopiedKind::Dir => {
+            std::fs::create_dir(path)?;
+            None
+        }
         CopiedKind::File(bytes) => {
             let mut file = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
-                .mode(entry.mode)
+                .mode(0o600)
                 .open(path)?;
             file.write_all(bytes)?;
-            // The umask took bits the host's file has.
-            file.set_permissions(std::fs::Permissions::from_mode(entry.mode))?;
+            Some(file)
         }
-        CopiedKind::Symlink(target) => std::os::unix::fs::symlink(target, path)?,
-    }
-    let path = CString::new(path.as_os_str().as_bytes())?;
-    // SAFETY: `path` is a valid NUL-terminated string; lchown changes the
-    // entry itself, never what a link points to.
-    if unsafe { libc::lchown(path.as_ptr(), entry.uid, entry.gid) } != 0 {
+        CopiedKind::Symlink(target) => {
+            std::os::unix::fs::symlink(target, path)?;
+            None
+        }
+    };
+    let c_path = CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: `c_path` is a valid NUL-terminated string; lchown changes
+    // the entry itself, never what a link points to.
+    if unsafe { libc::lchown(c_path.as_ptr(), entry.uid, entry.gid) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(())
+    match file {
+        Some(file) => file.set_permissions(std::fs::Permissions::from_mode(entry.mode)),
+        None => Ok(()),
+    }
 }
 
 fn write_error(mount: &CopiedMount, path: &Path) -> impl FnOnce(io::Error) -> BindError {
@@ -239,6 +248,11 @@ mod tests {
                     CopiedKind::Symlink("..data/app.conf".into()),
                     0o777,
                 ),
+                CopiedEntry {
+                    uid: 1000,
+                    gid: 2000,
+                    ..entry("tool", CopiedKind::File(b"#!/bin/sh\n".to_vec()), 0o4750)
+                },
             ],
         }
     }
@@ -258,6 +272,13 @@ mod tests {
             assert_eq!(std::fs::read_to_string(&conf).unwrap(), "level = debug\n");
             let mode = std::fs::metadata(&conf).unwrap().permissions().mode();
             assert_eq!(mode & 0o7777, 0o640);
+            // Owned as on the host, its set-uid bit kept past the chown.
+            use std::os::unix::fs::MetadataExt;
+            let tool = std::fs::metadata(root.join("etc/app/tool")).unwrap();
+            assert_eq!(
+                (tool.uid(), tool.gid(), tool.mode() & 0o7777),
+                (1000, 2000, 0o4750)
+            );
             let top = std::fs::metadata(root.join("etc/app"))
                 .unwrap()
                 .permissions()

@@ -3,9 +3,10 @@
 //! or Secret's files, the service account token, a pod's /etc/hosts, an
 //! emptyDir) is read here and copied into the guest with the container's
 //! first process ([`CopiedMount`]), as Kata Containers copies them when
-//! no filesystem is shared; guest-init mounts the copy. The copy is taken
-//! when the container is created: later changes on the host (a ConfigMap
-//! updated) do not reach it, and nothing is written back.
+//! no filesystem is shared; guest-init mounts the copy. The first
+//! container of the VM to mount a source makes its copy, later ones share
+//! it: later changes on the host (a ConfigMap updated) do not reach the
+//! guest, and nothing is written back.
 //!
 //! Not copied:
 //! - the mounts of the guest's own filesystems, which every spec lists
