@@ -3,7 +3,7 @@
 # port (-p); two instances reach each other; ps shows addresses and ports;
 # a port in use or no CAP_NET_ADMIN is refused with nothing left behind;
 # --network none has no NIC; a killed VMM leaves no tap; terminate frees
-# the address.
+# the address; the host's DNS reaches the guest.
 . "$(dirname "$0")/lib.sh"
 
 # get ADDRESS PORT FILE: an HTTP GET of / into FILE, retrying while the
@@ -102,3 +102,23 @@ expect_eq terminated-address-reused "$address" "$(field "$again" address)"
 wait_console again "local-ipv4: $address" guest-knows-its-address
 
 for name in peer nonet again; do "$KILN" terminate "$name" > /dev/null 2>&1; done
+
+# DNS: the host's resolv.conf (one written here; L1 has none) reaches an
+# instance's guest whole, but for the host's loopback resolver. L1's own
+# is put back after. (Unanchored at the end: the console ends lines with
+# CR LF.)
+if [ -e /etc/resolv.conf ]; then cp /etc/resolv.conf "$WORK/l1-resolv.conf"; fi
+had_etc=no
+if [ -d /etc ]; then had_etc=yes; fi
+mkdir -p /etc
+printf 'nameserver 127.0.0.53\nnameserver 10.0.0.2\nsearch kiln.test\noptions ndots:2\n' > /etc/resolv.conf
+"$KILN" run vm-test:1.0.0 --name dns --cmdline 'kiln.entrypoint="/bin/cat /etc/resolv.conf"' \
+    < /dev/null > "$WORK/dns.txt" 2>&1
+expect_contains guest-has-the-hosts-nameserver "$WORK/dns.txt" '^nameserver 10\.0\.0\.2'
+expect_eq guest-not-the-hosts-loopback 0 "$(grep -c '^nameserver 127' "$WORK/dns.txt")"
+expect_contains guest-has-the-search-domain "$WORK/dns.txt" '^search kiln\.test'
+expect_contains guest-has-the-options "$WORK/dns.txt" '^options ndots:2'
+"$KILN" terminate dns > /dev/null 2>&1
+rm -f /etc/resolv.conf
+if [ -e "$WORK/l1-resolv.conf" ]; then cp "$WORK/l1-resolv.conf" /etc/resolv.conf; fi
+if [ "$had_etc" = no ]; then rmdir /etc; fi
