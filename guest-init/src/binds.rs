@@ -7,9 +7,7 @@
 //!
 //! A copy is written beside its place and renamed there when whole, so a
 //! request that fails half-way leaves none for the next to take.
-use std::ffi::CString;
 use std::io::{self, Write};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
@@ -194,12 +192,8 @@ fn write_entry(entry: &CopiedEntry, path: &Path) -> io::Result<()> {
             None
         }
     };
-    let c_path = CString::new(path.as_os_str().as_bytes())?;
-    // SAFETY: `c_path` is a valid NUL-terminated string; lchown changes
-    // the entry itself, never what a link points to.
-    if unsafe { libc::lchown(c_path.as_ptr(), entry.uid, entry.gid) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // The entry itself, never what a link points to.
+    std::os::unix::fs::lchown(path, Some(entry.uid), Some(entry.gid))?;
     match file {
         Some(file) => file.set_permissions(std::fs::Permissions::from_mode(entry.mode)),
         None => Ok(()),

@@ -39,6 +39,18 @@ pub mod supervisor;
 #[cfg(feature = "init")]
 pub mod user;
 
+/// A system call's result that is 0, or -1 with `errno` set, as an
+/// `io::Result`. It only reads `errno`, so a child between fork and exec
+/// may call it.
+#[cfg(feature = "init")]
+pub(crate) fn check(rc: libc::c_int) -> std::io::Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// `err` and each of its causes, outermost first, joined by ": ": how an
 /// error reaches a person, in the guest (the console, a refused
 /// invocation's `error`) and on the host (re-exported as

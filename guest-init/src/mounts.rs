@@ -6,6 +6,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
+use crate::check;
+
 /// A filesystem PID 1 mounts: (type, where, flags, errors that are fine
 /// besides EBUSY).
 type Mount = (&'static str, &'static str, libc::c_ulong, &'static [i32]);
@@ -265,15 +267,6 @@ fn make_at(parent: &std::fs::File, name: &str, point: MountPoint) -> io::Result<
     // SAFETY: openat returned a new descriptor; it is closed here.
     drop(unsafe { OwnedFd::from_raw_fd(fd) });
     Ok(())
-}
-
-/// A libc call's 0-or-errno result.
-fn check(rc: libc::c_int) -> io::Result<()> {
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 /// umount2(2) of the filesystem mounted on `target`, without flags: it

@@ -28,6 +28,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
+use crate::check;
 use crate::config::{ConfigError, kiln_params};
 
 /// The VMM's virtio-net device, the guest's only NIC.
@@ -437,15 +438,6 @@ fn default_route(gateway: Ipv4Addr) -> libc::rtentry {
     route.rt_gateway = sockaddr_v4(gateway);
     route.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
     route
-}
-
-/// A libc call's 0-or-errno result.
-fn check(rc: libc::c_int) -> io::Result<()> {
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 #[cfg(test)]

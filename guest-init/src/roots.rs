@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::check;
 use crate::mounts::MountPoint;
 use crate::mounts::{self, MountError};
 use crate::network::{GUEST_RESOLV_CONF, RESOLV_CONF};
@@ -300,11 +301,7 @@ const MOUNTINFO: &str = "/proc/self/mountinfo";
 fn sync_filesystem(path: &Path) -> io::Result<()> {
     let dir = std::fs::File::open(path)?;
     // SAFETY: syncfs takes an open descriptor, which `dir` keeps open.
-    if unsafe { libc::syncfs(dir.as_raw_fd()) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    check(unsafe { libc::syncfs(dir.as_raw_fd()) })
 }
 
 /// Waits until the block device whose sysfs directory is `sysfs` has
@@ -384,13 +381,6 @@ fn share_pod_dns(device: &str, target: &Path) {
 /// as its root directory, and `workdir` (inside it) as its working
 /// directory. Only system calls: async-signal-safe.
 pub fn enter(root: &CStr, workdir: &CStr) -> io::Result<()> {
-    let check = |rc: libc::c_int| {
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
-    };
     // SAFETY: unshare takes flags only.
     check(unsafe { libc::unshare(libc::CLONE_NEWNS) })?;
     mounts::change_mount(c"/", libc::MS_REC | libc::MS_PRIVATE)?;
