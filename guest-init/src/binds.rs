@@ -151,15 +151,14 @@ fn entry_path(
             Err(bad())
         };
     }
-    let names: Vec<&str> = entry.path.split('/').collect();
-    if names
-        .iter()
-        .any(|n| n.is_empty() || *n == "." || *n == "..")
+    if entry
+        .path
+        .split('/')
+        .any(|n| n.is_empty() || n == "." || n == "..")
     {
         return Err(bad());
     }
-    let parent = &entry.path[..entry.path.len() - names[names.len() - 1].len()];
-    let parent = parent.trim_end_matches('/');
+    let parent = entry.path.rsplit_once('/').map_or("", |(parent, _)| parent);
     let parent_is_dir = mount.entries[..index]
         .iter()
         .any(|e| e.path == parent && e.kind == CopiedKind::Dir);
