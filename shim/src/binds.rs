@@ -113,7 +113,6 @@ pub fn copied(mounts: &[Mount]) -> Result<Vec<CopiedMount>, BindError> {
     for mount in mounts {
         let destination = mount.destination();
         if !is_bind(mount) {
-            let kind = mount.typ().clone().unwrap_or_default();
             if GUEST_PROVIDED
                 .iter()
                 .any(|place| destination == Path::new(place))
@@ -122,7 +121,7 @@ pub fn copied(mounts: &[Mount]) -> Result<Vec<CopiedMount>, BindError> {
             }
             return Err(BindError::Type {
                 destination: destination.clone(),
-                kind,
+                kind: mount.typ().clone().unwrap_or_default(),
             });
         }
         if destination == Path::new(RESOLV_CONF) || destination == Path::new(DEV_SHM) {
@@ -140,8 +139,8 @@ pub fn copied(mounts: &[Mount]) -> Result<Vec<CopiedMount>, BindError> {
 /// A bind: the type `bind`, or a `bind`/`rbind` option (as `ctr --mount`
 /// writes one, with no type).
 fn is_bind(mount: &Mount) -> bool {
-    let options = mount.options().iter().flatten();
-    mount.typ().as_deref() == Some("bind") || options.clone().any(|o| o == "bind" || o == "rbind")
+    let mut options = mount.options().iter().flatten();
+    mount.typ().as_deref() == Some("bind") || options.any(|o| o == "bind" || o == "rbind")
 }
 
 fn read_only(mount: &Mount) -> bool {
@@ -163,67 +162,22 @@ fn copy(
     read_only: bool,
     budget: &mut Budget,
 ) -> Result<CopiedMount, BindError> {
-    let read_error = |path: &Path| {
-        let (destination, path) = (destination.to_path_buf(), path.to_path_buf());
-        move |source| BindError::Read {
-            destination,
-            path,
-            source,
-        }
-    };
-    let top = fs::metadata(source).map_err(read_error(source))?;
+    let top = fs::metadata(source).map_err(read_error(destination, source))?;
     let mut entries = Vec::new();
     // (host path, path under the source, metadata): a directory's entries
     // are listed when it is taken, so parents come first.
     let mut pending = vec![(source.to_path_buf(), String::new(), top)];
     while let Some((path, relative, metadata)) = pending.pop() {
         budget.entries += 1;
-        let kind =
-            if metadata.is_dir() {
-                for child in sorted_children(&path)
-                    .map_err(read_error(&path))?
-                    .into_iter()
-                    .rev()
-                {
-                    let child_meta = fs::symlink_metadata(&child).map_err(read_error(&child))?;
-                    let name = child.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
-                        BindError::Name {
-                            destination: destination.to_path_buf(),
-                            path: child.clone(),
-                        }
-                    })?;
-                    let child_relative = match relative.as_str() {
-                        "" => name.to_string(),
-                        parent => format!("{parent}/{name}"),
-                    };
-                    pending.push((child, child_relative, child_meta));
-                }
-                CopiedKind::Dir
-            } else if metadata.is_file() {
-                let within = MAX_COPIED_BYTES - budget.bytes;
-                let bytes =
-                    read_regular(&path, relative.is_empty(), within).map_err(read_error(&path))?;
-                budget.bytes += bytes.len() as u64;
-                if budget.bytes > MAX_COPIED_BYTES {
-                    return Err(too_large(destination));
-                }
-                CopiedKind::File(bytes)
-            } else if metadata.file_type().is_symlink() {
-                let target = fs::read_link(&path).map_err(read_error(&path))?;
-                let target = target.to_str().ok_or_else(|| BindError::Name {
-                    destination: destination.to_path_buf(),
-                    path: path.clone(),
-                })?;
-                CopiedKind::Symlink(target.to_string())
-            } else {
-                return Err(BindError::Special {
-                    destination: destination.to_path_buf(),
-                    path,
-                });
-            };
         if budget.entries > MAX_COPIED_ENTRIES {
             return Err(too_large(destination));
         }
+        let kind = if metadata.is_dir() {
+            pending.extend(children(&path, &relative, destination)?.into_iter().rev());
+            CopiedKind::Dir
+        } else {
+            leaf(&path, relative.is_empty(), &metadata, destination, budget)?
+        };
         entries.push(CopiedEntry {
             path: relative,
             kind,
@@ -238,6 +192,87 @@ fn copy(
         read_only,
         entries,
     })
+}
+
+/// The directory `dir`'s entries by name, each with its path under the
+/// source (`dir`'s is `relative`) and its own metadata (links not
+/// followed).
+fn children(
+    dir: &Path,
+    relative: &str,
+    destination: &Path,
+) -> Result<Vec<(PathBuf, String, fs::Metadata)>, BindError> {
+    let mut children = fs::read_dir(dir)
+        .and_then(|list| {
+            list.map(|entry| entry.map(|e| e.path()))
+                .collect::<std::io::Result<Vec<_>>>()
+        })
+        .map_err(read_error(destination, dir))?;
+    children.sort();
+    children
+        .into_iter()
+        .map(|child| {
+            let metadata = fs::symlink_metadata(&child).map_err(read_error(destination, &child))?;
+            let name = child
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| name_error(destination, &child))?;
+            let under = match relative {
+                "" => name.to_string(),
+                parent => format!("{parent}/{name}"),
+            };
+            Ok((child, under, metadata))
+        })
+        .collect()
+}
+
+/// What a file or link at `path` is, its contents counted against the
+/// budget; anything else is refused. Only the source itself (`top`) is
+/// followed if a link.
+fn leaf(
+    path: &Path,
+    top: bool,
+    metadata: &fs::Metadata,
+    destination: &Path,
+    budget: &mut Budget,
+) -> Result<CopiedKind, BindError> {
+    if metadata.is_file() {
+        let within = MAX_COPIED_BYTES - budget.bytes;
+        let bytes = read_regular(path, top, within).map_err(read_error(destination, path))?;
+        budget.bytes += bytes.len() as u64;
+        if budget.bytes > MAX_COPIED_BYTES {
+            return Err(too_large(destination));
+        }
+        return Ok(CopiedKind::File(bytes));
+    }
+    if metadata.file_type().is_symlink() {
+        let target = fs::read_link(path).map_err(read_error(destination, path))?;
+        let target = target
+            .to_str()
+            .ok_or_else(|| name_error(destination, path))?;
+        return Ok(CopiedKind::Symlink(target.to_string()));
+    }
+    Err(BindError::Special {
+        destination: destination.to_path_buf(),
+        path: path.to_path_buf(),
+    })
+}
+
+/// A read of `path`'s error, for `map_err`.
+fn read_error(destination: &Path, path: &Path) -> impl FnOnce(std::io::Error) -> BindError {
+    let (destination, path) = (destination.to_path_buf(), path.to_path_buf());
+    move |source| BindError::Read {
+        destination,
+        path,
+        source,
+    }
+}
+
+fn name_error(destination: &Path, path: &Path) -> BindError {
+    BindError::Name {
+        destination: destination.to_path_buf(),
+        path: path.to_path_buf(),
+    }
 }
 
 fn too_large(destination: &Path) -> BindError {
@@ -264,15 +299,6 @@ fn read_regular(path: &Path, followed: bool, within: u64) -> std::io::Result<Vec
     let mut bytes = Vec::new();
     file.take(within + 1).read_to_end(&mut bytes)?;
     Ok(bytes)
-}
-
-/// A directory's entries, by name.
-fn sorted_children(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut children = fs::read_dir(dir)?
-        .map(|entry| entry.map(|e| e.path()))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    children.sort();
-    Ok(children)
 }
 
 /// The key of a host source: the start of its path's SHA-256, in hex.
