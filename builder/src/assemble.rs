@@ -1,7 +1,7 @@
 //! Assembling an image's root tree in a staging directory: the parent
-//! image's files, the recipe's host build commands, files and binaries
-//! (with their ELF closure), guest-init at /sbin/init and its run
-//! configuration; then readying the tree for the build VM's steps
+//! image's files, the mount points guest-init needs, the recipe's host
+//! build commands, files and binaries (with their ELF closure), guest-init
+//! at /sbin/init and its run configuration; then readying the tree for the build VM's steps
 //! ([`prepare_vm_steps`]), and the tree they leave for the image
 //! ([`finish_vm_steps`]).
 use std::fs::{self, File};
@@ -148,10 +148,20 @@ pub fn finish_import(
     write_config(archive, stage, config)
 }
 
+/// The file guest-init writes the DNS settings it is given over, or
+/// bind-mounts them onto where the root is read-only, which needs the file
+/// there to mount on: every image has one, empty unless its base or recipe
+/// brings its own, as Docker's init layer gives every container one.
+const RESOLV_CONF: &str = "/etc/resolv.conf";
+
 fn make_skeleton(stage: &Stage) -> Result<(), AssembleError> {
     for (dir, mode) in SKELETON {
         stage.create_dir_all(Path::new(dir), *mode)?;
         stage.set_mode(Path::new(dir), *mode)?;
+    }
+    let resolv_conf = Path::new(RESOLV_CONF);
+    if stage.kind(resolv_conf)?.is_none() {
+        stage.write_file(resolv_conf, 0o644, &mut io::empty())?;
     }
     Ok(())
 }
@@ -579,6 +589,46 @@ env = { LANG = "C" }
     /// A build step sees PATH, HOME, DESTDIR and its declared `env`, and
     /// none of the caller's other variables (under `cargo test`, CARGO_*
     /// and the like: the whole environment was inherited before).
+    #[test]
+    fn every_image_has_a_resolv_conf_to_mount_on_unless_it_brings_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("resolv"), "nameserver 192.0.2.53\n").unwrap();
+        let bare = recipe_in(
+            dir.path(),
+            "[image]\nname = \"x\"\nversion = \"1.0.0\"\n[run]\nentrypoint = [\"/x\"]\n",
+        );
+        let stage = Stage::create(&dir.path().join("bare")).unwrap();
+        assemble(&bare, &stage, Path::new("/bin/busybox"), None).unwrap();
+        let made = stage.path().join("etc/resolv.conf");
+        assert_eq!(fs::read(&made).unwrap(), b"");
+        assert_eq!(
+            fs::metadata(&made).unwrap().permissions().mode() & 0o7777,
+            0o644
+        );
+
+        // A base's link (systemd-resolved's) stays a link.
+        let linked = Stage::create(&dir.path().join("linked")).unwrap();
+        let target = Path::new("../run/systemd/resolve/stub-resolv.conf");
+        linked.create_dir_all(Path::new("/etc"), 0o755).unwrap();
+        linked.symlink(target, Path::new(RESOLV_CONF)).unwrap();
+        assemble(&bare, &linked, Path::new("/bin/busybox"), None).unwrap();
+        let link = linked.path().join("etc/resolv.conf");
+        assert_eq!(fs::read_link(link).unwrap(), target);
+
+        // A recipe's own file wins.
+        let own = recipe_in(
+            dir.path(),
+            "[image]\nname = \"x\"\nversion = \"1.0.0\"\n[[files]]\nsrc = \"resolv\"\n\
+             dst = \"/etc/resolv.conf\"\n[run]\nentrypoint = [\"/x\"]\n",
+        );
+        let stage = Stage::create(&dir.path().join("own")).unwrap();
+        assemble(&own, &stage, Path::new("/bin/busybox"), None).unwrap();
+        assert_eq!(
+            fs::read_to_string(stage.path().join("etc/resolv.conf")).unwrap(),
+            "nameserver 192.0.2.53\n"
+        );
+    }
+
     #[test]
     fn a_build_step_gets_a_clean_environment() {
         let dir = tempfile::tempdir().unwrap();
