@@ -7,6 +7,7 @@
 //! it, so the file is byte-identical whatever the thread count: the same
 //! raw filesystem (and parent) gives the same digest.
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Seek, SeekFrom, Write};
 use std::path::Path;
@@ -113,17 +114,21 @@ pub fn write_with(
         sizes.max as usize,
     );
     let mut chunks = Vec::new();
+    let mut zeros = ZeroChunks::new(sizes.max as usize);
     for chunk in chunker {
         let chunk = chunk.map_err(|err| io_err(raw)(err.into()))?;
-        let sha256: [u8; 32] = Sha256::digest(&chunk.data).into();
-        let place = if chunk.data.iter().all(|&b| b == 0) {
-            Place::Zero
-        } else if let Some(place) = known.get(&sha256) {
-            *place
-        } else {
-            let place = frames.add(&chunk.data).map_err(io_err(out))?;
-            known.insert(sha256, place);
-            place
+        let (sha256, place) = match zeros.digest(&chunk.data) {
+            Some(sha256) => (sha256, Place::Zero),
+            None => {
+                let sha256: [u8; 32] = Sha256::digest(&chunk.data).into();
+                let place = match known.entry(sha256) {
+                    Entry::Occupied(known) => *known.get(),
+                    Entry::Vacant(new) => {
+                        *new.insert(frames.add(&chunk.data).map_err(io_err(out))?)
+                    }
+                };
+                (sha256, place)
+            }
         };
         chunks.push((chunk.offset, chunk.length as u32, sha256, place));
     }
@@ -148,6 +153,36 @@ pub fn write_with(
         digest: file_digest(out)?,
         layers,
     })
+}
+
+/// Recognises all-zero chunks and gives their SHA-256 (the index keeps
+/// one for every chunk). A filesystem's free space is most of an image's
+/// zero chunks, and a run of zeros has no content-defined boundary, so
+/// nearly all of them are cut at the largest size: each length is hashed
+/// once, not each chunk.
+struct ZeroChunks {
+    zeros: Vec<u8>,
+    digests: HashMap<usize, [u8; 32]>,
+}
+
+impl ZeroChunks {
+    fn new(max_len: usize) -> Self {
+        ZeroChunks {
+            zeros: vec![0; max_len],
+            digests: HashMap::new(),
+        }
+    }
+
+    /// The SHA-256 of `data` if it is all zeros (and no longer than the
+    /// largest chunk); `None` otherwise.
+    fn digest(&mut self, data: &[u8]) -> Option<[u8; 32]> {
+        // A slice comparison is one memcmp, which is vectorised.
+        if self.zeros.get(..data.len())? != data {
+            return None;
+        }
+        let digest = self.digests.entry(data.len());
+        Some(*digest.or_insert_with(|| Sha256::digest(data).into()))
+    }
 }
 
 /// Where a chunk's bytes are stored, as the writer knows it.
@@ -374,6 +409,20 @@ fn compress_run(frames: &[Vec<u8>], level: i32) -> io::Result<Vec<Vec<u8>>> {
 mod tests {
     use super::*;
     use crate::Reader;
+
+    #[test]
+    fn zero_chunks_get_the_digest_of_their_zeros_and_nothing_else_does() {
+        let mut zeros = ZeroChunks::new(64);
+        for len in [64, 17, 64] {
+            let expected: [u8; 32] = Sha256::digest(vec![0; len]).into();
+            assert_eq!(zeros.digest(&vec![0; len]), Some(expected));
+        }
+        assert_eq!(zeros.digests.len(), 2, "each length hashed once");
+        let mut last_byte_set = vec![0; 64];
+        last_byte_set[63] = 1;
+        assert_eq!(zeros.digest(&last_byte_set), None);
+        assert_eq!(zeros.digest(&[0; 65]), None, "longer than any chunk");
+    }
 
     /// Compressible, varied data: text-like runs with a counter in them.
     fn raw_file(dir: &Path, len: usize) -> std::path::PathBuf {
