@@ -1,8 +1,8 @@
-//! The Debian 12 minbase root recipes/debian is based on: `mmdebstrap
+//! The Debian 12 minbase root recipes/debian-base imports: `mmdebstrap
 //! --variant=minbase bookworm` from the host's apt mirror, as a tar,
 //! cached by its arguments and linked at `target/debian-base.tar`, where
-//! the recipe's `base = "tar:../../target/debian-base.tar"` finds it (the
-//! e2e harness keeps the same layout inside L1, under /kiln).
+//! the recipe's `base = "tar:../../target/debian-base.tar"` finds it. The
+//! image that recipe makes is recipes/debian's parent.
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::PathBuf;
@@ -35,8 +35,8 @@ const OPTIONS: &[&str] = &[
 /// times it records (files, dpkg's and apt's logs) are the same on every
 /// run, so the same package versions give the same tar.
 const SOURCE_DATE_EPOCH: &str = "1767225600";
-/// Where recipes/debian finds the base, relative to the workspace.
-pub const BASE_LINK: &str = "target/debian-base.tar";
+/// Where recipes/debian-base finds the base, relative to the workspace.
+const BASE_LINK: &str = "target/debian-base.tar";
 
 /// Makes the base (or finds it in the cache), links it at [`BASE_LINK`]
 /// and returns the cached tar's path.

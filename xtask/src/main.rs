@@ -99,8 +99,8 @@ enum Task {
     Kernel,
     /// Build the static guest-init and install it; prints its path last.
     Init,
-    /// Make (or find in the cache) the Debian 12 minbase root recipes/debian
-    /// is based on, with mmdebstrap, and link it at target/debian-base.tar; prints its path last.
+    /// Make (or find in the cache) the Debian 12 minbase root recipes/debian-base
+    /// imports, with mmdebstrap, and link it at target/debian-base.tar; prints its path last.
     DebianBase,
     /// Assemble the stub guest (a few instructions in place of a kernel,
     /// for measuring the VMM itself) and install it; prints its path last.

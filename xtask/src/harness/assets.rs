@@ -99,18 +99,43 @@ const RECIPES: &[(&str, &str)] = &[
 /// (tests/vm/image-tests.sh).
 pub fn build_recipes(kiln: &Path, guest_init: &Path, kiln_home: &Path) -> Result<()> {
     for (recipe, dir) in RECIPES {
-        let printed = sh::output(
-            Command::new(kiln)
-                .arg("build")
-                .arg(sh::workspace_root().join(dir))
-                .arg("--skip-tests")
-                .arg("--init")
-                .arg(guest_init)
-                .env("KILN_HOME", kiln_home),
-        )
-        .with_context(|| format!("building the {recipe} recipe"))?;
-        eprint!("xtask: {printed}");
+        build_recipe(kiln, guest_init, kiln_home, recipe, dir)?;
     }
+    Ok(())
+}
+
+/// Builds recipes/debian-base, the parent recipes/debian starts from, into
+/// the store of `kiln_home`: an import needing no VM, so done here, on the
+/// host's own CPUs, once per store. Needs the base tar
+/// ([`crate::debian::base`]).
+pub fn build_debian_base(kiln: &Path, guest_init: &Path, kiln_home: &Path) -> Result<()> {
+    build_recipe(
+        kiln,
+        guest_init,
+        kiln_home,
+        "debian-base",
+        "recipes/debian-base",
+    )
+}
+
+fn build_recipe(
+    kiln: &Path,
+    guest_init: &Path,
+    kiln_home: &Path,
+    recipe: &str,
+    dir: &str,
+) -> Result<()> {
+    let printed = sh::output(
+        Command::new(kiln)
+            .arg("build")
+            .arg(sh::workspace_root().join(dir))
+            .arg("--skip-tests")
+            .arg("--init")
+            .arg(guest_init)
+            .env("KILN_HOME", kiln_home),
+    )
+    .with_context(|| format!("building the {recipe} recipe"))?;
+    eprint!("xtask: {printed}");
     Ok(())
 }
 

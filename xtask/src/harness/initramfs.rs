@@ -22,9 +22,10 @@ pub struct Payload<'a> {
     pub assets: &'a Path,
     /// The image store the recipes were built into.
     pub images: &'a Path,
-    /// The Debian base, when a scenario builds recipes/debian: it and the
-    /// recipe go under [`WORKSPACE_DIR`] as they are in the workspace.
-    pub debian_base: Option<&'a Path>,
+    /// Whether a scenario builds recipes/debian: the recipe goes under
+    /// [`WORKSPACE_DIR`] as it is in the workspace (its parent image is in
+    /// [`Payload::images`]).
+    pub debian_recipe: bool,
     /// The command line /init runs.
     pub job: &'a str,
     /// The host link's shell variables ([`super::host_steps::l1_environment`]),
@@ -166,12 +167,10 @@ pub fn pack(tree: &Path, archive: &Path, payload: &Payload) -> Result<()> {
     copy_dir(payload.assets, &tree.join("kiln/assets"), "ext4")?;
     copy_tree(payload.images, &tree.join("kiln/images"))?;
     copy_scenarios(&tree.join("kiln/tests"))?;
-    if let Some(base) = payload.debian_base {
-        let workspace = tree.join(WORKSPACE_DIR);
-        copy(base, &workspace.join(crate::debian::BASE_LINK))?;
+    if payload.debian_recipe {
         copy_tree(
             &sh::workspace_root().join("recipes/debian"),
-            &workspace.join("recipes/debian"),
+            &tree.join(WORKSPACE_DIR).join("recipes/debian"),
         )?;
     }
     fs::write(tree.join("kiln/job"), payload.job)?;

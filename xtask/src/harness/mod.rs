@@ -88,19 +88,21 @@ pub struct Prepared {
     assets: PathBuf,
     /// The image store (`$KILN_HOME/images`) the recipes were built into.
     images: PathBuf,
-    /// The Debian base recipes/debian reads, when a scenario builds it:
-    /// that recipe has VM steps, so it is built where the scenario runs.
-    debian_base: Option<PathBuf>,
+    /// Whether a scenario builds recipes/debian: that recipe has VM steps,
+    /// so it is built where the scenario runs, from its parent image
+    /// (`debian-base`, built here into [`Prepared::images`]).
+    debian: bool,
     kiln: PathBuf,
     out: PathBuf,
 }
 
 /// The scenario that builds recipes/debian, for which [`prepare`] makes
-/// the Debian base.
+/// the Debian base and its image.
 pub const DEBIAN_SCENARIO: &str = "build-debian";
 
 /// Installs packages and builds the kernel, guest-init, images and `kiln`;
-/// with `debian`, the Debian base too.
+/// with `debian`, the Debian base and the image of it recipes/debian
+/// starts from too.
 pub fn prepare(debian: bool) -> Result<Prepared> {
     apt::ensure(PACKAGES)?;
     let kernel = kernel::build()?;
@@ -110,13 +112,16 @@ pub fn prepare(debian: bool) -> Result<Prepared> {
     let assets = assets::build(&out.join("assets"), &guest_init)?;
     let kiln_home = out.join("kiln-home");
     assets::build_recipes(&kiln, &guest_init, &kiln_home)?;
-    let debian_base = debian.then(crate::debian::base).transpose()?;
+    if debian {
+        crate::debian::base()?;
+        assets::build_debian_base(&kiln, &guest_init, &kiln_home)?;
+    }
     Ok(Prepared {
         kernel,
         guest_init,
         assets,
         images: kiln_home.join("images"),
-        debian_base,
+        debian,
         kiln,
         out,
     })
@@ -309,7 +314,7 @@ fn nested(prepared: &Prepared, job: &Job, link: &HostLink) -> Result<Command> {
         guest_init: &prepared.guest_init,
         assets: &prepared.assets,
         images: &prepared.images,
-        debian_base: prepared.debian_base.as_deref(),
+        debian_recipe: prepared.debian,
         job: &expand(&job.command, initramfs::TESTS_DIR, initramfs::XTASK_PATH).join(" "),
         host_link_env: &host_steps::l1_environment(),
         l1_version: &l1_kernel()?.1,
