@@ -8,7 +8,7 @@
 //! a pod's VM takes its members' root disks ([`VmProcess::attach`]).
 use std::fs::{self, File};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::{Arc, mpsc};
@@ -16,7 +16,6 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use guest_init::exec::CONTAINER_CMDLINE_FLAG;
-use kiln_control::instance;
 use kiln_control::jail::{self, Access, Jail, JailError, JailSettings};
 use kiln_vmm::config::{
     Boot, CacheAccess, ConfigError, DiskConfig, DiskSource, VmConfig, VsockConfig,
@@ -25,6 +24,7 @@ use kiln_vmm::devices::virtio::net::tap::Tap;
 use kiln_vmm::machine::VMM_ERROR_STATUS;
 use kiln_vmm::report::one_line;
 use kiln_vmm::rpc::{self, ControlClient, ControlError, ControlListener, ControlRequest};
+use kiln_vmm::supervised;
 use kiln_vmm::volume::{Volume, VolumeError};
 
 use crate::rootfs::INIT_PATH;
@@ -261,11 +261,11 @@ impl VmProcess {
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(spawn_err)?)
             .stderr(log);
-        instance::inherit(&mut command, &vm_end);
+        supervised::inherit(&mut command, vm_end.as_fd());
         let tap = tap.map(OwnedFd::from);
         if let Some(tap) = &tap {
             command.arg(tap.as_raw_fd().to_string());
-            instance::inherit(&mut command, tap);
+            supervised::inherit(&mut command, tap.as_fd());
         }
         let (started, pid) = mpsc::channel();
         let waiter = thread::Builder::new()

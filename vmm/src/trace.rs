@@ -9,36 +9,85 @@
 //! after that a mark is one `clock_gettime` (vDSO) and one `write(2)` of
 //! the whole line to an `O_APPEND` descriptor, calls every thread's filter
 //! allows, and atomic, so lines from processes and threads never interleave.
+//!
+//! A jailed VM process cannot open the file by name (its root holds no
+//! such path, and its uid may not write the file): the process that starts
+//! it passes its own descriptor instead ([`pass_to`], [`TRACE_FD_ENV`]).
+//! Its PID in its lines is then its PID in its own PID namespace, 1.
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, RawFd};
+use std::process::Command;
 use std::sync::OnceLock;
 
 /// The environment variable that names the trace file.
 pub const TRACE_ENV: &str = "KILN_TRACE";
+/// The environment variable through which a parent hands its child the
+/// trace file as an open descriptor: its number.
+pub const TRACE_FD_ENV: &str = "KILN_TRACE_FD";
 
 /// The trace file and this process's pid (taken once: a vCPU thread's
 /// filter does not allow `getpid`).
 static TRACE: OnceLock<Option<(File, u32)>> = OnceLock::new();
 
-/// Opens the trace file if [`TRACE_ENV`] names one; call it once, in
-/// `main`, before any thread installs its seccomp filter. A file that
-/// cannot be opened turns tracing off with a warning: it never stops the
-/// command.
+/// Takes the trace file a parent passed ([`TRACE_FD_ENV`]), or opens the
+/// one [`TRACE_ENV`] names; call it once, in `main`, before any thread
+/// installs its seccomp filter. A file that cannot be opened turns
+/// tracing off with a warning: it never stops the command.
 pub fn init() {
     TRACE.get_or_init(|| {
-        let path = std::env::var_os(TRACE_ENV).filter(|p| !p.is_empty())?;
-        match OpenOptions::new().append(true).create(true).open(&path) {
-            Ok(file) => Some((file, std::process::id())),
-            Err(err) => {
-                log::warn!(
-                    "{TRACE_ENV}={}: cannot open: {}",
-                    path.display(),
-                    crate::report::one_line(&err)
-                );
-                None
-            }
-        }
+        let file = inherited().or_else(opened)?;
+        Some((file, std::process::id()))
     });
+}
+
+/// The descriptor a parent passed in [`TRACE_FD_ENV`], closed on exec
+/// again (this process's own children get it only through [`pass_to`]);
+/// `None` without one, or if it is not open.
+fn inherited() -> Option<File> {
+    let fd: RawFd = std::env::var(TRACE_FD_ENV).ok()?.parse().ok()?;
+    // Never standard input, output or error: those are the command's.
+    if fd <= 2 {
+        return None;
+    }
+    // SAFETY: F_SETFD takes an int and touches no memory; on a descriptor
+    // that is not open it fails with EBADF and changes nothing.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        return None;
+    }
+    // SAFETY: the descriptor is open (the fcntl above succeeded), and the
+    // parent left it open across exec for this use alone ([`pass_to`]):
+    // nothing else in this process owns it.
+    Some(unsafe { File::from_raw_fd(fd) })
+}
+
+/// The file [`TRACE_ENV`] names, opened for appending.
+fn opened() -> Option<File> {
+    let path = std::env::var_os(TRACE_ENV).filter(|p| !p.is_empty())?;
+    match OpenOptions::new().append(true).create(true).open(&path) {
+        Ok(file) => Some(file),
+        Err(err) => {
+            log::warn!(
+                "{TRACE_ENV}={}: cannot open: {}",
+                path.display(),
+                crate::report::one_line(&err)
+            );
+            None
+        }
+    }
+}
+
+/// Has `command`'s child write its marks to this process's trace file,
+/// through the descriptor, if tracing is on: for a child that cannot open
+/// the file by name (a jailed VM process).
+pub fn pass_to(command: &mut Command) {
+    let Some(Some((file, _))) = TRACE.get() else {
+        return;
+    };
+    let fd = file.as_fd();
+    command.env(TRACE_FD_ENV, fd.as_raw_fd().to_string());
+    // The file is open for this process's whole life (the static `TRACE`).
+    crate::supervised::inherit(command, fd);
 }
 
 /// Records that this process has reached `stage` (a word), if tracing is on.

@@ -6,7 +6,7 @@
 //! `root: /dev/vdb`, then gives the drive back (guest-init's release of
 //! the root, then `detachdisk`) and fills it again with another disk,
 //! printing one line per step for the scenario to check.
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode};
 use std::time::Duration;
@@ -60,7 +60,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .arg(theirs.as_raw_fd().to_string())
         .arg("--supervisor")
         .arg(std::process::id().to_string());
-    kiln_control::instance::inherit(&mut command, &theirs);
+    kiln_vmm::supervised::inherit(&mut command, theirs.as_fd());
     let mut vm = command.spawn().context("cannot start the VM process")?;
     drop(theirs);
     let volumes = [

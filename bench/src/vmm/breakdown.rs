@@ -113,7 +113,7 @@ const INSTANCE_HEAD: [Milestone; 6] = [
     (
         Role::Vm,
         "main",
-        "the VM process spawned: exec, loading, argument parsing",
+        "the VM process spawned: its jail entered (namespaces, root, cgroup, uid), exec, loading, argument parsing",
     ),
 ];
 

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+use super::breakdown;
 use crate::plot::{self, Line, PlotError};
 use crate::report::{Environment, close};
 use crate::stats::{Stats, nearest_rank, sorted};
@@ -449,16 +450,25 @@ impl VmmReport {
         if !positive(self.vmm_rss_mib) {
             problems.push(format!("vmm_rss_mib {} is not positive", self.vmm_rss_mib));
         }
-        for (what, stages) in [
-            ("breakdown", &self.breakdown),
-            ("vm_breakdown", &self.vm_breakdown),
+        for (what, stages, path) in [
+            ("breakdown", &self.breakdown, breakdown::instance_path()),
+            ("vm_breakdown", &self.vm_breakdown, breakdown::vm_path()),
         ] {
-            if stages.is_empty()
-                || stages
-                    .iter()
-                    .any(|s| !(s.ms_p50.is_finite() && s.ms_p50 >= 0.0))
+            if stages
+                .iter()
+                .any(|s| !(s.ms_p50.is_finite() && s.ms_p50 >= 0.0))
             {
-                problems.push(format!("{what}: empty, or a stage of no positive length"));
+                problems.push(format!("{what}: a stage of no positive length"));
+            }
+            // Every process traces, a jailed VM process too (through the
+            // descriptor its supervisor passes): a stage no run passed is a
+            // trace point lost.
+            if stages.len() != path.len() {
+                problems.push(format!(
+                    "{what}: {} of its {} stages traced",
+                    stages.len(),
+                    path.len()
+                ));
             }
         }
         if self.goals != self.goals() {
@@ -601,11 +611,16 @@ mod tests {
             vmm_rss_kib_p50: 4952,
             vmm_anon_kib_p50: 544,
         };
-        let stage = |stage: &str, ms_p50, at_ms_p50| Stage {
-            stage: stage.into(),
-            process: "VM process".into(),
-            ms_p50,
-            at_ms_p50,
+        // Every stage of a path, each 1 ms long.
+        let traced = |path: Vec<breakdown::Milestone>| -> Vec<Stage> {
+            (path.iter().enumerate())
+                .map(|(i, &(_, _, what))| Stage {
+                    stage: what.into(),
+                    process: "VM process".into(),
+                    ms_p50: 1.0,
+                    at_ms_p50: (i + 1) as f64,
+                })
+                .collect()
         };
         let mut report = VmmReport {
             schema_version: SCHEMA_VERSION,
@@ -636,8 +651,8 @@ mod tests {
             clone_concurrency: 8,
             clones: vec![clones(1, 50.0), clones(8, 240.0)],
             vmm_rss_mib: 4952.0 / 1024.0,
-            breakdown: vec![stage("exec", 1.9, 1.9), stage("heartbeat", 8.5, 10.4)],
-            vm_breakdown: vec![stage("exec", 1.8, 1.8), stage("heartbeat", 1.8, 3.6)],
+            breakdown: traced(breakdown::instance_path()),
+            vm_breakdown: traced(breakdown::vm_path()),
             kiln,
             qemu: Some(qemu),
             firecracker: None,
@@ -789,7 +804,7 @@ mod tests {
             "restore_ms_p99 1 is not its series' (14.6)",
             "clones_per_s is not the best concurrency's",
             "kiln: the percentiles are not the samples'",
-            "vm_breakdown: empty",
+            "vm_breakdown: 0 of its 9 stages traced",
             "the goals are not this report's numbers",
         ] {
             assert!(

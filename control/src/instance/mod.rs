@@ -40,10 +40,8 @@ use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::net::Ipv4Addr;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -336,27 +334,6 @@ impl FileLock {
 pub(crate) fn inheritable(fd: BorrowedFd<'_>) -> io::Result<i32> {
     rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
     Ok(fd.as_raw_fd())
-}
-
-/// Has `command`'s child inherit `fd` (which stays close-on-exec here,
-/// so no other child of this process gets it, unlike [`inheritable`]'s).
-pub fn inherit(command: &mut Command, fd: &OwnedFd) {
-    let fd: RawFd = fd.as_raw_fd();
-    // SAFETY: the closure makes one fcntl call, which is
-    // async-signal-safe, and allocates nothing, as what runs between fork
-    // and exec must not; `fd` stays open in this process until the spawn
-    // has returned (its owner is dropped after).
-    unsafe { command.pre_exec(move || keep_open_across_exec(fd)) };
-}
-
-/// Clears `fd`'s close-on-exec flag.
-fn keep_open_across_exec(fd: RawFd) -> io::Result<()> {
-    // SAFETY: F_SETFD takes an int and touches no memory of ours; a
-    // closed `fd` is an error, not undefined behaviour.
-    if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Takes ownership of descriptor `fd`, which a parent passed down

@@ -21,7 +21,7 @@
 //! ends the child (its disks flush as it stops) and starts another, in the
 //! same VMM process, with the same ids and the same root volume.
 use std::fs;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
@@ -34,6 +34,7 @@ use kiln_vmm::config::ConfigError;
 use kiln_vmm::devices::lock;
 use kiln_vmm::rpc::{self, ControlClient};
 use kiln_vmm::seccomp::{self, SeccompError, ThreadKind};
+use kiln_vmm::supervised;
 use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
 
 use super::actions;
@@ -262,7 +263,7 @@ fn vm_command(
     let mut inherited = Vec::new();
     if let Some(nic) = &config.net {
         let tap: OwnedFd = network::open_tap(nic, instance.record.address)?.into();
-        super::inherit(&mut command, &tap);
+        supervised::inherit(&mut command, tap.as_fd());
         command.arg("--tap-fd").arg(tap.as_raw_fd().to_string());
         inherited.push(tap);
     }
@@ -489,7 +490,7 @@ fn start_vm(
     } = {
         let mut instance = lock(&shared.instance);
         let mut spawn = vm_command(&instance, start)?;
-        super::inherit(&mut spawn.command, &vm_end);
+        supervised::inherit(&mut spawn.command, vm_end.as_fd());
         let jail = spawn.jail.as_deref().map(Jail::info);
         instance.mark_running(restore.is_some(), jail)?;
         spawn

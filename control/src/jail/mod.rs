@@ -385,6 +385,8 @@ impl Jail {
     /// Has `command` enter the jail in its child, between fork and exec.
     /// Spawn it with [`spawn`], which gives it its PID namespace.
     pub fn confine(self: &Arc<Jail>, command: &mut Command) {
+        // Its root holds no path to a benchmark's trace file.
+        kiln_vmm::trace::pass_to(command);
         let jail = self.clone();
         // SAFETY: Jail::enter makes system calls only, on what was
         // prepared before the fork: nothing it does allocates or takes a
