@@ -42,9 +42,9 @@ pub type Milestone = (Role, &'static str, &'static str);
 /// The benchmark's own stage name for the first heartbeat it saw.
 const HEARTBEAT_STAGE: &str = "heartbeat";
 
-/// The VM process's stages, from its start to the guest's first heartbeat:
-/// the tail both paths share.
-const VM_STAGES: [Milestone; 8] = [
+/// The VM process's stages, from its start to its first KVM_RUN: what
+/// every path through a restore shares.
+const VM_STAGES: [Milestone; 7] = [
     (
         Role::Vm,
         "kvm-opened",
@@ -76,12 +76,14 @@ const VM_STAGES: [Milestone; 8] = [
         "kvm-run",
         "a vCPU thread: its seccomp filter installed, to the first KVM_RUN",
     ),
-    (
-        Role::Bench,
-        HEARTBEAT_STAGE,
-        "the first heartbeat seen (the stub waits up to one 1.6 ms period for it; then its console's way out)",
-    ),
 ];
+
+/// The stub's first heartbeat after the restore, which the benchmark sees.
+const HEARTBEAT: [Milestone; 1] = [(
+    Role::Bench,
+    HEARTBEAT_STAGE,
+    "the first heartbeat seen (the stub waits up to one 1.6 ms period for it; then its console's way out)",
+)];
 
 /// `kiln snapshot restore`'s stages up to the VM process's start.
 const INSTANCE_HEAD: [Milestone; 6] = [
@@ -124,14 +126,59 @@ const VM_HEAD: [Milestone; 1] = [(
     "exec of `kiln __vm`, loading, argument parsing",
 )];
 
+/// A function's clone invoke (`kiln fn invoke`, a `runtime-api`
+/// function) up to its VM process's start.
+const CLONE_HEAD: [Milestone; 3] = [
+    (
+        Role::Command,
+        "main",
+        "exec of `kiln fn invoke`, loading, argument parsing",
+    ),
+    (
+        Role::Command,
+        "clone",
+        "the function and its template found",
+    ),
+    (
+        Role::Vm,
+        "main",
+        "the clone's directory, root overlay and definition made, its jail prepared; the VM process spawned: its jail entered, exec, loading, argument parsing",
+    ),
+];
+
+/// A clone invoke's stages after the first KVM_RUN, which `kiln fn
+/// invoke` marks.
+const CLONE_TAIL: [Milestone; 3] = [
+    (
+        Role::Command,
+        "guest-connected",
+        "the restored guest running until guest-init answers on vsock",
+    ),
+    (
+        Role::Command,
+        "guest-restored",
+        "the runtime released from restore/next: RNG reseeded, hostname set, its after-restore hooks run",
+    ),
+    (
+        Role::Command,
+        "answered",
+        "the event through invocation/next, the handler, the response back",
+    ),
+];
+
 /// `kiln snapshot restore`'s stages.
 pub fn instance_path() -> Vec<Milestone> {
-    [&INSTANCE_HEAD[..], &VM_STAGES].concat()
+    [&INSTANCE_HEAD[..], &VM_STAGES, &HEARTBEAT].concat()
 }
 
 /// The VM process's own restore's stages.
 pub fn vm_path() -> Vec<Milestone> {
-    [&VM_HEAD[..], &VM_STAGES].concat()
+    [&VM_HEAD[..], &VM_STAGES, &HEARTBEAT].concat()
+}
+
+/// A function's clone invoke's stages, to its answer.
+pub fn clone_invoke_path() -> Vec<Milestone> {
+    [&CLONE_HEAD[..], &VM_STAGES, &CLONE_TAIL].concat()
 }
 
 /// One restore's trace: each line's stage, role and time since the spawn.
@@ -269,5 +316,35 @@ mod tests {
         // The VM process's path starts at its own start.
         let vm = stages(&vm_path(), &runs);
         assert_eq!(vm[0].ms_p50, 5.0);
+    }
+
+    #[test]
+    fn a_clone_invoke_is_cut_at_its_jailed_vm_process_marks_too() {
+        // A jailed VM process is PID 1 in its own namespace.
+        let trace = "main 40 2000500000\n\
+                     clone 40 2001000000\n\
+                     main 1 2003000000\n\
+                     vm 1 2003000100\n\
+                     kvm-opened 1 2003100000\n\
+                     snapshot-read 1 2003200000\n\
+                     memory-mapped 1 2003300000\n\
+                     devices-made 1 2003400000\n\
+                     vcpus-set 1 2003500000\n\
+                     vcpus-started 1 2003600000\n\
+                     kvm-run 1 2003700000\n\
+                     guest-connected 40 2010000000\n\
+                     guest-restored 40 2012000000\n\
+                     answered 40 2020000000\n";
+        let run = Run::parse(trace, 2_000_000_000, 2_020_100_000);
+        let path = clone_invoke_path();
+        let clone = stages(&path, &[run]);
+        assert_eq!(clone.len(), path.len(), "every stage traced");
+        assert_eq!(clone[2].process, "VM process");
+        assert_eq!(clone[2].ms_p50, 2.0);
+        let last = clone.last().unwrap();
+        assert_eq!(
+            (last.process.as_str(), last.at_ms_p50),
+            ("kiln command", 20.0)
+        );
     }
 }

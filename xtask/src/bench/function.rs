@@ -25,7 +25,10 @@
 //!   ignores, because the guest's UART driver discards a byte or two
 //!   waiting in its receive FIFO when the console is opened.
 //!
-//! Both must print `"echo": {"n": 1}`, or the benchmark fails. Then warm:
+//! Both must print `"echo": {"n": 1}`, or the benchmark fails. Each
+//! timed clone invoke also writes its processes' stage marks to a trace
+//! file (`KILN_TRACE`: the command's, and its jailed VM process's through
+//! the descriptor it is passed), cut into `clone_breakdown`. Then warm:
 //! `kiln fn serve echo --max-concurrency 1` is started, one event warms
 //! its environment, and `runs` Invoke API requests
 //! (`POST /2015-03-31/functions/echo/invocations`) are timed from the
@@ -42,6 +45,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use kiln_bench::vmm::breakdown;
+use kiln_bench::vmm::report::Stage;
 use kiln_control::instance::Registry;
 use kiln_control::instance::supervisor::VM_SUBCOMMAND;
 use serde::{Deserialize, Serialize};
@@ -104,6 +109,9 @@ pub struct FnReport {
     pub clone_invoke_ms: Stats,
     /// An Invoke API request to `kiln fn serve`, a warm environment.
     pub warm_invoke_ms: Stats,
+    /// Where a clone invoke's milliseconds go, from the stage marks its
+    /// processes write to `KILN_TRACE` (p50 of each stage over the runs).
+    pub clone_breakdown: Vec<Stage>,
     /// p50 clone / p50 cold.
     pub clone_ratio: f64,
     /// p50 warm / p50 cold.
@@ -207,6 +215,14 @@ fn print_table(r: &FnReport) {
         );
     }
     let t = &r.throughput;
+    println!("| clone invoke, stage (p50 of each) | ends in | ms | at ms |");
+    println!("|---|---|---|---|");
+    for stage in &r.clone_breakdown {
+        println!(
+            "| {} | {} | {:.1} | {:.1} |",
+            stage.stage, stage.process, stage.ms_p50, stage.at_ms_p50
+        );
+    }
     println!(
         "clone / cold (p50): {:.3}; warm / cold (p50): {:.4}; kiln fn create: {:.1} ms, runtime init {:.1} ms",
         r.clone_ratio, r.warm_ratio, r.create_ms, r.init_ms
@@ -256,14 +272,18 @@ pub fn guest(runs: usize) -> Result<()> {
     let init_ms = init_ms(&printed).expect("checked by timed_output");
 
     // Warm-ups: the page cache, the image's chunks, python's files.
+    let trace = work.join("invoke.trace");
     kiln.cold()?;
-    kiln.invoke()?;
-    let (mut cold, mut clone) = (Vec::new(), Vec::new());
+    kiln.invoke(&trace)?;
+    let (mut cold, mut clone, mut traces) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
         cold.push(millis(kiln.cold()?));
-        clone.push(millis(kiln.invoke()?));
+        let (answered, traced) = kiln.invoke(&trace)?;
+        clone.push(millis(answered));
+        traces.push(traced);
     }
     let (cold_invoke_ms, clone_invoke_ms) = (super::stats(&cold)?, super::stats(&clone)?);
+    let clone_breakdown = breakdown::stages(&breakdown::clone_invoke_path(), &traces);
     let warm_invoke_ms = super::stats(&kiln.warm(runs)?)?;
     let clone_ratio = clone_invoke_ms.p50 / cold_invoke_ms.p50;
     let warm_ratio = warm_invoke_ms.p50 / cold_invoke_ms.p50;
@@ -288,6 +308,7 @@ pub fn guest(runs: usize) -> Result<()> {
         cold_invoke_ms,
         clone_invoke_ms,
         warm_invoke_ms,
+        clone_breakdown,
         clone_ratio,
         warm_ratio,
         throughput,
@@ -484,10 +505,17 @@ impl Kiln {
     }
 
     /// The payload through one clone of the template.
-    fn invoke(&self) -> Result<Duration> {
+    fn invoke(&self, trace: &Path) -> Result<(Duration, breakdown::Run)> {
         let mut cmd = self.command();
-        cmd.args(["fn", "invoke", FUNCTION, "--payload", PAYLOAD]);
-        timed_answer(cmd, None)
+        cmd.args(["fn", "invoke", FUNCTION, "--payload", PAYLOAD])
+            .env(kiln_vmm::trace::TRACE_ENV, trace);
+        let spawned_ns = kiln_vmm::trace::monotonic_ns();
+        let answered = timed_answer(cmd, None)?;
+        let answered_ns = spawned_ns + answered.as_nanos() as u64;
+        Ok((
+            answered,
+            breakdown::Run::read(trace, spawned_ns, answered_ns)?,
+        ))
     }
 
     /// `runs` events in the warm environment of a `kiln fn serve` (one
