@@ -128,7 +128,7 @@ const VM_HEAD: [Milestone; 1] = [(
 
 /// A function's clone invoke (`kiln fn invoke`, a `runtime-api`
 /// function) up to its VM process's start.
-const CLONE_HEAD: [Milestone; 3] = [
+const CLONE_HEAD: [Milestone; 4] = [
     (
         Role::Command,
         "main",
@@ -140,9 +140,14 @@ const CLONE_HEAD: [Milestone; 3] = [
         "the function and its template found",
     ),
     (
+        Role::Command,
+        "vm-spawn",
+        "the clone's directory, root overlay copy and definition made, its jail prepared",
+    ),
+    (
         Role::Vm,
         "main",
-        "the clone's directory, root overlay and definition made, its jail prepared; the VM process spawned: its jail entered, exec, loading, argument parsing",
+        "the VM process spawned: its jail entered (namespaces, root, cgroup, uid), exec, loading, argument parsing",
     ),
 ];
 
@@ -323,6 +328,7 @@ mod tests {
         // A jailed VM process is PID 1 in its own namespace.
         let trace = "main 40 2000500000\n\
                      clone 40 2001000000\n\
+                     vm-spawn 40 2001500000\n\
                      main 1 2003000000\n\
                      vm 1 2003000100\n\
                      kvm-opened 1 2003100000\n\
@@ -339,8 +345,8 @@ mod tests {
         let path = clone_invoke_path();
         let clone = stages(&path, &[run]);
         assert_eq!(clone.len(), path.len(), "every stage traced");
-        assert_eq!(clone[2].process, "VM process");
-        assert_eq!(clone[2].ms_p50, 2.0);
+        assert_eq!(clone[3].process, "VM process");
+        assert_eq!(clone[3].ms_p50, 1.5);
         let last = clone.last().unwrap();
         assert_eq!(
             (last.process.as_str(), last.at_ms_p50),

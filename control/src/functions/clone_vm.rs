@@ -124,6 +124,7 @@ impl Template {
                     source,
                 })?;
         }
+        kiln_vmm::trace::mark("vm-spawn");
         let child =
             self.spawn(&definition, jail.as_ref())
                 .map_err(|source| FunctionError::Spawn {
