@@ -325,28 +325,22 @@ mod tests {
 
     #[test]
     fn a_clone_invoke_is_cut_at_its_jailed_vm_process_marks_too() {
-        // A jailed VM process is PID 1 in its own namespace.
-        let trace = "main 40 2000500000\n\
-                     clone 40 2001000000\n\
-                     vm-spawn 40 2001500000\n\
-                     main 1 2003000000\n\
-                     vm 1 2003000100\n\
-                     kvm-opened 1 2003100000\n\
-                     snapshot-read 1 2003200000\n\
-                     memory-mapped 1 2003300000\n\
-                     devices-made 1 2003400000\n\
-                     vcpus-set 1 2003500000\n\
-                     vcpus-started 1 2003600000\n\
-                     kvm-run 1 2003700000\n\
-                     guest-connected 40 2010000000\n\
-                     guest-restored 40 2012000000\n\
-                     answered 40 2020000000\n";
-        let run = Run::parse(trace, 2_000_000_000, 2_020_100_000);
+        // The VM process's lines of TRACE, as a jailed one writes them:
+        // PID 1, in its own namespace.
+        let vm_process: String = (TRACE.lines().skip(4).take(9))
+            .map(|line| line.replace(" 30 ", " 1 ") + "\n")
+            .collect();
+        let trace = format!(
+            "main 40 1000500000\nclone 40 1001000000\nvm-spawn 40 1001500000\n{vm_process}\
+             guest-connected 40 1010000000\nguest-restored 40 1012000000\n\
+             answered 40 1020000000\n"
+        );
+        let run = Run::parse(&trace, 1_000_000_000, 1_020_100_000);
         let path = clone_invoke_path();
         let clone = stages(&path, &[run]);
         assert_eq!(clone.len(), path.len(), "every stage traced");
         assert_eq!(clone[3].process, "VM process");
-        assert_eq!(clone[3].ms_p50, 1.5);
+        assert_eq!(clone[3].ms_p50, 3.5);
         let last = clone.last().unwrap();
         assert_eq!(
             (last.process.as_str(), last.at_ms_p50),
