@@ -18,6 +18,7 @@ pub mod proxy;
 pub mod resolv_conf;
 
 use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
 
 use address::{AddressError, BRIDGE, Subnet};
 use filter::FilterError;
@@ -91,7 +92,7 @@ pub enum NetworkError {
 /// lasts while a descriptor of it is open; its filter, until
 /// [`close_tap`].
 pub fn open_tap(nic: &NetConfig, address: Option<Ipv4Addr>) -> Result<Tap, NetworkError> {
-    let tap = Tap::create(&nic.tap, NET_HDR_LEN)?;
+    let tap = create_tap(&nic.tap)?;
     if let Some(bridge) = &nic.bridge {
         let address = address.ok_or_else(|| NetworkError::Unaddressed {
             tap: nic.tap.clone(),
@@ -101,6 +102,31 @@ pub fn open_tap(nic: &NetConfig, address: Option<Ipv4Addr>) -> Result<Tap, Netwo
         bridge::attach(bridge, tap.name())?;
     }
     Ok(tap)
+}
+
+/// How long a new VM of an instance waits for its previous VM process to
+/// let go of the instance's tap. A VM process whose supervisor was killed
+/// ends on PR_SET_PDEATHSIG's SIGTERM, once it has finished what it was
+/// writing (a hibernation, its disks), and holds the tap until it exits:
+/// TUNSETIFF says EBUSY meanwhile.
+const TAP_BUSY_WAIT: Duration = Duration::from_secs(30);
+/// How often a busy tap is tried again.
+const TAP_BUSY_POLL: Duration = Duration::from_millis(50);
+
+/// [`Tap::create`], waiting up to [`TAP_BUSY_WAIT`] while another process
+/// still holds the tap.
+fn create_tap(name: &str) -> Result<Tap, TapError> {
+    let deadline = Instant::now() + TAP_BUSY_WAIT;
+    loop {
+        match Tap::create(name, NET_HDR_LEN) {
+            Err(TapError::Create { ref source, .. })
+                if source.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline =>
+            {
+                std::thread::sleep(TAP_BUSY_POLL);
+            }
+            created => return created,
+        }
+    }
 }
 
 /// Removes what outlives the tap of instance `id` once its VM process has
@@ -199,6 +225,21 @@ pub fn guest_words(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tap_still_held_by_a_dying_vm_process_is_waited_for() {
+        let name = "kt-busy-test";
+        let held = Tap::create(name, NET_HDR_LEN).expect("a tap: this test needs root");
+        let letting_go = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(held);
+        });
+        let started = Instant::now();
+        let tap = create_tap(name).expect("the tap, once let go");
+        assert!(started.elapsed() >= Duration::from_millis(250));
+        assert_eq!(tap.name(), name);
+        letting_go.join().unwrap();
+    }
 
     #[test]
     fn cap_net_admin_is_read_from_the_effective_set() {
