@@ -9,7 +9,7 @@ use anyhow::Context;
 use kiln_builder::store::Store;
 use kiln_control::definition::RunOptions;
 use kiln_control::instance::supervisor::{self, Console, VmProcess};
-use kiln_control::instance::{self, FileLock, Registry};
+use kiln_control::instance::{FileLock, Registry};
 
 use crate::assets::{Asset, kiln_home};
 
@@ -36,7 +36,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // SAFETY: as the lock's, this descriptor was passed for this purpose.
     let started = args
         .started_fd
-        .map(|fd| unsafe { instance::adopt(fd) })
+        .map(|fd| unsafe { kiln_vmm::supervised::adopt(fd) })
         .transpose()
         .context("the inherited start pipe")?;
     let home = kiln_home();

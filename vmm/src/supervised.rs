@@ -2,7 +2,7 @@
 //! with it, instead of running on unsupervised with nobody to keep the
 //! instance's record true or to serve its API.
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
@@ -40,11 +40,34 @@ pub fn inherit(command: &mut Command, fd: BorrowedFd<'_>) {
     unsafe { command.pre_exec(move || keep_open_across_exec(fd)) };
 }
 
+/// Takes ownership of descriptor `fd`, which a parent passed down
+/// ([`inherit`]), and closes it on exec again, so this process's own
+/// children get it only when given it. A number that is not an open
+/// descriptor is an error (EBADF), and nothing is owned.
+///
+/// # Safety
+/// If `fd` is open, nothing else in this process may own it: the result
+/// closes it when dropped.
+pub unsafe fn adopt(fd: RawFd) -> io::Result<OwnedFd> {
+    set_close_on_exec(fd, true)?;
+    // SAFETY: `fd` is open (its flags were just set) and, by the caller's
+    // guarantee, unowned.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Clears `fd`'s close-on-exec flag.
 fn keep_open_across_exec(fd: RawFd) -> io::Result<()> {
+    set_close_on_exec(fd, false)
+}
+
+/// Sets or clears `fd`'s close-on-exec flag. Only a system call: a child
+/// between fork and exec may call it.
+fn set_close_on_exec(fd: RawFd, close: bool) -> io::Result<()> {
+    let flags = if close { libc::FD_CLOEXEC } else { 0 };
     // SAFETY: F_SETFD takes an int and touches no memory of ours; a
-    // closed `fd` is an error, not undefined behaviour.
-    if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
+    // number that is not an open descriptor is an error (EBADF), not
+    // undefined behaviour.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, flags) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
@@ -75,5 +98,20 @@ mod tests {
         file.rewind().unwrap();
         file.read_to_string(&mut written).unwrap();
         assert_eq!(written, "through\n");
+    }
+
+    #[test]
+    fn an_adopted_descriptor_is_closed_on_exec_again_and_a_closed_one_is_refused() {
+        let file = tempfile::tempfile().unwrap();
+        let fd = std::os::fd::IntoRawFd::into_raw_fd(file);
+        keep_open_across_exec(fd).unwrap();
+        // SAFETY: `fd` is open, and its File gave up owning it above.
+        let adopted = unsafe { adopt(fd) }.unwrap();
+        let not_given = write_to(adopted.as_raw_fd(), "leaked").status().unwrap();
+        assert!(!not_given.success(), "close-on-exec again");
+        drop(adopted);
+        // SAFETY: nothing owns `fd` now: it is closed, which adopt refuses.
+        let refused = unsafe { adopt(fd) }.unwrap_err();
+        assert_eq!(refused.raw_os_error(), Some(libc::EBADF));
     }
 }

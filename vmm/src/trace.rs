@@ -16,7 +16,7 @@
 //! Its PID in its lines is then its PID in its own PID namespace, 1.
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::process::Command;
 use std::sync::OnceLock;
 
@@ -50,15 +50,11 @@ fn inherited() -> Option<File> {
     if fd <= 2 {
         return None;
     }
-    // SAFETY: F_SETFD takes an int and touches no memory; on a descriptor
-    // that is not open it fails with EBADF and changes nothing.
-    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
-        return None;
-    }
-    // SAFETY: the descriptor is open (the fcntl above succeeded), and the
-    // parent left it open across exec for this use alone ([`pass_to`]):
-    // nothing else in this process owns it.
-    Some(unsafe { File::from_raw_fd(fd) })
+    // SAFETY: the parent left the descriptor open across exec for this
+    // use alone ([`pass_to`]): nothing else in this process owns it. A
+    // number that is not open is refused.
+    let fd = unsafe { crate::supervised::adopt(fd) }.ok()?;
+    Some(File::from(fd))
 }
 
 /// The file [`TRACE_ENV`] names, opened for appending.

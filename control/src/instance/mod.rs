@@ -40,7 +40,7 @@ use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::net::Ipv4Addr;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -322,7 +322,7 @@ impl FileLock {
     /// owns: the lock closes it when dropped.
     pub unsafe fn adopt(fd: i32) -> io::Result<FileLock> {
         // SAFETY: the caller's guarantee, passed on.
-        let fd = unsafe { adopt(fd) }?;
+        let fd = unsafe { kiln_vmm::supervised::adopt(fd) }?;
         Ok(FileLock {
             file: File::from(fd),
         })
@@ -330,24 +330,11 @@ impl FileLock {
 }
 
 /// Lets a child process inherit `fd`: clears close-on-exec, so it stays
-/// open across exec. Returns its number, for the child to [`adopt`].
+/// open across exec. Returns its number, for the child to adopt
+/// (`kiln_vmm::supervised::adopt`).
 pub(crate) fn inheritable(fd: BorrowedFd<'_>) -> io::Result<i32> {
     rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
     Ok(fd.as_raw_fd())
-}
-
-/// Takes ownership of descriptor `fd`, which a parent passed down
-/// ([`inheritable`]), and closes it on exec again, so this process's own
-/// children do not inherit it.
-///
-/// # Safety
-/// `fd` must be an open descriptor that nothing else in this process owns:
-/// the result closes it when dropped.
-pub unsafe fn adopt(fd: i32) -> io::Result<OwnedFd> {
-    // SAFETY: the caller guarantees `fd` is open and unowned.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC)?;
-    Ok(fd)
 }
 
 impl Registry {
