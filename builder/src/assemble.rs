@@ -1,9 +1,9 @@
 //! Assembling an image's root tree in a staging directory: the parent
 //! image's files, the mount points guest-init needs, the recipe's host
 //! build commands, files and binaries (with their ELF closure), guest-init
-//! at /sbin/init and its run configuration; then readying the tree for the build VM's steps
-//! ([`prepare_vm_steps`]), and the tree they leave for the image
-//! ([`finish_vm_steps`]).
+//! at /sbin/init and its run configuration; then readying the tree for
+//! the build VM's steps ([`prepare_vm_steps`]), and the tree they leave
+//! for the image ([`finish_vm_steps`]).
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::unix::fs::PermissionsExt;
@@ -586,9 +586,6 @@ env = { LANG = "C" }
         );
     }
 
-    /// A build step sees PATH, HOME, DESTDIR and its declared `env`, and
-    /// none of the caller's other variables (under `cargo test`, CARGO_*
-    /// and the like: the whole environment was inherited before).
     #[test]
     fn every_image_has_a_resolv_conf_to_mount_on_unless_it_brings_its_own() {
         let dir = tempfile::tempdir().unwrap();
@@ -629,6 +626,9 @@ env = { LANG = "C" }
         );
     }
 
+    /// A build step sees PATH, HOME, DESTDIR and its declared `env`, and
+    /// none of the caller's other variables (under `cargo test`, CARGO_*
+    /// and the like: the whole environment was inherited before).
     #[test]
     fn a_build_step_gets_a_clean_environment() {
         let dir = tempfile::tempdir().unwrap();
