@@ -407,7 +407,7 @@ fn run_vm_steps(
     let size = fs_size(recipe.size, &stage)? + BUILD_VM_ROOM;
     let disk = scratch.join("build-vm.ext4");
     progress(&format!("making the build VM's {} MiB disk", size >> 20));
-    ext4::make(stage.path(), &disk, size, uuid)?;
+    ext4::make_scratch(stage.path(), &disk, size, uuid)?;
     let _ = fs::remove_dir_all(stage.path());
     let recipe_disk = recipe_disk(recipe, scratch, uuid)?;
     for step in &steps {
@@ -449,7 +449,7 @@ fn recipe_disk(recipe: &Recipe, scratch: &Path, uuid: &str) -> Result<PathBuf, B
     let size = ext4::size_for(ext4::content_size(tree.path())?, 0);
     let disk = scratch.join("recipe-dir.ext4");
     let own_uuid = uuid_from(&image::hex(&Sha256::digest(format!("{uuid}\0recipe-dir"))));
-    ext4::make(tree.path(), &disk, size, &own_uuid)?;
+    ext4::make_scratch(tree.path(), &disk, size, &own_uuid)?;
     let _ = fs::remove_dir_all(tree.path());
     Ok(disk)
 }
