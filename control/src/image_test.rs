@@ -7,7 +7,8 @@
 //! throwaway overlay, rather than all tests in one VM: a test then starts
 //! from the image exactly as published, and what one test writes, starts
 //! or breaks cannot make another pass or fail. A boot costs well under a
-//! second, small next to what a test checks.
+//! second, small next to what a test checks, and as many tests run at once
+//! as the host has CPUs.
 //!
 //! The VM is a child process, `kiln __vm` (the VM process an instance's
 //! supervisor starts too), not a VM in this process: a VM process's
@@ -159,22 +160,32 @@ impl TestRun {
 
 impl TestRunner {
     /// Runs each of `tests` on the image file `image` (stored or staged),
-    /// in order, telling `each` about every one as it ends; all of them
-    /// run, so that one report names every failure.
+    /// as many at once as this host has CPUs, telling `each` about every
+    /// one in the recipe's order; all of them run, so that one report
+    /// names every failure. The tests are independent (a VM and an
+    /// overlay each), so running them side by side changes no result.
     pub fn run_all(
         &self,
         image: &Path,
         tests: &[TestCommand],
         each: &mut dyn FnMut(&TestCommand, &TestRun),
     ) -> Result<Vec<TestRun>, ImageTestError> {
-        tests
-            .iter()
-            .map(|test| {
-                let run = self.run(image, test)?;
+        let at_once = thread::available_parallelism().map_or(1, |n| n.get());
+        let mut runs = Vec::with_capacity(tests.len());
+        for wave in tests.chunks(at_once) {
+            let ended: Vec<_> = thread::scope(|scope| {
+                let running: Vec<_> = (wave.iter())
+                    .map(|test| scope.spawn(move || self.run(image, test)))
+                    .collect();
+                running.into_iter().map(join_test).collect()
+            });
+            for (test, run) in wave.iter().zip(ended) {
+                let run = run?;
                 each(test, &run);
-                Ok(run)
-            })
-            .collect()
+                runs.push(run);
+            }
+        }
+        Ok(runs)
     }
 
     /// Boots `image` with `test`'s command as its entrypoint, and checks
@@ -279,6 +290,15 @@ impl TestRunner {
             })
         })
     }
+}
+
+/// A test's thread's result; a panic in it is the caller's panic.
+fn join_test(
+    running: thread::ScopedJoinHandle<'_, Result<TestRun, ImageTestError>>,
+) -> Result<TestRun, ImageTestError> {
+    running
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 /// A running `kiln __vm` child of this process, the VM process of no
@@ -469,6 +489,10 @@ mod tests {
              [ \"$1 $2 $4 $5\" = \"__vm --config --supervisor $PPID\" ] || exit 97\n\
              grep -q 'kiln.entrypoint=\\\\\"/bin/' \"$3\" || exit 98\n\
              grep -q '/bin/sleepy' \"$3\" && exec sleep 30\n\
+             # Two tests that each wait for the other: they pass only side by side.\n\
+             meet() { touch \"${0%/*}/$1\"; while [ ! -e \"${0%/*}/$2\" ]; do sleep 0.05; done; }\n\
+             grep -q '/bin/meet-a' \"$3\" && meet a b\n\
+             grep -q '/bin/meet-b' \"$3\" && meet b a\n\
              printf 'booted\\r\\nHello from a fake VM\\r\\n'\n\
              echo 'kiln: a VMM message' >&2\n",
         );
@@ -479,6 +503,34 @@ mod tests {
             // A script cannot run in a jail, which holds only `kiln`.
             jail: None,
         }
+    }
+
+    /// Tests run side by side, as many as there are CPUs, and are
+    /// reported in the recipe's order: two tests that each wait for the
+    /// other both pass on two CPUs; on one, the first times out.
+    #[test]
+    fn tests_run_side_by_side_and_are_reported_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let runner = fake_runner(dir.path());
+        let raw = dir.path().join("raw");
+        std::fs::write(&raw, vec![7u8; 128 * 1024]).unwrap();
+        let image = dir.path().join("image.kiln");
+        kiln_image::write(&raw, &image, kiln_image::DEFAULT_CHUNK_SIZE).unwrap();
+        let meet = |who: &str| TestCommand {
+            run: format!("/bin/meet-{who}"),
+            timeout_secs: 3,
+            ..test(None)
+        };
+        let mut reported = Vec::new();
+        let runs = runner
+            .run_all(&image, &[meet("a"), meet("b")], &mut |test, _| {
+                reported.push(test.run.clone())
+            })
+            .unwrap();
+        assert_eq!(reported, ["/bin/meet-a", "/bin/meet-b"]);
+        let side_by_side = thread::available_parallelism().unwrap().get() >= 2;
+        assert_eq!(runs[0].timed_out, !side_by_side, "{:?}", runs[0]);
+        assert!(runs[1].result.passed, "{:?}", runs[1]);
     }
 
     /// A jailed VM child runs in its jail, with its definition handed to
