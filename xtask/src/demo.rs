@@ -26,6 +26,7 @@ pub fn run() -> Result<()> {
         .to_vec(),
         allowance: Duration::from_secs(120),
         silence_limit: None,
+        l1_vcpus: 1,
     };
     let (lines, _) = harness::run_job(&prepared, &job)?;
     if !lines.iter().any(|line| line.contains(GREETING)) {

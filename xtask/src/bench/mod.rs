@@ -113,23 +113,41 @@ fn environment() -> String {
 /// Runs `xtask bench-guest KIND --runs RUNS` where KVM is and returns the
 /// report it printed.
 fn run_guest<R: DeserializeOwned>(kind: &str, runs: usize, allowance: Duration) -> Result<R> {
-    run_guest_with(kind, runs, allowance, false)
+    run_guest_with(kind, runs, allowance, L1::default())
 }
 
-/// [`run_guest`], with the Debian base in L1 when `debian` is set.
+/// What a benchmark needs of L1 beyond the scenarios' default.
+#[derive(Clone, Copy, Debug)]
+struct L1 {
+    /// The Debian base image in L1's store.
+    debian_base: bool,
+    vcpus: u32,
+}
+
+impl Default for L1 {
+    fn default() -> Self {
+        Self {
+            debian_base: false,
+            vcpus: 1,
+        }
+    }
+}
+
+/// [`run_guest`] on an L1 such as `l1`.
 fn run_guest_with<R: DeserializeOwned>(
     kind: &str,
     runs: usize,
     allowance: Duration,
-    debian: bool,
+    l1: L1,
 ) -> Result<R> {
-    let prepared = harness::prepare(debian)?;
+    let prepared = harness::prepare(l1.debian_base)?;
     let job = harness::Job {
         command: ["{xtask}", "bench-guest", kind, "--runs", &runs.to_string()]
             .map(String::from)
             .to_vec(),
         allowance,
         silence_limit: None,
+        l1_vcpus: l1.vcpus,
     };
     let (lines, _) = harness::run_job(&prepared, &job)?;
     let json = lines
