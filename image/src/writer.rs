@@ -2,7 +2,8 @@
 //! (FastCDC), each chunk hashed, and those neither all zeros, nor already
 //! written, nor held by the parent, gathered into frames of up to the
 //! frame size. A batch of frames is compressed in parallel, each as an
-//! independent zstd frame, and the frames written in order. A frame
+//! independent zstd frame, while the next batch is cut and hashed, and
+//! the frames written in order. A frame
 //! depends only on its chunks and the level, never on the thread that made
 //! it, so the file is byte-identical whatever the thread count: the same
 //! raw filesystem (and parent) gives the same digest.
@@ -222,7 +223,10 @@ fn known_in(parent: Parent<'_>) -> (HashMap<[u8; 32], Place>, Vec<[u8; 32]>) {
 
 /// The image's own frames as they are made: chunks gathered into a frame
 /// until it holds the frame size, frames compressed a batch at a time and
-/// written after the header.
+/// written after the header. A full batch is compressed on threads of its
+/// own while the caller goes on cutting and hashing chunks for the next
+/// (both are CPU work: a build on two CPUs would otherwise leave one idle
+/// while it hashes), and written, in order, when the next batch is full.
 struct Frames<'f> {
     writer: BufWriter<&'f File>,
     file: &'f File,
@@ -232,6 +236,8 @@ struct Frames<'f> {
     pending: Vec<u8>,
     /// Gathered frames waiting to be compressed.
     batch: Vec<Vec<u8>>,
+    /// The batch being compressed, and how many frames it holds.
+    compressing: Option<(CompressedBatch, usize)>,
     /// Each written frame's offset and length, in order.
     written: Vec<(u64, u32)>,
     /// Where the next frame goes.
@@ -249,6 +255,7 @@ impl<'f> Frames<'f> {
             compression,
             pending: Vec::new(),
             batch: Vec::new(),
+            compressing: None,
             written: Vec::new(),
             offset: HEADER_SIZE,
             frame_max: 1,
@@ -266,8 +273,9 @@ impl<'f> Frames<'f> {
         if self.pending.len() + data.len() > self.frame_size {
             self.close()?;
         }
+        let compressing = self.compressing.as_ref().map_or(0, |(_, frames)| *frames);
         let place = Place::Own {
-            frame: (self.written.len() + self.batch.len()) as u32,
+            frame: (self.written.len() + compressing + self.batch.len()) as u32,
             within: self.pending.len() as u32,
         };
         self.pending.extend_from_slice(data);
@@ -287,22 +295,38 @@ impl<'f> Frames<'f> {
         Ok(())
     }
 
-    /// Compresses and writes the batch.
+    /// Writes the batch compressed before, then starts compressing this one.
     fn flush(&mut self) -> io::Result<()> {
+        self.write_compressed()?;
         let Compression { level, threads } = self.compression;
-        for frame in compress_batch(&self.batch, level, threads)? {
+        let batch = std::mem::take(&mut self.batch);
+        let frames = batch.len();
+        let compressing = std::thread::spawn(move || compress_batch(&batch, level, threads));
+        self.compressing = Some((compressing, frames));
+        Ok(())
+    }
+
+    /// Waits for the batch being compressed, if any, and writes it.
+    fn write_compressed(&mut self) -> io::Result<()> {
+        let Some((compressing, _)) = self.compressing.take() else {
+            return Ok(());
+        };
+        let compressed = compressing
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+        for frame in compressed {
             self.writer.write_all(&frame)?;
             self.written.push((self.offset, frame.len() as u32));
             self.offset += frame.len() as u64;
         }
-        self.batch.clear();
         Ok(())
     }
 
     /// Writes what is left of the frames.
     fn finish(&mut self) -> io::Result<()> {
         self.close()?;
-        self.flush()
+        self.flush()?;
+        self.write_compressed()
     }
 
     /// The index of `chunks`, and the layer table: the `candidates` that
@@ -372,6 +396,9 @@ impl<'f> Frames<'f> {
         self.file.sync_all()
     }
 }
+
+/// A batch of frames being compressed: its frames, compressed, in order.
+type CompressedBatch = std::thread::JoinHandle<io::Result<Vec<Vec<u8>>>>;
 
 /// Compresses `batch` with `threads` threads, each taking a contiguous
 /// run of its frames; returns them in the batch's order.
