@@ -40,6 +40,7 @@ use crate::machine::{Devices, Machine, NetDevice, VmOutcome};
 use crate::persist;
 use crate::rpc::ControlListener;
 use crate::seccomp::SeccompError;
+use crate::snapshot::working_set::{WORKING_SET_FILE, WorkingSet};
 use crate::snapshot::{LoadedSnapshot, NetState, SnapshotError};
 use crate::trace;
 use crate::vstate::memory::{self, MemoryError};
@@ -432,10 +433,29 @@ fn memory_and_vm(
         Start::Snapshot { snapshot, .. } => {
             let machine = &snapshot.machine;
             let mem = memory::map_private(&snapshot.memory_file(), machine.memory_mib)?;
+            prefetch_working_set(snapshot, &mem, machine.memory_mib);
             let vm = Vm::new(kvm, &mem)?;
             vm.restore_state(&machine.vm)?;
             Ok((mem, vm))
         }
+    }
+}
+
+/// Maps the pages the snapshot's working set lists ahead of the guest
+/// (REAP: [`crate::snapshot::working_set`]), when it has one. A record that
+/// cannot be read or used costs only the head start: a warning, and the
+/// guest faults its pages in as it would without one.
+fn prefetch_working_set(snapshot: &LoadedSnapshot, mem: &GuestMemoryMmap, memory_mib: u32) {
+    let path = snapshot.dir.join(WORKING_SET_FILE);
+    let pages = (u64::from(memory_mib) << 20) / memory::PAGE_SIZE as u64;
+    let prefetched = match WorkingSet::read(&path, pages) {
+        Ok(None) => return,
+        Ok(Some(set)) => memory::prefetch(mem, &set)
+            .map_err(|err| format!("cannot map {}'s pages ahead: {err}", path.display())),
+        Err(err) => Err(crate::report::one_line(&err)),
+    };
+    if let Err(why) = prefetched {
+        log::warn!("{why}; the restored guest faults its pages in itself");
     }
 }
 

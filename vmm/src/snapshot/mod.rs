@@ -13,8 +13,12 @@
 //! ([`crate::vstate::memory::map_private`]), so the guest reads its pages on
 //! demand and never writes the snapshot, loads the state into a new VM and
 //! resumes its vCPUs.
+//!
+//! A snapshot may also hold `memory.ws`, the pages a restored guest
+//! touched first ([`working_set`]), which later restores map ahead.
 pub mod file;
 pub mod machine;
+pub mod working_set;
 
 pub use file::{SavedState, SnapshotFileError, read_state, write_state};
 pub use machine::{
