@@ -3,7 +3,9 @@
 # on Python's standard library) once, waits until its init is done (it
 # waits in restore/next) and snapshots it → each invocation is a clone
 # whose runtime ran its after-restore hook (never its before-snapshot hook
-# again) and answers the event through the Runtime API → clones differ in
+# again) and answers the event through the Runtime API → the first clone's
+# touched pages become the template's working set, which the next clone
+# maps ahead → clones differ in
 # kernel UUID, random bytes, hostname and the runtime's own environment
 # id → a handler exception is a function error → kiln fn serve speaks
 # Lambda's Invoke API (RequestResponse, Event, DryRun, Tail logs, function
@@ -39,7 +41,12 @@ expect_eq before-snapshot-hook-ran-once-in-the-template 1 "$(field "$WORK/one.tx
 expect_eq first-event-of-the-environment 1 "$(field "$WORK/one.txt" count)"
 expect_contains invoke-shows-the-runtimes-log "$WORK/one.err" "echo runtime: event "
 
+# The first clone's pages became the template's working set, which the
+# next clone maps ahead without a word.
+ws=$KILN_HOME/functions/echo-rt/template/memory.ws
+check template-records-its-working-set test "$(wc -c < "$ws")" -gt 24
 "$KILN" fn invoke echo-rt --payload '{"n": 2}' > "$WORK/two.txt" 2> "$WORK/two.err"
+check working-set-mapped-ahead-quietly sh -c "! grep -q 'working set\|pages ahead' '$WORK/two.err'"
 check clones-have-a-uuid [ -n "$(field "$WORK/one.txt" uuid)" ]
 check clones-differ-in-kernel-uuid [ "$(field "$WORK/one.txt" uuid)" != "$(field "$WORK/two.txt" uuid)" ]
 check clones-differ-in-random-bytes [ "$(field "$WORK/one.txt" random)" != "$(field "$WORK/two.txt" random)" ]

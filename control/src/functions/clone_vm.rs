@@ -22,15 +22,17 @@ use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread;
 
 use kiln_builder::store::Store;
 use kiln_vmm::config::{Boot, CacheAccess, DiskConfig, DiskSource, VmConfig, VsockConfig};
 use kiln_vmm::durable::{self, ScratchDir};
-use kiln_vmm::snapshot::ROOT_OVERLAY_FILE;
+use kiln_vmm::snapshot::working_set::WORKING_SET_FILE;
+use kiln_vmm::snapshot::{MEMORY_FILE, ROOT_OVERLAY_FILE};
 
-use super::{FunctionError, io_err, random_seed};
+use super::{FunctionError, io_err, random_seed, working_set};
 use crate::definition::{DEFAULT_CACHE_MIB, instance_cid};
 use crate::image_test::vm_process;
 use crate::instance::snapshots;
@@ -65,6 +67,9 @@ pub struct Template {
     jail: Option<JailSettings>,
     /// The thread that starts the clones' VM processes.
     spawner: mpsc::Sender<SpawnRequest>,
+    /// Whether the template has its memory working set recorded, or this
+    /// process has tried to record it.
+    working_set_known: AtomicBool,
 }
 
 /// A running clone: its VM process and its directory (its definition,
@@ -99,7 +104,32 @@ impl Template {
             kiln: kiln.to_path_buf(),
             jail: JailSettings::for_vm_processes()?,
             spawner: spawner(),
+            working_set_known: AtomicBool::new(dir.join(WORKING_SET_FILE).exists()),
         })
+    }
+
+    /// Records, once per template, the pages of its memory that `clone`
+    /// has touched since its restore (call it once the clone has served
+    /// an event): the working set every later clone's VM process maps
+    /// ahead (`kiln_vmm::snapshot::working_set`). A record that cannot be
+    /// made is a warning: clones are as fast as they were without one.
+    pub fn learn_working_set(&self, clone: &CloneVm) {
+        let (Some(pid), false) = (
+            clone.pid(),
+            self.working_set_known.swap(true, Ordering::Relaxed),
+        ) else {
+            return;
+        };
+        let path = self.dir.join(WORKING_SET_FILE);
+        let recorded = working_set::of_process(pid, &self.dir.join(MEMORY_FILE))
+            .map_err(|err| format!("cannot read clone {}'s memory map: {err}", clone.id))
+            .and_then(|set| {
+                set.write(&path)
+                    .map_err(|err| kiln_vmm::report::one_line(&err))
+            });
+        if let Err(why) = recorded {
+            log::warn!("{why}; clones restore without mapping their working set ahead");
+        }
     }
 
     /// A new clone: its directory, its copy of the template's root volume
@@ -275,6 +305,11 @@ impl CloneVm {
         &self.id
     }
 
+    /// The process id of its VM process, while it runs.
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The unix socket through which host processes reach its guest's
     /// vsock ports.
     pub fn vsock_socket(&self) -> PathBuf {
@@ -306,6 +341,7 @@ impl Drop for CloneVm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kiln_vmm::snapshot::working_set::WorkingSet;
 
     #[test]
     fn clone_ids_are_random_and_shaped_like_instance_ids() {
@@ -406,6 +442,58 @@ mod tests {
             kiln: kiln.to_path_buf(),
             jail: None,
             spawner: spawner(),
+            working_set_known: AtomicBool::new(false),
         }
+    }
+
+    /// A clone whose VM process (Python standing in) maps the template's
+    /// memory file privately, as `kiln __vm` does, reads one page and
+    /// writes another: after its event, the template records those two
+    /// as its working set, once.
+    #[test]
+    fn a_clones_touched_pages_become_the_templates_working_set_once() {
+        let home = tempfile::tempdir().unwrap();
+        let template_dir = home.path().join("template");
+        fs::create_dir(&template_dir).unwrap();
+        fs::write(template_dir.join(ROOT_OVERLAY_FILE), b"").unwrap();
+        let memory = template_dir.join(MEMORY_FILE);
+        let file = File::create(&memory).unwrap();
+        file.set_len(16 * 4096).unwrap();
+        // The only page in the page cache: a read maps no neighbours.
+        std::os::unix::fs::FileExt::write_all_at(&file, &[1; 4096], 3 * 4096).unwrap();
+        let marks = home.path().join("marks");
+        let program = home.path().join("vm.py");
+        let python = [
+            "import mmap, sys, time",
+            "f = open(sys.argv[1], 'rb')",
+            "m = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)",
+            "assert m[3 * 4096] == 1",
+            "m[5 * 4096] = 7",
+            "open(sys.argv[2], 'w').write('touched')",
+            "time.sleep(60)",
+        ];
+        fs::write(&program, python.join("\n")).unwrap();
+        let script = home.path().join("kiln");
+        let command = format!(
+            "#!/bin/sh\nexec python3 {} {} {}\n",
+            program.display(),
+            memory.display(),
+            marks.display()
+        );
+        crate::test_support::write_script(&script, command);
+        let template = test_template(home.path(), &template_dir, &script);
+        let clone = template.restore().unwrap();
+        let started = std::time::Instant::now();
+        while !marks.exists() {
+            assert!(started.elapsed().as_secs() < 10, "the stand-in never ran");
+            thread::sleep(std::time::Duration::from_millis(10));
+        }
+        template.learn_working_set(&clone);
+        let record = template_dir.join(WORKING_SET_FILE);
+        let set = WorkingSet::read(&record, 16).unwrap().unwrap();
+        assert_eq!(set.runs().collect::<Vec<_>>(), [3..4, 5..6]);
+        fs::remove_file(&record).unwrap();
+        template.learn_working_set(&clone);
+        assert!(!record.exists(), "recorded twice");
     }
 }

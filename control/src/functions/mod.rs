@@ -28,6 +28,7 @@ pub mod pool;
 pub mod runtime;
 pub mod serve;
 pub mod vsock;
+pub mod working_set;
 
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -628,6 +629,7 @@ fn invoke_clone(
     let latency = started.elapsed();
     if let Ok(reply) = &reply {
         answered(reply);
+        template.learn_working_set(&clone);
     }
     Ok(Invoked {
         reply: reply?,

@@ -20,7 +20,7 @@ use super::{FunctionConfig, FunctionError, restore_clone};
 
 /// One clone and its session; dropping it kills the clone.
 pub struct Warm {
-    _clone: CloneVm,
+    clone: CloneVm,
     session: Session,
     idle_since: Instant,
 }
@@ -83,7 +83,7 @@ impl Pool {
     fn restore(&self) -> Result<Warm, FunctionError> {
         let (clone, session) = restore_clone(&self.template)?;
         Ok(Warm {
-            _clone: clone,
+            clone,
             session,
             idle_since: Instant::now(),
         })
@@ -128,6 +128,9 @@ impl Backend for Pool {
     fn invoke(&self, input: &Input) -> Result<EventResult, FunctionError> {
         let mut warm = self.acquire()?;
         let result = warm.session.invoke(&self.config, input);
+        if result.is_ok() {
+            self.template.learn_working_set(&warm.clone);
+        }
         let reusable = result
             .as_ref()
             .is_ok_and(|r| !matches!(r.status, EventStatus::Timeout | EventStatus::Exited));

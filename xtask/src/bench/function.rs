@@ -14,7 +14,11 @@
 //!
 //! - clone: `kiln fn invoke echo --payload '{"n": 1}'`, a clone restored
 //!   from the template, released from `restore/next`, the event handled
-//!   by its runtime, the clone torn down;
+//!   by its runtime, the clone torn down; it maps the template's memory
+//!   working set ahead, which the untimed first clone recorded;
+//! - the same clone invoke with the working set's record removed first
+//!   (as every clone was before it existed; that invoke records it
+//!   again): the working set's A/B, alternating with the above;
 //! - cold: a foreground `kiln run python-echo:1.0.0 --memory 256` (1 vCPU
 //!   like the function's VMs), whose entrypoint is the same handler
 //!   reading the console: the payload is written to its stdin, then `^D`
@@ -39,6 +43,7 @@
 //! left 3 s, then the proportional set size (`Pss:` of
 //! /proc/PID/smaps_rollup) of each one's VM process (the child of its
 //! VMM, the record's `vmm_pid`), which holds the guest's RAM.
+use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -105,8 +110,13 @@ pub struct FnReport {
     pub init_ms: f64,
     /// Foreground `kiln run`, payload on the console, spawn to the answer.
     pub cold_invoke_ms: Stats,
-    /// `kiln fn invoke`, spawn to the answer.
+    /// `kiln fn invoke`, spawn to the answer; the clone maps the
+    /// template's working set ahead (the first clone recorded it).
     pub clone_invoke_ms: Stats,
+    /// The same with the working set's record removed first, as every
+    /// clone was before it existed (that invoke records it again after
+    /// its answer): the A/B of the working set, alternating with the above.
+    pub clone_without_working_set_ms: Stats,
     /// An Invoke API request to `kiln fn serve`, a warm environment.
     pub warm_invoke_ms: Stats,
     /// Where a clone invoke's milliseconds go, from the stage marks its
@@ -207,6 +217,10 @@ fn print_table(r: &FnReport) {
     for (what, l) in [
         ("cold-boot invoke", &r.cold_invoke_ms),
         ("clone invoke", &r.clone_invoke_ms),
+        (
+            "clone invoke, no working set",
+            &r.clone_without_working_set_ms,
+        ),
         ("warm invoke", &r.warm_invoke_ms),
     ] {
         println!(
@@ -276,13 +290,17 @@ pub fn guest(runs: usize) -> Result<()> {
     kiln.cold()?;
     kiln.invoke(&trace)?;
     let (mut cold, mut clone, mut traces) = (Vec::new(), Vec::new(), Vec::new());
+    let mut without_working_set = Vec::new();
     for _ in 0..runs {
         cold.push(millis(kiln.cold()?));
         let (answered, traced) = kiln.invoke(&trace)?;
         clone.push(millis(answered));
         traces.push(traced);
+        kiln.forget_working_set()?;
+        without_working_set.push(millis(kiln.invoke(&trace)?.0));
     }
     let (cold_invoke_ms, clone_invoke_ms) = (super::stats(&cold)?, super::stats(&clone)?);
+    let clone_without_working_set_ms = super::stats(&without_working_set)?;
     let clone_breakdown = breakdown::stages(&breakdown::clone_invoke_path(), &traces);
     let warm_invoke_ms = super::stats(&kiln.warm(runs)?)?;
     let clone_ratio = clone_invoke_ms.p50 / cold_invoke_ms.p50;
@@ -307,6 +325,7 @@ pub fn guest(runs: usize) -> Result<()> {
         goals: goals(clone_ratio, warm_ratio, throughput.per_s, pss_fraction),
         cold_invoke_ms,
         clone_invoke_ms,
+        clone_without_working_set_ms,
         warm_invoke_ms,
         clone_breakdown,
         clone_ratio,
@@ -502,6 +521,18 @@ impl Kiln {
         cmd.args(["run", IMAGE, "--memory", &MEMORY_MIB.to_string()])
             .args(["--vcpus", "1"]);
         timed_answer(cmd, Some(&cold_input()))
+    }
+
+    /// Removes the template's memory working set (which the next clone
+    /// then records again).
+    fn forget_working_set(&self) -> Result<()> {
+        let template = self
+            .home()
+            .join("functions")
+            .join(FUNCTION)
+            .join("template");
+        let record = template.join(kiln_vmm::snapshot::working_set::WORKING_SET_FILE);
+        fs::remove_file(&record).with_context(|| format!("no working set at {}", record.display()))
     }
 
     /// The payload through one clone of the template.
