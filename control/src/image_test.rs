@@ -505,6 +505,15 @@ mod tests {
         }
     }
 
+    /// An image of 128 KiB in `dir`, for fake VMs that never read it.
+    fn small_image(dir: &Path) -> PathBuf {
+        let raw = dir.join("raw");
+        std::fs::write(&raw, vec![7u8; 128 * 1024]).unwrap();
+        let image = dir.join("image.kiln");
+        kiln_image::write(&raw, &image, kiln_image::DEFAULT_CHUNK_SIZE).unwrap();
+        image
+    }
+
     /// Tests run side by side, as many as there are CPUs, and are
     /// reported in the recipe's order: two tests that each wait for the
     /// other both pass on two CPUs; on one, the first times out.
@@ -512,10 +521,7 @@ mod tests {
     fn tests_run_side_by_side_and_are_reported_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let runner = fake_runner(dir.path());
-        let raw = dir.path().join("raw");
-        std::fs::write(&raw, vec![7u8; 128 * 1024]).unwrap();
-        let image = dir.path().join("image.kiln");
-        kiln_image::write(&raw, &image, kiln_image::DEFAULT_CHUNK_SIZE).unwrap();
+        let image = small_image(dir.path());
         let meet = |who: &str| TestCommand {
             run: format!("/bin/meet-{who}"),
             timeout_secs: 3,
@@ -600,10 +606,7 @@ mod tests {
     fn tests_run_in_vm_processes_that_are_checked_and_killed_in_time() {
         let dir = tempfile::tempdir().unwrap();
         let runner = fake_runner(dir.path());
-        let raw = dir.path().join("raw");
-        std::fs::write(&raw, vec![7u8; 128 * 1024]).unwrap();
-        let image = dir.path().join("image.kiln");
-        kiln_image::write(&raw, &image, kiln_image::DEFAULT_CHUNK_SIZE).unwrap();
+        let image = small_image(dir.path());
 
         let greets = test(Some("Hello from a fake VM"));
         let runs = runner
