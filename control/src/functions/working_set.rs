@@ -43,13 +43,26 @@ struct FileMapping {
 
 /// The pages of `memory` (a template's memory file) that process `pid`
 /// has mapped: the working set of the clone whose VM process it is.
+///
+/// The VM process is the one a hostile guest attacks first, so what its
+/// maps say is bounded here: only the part of a mapping that lies within
+/// the file is read, and no more entries in all than the file has pages
+/// twice over (a VM process maps each part of the file once), so that a
+/// subverted one cannot make this read gigabytes. The worst it can do is
+/// a record of every page.
 pub fn of_process(pid: u32, memory: &Path) -> io::Result<WorkingSet> {
     let file = fs::metadata(memory)?;
     let maps = fs::read_to_string(format!("/proc/{pid}/maps"))?;
     let pagemap = File::open(format!("/proc/{pid}/pagemap"))?;
-    let mut set = WorkingSet::new(file.len() / PAGE);
+    let file_pages = file.len() / PAGE;
+    let mut set = WorkingSet::new(file_pages);
+    let mut budget = 2 * file_pages;
     for mapping in mappings_of(&maps, (file.dev(), file.ino())) {
-        let pages = (mapping.end - mapping.start) / PAGE;
+        let first = mapping.offset / PAGE;
+        let pages = (mapping.end.saturating_sub(mapping.start) / PAGE)
+            .min(file_pages.saturating_sub(first))
+            .min(budget);
+        budget -= pages;
         let mut entries = vec![0u8; (pages * PAGEMAP_ENTRY) as usize];
         pagemap.read_exact_at(&mut entries, mapping.start / PAGE * PAGEMAP_ENTRY)?;
         let touched = entries
@@ -58,7 +71,7 @@ pub fn of_process(pid: u32, memory: &Path) -> io::Result<WorkingSet> {
             .enumerate()
             .filter(|(_, entry)| entry & (PAGEMAP_PRESENT | PAGEMAP_SWAPPED) != 0);
         for (index, _) in touched {
-            set.insert(mapping.offset / PAGE + index as u64);
+            set.insert(first + index as u64);
         }
     }
     Ok(set)
@@ -121,6 +134,47 @@ not a line\n";
                 },
             ]
         );
+    }
+
+    /// A mapping may run past its file's end (touching that part would
+    /// fault): only the file's pages are recorded, and reading it is no
+    /// error.
+    #[test]
+    fn a_mapping_longer_than_its_file_is_read_to_the_files_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory");
+        let file = File::create(&path).unwrap();
+        file.set_len(4 * PAGE).unwrap();
+        let file = File::open(&path).unwrap();
+        let len = 1 << 30;
+        // SAFETY: a fresh private mapping of an open file, longer than it
+        // (allowed; only its first pages are touched), unmapped below.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        // SAFETY: page 2 lies inside the file and the readable mapping.
+        let byte = unsafe {
+            addr.cast::<u8>()
+                .wrapping_add(2 * PAGE as usize)
+                .read_volatile()
+        };
+        let set = of_process(std::process::id(), &path);
+        // SAFETY: the mapping made above, no longer used.
+        assert_eq!(unsafe { libc::munmap(addr, len) }, 0);
+        assert_eq!(byte, 0);
+        // Page 2, and maybe its neighbours (read ahead, then mapped by
+        // fault-around), but nothing past the file's 4 pages.
+        let runs: Vec<_> = set.unwrap().runs().collect();
+        assert!(runs.iter().any(|run| run.contains(&2)), "{runs:?}");
+        assert!(runs.iter().all(|run| run.end <= 4), "{runs:?}");
     }
 
     /// This process maps a file privately, as a VM process maps a memory
