@@ -454,8 +454,9 @@ fn prefetch_working_set(snapshot: &LoadedSnapshot, mem: &GuestMemoryMmap, memory
             .map_err(|err| format!("cannot map {}'s pages ahead: {err}", path.display())),
         Err(err) => Err(crate::report::one_line(&err)),
     };
-    if let Err(why) = prefetched {
-        log::warn!("{why}; the restored guest faults its pages in itself");
+    match prefetched {
+        Ok(bytes) => log::info!("mapped {} KiB of the working set ahead", bytes >> 10),
+        Err(why) => log::warn!("{why}; the restored guest faults its pages in itself"),
     }
 }
 
