@@ -7,7 +7,7 @@
 //! command lives, so that what a killed command left is told apart from
 //! another command's live work, and removed by the next one.
 use std::fs::{self, File};
-use std::io;
+use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -26,6 +26,14 @@ pub fn persist(staged: NamedTempFile, path: &Path) -> io::Result<()> {
     staged.as_file().sync_all()?;
     staged.persist(path).map_err(|err| err.error)?;
     File::open(parent(path))?.sync_all()
+}
+
+/// Writes `bytes` to `path` whole or not at all: a temporary file beside
+/// it, synced, then renamed over it ([`stage`], [`persist`]).
+pub fn write(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut staged = stage(path)?;
+    staged.write_all(bytes)?;
+    persist(staged, path)
 }
 
 /// Renames the directory `from` to `to` (replacing nothing: `to` must not

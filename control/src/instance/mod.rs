@@ -38,7 +38,7 @@ pub mod types;
 
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
@@ -381,9 +381,7 @@ impl Registry {
         let vmm = FileLock::take(&staging.path().join(VMM_LOCK))?;
         if let Some(data) = user_data {
             let path = staging.path().join(USER_DATA_FILE);
-            let mut staged = durable::stage(&path).map_err(io_err(&path))?;
-            staged.write_all(data).map_err(io_err(&path))?;
-            durable::persist(staged, &path).map_err(io_err(&path))?;
+            durable::write(&path, data).map_err(io_err(&path))?;
         }
         let mut instance = Instance {
             dir: staging.path().to_path_buf(),
@@ -596,10 +594,8 @@ impl Instance {
 
     fn write(&self) -> Result<(), InstanceError> {
         let path = self.path(RECORD_FILE);
-        let mut staged = durable::stage(&path).map_err(io_err(&path))?;
         let json = serde_json::to_vec_pretty(&self.record).expect("a record serializes");
-        staged.write_all(&json).map_err(io_err(&path))?;
-        durable::persist(staged, &path).map_err(io_err(&path))
+        durable::write(&path, &json).map_err(io_err(&path))
     }
 
     /// Reads the record again, changes it with `change` and writes it, all

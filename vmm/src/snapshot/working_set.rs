@@ -23,7 +23,7 @@
 //! The file is written whole or not at all (temp file, fsync, rename:
 //! [`crate::durable`]). A record whose page count is not the memory
 //! file's is refused: it is of another snapshot.
-use std::io::{self, Write};
+use std::io;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -172,9 +172,7 @@ impl WorkingSet {
             path: path.to_path_buf(),
             source,
         };
-        let mut staged = durable::stage(path).map_err(io_err)?;
-        staged.write_all(&self.encode()).map_err(io_err)?;
-        durable::persist(staged, path).map_err(io_err)
+        durable::write(path, &self.encode()).map_err(io_err)
     }
 }
 

@@ -16,7 +16,7 @@
 //!
 //! The file is written whole or not at all (temp file, fsync, rename:
 //! [`crate::durable`]), once, when the first volume ends.
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::durable;
@@ -192,11 +192,7 @@ pub fn write(path: &Path, content_id: &[u8; 32], chunks: &[u32]) -> Result<(), W
         path: path.to_path_buf(),
         source,
     };
-    let mut staged = durable::stage(path).map_err(io_err)?;
-    staged
-        .write_all(&encode(content_id, chunks))
-        .map_err(io_err)?;
-    durable::persist(staged, path).map_err(io_err)
+    durable::write(path, &encode(content_id, chunks)).map_err(io_err)
 }
 
 /// The chunks a volume's reads reached in the image, each once, in the
