@@ -22,6 +22,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
 use kiln_vmm::snapshot::working_set::WorkingSet;
+use kiln_vmm::vstate::memory::PAGE_SIZE;
 
 /// `/proc/PID/pagemap`: one little-endian u64 per virtual page
 /// (Documentation/admin-guide/mm/pagemap.rst).
@@ -30,7 +31,8 @@ const PAGEMAP_ENTRY: u64 = 8;
 const PAGEMAP_PRESENT: u64 = 1 << 63;
 /// Bit 62 of an entry: the page is swapped out (touched all the same).
 const PAGEMAP_SWAPPED: u64 = 1 << 62;
-const PAGE: u64 = 4096;
+/// The memory file's pages, and the pagemap's: the host's base page.
+const PAGE: u64 = PAGE_SIZE as u64;
 
 /// One mapping of `/proc/PID/maps`: its addresses and the offset in its
 /// file where it starts.
@@ -110,6 +112,25 @@ mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
 
+    /// A private mapping of `len` bytes of `file` from `offset`, as a VM
+    /// process maps its memory file; the caller unmaps it.
+    fn map_private(file: &File, len: usize, prot: libc::c_int, offset: u64) -> *mut u8 {
+        // SAFETY: a fresh mapping of an open file, at an address the
+        // kernel picks; it aliases nothing, and the caller unmaps it.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_PRIVATE,
+                std::os::fd::AsRawFd::as_raw_fd(file),
+                offset as libc::off_t,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        addr.cast()
+    }
+
     #[test]
     fn mappings_are_found_by_device_and_inode() {
         let maps = "\
@@ -146,29 +167,14 @@ not a line\n";
         let file = File::create(&path).unwrap();
         file.set_len(4 * PAGE).unwrap();
         let file = File::open(&path).unwrap();
+        // Longer than the file: allowed, only its first pages are touched.
         let len = 1 << 30;
-        // SAFETY: a fresh private mapping of an open file, longer than it
-        // (allowed; only its first pages are touched), unmapped below.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE,
-                std::os::fd::AsRawFd::as_raw_fd(&file),
-                0,
-            )
-        };
-        assert_ne!(addr, libc::MAP_FAILED);
+        let addr = map_private(&file, len, libc::PROT_READ, 0);
         // SAFETY: page 2 lies inside the file and the readable mapping.
-        let byte = unsafe {
-            addr.cast::<u8>()
-                .wrapping_add(2 * PAGE as usize)
-                .read_volatile()
-        };
+        let byte = unsafe { addr.wrapping_add(2 * PAGE as usize).read_volatile() };
         let set = of_process(std::process::id(), &path);
         // SAFETY: the mapping made above, no longer used.
-        assert_eq!(unsafe { libc::munmap(addr, len) }, 0);
+        assert_eq!(unsafe { libc::munmap(addr.cast(), len) }, 0);
         assert_eq!(byte, 0);
         // Page 2, and maybe its neighbours (read ahead, then mapped by
         // fault-around), but nothing past the file's 4 pages.
@@ -188,26 +194,13 @@ not a line\n";
         file.set_len(64 * PAGE).unwrap();
         file.write_all_at(&[1; PAGE as usize], 40 * PAGE).unwrap();
         let file = File::open(&path).unwrap();
+        // From page 32 on.
         let len = 32 * PAGE as usize;
-        // SAFETY: a fresh private mapping of `len` bytes of an open file,
-        // from page 32 on; it is unmapped below and no reference into it
-        // outlives that.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE,
-                std::os::fd::AsRawFd::as_raw_fd(&file),
-                (32 * PAGE) as libc::off_t,
-            )
-        };
-        assert_ne!(addr, libc::MAP_FAILED);
+        let base = map_private(&file, len, libc::PROT_READ | libc::PROT_WRITE, 32 * PAGE);
         // Only page 40 is in the page cache (written above), so the read
         // fault maps no neighbours around it (fault-around maps only
         // cached pages), and a write fault copies just its page.
         let (read, written) = (8 * PAGE as usize, 20 * PAGE as usize);
-        let base = addr.cast::<u8>();
         // SAFETY: the offset is inside the mapping, which is readable;
         // volatile, so that the access happens.
         let byte = unsafe { base.wrapping_add(read).read_volatile() };
@@ -216,7 +209,7 @@ not a line\n";
         unsafe { base.wrapping_add(written).write_volatile(7) };
         let set = of_process(std::process::id(), &path).unwrap();
         // SAFETY: the mapping made above, no longer used.
-        assert_eq!(unsafe { libc::munmap(addr, len) }, 0);
+        assert_eq!(unsafe { libc::munmap(base.cast(), len) }, 0);
         assert_eq!(set.runs().collect::<Vec<_>>(), [40..41, 52..53]);
     }
 }

@@ -173,10 +173,11 @@ pub fn map_private(path: &Path, mib: u32) -> Result<GuestMemoryMmap, MemoryError
 pub fn prefetch(mem: &GuestMemoryMmap, working_set: &WorkingSet) -> io::Result<u64> {
     let page = PAGE_SIZE as u64;
     let regions = mem.iter().zip(file_offsets(mem.iter().map(|r| r.len())));
+    let runs: Vec<_> = working_set.runs().collect();
     let mut mapped = 0;
     for (region, region_offset) in regions {
         let region_end = region_offset + region.len();
-        for run in working_set.runs() {
+        for run in &runs {
             let (start, end) = (
                 (run.start * page).max(region_offset),
                 (run.end * page).min(region_end),
