@@ -236,8 +236,11 @@ struct Frames<'f> {
     pending: Vec<u8>,
     /// Gathered frames waiting to be compressed.
     batch: Vec<Vec<u8>>,
-    /// The batch being compressed, and how many frames it holds.
-    compressing: Option<(CompressedBatch, usize)>,
+    /// The batch being compressed.
+    compressing: Option<CompressedBatch>,
+    /// Frames closed so far (written, being compressed or in the batch):
+    /// the number of the frame being gathered.
+    closed: u32,
     /// Each written frame's offset and length, in order.
     written: Vec<(u64, u32)>,
     /// Where the next frame goes.
@@ -256,6 +259,7 @@ impl<'f> Frames<'f> {
             pending: Vec::new(),
             batch: Vec::new(),
             compressing: None,
+            closed: 0,
             written: Vec::new(),
             offset: HEADER_SIZE,
             frame_max: 1,
@@ -273,9 +277,8 @@ impl<'f> Frames<'f> {
         if self.pending.len() + data.len() > self.frame_size {
             self.close()?;
         }
-        let compressing = self.compressing.as_ref().map_or(0, |(_, frames)| *frames);
         let place = Place::Own {
-            frame: (self.written.len() + compressing + self.batch.len()) as u32,
+            frame: self.closed,
             within: self.pending.len() as u32,
         };
         self.pending.extend_from_slice(data);
@@ -289,6 +292,7 @@ impl<'f> Frames<'f> {
         }
         self.frame_max = self.frame_max.max(self.pending.len() as u32);
         self.batch.push(std::mem::take(&mut self.pending));
+        self.closed += 1;
         if self.batch.len() >= self.compression.threads * FRAMES_PER_THREAD {
             self.flush()?;
         }
@@ -300,15 +304,15 @@ impl<'f> Frames<'f> {
         self.write_compressed()?;
         let Compression { level, threads } = self.compression;
         let batch = std::mem::take(&mut self.batch);
-        let frames = batch.len();
-        let compressing = std::thread::spawn(move || compress_batch(&batch, level, threads));
-        self.compressing = Some((compressing, frames));
+        self.compressing = Some(std::thread::spawn(move || {
+            compress_batch(&batch, level, threads)
+        }));
         Ok(())
     }
 
     /// Waits for the batch being compressed, if any, and writes it.
     fn write_compressed(&mut self) -> io::Result<()> {
-        let Some((compressing, _)) = self.compressing.take() else {
+        let Some(compressing) = self.compressing.take() else {
             return Ok(());
         };
         let compressed = compressing
