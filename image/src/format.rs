@@ -153,17 +153,16 @@ pub(crate) fn check_magic(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
 }
 
 /// Whether `tail` (the index and the layer table) is what the header's
-/// checksum says; and the tail's whole SHA-256.
+/// checksum says.
 pub(crate) fn check_tail(
     path: &Path,
     tail: &[u8],
     checksum: &[u8; INDEX_CHECKSUM_LEN],
-) -> Result<[u8; 32], ImageError> {
-    let digest: [u8; 32] = Sha256::digest(tail).into();
-    if digest[..INDEX_CHECKSUM_LEN] != checksum[..] {
+) -> Result<(), ImageError> {
+    if Sha256::digest(tail)[..INDEX_CHECKSUM_LEN] != checksum[..] {
         return Err(ImageError::IndexChecksum { path: path.into() });
     }
-    Ok(digest)
+    Ok(())
 }
 
 /// The index's and the layer table's bytes.

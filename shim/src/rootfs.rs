@@ -28,7 +28,9 @@ pub const INIT_PATH: &str = "/.kiln/init";
 /// overlay holds only what is written, so unused space costs nothing).
 const FREE_BYTES: u64 = 1 << 30;
 /// Changes whenever the way an image is made does: old cache entries are
-/// then never found.
+/// then never found. The image format's version is part of the key too
+/// ([`Rootfs::cache_key`]), so that an image of a format this Kiln no
+/// longer reads is built again rather than found.
 const CACHE_VERSION: &str = "kiln-shim rootfs 1";
 
 /// One mount of a task's rootfs, as containerd's Create hands it over.
@@ -150,6 +152,7 @@ impl Rootfs {
         };
         let mut hash = Sha256::new();
         hash.update(CACHE_VERSION);
+        hash.update(kiln_image::VERSION.to_le_bytes());
         hash.update([0]);
         hash.update(init_digest);
         for lower in lowers {
