@@ -530,15 +530,21 @@ fn killing_the_cli_mid_operation_never_leaves_a_half_written_record() {
         cli.wait().unwrap();
     }
     // Whatever moment each CLI died at, every record reads whole, and none
-    // claims a VMM that is not there.
-    std::thread::sleep(std::time::Duration::from_secs(2));
-    let ps = ok(home.path(), &["ps", "-a"]);
-    for line in ps.lines().skip(1) {
-        assert!(
-            !line.contains("running") && !line.contains("pending"),
-            "{ps}"
-        );
+    // claims a VMM that is not there: once the VMMs the CLIs started have
+    // failed on the bad kernel (seconds on a loaded host), none is pending
+    // or running. A record left claiming one never settles.
+    let settled = |ps: &str| {
+        ps.lines()
+            .skip(1)
+            .all(|line| !line.contains("running") && !line.contains("pending"))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut ps = ok(home.path(), &["ps", "-a"]);
+    while !settled(&ps) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        ps = ok(home.path(), &["ps", "-a"]);
     }
+    assert!(settled(&ps), "{ps}");
     let instances = std::fs::read_dir(home.path().join("instances")).unwrap();
     for entry in instances {
         let dir = entry.unwrap().path();
