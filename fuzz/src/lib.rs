@@ -88,13 +88,11 @@ pub fn oci_archive(data: &[u8]) {
 /// 24 bytes, at 40, of the SHA-256 of everything from the index offset, at
 /// 32, to the end) to that of what `data` holds there.
 fn fix_index_checksum(data: &mut [u8]) {
-    let Some(offset) = data.get(32..40) else {
-        return;
-    };
-    let index = u64::from_le_bytes(offset.try_into().expect("8 bytes"));
-    if let Some(tail) = usize::try_from(index).ok().and_then(|at| data.get(at..))
-        && data.len() >= 64
-    {
+    if data.len() < 64 {
+        return; // shorter than a header
+    }
+    let index = u64::from_le_bytes(data[32..40].try_into().expect("8 bytes"));
+    if let Some(tail) = usize::try_from(index).ok().and_then(|at| data.get(at..)) {
         let digest = Sha256::digest(tail);
         data[40..64].copy_from_slice(&digest[..24]);
     }
