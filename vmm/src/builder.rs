@@ -45,7 +45,7 @@ use crate::snapshot::{LoadedSnapshot, NetState, SnapshotError};
 use crate::trace;
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuContext, VcpuError, Vcpus};
-use crate::vstate::vm::{Vm, VmError};
+use crate::vstate::vm::{Vm, VmError, supported_cpuid};
 
 /// virtio-mmio's queue notification register (virtio 1.2 §4.2.2).
 const VIRTIO_MMIO_QUEUE_NOTIFY: u64 = 0x50;
@@ -461,7 +461,8 @@ fn prefetch_working_set(snapshot: &LoadedSnapshot, mem: &GuestMemoryMmap, memory
 }
 
 /// A fresh boot: the kernel, the command line and boot structures in
-/// memory, and vCPUs at the kernel's entry. Returns the command line.
+/// memory, and vCPUs at the kernel's entry, all shown what this host's KVM
+/// supports, asked once ([`supported_cpuid`]). Returns the command line.
 fn boot_vcpus(
     kvm: &Kvm,
     vm: &Vm,
@@ -474,8 +475,10 @@ fn boot_vcpus(
     let entry = loader::load_kernel(mem, kernel)?;
     let cmdline = kernel_cmdline(config, disks.root_discards, &slots.params)?;
     let cr3 = write_boot_structures(mem, &cmdline, config)?;
-    let vcpus = (0..config.vcpus)
-        .map(|index| Vcpu::boot(kvm, vm, index, config.vcpus, entry, cr3))
+    let supported = supported_cpuid(kvm)?;
+    let count = config.vcpus;
+    let vcpus = (0..count)
+        .map(|index| Vcpu::boot(kvm, vm, &supported, index, count, entry, cr3))
         .collect::<Result<Vec<_>, _>>()?;
     Ok((cmdline, vcpus))
 }

@@ -7,7 +7,6 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::Kvm;
 
 use crate::builder::VmmError;
@@ -22,7 +21,7 @@ use crate::snapshot::{
     SnapshotError,
 };
 use crate::vstate::memory;
-use crate::vstate::vm::VmError;
+use crate::vstate::vm;
 
 /// The saved state of every device of a machine, in slot order.
 struct DeviceStates {
@@ -205,12 +204,7 @@ pub(crate) fn load_snapshot(
         return Err(err);
     }
 
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|source| VmError::Kvm {
-            what: "KVM_GET_SUPPORTED_CPUID",
-            source,
-        })?;
+    let supported = vm::supported_cpuid(kvm)?;
     snapshot::check_cpu(&dir.join(STATE_FILE), &machine.vcpus[0].cpuid, &supported)?;
     Ok(snapshot)
 }

@@ -6,7 +6,7 @@
 use kiln_vmm::vstate::memory;
 use kiln_vmm::vstate::vcpu::Vcpu;
 use kiln_vmm::vstate::vcpu_state::VcpuState;
-use kiln_vmm::vstate::vm::{Vm, VmState};
+use kiln_vmm::vstate::vm::{Vm, VmState, supported_cpuid};
 use kvm_ioctls::Kvm;
 
 fn kvm() -> Kvm {
@@ -41,7 +41,8 @@ fn vcpu_state_survives_a_round_trip() {
     let mem = memory::create(16).unwrap();
     let vm = Vm::new(&kvm, &mem).unwrap();
     let entry = 0x100_0000;
-    let vcpu = Vcpu::boot(&kvm, &vm, 0, 1, entry, 0x9000).unwrap();
+    let supported = supported_cpuid(&kvm).unwrap();
+    let vcpu = Vcpu::boot(&kvm, &vm, &supported, 0, 1, entry, 0x9000).unwrap();
     let saved = vcpu.save().unwrap();
     assert_eq!(saved.regs.rip, entry);
     assert!(!saved.msrs.is_empty());

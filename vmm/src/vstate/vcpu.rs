@@ -7,10 +7,7 @@ use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::{
-    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
-    kvm_lapic_state,
-};
+use kvm_bindings::{CpuId, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, kvm_lapic_state};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{SIGRTMIN, register_signal_handler};
 
@@ -128,22 +125,21 @@ enum Reply {
 }
 
 impl Vcpu {
-    /// Creates vCPU `index` of `count` for a fresh boot and sets its CPUID,
-    /// MSRs, FPU and LAPIC; vCPU 0 (the bootstrap processor) also gets the
-    /// registers for the kernel's entry. The others wait for the guest's
-    /// INIT/SIPI, which the in-kernel LAPIC handles and which resets their
-    /// registers anyway.
+    /// Creates vCPU `index` of `count` for a fresh boot and sets its CPUID
+    /// (what KVM `supported`, normalized for this vCPU), MSRs, FPU and
+    /// LAPIC; vCPU 0 (the bootstrap processor) also gets the registers for
+    /// the kernel's entry. The others wait for the guest's INIT/SIPI, which
+    /// the in-kernel LAPIC handles and which resets their registers anyway.
     pub fn boot(
         kvm: &Kvm,
         vm: &Vm,
+        supported: &CpuId,
         index: u8,
         count: u8,
         entry: u64,
         cr3: u64,
     ) -> Result<Self, VcpuError> {
-        let mut cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err(index, "KVM_GET_SUPPORTED_CPUID"))?;
+        let mut cpuid = supported.clone();
         cpuid::normalize(&mut cpuid, index, count);
         let vcpu = Self::create(kvm, vm, index, cpuid)?;
         let fd = &vcpu.fd;

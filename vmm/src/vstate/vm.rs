@@ -1,8 +1,9 @@
 //! The KVM VM: capabilities, in-kernel interrupt controllers and PIT,
 //! guest memory slots, irqfds and ioeventfds.
 use kvm_bindings::{
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
-    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_clock_data, kvm_irqchip, kvm_pit_config,
+    kvm_pit_state2, kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use serde::{Deserialize, Serialize};
@@ -49,6 +50,16 @@ pub enum VmError {
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
+}
+
+/// What this host's KVM can show a guest (KVM_GET_SUPPORTED_CPUID). Ask
+/// it once per VM: KVM answers by executing CPUID for every leaf it
+/// reports, and on a host that is itself a VM (as this project's PVM hosts
+/// and most cloud machines are) each CPUID exits to the hypervisor below,
+/// 0.38 ms a call on this project's hosts (measured).
+pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, VmError> {
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))
 }
 
 /// The VM-wide state a snapshot carries: the in-kernel interrupt
