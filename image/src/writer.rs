@@ -57,28 +57,26 @@ impl Compression {
     /// [`write`]'s choice for a raw filesystem of `raw_size` bytes: level
     /// 19 up to [`LARGE_IMAGE`], 15 above, on every CPU of the host.
     pub fn for_size(raw_size: u64) -> Self {
+        Self::by_size(raw_size, LARGE_IMAGE_LEVEL)
+    }
+
+    /// [`write_child`]'s choice for a child of `raw_size` bytes of raw
+    /// filesystem: as [`Compression::for_size`], but level 13 above
+    /// [`LARGE_IMAGE`].
+    pub fn for_child(raw_size: u64) -> Self {
+        Self::by_size(raw_size, LARGE_CHILD_LEVEL)
+    }
+
+    /// Level 19 up to [`LARGE_IMAGE`] and `large_level` above, on every
+    /// CPU of the host.
+    fn by_size(raw_size: u64, large_level: i32) -> Self {
         Self {
             level: if raw_size > LARGE_IMAGE {
-                LARGE_IMAGE_LEVEL
+                large_level
             } else {
                 SMALL_IMAGE_LEVEL
             },
             threads: std::thread::available_parallelism().map_or(1, usize::from),
-        }
-    }
-
-    /// [`write_child`]'s choice for a child of `raw_size` bytes of raw
-    /// filesystem: [`Compression::for_size`]'s, but level 13 above
-    /// [`LARGE_IMAGE`].
-    pub fn for_child(raw_size: u64) -> Self {
-        let compression = Self::for_size(raw_size);
-        Self {
-            level: if raw_size > LARGE_IMAGE {
-                LARGE_CHILD_LEVEL
-            } else {
-                compression.level
-            },
-            ..compression
         }
     }
 }
