@@ -272,6 +272,11 @@ impl VmmReport {
         qemu.chain(self.firecracker.iter().map(|c| ("firecracker", c)))
     }
 
+    /// Kiln's cold series and the peers', each with its VMM's name.
+    fn colds(&self) -> impl Iterator<Item = (&'static str, &Cold)> {
+        std::iter::once(("kiln", &self.kiln)).chain(self.peer_colds())
+    }
+
     /// The peers' restores, measured or not, each with what it was.
     fn peer_restores(&self) -> impl Iterator<Item = (&'static str, &PeerRestore)> {
         let firecracker = self.firecracker_restore.iter();
@@ -289,10 +294,9 @@ impl VmmReport {
 
     /// The latency series the plot draws, labelled.
     fn lines(&self) -> Vec<Line<'_>> {
-        let mut lines: Vec<Line<'_>> = vec![("cold (kiln)".into(), &self.kiln.wall_ms)];
-        for (vmm, cold) in self.peer_colds() {
-            lines.push((format!("cold ({vmm})"), &cold.wall_ms));
-        }
+        let mut lines: Vec<Line<'_>> = (self.colds())
+            .map(|(vmm, cold)| (format!("cold ({vmm})"), cold.wall_ms.as_slice()))
+            .collect();
         lines.push((
             "restore (kiln snapshot restore)".into(),
             &self.restore.samples_ms,
@@ -337,12 +341,31 @@ impl VmmReport {
     /// and the goals are this report's.
     pub fn check(&self) -> Vec<String> {
         let mut problems = Vec::new();
-        if self.schema_version != SCHEMA_VERSION {
-            problems.push(format!(
+        problems.extend(self.schema_problem());
+        problems.extend(self.sample_problems());
+        problems.extend(self.percentile_problems());
+        problems.extend(self.cold_problems());
+        problems.extend(self.key_problems());
+        problems.extend(self.ratio_problems());
+        problems.extend(self.clone_problems());
+        problems.extend(self.breakdown_problems());
+        problems.extend(self.goals_problem());
+        problems
+    }
+
+    /// A report of another schema, whose fields may mean something else.
+    fn schema_problem(&self) -> Option<String> {
+        (self.schema_version != SCHEMA_VERSION).then(|| {
+            format!(
                 "schema_version {}, expected {SCHEMA_VERSION}",
                 self.schema_version
-            ));
-        }
+            )
+        })
+    }
+
+    /// Every plotted series has `runs` samples, each a positive time.
+    fn sample_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
         for (label, samples) in self.lines() {
             if samples.len() != self.runs {
                 problems.push(format!(
@@ -357,16 +380,25 @@ impl VmmReport {
                 ));
             }
         }
+        problems
+    }
+
+    /// Every restore's and clone's recorded percentiles are its samples'.
+    fn percentile_problems(&self) -> Vec<String> {
         let mut latencies = vec![("restore", &self.restore), ("vm_restore", &self.vm_restore)];
         latencies.extend(self.clones.iter().map(|c| ("clone", &c.latency)));
         latencies.extend(self.measured_restores());
-        for (label, latency) in latencies {
-            if Stats::of(&latency.samples_ms).as_ref() != Some(&latency.ms) {
-                problems.push(format!("{label}: ms are not the samples' percentiles"));
-            }
-        }
-        let colds = std::iter::once(&self.kiln).chain(self.peer_colds().map(|(_, c)| c));
-        for cold in colds {
+        latencies
+            .into_iter()
+            .filter(|(_, latency)| Stats::of(&latency.samples_ms).as_ref() != Some(&latency.ms))
+            .map(|(label, _)| format!("{label}: ms are not the samples' percentiles"))
+            .collect()
+    }
+
+    /// Every cold series' percentiles are its samples', which are positive.
+    fn cold_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (_, cold) in self.colds() {
             let again = Cold::new(
                 &cold.command,
                 cold.wall_ms.clone(),
@@ -389,6 +421,11 @@ impl VmmReport {
                 problems.push(format!("{}: a time or RSS is not positive", cold.command));
             }
         }
+        problems
+    }
+
+    /// The top-level keys are their series' percentiles.
+    fn key_problems(&self) -> Vec<String> {
         let keys = [
             (
                 "cold_cpu_ms_p50",
@@ -408,11 +445,16 @@ impl VmmReport {
                 self.vm_restore.ms.p99,
             ),
         ];
-        for (key, value, expected) in keys {
-            if value != expected {
-                problems.push(format!("{key} {value} is not its series' ({expected})"));
-            }
-        }
+        keys.into_iter()
+            .filter(|&(_, value, expected)| value != expected)
+            .map(|(key, value, expected)| format!("{key} {value} is not its series' ({expected})"))
+            .collect()
+    }
+
+    /// Each cold wall-time ratio is Kiln's p50 over its peer's, and absent
+    /// when the peer is.
+    fn ratio_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
         for (key, value, peer) in [
             ("cold_wall_ratio", self.cold_wall_ratio, &self.qemu),
             (
@@ -430,6 +472,13 @@ impl VmmReport {
                 problems.push(format!("{key} {value:?}, expected {ratio:?}"));
             }
         }
+        problems
+    }
+
+    /// The recorded clone rate is the best concurrency's, and every clone
+    /// rate and RSS is positive.
+    fn clone_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
         let best = self
             .clones
             .iter()
@@ -450,6 +499,12 @@ impl VmmReport {
         if !positive(self.vmm_rss_mib) {
             problems.push(format!("vmm_rss_mib {} is not positive", self.vmm_rss_mib));
         }
+        problems
+    }
+
+    /// Each breakdown has every stage of its path, none of negative length.
+    fn breakdown_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
         for (what, stages, path) in [
             ("breakdown", &self.breakdown, breakdown::instance_path()),
             ("vm_breakdown", &self.vm_breakdown, breakdown::vm_path()),
@@ -471,26 +526,40 @@ impl VmmReport {
                 ));
             }
         }
-        if self.goals != self.goals() {
-            problems.push("the goals are not this report's numbers".into());
-        }
         problems
+    }
+
+    /// The recorded goals are the ones this report's numbers give.
+    fn goals_problem(&self) -> Option<String> {
+        (self.goals != self.goals()).then(|| "the goals are not this report's numbers".into())
     }
 
     /// The tables `kiln bench vmm` prints.
     pub fn table(&self) -> String {
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "{} runs per series after {} warm-up; {} MiB guests; {}",
+        let header = format!(
+            "{} runs per series after {} warm-up; {} MiB guests; {}\n",
             self.runs, self.warmup_runs, self.memory_mib, self.environment.label
         );
+        [
+            header,
+            self.cold_table(),
+            self.restore_table(),
+            self.clone_table(),
+            self.breakdown_tables(),
+            self.goals_table(),
+        ]
+        .concat()
+    }
+
+    /// Each VMM's cold run percentiles, then Kiln's ratio to Firecracker.
+    fn cold_table(&self) -> String {
+        let mut out = String::new();
         let _ = writeln!(
             out,
             "\n| cold: exec to exit | wall p50 ms | wall p99 ms | CPU p50 ms | CPU p99 ms | peak RSS p50 MiB |"
         );
         let _ = writeln!(out, "|---|---|---|---|---|---|");
-        for (vmm, c) in std::iter::once(("kiln", &self.kiln)).chain(self.peer_colds()) {
+        for (vmm, c) in self.colds() {
             let _ = writeln!(
                 out,
                 "| {vmm} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} |",
@@ -507,6 +576,12 @@ impl VmmReport {
                 "cold_wall_ratio_firecracker (kiln/firecracker wall p50): {ratio:.2}"
             );
         }
+        out
+    }
+
+    /// Each measured restore's percentiles, then why a peer's was not measured.
+    fn restore_table(&self) -> String {
+        let mut out = String::new();
         let _ = writeln!(
             out,
             "\n| restore to first heartbeat | min ms | p50 ms | p90 ms | p99 ms | max ms |"
@@ -529,6 +604,12 @@ impl VmmReport {
                 let _ = writeln!(out, "{what}: not measured: {why}");
             }
         }
+        out
+    }
+
+    /// The clone path, and each concurrency's rate, latency and memory.
+    fn clone_table(&self) -> String {
+        let mut out = String::new();
         let _ = writeln!(out, "\nclones: {}", self.clone_path);
         let _ = writeln!(
             out,
@@ -548,6 +629,12 @@ impl VmmReport {
                 c.vmm_anon_kib_p50
             );
         }
+        out
+    }
+
+    /// Each restore's stages: how long, in which process, and when it ended.
+    fn breakdown_tables(&self) -> String {
+        let mut out = String::new();
         for (what, stages) in [
             ("kiln snapshot restore", &self.breakdown),
             ("kiln __vm restore", &self.vm_breakdown),
@@ -565,6 +652,12 @@ impl VmmReport {
                 );
             }
         }
+        out
+    }
+
+    /// Each goal, its target, this run's value and whether it was met.
+    fn goals_table(&self) -> String {
+        let mut out = String::new();
         let _ = writeln!(out, "\n| goal | target | this run | met |");
         let _ = writeln!(out, "|---|---|---|---|");
         for g in &self.goals {
