@@ -25,7 +25,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::process::Stdio;
+use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::config::RunConfig;
@@ -350,120 +350,204 @@ fn invoke(
     if let Err(refusal) = become_clone(&invocation.seed, invocation.hostname.as_deref()) {
         return (refused(&refusal, STATUS_NOT_EXECUTABLE, start), None);
     }
+    let child = match spawn_handler(config, start) {
+        Ok(child) => child,
+        Err(outcome) => return (outcome, None),
+    };
+    let mut run = HandlerRun::new(child, invocation);
+    let status = run.wait(signals);
+    run.finish(status, start)
+}
+
+/// Starts the handler in its own process group with piped stdio, or the
+/// outcome that says why it could not start.
+fn spawn_handler(config: &RunConfig, start: Instant) -> Result<Child, Outcome> {
     let mut command = supervisor::command(config);
     command
         .process_group(0)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = match command.spawn() {
-        Ok(child) => child,
-        Err(source) => {
-            let status = supervisor::spawn_failure_status(&source);
-            let refusal = Refusal::Spawn {
-                program: config.entrypoint[0].clone(),
-                source,
-            };
-            return (refused(&refusal, status, start), None);
-        }
-    };
-    let pid = child.id() as libc::pid_t;
-    // Readable once the handler has exited, without a SIGCHLD (which a
-    // test's other threads could take); absent before Linux 5.3, where
-    // SIGCHLD on the signal descriptor is the wake-up.
+    command.spawn().map_err(|source| {
+        let status = supervisor::spawn_failure_status(&source);
+        let refusal = Refusal::Spawn {
+            program: config.entrypoint[0].clone(),
+            source,
+        };
+        refused(&refusal, status, start)
+    })
+}
+
+/// A descriptor readable once the process `pid` has exited, without a
+/// SIGCHLD (which a test's other threads could take); `None` before Linux
+/// 5.3, where SIGCHLD on the signal descriptor is the wake-up.
+fn open_pidfd(pid: libc::pid_t) -> Option<OwnedFd> {
     // SAFETY: pidfd_open takes no pointers.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     // SAFETY: a non-negative result is a fresh descriptor nothing else owns.
-    let pidfd = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) });
-    let mut stdin = child
-        .stdin
-        .take()
-        .filter(|_| !invocation.payload.is_empty());
-    let mut stdout = child.stdout.take();
-    let mut stderr = child.stderr.take();
-    for fd in [raw(&stdin), raw(&stdout), raw(&stderr)]
-        .into_iter()
-        .filter(|&fd| fd >= 0)
-    {
-        // SAFETY: fcntl on our own pipe end; O_NONBLOCK is the only flag
-        // F_SETFL changes here (the access mode is ignored).
-        unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) };
+    (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) })
+}
+
+/// Makes our own pipe end `fd` non-blocking.
+fn set_nonblocking(fd: RawFd) {
+    // SAFETY: fcntl on our own pipe end; O_NONBLOCK is the only flag
+    // F_SETFL changes here (the access mode is ignored).
+    unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) };
+}
+
+/// A running handler, as the poll loop sees it: its payload still to
+/// feed, its output captured so far, its deadline and the stop signal.
+struct HandlerRun<'a> {
+    /// The handler's pid, also its process group's id.
+    pid: libc::pid_t,
+    pidfd: Option<OwnedFd>,
+    /// The handler's stdin until the payload is written (none for an
+    /// empty payload).
+    stdin: Option<ChildStdin>,
+    stdout: Option<ChildStdout>,
+    stderr: Option<ChildStderr>,
+    payload: &'a [u8],
+    /// How much of `payload` is written.
+    written: usize,
+    out: Capture,
+    err: Capture,
+    deadline: Option<Instant>,
+    timed_out: bool,
+    /// The SIGTERM or SIGINT passed on to the handler's group, if any.
+    stop: Option<libc::c_int>,
+}
+
+impl<'a> HandlerRun<'a> {
+    /// Takes the spawned handler's pipes (non-blocking) and starts its
+    /// timeout.
+    fn new(mut child: Child, invocation: &'a Invocation) -> Self {
+        let pid = child.id() as libc::pid_t;
+        let pidfd = open_pidfd(pid);
+        let stdin = child
+            .stdin
+            .take()
+            .filter(|_| !invocation.payload.is_empty());
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        for fd in [raw(&stdin), raw(&stdout), raw(&stderr)]
+            .into_iter()
+            .filter(|&fd| fd >= 0)
+        {
+            set_nonblocking(fd);
+        }
+        HandlerRun {
+            pid,
+            pidfd,
+            stdin,
+            stdout,
+            stderr,
+            payload: invocation.payload.as_bytes(),
+            written: 0,
+            out: Capture::new(OUTPUT_MAX),
+            err: Capture::new(OUTPUT_MAX),
+            deadline: Instant::now().checked_add(Duration::from_millis(invocation.timeout_ms)),
+            timed_out: false,
+            stop: None,
+        }
     }
-    let payload = invocation.payload.as_bytes();
-    let mut written = 0;
-    let (mut out, mut err) = (Capture::new(OUTPUT_MAX), Capture::new(OUTPUT_MAX));
-    let deadline = Instant::now().checked_add(Duration::from_millis(invocation.timeout_ms));
-    let mut timed_out = false;
-    let mut stop = None;
-    let mut status = loop {
-        if let Some(status) = supervisor::reap_all(pid) {
-            break status;
+
+    /// Feeds stdin and drains stdout and stderr until the handler is
+    /// reaped; its exit status.
+    fn wait(&mut self, signals: &SignalFd) -> u8 {
+        loop {
+            if let Some(status) = supervisor::reap_all(self.pid) {
+                return status;
+            }
+            let wait = self.enforce_deadline(Instant::now());
+            // The pidfd is polled only to wake up: the next turn reaps.
+            let mut fds = [
+                pollfd(signals.as_raw_fd(), libc::POLLIN),
+                pollfd(raw(&self.pidfd), libc::POLLIN),
+                pollfd(raw(&self.stdin), libc::POLLOUT),
+                pollfd(raw(&self.stdout), libc::POLLIN),
+                pollfd(raw(&self.stderr), libc::POLLIN),
+            ];
+            if poll(&mut fds, wait).is_err() {
+                continue;
+            }
+            if fds[0].revents != 0 {
+                self.pass_on_stop(signals);
+            }
+            if fds[2].revents != 0 {
+                self.feed_stdin();
+            }
+            if fds[3].revents != 0 {
+                fill(&mut self.stdout, &mut self.out);
+            }
+            if fds[4].revents != 0 {
+                fill(&mut self.stderr, &mut self.err);
+            }
         }
-        let now = Instant::now();
-        if !timed_out && deadline.is_some_and(|deadline| now >= deadline) {
-            kill_group(pid, libc::SIGKILL);
-            timed_out = true;
+    }
+
+    /// SIGKILLs the group once the deadline has passed; the `poll` timeout
+    /// for now (none after the kill: only the handler's exit is left).
+    fn enforce_deadline(&mut self, now: Instant) -> libc::c_int {
+        if !self.timed_out && self.deadline.is_some_and(|deadline| now >= deadline) {
+            kill_group(self.pid, libc::SIGKILL);
+            self.timed_out = true;
         }
-        let wait = if timed_out {
+        if self.timed_out {
             -1
         } else {
-            poll_timeout(deadline, now)
-        };
-        let mut fds = [
-            pollfd(signals.as_raw_fd(), libc::POLLIN),
-            pollfd(pidfd.as_ref().map_or(-1, AsRawFd::as_raw_fd), libc::POLLIN),
-            pollfd(raw(&stdin), libc::POLLOUT),
-            pollfd(raw(&stdout), libc::POLLIN),
-            pollfd(raw(&stderr), libc::POLLIN),
-        ];
-        if poll(&mut fds, wait).is_err() {
-            continue;
+            poll_timeout(self.deadline, now)
         }
-        if fds[0].revents != 0
-            && let Some(sig @ (libc::SIGTERM | libc::SIGINT)) = signals.take()
-        {
-            kill_group(pid, sig);
-            stop = Some(sig);
-        }
-        if fds[2].revents != 0
-            && let Some(pipe) = &mut stdin
-        {
-            match pipe.write(&payload[written..]) {
-                Ok(n) => written += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                // EPIPE: the handler does not read its stdin.
-                Err(_) => written = payload.len(),
-            }
-            if written == payload.len() {
-                stdin = None;
-            }
-        }
-        if fds[3].revents != 0 {
-            fill(&mut stdout, &mut out);
-        }
-        if fds[4].revents != 0 {
-            fill(&mut stderr, &mut err);
-        }
-    };
-    // The handler is reaped; what it left in its group still holds its
-    // group id (a process group's id is not reused while it has members),
-    // so this reaches only those.
-    kill_group(pid, libc::SIGKILL);
-    while fill(&mut stdout, &mut out) {}
-    while fill(&mut stderr, &mut err) {}
-    if timed_out {
-        status = 128 + libc::SIGKILL as u8;
     }
-    let (stdout, stderr) = output_text(&out, &err);
-    let outcome = Outcome {
-        status: status.into(),
-        stdout,
-        stderr,
-        timed_out,
-        duration_us: micros_since(start),
-        error: None,
-    };
-    (outcome, stop)
+
+    /// Takes a pending signal; SIGTERM or SIGINT is passed on to the
+    /// handler's group and remembered.
+    fn pass_on_stop(&mut self, signals: &SignalFd) {
+        if let Some(sig @ (libc::SIGTERM | libc::SIGINT)) = signals.take() {
+            kill_group(self.pid, sig);
+            self.stop = Some(sig);
+        }
+    }
+
+    /// Writes what of the payload the pipe takes; closes stdin once all of
+    /// it is written.
+    fn feed_stdin(&mut self) {
+        let Some(pipe) = &mut self.stdin else { return };
+        match pipe.write(&self.payload[self.written..]) {
+            Ok(n) => self.written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            // EPIPE: the handler does not read its stdin.
+            Err(_) => self.written = self.payload.len(),
+        }
+        if self.written == self.payload.len() {
+            self.stdin = None;
+        }
+    }
+
+    /// Kills what the reaped handler left, drains its pipes and says what
+    /// it did, with the stop signal passed on (if any).
+    fn finish(mut self, status: u8, start: Instant) -> (Outcome, Option<libc::c_int>) {
+        // The handler is reaped; what it left in its group still holds its
+        // group id (a process group's id is not reused while it has members),
+        // so this reaches only those.
+        kill_group(self.pid, libc::SIGKILL);
+        while fill(&mut self.stdout, &mut self.out) {}
+        while fill(&mut self.stderr, &mut self.err) {}
+        let status = if self.timed_out {
+            128 + libc::SIGKILL as u8
+        } else {
+            status
+        };
+        let (stdout, stderr) = output_text(&self.out, &self.err);
+        let outcome = Outcome {
+            status: status.into(),
+            stdout,
+            stderr,
+            timed_out: self.timed_out,
+            duration_us: micros_since(start),
+            error: None,
+        };
+        (outcome, self.stop)
+    }
 }
 
 /// Reads once from a non-blocking pipe into `capture`; true if it gave
