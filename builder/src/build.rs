@@ -280,56 +280,18 @@ pub fn build(
     progress: &mut dyn FnMut(&str),
 ) -> Result<Built, BuildError> {
     let recipe = recipe::load(recipe_path)?;
-    let first_vm_step = (recipe.builds.iter().enumerate())
-        .find(|(_, step)| matches!(step.place, StepPlace::Vm { .. }));
-    let vm = match (first_vm_step, vm) {
-        (Some((index, step)), None) => {
-            return Err(BuildError::NoBuildVm {
-                recipe: recipe.path.clone(),
-                step: step.describe(index),
-            });
-        }
-        (Some(_), Some(vm)) => Some(vm),
-        (None, _) => None,
-    };
+    let vm = vm_for_steps(&recipe, vm)?;
     let parent = resolve_base(&recipe, store)?;
+    let parent_manifest = parent.as_ref().map(|p| &p.manifest);
     let vm_inputs = vm.map(BuildVm::inputs).unwrap_or_default();
-    let build_key = build_key(
-        &recipe,
-        guest_init,
-        &vm_inputs,
-        parent.as_ref().map(|p| &p.manifest),
-    )?;
-    if let Some(stored) = store.get(&recipe.name, &recipe.version)?
-        && stored.manifest.build_key == build_key
-        && stored.image_path.is_file()
-        && (skip_tests || !stored.manifest.untested())
-    {
-        return Ok(Built::Cached(stored.manifest));
+    let build_key = build_key(&recipe, guest_init, &vm_inputs, parent_manifest)?;
+    if let Some(manifest) = cached(store, &recipe, &build_key, skip_tests)? {
+        return Ok(Built::Cached(manifest));
     }
 
     let scratch = store.scratch_dir()?;
     let stage = Stage::create(&scratch.path().join("root"))?;
-    let mut settings = None;
-    match (&recipe.base, &parent) {
-        (_, Some(parent)) => {
-            progress(&format!("unpacking {}", parent.manifest.reference()));
-            let reader = image::Reader::open(&parent.image_path)?;
-            ext4::extract(
-                image::CachedReader::new(reader, image::DEFAULT_CACHE_BYTES),
-                &stage,
-            )?;
-        }
-        (Base::Oci(archive), None) => {
-            progress(&format!("importing {}", archive.display()));
-            settings = Some(oci::import_image(archive, &stage, scratch.path())?);
-        }
-        (Base::Tarball(tarball), None) => {
-            progress(&format!("importing {}", tarball.display()));
-            oci::import_tarball(tarball, &stage)?;
-        }
-        (Base::Scratch | Base::Image { .. }, None) => {}
-    }
+    let settings = stage_base(&recipe, parent.as_ref(), &stage, scratch.path(), progress)?;
     progress("assembling the root tree");
     let base_run = settings.as_ref().and_then(|s| s.run_config(&recipe.name));
     let entrypoint = assemble::assemble(&recipe, &stage, guest_init, base_run.as_ref())?;
@@ -347,21 +309,117 @@ pub fn build(
         (recipe.size, &build_key),
         progress,
     )?;
+    let manifest = new_manifest(
+        &recipe,
+        build_key,
+        parent_manifest,
+        settings,
+        &info,
+        entrypoint,
+    )?;
+    Ok(Built::Staged(Staged {
+        store: store.clone(),
+        _scratch: scratch,
+        dir: publish,
+        manifest,
+    }))
+}
+
+/// The build VM the recipe's `in = "vm"` steps run in: `vm`, or `None`
+/// when the recipe has no such steps (then `vm`'s inputs stay out of the
+/// build key). A recipe with some and no `vm` is refused before anything
+/// is built, naming its first VM step.
+fn vm_for_steps<'a>(
+    recipe: &Recipe,
+    vm: Option<&'a dyn BuildVm>,
+) -> Result<Option<&'a dyn BuildVm>, BuildError> {
+    let first_vm_step = (recipe.builds.iter().enumerate())
+        .find(|(_, step)| matches!(step.place, StepPlace::Vm { .. }));
+    match (first_vm_step, vm) {
+        (Some((index, step)), None) => Err(BuildError::NoBuildVm {
+            recipe: recipe.path.clone(),
+            step: step.describe(index),
+        }),
+        (Some(_), Some(vm)) => Ok(Some(vm)),
+        (None, _) => Ok(None),
+    }
+}
+
+/// The manifest of the stored image of `recipe` to reuse instead of
+/// building: one with the same `build_key` whose image file is there,
+/// and, unless `skip_tests`, that was tested (an untested one is built
+/// again, for this build to test it).
+fn cached(
+    store: &Store,
+    recipe: &Recipe,
+    build_key: &str,
+    skip_tests: bool,
+) -> Result<Option<Manifest>, BuildError> {
+    Ok(store
+        .get(&recipe.name, &recipe.version)?
+        .filter(|stored| {
+            stored.manifest.build_key == build_key
+                && stored.image_path.is_file()
+                && (skip_tests || !stored.manifest.untested())
+        })
+        .map(|stored| stored.manifest))
+}
+
+/// Puts the recipe's base into `stage`: the `parent` image's files, an
+/// imported `oci:` archive's or `tar:` tarball's, or nothing for
+/// `scratch`. Returns what an `oci:` archive says besides its files (its
+/// run configuration, ports and labels), which the image inherits.
+fn stage_base(
+    recipe: &Recipe,
+    parent: Option<&StoredImage>,
+    stage: &Stage,
+    scratch: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Option<oci::ImageSettings>, BuildError> {
+    match (&recipe.base, parent) {
+        (_, Some(parent)) => {
+            progress(&format!("unpacking {}", parent.manifest.reference()));
+            let reader = image::Reader::open(&parent.image_path)?;
+            ext4::extract(
+                image::CachedReader::new(reader, image::DEFAULT_CACHE_BYTES),
+                stage,
+            )?;
+        }
+        (Base::Oci(archive), None) => {
+            progress(&format!("importing {}", archive.display()));
+            return Ok(Some(oci::import_image(archive, stage, scratch)?));
+        }
+        (Base::Tarball(tarball), None) => {
+            progress(&format!("importing {}", tarball.display()));
+            oci::import_tarball(tarball, stage)?;
+        }
+        (Base::Scratch | Base::Image { .. }, None) => {}
+    }
+    Ok(None)
+}
+
+/// The manifest a built image is staged with (no test results yet),
+/// `info` describing its compressed file.
+fn new_manifest(
+    recipe: &Recipe,
+    build_key: String,
+    parent: Option<&Manifest>,
+    settings: Option<oci::ImageSettings>,
+    info: &image::ImageInfo,
+    entrypoint: Vec<String>,
+) -> Result<Manifest, BuildError> {
     // What the image says of itself: the container image's, or the parent's.
-    let (exposed_ports, labels) = match (settings, &parent) {
+    let (exposed_ports, labels) = match (settings, parent) {
         (Some(settings), _) => (settings.exposed_ports, settings.labels),
-        (None, Some(parent)) => (
-            parent.manifest.exposed_ports.clone(),
-            parent.manifest.labels.clone(),
-        ),
+        (None, Some(parent)) => (parent.exposed_ports.clone(), parent.labels.clone()),
         (None, None) => Default::default(),
     };
-    let manifest = Manifest {
+    Ok(Manifest {
         name: recipe.name.clone(),
         version: recipe.version.clone(),
         description: recipe.description.clone(),
         digest: format!("sha256:{}", info.digest),
-        parent: parent.map(|p| p.manifest.reference()),
+        parent: parent.map(Manifest::reference),
         recipe_digest: hash_file(&recipe.path)?,
         build_key,
         raw_size: info.raw_size,
@@ -372,13 +430,7 @@ pub fn build(
         tests: recipe.tests.clone(),
         test_results: None,
         created: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-    };
-    Ok(Built::Staged(Staged {
-        store: store.clone(),
-        _scratch: scratch,
-        dir: publish,
-        manifest,
-    }))
+    })
 }
 
 /// The size of the filesystem holding `stage`: `size` if fixed, or the
