@@ -1,7 +1,7 @@
 //! `kiln fn create|ls|rm|invoke|serve`: Lambda-style functions, each
 //! invocation a fresh clone of a snapshot of the booted function VM.
 use std::io::Write;
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -16,89 +16,99 @@ use kiln_control::functions::{
 };
 
 use crate::assets::kiln_home;
+use crate::cmd::format::Output;
 
 #[derive(clap::Subcommand)]
 pub enum Command {
     /// Create a function: boot IMAGE once, let its Lambda runtime
     /// initialize (or, with --mode command, guest-init wait for
     /// invocations), and keep a snapshot of it as the function's template.
-    Create {
-        name: String,
-        /// NAME:VERSION from the local store.
-        #[arg(long)]
-        image: String,
-        /// runtime-api: the image's entrypoint is a Lambda runtime, served
-        /// Lambda's Runtime API, initialized once and snapshot waiting for
-        /// its first event. command: --handler is a command run afresh for
-        /// each invocation, the payload on its stdin.
-        #[arg(long, value_enum, default_value_t = ModeArg::RuntimeApi)]
-        mode: ModeArg,
-        /// runtime-api: Lambda's handler setting (`_HANDLER`, e.g.
-        /// app.handler). command: the program (and arguments) each
-        /// invocation runs.
-        #[arg(long, default_value = "")]
-        handler: String,
-        /// runtime-api: the runtime's command line instead of the image's
-        /// entrypoint.
-        #[arg(long, default_value = "")]
-        entrypoint: String,
-        /// Guest memory in MiB.
-        #[arg(long, default_value_t = 128)]
-        memory: u32,
-        /// Seconds an invocation may run before it is killed.
-        #[arg(long, default_value_t = 30)]
-        timeout: u64,
-        /// KEY=VALUE for the handler's environment (repeatable).
-        #[arg(long = "env", value_name = "KEY=VALUE")]
-        env: Vec<String>,
-    },
+    Create(CreateArgs),
     /// List the functions.
     Ls {
         #[command(flatten)]
-        output: crate::cmd::format::Output,
+        output: Output,
     },
     /// Remove a function and its template.
     Rm { name: String },
     /// Invoke a function: its stdout is printed, and kiln exits with its status.
-    Invoke {
-        name: String,
-        /// The payload: text (usually JSON), or @FILE.
-        #[arg(long, default_value = "")]
-        payload: String,
-        /// Invocations to run (then latency percentiles are printed instead).
-        #[arg(long, default_value_t = 1)]
-        count: usize,
-        /// Invocations in flight at once.
-        #[arg(long, default_value_t = 1)]
-        concurrency: usize,
-    },
+    Invoke(InvokeArgs),
     /// Serve a function: Lambda's Invoke API for a runtime-api function
     /// (boto3, the AWS CLI: point their endpoint URL here), with warm
     /// environments; a function URL for a command one (each HTTP request
     /// body is a payload, the response the handler's stdout). Ends on
     /// SIGINT or SIGTERM, terminating every environment.
-    Serve {
-        name: String,
-        /// Where to listen (HOST:PORT). The URL has no authentication, so
-        /// only loopback addresses are accepted without --allow-remote.
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        listen: String,
-        /// Listen on a non-loopback address too: anyone who can reach it
-        /// can invoke the function.
-        #[arg(long)]
-        allow_remote: bool,
-        /// Stop after this many requests (default: serve forever).
-        #[arg(long)]
-        max_requests: Option<usize>,
-        /// runtime-api: the most environments (clones) at once; more
-        /// concurrent events wait for one to come free.
-        #[arg(long, default_value_t = 4)]
-        max_concurrency: usize,
-        /// runtime-api: seconds an idle environment stays warm (its
-        /// runtime waiting for the next event) before it is terminated.
-        #[arg(long, default_value_t = 300)]
-        keep_warm: u64,
-    },
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+pub struct CreateArgs {
+    name: String,
+    /// NAME:VERSION from the local store.
+    #[arg(long)]
+    image: String,
+    /// runtime-api: the image's entrypoint is a Lambda runtime, served
+    /// Lambda's Runtime API, initialized once and snapshot waiting for
+    /// its first event. command: --handler is a command run afresh for
+    /// each invocation, the payload on its stdin.
+    #[arg(long, value_enum, default_value_t = ModeArg::RuntimeApi)]
+    mode: ModeArg,
+    /// runtime-api: Lambda's handler setting (`_HANDLER`, e.g.
+    /// app.handler). command: the program (and arguments) each
+    /// invocation runs.
+    #[arg(long, default_value = "")]
+    handler: String,
+    /// runtime-api: the runtime's command line instead of the image's
+    /// entrypoint.
+    #[arg(long, default_value = "")]
+    entrypoint: String,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    memory: u32,
+    /// Seconds an invocation may run before it is killed.
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
+    /// KEY=VALUE for the handler's environment (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+}
+
+#[derive(clap::Args)]
+pub struct InvokeArgs {
+    name: String,
+    /// The payload: text (usually JSON), or @FILE.
+    #[arg(long, default_value = "")]
+    payload: String,
+    /// Invocations to run (then latency percentiles are printed instead).
+    #[arg(long, default_value_t = 1)]
+    count: usize,
+    /// Invocations in flight at once.
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+}
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    name: String,
+    /// Where to listen (HOST:PORT). The URL has no authentication, so
+    /// only loopback addresses are accepted without --allow-remote.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Listen on a non-loopback address too: anyone who can reach it
+    /// can invoke the function.
+    #[arg(long)]
+    allow_remote: bool,
+    /// Stop after this many requests (default: serve forever).
+    #[arg(long)]
+    max_requests: Option<usize>,
+    /// runtime-api: the most environments (clones) at once; more
+    /// concurrent events wait for one to come free.
+    #[arg(long, default_value_t = 4)]
+    max_concurrency: usize,
+    /// runtime-api: seconds an idle environment stays warm (its
+    /// runtime waiting for the next event) before it is terminated.
+    #[arg(long, default_value_t = 300)]
+    keep_warm: u64,
 }
 
 /// `--mode`.
@@ -114,123 +124,143 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
     let kiln = std::env::current_exe().context("cannot find the kiln binary")?;
     let functions = Functions::new(&kiln_home(), &kiln);
     match command {
-        Command::Create {
-            name,
-            image,
-            mode,
-            handler,
-            entrypoint,
-            memory,
-            timeout,
-            env,
-        } => {
-            let mode = match mode {
-                ModeArg::RuntimeApi => Mode::RuntimeApi,
-                ModeArg::Command if handler.is_empty() => {
-                    anyhow::bail!("--mode command: expected --handler CMD, the command to run")
-                }
-                ModeArg::Command if !entrypoint.is_empty() => {
-                    anyhow::bail!("--entrypoint: only --mode runtime-api has a runtime to start")
-                }
-                ModeArg::Command => Mode::Command,
-            };
-            let config = FunctionConfig {
-                name,
-                image,
-                mode,
-                handler,
-                entrypoint,
-                memory_mib: memory,
-                timeout_s: timeout,
-                env,
-                created_at: SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs()),
-                init_us: 0,
-            };
-            let made = functions.create(&config)?;
-            match made.mode {
-                Mode::RuntimeApi => println!(
-                    "function {} ready (init {:.1} ms)",
-                    made.name,
-                    made.init_us as f64 / 1000.0
-                ),
-                Mode::Command => println!("function {} ready", made.name),
-            }
-        }
-        Command::Ls { output } => {
-            // Environments exist only while a serve runs.
-            let listed: Vec<Listed> = functions
-                .list()?
-                .into_iter()
-                .map(|config| Listed {
-                    pool: functions.served_status(&config.name),
-                    config,
-                })
-                .collect();
-            if !output.json(&listed)? {
-                print_functions(&listed);
-            }
-        }
+        Command::Create(args) => create(&functions, args)?,
+        Command::Ls { output } => ls(&functions, output)?,
         Command::Rm { name } => functions.remove(&name)?,
-        Command::Invoke {
-            name,
-            payload,
-            count,
-            concurrency,
-        } => {
-            let payload = match payload.strip_prefix('@') {
-                Some(path) => {
-                    std::fs::read_to_string(path).with_context(|| format!("--payload @{path}"))?
-                }
-                None => payload,
-            };
-            if count == 1 {
-                return invoke_once(&functions, &name, &payload);
-            }
-            invoke_many(&functions, &name, &payload, count, concurrency)?;
-        }
-        Command::Serve {
-            name,
-            listen,
-            allow_remote,
-            max_requests,
-            max_concurrency,
-            keep_warm,
-        } => {
-            if max_concurrency == 0 {
-                anyhow::bail!("--max-concurrency 0: expected at least 1");
-            }
-            let addresses = listen_addresses(&listen, allow_remote)?;
-            let listener =
-                TcpListener::bind(&addresses[..]).with_context(|| format!("--listen {listen}"))?;
-            let bound = listener
-                .local_addr()
-                .with_context(|| format!("--listen {listen}"))?;
-            if !is_loopback(&bound) {
-                eprintln!(
-                    "kiln: warning: http://{bound}/ has no authentication: anyone who can reach this host there can invoke function {name}"
-                );
-            }
-            if functions.get(&name)?.mode == Mode::Command {
-                eprintln!("kiln: serving function {name} on http://{bound}/");
-                functions.serve(&name, &listener, max_requests)?;
-                return Ok(ExitCode::SUCCESS);
-            }
-            let options = ServeOptions {
-                max_concurrency,
-                keep_warm: Duration::from_secs(keep_warm),
-                max_requests,
-            };
-            let stop = stop_on_signals()?;
-            eprintln!(
-                "kiln: serving function {name}: Lambda's Invoke API on http://{bound}/ \
-                 (up to {max_concurrency} environments, warm for {keep_warm} s)"
-            );
-            functions.serve_runtime(&name, &listener, options, stop)?;
-        }
+        Command::Invoke(args) => return invoke(&functions, args),
+        Command::Serve(args) => serve(&functions, args)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn create(functions: &Functions, args: CreateArgs) -> anyhow::Result<()> {
+    let made = functions.create(&args.config()?)?;
+    match made.mode {
+        Mode::RuntimeApi => println!(
+            "function {} ready (init {:.1} ms)",
+            made.name,
+            made.init_us as f64 / 1000.0
+        ),
+        Mode::Command => println!("function {} ready", made.name),
+    }
+    Ok(())
+}
+
+impl CreateArgs {
+    /// The function's configuration; flags its mode has no use for are
+    /// refused rather than silently ignored.
+    fn config(self) -> anyhow::Result<FunctionConfig> {
+        let mode = match self.mode {
+            ModeArg::RuntimeApi => Mode::RuntimeApi,
+            ModeArg::Command if self.handler.is_empty() => {
+                anyhow::bail!("--mode command: expected --handler CMD, the command to run")
+            }
+            ModeArg::Command if !self.entrypoint.is_empty() => {
+                anyhow::bail!("--entrypoint: only --mode runtime-api has a runtime to start")
+            }
+            ModeArg::Command => Mode::Command,
+        };
+        Ok(FunctionConfig {
+            name: self.name,
+            image: self.image,
+            mode,
+            handler: self.handler,
+            entrypoint: self.entrypoint,
+            memory_mib: self.memory,
+            timeout_s: self.timeout,
+            env: self.env,
+            created_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            init_us: 0,
+        })
+    }
+}
+
+fn ls(functions: &Functions, output: Output) -> anyhow::Result<()> {
+    // Environments exist only while a serve runs.
+    let listed: Vec<Listed> = functions
+        .list()?
+        .into_iter()
+        .map(|config| Listed {
+            pool: functions.served_status(&config.name),
+            config,
+        })
+        .collect();
+    if !output.json(&listed)? {
+        print_functions(&listed);
+    }
+    Ok(())
+}
+
+fn invoke(functions: &Functions, args: InvokeArgs) -> anyhow::Result<ExitCode> {
+    let InvokeArgs {
+        name,
+        payload,
+        count,
+        concurrency,
+    } = args;
+    let payload = match payload.strip_prefix('@') {
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("--payload @{path}"))?
+        }
+        None => payload,
+    };
+    if count == 1 {
+        return invoke_once(functions, &name, &payload);
+    }
+    invoke_many(functions, &name, &payload, count, concurrency)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn serve(functions: &Functions, args: ServeArgs) -> anyhow::Result<()> {
+    let ServeArgs {
+        name,
+        listen,
+        allow_remote,
+        max_requests,
+        max_concurrency,
+        keep_warm,
+    } = args;
+    if max_concurrency == 0 {
+        anyhow::bail!("--max-concurrency 0: expected at least 1");
+    }
+    let (listener, bound) = bind(&listen, allow_remote, &name)?;
+    if functions.get(&name)?.mode == Mode::Command {
+        eprintln!("kiln: serving function {name} on http://{bound}/");
+        functions.serve(&name, &listener, max_requests)?;
+        return Ok(());
+    }
+    let options = ServeOptions {
+        max_concurrency,
+        keep_warm: Duration::from_secs(keep_warm),
+        max_requests,
+    };
+    let stop = stop_on_signals()?;
+    eprintln!(
+        "kiln: serving function {name}: Lambda's Invoke API on http://{bound}/ \
+         (up to {max_concurrency} environments, warm for {keep_warm} s)"
+    );
+    functions.serve_runtime(&name, &listener, options, stop)?;
+    Ok(())
+}
+
+/// A listener on `--listen` and the address it got (the port may have
+/// been 0), warning when that address is not loopback: the URL has no
+/// authentication, so anyone who reaches it can invoke function `name`.
+fn bind(listen: &str, allow_remote: bool, name: &str) -> anyhow::Result<(TcpListener, SocketAddr)> {
+    let addresses = listen_addresses(listen, allow_remote)?;
+    let listener =
+        TcpListener::bind(&addresses[..]).with_context(|| format!("--listen {listen}"))?;
+    let bound = listener
+        .local_addr()
+        .with_context(|| format!("--listen {listen}"))?;
+    if !is_loopback(&bound) {
+        eprintln!(
+            "kiln: warning: http://{bound}/ has no authentication: anyone who can reach this host there can invoke function {name}"
+        );
+    }
+    Ok((listener, bound))
 }
 
 /// Set by [`on_stop_signal`].
