@@ -38,10 +38,10 @@ use crate::host::{self, HostVirt};
 use crate::loader::{self, LoaderError};
 use crate::machine::{Devices, Machine, NetDevice, VmOutcome};
 use crate::persist;
-use crate::rpc::ControlListener;
+use crate::rpc::{ControlListener, ControlReplier};
 use crate::seccomp::SeccompError;
 use crate::snapshot::working_set::{WORKING_SET_FILE, WorkingSet};
-use crate::snapshot::{LoadedSnapshot, NetState, SnapshotError};
+use crate::snapshot::{LoadedSnapshot, MachineState, NetState, SnapshotError};
 use crate::trace;
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuContext, VcpuError, Vcpus};
@@ -275,112 +275,40 @@ pub fn build(
 ) -> Result<Machine, VmmError> {
     let kvm = open_kvm(config)?;
     trace::mark("kvm-opened");
-    let start = match &config.boot {
-        Boot::Kernel(kernel) => Start::Kernel(kernel),
-        Boot::Snapshot { dir, consume } => Start::Snapshot {
-            snapshot: Box::new(persist::load_snapshot(&kvm, dir, config)?),
-            consume: *consume,
-        },
-    };
+    let start = Start::read(&kvm, config)?;
     trace::mark("snapshot-read");
-    let saved = match &start {
-        Start::Snapshot { snapshot, .. } => Some(&snapshot.machine),
-        Start::Kernel(_) => None,
-    };
+    let saved = start.saved();
     let (mem, vm) = memory_and_vm(&kvm, &start, config)?;
     trace::mark("memory-mapped");
 
-    let end = VmEndSignal::new().map_err(VmmError::EventFd)?;
-    let report = if config.announce_boot {
-        InitReport::announcing(started)
-    } else {
-        InitReport::new()
-    };
-    let mut event_loop = EventLoop::new(end.clone())?;
-    let stop_signals = StopSignals::new(end.clone()).map_err(VmmError::Signals)?;
-    event_loop.add(Arc::new(Mutex::new(stop_signals)));
-    let replier = control
-        .map(|listener| {
-            let replier = listener.replier().map_err(VmmError::EventFd)?;
-            event_loop.add_control(listener);
-            Ok::<_, VmmError>(replier)
-        })
-        .transpose()?;
-    let mut slots = VirtioSlots::new(config)?;
-    let legacy = legacy_devices(
-        &mut slots.irqs,
-        &mut event_loop,
-        &end,
-        &report,
-        saved.map(|m| &m.serial),
-    )?;
-    let disks = virtio_disks(
-        &vm,
-        &mem,
-        &mut event_loop,
-        &mut slots,
-        &config.disks,
-        saved.map(|m| m.disks.as_slice()),
-        config.seccomp,
-    )?;
-    let vsock = virtio_vsock(
-        &vm,
-        &mem,
-        &mut event_loop,
-        &mut slots,
-        config.vsock.as_ref(),
-        saved.map(|m| m.vsock.as_ref()),
-    )?;
-    let net = virtio_net(
-        &vm,
-        &mem,
-        &mut event_loop,
-        &mut slots,
-        (config.net.as_ref(), tap),
-        saved.and_then(|m| m.net.as_ref()),
-    )?;
+    let mut events = Events::new(config, started, control)?;
+    let mut made = make_devices(&vm, &mem, &mut events, config, saved, tap)?;
     trace::mark("devices-made");
-    let (cmdline, vcpus) = match &start {
-        Start::Kernel(kernel) => boot_vcpus(&kvm, &vm, &mem, kernel, config, &disks, &slots)?,
-        Start::Snapshot { snapshot, consume } => restore_vcpus(&kvm, &vm, snapshot, *consume)?,
-    };
-    std::mem::take(&mut slots.irqs).connect(&vm)?;
+    let (cmdline, vcpus) = set_vcpus(&kvm, &vm, &mem, &start, config, &mut made)?;
     trace::mark("vcpus-set");
-    let memory_mib = saved.map_or(config.memory_mib, |m| m.memory_mib);
 
     // Raw mode before the guest prints; restored when the machine goes.
     let terminal = RawTerminal::enable_if_tty()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let context = VcpuContext {
-        pio: Arc::new(legacy.pio),
-        mmio: Arc::new(slots.mmio),
-        end: end.clone(),
-        stop: stop.clone(),
-        seccomp: config.seccomp,
-    };
-    let handles = vcpus
-        .into_iter()
-        .map(|vcpu| vcpu.spawn(context.clone()))
-        .collect::<Result<Vec<_>, _>>()?;
+    let vcpus = spawn_vcpus(
+        vcpus,
+        made.pio,
+        made.slots.mmio,
+        &events.end,
+        config.seccomp,
+    )?;
     trace::mark("vcpus-started");
     Ok(Machine {
         mem,
         vm,
-        vcpus: Vcpus::new(handles, stop),
-        devices: Devices {
-            serial: legacy.serial,
-            transports: disks.transports,
-            blocks: disks.blocks,
-            vsock,
-            net,
-        },
-        end,
+        vcpus,
+        devices: made.devices,
+        end: events.end,
         cmdline,
-        memory_mib,
+        memory_mib: saved.map_or(config.memory_mib, |m| m.memory_mib),
         paused: false,
-        event_loop,
-        replier,
-        report,
+        event_loop: events.event_loop,
+        replier: events.replier,
+        report: events.report,
         started,
         seccomp: config.seccomp,
         _terminal: terminal,
@@ -415,6 +343,28 @@ enum Start<'a> {
         snapshot: Box<LoadedSnapshot>,
         consume: bool,
     },
+}
+
+impl<'a> Start<'a> {
+    /// Where `config` boots from: its kernel, or its snapshot, read and
+    /// checked against `config` and this host.
+    fn read(kvm: &Kvm, config: &'a VmConfig) -> Result<Self, VmmError> {
+        Ok(match &config.boot {
+            Boot::Kernel(kernel) => Start::Kernel(kernel),
+            Boot::Snapshot { dir, consume } => Start::Snapshot {
+                snapshot: Box::new(persist::load_snapshot(kvm, dir, config)?),
+                consume: *consume,
+            },
+        })
+    }
+
+    /// The snapshot's machine, which the VM goes on from, if any.
+    fn saved(&self) -> Option<&MachineState> {
+        match self {
+            Start::Snapshot { snapshot, .. } => Some(&snapshot.machine),
+            Start::Kernel(_) => None,
+        }
+    }
 }
 
 /// Guest memory and the VM on it: fresh, or the snapshot's memory mapped
@@ -460,6 +410,126 @@ fn prefetch_working_set(snapshot: &LoadedSnapshot, mem: &GuestMemoryMmap, memory
     }
 }
 
+/// The VMM thread's side of the VM: the signal that the VM ended, what
+/// guest-init reports, and the event loop that waits on the end, the stop
+/// signals, the control channel and the devices.
+struct Events {
+    end: Arc<VmEndSignal>,
+    report: Arc<InitReport>,
+    event_loop: EventLoop,
+    /// Where the control channel's answers go, if the VM has one.
+    replier: Option<ControlReplier>,
+}
+
+impl Events {
+    /// The event loop with SIGTERM and SIGINT, and `control` if given, in
+    /// it. The report announces the boot (timed from `started`) when
+    /// `config` asks.
+    fn new(
+        config: &VmConfig,
+        started: Instant,
+        control: Option<ControlListener>,
+    ) -> Result<Self, VmmError> {
+        let end = VmEndSignal::new().map_err(VmmError::EventFd)?;
+        let report = if config.announce_boot {
+            InitReport::announcing(started)
+        } else {
+            InitReport::new()
+        };
+        let mut event_loop = EventLoop::new(end.clone())?;
+        let stop_signals = StopSignals::new(end.clone()).map_err(VmmError::Signals)?;
+        event_loop.add(Arc::new(Mutex::new(stop_signals)));
+        let replier = control
+            .map(|listener| {
+                let replier = listener.replier().map_err(VmmError::EventFd)?;
+                event_loop.add_control(listener);
+                Ok::<_, VmmError>(replier)
+            })
+            .transpose()?;
+        Ok(Self {
+            end,
+            report,
+            event_loop,
+            replier,
+        })
+    }
+}
+
+/// The devices, made and on their buses.
+struct MadeDevices {
+    /// What the machine keeps of them.
+    devices: Devices,
+    /// The legacy devices' port I/O bus.
+    pio: Bus,
+    /// The virtio devices' slots: their MMIO bus, the command line's
+    /// parameters and every interrupt line.
+    slots: VirtioSlots,
+    /// Whether the root disk's device offers DISCARD.
+    root_discards: bool,
+}
+
+/// The legacy devices, then a virtio slot each for the disks, the vsock
+/// device and the NIC (around `tap`), in that order; restored from
+/// `saved` when the VM goes on from a snapshot.
+fn make_devices(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    events: &mut Events,
+    config: &VmConfig,
+    saved: Option<&MachineState>,
+    tap: Option<Tap>,
+) -> Result<MadeDevices, VmmError> {
+    let mut slots = VirtioSlots::new(config)?;
+    let legacy = legacy_devices(&mut slots.irqs, events, saved.map(|m| &m.serial))?;
+    let mut virtio = VirtioWiring {
+        vm,
+        mem,
+        event_loop: &mut events.event_loop,
+        slots: &mut slots,
+    };
+    let disks = virtio.disks(
+        &config.disks,
+        saved.map(|m| m.disks.as_slice()),
+        config.seccomp,
+    )?;
+    let vsock = virtio.vsock(config.vsock.as_ref(), saved.map(|m| m.vsock.as_ref()))?;
+    let net = virtio.net(
+        (config.net.as_ref(), tap),
+        saved.and_then(|m| m.net.as_ref()),
+    )?;
+    Ok(MadeDevices {
+        devices: Devices {
+            serial: legacy.serial,
+            transports: disks.transports,
+            blocks: disks.blocks,
+            vsock,
+            net,
+        },
+        pio: legacy.pio,
+        slots,
+        root_discards: disks.root_discards,
+    })
+}
+
+/// The vCPUs, at the kernel's entry or going on from the snapshot, and
+/// then the devices' interrupt lines (not before: [`IrqLines`]). Returns
+/// the command line the guest boots, or booted, with.
+fn set_vcpus(
+    kvm: &Kvm,
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    start: &Start<'_>,
+    config: &VmConfig,
+    made: &mut MadeDevices,
+) -> Result<(String, Vec<Vcpu>), VmmError> {
+    let (cmdline, vcpus) = match start {
+        Start::Kernel(kernel) => boot_vcpus(kvm, vm, mem, kernel, config, made)?,
+        Start::Snapshot { snapshot, consume } => restore_vcpus(kvm, vm, snapshot, *consume)?,
+    };
+    std::mem::take(&mut made.slots.irqs).connect(vm)?;
+    Ok((cmdline, vcpus))
+}
+
 /// A fresh boot: the kernel, the command line and boot structures in
 /// memory, and vCPUs at the kernel's entry, all shown what this host's KVM
 /// supports, asked once ([`supported_cpuid`]). Returns the command line.
@@ -469,11 +539,10 @@ fn boot_vcpus(
     mem: &GuestMemoryMmap,
     kernel: &Path,
     config: &VmConfig,
-    disks: &VirtioDisks,
-    slots: &VirtioSlots,
+    made: &MadeDevices,
 ) -> Result<(String, Vec<Vcpu>), VmmError> {
     let entry = loader::load_kernel(mem, kernel)?;
-    let cmdline = kernel_cmdline(config, disks.root_discards, &slots.params)?;
+    let cmdline = kernel_cmdline(config, made.root_discards, &made.slots.params)?;
     let cr3 = write_boot_structures(mem, &cmdline, config)?;
     let supported = supported_cpuid(kvm)?;
     let count = config.vcpus;
@@ -506,6 +575,31 @@ fn restore_vcpus(
     Ok((snapshot.machine.cmdline.clone(), vcpus))
 }
 
+/// A thread for each vCPU (under its seccomp filter when `seccomp`), its
+/// exits going to the `pio` and `mmio` buses, parked until
+/// [`Machine::run`].
+fn spawn_vcpus(
+    vcpus: Vec<Vcpu>,
+    pio: Bus,
+    mmio: Bus,
+    end: &Arc<VmEndSignal>,
+    seccomp: bool,
+) -> Result<Vcpus, VmmError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let context = VcpuContext {
+        pio: Arc::new(pio),
+        mmio: Arc::new(mmio),
+        end: end.clone(),
+        stop: stop.clone(),
+        seccomp,
+    };
+    let handles = vcpus
+        .into_iter()
+        .map(|vcpu| vcpu.spawn(context.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Vcpus::new(handles, stop))
+}
+
 /// The legacy devices on the port I/O bus, and the console among them.
 struct LegacyDevices {
     pio: Bus,
@@ -519,9 +613,7 @@ struct LegacyDevices {
 /// state.
 fn legacy_devices(
     irqs: &mut IrqLines,
-    event_loop: &mut EventLoop,
-    end: &VmEndSignal,
-    report: &Arc<InitReport>,
+    events: &mut Events,
     saved: Option<&SerialSnapshot>,
 ) -> Result<LegacyDevices, VmmError> {
     let mut pio = Bus::new();
@@ -533,15 +625,16 @@ fn legacy_devices(
         None => Serial::new(serial_irq, out),
     };
     let serial = Arc::new(Mutex::new(serial));
-    event_loop.add(Arc::new(Mutex::new(SerialInput::stdin(serial.clone())?)));
+    let input = SerialInput::stdin(serial.clone())?;
+    events.event_loop.add(Arc::new(Mutex::new(input)));
     pio.insert(serial.clone(), COM1_PORT.into(), SERIAL_PORT_LEN)?;
-    let reset = end.trigger().map_err(VmmError::EventFd)?;
+    let reset = events.end.trigger().map_err(VmmError::EventFd)?;
     pio.insert(
         Arc::new(Mutex::new(I8042::new(reset))),
         I8042_PORT.into(),
         I8042_PORT_LEN,
     )?;
-    let init_port = InitPort::new(report.clone());
+    let init_port = InitPort::new(events.report.clone());
     pio.insert(
         Arc::new(Mutex::new(init_port)),
         guest_init::protocol::INIT_PORT.into(),
@@ -651,114 +744,119 @@ struct VirtioDisks {
     root_discards: bool,
 }
 
-/// One virtio-mmio block device per disk, each in a slot of its own;
-/// restored from `saved` (in the same order) when the VM goes on from a
-/// snapshot. Their prefetch workers go under seccomp when `seccomp`.
-fn virtio_disks(
-    vm: &Vm,
-    mem: &GuestMemoryMmap,
-    event_loop: &mut EventLoop,
-    slots: &mut VirtioSlots,
-    disks: &[DiskConfig],
-    saved: Option<&[TransportState]>,
-    seccomp: bool,
-) -> Result<VirtioDisks, VmmError> {
-    let mut devices = VirtioDisks {
-        transports: Vec::new(),
-        blocks: Vec::new(),
-        root_discards: false,
-    };
-    for (index, disk) in disks.iter().enumerate() {
-        let block = open_disk(index, disk, seccomp)?;
-        if index == 0 {
-            devices.root_discards = block.discards();
-        }
-        let block = Arc::new(Mutex::new(block));
-        let transport = match saved.and_then(|saved| saved.get(index)) {
-            Some(state) => MmioTransport::restore((mem.clone(), block.clone()), state),
-            None => MmioTransport::new(mem.clone(), block.clone()),
-        }
-        .map_err(|source| VmmError::DiskDevice { index, source })?;
-        let transport = slots.attach(vm, transport)?;
-        event_loop.add(block.clone());
-        devices.transports.push(transport);
-        devices.blocks.push(block);
-    }
-    Ok(devices)
+/// What a virtio device is wired into: guest memory for its queues, the
+/// VM for its ioeventfds, the next of the slots, and the event loop that
+/// serves it.
+struct VirtioWiring<'a> {
+    vm: &'a Vm,
+    mem: &'a GuestMemoryMmap,
+    event_loop: &'a mut EventLoop,
+    slots: &'a mut VirtioSlots,
 }
 
-/// The vsock device, in the slot after the disks, listening on its
-/// socket from here on (before seccomp). `saved` is `None` on a fresh
-/// boot and the snapshot's transport otherwise: a restored device has no
-/// connections, and tells the guest with a transport reset event. A
-/// snapshot of a guest that had no vsock device gets none.
-fn virtio_vsock(
-    vm: &Vm,
-    mem: &GuestMemoryMmap,
-    event_loop: &mut EventLoop,
-    slots: &mut VirtioSlots,
-    config: Option<&VsockConfig>,
-    saved: Option<Option<&TransportState>>,
-) -> Result<Option<Arc<Mutex<MmioTransport>>>, VmmError> {
-    let Some(config) = config else {
-        return Ok(None);
-    };
-    if saved == Some(None) {
-        log::warn!(
-            "the snapshot's guest has no vsock device: {} is not served",
-            config.socket.display()
-        );
-        return Ok(None);
-    }
-    let mut vsock = Vsock::new(config)?;
-    if saved.is_some() {
-        vsock.schedule_transport_reset();
-    }
-    let vsock = Arc::new(Mutex::new(vsock));
-    let transport = match saved.flatten() {
-        Some(state) => MmioTransport::restore((mem.clone(), vsock.clone()), state),
-        None => MmioTransport::new(mem.clone(), vsock.clone()),
-    }
-    .map_err(VmmError::VsockDevice)?;
-    let transport = slots.attach(vm, transport)?;
-    event_loop.add(vsock);
-    Ok(Some(transport))
-}
-
-/// The NIC, in the slot after the others, around its tap (created and
-/// joined to its bridge by the supervisor). Restored from `saved`, it
-/// keeps the MAC the guest knows.
-fn virtio_net(
-    vm: &Vm,
-    mem: &GuestMemoryMmap,
-    event_loop: &mut EventLoop,
-    slots: &mut VirtioSlots,
-    nic: (Option<&NetConfig>, Option<Tap>),
-    saved: Option<&NetState>,
-) -> Result<Option<NetDevice>, VmmError> {
-    let (config, tap) = match nic {
-        (None, None) => return Ok(None),
-        (Some(config), Some(tap)) => (config, tap),
-        (config, tap) => {
-            return Err(VmmError::TapMismatch {
-                nic: config.map(|config| config.tap.clone()),
-                passed: usize::from(tap.is_some()),
-            });
+impl VirtioWiring<'_> {
+    /// One virtio-mmio block device per disk, each in a slot of its own;
+    /// restored from `saved` (in the same order) when the VM goes on from a
+    /// snapshot. Their prefetch workers go under seccomp when `seccomp`.
+    fn disks(
+        &mut self,
+        disks: &[DiskConfig],
+        saved: Option<&[TransportState]>,
+        seccomp: bool,
+    ) -> Result<VirtioDisks, VmmError> {
+        let mut devices = VirtioDisks {
+            transports: Vec::new(),
+            blocks: Vec::new(),
+            root_discards: false,
+        };
+        for (index, disk) in disks.iter().enumerate() {
+            let block = open_disk(index, disk, seccomp)?;
+            if index == 0 {
+                devices.root_discards = block.discards();
+            }
+            let block = Arc::new(Mutex::new(block));
+            let transport = match saved.and_then(|saved| saved.get(index)) {
+                Some(state) => MmioTransport::restore((self.mem.clone(), block.clone()), state),
+                None => MmioTransport::new(self.mem.clone(), block.clone()),
+            }
+            .map_err(|source| VmmError::DiskDevice { index, source })?;
+            let transport = self.slots.attach(self.vm, transport)?;
+            self.event_loop.add(block.clone());
+            devices.transports.push(transport);
+            devices.blocks.push(block);
         }
-    };
-    let net = match saved {
-        Some(saved) => Net::restore(tap, &saved.device)?,
-        None => Net::new(tap, config.mac)?,
-    };
-    let net = Arc::new(Mutex::new(net));
-    let transport = match saved {
-        Some(saved) => MmioTransport::restore((mem.clone(), net.clone()), &saved.transport),
-        None => MmioTransport::new(mem.clone(), net.clone()),
+        Ok(devices)
     }
-    .map_err(VmmError::NetDevice)?;
-    let transport = slots.attach(vm, transport)?;
-    event_loop.add(net.clone());
-    Ok(Some(NetDevice { net, transport }))
+
+    /// The vsock device, in the slot after the disks, listening on its
+    /// socket from here on (before seccomp). `saved` is `None` on a fresh
+    /// boot and the snapshot's transport otherwise: a restored device has no
+    /// connections, and tells the guest with a transport reset event. A
+    /// snapshot of a guest that had no vsock device gets none.
+    fn vsock(
+        &mut self,
+        config: Option<&VsockConfig>,
+        saved: Option<Option<&TransportState>>,
+    ) -> Result<Option<Arc<Mutex<MmioTransport>>>, VmmError> {
+        let Some(config) = config else {
+            return Ok(None);
+        };
+        if saved == Some(None) {
+            log::warn!(
+                "the snapshot's guest has no vsock device: {} is not served",
+                config.socket.display()
+            );
+            return Ok(None);
+        }
+        let mut vsock = Vsock::new(config)?;
+        if saved.is_some() {
+            vsock.schedule_transport_reset();
+        }
+        let vsock = Arc::new(Mutex::new(vsock));
+        let transport = match saved.flatten() {
+            Some(state) => MmioTransport::restore((self.mem.clone(), vsock.clone()), state),
+            None => MmioTransport::new(self.mem.clone(), vsock.clone()),
+        }
+        .map_err(VmmError::VsockDevice)?;
+        let transport = self.slots.attach(self.vm, transport)?;
+        self.event_loop.add(vsock);
+        Ok(Some(transport))
+    }
+
+    /// The NIC, in the slot after the others, around its tap (created and
+    /// joined to its bridge by the supervisor). Restored from `saved`, it
+    /// keeps the MAC the guest knows.
+    fn net(
+        &mut self,
+        nic: (Option<&NetConfig>, Option<Tap>),
+        saved: Option<&NetState>,
+    ) -> Result<Option<NetDevice>, VmmError> {
+        let (config, tap) = match nic {
+            (None, None) => return Ok(None),
+            (Some(config), Some(tap)) => (config, tap),
+            (config, tap) => {
+                return Err(VmmError::TapMismatch {
+                    nic: config.map(|config| config.tap.clone()),
+                    passed: usize::from(tap.is_some()),
+                });
+            }
+        };
+        let net = match saved {
+            Some(saved) => Net::restore(tap, &saved.device)?,
+            None => Net::new(tap, config.mac)?,
+        };
+        let net = Arc::new(Mutex::new(net));
+        let transport = match saved {
+            Some(saved) => {
+                MmioTransport::restore((self.mem.clone(), net.clone()), &saved.transport)
+            }
+            None => MmioTransport::new(self.mem.clone(), net.clone()),
+        }
+        .map_err(VmmError::NetDevice)?;
+        let transport = self.slots.attach(self.vm, transport)?;
+        self.event_loop.add(net.clone());
+        Ok(Some(NetDevice { net, transport }))
+    }
 }
 
 /// Opens a disk's block device, with its hydration cache's prefetch
