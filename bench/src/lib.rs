@@ -50,7 +50,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use kiln_builder::store::{Store, StoreError};
+use kiln_builder::store::{Store, StoreError, StoredImage};
 use kiln_vmm::host::{self, HostVirt};
 use serde::{Deserialize, Serialize};
 
@@ -319,6 +319,34 @@ impl Progress for Quiet {
 
 /// Runs the benchmark described by `config`.
 pub fn run(config: &Config, progress: &dyn Progress) -> Result<Report, BenchError> {
+    let host = checked_host(config)?;
+    let image = Store::new(&config.home).find(&config.image)?;
+    let handler = handler(config, &image)?;
+    let environment = environment(&host);
+    let work = Workspace::new(&config.home)?;
+    let kiln = Kiln::new(&config.kiln, work.home()).with_kernel(&config.kernel);
+    let (series, ratios) = measure(config, &kiln, &image, &handler, work.path(), progress)?;
+    drop(kiln);
+    work.remove()?;
+    Ok(Report {
+        schema_version: report::SCHEMA_VERSION,
+        kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+        environment,
+        image: config.image.clone(),
+        handler,
+        memory_mib: config.memory_mib,
+        runs: config.runs,
+        concurrency: config.concurrency,
+        warmup_runs: config.warmup,
+        series,
+        ratios,
+    })
+}
+
+/// The host to measure on, after checking that `config` has runs, a
+/// concurrency and scenarios, that the host can boot Linux on hardware
+/// KVM and that the kernel is a file.
+fn checked_host(config: &Config) -> Result<HostVirt, BenchError> {
     if config.runs == 0 {
         return Err(BenchError::Runs(config.runs));
     }
@@ -335,17 +363,31 @@ pub fn run(config: &Config, progress: &dyn Progress) -> Result<Report, BenchErro
     if !config.kernel.is_file() {
         return Err(BenchError::NoKernel(config.kernel.clone()));
     }
-    let image = Store::new(&config.home).find(&config.image)?;
-    let handler = match &config.handler {
-        Some(handler) => handler.clone(),
+    Ok(host)
+}
+
+/// The clone scenario's handler: `config`'s, or else `image`'s entrypoint.
+fn handler(config: &Config, image: &StoredImage) -> Result<String, BenchError> {
+    match &config.handler {
+        Some(handler) => Ok(handler.clone()),
         None if image.manifest.entrypoint.is_empty() => {
-            return Err(BenchError::NoHandler(config.image.clone()));
+            Err(BenchError::NoHandler(config.image.clone()))
         }
-        None => image.manifest.entrypoint.join(" "),
-    };
-    let environment = environment(&host);
-    let work = Workspace::new(&config.home)?;
-    let kiln = Kiln::new(&config.kiln, work.home()).with_kernel(&config.kernel);
+        None => Ok(image.manifest.entrypoint.join(" ")),
+    }
+}
+
+/// Each scenario asked for, once and in [`Scenario`]'s order: their
+/// series, and Kiln's ratios to the peer. The restore and clone
+/// scenarios share one function, created (untimed) before the first.
+fn measure(
+    config: &Config,
+    kiln: &Kiln,
+    image: &StoredImage,
+    handler: &str,
+    work: &Path,
+    progress: &dyn Progress,
+) -> Result<(Vec<Series>, Vec<Ratio>), BenchError> {
     let mut series = Vec::new();
     let mut ratios = Vec::new();
     let mut scenarios = config.scenarios.clone();
@@ -355,40 +397,25 @@ pub fn run(config: &Config, progress: &dyn Progress) -> Result<Report, BenchErro
     for scenario in scenarios {
         match scenario {
             Scenario::Cold if config.peer == Some(Peer::Qemu) => {
-                let [kiln_series, peer] =
-                    cold::with_qemu(config, &kiln, &image, work.path(), progress)?;
+                let [kiln_series, peer] = cold::with_qemu(config, kiln, image, work, progress)?;
                 ratios.push(Ratio::of(&kiln_series, &peer));
                 series.push(kiln_series);
                 series.push(peer);
             }
-            Scenario::Cold => series.push(cold::kiln(config, &kiln, progress)?),
+            Scenario::Cold => series.push(cold::kiln(config, kiln, progress)?),
             Scenario::Restore | Scenario::Clone => {
                 if function.is_none() {
-                    function = Some(clone::create(config, &kiln, &handler, progress)?);
+                    function = Some(clone::create(config, kiln, handler, progress)?);
                 }
                 let function = function.as_ref().expect("created just now");
                 series.push(match scenario {
-                    Scenario::Restore => restore::kiln(config, &kiln, function, progress)?,
-                    _ => clone::kiln(config, &kiln, function, progress)?,
+                    Scenario::Restore => restore::kiln(config, kiln, function, progress)?,
+                    _ => clone::kiln(config, kiln, function, progress)?,
                 });
             }
         }
     }
-    drop(kiln);
-    work.remove()?;
-    Ok(Report {
-        schema_version: report::SCHEMA_VERSION,
-        kiln_version: env!("CARGO_PKG_VERSION").to_string(),
-        environment,
-        image: config.image.clone(),
-        handler,
-        memory_mib: config.memory_mib,
-        runs: config.runs,
-        concurrency: config.concurrency,
-        warmup_runs: config.warmup,
-        series,
-        ratios,
-    })
+    Ok((series, ratios))
 }
 
 /// `$KILN_HOME/bench/run-PID/`: the benchmark's own Kiln home (`home/`,

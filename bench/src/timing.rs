@@ -139,7 +139,7 @@ pub fn time_to(
 /// has been seen and its time taken, before `then` (to look at the
 /// running child: its memory, say).
 pub fn time_to_and(
-    mut cmd: Command,
+    cmd: Command,
     what: &str,
     stream: Stream,
     event: Event<'_>,
@@ -147,73 +147,171 @@ pub fn time_to_and(
     limit: Duration,
     at_event: impl FnOnce(u32),
 ) -> Result<Timed, BenchError> {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let started = Instant::now();
-    let mut child = cmd.spawn().map_err(|source| BenchError::Spawn {
-        what: what.to_string(),
-        source,
-    })?;
-    let pid = child.id();
-    let watchdog = Watchdog::start(pid, limit);
-    let (watched, other) = pipes(&mut child, stream);
-    let other = std::thread::spawn(move || read_all(other));
-    let mut watched = BufReader::new(watched);
-    let mut seen = Vec::new();
-    let elapsed = wait_for(&mut watched, &mut seen, event, started);
+    let timing = Timing {
+        what,
+        stream,
+        event,
+        then,
+        limit,
+    };
+    let mut running = timing.spawn(cmd)?;
+    let elapsed = running.wait_for(event);
     if let Some(elapsed) = elapsed {
+        let pid = running.child.id();
         at_event(pid);
         match then {
             Then::Terminate => signal(pid, libc::SIGTERM),
-            Then::Kill => {
-                signal(pid, libc::SIGKILL);
-                // Killed, it is under no limit any more.
-                watchdog.finish();
-                std::thread::spawn(move || (child.wait(), other.join()));
-                let printed = String::from_utf8_lossy(&seen).trim().to_string();
-                return Ok(Timed { elapsed, printed });
-            }
+            Then::Kill => return Ok(running.kill(elapsed)),
             Then::Succeed => {}
         }
     }
-    let _ = watched.read_to_end(&mut seen);
-    let status = child.wait();
-    let killed = watchdog.finish();
-    let other = other.join().unwrap_or_default();
-    let printed = match stream {
-        Stream::Stdout => [seen, other],
-        Stream::Stderr => [other, seen],
+    let ended = running.end(stream);
+    timing.verdict(ended, elapsed)
+}
+
+/// What [`time_to_and`] was asked: its arguments but the command and
+/// the callback.
+struct Timing<'a> {
+    what: &'a str,
+    stream: Stream,
+    event: Event<'a>,
+    then: Then,
+    limit: Duration,
+}
+
+/// A child spawned by [`Timing::spawn`], its clock running.
+struct Running {
+    /// Just before the spawn: the timer's zero.
+    started: Instant,
+    child: Child,
+    watchdog: Watchdog,
+    /// The stream the event shows in.
+    watched: BufReader<Pipe>,
+    /// What has been read of `watched`.
+    seen: Vec<u8>,
+    /// Reads the other stream to its end.
+    other: JoinHandle<Vec<u8>>,
+}
+
+/// How a timed child ended.
+struct Ended {
+    /// Its exit, or why it could not be waited for.
+    status: std::io::Result<ExitStatus>,
+    /// Whether the watchdog killed it.
+    killed: bool,
+    /// Everything it printed, stdout then stderr.
+    printed: String,
+}
+
+impl Timing<'_> {
+    /// Spawns `cmd`, its stdin /dev/null, its stdout and stderr piped,
+    /// with the clock started just before and the watchdog just after.
+    fn spawn(&self, mut cmd: Command) -> Result<Running, BenchError> {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let started = Instant::now();
+        let mut child = cmd.spawn().map_err(|source| self.cannot_start(source))?;
+        let watchdog = Watchdog::start(child.id(), self.limit);
+        let (watched, other) = pipes(&mut child, self.stream);
+        let other = std::thread::spawn(move || read_all(other));
+        Ok(Running {
+            started,
+            child,
+            watchdog,
+            watched: BufReader::new(watched),
+            seen: Vec::new(),
+            other,
+        })
     }
-    .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_string())
-    .join(" | ");
-    let status = status.map_err(|source| BenchError::Spawn {
-        what: what.to_string(),
-        source,
-    })?;
-    if killed {
-        return Err(BenchError::Timeout {
-            what: what.to_string(),
-            limit,
+
+    /// The run's result: its time to the event (`elapsed`), unless the
+    /// child could not be waited for, was killed at the limit, ended
+    /// without the event, or failed when it should have succeeded.
+    fn verdict(&self, ended: Ended, elapsed: Option<Duration>) -> Result<Timed, BenchError> {
+        let Ended {
+            status,
+            killed,
             printed,
-        });
+        } = ended;
+        let status = status.map_err(|source| self.cannot_start(source))?;
+        if killed {
+            return Err(BenchError::Timeout {
+                what: self.what.to_string(),
+                limit: self.limit,
+                printed,
+            });
+        }
+        let Some(elapsed) = elapsed else {
+            return Err(BenchError::NoEvent {
+                what: self.what.to_string(),
+                event: describe(self.event),
+                status: status_text(status),
+                printed,
+            });
+        };
+        if self.then == Then::Succeed && !status.success() {
+            return Err(BenchError::Failed {
+                what: self.what.to_string(),
+                status: status_text(status),
+                printed,
+            });
+        }
+        Ok(Timed { elapsed, printed })
     }
-    let Some(elapsed) = elapsed else {
-        return Err(BenchError::NoEvent {
-            what: what.to_string(),
-            event: describe(event),
-            status: status_text(status),
-            printed,
-        });
-    };
-    if then == Then::Succeed && !status.success() {
-        return Err(BenchError::Failed {
-            what: what.to_string(),
-            status: status_text(status),
-            printed,
-        });
+
+    /// The child could not be spawned, or waited for.
+    fn cannot_start(&self, source: std::io::Error) -> BenchError {
+        BenchError::Spawn {
+            what: self.what.to_string(),
+            source,
+        }
     }
-    Ok(Timed { elapsed, printed })
+}
+
+impl Running {
+    /// Reads until `event`: its time since the spawn, `None` when the
+    /// watched stream ended first.
+    fn wait_for(&mut self, event: Event<'_>) -> Option<Duration> {
+        wait_for(&mut self.watched, &mut self.seen, event, self.started)
+    }
+
+    /// [`Then::Kill`]: the child is killed and reaped by a thread of its
+    /// own; the run is over at once, with what was seen up to the event.
+    fn kill(self, elapsed: Duration) -> Timed {
+        let Running {
+            mut child,
+            watchdog,
+            seen,
+            other,
+            ..
+        } = self;
+        signal(child.id(), libc::SIGKILL);
+        // Killed, it is under no limit any more.
+        watchdog.finish();
+        std::thread::spawn(move || (child.wait(), other.join()));
+        let printed = String::from_utf8_lossy(&seen).trim().to_string();
+        Timed { elapsed, printed }
+    }
+
+    /// Reads `watched` (`stream`) to its end and reaps the child.
+    fn end(mut self, stream: Stream) -> Ended {
+        let _ = self.watched.read_to_end(&mut self.seen);
+        let status = self.child.wait();
+        let killed = self.watchdog.finish();
+        let other = self.other.join().unwrap_or_default();
+        let printed = match stream {
+            Stream::Stdout => [self.seen, other],
+            Stream::Stderr => [other, self.seen],
+        }
+        .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_string())
+        .join(" | ");
+        Ended {
+            status,
+            killed,
+            printed,
+        }
+    }
 }
 
 type Pipe = Box<dyn Read + Send>;

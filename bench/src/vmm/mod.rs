@@ -28,14 +28,16 @@ pub mod peer;
 pub mod report;
 pub mod restore;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kiln_vmm::host::{self, ALLOW_PVM_ENV, HostVirt};
 
 use crate::kiln::Kiln;
+use crate::report::Environment;
 use crate::{BenchError, Plan, Progress, Workspace, environment};
-use report::{PeerRestore, VmmReport};
+use cold::Colds;
+use report::{Clones, Latency, PeerRestore, Stage, VmmReport};
 
 /// What to measure.
 #[derive(Clone, Debug)]
@@ -88,6 +90,23 @@ fn label(host: &HostVirt) -> String {
 
 /// Runs the benchmark described by `config`.
 pub fn run(config: &VmmConfig, progress: &dyn Progress) -> Result<VmmReport, BenchError> {
+    let host = checked_host(config)?;
+    let mut environment = environment(&host);
+    environment.label = label(&host);
+    let work = Workspace::isolated(&config.home)?;
+    let kiln = Kiln::new(&config.kiln, work.home())
+        .with_kernel(&config.stub)
+        .with_env(ALLOW_PVM_ENV, "1");
+    let measured = measure(config, &kiln, work.path(), progress)?;
+    drop(kiln);
+    work.remove()?;
+    Ok(measured.into_report(config, environment))
+}
+
+/// The host to measure on, after checking that `config` has runs and
+/// concurrencies (none of them 0), that the host has `/dev/kvm` and that
+/// the stub is a file.
+fn checked_host(config: &VmmConfig) -> Result<HostVirt, BenchError> {
     if config.runs == 0 {
         return Err(BenchError::Runs(config.runs));
     }
@@ -104,73 +123,120 @@ pub fn run(config: &VmmConfig, progress: &dyn Progress) -> Result<VmmReport, Ben
     if !config.stub.is_file() {
         return Err(BenchError::NoStub(config.stub.clone()));
     }
-    let mut environment = environment(&host);
-    environment.label = label(&host);
-    let work = Workspace::isolated(&config.home)?;
-    let kiln = Kiln::new(&config.kiln, work.home())
-        .with_kernel(&config.stub)
-        .with_env(ALLOW_PVM_ENV, "1");
+    Ok(host)
+}
 
-    let cold = cold::run(config, &kiln, work.path(), progress)?;
-    let snapshot = restore::instance_snapshot(config, &kiln, work.path(), progress)?;
-    let (restores, breakdown) = restore::instance_restores(config, &kiln, &snapshot, progress)?;
-    let vm = restore::vm_snapshot(config, &kiln, work.path(), progress)?;
-    let (vm_restores, vm_breakdown) = restore::vm_restores(config, &kiln, &vm, progress)?;
+/// What every series measured, before it makes up the report.
+struct Measured {
+    cold: Colds,
+    /// `kiln snapshot restore`'s.
+    restores: Latency,
+    /// Where their time went.
+    breakdown: Vec<Stage>,
+    /// The VM process's (`kiln __vm`) restores.
+    vm_restores: Latency,
+    /// Where their time went.
+    vm_breakdown: Vec<Stage>,
+    /// Per concurrency, in `config.concurrencies`' order.
+    clones: Vec<Clones>,
+    qemu_restore: PeerRestore,
+    firecracker_restore: Option<PeerRestore>,
+}
+
+/// Every series, one after the other: the cold starts, the instance's
+/// restores, the VM process's restores, the clones at each concurrency,
+/// then the peers' restores.
+fn measure(
+    config: &VmmConfig,
+    kiln: &Kiln,
+    work: &Path,
+    progress: &dyn Progress,
+) -> Result<Measured, BenchError> {
+    let cold = cold::run(config, kiln, work, progress)?;
+    let snapshot = restore::instance_snapshot(config, kiln, work, progress)?;
+    let (restores, breakdown) = restore::instance_restores(config, kiln, &snapshot, progress)?;
+    let vm = restore::vm_snapshot(config, kiln, work, progress)?;
+    let (vm_restores, vm_breakdown) = restore::vm_restores(config, kiln, &vm, progress)?;
     let clones = config
         .concurrencies
         .iter()
-        .map(|&c| restore::clones(config, &kiln, &vm, c, progress))
+        .map(|&c| restore::clones(config, kiln, &vm, c, progress))
         .collect::<Result<Vec<_>, _>>()?;
     let qemu_restore = if config.qemu {
-        peer::restores(config, work.path(), progress)
+        peer::restores(config, work, progress)
     } else {
         PeerRestore::Unavailable("not asked for (--no-qemu)".into())
     };
     let firecracker_restore = config
         .firecracker
         .as_deref()
-        .map(|binary| firecracker::restores(config, binary, work.path(), progress));
-    drop(kiln);
-    work.remove()?;
-
-    let best = clones
-        .iter()
-        .max_by(|a, b| a.clones_per_s.total_cmp(&b.clones_per_s))
-        .expect("at least one concurrency");
-    let at_one = clones
-        .iter()
-        .min_by_key(|c| c.concurrency)
-        .expect("at least one");
-    let mut report = VmmReport {
-        schema_version: report::SCHEMA_VERSION,
-        kiln_version: env!("CARGO_PKG_VERSION").to_string(),
-        environment,
-        memory_mib: config.memory_mib,
-        runs: config.runs,
-        warmup_runs: config.warmup,
-        cold_wall_ratio: report::wall_ratio(&cold.kiln, cold.qemu.as_ref()),
-        cold_wall_ratio_firecracker: report::wall_ratio(&cold.kiln, cold.firecracker.as_ref()),
-        cold_cpu_ms_p50: cold.kiln.cold_cpu_ms_p50,
-        kiln: cold.kiln,
-        qemu: cold.qemu,
-        firecracker: cold.firecracker,
-        restore_ms_p50: restores.ms.p50,
-        restore_ms_p99: restores.ms.p99,
-        vm_restore_ms_p50: vm_restores.ms.p50,
-        vm_restore_ms_p99: vm_restores.ms.p99,
-        restore: restores,
-        vm_restore: vm_restores,
+        .map(|binary| firecracker::restores(config, binary, work, progress));
+    Ok(Measured {
+        cold,
+        restores,
+        breakdown,
+        vm_restores,
+        vm_breakdown,
+        clones,
         qemu_restore,
         firecracker_restore,
-        clone_path: restore::CLONE_PATH.into(),
-        clones_per_s: best.clones_per_s,
-        clone_concurrency: best.concurrency,
-        vmm_rss_mib: at_one.vmm_rss_kib_p50 as f64 / 1024.0,
-        clones,
-        breakdown,
-        vm_breakdown,
-        goals: Vec::new(),
-    };
-    report.goals = report.goals();
-    Ok(report)
+    })
+}
+
+impl Measured {
+    /// The report of these measurements, with the goals' keys and the
+    /// goals judged.
+    fn into_report(self, config: &VmmConfig, environment: Environment) -> VmmReport {
+        let cold = self.cold;
+        let best = fastest(&self.clones);
+        let mut report = VmmReport {
+            schema_version: report::SCHEMA_VERSION,
+            kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+            environment,
+            memory_mib: config.memory_mib,
+            runs: config.runs,
+            warmup_runs: config.warmup,
+            cold_wall_ratio: report::wall_ratio(&cold.kiln, cold.qemu.as_ref()),
+            cold_wall_ratio_firecracker: report::wall_ratio(&cold.kiln, cold.firecracker.as_ref()),
+            cold_cpu_ms_p50: cold.kiln.cold_cpu_ms_p50,
+            kiln: cold.kiln,
+            qemu: cold.qemu,
+            firecracker: cold.firecracker,
+            restore_ms_p50: self.restores.ms.p50,
+            restore_ms_p99: self.restores.ms.p99,
+            vm_restore_ms_p50: self.vm_restores.ms.p50,
+            vm_restore_ms_p99: self.vm_restores.ms.p99,
+            restore: self.restores,
+            vm_restore: self.vm_restores,
+            qemu_restore: self.qemu_restore,
+            firecracker_restore: self.firecracker_restore,
+            clone_path: restore::CLONE_PATH.into(),
+            clones_per_s: best.clones_per_s,
+            clone_concurrency: best.concurrency,
+            vmm_rss_mib: at_lowest_concurrency(&self.clones).vmm_rss_kib_p50 as f64 / 1024.0,
+            clones: self.clones,
+            breakdown: self.breakdown,
+            vm_breakdown: self.vm_breakdown,
+            goals: Vec::new(),
+        };
+        report.goals = report.goals();
+        report
+    }
+}
+
+/// The clones at the concurrency that made the most per second.
+fn fastest(clones: &[Clones]) -> &Clones {
+    clones
+        .iter()
+        .max_by(|a, b| a.clones_per_s.total_cmp(&b.clones_per_s))
+        .expect("at least one concurrency")
+}
+
+/// The clones at the lowest concurrency (1 unless not asked for), whose
+/// memory the report gives as the VMM's.
+fn at_lowest_concurrency(clones: &[Clones]) -> &Clones {
+    clones
+        .iter()
+        .min_by_key(|c| c.concurrency)
+        .expect("at least one")
 }

@@ -10,14 +10,16 @@ use std::io::{BufRead, BufReader, Read};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln_builder::build::Built;
 use kiln_builder::store::Store;
 use kiln_control::instance::Registry;
 use kiln_vmm::config::{Boot, VmConfig};
-use kiln_vmm::rpc::{self, AfterSnapshot, ControlClient, ControlRequest};
+use kiln_vmm::rpc::{
+    self, AfterSnapshot, ControlClient, ControlError, ControlReply, ControlRequest,
+};
 use kiln_vmm::trace::{self, TRACE_ENV};
 
 use crate::kiln::Kiln;
@@ -254,7 +256,25 @@ pub fn vm_snapshot(
     progress: &dyn Progress,
 ) -> Result<VmSnapshot, BenchError> {
     progress.step("snapshotting a beating stub VM process");
-    let mut vm = VmConfig {
+    let mut vm = beating_stub(config);
+    let boot = work.join("vm-boot.json");
+    vm.save(&boot)?;
+    let dir = work.join("vm-snapshot");
+    fs::create_dir(&dir).map_err(io_err(&dir))?;
+    snapshot_at_heartbeat(kiln, &boot, &dir, config.limit)?
+        .check("kiln __vm (the stub, beating)", config.limit)?;
+    vm.boot = Boot::Snapshot {
+        dir: dir.clone(),
+        consume: false,
+    };
+    let definition = work.join("vm-restore.json");
+    vm.save(&definition)?;
+    Ok(VmSnapshot { dir, definition })
+}
+
+/// The definition of a diskless VM booting the stub, beating.
+fn beating_stub(config: &VmmConfig) -> VmConfig {
+    VmConfig {
         boot: Boot::Kernel(config.stub.clone()),
         disks: Vec::new(),
         vcpus: 1,
@@ -264,24 +284,42 @@ pub fn vm_snapshot(
         vsock: None,
         net: None,
         announce_boot: false,
-    };
-    let boot = work.join("vm-boot.json");
-    vm.save(&boot)?;
-    let dir = work.join("vm-snapshot");
-    fs::create_dir(&dir).map_err(io_err(&dir))?;
-    let what = "kiln __vm (the stub, beating)";
-    let (mut child, mut control) = spawn_vm(kiln, &boot, None)?;
-    let watchdog = Watchdog::start(child.id(), config.limit);
+    }
+}
+
+/// How a VM process asked for a snapshot at its first heartbeat ended.
+struct SnapshotRun {
+    /// Its exit, or why it could not be waited for.
+    status: std::io::Result<ExitStatus>,
+    /// Whether the watchdog killed it.
+    killed: bool,
+    /// The snapshot request's reply; `None` when it never beat.
+    reply: Option<Result<ControlReply, ControlError>>,
+    /// Its stderr.
+    printed: String,
+}
+
+/// A VM process booting the definition `boot`, asked at its first
+/// heartbeat to snapshot into `dir` and stop; waited for to its end,
+/// killed past `limit`.
+fn snapshot_at_heartbeat(
+    kiln: &Kiln,
+    boot: &Path,
+    dir: &Path,
+    limit: Duration,
+) -> Result<SnapshotRun, BenchError> {
+    let (mut child, mut control) = spawn_vm(kiln, boot, None)?;
+    let watchdog = Watchdog::start(child.id(), limit);
     let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
     let beat = first_heartbeat(&mut stdout);
     // The console goes on until the snapshot ends the VM: drained meanwhile.
     let drain = std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
     let request = ControlRequest::Snapshot {
-        dir: dir.clone(),
+        dir: dir.to_path_buf(),
         copy_root: false,
         then: AfterSnapshot::Stop,
     };
-    let reply = beat.then(|| control.call(&request, config.limit));
+    let reply = beat.then(|| control.call(&request, limit));
     if !matches!(&reply, Some(Ok(r)) if r.error.is_none()) {
         // Snapshotted, the VM ends by itself; otherwise it is ended here.
         signal(child.id(), libc::SIGTERM);
@@ -290,44 +328,53 @@ pub fn vm_snapshot(
     let killed = watchdog.finish();
     let _ = drain.join();
     let printed = read_all(child.stderr.take());
-    status.map_err(|source| BenchError::Spawn {
-        what: what.into(),
-        source,
-    })?;
-    let reply = match (killed, reply) {
-        (true, _) => {
-            return Err(BenchError::Timeout {
-                what: what.into(),
-                limit: config.limit,
-                printed,
-            });
-        }
-        (false, None) => {
-            return Err(BenchError::NoHeartbeat {
-                what: what.into(),
-                limit: config.limit,
-                printed,
-            });
-        }
-        (false, Some(reply)) => reply.map_err(|source| BenchError::Control {
-            what: format!("{what}: snapshot"),
+    Ok(SnapshotRun {
+        status,
+        killed,
+        reply,
+        printed,
+    })
+}
+
+impl SnapshotRun {
+    /// `Ok` once the snapshot is taken; else `what`'s error: the VM
+    /// process could not be waited for, ran past `limit`, never beat, or
+    /// the request failed.
+    fn check(self, what: &str, limit: Duration) -> Result<(), BenchError> {
+        let printed = self.printed;
+        self.status.map_err(|source| BenchError::Spawn {
+            what: what.into(),
             source,
-        })?,
-    };
-    if let Some(error) = reply.error {
-        return Err(BenchError::Failed {
-            what: format!("{what}: snapshot"),
-            status: error,
-            printed,
-        });
+        })?;
+        let reply = match (self.killed, self.reply) {
+            (true, _) => {
+                return Err(BenchError::Timeout {
+                    what: what.into(),
+                    limit,
+                    printed,
+                });
+            }
+            (false, None) => {
+                return Err(BenchError::NoHeartbeat {
+                    what: what.into(),
+                    limit,
+                    printed,
+                });
+            }
+            (false, Some(reply)) => reply.map_err(|source| BenchError::Control {
+                what: format!("{what}: snapshot"),
+                source,
+            })?,
+        };
+        match reply.error {
+            Some(error) => Err(BenchError::Failed {
+                what: format!("{what}: snapshot"),
+                status: error,
+                printed,
+            }),
+            None => Ok(()),
+        }
     }
-    vm.boot = Boot::Snapshot {
-        dir: dir.clone(),
-        consume: false,
-    };
-    let definition = work.join("vm-restore.json");
-    vm.save(&definition)?;
-    Ok(VmSnapshot { dir, definition })
 }
 
 /// Reads lines until a heartbeat; false at the end of the output.
