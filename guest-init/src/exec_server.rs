@@ -140,6 +140,13 @@ fn accept(listener: &OwnedFd) -> io::Result<UnixStream> {
 /// Why a request started nothing: the status and the reason the host gets.
 struct Refusal(u8, String);
 
+impl Refusal {
+    /// A refusal with the status of a process that cannot run, for `err`.
+    fn not_executable(err: &(dyn std::error::Error + 'static)) -> Refusal {
+        Refusal(supervisor::STATUS_NOT_EXECUTABLE, crate::one_line(err))
+    }
+}
+
 /// Serves one exec connection to its end: the request, the process's
 /// stdio, its status (or why it never started). Users are looked up under
 /// `root` (the guest's `/`).
@@ -160,78 +167,140 @@ fn lock(writer: &Mutex<UnixStream>) -> MutexGuard<'_, UnixStream> {
     writer.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Runs the session's request to its end, or the release sent in its
+/// place.
 fn run(
     mut stream: UnixStream,
     base: &RunConfig,
     root: &Path,
     writer: &Arc<Mutex<UnixStream>>,
 ) -> Result<u8, Refusal> {
-    let request = match Frame::read_from(&mut stream) {
-        Ok(Some(Frame::Request(request))) => request,
-        Ok(Some(Frame::Release(device))) => return release(&device),
-        Ok(_) => {
-            return Err(Refusal(
-                supervisor::STATUS_NOT_EXECUTABLE,
-                "expected a request first".into(),
-            ));
-        }
-        Err(err) => {
-            return Err(Refusal(
-                supervisor::STATUS_NOT_EXECUTABLE,
-                crate::one_line(&err),
-            ));
-        }
+    let request = match opening(&mut stream)? {
+        Opening::Request(request) => request,
+        Opening::Release(device) => return release(&device),
     };
+    let launched = launch(&request, base, root)?;
+    serve(stream, launched, writer)
+}
+
+/// What a session's first frame asks for.
+enum Opening {
+    Request(ExecRequest),
+    Release(String),
+}
+
+/// Reads the session's first frame: a request, or a release in its place.
+fn opening(stream: &mut UnixStream) -> Result<Opening, Refusal> {
+    match Frame::read_from(stream) {
+        Ok(Some(Frame::Request(request))) => Ok(Opening::Request(request)),
+        Ok(Some(Frame::Release(device))) => Ok(Opening::Release(device)),
+        Ok(_) => Err(Refusal(
+            supervisor::STATUS_NOT_EXECUTABLE,
+            "expected a request first".into(),
+        )),
+        Err(err) => Err(Refusal::not_executable(&err)),
+    }
+}
+
+/// A request's process, started, with its terminal under `-t`.
+struct Launched {
+    child: Child,
+    pid: libc::pid_t,
+    terminal: Option<Terminal>,
+}
+
+/// Readies the request's surroundings (its own root mounted, its copied
+/// mounts installed, its configuration, its terminal) and starts its
+/// process in them.
+fn launch(request: &ExecRequest, base: &RunConfig, root: &Path) -> Result<Launched, Refusal> {
     let own_root = request
         .root
         .as_deref()
         .map(roots::mounted)
         .transpose()
-        .map_err(|err| Refusal(supervisor::STATUS_NOT_EXECUTABLE, crate::one_line(&err)))?;
+        .map_err(|err| Refusal::not_executable(&err))?;
     let in_root = own_root.as_deref().unwrap_or(root);
     binds::install(&request.mounts, in_root, Path::new(binds::COPIES_DIR))
-        .map_err(|err| Refusal(supervisor::STATUS_NOT_EXECUTABLE, crate::one_line(&err)))?;
-    let config = prepared(&request, base, in_root)?;
+        .map_err(|err| Refusal::not_executable(&err))?;
+    let config = prepared(request, base, in_root)?;
     let terminal = request
         .tty
         .map(|size| Terminal::open(size, own_root.as_deref().unwrap_or(Path::new("/"))))
         .transpose()?;
-    let (mut child, pid) = spawn(&config, &request, terminal.as_ref(), own_root.as_deref())?;
-    let mut outputs = Vec::new();
-    let input: Option<Box<dyn Write + Send>> = match &terminal {
-        Some(terminal) => {
-            outputs.push(pump_out(terminal.reader()?, writer.clone(), Frame::Stdout));
-            Some(Box::new(terminal.reader()?))
-        }
-        None => {
-            outputs.extend(
-                child
-                    .stdout
-                    .take()
-                    .map(|out| pump_out(out, writer.clone(), Frame::Stdout)),
-            );
-            outputs.extend(
-                child
-                    .stderr
-                    .take()
-                    .map(|err| pump_out(err, writer.clone(), Frame::Stderr)),
-            );
-            child
-                .stdin
-                .take()
-                .map(|stdin| Box::new(stdin) as Box<dyn Write + Send>)
-        }
+    let (child, pid) = spawn(&config, request, terminal.as_ref(), own_root.as_deref())?;
+    Ok(Launched {
+        child,
+        pid,
+        terminal,
+    })
+}
+
+/// Pumps the process's stdio between it and the host until it is
+/// reaped, and returns its status.
+fn serve(
+    stream: UnixStream,
+    launched: Launched,
+    writer: &Arc<Mutex<UnixStream>>,
+) -> Result<u8, Refusal> {
+    let Launched {
+        mut child,
+        pid,
+        terminal,
+    } = launched;
+    let pumps = match &terminal {
+        Some(terminal) => Pumps::terminal(terminal, writer)?,
+        None => Pumps::pipes(&mut child, writer),
     };
     let resize = terminal.as_ref().map(Terminal::reader).transpose()?;
     // Ends with the host's stream; never joined (the host closes it after
     // the status).
-    thread::spawn(move || pump_in(stream, pid, input, resize));
+    thread::spawn(move || pump_in(stream, pid, pumps.input, resize));
     let status = wait_for(pid);
     drop(terminal);
-    for output in outputs {
+    for output in pumps.outputs {
         let _ = output.join();
     }
     Ok(status)
+}
+
+/// The host's side of a process's stdio.
+struct Pumps {
+    /// The threads copying its output to the host, running already.
+    outputs: Vec<JoinHandle<()>>,
+    /// Where the host's stdin goes, if anywhere.
+    input: Option<Box<dyn Write + Send>>,
+}
+
+impl Pumps {
+    /// The terminal's output to the host as stdout, the host's stdin to
+    /// the terminal.
+    fn terminal(terminal: &Terminal, writer: &Arc<Mutex<UnixStream>>) -> Result<Pumps, Refusal> {
+        let outputs = vec![pump_out(terminal.reader()?, writer.clone(), Frame::Stdout)];
+        Ok(Pumps {
+            outputs,
+            input: Some(Box::new(terminal.reader()?)),
+        })
+    }
+
+    /// The child's stdout and stderr pipes to the host, the host's stdin
+    /// to its stdin pipe (if it has one).
+    fn pipes(child: &mut Child, writer: &Arc<Mutex<UnixStream>>) -> Pumps {
+        let stdout = child
+            .stdout
+            .take()
+            .map(|out| pump_out(out, writer.clone(), Frame::Stdout));
+        let stderr = child
+            .stderr
+            .take()
+            .map(|err| pump_out(err, writer.clone(), Frame::Stderr));
+        Pumps {
+            outputs: stdout.into_iter().chain(stderr).collect(),
+            input: child
+                .stdin
+                .take()
+                .map(|stdin| Box::new(stdin) as Box<dyn Write + Send>),
+        }
+    }
 }
 
 /// A release in the place of a request: `device`'s root is given back

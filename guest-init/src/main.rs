@@ -42,12 +42,12 @@
 //!
 //! Not PID 1 (run by hand), it only runs the entrypoint from the file and
 //! exits with its status: no mounts, no port, no reboot.
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use guest_init::config::{CONFIG_PATH, ConfigError, RunConfig};
 use guest_init::exec::EXEC_PORT;
-use guest_init::function_mode::Mode;
+use guest_init::function_mode::{Mode, ServeError};
 use guest_init::mounts::MountPoint;
 use guest_init::network::{GUEST_RESOLV_CONF, NetConfig, RESOLV_CONF};
 use guest_init::protocol::InitEvent;
@@ -64,69 +64,122 @@ fn main() -> ExitCode {
         Err(err) => return fail(format!("cannot block signals: {err}")),
     };
     if std::process::id() != 1 {
-        return match load_config("") {
-            Ok(config) => ExitCode::from(supervisor::run(&config, &signals)),
-            Err(err) => fail(one_line(&err)),
-        };
+        return run_by_hand(&signals);
     }
     let port = boot();
     let cmdline = read_cmdline();
-    let user_data = metadata::publish(&cmdline).unwrap_or_else(|err| {
-        eprintln!("guest-init: instance metadata: {}", one_line(&err));
-        None
-    });
-    let functions = function_mode::enabled(&cmdline);
-    let container = supervisor::container_mode(&cmdline);
-    let config = if container {
-        RunConfig::for_container(&cmdline).map_err(LoadError::Invalid)
-    } else {
-        load_config(&cmdline)
-    };
-    let status = match config {
-        Ok(config) => {
-            configure_host(&config, &cmdline);
-            if let Some(path) = &user_data {
-                metadata::run_user_data_once(path, &config, &signals);
-            }
-            let served = match functions {
-                None => {
-                    if let Err(err) = exec_server::start(config.clone()) {
-                        eprintln!(
-                            "guest-init: no `kiln exec` in this VM: vsock port {EXEC_PORT}: {err}"
-                        );
-                    }
-                    Ok(if container {
-                        supervisor::reap_until_stopped(&signals)
-                    } else {
-                        supervisor::run(&config, &signals)
-                    })
-                }
-                Some(Mode::Handler) => function_mode::serve(&config, &signals),
-                Some(Mode::RuntimeApi) => function_runtime::serve(&config, &signals),
-            };
-            served.unwrap_or_else(|err| {
-                eprintln!("guest-init: function mode: {}", one_line(&err));
-                supervisor::STATUS_NOT_EXECUTABLE
-            })
-        }
+    let user_data = publish_metadata(&cmdline);
+    let role = Role::of(&cmdline);
+    let status = match role.load_config(&cmdline) {
+        Ok(config) => run_configured(role, &config, &cmdline, user_data.as_deref(), &signals),
         Err(err) => {
             eprintln!("guest-init: {}", one_line(&err));
             supervisor::STATUS_NOT_FOUND
         }
     };
-    let what = if functions.is_some() {
-        "function mode ended"
-    } else if container {
-        "container VM stopped"
-    } else {
-        "entrypoint exited"
-    };
-    eprintln!("guest-init: {what} with status {status}");
+    eprintln!("guest-init: {} with status {status}", role.ended());
     if let Some(port) = &port {
         port.report(InitEvent::EntrypointExit(status));
     }
     power_off();
     ExitCode::from(status)
+}
+
+/// Not PID 1: only the entrypoint from the file, exiting with its status.
+fn run_by_hand(signals: &supervisor::Signals) -> ExitCode {
+    match load_config("") {
+        Ok(config) => ExitCode::from(supervisor::run(&config, signals)),
+        Err(err) => fail(one_line(&err)),
+    }
+}
+
+/// Publishes the instance metadata under /run/kiln (a failure is said and
+/// the boot goes on); the user-data file, if there is one.
+fn publish_metadata(cmdline: &str) -> Option<PathBuf> {
+    metadata::publish(cmdline).unwrap_or_else(|err| {
+        eprintln!("guest-init: instance metadata: {}", one_line(&err));
+        None
+    })
+}
+
+/// What this VM is for, from the kernel command line.
+#[derive(Clone, Copy)]
+struct Role {
+    /// Function mode, if the VM serves invocations.
+    functions: Option<Mode>,
+    /// A container's VM: no entrypoint, only the exec port.
+    container: bool,
+}
+
+impl Role {
+    /// The role the kernel command line `cmdline` gives this VM.
+    fn of(cmdline: &str) -> Role {
+        Role {
+            functions: function_mode::enabled(cmdline),
+            container: supervisor::container_mode(cmdline),
+        }
+    }
+
+    /// The run configuration: a container's from the command line alone,
+    /// otherwise the file's with the command line's overrides.
+    fn load_config(self, cmdline: &str) -> Result<RunConfig, LoadError> {
+        if self.container {
+            RunConfig::for_container(cmdline).map_err(LoadError::Invalid)
+        } else {
+            load_config(cmdline)
+        }
+    }
+
+    /// Runs what the VM is for to its end: function mode, or the
+    /// entrypoint (none in a container's VM) with `kiln exec` served.
+    fn serve(self, config: &RunConfig, signals: &supervisor::Signals) -> Result<u8, ServeError> {
+        match self.functions {
+            None => {
+                if let Err(err) = exec_server::start(config.clone()) {
+                    eprintln!(
+                        "guest-init: no `kiln exec` in this VM: vsock port {EXEC_PORT}: {err}"
+                    );
+                }
+                Ok(if self.container {
+                    supervisor::reap_until_stopped(signals)
+                } else {
+                    supervisor::run(config, signals)
+                })
+            }
+            Some(Mode::Handler) => function_mode::serve(config, signals),
+            Some(Mode::RuntimeApi) => function_runtime::serve(config, signals),
+        }
+    }
+
+    /// What ended, for the last line on the console.
+    fn ended(self) -> &'static str {
+        if self.functions.is_some() {
+            "function mode ended"
+        } else if self.container {
+            "container VM stopped"
+        } else {
+            "entrypoint exited"
+        }
+    }
+}
+
+/// Sets up the host (hostname, network), runs executable user-data at
+/// first boot, then what the VM is for; its status.
+fn run_configured(
+    role: Role,
+    config: &RunConfig,
+    cmdline: &str,
+    user_data: Option<&Path>,
+    signals: &supervisor::Signals,
+) -> u8 {
+    configure_host(config, cmdline);
+    if let Some(path) = user_data {
+        metadata::run_user_data_once(path, config, signals);
+    }
+    role.serve(config, signals).unwrap_or_else(|err| {
+        eprintln!("guest-init: function mode: {}", one_line(&err));
+        supervisor::STATUS_NOT_EXECUTABLE
+    })
 }
 
 /// Mounts the basic filesystems and reports that init started.
