@@ -553,6 +553,15 @@ fn decompressed<R: io::BufRead + 'static>(
     })
 }
 
+/// What a tar header says of an entry besides its path.
+struct EntryMeta {
+    kind: tar::EntryType,
+    /// Permission bits, setuid, setgid and sticky (`0o7777`).
+    mode: u32,
+    uid: u32,
+    gid: u32,
+}
+
 /// Applies one tar stream to a stage, entry by entry, through
 /// [`Stage`]: nothing it writes can leave the stage.
 struct Applier<'a> {
@@ -591,34 +600,73 @@ impl<'a> Applier<'a> {
         Ok(())
     }
 
+    /// Applies one entry at `path` (relative, without `..`): a whiteout,
+    /// or what it writes with its owner and mode.
     fn entry(&mut self, path: &Path, entry: &mut tar::Entry<impl Read>) -> Result<(), OciError> {
-        let name = path.file_name().unwrap_or_default().to_string_lossy();
         let parent = path.parent().unwrap_or(Path::new(""));
-        let err = stage_err(self.archive);
-        if self.whiteouts && name == OPAQUE_WHITEOUT {
-            let written = &self.written;
-            let keep = |child: &std::ffi::OsStr| written.contains(&parent.join(child));
-            return self.stage.empty_dir(parent, &keep).map_err(err);
+        if self.whiteout(path, parent)? {
+            return Ok(());
         }
-        if self.whiteouts
-            && let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX)
-        {
-            return self.stage.remove_all(&parent.join(hidden)).map_err(err);
-        }
-        let header = entry.header();
-        let mode = header.mode().map_err(io_err(self.archive))? & 0o7777;
-        let owner = (self.id(header.uid())?, self.id(header.gid())?);
-        let kind = header.entry_type();
+        let meta = self.meta(entry.header())?;
         if !parent.as_os_str().is_empty() {
             self.stage
                 .create_dir_all(parent, 0o755)
                 .map_err(stage_err(self.archive))?;
         }
+        if !self.write(path, &meta, entry)? {
+            return Ok(());
+        }
+        self.written.insert(path.to_path_buf());
+        if meta.kind == tar::EntryType::Link {
+            return Ok(()); // A hard link shares its original's owner and mode.
+        }
+        self.set_owner_and_mode(path, &meta)
+    }
+
+    /// Applies the entry at `path` in `parent` if it is a whiteout (in a
+    /// layer only); says whether it was one.
+    fn whiteout(&self, path: &Path, parent: &Path) -> Result<bool, OciError> {
+        if !self.whiteouts {
+            return Ok(false);
+        }
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let err = stage_err(self.archive);
+        // The opaque whiteout first: its name has the whiteout prefix too.
+        if name == OPAQUE_WHITEOUT {
+            let written = &self.written;
+            let keep = |child: &std::ffi::OsStr| written.contains(&parent.join(child));
+            self.stage.empty_dir(parent, &keep).map_err(err)?;
+        } else if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
+            self.stage.remove_all(&parent.join(hidden)).map_err(err)?;
+        } else {
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// The entry's kind, mode and owner, from its header.
+    fn meta(&self, header: &tar::Header) -> Result<EntryMeta, OciError> {
+        Ok(EntryMeta {
+            mode: header.mode().map_err(io_err(self.archive))? & 0o7777,
+            uid: self.id(header.uid())?,
+            gid: self.id(header.gid())?,
+            kind: header.entry_type(),
+        })
+    }
+
+    /// Writes the entry's directory, file or link at `path`; says whether
+    /// its kind is one written at all.
+    fn write(
+        &self,
+        path: &Path,
+        meta: &EntryMeta,
+        entry: &mut tar::Entry<impl Read>,
+    ) -> Result<bool, OciError> {
         let stage = self.stage;
-        let result = match kind {
-            tar::EntryType::Directory => stage.replace_with_dir(path, mode),
+        let result = match meta.kind {
+            tar::EntryType::Directory => stage.replace_with_dir(path, meta.mode),
             tar::EntryType::Regular | tar::EntryType::Continuous => {
-                stage.write_file(path, mode, entry)
+                stage.write_file(path, meta.mode, entry)
             }
             tar::EntryType::Symlink => match entry.link_name_bytes() {
                 Some(target) => {
@@ -641,7 +689,7 @@ impl<'a> Applier<'a> {
             tar::EntryType::Char
             | tar::EntryType::Block
             | tar::EntryType::Fifo
-            | tar::EntryType::XGlobalHeader => return Ok(()),
+            | tar::EntryType::XGlobalHeader => return Ok(false),
             other => {
                 return Err(invalid(
                     self.archive,
@@ -650,17 +698,19 @@ impl<'a> Applier<'a> {
             }
         };
         result.map_err(stage_err(self.archive))?;
-        self.written.insert(path.to_path_buf());
-        if kind == tar::EntryType::Link {
-            return Ok(()); // A hard link shares its original's owner and mode.
-        }
+        Ok(true)
+    }
+
+    /// Gives a written entry its owner, then its mode (a symlink has none
+    /// of its own).
+    fn set_owner_and_mode(&self, path: &Path, meta: &EntryMeta) -> Result<(), OciError> {
         // The owner first: chown(2) clears setuid and setgid.
-        stage
-            .set_owner(path, owner.0, owner.1)
+        self.stage
+            .set_owner(path, meta.uid, meta.gid)
             .map_err(stage_err(self.archive))?;
-        if kind != tar::EntryType::Symlink {
-            stage
-                .set_mode(path, mode)
+        if meta.kind != tar::EntryType::Symlink {
+            self.stage
+                .set_mode(path, meta.mode)
                 .map_err(stage_err(self.archive))?;
         }
         Ok(())

@@ -681,7 +681,22 @@ impl Checker<'_> {
         Ok(steps)
     }
 
+    /// One `[[build]]` step, checked: `run`, `env`, `in` and `timeout`, `user`.
     fn build(&self, build: &RawBuild) -> Result<BuildStep, RecipeError> {
+        let run = self.build_run(build)?;
+        let env = self.build_env(build)?;
+        let place = self.build_place(build)?;
+        let user = self.build_user(build, place)?;
+        Ok(BuildStep {
+            run,
+            env,
+            place,
+            user,
+        })
+    }
+
+    /// A step's `run`, refused when it has no command.
+    fn build_run(&self, build: &RawBuild) -> Result<String, RecipeError> {
         if build.run.get_ref().trim().is_empty() {
             return Err(self.field(
                 build.run.span(),
@@ -689,20 +704,19 @@ impl Checker<'_> {
                 "\"\": expected a shell command line".into(),
             ));
         }
+        Ok(build.run.get_ref().clone())
+    }
+
+    /// A step's `env` (empty if it has none), refused when a name or
+    /// value cannot be exported.
+    fn build_env(&self, build: &RawBuild) -> Result<BTreeMap<String, String>, RecipeError> {
         // The names become `export NAME=…` lines in a VM step's script,
         // and a host step's environment, where `=` or NUL cannot go.
         let env = build.env.as_ref();
         let bad_env = env
             .into_iter()
             .flat_map(|env| env.get_ref())
-            .find(|(name, value)| {
-                let mut chars = name.chars();
-                !chars
-                    .next()
-                    .is_some_and(|c| c == '_' || c.is_ascii_alphabetic())
-                    || !chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
-                    || value.contains('\0')
-            });
+            .find(|(name, value)| !is_env_name(name) || value.contains('\0'));
         if let Some((name, value)) = bad_env {
             return Err(self.field(
                 env.map_or(build.run.span(), Spanned::span),
@@ -713,6 +727,11 @@ impl Checker<'_> {
                 ),
             ));
         }
+        Ok(env.map(|env| env.get_ref().clone()).unwrap_or_default())
+    }
+
+    /// Where a step runs (`in`), with its `timeout` on VM steps only.
+    fn build_place(&self, build: &RawBuild) -> Result<StepPlace, RecipeError> {
         let place = match build.place.as_ref().map(|p| (p, p.get_ref().as_str())) {
             None => StepPlace::Host,
             Some((_, "host")) => StepPlace::Host,
@@ -737,24 +756,24 @@ impl Checker<'_> {
                 "a host step has no timeout: expected it on `in = \"vm\"` steps only".into(),
             ));
         }
-        let user = match (&build.user, place) {
-            (None, _) => None,
-            (Some(user), StepPlace::Host) => Some(self.user(user, "build.user")?),
-            (Some(user), StepPlace::Vm { .. }) => {
-                return Err(self.field(
-                    user.span(),
-                    "build.user",
-                    "a VM step runs as root in the build VM: expected `user` on host steps only"
-                        .into(),
-                ));
-            }
-        };
-        Ok(BuildStep {
-            run: build.run.get_ref().clone(),
-            env: env.map(|env| env.get_ref().clone()).unwrap_or_default(),
-            place,
-            user,
-        })
+        Ok(place)
+    }
+
+    /// The UID:GID a step runs as (`user`), on host steps only.
+    fn build_user(
+        &self,
+        build: &RawBuild,
+        place: StepPlace,
+    ) -> Result<Option<(u32, u32)>, RecipeError> {
+        match (&build.user, place) {
+            (None, _) => Ok(None),
+            (Some(user), StepPlace::Host) => Ok(Some(self.user(user, "build.user")?)),
+            (Some(user), StepPlace::Vm { .. }) => Err(self.field(
+                user.span(),
+                "build.user",
+                "a VM step runs as root in the build VM: expected `user` on host steps only".into(),
+            )),
+        }
     }
 
     /// A duration of at least a second, in seconds.
@@ -870,6 +889,16 @@ pub fn is_image_name(name: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
         && name.as_bytes()[0].is_ascii_alphanumeric()
+}
+
+/// Whether `name` may name an environment variable: A-Z a-z 0-9 _, not
+/// starting with a digit.
+fn is_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c == '_' || c.is_ascii_alphabetic())
+        && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
 }
 
 /// `64M`, `512K`, `1G` or plain bytes.

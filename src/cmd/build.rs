@@ -3,15 +3,16 @@
 //! from the built image), and publish it into the local store only if
 //! they all pass.
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::bail;
 use kiln_builder::build::{self, Built, Staged};
-use kiln_builder::recipe::{self, StepPlace};
+use kiln_builder::recipe::{self, Recipe, StepPlace};
 use kiln_builder::store::{Manifest, Store, TestResult};
 use kiln_control::image_build::BuildVmRunner;
+use kiln_control::image_test::TestRunner;
 
 use super::image;
 use crate::assets::kiln_home;
@@ -39,40 +40,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // Before building: a build whose VM steps or tests cannot run here
     // says so now.
     let recipe = recipe::load(&args.recipe)?;
-    let vm_steps = (recipe.builds.iter())
-        .filter(|step| matches!(step.place, StepPlace::Vm { .. }))
-        .count();
-    let build_vm = if vm_steps == 0 {
-        None
-    } else {
-        let which = format!(
-            "the {vm_steps} `in = \"vm\"` build step(s) of {}",
-            args.recipe.display()
-        );
-        let advice = ". Run the build where KVM works (build steps cannot be skipped)";
-        Some(BuildVmRunner {
-            vms: image::test_runner(store.clone(), &which, advice)?,
-            echo: |label, line| eprintln!("kiln: {label} | {line}"),
-        })
-    };
-    let tests = recipe.tests.len();
-    let runner = if args.skip_tests || tests == 0 {
-        None
-    } else {
-        let which = format!("the {tests} [[test]](s) of {}", args.recipe.display());
-        let advice =
-            ". Run the build where KVM works, or pass --skip-tests to publish the image untested";
-        Some(image::test_runner(store.clone(), &which, advice)?)
-    };
-    // Progress on a terminal, or when asked: piped output stays the one
-    // result line.
-    let shown = args.progress || std::io::stderr().is_terminal();
-    let started = Instant::now();
-    let mut progress = |step: &str| {
-        if shown {
-            eprintln!("kiln: [{:.1} s] {step}…", started.elapsed().as_secs_f64());
-        }
-    };
+    let build_vm = build_vm_runner(&recipe, &args.recipe, &store)?;
+    let runner = tests_runner(&recipe, &args.recipe, &store, args.skip_tests)?;
+    let mut progress = progress_printer(args.progress);
     let built = build::build(
         &args.recipe,
         &store,
@@ -90,8 +60,69 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let results = match &runner {
         Some(runner) => Some(run_tests(runner, &staged, &mut progress)?),
-        None => (tests == 0).then(Vec::new),
+        None => recipe.tests.is_empty().then(Vec::new),
     };
+    publish(staged, results)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The VM runner for the recipe's `in = "vm"` steps, if it has any;
+/// fails if this host cannot boot one.
+fn build_vm_runner(
+    recipe: &Recipe,
+    path: &Path,
+    store: &Store,
+) -> anyhow::Result<Option<BuildVmRunner>> {
+    let vm_steps = (recipe.builds.iter())
+        .filter(|step| matches!(step.place, StepPlace::Vm { .. }))
+        .count();
+    if vm_steps == 0 {
+        return Ok(None);
+    }
+    let which = format!(
+        "the {vm_steps} `in = \"vm\"` build step(s) of {}",
+        path.display()
+    );
+    let advice = ". Run the build where KVM works (build steps cannot be skipped)";
+    Ok(Some(BuildVmRunner {
+        vms: image::test_runner(store.clone(), &which, advice)?,
+        echo: |label, line| eprintln!("kiln: {label} | {line}"),
+    }))
+}
+
+/// The runner for the recipe's tests, unless they are skipped or there
+/// are none; fails if this host cannot boot a VM.
+fn tests_runner(
+    recipe: &Recipe,
+    path: &Path,
+    store: &Store,
+    skip_tests: bool,
+) -> anyhow::Result<Option<TestRunner>> {
+    let tests = recipe.tests.len();
+    if skip_tests || tests == 0 {
+        return Ok(None);
+    }
+    let which = format!("the {tests} [[test]](s) of {}", path.display());
+    let advice =
+        ". Run the build where KVM works, or pass --skip-tests to publish the image untested";
+    Ok(Some(image::test_runner(store.clone(), &which, advice)?))
+}
+
+/// Prints each build phase with the seconds since now, on a terminal or
+/// when `asked`: piped output stays the one result line.
+fn progress_printer(asked: bool) -> impl FnMut(&str) {
+    let shown = asked || std::io::stderr().is_terminal();
+    let started = Instant::now();
+    move |step: &str| {
+        if shown {
+            eprintln!("kiln: [{:.1} s] {step}…", started.elapsed().as_secs_f64());
+        }
+    }
+}
+
+/// Publishes the staged image with its test results (`None`: untested)
+/// and prints the result line.
+fn publish(staged: Staged, results: Option<Vec<TestResult>>) -> anyhow::Result<()> {
     let tested = match &results {
         Some(results) if !results.is_empty() => format!("; {} test(s) passed", results.len()),
         Some(_) => String::new(),
@@ -105,13 +136,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         mib(m.file_size),
         mib(m.raw_size)
     );
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 /// Runs the staged image's tests; fails, and so drops the image unpublished,
 /// unless all of them pass.
 fn run_tests(
-    runner: &kiln_control::image_test::TestRunner,
+    runner: &TestRunner,
     staged: &Staged,
     progress: &mut dyn FnMut(&str),
 ) -> anyhow::Result<Vec<TestResult>> {
