@@ -25,75 +25,6 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Bench {
-    /// `kiln build` of recipes/hello (cold, cached, size against ext4 + zstd -19); the Debian
-    /// root's compression by level and threads; recipes/debian's cold build, nested.
-    Build {
-        /// Cached rebuilds to time.
-        #[arg(long, default_value_t = 10)]
-        runs: usize,
-    },
-    /// Boot latency and VMM memory of `kiln run` against QEMU microvm.
-    Boot {
-        /// Timed boots per VMM (after one warm-up each).
-        #[arg(long, default_value_t = 10)]
-        runs: usize,
-    },
-    /// Guest read throughput from the compressed image against a raw file.
-    Disk {
-        /// Timed runs per backend and access pattern (after one warm-up each).
-        #[arg(long, default_value_t = 5)]
-        runs: usize,
-        /// Only the host side (the volume and the hydration cache on this
-        /// host's CPU, no VM), into target/bench/disk-host.json.
-        #[arg(long)]
-        host_only: bool,
-    },
-    /// Restore latency of `kiln snapshot restore` against a cold boot, and snapshot size.
-    Snapshot {
-        /// Timed cold boots and restores per guest size.
-        #[arg(long, default_value_t = 5)]
-        runs: usize,
-    },
-    /// Invoke latency of a function clone against a cold boot, clones per second, idle clone memory.
-    Fn {
-        /// Timed cold-boot and clone invocations.
-        #[arg(long, default_value_t = 5)]
-        runs: usize,
-    },
-    /// HTTP latency and throughput of the web image on Kiln against QEMU, both over a tap.
-    Net {
-        /// Rounds of 10 short requests and one 16 MiB download per target.
-        #[arg(long, default_value_t = 5)]
-        runs: usize,
-    },
-    /// `kiln bench vmm`: the VMM's own cost with the stub guest, on this host's own KVM.
-    Vmm {
-        /// Timed runs per series, and clones per concurrency.
-        #[arg(long, default_value_t = 30)]
-        runs: usize,
-    },
-    /// `kiln bench all --peer qemu` where KVM is (nested, labelled as emulation, without it).
-    Startup {
-        /// Timed runs per scenario and VMM (after one warm-up each).
-        #[arg(long, default_value_t = 10)]
-        runs: usize,
-    },
-}
-
-/// What `bench-guest` measures.
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum GuestBench {
-    Build,
-    Boot,
-    Disk,
-    Snapshot,
-    Fn,
-    Net,
-    Startup,
-}
-
-#[derive(Subcommand)]
 enum Task {
     /// Build (or fetch from the cache) the guest kernel and install it; prints its path last.
     Kernel,
@@ -125,7 +56,7 @@ enum Task {
     /// Benchmarks, measured against a peer in the same run.
     Bench {
         #[command(subcommand)]
-        bench: Bench,
+        bench: bench::Bench,
     },
     /// Check a `kiln bench --json` report: every scenario, sound numbers (used by vm-test bench); redraw its plot.
     #[command(hide = true)]
@@ -167,7 +98,7 @@ enum Task {
     /// The benchmark runner itself, where KVM is (used by `bench`).
     #[command(hide = true)]
     BenchGuest {
-        kind: GuestBench,
+        kind: bench::GuestBench,
         #[arg(long, default_value_t = 10)]
         runs: usize,
     },
@@ -201,65 +132,9 @@ fn main() -> ExitCode {
                 .map(|(size, after)| pty::Resize { size, after });
             return finish(pty::run(pty::Size { rows, cols }, resize, &command));
         }
-        Task::Bench {
-            bench: Bench::Build { runs },
-        } => bench::build(runs),
-        Task::Bench {
-            bench: Bench::Boot { runs },
-        } => bench::boot(runs),
-        Task::Bench {
-            bench: Bench::Disk { runs, host_only },
-        } => {
-            if host_only {
-                bench::disk_host(runs)
-            } else {
-                bench::disk(runs)
-            }
-        }
-        Task::Bench {
-            bench: Bench::Snapshot { runs },
-        } => bench::snapshot(runs),
-        Task::Bench {
-            bench: Bench::Fn { runs },
-        } => bench::function(runs),
-        Task::Bench {
-            bench: Bench::Net { runs },
-        } => bench::net(runs),
-        Task::Bench {
-            bench: Bench::Startup { runs },
-        } => bench::startup(runs),
-        Task::Bench {
-            bench: Bench::Vmm { runs },
-        } => bench::vmm(runs),
+        Task::Bench { bench } => bench::run(bench),
         Task::BenchCheck { file, peer, plot } => bench::check_report(&file, peer, plot.as_deref()),
-        Task::BenchGuest {
-            kind: GuestBench::Startup,
-            runs,
-        } => bench::startup_guest(runs),
-        Task::BenchGuest {
-            kind: GuestBench::Build,
-            runs: _,
-        } => bench::build_guest(),
-        Task::BenchGuest {
-            kind: GuestBench::Boot,
-            runs,
-        } => bench::boot_guest(runs),
-        Task::BenchGuest {
-            kind: GuestBench::Disk,
-            runs,
-        } => bench::disk_guest(runs),
-        Task::BenchGuest {
-            kind: GuestBench::Snapshot,
-            runs,
-        } => bench::snapshot_guest(runs),
-        Task::BenchGuest {
-            kind: GuestBench::Fn,
-            runs,
-        } => bench::function_guest(runs),
-        Task::BenchGuest {
-            kind: GuestBench::Net,
-            runs,
-        } => bench::net_guest(runs),
+        Task::BenchGuest { kind, runs } => bench::guest(kind, runs),
     };
     finish(result.map(|()| ExitCode::SUCCESS))
 }

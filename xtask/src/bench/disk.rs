@@ -39,7 +39,9 @@ use kiln_image::{DEFAULT_CACHE_BYTES, Reader};
 use kiln_vmm::volume::{CacheAccess, Volume};
 use serde::{Deserialize, Serialize};
 
-use super::{Stats, env, environment, kiln_home, print_report, run_guest, save, stats, time_boot};
+use super::{
+    Boot, Stats, env, environment, kiln_home, print_report, run_guest, save, stats, time_boot,
+};
 use crate::sh;
 
 const IMAGE: &str = "disk-bench:1.0.0";
@@ -283,62 +285,101 @@ fn hydrated_fraction(home: &std::path::Path) -> Result<f64> {
     Ok(files.hydrated_bytes(&reader)? as f64 / reader.raw_size() as f64)
 }
 
-/// Guest side (where KVM is): times both backends and prints the report.
-pub fn guest(runs: usize) -> Result<()> {
-    let (kiln, images, work) = (
-        env("KILN")?,
-        PathBuf::from(env("KILN_IMAGES")?),
-        PathBuf::from(env("WORK_ROOT")?).join("bench-disk"),
-    );
-    let home = kiln_home(&images, &work)?;
-    let raw = work.join("disk-bench.ext4");
-    sh::run(
-        Command::new(&kiln)
-            .args(["image", "flatten", IMAGE])
-            .arg(&raw)
-            .env("KILN_HOME", &home),
-    )?;
-    let boot = |backend, mode: &str, reads: u32| {
-        let mut cmd = Command::new(&kiln);
-        cmd.env("KILN_HOME", &home).arg("run");
+/// What the guest side boots: `kiln` (`bin`), a home of its own, and
+/// [`IMAGE`] flattened into a raw file.
+struct GuestSetup {
+    bin: String,
+    home: PathBuf,
+    raw: PathBuf,
+}
+
+impl GuestSetup {
+    /// A fresh home under the harness's work root, and the raw file beside it.
+    fn prepare() -> Result<GuestSetup> {
+        let (bin, images, work) = (
+            env("KILN")?,
+            PathBuf::from(env("KILN_IMAGES")?),
+            PathBuf::from(env("WORK_ROOT")?).join("bench-disk"),
+        );
+        let setup = GuestSetup {
+            bin,
+            home: kiln_home(&images, &work)?,
+            raw: work.join("disk-bench.ext4"),
+        };
+        sh::run(
+            setup
+                .kiln()
+                .args(["image", "flatten", IMAGE])
+                .arg(&setup.raw),
+        )?;
+        Ok(setup)
+    }
+
+    /// `kiln` in this home.
+    fn kiln(&self) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cmd.env("KILN_HOME", &self.home);
+        cmd
+    }
+
+    /// A VM on `backend` whose reader does `reads` reads of `mode`, timed.
+    fn boot(&self, backend: Backend, mode: &str, reads: u32) -> Result<Boot> {
+        let mut cmd = self.kiln();
+        cmd.arg("run");
         match backend {
-            Backend::Raw => cmd.arg("--disk").arg(&raw),
+            Backend::Raw => cmd.arg("--disk").arg(&self.raw),
             Backend::Volume => cmd.arg(IMAGE),
         };
         let entrypoint = format!("kiln.entrypoint=\"/bench/diskread /dev/vda {mode} {reads}\"");
         cmd.args(["--read-only", "--cmdline", &entrypoint]);
         time_boot(cmd, RESULT, PER_RUN)
-    };
-    let run = |backend, mode: &str| rate(&boot(backend, mode, RANDOM_READS)?.output, mode);
-    // Sequential raw, sequential volume, random raw, random volume. The
-    // first volume run's supervisor fills the image's hydration cache in
-    // the background; `kiln image hydrate` finishes it.
-    let mut samples: [Vec<f64>; 4] = Default::default();
-    let mut hydrated_by_warmup = None;
-    for (m, mode) in ["seq", "rand"].into_iter().enumerate() {
-        run(Backend::Raw, mode)?;
-        run(Backend::Volume, mode)?;
-        if hydrated_by_warmup.is_none() {
-            hydrated_by_warmup = Some(hydrated_fraction(&home)?);
-            sh::run(
-                Command::new(&kiln)
-                    .args(["image", "hydrate", IMAGE])
-                    .env("KILN_HOME", &home),
-            )?;
+    }
+
+    /// One reader run of `mode` on `backend`: its [`rate`].
+    fn run(&self, backend: Backend, mode: &str) -> Result<f64> {
+        rate(&self.boot(backend, mode, RANDOM_READS)?.output, mode)
+    }
+
+    /// Both patterns' runs on both backends, alternating after a warm-up
+    /// each, and how much of the image the warm-up hydrated.
+    fn time_reads(&self, runs: usize) -> Result<(Backends, Option<f64>)> {
+        // Sequential raw, sequential volume, random raw, random volume. The
+        // first volume run's supervisor fills the image's hydration cache in
+        // the background; `kiln image hydrate` finishes it.
+        let mut samples: [Vec<f64>; 4] = Default::default();
+        let mut hydrated_by_warmup = None;
+        for (m, mode) in ["seq", "rand"].into_iter().enumerate() {
+            self.run(Backend::Raw, mode)?;
+            self.run(Backend::Volume, mode)?;
+            if hydrated_by_warmup.is_none() {
+                hydrated_by_warmup = Some(hydrated_fraction(&self.home)?);
+                sh::run(self.kiln().args(["image", "hydrate", IMAGE]))?;
+            }
+            for _ in 0..runs {
+                samples[2 * m].push(self.run(Backend::Raw, mode)?);
+                samples[2 * m + 1].push(self.run(Backend::Volume, mode)?);
+            }
         }
+        Ok((Backends::of(samples)?, hydrated_by_warmup))
+    }
+
+    /// Seconds to the result of a single 4 KiB read, raw and volume, alternating.
+    fn time_boots(&self, runs: usize) -> Result<(Stats, Stats)> {
+        let (mut raw, mut volume) = (Vec::new(), Vec::new());
         for _ in 0..runs {
-            samples[2 * m].push(run(Backend::Raw, mode)?);
-            samples[2 * m + 1].push(run(Backend::Volume, mode)?);
+            raw.push(self.boot(Backend::Raw, "rand", 1)?.init.as_secs_f64());
+            volume.push(self.boot(Backend::Volume, "rand", 1)?.init.as_secs_f64());
         }
+        Ok((stats(&raw)?, stats(&volume)?))
     }
-    // Boots: to the result of a single 4 KiB read, alternating.
-    let (mut boots_raw, mut boots_volume) = (Vec::new(), Vec::new());
-    for _ in 0..runs {
-        boots_raw.push(boot(Backend::Raw, "rand", 1)?.init.as_secs_f64());
-        boots_volume.push(boot(Backend::Volume, "rand", 1)?.init.as_secs_f64());
-    }
-    let (boot_raw, boot_volume) = (stats(&boots_raw)?, stats(&boots_volume)?);
-    let store = Store::new(&home);
+}
+
+/// Guest side (where KVM is): times both backends and prints the report.
+pub fn guest(runs: usize) -> Result<()> {
+    let setup = GuestSetup::prepare()?;
+    let (reads, hydrated_by_warmup) = setup.time_reads(runs)?;
+    let (boot_raw, boot_volume) = setup.time_boots(runs)?;
+    let store = Store::new(&setup.home);
     let (image, hello) = (store.find(IMAGE)?.manifest, store.find(HELLO)?.manifest);
     let parent = store.find(PARENT)?.manifest;
     print_report(&DiskReport {
@@ -349,7 +390,7 @@ pub fn guest(runs: usize) -> Result<()> {
         image_bytes: image.file_size,
         random_reads_per_run: RANDOM_READS,
         chunk_cache_mib: DEFAULT_CACHE_BYTES >> 20,
-        guest: Backends::of(samples)?,
+        guest: reads,
         boot_vs_raw: boot_volume.p50 / boot_raw.p50,
         hydrated_by_warmup,
         guest_boot_raw_s: boot_raw,
@@ -433,76 +474,136 @@ pub fn disk_host(runs: usize) -> Result<()> {
     Ok(())
 }
 
-/// The backends alone, `runs` passes each, on this host's CPU.
-fn host_backends(runs: usize) -> Result<HostSide> {
-    let home = sh::workspace_root().join("target/vm-test/kiln-home");
-    let image = Store::new(&home).find(IMAGE)?.image_path;
-    let bench = sh::workspace_root().join("target/bench");
-    let (raw, cache_dir) = (bench.join("disk-bench.ext4"), bench.join("disk-cache"));
-    std::fs::create_dir_all(&bench)?;
-    let out =
-        std::fs::File::create(&raw).with_context(|| format!("cannot create {}", raw.display()))?;
-    // Written 1 MiB at a time, as `cp` writes a file: the page cache then
-    // holds it in large folios (small writes make small ones, which read
-    // back markedly slower), as the hydration cache's runs of chunks are.
-    Volume::open(&image, None, DEFAULT_CACHE_BYTES)?
-        .flatten_to(&mut std::io::BufWriter::with_capacity(1 << 20, out))?;
-    let file = std::fs::File::open(&raw)?;
-    let size = file.metadata()?.len();
-    let mib = size as f64 / f64::from(1 << 20);
-    // Sequential 1 MiB reads in MiB/s, then random 4 KiB reads per second.
-    let sequential: Vec<u64> = (0..size / SEQ_READ).map(|i| i * SEQ_READ).collect();
-    let patterns = [
-        (sequential, SEQ_READ, SEQ_READ as f64 / f64::from(1 << 20)),
-        (random_offsets(size), RAND_READ, 1.0),
-    ];
-    let mut buf = vec![0u8; SEQ_READ as usize];
-    let empty_cache = || -> Result<()> {
-        match std::fs::remove_dir_all(&cache_dir) {
+/// One of the host side's access patterns: where each read starts, its
+/// bytes, and the pattern's unit (MiB or reads) per read.
+struct Pattern {
+    offsets: Vec<u64>,
+    len: u64,
+    unit: f64,
+}
+
+/// What the host side reads: [`IMAGE`] in vm-test's store, and the raw
+/// file and the hydration cache made of it under target/bench.
+struct HostSetup {
+    image: PathBuf,
+    raw: std::fs::File,
+    cache_dir: PathBuf,
+    /// The raw file's size in MiB.
+    mib: f64,
+    /// Sequential 1 MiB reads in MiB/s, then random 4 KiB reads per second.
+    patterns: [Pattern; 2],
+}
+
+impl HostSetup {
+    /// The raw file flattened from [`IMAGE`], and the patterns over it.
+    fn prepare() -> Result<HostSetup> {
+        let home = sh::workspace_root().join("target/vm-test/kiln-home");
+        let image = Store::new(&home).find(IMAGE)?.image_path;
+        let bench = sh::workspace_root().join("target/bench");
+        let (raw, cache_dir) = (bench.join("disk-bench.ext4"), bench.join("disk-cache"));
+        std::fs::create_dir_all(&bench)?;
+        let out = std::fs::File::create(&raw)
+            .with_context(|| format!("cannot create {}", raw.display()))?;
+        // Written 1 MiB at a time, as `cp` writes a file: the page cache then
+        // holds it in large folios (small writes make small ones, which read
+        // back markedly slower), as the hydration cache's runs of chunks are.
+        Volume::open(&image, None, DEFAULT_CACHE_BYTES)?
+            .flatten_to(&mut std::io::BufWriter::with_capacity(1 << 20, out))?;
+        let raw = std::fs::File::open(&raw)?;
+        let size = raw.metadata()?.len();
+        let sequential = Pattern {
+            offsets: (0..size / SEQ_READ).map(|i| i * SEQ_READ).collect(),
+            len: SEQ_READ,
+            unit: SEQ_READ as f64 / f64::from(1 << 20),
+        };
+        let random = Pattern {
+            offsets: random_offsets(size),
+            len: RAND_READ,
+            unit: 1.0,
+        };
+        Ok(HostSetup {
+            image,
+            raw,
+            cache_dir,
+            mib: size as f64 / f64::from(1 << 20),
+            patterns: [sequential, random],
+        })
+    }
+
+    /// Removes the hydration cache, if there is one.
+    fn empty_cache(&self) -> Result<()> {
+        match std::fs::remove_dir_all(&self.cache_dir) {
             Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(err.into()),
             _ => Ok(()),
         }
-    };
+    }
+
+    /// A volume reading through, and filling, the hydration cache.
+    fn hydrated_volume(&self) -> Result<Volume> {
+        Ok(Volume::open_hydrated(
+            &self.image,
+            None,
+            (&self.cache_dir, CacheAccess::Fill),
+            DEFAULT_CACHE_BYTES,
+        )?)
+    }
+
+    /// MiB/s of sequential reads through an empty hydration cache, as a
+    /// VM's first boot fills it (with its prefetch workers reading ahead).
+    fn cold_seq(&self, buf: &mut [u8]) -> Result<f64> {
+        self.empty_cache()?;
+        let mut volume = self.hydrated_volume()?;
+        volume.start_prefetch(false, None)?;
+        let [sequential, _] = &self.patterns;
+        let buf = &mut buf[..sequential.len as usize];
+        let rate = reads_per_second(&sequential.offsets, |at| Ok(volume.read(at, buf)?))?;
+        Ok(rate * sequential.unit)
+    }
+
+    /// MiB/s of filling an empty hydration cache whole, as `kiln image
+    /// hydrate` does, on every core.
+    fn cold_hydrate(&self) -> Result<f64> {
+        self.empty_cache()?;
+        let cache = Hydrated::open(Reader::open(&self.image)?, &self.cache_dir)?;
+        let started = std::time::Instant::now();
+        cache.hydrate_all(HYDRATE_BATCH, fillers(), &mut |_| {})?;
+        Ok(self.mib / started.elapsed().as_secs_f64())
+    }
+
+    /// `pattern` read from the raw file, then through a volume with a cold
+    /// in-memory chunk cache, then through the hydration cache.
+    fn read_pattern(&self, pattern: &Pattern, buf: &mut [u8]) -> Result<[f64; 3]> {
+        let buf = &mut buf[..pattern.len as usize];
+        // A fresh volume: its chunk cache starts cold, as a VM's does.
+        let volume = Volume::open(&self.image, None, DEFAULT_CACHE_BYTES)?;
+        let hydrated = self.hydrated_volume()?;
+        let offsets = &pattern.offsets;
+        let raw = reads_per_second(offsets, |at| Ok(self.raw.read_exact_at(buf, at)?))?;
+        let compressed = reads_per_second(offsets, |at| Ok(volume.read(at, buf)?))?;
+        let cached = reads_per_second(offsets, |at| Ok(hydrated.read(at, buf)?))?;
+        Ok([raw, compressed, cached].map(|rate| rate * pattern.unit))
+    }
+}
+
+/// The backends alone, `runs` passes each, on this host's CPU.
+fn host_backends(runs: usize) -> Result<HostSide> {
+    let host = HostSetup::prepare()?;
+    let mut buf = vec![0u8; SEQ_READ as usize];
     let (mut cold, mut warm): ([Vec<f64>; 4], [Vec<f64>; 4]) = Default::default();
     let (mut cold_seq, mut cold_hydrate) = (Vec::new(), Vec::new());
     for _ in 0..runs {
-        // An empty hydration cache read through sequentially, as a VM's
-        // first boot fills it (with its prefetch workers reading ahead);
-        // then filled whole as `kiln image hydrate` does, on every core.
-        empty_cache()?;
-        let mut volume = Volume::open_hydrated(
-            &image,
-            None,
-            (&cache_dir, CacheAccess::Fill),
-            DEFAULT_CACHE_BYTES,
-        )?;
-        volume.start_prefetch(false, None)?;
-        let (offsets, len, unit) = &patterns[0];
-        let buf = &mut buf[..*len as usize];
-        cold_seq.push(reads_per_second(offsets, |at| Ok(volume.read(at, buf)?))? * unit);
-        empty_cache()?;
-        let cache = Hydrated::open(Reader::open(&image)?, &cache_dir)?;
-        let started = std::time::Instant::now();
-        cache.hydrate_all(HYDRATE_BATCH, fillers(), &mut |_| {})?;
-        cold_hydrate.push(mib / started.elapsed().as_secs_f64());
-        for (i, (offsets, len, unit)) in patterns.iter().enumerate() {
-            let buf = &mut buf[..*len as usize];
-            // A fresh volume: its chunk cache starts cold, as a VM's does.
-            let volume = Volume::open(&image, None, DEFAULT_CACHE_BYTES)?;
-            let hydrated = Volume::open_hydrated(
-                &image,
-                None,
-                (&cache_dir, CacheAccess::Fill),
-                DEFAULT_CACHE_BYTES,
-            )?;
-            let raw = reads_per_second(offsets, |at| Ok(file.read_exact_at(buf, at)?))?;
-            let compressed = reads_per_second(offsets, |at| Ok(volume.read(at, buf)?))?;
-            let cached = reads_per_second(offsets, |at| Ok(hydrated.read(at, buf)?))?;
+        // The empty cache read through, then filled whole: the patterns
+        // below read it hydrated.
+        cold_seq.push(host.cold_seq(&mut buf)?);
+        cold_hydrate.push(host.cold_hydrate()?);
+        for (i, pattern) in host.patterns.iter().enumerate() {
+            let [raw, compressed, cached] = host.read_pattern(pattern, &mut buf)?;
+            // One raw pass is the baseline of both.
             for samples in [&mut cold, &mut warm] {
-                samples[2 * i].push(raw * unit);
+                samples[2 * i].push(raw);
             }
-            cold[2 * i + 1].push(compressed * unit);
-            warm[2 * i + 1].push(cached * unit);
+            cold[2 * i + 1].push(compressed);
+            warm[2 * i + 1].push(cached);
         }
     }
     Ok(HostSide {

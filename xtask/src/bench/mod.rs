@@ -49,14 +49,114 @@ mod snapshot;
 mod startup;
 mod vmm;
 
-pub use boot::{boot, guest as boot_guest};
-pub use build::{build, guest as build_guest};
-pub use disk::{disk, disk_host, guest as disk_guest};
-pub use function::{function, guest as function_guest};
-pub use net::{guest as net_guest, net};
-pub use snapshot::{guest as snapshot_guest, snapshot};
-pub use startup::{check as check_report, guest as startup_guest, startup};
-pub use vmm::{ci as vmm_ci, vmm};
+pub use startup::check as check_report;
+pub use vmm::ci as vmm_ci;
+
+#[derive(clap::Subcommand)]
+pub enum Bench {
+    /// `kiln build` of recipes/hello (cold, cached, size against ext4 + zstd -19); the Debian
+    /// root's compression by level and threads; recipes/debian's cold build, nested.
+    Build {
+        /// Cached rebuilds to time.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+    },
+    /// Boot latency and VMM memory of `kiln run` against QEMU microvm.
+    Boot {
+        /// Timed boots per VMM (after one warm-up each).
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+    },
+    /// Guest read throughput from the compressed image against a raw file.
+    Disk {
+        /// Timed runs per backend and access pattern (after one warm-up each).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Only the host side (the volume and the hydration cache on this
+        /// host's CPU, no VM), into target/bench/disk-host.json.
+        #[arg(long)]
+        host_only: bool,
+    },
+    /// Restore latency of `kiln snapshot restore` against a cold boot, and snapshot size.
+    Snapshot {
+        /// Timed cold boots and restores per guest size.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// Invoke latency of a function clone against a cold boot, clones per second, idle clone memory.
+    Fn {
+        /// Timed cold-boot and clone invocations.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// HTTP latency and throughput of the web image on Kiln against QEMU, both over a tap.
+    Net {
+        /// Rounds of 10 short requests and one 16 MiB download per target.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// `kiln bench vmm`: the VMM's own cost with the stub guest, on this host's own KVM.
+    Vmm {
+        /// Timed runs per series, and clones per concurrency.
+        #[arg(long, default_value_t = 30)]
+        runs: usize,
+    },
+    /// `kiln bench all --peer qemu` where KVM is (nested, labelled as emulation, without it).
+    Startup {
+        /// Timed runs per scenario and VMM (after one warm-up each).
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+    },
+}
+
+/// What `bench-guest` measures.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum GuestBench {
+    Build,
+    Boot,
+    Disk,
+    Snapshot,
+    Fn,
+    Net,
+    Startup,
+}
+
+/// `cargo xtask bench BENCH`: the host side of `bench`.
+pub fn run(bench: Bench) -> Result<()> {
+    match bench {
+        Bench::Build { runs } => build::build(runs),
+        Bench::Boot { runs } => boot::boot(runs),
+        Bench::Disk {
+            runs,
+            host_only: false,
+        } => disk::disk(runs),
+        Bench::Disk {
+            runs,
+            host_only: true,
+        } => disk::disk_host(runs),
+        Bench::Snapshot { runs } => snapshot::snapshot(runs),
+        Bench::Fn { runs } => function::function(runs),
+        Bench::Net { runs } => net::net(runs),
+        Bench::Vmm { runs } => vmm::vmm(runs),
+        Bench::Startup { runs } => startup::startup(runs),
+    }
+}
+
+/// `cargo xtask bench-guest KIND --runs RUNS`: the guest side of `kind`,
+/// where KVM is (started by [`run_guest`]).
+pub fn guest(kind: GuestBench, runs: usize) -> Result<()> {
+    match kind {
+        // A single cold build of recipes/debian, with nothing to repeat:
+        // `bench build` starts it with `--runs 1`, which it ignores.
+        GuestBench::Build => build::guest(),
+        GuestBench::Boot => boot::guest(runs),
+        GuestBench::Disk => disk::guest(runs),
+        GuestBench::Snapshot => snapshot::guest(runs),
+        GuestBench::Fn => function::guest(runs),
+        GuestBench::Net => net::guest(runs),
+        GuestBench::Startup => startup::guest(runs),
+    }
+}
 
 /// The guest side prints its report as one line after this.
 const JSON_PREFIX: &str = "KILN-BENCH-JSON ";
