@@ -340,31 +340,14 @@ fn run_vms<'scope, F>(
 where
     F: Fn(&Instance, VmStart<'_>) -> Result<VmSpawn, SupervisorError> + Sync,
 {
-    let hibernation = lock(&shared.instance).hibernation();
-    let mut first = hibernation
-        .map(|dir| (dir, true))
-        .or(launch.restore.take().map(|dir| (dir, false)));
+    let mut restore = first_restore(shared, &mut launch);
     let logged = log.is_some();
     let (status, reason) = loop {
-        let (restore, on_launcher) = (first.take(), shared.clone());
-        let started = launcher.run(move || {
-            let started = start_vm(&on_launcher, restore.as_ref(), logged, vm_command);
-            if started.is_err() {
-                close_tap(&on_launcher);
-            }
-            started
-        });
         let Started {
             mut child,
             console_out,
             jail,
-        } = match started {
-            Ok(started) => started,
-            Err(err) => {
-                lock(&shared.instance).mark_stopped(kiln_vmm::report::one_line(&err))?;
-                return Err(err);
-            }
-        };
+        } = launch_vm(shared, launcher, restore.take(), logged, vm_command)?;
         // Running: the launcher may return.
         drop(launch.started.take());
         if let (Some(out), Some(log)) = (console_out, log.as_mut()) {
@@ -373,31 +356,83 @@ where
         let status = child
             .wait()
             .map_err(io_err("cannot wait for the VM process"))?;
-        let on_launcher = shared.clone();
-        launcher.run(move || {
-            close_tap(&on_launcher);
-            if let Some(jail) = jail.and_then(Arc::into_inner) {
-                jail.remove();
-            }
-        });
-        let wanted = {
-            let mut control = lock(&shared.control);
-            control.child = None;
-            control.channel = None;
-            std::mem::replace(&mut control.wanted, Wanted::Nothing)
-        };
-        match wanted {
-            Wanted::Reboot => continue,
-            Wanted::Stop => break (status, "stopped on request".to_string()),
-            Wanted::Hibernate => {
-                let reason = "hibernated on request: RAM saved, `kiln start` resumes it";
-                break (status, reason.to_string());
-            }
-            Wanted::Nothing => break (status, describe(status)),
+        tear_down_vm(shared, launcher, jail);
+        if let Some(reason) = stop_reason(forget_vm(shared), status) {
+            break (status, reason);
         }
     };
     lock(&shared.instance).mark_stopped(reason)?;
     Ok(status)
+}
+
+/// Where the first VM process goes on from: the instance's hibernation
+/// (consumed as it resumes), else the launch's snapshot (kept).
+fn first_restore(shared: &Shared, launch: &mut Launch) -> Option<(PathBuf, bool)> {
+    let hibernation = lock(&shared.instance).hibernation();
+    hibernation
+        .map(|dir| (dir, true))
+        .or(launch.restore.take().map(|dir| (dir, false)))
+}
+
+/// Starts one VM process on the launcher thread; if it cannot start, its
+/// tap is closed and the instance recorded as stopped with the reason.
+fn launch_vm<'scope, F>(
+    shared: &Arc<Shared>,
+    launcher: &Launcher<'scope>,
+    restore: Option<(PathBuf, bool)>,
+    logged: bool,
+    vm_command: &'scope F,
+) -> Result<Started, SupervisorError>
+where
+    F: Fn(&Instance, VmStart<'_>) -> Result<VmSpawn, SupervisorError> + Sync,
+{
+    let on_launcher = shared.clone();
+    let started = launcher.run(move || {
+        let started = start_vm(&on_launcher, restore.as_ref(), logged, vm_command);
+        if started.is_err() {
+            close_tap(&on_launcher);
+        }
+        started
+    });
+    if let Err(err) = &started {
+        lock(&shared.instance).mark_stopped(kiln_vmm::report::one_line(err))?;
+    }
+    started
+}
+
+/// Tears down, on the launcher thread, the tap filter and the jail of the
+/// VM process that ended.
+fn tear_down_vm(shared: &Arc<Shared>, launcher: &Launcher<'_>, jail: Option<Arc<Jail>>) {
+    let on_launcher = shared.clone();
+    launcher.run(move || {
+        close_tap(&on_launcher);
+        if let Some(jail) = jail.and_then(Arc::into_inner) {
+            jail.remove();
+        }
+    });
+}
+
+/// Forgets the VM process that ended (its pidfd and channel) and takes
+/// what was wanted of it, leaving nothing wanted of the next.
+fn forget_vm(shared: &Shared) -> Wanted {
+    let mut control = lock(&shared.control);
+    control.child = None;
+    control.channel = None;
+    std::mem::replace(&mut control.wanted, Wanted::Nothing)
+}
+
+/// Why the instance stops, its VM process having ended with `status` as
+/// `wanted`; `None` for a reboot, which starts the next VM process.
+fn stop_reason(wanted: Wanted, status: ExitStatus) -> Option<String> {
+    match wanted {
+        Wanted::Reboot => None,
+        Wanted::Stop => Some("stopped on request".to_string()),
+        Wanted::Hibernate => {
+            let reason = "hibernated on request: RAM saved, `kiln start` resumes it";
+            Some(reason.to_string())
+        }
+        Wanted::Nothing => Some(describe(status)),
+    }
 }
 
 /// A boxed job for the launcher thread.
