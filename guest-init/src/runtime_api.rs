@@ -437,48 +437,14 @@ impl Conn {
             let (_, route) = self.dropping.take().expect("checked above");
             return Some(self.hand_out(id, route, BTreeMap::new(), Vec::new()));
         }
-        let head = match parse_head(&self.input) {
-            Ok(Some(head)) => head,
-            Ok(None) => return None,
-            Err(err) => {
-                self.output.extend_from_slice(&error_response(&err));
-                self.closing = true;
-                self.flush();
-                return None;
-            }
-        };
+        let head = self.whole_head()?;
         let routed = route(&head.method, head.path.split('?').next().unwrap_or(""));
         if head.body_len > RESPONSE_MAX {
-            let err = ApiError::new(
-                413,
-                "RequestEntityTooLarge",
-                format!(
-                    "the body is {} bytes; the most a runtime may post is {RESPONSE_MAX}",
-                    head.body_len
-                ),
-            );
-            self.output.extend_from_slice(&error_response(&err));
-            let id_of = match routed {
-                Ok(Route::Response(request_id)) => Some(request_id),
-                _ => None,
-            };
-            let body_here = (self.input.len() - head.len).min(head.body_len);
-            self.input.drain(..head.len + body_here);
-            self.dropping = Some((head.body_len - body_here, Route::TooLarge(id_of)));
-            self.flush();
+            self.refuse_too_large(&head, routed);
             return self.next_call(id);
         }
         if self.input.len() < head.len + head.body_len {
-            // curl asks before sending a large body, and waits a second
-            // for the go-ahead otherwise.
-            if !self.continued
-                && head.headers.get("expect").map(String::as_str) == Some("100-continue")
-            {
-                self.continued = true;
-                self.output
-                    .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
-                self.flush();
-            }
+            self.ask_for_body(&head);
             return None;
         }
         self.continued = false;
@@ -488,11 +454,63 @@ impl Conn {
             Ok(route) => Some(self.hand_out(id, route, head.headers, body)),
             Err(err) => {
                 // The request was whole: the connection stays usable.
-                self.output.extend_from_slice(&error_response(&err));
-                self.flush();
+                self.send(&error_response(&err));
                 self.next_call(id)
             }
         }
+    }
+
+    /// The head at the start of the input once it is whole; one that is
+    /// not HTTP we can serve is answered, and the connection closed.
+    fn whole_head(&mut self) -> Option<Head> {
+        match parse_head(&self.input) {
+            Ok(head) => head,
+            Err(err) => {
+                self.closing = true;
+                self.send(&error_response(&err));
+                None
+            }
+        }
+    }
+
+    /// Answers 413 to a body over [`RESPONSE_MAX`] and starts dropping it;
+    /// its call ([`Route::TooLarge`]) is handed out once it is all dropped.
+    fn refuse_too_large(&mut self, head: &Head, routed: Result<Route, ApiError>) {
+        let err = ApiError::new(
+            413,
+            "RequestEntityTooLarge",
+            format!(
+                "the body is {} bytes; the most a runtime may post is {RESPONSE_MAX}",
+                head.body_len
+            ),
+        );
+        self.output.extend_from_slice(&error_response(&err));
+        let id_of = match routed {
+            Ok(Route::Response(request_id)) => Some(request_id),
+            _ => None,
+        };
+        let body_here = (self.input.len() - head.len).min(head.body_len);
+        self.input.drain(..head.len + body_here);
+        self.dropping = Some((head.body_len - body_here, Route::TooLarge(id_of)));
+        self.flush();
+    }
+
+    /// Tells a client that expects it to go ahead and send the body, once
+    /// per request.
+    fn ask_for_body(&mut self, head: &Head) {
+        // curl asks before sending a large body, and waits a second
+        // for the go-ahead otherwise.
+        if !self.continued && head.headers.get("expect").map(String::as_str) == Some("100-continue")
+        {
+            self.continued = true;
+            self.send(b"HTTP/1.1 100 Continue\r\n\r\n");
+        }
+    }
+
+    /// Queues `bytes` for the peer and writes what the socket takes now.
+    fn send(&mut self, bytes: &[u8]) {
+        self.output.extend_from_slice(bytes);
+        self.flush();
     }
 
     fn hand_out(
