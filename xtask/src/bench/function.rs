@@ -269,42 +269,11 @@ pub fn guest(runs: usize) -> Result<()> {
         PathBuf::from(env("WORK_ROOT")?).join("bench-fn"),
     );
     let kiln = Kiln::new(bin, kiln_home(&images, &work)?);
-    let mut created = kiln.command();
-    created
-        .args([
-            "fn",
-            "create",
-            FUNCTION,
-            "--image",
-            IMAGE,
-            "--entrypoint",
-            ENTRYPOINT,
-        ])
-        .args(["--memory", &MEMORY_MIB.to_string(), "--timeout", "60"]);
-    let (create, printed) = timed_output(&mut created, None, |out| init_ms(out).is_some())?;
-    let create_ms = millis(create);
-    let init_ms = init_ms(&printed).expect("checked by timed_output");
-
-    // Warm-ups: the page cache, the image's chunks, python's files.
-    let trace = work.join("invoke.trace");
-    kiln.cold()?;
-    kiln.invoke(&trace)?;
-    let (mut cold, mut clone, mut traces) = (Vec::new(), Vec::new(), Vec::new());
-    let mut without_working_set = Vec::new();
-    for _ in 0..runs {
-        cold.push(millis(kiln.cold()?));
-        let (answered, traced) = kiln.invoke(&trace)?;
-        clone.push(millis(answered));
-        traces.push(traced);
-        kiln.forget_working_set()?;
-        without_working_set.push(millis(kiln.invoke(&trace)?.0));
-    }
-    let (cold_invoke_ms, clone_invoke_ms) = (super::stats(&cold)?, super::stats(&clone)?);
-    let clone_without_working_set_ms = super::stats(&without_working_set)?;
-    let clone_breakdown = breakdown::stages(&breakdown::clone_invoke_path(), &traces);
+    let (create_ms, init_ms) = kiln.create_function()?;
+    let invokes = Invokes::measure(&kiln, &work.join("invoke.trace"), runs)?;
     let warm_invoke_ms = super::stats(&kiln.warm(runs)?)?;
-    let clone_ratio = clone_invoke_ms.p50 / cold_invoke_ms.p50;
-    let warm_ratio = warm_invoke_ms.p50 / cold_invoke_ms.p50;
+    let clone_ratio = invokes.clone.p50 / invokes.cold.p50;
+    let warm_ratio = warm_invoke_ms.p50 / invokes.cold.p50;
 
     let throughput = kiln.throughput(runs.max(4))?;
     let idle_clones = kiln.idle_clones()?;
@@ -323,11 +292,11 @@ pub fn guest(runs: usize) -> Result<()> {
         create_ms,
         init_ms,
         goals: goals(clone_ratio, warm_ratio, throughput.per_s, pss_fraction),
-        cold_invoke_ms,
-        clone_invoke_ms,
-        clone_without_working_set_ms,
+        cold_invoke_ms: invokes.cold,
+        clone_invoke_ms: invokes.clone,
+        clone_without_working_set_ms: invokes.clone_without_working_set,
         warm_invoke_ms,
-        clone_breakdown,
+        clone_breakdown: invokes.clone_breakdown,
         clone_ratio,
         warm_ratio,
         throughput,
@@ -335,6 +304,40 @@ pub fn guest(runs: usize) -> Result<()> {
         pss_kib_per_clone,
         pss_fraction,
     })
+}
+
+/// The cold and clone invokes' times, and where a clone's time goes.
+struct Invokes {
+    cold: Stats,
+    clone: Stats,
+    clone_without_working_set: Stats,
+    clone_breakdown: Vec<Stage>,
+}
+
+impl Invokes {
+    /// One untimed warm-up of each side, then `runs` of each, interleaved
+    /// so that a change in the host's load falls on all of them alike.
+    fn measure(kiln: &Kiln, trace: &Path, runs: usize) -> Result<Self> {
+        // Warm-ups: the page cache, the image's chunks, python's files.
+        kiln.cold()?;
+        kiln.invoke(trace)?;
+        let (mut cold, mut clone, mut traces) = (Vec::new(), Vec::new(), Vec::new());
+        let mut without_working_set = Vec::new();
+        for _ in 0..runs {
+            cold.push(millis(kiln.cold()?));
+            let (answered, traced) = kiln.invoke(trace)?;
+            clone.push(millis(answered));
+            traces.push(traced);
+            kiln.forget_working_set()?;
+            without_working_set.push(millis(kiln.invoke(trace)?.0));
+        }
+        Ok(Self {
+            cold: super::stats(&cold)?,
+            clone: super::stats(&clone)?,
+            clone_without_working_set: super::stats(&without_working_set)?,
+            clone_breakdown: breakdown::stages(&breakdown::clone_invoke_path(), &traces),
+        })
+    }
 }
 
 /// Spawns `cmd`, writes `stdin` to it (else none), and times it to the
@@ -515,6 +518,26 @@ fn pss_kib(rollup: &str) -> Option<u64> {
 }
 
 impl Kiln {
+    /// Creates the function, timed: `kiln fn create`'s wall time and the
+    /// runtime's init time it printed, in ms.
+    fn create_function(&self) -> Result<(f64, f64)> {
+        let mut created = self.command();
+        created
+            .args([
+                "fn",
+                "create",
+                FUNCTION,
+                "--image",
+                IMAGE,
+                "--entrypoint",
+                ENTRYPOINT,
+            ])
+            .args(["--memory", &MEMORY_MIB.to_string(), "--timeout", "60"]);
+        let (create, printed) = timed_output(&mut created, None, |out| init_ms(out).is_some())?;
+        let init_ms = init_ms(&printed).expect("checked by timed_output");
+        Ok((millis(create), init_ms))
+    }
+
     /// The payload through a cold boot of the image, foreground.
     fn cold(&self) -> Result<Duration> {
         let mut cmd = self.command();

@@ -316,77 +316,116 @@ impl Kiln {
     ) -> Result<Duration> {
         let known = self.instance_ids()?;
         let started = Instant::now();
-        let mut child = cmd
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("cannot start {}", sh::describe(&cmd)))?;
         self.track(name);
-        let mut ask = ask.map(|line| format!("{line}\n"));
-        let (mut instance, mut log, mut console) = (None, None, Vec::new());
-        let failed = |child: Child, console: &[u8], why: &str| -> anyhow::Error {
-            let printed = child
-                .wait_with_output()
-                .map(|o| {
-                    String::from_utf8_lossy(&o.stdout).into_owned()
-                        + &String::from_utf8_lossy(&o.stderr)
-                })
-                .unwrap_or_default();
-            let console = String::from_utf8_lossy(console);
-            let console = console.lines().map(str::trim).collect::<Vec<_>>();
-            anyhow::anyhow!(
-                "{} {why}; it printed: {}; the console: {}",
-                sh::describe(&cmd),
-                printed.trim(),
-                console.join(" | ")
-            )
-        };
+        Starting {
+            cmd,
+            child,
+            name,
+            known,
+            ask: ask.map(|line| format!("{line}\n")),
+            instance: None,
+            log: None,
+            console: Vec::new(),
+        }
+        .time_to(answer, started, self)
+    }
+}
+
+/// A spawned command that starts instance `name`, and what its console
+/// has shown so far.
+struct Starting<'a> {
+    cmd: Command,
+    child: Child,
+    name: &'a str,
+    /// The instances there before `cmd` was spawned.
+    known: HashSet<OsString>,
+    /// The line still to write to the console input, if any.
+    ask: Option<String>,
+    instance: Option<Instance>,
+    log: Option<File>,
+    console: Vec<u8>,
+}
+
+impl Starting<'_> {
+    /// The time from `started` to `answer` on the console, read every
+    /// [`POLL`]; the command must then exit with success.
+    fn time_to(mut self, answer: &str, started: Instant, kiln: &Kiln) -> Result<Duration> {
         let elapsed = loop {
-            if instance.is_none() {
-                instance = self.new_instance(&known, name)?;
-            }
-            if let Some(instance) = &instance {
-                if let Some(line) = &ask
-                    && let Ok(mut input) = instance.console_input_writer()
-                {
-                    input
-                        .write_all(line.as_bytes())
-                        .with_context(|| format!("cannot write to {name}'s console"))?;
-                    ask = None;
-                }
-                if log.is_none() {
-                    log = File::open(instance.console_log()).ok();
-                }
-                if let Some(log) = &mut log {
-                    let path = instance.console_log();
-                    log.read_to_end(&mut console)
-                        .with_context(|| format!("cannot read {}", path.display()))?;
-                }
-            }
-            if shows(&console, answer) {
+            self.follow_console(kiln)?;
+            if shows(&self.console, answer) {
                 break started.elapsed();
             }
-            if let Some(status) = child.try_wait()?
+            if let Some(status) = self.child.try_wait()?
                 && !status.success()
             {
-                return Err(failed(child, &console, &format!("failed: {status}")));
+                return Err(self.failed(&format!("failed: {status}")));
             }
             if started.elapsed() > PER_STEP {
-                let _ = child.kill();
-                return Err(failed(
-                    child,
-                    &console,
-                    &format!("showed no {answer:?} within {PER_STEP:?}"),
-                ));
+                let _ = self.child.kill();
+                return Err(self.failed(&format!("showed no {answer:?} within {PER_STEP:?}")));
             }
             std::thread::sleep(POLL);
         };
-        let status = child.wait()?;
+        let status = self.child.wait()?;
         if !status.success() {
-            return Err(failed(child, &console, &format!("failed: {status}")));
+            return Err(self.failed(&format!("failed: {status}")));
         }
         Ok(elapsed)
+    }
+
+    /// Finds the instance once it is there, writes `ask` to its console
+    /// input once that has a reader, and reads what its console log gained.
+    fn follow_console(&mut self, kiln: &Kiln) -> Result<()> {
+        if self.instance.is_none() {
+            self.instance = kiln.new_instance(&self.known, self.name)?;
+        }
+        let Some(instance) = &self.instance else {
+            return Ok(());
+        };
+        if let Some(line) = &self.ask
+            && let Ok(mut input) = instance.console_input_writer()
+        {
+            input
+                .write_all(line.as_bytes())
+                .with_context(|| format!("cannot write to {}'s console", self.name))?;
+            self.ask = None;
+        }
+        if self.log.is_none() {
+            self.log = File::open(instance.console_log()).ok();
+        }
+        if let Some(log) = &mut self.log {
+            let path = instance.console_log();
+            log.read_to_end(&mut self.console)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// The error for a command that `why`, with what it and the console
+    /// printed.
+    fn failed(self, why: &str) -> anyhow::Error {
+        let printed = self
+            .child
+            .wait_with_output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout).into_owned()
+                    + &String::from_utf8_lossy(&o.stderr)
+            })
+            .unwrap_or_default();
+        let console = String::from_utf8_lossy(&self.console);
+        let console = console.lines().map(str::trim).collect::<Vec<_>>();
+        anyhow::anyhow!(
+            "{} {why}; it printed: {}; the console: {}",
+            sh::describe(&self.cmd),
+            printed.trim(),
+            console.join(" | ")
+        )
     }
 }
 
