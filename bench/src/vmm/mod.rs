@@ -188,7 +188,7 @@ impl Measured {
     /// goals judged.
     fn into_report(self, config: &VmmConfig, environment: Environment) -> VmmReport {
         let cold = self.cold;
-        let best = fastest(&self.clones);
+        let best = report::fastest(&self.clones).expect("at least one concurrency");
         let mut report = VmmReport {
             schema_version: report::SCHEMA_VERSION,
             kiln_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -222,14 +222,6 @@ impl Measured {
         report.goals = report.goals();
         report
     }
-}
-
-/// The clones at the concurrency that made the most per second.
-fn fastest(clones: &[Clones]) -> &Clones {
-    clones
-        .iter()
-        .max_by(|a, b| a.clones_per_s.total_cmp(&b.clones_per_s))
-        .expect("at least one concurrency")
 }
 
 /// The clones at the lowest concurrency (1 unless not asked for), whose

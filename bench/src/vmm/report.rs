@@ -128,6 +128,14 @@ impl Cold {
     }
 }
 
+/// The clones at the concurrency that made the most per second: the
+/// report's "clones_per_s". None when no concurrency was measured.
+pub fn fastest(clones: &[Clones]) -> Option<&Clones> {
+    clones
+        .iter()
+        .max_by(|a, b| a.clones_per_s.total_cmp(&b.clones_per_s))
+}
+
 /// `kiln`'s cold wall-time p50 over `peer`'s, when the peer took part.
 pub fn wall_ratio(kiln: &Cold, peer: Option<&Cold>) -> Option<f64> {
     peer.map(|peer| kiln.cold_wall_ms_p50 / peer.cold_wall_ms_p50)
@@ -479,11 +487,7 @@ impl VmmReport {
     /// rate and RSS is positive.
     fn clone_problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
-        let best = self
-            .clones
-            .iter()
-            .max_by(|a, b| a.clones_per_s.total_cmp(&b.clones_per_s));
-        match best {
+        match fastest(&self.clones) {
             Some(best)
                 if best.clones_per_s == self.clones_per_s
                     && best.concurrency == self.clone_concurrency => {}
