@@ -30,6 +30,8 @@ const KEYS: &[&str] = &[
 
 /// `cargo xtask bench vmm`: `runs` runs per series, into `target/bench/vmm.*`.
 pub fn vmm(runs: usize) -> Result<()> {
+    // QEMU microvm, the peer of every series.
+    crate::apt::ensure(&["qemu-system-x86"])?;
     let runs = runs.to_string();
     run(
         "vmm",
