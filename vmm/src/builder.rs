@@ -368,7 +368,7 @@ impl<'a> Start<'a> {
 }
 
 /// Guest memory and the VM on it: fresh, or the snapshot's memory mapped
-/// copy-on-write with its interrupt controllers, PIT and clock.
+/// copy-on-write with its interrupt controllers and clock.
 fn memory_and_vm(
     kvm: &Kvm,
     start: &Start<'_>,

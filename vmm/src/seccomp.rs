@@ -15,8 +15,8 @@ use std::fmt;
 use vmm_sys_util::ioctl::{_IOC_NONE, _IOC_READ, _IOC_WRITE, ioctl_expr};
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msrs,
-    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msrs, kvm_regs,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use seccompiler::{
     BackendError, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
@@ -142,10 +142,9 @@ const KVM_VCPU_SAVE_IOCTLS: [u64; 10] = [
 ];
 
 /// The VM ioctls a snapshot reads the VM's state with (`vstate::vm`).
-const KVM_VM_SAVE_IOCTLS: [u64; 3] = [
+const KVM_VM_SAVE_IOCTLS: [u64; 2] = [
     kvm_ioctl::<kvm_irqchip>(_IOC_READ | _IOC_WRITE, 0x62), // KVM_GET_IRQCHIP
     kvm_ioctl::<kvm_clock_data>(_IOC_READ, 0x7c),           // KVM_GET_CLOCK
-    kvm_ioctl::<kvm_pit_state2>(_IOC_READ, 0x9f),           // KVM_GET_PIT2
 ];
 
 type Rules = Vec<(i64, Vec<SeccompRule>)>;
@@ -336,11 +335,9 @@ fn vmm_rules() -> Result<Rules, BackendError> {
                 .collect::<Result<_, _>>()?,
         ),
         allow(libc::SYS_getpid),
-        // ... and waiting a millisecond between kicks (std's sleep).
-        allow(libc::SYS_clock_nanosleep),
         // RawTerminal's Drop restores the host terminal's mode: glibc's
         // tcsetattr(TCSANOW) reads the current mode (TCGETS), then sets it
-        // (TCSETS). A snapshot reads the VM's interrupt controllers, PIT
+        // (TCSETS). A snapshot reads the VM's interrupt controllers
         // and clock. virtio-net sets its tap's offloads (TUNSETOFFLOAD)
         // to what the driver acked, once it activates. No other ioctl.
         (

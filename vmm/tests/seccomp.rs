@@ -7,6 +7,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -392,10 +393,12 @@ fn vmm_and_vcpu_threads_survive_their_request_channels() {
                 let reply = replies.recv_timeout(Duration::from_secs(5)).unwrap();
                 assert_eq!(reply, n);
             }
+            // Stopping it, as `Vcpus::stop` does: its end closes the replies.
             drop(requests);
-            while !vcpu.is_finished() {
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            while let Ok(_) | Err(RecvTimeoutError::Timeout) =
+                replies.recv_timeout(Duration::from_millis(1))
+            {}
+            vcpu.join().unwrap();
             say_survived();
             std::process::exit(0);
         });

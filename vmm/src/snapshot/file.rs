@@ -26,8 +26,10 @@ use crate::durable;
 /// The first bytes of every state file.
 pub const MAGIC: [u8; 8] = *b"KILNSNAP";
 
-/// The layout above; a reader refuses any other.
-pub const FORMAT_VERSION: u32 = 1;
+/// The layout above and what its body holds; a reader refuses any other.
+/// 2: the VM has no PIT, so its state has none (a VM saved with one
+/// would be restored without it, under a guest that may use it).
+pub const FORMAT_VERSION: u32 = 2;
 
 /// The Kiln version a state file records as its writer.
 pub const KILN_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -456,16 +458,17 @@ mod tests {
     #[test]
     fn another_format_version_is_unsupported() {
         let body = serde_json::to_vec(&sample()).unwrap();
-        let (err, message) = refusal(&frame(2, KILN_VERSION, &body));
+        // Version 1: a VM state that still carries a PIT.
+        let (err, message) = refusal(&frame(1, KILN_VERSION, &body));
         assert!(matches!(
             err,
             SnapshotFileError::UnsupportedVersion {
-                found: 2,
-                expected: 1,
+                found: 1,
+                expected: FORMAT_VERSION,
                 ..
             }
         ));
-        assert!(message.contains("version 2"), "{message}");
+        assert!(message.contains("version 1"), "{message}");
     }
 
     #[test]

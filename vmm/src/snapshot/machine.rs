@@ -33,7 +33,7 @@ pub struct MachineState {
     pub memory_mib: u32,
     /// The kernel command line it booted with (for `kiln snapshot` to show).
     pub cmdline: String,
-    /// The VM-wide KVM state (clock, interrupt controllers, PIT).
+    /// The VM-wide KVM state (clock, interrupt controllers).
     pub vm: VmState,
     /// Each vCPU's registers and KVM state, in vCPU index order.
     pub vcpus: Vec<VcpuState>,

@@ -299,13 +299,14 @@ pub struct VcpuHandle {
     replies: Receiver<Reply>,
 }
 
-impl VcpuHandle {
-    fn kick(&self) {
-        // SAFETY: the thread has not been joined, so its pthread_t is
-        // valid; the kick signal has a handler that does nothing.
-        unsafe { libc::pthread_kill(self.thread.as_pthread_t(), kick_signal()) };
-    }
+/// Interrupts `thread`'s KVM_RUN (or the next one it enters).
+fn kick(thread: &JoinHandle<()>) {
+    // SAFETY: every caller holds the thread's handle unjoined, so its
+    // pthread_t is valid; the kick signal has a handler that does nothing.
+    unsafe { libc::pthread_kill(thread.as_pthread_t(), kick_signal()) };
+}
 
+impl VcpuHandle {
     /// Sends `request` and waits for the answer, kicking the thread out of
     /// KVM_RUN until it answers (a kick can land just before the thread
     /// enters KVM_RUN, and is then lost).
@@ -315,7 +316,7 @@ impl VcpuHandle {
             return Err(gone);
         }
         loop {
-            self.kick();
+            kick(&self.thread);
             match self.replies.recv_timeout(KICK_INTERVAL) {
                 Ok(reply) => return Ok(reply),
                 Err(RecvTimeoutError::Timeout) => {}
@@ -370,21 +371,24 @@ impl Vcpus {
     /// Stops the threads: sets `stop`, closes their request channels (a
     /// parked thread then ends), and kicks each thread until it has left
     /// KVM_RUN and ended. Kicking again covers the window in which a thread
-    /// had checked `stop` but not yet entered KVM_RUN.
+    /// had checked `stop` but not yet entered KVM_RUN. A thread's end drops
+    /// its side of the reply channel, which ends the wait at once: a thread
+    /// that has already left (the guest ended the VM) costs no wait at all.
     pub fn stop(self) {
         self.stop.store(true, Ordering::Release);
-        for VcpuHandle {
-            thread, requests, ..
-        } in self.handles
-        {
-            drop(requests);
-            while !thread.is_finished() {
-                // SAFETY: as in `VcpuHandle::kick`: not yet joined.
-                unsafe { libc::pthread_kill(thread.as_pthread_t(), kick_signal()) };
-                std::thread::sleep(KICK_INTERVAL);
+        for handle in self.handles {
+            drop(handle.requests);
+            loop {
+                kick(&handle.thread);
+                // A reply still on its way is of no use any more.
+                if let Err(RecvTimeoutError::Disconnected) =
+                    handle.replies.recv_timeout(KICK_INTERVAL)
+                {
+                    break;
+                }
             }
             // A vCPU thread does not panic; if one did, its message is printed.
-            let _ = thread.join();
+            let _ = handle.thread.join();
         }
     }
 }

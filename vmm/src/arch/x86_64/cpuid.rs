@@ -6,9 +6,17 @@ use kvm_bindings::{CpuId, kvm_cpuid_entry2};
 /// Leaf 1 ECX bit 3: MONITOR/MWAIT (a guest idling in MWAIT keeps a host
 /// core busy; HLT lets KVM schedule it out).
 const LEAF1_ECX_MONITOR: u32 = 1 << 3;
+/// Leaf 1 ECX bit 24: the LAPIC timer's TSC-deadline mode, which KVM
+/// emulates wherever KVM_CAP_TSC_DEADLINE_TIMER is (a required capability:
+/// `vstate::vm`), though older kernels leave the bit to the VMM to set.
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// Leaf 1 ECX bit 31: "running under a hypervisor" (Linux then looks at
 /// the KVM leaves 0x4000_0000+ for kvmclock and paravirt features).
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// Leaf 6 EAX bit 2: ARAT, the APIC timer keeps running in deep C-states,
+/// as KVM's emulated one always does. With TSC-deadline, it is what tells
+/// Linux it needs no PIT (`apic_needs_pit`): the VM has none.
+const LEAF6_EAX_ARAT: u32 = 1 << 2;
 /// Leaf 1 EDX bit 28: HTT, more than one logical processor per package.
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 /// CLFLUSH line size in 8-byte units (64 bytes).
@@ -28,7 +36,8 @@ pub fn normalize(cpuid: &mut CpuId, index: u8, count: u8) {
 fn normalize_entry(entry: &mut kvm_cpuid_entry2, apic_id: u32, count: u32) {
     match entry.function {
         0x1 => {
-            entry.ecx = (entry.ecx | LEAF1_ECX_HYPERVISOR) & !LEAF1_ECX_MONITOR;
+            entry.ecx =
+                (entry.ecx | LEAF1_ECX_HYPERVISOR | LEAF1_ECX_TSC_DEADLINE) & !LEAF1_ECX_MONITOR;
             // Brand index stays; CLFLUSH size, logical count and APIC id are ours.
             entry.ebx =
                 (apic_id << 24) | (count << 16) | (CLFLUSH_LINE_SIZE << 8) | (entry.ebx & 0xff);
@@ -46,8 +55,10 @@ fn normalize_entry(entry: &mut kvm_cpuid_entry2, apic_id: u32, count: u32) {
             entry.eax = (entry.eax & 0x3fff) | ((count - 1) << 26) | (sharing << 14);
         }
         // Thermal and power management, and the PMU: host hardware the
-        // guest does not get, and that differs between hosts.
-        0x6 | 0xa => (entry.eax, entry.ebx, entry.ecx, entry.edx) = (0, 0, 0, 0),
+        // guest does not get, and that differs between hosts; but the
+        // LAPIC timer is KVM's own, and always running.
+        0x6 => (entry.eax, entry.ebx, entry.ecx, entry.edx) = (LEAF6_EAX_ARAT, 0, 0, 0),
+        0xa => (entry.eax, entry.ebx, entry.ecx, entry.edx) = (0, 0, 0, 0),
         0xb => {
             // Extended topology: level 0 SMT (1 thread per core), level 1
             // cores (`count` of them); EDX is the x2APIC id.
@@ -109,6 +120,16 @@ mod tests {
     }
 
     #[test]
+    fn the_lapic_timer_needs_no_pit() {
+        let bare = kvm_cpuid_entry2 {
+            function: 1,
+            ..Default::default()
+        };
+        let out = normalized(&[bare], 0, 1);
+        assert_ne!(out[0].ecx & LEAF1_ECX_TSC_DEADLINE, 0);
+    }
+
+    #[test]
     fn topology_leaves_describe_n_single_thread_cores() {
         let out = normalized(&[leaf(0xb, 0), leaf(0xb, 1), leaf(0xb, 2)], 3, 4);
         assert_eq!(
@@ -126,10 +147,16 @@ mod tests {
     }
 
     #[test]
-    fn host_power_and_pmu_leaves_are_hidden() {
-        for out in normalized(&[leaf(6, 0), leaf(0xa, 0)], 0, 1) {
-            assert_eq!((out.eax, out.ebx, out.ecx, out.edx), (0, 0, 0, 0));
-        }
+    fn host_power_and_pmu_leaves_are_hidden_but_arat() {
+        let out = normalized(&[leaf(6, 0), leaf(0xa, 0)], 0, 1);
+        assert_eq!(
+            (out[0].eax, out[0].ebx, out[0].ecx, out[0].edx),
+            (LEAF6_EAX_ARAT, 0, 0, 0)
+        );
+        assert_eq!(
+            (out[1].eax, out[1].ebx, out[1].ecx, out[1].edx),
+            (0, 0, 0, 0)
+        );
     }
 
     #[test]
