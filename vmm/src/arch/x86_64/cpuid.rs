@@ -19,6 +19,12 @@ const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 const LEAF6_EAX_ARAT: u32 = 1 << 2;
 /// Leaf 1 EDX bit 28: HTT, more than one logical processor per package.
 const LEAF1_EDX_HTT: u32 = 1 << 28;
+/// Leaf 1 ECX bits Kiln sets or clears whatever the host's KVM reports:
+/// a snapshot's restore asks the host for none of them.
+pub const LEAF1_ECX_KILN_BITS: u32 =
+    LEAF1_ECX_HYPERVISOR | LEAF1_ECX_TSC_DEADLINE | LEAF1_ECX_MONITOR;
+/// Leaf 1 EDX bits that follow the vCPU count, not the host.
+pub const LEAF1_EDX_KILN_BITS: u32 = LEAF1_EDX_HTT;
 /// CLFLUSH line size in 8-byte units (64 bytes).
 const CLFLUSH_LINE_SIZE: u32 = 8;
 
