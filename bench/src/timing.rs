@@ -385,7 +385,8 @@ fn status_text(status: ExitStatus) -> String {
 /// A child run to its end, with what the kernel accounted to it.
 #[derive(Clone, Copy, Debug)]
 pub struct Exited {
-    /// From just before the spawn to its exit.
+    /// From just before the spawn to its exit ([`run_to_exit`]), or
+    /// from the `started` [`wait_to_exit`] was given.
     pub wall: Duration,
     /// User plus system CPU time (`wait4`'s rusage).
     pub cpu: Duration,
@@ -420,10 +421,31 @@ pub fn run_to_exit(
     // The Child is never waited for by std: `reap` does it.
     let pid = cmd.spawn().map_err(spawn_err)?.id();
     let watchdog = Watchdog::start(pid, limit);
+    wait_to_exit(pid, watchdog, started, what, limit, output)
+}
+
+/// Waits for the end of the child `pid`, which `watchdog` watches and
+/// nothing has reaped, then reaps it with `wait4`: its [`Exited`], whose
+/// wall time runs from `started` to the end. A [`BenchError::Timeout`]
+/// (with what it wrote into `output`) when the watchdog killed it; any
+/// exit status is returned, as [`run_to_exit`] does.
+pub fn wait_to_exit(
+    pid: u32,
+    watchdog: Watchdog,
+    started: Instant,
+    what: &str,
+    limit: Duration,
+    output: &std::path::Path,
+) -> Result<Exited, BenchError> {
     let ended = wait_exited(pid);
     let wall = started.elapsed();
     let killed = watchdog.finish();
-    let (status, usage) = ended.and_then(|()| reap(pid)).map_err(spawn_err)?;
+    let (status, usage) = ended
+        .and_then(|()| reap(pid))
+        .map_err(|source| BenchError::Spawn {
+            what: what.to_string(),
+            source,
+        })?;
     if killed {
         let printed = std::fs::read_to_string(output).unwrap_or_default();
         return Err(BenchError::Timeout {

@@ -60,7 +60,7 @@ struct VmmArgs {
     /// The concurrencies the clones run at.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
     concurrency: Vec<usize>,
-    /// Leave QEMU out (it is timed by default: cold boots and `-incoming` restores).
+    /// Leave QEMU out (it is timed by default: cold boots, stops and `-incoming` restores).
     #[arg(long)]
     no_qemu: bool,
     /// Also time a Firecracker binary of your own (cold boots of the stub).

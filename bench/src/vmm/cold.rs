@@ -199,9 +199,15 @@ pub(super) fn wrong_end(what: &str, exited: &Exited, expected: &str, out: &Path)
     BenchError::Failed {
         what: what.to_string(),
         status: format!("{:?}, expected {expected}", exited.code),
-        printed: std::fs::read_to_string(out)
-            .unwrap_or_default()
-            .trim()
-            .to_string(),
+        printed: printed(out),
     }
+}
+
+/// What a run printed into the file `out`, trimmed; nothing when it
+/// cannot be read.
+pub(super) fn printed(out: &Path) -> String {
+    std::fs::read_to_string(out)
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }

@@ -9,6 +9,9 @@
 //!   `kiln run --kernel STUB` and QEMU microvm's by turns, with CPU time
 //!   and peak RSS from `wait4`; and Firecracker's when the user names a
 //!   binary ([`firecracker`]).
+//! - [`stop`]: a beating stub's VM, [`stop::STOP_AGE`] past its first
+//!   heartbeat, from SIGTERM to its process's exit, Kiln's `kiln run` and
+//!   QEMU microvm's by turns.
 //! - [`restore`]: a snapshot of a beating stub restored to its first
 //!   heartbeat, through `kiln snapshot restore` (a detached instance: the
 //!   `kiln` command, the registry, the instance's VMM process, its VM
@@ -27,6 +30,7 @@ pub mod firecracker;
 pub mod peer;
 pub mod report;
 pub mod restore;
+pub mod stop;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -38,11 +42,13 @@ use crate::report::Environment;
 use crate::{BenchError, Plan, Progress, Workspace, environment};
 use cold::Colds;
 use report::{Clones, Latency, PeerRestore, Stage, VmmReport};
+use stop::Stops;
 
 /// What to measure.
 #[derive(Clone, Debug)]
 pub struct VmmConfig {
-    /// Timed runs per cold and restore series, and clones per concurrency.
+    /// Timed runs per cold, stop and restore series, and clones per
+    /// concurrency.
     pub runs: usize,
     /// Untimed runs before each series.
     pub warmup: usize,
@@ -50,7 +56,7 @@ pub struct VmmConfig {
     pub memory_mib: u32,
     /// The concurrencies the clones run at.
     pub concurrencies: Vec<usize>,
-    /// Time QEMU microvm too (cold, and its `-incoming` restore).
+    /// Time QEMU microvm too (cold, stop, and its `-incoming` restore).
     pub qemu: bool,
     /// A Firecracker binary to time too ([`firecracker`]); the user's own,
     /// since the benchmark neither builds nor ships one.
@@ -66,7 +72,7 @@ pub struct VmmConfig {
 }
 
 impl VmmConfig {
-    /// One at a time, as the cold and restore series run.
+    /// One at a time, as the cold, stop and restore series run.
     fn plan(&self) -> Plan {
         Plan {
             runs: self.runs,
@@ -129,6 +135,7 @@ fn checked_host(config: &VmmConfig) -> Result<HostVirt, BenchError> {
 /// What every series measured, before it makes up the report.
 struct Measured {
     cold: Colds,
+    stops: Stops,
     /// `kiln snapshot restore`'s.
     restores: Latency,
     /// Where their time went.
@@ -143,8 +150,8 @@ struct Measured {
     firecracker_restore: Option<PeerRestore>,
 }
 
-/// Every series, one after the other: the cold starts, the instance's
-/// restores, the VM process's restores, the clones at each concurrency,
+/// Every series, one after the other: the cold starts, the stops, the
+/// instance's restores, the VM process's restores, the clones at each concurrency,
 /// then the peers' restores.
 fn measure(
     config: &VmmConfig,
@@ -153,6 +160,7 @@ fn measure(
     progress: &dyn Progress,
 ) -> Result<Measured, BenchError> {
     let cold = cold::run(config, kiln, work, progress)?;
+    let stops = stop::run(config, kiln, work, progress)?;
     let snapshot = restore::instance_snapshot(config, kiln, work, progress)?;
     let (restores, breakdown) = restore::instance_restores(config, kiln, &snapshot, progress)?;
     let vm = restore::vm_snapshot(config, kiln, work, progress)?;
@@ -173,6 +181,7 @@ fn measure(
         .map(|binary| firecracker::restores(config, binary, work, progress));
     Ok(Measured {
         cold,
+        stops,
         restores,
         breakdown,
         vm_restores,
@@ -188,6 +197,7 @@ impl Measured {
     /// goals judged.
     fn into_report(self, config: &VmmConfig, environment: Environment) -> VmmReport {
         let cold = self.cold;
+        let stops = self.stops;
         let best = report::fastest(&self.clones).expect("at least one concurrency");
         let mut report = VmmReport {
             schema_version: report::SCHEMA_VERSION,
@@ -202,6 +212,11 @@ impl Measured {
             kiln: cold.kiln,
             qemu: cold.qemu,
             firecracker: cold.firecracker,
+            stop_ms_p50: stops.kiln.ms.p50,
+            stop_ms_p99: stops.kiln.ms.p99,
+            stop_ratio: report::p50_ratio(&stops.kiln, stops.qemu.as_ref()),
+            stop: stops.kiln,
+            qemu_stop: stops.qemu,
             restore_ms_p50: self.restores.ms.p50,
             restore_ms_p99: self.restores.ms.p99,
             vm_restore_ms_p50: self.vm_restores.ms.p50,

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use super::breakdown;
+use super::stop::STOP_AGE;
 use crate::plot::{self, Line, PlotError};
 use crate::report::{Environment, close};
 use crate::stats::{Stats, nearest_rank, sorted};
@@ -47,6 +48,24 @@ pub struct VmmReport {
     pub cold_wall_ratio_firecracker: Option<f64>,
     /// Kiln's cold CPU time p50 (goal: at most 3 ms).
     pub cold_cpu_ms_p50: f64,
+    /// Kiln's stop, SIGTERM of a beating stub's VM to its process's exit,
+    /// p50; 0 in a report written before the stop series.
+    #[serde(default)]
+    pub stop_ms_p50: f64,
+    /// The same, p99.
+    #[serde(default)]
+    pub stop_ms_p99: f64,
+    /// Kiln's stop p50 over QEMU's, when QEMU took part.
+    #[serde(default)]
+    pub stop_ratio: Option<f64>,
+    /// Kiln's stops; without samples in a report written before the stop
+    /// series (which [`VmmReport::check`] then says).
+    #[serde(default = "Latency::unmeasured")]
+    pub stop: Latency,
+    /// QEMU microvm's stops, when it took part; absent from reports
+    /// written before the stop series.
+    #[serde(default)]
+    pub qemu_stop: Option<Latency>,
     /// `kiln snapshot restore` to the first heartbeat, p50 (goal: at most 5 ms).
     pub restore_ms_p50: f64,
     /// The same, p99 (goal: at most 15 ms).
@@ -141,6 +160,20 @@ pub fn wall_ratio(kiln: &Cold, peer: Option<&Cold>) -> Option<f64> {
     peer.map(|peer| kiln.cold_wall_ms_p50 / peer.cold_wall_ms_p50)
 }
 
+/// `kiln`'s p50 over `peer`'s, when the peer took part.
+pub fn p50_ratio(kiln: &Latency, peer: Option<&Latency>) -> Option<f64> {
+    peer.map(|peer| kiln.ms.p50 / peer.ms.p50)
+}
+
+/// Whether the ratio recorded is the one expected: both absent, or both
+/// there and equal but for rounding.
+fn same_ratio(recorded: Option<f64>, expected: Option<f64>) -> bool {
+    match (recorded, expected) {
+        (Some(a), Some(b)) => close(a, b),
+        (a, b) => a == b,
+    }
+}
+
 /// The nearest-rank percentile `q` of `samples`; NaN when empty (which
 /// [`VmmReport::check`] refuses).
 fn p(samples: &[f64], q: f64) -> f64 {
@@ -176,6 +209,24 @@ impl Latency {
             ms: Stats::of(&samples_ms)?,
             samples_ms,
         })
+    }
+
+    /// A series a report was written without (one from before the series
+    /// existed): no timer, no samples, zeros for percentiles, all of which
+    /// [`VmmReport::check`] refuses.
+    fn unmeasured() -> Latency {
+        Latency {
+            timer_starts: String::new(),
+            timer_stops: String::new(),
+            samples_ms: Vec::new(),
+            ms: Stats {
+                min: 0.0,
+                p50: 0.0,
+                p90: 0.0,
+                p99: 0.0,
+                max: 0.0,
+            },
+        }
     }
 }
 
@@ -285,6 +336,12 @@ impl VmmReport {
         std::iter::once(("kiln", &self.kiln)).chain(self.peer_colds())
     }
 
+    /// Kiln's stops and QEMU's, each with its VMM's name.
+    fn stops(&self) -> impl Iterator<Item = (&'static str, &Latency)> {
+        let qemu = self.qemu_stop.iter().map(|l| ("qemu", l));
+        std::iter::once(("kiln", &self.stop)).chain(qemu)
+    }
+
     /// The peers' restores, measured or not, each with what it was.
     fn peer_restores(&self) -> impl Iterator<Item = (&'static str, &PeerRestore)> {
         let firecracker = self.firecracker_restore.iter();
@@ -305,6 +362,9 @@ impl VmmReport {
         let mut lines: Vec<Line<'_>> = (self.colds())
             .map(|(vmm, cold)| (format!("cold ({vmm})"), cold.wall_ms.as_slice()))
             .collect();
+        for (vmm, stop) in self.stops() {
+            lines.push((format!("stop ({vmm})"), &stop.samples_ms));
+        }
         lines.push((
             "restore (kiln snapshot restore)".into(),
             &self.restore.samples_ms,
@@ -355,6 +415,7 @@ impl VmmReport {
         problems.extend(self.cold_problems());
         problems.extend(self.key_problems());
         problems.extend(self.ratio_problems());
+        problems.extend(self.stop_problems());
         problems.extend(self.clone_problems());
         problems.extend(self.breakdown_problems());
         problems.extend(self.goals_problem());
@@ -396,6 +457,8 @@ impl VmmReport {
         let mut latencies = vec![("restore", &self.restore), ("vm_restore", &self.vm_restore)];
         latencies.extend(self.clones.iter().map(|c| ("clone", &c.latency)));
         latencies.extend(self.measured_restores());
+        latencies.push(("stop", &self.stop));
+        latencies.extend(self.qemu_stop.iter().map(|l| ("qemu_stop", l)));
         latencies
             .into_iter()
             .filter(|(_, latency)| Stats::of(&latency.samples_ms).as_ref() != Some(&latency.ms))
@@ -452,6 +515,8 @@ impl VmmReport {
                 self.vm_restore_ms_p99,
                 self.vm_restore.ms.p99,
             ),
+            ("stop_ms_p50", self.stop_ms_p50, self.stop.ms.p50),
+            ("stop_ms_p99", self.stop_ms_p99, self.stop.ms.p99),
         ];
         keys.into_iter()
             .filter(|&(_, value, expected)| value != expected)
@@ -459,25 +524,55 @@ impl VmmReport {
             .collect()
     }
 
-    /// Each cold wall-time ratio is Kiln's p50 over its peer's, and absent
-    /// when the peer is.
+    /// Each ratio (cold wall time, stop) is Kiln's p50 over its peer's,
+    /// and absent when the peer is.
     fn ratio_problems(&self) -> Vec<String> {
-        let mut problems = Vec::new();
-        for (key, value, peer) in [
-            ("cold_wall_ratio", self.cold_wall_ratio, &self.qemu),
+        let ratios = [
+            (
+                "cold_wall_ratio",
+                self.cold_wall_ratio,
+                wall_ratio(&self.kiln, self.qemu.as_ref()),
+            ),
             (
                 "cold_wall_ratio_firecracker",
                 self.cold_wall_ratio_firecracker,
-                &self.firecracker,
+                wall_ratio(&self.kiln, self.firecracker.as_ref()),
             ),
-        ] {
-            let ratio = wall_ratio(&self.kiln, peer.as_ref());
-            let same = match (value, ratio) {
-                (Some(a), Some(b)) => close(a, b),
-                (a, b) => a == b,
-            };
-            if !same {
-                problems.push(format!("{key} {value:?}, expected {ratio:?}"));
+            (
+                "stop_ratio",
+                self.stop_ratio,
+                p50_ratio(&self.stop, self.qemu_stop.as_ref()),
+            ),
+        ];
+        ratios
+            .into_iter()
+            .filter(|&(_, value, expected)| !same_ratio(value, expected))
+            .map(|(key, value, expected)| format!("{key} {value:?}, expected {expected:?}"))
+            .collect()
+    }
+
+    /// QEMU's stops are there when its cold runs are (both are
+    /// `--no-qemu`'s), and each stop series' p50 and p99 are positive
+    /// times, the p50 no more than the p99.
+    fn stop_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        match (&self.qemu, &self.qemu_stop) {
+            (Some(_), None) => {
+                problems.push("qemu_stop is missing, though QEMU ran the cold series".into());
+            }
+            (None, Some(_)) => {
+                problems.push("qemu_stop is there, though QEMU ran no cold series".into());
+            }
+            _ => {}
+        }
+        for (vmm, stop) in self.stops() {
+            let (p50, p99) = (stop.ms.p50, stop.ms.p99);
+            if !(positive(p50) && positive(p99)) {
+                problems.push(format!(
+                    "stop ({vmm}): p50 {p50} ms and p99 {p99} ms are not both positive times"
+                ));
+            } else if p50 > p99 {
+                problems.push(format!("stop ({vmm}): p50 {p50} ms is above p99 {p99} ms"));
             }
         }
         problems
@@ -547,6 +642,7 @@ impl VmmReport {
         [
             header,
             self.cold_table(),
+            self.stop_table(),
             self.restore_table(),
             self.clone_table(),
             self.breakdown_tables(),
@@ -579,6 +675,24 @@ impl VmmReport {
                 out,
                 "cold_wall_ratio_firecracker (kiln/firecracker wall p50): {ratio:.2}"
             );
+        }
+        out
+    }
+
+    /// Each VMM's stop percentiles, then Kiln's ratio to QEMU.
+    fn stop_table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "\n| stop: SIGTERM of a beating stub {} ms old to process exit | p50 ms | p99 ms |",
+            STOP_AGE.as_millis()
+        );
+        let _ = writeln!(out, "|---|---|---|");
+        for (vmm, stop) in self.stops() {
+            let _ = writeln!(out, "| {vmm} | {:.2} | {:.2} |", stop.ms.p50, stop.ms.p99);
+        }
+        if let Some(ratio) = self.stop_ratio {
+            let _ = writeln!(out, "stop_ratio (kiln/qemu p50): {ratio:.2}");
         }
         out
     }
@@ -735,6 +849,11 @@ mod tests {
             warmup_runs: 1,
             cold_wall_ratio: Some(9.0 / 40.0),
             cold_cpu_ms_p50: 4.0,
+            stop_ms_p50: 5.0,
+            stop_ms_p99: 6.0,
+            stop_ratio: Some(5.0 / 20.0),
+            stop: latency(&[5.0, 4.0, 6.0]),
+            qemu_stop: Some(latency(&[20.0, 18.0, 25.0])),
             restore_ms_p50: 10.4,
             restore_ms_p99: 14.6,
             vm_restore_ms_p50: 3.6,
@@ -774,6 +893,9 @@ mod tests {
                 "restore_ms_p50",
                 "restore_ms_p99",
                 "clones_per_s",
+                "stop_ms_p50",
+                "stop_ms_p99",
+                "stop_ratio",
             ] {
                 assert!(value[key].as_f64().unwrap() > 0.0, "{key}");
             }
@@ -841,6 +963,107 @@ mod tests {
         fields.remove("firecracker_restore");
         let back: VmmReport = serde_json::from_value(value).unwrap();
         assert_eq!(back, report());
+    }
+
+    #[test]
+    fn a_report_from_before_the_stop_series_reads_and_is_said_to_lack_it() {
+        let mut value = serde_json::to_value(report()).unwrap();
+        let fields = value.as_object_mut().unwrap();
+        for key in [
+            "stop_ms_p50",
+            "stop_ms_p99",
+            "stop_ratio",
+            "stop",
+            "qemu_stop",
+        ] {
+            fields.remove(key);
+        }
+        let back: VmmReport = serde_json::from_value(value).unwrap();
+        assert_eq!(back.stop, Latency::unmeasured());
+        assert_eq!(back.qemu_stop, None);
+        let problems = back.check().join("\n");
+        for expected in [
+            "stop (kiln): 0 samples, expected 3",
+            "stop (kiln): p50 0 ms and p99 0 ms are not both positive times",
+            "qemu_stop is missing, though QEMU ran the cold series",
+        ] {
+            assert!(
+                problems.contains(expected),
+                "no {expected:?} in:\n{problems}"
+            );
+        }
+    }
+
+    /// A change that breaks a sound report.
+    type Breaking = fn(&mut VmmReport);
+
+    /// [`report`] broken by `breaking`: what `check` says of it.
+    fn problems_of(breaking: Breaking) -> String {
+        let mut r = report();
+        breaking(&mut r);
+        r.check().join("\n")
+    }
+
+    #[test]
+    fn a_broken_stop_is_said() {
+        let cases: [(Breaking, &str); 7] = [
+            (
+                |r| r.stop.ms.p50 = 7.0,
+                "stop (kiln): p50 7 ms is above p99 6 ms",
+            ),
+            (
+                |r| r.qemu_stop.as_mut().unwrap().ms.p99 = f64::NAN,
+                "stop (qemu): p50 20 ms and p99 NaN ms are not both positive times",
+            ),
+            (
+                |r| r.stop.samples_ms[1] = 0.0,
+                "stop (kiln): the sample 0 ms is not a positive time",
+            ),
+            (
+                |r| {
+                    r.stop.samples_ms.pop();
+                },
+                "stop: ms are not the samples' percentiles",
+            ),
+            (
+                |r| r.stop_ms_p99 = 9.0,
+                "stop_ms_p99 9 is not its series' (6)",
+            ),
+            (
+                |r| r.stop_ratio = Some(0.5),
+                "stop_ratio Some(0.5), expected Some(0.25)",
+            ),
+            (
+                |r| r.qemu_stop = None,
+                "qemu_stop is missing, though QEMU ran the cold series",
+            ),
+        ];
+        for (breaking, expected) in cases {
+            let problems = problems_of(breaking);
+            assert!(
+                problems.contains(expected),
+                "no {expected:?} in:\n{problems}"
+            );
+        }
+        assert!(
+            problems_of(|r| r.qemu_stop = None).contains("stop_ratio Some(0.25), expected None")
+        );
+    }
+
+    #[test]
+    fn without_qemu_the_stop_table_has_kiln_alone() {
+        let mut r = report();
+        r.qemu = None;
+        r.cold_wall_ratio = None;
+        r.qemu_restore = PeerRestore::Unavailable("not asked for (--no-qemu)".into());
+        r.qemu_stop = None;
+        r.stop_ratio = None;
+        r.goals = r.goals();
+        assert!(r.check().is_empty(), "{:?}", r.check());
+        let table = r.table();
+        assert!(table.contains("| kiln | 5.00 | 6.00 |"), "{table}");
+        assert!(!table.contains("| qemu |"), "{table}");
+        assert!(!table.contains("stop_ratio"), "{table}");
     }
 
     #[test]
@@ -931,9 +1154,19 @@ mod tests {
             table.contains("| cold_cpu_ms_p50 | <= 3 | 4.00 | no |"),
             "{table}"
         );
+        for row in [
+            "| stop: SIGTERM of a beating stub 50 ms old to process exit | p50 ms | p99 ms |",
+            "| kiln | 5.00 | 6.00 |",
+            "| qemu | 20.00 | 25.00 |",
+            "stop_ratio (kiln/qemu p50): 0.25",
+        ] {
+            assert!(table.contains(row), "no {row:?} in:\n{table}");
+        }
         let svg = r.svg().unwrap();
         for label in [
             "cold (qemu)",
+            "stop (kiln)",
+            "stop (qemu)",
             "restore (kiln __vm)",
             "clone (kiln __vm, 8 at a time)",
         ] {
