@@ -240,6 +240,12 @@ fn common_rules() -> Result<Rules, BackendError> {
         // snapshot, resume): std's mpsc backs off with sched_yield before
         // it parks.
         allow(libc::SYS_sched_yield),
+        // A timed wait (a futex with a timeout, as a channel's
+        // recv_timeout makes) that a stop and continue interrupted
+        // (SIGSTOP then SIGCONT, or a debugger attaching): the kernel
+        // resumes it through restart_syscall, which re-enters only the
+        // interrupted call, with its own arguments.
+        allow(libc::SYS_restart_syscall),
         // stderr warnings; on the vCPU thread also serial output to stdout
         // (a pipe to the VMM process, which keeps the console log, for an
         // instance; a terminal or file for `kiln run`: the same call either

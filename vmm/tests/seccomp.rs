@@ -931,3 +931,37 @@ fn actions_thread_survives_a_hibernations_files() {
     };
     assert_survived(&output);
 }
+
+#[test]
+fn a_timed_wait_survives_a_stop_and_continue() {
+    let test = "a_timed_wait_survives_a_stop_and_continue";
+    let Some(output) = in_child_or_run(test) else {
+        // Never sent on: the wait runs to its timeout, unless the stop
+        // and continue below kill the thread in the middle of it.
+        let (_word, wait) = std::sync::mpsc::channel::<()>();
+        let waiter = spawn_filtered(ThreadKind::Vmm, move || {
+            assert_eq!(
+                wait.recv_timeout(Duration::from_millis(500)),
+                Err(RecvTimeoutError::Timeout)
+            );
+            // The VMM thread ends with its process, never alone.
+            say_survived();
+            std::process::exit(0);
+        });
+        // The thread in its wait; then the whole process stopped and
+        // continued from outside, as `kill -STOP` and `kill -CONT` (or a
+        // debugger attaching) do: the kernel resumes the interrupted
+        // futex wait through restart_syscall.
+        std::thread::sleep(Duration::from_millis(100));
+        let pid = std::process::id();
+        let stopped = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("kill -STOP {pid}; sleep 0.05; kill -CONT {pid}"))
+            .status()
+            .unwrap();
+        assert!(stopped.success());
+        waiter.join().unwrap();
+        return;
+    };
+    assert_survived(&output);
+}
