@@ -424,6 +424,15 @@ pub fn run_to_exit(
     wait_to_exit(pid, watchdog, started, what, limit, output)
 }
 
+/// What a run printed into the file `output`, trimmed; nothing when it
+/// cannot be read.
+pub fn printed(output: &std::path::Path) -> String {
+    std::fs::read_to_string(output)
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
 /// Waits for the end of the child `pid`, which `watchdog` watches and
 /// nothing has reaped, then reaps it with `wait4`: its [`Exited`], whose
 /// wall time runs from `started` to the end. A [`BenchError::Timeout`]
@@ -447,11 +456,10 @@ pub fn wait_to_exit(
             source,
         })?;
     if killed {
-        let printed = std::fs::read_to_string(output).unwrap_or_default();
         return Err(BenchError::Timeout {
             what: what.to_string(),
             limit,
-            printed: printed.trim().to_string(),
+            printed: printed(output),
         });
     }
     let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);

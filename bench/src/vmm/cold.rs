@@ -6,7 +6,7 @@ use std::process::Command;
 
 use crate::kiln::Kiln;
 use crate::qemu::{CPU_HOST_PVM, DEBUG_EXIT_STATUS, InitPort, Microvm, QEMU};
-use crate::timing::{Exited, millis, run_to_exit};
+use crate::timing::{Exited, millis, printed, run_to_exit};
 use crate::{BenchError, Plan, Progress, paired};
 
 use super::report::Cold;
@@ -201,13 +201,4 @@ pub(super) fn wrong_end(what: &str, exited: &Exited, expected: &str, out: &Path)
         status: format!("{:?}, expected {expected}", exited.code),
         printed: printed(out),
     }
-}
-
-/// What a run printed into the file `out`, trimmed; nothing when it
-/// cannot be read.
-pub(super) fn printed(out: &Path) -> String {
-    std::fs::read_to_string(out)
-        .unwrap_or_default()
-        .trim()
-        .to_string()
 }

@@ -14,11 +14,11 @@ use kiln_vmm::machine::STOPPED_STATUS;
 
 use crate::kiln::Kiln;
 use crate::qemu::{InitPort, QEMU};
-use crate::timing::{Watched, millis, signal, spawn_watched, wait_to_exit};
+use crate::timing::{Watched, millis, printed, signal, spawn_watched, wait_to_exit};
 use crate::{BenchError, Progress, io_err, paired};
 
 use super::VmmConfig;
-use super::cold::{printed, stub_microvm, wrong_end};
+use super::cold::{stub_microvm, wrong_end};
 use super::report::Latency;
 use super::restore::{BEAT_CMDLINE, HEARTBEAT, first_heartbeat};
 
