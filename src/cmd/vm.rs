@@ -15,7 +15,7 @@ use kiln_vmm::machine::VMM_ERROR_STATUS;
 use kiln_vmm::rpc::ControlListener;
 use kiln_vmm::supervised;
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Debug, PartialEq, Eq)]
 pub struct Args {
     /// The VM definition, as the supervisor wrote it.
     #[arg(long)]
