@@ -222,7 +222,7 @@ mod tests {
             image: BASE.into(),
             ..crate::instance::tests::spec(name)
         };
-        let (mut instance, vmm) = Registry::new(home).create(spec, None).unwrap();
+        let (mut instance, vmm) = Registry::new(home).create(spec, None, None).unwrap();
         let image = store.find(BASE).unwrap().image_path;
         let mut volume =
             Volume::create(&image, &instance.root_overlay(), DEFAULT_CACHE_BYTES).unwrap();

@@ -434,7 +434,7 @@ mod tests {
     fn an_instance_of_a_missing_image_is_refused_by_its_name() {
         let home = tempfile::tempdir().unwrap();
         let (instance, _vmm) = Registry::new(home.path())
-            .create(spec(Some("web")), None)
+            .create(spec(Some("web")), None, None)
             .unwrap();
         let options = RunOptions::new("vmlinux".into());
         let err = for_instance(

@@ -39,7 +39,9 @@ fn api_and_actions_threads_survive_serving_requests_that_update_the_record() {
         in_child_or_run("api_and_actions_threads_survive_serving_requests_that_update_the_record")
     else {
         let home = tempfile::tempdir().unwrap();
-        let (mut instance, _vmm) = Registry::new(home.path()).create(spec(), None).unwrap();
+        let (mut instance, _vmm) = Registry::new(home.path())
+            .create(spec(), None, None)
+            .unwrap();
         let socket = home.path().join("api.sock");
         let listener = UnixListener::bind(&socket).unwrap();
         let mut vm = Command::new("sleep").arg("10").spawn().unwrap();
@@ -251,7 +253,9 @@ fn supervisor_thread_survives_waiting_logging_and_recording() {
     let Some(output) = in_child_or_run(test) else {
         use std::os::fd::AsRawFd;
         let home = tempfile::tempdir().unwrap();
-        let (mut instance, _vmm) = Registry::new(home.path()).create(spec(), None).unwrap();
+        let (mut instance, _vmm) = Registry::new(home.path())
+            .create(spec(), None, None)
+            .unwrap();
         let socket = home.path().join("api.sock");
         let _listener = UnixListener::bind(&socket).unwrap();
         let mut vm = Command::new("echo")

@@ -92,6 +92,28 @@ impl ScratchDir {
         self.dir.path()
     }
 
+    /// Writes `bytes` to the new file `name` in this directory and syncs
+    /// it; returns its path. It needs no temporary name and no directory
+    /// sync of its own: nothing sees this directory before
+    /// [`rename_to`](Self::rename_to), which syncs it.
+    pub fn write_file(&self, name: &str, bytes: &[u8]) -> io::Result<PathBuf> {
+        let path = self.path().join(name);
+        let mut file = File::create_new(&path)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        Ok(path)
+    }
+
+    /// Copies the file `from` to the new file `name` in this directory,
+    /// holes kept ([`copy_sparse`]), and syncs it; returns its path.
+    pub fn copy_file(&self, name: &str, from: &Path) -> io::Result<PathBuf> {
+        let path = self.path().join(name);
+        let to = File::create_new(&path)?;
+        copy_sparse(&File::open(from)?, &to)?;
+        to.sync_all()?;
+        Ok(path)
+    }
+
     /// Syncs the directory (whose files must be synced already) and
     /// renames it whole to `to`, which must not exist, holding its lock
     /// until it is there. On failure it stays, unlocked, for the next
@@ -253,6 +275,31 @@ mod tests {
         assert!(name.starts_with(".three.partial-") && is_scratch_name(name));
         assert!(users.iter().all(|dir| dir.is_dir()), "not a scratch name");
         assert!(users_file.is_file(), "a file is never a scratch directory");
+    }
+
+    /// Files written and copied into a scratch directory arrive with it,
+    /// the copy's holes kept; neither replaces a file already there.
+    #[test]
+    fn scratch_files_arrive_with_their_directory() {
+        let parent = tempfile::tempdir().unwrap();
+        let sparse = parent.path().join("sparse");
+        let file = File::create(&sparse).unwrap();
+        file.set_len(1 << 20).unwrap();
+        file.write_all_at(b"end", (1 << 20) - 3).unwrap();
+        let scratch = scratch_dir(parent.path(), "new").unwrap();
+        scratch.write_file("record", b"{}").unwrap();
+        scratch.copy_file("overlay", &sparse).unwrap();
+        assert!(scratch.write_file("record", b"again").is_err());
+        assert!(scratch.copy_file("overlay", &sparse).is_err());
+        let done = parent.path().join("done");
+        scratch.rename_to(&done).unwrap();
+        assert_eq!(fs::read(done.join("record")).unwrap(), b"{}");
+        let copy = fs::read(done.join("overlay")).unwrap();
+        assert_eq!(copy.len(), 1 << 20);
+        assert!(copy.ends_with(b"end") && copy[..4096].iter().all(|&b| b == 0));
+        use std::os::unix::fs::MetadataExt;
+        let blocks = fs::metadata(done.join("overlay")).unwrap().blocks();
+        assert!(blocks < 64, "the hole was written: {blocks} blocks");
     }
 
     /// A leftover another process's command holds (its lock taken through

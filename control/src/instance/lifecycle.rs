@@ -118,7 +118,7 @@ pub fn create(
     user_data: Option<&[u8]>,
 ) -> Result<(Instance, FileLock), LifecycleError> {
     preflight(store, &spec)?;
-    Ok(registry.create(spec, user_data)?)
+    Ok(registry.create(spec, user_data, None)?)
 }
 
 /// The existing instance `name` (of `image`, when given), claimed with
@@ -162,7 +162,7 @@ pub fn launch(
     kiln: &Path,
     timeout: Duration,
 ) -> Result<Instance, LifecycleError> {
-    let (instance, vmm) = registry.create(spec, user_data)?;
+    let (instance, vmm) = registry.create(spec, user_data, None)?;
     let started = spawn_vmm(&instance, &vmm, kiln, None)?;
     drop(vmm);
     started.wait(timeout);
@@ -208,8 +208,8 @@ pub fn restore(
         spec.network = Network::Isolated;
         spec.private_ip = None;
     }
-    let (instance, vmm) = registry.create(spec, user_data.as_deref())?;
-    snapshots::copy_root(dir, &instance)?;
+    let root = snapshots::root_overlay(dir);
+    let (instance, vmm) = registry.create(spec, user_data.as_deref(), Some(&root))?;
     let started = spawn_vmm(&instance, &vmm, kiln, Some(dir))?;
     drop(vmm);
     started.wait(timeout);

@@ -205,6 +205,11 @@ pub struct Record {
 }
 
 impl Record {
+    /// The record as its file holds it.
+    fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).expect("a record serializes")
+    }
+
     /// No VM runs any more, for `reason`; the VMM's traces go with it.
     fn stop(&mut self, reason: String) {
         self.state = State::Stopped;
@@ -345,8 +350,9 @@ impl Registry {
         }
     }
 
-    /// Records a new instance of `spec` (with its user-data), `pending`, and
-    /// returns it with its VMM lock:
+    /// Records a new instance of `spec` (with its user-data, and its root
+    /// volume's writes copied from `root_overlay`, a snapshot's, when
+    /// given), `pending`, and returns it with its VMM lock:
     /// the caller is its VMM, or hands the lock to the process that will be
     /// ([`FileLock::inheritable_fd`]), so no moment exists in which a
     /// pending instance has no VMM.
@@ -354,6 +360,7 @@ impl Registry {
         &self,
         spec: Spec,
         user_data: Option<&[u8]>,
+        root_overlay: Option<&Path>,
     ) -> Result<(Instance, FileLock), InstanceError> {
         if let Some(name) = &spec.name {
             check_name(name)?;
@@ -365,7 +372,8 @@ impl Registry {
             }
         }
         // The directory is made under a temporary name and renamed into
-        // place whole: a process killed half-way leaves no instance behind.
+        // place whole, its files in it: a process killed half-way leaves
+        // no instance behind, nor one with half its root volume.
         fs::create_dir_all(&self.root).map_err(io_err(&self.root))?;
         // Held until the record is in place: the next allocation sees it.
         let (_addresses, address) = match spec.network {
@@ -379,9 +387,16 @@ impl Registry {
         // leaves it for the next one here to remove.
         let staging = durable::scratch_dir(&self.root, STAGING_NAME)?;
         let vmm = FileLock::take(&staging.path().join(VMM_LOCK))?;
+        let in_staging = |name: &str| staging.path().join(name);
         if let Some(data) = user_data {
-            let path = staging.path().join(USER_DATA_FILE);
-            durable::write(&path, data).map_err(io_err(&path))?;
+            staging
+                .write_file(USER_DATA_FILE, data)
+                .map_err(io_err(&in_staging(USER_DATA_FILE)))?;
+        }
+        if let Some(from) = root_overlay {
+            staging
+                .copy_file(ROOT_OVERLAY_FILE, from)
+                .map_err(io_err(&in_staging(ROOT_OVERLAY_FILE)))?;
         }
         let mut instance = Instance {
             dir: staging.path().to_path_buf(),
@@ -399,7 +414,9 @@ impl Registry {
                 jail: None,
             },
         };
-        instance.write()?;
+        staging
+            .write_file(RECORD_FILE, &instance.record.to_json())
+            .map_err(io_err(&in_staging(RECORD_FILE)))?;
         let dir = self.root.join(&instance.record.id);
         staging.rename_to(&dir).map_err(io_err(&dir))?;
         instance.dir = dir;
@@ -594,8 +611,7 @@ impl Instance {
 
     fn write(&self) -> Result<(), InstanceError> {
         let path = self.path(RECORD_FILE);
-        let json = serde_json::to_vec_pretty(&self.record).expect("a record serializes");
-        durable::write(&path, &json).map_err(io_err(&path))
+        durable::write(&path, &self.record.to_json()).map_err(io_err(&path))
     }
 
     /// Reads the record again, changes it with `change` and writes it, all

@@ -6,7 +6,7 @@
 //! A snapshot is written into a staging directory beside its final place
 //! and renamed whole once complete, so a directory at the final path is
 //! always a whole snapshot.
-use std::fs::{self, File};
+use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -90,18 +90,16 @@ pub fn finish(instance: &Instance, staging: ScratchDir, dir: &Path) -> Result<()
         ..instance.record.spec.clone()
     };
     let json = serde_json::to_vec_pretty(&spec).expect("a spec serializes");
-    write_synced(&spec_path, &json)?;
+    staging
+        .write_file(SPEC_FILE, &json)
+        .map_err(io_err(&spec_path))?;
     if let Some(data) = instance.user_data() {
         let bytes = fs::read(&data).map_err(io_err(&data))?;
-        write_synced(&staging.path().join(USER_DATA_FILE), &bytes)?;
+        staging
+            .write_file(USER_DATA_FILE, &bytes)
+            .map_err(io_err(&staging.path().join(USER_DATA_FILE)))?;
     }
     staging.rename_to(dir).map_err(io_err(dir))
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), SnapshotsError> {
-    fs::write(path, bytes)
-        .and_then(|()| File::open(path)?.sync_all())
-        .map_err(io_err(path))
 }
 
 /// The spec (named `name` if given) and user-data of the snapshot in
@@ -124,15 +122,10 @@ pub fn read(dir: &Path, name: Option<String>) -> Result<(Spec, Option<Vec<u8>>),
     Ok((spec, user_data))
 }
 
-/// Gives `instance` its own copy of the snapshot's root volume writes.
-pub fn copy_root(dir: &Path, instance: &Instance) -> Result<(), SnapshotsError> {
-    let source = dir.join(ROOT_OVERLAY_FILE);
-    let from = File::open(&source).map_err(io_err(&source))?;
-    let target = instance.root_overlay();
-    let to = File::create(&target).map_err(io_err(&target))?;
-    durable::copy_sparse(&from, &to)
-        .and_then(|_| to.sync_all())
-        .map_err(io_err(&target))
+/// The snapshot in `dir`'s root volume writes, which an instance restored
+/// from it starts with a copy of.
+pub fn root_overlay(dir: &Path) -> PathBuf {
+    dir.join(ROOT_OVERLAY_FILE)
 }
 
 #[cfg(test)]

@@ -658,7 +658,7 @@ mod tests {
     fn the_vm_process_console_goes_through_the_rotating_log() {
         let home = tempfile::tempdir().unwrap();
         let registry = Registry::new(home.path());
-        let (instance, vmm) = registry.create(spec(None), None).unwrap();
+        let (instance, vmm) = registry.create(spec(None), None, None).unwrap();
         let id = instance.record.id.clone();
         let limit = CONSOLE_LOG_LIMIT.get();
         // A VM process whose console passes the limit, then complains on
@@ -709,7 +709,7 @@ mod tests {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let home = tempfile::tempdir().unwrap();
         let registry = Registry::new(home.path());
-        let (instance, vmm) = registry.create(spec(None), None).unwrap();
+        let (instance, vmm) = registry.create(spec(None), None, None).unwrap();
         let (id, socket) = (instance.record.id.clone(), instance.api_socket());
         let launch = Launch {
             restore: None,
@@ -757,7 +757,7 @@ mod tests {
     fn a_vm_that_cannot_be_defined_stops_the_instance_with_the_reason() {
         let home = tempfile::tempdir().unwrap();
         let registry = Registry::new(home.path());
-        let (instance, vmm) = registry.create(spec(Some("web")), None).unwrap();
+        let (instance, vmm) = registry.create(spec(Some("web")), None, None).unwrap();
         let id = instance.record.id.clone();
         let vm = VmProcess {
             kiln: "/bin/false".into(),

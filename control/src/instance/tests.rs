@@ -22,7 +22,9 @@ const USER_DATA: &[u8] = b"#!/bin/sh\necho hi\n";
 fn instances_are_found_by_id_and_by_live_name() {
     let home = tempfile::tempdir().unwrap();
     let registry = Registry::new(home.path());
-    let (web, _web_vmm) = registry.create(spec(Some("web")), Some(USER_DATA)).unwrap();
+    let (web, _web_vmm) = registry
+        .create(spec(Some("web")), Some(USER_DATA), None)
+        .unwrap();
     let id = web.record.id.clone();
     assert!(id.starts_with("i-") && id.len() == 2 + 2 * ID_BYTES, "{id}");
     assert_eq!(registry.find(&id).unwrap().record, web.record);
@@ -30,10 +32,10 @@ fn instances_are_found_by_id_and_by_live_name() {
     assert_eq!(web.record.state, State::Pending);
     assert!(web.user_data().is_some());
     let err = registry
-        .create(spec(Some("web")), Some(USER_DATA))
+        .create(spec(Some("web")), Some(USER_DATA), None)
         .unwrap_err();
     assert!(matches!(err, InstanceError::NameTaken { .. }), "{err}");
-    let (anonymous, _anonymous_vmm) = registry.create(spec(None), Some(USER_DATA)).unwrap();
+    let (anonymous, _anonymous_vmm) = registry.create(spec(None), Some(USER_DATA), None).unwrap();
     assert_eq!(anonymous.label(), anonymous.record.id);
     let ids: Vec<_> = registry
         .list()
@@ -54,20 +56,22 @@ fn instances_are_found_by_id_and_by_live_name() {
         Ok(())
     })
     .unwrap();
-    registry.create(spec(Some("web")), Some(USER_DATA)).unwrap();
+    registry
+        .create(spec(Some("web")), Some(USER_DATA), None)
+        .unwrap();
 }
 
 #[test]
 fn a_killed_creations_directory_goes_with_the_next_creation() {
     let home = tempfile::tempdir().unwrap();
     let registry = Registry::new(home.path());
-    registry.create(spec(None), None).unwrap();
+    registry.create(spec(None), None, None).unwrap();
     // What a `kiln run` killed before its rename leaves: a scratch
     // directory no live command holds.
     let killed = registry.root.join(".new.partial-a1B2c3");
     fs::create_dir(&killed).unwrap();
     fs::write(killed.join(RECORD_FILE), b"{").unwrap();
-    registry.create(spec(None), None).unwrap();
+    registry.create(spec(None), None, None).unwrap();
     assert!(!killed.exists());
     let entries: Vec<_> = fs::read_dir(&registry.root)
         .unwrap()
@@ -81,13 +85,43 @@ fn a_killed_creations_directory_goes_with_the_next_creation() {
     assert_eq!(registry.list().unwrap().len(), 2);
 }
 
+/// A restored instance appears with its copy of the snapshot's root
+/// volume writes already in it; a copy that fails leaves no instance.
+#[test]
+fn a_restored_instance_appears_with_its_root_volume() {
+    let home = tempfile::tempdir().unwrap();
+    let registry = Registry::new(home.path());
+    let snapshot_overlay = home.path().join("snapshot.overlay");
+    fs::write(&snapshot_overlay, b"the guest's writes").unwrap();
+    let (instance, _vmm) = registry
+        .create(spec(None), None, Some(&snapshot_overlay))
+        .unwrap();
+    let copy = fs::read(instance.root_overlay()).unwrap();
+    assert_eq!(copy, b"the guest's writes");
+
+    let missing = home.path().join("gone.overlay");
+    let err = registry
+        .create(spec(Some("web")), None, Some(&missing))
+        .unwrap_err();
+    assert!(err.to_string().contains(ROOT_OVERLAY_FILE), "{err}");
+    assert_eq!(
+        registry.list().unwrap().len(),
+        1,
+        "no instance from the failure"
+    );
+    assert!(matches!(
+        registry.find("web"),
+        Err(InstanceError::NotFound(_))
+    ));
+}
+
 #[test]
 fn names_that_could_be_ids_or_paths_are_refused() {
     let home = tempfile::tempdir().unwrap();
     let registry = Registry::new(home.path());
     for bad in ["", "..", ".hidden", "a/b", "a b", "i-123", &"x".repeat(65)] {
         let err = registry
-            .create(spec(Some(bad)), Some(USER_DATA))
+            .create(spec(Some(bad)), Some(USER_DATA), None)
             .unwrap_err();
         assert!(matches!(err, InstanceError::BadName(_)), "{bad:?}: {err}");
     }
@@ -97,7 +131,9 @@ fn names_that_could_be_ids_or_paths_are_refused() {
 fn a_record_whose_vmm_died_reads_as_stopped_with_the_reason() {
     let home = tempfile::tempdir().unwrap();
     let registry = Registry::new(home.path());
-    let (mut instance, vmm) = registry.create(spec(Some("web")), Some(USER_DATA)).unwrap();
+    let (mut instance, vmm) = registry
+        .create(spec(Some("web")), Some(USER_DATA), None)
+        .unwrap();
     instance
         .update(|r| {
             r.state = State::Running;
@@ -118,7 +154,7 @@ fn a_record_whose_vmm_died_reads_as_stopped_with_the_reason() {
 fn verbs_on_one_instance_are_serialized() {
     let home = tempfile::tempdir().unwrap();
     let (instance, _vmm) = Registry::new(home.path())
-        .create(spec(None), Some(USER_DATA))
+        .create(spec(None), Some(USER_DATA), None)
         .unwrap();
     let first = instance.lock_for_verb().unwrap();
     let err = instance.lock_for_verb().unwrap_err();
@@ -131,7 +167,9 @@ fn verbs_on_one_instance_are_serialized() {
 fn terminating_deletes_volumes_and_keeps_the_record() {
     let home = tempfile::tempdir().unwrap();
     let registry = Registry::new(home.path());
-    let (instance, _vmm) = registry.create(spec(Some("web")), Some(USER_DATA)).unwrap();
+    let (instance, _vmm) = registry
+        .create(spec(Some("web")), Some(USER_DATA), None)
+        .unwrap();
     fs::write(instance.root_overlay(), b"overlay").unwrap();
     fs::write(instance.console_log(), b"log").unwrap();
     fs::write(instance.console_log_rotated(), b"older log").unwrap();
@@ -146,7 +184,7 @@ fn terminating_deletes_volumes_and_keeps_the_record() {
 fn a_damaged_record_is_named() {
     let home = tempfile::tempdir().unwrap();
     let registry = Registry::new(home.path());
-    let (instance, _vmm) = registry.create(spec(None), Some(USER_DATA)).unwrap();
+    let (instance, _vmm) = registry.create(spec(None), Some(USER_DATA), None).unwrap();
     fs::write(instance.dir().join(RECORD_FILE), "{not json").unwrap();
     let err = registry.find(&instance.record.id).unwrap_err().to_string();
     assert!(err.contains("instance.json"), "{err}");
@@ -156,7 +194,7 @@ fn a_damaged_record_is_named() {
 fn only_a_terminated_instance_is_forgotten_and_then_nothing_is_left() {
     let home = tempfile::tempdir().unwrap();
     let registry = Registry::new(home.path());
-    let (mut clone, vmm) = registry.create(spec(None), None).unwrap();
+    let (mut clone, vmm) = registry.create(spec(None), None, None).unwrap();
     drop(vmm);
     let id = clone.record.id.clone();
     let err = clone.clone().forget().unwrap_err();
@@ -187,10 +225,10 @@ fn bridged(private_ip: Option<Ipv4Addr>) -> Spec {
 fn bridged_instances_get_distinct_addresses_until_terminated() {
     let home = tempfile::tempdir().unwrap();
     let registry = Registry::new(home.path());
-    let (unbridged, _a) = registry.create(spec(None), None).unwrap();
+    let (unbridged, _a) = registry.create(spec(None), None, None).unwrap();
     assert_eq!(unbridged.record.address, None);
-    let (mut first, _b) = registry.create(bridged(None), None).unwrap();
-    let (second, _c) = registry.create(bridged(None), None).unwrap();
+    let (mut first, _b) = registry.create(bridged(None), None, None).unwrap();
+    let (second, _c) = registry.create(bridged(None), None, None).unwrap();
     assert_eq!(first.record.address, Some(Ipv4Addr::new(10, 89, 0, 2)));
     assert_eq!(second.record.address, Some(Ipv4Addr::new(10, 89, 0, 3)));
     first
@@ -199,7 +237,7 @@ fn bridged_instances_get_distinct_addresses_until_terminated() {
             Ok(())
         })
         .unwrap();
-    let (third, _d) = registry.create(bridged(None), None).unwrap();
+    let (third, _d) = registry.create(bridged(None), None, None).unwrap();
     assert_eq!(
         third.record.address,
         Some(Ipv4Addr::new(10, 89, 0, 2)),
@@ -212,16 +250,18 @@ fn a_wanted_address_must_be_free_and_in_the_subnet() {
     let home = tempfile::tempdir().unwrap();
     let registry = Registry::new(home.path());
     let wanted = Ipv4Addr::new(10, 89, 0, 77);
-    let (holder, _a) = registry.create(bridged(Some(wanted)), None).unwrap();
+    let (holder, _a) = registry.create(bridged(Some(wanted)), None, None).unwrap();
     assert_eq!(holder.record.address, Some(wanted));
-    let err = registry.create(bridged(Some(wanted)), None).unwrap_err();
+    let err = registry
+        .create(bridged(Some(wanted)), None, None)
+        .unwrap_err();
     let message = err.to_string();
     assert!(
         message.contains("10.89.0.77 is held by instance") && message.contains(&holder.record.id),
         "{message}"
     );
     let outside = registry
-        .create(bridged(Some(Ipv4Addr::new(192, 168, 1, 2))), None)
+        .create(bridged(Some(Ipv4Addr::new(192, 168, 1, 2))), None, None)
         .unwrap_err();
     assert!(
         outside.to_string().contains("outside the subnet"),
@@ -239,7 +279,7 @@ fn concurrent_launches_never_share_an_address() {
         let workers: Vec<_> = (0..8)
             .map(|_| {
                 scope.spawn(|| {
-                    let (instance, _vmm) = registry.create(bridged(None), None).unwrap();
+                    let (instance, _vmm) = registry.create(bridged(None), None, None).unwrap();
                     instance.record.address.unwrap()
                 })
             })
@@ -253,7 +293,9 @@ fn concurrent_launches_never_share_an_address() {
 #[test]
 fn waiting_for_the_vmm_ends_when_its_lock_goes_not_at_a_poll() {
     let home = tempfile::tempdir().unwrap();
-    let (instance, vmm) = Registry::new(home.path()).create(spec(None), None).unwrap();
+    let (instance, vmm) = Registry::new(home.path())
+        .create(spec(None), None, None)
+        .unwrap();
     assert!(!instance.wait_vmm_gone(Duration::from_millis(50)));
     let dropper = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(100));
