@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use super::state::transition;
 use super::{
-    FileLock, Instance, InstanceError, Network, Registry, Spec, State, Verb, snapshots, supervisor,
+    FileLock, Instance, InstanceError, Network, Registry, Spec, State, Verb, now_ms, snapshots,
+    supervisor,
 };
 use crate::api;
 use crate::network::proxy::{Proxy, ProxyError};
@@ -360,6 +361,7 @@ pub fn terminate(mut instance: Instance, timeout: Duration) -> Result<Instance, 
         transition(r.state, Verb::Terminate)?;
         r.state = State::Terminated;
         r.reason = Some("terminated on request".into());
+        r.terminated_at = Some(now_ms() / 1000);
         // Its address is free for the next launch.
         r.address = None;
         Ok(())

@@ -75,6 +75,12 @@ const NAME_MAX: usize = 64;
 const STAGING_NAME: &str = "new";
 /// Random bytes in an id (`i-` and twice as many hex digits).
 const ID_BYTES: usize = 8;
+/// How long a terminated instance stays in the registry (`kiln ps -a`
+/// lists it, `kiln logs` reads its console), as EC2 keeps a terminated
+/// instance visible for about an hour. After that the next process that
+/// reads its record removes its directory: the registry, which every
+/// lookup by name reads whole, does not grow with every instance ever run.
+pub const TERMINATED_KEPT: Duration = Duration::from_secs(60 * 60);
 
 /// What can go wrong with the registry.
 #[derive(Debug, thiserror::Error)]
@@ -202,9 +208,32 @@ pub struct Record {
     /// How its VM process is jailed, while one runs jailed.
     #[serde(default)]
     pub jail: Option<JailInfo>,
+    /// When it was terminated (seconds since the epoch). Records written
+    /// before this field have none: their file's modification time, the
+    /// termination's own write, stands in.
+    #[serde(default)]
+    pub terminated_at: Option<u64>,
 }
 
 impl Record {
+    /// Whether this record, read from `path`, is of an instance
+    /// terminated more than [`TERMINATED_KEPT`] ago.
+    fn terminated_long_ago(&self, path: &Path) -> bool {
+        if self.state != State::Terminated {
+            return false;
+        }
+        let terminated = match self.terminated_at {
+            Some(secs) => UNIX_EPOCH + Duration::from_secs(secs),
+            None => match fs::metadata(path).and_then(|m| m.modified()) {
+                Ok(modified) => modified,
+                Err(_) => return false,
+            },
+        };
+        SystemTime::now()
+            .duration_since(terminated)
+            .is_ok_and(|age| age > TERMINATED_KEPT)
+    }
+
     /// The record as its file holds it.
     fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec_pretty(self).expect("a record serializes")
@@ -254,6 +283,28 @@ fn check_name(name: &str) -> Result<(), InstanceError> {
         return Err(InstanceError::BadName(name.to_string()));
     }
     Ok(())
+}
+
+/// Whether `key` has an id's form: `i-` and 16 lowercase hex digits.
+fn is_id(key: &str) -> bool {
+    key.strip_prefix("i-").is_some_and(|hex| {
+        hex.len() == 2 * ID_BYTES && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
+}
+
+/// Removes the directory of an instance terminated more than
+/// [`TERMINATED_KEPT`] ago. Another process may be removing it too (gone
+/// is no error); one that cannot be removed is said once here and stays,
+/// unlisted.
+fn forget_expired(dir: &Path) {
+    match fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+        Err(err) => log::warn!(
+            "cannot remove {}, terminated over an hour ago: {err}",
+            dir.display()
+        ),
+    }
 }
 
 /// A fresh id: `i-` and 16 hex digits from the kernel's random source.
@@ -412,6 +463,7 @@ impl Registry {
                 paused: false,
                 address,
                 jail: None,
+                terminated_at: None,
             },
         };
         staging
@@ -449,6 +501,11 @@ impl Registry {
     /// The instance with id `key`, or the live one named `key`.
     pub fn find(&self, key: &str) -> Result<Instance, InstanceError> {
         let found = if key.starts_with("i-") {
+            // Names never start so (`check_name`); anything but an id's
+            // form is no instance, never a path out of the registry.
+            if !is_id(key) {
+                return Err(InstanceError::NotFound(key.to_string()));
+            }
             Self::read(&self.root.join(key))?
         } else {
             self.by_name(key)?
@@ -499,10 +556,15 @@ impl Registry {
             Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(err) => return Err(io_err(&path)(err)),
         };
-        let record = serde_json::from_slice(&bytes).map_err(|source| InstanceError::Record {
-            path: path.clone(),
-            source,
-        })?;
+        let record: Record =
+            serde_json::from_slice(&bytes).map_err(|source| InstanceError::Record {
+                path: path.clone(),
+                source,
+            })?;
+        if record.terminated_long_ago(&path) {
+            forget_expired(dir);
+            return Ok(None);
+        }
         let mut instance = Instance {
             dir: dir.to_path_buf(),
             record,

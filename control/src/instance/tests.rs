@@ -85,6 +85,76 @@ fn a_killed_creations_directory_goes_with_the_next_creation() {
     assert_eq!(registry.list().unwrap().len(), 2);
 }
 
+/// An instance terminated over an hour ago leaves the registry, its
+/// directory removed, as EC2 lets a terminated instance go; one
+/// terminated just now, and every other, stays.
+#[test]
+fn instances_terminated_over_an_hour_ago_are_forgotten() {
+    let home = tempfile::tempdir().unwrap();
+    let registry = Registry::new(home.path());
+    let now = now_ms() / 1000;
+    let long_ago = now - TERMINATED_KEPT.as_secs() - 60;
+    let terminated = |name: Option<&str>, at: Option<u64>| {
+        let (mut instance, _vmm) = registry.create(spec(name), None, None).unwrap();
+        instance
+            .update(|r| {
+                r.state = State::Terminated;
+                r.terminated_at = at;
+                Ok(())
+            })
+            .unwrap();
+        instance
+    };
+    let old = terminated(Some("old"), Some(long_ago));
+    let recent = terminated(Some("recent"), Some(now));
+    // A record from before `terminated_at`: its file's time stands in.
+    let legacy = terminated(None, None);
+    let record = legacy.dir().join(RECORD_FILE);
+    let two_hours_ago = SystemTime::now() - 2 * TERMINATED_KEPT;
+    File::options()
+        .write(true)
+        .open(&record)
+        .and_then(|file| file.set_modified(two_hours_ago))
+        .unwrap();
+    let (live, _vmm) = registry.create(spec(Some("live")), None, None).unwrap();
+
+    let mut listed: Vec<String> = registry
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|i| i.record.id)
+        .collect();
+    listed.sort();
+    let mut kept = vec![recent.record.id.clone(), live.record.id.clone()];
+    kept.sort();
+    assert_eq!(listed, kept);
+    assert!(!old.dir().exists() && !legacy.dir().exists());
+    assert!(recent.dir().exists());
+    assert!(matches!(
+        registry.find(&old.record.id),
+        Err(InstanceError::NotFound(_))
+    ));
+}
+
+/// An id is looked up only in its own directory: a key of any other form
+/// after `i-` is no instance, never a path out of the registry.
+#[test]
+fn only_an_id_s_form_is_looked_up_as_an_id() {
+    let home = tempfile::tempdir().unwrap();
+    let registry = Registry::new(home.path());
+    let (instance, _vmm) = registry.create(spec(None), None, None).unwrap();
+    let id = &instance.record.id;
+    assert_eq!(registry.find(id).unwrap().record.id, *id);
+    let outside = format!("i-/../../instances/{id}");
+    let upper_hex = format!("i-{}", "AB".repeat(ID_BYTES));
+    for key in [outside.as_str(), "i-0", &upper_hex] {
+        assert!(
+            matches!(registry.find(key), Err(InstanceError::NotFound(_))),
+            "{key}"
+        );
+    }
+}
+
 /// A restored instance appears with its copy of the snapshot's root
 /// volume writes already in it; a copy that fails leaves no instance.
 #[test]
