@@ -93,25 +93,21 @@ impl ScratchDir {
     }
 
     /// Writes `bytes` to the new file `name` in this directory and syncs
-    /// it; returns its path. It needs no temporary name and no directory
+    /// it. It needs no temporary name and no directory
     /// sync of its own: nothing sees this directory before
     /// [`rename_to`](Self::rename_to), which syncs it.
-    pub fn write_file(&self, name: &str, bytes: &[u8]) -> io::Result<PathBuf> {
-        let path = self.path().join(name);
-        let mut file = File::create_new(&path)?;
+    pub fn write_file(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
+        let mut file = File::create_new(self.path().join(name))?;
         file.write_all(bytes)?;
-        file.sync_all()?;
-        Ok(path)
+        file.sync_all()
     }
 
     /// Copies the file `from` to the new file `name` in this directory,
-    /// holes kept ([`copy_sparse`]), and syncs it; returns its path.
-    pub fn copy_file(&self, name: &str, from: &Path) -> io::Result<PathBuf> {
-        let path = self.path().join(name);
-        let to = File::create_new(&path)?;
+    /// holes kept ([`copy_sparse`]), and syncs it.
+    pub fn copy_file(&self, name: &str, from: &Path) -> io::Result<()> {
+        let to = File::create_new(self.path().join(name))?;
         copy_sparse(&File::open(from)?, &to)?;
-        to.sync_all()?;
-        Ok(path)
+        to.sync_all()
     }
 
     /// Syncs the directory (whose files must be synced already) and
