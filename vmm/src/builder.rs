@@ -14,14 +14,15 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::x86_64::boot_params::{BootParams, BootParamsError};
 use crate::arch::x86_64::gdt::BOOT_GDT;
 use crate::arch::x86_64::layout::{
-    BOOT_GDT_START, BOOT_IDT_START, CMDLINE_MAX_SIZE, CMDLINE_START, IRQ_MAX, IRQ_VIRTIO_FIRST,
-    VIRTIO_MMIO_START,
+    BOOT_GDT_START, BOOT_IDT_START, CMDLINE_MAX_SIZE, CMDLINE_START, IOAPIC_START, IRQ_MAX,
+    IRQ_VIRTIO_FIRST, VIRTIO_MMIO_START,
 };
 use crate::arch::x86_64::{mptable, paging};
 use crate::config::{Boot, DiskConfig, DiskSource, NetConfig, VmConfig, VsockConfig};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
 use crate::devices::init_port::{INIT_PORT_LEN, InitPort, InitReport};
+use crate::devices::ioapic::{IOAPIC_MMIO_SIZE, Ioapic, IoapicError, IoapicState};
 use crate::devices::persist::Persist;
 use crate::devices::serial::{
     COM1_IRQ, COM1_PORT, RawTerminal, SERIAL_PORT_LEN, Serial, SerialError, SerialInput,
@@ -236,6 +237,9 @@ pub enum VmmError {
     /// The console cannot be set up.
     #[error(transparent)]
     Serial(#[from] SerialError),
+    /// The saved IOAPIC cannot be restored.
+    #[error(transparent)]
+    Ioapic(#[from] IoapicError),
     /// A virtio transport cannot be made.
     #[error(transparent)]
     Mmio(#[from] MmioError),
@@ -468,9 +472,9 @@ struct MadeDevices {
     root_discards: bool,
 }
 
-/// The legacy devices, then a virtio slot each for the disks, the vsock
-/// device and the NIC (around `tap`), in that order; restored from
-/// `saved` when the VM goes on from a snapshot.
+/// The IOAPIC and the legacy devices, then a virtio slot each for the
+/// disks, the vsock device and the NIC (around `tap`), in that order;
+/// restored from `saved` when the VM goes on from a snapshot.
 fn make_devices(
     vm: &Vm,
     mem: &GuestMemoryMmap,
@@ -480,6 +484,10 @@ fn make_devices(
     tap: Option<Tap>,
 ) -> Result<MadeDevices, VmmError> {
     let mut slots = VirtioSlots::new(config)?;
+    let ioapic = ioapic(vm, config.vcpus, saved.map(|m| &m.ioapic))?;
+    slots
+        .mmio
+        .insert(ioapic.clone(), IOAPIC_START, IOAPIC_MMIO_SIZE)?;
     let legacy = legacy_devices(&mut slots.irqs, events, saved.map(|m| &m.serial))?;
     let mut virtio = VirtioWiring {
         vm,
@@ -499,6 +507,7 @@ fn make_devices(
     )?;
     Ok(MadeDevices {
         devices: Devices {
+            ioapic,
             serial: legacy.serial,
             transports: disks.transports,
             blocks: disks.blocks,
@@ -600,6 +609,17 @@ fn spawn_vcpus(
     Ok(Vcpus::new(handles, stop))
 }
 
+/// The IOAPIC of a VM of `vcpus` vCPUs (with the MP table's ID), every
+/// pin masked, or as `saved` had it, its pins routed in KVM again.
+fn ioapic(vm: &Vm, vcpus: u8, saved: Option<&IoapicState>) -> Result<Arc<Mutex<Ioapic>>, VmmError> {
+    let router = Box::new(vm.gsi_routing());
+    let chip = match saved {
+        Some(saved) => Ioapic::restore(router, saved)?,
+        None => Ioapic::new(mptable::ioapic_id(vcpus), router),
+    };
+    Ok(Arc::new(Mutex::new(chip)))
+}
+
 /// The legacy devices on the port I/O bus, and the console among them.
 struct LegacyDevices {
     pio: Bus,
@@ -660,12 +680,12 @@ struct VirtioSlots {
 /// They are connected only once the vCPUs exist and hold their saved
 /// LAPIC state. A restored device raises again an interrupt that was
 /// pending when the snapshot was taken (the UART's, a virtio transport's
-/// InterruptStatus): one the guest may never have seen, since KVM injects
-/// an irqfd's edge from a work queue that can still be pending when the
-/// vCPUs park and the interrupt controllers are read. KVM injects a count
-/// that is already on an eventfd as the irqfd is assigned; raised into a
-/// VM without vCPUs, the IOAPIC's edge would reach no LAPIC, and
-/// KVM_SET_LAPIC would overwrite it anyway. A lost UART interrupt leaves
+/// InterruptStatus): one the guest may never have seen, since KVM may
+/// inject an irqfd's edge from a work queue that can still be pending when
+/// the vCPUs park and their LAPICs are read. KVM injects a count that is
+/// already on an eventfd as the irqfd is assigned; raised into a VM
+/// without vCPUs, its MSI would reach no LAPIC, and KVM_SET_LAPIC would
+/// overwrite it anyway. A lost UART interrupt leaves
 /// the guest's 8250 driver waiting forever to send more: a silent guest.
 #[derive(Default)]
 struct IrqLines(Vec<(EventFd, u32)>);

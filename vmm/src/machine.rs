@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use crate::builder::VmmError;
 use crate::config::DiskSource;
 use crate::devices::init_port::InitReport;
+use crate::devices::ioapic::Ioapic;
 use crate::devices::lock;
 use crate::devices::serial::{RawTerminal, Serial};
 use crate::devices::virtio::GuestMemoryMmap;
@@ -43,6 +44,8 @@ pub struct VmOutcome {
 /// The devices of a machine, as a snapshot needs them: each in the
 /// order of its slot.
 pub(crate) struct Devices {
+    /// The IOAPIC, which routes every device's interrupt line.
+    pub(crate) ioapic: Arc<Mutex<Ioapic>>,
     /// COM1, the console.
     pub(crate) serial: Arc<Mutex<Serial>>,
     /// The block devices' transports, /dev/vda first.
@@ -300,6 +303,7 @@ mod tests {
             })
             .collect();
         Devices {
+            ioapic: Arc::new(Mutex::new(Ioapic::unrouted())),
             serial: Arc::new(Mutex::new(Serial::new(
                 EventFd::new(0).unwrap(),
                 Box::new(std::io::sink()),

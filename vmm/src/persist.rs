@@ -25,6 +25,7 @@ use crate::vstate::vm;
 
 /// The saved state of every device of a machine, in slot order.
 struct DeviceStates {
+    ioapic: crate::devices::ioapic::IoapicState,
     serial: crate::devices::serial::SerialSnapshot,
     disks: Vec<crate::devices::virtio::mmio::TransportState>,
     vsock: Option<crate::devices::virtio::mmio::TransportState>,
@@ -36,6 +37,7 @@ impl Devices {
     /// device added to [`Devices`] does not compile until it is saved.
     fn save(&self) -> DeviceStates {
         let Devices {
+            ioapic,
             serial,
             transports,
             blocks: _,
@@ -43,6 +45,7 @@ impl Devices {
             net,
         } = self;
         DeviceStates {
+            ioapic: lock(ioapic).save(),
             serial: lock(serial).save(),
             disks: transports.iter().map(|t| lock(t).save()).collect(),
             vsock: vsock.as_ref().map(|t| lock(t).save()),
@@ -129,6 +132,7 @@ impl Machine {
             cmdline: self.cmdline.clone(),
             vm,
             vcpus,
+            ioapic: devices.ioapic,
             serial: devices.serial,
             disks: devices.disks,
             vsock: devices.vsock,
@@ -217,6 +221,7 @@ mod tests {
     use vmm_sys_util::eventfd::EventFd;
 
     use super::*;
+    use crate::devices::ioapic::Ioapic;
     use crate::devices::serial::Serial;
     use crate::devices::virtio::mmio::MmioTransport;
     use crate::devices::virtio::net::tap::Tap;
@@ -238,6 +243,7 @@ mod tests {
         ));
         let transport = Arc::new(Mutex::new(MmioTransport::new(mem, net.clone()).unwrap()));
         let devices = Devices {
+            ioapic: Arc::new(Mutex::new(Ioapic::unrouted())),
             serial: Arc::new(Mutex::new(Serial::new(
                 EventFd::new(0).unwrap(),
                 Box::new(std::io::sink()),

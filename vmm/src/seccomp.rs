@@ -15,8 +15,8 @@ use std::fmt;
 use vmm_sys_util::ioctl::{_IOC_NONE, _IOC_READ, _IOC_WRITE, ioctl_expr};
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msrs, kvm_regs,
-    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    kvm_clock_data, kvm_debugregs, kvm_irq_routing, kvm_lapic_state, kvm_mp_state, kvm_msrs,
+    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use seccompiler::{
     BackendError, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
@@ -141,11 +141,13 @@ const KVM_VCPU_SAVE_IOCTLS: [u64; 10] = [
     kvm_ioctl::<kvm_xcrs>(_IOC_READ, 0xa6),  // KVM_GET_XCRS
 ];
 
-/// The VM ioctls a snapshot reads the VM's state with (`vstate::vm`).
-const KVM_VM_SAVE_IOCTLS: [u64; 2] = [
-    kvm_ioctl::<kvm_irqchip>(_IOC_READ | _IOC_WRITE, 0x62), // KVM_GET_IRQCHIP
-    kvm_ioctl::<kvm_clock_data>(_IOC_READ, 0x7c),           // KVM_GET_CLOCK
-];
+/// The VM ioctl a snapshot reads the VM's state with (`vstate::vm`):
+/// KVM_GET_CLOCK.
+const KVM_GET_CLOCK: u64 = kvm_ioctl::<kvm_clock_data>(_IOC_READ, 0x7c);
+
+/// The VM ioctl the IOAPIC routes its pins with (`devices::ioapic`):
+/// KVM_SET_GSI_ROUTING, `_IOW(KVMIO, 0x6a, struct kvm_irq_routing)`.
+const KVM_SET_GSI_ROUTING: u64 = kvm_ioctl::<kvm_irq_routing>(_IOC_WRITE, 0x6a);
 
 type Rules = Vec<(i64, Vec<SeccompRule>)>;
 
@@ -343,16 +345,18 @@ fn vmm_rules() -> Result<Rules, BackendError> {
         allow(libc::SYS_getpid),
         // RawTerminal's Drop restores the host terminal's mode: glibc's
         // tcsetattr(TCSANOW) reads the current mode (TCGETS), then sets it
-        // (TCSETS). A snapshot reads the VM's interrupt controllers
-        // and clock. virtio-net sets its tap's offloads (TUNSETOFFLOAD)
+        // (TCSETS). A snapshot reads the VM's clock. virtio-net sets its tap's offloads (TUNSETOFFLOAD)
         // to what the driver acked, once it activates. No other ioctl.
         (
             libc::SYS_ioctl,
             arg_in(
                 1,
-                [libc::TCGETS, libc::TCSETS, libc::TUNSETOFFLOAD]
-                    .into_iter()
-                    .chain(KVM_VM_SAVE_IOCTLS),
+                [
+                    libc::TCGETS,
+                    libc::TCSETS,
+                    libc::TUNSETOFFLOAD,
+                    KVM_GET_CLOCK,
+                ],
             )?,
         ),
         // The control channel from the instance's VMM: a request read and
@@ -397,10 +401,17 @@ fn vmm_rules() -> Result<Rules, BackendError> {
 /// so it only enters the guest and, parked for a snapshot, reads its state.
 fn vcpu_rules() -> Result<Rules, BackendError> {
     Ok(vec![
-        // The run loop entering the guest; a snapshot's KVM_GET_* calls.
+        // The run loop entering the guest; a snapshot's KVM_GET_* calls;
+        // the guest programming the IOAPIC (an MMIO exit served on this
+        // thread), whose unmasked pins become KVM's MSI routes.
         (
             libc::SYS_ioctl,
-            arg_in(1, std::iter::once(KVM_RUN).chain(KVM_VCPU_SAVE_IOCTLS))?,
+            arg_in(
+                1,
+                [KVM_RUN, KVM_SET_GSI_ROUTING]
+                    .into_iter()
+                    .chain(KVM_VCPU_SAVE_IOCTLS),
+            )?,
         ),
         // Returning from the handler of the signal that kicks the vCPU out
         // of KVM_RUN.
@@ -758,13 +769,13 @@ mod tests {
     fn kvm_ioctls_are_the_documented_numbers() {
         assert_eq!(KVM_RUN, 0xae80);
         // From linux/kvm.h as compiled: KVM_GET_REGS, KVM_GET_MSRS,
-        // KVM_GET_XSAVE, KVM_GET_TSC_KHZ, KVM_GET_IRQCHIP, KVM_GET_CLOCK.
+        // KVM_GET_XSAVE, KVM_GET_TSC_KHZ, KVM_GET_CLOCK, KVM_SET_GSI_ROUTING.
         assert_eq!(KVM_VCPU_SAVE_IOCTLS[0], 0x8090_ae81);
         assert_eq!(KVM_VCPU_SAVE_IOCTLS[2], 0xc008_ae88);
         assert_eq!(KVM_VCPU_SAVE_IOCTLS[8], 0x9000_aea4);
         assert_eq!(KVM_VCPU_SAVE_IOCTLS[7], 0xaea3);
-        assert_eq!(KVM_VM_SAVE_IOCTLS[0], 0xc208_ae62);
-        assert_eq!(KVM_VM_SAVE_IOCTLS[1], 0x8030_ae7c);
+        assert_eq!(KVM_GET_CLOCK, 0x8030_ae7c);
+        assert_eq!(KVM_SET_GSI_ROUTING, 0x4008_ae6a);
     }
 
     #[test]

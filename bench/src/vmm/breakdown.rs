@@ -58,7 +58,7 @@ const VM_STAGES: [Milestone; 7] = [
     (
         Role::Vm,
         "memory-mapped",
-        "guest memory mapped from the snapshot file, the KVM VM made, its state (irqchip, clock) set",
+        "guest memory mapped from the snapshot file, the KVM VM made, its clock set",
     ),
     (
         Role::Vm,

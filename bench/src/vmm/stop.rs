@@ -23,10 +23,11 @@ use super::report::Latency;
 use super::restore::{BEAT_CMDLINE, HEARTBEAT, first_heartbeat};
 
 /// How long past its first heartbeat a VM runs before it is sent SIGTERM.
-/// KVM_CREATE_IRQCHIP starts an SRCU grace period (about 16 ms on these
-/// hosts) that tearing the VM down waits out: stopped younger, the VM's
-/// stop would time that wait rather than the stop itself. A real guest
-/// lives far longer than this before it is stopped.
+/// QEMU's KVM_CREATE_IRQCHIP (Kiln's split irqchip has none) starts an
+/// SRCU grace period (about 16 ms on these hosts) that tearing its VM
+/// down waits out: stopped younger, QEMU's stop would time that wait
+/// rather than the stop itself. A real guest lives far longer than this
+/// before it is stopped.
 pub const STOP_AGE: Duration = Duration::from_millis(50);
 
 /// QEMU's exit status on SIGTERM: it says `terminating on signal 15` and

@@ -1,8 +1,10 @@
 //! Emulated devices. A device never sees a KVM file descriptor: it is handed
-//! guest memory and an interrupt `EventFd`, and is reached through a [`bus::Bus`].
+//! guest memory and an interrupt `EventFd` (the IOAPIC, where its routes
+//! go: [`ioapic::MsiRouter`]), and is reached through a [`bus::Bus`].
 pub mod bus;
 pub mod i8042;
 pub mod init_port;
+pub mod ioapic;
 pub mod persist;
 pub mod serial;
 pub mod virtio;

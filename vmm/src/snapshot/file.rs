@@ -29,7 +29,10 @@ pub const MAGIC: [u8; 8] = *b"KILNSNAP";
 /// The layout above and what its body holds; a reader refuses any other.
 /// 2: the VM has no PIT, so its state has none (a VM saved with one
 /// would be restored without it, under a guest that may use it).
-pub const FORMAT_VERSION: u32 = 2;
+/// 3: the IOAPIC is the VMM's and there is no 8259 (KVM's split
+/// irqchip): a guest saved with KVM's chips, whose routes were in them,
+/// would find no interrupt routed.
+pub const FORMAT_VERSION: u32 = 3;
 
 /// The Kiln version a state file records as its writer.
 pub const KILN_VERSION: &str = env!("CARGO_PKG_VERSION");

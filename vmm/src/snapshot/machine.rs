@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::file::{self, SnapshotFileError};
 use crate::arch::x86_64::cpuid::{LEAF1_ECX_KILN_BITS, LEAF1_EDX_KILN_BITS};
+use crate::devices::ioapic::IoapicState;
 use crate::devices::serial::SerialSnapshot;
 use crate::devices::virtio::block::BlockError;
 use crate::devices::virtio::mmio::TransportState;
@@ -34,10 +35,13 @@ pub struct MachineState {
     pub memory_mib: u32,
     /// The kernel command line it booted with (for `kiln snapshot` to show).
     pub cmdline: String,
-    /// The VM-wide KVM state (clock, interrupt controllers).
+    /// The VM-wide KVM state (kvmclock).
     pub vm: VmState,
-    /// Each vCPU's registers and KVM state, in vCPU index order.
+    /// Each vCPU's registers and KVM state (its local APIC's too), in
+    /// vCPU index order.
     pub vcpus: Vec<VcpuState>,
+    /// The IOAPIC's registers.
+    pub ioapic: IoapicState,
     /// The serial port's registers and the bytes in its receive FIFO.
     pub serial: SerialSnapshot,
     /// The virtio-mmio block devices, in slot order (/dev/vda first).

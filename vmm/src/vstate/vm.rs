@@ -1,9 +1,12 @@
-//! The KVM VM: capabilities, in-kernel interrupt controllers, guest
+//! The KVM VM: capabilities, the split irqchip and its MSI routes, guest
 //! memory slots, irqfds and ioeventfds.
 //!
+//! The local APICs are KVM's; the IOAPIC is the VMM's
+//! ([`crate::devices::ioapic`], which says why), and there is no 8259.
+//!
 //! No 8254 PIT, as on QEMU's microvm with `pit=off` (the peer `kiln
-//! bench` runs) and on Cloud Hypervisor (whose split irqchip leaves no
-//! in-kernel PIC for a PIT to hang on). A Linux guest whose CPUID shows
+//! bench` runs) and on Cloud Hypervisor: KVM's PIT hangs on its in-kernel
+//! PIC, which a split irqchip has none of. A Linux guest whose CPUID shows
 //! the TSC-deadline timer and ARAT, and whose TSC frequency kvmclock
 //! tells, never needs the PIT (arch/x86/kernel/apic/apic.c,
 //! `apic_needs_pit`); [`crate::arch::x86_64::cpuid`] shows both. KVM's
@@ -13,9 +16,12 @@
 //! never expedited). On this project's hosts, closing a VM that has lived
 //! 20 to 50 ms took 14.6 ms with a PIT and 0.5 to 1 ms without; every
 //! instance stop and clone teardown paid it.
+use std::io;
+use std::sync::{Arc, Weak};
+
 use kvm_bindings::{
-    CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_MAX_CPUID_ENTRIES, kvm_clock_data, kvm_irqchip, kvm_userspace_memory_region,
+    CpuId, KVM_CAP_SPLIT_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES, KvmIrqRouting,
+    kvm_clock_data, kvm_enable_cap, kvm_irq_routing_msi, kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use serde::{Deserialize, Serialize};
@@ -23,14 +29,16 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::KVM_TSS_ADDRESS;
+use crate::devices::ioapic::{IOAPIC_PINS, MsiRoute, MsiRouter};
 use crate::devices::virtio::GuestMemoryMmap;
 
 /// The KVM API version every kernel since 2.6.22 reports.
 const KVM_API_VERSION: i32 = 12;
 
 /// What Kiln needs from KVM, named for the error message.
-const REQUIRED_CAPS: [(Cap, &str); 7] = [
-    (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+const REQUIRED_CAPS: [(Cap, &str); 8] = [
+    (Cap::SplitIrqchip, "KVM_CAP_SPLIT_IRQCHIP"),
+    (Cap::IrqRouting, "KVM_CAP_IRQ_ROUTING"),
     (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
     (Cap::Irqfd, "KVM_CAP_IRQFD"),
     (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
@@ -75,31 +83,19 @@ pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, VmError> {
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))
 }
 
-/// The VM-wide state a snapshot carries: the in-kernel interrupt
-/// controllers and kvmclock (the vCPUs' state is separate).
+/// The VM-wide state a snapshot carries: kvmclock (the vCPUs' state,
+/// local APICs included, is separate, and the IOAPIC is a device's).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VmState {
-    /// The master 8259 PIC (KVM_IRQCHIP_PIC_MASTER).
-    pub pic_master: kvm_irqchip,
-    /// The slave 8259 PIC, cascaded on the master's IRQ 2.
-    pub pic_slave: kvm_irqchip,
-    /// The IOAPIC: its redirection table routes every device interrupt.
-    pub ioapic: kvm_irqchip,
     /// kvmclock's guest time, without the host-time flags (see
     /// [`Vm::save_state`]).
     pub clock: kvm_clock_data,
 }
 
-/// The chips KVM_GET_IRQCHIP reads one at a time.
-const IRQCHIPS: [u32; 3] = [
-    KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE,
-    KVM_IRQCHIP_IOAPIC,
-];
-
-/// A VM with its interrupt controllers and memory.
+/// A VM with its local APICs and memory.
 pub struct Vm {
-    fd: VmFd,
+    /// Shared only weakly, with the IOAPIC's [`GsiRouting`].
+    fd: Arc<VmFd>,
 }
 
 impl Vm {
@@ -133,11 +129,21 @@ impl Vm {
         // needs them for real-mode emulation).
         fd.set_tss_address(KVM_TSS_ADDRESS as usize)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        // PIC, IOAPIC and per-vCPU LAPICs in the kernel: interrupts never
-        // need a VMM round trip.
-        fd.create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        Ok(Vm { fd })
+        // The local APICs in the kernel, the IOAPIC in the VMM, its pins
+        // KVM's first GSIs; before any vCPU, as KVM requires.
+        let split_irqchip = kvm_enable_cap {
+            cap: KVM_CAP_SPLIT_IRQCHIP,
+            args: [IOAPIC_PINS as u64, 0, 0, 0],
+            ..Default::default()
+        };
+        fd.enable_cap(&split_irqchip)
+            .map_err(kvm_err("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"))?;
+        Ok(Vm { fd: Arc::new(fd) })
+    }
+
+    /// Where the IOAPIC sets its pins' routes.
+    pub fn gsi_routing(&self) -> GsiRouting {
+        GsiRouting(Arc::downgrade(&self.fd))
     }
 
     /// The VM's file descriptor, for creating vCPUs.
@@ -145,15 +151,8 @@ impl Vm {
         &self.fd
     }
 
-    /// Reads the interrupt controllers and clock (vCPUs paused).
+    /// Reads the clock (vCPUs paused).
     pub fn save_state(&self) -> Result<VmState, VmError> {
-        let [pic_master, pic_slave, ioapic] = IRQCHIPS.map(|chip_id| {
-            let mut chip = kvm_irqchip {
-                chip_id,
-                ..Default::default()
-            };
-            self.fd.get_irqchip(&mut chip).map(|()| chip)
-        });
         let mut clock = self.fd.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?;
         // KVM_GET_CLOCK reports whether the clock is stable and with which
         // host time it was read; KVM_SET_CLOCK takes none of that back but
@@ -161,28 +160,18 @@ impl Vm {
         // time the snapshot lay on disk. The guest goes on from the instant
         // it was saved instead, as a suspended machine does.
         clock.flags = 0;
-        Ok(VmState {
-            pic_master: pic_master.map_err(kvm_err("KVM_GET_IRQCHIP"))?,
-            pic_slave: pic_slave.map_err(kvm_err("KVM_GET_IRQCHIP"))?,
-            ioapic: ioapic.map_err(kvm_err("KVM_GET_IRQCHIP"))?,
-            clock,
-        })
+        Ok(VmState { clock })
     }
 
     /// Writes a saved state into this fresh VM, before its vCPUs exist.
     pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
         self.fd
             .set_clock(&state.clock)
-            .map_err(kvm_err("KVM_SET_CLOCK"))?;
-        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
-            self.fd
-                .set_irqchip(chip)
-                .map_err(kvm_err("KVM_SET_IRQCHIP"))?;
-        }
-        Ok(())
+            .map_err(kvm_err("KVM_SET_CLOCK"))
     }
 
-    /// Writing `evt` raises interrupt line `gsi` in the kernel's IOAPIC.
+    /// Writing `evt` raises interrupt line `gsi`: KVM sends the MSI the
+    /// IOAPIC routed the line's pin to, if it is unmasked.
     pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
         self.fd
             .register_irqfd(evt, gsi)
@@ -200,5 +189,33 @@ impl Vm {
         self.fd
             .register_ioevent(evt, &IoEventAddress::Mmio(addr), datamatch)
             .map_err(kvm_err("KVM_IOEVENTFD"))
+    }
+}
+
+/// KVM's GSI routing table, which the IOAPIC fills with its pins' MSIs.
+/// It holds the VM weakly: the VM's descriptor closes with the [`Vm`],
+/// before the guest memory its slots point into is unmapped, and a route
+/// set after that (by no one: the vCPUs have stopped) goes nowhere.
+pub struct GsiRouting(Weak<VmFd>);
+
+impl MsiRouter for GsiRouting {
+    /// KVM_SET_GSI_ROUTING with `routes`, replacing every route.
+    fn set_routes(&self, routes: &[MsiRoute]) -> io::Result<()> {
+        let Some(fd) = self.0.upgrade() else {
+            return Ok(());
+        };
+        let mut table = KvmIrqRouting::new(routes.len())
+            .map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        for (entry, route) in table.as_mut_slice().iter_mut().zip(routes) {
+            entry.gsi = route.gsi;
+            entry.type_ = KVM_IRQ_ROUTING_MSI;
+            entry.u.msi = kvm_irq_routing_msi {
+                address_lo: route.address,
+                data: route.data,
+                ..Default::default()
+            };
+        }
+        fd.set_gsi_routing(&table)
+            .map_err(|err| io::Error::from_raw_os_error(err.errno()))
     }
 }

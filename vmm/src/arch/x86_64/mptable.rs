@@ -68,12 +68,17 @@ pub fn write<M: GuestMemory>(mem: &M, vcpus: u8) -> Result<(), MptableError> {
     Ok(())
 }
 
+/// The IOAPIC's APIC ID: the vCPUs have IDs 0 to `vcpus - 1`, the IOAPIC
+/// the next.
+pub const fn ioapic_id(vcpus: u8) -> u8 {
+    vcpus
+}
+
 fn build(vcpus: u8) -> Result<Vec<u8>, MptableError> {
     if vcpus == 0 || usize::from(vcpus) > max_vcpus() {
         return Err(MptableError::TooManyVcpus(vcpus));
     }
-    // APIC ids 0..vcpus; the IOAPIC takes the next id.
-    let ioapic_id = vcpus;
+    let ioapic_id = ioapic_id(vcpus);
     let mut entries = Vec::new();
     for cpu in 0..vcpus {
         let flags = CPU_ENABLED | if cpu == 0 { CPU_BOOTSTRAP } else { 0 };
