@@ -105,6 +105,7 @@ fn assemble(out: &Path, source: &Source) -> Result<PathBuf> {
         ("INIT_STARTED", InitEvent::InitStarted.encode().into()),
         ("VIRTIO_MMIO_START", layout::VIRTIO_MMIO_START),
         ("MMIO_SLOT_SIZE", MMIO_REGION_SIZE),
+        ("IOAPIC_START", layout::IOAPIC_START),
         ("PDPT_START", layout::PDPTE_START),
     ];
     sh::run(

@@ -19,6 +19,12 @@
  *                                 returns receive buffers or credit
  *   init-flood                    INIT_FLOOD_WRITES malformed writes to
  *                                 the guest-init port
+ *   ioapic-flood                  IOAPIC_FLOOD_ROUNDS rounds of redirection
+ *                                 entries rewritten with arbitrary bits (most
+ *                                 a new route for KVM), stray widths and
+ *                                 reserved registers; then the version
+ *                                 register read back:
+ *                                   hostile: ioapic-flood ver=V
  * A queue attack offers its chain QUEUE_ROUNDS times, each time waiting
  * for the device to return it (or to set DEVICE_NEEDS_RESET, or for a
  * timeout), then prints one line on COM1:
@@ -31,9 +37,9 @@
  * the machine through the i8042, which ends the VM with status 0.
  * An unknown or missing attack prints "hostile: no attack" and resets.
  *
- * INIT_PORT, INIT_STARTED, VIRTIO_MMIO_START, MMIO_SLOT_SIZE and
- * PDPT_START come from the VMM's own constants: `cargo xtask stub` passes
- * them to `as` with --defsym.
+ * INIT_PORT, INIT_STARTED, VIRTIO_MMIO_START, MMIO_SLOT_SIZE,
+ * IOAPIC_START and PDPT_START come from the VMM's own constants: `cargo
+ * xtask stub` passes them to `as` with --defsym.
  */
 	.intel_syntax noprefix
 
@@ -154,6 +160,16 @@
 	.set WRAPPING_ADDRESS, 0xffffffffffffff00
 	.set SERIAL_FLOOD_BYTES, 1 << 20
 	.set INIT_FLOOD_WRITES, 1 << 16
+	.set IOAPIC_FLOOD_ROUNDS, 1 << 14
+	/* The IOAPIC's registers (82093AA §3): IOREGSEL, IOWIN, IOAPICVER,
+	 * the first redirection register, and the first one past the last. */
+	.set IOREGSEL, 0x00
+	.set IOWIN, 0x10
+	.set IOAPICVER, 0x01
+	.set IOREDTBL, 0x10
+	.set IOREDTBL_END, 0x40
+	/* Spreads a round's number over all 32 bits (Knuth's multiplier). */
+	.set SCATTER, 0x9e3779b9
 	/* An entry of the attack table (.rodata): four quadwords. */
 	.set ATTACK_WORD, 0
 	.set ATTACK_RUN, 8
@@ -676,6 +692,41 @@ attack_init_flood:
 	lea rsi, [rip + init_done]
 	jmp print
 
+/* Every round rewrites one of the first 16 redirection entries, both
+ * halves, with bits scattered from the round's number: vectors, delivery
+ * modes, destinations, masks and the read-only and reserved bits all
+ * change, so most rounds change a route. Between them: a byte write to
+ * IOWIN, a word and a quadword to IOREGSEL, a write past the last entry
+ * and one to the read-only version register. */
+attack_ioapic_flood:
+	mov edi, IOAPIC_START
+	mov ecx, IOAPIC_FLOOD_ROUNDS
+.Lioapic_round:
+	mov eax, ecx
+	and eax, 15
+	lea eax, [eax * 2 + IOREDTBL + 1]
+	mov dword ptr [rdi + IOREGSEL], eax
+	imul edx, ecx, SCATTER
+	mov dword ptr [rdi + IOWIN], edx
+	dec eax
+	mov dword ptr [rdi + IOREGSEL], eax
+	rol edx, 13
+	mov dword ptr [rdi + IOWIN], edx
+	mov byte ptr [rdi + IOWIN], dl
+	mov word ptr [rdi + IOREGSEL], IOREDTBL_END
+	mov dword ptr [rdi + IOWIN], edx
+	mov rax, IOAPICVER
+	mov qword ptr [rdi + IOREGSEL], rax
+	mov dword ptr [rdi + IOWIN], edx
+	loop .Lioapic_round
+	mov dword ptr [rdi + IOREGSEL], IOAPICVER
+	lea rsi, [rip + ioapic_done]
+	call print
+	mov eax, dword ptr [rdi + IOWIN]
+	call print_hex
+	lea rsi, [rip + crlf]
+	jmp print
+
 	.section .rodata
 	/* The attacks: the command-line word, the routine, and for a queue
 	 * attack its chain writer and how far each round moves the
@@ -693,6 +744,7 @@ attacks:
 	.quad word_vsock_credit, attack_vsock_credit, 0, 0
 	.quad word_serial_flood, attack_serial_flood, 0, 0
 	.quad word_init_flood, attack_init_flood, 0, 0
+	.quad word_ioapic_flood, attack_ioapic_flood, 0, 0
 	.quad 0, 0, 0, 0
 word_blk_loop:
 	.asciz "kiln.hostile=blk-loop"
@@ -716,6 +768,8 @@ word_serial_flood:
 	.asciz "kiln.hostile=serial-flood"
 word_init_flood:
 	.asciz "kiln.hostile=init-flood"
+word_ioapic_flood:
+	.asciz "kiln.hostile=ioapic-flood"
 hex_digits:
 	.ascii "0123456789abcdef"
 report_prefix:
@@ -744,3 +798,5 @@ serial_done:
 	.asciz "\r\nhostile: serial-flood done\r\n"
 init_done:
 	.asciz "hostile: init-flood done\r\n"
+ioapic_done:
+	.asciz "hostile: ioapic-flood ver="
