@@ -70,9 +70,11 @@ expect_contains held-address-names-the-holder "$WORK/held.txt" "is held by insta
 "$KILN" ps -a > "$WORK/ps.txt" 2>&1
 check held-address-starts-nothing sh -c "! grep -q ' r0 ' '$WORK/ps.txt'"
 # Two instances from one snapshot, their NICs isolated: each counts on
-# from where it was taken.
+# from where it was taken. The second names it by a relative path, which
+# the jailed VM process must still find.
 check restore-first "$KILN" snapshot restore "$WORK/snap1" --name r1 --network none
-check restore-second "$KILN" snapshot restore "$WORK/snap1" --name r2 --network none
+check restore-second sh -c 'cd "$1" && exec "$2" snapshot restore snap1 --name r2 --network none' \
+    restore "$WORK" "$KILN"
 wait_console r1 "^count $((before + 1)) .*marker written before the snapshot" first-restore-runs-with-the-file
 wait_console r2 "^count $((before + 1)) .*marker written before the snapshot" second-restore-runs-with-the-file
 expect_eq first-restore-did-not-boot 0 "$(grep -c '^count 1 ' "$WORK/r1.txt")"

@@ -205,6 +205,10 @@ pub fn restore(
     timeout: Duration,
 ) -> Result<Instance, LifecycleError> {
     let (mut spec, user_data) = snapshots::read(dir, name)?;
+    // The VMM process and the VM process (a jailed one in a root of its
+    // own) are given the snapshot's path, which must not depend on this
+    // process's working directory.
+    let dir = &snapshots::absolute(dir)?;
     if isolate && spec.network != Network::None {
         spec.network = Network::Isolated;
         spec.private_ip = None;

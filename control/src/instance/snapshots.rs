@@ -122,6 +122,12 @@ pub fn read(dir: &Path, name: Option<String>) -> Result<(Spec, Option<Vec<u8>>),
     Ok((spec, user_data))
 }
 
+/// `dir` as an absolute path, for processes with other working
+/// directories (or other roots, bound to the path) to find it by.
+pub fn absolute(dir: &Path) -> Result<PathBuf, SnapshotsError> {
+    std::path::absolute(dir).map_err(io_err(dir))
+}
+
 /// The snapshot in `dir`'s root volume writes, which an instance restored
 /// from it starts with a copy of.
 pub fn root_overlay(dir: &Path) -> PathBuf {
