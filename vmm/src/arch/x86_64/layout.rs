@@ -38,6 +38,8 @@ pub const CONVENTIONAL_MEMORY_END: u64 = 0xa0000;
 /// First byte above the legacy (ISA) hole.
 pub const HIMEM_START: u64 = 0x10_0000;
 
+use crate::devices::ioapic::IOAPIC_PINS;
+
 /// Start of the 32-bit MMIO gap below 4 GiB (3.25 GiB): no RAM there.
 pub const MMIO_GAP_START: u64 = 0xd000_0000;
 /// End of the 32-bit MMIO gap.
@@ -55,5 +57,5 @@ pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 /// IOAPIC pins 0-15 are the legacy ISA IRQs (4: COM1); virtio devices take
 /// the pins from 5 on, skipping none of the ones we emulate.
 pub const IRQ_VIRTIO_FIRST: u32 = 5;
-/// The last IOAPIC pin (KVM's in-kernel IOAPIC has 24).
-pub const IRQ_MAX: u32 = 23;
+/// The last IOAPIC pin.
+pub const IRQ_MAX: u32 = IOAPIC_PINS as u32 - 1;

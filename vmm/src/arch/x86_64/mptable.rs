@@ -9,6 +9,7 @@
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
 
 use super::layout::{APIC_START, CONVENTIONAL_MEMORY_END, EBDA_START, IOAPIC_START, IRQ_MAX};
+use crate::devices::ioapic::IOAPIC_VERSION;
 
 // Entry types and sizes (MP spec §4.3, Table 4-3).
 const ENTRY_PROCESSOR: u8 = 0;
@@ -25,8 +26,6 @@ const HEADER_SIZE: usize = 44;
 const SPEC_REVISION: u8 = 4;
 /// A local APIC version of the integrated (xAPIC) kind.
 const APIC_VERSION: u8 = 0x14;
-/// IOAPIC version of the 82093AA.
-const IOAPIC_VERSION: u8 = 0x11;
 /// Processor flags: bit 0 enabled, bit 1 bootstrap processor (§4.3.1).
 const CPU_ENABLED: u8 = 1;
 const CPU_BOOTSTRAP: u8 = 2;

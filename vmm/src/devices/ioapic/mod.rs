@@ -15,8 +15,8 @@
 //! irqfd on the GSI of its pin, and each unmasked pin's redirection entry
 //! becomes that GSI's MSI route in KVM (KVM_SET_GSI_ROUTING): the message
 //! an 82093AA sends the local APICs for the entry, which KVM delivers as
-//! its own IOAPIC would. The VMM only sees the guest program the chip,
-//! a few dozen MMIO writes at boot.
+//! its own IOAPIC would. The VMM only sees the guest program the chip:
+//! MMIO exits at boot, and when the guest masks or moves a pin.
 //!
 //! Every line is an edge: a write to its eventfd is one pulse (the UART's,
 //! a virtio transport's). A pin is delivered as an edge whatever trigger
@@ -39,6 +39,9 @@ use crate::devices::bus::BusDevice;
 pub const IOAPIC_MMIO_SIZE: u64 = 0x1000;
 /// The 82093AA's 24 pins (and KVM's in-kernel IOAPIC's).
 pub const IOAPIC_PINS: usize = 24;
+/// The 82093AA's version (IOAPICVER bits 7:0, §3.2.2), which the MP
+/// table gives too.
+pub const IOAPIC_VERSION: u8 = 0x11;
 
 /// IOREGSEL: which register IOWIN reads and writes (§3.1.1).
 const IOREGSEL: u64 = 0x00;
@@ -57,8 +60,8 @@ const IOREDTBL: u8 = 0x10;
 
 /// IOAPICID's and IOAPICARB's ID bits.
 const ID_BITS: u32 = 0x0f << 24;
-/// IOAPICVER: version 0x11 in bits 7:0, the last entry's index in 23:16.
-const VERSION: u32 = 0x11 | ((IOAPIC_PINS as u32 - 1) << 16);
+/// IOAPICVER: the version in bits 7:0, the last entry's index in 23:16.
+const VERSION: u32 = IOAPIC_VERSION as u32 | ((IOAPIC_PINS as u32 - 1) << 16);
 
 /// A redirection entry's fields (§3.2.4): vector in bits 7:0, delivery
 /// mode in 10:8, destination mode in 11, mask in 16, destination in 63:56.
