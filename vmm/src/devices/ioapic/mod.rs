@@ -227,41 +227,39 @@ impl BusDevice for Ioapic {
     }
 }
 
-/// Routes that go nowhere, for tests of the machine around the chip.
+/// Keeps every routing table it is given, for tests.
 #[cfg(test)]
-struct Unrouted;
+#[derive(Clone, Default)]
+pub(crate) struct Recorder(std::sync::Arc<std::sync::Mutex<Vec<Vec<MsiRoute>>>>);
 
 #[cfg(test)]
-impl MsiRouter for Unrouted {
-    fn set_routes(&self, _: &[MsiRoute]) -> io::Result<()> {
+impl Recorder {
+    /// Every table given so far, oldest first.
+    pub(crate) fn tables(&self) -> Vec<Vec<MsiRoute>> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+#[cfg(test)]
+impl MsiRouter for Recorder {
+    fn set_routes(&self, routes: &[MsiRoute]) -> io::Result<()> {
+        self.0.lock().unwrap().push(routes.to_vec());
         Ok(())
     }
 }
 
 #[cfg(test)]
 impl Ioapic {
-    /// A chip whose routes go nowhere, for tests of the machine around it.
+    /// A chip whose routes are only recorded, for tests of the machine
+    /// around it.
     pub(crate) fn unrouted() -> Self {
-        Self::new(0, Box::new(Unrouted))
+        Self::new(0, Box::new(Recorder::default()))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
-
     use super::*;
-
-    /// Keeps every routing table it is given.
-    #[derive(Clone, Default)]
-    struct Recorder(Arc<Mutex<Vec<Vec<MsiRoute>>>>);
-
-    impl MsiRouter for Recorder {
-        fn set_routes(&self, routes: &[MsiRoute]) -> io::Result<()> {
-            self.0.lock().unwrap().push(routes.to_vec());
-            Ok(())
-        }
-    }
 
     fn chip() -> (Ioapic, Recorder) {
         let recorder = Recorder::default();
@@ -299,7 +297,7 @@ mod tests {
         for pin in 0..IOAPIC_PINS as u8 {
             assert_eq!(read_register(&mut chip, IOREDTBL + 2 * pin), 1 << 16);
         }
-        assert!(recorder.0.lock().unwrap().is_empty());
+        assert!(recorder.tables().is_empty());
     }
 
     #[test]
@@ -312,7 +310,7 @@ mod tests {
         // Pin 5: logical destination 0x3, lowest priority, vector 0x40.
         write_register(&mut chip, IOREDTBL + 11, 0x03 << 24);
         write_register(&mut chip, IOREDTBL + 10, 0x40 | 1 << 8 | 1 << 11);
-        let tables = recorder.0.lock().unwrap();
+        let tables = recorder.tables();
         assert_eq!(
             tables.last().unwrap(),
             &[
@@ -339,7 +337,7 @@ mod tests {
         write_register(&mut chip, IOREDTBL + 8, 0x31);
         write_register(&mut chip, IOREDTBL + 8, 0x31);
         write_register(&mut chip, IOREDTBL + 8, 0x31 | 1 << 16);
-        let tables = recorder.0.lock().unwrap();
+        let tables = recorder.tables();
         assert_eq!(tables.len(), 2);
         assert_eq!(tables[1], []);
     }
@@ -354,7 +352,7 @@ mod tests {
             0x31 | 1 << 12 | 1 << 13 | 1 << 14 | 1 << 15,
         );
         assert_eq!(read_register(&mut chip, IOREDTBL), 0x31 | 1 << 13 | 1 << 15);
-        assert_eq!(recorder.0.lock().unwrap()[0][0].data, 0x31);
+        assert_eq!(recorder.tables()[0][0].data, 0x31);
     }
 
     #[test]
@@ -370,6 +368,6 @@ mod tests {
         chip.read(IOREGSEL, &mut byte);
         assert_eq!(byte, [IOREDTBL + 8]);
         assert_eq!(read_register(&mut chip, IOREDTBL + 8), 1 << 16);
-        assert!(recorder.0.lock().unwrap().is_empty());
+        assert!(recorder.tables().is_empty());
     }
 }

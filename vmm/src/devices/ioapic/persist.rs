@@ -76,44 +76,31 @@ impl Persist for Ioapic {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
-
-    use super::super::{IOREDTBL, IOREGSEL, IOWIN, MsiRoute};
+    use super::super::{IOREDTBL, IOREGSEL, IOWIN, Recorder};
     use super::*;
     use crate::devices::bus::BusDevice;
 
-    /// Keeps the last routing table it is given.
-    #[derive(Clone, Default)]
-    struct Last(Arc<Mutex<Option<Vec<MsiRoute>>>>);
-
-    impl MsiRouter for Last {
-        fn set_routes(&self, routes: &[MsiRoute]) -> io::Result<()> {
-            *self.0.lock().unwrap() = Some(routes.to_vec());
-            Ok(())
-        }
-    }
-
     #[test]
     fn a_restored_chip_routes_what_the_saved_one_did() {
-        let before = Last::default();
+        let before = Recorder::default();
         let mut chip = Ioapic::new(1, Box::new(before.clone()));
         chip.write(IOREGSEL, &[IOREDTBL + 10]);
         chip.write(IOWIN, &0x41u32.to_le_bytes());
         let json = serde_json::to_string(&chip.save()).unwrap();
 
-        let after = Last::default();
+        let after = Recorder::default();
         let state: IoapicState = serde_json::from_str(&json).unwrap();
         let restored = Ioapic::restore(Box::new(after.clone()), &state).unwrap();
-        assert_eq!(*after.0.lock().unwrap(), *before.0.lock().unwrap());
+        assert_eq!(after.tables().last(), before.tables().last());
         assert_eq!(restored.save(), state);
     }
 
     #[test]
     fn a_restored_chip_with_every_pin_masked_gives_kvm_nothing() {
-        let state = Ioapic::new(1, Box::new(Last::default())).save();
-        let after = Last::default();
+        let state = Ioapic::new(1, Box::new(Recorder::default())).save();
+        let after = Recorder::default();
         Ioapic::restore(Box::new(after.clone()), &state).unwrap();
-        assert_eq!(*after.0.lock().unwrap(), None);
+        assert!(after.tables().is_empty());
     }
 
     #[test]
@@ -123,7 +110,7 @@ mod tests {
             selected: 0,
             entries: vec![0; 16],
         };
-        let err = Ioapic::restore(Box::new(Last::default()), &state)
+        let err = Ioapic::restore(Box::new(Recorder::default()), &state)
             .err()
             .unwrap();
         assert_eq!(
