@@ -24,6 +24,15 @@ pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
         );
     }
     let mut ready = virt.can_boot_linux();
+    // When /dev/kvm does not open, the line above says why.
+    match kiln_vmm::vstate::vm::missing_caps_here() {
+        Some(missing) if missing.is_empty() => println!("KVM: every capability Kiln needs"),
+        Some(missing) => {
+            ready = false;
+            println!("KVM: lacks {}, which Kiln needs", missing.join(", "));
+        }
+        None => {}
+    }
     for (label, asset) in [
         ("guest kernel", Asset::Kernel),
         ("guest-init", Asset::GuestInit),

@@ -16,6 +16,7 @@ fi
 
 "$KILN" doctor > "$WORK/doctor.txt" 2>&1
 expect_contains doctor-says-jail-on "$WORK/doctor.txt" "^jail: on: "
+expect_contains doctor-finds-every-kvm-capability "$WORK/doctor.txt" "^KVM: every capability Kiln needs"
 "$KILN" --no-jail doctor > "$WORK/no-jail.txt" 2> "$WORK/no-jail.err"
 expect_contains no-jail-doctor-says-off "$WORK/no-jail.txt" "^jail: OFF (KILN_JAIL=0)"
 expect_contains no-jail-warns-on-stderr "$WORK/no-jail.err" "WARNING: the jail is off.*debugging only"

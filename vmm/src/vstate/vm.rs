@@ -73,6 +73,22 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
+/// The capabilities Kiln needs that this host's KVM lacks, when /dev/kvm
+/// opens (for `kiln doctor`).
+pub fn missing_caps_here() -> Option<Vec<&'static str>> {
+    let kvm = Kvm::new().ok()?;
+    Some(missing_caps(&kvm).collect())
+}
+
+/// The capabilities Kiln needs that `kvm` lacks, named as in the KVM API
+/// documentation.
+fn missing_caps(kvm: &Kvm) -> impl Iterator<Item = &'static str> {
+    REQUIRED_CAPS
+        .iter()
+        .filter(|(cap, _)| !kvm.check_extension(*cap))
+        .map(|(_, name)| *name)
+}
+
 /// What this host's KVM can show a guest (KVM_GET_SUPPORTED_CPUID). Ask
 /// it once per VM: KVM answers by executing CPUID for every leaf it
 /// reports, and on a host that is itself a VM (as this project's PVM hosts
@@ -105,10 +121,7 @@ impl Vm {
         if version != KVM_API_VERSION {
             return Err(VmError::ApiVersion(version));
         }
-        if let Some((_, name)) = REQUIRED_CAPS
-            .iter()
-            .find(|(cap, _)| !kvm.check_extension(*cap))
-        {
+        if let Some(name) = missing_caps(kvm).next() {
             return Err(VmError::MissingCap(name));
         }
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
