@@ -345,8 +345,9 @@ fn vmm_rules() -> Result<Rules, BackendError> {
         allow(libc::SYS_getpid),
         // RawTerminal's Drop restores the host terminal's mode: glibc's
         // tcsetattr(TCSANOW) reads the current mode (TCGETS), then sets it
-        // (TCSETS). A snapshot reads the VM's clock. virtio-net sets its tap's offloads (TUNSETOFFLOAD)
-        // to what the driver acked, once it activates. No other ioctl.
+        // (TCSETS). A snapshot reads the VM's clock. virtio-net sets its
+        // tap's offloads (TUNSETOFFLOAD) to what the driver acked, once it
+        // activates. No other ioctl.
         (
             libc::SYS_ioctl,
             arg_in(

@@ -12,6 +12,8 @@
 //! 0x1_0000_0000  RAM above 4 GiB, when the VM has more than fits below the gap
 //! ```
 
+use crate::devices::ioapic::IOAPIC_PINS;
+
 /// The boot GDT. Low memory that the kernel overwrites later.
 pub const BOOT_GDT_START: u64 = 0x500;
 /// The boot IDT: one null entry, so an early exception triple-faults.
@@ -37,8 +39,6 @@ pub const EBDA_START: u64 = 0x9fc00;
 pub const CONVENTIONAL_MEMORY_END: u64 = 0xa0000;
 /// First byte above the legacy (ISA) hole.
 pub const HIMEM_START: u64 = 0x10_0000;
-
-use crate::devices::ioapic::IOAPIC_PINS;
 
 /// Start of the 32-bit MMIO gap below 4 GiB (3.25 GiB): no RAM there.
 pub const MMIO_GAP_START: u64 = 0xd000_0000;

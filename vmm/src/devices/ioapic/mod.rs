@@ -162,20 +162,26 @@ impl Ioapic {
         (index < 2 * IOAPIC_PINS).then_some((index / 2, index % 2 == 1))
     }
 
-    /// Gives KVM the routes of the unmasked pins, if they changed: a
-    /// guest rewriting an entry as it was (Linux writes the high half,
-    /// then the low) costs no ioctl. A route KVM refuses leaves the pin
-    /// without interrupts, which the guest cannot be told of: it is
-    /// logged.
+    /// [`Self::sync_routes`] after a guest's write. A route KVM refuses
+    /// leaves the pin without interrupts, which the guest cannot be told
+    /// of: it is logged.
     fn update_routes(&mut self) {
+        if let Err(err) = self.sync_routes() {
+            log::error!("cannot route the IOAPIC's pins in KVM: {err}");
+        }
+    }
+
+    /// Gives KVM the routes of the unmasked pins, if they are not the ones
+    /// it was last given: a guest rewriting an entry as it was (Linux
+    /// writes the high half, then the low) costs no ioctl, nor does a
+    /// restored chip with every pin masked (a VM's table starts empty).
+    fn sync_routes(&mut self) -> io::Result<()> {
         let routes = self.current_routes();
-        if routes == self.routes {
-            return;
+        if routes != self.routes {
+            self.router.set_routes(&routes)?;
+            self.routes = routes;
         }
-        match self.router.set_routes(&routes) {
-            Ok(()) => self.routes = routes,
-            Err(err) => log::error!("cannot route the IOAPIC's pins in KVM: {err}"),
-        }
+        Ok(())
     }
 
     /// Each unmasked pin's MSI.

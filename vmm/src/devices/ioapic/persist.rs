@@ -46,8 +46,7 @@ impl Persist for Ioapic {
         }
     }
 
-    /// The chip as saved, its unmasked pins routed in KVM again (a VM's
-    /// table starts empty, so a chip with every pin masked costs no call).
+    /// The chip as saved, its unmasked pins routed in KVM again.
     fn restore(router: Box<dyn MsiRouter>, state: &IoapicState) -> Result<Self, IoapicError> {
         let entries = state
             .entries
@@ -63,13 +62,7 @@ impl Persist for Ioapic {
             router,
             routes: Vec::new(),
         };
-        let routes = chip.current_routes();
-        if !routes.is_empty() {
-            chip.router
-                .set_routes(&routes)
-                .map_err(IoapicError::Routes)?;
-        }
-        chip.routes = routes;
+        chip.sync_routes().map_err(IoapicError::Routes)?;
         Ok(chip)
     }
 }
